@@ -1,0 +1,166 @@
+//! One error type for all of knib, with kinds a caller can act on.
+//!
+//! Every binding maps [`ErrorKind`] to its own shape (a C result code, a Java
+//! exception class, a CLI exit status); the numbers in [`ErrorKind::code`] are
+//! fixed and shared by all of them.
+
+use std::fmt;
+
+/// What went wrong, in terms a caller can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// A backup, volume, file or domain that was named does not exist.
+    NotFound,
+    /// Another operation holds the VM (or the object) right now; try later.
+    Busy,
+    /// The request itself is wrong: a bad name, a bad option, a wrong format.
+    InvalidInput,
+    /// Not enough free space where the work would write.
+    NoSpace,
+    /// The operation's time budget ran out; what it started was stopped.
+    Timeout,
+    /// The operation was cancelled by the caller.
+    Cancelled,
+    /// `qemu-img` (or another image tool) failed.
+    ImageTool,
+    /// libvirt or QEMU refused or failed.
+    Hypervisor,
+    /// Reading or writing a file failed.
+    Io,
+    /// Stored data is damaged (a manifest that does not parse, an image that
+    /// fails its check, a hash that does not match).
+    Corrupt,
+    /// A backup failed and the VM was left with extra layers or a half-done
+    /// merge: it needs `recover`/`cleanup` before its next backup.
+    VmInconsistent,
+    /// A bug in knib (a panic caught at a boundary, an invariant broken).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The fixed number of this kind, shared by the C and Java bindings.
+    pub fn code(self) -> u32 {
+        match self {
+            ErrorKind::NotFound => 1,
+            ErrorKind::Busy => 2,
+            ErrorKind::InvalidInput => 3,
+            ErrorKind::NoSpace => 4,
+            ErrorKind::Timeout => 5,
+            ErrorKind::Cancelled => 6,
+            ErrorKind::ImageTool => 7,
+            ErrorKind::Hypervisor => 8,
+            ErrorKind::Io => 9,
+            ErrorKind::Corrupt => 10,
+            ErrorKind::VmInconsistent => 11,
+            ErrorKind::Internal => 12,
+        }
+    }
+
+    /// A short lower-case name ("not found", "busy", ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Busy => "busy",
+            ErrorKind::InvalidInput => "invalid input",
+            ErrorKind::NoSpace => "no space",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::ImageTool => "image tool failed",
+            ErrorKind::Hypervisor => "hypervisor",
+            ErrorKind::Io => "I/O",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::VmInconsistent => "VM left inconsistent",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error of every fallible knib operation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KnibError {
+    /// What kind of failure this is.
+    pub kind: ErrorKind,
+    /// One line naming what was wrong (the object, the path, the step).
+    pub message: String,
+    /// For a failed backup: whether the VM was left consistent (its disks run
+    /// on `base <- one delta` and nothing of the failed backup is on the
+    /// store). `None` when the operation does not touch a VM's disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_consistent: Option<bool>,
+}
+
+impl KnibError {
+    /// A new error of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        KnibError { kind, message: message.into(), vm_consistent: None }
+    }
+    /// Shorthand for [`ErrorKind::NotFound`].
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, message)
+    }
+    /// Shorthand for [`ErrorKind::InvalidInput`].
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidInput, message)
+    }
+    /// Shorthand for [`ErrorKind::Busy`].
+    pub fn busy(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Busy, message)
+    }
+    /// Shorthand for [`ErrorKind::Corrupt`].
+    pub fn corrupt(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt, message)
+    }
+    /// Shorthand for [`ErrorKind::Internal`].
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, message)
+    }
+    /// Shorthand for [`ErrorKind::Hypervisor`].
+    pub fn hypervisor(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Hypervisor, message)
+    }
+    /// An I/O error on `path` while doing `what`.
+    pub fn io(what: &str, path: &std::path::Path, err: std::io::Error) -> Self {
+        let kind = match err.kind() {
+            std::io::ErrorKind::NotFound => ErrorKind::NotFound,
+            std::io::ErrorKind::StorageFull => ErrorKind::NoSpace,
+            _ => ErrorKind::Io,
+        };
+        Self::new(kind, format!("{what} {}: {err}", path.display()))
+    }
+    /// The same error with `context` put in front of its message.
+    pub fn context(mut self, context: impl fmt::Display) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+    /// The same error, saying whether the VM was left consistent.
+    pub fn with_vm_consistent(mut self, consistent: bool) -> Self {
+        self.vm_consistent = Some(consistent);
+        if !consistent {
+            self.kind = ErrorKind::VmInconsistent;
+        }
+        self
+    }
+}
+
+impl fmt::Display for KnibError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.kind, self.message)?;
+        match self.vm_consistent {
+            Some(true) => write!(f, " (the VM was left consistent)"),
+            Some(false) => write!(f, " (the VM was left inconsistent: run recover)"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for KnibError {}
+
+/// The result of every fallible knib operation.
+pub type Result<T, E = KnibError> = std::result::Result<T, E>;

@@ -1,0 +1,153 @@
+//! File-system invariants of the store: nothing is visible until complete
+//! (temporary name, fsync, rename, fsync of the directory), and free space is
+//! checked before large writes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{ErrorKind, KnibError, Result};
+
+/// The temporary name used while `path` is being written: a hidden file in
+/// the same directory, so the final rename is atomic.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.part"))
+}
+
+/// fsync a file.
+pub fn sync_file(path: &Path) -> Result<()> {
+    let f = File::open(path).map_err(|e| KnibError::io("cannot open", path, e))?;
+    f.sync_all().map_err(|e| KnibError::io("cannot fsync", path, e))
+}
+
+/// fsync a directory (makes renames and creations in it durable).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let f = File::open(dir).map_err(|e| KnibError::io("cannot open directory", dir, e))?;
+    f.sync_all().map_err(|e| KnibError::io("cannot fsync directory", dir, e))
+}
+
+/// Rename `from` to `to` and make it durable (fsync of the file and of the
+/// directory of `to`).
+pub fn commit_rename(from: &Path, to: &Path) -> Result<()> {
+    sync_file(from)?;
+    fs::rename(from, to).map_err(|e| KnibError::io(&format!("cannot rename {} to", from.display()), to, e))?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
+/// Write `data` to `path` atomically: a temporary file, fsync, rename, fsync
+/// of the directory. Readers see the old content or the new, never a part.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| KnibError::io("cannot create", &tmp, e))?;
+        f.write_all(data).map_err(|e| KnibError::io("cannot write", &tmp, e))?;
+        f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+pub fn free_space(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| KnibError::invalid(format!("path {} contains a NUL byte", dir.display())))?;
+    // SAFETY: `c` is a valid NUL-terminated string and `st` a plain struct
+    // that statvfs fills in.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(KnibError::io("cannot stat file system of", dir, std::io::Error::last_os_error()));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Fail with [`ErrorKind::NoSpace`] unless `dir` has at least `needed` bytes
+/// free; `what` names the work.
+pub fn require_space(dir: &Path, needed: u64, what: &str) -> Result<()> {
+    let free = free_space(dir)?;
+    if free < needed {
+        return Err(KnibError::new(
+            ErrorKind::NoSpace,
+            format!(
+                "{what}: {} has {} free, {} needed",
+                dir.display(),
+                human_bytes(free),
+                human_bytes(needed)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes allocated on disk by a file.
+pub fn allocated_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;
+    Ok(m.blocks() * 512)
+}
+
+/// Size of a file in bytes.
+pub fn file_size(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?.len())
+}
+
+/// A size for people: "1.5 GiB".
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Remove a file if it exists; a missing file is fine.
+pub fn remove_if_exists(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KnibError::io("cannot remove", path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn space_check_refuses_with_no_space() {
+        let d = tempfile::tempdir().unwrap();
+        let e = require_space(d.path(), u64::MAX, "compress b1").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoSpace);
+        assert!(e.message.starts_with("compress b1: "), "{e}");
+        require_space(d.path(), 1, "x").unwrap();
+    }
+}

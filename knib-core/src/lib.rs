@@ -1,0 +1,29 @@
+//! knib-core: native incremental backups of KVM virtual machines whose disks
+//! are qcow2 files.
+//!
+//! Layers, bottom up (see the README):
+//! - parts: [`process`] and [`qemu_img`] (external programs, run safely),
+//!   [`fsio`] (atomic writes, free space), `libvirt` (running VMs);
+//! - [`engine`]: the operations of the CloudStack KVM agent, path-based and
+//!   stateless (take, merge, restore, overlay, compress, finalize, hash);
+//! - [`catalog`]: standalone backup chains in a store directory, with
+//!   manifests, chain policy, locks and safe deletion.
+
+#![warn(missing_docs)]
+
+pub mod catalog;
+pub mod engine;
+pub mod error;
+pub mod fsio;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
+pub mod names;
+pub mod process;
+pub mod progress;
+pub mod qemu_img;
+
+pub use error::{ErrorKind, KnibError, Result};
+pub use progress::{CancelToken, Control, Deadline, Progress, ProgressSink};
+
+/// The version of knib (the workspace version).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

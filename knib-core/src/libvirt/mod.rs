@@ -1,0 +1,1 @@
+//! The libvirt part: running VMs (placeholder, filled by the live-backup work).

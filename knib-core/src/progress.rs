@@ -1,0 +1,156 @@
+//! Progress, cancellation and time budgets of long operations.
+//!
+//! Long work (copies, compression, restores, block jobs) takes a [`Control`]:
+//! it reports [`Progress`] to an optional sink, stops when the caller's
+//! [`CancelToken`] is set from another thread, and stops when the
+//! [`Deadline`] of the command passes. All three are cheap to clone.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{ErrorKind, KnibError, Result};
+
+/// A point in the life of a long operation.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// What is being done now ("copy vol1", "compress vol2", "block commit vda").
+    pub step: String,
+    /// Percent of this step done, 0.0 to 100.0.
+    pub percent: f64,
+}
+
+/// Receives progress reports; called from the thread doing the work.
+pub type ProgressSink = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// Set from any thread to stop an operation at its next check.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Ask the operation to stop.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether cancellation was asked for.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// The time by which a command (all its steps together) must be done.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    at: Option<Instant>,
+    budget: Option<Duration>,
+}
+
+impl Deadline {
+    /// No time limit.
+    pub fn none() -> Self {
+        Deadline { at: None, budget: None }
+    }
+    /// A limit of `budget` from now.
+    pub fn after(budget: Duration) -> Self {
+        Deadline { at: Some(Instant::now() + budget), budget: Some(budget) }
+    }
+    /// From a number of seconds; 0 or less means no limit.
+    pub fn from_secs(secs: i64) -> Self {
+        if secs <= 0 {
+            Self::none()
+        } else {
+            Self::after(Duration::from_secs(secs as u64))
+        }
+    }
+    /// Time left, `None` when there is no limit.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.at.map(|at| at.saturating_duration_since(Instant::now()))
+    }
+    /// Whether the deadline has passed.
+    pub fn expired(&self) -> bool {
+        self.at.is_some_and(|at| Instant::now() >= at)
+    }
+    /// The whole budget this deadline was made from.
+    pub fn budget(&self) -> Option<Duration> {
+        self.budget
+    }
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+/// Progress sink, cancel token and deadline of one operation.
+#[derive(Clone, Default)]
+pub struct Control {
+    /// Where progress goes, if anywhere.
+    pub progress: Option<ProgressSink>,
+    /// Stops the operation when set.
+    pub cancel: CancelToken,
+    /// When the operation must be done by.
+    pub deadline: Deadline,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("progress", &self.progress.is_some())
+            .field("cancel", &self.cancel)
+            .field("deadline", &self.deadline)
+            .finish()
+    }
+}
+
+impl Control {
+    /// No progress, no cancellation, no deadline.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The same control with a deadline.
+    pub fn with_deadline(mut self, deadline: Deadline) -> Self {
+        self.deadline = deadline;
+        self
+    }
+    /// The same control with a progress sink.
+    pub fn with_progress(mut self, sink: ProgressSink) -> Self {
+        self.progress = Some(sink);
+        self
+    }
+    /// The same control with a cancel token.
+    pub fn with_cancel(mut self, cancel: CancelToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+    /// Report progress of `step`.
+    pub fn report(&self, step: &str, percent: f64) {
+        if let Some(sink) = &self.progress {
+            sink(&Progress { step: step.to_string(), percent });
+        }
+    }
+    /// Fail if the operation was cancelled or its deadline passed; `what`
+    /// names the step about to be taken.
+    pub fn check(&self, what: &str) -> Result<()> {
+        if self.cancel.is_cancelled() {
+            return Err(KnibError::new(ErrorKind::Cancelled, format!("cancelled before {what}")));
+        }
+        if self.deadline.expired() {
+            return Err(self.timeout_error(what));
+        }
+        Ok(())
+    }
+    /// The error for running out of time during `what`.
+    pub fn timeout_error(&self, what: &str) -> KnibError {
+        let budget = self
+            .deadline
+            .budget()
+            .map(|b| format!("{}s", b.as_secs_f64()))
+            .unwrap_or_else(|| "no".into());
+        KnibError::new(ErrorKind::Timeout, format!("{what}: the time budget ({budget}) ran out"))
+    }
+}
