@@ -1,1 +1,622 @@
-//! catalog
+//! The catalog: backup chains for standalone users (no CloudStack management
+//! server), kept in a store directory.
+//!
+//! # Store layout and invariants
+//!
+//! ```text
+//! STORE/vms/<vm>/.lock               flock: one operation per VM at a time
+//! STORE/vms/<vm>/state.json          the chain head: the backup whose delta
+//!                                    primary holds the writes since
+//! STORE/vms/<vm>/<id>/manifest.json  one manifest per backup (schema 1)
+//! STORE/vms/<vm>/<id>/<volume>.qcow2 one file per volume
+//! ```
+//!
+//! - A backup file's backing pointer is `../<parent id>/<volume>.qcow2`,
+//!   relative to the file: the store can be moved or mounted elsewhere.
+//! - A backup is written in `vms/<vm>/.<id>.part/` and becomes visible by one
+//!   rename of that directory, after its files and manifest are fsynced.
+//!   Leftover `.part` directories of a crash are removed by the next
+//!   operation on the VM.
+//! - Primary storage is merged only after the backup is published, so the
+//!   head always names a backup that holds every write primary has merged.
+//! - A backup with children is never removed from disk: deleting it marks
+//!   it removed, and it is expunged when its last child goes. Deleting the
+//!   head makes the next backup a full one.
+//! - Caller names (VM, volume, backup id) are checked by [`crate::names`].
+
+pub mod lock;
+pub mod manifest;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{self, BackupKind, CompressOptions, TakeBackupRequest, VolumeBackup};
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::fsio;
+use crate::names;
+use crate::progress::Control;
+use crate::qemu_img::{ImageFormat, QemuImg};
+
+pub use lock::VmLock;
+pub use manifest::{CompressionInfo, Manifest, VolumeEntry, MANIFEST_SCHEMA};
+
+/// The default number of backups per chain (`backup.chain.size`).
+pub const DEFAULT_CHAIN_SIZE: i64 = 8;
+
+/// How to take a backup through the catalog.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupOptions {
+    /// Take a full backup even when an incremental one is possible.
+    pub full: bool,
+    /// Take an isolated backup: full, outside any chain, primary untouched.
+    pub isolated: bool,
+    /// Backups per chain: 1 = always full, less than 1 = unlimited.
+    pub chain_size: i64,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions { full: false, isolated: false, chain_size: DEFAULT_CHAIN_SIZE }
+    }
+}
+
+/// A disk of a VM to back up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// The volume's name in the backup.
+    pub name: String,
+    /// The disk's qcow2 file.
+    pub path: PathBuf,
+}
+
+/// Per-VM state: which backup primary's deltas are relative to.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct VmState {
+    schema: u32,
+    head: Option<String>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeleteOutcome {
+    /// Backups whose files were removed.
+    pub expunged: Vec<String>,
+    /// Backups kept on disk, marked removed, because later backups need them.
+    pub marked_removed: Vec<String>,
+}
+
+/// The result of verifying one backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// The backup.
+    pub id: String,
+    /// Whether every check passed.
+    pub ok: bool,
+    /// What failed, one line each.
+    pub problems: Vec<String>,
+    /// Files checked.
+    pub files_checked: usize,
+    /// The xxh3-128 of the backup's chain (files root first), per volume.
+    pub chain_hashes: BTreeMap<String, String>,
+}
+
+/// A store directory of backups.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+    qemu_img: QemuImg,
+}
+
+/// Make a backup id: UTC time, then a few hex digits against collisions.
+fn new_backup_id() -> String {
+    let now = std::time::SystemTime::now();
+    let t = manifest::rfc3339(now);
+    let stamp: String = t.chars().filter(|c| c.is_ascii_digit()).collect();
+    let nanos = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let salt = (nanos ^ std::process::id().wrapping_mul(2654435761)) & 0xffff;
+    format!("{}-{}-{salt:04x}", &stamp[..8], &stamp[8..17])
+}
+
+impl Store {
+    /// Open (and create if needed) a store at `root`.
+    pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        fs::create_dir_all(root.join("vms")).map_err(|e| KnibError::io("cannot create store", &root, e))?;
+        Ok(Store { root, qemu_img: QemuImg::new() })
+    }
+
+    /// Open an existing store.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        if !root.is_dir() {
+            return Err(KnibError::not_found(format!("store {} does not exist", root.display())));
+        }
+        Ok(Store { root, qemu_img: QemuImg::new() })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The qemu-img runner used.
+    pub fn qemu_img(&self) -> &QemuImg {
+        &self.qemu_img
+    }
+
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.root.join("vms").join(vm)
+    }
+
+    /// The directory of a backup.
+    pub fn backup_dir(&self, m: &Manifest) -> PathBuf {
+        self.vm_dir(&m.vm).join(&m.id)
+    }
+
+    /// The file of volume `volume` of backup `m`.
+    pub fn volume_file(&self, m: &Manifest, volume: &str) -> Result<PathBuf> {
+        Ok(self.backup_dir(m).join(&m.volume(volume)?.file))
+    }
+
+    /// Take the lock of `vm` for `operation`; fails at once with "busy".
+    pub fn lock_vm(&self, vm: &str, operation: &str) -> Result<VmLock> {
+        names::validate("VM name", vm)?;
+        let dir = self.vm_dir(vm);
+        fs::create_dir_all(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
+        let lock = VmLock::acquire(&dir.join(".lock"), vm, operation)?;
+        self.sweep_partials(vm)?;
+        Ok(lock)
+    }
+
+    /// Remove what a crash left half-written (under the VM's lock).
+    fn sweep_partials(&self, vm: &str) -> Result<()> {
+        let dir = self.vm_dir(vm);
+        for e in fs::read_dir(&dir).map_err(|e| KnibError::io("cannot list", &dir, e))?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') && (n.ends_with(".part") || n.ends_with(".deleting")) {
+                log::warn!("removing {} left by an interrupted operation", e.path().display());
+                let p = e.path();
+                if p.is_dir() {
+                    fs::remove_dir_all(&p).map_err(|e| KnibError::io("cannot remove", &p, e))?;
+                } else {
+                    fsio::remove_if_exists(&p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_state(&self, vm: &str) -> Result<VmState> {
+        let p = self.vm_dir(vm).join("state.json");
+        match fs::read(&p) {
+            Ok(t) => serde_json::from_slice(&t)
+                .map_err(|e| KnibError::corrupt(format!("state file {} is corrupted: {e}", p.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(VmState { schema: 1, head: None }),
+            Err(e) => Err(KnibError::io("cannot read", &p, e)),
+        }
+    }
+
+    fn save_state(&self, vm: &str, st: &VmState) -> Result<()> {
+        let p = self.vm_dir(vm).join("state.json");
+        fsio::write_atomic(&p, &serde_json::to_vec_pretty(st).expect("state serializes"))
+    }
+
+    /// Every VM with a directory in the store.
+    pub fn vms(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("vms");
+        let mut out = Vec::new();
+        if !dir.is_dir() {
+            return Ok(out);
+        }
+        for e in fs::read_dir(&dir).map_err(|e| KnibError::io("cannot list", &dir, e))?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() && names::validate("VM name", &n).is_ok() {
+                out.push(n);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every backup of `vm` (removed ones too), oldest first.
+    pub fn manifests(&self, vm: &str) -> Result<Vec<Manifest>> {
+        names::validate("VM name", vm)?;
+        let dir = self.vm_dir(vm);
+        let mut out = Vec::new();
+        if !dir.is_dir() {
+            return Ok(out);
+        }
+        for e in fs::read_dir(&dir).map_err(|e| KnibError::io("cannot list", &dir, e))?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') || !e.path().is_dir() {
+                continue;
+            }
+            out.push(Manifest::load(&e.path().join("manifest.json"))?);
+        }
+        out.sort_by(|a, b| (a.created.as_str(), a.id.as_str()).cmp(&(b.created.as_str(), b.id.as_str())));
+        Ok(out)
+    }
+
+    /// Backups of one VM, or of all, oldest first; removed backups are left
+    /// out.
+    pub fn list(&self, vm: Option<&str>) -> Result<Vec<Manifest>> {
+        let vms = match vm {
+            Some(v) => vec![v.to_string()],
+            None => self.vms()?,
+        };
+        let mut out = Vec::new();
+        for v in vms {
+            out.extend(self.manifests(&v)?.into_iter().filter(|m| !m.removed));
+        }
+        Ok(out)
+    }
+
+    /// The manifest of backup `id` (removed backups included).
+    pub fn find(&self, id: &str) -> Result<Manifest> {
+        names::validate("backup id", id)?;
+        for vm in self.vms()? {
+            let p = self.vm_dir(&vm).join(id).join("manifest.json");
+            if p.exists() {
+                return Manifest::load(&p);
+            }
+        }
+        Err(KnibError::not_found(format!("backup {id} does not exist in store {}", self.root.display())))
+    }
+
+    /// The manifest of a backup that was not deleted.
+    pub fn show(&self, id: &str) -> Result<Manifest> {
+        let m = self.find(id)?;
+        if m.removed {
+            return Err(KnibError::not_found(format!(
+                "backup {id} was deleted (its files stay until the backups that depend on it are deleted)"
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The chain of `m`, root first, ending with `m`.
+    pub fn chain(&self, m: &Manifest) -> Result<Vec<Manifest>> {
+        let mut chain = vec![m.clone()];
+        let mut cur = m.clone();
+        while let Some(p) = cur.parent.clone() {
+            let pm = Manifest::load(&self.vm_dir(&m.vm).join(&p).join("manifest.json")).map_err(|e| {
+                e.context(format!("parent {p} of backup {}", cur.id))
+            })?;
+            if chain.len() > 100_000 {
+                return Err(KnibError::corrupt(format!("backup {} has a parent loop", m.id)));
+            }
+            chain.push(pm.clone());
+            cur = pm;
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// Files of volume `volume` of `m`'s chain, root first; each must exist.
+    pub fn chain_files(&self, m: &Manifest, volume: &str) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        for b in self.chain(m)? {
+            let f = self.volume_file(&b, volume)?;
+            if !f.exists() {
+                return Err(KnibError::not_found(format!(
+                    "backup {}: file {} of volume {volume} is missing from the store",
+                    b.id,
+                    f.display()
+                )));
+            }
+            files.push(f);
+        }
+        Ok(files)
+    }
+
+    /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM).
+    /// Full or incremental is decided from the chain and `opts`.
+    pub fn backup(&self, vm: &str, disks: &[DiskSpec], opts: &BackupOptions, ctl: &Control) -> Result<Manifest> {
+        names::validate("VM name", vm)?;
+        if disks.is_empty() {
+            return Err(KnibError::invalid("a backup needs at least one --disk NAME=PATH"));
+        }
+        for (i, d) in disks.iter().enumerate() {
+            names::validate("volume name", &d.name)?;
+            if disks[..i].iter().any(|o| o.name == d.name) {
+                return Err(KnibError::invalid(format!("volume name {:?} is given twice", d.name)));
+            }
+        }
+        let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
+        let state = self.load_state(vm)?;
+        let q = &self.qemu_img;
+
+        // Decide the kind and the parent.
+        let mut kind = if opts.isolated { BackupKind::Isolated } else { BackupKind::Full };
+        let mut parent: Option<Manifest> = None;
+        if !opts.isolated && !opts.full && opts.chain_size != 1 {
+            if let Some(head_id) = &state.head {
+                let head = Manifest::load(&self.vm_dir(vm).join(head_id).join("manifest.json"))?;
+                let same_disks = head.volumes.len() == disks.len()
+                    && disks.iter().all(|d| {
+                        head.volumes.iter().any(|v| v.name == d.name && Path::new(&v.source) == d.path.as_path())
+                    });
+                let within_chain = opts.chain_size < 1 || (head.position as i64) < opts.chain_size;
+                if !head.end_of_chain && same_disks && within_chain {
+                    for d in disks {
+                        self.chain_files(&head, &d.name).map_err(|e| {
+                            e.context("the chain to continue is damaged; take a full backup with --full")
+                        })?;
+                    }
+                    let on_base = disks.iter().all(|d| {
+                        engine::take::inspect_disk(q, &d.name, &d.path, ctl).map(|s| s.on_knib_base).unwrap_or(false)
+                    });
+                    if on_base {
+                        kind = BackupKind::Incremental;
+                        parent = Some(head);
+                    } else {
+                        log::warn!("a disk of {vm} does not run on its knib base: taking a full backup");
+                    }
+                }
+            }
+        }
+        let position = parent.as_ref().map(|p| p.position + 1).unwrap_or(1);
+        let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
+
+        let id = new_backup_id();
+        let part = self.vm_dir(vm).join(format!(".{id}.part"));
+        fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
+        let req = TakeBackupRequest {
+            volumes: disks
+                .iter()
+                .map(|d| VolumeBackup {
+                    name: d.name.clone(),
+                    disk: d.path.clone(),
+                    dest: part.join(format!("{}.qcow2", d.name)),
+                    parent: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, d.name)),
+                })
+                .collect(),
+            kind,
+            end_of_chain,
+        };
+        let mut manifest = Manifest {
+            schema: MANIFEST_SCHEMA,
+            id: id.clone(),
+            vm: vm.to_string(),
+            kind,
+            parent: parent.as_ref().map(|p| p.id.clone()),
+            position,
+            end_of_chain,
+            created: manifest::rfc3339(std::time::SystemTime::now()),
+            volumes: Vec::new(),
+            compression: None,
+            removed: false,
+        };
+        let final_dir = self.vm_dir(vm).join(&id);
+        let result = engine::take::take_backup_with(q, &req, ctl, &mut |vols| {
+            manifest.volumes = vols
+                .iter()
+                .map(|v| VolumeEntry {
+                    name: v.name.clone(),
+                    file: format!("{}.qcow2", v.name),
+                    virtual_size: v.virtual_size,
+                    size: v.size,
+                    source: disks
+                        .iter()
+                        .find(|d| d.name == v.name)
+                        .map(|d| d.path.display().to_string())
+                        .unwrap_or_default(),
+                    backing: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, v.name)),
+                    hash: None,
+                })
+                .collect();
+            manifest.save(&part.join("manifest.json"))?;
+            fs::rename(&part, &final_dir).map_err(|e| KnibError::io("cannot publish", &final_dir, e))?;
+            fsio::sync_dir(&self.vm_dir(vm))?;
+            if kind != BackupKind::Isolated {
+                self.save_state(vm, &VmState { schema: 1, head: Some(id.clone()) })?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            if !final_dir.exists() {
+                let _ = fs::remove_dir_all(&part);
+            }
+            return Err(e);
+        }
+        Ok(manifest)
+    }
+
+    /// Restore volume `volume` of backup `id` to `to`.
+    pub fn restore(&self, id: &str, volume: &str, to: &Path, format: ImageFormat, ctl: &Control) -> Result<()> {
+        let m = self.show(id)?;
+        let files = self.chain_files(&m, volume)?;
+        let top = files.last().expect("a chain has at least one file").clone();
+        engine::restore(
+            &self.qemu_img,
+            &engine::RestoreRequest { backup_file: top, dest: to.to_path_buf(), format, overwrite: false },
+            ctl,
+        )
+    }
+
+    /// Create a quick-restore overlay of volume `volume` of backup `id` at
+    /// `to`.
+    pub fn quick_restore_overlay(&self, id: &str, volume: &str, to: &Path, ctl: &Control) -> Result<()> {
+        let m = self.show(id)?;
+        let files = self.chain_files(&m, volume)?;
+        engine::create_overlay(&self.qemu_img, files.last().expect("non-empty chain"), to, ctl)
+    }
+
+    /// Compress backup `id` (and finalize it). A backup already compressed
+    /// is left as it is.
+    pub fn compress(&self, id: &str, opts: &CompressOptions, ctl: &Control) -> Result<Manifest> {
+        let m = self.show(id)?;
+        let _lock = self.lock_vm(&m.vm, &format!("compression of {id}"))?;
+        let mut m = self.show(id)?;
+        if m.compression.is_some() {
+            return Ok(m);
+        }
+        let files: Vec<PathBuf> = m
+            .volumes
+            .iter()
+            .map(|v| self.backup_dir(&m).join(&v.file))
+            .collect();
+        for v in &m.volumes {
+            self.chain_files(&m, &v.name)?;
+        }
+        let done = engine::compress(&self.qemu_img, &files, opts, ctl)?;
+        engine::finalize(&files, true)?;
+        let original: u64 = done.iter().map(|c| c.original_size).sum();
+        let size: u64 = done.iter().map(|c| c.compressed_size).sum();
+        for (v, c) in m.volumes.iter_mut().zip(&done) {
+            v.size = c.compressed_size;
+            v.hash = None;
+        }
+        m.compression = Some(CompressionInfo {
+            library: done.first().map(|c| c.library).unwrap_or(opts.library),
+            original_size: original,
+            size,
+        });
+        m.save(&self.backup_dir(&m).join("manifest.json"))?;
+        Ok(m)
+    }
+
+    /// Verify one backup, or every backup of the store: `qemu-img check` of
+    /// its files, backing pointers and sizes as the manifest says, the whole
+    /// chain present, and each file's hash (recorded at the first clean
+    /// verify, compared afterwards).
+    pub fn verify(&self, id: Option<&str>, ctl: &Control) -> Result<Vec<VerifyReport>> {
+        let targets = match id {
+            Some(id) => vec![self.show(id)?],
+            None => self.list(None)?,
+        };
+        let mut out = Vec::new();
+        for m in targets {
+            out.push(self.verify_one(&m, ctl)?);
+        }
+        Ok(out)
+    }
+
+    fn verify_one(&self, m: &Manifest, ctl: &Control) -> Result<VerifyReport> {
+        let q = &self.qemu_img;
+        let mut problems = Vec::new();
+        let mut files_checked = 0;
+        let mut chain_hashes = BTreeMap::new();
+        let mut new_hashes = Vec::new();
+        for v in &m.volumes {
+            let file = self.backup_dir(m).join(&v.file);
+            let files = match self.chain_files(m, &v.name) {
+                Ok(f) => f,
+                Err(e) => {
+                    problems.push(e.message);
+                    continue;
+                }
+            };
+            match q.check(&file, ctl) {
+                Ok(r) if r.is_clean() => {}
+                Ok(r) => problems.push(format!(
+                    "{}: qemu-img check found {} corruptions, {} leaks, {} errors",
+                    file.display(),
+                    r.corruptions,
+                    r.leaks,
+                    r.check_errors
+                )),
+                Err(e) if e.kind == ErrorKind::Cancelled || e.kind == ErrorKind::Timeout => return Err(e),
+                Err(e) => problems.push(e.message),
+            }
+            files_checked += 1;
+            match q.info(&file, ctl) {
+                Ok(info) => {
+                    if info.backing_filename != v.backing {
+                        problems.push(format!(
+                            "{}: backing file is {:?}, the manifest says {:?}",
+                            file.display(),
+                            info.backing_filename,
+                            v.backing
+                        ));
+                    }
+                    if info.virtual_size != v.virtual_size {
+                        problems.push(format!(
+                            "{}: virtual size is {}, the manifest says {}",
+                            file.display(),
+                            info.virtual_size,
+                            v.virtual_size
+                        ));
+                    }
+                }
+                Err(e) => problems.push(e.message),
+            }
+            let own = engine::hash_files(std::slice::from_ref(&file), ctl)?;
+            match &v.hash {
+                Some(h) if *h != own => problems.push(format!(
+                    "{}: hash {own} differs from the recorded {h}: the file changed since it was verified",
+                    file.display()
+                )),
+                Some(_) => {}
+                None => new_hashes.push((v.name.clone(), own)),
+            }
+            chain_hashes.insert(v.name.clone(), engine::hash_files(&files, ctl)?);
+        }
+        if problems.is_empty() && !new_hashes.is_empty() {
+            let _lock = self.lock_vm(&m.vm, &format!("verify of {}", m.id))?;
+            let mut fresh = self.find(&m.id)?;
+            if fresh.compression == m.compression {
+                for (name, h) in new_hashes {
+                    if let Some(v) = fresh.volumes.iter_mut().find(|v| v.name == name) {
+                        v.hash = Some(h);
+                    }
+                }
+                fresh.save(&self.backup_dir(&fresh).join("manifest.json"))?;
+            }
+        }
+        Ok(VerifyReport { id: m.id.clone(), ok: problems.is_empty(), problems, files_checked, chain_hashes })
+    }
+
+    /// Delete backup `id` without breaking any chain: a backup that later
+    /// backups depend on is marked removed and kept; one that none depends
+    /// on is expunged, and so are removed ancestors left without children.
+    pub fn delete(&self, id: &str) -> Result<DeleteOutcome> {
+        let m = self.show(id)?;
+        let _lock = self.lock_vm(&m.vm, &format!("delete of {id}"))?;
+        let all = self.manifests(&m.vm)?;
+        let mut m = all
+            .iter()
+            .find(|x| x.id == id && !x.removed)
+            .cloned()
+            .ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist")))?;
+        let mut outcome = DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new() };
+        let mut state = self.load_state(&m.vm)?;
+        let children = |x: &str, gone: &[String]| {
+            all.iter().filter(|c| c.parent.as_deref() == Some(x) && !gone.contains(&c.id)).count()
+        };
+        if children(&m.id, &outcome.expunged) > 0 {
+            m.removed = true;
+            m.save(&self.backup_dir(&m).join("manifest.json"))?;
+            outcome.marked_removed.push(m.id.clone());
+        } else {
+            let mut cur = Some(m);
+            while let Some(x) = cur.take() {
+                self.expunge(&x)?;
+                if state.head.as_deref() == Some(x.id.as_str()) {
+                    state.head = None;
+                    self.save_state(&x.vm, &state)?;
+                }
+                outcome.expunged.push(x.id.clone());
+                if let Some(p) = &x.parent {
+                    if let Some(pm) = all.iter().find(|a| &a.id == p) {
+                        if pm.removed && children(&pm.id, &outcome.expunged) == 0 {
+                            cur = Some(pm.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn expunge(&self, m: &Manifest) -> Result<()> {
+        let dir = self.backup_dir(m);
+        let trash = self.vm_dir(&m.vm).join(format!(".{}.deleting", m.id));
+        fs::rename(&dir, &trash).map_err(|e| KnibError::io("cannot remove", &dir, e))?;
+        fsio::sync_dir(&self.vm_dir(&m.vm))?;
+        fs::remove_dir_all(&trash).map_err(|e| KnibError::io("cannot remove", &trash, e))
+    }
+}

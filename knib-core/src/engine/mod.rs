@@ -1,1 +1,42 @@
-//! engine
+//! The engine: the operations of CloudStack's KVM agent, path-based and
+//! stateless. The caller says which files are where; the engine does the
+//! work and reports what it did. It keeps no records (the catalog does, for
+//! standalone users).
+//!
+//! # Plain disk files (stopped VMs)
+//!
+//! A volume is a qcow2 file at a path the user chose, and that path stays
+//! the disk's active file after every backup. On primary storage a volume is
+//! in one of two shapes:
+//!
+//! - alone: `P` (before its first backup, or after an end-of-chain backup);
+//! - `B <- P`: `B` is the knib base, named `<P's file name>.knib-base` in
+//!   the same directory, and `P` holds every write since the last backup.
+//!
+//! The chain there never grows beyond base + one delta. A backup:
+//!
+//! 1. copies to the store under a temporary name: `P`'s top layer only
+//!    (incremental, with the parent backup as backing file) or the flattened
+//!    chain (full, isolated); the file is then fsynced and renamed;
+//! 2. merges: `P` is committed into `B` and emptied (incremental or full on
+//!    `B <- P`); a volume that was alone gets a base by renaming `P` to `B`
+//!    and putting an empty overlay named `P` on it;
+//! 3. at the end of a chain, `B` is renamed over `P`, so the next backup is
+//!    a full one.
+//!
+//! Every intermediate state holds every guest write, and a state left by a
+//! crash ([`take::repair_volume`]) is finished at the next backup. Data is
+//! published on the store before primary is merged, so a crash between the
+//! two makes the next incremental copy a superset, never miss a write.
+
+pub mod compress;
+pub mod hash;
+pub mod merge;
+pub mod restore;
+pub mod take;
+
+pub use compress::{compress, finalize, CompressOptions, CompressedFile};
+pub use hash::hash_files;
+pub use merge::merge_delta;
+pub use restore::{create_overlay, restore, RestoreRequest};
+pub use take::{take_backup, take_backup_with, BackupKind, TakeBackupAnswer, TakeBackupRequest, VolumeBackup, VolumeResult};

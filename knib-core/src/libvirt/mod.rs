@@ -1,1 +1,282 @@
-//! The libvirt part: running VMs (placeholder, filled by the live-backup work).
+//! The libvirt part: domains, their disks and chains, disk-only snapshots,
+//! block jobs and the QEMU monitor and guest agent.
+//!
+//! [`Hypervisor`] is a connection (`qemu:///system`), [`Vm`] one domain.
+//! The `virt` crate wraps most of libvirt safely; what it leaves to
+//! `virt::sys` (block commit, block pull, block job info and abort) is
+//! wrapped once, in [`blockjob`], and every libvirt failure becomes a
+//! [`KnibError`] of kind [`ErrorKind::Hypervisor`] (or
+//! [`ErrorKind::NotFound`] for a domain that does not exist) whose message
+//! names the call, the domain and the disk.
+//!
+//! What works on which domain state (libvirt 9.0, QEMU 7.2):
+//! - running domain: everything here.
+//! - stopped, persistent domain: [`Vm::snapshot_disk_only`] works (libvirt
+//!   creates the overlays with `qemu-img` itself, with absolute backing
+//!   names, and rewrites the persistent definition; `quiesce` is ignored),
+//!   but its XML carries no backing chain, so [`Vm::disks`] shows no
+//!   backing layers. Block commit, block pull and the monitor and agent
+//!   commands fail ("domain is not running"): use `qemu-img` instead.
+
+pub mod blockjob;
+pub mod qemu;
+pub mod xml;
+
+use std::fmt;
+use std::os::raw::c_void;
+use std::path::Path;
+
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use crate::error::{ErrorKind, KnibError, Result};
+
+pub use blockjob::{
+    block_commit, block_job_abort, block_job_info, block_pull, wait_block_job, BlockJobInfo, BlockJobKind,
+    CommitFlags, PullFlags,
+};
+pub use qemu::{qemu_agent_command, qemu_monitor_command_hmp, qemu_monitor_command_qmp};
+pub use xml::{disk_targets, parse_disks, snapshot_xml, BackingLayer, DiskInfo};
+
+/// The URI of the local system QEMU driver.
+pub const SYSTEM_URI: &str = "qemu:///system";
+
+/// A libvirt error as a [`KnibError`]: `what` names the call and its
+/// object. A missing domain becomes [`ErrorKind::NotFound`], the rest
+/// [`ErrorKind::Hypervisor`].
+pub(crate) fn virt_error(what: impl fmt::Display, e: &virt::error::Error) -> KnibError {
+    let kind = if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) {
+        ErrorKind::NotFound
+    } else {
+        ErrorKind::Hypervisor
+    };
+    KnibError::new(kind, format!("{what}: {}", e.message()))
+}
+
+/// The calling thread's last libvirt error as a [`KnibError`] (see
+/// [`virt_error`]); for the `virt::sys` wrappers, right after the failed
+/// call.
+pub(crate) fn last_virt_error(what: impl fmt::Display) -> KnibError {
+    virt_error(what, &virt::error::Error::last_error())
+}
+
+/// Does nothing: installed as the error handler of knib's connections, so
+/// that libvirt does not print every error on stderr (knib returns them).
+unsafe extern "C" fn quiet_error_handler(_user_data: *mut c_void, _error: sys::virErrorPtr) {}
+
+/// A connection to libvirt.
+pub struct Hypervisor {
+    conn: Connect,
+    uri: String,
+}
+
+impl fmt::Debug for Hypervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hypervisor").field("uri", &self.uri).finish()
+    }
+}
+
+impl Hypervisor {
+    /// Connect to `uri` (`qemu:///system`, see [`SYSTEM_URI`]), read-write.
+    pub fn open(uri: &str) -> Result<Self> {
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| KnibError::hypervisor(format!("cannot connect to libvirt at {uri}: {}", e.message())))?;
+        // SAFETY: `conn` owns a valid connection pointer for the duration of
+        // the call; the handler is a `'static` function that ignores its
+        // arguments, and a null user-data pointer is allowed. This only
+        // changes how errors on this connection are reported (not the
+        // process-wide handler other libvirt users may rely on); the thread's
+        // last error is still recorded for `virGetLastError`.
+        unsafe { sys::virConnSetErrorFunc(conn.as_ptr(), std::ptr::null_mut(), Some(quiet_error_handler)) };
+        Ok(Hypervisor { conn, uri: uri.to_string() })
+    }
+
+    /// The URI this connection was opened with.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The underlying `virt` connection, for what knib does not wrap.
+    pub fn connect(&self) -> &Connect {
+        &self.conn
+    }
+
+    /// The domain called `name`; [`ErrorKind::NotFound`] when there is none.
+    pub fn domain(&self, name: &str) -> Result<Vm> {
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(dom) => Ok(Vm { dom, name: name.to_string() }),
+            Err(e) if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) => {
+                Err(KnibError::not_found(format!("domain {name} does not exist")))
+            }
+            Err(e) => Err(virt_error(format_args!("looking up domain {name} at {}", self.uri), &e)),
+        }
+    }
+
+    /// Create and start a transient domain from `xml` (it disappears when it
+    /// stops).
+    pub fn create_transient(&self, xml: &str) -> Result<Vm> {
+        let dom = self
+            .conn
+            .create_domain_xml(xml, 0)
+            .map_err(|e| virt_error(format_args!("creating a domain at {}", self.uri), &e))?;
+        Vm::from_domain(dom)
+    }
+
+    /// Define (but do not start) a persistent domain from `xml`.
+    pub fn define(&self, xml: &str) -> Result<Vm> {
+        let dom = self
+            .conn
+            .define_domain_xml(xml)
+            .map_err(|e| virt_error(format_args!("defining a domain at {}", self.uri), &e))?;
+        Vm::from_domain(dom)
+    }
+}
+
+/// One libvirt domain.
+#[derive(Debug, Clone)]
+pub struct Vm {
+    dom: Domain,
+    name: String,
+}
+
+impl Vm {
+    /// Wrap a `virt` domain.
+    pub fn from_domain(dom: Domain) -> Result<Self> {
+        let name = dom.name().map_err(|e| virt_error("reading a domain's name", &e))?;
+        Ok(Vm { dom, name })
+    }
+
+    /// The domain's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The underlying `virt` domain, for what knib does not wrap.
+    pub fn domain(&self) -> &Domain {
+        &self.dom
+    }
+
+    /// Whether the domain is running (active: running or paused).
+    pub fn is_running(&self) -> Result<bool> {
+        self.dom
+            .is_active()
+            .map_err(|e| virt_error(format_args!("reading the state of domain {}", self.name), &e))
+    }
+
+    /// Whether the domain is persistent (defined), rather than transient.
+    pub fn is_persistent(&self) -> Result<bool> {
+        self.dom
+            .is_persistent()
+            .map_err(|e| virt_error(format_args!("reading the persistence of domain {}", self.name), &e))
+    }
+
+    /// The domain's live XML (for a stopped domain, its definition).
+    pub fn xml(&self) -> Result<String> {
+        self.dom
+            .xml_desc(0)
+            .map_err(|e| virt_error(format_args!("reading the XML of domain {}", self.name), &e))
+    }
+
+    /// The domain's file disks with their backing chains (see
+    /// [`parse_disks`]; a stopped domain's chains are not known to libvirt
+    /// and come back empty).
+    pub fn disks(&self) -> Result<Vec<DiskInfo>> {
+        parse_disks(&self.xml()?).map_err(|e| e.context(format_args!("domain {}", self.name)))
+    }
+
+    /// The file disk with target `target`; [`ErrorKind::NotFound`] when the
+    /// domain has none.
+    pub fn disk(&self, target: &str) -> Result<DiskInfo> {
+        self.disks()?
+            .into_iter()
+            .find(|d| d.target == target)
+            .ok_or_else(|| KnibError::not_found(format!("domain {} has no file disk {target}", self.name)))
+    }
+
+    /// Start the (defined, stopped) domain.
+    pub fn start(&self) -> Result<()> {
+        self.dom
+            .create()
+            .map_err(|e| virt_error(format_args!("starting domain {}", self.name), &e))
+    }
+
+    /// Stop the domain at once (power off); a transient domain disappears.
+    pub fn destroy(&self) -> Result<()> {
+        self.dom
+            .destroy()
+            .map_err(|e| virt_error(format_args!("destroying domain {}", self.name), &e))
+    }
+
+    /// Remove the domain's persistent definition.
+    pub fn undefine(&self) -> Result<()> {
+        self.dom
+            .undefine()
+            .map_err(|e| virt_error(format_args!("undefining domain {}", self.name), &e))
+    }
+
+    /// Take a disk-only external snapshot, atomically and without snapshot
+    /// metadata (flags DISK_ONLY | ATOMIC | NO_METADATA, and QUIESCE when
+    /// `quiesce`): each disk named in `new_files` (target, absolute path of
+    /// a file that must not exist yet) gets a new qcow2 overlay there, on top
+    /// of its current active file, and the domain writes to the overlay from
+    /// then on. Every other disk of the domain is listed with
+    /// `snapshot='no'`.
+    ///
+    /// libvirt writes the overlay's backing name as an absolute path. Either
+    /// every disk got its overlay or none did.
+    ///
+    /// With `quiesce`, the guest agent freezes the guest's filesystems
+    /// around the snapshot; when there is no agent, or it does not answer,
+    /// the snapshot fails with an [`ErrorKind::Hypervisor`] error saying so,
+    /// and nothing is changed. On a stopped domain libvirt creates the
+    /// overlays itself and `quiesce` is ignored.
+    pub fn snapshot_disk_only<S: AsRef<str>, P: AsRef<Path>>(&self, new_files: &[(S, P)], quiesce: bool) -> Result<()> {
+        if new_files.is_empty() {
+            return Err(KnibError::invalid(format!(
+                "disk-only snapshot of domain {}: no disk was named",
+                self.name
+            )));
+        }
+        let targets = disk_targets(&self.xml()?).map_err(|e| e.context(format_args!("domain {}", self.name)))?;
+        let snap_xml = snapshot_xml(&targets, new_files).map_err(|e| {
+            e.context(format_args!("disk-only snapshot of domain {}", self.name))
+        })?;
+        let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+        if quiesce {
+            flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
+        }
+        let what = || {
+            let disks: Vec<String> = new_files
+                .iter()
+                .map(|(t, p)| format!("{} -> {}", t.as_ref(), p.as_ref().display()))
+                .collect();
+            format!(
+                "disk-only snapshot{} of domain {} ({})",
+                if quiesce { " with quiesce" } else { "" },
+                self.name,
+                disks.join(", ")
+            )
+        };
+        match self.dom.create_snapshot_xml(&snap_xml, flags) {
+            // With NO_METADATA libvirt keeps no record: the handle is dropped.
+            Ok(_snapshot) => Ok(()),
+            Err(e) if quiesce && is_agent_error(&e) => Err(KnibError::hypervisor(format!(
+                "{}: the guest agent did not answer, so the guest could not be quiesced; nothing was changed ({})",
+                what(),
+                e.message()
+            ))),
+            Err(e) => Err(virt_error(what(), &e)),
+        }
+    }
+}
+
+/// Whether a libvirt error says the guest agent is missing, not connected or
+/// not answering.
+fn is_agent_error(e: &virt::error::Error) -> bool {
+    e.code().is_known_and(|c| matches!(c, ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced))
+        || e.message().to_ascii_lowercase().contains("agent")
+}

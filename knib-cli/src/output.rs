@@ -1,0 +1,132 @@
+//! What the `knib` tool prints: plain lines for people, JSON for programs,
+//! and progress on a terminal.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+
+use knib_core::catalog::{Manifest, Store, VerifyReport};
+use knib_core::Control;
+use serde_json::{json, Value};
+
+/// A control whose progress goes to standard error when it is a terminal.
+pub fn control() -> Control {
+    let mut ctl = Control::new();
+    if std::io::stderr().is_terminal() {
+        ctl = ctl.with_progress(Arc::new(|p| {
+            let mut e = std::io::stderr();
+            let _ = write!(e, "\r\x1b[K{} {:5.1}%", p.step, p.percent);
+            let _ = e.flush();
+        }));
+    }
+    ctl
+}
+
+/// Clear the progress line, if one was drawn.
+pub fn clear_progress() {
+    if std::io::stderr().is_terminal() {
+        eprint!("\r\x1b[K");
+    }
+}
+
+/// A backup as the tool shows it to programs.
+pub fn backup_json(store: &Store, m: &Manifest) -> Value {
+    let dir = store.backup_dir(m);
+    json!({
+        "id": m.id,
+        "vm": m.vm,
+        "kind": m.kind.as_str(),
+        "parent": m.parent,
+        "position": m.position,
+        "end_of_chain": m.end_of_chain,
+        "created": m.created,
+        "compression": m.compression,
+        "volumes": m.volumes.iter().map(|v| json!({
+            "name": v.name,
+            "file": dir.join(&v.file),
+            "virtual_size": v.virtual_size,
+            "size": v.size,
+            "backing": v.backing,
+            "hash": v.hash,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn backup_line(m: &Manifest) -> String {
+    let size: u64 = m.volumes.iter().map(|v| v.size).sum();
+    let parent = m.parent.as_deref().map(|p| format!(" parent {p}")).unwrap_or_default();
+    let eoc = if m.end_of_chain { " end-of-chain" } else { "" };
+    let comp = m
+        .compression
+        .as_ref()
+        .map(|c| format!(" compressed({})", c.library.as_str()))
+        .unwrap_or_default();
+    format!(
+        "{}  {}  {:<11} #{}{eoc}{comp}  {}  {} volume(s), {}{parent}",
+        m.id,
+        m.vm,
+        m.kind.as_str(),
+        m.position,
+        m.created,
+        m.volumes.len(),
+        knib_core::fsio::human_bytes(size)
+    )
+}
+
+/// Print one backup.
+pub fn print_backup(store: &Store, m: &Manifest, json: bool) {
+    if json {
+        println!("{}", backup_json(store, m));
+    } else {
+        println!("{}", backup_line(m));
+        for v in &m.volumes {
+            println!(
+                "  {}: {} ({} virtual, {} stored)",
+                v.name,
+                store.backup_dir(m).join(&v.file).display(),
+                knib_core::fsio::human_bytes(v.virtual_size),
+                knib_core::fsio::human_bytes(v.size)
+            );
+        }
+    }
+}
+
+/// Print a list of backups.
+pub fn print_list(store: &Store, list: &[Manifest], json: bool) {
+    if json {
+        let arr: Vec<Value> = list.iter().map(|m| backup_json(store, m)).collect();
+        println!("{}", Value::Array(arr));
+    } else if list.is_empty() {
+        println!("no backups");
+    } else {
+        for m in list {
+            println!("{}", backup_line(m));
+        }
+    }
+}
+
+/// Print verification reports.
+pub fn print_verify(reports: &[VerifyReport], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(reports).expect("reports serialize"));
+        return;
+    }
+    for r in reports {
+        if r.ok {
+            println!("{}: ok ({} files checked)", r.id, r.files_checked);
+        } else {
+            println!("{}: FAILED", r.id);
+            for p in &r.problems {
+                println!("  {p}");
+            }
+        }
+    }
+}
+
+/// Print a result as JSON or as a line of text.
+pub fn say(json: bool, value: &Value, text: &str) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
+    }
+}

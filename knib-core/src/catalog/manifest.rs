@@ -1,0 +1,148 @@
+//! The manifest of one backup: `vms/<vm>/<id>/manifest.json`, JSON with a
+//! schema version, written atomically.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::BackupKind;
+use crate::error::{KnibError, Result};
+use crate::fsio;
+use crate::qemu_img::CompressionLibrary;
+
+/// The manifest schema this version of knib writes and reads.
+pub const MANIFEST_SCHEMA: u32 = 1;
+
+/// One volume of a backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    /// The volume's name.
+    pub name: String,
+    /// The backup file, relative to the backup's directory.
+    pub file: String,
+    /// Guest-visible size in bytes.
+    pub virtual_size: u64,
+    /// Size of the backup file in bytes.
+    pub size: u64,
+    /// The disk it was taken from.
+    pub source: String,
+    /// Backing pointer written in the file (`../<parent>/<file>`), if any.
+    pub backing: Option<String>,
+    /// xxh3-128 of the file, recorded by the first successful verify.
+    #[serde(default)]
+    pub hash: Option<String>,
+}
+
+/// Compression of a backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressionInfo {
+    /// The library used.
+    pub library: CompressionLibrary,
+    /// Bytes of all the volume files before.
+    pub original_size: u64,
+    /// Bytes after.
+    pub size: u64,
+}
+
+/// The record of one backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Schema version ([`MANIFEST_SCHEMA`]).
+    pub schema: u32,
+    /// The backup's id (unique in the store).
+    pub id: String,
+    /// The VM it belongs to.
+    pub vm: String,
+    /// Full, incremental or isolated.
+    pub kind: BackupKind,
+    /// The parent backup (incremental backups only).
+    pub parent: Option<String>,
+    /// Position in its chain: 1 for a full backup.
+    pub position: u32,
+    /// Whether this backup closed its chain (the next one is full).
+    pub end_of_chain: bool,
+    /// When it was taken (UTC, RFC 3339).
+    pub created: String,
+    /// The volumes.
+    pub volumes: Vec<VolumeEntry>,
+    /// Set once the backup is compressed.
+    #[serde(default)]
+    pub compression: Option<CompressionInfo>,
+    /// Deleted by the user but kept because later backups need its files;
+    /// expunged when its last child goes.
+    #[serde(default)]
+    pub removed: bool,
+}
+
+impl Manifest {
+    /// Read and check a manifest.
+    pub fn load(path: &Path) -> Result<Manifest> {
+        let text = std::fs::read(path).map_err(|e| KnibError::io("cannot read manifest", path, e))?;
+        let m: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| KnibError::corrupt(format!("manifest {} is corrupted: {e}", path.display())))?;
+        if m.schema != MANIFEST_SCHEMA {
+            return Err(KnibError::corrupt(format!(
+                "manifest {} has schema {}; this knib reads schema {MANIFEST_SCHEMA}",
+                path.display(),
+                m.schema
+            )));
+        }
+        Ok(m)
+    }
+
+    /// Write a manifest atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
+        fsio::write_atomic(path, &text)
+    }
+
+    /// The entry of volume `name`.
+    pub fn volume(&self, name: &str) -> Result<&VolumeEntry> {
+        self.volumes.iter().find(|v| v.name == name).ok_or_else(|| {
+            let names: Vec<_> = self.volumes.iter().map(|v| v.name.as_str()).collect();
+            KnibError::not_found(format!(
+                "backup {} has no volume {name:?} (it has: {})",
+                self.id,
+                names.join(", ")
+            ))
+        })
+    }
+}
+
+/// A UTC time as RFC 3339 (`2026-11-21T13:05:01.123Z`).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = if month <= 2 { y + 1 } else { y };
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn rfc3339_is_right() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_266_301_123)), "2026-11-21T13:05:01.123Z");
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,134 @@
+//! Compressing backups on the store, in two steps as CloudStack does:
+//! [`compress`] writes `<file>.comp` beside each backup file (same backing
+//! pointer: a compressed qcow2 stays a valid backing file), then
+//! [`finalize`] renames them over the originals, or removes them when the
+//! backup was deleted meanwhile.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{KnibError, Result};
+use crate::fsio;
+use crate::progress::Control;
+use crate::qemu_img::{CompressionLibrary, Convert, QemuImg};
+
+/// How to compress.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompressOptions {
+    /// zstd (default) or zlib; zlib is used for qcow2 v2 images whatever is
+    /// asked, as v2 has no other.
+    pub library: CompressionLibrary,
+    /// Parallel coroutines of qemu-img (`-m`), 1 to 16.
+    pub coroutines: u32,
+    /// Rate limit in MB/s; 0 = none. Needs QEMU 5.2 or later.
+    pub rate_limit_mbps: u64,
+    /// Refuse unless the store has this many times the file's size free.
+    pub min_free_factor: f64,
+}
+
+impl Default for CompressOptions {
+    fn default() -> Self {
+        CompressOptions { library: CompressionLibrary::Zstd, coroutines: 1, rate_limit_mbps: 0, min_free_factor: 1.0 }
+    }
+}
+
+/// One compressed file, not yet finalized.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressedFile {
+    /// The backup file.
+    pub path: PathBuf,
+    /// Its compressed copy (`<path>.comp`).
+    pub comp_path: PathBuf,
+    /// Size before, in bytes.
+    pub original_size: u64,
+    /// Size after, in bytes.
+    pub compressed_size: u64,
+    /// The library used.
+    pub library: CompressionLibrary,
+}
+
+/// `<file>.comp`.
+pub fn comp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".comp");
+    PathBuf::from(s)
+}
+
+/// Compress each file to `<file>.comp`. On failure every `.comp` written is
+/// removed and the originals are untouched.
+pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Control) -> Result<Vec<CompressedFile>> {
+    if !(1..=16).contains(&opts.coroutines) {
+        return Err(KnibError::invalid(format!("coroutines must be 1 to 16, not {}", opts.coroutines)));
+    }
+    if opts.rate_limit_mbps > 0 {
+        let (major, minor) = q.version(ctl)?;
+        if (major, minor) < (5, 2) {
+            return Err(KnibError::invalid(format!(
+                "a rate limit needs qemu-img 5.2 or later; this is {major}.{minor}"
+            )));
+        }
+    }
+    let mut done: Vec<CompressedFile> = Vec::new();
+    let r = (|| -> Result<()> {
+        for f in files {
+            let info = q.info(f, ctl)?;
+            let size = fsio::file_size(f)?;
+            let dir = f.parent().unwrap_or(Path::new("."));
+            let needed = (size as f64 * opts.min_free_factor.max(0.0)).ceil() as u64;
+            fsio::require_space(dir, needed, &format!("compression of {}", f.display()))?;
+            let v2 = info.is_qcow2_v2();
+            let library = if v2 { CompressionLibrary::Zlib } else { opts.library };
+            let out = comp_path(f);
+            fsio::remove_if_exists(&out)?;
+            done.push(CompressedFile {
+                path: f.clone(),
+                comp_path: out.clone(),
+                original_size: size,
+                compressed_size: 0,
+                library,
+            });
+            q.convert(
+                &Convert {
+                    source: f.clone(),
+                    dest: out.clone(),
+                    backing: info.backing_filename.clone(),
+                    compress: Some(library),
+                    compat_v2: v2,
+                    coroutines: Some(opts.coroutines),
+                    rate_limit_mbps: Some(opts.rate_limit_mbps),
+                    ..Default::default()
+                },
+                ctl,
+            )?;
+            fsio::sync_file(&out)?;
+            done.last_mut().expect("pushed above").compressed_size = fsio::file_size(&out)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        for c in &done {
+            let _ = fsio::remove_if_exists(&c.comp_path);
+        }
+        return Err(e);
+    }
+    Ok(done)
+}
+
+/// Finish a compression: when the backup still exists, each `.comp` is
+/// renamed over its original (atomically, made durable); when it was
+/// deleted meanwhile, the `.comp` files are removed.
+pub fn finalize(files: &[PathBuf], backup_exists: bool) -> Result<()> {
+    for f in files {
+        let comp = comp_path(f);
+        if backup_exists {
+            if !comp.exists() {
+                return Err(KnibError::not_found(format!("compressed file {} does not exist", comp.display())));
+            }
+            fsio::commit_rename(&comp, f)?;
+        } else {
+            fsio::remove_if_exists(&comp)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! The hash of a backup: xxh3-128 over the bytes of every file of its chain,
+//! root first, as CloudStack stores it after a first successful validation.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::error::{KnibError, Result};
+use crate::progress::Control;
+
+/// xxh3-128 of the files in the order given (root of the chain first), as
+/// 32 lower-case hex digits.
+pub fn hash_files(files: &[PathBuf], ctl: &Control) -> Result<String> {
+    let mut h = Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        ctl.check(&format!("hash of {}", f.display()))?;
+        let mut file = File::open(f).map_err(|e| KnibError::io("cannot open", f, e))?;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| KnibError::io("cannot read", f, e))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(format!("{:032x}", h.digest128()))
+}

@@ -1,0 +1,89 @@
+//! Restoring a backup: flattening its chain into one image, or creating a
+//! quick-restore overlay whose backing file is the backup.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{KnibError, Result};
+use crate::fsio;
+use crate::progress::Control;
+use crate::qemu_img::{Convert, ImageFormat, QemuImg};
+
+/// A request to restore one volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    /// The backup file of the volume (the top of its chain on the store).
+    pub backup_file: PathBuf,
+    /// Where the restored image goes.
+    pub dest: PathBuf,
+    /// Its format.
+    pub format: ImageFormat,
+    /// Replace `dest` if it exists (it is replaced only once the new image
+    /// is complete).
+    pub overwrite: bool,
+}
+
+fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
+    if dest.exists() && !overwrite {
+        return Err(KnibError::invalid(format!("{} already exists; it is not overwritten", dest.display())));
+    }
+    let dir = dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(KnibError::not_found(format!("directory {} does not exist", dir.display())));
+    }
+    Ok(())
+}
+
+/// Restore a backup, flattened, to `dest`: written under a temporary name
+/// and renamed when complete, so `dest` never holds half an image.
+pub fn restore(q: &QemuImg, req: &RestoreRequest, ctl: &Control) -> Result<()> {
+    if !req.backup_file.exists() {
+        return Err(KnibError::not_found(format!("backup file {} does not exist", req.backup_file.display())));
+    }
+    check_dest(&req.dest, req.overwrite)?;
+    // Every file of the chain must be there before anything is written.
+    q.info_chain(&req.backup_file, ctl)?;
+    let dir = req.dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let m = q.measure(&req.backup_file, req.format, ctl)?;
+    let needed = if req.format == ImageFormat::Raw { 0 } else { m.required };
+    fsio::require_space(dir, needed, &format!("restore to {}", req.dest.display()))?;
+    let tmp = fsio::temp_path(&req.dest);
+    let r = q
+        .convert(
+            &Convert {
+                source: req.backup_file.clone(),
+                dest: tmp.clone(),
+                dest_format: req.format,
+                ..Default::default()
+            },
+            ctl,
+        )
+        .and_then(|_| fsio::commit_rename(&tmp, &req.dest));
+    if r.is_err() {
+        let _ = fsio::remove_if_exists(&tmp);
+    }
+    r
+}
+
+/// Create a quick-restore overlay at `dest`: an empty qcow2 whose backing
+/// file is the backup (by absolute path, as the store is elsewhere). A VM
+/// can start on it at once; consolidation later pulls the data in.
+pub fn create_overlay(q: &QemuImg, backup_file: &Path, dest: &Path, ctl: &Control) -> Result<()> {
+    let abs = backup_file
+        .canonicalize()
+        .map_err(|e| KnibError::io("backup file", backup_file, e))?;
+    check_dest(dest, false)?;
+    q.info_chain(&abs, ctl)?;
+    let tmp = fsio::temp_path(dest);
+    let abs_s = abs
+        .to_str()
+        .ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", abs.display())))?;
+    let r = q
+        .create_overlay(&tmp, abs_s, "qcow2", None, ctl)
+        .and_then(|_| fsio::commit_rename(&tmp, dest));
+    if r.is_err() {
+        let _ = fsio::remove_if_exists(&tmp);
+    }
+    r
+}

@@ -1,0 +1,297 @@
+//! Taking a backup of plain qcow2 disk files (a stopped VM). See the module
+//! documentation of [`crate::engine`] for the shapes on primary storage.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{KnibError, Result};
+use crate::fsio;
+use crate::progress::Control;
+use crate::qemu_img::{Convert, ImageFormat, ImageInfo, QemuImg};
+
+/// What kind of backup to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupKind {
+    /// The whole disk; starts a chain.
+    Full,
+    /// Only the writes since the parent backup.
+    Incremental,
+    /// The whole disk, outside any chain; primary storage is left as it was.
+    Isolated,
+}
+
+impl BackupKind {
+    /// "full", "incremental" or "isolated".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupKind::Full => "full",
+            BackupKind::Incremental => "incremental",
+            BackupKind::Isolated => "isolated",
+        }
+    }
+}
+
+/// One volume to back up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeBackup {
+    /// The volume's name (used in messages).
+    pub name: String,
+    /// The disk's active qcow2 file on primary storage.
+    pub disk: PathBuf,
+    /// Where the backup file goes on the store.
+    pub dest: PathBuf,
+    /// For an incremental backup: the parent backup's file, as the backing
+    /// pointer to write (relative to `dest`'s directory).
+    pub parent: Option<String>,
+}
+
+/// A request to back up the volumes of one (stopped) VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TakeBackupRequest {
+    /// The volumes, all backed up together.
+    pub volumes: Vec<VolumeBackup>,
+    /// Full, incremental or isolated.
+    pub kind: BackupKind,
+    /// Collapse primary back to one file afterwards, so the next backup is
+    /// full.
+    pub end_of_chain: bool,
+}
+
+/// What happened to one volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeResult {
+    /// The volume's name.
+    pub name: String,
+    /// The file the volume now runs on (for plain files, the path given).
+    pub active_file: PathBuf,
+    /// The backup file written on the store.
+    pub dest: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The disk's guest-visible size.
+    pub virtual_size: u64,
+}
+
+/// The answer of a backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TakeBackupAnswer {
+    /// One entry per volume, in request order.
+    pub volumes: Vec<VolumeResult>,
+}
+
+/// The knib base file of a disk: `<file name>.knib-base` beside it.
+pub fn base_path(disk: &Path) -> PathBuf {
+    let name = disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    disk.with_file_name(format!("{name}.knib-base"))
+}
+
+/// The overlay being put in place of a disk that gets its base.
+fn new_overlay_path(disk: &Path) -> PathBuf {
+    let name = disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    disk.with_file_name(format!("{name}.knib-new"))
+}
+
+/// Finish what a crash interrupted on a disk: when `P` is missing but its
+/// base and the new overlay exist, the overlay is renamed to `P`. Returns
+/// whether anything was done.
+pub fn repair_volume(disk: &Path) -> Result<bool> {
+    let base = base_path(disk);
+    let new = new_overlay_path(disk);
+    if !disk.exists() && base.exists() && new.exists() {
+        log::warn!("finishing an interrupted base creation of {}", disk.display());
+        fsio::commit_rename(&new, disk)?;
+        return Ok(true);
+    }
+    if disk.exists() && new.exists() {
+        fsio::remove_if_exists(&new)?;
+    }
+    Ok(false)
+}
+
+/// How a disk looks on primary storage.
+#[derive(Debug, Clone)]
+pub struct DiskState {
+    /// `qemu-img info --backing-chain`, top first.
+    pub chain: Vec<ImageInfo>,
+    /// Whether the disk runs on its knib base (`B <- P`).
+    pub on_knib_base: bool,
+}
+
+/// Inspect a disk: it must exist, be qcow2, and be neither encrypted nor
+/// using an external data file.
+pub fn inspect_disk(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) -> Result<DiskState> {
+    if !disk.exists() {
+        return Err(KnibError::not_found(format!("disk {name}: {} does not exist", disk.display())));
+    }
+    let chain = q.info_chain(disk, ctl).map_err(|e| e.context(format!("disk {name}")))?;
+    let top = chain.first().ok_or_else(|| KnibError::internal("qemu-img info gave an empty chain"))?;
+    if top.format != "qcow2" {
+        return Err(KnibError::invalid(format!(
+            "disk {name}: {} is {}, not qcow2",
+            disk.display(),
+            top.format
+        )));
+    }
+    if top.encrypted == Some(true) {
+        return Err(KnibError::invalid(format!("disk {name}: {} is encrypted", disk.display())));
+    }
+    if top.format_specific.as_ref().and_then(|f| f.data.data_file.as_ref()).is_some() {
+        return Err(KnibError::invalid(format!("disk {name}: {} uses an external data file", disk.display())));
+    }
+    let base = base_path(disk);
+    let base_name = base.file_name().map(|n| n.to_string_lossy().into_owned());
+    let on_knib_base = top
+        .backing_filename
+        .as_deref()
+        .map(|b| Path::new(b).file_name().map(|n| n.to_string_lossy().into_owned()) == base_name)
+        .unwrap_or(false);
+    Ok(DiskState { chain, on_knib_base })
+}
+
+/// Take a backup of plain disk files. All volumes are copied first; if any
+/// copy fails, everything written to the store is deleted and primary is
+/// untouched. Only then is primary merged.
+pub fn take_backup(q: &QemuImg, req: &TakeBackupRequest, ctl: &Control) -> Result<TakeBackupAnswer> {
+    take_backup_with(q, req, ctl, &mut |_| Ok(()))
+}
+
+/// [`take_backup`], calling `publish` once every volume is copied and
+/// durable on the store, before primary is merged. The catalog writes its
+/// manifest there, so a crash can never merge writes that no published
+/// backup holds. When `publish` fails, the copies are deleted and primary is
+/// left as it was.
+pub fn take_backup_with(
+    q: &QemuImg,
+    req: &TakeBackupRequest,
+    ctl: &Control,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<TakeBackupAnswer> {
+    if req.volumes.is_empty() {
+        return Err(KnibError::invalid("a backup needs at least one volume"));
+    }
+    for v in &req.volumes {
+        repair_volume(&v.disk)?;
+    }
+    let mut states = Vec::new();
+    for v in &req.volumes {
+        let st = inspect_disk(q, &v.name, &v.disk, ctl)?;
+        if req.kind == BackupKind::Incremental {
+            if v.parent.is_none() {
+                return Err(KnibError::invalid(format!("volume {}: an incremental backup needs a parent", v.name)));
+            }
+            if !st.on_knib_base {
+                return Err(KnibError::invalid(format!(
+                    "volume {}: {} has no knib base, so no delta since a backup: take a full backup",
+                    v.name,
+                    v.disk.display()
+                )));
+            }
+        }
+        if v.dest.exists() {
+            return Err(KnibError::invalid(format!("volume {}: {} already exists", v.name, v.dest.display())));
+        }
+        states.push(st);
+    }
+
+    // 1. Copy every volume to a temporary name on the store.
+    let mut written: Vec<PathBuf> = Vec::new();
+    let copy = (|| -> Result<Vec<VolumeResult>> {
+        for (v, st) in req.volumes.iter().zip(&states) {
+            let dir = v.dest.parent().unwrap_or(Path::new("."));
+            let needed = match req.kind {
+                BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,
+                _ => q.measure(&v.disk, ImageFormat::Qcow2, ctl)?.required,
+            };
+            fsio::require_space(dir, needed, &format!("backup of volume {}", v.name))?;
+            let tmp = fsio::temp_path(&v.dest);
+            written.push(tmp.clone());
+            let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
+            q.convert(
+                &Convert {
+                    source: v.disk.clone(),
+                    dest: tmp.clone(),
+                    backing,
+                    compat_v2: st.chain[0].is_qcow2_v2(),
+                    ..Default::default()
+                },
+                ctl,
+            )
+            .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+        }
+        for (v, tmp) in req.volumes.iter().zip(&written) {
+            fsio::commit_rename(tmp, &v.dest)?;
+        }
+        let mut results = Vec::new();
+        for (v, st) in req.volumes.iter().zip(&states) {
+            results.push(VolumeResult {
+                name: v.name.clone(),
+                active_file: v.disk.clone(),
+                dest: v.dest.clone(),
+                size: fsio::file_size(&v.dest)?,
+                virtual_size: st.chain[0].virtual_size,
+            });
+        }
+        ctl.check("publishing the backup")?;
+        publish(&results)?;
+        Ok(results)
+    })();
+    let results = match copy {
+        Ok(r) => r,
+        Err(e) => {
+            for (i, tmp) in written.iter().enumerate() {
+                let _ = fsio::remove_if_exists(tmp);
+                let _ = fsio::remove_if_exists(&req.volumes[i].dest);
+            }
+            return Err(e.with_vm_consistent(true));
+        }
+    };
+
+    // 2. and 3. Merge primary (not for an isolated backup). The backup is
+    // published: a failure here leaves every write in the disk's delta, and
+    // the next backup copies it again.
+    if req.kind != BackupKind::Isolated {
+        for (v, st) in req.volumes.iter().zip(&states) {
+            merge_after_backup(q, v, st, req.end_of_chain, &Control::new().with_deadline(ctl.deadline))
+                .map_err(|e| {
+                    e.context(format!(
+                        "the backup is stored, but merging volume {} afterwards failed (its writes stay in {} and the next backup copies them again)",
+                        v.name,
+                        v.disk.display()
+                    ))
+                    .with_vm_consistent(true)
+                })?;
+        }
+    }
+    Ok(TakeBackupAnswer { volumes: results })
+}
+
+fn merge_after_backup(q: &QemuImg, v: &VolumeBackup, st: &DiskState, end_of_chain: bool, ctl: &Control) -> Result<()> {
+    let base = base_path(&v.disk);
+    if st.on_knib_base {
+        // B <- P: fold P's writes into B; P stays, emptied.
+        q.commit(&v.disk, false, ctl)?;
+        if end_of_chain {
+            fsio::commit_rename(&base, &v.disk)?;
+        }
+    } else if !end_of_chain {
+        // P alone: P becomes the base, an empty overlay takes its name.
+        let new = new_overlay_path(&v.disk);
+        fsio::remove_if_exists(&new)?;
+        let base_name = base.file_name().expect("base has a file name").to_string_lossy().into_owned();
+        if base.exists() {
+            return Err(KnibError::invalid(format!(
+                "volume {}: {} exists but {} does not run on it; move it away",
+                v.name,
+                base.display(),
+                v.disk.display()
+            )));
+        }
+        q.create_overlay(&new, &base_name, "qcow2", Some(st.chain[0].virtual_size), ctl)?;
+        fs::rename(&v.disk, &base).map_err(|e| KnibError::io("cannot rename to", &base, e))?;
+        fsio::commit_rename(&new, &v.disk)?;
+    }
+    Ok(())
+}
