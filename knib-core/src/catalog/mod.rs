@@ -325,9 +325,22 @@ impl Store {
                 return Err(KnibError::invalid(format!("volume name {:?} is given twice", d.name)));
             }
         }
+        let q = &self.qemu_img;
+        // Check every disk before anything is written to the store.
+        for d in disks {
+            if !d.path.exists() && !engine::take::base_path(&d.path).exists() {
+                return Err(KnibError::not_found(format!(
+                    "disk {}: {} does not exist",
+                    d.name,
+                    d.path.display()
+                )));
+            }
+            if d.path.exists() {
+                engine::take::inspect_disk(q, &d.name, &d.path, ctl)?;
+            }
+        }
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
         let state = self.load_state(vm)?;
-        let q = &self.qemu_img;
 
         // Decide the kind and the parent.
         let mut kind = if opts.isolated { BackupKind::Isolated } else { BackupKind::Full };

@@ -462,6 +462,30 @@ mod tests {
     }
 
     #[test]
+    fn a_convert_past_its_budget_is_killed_and_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        let q = QemuImg::new();
+        let src = d.path().join("src.qcow2");
+        let dst = d.path().join("dst.qcow2");
+        q.create(&src, 64 << 20, &Control::new()).unwrap();
+        let st = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x5a 0 16M"])
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        // 16 MiB at 1 MB/s takes over 10 s; the budget is 1 s.
+        let ctl = Control::new().with_deadline(crate::Deadline::after(std::time::Duration::from_secs(1)));
+        let t = std::time::Instant::now();
+        let c = Convert { source: src, dest: dst, rate_limit_mbps: Some(1), ..Default::default() };
+        let e = q.convert(&c, &ctl).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Timeout);
+        assert!(e.message.contains("qemu-img convert") && e.message.contains("was killed"), "{e}");
+        assert!(e.message.contains("time budget (1s) ran out"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
     fn missing_image_is_not_found_and_names_it() {
         let e = QemuImg::new().info(Path::new("/nonexistent/x.qcow2"), &Control::new()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound);

@@ -1,0 +1,118 @@
+//! The `knib` tool as scripts use it: the exact interface, JSON output,
+//! one-line errors on stderr with a non-zero status, and the demo.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn knib(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_knib")).args(args).output().expect("knib runs")
+}
+
+fn ok_json(args: &[&str]) -> Value {
+    let out = knib(args);
+    assert!(out.status.success(), "knib {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("knib {args:?} printed no JSON ({e})"))
+}
+
+fn qemu(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn backup_list_show_compress_verify_restore_delete() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
+    for p in [&a, &b] {
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(p), "16M"]);
+    }
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 4M", s(&a)]);
+    let da = format!("a={}", s(&a));
+    let db = format!("b={}", s(&b));
+    let full = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "web", "--disk", &da, "--disk", &db]);
+    assert_eq!(full["vm"], "web");
+    assert_eq!(full["kind"], "full");
+    assert_eq!(full["parent"], Value::Null);
+    assert_eq!(full["end_of_chain"], false);
+    assert_eq!(full["volumes"][0]["name"], "a");
+    assert_eq!(full["volumes"][0]["virtual_size"], 16 << 20);
+    assert!(Path::new(full["volumes"][0]["file"].as_str().unwrap()).exists());
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x32 1M 1M", s(&a)]);
+    qemu(&["qemu-img", "convert", "-O", "qcow2", s(&a), s(&d.path().join("ref.qcow2"))]);
+    // --json may also follow the subcommand.
+    let inc = ok_json(&["backup", "--store", s(&store), "--vm", "web", "--disk", &da, "--disk", &db, "--json"]);
+    assert_eq!(inc["kind"], "incremental");
+    assert_eq!(inc["parent"], full["id"]);
+    let list = ok_json(&["--json", "list", "--store", s(&store), "--vm", "web"]);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[1]["id"], inc["id"]);
+    let id = inc["id"].as_str().unwrap();
+    let shown = ok_json(&["--json", "show", "--store", s(&store), id]);
+    assert_eq!(shown["id"], inc["id"]);
+    let out = knib(&["compress", "--store", s(&store), full["id"].as_str().unwrap(), "--library", "zstd", "--coroutines", "2", "--rate-limit", "0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = knib(&["verify", "--store", s(&store)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches(": ok").count(), 2);
+    let to = d.path().join("restored.raw");
+    let out = knib(&["restore", "--store", s(&store), id, "--volume", "a", "--to", s(&to), "--format", "raw"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    qemu(&["qemu-img", "compare", s(&to), s(&d.path().join("ref.qcow2"))]);
+    let out = knib(&["delete", "--store", s(&store), full["id"].as_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("marked removed"));
+    let list = ok_json(&["list", "--store", s(&store), "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let plain = knib(&["list", "--store", s(&store)]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains(id));
+}
+
+#[test]
+fn errors_are_one_line_on_stderr_with_a_status_per_kind() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    std::fs::create_dir(&store).unwrap();
+    let cases: [(&[&str], i32, &str); 5] = [
+        (&["show", "--store", s(&store), "nope"], 11, "knib: not found: backup nope does not exist"),
+        (&["list", "--store", "/nonexistent/store"], 11, "knib: not found: store /nonexistent/store does not exist"),
+        (
+            &["backup", "--store", s(&store), "--vm", "../x", "--disk", "a=/nonexistent.qcow2"],
+            13,
+            "knib: invalid input: VM name \"../x\"",
+        ),
+        (&["backup", "--store", s(&store), "--vm", "x", "--disk", "noequals"], 13, "is not NAME=PATH"),
+        (
+            &["restore", "--store", s(&store), "b1", "--volume", "v", "--to", "/tmp/x", "--format", "vmdk"],
+            13,
+            "unknown image format \"vmdk\"",
+        ),
+    ];
+    for (args, code, text) in cases {
+        let out = knib(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(text), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn demo_runs_to_the_end_and_says_what_it_did() {
+    let d = tempfile::tempdir().unwrap();
+    let out = knib(&["demo", "--dir", s(d.path())]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("taken: full"), "{text}");
+    assert_eq!(text.matches("taken: incremental").count(), 2, "{text}");
+    assert!(text.contains("compressed full backup"), "{text}");
+    assert_eq!(text.matches("identical to the disk at that backup").count(), 6, "{text}");
+    assert!(text.contains("demo finished"), "{text}");
+}

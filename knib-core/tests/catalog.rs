@@ -1,0 +1,404 @@
+//! The catalog against the real qemu-img: chains, restores byte-identical,
+//! deletion, compression, moved stores and bad input.
+
+mod common;
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use common::disk::*;
+use knib_core::catalog::{BackupOptions, Store};
+use knib_core::engine::{BackupKind, CompressOptions};
+use knib_core::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
+use knib_core::{Control, ErrorKind};
+
+fn opts(chain_size: i64) -> BackupOptions {
+    BackupOptions { chain_size, ..Default::default() }
+}
+
+fn restore_and_compare(store: &Store, id: &str, refs: &std::collections::BTreeMap<String, std::path::PathBuf>) {
+    let out = tempfile::tempdir().unwrap();
+    for (i, (vol, reference)) in refs.iter().enumerate() {
+        let fmt = if i % 2 == 0 { ImageFormat::Qcow2 } else { ImageFormat::Raw };
+        let to = out.path().join(format!("{vol}.{}", fmt.as_str()));
+        store.restore(id, vol, &to, fmt, &Control::new()).unwrap();
+        assert_identical(&to, reference);
+    }
+}
+
+#[test]
+fn full_then_two_incrementals_each_restore_identical() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let rounds: [&[(&str, &str)]; 3] = [
+        &[("root", "write -P 0x11 0 8M"), ("data", "write -P 0x21 1M 3M")],
+        &[("root", "write -P 0x12 4M 1M"), ("data", "write -z 1M 64k"), ("data", "write -P 0x22 30M 2M")],
+        &[("root", "write -P 0x13 63M 1M"), ("root", "discard 0 64k"), ("data", "write -P 0x23 0 512")],
+    ];
+    let mut taken = Vec::new();
+    for (i, round) in rounds.iter().enumerate() {
+        for (disk, cmd) in round.iter() {
+            qemu_io(vm.path(disk), cmd);
+        }
+        let refs = vm.snapshot_all(&format!("b{i}"));
+        let m = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+        assert_eq!(m.kind, if i == 0 { BackupKind::Full } else { BackupKind::Incremental });
+        assert_eq!(m.parent, taken.last().map(|(id, _): &(String, _)| id.clone()));
+        assert_eq!(m.volumes.len(), 2);
+        for d in &vm.disks {
+            // The path given stays the active file; primary is base + one delta.
+            assert!(d.path.exists());
+            assert_eq!(chain_len(&d.path), 2, "{}", d.path.display());
+            assert_identical(&d.path, &refs[&d.name]);
+            assert_check_clean(&store.volume_file(&m, &d.name).unwrap());
+        }
+        taken.push((m.id.clone(), refs));
+    }
+    // Incremental backups hold only the delta: much smaller than the full one.
+    let list = store.list(Some("vm1")).unwrap();
+    assert_eq!(list.len(), 3);
+    assert!(list[1].volumes[0].size < list[0].volumes[0].size / 2);
+    for (id, refs) in &taken {
+        restore_and_compare(&store, id, refs);
+    }
+}
+
+#[test]
+fn chain_size_three_then_full_and_isolated_keeps_the_chain() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let mut all = Vec::new();
+    for i in 0..4u8 {
+        qemu_io(vm.path("root"), &format!("write -P {} {}M 1M", 0x30 + i, i));
+        let refs = vm.snapshot_all(&format!("c{i}"));
+        let m = store.backup("vm1", &vm.disks, &opts(3), &Control::new()).unwrap();
+        all.push((m.clone(), refs));
+    }
+    let kinds: Vec<_> = all.iter().map(|(m, _)| (m.kind, m.position, m.end_of_chain)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (BackupKind::Full, 1, false),
+            (BackupKind::Incremental, 2, false),
+            (BackupKind::Incremental, 3, true),
+            (BackupKind::Full, 1, false),
+        ]
+    );
+    assert_eq!(all[3].0.parent, None);
+    // Isolated: full, no parent, primary untouched, chain continues after it.
+    qemu_io(vm.path("data"), "write -P 0x44 2M 1M");
+    let iso_refs = vm.snapshot_all("iso");
+    let chain_before = chain_len(vm.path("root"));
+    let iso = store
+        .backup("vm1", &vm.disks, &BackupOptions { isolated: true, chain_size: 3, ..Default::default() }, &Control::new())
+        .unwrap();
+    assert_eq!((iso.kind, iso.parent.clone(), iso.end_of_chain), (BackupKind::Isolated, None, false));
+    assert_eq!(chain_len(vm.path("root")), chain_before);
+    qemu_io(vm.path("data"), "write -P 0x45 3M 1M");
+    let next_refs = vm.snapshot_all("next");
+    let next = store.backup("vm1", &vm.disks, &opts(3), &Control::new()).unwrap();
+    assert_eq!(next.kind, BackupKind::Incremental);
+    assert_eq!(next.parent.as_deref(), Some(all[3].0.id.as_str()));
+    assert_eq!(next.position, 2);
+    restore_and_compare(&store, &iso.id, &iso_refs);
+    restore_and_compare(&store, &next.id, &next_refs);
+    for (m, refs) in &all {
+        restore_and_compare(&store, &m.id, refs);
+    }
+}
+
+#[test]
+fn chain_size_one_is_always_full_and_unlimited_never_ends() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    for _ in 0..2 {
+        let m = store.backup("one", &vm.disks, &opts(1), &Control::new()).unwrap();
+        assert_eq!((m.kind, m.end_of_chain), (BackupKind::Full, true));
+        assert_eq!(chain_len(vm.path("root")), 1, "end of chain collapses primary to one file");
+    }
+    for i in 0..3 {
+        let m = store.backup("one", &vm.disks, &opts(0), &Control::new()).unwrap();
+        assert!(!m.end_of_chain);
+        assert_eq!(m.kind, if i == 0 { BackupKind::Full } else { BackupKind::Incremental });
+    }
+}
+
+#[test]
+fn deleting_the_middle_backup_keeps_every_other_restorable() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let mut taken = Vec::new();
+    for i in 0..3u8 {
+        qemu_io(vm.path("root"), &format!("write -P {} {}M 2M", 0x50 + i, 2 * i));
+        qemu_io(vm.path("data"), &format!("write -P {} {}M 1M", 0x60 + i, 3 * i));
+        let refs = vm.snapshot_all(&format!("d{i}"));
+        taken.push((store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap(), refs));
+    }
+    let mid = taken[1].0.id.clone();
+    let out = store.delete(&mid).unwrap();
+    assert_eq!(out.marked_removed, vec![mid.clone()]);
+    assert!(out.expunged.is_empty());
+    let ids: Vec<_> = store.list(None).unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec![taken[0].0.id.clone(), taken[2].0.id.clone()]);
+    assert_eq!(store.show(&mid).unwrap_err().kind, ErrorKind::NotFound);
+    for (m, refs) in [&taken[0], &taken[2]] {
+        restore_and_compare(&store, &m.id, refs);
+    }
+    for f in walk_qcow2(sdir.path()) {
+        assert_check_clean(&f);
+    }
+    // Deleting the last one expunges it and its removed parent.
+    let out = store.delete(&taken[2].0.id).unwrap();
+    assert_eq!(out.expunged, vec![taken[2].0.id.clone(), mid.clone()]);
+    assert!(!sdir.path().join("vms/vm1").join(&mid).exists());
+    restore_and_compare(&store, &taken[0].0.id, &taken[0].1);
+    // The head went: the next backup is full.
+    let m = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+}
+
+fn walk_qcow2(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    tree(dir)
+        .keys()
+        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+        .map(|p| dir.join(p))
+        .collect()
+}
+
+#[test]
+fn compressed_backup_restores_identical_is_smaller_and_still_a_backing_file() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x61 0 16M");
+    qemu_io(vm.path("data"), "write -P 0x62 0 8M");
+    let r1 = vm.snapshot_all("z1");
+    let b1 = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x63 8M 4M");
+    let r2 = vm.snapshot_all("z2");
+    let b2 = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    let c1 = store.compress(&b1.id, &CompressOptions::default(), &Control::new()).unwrap();
+    let info = c1.compression.clone().unwrap();
+    assert_eq!(info.library, CompressionLibrary::Zstd);
+    assert!(info.size * 4 < info.original_size, "{info:?}");
+    let f = store.volume_file(&c1, "root").unwrap();
+    let qi = QemuImg::new().info(&f, &Control::new()).unwrap();
+    assert_eq!(qi.format_specific.unwrap().data.compression_type.as_deref(), Some("zstd"));
+    assert!(!f.with_extension("qcow2.comp").exists());
+    assert_check_clean(&f);
+    restore_and_compare(&store, &b1.id, &r1);
+    restore_and_compare(&store, &b2.id, &r2);
+    // The child compressed too, with its parent as backing.
+    let c2 = store.compress(&b2.id, &CompressOptions { coroutines: 4, ..Default::default() }, &Control::new()).unwrap();
+    assert_eq!(c2.volumes[0].backing.as_deref(), Some(format!("../{}/root.qcow2", b1.id).as_str()));
+    restore_and_compare(&store, &b2.id, &r2);
+    let reports = store.verify(None, &Control::new()).unwrap();
+    assert!(reports.iter().all(|r| r.ok), "{reports:?}");
+}
+
+#[test]
+fn qcow2_v2_disk_is_compressed_with_zlib() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("old.qcow2");
+    make_disk(&p, 16 << 20, &["-o", "compat=0.10"]);
+    qemu_io(&p, "write -P 0x71 0 4M");
+    let disks = vec![knib_core::catalog::DiskSpec { name: "old".into(), path: p.clone() }];
+    let r = dir.path().join("ref.qcow2");
+    snapshot(&p, &r);
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let b = store.backup("v2", &disks, &opts(8), &Control::new()).unwrap();
+    let c = store.compress(&b.id, &CompressOptions::default(), &Control::new()).unwrap();
+    assert_eq!(c.compression.unwrap().library, CompressionLibrary::Zlib);
+    let f = store.volume_file(&b, "old").unwrap();
+    assert!(QemuImg::new().info(&f, &Control::new()).unwrap().is_qcow2_v2());
+    let to = dir.path().join("restored.raw");
+    store.restore(&b.id, "old", &to, ImageFormat::Raw, &Control::new()).unwrap();
+    assert_identical(&to, &r);
+}
+
+#[test]
+fn a_moved_store_still_restores() {
+    let vm = TestDisks::two();
+    let top = tempfile::tempdir().unwrap();
+    let store = Store::create(top.path().join("a")).unwrap();
+    let mut taken = Vec::new();
+    for i in 0..3u8 {
+        qemu_io(vm.path("root"), &format!("write -P {} {}M 1M", 0x80 + i, i));
+        let refs = vm.snapshot_all(&format!("m{i}"));
+        taken.push((store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap(), refs));
+    }
+    store.compress(&taken[1].0.id, &CompressOptions::default(), &Control::new()).unwrap();
+    std::fs::rename(top.path().join("a"), top.path().join("elsewhere")).unwrap();
+    let moved = Store::open(top.path().join("elsewhere")).unwrap();
+    for (m, refs) in &taken {
+        restore_and_compare(&moved, &m.id, refs);
+    }
+}
+
+fn setup_one() -> (TestDisks, tempfile::TempDir, Store, String) {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x91 0 1M");
+    let id = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap().id;
+    (vm, sdir, store, id)
+}
+
+#[test]
+fn unknown_backup_and_volume_are_not_found() {
+    let (_vm, sdir, store, id) = setup_one();
+    let before = tree(sdir.path());
+    let to = sdir.path().join("../x.qcow2");
+    let e = store.restore("20200101-000000000-dead", "root", &to, ImageFormat::Qcow2, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("backup 20200101-000000000-dead does not exist"), "{e}");
+    let e = store.restore(&id, "swap", &to, ImageFormat::Qcow2, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("has no volume \"swap\" (it has: root, data)"), "{e}");
+    assert!(!to.exists());
+    assert_eq!(tree(sdir.path()), before);
+}
+
+#[test]
+fn missing_and_non_qcow2_disks_are_refused_without_touching_the_store() {
+    let (vm, sdir, store, _id) = setup_one();
+    let before = tree(sdir.path());
+    let mut disks = vm.disks.clone();
+    disks[1].path = vm.dir.path().join("nope.qcow2");
+    let e = store.backup("vm1", &disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("disk data:") && e.message.contains("nope.qcow2 does not exist"), "{e}");
+    let raw = vm.dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    disks[1].path = raw;
+    let e = store.backup("vm1", &disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("raw.img is raw, not qcow2"), "{e}");
+    // A brand-new VM with a bad disk creates nothing either.
+    let e = store.backup("vm2", &disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert_eq!(tree(sdir.path()), before);
+    assert_eq!(chain_len(vm.path("root")), 2);
+}
+
+#[test]
+fn corrupted_manifest_is_reported_and_nothing_changes() {
+    let (vm, sdir, store, id) = setup_one();
+    let mpath = sdir.path().join("vms/vm1").join(&id).join("manifest.json");
+    std::fs::write(&mpath, b"{\"schema\": 1, \"id\": ").unwrap();
+    let before = tree(sdir.path());
+    let e = store.show(&id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt);
+    assert!(e.message.contains(&format!("manifest {} is corrupted", mpath.display())), "{e}");
+    assert_eq!(store.list(None).unwrap_err().kind, ErrorKind::Corrupt);
+    let e = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt);
+    assert_eq!(tree(sdir.path()), before);
+}
+
+#[test]
+fn a_backup_file_removed_behind_knibs_back_is_named() {
+    let (vm, sdir, store, id) = setup_one();
+    let f = sdir.path().join("vms/vm1").join(&id).join("data.qcow2");
+    std::fs::remove_file(&f).unwrap();
+    let before = tree(sdir.path());
+    let to = vm.dir.path().join("r.qcow2");
+    let e = store.restore(&id, "data", &to, ImageFormat::Qcow2, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains(&format!("{} of volume data is missing", f.display())), "{e}");
+    assert!(!to.exists());
+    let reports = store.verify(Some(&id), &Control::new()).unwrap();
+    assert!(!reports[0].ok);
+    assert!(reports[0].problems.iter().any(|p| p.contains("is missing")), "{reports:?}");
+    let e = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("--full"), "{e}");
+    assert_eq!(tree(sdir.path()), before);
+    // The way out the error names works.
+    let m = store
+        .backup("vm1", &vm.disks, &BackupOptions { full: true, ..Default::default() }, &Control::new())
+        .unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+}
+
+#[test]
+fn names_that_escape_the_store_are_refused() {
+    let (vm, sdir, store, id) = setup_one();
+    let before = tree(sdir.path());
+    let e = store.backup("../evil", &vm.disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("VM name \"../evil\""), "{e}");
+    let mut disks = vm.disks.clone();
+    disks[0].name = "../../etc/passwd".into();
+    let e = store.backup("vm1", &disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("volume name"), "{e}");
+    let e = store.show("../vm1").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    let e = store.restore(&id, "../root", &vm.dir.path().join("x"), ImageFormat::Raw, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(tree(sdir.path()), before);
+    assert!(!sdir.path().parent().unwrap().join("evil").exists());
+}
+
+#[test]
+fn a_second_backup_of_the_same_vm_while_one_runs_is_busy() {
+    let (vm, sdir, store, _id) = setup_one();
+    qemu_io(vm.path("root"), "write -P 0x92 0 16M");
+    // The first backup stops inside its copy until the test lets it go.
+    let (reached_tx, reached_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some((reached_tx, go_rx))));
+    let ctl = Control::new().with_progress(Arc::new(move |_| {
+        if let Some((reached, go)) = gate.lock().unwrap().take() {
+            reached.send(()).unwrap();
+            go.recv().unwrap();
+        }
+    }));
+    let store2 = store.clone();
+    let disks = vm.disks.clone();
+    let first = std::thread::spawn(move || store2.backup("vm1", &disks, &opts(8), &ctl));
+    reached_rx.recv().unwrap();
+    let t = std::time::Instant::now();
+    let e = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_secs(5), "busy must fail at once");
+    assert_eq!(e.kind, ErrorKind::Busy);
+    assert!(e.message.contains("VM vm1 is busy: backup of vm1"), "{e}");
+    let e = store.delete(&store.list(None).unwrap()[0].id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy);
+    go_tx.send(()).unwrap();
+    let m = first.join().unwrap().unwrap();
+    assert_eq!(m.kind, BackupKind::Incremental);
+    assert_eq!(store.list(Some("vm1")).unwrap().len(), 2);
+    let _ = sdir;
+}
+
+#[test]
+fn a_backup_cancelled_during_its_copy_leaves_no_partial_backup() {
+    let (vm, sdir, store, _id) = setup_one();
+    qemu_io(vm.path("root"), "write -P 0x93 0 32M");
+    let before = tree(sdir.path());
+    let refs = vm.snapshot_all("t");
+    // Cancelled from the progress of the copy: the copy is killed (or, if it
+    // already ended, the backup stops before it is published).
+    let cancel = knib_core::CancelToken::new();
+    let c2 = cancel.clone();
+    let ctl = Control::new().with_cancel(cancel).with_progress(Arc::new(move |_| c2.cancel()));
+    let e = store.backup("vm1", &vm.disks, &opts(8), &ctl).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+    assert_eq!(e.vm_consistent, Some(true));
+    assert_eq!(tree(sdir.path()), before);
+    for d in &vm.disks {
+        assert_identical(&d.path, &refs[&d.name]);
+    }
+    // The next backup is a normal incremental one.
+    let m = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    assert_eq!(m.kind, BackupKind::Incremental);
+    let out = tempfile::tempdir().unwrap();
+    store.restore(&m.id, "root", &out.path().join("r.qcow2"), ImageFormat::Qcow2, &Control::new()).unwrap();
+    assert_identical(&out.path().join("r.qcow2"), &refs["root"]);
+}

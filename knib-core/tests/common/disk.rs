@@ -1,0 +1,135 @@
+//! Disk helpers for tests: images made with the real qemu-img, guest-like
+//! writes with the real qemu-io, comparisons with qemu-img compare.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use knib_core::catalog::DiskSpec;
+use knib_core::qemu_img::{Convert, QemuImg};
+use knib_core::Control;
+
+/// Run qemu-io on a (stopped) disk, as a guest write would; panics on error.
+pub fn qemu_io(disk: &Path, cmd: &str) {
+    let out = Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(disk).output().expect("qemu-io runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("error") && !text.contains("failed"), "qemu-io {cmd}: {text}");
+}
+
+/// Whether `cmd` (a `read -P` check) holds on `disk`.
+pub fn qemu_io_ok(disk: &Path, cmd: &str) -> bool {
+    let out = Command::new("qemu-io").args(["-f", "qcow2", "-U", "-c", cmd]).arg(disk).output().expect("qemu-io runs");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    out.status.success() && !text.contains("Pattern verification failed") && !text.contains("error")
+}
+
+/// Make a qcow2 image of `size` bytes with extra `qemu-img create` options.
+pub fn make_disk(path: &Path, size: u64, opts: &[&str]) {
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .args(opts)
+        .arg(path)
+        .arg(size.to_string())
+        .status()
+        .expect("qemu-img runs");
+    assert!(st.success());
+}
+
+/// A flattened copy of `disk` as it is now (the reference a restore must match).
+pub fn snapshot(disk: &Path, dest: &Path) {
+    QemuImg::new()
+        .convert(&Convert { source: disk.to_path_buf(), dest: dest.to_path_buf(), ..Default::default() }, &Control::new())
+        .expect("reference copy");
+}
+
+/// Assert two images have identical guest-visible contents.
+pub fn assert_identical(a: &Path, b: &Path) {
+    let out = Command::new("qemu-img").args(["compare", "-U"]).arg(a).arg(b).output().expect("qemu-img compare");
+    assert!(
+        out.status.success(),
+        "{} and {} differ: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Assert `qemu-img check` is clean on a file.
+pub fn assert_check_clean(file: &Path) {
+    let r = QemuImg::new().check(file, &Control::new()).expect("qemu-img check runs");
+    assert!(r.is_clean(), "{}: {r:?}", file.display());
+}
+
+/// Number of files in a disk's backing chain.
+pub fn chain_len(disk: &Path) -> usize {
+    QemuImg::new().info_chain(disk, &Control::new()).expect("info").len()
+}
+
+/// Every file under `dir` (relative path -> content of manifests, size of
+/// the rest), lock files left out: to show a store is as it was.
+pub fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), "dir".into());
+                walk(root, &p, out);
+            } else if p.file_name().unwrap() != ".lock" {
+                let v = if p.extension().is_some_and(|x| x == "json") {
+                    std::fs::read_to_string(&p).unwrap_or_default()
+                } else {
+                    std::fs::metadata(&p).map(|m| m.len().to_string()).unwrap_or_default()
+                };
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), v);
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// A stopped VM made of plain qcow2 files in a temporary directory.
+pub struct TestDisks {
+    /// Holds the files.
+    pub dir: tempfile::TempDir,
+    /// The disks.
+    pub disks: Vec<DiskSpec>,
+}
+
+impl TestDisks {
+    /// Two disks, "root" (64 MiB) and "data" (32 MiB).
+    pub fn two() -> TestDisks {
+        let dir = tempfile::tempdir().unwrap();
+        let mut disks = Vec::new();
+        for (name, size) in [("root", 64u64 << 20), ("data", 32 << 20)] {
+            let p = dir.path().join(format!("{name}.qcow2"));
+            make_disk(&p, size, &[]);
+            disks.push(DiskSpec { name: name.into(), path: p });
+        }
+        TestDisks { dir, disks }
+    }
+
+    /// The path of disk `name`.
+    pub fn path(&self, name: &str) -> &Path {
+        &self.disks.iter().find(|d| d.name == name).unwrap().path
+    }
+
+    /// Reference copies of every disk now, in `refs/<tag>-<name>.qcow2`.
+    pub fn snapshot_all(&self, tag: &str) -> BTreeMap<String, PathBuf> {
+        let refs = self.dir.path().join("refs");
+        std::fs::create_dir_all(&refs).unwrap();
+        self.disks
+            .iter()
+            .map(|d| {
+                let r = refs.join(format!("{tag}-{}.qcow2", d.name));
+                snapshot(&d.path, &r);
+                (d.name.clone(), r)
+            })
+            .collect()
+    }
+}

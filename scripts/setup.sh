@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what knib needs on Debian 12 (run as root) and starts the libvirt
+# daemons. Safe to run again.
+set -euo pipefail
+
+packages=(qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev
+          pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# qemu-system-x86 7.2 needs the qemu-utils of the same release: a newer
+# qemu-utils from backports is replaced by bookworm's.
+if ! qemu-img --version 2>/dev/null | grep -q "version 7\."; then
+    missing+=(qemu-utils)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --allow-downgrades \
+        qemu-utils/bookworm qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev \
+        pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java >/dev/null
+fi
+
+# No systemd here: start the daemons by hand unless they already run.
+pgrep -x virtlogd >/dev/null || virtlogd -d
+pgrep -x libvirtd >/dev/null || libvirtd -d
+for _ in $(seq 1 50); do
+    virsh -c qemu:///system version >/dev/null 2>&1 && break
+    sleep 0.2
+done
+virsh -c qemu:///system version >/dev/null
+echo "setup: $(qemu-img --version | head -1); libvirt $(virsh -c qemu:///system version | awk '/Running hypervisor/{print $4}' ) ready"

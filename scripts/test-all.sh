@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test of knib on a fresh Debian 12 machine, as root: installs the
+# system packages, starts libvirt, then the Rust, C and Java tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+bash scripts/setup.sh
+cargo build --workspace --all-targets
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
