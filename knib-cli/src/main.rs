@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use knib_core::catalog::{BackupOptions, DiskSpec, Store, DEFAULT_CHAIN_SIZE};
 use knib_core::engine::CompressOptions;
-use knib_core::qemu_img::{CompressionLibrary, ImageFormat};
+use knib_core::libvirt::Hypervisor;
+use knib_core::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
 use knib_core::{KnibError, Result};
 
 #[derive(Parser)]
@@ -32,12 +33,23 @@ enum Command {
         /// The store directory.
         #[arg(long)]
         store: PathBuf,
-        /// The VM's name (its backups are grouped under it).
-        #[arg(long)]
-        vm: String,
+        /// The VM's name (its backups are grouped under it), with --disk.
+        #[arg(long, required_unless_present = "domain", conflicts_with = "domain", requires = "disks")]
+        vm: Option<String>,
         /// A disk as NAME=PATH of its qcow2 file; repeat for each disk.
-        #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+        #[arg(long = "disk", value_name = "NAME=PATH")]
         disks: Vec<String>,
+        /// A libvirt domain, running or stopped: all its disks are backed up
+        /// through a disk-only snapshot.
+        #[arg(long)]
+        domain: Option<String>,
+        /// The libvirt connection URI.
+        #[arg(long, default_value = "qemu:///system")]
+        connect: String,
+        /// Freeze the guest's filesystems for the snapshot (needs the QEMU
+        /// guest agent).
+        #[arg(long, requires = "domain")]
+        quiesce: bool,
         /// Take a full backup, starting a new chain.
         #[arg(long)]
         full: bool,
@@ -73,14 +85,46 @@ enum Command {
         /// The backup's id.
         backup: String,
         /// The volume to restore.
-        #[arg(long)]
-        volume: String,
+        #[arg(long, required_unless_present = "quick")]
+        volume: Option<String>,
         /// The image to write (must not exist).
-        #[arg(long)]
-        to: PathBuf,
+        #[arg(long, required_unless_present = "quick")]
+        to: Option<PathBuf>,
         /// Its format.
         #[arg(long, default_value = "qcow2")]
         format: String,
+        /// Quick restore: start the (stopped) domain at once on overlays of
+        /// the backup; `knib consolidate` later pulls the data in.
+        #[arg(long, requires = "domain", conflicts_with_all = ["volume", "to"])]
+        quick: bool,
+        /// The domain to quick-restore onto.
+        #[arg(long)]
+        domain: Option<String>,
+        /// The libvirt connection URI.
+        #[arg(long, default_value = "qemu:///system")]
+        connect: String,
+    },
+    /// After a quick restore: pull the backup's data into the domain's
+    /// disks, so they no longer depend on the store.
+    Consolidate {
+        /// The domain.
+        #[arg(long)]
+        domain: String,
+        /// The libvirt connection URI.
+        #[arg(long, default_value = "qemu:///system")]
+        connect: String,
+    },
+    /// Finish or undo a domain backup that was interrupted.
+    Recover {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The domain.
+        #[arg(long)]
+        domain: String,
+        /// The libvirt connection URI.
+        #[arg(long, default_value = "qemu:///system")]
+        connect: String,
     },
     /// Compress a backup in place (it stays a valid backing file).
     Compress {
@@ -144,10 +188,26 @@ fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     let ctl = output::control();
     match cli.command {
-        Command::Backup { store, vm, disks, full, isolated, chain_size } => {
-            let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
-            let store = Store::create(store)?;
-            let m = store.backup(&vm, &disks, &BackupOptions { full, isolated, chain_size }, &ctl)?;
+        Command::Backup { store, vm, disks, domain, connect, quiesce, full, isolated, chain_size } => {
+            let opts = BackupOptions { full, isolated, chain_size };
+            let m = match (vm, domain) {
+                (Some(vm), None) => {
+                    let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
+                    let store = Store::create(&store)?;
+                    store.backup(&vm, &disks, &opts, &ctl)?
+                }
+                (None, Some(domain)) => {
+                    if !disks.is_empty() {
+                        return Err(KnibError::invalid("--disk goes with --vm, not with --domain"));
+                    }
+                    let hv = Hypervisor::open(&connect)?;
+                    let dom = hv.domain(&domain)?;
+                    let store = Store::create(&store)?;
+                    store.backup_domain(&dom, &opts, quiesce, &ctl)?
+                }
+                _ => return Err(KnibError::invalid("give --vm NAME with --disk NAME=PATH, or --domain NAME")),
+            };
+            let store = Store::open(store)?;
             output::clear_progress();
             output::print_backup(&store, &m, json);
         }
@@ -161,9 +221,29 @@ fn run(cli: Cli) -> Result<()> {
             let m = store.show(&backup)?;
             output::print_backup(&store, &m, json);
         }
-        Command::Restore { store, backup, volume, to, format } => {
+        Command::Restore { store, backup, volume, to, format, quick, domain, connect } => {
             let format: ImageFormat = format.parse()?;
             let store = Store::open(store)?;
+            if quick {
+                let domain = domain.ok_or_else(|| KnibError::invalid("--quick needs --domain"))?;
+                let hv = Hypervisor::open(&connect)?;
+                let dom = hv.domain(&domain)?;
+                let done = store.quick_restore_domain(&backup, &dom, &ctl)?;
+                let text: Vec<String> = done.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
+                output::say(
+                    json,
+                    &serde_json::json!({"restored": backup, "domain": domain, "overlays": done}),
+                    &format!(
+                        "domain {domain} started on overlays of backup {backup}: {}; run `knib consolidate --domain {domain}` to pull the data in",
+                        text.join(", ")
+                    ),
+                );
+                return Ok(());
+            }
+            let (volume, to) = match (volume, to) {
+                (Some(v), Some(t)) => (v, t),
+                _ => return Err(KnibError::invalid("restore needs --volume and --to (or --quick --domain)")),
+            };
             store.restore(&backup, &volume, &to, format, &ctl)?;
             output::clear_progress();
             output::say(json, &serde_json::json!({"restored": backup, "volume": volume, "to": to, "format": format}),
@@ -199,6 +279,35 @@ fn run(cli: Cli) -> Result<()> {
                 format!(
                     "backup {backup} is marked removed; its files stay until the backups that depend on it are deleted"
                 )
+            };
+            output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
+        }
+        Command::Consolidate { domain, connect } => {
+            let hv = Hypervisor::open(&connect)?;
+            let dom = hv.domain(&domain)?;
+            let done = knib_core::engine::live::consolidate(&QemuImg::new(), &dom, &ctl)?;
+            output::clear_progress();
+            let text = if done.is_empty() {
+                format!("domain {domain}: no disk depends on a backing file; nothing to consolidate")
+            } else {
+                format!("domain {domain}: consolidated {}", done.join(", "))
+            };
+            output::say(json, &serde_json::json!({"domain": domain, "consolidated": done}), &text);
+        }
+        Command::Recover { store, domain, connect } => {
+            let hv = Hypervisor::open(&connect)?;
+            let dom = hv.domain(&domain)?;
+            let store = Store::create(store)?;
+            let out = store.recover_domain(&dom, &ctl)?;
+            output::clear_progress();
+            let text = match (&out.backup_id, out.step) {
+                (Some(id), Some(step)) => format!(
+                    "backup {id} of {domain} had stopped at its {} step; it was {}. {}",
+                    step.as_str(),
+                    if out.published { "on the store, and is finished" } else { "not on the store, and is undone" },
+                    out.report.actions.join("; ")
+                ),
+                _ => format!("domain {domain}: no interrupted backup; its disks are in order"),
             };
             output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
         }

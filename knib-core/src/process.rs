@@ -74,11 +74,19 @@ impl Invocation {
     pub fn run(&self, ctl: &Control) -> Result<Finished> {
         let what = self.display();
         ctl.check(&what)?;
-        let mut child = Command::new(&self.program)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill
+        // the child when its parent dies, so a killed knib never leaves a
+        // qemu-img writing into the store behind it.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .spawn()
             .map_err(|e| {
                 let kind = if e.kind() == std::io::ErrorKind::NotFound {

@@ -24,6 +24,8 @@
 //!   head makes the next backup a full one.
 //! - Caller names (VM, volume, backup id) are checked by [`crate::names`].
 
+#[cfg(feature = "libvirt")]
+pub mod live;
 pub mod lock;
 pub mod manifest;
 
@@ -111,7 +113,7 @@ pub struct Store {
 }
 
 /// Make a backup id: UTC time, then a few hex digits against collisions.
-fn new_backup_id() -> String {
+pub(crate) fn new_backup_id() -> String {
     let now = std::time::SystemTime::now();
     let t = manifest::rfc3339(now);
     let stamp: String = t.chars().filter(|c| c.is_ascii_digit()).collect();
@@ -342,37 +344,12 @@ impl Store {
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
         let state = self.load_state(vm)?;
 
-        // Decide the kind and the parent.
-        let mut kind = if opts.isolated { BackupKind::Isolated } else { BackupKind::Full };
-        let mut parent: Option<Manifest> = None;
-        if !opts.isolated && !opts.full && opts.chain_size != 1 {
-            if let Some(head_id) = &state.head {
-                let head = Manifest::load(&self.vm_dir(vm).join(head_id).join("manifest.json"))?;
-                let same_disks = head.volumes.len() == disks.len()
-                    && disks.iter().all(|d| {
-                        head.volumes.iter().any(|v| v.name == d.name && Path::new(&v.source) == d.path.as_path())
-                    });
-                let within_chain = opts.chain_size < 1 || (head.position as i64) < opts.chain_size;
-                if !head.end_of_chain && same_disks && within_chain {
-                    for d in disks {
-                        self.chain_files(&head, &d.name).map_err(|e| {
-                            e.context("the chain to continue is damaged; take a full backup with --full")
-                        })?;
-                    }
-                    let on_base = disks.iter().all(|d| {
-                        engine::take::inspect_disk(q, &d.name, &d.path, ctl).map(|s| s.on_knib_base).unwrap_or(false)
-                    });
-                    if on_base {
-                        kind = BackupKind::Incremental;
-                        parent = Some(head);
-                    } else {
-                        log::warn!("a disk of {vm} does not run on its knib base: taking a full backup");
-                    }
-                }
-            }
-        }
-        let position = parent.as_ref().map(|p| p.position + 1).unwrap_or(1);
-        let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
+        let sources: Vec<(String, PathBuf)> = disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
+        let (kind, parent, position, end_of_chain) = self.decide(vm, &state, &sources, opts, &|| {
+            disks.iter().all(|d| {
+                engine::take::inspect_disk(q, &d.name, &d.path, ctl).map(|s| s.on_knib_base).unwrap_or(false)
+            })
+        })?;
 
         let id = new_backup_id();
         let part = self.vm_dir(vm).join(format!(".{id}.part"));
@@ -436,6 +413,47 @@ impl Store {
             return Err(e);
         }
         Ok(manifest)
+    }
+
+    /// Decide full, incremental or isolated, the parent, the position in
+    /// the chain and whether this backup ends it. `on_delta` says whether
+    /// every disk runs on a delta that follows the head.
+    fn decide(
+        &self,
+        vm: &str,
+        state: &VmState,
+        sources: &[(String, PathBuf)],
+        opts: &BackupOptions,
+        on_delta: &dyn Fn() -> bool,
+    ) -> Result<(BackupKind, Option<Manifest>, u32, bool)> {
+        let mut kind = if opts.isolated { BackupKind::Isolated } else { BackupKind::Full };
+        let mut parent: Option<Manifest> = None;
+        if !opts.isolated && !opts.full && opts.chain_size != 1 {
+            if let Some(head_id) = &state.head {
+                let head = Manifest::load(&self.vm_dir(vm).join(head_id).join("manifest.json"))?;
+                let same_disks = head.volumes.len() == sources.len()
+                    && sources.iter().all(|(name, path)| {
+                        head.volumes.iter().any(|v| &v.name == name && Path::new(&v.source) == path.as_path())
+                    });
+                let within_chain = opts.chain_size < 1 || (head.position as i64) < opts.chain_size;
+                if !head.end_of_chain && same_disks && within_chain {
+                    for (name, _) in sources {
+                        self.chain_files(&head, name).map_err(|e| {
+                            e.context("the chain to continue is damaged; take a full backup with --full")
+                        })?;
+                    }
+                    if on_delta() {
+                        kind = BackupKind::Incremental;
+                        parent = Some(head);
+                    } else {
+                        log::warn!("a disk of {vm} does not run on a delta since its last backup: taking a full backup");
+                    }
+                }
+            }
+        }
+        let position = parent.as_ref().map(|p| p.position + 1).unwrap_or(1);
+        let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
+        Ok((kind, parent, position, end_of_chain))
     }
 
     /// Restore volume `volume` of backup `id` to `to`.

@@ -34,6 +34,8 @@ pub mod hash;
 pub mod merge;
 pub mod restore;
 pub mod take;
+#[cfg(feature = "libvirt")]
+pub mod live;
 
 pub use compress::{compress, finalize, CompressOptions, CompressedFile};
 pub use hash::hash_files;

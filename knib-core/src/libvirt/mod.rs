@@ -34,8 +34,8 @@ use virt::sys;
 use crate::error::{ErrorKind, KnibError, Result};
 
 pub use blockjob::{
-    block_commit, block_job_abort, block_job_info, block_pull, wait_block_job, BlockJobInfo, BlockJobKind,
-    CommitFlags, PullFlags,
+    block_commit, block_job_abort, block_job_info, block_pull, commit_and_wait, pull_and_wait,
+    wait_block_job, BlockJobInfo, BlockJobKind, CommitFlags, PullFlags,
 };
 pub use qemu::{qemu_agent_command, qemu_monitor_command_hmp, qemu_monitor_command_qmp};
 pub use xml::{disk_targets, parse_disks, snapshot_xml, BackingLayer, DiskInfo};
@@ -74,23 +74,38 @@ pub struct Hypervisor {
 
 impl fmt::Debug for Hypervisor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hypervisor").field("uri", &self.uri).finish()
+        f.debug_struct("Hypervisor")
+            .field("uri", &self.uri)
+            .finish()
     }
 }
 
 impl Hypervisor {
     /// Connect to `uri` (`qemu:///system`, see [`SYSTEM_URI`]), read-write.
     pub fn open(uri: &str) -> Result<Self> {
-        let conn = Connect::open(Some(uri))
-            .map_err(|e| KnibError::hypervisor(format!("cannot connect to libvirt at {uri}: {}", e.message())))?;
+        let conn = Connect::open(Some(uri)).map_err(|e| {
+            KnibError::hypervisor(format!(
+                "cannot connect to libvirt at {uri}: {}",
+                e.message()
+            ))
+        })?;
         // SAFETY: `conn` owns a valid connection pointer for the duration of
         // the call; the handler is a `'static` function that ignores its
         // arguments, and a null user-data pointer is allowed. This only
         // changes how errors on this connection are reported (not the
         // process-wide handler other libvirt users may rely on); the thread's
         // last error is still recorded for `virGetLastError`.
-        unsafe { sys::virConnSetErrorFunc(conn.as_ptr(), std::ptr::null_mut(), Some(quiet_error_handler)) };
-        Ok(Hypervisor { conn, uri: uri.to_string() })
+        unsafe {
+            sys::virConnSetErrorFunc(
+                conn.as_ptr(),
+                std::ptr::null_mut(),
+                Some(quiet_error_handler),
+            )
+        };
+        Ok(Hypervisor {
+            conn,
+            uri: uri.to_string(),
+        })
     }
 
     /// The URI this connection was opened with.
@@ -106,11 +121,17 @@ impl Hypervisor {
     /// The domain called `name`; [`ErrorKind::NotFound`] when there is none.
     pub fn domain(&self, name: &str) -> Result<Vm> {
         match self.conn.lookup_domain_by_name(name) {
-            Ok(dom) => Ok(Vm { dom, name: name.to_string() }),
-            Err(e) if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) => {
-                Err(KnibError::not_found(format!("domain {name} does not exist")))
-            }
-            Err(e) => Err(virt_error(format_args!("looking up domain {name} at {}", self.uri), &e)),
+            Ok(dom) => Ok(Vm {
+                dom,
+                name: name.to_string(),
+            }),
+            Err(e) if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) => Err(
+                KnibError::not_found(format!("domain {name} does not exist")),
+            ),
+            Err(e) => Err(virt_error(
+                format_args!("looking up domain {name} at {}", self.uri),
+                &e,
+            )),
         }
     }
 
@@ -144,7 +165,9 @@ pub struct Vm {
 impl Vm {
     /// Wrap a `virt` domain.
     pub fn from_domain(dom: Domain) -> Result<Self> {
-        let name = dom.name().map_err(|e| virt_error("reading a domain's name", &e))?;
+        let name = dom
+            .name()
+            .map_err(|e| virt_error("reading a domain's name", &e))?;
         Ok(Vm { dom, name })
     }
 
@@ -160,16 +183,22 @@ impl Vm {
 
     /// Whether the domain is running (active: running or paused).
     pub fn is_running(&self) -> Result<bool> {
-        self.dom
-            .is_active()
-            .map_err(|e| virt_error(format_args!("reading the state of domain {}", self.name), &e))
+        self.dom.is_active().map_err(|e| {
+            virt_error(
+                format_args!("reading the state of domain {}", self.name),
+                &e,
+            )
+        })
     }
 
     /// Whether the domain is persistent (defined), rather than transient.
     pub fn is_persistent(&self) -> Result<bool> {
-        self.dom
-            .is_persistent()
-            .map_err(|e| virt_error(format_args!("reading the persistence of domain {}", self.name), &e))
+        self.dom.is_persistent().map_err(|e| {
+            virt_error(
+                format_args!("reading the persistence of domain {}", self.name),
+                &e,
+            )
+        })
     }
 
     /// The domain's live XML (for a stopped domain, its definition).
@@ -192,7 +221,9 @@ impl Vm {
         self.disks()?
             .into_iter()
             .find(|d| d.target == target)
-            .ok_or_else(|| KnibError::not_found(format!("domain {} has no file disk {target}", self.name)))
+            .ok_or_else(|| {
+                KnibError::not_found(format!("domain {} has no file disk {target}", self.name))
+            })
     }
 
     /// Start the (defined, stopped) domain.
@@ -232,17 +263,21 @@ impl Vm {
     /// the snapshot fails with an [`ErrorKind::Hypervisor`] error saying so,
     /// and nothing is changed. On a stopped domain libvirt creates the
     /// overlays itself and `quiesce` is ignored.
-    pub fn snapshot_disk_only<S: AsRef<str>, P: AsRef<Path>>(&self, new_files: &[(S, P)], quiesce: bool) -> Result<()> {
+    pub fn snapshot_disk_only<S: AsRef<str>, P: AsRef<Path>>(
+        &self,
+        new_files: &[(S, P)],
+        quiesce: bool,
+    ) -> Result<()> {
         if new_files.is_empty() {
             return Err(KnibError::invalid(format!(
                 "disk-only snapshot of domain {}: no disk was named",
                 self.name
             )));
         }
-        let targets = disk_targets(&self.xml()?).map_err(|e| e.context(format_args!("domain {}", self.name)))?;
-        let snap_xml = snapshot_xml(&targets, new_files).map_err(|e| {
-            e.context(format_args!("disk-only snapshot of domain {}", self.name))
-        })?;
+        let targets = disk_targets(&self.xml()?)
+            .map_err(|e| e.context(format_args!("domain {}", self.name)))?;
+        let snap_xml = snapshot_xml(&targets, new_files)
+            .map_err(|e| e.context(format_args!("disk-only snapshot of domain {}", self.name)))?;
         let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
             | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
             | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
@@ -277,6 +312,10 @@ impl Vm {
 /// Whether a libvirt error says the guest agent is missing, not connected or
 /// not answering.
 fn is_agent_error(e: &virt::error::Error) -> bool {
-    e.code().is_known_and(|c| matches!(c, ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced))
-        || e.message().to_ascii_lowercase().contains("agent")
+    e.code().is_known_and(|c| {
+        matches!(
+            c,
+            ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced
+        )
+    }) || e.message().to_ascii_lowercase().contains("agent")
 }

@@ -66,7 +66,8 @@ impl DiskInfo {
 }
 
 fn parse(xml: &str) -> Result<roxmltree::Document<'_>> {
-    roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))
+    roxmltree::Document::parse(xml)
+        .map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))
 }
 
 fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
@@ -82,7 +83,9 @@ fn disk_nodes<'a, 'i>(doc: &'a roxmltree::Document<'i>) -> Result<Vec<roxmltree:
             root.tag_name().name()
         )));
     }
-    Ok(child(root, "devices").map(|d| d.children().filter(|c| c.has_tag_name("disk")).collect()).unwrap_or_default())
+    Ok(child(root, "devices")
+        .map(|d| d.children().filter(|c| c.has_tag_name("disk")).collect())
+        .unwrap_or_default())
 }
 
 fn target_of(disk: roxmltree::Node<'_, '_>) -> Result<String> {
@@ -99,32 +102,56 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
     let doc = parse(xml)?;
     let mut out = Vec::new();
     for disk in disk_nodes(&doc)? {
-        if disk.attribute("type").unwrap_or("file") != "file" || disk.attribute("device").unwrap_or("disk") != "disk" {
+        if disk.attribute("type").unwrap_or("file") != "file"
+            || disk.attribute("device").unwrap_or("disk") != "disk"
+        {
             continue;
         }
         let Some(file) = child(disk, "source").and_then(|s| s.attribute("file")) else {
             continue;
         };
         let target = target_of(disk)?;
-        let bus = child(disk, "target").and_then(|t| t.attribute("bus")).map(str::to_string);
-        let format = child(disk, "driver").and_then(|d| d.attribute("type")).unwrap_or("raw").to_string();
-        let alias = child(disk, "alias").and_then(|a| a.attribute("name")).map(str::to_string);
+        let bus = child(disk, "target")
+            .and_then(|t| t.attribute("bus"))
+            .map(str::to_string);
+        let format = child(disk, "driver")
+            .and_then(|d| d.attribute("type"))
+            .unwrap_or("raw")
+            .to_string();
+        let alias = child(disk, "alias")
+            .and_then(|a| a.attribute("name"))
+            .map(str::to_string);
         let mut backing_chain = Vec::new();
         let mut node = child(disk, "backingStore");
         while let Some(bs) = node {
             // `<backingStore/>` (no children) ends the chain.
-            let Some(source) = child(bs, "source") else { break };
+            let Some(source) = child(bs, "source") else {
+                break;
+            };
             let Some(path) = source.attribute("file").or_else(|| source.attribute("dev")) else {
                 return Err(KnibError::invalid(format!(
                     "domain XML: disk {target} has a backing layer of type '{}' that is not a file",
                     bs.attribute("type").unwrap_or("?")
                 )));
             };
-            let format = child(bs, "format").and_then(|f| f.attribute("type")).unwrap_or("").to_string();
-            backing_chain.push(BackingLayer { file: PathBuf::from(path), format });
+            let format = child(bs, "format")
+                .and_then(|f| f.attribute("type"))
+                .unwrap_or("")
+                .to_string();
+            backing_chain.push(BackingLayer {
+                file: PathBuf::from(path),
+                format,
+            });
             node = child(bs, "backingStore");
         }
-        out.push(DiskInfo { target, bus, file: PathBuf::from(file), format, backing_chain, alias });
+        out.push(DiskInfo {
+            target,
+            bus,
+            file: PathBuf::from(file),
+            format,
+            backing_chain,
+            alias,
+        });
     }
     Ok(out)
 }
@@ -158,14 +185,21 @@ pub fn xml_escape(s: &str) -> String {
 /// `snapshot='no'`. Fails (invalid input) when a target of `new_files` is
 /// not in `all_targets`, is named twice, or its file is not an absolute
 /// path.
-pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(all_targets: &[String], new_files: &[(S, P)]) -> Result<String> {
+pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(
+    all_targets: &[String],
+    new_files: &[(S, P)],
+) -> Result<String> {
     for (i, (target, file)) in new_files.iter().enumerate() {
         let (target, file) = (target.as_ref(), file.as_ref());
         if !all_targets.iter().any(|t| t == target) {
-            return Err(KnibError::not_found(format!("disk {target} is not a disk of the domain")));
+            return Err(KnibError::not_found(format!(
+                "disk {target} is not a disk of the domain"
+            )));
         }
         if new_files[..i].iter().any(|(t, _)| t.as_ref() == target) {
-            return Err(KnibError::invalid(format!("disk {target} is named twice in the snapshot")));
+            return Err(KnibError::invalid(format!(
+                "disk {target} is named twice in the snapshot"
+            )));
         }
         if !file.is_absolute() {
             return Err(KnibError::invalid(format!(
@@ -288,20 +322,36 @@ mod tests {
         assert_eq!(
             vda.backing_chain,
             vec![
-                BackingLayer { file: "/tmp/knibexp/a.d1".into(), format: "qcow2".into() },
-                BackingLayer { file: "/tmp/knibexp/a.qcow2".into(), format: "qcow2".into() },
+                BackingLayer {
+                    file: "/tmp/knibexp/a.d1".into(),
+                    format: "qcow2".into()
+                },
+                BackingLayer {
+                    file: "/tmp/knibexp/a.qcow2".into(),
+                    format: "qcow2".into()
+                },
             ]
         );
         assert_eq!(
             vda.chain_files(),
-            [Path::new("/tmp/knibexp/a.d2"), Path::new("/tmp/knibexp/a.d1"), Path::new("/tmp/knibexp/a.qcow2")]
+            [
+                Path::new("/tmp/knibexp/a.d2"),
+                Path::new("/tmp/knibexp/a.d1"),
+                Path::new("/tmp/knibexp/a.qcow2")
+            ]
         );
-        assert_eq!(vda.qom_device_path().as_deref(), Some("/machine/peripheral/virtio-disk0/virtio-backend"));
+        assert_eq!(
+            vda.qom_device_path().as_deref(),
+            Some("/machine/peripheral/virtio-disk0/virtio-backend")
+        );
         let vdb = &disks[1];
         assert_eq!(vdb.file, PathBuf::from("/tmp/knib & co/b.qcow2"));
         assert!(vdb.backing_chain.is_empty());
         assert_eq!(disks[2].format, "raw");
-        assert_eq!(disks[2].qom_device_path().as_deref(), Some("/machine/peripheral/scsi0-0-0-0"));
+        assert_eq!(
+            disks[2].qom_device_path().as_deref(),
+            Some("/machine/peripheral/scsi0-0-0-0")
+        );
     }
 
     #[test]
@@ -317,20 +367,36 @@ mod tests {
 
     #[test]
     fn lists_all_targets() {
-        assert_eq!(disk_targets(LIVE).unwrap(), ["vda", "vdb", "hdc", "vdc", "vdd", "sda"]);
+        assert_eq!(
+            disk_targets(LIVE).unwrap(),
+            ["vda", "vdb", "hdc", "vdc", "vdd", "sda"]
+        );
         assert_eq!(disk_targets(INACTIVE).unwrap(), ["vda", "hdc"]);
     }
 
     #[test]
     fn rejects_bad_xml() {
-        assert_eq!(parse_disks("<domain>").unwrap_err().kind, ErrorKind::InvalidInput);
-        assert_eq!(parse_disks("<network/>").unwrap_err().kind, ErrorKind::InvalidInput);
-        let no_target = "<domain><devices><disk type='file'><source file='/a'/></disk></devices></domain>";
-        assert_eq!(parse_disks(no_target).unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(
+            parse_disks("<domain>").unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            parse_disks("<network/>").unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        let no_target =
+            "<domain><devices><disk type='file'><source file='/a'/></disk></devices></domain>";
+        assert_eq!(
+            parse_disks(no_target).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
         let net_backing = "<domain><devices><disk type='file' device='disk'><source file='/a'/>\
             <backingStore type='network'><format type='raw'/><source protocol='nbd'/></backingStore>\
             <target dev='vda'/></disk></devices></domain>";
-        assert_eq!(parse_disks(net_backing).unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(
+            parse_disks(net_backing).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
         assert_eq!(parse_disks("<domain/>").unwrap(), vec![]);
     }
 
@@ -346,11 +412,25 @@ mod tests {
         );
         // It parses back, with the file name intact.
         let doc = roxmltree::Document::parse(&xml).unwrap();
-        let src = doc.descendants().find(|n| n.has_tag_name("source")).unwrap();
+        let src = doc
+            .descendants()
+            .find(|n| n.has_tag_name("source"))
+            .unwrap();
         assert_eq!(src.attribute("file"), Some("/v/a'&.d1"));
 
-        assert_eq!(snapshot_xml(&all, &[("vdz", "/x")]).unwrap_err().kind, ErrorKind::NotFound);
-        assert_eq!(snapshot_xml(&all, &[("vda", "x.d1")]).unwrap_err().kind, ErrorKind::InvalidInput);
-        assert_eq!(snapshot_xml(&all, &[("vda", "/x"), ("vda", "/y")]).unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(
+            snapshot_xml(&all, &[("vdz", "/x")]).unwrap_err().kind,
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            snapshot_xml(&all, &[("vda", "x.d1")]).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            snapshot_xml(&all, &[("vda", "/x"), ("vda", "/y")])
+                .unwrap_err()
+                .kind,
+            ErrorKind::InvalidInput
+        );
     }
 }

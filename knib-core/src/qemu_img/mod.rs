@@ -420,6 +420,18 @@ impl QemuImg {
         Ok(())
     }
 
+    /// Copy every backing layer's data into `path` and drop its backing
+    /// file (`rebase -b ""`, the safe mode): the stopped-VM equivalent of a
+    /// block pull.
+    pub fn flatten_in_place(&self, path: &Path, ctl: &Control) -> Result<()> {
+        self.inv()
+            .args(["rebase", "-p", "-f", "qcow2", "-b", ""])
+            .arg(os(path))
+            .progress(format!("pull into {}", path.display()))
+            .run_ok(ctl, ErrorKind::ImageTool)?;
+        Ok(())
+    }
+
     /// Whether the guest-visible contents of two images are identical
     /// (`qemu-img compare`; formats are probed).
     pub fn compare(&self, a: &Path, b: &Path, ctl: &Control) -> Result<bool> {

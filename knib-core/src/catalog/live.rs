@@ -1,0 +1,247 @@
+//! Backups of libvirt domains through the catalog: the journal of each
+//! backup (`vms/<vm>/journal.json`, written before every step), recovery
+//! after an interrupted backup, quick restore and consolidation.
+
+use std::fs;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::manifest::{self, Manifest, VolumeEntry, MANIFEST_SCHEMA};
+use super::{BackupOptions, Store, VmState};
+use crate::engine::live::{self, DiskPlan, LivePlan, LiveStep, RecoverReport};
+use crate::engine::BackupKind;
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::fsio;
+use crate::libvirt::Vm;
+use crate::progress::Control;
+
+/// The journal of a backup in progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Journal {
+    /// Schema version (1).
+    pub schema: u32,
+    /// The step about to be taken, or being taken.
+    pub step: LiveStep,
+    /// The whole plan.
+    pub plan: LivePlan,
+}
+
+/// The environment variable that makes knib kill itself (SIGKILL) right
+/// after recording a step in the journal: for crash tests only.
+pub const FAULT_ENV: &str = "KNIB_FAULT_AT";
+
+/// What `recover` found and did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecoverOutcome {
+    /// The interrupted backup, if a journal was found.
+    pub backup_id: Option<String>,
+    /// The step it had reached.
+    pub step: Option<LiveStep>,
+    /// Whether it had reached the store (it is then kept and finished).
+    pub published: bool,
+    /// What was done.
+    pub report: RecoverReport,
+}
+
+impl Store {
+    fn journal_path(&self, vm: &str) -> PathBuf {
+        self.vm_dir(vm).join("journal.json")
+    }
+
+    fn load_journal(&self, vm: &str) -> Result<Option<Journal>> {
+        let p = self.journal_path(vm);
+        match fs::read(&p) {
+            Ok(t) => serde_json::from_slice(&t)
+                .map(Some)
+                .map_err(|e| KnibError::corrupt(format!("journal {} is corrupted: {e}", p.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(KnibError::io("cannot read", &p, e)),
+        }
+    }
+
+    fn record(&self, vm: &str, plan: &LivePlan, step: LiveStep) -> Result<()> {
+        let j = Journal { schema: 1, step, plan: plan.clone() };
+        fsio::write_atomic(&self.journal_path(vm), &serde_json::to_vec_pretty(&j).expect("journal serializes"))?;
+        log::info!("backup {} of {vm}: {}", plan.backup_id, step.as_str());
+        if std::env::var(FAULT_ENV).ok().as_deref() == Some(step.as_str()) {
+            // SAFETY: kill(2) on our own pid; the test asked for this crash.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        Ok(())
+    }
+
+    /// Back up every disk of a libvirt domain, running or stopped. The VM's
+    /// name in the store is the domain's name; volumes are the disk targets.
+    pub fn backup_domain(&self, vm: &Vm, opts: &BackupOptions, quiesce: bool, ctl: &Control) -> Result<Manifest> {
+        let name = vm.name().to_string();
+        crate::names::validate("VM name", &name)?;
+        let q = self.qemu_img.clone();
+        let shapes = live::inspect(&q, vm, ctl)?;
+        let _lock = self.lock_vm(&name, &format!("backup of {name}"))?;
+        if let Some(j) = self.load_journal(&name)? {
+            return Err(KnibError::new(
+                ErrorKind::VmInconsistent,
+                format!(
+                    "backup {} of domain {name} was interrupted at its {} step; run `knib recover` first",
+                    j.plan.backup_id,
+                    j.step.as_str()
+                ),
+            ));
+        }
+        let state = self.load_state(&name)?;
+        let sources: Vec<(String, PathBuf)> = shapes.iter().map(|s| (s.info.target.clone(), s.base.clone())).collect();
+        let (kind, parent, position, end_of_chain) =
+            self.decide(&name, &state, &sources, opts, &|| shapes.iter().all(|s| s.delta.is_some()))?;
+        let id = super::new_backup_id();
+        let part = self.vm_dir(&name).join(format!(".{id}.part"));
+        let plan = LivePlan {
+            backup_id: id.clone(),
+            kind,
+            end_of_chain,
+            quiesce,
+            running: vm.is_running()?,
+            disks: shapes
+                .iter()
+                .map(|s| DiskPlan {
+                    target: s.info.target.clone(),
+                    base: s.base.clone(),
+                    old_delta: s.delta.clone(),
+                    new_delta: live::delta_path(&s.base, &id),
+                    dest: part.join(format!("{}.qcow2", s.info.target)),
+                    parent: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, s.info.target)),
+                    virtual_size: s.virtual_size,
+                })
+                .collect(),
+        };
+        fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
+        let mut m = Manifest {
+            schema: MANIFEST_SCHEMA,
+            id: id.clone(),
+            vm: name.clone(),
+            kind,
+            parent: parent.as_ref().map(|p| p.id.clone()),
+            position,
+            end_of_chain,
+            created: manifest::rfc3339(std::time::SystemTime::now()),
+            volumes: Vec::new(),
+            compression: None,
+            removed: false,
+        };
+        let final_dir = self.vm_dir(&name).join(&id);
+        let result = live::take(
+            &q,
+            vm,
+            &plan,
+            ctl,
+            &mut |step| self.record(&name, &plan, step),
+            &mut |vols| {
+                m.volumes = vols
+                    .iter()
+                    .zip(&plan.disks)
+                    .map(|(v, d)| VolumeEntry {
+                        name: v.name.clone(),
+                        file: format!("{}.qcow2", v.name),
+                        virtual_size: v.virtual_size,
+                        size: v.size,
+                        source: d.base.display().to_string(),
+                        backing: d.parent.clone(),
+                        hash: None,
+                    })
+                    .collect();
+                m.save(&part.join("manifest.json"))?;
+                fs::rename(&part, &final_dir).map_err(|e| KnibError::io("cannot publish", &final_dir, e))?;
+                fsio::sync_dir(&self.vm_dir(&name))?;
+                if kind != BackupKind::Isolated {
+                    self.save_state(&name, &VmState { schema: 1, head: Some(id.clone()) })?;
+                }
+                Ok(())
+            },
+        );
+        match result {
+            Ok(_) => {
+                fsio::remove_if_exists(&self.journal_path(&name))?;
+                Ok(m)
+            }
+            Err(e) => {
+                if !final_dir.exists() {
+                    let _ = fs::remove_dir_all(&part);
+                }
+                if e.vm_consistent == Some(true) {
+                    let _ = fsio::remove_if_exists(&self.journal_path(&name));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Finish or undo an interrupted backup of a domain, so it runs on
+    /// `base` or `base <- one delta` with every write kept, and the store
+    /// holds no partial backup.
+    pub fn recover_domain(&self, vm: &Vm, ctl: &Control) -> Result<RecoverOutcome> {
+        let name = vm.name().to_string();
+        let _lock = self.lock_vm(&name, &format!("recovery of {name}"))?;
+        let Some(j) = self.load_journal(&name)? else {
+            // No journal: check the chains all the same.
+            live::inspect(&self.qemu_img, vm, ctl)?;
+            return Ok(RecoverOutcome { backup_id: None, step: None, published: false, report: RecoverReport::default() });
+        };
+        let published = self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists();
+        let report = live::recover(&self.qemu_img, vm, &j.plan, published, ctl)?;
+        fsio::remove_if_exists(&self.journal_path(&name))?;
+        Ok(RecoverOutcome { backup_id: Some(j.plan.backup_id), step: Some(j.step), published, report })
+    }
+
+    /// Quick restore: the stopped domain `vm` is pointed at new qcow2
+    /// overlays whose backing files are backup `id`'s files, one per disk
+    /// target named in the backup, and started at once. The overlays are
+    /// created beside the disks' current files as
+    /// `<target>-restored-<id>.qcow2`; the old files are left untouched.
+    /// Returns each target and its overlay.
+    pub fn quick_restore_domain(&self, id: &str, vm: &Vm, ctl: &Control) -> Result<Vec<(String, PathBuf)>> {
+        let m = self.show(id)?;
+        if vm.is_running()? {
+            return Err(KnibError::invalid(format!(
+                "domain {} is running: shut it down before restoring onto it",
+                vm.name()
+            )));
+        }
+        let disks = vm.disks()?;
+        let mut plan = Vec::new();
+        for v in &m.volumes {
+            let d = disks.iter().find(|d| d.target == v.name).ok_or_else(|| {
+                KnibError::not_found(format!("domain {} has no disk {} (backup {id} has it)", vm.name(), v.name))
+            })?;
+            let top = self.chain_files(&m, &v.name)?.pop().expect("non-empty chain");
+            let dir = d.file.parent().unwrap_or(std::path::Path::new("/")).to_path_buf();
+            plan.push((v.name.clone(), top, dir.join(format!("{}-restored-{id}.qcow2", v.name))));
+        }
+        let mut made = Vec::new();
+        let r = (|| -> Result<()> {
+            for (_, top, overlay) in &plan {
+                crate::engine::create_overlay(&self.qemu_img, top, overlay, ctl)?;
+                made.push(overlay.clone());
+            }
+            let sources: Vec<(String, PathBuf)> = plan.iter().map(|(t, _, o)| (t.clone(), o.clone())).collect();
+            let old: Vec<(String, PathBuf)> = plan
+                .iter()
+                .map(|(t, _, _)| (t.clone(), disks.iter().find(|d| &d.target == t).expect("checked").file.clone()))
+                .collect();
+            live::set_disk_sources(vm, &sources)?;
+            if let Err(e) = vm.start() {
+                let _ = live::set_disk_sources(vm, &old);
+                return Err(e);
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            for f in &made {
+                let _ = fsio::remove_if_exists(f);
+            }
+            return Err(e);
+        }
+        Ok(plan.into_iter().map(|(t, _, o)| (t, o)).collect())
+    }
+}

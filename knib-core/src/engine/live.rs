@@ -1,0 +1,521 @@
+//! Backups of libvirt domains, running or stopped, through disk-only
+//! external snapshots (DESIGN §1).
+//!
+//! # Shapes on primary storage
+//!
+//! A disk runs either on its base alone, or on `base <- D` where `D` is a
+//! knib delta: a file named `<base file name>.knib-delta-<backup id>` beside
+//! the base, holding every write since that backup. A backup:
+//!
+//! 1. `Snapshot`: one atomic disk-only external snapshot of all the disks
+//!    puts a new delta `D'` on each (`base <- D <- D'`);
+//! 2. `Copy`: `D` (incremental, with the parent backup as backing file) or
+//!    the flattened `base <- D` (full, isolated) is copied to the store;
+//! 3. `Publish`: the caller makes the copies visible (the catalog's manifest);
+//! 4. `Merge`: `D` is committed into `base` (block commit of a non-active
+//!    layer; `qemu-img commit` + rebase when stopped): `base <- D'`;
+//! 5. `Pivot`: at the end of a chain `D'` is committed into `base` (active
+//!    commit with pivot): `base` alone. For an isolated backup step 4 is
+//!    skipped and `D'` goes back into `D`: the chain is as it was.
+//!
+//! Each step is handed to a journal before it is taken. [`recover`] reads
+//! the plan back, looks at the domain's real chains, and finishes or undoes
+//! the backup so that the disk runs on `base` or `base <- one delta` with
+//! every guest write kept: a published backup is finished; an unpublished
+//! one is undone by committing `D'` back into the layer below it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::fsio;
+use crate::libvirt::blockjob::{self, CommitFlags, PullFlags};
+use crate::libvirt::{DiskInfo, Vm};
+use crate::progress::Control;
+use crate::qemu_img::{Convert, ImageFormat, QemuImg};
+
+/// The marker in the name of a knib delta.
+pub const DELTA_MARKER: &str = ".knib-delta-";
+
+/// A step of a live backup, recorded before it is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LiveStep {
+    /// The disk-only snapshot of all disks.
+    Snapshot,
+    /// The copy to the store.
+    Copy,
+    /// Making the copies visible on the store.
+    Publish,
+    /// Committing the old delta into the base.
+    Merge,
+    /// Committing the new delta down and pivoting (end of chain, isolated).
+    Pivot,
+}
+
+impl LiveStep {
+    /// Every step, in order.
+    pub const ALL: [LiveStep; 5] = [LiveStep::Snapshot, LiveStep::Copy, LiveStep::Publish, LiveStep::Merge, LiveStep::Pivot];
+
+    /// The step's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LiveStep::Snapshot => "snapshot",
+            LiveStep::Copy => "copy",
+            LiveStep::Publish => "publish",
+            LiveStep::Merge => "merge",
+            LiveStep::Pivot => "pivot",
+        }
+    }
+}
+
+/// What a backup does to one disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskPlan {
+    /// The guest target (`vda`).
+    pub target: String,
+    /// The base file.
+    pub base: PathBuf,
+    /// The knib delta the disk ran on (`D`), if any.
+    pub old_delta: Option<PathBuf>,
+    /// The new delta the snapshot creates (`D'`).
+    pub new_delta: PathBuf,
+    /// The backup file on the store.
+    pub dest: PathBuf,
+    /// The parent backup's file, as the backing pointer of `dest`.
+    pub parent: Option<String>,
+    /// The guest-visible size.
+    pub virtual_size: u64,
+}
+
+impl DiskPlan {
+    /// The file the disk ran on before the backup.
+    pub fn old_top(&self) -> &Path {
+        self.old_delta.as_deref().unwrap_or(&self.base)
+    }
+}
+
+/// A backup of a domain, planned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LivePlan {
+    /// The id of the backup (names the new deltas).
+    pub backup_id: String,
+    /// Full, incremental or isolated.
+    pub kind: BackupKind,
+    /// Collapse to the base afterwards.
+    pub end_of_chain: bool,
+    /// Freeze the guest's filesystems for the snapshot (needs the agent).
+    pub quiesce: bool,
+    /// Whether the domain was running when planned.
+    pub running: bool,
+    /// One entry per disk.
+    pub disks: Vec<DiskPlan>,
+}
+
+/// How a disk of a domain looks now.
+#[derive(Debug, Clone)]
+pub struct DiskShape {
+    /// The disk as libvirt shows it.
+    pub info: DiskInfo,
+    /// The base file.
+    pub base: PathBuf,
+    /// The knib delta above it, if the disk runs on one.
+    pub delta: Option<PathBuf>,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+}
+
+/// Whether `p` is named as a knib delta.
+pub fn is_delta_name(p: &Path) -> bool {
+    p.file_name().is_some_and(|n| n.to_string_lossy().contains(DELTA_MARKER))
+}
+
+/// The chain of a disk, top first: from libvirt for a running domain, from
+/// the files for a stopped one.
+fn chain_of(q: &QemuImg, vm_running: bool, d: &DiskInfo, ctl: &Control) -> Result<Vec<PathBuf>> {
+    if vm_running {
+        return Ok(d.chain_files().into_iter().map(Path::to_path_buf).collect());
+    }
+    Ok(q.info_chain(&d.file, ctl)?
+        .into_iter()
+        .map(|i| PathBuf::from(i.filename))
+        .collect())
+}
+
+/// Inspect every file-backed disk of `vm`: each must be qcow2, with no
+/// block job running, on its base or on `base <- one knib delta`.
+pub fn inspect(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<DiskShape>> {
+    let running = vm.is_running()?;
+    let mut out = Vec::new();
+    let disks = vm.disks()?;
+    if disks.is_empty() {
+        return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
+    }
+    for d in disks {
+        if d.format != "qcow2" {
+            return Err(KnibError::invalid(format!(
+                "disk {} of domain {} ({}) is {}, not qcow2",
+                d.target,
+                vm.name(),
+                d.file.display(),
+                d.format
+            )));
+        }
+        if running && blockjob::block_job_info(vm, &d.target)?.is_some() {
+            return Err(KnibError::busy(format!(
+                "a block job is running on disk {} of domain {}",
+                d.target,
+                vm.name()
+            )));
+        }
+        let chain = chain_of(q, running, &d, ctl)?;
+        let info = q.info(&d.file, ctl)?;
+        let (base, delta) = if is_delta_name(&chain[0]) && chain.len() > 1 {
+            if chain.len() > 2 && is_delta_name(&chain[1]) {
+                return Err(KnibError::new(
+                    ErrorKind::VmInconsistent,
+                    format!(
+                        "disk {} of domain {} runs on two knib deltas ({} and {}): an earlier backup was interrupted; run recover",
+                        d.target,
+                        vm.name(),
+                        chain[0].display(),
+                        chain[1].display()
+                    ),
+                ));
+            }
+            (chain[1].clone(), Some(chain[0].clone()))
+        } else {
+            (chain[0].clone(), None)
+        };
+        out.push(DiskShape { info: d, base, delta, virtual_size: info.virtual_size });
+    }
+    Ok(out)
+}
+
+/// The name of the new delta of `base` for backup `id`.
+pub fn delta_path(base: &Path, id: &str) -> PathBuf {
+    let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    base.with_file_name(format!("{name}{DELTA_MARKER}{id}"))
+}
+
+/// Take a backup of a domain as `plan` says. `journal` is called before
+/// each step; `publish` once every copy is durable on the store. On a
+/// failure before publishing, the snapshot is undone and the copies deleted
+/// (the error says the VM is consistent); a failure after publishing says
+/// the VM is left inconsistent, for [`recover`] to finish.
+pub fn take(
+    q: &QemuImg,
+    vm: &Vm,
+    plan: &LivePlan,
+    ctl: &Control,
+    journal: &mut dyn FnMut(LiveStep) -> Result<()>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<TakeBackupAnswer> {
+    let running = vm.is_running()?;
+    journal(LiveStep::Snapshot)?;
+    let files: Vec<(String, PathBuf)> = plan.disks.iter().map(|d| (d.target.clone(), d.new_delta.clone())).collect();
+    vm.snapshot_disk_only(&files, plan.quiesce)
+        .map_err(|e| e.context(format!("snapshot of domain {}", vm.name())).with_vm_consistent(true))?;
+
+    let before_publish = (|| -> Result<Vec<VolumeResult>> {
+        journal(LiveStep::Copy)?;
+        let mut results = Vec::new();
+        for d in &plan.disks {
+            ctl.check(&format!("copy of disk {}", d.target))?;
+            let dir = d.dest.parent().unwrap_or(Path::new("."));
+            let needed = if d.parent.is_some() {
+                fsio::allocated_bytes(d.old_top())?
+            } else {
+                q.measure(d.old_top(), ImageFormat::Qcow2, ctl)?.required
+            };
+            fsio::require_space(dir, needed, &format!("backup of disk {}", d.target))?;
+            let tmp = fsio::temp_path(&d.dest);
+            let r = q
+                .convert(
+                    &Convert {
+                        source: d.old_top().to_path_buf(),
+                        dest: tmp.clone(),
+                        backing: d.parent.clone(),
+                        force_share: true,
+                        ..Default::default()
+                    },
+                    ctl,
+                )
+                .and_then(|_| fsio::commit_rename(&tmp, &d.dest));
+            if let Err(e) = r {
+                let _ = fsio::remove_if_exists(&tmp);
+                return Err(e.context(format!("copy of disk {}", d.target)));
+            }
+            results.push(VolumeResult {
+                name: d.target.clone(),
+                active_file: d.new_delta.clone(),
+                dest: d.dest.clone(),
+                size: fsio::file_size(&d.dest)?,
+                virtual_size: d.virtual_size,
+            });
+        }
+        ctl.check("publishing the backup")?;
+        journal(LiveStep::Publish)?;
+        publish(&results)?;
+        Ok(results)
+    })();
+    let mut results = match before_publish {
+        Ok(r) => r,
+        Err(e) => {
+            for d in &plan.disks {
+                let _ = fsio::remove_if_exists(&d.dest);
+            }
+            // Undo the snapshot: D' goes back into the layer below it.
+            let undo = Control::new().with_deadline(crate::Deadline::from_secs(3600));
+            let mut consistent = true;
+            for d in &plan.disks {
+                if let Err(u) = commit_down(q, vm, running, d, &d.new_delta, d.old_top(), &undo) {
+                    log::error!("undoing the snapshot of disk {}: {u}", d.target);
+                    consistent = false;
+                }
+            }
+            return Err(e.with_vm_consistent(consistent));
+        }
+    };
+
+    let after = (|| -> Result<()> {
+        let merge_ctl = Control::new().with_deadline(ctl.deadline).with_cancel(crate::CancelToken::new());
+        let merge_ctl = match &ctl.progress {
+            Some(p) => merge_ctl.with_progress(p.clone()),
+            None => merge_ctl,
+        };
+        if plan.kind == BackupKind::Isolated {
+            journal(LiveStep::Pivot)?;
+            for d in &plan.disks {
+                commit_down(q, vm, running, d, &d.new_delta, d.old_top(), &merge_ctl)?;
+            }
+            return Ok(());
+        }
+        journal(LiveStep::Merge)?;
+        for d in &plan.disks {
+            if let Some(old) = &d.old_delta {
+                merge_below(q, vm, running, d, old, &merge_ctl)?;
+            }
+        }
+        if plan.end_of_chain {
+            journal(LiveStep::Pivot)?;
+            for d in &plan.disks {
+                commit_down(q, vm, running, d, &d.new_delta, &d.base, &merge_ctl)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = after {
+        return Err(e
+            .context(format!(
+                "the backup is stored, but merging the disks of domain {} afterwards failed",
+                vm.name()
+            ))
+            .with_vm_consistent(false));
+    }
+    for (r, d) in results.iter_mut().zip(&plan.disks) {
+        r.active_file = match (plan.kind, plan.end_of_chain) {
+            (BackupKind::Isolated, _) => d.old_top().to_path_buf(),
+            (_, true) => d.base.clone(),
+            _ => d.new_delta.clone(),
+        };
+    }
+    Ok(TakeBackupAnswer { volumes: results })
+}
+
+/// Commit `top` (the active file) into `into` (a layer below it) and make
+/// the disk run on `into`; `top` is then removed.
+fn commit_down(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, top: &Path, into: &Path, ctl: &Control) -> Result<()> {
+    let step = format!("active commit of disk {} into {}", d.target, into.display());
+    if running {
+        blockjob::block_commit(vm, &d.target, Some(into), Some(top), CommitFlags { active: true, ..Default::default() })?;
+        blockjob::wait_block_job(vm, &d.target, ctl, &step, true)?;
+        let now = vm.disk(&d.target)?;
+        if now.file != into {
+            return Err(KnibError::hypervisor(format!(
+                "{step}: the disk runs on {}, not {}",
+                now.file.display(),
+                into.display()
+            )));
+        }
+    } else {
+        commit_files(q, top, into, ctl)?;
+        set_disk_sources(vm, &[(d.target.clone(), into.to_path_buf())])?;
+    }
+    fsio::remove_if_exists(top)
+}
+
+/// Commit `layer` (between the base and the active file) into the base; the
+/// disk then runs on `base <- active`, and `layer` is removed.
+fn merge_below(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<()> {
+    let step = format!("block commit of {} into {}", layer.display(), d.base.display());
+    if running {
+        blockjob::block_commit(vm, &d.target, Some(&d.base), Some(layer), CommitFlags::default())?;
+        blockjob::wait_block_job(vm, &d.target, ctl, &step, false)?;
+    } else {
+        let active = vm.disk(&d.target)?.file;
+        commit_files(q, layer, &d.base, ctl)?;
+        q.rebase_unsafe(&active, &d.base.to_string_lossy(), "qcow2", ctl)?;
+    }
+    fsio::remove_if_exists(layer)
+}
+
+/// `qemu-img commit` of `top` into `into`, which must be its backing file.
+fn commit_files(q: &QemuImg, top: &Path, into: &Path, ctl: &Control) -> Result<()> {
+    let chain = q.info_chain(top, ctl)?;
+    let backing = chain.get(1).map(|i| PathBuf::from(&i.filename));
+    if backing.as_deref() != Some(into) {
+        return Err(KnibError::invalid(format!(
+            "{} does not have {} as its backing file",
+            top.display(),
+            into.display()
+        )));
+    }
+    q.commit(top, true, ctl)
+}
+
+/// Point disks of a stopped, persistent domain at other files (its
+/// definition is rewritten; `<backingStore>` elements of those disks are
+/// dropped, libvirt reads the chain from the images).
+pub fn set_disk_sources(vm: &Vm, sources: &[(String, PathBuf)]) -> Result<()> {
+    let dom = vm.domain();
+    let xml = dom
+        .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", vm.name())))?;
+    let new = replace_disk_sources(&xml, sources)?;
+    let conn = dom
+        .connect()
+        .map_err(|e| KnibError::hypervisor(format!("connection of domain {}: {e}", vm.name())))?;
+    conn.define_domain_xml(&new)
+        .map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", vm.name())))?;
+    Ok(())
+}
+
+/// `xml` with the `<source file>` of each named disk target replaced.
+pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))?;
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for (target, file) in sources {
+        let disk = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .find(|n| {
+                n.children()
+                    .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target.as_str()))
+            })
+            .ok_or_else(|| KnibError::not_found(format!("the domain has no disk {target}")))?;
+        let src = disk
+            .children()
+            .find(|c| c.has_tag_name("source"))
+            .ok_or_else(|| KnibError::invalid(format!("disk {target} has no <source>")))?;
+        let path = file
+            .to_str()
+            .ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", file.display())))?;
+        edits.push((src.range(), format!("<source file='{}'/>", crate::libvirt::xml::xml_escape(path))));
+        for b in disk.children().filter(|c| c.has_tag_name("backingStore")) {
+            edits.push((b.range(), String::new()));
+        }
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = xml.to_string();
+    for (r, text) in edits {
+        out.replace_range(r, &text);
+    }
+    Ok(out)
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoverReport {
+    /// One line per action taken.
+    pub actions: Vec<String>,
+    /// Files each disk runs on afterwards, active file first.
+    pub chains: Vec<(String, Vec<PathBuf>)>,
+}
+
+/// Finish or undo an interrupted backup from its plan and the domain's real
+/// chains. `published` says whether the backup reached the store.
+pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Control) -> Result<RecoverReport> {
+    let running = vm.is_running()?;
+    let mut rep = RecoverReport::default();
+    for d in &plan.disks {
+        if running {
+            // A job knib started may still run in QEMU: stop it where it is
+            // (either side of a commit reads the same bytes).
+            if let Some(job) = blockjob::block_job_info(vm, &d.target)? {
+                blockjob::block_job_abort(vm, &d.target, false)?;
+                let t = std::time::Instant::now();
+                while blockjob::block_job_info(vm, &d.target)?.is_some() {
+                    if t.elapsed() > std::time::Duration::from_secs(60) {
+                        return Err(KnibError::hypervisor(format!("the block job on {} does not end", d.target)));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+                rep.actions.push(format!("{}: aborted a left-over {:?} job", d.target, job.kind));
+            }
+        }
+        let info = vm.disk(&d.target)?;
+        let chain = chain_of(q, running, &info, ctl)?;
+        let has = |p: &Path| chain.iter().any(|c| c == p);
+        let finish = published && plan.kind != BackupKind::Isolated;
+        if has(&d.new_delta) {
+            if finish {
+                if let Some(old) = d.old_delta.as_deref().filter(|o| has(o)) {
+                    merge_below(q, vm, running, d, old, ctl)?;
+                    rep.actions.push(format!("{}: merged {} into {}", d.target, old.display(), d.base.display()));
+                }
+                if plan.end_of_chain {
+                    commit_down(q, vm, running, d, &d.new_delta, &d.base, ctl)?;
+                    rep.actions.push(format!("{}: committed {} into {} (end of chain)", d.target, d.new_delta.display(), d.base.display()));
+                }
+            } else {
+                let into = d.old_delta.as_deref().filter(|o| has(o)).unwrap_or(&d.base);
+                commit_down(q, vm, running, d, &d.new_delta, into, ctl)?;
+                rep.actions.push(format!("{}: undid the snapshot: committed {} back into {}", d.target, d.new_delta.display(), into.display()));
+            }
+        }
+        // Deltas out of the chain are leftovers of a finished step.
+        let info = vm.disk(&d.target)?;
+        let chain = chain_of(q, running, &info, ctl)?;
+        for f in [Some(d.new_delta.as_path()), d.old_delta.as_deref()].into_iter().flatten() {
+            if !chain.iter().any(|c| c == f) && f.exists() {
+                fsio::remove_if_exists(f)?;
+                rep.actions.push(format!("{}: removed {} (no longer in the chain)", d.target, f.display()));
+            }
+        }
+        if chain.len() > 2 || (chain.len() == 2 && !is_delta_name(&chain[0])) && chain.iter().any(|c| is_delta_name(c)) {
+            return Err(KnibError::new(
+                ErrorKind::VmInconsistent,
+                format!("disk {} still runs on {} files after recovery", d.target, chain.len()),
+            ));
+        }
+        rep.chains.push((d.target.clone(), chain));
+    }
+    Ok(rep)
+}
+
+/// Consolidate a domain after a quick restore: every disk whose chain has
+/// backing files gets them pulled in (block pull when running, `qemu-img
+/// rebase` when stopped), so it no longer depends on the backup store.
+/// Returns the targets consolidated.
+pub fn consolidate(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<String>> {
+    let running = vm.is_running()?;
+    let mut done = Vec::new();
+    for d in vm.disks()? {
+        let chain = chain_of(q, running, &d, ctl)?;
+        if chain.len() < 2 {
+            continue;
+        }
+        let step = format!("block pull of disk {}", d.target);
+        if running {
+            blockjob::block_pull(vm, &d.target, PullFlags::default())?;
+            blockjob::wait_block_job(vm, &d.target, ctl, &step, false)?;
+        } else {
+            q.flatten_in_place(&d.file, ctl)?;
+        }
+        done.push(d.target);
+    }
+    Ok(done)
+}

@@ -1,0 +1,273 @@
+//! Live backups of running libvirt domains, against the real daemon: guest
+//! writes arriving before and during each backup, restores compared with a
+//! model of every write, end of chain, quick restore and consolidate, and the
+//! errors a caller must get.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+
+use common::model::{image_has, Model, Write};
+use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
+use knib_core::catalog::{BackupOptions, Store};
+use knib_core::engine::BackupKind;
+use knib_core::qemu_img::ImageFormat;
+use knib_core::{Control, ErrorKind};
+
+const DISKS: [(&str, u64); 2] = [("vda", 64 * MIB), ("vdb", 32 * MIB)];
+
+fn running_vm(prefix: &str, dir: &std::path::Path) -> TestVm {
+    TestVm::create(prefix, &DISKS, dir, TestVmOptions { persistent: false, running: true, agent_channel: false })
+}
+
+fn assert_base_plus_one_delta(vm: &TestVm) {
+    for d in vm.disks() {
+        assert!(
+            d.backing_chain.len() == 1,
+            "disk {} must run on base <- one delta, runs on {:?}",
+            d.target,
+            d.chain_files()
+        );
+        assert!(d.file.to_string_lossy().contains(".knib-delta-"), "{}", d.file.display());
+        assert_eq!(d.backing_chain[0].file, vm.initial_file(&d.target));
+    }
+}
+
+fn restore_all(store: &Store, id: &str, out: &std::path::Path) -> Vec<(String, std::path::PathBuf)> {
+    DISKS
+        .iter()
+        .map(|(t, _)| {
+            let to = out.join(format!("{id}-{t}.raw"));
+            store.restore(id, t, &to, ImageFormat::Raw, &Control::new()).unwrap();
+            (t.to_string(), to)
+        })
+        .collect()
+}
+
+#[test]
+fn full_and_two_incrementals_of_a_running_vm_with_writes_during_each_backup() {
+    if skip_without_libvirt("live backups") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = running_vm("knib-live", dir.path());
+    let model = Arc::new(Mutex::new(Model::new(&DISKS)));
+    let vm = Arc::new(vm);
+    let mut ids = Vec::new();
+    for round in 0..3u64 {
+        {
+            let mut m = model.lock().unwrap();
+            m.write(&vm, "vda", 0x10 + round as u8, round * MIB, 256 * 1024);
+            m.write(&vm, "vdb", 0x20 + round as u8, round * MIB, 128 * 1024);
+            m.write(&vm, "vdb", 0x30 + round as u8, 16 * MIB + round * MIB, 64 * 1024);
+        }
+        let before = model.lock().unwrap().writes.len();
+        // A writer keeps writing 64 KiB blocks, in order, while the backup runs.
+        let stop = Arc::new(AtomicBool::new(false));
+        let concurrent: Arc<Mutex<Vec<Write>>> = Arc::default();
+        let writer = {
+            let (vm, model, stop, concurrent) = (vm.clone(), model.clone(), stop.clone(), concurrent.clone());
+            std::thread::spawn(move || {
+                for k in 0..128u64 {
+                    if stop.load(Ordering::SeqCst) && k >= 2 {
+                        break;
+                    }
+                    let off = 32 * MIB + (round * 128 + k) * 64 * 1024;
+                    let pat = 0x80 + round as u8;
+                    model.lock().unwrap().write(&vm, "vda", pat, off, 64 * 1024);
+                    let w = *model.lock().unwrap().writes.last().unwrap();
+                    concurrent.lock().unwrap().push(w);
+                }
+            })
+        };
+        while concurrent.lock().unwrap().len() < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let m = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        let during = concurrent.lock().unwrap().clone();
+        assert!(during.len() > 2, "writes must keep arriving during the backup");
+        assert_eq!(m.kind, if round == 0 { BackupKind::Full } else { BackupKind::Incremental });
+        assert!(vm.vm.is_running().unwrap(), "the VM never stops");
+        assert_base_plus_one_delta(&vm);
+        // The backup holds the writes up to its snapshot instant: a prefix of
+        // the writes made during the backup, and nothing after it.
+        let restored = restore_all(&store, &m.id, dir.path());
+        let vda = &restored[0].1;
+        let present: Vec<bool> = during.iter().map(|w| image_has(vda, w.pattern, w.offset, w.len)).collect();
+        let cut = present.iter().position(|p| !p).unwrap_or(present.len());
+        assert!(present[cut..].iter().all(|p| !p), "not a point in time: {present:?}");
+        let model_now = model.lock().unwrap().clone();
+        for (t, file) in &restored {
+            model_now.assert_restored(t, before + cut, file, dir.path());
+        }
+        ids.push((m.id.clone(), before + cut));
+        eprintln!("round {round}: {} writes during the backup, {cut} before its snapshot", during.len());
+    }
+    // Every backup still restores to its instant after later ones were taken.
+    let model_now = model.lock().unwrap().clone();
+    let out = dir.path().join("again");
+    std::fs::create_dir(&out).unwrap();
+    for (id, n) in &ids {
+        for (t, file) in restore_all(&store, id, &out) {
+            model_now.assert_restored(&t, *n, &file, dir.path());
+        }
+    }
+    model_now.assert_vm_reads_everything(&vm);
+}
+
+#[test]
+fn end_of_chain_leaves_the_vm_on_its_base_and_the_next_backup_is_full() {
+    if skip_without_libvirt("end of chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = running_vm("knib-eoc", dir.path());
+    let mut model = Model::new(&DISKS);
+    let opts = BackupOptions { chain_size: 2, ..Default::default() };
+    model.write(&vm, "vda", 0x41, 0, MIB);
+    let b1 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    model.write(&vm, "vdb", 0x42, MIB, MIB);
+    let n2 = model.writes.len();
+    let b2 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b1.kind, b2.kind, b2.end_of_chain), (BackupKind::Full, BackupKind::Incremental, true));
+    for d in vm.disks() {
+        assert!(d.backing_chain.is_empty(), "{:?}", d.chain_files());
+        assert_eq!(d.file, vm.initial_file(&d.target));
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".knib-delta-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    model.write(&vm, "vda", 0x43, 2 * MIB, MIB);
+    let b3 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b3.kind, b3.parent.clone()), (BackupKind::Full, None));
+    for (t, f) in restore_all(&store, &b2.id, dir.path()) {
+        model.assert_restored(&t, n2, &f, dir.path());
+    }
+    for (t, f) in restore_all(&store, &b3.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    // An isolated backup leaves the chain as it was.
+    let chain_before: Vec<_> = vm.disks().iter().map(|d| d.chain_files().len()).collect();
+    let iso = store
+        .backup_domain(&vm.vm, &BackupOptions { isolated: true, ..opts.clone() }, false, &Control::new())
+        .unwrap();
+    assert_eq!(iso.kind, BackupKind::Isolated);
+    let chain_after: Vec<_> = vm.disks().iter().map(|d| d.chain_files().len()).collect();
+    assert_eq!(chain_before, chain_after);
+    let b4 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!(b4.parent.as_deref(), Some(b3.id.as_str()));
+    model.assert_vm_reads_everything(&vm);
+}
+
+#[test]
+fn quick_restore_runs_at_once_keeps_new_writes_and_consolidate_frees_the_store() {
+    if skip_without_libvirt("quick restore") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let store = Store::create(&store_dir).unwrap();
+    let src = running_vm("knib-qr-src", dir.path());
+    let mut model = Model::new(&DISKS);
+    model.write(&src, "vda", 0x51, 0, 4 * MIB);
+    model.write(&src, "vdb", 0x52, MIB, 2 * MIB);
+    store.backup_domain(&src.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    model.write(&src, "vda", 0x53, 8 * MIB, MIB);
+    let b = store.backup_domain(&src.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    let tdir = dir.path().join("target");
+    std::fs::create_dir(&tdir).unwrap();
+    let target = TestVm::create("knib-qr-dst", &DISKS, &tdir, TestVmOptions { persistent: true, running: false, agent_channel: false });
+    let overlays = store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap();
+    assert!(target.vm.is_running().unwrap());
+    for (t, overlay) in &overlays {
+        let d = target.disk(t);
+        assert_eq!(&d.file, overlay);
+        assert!(std::fs::metadata(overlay).unwrap().len() < 2 * MIB, "no data copied before the VM runs");
+        assert!(d.backing_chain[0].file.starts_with(&store_dir), "{:?}", d.chain_files());
+    }
+    model.assert_vm_reads_everything(&target);
+    model.write(&target, "vdb", 0x54, 20 * MIB, MIB);
+    let done = knib_core::engine::live::consolidate(store.qemu_img(), &target.vm, &Control::new()).unwrap();
+    assert_eq!(done, vec!["vda".to_string(), "vdb".to_string()]);
+    for d in target.disks() {
+        assert!(d.backing_chain.is_empty(), "{:?}", d.chain_files());
+    }
+    std::fs::remove_dir_all(&store_dir).unwrap();
+    model.assert_vm_reads_everything(&target);
+    assert!(knib_core::engine::live::consolidate(store.qemu_img(), &target.vm, &Control::new()).unwrap().is_empty());
+}
+
+#[test]
+fn busy_missing_domain_raw_disk_and_quiesce_without_agent_are_clear_errors() {
+    if skip_without_libvirt("live errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = Arc::new(TestVm::create(
+        "knib-err",
+        &DISKS,
+        dir.path(),
+        TestVmOptions { persistent: false, running: true, agent_channel: true },
+    ));
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x61, 0, 8 * MIB);
+    // Quiesce with no agent answering: refused, nothing changed.
+    let chains: Vec<_> = vm.disks().iter().map(|d| d.chain_files().iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()).collect();
+    let e = store.backup_domain(&vm.vm, &BackupOptions::default(), true, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Hypervisor, "{e}");
+    assert!(e.message.contains("guest agent"), "{e}");
+    assert_eq!(e.vm_consistent, Some(true));
+    let after: Vec<_> = vm.disks().iter().map(|d| d.chain_files().iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()).collect();
+    assert_eq!(chains, after);
+    assert!(store.list(None).unwrap().is_empty());
+    // Missing domain.
+    let e = vm.hv.domain("knib-no-such-domain").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("knib-no-such-domain"), "{e}");
+    // Two backups at once: the second fails at once with "busy".
+    let (reached_tx, reached_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some((reached_tx, go_rx))));
+    let ctl = Control::new().with_progress(Arc::new(move |_| {
+        if let Some((reached, go)) = gate.lock().unwrap().take() {
+            reached.send(()).unwrap();
+            go.recv().unwrap();
+        }
+    }));
+    let (s2, v2) = (store.clone(), vm.clone());
+    let first = std::thread::spawn(move || s2.backup_domain(&v2.vm, &BackupOptions::default(), false, &ctl));
+    reached_rx.recv().unwrap();
+    let t = std::time::Instant::now();
+    let e = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&format!("VM {} is busy", vm.name())), "{e}");
+    go_tx.send(()).unwrap();
+    first.join().unwrap().unwrap();
+    assert_base_plus_one_delta(&vm);
+    model.assert_vm_reads_everything(&vm);
+
+    // A raw disk: refused before anything is done.
+    let rdir = dir.path().join("raw");
+    std::fs::create_dir(&rdir).unwrap();
+    let raw = rdir.join("raw.img");
+    std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
+    let xml = common::vm::domain_xml("knib-raw-probe", &[("vda".into(), raw.clone())], false).replace("type='qcow2'", "type='raw'");
+    let rvm = vm.hv.create_transient(&xml).unwrap();
+    let e = store.backup_domain(&rvm, &BackupOptions::default(), false, &Control::new()).unwrap_err();
+    let _ = rvm.destroy();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("disk vda of domain knib-raw-probe") && e.message.contains("is raw, not qcow2"), "{e}");
+    assert_eq!(std::fs::read_dir(&rdir).unwrap().count(), 1);
+}
