@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod catalog;
 pub mod engine;
 pub mod error;

@@ -488,7 +488,11 @@ fn stopped_domain_snapshot_works_block_jobs_do_not() {
     )
     .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Hypervisor, "{err}");
-    assert!(block_job_info(&t.vm, "vda").is_err());
+    eprintln!("block commit on a stopped domain: {err}");
+    let err = block_job_info(&t.vm, "vda").unwrap_err();
+    eprintln!("block job info on a stopped domain: {err}");
+    let err = knib_core::libvirt::qemu_monitor_command_hmp(&t.vm, "info block").unwrap_err();
+    eprintln!("HMP on a stopped domain: {err}");
 
     // Started, it runs on the overlay and libvirt knows the chain.
     t.boot();

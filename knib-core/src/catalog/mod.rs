@@ -67,6 +67,7 @@ impl Default for BackupOptions {
 
 /// A disk of a VM to back up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// The volume's name in the backup.
     pub name: String,

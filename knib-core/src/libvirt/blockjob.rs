@@ -345,13 +345,18 @@ const XML_SETTLE_PULL: Duration = Duration::from_secs(2);
 /// - An active commit (or a copy) with `pivot_when_ready` is pivoted once
 ///   ready, and this returns when the domain runs on the new chain. Without
 ///   `pivot_when_ready` this returns as soon as the job is ready, leaving it
-///   running (pivot or abort it with [`block_job_abort`]).
+///   running (pivot or abort it with [`block_job_abort`]; libvirt may refuse
+///   a pivot for a moment after `cur == end`, until it has handled QEMU's
+///   "ready" event: retry).
+/// - A pivot is tried again at each poll while libvirt refuses it (ten
+///   times at most).
 /// - When `ctl` is cancelled or its deadline passes, the job is aborted (the
 ///   domain stays on the chain it had) and the error is
 ///   [`ErrorKind::Cancelled`] or [`ErrorKind::Timeout`].
 ///
 /// When there is no job on the disk at the first look, the job already
-/// ended (or never started): this returns at once and checks nothing.
+/// ended (or never started, or failed): this returns at once and checks
+/// nothing. [`commit_and_wait`] and [`pull_and_wait`] check the chain.
 pub fn wait_block_job(
     vm: &Vm,
     disk: &str,

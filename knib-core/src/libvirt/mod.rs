@@ -15,8 +15,9 @@
 //!   creates the overlays with `qemu-img` itself, with absolute backing
 //!   names, and rewrites the persistent definition; `quiesce` is ignored),
 //!   but its XML carries no backing chain, so [`Vm::disks`] shows no
-//!   backing layers. Block commit, block pull and the monitor and agent
-//!   commands fail ("domain is not running"): use `qemu-img` instead.
+//!   backing layers. Block jobs and the monitor and agent commands fail
+//!   (mostly "domain is not running"; a block commit without a base says
+//!   "could not find base image in chain"): use `qemu-img` instead.
 
 pub mod blockjob;
 pub mod qemu;

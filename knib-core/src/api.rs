@@ -1,0 +1,415 @@
+//! One request/answer schema for every binding: each operation takes a JSON
+//! object and gives one back. The C ABI and the JNI bridge hand a request to
+//! [`call`] and return its answer or its [`KnibError`]; they hold no logic.
+//!
+//! # Schema (version 1)
+//!
+//! Every request is a JSON object. It may carry `"schema": 1`; any other
+//! number is refused. Unknown fields are refused, naming the field, so a
+//! misspelt option never goes unnoticed. Paths are strings. Operations:
+//!
+//! | op | request fields | answer |
+//! |---|---|---|
+//! | `version` | (none) | `{"version": "x.y.z", "schema": 1}` |
+//! | `backup` | `store`, `vm` + `disks` (`[{"name","path"}]`) or `domain` (+ `connect`, `quiesce`), `full`, `isolated`, `chain_size` (default 8) | a backup |
+//! | `list` | `store`, `vm`? | `[backup, ...]` |
+//! | `show` | `store`, `backup` | a backup |
+//! | `restore` | `store`, `backup`, `volume`, `to`, `format` (`qcow2`/`raw`) | `{"restored": id, "volume", "to"}` |
+//! | `quick_restore` | `store`, `backup`, `domain`, `connect`? | `{"overlays": [[target, path], ...]}` |
+//! | `consolidate` | `domain`, `connect`? | `{"consolidated": [target, ...]}` |
+//! | `compress` | `store`, `backup`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps` (0), `min_free_factor` (1.0) | a backup |
+//! | `verify` | `store`, `backup`? | `[{"id","ok","problems","files_checked","chain_hashes"}]` |
+//! | `hash` | `store`, `backup` | `{"backup": id, "chain_hashes": {volume: hex}}` |
+//! | `delete` | `store`, `backup` | `{"expunged": [...], "marked_removed": [...]}` |
+//! | `recover` | `store`, `domain`, `connect`? | `{"backup_id","step","published","report"}` |
+//!
+//! A backup is `{"id","vm","kind","parent","position","end_of_chain",
+//! "created","compression","removed","volumes":[{"name","file","virtual_size",
+//! "size","source","backing","hash"}]}` where `file` is the absolute path of
+//! the volume's backup file.
+
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::catalog::{BackupOptions, DiskSpec, Manifest, Store, DEFAULT_CHAIN_SIZE};
+use crate::engine::CompressOptions;
+use crate::error::{KnibError, Result};
+use crate::progress::Control;
+use crate::qemu_img::{CompressionLibrary, ImageFormat};
+
+/// The request schema version.
+pub const SCHEMA: u32 = 1;
+
+/// The default libvirt URI.
+pub const DEFAULT_URI: &str = "qemu:///system";
+
+fn default_chain() -> i64 {
+    DEFAULT_CHAIN_SIZE
+}
+fn default_one() -> u32 {
+    1
+}
+fn default_factor() -> f64 {
+    1.0
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    store: PathBuf,
+    #[serde(default)]
+    vm: Option<String>,
+    #[serde(default)]
+    disks: Vec<DiskSpec>,
+    #[serde(default)]
+    domain: Option<String>,
+    #[serde(default)]
+    connect: Option<String>,
+    #[serde(default)]
+    quiesce: bool,
+    #[serde(default)]
+    full: bool,
+    #[serde(default)]
+    isolated: bool,
+    #[serde(default = "default_chain")]
+    chain_size: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    store: PathBuf,
+    #[serde(default)]
+    vm: Option<String>,
+    #[serde(default)]
+    backup: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    store: PathBuf,
+    backup: String,
+    volume: String,
+    to: PathBuf,
+    #[serde(default)]
+    format: ImageFormat,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DomainReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    #[serde(default)]
+    store: Option<PathBuf>,
+    #[serde(default)]
+    backup: Option<String>,
+    domain: String,
+    #[serde(default)]
+    connect: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompressReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    store: PathBuf,
+    backup: String,
+    #[serde(default)]
+    library: CompressionLibrary,
+    #[serde(default = "default_one")]
+    coroutines: u32,
+    #[serde(default)]
+    rate_limit_mbps: u64,
+    #[serde(default = "default_factor")]
+    min_free_factor: f64,
+}
+
+/// A backup as every binding shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupView {
+    /// Its id.
+    pub id: String,
+    /// Its VM.
+    pub vm: String,
+    /// "full", "incremental" or "isolated".
+    pub kind: &'static str,
+    /// The parent backup.
+    pub parent: Option<String>,
+    /// Position in the chain.
+    pub position: u32,
+    /// Whether it ended its chain.
+    pub end_of_chain: bool,
+    /// When it was taken.
+    pub created: String,
+    /// Compression, if compressed.
+    pub compression: Option<crate::catalog::CompressionInfo>,
+    /// Whether it was deleted (kept for its children).
+    pub removed: bool,
+    /// Its volumes, with absolute file paths.
+    pub volumes: Vec<VolumeView>,
+}
+
+/// A volume of a backup as every binding shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeView {
+    /// The volume's name.
+    pub name: String,
+    /// The backup file (absolute).
+    pub file: PathBuf,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+    /// Bytes on the store.
+    pub size: u64,
+    /// The disk it came from.
+    pub source: String,
+    /// The backing pointer in the file.
+    pub backing: Option<String>,
+    /// The recorded hash.
+    pub hash: Option<String>,
+}
+
+impl BackupView {
+    /// The view of manifest `m` in `store`.
+    pub fn new(store: &Store, m: &Manifest) -> BackupView {
+        let dir = store.backup_dir(m);
+        let dir = dir.canonicalize().unwrap_or(dir);
+        BackupView {
+            id: m.id.clone(),
+            vm: m.vm.clone(),
+            kind: m.kind.as_str(),
+            parent: m.parent.clone(),
+            position: m.position,
+            end_of_chain: m.end_of_chain,
+            created: m.created.clone(),
+            compression: m.compression.clone(),
+            removed: m.removed,
+            volumes: m
+                .volumes
+                .iter()
+                .map(|v| VolumeView {
+                    name: v.name.clone(),
+                    file: dir.join(&v.file),
+                    virtual_size: v.virtual_size,
+                    size: v.size,
+                    source: v.source.clone(),
+                    backing: v.backing.clone(),
+                    hash: v.hash.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
+    let v: Value = serde_json::from_str(json)
+        .map_err(|e| KnibError::invalid(format!("request of {op} is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(KnibError::invalid(format!("request of {op} must be a JSON object")));
+    }
+    if let Some(s) = v.get("schema") {
+        if s.as_u64() != Some(SCHEMA as u64) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: field `schema` is {s}; this knib reads schema {SCHEMA}"
+            )));
+        }
+    }
+    serde_json::from_value(v).map_err(|e| KnibError::invalid(format!("request of {op}: {e}")))
+}
+
+fn need<T>(op: &str, field: &str, v: Option<T>) -> Result<T> {
+    v.ok_or_else(|| KnibError::invalid(format!("request of {op}: missing field `{field}`")))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| KnibError::internal(format!("answer does not serialize: {e}")))
+}
+
+#[cfg(feature = "libvirt")]
+fn domain(uri: Option<&str>, name: &str) -> Result<crate::libvirt::Vm> {
+    crate::libvirt::Hypervisor::open(uri.unwrap_or(DEFAULT_URI))?.domain(name)
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn no_libvirt(op: &str) -> KnibError {
+    KnibError::invalid(format!("{op} needs libvirt, and this knib was built without it"))
+}
+
+/// Run operation `op` on the JSON request `request`; the answer is JSON.
+pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
+    match op {
+        "version" => {
+            parse::<Empty>(op, request)?;
+            to_json(&json!({"version": crate::VERSION, "schema": SCHEMA}))
+        }
+        "backup" => {
+            let r: BackupReq = parse(op, request)?;
+            let opts = BackupOptions { full: r.full, isolated: r.isolated, chain_size: r.chain_size };
+            let store = Store::create(&r.store)?;
+            let m = match (&r.vm, &r.domain) {
+                (Some(vm), None) => store.backup(vm, &r.disks, &opts, ctl)?,
+                (None, Some(d)) => {
+                    if !r.disks.is_empty() {
+                        return Err(KnibError::invalid("request of backup: field `disks` goes with `vm`, not `domain`"));
+                    }
+                    #[cfg(feature = "libvirt")]
+                    {
+                        store.backup_domain(&domain(r.connect.as_deref(), d)?, &opts, r.quiesce, ctl)?
+                    }
+                    #[cfg(not(feature = "libvirt"))]
+                    {
+                        let _ = (d, r.quiesce, &r.connect);
+                        return Err(no_libvirt(op));
+                    }
+                }
+                _ => return Err(KnibError::invalid("request of backup: give `vm` with `disks`, or `domain`")),
+            };
+            to_json(&BackupView::new(&store, &m))
+        }
+        "list" => {
+            let r: StoreReq = parse(op, request)?;
+            let store = Store::open(&r.store)?;
+            let list: Vec<BackupView> =
+                store.list(r.vm.as_deref())?.iter().map(|m| BackupView::new(&store, m)).collect();
+            to_json(&list)
+        }
+        "show" => {
+            let r: StoreReq = parse(op, request)?;
+            let store = Store::open(&r.store)?;
+            let m = store.show(&need(op, "backup", r.backup)?)?;
+            to_json(&BackupView::new(&store, &m))
+        }
+        "restore" => {
+            let r: RestoreReq = parse(op, request)?;
+            Store::open(&r.store)?.restore(&r.backup, &r.volume, &r.to, r.format, ctl)?;
+            to_json(&json!({"restored": r.backup, "volume": r.volume, "to": r.to}))
+        }
+        "quick_restore" | "consolidate" | "recover" => {
+            let r: DomainReq = parse(op, request)?;
+            #[cfg(feature = "libvirt")]
+            {
+                let vm = domain(r.connect.as_deref(), &r.domain)?;
+                match op {
+                    "quick_restore" => {
+                        let store = Store::open(need(op, "store", r.store)?)?;
+                        let o = store.quick_restore_domain(&need(op, "backup", r.backup)?, &vm, ctl)?;
+                        to_json(&json!({"overlays": o}))
+                    }
+                    "consolidate" => {
+                        let done = crate::engine::live::consolidate(&crate::qemu_img::QemuImg::new(), &vm, ctl)?;
+                        to_json(&json!({"consolidated": done}))
+                    }
+                    _ => {
+                        let store = Store::create(need(op, "store", r.store)?)?;
+                        to_json(&store.recover_domain(&vm, ctl)?)
+                    }
+                }
+            }
+            #[cfg(not(feature = "libvirt"))]
+            {
+                let _ = r;
+                Err(no_libvirt(op))
+            }
+        }
+        "compress" => {
+            let r: CompressReq = parse(op, request)?;
+            let store = Store::open(&r.store)?;
+            let opts = CompressOptions {
+                library: r.library,
+                coroutines: r.coroutines,
+                rate_limit_mbps: r.rate_limit_mbps,
+                min_free_factor: r.min_free_factor,
+            };
+            let m = store.compress(&r.backup, &opts, ctl)?;
+            to_json(&BackupView::new(&store, &m))
+        }
+        "verify" => {
+            let r: StoreReq = parse(op, request)?;
+            to_json(&Store::open(&r.store)?.verify(r.backup.as_deref(), ctl)?)
+        }
+        "hash" => {
+            let r: StoreReq = parse(op, request)?;
+            let store = Store::open(&r.store)?;
+            let id = need(op, "backup", r.backup)?;
+            let m = store.show(&id)?;
+            let mut hashes = std::collections::BTreeMap::new();
+            for v in &m.volumes {
+                let files = store.chain_files(&m, &v.name)?;
+                hashes.insert(v.name.clone(), crate::engine::hash_files(&files, ctl)?);
+            }
+            to_json(&json!({"backup": id, "chain_hashes": hashes}))
+        }
+        "delete" => {
+            let r: StoreReq = parse(op, request)?;
+            to_json(&Store::open(&r.store)?.delete(&need(op, "backup", r.backup)?)?)
+        }
+        _ => Err(KnibError::invalid(format!(
+            "unknown operation {op:?}: use version, backup, list, show, restore, quick_restore, consolidate, compress, verify, hash, delete or recover"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let ctl = Control::new();
+        let e = call("show", r#"{"stor": "/x", "backup": "b"}"#, &ctl).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains("unknown field `stor`"), "{e}");
+        let e = call("restore", r#"{"store": "/x", "backup": "b", "volume": "v"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `to`"), "{e}");
+        let e = call("compress", r#"{"store": "/x", "backup": "b", "coroutines": "many"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("invalid type: string \"many\""), "{e}");
+        let e = call("list", r#"{"store": "/x", "schema": 2}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `schema` is 2"), "{e}");
+        let e = call("list", "{not json", &ctl).unwrap_err();
+        assert!(e.message.contains("is not valid JSON"), "{e}");
+        let e = call("explode", "{}", &ctl).unwrap_err();
+        assert!(e.message.contains("unknown operation \"explode\""), "{e}");
+        assert!(call("version", "{}", &ctl).unwrap().contains(crate::VERSION));
+    }
+
+    #[test]
+    fn a_backup_and_restore_through_json() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("a.qcow2");
+        crate::qemu_img::QemuImg::new().create(&disk, 4 << 20, &Control::new()).unwrap();
+        let store = d.path().join("s");
+        let req = json!({"schema": 1, "store": store, "vm": "v", "disks": [{"name": "a", "path": disk}]});
+        let ans: Value = serde_json::from_str(&call("backup", &req.to_string(), &Control::new()).unwrap()).unwrap();
+        assert_eq!(ans["kind"], "full");
+        let id = ans["id"].as_str().unwrap();
+        let to = d.path().join("r.raw");
+        let req = json!({"store": store, "backup": id, "volume": "a", "to": to, "format": "raw"});
+        call("restore", &req.to_string(), &Control::new()).unwrap();
+        assert!(crate::qemu_img::QemuImg::new().compare(&to, &disk, &Control::new()).unwrap());
+    }
+}
