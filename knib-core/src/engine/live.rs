@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
-use crate::libvirt::blockjob::{self, CommitFlags, PullFlags};
+use crate::libvirt::blockjob;
 use crate::libvirt::{DiskInfo, Vm};
 use crate::progress::Control;
 use crate::qemu_img::{Convert, ImageFormat, QemuImg};
@@ -330,8 +330,7 @@ pub fn take(
 fn commit_down(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, top: &Path, into: &Path, ctl: &Control) -> Result<()> {
     let step = format!("active commit of disk {} into {}", d.target, into.display());
     if running {
-        blockjob::block_commit(vm, &d.target, Some(into), Some(top), CommitFlags { active: true, ..Default::default() })?;
-        blockjob::wait_block_job(vm, &d.target, ctl, &step, true)?;
+        blockjob::commit_and_wait(vm, &d.target, into, top, false, ctl, &step)?;
         let now = vm.disk(&d.target)?;
         if now.file != into {
             return Err(KnibError::hypervisor(format!(
@@ -352,8 +351,7 @@ fn commit_down(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, top: &Path, in
 fn merge_below(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<()> {
     let step = format!("block commit of {} into {}", layer.display(), d.base.display());
     if running {
-        blockjob::block_commit(vm, &d.target, Some(&d.base), Some(layer), CommitFlags::default())?;
-        blockjob::wait_block_job(vm, &d.target, ctl, &step, false)?;
+        blockjob::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
     } else {
         let active = vm.disk(&d.target)?.file;
         commit_files(q, layer, &d.base, ctl)?;
@@ -510,8 +508,7 @@ pub fn consolidate(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<String>> {
         }
         let step = format!("block pull of disk {}", d.target);
         if running {
-            blockjob::block_pull(vm, &d.target, PullFlags::default())?;
-            blockjob::wait_block_job(vm, &d.target, ctl, &step, false)?;
+            blockjob::pull_and_wait(vm, &d.target, None, false, ctl, &step)?;
         } else {
             q.flatten_in_place(&d.file, ctl)?;
         }
