@@ -271,3 +271,45 @@ fn busy_missing_domain_raw_disk_and_quiesce_without_agent_are_clear_errors() {
     assert!(e.message.contains("disk vda of domain knib-raw-probe") && e.message.contains("is raw, not qcow2"), "{e}");
     assert_eq!(std::fs::read_dir(&rdir).unwrap().count(), 1);
 }
+
+#[test]
+fn a_stopped_domain_is_backed_up_through_the_same_api() {
+    if skip_without_libvirt("stopped domain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = TestVm::create("knib-stopped", &DISKS, dir.path(), TestVmOptions { persistent: true, running: false, agent_channel: false });
+    let active = |t: &str| vm.disk(t).file;
+    // Writes to a stopped VM's disks go into their active files.
+    common::disk::qemu_io(&active("vda"), "write -P 0x71 0 2M");
+    common::disk::qemu_io(&active("vdb"), "write -P 0x72 1M 1M");
+    let r1 = dir.path().join("r1");
+    std::fs::create_dir(&r1).unwrap();
+    let refs1: Vec<_> = DISKS.iter().map(|(t, _)| { let p = r1.join(format!("{t}.qcow2")); common::disk::snapshot(&active(t), &p); p }).collect();
+    let b1 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    assert_eq!(b1.kind, BackupKind::Full);
+    common::disk::qemu_io(&active("vda"), "write -P 0x73 4M 1M");
+    let r2 = dir.path().join("r2");
+    std::fs::create_dir(&r2).unwrap();
+    let refs2: Vec<_> = DISKS.iter().map(|(t, _)| { let p = r2.join(format!("{t}.qcow2")); common::disk::snapshot(&active(t), &p); p }).collect();
+    let b2 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    assert_eq!(b2.kind, BackupKind::Incremental);
+    for (t, _) in DISKS {
+        let chain = store.qemu_img().info_chain(&active(t), &Control::new()).unwrap();
+        assert_eq!(chain.len(), 2, "{t}: base <- one delta");
+        assert_eq!(std::path::PathBuf::from(&chain[1].filename), vm.initial_file(t));
+    }
+    assert!(!vm.vm.is_running().unwrap());
+    for (id, refs) in [(&b1.id, &refs1), (&b2.id, &refs2)] {
+        for ((t, f), r) in restore_all(&store, id, dir.path()).iter().zip(refs.iter()) {
+            let _ = t;
+            common::disk::assert_identical(f, r);
+        }
+    }
+    // The domain boots on what the backups left.
+    vm.boot();
+    let mut m = Model::new(&DISKS);
+    m.write(&vm, "vdb", 0x74, 8 * MIB, MIB);
+    assert!(vm.read_check("vda", 0x73, 4 * MIB, MIB) && vm.read_check("vda", 0x71, 0, MIB));
+}
