@@ -249,13 +249,23 @@ fn setup_one() -> (TestDisks, tempfile::TempDir, Store, String) {
 }
 
 #[test]
-fn unknown_backup_and_volume_are_not_found() {
-    let (_vm, sdir, store, id) = setup_one();
+fn unknown_backup_id_is_not_found() {
+    let (_vm, sdir, store, _id) = setup_one();
     let before = tree(sdir.path());
     let to = sdir.path().join("../x.qcow2");
     let e = store.restore("20200101-000000000-dead", "root", &to, ImageFormat::Qcow2, &Control::new()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("backup 20200101-000000000-dead does not exist"), "{e}");
+    assert_eq!(store.delete("20200101-000000000-dead").unwrap_err().kind, ErrorKind::NotFound);
+    assert!(!to.exists());
+    assert_eq!(tree(sdir.path()), before);
+}
+
+#[test]
+fn unknown_volume_is_not_found() {
+    let (_vm, sdir, store, id) = setup_one();
+    let before = tree(sdir.path());
+    let to = sdir.path().join("../y.qcow2");
     let e = store.restore(&id, "swap", &to, ImageFormat::Qcow2, &Control::new()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("has no volume \"swap\" (it has: root, data)"), "{e}");
@@ -264,7 +274,7 @@ fn unknown_backup_and_volume_are_not_found() {
 }
 
 #[test]
-fn missing_and_non_qcow2_disks_are_refused_without_touching_the_store() {
+fn a_disk_path_that_does_not_exist_is_refused_without_touching_the_store() {
     let (vm, sdir, store, _id) = setup_one();
     let before = tree(sdir.path());
     let mut disks = vm.disks.clone();
@@ -272,6 +282,17 @@ fn missing_and_non_qcow2_disks_are_refused_without_touching_the_store() {
     let e = store.backup("vm1", &disks, &opts(8), &Control::new()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("disk data:") && e.message.contains("nope.qcow2 does not exist"), "{e}");
+    let e = store.backup("vm2", &disks, &opts(8), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert_eq!(tree(sdir.path()), before);
+    assert_eq!(chain_len(vm.path("root")), 2);
+}
+
+#[test]
+fn a_disk_that_is_not_qcow2_is_refused_without_touching_the_store() {
+    let (vm, sdir, store, _id) = setup_one();
+    let before = tree(sdir.path());
+    let mut disks = vm.disks.clone();
     let raw = vm.dir.path().join("raw.img");
     std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
     disks[1].path = raw;

@@ -1,45 +1,126 @@
-//! One operation per VM at a time: an exclusive, non-blocking `flock` on
-//! `vms/<vm>/.lock`. A second operation fails at once with "busy", naming
-//! the operation that holds the lock; the lock goes with the process, so a
-//! crash never leaves a VM locked.
+//! One operation per VM at a time: a non-blocking POSIX write lock
+//! (`fcntl(F_SETLK)`) on `vms/<vm>/.lock`, plus a registry inside the
+//! process. A second operation fails at once with "busy", naming the
+//! operation that holds the lock; the lock goes with the process, so a crash
+//! never leaves a VM locked.
+//!
+//! Why not `flock`: a child process forked by another thread (a `qemu-img`
+//! spawned at the same instant) holds a copy of every open file description
+//! until it execs, so a released `flock` could still be held for a moment
+//! and a later operation of this process would be refused. POSIX record
+//! locks belong to the process and are not inherited by a fork; they do not
+//! exclude threads of one process from each other, which the registry does.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::path::Path;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use crate::error::{KnibError, Result};
+
+/// Locks this process holds: lock file -> the operation holding it. The lock
+/// file is opened only while this mutex is held and the path is not in the
+/// map, and closed under the mutex: closing any descriptor of a file drops
+/// the process's POSIX locks on it, so no other descriptor may come and go
+/// while one is held.
+static HELD: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
 
 /// The lock of one VM; released when dropped.
 #[derive(Debug)]
 pub struct VmLock {
-    _file: File,
+    file: Option<File>,
+    key: PathBuf,
+}
+
+fn busy(vm: &str, holder: &str) -> KnibError {
+    let holder = holder.trim();
+    let who = if holder.is_empty() { "another operation" } else { holder };
+    KnibError::busy(format!("VM {vm} is busy: {who} is running; try again when it ends"))
 }
 
 impl VmLock {
     /// Take the lock at `path` for `operation` on `vm`, or fail with
     /// [`crate::ErrorKind::Busy`] at once.
     pub fn acquire(path: &Path, vm: &str, operation: &str) -> Result<VmLock> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let key = dir
+            .canonicalize()
+            .map_err(|e| KnibError::io("cannot resolve", dir, e))?
+            .join(path.file_name().unwrap_or_default());
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        let map = held.get_or_insert_with(HashMap::new);
+        if let Some(holder) = map.get(&key) {
+            return Err(busy(vm, holder));
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(path)
-            .map_err(|e| KnibError::io("cannot open lock", path, e))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                let who = if holder.is_empty() { "another operation".to_string() } else { holder.to_string() };
-                return Err(KnibError::busy(format!("VM {vm} is busy: {who} is running; try again when it ends")));
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(KnibError::io("cannot lock", path, e)),
+            .open(&key)
+            .map_err(|e| KnibError::io("cannot open lock", &key, e))?;
+        // SAFETY: a zeroed `flock` is a valid value; the fields set below ask
+        // for a write lock on the whole file.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: `file` is open and `fl` a valid flock structure.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::EACCES) | Some(libc::EAGAIN) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    Err(busy(vm, &holder))
+                }
+                _ => Err(KnibError::io("cannot lock", &key, err)),
+            };
         }
+        let text = format!("{operation} (pid {})", std::process::id());
         let _ = file.set_len(0);
         let _ = file.rewind();
-        let _ = write!(file, "{operation} (pid {})", std::process::id());
-        Ok(VmLock { _file: file })
+        let _ = file.write_all(text.as_bytes());
+        map.insert(key.clone(), text);
+        Ok(VmLock { file: Some(file), key })
+    }
+}
+
+impl Drop for VmLock {
+    fn drop(&mut self) {
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        drop(self.file.take());
+        if let Some(map) = held.as_mut() {
+            map.remove(&self.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn a_busy_attempt_does_not_release_the_holders_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(".lock");
+        let held = VmLock::acquire(&p, "vm", "backup of vm").unwrap();
+        let e = VmLock::acquire(&p, "vm", "delete").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert!(e.message.contains("backup of vm (pid"), "{e}");
+        // Another process still sees the lock held after the busy attempt.
+        {
+            let st = std::process::Command::new("python3")
+                .args(["-c", "import fcntl,sys; f=open(sys.argv[1],'r+');\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB); sys.exit(0)\nexcept OSError: sys.exit(3)"])
+                .arg(&p)
+                .status()
+                .unwrap();
+            assert_eq!(st.code(), Some(3), "the lock must still be held");
+        }
+        drop(held);
+        VmLock::acquire(&p, "vm", "delete").unwrap();
     }
 }
