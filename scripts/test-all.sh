@@ -7,3 +7,5 @@ export PATH="$HOME/.cargo/bin:$PATH"
 bash scripts/setup.sh
 cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
+# The C ABI: header drift, then the C programs under ASan/UBSan and Valgrind.
+bash scripts/test-c.sh

@@ -22,6 +22,15 @@
 //! | `hash` | `store`, `backup` | `{"backup": id, "chain_hashes": {volume: hex}}` |
 //! | `delete` | `store`, `backup` | `{"expunged": [...], "marked_removed": [...]}` |
 //! | `recover` | `store`, `domain`, `connect`? | `{"backup_id","step","published","report"}` |
+//! | `compress_files` | `files` (`[path]`), `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor` | `{"compressed": [{"path","comp_path","original_size","compressed_size","library"}]}` |
+//! | `finalize_files` | `files` (`[path]`), `backup_exists` (true) | `{"finalized": [path]}` or `{"discarded": [path]}` |
+//!
+//! `compress_files` and `finalize_files` are the engine's two compression
+//! steps on explicit files, as CloudStack's agent runs them (`compress`
+//! does both on a catalog backup and records it in the manifest):
+//! `compress_files` writes `<file>.comp` beside each file (all removed on
+//! failure or cancellation); `finalize_files` renames each `.comp` over its
+//! file, or removes the `.comp` files when `backup_exists` is false.
 //!
 //! A backup is `{"id","vm","kind","parent","position","end_of_chain",
 //! "created","compression","removed","volumes":[{"name","file","virtual_size",
@@ -149,6 +158,38 @@ struct CompressReq {
     min_free_factor: f64,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilesReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    files: Vec<PathBuf>,
+    #[serde(default)]
+    library: CompressionLibrary,
+    #[serde(default = "default_one")]
+    coroutines: u32,
+    #[serde(default)]
+    rate_limit_mbps: u64,
+    #[serde(default = "default_factor")]
+    min_free_factor: f64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FinalizeReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    files: Vec<PathBuf>,
+    #[serde(default = "default_true")]
+    backup_exists: bool,
+}
+
 /// A backup as every binding shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct BackupView {
@@ -238,7 +279,15 @@ fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
             )));
         }
     }
-    serde_json::from_value(v).map_err(|e| KnibError::invalid(format!("request of {op}: {e}")))
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            KnibError::invalid(format!("request of {op}: {inner}"))
+        } else {
+            KnibError::invalid(format!("request of {op}: field `{path}`: {inner}"))
+        }
+    })
 }
 
 fn need<T>(op: &str, field: &str, v: Option<T>) -> Result<T> {
@@ -367,8 +416,28 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
             let r: StoreReq = parse(op, request)?;
             to_json(&Store::open(&r.store)?.delete(&need(op, "backup", r.backup)?)?)
         }
+        "compress_files" => {
+            let r: FilesReq = parse(op, request)?;
+            if r.files.is_empty() {
+                return Err(KnibError::invalid("request of compress_files: field `files` is empty"));
+            }
+            let opts = CompressOptions {
+                library: r.library,
+                coroutines: r.coroutines,
+                rate_limit_mbps: r.rate_limit_mbps,
+                min_free_factor: r.min_free_factor,
+            };
+            let done = crate::engine::compress(&crate::qemu_img::QemuImg::new(), &r.files, &opts, ctl)?;
+            to_json(&json!({ "compressed": done }))
+        }
+        "finalize_files" => {
+            let r: FinalizeReq = parse(op, request)?;
+            crate::engine::finalize(&r.files, r.backup_exists)?;
+            let key = if r.backup_exists { "finalized" } else { "discarded" };
+            to_json(&json!({ key: r.files }))
+        }
         _ => Err(KnibError::invalid(format!(
-            "unknown operation {op:?}: use version, backup, list, show, restore, quick_restore, consolidate, compress, verify, hash, delete or recover"
+            "unknown operation {op:?}: use version, backup, list, show, restore, quick_restore, consolidate, compress, verify, hash, delete, recover, compress_files or finalize_files"
         ))),
     }
 }
@@ -387,7 +456,7 @@ mod tests {
         let e = call("restore", r#"{"store": "/x", "backup": "b", "volume": "v"}"#, &ctl).unwrap_err();
         assert!(e.message.contains("missing field `to`"), "{e}");
         let e = call("compress", r#"{"store": "/x", "backup": "b", "coroutines": "many"}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("invalid type: string \"many\""), "{e}");
+        assert!(e.message.contains("field `coroutines`: invalid type: string \"many\""), "{e}");
         let e = call("list", r#"{"store": "/x", "schema": 2}"#, &ctl).unwrap_err();
         assert!(e.message.contains("field `schema` is 2"), "{e}");
         let e = call("list", "{not json", &ctl).unwrap_err();
@@ -411,5 +480,35 @@ mod tests {
         let req = json!({"store": store, "backup": id, "volume": "a", "to": to, "format": "raw"});
         call("restore", &req.to_string(), &Control::new()).unwrap();
         assert!(crate::qemu_img::QemuImg::new().compare(&to, &disk, &Control::new()).unwrap());
+    }
+
+    #[test]
+    fn compress_and_finalize_files_through_json() {
+        let d = tempfile::tempdir().unwrap();
+        let q = crate::qemu_img::QemuImg::new();
+        let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
+        q.create(&a, 4 << 20, &Control::new()).unwrap();
+        q.create(&b, 4 << 20, &Control::new()).unwrap();
+        let e = call("compress_files", r#"{"files": []}"#, &Control::new()).unwrap_err();
+        assert!(e.message.contains("field `files` is empty"), "{e}");
+        let e = call("finalize_files", r#"{"files": ["/x"], "backup_exist": true}"#, &Control::new()).unwrap_err();
+        assert!(e.message.contains("unknown field `backup_exist`"), "{e}");
+
+        let ans: Value = serde_json::from_str(
+            &call("compress_files", &json!({"files": [a], "library": "zlib"}).to_string(), &Control::new()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ans["compressed"][0]["library"], "zlib");
+        assert!(crate::engine::compress::comp_path(&a).exists());
+        let ans = call("finalize_files", &json!({"files": [a]}).to_string(), &Control::new()).unwrap();
+        assert!(ans.contains("\"finalized\""), "{ans}");
+        assert!(!crate::engine::compress::comp_path(&a).exists());
+
+        call("compress_files", &json!({"files": [b]}).to_string(), &Control::new()).unwrap();
+        let ans = call("finalize_files", &json!({"files": [b], "backup_exists": false}).to_string(), &Control::new())
+            .unwrap();
+        assert!(ans.contains("\"discarded\""), "{ans}");
+        assert!(!crate::engine::compress::comp_path(&b).exists());
+        assert!(b.exists());
     }
 }

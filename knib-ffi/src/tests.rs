@@ -1,0 +1,87 @@
+//! The boundary seen from Rust; the C programs in `tests/c` test it from C.
+
+use std::ffi::{c_char, CStr};
+use std::ptr;
+
+use crate::context::*;
+use crate::ops::*;
+use crate::*;
+
+fn new_context() -> *mut knib_context {
+    let mut ctx = ptr::null_mut();
+    // SAFETY: `ctx` is a writable pointer.
+    assert_eq!(unsafe { knib_context_new(&mut ctx) }, knib_result::Ok);
+    ctx
+}
+
+fn message(ctx: *mut knib_context) -> String {
+    let mut buf = [0 as c_char; 1024];
+    let mut needed = 0;
+    // SAFETY: `buf` has `buf.len()` bytes, `needed` is writable.
+    let r = unsafe { knib_context_error_message(ctx, buf.as_mut_ptr(), buf.len(), &mut needed) };
+    assert_eq!(r, knib_result::Ok);
+    // SAFETY: written NUL-terminated on success.
+    unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+#[test]
+fn version_defines_match_cargo_toml() {
+    assert_eq!(KNIB_VERSION_MAJOR.to_string(), env!("CARGO_PKG_VERSION_MAJOR"));
+    assert_eq!(KNIB_VERSION_MINOR.to_string(), env!("CARGO_PKG_VERSION_MINOR"));
+    assert_eq!(KNIB_VERSION_PATCH.to_string(), env!("CARGO_PKG_VERSION_PATCH"));
+    let define = format!("#define KNIB_VERSION \"{}\"", env!("CARGO_PKG_VERSION"));
+    assert!(include_str!("../cbindgen.toml").contains(&define), "cbindgen.toml lacks {define}");
+    assert_eq!(KNIB_SCHEMA, knib_core::api::SCHEMA);
+    // SAFETY: a static NUL-terminated string.
+    let v = unsafe { CStr::from_ptr(knib_version()) };
+    assert_eq!(v.to_str().expect("ASCII"), env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn an_answer_comes_back_and_is_freed() {
+    let ctx = new_context();
+    let mut answer: *mut c_char = ptr::null_mut();
+    // SAFETY: valid strings and a writable out-pointer.
+    let r = unsafe { knib_call(ctx, c"version".as_ptr(), c"{}".as_ptr(), &mut answer) };
+    assert_eq!(r, knib_result::Ok);
+    // SAFETY: an answer string from knib.
+    let text = unsafe { CStr::from_ptr(answer) }.to_string_lossy().into_owned();
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    // SAFETY: freed once.
+    unsafe { knib_string_free(answer) };
+    knib_context_free(ctx);
+}
+
+#[test]
+fn nulls_bad_handles_and_panics_come_back_as_codes() {
+    let ctx = new_context();
+    let mut answer: *mut c_char = ptr::null_mut();
+    // SAFETY: NULLs are allowed to be given; the rest is valid.
+    unsafe {
+        assert_eq!(knib_context_new(ptr::null_mut()), knib_result::NullArgument);
+        assert_eq!(knib_list(ptr::null_mut(), c"{}".as_ptr(), &mut answer), knib_result::NullArgument);
+        assert_eq!(knib_list(ctx, ptr::null(), &mut answer), knib_result::NullArgument);
+        assert!(message(ctx).contains("`request_json` is NULL"));
+        assert_eq!(knib_call(ctx, ptr::null(), c"{}".as_ptr(), &mut answer), knib_result::NullArgument);
+        assert!(message(ctx).contains("`op` is NULL"));
+        assert_eq!(knib_list(ctx, c"{}".as_ptr(), ptr::null_mut()), knib_result::NullArgument);
+        assert!(answer.is_null());
+
+        let e = knib_list(ctx, cr#"{"store": "/nonexistent", "vmm": "x"}"#.as_ptr(), &mut answer);
+        assert_eq!(e, knib_result::InvalidInput);
+        assert!(message(ctx).contains("unknown field `vmm`"), "{}", message(ctx));
+        let bad = 0x1234_5670 as *mut knib_context;
+        assert_eq!(knib_list(bad, c"{}".as_ptr(), &mut answer), knib_result::BadHandle);
+
+        assert_eq!(knib_test_panic(ctx), knib_result::Panic);
+        assert!(message(ctx).contains("knib_test_panic was called"));
+        assert_eq!(knib_call(ctx, c"version".as_ptr(), c"{}".as_ptr(), &mut answer), knib_result::Ok);
+        assert_eq!(message(ctx), "");
+        knib_string_free(answer);
+        knib_context_free(ctx);
+        assert_eq!(knib_context_cancel(ctx), knib_result::BadHandle);
+        knib_context_free(ctx);
+        knib_context_free(ptr::null_mut());
+    }
+}
