@@ -81,6 +81,7 @@
  *   restore         store, backup, volume, to, format   -> {"restored", "volume", "to"}
  *   quick_restore   store, backup, domain, connect?     -> {"overlays"}
  *   consolidate     domain, connect?                    -> {"consolidated"}
+ *   merge_snapshot  domain, connect?, disk, delta       -> {"disk", "active_file"}
  *   compress        store, backup, library, coroutines, rate_limit_mbps,
  *                   min_free_factor                     -> backup
  *   compress_files  files, library, coroutines, rate_limit_mbps,
@@ -507,6 +508,20 @@ knib_result knib_quick_restore(struct knib_context *context,
 knib_result knib_consolidate(struct knib_context *context,
                              const char *request_json,
                              char **answer_out);
+
+/**
+ * Operation `merge_snapshot`: merge a disk-only VM snapshot delta into
+ * the layer below it (block commit while the domain runs; `qemu-img
+ * commit` and rebase when it is stopped). Request: `domain`, `connect`,
+ * `disk` (target), `delta` (a file of the disk's chain). Answer:
+ * `{"disk", "active_file"}`.
+ *
+ * # Safety
+ * As `knib_call`.
+ */
+knib_result knib_merge_snapshot(struct knib_context *context,
+                                const char *request_json,
+                                char **answer_out);
 
 /**
  * Operation `compress`: compress a catalog backup's files and finalize

@@ -21,6 +21,7 @@
 //! | `verify` | `store`, `backup`? | `[{"id","ok","problems","files_checked","chain_hashes"}]` |
 //! | `hash` | `store`, `backup` | `{"backup": id, "chain_hashes": {volume: hex}}` |
 //! | `delete` | `store`, `backup` | `{"expunged": [...], "marked_removed": [...]}` |
+//! | `merge_snapshot` | `domain`, `connect`?, `disk` (target), `delta` (a file of its chain) | `{"disk", "active_file"}` |
 //! | `recover` | `store`, `domain`, `connect`? | `{"backup_id","step","published","report"}` |
 //! | `compress_files` | `files` (`[path]`), `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor` | `{"compressed": [{"path","comp_path","original_size","compressed_size","library"}]}` |
 //! | `finalize_files` | `files` (`[path]`), `backup_exists` (true) | `{"finalized": [path]}` or `{"discarded": [path]}` |
@@ -138,6 +139,19 @@ struct DomainReq {
     domain: String,
     #[serde(default)]
     connect: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MergeReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    domain: String,
+    #[serde(default)]
+    connect: Option<String>,
+    disk: String,
+    delta: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -377,6 +391,21 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
                         to_json(&store.recover_domain(&vm, ctl)?)
                     }
                 }
+            }
+            #[cfg(not(feature = "libvirt"))]
+            {
+                let _ = r;
+                Err(no_libvirt(op))
+            }
+        }
+        "merge_snapshot" => {
+            let r: MergeReq = parse(op, request)?;
+            #[cfg(feature = "libvirt")]
+            {
+                let vm = domain(r.connect.as_deref(), &r.domain)?;
+                let q = crate::qemu_img::QemuImg::new();
+                let now = crate::engine::live::merge_snapshot_delta(&q, &vm, &r.disk, &r.delta, ctl)?;
+                to_json(&json!({"disk": r.disk, "active_file": now}))
             }
             #[cfg(not(feature = "libvirt"))]
             {

@@ -313,3 +313,36 @@ fn a_stopped_domain_is_backed_up_through_the_same_api() {
     m.write(&vm, "vdb", 0x74, 8 * MIB, MIB);
     assert!(vm.read_check("vda", 0x73, 4 * MIB, MIB) && vm.read_check("vda", 0x71, 0, MIB));
 }
+
+#[test]
+fn a_disk_only_vm_snapshot_delta_is_merged_running_and_stopped() {
+    if skip_without_libvirt("merge snapshot delta") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = TestVm::create("knib-merge", &DISKS, dir.path(), TestVmOptions { persistent: true, running: true, agent_channel: false });
+    let q = knib_core::qemu_img::QemuImg::new();
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x91, 0, MIB);
+    let s1 = dir.path().join("vda.snap1");
+    let s2 = dir.path().join("vda.snap2");
+    vm.vm.snapshot_disk_only(&[("vda", &s1)], false).unwrap();
+    model.write(&vm, "vda", 0x92, MIB, MIB);
+    vm.vm.snapshot_disk_only(&[("vda", &s2)], false).unwrap();
+    model.write(&vm, "vda", 0x93, 2 * MIB, MIB);
+    // Running: a middle layer, by block commit.
+    let now = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s1, &Control::new()).unwrap();
+    assert_eq!(now, s2);
+    assert_eq!(vm.disk("vda").chain_files(), vec![s2.as_path(), vm.initial_file("vda").as_path()]);
+    assert!(!s1.exists());
+    model.assert_vm_reads_everything(&vm);
+    let e = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s1, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    // Stopped: the active layer, by qemu-img commit and a new definition.
+    vm.power_off();
+    let now = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s2, &Control::new()).unwrap();
+    assert_eq!(now, vm.initial_file("vda"));
+    assert!(!s2.exists());
+    vm.boot();
+    model.assert_vm_reads_everything(&vm);
+}

@@ -203,6 +203,24 @@ pub unsafe extern "C" fn knib_consolidate(
     unsafe { run(context, Op::Named("consolidate"), request_json, answer_out) }
 }
 
+/// Operation `merge_snapshot`: merge a disk-only VM snapshot delta into
+/// the layer below it (block commit while the domain runs; `qemu-img
+/// commit` and rebase when it is stopped). Request: `domain`, `connect`,
+/// `disk` (target), `delta` (a file of the disk's chain). Answer:
+/// `{"disk", "active_file"}`.
+///
+/// # Safety
+/// As `knib_call`.
+#[no_mangle]
+pub unsafe extern "C" fn knib_merge_snapshot(
+    context: *mut knib_context,
+    request_json: *const c_char,
+    answer_out: *mut *mut c_char,
+) -> knib_result {
+    // SAFETY: the caller's promises, passed on.
+    unsafe { run(context, Op::Named("merge_snapshot"), request_json, answer_out) }
+}
+
 /// Operation `compress`: compress a catalog backup's files and finalize
 /// them (both steps), recording it in the manifest. Request: `store`,
 /// `backup`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps`

@@ -20,6 +20,7 @@ static const struct {
     {"restore", knib_restore},
     {"quick_restore", knib_quick_restore},
     {"consolidate", knib_consolidate},
+    {"merge_snapshot", knib_merge_snapshot},
     {"compress", knib_compress},
     {"compress_files", knib_compress_files},
     {"finalize_files", knib_finalize_files},
@@ -307,12 +308,13 @@ static void stopped_halfway(const char *dir) {
 /* The operations on running VMs reach libvirt: a domain that does not
  * exist is not found (or, with no libvirt daemon, a hypervisor error). */
 static void live_operations_reach_libvirt(knib_context *ctx, const char *dir) {
-    char reqs[3][1024];
+    char reqs[4][1024];
     snprintf(reqs[0], sizeof reqs[0], "{\"store\": \"%s/store\", \"backup\": \"b\", \"domain\": \"knib-c-none\"}", dir);
     snprintf(reqs[1], sizeof reqs[1], "{\"domain\": \"knib-c-none\"}");
     snprintf(reqs[2], sizeof reqs[2], "{\"store\": \"%s/store\", \"domain\": \"knib-c-none\"}", dir);
-    const op_fn fns[3] = {knib_quick_restore, knib_consolidate, knib_recover};
-    for (int i = 0; i < 3; i++) {
+    snprintf(reqs[3], sizeof reqs[3], "{\"domain\": \"knib-c-none\", \"disk\": \"vda\", \"delta\": \"/x\"}");
+    const op_fn fns[4] = {knib_quick_restore, knib_consolidate, knib_recover, knib_merge_snapshot};
+    for (int i = 0; i < 4; i++) {
         char *out = UNTOUCHED;
         knib_result r = fns[i](ctx, reqs[i], &out);
         CHECK(r == KNIB_RESULT_NOT_FOUND || r == KNIB_RESULT_HYPERVISOR, "%s: got %s: %s", reqs[i],

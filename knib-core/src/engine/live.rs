@@ -516,3 +516,37 @@ pub fn consolidate(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<String>> {
     }
     Ok(done)
 }
+
+/// Merge a disk-only VM snapshot delta of disk `target` into the layer
+/// below it, whatever the domain's state: a block commit while it runs (an
+/// active commit with pivot when `delta` is the active file), `qemu-img
+/// commit` and a rebase of the layer above when it is stopped. Returns the
+/// file the disk runs on afterwards. `delta` is removed.
+pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ctl: &Control) -> Result<PathBuf> {
+    let running = vm.is_running()?;
+    let info = vm.disk(target)?;
+    let chain = chain_of(q, running, &info, ctl)?;
+    let i = chain.iter().position(|p| p == delta).ok_or_else(|| {
+        KnibError::not_found(format!(
+            "{} is not in the chain of disk {target} of domain {} ({})",
+            delta.display(),
+            vm.name(),
+            chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" <- ")
+        ))
+    })?;
+    let below = chain.get(i + 1).cloned().ok_or_else(|| {
+        KnibError::invalid(format!("{} is the base of disk {target}: there is nothing to merge it into", delta.display()))
+    })?;
+    let step = format!("merge of {} into {}", delta.display(), below.display());
+    if running {
+        blockjob::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
+        fsio::remove_if_exists(delta)?;
+    } else if i == 0 {
+        commit_files(q, delta, &below, ctl)?;
+        set_disk_sources(vm, &[(target.to_string(), below.clone())])?;
+        fsio::remove_if_exists(delta)?;
+    } else {
+        crate::engine::merge_delta(q, delta, Some(&chain[i - 1]), ctl)?;
+    }
+    Ok(vm.disk(target)?.file)
+}
