@@ -7,10 +7,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{self, Manifest, VolumeEntry, MANIFEST_SCHEMA};
-use super::{BackupOptions, Store, VmState};
+use super::manifest::{Manifest, VolumeEntry};
+use super::{BackupOptions, Store};
 use crate::engine::live::{self, DiskPlan, LivePlan, LiveStep, RecoverReport};
-use crate::engine::BackupKind;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::libvirt::Vm;
@@ -117,19 +116,7 @@ impl Store {
                 .collect(),
         };
         fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
-        let mut m = Manifest {
-            schema: MANIFEST_SCHEMA,
-            id: id.clone(),
-            vm: name.clone(),
-            kind,
-            parent: parent.as_ref().map(|p| p.id.clone()),
-            position,
-            end_of_chain,
-            created: manifest::rfc3339(std::time::SystemTime::now()),
-            volumes: Vec::new(),
-            compression: None,
-            removed: false,
-        };
+        let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         let final_dir = self.vm_dir(&name).join(&id);
         let result = live::take(
             &q,
@@ -151,13 +138,7 @@ impl Store {
                         hash: None,
                     })
                     .collect();
-                m.save(&part.join("manifest.json"))?;
-                fs::rename(&part, &final_dir).map_err(|e| KnibError::io("cannot publish", &final_dir, e))?;
-                fsio::sync_dir(&self.vm_dir(&name))?;
-                if kind != BackupKind::Isolated {
-                    self.save_state(&name, &VmState { schema: 1, head: Some(id.clone()) })?;
-                }
-                Ok(())
+                self.publish(&m, &part)
             },
         );
         match result {

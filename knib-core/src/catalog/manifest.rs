@@ -75,6 +75,23 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A new manifest, taken now, with no volume yet.
+    pub fn new(id: &str, vm: &str, kind: BackupKind, parent: Option<String>, position: u32, end_of_chain: bool) -> Manifest {
+        Manifest {
+            schema: MANIFEST_SCHEMA,
+            id: id.to_string(),
+            vm: vm.to_string(),
+            kind,
+            parent,
+            position,
+            end_of_chain,
+            created: rfc3339(std::time::SystemTime::now()),
+            volumes: Vec::new(),
+            compression: None,
+            removed: false,
+        }
+    }
+
     /// Read and check a manifest.
     pub fn load(path: &Path) -> Result<Manifest> {
         let text = std::fs::read(path).map_err(|e| KnibError::io("cannot read manifest", path, e))?;

@@ -368,19 +368,7 @@ impl Store {
             kind,
             end_of_chain,
         };
-        let mut manifest = Manifest {
-            schema: MANIFEST_SCHEMA,
-            id: id.clone(),
-            vm: vm.to_string(),
-            kind,
-            parent: parent.as_ref().map(|p| p.id.clone()),
-            position,
-            end_of_chain,
-            created: manifest::rfc3339(std::time::SystemTime::now()),
-            volumes: Vec::new(),
-            compression: None,
-            removed: false,
-        };
+        let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         let final_dir = self.vm_dir(vm).join(&id);
         let result = engine::take::take_backup_with(q, &req, ctl, &mut |vols| {
             manifest.volumes = vols
@@ -399,13 +387,7 @@ impl Store {
                     hash: None,
                 })
                 .collect();
-            manifest.save(&part.join("manifest.json"))?;
-            fs::rename(&part, &final_dir).map_err(|e| KnibError::io("cannot publish", &final_dir, e))?;
-            fsio::sync_dir(&self.vm_dir(vm))?;
-            if kind != BackupKind::Isolated {
-                self.save_state(vm, &VmState { schema: 1, head: Some(id.clone()) })?;
-            }
-            Ok(())
+            self.publish(&manifest, &part)
         });
         if let Err(e) = result {
             if !final_dir.exists() {
@@ -455,6 +437,20 @@ impl Store {
         let position = parent.as_ref().map(|p| p.position + 1).unwrap_or(1);
         let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
         Ok((kind, parent, position, end_of_chain))
+    }
+
+    /// Make a backup written in `part` visible: its manifest is written,
+    /// the directory renamed to the backup's id and made durable, and (for
+    /// a backup of a chain) the VM's head moved to it.
+    fn publish(&self, m: &Manifest, part: &Path) -> Result<()> {
+        m.save(&part.join("manifest.json"))?;
+        let final_dir = self.backup_dir(m);
+        fs::rename(part, &final_dir).map_err(|e| KnibError::io("cannot publish", &final_dir, e))?;
+        fsio::sync_dir(&self.vm_dir(&m.vm))?;
+        if m.kind != BackupKind::Isolated {
+            self.save_state(&m.vm, &VmState { schema: 1, head: Some(m.id.clone()) })?;
+        }
+        Ok(())
     }
 
     /// Restore volume `volume` of backup `id` to `to`.
