@@ -4,6 +4,7 @@
 //! and the exit status is 10 + the error kind's code (see the README).
 
 mod demo;
+mod jobs;
 mod output;
 
 use std::path::PathBuf;
@@ -159,6 +160,11 @@ enum Command {
         /// The backup's id.
         backup: String,
     },
+    /// The store's durable job queue: queue, list and run compression jobs.
+    Jobs {
+        #[command(subcommand)]
+        command: jobs::JobsCommand,
+    },
     /// Run a demo: make a disk, back it up, change it, back it up again,
     /// compress, verify, restore, compare.
     Demo {
@@ -312,6 +318,7 @@ fn run(cli: Cli) -> Result<()> {
             output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
         }
         Command::Demo { dir } => demo::run(dir, &ctl)?,
+        Command::Jobs { command } => jobs::run(command, json)?,
     }
     Ok(())
 }

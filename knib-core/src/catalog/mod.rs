@@ -26,7 +26,9 @@
 
 #[cfg(feature = "libvirt")]
 pub mod live;
+pub mod jobs;
 pub mod lock;
+pub mod settings;
 pub mod manifest;
 
 use std::collections::BTreeMap;

@@ -40,7 +40,10 @@ pub fn make_disk(path: &Path, size: u64, opts: &[&str]) {
 /// A flattened copy of `disk` as it is now (the reference a restore must match).
 pub fn snapshot(disk: &Path, dest: &Path) {
     QemuImg::new()
-        .convert(&Convert { source: disk.to_path_buf(), dest: dest.to_path_buf(), ..Default::default() }, &Control::new())
+        .convert(
+            &Convert { source: disk.to_path_buf(), dest: dest.to_path_buf(), ..Default::default() },
+            &Control::new(),
+        )
         .expect("reference copy");
 }
 

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests.
 
 pub mod disk;
-pub mod vm;
 pub mod model;
+pub mod vm;

@@ -42,11 +42,7 @@ pub const MIB: u64 = 1 << 20;
 
 /// Whether the libvirt daemon answers (`virsh -c qemu:///system version`).
 pub fn libvirt_available() -> bool {
-    Command::new("virsh")
-        .args(["-c", URI, "version"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("virsh").args(["-c", URI, "version"]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 /// True (after printing why) when the test `test` must be skipped because
@@ -91,28 +87,16 @@ pub struct TestVm {
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 fn unique_name(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('\'', "&apos;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
 
 /// The domain XML of a test VM on `disks` (target, qcow2 file).
 pub fn domain_xml(name: &str, disks: &[(String, PathBuf)], agent_channel: bool) -> String {
-    let kind = if Path::new("/dev/kvm").exists() {
-        "kvm"
-    } else {
-        "qemu"
-    };
+    let kind = if Path::new("/dev/kvm").exists() { "kvm" } else { "qemu" };
     let mut devices = String::new();
     for (target, file) in disks {
         devices.push_str(&format!(
@@ -150,28 +134,12 @@ impl TestVm {
     /// disk per `(target, size in bytes)`, created in `dir` as
     /// `<name>-<target>.qcow2`.
     pub fn start(prefix: &str, disks: &[(&str, u64)], dir: &Path) -> TestVm {
-        Self::create(
-            prefix,
-            disks,
-            dir,
-            TestVmOptions {
-                running: true,
-                ..Default::default()
-            },
-        )
+        Self::create(prefix, disks, dir, TestVmOptions { running: true, ..Default::default() })
     }
 
     /// The same as a persistent domain, defined but not started.
     pub fn define_stopped(prefix: &str, disks: &[(&str, u64)], dir: &Path) -> TestVm {
-        Self::create(
-            prefix,
-            disks,
-            dir,
-            TestVmOptions {
-                persistent: true,
-                ..Default::default()
-            },
-        )
+        Self::create(prefix, disks, dir, TestVmOptions { persistent: true, ..Default::default() })
     }
 
     /// A domain with new qcow2 disks, made as `opts` says.
@@ -204,10 +172,7 @@ impl TestVm {
     /// A domain on existing qcow2 files (target, absolute path), made as
     /// `opts` says; the files are left alone on drop.
     pub fn create_on(prefix: &str, disks: &[(&str, PathBuf)], opts: TestVmOptions) -> TestVm {
-        let files: Vec<(String, PathBuf)> = disks
-            .iter()
-            .map(|(t, f)| (t.to_string(), f.clone()))
-            .collect();
+        let files: Vec<(String, PathBuf)> = disks.iter().map(|(t, f)| (t.to_string(), f.clone())).collect();
         Self::make(unique_name(prefix), &files, opts)
     }
 
@@ -215,9 +180,7 @@ impl TestVm {
         let hv = Hypervisor::open(URI).expect("connect to libvirt");
         let xml = domain_xml(&name, files, opts.agent_channel);
         let vm = if opts.persistent {
-            let vm = hv
-                .define(&xml)
-                .unwrap_or_else(|e| panic!("define {name}: {e}\n{xml}"));
+            let vm = hv.define(&xml).unwrap_or_else(|e| panic!("define {name}: {e}\n{xml}"));
             if opts.running {
                 if let Err(e) = vm.start() {
                     let _ = vm.undefine();
@@ -226,8 +189,7 @@ impl TestVm {
             }
             vm
         } else {
-            hv.create_transient(&xml)
-                .unwrap_or_else(|e| panic!("create {name}: {e}\n{xml}"))
+            hv.create_transient(&xml).unwrap_or_else(|e| panic!("create {name}: {e}\n{xml}"))
         };
         TestVm {
             hv,
@@ -256,30 +218,22 @@ impl TestVm {
 
     /// Start the (persistent, stopped) domain.
     pub fn boot(&self) {
-        self.vm
-            .start()
-            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
+        self.vm.start().unwrap_or_else(|e| panic!("start {}: {e}", self.name));
     }
 
     /// Power the (persistent) domain off.
     pub fn power_off(&self) {
-        self.vm
-            .destroy()
-            .unwrap_or_else(|e| panic!("destroy {}: {e}", self.name));
+        self.vm.destroy().unwrap_or_else(|e| panic!("destroy {}: {e}", self.name));
     }
 
     /// The domain's file disks as libvirt shows them now.
     pub fn disks(&self) -> Vec<DiskInfo> {
-        self.vm
-            .disks()
-            .unwrap_or_else(|e| panic!("disks of {}: {e}", self.name))
+        self.vm.disks().unwrap_or_else(|e| panic!("disks of {}: {e}", self.name))
     }
 
     /// The disk `target` as libvirt shows it now.
     pub fn disk(&self, target: &str) -> DiskInfo {
-        self.vm
-            .disk(target)
-            .unwrap_or_else(|e| panic!("disk {target} of {}: {e}", self.name))
+        self.vm.disk(target).unwrap_or_else(|e| panic!("disk {target} of {}: {e}", self.name))
     }
 
     /// The domain's log file, where QEMU's standard output goes.
@@ -293,32 +247,21 @@ impl TestVm {
     pub fn qemu_io(&self, target: &str, cmd: &str) -> String {
         let _guard = self.io_lock.lock().unwrap_or_else(|e| e.into_inner());
         let disk = self.disk(target);
-        let device = disk.qom_device_path().unwrap_or_else(|| {
-            panic!(
-                "disk {target} of {} has no device alias: is it running?",
-                self.name
-            )
-        });
+        let device = disk
+            .qom_device_path()
+            .unwrap_or_else(|| panic!("disk {target} of {} has no device alias: is it running?", self.name));
         let log = self.log_path();
         let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let hmp = format!("qemu-io -d {device} \"{cmd}\"");
-        let answer =
-            qemu_monitor_command_hmp(&self.vm, &hmp).unwrap_or_else(|e| panic!("{hmp}: {e}"));
+        let answer = qemu_monitor_command_hmp(&self.vm, &hmp).unwrap_or_else(|e| panic!("{hmp}: {e}"));
         assert!(answer.trim().is_empty(), "{hmp} on {}: {answer}", self.name);
         let until = Instant::now() + Duration::from_secs(30);
         loop {
             let bytes = std::fs::read(&log).unwrap_or_default();
-            let from = if (bytes.len() as u64) < start {
-                0
-            } else {
-                start as usize
-            };
+            let from = if (bytes.len() as u64) < start { 0 } else { start as usize };
             let text = String::from_utf8_lossy(&bytes[from..]).into_owned();
             // A command ends with its statistics line, or with `<op> failed: <error>`.
-            if text
-                .lines()
-                .any(|l| l.ends_with("ops/sec)") || l.contains(" failed: "))
-            {
+            if text.lines().any(|l| l.ends_with("ops/sec)") || l.contains(" failed: ")) {
                 return text;
             }
             assert!(

@@ -1,0 +1,285 @@
+//! Settings of a store: `STORE/knib.json`, optional (a missing file means
+//! every default), JSON with a `schema` field (1).
+//!
+//! The keys are CloudStack's global settings, renamed under one prefix;
+//! durations are in seconds (so tests can use small values):
+//!
+//! | key | CloudStack setting | default |
+//! |---|---|---|
+//! | `compression.enabled` | (offering's `compress`; job processing on) | `true` |
+//! | `compression.max_concurrent_per_host` | `backup.compression.max.concurrent.operations.per.host` | `5` |
+//! | `compression.max_retries` | `backup.compression.max.job.retries` | `2` |
+//! | `compression.retry_interval_secs` | `backup.compression.retry.interval` (60 minutes) | `3600` |
+//! | `compression.timeout_secs` | `backup.compression.timeout` (0 = no limit) | `28800` |
+//! | `compression.min_free_factor` | `backup.compression.minimum.free.storage` (x backup size) | `1.0` |
+//! | `compression.coroutines` | `backup.compression.coroutines` (`qemu-img -m`, 1 to 16) | `1` |
+//! | `compression.rate_limit_mbps` | `backup.compression.rate.limit` (MB/s, < 1 = none) | `0` |
+//! | `compression.library` | offering's `compressionlibrary` (`zstd` or `zlib`) | `"zstd"` |
+//!
+//! Keys may be written flat (`{"schema": 1, "compression.max_retries": 3}`)
+//! or nested (`{"schema": 1, "compression": {"max_retries": 3}}`). An unknown
+//! key, a key given twice, a value of the wrong type or out of range is an
+//! [`crate::ErrorKind::InvalidInput`] error naming the key.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::engine::CompressOptions;
+use crate::error::{KnibError, Result};
+use crate::qemu_img::CompressionLibrary;
+
+/// The settings file's name, in the store's directory.
+pub const SETTINGS_FILE: &str = "knib.json";
+
+/// The settings schema this version of knib reads.
+pub const SETTINGS_SCHEMA: u32 = 1;
+
+/// Every key, with the CloudStack setting it stands for.
+pub const SETTING_KEYS: &[(&str, &str)] = &[
+    ("compression.enabled", "offering compress"),
+    ("compression.max_concurrent_per_host", "backup.compression.max.concurrent.operations.per.host"),
+    ("compression.max_retries", "backup.compression.max.job.retries"),
+    ("compression.retry_interval_secs", "backup.compression.retry.interval"),
+    ("compression.timeout_secs", "backup.compression.timeout"),
+    ("compression.min_free_factor", "backup.compression.minimum.free.storage"),
+    ("compression.coroutines", "backup.compression.coroutines"),
+    ("compression.rate_limit_mbps", "backup.compression.rate.limit"),
+    ("compression.library", "offering compressionlibrary"),
+];
+
+/// How compression jobs run (see the module's table for the keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressionSettings {
+    /// Whether `jobs run` runs compression jobs (queued ones wait when not).
+    pub enabled: bool,
+    /// Compression jobs running at once on one host, all runners together.
+    pub max_concurrent_per_host: u32,
+    /// Retries after a failed attempt (so at most `1 + max_retries` attempts).
+    pub max_retries: u32,
+    /// Seconds between a failed attempt and the next.
+    pub retry_interval_secs: u64,
+    /// Time budget of one attempt, in seconds; 0 = no limit.
+    pub timeout_secs: u64,
+    /// Refuse to compress unless the store has this many times the backup
+    /// file's size free.
+    pub min_free_factor: f64,
+    /// qemu-img coroutines (`-m`), 1 to 16.
+    pub coroutines: u32,
+    /// Rate limit in MB/s; 0 = none.
+    pub rate_limit_mbps: u64,
+    /// zstd or zlib (zlib is used for qcow2 v2 files whatever is set).
+    pub library: CompressionLibrary,
+}
+
+impl Default for CompressionSettings {
+    fn default() -> Self {
+        CompressionSettings {
+            enabled: true,
+            max_concurrent_per_host: 5,
+            max_retries: 2,
+            retry_interval_secs: 3600,
+            timeout_secs: 28800,
+            min_free_factor: 1.0,
+            coroutines: 1,
+            rate_limit_mbps: 0,
+            library: CompressionLibrary::Zstd,
+        }
+    }
+}
+
+/// The settings of a store.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Settings {
+    /// Compression jobs.
+    pub compression: CompressionSettings,
+}
+
+fn flatten(prefix: &str, obj: &serde_json::Map<String, Value>, out: &mut Vec<(String, Value)>) {
+    for (k, v) in obj {
+        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match v {
+            Value::Object(inner) if !SETTING_KEYS.iter().any(|(s, _)| *s == key) => flatten(&key, inner, out),
+            _ => out.push((key, v.clone())),
+        }
+    }
+}
+
+impl Settings {
+    /// The settings of the store at `store_root`: its `knib.json`, or the
+    /// defaults when there is none.
+    pub fn load(store_root: &Path) -> Result<Settings> {
+        let path = store_root.join(SETTINGS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Settings::from_json(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+            Err(e) => Err(KnibError::io("cannot read settings", &path, e)),
+        }
+    }
+
+    /// Parse settings; `origin` names the file in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Settings> {
+        let bad = |what: String| KnibError::invalid(format!("settings {origin}: {what}"));
+        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let Value::Object(top) = v else {
+            return Err(bad("must be a JSON object".into()));
+        };
+        match top.get("schema") {
+            Some(s) if s.as_u64() == Some(SETTINGS_SCHEMA as u64) => {}
+            Some(s) => return Err(bad(format!("schema is {s}; this knib reads schema {SETTINGS_SCHEMA}"))),
+            None => return Err(bad(format!("has no \"schema\" field (add \"schema\": {SETTINGS_SCHEMA})"))),
+        }
+        let mut body = top.clone();
+        body.remove("schema");
+        let mut pairs = Vec::new();
+        flatten("", &body, &mut pairs);
+        let mut s = Settings::default();
+        let mut seen: Vec<String> = Vec::new();
+        for (key, value) in pairs {
+            if seen.contains(&key) {
+                return Err(bad(format!("key {key:?} is given twice")));
+            }
+            seen.push(key.clone());
+            let c = &mut s.compression;
+            let type_err = |want: &str| bad(format!("{key} must be {want}, not {value}"));
+            let uint = |max: u64| value.as_u64().filter(|n| *n <= max);
+            match key.as_str() {
+                "compression.enabled" => c.enabled = value.as_bool().ok_or_else(|| type_err("true or false"))?,
+                "compression.max_concurrent_per_host" => {
+                    c.max_concurrent_per_host =
+                        uint(1024).filter(|n| *n >= 1).ok_or_else(|| type_err("a whole number from 1 to 1024"))? as u32
+                }
+                "compression.max_retries" => {
+                    c.max_retries = uint(1_000_000).ok_or_else(|| type_err("a whole number, 0 or more"))? as u32
+                }
+                "compression.retry_interval_secs" => {
+                    c.retry_interval_secs =
+                        uint(u32::MAX as u64).ok_or_else(|| type_err("a number of seconds, 0 or more"))?
+                }
+                "compression.timeout_secs" => {
+                    c.timeout_secs = uint(u32::MAX as u64)
+                        .ok_or_else(|| type_err("a number of seconds, 0 or more (0 = no limit)"))?
+                }
+                "compression.min_free_factor" => {
+                    c.min_free_factor = value
+                        .as_f64()
+                        .filter(|f| f.is_finite() && *f >= 0.0)
+                        .ok_or_else(|| type_err("a number, 0 or more"))?
+                }
+                "compression.coroutines" => {
+                    c.coroutines =
+                        uint(16).filter(|n| *n >= 1).ok_or_else(|| type_err("a whole number from 1 to 16"))? as u32
+                }
+                "compression.rate_limit_mbps" => {
+                    // CloudStack: less than 1 means no limit.
+                    c.rate_limit_mbps =
+                        value.as_i64().ok_or_else(|| type_err("a whole number of MB/s (less than 1 = none)"))?.max(0)
+                            as u64
+                }
+                "compression.library" => {
+                    c.library = value
+                        .as_str()
+                        .ok_or_else(|| type_err("\"zstd\" or \"zlib\""))?
+                        .parse()
+                        .map_err(|_| type_err("\"zstd\" or \"zlib\""))?
+                }
+                _ => {
+                    let known: Vec<&str> = SETTING_KEYS.iter().map(|(k, _)| *k).collect();
+                    return Err(bad(format!("unknown key {key:?} (known keys: schema, {})", known.join(", "))));
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// The settings as the file would hold them (flat keys, every one).
+    pub fn to_json(&self) -> Value {
+        let c = &self.compression;
+        serde_json::json!({
+            "schema": SETTINGS_SCHEMA,
+            "compression.enabled": c.enabled,
+            "compression.max_concurrent_per_host": c.max_concurrent_per_host,
+            "compression.max_retries": c.max_retries,
+            "compression.retry_interval_secs": c.retry_interval_secs,
+            "compression.timeout_secs": c.timeout_secs,
+            "compression.min_free_factor": c.min_free_factor,
+            "compression.coroutines": c.coroutines,
+            "compression.rate_limit_mbps": c.rate_limit_mbps,
+            "compression.library": c.library.as_str(),
+        })
+    }
+
+    /// The compression options of a compression job.
+    pub fn compress_options(&self) -> CompressOptions {
+        let c = &self.compression;
+        CompressOptions {
+            library: c.library,
+            coroutines: c.coroutines,
+            rate_limit_mbps: c.rate_limit_mbps,
+            min_free_factor: c.min_free_factor,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    fn parse(t: &str) -> Result<Settings> {
+        Settings::from_json(t, "knib.json")
+    }
+
+    #[test]
+    fn missing_file_means_defaults() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Settings::load(d.path()).unwrap();
+        assert_eq!(s, Settings::default());
+        let c = &s.compression;
+        assert!(c.enabled);
+        assert_eq!(
+            (c.max_concurrent_per_host, c.max_retries, c.retry_interval_secs, c.timeout_secs),
+            (5, 2, 3600, 28800)
+        );
+        assert_eq!((c.min_free_factor, c.coroutines, c.rate_limit_mbps), (1.0, 1, 0));
+        assert_eq!(c.library, CompressionLibrary::Zstd);
+    }
+
+    #[test]
+    fn flat_and_nested_keys_and_round_trip() {
+        let a = parse(r#"{"schema": 1, "compression.max_retries": 4, "compression.library": "zlib"}"#).unwrap();
+        let b = parse(r#"{"schema": 1, "compression": {"max_retries": 4, "library": "zlib"}}"#).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.compression.max_retries, 4);
+        assert_eq!(a.compression.library, CompressionLibrary::Zlib);
+        assert_eq!(parse(&a.to_json().to_string()).unwrap(), a);
+        assert_eq!(parse(r#"{"schema":1,"compression.rate_limit_mbps":-3}"#).unwrap().compression.rate_limit_mbps, 0);
+    }
+
+    #[test]
+    fn bad_settings_name_the_key() {
+        for (text, needle) in [
+            (r#"{"schema": 1, "compression.max_retires": 3}"#, "compression.max_retires"),
+            (r#"{"schema": 1, "compression": {"colour": 3}}"#, "compression.colour"),
+            (r#"{"schema": 1, "compresion": {"enabled": true}}"#, "compresion.enabled"),
+            (r#"{"schema": 1, "compression.max_retries": "two"}"#, "compression.max_retries"),
+            (r#"{"schema": 1, "compression.enabled": 1}"#, "compression.enabled"),
+            (r#"{"schema": 1, "compression.coroutines": 17}"#, "compression.coroutines"),
+            (r#"{"schema": 1, "compression.max_concurrent_per_host": 0}"#, "compression.max_concurrent_per_host"),
+            (r#"{"schema": 1, "compression.min_free_factor": -1}"#, "compression.min_free_factor"),
+            (r#"{"schema": 1, "compression.library": "lz4"}"#, "compression.library"),
+            (r#"{"schema": 1, "compression.timeout_secs": 1.5}"#, "compression.timeout_secs"),
+            (r#"{"schema": 1, "compression.enabled": true, "compression": {"enabled": false}}"#, "given twice"),
+            (r#"{"compression.enabled": true}"#, "schema"),
+            (r#"{"schema": 2}"#, "schema"),
+            (r#"[1]"#, "object"),
+            (r#"{"schema": 1,"#, "JSON"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{text}");
+            assert!(e.message.contains(needle), "{text}: {e}");
+            assert!(e.message.starts_with("settings knib.json: "), "{e}");
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! Durable compression jobs against the real qemu-img: the concurrency
+//! limit, retries, crash recovery, cancellation, the time budget, the rate
+//! limit and bad job files.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::disk::*;
+use knib_core::catalog::jobs::{run_jobs, Job, JobEvent, JobObserver, JobState, OwnerStatus, RunOptions};
+use knib_core::catalog::{BackupOptions, DiskSpec, Manifest, Store};
+use knib_core::qemu_img::ImageFormat;
+use knib_core::{Control, ErrorKind};
+
+const MIB: u64 = 1 << 20;
+
+/// A store with `knib.json` holding `settings` (flat keys, schema added).
+fn store_with(settings: &str) -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    std::fs::write(store.root().join("knib.json"), format!("{{\"schema\": 1, {settings}}}")).unwrap();
+    (dir, store)
+}
+
+/// One VM with one 32 MiB disk, backed up `writes.len()` times; before each
+/// backup `writes[i]` MiB of pattern `0x10 + i` are written. Returns each
+/// backup with a reference copy of the disk as it was.
+fn backups(store: &Store, work: &Path, vm: &str, writes: &[u64]) -> Vec<(Manifest, PathBuf)> {
+    let disk = work.join(format!("{vm}.qcow2"));
+    make_disk(&disk, 32 * MIB, &[]);
+    let spec = [DiskSpec { name: "root".into(), path: disk.clone() }];
+    let mut out = Vec::new();
+    for (i, mib) in writes.iter().enumerate() {
+        qemu_io(&disk, &format!("write -P 0x{:02x} {}M {mib}M", 0x10 + i, i));
+        let reference = work.join(format!("{vm}-ref{i}.qcow2"));
+        snapshot(&disk, &reference);
+        let m = store.backup(vm, &spec, &BackupOptions::default(), &Control::new()).unwrap();
+        out.push((m, reference));
+    }
+    out
+}
+
+fn restores_identical(store: &Store, id: &str, reference: &Path) {
+    let out = tempfile::tempdir().unwrap();
+    let to = out.path().join("restored.qcow2");
+    store.restore(id, "root", &to, ImageFormat::Qcow2, &Control::new()).unwrap();
+    assert_identical(&to, reference);
+}
+
+/// Every `.comp` file under `dir`.
+fn comp_files(dir: &Path) -> Vec<PathBuf> {
+    tree(dir).into_keys().filter(|p| p.to_string_lossy().ends_with(".comp")).collect()
+}
+
+/// Every event of a run, with the time it came.
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<(Instant, JobEvent)>>,
+    running: Mutex<(usize, usize, HashSet<String>)>,
+}
+
+impl Recorder {
+    /// An observer that records events and, at every start and finish, the
+    /// number of jobs running (and that no two jobs of one VM overlap).
+    fn observer(self: &Arc<Self>) -> JobObserver {
+        let me = self.clone();
+        Arc::new(move |e: &JobEvent| {
+            {
+                let mut r = me.running.lock().unwrap();
+                match e {
+                    JobEvent::Started(j) => {
+                        r.0 += 1;
+                        r.1 = r.1.max(r.0);
+                        assert!(r.2.insert(j.vm.clone()), "two jobs of VM {} at once", j.vm);
+                    }
+                    JobEvent::Finished(j) => {
+                        r.0 -= 1;
+                        r.2.remove(&j.vm);
+                    }
+                    JobEvent::Recovered(_) => {}
+                }
+            }
+            me.events.lock().unwrap().push((Instant::now(), e.clone()));
+        })
+    }
+
+    fn max_running(&self) -> usize {
+        self.running.lock().unwrap().1
+    }
+
+    fn starts(&self) -> Vec<(Instant, Job)> {
+        let ev = self.events.lock().unwrap();
+        ev.iter().filter_map(|(t, e)| if let JobEvent::Started(j) = e { Some((*t, j.clone())) } else { None }).collect()
+    }
+
+    fn finishes(&self) -> Vec<(Instant, Job)> {
+        let ev = self.events.lock().unwrap();
+        ev.iter()
+            .filter_map(|(t, e)| if let JobEvent::Finished(j) = e { Some((*t, j.clone())) } else { None })
+            .collect()
+    }
+}
+
+fn run(store: &Store, rec: &Arc<Recorder>) -> knib_core::Result<knib_core::catalog::jobs::RunSummary> {
+    run_jobs(store, &RunOptions { observer: Some(rec.observer()), ..Default::default() })
+}
+
+#[test]
+fn six_jobs_at_most_two_at_once_all_finish_and_restore_identical() {
+    let (work, store) = store_with(r#""compression.max_concurrent_per_host": 2, "compression.rate_limit_mbps": 4"#);
+    let mut taken = Vec::new();
+    for vm in ["vm1", "vm2", "vm3"] {
+        taken.extend(backups(&store, work.path(), vm, &[2, 2]));
+    }
+    let jobs: Vec<Job> = taken.iter().map(|(m, _)| store.queue_compression(&m.id).unwrap()).collect();
+    assert_eq!(jobs.len(), 6);
+    assert!(jobs.iter().all(|j| j.state == JobState::Queued && j.attempts == 0));
+    let rec = Arc::new(Recorder::default());
+    let summary = run(&store, &rec).unwrap();
+    assert_eq!(rec.max_running(), 2, "never more than 2 at once, and the runner does run 2");
+    let mut done = summary.done.clone();
+    done.sort();
+    let mut ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    ids.sort();
+    assert_eq!(done, ids);
+    assert!(summary.failed.is_empty() && summary.retried.is_empty() && summary.left_queued.is_empty());
+    // Each job ran exactly once.
+    let starts: Vec<String> = rec.starts().into_iter().map(|(_, j)| j.id).collect();
+    assert_eq!(starts.len(), 6);
+    assert_eq!(starts.iter().collect::<HashSet<_>>().len(), 6);
+    for j in store.jobs().unwrap() {
+        assert_eq!(j.state, JobState::Done, "{j:?}");
+        assert!(j.owner.is_none() && j.finished_at.is_some() && j.last_error.is_none());
+    }
+    for (m, reference) in &taken {
+        assert!(store.show(&m.id).unwrap().compression.is_some(), "{} compressed", m.id);
+        restores_identical(&store, &m.id, reference);
+    }
+    assert!(comp_files(store.root()).is_empty());
+}
+
+#[test]
+fn two_runners_never_run_a_job_twice_and_share_the_host_limit() {
+    let (work, store) = store_with(r#""compression.max_concurrent_per_host": 2, "compression.rate_limit_mbps": 4"#);
+    let mut taken = Vec::new();
+    for vm in ["a", "b", "c", "d"] {
+        taken.extend(backups(&store, work.path(), vm, &[2]));
+    }
+    for (m, _) in &taken {
+        store.queue_compression(&m.id).unwrap();
+    }
+    let rec = Arc::new(Recorder::default());
+    let summaries: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..2)
+            .map(|_| {
+                let store = Store::open(store.root()).unwrap();
+                let rec = rec.clone();
+                s.spawn(move || run(&store, &rec).unwrap())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(rec.max_running() <= 2, "the per-host limit holds across runners: {}", rec.max_running());
+    let starts: Vec<String> = rec.starts().into_iter().map(|(_, j)| j.id).collect();
+    assert_eq!(starts.len(), 4, "{starts:?}");
+    assert_eq!(starts.iter().collect::<HashSet<_>>().len(), 4, "no job ran twice: {starts:?}");
+    assert_eq!(summaries.iter().map(|s| s.done.len()).sum::<usize>(), 4);
+    for (m, reference) in &taken {
+        restores_identical(&store, &m.id, reference);
+    }
+}
+
+#[test]
+fn a_failing_job_is_retried_at_the_interval_then_failed_and_the_backup_is_untouched() {
+    // "Disk full": the minimum free space is far more than any disk has.
+    let interval = 1u64;
+    let (work, store) = store_with(&format!(
+        r#""compression.min_free_factor": 1e12, "compression.max_retries": 2, "compression.retry_interval_secs": {interval}"#
+    ));
+    let (m, reference) = backups(&store, work.path(), "vm1", &[4]).pop().unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let before = tree(&store.root().join("vms"));
+    let rec = Arc::new(Recorder::default());
+    let summary = run(&store, &rec).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()]);
+    assert_eq!(summary.retried, vec![job.id.clone(), job.id.clone()]);
+    // 1 attempt + 2 retries, each at least the interval after the last.
+    let starts = rec.starts();
+    assert_eq!(starts.len(), 3);
+    for w in starts.windows(2) {
+        assert!(w[1].0 - w[0].0 >= Duration::from_secs(interval), "retried before the interval");
+    }
+    let finishes = rec.finishes();
+    for (i, (_, j)) in finishes.iter().enumerate() {
+        assert_eq!(j.attempts, i as u32 + 1);
+        assert!(j.last_error.as_deref().unwrap().starts_with("no space: "), "{j:?}");
+        if i < 2 {
+            assert_eq!(j.state, JobState::Queued);
+            assert!(j.next_attempt_at >= j.updated_at + interval, "next attempt at the interval: {j:?}");
+        } else {
+            assert_eq!(j.state, JobState::Failed);
+        }
+    }
+    let j = store.job(&job.id).unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
+    assert!(j.last_error.unwrap().contains("free"));
+    assert_eq!(tree(&store.root().join("vms")), before, "the backup is untouched");
+    assert!(store.show(&m.id).unwrap().compression.is_none());
+    restores_identical(&store, &m.id, &reference);
+}
+
+/// The hostname as the runner records it.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string()
+}
+
+/// Rewrite a job file as a runner that died (or runs elsewhere) left it.
+fn fake_running(store: &Store, id: &str, pid: u32, host: &str, attempts: u32) {
+    let path = store.jobs_dir().join(format!("{id}.json"));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["state"] = "running".into();
+    v["attempts"] = attempts.into();
+    v["owner"] = serde_json::json!({"pid": pid, "hostname": host, "started_at": 1});
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn a_job_of_a_dead_runner_is_taken_back_without_counting_and_its_leftovers_removed() {
+    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let (m, reference) = backups(&store, work.path(), "vm1", &[4]).pop().unwrap();
+    let (other, _) = backups(&store, work.path(), "vm2", &[1]).pop().unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let elsewhere = store.queue_compression(&other.id).unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    // A runner died mid-compression, in its second attempt: a partial .comp.
+    fake_running(&store, &job.id, dead, &hostname(), 1);
+    let comp = PathBuf::from(format!("{}.comp", store.volume_file(&m, "root").unwrap().display()));
+    std::fs::write(&comp, b"half a compressed file").unwrap();
+    // A job held by a runner on another host is not ours to take back.
+    fake_running(&store, &elsewhere.id, std::process::id(), "elsewhere.example", 0);
+    let owners: HashMap<String, OwnerStatus> =
+        store.jobs().unwrap().into_iter().map(|j| (j.id.clone(), j.owner.unwrap().status())).collect();
+    assert_eq!(owners[&job.id], OwnerStatus::Dead);
+    assert_eq!(owners[&elsewhere.id], OwnerStatus::OtherHost);
+
+    let rec = Arc::new(Recorder::default());
+    let summary = run(&store, &rec).unwrap();
+    assert_eq!(summary.recovered, vec![job.id.clone()]);
+    assert_eq!(summary.done, vec![job.id.clone()]);
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(j.state, JobState::Done);
+    assert_eq!(j.attempts, 1, "the interrupted attempt is not counted as a failure");
+    assert!(!comp.exists());
+    assert!(comp_files(store.root()).is_empty());
+    assert!(store.show(&m.id).unwrap().compression.is_some());
+    restores_identical(&store, &m.id, &reference);
+    let e = store.job(&elsewhere.id).unwrap();
+    assert_eq!(e.state, JobState::Running, "left to its own host");
+    assert!(store.show(&other.id).unwrap().compression.is_none());
+}
+
+#[test]
+fn a_job_whose_backup_was_deleted_is_cancelled_and_its_comp_files_removed() {
+    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let chain = backups(&store, work.path(), "vm1", &[2, 1]);
+    let (lone, _) = backups(&store, work.path(), "vm2", &[1]).pop().unwrap();
+    let (b1, b2) = (&chain[0].0, &chain[1].0);
+    let j1 = store.queue_compression(&b1.id).unwrap();
+    let j2 = store.queue_compression(&b2.id).unwrap();
+    let j3 = store.queue_compression(&lone.id).unwrap();
+    // b1 has a child: deleting it keeps its files (marked removed).
+    assert_eq!(store.delete(&b1.id).unwrap().marked_removed, vec![b1.id.clone()]);
+    let comp = PathBuf::from(format!("{}.comp", store.volume_file(b1, "root").unwrap().display()));
+    std::fs::write(&comp, b"leftover").unwrap();
+    // The lone backup goes entirely.
+    assert_eq!(store.delete(&lone.id).unwrap().expunged, vec![lone.id.clone()]);
+    let rec = Arc::new(Recorder::default());
+    let mut summary = run(&store, &rec).unwrap();
+    summary.cancelled.sort();
+    let mut want = vec![j1.id.clone(), j3.id.clone()];
+    want.sort();
+    assert_eq!(summary.cancelled, want);
+    assert_eq!(summary.done, vec![j2.id.clone()]);
+    for id in [&j1.id, &j3.id] {
+        let j = store.job(id).unwrap();
+        assert_eq!(j.state, JobState::Cancelled);
+        assert!(j.last_error.unwrap().contains("was deleted"));
+    }
+    assert!(!comp.exists());
+    assert!(comp_files(store.root()).is_empty());
+    // The removed parent is untouched; its child restores through it.
+    assert!(store.find(&b1.id).unwrap().compression.is_none());
+    restores_identical(&store, &b2.id, &chain[1].1);
+}
+
+/// Wait (without a time assertion) until `path` exists.
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn deleting_a_backup_while_it_compresses_is_refused_busy() {
+    let (work, store) = store_with(r#""compression.rate_limit_mbps": 8"#);
+    let (m, reference) = backups(&store, work.path(), "vm1", &[16]).pop().unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let comp = PathBuf::from(format!("{}.comp", store.volume_file(&m, "root").unwrap().display()));
+    let summary = std::thread::scope(|s| {
+        let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());
+        wait_for(&comp);
+        let e = store.delete(&m.id).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+        assert!(e.message.contains(&format!("compression of {}", m.id)), "{e}");
+        runner.join().unwrap()
+    });
+    assert_eq!(summary.done, vec![job.id]);
+    restores_identical(&store, &m.id, &reference);
+    store.delete(&m.id).unwrap();
+}
+
+#[test]
+fn a_compression_limited_to_n_mb_per_s_takes_at_least_size_over_n() {
+    let n = 8;
+    let (work, store) = store_with(&format!(r#""compression.rate_limit_mbps": {n}"#));
+    let (m, reference) = backups(&store, work.path(), "vm1", &[24]).pop().unwrap();
+    let size = store.volume_file(&m, "root").unwrap().metadata().unwrap().len();
+    store.queue_compression(&m.id).unwrap();
+    let rec = Arc::new(Recorder::default());
+    run(&store, &rec).unwrap();
+    let took = rec.finishes()[0].0 - rec.starts()[0].0;
+    let least = Duration::from_secs_f64(0.8 * size as f64 / (n * MIB) as f64);
+    assert!(took >= least, "{size} bytes at {n} MB/s took {took:?}, less than {least:?}");
+    restores_identical(&store, &m.id, &reference);
+}
+
+#[test]
+fn a_job_over_its_time_budget_fails_with_timeout_and_leaves_nothing() {
+    let (work, store) =
+        store_with(r#""compression.rate_limit_mbps": 2, "compression.timeout_secs": 1, "compression.max_retries": 0"#);
+    let (m, reference) = backups(&store, work.path(), "vm1", &[8]).pop().unwrap();
+    let before = tree(&store.root().join("vms"));
+    let job = store.queue_compression(&m.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()]);
+    let j = store.job(&job.id).unwrap();
+    assert!(j.last_error.as_deref().unwrap().starts_with("timeout: "), "{j:?}");
+    assert_eq!(tree(&store.root().join("vms")), before);
+    restores_identical(&store, &m.id, &reference);
+}
+
+#[test]
+fn a_cancelled_runner_queues_its_job_again_without_counting_it() {
+    let (work, store) = store_with(r#""compression.rate_limit_mbps": 4"#);
+    let (m, reference) = backups(&store, work.path(), "vm1", &[8]).pop().unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let cancel = knib_core::CancelToken::new();
+    let c = cancel.clone();
+    let observer: JobObserver = Arc::new(move |e: &JobEvent| {
+        if matches!(e, JobEvent::Started(_)) {
+            c.cancel();
+        }
+    });
+    let e = run_jobs(&store, &RunOptions { observer: Some(observer), cancel, ..Default::default() }).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+    let j = store.job(&job.id).unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0), "{j:?}");
+    assert!(j.owner.is_none());
+    assert!(comp_files(store.root()).is_empty());
+    assert!(store.show(&m.id).unwrap().compression.is_none());
+    restores_identical(&store, &m.id, &reference);
+}
+
+#[test]
+fn disabled_compression_leaves_jobs_queued_and_no_wait_leaves_retries() {
+    let (work, store) = store_with(r#""compression.enabled": false"#);
+    let (m, _) = backups(&store, work.path(), "vm1", &[1]).pop().unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let s = run_jobs(&store, &RunOptions::default()).unwrap();
+    assert!(s.disabled);
+    assert_eq!(s.left_queued, vec![job.id.clone()]);
+    assert_eq!(store.job(&job.id).unwrap().state, JobState::Queued);
+    // A failure with an hour to wait: --no-wait leaves it queued.
+    std::fs::write(store.root().join("knib.json"), r#"{"schema": 1, "compression": {"min_free_factor": 1e12}}"#)
+        .unwrap();
+    let s = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
+    assert_eq!((s.retried.clone(), s.left_queued.clone()), (vec![job.id.clone()], vec![job.id.clone()]));
+    let j = store.job(&job.id).unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 1));
+    assert!(j.next_attempt_at >= j.updated_at + 3600);
+}
+
+#[test]
+fn queueing_is_refused_for_duplicates_missing_and_compressed_backups() {
+    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let (m, _) = backups(&store, work.path(), "vm1", &[1]).pop().unwrap();
+    assert_eq!(store.queue_compression("20000101-000000000-0000").unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(store.queue_compression("../x").unwrap_err().kind, ErrorKind::InvalidInput);
+    let job = store.queue_compression(&m.id).unwrap();
+    assert!(store.jobs_dir().join(format!("{}.json", job.id)).exists());
+    let e = store.queue_compression(&m.id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains(&job.id) && e.message.contains("queued"), "{e}");
+    run_jobs(&store, &RunOptions::default()).unwrap();
+    let e = store.queue_compression(&m.id).unwrap_err();
+    assert!(e.message.contains("already compressed"), "{e}");
+    assert_eq!(store.job("compress-nope").unwrap_err().kind, ErrorKind::NotFound);
+}
+
+#[test]
+fn bad_job_files_and_bad_settings_are_errors_not_ignored() {
+    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let (m, _) = backups(&store, work.path(), "vm1", &[1]).pop().unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let text = std::fs::read_to_string(store.jobs_dir().join(format!("{}.json", job.id))).unwrap();
+    // A kind this knib does not run (validation comes later).
+    let other = store.jobs_dir().join("validate-1.json");
+    let v = text.replace(&job.id, "validate-1").replace("\"compress\"", "\"validate\"");
+    std::fs::write(&other, &v).unwrap();
+    for e in [store.jobs().unwrap_err(), run_jobs(&store, &RunOptions::default()).unwrap_err()] {
+        assert_eq!(e.kind, ErrorKind::Corrupt);
+        assert!(e.message.contains("validate-1.json") && e.message.contains("\"validate\""), "{e}");
+    }
+    assert_eq!(store.job(&job.id).unwrap().state, JobState::Queued, "nothing ran");
+    // An unknown field.
+    let v = text.replace(&job.id, "validate-1").replace("\"attempts\"", "\"colour\": 1, \"attempts\"");
+    std::fs::write(&other, &v).unwrap();
+    let e = store.jobs().unwrap_err();
+    assert!(e.message.contains("colour"), "{e}");
+    std::fs::remove_file(&other).unwrap();
+    // Settings: an unknown key, a bad type.
+    let settings: BTreeMap<&str, &str> = [
+        (r#"{"schema": 1, "compression.max_concurent_per_host": 2}"#, "compression.max_concurent_per_host"),
+        (r#"{"schema": 1, "compression": {"rate_limit_mbps": "fast"}}"#, "compression.rate_limit_mbps"),
+    ]
+    .into_iter()
+    .collect();
+    for (text, key) in settings {
+        std::fs::write(store.root().join("knib.json"), text).unwrap();
+        let e = run_jobs(&store, &RunOptions::default()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains(key), "{e}");
+    }
+    assert_eq!(store.job(&job.id).unwrap().state, JobState::Queued);
+}
