@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Subcommand;
 use knib_core::catalog::jobs::{run_jobs, Job, JobEvent, JobState, OwnerStatus, RunOptions};
 use knib_core::catalog::Store;
-use knib_core::Result;
+use knib_core::{ErrorKind, KnibError, Result};
 use serde_json::{json, Value};
 
 use crate::output;
@@ -128,6 +128,25 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                 )
             };
             output::say(json, &json!(summary), &text);
+            // A scheduler (cron) must notice jobs that failed for good.
+            if !summary.failed.is_empty() {
+                let first = store.job(&summary.failed[0]).ok().and_then(|j| j.last_error).unwrap_or_default();
+                let kind = if first.starts_with("no space") {
+                    ErrorKind::NoSpace
+                } else if first.starts_with("timeout") {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::ImageTool
+                };
+                return Err(KnibError::new(
+                    kind,
+                    format!(
+                        "{} job(s) failed: {}; see `knib jobs list`",
+                        summary.failed.len(),
+                        summary.failed.join(", ")
+                    ),
+                ));
+            }
         }
     }
     Ok(())

@@ -116,3 +116,26 @@ fn demo_runs_to_the_end_and_says_what_it_did() {
     assert_eq!(text.matches("identical to the disk at that backup").count(), 6, "{text}");
     assert!(text.contains("demo finished"), "{text}");
 }
+
+#[test]
+fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let a = d.path().join("a.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(&a), "8M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 1M", s(&a)]);
+    let da = format!("a={}", s(&a));
+    let b = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "v", "--disk", &da]);
+    std::fs::write(
+        store.join("knib.json"),
+        r#"{"schema": 1, "compression.max_retries": 0, "compression.min_free_factor": 1e12}"#,
+    )
+    .unwrap();
+    let out = knib(&["jobs", "queue", "--store", s(&store), b["id"].as_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = knib(&["jobs", "run", "--store", s(&store)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(14), "{err}");
+    assert!(err.contains("1 job(s) failed"), "{err}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 done, 1 failed"));
+}
