@@ -21,6 +21,7 @@ pub mod libvirt;
 pub mod names;
 pub mod process;
 pub mod progress;
+pub mod qcow2;
 pub mod qemu_img;
 
 pub use error::{ErrorKind, KnibError, Result};

@@ -1,0 +1,257 @@
+//! A qcow2 image and its backing files, read as the guest sees the top.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::header::MAGIC;
+use super::image::{file_size, Qcow2Image};
+use crate::error::{KnibError, Result};
+
+/// The most files a chain may have (the top included).
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// A raw file used as a backing file: its bytes are its guest content and
+/// its length its virtual size.
+#[derive(Debug)]
+pub struct RawImage {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl RawImage {
+    /// Open the raw file at `path` read-only.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| KnibError::io("open raw image", path, e))?;
+        let len = file_size(&file).map_err(|e| KnibError::io("size raw image", path, e))?;
+        Ok(RawImage { path: path.to_path_buf(), file, len })
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its virtual size: the file's (or block device's) length when opened.
+    pub fn virtual_size(&self) -> u64 {
+        self.len
+    }
+
+    /// Read bytes `offset..offset + buf.len()`; bytes past the end of the
+    /// file (should it shrink) read as zeros.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Qcow2Image::check_range(|| format!("raw image {}", self.path.display()), self.len, offset, buf.len())?;
+        let mut done = 0;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(KnibError::io("read raw image", &self.path, e)),
+            }
+        }
+        buf[done..].fill(0);
+        Ok(())
+    }
+}
+
+/// One file of a [`Chain`].
+#[derive(Debug)]
+pub enum Layer {
+    /// A qcow2 file.
+    Qcow2(Box<Qcow2Image>),
+    /// A raw file (only as a backing file).
+    Raw(RawImage),
+}
+
+impl Layer {
+    /// The layer's virtual size.
+    pub fn virtual_size(&self) -> u64 {
+        match self {
+            Layer::Qcow2(i) => i.virtual_size(),
+            Layer::Raw(r) => r.virtual_size(),
+        }
+    }
+
+    /// The path the layer was opened from (`None` for an in-memory image).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Layer::Qcow2(i) => i.path(),
+            Layer::Raw(r) => Some(r.path()),
+        }
+    }
+}
+
+/// A qcow2 image with its backing chain, read as the guest sees the top.
+///
+/// The top's unallocated clusters read from its backing file, and so on
+/// down; bytes past a backing file's end (a backing file shorter than the
+/// image above it) and unallocated clusters of the last file read as zeros.
+#[derive(Debug)]
+pub struct Chain {
+    top: Qcow2Image,
+    /// The backing files, nearest first.
+    backing: Vec<Layer>,
+}
+
+impl Chain {
+    /// Open the qcow2 image at `top` and its backing files, at most
+    /// [`MAX_CHAIN_DEPTH`] files.
+    ///
+    /// A relative backing name is resolved against the directory of the
+    /// image that names it. The backing format comes from the image's
+    /// backing format extension ("qcow2" or "raw"; others are refused), or
+    /// is probed from the file's magic when there is none.
+    ///
+    /// Errors: [`crate::ErrorKind::NotFound`] for a missing backing file;
+    /// [`crate::ErrorKind::Corrupt`] for a chain that loops or is deeper
+    /// than the limit, and for any image that [`Qcow2Image::open`] refuses
+    /// as corrupt; [`crate::ErrorKind::InvalidInput`] for an unsupported
+    /// backing format or protocol.
+    pub fn open(top: &Path) -> Result<Self> {
+        Self::open_with_depth(top, MAX_CHAIN_DEPTH)
+    }
+
+    /// [`Chain::open`] with a chain of at most `max_depth` files.
+    pub fn open_with_depth(top: &Path, max_depth: usize) -> Result<Self> {
+        let mut layers = Vec::new();
+        // Files seen, by device and inode (so symlinks and hard links count).
+        let mut seen: HashSet<(u64, u64)> = HashSet::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut path = top.to_path_buf();
+        let mut format = Some("qcow2".to_string());
+        loop {
+            let meta = std::fs::metadata(&path).map_err(|e| match names.last() {
+                Some(parent) => {
+                    KnibError::io("open backing file", &path, e).context(format!("backing chain of {parent}"))
+                }
+                None => KnibError::io("open qcow2 image", &path, e),
+            })?;
+            names.push(path.display().to_string());
+            if !seen.insert((meta.dev(), meta.ino())) {
+                return Err(KnibError::corrupt(format!("backing chain loops: {}", names.join(" -> "))));
+            }
+            if layers.len() >= max_depth {
+                return Err(KnibError::corrupt(format!(
+                    "backing chain of {} is deeper than {max_depth} files",
+                    top.display()
+                )));
+            }
+            let fmt = match format.take() {
+                Some(f) => f,
+                None => probe(&path)?,
+            };
+            let layer = match fmt.as_str() {
+                "qcow2" => Layer::Qcow2(Box::new(Qcow2Image::open(&path)?)),
+                "raw" => Layer::Raw(RawImage::open(&path)?),
+                other => {
+                    return Err(KnibError::invalid(format!(
+                        "backing file {} has format \"{other}\": only qcow2 and raw are supported",
+                        path.display()
+                    )))
+                }
+            };
+            let next = match &layer {
+                Layer::Qcow2(img) => {
+                    img.header().backing_file.clone().map(|name| (name, img.header().backing_format.clone()))
+                }
+                Layer::Raw(_) => None,
+            };
+            layers.push(layer);
+            let Some((name, backing_format)) = next else { break };
+            if name.starts_with("json:") || name.contains("://") {
+                return Err(KnibError::invalid(format!(
+                    "{}: backing file \"{name}\" is not a plain file name (protocols are not supported)",
+                    path.display()
+                )));
+            }
+            let named = Path::new(&name);
+            path = if named.is_absolute() {
+                named.to_path_buf()
+            } else {
+                path.parent().map(|d| d.join(named)).unwrap_or_else(|| named.to_path_buf())
+            };
+            format = backing_format;
+        }
+        let mut layers = layers.into_iter();
+        match layers.next() {
+            Some(Layer::Qcow2(top)) => Ok(Chain { top: *top, backing: layers.collect() }),
+            _ => Err(KnibError::internal(format!("chain of {} has no qcow2 top", top.display()))),
+        }
+    }
+
+    /// The top image (its header, its own [`Qcow2Image::cluster_state`]).
+    pub fn top(&self) -> &Qcow2Image {
+        &self.top
+    }
+
+    /// The top image, mutable (lookups fill its L2 cache).
+    pub fn top_mut(&mut self) -> &mut Qcow2Image {
+        &mut self.top
+    }
+
+    /// The backing files, nearest first.
+    pub fn backing(&self) -> &[Layer] {
+        &self.backing
+    }
+
+    /// Number of files in the chain, the top included.
+    pub fn depth(&self) -> usize {
+        1 + self.backing.len()
+    }
+
+    /// The top's virtual size: the guest-visible size.
+    pub fn virtual_size(&self) -> u64 {
+        self.top.virtual_size()
+    }
+
+    /// Read guest-visible bytes `offset..offset + buf.len()` of the top.
+    ///
+    /// Errors: [`crate::ErrorKind::InvalidInput`] when the range goes past
+    /// the virtual size; [`crate::ErrorKind::Corrupt`] when a structure that
+    /// the read uses is damaged (the error names the file).
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let backing = &mut self.backing;
+        self.top.read_with(offset, buf, &mut |o, b| read_layers(backing, o, b))
+    }
+}
+
+/// Read `buf` at `offset` of `layers[0]`, its unallocated parts from the
+/// rest; the part past a layer's virtual size reads as zeros.
+fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> Result<()> {
+    let Some((first, rest)) = layers.split_first_mut() else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let size = first.virtual_size();
+    let within = if offset >= size { 0 } else { (size - offset).min(buf.len() as u64) as usize };
+    let (inside, past) = buf.split_at_mut(within);
+    past.fill(0);
+    if inside.is_empty() {
+        return Ok(());
+    }
+    match first {
+        Layer::Qcow2(img) => img.read_with(offset, inside, &mut |o, b| read_layers(rest, o, b)),
+        Layer::Raw(raw) => raw.read_at(offset, inside),
+    }
+}
+
+/// The format of a backing file named without one: qcow2 by its magic,
+/// else raw.
+fn probe(path: &Path) -> Result<String> {
+    let file = File::open(path).map_err(|e| KnibError::io("open backing file", path, e))?;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match file.read_at(&mut magic[got..], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(KnibError::io("read backing file", path, e)),
+        }
+    }
+    Ok(if got == 4 && magic == MAGIC { "qcow2" } else { "raw" }.to_string())
+}

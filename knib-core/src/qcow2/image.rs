@@ -1,0 +1,571 @@
+//! One qcow2 file: its L1 table, an L2 table cache, cluster lookups, and
+//! reads of its own guest-visible data (unallocated clusters handed to a
+//! caller-supplied filler: zeros, or the backing chain).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::header::{header_prefix_len, CompressionType, Header};
+use crate::error::{KnibError, Result};
+
+/// Bits 9-55 of an L1 or standard L2 entry: a cluster-aligned host offset.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry: 0-8 and 56-62.
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard L2 entry: 1-8 and 56-61.
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// L2 entry bit 62: compressed cluster.
+const L2_COMPRESSED: u64 = 1 << 62;
+/// L2 entry bit 63: "copied" (refcount exactly one); ignored for reading.
+const COPIED: u64 = 1 << 63;
+/// Standard cluster descriptor bit 0: reads as zeros (v3).
+const L2_ZERO: u64 = 1;
+/// zstd frames may not ask for a window over 8 MiB (a cluster is at most 2 MiB).
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+/// The L2 cache holds about this many bytes of tables.
+const L2_CACHE_BYTES: u64 = 4 << 20;
+/// ... and between these many tables.
+const L2_CACHE_MIN: usize = 2;
+const L2_CACHE_MAX: usize = 64;
+
+/// Where one guest cluster of ONE image (its backing file not consulted)
+/// gets its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClusterState {
+    /// Not allocated in this image: it reads from the backing file, or as
+    /// zeros when there is none (or the backing file is shorter).
+    Unallocated,
+    /// Reads as zeros (the v3 zero flag), whatever the backing file holds.
+    Zero,
+    /// Stored uncompressed at this cluster-aligned offset of the file.
+    Data {
+        /// Offset of the cluster in the image file.
+        host_offset: u64,
+    },
+    /// Stored compressed at this (unaligned) offset of the file.
+    Compressed {
+        /// Offset of the compressed data in the image file.
+        host_offset: u64,
+        /// Bytes from `host_offset` to the end of the last 512-byte sector
+        /// the descriptor covers: an upper bound of the compressed data's
+        /// length (the data may end earlier in that sector).
+        compressed_len: u64,
+    },
+}
+
+/// The bytes an image is read from: a file, or memory (for tests and fuzzing).
+#[derive(Debug)]
+enum Storage {
+    File(File),
+    Memory(Vec<u8>),
+}
+
+impl Storage {
+    /// Fill `buf` from `offset`; bytes past the end of the storage read as
+    /// zeros. Returns how many bytes came from the storage.
+    fn read_zero_fill(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Storage::Memory(data) => {
+                let start = usize::try_from(offset).unwrap_or(usize::MAX).min(data.len());
+                let n = (data.len() - start).min(buf.len());
+                buf[..n].copy_from_slice(&data[start..start + n]);
+                buf[n..].fill(0);
+                Ok(n)
+            }
+            Storage::File(f) => {
+                let mut done = 0;
+                while done < buf.len() {
+                    match f.read_at(&mut buf[done..], offset + done as u64) {
+                        Ok(0) => break,
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                buf[done..].fill(0);
+                Ok(done)
+            }
+        }
+    }
+}
+
+/// The size of an open file or block device (whose metadata says 0).
+pub(crate) fn file_size(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(std::io::SeekFrom::End(0))
+}
+
+/// An LRU cache of decoded L2 tables, keyed by their file offset.
+#[derive(Debug)]
+struct L2Cache {
+    slots: Vec<(u64, Vec<u64>, u64)>,
+    capacity: usize,
+    clock: u64,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the tables or the in-memory bytes: they can be large.
+        f.debug_struct("Qcow2Image")
+            .field("name", &self.name)
+            .field("file_len", &self.file_len)
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One qcow2 file opened for reading.
+///
+/// It reads the guest-visible bytes the file itself holds; unallocated
+/// clusters read as zeros through [`Qcow2Image::read_at`], and come from
+/// the backing chain through [`super::Chain`]. Every lookup checks the
+/// entries it uses (see the module documentation); a violation is a
+/// [`crate::ErrorKind::Corrupt`] error naming the file.
+pub struct Qcow2Image {
+    name: String,
+    path: Option<PathBuf>,
+    storage: Storage,
+    file_len: u64,
+    header: Header,
+    /// The active L1 entries that cover the virtual size.
+    l1: Vec<u64>,
+    l2_cache: L2Cache,
+    /// The last decompressed cluster: (host offset, cluster bytes).
+    decompressed: Option<(u64, Vec<u8>)>,
+    compressed_buf: Vec<u8>,
+    inflater: Option<flate2::Decompress>,
+    zstd: Option<ZstdDecoder>,
+}
+
+/// A zstd streaming decoder (opaque so that the image stays `Debug`).
+struct ZstdDecoder(zstd::stream::raw::Decoder<'static>);
+
+impl std::fmt::Debug for ZstdDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ZstdDecoder")
+    }
+}
+
+impl Qcow2Image {
+    /// Open the qcow2 file at `path` read-only and check its header and L1
+    /// table. A dirty image opens (reads are correct) with a warning logged.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| KnibError::io("open qcow2 image", path, e))?;
+        let file_len = file_size(&file).map_err(|e| KnibError::io("size qcow2 image", path, e))?;
+        let mut img = Self::from_storage(path.display().to_string(), Storage::File(file), file_len)?;
+        img.path = Some(path.to_path_buf());
+        Ok(img)
+    }
+
+    /// Open an image held in memory; `name` is used in error messages. The
+    /// same checks as [`Qcow2Image::open`]: for tests and fuzzing.
+    pub fn from_bytes(name: impl Into<String>, data: Vec<u8>) -> Result<Self> {
+        let len = data.len() as u64;
+        Self::from_storage(name.into(), Storage::Memory(data), len)
+    }
+
+    fn from_storage(name: String, storage: Storage, file_len: u64) -> Result<Self> {
+        let io = |e: std::io::Error| KnibError::new(crate::ErrorKind::Io, format!("read qcow2 image {name}: {e}"));
+        let mut start = [0u8; 24];
+        let got = storage.read_zero_fill(0, &mut start).map_err(io)?;
+        let mut prefix = vec![0u8; header_prefix_len(&start[..got], file_len)];
+        let got = storage.read_zero_fill(0, &mut prefix).map_err(io)?;
+        prefix.truncate(got);
+        let header = Header::parse(&name, &prefix, file_len)?;
+        drop(prefix);
+        if header.is_dirty() {
+            log::warn!("qcow2 image {name} is marked dirty (not closed cleanly); reading it anyway");
+        }
+        if header.is_marked_corrupt() {
+            log::warn!("qcow2 image {name} is marked corrupt by QEMU; reading it with every entry checked");
+        }
+
+        // The L1 entries covering the virtual size (Header::parse checked
+        // that there are that many and that the whole table is in the file).
+        let span = header.cluster_size() * header.l2_entries();
+        let needed = header.size.div_ceil(span) as usize; // <= 4 Mi entries
+        let mut raw = vec![0u8; needed * 8];
+        let got = storage.read_zero_fill(header.l1_table_offset, &mut raw).map_err(io)?;
+        if got < raw.len() {
+            return Err(KnibError::corrupt(format!(
+                "qcow2 image {name}: L1 table is cut short by the end of the file"
+            )));
+        }
+        let l1 = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+
+        let capacity = ((L2_CACHE_BYTES >> header.cluster_bits) as usize).clamp(L2_CACHE_MIN, L2_CACHE_MAX);
+        Ok(Qcow2Image {
+            name,
+            path: None,
+            storage,
+            file_len,
+            header,
+            l1,
+            l2_cache: L2Cache { slots: Vec::new(), capacity, clock: 0 },
+            decompressed: None,
+            compressed_buf: Vec::new(),
+            inflater: None,
+            zstd: None,
+        })
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The path it was opened from (`None` for an in-memory image).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The name used in error messages (the path, or the in-memory name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Virtual (guest-visible) size in bytes.
+    pub fn virtual_size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.header.cluster_size()
+    }
+
+    /// Number of guest clusters (the last may extend past the virtual size).
+    pub fn guest_clusters(&self) -> u64 {
+        self.header.guest_clusters()
+    }
+
+    /// Length of the image file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Whether the image is marked dirty (see [`Header::is_dirty`]).
+    pub fn is_dirty(&self) -> bool {
+        self.header.is_dirty()
+    }
+
+    fn corrupt(&self, what: impl std::fmt::Display) -> KnibError {
+        KnibError::corrupt(format!("qcow2 image {}: {what}", self.name))
+    }
+
+    fn io_err(&self, e: std::io::Error) -> KnibError {
+        KnibError::new(crate::ErrorKind::Io, format!("read qcow2 image {}: {e}", self.name))
+    }
+
+    /// Where guest cluster `index` (guest offset `index * cluster_size`)
+    /// gets its data in this image alone.
+    ///
+    /// Errors: [`crate::ErrorKind::InvalidInput`] for an index at or past
+    /// [`Qcow2Image::guest_clusters`]; [`crate::ErrorKind::Corrupt`] for a
+    /// bad L1 or L2 entry (reserved bits, misaligned or out-of-file offsets,
+    /// a zero flag in a v2 image, a compressed range past the end of file).
+    pub fn cluster_state(&mut self, index: u64) -> Result<ClusterState> {
+        if index >= self.guest_clusters() {
+            return Err(KnibError::invalid(format!(
+                "qcow2 image {}: guest cluster {index} is past the virtual size ({} clusters)",
+                self.name,
+                self.guest_clusters()
+            )));
+        }
+        let l2_entries = self.header.l2_entries();
+        let l1_index = (index / l2_entries) as usize; // < l1.len() by the check above
+        let l2_index = (index % l2_entries) as usize;
+        let Some(&l1e) = self.l1.get(l1_index) else {
+            return Err(self.corrupt(format!("no L1 entry for guest cluster {index}")));
+        };
+        let l2_offset = self.check_l1_entry(l1_index, l1e)?;
+        if l2_offset == 0 {
+            return Ok(ClusterState::Unallocated);
+        }
+        let entry = self.l2_entry(l2_offset, l2_index)?;
+        self.decode_l2_entry(index, entry)
+    }
+
+    /// The L2 table offset of L1 entry `i` (0: none), checked.
+    fn check_l1_entry(&self, i: usize, e: u64) -> Result<u64> {
+        if e & L1_RESERVED != 0 {
+            return Err(self.corrupt(format!("L1 entry {i} ({e:#018x}) has reserved bits set")));
+        }
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        let cs = self.cluster_size();
+        if !off.is_multiple_of(cs) {
+            return Err(self.corrupt(format!("L1 entry {i}: L2 table offset {off} is not cluster aligned")));
+        }
+        if off < cs || off.saturating_add(cs) > self.file_len {
+            return Err(self.corrupt(format!(
+                "L1 entry {i}: L2 table at {off} is in the header cluster or past the end of the file ({} bytes)",
+                self.file_len
+            )));
+        }
+        Ok(off)
+    }
+
+    /// Entry `i` of the L2 table at `off` (checked to be in the file).
+    fn l2_entry(&mut self, off: u64, i: usize) -> Result<u64> {
+        self.l2_cache.clock += 1;
+        let clock = self.l2_cache.clock;
+        if let Some(slot) = self.l2_cache.slots.iter_mut().find(|s| s.0 == off) {
+            slot.2 = clock;
+            return Ok(slot.1.get(i).copied().unwrap_or(0));
+        }
+        let mut raw = vec![0u8; self.cluster_size() as usize];
+        let got = self.storage.read_zero_fill(off, &mut raw).map_err(|e| self.io_err(e))?;
+        if got < raw.len() {
+            return Err(self.corrupt(format!("L2 table at {off} is cut short by the end of the file")));
+        }
+        let table: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let value = table.get(i).copied().unwrap_or(0);
+        if self.l2_cache.slots.len() < self.l2_cache.capacity {
+            self.l2_cache.slots.push((off, table, clock));
+        } else if let Some(lru) = self.l2_cache.slots.iter_mut().min_by_key(|s| s.2) {
+            *lru = (off, table, clock);
+        }
+        Ok(value)
+    }
+
+    fn decode_l2_entry(&self, index: u64, e: u64) -> Result<ClusterState> {
+        let cs = self.cluster_size();
+        if e & L2_COMPRESSED != 0 {
+            // x = 62 - (cluster_bits - 8) bits of offset, then the count of
+            // additional 512-byte sectors up to bit 61.
+            let x = 62 - (self.header.cluster_bits - 8);
+            let host_offset = e & ((1u64 << x) - 1);
+            let extra_sectors = (e >> x) & ((1u64 << (62 - x)) - 1);
+            if host_offset >> 56 != 0 {
+                return Err(self.corrupt(format!(
+                    "L2 entry for guest cluster {index} ({e:#018x}): compressed offset {host_offset} is over 2^56"
+                )));
+            }
+            let end = (host_offset & !511) + (extra_sectors + 1) * 512;
+            let compressed_len = end - host_offset;
+            // The last sector may overhang the end of the file (QEMU writes
+            // only the compressed bytes), by less than one sector.
+            if host_offset < cs || host_offset >= self.file_len || end > self.file_len.div_ceil(512) * 512 {
+                return Err(self.corrupt(format!(
+                    "L2 entry for guest cluster {index}: compressed data at {host_offset} ({compressed_len} bytes) \
+                     is in the header cluster or past the end of the file ({} bytes)",
+                    self.file_len
+                )));
+            }
+            return Ok(ClusterState::Compressed { host_offset, compressed_len });
+        }
+        if e & L2_RESERVED != 0 {
+            return Err(self.corrupt(format!("L2 entry for guest cluster {index} ({e:#018x}) has reserved bits set")));
+        }
+        if e & L2_ZERO != 0 {
+            if self.header.version < 3 {
+                return Err(self.corrupt(format!(
+                    "L2 entry for guest cluster {index} has the zero flag, which version 2 images cannot have"
+                )));
+            }
+            return Ok(ClusterState::Zero);
+        }
+        let host_offset = e & OFFSET_MASK;
+        if host_offset == 0 {
+            if e & COPIED != 0 {
+                return Err(self.corrupt(format!(
+                    "L2 entry for guest cluster {index} maps host offset 0 (only valid with an external data file)"
+                )));
+            }
+            return Ok(ClusterState::Unallocated);
+        }
+        if !host_offset.is_multiple_of(cs) {
+            return Err(self.corrupt(format!(
+                "L2 entry for guest cluster {index}: data offset {host_offset} is not cluster aligned"
+            )));
+        }
+        // A data cluster starts inside the file; a tail past the end of the
+        // file reads as zeros (as QEMU reads it).
+        if host_offset < cs || host_offset >= self.file_len {
+            return Err(self.corrupt(format!(
+                "L2 entry for guest cluster {index}: data cluster at {host_offset} is in the header cluster or \
+                 past the end of the file ({} bytes)",
+                self.file_len
+            )));
+        }
+        Ok(ClusterState::Data { host_offset })
+    }
+
+    /// Read guest bytes `offset..offset + buf.len()` of this image alone:
+    /// unallocated clusters read as zeros (the backing file is NOT read; use
+    /// [`super::Chain`] for that).
+    ///
+    /// Errors: [`crate::ErrorKind::InvalidInput`] when the range goes past the
+    /// virtual size; [`crate::ErrorKind::Corrupt`] as [`Qcow2Image::cluster_state`],
+    /// or for compressed data that does not decompress to a whole cluster.
+    pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_with(offset, buf, &mut |_, b| {
+            b.fill(0);
+            Ok(())
+        })
+    }
+
+    /// Check that `offset..offset + len` is inside the virtual size `size`
+    /// of the image that `name` (called only on error) names.
+    pub(crate) fn check_range(name: impl Fn() -> String, size: u64, offset: u64, len: usize) -> Result<()> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(KnibError::invalid(format!(
+                "{}: read of {len} bytes at {offset} goes past the virtual size {size}",
+                name()
+            ))),
+        }
+    }
+
+    /// Like [`Qcow2Image::read_at`], with unallocated runs filled by
+    /// `unallocated(guest_offset, buf)`.
+    pub(crate) fn read_with(
+        &mut self,
+        offset: u64,
+        buf: &mut [u8],
+        unallocated: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        Self::check_range(|| format!("qcow2 image {}", self.name), self.virtual_size(), offset, buf.len())?;
+        let cs = self.cluster_size();
+        let bits = self.header.cluster_bits;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let index = pos >> bits;
+            let in_cluster = pos & (cs - 1);
+            let remaining = buf.len() - done;
+            let state = self.cluster_state(index)?;
+            let mut len = ((cs - in_cluster) as usize).min(remaining);
+            // Extend the run over following clusters of the same kind (and,
+            // for data, contiguous in the file), to read them in one go.
+            if !matches!(state, ClusterState::Compressed { .. }) {
+                let mut next = index + 1;
+                while len < remaining {
+                    let follows = match (state, self.cluster_state(next)?) {
+                        (ClusterState::Unallocated, ClusterState::Unallocated) => true,
+                        (ClusterState::Zero, ClusterState::Zero) => true,
+                        (ClusterState::Data { host_offset: a }, ClusterState::Data { host_offset: b }) => {
+                            Some(b) == a.checked_add((next - index) << bits)
+                        }
+                        _ => false,
+                    };
+                    if !follows {
+                        break;
+                    }
+                    len += (cs as usize).min(remaining - len);
+                    next += 1;
+                }
+            }
+            let out = &mut buf[done..done + len];
+            match state {
+                ClusterState::Unallocated => unallocated(pos, out)?,
+                ClusterState::Zero => out.fill(0),
+                ClusterState::Data { host_offset } => {
+                    self.storage.read_zero_fill(host_offset + in_cluster, out).map_err(|e| self.io_err(e))?;
+                }
+                ClusterState::Compressed { host_offset, compressed_len } => {
+                    let data = self.decompress(index, host_offset, compressed_len)?;
+                    let start = in_cluster as usize;
+                    out.copy_from_slice(&data[start..start + len]);
+                }
+            }
+            done += len;
+        }
+        Ok(())
+    }
+
+    /// The decompressed bytes (one whole cluster) of the compressed cluster
+    /// at `host_offset`; the last one is cached.
+    fn decompress(&mut self, index: u64, host_offset: u64, compressed_len: u64) -> Result<&[u8]> {
+        let cs = self.cluster_size() as usize;
+        let cached = matches!(&self.decompressed, Some((off, _)) if *off == host_offset);
+        if !cached {
+            // compressed_len <= 2 * cluster size (the sector count has
+            // cluster_bits - 8 bits), so this buffer is bounded.
+            let avail = compressed_len.min(self.file_len.saturating_sub(host_offset)) as usize;
+            let mut input = std::mem::take(&mut self.compressed_buf);
+            input.resize(avail, 0);
+            let got = self.storage.read_zero_fill(host_offset, &mut input).map_err(|e| self.io_err(e))?;
+            input.truncate(got);
+            let mut out = match self.decompressed.take() {
+                Some((_, v)) => v,
+                None => Vec::new(),
+            };
+            out.resize(cs, 0);
+            let r = match self.header.compression_type {
+                CompressionType::Zlib => self.inflate(&input, &mut out),
+                CompressionType::Zstd => self.unzstd(&input, &mut out),
+            };
+            self.compressed_buf = input;
+            if let Err(what) = r {
+                return Err(self.corrupt(format!(
+                    "compressed cluster for guest cluster {index} at {host_offset} ({}): {what}",
+                    self.header.compression_type.as_str()
+                )));
+            }
+            self.decompressed = Some((host_offset, out));
+        }
+        match &self.decompressed {
+            Some((_, data)) => Ok(data),
+            None => Err(KnibError::internal("decompressed cluster cache is empty")),
+        }
+    }
+
+    /// Raw deflate `input` until `out` is full.
+    fn inflate(&mut self, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+        let d = self.inflater.get_or_insert_with(|| flate2::Decompress::new(false));
+        d.reset(false);
+        loop {
+            let (in_before, out_before) = (d.total_in() as usize, d.total_out() as usize);
+            let status = d
+                .decompress(&input[in_before..], &mut out[out_before..], flate2::FlushDecompress::None)
+                .map_err(|e| format!("bad deflate data: {e}"))?;
+            let (in_now, out_now) = (d.total_in() as usize, d.total_out() as usize);
+            if out_now == out.len() {
+                return Ok(());
+            }
+            if status == flate2::Status::StreamEnd {
+                return Err(format!("decompresses to {out_now} bytes, not a whole cluster of {}", out.len()));
+            }
+            if in_now == in_before && out_now == out_before {
+                return Err(format!("deflate data ends early (after {out_now} of {} bytes)", out.len()));
+            }
+        }
+    }
+
+    /// Decode the zstd frame at the start of `input` until `out` is full.
+    fn unzstd(&mut self, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+        use zstd::stream::raw::{DParameter, Decoder, Operation};
+        if self.zstd.is_none() {
+            let mut d = Decoder::new().map_err(|e| format!("zstd decoder: {e}"))?;
+            d.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX)).map_err(|e| format!("zstd decoder: {e}"))?;
+            self.zstd = Some(ZstdDecoder(d));
+        }
+        let Some(ZstdDecoder(d)) = self.zstd.as_mut() else { return Err("no zstd decoder".into()) };
+        d.reinit().map_err(|e| format!("zstd decoder: {e}"))?;
+        let (mut read, mut written) = (0usize, 0usize);
+        loop {
+            let st =
+                d.run_on_buffers(&input[read..], &mut out[written..]).map_err(|e| format!("bad zstd data: {e}"))?;
+            read += st.bytes_read;
+            written += st.bytes_written;
+            if written == out.len() {
+                return Ok(());
+            }
+            if st.remaining == 0 {
+                return Err(format!(
+                    "zstd frame decompresses to {written} bytes, not a whole cluster of {}",
+                    out.len()
+                ));
+            }
+            if st.bytes_read == 0 && st.bytes_written == 0 {
+                return Err(format!("zstd data ends early (after {written} of {} bytes)", out.len()));
+            }
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! A native, read-only qcow2 reader: headers (v2 and v3), cluster lookups,
+//! compressed clusters (zlib and zstd) and backing chains (qcow2 or raw).
+//!
+//! Written from QEMU's format specification (docs/interop/qcow2.txt). Reads
+//! stream: one L1 table in memory (the entries covering the virtual size),
+//! a small LRU cache of L2 tables (about 4 MiB, 2 to 64 tables), and the
+//! last decompressed cluster.
+//!
+//! # What is read and what is refused
+//!
+//! - [`Header::parse`]: magic `QFI\xfb`; version 2 or 3 (others refused);
+//!   cluster_bits 9..=21 (below 9 is corrupt, above 21 refused as QEMU does);
+//!   v3 header_length a multiple of 8 from 104 to the cluster size;
+//!   refcount_order at most 6; the compression type (byte 104, present when
+//!   header_length > 104: 0 zlib, 1 zstd, others refused) agreeing with
+//!   incompatible bit 3. Refused: encryption (crypt_method != 0), an
+//!   external data file (bit 2 or its extension), extended L2 entries
+//!   (bit 4), and any unknown incompatible bit (named from the feature name
+//!   table when the image has one). Accepted and reported: dirty (bit 0,
+//!   [`Header::is_dirty`]) and QEMU's corrupt mark (bit 1). Compatible and
+//!   auto-clear bits, snapshots and bitmaps are ignored.
+//! - Header extensions lie between the header and the backing file name (or
+//!   the end of the first cluster), each within that area; the backing
+//!   format comes from extension 0xe2792aca.
+//! - The backing file name: 1 to 1023 bytes of UTF-8, inside the first
+//!   cluster, after the header.
+//!
+//! # On-disk invariants checked (a violation is a Corrupt error naming the file)
+//!
+//! - The header, its extensions and the backing name are inside the file.
+//! - The active L1 table has at most 4 Mi entries (32 MiB, QEMU's limit),
+//!   enough entries for the virtual size, a cluster-aligned offset past the
+//!   header cluster, and lies wholly inside the file. Only the entries that
+//!   cover the virtual size are loaded (so memory is bounded by the file
+//!   size and by 32 MiB). The refcount table is non-empty, aligned and in
+//!   the file (it is not otherwise read).
+//! - L1 entries: reserved bits (0-8, 56-62) clear; an L2 table offset (bits
+//!   9-55) is 0 (unallocated) or cluster aligned, past the header cluster,
+//!   and the whole table inside the file.
+//! - Standard L2 entries: reserved bits (1-8, 56-61) clear; the zero flag
+//!   (bit 0) only in v3 images (it wins over any preallocated offset); a data
+//!   offset that is cluster aligned, past the header cluster and starts
+//!   inside the file (a tail past the end of file reads as zeros, as QEMU
+//!   reads it); offset 0 with the copied flag (external data files only) is
+//!   corrupt. The copied flag (bit 63) is otherwise ignored.
+//! - Compressed L2 entries (bit 62): with x = 62 - (cluster_bits - 8), the
+//!   offset is bits 0..x (below 2^56, past the header cluster, inside the
+//!   file) and bits x..=61 count the 512-byte sectors after the first; the
+//!   covered range may overhang the end of the file only within its last
+//!   sector. It is at most two clusters long by construction. The data must
+//!   decompress (raw deflate, or one zstd frame with a window of at most
+//!   8 MiB) to at least one whole cluster; exactly one cluster is used.
+//! - Chains: at most [`MAX_CHAIN_DEPTH`] files, no file twice (compared by
+//!   device and inode, so symlinks and hard links count), relative names resolved against the naming image's
+//!   directory, formats qcow2 or raw (probed by magic when not named).
+//!
+//! No input makes this module panic or allocate without bound: every size
+//! taken from a file is checked before it sizes a buffer (at most 2 MiB for
+//! a header cluster or an L2 table, 4 MiB for compressed input, 32 MiB for
+//! the L1 table and never more than the file holds).
+
+mod chain;
+mod header;
+mod image;
+#[cfg(test)]
+mod tests;
+
+pub use chain::{Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
+pub use header::{
+    header_prefix_len, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
+};
+pub use image::{ClusterState, Qcow2Image};

@@ -1,0 +1,604 @@
+//! The native qcow2 reader against the real qemu-img: images made with
+//! qemu-img and qemu-io (seeded random data, zero and discarded regions,
+//! compressed clusters, v2 and v3, 64 KiB and 2 MiB clusters, odd sizes,
+//! backing chains with relative names, raw and shorter backing files) are
+//! read whole through `Chain` and compared byte for byte with
+//! `qemu-img convert -O raw`; cluster states are compared with
+//! `qemu-img map`. Then damaged and unsupported images: each must fail with
+//! a clear error, never panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use knib_core::qcow2::{Chain, ClusterState, Qcow2Image};
+use knib_core::ErrorKind;
+
+const K: u64 = 1024;
+const M: u64 = 1024 * 1024;
+
+/// xorshift64: deterministic, so a failure reproduces from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+}
+
+fn run_in(dir: Option<&Path>, program: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{program} {args:?}: {text}{err}");
+    text
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    run_in(None, "qemu-img", args)
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Create a qcow2 image (`opts`: `-o` options, may be empty).
+fn create(path: &Path, size: u64, opts: &str) {
+    let size = size.to_string();
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([p(path), &size]);
+    qemu_img(&args);
+}
+
+/// Create an overlay of `path` on `backing` (a name relative to `path`'s
+/// directory, as stored).
+fn overlay(path: &Path, backing: &str, backing_fmt: &str, size: Option<u64>, opts: &str) {
+    let size = size.map(|s| s.to_string());
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.push(p(path));
+    if let Some(s) = &size {
+        args.push(s);
+    }
+    run_in(path.parent(), "qemu-img", &args);
+}
+
+/// Run qemu-io commands on a (stopped) qcow2 image, in one process.
+fn qemu_io(path: &Path, cmds: &[String]) {
+    for chunk in cmds.chunks(200) {
+        let mut args = vec!["-f", "qcow2"];
+        for c in chunk {
+            args.extend(["-c", c.as_str()]);
+        }
+        args.push(p(path));
+        let out = run_in(None, "qemu-io", &args);
+        assert!(!out.contains("error") && !out.contains("failed"), "qemu-io on {}: {out}", path.display());
+    }
+}
+
+/// Files of random bytes for `write -s` (qemu-io writes a file's first
+/// bytes): two incompressible, two compressible (6 random bits a byte) so
+/// that `write -c` stores them compressed.
+fn sources(dir: &Path, rng: &mut Rng, len: u64) -> Vec<PathBuf> {
+    (0..4)
+        .map(|i| {
+            let path = dir.join(format!("src{i}.bin"));
+            let mut data = rng.bytes(len as usize);
+            if i >= 2 {
+                data.iter_mut().for_each(|b| *b = 0x20 | (*b & 0x3f));
+            }
+            std::fs::write(&path, data).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// `n` random qemu-io commands over an image of `size` bytes and cluster
+/// size `cs`: data from `srcs`, patterns, zero writes (with and without
+/// unmap), discards. With `compressed`, they start with compressed writes of
+/// whole clusters (QEMU writes those only over unallocated clusters, so each
+/// to a distinct cluster, before anything else), which later ops may overwrite.
+fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize, srcs: &[PathBuf], compressed: bool) -> Vec<String> {
+    let src_len = std::fs::metadata(&srcs[0]).unwrap().len();
+    let mut ops = Vec::new();
+    if compressed {
+        let mut used = std::collections::HashSet::new();
+        for _ in 0..n / 5 {
+            let c = rng.below(size / cs);
+            if !used.insert(c) {
+                continue;
+            }
+            // Compressible data (or a pattern) so that QEMU keeps it compressed.
+            let off = c * cs;
+            ops.push(match rng.below(3) {
+                0 => format!("write -q -c -P {} {off} {cs}", rng.below(256)),
+                k => format!("write -q -c -s {} {off} {cs}", srcs[1 + k as usize].display()),
+            });
+        }
+    }
+    while ops.len() < n {
+        let mut off = rng.below(size);
+        if rng.below(2) == 0 {
+            off -= off % cs;
+        }
+        let max = (size - off).min(3 * cs);
+        let len = match rng.below(3) {
+            0 => 1 + rng.below(4 * K),
+            1 => cs,
+            _ => 1 + rng.below(max),
+        }
+        .min(max);
+        ops.push(match rng.below(100) {
+            0..=39 => {
+                let src = &srcs[rng.below(srcs.len() as u64) as usize];
+                format!("write -q -s {} {off} {}", src.display(), len.min(src_len))
+            }
+            40..=59 => format!("write -q -P {} {off} {len}", 1 + rng.below(255)),
+            60..=74 => format!("write -q -z {off} {len}"),
+            75..=87 => format!("write -q -z -u {off} {len}"),
+            _ => format!("discard -q {off} {len}"),
+        });
+    }
+    ops
+}
+
+/// The guest-visible content of `img` (with its backing chain), by qemu-img.
+fn qemu_raw(img: &Path) -> Vec<u8> {
+    let out = img.with_extension("reference.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", p(img), p(&out)]);
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    data
+}
+
+/// The guest-visible content of `img` through `Chain`, read in chunks of
+/// random sizes (some tiny, some over several clusters).
+fn native_raw(img: &Path, rng: &mut Rng) -> Vec<u8> {
+    let mut chain = Chain::open(img).unwrap_or_else(|e| panic!("open {}: {e}", img.display()));
+    let size = chain.virtual_size();
+    let mut out = vec![0xa5u8; size as usize];
+    let mut pos = 0u64;
+    while pos < size {
+        let len = if rng.below(4) == 0 { 1 + rng.below(5000) } else { 1 + rng.below(3 * M) }.min(size - pos);
+        chain.read_at(pos, &mut out[pos as usize..(pos + len) as usize]).unwrap_or_else(|e| panic!("read: {e}"));
+        pos += len;
+    }
+    out
+}
+
+/// Read `img` natively and through qemu-img; they must match byte for byte.
+fn compare(img: &Path, rng: &mut Rng) {
+    let want = qemu_raw(img);
+    let got = native_raw(img, rng);
+    assert_eq!(got.len(), want.len(), "{}: virtual size", img.display());
+    if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!("{}: first difference at byte {i} (native {:#04x}, qemu-img {:#04x})", img.display(), got[i], want[i]);
+    }
+}
+
+/// How many clusters of each kind `check_map` saw.
+#[derive(Debug, Default)]
+struct Kinds {
+    unallocated: u64,
+    zero: u64,
+    data: u64,
+    compressed: u64,
+}
+
+/// Compare `cluster_state` of the top image with `qemu-img map`.
+fn check_map(img: &Path) -> Kinds {
+    let json = qemu_img(&["map", "-U", "--output=json", "-f", "qcow2", p(img)]);
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let mut top = Qcow2Image::open(img).unwrap();
+    let cs = top.cluster_size();
+    let mut kinds = Kinds::default();
+    let mut seen = std::collections::HashSet::new();
+    for e in &entries {
+        let start = e["start"].as_u64().unwrap();
+        let length = e["length"].as_u64().unwrap();
+        let depth = e["depth"].as_u64().unwrap();
+        let present = e["present"].as_bool().unwrap();
+        let zero = e["zero"].as_bool().unwrap();
+        let data = e["data"].as_bool().unwrap();
+        let offset = e.get("offset").and_then(|o| o.as_u64());
+        for c in start / cs..(start + length).div_ceil(cs) {
+            let state = top.cluster_state(c).unwrap();
+            let ok = match state {
+                _ if depth > 0 || !present => state == ClusterState::Unallocated,
+                ClusterState::Data { host_offset } => {
+                    data && offset.map(|o| o as i128 + (c * cs) as i128 - start as i128) == Some(host_offset as i128)
+                }
+                ClusterState::Compressed { .. } => data && offset.is_none(),
+                ClusterState::Zero => zero && !data,
+                ClusterState::Unallocated => false,
+            };
+            assert!(ok, "{}: cluster {c} is {state:?}, qemu-img map says {e}", img.display());
+            if seen.insert(c) {
+                match state {
+                    ClusterState::Unallocated => kinds.unallocated += 1,
+                    ClusterState::Zero => kinds.zero += 1,
+                    ClusterState::Data { .. } => kinds.data += 1,
+                    ClusterState::Compressed { .. } => kinds.compressed += 1,
+                }
+            }
+        }
+    }
+    assert_eq!(seen.len() as u64, top.guest_clusters(), "{}: map covers every cluster", img.display());
+    kinds
+}
+
+/// A temporary directory for one test.
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+#[test]
+fn v3_64k_mixed_clusters() {
+    let dir = tempdir();
+    let mut rng = Rng::new(1);
+    let srcs = sources(dir.path(), &mut rng, 256 * K);
+    let img = dir.path().join("v3.qcow2");
+    let size = 24 * M + 12345;
+    create(&img, size, "");
+    qemu_io(&img, &random_ops(&mut rng, size, 64 * K, 120, &srcs, true));
+    compare(&img, &mut rng);
+    let kinds = check_map(&img);
+    assert!(kinds.unallocated > 0 && kinds.zero > 0 && kinds.data > 0 && kinds.compressed > 0, "{kinds:?}");
+}
+
+#[test]
+fn v2_64k_mixed_clusters() {
+    let dir = tempdir();
+    let mut rng = Rng::new(2);
+    let srcs = sources(dir.path(), &mut rng, 256 * K);
+    let img = dir.path().join("v2.qcow2");
+    let size = 16 * M + 777;
+    create(&img, size, "compat=0.10");
+    qemu_io(&img, &random_ops(&mut rng, size, 64 * K, 100, &srcs, true));
+    assert_eq!(Qcow2Image::open(&img).unwrap().header().version, 2);
+    compare(&img, &mut rng);
+    let kinds = check_map(&img);
+    assert!(kinds.unallocated > 0 && kinds.data > 0 && kinds.compressed > 0, "{kinds:?}");
+}
+
+#[test]
+fn v3_2m_clusters_odd_size() {
+    let dir = tempdir();
+    let mut rng = Rng::new(3);
+    let srcs = sources(dir.path(), &mut rng, 4 * M);
+    let img = dir.path().join("big.qcow2");
+    let size = 40 * M + 3;
+    create(&img, size, "cluster_size=2M");
+    // Random ops over the first 30 MiB, compressed clusters after that (one
+    // partly overwritten, and the short last cluster).
+    let mut ops = random_ops(&mut rng, 30 * M, 2 * M, 16, &srcs, true);
+    let (zsrc, psrc) = (srcs[2].display(), srcs[0].display());
+    ops.extend([
+        format!("write -q -c -s {zsrc} {} {}", 32 * M, 2 * M),
+        format!("write -q -c -P 0x42 {} {}", 36 * M, 2 * M),
+        format!("write -q -s {psrc} {} 5000", 36 * M + 1000),
+        format!("write -q -c -s {zsrc} {} 512", 40 * M),
+    ]);
+    qemu_io(&img, &ops);
+    assert_eq!(Qcow2Image::open(&img).unwrap().cluster_size(), 2 * M);
+    compare(&img, &mut rng);
+    let kinds = check_map(&img);
+    assert!(kinds.unallocated > 0 && kinds.data > 0 && kinds.compressed >= 2, "{kinds:?}");
+    // The same, all compressed with zstd (2 MiB frames).
+    let zstd = dir.path().join("big-zstd.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", "-o", "cluster_size=2M,compression_type=zstd", p(&img), p(&zstd)]);
+    compare(&zstd, &mut rng);
+    assert!(check_map(&zstd).compressed > 2);
+}
+
+#[test]
+fn compressed_images_zlib_zstd_v2() {
+    let dir = tempdir();
+    let mut rng = Rng::new(4);
+    let srcs = sources(dir.path(), &mut rng, 256 * K);
+    let src = dir.path().join("src.qcow2");
+    let size = 12 * M + 4321;
+    create(&src, size, "");
+    qemu_io(&src, &random_ops(&mut rng, size, 64 * K, 100, &srcs, false));
+    for (name, opts) in [
+        ("zlib.qcow2", "compression_type=zlib"),
+        ("zstd.qcow2", "compression_type=zstd"),
+        ("v2c.qcow2", "compat=0.10"),
+        ("zstd32k.qcow2", "compression_type=zstd,cluster_size=32k"),
+    ] {
+        let out = dir.path().join(name);
+        qemu_img(&["convert", "-c", "-O", "qcow2", "-o", opts, p(&src), p(&out)]);
+        compare(&out, &mut rng);
+        let kinds = check_map(&out);
+        assert!(kinds.compressed > 0 && kinds.unallocated > 0, "{name}: {kinds:?}");
+    }
+    let zstd = Qcow2Image::open(&dir.path().join("zstd.qcow2")).unwrap();
+    assert_eq!(zstd.header().compression_type, knib_core::qcow2::CompressionType::Zstd);
+}
+
+#[test]
+fn two_deep_chain_relative_name() {
+    let dir = tempdir();
+    let mut rng = Rng::new(5);
+    let srcs = sources(dir.path(), &mut rng, 256 * K);
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let size = 16 * M + 100;
+    create(&base, size, "");
+    qemu_io(&base, &random_ops(&mut rng, size, 64 * K, 80, &srcs, true));
+    overlay(&top, "base.qcow2", "qcow2", None, "");
+    qemu_io(&top, &random_ops(&mut rng, size, 64 * K, 80, &srcs, true));
+    let chain = Chain::open(&top).unwrap();
+    assert_eq!(chain.depth(), 2);
+    assert_eq!(chain.top().header().backing_file.as_deref(), Some("base.qcow2"));
+    compare(&top, &mut rng);
+    let kinds = check_map(&top);
+    assert!(kinds.unallocated > 0 && kinds.zero > 0 && kinds.data > 0, "{kinds:?}");
+}
+
+#[test]
+fn three_deep_chain_shorter_backing_in_other_directories() {
+    let dir = tempdir();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let mut rng = Rng::new(6);
+    let srcs = sources(dir.path(), &mut rng, 256 * K);
+    // base (v2, 8 MiB + 1000) <- ../base.qcow2 mid (12 MiB + 5) <- mid.qcow2 top (20 MiB + 333)
+    let base = dir.path().join("base.qcow2");
+    let mid = sub.join("mid.qcow2");
+    let top = sub.join("top.qcow2");
+    create(&base, 8 * M + 1000, "compat=0.10");
+    qemu_io(&base, &random_ops(&mut rng, 8 * M + 1000, 64 * K, 60, &srcs, true));
+    overlay(&mid, "../base.qcow2", "qcow2", Some(12 * M + 5), "");
+    qemu_io(&mid, &random_ops(&mut rng, 12 * M + 5, 64 * K, 60, &srcs, true));
+    overlay(&top, "mid.qcow2", "qcow2", Some(20 * M + 333), "");
+    // Leave much of the top unallocated, so reads fall through to short backings.
+    qemu_io(&top, &random_ops(&mut rng, 20 * M + 333, 64 * K, 30, &srcs, false));
+    assert_eq!(Chain::open(&top).unwrap().depth(), 3);
+    compare(&top, &mut rng);
+    check_map(&top);
+    // The same content, compressed, on the same backing.
+    let topc = sub.join("topc.qcow2");
+    run_in(
+        Some(&sub),
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", "-B", "mid.qcow2", "-F", "qcow2", "top.qcow2", "topc.qcow2"],
+    );
+    assert_eq!(qemu_raw(&topc), qemu_raw(&top));
+    compare(&topc, &mut rng);
+    let kinds = check_map(&topc);
+    assert!(kinds.compressed > 0 && kinds.unallocated > 0, "{kinds:?}");
+    // A depth limit below the chain's depth.
+    let e = Chain::open_with_depth(&top, 2).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("deeper than 2"), "{e}");
+}
+
+/// Make the backing format extension of `img` an unknown one, so that the
+/// backing file's format has to be probed.
+fn forget_backing_format(img: &Path) {
+    let mut data = std::fs::read(img).unwrap();
+    let at = data[..4096].windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).expect("backing format extension");
+    data[at..at + 4].copy_from_slice(&[0x00, 0x00, 0x0f, 0x0f]);
+    std::fs::write(img, data).unwrap();
+}
+
+#[test]
+fn raw_backing_files_and_probing() {
+    let dir = tempdir();
+    let mut rng = Rng::new(7);
+    let srcs = sources(dir.path(), &mut rng, 256 * K);
+    let raw = dir.path().join("base.raw");
+    std::fs::write(&raw, rng.bytes((5 * M + 1001) as usize)).unwrap();
+    let top = dir.path().join("top.qcow2");
+    overlay(&top, "base.raw", "raw", Some(8 * M), "");
+    qemu_io(&top, &random_ops(&mut rng, 8 * M, 64 * K, 40, &srcs, true));
+    compare(&top, &mut rng);
+    let chain = Chain::open(&top).unwrap();
+    assert!(matches!(chain.backing(), [knib_core::qcow2::Layer::Raw(r)] if r.virtual_size() == 5 * M + 1001));
+    // No backing format named: probed as raw.
+    let want = native_raw(&top, &mut rng);
+    forget_backing_format(&top);
+    assert_eq!(Chain::open(&top).unwrap().top().header().backing_format, None);
+    assert!(native_raw(&top, &mut rng) == want);
+    // ... and as qcow2.
+    let mid = dir.path().join("mid.qcow2");
+    qemu_img(&["convert", "-O", "qcow2", p(&raw), p(&mid)]);
+    let top2 = dir.path().join("top2.qcow2");
+    overlay(&top2, "mid.qcow2", "qcow2", None, "");
+    qemu_io(&top2, &random_ops(&mut rng, 5 * M + 1001, 64 * K, 20, &srcs, false));
+    let want = qemu_raw(&top2);
+    forget_backing_format(&top2);
+    let chain = Chain::open(&top2).unwrap();
+    assert!(matches!(chain.backing(), [knib_core::qcow2::Layer::Qcow2(_)]));
+    assert!(native_raw(&top2, &mut rng) == want);
+}
+
+#[test]
+fn dirty_image_reads_and_reports_dirty() {
+    let dir = tempdir();
+    let img = dir.path().join("dirty.qcow2");
+    create(&img, 4 * M, "lazy_refcounts=on");
+    // qemu-io's abort leaves the image as a crash would: marked dirty.
+    let st = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -q -P 0x33 100k 300k", "-c", "abort", p(&img)])
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    let image = Qcow2Image::open(&img).unwrap();
+    assert!(image.is_dirty() && image.header().is_dirty());
+    compare(&img, &mut Rng::new(8));
+}
+
+// ---- damaged and unsupported images ----
+
+fn expect_err<T>(r: knib_core::Result<T>, kinds: &[ErrorKind], needles: &[&str]) {
+    let Err(e) = r else { panic!("expected an error containing {needles:?}") };
+    assert!(kinds.contains(&e.kind), "{e}: kind not in {kinds:?}");
+    for n in needles {
+        assert!(e.message.contains(n), "{e}: does not contain {n:?}");
+    }
+}
+
+const CORRUPT: &[ErrorKind] = &[ErrorKind::Corrupt];
+const INVALID: &[ErrorKind] = &[ErrorKind::InvalidInput];
+
+/// A small v3 image with data in its first clusters; returns its path and bytes.
+fn sample(dir: &Path, name: &str, opts: &str) -> (PathBuf, Vec<u8>) {
+    let img = dir.join(name);
+    create(&img, 4 * M, opts);
+    qemu_io(&img, &["write -q -P 7 0 200k".to_string(), "write -q -c -P 9 1M 64k".to_string()]);
+    let bytes = std::fs::read(&img).unwrap();
+    (img, bytes)
+}
+
+fn write_patched(path: &Path, bytes: &[u8], at: usize, value: &[u8]) {
+    let mut b = bytes.to_vec();
+    b[at..at + value.len()].copy_from_slice(value);
+    std::fs::write(path, b).unwrap();
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+#[test]
+fn damaged_headers_and_tables_are_refused() {
+    let dir = tempdir();
+    let (_, good) = sample(dir.path(), "good.qcow2", "");
+    let bad = dir.path().join("bad.qcow2");
+    let name = p(&bad);
+    let open = || Qcow2Image::open(&bad);
+
+    std::fs::write(&bad, &good[..50]).unwrap();
+    expect_err(open(), CORRUPT, &[name, "truncated header"]);
+    std::fs::write(&bad, &good[..90]).unwrap();
+    expect_err(open(), CORRUPT, &[name, "truncated header"]);
+    write_patched(&bad, &good, 0, b"QFI\x00");
+    expect_err(open(), INVALID, &[name, "bad magic"]);
+    expect_err(Chain::open(&bad), INVALID, &[name, "bad magic"]);
+    write_patched(&bad, &good, 20, &30u32.to_be_bytes());
+    expect_err(open(), INVALID, &[name, "cluster_bits 30"]);
+    write_patched(&bad, &good, 32, &1u32.to_be_bytes());
+    expect_err(open(), INVALID, &[name, "encrypted"]);
+    write_patched(&bad, &good, 40, &(1u64 << 40).to_be_bytes());
+    expect_err(open(), CORRUPT, &[name, "L1 table", "outside the file"]);
+    write_patched(&bad, &good, 36, &u32::MAX.to_be_bytes());
+    expect_err(open(), CORRUPT, &[name, "L1 table", "over the limit"]);
+    write_patched(&bad, &good, 36, &0u32.to_be_bytes());
+    expect_err(open(), CORRUPT, &[name, "L1 table has 0 entries"]);
+
+    // An L2 entry pointing past the end of the file.
+    let l1 = be64(&good, 40) as usize;
+    let l2 = (be64(&good, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert!(l2 > 0);
+    let past = (good.len() as u64).next_multiple_of(65536) + 10 * 65536;
+    write_patched(&bad, &good, l2 + 8, &(past | 1 << 63).to_be_bytes());
+    expect_err(open().unwrap().cluster_state(1), CORRUPT, &[name, "guest cluster 1", "past the end of the file"]);
+    let mut buf = vec![0u8; 4096];
+    expect_err(Chain::open(&bad).unwrap().read_at(65536, &mut buf), CORRUPT, &[name, "past the end of the file"]);
+    // Guest cluster 0 is still readable.
+    Chain::open(&bad).unwrap().read_at(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 7));
+
+    // A compressed descriptor (guest cluster 16, at 1 MiB) with the largest
+    // sector count, its data near the end of the file.
+    let entry = be64(&good, l2 + 16 * 8);
+    assert_ne!(entry & (1 << 62), 0, "guest cluster 16 is compressed");
+    let huge = (1u64 << 62) | (0xff << 54) | (good.len() as u64 - 1000);
+    write_patched(&bad, &good, l2 + 16 * 8, &huge.to_be_bytes());
+    expect_err(open().unwrap().cluster_state(16), CORRUPT, &[name, "compressed data", "past the end of the file"]);
+    // ... or pointing into garbage.
+    let junk = (1u64 << 62) | (3 << 54) | (l1 as u64 + 8);
+    write_patched(&bad, &good, l2 + 16 * 8, &junk.to_be_bytes());
+    expect_err(Chain::open(&bad).unwrap().read_at(M, &mut buf), CORRUPT, &[name, "compressed cluster"]);
+}
+
+#[test]
+fn unsupported_features_are_refused() {
+    let dir = tempdir();
+    let img = dir.path().join("ext_l2.qcow2");
+    create(&img, 4 * M, "extended_l2=on");
+    expect_err(Qcow2Image::open(&img), INVALID, &[p(&img), "extended L2"]);
+    let img = dir.path().join("datafile.qcow2");
+    create(&img, 4 * M, &format!("data_file={}", dir.path().join("data.raw").display()));
+    expect_err(Qcow2Image::open(&img), INVALID, &[p(&img), "external data file"]);
+    let img = dir.path().join("luks.qcow2");
+    // qemu-img's PBKDF benchmark often fails on this kind of machine ("Unable
+    // to get accurate CPU usage"): retry, and in the end mark a plain image
+    // as LUKS-encrypted (crypt_method 2) instead.
+    let opts = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    let made = (0..8).any(|_| {
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=knib", "-o", opts, p(&img), "4M"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !made {
+        let (_, plain) = sample(dir.path(), "plain.qcow2", "");
+        write_patched(&img, &plain, 32, &2u32.to_be_bytes());
+    }
+    expect_err(Qcow2Image::open(&img), INVALID, &[p(&img), "encrypted", "LUKS"]);
+}
+
+#[test]
+fn backing_loops_missing_files_and_past_end_reads() {
+    let dir = tempdir();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    create(&b, 4 * M, "");
+    overlay(&a, "b.qcow2", "qcow2", None, "");
+    qemu_img(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", p(&b)]);
+    expect_err(Chain::open(&a), CORRUPT, &["backing chain loops", "a.qcow2 -> ", "b.qcow2 -> "]);
+    // Itself.
+    qemu_img(&["rebase", "-u", "-b", "a.qcow2", "-F", "qcow2", p(&a)]);
+    expect_err(Chain::open(&a), CORRUPT, &["backing chain loops"]);
+    // Through a hard link to itself.
+    std::fs::hard_link(&a, dir.path().join("a-link.qcow2")).unwrap();
+    qemu_img(&["rebase", "-u", "-b", "a-link.qcow2", "-F", "qcow2", p(&a)]);
+    expect_err(Chain::open(&a), CORRUPT, &["backing chain loops", "a-link.qcow2"]);
+    // A missing backing file.
+    qemu_img(&["rebase", "-u", "-b", "gone.qcow2", "-F", "qcow2", p(&a)]);
+    expect_err(Chain::open(&a), &[ErrorKind::NotFound], &["gone.qcow2"]);
+    // An unsupported backing format.
+    qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "vmdk", p(&a)]);
+    expect_err(Chain::open(&a), INVALID, &["vmdk"]);
+    // Reads past the virtual size.
+    let c = dir.path().join("c.qcow2");
+    create(&c, 4 * M + 1, "");
+    let mut chain = Chain::open(&c).unwrap();
+    let size = chain.virtual_size();
+    assert_eq!(size, 4 * M + 512, "qemu-img rounds sizes up to 512 bytes");
+    let mut buf = [0u8; 2];
+    expect_err(chain.read_at(size - 1, &mut buf), INVALID, &["past the virtual size"]);
+    expect_err(chain.read_at(u64::MAX - 1, &mut buf), INVALID, &["past the virtual size"]);
+    chain.read_at(size - 1, &mut buf[..1]).unwrap();
+    chain.read_at(size, &mut []).unwrap();
+    expect_err(chain.top_mut().cluster_state(65), INVALID, &["past the virtual size"]);
+}
