@@ -36,6 +36,7 @@ pub mod restore;
 pub mod take;
 #[cfg(feature = "libvirt")]
 pub mod live;
+#[cfg(feature = "libvirt")] pub mod validate;
 
 pub use compress::{compress, finalize, CompressOptions, CompressedFile};
 pub use hash::hash_files;

@@ -1,0 +1,338 @@
+//! Boot tests of backups (`engine::validate::boot_test`) against the real
+//! libvirt daemon, with a small Linux guest built from Debian packages by
+//! `scripts/build-test-guest.sh` (cached in `/var/tmp/knib-test-guest`, or
+//! `$KNIB_TEST_GUEST_DIR`): a backup of its disk boots, shows a screen,
+//! runs a command; a backup of a blank disk does not boot; the backup files
+//! are never written, and the domain and the overlays are gone afterwards
+//! whatever happened.
+//!
+//! The tests run one at a time (each boots a guest; under TCG that is CPU
+//! work), and are skipped only when the libvirt daemon does not answer.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::vm::{skip_without_libvirt, URI};
+use knib_core::catalog::{BackupOptions, DiskSpec, Manifest, Store};
+use knib_core::engine::validate::{boot_test, BootTestReport, BootTestRequest, GuestCommand, PNG_MAGIC};
+use knib_core::engine::{hash_files, BackupKind};
+use knib_core::libvirt::Hypervisor;
+use knib_core::{CancelToken, Control, ErrorKind};
+
+/// Boot timeout for a guest that boots: generous for TCG (it boots in
+/// about 10 s there), never reached when it boots.
+const BOOT_TIMEOUT_SECS: u64 = 300;
+
+/// Boot timeout for a disk that does not boot.
+const NO_BOOT_TIMEOUT_SECS: u64 = 12;
+
+/// One boot test at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The built test guest.
+struct Guest {
+    disk: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    cmdline: String,
+    marker: String,
+}
+
+/// Build the test guest (or find it in the cache) once per test run.
+fn guest() -> &'static Guest {
+    static GUEST: OnceLock<Guest> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let dir =
+            PathBuf::from(std::env::var("KNIB_TEST_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/knib-test-guest".into()));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-test-guest.sh");
+        let started = Instant::now();
+        let out = Command::new("bash").arg(&script).arg(&dir).output().expect("bash runs");
+        assert!(
+            out.status.success(),
+            "{} {} failed:\n{}{}",
+            script.display(),
+            dir.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("test guest ready in {:.1} s ({})", started.elapsed().as_secs_f64(), dir.display());
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap().trim().to_string();
+        Guest {
+            disk: dir.join("disk.qcow2"),
+            kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd.img"),
+            cmdline: read("cmdline"),
+            marker: read("marker"),
+        }
+    })
+}
+
+fn hv() -> Hypervisor {
+    Hypervisor::open(URI).expect("connect to libvirt")
+}
+
+/// Every file of the store with its modification time and hash.
+fn snapshot_files(root: &Path) -> BTreeMap<PathBuf, (SystemTime, String)> {
+    let mut out = BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else {
+                let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+                let hash = hash_files(std::slice::from_ref(&p), &Control::new()).unwrap();
+                out.insert(p, (mtime, hash));
+            }
+        }
+    }
+    out
+}
+
+/// The names of the domains libvirt knows (running or defined).
+fn all_domains() -> Vec<String> {
+    let out = Command::new("virsh").args(["-c", URI, "list", "--all", "--name"]).output().expect("virsh runs");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+}
+
+/// The domain of `report` is gone, and no boot-test domain of this process
+/// is left; the work directory is empty.
+fn assert_cleaned_up(domain: &str, work: &Path) {
+    let ours = format!("knib-validate-{}-", std::process::id());
+    let left: Vec<String> = all_domains().into_iter().filter(|d| d == domain || d.starts_with(&ours)).collect();
+    assert!(left.is_empty(), "boot-test domains left: {left:?}");
+    let files: Vec<PathBuf> = std::fs::read_dir(work).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(files.is_empty(), "files left in the work directory: {files:?}");
+}
+
+/// A store with a backup of `disk` (a copy is backed up): a full backup,
+/// and with `incremental` a second one on top of it. Returns the store and
+/// the last backup.
+fn backed_up(dir: &Path, disk: &Path, incremental: bool) -> (Store, Manifest) {
+    let vm_dir = dir.join("vm");
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let root = vm_dir.join("root.qcow2");
+    std::fs::copy(disk, &root).unwrap();
+    let store = Store::create(dir.join("store")).unwrap();
+    let disks = vec![DiskSpec { name: "vda".into(), path: root }];
+    let mut m = store.backup("guest", &disks, &BackupOptions::default(), &Control::new()).unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+    if incremental {
+        m = store.backup("guest", &disks, &BackupOptions::default(), &Control::new()).unwrap();
+        assert_eq!(m.kind, BackupKind::Incremental);
+    }
+    (store, m)
+}
+
+fn request(g: &Guest, backup: PathBuf, work: &Path) -> BootTestRequest {
+    BootTestRequest {
+        backup_files: vec![("vda".into(), backup)],
+        work_dir: work.to_path_buf(),
+        kernel: Some(g.kernel.clone()),
+        initrd: Some(g.initrd.clone()),
+        cmdline: Some(g.cmdline.clone()),
+        memory_mib: 256,
+        boot_timeout_secs: BOOT_TIMEOUT_SECS,
+        screenshot: None,
+        command: None,
+        domain_type: None,
+    }
+}
+
+/// Decode a PNG file: (width, height, number of distinct pixels).
+fn decode_png(path: &Path) -> (u32, u32, usize) {
+    let bytes = std::fs::read(path).unwrap();
+    assert!(bytes.starts_with(PNG_MAGIC), "{} is not a PNG", path.display());
+    let mut reader = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples() * (info.bit_depth as usize).div_ceil(8);
+    let distinct: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    (info.width, info.height, distinct.len())
+}
+
+fn show(report: &BootTestReport) -> String {
+    serde_json::to_string_pretty(report).unwrap()
+}
+
+#[test]
+fn a_backup_boots_shows_a_screen_and_runs_a_command() {
+    if skip_without_libvirt("a_backup_boots_shows_a_screen_and_runs_a_command") {
+        return;
+    }
+    let _serial = serial();
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m) = backed_up(tmp.path(), &g.disk, true);
+    let backup = store.volume_file(&m, "vda").unwrap();
+    let before = snapshot_files(store.root());
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let shot = tmp.path().join("screen.png");
+
+    let mut req = request(g, backup.clone(), &work);
+    req.screenshot = Some(shot.clone());
+    req.command = Some(GuestCommand {
+        path: "/bin/cat".into(),
+        args: vec!["/etc/knib-marker".into()],
+        expect_exit: Some(0),
+        expect_output: Some(g.marker.clone()),
+    });
+    let started = Instant::now();
+    let report = boot_test(&hv(), &req, &Control::new()).unwrap();
+    eprintln!("boot test in {:.1} s: {}", started.elapsed().as_secs_f64(), show(&report));
+    assert!(report.booted, "{}", show(&report));
+    assert!(report.passed, "{}", show(&report));
+    assert!(report.problems.is_empty(), "{}", show(&report));
+    assert!(report.boot_seconds > 0.0 && report.boot_seconds < BOOT_TIMEOUT_SECS as f64);
+    assert_eq!(report.command_exit, Some(0));
+    assert_eq!(report.command_output.as_deref().map(str::trim_end), Some(g.marker.as_str()));
+    assert_eq!(report.screenshot.as_deref(), Some(shot.as_path()));
+    let (w, h, distinct) = decode_png(&shot);
+    assert!(w >= 320 && h >= 200, "screenshot of {w}x{h}");
+    assert!(distinct >= 2, "the screenshot is one colour");
+    assert_cleaned_up(&report.domain, &work);
+
+    // The same backup, an output that does not match: the guest boots, the
+    // command runs, the test fails and says why.
+    let mut req = request(g, backup.clone(), &work);
+    req.command = Some(GuestCommand {
+        path: "/bin/cat".into(),
+        args: vec!["/etc/knib-marker".into()],
+        expect_exit: None,
+        expect_output: Some("something else".into()),
+    });
+    let report = boot_test(&hv(), &req, &Control::new()).unwrap();
+    eprintln!("{}", show(&report));
+    assert!(report.booted, "{}", show(&report));
+    assert!(!report.passed);
+    assert_eq!(report.command_exit, Some(0));
+    assert_eq!(report.problems.len(), 1, "{}", show(&report));
+    let p = &report.problems[0];
+    assert!(p.contains("/bin/cat /etc/knib-marker") && p.contains(&g.marker) && p.contains("something else"), "{p}");
+    assert_eq!(report.screenshot, None);
+    assert_cleaned_up(&report.domain, &work);
+
+    // An exit code that does not match.
+    let mut req = request(g, backup, &work);
+    req.command = Some(GuestCommand {
+        path: "/bin/ls".into(),
+        args: vec!["/no/such/file".into()],
+        expect_exit: Some(0),
+        expect_output: None,
+    });
+    let report = boot_test(&hv(), &req, &Control::new()).unwrap();
+    assert!(report.booted && !report.passed, "{}", show(&report));
+    assert!(report.command_exit.is_some_and(|c| c != 0), "{}", show(&report));
+    assert!(report.problems[0].contains("expected exit code 0"), "{}", show(&report));
+    assert_cleaned_up(&report.domain, &work);
+
+    // The backup files were only read.
+    assert_eq!(snapshot_files(store.root()), before, "the store changed");
+}
+
+#[test]
+fn a_blank_disk_does_not_boot() {
+    if skip_without_libvirt("a_blank_disk_does_not_boot") {
+        return;
+    }
+    let _serial = serial();
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let blank = tmp.path().join("blank.qcow2");
+    common::disk::make_disk(&blank, 64 << 20, &[]);
+    let (store, m) = backed_up(tmp.path(), &blank, false);
+    let backup = store.volume_file(&m, "vda").unwrap();
+    let before = snapshot_files(store.root());
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+
+    // By direct kernel boot: the initramfs finds no root filesystem.
+    let mut req = request(g, backup.clone(), &work);
+    req.boot_timeout_secs = NO_BOOT_TIMEOUT_SECS;
+    req.screenshot = Some(tmp.path().join("blank.png"));
+    req.command = Some(GuestCommand { path: "/bin/true".into(), args: vec![], expect_exit: None, expect_output: None });
+    let started = Instant::now();
+    let report = boot_test(&hv(), &req, &Control::new()).unwrap();
+    let took = started.elapsed();
+    eprintln!("{}", show(&report));
+    assert!(!report.booted && !report.passed, "{}", show(&report));
+    let want = format!("no answer from the guest agent within {NO_BOOT_TIMEOUT_SECS} s");
+    assert!(report.problems[0].starts_with(&want), "{}", show(&report));
+    assert!(report.boot_seconds >= NO_BOOT_TIMEOUT_SECS as f64, "{}", show(&report));
+    assert!(took < Duration::from_secs(NO_BOOT_TIMEOUT_SECS + 30), "took {took:?}");
+    assert_eq!(report.command_exit, None);
+    assert_eq!(report.command_output, None);
+    // The screen of a guest that did not boot is still saved.
+    assert!(report.screenshot.is_some(), "{}", show(&report));
+    decode_png(report.screenshot.as_deref().unwrap());
+    assert_cleaned_up(&report.domain, &work);
+
+    // Through the firmware: SeaBIOS finds nothing to boot.
+    let mut req = request(g, backup, &work);
+    req.kernel = None;
+    req.initrd = None;
+    req.cmdline = None;
+    req.boot_timeout_secs = 6;
+    let report = boot_test(&hv(), &req, &Control::new()).unwrap();
+    assert!(!report.booted && !report.passed, "{}", show(&report));
+    assert!(report.problems[0].starts_with("no answer from the guest agent within 6 s"), "{}", show(&report));
+    assert_cleaned_up(&report.domain, &work);
+
+    assert_eq!(snapshot_files(store.root()), before, "the store changed");
+}
+
+#[test]
+fn a_cancelled_boot_test_leaves_nothing_behind() {
+    if skip_without_libvirt("a_cancelled_boot_test_leaves_nothing_behind") {
+        return;
+    }
+    let _serial = serial();
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m) = backed_up(tmp.path(), &g.disk, false);
+    let backup = store.volume_file(&m, "vda").unwrap();
+    let before = snapshot_files(store.root());
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+
+    let cancel = CancelToken::new();
+    let ctl = Control::new().with_cancel(cancel.clone());
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        cancel.cancel();
+    });
+    let ours = format!("knib-validate-{}-", std::process::id());
+    let started = Instant::now();
+    let err = boot_test(&hv(), &request(g, backup.clone(), &work), &ctl).unwrap_err();
+    canceller.join().unwrap();
+    assert_eq!(err.kind, ErrorKind::Cancelled, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let left: Vec<String> = all_domains().into_iter().filter(|d| d.starts_with(&ours)).collect();
+    assert!(left.is_empty(), "boot-test domains left: {left:?}");
+    assert!(std::fs::read_dir(&work).unwrap().next().is_none(), "the work directory is not empty");
+
+    // A request that cannot run is refused before anything is made.
+    let mut req = request(g, backup, &work);
+    req.backup_files.push(("vda".into(), tmp.path().join("blank.qcow2")));
+    assert_eq!(boot_test(&hv(), &req, &Control::new()).unwrap_err().kind, ErrorKind::InvalidInput);
+    req.backup_files.pop();
+    req.kernel = Some(tmp.path().join("no-kernel"));
+    assert_eq!(boot_test(&hv(), &req, &Control::new()).unwrap_err().kind, ErrorKind::NotFound);
+    assert!(std::fs::read_dir(&work).unwrap().next().is_none());
+
+    assert_eq!(snapshot_files(store.root()), before, "the store changed");
+}
