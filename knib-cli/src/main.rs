@@ -3,6 +3,7 @@
 //! Errors go to standard error as one line, `knib: <kind>: <what was wrong>`,
 //! and the exit status is 10 + the error kind's code (see the README).
 
+mod boot;
 mod demo;
 mod jobs;
 mod output;
@@ -151,6 +152,9 @@ enum Command {
         store: PathBuf,
         /// One backup (all when left out).
         backup: Option<String>,
+        /// The boot test.
+        #[command(flatten)]
+        boot: boot::BootArgs,
     },
     /// Delete a backup without breaking any chain.
     Delete {
@@ -263,8 +267,12 @@ fn run(cli: Cli) -> Result<()> {
             output::clear_progress();
             output::print_backup(&store, &m, json);
         }
-        Command::Verify { store, backup } => {
+        Command::Verify { store, backup, boot } => {
             let store = Store::open(store)?;
+            if boot.boot {
+                let id = backup.ok_or_else(|| KnibError::invalid("--boot needs a BACKUP"))?;
+                return boot::run(&store, &id, &boot, json, &ctl);
+            }
             let reports = store.verify(backup.as_deref(), &ctl)?;
             output::clear_progress();
             output::print_verify(&reports, json);

@@ -1,0 +1,113 @@
+//! `knib verify --boot`: prove a backup boots, through the engine's boot
+//! test (a throwaway domain on overlays of the backup).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use knib_core::catalog::Store;
+use knib_core::engine::validate::{boot_test, BootTestRequest, GuestCommand};
+use knib_core::libvirt::Hypervisor;
+use knib_core::{Control, ErrorKind, KnibError, Result};
+
+use crate::output;
+
+/// Options of the boot test.
+#[derive(Args, Debug)]
+pub struct BootArgs {
+    /// Boot the backup in a throwaway domain on overlays of it and check it.
+    #[arg(long, requires = "backup")]
+    pub boot: bool,
+    /// The libvirt connection URI.
+    #[arg(long, default_value = "qemu:///system")]
+    pub connect: String,
+    /// Boot this kernel directly (otherwise the first disk boots through the firmware).
+    #[arg(long, requires = "boot")]
+    pub kernel: Option<PathBuf>,
+    /// The kernel's initrd.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// The kernel's command line.
+    #[arg(long, requires = "kernel")]
+    pub cmdline: Option<String>,
+    /// Seconds the guest agent has to answer once the domain started.
+    #[arg(long, default_value_t = 300, requires = "boot")]
+    pub boot_timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512, requires = "boot")]
+    pub memory: u64,
+    /// Save a screenshot of the booted guest here (PNG).
+    #[arg(long, requires = "boot")]
+    pub screenshot: Option<PathBuf>,
+    /// Run this command in the guest (through the guest agent); repeat for its arguments.
+    #[arg(long = "exec", num_args = 1.., value_name = "PATH ARG", requires = "boot")]
+    pub exec: Vec<String>,
+    /// The exit code the command must end with (default 0).
+    #[arg(long, requires = "exec")]
+    pub expect_exit: Option<i64>,
+    /// The output the command must print (trailing white space ignored).
+    #[arg(long, requires = "exec")]
+    pub expect_output: Option<String>,
+}
+
+fn is_target(name: &str) -> bool {
+    let (p, rest) = name.split_at(name.len().min(2));
+    matches!(p, "vd" | "sd" | "hd") && !rest.is_empty() && rest.chars().all(|c| c.is_ascii_lowercase())
+}
+
+/// Run the boot test of backup `id`.
+pub fn run(store: &Store, id: &str, a: &BootArgs, json: bool, ctl: &Control) -> Result<()> {
+    let m = store.show(id)?;
+    let mut backup_files = Vec::new();
+    for (i, v) in m.volumes.iter().enumerate() {
+        let top = store.chain_files(&m, &v.name)?.pop().expect("a chain has a file");
+        let target = if is_target(&v.name) {
+            v.name.clone()
+        } else {
+            format!("vd{}", (b'a' + i as u8) as char)
+        };
+        backup_files.push((target, top));
+    }
+    let work_dir = std::env::temp_dir().join(format!("knib-validate-{}-{id}", std::process::id()));
+    std::fs::create_dir_all(&work_dir).map_err(|e| KnibError::io("cannot create", &work_dir, e))?;
+    let command = a.exec.split_first().map(|(path, args)| GuestCommand {
+        path: path.clone(),
+        args: args.to_vec(),
+        expect_exit: a.expect_exit,
+        expect_output: a.expect_output.clone(),
+    });
+    let req = BootTestRequest {
+        backup_files,
+        work_dir: work_dir.clone(),
+        kernel: a.kernel.clone(),
+        initrd: a.initrd.clone(),
+        cmdline: a.cmdline.clone(),
+        memory_mib: a.memory,
+        boot_timeout_secs: a.boot_timeout,
+        screenshot: a.screenshot.clone(),
+        command,
+        domain_type: None,
+    };
+    let hv = Hypervisor::open(&a.connect)?;
+    let report = boot_test(&hv, &req, ctl);
+    let _ = std::fs::remove_dir_all(&work_dir);
+    let report = report?;
+    output::clear_progress();
+    let text = if report.passed {
+        format!(
+            "{id}: boots (guest agent answered after {:.1}s){}{}",
+            report.boot_seconds,
+            report.screenshot.as_ref().map(|p| format!(", screenshot {}", p.display())).unwrap_or_default(),
+            report.command_exit.map(|c| format!(", command exited {c}")).unwrap_or_default()
+        )
+    } else {
+        format!("{id}: boot test FAILED: {}", report.problems.join("; "))
+    };
+    output::say(json, &serde_json::to_value(&report).expect("report serializes"), &text);
+    if !report.passed {
+        return Err(KnibError::new(
+            ErrorKind::Corrupt,
+            format!("backup {id} failed its boot test: {}", report.problems.join("; ")),
+        ));
+    }
+    Ok(())
+}
