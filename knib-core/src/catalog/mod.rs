@@ -331,28 +331,26 @@ impl Store {
             }
         }
         let q = &self.qemu_img;
-        // Check every disk before anything is written to the store.
+        // Check every disk before anything is written to the store. A disk
+        // whose file is missing beside its base was interrupted while it got
+        // that base; the engine finishes that, and it then runs on the base.
+        let mut all_on_base = true;
         for d in disks {
-            if !d.path.exists() && !engine::take::base_path(&d.path).exists() {
+            if d.path.exists() {
+                all_on_base &= engine::take::inspect_disk(q, &d.name, &d.path, ctl)?.on_knib_base;
+            } else if !engine::take::base_path(&d.path).exists() {
                 return Err(KnibError::not_found(format!(
                     "disk {}: {} does not exist",
                     d.name,
                     d.path.display()
                 )));
             }
-            if d.path.exists() {
-                engine::take::inspect_disk(q, &d.name, &d.path, ctl)?;
-            }
         }
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
         let state = self.load_state(vm)?;
 
         let sources: Vec<(String, PathBuf)> = disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
-        let (kind, parent, position, end_of_chain) = self.decide(vm, &state, &sources, opts, &|| {
-            disks.iter().all(|d| {
-                engine::take::inspect_disk(q, &d.name, &d.path, ctl).map(|s| s.on_knib_base).unwrap_or(false)
-            })
-        })?;
+        let (kind, parent, position, end_of_chain) = self.decide(vm, &state, &sources, opts, &|| all_on_base)?;
 
         let id = new_backup_id();
         let part = self.vm_dir(vm).join(format!(".{id}.part"));
@@ -574,7 +572,8 @@ impl Store {
                 }
                 Err(e) => problems.push(e.message),
             }
-            let own = engine::hash_files(std::slice::from_ref(&file), ctl)?;
+            let (chain_hash, file_hashes) = engine::hash::hash_chain(&files, ctl)?;
+            let own = file_hashes.last().cloned().expect("a chain has a file");
             match &v.hash {
                 Some(h) if *h != own => problems.push(format!(
                     "{}: hash {own} differs from the recorded {h}: the file changed since it was verified",
@@ -583,7 +582,7 @@ impl Store {
                 Some(_) => {}
                 None => new_hashes.push((v.name.clone(), own)),
             }
-            chain_hashes.insert(v.name.clone(), engine::hash_files(&files, ctl)?);
+            chain_hashes.insert(v.name.clone(), chain_hash);
         }
         if problems.is_empty() && !new_hashes.is_empty() {
             let _lock = self.lock_vm(&m.vm, &format!("verify of {}", m.id))?;
