@@ -483,10 +483,13 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
                 rep.actions.push(format!("{}: removed {} (no longer in the chain)", d.target, f.display()));
             }
         }
-        if chain.len() > 2 || (chain.len() == 2 && !is_delta_name(&chain[0])) && chain.iter().any(|c| is_delta_name(c)) {
+        // Done when at most one knib delta is left, on top of the base (whose
+        // own backing files, a template for instance, are not knib's).
+        let deltas = chain.iter().filter(|c| is_delta_name(c)).count();
+        if deltas > 1 || (deltas == 1 && !is_delta_name(&chain[0])) {
             return Err(KnibError::new(
                 ErrorKind::VmInconsistent,
-                format!("disk {} still runs on {} files after recovery", d.target, chain.len()),
+                format!("disk {} still runs on {deltas} knib deltas after recovery", d.target),
             ));
         }
         rep.chains.push((d.target.clone(), chain));
