@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use common::disk::*;
 use knib_core::catalog::{BackupOptions, Store};
@@ -371,15 +370,7 @@ fn a_second_backup_of_the_same_vm_while_one_runs_is_busy() {
     let (vm, sdir, store, _id) = setup_one();
     qemu_io(vm.path("root"), "write -P 0x92 0 16M");
     // The first backup stops inside its copy until the test lets it go.
-    let (reached_tx, reached_rx) = mpsc::channel::<()>();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let gate = Arc::new(Mutex::new(Some((reached_tx, go_rx))));
-    let ctl = Control::new().with_progress(Arc::new(move |_| {
-        if let Some((reached, go)) = gate.lock().unwrap().take() {
-            reached.send(()).unwrap();
-            go.recv().unwrap();
-        }
-    }));
+    let (ctl, reached_rx, go_tx) = common::disk::paused_at_first_progress();
     let store2 = store.clone();
     let disks = vm.disks.clone();
     let first = std::thread::spawn(move || store2.backup("vm1", &disks, &opts(8), &ctl));

@@ -8,7 +8,7 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use common::model::{image_has, Model, Write};
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
@@ -236,15 +236,7 @@ fn busy_missing_domain_raw_disk_and_quiesce_without_agent_are_clear_errors() {
     assert_eq!(e.kind, ErrorKind::NotFound);
     assert!(e.message.contains("knib-no-such-domain"), "{e}");
     // Two backups at once: the second fails at once with "busy".
-    let (reached_tx, reached_rx) = mpsc::channel::<()>();
-    let (go_tx, go_rx) = mpsc::channel::<()>();
-    let gate = Arc::new(Mutex::new(Some((reached_tx, go_rx))));
-    let ctl = Control::new().with_progress(Arc::new(move |_| {
-        if let Some((reached, go)) = gate.lock().unwrap().take() {
-            reached.send(()).unwrap();
-            go.recv().unwrap();
-        }
-    }));
+    let (ctl, reached_rx, go_tx) = common::disk::paused_at_first_progress();
     let (s2, v2) = (store.clone(), vm.clone());
     let first = std::thread::spawn(move || s2.backup_domain(&v2.vm, &BackupOptions::default(), false, &ctl));
     reached_rx.recv().unwrap();

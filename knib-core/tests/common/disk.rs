@@ -136,3 +136,19 @@ impl TestDisks {
             .collect()
     }
 }
+
+/// A control whose operation stops at its first progress report until the
+/// test lets it go: (control, "reached" receiver, "go" sender).
+pub fn paused_at_first_progress() -> (Control, std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+    use std::sync::{mpsc, Arc, Mutex};
+    let (reached_tx, reached_rx) = mpsc::channel::<()>();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(Some((reached_tx, go_rx))));
+    let ctl = Control::new().with_progress(Arc::new(move |_| {
+        if let Some((reached, go)) = gate.lock().unwrap().take() {
+            reached.send(()).unwrap();
+            go.recv().unwrap();
+        }
+    }));
+    (ctl, reached_rx, go_tx)
+}
