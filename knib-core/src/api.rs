@@ -465,6 +465,8 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
             let key = if r.backup_exists { "finalized" } else { "discarded" };
             to_json(&json!({ key: r.files }))
         }
+        _ if op.starts_with("agent.") => crate::agent::call(op, request, ctl),
+        _ if op.starts_with("files.") => crate::files::call(op, request, ctl),
         _ => Err(KnibError::invalid(format!(
             "unknown operation {op:?}: use version, backup, list, show, restore, quick_restore, consolidate, compress, verify, hash, delete, recover, compress_files or finalize_files"
         ))),

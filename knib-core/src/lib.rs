@@ -11,10 +11,12 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod api;
 pub mod catalog;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod fsio;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
