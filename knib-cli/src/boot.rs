@@ -49,24 +49,10 @@ pub struct BootArgs {
     pub expect_output: Option<String>,
 }
 
-fn is_target(name: &str) -> bool {
-    let (p, rest) = name.split_at(name.len().min(2));
-    matches!(p, "vd" | "sd" | "hd") && !rest.is_empty() && rest.chars().all(|c| c.is_ascii_lowercase())
-}
-
 /// Run the boot test of backup `id`.
 pub fn run(store: &Store, id: &str, a: &BootArgs, json: bool, ctl: &Control) -> Result<()> {
     let m = store.show(id)?;
-    let mut backup_files = Vec::new();
-    for (i, v) in m.volumes.iter().enumerate() {
-        let top = store.chain_files(&m, &v.name)?.pop().expect("a chain has a file");
-        let target = if is_target(&v.name) {
-            v.name.clone()
-        } else {
-            format!("vd{}", (b'a' + i as u8) as char)
-        };
-        backup_files.push((target, top));
-    }
+    let backup_files = store.boot_files(&m)?;
     let work_dir = std::env::temp_dir().join(format!("knib-validate-{}-{id}", std::process::id()));
     std::fs::create_dir_all(&work_dir).map_err(|e| KnibError::io("cannot create", &work_dir, e))?;
     let command = a.exec.split_first().map(|(path, args)| GuestCommand {

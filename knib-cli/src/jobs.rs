@@ -1,4 +1,4 @@
-//! `knib jobs`: the store's durable job queue (compression jobs).
+//! `knib jobs`: the store's durable job queue (compression and validation jobs).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,11 +31,15 @@ pub enum JobsCommand {
         #[arg(long)]
         store: PathBuf,
     },
-    /// Queue the compression of a backup.
+    /// Queue the compression (or, with --validate, the validation) of a backup.
     Queue {
         /// The store directory.
         #[arg(long)]
         store: PathBuf,
+        /// Queue a validation job (file checks, hashes and, when
+        /// `validation.boot` is set in STORE/knib.json, a boot test).
+        #[arg(long)]
+        validate: bool,
         /// The backup's id.
         backup: String,
     },
@@ -72,10 +76,14 @@ fn job_line(j: &Job) -> String {
 /// Run a `jobs` subcommand.
 pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
     match cmd {
-        JobsCommand::Queue { store, backup } => {
+        JobsCommand::Queue { store, validate, backup } => {
             let store = Store::open(store)?;
-            let j = store.queue_compression(&backup)?;
-            output::say(json, &job_json(&j), &format!("queued job {} (compression of backup {backup})", j.id));
+            let (j, what) = if validate {
+                (store.queue_validation(&backup)?, "validation")
+            } else {
+                (store.queue_compression(&backup)?, "compression")
+            };
+            output::say(json, &job_json(&j), &format!("queued job {} ({what} of backup {backup})", j.id));
         }
         JobsCommand::List { store } => {
             let store = Store::open(store)?;
@@ -96,7 +104,9 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                 None
             } else {
                 Some(Arc::new(|e: &JobEvent| match e {
-                    JobEvent::Recovered(j) => println!("{}: taken back from a runner that died", j.id),
+                    JobEvent::Recovered(j) => {
+                        println!("{}: taken back from a runner that died", j.id)
+                    }
                     JobEvent::Started(j) => {
                         println!(
                             "{}: {} of backup {} started (attempt {})",
@@ -112,7 +122,7 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
             let summary = run_jobs(&store, &RunOptions { observer, no_wait, ..Default::default() })?;
             let text = if summary.disabled {
                 format!(
-                    "compression is disabled in {}; {} job(s) left queued",
+                    "compression and validation are disabled in {}; {} job(s) left queued",
                     store.root().join("knib.json").display(),
                     summary.left_queued.len()
                 )
@@ -135,6 +145,8 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                     ErrorKind::NoSpace
                 } else if first.starts_with("timeout") {
                     ErrorKind::Timeout
+                } else if first.starts_with("backup ") && first.contains(" is not valid: ") {
+                    ErrorKind::Corrupt
                 } else {
                     ErrorKind::ImageTool
                 };

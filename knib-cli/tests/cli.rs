@@ -56,7 +56,18 @@ fn backup_list_show_compress_verify_restore_delete() {
     let id = inc["id"].as_str().unwrap();
     let shown = ok_json(&["--json", "show", "--store", s(&store), id]);
     assert_eq!(shown["id"], inc["id"]);
-    let out = knib(&["compress", "--store", s(&store), full["id"].as_str().unwrap(), "--library", "zstd", "--coroutines", "2", "--rate-limit", "0"]);
+    let out = knib(&[
+        "compress",
+        "--store",
+        s(&store),
+        full["id"].as_str().unwrap(),
+        "--library",
+        "zstd",
+        "--coroutines",
+        "2",
+        "--rate-limit",
+        "0",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let out = knib(&["verify", "--store", s(&store)]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -138,4 +149,41 @@ fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
     assert_eq!(out.status.code(), Some(14), "{err}");
     assert!(err.contains("1 job(s) failed"), "{err}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("0 done, 1 failed"));
+}
+
+#[test]
+fn jobs_queue_validate_runs_the_checks_and_a_bad_backup_exits_corrupt() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let a = d.path().join("a.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(&a), "8M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 1M", s(&a)]);
+    let da = format!("a={}", s(&a));
+    let b = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "v", "--disk", &da]);
+    let id = b["id"].as_str().unwrap();
+    let job = ok_json(&["--json", "jobs", "queue", "--validate", "--store", s(&store), id]);
+    assert_eq!(job["kind"], "validate");
+    let out = knib(&["jobs", "run", "--store", s(&store)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 done, 0 failed"));
+
+    // A byte of the backup's data changed: the next validation fails for good.
+    let file = b["volumes"][0]["file"].as_str().unwrap();
+    let map = Command::new("qemu-img").args(["map", "--output=json", "-f", "qcow2", file]).output().unwrap();
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    let offset = map.as_array().unwrap().iter().find(|e| e["data"] == true).unwrap()["offset"].as_u64().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+        f.write_all_at(b"\x00", offset + 7).unwrap();
+    }
+    ok_json(&["--json", "jobs", "queue", "--validate", "--store", s(&store), id]);
+    let out = knib(&["jobs", "run", "--store", s(&store)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(20), "{err}");
+    let list = ok_json(&["--json", "jobs", "list", "--store", s(&store)]);
+    let last = &list.as_array().unwrap()[1];
+    assert_eq!(last["state"], "failed");
+    let why = last["last_error"].as_str().unwrap();
+    assert!(why.contains(file) && why.contains("differs from the recorded"), "{why}");
 }

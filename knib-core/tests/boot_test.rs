@@ -336,3 +336,79 @@ fn a_cancelled_boot_test_leaves_nothing_behind() {
 
     assert_eq!(snapshot_files(store.root()), before, "the store changed");
 }
+
+/// The validation jobs of the store: a boot test as the queue runs it.
+#[test]
+fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
+    use knib_core::catalog::jobs::{run_jobs, screenshot_path, JobState, RunOptions};
+    if skip_without_libvirt("validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed") {
+        return;
+    }
+    let _serial = serial();
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, good) = backed_up(tmp.path(), &g.disk, false);
+    let settings = |timeout: u64| {
+        serde_json::json!({
+            "schema": 1,
+            "validation.boot": true,
+            "validation.kernel": g.kernel,
+            "validation.initrd": g.initrd,
+            "validation.cmdline": g.cmdline,
+            "validation.memory_mib": 256,
+            "validation.boot_timeout_secs": timeout,
+            "validation.command": ["/bin/uname"],
+            "validation.expect_output": "Linux",
+            "validation.max_retries": 0,
+        })
+        .to_string()
+    };
+    std::fs::write(store.root().join("knib.json"), settings(BOOT_TIMEOUT_SECS)).unwrap();
+    let job = store.queue_validation(&good.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(summary.done, vec![job.id.clone()], "{j:?}");
+    let boot = &j.result.as_ref().unwrap()["boot"];
+    assert_eq!(boot["passed"], true, "{boot}");
+    assert_eq!(boot["command_output"].as_str().map(str::trim_end), Some("Linux"), "{boot}");
+    let shot = screenshot_path(&store, &job.id);
+    assert_eq!(boot["screenshot"].as_str(), Some(shot.to_str().unwrap()));
+    let (w, h, _) = decode_png(&shot);
+    assert!(w > 0 && h > 0 && std::fs::metadata(&shot).unwrap().len() > 0);
+    let domain = boot["domain"].as_str().unwrap().to_string();
+    assert!(!all_domains().contains(&domain), "domain {domain} left");
+
+    // The root disk zeroed in the VM, then backed up: that backup does not boot.
+    let root = tmp.path().join("vm/root.qcow2");
+    let size = knib_core::qemu_img::QemuImg::default().info(&root, &Control::new()).unwrap().virtual_size;
+    let out =
+        Command::new("qemu-io").args(["-f", "qcow2", "-c", &format!("write -z 0 {size}")]).arg(&root).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let disks = vec![DiskSpec { name: "vda".into(), path: root }];
+    let zeroed = store.backup("guest", &disks, &BackupOptions::default(), &Control::new()).unwrap();
+    assert_eq!(zeroed.kind, BackupKind::Incremental);
+    std::fs::write(store.root().join("knib.json"), settings(NO_BOOT_TIMEOUT_SECS)).unwrap();
+    let images = |m: BTreeMap<PathBuf, (SystemTime, String)>| -> BTreeMap<PathBuf, (SystemTime, String)> {
+        m.into_iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "qcow2")).collect()
+    };
+    let before = images(snapshot_files(&store.root().join("vms")));
+    let job = store.queue_validation(&zeroed.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    assert_eq!(j.state, JobState::Failed);
+    let why = j.last_error.clone().unwrap();
+    let want = format!("boot test: no answer from the guest agent within {NO_BOOT_TIMEOUT_SECS} s");
+    assert!(why.contains(&want), "{why}");
+    let boot = &j.result.as_ref().unwrap()["boot"];
+    let domain = boot["domain"].as_str().unwrap().to_string();
+    assert!(!all_domains().contains(&domain), "domain {domain} left");
+    // No overlay or work directory left, and the backups were only read.
+    let left: Vec<_> = std::fs::read_dir(store.jobs_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".json") && !n.ends_with(".png") && n != ".lock")
+        .collect();
+    assert!(left.is_empty(), "left in the jobs directory: {left:?}");
+    assert_eq!(images(snapshot_files(&store.root().join("vms"))), before, "a backup file changed");
+}

@@ -1,5 +1,5 @@
-//! Durable compression jobs against the real qemu-img: the concurrency
-//! limit, retries, crash recovery, cancellation, the time budget, the rate
+//! Durable compression and validation jobs against the real qemu-img: the
+//! concurrency limits, retries, crash recovery, cancellation, the time budget, the rate
 //! limit and bad job files.
 
 mod common;
@@ -60,6 +60,8 @@ fn comp_files(dir: &Path) -> Vec<PathBuf> {
 struct Recorder {
     events: Mutex<Vec<(Instant, JobEvent)>>,
     running: Mutex<(usize, usize, HashSet<String>)>,
+    /// Per kind of job: (running now, most at once).
+    per_kind: Mutex<HashMap<&'static str, (usize, usize)>>,
 }
 
 impl Recorder {
@@ -72,11 +74,16 @@ impl Recorder {
                 let mut r = me.running.lock().unwrap();
                 match e {
                     JobEvent::Started(j) => {
+                        let mut k = me.per_kind.lock().unwrap();
+                        let k = k.entry(j.kind.as_str()).or_default();
+                        k.0 += 1;
+                        k.1 = k.1.max(k.0);
                         r.0 += 1;
                         r.1 = r.1.max(r.0);
                         assert!(r.2.insert(j.vm.clone()), "two jobs of VM {} at once", j.vm);
                     }
                     JobEvent::Finished(j) => {
+                        me.per_kind.lock().unwrap().get_mut(j.kind.as_str()).unwrap().0 -= 1;
                         r.0 -= 1;
                         r.2.remove(&j.vm);
                     }
@@ -85,6 +92,10 @@ impl Recorder {
             }
             me.events.lock().unwrap().push((Instant::now(), e.clone()));
         })
+    }
+
+    fn max_running_of(&self, kind: &str) -> usize {
+        self.per_kind.lock().unwrap().get(kind).map(|k| k.1).unwrap_or(0)
     }
 
     fn max_running(&self) -> usize {
@@ -380,9 +391,18 @@ fn a_cancelled_runner_queues_its_job_again_without_counting_it() {
 
 #[test]
 fn disabled_compression_leaves_jobs_queued_and_no_wait_leaves_retries() {
+    // Compression off, validation on: the compression job waits.
     let (work, store) = store_with(r#""compression.enabled": false"#);
     let (m, _) = backups(&store, work.path(), "vm1", &[1]).pop().unwrap();
     let job = store.queue_compression(&m.id).unwrap();
+    let s = run_jobs(&store, &RunOptions::default()).unwrap();
+    assert!(!s.disabled);
+    assert_eq!(s.left_queued, vec![job.id.clone()]);
+    std::fs::write(
+        store.root().join("knib.json"),
+        r#"{"schema": 1, "compression.enabled": false, "validation.enabled": false}"#,
+    )
+    .unwrap();
     let s = run_jobs(&store, &RunOptions::default()).unwrap();
     assert!(s.disabled);
     assert_eq!(s.left_queued, vec![job.id.clone()]);
@@ -420,17 +440,17 @@ fn bad_job_files_and_bad_settings_are_errors_not_ignored() {
     let (m, _) = backups(&store, work.path(), "vm1", &[1]).pop().unwrap();
     let job = store.queue_compression(&m.id).unwrap();
     let text = std::fs::read_to_string(store.jobs_dir().join(format!("{}.json", job.id))).unwrap();
-    // A kind this knib does not run (validation comes later).
-    let other = store.jobs_dir().join("validate-1.json");
-    let v = text.replace(&job.id, "validate-1").replace("\"compress\"", "\"validate\"");
+    // A kind this knib does not run.
+    let other = store.jobs_dir().join("scrub-1.json");
+    let v = text.replace(&job.id, "scrub-1").replace("\"compress\"", "\"scrub\"");
     std::fs::write(&other, &v).unwrap();
     for e in [store.jobs().unwrap_err(), run_jobs(&store, &RunOptions::default()).unwrap_err()] {
         assert_eq!(e.kind, ErrorKind::Corrupt);
-        assert!(e.message.contains("validate-1.json") && e.message.contains("\"validate\""), "{e}");
+        assert!(e.message.contains("scrub-1.json") && e.message.contains("\"scrub\""), "{e}");
     }
     assert_eq!(store.job(&job.id).unwrap().state, JobState::Queued, "nothing ran");
     // An unknown field.
-    let v = text.replace(&job.id, "validate-1").replace("\"attempts\"", "\"colour\": 1, \"attempts\"");
+    let v = text.replace(&job.id, "scrub-1").replace("\"attempts\"", "\"colour\": 1, \"attempts\"");
     std::fs::write(&other, &v).unwrap();
     let e = store.jobs().unwrap_err();
     assert!(e.message.contains("colour"), "{e}");
@@ -449,4 +469,139 @@ fn bad_job_files_and_bad_settings_are_errors_not_ignored() {
         assert!(e.message.contains(key), "{e}");
     }
     assert_eq!(store.job(&job.id).unwrap().state, JobState::Queued);
+}
+
+/// The offset in `file` of its first data cluster (from `qemu-img map`).
+fn first_data_offset(file: &Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow2"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    map.iter()
+        .find(|e| e["data"] == true && e["offset"].is_u64() && e["depth"] == 0)
+        .and_then(|e| e["offset"].as_u64())
+        .expect("a data cluster")
+}
+
+/// Flip one byte of `file` at `offset`.
+fn flip_byte(file: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+#[test]
+fn a_validation_job_records_hashes_then_fails_a_flipped_byte_and_a_broken_refcount_naming_the_file() {
+    let (work, store) = store_with(r#""validation.max_retries": 3, "validation.retry_interval_secs": 0"#);
+    let b = backups(&store, work.path(), "vm1", &[4, 2]);
+    let (full, inc) = (&b[0].0, &b[1].0);
+
+    // A good backup: done, with the report, and the hashes recorded.
+    for m in [full, inc] {
+        store.queue_validation(&m.id).unwrap();
+    }
+    let rec = Arc::new(Recorder::default());
+    let summary = run(&store, &rec).unwrap();
+    assert_eq!(summary.done.len(), 2, "{summary:?}");
+    for j in store.jobs().unwrap() {
+        assert_eq!(j.state, JobState::Done);
+        let r = j.result.expect("a validation keeps its report");
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["verify"]["files_checked"], 1, "{r}");
+    }
+    let hash = store.show(&inc.id).unwrap().volumes[0].hash.clone().expect("hash recorded at the first success");
+    assert_eq!(
+        hash,
+        knib_core::engine::hash_files(&[store.volume_file(inc, "root").unwrap()], &Control::new()).unwrap()
+    );
+
+    // One flipped byte of data in the incremental backup's file.
+    let file = store.volume_file(inc, "root").unwrap();
+    flip_byte(&file, first_data_offset(&file) + 1234);
+    let job = store.queue_validation(&inc.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()], "{summary:?}");
+    let j = store.job(&job.id).unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Failed, 1), "a bad backup is not retried: {j:?}");
+    let why = j.last_error.unwrap();
+    assert!(
+        why.contains(&file.display().to_string()) && why.contains(&format!("differs from the recorded {hash}")),
+        "{why}"
+    );
+    assert_eq!(j.result.unwrap()["ok"], false);
+
+    // The full backup's refcounts broken: qemu-img check finds it and the
+    // problem names the file.
+    let file = store.volume_file(full, "root").unwrap();
+    let header = std::fs::read(&file).unwrap();
+    let be64 = |o: usize| u64::from_be_bytes(header[o..o + 8].try_into().unwrap());
+    let refcount_table = be64(48) as usize;
+    let first_block = be64(refcount_table);
+    assert!(first_block > 0);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(&vec![0u8; 4096], first_block).unwrap();
+    }
+    let job = store.queue_validation(&full.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()], "{summary:?}");
+    let why = store.job(&job.id).unwrap().last_error.unwrap();
+    assert!(why.contains(&format!("{}: qemu-img check found", file.display())), "{why}");
+    // The CLI-level verify says the same.
+    let report = store.verify(Some(&full.id), &Control::new()).unwrap().pop().unwrap();
+    assert!(
+        !report.ok
+            && report.problems.iter().any(|p| p.starts_with(&format!("{}: qemu-img check found", file.display()))),
+        "{report:?}"
+    );
+}
+
+#[test]
+fn validation_and_compression_jobs_keep_their_own_limits_and_all_finish() {
+    let (work, store) = store_with(
+        r#""compression.max_concurrent_per_host": 2, "validation.max_concurrent_per_host": 1,
+           "compression.rate_limit_mbps": 40"#,
+    );
+    let mut refs = Vec::new();
+    for (i, vm) in ["a", "b", "c", "d", "e", "f"].iter().enumerate() {
+        let (m, r) = backups(&store, work.path(), vm, &[6]).pop().unwrap();
+        if i < 3 {
+            store.queue_compression(&m.id).unwrap();
+        } else {
+            store.queue_validation(&m.id).unwrap();
+        }
+        refs.push((m, r));
+    }
+    let rec = Arc::new(Recorder::default());
+    let summary = run(&store, &rec).unwrap();
+    assert_eq!(summary.done.len(), 6, "{summary:?}");
+    assert!(rec.max_running_of("compress") <= 2, "{}", rec.max_running_of("compress"));
+    assert_eq!(rec.max_running_of("validate"), 1);
+    assert!(rec.max_running() >= 2, "the kinds ran side by side: {}", rec.max_running());
+    for (m, r) in &refs {
+        restores_identical(&store, &m.id, r);
+    }
+}
+
+#[test]
+fn deleting_a_backup_while_it_is_validated_is_refused_busy() {
+    let (work, store) = store_with(r#""validation.enabled": false"#);
+    let (m, reference) = backups(&store, work.path(), "vm1", &[2]).pop().unwrap();
+    let job = store.queue_validation(&m.id).unwrap();
+    // This process as the runner of the job.
+    fake_running(&store, &job.id, std::process::id(), &hostname(), 0);
+    let e = store.delete(&m.id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&format!("validation job {}", job.id)), "{e}");
+    restores_identical(&store, &m.id, &reference);
+    // Its runner dead: the delete goes ahead.
+    fake_running(&store, &job.id, 999_999_999, &hostname(), 0);
+    store.delete(&m.id).unwrap();
 }

@@ -1,5 +1,4 @@
-//! Durable jobs of a store: compression now; the record is ready for other
-//! kinds (validation) later.
+//! Durable jobs of a store: compression and validation of backups.
 //!
 //! # Files
 //!
@@ -18,11 +17,15 @@
 //!
 //! # Running
 //!
-//! [`run_jobs`] starts `compression.max_concurrent_per_host` worker threads.
+//! [`run_jobs`] starts one worker thread per slot of each enabled kind
+//! (`compression.max_concurrent_per_host` + `validation.max_concurrent_per_host`).
 //! Each claims a due queued job (state `running`, `owner` = this process),
-//! runs it with the job's time budget, and records the result:
+//! runs it with its kind's time budget, and records the result:
 //!
-//! - success: `done`;
+//! - success: `done` (a validation's report is kept in the job's `result`);
+//! - a validation that ran and found the backup bad: `failed` at once, with
+//!   the problems in `last_error` and the report in `result` (checking an
+//!   unchanged backup again would find the same);
 //! - failure: `attempts` + 1; while `attempts <= max_retries` the job is
 //!   queued again with `next_attempt_at` = now + `retry_interval_secs`,
 //!   then it is `failed` with `last_error`; the backup is left as it was
@@ -30,10 +33,11 @@
 //! - the backup no longer exists (deleted meanwhile, or only kept as a
 //!   removed parent): `cancelled`, and its `.comp` files are removed.
 //!
-//! Limits: at most `max_concurrent_per_host` jobs run at once on one host,
-//! counting the jobs of every runner process of the host (jobs with a live
-//! owner of the same hostname); at most one job per VM runs at a time, since
-//! a compression holds the VM's lock. The runner ends when no job is queued
+//! Limits: at most `max_concurrent_per_host` jobs of a kind run at once on
+//! one host, counting the jobs of every runner process of the host (jobs with
+//! a live owner of the same hostname); at most one job per VM runs at a
+//! time, whatever its kind. The retries, interval and budget are the kind's
+//! own settings; jobs of a disabled kind stay queued. The runner ends when no job is queued
 //! and none of its own is running; jobs waiting for their retry time are
 //! waited for (unless [`RunOptions::no_wait`]), so the queue is worked until
 //! empty.
@@ -90,16 +94,34 @@ const POLL: Duration = Duration::from_millis(500);
 pub enum JobKind {
     /// Compress a backup in place.
     Compress,
+    /// Validate a backup: file checks, hashes and, if set, a boot test.
+    Validate,
 }
 
 impl JobKind {
     /// Every kind this knib runs.
-    pub const ALL: &'static [JobKind] = &[JobKind::Compress];
+    pub const ALL: &'static [JobKind] = &[JobKind::Compress, JobKind::Validate];
 
     /// The kind's name in job files.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Compress => "compress",
+            JobKind::Validate => "validate",
+        }
+    }
+
+    /// The limits of this kind of job: (enabled, max per host, retries,
+    /// retry interval, time budget in seconds).
+    fn limits(self, s: &Settings) -> (bool, u32, u32, u64, u64) {
+        match self {
+            JobKind::Compress => {
+                let c = &s.compression;
+                (c.enabled, c.max_concurrent_per_host, c.max_retries, c.retry_interval_secs, c.timeout_secs)
+            }
+            JobKind::Validate => {
+                let v = &s.validation;
+                (v.enabled, v.max_concurrent_per_host, v.max_retries, v.retry_interval_secs, v.timeout_secs)
+            }
         }
     }
 }
@@ -199,6 +221,9 @@ pub struct Job {
     pub updated_at: u64,
     /// When it ended (done, failed or cancelled), unix seconds.
     pub finished_at: Option<u64>,
+    /// What the last attempt found (a validation's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 impl Job {
@@ -408,6 +433,24 @@ impl Store {
         self.queue_job(JobKind::Compress, &m)
     }
 
+    /// Queue the validation of backup `backup`. Refused when it already has
+    /// a queued or running validation job.
+    pub fn queue_validation(&self, backup: &str) -> Result<Job> {
+        let m = self.show(backup)?;
+        self.queue_job(JobKind::Validate, &m)
+    }
+
+    /// The running validation job of backup `backup` whose runner is alive,
+    /// if there is one.
+    pub fn running_validation(&self, backup: &str) -> Result<Option<Job>> {
+        Ok(load_all(&self.jobs_dir())?.into_iter().find(|j| {
+            j.kind == JobKind::Validate
+                && j.backup == backup
+                && j.state == JobState::Running
+                && j.owner.as_ref().is_some_and(|o| o.status() != OwnerStatus::Dead)
+        }))
+    }
+
     fn queue_job(&self, kind: JobKind, m: &Manifest) -> Result<Job> {
         let dir = self.jobs_dir();
         let _lock = lock_queue(&dir)?;
@@ -441,6 +484,7 @@ impl Store {
             created_at: now,
             updated_at: now,
             finished_at: None,
+            result: None,
         };
         job.save(&dir)?;
         Ok(job)
@@ -477,7 +521,7 @@ pub struct RunOptions {
 /// What one [`run_jobs`] did (job ids).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
-    /// Compression is disabled in the settings: nothing was run.
+    /// Every kind of job is disabled in the settings: nothing was run.
     pub disabled: bool,
     /// Jobs that finished.
     pub done: Vec<String>,
@@ -495,7 +539,9 @@ pub struct RunSummary {
 
 /// The result of one attempt.
 enum Outcome {
-    Done,
+    Done(Option<serde_json::Value>),
+    /// The job ran and found the backup bad: failed at once, no retry.
+    Rejected(String, serde_json::Value),
     Cancelled(String),
     Failed(KnibError),
     Interrupted(KnibError),
@@ -538,7 +584,9 @@ fn scan(store: &Store, settings: &Settings) -> Result<Scan> {
         }
     }
     let running: Vec<&Job> = jobs.iter().filter(|j| j.state == JobState::Running).collect();
-    let host_running = running.iter().filter(|j| j.owner.as_ref().is_some_and(|o| o.hostname == me.hostname)).count();
+    let host_running = |kind: JobKind| {
+        running.iter().filter(|j| j.kind == kind && j.owner.as_ref().is_some_and(|o| o.hostname == me.hostname)).count()
+    };
     let busy_vms: HashSet<&str> = running.iter().map(|j| j.vm.as_str()).collect();
     let mut queued: Vec<usize> = (0..jobs.len()).filter(|i| jobs[*i].state == JobState::Queued).collect();
     queued.sort_by_key(|i| (jobs[*i].next_attempt_at, jobs[*i].created_at, jobs[*i].id.clone()));
@@ -548,11 +596,13 @@ fn scan(store: &Store, settings: &Settings) -> Result<Scan> {
     for i in queued {
         let j = &jobs[i];
         let at = j.next_attempt_at as f64;
+        let (enabled, max_here, ..) = j.kind.limits(settings);
+        if !enabled {
+            continue;
+        }
         if at > now {
             next_due = Some(next_due.map_or(at, |d| d.min(at)));
-        } else if host_running >= settings.compression.max_concurrent_per_host as usize
-            || busy_vms.contains(j.vm.as_str())
-        {
+        } else if host_running(j.kind) >= max_here as usize || busy_vms.contains(j.vm.as_str()) {
             blocked = true;
         } else if pick.is_none() {
             pick = Some(i);
@@ -586,9 +636,16 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
     j.owner = None;
     j.updated_at = now as u64;
     match outcome {
-        Outcome::Done => {
+        Outcome::Done(result) => {
             j.state = JobState::Done;
             j.last_error = None;
+            j.result = result.clone();
+        }
+        Outcome::Rejected(why, result) => {
+            j.attempts += 1;
+            j.state = JobState::Failed;
+            j.last_error = Some(why.clone());
+            j.result = Some(result.clone());
         }
         Outcome::Cancelled(why) => {
             j.state = JobState::Cancelled;
@@ -600,11 +657,12 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
             j.last_error = Some(format!("interrupted: {e}"));
         }
         Outcome::Failed(e) => {
+            let (_, _, max_retries, interval, _) = j.kind.limits(settings);
             j.attempts += 1;
             j.last_error = Some(e.to_string());
-            if j.attempts <= settings.compression.max_retries {
+            if j.attempts <= max_retries {
                 j.state = JobState::Queued;
-                j.next_attempt_at = (now + settings.compression.retry_interval_secs as f64).ceil() as u64;
+                j.next_attempt_at = (now + interval as f64).ceil() as u64;
             } else {
                 j.state = JobState::Failed;
             }
@@ -667,7 +725,45 @@ fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
         if c.timeout_secs == 0 { Deadline::none() } else { Deadline::after(Duration::from_secs(c.timeout_secs)) };
     let ctl = Control::new().with_cancel(cancel.clone()).with_deadline(deadline);
     match store.compress(&job.backup, &settings.compress_options(), &ctl) {
-        Ok(_) => Outcome::Done,
+        Ok(_) => Outcome::Done(None),
+        Err(e) => {
+            if let Some(why) = backup_gone(store, job) {
+                Outcome::Cancelled(why)
+            } else if e.kind == ErrorKind::Cancelled && cancel.is_cancelled() {
+                Outcome::Interrupted(e)
+            } else {
+                Outcome::Failed(e)
+            }
+        }
+    }
+}
+
+/// The screenshot of validation job `id`: `STORE/jobs/<id>.png`.
+pub fn screenshot_path(store: &Store, id: &str) -> PathBuf {
+    store.jobs_dir().join(format!("{id}.png"))
+}
+
+fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelToken) -> Outcome {
+    if let Some(why) = backup_gone(store, job) {
+        return Outcome::Cancelled(why);
+    }
+    let v = &settings.validation;
+    let deadline =
+        if v.timeout_secs == 0 { Deadline::none() } else { Deadline::after(Duration::from_secs(v.timeout_secs)) };
+    let ctl = Control::new().with_cancel(cancel.clone()).with_deadline(deadline);
+    let work = store.jobs_dir().join(format!(".{}.work", job.id));
+    let shot = screenshot_path(store, &job.id);
+    let r = store.validate(&job.backup, v, &work, Some(&shot), &ctl);
+    let _ = fs::remove_dir_all(&work);
+    match r {
+        Ok(report) => {
+            let value = serde_json::to_value(&report).expect("a report serializes");
+            if report.ok {
+                Outcome::Done(Some(value))
+            } else {
+                Outcome::Rejected(format!("backup {} is not valid: {}", job.backup, report.problems.join("; ")), value)
+            }
+        }
         Err(e) => {
             if let Some(why) = backup_gone(store, job) {
                 Outcome::Cancelled(why)
@@ -683,6 +779,7 @@ fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
 fn execute(store: &Store, job: &Job, settings: &Settings, cancel: &CancelToken) -> Outcome {
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.kind {
         JobKind::Compress => compress_job(store, job, settings, cancel),
+        JobKind::Validate => validate_job(store, job, settings, cancel),
     }));
     run.unwrap_or_else(|p| {
         let what = p
@@ -792,8 +889,8 @@ pub fn run_jobs(store: &Store, opts: &RunOptions) -> Result<RunSummary> {
         error: Mutex::new(None),
         summary: Mutex::new(RunSummary::default()),
     };
-    if settings.compression.enabled {
-        let workers = settings.compression.max_concurrent_per_host.max(1);
+    let workers: u32 = JobKind::ALL.iter().map(|k| k.limits(&settings)).filter(|l| l.0).map(|l| l.1.max(1)).sum();
+    if workers > 0 {
         std::thread::scope(|s| {
             for i in 0..workers {
                 let (settings, shared) = (&settings, &shared);
@@ -808,7 +905,7 @@ pub fn run_jobs(store: &Store, opts: &RunOptions) -> Result<RunSummary> {
         return Err(e);
     }
     let mut summary = shared.summary.into_inner().unwrap_or_else(|p| p.into_inner());
-    summary.disabled = !settings.compression.enabled;
+    summary.disabled = workers == 0;
     summary.left_queued = store.jobs()?.into_iter().filter(|j| j.state == JobState::Queued).map(|j| j.id).collect();
     if opts.cancel.is_cancelled() {
         return Err(KnibError::new(

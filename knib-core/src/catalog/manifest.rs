@@ -76,7 +76,14 @@ pub struct Manifest {
 
 impl Manifest {
     /// A new manifest, taken now, with no volume yet.
-    pub fn new(id: &str, vm: &str, kind: BackupKind, parent: Option<String>, position: u32, end_of_chain: bool) -> Manifest {
+    pub fn new(
+        id: &str,
+        vm: &str,
+        kind: BackupKind,
+        parent: Option<String>,
+        position: u32,
+        end_of_chain: bool,
+    ) -> Manifest {
         Manifest {
             schema: MANIFEST_SCHEMA,
             id: id.to_string(),
@@ -117,11 +124,7 @@ impl Manifest {
     pub fn volume(&self, name: &str) -> Result<&VolumeEntry> {
         self.volumes.iter().find(|v| v.name == name).ok_or_else(|| {
             let names: Vec<_> = self.volumes.iter().map(|v| v.name.as_str()).collect();
-            KnibError::not_found(format!(
-                "backup {} has no volume {name:?} (it has: {})",
-                self.id,
-                names.join(", ")
-            ))
+            KnibError::not_found(format!("backup {} has no volume {name:?} (it has: {})", self.id, names.join(", ")))
         })
     }
 }

@@ -24,12 +24,13 @@
 //!   head makes the next backup a full one.
 //! - Caller names (VM, volume, backup id) are checked by [`crate::names`].
 
+pub mod jobs;
 #[cfg(feature = "libvirt")]
 pub mod live;
-pub mod jobs;
 pub mod lock;
-pub mod settings;
 pub mod manifest;
+pub mod settings;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -287,9 +288,8 @@ impl Store {
         let mut chain = vec![m.clone()];
         let mut cur = m.clone();
         while let Some(p) = cur.parent.clone() {
-            let pm = Manifest::load(&self.vm_dir(&m.vm).join(&p).join("manifest.json")).map_err(|e| {
-                e.context(format!("parent {p} of backup {}", cur.id))
-            })?;
+            let pm = Manifest::load(&self.vm_dir(&m.vm).join(&p).join("manifest.json"))
+                .map_err(|e| e.context(format!("parent {p} of backup {}", cur.id)))?;
             if chain.len() > 100_000 {
                 return Err(KnibError::corrupt(format!("backup {} has a parent loop", m.id)));
             }
@@ -339,11 +339,7 @@ impl Store {
             if d.path.exists() {
                 all_on_base &= engine::take::inspect_disk(q, &d.name, &d.path, ctl)?.on_knib_base;
             } else if !engine::take::base_path(&d.path).exists() {
-                return Err(KnibError::not_found(format!(
-                    "disk {}: {} does not exist",
-                    d.name,
-                    d.path.display()
-                )));
+                return Err(KnibError::not_found(format!("disk {}: {} does not exist", d.name, d.path.display())));
             }
         }
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
@@ -429,7 +425,9 @@ impl Store {
                         kind = BackupKind::Incremental;
                         parent = Some(head);
                     } else {
-                        log::warn!("a disk of {vm} does not run on a delta since its last backup: taking a full backup");
+                        log::warn!(
+                            "a disk of {vm} does not run on a delta since its last backup: taking a full backup"
+                        );
                     }
                 }
             }
@@ -482,11 +480,7 @@ impl Store {
         if m.compression.is_some() {
             return Ok(m);
         }
-        let files: Vec<PathBuf> = m
-            .volumes
-            .iter()
-            .map(|v| self.backup_dir(&m).join(&v.file))
-            .collect();
+        let files: Vec<PathBuf> = m.volumes.iter().map(|v| self.backup_dir(&m).join(&v.file)).collect();
         for v in &m.volumes {
             self.chain_files(&m, &v.name)?;
         }
@@ -605,6 +599,13 @@ impl Store {
     pub fn delete(&self, id: &str) -> Result<DeleteOutcome> {
         let m = self.show(id)?;
         let _lock = self.lock_vm(&m.vm, &format!("delete of {id}"))?;
+        if let Some(j) = self.running_validation(id)? {
+            let pid = j.owner.as_ref().map(|o| o.pid).unwrap_or_default();
+            return Err(KnibError::busy(format!(
+                "backup {id} is busy: validation job {} (pid {pid}) is running; try again when it ends",
+                j.id
+            )));
+        }
         let all = self.manifests(&m.vm)?;
         let mut m = all
             .iter()

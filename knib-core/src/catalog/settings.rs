@@ -15,13 +15,33 @@
 //! | `compression.coroutines` | `backup.compression.coroutines` (`qemu-img -m`, 1 to 16) | `1` |
 //! | `compression.rate_limit_mbps` | `backup.compression.rate.limit` (MB/s, < 1 = none) | `0` |
 //! | `compression.library` | offering's `compressionlibrary` (`zstd` or `zlib`) | `"zstd"` |
+//! | `validation.enabled` | (offering's `validate`; job processing on) | `true` |
+//! | `validation.max_concurrent_per_host` | (validation jobs at once on a host) | `1` |
+//! | `validation.max_retries` | (retries of a validation that could not run) | `2` |
+//! | `validation.retry_interval_secs` | | `3600` |
+//! | `validation.timeout_secs` | (one validation job; 0 = no limit) | `3600` |
+//! | `validation.boot` | (boot test in validation jobs) | `false` |
+//! | `validation.connect` | libvirt URI of the boot test | `"qemu:///system"` |
+//! | `validation.kernel`, `validation.initrd`, `validation.cmdline` | boot a kernel directly (else the first disk through the firmware) | none |
+//! | `validation.memory_mib` | guest memory | `512` |
+//! | `validation.boot_timeout_secs` | wait for `guest-sync` | `300` |
+//! | `validation.screenshot` | save a PNG screenshot (`STORE/jobs/<job>.png`) | `true` |
+//! | `validation.command` | `["/path", "arg", ...]` run through `guest-exec` | none |
+//! | `validation.expect_exit` | exit code the command must end with | `0` |
+//! | `validation.expect_output` | output it must print (trailing white space ignored) | none |
+//! | `validation.domain_type` | `kvm` or `qemu` | chosen by the host |
+//!
+//! A validation job always runs `qemu-img check` on every file of the
+//! backup's chains, compares backing pointers and sizes with the manifest,
+//! and checks the hash (recorded at the first success); with
+//! `validation.boot` it also boots the backup.
 //!
 //! Keys may be written flat (`{"schema": 1, "compression.max_retries": 3}`)
 //! or nested (`{"schema": 1, "compression": {"max_retries": 3}}`). An unknown
 //! key, a key given twice, a value of the wrong type or out of range is an
 //! [`crate::ErrorKind::InvalidInput`] error naming the key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -47,6 +67,23 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("compression.coroutines", "backup.compression.coroutines"),
     ("compression.rate_limit_mbps", "backup.compression.rate.limit"),
     ("compression.library", "offering compressionlibrary"),
+    ("validation.enabled", "offering validate"),
+    ("validation.max_concurrent_per_host", "validation jobs per host"),
+    ("validation.max_retries", "validation job retries"),
+    ("validation.retry_interval_secs", "validation retry interval"),
+    ("validation.timeout_secs", "validation job timeout"),
+    ("validation.boot", "boot test"),
+    ("validation.connect", "libvirt URI"),
+    ("validation.kernel", "boot test kernel"),
+    ("validation.initrd", "boot test initrd"),
+    ("validation.cmdline", "boot test kernel command line"),
+    ("validation.memory_mib", "boot test memory"),
+    ("validation.boot_timeout_secs", "wait-for-boot timeout"),
+    ("validation.screenshot", "boot test screenshot"),
+    ("validation.command", "boot test guest command"),
+    ("validation.expect_exit", "guest command exit code"),
+    ("validation.expect_output", "guest command output"),
+    ("validation.domain_type", "boot test domain type"),
 ];
 
 /// How compression jobs run (see the module's table for the keys).
@@ -89,11 +126,77 @@ impl Default for CompressionSettings {
     }
 }
 
+/// How validation jobs run (see the module's table for the keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidationSettings {
+    /// Whether `jobs run` runs validation jobs (queued ones wait when not).
+    pub enabled: bool,
+    /// Validation jobs running at once on one host, all runners together.
+    pub max_concurrent_per_host: u32,
+    /// Retries after an attempt that could not run (a backup found bad is
+    /// failed at once: checking it again would not change it).
+    pub max_retries: u32,
+    /// Seconds between such an attempt and the next.
+    pub retry_interval_secs: u64,
+    /// Time budget of one attempt, in seconds; 0 = no limit.
+    pub timeout_secs: u64,
+    /// Boot the backup in a throwaway domain.
+    pub boot: bool,
+    /// The libvirt URI of the boot test.
+    pub connect: String,
+    /// A kernel to boot directly.
+    pub kernel: Option<PathBuf>,
+    /// Its initrd.
+    pub initrd: Option<PathBuf>,
+    /// Its command line.
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Seconds the guest agent has to answer.
+    pub boot_timeout_secs: u64,
+    /// Save a screenshot.
+    pub screenshot: bool,
+    /// A command to run in the guest: program then arguments.
+    pub command: Vec<String>,
+    /// The exit code the command must end with.
+    pub expect_exit: Option<i64>,
+    /// The output the command must print.
+    pub expect_output: Option<String>,
+    /// libvirt's domain type (`kvm` or `qemu`); none = chosen by the host.
+    pub domain_type: Option<String>,
+}
+
+impl Default for ValidationSettings {
+    fn default() -> Self {
+        ValidationSettings {
+            enabled: true,
+            max_concurrent_per_host: 1,
+            max_retries: 2,
+            retry_interval_secs: 3600,
+            timeout_secs: 3600,
+            boot: false,
+            connect: "qemu:///system".into(),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            memory_mib: 512,
+            boot_timeout_secs: 300,
+            screenshot: true,
+            command: Vec::new(),
+            expect_exit: None,
+            expect_output: None,
+            domain_type: None,
+        }
+    }
+}
+
 /// The settings of a store.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Settings {
     /// Compression jobs.
     pub compression: CompressionSettings,
+    /// Validation jobs.
+    pub validation: ValidationSettings,
 }
 
 fn flatten(prefix: &str, obj: &serde_json::Map<String, Value>, out: &mut Vec<(String, Value)>) {
@@ -142,9 +245,70 @@ impl Settings {
             }
             seen.push(key.clone());
             let c = &mut s.compression;
+            let val = &mut s.validation;
             let type_err = |want: &str| bad(format!("{key} must be {want}, not {value}"));
             let uint = |max: u64| value.as_u64().filter(|n| *n <= max);
+            let boolean = || value.as_bool().ok_or_else(|| type_err("true or false"));
+            let text = || value.as_str().map(str::to_string).ok_or_else(|| type_err("a string"));
+            let path = || {
+                value
+                    .as_str()
+                    .filter(|p| p.starts_with('/'))
+                    .map(PathBuf::from)
+                    .ok_or_else(|| type_err("an absolute path"))
+            };
             match key.as_str() {
+                "validation.enabled" => val.enabled = boolean()?,
+                "validation.max_concurrent_per_host" => {
+                    val.max_concurrent_per_host =
+                        uint(1024).filter(|n| *n >= 1).ok_or_else(|| type_err("a whole number from 1 to 1024"))? as u32
+                }
+                "validation.max_retries" => {
+                    val.max_retries = uint(1_000_000).ok_or_else(|| type_err("a whole number, 0 or more"))? as u32
+                }
+                "validation.retry_interval_secs" => {
+                    val.retry_interval_secs =
+                        uint(u32::MAX as u64).ok_or_else(|| type_err("a number of seconds, 0 or more"))?
+                }
+                "validation.timeout_secs" => {
+                    val.timeout_secs = uint(u32::MAX as u64)
+                        .ok_or_else(|| type_err("a number of seconds, 0 or more (0 = no limit)"))?
+                }
+                "validation.boot" => val.boot = boolean()?,
+                "validation.connect" => val.connect = text()?,
+                "validation.kernel" => val.kernel = Some(path()?),
+                "validation.initrd" => val.initrd = Some(path()?),
+                "validation.cmdline" => val.cmdline = Some(text()?),
+                "validation.memory_mib" => {
+                    val.memory_mib =
+                        uint(1 << 20).filter(|n| *n >= 64).ok_or_else(|| type_err("a number of MiB, 64 or more"))?
+                }
+                "validation.boot_timeout_secs" => {
+                    val.boot_timeout_secs = uint(u32::MAX as u64)
+                        .filter(|n| *n >= 1)
+                        .ok_or_else(|| type_err("a number of seconds, 1 or more"))?
+                }
+                "validation.screenshot" => val.screenshot = boolean()?,
+                "validation.command" => {
+                    let want = "a list of strings, the program (an absolute path in the guest) first";
+                    let list = value.as_array().ok_or_else(|| type_err(want))?;
+                    let words: Option<Vec<String>> = list.iter().map(|w| w.as_str().map(str::to_string)).collect();
+                    let words = words
+                        .filter(|w| w.first().is_some_and(|p| p.starts_with('/')))
+                        .ok_or_else(|| type_err(want))?;
+                    val.command = words;
+                }
+                "validation.expect_exit" => {
+                    val.expect_exit = Some(value.as_i64().ok_or_else(|| type_err("a whole number"))?)
+                }
+                "validation.expect_output" => val.expect_output = Some(text()?),
+                "validation.domain_type" => {
+                    let t = text()?;
+                    if t != "kvm" && t != "qemu" {
+                        return Err(type_err("\"kvm\" or \"qemu\""));
+                    }
+                    val.domain_type = Some(t);
+                }
                 "compression.enabled" => c.enabled = value.as_bool().ok_or_else(|| type_err("true or false"))?,
                 "compression.max_concurrent_per_host" => {
                     c.max_concurrent_per_host =
@@ -196,7 +360,7 @@ impl Settings {
     /// The settings as the file would hold them (flat keys, every one).
     pub fn to_json(&self) -> Value {
         let c = &self.compression;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "schema": SETTINGS_SCHEMA,
             "compression.enabled": c.enabled,
             "compression.max_concurrent_per_host": c.max_concurrent_per_host,
@@ -207,7 +371,18 @@ impl Settings {
             "compression.coroutines": c.coroutines,
             "compression.rate_limit_mbps": c.rate_limit_mbps,
             "compression.library": c.library.as_str(),
-        })
+        });
+        if let (Value::Object(out), Value::Object(val)) =
+            (&mut v, serde_json::to_value(&self.validation).expect("settings serialize"))
+        {
+            for (k, x) in val {
+                let unset = x.is_null() || x.as_array().is_some_and(|a| a.is_empty());
+                if !unset {
+                    out.insert(format!("validation.{k}"), x);
+                }
+            }
+        }
+        v
     }
 
     /// The compression options of a compression job.
@@ -244,6 +419,9 @@ mod tests {
         );
         assert_eq!((c.min_free_factor, c.coroutines, c.rate_limit_mbps), (1.0, 1, 0));
         assert_eq!(c.library, CompressionLibrary::Zstd);
+        let v = &s.validation;
+        assert!(v.enabled && !v.boot && v.screenshot);
+        assert_eq!((v.max_concurrent_per_host, v.max_retries, v.timeout_secs), (1, 2, 3600));
     }
 
     #[test]
@@ -255,6 +433,17 @@ mod tests {
         assert_eq!(a.compression.library, CompressionLibrary::Zlib);
         assert_eq!(parse(&a.to_json().to_string()).unwrap(), a);
         assert_eq!(parse(r#"{"schema":1,"compression.rate_limit_mbps":-3}"#).unwrap().compression.rate_limit_mbps, 0);
+        let v = parse(
+            r#"{"schema": 1, "validation": {"boot": true, "kernel": "/boot/vmlinuz", "command": ["/bin/uname", "-s"],
+                "expect_output": "Linux", "max_concurrent_per_host": 2, "domain_type": "qemu"}}"#,
+        )
+        .unwrap();
+        assert!(v.validation.boot);
+        assert_eq!(v.validation.kernel.as_deref(), Some(Path::new("/boot/vmlinuz")));
+        assert_eq!(v.validation.command, ["/bin/uname", "-s"]);
+        assert_eq!(v.validation.max_concurrent_per_host, 2);
+        assert_eq!(parse(&v.to_json().to_string()).unwrap(), v);
+        assert_eq!(parse(&Settings::default().to_json().to_string()).unwrap(), Settings::default());
     }
 
     #[test]
@@ -270,6 +459,10 @@ mod tests {
             (r#"{"schema": 1, "compression.min_free_factor": -1}"#, "compression.min_free_factor"),
             (r#"{"schema": 1, "compression.library": "lz4"}"#, "compression.library"),
             (r#"{"schema": 1, "compression.timeout_secs": 1.5}"#, "compression.timeout_secs"),
+            (r#"{"schema": 1, "validation.command": ["uname"]}"#, "validation.command"),
+            (r#"{"schema": 1, "validation.kernel": "vmlinuz"}"#, "validation.kernel"),
+            (r#"{"schema": 1, "validation.domain_type": "xen"}"#, "validation.domain_type"),
+            (r#"{"schema": 1, "validation": {"boot": "yes"}}"#, "validation.boot"),
             (r#"{"schema": 1, "compression.enabled": true, "compression": {"enabled": false}}"#, "given twice"),
             (r#"{"compression.enabled": true}"#, "schema"),
             (r#"{"schema": 2}"#, "schema"),
