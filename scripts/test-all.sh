@@ -9,3 +9,5 @@ cargo build --workspace --all-targets
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
 # The C ABI: header drift, then the C programs under ASan/UBSan and Valgrind.
 bash scripts/test-c.sh
+# The Java bindings: the io.knib classes and their JUnit tests under -Xcheck:jni.
+bash scripts/test-java.sh

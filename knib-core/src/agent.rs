@@ -1,11 +1,742 @@
 //! The CloudStack KVM agent's operations as JSON requests (`agent.*` ops of
-//! [`crate::api::call`]): path-based, stateless, one per agent command
-//! wrapper. The Java facade maps each wrapper onto one of these.
+//! [`crate::api::call`]): path-based and stateless, one per agent command
+//! wrapper. The Java facade (`io.knib.Knib`) maps each wrapper onto one of
+//! these; `java/README.md` maps each transfer-object field onto a request
+//! field.
+//!
+//! Every path is a local path (the agent mounts the store; knib never
+//! does). Requests follow the rules of [`crate::api`]: unknown fields are
+//! refused, naming the field; `"schema": 1` may be given. Every request may
+//! carry `timeout_secs` (the command's `wait`): the operation's time budget,
+//! together with the caller's own (the sooner wins); 0 or absent = none.
+//!
+//! | op | request | answer |
+//! |---|---|---|
+//! | `agent.take_backup` | `domain`, `connect`?, `running`?, `quiesce`, `end_of_chain`, `isolated`, `volumes`: `[{"uuid","path","delta_path_on_primary","delta_path_on_store","parent_backup_path"?,"merge"?:{"parent","child","grand_children"?},"vm_snapshot_delta_paths"?}]` | `{"kind","vm_consistent":true,"volumes":[{"uuid","target","new_volume_path","delta_path_on_store","size","virtual_size"}]}` |
+//! | `agent.cleanup_vm_backup` | the request of the failed `agent.take_backup` (`quiesce` is ignored) | `{"published","vm_consistent":true,"volumes":[{"uuid","target","path"}],"actions":[...]}` |
+//! | `agent.compress` | `files`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps` (0), `min_free_factor` (1.0), `min_free_bytes`? | `{"compressed":[{"path","comp_path","original_size","compressed_size","library"}]}` |
+//! | `agent.finalize_compression` | `files`, `cleanup` (false) | `{"finalized":[{"path","size"}]}` or, with `cleanup`, `{"discarded":[path]}` |
+//! | `agent.restore` | `volumes`: `[{"uuid"?,"backup_path","volume_path"}]`, `quick_restore`, `deltas_to_remove` | `{"volumes":[{"uuid","path","backing"}],"removed":[path]}` |
+//! | `agent.consolidate` | `domain`, `connect`?, `volumes`: `[{"uuid","path"}]` | `{"consolidated":[{"uuid","target","path","pulled"}]}` |
+//! | `agent.prepare_validation` | `vm_name`, `work_dir`, `volumes`: `[{"uuid","backup_path"}]` | `{"volumes":[{"uuid","backup_path","overlay_path"}]}` |
+//! | `agent.validate` | `disks`: `[{"target","path"}]`, `work_dir`, `memory_mib` (512), `wait_for_boot` (true), `boot_timeout_secs` (300), `take_screenshot`, `screenshot_path`?, `execute_script`, `script`?, `script_arguments`?, `expected_result`?, `kernel`?, `initrd`?, `cmdline`?, `domain_type`?, `connect`?, `vm_name`? | `{"boot_validated","boot_seconds","screenshot_path","script_result","script_exit_code","passed","problems"}` |
+//! | `agent.take_hash` | `files` (the backup's chain, root first), `backup_uuid`? | `{"backup_uuid","hash","files":[{"path","hash"}]}` |
+//! | `agent.cleanup_validation` | `vm_name`, `work_dir`?, `connect`? | `{"domain_removed","removed":[path]}` |
+//! | `agent.merge_snapshot` | `domain`, `connect`?, `running`?, `merges`: `[{"uuid"?,"parent","child","grand_children"?}]` | `{"volumes":[{"uuid","target","path"}]}` |
+//!
+//! # Backups (`agent.take_backup`, `agent.cleanup_vm_backup`)
+//!
+//! Each volume of the domain is named by the file it runs on (`path`, the
+//! VolumeObjectTO's path) and finds its disk target by it. Its plan for
+//! [`crate::engine::live::take`]: the new delta is `delta_path_on_primary`;
+//! the delta written since the last backup is `merge.child` (it must be
+//! `path`), committed after the copy into `merge.parent`, the base; without
+//! `merge` the volume runs on its base alone. A volume with
+//! `parent_backup_path` is copied incrementally (only the delta, the parent
+//! backup as its backing file, written relative to the new file); without
+//! one, the flattened chain is copied (full). All volumes of a request are
+//! of the same kind; `isolated` is a full copy that leaves the chain as it
+//! was (`end_of_chain` is then moot). `vm_snapshot_delta_paths` (VM
+//! snapshots taken since the last backup) are accepted for a full backup,
+//! whose flattened copy holds them, and refused for an incremental one
+//! (its copy would hold only the top layer). The directory of each
+//! `delta_path_on_store` is created when missing.
+//!
+//! The agent path keeps no journal (CloudStack's management server keeps
+//! the records): a failed `agent.take_backup` says whether the VM was left
+//! consistent, and `agent.cleanup_vm_backup`, given the same request, works
+//! out the step that was reached from the domain's chains and the files on
+//! the store. Every `delta_path_on_store` present means the copy was
+//! complete: the backup is finished (merges, end of chain). Otherwise it is
+//! undone (what is on the store is removed, the new delta committed back),
+//! so the next incremental backup still holds every write.
+//!
+//! # Restore
+//!
+//! `agent.restore` writes every volume to a hidden staging file beside its
+//! `volume_path` first (a flattened copy, or with `quick_restore` an empty
+//! qcow2 overlay whose backing file is the backup), and only when all are
+//! written renames them over the volumes; on a failure no volume has
+//! changed. Then each of `deltas_to_remove` (files of the old chains on
+//! primary) is removed. The domain must be stopped (the agent's job).
+//! `agent.consolidate` later pulls the backup's data into each quick-restored
+//! volume (block pull, polled; aborted when the time budget runs out).
+//!
+//! # Validation
+//!
+//! `agent.prepare_validation` makes one qcow2 overlay per volume of the
+//! backup in `work_dir`, named `<vm_name>-<uuid>.knib-validation.qcow2`
+//! (the backup is only ever read). `agent.validate` boots a throwaway domain
+//! on `disks` (the prepared overlays, or backup files) with
+//! [`crate::engine::validate::boot_test`], which puts overlays of its own on
+//! top (so a validation can be run again on the same files) and removes its
+//! domain afterwards; `expected_result` is an exit code when it is an
+//! integer, else the expected output. With `wait_for_boot` false, a guest
+//! agent that does not answer is not a failure. The command gets the
+//! engine's 60 s. `agent.cleanup_validation` destroys (and undefines) a
+//! domain named `vm_name`, if there is one, and removes the overlays
+//! `prepare_validation` made in `work_dir`.
 
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::api::{parse, to_json};
+use crate::engine::{self, CompressOptions};
 use crate::error::{KnibError, Result};
-use crate::progress::Control;
+use crate::fsio;
+use crate::progress::{Control, Deadline};
+use crate::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
 
-/// Run agent operation `op` (named `agent.<name>`).
-pub fn call(op: &str, _request: &str, _ctl: &Control) -> Result<String> {
-    Err(KnibError::invalid(format!("unknown operation {op:?}")))
+/// Every agent operation.
+pub const OPS: [&str; 11] = [
+    "agent.take_backup",
+    "agent.compress",
+    "agent.finalize_compression",
+    "agent.restore",
+    "agent.consolidate",
+    "agent.prepare_validation",
+    "agent.validate",
+    "agent.take_hash",
+    "agent.cleanup_validation",
+    "agent.cleanup_vm_backup",
+    "agent.merge_snapshot",
+];
+
+/// The suffix of the overlays `agent.prepare_validation` makes.
+pub const VALIDATION_SUFFIX: &str = ".knib-validation.qcow2";
+
+fn default_one() -> u32 {
+    1
+}
+fn default_factor() -> f64 {
+    1.0
+}
+fn default_true() -> bool {
+    true
+}
+fn default_memory() -> u64 {
+    512
+}
+fn default_boot_timeout() -> u64 {
+    300
+}
+
+/// One volume of a backup, as the agent's KbossTO describes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupVolume {
+    pub uuid: String,
+    pub path: PathBuf,
+    pub delta_path_on_primary: PathBuf,
+    pub delta_path_on_store: PathBuf,
+    #[serde(default)]
+    pub parent_backup_path: Option<PathBuf>,
+    #[serde(default)]
+    pub merge: Option<MergeTree>,
+    #[serde(default)]
+    pub vm_snapshot_delta_paths: Vec<PathBuf>,
+}
+
+/// A DeltaMergeTreeTO: `child` is committed into `parent`; `grand_children`
+/// used `child` as their backing file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MergeTree {
+    pub parent: PathBuf,
+    pub child: PathBuf,
+    /// Accepted as the transfer object carries it; after a backup's copy
+    /// the only child of `child` is the new delta, which the merge itself
+    /// moves onto `parent`.
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub grand_children: Vec<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TakeReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    pub domain: String,
+    #[serde(default)]
+    pub connect: Option<String>,
+    #[serde(default)]
+    pub running: Option<bool>,
+    #[serde(default)]
+    pub quiesce: bool,
+    #[serde(default)]
+    pub end_of_chain: bool,
+    #[serde(default)]
+    pub isolated: bool,
+    pub volumes: Vec<BackupVolume>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompressReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    files: Vec<PathBuf>,
+    #[serde(default)]
+    library: CompressionLibrary,
+    #[serde(default = "default_one")]
+    coroutines: u32,
+    #[serde(default)]
+    rate_limit_mbps: u64,
+    #[serde(default = "default_factor")]
+    min_free_factor: f64,
+    #[serde(default)]
+    min_free_bytes: Option<u64>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FinalizeReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    files: Vec<PathBuf>,
+    #[serde(default)]
+    cleanup: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreVolume {
+    #[serde(default)]
+    uuid: Option<String>,
+    backup_path: PathBuf,
+    volume_path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    volumes: Vec<RestoreVolume>,
+    #[serde(default)]
+    quick_restore: bool,
+    #[serde(default)]
+    deltas_to_remove: Vec<PathBuf>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VolumeRef {
+    #[serde(default)]
+    pub uuid: Option<String>,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConsolidateReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    pub domain: String,
+    #[serde(default)]
+    pub connect: Option<String>,
+    pub volumes: Vec<VolumeRef>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareVolume {
+    uuid: String,
+    backup_path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    vm_name: String,
+    work_dir: PathBuf,
+    volumes: Vec<PrepareVolume>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ValidateDisk {
+    pub target: String,
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ValidateReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    #[serde(default)]
+    pub vm_name: Option<String>,
+    #[serde(default)]
+    pub connect: Option<String>,
+    pub disks: Vec<ValidateDisk>,
+    pub work_dir: PathBuf,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u64,
+    #[serde(default = "default_true")]
+    pub wait_for_boot: bool,
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_secs: u64,
+    #[serde(default)]
+    pub take_screenshot: bool,
+    #[serde(default)]
+    pub screenshot_path: Option<PathBuf>,
+    #[serde(default)]
+    pub execute_script: bool,
+    #[serde(default)]
+    pub script: Option<String>,
+    #[serde(default)]
+    pub script_arguments: Option<String>,
+    #[serde(default)]
+    pub expected_result: Option<String>,
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    #[serde(default)]
+    pub domain_type: Option<String>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HashReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    files: Vec<PathBuf>,
+    #[serde(default)]
+    backup_uuid: Option<String>,
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CleanupValidationReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    pub vm_name: String,
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub connect: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SnapshotMerge {
+    #[serde(default)]
+    pub uuid: Option<String>,
+    pub parent: PathBuf,
+    pub child: PathBuf,
+    #[serde(default)]
+    pub grand_children: Vec<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MergeReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    pub domain: String,
+    #[serde(default)]
+    pub connect: Option<String>,
+    #[serde(default)]
+    pub running: Option<bool>,
+    pub merges: Vec<SnapshotMerge>,
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// One file and its size.
+#[derive(Debug, Serialize)]
+struct SizedFile {
+    path: PathBuf,
+    size: u64,
+}
+
+/// The caller's control, with the request's own budget when it is sooner.
+fn budget(ctl: &Control, secs: Option<u64>) -> Control {
+    match secs.filter(|s| *s > 0).map(Duration::from_secs) {
+        Some(b) if ctl.deadline.remaining().is_none_or(|r| r > b) => ctl.clone().with_deadline(Deadline::after(b)),
+        _ => ctl.clone(),
+    }
+}
+
+/// Fail unless `p` (field `field` of the request of `op`) is absolute.
+fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(KnibError::invalid(format!(
+            "request of {op}: field `{field}`: {} is not an absolute path",
+            p.display()
+        )))
+    }
+}
+
+fn non_empty<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
+    if v.is_empty() {
+        Err(KnibError::invalid(format!("request of {op}: field `{field}` is empty")))
+    } else {
+        Ok(())
+    }
+}
+
+/// `p` with symbolic links and `..` resolved, or as given when it does not
+/// exist.
+fn canonical(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Whether `a` and `b` name the same file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || canonical(a) == canonical(b)
+}
+
+/// The path of `to` relative to directory `from` (both absolute), as a
+/// backing pointer: `../<parent>/vol.qcow2`.
+pub fn relative_pointer(from: &Path, to: &Path) -> String {
+    let (from, to) = (canonical(from), canonical(to));
+    let a: Vec<Component> = from.components().collect();
+    let b: Vec<Component> = to.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..a.len() {
+        out.push("..");
+    }
+    for c in &b[common..] {
+        out.push(c.as_os_str());
+    }
+    out.to_string_lossy().into_owned()
+}
+
+/// Run agent operation `op` (named `agent.<name>`) on the JSON request
+/// `request`; the answer is JSON.
+pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
+    #[cfg(not(feature = "libvirt"))]
+    if matches!(
+        op,
+        "agent.take_backup"
+            | "agent.cleanup_vm_backup"
+            | "agent.consolidate"
+            | "agent.validate"
+            | "agent.cleanup_validation"
+            | "agent.merge_snapshot"
+    ) {
+        return Err(crate::api::no_libvirt(op));
+    }
+    match op {
+        #[cfg(feature = "libvirt")]
+        "agent.take_backup" => {
+            let r: TakeReq = parse(op, request)?;
+            live::take_backup(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        #[cfg(feature = "libvirt")]
+        "agent.cleanup_vm_backup" => {
+            let r: TakeReq = parse(op, request)?;
+            live::cleanup_vm_backup(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        #[cfg(feature = "libvirt")]
+        "agent.consolidate" => {
+            let r: ConsolidateReq = parse(op, request)?;
+            live::consolidate(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        #[cfg(feature = "libvirt")]
+        "agent.validate" => {
+            let r: ValidateReq = parse(op, request)?;
+            live::validate(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        #[cfg(feature = "libvirt")]
+        "agent.cleanup_validation" => {
+            let r: CleanupValidationReq = parse(op, request)?;
+            live::cleanup_validation(op, &r)
+        }
+        #[cfg(feature = "libvirt")]
+        "agent.merge_snapshot" => {
+            let r: MergeReq = parse(op, request)?;
+            live::merge_snapshot(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        "agent.compress" => {
+            let r: CompressReq = parse(op, request)?;
+            compress(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        "agent.finalize_compression" => {
+            let r: FinalizeReq = parse(op, request)?;
+            non_empty(op, "files", &r.files)?;
+            for (i, f) in r.files.iter().enumerate() {
+                absolute(op, &format!("files[{i}]"), f)?;
+            }
+            engine::finalize(&r.files, !r.cleanup)?;
+            if r.cleanup {
+                to_json(&json!({ "discarded": r.files }))
+            } else {
+                let done = r
+                    .files
+                    .iter()
+                    .map(|f| Ok(SizedFile { path: f.clone(), size: fsio::file_size(f)? }))
+                    .collect::<Result<Vec<_>>>()?;
+                to_json(&json!({ "finalized": done }))
+            }
+        }
+        "agent.restore" => {
+            let r: RestoreReq = parse(op, request)?;
+            restore(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        "agent.prepare_validation" => {
+            let r: PrepareReq = parse(op, request)?;
+            prepare_validation(op, &r, &budget(ctl, r.timeout_secs))
+        }
+        "agent.take_hash" => {
+            let r: HashReq = parse(op, request)?;
+            non_empty(op, "files", &r.files)?;
+            for (i, f) in r.files.iter().enumerate() {
+                absolute(op, &format!("files[{i}]"), f)?;
+            }
+            let (hash, each) = engine::hash::hash_chain(&r.files, &budget(ctl, r.timeout_secs))?;
+            let files: Vec<_> = r.files.iter().zip(each).map(|(p, h)| json!({"path": p, "hash": h})).collect();
+            to_json(&json!({"backup_uuid": r.backup_uuid, "hash": hash, "files": files}))
+        }
+        _ => Err(KnibError::invalid(format!("unknown operation {op:?}: the agent operations are {}", OPS.join(", ")))),
+    }
+}
+
+fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<String> {
+    non_empty(op, "files", &r.files)?;
+    for (i, f) in r.files.iter().enumerate() {
+        absolute(op, &format!("files[{i}]"), f)?;
+        if !f.is_file() {
+            return Err(KnibError::not_found(format!("backup file {} does not exist", f.display())));
+        }
+    }
+    if let Some(min) = r.min_free_bytes {
+        let dir = r.files[0].parent().unwrap_or(Path::new("/"));
+        fsio::require_space(dir, min, "compression (min_free_bytes)")?;
+    }
+    let opts = CompressOptions {
+        library: r.library,
+        coroutines: r.coroutines,
+        rate_limit_mbps: r.rate_limit_mbps,
+        min_free_factor: r.min_free_factor,
+    };
+    let done = engine::compress(&QemuImg::new(), &r.files, &opts, ctl)?;
+    to_json(&json!({ "compressed": done }))
+}
+
+/// The hidden file a volume is restored to before it replaces the volume.
+fn staging_path(volume: &Path) -> PathBuf {
+    let name = volume.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    volume.with_file_name(format!(".{name}.knib-restore"))
+}
+
+fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<String> {
+    non_empty(op, "volumes", &r.volumes)?;
+    let q = QemuImg::new();
+    for (i, v) in r.volumes.iter().enumerate() {
+        absolute(op, &format!("volumes[{i}].backup_path"), &v.backup_path)?;
+        absolute(op, &format!("volumes[{i}].volume_path"), &v.volume_path)?;
+        if !v.backup_path.is_file() {
+            return Err(KnibError::not_found(format!("backup file {} does not exist", v.backup_path.display())));
+        }
+        if r.volumes[..i].iter().any(|o| same_file(&o.volume_path, &v.volume_path)) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: volume path {} is named twice",
+                v.volume_path.display()
+            )));
+        }
+    }
+    for (i, f) in r.deltas_to_remove.iter().enumerate() {
+        absolute(op, &format!("deltas_to_remove[{i}]"), f)?;
+    }
+    // 1. Every volume to its staging file; on a failure, none is changed.
+    let mut staged: Vec<PathBuf> = Vec::new();
+    let written = (|| -> Result<()> {
+        for v in &r.volumes {
+            let stage = staging_path(&v.volume_path);
+            fsio::remove_if_exists(&stage)?;
+            staged.push(stage.clone());
+            if r.quick_restore {
+                engine::create_overlay(&q, &v.backup_path, &stage, ctl)?;
+            } else {
+                engine::restore(
+                    &q,
+                    &engine::RestoreRequest {
+                        backup_file: v.backup_path.clone(),
+                        dest: stage.clone(),
+                        format: ImageFormat::Qcow2,
+                        overwrite: false,
+                    },
+                    ctl,
+                )?;
+            }
+        }
+        ctl.check("replacing the volumes")
+    })();
+    if let Err(e) = written {
+        for s in &staged {
+            let _ = fsio::remove_if_exists(s);
+            let _ = fsio::remove_if_exists(&fsio::temp_path(s));
+        }
+        return Err(e);
+    }
+    // 2. The volumes are replaced, then the old deltas removed.
+    let mut volumes = Vec::new();
+    for (v, stage) in r.volumes.iter().zip(&staged) {
+        fsio::commit_rename(stage, &v.volume_path)?;
+        let backing = r.quick_restore.then(|| canonical(&v.backup_path));
+        volumes.push(json!({"uuid": v.uuid, "path": v.volume_path, "backing": backing}));
+    }
+    let mut removed = Vec::new();
+    for f in &r.deltas_to_remove {
+        if r.volumes.iter().any(|v| same_file(&v.volume_path, f)) {
+            log::warn!("{op}: {} is a restored volume; it is not removed", f.display());
+            continue;
+        }
+        if f.exists() {
+            fsio::remove_if_exists(f)?;
+            removed.push(f.clone());
+        }
+    }
+    to_json(&json!({"volumes": volumes, "removed": removed}))
+}
+
+/// The overlay `agent.prepare_validation` makes for volume `uuid` of VM
+/// `vm_name`.
+pub fn validation_overlay(work_dir: &Path, vm_name: &str, uuid: &str) -> PathBuf {
+    work_dir.join(format!("{vm_name}-{uuid}{VALIDATION_SUFFIX}"))
+}
+
+fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Result<String> {
+    crate::names::validate("VM name", &r.vm_name)?;
+    non_empty(op, "volumes", &r.volumes)?;
+    absolute(op, "work_dir", &r.work_dir)?;
+    if !r.work_dir.is_dir() {
+        return Err(KnibError::not_found(format!("work directory {} does not exist", r.work_dir.display())));
+    }
+    for (i, v) in r.volumes.iter().enumerate() {
+        crate::names::validate("volume uuid", &v.uuid)?;
+        absolute(op, &format!("volumes[{i}].backup_path"), &v.backup_path)?;
+        if r.volumes[..i].iter().any(|o| o.uuid == v.uuid) {
+            return Err(KnibError::invalid(format!("request of {op}: volume {} is named twice", v.uuid)));
+        }
+    }
+    let q = QemuImg::new();
+    let mut made = Vec::new();
+    let r2 = (|| -> Result<Vec<serde_json::Value>> {
+        let mut out = Vec::new();
+        for v in &r.volumes {
+            let overlay = validation_overlay(&r.work_dir, &r.vm_name, &v.uuid);
+            engine::create_overlay(&q, &v.backup_path, &overlay, ctl)
+                .map_err(|e| e.context(format!("overlay of volume {}", v.uuid)))?;
+            made.push(overlay.clone());
+            out.push(json!({"uuid": v.uuid, "backup_path": v.backup_path, "overlay_path": overlay}));
+        }
+        Ok(out)
+    })();
+    match r2 {
+        Ok(volumes) => to_json(&json!({ "volumes": volumes })),
+        Err(e) => {
+            for f in &made {
+                let _ = fsio::remove_if_exists(f);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A guest command from CloudStack's script fields: the arguments are split
+/// at white space; an integer `expected` is an exit code, anything else the
+/// expected output.
+pub(crate) fn guest_command(script: &str, args: Option<&str>, expected: Option<&str>) -> engine::validate::GuestCommand {
+    let (expect_exit, expect_output) = match expected.map(str::trim) {
+        None | Some("") => (None, None),
+        Some(e) => match e.parse::<i64>() {
+            Ok(code) => (Some(code), None),
+            Err(_) => (None, Some(e.to_string())),
+        },
+    };
+    engine::validate::GuestCommand {
+        path: script.to_string(),
+        args: args.map(|a| a.split_whitespace().map(str::to_string).collect()).unwrap_or_default(),
+        expect_exit,
+        expect_output,
+    }
+}
+
+#[cfg(feature = "libvirt")]
+mod live;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn relative_pointers() {
+        assert_eq!(relative_pointer(Path::new("/s/b2"), Path::new("/s/b1/v.qcow2")), "../b1/v.qcow2");
+        assert_eq!(relative_pointer(Path::new("/s"), Path::new("/s/v.qcow2")), "v.qcow2");
+        assert_eq!(relative_pointer(Path::new("/a/b/c"), Path::new("/x/v")), "../../../x/v");
+    }
+
+    #[test]
+    fn guest_commands_from_script_fields() {
+        let c = guest_command("/bin/check", Some(" -a  b "), Some("3"));
+        assert_eq!((c.args.clone(), c.expect_exit, c.expect_output), (vec!["-a".to_string(), "b".to_string()], Some(3), None));
+        let c = guest_command("/bin/echo", None, Some("hello"));
+        assert_eq!((c.expect_exit, c.expect_output.as_deref()), (None, Some("hello")));
+        assert_eq!(guest_command("/x", None, None).expect_exit, None);
+    }
+
+    #[test]
+    fn bad_agent_requests_name_the_field() {
+        let ctl = Control::new();
+        let e = call("agent.take_hash", r#"{"file": ["/x"]}"#, &ctl).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains("unknown field `file`"), "{e}");
+        let e = call("agent.take_hash", r#"{"files": ["x"]}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `files[0]`: x is not an absolute path"), "{e}");
+        let e = call("agent.compress", r#"{"files": ["/x"], "coroutines": -1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `coroutines`"), "{e}");
+        let e = call("agent.restore", r#"{"volumes": [{"backup_path": "/b"}]}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `volume_path`"), "{e}");
+        let e = call("agent.finalize_compression", r#"{"files": []}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `files` is empty"), "{e}");
+        let e = call("agent.explode", "{}", &ctl).unwrap_err();
+        assert!(e.message.contains("unknown operation \"agent.explode\"") && e.message.contains("agent.take_backup"), "{e}");
+    }
 }

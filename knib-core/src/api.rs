@@ -280,7 +280,7 @@ impl BackupView {
     }
 }
 
-fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
+pub(crate) fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
     let v: Value = serde_json::from_str(json)
         .map_err(|e| KnibError::invalid(format!("request of {op} is not valid JSON: {e}")))?;
     if !v.is_object() {
@@ -304,21 +304,21 @@ fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
     })
 }
 
-fn need<T>(op: &str, field: &str, v: Option<T>) -> Result<T> {
+pub(crate) fn need<T>(op: &str, field: &str, v: Option<T>) -> Result<T> {
     v.ok_or_else(|| KnibError::invalid(format!("request of {op}: missing field `{field}`")))
 }
 
-fn to_json<T: Serialize>(v: &T) -> Result<String> {
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| KnibError::internal(format!("answer does not serialize: {e}")))
 }
 
 #[cfg(feature = "libvirt")]
-fn domain(uri: Option<&str>, name: &str) -> Result<crate::libvirt::Vm> {
+pub(crate) fn domain(uri: Option<&str>, name: &str) -> Result<crate::libvirt::Vm> {
     crate::libvirt::Hypervisor::open(uri.unwrap_or(DEFAULT_URI))?.domain(name)
 }
 
 #[cfg(not(feature = "libvirt"))]
-fn no_libvirt(op: &str) -> KnibError {
+pub(crate) fn no_libvirt(op: &str) -> KnibError {
     KnibError::invalid(format!("{op} needs libvirt, and this knib was built without it"))
 }
 

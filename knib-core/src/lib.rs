@@ -23,6 +23,7 @@ pub mod libvirt;
 pub mod names;
 pub mod process;
 pub mod progress;
+pub mod session;
 pub mod qcow2;
 pub mod qemu_img;
 

@@ -1,19 +1,20 @@
 //! `knib_context`: the handle C holds, and the table of live contexts.
 //!
-//! A handle is a token, never a pointer knib dereferences: it is looked up
-//! in a table of live contexts on every call, so a freed, never-allocated or
-//! garbage handle gives [`knib_result::BadHandle`], never undefined
-//! behaviour. Tokens are never reused. The table holds each context as an
-//! `Arc`; a running call holds another reference, so freeing a context while
-//! another thread runs an operation on it is safe (the operation finishes,
-//! then the context goes).
+//! A handle is a token of `knib_core::session::Handles`, never a pointer
+//! knib dereferences: it is looked up in the table of live contexts on every
+//! call, so a freed, never-allocated or garbage handle gives
+//! [`knib_result::BadHandle`], never undefined behaviour. Tokens are never
+//! reused. A running call holds its own reference to the context, so freeing
+//! a context while another thread runs an operation on it is safe (the
+//! operation finishes, then the context goes). The settings, cancellation
+//! and one-operation-at-a-time rule are `knib_core::session::Session`'s,
+//! shared with the JNI bridge.
 
-use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use knib_core::{CancelToken, Control, Deadline, Progress};
+use knib_core::session::{Handles, Session};
+use knib_core::Progress;
 
 use crate::boundary::{c_string, catch, guard, guard_void, lock, non_null, Fail};
 use crate::result::knib_result;
@@ -63,13 +64,10 @@ impl ProgressTarget {
     }
 }
 
-/// The state behind a handle.
+/// The state behind a handle: the shared session, and the last error.
 #[derive(Default)]
 pub(crate) struct Context {
-    cancel: Mutex<CancelToken>,
-    progress: Mutex<Option<ProgressTarget>>,
-    timeout_secs: AtomicI64,
-    running: AtomicBool,
+    pub session: Session,
     last_error: Mutex<Option<Fail>>,
 }
 
@@ -85,39 +83,6 @@ pub(crate) enum Record {
 }
 
 impl Context {
-    /// The control of one operation: this context's progress callback,
-    /// cancel token and time budget.
-    pub fn control(&self) -> Control {
-        let mut ctl = Control::new()
-            .with_cancel(lock(&self.cancel).clone())
-            .with_deadline(Deadline::from_secs(self.timeout_secs.load(Ordering::SeqCst)));
-        if let Some(t) = *lock(&self.progress) {
-            ctl = ctl.with_progress(Arc::new(move |p: &Progress| t.report(p)));
-        }
-        ctl
-    }
-
-    /// Run `f` as this context's one operation; a second one at the same
-    /// time is refused. The cancellation asked for during (or before) it is
-    /// used up when it ends.
-    pub fn exclusive<T>(&self, f: impl FnOnce() -> Result<T, Fail>) -> Result<T, Fail> {
-        if self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            return Err(Fail::new(
-                knib_result::Busy,
-                "busy: another operation is running on this context (use one context per thread)",
-            ));
-        }
-        struct Done<'a>(&'a Context);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                *lock(&self.0.cancel) = CancelToken::new();
-                self.0.running.store(false, Ordering::SeqCst);
-            }
-        }
-        let _done = Done(self);
-        f()
-    }
-
     fn set_error(&self, fail: Fail) {
         *lock(&self.last_error) = Some(fail);
     }
@@ -127,31 +92,21 @@ impl Context {
     }
 }
 
-struct Table {
-    next: usize,
-    live: BTreeMap<usize, Arc<Context>>,
-}
-
-static TABLE: Mutex<Table> = Mutex::new(Table { next: 1, live: BTreeMap::new() });
-
 /// Handles are `TAG + n * 16`: on 64-bit machines a non-canonical address,
 /// so a C program that dereferences one by mistake faults at once.
-const TAG: usize = if usize::BITS == 64 { 0x6b6e_6962_0000_0000_u64 as usize } else { 0x1000_0000 };
+const TAG: u64 = if usize::BITS == 64 { 0x6b6e_6962_0000_0000 } else { 0x1000_0000 };
+
+static CONTEXTS: Handles<Context> = Handles::new(TAG);
 
 fn register(ctx: Context) -> *mut knib_context {
-    let mut t = lock(&TABLE);
-    let n = t.next;
-    t.next += 1;
-    let key = TAG.wrapping_add(n.wrapping_mul(16));
-    t.live.insert(key, Arc::new(ctx));
-    key as *mut knib_context
+    CONTEXTS.insert(ctx) as usize as *mut knib_context
 }
 
 fn find(h: *const knib_context) -> Result<Arc<Context>, knib_result> {
     if h.is_null() {
         return Err(knib_result::NullArgument);
     }
-    lock(&TABLE).live.get(&(h as usize)).cloned().ok_or(knib_result::BadHandle)
+    CONTEXTS.get(h as usize as u64).ok_or(knib_result::BadHandle)
 }
 
 /// The shape of every entry point that takes a context: find the context
@@ -212,8 +167,7 @@ pub unsafe extern "C" fn knib_context_new(context_out: *mut *mut knib_context) -
 pub extern "C" fn knib_context_free(context: *mut knib_context) {
     guard_void(|| {
         if !context.is_null() {
-            let gone = lock(&TABLE).live.remove(&(context as usize));
-            drop(gone);
+            drop(CONTEXTS.remove(context as usize as u64));
         }
     })
 }
@@ -228,7 +182,11 @@ pub extern "C" fn knib_context_set_progress(
     userdata: *mut c_void,
 ) -> knib_result {
     with_context(context, Record::Setting, |ctx| {
-        *lock(&ctx.progress) = callback.map(|callback| ProgressTarget { callback, userdata: UserData(userdata) });
+        let sink = callback.map(|callback| {
+            let target = ProgressTarget { callback, userdata: UserData(userdata) };
+            Arc::new(move |p: &Progress| target.report(p)) as knib_core::ProgressSink
+        });
+        ctx.session.set_progress(sink);
         Ok(())
     })
 }
@@ -240,7 +198,7 @@ pub extern "C" fn knib_context_set_progress(
 #[no_mangle]
 pub extern "C" fn knib_context_set_timeout(context: *mut knib_context, seconds: i64) -> knib_result {
     with_context(context, Record::Setting, |ctx| {
-        ctx.timeout_secs.store(seconds, Ordering::SeqCst);
+        ctx.session.set_timeout(seconds);
         Ok(())
     })
 }
@@ -254,7 +212,7 @@ pub extern "C" fn knib_context_set_timeout(context: *mut knib_context, seconds: 
 #[no_mangle]
 pub extern "C" fn knib_context_cancel(context: *mut knib_context) -> knib_result {
     with_context(context, Record::Setting, |ctx| {
-        lock(&ctx.cancel).cancel();
+        ctx.session.cancel();
         Ok(())
     })
 }

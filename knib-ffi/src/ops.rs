@@ -3,7 +3,6 @@
 //! with the operation filled in.
 
 use std::ffi::c_char;
-use std::time::Instant;
 
 use crate::boundary::{c_string, non_null, text, Fail};
 use crate::context::{knib_context, with_context, Record};
@@ -31,17 +30,7 @@ unsafe fn run(context: *mut knib_context, op: Op, request: *const c_char, answer
         // SAFETY: as above.
         let request = unsafe { text(request, "request_json") }?;
         non_null(answer_out, "answer_out")?;
-        let answer = ctx.exclusive(|| {
-            let started = Instant::now();
-            log::debug!(target: "knib", "{op}: started");
-            let r = knib_core::api::call(op, request, &ctx.control());
-            let secs = started.elapsed().as_secs_f64();
-            match &r {
-                Ok(_) => log::info!(target: "knib", "{op}: done in {secs:.2} s"),
-                Err(e) => log::info!(target: "knib", "{op}: failed after {secs:.2} s: {e}"),
-            }
-            r.map_err(Fail::from)
-        })?;
+        let answer = ctx.session.call(op, request)?;
         // SAFETY: `answer_out` is non-NULL and writable, as the caller promised.
         unsafe { *answer_out = c_string(&answer).into_raw() };
         Ok(())
@@ -88,7 +77,7 @@ pub unsafe extern "C" fn knib_string_free(s: *mut c_char) {
 #[no_mangle]
 pub extern "C" fn knib_test_panic(context: *mut knib_context) -> knib_result {
     with_context(context, Record::Operation, |ctx| {
-        ctx.exclusive(|| -> Result<(), Fail> { panic!("knib_test_panic was called") })
+        ctx.session.exclusive(|| -> Result<(), Fail> { panic!("knib_test_panic was called") })
     })
 }
 

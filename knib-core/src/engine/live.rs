@@ -134,7 +134,7 @@ pub fn is_delta_name(p: &Path) -> bool {
 
 /// The chain of a disk, top first: from libvirt for a running domain, from
 /// the files for a stopped one.
-fn chain_of(q: &QemuImg, vm_running: bool, d: &DiskInfo, ctl: &Control) -> Result<Vec<PathBuf>> {
+pub(crate) fn chain_of(q: &QemuImg, vm_running: bool, d: &DiskInfo, ctl: &Control) -> Result<Vec<PathBuf>> {
     if vm_running {
         return Ok(d.chain_files().into_iter().map(Path::to_path_buf).collect());
     }
@@ -502,22 +502,31 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
 /// rebase` when stopped), so it no longer depends on the backup store.
 /// Returns the targets consolidated.
 pub fn consolidate(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<String>> {
-    let running = vm.is_running()?;
     let mut done = Vec::new();
     for d in vm.disks()? {
-        let chain = chain_of(q, running, &d, ctl)?;
-        if chain.len() < 2 {
-            continue;
+        if consolidate_disk(q, vm, &d.target, ctl)? {
+            done.push(d.target);
         }
-        let step = format!("block pull of disk {}", d.target);
-        if running {
-            blockjob::pull_and_wait(vm, &d.target, None, false, ctl, &step)?;
-        } else {
-            q.flatten_in_place(&d.file, ctl)?;
-        }
-        done.push(d.target);
     }
     Ok(done)
+}
+
+/// Consolidate disk `target` of `vm` as [`consolidate`] does; returns
+/// whether it had backing files to pull in.
+pub fn consolidate_disk(q: &QemuImg, vm: &Vm, target: &str, ctl: &Control) -> Result<bool> {
+    let running = vm.is_running()?;
+    let d = vm.disk(target)?;
+    let chain = chain_of(q, running, &d, ctl)?;
+    if chain.len() < 2 {
+        return Ok(false);
+    }
+    let step = format!("block pull of disk {}", d.target);
+    if running {
+        blockjob::pull_and_wait(vm, &d.target, None, false, ctl, &step)?;
+    } else {
+        q.flatten_in_place(&d.file, ctl)?;
+    }
+    Ok(true)
 }
 
 /// Merge a disk-only VM snapshot delta of disk `target` into the layer

@@ -1,0 +1,360 @@
+package io.knib;
+
+import com.google.gson.JsonParseException;
+import java.lang.ref.Cleaner;
+import java.time.Duration;
+import java.util.LinkedHashMap;
+import java.util.Map;
+import java.util.Objects;
+import java.util.concurrent.atomic.AtomicLong;
+import java.util.logging.Level;
+
+/**
+ * knib from Java: one method per CloudStack KVM agent backup command, each taking a request object and
+ * returning an answer object (see {@code java/README.md} for which agent wrapper each replaces and how the
+ * transfer objects' fields map).
+ *
+ * <p>A {@code Knib} is one native context: it runs one operation at a time (a second one started meanwhile
+ * on the same instance fails with {@link BusyException}); use one instance per thread, or per command. Its
+ * settings (time budget, progress listener) apply to each of its next operations. {@link #cancel()} may be
+ * called from any other thread while an operation runs: the operation ends with {@link CancelledException}
+ * having removed what it wrote. {@link #close()} releases the native context exactly once; closing again
+ * does nothing, and using a closed instance throws {@link IllegalStateException}. An instance that is never
+ * closed is released when it is garbage collected.
+ *
+ * <p>Every failure is a {@link KnibException} of the subclass of its kind; a failed backup's says whether
+ * the VM was left consistent. knib's native log records go to {@code java.util.logging} (logger {@code
+ * io.knib.native}).
+ */
+public final class Knib implements AutoCloseable {
+    private static final Cleaner CLEANER = Cleaner.create();
+
+    /** The native handle, released once by whoever clears it first. */
+    private static final class Handle implements Runnable {
+        final AtomicLong value;
+
+        Handle(long value) {
+            this.value = new AtomicLong(value);
+        }
+
+        @Override
+        public void run() {
+            long h = value.getAndSet(0);
+            if (h != 0) {
+                NativeLib.contextClose(h);
+            }
+        }
+    }
+
+    private final Handle handle;
+    private final Cleaner.Cleanable cleanable;
+
+    /** A new context, with no time budget and no progress listener; loads the native library on first use. */
+    public Knib() {
+        NativeLib.load();
+        this.handle = new Handle(NativeLib.contextNew());
+        this.cleanable = CLEANER.register(this, handle);
+    }
+
+    /** @return the version of the native library ("0.1.0") */
+    public static String version() {
+        NativeLib.load();
+        return NativeLib.version();
+    }
+
+    /**
+     * Forward knib's native log records up to {@code level} (and set the level of logger {@code
+     * io.knib.native}); {@code Level.OFF} stops them. By default the logger's effective level at load time
+     * is used.
+     *
+     * @param level the most detailed level to forward
+     */
+    public static void setLogLevel(Level level) {
+        NativeLib.load();
+        KnibLog.LOGGER.setLevel(level);
+        NativeLib.setLogLevel(KnibLog.nativeLevel(level));
+    }
+
+    private long live() {
+        long h = handle.value.get();
+        if (h == 0) {
+            throw new IllegalStateException("this Knib context was closed");
+        }
+        return h;
+    }
+
+    /** Release the native context; a second call does nothing. */
+    @Override
+    public void close() {
+        cleanable.clean();
+    }
+
+    /** @return whether {@link #close()} was called */
+    public boolean isClosed() {
+        return handle.value.get() == 0;
+    }
+
+    /**
+     * @param budget the time budget of each next operation (CloudStack's {@code kboss.timeout} or the
+     *     command's wait); zero or null for none
+     * @return this context
+     */
+    public Knib setTimeout(Duration budget) {
+        NativeLib.setTimeout(live(), budget == null ? 0 : Math.max(0, budget.toSeconds()));
+        return this;
+    }
+
+    /**
+     * @param listener receives the progress of each next operation; null for none
+     * @return this context
+     */
+    public Knib setProgressListener(ProgressListener listener) {
+        NativeLib.setProgressListener(live(), listener);
+        return this;
+    }
+
+    /**
+     * Ask the operation running on this context (from another thread) to stop; when none runs, the next one
+     * is cancelled at once. Does nothing on a closed context.
+     */
+    public void cancel() {
+        long h = handle.value.get();
+        if (h != 0) {
+            NativeLib.cancel(h);
+        }
+    }
+
+    /**
+     * Run any operation of knib's JSON API by name.
+     *
+     * @param op the operation ("agent.take_backup", "version", ...)
+     * @param requestJson its request, a JSON object
+     * @return its answer, JSON
+     * @throws KnibException when it fails
+     */
+    public String call(String op, String requestJson) throws KnibException {
+        Objects.requireNonNull(op, "op");
+        Objects.requireNonNull(requestJson, "requestJson");
+        return NativeLib.call(live(), op, requestJson);
+    }
+
+    private <A> A run(String op, Object request, Class<A> answer) throws KnibException {
+        Objects.requireNonNull(request, "request");
+        String json = call(op, Json.GSON.toJson(request));
+        try {
+            A a = Json.GSON.fromJson(json, answer);
+            if (a == null) {
+                throw new InternalException("the answer of " + op + " is empty", -1);
+            }
+            return a;
+        } catch (JsonParseException e) {
+            throw new InternalException("the answer of " + op + " does not parse (" + e.getMessage() + "): " + json, -1);
+        }
+    }
+
+    /**
+     * Replaces {@code LibvirtTakeKbossBackupCommandWrapper}: snapshot, copy to the store, merge.
+     *
+     * @param request the backup
+     * @return each volume's new path and its backup file and size
+     * @throws KnibException on failure; {@link KnibException#isVmConsistent()} says whether the VM is
+     *     consistent ({@link VmInconsistentException} when not)
+     */
+    public TakeBackup.Answer takeBackup(TakeBackup.Request request) throws KnibException {
+        return run("agent.take_backup", request, TakeBackup.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtCompressBackupCommandWrapper}. A rate limit below 1 means none, as CloudStack's
+     * setting.
+     *
+     * @param request the files and how to compress them
+     * @return each compressed copy
+     * @throws KnibException on failure (the {@code .comp} files written are removed)
+     */
+    public CompressBackup.Answer compressBackup(CompressBackup.Request request) throws KnibException {
+        if (request.rateLimitMbps < 1) {
+            request.rateLimitMbps = 0;
+        }
+        return run("agent.compress", request, CompressBackup.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtFinalizeBackupCompressionCommandWrapper}.
+     *
+     * @param request the files, and whether the backup went away meanwhile
+     * @return the files finalized, or discarded
+     * @throws KnibException on failure
+     */
+    public FinalizeCompression.Answer finalizeBackupCompression(FinalizeCompression.Request request) throws KnibException {
+        return run("agent.finalize_compression", request, FinalizeCompression.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtRestoreKbossBackupCommandWrapper} (the store already mounted).
+     *
+     * @param request the volumes to restore
+     * @return the volumes restored
+     * @throws KnibException on failure (no volume was changed)
+     */
+    public RestoreBackup.Answer restoreBackup(RestoreBackup.Request request) throws KnibException {
+        return run("agent.restore", request, RestoreBackup.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtConsolidateVolumesCommandWrapper}.
+     *
+     * @param request the domain and its quick-restored volumes
+     * @return the volumes consolidated
+     * @throws KnibException on failure
+     */
+    public ConsolidateVolumes.Answer consolidateVolumes(ConsolidateVolumes.Request request) throws KnibException {
+        return run("agent.consolidate", request, ConsolidateVolumes.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtPrepareValidationCommandWrapper}.
+     *
+     * @param request the backup's files and where the overlays go
+     * @return the overlays made
+     * @throws KnibException on failure (none is left)
+     */
+    public PrepareValidation.Answer prepareValidation(PrepareValidation.Request request) throws KnibException {
+        return run("agent.prepare_validation", request, PrepareValidation.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtValidateKbossVmCommandWrapper}.
+     *
+     * @param request the disks and the checks
+     * @return what the checks found (a guest that fails a check is an answer, not an exception)
+     * @throws KnibException when the validation could not be run
+     */
+    public ValidateVm.Answer validateVm(ValidateVm.Request request) throws KnibException {
+        return run("agent.validate", request, ValidateVm.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtTakeBackupHashCommandWrapper}.
+     *
+     * @param request the backup's chain, root first
+     * @return its hash
+     * @throws KnibException on failure
+     */
+    public TakeBackupHash.Answer takeBackupHash(TakeBackupHash.Request request) throws KnibException {
+        return run("agent.take_hash", request, TakeBackupHash.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtCleanupKbossValidationCommandWrapper}.
+     *
+     * @param request the validation VM's name and work directory
+     * @return what was removed
+     * @throws KnibException on failure
+     */
+    public CleanupValidation.Answer cleanupValidation(CleanupValidation.Request request) throws KnibException {
+        return run("agent.cleanup_validation", request, CleanupValidation.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtCleanupKbossVmBackupCommandWrapper}: finishes or undoes a failed backup.
+     *
+     * @param request what the failed backup was given
+     * @return the file each volume runs on now
+     * @throws KnibException on failure ({@link VmInconsistentException} when the VM is still inconsistent)
+     */
+    public CleanupVmBackup.Answer cleanupVmBackup(CleanupVmBackup.Request request) throws KnibException {
+        return run("agent.cleanup_vm_backup", request, CleanupVmBackup.Answer.class);
+    }
+
+    /**
+     * Replaces {@code LibvirtMergeDiskOnlyVMSnapshotCommandWrapper}.
+     *
+     * @param request the merges
+     * @return the file each volume runs on now
+     * @throws KnibException on failure
+     */
+    public MergeSnapshot.Answer mergeSnapshot(MergeSnapshot.Request request) throws KnibException {
+        return run("agent.merge_snapshot", request, MergeSnapshot.Answer.class);
+    }
+
+    private static Map<String, Object> fileRequest(String store, String backup, String volume) {
+        Map<String, Object> m = new LinkedHashMap<>();
+        m.put("store", store);
+        m.put("backup", backup);
+        m.put("volume", volume);
+        return m;
+    }
+
+    /**
+     * The file systems of a volume of a catalog backup ({@code files.fs}).
+     *
+     * @param store the store directory
+     * @param backup the backup's id
+     * @param volume the volume's name
+     * @return its file systems
+     * @throws KnibException on failure
+     */
+    public FileRestore.Filesystems listFilesystems(String store, String backup, String volume) throws KnibException {
+        return run("files.fs", fileRequest(store, backup, volume), FileRestore.Filesystems.class);
+    }
+
+    /**
+     * The entries of a directory in a backup ({@code files.ls}).
+     *
+     * @param store the store directory
+     * @param backup the backup's id
+     * @param volume the volume's name
+     * @param fs the file system's index; null for the only one
+     * @param path the directory; null for the root
+     * @return its entries
+     * @throws KnibException on failure
+     */
+    public FileRestore.Listing listFiles(String store, String backup, String volume, Integer fs, String path)
+            throws KnibException {
+        Map<String, Object> m = fileRequest(store, backup, volume);
+        m.put("fs", fs);
+        m.put("path", path);
+        return run("files.ls", m, FileRestore.Listing.class);
+    }
+
+    /**
+     * Copy a file or directory out of a backup ({@code files.get}).
+     *
+     * @param store the store directory
+     * @param backup the backup's id
+     * @param volume the volume's name
+     * @param fs the file system's index; null for the only one
+     * @param path what to copy
+     * @param to where to put it
+     * @return what was written
+     * @throws KnibException on failure
+     */
+    public FileRestore.Extracted extractFiles(String store, String backup, String volume, Integer fs, String path, String to)
+            throws KnibException {
+        Map<String, Object> m = fileRequest(store, backup, volume);
+        m.put("fs", fs);
+        m.put("path", path);
+        m.put("to", to);
+        return run("files.get", m, FileRestore.Extracted.class);
+    }
+
+    /** Tests only: the native handle. */
+    long handleForTests() {
+        return live();
+    }
+
+    /** Tests only: panics inside the native library. */
+    void testPanic() throws KnibException {
+        NativeLib.testPanic(live());
+    }
+
+    /**
+     * Prints the version and where the native library came from (for checking an installation).
+     *
+     * @param args ignored
+     */
+    public static void main(String[] args) {
+        System.out.println("knib " + version() + " (native library from " + NativeLib.origin() + ")");
+    }
+}

@@ -1,0 +1,469 @@
+//! The agent operations that need libvirt (see the module documentation of
+//! [`crate::agent`]).
+
+use super::*;
+use crate::engine::live::{self as engine_live, chain_of, DiskPlan, LivePlan};
+use crate::engine::take::BackupKind;
+use crate::engine::validate::{boot_test, BootTestRequest};
+use crate::libvirt::{DiskInfo, Hypervisor, Vm};
+
+fn domain(connect: Option<&str>, name: &str) -> Result<Vm> {
+    crate::api::domain(connect, name)
+}
+
+/// Fail when the request says the domain is running and it is not, or the
+/// other way round.
+fn check_running(op: &str, vm: &Vm, want: Option<bool>) -> Result<bool> {
+    let running = vm.is_running()?;
+    match want {
+        Some(w) if w != running => Err(KnibError::invalid(format!(
+            "request of {op}: field `running` is {w}, but domain {} is {}",
+            vm.name(),
+            if running { "running" } else { "stopped" }
+        ))),
+        _ => Ok(running),
+    }
+}
+
+fn describe(disks: &[DiskInfo]) -> String {
+    disks.iter().map(|d| format!("{} on {}", d.target, d.file.display())).collect::<Vec<_>>().join(", ")
+}
+
+/// The disk of `vm` whose active file is `path`.
+fn disk_on<'a>(vm: &Vm, disks: &'a [DiskInfo], path: &Path) -> Result<&'a DiskInfo> {
+    disks.iter().find(|d| same_file(&d.file, path)).ok_or_else(|| {
+        KnibError::not_found(format!(
+            "domain {} has no disk running on {} (its disks: {})",
+            vm.name(),
+            path.display(),
+            describe(disks)
+        ))
+    })
+}
+
+/// The disk of `vm` whose chain holds one of `files`, and that chain.
+fn disk_holding<'a>(
+    q: &QemuImg,
+    vm: &Vm,
+    running: bool,
+    disks: &'a [DiskInfo],
+    files: &[&Path],
+    ctl: &Control,
+) -> Result<(&'a DiskInfo, Vec<PathBuf>)> {
+    for d in disks {
+        let chain = chain_of(q, running, d, ctl)?;
+        if chain.iter().any(|c| files.iter().any(|f| same_file(c, f))) {
+            return Ok((d, chain));
+        }
+    }
+    Err(KnibError::not_found(format!(
+        "no disk of domain {} has {} in its chain (its disks: {})",
+        vm.name(),
+        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" or "),
+        describe(disks)
+    )))
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Mode {
+    Take,
+    Cleanup,
+}
+
+/// The kind of a backup from its request.
+fn kind_of(op: &str, r: &TakeReq) -> Result<BackupKind> {
+    let parents = r.volumes.iter().filter(|v| v.parent_backup_path.is_some()).count();
+    if r.isolated {
+        if let Some(v) = r.volumes.iter().find(|v| v.parent_backup_path.is_some()) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: an isolated backup is a full copy: volume {} must not have `parent_backup_path`",
+                v.uuid
+            )));
+        }
+        Ok(BackupKind::Isolated)
+    } else if parents == 0 {
+        Ok(BackupKind::Full)
+    } else if parents == r.volumes.len() {
+        Ok(BackupKind::Incremental)
+    } else {
+        let without: Vec<&str> =
+            r.volumes.iter().filter(|v| v.parent_backup_path.is_none()).map(|v| v.uuid.as_str()).collect();
+        Err(KnibError::invalid(format!(
+            "request of {op}: some volumes have `parent_backup_path` and some ({}) do not: one backup is all full or all incremental",
+            without.join(", ")
+        )))
+    }
+}
+
+/// The plan of a backup from the request's explicit paths.
+fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) -> Result<LivePlan> {
+    non_empty(op, "volumes", &r.volumes)?;
+    let running = check_running(op, vm, r.running)?;
+    let kind = kind_of(op, r)?;
+    let disks = vm.disks()?;
+    let mut plans: Vec<DiskPlan> = Vec::new();
+    for (i, v) in r.volumes.iter().enumerate() {
+        let field = |f: &str| format!("volumes[{i}].{f}");
+        if v.uuid.is_empty() {
+            return Err(KnibError::invalid(format!("request of {op}: field `{}` is empty", field("uuid"))));
+        }
+        absolute(op, &field("path"), &v.path)?;
+        absolute(op, &field("delta_path_on_primary"), &v.delta_path_on_primary)?;
+        absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)?;
+        if let Some(p) = &v.parent_backup_path {
+            absolute(op, &field("parent_backup_path"), p)?;
+            if !p.is_file() {
+                return Err(KnibError::not_found(format!(
+                    "volume {}: the parent backup {} does not exist",
+                    v.uuid,
+                    p.display()
+                )));
+            }
+        }
+        if let Some(m) = &v.merge {
+            absolute(op, &field("merge.parent"), &m.parent)?;
+            absolute(op, &field("merge.child"), &m.child)?;
+        }
+        if !v.vm_snapshot_delta_paths.is_empty() && kind == BackupKind::Incremental {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: volume {}: VM snapshot deltas since the last backup cannot be backed up incrementally yet (only the top layer would be copied): take a full backup, or merge the VM snapshots first",
+                v.uuid
+            )));
+        }
+        let (disk, base, old_delta) = match mode {
+            Mode::Take => {
+                let disk = disk_on(vm, &disks, &v.path)?;
+                if v.delta_path_on_primary.exists() {
+                    return Err(KnibError::invalid(format!(
+                        "volume {}: the new delta {} already exists",
+                        v.uuid,
+                        v.delta_path_on_primary.display()
+                    )));
+                }
+                if v.delta_path_on_store.exists() {
+                    return Err(KnibError::invalid(format!(
+                        "volume {}: {} already exists on the store",
+                        v.uuid,
+                        v.delta_path_on_store.display()
+                    )));
+                }
+                // The files as the chain names them (libvirt and the block
+                // jobs compare paths as they are written there).
+                let chain = chain_of(q, running, disk, ctl)?;
+                let (base, old) = match &v.merge {
+                    Some(m) => {
+                        if !same_file(&m.child, &v.path) {
+                            return Err(KnibError::invalid(format!(
+                                "request of {op}: volume {}: `merge.child` ({}) must be the file the volume runs on ({})",
+                                v.uuid,
+                                m.child.display(),
+                                v.path.display()
+                            )));
+                        }
+                        match chain.get(1) {
+                            Some(below) if same_file(below, &m.parent) => (below.clone(), Some(chain[0].clone())),
+                            below => {
+                                return Err(KnibError::invalid(format!(
+                                    "request of {op}: volume {}: {} has {} below it, not `merge.parent` {}",
+                                    v.uuid,
+                                    m.child.display(),
+                                    below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
+                                    m.parent.display()
+                                )));
+                            }
+                        }
+                    }
+                    None if kind == BackupKind::Incremental => {
+                        return Err(KnibError::invalid(format!(
+                            "request of {op}: volume {}: an incremental backup copies the delta written since the parent backup: give it as `merge.child` (with its base as `merge.parent`)",
+                            v.uuid
+                        )));
+                    }
+                    None => (chain[0].clone(), None),
+                };
+                (disk, base, old)
+            }
+            Mode::Cleanup => {
+                let mut files: Vec<&Path> = vec![&v.path, &v.delta_path_on_primary];
+                if let Some(m) = &v.merge {
+                    files.push(&m.parent);
+                }
+                let (disk, chain) = disk_holding(q, vm, running, &disks, &files, ctl)?;
+                // As the chain names them, while they are in it.
+                let named =
+                    |p: &Path| chain.iter().find(|c| same_file(c, p)).cloned().unwrap_or_else(|| p.to_path_buf());
+                match &v.merge {
+                    Some(m) => (disk, named(&m.parent), Some(named(&m.child))),
+                    None => (disk, named(&v.path), None),
+                }
+            }
+        };
+        if let Some(other) = plans.iter().position(|p| p.target == disk.target) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: volumes {} and {} are the same disk {}",
+                r.volumes[other].uuid, v.uuid, disk.target
+            )));
+        }
+        let dest_dir = v.delta_path_on_store.parent().unwrap_or(Path::new("/"));
+        if mode == Mode::Take && !dest_dir.is_dir() {
+            std::fs::create_dir_all(dest_dir).map_err(|e| KnibError::io("cannot create", dest_dir, e))?;
+        }
+        let parent = v.parent_backup_path.as_deref().map(|p| relative_pointer(dest_dir, p));
+        let virtual_size = q.info(&disk.file, ctl)?.virtual_size;
+        plans.push(DiskPlan {
+            target: disk.target.clone(),
+            base,
+            old_delta,
+            new_delta: v.delta_path_on_primary.clone(),
+            dest: v.delta_path_on_store.clone(),
+            parent,
+            virtual_size,
+        });
+    }
+    let id = r
+        .volumes
+        .first()
+        .and_then(|v| v.delta_path_on_primary.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(LivePlan {
+        backup_id: id,
+        kind,
+        end_of_chain: r.end_of_chain && kind != BackupKind::Isolated,
+        quiesce: r.quiesce,
+        running,
+        disks: plans,
+    })
+}
+
+pub(super) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<String> {
+    let q = QemuImg::new();
+    // Until the snapshot, nothing has changed: the VM is consistent.
+    let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
+    let vm = domain(r.connect.as_deref(), &r.domain).map_err(consistent)?;
+    let plan = plan(op, &q, &vm, r, Mode::Take, ctl).map_err(consistent)?;
+    log::info!("{op}: {} backup of domain {} ({} volumes)", plan.kind.as_str(), vm.name(), plan.disks.len());
+    let answer = engine_live::take(&q, &vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(())).map_err(consistent)?;
+    let volumes: Vec<_> = r
+        .volumes
+        .iter()
+        .zip(&answer.volumes)
+        .map(|(v, a)| {
+            json!({
+                "uuid": v.uuid,
+                "target": a.name,
+                "new_volume_path": a.active_file,
+                "delta_path_on_store": a.dest,
+                "size": a.size,
+                "virtual_size": a.virtual_size,
+            })
+        })
+        .collect();
+    to_json(&json!({"kind": plan.kind.as_str(), "vm_consistent": true, "volumes": volumes}))
+}
+
+pub(super) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<String> {
+    let q = QemuImg::new();
+    let vm = domain(r.connect.as_deref(), &r.domain)?;
+    let plan = plan(op, &q, &vm, r, Mode::Cleanup, ctl)?;
+    let published = plan.disks.iter().all(|d| d.dest.is_file());
+    let mut actions = Vec::new();
+    for d in &plan.disks {
+        let tmp = fsio::temp_path(&d.dest);
+        if tmp.exists() {
+            fsio::remove_if_exists(&tmp)?;
+            actions.push(format!("{}: removed the partial copy {}", d.target, tmp.display()));
+        }
+        if !published && d.dest.exists() {
+            fsio::remove_if_exists(&d.dest)?;
+            actions.push(format!("{}: removed {} (the backup was not complete)", d.target, d.dest.display()));
+        }
+    }
+    let report = engine_live::recover(&q, &vm, &plan, published, ctl).map_err(|e| {
+        let e = e.context(format!("cleanup of the backup of domain {}", vm.name()));
+        if e.vm_consistent.is_none() {
+            e.with_vm_consistent(false)
+        } else {
+            e
+        }
+    })?;
+    actions.extend(report.actions);
+    let volumes: Vec<_> = r
+        .volumes
+        .iter()
+        .zip(&plan.disks)
+        .map(|(v, d)| {
+            let path = report.chains.iter().find(|(t, _)| *t == d.target).and_then(|(_, c)| c.first().cloned());
+            json!({"uuid": v.uuid, "target": d.target, "path": path})
+        })
+        .collect();
+    for a in &actions {
+        log::info!("{op}: domain {}: {a}", vm.name());
+    }
+    to_json(&json!({"published": published, "vm_consistent": true, "volumes": volumes, "actions": actions}))
+}
+
+pub(super) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result<String> {
+    non_empty(op, "volumes", &r.volumes)?;
+    let q = QemuImg::new();
+    let vm = domain(r.connect.as_deref(), &r.domain)?;
+    let disks = vm.disks()?;
+    let mut targets = Vec::new();
+    for (i, v) in r.volumes.iter().enumerate() {
+        absolute(op, &format!("volumes[{i}].path"), &v.path)?;
+        targets.push(disk_on(&vm, &disks, &v.path)?.target.clone());
+    }
+    let mut done: Vec<(String, bool)> = Vec::new();
+    for target in &targets {
+        let pulled = engine_live::consolidate_disk(&q, &vm, target, ctl).map_err(|e| {
+            let so_far: Vec<&str> = done.iter().map(|(t, _)| t.as_str()).collect();
+            e.context(format!(
+                "consolidating disk {target} of domain {} (consolidated before it: {})",
+                vm.name(),
+                if so_far.is_empty() { "none".to_string() } else { so_far.join(", ") }
+            ))
+        })?;
+        done.push((target.clone(), pulled));
+    }
+    let out: Vec<_> = r
+        .volumes
+        .iter()
+        .zip(&done)
+        .map(|(v, (t, pulled))| json!({"uuid": v.uuid, "target": t, "path": v.path, "pulled": pulled}))
+        .collect();
+    to_json(&json!({ "consolidated": out }))
+}
+
+pub(super) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<String> {
+    non_empty(op, "disks", &r.disks)?;
+    if r.take_screenshot && r.screenshot_path.is_none() {
+        return Err(KnibError::invalid(format!("request of {op}: `take_screenshot` needs `screenshot_path`")));
+    }
+    let command = if r.execute_script {
+        let script = r
+            .script
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| KnibError::invalid(format!("request of {op}: `execute_script` needs `script`")))?;
+        Some(guest_command(script, r.script_arguments.as_deref(), r.expected_result.as_deref()))
+    } else {
+        None
+    };
+    let req = BootTestRequest {
+        backup_files: r.disks.iter().map(|d| (d.target.clone(), d.path.clone())).collect(),
+        work_dir: r.work_dir.clone(),
+        kernel: r.kernel.clone(),
+        initrd: r.initrd.clone(),
+        cmdline: r.cmdline.clone(),
+        memory_mib: r.memory_mib,
+        boot_timeout_secs: r.boot_timeout_secs,
+        screenshot: if r.take_screenshot { r.screenshot_path.clone() } else { None },
+        command,
+        domain_type: r.domain_type.clone(),
+    };
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::api::DEFAULT_URI))?;
+    let mut rep = boot_test(&hv, &req, ctl)
+        .map_err(|e| e.context(format!("validation of {}", r.vm_name.as_deref().unwrap_or("a backup"))))?;
+    if !r.wait_for_boot {
+        rep.problems.retain(|p| !p.starts_with("no answer from the guest agent"));
+        if r.execute_script && !rep.booted {
+            rep.problems.push("the script was not run: the guest agent never answered".into());
+        }
+        rep.passed = rep.problems.is_empty();
+    }
+    to_json(&json!({
+        "boot_validated": rep.booted,
+        "boot_seconds": rep.boot_seconds,
+        "screenshot_path": rep.screenshot,
+        "script_result": rep.command_output,
+        "script_exit_code": rep.command_exit,
+        "passed": rep.passed,
+        "problems": rep.problems,
+    }))
+}
+
+pub(super) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<String> {
+    crate::names::validate("VM name", &r.vm_name)?;
+    if let Some(dir) = &r.work_dir {
+        absolute(op, "work_dir", dir)?;
+    }
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::api::DEFAULT_URI))?;
+    let domain_removed = match hv.domain(&r.vm_name) {
+        Ok(vm) => {
+            if vm.is_running()? {
+                vm.destroy()?;
+            }
+            if vm.is_persistent().unwrap_or(false) {
+                vm.undefine()?;
+            }
+            true
+        }
+        Err(e) if e.kind == crate::ErrorKind::NotFound => false,
+        Err(e) => return Err(e),
+    };
+    let mut removed = Vec::new();
+    if let Some(dir) = &r.work_dir {
+        let prefix = format!("{}-", r.vm_name);
+        let entries = std::fs::read_dir(dir).map_err(|e| KnibError::io("cannot read directory", dir, e))?;
+        for e in entries {
+            let e = e.map_err(|e| KnibError::io("cannot read directory", dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name.ends_with(VALIDATION_SUFFIX) {
+                fsio::remove_if_exists(&e.path())?;
+                removed.push(e.path());
+            }
+        }
+    }
+    to_json(&json!({"domain_removed": domain_removed, "removed": removed}))
+}
+
+pub(super) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<String> {
+    non_empty(op, "merges", &r.merges)?;
+    let q = QemuImg::new();
+    let vm = domain(r.connect.as_deref(), &r.domain)?;
+    let running = check_running(op, &vm, r.running)?;
+    let mut out = Vec::new();
+    for (i, m) in r.merges.iter().enumerate() {
+        absolute(op, &format!("merges[{i}].parent"), &m.parent)?;
+        absolute(op, &format!("merges[{i}].child"), &m.child)?;
+        let disks = vm.disks()?;
+        let (disk, chain) = disk_holding(&q, &vm, running, &disks, &[&m.child], ctl)?;
+        let at = chain.iter().position(|c| same_file(c, &m.child)).expect("disk_holding found it");
+        let below = chain.get(at + 1);
+        if !below.is_some_and(|b| same_file(b, &m.parent)) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: {} has {} below it in the chain of disk {}, not `parent` {}",
+                m.child.display(),
+                below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
+                disk.target,
+                m.parent.display()
+            )));
+        }
+        // Grand children outside the disk's chain (other branches of a
+        // snapshot tree) are pointed at the parent afterwards.
+        let mut others = Vec::new();
+        for g in &m.grand_children {
+            if chain.iter().any(|c| same_file(c, g)) {
+                continue;
+            }
+            let info = q.info(g, ctl)?;
+            if !info.full_backing_filename.as_deref().is_some_and(|b| same_file(Path::new(b), &m.child)) {
+                return Err(KnibError::invalid(format!(
+                    "request of {op}: grand child {} does not have {} as its backing file",
+                    g.display(),
+                    m.child.display()
+                )));
+            }
+            others.push(g.clone());
+        }
+        let target = disk.target.clone();
+        let child = chain[at].clone();
+        let parent = chain[at + 1].clone();
+        let now = engine_live::merge_snapshot_delta(&q, &vm, &target, &child, ctl)?;
+        for g in &others {
+            q.rebase_unsafe(g, &parent.to_string_lossy(), "qcow2", ctl)?;
+        }
+        out.push(json!({"uuid": m.uuid, "target": target, "path": now}));
+    }
+    to_json(&json!({ "volumes": out }))
+}

@@ -1,0 +1,196 @@
+//! What a binding's handle stands for: a [`Session`] (the progress sink,
+//! time budget and cancellation of the operations run through it, one at a
+//! time) kept in a table of [`Handles`].
+//!
+//! A handle is a token, never a pointer: it is looked up in the table on
+//! every call, so a released, never-made or garbage handle is found missing
+//! (the binding turns that into its own error) instead of being
+//! dereferenced. Tokens are never reused. The table holds each session as an
+//! `Arc`; a running call holds another reference, so releasing a handle
+//! while another thread runs an operation on it is safe: the operation
+//! finishes, then the session goes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::error::{KnibError, Result};
+use crate::progress::{CancelToken, Control, Deadline, ProgressSink};
+
+/// Lock `m`, going on after a panic poisoned it: every value guarded here is
+/// replaced whole, never left half-updated.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The settings and state behind one handle of a binding.
+#[derive(Default)]
+pub struct Session {
+    cancel: Mutex<CancelToken>,
+    progress: Mutex<Option<ProgressSink>>,
+    timeout_secs: AtomicI64,
+    running: AtomicBool,
+}
+
+impl Session {
+    /// A session with no progress sink and no time limit.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set (or with `None` remove) where the progress of the next
+    /// operations goes.
+    pub fn set_progress(&self, sink: Option<ProgressSink>) {
+        *lock(&self.progress) = sink;
+    }
+
+    /// Set the time budget of each next operation, in seconds; 0 or less
+    /// means none.
+    pub fn set_timeout(&self, seconds: i64) {
+        self.timeout_secs.store(seconds, Ordering::SeqCst);
+    }
+
+    /// Ask the running operation to stop; when none runs, the next one to
+    /// start is cancelled at once.
+    pub fn cancel(&self) {
+        lock(&self.cancel).cancel();
+    }
+
+    /// The control of one operation: this session's progress sink, cancel
+    /// token and time budget.
+    pub fn control(&self) -> Control {
+        let mut ctl = Control::new()
+            .with_cancel(lock(&self.cancel).clone())
+            .with_deadline(Deadline::from_secs(self.timeout_secs.load(Ordering::SeqCst)));
+        if let Some(sink) = lock(&self.progress).clone() {
+            ctl = ctl.with_progress(sink);
+        }
+        ctl
+    }
+
+    /// Run `f` as this session's one operation: a second one at the same
+    /// time is refused with a "busy" error. A cancellation asked for during
+    /// (or before) it is used up when it ends.
+    pub fn exclusive<T, E: From<KnibError>>(&self, f: impl FnOnce() -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+        if self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return Err(KnibError::busy(
+                "another operation is running on this context (use one context per thread)",
+            )
+            .into());
+        }
+        struct Done<'a>(&'a Session);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                *lock(&self.0.cancel) = CancelToken::new();
+                self.0.running.store(false, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(self);
+        f()
+    }
+
+    /// Run operation `op` of [`crate::api::call`] on `request` as this
+    /// session's one operation, logging its end and duration.
+    pub fn call(&self, op: &str, request: &str) -> Result<String> {
+        self.exclusive(|| {
+            let started = Instant::now();
+            log::debug!(target: "knib", "{op}: started");
+            let r = crate::api::call(op, request, &self.control());
+            let secs = started.elapsed().as_secs_f64();
+            match &r {
+                Ok(_) => log::info!(target: "knib", "{op}: done in {secs:.2} s"),
+                Err(e) => log::info!(target: "knib", "{op}: failed after {secs:.2} s: {e}"),
+            }
+            r
+        })
+    }
+}
+
+struct Table<T> {
+    next: u64,
+    live: BTreeMap<u64, Arc<T>>,
+}
+
+/// A table of live objects behind handles (tokens). Handles are
+/// `tag + n * 16`, never reused; pick a tag that is no valid address (a
+/// non-canonical one on 64-bit machines), so that a handle mistaken for a
+/// pointer faults at once.
+pub struct Handles<T> {
+    tag: u64,
+    table: Mutex<Table<T>>,
+}
+
+impl<T> Handles<T> {
+    /// An empty table whose handles start from `tag`.
+    pub const fn new(tag: u64) -> Self {
+        Handles { tag, table: Mutex::new(Table { next: 1, live: BTreeMap::new() }) }
+    }
+
+    /// Keep `value` and return its new handle.
+    pub fn insert(&self, value: T) -> u64 {
+        let mut t = lock(&self.table);
+        let n = t.next;
+        t.next += 1;
+        let handle = self.tag.wrapping_add(n.wrapping_mul(16));
+        t.live.insert(handle, Arc::new(value));
+        handle
+    }
+
+    /// The value behind `handle`, if it is live.
+    pub fn get(&self, handle: u64) -> Option<Arc<T>> {
+        lock(&self.table).live.get(&handle).cloned()
+    }
+
+    /// Release `handle`: it is dead from now on. The value goes when the
+    /// last call using it returns. `None` when it was not live.
+    pub fn remove(&self, handle: u64) -> Option<Arc<T>> {
+        lock(&self.table).live.remove(&handle)
+    }
+
+    /// How many handles are live.
+    pub fn len(&self) -> usize {
+        lock(&self.table).live.len()
+    }
+
+    /// Whether no handle is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn handles_are_tokens_never_reused() {
+        let h: Handles<u32> = Handles::new(0x1000);
+        let a = h.insert(1);
+        let b = h.insert(2);
+        assert_ne!(a, b);
+        assert_eq!(*h.get(a).unwrap(), 1);
+        assert!(h.get(a + 1).is_none() && h.get(0).is_none());
+        let held = h.get(b).unwrap();
+        assert!(h.remove(b).is_some());
+        assert!(h.remove(b).is_none(), "a second release finds nothing");
+        assert!(h.get(b).is_none());
+        assert_eq!(*held, 2, "a running call keeps its value");
+        let c = h.insert(3);
+        assert!(c != a && c != b);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn one_operation_at_a_time_and_cancel_is_used_up() {
+        let s = Session::new();
+        let inner = s.exclusive(|| Ok::<_, KnibError>(s.exclusive(|| Ok::<_, KnibError>(())).unwrap_err()));
+        assert_eq!(inner.unwrap().kind, ErrorKind::Busy);
+        s.cancel();
+        let e = s.call("agent.take_hash", r#"{"files": ["/nonexistent-knib-file"]}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+        let e = s.call("agent.take_hash", r#"{"files": ["/nonexistent-knib-file"]}"#).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "the cancellation was used up: {e}");
+    }
+}

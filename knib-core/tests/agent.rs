@@ -1,0 +1,340 @@
+//! The CloudStack agent's operations (`agent.*` JSON ops) against the real
+//! libvirt daemon and qemu-img: backups of a running and of a stopped
+//! domain with CloudStack-style file names, compression, restore, quick
+//! restore and consolidation, the hash, the clean-up of an interrupted
+//! backup (undone or finished), VM snapshot merges and validation.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::disk::{assert_identical, make_disk, qemu_io, snapshot};
+use common::model::Model;
+use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
+use knib_core::api::call;
+use knib_core::{Control, ErrorKind, KnibError};
+use serde_json::{json, Value};
+
+const DISKS: [(&str, u64); 2] = [("vda", 32 * MIB), ("vdb", 16 * MIB)];
+
+fn agent(op: &str, req: &Value) -> Result<Value, KnibError> {
+    call(op, &req.to_string(), &Control::new()).map(|a| serde_json::from_str(&a).expect("answers are JSON"))
+}
+
+fn ok(op: &str, req: &Value) -> Value {
+    agent(op, req).unwrap_or_else(|e| panic!("{op}: {e}\nrequest: {req:#}"))
+}
+
+/// The files a disk runs on now, active file first.
+fn chain(vm: &TestVm, target: &str) -> Vec<PathBuf> {
+    vm.disk(target).chain_files().into_iter().map(Path::to_path_buf).collect()
+}
+
+/// The volumes of a backup request: each disk's current file, a new delta
+/// beside the base named like CloudStack's (a uuid-ish name), its file on
+/// the store, and for an incremental backup its parent and the merge tree.
+fn volumes(vm: &TestVm, store: &Path, n: u32, parent: Option<u32>) -> Value {
+    let vols: Vec<Value> = DISKS
+        .iter()
+        .filter(|(t, _)| vm.disks().iter().any(|d| d.target == *t))
+        .map(|(t, _)| {
+            let c = chain(vm, t);
+            let base = vm.initial_file(t);
+            let mut v = json!({
+                "uuid": format!("uuid-{t}"),
+                "path": c[0],
+                "delta_path_on_primary": base.with_file_name(format!("delta-{t}-{n}")),
+                "delta_path_on_store": store.join(format!("backup-{n}")).join(format!("{t}.qcow2")),
+            });
+            if c.len() > 1 {
+                v["merge"] = json!({"parent": c[1], "child": c[0]});
+            }
+            if let Some(p) = parent {
+                v["parent_backup_path"] = json!(store.join(format!("backup-{p}")).join(format!("{t}.qcow2")));
+            }
+            v
+        })
+        .collect();
+    json!(vols)
+}
+
+#[test]
+fn full_and_incremental_backups_of_a_running_domain_compress_restore_and_hash() {
+    if skip_without_libvirt("agent backups") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm = TestVm::create("knib-agent", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x11, 0, MIB);
+    model.write(&vm, "vdb", 0x12, MIB, 256 * 1024);
+    let n1 = model.writes.len();
+
+    let a1 = ok("agent.take_backup", &json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 1, None)}));
+    assert_eq!(a1["kind"], "full");
+    assert_eq!(a1["vm_consistent"], true);
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        let v = &a1["volumes"][i];
+        assert_eq!(v["uuid"], format!("uuid-{t}"));
+        let now = chain(&vm, t);
+        assert_eq!(v["new_volume_path"], json!(now[0]), "the answer names the file the volume runs on");
+        assert_eq!(now.len(), 2, "{t} runs on base <- the new delta: {now:?}");
+        assert!(v["size"].as_u64().unwrap() > 0);
+    }
+
+    model.write(&vm, "vda", 0x21, 4 * MIB, 512 * 1024);
+    model.write(&vm, "vdb", 0x22, 8 * MIB, 64 * 1024);
+    let n2 = model.writes.len();
+    let a2 = ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 2, Some(1))}));
+    assert_eq!(a2["kind"], "incremental");
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        let now = chain(&vm, t);
+        assert_eq!(a2["volumes"][i]["new_volume_path"], json!(now[0]));
+        assert_eq!(now, vec![vm.initial_file(t).with_file_name(format!("delta-{t}-2")), vm.initial_file(t)]);
+        let file = store.join("backup-2").join(format!("{t}.qcow2"));
+        let info = knib_core::qemu_img::QemuImg::new().info(&file, &Control::new()).unwrap();
+        assert_eq!(info.backing_filename.as_deref(), Some(format!("../backup-1/{t}.qcow2").as_str()));
+    }
+
+    // Compress and finalize the incremental backup's files.
+    let files: Vec<PathBuf> = DISKS.iter().map(|(t, _)| store.join("backup-2").join(format!("{t}.qcow2"))).collect();
+    let c = ok("agent.compress", &json!({"files": files, "library": "zstd"}));
+    assert_eq!(c["compressed"][0]["library"], "zstd");
+    let f = ok("agent.finalize_compression", &json!({"files": files}));
+    assert_eq!(f["finalized"][1]["path"], json!(files[1]));
+    assert!(!PathBuf::from(format!("{}.comp", files[0].display())).exists());
+
+    // Each backup restores to its instant.
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    for (n, upto) in [(1, n1), (2, n2)] {
+        for (t, _) in DISKS {
+            let to = out.join(format!("{t}-{n}.qcow2"));
+            let backup = store.join(format!("backup-{n}")).join(format!("{t}.qcow2"));
+            let r = ok("agent.restore", &json!({"volumes": [{"uuid": t, "backup_path": backup, "volume_path": to}]}));
+            assert_eq!(r["volumes"][0]["path"], json!(to));
+            model.assert_restored(t, upto, &to, dir.path());
+        }
+    }
+
+    // The hash of a chain is stable and changes with one byte.
+    let chain_files = json!([store.join("backup-1/vda.qcow2"), store.join("backup-2/vda.qcow2")]);
+    let h1 = ok("agent.take_hash", &json!({"files": chain_files, "backup_uuid": "b2"}));
+    let h2 = ok("agent.take_hash", &json!({"files": chain_files}));
+    assert_eq!(h1["hash"], h2["hash"]);
+    assert_eq!(h1["backup_uuid"], "b2");
+    assert_eq!(h1["files"].as_array().unwrap().len(), 2);
+    model.assert_vm_reads_everything(&vm);
+}
+
+#[test]
+fn cleanup_undoes_an_unfinished_backup_and_finishes_a_copied_one() {
+    if skip_without_libvirt("agent cleanup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm = TestVm::create("knib-agent-clean", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x31, 0, MIB);
+    ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 1, None)}));
+    model.write(&vm, "vda", 0x32, 2 * MIB, MIB);
+
+    // Interrupted after the snapshot: the new deltas are on top, nothing is
+    // on the store. Cleanup commits them back.
+    let req = json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 2, Some(1))});
+    let before: Vec<Vec<PathBuf>> = DISKS.iter().map(|(t, _)| chain(&vm, t)).collect();
+    let news: Vec<(String, PathBuf)> = req["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(DISKS)
+        .map(|(v, (t, _))| (t.to_string(), PathBuf::from(v["delta_path_on_primary"].as_str().unwrap())))
+        .collect();
+    vm.vm.snapshot_disk_only(&news, false).unwrap();
+    model.write(&vm, "vdb", 0x33, 0, 128 * 1024);
+    let a = ok("agent.cleanup_vm_backup", &req);
+    assert_eq!(a["published"], false);
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        assert_eq!(chain(&vm, t), before[i], "{t} is back on its chain: {a:#}");
+        assert!(!news[i].1.exists());
+    }
+    assert!(!store.join("backup-2").join("vda.qcow2").exists());
+
+    // Interrupted after the copy: the backup is complete on the store, so
+    // cleanup finishes it (the old delta merged into the base).
+    vm.vm.snapshot_disk_only(&news, false).unwrap();
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        let v = &req["volumes"][i];
+        let dest = PathBuf::from(v["delta_path_on_store"].as_str().unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-U", "-f", "qcow2", "-O", "qcow2", "-B"])
+            .arg(format!("../backup-1/{t}.qcow2"))
+            .args(["-F", "qcow2"])
+            .arg(&before[i][0])
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let a = ok("agent.cleanup_vm_backup", &req);
+    assert_eq!(a["published"], true);
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        assert_eq!(chain(&vm, t), vec![news[i].1.clone(), vm.initial_file(t)], "{a:#}");
+        assert_eq!(a["volumes"][i]["path"], json!(news[i].1));
+    }
+    model.assert_vm_reads_everything(&vm);
+}
+
+#[test]
+fn failed_backups_say_whether_the_vm_is_consistent() {
+    if skip_without_libvirt("agent errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let e = agent("agent.take_backup", &json!({"domain": "knib-agent-no-such-domain", "volumes": []})).unwrap_err();
+    assert_eq!((e.kind, e.vm_consistent), (ErrorKind::NotFound, Some(true)), "{e}");
+    let vm = TestVm::create("knib-agent-err", &DISKS[..1], dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let vols = volumes(&vm, &store, 1, None);
+    let e = agent("agent.take_backup", &json!({"domain": vm.name(), "running": false, "volumes": vols})).unwrap_err();
+    assert!(e.message.contains("field `running` is false"), "{e}");
+    let mut bad = vols.clone();
+    bad[0]["path"] = json!(dir.path().join("elsewhere.qcow2"));
+    let e = agent("agent.take_backup", &json!({"domain": vm.name(), "volumes": bad})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains("has no disk running on"), "{e}");
+    // A copy that fails after the snapshot (its temporary name is taken by
+    // a directory): the snapshot is undone, the VM consistent.
+    let dest = PathBuf::from(vols[0]["delta_path_on_store"].as_str().unwrap());
+    std::fs::create_dir_all(dest.parent().unwrap().join(".vda.qcow2.part")).unwrap();
+    let e = agent("agent.take_backup", &json!({"domain": vm.name(), "volumes": vols})).unwrap_err();
+    assert_eq!(e.vm_consistent, Some(true), "{e}");
+    assert!(e.message.contains("copy of disk vda"), "{e}");
+    assert!(!PathBuf::from(vols[0]["delta_path_on_primary"].as_str().unwrap()).exists());
+    assert!(!dest.exists());
+    assert_eq!(chain(&vm, "vda"), vec![vm.initial_file("vda")]);
+}
+
+#[test]
+fn a_stopped_domain_backup_and_a_vm_snapshot_merge() {
+    if skip_without_libvirt("agent stopped domain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm = TestVm::create("knib-agent-stopped", &DISKS[..1], dir.path(), TestVmOptions { persistent: true, ..Default::default() });
+    let base = vm.initial_file("vda");
+    qemu_io(&base, "write -P 0x41 0 1M");
+    let vol = |n: u32, parent: Option<u32>, path: &Path, merge: Option<Value>| {
+        let mut v = json!({
+            "uuid": "root",
+            "path": path,
+            "delta_path_on_primary": base.with_file_name(format!("delta-{n}")),
+            "delta_path_on_store": store.join(format!("b{n}/root.qcow2")),
+        });
+        if let Some(p) = parent {
+            v["parent_backup_path"] = json!(store.join(format!("b{p}/root.qcow2")));
+        }
+        if let Some(m) = merge {
+            v["merge"] = m;
+        }
+        json!([v])
+    };
+    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "running": false, "volumes": vol(1, None, &base, None)}));
+    let d1 = base.with_file_name("delta-1");
+    assert_eq!(a["volumes"][0]["new_volume_path"], json!(d1));
+    assert_eq!(vm.disk("vda").file, d1);
+    qemu_io(&d1, "write -P 0x42 2M 1M");
+    let reference = dir.path().join("ref.qcow2");
+    snapshot(&d1, &reference);
+    let merge = json!({"parent": base, "child": d1});
+    let a = ok(
+        "agent.take_backup",
+        &json!({"domain": vm.name(), "running": false, "end_of_chain": true, "volumes": vol(2, Some(1), &d1, Some(merge))}),
+    );
+    assert_eq!(a["volumes"][0]["new_volume_path"], json!(base), "end of chain: back on the base");
+    assert_eq!(vm.disk("vda").file, base);
+    assert!(!d1.exists());
+    let to = dir.path().join("restored.qcow2");
+    ok("agent.restore", &json!({"volumes": [{"backup_path": store.join("b2/root.qcow2"), "volume_path": to}]}));
+    assert_identical(&to, &reference);
+
+    // A disk-only VM snapshot's delta merged into its parent, stopped.
+    let snap = base.with_file_name("snap-1");
+    vm.vm.snapshot_disk_only(&[("vda", &snap)], false).unwrap();
+    qemu_io(&snap, "write -P 0x43 4M 64k");
+    let top = base.with_file_name("snap-2");
+    vm.vm.snapshot_disk_only(&[("vda", &top)], false).unwrap();
+    let reference = dir.path().join("ref2.qcow2");
+    snapshot(&top, &reference);
+    let e = agent("agent.merge_snapshot", &json!({"domain": vm.name(), "merges": [{"parent": top, "child": snap}]})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    let a = ok(
+        "agent.merge_snapshot",
+        &json!({"domain": vm.name(), "running": false, "merges": [{"uuid": "root", "parent": base, "child": snap, "grand_children": [top]}]}),
+    );
+    assert_eq!(a["volumes"][0]["path"], json!(top));
+    assert!(!snap.exists());
+    assert_identical(&top, &reference);
+}
+
+#[test]
+fn quick_restore_consolidate_and_validation_files() {
+    if skip_without_libvirt("agent quick restore") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let backup = dir.path().join("backup.qcow2");
+    make_disk(&backup, 16 * MIB, &[]);
+    qemu_io(&backup, "write -P 0x51 0 2M");
+    let old = dir.path().join("old-delta.qcow2");
+    make_disk(&old, MIB, &[]);
+    let vol = dir.path().join("volume.qcow2");
+    make_disk(&vol, 16 * MIB, &[]);
+    let a = ok(
+        "agent.restore",
+        &json!({"quick_restore": true, "deltas_to_remove": [old], "volumes": [{"uuid": "v1", "backup_path": backup, "volume_path": vol}]}),
+    );
+    assert_eq!(a["volumes"][0]["backing"], json!(backup.canonicalize().unwrap()));
+    assert_eq!(a["removed"], json!([old]));
+    let vm = TestVm::create_on("knib-agent-quick", &[("vda", vol.clone())], TestVmOptions { running: true, ..Default::default() });
+    assert_eq!(chain(&vm, "vda").len(), 2);
+    let a = ok("agent.consolidate", &json!({"domain": vm.name(), "volumes": [{"uuid": "v1", "path": vol}]}));
+    assert_eq!(a["consolidated"][0]["pulled"], true);
+    assert_eq!(chain(&vm, "vda"), vec![vol.clone()]);
+    assert!(vm.read_check("vda", 0x51, 0, 2 * MIB));
+
+    // Validation overlays: made, then removed by the clean-up.
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let a = ok(
+        "agent.prepare_validation",
+        &json!({"vm_name": "knib-agent-validation", "work_dir": work, "volumes": [{"uuid": "v1", "backup_path": backup}]}),
+    );
+    let overlay = PathBuf::from(a["volumes"][0]["overlay_path"].as_str().unwrap());
+    assert!(overlay.exists());
+    let e = agent(
+        "agent.prepare_validation",
+        &json!({"vm_name": "../x", "work_dir": work, "volumes": [{"uuid": "v1", "backup_path": backup}]}),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    // A firmware-only guest never answers the agent: with wait_for_boot the
+    // validation fails, without it, it passes.
+    let v = json!({"disks": [{"target": "vda", "path": overlay}], "work_dir": work, "boot_timeout_secs": 1, "memory_mib": 64});
+    let r = ok("agent.validate", &v);
+    assert_eq!((r["boot_validated"].as_bool(), r["passed"].as_bool()), (Some(false), Some(false)), "{r:#}");
+    let mut v2 = v.clone();
+    v2["wait_for_boot"] = json!(false);
+    let r = ok("agent.validate", &v2);
+    assert_eq!(r["passed"], true, "{r:#}");
+    let a = ok("agent.cleanup_validation", &json!({"vm_name": "knib-agent-validation", "work_dir": work}));
+    assert_eq!(a["removed"], json!([overlay]));
+    assert_eq!(a["domain_removed"], false);
+    assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "boot tests leave nothing behind");
+}
