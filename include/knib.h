@@ -91,6 +91,13 @@
  *   hash            store, backup                       -> {"backup", "chain_hashes"}
  *   delete          store, backup                       -> {"expunged", "marked_removed"}
  *   recover         store, domain, connect?             -> {"backup_id", "step", ...}
+ *   files.fs        store, backup, volume               -> {"filesystems": [{"index",
+ *                   "partition", "start", "size", "type", "label"}]}
+ *   files.ls        store, backup, volume, fs?, path?   -> {"entries": [{"name",
+ *                   "type", "size", "mode", "mtime", "mtime_nsec", "target"}]}
+ *   files.get       store, backup, volume, fs?, path, to -> {"files", "dirs",
+ *                   "symlinks", "bytes"}
+ *                   (the files.* functions: knib_files_fs(), _ls(), _get())
  *
  * A backup is {"id", "vm", "kind" ("full", "incremental", "isolated"),
  * "parent", "position", "end_of_chain", "created", "compression",
@@ -594,6 +601,51 @@ knib_result knib_hash(struct knib_context *context, const char *request_json, ch
  * As `knib_call`.
  */
 knib_result knib_recover(struct knib_context *context, const char *request_json, char **answer_out);
+
+/**
+ * Operation `files.fs`: the filesystems of a volume of a backup, read
+ * straight from the store. Request: `store`, `backup`, `volume`. Answer:
+ * `{"filesystems": [{"index", "partition" (number or null for the whole
+ * disk), "start", "size" (bytes), "type" ("ext4", "vfat", "ntfs", or one
+ * knib does not read: "xfs", "LVM2_member", ...), "label"}]}`.
+ *
+ * # Safety
+ * As `knib_call`.
+ */
+knib_result knib_files_fs(struct knib_context *context,
+                          const char *request_json,
+                          char **answer_out);
+
+/**
+ * Operation `files.ls`: the entries of a directory (or one file) of a
+ * filesystem of a backup. Request: `store`, `backup`, `volume`, `fs`
+ * (the `index` from `files.fs`; optional when one filesystem is
+ * readable), `path` (default "/"; `..` refused, symlinks followed only
+ * inside the filesystem). Answer: `{"entries": [{"name", "type" ("file",
+ * "dir", "symlink", "other"), "size", "mode", "mtime", "mtime_nsec",
+ * "target" (symlinks only)}]}`.
+ *
+ * # Safety
+ * As `knib_call`.
+ */
+knib_result knib_files_ls(struct knib_context *context,
+                          const char *request_json,
+                          char **answer_out);
+
+/**
+ * Operation `files.get`: extract a file or a directory tree of a
+ * filesystem of a backup to a new local path, modes and mtimes kept,
+ * symlinks recreated as links. `to` must not exist; the result appears
+ * there only when complete (nothing is left on failure or cancellation).
+ * Request: `store`, `backup`, `volume`, `fs`, `path`, `to`. Answer:
+ * `{"files", "dirs", "symlinks", "bytes"}`.
+ *
+ * # Safety
+ * As `knib_call`.
+ */
+knib_result knib_files_get(struct knib_context *context,
+                           const char *request_json,
+                           char **answer_out);
 
 /**
  * A short, static, lower-case name of a result code ("ok", "not found",

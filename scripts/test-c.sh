@@ -91,7 +91,7 @@ say "installed libknib $version ($soname) in $PREFIX"
 CC=${CC:-cc}
 CFLAGS=(-std=c11 -Wall -Wextra -Werror -pedantic -g -I"$PREFIX/include")
 LINK=(-L"$PREFIX/lib" -Wl,-rpath,"$PREFIX/lib" -lknib -lpthread)
-programs=(backup_restore hostile)
+programs=(backup_restore hostile files)
 passed=0
 failed=0
 run_test() { # name, command...

@@ -5,6 +5,7 @@
 
 mod boot;
 mod demo;
+mod files;
 mod jobs;
 mod output;
 
@@ -163,6 +164,12 @@ enum Command {
         store: PathBuf,
         /// The backup's id.
         backup: String,
+    },
+    /// Files of a backup, read straight from the store: list filesystems
+    /// and directories, extract files and directories.
+    Files {
+        #[command(subcommand)]
+        command: files::FilesCommand,
     },
     /// The store's durable job queue: queue, list and run compression jobs.
     Jobs {
@@ -327,6 +334,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo { dir } => demo::run(dir, &ctl)?,
         Command::Jobs { command } => jobs::run(command, json)?,
+        Command::Files { command } => files::run(command, json, &ctl)?,
     }
     Ok(())
 }

@@ -25,6 +25,12 @@
 //! | `recover` | `store`, `domain`, `connect`? | `{"backup_id","step","published","report"}` |
 //! | `compress_files` | `files` (`[path]`), `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor` | `{"compressed": [{"path","comp_path","original_size","compressed_size","library"}]}` |
 //! | `finalize_files` | `files` (`[path]`), `backup_exists` (true) | `{"finalized": [path]}` or `{"discarded": [path]}` |
+//! | `files.fs` | `store`, `backup`, `volume` | `{"filesystems": [{"index","partition","start","size","type","label"}]}` |
+//! | `files.ls` | `store`, `backup`, `volume`, `fs`?, `path`? (`/`) | `{"entries": [{"name","type","size","mode","mtime","mtime_nsec","target"}]}` |
+//! | `files.get` | `store`, `backup`, `volume`, `fs`?, `path`, `to` | `{"files","dirs","symlinks","bytes"}` |
+//!
+//! The `files.*` operations (file-level restore) are described in
+//! [`crate::files`].
 //!
 //! `compress_files` and `finalize_files` are the engine's two compression
 //! steps on explicit files, as CloudStack's agent runs them (`compress`

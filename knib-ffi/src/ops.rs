@@ -311,3 +311,60 @@ pub unsafe extern "C" fn knib_recover(
     // SAFETY: the caller's promises, passed on.
     unsafe { run(context, Op::Named("recover"), request_json, answer_out) }
 }
+
+/// Operation `files.fs`: the filesystems of a volume of a backup, read
+/// straight from the store. Request: `store`, `backup`, `volume`. Answer:
+/// `{"filesystems": [{"index", "partition" (number or null for the whole
+/// disk), "start", "size" (bytes), "type" ("ext4", "vfat", "ntfs", or one
+/// knib does not read: "xfs", "LVM2_member", ...), "label"}]}`.
+///
+/// # Safety
+/// As `knib_call`.
+#[no_mangle]
+pub unsafe extern "C" fn knib_files_fs(
+    context: *mut knib_context,
+    request_json: *const c_char,
+    answer_out: *mut *mut c_char,
+) -> knib_result {
+    // SAFETY: the caller's promises, passed on.
+    unsafe { run(context, Op::Named("files.fs"), request_json, answer_out) }
+}
+
+/// Operation `files.ls`: the entries of a directory (or one file) of a
+/// filesystem of a backup. Request: `store`, `backup`, `volume`, `fs`
+/// (the `index` from `files.fs`; optional when one filesystem is
+/// readable), `path` (default "/"; `..` refused, symlinks followed only
+/// inside the filesystem). Answer: `{"entries": [{"name", "type" ("file",
+/// "dir", "symlink", "other"), "size", "mode", "mtime", "mtime_nsec",
+/// "target" (symlinks only)}]}`.
+///
+/// # Safety
+/// As `knib_call`.
+#[no_mangle]
+pub unsafe extern "C" fn knib_files_ls(
+    context: *mut knib_context,
+    request_json: *const c_char,
+    answer_out: *mut *mut c_char,
+) -> knib_result {
+    // SAFETY: the caller's promises, passed on.
+    unsafe { run(context, Op::Named("files.ls"), request_json, answer_out) }
+}
+
+/// Operation `files.get`: extract a file or a directory tree of a
+/// filesystem of a backup to a new local path, modes and mtimes kept,
+/// symlinks recreated as links. `to` must not exist; the result appears
+/// there only when complete (nothing is left on failure or cancellation).
+/// Request: `store`, `backup`, `volume`, `fs`, `path`, `to`. Answer:
+/// `{"files", "dirs", "symlinks", "bytes"}`.
+///
+/// # Safety
+/// As `knib_call`.
+#[no_mangle]
+pub unsafe extern "C" fn knib_files_get(
+    context: *mut knib_context,
+    request_json: *const c_char,
+    answer_out: *mut *mut c_char,
+) -> knib_result {
+    // SAFETY: the caller's promises, passed on.
+    unsafe { run(context, Op::Named("files.get"), request_json, answer_out) }
+}

@@ -27,6 +27,9 @@ static const struct {
     {"verify", knib_verify},
     {"hash", knib_hash},
     {"recover", knib_recover},
+    {"files.fs", knib_files_fs},
+    {"files.ls", knib_files_ls},
+    {"files.get", knib_files_get},
 };
 #define N_OPS (sizeof OPS / sizeof OPS[0])
 

@@ -1,10 +1,648 @@
-//! File-level restore: filesystems and files of a backup, read straight from
-//! its qcow2 chain (`files.*` ops of [`crate::api::call`]).
+//! File-level restore: the filesystems and files of a backup, read straight
+//! from its qcow2 chain in the store (any backup of a chain, compressed or
+//! not): no restore of the whole disk, no root, no kernel module, no mount.
+//! These are the `files.*` ops of [`crate::api::call`].
+//!
+//! # Layers
+//!
+//! - [`device`]: the volume's guest-visible disk, read-only, through a
+//!   small cache (4 MiB), and windows onto its partitions;
+//! - [`partition`]: GPT (CRC-checked, backup header used when the primary
+//!   is damaged) and MBR (primary, extended, logical) tables;
+//! - [`detect`]: which filesystem a partition holds, from magic numbers;
+//! - [`fs`]: the one trait of the filesystem readers: ext2/3/4 through the
+//!   `ext4-view` crate, FAT12/16/32 by knib's own reader (see `fat.rs` for
+//!   why not the `fatfs` crate), NTFS through the `ntfs` crate; anything
+//!   else through libguestfs (`guestfish --ro`) when it is installed, or a
+//!   clear error naming the filesystem found.
+//!
+//! # Operations (JSON, schema 1)
+//!
+//! | op | request fields | answer |
+//! |---|---|---|
+//! | `files.fs` | `store`, `backup`, `volume` | `{"filesystems": [{"index", "partition", "start", "size", "type", "label"}]}` |
+//! | `files.ls` | `store`, `backup`, `volume`, `fs`?, `path`? (default `/`) | `{"entries": [{"name", "type", "size", "mode", "mtime", "mtime_nsec", "target"}]}` |
+//! | `files.get` | `store`, `backup`, `volume`, `fs`?, `path`, `to` | `{"files", "dirs", "symlinks", "bytes"}` |
+//!
+//! - `files.fs`: `index` is what `fs` names (1, 2, ...); `partition` the
+//!   partition's number (MBR 1-4 primary, 5+ logical; GPT entry number), or
+//!   null for a filesystem on the whole disk; `start` and `size` in bytes;
+//!   `type` as blkid names it ("ext4", "vfat", "ntfs", or one knib does not
+//!   read: "xfs", "btrfs", "LVM2_member", "swap", ..., "unknown"); `label`
+//!   or null.
+//! - `fs` may be left out when exactly one filesystem of the volume is
+//!   read natively; with several, the error names the choices.
+//! - `files.ls`: the entries of directory `path` (sorted by name; a file's
+//!   path gives that one entry). `type` is "file", "dir", "symlink" or
+//!   "other"; `mode` the permission bits (`0o7777`, as a number); `mtime`
+//!   seconds since the epoch and `mtime_nsec` its nanoseconds; `target`
+//!   only for symlinks (shown, never followed). Names that are not UTF-8
+//!   are shown lossily.
+//! - `files.get`: extracts file or directory `path` to the local path `to`.
+//!
+//! # Paths
+//!
+//! A requested path is taken from the filesystem's root (`/a/b` and `a/b`
+//! are the same; `.` and empty components are ignored). A `..` component
+//! is refused (InvalidInput naming the path). Symlinks met on the way (the
+//! last component included) are followed inside the filesystem: a relative
+//! target from the link's directory; a target that is absolute, or whose
+//! `..` would climb above the filesystem's root, leaves the filesystem and
+//! is refused (InvalidInput naming the link and its target). At most 40
+//! links are followed.
+//!
+//! # `get`
+//!
+//! - `to` must not exist yet (like `knib restore`); its parent must be a
+//!   directory. Everything is written under a temporary sibling name
+//!   (`.<name>.knib-<pid>-<n>.part`) and renamed into place at the end
+//!   (never replacing anything), so a failure or a cancellation leaves
+//!   nothing half-written.
+//! - A directory is extracted as a tree: regular files with their bytes
+//!   (streamed in 1 MiB chunks, never whole in memory; runs of zeros left
+//!   as holes), directories, and symlinks recreated as symlinks with their
+//!   targets as stored (never followed; nothing is written through a link:
+//!   every entry is created relative to its parent's descriptor with
+//!   `O_EXCL | O_NOFOLLOW`). Devices, fifos and sockets are left out.
+//! - Modes and modification times are set on every entry (directories'
+//!   after their children); setuid and setgid bits are dropped and owners
+//!   are not set (the files belong to whoever extracts them).
+//! - Progress is reported as bytes of file data over the total; the
+//!   operation stops at cancellation or deadline.
+//! - Damaged structures are errors (Corrupt, naming what was wrong): a
+//!   directory met again below itself, a cluster chain or directory that
+//!   loops, a file shorter than its size, a name that cannot be a file name.
+//!
+//! # Filesystem specifics
+//!
+//! - ext2/3/4: modes, mtimes with nanoseconds and symlinks as stored.
+//! - FAT: no modes, symlinks or time zones: files are `0o644` (`0o444`
+//!   with the read-only attribute), directories `0o755`; times are read
+//!   as UTC, 2-second resolution. Name lookups ignore case.
+//! - NTFS: no Unix modes: files `0o644` (`0o444` read-only), directories
+//!   `0o755`; times with 100 ns resolution; reparse points (links,
+//!   junctions) are "other". Name lookups ignore case.
 
-use crate::error::{KnibError, Result};
+pub mod detect;
+pub mod device;
+mod ext4;
+pub mod extract;
+mod fallback;
+mod fat;
+pub mod fs;
+mod ntfs;
+pub mod partition;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::api::{parse, to_json};
+use crate::catalog::Store;
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 
-/// Run file operation `op` (named `files.<name>`).
-pub fn call(op: &str, _request: &str, _ctl: &Control) -> Result<String> {
-    Err(KnibError::invalid(format!("unknown operation {op:?}")))
+use detect::{Detected, Native};
+use device::{Device, SharedDevice, Window};
+pub use extract::GetSummary;
+use fs::{display, Filesystem, Kind, Node};
+
+/// The most symlinks followed while resolving one path.
+pub const MAX_LINKS: usize = 40;
+
+/// One filesystem of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FsInfo {
+    /// What `fs` names it by (1, 2, ...).
+    pub index: u32,
+    /// The partition's number, `None` for the whole disk.
+    pub partition: Option<u32>,
+    /// First byte on the disk.
+    pub start: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// blkid's name of its type ("ext4", "vfat", "ntfs", "xfs", ...,
+    /// "unknown").
+    #[serde(rename = "type")]
+    pub fs_type: String,
+    /// Its label.
+    pub label: Option<String>,
+}
+
+/// One directory entry as `ls` gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EntryInfo {
+    /// Its name (lossy when not UTF-8).
+    pub name: String,
+    /// "file", "dir", "symlink" or "other".
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Length in bytes.
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Its nanoseconds.
+    pub mtime_nsec: u32,
+    /// A symlink's target (only for symlinks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// The disk of one volume of a backup, its partitions and what they hold.
+pub struct Disk {
+    dev: SharedDevice,
+    /// The qcow2 top file, for the libguestfs fallback.
+    image: Option<PathBuf>,
+    found: Vec<(FsInfo, Detected)>,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk").field("device", &self.dev.borrow().name()).field("found", &self.found).finish()
+    }
+}
+
+/// A filesystem opened for reading.
+enum Mounted {
+    Native(Box<dyn Filesystem>),
+    Guest(fallback::Guest),
+}
+
+impl Disk {
+    /// The disk of volume `volume` of backup `backup` in `store`.
+    pub fn open_backup(store: &Store, backup: &str, volume: &str, ctl: &Control) -> Result<Disk> {
+        let m = store.show(backup)?;
+        let file = store.volume_file(&m, volume)?;
+        let name = format!("volume {volume} of backup {backup}");
+        Disk::open_named(&file, name, ctl)
+    }
+
+    /// The disk of the qcow2 image at `path` (with its backing chain).
+    pub fn open_image(path: &Path, ctl: &Control) -> Result<Disk> {
+        Disk::open_named(path, path.display().to_string(), ctl)
+    }
+
+    fn open_named(path: &Path, name: String, ctl: &Control) -> Result<Disk> {
+        let dev = Device::open(path, name, ctl)?.shared();
+        let mut d = Disk::scan(dev)?;
+        d.image = Some(path.to_path_buf());
+        Ok(d)
+    }
+
+    /// A disk held in memory (tests, fuzzing).
+    pub fn from_bytes(data: Vec<u8>) -> Result<Disk> {
+        Disk::scan(Device::from_bytes(data, "disk in memory").shared())
+    }
+
+    fn scan(dev: SharedDevice) -> Result<Disk> {
+        let size = dev.borrow().size();
+        let whole = Window::new(dev.clone(), 0, size)?;
+        let (_, parts) = partition::read_partitions(&whole)?;
+        let mut found = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let w = Window::new(dev.clone(), p.start, p.size)?;
+            let d = detect::detect(&w)?;
+            let info = FsInfo {
+                index: i as u32 + 1,
+                partition: p.number,
+                start: p.start,
+                size: p.size,
+                fs_type: d.name.clone(),
+                label: d.label.clone(),
+            };
+            found.push((info, d));
+        }
+        let mut disk = Disk { dev, image: None, found };
+        // Labels the magic does not give (FAT's root entry, NTFS's $Volume);
+        // a filesystem that does not open keeps what the magic gave.
+        for i in 0..disk.found.len() {
+            if matches!(disk.found[i].1.native, Some(Native::Fat | Native::Ntfs)) {
+                let label = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match disk.mount_at(i) {
+                    Ok(Mounted::Native(mut f)) => f.label(),
+                    _ => None,
+                }));
+                if let Ok(Some(l)) = label {
+                    disk.found[i].0.label = Some(l);
+                }
+            }
+        }
+        Ok(disk)
+    }
+
+    /// What the disk is, for messages.
+    pub fn name(&self) -> String {
+        self.dev.borrow().name().to_string()
+    }
+
+    /// Its filesystems (one per partition, or one for the whole disk).
+    pub fn filesystems(&self) -> Vec<FsInfo> {
+        self.found.iter().map(|(i, _)| i.clone()).collect()
+    }
+
+    fn describe(&self, i: usize) -> String {
+        let (info, _) = &self.found[i];
+        let label = info.label.as_deref().map(|l| format!(" {l:?}")).unwrap_or_default();
+        format!("{} ({}, {}{label})", info.index, fallback::place(info.partition), info.fs_type)
+    }
+
+    fn choices(&self) -> String {
+        (0..self.found.len()).map(|i| self.describe(i)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The index in `found` of filesystem `fs`, or of the only one read
+    /// natively.
+    fn choose(&self, fs: Option<u32>) -> Result<usize> {
+        match fs {
+            Some(n) => self.found.iter().position(|(i, _)| i.index == n).ok_or_else(|| {
+                KnibError::invalid(format!("{} has no filesystem {n}; it has: {}", self.name(), self.choices()))
+            }),
+            None => {
+                let native: Vec<usize> = (0..self.found.len()).filter(|&i| self.found[i].1.native.is_some()).collect();
+                match native.as_slice() {
+                    [one] => Ok(*one),
+                    [] if self.found.len() == 1 => Ok(0),
+                    [] => Err(KnibError::invalid(format!(
+                        "{} has no filesystem knib reads natively: {}; choose one with `fs` (--fs N)",
+                        self.name(),
+                        self.choices()
+                    ))),
+                    _ => Err(KnibError::invalid(format!(
+                        "{} has {} filesystems knib can read: {}; choose one with `fs` (--fs N)",
+                        self.name(),
+                        native.len(),
+                        native.iter().map(|&i| self.describe(i)).collect::<Vec<_>>().join(", ")
+                    ))),
+                }
+            }
+        }
+    }
+
+    fn mount_at(&self, i: usize) -> Result<Mounted> {
+        let (info, d) = &self.found[i];
+        let w = Window::new(self.dev.clone(), info.start, info.size)?;
+        let ctx = || format!("filesystem {} of {}", self.describe(i), self.name());
+        let fs: Box<dyn Filesystem> = match d.native {
+            Some(Native::Ext) => Box::new(ext4::Ext4Fs::open(w).map_err(|e| e.context(ctx()))?),
+            Some(Native::Fat) => Box::new(fat::FatFs::open(w).map_err(|e| e.context(ctx()))?),
+            Some(Native::Ntfs) => Box::new(ntfs::NtfsFs::open(w).map_err(|e| e.context(ctx()))?),
+            None => {
+                let guest =
+                    self.image.as_deref().and_then(|img| fallback::Guest::find(img, &info.fs_type, info.partition));
+                return match guest {
+                    Some(g) => Ok(Mounted::Guest(g)),
+                    None => Err(fallback::unsupported(&info.fs_type, info.partition).context(self.name())),
+                };
+            }
+        };
+        Ok(Mounted::Native(fs))
+    }
+
+    /// Run `f` on filesystem `fs` (see [`Disk::choose`]), errors given the
+    /// filesystem as context; a panic in a reader is an Internal error.
+    fn with_fs<T>(&self, fs: Option<u32>, f: impl FnOnce(Mounted, &str) -> Result<T>) -> Result<T> {
+        let i = self.choose(fs)?;
+        let what = format!("filesystem {} of {}", self.describe(i), self.name());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self.mount_at(i)?, &what)));
+        match r {
+            Ok(r) => r.map_err(|e| {
+                let named = e.message.contains(&what) || e.message.starts_with(&self.name());
+                if matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout) || named {
+                    e
+                } else {
+                    e.context(&what)
+                }
+            }),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(KnibError::internal(format!("{what}: the reader failed: {msg}")))
+            }
+        }
+    }
+
+    /// The entries of directory `path` of filesystem `fs` (a file's path
+    /// gives that file's entry).
+    pub fn list(&self, fs: Option<u32>, path: &str, ctl: &Control) -> Result<Vec<EntryInfo>> {
+        let comps = parse_path(path)?;
+        self.with_fs(fs, |m, _| match m {
+            Mounted::Guest(g) => g.list(&display(&comps), ctl),
+            Mounted::Native(mut f) => {
+                let (canon, node) = resolve(f.as_mut(), path, &comps)?;
+                let mut out = Vec::new();
+                if node.kind == Kind::Dir {
+                    for e in f.read_dir(&canon, &node)? {
+                        let mut p = canon.clone();
+                        p.push(e.name.clone());
+                        out.push(entry_info(f.as_mut(), &p, &e.name, &e.node)?);
+                    }
+                    out.sort_by(|a, b| a.name.cmp(&b.name));
+                } else {
+                    let name = canon.last().cloned().unwrap_or_default();
+                    out.push(entry_info(f.as_mut(), &canon, &name, &node)?);
+                }
+                Ok(out)
+            }
+        })
+    }
+
+    /// Extract file or directory `path` of filesystem `fs` to `to` (see the
+    /// module's documentation).
+    pub fn get(&self, fs: Option<u32>, path: &str, to: &Path, ctl: &Control) -> Result<GetSummary> {
+        let comps = parse_path(path)?;
+        self.with_fs(fs, |m, _| match m {
+            Mounted::Guest(g) => g.get(&display(&comps), to, ctl),
+            Mounted::Native(mut f) => {
+                let (canon, node) = resolve(f.as_mut(), path, &comps)?;
+                extract::extract(f.as_mut(), &canon, &node, to, &display(&canon), ctl)
+            }
+        })
+    }
+}
+
+fn entry_info(f: &mut dyn Filesystem, path: &[Vec<u8>], name: &[u8], n: &Node) -> Result<EntryInfo> {
+    let target =
+        if n.kind == Kind::Symlink { Some(String::from_utf8_lossy(&f.read_link(path, n)?).into_owned()) } else { None };
+    Ok(EntryInfo {
+        name: String::from_utf8_lossy(name).into_owned(),
+        kind: n.kind.as_str(),
+        size: n.size,
+        mode: n.mode,
+        mtime: n.mtime,
+        mtime_nsec: n.mtime_nsec,
+        target,
+    })
+}
+
+/// The components of a requested path; `..` is refused.
+pub(crate) fn parse_path(path: &str) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(KnibError::invalid(format!(
+                "path {path:?} has a `..` component: paths are taken from the filesystem's root and may not leave it"
+            ))),
+            c if c.contains('\0') => return Err(KnibError::invalid(format!("path {path:?} contains a NUL byte"))),
+            c => out.push(c.as_bytes().to_vec()),
+        }
+    }
+    Ok(out)
+}
+
+/// Resolve `comps` (of request `request`) from the root of `f`, following
+/// symlinks inside the filesystem: the canonical path (directories only,
+/// then the last component) and what it names.
+pub(crate) fn resolve(f: &mut dyn Filesystem, request: &str, comps: &[Vec<u8>]) -> Result<(Vec<Vec<u8>>, Node)> {
+    let mut todo: std::collections::VecDeque<Vec<u8>> = comps.iter().cloned().collect();
+    let mut canon: Vec<Vec<u8>> = Vec::new();
+    let mut nodes: Vec<Node> = vec![f.root()?];
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        if c == b".." {
+            // Only from a symlink's target.
+            if canon.pop().is_none() {
+                return Err(KnibError::invalid(format!(
+                    "{request}: a symlink on the way climbs above the filesystem's root"
+                )));
+            }
+            nodes.pop();
+            continue;
+        }
+        let dir = nodes.last().expect("the root is always there").clone();
+        if dir.kind != Kind::Dir {
+            return Err(KnibError::invalid(format!("{request}: {} is not a directory", display(&canon))));
+        }
+        let fs::Entry { name: c, node } = f.lookup(&canon, &dir, &c)?.ok_or_else(|| {
+            let mut p = canon.clone();
+            p.push(c.clone());
+            KnibError::not_found(format!("{request}: {} does not exist", display(&p)))
+        })?;
+        if node.kind == Kind::Symlink {
+            let mut link = canon.clone();
+            link.push(c.clone());
+            links += 1;
+            if links > MAX_LINKS {
+                return Err(KnibError::invalid(format!(
+                    "{request}: more than {MAX_LINKS} symlinks on the way (at {}): they loop",
+                    display(&link)
+                )));
+            }
+            let target = f.read_link(&link, &node)?;
+            let shown = String::from_utf8_lossy(&target).into_owned();
+            let leaves = || {
+                KnibError::invalid(format!(
+                    "{request}: symlink {} points to {shown:?}, outside the filesystem; ask for a path inside it",
+                    display(&link)
+                ))
+            };
+            if target.first() == Some(&b'/') {
+                return Err(leaves());
+            }
+            // Climbing above the root from the link's directory leaves it.
+            let mut depth = canon.len() as i64;
+            let mut parts = Vec::new();
+            for t in target.split(|&b| b == b'/') {
+                match t {
+                    b"" | b"." => {}
+                    b".." => {
+                        depth -= 1;
+                        if depth < 0 {
+                            return Err(leaves());
+                        }
+                        parts.push(t.to_vec());
+                    }
+                    t => {
+                        depth += 1;
+                        parts.push(t.to_vec());
+                    }
+                }
+            }
+            for p in parts.into_iter().rev() {
+                todo.push_front(p);
+            }
+            continue;
+        }
+        canon.push(c);
+        nodes.push(node);
+    }
+    let node = nodes.pop().expect("the root is always there");
+    Ok((canon, node))
+}
+
+/// The filesystems of volume `volume` of backup `backup`.
+pub fn filesystems(store: &Store, backup: &str, volume: &str, ctl: &Control) -> Result<Vec<FsInfo>> {
+    Ok(Disk::open_backup(store, backup, volume, ctl)?.filesystems())
+}
+
+/// The entries of directory `path` of filesystem `fs` of a backup's volume.
+pub fn list(
+    store: &Store,
+    backup: &str,
+    volume: &str,
+    fs: Option<u32>,
+    path: &str,
+    ctl: &Control,
+) -> Result<Vec<EntryInfo>> {
+    Disk::open_backup(store, backup, volume, ctl)?.list(fs, path, ctl)
+}
+
+/// Extract `path` of filesystem `fs` of a backup's volume to `to`.
+#[allow(clippy::too_many_arguments)]
+pub fn get(
+    store: &Store,
+    backup: &str,
+    volume: &str,
+    fs: Option<u32>,
+    path: &str,
+    to: &Path,
+    ctl: &Control,
+) -> Result<GetSummary> {
+    Disk::open_backup(store, backup, volume, ctl)?.get(fs, path, to, ctl)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FsReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    store: PathBuf,
+    backup: String,
+    volume: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LsReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    store: PathBuf,
+    backup: String,
+    volume: String,
+    #[serde(default)]
+    fs: Option<u32>,
+    #[serde(default)]
+    path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetReq {
+    #[serde(default)]
+    #[allow(dead_code)]
+    schema: Option<u32>,
+    store: PathBuf,
+    backup: String,
+    volume: String,
+    #[serde(default)]
+    fs: Option<u32>,
+    path: String,
+    to: PathBuf,
+}
+
+/// Run file operation `op` (named `files.<name>`; see the module's
+/// documentation for requests and answers).
+pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
+    match op {
+        "files.fs" => {
+            let r: FsReq = parse(op, request)?;
+            let list = filesystems(&Store::open(&r.store)?, &r.backup, &r.volume, ctl)?;
+            to_json(&json!({ "filesystems": list }))
+        }
+        "files.ls" => {
+            let r: LsReq = parse(op, request)?;
+            let path = r.path.as_deref().unwrap_or("/");
+            let entries = list(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, path, ctl)?;
+            to_json(&json!({ "entries": entries }))
+        }
+        "files.get" => {
+            let r: GetReq = parse(op, request)?;
+            to_json(&get(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, &r.path, &r.to, ctl)?)
+        }
+        _ => Err(KnibError::invalid(format!("unknown operation {op:?}: use files.fs, files.ls or files.get"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requested_paths() {
+        assert_eq!(parse_path("/a//b/./c/").unwrap(), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+        assert!(parse_path("").unwrap().is_empty());
+        let e = parse_path("/a/../../etc/passwd").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains("\"/a/../../etc/passwd\" has a `..` component"), "{e}");
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let ctl = Control::new();
+        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": "one"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("request of files.ls: field `fs`"), "{e}");
+        let e = call("files.get", r#"{"store": "/x", "backup": "b", "volume": "v", "path": "/"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `to`"), "{e}");
+        let e = call("files.fs", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": 1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("unknown field `fs`"), "{e}");
+        let e = call("files.cat", "{}", &ctl).unwrap_err();
+        assert!(e.message.contains("unknown operation \"files.cat\""), "{e}");
+    }
+
+    /// Random bytes as a disk: errors, never a panic or a hang.
+    #[test]
+    fn random_disks_give_errors_not_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..300 {
+            let len = [4096usize, 65536, 1 << 20][round % 3];
+            let mut d: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Make some of them look like a partition table or a filesystem.
+            match round % 6 {
+                1 => {
+                    d[510] = 0x55;
+                    d[511] = 0xaa;
+                    d[446] = 0;
+                    d[462] = 0;
+                    d[478] = 0;
+                    d[494] = 0;
+                }
+                2 if len > 2048 => {
+                    d[1024 + 56] = 0x53;
+                    d[1024 + 57] = 0xef;
+                }
+                3 => {
+                    d[0] = 0xeb;
+                    d[11..13].copy_from_slice(&512u16.to_le_bytes());
+                    d[13] = 1 << (next() % 8);
+                    d[14] = 1;
+                    d[16] = 2;
+                    d[21] = 0xf8;
+                }
+                4 => d[3..11].copy_from_slice(b"NTFS    "),
+                _ => {}
+            }
+            let Ok(disk) = Disk::from_bytes(d) else { continue };
+            let n = disk.filesystems().len() as u32;
+            for fs in 1..=n {
+                for path in ["/", "/a/b"] {
+                    if let Err(e) = disk.list(Some(fs), path, &Control::new()) {
+                        assert_ne!(e.kind, ErrorKind::Internal, "round {round}: {e}");
+                    }
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,159 @@
+//! `knib files`: the filesystems and files of a backup, read straight from
+//! the store (no restore of the disk, no mount); files and directories
+//! extracted with their modes and mtimes.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use knib_core::catalog::Store;
+use knib_core::files::{self, EntryInfo, FsInfo};
+use knib_core::fsio::human_bytes;
+use knib_core::{Control, Result};
+use serde_json::json;
+
+use crate::output;
+
+/// The `files` subcommands.
+#[derive(Subcommand)]
+pub enum FilesCommand {
+    /// List the filesystems of a volume of a backup (partition, type,
+    /// label, size).
+    Fs {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The backup's id.
+        backup: String,
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+    },
+    /// List a directory (or one file) of a filesystem of a backup.
+    Ls {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The backup's id.
+        backup: String,
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+        /// The filesystem, by its number in `knib files fs` (needed when
+        /// the volume has more than one that knib reads).
+        #[arg(long)]
+        fs: Option<u32>,
+        /// The path inside the filesystem.
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Extract a file or a directory tree (modes and mtimes kept) to a new
+    /// local path.
+    Get {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The backup's id.
+        backup: String,
+        /// The volume.
+        #[arg(long)]
+        volume: String,
+        /// The filesystem, by its number in `knib files fs`.
+        #[arg(long)]
+        fs: Option<u32>,
+        /// The path inside the filesystem.
+        path: String,
+        /// Where to write it (must not exist).
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+fn fs_line(f: &FsInfo) -> String {
+    let at = match f.partition {
+        Some(n) => format!("partition {n}"),
+        None => "whole disk".into(),
+    };
+    format!(
+        "{:>2}  {:<12}  {:<11}  {:<16}  {} at {}",
+        f.index,
+        at,
+        f.fs_type,
+        f.label.as_deref().unwrap_or("-"),
+        human_bytes(f.size),
+        human_bytes(f.start)
+    )
+}
+
+/// `ls -l`'s mode column.
+fn mode_text(e: &EntryInfo) -> String {
+    let kind = match e.kind {
+        "dir" => 'd',
+        "symlink" => 'l',
+        "file" => '-',
+        _ => '?',
+    };
+    let mut s = String::from(kind);
+    for shift in [6, 3, 0] {
+        let bits = (e.mode >> shift) & 7;
+        s.push(if bits & 4 != 0 { 'r' } else { '-' });
+        s.push(if bits & 2 != 0 { 'w' } else { '-' });
+        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn entry_line(e: &EntryInfo) -> String {
+    let when = if e.mtime >= 0 {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.mtime as u64);
+        // "YYYY-MM-DDTHH:MM:SS.mmmZ" as "YYYY-MM-DD HH:MM:SS" (UTC).
+        let t = knib_core::catalog::manifest::rfc3339(t);
+        t.get(..19).unwrap_or(&t).replacen('T', " ", 1)
+    } else {
+        format!("{}s", e.mtime)
+    };
+    let target = e.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
+    format!("{}  {:>12}  {when}  {}{target}", mode_text(e), e.size, e.name)
+}
+
+/// Run a `files` subcommand.
+pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
+    match cmd {
+        FilesCommand::Fs { store, backup, volume } => {
+            let list = files::filesystems(&Store::open(store)?, &backup, &volume, ctl)?;
+            if json {
+                println!("{}", json!({ "filesystems": list }));
+            } else {
+                for f in &list {
+                    println!("{}", fs_line(f));
+                }
+            }
+        }
+        FilesCommand::Ls { store, backup, volume, fs, path } => {
+            let entries = files::list(&Store::open(store)?, &backup, &volume, fs, &path, ctl)?;
+            if json {
+                println!("{}", json!({ "entries": entries }));
+            } else {
+                for e in &entries {
+                    println!("{}", entry_line(e));
+                }
+            }
+        }
+        FilesCommand::Get { store, backup, volume, fs, path, to } => {
+            let s = files::get(&Store::open(store)?, &backup, &volume, fs, &path, &to, ctl)?;
+            output::clear_progress();
+            output::say(
+                json,
+                &serde_json::to_value(&s).expect("a summary serializes"),
+                &format!(
+                    "extracted {path} of backup {backup} to {}: {} files, {} directories, {} symlinks, {}",
+                    to.display(),
+                    s.files,
+                    s.dirs,
+                    s.symlinks,
+                    human_bytes(s.bytes)
+                ),
+            );
+        }
+    }
+    Ok(())
+}

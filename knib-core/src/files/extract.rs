@@ -1,0 +1,462 @@
+//! Writing what `get` extracts: a file or a directory tree under a
+//! temporary sibling of the destination, renamed into place at the end.
+//!
+//! Nothing is ever written through a link: every directory is created by
+//! knib in the fresh temporary directory and opened with `O_NOFOLLOW`, and
+//! every file, directory and link is created relative to its parent's
+//! descriptor (`openat` with `O_CREAT | O_EXCL | O_NOFOLLOW`, `mkdirat`,
+//! `symlinkat`). Symlinks are recreated as they are (their targets never
+//! followed). Modes and modification times are set on every entry,
+//! directories' after their children; setuid and setgid bits are dropped
+//! (the files belong to whoever extracts them).
+
+use std::ffi::{CString, OsStr};
+use std::fs::{File, FileTimes, Permissions};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::error::{KnibError, Result};
+use crate::progress::Control;
+
+use super::fs::{display, FileRead, Filesystem, FsPath, Kind, Node};
+
+/// Bytes read and written at a time.
+pub const CHUNK: usize = 1 << 20;
+/// The deepest directory tree extracted.
+pub const MAX_DEPTH: usize = 1024;
+
+/// What `get` wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GetSummary {
+    /// Regular files written.
+    pub files: u64,
+    /// Directories made (the extracted directory itself included).
+    pub dirs: u64,
+    /// Symlinks made.
+    pub symlinks: u64,
+    /// Bytes of file data.
+    pub bytes: u64,
+}
+
+fn os_err(what: &str, path: &Path) -> KnibError {
+    KnibError::io(what, path, std::io::Error::last_os_error())
+}
+
+fn cstr(b: &[u8], path: &Path) -> Result<CString> {
+    CString::new(b).map_err(|_| KnibError::invalid(format!("{} contains a NUL byte", path.display())))
+}
+
+fn mtime(n: &Node) -> SystemTime {
+    if n.mtime >= 0 {
+        UNIX_EPOCH + Duration::new(n.mtime as u64, n.mtime_nsec.min(999_999_999))
+    } else {
+        UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
+            + Duration::from_nanos(n.mtime_nsec.min(999_999_999) as u64)
+    }
+}
+
+/// Set mode and mtime through an open descriptor.
+fn finish(f: &File, n: &Node, path: &Path) -> Result<()> {
+    f.set_permissions(Permissions::from_mode(n.mode & 0o1777))
+        .map_err(|e| KnibError::io("cannot set the mode of", path, e))?;
+    f.set_times(FileTimes::new().set_modified(mtime(n))).map_err(|e| KnibError::io("cannot set the mtime of", path, e))
+}
+
+/// Open `name` in directory `dir` as a directory, never through a link.
+fn open_dir_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
+    // SAFETY: valid descriptor and NUL-terminated name; the result is
+    // checked and owned by the File.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(os_err("cannot open directory", path));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A new directory `name` in `dir`, opened.
+fn make_dir_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
+    // SAFETY: valid descriptor and NUL-terminated name.
+    if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700) } != 0 {
+        return Err(os_err("cannot create directory", path));
+    }
+    open_dir_at(dir, name, path)
+}
+
+/// A new file `name` in `dir` (never an existing one, never a link).
+fn make_file_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
+    // SAFETY: valid descriptor and NUL-terminated name; the result is
+    // checked and owned by the File.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(os_err("cannot create", path));
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// A new symlink `name` in `dir` pointing at `target`, with `n`'s mtime.
+fn make_link_at(dir: &File, name: &CString, target: &[u8], n: &Node, path: &Path) -> Result<()> {
+    let t = cstr(target, path)?;
+    // SAFETY: valid descriptor and NUL-terminated strings.
+    if unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
+        return Err(os_err("cannot create symlink", path));
+    }
+    let times = [
+        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+        libc::timespec { tv_sec: n.mtime as libc::time_t, tv_nsec: n.mtime_nsec.min(999_999_999) as _ },
+    ];
+    // SAFETY: valid descriptor, name and a two-element array.
+    if unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
+        return Err(os_err("cannot set the mtime of symlink", path));
+    }
+    Ok(())
+}
+
+/// Whether `name` can be a file name here.
+fn check_name(name: &[u8], dir: &FsPath) -> Result<()> {
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+        return Err(KnibError::corrupt(format!(
+            "directory {} has an entry named {:?}, which cannot be a file name",
+            display(dir),
+            String::from_utf8_lossy(name)
+        )));
+    }
+    Ok(())
+}
+
+/// One extraction: the filesystem, the control, the counts.
+struct Walk<'a> {
+    fs: &'a mut dyn Filesystem,
+    ctl: &'a Control,
+    step: String,
+    /// Only count (the first pass, for progress and early errors).
+    counting: bool,
+    total: u64,
+    summary: GetSummary,
+    dirs_seen: u64,
+    buf: Vec<u8>,
+    last_report: u64,
+}
+
+impl Walk<'_> {
+    fn report(&mut self, force: bool) {
+        if !self.counting {
+            progress(self.ctl, &self.step, self.summary.bytes, self.total, &mut self.last_report, force);
+        }
+    }
+
+    /// Visit directory `node` at `path` (already made as `out` unless
+    /// counting); `ancestors` are the ids of the directories above.
+    fn dir(
+        &mut self,
+        path: &mut Vec<Vec<u8>>,
+        node: &Node,
+        out: Option<&File>,
+        local: &Path,
+        ancestors: &mut Vec<u64>,
+    ) -> Result<()> {
+        self.dirs_seen += 1;
+        if self.dirs_seen > self.fs.max_dirs().max(1) {
+            return Err(KnibError::corrupt(format!(
+                "walking {} met more directories than the filesystem can hold ({}): its directories loop",
+                display(path),
+                self.fs.max_dirs()
+            )));
+        }
+        if path.len() > MAX_DEPTH {
+            return Err(KnibError::corrupt(format!(
+                "directory {} is more than {MAX_DEPTH} levels deep: the directories loop",
+                display(&path[..8.min(path.len())])
+            )));
+        }
+        let mut entries = self.fs.read_dir(path, node)?;
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        for e in entries {
+            self.ctl.check(&format!("extracting {}", display(path)))?;
+            check_name(&e.name, path)?;
+            let local = local.join(OsStr::from_bytes(&e.name));
+            path.push(e.name.clone());
+            let n = &e.node;
+            match n.kind {
+                Kind::Dir => {
+                    if let Some(id) = n.id {
+                        if ancestors.contains(&id) {
+                            return Err(KnibError::corrupt(format!(
+                                "directory {} is one of its own ancestors: the directories loop",
+                                display(path)
+                            )));
+                        }
+                        ancestors.push(id);
+                    }
+                    let sub = match out {
+                        Some(dir) => Some(make_dir_at(dir, &cstr(&e.name, &local)?, &local)?),
+                        None => None,
+                    };
+                    self.dir(path, n, sub.as_ref(), &local, ancestors)?;
+                    if let Some(sub) = &sub {
+                        finish(sub, n, &local)?;
+                    }
+                    if n.id.is_some() {
+                        ancestors.pop();
+                    }
+                    self.summary.dirs += 1;
+                }
+                Kind::File => {
+                    match out {
+                        Some(dir) => {
+                            let f = make_file_at(dir, &cstr(&e.name, &local)?, &local)?;
+                            self.copy(path, n, &f, &local)?;
+                            finish(&f, n, &local)?;
+                        }
+                        None => self.total += n.size,
+                    }
+                    self.summary.files += 1;
+                }
+                Kind::Symlink => {
+                    if let Some(dir) = out {
+                        let target = self.fs.read_link(path, n)?;
+                        make_link_at(dir, &cstr(&e.name, &local)?, &target, n, &local)?;
+                    }
+                    self.summary.symlinks += 1;
+                }
+                Kind::Other => {
+                    if !self.counting {
+                        log::warn!(target: "knib", "{}: not a file, directory or symlink; left out", display(path));
+                    }
+                }
+            }
+            path.pop();
+        }
+        Ok(())
+    }
+
+    /// Copy file `n` at `path` into `f`, leaving holes for zero blocks.
+    fn copy(&mut self, path: &FsPath, n: &Node, f: &File, local: &Path) -> Result<()> {
+        let what = format!("extracting {}", display(path));
+        let mut buf = std::mem::take(&mut self.buf);
+        let (ctl, step, total) = (self.ctl, &self.step, self.total);
+        let (bytes, last) = (&mut self.summary.bytes, &mut self.last_report);
+        let fs = &mut *self.fs;
+        let r = (|| {
+            let mut reader: Box<dyn FileRead + '_> = fs.open(path, n)?;
+            let mut off = 0u64;
+            loop {
+                ctl.check(&what)?;
+                let got = reader.read(&mut buf)?;
+                if got == 0 {
+                    break;
+                }
+                write_sparse(f, &buf[..got], off, local)?;
+                off += got as u64;
+                *bytes += got as u64;
+                if off > n.size {
+                    break;
+                }
+                progress(ctl, step, *bytes, total, last, false);
+            }
+            if off != n.size {
+                return Err(KnibError::corrupt(format!(
+                    "file {}: read {off} bytes, its size is {}",
+                    display(path),
+                    n.size
+                )));
+            }
+            f.set_len(off).map_err(|e| KnibError::io("cannot set the length of", local, e))
+        })();
+        self.buf = buf;
+        r
+    }
+}
+
+/// Report `bytes` of `total` under `step`, at most once a chunk unless
+/// `force`d.
+fn progress(ctl: &Control, step: &str, bytes: u64, total: u64, last: &mut u64, force: bool) {
+    if force || bytes >= *last + CHUNK as u64 {
+        *last = bytes;
+        let pct = if total == 0 { 100.0 } else { bytes as f64 * 100.0 / total as f64 };
+        ctl.report(step, pct.min(100.0));
+    }
+}
+
+/// Write `data` at `off`, skipping 4 KiB blocks of zeros (left as holes).
+fn write_sparse(f: &File, data: &[u8], off: u64, local: &Path) -> Result<()> {
+    const BLOCK: usize = 4096;
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + BLOCK).min(data.len());
+        if data[i..end].iter().all(|&b| b == 0) {
+            i = end;
+            continue;
+        }
+        // A run of blocks that are not all zeros.
+        let mut j = end;
+        while j < data.len() {
+            let e = (j + BLOCK).min(data.len());
+            if data[j..e].iter().all(|&b| b == 0) {
+                break;
+            }
+            j = e;
+        }
+        f.write_all_at(&data[i..j], off + i as u64).map_err(|e| KnibError::io("cannot write", local, e))?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Make every directory under `p` writable again and remove it all
+/// (links are removed, never followed).
+fn remove_tree(p: &Path) {
+    fn unlock(p: &Path) {
+        if let Ok(m) = std::fs::symlink_metadata(p) {
+            if m.is_dir() {
+                let _ = std::fs::set_permissions(p, Permissions::from_mode(0o700));
+                if let Ok(rd) = std::fs::read_dir(p) {
+                    for e in rd.flatten() {
+                        unlock(&e.path());
+                    }
+                }
+            }
+        }
+    }
+    unlock(p);
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(p);
+        }
+        Err(_) => {}
+    }
+}
+
+fn temp_name(name: &OsStr) -> Vec<u8> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut t = b".".to_vec();
+    t.extend_from_slice(name.as_bytes());
+    t.extend_from_slice(format!(".knib-{}-{}.part", std::process::id(), N.fetch_add(1, Ordering::Relaxed)).as_bytes());
+    t
+}
+
+/// Extract `node` (a file or a directory, at canonical `path` of `fs`) to
+/// `to`, which must not exist; `request` names what was asked for in
+/// progress steps.
+pub fn extract(
+    fs: &mut dyn Filesystem,
+    path: &FsPath,
+    node: &Node,
+    to: &Path,
+    request: &str,
+    ctl: &Control,
+) -> Result<GetSummary> {
+    if std::fs::symlink_metadata(to).is_ok() {
+        return Err(KnibError::invalid(format!(
+            "{} already exists: give a path that does not exist yet",
+            to.display()
+        )));
+    }
+    let name =
+        to.file_name().ok_or_else(|| KnibError::invalid(format!("{} does not end in a file name", to.display())))?;
+    let parent = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let pfd = File::open(&parent).map_err(|e| KnibError::io("cannot open the directory", &parent, e))?;
+    if !pfd.metadata().map_err(|e| KnibError::io("cannot stat", &parent, e))?.is_dir() {
+        return Err(KnibError::invalid(format!("{} is not a directory", parent.display())));
+    }
+    let mut path = path.to_vec();
+    let mut walk = Walk {
+        fs,
+        ctl,
+        step: format!("extract {request}"),
+        counting: true,
+        total: 0,
+        summary: GetSummary::default(),
+        dirs_seen: 0,
+        buf: Vec::new(),
+        last_report: 0,
+    };
+    match node.kind {
+        Kind::Dir => {
+            walk.dir(&mut path, node, None, to, &mut node.id.into_iter().collect())?;
+        }
+        Kind::File => walk.total = node.size,
+        Kind::Symlink | Kind::Other => {
+            return Err(KnibError::invalid(format!("{request} is not a file or a directory: nothing to extract")));
+        }
+    }
+    walk.counting = false;
+    walk.summary = GetSummary::default();
+    walk.dirs_seen = 0;
+    walk.buf = vec![0u8; CHUNK];
+    walk.report(true);
+
+    let tmp = temp_name(name);
+    let tmp_c = cstr(&tmp, to)?;
+    let tmp_path = parent.join(OsStr::from_bytes(&tmp));
+    let result = (|| {
+        match node.kind {
+            Kind::Dir => {
+                let d = make_dir_at(&pfd, &tmp_c, &tmp_path)?;
+                walk.dir(&mut path, node, Some(&d), to, &mut node.id.into_iter().collect())?;
+                finish(&d, node, to)?;
+                walk.summary.dirs += 1;
+            }
+            _ => {
+                let f = make_file_at(&pfd, &tmp_c, &tmp_path)?;
+                walk.copy(&path, node, &f, to)?;
+                finish(&f, node, to)?;
+                walk.summary.files += 1;
+            }
+        }
+        ctl.check(&format!("renaming {} into place", to.display()))?;
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::syncfs(pfd.as_raw_fd()) } != 0 {
+            return Err(os_err("cannot sync the filesystem of", &parent));
+        }
+        let to_c = cstr(name.as_bytes(), to)?;
+        // SAFETY: valid descriptors and NUL-terminated names.
+        let rc = unsafe {
+            libc::renameat2(pfd.as_raw_fd(), tmp_c.as_ptr(), pfd.as_raw_fd(), to_c.as_ptr(), libc::RENAME_NOREPLACE)
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                return Err(KnibError::invalid(format!(
+                    "{} appeared while extracting; nothing was replaced",
+                    to.display()
+                )));
+            }
+            return Err(KnibError::io(&format!("cannot rename {} to", tmp_path.display()), to, e));
+        }
+        pfd.sync_all().map_err(|e| KnibError::io("cannot fsync directory", &parent, e))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        remove_tree(&tmp_path);
+        return Err(e);
+    }
+    walk.report(true);
+    Ok(walk.summary)
+}

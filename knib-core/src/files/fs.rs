@@ -1,0 +1,101 @@
+//! The one trait every filesystem reader implements, and what it returns.
+
+use crate::error::Result;
+
+/// A path inside a filesystem: its components from the root, each a name
+/// as stored (bytes; no `/`, never `.` or `..`). The root is empty.
+pub type FsPath = [Vec<u8>];
+
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link.
+    Symlink,
+    /// Anything else (device, fifo, socket).
+    Other,
+}
+
+impl Kind {
+    /// The name used in answers: "file", "dir", "symlink", "other".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Dir => "dir",
+            Kind::Symlink => "symlink",
+            Kind::Other => "other",
+        }
+    }
+}
+
+/// What a reader knows of a file, directory or link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// What it is.
+    pub kind: Kind,
+    /// Its length in bytes (a symlink's: its target's length).
+    pub size: u64,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds of the modification time.
+    pub mtime_nsec: u32,
+    /// What identifies a directory in its filesystem (inode, first
+    /// cluster, MFT record), when the reader knows it: a directory met
+    /// again below itself is a loop.
+    pub id: Option<u64>,
+    /// Where the reader finds its data (reader-specific).
+    pub handle: u64,
+}
+
+/// One entry of a directory.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Its name, as stored.
+    pub name: Vec<u8>,
+    /// What it is.
+    pub node: Node,
+}
+
+/// A file's bytes, read in order.
+pub trait FileRead {
+    /// Read up to `buf.len()` bytes; 0 at the end.
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize>;
+}
+
+/// A read-only filesystem. Paths given to it are canonical: every component
+/// but the last is a directory (never a symlink), so a reader never
+/// resolves links itself.
+pub trait Filesystem {
+    /// The root directory.
+    fn root(&mut self) -> Result<Node>;
+    /// The entry `name` of directory `dir` (at `dir_path`), not following a
+    /// link, with its name as stored (filesystems that ignore case);
+    /// `None` when there is none.
+    fn lookup(&mut self, dir_path: &FsPath, dir: &Node, name: &[u8]) -> Result<Option<Entry>> {
+        Ok(self.read_dir(dir_path, dir)?.into_iter().find(|e| e.name == name))
+    }
+    /// The entries of directory `dir` at `path`, without `.` and `..`.
+    fn read_dir(&mut self, path: &FsPath, dir: &Node) -> Result<Vec<Entry>>;
+    /// The target of symlink `node` at `path`.
+    fn read_link(&mut self, path: &FsPath, node: &Node) -> Result<Vec<u8>>;
+    /// The bytes of file `node` at `path`.
+    fn open<'a>(&'a mut self, path: &FsPath, node: &Node) -> Result<Box<dyn FileRead + 'a>>;
+    /// The filesystem's label, if set.
+    fn label(&mut self) -> Option<String>;
+    /// An upper bound of the directories the filesystem can hold: a walk
+    /// that meets more is going round a loop.
+    fn max_dirs(&self) -> u64;
+}
+
+/// `path` as `/a/b` for messages (names not in UTF-8 shown lossily).
+pub fn display(path: &FsPath) -> String {
+    if path.is_empty() {
+        return "/".into();
+    }
+    path.iter().map(|c| format!("/{}", String::from_utf8_lossy(c))).collect()
+}
