@@ -43,10 +43,12 @@ public final class FileRestore {
         public String type;
         /** Its size in bytes. */
         public Long size;
-        /** Its mode, as the library gives it. */
-        public String mode;
-        /** Its modification time, as the library gives it. */
-        public String mtime;
+        /** Its permission bits (e.g. 0644 as 420). */
+        public Integer mode;
+        /** Its modification time, seconds since the epoch. */
+        public Long mtime;
+        /** The nanoseconds of its modification time. */
+        public Long mtimeNsec;
         /** A symbolic link's target. */
         public String target;
     }
