@@ -702,6 +702,26 @@ fn backup_gone(store: &Store, job: &Job) -> Option<String> {
     }
 }
 
+/// The control of an attempt: the runner's cancel token and the kind's
+/// time budget (0 = none).
+fn job_control(timeout_secs: u64, cancel: &CancelToken) -> Control {
+    let deadline =
+        if timeout_secs == 0 { Deadline::none() } else { Deadline::after(Duration::from_secs(timeout_secs)) };
+    Control::new().with_cancel(cancel.clone()).with_deadline(deadline)
+}
+
+/// What an attempt that ended with `e` comes to: cancelled when its backup
+/// is gone, interrupted when the runner was stopped, else failed.
+fn failed(store: &Store, job: &Job, cancel: &CancelToken, e: KnibError) -> Outcome {
+    if let Some(why) = backup_gone(store, job) {
+        Outcome::Cancelled(why)
+    } else if e.kind == ErrorKind::Cancelled && cancel.is_cancelled() {
+        Outcome::Interrupted(e)
+    } else {
+        Outcome::Failed(e)
+    }
+}
+
 fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelToken) -> Outcome {
     if let Some(why) = backup_gone(store, job) {
         return Outcome::Cancelled(why);
@@ -720,21 +740,10 @@ fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
             return Outcome::Failed(e);
         }
     }
-    let c = &settings.compression;
-    let deadline =
-        if c.timeout_secs == 0 { Deadline::none() } else { Deadline::after(Duration::from_secs(c.timeout_secs)) };
-    let ctl = Control::new().with_cancel(cancel.clone()).with_deadline(deadline);
+    let ctl = job_control(settings.compression.timeout_secs, cancel);
     match store.compress(&job.backup, &settings.compress_options(), &ctl) {
         Ok(_) => Outcome::Done(None),
-        Err(e) => {
-            if let Some(why) = backup_gone(store, job) {
-                Outcome::Cancelled(why)
-            } else if e.kind == ErrorKind::Cancelled && cancel.is_cancelled() {
-                Outcome::Interrupted(e)
-            } else {
-                Outcome::Failed(e)
-            }
-        }
+        Err(e) => failed(store, job, cancel, e),
     }
 }
 
@@ -748,9 +757,7 @@ fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
         return Outcome::Cancelled(why);
     }
     let v = &settings.validation;
-    let deadline =
-        if v.timeout_secs == 0 { Deadline::none() } else { Deadline::after(Duration::from_secs(v.timeout_secs)) };
-    let ctl = Control::new().with_cancel(cancel.clone()).with_deadline(deadline);
+    let ctl = job_control(v.timeout_secs, cancel);
     let work = store.jobs_dir().join(format!(".{}.work", job.id));
     let shot = screenshot_path(store, &job.id);
     let r = store.validate(&job.backup, v, &work, Some(&shot), &ctl);
@@ -764,15 +771,7 @@ fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
                 Outcome::Rejected(format!("backup {} is not valid: {}", job.backup, report.problems.join("; ")), value)
             }
         }
-        Err(e) => {
-            if let Some(why) = backup_gone(store, job) {
-                Outcome::Cancelled(why)
-            } else if e.kind == ErrorKind::Cancelled && cancel.is_cancelled() {
-                Outcome::Interrupted(e)
-            } else {
-                Outcome::Failed(e)
-            }
-        }
+        Err(e) => failed(store, job, cancel, e),
     }
 }
 
