@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev
-          pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java)
+          pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java time)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -20,7 +20,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --allow-downgrades \
         qemu-utils/bookworm qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev \
-        pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java >/dev/null
+        pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java time >/dev/null
 fi
 
 # No systemd here: start the daemons by hand unless they already run.

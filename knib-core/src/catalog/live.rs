@@ -114,6 +114,7 @@ impl Store {
                     virtual_size: s.virtual_size,
                 })
                 .collect(),
+            data_path: super::settings::Settings::load(&self.root)?.data_path,
         };
         fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
@@ -135,7 +136,7 @@ impl Store {
                         size: v.size,
                         source: d.base.display().to_string(),
                         backing: d.parent.clone(),
-                        hash: None,
+                        hash: v.hash.clone(),
                     })
                     .collect();
                 self.publish(&m, &part)

@@ -367,6 +367,8 @@ impl Store {
                 .collect(),
             kind,
             end_of_chain,
+            data_path: settings::Settings::load(&self.root)?.data_path,
+            compress: None,
         };
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         let final_dir = self.vm_dir(vm).join(&id);
@@ -384,7 +386,7 @@ impl Store {
                         .map(|d| d.path.display().to_string())
                         .unwrap_or_default(),
                     backing: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, v.name)),
-                    hash: None,
+                    hash: v.hash.clone(),
                 })
                 .collect();
             self.publish(&manifest, &part)
@@ -460,7 +462,13 @@ impl Store {
         let top = files.last().expect("a chain has at least one file").clone();
         engine::restore(
             &self.qemu_img,
-            &engine::RestoreRequest { backup_file: top, dest: to.to_path_buf(), format, overwrite: false },
+            &engine::RestoreRequest {
+                backup_file: top,
+                dest: to.to_path_buf(),
+                format,
+                overwrite: false,
+                data_path: settings::Settings::load(&self.root)?.data_path,
+            },
             ctl,
         )
     }
@@ -490,6 +498,7 @@ impl Store {
         for v in &m.volumes {
             self.chain_files(&m, &v.name)?;
         }
+        let opts = &CompressOptions { data_path: settings::Settings::load(&self.root)?.data_path, ..opts.clone() };
         let done = engine::compress(&self.qemu_img, &files, opts, ctl)?;
         engine::finalize(&files, true)?;
         let original: u64 = done.iter().map(|c| c.original_size).sum();

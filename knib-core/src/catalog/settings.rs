@@ -15,6 +15,7 @@
 //! | `compression.coroutines` | `backup.compression.coroutines` (`qemu-img -m`, 1 to 16) | `1` |
 //! | `compression.rate_limit_mbps` | `backup.compression.rate.limit` (MB/s, < 1 = none) | `0` |
 //! | `compression.library` | offering's `compressionlibrary` (`zstd` or `zlib`) | `"zstd"` |
+//! | `knib.data.path` | (knib: who moves the bytes of copies, compressions, restores) | `"native"` (or `"qemu-img"`) |
 //!
 //! Keys may be written flat (`{"schema": 1, "compression.max_retries": 3}`)
 //! or nested (`{"schema": 1, "compression": {"max_retries": 3}}`). An unknown
@@ -26,7 +27,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::engine::CompressOptions;
+use crate::engine::{CompressOptions, DataPath};
 use crate::error::{KnibError, Result};
 use crate::qemu_img::CompressionLibrary;
 
@@ -47,6 +48,7 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("compression.coroutines", "backup.compression.coroutines"),
     ("compression.rate_limit_mbps", "backup.compression.rate.limit"),
     ("compression.library", "offering compressionlibrary"),
+    ("knib.data.path", "knib's native data path or qemu-img"),
 ];
 
 /// How compression jobs run (see the module's table for the keys).
@@ -94,6 +96,10 @@ impl Default for CompressionSettings {
 pub struct Settings {
     /// Compression jobs.
     pub compression: CompressionSettings,
+    /// Backup copies, compressions and restores: knib's native qcow2 data
+    /// path (default) or `qemu-img convert` (`knib.data.path`).
+    #[serde(default)]
+    pub data_path: DataPath,
 }
 
 fn flatten(prefix: &str, obj: &serde_json::Map<String, Value>, out: &mut Vec<(String, Value)>) {
@@ -184,6 +190,13 @@ impl Settings {
                         .parse()
                         .map_err(|_| type_err("\"zstd\" or \"zlib\""))?
                 }
+                "knib.data.path" => {
+                    s.data_path = value
+                        .as_str()
+                        .ok_or_else(|| type_err("\"native\" or \"qemu-img\""))?
+                        .parse()
+                        .map_err(|_| type_err("\"native\" or \"qemu-img\""))?
+                }
                 _ => {
                     let known: Vec<&str> = SETTING_KEYS.iter().map(|(k, _)| *k).collect();
                     return Err(bad(format!("unknown key {key:?} (known keys: schema, {})", known.join(", "))));
@@ -207,6 +220,7 @@ impl Settings {
             "compression.coroutines": c.coroutines,
             "compression.rate_limit_mbps": c.rate_limit_mbps,
             "compression.library": c.library.as_str(),
+            "knib.data.path": self.data_path.as_str(),
         })
     }
 
@@ -218,6 +232,7 @@ impl Settings {
             coroutines: c.coroutines,
             rate_limit_mbps: c.rate_limit_mbps,
             min_free_factor: c.min_free_factor,
+            data_path: self.data_path,
         }
     }
 }
@@ -258,6 +273,19 @@ mod tests {
     }
 
     #[test]
+    fn the_data_path_is_native_unless_set_to_qemu_img() {
+        assert_eq!(Settings::default().data_path, DataPath::Native);
+        assert_eq!(Settings::default().compress_options().data_path, DataPath::Native);
+        let flat = parse(r#"{"schema": 1, "knib.data.path": "qemu-img"}"#).unwrap();
+        let nested = parse(r#"{"schema": 1, "knib": {"data": {"path": "qemu-img"}}}"#).unwrap();
+        assert_eq!(flat, nested);
+        assert_eq!(flat.data_path, DataPath::QemuImg);
+        assert_eq!(flat.compress_options().data_path, DataPath::QemuImg);
+        assert_eq!(parse(r#"{"schema": 1, "knib.data.path": "native"}"#).unwrap().data_path, DataPath::Native);
+        assert_eq!(parse(&flat.to_json().to_string()).unwrap(), flat);
+    }
+
+    #[test]
     fn bad_settings_name_the_key() {
         for (text, needle) in [
             (r#"{"schema": 1, "compression.max_retires": 3}"#, "compression.max_retires"),
@@ -270,6 +298,8 @@ mod tests {
             (r#"{"schema": 1, "compression.min_free_factor": -1}"#, "compression.min_free_factor"),
             (r#"{"schema": 1, "compression.library": "lz4"}"#, "compression.library"),
             (r#"{"schema": 1, "compression.timeout_secs": 1.5}"#, "compression.timeout_secs"),
+            (r#"{"schema": 1, "knib.data.path": "qemu"}"#, "knib.data.path"),
+            (r#"{"schema": 1, "knib": {"data": {"path": 1}}}"#, "knib.data.path"),
             (r#"{"schema": 1, "compression.enabled": true, "compression": {"enabled": false}}"#, "given twice"),
             (r#"{"compression.enabled": true}"#, "schema"),
             (r#"{"schema": 2}"#, "schema"),
