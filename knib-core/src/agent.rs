@@ -553,6 +553,7 @@ fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<String> {
         coroutines: r.coroutines,
         rate_limit_mbps: r.rate_limit_mbps,
         min_free_factor: r.min_free_factor,
+        ..Default::default()
     };
     let done = engine::compress(&QemuImg::new(), &r.files, &opts, ctl)?;
     to_json(&json!({ "compressed": done }))
@@ -600,6 +601,7 @@ fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<String> {
                         dest: stage.clone(),
                         format: ImageFormat::Qcow2,
                         overwrite: false,
+                        data_path: Default::default(),
                     },
                     ctl,
                 )?;

@@ -427,6 +427,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
                 coroutines: r.coroutines,
                 rate_limit_mbps: r.rate_limit_mbps,
                 min_free_factor: r.min_free_factor,
+                ..Default::default()
             };
             let m = store.compress(&r.backup, &opts, ctl)?;
             to_json(&BackupView::new(&store, &m))
@@ -461,6 +462,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
                 coroutines: r.coroutines,
                 rate_limit_mbps: r.rate_limit_mbps,
                 min_free_factor: r.min_free_factor,
+                ..Default::default()
             };
             let done = crate::engine::compress(&crate::qemu_img::QemuImg::new(), &r.files, &opts, ctl)?;
             to_json(&json!({ "compressed": done }))

@@ -127,6 +127,9 @@ impl Invocation {
             String::from_utf8_lossy(&s).into_owned()
         });
         let mut stop: Option<KnibError> = None;
+        // Poll soon at first (most runs of qemu-img take milliseconds), then
+        // every 20 ms.
+        let mut nap = Duration::from_millis(1);
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
@@ -143,7 +146,8 @@ impl Invocation {
                     let _ = child.kill();
                 }
             }
-            thread::sleep(Duration::from_millis(20));
+            thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(20));
         };
         let stdout = out_thread.join().unwrap_or_default();
         let stderr = err_thread.join().unwrap_or_default();

@@ -80,3 +80,123 @@ fn the_hash_is_xxh3_128_of_the_files_in_chain_order() {
     assert_eq!(h, format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&all)));
     assert_ne!(h, engine::hash_files(&[b, a], &Control::new()).unwrap());
 }
+
+/// Back up a disk full then incrementally through `data_path`; returns the
+/// two answers and the references (the disk as it was at each backup).
+fn two_backups(dir: &std::path::Path, data_path: engine::DataPath) -> (Vec<engine::TakeBackupAnswer>, Vec<PathBuf>) {
+    let q = QemuImg::new();
+    let ctl = Control::new();
+    std::fs::create_dir_all(dir).unwrap();
+    let disk = dir.join("disk.qcow2");
+    make_disk(&disk, 24 << 20, &[]);
+    qemu_io(&disk, "write -P 0x11 0 5M");
+    qemu_io(&disk, "write -z 6M 1M");
+    qemu_io(&disk, "write -P 0x12 23M 1M");
+    let store = dir.join("store");
+    std::fs::create_dir(&store).unwrap();
+    let mut answers = Vec::new();
+    let mut refs = Vec::new();
+    for (i, kind) in [engine::BackupKind::Full, engine::BackupKind::Incremental].into_iter().enumerate() {
+        if i == 1 {
+            qemu_io(&disk, "write -P 0x13 1M 64k");
+            qemu_io(&disk, "write -z 2M 128k");
+            qemu_io(&disk, "write -P 0x14 20M 3M");
+        }
+        let r = dir.join(format!("ref{i}.qcow2"));
+        snapshot(&disk, &r);
+        refs.push(r);
+        let req = engine::TakeBackupRequest {
+            volumes: vec![engine::VolumeBackup {
+                name: "v".into(),
+                disk: disk.clone(),
+                dest: store.join(format!("b{i}.qcow2")),
+                parent: (i == 1).then(|| "b0.qcow2".to_string()),
+            }],
+            kind,
+            end_of_chain: false,
+            data_path,
+            compress: None,
+        };
+        answers.push(engine::take_backup(&q, &req, &ctl).unwrap());
+    }
+    (answers, refs)
+}
+
+#[test]
+fn native_backups_record_the_hash_of_the_file_and_match_qemu_img_backups() {
+    let d = tempfile::tempdir().unwrap();
+    let ctl = Control::new();
+    let (native, refs) = two_backups(&d.path().join("n"), engine::DataPath::Native);
+    let (qemu, _) = two_backups(&d.path().join("q"), engine::DataPath::QemuImg);
+    for (a, r) in native.iter().zip(&refs) {
+        let v = &a.volumes[0];
+        // The hash recorded at backup time is what verify computes later.
+        let h = engine::hash_files(std::slice::from_ref(&v.dest), &ctl).unwrap();
+        assert_eq!(v.hash.as_deref(), Some(h.as_str()), "{}", v.dest.display());
+        assert_eq!(v.size, std::fs::metadata(&v.dest).unwrap().len());
+        assert_check_clean(&v.dest);
+        assert_identical(&v.dest, r);
+    }
+    assert_eq!(qemu[0].volumes[0].hash, None);
+    // Both paths store the same guest data, and the delta holds only the
+    // clusters written since the full backup.
+    for (n, q) in native.iter().zip(&qemu) {
+        assert_identical(&n.volumes[0].dest, &q.volumes[0].dest);
+    }
+    let info = QemuImg::new().info(&native[1].volumes[0].dest, &ctl).unwrap();
+    assert_eq!(info.backing_filename.as_deref(), Some("b0.qcow2"));
+    assert!(native[1].volumes[0].size < 6 << 20, "{}", native[1].volumes[0].size);
+
+    // Compression and restores through the native path.
+    let files = vec![native[1].volumes[0].dest.clone()];
+    let done = engine::compress(&QemuImg::new(), &files, &engine::CompressOptions::default(), &ctl).unwrap();
+    assert!(done[0].compressed_size < done[0].original_size, "{done:?}");
+    engine::finalize(&files, true).unwrap();
+    assert_check_clean(&files[0]);
+    assert_identical(&files[0], &refs[1]);
+    let info = QemuImg::new().info(&files[0], &ctl).unwrap();
+    assert_eq!(info.backing_filename.as_deref(), Some("b0.qcow2"));
+    assert_eq!(info.format_specific.unwrap().data.compression_type.as_deref(), Some("zstd"));
+    for (name, format) in [("r.raw", knib_core::qemu_img::ImageFormat::Raw), ("r.qcow2", knib_core::qemu_img::ImageFormat::Qcow2)] {
+        let dest = d.path().join(name);
+        let req = engine::RestoreRequest {
+            backup_file: files[0].clone(),
+            dest: dest.clone(),
+            format,
+            overwrite: false,
+            data_path: engine::DataPath::Native,
+        };
+        engine::restore(&QemuImg::new(), &req, &ctl).unwrap();
+        assert_identical(&dest, &refs[1]);
+        let e = engine::restore(&QemuImg::new(), &req, &ctl).unwrap_err();
+        assert_eq!(e.kind, knib_core::ErrorKind::InvalidInput, "{e}");
+    }
+}
+
+#[test]
+fn a_one_pass_compressed_backup_is_compressed_and_restores() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.qcow2");
+    make_disk(&disk, 16 << 20, &[]);
+    qemu_io(&disk, "write -P 0x21 0 8M");
+    let r = d.path().join("ref.qcow2");
+    snapshot(&disk, &r);
+    for (i, path) in [engine::DataPath::Native, engine::DataPath::QemuImg].into_iter().enumerate() {
+        let dest = d.path().join(format!("b{i}.qcow2"));
+        let req = engine::TakeBackupRequest {
+            volumes: vec![engine::VolumeBackup { name: "v".into(), disk: disk.clone(), dest: dest.clone(), parent: None }],
+            kind: engine::BackupKind::Isolated,
+            end_of_chain: false,
+            data_path: path,
+            compress: Some(knib_core::qemu_img::CompressionLibrary::Zstd),
+        };
+        let a = engine::take_backup(&QemuImg::new(), &req, &Control::new()).unwrap();
+        assert!(a.volumes[0].size < 1 << 20, "{path:?}: {}", a.volumes[0].size);
+        assert_check_clean(&dest);
+        assert_identical(&dest, &r);
+        if path == engine::DataPath::Native {
+            let h = engine::hash_files(std::slice::from_ref(&dest), &Control::new()).unwrap();
+            assert_eq!(a.volumes[0].hash.as_deref(), Some(h.as_str()));
+        }
+    }
+}

@@ -233,6 +233,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         quiesce: r.quiesce,
         running,
         disks: plans,
+        data_path: Default::default(),
     })
 }
 

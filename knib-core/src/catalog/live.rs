@@ -114,26 +114,34 @@ impl Store {
                     virtual_size: s.virtual_size,
                 })
                 .collect(),
+            data_path: super::settings::Settings::load(&self.root)?.data_path,
         };
         fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         let final_dir = self.vm_dir(&name).join(&id);
-        let result = live::take(&q, vm, &plan, ctl, &mut |step| self.record(&name, &plan, step), &mut |vols| {
-            m.volumes = vols
-                .iter()
-                .zip(&plan.disks)
-                .map(|(v, d)| VolumeEntry {
-                    name: v.name.clone(),
-                    file: format!("{}.qcow2", v.name),
-                    virtual_size: v.virtual_size,
-                    size: v.size,
-                    source: d.base.display().to_string(),
-                    backing: d.parent.clone(),
-                    hash: None,
-                })
-                .collect();
-            self.publish(&m, &part)
-        });
+        let result = live::take(
+            &q,
+            vm,
+            &plan,
+            ctl,
+            &mut |step| self.record(&name, &plan, step),
+            &mut |vols| {
+                m.volumes = vols
+                    .iter()
+                    .zip(&plan.disks)
+                    .map(|(v, d)| VolumeEntry {
+                        name: v.name.clone(),
+                        file: format!("{}.qcow2", v.name),
+                        virtual_size: v.virtual_size,
+                        size: v.size,
+                        source: d.base.display().to_string(),
+                        backing: d.parent.clone(),
+                        hash: v.hash.clone(),
+                    })
+                    .collect();
+                self.publish(&m, &part)
+            },
+        );
         match result {
             Ok(_) => {
                 fsio::remove_if_exists(&self.journal_path(&name))?;

@@ -28,7 +28,8 @@ pub struct VolumeEntry {
     pub source: String,
     /// Backing pointer written in the file (`../<parent>/<file>`), if any.
     pub backing: Option<String>,
-    /// xxh3-128 of the file, recorded by the first successful verify.
+    /// xxh3-128 of the file, recorded when the backup is written (native
+    /// data path) or by the first successful verify.
     #[serde(default)]
     pub hash: Option<String>,
 }

@@ -363,6 +363,8 @@ impl Store {
                 .collect(),
             kind,
             end_of_chain,
+            data_path: settings::Settings::load(&self.root)?.data_path,
+            compress: None,
         };
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         let final_dir = self.vm_dir(vm).join(&id);
@@ -380,7 +382,7 @@ impl Store {
                         .map(|d| d.path.display().to_string())
                         .unwrap_or_default(),
                     backing: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, v.name)),
-                    hash: None,
+                    hash: v.hash.clone(),
                 })
                 .collect();
             self.publish(&manifest, &part)
@@ -458,7 +460,13 @@ impl Store {
         let top = files.last().expect("a chain has at least one file").clone();
         engine::restore(
             &self.qemu_img,
-            &engine::RestoreRequest { backup_file: top, dest: to.to_path_buf(), format, overwrite: false },
+            &engine::RestoreRequest {
+                backup_file: top,
+                dest: to.to_path_buf(),
+                format,
+                overwrite: false,
+                data_path: settings::Settings::load(&self.root)?.data_path,
+            },
             ctl,
         )
     }
@@ -484,6 +492,7 @@ impl Store {
         for v in &m.volumes {
             self.chain_files(&m, &v.name)?;
         }
+        let opts = &CompressOptions { data_path: settings::Settings::load(&self.root)?.data_path, ..opts.clone() };
         let done = engine::compress(&self.qemu_img, &files, opts, ctl)?;
         engine::finalize(&files, true)?;
         let original: u64 = done.iter().map(|c| c.original_size).sum();
@@ -503,8 +512,8 @@ impl Store {
 
     /// Verify one backup, or every backup of the store: `qemu-img check` of
     /// its files, backing pointers and sizes as the manifest says, the whole
-    /// chain present, and each file's hash (recorded at the first clean
-    /// verify, compared afterwards).
+    /// chain present, and each file's hash (recorded when the backup was
+    /// written or at the first clean verify, compared afterwards).
     pub fn verify(&self, id: Option<&str>, ctl: &Control) -> Result<Vec<VerifyReport>> {
         let targets = match id {
             Some(id) => vec![self.show(id)?],

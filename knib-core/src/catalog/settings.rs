@@ -33,8 +33,9 @@
 //!
 //! A validation job always runs `qemu-img check` on every file of the
 //! backup's chains, compares backing pointers and sizes with the manifest,
-//! and checks the hash (recorded at the first success); with
+//! and checks the hash (recorded at backup time or the first success); with
 //! `validation.boot` it also boots the backup.
+//! | `knib.data.path` | (knib: who moves the bytes of copies, compressions, restores) | `"native"` (or `"qemu-img"`) |
 //!
 //! Keys may be written flat (`{"schema": 1, "compression.max_retries": 3}`)
 //! or nested (`{"schema": 1, "compression": {"max_retries": 3}}`). An unknown
@@ -46,7 +47,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::engine::CompressOptions;
+use crate::engine::{CompressOptions, DataPath};
 use crate::error::{KnibError, Result};
 use crate::qemu_img::CompressionLibrary;
 
@@ -84,6 +85,7 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("validation.expect_exit", "guest command exit code"),
     ("validation.expect_output", "guest command output"),
     ("validation.domain_type", "boot test domain type"),
+    ("knib.data.path", "knib's native data path or qemu-img"),
 ];
 
 /// How compression jobs run (see the module's table for the keys).
@@ -197,6 +199,10 @@ pub struct Settings {
     pub compression: CompressionSettings,
     /// Validation jobs.
     pub validation: ValidationSettings,
+    /// Backup copies, compressions and restores: knib's native qcow2 data
+    /// path (default) or `qemu-img convert` (`knib.data.path`).
+    #[serde(default)]
+    pub data_path: DataPath,
 }
 
 fn flatten(prefix: &str, obj: &serde_json::Map<String, Value>, out: &mut Vec<(String, Value)>) {
@@ -348,6 +354,13 @@ impl Settings {
                         .parse()
                         .map_err(|_| type_err("\"zstd\" or \"zlib\""))?
                 }
+                "knib.data.path" => {
+                    s.data_path = value
+                        .as_str()
+                        .ok_or_else(|| type_err("\"native\" or \"qemu-img\""))?
+                        .parse()
+                        .map_err(|_| type_err("\"native\" or \"qemu-img\""))?
+                }
                 _ => {
                     let known: Vec<&str> = SETTING_KEYS.iter().map(|(k, _)| *k).collect();
                     return Err(bad(format!("unknown key {key:?} (known keys: schema, {})", known.join(", "))));
@@ -371,6 +384,7 @@ impl Settings {
             "compression.coroutines": c.coroutines,
             "compression.rate_limit_mbps": c.rate_limit_mbps,
             "compression.library": c.library.as_str(),
+            "knib.data.path": self.data_path.as_str(),
         });
         if let (Value::Object(out), Value::Object(val)) =
             (&mut v, serde_json::to_value(&self.validation).expect("settings serialize"))
@@ -393,6 +407,7 @@ impl Settings {
             coroutines: c.coroutines,
             rate_limit_mbps: c.rate_limit_mbps,
             min_free_factor: c.min_free_factor,
+            data_path: self.data_path,
         }
     }
 }
@@ -447,6 +462,19 @@ mod tests {
     }
 
     #[test]
+    fn the_data_path_is_native_unless_set_to_qemu_img() {
+        assert_eq!(Settings::default().data_path, DataPath::Native);
+        assert_eq!(Settings::default().compress_options().data_path, DataPath::Native);
+        let flat = parse(r#"{"schema": 1, "knib.data.path": "qemu-img"}"#).unwrap();
+        let nested = parse(r#"{"schema": 1, "knib": {"data": {"path": "qemu-img"}}}"#).unwrap();
+        assert_eq!(flat, nested);
+        assert_eq!(flat.data_path, DataPath::QemuImg);
+        assert_eq!(flat.compress_options().data_path, DataPath::QemuImg);
+        assert_eq!(parse(r#"{"schema": 1, "knib.data.path": "native"}"#).unwrap().data_path, DataPath::Native);
+        assert_eq!(parse(&flat.to_json().to_string()).unwrap(), flat);
+    }
+
+    #[test]
     fn bad_settings_name_the_key() {
         for (text, needle) in [
             (r#"{"schema": 1, "compression.max_retires": 3}"#, "compression.max_retires"),
@@ -463,6 +491,8 @@ mod tests {
             (r#"{"schema": 1, "validation.kernel": "vmlinuz"}"#, "validation.kernel"),
             (r#"{"schema": 1, "validation.domain_type": "xen"}"#, "validation.domain_type"),
             (r#"{"schema": 1, "validation": {"boot": "yes"}}"#, "validation.boot"),
+            (r#"{"schema": 1, "knib.data.path": "qemu"}"#, "knib.data.path"),
+            (r#"{"schema": 1, "knib": {"data": {"path": 1}}}"#, "knib.data.path"),
             (r#"{"schema": 1, "compression.enabled": true, "compression": {"enabled": false}}"#, "given twice"),
             (r#"{"compression.enabled": true}"#, "schema"),
             (r#"{"schema": 2}"#, "schema"),

@@ -1,6 +1,7 @@
 //! Validation of a catalog backup: the checks of [`Store::verify`] (every
 //! file of its chains through `qemu-img check`, backing pointers and sizes
-//! as the manifest says, the hash recorded at the first success and
+//! as the manifest says, the hash recorded at backup time (or the first
+//! success) and
 //! compared later) and, when asked, a boot test
 //! ([`crate::engine::validate::boot_test`]) on overlays of the backup.
 

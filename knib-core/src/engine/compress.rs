@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{KnibError, Result};
+use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::fsio;
 use crate::progress::Control;
+use crate::qcow2::{Qcow2Image, SourceMode, TargetFormat};
 use crate::qemu_img::{CompressionLibrary, Convert, QemuImg};
 
 /// How to compress.
@@ -19,17 +21,27 @@ pub struct CompressOptions {
     /// zstd (default) or zlib; zlib is used for qcow2 v2 images whatever is
     /// asked, as v2 has no other.
     pub library: CompressionLibrary,
-    /// Parallel coroutines of qemu-img (`-m`), 1 to 16.
+    /// Parallel coroutines of qemu-img (`-m`), 1 to 16; on the native data
+    /// path, the number of compression threads (at most one per core).
     pub coroutines: u32,
     /// Rate limit in MB/s; 0 = none. Needs QEMU 5.2 or later.
     pub rate_limit_mbps: u64,
     /// Refuse unless the store has this many times the file's size free.
     pub min_free_factor: f64,
+    /// Native data path (default) or qemu-img.
+    #[serde(default)]
+    pub data_path: DataPath,
 }
 
 impl Default for CompressOptions {
     fn default() -> Self {
-        CompressOptions { library: CompressionLibrary::Zstd, coroutines: 1, rate_limit_mbps: 0, min_free_factor: 1.0 }
+        CompressOptions {
+            library: CompressionLibrary::Zstd,
+            coroutines: 1,
+            rate_limit_mbps: 0,
+            min_free_factor: 1.0,
+            data_path: DataPath::Native,
+        }
     }
 }
 
@@ -61,7 +73,7 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
     if !(1..=16).contains(&opts.coroutines) {
         return Err(KnibError::invalid(format!("coroutines must be 1 to 16, not {}", opts.coroutines)));
     }
-    if opts.rate_limit_mbps > 0 {
+    if opts.rate_limit_mbps > 0 && opts.data_path == DataPath::QemuImg {
         let (major, minor) = q.version(ctl)?;
         if (major, minor) < (5, 2) {
             return Err(KnibError::invalid(format!(
@@ -72,14 +84,44 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
     let mut done: Vec<CompressedFile> = Vec::new();
     let r = (|| -> Result<()> {
         for f in files {
-            let info = q.info(f, ctl)?;
             let size = fsio::file_size(f)?;
             let dir = f.parent().unwrap_or(Path::new("."));
             let needed = (size as f64 * opts.min_free_factor.max(0.0)).ceil() as u64;
             fsio::require_space(dir, needed, &format!("compression of {}", f.display()))?;
+            let out = comp_path(f);
+            if opts.data_path == DataPath::Native {
+                let header = Qcow2Image::open(f)?.header().clone();
+                if header.version >= 3 {
+                    fsio::remove_if_exists(&out)?;
+                    done.push(CompressedFile {
+                        path: f.clone(),
+                        comp_path: out.clone(),
+                        original_size: size,
+                        compressed_size: 0,
+                        library: opts.library,
+                    });
+                    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                    let what = format!("compression of {}", f.display());
+                    let c = NativeCopy {
+                        source: f,
+                        dest: &out,
+                        mode: SourceMode::Top,
+                        format: TargetFormat::Qcow2,
+                        backing: header.backing_file.clone(),
+                        compress: Some(opts.library),
+                        hash: false,
+                        threads: (opts.coroutines as usize).clamp(1, cores),
+                        rate_limit_mbps: opts.rate_limit_mbps,
+                        what: &what,
+                    };
+                    let r = native::copy(&c, ctl)?;
+                    done.last_mut().expect("pushed above").compressed_size = r.file_len;
+                    continue;
+                }
+            }
+            let info = q.info(f, ctl)?;
             let v2 = info.is_qcow2_v2();
             let library = if v2 { CompressionLibrary::Zlib } else { opts.library };
-            let out = comp_path(f);
             fsio::remove_if_exists(&out)?;
             done.push(CompressedFile {
                 path: f.clone(),

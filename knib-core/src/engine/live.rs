@@ -28,12 +28,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::libvirt::blockjob;
 use crate::libvirt::{DiskInfo, Vm};
 use crate::progress::Control;
+use crate::qcow2::{SourceMode, TargetFormat};
 use crate::qemu_img::{Convert, ImageFormat, QemuImg};
 
 /// The marker in the name of a knib delta.
@@ -112,6 +114,9 @@ pub struct LivePlan {
     pub running: bool,
     /// One entry per disk.
     pub disks: Vec<DiskPlan>,
+    /// Native data path (default) or qemu-img for the copies.
+    #[serde(default)]
+    pub data_path: DataPath,
 }
 
 /// How a disk of a domain looks now.
@@ -225,15 +230,31 @@ pub fn take(
         for d in &plan.disks {
             ctl.check(&format!("copy of disk {}", d.target))?;
             let dir = d.dest.parent().unwrap_or(Path::new("."));
-            let needed = if d.parent.is_some() {
-                fsio::allocated_bytes(d.old_top())?
-            } else {
-                q.measure(d.old_top(), ImageFormat::Qcow2, ctl)?.required
-            };
-            fsio::require_space(dir, needed, &format!("backup of disk {}", d.target))?;
             let tmp = fsio::temp_path(&d.dest);
-            let r = q
-                .convert(
+            let native = plan.data_path == DataPath::Native && !native::is_qcow2_v2(d.old_top()).unwrap_or(true);
+            let r = if native {
+                let what = format!("backup of disk {}", d.target);
+                let c = NativeCopy {
+                    source: d.old_top(),
+                    dest: &tmp,
+                    mode: if d.parent.is_some() { SourceMode::Top } else { SourceMode::Chain },
+                    format: TargetFormat::Qcow2,
+                    backing: d.parent.clone(),
+                    compress: None,
+                    hash: true,
+                    threads: 0,
+                    rate_limit_mbps: 0,
+                    what: &what,
+                };
+                native::copy(&c, ctl).map(|r| r.hash)
+            } else {
+                let needed = if d.parent.is_some() {
+                    fsio::allocated_bytes(d.old_top())?
+                } else {
+                    q.measure(d.old_top(), ImageFormat::Qcow2, ctl)?.required
+                };
+                fsio::require_space(dir, needed, &format!("backup of disk {}", d.target))?;
+                q.convert(
                     &Convert {
                         source: d.old_top().to_path_buf(),
                         dest: tmp.clone(),
@@ -243,17 +264,23 @@ pub fn take(
                     },
                     ctl,
                 )
-                .and_then(|_| fsio::commit_rename(&tmp, &d.dest));
-            if let Err(e) = r {
-                let _ = fsio::remove_if_exists(&tmp);
-                return Err(e.context(format!("copy of disk {}", d.target)));
-            }
+                .map(|_| None)
+            };
+            let r = r.and_then(|hash| fsio::commit_rename(&tmp, &d.dest).map(|_| hash));
+            let hash = match r {
+                Ok(h) => h,
+                Err(e) => {
+                    let _ = fsio::remove_if_exists(&tmp);
+                    return Err(e.context(format!("copy of disk {}", d.target)));
+                }
+            };
             results.push(VolumeResult {
                 name: d.target.clone(),
                 active_file: d.new_delta.clone(),
                 dest: d.dest.clone(),
                 size: fsio::file_size(&d.dest)?,
                 virtual_size: d.virtual_size,
+                hash,
             });
         }
         ctl.check("publishing the backup")?;

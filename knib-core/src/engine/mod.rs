@@ -32,6 +32,7 @@
 pub mod compress;
 pub mod hash;
 pub mod merge;
+pub mod native;
 pub mod restore;
 pub mod take;
 #[cfg(feature = "libvirt")]
@@ -41,5 +42,6 @@ pub mod live;
 pub use compress::{compress, finalize, CompressOptions, CompressedFile};
 pub use hash::hash_files;
 pub use merge::merge_delta;
+pub use native::DataPath;
 pub use restore::{create_overlay, restore, RestoreRequest};
 pub use take::{take_backup, take_backup_with, BackupKind, TakeBackupAnswer, TakeBackupRequest, VolumeBackup, VolumeResult};

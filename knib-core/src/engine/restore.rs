@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{KnibError, Result};
+use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::fsio;
 use crate::progress::Control;
+use crate::qcow2::{SourceMode, TargetFormat};
 use crate::qemu_img::{Convert, ImageFormat, QemuImg};
 
 /// A request to restore one volume.
@@ -22,6 +24,9 @@ pub struct RestoreRequest {
     /// Replace `dest` if it exists (it is replaced only once the new image
     /// is complete).
     pub overwrite: bool,
+    /// Native data path (default) or qemu-img.
+    #[serde(default)]
+    pub data_path: DataPath,
 }
 
 fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
@@ -42,13 +47,38 @@ pub fn restore(q: &QemuImg, req: &RestoreRequest, ctl: &Control) -> Result<()> {
         return Err(KnibError::not_found(format!("backup file {} does not exist", req.backup_file.display())));
     }
     check_dest(&req.dest, req.overwrite)?;
+    let tmp = fsio::temp_path(&req.dest);
+    if req.data_path == DataPath::Native {
+        // The chain is opened (every file must be there) before anything is
+        // written; the space check comes from the plan.
+        let what = format!("restore to {}", req.dest.display());
+        let c = NativeCopy {
+            source: &req.backup_file,
+            dest: &tmp,
+            mode: SourceMode::Chain,
+            format: match req.format {
+                ImageFormat::Qcow2 => TargetFormat::Qcow2,
+                ImageFormat::Raw => TargetFormat::Raw,
+            },
+            backing: None,
+            compress: None,
+            hash: false,
+            threads: 0,
+            rate_limit_mbps: 0,
+            what: &what,
+        };
+        let r = native::copy(&c, ctl).and_then(|_| fsio::commit_rename(&tmp, &req.dest));
+        if r.is_err() {
+            let _ = fsio::remove_if_exists(&tmp);
+        }
+        return r;
+    }
     // Every file of the chain must be there before anything is written.
     q.info_chain(&req.backup_file, ctl)?;
     let dir = req.dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let m = q.measure(&req.backup_file, req.format, ctl)?;
     let needed = if req.format == ImageFormat::Raw { 0 } else { m.required };
     fsio::require_space(dir, needed, &format!("restore to {}", req.dest.display()))?;
-    let tmp = fsio::temp_path(&req.dest);
     let r = q
         .convert(
             &Convert {

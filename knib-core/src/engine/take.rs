@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{KnibError, Result};
 use crate::fsio;
+use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::progress::Control;
-use crate::qemu_img::{Convert, ImageFormat, ImageInfo, QemuImg};
+use crate::qcow2::{SourceMode, TargetFormat};
+use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, ImageInfo, QemuImg};
 
 /// What kind of backup to take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +60,13 @@ pub struct TakeBackupRequest {
     /// Collapse primary back to one file afterwards, so the next backup is
     /// full.
     pub end_of_chain: bool,
+    /// Native data path (default) or qemu-img.
+    #[serde(default)]
+    pub data_path: DataPath,
+    /// Compress the backup files as they are copied (one pass): zstd or
+    /// zlib (zlib for qcow2 version 2 disks whatever is asked).
+    #[serde(default)]
+    pub compress: Option<CompressionLibrary>,
 }
 
 /// What happened to one volume.
@@ -73,6 +82,11 @@ pub struct VolumeResult {
     pub size: u64,
     /// The disk's guest-visible size.
     pub virtual_size: u64,
+    /// xxh3-128 of the backup file, computed as it was written (native data
+    /// path; `None` with qemu-img): what [`crate::engine::hash_files`] of
+    /// the file gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// The answer of a backup.
@@ -198,40 +212,64 @@ pub fn take_backup_with(
 
     // 1. Copy every volume to a temporary name on the store.
     let mut written: Vec<PathBuf> = Vec::new();
+    let mut hashes: Vec<Option<String>> = Vec::new();
     let copy = (|| -> Result<Vec<VolumeResult>> {
         for (v, st) in req.volumes.iter().zip(&states) {
             let dir = v.dest.parent().unwrap_or(Path::new("."));
+            let tmp = fsio::temp_path(&v.dest);
+            written.push(tmp.clone());
+            let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
+            let v2 = st.chain[0].is_qcow2_v2();
+            if req.data_path == DataPath::Native && !v2 {
+                let what = format!("backup of volume {}", v.name);
+                let mode = if backing.is_some() { SourceMode::Top } else { SourceMode::Chain };
+                let c = NativeCopy {
+                    source: &v.disk,
+                    dest: &tmp,
+                    mode,
+                    format: TargetFormat::Qcow2,
+                    backing,
+                    compress: req.compress,
+                    hash: true,
+                    threads: 0,
+                    rate_limit_mbps: 0,
+                    what: &what,
+                };
+                let r = native::copy(&c, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+                hashes.push(r.hash);
+                continue;
+            }
             let needed = match req.kind {
                 BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,
                 _ => q.measure(&v.disk, ImageFormat::Qcow2, ctl)?.required,
             };
             fsio::require_space(dir, needed, &format!("backup of volume {}", v.name))?;
-            let tmp = fsio::temp_path(&v.dest);
-            written.push(tmp.clone());
-            let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
             q.convert(
                 &Convert {
                     source: v.disk.clone(),
                     dest: tmp.clone(),
                     backing,
-                    compat_v2: st.chain[0].is_qcow2_v2(),
+                    compat_v2: v2,
+                    compress: req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }),
                     ..Default::default()
                 },
                 ctl,
             )
             .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+            hashes.push(None);
         }
         for (v, tmp) in req.volumes.iter().zip(&written) {
             fsio::commit_rename(tmp, &v.dest)?;
         }
         let mut results = Vec::new();
-        for (v, st) in req.volumes.iter().zip(&states) {
+        for ((v, st), hash) in req.volumes.iter().zip(&states).zip(&hashes) {
             results.push(VolumeResult {
                 name: v.name.clone(),
                 active_file: v.disk.clone(),
                 dest: v.dest.clone(),
                 size: fsio::file_size(&v.dest)?,
                 virtual_size: st.chain[0].virtual_size,
+                hash: hash.clone(),
             });
         }
         ctl.check("publishing the backup")?;

@@ -193,6 +193,11 @@ impl Chain {
         &mut self.top
     }
 
+    /// The top image and its backing files (nearest first), taken apart.
+    pub fn into_parts(self) -> (Qcow2Image, Vec<Layer>) {
+        (self.top, self.backing)
+    }
+
     /// The backing files, nearest first.
     pub fn backing(&self) -> &[Layer] {
         &self.backing
@@ -221,7 +226,7 @@ impl Chain {
 
 /// Read `buf` at `offset` of `layers[0]`, its unallocated parts from the
 /// rest; the part past a layer's virtual size reads as zeros.
-fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> Result<()> {
     let Some((first, rest)) = layers.split_first_mut() else {
         buf.fill(0);
         return Ok(());

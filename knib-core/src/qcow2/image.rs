@@ -396,6 +396,20 @@ impl Qcow2Image {
         Ok(ClusterState::Data { host_offset })
     }
 
+    /// Read `buf.len()` bytes of the file itself at `offset` (bytes past the
+    /// end of the file read as zeros): the raw read behind a
+    /// [`ClusterState::Data`] cluster.
+    pub fn read_host(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage.read_zero_fill(offset, buf).map_err(|e| self.io_err(e))?;
+        Ok(())
+    }
+
+    /// The guest bytes (one whole cluster) of guest cluster `index`, stored
+    /// compressed at `host_offset` as [`Qcow2Image::cluster_state`] said.
+    pub fn read_compressed(&mut self, index: u64, host_offset: u64, compressed_len: u64) -> Result<&[u8]> {
+        self.decompress(index, host_offset, compressed_len)
+    }
+
     /// Read guest bytes `offset..offset + buf.len()` of this image alone:
     /// unallocated clusters read as zeros (the backing file is NOT read; use
     /// [`super::Chain`] for that).

@@ -1,10 +1,64 @@
-//! A native, read-only qcow2 reader: headers (v2 and v3), cluster lookups,
-//! compressed clusters (zlib and zstd) and backing chains (qcow2 or raw).
+//! Native qcow2: a reader (headers v2 and v3, cluster lookups, compressed
+//! clusters in zlib and zstd, refcounts, backing chains of qcow2 or raw
+//! files), a streaming writer of qcow2 version 3 images, and the one-pass
+//! data path built on both ([`copy_image`]: delta copies, compression,
+//! flattening to qcow2 or raw).
 //!
 //! Written from QEMU's format specification (docs/interop/qcow2.txt). Reads
 //! stream: one L1 table in memory (the entries covering the virtual size),
 //! a small LRU cache of L2 tables (about 4 MiB, 2 to 64 tables), and the
 //! last decompressed cluster.
+//!
+//! # What the writer writes ([`Layout`])
+//!
+//! Version 3, no encryption, no external data file, no snapshots, no
+//! bitmaps, clean (the dirty bit is never set: the file is written under a
+//! temporary name and renamed once complete). The cluster size is the
+//! source's (512 bytes to 2 MiB; 64 KiB is QEMU's default), refcount_order
+//! 4 (16-bit refcounts), header_length 112 with the compression type byte
+//! (0 zlib, 1 zstd; zstd also sets incompatible bit 3), then the backing
+//! format extension ("qcow2") when there is a backing file, the end of the
+//! extensions, and the backing file name, all in cluster 0.
+//!
+//! The file is produced front to back, in guest order:
+//!
+//! ```text
+//! cluster 0                      header
+//! for each L2 range, in order:   its data clusters, then its L2 table
+//!   (before an L2 table: every refcount block whose whole range of host
+//!    clusters now lies behind)
+//! tail                           L1 table, refcount table, last refcount blocks
+//! ```
+//!
+//! Invariants kept (what `qemu-img check` verifies, and
+//! [`Qcow2Image::check_refcounts`] too):
+//!
+//! - Every host cluster in the file is referenced, and its stored refcount
+//!   is exactly the number of references: 1 for the header, each L1, L2
+//!   and refcount table cluster, each refcount block and each uncompressed
+//!   data cluster; for a cluster holding compressed data, the number of
+//!   compressed descriptors whose range (from their offset to the end of
+//!   their last 512-byte sector) touches it. No cluster is leaked; a
+//!   cluster that would need a refcount above 65535 is never shared again
+//!   (the writer moves to the next cluster).
+//! - L1 entries and uncompressed L2 entries have the copied flag (bit 63),
+//!   as their refcount is 1; compressed entries never do.
+//! - Uncompressed data, L2 tables, the L1 table, the refcount table and
+//!   blocks are cluster aligned. Compressed data is packed byte after byte
+//!   (a descriptor may span two host clusters, as the format allows), each
+//!   strictly shorter than a cluster (else the cluster is stored
+//!   uncompressed), one zstd frame or one raw deflate stream with a 4 KiB
+//!   window (what QEMU inflates with) per cluster; the sector count is
+//!   `(offset + length - 1) / 512 - offset / 512`.
+//! - Zero clusters are the L2 zero flag alone (no host cluster); L2 tables
+//!   whose range holds nothing are not written (their L1 entry is 0).
+//! - The refcount table covers every refcount block, and the blocks cover
+//!   every cluster of the file (they cover themselves and the tail).
+//!
+//! Memory is bounded whatever the disk size: one L2 table, the L1 table
+//! (8 bytes per 512 MiB of disk with 64 KiB clusters), the refcounts of the
+//! clusters not yet covered by an emitted refcount block, and one entry per
+//! refcount block emitted.
 //!
 //! # What is read and what is refused
 //!
@@ -60,8 +114,11 @@
 //! the L1 table and never more than the file holds).
 
 mod chain;
+mod check;
+mod copy;
 mod header;
 mod image;
+mod writer;
 #[cfg(test)]
 mod tests;
 
@@ -70,4 +127,7 @@ pub use header::{
     header_prefix_len, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
+pub use check::RefcountCheck;
+pub use copy::{copy_image, CopyOptions, CopyReport, SourceMode, TargetFormat};
 pub use image::{ClusterState, Qcow2Image};
+pub use writer::{header_cluster, BackingRef, CountSink, FileSink, ImageSpec, Layout, Sink, WriteSummary, REFCOUNT_ORDER};

@@ -1,0 +1,208 @@
+//! Refcounts: reading them, and a consistency check in the manner of
+//! `qemu-img check` (every host cluster's stored refcount against the
+//! references the header, the tables and the L2 entries make).
+
+use super::image::Qcow2Image;
+use crate::error::{KnibError, Result};
+
+/// Bits 9-55 of an L1 or standard L2 entry.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits 9-63 of a refcount table entry.
+const RT_OFFSET_MASK: u64 = !0x1ff;
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+/// The check keeps one counter per host cluster: at most this many.
+const MAX_CHECK_CLUSTERS: u64 = 64 << 20;
+/// Problems listed in a report (all are counted).
+const MAX_LISTED: usize = 20;
+
+/// What [`Qcow2Image::check_refcounts`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefcountCheck {
+    /// Host clusters whose stored refcount is above their references.
+    pub leaks: u64,
+    /// Host clusters whose stored refcount is below their references, and
+    /// other structural errors (references past the end of the file,
+    /// wrong "copied" flags).
+    pub corruptions: u64,
+    /// The first problems, one line each.
+    pub problems: Vec<String>,
+    /// Host clusters in use (refcount above zero).
+    pub allocated_clusters: u64,
+}
+
+impl RefcountCheck {
+    /// No leak, no corruption.
+    pub fn is_clean(&self) -> bool {
+        self.leaks == 0 && self.corruptions == 0
+    }
+
+    fn problem(&mut self, leak: bool, what: String) {
+        if leak {
+            self.leaks += 1;
+        } else {
+            self.corruptions += 1;
+        }
+        if self.problems.len() < MAX_LISTED {
+            self.problems.push(what);
+        }
+    }
+}
+
+fn be64(b: &[u8], i: usize) -> u64 {
+    u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+}
+
+impl Qcow2Image {
+    /// The stored refcount of host cluster `cluster` (0 when its refcount
+    /// block is not allocated or lies outside the refcount table).
+    pub fn refcount(&self, cluster: u64) -> Result<u64> {
+        let h = self.header();
+        let cs = h.cluster_size();
+        let bits = 1u64 << h.refcount_order;
+        let per_block = cs * 8 / bits;
+        let rt_index = cluster / per_block;
+        if rt_index >= u64::from(h.refcount_table_clusters) * cs / 8 {
+            return Ok(0);
+        }
+        let mut e = [0u8; 8];
+        self.read_host(h.refcount_table_offset + rt_index * 8, &mut e)?;
+        let entry = u64::from_be_bytes(e);
+        if entry & 0x1ff != 0 {
+            return Err(KnibError::corrupt(format!(
+                "qcow2 image {}: refcount table entry {rt_index} ({entry:#x}) has reserved bits set",
+                self.name()
+            )));
+        }
+        let block = entry & RT_OFFSET_MASK;
+        if block == 0 {
+            return Ok(0);
+        }
+        if !block.is_multiple_of(cs) || block.saturating_add(cs) > self.file_len() {
+            return Err(KnibError::corrupt(format!(
+                "qcow2 image {}: refcount block at {block} is misaligned or past the end of the file",
+                self.name()
+            )));
+        }
+        let i = cluster % per_block;
+        let bit = i * bits;
+        let mut raw = [0u8; 8];
+        let nbytes = bits.div_ceil(8) as usize;
+        self.read_host(block + bit / 8, &mut raw[..nbytes])?;
+        Ok(if bits >= 8 {
+            raw[..nbytes].iter().fold(0u64, |a, &b| (a << 8) | u64::from(b))
+        } else {
+            (u64::from(raw[0]) >> (bit % 8)) & ((1 << bits) - 1)
+        })
+    }
+
+    /// Check every host cluster's stored refcount against the references
+    /// made to it by the header, the L1 table, the refcount table and
+    /// blocks, the L2 tables and the data and compressed clusters (as
+    /// `qemu-img check` counts them), and the "copied" flags of L1 and L2
+    /// entries. Images with internal snapshots are refused (their tables
+    /// are not followed). Memory: four bytes per host cluster of the file.
+    pub fn check_refcounts(&mut self) -> Result<RefcountCheck> {
+        let h = self.header().clone();
+        if h.nb_snapshots != 0 {
+            return Err(KnibError::invalid(format!(
+                "qcow2 image {}: checking images with internal snapshots is not supported",
+                self.name()
+            )));
+        }
+        let cs = h.cluster_size();
+        let nclusters = self.file_len().div_ceil(cs);
+        if nclusters > MAX_CHECK_CLUSTERS {
+            return Err(KnibError::invalid(format!("qcow2 image {}: too large to check here", self.name())));
+        }
+        let mut refs = vec![0u32; nclusters as usize];
+        let mut report = RefcountCheck::default();
+        let mut inc = |report: &mut RefcountCheck, what: &str, offset: u64, len: u64| {
+            if len == 0 {
+                return;
+            }
+            let last = offset.saturating_add(len - 1) / cs;
+            for c in offset / cs..=last {
+                match refs.get_mut(c as usize) {
+                    Some(r) => *r = r.saturating_add(1),
+                    None => {
+                        report.problem(false, format!("{what} at {offset} ({len} bytes) is past the end of the file"));
+                        return;
+                    }
+                }
+            }
+        };
+        inc(&mut report, "header", 0, cs);
+        inc(&mut report, "L1 table", h.l1_table_offset, u64::from(h.l1_size) * 8);
+        let rt_len = u64::from(h.refcount_table_clusters) * cs;
+        inc(&mut report, "refcount table", h.refcount_table_offset, rt_len);
+        // Refcount blocks.
+        let mut rt = vec![0u8; rt_len as usize];
+        self.read_host(h.refcount_table_offset, &mut rt)?;
+        for i in 0..rt.len() / 8 {
+            let e = be64(&rt, i);
+            if e & 0x1ff != 0 {
+                report.problem(false, format!("refcount table entry {i} has reserved bits set"));
+            }
+            let off = e & RT_OFFSET_MASK;
+            if off != 0 {
+                inc(&mut report, "refcount block", off, cs);
+            }
+        }
+        drop(rt);
+        // L1 and L2 tables, data and compressed clusters.
+        let mut l1 = vec![0u8; h.l1_size as usize * 8];
+        self.read_host(h.l1_table_offset, &mut l1)?;
+        let mut l2 = vec![0u8; cs as usize];
+        let x = 62 - (h.cluster_bits - 8);
+        let mut copied_checks: Vec<(String, u64, bool)> = Vec::new();
+        for i in 0..l1.len() / 8 {
+            let e = be64(&l1, i);
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            inc(&mut report, "L2 table", off, cs);
+            copied_checks.push((format!("L1 entry {i}"), off / cs, e & COPIED != 0));
+            self.read_host(off, &mut l2)?;
+            for j in 0..l2.len() / 8 {
+                let e = be64(&l2, j);
+                if e & COMPRESSED != 0 {
+                    let coff = e & ((1u64 << x) - 1);
+                    let sectors = ((e >> x) & ((1u64 << (62 - x)) - 1)) + 1;
+                    let csize = (sectors * 512).saturating_sub(coff & 511);
+                    inc(&mut report, "compressed cluster", coff, csize);
+                    if e & COPIED != 0 {
+                        report.problem(false, format!("compressed L2 entry {j} of table {i} has the copied flag"));
+                    }
+                    continue;
+                }
+                let host = e & OFFSET_MASK;
+                if host != 0 {
+                    inc(&mut report, "data cluster", host, cs);
+                    copied_checks.push((format!("L2 entry {j} of table {i}"), host / cs, e & COPIED != 0));
+                }
+            }
+        }
+        // Stored refcounts against references.
+        for (c, &r) in refs.iter().enumerate() {
+            let stored = self.refcount(c as u64)?;
+            if stored > 0 {
+                report.allocated_clusters += 1;
+            }
+            if stored != u64::from(r) {
+                report.problem(
+                    stored > u64::from(r),
+                    format!("host cluster {c}: refcount {stored}, referenced {r} times"),
+                );
+            }
+        }
+        for (what, c, copied) in copied_checks {
+            let stored = self.refcount(c)?;
+            if (stored == 1) != copied {
+                report.problem(false, format!("{what}: copied flag {copied} but refcount {stored}"));
+            }
+        }
+        Ok(report)
+    }
+}

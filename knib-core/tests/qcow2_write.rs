@@ -1,0 +1,507 @@
+//! The native qcow2 writer and data path against the real qemu-img, on
+//! seeded random images (data, patterns, zero writes, discards, compressed
+//! input clusters; chains 1 to 3 deep; odd virtual sizes; clusters of 512
+//! bytes, 4 KiB, 64 KiB and 2 MiB):
+//!
+//! - every image the native path writes (a delta copy with its backing
+//!   pointer, plain and compressed with zstd and zlib; a flattened copy,
+//!   plain and compressed; a raw restore) passes `qemu-img check`, our own
+//!   refcount check, and `qemu-img compare` against its source, and
+//!   `qemu-img info` shows the backing pointer and compression type;
+//! - the hash the copy reports is xxh3-128 of the file it wrote;
+//! - every image qemu-img writes (plain, zlib, zstd) reads natively exactly
+//!   as `qemu-img convert -O raw` reads it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use knib_core::engine::hash_files;
+use knib_core::qcow2::{
+    copy_image, BackingRef, Chain, CompressionType, CopyOptions, CountSink, ImageSpec, Layout, Qcow2Image,
+    SourceMode, TargetFormat,
+};
+use knib_core::{Control, ErrorKind};
+
+const K: u64 = 1024;
+const M: u64 = 1024 * 1024;
+
+/// xorshift64: deterministic, so a failure reproduces from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Run a program; return (success, stdout + stderr).
+fn run(dir: Option<&Path>, program: &str, args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if let Some(d) = dir {
+        cmd.current_dir(d);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+fn must(dir: Option<&Path>, program: &str, args: &[&str]) -> String {
+    let (ok, text) = run(dir, program, args);
+    assert!(ok, "{program} {args:?}: {text}");
+    text
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    must(None, "qemu-img", args)
+}
+
+/// Files of bytes for `write -s`: random (incompressible) and text-like.
+fn sources(dir: &Path, rng: &mut Rng, len: u64) -> Vec<PathBuf> {
+    (0..4)
+        .map(|i| {
+            let path = dir.join(format!("src{i}.bin"));
+            let mut data = rng.bytes(len as usize);
+            if i >= 2 {
+                data.iter_mut().for_each(|b| *b = 0x20 | (*b & 0x3f));
+            }
+            std::fs::write(&path, data).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// Random qemu-io commands over an image of `size` bytes with clusters of
+/// `cs`; with `compressed`, first compressed writes of whole clusters.
+fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize, srcs: &[PathBuf], compressed: bool) -> Vec<String> {
+    let src_len = std::fs::metadata(&srcs[0]).unwrap().len();
+    let mut ops = Vec::new();
+    if compressed {
+        let mut used = std::collections::HashSet::new();
+        for _ in 0..n / 4 {
+            let c = rng.below(size / cs);
+            if !used.insert(c) {
+                continue;
+            }
+            let off = c * cs;
+            ops.push(match rng.below(3) {
+                0 => format!("write -q -c -P {} {off} {cs}", rng.below(256)),
+                k => format!("write -q -c -s {} {off} {cs}", srcs[1 + k as usize].display()),
+            });
+        }
+    }
+    while ops.len() < n {
+        let mut off = rng.below(size);
+        if rng.below(2) == 0 {
+            off -= off % cs;
+        }
+        let max = (size - off).min(3 * cs);
+        let len = match rng.below(3) {
+            0 => 1 + rng.below(4 * K),
+            1 => cs,
+            _ => 1 + rng.below(max),
+        }
+        .min(max);
+        ops.push(match rng.below(100) {
+            0..=44 => {
+                let src = &srcs[rng.below(srcs.len() as u64) as usize];
+                format!("write -q -s {} {off} {}", src.display(), len.min(src_len))
+            }
+            45..=64 => format!("write -q -P {} {off} {len}", rng.below(256)),
+            65..=77 => format!("write -q -z {off} {len}"),
+            78..=87 => format!("write -q -z -u {off} {len}"),
+            _ => format!("discard -q {off} {len}"),
+        });
+    }
+    ops
+}
+
+fn qemu_io(path: &Path, cmds: &[String]) {
+    for chunk in cmds.chunks(200) {
+        let mut args = vec!["-f", "qcow2"];
+        for c in chunk {
+            args.extend(["-c", c.as_str()]);
+        }
+        args.push(p(path));
+        let out = must(None, "qemu-io", &args);
+        assert!(!out.contains("error") && !out.contains("failed"), "qemu-io on {}: {out}", path.display());
+    }
+}
+
+/// A generated chain, base first; every file in `dir`, backing names relative.
+struct Generated {
+    files: Vec<PathBuf>,
+    cs: u64,
+}
+
+impl Generated {
+    fn top(&self) -> &Path {
+        self.files.last().unwrap()
+    }
+}
+
+/// A random chain of `depth` files of `size` bytes with clusters of `cs`:
+/// the base has compressed clusters (written by qemu-io, or the whole base
+/// recompressed by `qemu-img convert -c` in `base_compression`), each layer
+/// random writes, zero writes and discards.
+fn generate(dir: &Path, seed: u64, depth: usize, size: u64, cs: u64, base_compression: Option<&str>) -> Generated {
+    let mut rng = Rng::new(seed);
+    let srcs = sources(dir, &mut rng, 3 * cs.max(64 * K));
+    let mut files = Vec::new();
+    for level in 0..depth {
+        let name = format!("l{level}.qcow2");
+        let path = dir.join(&name);
+        let opts = format!("cluster_size={cs}");
+        match files.last() {
+            None => qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, p(&path), &size.to_string()]),
+            Some(prev) => {
+                let prev_name = Path::new(prev).file_name().unwrap().to_str().unwrap().to_string();
+                // Some upper layers are larger than their backing file.
+                let sz = if rng.below(3) == 0 { size + cs } else { size };
+                let sz = sz.to_string();
+                must(
+                    Some(dir),
+                    "qemu-img",
+                    &["create", "-q", "-f", "qcow2", "-o", &opts, "-b", &prev_name, "-F", "qcow2", &name, &sz],
+                )
+            }
+        };
+        let vsize = Qcow2Image::open(&path).unwrap().virtual_size();
+        let n = 20 + rng.below(40) as usize;
+        let ops = random_ops(&mut rng, vsize, cs, n, &srcs, level == 0);
+        qemu_io(&path, &ops);
+        if level == 0 {
+            if let Some(t) = base_compression {
+                let tmp = dir.join("l0.tmp.qcow2");
+                let o = format!("compression_type={t},cluster_size={cs}");
+                qemu_img(&["convert", "-c", "-O", "qcow2", "-o", &o, p(&path), p(&tmp)]);
+                std::fs::rename(&tmp, &path).unwrap();
+            }
+        }
+        files.push(path);
+    }
+    Generated { files, cs }
+}
+
+/// `qemu-img check` must find nothing; our own refcount check neither.
+fn assert_clean(img: &Path) {
+    let (ok, text) = run(None, "qemu-img", &["check", "--output=json", p(img)]);
+    let v: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("qemu-img check {}: {text}", img.display()));
+    for k in ["check-errors", "corruptions", "leaks"] {
+        assert_eq!(v.get(k).and_then(|x| x.as_u64()).unwrap_or(0), 0, "{}: {k}: {text}", img.display());
+    }
+    assert!(ok, "qemu-img check {}: {text}", img.display());
+    let r = Qcow2Image::open(img).unwrap().check_refcounts().unwrap();
+    assert!(r.is_clean(), "{}: {r:?}", img.display());
+}
+
+/// `qemu-img compare` (guest-visible content, chains followed).
+fn assert_same(a: &Path, b: &Path) {
+    let (ok, text) = run(None, "qemu-img", &["compare", "-U", p(a), p(b)]);
+    assert!(ok, "qemu-img compare {} {}: {text}", a.display(), b.display());
+}
+
+fn info(img: &Path) -> serde_json::Value {
+    serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", p(img)])).unwrap()
+}
+
+fn native(
+    src: &Path,
+    dest: &Path,
+    mode: SourceMode,
+    format: TargetFormat,
+    backing: Option<&str>,
+    compression: Option<CompressionType>,
+) -> knib_core::qcow2::CopyReport {
+    let opts = CopyOptions {
+        mode,
+        format,
+        backing: backing.map(|b| BackingRef { name: b.to_string(), format: "qcow2".into() }),
+        compression,
+        hash: true,
+        threads: 2,
+        ..Default::default()
+    };
+    let mut bound = 0;
+    let r = copy_image(src, dest, &opts, &Control::new(), &mut |b| {
+        bound = b;
+        Ok(())
+    })
+    .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dest.display()));
+    assert!(r.file_len <= bound || format == TargetFormat::Raw, "{}: {} over the bound {bound}", dest.display(), r.file_len);
+    // The hash reported is the file's, as verify computes it.
+    let want = hash_files(&[dest.to_path_buf()], &Control::new()).unwrap();
+    assert_eq!(r.hash.as_deref(), Some(want.as_str()), "{}", dest.display());
+    r
+}
+
+/// Every native output of one generated chain.
+fn check_native_outputs(g: &Generated, tag: &str) {
+    let dir = g.top().parent().unwrap();
+    let top = g.top();
+    let backing = g.files.len().checked_sub(2).map(|i| g.files[i].file_name().unwrap().to_str().unwrap().to_string());
+    // Delta copies: the top's own clusters, the same backing pointer.
+    for (name, comp) in [("plain", None), ("zstd", Some(CompressionType::Zstd)), ("zlib", Some(CompressionType::Zlib))] {
+        let out = dir.join(format!("delta-{name}.qcow2"));
+        let r = native(top, &out, SourceMode::Top, TargetFormat::Qcow2, backing.as_deref(), comp);
+        assert_clean(&out);
+        assert_same(&out, top);
+        if comp.is_some() {
+            assert!(r.summary.compressed_clusters > 0 || r.summary.data_clusters == 0, "{tag} {name}: {r:?}");
+        } else {
+            assert_eq!(r.summary.compressed_clusters, 0, "{tag} {name}");
+        }
+        let i = info(&out);
+        assert_eq!(i["backing-filename"].as_str(), backing.as_deref(), "{tag} {name}");
+        if backing.is_some() {
+            assert_eq!(i["backing-filename-format"].as_str(), Some("qcow2"), "{tag} {name}");
+        }
+        assert_eq!(i["cluster-size"].as_u64(), Some(g.cs), "{tag} {name}");
+        assert_eq!(i["format-specific"]["data"]["compat"].as_str(), Some("1.1"), "{tag} {name}");
+        let ctype = i["format-specific"]["data"]["compression-type"].as_str().unwrap_or("zlib").to_string();
+        match comp {
+            Some(CompressionType::Zstd) => assert_eq!(ctype, "zstd", "{tag} {name}"),
+            _ => assert_eq!(ctype, "zlib", "{tag} {name}"),
+        }
+        // The top's own clusters only: nothing of the backing file is copied.
+        let own = Qcow2Image::open(top).unwrap();
+        assert!(r.bytes_read <= own.guest_clusters() * own.cluster_size(), "{tag} {name}");
+        std::fs::remove_file(&out).unwrap();
+    }
+    // Flattened copies and a raw restore.
+    for (name, format, comp) in [
+        ("flat", TargetFormat::Qcow2, None),
+        ("flat-zstd", TargetFormat::Qcow2, Some(CompressionType::Zstd)),
+        ("raw", TargetFormat::Raw, None),
+    ] {
+        let out = dir.join(format!("{name}.out"));
+        native(top, &out, SourceMode::Chain, format, None, comp);
+        if format == TargetFormat::Qcow2 {
+            assert_clean(&out);
+            assert!(info(&out)["backing-filename"].is_null(), "{tag} {name}");
+        } else {
+            assert_eq!(std::fs::metadata(&out).unwrap().len(), Qcow2Image::open(top).unwrap().virtual_size());
+        }
+        assert_same(&out, top);
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+
+#[test]
+fn native_copies_of_64k_images_and_chains_pass_check_and_compare() {
+    for seed in 0..8u64 {
+        let d = tempfile::tempdir().unwrap();
+        let depth = 1 + (seed % 3) as usize;
+        // Odd sizes: not a multiple of the cluster size.
+        let size = 3 * M + seed * 7 * 512 + if seed % 2 == 0 { 0 } else { 40 * K };
+        let base = match seed % 4 {
+            1 => Some("zstd"),
+            3 => Some("zlib"),
+            _ => None,
+        };
+        let g = generate(d.path(), seed, depth, size, 64 * K, base);
+        check_native_outputs(&g, &format!("seed {seed}"));
+    }
+}
+
+#[test]
+fn native_copies_with_2m_clusters_pass_check_and_compare() {
+    for seed in 100..103u64 {
+        let d = tempfile::tempdir().unwrap();
+        let size = 9 * M + 3 * 512;
+        let g = generate(d.path(), seed, 1 + (seed % 3) as usize, size, 2 * M, (seed == 101).then_some("zstd"));
+        check_native_outputs(&g, &format!("seed {seed}"));
+    }
+}
+
+#[test]
+fn native_copies_with_small_clusters_cross_many_tables_and_refcount_blocks() {
+    // 512-byte clusters: an L2 table maps 32 KiB, a refcount block covers
+    // 128 KiB of file, so a few MiB exercise every boundary of the layout.
+    for (seed, cs) in [(200u64, 512u64), (201, 4 * K)] {
+        let d = tempfile::tempdir().unwrap();
+        let g = generate(d.path(), seed, 2, 2 * M + 3 * 512, cs, None);
+        check_native_outputs(&g, &format!("seed {seed}"));
+    }
+}
+
+/// Read `img` natively and through qemu-img: byte for byte the same.
+fn assert_reads_like_qemu(img: &Path) {
+    let raw = img.with_extension("reference.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", p(img), p(&raw)]);
+    let want = std::fs::read(&raw).unwrap();
+    std::fs::remove_file(&raw).unwrap();
+    let mut chain = Chain::open(img).unwrap();
+    let mut got = vec![0xa5u8; chain.virtual_size() as usize];
+    chain.read_at(0, &mut got).unwrap();
+    assert_eq!(got.len(), want.len(), "{}", img.display());
+    if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!("{}: first difference at byte {i}", img.display());
+    }
+}
+
+#[test]
+fn images_qemu_img_writes_read_natively_as_qemu_reads_them() {
+    for seed in 300..306u64 {
+        let d = tempfile::tempdir().unwrap();
+        let cs = if seed % 3 == 2 { 2 * M } else { 64 * K };
+        let g = generate(d.path(), seed, 1 + (seed % 3) as usize, 5 * M + 512, cs, None);
+        let top = g.top();
+        assert_reads_like_qemu(top);
+        for (name, args) in [
+            ("plain", vec!["-O", "qcow2"]),
+            ("zlib", vec!["-c", "-O", "qcow2", "-o", "compression_type=zlib"]),
+            ("zstd", vec!["-c", "-O", "qcow2", "-o", "compression_type=zstd"]),
+            ("v2-zlib", vec!["-c", "-O", "qcow2", "-o", "compat=0.10"]),
+        ] {
+            let out = d.path().join(format!("qemu-{name}.qcow2"));
+            let mut a = vec!["convert"];
+            a.extend(args);
+            a.extend([p(top), p(&out)]);
+            qemu_img(&a);
+            assert_reads_like_qemu(&out);
+            let r = Qcow2Image::open(&out).unwrap().check_refcounts().unwrap();
+            assert!(r.is_clean(), "{name}: our check of a qemu-img image: {r:?}");
+        }
+        // A delta written by qemu-img with -B on the chain below the top.
+        if g.files.len() >= 2 {
+            let below = g.files[g.files.len() - 2].file_name().unwrap().to_str().unwrap().to_string();
+            let out = d.path().join("qemu-delta.qcow2");
+            must(Some(d.path()), "qemu-img", &["convert", "-c", "-O", "qcow2", "-B", &below, "-F", "qcow2", p(top), p(&out)]);
+            assert_reads_like_qemu(&out);
+        }
+    }
+}
+
+#[test]
+fn refcounts_never_overflow_when_tiny_compressed_clusters_share_a_2m_cluster() {
+    // Over 65535 compressed clusters of 20 bytes would share one 2 MiB host
+    // cluster and overflow its 16-bit refcount; the writer moves to a fresh
+    // cluster first. (Real zstd or deflate frames of a 2 MiB cluster are
+    // longer than 32 bytes, so this takes made-up bytes: the refcounts are
+    // what is checked, not the data.)
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("tiny.qcow2");
+    let cs = 2 * M;
+    let n = 140_000u64;
+    let spec = ImageSpec { virtual_size: n * cs, cluster_bits: 21, backing: None, compression: CompressionType::Zstd };
+    let file = std::fs::File::create(&out).unwrap();
+    let sink = knib_core::qcow2::FileSink::new(file, &out, false);
+    let mut layout = Layout::new(spec, sink, None).unwrap();
+    for i in 0..n {
+        layout.push_compressed(i, &[0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i as u8]).unwrap();
+    }
+    let (header, sink, summary) = layout.finish().unwrap();
+    assert_eq!(summary.compressed_clusters, n);
+    let (file, _) = sink.finish().unwrap();
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&header, 0).unwrap();
+    drop(file);
+    assert_clean(&out);
+    let img = Qcow2Image::open(&out).unwrap();
+    // Three host clusters of packed data: 65535, 65535 and the rest.
+    assert_eq!(img.refcount(1).unwrap(), 65535);
+    assert_eq!(img.refcount(2).unwrap(), 65535);
+    assert_eq!(img.refcount(3).unwrap(), n - 2 * 65535);
+}
+
+#[test]
+fn a_plan_gives_the_exact_file_length_of_a_plain_copy() {
+    let spec = ImageSpec { virtual_size: 10 * M + 512, cluster_bits: 16, backing: None, compression: CompressionType::Zlib };
+    let mut l = Layout::new(spec, CountSink::default(), None).unwrap();
+    l.push_data(3, &vec![0u8; 2 * 64 * K as usize]).unwrap();
+    l.push_zero(10, 5).unwrap();
+    let (_, sink, s) = l.finish().unwrap();
+    assert_eq!(sink.0, s.file_len);
+    // Header, 2 data clusters, 1 L2 table, L1, refcount table, 1 block.
+    assert_eq!(s.file_len, 7 * 64 * K);
+    assert_eq!((s.data_clusters, s.zero_clusters, s.l2_tables, s.refcount_blocks), (2, 5, 1, 1));
+    // Out of order, past the end, and compressed data as long as a cluster are refused.
+    let spec = ImageSpec { virtual_size: M, cluster_bits: 16, backing: None, compression: CompressionType::Zstd };
+    let mut l = Layout::new(spec, CountSink::default(), None).unwrap();
+    l.push_zero(5, 1).unwrap();
+    assert_eq!(l.push_zero(5, 1).unwrap_err().kind, ErrorKind::Internal);
+    assert_eq!(l.push_zero(16, 1).unwrap_err().kind, ErrorKind::Internal);
+    assert_eq!(l.push_compressed(7, &vec![1u8; 64 * K as usize]).unwrap_err().kind, ErrorKind::Internal);
+}
+
+#[test]
+fn the_native_path_refuses_what_it_does_not_handle_with_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let enc = d.path().join("enc.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o", "encrypt.format=aes,encrypt.key-secret=s0",
+        p(&enc), "1M",
+    ]);
+    let ext = d.path().join("ext.qcow2");
+    let data = d.path().join("ext.data");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &format!("data_file={}", p(&data)), p(&ext), "1M"]);
+    for (img, needle) in [(&enc, "encrypted"), (&ext, "external data file")] {
+        let out = d.path().join("out.qcow2");
+        let e = copy_image(img, &out, &CopyOptions::default(), &Control::new(), &mut |_| Ok(())).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains(needle), "{e}");
+        assert!(!out.exists());
+    }
+    // Cancelled before it starts: nothing is written past the plan.
+    let g = generate(d.path(), 7, 1, 2 * M, 64 * K, None);
+    let ctl = Control::new();
+    ctl.cancel.cancel();
+    let out = d.path().join("c.qcow2");
+    let e = copy_image(g.top(), &out, &CopyOptions::default(), &ctl, &mut |_| Ok(())).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+    // A free-space check that fails stops the copy before the file exists.
+    let e = copy_image(g.top(), &out, &CopyOptions::default(), &Control::new(), &mut |n| {
+        Err(knib_core::KnibError::new(ErrorKind::NoSpace, format!("{n} bytes needed")))
+    })
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NoSpace);
+    assert!(!out.exists());
+}
+
+#[test]
+fn the_rate_limit_deadline_and_progress_hold_on_the_native_path() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&src), "16M"]);
+    qemu_io(&src, &["write -q -P 0x33 0 8M".to_string()]);
+    // 8 MB at 1 MB/s takes 8 s; the budget is 1 s: the copy stops on time.
+    let ctl = Control::new().with_deadline(knib_core::Deadline::after(std::time::Duration::from_secs(1)));
+    let opts = CopyOptions { rate_limit_mbps: 1, compression: Some(CompressionType::Zstd), threads: 1, ..Default::default() };
+    let out = d.path().join("out.qcow2");
+    let e = copy_image(&src, &out, &opts, &ctl, &mut |_| Ok(())).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+    // Progress reaches 100% and never goes back.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let ctl = Control::new().with_progress(std::sync::Arc::new(move |p: &knib_core::Progress| {
+        s2.lock().unwrap().push(p.percent);
+    }));
+    copy_image(&src, &out, &CopyOptions::default(), &ctl, &mut |_| Ok(())).unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.last().copied(), Some(100.0), "{seen:?}");
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_same(&out, &src);
+}
