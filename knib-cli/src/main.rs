@@ -62,6 +62,9 @@ enum Command {
         /// Backups per chain (1 = always full, less than 1 = unlimited).
         #[arg(long, default_value_t = DEFAULT_CHAIN_SIZE, allow_negative_numbers = true)]
         chain_size: i64,
+        /// Compress the backup as it is copied, in one pass (zstd or zlib).
+        #[arg(long, value_name = "LIBRARY", num_args = 0..=1, default_missing_value = "zstd")]
+        compress: Option<String>,
     },
     /// List backups, oldest first.
     List {
@@ -205,8 +208,9 @@ fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
     let ctl = output::control();
     match cli.command {
-        Command::Backup { store, vm, disks, domain, connect, quiesce, full, isolated, chain_size } => {
-            let opts = BackupOptions { full, isolated, chain_size };
+        Command::Backup { store, vm, disks, domain, connect, quiesce, full, isolated, chain_size, compress } => {
+            let compress = compress.map(|c| c.parse::<CompressionLibrary>()).transpose()?;
+            let opts = BackupOptions { full, isolated, chain_size, compress };
             let m = match (vm, domain) {
                 (Some(vm), None) => {
                     let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;

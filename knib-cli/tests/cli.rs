@@ -187,3 +187,25 @@ fn jobs_queue_validate_runs_the_checks_and_a_bad_backup_exits_corrupt() {
     let why = last["last_error"].as_str().unwrap();
     assert!(why.contains(file) && why.contains("differs from the recorded"), "{why}");
 }
+
+#[test]
+fn backup_compress_writes_a_compressed_backup_in_one_pass() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let a = d.path().join("a.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(&a), "16M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 4M", s(&a)]);
+    qemu(&["qemu-img", "convert", "-O", "qcow2", s(&a), s(&d.path().join("ref.qcow2"))]);
+    let da = format!("a={}", s(&a));
+    let b = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "v", "--disk", &da, "--compress"]);
+    assert_eq!(b["compression"]["library"], "zstd", "{b}");
+    let z = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "v", "--disk", &da, "--compress", "zlib"]);
+    assert_eq!(z["compression"]["library"], "zlib", "{z}");
+    let bad = knib(&["backup", "--store", s(&store), "--vm", "v", "--disk", &da, "--compress", "lz4"]);
+    assert_eq!(bad.status.code(), Some(13), "{}", String::from_utf8_lossy(&bad.stderr));
+    let to = d.path().join("restored.raw");
+    let id = z["id"].as_str().unwrap();
+    let out = knib(&["restore", "--store", s(&store), id, "--volume", "a", "--to", s(&to), "--format", "raw"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    qemu(&["qemu-img", "compare", s(&to), s(&d.path().join("ref.qcow2"))]);
+}

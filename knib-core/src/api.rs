@@ -11,7 +11,7 @@
 //! | op | request fields | answer |
 //! |---|---|---|
 //! | `version` | (none) | `{"version": "x.y.z", "schema": 1}` |
-//! | `backup` | `store`, `vm` + `disks` (`[{"name","path"}]`) or `domain` (+ `connect`, `quiesce`), `full`, `isolated`, `chain_size` (default 8) | a backup |
+//! | `backup` | `store`, `vm` + `disks` (`[{"name","path"}]`) or `domain` (+ `connect`, `quiesce`), `full`, `isolated`, `chain_size` (default 8), `compress` (`zstd`/`zlib`: compressed as copied, one pass) | a backup |
 //! | `list` | `store`, `vm`? | `[backup, ...]` |
 //! | `show` | `store`, `backup` | a backup |
 //! | `restore` | `store`, `backup`, `volume`, `to`, `format` (`qcow2`/`raw`) | `{"restored": id, "volume", "to"}` |
@@ -103,6 +103,8 @@ struct BackupReq {
     isolated: bool,
     #[serde(default = "default_chain")]
     chain_size: i64,
+    #[serde(default)]
+    compress: Option<CompressionLibrary>,
 }
 
 #[derive(Deserialize)]
@@ -337,7 +339,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         }
         "backup" => {
             let r: BackupReq = parse(op, request)?;
-            let opts = BackupOptions { full: r.full, isolated: r.isolated, chain_size: r.chain_size };
+            let opts = BackupOptions { full: r.full, isolated: r.isolated, chain_size: r.chain_size, compress: r.compress };
             let store = Store::create(&r.store)?;
             let m = match (&r.vm, &r.domain) {
                 (Some(vm), None) => store.backup(vm, &r.disks, &opts, ctl)?,

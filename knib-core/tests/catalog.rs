@@ -414,3 +414,40 @@ fn a_backup_cancelled_during_its_copy_leaves_no_partial_backup() {
     store.restore(&m.id, "root", &out.path().join("r.qcow2"), ImageFormat::Qcow2, &Control::new()).unwrap();
     assert_identical(&out.path().join("r.qcow2"), &refs["root"]);
 }
+
+#[test]
+fn a_backup_compressed_as_it_is_copied_is_recorded_compressed_and_restores_identical() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let zstd = BackupOptions { compress: Some(CompressionLibrary::Zstd), ..Default::default() };
+    qemu_io(vm.path("root"), "write -P 0x61 0 16M");
+    qemu_io(vm.path("data"), "write -P 0x62 0 8M");
+    let r1 = vm.snapshot_all("o1");
+    let b1 = store.backup("vm1", &vm.disks, &zstd, &Control::new()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x63 8M 4M");
+    qemu_io(vm.path("data"), "write -z 0 1M");
+    let r2 = vm.snapshot_all("o2");
+    let b2 = store.backup("vm1", &vm.disks, &zstd, &Control::new()).unwrap();
+    assert_eq!(b2.kind, BackupKind::Incremental);
+    for b in [&b1, &b2] {
+        let info = b.compression.clone().expect("recorded as compressed");
+        assert_eq!(info.library, CompressionLibrary::Zstd);
+        assert!(info.size * 4 < info.original_size, "{info:?}");
+        for v in &b.volumes {
+            let f = store.volume_file(b, &v.name).unwrap();
+            let qi = QemuImg::new().info(&f, &Control::new()).unwrap();
+            assert_eq!(qi.format_specific.unwrap().data.compression_type.as_deref(), Some("zstd"));
+            assert_check_clean(&f);
+            assert_eq!(v.hash.as_deref(), Some(knib_core::engine::hash_files(&[f], &Control::new()).unwrap().as_str()));
+        }
+    }
+    assert_eq!(b2.volumes[0].backing.as_deref(), Some(format!("../{}/root.qcow2", b1.id).as_str()));
+    restore_and_compare(&store, &b1.id, &r1);
+    restore_and_compare(&store, &b2.id, &r2);
+    // Nothing left for a compression job, and verify agrees with the hashes.
+    let e = store.queue_compression(&b2.id).unwrap_err();
+    assert!(e.message.contains("already compressed"), "{e}");
+    let reports = store.verify(None, &Control::new()).unwrap();
+    assert!(reports.iter().all(|r| r.ok), "{reports:?}");
+}

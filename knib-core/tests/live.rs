@@ -135,8 +135,12 @@ fn end_of_chain_leaves_the_vm_on_its_base_and_the_next_backup_is_full() {
     let b1 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
     model.write(&vm, "vdb", 0x42, MIB, MIB);
     let n2 = model.writes.len();
-    let b2 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    // Compressed as it is copied, in one pass.
+    let zstd = BackupOptions { compress: Some(knib_core::qemu_img::CompressionLibrary::Zstd), ..opts.clone() };
+    let b2 = store.backup_domain(&vm.vm, &zstd, false, &Control::new()).unwrap();
     assert_eq!((b1.kind, b2.kind, b2.end_of_chain), (BackupKind::Full, BackupKind::Incremental, true));
+    assert_eq!(b2.compression.as_ref().map(|c| c.library), Some(knib_core::qemu_img::CompressionLibrary::Zstd));
+    assert!(b1.compression.is_none());
     for d in vm.disks() {
         assert!(d.backing_chain.is_empty(), "{:?}", d.chain_files());
         assert_eq!(d.file, vm.initial_file(&d.target));

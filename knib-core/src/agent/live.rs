@@ -234,6 +234,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         running,
         disks: plans,
         data_path: Default::default(),
+        compress: None,
     })
 }
 

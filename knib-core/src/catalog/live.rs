@@ -115,6 +115,7 @@ impl Store {
                 })
                 .collect(),
             data_path: super::settings::Settings::load(&self.root)?.data_path,
+            compress: opts.compress,
         };
         fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
@@ -139,6 +140,7 @@ impl Store {
                         hash: v.hash.clone(),
                     })
                     .collect();
+                m.compression = super::compressed_as_copied(vols);
                 self.publish(&m, &part)
             },
         );

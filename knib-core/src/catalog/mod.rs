@@ -43,7 +43,7 @@ use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::names;
 use crate::progress::Control;
-use crate::qemu_img::{ImageFormat, QemuImg};
+use crate::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
 
 pub use lock::VmLock;
 pub use manifest::{CompressionInfo, Manifest, VolumeEntry, MANIFEST_SCHEMA};
@@ -60,11 +60,14 @@ pub struct BackupOptions {
     pub isolated: bool,
     /// Backups per chain: 1 = always full, less than 1 = unlimited.
     pub chain_size: i64,
+    /// Compress the backup's files as they are copied (one pass over the
+    /// data, instead of a copy now and a compression job later).
+    pub compress: Option<CompressionLibrary>,
 }
 
 impl Default for BackupOptions {
     fn default() -> Self {
-        BackupOptions { full: false, isolated: false, chain_size: DEFAULT_CHAIN_SIZE }
+        BackupOptions { full: false, isolated: false, chain_size: DEFAULT_CHAIN_SIZE, compress: None }
     }
 }
 
@@ -76,6 +79,18 @@ pub struct DiskSpec {
     pub name: String,
     /// The disk's qcow2 file.
     pub path: PathBuf,
+}
+
+/// The compression record of a backup whose files were compressed as they
+/// were copied: the original size is the guest data copied (or the file
+/// size where the copy did not count it).
+pub(crate) fn compressed_as_copied(vols: &[engine::VolumeResult]) -> Option<CompressionInfo> {
+    let library = vols.iter().find_map(|v| v.compression)?;
+    Some(CompressionInfo {
+        library,
+        original_size: vols.iter().map(|v| v.data_bytes.unwrap_or(v.size)).sum(),
+        size: vols.iter().map(|v| v.size).sum(),
+    })
 }
 
 /// Per-VM state: which backup primary's deltas are relative to.
@@ -364,7 +379,7 @@ impl Store {
             kind,
             end_of_chain,
             data_path: settings::Settings::load(&self.root)?.data_path,
-            compress: None,
+            compress: opts.compress,
         };
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         let final_dir = self.vm_dir(vm).join(&id);
@@ -385,6 +400,7 @@ impl Store {
                     hash: v.hash.clone(),
                 })
                 .collect();
+            manifest.compression = compressed_as_copied(vols);
             self.publish(&manifest, &part)
         });
         if let Err(e) = result {

@@ -36,7 +36,7 @@ use crate::libvirt::blockjob;
 use crate::libvirt::{DiskInfo, Vm};
 use crate::progress::Control;
 use crate::qcow2::{SourceMode, TargetFormat};
-use crate::qemu_img::{Convert, ImageFormat, QemuImg};
+use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
 
 /// The marker in the name of a knib delta.
 pub const DELTA_MARKER: &str = ".knib-delta-";
@@ -117,6 +117,9 @@ pub struct LivePlan {
     /// Native data path (default) or qemu-img for the copies.
     #[serde(default)]
     pub data_path: DataPath,
+    /// Compress the backup files as they are copied (one pass).
+    #[serde(default)]
+    pub compress: Option<CompressionLibrary>,
 }
 
 /// How a disk of a domain looks now.
@@ -240,13 +243,13 @@ pub fn take(
                     mode: if d.parent.is_some() { SourceMode::Top } else { SourceMode::Chain },
                     format: TargetFormat::Qcow2,
                     backing: d.parent.clone(),
-                    compress: None,
+                    compress: plan.compress,
                     hash: true,
                     threads: 0,
                     rate_limit_mbps: 0,
                     what: &what,
                 };
-                native::copy(&c, ctl).map(|r| r.hash)
+                native::copy(&c, ctl).map(|r| (r.hash, plan.compress, Some(r.bytes_read)))
             } else {
                 let needed = if d.parent.is_some() {
                     fsio::allocated_bytes(d.old_top())?
@@ -260,14 +263,15 @@ pub fn take(
                         dest: tmp.clone(),
                         backing: d.parent.clone(),
                         force_share: true,
+                        compress: plan.compress,
                         ..Default::default()
                     },
                     ctl,
                 )
-                .map(|_| None)
+                .map(|_| (None, plan.compress, None))
             };
             let r = r.and_then(|hash| fsio::commit_rename(&tmp, &d.dest).map(|_| hash));
-            let hash = match r {
+            let (hash, compression, data_bytes) = match r {
                 Ok(h) => h,
                 Err(e) => {
                     let _ = fsio::remove_if_exists(&tmp);
@@ -281,6 +285,8 @@ pub fn take(
                 size: fsio::file_size(&d.dest)?,
                 virtual_size: d.virtual_size,
                 hash,
+                compression,
+                data_bytes,
             });
         }
         ctl.check("publishing the backup")?;

@@ -87,6 +87,12 @@ pub struct VolumeResult {
     /// the file gives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
+    /// The library the file was compressed with as it was copied, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionLibrary>,
+    /// Guest data bytes copied into the file (native data path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bytes: Option<u64>,
 }
 
 /// The answer of a backup.
@@ -212,7 +218,7 @@ pub fn take_backup_with(
 
     // 1. Copy every volume to a temporary name on the store.
     let mut written: Vec<PathBuf> = Vec::new();
-    let mut hashes: Vec<Option<String>> = Vec::new();
+    let mut hashes: Vec<(Option<String>, Option<CompressionLibrary>, Option<u64>)> = Vec::new();
     let copy = (|| -> Result<Vec<VolumeResult>> {
         for (v, st) in req.volumes.iter().zip(&states) {
             let dir = v.dest.parent().unwrap_or(Path::new("."));
@@ -236,7 +242,7 @@ pub fn take_backup_with(
                     what: &what,
                 };
                 let r = native::copy(&c, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
-                hashes.push(r.hash);
+                hashes.push((r.hash, req.compress, Some(r.bytes_read)));
                 continue;
             }
             let needed = match req.kind {
@@ -256,13 +262,13 @@ pub fn take_backup_with(
                 ctl,
             )
             .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
-            hashes.push(None);
+            hashes.push((None, req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }), None));
         }
         for (v, tmp) in req.volumes.iter().zip(&written) {
             fsio::commit_rename(tmp, &v.dest)?;
         }
         let mut results = Vec::new();
-        for ((v, st), hash) in req.volumes.iter().zip(&states).zip(&hashes) {
+        for ((v, st), (hash, compression, data_bytes)) in req.volumes.iter().zip(&states).zip(&hashes) {
             results.push(VolumeResult {
                 name: v.name.clone(),
                 active_file: v.disk.clone(),
@@ -270,6 +276,8 @@ pub fn take_backup_with(
                 size: fsio::file_size(&v.dest)?,
                 virtual_size: st.chain[0].virtual_size,
                 hash: hash.clone(),
+                compression: *compression,
+                data_bytes: *data_bytes,
             });
         }
         ctl.check("publishing the backup")?;
