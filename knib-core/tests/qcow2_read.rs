@@ -10,37 +10,14 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "common/gen.rs"]
+mod gen;
+use gen::{random_ops, sources, Rng, K};
+
 use knib_core::qcow2::{Chain, ClusterState, Qcow2Image};
 use knib_core::ErrorKind;
 
-const K: u64 = 1024;
 const M: u64 = 1024 * 1024;
-
-/// xorshift64: deterministic, so a failure reproduces from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
 
 fn run_in(dir: Option<&Path>, program: &str, args: &[&str]) -> String {
     let mut cmd = Command::new(program);
@@ -100,72 +77,6 @@ fn qemu_io(path: &Path, cmds: &[String]) {
         let out = run_in(None, "qemu-io", &args);
         assert!(!out.contains("error") && !out.contains("failed"), "qemu-io on {}: {out}", path.display());
     }
-}
-
-/// Files of random bytes for `write -s` (qemu-io writes a file's first
-/// bytes): two incompressible, two compressible (6 random bits a byte) so
-/// that `write -c` stores them compressed.
-fn sources(dir: &Path, rng: &mut Rng, len: u64) -> Vec<PathBuf> {
-    (0..4)
-        .map(|i| {
-            let path = dir.join(format!("src{i}.bin"));
-            let mut data = rng.bytes(len as usize);
-            if i >= 2 {
-                data.iter_mut().for_each(|b| *b = 0x20 | (*b & 0x3f));
-            }
-            std::fs::write(&path, data).unwrap();
-            path
-        })
-        .collect()
-}
-
-/// `n` random qemu-io commands over an image of `size` bytes and cluster
-/// size `cs`: data from `srcs`, patterns, zero writes (with and without
-/// unmap), discards. With `compressed`, they start with compressed writes of
-/// whole clusters (QEMU writes those only over unallocated clusters, so each
-/// to a distinct cluster, before anything else), which later ops may overwrite.
-fn random_ops(rng: &mut Rng, size: u64, cs: u64, n: usize, srcs: &[PathBuf], compressed: bool) -> Vec<String> {
-    let src_len = std::fs::metadata(&srcs[0]).unwrap().len();
-    let mut ops = Vec::new();
-    if compressed {
-        let mut used = std::collections::HashSet::new();
-        for _ in 0..n / 5 {
-            let c = rng.below(size / cs);
-            if !used.insert(c) {
-                continue;
-            }
-            // Compressible data (or a pattern) so that QEMU keeps it compressed.
-            let off = c * cs;
-            ops.push(match rng.below(3) {
-                0 => format!("write -q -c -P {} {off} {cs}", rng.below(256)),
-                k => format!("write -q -c -s {} {off} {cs}", srcs[1 + k as usize].display()),
-            });
-        }
-    }
-    while ops.len() < n {
-        let mut off = rng.below(size);
-        if rng.below(2) == 0 {
-            off -= off % cs;
-        }
-        let max = (size - off).min(3 * cs);
-        let len = match rng.below(3) {
-            0 => 1 + rng.below(4 * K),
-            1 => cs,
-            _ => 1 + rng.below(max),
-        }
-        .min(max);
-        ops.push(match rng.below(100) {
-            0..=39 => {
-                let src = &srcs[rng.below(srcs.len() as u64) as usize];
-                format!("write -q -s {} {off} {}", src.display(), len.min(src_len))
-            }
-            40..=59 => format!("write -q -P {} {off} {len}", 1 + rng.below(255)),
-            60..=74 => format!("write -q -z {off} {len}"),
-            75..=87 => format!("write -q -z -u {off} {len}"),
-            _ => format!("discard -q {off} {len}"),
-        });
-    }
-    ops
 }
 
 /// The guest-visible content of `img` (with its backing chain), by qemu-img.
