@@ -591,7 +591,7 @@ fn validation_and_compression_jobs_keep_their_own_limits_and_all_finish() {
 }
 
 #[test]
-fn deleting_a_backup_while_it_is_validated_is_refused_busy() {
+fn deleting_or_compressing_a_backup_while_it_is_validated_is_refused_busy() {
     let (work, store) = store_with(r#""validation.enabled": false"#);
     let (m, reference) = backups(&store, work.path(), "vm1", &[2]).pop().unwrap();
     let job = store.queue_validation(&m.id).unwrap();
@@ -600,6 +600,10 @@ fn deleting_a_backup_while_it_is_validated_is_refused_busy() {
     let e = store.delete(&m.id).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Busy, "{e}");
     assert!(e.message.contains(&format!("validation job {}", job.id)), "{e}");
+    // Nor is it compressed under the validation's feet.
+    let e = store.compress(&m.id, &Default::default(), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(store.show(&m.id).unwrap().compression.is_none());
     restores_identical(&store, &m.id, &reference);
     // Its runner dead: the delete goes ahead.
     fake_running(&store, &job.id, 999_999_999, &hostname(), 0);

@@ -495,11 +495,27 @@ impl Store {
         engine::create_overlay(&self.qemu_img, files.last().expect("non-empty chain"), to, ctl)
     }
 
+    /// A "busy" error when a validation job of backup `id` is running (it
+    /// reads the files that a compression or a delete would replace).
+    fn refuse_while_validated(&self, id: &str) -> Result<()> {
+        match self.running_validation(id)? {
+            Some(j) => {
+                let pid = j.owner.as_ref().map(|o| o.pid).unwrap_or_default();
+                Err(KnibError::busy(format!(
+                    "backup {id} is busy: validation job {} (pid {pid}) is running; try again when it ends",
+                    j.id
+                )))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Compress backup `id` (and finalize it). A backup already compressed
     /// is left as it is.
     pub fn compress(&self, id: &str, opts: &CompressOptions, ctl: &Control) -> Result<Manifest> {
         let m = self.show(id)?;
         let _lock = self.lock_vm(&m.vm, &format!("compression of {id}"))?;
+        self.refuse_while_validated(id)?;
         let mut m = self.show(id)?;
         if m.compression.is_some() {
             return Ok(m);
@@ -624,13 +640,7 @@ impl Store {
     pub fn delete(&self, id: &str) -> Result<DeleteOutcome> {
         let m = self.show(id)?;
         let _lock = self.lock_vm(&m.vm, &format!("delete of {id}"))?;
-        if let Some(j) = self.running_validation(id)? {
-            let pid = j.owner.as_ref().map(|o| o.pid).unwrap_or_default();
-            return Err(KnibError::busy(format!(
-                "backup {id} is busy: validation job {} (pid {pid}) is running; try again when it ends",
-                j.id
-            )));
-        }
+        self.refuse_while_validated(id)?;
         let all = self.manifests(&m.vm)?;
         let mut m = all
             .iter()
