@@ -37,8 +37,8 @@
 //! one host, counting the jobs of every runner process of the host (jobs with
 //! a live owner of the same hostname); at most one job per VM runs at a
 //! time, whatever its kind. The retries, interval and budget are the kind's
-//! own settings; jobs of a disabled kind stay queued. The runner ends when no job is queued
-//! and none of its own is running; jobs waiting for their retry time are
+//! own settings; jobs of a disabled kind stay queued. The runner ends when
+//! no job is queued and none of its own is running; jobs waiting for their retry time are
 //! waited for (unless [`RunOptions::no_wait`]), so the queue is worked until
 //! empty.
 //!
@@ -59,6 +59,12 @@
 //! compression ("VM vm1 is busy: compression of <backup> (pid N) is running;
 //! try again when it ends"). A queued job whose backup was deleted is
 //! cancelled when a runner gets to it.
+//!
+//! A validation only reads the backup and does not hold the VM's lock (so
+//! backups of the VM go on meanwhile); `Store::delete` and
+//! `Store::compress` refuse, with a "busy" error naming the job, a backup
+//! whose validation job is running. Should its files vanish anyway, the job
+//! ends `cancelled`.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
