@@ -89,38 +89,14 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
             let needed = (size as f64 * opts.min_free_factor.max(0.0)).ceil() as u64;
             fsio::require_space(dir, needed, &format!("compression of {}", f.display()))?;
             let out = comp_path(f);
-            if opts.data_path == DataPath::Native {
-                let header = Qcow2Image::open(f)?.header().clone();
-                if header.version >= 3 {
-                    fsio::remove_if_exists(&out)?;
-                    done.push(CompressedFile {
-                        path: f.clone(),
-                        comp_path: out.clone(),
-                        original_size: size,
-                        compressed_size: 0,
-                        library: opts.library,
-                    });
-                    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-                    let what = format!("compression of {}", f.display());
-                    let c = NativeCopy {
-                        source: f,
-                        dest: &out,
-                        mode: SourceMode::Top,
-                        format: TargetFormat::Qcow2,
-                        backing: header.backing_file.clone(),
-                        compress: Some(opts.library),
-                        hash: false,
-                        threads: (opts.coroutines as usize).clamp(1, cores),
-                        rate_limit_mbps: opts.rate_limit_mbps,
-                        what: &what,
-                    };
-                    let r = native::copy(&c, ctl)?;
-                    done.last_mut().expect("pushed above").compressed_size = r.file_len;
-                    continue;
-                }
-            }
-            let info = q.info(f, ctl)?;
-            let v2 = info.is_qcow2_v2();
+            // The native path takes qcow2 v3 files; v2 ones stay v2 (zlib)
+            // through qemu-img.
+            let native_header = match opts.data_path {
+                DataPath::Native => Some(Qcow2Image::open(f)?.header().clone()).filter(|h| h.version >= 3),
+                DataPath::QemuImg => None,
+            };
+            let info = if native_header.is_none() { Some(q.info(f, ctl)?) } else { None };
+            let v2 = info.as_ref().is_some_and(|i| i.is_qcow2_v2());
             let library = if v2 { CompressionLibrary::Zlib } else { opts.library };
             fsio::remove_if_exists(&out)?;
             done.push(CompressedFile {
@@ -130,21 +106,43 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
                 compressed_size: 0,
                 library,
             });
-            q.convert(
-                &Convert {
-                    source: f.clone(),
-                    dest: out.clone(),
-                    backing: info.backing_filename.clone(),
-                    compress: Some(library),
-                    compat_v2: v2,
-                    coroutines: Some(opts.coroutines),
-                    rate_limit_mbps: Some(opts.rate_limit_mbps),
-                    ..Default::default()
-                },
-                ctl,
-            )?;
-            fsio::sync_file(&out)?;
-            done.last_mut().expect("pushed above").compressed_size = fsio::file_size(&out)?;
+            let compressed_size = match (native_header, info) {
+                (Some(header), _) => {
+                    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                    let what = format!("compression of {}", f.display());
+                    let c = NativeCopy {
+                        source: f,
+                        dest: &out,
+                        mode: SourceMode::Top,
+                        format: TargetFormat::Qcow2,
+                        backing: header.backing_file.clone(),
+                        compress: Some(library),
+                        hash: false,
+                        threads: (opts.coroutines as usize).clamp(1, cores),
+                        rate_limit_mbps: opts.rate_limit_mbps,
+                        what: &what,
+                    };
+                    native::copy(&c, ctl)?.file_len
+                }
+                (None, info) => {
+                    q.convert(
+                        &Convert {
+                            source: f.clone(),
+                            dest: out.clone(),
+                            backing: info.and_then(|i| i.backing_filename),
+                            compress: Some(library),
+                            compat_v2: v2,
+                            coroutines: Some(opts.coroutines),
+                            rate_limit_mbps: Some(opts.rate_limit_mbps),
+                            ..Default::default()
+                        },
+                        ctl,
+                    )?;
+                    fsio::sync_file(&out)?;
+                    fsio::file_size(&out)?
+                }
+            };
+            done.last_mut().expect("pushed above").compressed_size = compressed_size;
         }
         Ok(())
     })();
