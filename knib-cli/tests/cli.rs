@@ -128,8 +128,9 @@ fn demo_runs_to_the_end_and_says_what_it_did() {
     assert!(text.contains("demo finished"), "{text}");
 }
 
-#[test]
-fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
+/// A store with one backup (VM `v`, volume `a`: 8 MiB, its first MiB
+/// written): (the temporary directory, the store, the backup as JSON).
+fn one_backup() -> (tempfile::TempDir, std::path::PathBuf, Value) {
     let d = tempfile::tempdir().unwrap();
     let store = d.path().join("store");
     let a = d.path().join("a.qcow2");
@@ -137,6 +138,12 @@ fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
     qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 1M", s(&a)]);
     let da = format!("a={}", s(&a));
     let b = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "v", "--disk", &da]);
+    (d, store, b)
+}
+
+#[test]
+fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
+    let (_dir, store, b) = one_backup();
     std::fs::write(
         store.join("knib.json"),
         r#"{"schema": 1, "compression.max_retries": 0, "compression.min_free_factor": 1e12}"#,
@@ -153,13 +160,7 @@ fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
 
 #[test]
 fn jobs_queue_validate_runs_the_checks_and_a_bad_backup_exits_corrupt() {
-    let d = tempfile::tempdir().unwrap();
-    let store = d.path().join("store");
-    let a = d.path().join("a.qcow2");
-    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(&a), "8M"]);
-    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 1M", s(&a)]);
-    let da = format!("a={}", s(&a));
-    let b = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "v", "--disk", &da]);
+    let (_dir, store, b) = one_backup();
     let id = b["id"].as_str().unwrap();
     let job = ok_json(&["--json", "jobs", "queue", "--validate", "--store", s(&store), id]);
     assert_eq!(job["kind"], "validate");
