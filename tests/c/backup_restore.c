@@ -55,23 +55,6 @@ static void check_image(const char *path, const struct range *ranges, size_t n) 
     free(data);
 }
 
-/* Run operation function `op` with the request built like printf;
- * returns the answer (free it) or NULL after reporting the failure. */
-static char *call(knib_context *ctx, knib_result (*op)(knib_context *, const char *, char **),
-                  const char *fmt, ...) {
-    char req[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(req, sizeof req, fmt, ap);
-    va_end(ap);
-    char *answer = NULL;
-    knib_result r = op(ctx, req, &answer);
-    EXPECT(r, KNIB_RESULT_OK, ctx);
-    if (getenv("KNIB_TEST_VERBOSE") && answer)
-        fprintf(stderr, "%s\n  -> %s\n", req, answer);
-    return r == KNIB_RESULT_OK ? answer : NULL;
-}
-
 int main(void) {
     CHECK(strcmp(knib_version(), KNIB_VERSION) == 0, "library %s, header %s", knib_version(), KNIB_VERSION);
     EXPECT(knib_set_log_callback(on_log, &log_lines, KNIB_LOG_LEVEL_INFO), KNIB_RESULT_OK, NULL);

@@ -152,4 +152,21 @@ HELPER void sleep_ms(long ms) {
     nanosleep(&ts, NULL);
 }
 
+/* Run operation function `op` with the request built like printf;
+ * returns the answer (free it) or NULL after reporting the failure. */
+HELPER char *call(knib_context *ctx, knib_result (*op)(knib_context *, const char *, char **),
+                  const char *fmt, ...) {
+    char req[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(req, sizeof req, fmt, ap);
+    va_end(ap);
+    char *answer = NULL;
+    knib_result r = op(ctx, req, &answer);
+    EXPECT(r, KNIB_RESULT_OK, ctx);
+    if (getenv("KNIB_TEST_VERBOSE") && answer)
+        fprintf(stderr, "%s\n  -> %s\n", req, answer);
+    return r == KNIB_RESULT_OK ? answer : NULL;
+}
+
 #endif

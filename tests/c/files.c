@@ -4,23 +4,6 @@
  * its bytes, mode and mtime; a path with `..` refused. */
 #include "common.h"
 
-/* Run operation function `op` with the request built like printf;
- * returns the answer (free it) or NULL after reporting the failure. */
-static char *call(knib_context *ctx, knib_result (*op)(knib_context *, const char *, char **),
-                  const char *fmt, ...) {
-    char req[4096];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(req, sizeof req, fmt, ap);
-    va_end(ap);
-    char *answer = NULL;
-    knib_result r = op(ctx, req, &answer);
-    EXPECT(r, KNIB_RESULT_OK, ctx);
-    if (getenv("KNIB_TEST_VERBOSE") && answer)
-        fprintf(stderr, "%s\n  -> %s\n", req, answer);
-    return r == KNIB_RESULT_OK ? answer : NULL;
-}
-
 int main(void) {
     const char *dir = make_temp_dir();
     char src[600], img[600], raw[600], disk[600], store[600], out[600];
