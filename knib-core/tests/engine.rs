@@ -138,6 +138,17 @@ fn native_backups_record_the_hash_of_the_file_and_match_qemu_img_backups() {
         assert_identical(&v.dest, r);
     }
     assert_eq!(qemu[0].volumes[0].hash, None);
+    // Primary after the merges (native, and qemu-img commit): the base
+    // passes check, the disk's delta is empty and the disk reads as it did
+    // at the last backup.
+    for side in ["n", "q"] {
+        let disk = d.path().join(side).join("disk.qcow2");
+        assert_check_clean(&engine::take::base_path(&disk));
+        assert_check_clean(&disk);
+        assert_identical(&disk, &refs[1]);
+        let map = QemuImg::new().info(&disk, &ctl).unwrap();
+        assert!(map.actual_size.unwrap_or(0) < 1 << 20, "{side}: {map:?}");
+    }
     // Both paths store the same guest data, and the delta holds only the
     // clusters written since the full backup.
     for (n, q) in native.iter().zip(&qemu) {

@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
-use crate::qcow2::{copy_image, BackingRef, CompressionType, CopyOptions, CopyReport, Qcow2Image, SourceMode, TargetFormat};
-use crate::qemu_img::CompressionLibrary;
+use crate::qcow2::{
+    copy_image, BackingRef, Commit, CompressionType, CopyOptions, CopyReport, Qcow2Image, SourceMode, TargetFormat,
+};
+use crate::qemu_img::{CompressionLibrary, QemuImg};
 
 /// Which code moves the bytes of copies, compressions and restores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -111,4 +113,38 @@ pub fn copy(c: &NativeCopy<'_>, ctl: &Control) -> Result<CopyReport> {
         // A raw output is sparse: its data is all that needs room.
         fsio::require_space(dir, bound, c.what)
     })
+}
+
+/// Merge the qcow2 image `top` into its backing file and leave it empty (a
+/// stopped disk's delta after its backup): natively ([`Commit`]) on the
+/// native data path when it handles the two files, otherwise with
+/// `qemu-img commit`, which the native merge falls back to (logged) for
+/// what it does not handle (a version 2 or raw base, internal snapshots,
+/// bitmaps, other cluster or virtual sizes, features its reader refuses).
+pub fn commit(q: &QemuImg, top: &Path, path: DataPath, ctl: &Control) -> Result<()> {
+    if path == DataPath::Native {
+        let prepared = match Commit::prepare(top) {
+            Ok(p) => p,
+            Err(e) if e.kind == crate::ErrorKind::InvalidInput => Err(e.to_string()),
+            Err(e) => return Err(e),
+        };
+        match prepared {
+            Ok(mut c) => {
+                let r = c.run(ctl)?;
+                log::debug!(
+                    "merged {} into {}: {} data clusters ({} in place), {} zero, {} new host clusters, {} syncs",
+                    top.display(),
+                    c.base_path().display(),
+                    r.data_clusters,
+                    r.in_place_clusters,
+                    r.zero_clusters,
+                    r.new_clusters,
+                    r.syncs
+                );
+                return c.empty_top();
+            }
+            Err(why) => log::info!("merging {} with qemu-img commit: {why}", top.display()),
+        }
+    }
+    q.commit(top, false, ctl)
 }

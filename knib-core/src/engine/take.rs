@@ -300,7 +300,7 @@ pub fn take_backup_with(
     // the next backup copies it again.
     if req.kind != BackupKind::Isolated {
         for (v, st) in req.volumes.iter().zip(&states) {
-            merge_after_backup(q, v, st, req.end_of_chain, &Control::new().with_deadline(ctl.deadline))
+            merge_after_backup(q, v, st, req.end_of_chain, req.data_path, &Control::new().with_deadline(ctl.deadline))
                 .map_err(|e| {
                     e.context(format!(
                         "the backup is stored, but merging volume {} afterwards failed (its writes stay in {} and the next backup copies them again)",
@@ -314,11 +314,18 @@ pub fn take_backup_with(
     Ok(TakeBackupAnswer { volumes: results })
 }
 
-fn merge_after_backup(q: &QemuImg, v: &VolumeBackup, st: &DiskState, end_of_chain: bool, ctl: &Control) -> Result<()> {
+fn merge_after_backup(
+    q: &QemuImg,
+    v: &VolumeBackup,
+    st: &DiskState,
+    end_of_chain: bool,
+    data_path: DataPath,
+    ctl: &Control,
+) -> Result<()> {
     let base = base_path(&v.disk);
     if st.on_knib_base {
         // B <- P: fold P's writes into B; P stays, emptied.
-        q.commit(&v.disk, false, ctl)?;
+        native::commit(q, &v.disk, data_path, ctl)?;
         if end_of_chain {
             fsio::commit_rename(&base, &v.disk)?;
         }

@@ -288,6 +288,23 @@ impl Qcow2Image {
         self.decode_l2_entry(index, entry)
     }
 
+    /// The L2 table offset (checked) of L1 entry `i`, 0 when that range of
+    /// guest clusters has no L2 table.
+    pub(crate) fn l2_table_offset(&self, i: usize) -> Result<u64> {
+        match self.l1.get(i) {
+            Some(&e) => self.check_l1_entry(i, e),
+            None => Err(self.corrupt(format!("no L1 entry {i}"))),
+        }
+    }
+
+    /// The open file (`None` for an in-memory image).
+    pub(crate) fn file(&self) -> Option<&File> {
+        match &self.storage {
+            Storage::File(f) => Some(f),
+            Storage::Memory(_) => None,
+        }
+    }
+
     /// The L2 table offset of L1 entry `i` (0: none), checked.
     fn check_l1_entry(&self, i: usize, e: u64) -> Result<u64> {
         if e & L1_RESERVED != 0 {

@@ -1,8 +1,9 @@
 //! Native qcow2: a reader (headers v2 and v3, cluster lookups, compressed
 //! clusters in zlib and zstd, refcounts, backing chains of qcow2 or raw
-//! files), a streaming writer of qcow2 version 3 images, and the one-pass
+//! files), a streaming writer of qcow2 version 3 images, the one-pass
 //! data path built on both ([`copy_image`]: delta copies, compression,
-//! flattening to qcow2 or raw).
+//! flattening to qcow2 or raw), and the in-place merge of an image into its
+//! backing file ([`Commit`]; its write order is documented there).
 //!
 //! Written from QEMU's format specification (docs/interop/qcow2.txt). Reads
 //! stream: one L1 table in memory (the entries covering the virtual size),
@@ -115,6 +116,7 @@
 
 mod chain;
 mod check;
+mod commit;
 mod copy;
 mod header;
 mod image;
@@ -128,6 +130,7 @@ pub use header::{
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 pub use check::RefcountCheck;
+pub use commit::{empty_image, Commit, CommitReport};
 pub use copy::{copy_image, CopyOptions, CopyReport, SourceMode, TargetFormat};
 pub use image::{ClusterState, Qcow2Image};
 pub use writer::{header_cluster, BackingRef, CountSink, FileSink, ImageSpec, Layout, Sink, WriteSummary, REFCOUNT_ORDER};

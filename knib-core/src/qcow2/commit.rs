@@ -1,0 +1,826 @@
+//! Merging a qcow2 image into its qcow2 backing file in place, then
+//! emptying it: what `qemu-img commit` does, natively, for knib's layout of
+//! a stopped disk (`B <- P`: the base `B` holds everything up to the last
+//! backup, `P` the writes since).
+//!
+//! [`Commit::prepare`] opens both files and decides, before anything is
+//! written, whether the native merge handles them; when it does not, it
+//! says why and the caller uses `qemu-img commit`. It handles a base that
+//! is qcow2 version 3 with 16-bit refcounts, no internal snapshots, no
+//! bitmaps (no auto-clear bit), neither dirty nor marked corrupt, the same
+//! cluster size and virtual size as the top, and a refcount table with room
+//! for every cluster the merge can add; and a top that is version 3 and
+//! clean. Both files are locked the way a QEMU writer locks images (OFD
+//! locks on bytes 100, 101 and 201), so a QEMU process that writes either
+//! (a running VM) makes the merge fail as busy, and none can open them for
+//! writing during it; readers that share writing (`qemu-img info -U`) can.
+//!
+//! # What is written to the base
+//!
+//! For every cluster the top holds (data, compressed or zero):
+//!
+//! - data over a base cluster that has its own host cluster (refcount 1,
+//!   the copied flag; a preallocated zero cluster too): written in place;
+//! - data over anything else (unallocated, zero, compressed, shared):
+//!   written to a new cluster at the end of the file;
+//! - zero: the zero flag, keeping the base's host cluster when it owns one
+//!   (as QEMU keeps preallocated zero clusters);
+//! - a compressed or shared base cluster that is replaced loses one
+//!   reference on each host cluster its data touches.
+//!
+//! New clusters (data, L2 tables, refcount blocks) are allocated at the end
+//! of the file, never in freed space; a refcount block is placed at the
+//! first cluster of the range it covers, so it counts itself.
+//!
+//! # Order of writes (crash safety)
+//!
+//! Work goes in batches of at most [`BATCH_TABLE_BYTES`] of L2 tables. For
+//! each batch:
+//!
+//! 1. data clusters, new L2 tables, the increased refcounts (and the
+//!    decreases of the previous batch); fdatasync;
+//! 2. refcount table entries of new refcount blocks, if any; fdatasync;
+//! 3. the changed entries of existing L2 tables and of the L1 table;
+//!    fdatasync.
+//!
+//! The last batch's decreases are written and synced at the end. So after a
+//! crash at any point no table points to a cluster whose refcount is not
+//! durable: the base may leak clusters (which `qemu-img check -r leaks`
+//! reclaims) but is never corrupt. The top is untouched until the base is
+//! durable, and reads through the top are the same at every point: the top
+//! overrides whatever part of its writes the base already holds.
+//!
+//! [`empty_image`] then replaces the top with an empty image of the same
+//! shape (same backing pointer, cluster size, compression type, owner and
+//! mode), written under a temporary name, fsynced and renamed over it.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::chain::{Chain, Layer};
+use super::image::{ClusterState, Qcow2Image};
+use super::writer::{BackingRef, ImageSpec, Layout};
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::progress::Control;
+
+/// Bits 9-55 of an L1 or standard L2 entry.
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry: 0-8 and 56-62.
+const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard L2 entry: 1-8 and 56-61.
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+const COMPRESSED: u64 = 1 << 62;
+const COPIED: u64 = 1 << 63;
+const ZERO: u64 = 1;
+/// Bits 9-63 of a refcount table entry.
+const RT_OFFSET_MASK: u64 = !0x1ff;
+/// The L2 tables one batch holds in memory at most.
+pub const BATCH_TABLE_BYTES: usize = 16 << 20;
+/// The largest refcount table the merge keeps in memory.
+const MAX_REFCOUNT_TABLE_BYTES: u64 = 32 << 20;
+
+/// What a merge did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Data clusters written into the base (in place or new).
+    pub data_clusters: u64,
+    /// Of those, written in place over the base's own clusters.
+    pub in_place_clusters: u64,
+    /// Clusters set to read as zeros.
+    pub zero_clusters: u64,
+    /// Host clusters added to the base file (data, L2 tables, refcount blocks).
+    pub new_clusters: u64,
+    /// Guest bytes copied.
+    pub bytes: u64,
+    /// fdatasync calls made.
+    pub syncs: u32,
+}
+
+/// A merge of a top image into its base, checked and ready to run.
+pub struct Commit {
+    top: Qcow2Image,
+    top_path: PathBuf,
+    base: Base,
+    /// The top, open with QEMU's locks held until the merge is done.
+    _top_lock: File,
+    batch_bytes: usize,
+}
+
+impl std::fmt::Debug for Commit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commit").field("top", &self.top_path).field("base", &self.base.path).finish_non_exhaustive()
+    }
+}
+
+/// QEMU's image locking (byte-range OFD locks): a process holding a
+/// permission on an image read-locks byte 100 + bit; one that does not
+/// let others have it read-locks byte 200 + bit. Bit 0: consistent read,
+/// bit 1: write.
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+const PERM_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+
+fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_int, byte: i64) -> std::io::Result<libc::flock> {
+    // SAFETY: a zeroed flock is a valid value for every field.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: fcntl on a descriptor we own with a valid flock.
+    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } == 0 {
+        Ok(fl)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Lock `file` the way a QEMU writer does (read and write it, share
+/// reading, not writing), or fail as busy when another process writes it
+/// or does not let others write (a running QEMU, `qemu-img commit`, ...).
+/// Readers that share writing (`qemu-img info -U`) are not disturbed;
+/// writers cannot open the image while `file` stays open.
+fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
+    let busy = || {
+        KnibError::new(
+            ErrorKind::Busy,
+            format!("{} is in use by another process (a running QEMU?): it cannot be merged now", path.display()),
+        )
+    };
+    for byte in [LOCK_PERM_BASE + PERM_READ, LOCK_PERM_BASE + PERM_WRITE, LOCK_SHARED_BASE + PERM_WRITE] {
+        match ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK, byte) {
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => return Err(busy()),
+            Err(e) => return Err(KnibError::io("cannot lock", path, e)),
+        }
+    }
+    // Another writer holds byte 101, a process refusing to share writing
+    // byte 201 (our own read locks do not conflict with this test).
+    for byte in [LOCK_PERM_BASE + PERM_WRITE, LOCK_SHARED_BASE + PERM_WRITE] {
+        let fl = ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK, byte)
+            .map_err(|e| KnibError::io("cannot test the locks of", path, e))?;
+        if fl.l_type != libc::F_UNLCK as libc::c_short {
+            return Err(busy());
+        }
+    }
+    Ok(())
+}
+
+impl Commit {
+    /// Open `top` and its backing file and check that the native merge
+    /// handles them. `Ok(Err(reason))` when it does not (nothing was
+    /// written; `qemu-img commit` can do it). Errors: the files cannot be
+    /// opened or read, are corrupt, or are in use ([`ErrorKind::Busy`]).
+    pub fn prepare(top: &Path) -> Result<std::result::Result<Commit, String>> {
+        let chain = Chain::open(top)?;
+        let (top_img, layers) = chain.into_parts();
+        let base_path = match layers.first() {
+            None => return Err(KnibError::invalid(format!("{} has no backing file to merge into", top.display()))),
+            Some(Layer::Raw(_)) => return Ok(Err("its backing file is raw".into())),
+            Some(Layer::Qcow2(b)) => match b.path() {
+                Some(p) => p.to_path_buf(),
+                None => return Err(KnibError::internal("backing image without a path")),
+            },
+        };
+        drop(layers);
+        let th = top_img.header();
+        if th.version < 3 {
+            return Ok(Err(format!("{} is qcow2 version 2", top.display())));
+        }
+        if th.is_dirty() {
+            return Ok(Err(format!("{} is marked dirty", top.display())));
+        }
+        let top_file =
+            OpenOptions::new().read(true).write(true).open(top).map_err(|e| KnibError::io("cannot open", top, e))?;
+        lock_like_qemu(&top_file, top)?;
+        let base_file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&base_path)
+            .map_err(|e| KnibError::io("cannot open", &base_path, e))?;
+        lock_like_qemu(&base_file, &base_path)?;
+        // Read the base again under the lock.
+        let base_img = Qcow2Image::open(&base_path)?;
+        let bh = base_img.header().clone();
+        let why = if bh.version < 3 {
+            Some("is qcow2 version 2")
+        } else if bh.refcount_order != 4 {
+            Some("does not use 16-bit refcounts")
+        } else if bh.nb_snapshots != 0 {
+            Some("has internal snapshots")
+        } else if bh.autoclear_features != 0 {
+            Some("has bitmaps or other auto-clear features")
+        } else if bh.is_dirty() {
+            Some("is marked dirty")
+        } else if bh.is_marked_corrupt() {
+            Some("is marked corrupt")
+        } else if bh.cluster_bits != th.cluster_bits {
+            Some("has another cluster size than the image merged into it")
+        } else if bh.size != th.size {
+            Some("has another virtual size than the image merged into it")
+        } else if u64::from(bh.refcount_table_clusters) << bh.cluster_bits > MAX_REFCOUNT_TABLE_BYTES {
+            Some("has a refcount table over 32 MiB")
+        } else {
+            None
+        };
+        if let Some(w) = why {
+            return Ok(Err(format!("{} {w}", base_path.display())));
+        }
+        let base = Base::open(base_file, base_path, &base_img)?;
+        drop(base_img);
+        // Room in the refcount table for the worst case: every top cluster
+        // and L2 table needing a new cluster, and the blocks counting them.
+        let mut top_img = top_img;
+        let worst = worst_case_new_clusters(&mut top_img)?;
+        let last = base.next_free + worst + worst / base.per_block + 2;
+        if last / base.per_block >= base.rt.len() as u64 {
+            return Ok(Err(format!(
+                "{}: its refcount table is too small for the clusters the merge may add",
+                base.path.display()
+            )));
+        }
+        Ok(Ok(Commit {
+            top: top_img,
+            top_path: top.to_path_buf(),
+            base,
+            _top_lock: top_file,
+            batch_bytes: BATCH_TABLE_BYTES,
+        }))
+    }
+
+    /// The base file the top is merged into.
+    pub fn base_path(&self) -> &Path {
+        &self.base.path
+    }
+
+    /// Make batches of at most `bytes` of L2 tables (at least one table):
+    /// smaller batches sync more often. For tests of stops between batches.
+    pub fn with_batch_bytes(mut self, bytes: usize) -> Self {
+        self.batch_bytes = bytes;
+        self
+    }
+
+    /// Once [`Commit::run`] succeeded: replace the top with an empty image
+    /// of the same shape ([`empty_image`]), the locks still held.
+    pub fn empty_top(&self) -> Result<()> {
+        empty_image(&self.top_path, self.top.header())
+    }
+
+    /// Merge the top's clusters into the base (see the module
+    /// documentation). The top is not changed. `ctl` is checked between
+    /// batches, where stopping leaves the base consistent.
+    pub fn run(&mut self, ctl: &Control) -> Result<CommitReport> {
+        let step = format!("merge of {} into {}", self.top_path.display(), self.base.path.display());
+        let l2n = self.top.header().l2_entries();
+        let total = self.top.guest_clusters();
+        let cs = self.base.cs;
+        let top_fd = match self.top.file() {
+            Some(f) => f.as_raw_fd(),
+            None => return Err(KnibError::internal("top image without a file")),
+        };
+        let mut report = CommitReport::default();
+        let mut batch: Vec<TableEdit> = Vec::new();
+        let mut run = CopyRun::default();
+        for r in 0..l2_ranges(&self.top) {
+            if self.top.l2_table_offset(r)? == 0 {
+                continue;
+            }
+            let first = r as u64 * l2n;
+            let mut table: Option<TableEdit> = None;
+            for i in first..(first + l2n).min(total) {
+                let st = self.top.cluster_state(i)?;
+                if st == ClusterState::Unallocated {
+                    continue;
+                }
+                if table.is_none() {
+                    table = Some(self.base.load_table(r, &mut report)?);
+                }
+                let Some(t) = table.as_mut() else { continue };
+                let j = (i - first) as usize;
+                let old = self.base.classify(i, t.entries[j])?;
+                if st == ClusterState::Zero {
+                    report.zero_clusters += 1;
+                    t.entries[j] = match old {
+                        BaseEntry::Owned(off) => off | COPIED | ZERO,
+                        BaseEntry::Empty => ZERO,
+                        BaseEntry::Release { offset, len } => {
+                            self.base.freed.push((offset, len));
+                            ZERO
+                        }
+                    };
+                    continue;
+                }
+                let dest = match old {
+                    BaseEntry::Owned(off) => {
+                        report.in_place_clusters += 1;
+                        off
+                    }
+                    BaseEntry::Empty => self.base.alloc(&mut report)?,
+                    BaseEntry::Release { offset, len } => {
+                        self.base.freed.push((offset, len));
+                        self.base.alloc(&mut report)?
+                    }
+                };
+                t.entries[j] = dest | COPIED;
+                report.data_clusters += 1;
+                report.bytes += cs;
+                match st {
+                    ClusterState::Data { host_offset } if !run.extend(host_offset, dest, cs) => {
+                        run.flush(top_fd, &self.base.file, &self.base.path)?;
+                        run = CopyRun { src: host_offset, dst: dest, len: cs };
+                    }
+                    ClusterState::Compressed { host_offset, compressed_len } => {
+                        let data = self.top.read_compressed(i, host_offset, compressed_len)?;
+                        self.base
+                            .file
+                            .write_all_at(data, dest)
+                            .map_err(|e| KnibError::io("cannot write", &self.base.path, e))?;
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(t) = table {
+                batch.push(t);
+            }
+            if batch.len() * cs as usize >= self.batch_bytes {
+                run.flush(top_fd, &self.base.file, &self.base.path)?;
+                run = CopyRun::default();
+                self.base.flush(&mut batch, &mut report)?;
+                if let Err(e) = ctl.check(&step) {
+                    self.base.release_freed(&mut report)?;
+                    return Err(e);
+                }
+            }
+        }
+        run.flush(top_fd, &self.base.file, &self.base.path)?;
+        if !batch.is_empty() {
+            self.base.flush(&mut batch, &mut report)?;
+        }
+        self.base.release_freed(&mut report)?;
+        Ok(report)
+    }
+}
+
+/// A run of clusters copied from the top file to the base file.
+#[derive(Debug, Default)]
+struct CopyRun {
+    src: u64,
+    dst: u64,
+    len: u64,
+}
+
+impl CopyRun {
+    fn extend(&mut self, src: u64, dst: u64, len: u64) -> bool {
+        if self.len > 0 && src == self.src + self.len && dst == self.dst + self.len {
+            self.len += len;
+            return true;
+        }
+        false
+    }
+
+    /// Copy the run in the kernel (`copy_file_range`), or through a buffer
+    /// where the file systems cannot. A source that ends early gives zeros.
+    fn flush(&self, src_fd: i32, dst: &File, dst_path: &Path) -> Result<()> {
+        let (mut done, mut kernel) = (0u64, true);
+        let mut buf = Vec::new();
+        while done < self.len {
+            let left = self.len - done;
+            if kernel {
+                let mut off_in = (self.src + done) as libc::loff_t;
+                let mut off_out = (self.dst + done) as libc::loff_t;
+                // SAFETY: both descriptors are open; the offsets are ours.
+                let n = unsafe {
+                    libc::copy_file_range(src_fd, &mut off_in, dst.as_raw_fd(), &mut off_out, left as usize, 0)
+                };
+                if n > 0 {
+                    done += n as u64;
+                    continue;
+                }
+                if n == 0 {
+                    break; // the source ends: the rest reads as zeros
+                }
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::ENOSYS) | Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                        kernel = false;
+                        continue;
+                    }
+                    _ => return Err(KnibError::io("cannot copy into", dst_path, e)),
+                }
+            }
+            buf.resize(left.min(1 << 20) as usize, 0);
+            // SAFETY: reading into our own buffer from an open descriptor.
+            let n =
+                unsafe { libc::pread(src_fd, buf.as_mut_ptr().cast(), buf.len(), (self.src + done) as libc::off_t) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(KnibError::io("cannot read the image merged into", dst_path, e));
+            }
+            if n == 0 {
+                break;
+            }
+            dst.write_all_at(&buf[..n as usize], self.dst + done)
+                .map_err(|e| KnibError::io("cannot write", dst_path, e))?;
+            done += n as u64;
+        }
+        if done < self.len {
+            let zeros = vec![0u8; (self.len - done).min(1 << 20) as usize];
+            while done < self.len {
+                let k = (self.len - done).min(zeros.len() as u64) as usize;
+                dst.write_all_at(&zeros[..k], self.dst + done)
+                    .map_err(|e| KnibError::io("cannot write", dst_path, e))?;
+                done += k as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An L2 table of the base being changed.
+#[derive(Debug)]
+struct TableEdit {
+    l1_index: usize,
+    offset: u64,
+    entries: Vec<u64>,
+    /// Allocated by this merge (written before the L1 entry points to it).
+    is_new: bool,
+}
+
+/// What the base held for one guest cluster.
+#[derive(Debug, Clone, Copy)]
+enum BaseEntry {
+    /// No host cluster (unallocated, or zero without one).
+    Empty,
+    /// Its own host cluster (refcount 1), maybe a preallocated zero cluster.
+    Owned(u64),
+    /// Host data that loses this reference when replaced: compressed data,
+    /// or a cluster without the copied flag.
+    Release { offset: u64, len: u64 },
+}
+
+/// The base file, open for writing.
+struct Base {
+    file: File,
+    path: PathBuf,
+    cs: u64,
+    bits: u32,
+    file_len: u64,
+    l1_offset: u64,
+    l1: Vec<u64>,
+    rt_offset: u64,
+    rt: Vec<u64>,
+    /// Refcount table entries set by this merge, to write.
+    rt_dirty: Vec<usize>,
+    /// Refcount entries per block (16-bit refcounts).
+    per_block: u64,
+    /// Loaded refcount blocks by refcount table index: (bytes, changed).
+    blocks: HashMap<usize, (Vec<u8>, bool)>,
+    /// The next host cluster to allocate.
+    next_free: u64,
+    /// References dropped by the current batch's table changes.
+    freed: Vec<(u64, u64)>,
+    /// ... and by the previous batch's (now durable) ones.
+    freed_durable: Vec<(u64, u64)>,
+}
+
+/// The number of L2 ranges (L1 entries) covering an image's virtual size.
+fn l2_ranges(img: &Qcow2Image) -> usize {
+    img.guest_clusters().div_ceil(img.header().l2_entries()) as usize
+}
+
+/// At most how many host clusters merging `top` adds to its base: one per
+/// data or compressed cluster and one per L2 table.
+fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
+    let l2n = top.header().l2_entries();
+    let total = top.guest_clusters();
+    let mut n = 0;
+    for r in 0..l2_ranges(top) {
+        if top.l2_table_offset(r)? == 0 {
+            continue;
+        }
+        n += 1;
+        let first = r as u64 * l2n;
+        for i in first..(first + l2n).min(total) {
+            if matches!(top.cluster_state(i)?, ClusterState::Data { .. } | ClusterState::Compressed { .. }) {
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn be64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+}
+
+impl Base {
+    /// The base open for writing, its header read by `img` (the same file).
+    fn open(file: File, path: PathBuf, img: &Qcow2Image) -> Result<Base> {
+        let h = img.header();
+        let cs = h.cluster_size();
+        let io = |what: &str, e: std::io::Error| KnibError::io(what, &path, e);
+        let file_len = super::image::file_size(&file).map_err(|e| io("cannot size", e))?;
+        let l1_len = l2_ranges(img);
+        let mut raw = vec![0u8; l1_len * 8];
+        file.read_exact_at(&mut raw, h.l1_table_offset).map_err(|e| io("cannot read the L1 table of", e))?;
+        let l1 = (0..l1_len).map(|i| be64_at(&raw, i)).collect();
+        let rt_len = (u64::from(h.refcount_table_clusters) * cs / 8) as usize;
+        let mut raw = vec![0u8; rt_len * 8];
+        file.read_exact_at(&mut raw, h.refcount_table_offset)
+            .map_err(|e| io("cannot read the refcount table of", e))?;
+        let rt: Vec<u64> = (0..rt_len).map(|i| be64_at(&raw, i)).collect();
+        let per_block = cs * 8 / 16;
+        let mut base = Base {
+            file,
+            path,
+            cs,
+            bits: h.cluster_bits,
+            file_len,
+            l1_offset: h.l1_table_offset,
+            l1,
+            rt_offset: h.refcount_table_offset,
+            rt,
+            rt_dirty: Vec::new(),
+            per_block,
+            blocks: HashMap::new(),
+            next_free: file_len.div_ceil(cs),
+            freed: Vec::new(),
+            freed_durable: Vec::new(),
+        };
+        // Clusters past the end of the file may still be counted (QEMU
+        // allocates before it writes): allocate after the last one counted.
+        let from = (base.next_free / per_block) as usize;
+        for rti in from..base.rt.len() {
+            if base.rt[rti] & RT_OFFSET_MASK == 0 {
+                continue;
+            }
+            let last_used = {
+                let block = base.block(rti)?;
+                (0..per_block as usize).rev().find(|&k| block[2 * k] != 0 || block[2 * k + 1] != 0)
+            };
+            if let Some(k) = last_used {
+                base.next_free = base.next_free.max(rti as u64 * per_block + k as u64 + 1);
+            }
+        }
+        base.blocks.clear();
+        Ok(base)
+    }
+
+    fn corrupt(&self, what: impl std::fmt::Display) -> KnibError {
+        KnibError::corrupt(format!("qcow2 image {}: {what}", self.path.display()))
+    }
+
+    fn io(&self, what: &str, e: std::io::Error) -> KnibError {
+        KnibError::io(what, &self.path, e)
+    }
+
+    /// Refcount block `rti` (loaded, or zeros for a new one).
+    fn block(&mut self, rti: usize) -> Result<&mut Vec<u8>> {
+        if !self.blocks.contains_key(&rti) {
+            let off = self.rt.get(rti).copied().unwrap_or(0) & RT_OFFSET_MASK;
+            let mut b = vec![0u8; self.cs as usize];
+            if off != 0 {
+                if !off.is_multiple_of(self.cs)
+                    || off.saturating_add(self.cs) > self.file_len.max(self.next_free * self.cs)
+                {
+                    return Err(self
+                        .corrupt(format!("refcount block {rti} at {off} is misaligned or past the end of the file")));
+                }
+                self.file.read_exact_at(&mut b, off).map_err(|e| self.io("cannot read a refcount block of", e))?;
+            }
+            self.blocks.insert(rti, (b, false));
+        }
+        match self.blocks.get_mut(&rti) {
+            Some((b, dirty)) => {
+                *dirty = true;
+                Ok(b)
+            }
+            None => Err(KnibError::internal("refcount block cache")),
+        }
+    }
+
+    /// Add `delta` (+1 or -1) to the refcount of host cluster `c`.
+    fn add_ref(&mut self, c: u64, delta: i64) -> Result<()> {
+        let rti = (c / self.per_block) as usize;
+        let k = (c % self.per_block) as usize;
+        if rti >= self.rt.len() || self.rt[rti] & RT_OFFSET_MASK == 0 {
+            return Err(self.corrupt(format!("host cluster {c} has no refcount block")));
+        }
+        let block = self.block(rti)?;
+        let old = i64::from(u16::from_be_bytes([block[2 * k], block[2 * k + 1]]));
+        let new = old + delta;
+        if !(0..=i64::from(u16::MAX)).contains(&new) {
+            return Err(self.corrupt(format!("refcount of host cluster {c} would go from {old} to {new}")));
+        }
+        block[2 * k..2 * k + 2].copy_from_slice(&(new as u16).to_be_bytes());
+        Ok(())
+    }
+
+    /// A new host cluster at the end of the file, its refcount set to 1
+    /// (placing a refcount block first when its range has none).
+    fn alloc(&mut self, report: &mut CommitReport) -> Result<u64> {
+        loop {
+            let c = self.next_free;
+            let rti = (c / self.per_block) as usize;
+            if rti >= self.rt.len() {
+                return Err(KnibError::internal(format!(
+                    "{}: the refcount table is full (checked before the merge)",
+                    self.path.display()
+                )));
+            }
+            self.next_free += 1;
+            report.new_clusters += 1;
+            if self.rt[rti] & RT_OFFSET_MASK == 0 {
+                // A refcount block for this range, counting itself.
+                self.blocks.insert(rti, (vec![0u8; self.cs as usize], true));
+                self.rt[rti] = c * self.cs;
+                self.rt_dirty.push(rti);
+                self.add_ref(c, 1)?;
+                continue;
+            }
+            self.add_ref(c, 1)?;
+            return Ok(c * self.cs);
+        }
+    }
+
+    /// The L2 table of range `r`, loaded, or a new one.
+    fn load_table(&mut self, r: usize, report: &mut CommitReport) -> Result<TableEdit> {
+        let e = self.l1.get(r).copied().ok_or_else(|| self.corrupt(format!("no L1 entry {r}")))?;
+        if e & L1_RESERVED != 0 {
+            return Err(self.corrupt(format!("L1 entry {r} ({e:#018x}) has reserved bits set")));
+        }
+        let off = e & OFFSET_MASK;
+        let n = (self.cs / 8) as usize;
+        if off == 0 {
+            let offset = self.alloc(report)?;
+            return Ok(TableEdit { l1_index: r, offset, entries: vec![0; n], is_new: true });
+        }
+        if !off.is_multiple_of(self.cs) || off < self.cs || off.saturating_add(self.cs) > self.file_len {
+            return Err(self.corrupt(format!("L1 entry {r}: L2 table at {off} is misaligned or outside the file")));
+        }
+        if e & COPIED == 0 {
+            return Err(self.corrupt(format!("L1 entry {r}: the L2 table at {off} lacks the copied flag")));
+        }
+        let mut raw = vec![0u8; self.cs as usize];
+        self.file.read_exact_at(&mut raw, off).map_err(|e| self.io("cannot read an L2 table of", e))?;
+        Ok(TableEdit { l1_index: r, offset: off, entries: (0..n).map(|i| be64_at(&raw, i)).collect(), is_new: false })
+    }
+
+    /// What base L2 entry `e` of guest cluster `index` holds.
+    fn classify(&self, index: u64, e: u64) -> Result<BaseEntry> {
+        let cs = self.cs;
+        if e & COMPRESSED != 0 {
+            let x = 62 - (self.bits - 8);
+            let offset = e & ((1u64 << x) - 1);
+            let extra = (e >> x) & ((1u64 << (62 - x)) - 1);
+            let end = (offset & !511) + (extra + 1) * 512;
+            if offset < cs || offset >= self.file_len {
+                return Err(self.corrupt(format!(
+                    "L2 entry for guest cluster {index}: compressed data at {offset} is outside the file"
+                )));
+            }
+            return Ok(BaseEntry::Release { offset, len: end - offset });
+        }
+        if e & L2_RESERVED != 0 {
+            return Err(self.corrupt(format!("L2 entry for guest cluster {index} ({e:#018x}) has reserved bits set")));
+        }
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(BaseEntry::Empty);
+        }
+        if !off.is_multiple_of(cs) || off < cs || off >= self.file_len {
+            return Err(self.corrupt(format!(
+                "L2 entry for guest cluster {index}: data cluster at {off} is misaligned or outside the file"
+            )));
+        }
+        if e & COPIED != 0 {
+            Ok(BaseEntry::Owned(off))
+        } else {
+            Ok(BaseEntry::Release { offset: off, len: cs })
+        }
+    }
+
+    fn sync(&self, report: &mut CommitReport) -> Result<()> {
+        report.syncs += 1;
+        self.file.sync_data().map_err(|e| self.io("cannot fsync", e))
+    }
+
+    /// Drop the references in `ranges`, one per host cluster each touches.
+    fn drop_refs(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
+        for &(offset, len) in ranges {
+            for c in offset / self.cs..=(offset + len - 1) / self.cs {
+                self.add_ref(c, -1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the changed refcount blocks and forget them.
+    fn write_blocks(&mut self) -> Result<()> {
+        let mut blocks: Vec<_> = self.blocks.drain().filter(|(_, (_, dirty))| *dirty).collect();
+        blocks.sort_by_key(|(rti, _)| *rti);
+        for (rti, (b, _)) in blocks {
+            let off = self.rt[rti] & RT_OFFSET_MASK;
+            self.file.write_all_at(&b, off).map_err(|e| self.io("cannot write a refcount block of", e))?;
+        }
+        Ok(())
+    }
+
+    /// Make one batch of table changes durable, in the order of the module
+    /// documentation.
+    fn flush(&mut self, batch: &mut Vec<TableEdit>, report: &mut CommitReport) -> Result<()> {
+        let raw = |t: &TableEdit| t.entries.iter().flat_map(|e| e.to_be_bytes()).collect::<Vec<u8>>();
+        // 1. New tables, refcounts (and the previous batch's releases).
+        for t in batch.iter().filter(|t| t.is_new) {
+            self.file.write_all_at(&raw(t), t.offset).map_err(|e| self.io("cannot write an L2 table of", e))?;
+        }
+        let released = std::mem::take(&mut self.freed_durable);
+        self.drop_refs(&released)?;
+        self.write_blocks()?;
+        self.sync(report)?;
+        // 2. The refcount table entries of new blocks.
+        if !self.rt_dirty.is_empty() {
+            for rti in std::mem::take(&mut self.rt_dirty) {
+                self.file
+                    .write_all_at(&self.rt[rti].to_be_bytes(), self.rt_offset + rti as u64 * 8)
+                    .map_err(|e| self.io("cannot write the refcount table of", e))?;
+            }
+            self.sync(report)?;
+        }
+        // 3. Existing tables and the L1 entries of new ones.
+        for t in batch.drain(..) {
+            if t.is_new {
+                self.l1[t.l1_index] = t.offset | COPIED;
+                self.file
+                    .write_all_at(&self.l1[t.l1_index].to_be_bytes(), self.l1_offset + t.l1_index as u64 * 8)
+                    .map_err(|e| self.io("cannot write the L1 table of", e))?;
+            } else {
+                self.file.write_all_at(&raw(&t), t.offset).map_err(|e| self.io("cannot write an L2 table of", e))?;
+            }
+        }
+        self.sync(report)?;
+        self.freed_durable = std::mem::take(&mut self.freed);
+        Ok(())
+    }
+
+    /// Drop the references the last batch released, once its tables are durable.
+    fn release_freed(&mut self, report: &mut CommitReport) -> Result<()> {
+        let released = std::mem::take(&mut self.freed_durable);
+        if released.is_empty() {
+            return Ok(());
+        }
+        self.drop_refs(&released)?;
+        self.write_blocks()?;
+        self.sync(report)
+    }
+}
+
+/// Replace the qcow2 image at `path` (whose header is `header`) with an
+/// empty one of the same shape: virtual size, cluster size, compression
+/// type, backing pointer and backing format, owner and mode. Written under
+/// a temporary name in the same directory, fsynced, renamed over `path`,
+/// and the directory fsynced.
+pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
+    let spec = ImageSpec {
+        virtual_size: header.size,
+        cluster_bits: header.cluster_bits,
+        backing: header
+            .backing_file
+            .clone()
+            .map(|name| BackingRef { name, format: header.backing_format.clone().unwrap_or_else(|| "qcow2".into()) }),
+        compression: header.compression_type,
+    };
+    let (head, mut body, _) = Layout::new(spec, Vec::new(), None)?.finish()?;
+    body[..head.len()].copy_from_slice(&head);
+    let meta = std::fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;
+    let tmp = crate::fsio::temp_path(path);
+    let result = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| KnibError::io("cannot create", &tmp, e))?;
+        f.write_all_at(&body, 0).map_err(|e| KnibError::io("cannot write", &tmp, e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(|e| KnibError::io("cannot set the mode of", &tmp, e))?;
+        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| KnibError::io("cannot set the owner of", &tmp, e))?;
+        f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
+        crate::fsio::sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
