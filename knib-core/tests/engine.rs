@@ -211,3 +211,61 @@ fn a_one_pass_compressed_backup_is_compressed_and_restores() {
         }
     }
 }
+
+#[test]
+fn a_backup_that_is_not_published_leaves_the_delta_full_and_the_disk_unchanged() {
+    // The delta is merged into the base while it is copied; when the backup
+    // then fails (here: publishing it), the delta must stay as it was, so
+    // the next backup copies every write again.
+    let d = tempfile::tempdir().unwrap();
+    two_backups(d.path(), engine::DataPath::Native);
+    let disk = d.path().join("disk.qcow2");
+    let base = engine::take::base_path(&disk);
+    qemu_io(&disk, "write -P 0x21 3M 2M");
+    qemu_io(&disk, "write -z 22M 64k");
+    let now = d.path().join("now.qcow2");
+    snapshot(&disk, &now);
+    let ctl = Control::new();
+    let req = |name: &str| engine::TakeBackupRequest {
+        volumes: vec![engine::VolumeBackup {
+            name: "v".into(),
+            disk: disk.clone(),
+            dest: d.path().join("store").join(name),
+            parent: Some("b1.qcow2".into()),
+        }],
+        kind: engine::BackupKind::Incremental,
+        end_of_chain: false,
+        data_path: engine::DataPath::Native,
+        compress: None,
+    };
+    let delta_before = std::fs::read(&disk).unwrap();
+    let e = engine::take::take_backup_with(&QemuImg::new(), &req("b2.qcow2"), &ctl, &mut |_| {
+        Err(knib_core::KnibError::new(knib_core::ErrorKind::Io, "manifest cannot be written"))
+    })
+    .unwrap_err();
+    assert!(e.message.contains("manifest cannot be written"), "{e}");
+    assert_eq!(e.vm_consistent, Some(true));
+    assert!(!d.path().join("store").join("b2.qcow2").exists());
+    // The delta is untouched; the base holds its writes already (merged
+    // during the copy), which changes nothing the disk reads.
+    assert_eq!(std::fs::read(&disk).unwrap(), delta_before);
+    assert_check_clean(&base);
+    assert_identical(&base, &now);
+    assert_identical(&disk, &now);
+    // The next backup holds the writes, and the merge then empties the delta.
+    let a = engine::take_backup(&QemuImg::new(), &req("b2.qcow2"), &ctl).unwrap();
+    let b2 = &a.volumes[0].dest;
+    let restored = d.path().join("restored.raw");
+    let rq = engine::RestoreRequest {
+        backup_file: b2.clone(),
+        dest: restored.clone(),
+        format: knib_core::qemu_img::ImageFormat::Raw,
+        overwrite: false,
+        data_path: engine::DataPath::Native,
+    };
+    engine::restore(&QemuImg::new(), &rq, &ctl).unwrap();
+    assert_identical(&restored, &now);
+    assert_identical(&disk, &now);
+    assert_check_clean(&base);
+    assert!(std::fs::metadata(&disk).unwrap().len() < 1 << 20);
+}

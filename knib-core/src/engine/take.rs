@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::error::{KnibError, Result};
 use crate::fsio;
-use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::progress::Control;
-use crate::qcow2::{SourceMode, TargetFormat};
-use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, ImageInfo, QemuImg};
+use crate::qcow2::{Commit, SourceMode, TargetFormat};
+use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
 
 /// What kind of backup to take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,28 +132,57 @@ pub fn repair_volume(disk: &Path) -> Result<bool> {
 }
 
 /// How a disk looks on primary storage.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskState {
-    /// `qemu-img info --backing-chain`, top first.
-    pub chain: Vec<ImageInfo>,
+    /// The disk's guest-visible size.
+    pub virtual_size: u64,
+    /// Whether the disk's file is qcow2 version 2 (compat 0.10).
+    pub qcow2_v2: bool,
     /// Whether the disk runs on its knib base (`B <- P`).
     pub on_knib_base: bool,
 }
 
 /// Inspect a disk: it must exist, be qcow2, and be neither encrypted nor
-/// using an external data file.
+/// using an external data file; its backing chain must open. Read by the
+/// native qcow2 reader; what it refuses (a raw file, encryption, an
+/// external data file, a corrupt table) is asked of `qemu-img info
+/// --backing-chain`, whose answer names the problem or shows that QEMU
+/// reads the disk.
 pub fn inspect_disk(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) -> Result<DiskState> {
     if !disk.exists() {
         return Err(KnibError::not_found(format!("disk {name}: {} does not exist", disk.display())));
     }
+    let backing = match crate::qcow2::Chain::open(disk) {
+        Ok(chain) => {
+            let h = chain.top().header();
+            Ok((h.size, h.version == 2, h.backing_file.clone()))
+        }
+        Err(e) if matches!(e.kind, crate::ErrorKind::InvalidInput | crate::ErrorKind::Corrupt) => Err(e),
+        Err(e) => return Err(e.context(format!("disk {name}"))),
+    };
+    let (virtual_size, qcow2_v2, backing_file) = match backing {
+        Ok(found) => found,
+        Err(native) => {
+            log::debug!("disk {name}: asking qemu-img, the native reader refused it: {native}");
+            inspect_with_qemu_img(q, name, disk, ctl)?
+        }
+    };
+    let base = base_path(disk);
+    let base_name = base.file_name().map(|n| n.to_string_lossy().into_owned());
+    let on_knib_base = backing_file
+        .as_deref()
+        .map(|b| Path::new(b).file_name().map(|n| n.to_string_lossy().into_owned()) == base_name)
+        .unwrap_or(false);
+    Ok(DiskState { virtual_size, qcow2_v2, on_knib_base })
+}
+
+/// [`inspect_disk`] through `qemu-img info --backing-chain`: (virtual size,
+/// version 2, backing file name).
+fn inspect_with_qemu_img(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) -> Result<(u64, bool, Option<String>)> {
     let chain = q.info_chain(disk, ctl).map_err(|e| e.context(format!("disk {name}")))?;
     let top = chain.first().ok_or_else(|| KnibError::internal("qemu-img info gave an empty chain"))?;
     if top.format != "qcow2" {
-        return Err(KnibError::invalid(format!(
-            "disk {name}: {} is {}, not qcow2",
-            disk.display(),
-            top.format
-        )));
+        return Err(KnibError::invalid(format!("disk {name}: {} is {}, not qcow2", disk.display(), top.format)));
     }
     if top.encrypted == Some(true) {
         return Err(KnibError::invalid(format!("disk {name}: {} is encrypted", disk.display())));
@@ -161,14 +190,7 @@ pub fn inspect_disk(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) -> Resu
     if top.format_specific.as_ref().and_then(|f| f.data.data_file.as_ref()).is_some() {
         return Err(KnibError::invalid(format!("disk {name}: {} uses an external data file", disk.display())));
     }
-    let base = base_path(disk);
-    let base_name = base.file_name().map(|n| n.to_string_lossy().into_owned());
-    let on_knib_base = top
-        .backing_filename
-        .as_deref()
-        .map(|b| Path::new(b).file_name().map(|n| n.to_string_lossy().into_owned()) == base_name)
-        .unwrap_or(false);
-    Ok(DiskState { chain, on_knib_base })
+    Ok((top.virtual_size, top.is_qcow2_v2(), top.backing_filename.clone()))
 }
 
 /// Take a backup of plain disk files. All volumes are copied first; if any
@@ -216,74 +238,30 @@ pub fn take_backup_with(
         states.push(st);
     }
 
-    // 1. Copy every volume to a temporary name on the store.
+    // 1. Copy every volume to a temporary name on the store. On the native
+    // data path, a disk on its knib base has its delta merged into the base
+    // meanwhile, on another thread (the delta is emptied only once the
+    // backup is published; until then it overrides the base, so reads of the
+    // disk are the same whether the merge is done, half done or failed).
+    let premerge = req.kind != BackupKind::Isolated
+        && req.data_path == DataPath::Native
+        && states.iter().any(|st| st.on_knib_base);
     let mut written: Vec<PathBuf> = Vec::new();
-    let mut hashes: Vec<(Option<String>, Option<CompressionLibrary>, Option<u64>)> = Vec::new();
-    let copy = (|| -> Result<Vec<VolumeResult>> {
-        for (v, st) in req.volumes.iter().zip(&states) {
-            let dir = v.dest.parent().unwrap_or(Path::new("."));
-            let tmp = fsio::temp_path(&v.dest);
-            written.push(tmp.clone());
-            let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
-            let v2 = st.chain[0].is_qcow2_v2();
-            if req.data_path == DataPath::Native && !v2 {
-                let what = format!("backup of volume {}", v.name);
-                let mode = if backing.is_some() { SourceMode::Top } else { SourceMode::Chain };
-                let c = NativeCopy {
-                    source: &v.disk,
-                    dest: &tmp,
-                    mode,
-                    format: TargetFormat::Qcow2,
-                    backing,
-                    compress: req.compress,
-                    hash: true,
-                    threads: 0,
-                    rate_limit_mbps: 0,
-                    what: &what,
-                };
-                let r = native::copy(&c, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
-                hashes.push((r.hash, req.compress, Some(r.bytes_read)));
-                continue;
-            }
-            let needed = match req.kind {
-                BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,
-                _ => q.measure(&v.disk, ImageFormat::Qcow2, ctl)?.required,
-            };
-            fsio::require_space(dir, needed, &format!("backup of volume {}", v.name))?;
-            q.convert(
-                &Convert {
-                    source: v.disk.clone(),
-                    dest: tmp.clone(),
-                    backing,
-                    compat_v2: v2,
-                    compress: req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }),
-                    ..Default::default()
-                },
-                ctl,
-            )
-            .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
-            hashes.push((None, req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }), None));
-        }
-        for (v, tmp) in req.volumes.iter().zip(&written) {
-            fsio::commit_rename(tmp, &v.dest)?;
-        }
-        let mut results = Vec::new();
-        for ((v, st), (hash, compression, data_bytes)) in req.volumes.iter().zip(&states).zip(&hashes) {
-            results.push(VolumeResult {
-                name: v.name.clone(),
-                active_file: v.disk.clone(),
-                dest: v.dest.clone(),
-                size: fsio::file_size(&v.dest)?,
-                virtual_size: st.chain[0].virtual_size,
-                hash: hash.clone(),
-                compression: *compression,
-                data_bytes: *data_bytes,
-            });
-        }
-        ctl.check("publishing the backup")?;
-        publish(&results)?;
-        Ok(results)
-    })();
+    let (copy, mut merged) = std::thread::scope(|scope| {
+        let merger = premerge.then(|| {
+            let mctl = Control::new().with_deadline(ctl.deadline).with_cancel(ctl.cancel.clone());
+            let states = &states;
+            scope.spawn(move || merge_into_bases(req, states, &mctl))
+        });
+        let copy = copy_volumes(q, req, &states, ctl, &mut written, publish);
+        let merged = match merger {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                req.volumes.iter().map(|_| Some(Err(KnibError::internal("the merge thread panicked")))).collect()
+            }),
+            None => req.volumes.iter().map(|_| None).collect(),
+        };
+        (copy, merged)
+    });
     let results = match copy {
         Ok(r) => r,
         Err(e) => {
@@ -299,8 +277,8 @@ pub fn take_backup_with(
     // published: a failure here leaves every write in the disk's delta, and
     // the next backup copies it again.
     if req.kind != BackupKind::Isolated {
-        for (v, st) in req.volumes.iter().zip(&states) {
-            merge_after_backup(q, v, st, req.end_of_chain, req.data_path, &Control::new().with_deadline(ctl.deadline))
+        for ((v, st), early) in req.volumes.iter().zip(&states).zip(merged.iter_mut()) {
+            merge_after_backup(q, v, st, req.end_of_chain, req.data_path, early.take(), &Control::new().with_deadline(ctl.deadline))
                 .map_err(|e| {
                     e.context(format!(
                         "the backup is stored, but merging volume {} afterwards failed (its writes stay in {} and the next backup copies them again)",
@@ -314,18 +292,135 @@ pub fn take_backup_with(
     Ok(TakeBackupAnswer { volumes: results })
 }
 
+/// Step 1 of [`take_backup_with`]: copy every volume to its temporary name
+/// (recorded in `written`), rename them into place and publish.
+fn copy_volumes(
+    q: &QemuImg,
+    req: &TakeBackupRequest,
+    states: &[DiskState],
+    ctl: &Control,
+    written: &mut Vec<PathBuf>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<Vec<VolumeResult>> {
+    let mut hashes: Vec<(Option<String>, Option<CompressionLibrary>, Option<u64>)> = Vec::new();
+    for (v, st) in req.volumes.iter().zip(states) {
+        let dir = v.dest.parent().unwrap_or(Path::new("."));
+        let tmp = fsio::temp_path(&v.dest);
+        written.push(tmp.clone());
+        let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
+        let v2 = st.qcow2_v2;
+        if req.data_path == DataPath::Native && !v2 {
+            let what = format!("backup of volume {}", v.name);
+            let mode = if backing.is_some() { SourceMode::Top } else { SourceMode::Chain };
+            let c = NativeCopy {
+                source: &v.disk,
+                dest: &tmp,
+                mode,
+                format: TargetFormat::Qcow2,
+                backing,
+                compress: req.compress,
+                hash: true,
+                threads: 0,
+                rate_limit_mbps: 0,
+                what: &what,
+            };
+            let r = native::copy(&c, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+            hashes.push((r.hash, req.compress, Some(r.bytes_read)));
+            continue;
+        }
+        let needed = match req.kind {
+            BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,
+            _ => q.measure(&v.disk, ImageFormat::Qcow2, ctl)?.required,
+        };
+        fsio::require_space(dir, needed, &format!("backup of volume {}", v.name))?;
+        q.convert(
+            &Convert {
+                source: v.disk.clone(),
+                dest: tmp.clone(),
+                backing,
+                compat_v2: v2,
+                compress: req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }),
+                ..Default::default()
+            },
+            ctl,
+        )
+        .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+        hashes.push((None, req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }), None));
+    }
+    for (v, tmp) in req.volumes.iter().zip(written.iter()) {
+        fsio::commit_rename(tmp, &v.dest)?;
+    }
+    let mut results = Vec::new();
+    for ((v, st), (hash, compression, data_bytes)) in req.volumes.iter().zip(states).zip(&hashes) {
+        results.push(VolumeResult {
+            name: v.name.clone(),
+            active_file: v.disk.clone(),
+            dest: v.dest.clone(),
+            size: fsio::file_size(&v.dest)?,
+            virtual_size: st.virtual_size,
+            hash: hash.clone(),
+            compression: *compression,
+            data_bytes: *data_bytes,
+        });
+    }
+    ctl.check("publishing the backup")?;
+    publish(&results)?;
+    Ok(results)
+}
+
+/// Merge the delta of every volume that runs on its knib base into the
+/// base, natively, while the volumes are copied. `None` for a volume that
+/// is not on its base or that the native merge does not handle (merged
+/// with `qemu-img commit` after the backup is published); otherwise the
+/// finished merge (its locks held, the delta still full) or its error.
+fn merge_into_bases(req: &TakeBackupRequest, states: &[DiskState], ctl: &Control) -> Vec<Option<Result<Commit>>> {
+    let mut out = Vec::new();
+    for (v, st) in req.volumes.iter().zip(states) {
+        if !st.on_knib_base {
+            out.push(None);
+            continue;
+        }
+        out.push(match Commit::prepare(&v.disk) {
+            Ok(Ok(mut c)) => Some(c.run(ctl).map(|r| {
+                log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
+                c
+            })),
+            Ok(Err(why)) => {
+                log::info!("volume {}: merging with qemu-img commit after the backup: {why}", v.name);
+                None
+            }
+            Err(e) if e.kind == crate::ErrorKind::InvalidInput => {
+                log::info!("volume {}: merging with qemu-img commit after the backup: {e}", v.name);
+                None
+            }
+            Err(e) => Some(Err(e)),
+        });
+    }
+    out
+}
+
 fn merge_after_backup(
     q: &QemuImg,
     v: &VolumeBackup,
     st: &DiskState,
     end_of_chain: bool,
     data_path: DataPath,
+    early: Option<Result<Commit>>,
     ctl: &Control,
 ) -> Result<()> {
     let base = base_path(&v.disk);
     if st.on_knib_base {
         // B <- P: fold P's writes into B; P stays, emptied.
-        native::commit(q, &v.disk, data_path, ctl)?;
+        match early {
+            // Merged while the backup was copied: only the emptying is left.
+            Some(merged) => {
+                let c = merged?;
+                if !end_of_chain {
+                    c.empty_top()?;
+                }
+            }
+            None => native::commit(q, &v.disk, data_path, ctl)?,
+        }
         if end_of_chain {
             fsio::commit_rename(&base, &v.disk)?;
         }
@@ -342,7 +437,7 @@ fn merge_after_backup(
                 v.disk.display()
             )));
         }
-        q.create_overlay(&new, &base_name, "qcow2", Some(st.chain[0].virtual_size), ctl)?;
+        q.create_overlay(&new, &base_name, "qcow2", Some(st.virtual_size), ctl)?;
         fs::rename(&v.disk, &base).map_err(|e| KnibError::io("cannot rename to", &base, e))?;
         fsio::commit_rename(&new, &v.disk)?;
     }
