@@ -108,6 +108,7 @@ pub fn copy(c: &NativeCopy<'_>, ctl: &Control) -> Result<CopyReport> {
         threads: c.threads,
         rate_limit_mbps: c.rate_limit_mbps,
         sync: true,
+        direct_io: true,
     };
     copy_image(c.source, c.dest, &opts, ctl, &mut |bound| {
         // A raw output is sparse: its data is all that needs room.

@@ -77,6 +77,9 @@ pub struct CopyOptions {
     pub rate_limit_mbps: u64,
     /// fsync the output before returning.
     pub sync: bool,
+    /// Write a qcow2 output around the page cache (O_DIRECT) where the file
+    /// system allows it (see [`FileSink::new_direct`]).
+    pub direct_io: bool,
 }
 
 impl Default for CopyOptions {
@@ -91,6 +94,7 @@ impl Default for CopyOptions {
             threads: 0,
             rate_limit_mbps: 0,
             sync: true,
+            direct_io: true,
         }
     }
 }
@@ -426,7 +430,9 @@ pub fn copy_image(
         TargetFormat::Raw => Target::Raw(RawOut { file, size: src.size, cs, dest }),
         TargetFormat::Qcow2 => {
             let header = plain_qcow2.then_some(planned_header.clone());
-            let sink = FileSink::new(file, dest, opts.hash && plain_qcow2);
+            let hash = opts.hash && plain_qcow2;
+            let sink =
+                if opts.direct_io { FileSink::new_direct(file, dest, hash)? } else { FileSink::new(file, dest, hash) };
             Target::Qcow2(Box::new(Layout::new(spec.clone(), sink, header)?))
         }
     };

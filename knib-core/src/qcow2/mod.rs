@@ -118,6 +118,7 @@ mod chain;
 mod check;
 mod commit;
 mod copy;
+mod direct;
 mod header;
 mod image;
 mod writer;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
 
+use super::direct::DirectWriter;
 use super::header::{CompressionType, INCOMPAT_COMPRESSION, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES};
 use crate::error::{KnibError, Result};
 
@@ -157,10 +158,12 @@ pub struct FileSink {
     buf: Vec<u8>,
     pos: u64,
     hasher: Option<Box<Xxh3>>,
+    /// Writing around the page cache (O_DIRECT), by an I/O thread.
+    direct: Option<DirectWriter>,
 }
 
 /// Appends this long or longer skip the buffer.
-const DIRECT_WRITE: usize = 256 << 10;
+const UNBUFFERED_APPEND: usize = 256 << 10;
 const SINK_BUFFER: usize = 1 << 20;
 
 impl FileSink {
@@ -173,14 +176,30 @@ impl FileSink {
             buf: Vec::with_capacity(SINK_BUFFER),
             pos: 0,
             hasher: hash.then(|| Box::new(Xxh3::new())),
+            direct: None,
         }
+    }
+
+    /// Like [`FileSink::new`], writing around the page cache (O_DIRECT)
+    /// in aligned 4 MiB writes made by an I/O thread, where the file system
+    /// allows it (not on NFS); see [`super::direct`]. Falls back to buffered
+    /// writes when O_DIRECT is refused, now or at a write.
+    pub fn new_direct(file: File, path: &Path, hash: bool) -> Result<Self> {
+        let mut sink = Self::new(file, path, hash);
+        sink.direct = DirectWriter::start(&sink.file, path)?;
+        Ok(sink)
+    }
+
+    /// Whether writes go around the page cache (O_DIRECT).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 
     fn io(&self, e: std::io::Error) -> KnibError {
         KnibError::io("cannot write", &self.path, e)
     }
 
-    fn write_direct(&mut self, bytes: &[u8]) -> Result<()> {
+    fn write_out(&mut self, bytes: &[u8]) -> Result<()> {
         self.file.write_all_at(bytes, self.pos).map_err(|e| self.io(e))?;
         self.pos += bytes.len() as u64;
         Ok(())
@@ -188,9 +207,13 @@ impl FileSink {
 
     /// Write out what is buffered.
     pub fn flush(&mut self) -> Result<()> {
+        if let Some(d) = self.direct.take() {
+            self.pos = d.len();
+            d.finish(&self.file)?;
+        }
         if !self.buf.is_empty() {
             let buf = std::mem::take(&mut self.buf);
-            let r = self.write_direct(&buf);
+            let r = self.write_out(&buf);
             self.buf = buf;
             self.buf.clear();
             r?;
@@ -200,7 +223,10 @@ impl FileSink {
 
     /// Bytes written so far (buffered ones included).
     pub fn len(&self) -> u64 {
-        self.pos + self.buf.len() as u64
+        match &self.direct {
+            Some(d) => d.len(),
+            None => self.pos + self.buf.len() as u64,
+        }
     }
 
     /// Whether nothing was written.
@@ -228,9 +254,12 @@ impl Sink for FileSink {
         if let Some(h) = self.hasher.as_mut() {
             h.update(bytes);
         }
-        if bytes.len() >= DIRECT_WRITE {
+        if let Some(d) = self.direct.as_mut() {
+            return d.append(bytes);
+        }
+        if bytes.len() >= UNBUFFERED_APPEND {
             self.flush()?;
-            return self.write_direct(bytes);
+            return self.write_out(bytes);
         }
         if self.buf.len() + bytes.len() > SINK_BUFFER {
             self.flush()?;

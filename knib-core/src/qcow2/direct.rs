@@ -1,0 +1,273 @@
+//! Writing a file front to back around the page cache (O_DIRECT), with the
+//! writes done by an I/O thread so that filling the next buffer overlaps
+//! the device writing the last one.
+//!
+//! Why: a backup's output is not read again soon, so caching it only
+//! evicts the host's useful data; and where the host's free memory is cold
+//! (a virtual machine whose free pages the hypervisor reclaimed), writing
+//! through new page-cache pages costs several times what the device does
+//! (measured in docs/performance.md). On NFS, where each direct write is a
+//! synchronous round trip, and where the file system refuses O_DIRECT, the
+//! same code writes buffered.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::error::{KnibError, Result};
+
+/// Alignment of O_DIRECT buffers, offsets and lengths.
+const ALIGN: usize = 4096;
+/// Each write is this long (but the last).
+const BUFFER: usize = 2 << 20;
+/// I/O threads: the device gets this many writes at once.
+const IO_THREADS: usize = 4;
+/// Buffers in all: one being filled, the others written or waiting.
+const BUFFERS: usize = IO_THREADS + 2;
+/// `statfs` magic of NFS.
+const NFS_SUPER_MAGIC: i64 = 0x6969;
+
+/// Turn O_DIRECT on or off for `file`; whether it now is as asked. Never
+/// turned on for a file on NFS.
+pub(crate) fn set_direct(file: &File, on: bool) -> bool {
+    let fd = file.as_raw_fd();
+    if on {
+        // SAFETY: fstatfs into a zeroed struct we own, on a descriptor we own.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatfs(fd, &mut st) } != 0 || st.f_type as i64 == NFS_SUPER_MAGIC {
+            return false;
+        }
+    }
+    // SAFETY: fcntl flag changes on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            return !on;
+        }
+        let want = if on { flags | libc::O_DIRECT } else { flags & !libc::O_DIRECT };
+        libc::fcntl(fd, libc::F_SETFL, want) == 0
+    }
+}
+
+/// A buffer whose bytes `start..start + BUFFER` are 4 KiB aligned.
+struct Aligned {
+    mem: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new() -> Aligned {
+        let mut mem = vec![0u8; BUFFER + ALIGN];
+        let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
+        mem.truncate(start + BUFFER);
+        Aligned { mem, start, len: 0 }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.mem[self.start..self.start + self.len]
+    }
+}
+
+/// Write `data` at `pos` of `file`; an unaligned write, or one the file
+/// system refuses with EINVAL, turns O_DIRECT off for good and is done
+/// buffered.
+fn write_at(file: &File, data: &[u8], pos: u64) -> std::io::Result<()> {
+    if !data.len().is_multiple_of(ALIGN) || !pos.is_multiple_of(ALIGN as u64) {
+        set_direct(file, false);
+    }
+    match file.write_all_at(data, pos) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) && set_direct(file, false) => {
+            log::debug!("O_DIRECT write refused: writing buffered");
+            file.write_all_at(data, pos)
+        }
+        r => r,
+    }
+}
+
+/// Appends to a file from offset 0 in aligned 4 MiB writes made by an I/O
+/// thread, O_DIRECT when the file system allows it.
+pub(crate) struct DirectWriter {
+    path: PathBuf,
+    /// The buffer being filled.
+    cur: Aligned,
+    /// File offset of `cur`'s first byte.
+    pos: u64,
+    /// Full buffers to the I/O thread, with their offsets.
+    to_io: Option<SyncSender<(Aligned, u64)>>,
+    /// Written buffers back (or the error that stopped the thread).
+    back: Receiver<std::io::Result<Aligned>>,
+    /// Buffers sent and not yet back.
+    in_flight: usize,
+    /// Buffers never used yet.
+    spare: usize,
+    io: Vec<JoinHandle<()>>,
+}
+
+impl DirectWriter {
+    /// Start writing `file` (at `path`, named in errors); `None` when
+    /// O_DIRECT cannot be turned on (then write it buffered).
+    pub(crate) fn start(file: &File, path: &Path) -> Result<Option<DirectWriter>> {
+        if !set_direct(file, true) {
+            return Ok(None);
+        }
+        let (to_io, from_sink) = sync_channel::<(Aligned, u64)>(BUFFERS);
+        let (to_sink, back) = sync_channel::<std::io::Result<Aligned>>(BUFFERS);
+        let from_sink = Arc::new(Mutex::new(from_sink));
+        let mut io = Vec::new();
+        for _ in 0..IO_THREADS {
+            let io_file = file.try_clone().map_err(|e| KnibError::io("cannot open", path, e))?;
+            let (rx, tx) = (Arc::clone(&from_sink), to_sink.clone());
+            let h = std::thread::Builder::new()
+                .name("knib-direct-io".into())
+                .spawn(move || loop {
+                    let next = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok((mut buf, pos)) = next else { return };
+                    let r = write_at(&io_file, buf.data(), pos);
+                    buf.len = 0;
+                    let failed = r.is_err();
+                    if tx.send(r.map(|()| buf)).is_err() || failed {
+                        return;
+                    }
+                })
+                .map_err(|e| KnibError::internal(format!("cannot start an I/O thread: {e}")))?;
+            io.push(h);
+        }
+        Ok(Some(DirectWriter {
+            path: path.to_path_buf(),
+            cur: Aligned::new(),
+            pos: 0,
+            to_io: Some(to_io),
+            back,
+            in_flight: 0,
+            spare: BUFFERS - 1,
+            io,
+        }))
+    }
+
+    fn io_err(&self, e: std::io::Error) -> KnibError {
+        KnibError::io("cannot write", &self.path, e)
+    }
+
+    /// A written buffer back from the I/O thread.
+    fn take_back(&mut self) -> Result<Aligned> {
+        match self.back.recv() {
+            Ok(Ok(buf)) => {
+                self.in_flight -= 1;
+                Ok(buf)
+            }
+            Ok(Err(e)) => Err(self.io_err(e)),
+            Err(_) => Err(KnibError::internal(format!("the I/O thread writing {} stopped", self.path.display()))),
+        }
+    }
+
+    /// Send the current buffer to be written and get an empty one.
+    fn send(&mut self) -> Result<()> {
+        if self.cur.len == 0 {
+            return Ok(());
+        }
+        let next = if self.spare > 0 {
+            self.spare -= 1;
+            Aligned::new()
+        } else {
+            self.take_back()?
+        };
+        let full = std::mem::replace(&mut self.cur, next);
+        let len = full.len as u64;
+        let tx = self.to_io.as_ref().ok_or_else(|| KnibError::internal("the I/O thread is gone"))?;
+        tx.send((full, self.pos))
+            .map_err(|_| KnibError::internal(format!("the I/O thread writing {} stopped", self.path.display())))?;
+        self.in_flight += 1;
+        self.pos += len;
+        Ok(())
+    }
+
+    /// Append `bytes`.
+    pub(crate) fn append(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let k = (BUFFER - self.cur.len).min(bytes.len());
+            let at = self.cur.start + self.cur.len;
+            self.cur.mem[at..at + k].copy_from_slice(&bytes[..k]);
+            self.cur.len += k;
+            bytes = &bytes[k..];
+            if self.cur.len == BUFFER {
+                self.send()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes appended so far.
+    pub(crate) fn len(&self) -> u64 {
+        self.pos + self.cur.len as u64
+    }
+
+    /// Write out everything appended and wait until it is written (the
+    /// file then has O_DIRECT off).
+    pub(crate) fn finish(mut self, file: &File) -> Result<()> {
+        self.send()?;
+        while self.in_flight > 0 {
+            self.take_back()?;
+        }
+        self.to_io = None;
+        for h in self.io.drain(..) {
+            let _ = h.join();
+        }
+        set_direct(file, false);
+        Ok(())
+    }
+}
+
+impl Drop for DirectWriter {
+    fn drop(&mut self) {
+        // Stop the I/O thread (an error path): no more buffers, wait for it.
+        self.to_io = None;
+        while self.in_flight > 0 && self.back.recv().is_ok() {
+            self.in_flight -= 1;
+        }
+        for h in self.io.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_of_any_length_land_in_order_with_an_unaligned_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let mut want = Vec::new();
+        let mut state = 7u64;
+        let Some(mut w) = DirectWriter::start(&file, &path).unwrap() else {
+            // A file system without O_DIRECT: FileSink writes buffered.
+            return;
+        };
+        // 11 MiB and a bit, in pieces of 1 byte to 3 MiB: several buffers
+        // in flight, then a tail that is not a multiple of 4 KiB.
+        while want.len() < (11 << 20) + 1234 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let n = ((state >> 33) % (3 << 20) + 1) as usize;
+            let n = n.min((11 << 20) + 1234 - want.len());
+            let piece: Vec<u8> = (0..n).map(|i| (i as u64 ^ state) as u8).collect();
+            w.append(&piece).unwrap();
+            want.extend_from_slice(&piece);
+            assert_eq!(w.len(), want.len() as u64);
+        }
+        w.finish(&file).unwrap();
+        // O_DIRECT is off again: a buffered write at any offset works.
+        file.write_all_at(b"x", 3).unwrap();
+        want[3] = b'x';
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
+}
