@@ -56,6 +56,10 @@
 //! - The refcount table covers every refcount block, and the blocks cover
 //!   every cluster of the file (they cover themselves and the tail).
 //!
+//! Files are written around the page cache where the file system allows it
+//! (O_DIRECT, aligned writes made by I/O threads; buffered on NFS and for an
+//! unaligned tail); the bytes and their order are the same either way.
+//!
 //! Memory is bounded whatever the disk size: one L2 table, the L1 table
 //! (8 bytes per 512 MiB of disk with 64 KiB clusters), the refcounts of the
 //! clusters not yet covered by an emitted refcount block, and one entry per
