@@ -2,15 +2,9 @@
 //! `qemu-img check` (every host cluster's stored refcount against the
 //! references the header, the tables and the L2 entries make).
 
-use super::image::Qcow2Image;
+use super::image::{Qcow2Image, COPIED, L2_COMPRESSED as COMPRESSED, OFFSET_MASK, RT_OFFSET_MASK};
 use crate::error::{KnibError, Result};
 
-/// Bits 9-55 of an L1 or standard L2 entry.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Bits 9-63 of a refcount table entry.
-const RT_OFFSET_MASK: u64 = !0x1ff;
-const COPIED: u64 = 1 << 63;
-const COMPRESSED: u64 = 1 << 62;
 /// The check keeps one counter per host cluster: at most this many.
 const MAX_CHECK_CLUSTERS: u64 = 64 << 20;
 /// Problems listed in a report (all are counted).

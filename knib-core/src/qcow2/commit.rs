@@ -61,22 +61,14 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::chain::{Chain, Layer};
-use super::image::{ClusterState, Qcow2Image};
+use super::image::{
+    ClusterState, Qcow2Image, COPIED, L1_RESERVED, L2_COMPRESSED as COMPRESSED, L2_RESERVED, L2_ZERO as ZERO, OFFSET_MASK,
+    RT_OFFSET_MASK,
+};
 use super::writer::{BackingRef, ImageSpec, Layout};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 
-/// Bits 9-55 of an L1 or standard L2 entry.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Reserved bits of an L1 entry: 0-8 and 56-62.
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-/// Reserved bits of a standard L2 entry: 1-8 and 56-61.
-const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
-const COMPRESSED: u64 = 1 << 62;
-const COPIED: u64 = 1 << 63;
-const ZERO: u64 = 1;
-/// Bits 9-63 of a refcount table entry.
-const RT_OFFSET_MASK: u64 = !0x1ff;
 /// The L2 tables one batch holds in memory at most.
 pub const BATCH_TABLE_BYTES: usize = 16 << 20;
 /// The largest refcount table the merge keeps in memory.

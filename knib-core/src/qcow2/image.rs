@@ -10,17 +10,19 @@ use super::header::{header_prefix_len, CompressionType, Header};
 use crate::error::{KnibError, Result};
 
 /// Bits 9-55 of an L1 or standard L2 entry: a cluster-aligned host offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Reserved bits of an L1 entry: 0-8 and 56-62.
-const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+pub(crate) const L1_RESERVED: u64 = 0x7f00_0000_0000_01ff;
 /// Reserved bits of a standard L2 entry: 1-8 and 56-61.
-const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+pub(crate) const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 /// L2 entry bit 62: compressed cluster.
-const L2_COMPRESSED: u64 = 1 << 62;
-/// L2 entry bit 63: "copied" (refcount exactly one); ignored for reading.
-const COPIED: u64 = 1 << 63;
+pub(crate) const L2_COMPRESSED: u64 = 1 << 62;
+/// L1 and L2 entry bit 63: "copied" (refcount exactly one); ignored for reading.
+pub(crate) const COPIED: u64 = 1 << 63;
 /// Standard cluster descriptor bit 0: reads as zeros (v3).
-const L2_ZERO: u64 = 1;
+pub(crate) const L2_ZERO: u64 = 1;
+/// Bits 9-63 of a refcount table entry.
+pub(crate) const RT_OFFSET_MASK: u64 = !0x1ff;
 /// zstd frames may not ask for a window over 8 MiB (a cluster is at most 2 MiB).
 const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 /// The L2 cache holds about this many bytes of tables.

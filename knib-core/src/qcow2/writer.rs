@@ -10,15 +10,10 @@ use std::path::{Path, PathBuf};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::direct::DirectWriter;
+use super::image::{COPIED, L2_COMPRESSED as COMPRESSED, L2_ZERO as ZERO};
 use super::header::{CompressionType, INCOMPAT_COMPRESSION, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES};
 use crate::error::{KnibError, Result};
 
-/// L1 and standard L2 entry bit 63: the cluster's refcount is exactly one.
-const COPIED: u64 = 1 << 63;
-/// L2 entry bit 62: compressed cluster.
-const COMPRESSED: u64 = 1 << 62;
-/// Standard L2 entry bit 0: the cluster reads as zeros.
-const ZERO: u64 = 1;
 /// log2 of the refcount width written (16-bit refcounts, as QEMU's default).
 pub const REFCOUNT_ORDER: u32 = 4;
 /// The largest refcount a 16-bit entry holds.
