@@ -222,6 +222,7 @@ pub fn take(
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<TakeBackupAnswer> {
     let running = vm.is_running()?;
+    let by = MergeBy { running, data_path: plan.data_path };
     journal(LiveStep::Snapshot)?;
     let files: Vec<(String, PathBuf)> = plan.disks.iter().map(|d| (d.target.clone(), d.new_delta.clone())).collect();
     vm.snapshot_disk_only(&files, plan.quiesce)
@@ -304,7 +305,7 @@ pub fn take(
             let undo = Control::new().with_deadline(crate::Deadline::from_secs(3600));
             let mut consistent = true;
             for d in &plan.disks {
-                if let Err(u) = commit_down(q, vm, running, d, &d.new_delta, d.old_top(), &undo) {
+                if let Err(u) = commit_down(q, vm, by, d, &d.new_delta, d.old_top(), &undo) {
                     log::error!("undoing the snapshot of disk {}: {u}", d.target);
                     consistent = false;
                 }
@@ -322,20 +323,20 @@ pub fn take(
         if plan.kind == BackupKind::Isolated {
             journal(LiveStep::Pivot)?;
             for d in &plan.disks {
-                commit_down(q, vm, running, d, &d.new_delta, d.old_top(), &merge_ctl)?;
+                commit_down(q, vm, by, d, &d.new_delta, d.old_top(), &merge_ctl)?;
             }
             return Ok(());
         }
         journal(LiveStep::Merge)?;
         for d in &plan.disks {
             if let Some(old) = &d.old_delta {
-                merge_below(q, vm, running, d, old, &merge_ctl)?;
+                merge_below(q, vm, by, d, old, &merge_ctl)?;
             }
         }
         if plan.end_of_chain {
             journal(LiveStep::Pivot)?;
             for d in &plan.disks {
-                commit_down(q, vm, running, d, &d.new_delta, &d.base, &merge_ctl)?;
+                commit_down(q, vm, by, d, &d.new_delta, &d.base, &merge_ctl)?;
             }
         }
         Ok(())
@@ -358,9 +359,18 @@ pub fn take(
     Ok(TakeBackupAnswer { volumes: results })
 }
 
+/// How a domain's disk layers are merged: by block jobs (running) or on the
+/// files (stopped), and with which data path.
+#[derive(Debug, Clone, Copy)]
+struct MergeBy {
+    running: bool,
+    data_path: DataPath,
+}
+
 /// Commit `top` (the active file) into `into` (a layer below it) and make
 /// the disk run on `into`; `top` is then removed.
-fn commit_down(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, top: &Path, into: &Path, ctl: &Control) -> Result<()> {
+fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into: &Path, ctl: &Control) -> Result<()> {
+    let (running, path) = (by.running, by.data_path);
     let step = format!("active commit of disk {} into {}", d.target, into.display());
     if running {
         blockjob::commit_and_wait(vm, &d.target, into, top, false, ctl, &step)?;
@@ -373,7 +383,7 @@ fn commit_down(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, top: &Path, in
             )));
         }
     } else {
-        commit_files(q, top, into, ctl)?;
+        commit_files(q, top, into, path, ctl)?;
         set_disk_sources(vm, &[(d.target.clone(), into.to_path_buf())])?;
     }
     fsio::remove_if_exists(top)
@@ -381,20 +391,23 @@ fn commit_down(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, top: &Path, in
 
 /// Commit `layer` (between the base and the active file) into the base; the
 /// disk then runs on `base <- active`, and `layer` is removed.
-fn merge_below(q: &QemuImg, vm: &Vm, running: bool, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<()> {
+fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<()> {
+    let (running, path) = (by.running, by.data_path);
     let step = format!("block commit of {} into {}", layer.display(), d.base.display());
     if running {
         blockjob::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
     } else {
         let active = vm.disk(&d.target)?.file;
-        commit_files(q, layer, &d.base, ctl)?;
+        commit_files(q, layer, &d.base, path, ctl)?;
         q.rebase_unsafe(&active, &d.base.to_string_lossy(), "qcow2", ctl)?;
     }
     fsio::remove_if_exists(layer)
 }
 
-/// `qemu-img commit` of `top` into `into`, which must be its backing file.
-fn commit_files(q: &QemuImg, top: &Path, into: &Path, ctl: &Control) -> Result<()> {
+/// Merge `top` into `into`, which must be its backing file (stopped
+/// domain): natively when the native merge applies, else `qemu-img commit`
+/// ([`native::commit_keep`]).
+fn commit_files(q: &QemuImg, top: &Path, into: &Path, path: DataPath, ctl: &Control) -> Result<()> {
     let chain = q.info_chain(top, ctl)?;
     let backing = chain.get(1).map(|i| PathBuf::from(&i.filename));
     if backing.as_deref() != Some(into) {
@@ -404,7 +417,7 @@ fn commit_files(q: &QemuImg, top: &Path, into: &Path, ctl: &Control) -> Result<(
             into.display()
         )));
     }
-    q.commit(top, true, ctl)
+    native::commit_keep(q, top, path, ctl)
 }
 
 /// Point disks of a stopped, persistent domain at other files (its
@@ -470,6 +483,7 @@ pub struct RecoverReport {
 /// chains. `published` says whether the backup reached the store.
 pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Control) -> Result<RecoverReport> {
     let running = vm.is_running()?;
+    let by = MergeBy { running, data_path: plan.data_path };
     let mut rep = RecoverReport::default();
     for d in &plan.disks {
         if running {
@@ -494,16 +508,16 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
         if has(&d.new_delta) {
             if finish {
                 if let Some(old) = d.old_delta.as_deref().filter(|o| has(o)) {
-                    merge_below(q, vm, running, d, old, ctl)?;
+                    merge_below(q, vm, by, d, old, ctl)?;
                     rep.actions.push(format!("{}: merged {} into {}", d.target, old.display(), d.base.display()));
                 }
                 if plan.end_of_chain {
-                    commit_down(q, vm, running, d, &d.new_delta, &d.base, ctl)?;
+                    commit_down(q, vm, by, d, &d.new_delta, &d.base, ctl)?;
                     rep.actions.push(format!("{}: committed {} into {} (end of chain)", d.target, d.new_delta.display(), d.base.display()));
                 }
             } else {
                 let into = d.old_delta.as_deref().filter(|o| has(o)).unwrap_or(&d.base);
-                commit_down(q, vm, running, d, &d.new_delta, into, ctl)?;
+                commit_down(q, vm, by, d, &d.new_delta, into, ctl)?;
                 rep.actions.push(format!("{}: undid the snapshot: committed {} back into {}", d.target, d.new_delta.display(), into.display()));
             }
         }
@@ -587,7 +601,7 @@ pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ct
         blockjob::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
         fsio::remove_if_exists(delta)?;
     } else if i == 0 {
-        commit_files(q, delta, &below, ctl)?;
+        commit_files(q, delta, &below, DataPath::Native, ctl)?;
         set_disk_sources(vm, &[(target.to_string(), below.clone())])?;
         fsio::remove_if_exists(delta)?;
     } else {

@@ -123,6 +123,16 @@ pub fn copy(c: &NativeCopy<'_>, ctl: &Control) -> Result<CopyReport> {
 /// what it does not handle (a version 2 or raw base, internal snapshots,
 /// bitmaps, other cluster or virtual sizes, features its reader refuses).
 pub fn commit(q: &QemuImg, top: &Path, path: DataPath, ctl: &Control) -> Result<()> {
+    merge(q, top, path, true, ctl)
+}
+
+/// [`commit`] without emptying `top` (the caller removes it, or points its
+/// child at the backing file).
+pub fn commit_keep(q: &QemuImg, top: &Path, path: DataPath, ctl: &Control) -> Result<()> {
+    merge(q, top, path, false, ctl)
+}
+
+fn merge(q: &QemuImg, top: &Path, path: DataPath, empty: bool, ctl: &Control) -> Result<()> {
     if path == DataPath::Native {
         let prepared = match Commit::prepare(top) {
             Ok(p) => p,
@@ -132,20 +142,11 @@ pub fn commit(q: &QemuImg, top: &Path, path: DataPath, ctl: &Control) -> Result<
         match prepared {
             Ok(mut c) => {
                 let r = c.run(ctl)?;
-                log::debug!(
-                    "merged {} into {}: {} data clusters ({} in place), {} zero, {} new host clusters, {} syncs",
-                    top.display(),
-                    c.base_path().display(),
-                    r.data_clusters,
-                    r.in_place_clusters,
-                    r.zero_clusters,
-                    r.new_clusters,
-                    r.syncs
-                );
-                return c.empty_top();
+                log::debug!("merged {} into {}: {r:?}", top.display(), c.base_path().display());
+                return if empty { c.empty_top() } else { Ok(()) };
             }
             Err(why) => log::info!("merging {} with qemu-img commit: {why}", top.display()),
         }
     }
-    q.commit(top, false, ctl)
+    q.commit(top, !empty, ctl)
 }
