@@ -26,7 +26,6 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::direct::DirectWriter;
 use super::chain::{read_layers, Chain, Layer};
 use super::header::CompressionType;
 use super::image::{ClusterState, Qcow2Image};
@@ -78,7 +77,7 @@ pub struct CopyOptions {
     pub rate_limit_mbps: u64,
     /// fsync the output before returning.
     pub sync: bool,
-    /// Write the output around the page cache (O_DIRECT) where the file
+    /// Write a qcow2 output around the page cache (O_DIRECT) where the file
     /// system allows it (see [`FileSink::new_direct`]).
     pub direct_io: bool,
 }
@@ -428,10 +427,7 @@ pub fn copy_image(
     let total = src.clusters();
 
     let mut target = match opts.format {
-        TargetFormat::Raw => {
-            let direct = if opts.direct_io { DirectWriter::start(&file, dest)? } else { None };
-            Target::Raw(RawOut { file, size: src.size, cs, dest, direct })
-        }
+        TargetFormat::Raw => Target::Raw(RawOut { file, size: src.size, cs, dest }),
         TargetFormat::Qcow2 => {
             let header = plain_qcow2.then_some(planned_header.clone());
             let hash = opts.hash && plain_qcow2;
@@ -471,10 +467,7 @@ pub fn copy_image(
 
     // Finish the output.
     let file = match target {
-        Target::Raw(mut raw) => {
-            if let Some(d) = raw.direct.take() {
-                d.finish(&raw.file)?;
-            }
+        Target::Raw(raw) => {
             raw.file.set_len(raw.size).map_err(|e| KnibError::io("cannot size", dest, e))?;
             raw.file
         }
@@ -510,17 +503,6 @@ struct RawOut<'a> {
     size: u64,
     cs: u64,
     dest: &'a Path,
-    /// Writing around the page cache (see [`super::direct`]).
-    direct: Option<DirectWriter>,
-}
-
-impl RawOut<'_> {
-    fn put(&mut self, data: &[u8], off: u64) -> Result<()> {
-        match self.direct.as_mut() {
-            Some(d) => d.write_at(off, data),
-            None => self.file.write_all_at(data, off).map_err(|e| KnibError::io("cannot write", self.dest, e)),
-        }
-    }
 }
 
 impl RawOut<'_> {
@@ -536,7 +518,7 @@ impl RawOut<'_> {
                 (true, None) => run = Some(((index + k as u64) * self.cs, k * cs)),
                 (false, Some((off, at))) => {
                     let end = (k * cs).min(at + (self.size - off) as usize);
-                    self.put(&data[at..end], off)?;
+                    self.file.write_all_at(&data[at..end], off).map_err(|e| KnibError::io("cannot write", self.dest, e))?;
                     run = None;
                 }
                 _ => {}
