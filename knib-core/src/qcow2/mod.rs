@@ -56,9 +56,10 @@
 //! - The refcount table covers every refcount block, and the blocks cover
 //!   every cluster of the file (they cover themselves and the tail).
 //!
-//! Files are written around the page cache where the file system allows it
-//! (O_DIRECT, aligned writes made by I/O threads; buffered on NFS and for an
-//! unaligned tail); the bytes and their order are the same either way.
+//! qcow2 files are written around the page cache where the file system
+//! allows it (O_DIRECT, aligned writes made by I/O threads; buffered on NFS
+//! and for an unaligned tail); the bytes are the same either way. Raw
+//! outputs are written through the page cache.
 //!
 //! Memory is bounded whatever the disk size: one L2 table, the L1 table
 //! (8 bytes per 512 MiB of disk with 64 KiB clusters), the refcounts of the
