@@ -56,7 +56,7 @@
 //!
 //! `Store::delete` takes the VM's lock, which the compression holds while it
 //! runs: the delete is refused at once with a "busy" error naming the
-//! compression ("VM vm1 is busy: compression of <backup> (pid N) is running;
+//! compression ("VM vm1 is busy: compression of `<backup>` (pid N) is running;
 //! try again when it ends"). A queued job whose backup was deleted is
 //! cancelled when a runner gets to it.
 //!

@@ -1,12 +1,11 @@
 //! Writing a file front to back around the page cache (O_DIRECT), with the
-//! writes done by an I/O thread so that filling the next buffer overlaps
+//! writes done by I/O threads so that filling the next buffer overlaps
 //! the device writing the last one.
 //!
 //! Why: a backup's output is not read again soon, so caching it only
-//! evicts the host's useful data; and where the host's free memory is cold
-//! (a virtual machine whose free pages the hypervisor reclaimed), writing
-//! through new page-cache pages costs several times what the device does
-//! (measured in docs/performance.md). On NFS, where each direct write is a
+//! evicts the host's useful data; and on some hosts writing through new
+//! page-cache pages costs several times what the device does (measured on
+//! the development machine, docs/performance.md). On NFS, where each direct write is a
 //! synchronous round trip, and where the file system refuses O_DIRECT, the
 //! same code writes buffered.
 
@@ -89,8 +88,8 @@ fn write_at(file: &File, data: &[u8], pos: u64) -> std::io::Result<()> {
     }
 }
 
-/// Appends to a file from offset 0 in aligned 4 MiB writes made by an I/O
-/// thread, O_DIRECT when the file system allows it.
+/// Appends to a file from offset 0 in aligned 2 MiB writes made by I/O
+/// threads, O_DIRECT when the file system allows it.
 pub(crate) struct DirectWriter {
     path: PathBuf,
     /// The buffer being filled.

@@ -176,8 +176,8 @@ impl FileSink {
     }
 
     /// Like [`FileSink::new`], writing around the page cache (O_DIRECT)
-    /// in aligned 4 MiB writes made by an I/O thread, where the file system
-    /// allows it (not on NFS); see [`super::direct`]. Falls back to buffered
+    /// in aligned 2 MiB writes made by four I/O threads, where the file system
+    /// allows it (not on NFS). Falls back to buffered
     /// writes when O_DIRECT is refused, now or at a write.
     pub fn new_direct(file: File, path: &Path, hash: bool) -> Result<Self> {
         let mut sink = Self::new(file, path, hash);
