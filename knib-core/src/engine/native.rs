@@ -134,19 +134,26 @@ pub fn commit_keep(q: &QemuImg, top: &Path, path: DataPath, ctl: &Control) -> Re
 
 fn merge(q: &QemuImg, top: &Path, path: DataPath, empty: bool, ctl: &Control) -> Result<()> {
     if path == DataPath::Native {
-        let prepared = match Commit::prepare(top) {
-            Ok(p) => p,
-            Err(e) if e.kind == crate::ErrorKind::InvalidInput => Err(e.to_string()),
-            Err(e) => return Err(e),
-        };
-        match prepared {
-            Ok(mut c) => {
-                let r = c.run(ctl)?;
-                log::debug!("merged {} into {}: {r:?}", top.display(), c.base_path().display());
-                return if empty { c.empty_top() } else { Ok(()) };
-            }
-            Err(why) => log::info!("merging {} with qemu-img commit: {why}", top.display()),
+        if let Some(mut c) = prepare_merge(top)? {
+            let r = c.run(ctl)?;
+            log::debug!("merged {} into {}: {r:?}", top.display(), c.base_path().display());
+            return if empty { c.empty_top() } else { Ok(()) };
         }
     }
     q.commit(top, !empty, ctl)
+}
+
+/// The native merge of `top` into its backing file, checked and ready to
+/// run; `None` (the reason logged) when it does not apply and
+/// `qemu-img commit` must do it. Errors: the files cannot be read, are
+/// corrupt, or are in use.
+pub fn prepare_merge(top: &Path) -> Result<Option<Commit>> {
+    let why = match Commit::prepare(top) {
+        Ok(Ok(c)) => return Ok(Some(c)),
+        Ok(Err(why)) => why,
+        Err(e) if e.kind == crate::ErrorKind::InvalidInput => e.to_string(),
+        Err(e) => return Err(e),
+    };
+    log::info!("merging {} with qemu-img commit: {why}", top.display());
+    Ok(None)
 }

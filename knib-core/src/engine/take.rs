@@ -247,7 +247,7 @@ pub fn take_backup_with(
         && req.data_path == DataPath::Native
         && states.iter().any(|st| st.on_knib_base);
     let mut written: Vec<PathBuf> = Vec::new();
-    let (copy, mut merged) = std::thread::scope(|scope| {
+    let (copy, merged) = std::thread::scope(|scope| {
         let merger = premerge.then(|| {
             let mctl = Control::new().with_deadline(ctl.deadline).with_cancel(ctl.cancel.clone());
             let states = &states;
@@ -256,9 +256,12 @@ pub fn take_backup_with(
         let copy = copy_volumes(q, req, &states, ctl, &mut written, publish);
         let merged = match merger {
             Some(h) => h.join().unwrap_or_else(|_| {
-                req.volumes.iter().map(|_| Some(Err(KnibError::internal("the merge thread panicked")))).collect()
+                req.volumes
+                    .iter()
+                    .map(|_| Early::Merged(Err(KnibError::internal("the merge thread panicked"))))
+                    .collect()
             }),
-            None => req.volumes.iter().map(|_| None).collect(),
+            None => req.volumes.iter().map(|_| Early::NotTried).collect(),
         };
         (copy, merged)
     });
@@ -277,8 +280,8 @@ pub fn take_backup_with(
     // published: a failure here leaves every write in the disk's delta, and
     // the next backup copies it again.
     if req.kind != BackupKind::Isolated {
-        for ((v, st), early) in req.volumes.iter().zip(&states).zip(merged.iter_mut()) {
-            merge_after_backup(q, v, st, req.end_of_chain, req.data_path, early.take(), &Control::new().with_deadline(ctl.deadline))
+        for ((v, st), early) in req.volumes.iter().zip(&states).zip(merged) {
+            merge_after_backup(q, v, st, req.end_of_chain, req.data_path, early, &Control::new().with_deadline(ctl.deadline))
                 .map_err(|e| {
                     e.context(format!(
                         "the backup is stored, but merging volume {} afterwards failed (its writes stay in {} and the next backup copies them again)",
@@ -368,35 +371,33 @@ fn copy_volumes(
     Ok(results)
 }
 
+/// What became of a volume's merge started during the copy.
+enum Early {
+    /// Not started (not on its base, or the qemu-img data path).
+    NotTried,
+    /// The native merge does not apply: `qemu-img commit` after publishing.
+    QemuImg,
+    /// Done (its locks held, the delta still full), or failed.
+    Merged(Result<Box<Commit>>),
+}
+
 /// Merge the delta of every volume that runs on its knib base into the
-/// base, natively, while the volumes are copied. `None` for a volume that
-/// is not on its base or that the native merge does not handle (merged
-/// with `qemu-img commit` after the backup is published); otherwise the
-/// finished merge (its locks held, the delta still full) or its error.
-fn merge_into_bases(req: &TakeBackupRequest, states: &[DiskState], ctl: &Control) -> Vec<Option<Result<Commit>>> {
-    let mut out = Vec::new();
-    for (v, st) in req.volumes.iter().zip(states) {
-        if !st.on_knib_base {
-            out.push(None);
-            continue;
-        }
-        out.push(match Commit::prepare(&v.disk) {
-            Ok(Ok(mut c)) => Some(c.run(ctl).map(|r| {
-                log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
-                c
-            })),
-            Ok(Err(why)) => {
-                log::info!("volume {}: merging with qemu-img commit after the backup: {why}", v.name);
-                None
-            }
-            Err(e) if e.kind == crate::ErrorKind::InvalidInput => {
-                log::info!("volume {}: merging with qemu-img commit after the backup: {e}", v.name);
-                None
-            }
-            Err(e) => Some(Err(e)),
-        });
-    }
-    out
+/// base, natively, while the volumes are copied.
+fn merge_into_bases(req: &TakeBackupRequest, states: &[DiskState], ctl: &Control) -> Vec<Early> {
+    let merge = |v: &VolumeBackup| -> Result<Early> {
+        let Some(mut c) = native::prepare_merge(&v.disk)? else { return Ok(Early::QemuImg) };
+        let r = c.run(ctl)?;
+        log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
+        Ok(Early::Merged(Ok(Box::new(c))))
+    };
+    req.volumes
+        .iter()
+        .zip(states)
+        .map(|(v, st)| match st.on_knib_base {
+            false => Early::NotTried,
+            true => merge(v).unwrap_or_else(|e| Early::Merged(Err(e))),
+        })
+        .collect()
 }
 
 fn merge_after_backup(
@@ -405,7 +406,7 @@ fn merge_after_backup(
     st: &DiskState,
     end_of_chain: bool,
     data_path: DataPath,
-    early: Option<Result<Commit>>,
+    early: Early,
     ctl: &Control,
 ) -> Result<()> {
     let base = base_path(&v.disk);
@@ -413,13 +414,14 @@ fn merge_after_backup(
         // B <- P: fold P's writes into B; P stays, emptied.
         match early {
             // Merged while the backup was copied: only the emptying is left.
-            Some(merged) => {
+            Early::Merged(merged) => {
                 let c = merged?;
                 if !end_of_chain {
                     c.empty_top()?;
                 }
             }
-            None => native::commit(q, &v.disk, data_path, ctl)?,
+            Early::QemuImg => q.commit(&v.disk, false, ctl)?,
+            Early::NotTried => native::commit(q, &v.disk, data_path, ctl)?,
         }
         if end_of_chain {
             fsio::commit_rename(&base, &v.disk)?;
