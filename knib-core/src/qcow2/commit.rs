@@ -555,14 +555,13 @@ impl Base {
                 continue;
             }
             let last_used = {
-                let block = base.block(rti)?;
+                let block = base.block(rti, false)?;
                 (0..per_block as usize).rev().find(|&k| block[2 * k] != 0 || block[2 * k + 1] != 0)
             };
             if let Some(k) = last_used {
                 base.next_free = base.next_free.max(rti as u64 * per_block + k as u64 + 1);
             }
         }
-        base.blocks.clear();
         Ok(base)
     }
 
@@ -574,8 +573,9 @@ impl Base {
         KnibError::io(what, &self.path, e)
     }
 
-    /// Refcount block `rti` (loaded, or zeros for a new one).
-    fn block(&mut self, rti: usize) -> Result<&mut Vec<u8>> {
+    /// Refcount block `rti` (loaded, or zeros for a new one), marked
+    /// changed when it is to be `written`.
+    fn block(&mut self, rti: usize, written: bool) -> Result<&mut Vec<u8>> {
         if !self.blocks.contains_key(&rti) {
             let off = self.rt.get(rti).copied().unwrap_or(0) & RT_OFFSET_MASK;
             let mut b = vec![0u8; self.cs as usize];
@@ -592,7 +592,7 @@ impl Base {
         }
         match self.blocks.get_mut(&rti) {
             Some((b, dirty)) => {
-                *dirty = true;
+                *dirty |= written;
                 Ok(b)
             }
             None => Err(KnibError::internal("refcount block cache")),
@@ -606,7 +606,7 @@ impl Base {
         if rti >= self.rt.len() || self.rt[rti] & RT_OFFSET_MASK == 0 {
             return Err(self.corrupt(format!("host cluster {c} has no refcount block")));
         }
-        let block = self.block(rti)?;
+        let block = self.block(rti, true)?;
         let old = i64::from(u16::from_be_bytes([block[2 * k], block[2 * k + 1]]));
         let new = old + delta;
         if !(0..=i64::from(u16::MAX)).contains(&new) {
