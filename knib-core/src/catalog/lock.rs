@@ -64,7 +64,13 @@ impl VmLock {
             .truncate(false)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&key)
-            .map_err(|e| KnibError::io("cannot open lock", &key, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => KnibError::corrupt(format!(
+                    "lock file {} is a symbolic link: knib follows no link inside a store",
+                    key.display()
+                )),
+                _ => KnibError::io("cannot open lock", &key, e),
+            })?;
         // SAFETY: a zeroed `flock` is a valid value; the fields set below ask
         // for a write lock on the whole file.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };

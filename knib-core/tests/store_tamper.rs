@@ -1,0 +1,447 @@
+//! A store is untrusted input (issue 13, section 3): a real store with real
+//! backups is tampered with in every kind of file it holds (manifests,
+//! state, journal, job files, settings, the qcow2 backing pointers, links
+//! at every directory level and in place of every file, stray entries), the
+//! cases generated from a fixed seed; every operation is run on each, and
+//! each must either refuse with the exact error kind naming the file, or
+//! work; and a canary directory beside the store must be unchanged, byte
+//! for byte and mtime for mtime, after every operation.
+
+mod common;
+#[path = "common/gen.rs"]
+#[allow(dead_code)]
+mod gen;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::disk::*;
+use gen::Rng;
+use knib_core::catalog::jobs::{run_jobs, RunOptions};
+use knib_core::catalog::{BackupOptions, Store};
+use knib_core::engine::CompressOptions;
+use knib_core::qemu_img::ImageFormat;
+use knib_core::{Control, ErrorKind, KnibError};
+
+const SEED: u64 = 0x5eed_0013;
+
+/// Every entry under `dir`: kind, bytes (or link target) and mtime.
+fn canary_state(dir: &Path) -> BTreeMap<PathBuf, (String, Vec<u8>, i64, i64)> {
+    let mut out = BTreeMap::new();
+    fn walk(d: &Path, out: &mut BTreeMap<PathBuf, (String, Vec<u8>, i64, i64)>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let (kind, bytes) = if m.file_type().is_symlink() {
+                ("link", std::fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes())
+            } else if m.is_dir() {
+                ("dir", Vec::new())
+            } else {
+                ("file", std::fs::read(&p).unwrap())
+            };
+            out.insert(p.clone(), (kind.to_string(), bytes, m.mtime(), m.mtime_nsec()));
+            if m.is_dir() {
+                walk(&p, out);
+            }
+        }
+    }
+    walk(dir, &mut out);
+    out
+}
+
+/// A store with three backups of two volumes (full, incremental,
+/// incremental), built once, and the disks it was taken from.
+struct Pristine {
+    _disks: TestDisks,
+    dir: tempfile::TempDir,
+    ids: Vec<String>,
+}
+
+impl Pristine {
+    fn build() -> Pristine {
+        let disks = TestDisks::two();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path().join("store")).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..3u8 {
+            qemu_io(disks.path("root"), &format!("write -P {} {}M 1M", 0x40 + i, i));
+            qemu_io(disks.path("data"), &format!("write -P {} {}M 64k", 0x50 + i, i + 1));
+            ids.push(store.backup("vm1", &disks.disks, &BackupOptions::default(), &Control::new()).unwrap().id);
+        }
+        Pristine { _disks: disks, dir, ids }
+    }
+
+    /// A fresh copy of the store in `into/store`, with a canary directory
+    /// `into/outside` beside it: a qcow2 image with data, a plain file, and
+    /// a copy of the VM's directory (a target for links).
+    fn copy(&self, into: &Path) -> (PathBuf, PathBuf) {
+        let (store, outside) = (into.join("store"), into.join("outside"));
+        let st = Command::new("cp").arg("-a").arg(self.dir.path().join("store")).arg(&store).status().unwrap();
+        assert!(st.success());
+        std::fs::create_dir(&outside).unwrap();
+        make_disk(&outside.join("victim.qcow2"), 4 << 20, &[]);
+        qemu_io(&outside.join("victim.qcow2"), "write -P 0x5a 0 1M");
+        std::fs::write(outside.join("secret"), b"not knib's").unwrap();
+        let st = Command::new("cp").arg("-a").arg(store.join("vms/vm1")).arg(outside.join("vm1")).status().unwrap();
+        assert!(st.success());
+        (store, outside)
+    }
+}
+
+/// What an operation must do on a tampered store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Want {
+    /// Fail with this kind, naming the tampered file.
+    Fail(ErrorKind),
+    /// Succeed.
+    Works,
+    /// Either (the tampering does not concern it); the canary still holds.
+    Any,
+}
+use Want::*;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    List,
+    Show,
+    Restore,
+    Compress,
+    Verify,
+    Backup,
+    Delete,
+    Jobs,
+}
+const OPS: [Op; 8] = [Op::List, Op::Show, Op::Restore, Op::Verify, Op::Compress, Op::Backup, Op::Jobs, Op::Delete];
+
+/// One tampering: what it does to the store, the text every refusal must
+/// contain (the file it names), and what each operation must do.
+struct Case {
+    name: String,
+    tamper: Box<dyn Fn(&Path, &Path)>,
+    names: String,
+    want: Box<dyn Fn(Op) -> Want>,
+}
+
+fn edit_manifest(store: &Path, id: &str, f: &dyn Fn(&mut serde_json::Value)) {
+    let p = store.join("vms/vm1").join(id).join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Replace `path` (file or directory) by a link to `target`.
+fn replace_by_link(path: &Path, target: &Path) {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path).unwrap();
+    } else {
+        std::fs::remove_file(path).unwrap();
+    }
+    symlink(target, path).unwrap();
+}
+
+fn run(op: Op, store: &Store, id: &str, scratch: &Path, disks: &TestDisks) -> Result<(), KnibError> {
+    let ctl = Control::new();
+    match op {
+        Op::List => store.list(None).map(drop),
+        Op::Show => store.show(id).map(drop),
+        Op::Restore => {
+            let to = scratch.join(format!("restored-{}.raw", rand_suffix()));
+            store.restore(id, "root", &to, ImageFormat::Raw, &ctl)
+        }
+        Op::Compress => store.compress(id, &CompressOptions::default(), &ctl).map(drop),
+        Op::Verify => {
+            let r = store.verify(Some(id), &ctl)?;
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(KnibError::corrupt(r[0].problems.join("; ")))
+            }
+        }
+        Op::Backup => store.backup("vm1", &disks.disks, &BackupOptions::default(), &ctl).map(drop),
+        Op::Delete => store.delete(id).map(drop),
+        Op::Jobs => {
+            store.queue_compression(id)?;
+            let s = run_jobs(store, &RunOptions { no_wait: true, ..Default::default() })?;
+            match store.jobs()?.last().and_then(|j| j.last_error.clone()) {
+                Some(e) if !s.done.is_empty() || !s.failed.is_empty() || !s.retried.is_empty() => {
+                    if s.done.is_empty() {
+                        Err(KnibError::corrupt(e))
+                    } else {
+                        Ok(())
+                    }
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// The escapes a tampered path may take, chosen by the seed.
+fn escape(rng: &mut Rng, outside: &Path, file: &str) -> String {
+    match rng.below(4) {
+        0 => outside.join(file).display().to_string(),
+        1 => format!("../../../outside/{file}"),
+        2 => format!("../../../../{}", outside.join(file).strip_prefix("/").unwrap().display()),
+        _ => format!("./../../../outside/{file}"),
+    }
+}
+
+fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
+    let mut out: Vec<Case> = Vec::new();
+    let last = ids[2].clone();
+    let pick = |rng: &mut Rng| ids[rng.below(3) as usize].clone();
+    let manifest_of = |id: &str| format!("vms/vm1/{id}/manifest.json");
+    // A manifest must hold plain names only.
+    for field in ["file", "backing", "parent", "id", "vm", "name", "dup_file", "unknown"] {
+        let id = if matches!(field, "backing" | "parent") { ids[1 + rng.below(2) as usize].clone() } else { pick(rng) };
+        let vol = ["root", "data"][rng.below(2) as usize];
+        let seed = rng.next();
+        let (tid, f2) = (id.clone(), field);
+        let tamper: Box<dyn Fn(&Path, &Path)> = Box::new(move |store: &Path, outside: &Path| {
+            let mut r = Rng::new(seed);
+            let p = store.join("vms/vm1").join(&tid).join("manifest.json");
+            if f2 == "dup_file" {
+                // The second `file` would win in a map; it must be refused.
+                let text = std::fs::read_to_string(&p).unwrap();
+                let evil = escape(&mut r, outside, "victim.qcow2");
+                let text = text.replacen(
+                    &format!("\"file\": \"{vol}.qcow2\""),
+                    &format!("\"file\": \"{vol}.qcow2\", \"file\": {}", serde_json::to_string(&evil).unwrap()),
+                    1,
+                );
+                std::fs::write(&p, text).unwrap();
+                return;
+            }
+            edit_manifest(store, &tid, &|m| {
+                let v = m["volumes"].as_array_mut().unwrap().iter_mut().find(|v| v["name"] == vol).unwrap();
+                let mut r = Rng::new(seed);
+                match f2 {
+                    "file" => v["file"] = escape(&mut r, outside, "victim.qcow2").into(),
+                    "backing" => v["backing"] = escape(&mut r, outside, "victim.qcow2").into(),
+                    "name" => v["name"] = "../../outside".into(),
+                    "parent" => m["parent"] = ["../../../outside", "/tmp", "..", "x/../.."][r.below(4) as usize].into(),
+                    "id" => m["id"] = "other-id".into(),
+                    "vm" => m["vm"] = "vm2".into(),
+                    _ => m["evil"] = 1.into(),
+                }
+            });
+        });
+        // The tampered backup and every backup whose chain reads it fail.
+        let pos = ids.iter().position(|i| *i == id).unwrap();
+        let (ids2, id2) = (ids.to_vec(), id.clone());
+        out.push(Case {
+            name: format!("manifest {field} of {id} ({vol})"),
+            tamper,
+            names: manifest_of(&id),
+            want: Box::new(move |op| match op {
+                Op::List => Works,
+                Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs if ids2[2] == id2 => Fail(ErrorKind::Corrupt),
+                Op::Restore | Op::Verify if pos < 2 => Fail(ErrorKind::Corrupt),
+                Op::Backup => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        });
+    }
+    // Links at every level of the store, and in place of every file.
+    let target = last.clone();
+    let vol: &'static str = ["root", "data"][rng.below(2) as usize];
+    let links: Vec<(&str, String, String, Box<dyn Fn(Op) -> Want>)> = vec![
+        ("vms", "vms".into(), "outside".into(), Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any })),
+        ("vms/vm1", "vms/vm1".into(), "outside/vm1".into(), Box::new(|op| match op {
+            Op::List => Works,
+            Op::Backup => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("backup dir", format!("vms/vm1/{target}"), format!("outside/vm1/{target}"), Box::new(move |op| match op {
+            Op::List => Works,
+            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Backup | Op::Delete | Op::Jobs => Fail(ErrorKind::Corrupt),
+        })),
+        ("volume file", format!("vms/vm1/{target}/{vol}.qcow2"), format!("outside/vm1/{target}/{vol}.qcow2"), Box::new(move |op| match op {
+            Op::List | Op::Show => Works,
+            Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("parent's volume file", format!("vms/vm1/{}/{vol}.qcow2", ids[0]), format!("outside/vm1/{}/{vol}.qcow2", ids[0]), Box::new(move |op| match op {
+            Op::List | Op::Show => Works,
+            Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("manifest", format!("vms/vm1/{target}/manifest.json"), format!("outside/vm1/{target}/manifest.json"), Box::new(move |op| match op {
+            Op::List => Works,
+            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("state", "vms/vm1/state.json".into(), "outside/vm1/state.json".into(), Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any })),
+        ("lock", "vms/vm1/.lock".into(), "outside/secret".into(), Box::new(move |op| match op {
+            Op::Backup | Op::Compress | Op::Delete => Fail(ErrorKind::Corrupt),
+            Op::List | Op::Show | Op::Restore => Works,
+            _ => Any,
+        })),
+        ("settings", "knib.json".into(), "outside/knib.json".into(), Box::new(|op| match op {
+            Op::List | Op::Show | Op::Delete => Works,
+            Op::Restore | Op::Compress | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Verify => Any,
+        })),
+        ("jobs dir", "jobs".into(), "outside/jobs".into(), Box::new(|op| if op == Op::Jobs { Fail(ErrorKind::Corrupt) } else { Any })),
+    ];
+    for (what, rel, to, want) in links {
+        let (rel2, to2) = (rel.clone(), to.clone());
+        out.push(Case {
+            name: format!("link: {what}"),
+            tamper: Box::new(move |store: &Path, outside: &Path| {
+                let at = store.join(&rel2);
+                let dest = outside.parent().unwrap().join(&to2);
+                if rel2 == "knib.json" {
+                    std::fs::write(&dest, b"{\"schema\": 1}").unwrap();
+                } else if rel2 == "jobs" {
+                    std::fs::create_dir_all(&dest).unwrap();
+                }
+                if at.exists() || std::fs::symlink_metadata(&at).is_ok() {
+                    replace_by_link(&at, &dest);
+                } else {
+                    symlink(&dest, &at).unwrap();
+                }
+            }),
+            names: rel,
+            want,
+        });
+    }
+    // The qcow2 backing pointer of a backup file, rewritten to leave the
+    // chain: restore and verify must not read through it.
+    for form in 0..3 {
+        let id = ids[1 + rng.below(2) as usize].clone();
+        let tid = id.clone();
+        let last2 = last.clone();
+        let seed = rng.next();
+        out.push(Case {
+            name: format!("qcow2 backing pointer of {id}/root.qcow2, form {form}"),
+            tamper: Box::new(move |store: &Path, outside: &Path| {
+                let mut r = Rng::new(seed);
+                let b = match form {
+                    0 => outside.join("victim.qcow2").display().to_string(),
+                    1 => format!("../{}", escape(&mut r, outside, "victim.qcow2")),
+                    _ => format!("json:{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", outside.join("victim.qcow2").display()),
+                };
+                let f = store.join("vms/vm1").join(&tid).join("root.qcow2");
+                let st = Command::new("qemu-img").args(["rebase", "-u", "-F", "qcow2", "-b"]).arg(&b).arg(&f).status().unwrap();
+                assert!(st.success());
+            }),
+            names: format!("vms/vm1/{id}/root.qcow2"),
+            want: Box::new(move |op| match op {
+                Op::List | Op::Show => Works,
+                Op::Restore | Op::Verify => Fail(ErrorKind::Corrupt),
+                Op::Compress | Op::Backup | Op::Jobs if id == last2 => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        });
+    }
+    // state.json: a head that is not a plain name, a repeated key.
+    for (what, text) in [
+        ("head escapes", format!("{{\"schema\": 1, \"head\": \"../../outside/vm1/{}\"}}", ids[2])),
+        ("repeated head", format!("{{\"schema\": 1, \"head\": \"{}\", \"head\": \"../../x\"}}", ids[2])),
+        ("unknown field", format!("{{\"schema\": 1, \"head\": \"{}\", \"evil\": 1}}", ids[2])),
+    ] {
+        out.push(Case {
+            name: format!("state: {what}"),
+            tamper: Box::new(move |store: &Path, _| std::fs::write(store.join("vms/vm1/state.json"), &text).unwrap()),
+            names: "vms/vm1/state.json".into(),
+            want: Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any }),
+        });
+    }
+    // Settings: a key given twice.
+    out.push(Case {
+        name: "settings: repeated key".into(),
+        tamper: Box::new(|store: &Path, _| {
+            std::fs::write(store.join("knib.json"), "{\"schema\": 1, \"knib.data.path\": \"native\", \"knib.data.path\": \"qemu-img\"}").unwrap()
+        }),
+        names: "knib.json".into(),
+        want: Box::new(|op| match op {
+            Op::Restore | Op::Compress | Op::Backup | Op::Jobs => Fail(ErrorKind::InvalidInput),
+            _ => Any,
+        }),
+    });
+    out
+}
+
+fn check(case: &Case, op: Op, r: &Result<(), KnibError>) {
+    let ctx = format!("{} / {op:?}", case.name);
+    match ((case.want)(op), r) {
+        (Fail(kind), Err(e)) => {
+            assert_eq!(e.kind, kind, "{ctx}: {e}");
+            assert!(e.message.contains(&case.names), "{ctx}: the error must name {}: {e}", case.names);
+        }
+        (Fail(kind), Ok(())) => panic!("{ctx}: must fail with {kind}, but worked"),
+        (Works, Err(e)) => panic!("{ctx}: must work: {e}"),
+        _ => {}
+    }
+}
+
+#[test]
+fn tampered_stores_are_refused_and_nothing_outside_is_touched() {
+    let pristine = Pristine::build();
+    let mut rng = Rng::new(SEED);
+    let all = cases(&mut rng, &pristine.ids);
+    let mut failures = Vec::new();
+    for case in &all {
+        for op in OPS {
+            let work = tempfile::tempdir().unwrap();
+            let (root, outside) = pristine.copy(work.path());
+            (case.tamper)(&root, &outside);
+            let before = canary_state(&outside);
+            let store = Store::open(&root).unwrap();
+            let r = run(op, &store, &pristine.ids[2], work.path(), &pristine._disks);
+            let after = canary_state(&outside);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check(case, op, &r);
+                assert_eq!(before, after, "{} / {op:?}: the canary beside the store changed ({r:?})", case.name);
+            }));
+            if let Err(p) = result {
+                let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
+                failures.push(msg);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} checks failed:\n{}", failures.len(), all.len() * OPS.len(), failures.join("\n"));
+}
+
+#[test]
+fn stray_entries_are_skipped_by_list_and_delete() {
+    let pristine = Pristine::build();
+    let work = tempfile::tempdir().unwrap();
+    let (root, outside) = pristine.copy(work.path());
+    let before = canary_state(&outside);
+    let vm = root.join("vms/vm1");
+    std::fs::create_dir(root.join("vms/lost+found")).unwrap();
+    std::fs::create_dir(vm.join("lost+found")).unwrap();
+    std::fs::create_dir(vm.join("20260101-000000000-0000")).unwrap();
+    std::fs::write(vm.join("notes.txt"), b"x").unwrap();
+    std::fs::create_dir(vm.join("garbage")).unwrap();
+    std::fs::write(vm.join("garbage/manifest.json"), b"{ not json").unwrap();
+    symlink(outside.join("vm1"), root.join("vms/vm9")).unwrap();
+    let store = Store::open(&root).unwrap();
+    let ids: Vec<String> = store.list(None).unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, pristine.ids, "the three backups, and nothing else");
+    let e = store.show("garbage").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("vms/vm1/garbage/manifest.json"), "{e}");
+    // The last backup goes; the unreadable manifest might be its child, so
+    // its files are kept, marked removed.
+    let out = store.delete(&pristine.ids[2]).unwrap();
+    assert_eq!(out.marked_removed, vec![pristine.ids[2].clone()], "{out:?}");
+    assert_eq!(store.list(Some("vm1")).unwrap().len(), 2);
+    std::fs::remove_dir_all(vm.join("garbage")).unwrap();
+    let out = store.delete(&pristine.ids[1]).unwrap();
+    assert_eq!(out.marked_removed, vec![pristine.ids[1].clone()], "{out:?}");
+    assert_eq!(store.list(Some("vm1")).unwrap().len(), 1);
+    assert_eq!(canary_state(&outside), before);
+}
