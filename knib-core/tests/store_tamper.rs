@@ -632,3 +632,49 @@ fn an_api_request_with_a_key_given_twice_is_invalid() {
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
     assert!(e.message.contains("given twice"), "{e}");
 }
+
+/// Job files: an id, VM or backup that is not a plain name, a key given
+/// twice, a link in place of the file or of the jobs directory: `corrupt`
+/// naming the file, and the runner touches nothing outside.
+#[test]
+fn tampered_job_files_are_corrupt() {
+    let pristine = Pristine::build();
+    let mut rng = Rng::new(SEED ^ 2);
+    let kinds = ["backup", "vm", "given twice", "link", "unknown"];
+    for round in 0..kinds.len() * 2 {
+        let what = kinds[(round + rng.below(kinds.len() as u64) as usize) % kinds.len()];
+        let work = tempfile::tempdir().unwrap();
+        let (root, outside) = pristine.copy(work.path());
+        let store = Store::open(&root).unwrap();
+        let job = store.queue_validation(&pristine.ids[rng.below(3) as usize]).unwrap();
+        let file = root.join("jobs").join(format!("{}.json", job.id));
+        let text = std::fs::read_to_string(&file).unwrap();
+        let escape = escape(&mut rng, &outside, "vm1");
+        match what {
+            "backup" | "vm" => {
+                let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v[what] = escape.into();
+                std::fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+            }
+            "given twice" => {
+                let t = text.replacen("\"backup\":", &format!("\"backup\": {:?}, \"backup\":", escape), 1);
+                std::fs::write(&file, t).unwrap();
+            }
+            "link" => {
+                std::fs::write(outside.join("job.json"), &text).unwrap();
+                replace_by_link(&file, &outside.join("job.json"));
+            }
+            _ => {
+                let t = text.replacen('{', "{\"evil\": 1, ", 1);
+                std::fs::write(&file, t).unwrap();
+            }
+        }
+        let before = canary_state(&outside);
+        let e = store.jobs().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.message.contains(&file.display().to_string()), "{what}: {e}");
+        let e = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
+        assert_canary(&before, &canary_state(&outside), what);
+    }
+}
