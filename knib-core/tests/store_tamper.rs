@@ -9,7 +9,6 @@
 
 mod common;
 #[path = "common/gen.rs"]
-#[allow(dead_code)]
 mod gen;
 
 use std::collections::BTreeMap;
@@ -131,13 +130,18 @@ enum Op {
 }
 const OPS: [Op; 8] = [Op::List, Op::Show, Op::Restore, Op::Verify, Op::Compress, Op::Backup, Op::Jobs, Op::Delete];
 
+/// Tampers with a store (its root, the canary directory beside it).
+type Tamper = Box<dyn Fn(&Path, &Path)>;
+/// What each operation must do after a tampering.
+type WantFn = Box<dyn Fn(Op) -> Want>;
+
 /// One tampering: what it does to the store, the text every refusal must
 /// contain (the file it names), and what each operation must do.
 struct Case {
     name: String,
-    tamper: Box<dyn Fn(&Path, &Path)>,
+    tamper: Tamper,
     names: String,
-    want: Box<dyn Fn(Op) -> Want>,
+    want: WantFn,
 }
 
 fn edit_manifest(store: &Path, id: &str, f: &dyn Fn(&mut serde_json::Value)) {
@@ -221,7 +225,7 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
         let vol = ["root", "data"][rng.below(2) as usize];
         let seed = rng.next();
         let (tid, f2) = (id.clone(), field);
-        let tamper: Box<dyn Fn(&Path, &Path)> = Box::new(move |store: &Path, outside: &Path| {
+        let tamper: Tamper = Box::new(move |store: &Path, outside: &Path| {
             let mut r = Rng::new(seed);
             let p = store.join("vms/vm1").join(&tid).join("manifest.json");
             if f2 == "dup_file" {
@@ -269,7 +273,7 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
     // Links at every level of the store, and in place of every file.
     let target = last.clone();
     let vol: &'static str = ["root", "data"][rng.below(2) as usize];
-    let links: Vec<(&str, String, String, Box<dyn Fn(Op) -> Want>)> = vec![
+    let links: Vec<(&str, String, String, WantFn)> = vec![
         ("vms", "vms".into(), "outside".into(), Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any })),
         ("vms/vm1", "vms/vm1".into(), "outside/vm1".into(), Box::new(|op| match op {
             Op::List => Works,
@@ -494,7 +498,9 @@ mod journal {
 
     /// Every way a journal's plan can name a file knib did not name,
     /// chosen from the seed: (field, tampering).
-    fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, Box<dyn Fn(&mut LivePlan)>)> {
+    type PlanEdit = Box<dyn Fn(&mut LivePlan)>;
+
+    fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
         let c = canary.join("secret");
         let c2 = c.clone();
         let c3 = c.clone();
@@ -588,7 +594,7 @@ mod journal {
         let j = serde_json::to_string(&serde_json::json!({"schema": 1, "step": "copy", "plan": good})).unwrap();
         let evil = serde_json::to_string(&outside.join("other")).unwrap();
         texts.push(("given twice".into(), j.replacen("\"new_delta\":", &format!("\"new_delta\":{evil},\"new_delta\":"), 1)));
-        texts.push(("given twice".into(), j.replacen("\"plan\":", &format!("\"plan\":{{}},\"plan\":"), 1)));
+        texts.push(("given twice".into(), j.replacen("\"plan\":", "\"plan\":{},\"plan\":", 1)));
         for (what, text) in &texts {
             std::fs::write(&journal, text).unwrap();
             let before = canary_state(&outside);
