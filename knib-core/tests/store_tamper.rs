@@ -460,9 +460,15 @@ fn stray_entries_are_skipped_by_list_and_delete() {
     assert_eq!(out.marked_removed, vec![pristine.ids[2].clone()], "{out:?}");
     assert_eq!(store.list(Some("vm1")).unwrap().len(), 2);
     std::fs::remove_dir_all(vm.join("garbage")).unwrap();
+    // Leftovers of an interrupted operation that are links: the link goes,
+    // never what it points to.
+    symlink(outside.join("vm1"), vm.join(".20260101-000000000-0001.part")).unwrap();
+    symlink(outside.join("secret"), vm.join(".20260101-000000000-0002.deleting")).unwrap();
     let out = store.delete(&pristine.ids[1]).unwrap();
     assert_eq!(out.marked_removed, vec![pristine.ids[1].clone()], "{out:?}");
     assert_eq!(store.list(Some("vm1")).unwrap().len(), 1);
+    assert!(std::fs::symlink_metadata(vm.join(".20260101-000000000-0001.part")).is_err());
+    assert!(std::fs::symlink_metadata(vm.join(".20260101-000000000-0002.deleting")).is_err());
     assert_canary(&before, &canary_state(&outside), "stray entries");
 }
 
