@@ -289,6 +289,8 @@ impl BackupView {
 }
 
 pub(crate) fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
+    crate::json::check_unique_keys(json.as_bytes())
+        .map_err(|e| KnibError::invalid(format!("request of {op} is not valid JSON: {e}")))?;
     let v: Value = serde_json::from_str(json)
         .map_err(|e| KnibError::invalid(format!("request of {op} is not valid JSON: {e}")))?;
     if !v.is_object() {

@@ -39,11 +39,13 @@ pub fn commit_rename(from: &Path, to: &Path) -> Result<()> {
 /// of the directory. Readers see the old content or the new, never a part.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
+    // A stale temporary (or a link planted under its name) is removed, and
+    // the new one made with O_EXCL, which follows no link.
+    remove_if_exists(&tmp)?;
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .open(&tmp)
             .map_err(|e| KnibError::io("cannot create", &tmp, e))?;
         f.write_all(data).map_err(|e| KnibError::io("cannot write", &tmp, e))?;

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod fsio;
+pub mod json;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod names;

@@ -234,9 +234,25 @@ pub struct Job {
 
 impl Job {
     /// Read and check a job file.
+    ///
+    /// The file is untrusted: a link is not followed, a key given twice or
+    /// unknown is refused, and its id, VM and backup must be plain names
+    /// ([`crate::names`]); anything else is [`ErrorKind::Corrupt`].
     pub fn load(path: &Path) -> Result<Job> {
-        let text = fs::read(path).map_err(|e| KnibError::io("cannot read job", path, e))?;
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let corrupt = |what: String| KnibError::corrupt(format!("job file {} {what}", path.display()));
+        let mut text = Vec::new();
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|mut f| f.read_to_end(&mut text))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => corrupt("is a symbolic link: knib follows no link inside a store".into()),
+                _ => KnibError::io("cannot read job", path, e),
+            })?;
+        crate::json::check_unique_keys(&text).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
         let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
         match v.get("schema").and_then(|s| s.as_u64()) {
             Some(s) if s == JOB_SCHEMA as u64 => {}
@@ -253,6 +269,9 @@ impl Job {
             }
         }
         let job: Job = serde_json::from_value(v).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
+        for (field, what, value) in [("id", "job id", &job.id), ("vm", "VM name", &job.vm), ("backup", "backup id", &job.backup)] {
+            names::validate(what, value).map_err(|e| corrupt(format!("field `{field}`: {}", e.message)))?;
+        }
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         if job.id != stem {
             return Err(corrupt(format!("holds job {:?}, not {stem:?}", job.id)));
@@ -361,13 +380,17 @@ struct QueueLock {
 }
 
 fn lock_queue(dir: &Path) -> Result<QueueLock> {
-    fs::create_dir_all(dir).map_err(|e| KnibError::io("cannot create", dir, e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // `dir` is `<store>/jobs`: a real directory of the store, never a link.
+    let root = dir.parent().unwrap_or(Path::new("."));
+    super::confine::ensure_dir(root, Path::new(JOBS_DIR), "jobs directory")?;
     let path = dir.join(".lock");
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| KnibError::io("cannot open lock", &path, e))?;
     loop {
@@ -766,6 +789,19 @@ fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
     let ctl = job_control(v.timeout_secs, cancel);
     let work = store.jobs_dir().join(format!(".{}.work", job.id));
     let shot = screenshot_path(store, &job.id);
+    // Both names are knib's own; whatever is there (a leftover, or a link
+    // planted to make the boot test write elsewhere) goes first.
+    let leftovers = (|| -> Result<()> {
+        match fs::symlink_metadata(&work) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&work).map_err(|e| KnibError::io("cannot remove", &work, e))?,
+            Ok(_) => fsio::remove_if_exists(&work)?,
+            Err(_) => {}
+        }
+        fsio::remove_if_exists(&shot)
+    })();
+    if let Err(e) = leftovers {
+        return failed(store, job, cancel, e);
+    }
     let r = store.validate(&job.backup, v, &work, Some(&shot), &ctl);
     let _ = fs::remove_dir_all(&work);
     match r {

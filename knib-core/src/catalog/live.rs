@@ -17,6 +17,7 @@ use crate::progress::Control;
 
 /// The journal of a backup in progress.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Journal {
     /// Schema version (1).
     pub schema: u32,
@@ -50,12 +51,12 @@ impl Store {
 
     fn load_journal(&self, vm: &str) -> Result<Option<Journal>> {
         let p = self.journal_path(vm);
-        match fs::read(&p) {
-            Ok(t) => serde_json::from_slice(&t)
+        let rel = std::path::Path::new("vms").join(vm).join("journal.json");
+        match super::confine::read(&self.root, &rel, "journal")? {
+            Some(t) => crate::json::from_slice(&t)
                 .map(Some)
                 .map_err(|e| KnibError::corrupt(format!("journal {} is corrupted: {e}", p.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(KnibError::io("cannot read", &p, e)),
+            None => Ok(None),
         }
     }
 
@@ -177,6 +178,15 @@ impl Store {
                 report: RecoverReport::default(),
             });
         };
+        // The journal is untrusted: its paths must be the domain's own disks
+        // and the deltas knib names for them before anything is touched.
+        let running = vm.is_running()?;
+        let mut chains = Vec::new();
+        for d in vm.disks()? {
+            let chain = live::chain_of(&self.qemu_img, running, &d, ctl)?;
+            chains.push((d.target.clone(), chain));
+        }
+        super::journal_check::check_plan(&j.plan, &self.journal_path(&name), &name, &chains)?;
         let published = self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists();
         let report = live::recover(&self.qemu_img, vm, &j.plan, published, ctl)?;
         fsio::remove_if_exists(&self.journal_path(&name))?;

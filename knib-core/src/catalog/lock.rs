@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -54,13 +55,22 @@ impl VmLock {
         if let Some(holder) = map.get(&key) {
             return Err(busy(vm, holder));
         }
+        // No link is followed: the lock file lives in the store, and a link
+        // there must not make knib write elsewhere.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&key)
-            .map_err(|e| KnibError::io("cannot open lock", &key, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => KnibError::corrupt(format!(
+                    "lock file {} is a symbolic link: knib follows no link inside a store",
+                    key.display()
+                )),
+                _ => KnibError::io("cannot open lock", &key, e),
+            })?;
         // SAFETY: a zeroed `flock` is a valid value; the fields set below ask
         // for a write lock on the whole file.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::BackupKind;
 use crate::error::{KnibError, Result};
 use crate::fsio;
+use crate::names;
 use crate::qemu_img::CompressionLibrary;
 
 /// The manifest schema this version of knib writes and reads.
@@ -15,6 +16,7 @@ pub const MANIFEST_SCHEMA: u32 = 1;
 
 /// One volume of a backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VolumeEntry {
     /// The volume's name.
     pub name: String,
@@ -24,7 +26,8 @@ pub struct VolumeEntry {
     pub virtual_size: u64,
     /// Size of the backup file in bytes.
     pub size: u64,
-    /// The disk it was taken from.
+    /// The disk it was taken from. Only compared with the disks a backup
+    /// is asked for (never opened, read or written through).
     pub source: String,
     /// Backing pointer written in the file (`../<parent>/<file>`), if any.
     pub backing: Option<String>,
@@ -36,6 +39,7 @@ pub struct VolumeEntry {
 
 /// Compression of a backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CompressionInfo {
     /// The library used.
     pub library: CompressionLibrary,
@@ -47,6 +51,7 @@ pub struct CompressionInfo {
 
 /// The record of one backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// Schema version ([`MANIFEST_SCHEMA`]).
     pub schema: u32,
@@ -100,19 +105,74 @@ impl Manifest {
         }
     }
 
-    /// Read and check a manifest.
+    /// Read and check a manifest (see [`Manifest::parse`]).
     pub fn load(path: &Path) -> Result<Manifest> {
         let text = std::fs::read(path).map_err(|e| KnibError::io("cannot read manifest", path, e))?;
-        let m: Manifest = serde_json::from_slice(&text)
-            .map_err(|e| KnibError::corrupt(format!("manifest {} is corrupted: {e}", path.display())))?;
+        Manifest::parse(&text, path)
+    }
+
+    /// Parse and check the manifest read from `origin`: JSON without
+    /// unknown or repeated keys, this schema, and every name in it a plain
+    /// name ([`crate::names`]): the id, the VM, the parent, each volume's
+    /// name and file, and a backing pointer that is exactly
+    /// `../<parent>/<file>`. Anything else is [`crate::ErrorKind::Corrupt`]
+    /// naming the manifest and the field.
+    pub fn parse(text: &[u8], origin: &Path) -> Result<Manifest> {
+        let m: Manifest = crate::json::from_slice(text)
+            .map_err(|e| KnibError::corrupt(format!("manifest {} is corrupted: {e}", origin.display())))?;
         if m.schema != MANIFEST_SCHEMA {
             return Err(KnibError::corrupt(format!(
                 "manifest {} has schema {}; this knib reads schema {MANIFEST_SCHEMA}",
-                path.display(),
+                origin.display(),
                 m.schema
             )));
         }
+        m.check_names(origin)?;
         Ok(m)
+    }
+
+    fn check_names(&self, origin: &Path) -> Result<()> {
+        let bad = |field: &str, why: String| {
+            KnibError::corrupt(format!("manifest {}: field `{field}`: {why}", origin.display()))
+        };
+        let name = |field: &str, what: &str, v: &str| names::validate(what, v).map_err(|e| bad(field, e.message));
+        name("id", "backup id", &self.id)?;
+        name("vm", "VM name", &self.vm)?;
+        if let Some(p) = &self.parent {
+            name("parent", "backup id", p)?;
+            if p == &self.id {
+                return Err(bad("parent", format!("backup {p} names itself as its parent")));
+            }
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            name(&format!("volumes[{i}].name"), "volume name", &v.name)?;
+            name(&format!("volumes[{i}].file"), "volume file name", &v.file)?;
+            if self.volumes[..i].iter().any(|o| o.name == v.name) {
+                return Err(bad(&format!("volumes[{i}].name"), format!("volume {:?} is listed twice", v.name)));
+            }
+            let field = format!("volumes[{i}].backing");
+            match (&self.parent, &v.backing) {
+                (None, None) => {}
+                (None, Some(b)) => return Err(bad(&field, format!("{b:?} is set, but the backup has no parent"))),
+                (Some(p), None) => return Err(bad(&field, format!("is missing: the backup's parent is {p}"))),
+                (Some(p), Some(b)) => {
+                    let file = b
+                        .strip_prefix("../")
+                        .and_then(|r| r.strip_prefix(p.as_str()))
+                        .and_then(|r| r.strip_prefix('/'))
+                        .ok_or_else(|| bad(&field, format!("{b:?} is not ../{p}/<file>")))?;
+                    name(&field, "backing file name", file)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The parent's file that volume `v`'s backing pointer names, if any
+    /// (the part after `../<parent>/`, checked by [`Manifest::parse`]).
+    pub fn backing_file_name<'a>(&self, v: &'a VolumeEntry) -> Option<&'a str> {
+        let (b, p) = (v.backing.as_deref()?, self.parent.as_deref()?);
+        b.strip_prefix("../")?.strip_prefix(p)?.strip_prefix('/')
     }
 
     /// Write a manifest atomically.

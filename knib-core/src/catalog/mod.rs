@@ -23,8 +23,21 @@
 //!   it removed, and it is expunged when its last child goes. Deleting the
 //!   head makes the next backup a full one.
 //! - Caller names (VM, volume, backup id) are checked by [`crate::names`].
+//! - Everything read back from the store is untrusted ([`confine`]): the
+//!   store's directories and files are opened without following any link
+//!   below the root; manifests, `state.json`, journals, job files and
+//!   `knib.json` refuse unknown and repeated keys; every name in them is a
+//!   plain name; a manifest must sit at `vms/<its vm>/<its id>/`; and a
+//!   backup file's qcow2 backing pointer must be exactly the
+//!   `../<parent>/<file>` its manifest and its parent's say before any
+//!   chain is read through it. A stray entry (a directory without a
+//!   manifest, `lost+found`, a manifest that does not parse) is skipped
+//!   with a warning by `list` and `delete`; `show` of it says `corrupt`.
 
+pub(crate) mod confine;
 pub mod jobs;
+#[cfg(feature = "libvirt")]
+pub mod journal_check;
 #[cfg(feature = "libvirt")]
 pub mod live;
 pub mod lock;
@@ -37,6 +50,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use confine::Want;
 
 use crate::engine::{self, BackupKind, CompressOptions, TakeBackupRequest, VolumeBackup};
 use crate::error::{ErrorKind, KnibError, Result};
@@ -95,6 +110,7 @@ pub(crate) fn compressed_as_copied(vols: &[engine::VolumeResult]) -> Option<Comp
 
 /// Per-VM state: which backup primary's deltas are relative to.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VmState {
     schema: u32,
     head: Option<String>,
@@ -145,7 +161,8 @@ impl Store {
     /// Open (and create if needed) a store at `root`.
     pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
-        fs::create_dir_all(root.join("vms")).map_err(|e| KnibError::io("cannot create store", &root, e))?;
+        fs::create_dir_all(&root).map_err(|e| KnibError::io("cannot create store", &root, e))?;
+        confine::ensure_dir(&root, Path::new("vms"), "store directory")?;
         Ok(Store { root, qemu_img: QemuImg::new() })
     }
 
@@ -172,6 +189,31 @@ impl Store {
         self.root.join("vms").join(vm)
     }
 
+    /// `vm_dir` relative to the root, for [`confine`].
+    fn vm_rel(vm: &str) -> PathBuf {
+        Path::new("vms").join(vm)
+    }
+
+    /// The manifest of backup `id` of `vm`, read without following links;
+    /// it must name that VM and id (else someone moved it there).
+    fn load_manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
+        names::validate("backup id", id)?;
+        let rel = Self::vm_rel(vm).join(id).join("manifest.json");
+        let path = self.root.join(&rel);
+        let text = confine::read(&self.root, &rel, "manifest")?
+            .ok_or_else(|| KnibError::not_found(format!("manifest {} does not exist", path.display())))?;
+        let m = Manifest::parse(&text, &path)?;
+        if m.vm != vm || m.id != id {
+            return Err(KnibError::corrupt(format!(
+                "manifest {} is the manifest of backup {} of VM {}, not of {id} of {vm}",
+                path.display(),
+                m.id,
+                m.vm
+            )));
+        }
+        Ok(m)
+    }
+
     /// The directory of a backup.
     pub fn backup_dir(&self, m: &Manifest) -> PathBuf {
         self.vm_dir(&m.vm).join(&m.id)
@@ -186,7 +228,7 @@ impl Store {
     pub fn lock_vm(&self, vm: &str, operation: &str) -> Result<VmLock> {
         names::validate("VM name", vm)?;
         let dir = self.vm_dir(vm);
-        fs::create_dir_all(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
+        confine::ensure_dir(&self.root, &Self::vm_rel(vm), "VM directory")?;
         let lock = VmLock::acquire(&dir.join(".lock"), vm, operation)?;
         self.sweep_partials(vm)?;
         Ok(lock)
@@ -200,7 +242,8 @@ impl Store {
             if n.starts_with('.') && (n.ends_with(".part") || n.ends_with(".deleting")) {
                 log::warn!("removing {} left by an interrupted operation", e.path().display());
                 let p = e.path();
-                if p.is_dir() {
+                // A link is removed itself, never what it points to.
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
                     fs::remove_dir_all(&p).map_err(|e| KnibError::io("cannot remove", &p, e))?;
                 } else {
                     fsio::remove_if_exists(&p)?;
@@ -212,12 +255,17 @@ impl Store {
 
     fn load_state(&self, vm: &str) -> Result<VmState> {
         let p = self.vm_dir(vm).join("state.json");
-        match fs::read(&p) {
-            Ok(t) => serde_json::from_slice(&t)
-                .map_err(|e| KnibError::corrupt(format!("state file {} is corrupted: {e}", p.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(VmState { schema: 1, head: None }),
-            Err(e) => Err(KnibError::io("cannot read", &p, e)),
+        let Some(t) = confine::read(&self.root, &Self::vm_rel(vm).join("state.json"), "state file")? else {
+            return Ok(VmState { schema: 1, head: None });
+        };
+        let st: VmState = crate::json::from_slice(&t)
+            .map_err(|e| KnibError::corrupt(format!("state file {} is corrupted: {e}", p.display())))?;
+        if let Some(h) = &st.head {
+            names::validate("backup id", h).map_err(|e| {
+                KnibError::corrupt(format!("state file {}: field `head`: {}", p.display(), e.message))
+            })?;
         }
+        Ok(st)
     }
 
     fn save_state(&self, vm: &str, st: &VmState) -> Result<()> {
@@ -234,31 +282,61 @@ impl Store {
         }
         for e in fs::read_dir(&dir).map_err(|e| KnibError::io("cannot list", &dir, e))?.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if e.path().is_dir() && names::validate("VM name", &n).is_ok() {
-                out.push(n);
+            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            match names::validate("VM name", &n) {
+                Ok(()) if real_dir => out.push(n),
+                Ok(()) => log::warn!("skipping {}: not a directory (a VM's entry must be one)", e.path().display()),
+                Err(_) => log::warn!("skipping {}: not a VM of this store", e.path().display()),
             }
         }
         out.sort();
         Ok(out)
     }
 
-    /// Every backup of `vm` (removed ones too), oldest first.
+    /// Every backup of `vm` (removed ones too), oldest first. Stray entries
+    /// are skipped with a warning (see [`Store::scan_backups`]).
     pub fn manifests(&self, vm: &str) -> Result<Vec<Manifest>> {
+        Ok(self.scan_backups(vm)?.0)
+    }
+
+    /// Every backup of `vm`, oldest first, and the names of the entries
+    /// that look like backups but whose manifest cannot be read (they may
+    /// be backups: a delete must not take their parent away). Other stray
+    /// entries (a directory without a manifest, `lost+found`, a file or a
+    /// link where a backup directory would be) are skipped; each skip is
+    /// logged as a warning.
+    pub fn scan_backups(&self, vm: &str) -> Result<(Vec<Manifest>, Vec<String>)> {
         names::validate("VM name", vm)?;
         let dir = self.vm_dir(vm);
         let mut out = Vec::new();
-        if !dir.is_dir() {
-            return Ok(out);
+        let mut unreadable = Vec::new();
+        match confine::check(&self.root, &Self::vm_rel(vm), Want::Dir, "VM directory") {
+            Err(e) if e.kind == ErrorKind::NotFound => return Ok((out, unreadable)),
+            r => r?,
         }
         for e in fs::read_dir(&dir).map_err(|e| KnibError::io("cannot list", &dir, e))?.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            if n.starts_with('.') || !e.path().is_dir() {
+            let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if n.starts_with('.') || (!real_dir && matches!(n.as_str(), "state.json" | "journal.json")) {
                 continue;
             }
-            out.push(Manifest::load(&e.path().join("manifest.json"))?);
+            if !real_dir || names::validate("backup id", &n).is_err() {
+                log::warn!("skipping {}: not a backup of this store", e.path().display());
+                continue;
+            }
+            match self.load_manifest(vm, &n) {
+                Ok(m) => out.push(m),
+                Err(err) if err.kind == ErrorKind::NotFound => {
+                    log::warn!("skipping {}: a directory without a manifest", e.path().display());
+                }
+                Err(err) => {
+                    log::warn!("skipping {}: {err}", e.path().display());
+                    unreadable.push(n);
+                }
+            }
         }
         out.sort_by(|a, b| (a.created.as_str(), a.id.as_str()).cmp(&(b.created.as_str(), b.id.as_str())));
-        Ok(out)
+        Ok((out, unreadable))
     }
 
     /// Backups of one VM, or of all, oldest first; removed backups are left
@@ -279,9 +357,9 @@ impl Store {
     pub fn find(&self, id: &str) -> Result<Manifest> {
         names::validate("backup id", id)?;
         for vm in self.vms()? {
-            let p = self.vm_dir(&vm).join(id).join("manifest.json");
-            if p.exists() {
-                return Manifest::load(&p);
+            match self.load_manifest(&vm, id) {
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                r => return r,
             }
         }
         Err(KnibError::not_found(format!("backup {id} does not exist in store {}", self.root.display())))
@@ -303,11 +381,10 @@ impl Store {
         let mut chain = vec![m.clone()];
         let mut cur = m.clone();
         while let Some(p) = cur.parent.clone() {
-            let pm = Manifest::load(&self.vm_dir(&m.vm).join(&p).join("manifest.json"))
-                .map_err(|e| e.context(format!("parent {p} of backup {}", cur.id)))?;
-            if chain.len() > 100_000 {
-                return Err(KnibError::corrupt(format!("backup {} has a parent loop", m.id)));
+            if chain.iter().any(|c| c.id == p) {
+                return Err(KnibError::corrupt(format!("backup {} has a parent loop (through {p})", m.id)));
             }
+            let pm = self.load_manifest(&m.vm, &p).map_err(|e| e.context(format!("parent {p} of backup {}", cur.id)))?;
             chain.push(pm.clone());
             cur = pm;
         }
@@ -315,18 +392,45 @@ impl Store {
         Ok(chain)
     }
 
-    /// Files of volume `volume` of `m`'s chain, root first; each must exist.
+    /// Files of volume `volume` of `m`'s chain, root first; each must exist
+    /// as a regular file of the store (no link on the way), and its qcow2
+    /// backing pointer must be exactly what the manifests say
+    /// (`../<parent>/<parent's file>`, none for the root), so that a reader
+    /// following the pointers stays inside the chain.
     pub fn chain_files(&self, m: &Manifest, volume: &str) -> Result<Vec<PathBuf>> {
-        let mut files = Vec::new();
+        let mut files: Vec<PathBuf> = Vec::new();
+        let mut below: Option<(String, String)> = None;
         for b in self.chain(m)? {
-            let f = self.volume_file(&b, volume)?;
-            if !f.exists() {
-                return Err(KnibError::not_found(format!(
-                    "backup {}: file {} of volume {volume} is missing from the store",
-                    b.id,
+            let v = b.volume(volume)?;
+            let rel = Self::vm_rel(&b.vm).join(&b.id).join(&v.file);
+            let f = self.root.join(&rel);
+            let file = confine::open(&self.root, &rel, Want::File, "backup file").map_err(|e| {
+                if e.kind == ErrorKind::NotFound {
+                    KnibError::not_found(format!(
+                        "backup {}: file {} of volume {volume} is missing from the store",
+                        b.id,
+                        f.display()
+                    ))
+                } else {
+                    e
+                }
+            })?;
+            let want = below.as_ref().map(|(id, file)| format!("../{id}/{file}"));
+            if v.backing != want {
+                return Err(KnibError::corrupt(format!(
+                    "manifest of backup {}: volume {volume} has backing {:?}, but its parent's file is {:?}",
+                    b.id, v.backing, want
+                )));
+            }
+            let header = backing_pointer(&file, &f)?;
+            if header != want {
+                return Err(KnibError::corrupt(format!(
+                    "backup file {}: its qcow2 backing pointer is {header:?}, the manifest says {want:?}; \
+                     knib reads no chain the manifests do not describe",
                     f.display()
                 )));
             }
+            below = Some((b.id.clone(), v.file.clone()));
             files.push(f);
         }
         Ok(files)
@@ -427,7 +531,7 @@ impl Store {
         let mut parent: Option<Manifest> = None;
         if !opts.isolated && !opts.full && opts.chain_size != 1 {
             if let Some(head_id) = &state.head {
-                let head = Manifest::load(&self.vm_dir(vm).join(head_id).join("manifest.json"))?;
+                let head = self.load_manifest(vm, head_id)?;
                 let same_disks = head.volumes.len() == sources.len()
                     && sources.iter().all(|(name, path)| {
                         head.volumes.iter().any(|v| &v.name == name && Path::new(&v.source) == path.as_path())
@@ -641,7 +745,7 @@ impl Store {
         let m = self.show(id)?;
         let _lock = self.lock_vm(&m.vm, &format!("delete of {id}"))?;
         self.refuse_while_validated(id)?;
-        let all = self.manifests(&m.vm)?;
+        let (all, unreadable) = self.scan_backups(&m.vm)?;
         let mut m = all
             .iter()
             .find(|x| x.id == id && !x.removed)
@@ -652,7 +756,14 @@ impl Store {
         let children = |x: &str, gone: &[String]| {
             all.iter().filter(|c| c.parent.as_deref() == Some(x) && !gone.contains(&c.id)).count()
         };
-        if children(&m.id, &outcome.expunged) > 0 {
+        if !unreadable.is_empty() {
+            log::warn!(
+                "VM {}: the manifests of {} cannot be read; they may depend on backup {id}, so it is kept on disk",
+                m.vm,
+                unreadable.join(", ")
+            );
+        }
+        if children(&m.id, &outcome.expunged) > 0 || !unreadable.is_empty() {
             m.removed = true;
             m.save(&self.backup_dir(&m).join("manifest.json"))?;
             outcome.marked_removed.push(m.id.clone());
@@ -667,7 +778,7 @@ impl Store {
                 outcome.expunged.push(x.id.clone());
                 if let Some(p) = &x.parent {
                     if let Some(pm) = all.iter().find(|a| &a.id == p) {
-                        if pm.removed && children(&pm.id, &outcome.expunged) == 0 {
+                        if pm.removed && children(&pm.id, &outcome.expunged) == 0 && unreadable.is_empty() {
                             cur = Some(pm.clone());
                         }
                     }
@@ -679,9 +790,26 @@ impl Store {
 
     fn expunge(&self, m: &Manifest) -> Result<()> {
         let dir = self.backup_dir(m);
+        confine::check(&self.root, &Self::vm_rel(&m.vm).join(&m.id), Want::Dir, "backup directory")?;
         let trash = self.vm_dir(&m.vm).join(format!(".{}.deleting", m.id));
         fs::rename(&dir, &trash).map_err(|e| KnibError::io("cannot remove", &dir, e))?;
         fsio::sync_dir(&self.vm_dir(&m.vm))?;
         fs::remove_dir_all(&trash).map_err(|e| KnibError::io("cannot remove", &trash, e))
     }
+}
+
+/// The backing file name in the qcow2 header of `file` (opened, confined,
+/// as `path`), read with knib's own header parser.
+fn backing_pointer(file: &fs::File, path: &Path) -> Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.len();
+    let mut start = [0u8; 24];
+    let n = file.read_at(&mut start, 0).map_err(|e| KnibError::io("cannot read", path, e))?;
+    let mut prefix = vec![0u8; crate::qcow2::header_prefix_len(&start[..n], len)];
+    file.read_exact_at(&mut prefix, 0).map_err(|e| KnibError::io("cannot read", path, e))?;
+    let h = crate::qcow2::Header::parse(&path.display().to_string(), &prefix, len).map_err(|e| {
+        // A file of the store that knib cannot read as its own is damaged.
+        KnibError::corrupt(format!("backup file {}: {}", path.display(), e.message))
+    })?;
+    Ok(h.backing_file)
 }

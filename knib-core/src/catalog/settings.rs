@@ -220,16 +220,21 @@ impl Settings {
     /// defaults when there is none.
     pub fn load(store_root: &Path) -> Result<Settings> {
         let path = store_root.join(SETTINGS_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Settings::from_json(&text, &path.display().to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
-            Err(e) => Err(KnibError::io("cannot read settings", &path, e)),
+        // Read without following a link: the file is part of the store.
+        match super::confine::read(store_root, Path::new(SETTINGS_FILE), "settings")? {
+            Some(text) => {
+                let text = String::from_utf8(text)
+                    .map_err(|_| KnibError::invalid(format!("settings {}: not UTF-8 text", path.display())))?;
+                Settings::from_json(&text, &path.display().to_string())
+            }
+            None => Ok(Settings::default()),
         }
     }
 
     /// Parse settings; `origin` names the file in errors.
     pub fn from_json(text: &str, origin: &str) -> Result<Settings> {
         let bad = |what: String| KnibError::invalid(format!("settings {origin}: {what}"));
+        crate::json::check_unique_keys(text.as_bytes()).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let Value::Object(top) = v else {
             return Err(bad("must be a JSON object".into()));

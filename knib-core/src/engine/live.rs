@@ -75,6 +75,7 @@ impl LiveStep {
 
 /// What a backup does to one disk.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskPlan {
     /// The guest target (`vda`).
     pub target: String,
@@ -101,6 +102,7 @@ impl DiskPlan {
 
 /// A backup of a domain, planned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LivePlan {
     /// The id of the backup (names the new deltas).
     pub backup_id: String,

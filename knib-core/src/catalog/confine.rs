@@ -1,0 +1,207 @@
+//! Paths inside a store, confined by the kernel.
+//!
+//! Everything under a store's root is untrusted: a `vms/<vm>` directory, a
+//! backup's directory or a volume file may have been replaced by a symbolic
+//! link to somewhere else, and knib must then neither read nor write through
+//! it. Every store path knib opens, reads or creates is resolved here from
+//! the root with `openat2(2)` and `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//! RESOLVE_NO_MAGICLINKS`: the kernel refuses an absolute path, a `..` that
+//! would climb out, and any symbolic link on the way (even one that stays
+//! inside: knib never makes links in a store, so one is tampering). A string
+//! check could not do that: a link is only seen by resolving it.
+//!
+//! The store's root itself is the operator's choice and may be reached
+//! through links; only what is below it is confined.
+//!
+//! # Invariants
+//!
+//! - [`open`], [`read`] and [`ensure_dir`] never follow a symbolic link below
+//!   the root; a link, or a path that would leave the root, is
+//!   [`crate::ErrorKind::Corrupt`] naming the path.
+//! - Directories [`ensure_dir`] creates are made one component at a time,
+//!   each inside a directory already opened without following links.
+//! - Files are checked for their type: a directory where a file is expected
+//!   (or the reverse) is `corrupt`.
+//!
+//! The check is made when a path is opened. Tools that take a path (qemu-img,
+//! the qcow2 reader) open it again afterwards, so someone who can rewrite the
+//! store *while* knib works on it could still swap a checked directory for a
+//! link in between; the guarantee is about a store tampered with at rest.
+//!
+//! # Why `rustix` and not `cap-std`
+//!
+//! `rustix` is already in the build (through `tempfile`), exposes
+//! `openat2` with its resolve flags directly, and knib only needs a handful
+//! of calls (open beneath, mkdir beneath). `cap-std` would do the same with
+//! a dozen more crates and an `ambient-authority` model the rest of knib
+//! (which hands paths to qemu-img) cannot use anyway. `openat2` needs Linux
+//! 5.6; on an older kernel the call fails with a clear error.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
+
+use crate::error::{KnibError, Result};
+
+/// What a confined path must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Want {
+    /// A real directory.
+    Dir,
+    /// A regular file.
+    File,
+}
+
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+
+fn open_root(root: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| KnibError::io("cannot open store", root, e.into()))
+}
+
+/// The error for `errno` met while resolving `rel` below `root`.
+fn refusal(root: &Path, rel: &Path, what: &str, errno: Errno) -> KnibError {
+    let full = root.join(rel);
+    match errno {
+        Errno::LOOP => KnibError::corrupt(format!(
+            "{what} {} is, or passes through, a symbolic link: knib follows no link inside a store",
+            full.display()
+        )),
+        Errno::XDEV => KnibError::corrupt(format!("{what} {} leaves the store {}", full.display(), root.display())),
+        Errno::NOTDIR => KnibError::corrupt(format!(
+            "{what} {}: a part of the path is not a directory",
+            full.display()
+        )),
+        Errno::NOSYS => KnibError::internal(format!(
+            "cannot confine {} to the store: this kernel has no openat2 (Linux 5.6 or later is needed)",
+            full.display()
+        )),
+        e => KnibError::io(&format!("cannot open {what}"), &full, e.into()),
+    }
+}
+
+/// Check that `rel` is a plain relative path (no root, no `.`, no `..`).
+fn plain(root: &Path, rel: &Path, what: &str) -> Result<()> {
+    if rel.as_os_str().is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(KnibError::corrupt(format!(
+            "{what} {:?} is not a plain path inside the store {}",
+            rel,
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Open `root/rel` for reading (a directory: as a handle), refusing any
+/// symbolic link below `root` and a path that leaves it; it must be `want`.
+/// `what` names the file in errors ("manifest", "backup directory").
+pub(crate) fn open(root: &Path, rel: &Path, want: Want, what: &str) -> Result<File> {
+    plain(root, rel, what)?;
+    let dir = open_root(root)?;
+    let flags = match want {
+        Want::Dir => OFlags::PATH | OFlags::DIRECTORY,
+        Want::File => OFlags::RDONLY,
+    } | OFlags::CLOEXEC
+        | OFlags::NOFOLLOW;
+    let fd = rustix::fs::openat2(&dir, rel, flags, Mode::empty(), RESOLVE).map_err(|e| refusal(root, rel, what, e))?;
+    let f = File::from(fd);
+    let ft = f.metadata().map_err(|e| KnibError::io("cannot stat", &root.join(rel), e))?.file_type();
+    match want {
+        Want::File if !ft.is_file() => {
+            Err(KnibError::corrupt(format!("{what} {} is not a regular file", root.join(rel).display())))
+        }
+        _ => Ok(f),
+    }
+}
+
+/// Check that `root/rel` exists and is `want`, without following links.
+pub(crate) fn check(root: &Path, rel: &Path, want: Want, what: &str) -> Result<()> {
+    open(root, rel, want, what).map(drop)
+}
+
+/// The bytes of file `root/rel`, or `None` when it does not exist; a link
+/// or a path out of the store is `corrupt`.
+pub(crate) fn read(root: &Path, rel: &Path, what: &str) -> Result<Option<Vec<u8>>> {
+    let mut f = match open(root, rel, Want::File, what) {
+        Ok(f) => f,
+        Err(e) if e.kind == crate::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    f.read_to_end(&mut out).map_err(|e| KnibError::io(&format!("cannot read {what}"), &root.join(rel), e))?;
+    Ok(Some(out))
+}
+
+/// Make sure `root/rel` is a real directory, creating what is missing one
+/// component at a time, each inside a directory opened without following
+/// links.
+pub(crate) fn ensure_dir(root: &Path, rel: &Path, what: &str) -> Result<()> {
+    plain(root, rel, what)?;
+    let mut dir = open_root(root)?;
+    let mut done = std::path::PathBuf::new();
+    for c in rel.components() {
+        done.push(c);
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let next = match rustix::fs::openat2(&dir, c.as_os_str(), flags, Mode::empty(), RESOLVE) {
+            Err(Errno::NOENT) => {
+                match rustix::fs::mkdirat(&dir, c.as_os_str(), Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(KnibError::io("cannot create", &root.join(&done), e.into())),
+                }
+                rustix::fs::openat2(&dir, c.as_os_str(), flags, Mode::empty(), RESOLVE)
+            }
+            r => r,
+        };
+        dir = next.map_err(|e| refusal(root, &done, what, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn links_and_escapes_are_refused_and_nothing_is_made_outside() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, out) = (d.path().join("store"), d.path().join("outside"));
+        std::fs::create_dir_all(root.join("vms")).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("f"), b"secret").unwrap();
+        symlink(&out, root.join("vms/evil")).unwrap();
+        symlink("../outside/f", root.join("link")).unwrap();
+        symlink("vms", root.join("inner")).unwrap();
+        for (rel, want) in [
+            ("vms/evil", Want::Dir),
+            ("vms/evil/f", Want::File),
+            ("link", Want::File),
+            ("inner", Want::Dir),
+            ("../outside/f", Want::File),
+        ] {
+            let e = open(&root, Path::new(rel), want, "test path").unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{rel}: {e}");
+            assert!(e.message.starts_with("test path "), "{e}");
+        }
+        let e = open(&root, &out.join("f"), Want::File, "x").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        for rel in ["vms/evil/new", "inner/new"] {
+            assert_eq!(ensure_dir(&root, Path::new(rel), "dir").unwrap_err().kind, ErrorKind::Corrupt);
+        }
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+        assert_eq!(read(&root, Path::new("vms/none"), "x").unwrap(), None);
+        ensure_dir(&root, Path::new("vms/a/b"), "dir").unwrap();
+        assert!(root.join("vms/a/b").is_dir());
+        std::fs::write(root.join("vms/a/file"), b"1").unwrap();
+        assert_eq!(open(&root, Path::new("vms/a"), Want::File, "x").unwrap_err().kind, ErrorKind::Corrupt);
+        assert_eq!(ensure_dir(&root, Path::new("vms/a/file"), "x").unwrap_err().kind, ErrorKind::Corrupt);
+        assert_eq!(read(&root, Path::new("vms/a/file"), "x").unwrap().unwrap(), b"1");
+    }
+}

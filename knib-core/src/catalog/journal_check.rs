@@ -1,0 +1,111 @@
+//! The journal of a domain's backup (`vms/<vm>/journal.json`) is read back
+//! from the store, so it is untrusted: before `recover` acts on it, every
+//! path in its plan is checked against what knib itself would have written
+//! for the domain as it is now.
+//!
+//! # What a plan must be
+//!
+//! - its backup id, each disk target and each parent id are plain names
+//!   ([`crate::names`]); each target is a disk of the domain, named once;
+//! - each disk's `base` is an absolute path in that disk's current chain
+//!   (the files libvirt or the qcow2 headers show);
+//! - `new_delta` is exactly [`live::delta_path`]`(base, backup id)`, and
+//!   `old_delta`, if any, is `<base>.knib-delta-<id>` beside the base for a
+//!   plain id: the only files `recover` may merge or delete are knib deltas
+//!   of the domain's own disks;
+//! - `dest` is `<vm>/.<id>.part/<target>.qcow2` or `<vm>/<id>/<target>.qcow2`
+//!   (only its tail is checked: the store may have been mounted elsewhere
+//!   since, and `recover` does not touch it), and `parent` is
+//!   `../<id>/<target>.qcow2`.
+//!
+//! Anything else is [`crate::ErrorKind::Corrupt`] naming the journal, and
+//! nothing is merged or deleted.
+
+use std::path::{Component, Path, PathBuf};
+
+
+use crate::engine::live::{self, LivePlan, DELTA_MARKER};
+use crate::error::{KnibError, Result};
+use crate::names;
+
+/// Check `plan`, read from `journal`, against the domain's disks (`disks`:
+/// each target with its current chain, active file first) and the VM's
+/// name `vm`.
+pub fn check_plan(plan: &LivePlan, journal: &Path, vm: &str, disks: &[(String, Vec<PathBuf>)]) -> Result<()> {
+    let bad = |what: String| {
+        KnibError::corrupt(format!("journal {}: {what}; nothing was merged or deleted", journal.display()))
+    };
+    let name = |field: &str, what: &str, v: &str| {
+        names::validate(what, v).map_err(|e| bad(format!("field `{field}`: {}", e.message)))
+    };
+    name("plan.backup_id", "backup id", &plan.backup_id)?;
+    if plan.disks.is_empty() {
+        return Err(bad("the plan has no disk".into()));
+    }
+    let part = Path::new(vm).join(format!(".{}.part", plan.backup_id));
+    let published = Path::new(vm).join(&plan.backup_id);
+    for (i, d) in plan.disks.iter().enumerate() {
+        let field = |f: &str| format!("plan.disks[{i}].{f}");
+        name(&field("target"), "disk target", &d.target)?;
+        if plan.disks[..i].iter().any(|o| o.target == d.target) {
+            return Err(bad(format!("field `{}`: disk {} is listed twice", field("target"), d.target)));
+        }
+        let chain = disks.iter().find(|(t, _)| *t == d.target).map(|(_, c)| c).ok_or_else(|| {
+            bad(format!("field `{}`: the domain has no disk {}", field("target"), d.target))
+        })?;
+        let clean = |p: &Path| p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        if !clean(&d.base) || !chain.iter().any(|c| c == &d.base) {
+            return Err(bad(format!(
+                "field `{}`: {} is not a file of disk {}'s chain ({})",
+                field("base"),
+                d.base.display(),
+                d.target,
+                chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" <- ")
+            )));
+        }
+        let want = live::delta_path(&d.base, &plan.backup_id);
+        if d.new_delta != want {
+            return Err(bad(format!(
+                "field `{}`: {} is not {}, the delta knib names for this backup",
+                field("new_delta"),
+                d.new_delta.display(),
+                want.display()
+            )));
+        }
+        if let Some(old) = &d.old_delta {
+            let base_name = d.base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let ok = old.parent() == d.base.parent()
+                && old
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(base_name.as_str()))
+                    .and_then(|n| n.strip_prefix(DELTA_MARKER))
+                    .is_some_and(|id| names::validate("backup id", id).is_ok());
+            if !ok {
+                return Err(bad(format!(
+                    "field `{}`: {} is not a knib delta of {} (<base>{DELTA_MARKER}<id> beside it)",
+                    field("old_delta"),
+                    old.display(),
+                    d.base.display()
+                )));
+            }
+        }
+        let file = format!("{}.qcow2", d.target);
+        if !clean(&d.dest) || !d.dest.ends_with(part.join(&file)) && !d.dest.ends_with(published.join(&file)) {
+            return Err(bad(format!(
+                "field `{}`: {} is not {} of this backup in the store",
+                field("dest"),
+                d.dest.display(),
+                file
+            )));
+        }
+        if let Some(p) = &d.parent {
+            let id = p
+                .strip_prefix("../")
+                .and_then(|r| r.strip_suffix(&format!("/{file}")))
+                .ok_or_else(|| bad(format!("field `{}`: {p:?} is not ../<parent id>/{file}", field("parent"))))?;
+            name(&field("parent"), "backup id", id)?;
+        }
+    }
+    Ok(())
+}

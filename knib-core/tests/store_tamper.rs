@@ -1,0 +1,692 @@
+//! A store is untrusted input (issue 13, section 3): a real store with real
+//! backups is tampered with in every kind of file it holds (manifests,
+//! state, journal, job files, settings, the qcow2 backing pointers, links
+//! at every directory level and in place of every file, stray entries), the
+//! cases generated from a fixed seed; every operation is run on each, and
+//! each must either refuse with the exact error kind naming the file, or
+//! work; and a canary directory beside the store must be unchanged, byte
+//! for byte and mtime for mtime, after every operation.
+
+mod common;
+#[path = "common/gen.rs"]
+mod gen;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{symlink, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::disk::*;
+use gen::Rng;
+use knib_core::catalog::jobs::{run_jobs, RunOptions};
+use knib_core::catalog::{BackupOptions, Store};
+use knib_core::engine::CompressOptions;
+use knib_core::qemu_img::ImageFormat;
+use knib_core::{Control, ErrorKind, KnibError};
+
+const SEED: u64 = 0x5eed_0013;
+
+/// Every entry under `dir`: kind, bytes (or link target) and mtime.
+fn canary_state(dir: &Path) -> BTreeMap<PathBuf, (String, Vec<u8>, i64, i64)> {
+    let mut out = BTreeMap::new();
+    fn walk(d: &Path, out: &mut BTreeMap<PathBuf, (String, Vec<u8>, i64, i64)>) {
+        for e in std::fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let (kind, bytes) = if m.file_type().is_symlink() {
+                ("link", std::fs::read_link(&p).unwrap().into_os_string().into_encoded_bytes())
+            } else if m.is_dir() {
+                ("dir", Vec::new())
+            } else {
+                ("file", std::fs::read(&p).unwrap())
+            };
+            out.insert(p.clone(), (kind.to_string(), bytes, m.mtime(), m.mtime_nsec()));
+            if m.is_dir() {
+                walk(&p, out);
+            }
+        }
+    }
+    walk(dir, &mut out);
+    out
+}
+
+type Canary = BTreeMap<PathBuf, (String, Vec<u8>, i64, i64)>;
+
+/// Panic naming every entry of the canary that changed, appeared or went.
+fn assert_canary(before: &Canary, after: &Canary, what: &str) {
+    let mut changed: Vec<String> = Vec::new();
+    for (p, v) in before {
+        match after.get(p) {
+            None => changed.push(format!("{} was removed", p.display())),
+            Some(w) if w != v => changed.push(format!("{} changed", p.display())),
+            _ => {}
+        }
+    }
+    changed.extend(after.keys().filter(|p| !before.contains_key(*p)).map(|p| format!("{} appeared", p.display())));
+    assert!(changed.is_empty(), "{what}: the canary beside the store changed: {}", changed.join(", "));
+}
+
+/// A store with three backups of two volumes (full, incremental,
+/// incremental), built once, and the disks it was taken from.
+struct Pristine {
+    _disks: TestDisks,
+    dir: tempfile::TempDir,
+    ids: Vec<String>,
+}
+
+impl Pristine {
+    fn build() -> Pristine {
+        let disks = TestDisks::two();
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::create(dir.path().join("store")).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..3u8 {
+            qemu_io(disks.path("root"), &format!("write -P {} {}M 1M", 0x40 + i, i));
+            qemu_io(disks.path("data"), &format!("write -P {} {}M 64k", 0x50 + i, i + 1));
+            ids.push(store.backup("vm1", &disks.disks, &BackupOptions::default(), &Control::new()).unwrap().id);
+        }
+        Pristine { _disks: disks, dir, ids }
+    }
+
+    /// A fresh copy of the store in `into/store`, with a canary directory
+    /// `into/outside` beside it: a qcow2 image with data, a plain file, and
+    /// a copy of the VM's directory (a target for links).
+    fn copy(&self, into: &Path) -> (PathBuf, PathBuf) {
+        let (store, outside) = (into.join("store"), into.join("outside"));
+        let st = Command::new("cp").arg("-a").arg(self.dir.path().join("store")).arg(&store).status().unwrap();
+        assert!(st.success());
+        std::fs::create_dir(&outside).unwrap();
+        make_disk(&outside.join("victim.qcow2"), 4 << 20, &[]);
+        qemu_io(&outside.join("victim.qcow2"), "write -P 0x5a 0 1M");
+        std::fs::write(outside.join("secret"), b"not knib's").unwrap();
+        let st = Command::new("cp").arg("-a").arg(store.join("vms/vm1")).arg(outside.join("vm1")).status().unwrap();
+        assert!(st.success());
+        (store, outside)
+    }
+}
+
+/// What an operation must do on a tampered store.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Want {
+    /// Fail with this kind, naming the tampered file.
+    Fail(ErrorKind),
+    /// Succeed.
+    Works,
+    /// Either (the tampering does not concern it); the canary still holds.
+    Any,
+}
+use Want::*;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Op {
+    List,
+    Show,
+    Restore,
+    Compress,
+    Verify,
+    Backup,
+    Delete,
+    Jobs,
+}
+const OPS: [Op; 8] = [Op::List, Op::Show, Op::Restore, Op::Verify, Op::Compress, Op::Backup, Op::Jobs, Op::Delete];
+
+/// Tampers with a store (its root, the canary directory beside it).
+type Tamper = Box<dyn Fn(&Path, &Path)>;
+/// What each operation must do after a tampering.
+type WantFn = Box<dyn Fn(Op) -> Want>;
+
+/// One tampering: what it does to the store, the text every refusal must
+/// contain (the file it names), and what each operation must do.
+struct Case {
+    name: String,
+    tamper: Tamper,
+    names: String,
+    want: WantFn,
+}
+
+fn edit_manifest(store: &Path, id: &str, f: &dyn Fn(&mut serde_json::Value)) {
+    let p = store.join("vms/vm1").join(id).join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// Replace `path` (file or directory) by a link to `target`.
+fn replace_by_link(path: &Path, target: &Path) {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path).unwrap();
+    } else {
+        std::fs::remove_file(path).unwrap();
+    }
+    symlink(target, path).unwrap();
+}
+
+fn run(op: Op, store: &Store, id: &str, scratch: &Path, disks: &TestDisks) -> Result<(), KnibError> {
+    let ctl = Control::new();
+    match op {
+        Op::List => store.list(None).map(drop),
+        Op::Show => store.show(id).map(drop),
+        Op::Restore => {
+            let to = scratch.join(format!("restored-{}.raw", rand_suffix()));
+            store.restore(id, "root", &to, ImageFormat::Raw, &ctl)
+        }
+        Op::Compress => store.compress(id, &CompressOptions::default(), &ctl).map(drop),
+        Op::Verify => {
+            let r = store.verify(Some(id), &ctl)?;
+            if r[0].ok {
+                Ok(())
+            } else {
+                Err(KnibError::corrupt(r[0].problems.join("; ")))
+            }
+        }
+        Op::Backup => store.backup("vm1", &disks.disks, &BackupOptions::default(), &ctl).map(drop),
+        Op::Delete => store.delete(id).map(drop),
+        Op::Jobs => {
+            store.queue_compression(id)?;
+            let s = run_jobs(store, &RunOptions { no_wait: true, ..Default::default() })?;
+            match store.jobs()?.last().and_then(|j| j.last_error.clone()) {
+                Some(e) if !s.done.is_empty() || !s.failed.is_empty() || !s.retried.is_empty() => {
+                    if s.done.is_empty() {
+                        Err(KnibError::corrupt(e))
+                    } else {
+                        Ok(())
+                    }
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+/// The escapes a tampered path may take, chosen by the seed.
+fn escape(rng: &mut Rng, outside: &Path, file: &str) -> String {
+    match rng.below(4) {
+        0 => outside.join(file).display().to_string(),
+        1 => format!("../../../outside/{file}"),
+        2 => format!("../../../../{}", outside.join(file).strip_prefix("/").unwrap().display()),
+        _ => format!("./../../../outside/{file}"),
+    }
+}
+
+fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
+    let mut out: Vec<Case> = Vec::new();
+    let last = ids[2].clone();
+    let pick = |rng: &mut Rng| ids[rng.below(3) as usize].clone();
+    let manifest_of = |id: &str| format!("vms/vm1/{id}/manifest.json");
+    // A manifest must hold plain names only.
+    for field in ["file", "backing", "parent", "id", "vm", "name", "dup_file", "unknown"] {
+        let id = if matches!(field, "backing" | "parent") { ids[1 + rng.below(2) as usize].clone() } else { pick(rng) };
+        let vol = ["root", "data"][rng.below(2) as usize];
+        let seed = rng.next();
+        let (tid, f2) = (id.clone(), field);
+        let tamper: Tamper = Box::new(move |store: &Path, outside: &Path| {
+            let mut r = Rng::new(seed);
+            let p = store.join("vms/vm1").join(&tid).join("manifest.json");
+            if f2 == "dup_file" {
+                // The second `file` would win in a map; it must be refused.
+                let text = std::fs::read_to_string(&p).unwrap();
+                let evil = escape(&mut r, outside, "victim.qcow2");
+                let text = text.replacen(
+                    &format!("\"file\": \"{vol}.qcow2\""),
+                    &format!("\"file\": \"{vol}.qcow2\", \"file\": {}", serde_json::to_string(&evil).unwrap()),
+                    1,
+                );
+                std::fs::write(&p, text).unwrap();
+                return;
+            }
+            edit_manifest(store, &tid, &|m| {
+                let v = m["volumes"].as_array_mut().unwrap().iter_mut().find(|v| v["name"] == vol).unwrap();
+                let mut r = Rng::new(seed);
+                match f2 {
+                    "file" => v["file"] = escape(&mut r, outside, "victim.qcow2").into(),
+                    "backing" => v["backing"] = escape(&mut r, outside, "victim.qcow2").into(),
+                    "name" => v["name"] = "../../outside".into(),
+                    "parent" => m["parent"] = ["../../../outside", "/tmp", "..", "x/../.."][r.below(4) as usize].into(),
+                    "id" => m["id"] = "other-id".into(),
+                    "vm" => m["vm"] = "vm2".into(),
+                    _ => m["evil"] = 1.into(),
+                }
+            });
+        });
+        // The tampered backup and every backup whose chain reads it fail.
+        let pos = ids.iter().position(|i| *i == id).unwrap();
+        let (ids2, id2) = (ids.to_vec(), id.clone());
+        out.push(Case {
+            name: format!("manifest {field} of {id} ({vol})"),
+            tamper,
+            names: manifest_of(&id),
+            want: Box::new(move |op| match op {
+                Op::List => Works,
+                Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs if ids2[2] == id2 => Fail(ErrorKind::Corrupt),
+                Op::Restore | Op::Verify if pos < 2 => Fail(ErrorKind::Corrupt),
+                Op::Backup => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        });
+    }
+    // Links at every level of the store, and in place of every file.
+    let target = last.clone();
+    let vol: &'static str = ["root", "data"][rng.below(2) as usize];
+    let links: Vec<(&str, String, String, WantFn)> = vec![
+        ("vms", "vms".into(), "outside".into(), Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any })),
+        ("vms/vm1", "vms/vm1".into(), "outside/vm1".into(), Box::new(|op| match op {
+            Op::List => Works,
+            Op::Backup => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("backup dir", format!("vms/vm1/{target}"), format!("outside/vm1/{target}"), Box::new(move |op| match op {
+            Op::List => Works,
+            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Backup | Op::Delete | Op::Jobs => Fail(ErrorKind::Corrupt),
+        })),
+        ("volume file", format!("vms/vm1/{target}/{vol}.qcow2"), format!("outside/vm1/{target}/{vol}.qcow2"), Box::new(move |op| match op {
+            Op::List | Op::Show => Works,
+            Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("parent's volume file", format!("vms/vm1/{}/{vol}.qcow2", ids[0]), format!("outside/vm1/{}/{vol}.qcow2", ids[0]), Box::new(move |op| match op {
+            Op::List | Op::Show => Works,
+            Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("manifest", format!("vms/vm1/{target}/manifest.json"), format!("outside/vm1/{target}/manifest.json"), Box::new(move |op| match op {
+            Op::List => Works,
+            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        })),
+        ("state", "vms/vm1/state.json".into(), "outside/vm1/state.json".into(), Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any })),
+        ("lock", "vms/vm1/.lock".into(), "outside/secret".into(), Box::new(move |op| match op {
+            Op::Backup | Op::Compress | Op::Delete => Fail(ErrorKind::Corrupt),
+            Op::List | Op::Show | Op::Restore => Works,
+            _ => Any,
+        })),
+        ("settings", "knib.json".into(), "outside/knib.json".into(), Box::new(|op| match op {
+            Op::List | Op::Show | Op::Delete => Works,
+            Op::Restore | Op::Compress | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Verify => Any,
+        })),
+        ("jobs dir", "jobs".into(), "outside/jobs".into(), Box::new(|op| if op == Op::Jobs { Fail(ErrorKind::Corrupt) } else { Any })),
+    ];
+    for (what, rel, to, want) in links {
+        let (rel2, to2) = (rel.clone(), to.clone());
+        out.push(Case {
+            name: format!("link: {what}"),
+            tamper: Box::new(move |store: &Path, outside: &Path| {
+                let at = store.join(&rel2);
+                let dest = outside.parent().unwrap().join(&to2);
+                if rel2 == "knib.json" {
+                    std::fs::write(&dest, b"{\"schema\": 1}").unwrap();
+                } else if rel2 == "jobs" {
+                    std::fs::create_dir_all(&dest).unwrap();
+                }
+                if at.exists() || std::fs::symlink_metadata(&at).is_ok() {
+                    replace_by_link(&at, &dest);
+                } else {
+                    symlink(&dest, &at).unwrap();
+                }
+            }),
+            names: rel,
+            want,
+        });
+    }
+    // The qcow2 backing pointer of a backup file, rewritten to leave the
+    // chain: restore and verify must not read through it.
+    for form in 0..3 {
+        let id = ids[1 + rng.below(2) as usize].clone();
+        let tid = id.clone();
+        let last2 = last.clone();
+        let seed = rng.next();
+        out.push(Case {
+            name: format!("qcow2 backing pointer of {id}/root.qcow2, form {form}"),
+            tamper: Box::new(move |store: &Path, outside: &Path| {
+                let mut r = Rng::new(seed);
+                let b = match form {
+                    0 => outside.join("victim.qcow2").display().to_string(),
+                    1 => format!("../{}", escape(&mut r, outside, "victim.qcow2")),
+                    _ => format!("json:{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", outside.join("victim.qcow2").display()),
+                };
+                let f = store.join("vms/vm1").join(&tid).join("root.qcow2");
+                let st = Command::new("qemu-img").args(["rebase", "-u", "-F", "qcow2", "-b"]).arg(&b).arg(&f).status().unwrap();
+                assert!(st.success());
+            }),
+            names: format!("vms/vm1/{id}/root.qcow2"),
+            want: Box::new(move |op| match op {
+                Op::List | Op::Show => Works,
+                Op::Restore | Op::Verify => Fail(ErrorKind::Corrupt),
+                Op::Compress | Op::Backup | Op::Jobs if id == last2 => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        });
+    }
+    // state.json: a head that is not a plain name, a repeated key.
+    for (what, text) in [
+        ("head escapes", format!("{{\"schema\": 1, \"head\": \"../../outside/vm1/{}\"}}", ids[2])),
+        ("repeated head", format!("{{\"schema\": 1, \"head\": \"{}\", \"head\": \"../../x\"}}", ids[2])),
+        ("unknown field", format!("{{\"schema\": 1, \"head\": \"{}\", \"evil\": 1}}", ids[2])),
+    ] {
+        out.push(Case {
+            name: format!("state: {what}"),
+            tamper: Box::new(move |store: &Path, _| std::fs::write(store.join("vms/vm1/state.json"), &text).unwrap()),
+            names: "vms/vm1/state.json".into(),
+            want: Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any }),
+        });
+    }
+    // Settings: a key given twice.
+    out.push(Case {
+        name: "settings: repeated key".into(),
+        tamper: Box::new(|store: &Path, _| {
+            std::fs::write(store.join("knib.json"), "{\"schema\": 1, \"knib.data.path\": \"native\", \"knib.data.path\": \"qemu-img\"}").unwrap()
+        }),
+        names: "knib.json".into(),
+        want: Box::new(|op| match op {
+            Op::Restore | Op::Compress | Op::Backup | Op::Jobs => Fail(ErrorKind::InvalidInput),
+            _ => Any,
+        }),
+    });
+    out
+}
+
+fn check(case: &Case, op: Op, r: &Result<(), KnibError>) {
+    let ctx = format!("{} / {op:?}", case.name);
+    match ((case.want)(op), r) {
+        (Fail(kind), Err(e)) => {
+            assert_eq!(e.kind, kind, "{ctx}: {e}");
+            assert!(e.message.contains(&case.names), "{ctx}: the error must name {}: {e}", case.names);
+        }
+        (Fail(kind), Ok(())) => panic!("{ctx}: must fail with {kind}, but worked"),
+        (Works, Err(e)) => panic!("{ctx}: must work: {e}"),
+        _ => {}
+    }
+}
+
+#[test]
+fn tampered_stores_are_refused_and_nothing_outside_is_touched() {
+    let pristine = Pristine::build();
+    let mut rng = Rng::new(SEED);
+    let all = cases(&mut rng, &pristine.ids);
+    let mut failures = Vec::new();
+    for case in &all {
+        for op in OPS {
+            let work = tempfile::tempdir().unwrap();
+            let (root, outside) = pristine.copy(work.path());
+            (case.tamper)(&root, &outside);
+            let before = canary_state(&outside);
+            let store = Store::open(&root).unwrap();
+            let r = run(op, &store, &pristine.ids[2], work.path(), &pristine._disks);
+            let after = canary_state(&outside);
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check(case, op, &r);
+                assert_canary(&before, &after, &format!("{} / {op:?} ({r:?})", case.name));
+            }));
+            if let Err(p) = result {
+                let msg = p.downcast_ref::<String>().cloned().unwrap_or_default();
+                failures.push(msg);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} checks failed:\n{}", failures.len(), all.len() * OPS.len(), failures.join("\n"));
+}
+
+#[test]
+fn stray_entries_are_skipped_by_list_and_delete() {
+    let pristine = Pristine::build();
+    let work = tempfile::tempdir().unwrap();
+    let (root, outside) = pristine.copy(work.path());
+    let before = canary_state(&outside);
+    let vm = root.join("vms/vm1");
+    std::fs::create_dir(root.join("vms/lost+found")).unwrap();
+    std::fs::create_dir(vm.join("lost+found")).unwrap();
+    std::fs::create_dir(vm.join("20260101-000000000-0000")).unwrap();
+    std::fs::write(vm.join("notes.txt"), b"x").unwrap();
+    std::fs::create_dir(vm.join("garbage")).unwrap();
+    std::fs::write(vm.join("garbage/manifest.json"), b"{ not json").unwrap();
+    symlink(outside.join("vm1"), root.join("vms/vm9")).unwrap();
+    let store = Store::open(&root).unwrap();
+    let ids: Vec<String> = store.list(None).unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(ids, pristine.ids, "the three backups, and nothing else");
+    let e = store.show("garbage").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("vms/vm1/garbage/manifest.json"), "{e}");
+    // The last backup goes; the unreadable manifest might be its child, so
+    // its files are kept, marked removed.
+    let out = store.delete(&pristine.ids[2]).unwrap();
+    assert_eq!(out.marked_removed, vec![pristine.ids[2].clone()], "{out:?}");
+    assert_eq!(store.list(Some("vm1")).unwrap().len(), 2);
+    std::fs::remove_dir_all(vm.join("garbage")).unwrap();
+    // Leftovers of an interrupted operation that are links: the link goes,
+    // never what it points to.
+    symlink(outside.join("vm1"), vm.join(".20260101-000000000-0001.part")).unwrap();
+    symlink(outside.join("secret"), vm.join(".20260101-000000000-0002.deleting")).unwrap();
+    let out = store.delete(&pristine.ids[1]).unwrap();
+    assert_eq!(out.marked_removed, vec![pristine.ids[1].clone()], "{out:?}");
+    assert_eq!(store.list(Some("vm1")).unwrap().len(), 1);
+    assert!(std::fs::symlink_metadata(vm.join(".20260101-000000000-0001.part")).is_err());
+    assert!(std::fs::symlink_metadata(vm.join(".20260101-000000000-0002.deleting")).is_err());
+    assert_canary(&before, &canary_state(&outside), "stray entries");
+}
+
+#[cfg(feature = "libvirt")]
+mod journal {
+    use super::*;
+    use knib_core::catalog::journal_check::check_plan;
+    use knib_core::engine::live::{delta_path, DiskPlan, LivePlan};
+    use knib_core::engine::{BackupKind, DataPath};
+
+    const ID: &str = "20261201-050000000-00aa";
+
+    fn plan(base: &Path, store_vm: &Path) -> LivePlan {
+        LivePlan {
+            backup_id: ID.into(),
+            kind: BackupKind::Incremental,
+            end_of_chain: false,
+            quiesce: false,
+            running: false,
+            disks: vec![DiskPlan {
+                target: "vda".into(),
+                base: base.to_path_buf(),
+                old_delta: Some(delta_path(base, "20261130-050000000-00bb")),
+                new_delta: delta_path(base, ID),
+                dest: store_vm.join(format!(".{ID}.part/vda.qcow2")),
+                parent: Some("../20261130-050000000-00bb/vda.qcow2".into()),
+                virtual_size: 16 << 20,
+            }],
+            data_path: DataPath::default(),
+            compress: None,
+        }
+    }
+
+    /// Every way a journal's plan can name a file knib did not name,
+    /// chosen from the seed: (field, tampering).
+    type PlanEdit = Box<dyn Fn(&mut LivePlan)>;
+
+    fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
+        let c = canary.join("secret");
+        let c2 = c.clone();
+        let c3 = c.clone();
+        let rel = ["../../etc/passwd", "secret", "./x/../../y"][rng.below(3) as usize];
+        vec![
+            ("new_delta", Box::new(move |p: &mut LivePlan| p.disks[0].new_delta = c.clone())),
+            ("new_delta", Box::new(move |p: &mut LivePlan| p.disks[0].new_delta = PathBuf::from(rel))),
+            ("new_delta", Box::new(|p: &mut LivePlan| {
+                let b = p.disks[0].base.clone();
+                p.disks[0].new_delta = delta_path(&b, "20200101-000000000-0000");
+            })),
+            ("old_delta", Box::new(move |p: &mut LivePlan| p.disks[0].old_delta = Some(c2.clone()))),
+            ("old_delta", Box::new(|p: &mut LivePlan| {
+                let b = p.disks[0].base.clone();
+                p.disks[0].old_delta = Some(PathBuf::from(format!("{}.knib-delta-../../x", b.display())));
+            })),
+            ("old_delta", Box::new(|p: &mut LivePlan| {
+                let b = p.disks[0].base.with_file_name("other.qcow2");
+                p.disks[0].old_delta = Some(delta_path(&b, "20261130-050000000-00bb"));
+            })),
+            ("base", Box::new(move |p: &mut LivePlan| {
+                p.disks[0].base = c3.clone();
+                p.disks[0].new_delta = delta_path(&c3, ID);
+                p.disks[0].old_delta = None;
+            })),
+            ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "vdz".into())),
+            ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "../vda".into())),
+            ("backup_id", Box::new(|p: &mut LivePlan| p.backup_id = "../../x".into())),
+            ("dest", Box::new(|p: &mut LivePlan| p.disks[0].dest = PathBuf::from("/etc/vda.qcow2"))),
+            ("parent", Box::new(|p: &mut LivePlan| p.disks[0].parent = Some("/etc/vda.qcow2".into()))),
+            ("target", Box::new(|p: &mut LivePlan| {
+                let d = p.disks[0].clone();
+                p.disks.push(d);
+            })),
+        ]
+    }
+
+    #[test]
+    fn a_plan_naming_files_knib_did_not_name_is_corrupt() {
+        let base = PathBuf::from("/var/lib/libvirt/images/vm-vda.qcow2");
+        let journal = PathBuf::from("/store/vms/vm/journal.json");
+        let good = plan(&base, Path::new("/store/vms/vm"));
+        let chain = vec![good.disks[0].old_delta.clone().unwrap(), base.clone()];
+        let disks = vec![("vda".to_string(), chain.clone()), ("vdb".to_string(), vec![PathBuf::from("/x/b.qcow2")])];
+        check_plan(&good, &journal, "vm", &disks).unwrap();
+        // The store may have been mounted elsewhere since.
+        check_plan(&plan(&base, Path::new("/mnt/other/vms/vm")), &journal, "vm", &disks).unwrap();
+        let mut rng = Rng::new(SEED);
+        for (field, t) in tamperings(&mut rng, Path::new("/canary")) {
+            let mut p = good.clone();
+            t(&mut p);
+            let e = check_plan(&p, &journal, "vm", &disks).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{field}: {e}");
+            assert!(e.message.contains("journal /store/vms/vm/journal.json"), "{e}");
+            assert!(e.message.contains(field), "{field}: {e}");
+        }
+    }
+
+    /// A stopped domain and a store; each tampered journal makes recover
+    /// refuse with `corrupt` naming the journal, and nothing is deleted.
+    #[test]
+    fn recover_deletes_nothing_a_tampered_journal_names() {
+        if common::vm::skip_without_libvirt("tampered journal") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let vm = common::vm::TestVm::define_stopped("knib-tamper", &[("vda", 16 << 20)], dir.path());
+        let base = vm.disk("vda").file;
+        let root = dir.path().join("store");
+        let store = Store::create(&root).unwrap();
+        let vm_dir = root.join("vms").join(vm.name());
+        std::fs::create_dir_all(&vm_dir).unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"not knib's").unwrap();
+        std::fs::write(outside.join("other"), b"not knib's either").unwrap();
+        let good = plan(&base, &vm_dir);
+        let journal = vm_dir.join("journal.json");
+        let mut rng = Rng::new(SEED ^ 1);
+        let mut texts: Vec<(String, String)> = tamperings(&mut rng, &outside)
+            .into_iter()
+            .map(|(field, t)| {
+                let mut p = good.clone();
+                t(&mut p);
+                let j = serde_json::json!({"schema": 1, "step": "copy", "plan": p});
+                (field.to_string(), serde_json::to_string_pretty(&j).unwrap())
+            })
+            .collect();
+        // A key given twice: the second would win in a map.
+        let j = serde_json::to_string(&serde_json::json!({"schema": 1, "step": "copy", "plan": good})).unwrap();
+        let evil = serde_json::to_string(&outside.join("other")).unwrap();
+        texts.push(("given twice".into(), j.replacen("\"new_delta\":", &format!("\"new_delta\":{evil},\"new_delta\":"), 1)));
+        texts.push(("given twice".into(), j.replacen("\"plan\":", "\"plan\":{},\"plan\":", 1)));
+        for (what, text) in &texts {
+            std::fs::write(&journal, text).unwrap();
+            let before = canary_state(&outside);
+            let e = store.recover_domain(&vm.vm, &Control::new()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
+            assert!(e.message.contains(&journal.display().to_string()), "{what}: {e}");
+            assert!(e.message.contains(what.as_str()), "{what}: {e}");
+            assert_canary(&before, &canary_state(&outside), what);
+            assert!(journal.exists(), "{what}: the journal must be kept for a human to look at");
+            assert!(base.exists());
+        }
+        // A journal that is a link out of the store is not read.
+        std::fs::write(outside.join("journal.json"), &texts[0].1).unwrap();
+        std::fs::remove_file(&journal).unwrap();
+        symlink(outside.join("journal.json"), &journal).unwrap();
+        let before = canary_state(&outside);
+        let e = store.recover_domain(&vm.vm, &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert!(e.message.contains(&journal.display().to_string()), "{e}");
+        assert_canary(&before, &canary_state(&outside), "linked journal");
+        // The untampered journal of a backup that never started its
+        // snapshot: recovered, and the disk is as it was.
+        std::fs::remove_file(&journal).unwrap();
+        let mut ok = good.clone();
+        ok.disks[0].old_delta = None;
+        ok.disks[0].parent = None;
+        ok.kind = BackupKind::Full;
+        std::fs::write(&journal, serde_json::to_string(&serde_json::json!({"schema": 1, "step": "snapshot", "plan": ok})).unwrap()).unwrap();
+        store.recover_domain(&vm.vm, &Control::new()).unwrap();
+        assert!(!journal.exists());
+        assert_eq!(vm.disk("vda").file, base);
+    }
+}
+
+/// API requests refuse a key given twice too.
+#[test]
+fn an_api_request_with_a_key_given_twice_is_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = format!("{{\"store\": {:?}, \"store\": \"/\"}}", dir.path().display().to_string());
+    let e = knib_core::api::call("list", &req, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("given twice"), "{e}");
+}
+
+/// Job files: an id, VM or backup that is not a plain name, a key given
+/// twice, a link in place of the file or of the jobs directory: `corrupt`
+/// naming the file, and the runner touches nothing outside.
+#[test]
+fn tampered_job_files_are_corrupt() {
+    let pristine = Pristine::build();
+    let mut rng = Rng::new(SEED ^ 2);
+    let kinds = ["backup", "vm", "given twice", "link", "unknown"];
+    for round in 0..kinds.len() * 2 {
+        let what = kinds[(round + rng.below(kinds.len() as u64) as usize) % kinds.len()];
+        let work = tempfile::tempdir().unwrap();
+        let (root, outside) = pristine.copy(work.path());
+        let store = Store::open(&root).unwrap();
+        let job = store.queue_validation(&pristine.ids[rng.below(3) as usize]).unwrap();
+        let file = root.join("jobs").join(format!("{}.json", job.id));
+        let text = std::fs::read_to_string(&file).unwrap();
+        let escape = escape(&mut rng, &outside, "vm1");
+        match what {
+            "backup" | "vm" => {
+                let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                v[what] = escape.into();
+                std::fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+            }
+            "given twice" => {
+                let t = text.replacen("\"backup\":", &format!("\"backup\": {:?}, \"backup\":", escape), 1);
+                std::fs::write(&file, t).unwrap();
+            }
+            "link" => {
+                std::fs::write(outside.join("job.json"), &text).unwrap();
+                replace_by_link(&file, &outside.join("job.json"));
+            }
+            _ => {
+                let t = text.replacen('{', "{\"evil\": 1, ", 1);
+                std::fs::write(&file, t).unwrap();
+            }
+        }
+        let before = canary_state(&outside);
+        let e = store.jobs().unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.message.contains(&file.display().to_string()), "{what}: {e}");
+        let e = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
+        assert_canary(&before, &canary_state(&outside), what);
+    }
+}
