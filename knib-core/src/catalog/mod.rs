@@ -142,11 +142,12 @@ pub(crate) fn new_backup_id() -> String {
 }
 
 impl Store {
-    /// Open (and create if needed) a store at `root`.
+    /// A store at `root` that need not exist yet: nothing is made on disk
+    /// here. Its directories are made when a backup has passed every check
+    /// and takes its VM's lock ([`Store::lock_vm`]), so a refused command
+    /// leaves no trace.
     pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
-        let root = root.into();
-        fs::create_dir_all(root.join("vms")).map_err(|e| KnibError::io("cannot create store", &root, e))?;
-        Ok(Store { root, qemu_img: QemuImg::new() })
+        Ok(Store { root: root.into(), qemu_img: QemuImg::new() })
     }
 
     /// Open an existing store.
