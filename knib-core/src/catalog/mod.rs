@@ -30,6 +30,7 @@ pub mod live;
 pub mod lock;
 pub mod manifest;
 pub mod settings;
+mod store_file;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -316,7 +317,8 @@ impl Store {
         Ok(chain)
     }
 
-    /// Files of volume `volume` of `m`'s chain, root first; each must exist.
+    /// Files of volume `volume` of `m`'s chain, root first; each must exist
+    /// and be a qcow2 image (else the store is `corrupt`).
     pub fn chain_files(&self, m: &Manifest, volume: &str) -> Result<Vec<PathBuf>> {
         let mut files = Vec::new();
         for b in self.chain(m)? {
@@ -328,6 +330,7 @@ impl Store {
                     f.display()
                 )));
             }
+            store_file::require_qcow2_magic(&f, &format!("backup {}: file {} of volume {volume}", b.id, f.display()))?;
             files.push(f);
         }
         Ok(files)
