@@ -358,7 +358,8 @@ knib_result knib_context_set_progress(struct knib_context *context,
 
 /**
  * Set the time budget of each of the context's next operations, in
- * seconds; 0 or less means no limit (the default). An operation still
+ * seconds; 0 or less means no limit (the default), and so does a budget
+ * too large for the clock (`INT64_MAX`). An operation still
  * working when its budget runs out stops (any external program it runs is
  * killed) and fails with `KNIB_RESULT_TIMEOUT`.
  */

@@ -545,7 +545,7 @@ fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<String> {
         }
     }
     if let Some(min) = r.min_free_bytes {
-        let dir = r.files[0].parent().unwrap_or(Path::new("/"));
+        let dir = fsio::parent_dir(&r.files[0]);
         fsio::require_space(dir, min, "compression (min_free_bytes)")?;
     }
     let opts = CompressOptions {

@@ -1,6 +1,10 @@
 //! File-system invariants of the store: nothing is visible until complete
 //! (temporary name, fsync, rename, fsync of the directory), and free space is
 //! checked before large writes.
+//!
+//! The directory of a file is always [`parent_dir`]: a bare file name
+//! ("bare.raw") has the empty path as its `Path::parent()`, which no system
+//! call accepts; it means the working directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -21,8 +25,16 @@ pub fn sync_file(path: &Path) -> Result<()> {
     f.sync_all().map_err(|e| KnibError::io("cannot fsync", path, e))
 }
 
-/// fsync a directory (makes renames and creations in it durable).
+/// The directory `path` is in: its parent, or "." for a bare file name
+/// (whose `Path::parent()` is the empty path) and for a root.
+pub fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."))
+}
+
+/// fsync a directory (makes renames and creations in it durable); the empty
+/// path is the working directory.
 pub fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let f = File::open(dir).map_err(|e| KnibError::io("cannot open directory", dir, e))?;
     f.sync_all().map_err(|e| KnibError::io("cannot fsync directory", dir, e))
 }
@@ -32,7 +44,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 pub fn commit_rename(from: &Path, to: &Path) -> Result<()> {
     sync_file(from)?;
     fs::rename(from, to).map_err(|e| KnibError::io(&format!("cannot rename {} to", from.display()), to, e))?;
-    sync_dir(to.parent().unwrap_or(Path::new(".")))
+    sync_dir(parent_dir(to))
 }
 
 /// Write `data` to `path` atomically: a temporary file, fsync, rename, fsync
@@ -52,7 +64,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
         drop(f);
         fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
-        sync_dir(path.parent().unwrap_or(Path::new(".")))
+        sync_dir(parent_dir(path))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -63,6 +75,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// Bytes free for an unprivileged writer on the file system holding `dir`.
 pub fn free_space(dir: &Path) -> Result<u64> {
     use std::os::unix::ffi::OsStrExt;
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| KnibError::invalid(format!("path {} contains a NUL byte", dir.display())))?;
     // SAFETY: `c` is a valid NUL-terminated string and `st` a plain struct

@@ -54,11 +54,17 @@ impl Deadline {
     pub fn none() -> Self {
         Deadline { at: None, budget: None }
     }
-    /// A limit of `budget` from now.
+    /// A limit of `budget` from now; a budget so large that its end is past
+    /// what the clock can represent (`i64::MAX` seconds, `u64::MAX`) is no
+    /// limit.
     pub fn after(budget: Duration) -> Self {
-        Deadline { at: Some(Instant::now() + budget), budget: Some(budget) }
+        match Instant::now().checked_add(budget) {
+            Some(at) => Deadline { at: Some(at), budget: Some(budget) },
+            None => Self::none(),
+        }
     }
-    /// From a number of seconds; 0 or less means no limit.
+    /// From a number of seconds; 0 or less means no limit, and so does a
+    /// number too large for the clock (see [`Deadline::after`]).
     pub fn from_secs(secs: i64) -> Self {
         if secs <= 0 {
             Self::none()

@@ -46,7 +46,8 @@ impl Session {
     }
 
     /// Set the time budget of each next operation, in seconds; 0 or less
-    /// means none.
+    /// means none, and so does a budget too large for the clock
+    /// (`i64::MAX`): see [`Deadline::after`].
     pub fn set_timeout(&self, seconds: i64) {
         self.timeout_secs.store(seconds, Ordering::SeqCst);
     }
@@ -192,5 +193,34 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
         let e = s.call("agent.take_hash", r#"{"files": ["/nonexistent-knib-file"]}"#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound, "the cancellation was used up: {e}");
+    }
+
+    /// Huge budgets (what a binding gets from `INT64_MAX` or Java's
+    /// `Long.MAX_VALUE`) are no limit, never an overflow: a fixed set near
+    /// the edges and seeded ones in between.
+    #[test]
+    fn a_huge_timeout_means_no_limit() {
+        let mut seed: u64 = 0x6b6e_6962_7469_6d65;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut budgets = vec![i64::MAX, i64::MAX - 1, 1 << 62, 1 << 40, u32::MAX as i64, 100 * 365 * 86_400];
+        budgets.extend((0..16).map(|_| (next() >> 1) as i64 | (1 << 34)));
+        let s = Session::new();
+        for secs in budgets {
+            s.set_timeout(secs);
+            let ctl = s.control();
+            assert!(!ctl.deadline.expired(), "{secs} s: expired at once");
+            assert!(ctl.deadline.remaining().is_none_or(|r| r.as_secs() >= 100 * 365 * 86_400 - 60), "{secs} s");
+            let answer = s.call("version", "{}").unwrap_or_else(|e| panic!("{secs} s: {e}"));
+            assert!(answer.contains("\"version\""), "{answer}");
+        }
+        s.set_timeout(-1);
+        assert!(s.control().deadline.remaining().is_none(), "a negative budget is no limit");
+        assert!(Deadline::after(std::time::Duration::MAX).remaining().is_none());
+        assert!(Deadline::after(std::time::Duration::from_secs(u64::MAX)).budget().is_none());
     }
 }

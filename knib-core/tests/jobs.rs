@@ -21,6 +21,7 @@ const MIB: u64 = 1 << 20;
 fn store_with(settings: &str) -> (tempfile::TempDir, Store) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
+    std::fs::create_dir(store.root()).unwrap();
     std::fs::write(store.root().join("knib.json"), format!("{{\"schema\": 1, {settings}}}")).unwrap();
     (dir, store)
 }

@@ -202,6 +202,26 @@ static void a_panic_comes_back_as_a_code(knib_context *ctx) {
     CHECK(strcmp(last_error(ctx), "") == 0, "error not cleared: %s", last_error(ctx));
 }
 
+/* A budget too large for the clock is no limit: every call works as with
+ * none (and never comes back as a panic). */
+static void a_huge_timeout_means_no_limit(knib_context *ctx) {
+    const int64_t budgets[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX / 2, (int64_t)1 << 40, UINT32_MAX, INT64_MIN};
+    for (size_t i = 0; i < sizeof budgets / sizeof budgets[0]; i++) {
+        EXPECT(knib_context_set_timeout(ctx, budgets[i]), KNIB_RESULT_OK, ctx);
+        char *out = NULL;
+        EXPECT(knib_call(ctx, "version", "{}", &out), KNIB_RESULT_OK, ctx);
+        CHECK(out && strstr(out, KNIB_VERSION), "budget %lld: version: %s", (long long)budgets[i],
+              out ? out : "(null)");
+        knib_string_free(out);
+        out = UNTOUCHED;
+        EXPECT(knib_list(ctx, "{\"store\": \"/nonexistent/store\"}", &out), KNIB_RESULT_NOT_FOUND, ctx);
+        CHECK(strstr(last_error(ctx), "/nonexistent/store"), "budget %lld: %s", (long long)budgets[i],
+              last_error(ctx));
+        CHECK(out == UNTOUCHED, "output written on failure");
+    }
+    EXPECT(knib_context_set_timeout(ctx, 0), KNIB_RESULT_OK, ctx);
+}
+
 struct job {
     knib_context *ctx;
     op_fn fn;
@@ -339,6 +359,7 @@ int main(void) {
     bad_requests_name_the_field(ctx);
     a_small_buffer_gets_the_size(ctx);
     a_panic_comes_back_as_a_code(ctx);
+    a_huge_timeout_means_no_limit(ctx);
     if (!getenv("KNIB_TEST_NO_LIBVIRT"))
         live_operations_reach_libvirt(ctx, dir);
     stopped_halfway(dir);

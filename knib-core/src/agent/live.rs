@@ -204,7 +204,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                 r.volumes[other].uuid, v.uuid, disk.target
             )));
         }
-        let dest_dir = v.delta_path_on_store.parent().unwrap_or(Path::new("/"));
+        let dest_dir = crate::fsio::parent_dir(&v.delta_path_on_store);
         if mode == Mode::Take && !dest_dir.is_dir() {
             std::fs::create_dir_all(dest_dir).map_err(|e| KnibError::io("cannot create", dest_dir, e))?;
         }

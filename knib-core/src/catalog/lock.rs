@@ -45,7 +45,7 @@ impl VmLock {
     /// Take the lock at `path` for `operation` on `vm`, or fail with
     /// [`crate::ErrorKind::Busy`] at once.
     pub fn acquire(path: &Path, vm: &str, operation: &str) -> Result<VmLock> {
-        let dir = path.parent().unwrap_or(Path::new("."));
+        let dir = crate::fsio::parent_dir(path);
         let key = dir
             .canonicalize()
             .map_err(|e| KnibError::io("cannot resolve", dir, e))?

@@ -43,6 +43,7 @@ pub mod live;
 pub mod lock;
 pub mod manifest;
 pub mod settings;
+mod store_file;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -158,12 +159,12 @@ pub(crate) fn new_backup_id() -> String {
 }
 
 impl Store {
-    /// Open (and create if needed) a store at `root`.
+    /// A store at `root` that need not exist yet: nothing is made on disk
+    /// here. Its directories are made when a backup has passed every check
+    /// and takes its VM's lock ([`Store::lock_vm`]), so a refused command
+    /// leaves no trace.
     pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
-        let root = root.into();
-        fs::create_dir_all(&root).map_err(|e| KnibError::io("cannot create store", &root, e))?;
-        confine::ensure_dir(&root, Path::new("vms"), "store directory")?;
-        Ok(Store { root, qemu_img: QemuImg::new() })
+        Ok(Store { root: root.into(), qemu_img: QemuImg::new() })
     }
 
     /// Open an existing store.
@@ -228,6 +229,7 @@ impl Store {
     pub fn lock_vm(&self, vm: &str, operation: &str) -> Result<VmLock> {
         names::validate("VM name", vm)?;
         let dir = self.vm_dir(vm);
+        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
         confine::ensure_dir(&self.root, &Self::vm_rel(vm), "VM directory")?;
         let lock = VmLock::acquire(&dir.join(".lock"), vm, operation)?;
         self.sweep_partials(vm)?;
@@ -422,6 +424,7 @@ impl Store {
                     b.id, v.backing, want
                 )));
             }
+            store_file::require_qcow2_magic(&f, &format!("backup {}: file {} of volume {volume}", b.id, f.display()))?;
             let header = backing_pointer(&file, &f)?;
             if header != want {
                 return Err(KnibError::corrupt(format!(

@@ -85,7 +85,7 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
     let r = (|| -> Result<()> {
         for f in files {
             let size = fsio::file_size(f)?;
-            let dir = f.parent().unwrap_or(Path::new("."));
+            let dir = fsio::parent_dir(f);
             let needed = (size as f64 * opts.min_free_factor.max(0.0)).ceil() as u64;
             fsio::require_space(dir, needed, &format!("compression of {}", f.display()))?;
             let out = comp_path(f);

@@ -235,7 +235,7 @@ pub fn take(
         let mut results = Vec::new();
         for d in &plan.disks {
             ctl.check(&format!("copy of disk {}", d.target))?;
-            let dir = d.dest.parent().unwrap_or(Path::new("."));
+            let dir = fsio::parent_dir(&d.dest);
             let tmp = fsio::temp_path(&d.dest);
             let native = plan.data_path == DataPath::Native && !native::is_qcow2_v2(d.old_top()).unwrap_or(true);
             let r = if native {

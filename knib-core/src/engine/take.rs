@@ -307,7 +307,7 @@ fn copy_volumes(
 ) -> Result<Vec<VolumeResult>> {
     let mut hashes: Vec<(Option<String>, Option<CompressionLibrary>, Option<u64>)> = Vec::new();
     for (v, st) in req.volumes.iter().zip(states) {
-        let dir = v.dest.parent().unwrap_or(Path::new("."));
+        let dir = fsio::parent_dir(&v.dest);
         let tmp = fsio::temp_path(&v.dest);
         written.push(tmp.clone());
         let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };

@@ -424,7 +424,8 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
 /// Ask `guest-sync` every [`SYNC_INTERVAL`] until the agent echoes the id or
 /// `timeout` from `started` passes: (answered, the last failure).
 fn wait_for_agent(vm: &Vm, started: Instant, timeout: Duration, ctl: &Control) -> Result<(bool, Option<String>)> {
-    let until = started + timeout;
+    // A timeout past what the clock can represent has no end.
+    let until = started.checked_add(timeout);
     let mut last_error;
     loop {
         ctl.check("waiting for the guest to boot")?;
@@ -442,12 +443,13 @@ fn wait_for_agent(vm: &Vm, started: Instant, timeout: Duration, ctl: &Control) -
             },
             Err(e) => last_error = Some(e.message().to_string()),
         }
-        if Instant::now() >= until {
+        if until.is_some_and(|u| Instant::now() >= u) {
             return Ok((false, last_error));
         }
         // Sleep to the next attempt (the last one at the deadline), in
         // short steps so that a cancellation is seen at once.
-        let wake = (Instant::now() + SYNC_INTERVAL).min(until);
+        let next = Instant::now() + SYNC_INTERVAL;
+        let wake = until.map_or(next, |u| next.min(u));
         while Instant::now() < wake {
             ctl.check("waiting for the guest to boot")?;
             std::thread::sleep(Duration::from_millis(100).min(wake.saturating_duration_since(Instant::now())));

@@ -175,7 +175,7 @@ impl Disk {
     /// The disk of volume `volume` of backup `backup` in `store`.
     pub fn open_backup(store: &Store, backup: &str, volume: &str, ctl: &Control) -> Result<Disk> {
         let m = store.show(backup)?;
-        let file = store.volume_file(&m, volume)?;
+        let file = store.chain_files(&m, volume)?.pop().expect("a chain has a file");
         let name = format!("volume {volume} of backup {backup}");
         Disk::open_named(&file, name, ctl)
     }

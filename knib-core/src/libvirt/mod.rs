@@ -18,14 +18,24 @@
 //!   backing layers. Block jobs and the monitor and agent commands fail
 //!   (mostly "domain is not running"; a block commit without a base says
 //!   "could not find base image in chain"): use `qemu-img` instead.
+//!
+//! libvirt prints every error on the process's stderr unless an error
+//! handler is set, and a library must not write there. Before knib opens
+//! its first connection it sets libvirt's process-wide handler (once), and
+//! on each of its connections their own, to [`log_libvirt_error`]: libvirt's
+//! reports go to knib's log (errors at debug level, as knib returns them as
+//! [`KnibError`]s anyway; warnings at warn level). A host that wants its own
+//! process-wide handler sets it after knib's first connection.
 
 pub mod blockjob;
 pub mod qemu;
 pub mod xml;
 
+use std::ffi::CStr;
 use std::fmt;
 use std::os::raw::c_void;
 use std::path::Path;
+use std::sync::Once;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
@@ -63,9 +73,43 @@ pub(crate) fn last_virt_error(what: impl fmt::Display) -> KnibError {
     virt_error(what, &virt::error::Error::last_error())
 }
 
-/// Does nothing: installed as the error handler of knib's connections, so
-/// that libvirt does not print every error on stderr (knib returns them).
-unsafe extern "C" fn quiet_error_handler(_user_data: *mut c_void, _error: sys::virErrorPtr) {}
+/// libvirt's error handler of knib (process-wide and on each connection):
+/// the report goes to knib's log instead of stderr. Never unwinds into C.
+unsafe extern "C" fn log_libvirt_error(_user_data: *mut c_void, error: sys::virErrorPtr) {
+    if error.is_null() {
+        return;
+    }
+    // SAFETY: libvirt passes a valid `virError` that lives for this call;
+    // its message is NULL or a NUL-terminated string.
+    let (code, domain, level, message) = unsafe {
+        let e = &*error;
+        let message = if e.message.is_null() {
+            "(no message)".to_string()
+        } else {
+            CStr::from_ptr(e.message).to_string_lossy().into_owned()
+        };
+        (e.code, e.domain, e.level, message)
+    };
+    let _ = std::panic::catch_unwind(|| {
+        if level == sys::VIR_ERR_WARNING {
+            log::warn!(target: "knib::libvirt", "libvirt warning (code {code}, domain {domain}): {message}");
+        } else {
+            log::debug!(target: "knib::libvirt", "libvirt error (code {code}, domain {domain}): {message}");
+        }
+    });
+}
+
+/// Set libvirt's process-wide error handler to [`log_libvirt_error`], once:
+/// errors raised outside a connection (a connection that cannot be opened)
+/// would otherwise be printed on stderr.
+fn install_error_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: the handler is a `'static` function that only reads the
+        // error it is given; a null user-data pointer is allowed.
+        unsafe { sys::virSetErrorFunc(std::ptr::null_mut(), Some(log_libvirt_error)) };
+    });
+}
 
 /// A connection to libvirt.
 pub struct Hypervisor {
@@ -84,6 +128,7 @@ impl fmt::Debug for Hypervisor {
 impl Hypervisor {
     /// Connect to `uri` (`qemu:///system`, see [`SYSTEM_URI`]), read-write.
     pub fn open(uri: &str) -> Result<Self> {
+        install_error_handler();
         let conn = Connect::open(Some(uri)).map_err(|e| {
             KnibError::hypervisor(format!(
                 "cannot connect to libvirt at {uri}: {}",
@@ -91,16 +136,14 @@ impl Hypervisor {
             ))
         })?;
         // SAFETY: `conn` owns a valid connection pointer for the duration of
-        // the call; the handler is a `'static` function that ignores its
-        // arguments, and a null user-data pointer is allowed. This only
-        // changes how errors on this connection are reported (not the
-        // process-wide handler other libvirt users may rely on); the thread's
-        // last error is still recorded for `virGetLastError`.
+        // the call; the handler is a `'static` function that only reads the
+        // error it is given, and a null user-data pointer is allowed. The
+        // thread's last error is still recorded for `virGetLastError`.
         unsafe {
             sys::virConnSetErrorFunc(
                 conn.as_ptr(),
                 std::ptr::null_mut(),
-                Some(quiet_error_handler),
+                Some(log_libvirt_error),
             )
         };
         Ok(Hypervisor {

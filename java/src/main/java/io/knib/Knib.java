@@ -96,7 +96,8 @@ public final class Knib implements AutoCloseable {
 
     /**
      * @param budget the time budget of each next operation (CloudStack's {@code kboss.timeout} or the
-     *     command's wait); zero or null for none
+     *     command's wait); zero or null for none, and so is one too long for the clock (such as
+     *     {@code Duration.ofSeconds(Long.MAX_VALUE)})
      * @return this context
      */
     public Knib setTimeout(Duration budget) {

@@ -83,6 +83,22 @@ class ErrorMappingTest {
     }
 
     @Test
+    void aHugeTimeoutIsNoLimit() throws Exception {
+        long[] budgets = {Long.MAX_VALUE, Long.MAX_VALUE - 1, Long.MAX_VALUE / 2, 1L << 40, Integer.MAX_VALUE};
+        try (Knib k = new Knib()) {
+            for (long secs : budgets) {
+                k.setTimeout(Duration.ofSeconds(secs));
+                assertTrue(k.call("version", "{}").contains(Knib.version()), "budget " + secs);
+                NotFoundException e = assertThrows(NotFoundException.class,
+                        () -> k.call("agent.take_hash", "{\"files\": [\"/no/such/knib/file\"]}"));
+                assertTrue(e.getMessage().contains("/no/such/knib/file"), e.getMessage());
+            }
+            k.setTimeout(Duration.ofSeconds(Long.MAX_VALUE, 999_999_999));
+            assertTrue(k.call("version", "{}").contains(Knib.version()));
+        }
+    }
+
+    @Test
     void handlesAreReleasedExactlyOnceAndUseAfterCloseIsAnException() throws Exception {
         Knib k = new Knib();
         k.setTimeout(Duration.ofSeconds(30)).setProgressListener((step, pct) -> { });
