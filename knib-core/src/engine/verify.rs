@@ -63,8 +63,12 @@ pub fn check_source_hashes(got: &[SourceHash], expected: &[ExpectedHash]) -> Res
             return Err(mismatch(&e.path, &g.hash, &e.hash));
         }
     }
-    let extra: u64 = got.iter().map(|g| g.extra_bytes).sum();
-    log::debug!("{} source files match their recorded hashes ({extra} bytes read for the hashes alone)", expected.len());
+    let alone: u64 = got.iter().map(|g| g.hash_only_bytes).sum();
+    let twice: u64 = got.iter().map(|g| g.read_twice_bytes).sum();
+    log::debug!(
+        "{} source files match their recorded hashes ({alone} bytes read for the hashes alone, {twice} read twice)",
+        expected.len()
+    );
     Ok(())
 }
 

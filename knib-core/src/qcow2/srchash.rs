@@ -15,7 +15,9 @@
 //!   for 64 KiB clusters);
 //! - data the copy reads out of host order (a file whose clusters are not in
 //!   guest order): the hash reads ahead over them, and the copy reads them
-//!   again later; counted in [`SourceHash::extra_bytes`].
+//!   again later; counted in [`SourceHash::read_twice_bytes`] (so are the
+//!   few bytes where the sector-rounded extents of neighbouring compressed
+//!   clusters overlap).
 //!
 //! The digest is the same as [`crate::engine::hash::hash_chain`]'s per-file
 //! hash: the same bytes in the same order (the file is read through a
@@ -37,9 +39,11 @@ pub struct SourceHash {
     pub path: PathBuf,
     /// xxh3-128 of the whole file, 32 lower-case hex digits.
     pub hash: String,
-    /// Bytes read for the hash alone: metadata and data the copy did not
-    /// read, or read again out of order.
-    pub extra_bytes: u64,
+    /// Bytes read for the hash alone (the metadata, data the copy did not
+    /// need, and data it read out of order, ahead of it).
+    pub hash_only_bytes: u64,
+    /// Bytes the copy read that had been read for the hash already.
+    pub read_twice_bytes: u64,
 }
 
 /// Hashes a file from the ranges a copy reads (see the module docs).
@@ -54,6 +58,7 @@ pub(crate) struct SourceHasher {
     hasher: Xxh3,
     buf: Vec<u8>,
     extra: u64,
+    twice: u64,
 }
 
 impl std::fmt::Debug for SourceHasher {
@@ -66,7 +71,7 @@ impl SourceHasher {
     /// A hasher of `file` (a duplicate of the copy's descriptor), `len`
     /// bytes long when opened.
     pub(crate) fn new(path: &Path, file: File, len: u64) -> Self {
-        SourceHasher { path: path.to_path_buf(), file, len, pos: 0, hasher: Xxh3::new(), buf: Vec::new(), extra: 0 }
+        SourceHasher { path: path.to_path_buf(), file, len, pos: 0, hasher: Xxh3::new(), buf: Vec::new(), extra: 0, twice: 0 }
     }
 
     /// The copy read `data` at `offset` of the file.
@@ -78,7 +83,7 @@ impl SourceHasher {
         let end = offset + data.len() as u64;
         if end <= self.pos {
             // Hashed already, by a read ahead: the copy read it again.
-            self.extra += data.len() as u64;
+            self.twice += data.len() as u64;
             return Ok(());
         }
         if offset > self.pos {
@@ -91,7 +96,7 @@ impl SourceHasher {
             }
         }
         let skip = (self.pos - offset) as usize;
-        self.extra += skip as u64;
+        self.twice += skip as u64;
         self.hasher.update(&data[skip..]);
         self.pos = end;
         Ok(())
@@ -131,16 +136,18 @@ impl SourceHasher {
         self.read_to(None)?;
         let tail = self.extra - extra_before;
         log::debug!(
-            "source {}: hashed {} bytes, {} of them read for the hash alone ({} at the end)",
+            "source {}: hashed {} bytes, {} of them read for the hash alone ({} at the end), {} read twice",
             self.path.display(),
             self.pos,
             self.extra,
-            tail
+            tail,
+            self.twice
         );
         Ok(SourceHash {
             path: self.path,
             hash: format!("{:032x}", self.hasher.digest128()),
-            extra_bytes: self.extra,
+            hash_only_bytes: self.extra,
+            read_twice_bytes: self.twice,
         })
     }
 }
