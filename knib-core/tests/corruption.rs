@@ -206,7 +206,7 @@ fn contents(dir: &Path) -> BTreeMap<PathBuf, String> {
     for (p, _) in tree(dir) {
         let full = dir.join(&p);
         if full.is_file() {
-            let h = knib_core::engine::hash_files(&[full.clone()], &Control::new()).expect("hash");
+            let h = knib_core::engine::hash_files(std::slice::from_ref(&full), &Control::new()).expect("hash");
             out.insert(p, h);
         }
     }
@@ -488,7 +488,7 @@ fn agent_compress_and_restore_check_the_hashes_they_are_given() {
     let req = json!({ "files": [chain[2]], "expected_hashes": [each[2]] });
     let ans: Value = serde_json::from_str(&call("agent.compress", &req.to_string(), &ctl).expect("compress")).expect("json");
     let comp = knib_core::engine::compress::comp_path(&chain[2]);
-    let want = knib_core::engine::hash_files(&[comp.clone()], &ctl).expect("hash");
+    let want = knib_core::engine::hash_files(std::slice::from_ref(&comp), &ctl).expect("hash");
     assert_eq!(ans["compressed"][0]["hash"], want.as_str());
     std::fs::remove_file(&comp).expect("remove");
     // A restore of the chain with its hashes: refused, the volume unchanged.

@@ -165,7 +165,7 @@ mod tests {
         let p = d.path().join("f");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         std::fs::File::create(&p).and_then(|mut f| f.write_all(&data)).expect("write");
-        let want = crate::engine::hash::hash_files(&[p.clone()], &crate::progress::Control::new()).expect("hash");
+        let want = crate::engine::hash::hash_files(std::slice::from_ref(&p), &crate::progress::Control::new()).expect("hash");
         let mut seed = 0x1234_5678_9abc_def0u64;
         for round in 0..50 {
             let f = File::open(&p).expect("open");
