@@ -78,7 +78,7 @@
  *                   quiesce), full, isolated, chain_size -> backup
  *   list            store, vm?                          -> [backup, ...]
  *   show            store, backup                       -> backup
- *   restore         store, backup, volume, to, format   -> {"restored", "volume", "to"}
+ *   restore         store, backup, volume, to, format, no_verify? -> {"restored", "volume", "to"}
  *   quick_restore   store, backup, domain, connect?     -> {"overlays"}
  *   consolidate     domain, connect?                    -> {"consolidated"}
  *   merge_snapshot  domain, connect?, disk, delta       -> {"disk", "active_file"}
@@ -486,7 +486,9 @@ knib_result knib_delete(struct knib_context *context, const char *request_json, 
 /**
  * Operation `restore`: write one volume of a backup, its chain flattened,
  * to a new image. Request: `store`, `backup`, `volume`, `to`, `format`
- * (`qcow2` or `raw`). Answer: `{"restored", "volume", "to"}`.
+ * (`qcow2` or `raw`), `no_verify` (false: each file of the chain is
+ * checked against its recorded hash as it is read, and a damaged one fails
+ * the restore with `corrupt`). Answer: `{"restored", "volume", "to"}`.
  *
  * # Safety
  * As `knib_call`.

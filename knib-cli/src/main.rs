@@ -109,6 +109,12 @@ enum Command {
         /// The libvirt connection URI.
         #[arg(long, default_value = "qemu:///system")]
         connect: String,
+        /// Do not check the backup's files against their recorded hashes
+        /// (by default every file of the chain is checked as it is read,
+        /// and a damaged one fails the restore): to get out what can be got
+        /// from a damaged backup.
+        #[arg(long, conflicts_with = "quick")]
+        no_verify: bool,
     },
     /// After a quick restore: pull the backup's data into the domain's
     /// disks, so they no longer depend on the store.
@@ -242,7 +248,7 @@ fn run(cli: Cli) -> Result<()> {
             let m = store.show(&backup)?;
             output::print_backup(&store, &m, json);
         }
-        Command::Restore { store, backup, volume, to, format, quick, domain, connect } => {
+        Command::Restore { store, backup, volume, to, format, quick, domain, connect, no_verify } => {
             let format: ImageFormat = format.parse()?;
             let store = Store::open(store)?;
             if quick {
@@ -265,7 +271,7 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(v), Some(t)) => (v, t),
                 _ => return Err(KnibError::invalid("restore needs --volume and --to (or --quick --domain)")),
             };
-            store.restore(&backup, &volume, &to, format, &ctl)?;
+            store.restore_with(&backup, &volume, &to, format, !no_verify, &ctl)?;
             output::clear_progress();
             output::say(json, &serde_json::json!({"restored": backup, "volume": volume, "to": to, "format": format}),
                 &format!("restored volume {volume} of backup {backup} to {} ({})", to.display(), format.as_str()));

@@ -14,9 +14,9 @@
 //! |---|---|---|
 //! | `agent.take_backup` | `domain`, `connect`?, `running`?, `quiesce`, `end_of_chain`, `isolated`, `volumes`: `[{"uuid","path","delta_path_on_primary","delta_path_on_store","parent_backup_path"?,"merge"?:{"parent","child","grand_children"?},"vm_snapshot_delta_paths"?}]` | `{"kind","vm_consistent":true,"volumes":[{"uuid","target","new_volume_path","delta_path_on_store","size","virtual_size"}]}` |
 //! | `agent.cleanup_vm_backup` | the request of the failed `agent.take_backup` (`quiesce` is ignored) | `{"published","vm_consistent":true,"volumes":[{"uuid","target","path"}],"actions":[...]}` |
-//! | `agent.compress` | `files`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps` (0), `min_free_factor` (1.0), `min_free_bytes`? | `{"compressed":[{"path","comp_path","original_size","compressed_size","library"}]}` |
+//! | `agent.compress` | `files`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps` (0), `min_free_factor` (1.0), `min_free_bytes`?, `expected_hashes`? | `{"compressed":[{"path","comp_path","original_size","compressed_size","library","hash"?}]}` |
 //! | `agent.finalize_compression` | `files`, `cleanup` (false) | `{"finalized":[{"path","size"}]}` or, with `cleanup`, `{"discarded":[path]}` |
-//! | `agent.restore` | `volumes`: `[{"uuid"?,"backup_path","volume_path"}]`, `quick_restore`, `deltas_to_remove` | `{"volumes":[{"uuid","path","backing"}],"removed":[path]}` |
+//! | `agent.restore` | `volumes`: `[{"uuid"?,"backup_path","volume_path","expected_hashes"?:[{"path","hash"}]}]`, `quick_restore`, `deltas_to_remove` | `{"volumes":[{"uuid","path","backing"}],"removed":[path]}` |
 //! | `agent.consolidate` | `domain`, `connect`?, `volumes`: `[{"uuid","path"}]` | `{"consolidated":[{"uuid","target","path","pulled"}]}` |
 //! | `agent.prepare_validation` | `vm_name`, `work_dir`, `volumes`: `[{"uuid","backup_path"}]` | `{"volumes":[{"uuid","backup_path","overlay_path"}]}` |
 //! | `agent.validate` | `disks`: `[{"target","path"}]`, `work_dir`, `memory_mib` (512), `wait_for_boot` (true), `boot_timeout_secs` (300), `take_screenshot`, `screenshot_path`?, `execute_script`, `script`?, `script_arguments`?, `expected_result`?, `kernel`?, `initrd`?, `cmdline`?, `domain_type`?, `connect`?, `vm_name`? | `{"boot_validated","boot_seconds","screenshot_path","script_result","script_exit_code","passed","problems"}` |
@@ -50,6 +50,20 @@
 //! complete: the backup is finished (merges, end of chain). Otherwise it is
 //! undone (what is on the store is removed, the new delta committed back),
 //! so the next incremental backup still holds every write.
+//!
+//! # Hashes
+//!
+//! CloudStack keeps one hash per backup (xxh3-128 over its chain's files,
+//! the `hash` of `agent.take_hash`) and passes none to the compression or
+//! the restore commands, so these cannot check the files they read unless
+//! the caller gives the per-file hashes (`files[].hash` of
+//! `agent.take_hash`): `agent.compress` takes `expected_hashes` (one per
+//! file of `files`, in order), and then refuses a file that does not match
+//! with a `corrupt` error naming it and answers the compressed file's own
+//! `hash`; each volume of `agent.restore` takes `expected_hashes` (files of
+//! its chain with their hashes), and a file that does not match fails the
+//! restore before any volume is replaced (a quick restore reads no data
+//! and checks nothing). Without them nothing is checked.
 //!
 //! # Restore
 //!
@@ -195,6 +209,8 @@ struct CompressReq {
     #[serde(default)]
     min_free_bytes: Option<u64>,
     #[serde(default)]
+    expected_hashes: Option<Vec<String>>,
+    #[serde(default)]
     timeout_secs: Option<u64>,
 }
 
@@ -219,6 +235,8 @@ struct RestoreVolume {
     uuid: Option<String>,
     backup_path: PathBuf,
     volume_path: PathBuf,
+    #[serde(default)]
+    expected_hashes: Vec<engine::ExpectedHash>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -555,7 +573,18 @@ fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<String> {
         min_free_factor: r.min_free_factor,
         ..Default::default()
     };
-    let done = engine::compress(&QemuImg::new(), &r.files, &opts, ctl)?;
+    let expected: Vec<Option<String>> = match &r.expected_hashes {
+        Some(h) if h.len() != r.files.len() => {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: {} expected_hashes for {} files (one per file, in order)",
+                h.len(),
+                r.files.len()
+            )))
+        }
+        Some(h) => h.iter().cloned().map(Some).collect(),
+        None => vec![None; r.files.len()],
+    };
+    let done = engine::compress_verified(&QemuImg::new(), &r.files, &expected, &opts, ctl)?;
     to_json(&json!({ "compressed": done }))
 }
 
@@ -594,7 +623,7 @@ fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<String> {
             if r.quick_restore {
                 engine::create_overlay(&q, &v.backup_path, &stage, ctl)?;
             } else {
-                engine::restore(
+                engine::restore_verified(
                     &q,
                     &engine::RestoreRequest {
                         backup_file: v.backup_path.clone(),
@@ -603,6 +632,7 @@ fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<String> {
                         overwrite: false,
                         data_path: Default::default(),
                     },
+                    &v.expected_hashes,
                     ctl,
                 )?;
             }

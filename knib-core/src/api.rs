@@ -14,7 +14,7 @@
 //! | `backup` | `store`, `vm` + `disks` (`[{"name","path"}]`) or `domain` (+ `connect`, `quiesce`), `full`, `isolated`, `chain_size` (default 8), `compress` (`zstd`/`zlib`: compressed as copied, one pass) | a backup |
 //! | `list` | `store`, `vm`? | `[backup, ...]` |
 //! | `show` | `store`, `backup` | a backup |
-//! | `restore` | `store`, `backup`, `volume`, `to`, `format` (`qcow2`/`raw`) | `{"restored": id, "volume", "to"}` |
+//! | `restore` | `store`, `backup`, `volume`, `to`, `format` (`qcow2`/`raw`), `no_verify` (false: every file of the chain is checked against its recorded hash as it is read) | `{"restored": id, "volume", "to"}` |
 //! | `quick_restore` | `store`, `backup`, `domain`, `connect`? | `{"overlays": [[target, path], ...]}` |
 //! | `consolidate` | `domain`, `connect`? | `{"consolidated": [target, ...]}` |
 //! | `compress` | `store`, `backup`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps` (0), `min_free_factor` (1.0) | a backup |
@@ -132,6 +132,8 @@ struct RestoreReq {
     to: PathBuf,
     #[serde(default)]
     format: ImageFormat,
+    #[serde(default)]
+    no_verify: bool,
 }
 
 #[derive(Deserialize)]
@@ -378,7 +380,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         }
         "restore" => {
             let r: RestoreReq = parse(op, request)?;
-            Store::open(&r.store)?.restore(&r.backup, &r.volume, &r.to, r.format, ctl)?;
+            Store::open(&r.store)?.restore_with(&r.backup, &r.volume, &r.to, r.format, !r.no_verify, ctl)?;
             to_json(&json!({"restored": r.backup, "volume": r.volume, "to": r.to}))
         }
         "quick_restore" | "consolidate" | "recover" => {

@@ -146,7 +146,9 @@ pub unsafe extern "C" fn knib_delete(
 
 /// Operation `restore`: write one volume of a backup, its chain flattened,
 /// to a new image. Request: `store`, `backup`, `volume`, `to`, `format`
-/// (`qcow2` or `raw`). Answer: `{"restored", "volume", "to"}`.
+/// (`qcow2` or `raw`), `no_verify` (false: each file of the chain is
+/// checked against its recorded hash as it is read, and a damaged one fails
+/// the restore with `corrupt`). Answer: `{"restored", "volume", "to"}`.
 ///
 /// # Safety
 /// As `knib_call`.

@@ -26,6 +26,8 @@
 //! - a validation that ran and found the backup bad: `failed` at once, with
 //!   the problems in `last_error` and the report in `result` (checking an
 //!   unchanged backup again would find the same);
+//! - a compression that found a backup file damaged (`corrupt`: it does not
+//!   match its recorded hash): `failed` at once, the backup left as it was;
 //! - failure: `attempts` + 1; while `attempts <= max_retries` the job is
 //!   queued again with `next_attempt_at` = now + `retry_interval_secs`,
 //!   then it is `failed` with `last_error`; the backup is left as it was
@@ -772,6 +774,11 @@ fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
     let ctl = job_control(settings.compression.timeout_secs, cancel);
     match store.compress(&job.backup, &settings.compress_options(), &ctl) {
         Ok(_) => Outcome::Done(None),
+        // A backup file that does not match its hash will not match it on a
+        // retry either: failed at once, the backup left as it was.
+        Err(e) if e.kind == ErrorKind::Corrupt && backup_gone(store, job).is_none() => {
+            Outcome::Rejected(e.to_string(), serde_json::json!({ "error": e }))
+        }
         Err(e) => failed(store, job, cancel, e),
     }
 }

@@ -576,12 +576,32 @@ impl Store {
         Ok(())
     }
 
-    /// Restore volume `volume` of backup `id` to `to`.
+    /// Restore volume `volume` of backup `id` to `to`, checking every file
+    /// of its chain against its recorded hash ([`Store::restore_with`]).
     pub fn restore(&self, id: &str, volume: &str, to: &Path, format: ImageFormat, ctl: &Control) -> Result<()> {
+        self.restore_with(id, volume, to, format, true, ctl)
+    }
+
+    /// Restore volume `volume` of backup `id` to `to`. With `verify`, each
+    /// file of the chain that has a recorded hash is checked as it is read
+    /// (see [`engine::restore_verified`]): a mismatch is a `corrupt` error
+    /// naming the file, and nothing is left at `to`. Without, the files are
+    /// copied as they are (to get out what can be got from a damaged
+    /// backup).
+    pub fn restore_with(
+        &self,
+        id: &str,
+        volume: &str,
+        to: &Path,
+        format: ImageFormat,
+        verify: bool,
+        ctl: &Control,
+    ) -> Result<()> {
         let m = self.show(id)?;
         let files = self.chain_files(&m, volume)?;
         let top = files.last().expect("a chain has at least one file").clone();
-        engine::restore(
+        let expected = if verify { self.expected_hashes(&m, volume, &files)? } else { Vec::new() };
+        engine::restore_verified(
             &self.qemu_img,
             &engine::RestoreRequest {
                 backup_file: top,
@@ -590,8 +610,23 @@ impl Store {
                 overwrite: false,
                 data_path: settings::Settings::load(&self.root)?.data_path,
             },
+            &expected,
             ctl,
         )
+    }
+
+    /// The recorded hashes of the files of `m`'s chain for `volume`
+    /// (`files`, root first, as [`Store::chain_files`] gives them); files
+    /// without one are left out (logged).
+    fn expected_hashes(&self, m: &Manifest, volume: &str, files: &[PathBuf]) -> Result<Vec<engine::ExpectedHash>> {
+        let mut out = Vec::new();
+        for (b, f) in self.chain(m)?.iter().zip(files) {
+            match &b.volume(volume)?.hash {
+                Some(h) => out.push(engine::ExpectedHash { path: f.clone(), hash: h.clone() }),
+                None => log::info!("backup {}: {} has no recorded hash; it is read unchecked", b.id, f.display()),
+            }
+        }
+        Ok(out)
     }
 
     /// Create a quick-restore overlay of volume `volume` of backup `id` at
@@ -619,6 +654,14 @@ impl Store {
 
     /// Compress backup `id` (and finalize it). A backup already compressed
     /// is left as it is.
+    ///
+    /// Each file is checked against its recorded hash as it is read
+    /// ([`engine::compress_verified`]); a file that does not match fails the
+    /// compression with a `corrupt` error naming it, and the backup is left
+    /// as it was. A file without a recorded hash is checked with
+    /// `qemu-img check` first (its metadata only: its data cannot be
+    /// checked), and its compressed file gets no hash (the next verify
+    /// records one); a checked file's compressed file gets its own.
     pub fn compress(&self, id: &str, opts: &CompressOptions, ctl: &Control) -> Result<Manifest> {
         let m = self.show(id)?;
         let _lock = self.lock_vm(&m.vm, &format!("compression of {id}"))?;
@@ -631,14 +674,28 @@ impl Store {
         for v in &m.volumes {
             self.chain_files(&m, &v.name)?;
         }
+        let expected: Vec<Option<String>> = m.volumes.iter().map(|v| v.hash.clone()).collect();
+        for (f, _) in files.iter().zip(&expected).filter(|(_, h)| h.is_none()) {
+            log::info!("{} has no recorded hash: its data cannot be checked, only its metadata", f.display());
+            let r = self.qemu_img.check(f, ctl)?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                return Err(KnibError::corrupt(format!(
+                    "backup file {} is damaged: qemu-img check found {} corruptions, {} leaks, {} errors",
+                    f.display(),
+                    r.corruptions,
+                    r.leaks,
+                    r.check_errors
+                )));
+            }
+        }
         let opts = &CompressOptions { data_path: settings::Settings::load(&self.root)?.data_path, ..opts.clone() };
-        let done = engine::compress(&self.qemu_img, &files, opts, ctl)?;
+        let done = engine::compress_verified(&self.qemu_img, &files, &expected, opts, ctl)?;
         engine::finalize(&files, true)?;
         let original: u64 = done.iter().map(|c| c.original_size).sum();
         let size: u64 = done.iter().map(|c| c.compressed_size).sum();
         for (v, c) in m.volumes.iter_mut().zip(&done) {
             v.size = c.compressed_size;
-            v.hash = None;
+            v.hash = c.hash.clone();
         }
         m.compression = Some(CompressionInfo {
             library: done.first().map(|c| c.library).unwrap_or(opts.library),
@@ -665,7 +722,62 @@ impl Store {
         Ok(out)
     }
 
+    /// Verify one backup. The checks run without the VM's lock (a backup
+    /// of the VM may go on meanwhile); when they find a problem, they are
+    /// run again under the lock, on the manifest as it is then, so that a
+    /// compression that replaced a file between the manifest's read and the
+    /// file's (its manifest is saved after its files, under the lock) is
+    /// never reported as a changed hash. Hashes are recorded under the lock.
     fn verify_one(&self, m: &Manifest, ctl: &Control) -> Result<VerifyReport> {
+        let (report, new_hashes) = self.check_backup(m, ctl)?;
+        if report.ok && new_hashes.is_empty() {
+            return Ok(report);
+        }
+        let _lock = self.wait_for_vm(&m.vm, &format!("verify of {}", m.id), ctl)?;
+        let (report, new_hashes, m) = if report.ok {
+            (report, new_hashes, m.clone())
+        } else {
+            match self.find(&m.id) {
+                Ok(fresh) if !fresh.removed => {
+                    let (r, h) = self.check_backup(&fresh, ctl)?;
+                    (r, h, fresh)
+                }
+                // Deleted meanwhile: what was found stands.
+                _ => return Ok(report),
+            }
+        };
+        if report.ok && !new_hashes.is_empty() {
+            let mut fresh = self.find(&m.id)?;
+            if fresh.compression == m.compression {
+                for (name, h) in new_hashes {
+                    if let Some(v) = fresh.volumes.iter_mut().find(|v| v.name == name) {
+                        v.hash = Some(h);
+                    }
+                }
+                fresh.save(&self.backup_dir(&fresh).join("manifest.json"))?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Take the lock of `vm`, waiting (up to ten minutes, as `ctl` allows)
+    /// while another operation holds it.
+    fn wait_for_vm(&self, vm: &str, operation: &str, ctl: &Control) -> Result<VmLock> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.lock_vm(vm, operation) {
+                Err(e) if e.kind == ErrorKind::Busy && start.elapsed() < std::time::Duration::from_secs(600) => {
+                    ctl.check(operation)?;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The checks of [`Store::verify`] on `m` as read, and the hashes to
+    /// record (volumes without one).
+    fn check_backup(&self, m: &Manifest, ctl: &Control) -> Result<(VerifyReport, Vec<(String, String)>)> {
         let q = &self.qemu_img;
         let mut problems = Vec::new();
         let mut files_checked = 0;
@@ -726,19 +838,8 @@ impl Store {
             }
             chain_hashes.insert(v.name.clone(), chain_hash);
         }
-        if problems.is_empty() && !new_hashes.is_empty() {
-            let _lock = self.lock_vm(&m.vm, &format!("verify of {}", m.id))?;
-            let mut fresh = self.find(&m.id)?;
-            if fresh.compression == m.compression {
-                for (name, h) in new_hashes {
-                    if let Some(v) = fresh.volumes.iter_mut().find(|v| v.name == name) {
-                        v.hash = Some(h);
-                    }
-                }
-                fresh.save(&self.backup_dir(&fresh).join("manifest.json"))?;
-            }
-        }
-        Ok(VerifyReport { id: m.id.clone(), ok: problems.is_empty(), problems, files_checked, chain_hashes })
+        let report = VerifyReport { id: m.id.clone(), ok: problems.is_empty(), problems, files_checked, chain_hashes };
+        Ok((report, new_hashes))
     }
 
     /// Delete backup `id` without breaking any chain: a backup that later

@@ -3,6 +3,15 @@
 //! pointer: a compressed qcow2 stays a valid backing file), then
 //! [`finalize`] renames them over the originals, or removes them when the
 //! backup was deleted meanwhile.
+//!
+//! [`compress_verified`] checks each source against its recorded hash while
+//! it reads it (native data path; the qemu-img data path hashes it in a
+//! separate read first, see [`crate::engine::verify`]) and refuses a source
+//! that does not match with a `corrupt` error naming it, leaving no `.comp`
+//! behind; the output of a verified source gets its own hash
+//! ([`CompressedFile::hash`], read back from the finished file). A source
+//! without an expected hash cannot be checked here: its output gets no
+//! hash either.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{KnibError, Result};
 use crate::engine::native::{self, DataPath, NativeCopy};
+use crate::engine::verify::{self, ExpectedHash};
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{Qcow2Image, SourceMode, TargetFormat};
@@ -58,6 +68,10 @@ pub struct CompressedFile {
     pub compressed_size: u64,
     /// The library used.
     pub library: CompressionLibrary,
+    /// xxh3-128 of the compressed file, when its source was checked
+    /// against an expected hash ([`compress_verified`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
 }
 
 /// `<file>.comp`.
@@ -68,8 +82,30 @@ pub fn comp_path(path: &Path) -> PathBuf {
 }
 
 /// Compress each file to `<file>.comp`. On failure every `.comp` written is
-/// removed and the originals are untouched.
+/// removed and the originals are untouched. No hash is checked (see
+/// [`compress_verified`]).
 pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Control) -> Result<Vec<CompressedFile>> {
+    compress_verified(q, files, &vec![None; files.len()], opts, ctl)
+}
+
+/// [`compress`], checking file `files[i]` against `expected[i]` (its own
+/// xxh3-128, as recorded) when there is one, as it is read: a mismatch is a
+/// `corrupt` error naming the file, every `.comp` is removed and the
+/// originals are untouched. The output of a checked file gets its hash.
+pub fn compress_verified(
+    q: &QemuImg,
+    files: &[PathBuf],
+    expected: &[Option<String>],
+    opts: &CompressOptions,
+    ctl: &Control,
+) -> Result<Vec<CompressedFile>> {
+    if expected.len() != files.len() {
+        return Err(KnibError::invalid(format!(
+            "{} expected hashes are given for {} files",
+            expected.len(),
+            files.len()
+        )));
+    }
     if !(1..=16).contains(&opts.coroutines) {
         return Err(KnibError::invalid(format!("coroutines must be 1 to 16, not {}", opts.coroutines)));
     }
@@ -83,7 +119,9 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
     }
     let mut done: Vec<CompressedFile> = Vec::new();
     let r = (|| -> Result<()> {
-        for f in files {
+        for (f, want) in files.iter().zip(expected) {
+            let want: Vec<ExpectedHash> =
+                want.iter().map(|h| ExpectedHash { path: f.clone(), hash: h.clone() }).collect();
             let size = fsio::file_size(f)?;
             let dir = fsio::parent_dir(f);
             let needed = (size as f64 * opts.min_free_factor.max(0.0)).ceil() as u64;
@@ -92,10 +130,17 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
             // The native path takes qcow2 v3 files; v2 ones stay v2 (zlib)
             // through qemu-img.
             let native_header = match opts.data_path {
-                DataPath::Native => Some(Qcow2Image::open(f)?.header().clone()).filter(|h| h.version >= 3),
+                DataPath::Native => Some(
+                    Qcow2Image::open(f).map_err(|e| verify::explain_failure(e, &want, ctl))?.header().clone(),
+                )
+                .filter(|h| h.version >= 3),
                 DataPath::QemuImg => None,
             };
-            let info = if native_header.is_none() { Some(q.info(f, ctl)?) } else { None };
+            let info = if native_header.is_none() {
+                Some(q.info(f, ctl).map_err(|e| verify::explain_failure(e, &want, ctl))?)
+            } else {
+                None
+            };
             let v2 = info.as_ref().is_some_and(|i| i.is_qcow2_v2());
             let library = if v2 { CompressionLibrary::Zlib } else { opts.library };
             fsio::remove_if_exists(&out)?;
@@ -105,8 +150,9 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
                 original_size: size,
                 compressed_size: 0,
                 library,
+                hash: None,
             });
-            let compressed_size = match (native_header, info) {
+            let (compressed_size, hash) = match (native_header, info) {
                 (Some(header), _) => {
                     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
                     let what = format!("compression of {}", f.display());
@@ -117,14 +163,23 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
                         format: TargetFormat::Qcow2,
                         backing: header.backing_file.clone(),
                         compress: Some(library),
-                        hash: false,
+                        hash: !want.is_empty(),
                         threads: (opts.coroutines as usize).clamp(1, cores),
                         rate_limit_mbps: opts.rate_limit_mbps,
                         what: &what,
                     };
-                    native::copy(&c, ctl)?.file_len
+                    if want.is_empty() {
+                        (native::copy(&c, ctl)?.file_len, None)
+                    } else {
+                        let r = native::copy_hashing_sources(&c, ctl)
+                            .and_then(|r| verify::check_source_hashes(&r.source_hashes, &want).map(|_| r))
+                            .map_err(|e| verify::explain_failure(e, &want, ctl))?;
+                        (r.file_len, r.hash)
+                    }
                 }
                 (None, info) => {
+                    // qemu-img reads the file itself: its hash takes a read of its own.
+                    verify::verify_files(&want, ctl)?;
                     q.convert(
                         &Convert {
                             source: f.clone(),
@@ -139,10 +194,13 @@ pub fn compress(q: &QemuImg, files: &[PathBuf], opts: &CompressOptions, ctl: &Co
                         ctl,
                     )?;
                     fsio::sync_file(&out)?;
-                    fsio::file_size(&out)?
+                    let hash = if want.is_empty() { None } else { Some(crate::engine::hash::hash_files(std::slice::from_ref(&out), ctl)?) };
+                    (fsio::file_size(&out)?, hash)
                 }
             };
-            done.last_mut().expect("pushed above").compressed_size = compressed_size;
+            let last = done.last_mut().expect("pushed above");
+            last.compressed_size = compressed_size;
+            last.hash = hash;
         }
         Ok(())
     })();

@@ -35,13 +35,15 @@ pub mod merge;
 pub mod native;
 pub mod restore;
 pub mod take;
+pub mod verify;
 #[cfg(feature = "libvirt")]
 pub mod live;
 #[cfg(feature = "libvirt")] pub mod validate;
 
-pub use compress::{compress, finalize, CompressOptions, CompressedFile};
+pub use compress::{compress, compress_verified, finalize, CompressOptions, CompressedFile};
 pub use hash::hash_files;
 pub use merge::merge_delta;
 pub use native::DataPath;
-pub use restore::{create_overlay, restore, RestoreRequest};
+pub use restore::{create_overlay, restore, restore_verified, RestoreRequest};
+pub use verify::ExpectedHash;
 pub use take::{take_backup, take_backup_with, BackupKind, TakeBackupAnswer, TakeBackupRequest, VolumeBackup, VolumeResult};

@@ -97,6 +97,17 @@ pub struct NativeCopy<'a> {
 /// Run a native copy, refusing it (before anything is written) when the
 /// destination's file system has less room than the output can take.
 pub fn copy(c: &NativeCopy<'_>, ctl: &Control) -> Result<CopyReport> {
+    copy_with(c, false, ctl)
+}
+
+/// [`copy`], hashing every source file (the top and, for a flattened copy,
+/// its backing files) from the bytes the copy reads:
+/// [`CopyReport::source_hashes`], for [`crate::engine::verify`].
+pub fn copy_hashing_sources(c: &NativeCopy<'_>, ctl: &Control) -> Result<CopyReport> {
+    copy_with(c, true, ctl)
+}
+
+fn copy_with(c: &NativeCopy<'_>, hash_source: bool, ctl: &Control) -> Result<CopyReport> {
     let dir = c.dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let opts = CopyOptions {
         mode: c.mode,
@@ -105,6 +116,7 @@ pub fn copy(c: &NativeCopy<'_>, ctl: &Control) -> Result<CopyReport> {
         compression: c.compress.map(CompressionType::from),
         cluster_bits: None,
         hash: c.hash,
+        hash_source,
         threads: c.threads,
         rate_limit_mbps: c.rate_limit_mbps,
         sync: true,

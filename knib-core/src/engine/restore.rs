@@ -1,5 +1,11 @@
 //! Restoring a backup: flattening its chain into one image, or creating a
 //! quick-restore overlay whose backing file is the backup.
+//!
+//! [`restore_verified`] also checks each file of the chain that has a
+//! recorded hash ([`crate::engine::verify`]): on the native data path from
+//! the bytes the copy reads (no second read of the data), on the qemu-img
+//! data path in a separate read before the copy. A mismatch is a `corrupt`
+//! error naming the file, and nothing is left at the destination.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{KnibError, Result};
 use crate::engine::native::{self, DataPath, NativeCopy};
+use crate::engine::verify::{self, ExpectedHash};
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{SourceMode, TargetFormat};
@@ -41,8 +48,17 @@ fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
 }
 
 /// Restore a backup, flattened, to `dest`: written under a temporary name
-/// and renamed when complete, so `dest` never holds half an image.
+/// and renamed when complete, so `dest` never holds half an image. No hash
+/// is checked (see [`restore_verified`]).
 pub fn restore(q: &QemuImg, req: &RestoreRequest, ctl: &Control) -> Result<()> {
+    restore_verified(q, req, &[], ctl)
+}
+
+/// [`restore`], checking each file of `expected` (files of the backup's
+/// chain, with their recorded hashes) as it is read; a file that does not
+/// match, or that the chain does not lead to, fails the restore with a
+/// `corrupt` error naming it, before `dest` is touched.
+pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedHash], ctl: &Control) -> Result<()> {
     if !req.backup_file.exists() {
         return Err(KnibError::not_found(format!("backup file {} does not exist", req.backup_file.display())));
     }
@@ -67,14 +83,23 @@ pub fn restore(q: &QemuImg, req: &RestoreRequest, ctl: &Control) -> Result<()> {
             rate_limit_mbps: 0,
             what: &what,
         };
-        let r = native::copy(&c, ctl).and_then(|_| fsio::commit_rename(&tmp, &req.dest));
+        let r = if expected.is_empty() {
+            native::copy(&c, ctl).map(|_| ())
+        } else {
+            native::copy_hashing_sources(&c, ctl)
+                .and_then(|rep| verify::check_source_hashes(&rep.source_hashes, expected))
+                .map_err(|e| verify::explain_failure(e, expected, ctl))
+        };
+        let r = r.and_then(|_| fsio::commit_rename(&tmp, &req.dest));
         if r.is_err() {
             let _ = fsio::remove_if_exists(&tmp);
         }
         return r;
     }
     // Every file of the chain must be there before anything is written.
-    q.info_chain(&req.backup_file, ctl)?;
+    q.info_chain(&req.backup_file, ctl).map_err(|e| verify::explain_failure(e, expected, ctl))?;
+    // qemu-img reads the files itself: their hashes take a read of their own.
+    verify::verify_files(expected, ctl)?;
     let dir = req.dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let m = q.measure(&req.backup_file, req.format, ctl)?;
     let needed = if req.format == ImageFormat::Raw { 0 } else { m.required };

@@ -35,6 +35,11 @@ impl RawImage {
         &self.path
     }
 
+    /// A duplicate of its descriptor.
+    pub(crate) fn dup_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Its virtual size: the file's (or block device's) length when opened.
     pub fn virtual_size(&self) -> u64 {
         self.len

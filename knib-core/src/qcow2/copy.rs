@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use super::chain::{read_layers, Chain, Layer};
 use super::header::CompressionType;
 use super::image::{ClusterState, Qcow2Image};
+use super::srchash::{SourceHash, SourceHasher};
 use super::writer::{BackingRef, CountSink, FileSink, ImageSpec, Layout, WriteSummary};
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
@@ -71,6 +72,10 @@ pub struct CopyOptions {
     pub cluster_bits: Option<u32>,
     /// Compute the xxh3-128 hash of the output file.
     pub hash: bool,
+    /// Compute the xxh3-128 hash of each source file (the top and, for a
+    /// flattened copy, every backing file), from the bytes the copy reads
+    /// (see [`super::srchash`]): [`CopyReport::source_hashes`].
+    pub hash_source: bool,
     /// Compression worker threads; 0 = one per core.
     pub threads: usize,
     /// Read at most this many MB (10^6 bytes) of data per second; 0 = no limit.
@@ -91,6 +96,7 @@ impl Default for CopyOptions {
             compression: None,
             cluster_bits: None,
             hash: false,
+            hash_source: false,
             threads: 0,
             rate_limit_mbps: 0,
             sync: true,
@@ -112,6 +118,9 @@ pub struct CopyReport {
     pub hash: Option<String>,
     /// The qcow2 output's clusters and tables (empty for raw).
     pub summary: WriteSummary,
+    /// With [`CopyOptions::hash_source`]: the hash of each source file, the
+    /// top first, then its backing files nearest first.
+    pub source_hashes: Vec<SourceHash>,
 }
 
 /// Where one guest cluster of the output comes from.
@@ -139,6 +148,8 @@ struct Source {
     cs: u64,
     bits: u32,
     size: u64,
+    /// The hasher of each layer (0 = top), when source hashes are asked for.
+    hashers: Vec<SourceHasher>,
 }
 
 impl Source {
@@ -148,7 +159,37 @@ impl Source {
             SourceMode::Chain => Chain::open(path)?.into_parts(),
         };
         let (cs, bits, size) = (top.cluster_size(), top.header().cluster_bits, top.virtual_size());
-        Ok(Source { top, backing, mode, cs, bits, size })
+        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new() })
+    }
+
+    /// Hash every file of the source as it is read.
+    fn hash_files(&mut self) -> Result<()> {
+        let mut hashers = Vec::with_capacity(1 + self.backing.len());
+        let top = &self.top;
+        let dup = |path: Option<&Path>, f: Option<std::io::Result<File>>, len: u64| -> Result<SourceHasher> {
+            let path = path.ok_or_else(|| KnibError::internal("a source file without a path"))?;
+            let file = f
+                .ok_or_else(|| KnibError::internal("a source file in memory"))?
+                .map_err(|e| KnibError::io("cannot open", path, e))?;
+            Ok(SourceHasher::new(path, file, len))
+        };
+        hashers.push(dup(top.path(), top.dup_file(), top.file_len())?);
+        for layer in &self.backing {
+            hashers.push(match layer {
+                Layer::Qcow2(img) => dup(img.path(), img.dup_file(), img.file_len())?,
+                Layer::Raw(r) => dup(Some(r.path()), Some(r.dup_file()), r.virtual_size())?,
+            });
+        }
+        self.hashers = hashers;
+        Ok(())
+    }
+
+    /// The copy read `buf` at `offset` of layer `layer`.
+    fn seen(&mut self, layer: usize, offset: u64, buf: &[u8]) -> Result<()> {
+        match self.hashers.get_mut(layer) {
+            Some(h) => h.seen(offset, buf),
+            None => Ok(()),
+        }
     }
 
     fn clusters(&self) -> u64 {
@@ -210,12 +251,13 @@ impl Source {
 
     fn read_host(&mut self, layer: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
         match layer {
-            0 => self.top.read_host(offset, buf),
+            0 => self.top.read_host(offset, buf)?,
             _ => match &mut self.backing[layer - 1] {
-                Layer::Qcow2(img) => img.read_host(offset, buf),
-                Layer::Raw(r) => r.read_at(offset, buf),
+                Layer::Qcow2(img) => img.read_host(offset, buf)?,
+                Layer::Raw(r) => r.read_at(offset, buf)?,
             },
         }
+        self.seen(layer, offset, buf)
     }
 
     fn read_compressed(&mut self, layer: usize, index: u64, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
@@ -226,7 +268,10 @@ impl Source {
                 Layer::Raw(_) => return Err(KnibError::internal("a compressed cluster in a raw layer")),
             },
         };
-        let data = img.read_compressed(index, offset, len)?;
+        let data = match self.hashers.get_mut(layer) {
+            Some(h) => img.read_compressed_seen(index, offset, len, &mut |o, b| h.seen(o, b))?,
+            None => img.read_compressed(index, offset, len)?,
+        };
         out.copy_from_slice(&data[..out.len()]);
         Ok(())
     }
@@ -353,6 +398,9 @@ pub fn copy_image(
     }
     let step = format!("copy {}", source.display());
     let mut src = Source::open(source, opts.mode)?;
+    if opts.hash_source {
+        src.hash_files()?;
+    }
     let out_bits = opts.cluster_bits.unwrap_or(src.bits);
     if out_bits != src.bits {
         return Err(KnibError::invalid(format!(
@@ -446,8 +494,9 @@ pub fn copy_image(
         let reader_ctl = ctl.clone();
         let reader_step = step.clone();
         let rate = opts.rate_limit_mbps;
+        let src = &mut src;
         scope.spawn(move || {
-            read_loop(&mut src, free_rx, work_tx, batch_bytes, rate, &reader_ctl, &reader_step);
+            read_loop(src, free_rx, work_tx, batch_bytes, rate, &reader_ctl, &reader_step);
         });
         let done_rx = if workers == 0 {
             work_rx
@@ -464,6 +513,12 @@ pub fn copy_image(
         };
         write_loop(&mut target, done_rx, free_tx, total, ctl, &step, &mut report)
     })?;
+
+    // The rest of each source file, for its hash.
+    for h in std::mem::take(&mut src.hashers) {
+        ctl.check(&step)?;
+        report.source_hashes.push(h.finish()?);
+    }
 
     // Finish the output.
     let file = match target {

@@ -426,7 +426,28 @@ impl Qcow2Image {
     /// The guest bytes (one whole cluster) of guest cluster `index`, stored
     /// compressed at `host_offset` as [`Qcow2Image::cluster_state`] said.
     pub fn read_compressed(&mut self, index: u64, host_offset: u64, compressed_len: u64) -> Result<&[u8]> {
-        self.decompress(index, host_offset, compressed_len)
+        self.decompress(index, host_offset, compressed_len, &mut |_, _| Ok(()))
+    }
+
+    /// [`Qcow2Image::read_compressed`], calling `seen(offset, bytes)` with
+    /// the bytes read from the file, if any were (a cached cluster is not
+    /// read again): for the hash of the file as it is read.
+    pub(crate) fn read_compressed_seen(
+        &mut self,
+        index: u64,
+        host_offset: u64,
+        compressed_len: u64,
+        seen: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<&[u8]> {
+        self.decompress(index, host_offset, compressed_len, seen)
+    }
+
+    /// A duplicate of the descriptor the image reads (`None` in memory).
+    pub(crate) fn dup_file(&self) -> Option<std::io::Result<File>> {
+        match &self.storage {
+            Storage::File(f) => Some(f.try_clone()),
+            Storage::Memory(_) => None,
+        }
     }
 
     /// Read guest bytes `offset..offset + buf.len()` of this image alone:
@@ -502,7 +523,7 @@ impl Qcow2Image {
                     self.storage.read_zero_fill(host_offset + in_cluster, out).map_err(|e| self.io_err(e))?;
                 }
                 ClusterState::Compressed { host_offset, compressed_len } => {
-                    let data = self.decompress(index, host_offset, compressed_len)?;
+                    let data = self.decompress(index, host_offset, compressed_len, &mut |_, _| Ok(()))?;
                     let start = in_cluster as usize;
                     out.copy_from_slice(&data[start..start + len]);
                 }
@@ -514,7 +535,13 @@ impl Qcow2Image {
 
     /// The decompressed bytes (one whole cluster) of the compressed cluster
     /// at `host_offset`; the last one is cached.
-    fn decompress(&mut self, index: u64, host_offset: u64, compressed_len: u64) -> Result<&[u8]> {
+    fn decompress(
+        &mut self,
+        index: u64,
+        host_offset: u64,
+        compressed_len: u64,
+        seen: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<&[u8]> {
         let cs = self.cluster_size() as usize;
         let cached = matches!(&self.decompressed, Some((off, _)) if *off == host_offset);
         if !cached {
@@ -525,6 +552,10 @@ impl Qcow2Image {
             input.resize(avail, 0);
             let got = self.storage.read_zero_fill(host_offset, &mut input).map_err(|e| self.io_err(e))?;
             input.truncate(got);
+            if let Err(e) = seen(host_offset, &input) {
+                self.compressed_buf = input;
+                return Err(e);
+            }
             let mut out = match self.decompressed.take() {
                 Some((_, v)) => v,
                 None => Vec::new(),

@@ -126,6 +126,7 @@ mod copy;
 mod direct;
 mod header;
 mod image;
+mod srchash;
 mod writer;
 #[cfg(test)]
 mod tests;
@@ -139,4 +140,5 @@ pub use check::RefcountCheck;
 pub use commit::{empty_image, Commit, CommitReport};
 pub use copy::{copy_image, CopyOptions, CopyReport, SourceMode, TargetFormat};
 pub use image::{ClusterState, Qcow2Image};
+pub use srchash::SourceHash;
 pub use writer::{header_cluster, BackingRef, CountSink, FileSink, ImageSpec, Layout, Sink, WriteSummary, REFCOUNT_ORDER};

@@ -1,0 +1,549 @@
+//! Corruption never goes unnoticed (issue 13, section 4): backup files
+//! damaged on the store (a byte flipped in a guest data cluster, in an L2
+//! table, the file cut short), in every layer of a chain, plain, compressed
+//! by a compression and compressed as copied, through restore (native and
+//! qemu-img data paths), compress, the compression job and verify; and
+//! compress racing verify.
+
+mod common;
+#[path = "common/gen.rs"]
+mod gen;
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::disk::*;
+use gen::Rng;
+use knib_core::catalog::{BackupOptions, Manifest, Store};
+use knib_core::engine::CompressOptions;
+use knib_core::qcow2::{ClusterState, Qcow2Image};
+use knib_core::qemu_img::{CompressionLibrary, ImageFormat};
+use knib_core::{Control, ErrorKind};
+
+/// How the backups of a store were made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Variant {
+    /// Plain qcow2 files.
+    Plain,
+    /// Compressed afterwards by `Store::compress`.
+    CompressedLater,
+    /// Compressed as they were copied.
+    CompressedAsCopied,
+}
+
+/// A store with a chain of three backups of two disks (full, two
+/// incrementals), every file's hash recorded, and the reference images of
+/// each backup.
+struct Built {
+    _disks: TestDisks,
+    dir: tempfile::TempDir,
+    ids: Vec<String>,
+    refs: Vec<BTreeMap<String, PathBuf>>,
+}
+
+/// A guest write with qemu-io. Retried a few times when the disk's base is
+/// still locked: with tests running in parallel threads, a process forked
+/// by another test while the native merge held its QEMU-style locks on the
+/// base may hold them until it execs (seen under load).
+fn guest_write(disk: &Path, cmd: &str) {
+    for attempt in 0..10 {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(disk)
+            .output()
+            .expect("qemu-io runs");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && !text.contains("error") && !text.contains("failed") {
+            return;
+        }
+        assert!(text.contains("Failed to get shared") && attempt < 9, "qemu-io {cmd}: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn build(seed: u64, variant: Variant) -> Built {
+    let disks = TestDisks::two();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(dir.path().join("store")).expect("store");
+    let mut rng = Rng::new(seed);
+    let mut ids = Vec::new();
+    let mut refs = Vec::new();
+    for round in 0..3 {
+        for d in ["root", "data"] {
+            let size = if d == "root" { 64u64 << 20 } else { 32 << 20 };
+            for _ in 0..4 {
+                let len = (1 + rng.below(16)) * 64 * 1024;
+                let off = rng.below((size - len) / 65536) * 65536;
+                // Half the writes compress well (a pattern), half do not.
+                let cmd = if rng.below(2) == 0 {
+                    format!("write -P 0x{:02x} {off} {len}", 1 + rng.below(254))
+                } else {
+                    let src = disks.dir.path().join(format!("rand-{round}-{d}.bin"));
+                    std::fs::write(&src, rng.bytes(len as usize)).expect("source");
+                    format!("write -s {} {off} {len}", src.display())
+                };
+                guest_write(disks.path(d), &cmd);
+            }
+        }
+        refs.push(disks.snapshot_all(&format!("r{round}")));
+        let opts = BackupOptions {
+            compress: (variant == Variant::CompressedAsCopied).then_some(CompressionLibrary::Zstd),
+            ..Default::default()
+        };
+        let m = store.backup("vm1", &disks.disks, &opts, &Control::new()).expect("backup");
+        if variant == Variant::CompressedLater {
+            store.compress(&m.id, &CompressOptions::default(), &Control::new()).expect("compress");
+        }
+        ids.push(m.id);
+    }
+    // Every file gets its hash (a compression of the code before this
+    // change dropped it; the first clean verify records it).
+    for r in store.verify(None, &Control::new()).expect("verify") {
+        assert!(r.ok, "{r:?}");
+    }
+    for id in &ids {
+        let m = store.show(id).expect("show");
+        assert!(m.volumes.iter().all(|v| v.hash.is_some()), "{m:?}");
+    }
+    Built { _disks: disks, dir, ids, refs }
+}
+
+/// A copy of the built store, to damage.
+fn copy_store(b: &Built, to: &Path) -> Store {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(b.dir.path().join("store"))
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    Store::open(to).expect("open copy")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Damage {
+    /// A byte flipped inside a guest data cluster of the file.
+    DataByte,
+    /// A byte flipped in an entry of an L2 table.
+    L2Entry,
+    /// The file cut short.
+    Truncate,
+}
+
+const DAMAGES: [Damage; 3] = [Damage::DataByte, Damage::L2Entry, Damage::Truncate];
+
+fn flip(file: &Path, at: u64, mask: u8) {
+    let f = OpenOptions::new().read(true).write(true).open(file).expect("open to damage");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read byte");
+    b[0] ^= mask;
+    f.write_all_at(&b, at).expect("write byte");
+}
+
+/// Damage `file` as `damage` says, at a place drawn from `rng`; returns
+/// what was done (for failure messages).
+fn damage(file: &Path, d: Damage, rng: &mut Rng) -> String {
+    let len = std::fs::metadata(file).expect("size").len();
+    let mut img = Qcow2Image::open(file).expect("open");
+    let cs = img.cluster_size();
+    let mut data = Vec::new();
+    for i in 0..img.guest_clusters() {
+        match img.cluster_state(i).expect("lookup") {
+            ClusterState::Data { host_offset } => data.push((host_offset, cs)),
+            ClusterState::Compressed { host_offset, compressed_len } => {
+                // The stored length is rounded up to sectors: stay in the
+                // first bytes, which are surely the cluster's.
+                data.push((host_offset, compressed_len.min(16)))
+            }
+            _ => {}
+        }
+    }
+    assert!(!data.is_empty(), "{} has no data cluster", file.display());
+    match d {
+        Damage::DataByte => {
+            let (host, span) = data[rng.below(data.len() as u64) as usize];
+            let at = host + rng.below(span);
+            flip(file, at, 1 << rng.below(8));
+            format!("byte {at} of a data cluster flipped")
+        }
+        Damage::L2Entry => {
+            let h = img.header().clone();
+            let f = std::fs::File::open(file).expect("open");
+            let mut e = [0u8; 8];
+            f.read_exact_at(&mut e, h.l1_table_offset).expect("L1");
+            let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+            assert!(l2 != 0, "{}: the first L1 entry is empty", file.display());
+            let mut used = Vec::new();
+            for k in 0..cs / 8 {
+                f.read_exact_at(&mut e, l2 + k * 8).expect("L2");
+                if u64::from_be_bytes(e) != 0 {
+                    used.push(k);
+                }
+            }
+            let k = used[rng.below(used.len() as u64) as usize];
+            // A bit of the entry's offset (bytes 4 to 6 of the big-endian
+            // entry: offsets from 64 KiB to 4 GiB).
+            let at = l2 + k * 8 + 4 + rng.below(3);
+            flip(file, at, 1 << rng.below(8));
+            format!("byte {at} of L2 entry {k} flipped")
+        }
+        Damage::Truncate => {
+            let to = len / 2 + rng.below(len / 2);
+            let f = OpenOptions::new().write(true).open(file).expect("open");
+            f.set_len(to).expect("truncate");
+            format!("cut from {len} to {to} bytes")
+        }
+    }
+}
+
+/// Every file under `dir` with its xxh3-128: to show nothing changed.
+fn contents(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    for (p, _) in tree(dir) {
+        let full = dir.join(&p);
+        if full.is_file() {
+            let h = knib_core::engine::hash_files(std::slice::from_ref(&full), &Control::new()).expect("hash");
+            out.insert(p, h);
+        }
+    }
+    out
+}
+
+fn set_data_path(store: &Store, path: &str) {
+    std::fs::write(store.root().join("knib.json"), format!("{{\"schema\": 1, \"knib.data.path\": \"{path}\"}}")).expect("settings");
+}
+
+fn file_of(store: &Store, id: &str, volume: &str) -> PathBuf {
+    let m: Manifest = store.show(id).expect("show");
+    store.volume_file(&m, volume).expect("file")
+}
+
+/// Restore fails "corrupt" naming the damaged file, whatever layer of the
+/// chain it is in and however it is damaged, and leaves nothing behind;
+/// restoring without the check runs on its own; verify reports the file.
+fn restore_refuses_damage(variant: Variant, seed: u64, data_paths: &[&str]) {
+    let b = build(seed, variant);
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    let mut case = 0;
+    for layer in 0..b.ids.len() {
+        for d in DAMAGES {
+            for data_path in data_paths {
+                case += 1;
+                let work = tempfile::tempdir().expect("tempdir");
+                let store = copy_store(&b, &work.path().join("store"));
+                set_data_path(&store, data_path);
+                let vol = if rng.below(2) == 0 { "root" } else { "data" };
+                let bad = file_of(&store, &b.ids[layer], vol);
+                let what = damage(&bad, d, &mut rng);
+                let name = format!("{}/{vol}.qcow2", b.ids[layer]);
+                let ctx = format!("case {case} ({variant:?}, {data_path}): layer {layer} {vol}: {what}");
+                let out = work.path().join("out");
+                std::fs::create_dir(&out).expect("out dir");
+                // The last backup reads every layer; the damaged one reads
+                // its own and those below.
+                for top in [b.ids.len() - 1, layer] {
+                    let fmt = if (case + top) % 2 == 0 { ImageFormat::Qcow2 } else { ImageFormat::Raw };
+                    let to = out.join(format!("restored-{top}"));
+                    let e = store
+                        .restore(&b.ids[top], vol, &to, fmt, &Control::new())
+                        .expect_err(&format!("{ctx}: restore of backup {top} must fail"));
+                    assert_eq!(e.kind, ErrorKind::Corrupt, "{ctx}: {e}");
+                    assert!(e.message.contains(&name), "{ctx}: the error must name {name}: {e}");
+                    let left: Vec<_> = std::fs::read_dir(&out).expect("list").flatten().map(|e| e.path()).collect();
+                    assert!(left.is_empty(), "{ctx}: left behind {left:?}");
+                    // Without the check: the copy runs as it can.
+                    let r = store.restore_with(&b.ids[top], vol, &to, fmt, false, &Control::new());
+                    match r {
+                        Ok(()) => {
+                            assert!(to.exists(), "{ctx}");
+                            std::fs::remove_file(&to).expect("remove");
+                        }
+                        Err(e) => assert!(!to.exists(), "{ctx}: failed ({e}) and left {}", to.display()),
+                    }
+                }
+                // The other volume is intact and restores.
+                let other = if vol == "root" { "data" } else { "root" };
+                let to = out.join("other");
+                store.restore(&b.ids[2], other, &to, ImageFormat::Qcow2, &Control::new()).expect(&ctx);
+                assert_identical(&to, &b.refs[2][other]);
+                // verify reports the damaged backup.
+                let r = store.verify(Some(&b.ids[layer]), &Control::new()).expect("verify").pop().expect("one");
+                assert!(!r.ok, "{ctx}: verify passed");
+                assert!(r.problems.iter().any(|p| p.contains(&name)), "{ctx}: {:?}", r.problems);
+            }
+        }
+    }
+}
+
+#[test]
+fn restore_refuses_a_damaged_plain_chain() {
+    restore_refuses_damage(Variant::Plain, 0x1301, &["native", "qemu-img"]);
+}
+
+#[test]
+fn restore_refuses_a_damaged_compressed_chain() {
+    restore_refuses_damage(Variant::CompressedLater, 0x1302, &["native"]);
+}
+
+#[test]
+fn restore_refuses_a_damaged_chain_compressed_as_copied() {
+    restore_refuses_damage(Variant::CompressedAsCopied, 0x1303, &["native", "qemu-img"]);
+}
+
+/// An intact chain restores identical with the check on, on both data
+/// paths, and the check reads each byte of a knib-written file once.
+#[test]
+fn an_intact_chain_restores_identical_with_the_check() {
+    let b = build(0x1304, Variant::Plain);
+    let store = Store::open(b.dir.path().join("store")).expect("open");
+    let out = tempfile::tempdir().expect("tempdir");
+    for data_path in ["native", "qemu-img"] {
+        set_data_path(&store, data_path);
+        for (i, id) in b.ids.iter().enumerate() {
+            for vol in ["root", "data"] {
+                let to = out.path().join(format!("{data_path}-{i}-{vol}"));
+                store.restore(id, vol, &to, ImageFormat::Qcow2, &Control::new()).expect("restore");
+                assert_identical(&to, &b.refs[i][vol]);
+            }
+        }
+    }
+}
+
+/// Compress refuses a damaged backup: "corrupt" naming the file, the store
+/// byte-identical (no `.comp` left), and verify still reports the damage.
+fn compress_refuses_damage(seed: u64, data_path: &str) {
+    let b = build(seed, Variant::Plain);
+    let mut rng = Rng::new(seed ^ 0xc0de);
+    for (layer, id) in b.ids.iter().enumerate() {
+        for d in DAMAGES {
+            let work = tempfile::tempdir().expect("tempdir");
+            let root = work.path().join("store");
+            let store = copy_store(&b, &root);
+            set_data_path(&store, data_path);
+            let vol = if rng.below(2) == 0 { "root" } else { "data" };
+            let bad = file_of(&store, id, vol);
+            let what = damage(&bad, d, &mut rng);
+            let name = format!("{id}/{vol}.qcow2");
+            let ctx = format!("{data_path}: layer {layer} {vol}: {what}");
+            let before = contents(&root);
+            let e = store
+                .compress(id, &CompressOptions::default(), &Control::new())
+                .expect_err(&format!("{ctx}: compress must fail"));
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{ctx}: {e}");
+            assert!(e.message.contains(&name), "{ctx}: the error must name {name}: {e}");
+            assert_eq!(contents(&root), before, "{ctx}: the store changed");
+            let r = store.verify(Some(id), &Control::new()).expect("verify").pop().expect("one");
+            assert!(!r.ok, "{ctx}: verify passes after the compression");
+            assert!(r.problems.iter().any(|p| p.contains(&name)), "{ctx}: {:?}", r.problems);
+        }
+    }
+}
+
+#[test]
+fn compress_refuses_a_damaged_backup() {
+    compress_refuses_damage(0x1305, "native");
+}
+
+#[test]
+fn compress_refuses_a_damaged_backup_on_the_qemu_img_path() {
+    compress_refuses_damage(0x1306, "qemu-img");
+}
+
+/// A compression records the hash of its output (its source was checked):
+/// the backup verifies, restores identical, and damage done after the
+/// compression is found.
+#[test]
+fn a_compressed_backup_keeps_a_hash_that_finds_later_damage() {
+    let b = build(0x1307, Variant::Plain);
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = copy_store(&b, &work.path().join("store"));
+    let id = &b.ids[1];
+    let m = store.compress(id, &CompressOptions::default(), &Control::new()).expect("compress");
+    assert!(m.compression.is_some());
+    assert!(m.volumes.iter().all(|v| v.hash.is_some()), "a compression of a checked file records its hash: {m:?}");
+    let r = store.verify(Some(id), &Control::new()).expect("verify").pop().expect("one");
+    assert!(r.ok, "{r:?}");
+    let to = work.path().join("r.qcow2");
+    store.restore(id, "root", &to, ImageFormat::Qcow2, &Control::new()).expect("restore");
+    assert_identical(&to, &b.refs[1]["root"]);
+    let mut rng = Rng::new(0x1307);
+    damage(&file_of(&store, id, "root"), Damage::DataByte, &mut rng);
+    let e = store.restore(&b.ids[2], "root", &work.path().join("x"), ImageFormat::Raw, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&format!("{id}/root.qcow2")), "{e}");
+}
+
+/// The compression job of a damaged backup fails at once ("corrupt", no
+/// retry) and leaves the backup as it was.
+#[test]
+fn the_compression_job_of_a_damaged_backup_fails_without_retry() {
+    use knib_core::catalog::jobs::{run_jobs, JobState, RunOptions};
+    let b = build(0x1308, Variant::Plain);
+    let work = tempfile::tempdir().expect("tempdir");
+    let root = work.path().join("store");
+    let store = copy_store(&b, &root);
+    let id = &b.ids[0];
+    let mut rng = Rng::new(0x1308);
+    damage(&file_of(&store, id, "root"), Damage::DataByte, &mut rng);
+    std::fs::write(root.join("knib.json"), r#"{"schema": 1, "compression.max_retries": 2, "compression.retry_interval_secs": 0}"#)
+        .expect("settings");
+    let before = contents(&root);
+    let job = store.queue_compression(id).expect("queue");
+    run_jobs(&store, &RunOptions::default()).expect("run");
+    let j = store.job(&job.id).expect("job");
+    assert_eq!(j.state, JobState::Failed, "{j:?}");
+    assert_eq!(j.attempts, 1, "a damaged backup is not compressed again: {j:?}");
+    let err = j.last_error.clone().unwrap_or_default();
+    assert!(err.contains(&format!("{id}/root.qcow2")) && err.contains("corrupt"), "{err}");
+    let mut after = contents(&root);
+    after.retain(|p, _| !p.starts_with("jobs"));
+    let mut before = before;
+    before.retain(|p, _| !p.starts_with("jobs"));
+    assert_eq!(after, before, "the store changed");
+    assert!(store.show(id).expect("show").compression.is_none());
+}
+
+/// Compress and verify at the same time, many times over: verify never
+/// reports a good backup's hash as changed.
+#[test]
+fn verify_racing_compress_never_reports_a_false_mismatch() {
+    let disks = TestDisks::two();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::create(dir.path().join("store")).expect("store"));
+    let mut rng = Rng::new(0x1309);
+    for round in 0..12 {
+        for d in ["root", "data"] {
+            let off = rng.below(400) * 65536;
+            let len = 64 * 1024 * (1 + rng.below(32));
+            guest_write(disks.path(d), &format!("write -P 0x{:02x} {off} {len}", 1 + rng.below(254)));
+        }
+        let opts = BackupOptions { full: round % 4 == 0, ..Default::default() };
+        let m = store.backup("vm1", &disks.disks, &opts, &Control::new()).expect("backup");
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut verifiers = Vec::new();
+        for k in 0..2 {
+            let (store, stop, id) = (Arc::clone(&store), Arc::clone(&stop), m.id.clone());
+            verifiers.push(std::thread::spawn(move || {
+                let mut runs = 0;
+                while !stop.load(Ordering::SeqCst) || runs == 0 {
+                    let target = if k == 0 { Some(id.as_str()) } else { None };
+                    let reports = store.verify(target, &Control::new()).expect("verify runs");
+                    for r in reports {
+                        assert!(r.ok, "round {round}: verify of a good backup failed: {:?}", r.problems);
+                    }
+                    runs += 1;
+                }
+                runs
+            }));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(60)));
+        loop {
+            match store.compress(&m.id, &CompressOptions::default(), &Control::new()) {
+                Ok(_) => break,
+                Err(e) if e.kind == ErrorKind::Busy => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(e) => panic!("round {round}: compress: {e}"),
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(40)));
+        stop.store(true, Ordering::SeqCst);
+        for v in verifiers {
+            let runs = v.join().expect("a verifier panicked");
+            assert!(runs > 0);
+        }
+    }
+    for r in store.verify(None, &Control::new()).expect("verify") {
+        assert!(r.ok, "{r:?}");
+    }
+}
+
+/// The agent's compression and restore check the files when the caller
+/// gives the per-file hashes (`agent.take_hash`'s `files[].hash`).
+#[test]
+fn agent_compress_and_restore_check_the_hashes_they_are_given() {
+    use knib_core::api::call;
+    use serde_json::{json, Value};
+    let b = build(0x130a, Variant::Plain);
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = copy_store(&b, &work.path().join("store"));
+    let chain: Vec<PathBuf> = b.ids.iter().map(|id| file_of(&store, id, "root")).collect();
+    let ctl = Control::new();
+    let hashes: Value =
+        serde_json::from_str(&call("agent.take_hash", &json!({ "files": chain }).to_string(), &ctl).expect("hash"))
+            .expect("json");
+    let each: Vec<String> =
+        hashes["files"].as_array().expect("files").iter().map(|f| f["hash"].as_str().expect("hash").to_string()).collect();
+    let mut rng = Rng::new(0x130a);
+    damage(&chain[1], Damage::DataByte, &mut rng);
+    // Compression of the damaged file with its hash: refused, nothing left.
+    let req = json!({ "files": [chain[1]], "expected_hashes": [each[1]] });
+    let e = call("agent.compress", &req.to_string(), &ctl).expect_err("refused");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&chain[1].display().to_string()), "{e}");
+    assert!(!knib_core::engine::compress::comp_path(&chain[1]).exists());
+    // An intact file: compressed, with the hash of its output.
+    let req = json!({ "files": [chain[2]], "expected_hashes": [each[2]] });
+    let ans: Value = serde_json::from_str(&call("agent.compress", &req.to_string(), &ctl).expect("compress")).expect("json");
+    let comp = knib_core::engine::compress::comp_path(&chain[2]);
+    let want = knib_core::engine::hash_files(std::slice::from_ref(&comp), &ctl).expect("hash");
+    assert_eq!(ans["compressed"][0]["hash"], want.as_str());
+    std::fs::remove_file(&comp).expect("remove");
+    // A restore of the chain with its hashes: refused, the volume unchanged.
+    let vol = work.path().join("vol.qcow2");
+    std::fs::write(&vol, b"old volume").expect("volume");
+    let expected: Vec<Value> = chain.iter().zip(&each).map(|(p, h)| json!({"path": p, "hash": h})).collect();
+    let req = json!({ "volumes": [{ "backup_path": chain[2], "volume_path": vol, "expected_hashes": expected }] });
+    let e = call("agent.restore", &req.to_string(), &ctl).expect_err("refused");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&chain[1].display().to_string()), "{e}");
+    assert_eq!(std::fs::read(&vol).expect("volume"), b"old volume");
+    let left: Vec<_> = std::fs::read_dir(work.path()).expect("list").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}
+
+/// The check costs no second read of a knib-written file: the copy's own
+/// reads are hashed, and only the metadata (and, for a flattened copy, the
+/// clusters an upper layer hides) is read for the hash alone. The digests
+/// are the recorded per-file hashes.
+#[test]
+fn the_hash_of_each_source_comes_from_the_copy_s_own_reads() {
+    use knib_core::qcow2::{copy_image, CopyOptions, SourceMode, TargetFormat};
+    for variant in [Variant::Plain, Variant::CompressedAsCopied] {
+        let b = build(0x130b, variant);
+        let store = Store::open(b.dir.path().join("store")).expect("open");
+        let out = tempfile::tempdir().expect("tempdir");
+        for vol in ["root", "data"] {
+            let chain: Vec<PathBuf> = b.ids.iter().map(|id| file_of(&store, id, vol)).collect();
+            for mode in [SourceMode::Top, SourceMode::Chain] {
+                let opts = CopyOptions {
+                    mode,
+                    format: if mode == SourceMode::Chain { TargetFormat::Raw } else { TargetFormat::Qcow2 },
+                    hash_source: true,
+                    ..Default::default()
+                };
+                let dest = out.path().join("copy");
+                let r = copy_image(&chain[2], &dest, &opts, &Control::new(), &mut |_| Ok(())).expect("copy");
+                let n = if mode == SourceMode::Top { 1 } else { 3 };
+                assert_eq!(r.source_hashes.len(), n);
+                for (k, sh) in r.source_hashes.iter().enumerate() {
+                    let file = &chain[2 - k];
+                    let m = store.show(&b.ids[2 - k]).expect("show");
+                    assert_eq!(Some(&sh.hash), m.volume(vol).expect("volume").hash.as_ref(), "{}", file.display());
+                    let len = std::fs::metadata(file).expect("size").len();
+                    // Compressed clusters' sector-rounded extents overlap a
+                    // little; nothing else is read twice.
+                    let bound = if variant == Variant::Plain { 0 } else { len / 8 };
+                    assert!(sh.read_twice_bytes <= bound, "{variant:?} {mode:?} {}: {sh:?} of {len}", file.display());
+                    if k == 0 {
+                        // The top: all of it is read by the copy but its metadata.
+                        assert!(sh.hash_only_bytes <= len / 4 + 1024 * 1024, "{mode:?} {}: {sh:?} of {len}", file.display());
+                    }
+                }
+                std::fs::remove_file(&dest).expect("remove");
+            }
+        }
+    }
+}
