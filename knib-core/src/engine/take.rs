@@ -163,12 +163,27 @@ fn new_overlay_path(disk: &Path) -> PathBuf {
     disk.with_file_name(format!("{name}.knib-new"))
 }
 
-/// Finish what a crash interrupted on a disk: when `P` is missing but its
-/// base and the new overlay exist, the overlay is renamed to `P`. Returns
-/// whether anything was done.
+/// Finish or undo what a crash interrupted on a disk getting its base:
+/// when `P` is missing but its base and the new overlay exist (a crash of an
+/// older knib, which renamed `P` to the base), the overlay is renamed to
+/// `P`; when the base is a second name of `P` itself (a crash between
+/// linking the base and putting the overlay in place), that name is removed
+/// (guest writes since the crash went into `P`: finishing would hide them
+/// below an overlay the next incremental starts from). Returns whether
+/// anything was done.
 pub fn repair_volume(disk: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
     let base = base_path(disk);
     let new = new_overlay_path(disk);
+    if let (Ok(d), Ok(b)) = (fs::metadata(disk), fs::metadata(&base)) {
+        if (d.dev(), d.ino()) == (b.dev(), b.ino()) {
+            log::warn!("undoing an interrupted base creation of {}: removing {}", disk.display(), base.display());
+            fsio::remove_if_exists(&base)?;
+            fsio::sync_dir(base.parent().unwrap_or(Path::new(".")))?;
+            fsio::remove_if_exists(&new)?;
+            return Ok(true);
+        }
+    }
     if !disk.exists() && base.exists() && new.exists() {
         log::warn!("finishing an interrupted base creation of {}", disk.display());
         fsio::commit_rename(&new, disk)?;
@@ -509,8 +524,15 @@ fn merge_after_backup(
         }
         crate::crashpoint::durable_step(&format!("creation of {}", new.display()));
         q.create_overlay(&new, &base_name, "qcow2", Some(st.virtual_size), ctl)?;
-        crate::crashpoint::durable_step(&format!("rename of {} to {}", v.disk.display(), base.display()));
-        fs::rename(&v.disk, &base).map_err(|e| KnibError::io("cannot rename to", &base, e))?;
+        // `P` is never missing: the base is first a second name of `P`, then
+        // the overlay replaces `P` in one rename ([`repair_volume`] undoes
+        // the link after a crash). A file system without hard links gets a
+        // rename, and a crash there leaves `P` missing until the next backup.
+        crate::crashpoint::durable_step(&format!("link of {} as {}", v.disk.display(), base.display()));
+        if let Err(e) = fs::hard_link(&v.disk, &base) {
+            log::debug!("cannot link {} as {} ({e}): renaming it", v.disk.display(), base.display());
+            fs::rename(&v.disk, &base).map_err(|e| KnibError::io("cannot rename to", &base, e))?;
+        }
         fsio::commit_rename(&new, &v.disk)?;
     }
     Ok(())
