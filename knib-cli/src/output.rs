@@ -40,6 +40,7 @@ pub fn backup_json(store: &Store, m: &Manifest) -> Value {
         "end_of_chain": m.end_of_chain,
         "created": m.created,
         "compression": m.compression,
+        "full_reason": m.full_reason,
         "volumes": m.volumes.iter().map(|v| json!({
             "name": v.name,
             "file": dir.join(&v.file),
@@ -78,6 +79,9 @@ pub fn print_backup(store: &Store, m: &Manifest, json: bool) {
         println!("{}", backup_json(store, m));
     } else {
         println!("{}", backup_line(m));
+        if let Some(why) = &m.full_reason {
+            println!("  full because {why}");
+        }
         for v in &m.volumes {
             println!(
                 "  {}: {} ({} virtual, {} stored)",

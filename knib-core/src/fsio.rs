@@ -43,6 +43,7 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// directory of `to`).
 pub fn commit_rename(from: &Path, to: &Path) -> Result<()> {
     sync_file(from)?;
+    crate::crashpoint::durable_step(&format!("rename {} to {}", from.display(), to.display()));
     fs::rename(from, to).map_err(|e| KnibError::io(&format!("cannot rename {} to", from.display()), to, e))?;
     sync_dir(parent_dir(to))
 }
@@ -63,6 +64,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         f.write_all(data).map_err(|e| KnibError::io("cannot write", &tmp, e))?;
         f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
         drop(f);
+        crate::crashpoint::durable_step(&format!("write {}", path.display()));
         fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
         sync_dir(parent_dir(path))
     })();
@@ -136,6 +138,9 @@ pub fn human_bytes(n: u64) -> String {
 
 /// Remove a file if it exists; a missing file is fine.
 pub fn remove_if_exists(path: &Path) -> Result<()> {
+    if cfg!(debug_assertions) && fs::symlink_metadata(path).is_ok() {
+        crate::crashpoint::durable_step(&format!("remove {}", path.display()));
+    }
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

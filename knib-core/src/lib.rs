@@ -14,6 +14,7 @@
 pub mod agent;
 pub mod api;
 pub mod catalog;
+pub mod crashpoint;
 pub mod engine;
 pub mod error;
 pub mod files;

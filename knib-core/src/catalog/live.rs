@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::manifest::{Manifest, VolumeEntry};
+use super::head::Follows;
 use super::{BackupOptions, Store};
 use crate::engine::live::{self, DiskPlan, LivePlan, LiveStep, RecoverReport};
 use crate::error::{ErrorKind, KnibError, Result};
@@ -91,10 +92,22 @@ impl Store {
                 ),
             ));
         }
-        let state = self.load_state(&name)?;
         let sources: Vec<(String, PathBuf)> = shapes.iter().map(|s| (s.info.target.clone(), s.base.clone())).collect();
-        let (kind, parent, position, end_of_chain) =
-            self.decide(&name, &state, &sources, opts, &|| shapes.iter().all(|s| s.delta.is_some()))?;
+        let follows: Vec<(String, Follows)> = shapes
+            .iter()
+            .map(|s| {
+                let f = match &s.delta {
+                    None => Follows::NoDelta,
+                    Some(d) => match live::delta_backup_id(&s.base, d) {
+                        Some(id) => Follows::Backup(id),
+                        None => Follows::Unknown(format!("{} is not named after a backup", d.display())),
+                    },
+                };
+                (s.info.target.clone(), f)
+            })
+            .collect();
+        let super::head::Decision { kind, parent, position, end_of_chain, full_reason } =
+            self.decide(&name, &sources, opts, &follows)?;
         let id = super::new_backup_id();
         let part = self.vm_dir(&name).join(format!(".{id}.part"));
         let plan = LivePlan {
@@ -118,8 +131,10 @@ impl Store {
             data_path: super::settings::Settings::load(&self.root)?.data_path,
             compress: opts.compress,
         };
+        crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
         fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
+        m.full_reason = full_reason;
         let final_dir = self.vm_dir(&name).join(&id);
         let result = live::take(
             &q,
@@ -189,6 +204,19 @@ impl Store {
         super::journal_check::check_plan(&j.plan, &self.journal_path(&name), &name, &chains)?;
         let published = self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists();
         let report = live::recover(&self.qemu_img, vm, &j.plan, published, ctl)?;
+        // The disks now follow the published backup: the state says so too
+        // (a crash may have come between publishing and recording it).
+        if published && j.plan.kind != crate::engine::BackupKind::Isolated {
+            let st = self.load_state(&name).unwrap_or_default();
+            if st.head.as_deref() != Some(j.plan.backup_id.as_str()) {
+                log::warn!(
+                    "state of {name} named {} as the chain head; backup {} was published: the state is repaired",
+                    st.head.as_deref().unwrap_or("no backup"),
+                    j.plan.backup_id
+                );
+                self.save_state(&name, &super::VmState { schema: 1, head: Some(j.plan.backup_id.clone()) })?;
+            }
+        }
         fsio::remove_if_exists(&self.journal_path(&name))?;
         Ok(RecoverOutcome { backup_id: Some(j.plan.backup_id), step: Some(j.step), published, report })
     }

@@ -78,6 +78,10 @@ pub struct Manifest {
     /// expunged when its last child goes.
     #[serde(default)]
     pub removed: bool,
+    /// Why this backup is full where an incremental one was asked for (the
+    /// chain could not be continued safely, see [`crate::catalog`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
 }
 
 impl Manifest {
@@ -102,6 +106,7 @@ impl Manifest {
             volumes: Vec::new(),
             compression: None,
             removed: false,
+            full_reason: None,
         }
     }
 

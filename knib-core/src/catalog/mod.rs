@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! STORE/vms/<vm>/.lock               flock: one operation per VM at a time
-//! STORE/vms/<vm>/state.json          the chain head: the backup whose delta
-//!                                    primary holds the writes since
+//! STORE/vms/<vm>/state.json          the chain head as last recorded (a
+//!                                    cache: see "chain head" below)
 //! STORE/vms/<vm>/<id>/manifest.json  one manifest per backup (schema 1)
 //! STORE/vms/<vm>/<id>/<volume>.qcow2 one file per volume
 //! ```
@@ -17,8 +17,17 @@
 //!   rename of that directory, after its files and manifest are fsynced.
 //!   Leftover `.part` directories of a crash are removed by the next
 //!   operation on the VM.
-//! - Primary storage is merged only after the backup is published, so the
-//!   head always names a backup that holds every write primary has merged.
+//! - Primary storage is merged only after the backup is published, so every
+//!   write primary has merged is in a published backup.
+//! - The chain head (the parent of the next incremental backup) is derived
+//!   from what primary storage says each disk's delta follows (a domain's
+//!   delta file carries the backup id in its name; a plain disk has a
+//!   `<disk>.knib-since` marker, written after publishing and before its
+//!   delta is emptied) and from the published manifests, never from
+//!   `state.json` alone: a crash between publishing and recording a backup
+//!   cannot make the next incremental skip its writes. When knib cannot tell
+//!   what a delta follows, the backup is full and its manifest says why
+//!   (`full_reason`). See the `head` module.
 //! - A backup with children is never removed from disk: deleting it marks
 //!   it removed, and it is expunged when its last child goes. Deleting the
 //!   head makes the next backup a full one.
@@ -35,6 +44,7 @@
 //!   with a warning by `list` and `delete`; `show` of it says `corrupt`.
 
 pub(crate) mod confine;
+mod head;
 pub mod jobs;
 #[cfg(feature = "libvirt")]
 pub mod journal_check;
@@ -244,6 +254,7 @@ impl Store {
             if n.starts_with('.') && (n.ends_with(".part") || n.ends_with(".deleting")) {
                 log::warn!("removing {} left by an interrupted operation", e.path().display());
                 let p = e.path();
+                crate::crashpoint::durable_step(&format!("removal of {}", p.display()));
                 // A link is removed itself, never what it points to.
                 if e.file_type().is_ok_and(|t| t.is_dir()) {
                     fs::remove_dir_all(&p).map_err(|e| KnibError::io("cannot remove", &p, e))?;
@@ -456,22 +467,27 @@ impl Store {
         // Check every disk before anything is written to the store. A disk
         // whose file is missing beside its base was interrupted while it got
         // that base; the engine finishes that, and it then runs on the base.
-        let mut all_on_base = true;
+        let mut on_base = Vec::new();
         for d in disks {
             if d.path.exists() {
-                all_on_base &= engine::take::inspect_disk(q, &d.name, &d.path, ctl)?.on_knib_base;
-            } else if !engine::take::base_path(&d.path).exists() {
+                let st = engine::take::inspect_disk(q, &d.name, &d.path, ctl)?;
+                on_base.push((d.name.clone(), d.path.clone(), st.on_knib_base));
+            } else if engine::take::base_path(&d.path).exists() {
+                on_base.push((d.name.clone(), d.path.clone(), true));
+            } else {
                 return Err(KnibError::not_found(format!("disk {}: {} does not exist", d.name, d.path.display())));
             }
         }
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
-        let state = self.load_state(vm)?;
 
         let sources: Vec<(String, PathBuf)> = disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
-        let (kind, parent, position, end_of_chain) = self.decide(vm, &state, &sources, opts, &|| all_on_base)?;
+        let follows = head::follows_of_plain_disks(&on_base);
+        let head::Decision { kind, parent, position, end_of_chain, full_reason } =
+            self.decide(vm, &sources, opts, &follows)?;
 
         let id = new_backup_id();
         let part = self.vm_dir(vm).join(format!(".{id}.part"));
+        crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
         fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
         let req = TakeBackupRequest {
             volumes: disks
@@ -489,6 +505,7 @@ impl Store {
             compress: opts.compress,
         };
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
+        manifest.full_reason = full_reason;
         let final_dir = self.vm_dir(vm).join(&id);
         let result = engine::take::take_backup_with(q, &req, ctl, &mut |vols| {
             manifest.volumes = vols
@@ -508,7 +525,15 @@ impl Store {
                 })
                 .collect();
             manifest.compression = compressed_as_copied(vols);
-            self.publish(&manifest, &part)
+            self.publish(&manifest, &part)?;
+            // Before any delta is emptied or created for this backup, record
+            // beside each disk that its delta follows it (see `head`).
+            if kind != BackupKind::Isolated {
+                for d in disks {
+                    engine::take::write_since_marker(&d.path, &id)?;
+                }
+            }
+            Ok(())
         });
         if let Err(e) = result {
             if !final_dir.exists() {
@@ -519,55 +544,13 @@ impl Store {
         Ok(manifest)
     }
 
-    /// Decide full, incremental or isolated, the parent, the position in
-    /// the chain and whether this backup ends it. `on_delta` says whether
-    /// every disk runs on a delta that follows the head.
-    fn decide(
-        &self,
-        vm: &str,
-        state: &VmState,
-        sources: &[(String, PathBuf)],
-        opts: &BackupOptions,
-        on_delta: &dyn Fn() -> bool,
-    ) -> Result<(BackupKind, Option<Manifest>, u32, bool)> {
-        let mut kind = if opts.isolated { BackupKind::Isolated } else { BackupKind::Full };
-        let mut parent: Option<Manifest> = None;
-        if !opts.isolated && !opts.full && opts.chain_size != 1 {
-            if let Some(head_id) = &state.head {
-                let head = self.load_manifest(vm, head_id)?;
-                let same_disks = head.volumes.len() == sources.len()
-                    && sources.iter().all(|(name, path)| {
-                        head.volumes.iter().any(|v| &v.name == name && Path::new(&v.source) == path.as_path())
-                    });
-                let within_chain = opts.chain_size < 1 || (head.position as i64) < opts.chain_size;
-                if !head.end_of_chain && same_disks && within_chain {
-                    for (name, _) in sources {
-                        self.chain_files(&head, name).map_err(|e| {
-                            e.context("the chain to continue is damaged; take a full backup with --full")
-                        })?;
-                    }
-                    if on_delta() {
-                        kind = BackupKind::Incremental;
-                        parent = Some(head);
-                    } else {
-                        log::warn!(
-                            "a disk of {vm} does not run on a delta since its last backup: taking a full backup"
-                        );
-                    }
-                }
-            }
-        }
-        let position = parent.as_ref().map(|p| p.position + 1).unwrap_or(1);
-        let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
-        Ok((kind, parent, position, end_of_chain))
-    }
-
     /// Make a backup written in `part` visible: its manifest is written,
     /// the directory renamed to the backup's id and made durable, and (for
     /// a backup of a chain) the VM's head moved to it.
     fn publish(&self, m: &Manifest, part: &Path) -> Result<()> {
         m.save(&part.join("manifest.json"))?;
         let final_dir = self.backup_dir(m);
+        crate::crashpoint::durable_step(&format!("publishing {}", final_dir.display()));
         fs::rename(part, &final_dir).map_err(|e| KnibError::io("cannot publish", &final_dir, e))?;
         fsio::sync_dir(&self.vm_dir(&m.vm))?;
         if m.kind != BackupKind::Isolated {

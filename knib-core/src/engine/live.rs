@@ -210,6 +210,17 @@ pub fn delta_path(base: &Path, id: &str) -> PathBuf {
     base.with_file_name(format!("{name}{DELTA_MARKER}{id}"))
 }
 
+/// The backup a knib delta of `base` was started for: the id in its name
+/// `<base file name>.knib-delta-<id>`, when that is how it is named and the
+/// id is a valid backup id.
+pub fn delta_backup_id(base: &Path, delta: &Path) -> Option<String> {
+    let base_name = base.file_name()?.to_str()?;
+    let name = delta.file_name()?.to_str()?;
+    let id = name.strip_prefix(base_name)?.strip_prefix(DELTA_MARKER)?;
+    crate::names::validate("backup id", id).ok()?;
+    Some(id.to_string())
+}
+
 /// Take a backup of a domain as `plan` says. `journal` is called before
 /// each step; `publish` once every copy is durable on the store. On a
 /// failure before publishing, the snapshot is undone and the copies deleted
@@ -227,6 +238,7 @@ pub fn take(
     let by = MergeBy { running, data_path: plan.data_path };
     journal(LiveStep::Snapshot)?;
     let files: Vec<(String, PathBuf)> = plan.disks.iter().map(|d| (d.target.clone(), d.new_delta.clone())).collect();
+    crate::crashpoint::durable_step(&format!("snapshot of domain {}", vm.name()));
     vm.snapshot_disk_only(&files, plan.quiesce)
         .map_err(|e| e.context(format!("snapshot of domain {}", vm.name())).with_vm_consistent(true))?;
 
@@ -238,6 +250,7 @@ pub fn take(
             let dir = fsio::parent_dir(&d.dest);
             let tmp = fsio::temp_path(&d.dest);
             let native = plan.data_path == DataPath::Native && !native::is_qcow2_v2(d.old_top()).unwrap_or(true);
+            crate::crashpoint::durable_step(&format!("copy of disk {}", d.target));
             let r = if native {
                 let what = format!("backup of disk {}", d.target);
                 let c = NativeCopy {
@@ -374,6 +387,7 @@ struct MergeBy {
 fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into: &Path, ctl: &Control) -> Result<()> {
     let (running, path) = (by.running, by.data_path);
     let step = format!("active commit of disk {} into {}", d.target, into.display());
+    crate::crashpoint::durable_step(&step);
     if running {
         blockjob::commit_and_wait(vm, &d.target, into, top, false, ctl, &step)?;
         let now = vm.disk(&d.target)?;
@@ -386,6 +400,7 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
         }
     } else {
         commit_files(q, top, into, path, ctl)?;
+        crate::crashpoint::durable_step(&format!("pointing disk {} at {}", d.target, into.display()));
         set_disk_sources(vm, &[(d.target.clone(), into.to_path_buf())])?;
     }
     fsio::remove_if_exists(top)
@@ -396,11 +411,13 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
 fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<()> {
     let (running, path) = (by.running, by.data_path);
     let step = format!("block commit of {} into {}", layer.display(), d.base.display());
+    crate::crashpoint::durable_step(&step);
     if running {
         blockjob::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
     } else {
         let active = vm.disk(&d.target)?.file;
         commit_files(q, layer, &d.base, path, ctl)?;
+        crate::crashpoint::durable_step(&format!("rebase of {} onto {}", active.display(), d.base.display()));
         q.rebase_unsafe(&active, &d.base.to_string_lossy(), "qcow2", ctl)?;
     }
     fsio::remove_if_exists(layer)

@@ -19,8 +19,8 @@
 //!    (incremental, with the parent backup as backing file) or the flattened
 //!    chain (full, isolated); the file is then fsynced and renamed;
 //! 2. merges: `P` is committed into `B` and emptied (incremental or full on
-//!    `B <- P`); a volume that was alone gets a base by renaming `P` to `B`
-//!    and putting an empty overlay named `P` on it;
+//!    `B <- P`); a volume that was alone gets a base by linking `P` as `B`
+//!    and renaming an empty overlay on `B` over `P`;
 //! 3. at the end of a chain, `B` is renamed over `P`, so the next backup is
 //!    a full one.
 //!

@@ -108,18 +108,82 @@ pub fn base_path(disk: &Path) -> PathBuf {
     disk.with_file_name(format!("{name}.knib-base"))
 }
 
+/// The record, beside a disk, of which backup its delta follows:
+/// `<file name>.knib-since`. The catalog writes it (see
+/// [`write_since_marker`]) after a backup is published and before the
+/// disk's delta is emptied or created for it, so the delta always holds
+/// every write since the backup it names (or more).
+pub fn since_marker_path(disk: &Path) -> PathBuf {
+    let name = disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    disk.with_file_name(format!("{name}.knib-since"))
+}
+
+/// The content of a `.knib-since` marker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinceMarker {
+    schema: u32,
+    /// The backup the disk's delta follows.
+    backup: String,
+}
+
+/// Record that the delta of `disk` follows backup `id` (atomically, made
+/// durable).
+pub fn write_since_marker(disk: &Path, id: &str) -> Result<()> {
+    let m = SinceMarker { schema: 1, backup: id.to_string() };
+    fsio::write_atomic(&since_marker_path(disk), &serde_json::to_vec(&m).expect("a marker serializes"))
+}
+
+/// The backup the delta of `disk` follows, as its marker says: `None` when
+/// there is no marker. The marker is untrusted: an id that is not a valid
+/// backup id, or a file that does not parse, is a `corrupt` error.
+pub fn read_since_marker(disk: &Path) -> Result<Option<String>> {
+    let p = since_marker_path(disk);
+    let text = match fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KnibError::io("cannot read", &p, e)),
+    };
+    let m: SinceMarker = serde_json::from_slice(&text)
+        .map_err(|e| KnibError::corrupt(format!("{} is corrupted: {e}", p.display())))?;
+    if m.schema != 1 || crate::names::validate("backup id", &m.backup).is_err() {
+        return Err(KnibError::corrupt(format!("{} does not name a backup", p.display())));
+    }
+    Ok(Some(m.backup))
+}
+
+/// Remove the `.knib-since` marker of `disk`, if any.
+pub fn remove_since_marker(disk: &Path) -> Result<()> {
+    fsio::remove_if_exists(&since_marker_path(disk))
+}
+
 /// The overlay being put in place of a disk that gets its base.
 fn new_overlay_path(disk: &Path) -> PathBuf {
     let name = disk.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     disk.with_file_name(format!("{name}.knib-new"))
 }
 
-/// Finish what a crash interrupted on a disk: when `P` is missing but its
-/// base and the new overlay exist, the overlay is renamed to `P`. Returns
-/// whether anything was done.
+/// Finish or undo what a crash interrupted on a disk getting its base:
+/// when `P` is missing but its base and the new overlay exist (a crash of an
+/// older knib, which renamed `P` to the base), the overlay is renamed to
+/// `P`; when the base is a second name of `P` itself (a crash between
+/// linking the base and putting the overlay in place), that name is removed
+/// (guest writes since the crash went into `P`: finishing would hide them
+/// below an overlay the next incremental starts from). Returns whether
+/// anything was done.
 pub fn repair_volume(disk: &Path) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
     let base = base_path(disk);
     let new = new_overlay_path(disk);
+    if let (Ok(d), Ok(b)) = (fs::metadata(disk), fs::metadata(&base)) {
+        if (d.dev(), d.ino()) == (b.dev(), b.ino()) {
+            log::warn!("undoing an interrupted base creation of {}: removing {}", disk.display(), base.display());
+            fsio::remove_if_exists(&base)?;
+            fsio::sync_dir(base.parent().unwrap_or(Path::new(".")))?;
+            fsio::remove_if_exists(&new)?;
+            return Ok(true);
+        }
+    }
     if !disk.exists() && base.exists() && new.exists() {
         log::warn!("finishing an interrupted base creation of {}", disk.display());
         fsio::commit_rename(&new, disk)?;
@@ -195,9 +259,19 @@ fn inspect_with_qemu_img(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) ->
 
 /// Take a backup of plain disk files. All volumes are copied first; if any
 /// copy fails, everything written to the store is deleted and primary is
-/// untouched. Only then is primary merged.
+/// untouched. Only then is primary merged. No catalog records this backup,
+/// so a `.knib-since` marker beside a disk (see [`since_marker_path`]) is
+/// removed before the disk's delta is emptied: a catalog backup of the disk
+/// afterwards cannot tell what the delta follows and takes a full backup.
 pub fn take_backup(q: &QemuImg, req: &TakeBackupRequest, ctl: &Control) -> Result<TakeBackupAnswer> {
-    take_backup_with(q, req, ctl, &mut |_| Ok(()))
+    take_backup_with(q, req, ctl, &mut |_| {
+        if req.kind != BackupKind::Isolated {
+            for v in &req.volumes {
+                remove_since_marker(&v.disk)?;
+            }
+        }
+        Ok(())
+    })
 }
 
 /// [`take_backup`], calling `publish` once every volume is copied and
@@ -327,6 +401,7 @@ fn copy_volumes(
                 rate_limit_mbps: 0,
                 what: &what,
             };
+            crate::crashpoint::durable_step(&format!("copy of volume {}", v.name));
             let r = native::copy(&c, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
             hashes.push((r.hash, req.compress, Some(r.bytes_read)));
             continue;
@@ -336,6 +411,7 @@ fn copy_volumes(
             _ => q.measure(&v.disk, ImageFormat::Qcow2, ctl)?.required,
         };
         fsio::require_space(dir, needed, &format!("backup of volume {}", v.name))?;
+        crate::crashpoint::durable_step(&format!("copy of volume {}", v.name));
         q.convert(
             &Convert {
                 source: v.disk.clone(),
@@ -417,11 +493,18 @@ fn merge_after_backup(
             Early::Merged(merged) => {
                 let c = merged?;
                 if !end_of_chain {
+                    crate::crashpoint::durable_step(&format!("emptying {}", v.disk.display()));
                     c.empty_top()?;
                 }
             }
-            Early::QemuImg => q.commit(&v.disk, false, ctl)?,
-            Early::NotTried => native::commit(q, &v.disk, data_path, ctl)?,
+            Early::QemuImg => {
+                crate::crashpoint::durable_step(&format!("qemu-img commit of {}", v.disk.display()));
+                q.commit(&v.disk, false, ctl)?
+            }
+            Early::NotTried => {
+                crate::crashpoint::durable_step(&format!("commit of {}", v.disk.display()));
+                native::commit(q, &v.disk, data_path, ctl)?
+            }
         }
         if end_of_chain {
             fsio::commit_rename(&base, &v.disk)?;
@@ -439,8 +522,17 @@ fn merge_after_backup(
                 v.disk.display()
             )));
         }
+        crate::crashpoint::durable_step(&format!("creation of {}", new.display()));
         q.create_overlay(&new, &base_name, "qcow2", Some(st.virtual_size), ctl)?;
-        fs::rename(&v.disk, &base).map_err(|e| KnibError::io("cannot rename to", &base, e))?;
+        // `P` is never missing: the base is first a second name of `P`, then
+        // the overlay replaces `P` in one rename ([`repair_volume`] undoes
+        // the link after a crash). A file system without hard links gets a
+        // rename, and a crash there leaves `P` missing until the next backup.
+        crate::crashpoint::durable_step(&format!("link of {} as {}", v.disk.display(), base.display()));
+        if let Err(e) = fs::hard_link(&v.disk, &base) {
+            log::debug!("cannot link {} as {} ({e}): renaming it", v.disk.display(), base.display());
+            fs::rename(&v.disk, &base).map_err(|e| KnibError::io("cannot rename to", &base, e))?;
+        }
         fsio::commit_rename(&new, &v.disk)?;
     }
     Ok(())

@@ -1,0 +1,52 @@
+//! Fault injection for crash tests (test-only hook, debug builds only).
+//!
+//! Every durable step of a backup (a rename that publishes or replaces a
+//! file, an atomic write, a removal, a write into an image on primary
+//! storage, a libvirt call that changes a domain's disks) calls
+//! [`durable_step`] right before it is taken. When the environment variable
+//! [`CRASH_ENV`] (`KNIB_TEST_CRASH_AT=N`) is set, the process aborts
+//! (`std::process::abort`, as a `kill -9` would end it: no unwinding, no
+//! cleanup) right before its Nth durable step, so a test can crash a `knib`
+//! process between every pair of durable steps by running it with N = 1,
+//! 2, ... until it completes. When [`NOTE_ENV`] names a file, the step the
+//! process stopped before is written there first (for test messages).
+//!
+//! Release builds ignore both variables: the hook compiles to nothing.
+//!
+//! Steps taken on a helper thread (the native merge into a knib base while a
+//! plain disk is copied) are not counted, so the numbering is the same from
+//! run to run; such a merge never changes what the disk reads, and crashes
+//! at every step of the copy it runs beside cover it.
+
+/// The environment variable naming the durable step to abort before.
+pub const CRASH_ENV: &str = "KNIB_TEST_CRASH_AT";
+
+/// The environment variable naming a file where the aborted step is noted.
+pub const NOTE_ENV: &str = "KNIB_TEST_CRASH_NOTE";
+
+/// Called right before a durable step named `what`: aborts the process
+/// when [`CRASH_ENV`] asks for a crash at this step (debug builds only).
+#[inline]
+pub fn durable_step(what: &str) {
+    #[cfg(debug_assertions)]
+    {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::OnceLock;
+        static AT: OnceLock<Option<u64>> = OnceLock::new();
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let Some(at) = *AT.get_or_init(|| std::env::var(CRASH_ENV).ok().and_then(|v| v.trim().parse().ok())) else {
+            return;
+        };
+        let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
+        log::debug!("durable step {n}: {what}");
+        if n == at {
+            log::error!("{CRASH_ENV}={at}: aborting before durable step {n}: {what}");
+            if let Some(note) = std::env::var_os(NOTE_ENV) {
+                let _ = std::fs::write(note, format!("{n}: {what}\n"));
+            }
+            std::process::abort();
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = what;
+}
