@@ -162,6 +162,17 @@ fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The error for an image marked dirty: its refcounts are stale, so
+/// nothing may be allocated in it until they are rebuilt
+/// ([`crate::engine::native::repair_dirty`] does it before a merge).
+fn dirty(path: &Path) -> KnibError {
+    KnibError::corrupt(format!(
+        "qcow2 image {} is marked dirty (not closed cleanly): its refcounts are stale; rebuild them \
+         (qemu-img check -r all) before merging",
+        path.display()
+    ))
+}
+
 impl Commit {
     /// Open `top` and its backing file and check that the native merge
     /// handles them. `Ok(Err(reason))` when it does not (nothing was
@@ -184,7 +195,7 @@ impl Commit {
             return Ok(Err(format!("{} is qcow2 version 2", top.display())));
         }
         if th.is_dirty() {
-            return Ok(Err(format!("{} is marked dirty", top.display())));
+            return Err(dirty(top));
         }
         let top_file =
             OpenOptions::new().read(true).write(true).open(top).map_err(|e| KnibError::io("cannot open", top, e))?;
@@ -198,6 +209,9 @@ impl Commit {
         // Read the base again under the lock.
         let base_img = Qcow2Image::open(&base_path)?;
         let bh = base_img.header().clone();
+        if bh.is_dirty() {
+            return Err(dirty(&base_path));
+        }
         let why = if bh.version < 3 {
             Some("is qcow2 version 2")
         } else if bh.refcount_order != 4 {
@@ -206,8 +220,6 @@ impl Commit {
             Some("has internal snapshots")
         } else if bh.autoclear_features != 0 {
             Some("has bitmaps or other auto-clear features")
-        } else if bh.is_dirty() {
-            Some("is marked dirty")
         } else if bh.is_marked_corrupt() {
             Some("is marked corrupt")
         } else if bh.cluster_bits != th.cluster_bits {
