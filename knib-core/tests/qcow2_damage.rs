@@ -148,3 +148,170 @@ fn odd_virtual_sizes_backup_restore_and_verify_agree() {
         }
     }
 }
+
+// ---- Damaged bases and tops through the merge (engine::native::commit) ----
+
+fn rd64(b: &[u8], at: u64) -> u64 {
+    u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap())
+}
+
+fn wr64(b: &mut [u8], at: u64, v: u64) {
+    b[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COPIED: u64 = 1 << 63;
+
+/// A base with seeded data and a top over it with seeded writes, in `dir`.
+fn make_pair(dir: &Path, rng: &mut Rng, cluster: u64) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let size = 4u64 << 20;
+    make_disk(&base, size, &["-o", &format!("cluster_size={cluster}")]);
+    for op in writes(rng, size, 10) {
+        qemu_io(&base, &op);
+    }
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o"])
+        .arg(format!("cluster_size={cluster}"))
+        .arg(&top)
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for op in writes(rng, size, 10) {
+        qemu_io(&top, &op);
+    }
+    (base, top)
+}
+
+/// The L2 entries of `img` that hold an uncompressed host cluster: (file
+/// offset of the entry, entry).
+fn data_entries(img: &[u8]) -> Vec<(u64, u64)> {
+    let cs = 1u64 << u32::from_be_bytes(img[20..24].try_into().unwrap());
+    let l1_off = rd64(img, 40);
+    let l1_size = u64::from(u32::from_be_bytes(img[36..40].try_into().unwrap()));
+    let mut out = Vec::new();
+    for i in 0..l1_size {
+        let l2 = rd64(img, l1_off + i * 8) & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        for j in 0..cs / 8 {
+            let e = rd64(img, l2 + j * 8);
+            if e & (1 << 62) == 0 && e & OFFSET_MASK != 0 {
+                out.push((l2 + j * 8, e));
+            }
+        }
+    }
+    out
+}
+
+/// Ways to damage a base, as QEMU's iotests do.
+const DAMAGE: &[&str] = &[
+    "l2-at-refcount-block",
+    "l2-at-refcount-table",
+    "l2-past-eof",
+    "l2-at-l1",
+    "l2-at-l2",
+    "l1-at-l1",
+    "two-l2-at-one-cluster",
+    "refcount-zero-in-use",
+    "refcount-block-at-l2",
+];
+
+/// Damage `img` (the bytes of a base) the way `kind` says; returns the
+/// words the refusal must name.
+fn damage(img: &mut [u8], kind: &str, rng: &mut Rng) -> &'static str {
+    let l1_off = rd64(img, 40);
+    let rt_off = rd64(img, 48);
+    let block = rd64(img, rt_off) & !0x1ff;
+    let entries = data_entries(img);
+    let (at, e) = entries[rng.below(entries.len() as u64) as usize];
+    let l1_size = u64::from(u32::from_be_bytes(img[36..40].try_into().unwrap()));
+    let l2s: Vec<u64> = (0..l1_size).map(|i| rd64(img, l1_off + i * 8) & OFFSET_MASK).filter(|&o| o != 0).collect();
+    let keep = e & !OFFSET_MASK;
+    match kind {
+        "l2-at-refcount-block" => {
+            wr64(img, at, keep | block);
+            "refcount block"
+        }
+        "l2-at-refcount-table" => {
+            wr64(img, at, keep | rt_off);
+            "refcount table"
+        }
+        "l2-past-eof" => {
+            wr64(img, at, keep | ((img.len() as u64 + (1 << 21)) & !0x1f_ffff));
+            "past the end of the file"
+        }
+        "l2-at-l1" => {
+            wr64(img, at, keep | l1_off);
+            "L1 table"
+        }
+        "l2-at-l2" => {
+            wr64(img, at, keep | l2s[rng.below(l2s.len() as u64) as usize]);
+            "L2 table"
+        }
+        "l1-at-l1" => {
+            wr64(img, l1_off, COPIED | l1_off);
+            "L1 table"
+        }
+        "two-l2-at-one-cluster" => {
+            let (at2, _) = entries.iter().copied().find(|&(a, _)| a != at).unwrap();
+            wr64(img, at2, keep | (e & OFFSET_MASK));
+            "also holds another L2 entry's data"
+        }
+        "refcount-zero-in-use" => {
+            let cs = 1u64 << u32::from_be_bytes(img[20..24].try_into().unwrap());
+            let c = (e & OFFSET_MASK) / cs;
+            let per_block = cs / 2;
+            let b = rd64(img, rt_off + (c / per_block) * 8) & !0x1ff;
+            let at = (b + (c % per_block) * 2) as usize;
+            img[at..at + 2].copy_from_slice(&[0, 0]);
+            "stale refcounts"
+        }
+        "refcount-block-at-l2" => {
+            wr64(img, rt_off, l2s[0]);
+            "L2 table"
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Every kind of damage, over several cluster sizes, from a fixed seed:
+/// the merge refuses with a corrupt error naming the problem, and neither
+/// file changes. The same pair undamaged merges and reads as before.
+#[test]
+fn damaged_bases_are_refused_before_anything_is_written() {
+    let q = QemuImg::new();
+    for (n, &cluster) in [512u64, 4096, 65536].iter().enumerate() {
+        for (k, kind) in DAMAGE.iter().enumerate() {
+            let mut rng = Rng::new(1313 + (n * 100 + k) as u64);
+            let dir = tempfile::tempdir().unwrap();
+            let (base, top) = make_pair(dir.path(), &mut rng, cluster);
+            let mut img = std::fs::read(&base).unwrap();
+            let words = damage(&mut img, kind, &mut rng);
+            std::fs::write(&base, &img).unwrap();
+            let top_bytes = std::fs::read(&top).unwrap();
+            let tag = format!("{kind} with {cluster}-byte clusters");
+            let e = native::commit(&q, &top, native::DataPath::Native, &Control::new())
+                .err()
+                .unwrap_or_else(|| panic!("{tag}: merged into a damaged base"));
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{tag}: {e}");
+            assert!(e.message.contains("base.qcow2") && e.message.contains(words), "{tag}: {e}");
+            assert_eq!(std::fs::read(&base).unwrap(), img, "{tag}: the base changed");
+            assert_eq!(std::fs::read(&top).unwrap(), top_bytes, "{tag}: the top changed");
+        }
+        // The control: undamaged, the same pair merges and reads the same.
+        let mut rng = Rng::new(1313 + n as u64 * 100);
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = make_pair(dir.path(), &mut rng, cluster);
+        let before = dir.path().join("before.qcow2");
+        snapshot(&top, &before);
+        native::commit(&q, &top, native::DataPath::Native, &Control::new()).unwrap();
+        assert_identical(&base, &before);
+        assert_identical(&top, &before);
+        assert!(check_clean(&base));
+    }
+}
+

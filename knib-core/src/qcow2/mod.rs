@@ -124,6 +124,7 @@ mod check;
 mod commit;
 mod copy;
 mod direct;
+mod guard;
 mod header;
 mod image;
 mod writer;
@@ -132,7 +133,7 @@ mod tests;
 
 pub use chain::{Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use header::{
-    header_prefix_len, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+    header_prefix_len, BitmapsExt, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 pub use check::RefcountCheck;
