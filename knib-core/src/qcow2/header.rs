@@ -88,7 +88,8 @@ pub struct Header {
     pub backing_format: Option<String>,
     /// log2 of the cluster size, 9..=21.
     pub cluster_bits: u32,
-    /// Virtual (guest-visible) size in bytes.
+    /// Virtual (guest-visible) size in bytes, as QEMU sees it: the header's
+    /// size rounded down to a multiple of 512.
     pub size: u64,
     /// Number of entries of the active L1 table.
     pub l1_size: u32,
@@ -386,7 +387,9 @@ impl Header {
             None
         };
 
-        let size = be64(prefix, 24);
+        // QEMU sees whole 512-byte sectors: a size that is not a multiple
+        // of 512 reads (and is reported) rounded down.
+        let size = be64(prefix, 24) & !511;
         let l1_size = be32(prefix, 36);
         let l1_table_offset = be64(prefix, 40);
         let refcount_table_offset = be64(prefix, 48);
