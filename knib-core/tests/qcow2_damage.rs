@@ -315,3 +315,135 @@ fn damaged_bases_are_refused_before_anything_is_written() {
     }
 }
 
+
+/// The offset of header extension `ty` in `img` (v3, header_length 112 or
+/// more): the offset of its type field.
+fn find_ext(img: &[u8], ty: u32) -> Option<usize> {
+    let mut pos = u32::from_be_bytes(img[100..104].try_into().unwrap()) as usize;
+    loop {
+        let t = u32::from_be_bytes(img[pos..pos + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(img[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        if t == ty {
+            return Some(pos);
+        }
+        if t == 0 {
+            return None;
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+fn qemu_img_ok(args: &[&str], dir: &Path) {
+    let out = Command::new("qemu-img").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Header fields QEMU refuses to open an image with: the reader refuses
+/// them as corrupt naming the field, and a merge into such a base is
+/// refused the same way with the base unchanged.
+#[test]
+fn headers_qemu_refuses_are_refused_as_corrupt() {
+    let q = QemuImg::new();
+    let cases: &[(&str, &str)] = &[
+        ("too-many-snapshots", "snapshots are over the limit"),
+        ("snapshot-table-misaligned", "snapshot table offset"),
+        ("snapshot-table-past-eof", "snapshot table at"),
+        ("refcount-table-too-large", "refcount table of"),
+        ("bitmaps-none", "bitmaps extension"),
+        ("bitmap-directory-misaligned", "directory offset"),
+        ("bitmap-directory-past-eof", "bitmap directory at"),
+        ("backing-format-too-long", "backing format extension"),
+    ];
+    for (i, (kind, words)) in cases.iter().enumerate() {
+        let mut rng = Rng::new(1340 + i as u64);
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = make_pair(dir.path(), &mut rng, 65536);
+        if kind.starts_with("bitmap") {
+            qemu_img_ok(&["bitmap", "--add", "base.qcow2", "b0"], dir.path());
+        }
+        // The damaged image: the base, or for the backing format the top.
+        let target = if *kind == "backing-format-too-long" { &top } else { &base };
+        let mut img = std::fs::read(target).unwrap();
+        let len = img.len() as u64;
+        match *kind {
+            "too-many-snapshots" => img[60..64].copy_from_slice(&65537u32.to_be_bytes()),
+            "snapshot-table-misaligned" => {
+                img[60..64].copy_from_slice(&1u32.to_be_bytes());
+                wr64(&mut img, 64, 65536 + 8);
+            }
+            "snapshot-table-past-eof" => {
+                img[60..64].copy_from_slice(&1u32.to_be_bytes());
+                wr64(&mut img, 64, (len + (1 << 20)) & !0xffff);
+            }
+            "refcount-table-too-large" => img[56..60].copy_from_slice(&129u32.to_be_bytes()),
+            "bitmaps-none" => {
+                let at = find_ext(&img, 0x2385_2875).expect("bitmaps extension");
+                img[at + 8..at + 12].copy_from_slice(&0u32.to_be_bytes());
+            }
+            "bitmap-directory-misaligned" => {
+                let at = find_ext(&img, 0x2385_2875).expect("bitmaps extension");
+                let off = rd64(&img, at as u64 + 24);
+                wr64(&mut img, at as u64 + 24, off + 8);
+            }
+            "bitmap-directory-past-eof" => {
+                let at = find_ext(&img, 0x2385_2875).expect("bitmaps extension");
+                wr64(&mut img, at as u64 + 24, (len + (1 << 20)) & !0xffff);
+            }
+            "backing-format-too-long" => {
+                let at = find_ext(&img, 0xe279_2aca).expect("backing format extension");
+                img[at + 4..at + 8].copy_from_slice(&16u32.to_be_bytes());
+            }
+            _ => unreachable!(),
+        }
+        std::fs::write(target, &img).unwrap();
+        let base_bytes = std::fs::read(&base).unwrap();
+        let e = knib_core::qcow2::Qcow2Image::open(target).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{kind}: {e}");
+        assert!(e.message.contains(words), "{kind}: {e}");
+        let e = native::commit(&q, &top, native::DataPath::Native, &Control::new())
+            .err()
+            .unwrap_or_else(|| panic!("{kind}: merged"));
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{kind}: {e}");
+        assert!(e.message.contains(words), "{kind}: {e}");
+        assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "{kind}: the base changed");
+    }
+}
+
+/// A top with internal snapshots, bitmaps or lazy refcounts: the merge
+/// keeps them (the top is emptied by qemu-img commit, or natively with the
+/// lazy refcounts bit kept), and `empty_image` refuses what it would drop.
+#[test]
+fn tops_keep_their_snapshots_bitmaps_and_features() {
+    let q = QemuImg::new();
+    for (i, kind) in ["snapshot", "bitmap", "lazy-refcounts"].iter().enumerate() {
+        let mut rng = Rng::new(1350 + i as u64);
+        let dir = tempfile::tempdir().unwrap();
+        let (base, top) = make_pair(dir.path(), &mut rng, 65536);
+        match *kind {
+            "snapshot" => qemu_img_ok(&["snapshot", "-c", "s1", "top.qcow2"], dir.path()),
+            "bitmap" => qemu_img_ok(&["bitmap", "--add", "top.qcow2", "b1"], dir.path()),
+            _ => qemu_img_ok(&["amend", "-o", "lazy_refcounts=on", "top.qcow2"], dir.path()),
+        }
+        if *kind != "lazy-refcounts" {
+            let h = knib_core::qcow2::Qcow2Image::open(&top).unwrap().header().clone();
+            let bytes = std::fs::read(&top).unwrap();
+            let e = knib_core::qcow2::empty_image(&top, &h).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{kind}: {e}");
+            assert_eq!(std::fs::read(&top).unwrap(), bytes, "{kind}: emptied");
+        }
+        let before = dir.path().join("before.qcow2");
+        snapshot(&top, &before);
+        native::commit(&q, &top, native::DataPath::Native, &Control::new()).unwrap();
+        assert_identical(&base, &before);
+        assert_identical(&top, &before);
+        assert!(check_clean(&base) && check_clean(&top), "{kind}");
+        let info = Command::new("qemu-img").args(["info", "-U"]).arg(&top).output().unwrap();
+        let info = String::from_utf8_lossy(&info.stdout).to_string();
+        let kept = match *kind {
+            "snapshot" => info.contains("s1"),
+            "bitmap" => info.contains("b1"),
+            _ => info.contains("lazy refcounts: true"),
+        };
+        assert!(kept, "{kind}: lost by the merge: {info}");
+    }
+}

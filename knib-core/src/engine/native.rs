@@ -190,7 +190,9 @@ pub fn repair_dirty(q: &QemuImg, top: &Path, ctl: &Control) -> Result<()> {
             Some(crate::qcow2::Layer::Qcow2(b)) => b.path().map(Path::to_path_buf),
             _ => None,
         },
-        Err(e) if matches!(e.kind, crate::ErrorKind::InvalidInput | crate::ErrorKind::Corrupt) => {
+        // A feature the native reader does not handle: the chain as QEMU
+        // reads it (a corrupt image is refused as it is).
+        Err(e) if e.kind == crate::ErrorKind::InvalidInput => {
             let chain = q.info_chain(top, ctl)?;
             chain.get(1).filter(|i| i.format == "qcow2").map(|i| std::path::PathBuf::from(&i.filename))
         }
