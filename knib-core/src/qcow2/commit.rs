@@ -7,13 +7,45 @@
 //! written, whether the native merge handles them; when it does not, it
 //! says why and the caller uses `qemu-img commit`. It handles a base that
 //! is qcow2 version 3 with 16-bit refcounts, no internal snapshots, no
-//! bitmaps (no auto-clear bit), neither dirty nor marked corrupt, the same
-//! cluster size and virtual size as the top, and a refcount table with room
-//! for every cluster the merge can add; and a top that is version 3 and
-//! clean. Both files are locked the way a QEMU writer locks images (OFD
-//! locks on bytes 100, 101 and 201), so a QEMU process that writes either
-//! (a running VM) makes the merge fail as busy, and none can open them for
-//! writing during it; readers that share writing (`qemu-img info -U`) can.
+//! bitmaps (no auto-clear bit), the same cluster size and virtual size as
+//! the top, and a refcount table with room for every cluster the merge can
+//! add; and a top that is version 3 without internal snapshots, bitmaps,
+//! auto-clear bits or compatible features other than lazy refcounts (what
+//! [`empty_image`] would drop: `qemu-img commit` keeps them). Both files
+//! are locked the way a QEMU writer locks images (OFD locks on bytes 100,
+//! 101 and 201), so a QEMU process that writes either (a running VM) makes
+//! the merge fail as busy, and none can open them for writing during it;
+//! readers that share writing (`qemu-img info -U`) can.
+//!
+//! # What is checked before the first write
+//!
+//! The checks QEMU makes when it opens an image for writing and on every
+//! allocation, all made before anything is written; a failure is a
+//! [`ErrorKind::Corrupt`] error naming the image and the problem, and
+//! neither file is changed:
+//!
+//! - the headers, as QEMU checks them on open ([`super::Header::parse`]:
+//!   table offsets aligned and inside the file, L1 and refcount table sizes
+//!   within QEMU's limits, the snapshot table's count, alignment and place,
+//!   header extension lengths, the bitmaps extension);
+//! - neither file is marked dirty (stale lazy refcounts: the engine has
+//!   them rebuilt by `qemu-img check -r all` first,
+//!   [`crate::engine::native::repair_dirty`]) nor marked corrupt by QEMU;
+//! - one pass over the base's metadata ([`super::guard`]): no table or
+//!   block (header, L1, L2, refcount table and blocks, bitmap directory
+//!   and tables) shares a host cluster with another or with guest data
+//!   (QEMU's metadata overlap checks), no two L2 entries share an
+//!   uncompressed host cluster, nothing points past the end of the file,
+//!   and no stored refcount is below the references to its cluster (stale
+//!   refcounts with the dirty bit clear).
+//!
+//! So every cluster the merge writes is safe to write: data in place only
+//! over a cluster one L2 entry alone references, existing L2 tables and
+//! refcount blocks where the tables say, new clusters from past every
+//! cluster that is referenced or counted and past the end of the file. The
+//! writes check the scan's map again (a data cluster in place is not
+//! metadata, an L2 table rewritten is the one the L1 entry named, a new
+//! cluster holds nothing).
 //!
 //! # What is written to the base
 //!
@@ -51,8 +83,10 @@
 //! overrides whatever part of its writes the base already holds.
 //!
 //! [`empty_image`] then replaces the top with an empty image of the same
-//! shape (same backing pointer, cluster size, compression type, owner and
-//! mode), written under a temporary name, fsynced and renamed over it.
+//! shape (same backing pointer, cluster size, compression type, lazy
+//! refcounts bit, owner and mode), written under a temporary name, fsynced
+//! and renamed over it; it refuses a top with snapshots, bitmaps or other
+//! features it would drop.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
