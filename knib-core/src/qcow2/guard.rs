@@ -303,10 +303,16 @@ pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Resul
     for (rti, &e) in rt.iter().enumerate() {
         let first = rti as u64 * per_block;
         if e == 0 {
-            block.fill(0);
-        } else {
-            file.read_exact_at(&mut block, e).map_err(|e| io("cannot read a refcount block of", e))?;
+            // No block: nothing in its range may be referenced.
+            let range = first.min(nclusters) as usize..(first + per_block).min(nclusters) as usize;
+            if let Some(k) = r.refs[range.clone()].iter().position(|&n| n != 0) {
+                let c = range.start as u64 + k as u64;
+                let what = r.metadata_name(c);
+                return Err(r.corrupt(format!("host cluster {c}{what} is referenced but has no refcount block")));
+            }
+            continue;
         }
+        file.read_exact_at(&mut block, e).map_err(|e| io("cannot read a refcount block of", e))?;
         for k in 0..per_block {
             let c = first + k;
             let stored = u16::from_be_bytes([block[2 * k as usize], block[2 * k as usize + 1]]);
