@@ -146,20 +146,25 @@ pub fn commit_keep(q: &QemuImg, top: &Path, path: DataPath, ctl: &Control) -> Re
 
 fn merge(q: &QemuImg, top: &Path, path: DataPath, empty: bool, ctl: &Control) -> Result<()> {
     if path == DataPath::Native {
-        if let Some(mut c) = prepare_merge(top)? {
+        if let Some(mut c) = prepare_merge(q, top, ctl)? {
             let r = c.run(ctl)?;
             log::debug!("merged {} into {}: {r:?}", top.display(), c.base_path().display());
             return if empty { c.empty_top() } else { Ok(()) };
         }
+    } else {
+        repair_dirty(q, top, ctl)?;
     }
     q.commit(top, !empty, ctl)
 }
 
 /// The native merge of `top` into its backing file, checked and ready to
 /// run; `None` (the reason logged) when it does not apply and
-/// `qemu-img commit` must do it. Errors: the files cannot be read, are
-/// corrupt, or are in use.
-pub fn prepare_merge(top: &Path) -> Result<Option<Commit>> {
+/// `qemu-img commit` must do it. Either file marked dirty is repaired first
+/// ([`repair_dirty`]), so neither the native merge nor `qemu-img commit`
+/// ever allocates by stale refcounts. Errors: the files cannot be read, are
+/// corrupt (named in the message), or are in use.
+pub fn prepare_merge(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<Commit>> {
+    repair_dirty(q, top, ctl)?;
     let why = match Commit::prepare(top) {
         Ok(Ok(c)) => return Ok(Some(c)),
         Ok(Err(why)) => why,
@@ -168,4 +173,60 @@ pub fn prepare_merge(top: &Path) -> Result<Option<Commit>> {
     };
     log::info!("merging {} with qemu-img commit: {why}", top.display());
     Ok(None)
+}
+
+/// Whether the qcow2 file at `path` has the dirty bit (incompatible
+/// feature bit 0) set, read from its header alone (version 3 only; a file
+/// that is not qcow2 is not dirty).
+fn dirty_bit(path: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(|e| KnibError::io("cannot open", path, e))?;
+    let mut h = [0u8; 80];
+    let n = f.read_at(&mut h, 0).map_err(|e| KnibError::io("cannot read", path, e))?;
+    Ok(n == 80
+        && h[..4] == crate::qcow2::MAGIC
+        && h[4..8] == 3u32.to_be_bytes()
+        && u64::from_be_bytes(h[72..80].try_into().expect("8 bytes")) & crate::qcow2::INCOMPAT_DIRTY != 0)
+}
+
+/// Rebuild the refcounts of `top` and of its backing file when they are
+/// marked dirty (lazy refcounts, and a writer that was killed or a host
+/// that crashed): their refcounts are stale, so an allocation trusting
+/// them could land on live data. The repair is QEMU's own
+/// (`qemu-img check -r all`, what QEMU does when it opens a dirty image
+/// for writing; `qemu-img commit` does not do it for the backing file it
+/// writes into), logged as a warning. Guest-visible contents do not change.
+pub fn repair_dirty(q: &QemuImg, top: &Path, ctl: &Control) -> Result<()> {
+    let base = match crate::qcow2::Chain::open(top) {
+        Ok(chain) => match chain.backing().first() {
+            Some(crate::qcow2::Layer::Qcow2(b)) => b.path().map(Path::to_path_buf),
+            _ => None,
+        },
+        // A feature the native reader does not handle: the chain as QEMU
+        // reads it (a corrupt image is refused as it is).
+        Err(e) if e.kind == crate::ErrorKind::InvalidInput => {
+            let chain = q.info_chain(top, ctl)?;
+            chain.get(1).filter(|i| i.format == "qcow2").map(|i| std::path::PathBuf::from(&i.filename))
+        }
+        Err(e) => return Err(e),
+    };
+    for file in std::iter::once(top.to_path_buf()).chain(base) {
+        if !dirty_bit(&file)? {
+            continue;
+        }
+        log::warn!(
+            "{} is marked dirty (not closed cleanly, its refcounts are stale): rebuilding them with \
+             qemu-img check -r all before the merge",
+            file.display()
+        );
+        let r = q.repair(&file, ctl).map_err(|e| e.context(format!("repair of the dirty image {}", file.display())))?;
+        log::info!("{}: refcounts rebuilt ({r:?})", file.display());
+        if dirty_bit(&file)? {
+            return Err(KnibError::corrupt(format!(
+                "{} is still marked dirty after qemu-img check -r all: it is not merged into",
+                file.display()
+            )));
+        }
+    }
+    Ok(())
 }

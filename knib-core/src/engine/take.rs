@@ -325,7 +325,7 @@ pub fn take_backup_with(
         let merger = premerge.then(|| {
             let mctl = Control::new().with_deadline(ctl.deadline).with_cancel(ctl.cancel.clone());
             let states = &states;
-            scope.spawn(move || merge_into_bases(req, states, &mctl))
+            scope.spawn(move || merge_into_bases(q, req, states, &mctl))
         });
         let copy = copy_volumes(q, req, &states, ctl, &mut written, publish);
         let merged = match merger {
@@ -459,9 +459,9 @@ enum Early {
 
 /// Merge the delta of every volume that runs on its knib base into the
 /// base, natively, while the volumes are copied.
-fn merge_into_bases(req: &TakeBackupRequest, states: &[DiskState], ctl: &Control) -> Vec<Early> {
+fn merge_into_bases(q: &QemuImg, req: &TakeBackupRequest, states: &[DiskState], ctl: &Control) -> Vec<Early> {
     let merge = |v: &VolumeBackup| -> Result<Early> {
-        let Some(mut c) = native::prepare_merge(&v.disk)? else { return Ok(Early::QemuImg) };
+        let Some(mut c) = native::prepare_merge(q, &v.disk, ctl)? else { return Ok(Early::QemuImg) };
         let r = c.run(ctl)?;
         log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
         Ok(Early::Merged(Ok(Box::new(c))))

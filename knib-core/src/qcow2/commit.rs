@@ -7,13 +7,45 @@
 //! written, whether the native merge handles them; when it does not, it
 //! says why and the caller uses `qemu-img commit`. It handles a base that
 //! is qcow2 version 3 with 16-bit refcounts, no internal snapshots, no
-//! bitmaps (no auto-clear bit), neither dirty nor marked corrupt, the same
-//! cluster size and virtual size as the top, and a refcount table with room
-//! for every cluster the merge can add; and a top that is version 3 and
-//! clean. Both files are locked the way a QEMU writer locks images (OFD
-//! locks on bytes 100, 101 and 201), so a QEMU process that writes either
-//! (a running VM) makes the merge fail as busy, and none can open them for
-//! writing during it; readers that share writing (`qemu-img info -U`) can.
+//! bitmaps (no auto-clear bit), the same cluster size and virtual size as
+//! the top, and a refcount table with room for every cluster the merge can
+//! add; and a top that is version 3 without internal snapshots, bitmaps,
+//! auto-clear bits or compatible features other than lazy refcounts (what
+//! [`empty_image`] would drop: `qemu-img commit` keeps them). Both files
+//! are locked the way a QEMU writer locks images (OFD locks on bytes 100,
+//! 101 and 201), so a QEMU process that writes either (a running VM) makes
+//! the merge fail as busy, and none can open them for writing during it;
+//! readers that share writing (`qemu-img info -U`) can.
+//!
+//! # What is checked before the first write
+//!
+//! The checks QEMU makes when it opens an image for writing and on every
+//! allocation, all made before anything is written; a failure is a
+//! [`ErrorKind::Corrupt`] error naming the image and the problem, and
+//! neither file is changed:
+//!
+//! - the headers, as QEMU checks them on open ([`super::Header::parse`]:
+//!   table offsets aligned and inside the file, L1 and refcount table sizes
+//!   within QEMU's limits, the snapshot table's count, alignment and place,
+//!   header extension lengths, the bitmaps extension);
+//! - neither file is marked dirty (stale lazy refcounts: the engine has
+//!   them rebuilt by `qemu-img check -r all` first,
+//!   [`crate::engine::native::repair_dirty`]) nor marked corrupt by QEMU;
+//! - one pass over the base's metadata ([`super::guard`]): no table or
+//!   block (header, L1, L2, refcount table and blocks, bitmap directory
+//!   and tables) shares a host cluster with another or with guest data
+//!   (QEMU's metadata overlap checks), no two L2 entries share an
+//!   uncompressed host cluster, nothing points past the end of the file,
+//!   and no stored refcount is below the references to its cluster (stale
+//!   refcounts with the dirty bit clear).
+//!
+//! So every cluster the merge writes is safe to write: data in place only
+//! over a cluster one L2 entry alone references, existing L2 tables and
+//! refcount blocks where the tables say, new clusters from past every
+//! cluster that is referenced or counted and past the end of the file. The
+//! writes check the scan's map again (a data cluster in place is not
+//! metadata, an L2 table rewritten is the one the L1 entry named, a new
+//! cluster holds nothing).
 //!
 //! # What is written to the base
 //!
@@ -51,8 +83,10 @@
 //! overrides whatever part of its writes the base already holds.
 //!
 //! [`empty_image`] then replaces the top with an empty image of the same
-//! shape (same backing pointer, cluster size, compression type, owner and
-//! mode), written under a temporary name, fsynced and renamed over it.
+//! shape (same backing pointer, cluster size, compression type, lazy
+//! refcounts bit, owner and mode), written under a temporary name, fsynced
+//! and renamed over it; it refuses a top with snapshots, bitmaps or other
+//! features it would drop.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -61,6 +95,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::chain::{Chain, Layer};
+use super::guard::Scan;
 use super::image::{
     ClusterState, Qcow2Image, COPIED, L1_RESERVED, L2_COMPRESSED as COMPRESSED, L2_RESERVED, L2_ZERO as ZERO, OFFSET_MASK,
     RT_OFFSET_MASK,
@@ -162,6 +197,43 @@ fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The error for an image marked dirty: its refcounts are stale, so
+/// nothing may be allocated in it until they are rebuilt
+/// ([`crate::engine::native::repair_dirty`] does it before a merge).
+fn dirty(path: &Path) -> KnibError {
+    KnibError::corrupt(format!(
+        "qcow2 image {} is marked dirty (not closed cleanly): its refcounts are stale; rebuild them \
+         (qemu-img check -r all) before merging",
+        path.display()
+    ))
+}
+
+/// The error for an image QEMU marked corrupt (it opens it read-only).
+fn marked_corrupt(path: &Path) -> KnibError {
+    KnibError::corrupt(format!(
+        "qcow2 image {} is marked corrupt by QEMU: it is not merged (qemu-img check -r all repairs it)",
+        path.display()
+    ))
+}
+
+/// What of the top's, if anything, [`empty_image`] would not keep:
+/// internal snapshots, bitmaps and other auto-clear features, compatible
+/// features other than lazy refcounts.
+fn keeps_what_emptying_drops(h: &super::Header) -> Option<String> {
+    if h.nb_snapshots != 0 {
+        Some(format!("has {} internal snapshots", h.nb_snapshots))
+    } else if h.autoclear_features != 0 || h.bitmaps.is_some() {
+        Some(format!("has bitmaps or other auto-clear features ({:#x})", h.autoclear_features))
+    } else if h.compatible_features & !COMPAT_LAZY_REFCOUNTS != 0 {
+        Some(format!("has unknown compatible features ({:#x})", h.compatible_features))
+    } else {
+        None
+    }
+}
+
+/// Compatible feature bit 0: lazy refcounts.
+const COMPAT_LAZY_REFCOUNTS: u64 = 1;
+
 impl Commit {
     /// Open `top` and its backing file and check that the native merge
     /// handles them. `Ok(Err(reason))` when it does not (nothing was
@@ -184,7 +256,13 @@ impl Commit {
             return Ok(Err(format!("{} is qcow2 version 2", top.display())));
         }
         if th.is_dirty() {
-            return Ok(Err(format!("{} is marked dirty", top.display())));
+            return Err(dirty(top));
+        }
+        if th.is_marked_corrupt() {
+            return Err(marked_corrupt(top));
+        }
+        if let Some(why) = keeps_what_emptying_drops(th) {
+            return Ok(Err(format!("{} {why}", top.display())));
         }
         let top_file =
             OpenOptions::new().read(true).write(true).open(top).map_err(|e| KnibError::io("cannot open", top, e))?;
@@ -198,6 +276,12 @@ impl Commit {
         // Read the base again under the lock.
         let base_img = Qcow2Image::open(&base_path)?;
         let bh = base_img.header().clone();
+        if bh.is_dirty() {
+            return Err(dirty(&base_path));
+        }
+        if bh.is_marked_corrupt() {
+            return Err(marked_corrupt(&base_path));
+        }
         let why = if bh.version < 3 {
             Some("is qcow2 version 2")
         } else if bh.refcount_order != 4 {
@@ -206,10 +290,6 @@ impl Commit {
             Some("has internal snapshots")
         } else if bh.autoclear_features != 0 {
             Some("has bitmaps or other auto-clear features")
-        } else if bh.is_dirty() {
-            Some("is marked dirty")
-        } else if bh.is_marked_corrupt() {
-            Some("is marked corrupt")
         } else if bh.cluster_bits != th.cluster_bits {
             Some("has another cluster size than the image merged into it")
         } else if bh.size != th.size {
@@ -222,7 +302,15 @@ impl Commit {
         if let Some(w) = why {
             return Ok(Err(format!("{} {w}", base_path.display())));
         }
-        let base = Base::open(base_file, base_path, &base_img)?;
+        // Every cluster the merge may write into is checked against the
+        // base's metadata and references, in one pass before any write.
+        let file_len =
+            super::image::file_size(&base_file).map_err(|e| KnibError::io("cannot size", &base_path, e))?;
+        let scan = match super::guard::scan(&base_file, &base_path, &bh, file_len)? {
+            Ok(scan) => scan,
+            Err(why) => return Ok(Err(why)),
+        };
+        let base = Base::open(base_file, base_path, &base_img, file_len, scan)?;
         drop(base_img);
         // Room in the refcount table for the worst case: every top cluster
         // and L2 table needing a new cluster, and the blocks counting them.
@@ -475,8 +563,11 @@ struct Base {
     per_block: u64,
     /// Loaded refcount blocks by refcount table index: (bytes, changed).
     blocks: HashMap<usize, (Vec<u8>, bool)>,
-    /// The next host cluster to allocate.
+    /// The next host cluster to allocate: past every cluster referenced or
+    /// counted, and past the end of the file.
     next_free: u64,
+    /// The base's metadata, read before the merge.
+    scan: Scan,
     /// References dropped by the current batch's table changes.
     freed: Vec<(u64, u64)>,
     /// ... and by the previous batch's (now durable) ones.
@@ -515,11 +606,10 @@ fn be64_at(b: &[u8], i: usize) -> u64 {
 
 impl Base {
     /// The base open for writing, its header read by `img` (the same file).
-    fn open(file: File, path: PathBuf, img: &Qcow2Image) -> Result<Base> {
+    fn open(file: File, path: PathBuf, img: &Qcow2Image, file_len: u64, scan: Scan) -> Result<Base> {
         let h = img.header();
         let cs = h.cluster_size();
         let io = |what: &str, e: std::io::Error| KnibError::io(what, &path, e);
-        let file_len = super::image::file_size(&file).map_err(|e| io("cannot size", e))?;
         let l1_len = l2_ranges(img);
         let mut raw = vec![0u8; l1_len * 8];
         file.read_exact_at(&mut raw, h.l1_table_offset).map_err(|e| io("cannot read the L1 table of", e))?;
@@ -530,7 +620,7 @@ impl Base {
             .map_err(|e| io("cannot read the refcount table of", e))?;
         let rt: Vec<u64> = (0..rt_len).map(|i| be64_at(&raw, i)).collect();
         let per_block = cs * 8 / 16;
-        let mut base = Base {
+        let base = Base {
             file,
             path,
             cs,
@@ -543,25 +633,11 @@ impl Base {
             rt_dirty: Vec::new(),
             per_block,
             blocks: HashMap::new(),
-            next_free: file_len.div_ceil(cs),
+            next_free: scan.end,
+            scan,
             freed: Vec::new(),
             freed_durable: Vec::new(),
         };
-        // Clusters past the end of the file may still be counted (QEMU
-        // allocates before it writes): allocate after the last one counted.
-        let from = (base.next_free / per_block) as usize;
-        for rti in from..base.rt.len() {
-            if base.rt[rti] & RT_OFFSET_MASK == 0 {
-                continue;
-            }
-            let last_used = {
-                let block = base.block(rti, false)?;
-                (0..per_block as usize).rev().find(|&k| block[2 * k] != 0 || block[2 * k + 1] != 0)
-            };
-            if let Some(k) = last_used {
-                base.next_free = base.next_free.max(rti as u64 * per_block + k as u64 + 1);
-            }
-        }
         Ok(base)
     }
 
@@ -630,6 +706,12 @@ impl Base {
             }
             self.next_free += 1;
             report.new_clusters += 1;
+            if let Some(m) = self.scan.metadata(c) {
+                return Err(KnibError::internal(format!(
+                    "{}: host cluster {c} to allocate holds the {m}",
+                    self.path.display()
+                )));
+            }
             if self.rt[rti] & RT_OFFSET_MASK == 0 {
                 // A refcount block for this range, counting itself.
                 self.blocks.insert(rti, (vec![0u8; self.cs as usize], true));
@@ -661,6 +743,10 @@ impl Base {
         if e & COPIED == 0 {
             return Err(self.corrupt(format!("L1 entry {r}: the L2 table at {off} lacks the copied flag")));
         }
+        let expected = format!("L2 table of L1 entry {r}");
+        if self.scan.metadata(off / self.cs) != Some(expected.as_str()) {
+            return Err(KnibError::internal(format!("{}: {expected} was not seen by the scan", self.path.display())));
+        }
         let mut raw = vec![0u8; self.cs as usize];
         self.file.read_exact_at(&mut raw, off).map_err(|e| self.io("cannot read an L2 table of", e))?;
         Ok(TableEdit { l1_index: r, offset: off, entries: (0..n).map(|i| be64_at(&raw, i)).collect(), is_new: false })
@@ -691,6 +777,14 @@ impl Base {
         if !off.is_multiple_of(cs) || off < cs || off >= self.file_len {
             return Err(self.corrupt(format!(
                 "L2 entry for guest cluster {index}: data cluster at {off} is misaligned or outside the file"
+            )));
+        }
+        // Checked for every entry by the scan before the merge; checked
+        // again where it is written.
+        if let Some(m) = self.scan.metadata(off / cs) {
+            return Err(self.corrupt(format!(
+                "L2 entry for guest cluster {index} points at host cluster {}, which holds the {m}: metadata overlap",
+                off / cs
             )));
         }
         if e & COPIED != 0 {
@@ -777,10 +871,20 @@ impl Base {
 
 /// Replace the qcow2 image at `path` (whose header is `header`) with an
 /// empty one of the same shape: virtual size, cluster size, compression
-/// type, backing pointer and backing format, owner and mode. Written under
-/// a temporary name in the same directory, fsynced, renamed over `path`,
-/// and the directory fsynced.
+/// type, backing pointer and backing format, the lazy refcounts feature,
+/// owner and mode. Written under a temporary name in the same directory,
+/// fsynced, renamed over `path`, and the directory fsynced.
+///
+/// Errors ([`ErrorKind::InvalidInput`], nothing written): the image has
+/// what an empty image of this shape would drop: internal snapshots,
+/// bitmaps or other auto-clear features, unknown compatible features.
 pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
+    if let Some(why) = keeps_what_emptying_drops(header) {
+        return Err(KnibError::invalid(format!(
+            "{} {why}, which an emptied image would lose: it is not emptied",
+            path.display()
+        )));
+    }
     let spec = ImageSpec {
         virtual_size: header.size,
         cluster_bits: header.cluster_bits,
@@ -792,6 +896,8 @@ pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
     };
     let (head, mut body, _) = Layout::new(spec, Vec::new(), None)?.finish()?;
     body[..head.len()].copy_from_slice(&head);
+    // Compatible features (v3 header bytes 80..88): lazy refcounts is kept.
+    body[80..88].copy_from_slice(&(header.compatible_features & COMPAT_LAZY_REFCOUNTS).to_be_bytes());
     let meta = std::fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;
     let tmp = crate::fsio::temp_path(path);
     let result = (|| {

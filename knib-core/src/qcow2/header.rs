@@ -41,6 +41,21 @@ const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Auto-clear feature bit 0: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// The most internal snapshots QEMU opens an image with.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+/// The longest refcount table QEMU opens an image with, in bytes.
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
+/// The fixed part of a snapshot table entry, in bytes.
+pub(crate) const SNAPSHOT_ENTRY_LEN: u64 = 40;
+/// The most bitmaps QEMU accepts in the bitmaps extension.
+pub const MAX_BITMAPS: u32 = 65535;
+/// The largest bitmap directory QEMU accepts, in bytes.
+pub const MAX_BITMAP_DIRECTORY: u64 = 1024 * MAX_BITMAPS as u64;
+/// The longest backing format name QEMU reads from its extension.
+const MAX_BACKING_FORMAT: u64 = 15;
 
 /// How compressed clusters of an image are compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,7 +88,8 @@ pub struct Header {
     pub backing_format: Option<String>,
     /// log2 of the cluster size, 9..=21.
     pub cluster_bits: u32,
-    /// Virtual (guest-visible) size in bytes.
+    /// Virtual (guest-visible) size in bytes, as QEMU sees it: the header's
+    /// size rounded down to a multiple of 512.
     pub size: u64,
     /// Number of entries of the active L1 table.
     pub l1_size: u32,
@@ -100,6 +116,20 @@ pub struct Header {
     pub header_length: u32,
     /// How compressed clusters are compressed.
     pub compression_type: CompressionType,
+    /// The bitmaps extension, when the image has one (its bitmaps are in
+    /// use only while auto-clear bit 0 is set).
+    pub bitmaps: Option<BitmapsExt>,
+}
+
+/// The bitmaps header extension: where the bitmap directory lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    /// Number of bitmaps in the directory (1 to 65535).
+    pub nb_bitmaps: u32,
+    /// Size of the bitmap directory in bytes.
+    pub directory_size: u64,
+    /// Offset of the bitmap directory (cluster aligned).
+    pub directory_offset: u64,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -225,6 +255,7 @@ impl Header {
         let mut backing_format = None;
         let mut feature_names: Vec<(u8, u8, String)> = Vec::new();
         let mut has_data_file_ext = false;
+        let mut bitmaps = None;
         let mut pos = u64::from(header_length);
         while pos + 8 <= ext_end {
             if pos + 8 > prefix.len() as u64 {
@@ -256,6 +287,12 @@ impl Header {
             let data = &prefix[data_start as usize..data_end as usize];
             match ty {
                 EXT_BACKING_FORMAT => {
+                    if len > MAX_BACKING_FORMAT {
+                        return Err(corrupt(
+                            name,
+                            format!("backing format extension of {len} bytes is too long (at most {MAX_BACKING_FORMAT})"),
+                        ));
+                    }
                     let s = std::str::from_utf8(data)
                         .map_err(|_| corrupt(name, "backing format name is not UTF-8"))?
                         .trim_end_matches('\0');
@@ -269,6 +306,14 @@ impl Header {
                     }
                 }
                 EXT_DATA_FILE => has_data_file_ext = true,
+                // QEMU ignores the extension (the bitmaps are stale) while
+                // the auto-clear bit is clear; it checks only its length.
+                EXT_BITMAPS if autoclear_features & AUTOCLEAR_BITMAPS == 0 => {
+                    if data.len() != 24 {
+                        return Err(corrupt(name, format!("bitmaps extension of {} bytes (it has 24)", data.len())));
+                    }
+                }
+                EXT_BITMAPS => bitmaps = Some(parse_bitmaps_ext(name, data, cluster_size)?),
                 _ => {}
             }
             pos = data_end.div_ceil(8) * 8;
@@ -342,7 +387,9 @@ impl Header {
             None
         };
 
-        let size = be64(prefix, 24);
+        // QEMU sees whole 512-byte sectors: a size that is not a multiple
+        // of 512 reads (and is reported) rounded down.
+        let size = be64(prefix, 24) & !511;
         let l1_size = be32(prefix, 36);
         let l1_table_offset = be64(prefix, 40);
         let refcount_table_offset = be64(prefix, 48);
@@ -384,6 +431,15 @@ impl Header {
             return Err(corrupt(name, format!("refcount table offset {refcount_table_offset} is not cluster aligned")));
         }
         let rt_bytes = u64::from(refcount_table_clusters) << cluster_bits;
+        if rt_bytes > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(corrupt(
+                name,
+                format!(
+                    "refcount table of {refcount_table_clusters} clusters is over the limit of \
+                     {MAX_REFCOUNT_TABLE_BYTES} bytes"
+                ),
+            ));
+        }
         if refcount_table_clusters == 0 || !within(refcount_table_offset, rt_bytes, file_len) {
             return Err(corrupt(
                 name,
@@ -392,6 +448,38 @@ impl Header {
                      outside the file ({file_len} bytes)"
                 ),
             ));
+        }
+
+        // Snapshot table: QEMU's limits, aligned, inside the file.
+        if nb_snapshots > MAX_SNAPSHOTS {
+            return Err(corrupt(name, format!("{nb_snapshots} snapshots are over the limit of {MAX_SNAPSHOTS}")));
+        }
+        if !snapshots_offset.is_multiple_of(cluster_size) {
+            return Err(corrupt(name, format!("snapshot table offset {snapshots_offset} is not cluster aligned")));
+        }
+        if nb_snapshots > 0
+            && (snapshots_offset < cluster_size
+                || !within(snapshots_offset, u64::from(nb_snapshots) * SNAPSHOT_ENTRY_LEN, file_len))
+        {
+            return Err(corrupt(
+                name,
+                format!(
+                    "snapshot table at {snapshots_offset} ({nb_snapshots} snapshots) is outside the file \
+                     ({file_len} bytes) or in the header cluster"
+                ),
+            ));
+        }
+        if let Some(b) = &bitmaps {
+            if b.directory_offset < cluster_size || !within(b.directory_offset, b.directory_size, file_len) {
+                return Err(corrupt(
+                    name,
+                    format!(
+                        "bitmap directory at {} ({} bytes) is outside the file ({file_len} bytes) or in the header \
+                         cluster",
+                        b.directory_offset, b.directory_size
+                    ),
+                ));
+            }
         }
 
         Ok(Header {
@@ -412,6 +500,7 @@ impl Header {
             refcount_order,
             header_length,
             compression_type,
+            bitmaps,
         })
     }
 
@@ -442,6 +531,36 @@ impl Header {
     pub fn is_marked_corrupt(&self) -> bool {
         self.incompatible_features & INCOMPAT_CORRUPT != 0
     }
+}
+
+/// The bitmaps extension's data, checked as QEMU checks it on open.
+fn parse_bitmaps_ext(name: &str, data: &[u8], cluster_size: u64) -> Result<BitmapsExt> {
+    if data.len() != 24 {
+        return Err(corrupt(name, format!("bitmaps extension of {} bytes (it has 24)", data.len())));
+    }
+    let nb_bitmaps = be32(data, 0);
+    let reserved = be32(data, 4);
+    let directory_size = be64(data, 8);
+    let directory_offset = be64(data, 16);
+    if reserved != 0 {
+        return Err(corrupt(name, "bitmaps extension: reserved field is not zero"));
+    }
+    if nb_bitmaps == 0 || nb_bitmaps > MAX_BITMAPS {
+        return Err(corrupt(name, format!("bitmaps extension: {nb_bitmaps} bitmaps (1 to {MAX_BITMAPS})")));
+    }
+    if directory_size == 0 || directory_size > MAX_BITMAP_DIRECTORY {
+        return Err(corrupt(
+            name,
+            format!("bitmaps extension: directory size {directory_size} (1 to {MAX_BITMAP_DIRECTORY})"),
+        ));
+    }
+    if !directory_offset.is_multiple_of(cluster_size) {
+        return Err(corrupt(
+            name,
+            format!("bitmaps extension: directory offset {directory_offset} is not cluster aligned"),
+        ));
+    }
+    Ok(BitmapsExt { nb_bitmaps, directory_size, directory_offset })
 }
 
 /// How many leading bytes of a file [`Header::parse`] wants, given its first

@@ -3,7 +3,8 @@
 //! files), a streaming writer of qcow2 version 3 images, the one-pass
 //! data path built on both ([`copy_image`]: delta copies, compression,
 //! flattening to qcow2 or raw), and the in-place merge of an image into its
-//! backing file ([`Commit`]; its write order is documented there).
+//! backing file ([`Commit`]; what it checks before it writes and its write
+//! order are documented there).
 //!
 //! Written from QEMU's format specification (docs/interop/qcow2.txt). Reads
 //! stream: one L1 table in memory (the entries covering the virtual size),
@@ -78,10 +79,15 @@
 //!   (bit 4), and any unknown incompatible bit (named from the feature name
 //!   table when the image has one). Accepted and reported: dirty (bit 0,
 //!   [`Header::is_dirty`]) and QEMU's corrupt mark (bit 1). Compatible and
-//!   auto-clear bits, snapshots and bitmaps are ignored.
+//!   auto-clear bits, snapshots and bitmaps are ignored for reading (the
+//!   merge refuses or keeps them, see [`Commit`]). The virtual size is the
+//!   header's rounded down to a multiple of 512, as QEMU reads it.
 //! - Header extensions lie between the header and the backing file name (or
 //!   the end of the first cluster), each within that area; the backing
-//!   format comes from extension 0xe2792aca.
+//!   format comes from extension 0xe2792aca (at most 15 bytes, as QEMU
+//!   reads it); the bitmaps extension (0x23852875) is 24 bytes, and while
+//!   auto-clear bit 0 is set names 1 to 65535 bitmaps and a directory of at
+//!   most 64 MiB, cluster aligned, inside the file, past the header cluster.
 //! - The backing file name: 1 to 1023 bytes of UTF-8, inside the first
 //!   cluster, after the header.
 //!
@@ -92,8 +98,12 @@
 //!   enough entries for the virtual size, a cluster-aligned offset past the
 //!   header cluster, and lies wholly inside the file. Only the entries that
 //!   cover the virtual size are loaded (so memory is bounded by the file
-//!   size and by 32 MiB). The refcount table is non-empty, aligned and in
-//!   the file (it is not otherwise read).
+//!   size and by 32 MiB). The refcount table is non-empty, at most 8 MiB
+//!   (QEMU's limit), aligned and in the file (it is not otherwise read).
+//! - The snapshot table: at most 65536 snapshots (QEMU's limit), a cluster
+//!   aligned offset, and when there are snapshots, past the header cluster
+//!   with room for their fixed-size entries inside the file (the table is
+//!   not otherwise read).
 //! - L1 entries: reserved bits (0-8, 56-62) clear; an L2 table offset (bits
 //!   9-55) is 0 (unallocated) or cluster aligned, past the header cluster,
 //!   and the whole table inside the file.
@@ -124,6 +134,7 @@ mod check;
 mod commit;
 mod copy;
 mod direct;
+mod guard;
 mod header;
 mod image;
 mod srchash;
@@ -133,7 +144,7 @@ mod tests;
 
 pub use chain::{Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use header::{
-    header_prefix_len, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+    header_prefix_len, BitmapsExt, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 pub use check::RefcountCheck;

@@ -310,6 +310,29 @@ impl QemuImg {
         }
     }
 
+    /// Repair `path` in place with `qemu-img check -r all -f qcow2` (what
+    /// QEMU does when it opens a dirty image for writing: refcounts rebuilt
+    /// from the tables), then check it again. Errors: the repair failed, or
+    /// left corruptions or leaks ([`ErrorKind::Corrupt`]).
+    pub fn repair(&self, path: &Path, ctl: &Control) -> Result<CheckReport> {
+        Self::require_file(path)?;
+        let inv = self.inv().args(["check", "-r", "all", "-f", "qcow2", "--output=json"]).arg(os(path));
+        let f = inv.run(ctl)?;
+        if f.code != Some(0) {
+            return Err(inv.failure(&f, ErrorKind::Corrupt));
+        }
+        let after = self.check(path, ctl)?;
+        if !after.is_clean() {
+            return Err(KnibError::corrupt(format!(
+                "{}: qemu-img check -r all left {} corruptions and {} leaks",
+                path.display(),
+                after.corruptions,
+                after.leaks
+            )));
+        }
+        Ok(after)
+    }
+
     /// `qemu-img measure` of converting `path` (its whole chain) to `format`.
     pub fn measure(&self, path: &Path, format: ImageFormat, ctl: &Control) -> Result<Measure> {
         Self::require_file(path)?;

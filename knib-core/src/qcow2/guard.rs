@@ -1,0 +1,347 @@
+//! What is checked in an existing qcow2 image before knib writes into it
+//! (the base of a native merge, [`super::Commit`]): one pass over all of
+//! its metadata, before the first write, in the manner of QEMU's metadata
+//! overlap checks and of `qemu-img check`.
+//!
+//! [`scan`] reads the L1 table (all of it), every L2 table it points to,
+//! the refcount table and every refcount block, and the bitmap directory
+//! and bitmap tables when the bitmaps extension is in use. It refuses the
+//! image with a [`crate::ErrorKind::Corrupt`] error naming the problem when:
+//!
+//! - a table or block (header cluster, L1 table, L2 table, refcount table,
+//!   refcount block, bitmap directory or table) is misaligned, lies past
+//!   the end of the file, or shares a host cluster with another one;
+//! - an L2 entry points a data cluster, or compressed data, at a host
+//!   cluster holding metadata (the overlaps QEMU's
+//!   `qcow2_check_metadata_overlap` guards against), or past the end of
+//!   the file, or has reserved bits set;
+//! - two L2 entries point at the same uncompressed host cluster, or
+//!   compressed data shares a host cluster with an uncompressed one;
+//! - a host cluster's stored refcount is below the number of references
+//!   made to it (stale refcounts with the dirty bit clear: a cluster in
+//!   use that an allocation could take), or a referenced cluster has no
+//!   refcount block.
+//!
+//! What it returns ([`Scan`]) lets the merge check each cluster it writes:
+//! [`Scan::metadata`] names the metadata a host cluster holds, and
+//! [`Scan::end`] is a host cluster past every cluster that is referenced
+//! or counted, and past the end of the file, so that allocating from there
+//! can never land on a cluster any table references. Images with internal
+//! snapshots are not scanned (the merge does not write into them).
+//!
+//! Memory: two bytes per host cluster of the file (at most
+//! [`MAX_SCAN_CLUSTERS`]), one bit per cluster for compressed data, and one
+//! map entry per metadata cluster; the L2 tables and refcount blocks are
+//! read one at a time.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::header::Header;
+use super::image::{L1_RESERVED, L2_COMPRESSED, L2_RESERVED, OFFSET_MASK, RT_OFFSET_MASK};
+use crate::error::{KnibError, Result};
+
+/// The most host clusters a scan counts references of (64 MiB of counters).
+pub const MAX_SCAN_CLUSTERS: u64 = 32 << 20;
+
+/// The metadata of an image, as found by [`scan`].
+#[derive(Debug)]
+pub(crate) struct Scan {
+    /// Host cluster -> the metadata it holds.
+    meta: HashMap<u64, String>,
+    /// A host cluster past every referenced or counted cluster and past the
+    /// end of the file: where allocations may start.
+    pub end: u64,
+}
+
+impl Scan {
+    /// The metadata host cluster `c` holds, if any.
+    pub fn metadata(&self, c: u64) -> Option<&str> {
+        self.meta.get(&c).map(String::as_str)
+    }
+}
+
+struct Refs<'a> {
+    path: &'a Path,
+    cs: u64,
+    file_len: u64,
+    nclusters: u64,
+    refs: Vec<u16>,
+    compressed: Vec<u64>,
+    meta: HashMap<u64, String>,
+    /// One past the last host cluster referenced.
+    max_ref: u64,
+}
+
+impl Refs<'_> {
+    fn corrupt(&self, what: impl std::fmt::Display) -> KnibError {
+        KnibError::corrupt(format!("qcow2 image {}: {what}; it is not written into", self.path.display()))
+    }
+
+    fn count(&mut self, c: u64) {
+        let r = &mut self.refs[c as usize];
+        *r = r.saturating_add(1);
+        self.max_ref = self.max_ref.max(c + 1);
+    }
+
+    /// A metadata structure of `len` bytes at `offset`, cluster aligned and
+    /// in the file, sharing no host cluster with anything counted before.
+    fn metadata(&mut self, what: String, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !offset.is_multiple_of(self.cs) || offset.checked_add(len).is_none_or(|end| end > self.file_len) {
+            return Err(self.corrupt(format!(
+                "{what} at {offset} ({len} bytes) is misaligned or past the end of the file ({} bytes)",
+                self.file_len
+            )));
+        }
+        for c in offset / self.cs..=(offset + len - 1) / self.cs {
+            if let Some(other) = self.meta.get(&c) {
+                return Err(self.corrupt(format!(
+                    "{what} at {offset} overlaps the {other} (host cluster {c}): metadata overlap"
+                )));
+            }
+            if self.refs[c as usize] != 0 {
+                return Err(self.corrupt(format!(
+                    "{what} at {offset} overlaps guest data (host cluster {c}): metadata overlap"
+                )));
+            }
+            self.meta.insert(c, what.clone());
+            self.count(c);
+        }
+        Ok(())
+    }
+
+    /// Uncompressed guest data at host cluster `c`, referenced by the L2
+    /// entry of guest cluster `guest`.
+    fn data(&mut self, guest: u64, c: u64) -> Result<()> {
+        let what = format_args!("the L2 entry of guest cluster {guest}");
+        if let Some(m) = self.meta.get(&c) {
+            return Err(self.corrupt(format!("{what} points at host cluster {c}, which holds the {m}: metadata overlap")));
+        }
+        if self.refs[c as usize] != 0 {
+            let shared = if self.is_compressed(c) { "compressed data" } else { "another L2 entry's data" };
+            return Err(self.corrupt(format!("{what} points at host cluster {c}, which also holds {shared}")));
+        }
+        self.count(c);
+        Ok(())
+    }
+
+    /// Compressed data touching host cluster `c`, referenced by the L2
+    /// entry of guest cluster `guest`.
+    fn compressed(&mut self, guest: u64, c: u64) -> Result<()> {
+        let what = format_args!("the L2 entry of guest cluster {guest}");
+        if let Some(m) = self.meta.get(&c) {
+            return Err(self.corrupt(format!(
+                "{what}: compressed data in host cluster {c}, which holds the {m}: metadata overlap"
+            )));
+        }
+        if self.refs[c as usize] != 0 && !self.is_compressed(c) {
+            return Err(self.corrupt(format!(
+                "{what}: compressed data in host cluster {c}, which also holds another L2 entry's data"
+            )));
+        }
+        self.compressed[(c / 64) as usize] |= 1 << (c % 64);
+        self.count(c);
+        Ok(())
+    }
+
+    fn is_compressed(&self, c: u64) -> bool {
+        self.compressed[(c / 64) as usize] & (1 << (c % 64)) != 0
+    }
+}
+
+fn be64(b: &[u8], i: usize) -> u64 {
+    u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
+}
+
+/// Scan the metadata of the image `file` (at `path`, `file_len` bytes,
+/// header `h`) before a write (see the module documentation). `Ok(Err)`
+/// when the image is too large to scan here (nothing is wrong with it).
+pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Result<std::result::Result<Scan, String>> {
+    if h.nb_snapshots != 0 {
+        return Err(KnibError::internal(format!("{}: images with snapshots are not scanned", path.display())));
+    }
+    if h.refcount_order != 4 {
+        return Err(KnibError::internal(format!("{}: only 16-bit refcounts are scanned", path.display())));
+    }
+    let cs = h.cluster_size();
+    let nclusters = file_len.div_ceil(cs);
+    if nclusters > MAX_SCAN_CLUSTERS {
+        return Ok(Err(format!(
+            "{} has {nclusters} host clusters, over the {MAX_SCAN_CLUSTERS} the check before a native write counts",
+            path.display()
+        )));
+    }
+    let io = |what: &str, e: std::io::Error| KnibError::io(what, path, e);
+    let mut r = Refs {
+        path,
+        cs,
+        file_len,
+        nclusters,
+        refs: vec![0; nclusters as usize],
+        compressed: vec![0; nclusters.div_ceil(64) as usize],
+        meta: HashMap::new(),
+        max_ref: 0,
+    };
+    r.metadata("header".into(), 0, cs)?;
+    let l1_bytes = u64::from(h.l1_size) * 8;
+    r.metadata("L1 table".into(), h.l1_table_offset, l1_bytes)?;
+    let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+    r.metadata("refcount table".into(), h.refcount_table_offset, rt_bytes)?;
+
+    // Refcount blocks.
+    let mut raw = vec![0u8; rt_bytes as usize];
+    file.read_exact_at(&mut raw, h.refcount_table_offset).map_err(|e| io("cannot read the refcount table of", e))?;
+    let rt: Vec<u64> = (0..raw.len() / 8).map(|i| be64(&raw, i)).collect();
+    for (i, &e) in rt.iter().enumerate() {
+        if e & !RT_OFFSET_MASK != 0 {
+            return Err(r.corrupt(format!("refcount table entry {i} ({e:#x}) has reserved bits set")));
+        }
+        if e != 0 {
+            r.metadata(format!("refcount block {i}"), e, cs)?;
+        }
+    }
+
+    // Bitmaps in use: their directory, tables and data clusters.
+    if let Some(b) = h.bitmaps.filter(|_| h.autoclear_features & super::header::AUTOCLEAR_BITMAPS != 0) {
+        r.metadata("bitmap directory".into(), b.directory_offset, b.directory_size)?;
+        let mut dir = vec![0u8; b.directory_size as usize];
+        file.read_exact_at(&mut dir, b.directory_offset).map_err(|e| io("cannot read the bitmap directory of", e))?;
+        let mut pos = 0usize;
+        for n in 0..b.nb_bitmaps {
+            if pos + 24 > dir.len() {
+                return Err(r.corrupt(format!("bitmap directory entry {n} runs past the directory")));
+            }
+            let table_offset = u64::from_be_bytes(dir[pos..pos + 8].try_into().expect("8 bytes"));
+            let table_size = u64::from(u32::from_be_bytes(dir[pos + 8..pos + 12].try_into().expect("4 bytes")));
+            let name_size = u64::from(u16::from_be_bytes(dir[pos + 14..pos + 16].try_into().expect("2 bytes")));
+            let extra = u64::from(u32::from_be_bytes(dir[pos + 20..pos + 24].try_into().expect("4 bytes")));
+            let table_bytes = table_size * 8;
+            if table_bytes > 64 << 20 {
+                return Err(r.corrupt(format!("bitmap {n}: its table of {table_size} entries is too large")));
+            }
+            r.metadata(format!("table of bitmap {n}"), table_offset, table_bytes)?;
+            let mut table = vec![0u8; table_bytes as usize];
+            file.read_exact_at(&mut table, table_offset).map_err(|e| io("cannot read a bitmap table of", e))?;
+            for k in 0..table_size as usize {
+                let off = be64(&table, k) & OFFSET_MASK;
+                if off != 0 {
+                    r.metadata(format!("data cluster {k} of bitmap {n}"), off, cs)?;
+                }
+            }
+            pos += (24 + extra + name_size).div_ceil(8) as usize * 8;
+        }
+    }
+
+    // L2 tables (from the whole L1 table), then what they point to.
+    let mut raw = vec![0u8; l1_bytes as usize];
+    file.read_exact_at(&mut raw, h.l1_table_offset).map_err(|e| io("cannot read the L1 table of", e))?;
+    let l1: Vec<u64> = (0..raw.len() / 8).map(|i| be64(&raw, i)).collect();
+    for (i, &e) in l1.iter().enumerate() {
+        if e & L1_RESERVED != 0 {
+            return Err(r.corrupt(format!("L1 entry {i} ({e:#018x}) has reserved bits set")));
+        }
+        if e & OFFSET_MASK != 0 {
+            r.metadata(format!("L2 table of L1 entry {i}"), e & OFFSET_MASK, cs)?;
+        }
+    }
+    let l2n = cs / 8;
+    let x = 62 - (h.cluster_bits - 8);
+    let mut table = vec![0u8; cs as usize];
+    for (i, &e) in l1.iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        file.read_exact_at(&mut table, off).map_err(|e| io("cannot read an L2 table of", e))?;
+        for j in 0..l2n as usize {
+            let e = be64(&table, j);
+            let guest = i as u64 * l2n + j as u64;
+            let what = || format!("the L2 entry of guest cluster {guest}");
+            if e & L2_COMPRESSED != 0 {
+                let coff = e & ((1u64 << x) - 1);
+                let sectors = ((e >> x) & ((1u64 << (62 - x)) - 1)) + 1;
+                let end = (coff & !511) + sectors * 512;
+                if coff < cs || coff >= file_len {
+                    return Err(r.corrupt(format!("{}: compressed data at {coff} is outside the file", what())));
+                }
+                for c in coff / cs..=((end - 1) / cs).min(r.nclusters - 1) {
+                    r.compressed(guest, c)?;
+                }
+                // Its last sector may overhang the end of the file.
+                r.max_ref = r.max_ref.max((end - 1) / cs + 1);
+                continue;
+            }
+            if e & L2_RESERVED != 0 {
+                return Err(r.corrupt(format!("{} ({e:#018x}) has reserved bits set", what())));
+            }
+            let host = e & OFFSET_MASK;
+            if host == 0 {
+                continue;
+            }
+            if host >= file_len {
+                return Err(r.corrupt(format!(
+                    "{} points at {host}, past the end of the file ({file_len} bytes)",
+                    what()
+                )));
+            }
+            if !host.is_multiple_of(cs) {
+                return Err(r.corrupt(format!("{} points at {host}, not cluster aligned", what())));
+            }
+            r.data(guest, host / cs)?;
+        }
+    }
+
+    // Stored refcounts against the references.
+    let per_block = cs / 2;
+    let mut last_counted = 0u64;
+    let mut block = vec![0u8; cs as usize];
+    for (rti, &e) in rt.iter().enumerate() {
+        let first = rti as u64 * per_block;
+        if e == 0 {
+            // No block: nothing in its range may be referenced.
+            let range = first.min(nclusters) as usize..(first + per_block).min(nclusters) as usize;
+            if let Some(k) = r.refs[range.clone()].iter().position(|&n| n != 0) {
+                let c = range.start as u64 + k as u64;
+                let what = r.metadata_name(c);
+                return Err(r.corrupt(format!("host cluster {c}{what} is referenced but has no refcount block")));
+            }
+            continue;
+        }
+        file.read_exact_at(&mut block, e).map_err(|e| io("cannot read a refcount block of", e))?;
+        for k in 0..per_block {
+            let c = first + k;
+            let stored = u16::from_be_bytes([block[2 * k as usize], block[2 * k as usize + 1]]);
+            if stored != 0 {
+                last_counted = c + 1;
+            }
+            let refs = r.refs.get(c as usize).copied().unwrap_or(0);
+            if stored < refs {
+                let what = r.metadata_name(c);
+                return Err(r.corrupt(format!(
+                    "host cluster {c}{what} has refcount {stored} but is referenced {refs} times (stale \
+                     refcounts: qemu-img check -r all repairs them)"
+                )));
+            }
+        }
+    }
+    let covered = rt.len() as u64 * per_block;
+    if r.max_ref > covered {
+        return Err(r.corrupt(format!(
+            "host cluster {} is referenced but the refcount table covers only {covered} clusters",
+            r.max_ref - 1
+        )));
+    }
+    let end = nclusters.max(last_counted).max(r.max_ref);
+    Ok(Ok(Scan { meta: r.meta, end }))
+}
+
+impl Refs<'_> {
+    fn metadata_name(&self, c: u64) -> String {
+        self.meta.get(&c).map(|m| format!(" (the {m})")).unwrap_or_default()
+    }
+}
