@@ -316,9 +316,14 @@ fn corrupted_manifest_is_reported_and_nothing_changes() {
     assert!(e.message.contains(&format!("manifest {} is corrupted", mpath.display())), "{e}");
     // A manifest that does not parse is skipped by list (with a warning).
     assert!(store.list(None).unwrap().iter().all(|m| m.id != id));
-    let e = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Corrupt);
     assert_eq!(tree(sdir.path()), before);
+    // The disks' deltas follow a backup the store cannot read: the next
+    // backup is full and says why; the damaged manifest is left as it is.
+    let m = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+    let why = m.full_reason.clone().unwrap_or_default();
+    assert!(why.contains(&id) && why.contains("no readable backup"), "{m:?}");
+    assert_eq!(std::fs::read(&mpath).unwrap(), b"{\"schema\": 1, \"id\": ");
 }
 
 #[test]

@@ -72,6 +72,10 @@ struct Pristine {
     _disks: TestDisks,
     dir: tempfile::TempDir,
     ids: Vec<String>,
+    /// The disks' directory as it was after the three backups: a backup
+    /// changes the disks (and their `.knib-since` markers), so each case
+    /// starts from these files again.
+    disks_saved: tempfile::TempDir,
 }
 
 impl Pristine {
@@ -85,7 +89,17 @@ impl Pristine {
             qemu_io(disks.path("data"), &format!("write -P {} {}M 64k", 0x50 + i, i + 1));
             ids.push(store.backup("vm1", &disks.disks, &BackupOptions::default(), &Control::new()).unwrap().id);
         }
-        Pristine { _disks: disks, dir, ids }
+        let disks_saved = tempfile::tempdir().unwrap();
+        copy_dir_files(disks.dir.path(), disks_saved.path());
+        Pristine { _disks: disks, dir, ids, disks_saved }
+    }
+
+    /// Put the disks back as they were after the three backups.
+    fn reset_disks(&self) {
+        for e in std::fs::read_dir(self._disks.dir.path()).unwrap().flatten() {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+        copy_dir_files(self.disks_saved.path(), self._disks.dir.path());
     }
 
     /// A fresh copy of the store in `into/store`, with a canary directory
@@ -105,6 +119,14 @@ impl Pristine {
     }
 }
 
+/// Copy the files of directory `from` into `to` (keeping modes and times).
+fn copy_dir_files(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let st = Command::new("cp").arg("-a").arg(e.path()).arg(to.join(e.file_name())).status().unwrap();
+        assert!(st.success());
+    }
+}
+
 /// What an operation must do on a tampered store.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Want {
@@ -114,6 +136,15 @@ enum Want {
     Works,
     /// Either (the tampering does not concern it); the canary still holds.
     Any,
+    /// A backup that cannot read the chain the disks follow: it fails with
+    /// `corrupt` naming the file, or it skips what it cannot read and takes
+    /// a full backup saying why (`full_reason`).
+    FullOrFail,
+}
+
+thread_local! {
+    /// The `full_reason` of the last backup `run` took.
+    static LAST_FULL_REASON: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 use Want::*;
 
@@ -179,7 +210,9 @@ fn run(op: Op, store: &Store, id: &str, scratch: &Path, disks: &TestDisks) -> Re
                 Err(KnibError::corrupt(r[0].problems.join("; ")))
             }
         }
-        Op::Backup => store.backup("vm1", &disks.disks, &BackupOptions::default(), &ctl).map(drop),
+        Op::Backup => store.backup("vm1", &disks.disks, &BackupOptions::default(), &ctl).map(|m| {
+            LAST_FULL_REASON.with(|r| *r.borrow_mut() = m.full_reason.clone());
+        }),
         Op::Delete => store.delete(id).map(drop),
         Op::Jobs => {
             store.queue_compression(id)?;
@@ -265,7 +298,7 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
                 Op::List => Works,
                 Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs if ids2[2] == id2 => Fail(ErrorKind::Corrupt),
                 Op::Restore | Op::Verify if pos < 2 => Fail(ErrorKind::Corrupt),
-                Op::Backup => Fail(ErrorKind::Corrupt),
+                Op::Backup => FullOrFail,
                 _ => Any,
             }),
         });
@@ -282,7 +315,8 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
         })),
         ("backup dir", format!("vms/vm1/{target}"), format!("outside/vm1/{target}"), Box::new(move |op| match op {
             Op::List => Works,
-            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Backup | Op::Delete | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Backup => FullOrFail,
+            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Delete | Op::Jobs => Fail(ErrorKind::Corrupt),
         })),
         ("volume file", format!("vms/vm1/{target}/{vol}.qcow2"), format!("outside/vm1/{target}/{vol}.qcow2"), Box::new(move |op| match op {
             Op::List | Op::Show => Works,
@@ -298,10 +332,13 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
         })),
         ("manifest", format!("vms/vm1/{target}/manifest.json"), format!("outside/vm1/{target}/manifest.json"), Box::new(move |op| match op {
             Op::List => Works,
-            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+            Op::Backup => FullOrFail,
+            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs => Fail(ErrorKind::Corrupt),
             _ => Any,
         })),
-        ("state", "vms/vm1/state.json".into(), "outside/vm1/state.json".into(), Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any })),
+        // state.json is only a cache of the head: a backup follows the
+        // disks' deltas and repairs it (the link is replaced, not followed).
+        ("state", "vms/vm1/state.json".into(), "outside/vm1/state.json".into(), Box::new(|op| if op == Op::Backup { Works } else { Any })),
         ("lock", "vms/vm1/.lock".into(), "outside/secret".into(), Box::new(move |op| match op {
             Op::Backup | Op::Compress | Op::Delete => Fail(ErrorKind::Corrupt),
             Op::List | Op::Show | Op::Restore => Works,
@@ -375,7 +412,8 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
             name: format!("state: {what}"),
             tamper: Box::new(move |store: &Path, _| std::fs::write(store.join("vms/vm1/state.json"), &text).unwrap()),
             names: "vms/vm1/state.json".into(),
-            want: Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any }),
+            // state.json is only a cache: the backup follows the deltas.
+            want: Box::new(|op| if op == Op::Backup { Works } else { Any }),
         });
     }
     // Settings: a key given twice.
@@ -401,6 +439,14 @@ fn check(case: &Case, op: Op, r: &Result<(), KnibError>) {
             assert!(e.message.contains(&case.names), "{ctx}: the error must name {}: {e}", case.names);
         }
         (Fail(kind), Ok(())) => panic!("{ctx}: must fail with {kind}, but worked"),
+        (FullOrFail, Err(e)) => {
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{ctx}: {e}");
+            assert!(e.message.contains(&case.names), "{ctx}: the error must name {}: {e}", case.names);
+        }
+        (FullOrFail, Ok(())) => {
+            let why = LAST_FULL_REASON.with(|r| r.borrow().clone());
+            assert!(why.is_some(), "{ctx}: a backup over a chain it cannot read must be full and say why");
+        }
         (Works, Err(e)) => panic!("{ctx}: must work: {e}"),
         _ => {}
     }
@@ -415,6 +461,9 @@ fn tampered_stores_are_refused_and_nothing_outside_is_touched() {
     for case in &all {
         for op in OPS {
             let work = tempfile::tempdir().unwrap();
+            if op == Op::Backup {
+                pristine.reset_disks();
+            }
             let (root, outside) = pristine.copy(work.path());
             (case.tamper)(&root, &outside);
             let before = canary_state(&outside);

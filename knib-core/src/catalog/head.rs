@@ -106,7 +106,17 @@ impl Store {
         // No chain to continue, or the newest backup closed it: a full
         // backup is what is expected.
         match all.iter().rev().find(|m| !m.removed && m.kind != BackupKind::Isolated) {
-            None => return Ok(decision(BackupKind::Full, None, None)),
+            // Deltas that follow a backup the store cannot show (its
+            // manifest unreadable or gone): full, saying so.
+            None => {
+                let why = follows.iter().find_map(|(disk, f)| match f {
+                    Follows::Backup(id) => Some(format!(
+                        "the delta of disk {disk} follows backup {id}, and {vm} has no readable backup in this store (a manifest that does not parse is skipped)"
+                    )),
+                    _ => None,
+                });
+                return Ok(decision(BackupKind::Full, None, why));
+            }
             Some(m) if m.end_of_chain => return Ok(decision(BackupKind::Full, None, None)),
             Some(_) => {}
         }
