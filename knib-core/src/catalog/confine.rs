@@ -35,12 +35,15 @@
 //! of calls (open beneath, mkdir beneath). `cap-std` would do the same with
 //! a dozen more crates and an `ambient-authority` model the rest of knib
 //! (which hands paths to qemu-img) cannot use anyway. `openat2` needs Linux
-//! 5.6; on an older kernel the call fails with a clear error.
+//! 5.6; where it is missing (an older kernel, or Valgrind, which does not
+//! pass it through) each path is walked one component at a time with
+//! `openat(O_NOFOLLOW)` ([`beneath`]), which refuses the same paths.
 
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -78,12 +81,43 @@ fn refusal(root: &Path, rel: &Path, what: &str, errno: Errno) -> KnibError {
             "{what} {}: a part of the path is not a directory",
             full.display()
         )),
-        Errno::NOSYS => KnibError::internal(format!(
-            "cannot confine {} to the store: this kernel has no openat2 (Linux 5.6 or later is needed)",
-            full.display()
-        )),
         e => KnibError::io(&format!("cannot open {what}"), &full, e.into()),
     }
+}
+
+/// Whether `openat2` is missing (an old kernel, or a tool like Valgrind
+/// that does not pass it through): then [`beneath`] walks the path itself.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// Open `rel` (a plain path: checked by [`plain`]) below `dir` with
+/// `flags`, following no symbolic link. With `openat2` the kernel resolves
+/// it (`RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`); without it, one component
+/// at a time with `openat(O_NOFOLLOW)`, each directory opened from the one
+/// before: as strict, since `rel` has no `..` and no root, and a link met
+/// on the way fails with `ELOOP` (or `ENOTDIR`).
+fn beneath(dir: &OwnedFd, rel: &Path, flags: OFlags) -> std::result::Result<OwnedFd, Errno> {
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        match rustix::fs::openat2(dir, rel, flags, Mode::empty(), RESOLVE) {
+            Err(Errno::NOSYS) => {
+                log::debug!("openat2 is not available: store paths are resolved one component at a time");
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+            }
+            r => return r,
+        }
+    }
+    let parts: Vec<_> = rel.components().collect();
+    let mut cur: Option<OwnedFd> = None;
+    for (i, c) in parts.iter().enumerate() {
+        let at = cur.as_ref().unwrap_or(dir);
+        let f = if i + 1 == parts.len() {
+            flags | OFlags::NOFOLLOW
+        } else {
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+        };
+        let fd = rustix::fs::openat(at, c.as_os_str(), f, Mode::empty())?;
+        cur = Some(fd);
+    }
+    cur.ok_or(Errno::INVAL)
 }
 
 /// Check that `rel` is a plain relative path (no root, no `.`, no `..`).
@@ -109,7 +143,7 @@ pub(crate) fn open(root: &Path, rel: &Path, want: Want, what: &str) -> Result<Fi
         Want::File => OFlags::RDONLY,
     } | OFlags::CLOEXEC
         | OFlags::NOFOLLOW;
-    let fd = rustix::fs::openat2(&dir, rel, flags, Mode::empty(), RESOLVE).map_err(|e| refusal(root, rel, what, e))?;
+    let fd = beneath(&dir, rel, flags).map_err(|e| refusal(root, rel, what, e))?;
     let f = File::from(fd);
     let ft = f.metadata().map_err(|e| KnibError::io("cannot stat", &root.join(rel), e))?.file_type();
     match want {
@@ -148,13 +182,13 @@ pub(crate) fn ensure_dir(root: &Path, rel: &Path, what: &str) -> Result<()> {
     for c in rel.components() {
         done.push(c);
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
-        let next = match rustix::fs::openat2(&dir, c.as_os_str(), flags, Mode::empty(), RESOLVE) {
+        let next = match beneath(&dir, Path::new(c.as_os_str()), flags) {
             Err(Errno::NOENT) => {
                 match rustix::fs::mkdirat(&dir, c.as_os_str(), Mode::from_raw_mode(0o755)) {
                     Ok(()) | Err(Errno::EXIST) => {}
                     Err(e) => return Err(KnibError::io("cannot create", &root.join(&done), e.into())),
                 }
-                rustix::fs::openat2(&dir, c.as_os_str(), flags, Mode::empty(), RESOLVE)
+                beneath(&dir, Path::new(c.as_os_str()), flags)
             }
             r => r,
         };
@@ -171,6 +205,18 @@ mod tests {
 
     #[test]
     fn links_and_escapes_are_refused_and_nothing_is_made_outside() {
+        refuses_links_and_escapes();
+    }
+
+    #[test]
+    fn without_openat2_the_component_walk_refuses_the_same_paths() {
+        // Process-wide: the other tests of this binary may then walk too,
+        // which is correct either way.
+        NO_OPENAT2.store(true, Ordering::Relaxed);
+        refuses_links_and_escapes();
+    }
+
+    fn refuses_links_and_escapes() {
         let d = tempfile::tempdir().unwrap();
         let (root, out) = (d.path().join("store"), d.path().join("outside"));
         std::fs::create_dir_all(root.join("vms")).unwrap();
