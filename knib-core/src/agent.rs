@@ -5,7 +5,7 @@
 //! field.
 //!
 //! Every path is a local path (the agent mounts the store; knib never
-//! does). Requests follow the rules of [`crate::api`]: unknown fields are
+//! does). Requests follow the rules of [`crate::wire`]: unknown fields are
 //! refused, naming the field; `"schema": 1` may be given. Every request may
 //! carry `timeout_secs` (the command's `wait`): the operation's time budget,
 //! together with the caller's own (the sooner wins); 0 or absent = none.
@@ -83,7 +83,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::api::{parse, to_json};
+use crate::wire::{absolute, non_empty, parse, to_json};
 use crate::engine::{self, CompressOptions};
 use crate::error::{KnibError, Result};
 use crate::fsio;
@@ -158,9 +158,6 @@ pub(crate) struct MergeTree {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TakeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub domain: String,
     #[serde(default)]
     pub connect: Option<String>,
@@ -180,9 +177,6 @@ pub(crate) struct TakeReq {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CompressReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     files: Vec<PathBuf>,
     #[serde(default)]
     library: CompressionLibrary,
@@ -201,9 +195,6 @@ struct CompressReq {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FinalizeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     files: Vec<PathBuf>,
     #[serde(default)]
     cleanup: bool,
@@ -224,9 +215,6 @@ struct RestoreVolume {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RestoreReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     volumes: Vec<RestoreVolume>,
     #[serde(default)]
     quick_restore: bool,
@@ -247,9 +235,6 @@ pub(crate) struct VolumeRef {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ConsolidateReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub domain: String,
     #[serde(default)]
     pub connect: Option<String>,
@@ -268,9 +253,6 @@ struct PrepareVolume {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PrepareReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     vm_name: String,
     work_dir: PathBuf,
     volumes: Vec<PrepareVolume>,
@@ -288,9 +270,6 @@ pub(crate) struct ValidateDisk {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValidateReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     #[serde(default)]
     pub vm_name: Option<String>,
     #[serde(default)]
@@ -330,9 +309,6 @@ pub(crate) struct ValidateReq {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HashReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     files: Vec<PathBuf>,
     #[serde(default)]
     backup_uuid: Option<String>,
@@ -343,9 +319,6 @@ struct HashReq {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CleanupValidationReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub vm_name: String,
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
@@ -370,9 +343,6 @@ pub(crate) struct SnapshotMerge {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MergeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub domain: String,
     #[serde(default)]
     pub connect: Option<String>,
@@ -395,26 +365,6 @@ fn budget(ctl: &Control, secs: Option<u64>) -> Control {
     match secs.filter(|s| *s > 0).map(Duration::from_secs) {
         Some(b) if ctl.deadline.remaining().is_none_or(|r| r > b) => ctl.clone().with_deadline(Deadline::after(b)),
         _ => ctl.clone(),
-    }
-}
-
-/// Fail unless `p` (field `field` of the request of `op`) is absolute.
-fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
-    if p.is_absolute() {
-        Ok(())
-    } else {
-        Err(KnibError::invalid(format!(
-            "request of {op}: field `{field}`: {} is not an absolute path",
-            p.display()
-        )))
-    }
-}
-
-fn non_empty<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
-    if v.is_empty() {
-        Err(KnibError::invalid(format!("request of {op}: field `{field}` is empty")))
-    } else {
-        Ok(())
     }
 }
 
@@ -459,7 +409,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
             | "agent.cleanup_validation"
             | "agent.merge_snapshot"
     ) {
-        return Err(crate::api::no_libvirt(op));
+        return Err(crate::wire::no_libvirt(op));
     }
     match op {
         #[cfg(feature = "libvirt")]

@@ -46,9 +46,8 @@
 
 use std::path::PathBuf;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::catalog::{BackupOptions, DiskSpec, Manifest, Store, DEFAULT_CHAIN_SIZE};
 use crate::engine::CompressOptions;
@@ -56,11 +55,12 @@ use crate::error::{KnibError, Result};
 use crate::progress::Control;
 use crate::qemu_img::{CompressionLibrary, ImageFormat};
 
-/// The request schema version.
-pub const SCHEMA: u32 = 1;
-
-/// The default libvirt URI.
-pub const DEFAULT_URI: &str = "qemu:///system";
+pub use crate::wire::{DEFAULT_URI, SCHEMA};
+#[cfg(feature = "libvirt")]
+use crate::wire::domain;
+#[cfg(not(feature = "libvirt"))]
+use crate::wire::no_libvirt;
+use crate::wire::{need, parse, to_json};
 
 fn default_chain() -> i64 {
     DEFAULT_CHAIN_SIZE
@@ -75,17 +75,11 @@ fn default_factor() -> f64 {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Empty {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackupReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     store: PathBuf,
     #[serde(default)]
     vm: Option<String>,
@@ -110,9 +104,6 @@ struct BackupReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     store: PathBuf,
     #[serde(default)]
     vm: Option<String>,
@@ -123,9 +114,6 @@ struct StoreReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RestoreReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     store: PathBuf,
     backup: String,
     volume: String,
@@ -138,9 +126,6 @@ struct RestoreReq {
 #[serde(deny_unknown_fields)]
 struct DomainReq {
     #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    #[serde(default)]
     store: Option<PathBuf>,
     #[serde(default)]
     backup: Option<String>,
@@ -152,9 +137,6 @@ struct DomainReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MergeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     domain: String,
     #[serde(default)]
     connect: Option<String>,
@@ -165,9 +147,6 @@ struct MergeReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CompressReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     store: PathBuf,
     backup: String,
     #[serde(default)]
@@ -183,9 +162,6 @@ struct CompressReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FilesReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     files: Vec<PathBuf>,
     #[serde(default)]
     library: CompressionLibrary,
@@ -204,9 +180,6 @@ fn default_true() -> bool {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FinalizeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     files: Vec<PathBuf>,
     #[serde(default = "default_true")]
     backup_exists: bool,
@@ -286,48 +259,6 @@ impl BackupView {
                 .collect(),
         }
     }
-}
-
-pub(crate) fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
-    let v: Value = serde_json::from_str(json)
-        .map_err(|e| KnibError::invalid(format!("request of {op} is not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(KnibError::invalid(format!("request of {op} must be a JSON object")));
-    }
-    if let Some(s) = v.get("schema") {
-        if s.as_u64() != Some(SCHEMA as u64) {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: field `schema` is {s}; this knib reads schema {SCHEMA}"
-            )));
-        }
-    }
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            KnibError::invalid(format!("request of {op}: {inner}"))
-        } else {
-            KnibError::invalid(format!("request of {op}: field `{path}`: {inner}"))
-        }
-    })
-}
-
-pub(crate) fn need<T>(op: &str, field: &str, v: Option<T>) -> Result<T> {
-    v.ok_or_else(|| KnibError::invalid(format!("request of {op}: missing field `{field}`")))
-}
-
-pub(crate) fn to_json<T: Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| KnibError::internal(format!("answer does not serialize: {e}")))
-}
-
-#[cfg(feature = "libvirt")]
-pub(crate) fn domain(uri: Option<&str>, name: &str) -> Result<crate::libvirt::Vm> {
-    crate::libvirt::Hypervisor::open(uri.unwrap_or(DEFAULT_URI))?.domain(name)
-}
-
-#[cfg(not(feature = "libvirt"))]
-pub(crate) fn no_libvirt(op: &str) -> KnibError {
-    KnibError::invalid(format!("{op} needs libvirt, and this knib was built without it"))
 }
 
 /// Run operation `op` on the JSON request `request`; the answer is JSON.
@@ -487,6 +418,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
 mod tests {
     use super::*;
     use crate::ErrorKind;
+    use serde_json::Value;
 
     #[test]
     fn bad_requests_name_the_field() {

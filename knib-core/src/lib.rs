@@ -24,6 +24,7 @@ pub mod names;
 pub mod process;
 pub mod progress;
 pub mod session;
+pub mod wire;
 pub mod qcow2;
 pub mod qemu_img;
 

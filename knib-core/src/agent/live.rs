@@ -8,7 +8,7 @@ use crate::engine::validate::{boot_test, BootTestRequest};
 use crate::libvirt::{DiskInfo, Hypervisor, Vm};
 
 fn domain(connect: Option<&str>, name: &str) -> Result<Vm> {
-    crate::api::domain(connect, name)
+    crate::wire::domain(connect, name)
 }
 
 /// Fail when the request says the domain is running and it is not, or the
@@ -363,7 +363,7 @@ pub(super) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Strin
         command,
         domain_type: r.domain_type.clone(),
     };
-    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::api::DEFAULT_URI))?;
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::wire::DEFAULT_URI))?;
     let mut rep = boot_test(&hv, &req, ctl)
         .map_err(|e| e.context(format!("validation of {}", r.vm_name.as_deref().unwrap_or("a backup"))))?;
     if !r.wait_for_boot {
@@ -389,7 +389,7 @@ pub(super) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<S
     if let Some(dir) = &r.work_dir {
         absolute(op, "work_dir", dir)?;
     }
-    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::api::DEFAULT_URI))?;
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::wire::DEFAULT_URI))?;
     let domain_removed = match hv.domain(&r.vm_name) {
         Ok(vm) => {
             if vm.is_running()? {

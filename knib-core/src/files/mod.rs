@@ -98,7 +98,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::api::{parse, to_json};
+use crate::wire::{parse, to_json};
 use crate::catalog::Store;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
@@ -509,9 +509,6 @@ pub fn get(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FsReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     store: PathBuf,
     backup: String,
     volume: String,
@@ -520,9 +517,6 @@ struct FsReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LsReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     store: PathBuf,
     backup: String,
     volume: String,
@@ -535,9 +529,6 @@ struct LsReq {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GetReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     store: PathBuf,
     backup: String,
     volume: String,
