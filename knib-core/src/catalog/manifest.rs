@@ -35,7 +35,7 @@ pub struct VolumeEntry {
 }
 
 /// Compression of a backup.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CompressionInfo {
     /// The library used.
     pub library: CompressionLibrary,
