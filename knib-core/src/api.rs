@@ -242,6 +242,16 @@ mod tests {
         assert!(e.message.contains("is not valid JSON"), "{e}");
         let e = call("explode", "{}", &ctl).unwrap_err();
         assert!(e.message.contains("unknown operation \"explode\""), "{e}");
+        // One operation per piece of work: the duplicates are gone.
+        for gone in ["compress_files", "finalize_files", "consolidate", "merge_snapshot"] {
+            let e = call(gone, "{}", &ctl).unwrap_err();
+            assert!(e.message.contains(&format!("unknown operation \"{gone}\"")), "{e}");
+            assert!(!OPS.contains(&gone));
+        }
+        // `schema` is taken by the wire, never a field of a request.
+        assert!(call("version", r#"{"schema": 1}"#, &ctl).is_ok());
+        let e = call("version", r#"{"scheme": 1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("unknown field `scheme`"), "{e}");
         assert!(call("version", "{}", &ctl).unwrap().contains(crate::VERSION));
     }
 
