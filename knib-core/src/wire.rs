@@ -10,8 +10,9 @@
 //!   checked and removed here, once: any number but [`SCHEMA`] is refused,
 //!   and no request struct carries the field.
 //! - Unknown, missing and mistyped fields are `invalid input` errors that
-//!   name the operation and the field's path (`request of restore: field
-//!   `volumes[0].backup_path`: ...`).
+//!   name the operation and the field's path, e.g. "request of
+//!   agent.restore: missing field \`volume_path\`" or "... field
+//!   \`coroutines\`: invalid type ...".
 //! - Answers are serialized here; a failure to serialize is `internal`.
 
 use std::path::Path;

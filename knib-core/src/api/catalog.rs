@@ -1,10 +1,10 @@
 //! The catalog operations: requests that name a backup by its store and
 //! id, each a thin layer that looks the backup's files up in the store and
 //! then makes the same engine call as the path-based operation doing that
-//! work (`compress`: [`crate::engine::compress`] and
-//! [`crate::engine::finalize`], as `agent.compress` and
+//! work (`compress`: [`crate::engine::compress()`] and
+//! [`crate::engine::finalize()`], as `agent.compress` and
 //! `agent.finalize_compression`; `hash`: [`crate::engine::hash::hash_chain`],
-//! as `agent.take_hash`; `restore`: [`crate::engine::restore`], as
+//! as `agent.take_hash`; `restore`: [`crate::engine::restore()`], as
 //! `agent.restore`).
 
 use std::collections::BTreeMap;
