@@ -300,4 +300,35 @@ mod tests {
         assert!(!crate::engine::compress::comp_path(&b).exists());
         assert!(b.exists());
     }
+
+    #[test]
+    fn bad_agent_requests_name_the_field() {
+        let ctl = Control::new();
+        let e = call("agent.take_hash", r#"{"file": ["/x"]}"#, &ctl).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains("unknown field `file`"), "{e}");
+        let e = call("agent.take_hash", r#"{"files": ["x"]}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `files[0]`: x is not an absolute path"), "{e}");
+        let e = call("agent.compress", r#"{"files": ["/x"], "coroutines": -1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `coroutines`"), "{e}");
+        let e = call("agent.restore", r#"{"volumes": [{"backup_path": "/b"}]}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `volume_path`"), "{e}");
+        let e = call("agent.finalize_compression", r#"{"files": []}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `files` is empty"), "{e}");
+        let e = call("agent.explode", "{}", &ctl).unwrap_err();
+        assert!(e.message.contains("unknown operation \"agent.explode\"") && e.message.contains("agent.take_backup"), "{e}");
+    }
+
+    #[test]
+    fn bad_file_requests_name_the_field() {
+        let ctl = Control::new();
+        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": "one"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("request of files.ls: field `fs`"), "{e}");
+        let e = call("files.get", r#"{"store": "/x", "backup": "b", "volume": "v", "path": "/"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `to`"), "{e}");
+        let e = call("files.fs", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": 1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("unknown field `fs`"), "{e}");
+        let e = call("files.cat", "{}", &ctl).unwrap_err();
+        assert!(e.message.contains("unknown operation \"files.cat\""), "{e}");
+    }
 }

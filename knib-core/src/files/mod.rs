@@ -596,20 +596,6 @@ mod tests {
         assert!(e.message.contains("\"/a/../../etc/passwd\" has a `..` component"), "{e}");
     }
 
-    #[test]
-    fn bad_requests_name_the_field() {
-        use crate::api::call;
-        let ctl = Control::new();
-        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": "one"}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("request of files.ls: field `fs`"), "{e}");
-        let e = call("files.get", r#"{"store": "/x", "backup": "b", "volume": "v", "path": "/"}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("missing field `to`"), "{e}");
-        let e = call("files.fs", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": 1}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("unknown field `fs`"), "{e}");
-        let e = call("files.cat", "{}", &ctl).unwrap_err();
-        assert!(e.message.contains("unknown operation \"files.cat\""), "{e}");
-    }
-
     /// Random bytes as a disk: errors, never a panic or a hang.
     #[test]
     fn random_disks_give_errors_not_panics() {
