@@ -63,41 +63,113 @@
  *
  * REQUESTS AND ANSWERS: JSON, SCHEMA 1 (KNIB_SCHEMA)
  *
- * Each operation (knib_call() with its name, or the function of the same
- * name: knib_backup(), knib_list(), ...) takes a request as a JSON object
+ * Each operation is run by knib_call() with its name; the catalog
+ * operations (those without a dot: backup, list, show, ...) and files.*
+ * also have a function of their own (knib_backup(), knib_list(), ...,
+ * knib_files_fs(), _ls(), _get()). Each takes a request as a JSON object
  * and, on success, gives back a JSON answer. The request may carry
  * "schema": 1; another number is refused. Fields not listed are refused,
  * naming the field; so are missing and mistyped fields ("request of
- * restore: missing field `to`", "request of compress: invalid type:
- * string \"many\", expected u32"). Paths are strings. The table of
- * operations with their request fields and answers is in each function's
- * comment below and in knib-core/src/api.rs (the reference):
+ * restore: missing field `to`", "request of compress: field `coroutines`:
+ * invalid type: string \"many\", expected u32"). Paths are strings. The
+ * path-based agent.* operations take the files themselves (as CloudStack's
+ * KVM agent runs them); the catalog ones take a store and a backup id and
+ * make the same engine calls. The JSON Schema of every request and answer
+ * is docs/schema.json (the reference); this table is generated from it
+ * (`?`: optional field; [...]: an array of objects with these fields):
  *
- *   version         {}                                  -> {"version", "schema"}
- *   backup          store, vm + disks [{name, path}] | domain (+ connect,
- *                   quiesce), full, isolated, chain_size -> backup
- *   list            store, vm?                          -> [backup, ...]
- *   show            store, backup                       -> backup
- *   restore         store, backup, volume, to, format, no_verify? -> {"restored", "volume", "to"}
- *   quick_restore   store, backup, domain, connect?     -> {"overlays"}
- *   consolidate     domain, connect?                    -> {"consolidated"}
- *   merge_snapshot  domain, connect?, disk, delta       -> {"disk", "active_file"}
- *   compress        store, backup, library, coroutines, rate_limit_mbps,
- *                   min_free_factor                     -> backup
- *   compress_files  files, library, coroutines, rate_limit_mbps,
- *                   min_free_factor                     -> {"compressed"}
- *   finalize_files  files, backup_exists                -> {"finalized"} | {"discarded"}
- *   verify          store, backup?                      -> [{"id", "ok", "problems", ...}]
- *   hash            store, backup                       -> {"backup", "chain_hashes"}
- *   delete          store, backup                       -> {"expunged", "marked_removed"}
- *   recover         store, domain, connect?             -> {"backup_id", "step", ...}
- *   files.fs        store, backup, volume               -> {"filesystems": [{"index",
- *                   "partition", "start", "size", "type", "label"}]}
- *   files.ls        store, backup, volume, fs?, path?   -> {"entries": [{"name",
- *                   "type", "size", "mode", "mtime", "mtime_nsec", "target"}]}
- *   files.get       store, backup, volume, fs?, path, to -> {"files", "dirs",
- *                   "symlinks", "bytes"}
- *                   (the files.* functions: knib_files_fs(), _ls(), _get())
+ *   (generated from docs/schema.json by knib-core/tests/schema.rs)
+ *   agent.cleanup_validation
+ *       request: connect?, timeout_secs?, vm_name, work_dir?
+ *       answer:  domain_removed, removed
+ *   agent.cleanup_vm_backup
+ *       request: connect?, domain, end_of_chain?, isolated?, quiesce?,
+ *                running?, timeout_secs?, volumes
+ *       answer:  actions, published, vm_consistent, volumes
+ *   agent.compress
+ *       request: coroutines?, expected_hashes?, files, library?,
+ *                min_free_bytes?, min_free_factor?, rate_limit_mbps?,
+ *                timeout_secs?
+ *       answer:  compressed
+ *   agent.consolidate
+ *       request: connect?, domain, timeout_secs?, volumes?
+ *       answer:  consolidated
+ *   agent.finalize_compression
+ *       request: cleanup?, files, timeout_secs?
+ *       answer:  discarded, finalized
+ *   agent.merge_snapshot
+ *       request: connect?, domain, merges, running?, timeout_secs?
+ *       answer:  volumes
+ *   agent.prepare_validation
+ *       request: timeout_secs?, vm_name, volumes, work_dir
+ *       answer:  volumes
+ *   agent.restore
+ *       request: deltas_to_remove?, quick_restore?, timeout_secs?, volumes
+ *       answer:  removed, volumes
+ *   agent.take_backup
+ *       request: connect?, domain, end_of_chain?, isolated?, quiesce?,
+ *                running?, timeout_secs?, volumes
+ *       answer:  kind, vm_consistent, volumes
+ *   agent.take_hash
+ *       request: backup_uuid?, files, timeout_secs?
+ *       answer:  backup_uuid, files, hash
+ *   agent.validate
+ *       request: boot_timeout_secs?, cmdline?, connect?, disks, domain_type?,
+ *                execute_script?, expected_result?, initrd?, kernel?,
+ *                memory_mib?, screenshot_path?, script?, script_arguments?,
+ *                take_screenshot?, timeout_secs?, vm_name?, wait_for_boot?,
+ *                work_dir
+ *       answer:  boot_seconds, boot_validated, passed, problems,
+ *                screenshot_path, script_exit_code, script_result
+ *   backup
+ *       request: chain_size?, compress?, connect?, disks?, domain?, full?,
+ *                isolated?, quiesce?, store, vm?
+ *       answer:  compression, created, end_of_chain, full_reason, id, kind,
+ *                parent, position, removed, vm, volumes
+ *   compress
+ *       request: backup, coroutines?, library?, min_free_factor?,
+ *                rate_limit_mbps?, store
+ *       answer:  compression, created, end_of_chain, full_reason, id, kind,
+ *                parent, position, removed, vm, volumes
+ *   delete
+ *       request: backup, store
+ *       answer:  expunged, marked_removed
+ *   files.fs
+ *       request: backup, store, volume
+ *       answer:  filesystems
+ *   files.get
+ *       request: backup, fs?, path, store, to, volume
+ *       answer:  bytes, dirs, files, symlinks
+ *   files.ls
+ *       request: backup, fs?, path?, store, volume
+ *       answer:  entries
+ *   hash
+ *       request: backup, store
+ *       answer:  backup, chain_hashes
+ *   list
+ *       request: store, vm?
+ *       answer:  [compression, created, end_of_chain, full_reason, id, kind,
+ *                parent, position, removed, vm, volumes]
+ *   quick_restore
+ *       request: backup, connect?, domain, store
+ *       answer:  overlays
+ *   recover
+ *       request: connect?, domain, store
+ *       answer:  backup_id, published, report, step
+ *   restore
+ *       request: backup, format?, no_verify?, store, to, volume
+ *       answer:  restored, to, volume
+ *   show
+ *       request: backup, store
+ *       answer:  compression, created, end_of_chain, full_reason, id, kind,
+ *                parent, position, removed, vm, volumes
+ *   verify
+ *       request: backup?, store
+ *       answer:  [chain_hashes, files_checked, id, ok, problems]
+ *   version
+ *       request: (none)
+ *       answer:  schema, version
+ *   (end of the generated table)
  *
  * A backup is {"id", "vm", "kind" ("full", "incremental", "isolated"),
  * "parent", "position", "end_of_chain", "created", "compression",
@@ -508,34 +580,9 @@ knib_result knib_quick_restore(struct knib_context *context,
                                char **answer_out);
 
 /**
- * Operation `consolidate`: merge a quickly restored domain's overlays
- * into its disks while it runs. Request: `domain`, `connect`. Answer:
- * `{"consolidated": [target, ...]}`.
- *
- * # Safety
- * As `knib_call`.
- */
-knib_result knib_consolidate(struct knib_context *context,
-                             const char *request_json,
-                             char **answer_out);
-
-/**
- * Operation `merge_snapshot`: merge a disk-only VM snapshot delta into
- * the layer below it (block commit while the domain runs; `qemu-img
- * commit` and rebase when it is stopped). Request: `domain`, `connect`,
- * `disk` (target), `delta` (a file of the disk's chain). Answer:
- * `{"disk", "active_file"}`.
- *
- * # Safety
- * As `knib_call`.
- */
-knib_result knib_merge_snapshot(struct knib_context *context,
-                                const char *request_json,
-                                char **answer_out);
-
-/**
  * Operation `compress`: compress a catalog backup's files and finalize
- * them (both steps), recording it in the manifest. Request: `store`,
+ * them (the two steps `agent.compress` and `agent.finalize_compression`
+ * take on explicit files), recording it in the manifest. Request: `store`,
  * `backup`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps`
  * (0 = none), `min_free_factor` (1.0). Answer: the backup.
  *
@@ -545,33 +592,6 @@ knib_result knib_merge_snapshot(struct knib_context *context,
 knib_result knib_compress(struct knib_context *context,
                           const char *request_json,
                           char **answer_out);
-
-/**
- * Operation `compress_files`, the first of the engine's two compression
- * steps: write `<file>.comp` beside each file (all removed on failure).
- * Request: `files` (`[path]`), `library`, `coroutines`, `rate_limit_mbps`,
- * `min_free_factor`. Answer: `{"compressed": [{"path", "comp_path",
- * "original_size", "compressed_size", "library"}]}`.
- *
- * # Safety
- * As `knib_call`.
- */
-knib_result knib_compress_files(struct knib_context *context,
-                                const char *request_json,
-                                char **answer_out);
-
-/**
- * Operation `finalize_files`, the second compression step: rename each
- * `<file>.comp` over its file, or remove the `.comp` files when the backup
- * was deleted meanwhile. Request: `files` (`[path]`), `backup_exists`
- * (default true). Answer: `{"finalized": [path]}` or `{"discarded": [path]}`.
- *
- * # Safety
- * As `knib_call`.
- */
-knib_result knib_finalize_files(struct knib_context *context,
-                                const char *request_json,
-                                char **answer_out);
 
 /**
  * Operation `verify`: check one backup (`backup` given) or all of a store:
@@ -585,7 +605,8 @@ knib_result knib_finalize_files(struct knib_context *context,
 knib_result knib_verify(struct knib_context *context, const char *request_json, char **answer_out);
 
 /**
- * Operation `hash`: the xxh3-128 hash of each volume's chain of a backup.
+ * Operation `hash`: the xxh3-128 hash of each volume's chain of a backup
+ * (as `agent.take_hash` computes it on explicit files).
  * Request: `store`, `backup`. Answer: `{"backup", "chain_hashes":
  * {volume: hex}}`.
  *

@@ -4,9 +4,10 @@
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 
+use knib_core::api::BackupView;
 use knib_core::catalog::{Manifest, Store, VerifyReport};
 use knib_core::Control;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// A control whose progress goes to standard error when it is a terminal.
 pub fn control() -> Control {
@@ -28,28 +29,10 @@ pub fn clear_progress() {
     }
 }
 
-/// A backup as the tool shows it to programs.
+/// A backup as the tool shows it to programs: the same object as every
+/// binding's answer ([`BackupView`]).
 pub fn backup_json(store: &Store, m: &Manifest) -> Value {
-    let dir = store.backup_dir(m);
-    json!({
-        "id": m.id,
-        "vm": m.vm,
-        "kind": m.kind.as_str(),
-        "parent": m.parent,
-        "position": m.position,
-        "end_of_chain": m.end_of_chain,
-        "created": m.created,
-        "compression": m.compression,
-        "full_reason": m.full_reason,
-        "volumes": m.volumes.iter().map(|v| json!({
-            "name": v.name,
-            "file": dir.join(&v.file),
-            "virtual_size": v.virtual_size,
-            "size": v.size,
-            "backing": v.backing,
-            "hash": v.hash,
-        })).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(BackupView::new(store, m)).expect("a backup view serializes")
 }
 
 fn backup_line(m: &Manifest) -> String {

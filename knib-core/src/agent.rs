@@ -1,28 +1,24 @@
 //! The CloudStack KVM agent's operations as JSON requests (`agent.*` ops of
 //! [`crate::api::call`]): path-based and stateless, one per agent command
-//! wrapper. The Java facade (`io.knib.Knib`) maps each wrapper onto one of
+//! wrapper. They are the one form of each piece of work they do: the
+//! catalog operations of [`crate::api`] that do the same work on a stored
+//! backup make the same engine calls. The Java facade (`io.knib.Knib`) maps each wrapper onto one of
 //! these; `java/README.md` maps each transfer-object field onto a request
 //! field.
 //!
 //! Every path is a local path (the agent mounts the store; knib never
-//! does). Requests follow the rules of [`crate::api`]: unknown fields are
+//! does). Requests follow the rules of [`crate::wire`]: unknown fields are
 //! refused, naming the field; `"schema": 1` may be given. Every request may
 //! carry `timeout_secs` (the command's `wait`): the operation's time budget,
 //! together with the caller's own (the sooner wins); 0 or absent = none.
 //!
-//! | op | request | answer |
-//! |---|---|---|
-//! | `agent.take_backup` | `domain`, `connect`?, `running`?, `quiesce`, `end_of_chain`, `isolated`, `volumes`: `[{"uuid","path","delta_path_on_primary","delta_path_on_store","parent_backup_path"?,"merge"?:{"parent","child","grand_children"?},"vm_snapshot_delta_paths"?}]` | `{"kind","vm_consistent":true,"volumes":[{"uuid","target","new_volume_path","delta_path_on_store","size","virtual_size"}]}` |
-//! | `agent.cleanup_vm_backup` | the request of the failed `agent.take_backup` (`quiesce` is ignored) | `{"published","vm_consistent":true,"volumes":[{"uuid","target","path"}],"actions":[...]}` |
-//! | `agent.compress` | `files`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps` (0), `min_free_factor` (1.0), `min_free_bytes`?, `expected_hashes`? | `{"compressed":[{"path","comp_path","original_size","compressed_size","library","hash"?}]}` |
-//! | `agent.finalize_compression` | `files`, `cleanup` (false) | `{"finalized":[{"path","size"}]}` or, with `cleanup`, `{"discarded":[path]}` |
-//! | `agent.restore` | `volumes`: `[{"uuid"?,"backup_path","volume_path","expected_hashes"?:[{"path","hash"}]}]`, `quick_restore`, `deltas_to_remove` | `{"volumes":[{"uuid","path","backing"}],"removed":[path]}` |
-//! | `agent.consolidate` | `domain`, `connect`?, `volumes`: `[{"uuid","path"}]` | `{"consolidated":[{"uuid","target","path","pulled"}]}` |
-//! | `agent.prepare_validation` | `vm_name`, `work_dir`, `volumes`: `[{"uuid","backup_path"}]` | `{"volumes":[{"uuid","backup_path","overlay_path"}]}` |
-//! | `agent.validate` | `disks`: `[{"target","path"}]`, `work_dir`, `memory_mib` (512), `wait_for_boot` (true), `boot_timeout_secs` (300), `take_screenshot`, `screenshot_path`?, `execute_script`, `script`?, `script_arguments`?, `expected_result`?, `kernel`?, `initrd`?, `cmdline`?, `domain_type`?, `connect`?, `vm_name`? | `{"boot_validated","boot_seconds","screenshot_path","script_result","script_exit_code","passed","problems"}` |
-//! | `agent.take_hash` | `files` (the backup's chain, root first), `backup_uuid`? | `{"backup_uuid","hash","files":[{"path","hash"}]}` |
-//! | `agent.cleanup_validation` | `vm_name`, `work_dir`?, `connect`? | `{"domain_removed","removed":[path]}` |
-//! | `agent.merge_snapshot` | `domain`, `connect`?, `running`?, `merges`: `[{"uuid"?,"parent","child","grand_children"?}]` | `{"volumes":[{"uuid","target","path"}]}` |
+//! Their requests are the `*Req` structs below and their answers the
+//! structs of `answers.rs`; their JSON Schema (field types, defaults,
+//! nested objects) is `docs/schema.json`, generated from them, and the
+//! README's operation table lists their fields. `agent.cleanup_vm_backup`
+//! takes the request of the failed `agent.take_backup` (`quiesce` is
+//! ignored). `agent.consolidate` without `volumes` consolidates every disk
+//! of the domain that has backing files.
 //!
 //! # Backups (`agent.take_backup`, `agent.cleanup_vm_backup`)
 //!
@@ -94,30 +90,15 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::Deserialize;
 
-use crate::api::{parse, to_json};
 use crate::engine::{self, CompressOptions};
+use crate::wire::{absolute, non_empty};
 use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::{Control, Deadline};
 use crate::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
-
-/// Every agent operation.
-pub const OPS: [&str; 11] = [
-    "agent.take_backup",
-    "agent.compress",
-    "agent.finalize_compression",
-    "agent.restore",
-    "agent.consolidate",
-    "agent.prepare_validation",
-    "agent.validate",
-    "agent.take_hash",
-    "agent.cleanup_validation",
-    "agent.cleanup_vm_backup",
-    "agent.merge_snapshot",
-];
 
 /// The suffix of the overlays `agent.prepare_validation` makes.
 pub const VALIDATION_SUFFIX: &str = ".knib-validation.qcow2";
@@ -139,7 +120,7 @@ fn default_boot_timeout() -> u64 {
 }
 
 /// One volume of a backup, as the agent's KbossTO describes it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BackupVolume {
     pub uuid: String,
@@ -156,7 +137,7 @@ pub(crate) struct BackupVolume {
 
 /// A DeltaMergeTreeTO: `child` is committed into `parent`; `grand_children`
 /// used `child` as their backing file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MergeTree {
     pub parent: PathBuf,
@@ -169,12 +150,9 @@ pub(crate) struct MergeTree {
     pub grand_children: Vec<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TakeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub domain: String,
     #[serde(default)]
     pub connect: Option<String>,
@@ -191,12 +169,9 @@ pub(crate) struct TakeReq {
     pub timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CompressReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct CompressReq {
     files: Vec<PathBuf>,
     #[serde(default)]
     library: CompressionLibrary,
@@ -211,26 +186,23 @@ struct CompressReq {
     #[serde(default)]
     expected_hashes: Option<Vec<String>>,
     #[serde(default)]
-    timeout_secs: Option<u64>,
+    pub(crate) timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct FinalizeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct FinalizeReq {
     files: Vec<PathBuf>,
     #[serde(default)]
     cleanup: bool,
     #[serde(default)]
     #[allow(dead_code)]
-    timeout_secs: Option<u64>,
+    pub(crate) timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RestoreVolume {
+pub(crate) struct RestoreVolume {
     #[serde(default)]
     uuid: Option<String>,
     backup_path: PathBuf,
@@ -239,22 +211,19 @@ struct RestoreVolume {
     expected_hashes: Vec<engine::ExpectedHash>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct RestoreReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct RestoreReq {
     volumes: Vec<RestoreVolume>,
     #[serde(default)]
     quick_restore: bool,
     #[serde(default)]
     deltas_to_remove: Vec<PathBuf>,
     #[serde(default)]
-    timeout_secs: Option<u64>,
+    pub(crate) timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct VolumeRef {
     #[serde(default)]
@@ -262,53 +231,47 @@ pub(crate) struct VolumeRef {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ConsolidateReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub domain: String,
     #[serde(default)]
     pub connect: Option<String>,
+    /// The volumes to consolidate; absent or empty: every disk of the
+    /// domain that has backing files.
+    #[serde(default)]
     pub volumes: Vec<VolumeRef>,
     #[serde(default)]
     pub timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct PrepareVolume {
+pub(crate) struct PrepareVolume {
     uuid: String,
     backup_path: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct PrepareReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct PrepareReq {
     vm_name: String,
     work_dir: PathBuf,
     volumes: Vec<PrepareVolume>,
     #[serde(default)]
-    timeout_secs: Option<u64>,
+    pub(crate) timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValidateDisk {
     pub target: String,
     pub path: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValidateReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     #[serde(default)]
     pub vm_name: Option<String>,
     #[serde(default)]
@@ -345,25 +308,19 @@ pub(crate) struct ValidateReq {
     pub timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct HashReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct HashReq {
     files: Vec<PathBuf>,
     #[serde(default)]
     backup_uuid: Option<String>,
     #[serde(default)]
-    timeout_secs: Option<u64>,
+    pub(crate) timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CleanupValidationReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub vm_name: String,
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
@@ -374,7 +331,7 @@ pub(crate) struct CleanupValidationReq {
     pub timeout_secs: Option<u64>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SnapshotMerge {
     #[serde(default)]
@@ -385,12 +342,9 @@ pub(crate) struct SnapshotMerge {
     pub grand_children: Vec<PathBuf>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MergeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
     pub domain: String,
     #[serde(default)]
     pub connect: Option<String>,
@@ -401,38 +355,11 @@ pub(crate) struct MergeReq {
     pub timeout_secs: Option<u64>,
 }
 
-/// One file and its size.
-#[derive(Debug, Serialize)]
-struct SizedFile {
-    path: PathBuf,
-    size: u64,
-}
-
 /// The caller's control, with the request's own budget when it is sooner.
-fn budget(ctl: &Control, secs: Option<u64>) -> Control {
+pub(crate) fn budget(ctl: &Control, secs: Option<u64>) -> Control {
     match secs.filter(|s| *s > 0).map(Duration::from_secs) {
         Some(b) if ctl.deadline.remaining().is_none_or(|r| r > b) => ctl.clone().with_deadline(Deadline::after(b)),
         _ => ctl.clone(),
-    }
-}
-
-/// Fail unless `p` (field `field` of the request of `op`) is absolute.
-fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
-    if p.is_absolute() {
-        Ok(())
-    } else {
-        Err(KnibError::invalid(format!(
-            "request of {op}: field `{field}`: {} is not an absolute path",
-            p.display()
-        )))
-    }
-}
-
-fn non_empty<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
-    if v.is_empty() {
-        Err(KnibError::invalid(format!("request of {op}: field `{field}` is empty")))
-    } else {
-        Ok(())
     }
 }
 
@@ -464,97 +391,38 @@ pub fn relative_pointer(from: &Path, to: &Path) -> String {
     out.to_string_lossy().into_owned()
 }
 
-/// Run agent operation `op` (named `agent.<name>`) on the JSON request
-/// `request`; the answer is JSON.
-pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
-    #[cfg(not(feature = "libvirt"))]
-    if matches!(
-        op,
-        "agent.take_backup"
-            | "agent.cleanup_vm_backup"
-            | "agent.consolidate"
-            | "agent.validate"
-            | "agent.cleanup_validation"
-            | "agent.merge_snapshot"
-    ) {
-        return Err(crate::api::no_libvirt(op));
+/// `agent.finalize_compression`.
+pub(crate) fn finalize_compression(op: &str, r: &FinalizeReq) -> Result<FinalizeAnswer> {
+    non_empty(op, "files", &r.files)?;
+    for (i, f) in r.files.iter().enumerate() {
+        absolute(op, &format!("files[{i}]"), f)?;
     }
-    match op {
-        #[cfg(feature = "libvirt")]
-        "agent.take_backup" => {
-            let r: TakeReq = parse(op, request)?;
-            live::take_backup(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        #[cfg(feature = "libvirt")]
-        "agent.cleanup_vm_backup" => {
-            let r: TakeReq = parse(op, request)?;
-            live::cleanup_vm_backup(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        #[cfg(feature = "libvirt")]
-        "agent.consolidate" => {
-            let r: ConsolidateReq = parse(op, request)?;
-            live::consolidate(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        #[cfg(feature = "libvirt")]
-        "agent.validate" => {
-            let r: ValidateReq = parse(op, request)?;
-            live::validate(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        #[cfg(feature = "libvirt")]
-        "agent.cleanup_validation" => {
-            let r: CleanupValidationReq = parse(op, request)?;
-            live::cleanup_validation(op, &r)
-        }
-        #[cfg(feature = "libvirt")]
-        "agent.merge_snapshot" => {
-            let r: MergeReq = parse(op, request)?;
-            live::merge_snapshot(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        "agent.compress" => {
-            let r: CompressReq = parse(op, request)?;
-            compress(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        "agent.finalize_compression" => {
-            let r: FinalizeReq = parse(op, request)?;
-            non_empty(op, "files", &r.files)?;
-            for (i, f) in r.files.iter().enumerate() {
-                absolute(op, &format!("files[{i}]"), f)?;
-            }
-            engine::finalize(&r.files, !r.cleanup)?;
-            if r.cleanup {
-                to_json(&json!({ "discarded": r.files }))
-            } else {
-                let done = r
-                    .files
-                    .iter()
-                    .map(|f| Ok(SizedFile { path: f.clone(), size: fsio::file_size(f)? }))
-                    .collect::<Result<Vec<_>>>()?;
-                to_json(&json!({ "finalized": done }))
-            }
-        }
-        "agent.restore" => {
-            let r: RestoreReq = parse(op, request)?;
-            restore(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        "agent.prepare_validation" => {
-            let r: PrepareReq = parse(op, request)?;
-            prepare_validation(op, &r, &budget(ctl, r.timeout_secs))
-        }
-        "agent.take_hash" => {
-            let r: HashReq = parse(op, request)?;
-            non_empty(op, "files", &r.files)?;
-            for (i, f) in r.files.iter().enumerate() {
-                absolute(op, &format!("files[{i}]"), f)?;
-            }
-            let (hash, each) = engine::hash::hash_chain(&r.files, &budget(ctl, r.timeout_secs))?;
-            let files: Vec<_> = r.files.iter().zip(each).map(|(p, h)| json!({"path": p, "hash": h})).collect();
-            to_json(&json!({"backup_uuid": r.backup_uuid, "hash": hash, "files": files}))
-        }
-        _ => Err(KnibError::invalid(format!("unknown operation {op:?}: the agent operations are {}", OPS.join(", ")))),
+    engine::finalize(&r.files, !r.cleanup)?;
+    if r.cleanup {
+        Ok(FinalizeAnswer { finalized: None, discarded: Some(r.files.clone()) })
+    } else {
+        let done = r
+            .files
+            .iter()
+            .map(|f| Ok(SizedFile { path: f.clone(), size: fsio::file_size(f)? }))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(FinalizeAnswer { finalized: Some(done), discarded: None })
     }
 }
 
-fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<String> {
+/// `agent.take_hash`.
+pub(crate) fn take_hash(op: &str, r: &HashReq, ctl: &Control) -> Result<TakeHashAnswer> {
+    non_empty(op, "files", &r.files)?;
+    for (i, f) in r.files.iter().enumerate() {
+        absolute(op, &format!("files[{i}]"), f)?;
+    }
+    let (hash, each) = engine::hash::hash_chain(&r.files, ctl)?;
+    let files = r.files.iter().zip(each).map(|(p, h)| FileHash { path: p.clone(), hash: h }).collect();
+    Ok(TakeHashAnswer { backup_uuid: r.backup_uuid.clone(), hash, files })
+}
+
+/// `agent.compress`.
+pub(crate) fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<CompressAnswer> {
     non_empty(op, "files", &r.files)?;
     for (i, f) in r.files.iter().enumerate() {
         absolute(op, &format!("files[{i}]"), f)?;
@@ -585,7 +453,7 @@ fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<String> {
         None => vec![None; r.files.len()],
     };
     let done = engine::compress_verified(&QemuImg::new(), &r.files, &expected, &opts, ctl)?;
-    to_json(&json!({ "compressed": done }))
+    Ok(CompressAnswer { compressed: done.into_iter().map(Into::into).collect() })
 }
 
 /// The hidden file a volume is restored to before it replaces the volume.
@@ -594,7 +462,8 @@ fn staging_path(volume: &Path) -> PathBuf {
     volume.with_file_name(format!(".{name}.knib-restore"))
 }
 
-fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<String> {
+/// `agent.restore`.
+pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<RestoreAnswer> {
     non_empty(op, "volumes", &r.volumes)?;
     let q = QemuImg::new();
     for (i, v) in r.volumes.iter().enumerate() {
@@ -651,7 +520,7 @@ fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<String> {
     for (v, stage) in r.volumes.iter().zip(&staged) {
         fsio::commit_rename(stage, &v.volume_path)?;
         let backing = r.quick_restore.then(|| canonical(&v.backup_path));
-        volumes.push(json!({"uuid": v.uuid, "path": v.volume_path, "backing": backing}));
+        volumes.push(RestoredVolume { uuid: v.uuid.clone(), path: v.volume_path.clone(), backing });
     }
     let mut removed = Vec::new();
     for f in &r.deltas_to_remove {
@@ -664,7 +533,7 @@ fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<String> {
             removed.push(f.clone());
         }
     }
-    to_json(&json!({"volumes": volumes, "removed": removed}))
+    Ok(RestoreAnswer { volumes, removed })
 }
 
 /// The overlay `agent.prepare_validation` makes for volume `uuid` of VM
@@ -673,7 +542,8 @@ pub fn validation_overlay(work_dir: &Path, vm_name: &str, uuid: &str) -> PathBuf
     work_dir.join(format!("{vm_name}-{uuid}{VALIDATION_SUFFIX}"))
 }
 
-fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Result<String> {
+/// `agent.prepare_validation`.
+pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Result<PrepareValidationAnswer> {
     crate::names::validate("VM name", &r.vm_name)?;
     non_empty(op, "volumes", &r.volumes)?;
     absolute(op, "work_dir", &r.work_dir)?;
@@ -689,19 +559,19 @@ fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Result<String>
     }
     let q = QemuImg::new();
     let mut made = Vec::new();
-    let r2 = (|| -> Result<Vec<serde_json::Value>> {
+    let r2 = (|| -> Result<Vec<PreparedVolume>> {
         let mut out = Vec::new();
         for v in &r.volumes {
             let overlay = validation_overlay(&r.work_dir, &r.vm_name, &v.uuid);
             engine::create_overlay(&q, &v.backup_path, &overlay, ctl)
                 .map_err(|e| e.context(format!("overlay of volume {}", v.uuid)))?;
             made.push(overlay.clone());
-            out.push(json!({"uuid": v.uuid, "backup_path": v.backup_path, "overlay_path": overlay}));
+            out.push(PreparedVolume { uuid: v.uuid.clone(), backup_path: v.backup_path.clone(), overlay_path: overlay });
         }
         Ok(out)
     })();
     match r2 {
-        Ok(volumes) => to_json(&json!({ "volumes": volumes })),
+        Ok(volumes) => Ok(PrepareValidationAnswer { volumes }),
         Err(e) => {
             for f in &made {
                 let _ = fsio::remove_if_exists(f);
@@ -730,13 +600,15 @@ pub(crate) fn guest_command(script: &str, args: Option<&str>, expected: Option<&
     }
 }
 
+mod answers;
 #[cfg(feature = "libvirt")]
-mod live;
+pub(crate) mod live;
+
+pub use answers::*;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
 
     #[test]
     fn relative_pointers() {
@@ -752,23 +624,5 @@ mod tests {
         let c = guest_command("/bin/echo", None, Some("hello"));
         assert_eq!((c.expect_exit, c.expect_output.as_deref()), (None, Some("hello")));
         assert_eq!(guest_command("/x", None, None).expect_exit, None);
-    }
-
-    #[test]
-    fn bad_agent_requests_name_the_field() {
-        let ctl = Control::new();
-        let e = call("agent.take_hash", r#"{"file": ["/x"]}"#, &ctl).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidInput);
-        assert!(e.message.contains("unknown field `file`"), "{e}");
-        let e = call("agent.take_hash", r#"{"files": ["x"]}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("field `files[0]`: x is not an absolute path"), "{e}");
-        let e = call("agent.compress", r#"{"files": ["/x"], "coroutines": -1}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("field `coroutines`"), "{e}");
-        let e = call("agent.restore", r#"{"volumes": [{"backup_path": "/b"}]}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("missing field `volume_path`"), "{e}");
-        let e = call("agent.finalize_compression", r#"{"files": []}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("field `files` is empty"), "{e}");
-        let e = call("agent.explode", "{}", &ctl).unwrap_err();
-        assert!(e.message.contains("unknown operation \"agent.explode\"") && e.message.contains("agent.take_backup"), "{e}");
     }
 }

@@ -1,496 +1,230 @@
-//! One request/answer schema for every binding: each operation takes a JSON
-//! object and gives one back. The C ABI and the JNI bridge hand a request to
-//! [`call`] and return its answer or its [`KnibError`]; they hold no logic.
+//! The one API of knib: every operation takes a JSON object and gives one
+//! back, through [`call`]. The C ABI (`knib_call`), the JNI bridge
+//! (`NativeLib.call`) and the Java facade hand a request to [`call`] and
+//! return its answer or its [`KnibError`]; they hold no logic.
 //!
-//! # Schema (version 1)
+//! # The schema
 //!
-//! Every request is a JSON object. It may carry `"schema": 1`; any other
-//! number is refused. Unknown fields are refused, naming the field, so a
-//! misspelt option never goes unnoticed. Paths are strings. Operations:
+//! [`Request`] is the one typed set of operations: a variant per operation,
+//! named by its `op`, each holding its request struct (unknown fields
+//! refused) and giving one typed answer. [`schema`] is their JSON Schema
+//! (draft 2020-12, generated with `schemars`); it is checked in as
+//! `docs/schema.json`, and the operation tables of the README,
+//! `include/knib.h` and the Java request/answer classes are checked against
+//! it by `knib-core/tests/schema.rs` (`KNIB_WRITE_SCHEMA=1 cargo test -p
+//! knib-core --test schema` rewrites the generated files and tables).
 //!
-//! | op | request fields | answer |
-//! |---|---|---|
-//! | `version` | (none) | `{"version": "x.y.z", "schema": 1}` |
-//! | `backup` | `store`, `vm` + `disks` (`[{"name","path"}]`) or `domain` (+ `connect`, `quiesce`), `full`, `isolated`, `chain_size` (default 8), `compress` (`zstd`/`zlib`: compressed as copied, one pass) | a backup |
-//! | `list` | `store`, `vm`? | `[backup, ...]` |
-//! | `show` | `store`, `backup` | a backup |
-//! | `restore` | `store`, `backup`, `volume`, `to`, `format` (`qcow2`/`raw`), `no_verify` (false: every file of the chain is checked against its recorded hash as it is read) | `{"restored": id, "volume", "to"}` |
-//! | `quick_restore` | `store`, `backup`, `domain`, `connect`? | `{"overlays": [[target, path], ...]}` |
-//! | `consolidate` | `domain`, `connect`? | `{"consolidated": [target, ...]}` |
-//! | `compress` | `store`, `backup`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps` (0), `min_free_factor` (1.0) | a backup |
-//! | `verify` | `store`, `backup`? | `[{"id","ok","problems","files_checked","chain_hashes"}]` |
-//! | `hash` | `store`, `backup` | `{"backup": id, "chain_hashes": {volume: hex}}` |
-//! | `delete` | `store`, `backup` | `{"expunged": [...], "marked_removed": [...]}` |
-//! | `merge_snapshot` | `domain`, `connect`?, `disk` (target), `delta` (a file of its chain) | `{"disk", "active_file"}` |
-//! | `recover` | `store`, `domain`, `connect`? | `{"backup_id","step","published","report"}` |
-//! | `compress_files` | `files` (`[path]`), `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor` | `{"compressed": [{"path","comp_path","original_size","compressed_size","library"}]}` |
-//! | `finalize_files` | `files` (`[path]`), `backup_exists` (true) | `{"finalized": [path]}` or `{"discarded": [path]}` |
-//! | `files.fs` | `store`, `backup`, `volume` | `{"filesystems": [{"index","partition","start","size","type","label"}]}` |
-//! | `files.ls` | `store`, `backup`, `volume`, `fs`?, `path`? (`/`) | `{"entries": [{"name","type","size","mode","mtime","mtime_nsec","target"}]}` |
-//! | `files.get` | `store`, `backup`, `volume`, `fs`?, `path`, `to` | `{"files","dirs","symlinks","bytes"}` |
+//! The wire rules ([`crate::wire`]): a request is a JSON object; it may
+//! carry `"schema": 1` and any other number is refused; unknown, missing
+//! and mistyped fields are refused naming the field. Paths are strings.
 //!
-//! The `files.*` operations (file-level restore) are described in
-//! [`crate::files`].
+//! # Two ways to name a backup
 //!
-//! `compress_files` and `finalize_files` are the engine's two compression
-//! steps on explicit files, as CloudStack's agent runs them (`compress`
-//! does both on a catalog backup and records it in the manifest):
-//! `compress_files` writes `<file>.comp` beside each file (all removed on
-//! failure or cancellation); `finalize_files` renames each `.comp` over its
-//! file, or removes the `.comp` files when `backup_exists` is false.
+//! The path-based operations (`agent.*`, as CloudStack's KVM agent runs
+//! them) take the files themselves; the catalog operations (`backup`,
+//! `list`, `show`, `restore`, `compress`, `hash`, ...) take a store and a
+//! backup id, look the files up and make the same engine calls (see
+//! [`catalog`]). No two operations do the same work: compressing explicit
+//! files is `agent.compress` then `agent.finalize_compression`;
+//! consolidating a domain is `agent.consolidate` (every disk when no
+//! `volumes` are given); merging a VM snapshot delta is
+//! `agent.merge_snapshot`. The `files.*` operations (file-level restore)
+//! are described in [`crate::files`].
 //!
-//! A backup is `{"id","vm","kind","parent","position","end_of_chain",
-//! "created","compression","removed","volumes":[{"name","file","virtual_size",
-//! "size","source","backing","hash"}]}` where `file` is the absolute path of
-//! the volume's backup file.
+//! A backup is shown the same way everywhere ([`BackupView`]): the answers
+//! of `backup`, `show`, `list` and `compress`, and `knib --json`.
 
-use std::path::PathBuf;
+use schemars::JsonSchema;
+use serde_json::{json, Map, Value};
 
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
-
-use crate::catalog::{BackupOptions, DiskSpec, Manifest, Store, DEFAULT_CHAIN_SIZE};
-use crate::engine::CompressOptions;
+use crate::agent;
 use crate::error::{KnibError, Result};
+use crate::files;
 use crate::progress::Control;
-use crate::qemu_img::{CompressionLibrary, ImageFormat};
+use crate::wire::{self, to_json};
 
-/// The request schema version.
-pub const SCHEMA: u32 = 1;
+pub mod catalog;
 
-/// The default libvirt URI.
-pub const DEFAULT_URI: &str = "qemu:///system";
+pub use crate::wire::{DEFAULT_URI, SCHEMA};
+pub use catalog::{BackupView, VolumeView};
 
-fn default_chain() -> i64 {
-    DEFAULT_CHAIN_SIZE
-}
-fn default_one() -> u32 {
-    1
-}
-fn default_factor() -> f64 {
-    1.0
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BackupReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    store: PathBuf,
-    #[serde(default)]
-    vm: Option<String>,
-    #[serde(default)]
-    disks: Vec<DiskSpec>,
-    #[serde(default)]
-    domain: Option<String>,
-    #[serde(default)]
-    connect: Option<String>,
-    #[serde(default)]
-    quiesce: bool,
-    #[serde(default)]
-    full: bool,
-    #[serde(default)]
-    isolated: bool,
-    #[serde(default = "default_chain")]
-    chain_size: i64,
-    #[serde(default)]
-    compress: Option<CompressionLibrary>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoreReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    store: PathBuf,
-    #[serde(default)]
-    vm: Option<String>,
-    #[serde(default)]
-    backup: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RestoreReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    store: PathBuf,
-    backup: String,
-    volume: String,
-    to: PathBuf,
-    #[serde(default)]
-    format: ImageFormat,
-    #[serde(default)]
-    no_verify: bool,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DomainReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    #[serde(default)]
-    store: Option<PathBuf>,
-    #[serde(default)]
-    backup: Option<String>,
-    domain: String,
-    #[serde(default)]
-    connect: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MergeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    domain: String,
-    #[serde(default)]
-    connect: Option<String>,
-    disk: String,
-    delta: PathBuf,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CompressReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    store: PathBuf,
-    backup: String,
-    #[serde(default)]
-    library: CompressionLibrary,
-    #[serde(default = "default_one")]
-    coroutines: u32,
-    #[serde(default)]
-    rate_limit_mbps: u64,
-    #[serde(default = "default_factor")]
-    min_free_factor: f64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilesReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    files: Vec<PathBuf>,
-    #[serde(default)]
-    library: CompressionLibrary,
-    #[serde(default = "default_one")]
-    coroutines: u32,
-    #[serde(default)]
-    rate_limit_mbps: u64,
-    #[serde(default = "default_factor")]
-    min_free_factor: f64,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FinalizeReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
-    files: Vec<PathBuf>,
-    #[serde(default = "default_true")]
-    backup_exists: bool,
-}
-
-/// A backup as every binding shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackupView {
-    /// Its id.
-    pub id: String,
-    /// Its VM.
-    pub vm: String,
-    /// "full", "incremental" or "isolated".
-    pub kind: &'static str,
-    /// The parent backup.
-    pub parent: Option<String>,
-    /// Position in the chain.
-    pub position: u32,
-    /// Whether it ended its chain.
-    pub end_of_chain: bool,
-    /// When it was taken.
-    pub created: String,
-    /// Compression, if compressed.
-    pub compression: Option<crate::catalog::CompressionInfo>,
-    /// Whether it was deleted (kept for its children).
-    pub removed: bool,
-    /// Its volumes, with absolute file paths.
-    pub volumes: Vec<VolumeView>,
-}
-
-/// A volume of a backup as every binding shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct VolumeView {
-    /// The volume's name.
-    pub name: String,
-    /// The backup file (absolute).
-    pub file: PathBuf,
-    /// Guest-visible size.
-    pub virtual_size: u64,
-    /// Bytes on the store.
-    pub size: u64,
-    /// The disk it came from.
-    pub source: String,
-    /// The backing pointer in the file.
-    pub backing: Option<String>,
-    /// The recorded hash.
-    pub hash: Option<String>,
-}
-
-impl BackupView {
-    /// The view of manifest `m` in `store`.
-    pub fn new(store: &Store, m: &Manifest) -> BackupView {
-        let dir = store.backup_dir(m);
-        let dir = dir.canonicalize().unwrap_or(dir);
-        BackupView {
-            id: m.id.clone(),
-            vm: m.vm.clone(),
-            kind: m.kind.as_str(),
-            parent: m.parent.clone(),
-            position: m.position,
-            end_of_chain: m.end_of_chain,
-            created: m.created.clone(),
-            compression: m.compression.clone(),
-            removed: m.removed,
-            volumes: m
-                .volumes
-                .iter()
-                .map(|v| VolumeView {
-                    name: v.name.clone(),
-                    file: dir.join(&v.file),
-                    virtual_size: v.virtual_size,
-                    size: v.size,
-                    source: v.source.clone(),
-                    backing: v.backing.clone(),
-                    hash: v.hash.clone(),
-                })
-                .collect(),
+/// Declares the operations once: the [`Request`] enum, [`OPS`], the parser
+/// and the answers' schemas all come from this one table.
+macro_rules! operations {
+    ($( $(#[doc = $doc:literal])* $name:literal => $Variant:ident($Req:ty) -> $Ans:ty, )*) => {
+        /// The request of every operation, tagged by its name in `op` (the
+        /// schema's form; [`call`] takes the name apart from the object).
+        #[derive(JsonSchema)]
+        #[serde(tag = "op")]
+        #[allow(private_interfaces)]
+        pub enum Request {
+            $( $(#[doc = $doc])* #[serde(rename = $name)] $Variant($Req), )*
         }
-    }
-}
 
-pub(crate) fn parse<T: DeserializeOwned>(op: &str, json: &str) -> Result<T> {
-    crate::json::check_unique_keys(json.as_bytes())
-        .map_err(|e| KnibError::invalid(format!("request of {op} is not valid JSON: {e}")))?;
-    let v: Value = serde_json::from_str(json)
-        .map_err(|e| KnibError::invalid(format!("request of {op} is not valid JSON: {e}")))?;
-    if !v.is_object() {
-        return Err(KnibError::invalid(format!("request of {op} must be a JSON object")));
-    }
-    if let Some(s) = v.get("schema") {
-        if s.as_u64() != Some(SCHEMA as u64) {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: field `schema` is {s}; this knib reads schema {SCHEMA}"
-            )));
+        /// Every operation's name, in the schema's order.
+        pub const OPS: &[&str] = &[$($name),*];
+
+        impl Request {
+            /// The request of operation `op` from its JSON text: its
+            /// `"schema"` checked, unknown fields refused (naming them).
+            pub fn parse(op: &str, json: &str) -> Result<Request> {
+                match op {
+                    $( $name => Ok(Request::$Variant(wire::parse(op, json)?)), )*
+                    _ => Err(KnibError::invalid(format!(
+                        "unknown operation {op:?}: the operations are {}",
+                        OPS.join(", ")
+                    ))),
+                }
+            }
+
+            /// The name of its operation.
+            pub fn op(&self) -> &'static str {
+                match self {
+                    $( Request::$Variant(_) => $name, )*
+                }
+            }
         }
-    }
-    serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if path == "." || path.is_empty() {
-            KnibError::invalid(format!("request of {op}: {inner}"))
-        } else {
-            KnibError::invalid(format!("request of {op}: field `{path}`: {inner}"))
+
+        fn answer_schemas(g: &mut schemars::SchemaGenerator) -> Map<String, Value> {
+            let mut m = Map::new();
+            $( m.insert($name.to_string(), g.subschema_for::<$Ans>().to_value()); )*
+            m
         }
-    })
+    };
 }
 
-pub(crate) fn need<T>(op: &str, field: &str, v: Option<T>) -> Result<T> {
-    v.ok_or_else(|| KnibError::invalid(format!("request of {op}: missing field `{field}`")))
+operations! {
+    /// knib's version and the schema it reads.
+    "version" => Version(catalog::Empty) -> catalog::VersionAnswer,
+    /// Back up all the disks of one VM together, full or incremental as its chain decides.
+    "backup" => Backup(catalog::BackupReq) -> BackupView,
+    /// The backups of a store that were not deleted.
+    "list" => List(catalog::ListReq) -> Vec<BackupView>,
+    /// One backup.
+    "show" => Show(catalog::BackupRef) -> BackupView,
+    /// Write one volume of a backup, its chain flattened, to a new image.
+    "restore" => Restore(catalog::RestoreReq) -> catalog::RestoredAnswer,
+    /// Run a stopped libvirt domain at once on overlays over a backup.
+    "quick_restore" => QuickRestore(catalog::QuickRestoreReq) -> catalog::QuickRestoreAnswer,
+    /// Compress a backup's files and finalize them, recording it in the manifest.
+    "compress" => Compress(catalog::CompressReq) -> BackupView,
+    /// Check one backup or all: qemu-img check, backing pointers, sizes, chains, hashes.
+    "verify" => Verify(catalog::VerifyReq) -> Vec<crate::catalog::VerifyReport>,
+    /// The xxh3-128 of each volume's chain of a backup.
+    "hash" => Hash(catalog::BackupRef) -> catalog::HashAnswer,
+    /// Delete a backup without breaking its chain.
+    "delete" => Delete(catalog::BackupRef) -> crate::catalog::DeleteOutcome,
+    /// Finish or undo the interrupted live backup of a domain from its journal.
+    "recover" => Recover(catalog::RecoverReq) -> catalog::RecoverAnswer,
+    /// Snapshot a domain's volumes, copy them to the store, merge (CloudStack's TakeKbossBackupCommand).
+    "agent.take_backup" => TakeBackup(agent::TakeReq) -> agent::TakeBackupAnswer,
+    /// Finish or undo a failed agent.take_backup, given its request.
+    "agent.cleanup_vm_backup" => CleanupVmBackup(agent::TakeReq) -> agent::CleanupVmBackupAnswer,
+    /// Write `<file>.comp` beside each file (all removed on failure).
+    "agent.compress" => AgentCompress(agent::CompressReq) -> agent::CompressAnswer,
+    /// Rename each `<file>.comp` over its file, or with `cleanup` remove them.
+    "agent.finalize_compression" => FinalizeCompression(agent::FinalizeReq) -> agent::FinalizeAnswer,
+    /// Restore volumes from backup files (all or none replaced), or quickly onto overlays.
+    "agent.restore" => AgentRestore(agent::RestoreReq) -> agent::RestoreAnswer,
+    /// Pull the backing files into a domain's volumes (after a quick restore).
+    "agent.consolidate" => Consolidate(agent::ConsolidateReq) -> agent::ConsolidateAnswer,
+    /// One qcow2 overlay per volume of a backup, for a validation.
+    "agent.prepare_validation" => PrepareValidation(agent::PrepareReq) -> agent::PrepareValidationAnswer,
+    /// Boot a throwaway domain on backup files and run the checks.
+    "agent.validate" => Validate(agent::ValidateReq) -> agent::ValidateAnswer,
+    /// xxh3-128 of a backup's chain, root first, and of each file.
+    "agent.take_hash" => TakeHash(agent::HashReq) -> agent::TakeHashAnswer,
+    /// Remove a validation's domain and overlays.
+    "agent.cleanup_validation" => CleanupValidation(agent::CleanupValidationReq) -> agent::CleanupValidationAnswer,
+    /// Merge disk-only VM snapshot deltas into the layer below them.
+    "agent.merge_snapshot" => MergeSnapshot(agent::MergeReq) -> agent::MergeSnapshotAnswer,
+    /// The filesystems of a volume of a backup, read from the store.
+    "files.fs" => FilesFs(files::FsReq) -> files::FilesystemsAnswer,
+    /// The entries of a directory (or one file) of a filesystem of a backup.
+    "files.ls" => FilesLs(files::LsReq) -> files::EntriesAnswer,
+    /// Extract a file or directory tree of a backup to a new local path.
+    "files.get" => FilesGet(files::GetReq) -> files::GetSummary,
 }
 
-pub(crate) fn to_json<T: Serialize>(v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|e| KnibError::internal(format!("answer does not serialize: {e}")))
-}
-
-#[cfg(feature = "libvirt")]
-pub(crate) fn domain(uri: Option<&str>, name: &str) -> Result<crate::libvirt::Vm> {
-    crate::libvirt::Hypervisor::open(uri.unwrap_or(DEFAULT_URI))?.domain(name)
-}
-
-#[cfg(not(feature = "libvirt"))]
-pub(crate) fn no_libvirt(op: &str) -> KnibError {
-    KnibError::invalid(format!("{op} needs libvirt, and this knib was built without it"))
+/// Run the operation that needs libvirt, or say that this knib lacks it.
+macro_rules! live {
+    ($op:expr, $e:expr) => {{
+        #[cfg(feature = "libvirt")]
+        {
+            to_json(&$e?)
+        }
+        #[cfg(not(feature = "libvirt"))]
+        {
+            Err(wire::no_libvirt($op))
+        }
+    }};
 }
 
 /// Run operation `op` on the JSON request `request`; the answer is JSON.
+#[cfg_attr(not(feature = "libvirt"), allow(unused_variables))]
 pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
-    match op {
-        "version" => {
-            parse::<Empty>(op, request)?;
-            to_json(&json!({"version": crate::VERSION, "schema": SCHEMA}))
+    let request = Request::parse(op, request)?;
+    let op = request.op();
+    match request {
+        Request::Version(_) => to_json(&catalog::version()),
+        Request::Backup(r) => to_json(&catalog::backup(op, r, ctl)?),
+        Request::List(r) => to_json(&catalog::list(r)?),
+        Request::Show(r) => to_json(&catalog::show(r)?),
+        Request::Restore(r) => to_json(&catalog::restore(r, ctl)?),
+        Request::QuickRestore(r) => to_json(&catalog::quick_restore(op, r, ctl)?),
+        Request::Compress(r) => to_json(&catalog::compress(r, ctl)?),
+        Request::Verify(r) => to_json(&catalog::verify(r, ctl)?),
+        Request::Hash(r) => to_json(&catalog::hash(r, ctl)?),
+        Request::Delete(r) => to_json(&catalog::delete(r)?),
+        Request::Recover(r) => to_json(&catalog::recover(op, r, ctl)?),
+        Request::TakeBackup(r) => live!(op, agent::live::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
+        Request::CleanupVmBackup(r) => {
+            live!(op, agent::live::cleanup_vm_backup(op, &r, &agent::budget(ctl, r.timeout_secs)))
         }
-        "backup" => {
-            let r: BackupReq = parse(op, request)?;
-            let opts = BackupOptions { full: r.full, isolated: r.isolated, chain_size: r.chain_size, compress: r.compress };
-            let store = Store::create(&r.store)?;
-            let m = match (&r.vm, &r.domain) {
-                (Some(vm), None) => store.backup(vm, &r.disks, &opts, ctl)?,
-                (None, Some(d)) => {
-                    if !r.disks.is_empty() {
-                        return Err(KnibError::invalid("request of backup: field `disks` goes with `vm`, not `domain`"));
-                    }
-                    #[cfg(feature = "libvirt")]
-                    {
-                        store.backup_domain(&domain(r.connect.as_deref(), d)?, &opts, r.quiesce, ctl)?
-                    }
-                    #[cfg(not(feature = "libvirt"))]
-                    {
-                        let _ = (d, r.quiesce, &r.connect);
-                        return Err(no_libvirt(op));
-                    }
-                }
-                _ => return Err(KnibError::invalid("request of backup: give `vm` with `disks`, or `domain`")),
-            };
-            to_json(&BackupView::new(&store, &m))
+        Request::AgentCompress(r) => to_json(&agent::compress(op, &r, &agent::budget(ctl, r.timeout_secs))?),
+        Request::FinalizeCompression(r) => to_json(&agent::finalize_compression(op, &r)?),
+        Request::AgentRestore(r) => to_json(&agent::restore(op, &r, &agent::budget(ctl, r.timeout_secs))?),
+        Request::Consolidate(r) => live!(op, agent::live::consolidate(op, &r, &agent::budget(ctl, r.timeout_secs))),
+        Request::PrepareValidation(r) => {
+            to_json(&agent::prepare_validation(op, &r, &agent::budget(ctl, r.timeout_secs))?)
         }
-        "list" => {
-            let r: StoreReq = parse(op, request)?;
-            let store = Store::open(&r.store)?;
-            let list: Vec<BackupView> =
-                store.list(r.vm.as_deref())?.iter().map(|m| BackupView::new(&store, m)).collect();
-            to_json(&list)
+        Request::Validate(r) => live!(op, agent::live::validate(op, &r, &agent::budget(ctl, r.timeout_secs))),
+        Request::TakeHash(r) => to_json(&agent::take_hash(op, &r, &agent::budget(ctl, r.timeout_secs))?),
+        Request::CleanupValidation(r) => live!(op, agent::live::cleanup_validation(op, &r)),
+        Request::MergeSnapshot(r) => {
+            live!(op, agent::live::merge_snapshot(op, &r, &agent::budget(ctl, r.timeout_secs)))
         }
-        "show" => {
-            let r: StoreReq = parse(op, request)?;
-            let store = Store::open(&r.store)?;
-            let m = store.show(&need(op, "backup", r.backup)?)?;
-            to_json(&BackupView::new(&store, &m))
-        }
-        "restore" => {
-            let r: RestoreReq = parse(op, request)?;
-            Store::open(&r.store)?.restore_with(&r.backup, &r.volume, &r.to, r.format, !r.no_verify, ctl)?;
-            to_json(&json!({"restored": r.backup, "volume": r.volume, "to": r.to}))
-        }
-        "quick_restore" | "consolidate" | "recover" => {
-            let r: DomainReq = parse(op, request)?;
-            #[cfg(feature = "libvirt")]
-            {
-                let vm = domain(r.connect.as_deref(), &r.domain)?;
-                match op {
-                    "quick_restore" => {
-                        let store = Store::open(need(op, "store", r.store)?)?;
-                        let o = store.quick_restore_domain(&need(op, "backup", r.backup)?, &vm, ctl)?;
-                        to_json(&json!({"overlays": o}))
-                    }
-                    "consolidate" => {
-                        let done = crate::engine::live::consolidate(&crate::qemu_img::QemuImg::new(), &vm, ctl)?;
-                        to_json(&json!({"consolidated": done}))
-                    }
-                    _ => {
-                        let store = Store::create(need(op, "store", r.store)?)?;
-                        to_json(&store.recover_domain(&vm, ctl)?)
-                    }
-                }
-            }
-            #[cfg(not(feature = "libvirt"))]
-            {
-                let _ = r;
-                Err(no_libvirt(op))
-            }
-        }
-        "merge_snapshot" => {
-            let r: MergeReq = parse(op, request)?;
-            #[cfg(feature = "libvirt")]
-            {
-                let vm = domain(r.connect.as_deref(), &r.domain)?;
-                let q = crate::qemu_img::QemuImg::new();
-                let now = crate::engine::live::merge_snapshot_delta(&q, &vm, &r.disk, &r.delta, ctl)?;
-                to_json(&json!({"disk": r.disk, "active_file": now}))
-            }
-            #[cfg(not(feature = "libvirt"))]
-            {
-                let _ = r;
-                Err(no_libvirt(op))
-            }
-        }
-        "compress" => {
-            let r: CompressReq = parse(op, request)?;
-            let store = Store::open(&r.store)?;
-            let opts = CompressOptions {
-                library: r.library,
-                coroutines: r.coroutines,
-                rate_limit_mbps: r.rate_limit_mbps,
-                min_free_factor: r.min_free_factor,
-                ..Default::default()
-            };
-            let m = store.compress(&r.backup, &opts, ctl)?;
-            to_json(&BackupView::new(&store, &m))
-        }
-        "verify" => {
-            let r: StoreReq = parse(op, request)?;
-            to_json(&Store::open(&r.store)?.verify(r.backup.as_deref(), ctl)?)
-        }
-        "hash" => {
-            let r: StoreReq = parse(op, request)?;
-            let store = Store::open(&r.store)?;
-            let id = need(op, "backup", r.backup)?;
-            let m = store.show(&id)?;
-            let mut hashes = std::collections::BTreeMap::new();
-            for v in &m.volumes {
-                let files = store.chain_files(&m, &v.name)?;
-                hashes.insert(v.name.clone(), crate::engine::hash_files(&files, ctl)?);
-            }
-            to_json(&json!({"backup": id, "chain_hashes": hashes}))
-        }
-        "delete" => {
-            let r: StoreReq = parse(op, request)?;
-            to_json(&Store::open(&r.store)?.delete(&need(op, "backup", r.backup)?)?)
-        }
-        "compress_files" => {
-            let r: FilesReq = parse(op, request)?;
-            if r.files.is_empty() {
-                return Err(KnibError::invalid("request of compress_files: field `files` is empty"));
-            }
-            let opts = CompressOptions {
-                library: r.library,
-                coroutines: r.coroutines,
-                rate_limit_mbps: r.rate_limit_mbps,
-                min_free_factor: r.min_free_factor,
-                ..Default::default()
-            };
-            let done = crate::engine::compress(&crate::qemu_img::QemuImg::new(), &r.files, &opts, ctl)?;
-            to_json(&json!({ "compressed": done }))
-        }
-        "finalize_files" => {
-            let r: FinalizeReq = parse(op, request)?;
-            crate::engine::finalize(&r.files, r.backup_exists)?;
-            let key = if r.backup_exists { "finalized" } else { "discarded" };
-            to_json(&json!({ key: r.files }))
-        }
-        _ if op.starts_with("agent.") => crate::agent::call(op, request, ctl),
-        _ if op.starts_with("files.") => crate::files::call(op, request, ctl),
-        _ => Err(KnibError::invalid(format!(
-            "unknown operation {op:?}: use version, backup, list, show, restore, quick_restore, consolidate, compress, verify, hash, delete, recover, compress_files or finalize_files"
-        ))),
+        Request::FilesFs(r) => to_json(&files::fs_op(&r, ctl)?),
+        Request::FilesLs(r) => to_json(&files::ls_op(&r, ctl)?),
+        Request::FilesGet(r) => to_json(&files::get_op(&r, ctl)?),
     }
+}
+
+/// The JSON Schema (draft 2020-12) of every request and answer, as checked
+/// in at `docs/schema.json`: `request` is the [`Request`] enum (each
+/// variant an object tagged by `op`), `answers` maps each operation to the
+/// schema of its answer; both refer to the definitions in `$defs`.
+pub fn schema() -> Value {
+    let mut g = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+    let request = g.subschema_for::<Request>().to_value();
+    let answers = answer_schemas(&mut g);
+    let defs: Map<String, Value> = g.take_definitions(true).into_iter().collect();
+    json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "knib operations",
+        "description": "The requests and answers of knib's one API (knib_core::api::call, knib_call, NativeLib.call). A request is the JSON object of its variant without `op` (the operation is named apart), plus an optional \"schema\": 1.",
+        "schema_version": SCHEMA,
+        "request": request,
+        "answers": answers,
+        "$defs": defs,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ErrorKind;
+    use serde_json::{json, Value};
 
     #[test]
     fn bad_requests_name_the_field() {
@@ -508,6 +242,16 @@ mod tests {
         assert!(e.message.contains("is not valid JSON"), "{e}");
         let e = call("explode", "{}", &ctl).unwrap_err();
         assert!(e.message.contains("unknown operation \"explode\""), "{e}");
+        // One operation per piece of work: the duplicates are gone.
+        for gone in ["compress_files", "finalize_files", "consolidate", "merge_snapshot"] {
+            let e = call(gone, "{}", &ctl).unwrap_err();
+            assert!(e.message.contains(&format!("unknown operation \"{gone}\"")), "{e}");
+            assert!(!OPS.contains(&gone));
+        }
+        // `schema` is taken by the wire, never a field of a request.
+        assert!(call("version", r#"{"schema": 1}"#, &ctl).is_ok());
+        let e = call("version", r#"{"scheme": 1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("unknown field `scheme`"), "{e}");
         assert!(call("version", "{}", &ctl).unwrap().contains(crate::VERSION));
     }
 
@@ -528,32 +272,63 @@ mod tests {
     }
 
     #[test]
-    fn compress_and_finalize_files_through_json() {
+    fn compress_and_finalize_through_json() {
         let d = tempfile::tempdir().unwrap();
         let q = crate::qemu_img::QemuImg::new();
         let (a, b) = (d.path().join("a.qcow2"), d.path().join("b.qcow2"));
         q.create(&a, 4 << 20, &Control::new()).unwrap();
         q.create(&b, 4 << 20, &Control::new()).unwrap();
-        let e = call("compress_files", r#"{"files": []}"#, &Control::new()).unwrap_err();
+        let e = call("agent.compress", r#"{"files": []}"#, &Control::new()).unwrap_err();
         assert!(e.message.contains("field `files` is empty"), "{e}");
-        let e = call("finalize_files", r#"{"files": ["/x"], "backup_exist": true}"#, &Control::new()).unwrap_err();
-        assert!(e.message.contains("unknown field `backup_exist`"), "{e}");
+        let e = call("agent.finalize_compression", r#"{"files": ["/x"], "clean_up": true}"#, &Control::new()).unwrap_err();
+        assert!(e.message.contains("unknown field `clean_up`"), "{e}");
 
         let ans: Value = serde_json::from_str(
-            &call("compress_files", &json!({"files": [a], "library": "zlib"}).to_string(), &Control::new()).unwrap(),
+            &call("agent.compress", &json!({"files": [a], "library": "zlib"}).to_string(), &Control::new()).unwrap(),
         )
         .unwrap();
         assert_eq!(ans["compressed"][0]["library"], "zlib");
         assert!(crate::engine::compress::comp_path(&a).exists());
-        let ans = call("finalize_files", &json!({"files": [a]}).to_string(), &Control::new()).unwrap();
+        let ans = call("agent.finalize_compression", &json!({"files": [a]}).to_string(), &Control::new()).unwrap();
         assert!(ans.contains("\"finalized\""), "{ans}");
         assert!(!crate::engine::compress::comp_path(&a).exists());
 
-        call("compress_files", &json!({"files": [b]}).to_string(), &Control::new()).unwrap();
-        let ans = call("finalize_files", &json!({"files": [b], "backup_exists": false}).to_string(), &Control::new())
+        call("agent.compress", &json!({"files": [b]}).to_string(), &Control::new()).unwrap();
+        let ans = call("agent.finalize_compression", &json!({"files": [b], "cleanup": true}).to_string(), &Control::new())
             .unwrap();
         assert!(ans.contains("\"discarded\""), "{ans}");
         assert!(!crate::engine::compress::comp_path(&b).exists());
         assert!(b.exists());
+    }
+
+    #[test]
+    fn bad_agent_requests_name_the_field() {
+        let ctl = Control::new();
+        let e = call("agent.take_hash", r#"{"file": ["/x"]}"#, &ctl).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains("unknown field `file`"), "{e}");
+        let e = call("agent.take_hash", r#"{"files": ["x"]}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `files[0]`: x is not an absolute path"), "{e}");
+        let e = call("agent.compress", r#"{"files": ["/x"], "coroutines": -1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `coroutines`"), "{e}");
+        let e = call("agent.restore", r#"{"volumes": [{"backup_path": "/b"}]}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `volume_path`"), "{e}");
+        let e = call("agent.finalize_compression", r#"{"files": []}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("field `files` is empty"), "{e}");
+        let e = call("agent.explode", "{}", &ctl).unwrap_err();
+        assert!(e.message.contains("unknown operation \"agent.explode\"") && e.message.contains("agent.take_backup"), "{e}");
+    }
+
+    #[test]
+    fn bad_file_requests_name_the_field() {
+        let ctl = Control::new();
+        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": "one"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("request of files.ls: field `fs`"), "{e}");
+        let e = call("files.get", r#"{"store": "/x", "backup": "b", "volume": "v", "path": "/"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `to`"), "{e}");
+        let e = call("files.fs", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": 1}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("unknown field `fs`"), "{e}");
+        let e = call("files.cat", "{}", &ctl).unwrap_err();
+        assert!(e.message.contains("unknown operation \"files.cat\""), "{e}");
     }
 }

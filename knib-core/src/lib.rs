@@ -7,7 +7,11 @@
 //! - [`engine`]: the operations of the CloudStack KVM agent, path-based and
 //!   stateless (take, merge, restore, overlay, compress, finalize, hash);
 //! - [`catalog`]: standalone backup chains in a store directory, with
-//!   manifests, chain policy, locks and safe deletion.
+//!   manifests, chain policy, locks and safe deletion;
+//! - the one API: [`wire`] (reading requests, writing answers; below
+//!   everything that takes requests), the request modules [`agent`] and
+//!   [`files`], and on top [`api`], the one typed set of operations and its
+//!   dispatcher, which nothing below imports.
 
 #![warn(missing_docs)]
 
@@ -26,6 +30,7 @@ pub mod names;
 pub mod process;
 pub mod progress;
 pub mod session;
+pub mod wire;
 pub mod qcow2;
 pub mod qemu_img;
 

@@ -304,10 +304,14 @@ fn quick_restore_consolidate_and_validation_files() {
     assert_eq!(a["removed"], json!([old]));
     let vm = TestVm::create_on("knib-agent-quick", &[("vda", vol.clone())], TestVmOptions { running: true, ..Default::default() });
     assert_eq!(chain(&vm, "vda").len(), 2);
-    let a = ok("agent.consolidate", &json!({"domain": vm.name(), "volumes": [{"uuid": "v1", "path": vol}]}));
-    assert_eq!(a["consolidated"][0]["pulled"], true);
+    // Without `volumes`: every disk of the domain (what the catalog's
+    // consolidate did under its own name).
+    let a = ok("agent.consolidate", &json!({"domain": vm.name()}));
+    assert_eq!(a["consolidated"], json!([{"uuid": null, "target": "vda", "path": vol, "pulled": true}]));
     assert_eq!(chain(&vm, "vda"), vec![vol.clone()]);
     assert!(vm.read_check("vda", 0x51, 0, 2 * MIB));
+    let a = ok("agent.consolidate", &json!({"domain": vm.name(), "volumes": [{"uuid": "v1", "path": vol}]}));
+    assert_eq!(a["consolidated"], json!([{"uuid": "v1", "target": "vda", "path": vol, "pulled": false}]));
 
     // Validation overlays: made, then removed by the clean-up.
     let work = dir.path().join("work");

@@ -1,6 +1,7 @@
 //! The operations: each takes a JSON request and gives a JSON answer, all
 //! through `knib_core::api::call`. The named functions are `knib_call`
-//! with the operation filled in.
+//! with a catalog operation filled in; the path-based `agent.*` operations
+//! are reached through `knib_call` by name.
 
 use std::ffi::c_char;
 
@@ -178,42 +179,9 @@ pub unsafe extern "C" fn knib_quick_restore(
     unsafe { run(context, Op::Named("quick_restore"), request_json, answer_out) }
 }
 
-/// Operation `consolidate`: merge a quickly restored domain's overlays
-/// into its disks while it runs. Request: `domain`, `connect`. Answer:
-/// `{"consolidated": [target, ...]}`.
-///
-/// # Safety
-/// As `knib_call`.
-#[no_mangle]
-pub unsafe extern "C" fn knib_consolidate(
-    context: *mut knib_context,
-    request_json: *const c_char,
-    answer_out: *mut *mut c_char,
-) -> knib_result {
-    // SAFETY: the caller's promises, passed on.
-    unsafe { run(context, Op::Named("consolidate"), request_json, answer_out) }
-}
-
-/// Operation `merge_snapshot`: merge a disk-only VM snapshot delta into
-/// the layer below it (block commit while the domain runs; `qemu-img
-/// commit` and rebase when it is stopped). Request: `domain`, `connect`,
-/// `disk` (target), `delta` (a file of the disk's chain). Answer:
-/// `{"disk", "active_file"}`.
-///
-/// # Safety
-/// As `knib_call`.
-#[no_mangle]
-pub unsafe extern "C" fn knib_merge_snapshot(
-    context: *mut knib_context,
-    request_json: *const c_char,
-    answer_out: *mut *mut c_char,
-) -> knib_result {
-    // SAFETY: the caller's promises, passed on.
-    unsafe { run(context, Op::Named("merge_snapshot"), request_json, answer_out) }
-}
-
 /// Operation `compress`: compress a catalog backup's files and finalize
-/// them (both steps), recording it in the manifest. Request: `store`,
+/// them (the two steps `agent.compress` and `agent.finalize_compression`
+/// take on explicit files), recording it in the manifest. Request: `store`,
 /// `backup`, `library` (`zstd`/`zlib`), `coroutines` (1), `rate_limit_mbps`
 /// (0 = none), `min_free_factor` (1.0). Answer: the backup.
 ///
@@ -227,41 +195,6 @@ pub unsafe extern "C" fn knib_compress(
 ) -> knib_result {
     // SAFETY: the caller's promises, passed on.
     unsafe { run(context, Op::Named("compress"), request_json, answer_out) }
-}
-
-/// Operation `compress_files`, the first of the engine's two compression
-/// steps: write `<file>.comp` beside each file (all removed on failure).
-/// Request: `files` (`[path]`), `library`, `coroutines`, `rate_limit_mbps`,
-/// `min_free_factor`. Answer: `{"compressed": [{"path", "comp_path",
-/// "original_size", "compressed_size", "library"}]}`.
-///
-/// # Safety
-/// As `knib_call`.
-#[no_mangle]
-pub unsafe extern "C" fn knib_compress_files(
-    context: *mut knib_context,
-    request_json: *const c_char,
-    answer_out: *mut *mut c_char,
-) -> knib_result {
-    // SAFETY: the caller's promises, passed on.
-    unsafe { run(context, Op::Named("compress_files"), request_json, answer_out) }
-}
-
-/// Operation `finalize_files`, the second compression step: rename each
-/// `<file>.comp` over its file, or remove the `.comp` files when the backup
-/// was deleted meanwhile. Request: `files` (`[path]`), `backup_exists`
-/// (default true). Answer: `{"finalized": [path]}` or `{"discarded": [path]}`.
-///
-/// # Safety
-/// As `knib_call`.
-#[no_mangle]
-pub unsafe extern "C" fn knib_finalize_files(
-    context: *mut knib_context,
-    request_json: *const c_char,
-    answer_out: *mut *mut c_char,
-) -> knib_result {
-    // SAFETY: the caller's promises, passed on.
-    unsafe { run(context, Op::Named("finalize_files"), request_json, answer_out) }
 }
 
 /// Operation `verify`: check one backup (`backup` given) or all of a store:
@@ -281,7 +214,8 @@ pub unsafe extern "C" fn knib_verify(
     unsafe { run(context, Op::Named("verify"), request_json, answer_out) }
 }
 
-/// Operation `hash`: the xxh3-128 hash of each volume's chain of a backup.
+/// Operation `hash`: the xxh3-128 hash of each volume's chain of a backup
+/// (as `agent.take_hash` computes it on explicit files).
 /// Request: `store`, `backup`. Answer: `{"backup", "chain_hashes":
 /// {volume: hex}}`.
 ///

@@ -141,20 +141,20 @@ int main(void) {
     knib_string_free(a);
     check_image(r2c, second, 4);
 
-    /* The engine's two compression steps on a loose file. */
+    /* The two compression steps on a loose file (agent.*, by name). */
     RUN_OK("qemu-img create -q -f qcow2 '%s' 4M && qemu-io -c 'write -P 0x55 0 2M' '%s' && cp '%s' '%s'",
            loose, loose, loose, loose_copy);
-    a = call(ctx, knib_compress_files, "{\"files\": [\"%s\"], \"library\": \"zlib\"}", loose);
+    a = call_op(ctx, "agent.compress", "{\"files\": [\"%s\"], \"library\": \"zlib\"}", loose);
     if (a) {
-        CHECK(strstr(a, "\"comp_path\":\"") && strstr(a, ".comp\""), "compress_files: %s", a);
+        CHECK(strstr(a, "\"comp_path\":\"") && strstr(a, ".comp\""), "agent.compress: %s", a);
         knib_string_free(a);
     }
     char comp[700];
     snprintf(comp, sizeof comp, "%s.comp", loose);
     CHECK(access(comp, F_OK) == 0, "%s missing", comp);
-    a = call(ctx, knib_finalize_files, "{\"files\": [\"%s\"], \"backup_exists\": true}", loose);
+    a = call_op(ctx, "agent.finalize_compression", "{\"files\": [\"%s\"], \"cleanup\": false}", loose);
     if (a) {
-        CHECK(strstr(a, "\"finalized\""), "finalize_files: %s", a);
+        CHECK(strstr(a, "\"finalized\":[{\"path\""), "agent.finalize_compression: %s", a);
         knib_string_free(a);
     }
     CHECK(access(comp, F_OK) != 0, "%s left", comp);

@@ -169,4 +169,19 @@ HELPER char *call(knib_context *ctx, knib_result (*op)(knib_context *, const cha
     return r == KNIB_RESULT_OK ? answer : NULL;
 }
 
+/* As call(), for an operation named (knib_call). */
+HELPER char *call_op(knib_context *ctx, const char *op, const char *fmt, ...) {
+    char req[4096];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(req, sizeof req, fmt, ap);
+    va_end(ap);
+    char *answer = NULL;
+    knib_result r = knib_call(ctx, op, req, &answer);
+    EXPECT(r, KNIB_RESULT_OK, ctx);
+    if (getenv("KNIB_TEST_VERBOSE") && answer)
+        fprintf(stderr, "%s %s\n  -> %s\n", op, req, answer);
+    return r == KNIB_RESULT_OK ? answer : NULL;
+}
+
 #endif

@@ -19,11 +19,7 @@ static const struct {
     {"delete", knib_delete},
     {"restore", knib_restore},
     {"quick_restore", knib_quick_restore},
-    {"consolidate", knib_consolidate},
-    {"merge_snapshot", knib_merge_snapshot},
     {"compress", knib_compress},
-    {"compress_files", knib_compress_files},
-    {"finalize_files", knib_finalize_files},
     {"verify", knib_verify},
     {"hash", knib_hash},
     {"recover", knib_recover},
@@ -335,12 +331,13 @@ static void live_operations_reach_libvirt(knib_context *ctx, const char *dir) {
     snprintf(reqs[0], sizeof reqs[0], "{\"store\": \"%s/store\", \"backup\": \"b\", \"domain\": \"knib-c-none\"}", dir);
     snprintf(reqs[1], sizeof reqs[1], "{\"domain\": \"knib-c-none\"}");
     snprintf(reqs[2], sizeof reqs[2], "{\"store\": \"%s/store\", \"domain\": \"knib-c-none\"}", dir);
-    snprintf(reqs[3], sizeof reqs[3], "{\"domain\": \"knib-c-none\", \"disk\": \"vda\", \"delta\": \"/x\"}");
-    const op_fn fns[4] = {knib_quick_restore, knib_consolidate, knib_recover, knib_merge_snapshot};
+    snprintf(reqs[3], sizeof reqs[3],
+             "{\"domain\": \"knib-c-none\", \"merges\": [{\"parent\": \"/x\", \"child\": \"/y\"}]}");
+    const char *ops[4] = {"quick_restore", "agent.consolidate", "recover", "agent.merge_snapshot"};
     for (int i = 0; i < 4; i++) {
         char *out = UNTOUCHED;
-        knib_result r = fns[i](ctx, reqs[i], &out);
-        CHECK(r == KNIB_RESULT_NOT_FOUND || r == KNIB_RESULT_HYPERVISOR, "%s: got %s: %s", reqs[i],
+        knib_result r = knib_call(ctx, ops[i], reqs[i], &out);
+        CHECK(r == KNIB_RESULT_NOT_FOUND || r == KNIB_RESULT_HYPERVISOR, "%s %s: got %s: %s", ops[i], reqs[i],
               knib_result_name(r), last_error(ctx));
         CHECK(out == UNTOUCHED, "output written on failure");
     }

@@ -8,7 +8,7 @@ use crate::engine::validate::{boot_test, BootTestRequest};
 use crate::libvirt::{DiskInfo, Hypervisor, Vm};
 
 fn domain(connect: Option<&str>, name: &str) -> Result<Vm> {
-    crate::api::domain(connect, name)
+    crate::wire::domain(connect, name)
 }
 
 /// Fail when the request says the domain is running and it is not, or the
@@ -238,7 +238,8 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
     })
 }
 
-pub(super) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<String> {
+/// `agent.take_backup`.
+pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
     let q = QemuImg::new();
     // Until the snapshot, nothing has changed: the VM is consistent.
     let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
@@ -246,25 +247,24 @@ pub(super) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<String
     let plan = plan(op, &q, &vm, r, Mode::Take, ctl).map_err(consistent)?;
     log::info!("{op}: {} backup of domain {} ({} volumes)", plan.kind.as_str(), vm.name(), plan.disks.len());
     let answer = engine_live::take(&q, &vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(())).map_err(consistent)?;
-    let volumes: Vec<_> = r
+    let volumes = r
         .volumes
         .iter()
         .zip(&answer.volumes)
-        .map(|(v, a)| {
-            json!({
-                "uuid": v.uuid,
-                "target": a.name,
-                "new_volume_path": a.active_file,
-                "delta_path_on_store": a.dest,
-                "size": a.size,
-                "virtual_size": a.virtual_size,
-            })
+        .map(|(v, a)| TakenVolume {
+            uuid: v.uuid.clone(),
+            target: a.name.clone(),
+            new_volume_path: a.active_file.clone(),
+            delta_path_on_store: a.dest.clone(),
+            size: a.size,
+            virtual_size: a.virtual_size,
         })
         .collect();
-    to_json(&json!({"kind": plan.kind.as_str(), "vm_consistent": true, "volumes": volumes}))
+    Ok(TakeBackupAnswer { kind: plan.kind.as_str().to_string(), vm_consistent: true, volumes })
 }
 
-pub(super) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<String> {
+/// `agent.cleanup_vm_backup`.
+pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), &r.domain)?;
     let plan = plan(op, &q, &vm, r, Mode::Cleanup, ctl)?;
@@ -290,33 +290,37 @@ pub(super) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<
         }
     })?;
     actions.extend(report.actions);
-    let volumes: Vec<_> = r
+    let volumes = r
         .volumes
         .iter()
         .zip(&plan.disks)
         .map(|(v, d)| {
             let path = report.chains.iter().find(|(t, _)| *t == d.target).and_then(|(_, c)| c.first().cloned());
-            json!({"uuid": v.uuid, "target": d.target, "path": path})
+            VolumeState { uuid: Some(v.uuid.clone()), target: d.target.clone(), path }
         })
         .collect();
     for a in &actions {
         log::info!("{op}: domain {}: {a}", vm.name());
     }
-    to_json(&json!({"published": published, "vm_consistent": true, "volumes": volumes, "actions": actions}))
+    Ok(CleanupVmBackupAnswer { published, vm_consistent: true, volumes, actions })
 }
 
-pub(super) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result<String> {
-    non_empty(op, "volumes", &r.volumes)?;
+/// `agent.consolidate`: the volumes named, or every disk of the domain.
+pub(crate) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result<ConsolidateAnswer> {
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), &r.domain)?;
     let disks = vm.disks()?;
-    let mut targets = Vec::new();
+    // (uuid, target, file) of each volume to consolidate.
+    let mut targets: Vec<(Option<String>, String, PathBuf)> = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
         absolute(op, &format!("volumes[{i}].path"), &v.path)?;
-        targets.push(disk_on(&vm, &disks, &v.path)?.target.clone());
+        targets.push((v.uuid.clone(), disk_on(&vm, &disks, &v.path)?.target.clone(), v.path.clone()));
+    }
+    if r.volumes.is_empty() {
+        targets = disks.iter().map(|d| (None, d.target.clone(), d.file.clone())).collect();
     }
     let mut done: Vec<(String, bool)> = Vec::new();
-    for target in &targets {
+    for (_, target, _) in &targets {
         let pulled = engine_live::consolidate_disk(&q, &vm, target, ctl).map_err(|e| {
             let so_far: Vec<&str> = done.iter().map(|(t, _)| t.as_str()).collect();
             e.context(format!(
@@ -327,16 +331,16 @@ pub(super) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result
         })?;
         done.push((target.clone(), pulled));
     }
-    let out: Vec<_> = r
-        .volumes
-        .iter()
-        .zip(&done)
-        .map(|(v, (t, pulled))| json!({"uuid": v.uuid, "target": t, "path": v.path, "pulled": pulled}))
+    let consolidated = targets
+        .into_iter()
+        .zip(done)
+        .map(|((uuid, _, path), (target, pulled))| Consolidated { uuid, target, path, pulled })
         .collect();
-    to_json(&json!({ "consolidated": out }))
+    Ok(ConsolidateAnswer { consolidated })
 }
 
-pub(super) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<String> {
+/// `agent.validate`.
+pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<ValidateAnswer> {
     non_empty(op, "disks", &r.disks)?;
     if r.take_screenshot && r.screenshot_path.is_none() {
         return Err(KnibError::invalid(format!("request of {op}: `take_screenshot` needs `screenshot_path`")));
@@ -363,7 +367,7 @@ pub(super) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Strin
         command,
         domain_type: r.domain_type.clone(),
     };
-    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::api::DEFAULT_URI))?;
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::wire::DEFAULT_URI))?;
     let mut rep = boot_test(&hv, &req, ctl)
         .map_err(|e| e.context(format!("validation of {}", r.vm_name.as_deref().unwrap_or("a backup"))))?;
     if !r.wait_for_boot {
@@ -373,23 +377,24 @@ pub(super) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Strin
         }
         rep.passed = rep.problems.is_empty();
     }
-    to_json(&json!({
-        "boot_validated": rep.booted,
-        "boot_seconds": rep.boot_seconds,
-        "screenshot_path": rep.screenshot,
-        "script_result": rep.command_output,
-        "script_exit_code": rep.command_exit,
-        "passed": rep.passed,
-        "problems": rep.problems,
-    }))
+    Ok(ValidateAnswer {
+        boot_validated: rep.booted,
+        boot_seconds: rep.boot_seconds,
+        screenshot_path: rep.screenshot,
+        script_result: rep.command_output,
+        script_exit_code: rep.command_exit,
+        passed: rep.passed,
+        problems: rep.problems,
+    })
 }
 
-pub(super) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<String> {
+/// `agent.cleanup_validation`.
+pub(crate) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<CleanupValidationAnswer> {
     crate::names::validate("VM name", &r.vm_name)?;
     if let Some(dir) = &r.work_dir {
         absolute(op, "work_dir", dir)?;
     }
-    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::api::DEFAULT_URI))?;
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::wire::DEFAULT_URI))?;
     let domain_removed = match hv.domain(&r.vm_name) {
         Ok(vm) => {
             if vm.is_running()? {
@@ -416,10 +421,11 @@ pub(super) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<S
             }
         }
     }
-    to_json(&json!({"domain_removed": domain_removed, "removed": removed}))
+    Ok(CleanupValidationAnswer { domain_removed, removed })
 }
 
-pub(super) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<String> {
+/// `agent.merge_snapshot`.
+pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<MergeSnapshotAnswer> {
     non_empty(op, "merges", &r.merges)?;
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), &r.domain)?;
@@ -465,7 +471,7 @@ pub(super) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<St
         for g in &others {
             q.rebase_unsafe(g, &parent.to_string_lossy(), "qcow2", ctl)?;
         }
-        out.push(json!({"uuid": m.uuid, "target": target, "path": now}));
+        out.push(MergedVolume { uuid: m.uuid.clone(), target, path: now });
     }
-    to_json(&json!({ "volumes": out }))
+    Ok(MergeSnapshotAnswer { volumes: out })
 }

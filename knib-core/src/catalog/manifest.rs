@@ -38,7 +38,7 @@ pub struct VolumeEntry {
 }
 
 /// Compression of a backup.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompressionInfo {
     /// The library used.

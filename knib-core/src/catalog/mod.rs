@@ -98,7 +98,7 @@ impl Default for BackupOptions {
 }
 
 /// A disk of a VM to back up.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// The volume's name in the backup.
@@ -128,7 +128,7 @@ struct VmState {
 }
 
 /// What a delete did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DeleteOutcome {
     /// Backups whose files were removed.
     pub expunged: Vec<String>,
@@ -137,7 +137,7 @@ pub struct DeleteOutcome {
 }
 
 /// The result of verifying one backup.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VerifyReport {
     /// The backup.
     pub id: String,

@@ -23,7 +23,7 @@ use crate::progress::Control;
 use crate::qcow2::SourceHash;
 
 /// The hash a file must have.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExpectedHash {
     /// The file.

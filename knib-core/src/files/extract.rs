@@ -31,7 +31,7 @@ pub const CHUNK: usize = 1 << 20;
 pub const MAX_DEPTH: usize = 1024;
 
 /// What `get` wrote.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct GetSummary {
     /// Regular files written.
     pub files: u64,

@@ -18,11 +18,9 @@
 //!
 //! # Operations (JSON, schema 1)
 //!
-//! | op | request fields | answer |
-//! |---|---|---|
-//! | `files.fs` | `store`, `backup`, `volume` | `{"filesystems": [{"index", "partition", "start", "size", "type", "label"}]}` |
-//! | `files.ls` | `store`, `backup`, `volume`, `fs`?, `path`? (default `/`) | `{"entries": [{"name", "type", "size", "mode", "mtime", "mtime_nsec", "target"}]}` |
-//! | `files.get` | `store`, `backup`, `volume`, `fs`?, `path`, `to` | `{"files", "dirs", "symlinks", "bytes"}` |
+//! `files.fs`, `files.ls` and `files.get`: their requests and answers are
+//! the structs at the end of this module (JSON Schema in
+//! `docs/schema.json`, fields in the README's operation table).
 //!
 //! - `files.fs`: `index` is what `fs` names (1, 2, ...); `partition` the
 //!   partition's number (MBR 1-4 primary, 5+ logical; GPT entry number), or
@@ -95,10 +93,9 @@ pub mod partition;
 
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
-use crate::api::{parse, to_json};
 use crate::catalog::Store;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
@@ -112,7 +109,7 @@ use fs::{display, Filesystem, Kind, Node};
 pub const MAX_LINKS: usize = 40;
 
 /// One filesystem of a volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct FsInfo {
     /// What `fs` names it by (1, 2, ...).
     pub index: u32,
@@ -131,7 +128,7 @@ pub struct FsInfo {
 }
 
 /// One directory entry as `ls` gives it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct EntryInfo {
     /// Its name (lossy when not UTF-8).
     pub name: String,
@@ -506,68 +503,84 @@ pub fn get(
     Disk::open_backup(store, backup, volume, ctl)?.get(fs, path, to, ctl)
 }
 
-#[derive(Deserialize)]
+/// The request of `files.fs`.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct FsReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct FsReq {
+    /// The store directory.
     store: PathBuf,
+    /// The backup's id.
     backup: String,
+    /// The volume's name.
     volume: String,
 }
 
-#[derive(Deserialize)]
+/// The request of `files.ls`.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct LsReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct LsReq {
+    /// The store directory.
     store: PathBuf,
+    /// The backup's id.
     backup: String,
+    /// The volume's name.
     volume: String,
+    /// The filesystem's `index` (from `files.fs`); optional when one is
+    /// read natively.
     #[serde(default)]
     fs: Option<u32>,
+    /// The directory (or file); default `/`.
     #[serde(default)]
     path: Option<String>,
 }
 
-#[derive(Deserialize)]
+/// The request of `files.get`.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct GetReq {
-    #[serde(default)]
-    #[allow(dead_code)]
-    schema: Option<u32>,
+pub(crate) struct GetReq {
+    /// The store directory.
     store: PathBuf,
+    /// The backup's id.
     backup: String,
+    /// The volume's name.
     volume: String,
+    /// The filesystem's `index`; optional when one is read natively.
     #[serde(default)]
     fs: Option<u32>,
+    /// The file or directory to extract.
     path: String,
+    /// Where to put it (must not exist).
     to: PathBuf,
 }
 
-/// Run file operation `op` (named `files.<name>`; see the module's
-/// documentation for requests and answers).
-pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
-    match op {
-        "files.fs" => {
-            let r: FsReq = parse(op, request)?;
-            let list = filesystems(&Store::open(&r.store)?, &r.backup, &r.volume, ctl)?;
-            to_json(&json!({ "filesystems": list }))
-        }
-        "files.ls" => {
-            let r: LsReq = parse(op, request)?;
-            let path = r.path.as_deref().unwrap_or("/");
-            let entries = list(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, path, ctl)?;
-            to_json(&json!({ "entries": entries }))
-        }
-        "files.get" => {
-            let r: GetReq = parse(op, request)?;
-            to_json(&get(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, &r.path, &r.to, ctl)?)
-        }
-        _ => Err(KnibError::invalid(format!("unknown operation {op:?}: use files.fs, files.ls or files.get"))),
-    }
+/// The answer of `files.fs`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct FilesystemsAnswer {
+    /// The filesystems found.
+    pub filesystems: Vec<FsInfo>,
+}
+
+/// The answer of `files.ls`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct EntriesAnswer {
+    /// The entries, sorted by name.
+    pub entries: Vec<EntryInfo>,
+}
+
+/// `files.fs`.
+pub(crate) fn fs_op(r: &FsReq, ctl: &Control) -> Result<FilesystemsAnswer> {
+    Ok(FilesystemsAnswer { filesystems: filesystems(&Store::open(&r.store)?, &r.backup, &r.volume, ctl)? })
+}
+
+/// `files.ls`.
+pub(crate) fn ls_op(r: &LsReq, ctl: &Control) -> Result<EntriesAnswer> {
+    let path = r.path.as_deref().unwrap_or("/");
+    Ok(EntriesAnswer { entries: list(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, path, ctl)? })
+}
+
+/// `files.get`.
+pub(crate) fn get_op(r: &GetReq, ctl: &Control) -> Result<GetSummary> {
+    get(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, &r.path, &r.to, ctl)
 }
 
 #[cfg(test)]
@@ -581,19 +594,6 @@ mod tests {
         let e = parse_path("/a/../../etc/passwd").unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput);
         assert!(e.message.contains("\"/a/../../etc/passwd\" has a `..` component"), "{e}");
-    }
-
-    #[test]
-    fn bad_requests_name_the_field() {
-        let ctl = Control::new();
-        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": "one"}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("request of files.ls: field `fs`"), "{e}");
-        let e = call("files.get", r#"{"store": "/x", "backup": "b", "volume": "v", "path": "/"}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("missing field `to`"), "{e}");
-        let e = call("files.fs", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": 1}"#, &ctl).unwrap_err();
-        assert!(e.message.contains("unknown field `fs`"), "{e}");
-        let e = call("files.cat", "{}", &ctl).unwrap_err();
-        assert!(e.message.contains("unknown operation \"files.cat\""), "{e}");
     }
 
     /// Random bytes as a disk: errors, never a panic or a hang.

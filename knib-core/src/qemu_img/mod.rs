@@ -131,7 +131,7 @@ pub struct Measure {
 }
 
 /// Compression library of a compressed qcow2.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressionLibrary {
     /// zstd (qcow2 v3 only).
@@ -163,7 +163,7 @@ impl std::str::FromStr for CompressionLibrary {
 }
 
 /// Output format of a conversion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ImageFormat {
     /// qcow2.

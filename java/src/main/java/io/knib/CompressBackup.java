@@ -21,6 +21,12 @@ public final class CompressBackup {
         public double minFreeFactor = 1.0;
         /** Refuse unless the store has this many bytes free ({@code minFreeStorage}); null for no such check. */
         public Long minFreeBytes;
+        /**
+         * The xxh3-128 each file must have, one per file of {@code files} in order
+         * (the {@code files[].hash} of {@link Knib#takeBackupHash}); a file that does
+         * not match fails with a corrupt error. Null: nothing is checked.
+         */
+        public List<String> expectedHashes;
         /** The command's time budget in seconds; null for none. */
         public Long timeoutSecs;
     }
@@ -43,5 +49,7 @@ public final class CompressBackup {
         public long compressedSize;
         /** The library used. */
         public String library;
+        /** xxh3-128 of the compressed file, when {@code expectedHashes} were given; else null. */
+        public String hash;
     }
 }

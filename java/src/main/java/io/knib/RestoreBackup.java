@@ -22,6 +22,26 @@ public final class RestoreBackup {
         public Long timeoutSecs;
     }
 
+    /** A file with the hash it must have. */
+    public static final class ExpectedHash {
+        /** The file. */
+        public String path;
+        /** Its xxh3-128, 32 hex digits. */
+        public String hash;
+
+        /** An empty entry. */
+        public ExpectedHash() {}
+
+        /**
+         * @param path the file
+         * @param hash its xxh3-128
+         */
+        public ExpectedHash(String path, String hash) {
+            this.path = path;
+            this.hash = hash;
+        }
+    }
+
     /** One volume to restore. */
     public static final class Volume {
         /** The volume's uuid (echoed in the answer); may be null. */
@@ -30,6 +50,12 @@ public final class RestoreBackup {
         public String backupPath;
         /** Where the volume goes ({@code volumeObjectTO.path}); replaced when it exists. */
         public String volumePath;
+        /**
+         * Files of the backup's chain with the xxh3-128 each must have (the
+         * {@code files} of {@link Knib#takeBackupHash}); a file that does not match
+         * fails the restore before any volume is replaced. Empty: nothing is checked.
+         */
+        public List<ExpectedHash> expectedHashes = new ArrayList<>();
 
         /** An empty volume. */
         public Volume() {}

@@ -1,0 +1,247 @@
+//! The answers of the agent operations, one typed struct each (their JSON
+//! Schema is part of `docs/schema.json`; the Java facade's `Answer` classes
+//! mirror them field by field).
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use crate::qemu_img::CompressionLibrary;
+
+/// The answer of `agent.take_backup`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TakeBackupAnswer {
+    /// "full", "incremental" or "isolated".
+    pub kind: String,
+    /// Always true on success (a failure says it in its error).
+    pub vm_consistent: bool,
+    /// One per volume of the request, in its order.
+    pub volumes: Vec<TakenVolume>,
+}
+
+/// One volume backed up.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TakenVolume {
+    /// The request's uuid.
+    pub uuid: String,
+    /// The disk target it runs as.
+    pub target: String,
+    /// The file the volume runs on now.
+    pub new_volume_path: PathBuf,
+    /// Its backup file.
+    pub delta_path_on_store: PathBuf,
+    /// Bytes of the backup file.
+    pub size: u64,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+}
+
+/// The answer of `agent.cleanup_vm_backup`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CleanupVmBackupAnswer {
+    /// Whether the backup had reached the store (then it was finished,
+    /// else undone).
+    pub published: bool,
+    /// Always true on success.
+    pub vm_consistent: bool,
+    /// The file each volume runs on now.
+    pub volumes: Vec<VolumeState>,
+    /// What was done, one line each.
+    pub actions: Vec<String>,
+}
+
+/// A volume and the file it runs on.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct VolumeState {
+    /// The request's uuid.
+    pub uuid: Option<String>,
+    /// Its disk target.
+    pub target: String,
+    /// The file it runs on now.
+    pub path: Option<PathBuf>,
+}
+
+/// The answer of `agent.compress`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CompressAnswer {
+    /// One per file, in the request's order.
+    pub compressed: Vec<CompressedFile>,
+}
+
+/// One compressed copy, not yet finalized.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CompressedFile {
+    /// The backup file.
+    pub path: PathBuf,
+    /// Its compressed copy (`<path>.comp`).
+    pub comp_path: PathBuf,
+    /// Bytes before.
+    pub original_size: u64,
+    /// Bytes after.
+    pub compressed_size: u64,
+    /// The library used.
+    pub library: CompressionLibrary,
+    /// xxh3-128 of the compressed file, when its source was checked
+    /// against an expected hash (`expected_hashes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+impl From<crate::engine::CompressedFile> for CompressedFile {
+    fn from(c: crate::engine::CompressedFile) -> Self {
+        CompressedFile {
+            path: c.path,
+            comp_path: c.comp_path,
+            original_size: c.original_size,
+            compressed_size: c.compressed_size,
+            library: c.library,
+            hash: c.hash,
+        }
+    }
+}
+
+/// The answer of `agent.finalize_compression`: `finalized` or, with
+/// `cleanup`, `discarded`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct FinalizeAnswer {
+    /// Each file, now compressed, and its size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finalized: Option<Vec<SizedFile>>,
+    /// The files whose `.comp` copies were removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<Vec<PathBuf>>,
+}
+
+/// A file and its size.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct SizedFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// The answer of `agent.restore`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RestoreAnswer {
+    /// Each volume restored.
+    pub volumes: Vec<RestoredVolume>,
+    /// The old deltas removed.
+    pub removed: Vec<PathBuf>,
+}
+
+/// One volume restored.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RestoredVolume {
+    /// The request's uuid.
+    pub uuid: Option<String>,
+    /// The volume's file.
+    pub path: PathBuf,
+    /// Its backing file (the backup) after a quick restore.
+    pub backing: Option<PathBuf>,
+}
+
+/// The answer of `agent.consolidate`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConsolidateAnswer {
+    /// Each volume (or, without `volumes` in the request, each disk).
+    pub consolidated: Vec<Consolidated>,
+}
+
+/// One volume consolidated.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Consolidated {
+    /// The request's uuid.
+    pub uuid: Option<String>,
+    /// Its disk target.
+    pub target: String,
+    /// The file it runs on.
+    pub path: PathBuf,
+    /// Whether it had backing files to pull in.
+    pub pulled: bool,
+}
+
+/// The answer of `agent.prepare_validation`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PrepareValidationAnswer {
+    /// One overlay per volume.
+    pub volumes: Vec<PreparedVolume>,
+}
+
+/// The overlay of one volume.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PreparedVolume {
+    /// The request's uuid.
+    pub uuid: String,
+    /// The backup file under it.
+    pub backup_path: PathBuf,
+    /// The overlay made.
+    pub overlay_path: PathBuf,
+}
+
+/// The answer of `agent.validate`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ValidateAnswer {
+    /// Whether the guest agent answered.
+    pub boot_validated: bool,
+    /// Seconds to its first answer (or to giving up).
+    pub boot_seconds: f64,
+    /// The screenshot taken.
+    pub screenshot_path: Option<PathBuf>,
+    /// The script's output.
+    pub script_result: Option<String>,
+    /// The script's exit code.
+    pub script_exit_code: Option<i64>,
+    /// Whether every check passed.
+    pub passed: bool,
+    /// What failed, one line each.
+    pub problems: Vec<String>,
+}
+
+/// The answer of `agent.take_hash`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TakeHashAnswer {
+    /// The request's `backup_uuid`.
+    pub backup_uuid: Option<String>,
+    /// xxh3-128 of the whole chain, 32 hex digits.
+    pub hash: String,
+    /// Each file's own hash.
+    pub files: Vec<FileHash>,
+}
+
+/// One file's hash.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct FileHash {
+    /// The file.
+    pub path: PathBuf,
+    /// Its xxh3-128.
+    pub hash: String,
+}
+
+/// The answer of `agent.cleanup_validation`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CleanupValidationAnswer {
+    /// Whether a domain was destroyed.
+    pub domain_removed: bool,
+    /// The overlays removed.
+    pub removed: Vec<PathBuf>,
+}
+
+/// The answer of `agent.merge_snapshot`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MergeSnapshotAnswer {
+    /// The file each merged volume runs on now.
+    pub volumes: Vec<MergedVolume>,
+}
+
+/// One merge done.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MergedVolume {
+    /// The request's uuid.
+    pub uuid: Option<String>,
+    /// Its disk target.
+    pub target: String,
+    /// The file it runs on now.
+    pub path: PathBuf,
+}

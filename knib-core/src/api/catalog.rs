@@ -1,0 +1,426 @@
+//! The catalog operations: requests that name a backup by its store and
+//! id, each a thin layer that looks the backup's files up in the store and
+//! then makes the same engine call as the path-based operation doing that
+//! work (`compress`: [`crate::engine::compress_verified()`] and
+//! [`crate::engine::finalize()`], as `agent.compress` and
+//! `agent.finalize_compression`; `hash`: [`crate::engine::hash::hash_chain`],
+//! as `agent.take_hash`; `restore`: [`crate::engine::restore_verified()`],
+//! as `agent.restore`; the catalog ones take the expected hashes from the
+//! manifests).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{BackupOptions, CompressionInfo, DiskSpec, Manifest, Store, DEFAULT_CHAIN_SIZE};
+use crate::engine::CompressOptions;
+use crate::error::{KnibError, Result};
+use crate::progress::Control;
+use crate::qemu_img::{CompressionLibrary, ImageFormat};
+#[cfg(not(feature = "libvirt"))]
+use crate::wire::no_libvirt;
+
+fn default_chain() -> i64 {
+    DEFAULT_CHAIN_SIZE
+}
+fn default_one() -> u32 {
+    1
+}
+fn default_factor() -> f64 {
+    1.0
+}
+
+/// A request with no fields (`version`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Empty {}
+
+/// The request of `backup`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupReq {
+    /// The store directory (made when missing).
+    store: PathBuf,
+    /// The VM's name, with `disks`.
+    #[serde(default)]
+    vm: Option<String>,
+    /// The VM's disks (with `vm`).
+    #[serde(default)]
+    disks: Vec<DiskSpec>,
+    /// A libvirt domain, instead of `vm` and `disks`.
+    #[serde(default)]
+    domain: Option<String>,
+    /// The libvirt URI (default `qemu:///system`).
+    #[serde(default)]
+    connect: Option<String>,
+    /// Freeze the guest's filesystems (guest agent) for the snapshot.
+    #[serde(default)]
+    quiesce: bool,
+    /// Start a new chain.
+    #[serde(default)]
+    full: bool,
+    /// A full backup outside the chain.
+    #[serde(default)]
+    isolated: bool,
+    /// Backups per chain (default 8).
+    #[serde(default = "default_chain")]
+    chain_size: i64,
+    /// Compress as copied, in one pass.
+    #[serde(default)]
+    compress: Option<CompressionLibrary>,
+}
+
+/// The request of `list`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListReq {
+    /// The store directory.
+    store: PathBuf,
+    /// Only this VM's backups.
+    #[serde(default)]
+    vm: Option<String>,
+}
+
+/// A request naming one backup (`show`, `hash`, `delete`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupRef {
+    /// The store directory.
+    store: PathBuf,
+    /// The backup's id.
+    backup: String,
+}
+
+/// The request of `verify`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VerifyReq {
+    /// The store directory.
+    store: PathBuf,
+    /// One backup; absent: every backup of the store.
+    #[serde(default)]
+    backup: Option<String>,
+}
+
+/// The request of `restore`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RestoreReq {
+    /// The store directory.
+    store: PathBuf,
+    /// The backup's id.
+    backup: String,
+    /// The volume's name.
+    volume: String,
+    /// The new image (must not exist).
+    to: PathBuf,
+    /// Its format.
+    #[serde(default)]
+    format: ImageFormat,
+    /// Skip checking every file of the chain against its recorded hash as
+    /// it is read (checked by default).
+    #[serde(default)]
+    no_verify: bool,
+}
+
+/// The request of `quick_restore`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct QuickRestoreReq {
+    /// The store directory.
+    store: PathBuf,
+    /// The backup's id.
+    backup: String,
+    /// The libvirt domain (stopped).
+    domain: String,
+    /// The libvirt URI.
+    #[serde(default)]
+    connect: Option<String>,
+}
+
+/// The request of `recover`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RecoverReq {
+    /// The store directory.
+    store: PathBuf,
+    /// The libvirt domain.
+    domain: String,
+    /// The libvirt URI.
+    #[serde(default)]
+    connect: Option<String>,
+}
+
+/// The request of `compress`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CompressReq {
+    /// The store directory.
+    store: PathBuf,
+    /// The backup's id.
+    backup: String,
+    /// "zstd" (default) or "zlib".
+    #[serde(default)]
+    library: CompressionLibrary,
+    /// qemu-img's `-m`, 1 to 16.
+    #[serde(default = "default_one")]
+    coroutines: u32,
+    /// MB/s; 0 = no limit.
+    #[serde(default)]
+    rate_limit_mbps: u64,
+    /// Refuse unless this many times each file's size is free.
+    #[serde(default = "default_factor")]
+    min_free_factor: f64,
+}
+
+/// A backup as every binding and `knib --json` show it.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct BackupView {
+    /// Its id.
+    pub id: String,
+    /// Its VM.
+    pub vm: String,
+    /// "full", "incremental" or "isolated".
+    pub kind: String,
+    /// The parent backup.
+    pub parent: Option<String>,
+    /// Position in the chain.
+    pub position: u32,
+    /// Whether it ended its chain.
+    pub end_of_chain: bool,
+    /// When it was taken.
+    pub created: String,
+    /// Compression, if compressed.
+    pub compression: Option<CompressionInfo>,
+    /// Whether it was deleted (kept for its children).
+    pub removed: bool,
+    /// Why it is full where an incremental backup was asked for (the chain
+    /// could not be continued safely); null otherwise.
+    pub full_reason: Option<String>,
+    /// Its volumes, with absolute file paths.
+    pub volumes: Vec<VolumeView>,
+}
+
+/// A volume of a backup as every binding shows it.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct VolumeView {
+    /// The volume's name.
+    pub name: String,
+    /// The backup file (absolute).
+    pub file: PathBuf,
+    /// Guest-visible size.
+    pub virtual_size: u64,
+    /// Bytes on the store.
+    pub size: u64,
+    /// The disk it came from.
+    pub source: String,
+    /// The backing pointer in the file.
+    pub backing: Option<String>,
+    /// The recorded hash.
+    pub hash: Option<String>,
+}
+
+impl BackupView {
+    /// The view of manifest `m` in `store`.
+    pub fn new(store: &Store, m: &Manifest) -> BackupView {
+        let dir = store.backup_dir(m);
+        let dir = dir.canonicalize().unwrap_or(dir);
+        BackupView {
+            id: m.id.clone(),
+            vm: m.vm.clone(),
+            kind: m.kind.as_str().to_string(),
+            parent: m.parent.clone(),
+            position: m.position,
+            end_of_chain: m.end_of_chain,
+            created: m.created.clone(),
+            compression: m.compression.clone(),
+            removed: m.removed,
+            full_reason: m.full_reason.clone(),
+            volumes: m
+                .volumes
+                .iter()
+                .map(|v| VolumeView {
+                    name: v.name.clone(),
+                    file: dir.join(&v.file),
+                    virtual_size: v.virtual_size,
+                    size: v.size,
+                    source: v.source.clone(),
+                    backing: v.backing.clone(),
+                    hash: v.hash.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The answer of `version`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct VersionAnswer {
+    /// knib's version.
+    pub version: String,
+    /// The request schema it reads.
+    pub schema: u32,
+}
+
+/// The answer of `restore`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RestoredAnswer {
+    /// The backup's id.
+    pub restored: String,
+    /// The volume.
+    pub volume: String,
+    /// The new image.
+    pub to: PathBuf,
+}
+
+/// The answer of `quick_restore`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct QuickRestoreAnswer {
+    /// `[target, overlay]` of each disk.
+    pub overlays: Vec<(String, PathBuf)>,
+}
+
+/// The answer of `hash`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct HashAnswer {
+    /// The backup's id.
+    pub backup: String,
+    /// The xxh3-128 of each volume's chain, root first.
+    pub chain_hashes: BTreeMap<String, String>,
+}
+
+/// The answer of `recover`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RecoverAnswer {
+    /// The interrupted backup, if a journal was found.
+    pub backup_id: Option<String>,
+    /// The step it had reached ("snapshot", "copy", "publish", "merge",
+    /// "pivot").
+    pub step: Option<String>,
+    /// Whether it had reached the store (then finished, else undone).
+    pub published: bool,
+    /// What was done.
+    pub report: RecoverReport,
+}
+
+/// What `recover` did.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RecoverReport {
+    /// One line per action.
+    pub actions: Vec<String>,
+    /// `[target, [file, ...]]`: the files each disk runs on, active first.
+    pub chains: Vec<(String, Vec<PathBuf>)>,
+}
+
+pub(crate) fn version() -> VersionAnswer {
+    VersionAnswer { version: crate::VERSION.to_string(), schema: crate::wire::SCHEMA }
+}
+
+pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView> {
+    let opts = BackupOptions { full: r.full, isolated: r.isolated, chain_size: r.chain_size, compress: r.compress };
+    let store = Store::create(&r.store)?;
+    let m = match (&r.vm, &r.domain) {
+        (Some(vm), None) => store.backup(vm, &r.disks, &opts, ctl)?,
+        (None, Some(d)) => {
+            if !r.disks.is_empty() {
+                return Err(KnibError::invalid(format!("request of {op}: field `disks` goes with `vm`, not `domain`")));
+            }
+            #[cfg(feature = "libvirt")]
+            {
+                store.backup_domain(&crate::wire::domain(r.connect.as_deref(), d)?, &opts, r.quiesce, ctl)?
+            }
+            #[cfg(not(feature = "libvirt"))]
+            {
+                let _ = (d, r.quiesce, &r.connect);
+                return Err(no_libvirt(op));
+            }
+        }
+        _ => return Err(KnibError::invalid(format!("request of {op}: give `vm` with `disks`, or `domain`"))),
+    };
+    Ok(BackupView::new(&store, &m))
+}
+
+pub(crate) fn list(r: ListReq) -> Result<Vec<BackupView>> {
+    let store = Store::open(&r.store)?;
+    Ok(store.list(r.vm.as_deref())?.iter().map(|m| BackupView::new(&store, m)).collect())
+}
+
+pub(crate) fn show(r: BackupRef) -> Result<BackupView> {
+    let store = Store::open(&r.store)?;
+    let m = store.show(&r.backup)?;
+    Ok(BackupView::new(&store, &m))
+}
+
+pub(crate) fn restore(r: RestoreReq, ctl: &Control) -> Result<RestoredAnswer> {
+    Store::open(&r.store)?.restore_with(&r.backup, &r.volume, &r.to, r.format, !r.no_verify, ctl)?;
+    Ok(RestoredAnswer { restored: r.backup, volume: r.volume, to: r.to })
+}
+
+pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Result<QuickRestoreAnswer> {
+    #[cfg(feature = "libvirt")]
+    {
+        let _ = op;
+        let vm = crate::wire::domain(r.connect.as_deref(), &r.domain)?;
+        let store = Store::open(&r.store)?;
+        Ok(QuickRestoreAnswer { overlays: store.quick_restore_domain(&r.backup, &vm, ctl)? })
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        let _ = (r, ctl);
+        Err(no_libvirt(op))
+    }
+}
+
+pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverAnswer> {
+    #[cfg(feature = "libvirt")]
+    {
+        let _ = op;
+        let vm = crate::wire::domain(r.connect.as_deref(), &r.domain)?;
+        let o = Store::create(&r.store)?.recover_domain(&vm, ctl)?;
+        Ok(RecoverAnswer {
+            backup_id: o.backup_id,
+            step: o.step.map(|s| s.as_str().to_string()),
+            published: o.published,
+            report: RecoverReport { actions: o.report.actions, chains: o.report.chains },
+        })
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        let _ = (r, ctl);
+        Err(no_libvirt(op))
+    }
+}
+
+pub(crate) fn compress(r: CompressReq, ctl: &Control) -> Result<BackupView> {
+    let store = Store::open(&r.store)?;
+    let opts = CompressOptions {
+        library: r.library,
+        coroutines: r.coroutines,
+        rate_limit_mbps: r.rate_limit_mbps,
+        min_free_factor: r.min_free_factor,
+        ..Default::default()
+    };
+    let m = store.compress(&r.backup, &opts, ctl)?;
+    Ok(BackupView::new(&store, &m))
+}
+
+pub(crate) fn verify(r: VerifyReq, ctl: &Control) -> Result<Vec<crate::catalog::VerifyReport>> {
+    Store::open(&r.store)?.verify(r.backup.as_deref(), ctl)
+}
+
+pub(crate) fn hash(r: BackupRef, ctl: &Control) -> Result<HashAnswer> {
+    let store = Store::open(&r.store)?;
+    let m = store.show(&r.backup)?;
+    let mut chain_hashes = BTreeMap::new();
+    for v in &m.volumes {
+        let files = store.chain_files(&m, &v.name)?;
+        chain_hashes.insert(v.name.clone(), crate::engine::hash::hash_chain(&files, ctl)?.0);
+    }
+    Ok(HashAnswer { backup: r.backup, chain_hashes })
+}
+
+pub(crate) fn delete(r: BackupRef) -> Result<crate::catalog::DeleteOutcome> {
+    Store::open(&r.store)?.delete(&r.backup)
+}

@@ -1,0 +1,336 @@
+//! The one API's schema and everything written from it: fails when the
+//! checked-in `docs/schema.json` differs from the one `knib_core::api`
+//! generates, when the operation tables of the README and of
+//! `include/knib.h` (its preamble, from `knib-ffi/cbindgen.toml`) list
+//! other operations or fields, or when the Java facade's request and
+//! answer classes have fields the schema does not (or lack its required
+//! ones).
+//!
+//! `KNIB_WRITE_SCHEMA=1 cargo test -p knib-core --test schema` rewrites the
+//! generated parts (the schema file and the tables between their markers in
+//! README.md, knib-ffi/cbindgen.toml and include/knib.h) instead of
+//! checking them; review and commit the result.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+
+use knib_core::api::{schema, OPS};
+use regex::Regex;
+use serde_json::Value;
+
+const README_BEGIN: &str = "<!-- operations: generated from docs/schema.json by knib-core/tests/schema.rs -->";
+const README_END: &str = "<!-- operations: end -->";
+const HEADER_BEGIN: &str = " *   (generated from docs/schema.json by knib-core/tests/schema.rs)";
+const HEADER_END: &str = " *   (end of the generated table)";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the workspace holds knib-core").to_path_buf()
+}
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(root().join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+fn writing() -> bool {
+    std::env::var_os("KNIB_WRITE_SCHEMA").is_some()
+}
+
+fn write(rel: &str, text: &str) {
+    std::fs::write(root().join(rel), text).unwrap_or_else(|e| panic!("{rel}: {e}"));
+}
+
+fn schema_text() -> String {
+    serde_json::to_string_pretty(&schema()).expect("the schema serializes") + "\n"
+}
+
+/// The schema `s` stands for, `$ref`s followed and `Option`s (`anyOf` with
+/// null) unwrapped.
+fn resolve<'a>(root: &'a Value, mut s: &'a Value) -> &'a Value {
+    loop {
+        if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+            let name = r.strip_prefix("#/$defs/").unwrap_or_else(|| panic!("unexpected $ref {r}"));
+            s = &root["$defs"][name];
+        } else if let Some(any) = s.get("anyOf").and_then(Value::as_array) {
+            match any.iter().find(|a| a.get("type") != Some(&Value::from("null"))) {
+                Some(a) => s = a,
+                None => return s,
+            }
+        } else {
+            return s;
+        }
+    }
+}
+
+/// The schema of an object's fields: (name, required), or None when `s`
+/// is not an object.
+fn fields(root: &Value, s: &Value) -> Option<Vec<(String, bool)>> {
+    let s = resolve(root, s);
+    let props = s.get("properties")?.as_object()?;
+    let required: BTreeSet<&str> =
+        s.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    Some(props.keys().filter(|k| *k != "op").map(|k| (k.clone(), required.contains(k.as_str()))).collect())
+}
+
+/// Each operation's (description, request schema, answer schema).
+fn operations(s: &Value) -> BTreeMap<String, (String, Value, Value)> {
+    let request = resolve(s, &s["request"]);
+    let mut out = BTreeMap::new();
+    for v in request["oneOf"].as_array().expect("the request is a oneOf") {
+        let op = v["properties"]["op"]["const"].as_str().expect("each variant has its op").to_string();
+        let what = v["description"].as_str().unwrap_or_default().to_string();
+        let answer = s["answers"][&op].clone();
+        out.insert(op, (what, v.clone(), answer));
+    }
+    out
+}
+
+fn request_cell(s: &Value, req: &Value) -> String {
+    let f = fields(s, req).expect("a request is an object");
+    if f.is_empty() {
+        return "(none)".into();
+    }
+    f.iter().map(|(n, r)| format!("{n}{}", if *r { "" } else { "?" })).collect::<Vec<_>>().join(", ")
+}
+
+fn answer_cell(s: &Value, ans: &Value) -> String {
+    let a = resolve(s, ans);
+    if let Some(items) = a.get("items") {
+        return format!("[{}]", answer_cell(s, items));
+    }
+    match fields(s, a) {
+        Some(f) => f.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
+        None => "?".into(),
+    }
+}
+
+/// The README's table.
+fn readme_table(s: &Value) -> String {
+    let mut t = String::from("| op | what it does | request fields (`?`: optional) | answer fields |\n|---|---|---|---|\n");
+    for (op, (what, req, ans)) in operations(s) {
+        t += &format!("| `{op}` | {what} | {} | {} |\n", request_cell(s, &req), answer_cell(s, &ans));
+    }
+    t
+}
+
+/// `first` and the words of `text`, in comment lines of at most `width`
+/// characters, the later ones aligned under the first word.
+fn wrap(first: &str, text: &str, width: usize) -> Vec<String> {
+    let cont = format!(" *{}", " ".repeat(first.len() - 2));
+    let mut lines = Vec::new();
+    let mut line = first.to_string();
+    for w in text.split_whitespace() {
+        // (`cont` is as long as `first`: longer means a word is on the line.)
+        if line.len() > first.len() && line.len() + 1 + w.len() > width {
+            lines.push(std::mem::replace(&mut line, cont.clone()));
+        }
+        line.push(' ');
+        line += w;
+    }
+    lines.push(line);
+    lines
+}
+
+/// The header's table (lines of its preamble comment).
+fn header_table(s: &Value) -> String {
+    let mut lines = vec![HEADER_BEGIN.to_string()];
+    for (op, (_, req, ans)) in operations(s) {
+        lines.push(format!(" *   {op}"));
+        lines.extend(wrap(" *       request:", &request_cell(s, &req), 78));
+        lines.extend(wrap(" *       answer: ", &answer_cell(s, &ans), 78));
+    }
+    lines.push(HEADER_END.to_string());
+    lines.join("\n") + "\n"
+}
+
+/// `text` with the part between the lines `begin` and `end` (kept) replaced
+/// by `inner`.
+fn replace_between(text: &str, begin: &str, end: &str, inner: &str, what: &str) -> String {
+    let a = text.find(begin).unwrap_or_else(|| panic!("{what}: no line {begin:?}"));
+    let b = text[a..].find(end).unwrap_or_else(|| panic!("{what}: no line {end:?} after {begin:?}")) + a;
+    format!("{}{inner}{}", &text[..a], &text[b + end.len()..])
+}
+
+fn between<'a>(text: &'a str, begin: &str, end: &str, what: &str) -> &'a str {
+    let a = text.find(begin).unwrap_or_else(|| panic!("{what}: no line {begin:?}"));
+    let b = text[a..].find(end).unwrap_or_else(|| panic!("{what}: no line {end:?} after {begin:?}")) + a;
+    &text[a..b + end.len()]
+}
+
+#[test]
+fn the_checked_in_schema_is_the_generated_one() {
+    let fresh = schema_text();
+    if writing() {
+        write("docs/schema.json", &fresh);
+        return;
+    }
+    let old = read("docs/schema.json");
+    assert!(
+        old == fresh,
+        "docs/schema.json differs from the schema knib_core::api generates: an operation, a request or an answer changed; run KNIB_WRITE_SCHEMA=1 cargo test -p knib-core --test schema and commit the result"
+    );
+}
+
+#[test]
+fn the_schema_lists_every_operation_once() {
+    let s = schema();
+    let ops = operations(&s);
+    let listed: BTreeSet<&str> = OPS.iter().copied().collect();
+    assert_eq!(listed.len(), OPS.len(), "an operation is declared twice");
+    assert_eq!(ops.keys().map(String::as_str).collect::<BTreeSet<_>>(), listed);
+    for (op, (what, req, ans)) in &ops {
+        assert!(!what.is_empty(), "{op} has no description");
+        assert_eq!(resolve(&s, req)["additionalProperties"], Value::Bool(false), "{op} accepts unknown fields");
+        assert!(!ans.is_null(), "{op} has no answer schema");
+        assert!(fields(&s, req).expect("object").iter().all(|(n, _)| n != "schema"), "{op} has a `schema` field");
+    }
+}
+
+#[test]
+fn the_readme_table_is_the_schema() {
+    let s = schema();
+    let inner = format!("\n\n{}\n", readme_table(&s));
+    let readme = read("README.md");
+    if writing() {
+        write("README.md", &replace_between(&readme, README_BEGIN, README_END, &format!("{README_BEGIN}{inner}{README_END}"), "README.md"));
+        return;
+    }
+    let got = between(&readme, README_BEGIN, README_END, "README.md");
+    let want = format!("{README_BEGIN}{inner}{README_END}");
+    assert!(
+        got == want,
+        "README.md's operation table drifted from the schema:\n--- README.md\n{got}\n--- generated\n{want}\nrun KNIB_WRITE_SCHEMA=1 cargo test -p knib-core --test schema"
+    );
+}
+
+#[test]
+fn the_header_table_is_the_schema() {
+    let s = schema();
+    let table = header_table(&s);
+    for rel in ["knib-ffi/cbindgen.toml", "include/knib.h"] {
+        let text = read(rel);
+        if writing() {
+            write(rel, &replace_between(&text, HEADER_BEGIN, &format!("{HEADER_END}\n"), &table, rel));
+            continue;
+        }
+        let got = between(&text, HEADER_BEGIN, HEADER_END, rel).to_string() + "\n";
+        assert!(
+            got == table,
+            "{rel}'s operation table drifted from the schema:\n--- {rel}\n{got}\n--- generated\n{table}\nrun KNIB_WRITE_SCHEMA=1 cargo test -p knib-core --test schema (it writes both files)"
+        );
+    }
+}
+
+/// The public fields of each class of a Java file: class name -> (JSON
+/// name, Java type), the JSON name as Gson's LOWER_CASE_WITH_UNDERSCORES
+/// policy writes it.
+fn java_classes(file: &str) -> BTreeMap<String, Vec<(String, String)>> {
+    let text = read(&format!("java/src/main/java/io/knib/{file}.java"));
+    static CLASS: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"(?m)^\s*public (?:static )?final class (\w+)").expect("regex"));
+    static FIELD: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"(?m)^\s*public (?:final )?([\w<>., ]+?) (\w+)(?: = [^;]*)?;").expect("regex"));
+    let (class, field) = (&*CLASS, &*FIELD);
+    let starts: Vec<(usize, String)> = class.captures_iter(&text).map(|c| (c.get(0).expect("match").start(), c[1].to_string())).collect();
+    let mut out = BTreeMap::new();
+    for (i, (at, name)) in starts.iter().enumerate() {
+        let end = starts.get(i + 1).map(|s| s.0).unwrap_or(text.len());
+        let fields = field
+            .captures_iter(&text[*at..end])
+            .map(|c| (snake(&c[2]), c[1].to_string()))
+            .collect();
+        out.insert(name.clone(), fields);
+    }
+    out
+}
+
+fn snake(camel: &str) -> String {
+    let mut s = String::new();
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            s.push('_');
+            s.push(c.to_ascii_lowercase());
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+/// The class a Java field's type names (`List<Volume>` -> `Volume`), as
+/// (file, class).
+fn class_of(file: &str, ty: &str) -> (String, String) {
+    let inner = ty.strip_prefix("List<").and_then(|t| t.strip_suffix('>')).unwrap_or(ty);
+    match inner.split_once('.') {
+        Some((f, c)) => (f.to_string(), c.to_string()),
+        None => (file.to_string(), inner.to_string()),
+    }
+}
+
+/// Problems of Java class `class` (in `file`) against object schema `s`:
+/// for a request every field must be in the schema and every required
+/// field in the class; for an answer the fields must be the schema's.
+fn compare(root: &Value, file: &str, class: &str, s: &Value, request: bool, problems: &mut Vec<String>) {
+    let classes = java_classes(file);
+    let Some(java) = classes.get(class) else {
+        problems.push(format!("{file}.java has no class {class}"));
+        return;
+    };
+    let Some(schema_fields) = fields(root, s) else {
+        problems.push(format!("{file}.{class}: the schema has no object here"));
+        return;
+    };
+    let names: BTreeSet<&str> = schema_fields.iter().map(|(n, _)| n.as_str()).collect();
+    let java_names: BTreeSet<&str> = java.iter().map(|(n, _)| n.as_str()).collect();
+    for n in java_names.difference(&names) {
+        problems.push(format!("{file}.{class}: field `{n}` is not in the schema"));
+    }
+    for (n, required) in &schema_fields {
+        if !java_names.contains(n.as_str()) && (*required || !request) {
+            problems.push(format!("{file}.{class}: lacks the schema's field `{n}`"));
+        }
+    }
+    for (n, ty) in java {
+        let (f, c) = class_of(file, ty);
+        let known = java_classes(&f);
+        if !known.contains_key(&c) {
+            continue;
+        }
+        let Some(prop) = resolve(root, s).get("properties").and_then(|p| p.get(n)) else { continue };
+        let prop = resolve(root, prop);
+        let item = prop.get("items").unwrap_or(prop);
+        compare(root, &f, &c, item, request, problems);
+    }
+}
+
+#[test]
+fn the_java_classes_are_the_schema() {
+    let s = schema();
+    let ops = operations(&s);
+    let knib = read("java/src/main/java/io/knib/Knib.java");
+    let run = Regex::new(r#"run\("([\w.]+)", (\w+), (\w+)\.(\w+)\.class\)"#).expect("regex");
+    let mut problems = Vec::new();
+    let mut seen = 0;
+    for c in run.captures_iter(&knib) {
+        let (op, req_var, file, answer) = (&c[1], &c[2], &c[3], &c[4]);
+        let Some((_, req, ans)) = ops.get(op) else {
+            problems.push(format!("Knib.java runs {op}, which is not an operation of the schema"));
+            continue;
+        };
+        seen += 1;
+        if req_var == "request" {
+            compare(&s, file, "Request", req, true, &mut problems);
+        }
+        compare(&s, file, answer, ans, false, &mut problems);
+    }
+    assert!(seen >= 11, "Knib.java: found only {seen} operations");
+    // java/README.md's table names each wrapper's operation.
+    let readme = read("java/README.md");
+    let op_cell = Regex::new(r"\| `((?:agent|files)\.[\w.]+)` \|").expect("regex");
+    for c in op_cell.captures_iter(&readme) {
+        if !ops.contains_key(&c[1]) {
+            problems.push(format!("java/README.md names operation {}, which the schema does not have", &c[1]));
+        }
+    }
+    assert!(problems.is_empty(), "the Java classes drifted from the schema:\n{}", problems.join("\n"));
+}
