@@ -123,12 +123,12 @@
  *                screenshot_path, script_exit_code, script_result
  *   backup
  *       request: chain_size?, compress?, connect?, disks?, domain?, full?,
- *                isolated?, quiesce?, store, vm?
+ *                isolated?, quiesce?, store, timeout_secs?, vm?
  *       answer:  compression, created, end_of_chain, full_reason, id, kind,
  *                parent, position, removed, vm, volumes
  *   compress
- *       request: backup, coroutines?, library?, min_free_factor?,
- *                rate_limit_mbps?, store
+ *       request: backup, coroutines?, library?, min_free_bytes?,
+ *                min_free_factor?, rate_limit_mbps?, store, timeout_secs?
  *       answer:  compression, created, end_of_chain, full_reason, id, kind,
  *                parent, position, removed, vm, volumes
  *   delete
@@ -144,8 +144,8 @@
  *       request: backup, fs?, path?, store, volume
  *       answer:  entries
  *   hash
- *       request: backup, store
- *       answer:  backup, chain_hashes
+ *       request: backup, store, timeout_secs?
+ *       answer:  backup, volumes
  *   list
  *       request: store, vm?
  *       answer:  [compression, created, end_of_chain, full_reason, id, kind,
@@ -157,14 +157,15 @@
  *       request: connect?, domain, store
  *       answer:  backup_id, published, report, step
  *   restore
- *       request: backup, format?, no_verify?, store, to, volume
- *       answer:  restored, to, volume
+ *       request: backup, format?, no_verify?, store, timeout_secs?, to,
+ *                volume
+ *       answer:  removed, volumes
  *   show
  *       request: backup, store
  *       answer:  compression, created, end_of_chain, full_reason, id, kind,
  *                parent, position, removed, vm, volumes
  *   verify
- *       request: backup?, store
+ *       request: backup?, store, timeout_secs?
  *       answer:  [chain_hashes, files_checked, id, ok, problems]
  *   version
  *       request: (none)
@@ -560,7 +561,9 @@ knib_result knib_delete(struct knib_context *context, const char *request_json, 
  * to a new image. Request: `store`, `backup`, `volume`, `to`, `format`
  * (`qcow2` or `raw`), `no_verify` (false: each file of the chain is
  * checked against its recorded hash as it is read, and a damaged one fails
- * the restore with `corrupt`). Answer: `{"restored", "volume", "to"}`.
+ * the restore with `corrupt`), `timeout_secs`. Answer: that of
+ * `agent.restore`, `{"volumes": [{"uuid": volume, "path": to, "backing":
+ * null}], "removed": []}`.
  *
  * # Safety
  * As `knib_call`.
@@ -607,8 +610,9 @@ knib_result knib_verify(struct knib_context *context, const char *request_json, 
 /**
  * Operation `hash`: the xxh3-128 hash of each volume's chain of a backup
  * (as `agent.take_hash` computes it on explicit files).
- * Request: `store`, `backup`. Answer: `{"backup", "chain_hashes":
- * {volume: hex}}`.
+ * Request: `store`, `backup`, `timeout_secs`. Answer: `{"backup",
+ * "volumes": {volume: {"hash", "files": [{"path", "hash"}]}}}`, each
+ * volume's the `hash` and `files` of `agent.take_hash` on its chain.
  *
  * # Safety
  * As `knib_call`.
