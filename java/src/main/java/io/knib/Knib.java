@@ -23,8 +23,8 @@ import java.util.logging.Level;
  * <p>Requests are immutable records (built with their {@code builder()} or constructors); answers are
  * immutable too, read through accessor methods. Every failure is a {@link KnibException} (checked) of the
  * subclass of its kind; a failed backup's says whether the VM was left consistent. A panic inside knib (a
- * bug, not a failure) is a {@link KnibPanicError} (unchecked); the JVM and the context go on. knib's native log records go to {@code java.util.logging} (logger {@code
- * io.knib.native}).
+ * bug, not a failure) is a {@link KnibPanicError} (unchecked); the JVM and the context go on. knib's native
+ * log records go to {@code java.util.logging} (logger {@code io.knib.native}).
  */
 public final class Knib implements AutoCloseable {
     private static final Cleaner CLEANER = Cleaner.create();
