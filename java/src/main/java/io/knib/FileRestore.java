@@ -13,7 +13,7 @@ import java.util.OptionalInt;
  * FileRestore.Volume v = new FileRestore.Volume("/backups", backupId, "root");
  * k.listFilesystems(v);
  * k.listFiles(FileRestore.ListRequest.of(v).withPath("/etc").withFs(1));
- * k.extractFiles(FileRestore.GetRequest.of(v, "/etc/hosts", "/tmp/out"));
+ * k.extractFiles(FileRestore.GetRequest.of(v, "/etc/hosts", "/restore/out"));
  * }</pre>
  */
 public final class FileRestore {
