@@ -17,9 +17,6 @@ pub struct BootArgs {
     /// Boot the backup in a throwaway domain on overlays of it and check it.
     #[arg(long, requires = "backup")]
     pub boot: bool,
-    /// The libvirt connection URI.
-    #[arg(long, default_value = "qemu:///system")]
-    pub connect: String,
     /// Boot this kernel directly (otherwise the first disk boots through the firmware).
     #[arg(long, requires = "boot")]
     pub kernel: Option<PathBuf>,
@@ -49,8 +46,8 @@ pub struct BootArgs {
     pub expect_output: Option<String>,
 }
 
-/// Run the boot test of backup `id`.
-pub fn run(store: &Store, id: &str, a: &BootArgs, json: bool, ctl: &Control) -> Result<()> {
+/// Run the boot test of backup `id`, on libvirt at `connect`.
+pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl: &Control) -> Result<()> {
     let m = store.show(id)?;
     let backup_files = store.boot_files(&m)?;
     let work_dir = std::env::temp_dir().join(format!("knib-validate-{}-{id}", std::process::id()));
@@ -73,7 +70,7 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, json: bool, ctl: &Control) -> 
         command,
         domain_type: None,
     };
-    let hv = Hypervisor::open(&a.connect)?;
+    let hv = Hypervisor::open(connect)?;
     let report = boot_test(&hv, &req, ctl);
     let _ = std::fs::remove_dir_all(&work_dir);
     let report = report?;

@@ -103,14 +103,14 @@ fn mode_text(e: &EntryInfo) -> String {
 }
 
 fn entry_line(e: &EntryInfo) -> String {
-    let when = if e.mtime >= 0 {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(e.mtime as u64);
-        // "YYYY-MM-DDTHH:MM:SS.mmmZ" as "YYYY-MM-DD HH:MM:SS" (UTC).
-        let t = knib_core::catalog::manifest::rfc3339(t);
-        t.get(..19).unwrap_or(&t).replacen('T', " ", 1)
-    } else {
-        format!("{}s", e.mtime)
-    };
+    // "YYYY-MM-DD HH:MM:SS" (UTC); a time before 1970 in seconds.
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
+        time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    let when = time::OffsetDateTime::from_unix_timestamp(e.mtime)
+        .ok()
+        .filter(|_| e.mtime >= 0)
+        .and_then(|t| t.format(FORMAT).ok())
+        .unwrap_or_else(|| format!("{}s", e.mtime));
     let target = e.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
     format!("{}  {:>12}  {when}  {}{target}", mode_text(e), e.size, e.name)
 }

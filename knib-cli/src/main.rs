@@ -1,7 +1,12 @@
 //! `knib`: backups of KVM virtual machines with qcow2 disks, from the shell.
 //!
 //! Errors go to standard error as one line, `knib: <kind>: <what was wrong>`,
-//! and the exit status is 10 + the error kind's code (see the README).
+//! and the exit status is 10 + the error kind's code (see the README); a
+//! bad command line (an unknown option, a value not among those `--help`
+//! lists) is clap's usage error, status 2. knib's log goes to standard
+//! error: warnings always, more with `-v` (info), `-vv` (debug), `-vvv`
+//! (trace) or `KNIB_LOG` (an env_logger filter: `KNIB_LOG=debug`,
+//! `KNIB_LOG=knib_core::catalog=trace`).
 
 mod boot;
 mod demo;
@@ -9,10 +14,11 @@ mod files;
 mod jobs;
 mod output;
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use knib_core::catalog::{BackupOptions, DiskSpec, Store, DEFAULT_CHAIN_SIZE};
 use knib_core::engine::CompressOptions;
 use knib_core::libvirt::Hypervisor;
@@ -20,11 +26,25 @@ use knib_core::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
 use knib_core::{KnibError, Result};
 
 #[derive(Parser)]
-#[command(name = "knib", version, about = "Native incremental backups of KVM VMs with qcow2 disks")]
+#[command(
+    name = "knib",
+    version,
+    about = "Native incremental backups of KVM VMs with qcow2 disks",
+    after_help = "Environment:\n  KNIB_LOG=FILTER  show knib's log on stderr by level or module \
+                  (KNIB_LOG=debug, KNIB_LOG=knib_core::catalog=trace)"
+)]
 struct Cli {
     /// Print results as JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Show knib's log on stderr: -v info, -vv debug, -vvv trace (warnings
+    /// are always shown).
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
+    /// The libvirt connection URI of the commands that talk to libvirt
+    /// (backup --domain, restore --quick, consolidate, recover, verify --boot).
+    #[arg(long, global = true, value_name = "URI", default_value = "qemu:///system")]
+    connect: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,9 +66,6 @@ enum Command {
         /// through a disk-only snapshot.
         #[arg(long)]
         domain: Option<String>,
-        /// The libvirt connection URI.
-        #[arg(long, default_value = "qemu:///system")]
-        connect: String,
         /// Freeze the guest's filesystems for the snapshot (needs the QEMU
         /// guest agent).
         #[arg(long, requires = "domain")]
@@ -62,9 +79,10 @@ enum Command {
         /// Backups per chain (1 = always full, less than 1 = unlimited).
         #[arg(long, default_value_t = DEFAULT_CHAIN_SIZE, allow_negative_numbers = true)]
         chain_size: i64,
-        /// Compress the backup as it is copied, in one pass (zstd or zlib).
-        #[arg(long, value_name = "LIBRARY", num_args = 0..=1, default_missing_value = "zstd")]
-        compress: Option<String>,
+        /// Compress the backup as it is copied, in one pass (zstd when no
+        /// LIBRARY is given).
+        #[arg(long, value_enum, value_name = "LIBRARY", num_args = 0..=1, default_missing_value = "zstd")]
+        compress: Option<Library>,
     },
     /// List backups, oldest first.
     List {
@@ -97,8 +115,8 @@ enum Command {
         #[arg(long, required_unless_present = "quick")]
         to: Option<PathBuf>,
         /// Its format.
-        #[arg(long, default_value = "qcow2")]
-        format: String,
+        #[arg(long, value_enum, default_value_t = Format::Qcow2)]
+        format: Format,
         /// Quick restore: start the (stopped) domain at once on overlays of
         /// the backup; `knib consolidate` later pulls the data in.
         #[arg(long, requires = "domain", conflicts_with_all = ["volume", "to"])]
@@ -106,9 +124,6 @@ enum Command {
         /// The domain to quick-restore onto.
         #[arg(long)]
         domain: Option<String>,
-        /// The libvirt connection URI.
-        #[arg(long, default_value = "qemu:///system")]
-        connect: String,
         /// Do not check the backup's files against their recorded hashes
         /// (by default every file of the chain is checked as it is read,
         /// and a damaged one fails the restore): to get out what can be got
@@ -122,9 +137,6 @@ enum Command {
         /// The domain.
         #[arg(long)]
         domain: String,
-        /// The libvirt connection URI.
-        #[arg(long, default_value = "qemu:///system")]
-        connect: String,
     },
     /// Finish or undo a domain backup that was interrupted.
     Recover {
@@ -134,9 +146,6 @@ enum Command {
         /// The domain.
         #[arg(long)]
         domain: String,
-        /// The libvirt connection URI.
-        #[arg(long, default_value = "qemu:///system")]
-        connect: String,
     },
     /// Compress a backup in place (it stays a valid backing file).
     Compress {
@@ -145,11 +154,11 @@ enum Command {
         store: PathBuf,
         /// The backup's id.
         backup: String,
-        /// zstd or zlib.
-        #[arg(long, default_value = "zstd")]
-        library: String,
+        /// The compression library.
+        #[arg(long, value_enum, default_value_t = Library::Zstd)]
+        library: Library,
         /// Parallel coroutines of qemu-img (1 to 16).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
         coroutines: u32,
         /// Rate limit in MB/s (0 = none).
         #[arg(long, default_value_t = 0)]
@@ -194,6 +203,39 @@ enum Command {
     },
 }
 
+/// A compression library, as the command line names it.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Library {
+    // No doc comments: `--help` then lists the values on one line.
+    Zstd,
+    Zlib,
+}
+
+impl From<Library> for CompressionLibrary {
+    fn from(l: Library) -> Self {
+        match l {
+            Library::Zstd => CompressionLibrary::Zstd,
+            Library::Zlib => CompressionLibrary::Zlib,
+        }
+    }
+}
+
+/// An image format a restore writes.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl From<Format> for ImageFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Qcow2 => ImageFormat::Qcow2,
+            Format::Raw => ImageFormat::Raw,
+        }
+    }
+}
+
 fn parse_disk(s: &str) -> Result<DiskSpec> {
     let (name, path) = s
         .split_once('=')
@@ -212,10 +254,11 @@ fn parse_disk(s: &str) -> Result<DiskSpec> {
 
 fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
+    let connect = cli.connect;
     let ctl = output::control();
     match cli.command {
-        Command::Backup { store, vm, disks, domain, connect, quiesce, full, isolated, chain_size, compress } => {
-            let compress = compress.map(|c| c.parse::<CompressionLibrary>()).transpose()?;
+        Command::Backup { store, vm, disks, domain, quiesce, full, isolated, chain_size, compress } => {
+            let compress = compress.map(CompressionLibrary::from);
             let opts = BackupOptions { full, isolated, chain_size, compress };
             let m = match (vm, domain) {
                 (Some(vm), None) => {
@@ -248,8 +291,8 @@ fn run(cli: Cli) -> Result<()> {
             let m = store.show(&backup)?;
             output::print_backup(&store, &m, json);
         }
-        Command::Restore { store, backup, volume, to, format, quick, domain, connect, no_verify } => {
-            let format: ImageFormat = format.parse()?;
+        Command::Restore { store, backup, volume, to, format, quick, domain, no_verify } => {
+            let format = ImageFormat::from(format);
             let store = Store::open(store)?;
             if quick {
                 let domain = domain.ok_or_else(|| KnibError::invalid("--quick needs --domain"))?;
@@ -278,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
             output::say(json, &serde_json::json!(knib_core::api::catalog::restored(volume, to)), &text);
         }
         Command::Compress { store, backup, library, coroutines, rate_limit } => {
-            let library: CompressionLibrary = library.parse()?;
+            let library = CompressionLibrary::from(library);
             let store = Store::open(store)?;
             let opts = CompressOptions { library, coroutines, rate_limit_mbps: rate_limit, ..Default::default() };
             let m = store.compress(&backup, &opts, &ctl)?;
@@ -289,7 +332,7 @@ fn run(cli: Cli) -> Result<()> {
             let store = Store::open(store)?;
             if boot.boot {
                 let id = backup.ok_or_else(|| KnibError::invalid("--boot needs a BACKUP"))?;
-                return boot::run(&store, &id, &boot, json, &ctl);
+                return boot::run(&store, &id, &boot, &connect, json, &ctl);
             }
             let reports = store.verify(backup.as_deref(), &ctl)?;
             output::clear_progress();
@@ -314,7 +357,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
         }
-        Command::Consolidate { domain, connect } => {
+        Command::Consolidate { domain } => {
             let hv = Hypervisor::open(&connect)?;
             let dom = hv.domain(&domain)?;
             let done = knib_core::engine::live::consolidate(&QemuImg::new(), &dom, &ctl)?;
@@ -326,7 +369,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             output::say(json, &serde_json::json!({"domain": domain, "consolidated": done}), &text);
         }
-        Command::Recover { store, domain, connect } => {
+        Command::Recover { store, domain } => {
             let hv = Hypervisor::open(&connect)?;
             let dom = hv.domain(&domain)?;
             let store = Store::create(store)?;
@@ -350,8 +393,33 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Send knib's log to stderr: warnings, or what `KNIB_LOG` and `-v` ask for
+/// (`-v` sets the level of every module, after `KNIB_LOG`).
+fn init_log(verbose: u8) {
+    let mut b = env_logger::Builder::new();
+    b.filter_level(log::LevelFilter::Warn);
+    if let Ok(filter) = std::env::var("KNIB_LOG") {
+        b.parse_filters(&filter);
+    }
+    match verbose {
+        0 => {}
+        1 => {
+            b.filter_level(log::LevelFilter::Info);
+        }
+        2 => {
+            b.filter_level(log::LevelFilter::Debug);
+        }
+        _ => {
+            b.filter_level(log::LevelFilter::Trace);
+        }
+    }
+    b.format(|out, r| writeln!(out, "[{} {}] {}", r.level(), r.target(), r.args()));
+    b.init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_log(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -82,8 +82,10 @@ impl fmt::Display for ErrorKind {
     }
 }
 
-/// The error of every fallible knib operation.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// The error of every fallible knib operation. Shown as `<kind>: <message>`,
+/// then whether the VM was left consistent when that is known.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
+#[error("{kind}: {message}{}", consistency_note(*.vm_consistent))]
 pub struct KnibError {
     /// What kind of failure this is.
     pub kind: ErrorKind,
@@ -149,18 +151,32 @@ impl KnibError {
     }
 }
 
-impl fmt::Display for KnibError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)?;
-        match self.vm_consistent {
-            Some(true) => write!(f, " (the VM was left consistent)"),
-            Some(false) => write!(f, " (the VM was left inconsistent: run recover)"),
-            None => Ok(()),
-        }
+/// What [`KnibError`]'s text says after its message about the VM.
+fn consistency_note(vm_consistent: Option<bool>) -> &'static str {
+    match vm_consistent {
+        Some(true) => " (the VM was left consistent)",
+        Some(false) => " (the VM was left inconsistent: run recover)",
+        None => "",
     }
 }
 
-impl std::error::Error for KnibError {}
-
 /// The result of every fallible knib operation.
 pub type Result<T, E = KnibError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_is_kind_message_and_the_vm_state() {
+        let e = KnibError::busy("vm1 is being backed up");
+        assert_eq!(e.to_string(), "busy: vm1 is being backed up");
+        assert_eq!(e.clone().with_vm_consistent(true).to_string(), "busy: vm1 is being backed up (the VM was left consistent)");
+        assert_eq!(
+            e.with_vm_consistent(false).to_string(),
+            "VM left inconsistent: vm1 is being backed up (the VM was left inconsistent: run recover)"
+        );
+        let boxed: Box<dyn std::error::Error> = Box::new(KnibError::internal("x"));
+        assert_eq!(boxed.to_string(), "internal: x");
+    }
+}

@@ -208,7 +208,8 @@ pub fn parse_progress(line: &[u8]) -> Option<f64> {
 mod tests {
     use super::*;
     use crate::progress::{CancelToken, Deadline};
-    use std::sync::{Arc, Mutex};
+    use parking_lot::Mutex;
+    use std::sync::Arc;
 
     #[test]
     fn progress_lines_parse() {
@@ -242,13 +243,13 @@ mod tests {
     fn progress_is_reported_and_other_output_kept() {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
-        let ctl = Control::new().with_progress(Arc::new(move |p| s2.lock().unwrap().push(p.percent)));
+        let ctl = Control::new().with_progress(Arc::new(move |p| s2.lock().push(p.percent)));
         let f = Invocation::new("printf")
             .arg("    (0.00/100%%)\r    (50.00/100%%)\rhello\n    (100.00/100%%)\r")
             .progress("copy")
             .run(&ctl)
             .unwrap();
-        assert_eq!(*seen.lock().unwrap(), vec![0.0, 50.0, 100.0]);
+        assert_eq!(*seen.lock(), vec![0.0, 50.0, 100.0]);
         assert_eq!(f.stdout.trim(), "hello");
     }
 

@@ -12,17 +12,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use crate::error::{KnibError, Result};
 use crate::progress::{CancelToken, Control, Deadline, ProgressSink};
-
-/// Lock `m`, going on after a panic poisoned it: every value guarded here is
-/// replaced whole, never left half-updated.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// The settings and state behind one handle of a binding.
 #[derive(Default)]
@@ -42,7 +38,7 @@ impl Session {
     /// Set (or with `None` remove) where the progress of the next
     /// operations goes.
     pub fn set_progress(&self, sink: Option<ProgressSink>) {
-        *lock(&self.progress) = sink;
+        *self.progress.lock() = sink;
     }
 
     /// Set the time budget of each next operation, in seconds; 0 or less
@@ -55,16 +51,16 @@ impl Session {
     /// Ask the running operation to stop; when none runs, the next one to
     /// start is cancelled at once.
     pub fn cancel(&self) {
-        lock(&self.cancel).cancel();
+        self.cancel.lock().cancel();
     }
 
     /// The control of one operation: this session's progress sink, cancel
     /// token and time budget.
     pub fn control(&self) -> Control {
         let mut ctl = Control::new()
-            .with_cancel(lock(&self.cancel).clone())
+            .with_cancel(self.cancel.lock().clone())
             .with_deadline(Deadline::from_secs(self.timeout_secs.load(Ordering::SeqCst)));
-        if let Some(sink) = lock(&self.progress).clone() {
+        if let Some(sink) = self.progress.lock().clone() {
             ctl = ctl.with_progress(sink);
         }
         ctl
@@ -83,7 +79,7 @@ impl Session {
         struct Done<'a>(&'a Session);
         impl Drop for Done<'_> {
             fn drop(&mut self) {
-                *lock(&self.0.cancel) = CancelToken::new();
+                *self.0.cancel.lock() = CancelToken::new();
                 self.0.running.store(false, Ordering::SeqCst);
             }
         }
@@ -130,7 +126,7 @@ impl<T> Handles<T> {
 
     /// Keep `value` and return its new handle.
     pub fn insert(&self, value: T) -> u64 {
-        let mut t = lock(&self.table);
+        let mut t = self.table.lock();
         let n = t.next;
         t.next += 1;
         let handle = self.tag.wrapping_add(n.wrapping_mul(16));
@@ -140,18 +136,18 @@ impl<T> Handles<T> {
 
     /// The value behind `handle`, if it is live.
     pub fn get(&self, handle: u64) -> Option<Arc<T>> {
-        lock(&self.table).live.get(&handle).cloned()
+        self.table.lock().live.get(&handle).cloned()
     }
 
     /// Release `handle`: it is dead from now on. The value goes when the
     /// last call using it returns. `None` when it was not live.
     pub fn remove(&self, handle: u64) -> Option<Arc<T>> {
-        lock(&self.table).live.remove(&handle)
+        self.table.lock().live.remove(&handle)
     }
 
     /// How many handles are live.
     pub fn len(&self) -> usize {
-        lock(&self.table).live.len()
+        self.table.lock().live.len()
     }
 
     /// Whether no handle is live.

@@ -4,7 +4,6 @@
 use std::any::Any;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Mutex, MutexGuard};
 
 use knib_core::KnibError;
 
@@ -59,12 +58,6 @@ pub(crate) fn guard_void(f: impl FnOnce()) {
 /// Run `f`, turning a panic into a [`Fail`].
 pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, Fail>) -> Result<T, Fail> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(Fail::panic(&*p)))
-}
-
-/// Lock `m`, going on after a panic poisoned it: every value guarded here
-/// is replaced whole, never left half-updated.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Fail unless `p` is non-NULL.

@@ -11,12 +11,13 @@
 //! shared with the JNI bridge.
 
 use std::ffi::{c_char, c_void};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use knib_core::session::{Handles, Session};
 use knib_core::Progress;
+use parking_lot::Mutex;
 
-use crate::boundary::{c_string, catch, guard, guard_void, lock, non_null, Fail};
+use crate::boundary::{c_string, catch, guard, guard_void, non_null, Fail};
 use crate::result::knib_result;
 
 /// An opaque context: the settings (progress callback, time budget), the
@@ -84,11 +85,11 @@ pub(crate) enum Record {
 
 impl Context {
     fn set_error(&self, fail: Fail) {
-        *lock(&self.last_error) = Some(fail);
+        *self.last_error.lock() = Some(fail);
     }
 
     fn clear_error(&self) {
-        *lock(&self.last_error) = None;
+        *self.last_error.lock() = None;
     }
 }
 
@@ -238,7 +239,7 @@ pub unsafe extern "C" fn knib_context_error_message(
     with_context(context, Record::Reader, |ctx| {
         non_null(buf, "buf")?;
         non_null(needed, "needed")?;
-        let message = lock(&ctx.last_error).as_ref().map(|f| c_string(&f.message)).unwrap_or_default();
+        let message = ctx.last_error.lock().as_ref().map(|f| c_string(&f.message)).unwrap_or_default();
         let bytes = message.as_bytes_with_nul();
         // SAFETY: `needed` is non-NULL and writable, as the caller promised.
         unsafe { *needed = bytes.len() };
@@ -265,7 +266,7 @@ pub unsafe extern "C" fn knib_context_error_vm_consistent(
 ) -> knib_result {
     with_context(context, Record::Reader, |ctx| {
         non_null(consistent_out, "consistent_out")?;
-        let v = match lock(&ctx.last_error).as_ref().and_then(|f| f.vm_consistent) {
+        let v = match ctx.last_error.lock().as_ref().and_then(|f| f.vm_consistent) {
             Some(true) => 1,
             Some(false) => 0,
             None => -1,

@@ -1,7 +1,7 @@
 //! knib-bench: the data-path benchmark (not part of the test suite).
 //!
 //! ```text
-//! cargo run --release -p knib-cli --bin knib-bench -- [--dir DIR] [--size-gib N] [--runs N]
+//! cargo run --release -p knib-cli --bin knib-bench -- [--dir DIR] [--size-gib N] [--runs N] [--rows LIST]
 //! ```
 //!
 //! It generates a deterministic disk image (64 KiB clusters; about 35%
@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+use clap::{Parser, Subcommand, ValueEnum};
 use knib_core::engine::{self, BackupKind, DataPath, TakeBackupRequest, VolumeBackup};
 use knib_core::qcow2::{
     copy_image, BackingRef, ClusterState, CompressionType, CopyOptions, FileSink, ImageSpec, Layout, Qcow2Image,
@@ -218,39 +219,86 @@ fn human(n: u64) -> String {
     }
 }
 
-/// The `op` subcommands: knib's side of each row, run under /usr/bin/time.
-fn op(args: &[String]) {
+/// The benchmark's command line.
+#[derive(Parser)]
+#[command(name = "knib-bench", about = "The data-path benchmark: knib's native data path against qemu-img")]
+struct Args {
+    /// Work here: the generated images and the outputs of every tool.
+    #[arg(long, default_value = "/var/tmp/knib-bench")]
+    dir: PathBuf,
+    /// Virtual size of the generated disk, in GiB.
+    #[arg(long, default_value_t = 4)]
+    size_gib: u64,
+    /// Timed runs of each tool (the median is shown).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Only these rows, comma-separated (all when left out).
+    #[arg(long, value_delimiter = ',', value_parser = ["compress", "delta", "delta-compressed", "restore", "engine"])]
+    rows: Vec<String>,
+    #[command(subcommand)]
+    op: Option<OpCommand>,
+}
+
+#[derive(Subcommand)]
+enum OpCommand {
+    /// knib's side of one row, run by the benchmark itself under /usr/bin/time.
+    #[command(hide = true)]
+    Op {
+        /// What to run.
+        #[arg(value_enum)]
+        kind: Op,
+        /// Its files: source, destination, then the backing file or parent
+        /// (`hash`: the one file).
+        #[arg(num_args = 1..=3, required = true)]
+        files: Vec<String>,
+    },
+}
+
+/// The `op` subcommands.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum Op {
+    Compress,
+    Delta,
+    DeltaCompressed,
+    Restore,
+    Hash,
+    EngineFull,
+    EngineInc,
+}
+
+/// knib's side of each row, run under /usr/bin/time.
+fn op(kind: Op, args: &[String]) {
     let a = |i: usize| PathBuf::from(&args[i]);
     let ctl = Control::new();
     let mut opts = CopyOptions { hash: false, ..Default::default() };
-    match args[0].as_str() {
-        "compress" => {
+    match kind {
+        Op::Compress => {
             opts.compression = Some(CompressionType::Zstd);
             opts.threads = 8.min(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         }
-        "delta" | "delta-compressed" => {
-            opts.backing = Some(BackingRef { name: args[3].clone(), format: "qcow2".into() });
+        Op::Delta | Op::DeltaCompressed => {
+            opts.backing = Some(BackingRef { name: args[2].clone(), format: "qcow2".into() });
             opts.hash = true;
-            if args[0] == "delta-compressed" {
+            if kind == Op::DeltaCompressed {
                 opts.compression = Some(CompressionType::Zstd);
             }
         }
-        "restore" => {
+        Op::Restore => {
             opts.mode = SourceMode::Chain;
             opts.format = TargetFormat::Raw;
         }
-        "hash" => {
-            println!("{}", engine::hash_files(&[a(1)], &ctl).expect("hash"));
+        Op::Hash => {
+            println!("{}", engine::hash_files(&[a(0)], &ctl).expect("hash"));
             return;
         }
-        "engine-full" | "engine-inc" => {
-            let inc = args[0] == "engine-inc";
+        Op::EngineFull | Op::EngineInc => {
+            let inc = kind == Op::EngineInc;
             let req = TakeBackupRequest {
                 volumes: vec![VolumeBackup {
                     name: "vda".into(),
-                    disk: a(1),
-                    dest: a(2),
-                    parent: inc.then(|| args[3].clone()),
+                    disk: a(0),
+                    dest: a(1),
+                    parent: inc.then(|| args[2].clone()),
                 }],
                 kind: if inc { BackupKind::Incremental } else { BackupKind::Full },
                 end_of_chain: false,
@@ -260,38 +308,17 @@ fn op(args: &[String]) {
             engine::take_backup(&QemuImg::new(), &req, &ctl).expect("backup");
             return;
         }
-        other => panic!("unknown op {other}"),
     }
-    let r = copy_image(&a(1), &a(2), &opts, &ctl, &mut |_| Ok(())).expect("copy");
+    let r = copy_image(&a(0), &a(1), &opts, &ctl, &mut |_| Ok(())).expect("copy");
     if let Some(h) = r.hash {
         println!("{h}");
     }
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("op") {
-        return op(&args[1..]);
-    }
-    let mut dir = PathBuf::from("/var/tmp/knib-bench");
-    let mut size_gib = 4u64;
-    let mut runs = 3usize;
-    let mut only: Vec<String> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--dir" => dir = PathBuf::from(it.next().expect("--dir DIR")),
-            "--size-gib" => size_gib = it.next().expect("--size-gib N").parse().expect("a number"),
-            "--runs" => runs = it.next().expect("--runs N").parse().expect("a number"),
-            "--rows" => only = it.next().expect("--rows LIST").split(',').map(String::from).collect(),
-            _ => {
-                eprintln!(
-                    "usage: knib-bench [--dir DIR] [--size-gib N] [--runs N] \
-                     [--rows compress,delta,delta-compressed,restore,engine]"
-                );
-                std::process::exit(2);
-            }
-        }
+    let Args { dir, size_gib, runs, rows: only, op: command } = Args::parse();
+    if let Some(OpCommand::Op { kind, files }) = command {
+        return op(kind, &files);
     }
     std::fs::create_dir_all(&dir).expect("bench directory");
     let me = std::env::current_exe().expect("own path");

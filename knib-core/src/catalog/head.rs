@@ -88,12 +88,14 @@ impl Store {
         opts: &super::BackupOptions,
         follows: &[(String, Follows)],
     ) -> Result<Decision> {
-        let decision = |kind, parent: Option<Manifest>, full_reason: Option<String>| {
+        let decision = |kind: BackupKind, parent: Option<Manifest>, full_reason: Option<String>| {
             let position = parent.as_ref().map(|p: &Manifest| p.position + 1).unwrap_or(1);
             let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
             if let Some(why) = &full_reason {
                 log::warn!("backup of {vm}: taking a full backup: {why}");
             }
+            let ends = if end_of_chain { ", which ends its chain" } else { "" };
+            log::info!("backup of {vm}: {} backup at position {position}{ends}", kind.as_str());
             Decision { kind, parent, position, end_of_chain, full_reason }
         };
         if opts.isolated {

@@ -177,11 +177,19 @@ impl Store {
         Ok(Store { root: root.into(), qemu_img: QemuImg::new() })
     }
 
-    /// Open an existing store.
+    /// Open an existing store: a directory holding what knib writes there
+    /// (its `vms` or `jobs` directory, or its settings file).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         if !root.is_dir() {
             return Err(KnibError::not_found(format!("store {} does not exist", root.display())));
+        }
+        if !["vms", "jobs", settings::SETTINGS_FILE].iter().any(|n| root.join(n).exists()) {
+            return Err(KnibError::not_found(format!(
+                "{} is not a knib store (it holds no vms/, jobs/ or {})",
+                root.display(),
+                settings::SETTINGS_FILE
+            )));
         }
         Ok(Store { root, qemu_img: QemuImg::new() })
     }

@@ -30,22 +30,29 @@
 //! | `validation.expect_exit` | exit code the command must end with | `0` |
 //! | `validation.expect_output` | output it must print (trailing white space ignored) | none |
 //! | `validation.domain_type` | `kvm` or `qemu` | chosen by the host |
+//! | `knib.data.path` | (knib: who moves the bytes of copies, compressions, restores) | `"native"` (or `"qemu-img"`) |
 //!
 //! A validation job always runs `qemu-img check` on every file of the
 //! backup's chains, compares backing pointers and sizes with the manifest,
 //! and checks the hash (recorded at backup time or the first success); with
 //! `validation.boot` it also boots the backup.
-//! | `knib.data.path` | (knib: who moves the bytes of copies, compressions, restores) | `"native"` (or `"qemu-img"`) |
 //!
 //! Keys may be written flat (`{"schema": 1, "compression.max_retries": 3}`)
-//! or nested (`{"schema": 1, "compression": {"max_retries": 3}}`). An unknown
-//! key, a key given twice, a value of the wrong type or out of range is an
+//! or nested (`{"schema": 1, "compression": {"max_retries": 3}}`), or both
+//! in one file. An unknown key, a key given twice (in one object, or once
+//! flat and once nested), a value of the wrong type or out of range is an
 //! [`crate::ErrorKind::InvalidInput`] error naming the key.
+//!
+//! How: the flat keys are expanded into the nested object, which serde
+//! reads into [`Settings`] (every section refuses unknown fields and takes
+//! its defaults for keys left out; the ranges are checked by the fields'
+//! deserializers), and `serde_path_to_error` names the key of an error.
 
 use std::path::{Path, PathBuf};
 
+use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::engine::{CompressOptions, DataPath};
 use crate::error::{KnibError, Result};
@@ -90,23 +97,31 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
 
 /// How compression jobs run (see the module's table for the keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct CompressionSettings {
     /// Whether `jobs run` runs compression jobs (queued ones wait when not).
     pub enabled: bool,
     /// Compression jobs running at once on one host, all runners together.
+    #[serde(deserialize_with = "per_host")]
     pub max_concurrent_per_host: u32,
     /// Retries after a failed attempt (so at most `1 + max_retries` attempts).
+    #[serde(deserialize_with = "retries")]
     pub max_retries: u32,
     /// Seconds between a failed attempt and the next.
+    #[serde(deserialize_with = "seconds")]
     pub retry_interval_secs: u64,
     /// Time budget of one attempt, in seconds; 0 = no limit.
+    #[serde(deserialize_with = "seconds")]
     pub timeout_secs: u64,
     /// Refuse to compress unless the store has this many times the backup
     /// file's size free.
+    #[serde(deserialize_with = "factor")]
     pub min_free_factor: f64,
     /// qemu-img coroutines (`-m`), 1 to 16.
+    #[serde(deserialize_with = "coroutines")]
     pub coroutines: u32,
     /// Rate limit in MB/s; 0 = none.
+    #[serde(deserialize_with = "rate_limit")]
     pub rate_limit_mbps: u64,
     /// zstd or zlib (zlib is used for qcow2 v2 files whatever is set).
     pub library: CompressionLibrary,
@@ -130,41 +145,55 @@ impl Default for CompressionSettings {
 
 /// How validation jobs run (see the module's table for the keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ValidationSettings {
     /// Whether `jobs run` runs validation jobs (queued ones wait when not).
     pub enabled: bool,
     /// Validation jobs running at once on one host, all runners together.
+    #[serde(deserialize_with = "per_host")]
     pub max_concurrent_per_host: u32,
     /// Retries after an attempt that could not run (a backup found bad is
     /// failed at once: checking it again would not change it).
+    #[serde(deserialize_with = "retries")]
     pub max_retries: u32,
     /// Seconds between such an attempt and the next.
+    #[serde(deserialize_with = "seconds")]
     pub retry_interval_secs: u64,
     /// Time budget of one attempt, in seconds; 0 = no limit.
+    #[serde(deserialize_with = "seconds")]
     pub timeout_secs: u64,
     /// Boot the backup in a throwaway domain.
     pub boot: bool,
     /// The libvirt URI of the boot test.
     pub connect: String,
     /// A kernel to boot directly.
+    #[serde(deserialize_with = "absolute_path", skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
     /// Its initrd.
+    #[serde(deserialize_with = "absolute_path", skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
     /// Its command line.
+    #[serde(deserialize_with = "some", skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
     /// Guest memory in MiB.
+    #[serde(deserialize_with = "memory")]
     pub memory_mib: u64,
     /// Seconds the guest agent has to answer.
+    #[serde(deserialize_with = "boot_seconds")]
     pub boot_timeout_secs: u64,
     /// Save a screenshot.
     pub screenshot: bool,
     /// A command to run in the guest: program then arguments.
+    #[serde(deserialize_with = "guest_command", skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     /// The exit code the command must end with.
+    #[serde(deserialize_with = "some", skip_serializing_if = "Option::is_none")]
     pub expect_exit: Option<i64>,
     /// The output the command must print.
+    #[serde(deserialize_with = "some", skip_serializing_if = "Option::is_none")]
     pub expect_output: Option<String>,
     /// libvirt's domain type (`kvm` or `qemu`); none = chosen by the host.
+    #[serde(deserialize_with = "domain_type", skip_serializing_if = "Option::is_none")]
     pub domain_type: Option<String>,
 }
 
@@ -192,8 +221,12 @@ impl Default for ValidationSettings {
     }
 }
 
-/// The settings of a store.
+/// The settings of a store. As serde reads and writes it, it is the nested
+/// form of the file without its `schema` (`{"compression": {..},
+/// "validation": {..}, "knib": {"data": {"path": ..}}}`); [`Settings::load`]
+/// and [`Settings::from_json`] read the file itself.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Compression jobs.
     pub compression: CompressionSettings,
@@ -201,17 +234,161 @@ pub struct Settings {
     pub validation: ValidationSettings,
     /// Backup copies, compressions and restores: knib's native qcow2 data
     /// path (default) or `qemu-img convert` (`knib.data.path`).
-    #[serde(default)]
+    #[serde(rename = "knib", with = "knib_section")]
     pub data_path: DataPath,
 }
 
-fn flatten(prefix: &str, obj: &serde_json::Map<String, Value>, out: &mut Vec<(String, Value)>) {
-    for (k, v) in obj {
-        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-        match v {
-            Value::Object(inner) if !SETTING_KEYS.iter().any(|(s, _)| *s == key) => flatten(&key, inner, out),
-            _ => out.push((key, v.clone())),
+/// The `knib` section: `{"data": {"path": "native"}}`.
+mod knib_section {
+    use super::*;
+
+    #[derive(Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Knib {
+        data: Data,
+    }
+
+    #[derive(Default, Serialize, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    struct Data {
+        path: DataPath,
+    }
+
+    pub fn serialize<S: serde::Serializer>(path: &DataPath, s: S) -> std::result::Result<S::Ok, S::Error> {
+        Knib { data: Data { path: *path } }.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<DataPath, D::Error> {
+        Ok(Knib::deserialize(d)?.data.path)
+    }
+}
+
+// The fields' deserializers: the type by serde, then the range.
+
+type De<T, E> = std::result::Result<T, E>;
+
+/// A whole number from `min` to `max`, or an error saying so.
+fn whole<'de, D: Deserializer<'de>>(d: D, min: u64, max: u64, want: &str) -> De<u64, D::Error> {
+    let n = u64::deserialize(d)?;
+    if n < min || n > max {
+        return Err(D::Error::custom(format!("must be {want}, not {n}")));
+    }
+    Ok(n)
+}
+
+fn per_host<'de, D: Deserializer<'de>>(d: D) -> De<u32, D::Error> {
+    whole(d, 1, 1024, "a whole number from 1 to 1024").map(|n| n as u32)
+}
+
+fn retries<'de, D: Deserializer<'de>>(d: D) -> De<u32, D::Error> {
+    whole(d, 0, 1_000_000, "a whole number from 0 to 1000000").map(|n| n as u32)
+}
+
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {
+    whole(d, 0, u32::MAX as u64, "a number of seconds from 0 to 4294967295")
+}
+
+fn boot_seconds<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {
+    whole(d, 1, u32::MAX as u64, "a number of seconds, 1 or more")
+}
+
+fn coroutines<'de, D: Deserializer<'de>>(d: D) -> De<u32, D::Error> {
+    whole(d, 1, 16, "a whole number from 1 to 16").map(|n| n as u32)
+}
+
+fn memory<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {
+    whole(d, 64, 1 << 20, "a number of MiB from 64 to 1048576")
+}
+
+fn factor<'de, D: Deserializer<'de>>(d: D) -> De<f64, D::Error> {
+    let f = f64::deserialize(d)?;
+    if !(f.is_finite() && f >= 0.0) {
+        return Err(D::Error::custom(format!("must be a number, 0 or more, not {f}")));
+    }
+    Ok(f)
+}
+
+/// CloudStack: a rate limit below 1 means none.
+fn rate_limit<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {
+    Ok(i64::deserialize(d)?.max(0) as u64)
+}
+
+/// A value that is present (`null` is not a value here).
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> De<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> De<Option<PathBuf>, D::Error> {
+    let p = PathBuf::deserialize(d)?;
+    if !p.is_absolute() {
+        return Err(D::Error::custom(format!("must be an absolute path, not {:?}", p.display().to_string())));
+    }
+    Ok(Some(p))
+}
+
+fn guest_command<'de, D: Deserializer<'de>>(d: D) -> De<Vec<String>, D::Error> {
+    let words = Vec::<String>::deserialize(d)?;
+    if !words.first().is_some_and(|p| p.starts_with('/')) {
+        return Err(D::Error::custom(format!(
+            "must be a list of strings, the program (an absolute path in the guest) first, not {words:?}"
+        )));
+    }
+    Ok(words)
+}
+
+fn domain_type<'de, D: Deserializer<'de>>(d: D) -> De<Option<String>, D::Error> {
+    let t = String::deserialize(d)?;
+    if t != "kvm" && t != "qemu" {
+        return Err(D::Error::custom(format!("must be \"kvm\" or \"qemu\", not {t:?}")));
+    }
+    Ok(Some(t))
+}
+
+/// Put `value` at the dotted `key` of `into`, splitting the key and
+/// merging objects; a leaf reached twice is an error naming its key.
+fn insert_dotted(into: &mut Map<String, Value>, key: &str, value: Value, prefix: &str) -> std::result::Result<(), String> {
+    let (first, rest) = match key.split_once('.') {
+        Some((first, rest)) => (first, Some(rest)),
+        None => (key, None),
+    };
+    let full = if prefix.is_empty() { first.to_string() } else { format!("{prefix}.{first}") };
+    let (rest, value) = match (rest, value) {
+        (Some(rest), value) => (Some(rest), value),
+        // A nested object: its keys are inserted one by one, so they may be
+        // dotted too and may meet keys given flat.
+        (None, Value::Object(inner)) => {
+            let slot = into.entry(first).or_insert_with(|| Value::Object(Map::new()));
+            let Value::Object(slot) = slot else { return Err(format!("key {full:?} is given twice")) };
+            for (k, v) in inner {
+                insert_dotted(slot, &k, v, &full)?;
+            }
+            return Ok(());
         }
+        (None, value) => (None, value),
+    };
+    match rest {
+        Some(rest) => {
+            let slot = into.entry(first).or_insert_with(|| Value::Object(Map::new()));
+            let Value::Object(slot) = slot else { return Err(format!("key {full:?} is given twice")) };
+            insert_dotted(slot, rest, value, &full)
+        }
+        None if into.contains_key(first) => Err(format!("key {full:?} is given twice")),
+        None => {
+            into.insert(first.to_string(), value);
+            Ok(())
+        }
+    }
+}
+
+/// The leaf keys of `v`, dotted (`"a": {"b": 1}` gives `a.b`).
+fn leaf_keys(prefix: &str, v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, x) in m {
+                leaf_keys(&if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") }, x, out)
+            }
+        }
+        _ => out.push(prefix.to_string()),
     }
 }
 
@@ -236,172 +413,50 @@ impl Settings {
         let bad = |what: String| KnibError::invalid(format!("settings {origin}: {what}"));
         crate::json::check_unique_keys(text.as_bytes()).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let Value::Object(top) = v else {
+        let Value::Object(mut top) = v else {
             return Err(bad("must be a JSON object".into()));
         };
-        match top.get("schema") {
+        match top.remove("schema") {
             Some(s) if s.as_u64() == Some(SETTINGS_SCHEMA as u64) => {}
             Some(s) => return Err(bad(format!("schema is {s}; this knib reads schema {SETTINGS_SCHEMA}"))),
             None => return Err(bad(format!("has no \"schema\" field (add \"schema\": {SETTINGS_SCHEMA})"))),
         }
-        let mut body = top.clone();
-        body.remove("schema");
-        let mut pairs = Vec::new();
-        flatten("", &body, &mut pairs);
-        let mut s = Settings::default();
-        let mut seen: Vec<String> = Vec::new();
-        for (key, value) in pairs {
-            if seen.contains(&key) {
-                return Err(bad(format!("key {key:?} is given twice")));
-            }
-            seen.push(key.clone());
-            let c = &mut s.compression;
-            let val = &mut s.validation;
-            let type_err = |want: &str| bad(format!("{key} must be {want}, not {value}"));
-            let uint = |max: u64| value.as_u64().filter(|n| *n <= max);
-            let boolean = || value.as_bool().ok_or_else(|| type_err("true or false"));
-            let text = || value.as_str().map(str::to_string).ok_or_else(|| type_err("a string"));
-            let path = || {
-                value
-                    .as_str()
-                    .filter(|p| p.starts_with('/'))
-                    .map(PathBuf::from)
-                    .ok_or_else(|| type_err("an absolute path"))
-            };
-            match key.as_str() {
-                "validation.enabled" => val.enabled = boolean()?,
-                "validation.max_concurrent_per_host" => {
-                    val.max_concurrent_per_host =
-                        uint(1024).filter(|n| *n >= 1).ok_or_else(|| type_err("a whole number from 1 to 1024"))? as u32
-                }
-                "validation.max_retries" => {
-                    val.max_retries = uint(1_000_000).ok_or_else(|| type_err("a whole number, 0 or more"))? as u32
-                }
-                "validation.retry_interval_secs" => {
-                    val.retry_interval_secs =
-                        uint(u32::MAX as u64).ok_or_else(|| type_err("a number of seconds, 0 or more"))?
-                }
-                "validation.timeout_secs" => {
-                    val.timeout_secs = uint(u32::MAX as u64)
-                        .ok_or_else(|| type_err("a number of seconds, 0 or more (0 = no limit)"))?
-                }
-                "validation.boot" => val.boot = boolean()?,
-                "validation.connect" => val.connect = text()?,
-                "validation.kernel" => val.kernel = Some(path()?),
-                "validation.initrd" => val.initrd = Some(path()?),
-                "validation.cmdline" => val.cmdline = Some(text()?),
-                "validation.memory_mib" => {
-                    val.memory_mib =
-                        uint(1 << 20).filter(|n| *n >= 64).ok_or_else(|| type_err("a number of MiB, 64 or more"))?
-                }
-                "validation.boot_timeout_secs" => {
-                    val.boot_timeout_secs = uint(u32::MAX as u64)
-                        .filter(|n| *n >= 1)
-                        .ok_or_else(|| type_err("a number of seconds, 1 or more"))?
-                }
-                "validation.screenshot" => val.screenshot = boolean()?,
-                "validation.command" => {
-                    let want = "a list of strings, the program (an absolute path in the guest) first";
-                    let list = value.as_array().ok_or_else(|| type_err(want))?;
-                    let words: Option<Vec<String>> = list.iter().map(|w| w.as_str().map(str::to_string)).collect();
-                    let words = words
-                        .filter(|w| w.first().is_some_and(|p| p.starts_with('/')))
-                        .ok_or_else(|| type_err(want))?;
-                    val.command = words;
-                }
-                "validation.expect_exit" => {
-                    val.expect_exit = Some(value.as_i64().ok_or_else(|| type_err("a whole number"))?)
-                }
-                "validation.expect_output" => val.expect_output = Some(text()?),
-                "validation.domain_type" => {
-                    let t = text()?;
-                    if t != "kvm" && t != "qemu" {
-                        return Err(type_err("\"kvm\" or \"qemu\""));
-                    }
-                    val.domain_type = Some(t);
-                }
-                "compression.enabled" => c.enabled = value.as_bool().ok_or_else(|| type_err("true or false"))?,
-                "compression.max_concurrent_per_host" => {
-                    c.max_concurrent_per_host =
-                        uint(1024).filter(|n| *n >= 1).ok_or_else(|| type_err("a whole number from 1 to 1024"))? as u32
-                }
-                "compression.max_retries" => {
-                    c.max_retries = uint(1_000_000).ok_or_else(|| type_err("a whole number, 0 or more"))? as u32
-                }
-                "compression.retry_interval_secs" => {
-                    c.retry_interval_secs =
-                        uint(u32::MAX as u64).ok_or_else(|| type_err("a number of seconds, 0 or more"))?
-                }
-                "compression.timeout_secs" => {
-                    c.timeout_secs = uint(u32::MAX as u64)
-                        .ok_or_else(|| type_err("a number of seconds, 0 or more (0 = no limit)"))?
-                }
-                "compression.min_free_factor" => {
-                    c.min_free_factor = value
-                        .as_f64()
-                        .filter(|f| f.is_finite() && *f >= 0.0)
-                        .ok_or_else(|| type_err("a number, 0 or more"))?
-                }
-                "compression.coroutines" => {
-                    c.coroutines =
-                        uint(16).filter(|n| *n >= 1).ok_or_else(|| type_err("a whole number from 1 to 16"))? as u32
-                }
-                "compression.rate_limit_mbps" => {
-                    // CloudStack: less than 1 means no limit.
-                    c.rate_limit_mbps =
-                        value.as_i64().ok_or_else(|| type_err("a whole number of MB/s (less than 1 = none)"))?.max(0)
-                            as u64
-                }
-                "compression.library" => {
-                    c.library = value
-                        .as_str()
-                        .ok_or_else(|| type_err("\"zstd\" or \"zlib\""))?
-                        .parse()
-                        .map_err(|_| type_err("\"zstd\" or \"zlib\""))?
-                }
-                "knib.data.path" => {
-                    s.data_path = value
-                        .as_str()
-                        .ok_or_else(|| type_err("\"native\" or \"qemu-img\""))?
-                        .parse()
-                        .map_err(|_| type_err("\"native\" or \"qemu-img\""))?
-                }
-                _ => {
-                    let known: Vec<&str> = SETTING_KEYS.iter().map(|(k, _)| *k).collect();
-                    return Err(bad(format!("unknown key {key:?} (known keys: schema, {})", known.join(", "))));
-                }
-            }
+        let mut nested = Map::new();
+        for (k, v) in top {
+            insert_dotted(&mut nested, &k, v, "").map_err(bad)?;
         }
-        Ok(s)
+        let nested = Value::Object(nested);
+        serde_path_to_error::deserialize::<_, Settings>(&nested).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            if inner.starts_with("unknown field") {
+                // Name the whole key as written, not only the section that
+                // does not know it.
+                let mut leaves = Vec::new();
+                leaf_keys("", &nested, &mut leaves);
+                let under = format!("{key}.");
+                let written = leaves.into_iter().find(|l| *l == key || l.starts_with(&under)).unwrap_or(key);
+                let known: Vec<&str> = SETTING_KEYS.iter().map(|(k, _)| *k).collect();
+                bad(format!("unknown key {written:?} (known keys: schema, {})", known.join(", ")))
+            } else {
+                bad(format!("{key}: {inner}"))
+            }
+        })
     }
 
-    /// The settings as the file would hold them (flat keys, every one).
+    /// The settings as the file would hold them (flat keys, every one that
+    /// is set).
     pub fn to_json(&self) -> Value {
-        let c = &self.compression;
-        let mut v = serde_json::json!({
-            "schema": SETTINGS_SCHEMA,
-            "compression.enabled": c.enabled,
-            "compression.max_concurrent_per_host": c.max_concurrent_per_host,
-            "compression.max_retries": c.max_retries,
-            "compression.retry_interval_secs": c.retry_interval_secs,
-            "compression.timeout_secs": c.timeout_secs,
-            "compression.min_free_factor": c.min_free_factor,
-            "compression.coroutines": c.coroutines,
-            "compression.rate_limit_mbps": c.rate_limit_mbps,
-            "compression.library": c.library.as_str(),
-            "knib.data.path": self.data_path.as_str(),
-        });
-        if let (Value::Object(out), Value::Object(val)) =
-            (&mut v, serde_json::to_value(&self.validation).expect("settings serialize"))
-        {
-            for (k, x) in val {
-                let unset = x.is_null() || x.as_array().is_some_and(|a| a.is_empty());
-                if !unset {
-                    out.insert(format!("validation.{k}"), x);
-                }
-            }
+        let nested = serde_json::to_value(self).expect("settings serialize");
+        let mut leaves = Vec::new();
+        leaf_keys("", &nested, &mut leaves);
+        let mut out = Map::new();
+        out.insert("schema".into(), SETTINGS_SCHEMA.into());
+        for key in leaves {
+            let v = key.split('.').fold(&nested, |v, k| &v[k]);
+            out.insert(key, v.clone());
         }
-        v
+        Value::Object(out)
     }
 
     /// The compression options of a compression job.
@@ -499,6 +554,10 @@ mod tests {
             (r#"{"schema": 1, "knib.data.path": "qemu"}"#, "knib.data.path"),
             (r#"{"schema": 1, "knib": {"data": {"path": 1}}}"#, "knib.data.path"),
             (r#"{"schema": 1, "compression.enabled": true, "compression": {"enabled": false}}"#, "given twice"),
+            (r#"{"schema": 1, "knib.data": {"path": "native"}, "knib": {"data.path": "native"}}"#, "\"knib.data.path\" is given twice"),
+            (r#"{"schema": 1, "validation": {"kernel": null}}"#, "validation.kernel"),
+            (r#"{"schema": 1, "validation.memory_mib": 32}"#, "validation.memory_mib"),
+            (r#"{"schema": 1, "knib": {"data": {"route": "native"}}}"#, "knib.data.route"),
             (r#"{"compression.enabled": true}"#, "schema"),
             (r#"{"schema": 2}"#, "schema"),
             (r#"[1]"#, "object"),
@@ -509,5 +568,20 @@ mod tests {
             assert!(e.message.contains(needle), "{text}: {e}");
             assert!(e.message.starts_with("settings knib.json: "), "{e}");
         }
+    }
+
+    #[test]
+    fn every_key_of_the_table_is_read_and_written() {
+        let s = parse(
+            r#"{"schema": 1, "validation": {"kernel": "/k", "initrd": "/i", "cmdline": "c", "command": ["/bin/true"],
+                "expect_exit": 0, "expect_output": "", "domain_type": "kvm"}}"#,
+        )
+        .unwrap();
+        let v = s.to_json();
+        let written: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).filter(|k| *k != "schema").collect();
+        let mut table: Vec<&str> = SETTING_KEYS.iter().map(|(k, _)| *k).collect();
+        table.sort();
+        assert_eq!(written, table);
+        assert_eq!(parse(&v.to_string()).unwrap(), s);
     }
 }

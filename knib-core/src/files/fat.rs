@@ -48,26 +48,20 @@ pub struct FatFs {
     bpb_label: Option<String>,
 }
 
-/// Seconds since the epoch of a civil date (proleptic Gregorian, UTC).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// A FAT date and time as seconds since the epoch (UTC).
-pub(crate) fn fat_time(date: u16, time: u16) -> i64 {
-    let y = 1980 + (date >> 9) as i64;
-    let m = (((date >> 5) & 0xf) as i64).clamp(1, 12);
+pub(crate) fn fat_time(date: u16, clock: u16) -> i64 {
+    let y = 1980 + (date >> 9) as i32;
+    let m = ((date >> 5) & 0xf).clamp(1, 12) as u8;
     let d = ((date & 0x1f) as i64).max(1);
-    let h = ((time >> 11) as i64).min(23);
-    let min = (((time >> 5) & 0x3f) as i64).min(59);
-    let s = (((time & 0x1f) * 2) as i64).min(59);
-    days_from_civil(y, m, d) * 86400 + h * 3600 + min * 60 + s
+    let h = ((clock >> 11) as i64).min(23);
+    let min = (((clock >> 5) & 0x3f) as i64).min(59);
+    let s = (((clock & 0x1f) * 2) as i64).min(59);
+    // A day past the month's end (the 31st of April) runs into the next
+    // month, as the fields were written.
+    let month = time::Month::try_from(m).expect("clamped to 1..=12");
+    let first = time::Date::from_calendar_date(y, month, 1).expect("a year from 1980 to 2107 is in range");
+    let midnight = (first + time::Duration::days(d - 1)).midnight().assume_utc().unix_timestamp();
+    midnight + h * 3600 + min * 60 + s
 }
 
 /// The checksum of a short name that its long-name entries carry.
