@@ -308,11 +308,10 @@ impl Header {
                 EXT_DATA_FILE => has_data_file_ext = true,
                 // QEMU ignores the extension (the bitmaps are stale) while
                 // the auto-clear bit is clear; it checks only its length.
-                EXT_BITMAPS if autoclear_features & AUTOCLEAR_BITMAPS == 0 => {
-                    if data.len() != 24 {
-                        return Err(corrupt(name, format!("bitmaps extension of {} bytes (it has 24)", data.len())));
-                    }
-                }
+                EXT_BITMAPS if autoclear_features & AUTOCLEAR_BITMAPS == 0 => match data.len() {
+                    24 => {}
+                    n => return Err(corrupt(name, format!("bitmaps extension of {n} bytes (it has 24)"))),
+                },
                 EXT_BITMAPS => bitmaps = Some(parse_bitmaps_ext(name, data, cluster_size)?),
                 _ => {}
             }
