@@ -87,7 +87,7 @@
 //! domain named `vm_name`, if there is one, and removes the overlays
 //! `prepare_validation` made in `work_dir`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -374,23 +374,6 @@ fn same_file(a: &Path, b: &Path) -> bool {
     a == b || canonical(a) == canonical(b)
 }
 
-/// The path of `to` relative to directory `from` (both absolute), as a
-/// backing pointer: `../<parent>/vol.qcow2`.
-pub fn relative_pointer(from: &Path, to: &Path) -> String {
-    let (from, to) = (canonical(from), canonical(to));
-    let a: Vec<Component> = from.components().collect();
-    let b: Vec<Component> = to.components().collect();
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut out = PathBuf::new();
-    for _ in common..a.len() {
-        out.push("..");
-    }
-    for c in &b[common..] {
-        out.push(c.as_os_str());
-    }
-    out.to_string_lossy().into_owned()
-}
-
 /// `agent.finalize_compression`.
 pub(crate) fn finalize_compression(op: &str, r: &FinalizeReq) -> Result<FinalizeAnswer> {
     non_empty(op, "files", &r.files)?;
@@ -584,6 +567,7 @@ pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Res
 /// A guest command from CloudStack's script fields: the arguments are split
 /// at white space; an integer `expected` is an exit code, anything else the
 /// expected output.
+#[cfg(feature = "libvirt")]
 pub(crate) fn guest_command(script: &str, args: Option<&str>, expected: Option<&str>) -> engine::validate::GuestCommand {
     let (expect_exit, expect_output) = match expected.map(str::trim) {
         None | Some("") => (None, None),
@@ -610,13 +594,7 @@ pub use answers::*;
 mod tests {
     use super::*;
 
-    #[test]
-    fn relative_pointers() {
-        assert_eq!(relative_pointer(Path::new("/s/b2"), Path::new("/s/b1/v.qcow2")), "../b1/v.qcow2");
-        assert_eq!(relative_pointer(Path::new("/s"), Path::new("/s/v.qcow2")), "v.qcow2");
-        assert_eq!(relative_pointer(Path::new("/a/b/c"), Path::new("/x/v")), "../../../x/v");
-    }
-
+    #[cfg(feature = "libvirt")]
     #[test]
     fn guest_commands_from_script_fields() {
         let c = guest_command("/bin/check", Some(" -a  b "), Some("3"));

@@ -23,6 +23,7 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod fsio;
+pub mod hash;
 pub mod json;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;

@@ -809,7 +809,7 @@ impl Store {
                 }
                 Err(e) => problems.push(e.message),
             }
-            let (chain_hash, file_hashes) = engine::hash::hash_chain(&files, ctl)?;
+            let (chain_hash, file_hashes) = crate::hash::hash_chain(&files, ctl)?;
             let own = file_hashes.last().cloned().expect("a chain has a file");
             match &v.hash {
                 Some(h) if *h != own => problems.push(format!(

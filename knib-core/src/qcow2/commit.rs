@@ -28,9 +28,9 @@
 //!   table offsets aligned and inside the file, L1 and refcount table sizes
 //!   within QEMU's limits, the snapshot table's count, alignment and place,
 //!   header extension lengths, the bitmaps extension);
-//! - neither file is marked dirty (stale lazy refcounts: the engine has
-//!   them rebuilt by `qemu-img check -r all` first,
-//!   [`crate::engine::native::repair_dirty`]) nor marked corrupt by QEMU;
+//! - neither file is marked dirty (stale lazy refcounts: the caller has
+//!   them rebuilt by `qemu-img check -r all` first, as the engine's native
+//!   merge does) nor marked corrupt by QEMU;
 //! - one pass over the base's metadata ([`super::guard`]): no table or
 //!   block (header, L1, L2, refcount table and blocks, bitmap directory
 //!   and tables) shares a host cluster with another or with guest data
@@ -199,7 +199,7 @@ fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
 
 /// The error for an image marked dirty: its refcounts are stale, so
 /// nothing may be allocated in it until they are rebuilt
-/// ([`crate::engine::native::repair_dirty`] does it before a merge).
+/// (the engine's native merge has `qemu-img check -r all` do it first).
 fn dirty(path: &Path) -> KnibError {
     KnibError::corrupt(format!(
         "qcow2 image {} is marked dirty (not closed cleanly): its refcounts are stale; rebuild them \

@@ -543,7 +543,7 @@ pub fn copy_image(
     report.file_len = crate::qcow2::image::file_size(&file).map_err(|e| KnibError::io("cannot size", dest, e))?;
     drop(file);
     if opts.hash && report.hash.is_none() {
-        report.hash = Some(crate::engine::hash::hash_files(&[dest.to_path_buf()], ctl)?);
+        report.hash = Some(crate::hash::hash_files(&[dest.to_path_buf()], ctl)?);
     }
     Ok(report)
 }

@@ -142,7 +142,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use chain::{Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
+pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use header::{
     header_prefix_len, BitmapsExt, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
