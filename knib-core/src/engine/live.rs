@@ -32,7 +32,7 @@ use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
-use crate::libvirt::blockjob;
+use crate::libvirt::{blockjob, blockwait};
 use crate::libvirt::{DiskInfo, Vm};
 use crate::progress::Control;
 use crate::qcow2::{SourceMode, TargetFormat};
@@ -389,7 +389,7 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
     let step = format!("active commit of disk {} into {}", d.target, into.display());
     crate::crashpoint::durable_step(&step);
     if running {
-        blockjob::commit_and_wait(vm, &d.target, into, top, false, ctl, &step)?;
+        blockwait::commit_and_wait(vm, &d.target, into, top, false, ctl, &step)?;
         let now = vm.disk(&d.target)?;
         if now.file != into {
             return Err(KnibError::hypervisor(format!(
@@ -413,7 +413,7 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
     let step = format!("block commit of {} into {}", layer.display(), d.base.display());
     crate::crashpoint::durable_step(&step);
     if running {
-        blockjob::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
+        blockwait::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
     } else {
         let active = vm.disk(&d.target)?.file;
         commit_files(q, layer, &d.base, path, ctl)?;
@@ -538,7 +538,7 @@ pub fn consolidate_disk(q: &QemuImg, vm: &Vm, target: &str, ctl: &Control) -> Re
     }
     let step = format!("block pull of disk {}", d.target);
     if running {
-        blockjob::pull_and_wait(vm, &d.target, None, false, ctl, &step)?;
+        blockwait::pull_and_wait(vm, &d.target, None, false, ctl, &step)?;
     } else {
         q.flatten_in_place(&d.file, ctl)?;
     }
@@ -567,7 +567,7 @@ pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ct
     })?;
     let step = format!("merge of {} into {}", delta.display(), below.display());
     if running {
-        blockjob::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
+        blockwait::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
         fsio::remove_if_exists(delta)?;
     } else if i == 0 {
         commit_files(q, delta, &below, DataPath::Native, ctl)?;

@@ -28,6 +28,7 @@
 //! process-wide handler sets it after knib's first connection.
 
 pub mod blockjob;
+pub mod blockwait;
 pub mod boot_domain;
 pub mod guest;
 pub mod qemu;
@@ -48,9 +49,9 @@ use virt::sys;
 use crate::error::{ErrorKind, KnibError, Result};
 
 pub use blockjob::{
-    block_commit, block_job_abort, block_job_info, block_pull, commit_and_wait, pull_and_wait,
-    wait_block_job, BlockJobInfo, BlockJobKind, CommitFlags, PullFlags,
+    block_commit, block_job_abort, block_job_info, block_pull, BlockJobInfo, BlockJobKind, CommitFlags, PullFlags,
 };
+pub use blockwait::{commit_and_wait, pull_and_wait, wait_block_job};
 pub use qemu::{qemu_agent_command, qemu_monitor_command_hmp, qemu_monitor_command_qmp};
 pub use xml::{disk_targets, parse_disks, replace_disk_sources, snapshot_xml, BackingLayer, DiskInfo};
 

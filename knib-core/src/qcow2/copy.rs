@@ -117,7 +117,7 @@ pub struct CopyReport {
 /// most bytes the output can take (the exact length of a plain qcow2
 /// output), for a free-space check; an error there stops the copy.
 ///
-/// Errors: those of [`Qcow2Image::open`] and [`Chain::open`] (encrypted
+/// Errors: those of [`super::Qcow2Image::open`] and [`super::Chain::open`] (encrypted
 /// images and external data files are refused as invalid input, damaged
 /// ones as corrupt), I/O errors (a full disk is [`crate::ErrorKind::NoSpace`]),
 /// cancellation and timeouts from `ctl`. On error `dest` may hold a partial

@@ -43,7 +43,7 @@ const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 /// owner and mode. Written under a temporary name in the same directory,
 /// fsynced, renamed over `path`, and the directory fsynced.
 ///
-/// Errors ([`ErrorKind::InvalidInput`], nothing written): the image has
+/// Errors ([`crate::ErrorKind::InvalidInput`], nothing written): the image has
 /// what an empty image of this shape would drop: internal snapshots,
 /// bitmaps or other auto-clear features, unknown compatible features.
 pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {

@@ -11,7 +11,7 @@
 //! A job is `queued`, `running`, `done`, `failed` or `cancelled`. Every
 //! change of state (queue, claim, take back, record a result) is made under
 //! the store-wide queue lock, by reading the job files and rewriting the one
-//! that changes with [`fsio::write_atomic`]: a compare-and-swap, so two
+//! that changes with [`crate::fsio::write_atomic`]: a compare-and-swap, so two
 //! runners (threads or processes) never claim the same job, and a job file is
 //! always whole.
 //!

@@ -162,7 +162,7 @@ impl Job {
     ///
     /// The file is untrusted: a link is not followed, a key given twice or
     /// unknown is refused, and its id, VM and backup must be plain names
-    /// ([`crate::names`]); anything else is [`ErrorKind::Corrupt`].
+    /// ([`crate::names`]); anything else is [`crate::ErrorKind::Corrupt`].
     pub fn load(path: &Path) -> Result<Job> {
         use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
