@@ -25,6 +25,7 @@ pub mod files;
 pub mod fsio;
 pub mod hash;
 pub mod json;
+pub mod lock;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod names;

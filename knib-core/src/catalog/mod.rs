@@ -4,7 +4,7 @@
 //! # Store layout and invariants
 //!
 //! ```text
-//! STORE/vms/<vm>/.lock               flock: one operation per VM at a time
+//! STORE/vms/<vm>/.lock               fcntl record lock: one operation per VM at a time
 //! STORE/vms/<vm>/state.json          the chain head as last recorded (a
 //!                                    cache: see "chain head" below)
 //! STORE/vms/<vm>/<id>/manifest.json  one manifest per backup (schema 1)

@@ -123,59 +123,19 @@ impl std::fmt::Debug for Commit {
     }
 }
 
-/// QEMU's image locking (byte-range OFD locks): a process holding a
-/// permission on an image read-locks byte 100 + bit; one that does not
-/// let others have it read-locks byte 200 + bit. Bit 0: consistent read,
-/// bit 1: write.
-const LOCK_PERM_BASE: i64 = 100;
-const LOCK_SHARED_BASE: i64 = 200;
-const PERM_READ: i64 = 0;
-const PERM_WRITE: i64 = 1;
-
-fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_int, byte: i64) -> std::io::Result<libc::flock> {
-    // SAFETY: a zeroed flock is a valid value for every field.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    // SAFETY: fcntl on a descriptor we own with a valid flock.
-    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } == 0 {
-        Ok(fl)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Lock `file` the way a QEMU writer does (read and write it, share
-/// reading, not writing), or fail as busy when another process writes it
-/// or does not let others write (a running QEMU, `qemu-img commit`, ...).
-/// Readers that share writing (`qemu-img info -U`) are not disturbed;
-/// writers cannot open the image while `file` stays open.
+/// Lock `file` (at `path`) as a QEMU writer does ([`crate::lock::lock_like_qemu_writer`]),
+/// or fail as busy when another process writes it or does not let others
+/// write (a running QEMU, `qemu-img commit`, ...). The locks are held as
+/// long as `file` stays open.
 fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
-    let busy = || {
-        KnibError::new(
+    match crate::lock::lock_like_qemu_writer(file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(KnibError::new(
             ErrorKind::Busy,
             format!("{} is in use by another process (a running QEMU?): it cannot be merged now", path.display()),
-        )
-    };
-    for byte in [LOCK_PERM_BASE + PERM_READ, LOCK_PERM_BASE + PERM_WRITE, LOCK_SHARED_BASE + PERM_WRITE] {
-        match ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK, byte) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => return Err(busy()),
-            Err(e) => return Err(KnibError::io("cannot lock", path, e)),
-        }
+        )),
+        Err(e) => Err(KnibError::io("cannot lock", path, e)),
     }
-    // Another writer holds byte 101, a process refusing to share writing
-    // byte 201 (our own read locks do not conflict with this test).
-    for byte in [LOCK_PERM_BASE + PERM_WRITE, LOCK_SHARED_BASE + PERM_WRITE] {
-        let fl = ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK, byte)
-            .map_err(|e| KnibError::io("cannot test the locks of", path, e))?;
-        if fl.l_type != libc::F_UNLCK as libc::c_short {
-            return Err(busy());
-        }
-    }
-    Ok(())
 }
 
 /// The error for an image marked dirty: its refcounts are stale, so

@@ -22,8 +22,10 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use super::copy_batch::{batch_plan, compress_loop, is_zero, Batch, Item};
 use super::copy_read::{read_loop, Resolved, Source, SourceMode};

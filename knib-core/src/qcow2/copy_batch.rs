@@ -9,8 +9,10 @@
 //! - A compressed cluster is kept only when it is smaller than a cluster;
 //!   otherwise the cluster is written as it is.
 
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+
+use parking_lot::Mutex;
 
 use super::header::CompressionType;
 use crate::error::{KnibError, Result};
@@ -141,10 +143,7 @@ pub(super) fn compress_loop(
     let cs = cs as usize;
     let mut items = Vec::new();
     loop {
-        let next = match work.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
+        let next = work.lock().recv();
         let Ok(msg) = next else { return };
         let mut batch = match (msg, compressor.as_mut()) {
             (Ok(b), Some(_)) => b,

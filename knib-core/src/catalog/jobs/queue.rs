@@ -10,7 +10,6 @@
 //! - A backup has at most one queued or running job of each kind.
 
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,9 +20,10 @@ use crate::catalog::{Manifest, Store};
 use crate::error::{KnibError, Result};
 use crate::names;
 
-/// The queue lock: a blocking `flock` on `jobs/.lock`, held for one short
-/// transaction (read the job files, rewrite one). Every thread opens the file
-/// itself, so threads of one process exclude each other too.
+/// The queue lock: a blocking `flock` on `jobs/.lock`
+/// ([`crate::lock::lock_exclusive`]), held for one short transaction (read
+/// the job files, rewrite one) and released when dropped. Every thread opens
+/// the file itself, so threads of one process exclude each other too.
 pub(super) struct QueueLock {
     _file: File,
 }
@@ -42,17 +42,8 @@ pub(super) fn lock_queue(dir: &Path) -> Result<QueueLock> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| KnibError::io("cannot open lock", &path, e))?;
-    loop {
-        // SAFETY: `file` is an open descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc == 0 {
-            return Ok(QueueLock { _file: file });
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(KnibError::io("cannot lock", &path, err));
-        }
-    }
+    crate::lock::lock_exclusive(&file).map_err(|e| KnibError::io("cannot lock", &path, e))?;
+    Ok(QueueLock { _file: file })
 }
 
 /// Every job file in `dir`, oldest first.

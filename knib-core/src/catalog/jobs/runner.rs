@@ -14,10 +14,11 @@
 use std::collections::HashSet;
 use std::fs::{self};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use super::model::{Job, JobKind, JobOwner, JobState, OwnerStatus};
@@ -364,7 +365,7 @@ struct Shared {
 
 impl Shared {
     fn fail(&self, e: KnibError) {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        self.error.lock().get_or_insert(e);
         self.stop.store(true, Ordering::SeqCst);
         self.changed.notify_all();
     }
@@ -384,7 +385,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
         let found = lock_queue(&dir).and_then(|_lock| {
             let s = scan(store, settings)?;
             if s.claimed.is_some() {
-                *shared.running.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                *shared.running.lock() += 1;
             }
             Ok(s)
         });
@@ -393,19 +394,19 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
             Err(e) => return shared.fail(e),
         };
         for j in found.recovered {
-            shared.summary.lock().unwrap_or_else(|p| p.into_inner()).recovered.push(j.id.clone());
+            shared.summary.lock().recovered.push(j.id.clone());
             emit(JobEvent::Recovered(j));
         }
         if let Some(job) = found.claimed {
             emit(JobEvent::Started(job.clone()));
             let outcome = execute(store, &job, settings, &opts.cancel);
             let recorded = lock_queue(&dir).and_then(|_lock| record(store, settings, &job, &outcome));
-            *shared.running.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            *shared.running.lock() -= 1;
             shared.changed.notify_all();
             match recorded {
                 Ok(j) => {
                     {
-                        let mut s = shared.summary.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut s = shared.summary.lock();
                         let list = match (j.state, &outcome) {
                             (JobState::Done, _) => Some(&mut s.done),
                             (JobState::Failed, _) => Some(&mut s.failed),
@@ -423,7 +424,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
             }
             continue;
         }
-        let here = shared.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut here = shared.running.lock();
         let waiting = found.blocked || (!opts.no_wait && found.next_due.is_some());
         if *here == 0 && !waiting {
             return;
@@ -432,7 +433,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
         if let Some(due) = found.next_due {
             timeout = timeout.min(Duration::from_secs_f64((due - now_f64()).max(0.0)));
         }
-        let _ = shared.changed.wait_timeout(here, timeout);
+        let _ = shared.changed.wait_for(&mut here, timeout);
     }
 }
 
@@ -462,10 +463,10 @@ pub fn run_jobs(store: &Store, opts: &RunOptions) -> Result<RunSummary> {
             }
         });
     }
-    if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = shared.error.into_inner() {
         return Err(e);
     }
-    let mut summary = shared.summary.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut summary = shared.summary.into_inner();
     summary.disabled = workers == 0;
     summary.left_queued = store.jobs()?.into_iter().filter(|j| j.state == JobState::Queued).map(|j| j.id).collect();
     if opts.cancel.is_cancelled() {
