@@ -75,100 +75,927 @@
  * path-based agent.* operations take the files themselves (as CloudStack's
  * KVM agent runs them); the catalog ones take a store and a backup id and
  * make the same engine calls. The JSON Schema of every request and answer
- * is docs/schema.json (the reference); this table is generated from it
- * (`?`: optional field; [...]: an array of objects with these fields):
+ * is docs/schema.json (the reference); what follows is generated from it,
+ * and checked against it by `cargo test -p knib-core --test schema`: each
+ * operation with its request's fields (`?`: optional; [T]: an array of T;
+ * "a" | "b": one of these strings), the type of its answer, and a worked
+ * example (its request, and an abridged answer: some fields left out,
+ * arrays cut short); then every object type named, with its fields. The
+ * examples live in knib-ffi/examples.json: each request is parsed as its
+ * operation's, and each answer field must be the schema's.
  *
  *   (generated from docs/schema.json by knib-core/tests/schema.rs)
- *   agent.cleanup_validation
- *       request: connect?, timeout_secs?, vm_name, work_dir?
- *       answer:  domain_removed, removed
- *   agent.cleanup_vm_backup
- *       request: connect?, domain, end_of_chain?, isolated?, quiesce?,
- *                running?, timeout_secs?, volumes
- *       answer:  actions, published, vm_consistent, volumes
- *   agent.compress
- *       request: coroutines?, expected_hashes?, files, library?,
- *                min_free_bytes?, min_free_factor?, rate_limit_mbps?,
- *                timeout_secs?
- *       answer:  compressed
- *   agent.consolidate
- *       request: connect?, domain, timeout_secs?, volumes?
- *       answer:  consolidated
- *   agent.finalize_compression
- *       request: cleanup?, files, timeout_secs?
- *       answer:  discarded, finalized
- *   agent.merge_snapshot
- *       request: connect?, domain, merges, running?, timeout_secs?
- *       answer:  volumes
- *   agent.prepare_validation
- *       request: timeout_secs?, vm_name, volumes, work_dir
- *       answer:  volumes
- *   agent.restore
- *       request: deltas_to_remove?, quick_restore?, timeout_secs?, volumes
- *       answer:  removed, volumes
- *   agent.take_backup
- *       request: connect?, domain, end_of_chain?, isolated?, quiesce?,
- *                running?, timeout_secs?, volumes
- *       answer:  kind, vm_consistent, volumes
- *   agent.take_hash
- *       request: backup_uuid?, files, timeout_secs?
- *       answer:  backup_uuid, files, hash
- *   agent.validate
- *       request: boot_timeout_secs?, cmdline?, connect?, disks, domain_type?,
- *                execute_script?, expected_result?, initrd?, kernel?,
- *                memory_mib?, screenshot_path?, script?, script_arguments?,
- *                take_screenshot?, timeout_secs?, vm_name?, wait_for_boot?,
- *                work_dir
- *       answer:  boot_seconds, boot_validated, passed, problems,
- *                screenshot_path, script_exit_code, script_result
- *   backup
- *       request: chain_size?, compress?, connect?, disks?, domain?, full?,
- *                isolated?, quiesce?, store, vm?
- *       answer:  compression, created, end_of_chain, full_reason, id, kind,
- *                parent, position, removed, vm, volumes
- *   compress
- *       request: backup, coroutines?, library?, min_free_factor?,
- *                rate_limit_mbps?, store
- *       answer:  compression, created, end_of_chain, full_reason, id, kind,
- *                parent, position, removed, vm, volumes
- *   delete
- *       request: backup, store
- *       answer:  expunged, marked_removed
- *   files.fs
- *       request: backup, store, volume
- *       answer:  filesystems
- *   files.get
- *       request: backup, fs?, path, store, to, volume
- *       answer:  bytes, dirs, files, symlinks
- *   files.ls
- *       request: backup, fs?, path?, store, volume
- *       answer:  entries
- *   hash
- *       request: backup, store
- *       answer:  backup, chain_hashes
- *   list
- *       request: store, vm?
- *       answer:  [compression, created, end_of_chain, full_reason, id, kind,
- *                parent, position, removed, vm, volumes]
- *   quick_restore
- *       request: backup, connect?, domain, store
- *       answer:  overlays
- *   recover
- *       request: connect?, domain, store
- *       answer:  backup_id, published, report, step
- *   restore
- *       request: backup, format?, no_verify?, store, to, volume
- *       answer:  restored, to, volume
- *   show
- *       request: backup, store
- *       answer:  compression, created, end_of_chain, full_reason, id, kind,
- *                parent, position, removed, vm, volumes
- *   verify
- *       request: backup?, store
- *       answer:  [chain_hashes, files_checked, id, ok, problems]
- *   version
- *       request: (none)
- *       answer:  schema, version
+ *
+ *   agent.cleanup_validation: Remove a validation's domain and overlays.
+ *     request:
+ *       connect?      string or null
+ *       timeout_secs? integer or null
+ *       vm_name       string
+ *       work_dir?     string or null
+ *     answer: CleanupValidationAnswer
+ *     example request:
+ *       {"vm_name": "v-10", "work_dir": "/var/lib/knib/validation"}
+ *     example answer (abridged):
+ *       {
+ *         "domain_removed": true,
+ *         "removed": [
+ *           "/var/lib/knib/validation/v-10-0c6f2a4e.knib-validation.qcow2"
+ *         ]
+ *       }
+ *
+ *   agent.cleanup_vm_backup: Finish or undo a failed agent.take_backup, given
+ *                            its request.
+ *     request:
+ *       connect?      string or null
+ *       domain        string
+ *       end_of_chain? boolean, default false
+ *       isolated?     boolean, default false
+ *       quiesce?      boolean, default false
+ *       running?      boolean or null
+ *       timeout_secs? integer or null
+ *       volumes       [BackupVolume]
+ *     answer: CleanupVmBackupAnswer
+ *     example request:
+ *       {
+ *         "domain": "i-2-10-VM",
+ *         "volumes": [
+ *           {
+ *             "delta_path_on_primary": "/mnt/primary/0c6f2a4e-d1",
+ *             "delta_path_on_store": "/mnt/store/backups/b1/0c6f2a4e",
+ *             "path": "/mnt/primary/0c6f2a4e",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "published": false,
+ *         "vm_consistent": true,
+ *         "volumes": [
+ *           {
+ *             "path": "/mnt/primary/0c6f2a4e",
+ *             "target": "vda",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *
+ *   agent.compress: Write `<file>.comp` beside each file (all removed on
+ *                   failure).
+ *     request:
+ *       coroutines?      integer, default 1
+ *       expected_hashes? [string] or null
+ *       files            [string]
+ *       library?         "zstd" | "zlib", default "zstd"
+ *       min_free_bytes?  integer or null
+ *       min_free_factor? number, default 1.0
+ *       rate_limit_mbps? integer, default 0
+ *       timeout_secs?    integer or null
+ *     answer: CompressAnswer
+ *     example request:
+ *       {
+ *         "coroutines": 2,
+ *         "files": ["/mnt/store/backups/b1/0c6f2a4e"],
+ *         "library": "zstd"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "compressed": [
+ *           {
+ *             "comp_path": "/mnt/store/backups/b1/0c6f2a4e.comp",
+ *             "compressed_size": 402653184,
+ *             "original_size": 1073741824,
+ *             "path": "/mnt/store/backups/b1/0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *
+ *   agent.consolidate: Pull the backing files into a domain's volumes (after
+ *                      a quick restore).
+ *     request:
+ *       connect?      string or null
+ *       domain        string
+ *       timeout_secs? integer or null
+ *       volumes?      [VolumeRef]: The volumes to consolidate; absent or
+ *                     empty: every disk of the domain that has backing files.
+ *     answer: ConsolidateAnswer
+ *     example request:
+ *       {
+ *         "domain": "i-2-10-VM",
+ *         "volumes": [{"path": "/mnt/primary/0c6f2a4e", "uuid": "0c6f2a4e"}]
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "consolidated": [
+ *           {
+ *             "path": "/mnt/primary/0c6f2a4e",
+ *             "pulled": true,
+ *             "target": "vda",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *
+ *   agent.finalize_compression: Rename each `<file>.comp` over its file, or
+ *                               with `cleanup` remove them.
+ *     request:
+ *       cleanup?      boolean, default false
+ *       files         [string]
+ *       timeout_secs? integer or null
+ *     answer: FinalizeAnswer
+ *     example request:
+ *       {"files": ["/mnt/store/backups/b1/0c6f2a4e"]}
+ *     example answer (abridged):
+ *       {
+ *         "discarded": [],
+ *         "finalized": [
+ *           {"path": "/mnt/store/backups/b1/0c6f2a4e", "size": 402653184}
+ *         ]
+ *       }
+ *
+ *   agent.merge_snapshot: Merge disk-only VM snapshot deltas into the layer
+ *                         below them.
+ *     request:
+ *       connect?      string or null
+ *       domain        string
+ *       merges        [SnapshotMerge]
+ *       running?      boolean or null
+ *       timeout_secs? integer or null
+ *     answer: MergeSnapshotAnswer
+ *     example request:
+ *       {
+ *         "domain": "i-2-10-VM",
+ *         "merges": [
+ *           {
+ *             "child": "/mnt/primary/0c6f2a4e-s1",
+ *             "parent": "/mnt/primary/0c6f2a4e",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "volumes": [
+ *           {
+ *             "path": "/mnt/primary/0c6f2a4e",
+ *             "target": "vda",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *
+ *   agent.prepare_validation: One qcow2 overlay per volume of a backup, for a
+ *                             validation.
+ *     request:
+ *       timeout_secs? integer or null
+ *       vm_name       string
+ *       volumes       [PrepareVolume]
+ *       work_dir      string
+ *     answer: PrepareValidationAnswer
+ *     example request:
+ *       {
+ *         "vm_name": "v-10",
+ *         "volumes": [
+ *           {
+ *             "backup_path": "/mnt/store/backups/b1/0c6f2a4e",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ],
+ *         "work_dir": "/var/lib/knib/validation"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "volumes": [
+ *           {
+ *             "backup_path": "/mnt/store/backups/b1/0c6f2a4e",
+ *             "overlay_path": "/var/lib/knib/validation/v-10-0c6f2a4e.knib-validation.qcow2",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *
+ *   agent.restore: Restore volumes from backup files (all or none replaced),
+ *                  or quickly onto overlays.
+ *     request:
+ *       deltas_to_remove? [string], default []
+ *       quick_restore?    boolean, default false
+ *       timeout_secs?     integer or null
+ *       volumes           [RestoreVolume]
+ *     answer: RestoreAnswer
+ *     example request:
+ *       {
+ *         "volumes": [
+ *           {
+ *             "backup_path": "/mnt/store/backups/b1/0c6f2a4e",
+ *             "uuid": "0c6f2a4e",
+ *             "volume_path": "/mnt/primary/0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "removed": [],
+ *         "volumes": [
+ *           {
+ *             "backing": null,
+ *             "path": "/mnt/primary/0c6f2a4e",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *
+ *   agent.take_backup: Snapshot a domain's volumes, copy them to the store,
+ *                      merge (CloudStack's TakeKbossBackupCommand).
+ *     request:
+ *       connect?      string or null
+ *       domain        string
+ *       end_of_chain? boolean, default false
+ *       isolated?     boolean, default false
+ *       quiesce?      boolean, default false
+ *       running?      boolean or null
+ *       timeout_secs? integer or null
+ *       volumes       [BackupVolume]
+ *     answer: TakeBackupAnswer
+ *     example request:
+ *       {
+ *         "domain": "i-2-10-VM",
+ *         "running": true,
+ *         "volumes": [
+ *           {
+ *             "delta_path_on_primary": "/mnt/primary/0c6f2a4e-d1",
+ *             "delta_path_on_store": "/mnt/store/backups/b1/0c6f2a4e",
+ *             "path": "/mnt/primary/0c6f2a4e",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "kind": "full",
+ *         "vm_consistent": true,
+ *         "volumes": [
+ *           {
+ *             "new_volume_path": "/mnt/primary/0c6f2a4e-d1",
+ *             "size": 1073741824,
+ *             "target": "vda",
+ *             "uuid": "0c6f2a4e"
+ *           }
+ *         ]
+ *       }
+ *
+ *   agent.take_hash: xxh3-128 of a backup's chain, root first, and of each
+ *                    file.
+ *     request:
+ *       backup_uuid?  string or null
+ *       files         [string]
+ *       timeout_secs? integer or null
+ *     answer: TakeHashAnswer
+ *     example request:
+ *       {
+ *         "backup_uuid": "b2",
+ *         "files": [
+ *           "/mnt/store/backups/b1/0c6f2a4e",
+ *           "/mnt/store/backups/b2/0c6f2a4e"
+ *         ]
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "backup_uuid": "b2",
+ *         "files": [
+ *           {
+ *             "hash": "9f2c4e1a7b3d5f60182a4c6e8b0d2f41",
+ *             "path": "/mnt/store/backups/b1/0c6f2a4e"
+ *           }
+ *         ],
+ *         "hash": "5d1e0b7c93a24f68a1c2e3f405162738"
+ *       }
+ *
+ *   agent.validate: Boot a throwaway domain on backup files and run the
+ *                   checks.
+ *     request:
+ *       boot_timeout_secs? integer, default 300
+ *       cmdline?           string or null
+ *       connect?           string or null
+ *       disks              [ValidateDisk]
+ *       domain_type?       string or null
+ *       execute_script?    boolean, default false
+ *       expected_result?   string or null
+ *       initrd?            string or null
+ *       kernel?            string or null
+ *       memory_mib?        integer, default 512
+ *       screenshot_path?   string or null
+ *       script?            string or null
+ *       script_arguments?  string or null
+ *       take_screenshot?   boolean, default false
+ *       timeout_secs?      integer or null
+ *       vm_name?           string or null
+ *       wait_for_boot?     boolean, default true
+ *       work_dir           string
+ *     answer: ValidateAnswer
+ *     example request:
+ *       {
+ *         "boot_timeout_secs": 120,
+ *         "disks": [
+ *           {
+ *             "path": "/var/lib/knib/validation/v-10-0c6f2a4e.knib-validation.qcow2",
+ *             "target": "vda"
+ *           }
+ *         ],
+ *         "vm_name": "v-10",
+ *         "work_dir": "/var/lib/knib/validation"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "boot_seconds": 14.2,
+ *         "boot_validated": true,
+ *         "passed": true,
+ *         "problems": []
+ *       }
+ *
+ *   backup: Back up all the disks of one VM together, full or incremental as
+ *           its chain decides.
+ *     request:
+ *       chain_size?   integer, default 8: Backups per chain (default 8).
+ *       compress?     "zstd" | "zlib" or null: Compress as copied, in one
+ *                     pass.
+ *       connect?      string or null: The libvirt URI (default
+ *                     `qemu:///system`).
+ *       disks?        [DiskSpec], default []: The VM's disks (with `vm`).
+ *       domain?       string or null: A libvirt domain, instead of `vm` and
+ *                     `disks`.
+ *       full?         boolean, default false: Start a new chain.
+ *       isolated?     boolean, default false: A full backup outside the
+ *                     chain.
+ *       quiesce?      boolean, default false: Freeze the guest's filesystems
+ *                     (guest agent) for the snapshot.
+ *       store         string: The store directory (made when missing).
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
+ *       vm?           string or null: The VM's name, with `disks`.
+ *     answer: BackupView
+ *     example request:
+ *       {
+ *         "disks": [{"name": "root", "path": "/vms/web/root.qcow2"}],
+ *         "store": "/backups",
+ *         "vm": "web"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "id": "20260301T020000Z-web",
+ *         "kind": "full",
+ *         "parent": null,
+ *         "position": 0,
+ *         "vm": "web",
+ *         "volumes": [
+ *           {
+ *             "file": "/backups/web/20260301T020000Z-web/root.qcow2",
+ *             "name": "root",
+ *             "size": 1073741824
+ *           }
+ *         ]
+ *       }
+ *
+ *   compress: Compress a backup's files and finalize them, recording it in
+ *             the manifest.
+ *     request:
+ *       backup           string: The backup's id.
+ *       coroutines?      integer, default 1: qemu-img's `-m`, 1 to 16.
+ *       library?         "zstd" | "zlib", default "zstd": "zstd" (default) or
+ *                        "zlib".
+ *       min_free_bytes?  integer or null: Refuse unless this many bytes are
+ *                        free in the backup's directory.
+ *       min_free_factor? number, default 1.0: Refuse unless this many times
+ *                        each file's size is free.
+ *       rate_limit_mbps? integer, default 0: MB/s; 0 = no limit.
+ *       store            string: The store directory.
+ *       timeout_secs?    integer or null: The time budget in seconds; 0 or
+ *                        absent = none.
+ *     answer: BackupView
+ *     example request:
+ *       {
+ *         "backup": "20260301T020000Z-web",
+ *         "coroutines": 4,
+ *         "library": "zstd",
+ *         "store": "/backups"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "compression": {
+ *           "library": "zstd",
+ *           "original_size": 1073741824,
+ *           "size": 402653184
+ *         },
+ *         "id": "20260301T020000Z-web"
+ *       }
+ *
+ *   delete: Delete a backup without breaking its chain.
+ *     request:
+ *       backup  string: The backup's id.
+ *       store   string: The store directory.
+ *     answer: DeleteOutcome
+ *     example request:
+ *       {"backup": "20260301T020000Z-web", "store": "/backups"}
+ *     example answer (abridged):
+ *       {"expunged": ["20260301T020000Z-web"], "marked_removed": []}
+ *
+ *   files.fs: The filesystems of a volume of a backup, read from the store.
+ *     request:
+ *       backup  string: The backup's id.
+ *       store   string: The store directory.
+ *       volume  string: The volume's name.
+ *     answer: FilesystemsAnswer
+ *     example request:
+ *       {
+ *         "backup": "20260301T020000Z-web",
+ *         "store": "/backups",
+ *         "volume": "root"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "filesystems": [
+ *           {
+ *             "index": 0,
+ *             "label": "root",
+ *             "partition": 1,
+ *             "size": 1072693248,
+ *             "start": 1048576,
+ *             "type": "ext4"
+ *           }
+ *         ]
+ *       }
+ *
+ *   files.get: Extract a file or directory tree of a backup to a new local
+ *              path.
+ *     request:
+ *       backup  string: The backup's id.
+ *       fs?     integer or null: The filesystem's `index`; optional when one
+ *               is read natively.
+ *       path    string: The file or directory to extract.
+ *       store   string: The store directory.
+ *       to      string: Where to put it (must not exist).
+ *       volume  string: The volume's name.
+ *     answer: GetSummary
+ *     example request:
+ *       {
+ *         "backup": "20260301T020000Z-web",
+ *         "path": "/etc/hosts",
+ *         "store": "/backups",
+ *         "to": "/restore/hosts",
+ *         "volume": "root"
+ *       }
+ *     example answer (abridged):
+ *       {"bytes": 221, "dirs": 0, "files": 1, "symlinks": 0}
+ *
+ *   files.ls: The entries of a directory (or one file) of a filesystem of a
+ *             backup.
+ *     request:
+ *       backup  string: The backup's id.
+ *       fs?     integer or null: The filesystem's `index` (from `files.fs`);
+ *               optional when one is read natively.
+ *       path?   string or null: The directory (or file); default `/`.
+ *       store   string: The store directory.
+ *       volume  string: The volume's name.
+ *     answer: EntriesAnswer
+ *     example request:
+ *       {
+ *         "backup": "20260301T020000Z-web",
+ *         "path": "/etc",
+ *         "store": "/backups",
+ *         "volume": "root"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "entries": [
+ *           {
+ *             "mode": 420,
+ *             "mtime": 1772330400,
+ *             "mtime_nsec": 0,
+ *             "name": "hosts",
+ *             "size": 221,
+ *             "type": "file"
+ *           }
+ *         ]
+ *       }
+ *
+ *   hash: The xxh3-128 of each volume's chain of a backup.
+ *     request:
+ *       backup        string: The backup's id.
+ *       store         string: The store directory.
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
+ *     answer: HashAnswer
+ *     example request:
+ *       {"backup": "20260301T020000Z-web", "store": "/backups"}
+ *     example answer (abridged):
+ *       {
+ *         "backup": "20260301T020000Z-web",
+ *         "volumes": {
+ *           "root": {
+ *             "files": [
+ *               {
+ *                 "hash": "9f2c4e1a7b3d5f60182a4c6e8b0d2f41",
+ *                 "path": "/backups/web/20260301T020000Z-web/root.qcow2"
+ *               }
+ *             ],
+ *             "hash": "9f2c4e1a7b3d5f60182a4c6e8b0d2f41"
+ *           }
+ *         }
+ *       }
+ *
+ *   list: The backups of a store that were not deleted.
+ *     request:
+ *       store  string: The store directory.
+ *       vm?    string or null: Only this VM's backups.
+ *     answer: [BackupView]
+ *     example request:
+ *       {"store": "/backups", "vm": "web"}
+ *     example answer (abridged):
+ *       [
+ *         {
+ *           "id": "20260301T020000Z-web",
+ *           "kind": "full",
+ *           "position": 0,
+ *           "vm": "web"
+ *         }
+ *       ]
+ *
+ *   quick_restore: Run a stopped libvirt domain at once on overlays over a
+ *                  backup.
+ *     request:
+ *       backup   string: The backup's id.
+ *       connect? string or null: The libvirt URI.
+ *       domain   string: The libvirt domain (stopped).
+ *       store    string: The store directory.
+ *     answer: QuickRestoreAnswer
+ *     example request:
+ *       {
+ *         "backup": "20260301T020000Z-web",
+ *         "domain": "web",
+ *         "store": "/backups"
+ *       }
+ *     example answer (abridged):
+ *       {"overlays": ["/vms/web/root.qcow2"]}
+ *
+ *   recover: Finish or undo the interrupted live backup of a domain from its
+ *            journal.
+ *     request:
+ *       connect? string or null: The libvirt URI.
+ *       domain   string: The libvirt domain.
+ *       store    string: The store directory.
+ *     answer: RecoverAnswer
+ *     example request:
+ *       {"domain": "web", "store": "/backups"}
+ *     example answer (abridged):
+ *       {"backup_id": null, "published": false, "step": null}
+ *
+ *   restore: Write one volume of a backup, its chain flattened, to a new
+ *            image.
+ *     request:
+ *       backup        string: The backup's id.
+ *       format?       "qcow2" | "raw", default "qcow2": Its format.
+ *       no_verify?    boolean, default false: Skip checking every file of the
+ *                     chain against its recorded hash as it is read (checked
+ *                     by default).
+ *       store         string: The store directory.
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
+ *       to            string: The new image (must not exist).
+ *       volume        string: The volume's name.
+ *     answer: RestoreAnswer
+ *     example request:
+ *       {
+ *         "backup": "20260301T020000Z-web",
+ *         "store": "/backups",
+ *         "to": "/vms/web/root-restored.qcow2",
+ *         "volume": "root"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "removed": [],
+ *         "volumes": [
+ *           {
+ *             "backing": null,
+ *             "path": "/vms/web/root-restored.qcow2",
+ *             "uuid": "root"
+ *           }
+ *         ]
+ *       }
+ *
+ *   show: One backup.
+ *     request:
+ *       backup  string: The backup's id.
+ *       store   string: The store directory.
+ *     answer: BackupView
+ *     example request:
+ *       {"backup": "20260301T020000Z-web", "store": "/backups"}
+ *     example answer (abridged):
+ *       {
+ *         "created": "2026-03-01T02:00:00Z",
+ *         "end_of_chain": false,
+ *         "id": "20260301T020000Z-web",
+ *         "kind": "full"
+ *       }
+ *
+ *   verify: Check one backup or all: qemu-img check, backing pointers, sizes,
+ *           chains, hashes.
+ *     request:
+ *       backup?       string or null: One backup; absent: every backup of the
+ *                     store.
+ *       store         string: The store directory.
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
+ *     answer: [VerifyReport]
+ *     example request:
+ *       {"store": "/backups"}
+ *     example answer (abridged):
+ *       [
+ *         {
+ *           "files_checked": 1,
+ *           "id": "20260301T020000Z-web",
+ *           "ok": true,
+ *           "problems": []
+ *         }
+ *       ]
+ *
+ *   version: knib's version and the schema it reads.
+ *     request: no fields
+ *     answer: VersionAnswer
+ *     example request:
+ *       {}
+ *     example answer (abridged):
+ *       {"schema": 1, "version": "0.1.0"}
+ *
+ *   OBJECT TYPES (`?`: optional field)
+ *
+ *   BackupView: A backup as every binding and `knib --json` show it.
+ *       compression?  CompressionInfo or null: Compression, if compressed.
+ *       created       string: When it was taken.
+ *       end_of_chain  boolean: Whether it ended its chain.
+ *       full_reason?  string or null: Why it is full where an incremental
+ *                     backup was asked for (the chain could not be continued
+ *                     safely); null otherwise.
+ *       id            string: Its id.
+ *       kind          string: "full", "incremental" or "isolated".
+ *       parent?       string or null: The parent backup.
+ *       position      integer: Position in the chain.
+ *       removed       boolean: Whether it was deleted (kept for its
+ *                     children).
+ *       vm            string: Its VM.
+ *       volumes       [VolumeView]: Its volumes, with absolute file paths.
+ *
+ *   BackupVolume: One volume of a backup, as the agent's KbossTO describes
+ *                 it.
+ *       delta_path_on_primary    string
+ *       delta_path_on_store      string
+ *       merge?                   MergeTree or null
+ *       parent_backup_path?      string or null
+ *       path                     string
+ *       uuid                     string
+ *       vm_snapshot_delta_paths? [string], default []
+ *
+ *   CleanupValidationAnswer: The answer of `agent.cleanup_validation`.
+ *       domain_removed  boolean: Whether a domain was destroyed.
+ *       removed         [string]: The overlays removed.
+ *
+ *   CleanupVmBackupAnswer: The answer of `agent.cleanup_vm_backup`.
+ *       actions        [string]: What was done, one line each.
+ *       published      boolean: Whether the backup had reached the store
+ *                      (then it was finished, else undone).
+ *       vm_consistent  boolean: Always true on success.
+ *       volumes        [VolumeState]: The file each volume runs on now.
+ *
+ *   CompressAnswer: The answer of `agent.compress`.
+ *       compressed  [CompressedFile]: One per file, in the request's order.
+ *
+ *   CompressedFile: One compressed copy, not yet finalized.
+ *       comp_path        string: Its compressed copy (`<path>.comp`).
+ *       compressed_size  integer: Bytes after.
+ *       hash?            string or null: xxh3-128 of the compressed file,
+ *                        when its source was checked against an expected hash
+ *                        (`expected_hashes`).
+ *       library          "zstd" | "zlib": The library used.
+ *       original_size    integer: Bytes before.
+ *       path             string: The backup file.
+ *
+ *   CompressionInfo: Compression of a backup.
+ *       library        "zstd" | "zlib": The library used.
+ *       original_size  integer: Bytes of all the volume files before.
+ *       size           integer: Bytes after.
+ *
+ *   ConsolidateAnswer: The answer of `agent.consolidate`.
+ *       consolidated  [Consolidated]: Each volume (or, without `volumes` in
+ *                     the request, each disk).
+ *
+ *   Consolidated: One volume consolidated.
+ *       path    string: The file it runs on.
+ *       pulled  boolean: Whether it had backing files to pull in.
+ *       target  string: Its disk target.
+ *       uuid?   string or null: The request's uuid.
+ *
+ *   DeleteOutcome: What a delete did.
+ *       expunged        [string]: Backups whose files were removed.
+ *       marked_removed  [string]: Backups kept on disk, marked removed,
+ *                       because later backups need them.
+ *
+ *   DiskSpec: A disk of a VM to back up.
+ *       name  string: The volume's name in the backup.
+ *       path  string: The disk's qcow2 file.
+ *
+ *   EntriesAnswer: The answer of `files.ls`.
+ *       entries  [EntryInfo]: The entries, sorted by name.
+ *
+ *   EntryInfo: One directory entry as `ls` gives it.
+ *       mode        integer: Permission bits.
+ *       mtime       integer: Modification time, seconds since the epoch.
+ *       mtime_nsec  integer: Its nanoseconds.
+ *       name        string: Its name (lossy when not UTF-8).
+ *       size        integer: Length in bytes.
+ *       target?     string or null: A symlink's target (only for symlinks).
+ *       type        string: "file", "dir", "symlink" or "other".
+ *
+ *   FilesystemsAnswer: The answer of `files.fs`.
+ *       filesystems  [FsInfo]: The filesystems found.
+ *
+ *   FinalizeAnswer: The answer of `agent.finalize_compression`: `finalized`
+ *                   or, with `cleanup`, `discarded`.
+ *       discarded? [string] or null: The files whose `.comp` copies were
+ *                  removed.
+ *       finalized? [SizedFile] or null: Each file, now compressed, and its
+ *                  size.
+ *
+ *   FsInfo: One filesystem of a volume.
+ *       index      integer: What `fs` names it by (1, 2, ...).
+ *       label?     string or null: Its label.
+ *       partition? integer or null: The partition's number, `None` for the
+ *                  whole disk.
+ *       size       integer: Length in bytes.
+ *       start      integer: First byte on the disk.
+ *       type       string: blkid's name of its type ("ext4", "vfat", "ntfs",
+ *                  "xfs", ..., "unknown").
+ *
+ *   GetSummary: What `get` wrote.
+ *       bytes     integer: Bytes of file data.
+ *       dirs      integer: Directories made (the extracted directory itself
+ *                 included).
+ *       files     integer: Regular files written.
+ *       symlinks  integer: Symlinks made.
+ *
+ *   HashAnswer: The answer of `hash`.
+ *       backup   string: The backup's id.
+ *       volumes  {string: ChainHash}: Each volume's chain (by volume name):
+ *                its xxh3-128, root first, and each file's, as
+ *                `agent.take_hash` answers them.
+ *
+ *   ChainHash: The hash of one volume's chain of a backup (in the answer of
+ *              `hash`): the same values as the `hash` and `files` of
+ *              `agent.take_hash` given the files of that chain.
+ *       files  [FileHash]: Each file's own hash, root first.
+ *       hash   string: xxh3-128 of the whole chain, 32 hex digits.
+ *
+ *   FileHash: One file's hash.
+ *       hash  string: Its xxh3-128.
+ *       path  string: The file.
+ *
+ *   MergeSnapshotAnswer: The answer of `agent.merge_snapshot`.
+ *       volumes  [MergedVolume]: The file each merged volume runs on now.
+ *
+ *   MergeTree: A DeltaMergeTreeTO: `child` is committed into `parent`;
+ *              `grand_children` used `child` as their backing file.
+ *       child           string
+ *       grand_children? [string], default []: Accepted as the transfer object
+ *                       carries it; after a backup's copy the only child of
+ *                       `child` is the new delta, which the merge itself
+ *                       moves onto `parent`.
+ *       parent          string
+ *
+ *   MergedVolume: One merge done.
+ *       path    string: The file it runs on now.
+ *       target  string: Its disk target.
+ *       uuid?   string or null: The request's uuid.
+ *
+ *   PrepareValidationAnswer: The answer of `agent.prepare_validation`.
+ *       volumes  [PreparedVolume]: One overlay per volume.
+ *
+ *   PrepareVolume: (an object)
+ *       backup_path  string
+ *       uuid         string
+ *
+ *   PreparedVolume: The overlay of one volume.
+ *       backup_path   string: The backup file under it.
+ *       overlay_path  string: The overlay made.
+ *       uuid          string: The request's uuid.
+ *
+ *   QuickRestoreAnswer: The answer of `quick_restore`.
+ *       overlays  [[any]]: `[target, overlay]` of each disk.
+ *
+ *   RecoverAnswer: The answer of `recover`.
+ *       backup_id? string or null: The interrupted backup, if a journal was
+ *                  found.
+ *       published  boolean: Whether it had reached the store (then finished,
+ *                  else undone).
+ *       report     RecoverReport: What was done.
+ *       step?      string or null: The step it had reached ("snapshot",
+ *                  "copy", "publish", "merge", "pivot").
+ *
+ *   RecoverReport: What `recover` did.
+ *       actions  [string]: One line per action.
+ *       chains   [[any]]: `[target, [file, ...]]`: the files each disk runs
+ *                on, active first.
+ *
+ *   RestoreAnswer: The answer of `agent.restore`.
+ *       removed  [string]: The old deltas removed.
+ *       volumes  [RestoredVolume]: Each volume restored.
+ *
+ *   RestoreVolume: (an object)
+ *       backup_path      string
+ *       expected_hashes? [ExpectedHash], default []
+ *       uuid?            string or null
+ *       volume_path      string
+ *
+ *   ExpectedHash: The hash a file must have.
+ *       hash  string: Its xxh3-128, 32 hex digits (as `agent.take_hash` gives
+ *             it per file).
+ *       path  string: The file.
+ *
+ *   RestoredVolume: One volume restored.
+ *       backing? string or null: Its backing file (the backup) after a quick
+ *                restore.
+ *       path     string: The volume's file.
+ *       uuid?    string or null: The request's uuid.
+ *
+ *   SizedFile: A file and its size.
+ *       path  string: The file.
+ *       size  integer: Its size in bytes.
+ *
+ *   SnapshotMerge: (an object)
+ *       child           string
+ *       grand_children? [string], default []
+ *       parent          string
+ *       uuid?           string or null
+ *
+ *   TakeBackupAnswer: The answer of `agent.take_backup`.
+ *       kind           string: "full", "incremental" or "isolated".
+ *       vm_consistent  boolean: Always true on success (a failure says it in
+ *                      its error).
+ *       volumes        [TakenVolume]: One per volume of the request, in its
+ *                      order.
+ *
+ *   TakeHashAnswer: The answer of `agent.take_hash`.
+ *       backup_uuid? string or null: The request's `backup_uuid`.
+ *       files        [FileHash]: Each file's own hash.
+ *       hash         string: xxh3-128 of the whole chain, 32 hex digits.
+ *
+ *   TakenVolume: One volume backed up.
+ *       delta_path_on_store  string: Its backup file.
+ *       new_volume_path      string: The file the volume runs on now.
+ *       size                 integer: Bytes of the backup file.
+ *       target               string: The disk target it runs as.
+ *       uuid                 string: The request's uuid.
+ *       virtual_size         integer: Guest-visible size.
+ *
+ *   ValidateAnswer: The answer of `agent.validate`.
+ *       boot_seconds      number: Seconds to its first answer (or to giving
+ *                         up).
+ *       boot_validated    boolean: Whether the guest agent answered.
+ *       passed            boolean: Whether every check passed.
+ *       problems          [string]: What failed, one line each.
+ *       screenshot_path?  string or null: The screenshot taken.
+ *       script_exit_code? integer or null: The script's exit code.
+ *       script_result?    string or null: The script's output.
+ *
+ *   ValidateDisk: (an object)
+ *       path    string
+ *       target  string
+ *
+ *   VerifyReport: The result of verifying one backup.
+ *       chain_hashes   {string: string}: The xxh3-128 of the backup's chain
+ *                      (files root first), per volume.
+ *       files_checked  integer: Files checked.
+ *       id             string: The backup.
+ *       ok             boolean: Whether every check passed.
+ *       problems       [string]: What failed, one line each.
+ *
+ *   VersionAnswer: The answer of `version`.
+ *       schema   integer: The request schema it reads.
+ *       version  string: knib's version.
+ *
+ *   VolumeRef: (an object)
+ *       path  string
+ *       uuid? string or null
+ *
+ *   VolumeState: A volume and the file it runs on.
+ *       path?   string or null: The file it runs on now.
+ *       target  string: Its disk target.
+ *       uuid?   string or null: The request's uuid.
+ *
+ *   VolumeView: A volume of a backup as every binding shows it.
+ *       backing?      string or null: The backing pointer in the file.
+ *       file          string: The backup file (absolute).
+ *       hash?         string or null: The recorded hash.
+ *       name          string: The volume's name.
+ *       size          integer: Bytes on the store.
+ *       source        string: The disk it came from.
+ *       virtual_size  integer: Guest-visible size.
  *   (end of the generated table)
  *
  * A backup is {"id", "vm", "kind" ("full", "incremental", "isolated"),
@@ -560,7 +1387,9 @@ knib_result knib_delete(struct knib_context *context, const char *request_json, 
  * to a new image. Request: `store`, `backup`, `volume`, `to`, `format`
  * (`qcow2` or `raw`), `no_verify` (false: each file of the chain is
  * checked against its recorded hash as it is read, and a damaged one fails
- * the restore with `corrupt`). Answer: `{"restored", "volume", "to"}`.
+ * the restore with `corrupt`), `timeout_secs`. Answer: that of
+ * `agent.restore`, `{"volumes": [{"uuid": volume, "path": to, "backing":
+ * null}], "removed": []}`.
  *
  * # Safety
  * As `knib_call`.
@@ -607,8 +1436,9 @@ knib_result knib_verify(struct knib_context *context, const char *request_json, 
 /**
  * Operation `hash`: the xxh3-128 hash of each volume's chain of a backup
  * (as `agent.take_hash` computes it on explicit files).
- * Request: `store`, `backup`. Answer: `{"backup", "chain_hashes":
- * {volume: hex}}`.
+ * Request: `store`, `backup`, `timeout_secs`. Answer: `{"backup",
+ * "volumes": {volume: {"hash", "files": [{"path", "hash"}]}}}`, each
+ * volume's the `hash` and `files` of `agent.take_hash` on its chain.
  *
  * # Safety
  * As `knib_call`.

@@ -273,8 +273,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             store.restore_with(&backup, &volume, &to, format, !no_verify, &ctl)?;
             output::clear_progress();
-            output::say(json, &serde_json::json!({"restored": backup, "volume": volume, "to": to, "format": format}),
-                &format!("restored volume {volume} of backup {backup} to {} ({})", to.display(), format.as_str()));
+            let text = format!("restored volume {volume} of backup {backup} to {} ({})", to.display(), format.as_str());
+            // The answer of the `restore` operation, as every binding prints it.
+            output::say(json, &serde_json::json!(knib_core::api::catalog::restored(volume, to)), &text);
         }
         Command::Compress { store, backup, library, coroutines, rate_limit } => {
             let library: CompressionLibrary = library.parse()?;

@@ -399,9 +399,31 @@ pub(crate) fn take_hash(op: &str, r: &HashReq, ctl: &Control) -> Result<TakeHash
     for (i, f) in r.files.iter().enumerate() {
         absolute(op, &format!("files[{i}]"), f)?;
     }
-    let (hash, each) = engine::hash::hash_chain(&r.files, ctl)?;
-    let files = r.files.iter().zip(each).map(|(p, h)| FileHash { path: p.clone(), hash: h }).collect();
+    let ChainHash { hash, files } = chain_hash(&r.files, ctl)?;
     Ok(TakeHashAnswer { backup_uuid: r.backup_uuid.clone(), hash, files })
+}
+
+/// The hash of a chain (`files`, root first) and of each of its files: the
+/// one hashing call of `agent.take_hash` and `hash`.
+pub(crate) fn chain_hash(files: &[PathBuf], ctl: &Control) -> Result<ChainHash> {
+    let (hash, each) = engine::hash::hash_chain(files, ctl)?;
+    let files = files.iter().zip(each).map(|(p, h)| FileHash { path: p.clone(), hash: h }).collect();
+    Ok(ChainHash { hash, files })
+}
+
+/// The compression options of `agent.compress` and `compress`, which take
+/// the same fields with the same defaults.
+pub(crate) fn compress_options(library: CompressionLibrary, coroutines: u32, rate_limit_mbps: u64, min_free_factor: f64) -> CompressOptions {
+    CompressOptions { library, coroutines, rate_limit_mbps, min_free_factor, ..Default::default() }
+}
+
+/// `min_free_bytes` of `agent.compress` and `compress`: refuse unless that
+/// many bytes are free where the compressed files go.
+pub(crate) fn require_free(dir: &Path, min_free_bytes: Option<u64>) -> Result<()> {
+    match min_free_bytes {
+        Some(min) => fsio::require_space(dir, min, "compression (min_free_bytes)"),
+        None => Ok(()),
+    }
 }
 
 /// `agent.compress`.
@@ -413,17 +435,8 @@ pub(crate) fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<Compr
             return Err(KnibError::not_found(format!("backup file {} does not exist", f.display())));
         }
     }
-    if let Some(min) = r.min_free_bytes {
-        let dir = fsio::parent_dir(&r.files[0]);
-        fsio::require_space(dir, min, "compression (min_free_bytes)")?;
-    }
-    let opts = CompressOptions {
-        library: r.library,
-        coroutines: r.coroutines,
-        rate_limit_mbps: r.rate_limit_mbps,
-        min_free_factor: r.min_free_factor,
-        ..Default::default()
-    };
+    let opts = compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
+    require_free(fsio::parent_dir(&r.files[0]), r.min_free_bytes)?;
     let expected: Vec<Option<String>> = match &r.expected_hashes {
         Some(h) if h.len() != r.files.len() => {
             return Err(KnibError::invalid(format!(

@@ -23,8 +23,11 @@
 //! The path-based operations (`agent.*`, as CloudStack's KVM agent runs
 //! them) take the files themselves; the catalog operations (`backup`,
 //! `list`, `show`, `restore`, `compress`, `hash`, ...) take a store and a
-//! backup id, look the files up and make the same engine calls (see
-//! [`catalog`]). No two operations do the same work: compressing explicit
+//! backup id, look the files up and make the same calls, with the same
+//! field names, defaults and answers (`restore` answers as `agent.restore`,
+//! `hash` gives each volume's `agent.take_hash` answer, `compress` takes
+//! `agent.compress`'s fields; see [`catalog`]). No two operations do the
+//! same work: compressing explicit
 //! files is `agent.compress` then `agent.finalize_compression`;
 //! consolidating a domain is `agent.consolidate` (every disk when no
 //! `volumes` are given); merging a VM snapshot delta is
@@ -103,7 +106,7 @@ operations! {
     /// One backup.
     "show" => Show(catalog::BackupRef) -> BackupView,
     /// Write one volume of a backup, its chain flattened, to a new image.
-    "restore" => Restore(catalog::RestoreReq) -> catalog::RestoredAnswer,
+    "restore" => Restore(catalog::RestoreReq) -> agent::RestoreAnswer,
     /// Run a stopped libvirt domain at once on overlays over a backup.
     "quick_restore" => QuickRestore(catalog::QuickRestoreReq) -> catalog::QuickRestoreAnswer,
     /// Compress a backup's files and finalize them, recording it in the manifest.
@@ -111,7 +114,7 @@ operations! {
     /// Check one backup or all: qemu-img check, backing pointers, sizes, chains, hashes.
     "verify" => Verify(catalog::VerifyReq) -> Vec<crate::catalog::VerifyReport>,
     /// The xxh3-128 of each volume's chain of a backup.
-    "hash" => Hash(catalog::BackupRef) -> catalog::HashAnswer,
+    "hash" => Hash(catalog::HashReq) -> catalog::HashAnswer,
     /// Delete a backup without breaking its chain.
     "delete" => Delete(catalog::BackupRef) -> crate::catalog::DeleteOutcome,
     /// Finish or undo the interrupted live backup of a domain from its journal.
@@ -256,7 +259,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_and_restore_through_json() {
+    fn a_backup_restore_and_hash_through_json() {
         let d = tempfile::tempdir().unwrap();
         let disk = d.path().join("a.qcow2");
         crate::qemu_img::QemuImg::new().create(&disk, 4 << 20, &Control::new()).unwrap();
@@ -267,8 +270,29 @@ mod tests {
         let id = ans["id"].as_str().unwrap();
         let to = d.path().join("r.raw");
         let req = json!({"store": store, "backup": id, "volume": "a", "to": to, "format": "raw"});
-        call("restore", &req.to_string(), &Control::new()).unwrap();
+        let ans: Value = serde_json::from_str(&call("restore", &req.to_string(), &Control::new()).unwrap()).unwrap();
         assert!(crate::qemu_img::QemuImg::new().compare(&to, &disk, &Control::new()).unwrap());
+        // The answer of `agent.restore`.
+        assert_eq!(ans, json!({"volumes": [{"uuid": "a", "path": to, "backing": null}], "removed": []}));
+
+        // `hash` gives, per volume, what `agent.take_hash` gives on its chain.
+        let ans: Value =
+            serde_json::from_str(&call("hash", &json!({"store": store, "backup": id}).to_string(), &Control::new()).unwrap())
+                .unwrap();
+        let files: Vec<Value> = ans["volumes"]["a"]["files"].as_array().unwrap().iter().map(|f| f["path"].clone()).collect();
+        assert_eq!(files.len(), 1);
+        let agent: Value = serde_json::from_str(
+            &call("agent.take_hash", &json!({"files": files, "timeout_secs": 60}).to_string(), &Control::new()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(ans["volumes"]["a"]["hash"], agent["hash"]);
+        assert_eq!(ans["volumes"]["a"]["files"], agent["files"]);
+
+        // The compression fields of `agent.compress`, with the same checks.
+        let req = json!({"store": store, "backup": id, "min_free_bytes": u64::MAX, "timeout_secs": 60});
+        let e = call("compress", &req.to_string(), &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoSpace, "{e}");
+        assert!(e.message.contains("min_free_bytes"), "{e}");
     }
 
     #[test]

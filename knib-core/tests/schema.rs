@@ -1,10 +1,13 @@
 //! The one API's schema and everything written from it: fails when the
 //! checked-in `docs/schema.json` differs from the one `knib_core::api`
-//! generates, when the operation tables of the README and of
-//! `include/knib.h` (its preamble, from `knib-ffi/cbindgen.toml`) list
-//! other operations or fields, or when the Java facade's request and
-//! answer classes have fields the schema does not (or lack its required
-//! ones).
+//! generates, when the operation table of the README or the operation
+//! reference of `include/knib.h` (its preamble, from
+//! `knib-ffi/cbindgen.toml`: every operation's request fields, answer type
+//! and worked example, and every object type) is not what the schema
+//! gives, when a worked example of `knib-ffi/examples.json` is not a valid
+//! request of its operation or names an answer field the schema does not
+//! have, or when the Java facade's request and answer classes have fields
+//! the schema does not (or lack its required ones, or have public fields).
 //!
 //! `KNIB_WRITE_SCHEMA=1 cargo test -p knib-core --test schema` rewrites the
 //! generated parts (the schema file and the tables between their markers in
@@ -131,16 +134,231 @@ fn wrap(first: &str, text: &str, width: usize) -> Vec<String> {
     lines
 }
 
-/// The header's table (lines of its preamble comment).
+/// A description of the schema, on one line.
+fn describe(s: &Value) -> String {
+    s.get("description").and_then(Value::as_str).unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The name of the `$defs` object type `s` refers to, if it does.
+fn object_ref<'a>(root: &Value, s: &'a Value) -> Option<&'a str> {
+    let name = s.get("$ref")?.as_str()?.strip_prefix("#/$defs/")?;
+    root["$defs"][name].get("properties").map(|_| name)
+}
+
+/// How the header names the type of schema `s`: `string`, `[Disk]`,
+/// `"zstd" | "zlib"`, `integer or null`; every object type it names is
+/// added to `objects`.
+fn type_name(root: &Value, s: &Value, objects: &mut BTreeSet<String>) -> String {
+    if let Some(name) = object_ref(root, s) {
+        objects.insert(name.to_string());
+        return name.to_string();
+    }
+    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
+        let name = r.strip_prefix("#/$defs/").unwrap_or_else(|| panic!("unexpected $ref {r}"));
+        return type_name(root, &root["$defs"][name], objects);
+    }
+    if let Some(values) = s.get("enum").and_then(Value::as_array) {
+        return values.iter().map(Value::to_string).collect::<Vec<_>>().join(" | ");
+    }
+    if let Some(any) = s.get("anyOf").or_else(|| s.get("oneOf")).and_then(Value::as_array) {
+        let nullable = any.iter().any(|a| a.get("type") == Some(&Value::from("null")));
+        let parts: Vec<String> =
+            any.iter().filter(|a| a.get("type") != Some(&Value::from("null"))).map(|a| type_name(root, a, objects)).collect();
+        return parts.join(" | ") + if nullable { " or null" } else { "" };
+    }
+    if let Some(c) = s.get("const") {
+        return c.to_string();
+    }
+    let types: Vec<&str> = match &s["type"] {
+        Value::String(t) => vec![t.as_str()],
+        Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+        _ => vec!["any"],
+    };
+    let nullable = types.contains(&"null");
+    let ty = types.iter().find(|t| **t != "null").copied().unwrap_or("null");
+    let name = match ty {
+        "array" => format!("[{}]", s.get("items").map(|i| type_name(root, i, objects)).unwrap_or_else(|| "any".into())),
+        "object" => match s.get("additionalProperties") {
+            Some(v) if v.is_object() => format!("{{string: {}}}", type_name(root, v, objects)),
+            _ => "object".into(),
+        },
+        t => t.to_string(),
+    };
+    if nullable && ty != "null" {
+        name + " or null"
+    } else {
+        name
+    }
+}
+
+/// The header lines of the fields of object schema `s`, one entry each:
+/// `name?  type, default d: description` (`?`: optional).
+fn field_lines(root: &Value, s: &Value, indent: &str, objects: &mut BTreeSet<String>) -> Vec<String> {
+    let s = resolve(root, s);
+    let Some(props) = s.get("properties").and_then(Value::as_object) else { return vec![] };
+    let fields = fields(root, s).unwrap_or_default();
+    let column = fields.iter().map(|(n, _)| n.len() + 1).max().unwrap_or(0);
+    let mut lines = Vec::new();
+    for (name, required) in fields {
+        let prop = &props[&name];
+        let mut text = type_name(root, prop, objects);
+        if let Some(d) = prop.get("default").filter(|d| !d.is_null()) {
+            text += &format!(", default {d}");
+        }
+        let what = describe(prop);
+        if !what.is_empty() {
+            text += &format!(": {what}");
+        }
+        let head = format!(" *{indent}{:column$}", format!("{name}{}", if required { "" } else { "?" }));
+        lines.extend(wrap(&head, &text, 78));
+    }
+    lines
+}
+
+/// `v` as header lines: on one line when it fits in `width`, else one
+/// member per line.
+fn json_lines(v: &Value, indent: usize, width: usize) -> Vec<String> {
+    fn one_line(v: &Value) -> String {
+        match v {
+            Value::Object(m) => {
+                let inner: Vec<String> = m.iter().map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), one_line(v))).collect();
+                format!("{{{}}}", inner.join(", "))
+            }
+            Value::Array(a) => format!("[{}]", a.iter().map(one_line).collect::<Vec<_>>().join(", ")),
+            v => v.to_string(),
+        }
+    }
+    fn lines(prefix: &str, v: &Value, suffix: &str, indent: usize, width: usize, out: &mut Vec<String>) {
+        let pad = " ".repeat(indent);
+        let flat = format!("{pad}{prefix}{}{suffix}", one_line(v));
+        let (open, close, members): (&str, &str, Vec<(String, &Value)>) = match v {
+            Value::Object(m) if !m.is_empty() => {
+                ("{", "}", m.iter().map(|(k, v)| (format!("{}: ", Value::from(k.as_str())), v)).collect())
+            }
+            Value::Array(a) if !a.is_empty() => ("[", "]", a.iter().map(|v| (String::new(), v)).collect()),
+            _ => {
+                out.push(flat);
+                return;
+            }
+        };
+        if flat.len() <= width {
+            out.push(flat);
+            return;
+        }
+        out.push(format!("{pad}{prefix}{open}"));
+        let n = members.len();
+        for (i, (p, m)) in members.into_iter().enumerate() {
+            lines(&p, m, if i + 1 < n { "," } else { "" }, indent + 2, width, out);
+        }
+        out.push(format!("{pad}{close}{suffix}"));
+    }
+    let mut out = Vec::new();
+    lines("", v, "", indent, width, &mut out);
+    out.into_iter().map(|l| format!(" *{l}")).collect()
+}
+
+/// Each operation's worked example: (request, abridged answer), from
+/// `knib-ffi/examples.json`.
+fn examples() -> BTreeMap<String, (Value, Value)> {
+    let text = read("knib-ffi/examples.json");
+    let all: BTreeMap<String, Value> =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("knib-ffi/examples.json does not parse: {e}"));
+    all.into_iter().map(|(op, e)| (op, (e["request"].clone(), e["answer"].clone()))).collect()
+}
+
+/// Problems of `v`, an abridged answer, against schema `s`: every field it
+/// has is one the schema has (fields may be left out, lists cut short).
+fn check_example(root: &Value, s: &Value, v: &Value, at: &str, problems: &mut Vec<String>) {
+    let s = resolve(root, s);
+    match v {
+        Value::Array(items) => {
+            let Some(item) = s.get("items") else {
+                problems.push(format!("{at}: an array where the schema has none"));
+                return;
+            };
+            for (i, x) in items.iter().enumerate() {
+                check_example(root, item, x, &format!("{at}[{i}]"), problems);
+            }
+        }
+        Value::Object(m) => {
+            if let Some(props) = s.get("properties").and_then(Value::as_object) {
+                for (k, x) in m {
+                    match props.get(k) {
+                        Some(p) => check_example(root, p, x, &format!("{at}.{k}"), problems),
+                        None => problems.push(format!("{at}: field `{k}` is not in the schema")),
+                    }
+                }
+            } else if let Some(each) = s.get("additionalProperties").filter(|a| a.is_object()) {
+                for (k, x) in m {
+                    check_example(root, each, x, &format!("{at}.{k}"), problems);
+                }
+            } else if s.get("type") != Some(&Value::from("object")) {
+                problems.push(format!("{at}: an object where the schema has none"));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The header's documentation of the operations (lines of its preamble
+/// comment): each operation's request fields, answer type and worked
+/// example, then every object type they name, all from the schema; the
+/// examples come from `knib-ffi/examples.json` and are checked here (each
+/// request parses as its operation's, each answer has only the schema's
+/// fields).
 fn header_table(s: &Value) -> String {
+    let examples = examples();
+    let ops = operations(s);
+    let mut problems = Vec::new();
+    for op in examples.keys().filter(|op| !ops.contains_key(*op)) {
+        problems.push(format!("knib-ffi/examples.json: {op} is not an operation"));
+    }
+    let mut objects = BTreeSet::new();
     let mut lines = vec![HEADER_BEGIN.to_string()];
-    for (op, (_, req, ans)) in operations(s) {
-        lines.push(format!(" *   {op}"));
-        lines.extend(wrap(" *       request:", &request_cell(s, &req), 78));
-        lines.extend(wrap(" *       answer: ", &answer_cell(s, &ans), 78));
+    for (op, (what, req, ans)) in &ops {
+        lines.push(" *".into());
+        lines.extend(wrap(&format!(" *   {op}:"), what, 78));
+        let fields = field_lines(s, req, "       ", &mut objects);
+        if fields.is_empty() {
+            lines.push(" *     request: no fields".into());
+        } else {
+            lines.push(" *     request:".into());
+            lines.extend(fields);
+        }
+        lines.extend(wrap(" *     answer:", &type_name(s, ans, &mut objects), 78));
+        let Some((ex_req, ex_ans)) = examples.get(op) else {
+            problems.push(format!("knib-ffi/examples.json has no example of {op}"));
+            continue;
+        };
+        if let Err(e) = knib_core::api::Request::parse(op, &ex_req.to_string()) {
+            problems.push(format!("knib-ffi/examples.json: the request of {op} does not parse: {e}"));
+        }
+        check_example(s, ans, ex_ans, &format!("knib-ffi/examples.json: the answer of {op}"), &mut problems);
+        lines.push(" *     example request:".into());
+        lines.extend(json_lines(ex_req, 7, 76));
+        lines.push(" *     example answer (abridged):".into());
+        lines.extend(json_lines(ex_ans, 7, 76));
+    }
+    lines.push(" *".into());
+    lines.push(" *   OBJECT TYPES (`?`: optional field)".into());
+    let mut done = BTreeSet::new();
+    while let Some(name) = objects.iter().find(|o| !done.contains(*o)).cloned() {
+        done.insert(name.clone());
+        let def = &s["$defs"][&name];
+        lines.push(" *".into());
+        let what = describe(def);
+        lines.extend(wrap(&format!(" *   {name}:"), if what.is_empty() { "(an object)" } else { &what }, 78));
+        lines.extend(field_lines(s, def, "       ", &mut objects));
     }
     lines.push(HEADER_END.to_string());
-    lines.join("\n") + "\n"
+    let text = lines.join("\n") + "\n";
+    for bad in ["*/", "/*", "\\", "\"\"\""] {
+        if text[HEADER_BEGIN.len()..].contains(bad) {
+            problems.push(format!("the generated header text holds {bad:?}, which the C comment or cbindgen.toml cannot"));
+        }
+    }
+    assert!(problems.is_empty(), "the header's documentation cannot be generated:\n{}", problems.join("\n"));
+    text
 }
 
 /// `text` with the part between the lines `begin` and `end` (kept) replaced
@@ -221,27 +439,72 @@ fn the_header_table_is_the_schema() {
     }
 }
 
-/// The public fields of each class of a Java file: class name -> (JSON
+/// The JSON fields of each class of a Java file: class name -> (JSON
 /// name, Java type), the JSON name as Gson's LOWER_CASE_WITH_UNDERSCORES
-/// policy writes it.
+/// policy writes it. A record's fields are its components; a class's are
+/// its `private final` instance fields (what Gson reads and writes). A
+/// `public` instance field is reported as a problem: requests and answers
+/// are immutable.
 fn java_classes(file: &str) -> BTreeMap<String, Vec<(String, String)>> {
     let text = read(&format!("java/src/main/java/io/knib/{file}.java"));
-    static CLASS: LazyLock<Regex> =
-        LazyLock::new(|| Regex::new(r"(?m)^\s*public (?:static )?final class (\w+)").expect("regex"));
+    static CLASS: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"(?m)^\s*public (?:static )?(?:final )?(?:class (\w+)|record (\w+)\(([^)]*)\))").expect("regex")
+    });
     static FIELD: LazyLock<Regex> =
-        LazyLock::new(|| Regex::new(r"(?m)^\s*public (?:final )?([\w<>., ]+?) (\w+)(?: = [^;]*)?;").expect("regex"));
+        LazyLock::new(|| Regex::new(r"(?m)^\s*private final ([\w<>., ]+?) (\w+);").expect("regex"));
     let (class, field) = (&*CLASS, &*FIELD);
-    let starts: Vec<(usize, String)> = class.captures_iter(&text).map(|c| (c.get(0).expect("match").start(), c[1].to_string())).collect();
+    let starts: Vec<(usize, String, Option<String>)> = class
+        .captures_iter(&text)
+        .map(|c| {
+            let at = c.get(0).expect("match").start();
+            match (c.get(1), c.get(2), c.get(3)) {
+                (Some(name), _, _) => (at, name.as_str().to_string(), None),
+                (None, Some(name), Some(components)) => (at, name.as_str().to_string(), Some(components.as_str().to_string())),
+                _ => unreachable!("the regex names a class or a record"),
+            }
+        })
+        .collect();
     let mut out = BTreeMap::new();
-    for (i, (at, name)) in starts.iter().enumerate() {
-        let end = starts.get(i + 1).map(|s| s.0).unwrap_or(text.len());
-        let fields = field
-            .captures_iter(&text[*at..end])
-            .map(|c| (snake(&c[2]), c[1].to_string()))
-            .collect();
+    for (i, (at, name, components)) in starts.iter().enumerate() {
+        let fields = match components {
+            Some(list) => record_components(list).into_iter().map(|(ty, n)| (snake(&n), ty)).collect(),
+            None => {
+                let end = starts.get(i + 1).map(|s| s.0).unwrap_or(text.len());
+                field.captures_iter(&text[*at..end]).map(|c| (snake(&c[2]), c[1].to_string())).collect()
+            }
+        };
         out.insert(name.clone(), fields);
     }
     out
+}
+
+/// The (type, name) of each component of a record header's list
+/// (`String domain, List<Volume> volumes`), split at the commas outside
+/// `<>`.
+fn record_components(list: &str) -> Vec<(String, String)> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    for (i, c) in list.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&list[start..]);
+    parts
+        .into_iter()
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (ty, name) = p.rsplit_once(char::is_whitespace).unwrap_or_else(|| panic!("record component {p:?}"));
+            (ty.trim().to_string(), name.to_string())
+        })
+        .collect()
 }
 
 fn snake(camel: &str) -> String {
@@ -308,22 +571,41 @@ fn the_java_classes_are_the_schema() {
     let s = schema();
     let ops = operations(&s);
     let knib = read("java/src/main/java/io/knib/Knib.java");
-    let run = Regex::new(r#"run\("([\w.]+)", (\w+), (\w+)\.(\w+)\.class\)"#).expect("regex");
+    // Each facade method: `public F.Answer name(F.Request request) throws
+    // KnibException { return run("op", request, F.Answer.class); }`.
+    let method = Regex::new(
+        r#"public (\w+)\.(\w+) \w+\((\w+)\.(\w+) request\) throws KnibException \{\s*return run\("([\w.]+)", request, (\w+)\.(\w+)\.class\);"#,
+    )
+    .expect("regex");
+    let runs = Regex::new(r#"return run\("#).expect("regex").find_iter(&knib).count();
     let mut problems = Vec::new();
     let mut seen = 0;
-    for c in run.captures_iter(&knib) {
-        let (op, req_var, file, answer) = (&c[1], &c[2], &c[3], &c[4]);
+    for c in method.captures_iter(&knib) {
+        let (req_file, req_class, op, file, answer) = (&c[3], &c[4], &c[5], &c[6], &c[7]);
+        if (&c[1], &c[2]) != (file, answer) {
+            problems.push(format!("Knib.java: the method running {op} returns {}.{}, not {file}.{answer}", &c[1], &c[2]));
+        }
         let Some((_, req, ans)) = ops.get(op) else {
             problems.push(format!("Knib.java runs {op}, which is not an operation of the schema"));
             continue;
         };
         seen += 1;
-        if req_var == "request" {
-            compare(&s, file, "Request", req, true, &mut problems);
-        }
+        compare(&s, req_file, req_class, req, true, &mut problems);
         compare(&s, file, answer, ans, false, &mut problems);
     }
-    assert!(seen >= 11, "Knib.java: found only {seen} operations");
+    assert!(seen >= 14, "Knib.java: found only {seen} operations");
+    assert_eq!(seen, runs, "Knib.java: a `return run(...)` is not in the form this test reads");
+    // No class has a public instance field: requests and answers are immutable.
+    let public_field = Regex::new(r"(?m)^\s*public (?:final )?[\w<>., ]+ (\w+)(?: = [^;]*)?;").expect("regex");
+    let dir = root().join("java/src/main/java/io/knib");
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("a directory entry").path();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for c in public_field.captures_iter(&text) {
+            let name = path.file_name().expect("a file name").to_string_lossy();
+            problems.push(format!("{name}: public field `{}` (requests and answers are immutable)", &c[1]));
+        }
+    }
     // java/README.md's table names each wrapper's operation.
     let readme = read("java/README.md");
     let op_cell = Regex::new(r"\| `((?:agent|files)\.[\w.]+)` \|").expect("regex");

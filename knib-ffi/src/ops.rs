@@ -149,7 +149,9 @@ pub unsafe extern "C" fn knib_delete(
 /// to a new image. Request: `store`, `backup`, `volume`, `to`, `format`
 /// (`qcow2` or `raw`), `no_verify` (false: each file of the chain is
 /// checked against its recorded hash as it is read, and a damaged one fails
-/// the restore with `corrupt`). Answer: `{"restored", "volume", "to"}`.
+/// the restore with `corrupt`), `timeout_secs`. Answer: that of
+/// `agent.restore`, `{"volumes": [{"uuid": volume, "path": to, "backing":
+/// null}], "removed": []}`.
 ///
 /// # Safety
 /// As `knib_call`.
@@ -216,8 +218,9 @@ pub unsafe extern "C" fn knib_verify(
 
 /// Operation `hash`: the xxh3-128 hash of each volume's chain of a backup
 /// (as `agent.take_hash` computes it on explicit files).
-/// Request: `store`, `backup`. Answer: `{"backup", "chain_hashes":
-/// {volume: hex}}`.
+/// Request: `store`, `backup`, `timeout_secs`. Answer: `{"backup",
+/// "volumes": {volume: {"hash", "files": [{"path", "hash"}]}}}`, each
+/// volume's the `hash` and `files` of `agent.take_hash` on its chain.
 ///
 /// # Safety
 /// As `knib_call`.

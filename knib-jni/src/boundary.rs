@@ -13,7 +13,8 @@ use knib_core::{ErrorKind, KnibError};
 pub(crate) enum Failure {
     /// An error of knib: thrown as the `KnibException` subclass of its kind.
     Knib(KnibError),
-    /// knib panicked (a bug): thrown as `InternalException`.
+    /// knib panicked (a bug, not a failure): thrown as `KnibPanicError`,
+    /// an unchecked `java.lang.Error`.
     Panic(String),
     /// The handle is not a live context: `IllegalStateException`.
     BadHandle(jlong),
@@ -46,6 +47,10 @@ impl Failure {
     }
 }
 
+/// The Java class thrown for a panic: a bug is an unchecked `Error`, not a
+/// `KnibException`.
+pub(crate) const PANIC_ERROR: &str = "io/knib/KnibPanicError";
+
 /// The Java class of the exception of each kind (a `KnibException`
 /// subclass whose constructor takes the message and whether the VM was left
 /// consistent: 1 yes, 0 no, -1 unknown).
@@ -55,7 +60,7 @@ pub(crate) fn exception_class(kind: ErrorKind) -> &'static str {
         ErrorKind::Busy => "io/knib/BusyException",
         ErrorKind::InvalidInput => "io/knib/InvalidInputException",
         ErrorKind::NoSpace => "io/knib/NoSpaceException",
-        ErrorKind::Timeout => "io/knib/TimeoutException",
+        ErrorKind::Timeout => "io/knib/KnibTimeoutException",
         ErrorKind::Cancelled => "io/knib/CancelledException",
         ErrorKind::ImageTool => "io/knib/ImageToolException",
         ErrorKind::Hypervisor => "io/knib/HypervisorException",
@@ -99,7 +104,13 @@ fn throw(env: &mut JNIEnv<'_>, failure: Failure) {
             };
             (exception_class(e.kind), e.to_string(), consistent)
         }
-        Failure::Panic(message) => (exception_class(ErrorKind::Internal), message, -1),
+        Failure::Panic(message) => {
+            let _ = env.throw_new(PANIC_ERROR, &message);
+            if !env.exception_check().unwrap_or(true) {
+                let _ = env.throw_new("java/lang/Error", message);
+            }
+            return;
+        }
         Failure::BadHandle(h) => {
             let _ = env.throw_new(
                 "java/lang/IllegalStateException",

@@ -15,12 +15,13 @@
 //! | `void setTimeout(long, long seconds)` | the time budget of each call |
 //! | `void setProgressListener(long, ProgressListener)` | `null` removes it |
 //! | `boolean setLogLevel(int)` | forward knib's logs up to this level |
-//! | `void testPanic(long)` | tests only: panics inside knib |
+//! | `void testPanic(long)` | tests only: panics inside knib (debug builds; a release build throws `UnsupportedOperationException`) |
 //!
 //! Every native method runs inside one panic boundary
 //! ([`boundary::guard`]): a failure is thrown as the `KnibException`
 //! subclass of its kind (message, kind, and whether the VM was left
-//! consistent), a panic as `InternalException`, a dead handle as
+//! consistent), a panic as `KnibPanicError` (an unchecked `Error`: a bug
+//! is not an operational failure), a dead handle as
 //! `IllegalStateException`; no panic ever reaches the JVM. Progress
 //! listeners are called on whatever thread reports progress (attached to
 //! the JVM for the call), each call in its own local reference frame; an
@@ -39,7 +40,7 @@ use jni::objects::{GlobalRef, JClass, JObject, JString, JValue};
 use jni::sys::{jboolean, jint, jlong, jstring, JNI_FALSE, JNI_TRUE, JNI_VERSION_1_8};
 use jni::{JNIEnv, JavaVM};
 use knib_core::session::{Handles, Session};
-use knib_core::{KnibError, Progress};
+use knib_core::Progress;
 
 use boundary::{guard, text, Failure};
 
@@ -181,14 +182,24 @@ pub extern "system" fn Java_io_knib_NativeLib_setLogLevel<'l>(
     })
 }
 
-/// `void NativeLib.testPanic(long)`: tests only. Panics inside knib while
-/// the context runs an operation, to show that the panic arrives as an
-/// `InternalException` and that the JVM and the context go on.
+/// `void NativeLib.testPanic(long)`: tests only, in debug builds. Panics
+/// inside knib while the context runs an operation, to show that the panic
+/// arrives as a `KnibPanicError` and that the JVM and the context go on. A
+/// release build has no such hook: it throws `UnsupportedOperationException`.
 #[no_mangle]
 pub extern "system" fn Java_io_knib_NativeLib_testPanic<'l>(mut env: JNIEnv<'l>, _class: JClass<'l>, handle: jlong) {
-    guard(&mut env, (), |_| {
+    guard(&mut env, (), |env| {
         let s = session(handle)?;
-        s.exclusive(|| -> Result<(), KnibError> { panic!("knib test panic: NativeLib.testPanic was called") })?;
+        #[cfg(debug_assertions)]
+        {
+            let _ = env;
+            s.exclusive(|| -> Result<(), knib_core::KnibError> { panic!("knib test panic: NativeLib.testPanic was called") })?;
+        }
+        #[cfg(not(debug_assertions))]
+        {
+            drop(s);
+            env.throw_new("java/lang/UnsupportedOperationException", "testPanic exists in debug builds of knib-jni only")?;
+        }
         Ok(())
     })
 }

@@ -114,7 +114,7 @@ int main(void) {
     }
     a = call(ctx, knib_hash, "{\"store\": \"%s\", \"backup\": \"%s\"}", store, id2);
     if (a) {
-        CHECK(strstr(a, "\"chain_hashes\":{\"root\":\""), "hash: %s", a);
+        CHECK(strstr(a, "\"volumes\":{\"root\":{\"hash\":\"") && strstr(a, "\"files\":[{\"path\":"), "hash: %s", a);
         knib_string_free(a);
     }
 

@@ -210,6 +210,17 @@ pub struct TakeHashAnswer {
     pub files: Vec<FileHash>,
 }
 
+/// The hash of one volume's chain of a backup (in the answer of `hash`):
+/// the same values as the `hash` and `files` of `agent.take_hash` given the
+/// files of that chain.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ChainHash {
+    /// xxh3-128 of the whole chain, 32 hex digits.
+    pub hash: String,
+    /// Each file's own hash, root first.
+    pub files: Vec<FileHash>,
+}
+
 /// One file's hash.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct FileHash {

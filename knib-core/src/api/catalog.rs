@@ -1,12 +1,18 @@
 //! The catalog operations: requests that name a backup by its store and
 //! id, each a thin layer that looks the backup's files up in the store and
-//! then makes the same engine call as the path-based operation doing that
-//! work (`compress`: [`crate::engine::compress_verified()`] and
-//! [`crate::engine::finalize()`], as `agent.compress` and
-//! `agent.finalize_compression`; `hash`: [`crate::engine::hash::hash_chain`],
-//! as `agent.take_hash`; `restore`: [`crate::engine::restore_verified()`],
-//! as `agent.restore`; the catalog ones take the expected hashes from the
-//! manifests).
+//! then makes the same call as the path-based operation doing that work,
+//! with the same field names and defaults, and answers in the same form:
+//!
+//! | catalog | path-based | shared |
+//! |---|---|---|
+//! | `compress` | `agent.compress` + `agent.finalize_compression` | [`crate::engine::compress_verified()`], [`crate::engine::finalize()`]; fields `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor`, `min_free_bytes`, `timeout_secs` |
+//! | `hash` | `agent.take_hash` | [`agent::chain_hash`]: each volume's [`ChainHash`] is `agent.take_hash`'s `hash` and `files` for that chain |
+//! | `restore` | `agent.restore` | [`crate::engine::restore_verified()`]; the answer is [`RestoreAnswer`] |
+//!
+//! The catalog forms take the expected hashes from the manifests (the
+//! agent's take them from the request), and answer the backup as
+//! [`BackupView`] where they change it. Every catalog operation that does
+//! long work takes `timeout_secs` as the agent operations do.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,8 +20,8 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::agent::{self, ChainHash, RestoreAnswer, RestoredVolume};
 use crate::catalog::{BackupOptions, CompressionInfo, DiskSpec, Manifest, Store, DEFAULT_CHAIN_SIZE};
-use crate::engine::CompressOptions;
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
 use crate::qemu_img::{CompressionLibrary, ImageFormat};
@@ -70,6 +76,9 @@ pub(crate) struct BackupReq {
     /// Compress as copied, in one pass.
     #[serde(default)]
     compress: Option<CompressionLibrary>,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 /// The request of `list`.
@@ -83,7 +92,7 @@ pub(crate) struct ListReq {
     vm: Option<String>,
 }
 
-/// A request naming one backup (`show`, `hash`, `delete`).
+/// A request naming one backup (`show`, `delete`).
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BackupRef {
@@ -91,6 +100,19 @@ pub(crate) struct BackupRef {
     store: PathBuf,
     /// The backup's id.
     backup: String,
+}
+
+/// The request of `hash`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HashReq {
+    /// The store directory.
+    store: PathBuf,
+    /// The backup's id.
+    backup: String,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 /// The request of `verify`.
@@ -102,6 +124,9 @@ pub(crate) struct VerifyReq {
     /// One backup; absent: every backup of the store.
     #[serde(default)]
     backup: Option<String>,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 /// The request of `restore`.
@@ -123,6 +148,9 @@ pub(crate) struct RestoreReq {
     /// it is read (checked by default).
     #[serde(default)]
     no_verify: bool,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 /// The request of `quick_restore`.
@@ -173,6 +201,12 @@ pub(crate) struct CompressReq {
     /// Refuse unless this many times each file's size is free.
     #[serde(default = "default_factor")]
     min_free_factor: f64,
+    /// Refuse unless this many bytes are free in the backup's directory.
+    #[serde(default)]
+    min_free_bytes: Option<u64>,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
 }
 
 /// A backup as every binding and `knib --json` show it.
@@ -264,17 +298,6 @@ pub struct VersionAnswer {
     pub schema: u32,
 }
 
-/// The answer of `restore`.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct RestoredAnswer {
-    /// The backup's id.
-    pub restored: String,
-    /// The volume.
-    pub volume: String,
-    /// The new image.
-    pub to: PathBuf,
-}
-
 /// The answer of `quick_restore`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct QuickRestoreAnswer {
@@ -287,8 +310,9 @@ pub struct QuickRestoreAnswer {
 pub struct HashAnswer {
     /// The backup's id.
     pub backup: String,
-    /// The xxh3-128 of each volume's chain, root first.
-    pub chain_hashes: BTreeMap<String, String>,
+    /// Each volume's chain (by volume name): its xxh3-128, root first, and
+    /// each file's, as `agent.take_hash` answers them.
+    pub volumes: BTreeMap<String, ChainHash>,
 }
 
 /// The answer of `recover`.
@@ -319,6 +343,7 @@ pub(crate) fn version() -> VersionAnswer {
 }
 
 pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView> {
+    let ctl = &agent::budget(ctl, r.timeout_secs);
     let opts = BackupOptions { full: r.full, isolated: r.isolated, chain_size: r.chain_size, compress: r.compress };
     let store = Store::create(&r.store)?;
     let m = match (&r.vm, &r.domain) {
@@ -353,9 +378,16 @@ pub(crate) fn show(r: BackupRef) -> Result<BackupView> {
     Ok(BackupView::new(&store, &m))
 }
 
-pub(crate) fn restore(r: RestoreReq, ctl: &Control) -> Result<RestoredAnswer> {
+pub(crate) fn restore(r: RestoreReq, ctl: &Control) -> Result<RestoreAnswer> {
+    let ctl = &agent::budget(ctl, r.timeout_secs);
     Store::open(&r.store)?.restore_with(&r.backup, &r.volume, &r.to, r.format, !r.no_verify, ctl)?;
-    Ok(RestoredAnswer { restored: r.backup, volume: r.volume, to: r.to })
+    Ok(restored(r.volume, r.to))
+}
+
+/// The answer of `restore` (and of `knib restore --json`): `agent.restore`'s,
+/// the volume named by its name in the backup, written flattened to `to`.
+pub fn restored(volume: String, to: PathBuf) -> RestoreAnswer {
+    RestoreAnswer { volumes: vec![RestoredVolume { uuid: Some(volume), path: to, backing: None }], removed: Vec::new() }
 }
 
 pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Result<QuickRestoreAnswer> {
@@ -394,31 +426,32 @@ pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverA
 }
 
 pub(crate) fn compress(r: CompressReq, ctl: &Control) -> Result<BackupView> {
+    let ctl = &agent::budget(ctl, r.timeout_secs);
     let store = Store::open(&r.store)?;
-    let opts = CompressOptions {
-        library: r.library,
-        coroutines: r.coroutines,
-        rate_limit_mbps: r.rate_limit_mbps,
-        min_free_factor: r.min_free_factor,
-        ..Default::default()
-    };
+    let opts = agent::compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
+    if r.min_free_bytes.is_some() {
+        let dir = store.backup_dir(&store.show(&r.backup)?);
+        agent::require_free(&dir, r.min_free_bytes)?;
+    }
     let m = store.compress(&r.backup, &opts, ctl)?;
     Ok(BackupView::new(&store, &m))
 }
 
 pub(crate) fn verify(r: VerifyReq, ctl: &Control) -> Result<Vec<crate::catalog::VerifyReport>> {
+    let ctl = &agent::budget(ctl, r.timeout_secs);
     Store::open(&r.store)?.verify(r.backup.as_deref(), ctl)
 }
 
-pub(crate) fn hash(r: BackupRef, ctl: &Control) -> Result<HashAnswer> {
+pub(crate) fn hash(r: HashReq, ctl: &Control) -> Result<HashAnswer> {
+    let ctl = &agent::budget(ctl, r.timeout_secs);
     let store = Store::open(&r.store)?;
     let m = store.show(&r.backup)?;
-    let mut chain_hashes = BTreeMap::new();
+    let mut volumes = BTreeMap::new();
     for v in &m.volumes {
         let files = store.chain_files(&m, &v.name)?;
-        chain_hashes.insert(v.name.clone(), crate::engine::hash::hash_chain(&files, ctl)?.0);
+        volumes.insert(v.name.clone(), agent::chain_hash(&files, ctl)?);
     }
-    Ok(HashAnswer { backup: r.backup, chain_hashes })
+    Ok(HashAnswer { backup: r.backup, volumes })
 }
 
 pub(crate) fn delete(r: BackupRef) -> Result<crate::catalog::DeleteOutcome> {

@@ -1,6 +1,5 @@
 package io.knib;
 
-import java.util.ArrayList;
 import java.util.List;
 
 /**
@@ -11,57 +10,93 @@ import java.util.List;
 public final class CleanupVmBackup {
     private CleanupVmBackup() {}
 
-    /** The command. */
-    public static final class Request {
-        /** The libvirt domain ({@code vmName}). */
-        public String domain;
-        /** The libvirt URI; null for {@code qemu:///system}. */
-        public String connect;
-        /** Whether the VM runs ({@code runningVM}); null to take the domain's state as it is. */
-        public Boolean running;
-        /** As the failed backup's. */
-        public boolean endOfChain;
-        /** As the failed backup's. */
-        public boolean isolated;
-        /** The failed backup's volumes ({@code kbossTOs}). */
-        public List<TakeBackup.Volume> volumes = new ArrayList<>();
-        /** The command's time budget in seconds; null for none. */
-        public Long timeoutSecs;
+    /**
+     * The command: the failed backup's request, as {@link #of} makes it. Immutable.
+     *
+     * @param domain the libvirt domain ({@code vmName})
+     * @param connect the libvirt URI; null for {@code qemu:///system}
+     * @param running whether the VM runs ({@code runningVM}); null to take the domain's state as it is
+     * @param quiesce as the failed backup's
+     * @param endOfChain as the failed backup's
+     * @param isolated as the failed backup's
+     * @param volumes the failed backup's volumes ({@code kbossTOs})
+     * @param timeoutSecs the command's time budget in seconds; null for none
+     */
+    public record Request(
+            String domain,
+            String connect,
+            Boolean running,
+            boolean quiesce,
+            boolean endOfChain,
+            boolean isolated,
+            List<TakeBackup.Volume> volumes,
+            Long timeoutSecs) {
+        /** Copies {@code volumes} (null: none). */
+        public Request {
+            volumes = Json.copy(volumes);
+        }
 
-        /** An empty request. */
-        public Request() {}
+        /**
+         * @param failed the request of the failed backup
+         * @return the clean-up of that backup
+         */
+        public static Request of(TakeBackup.Request failed) {
+            return new Request(failed.domain(), failed.connect(), failed.running(), failed.quiesce(),
+                    failed.endOfChain(), failed.isolated(), failed.volumes(), failed.timeoutSecs());
+        }
 
-        /** @param failed the request of the failed backup */
-        public Request(TakeBackup.Request failed) {
-            this.domain = failed.domain;
-            this.connect = failed.connect;
-            this.running = failed.running;
-            this.endOfChain = failed.endOfChain;
-            this.isolated = failed.isolated;
-            this.volumes = new ArrayList<>(failed.volumes);
-            this.timeoutSecs = failed.timeoutSecs;
+        /** @param v the time budget in seconds @return this request with it */
+        public Request withTimeoutSecs(Long v) {
+            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, v);
         }
     }
 
     /** The answer ({@code CleanupKbossBackupErrorAnswer}). */
     public static final class Answer {
-        /** Whether the backup had reached the store (it was then finished, else undone). */
-        public boolean published;
-        /** True: the VM runs on {@code base} or {@code base <- one delta} again. */
-        public boolean vmConsistent;
-        /** Each volume and the file it runs on now. */
-        public List<VolumeState> volumes = new ArrayList<>();
-        /** What was done, one line each. */
-        public List<String> actions = new ArrayList<>();
+        private final boolean published;
+        private final boolean vmConsistent;
+        private final List<VolumeState> volumes;
+        private final List<String> actions;
+
+        private Answer() {
+            published = false;
+            vmConsistent = false;
+            volumes = null;
+            actions = null;
+        }
+
+        /** @return whether the backup had reached the store (it was then finished, else undone) */
+        public boolean published() { return published; }
+
+        /** @return true: the VM runs on {@code base} or {@code base <- one delta} again */
+        public boolean vmConsistent() { return vmConsistent; }
+
+        /** @return each volume and the file it runs on now */
+        public List<VolumeState> volumes() { return Json.view(volumes); }
+
+        /** @return what was done, one line each */
+        public List<String> actions() { return Json.view(actions); }
     }
 
     /** A volume after the clean-up. */
     public static final class VolumeState {
-        /** The volume's uuid. */
-        public String uuid;
-        /** Its disk target. */
-        public String target;
-        /** The file it runs on now. */
-        public String path;
+        private final String uuid;
+        private final String target;
+        private final String path;
+
+        private VolumeState() {
+            uuid = null;
+            target = null;
+            path = null;
+        }
+
+        /** @return the volume's uuid */
+        public String uuid() { return uuid; }
+
+        /** @return its disk target */
+        public String target() { return target; }
+
+        /** @return the file it runs on now */
+        public String path() { return path; }
     }
 }

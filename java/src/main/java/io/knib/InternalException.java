@@ -1,6 +1,9 @@
 package io.knib;
 
-/** A bug in knib: an invariant broken, or a panic caught at the boundary (the JVM and the context go on). */
+/**
+ * An internal error knib reported itself (an invariant it checks was broken), or an answer the Java classes
+ * cannot read. A panic is not this but a {@link KnibPanicError}.
+ */
 public class InternalException extends KnibException {
     private static final long serialVersionUID = 1L;
 

@@ -3,8 +3,6 @@ package io.knib;
 import com.google.gson.JsonParseException;
 import java.lang.ref.Cleaner;
 import java.time.Duration;
-import java.util.LinkedHashMap;
-import java.util.Map;
 import java.util.Objects;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.logging.Level;
@@ -22,9 +20,11 @@ import java.util.logging.Level;
  * does nothing, and using a closed instance throws {@link IllegalStateException}. An instance that is never
  * closed is released when it is garbage collected.
  *
- * <p>Every failure is a {@link KnibException} of the subclass of its kind; a failed backup's says whether
- * the VM was left consistent. knib's native log records go to {@code java.util.logging} (logger {@code
- * io.knib.native}).
+ * <p>Requests are immutable records (built with their {@code builder()} or constructors); answers are
+ * immutable too, read through accessor methods. Every failure is a {@link KnibException} (checked) of the
+ * subclass of its kind; a failed backup's says whether the VM was left consistent. A panic inside knib (a
+ * bug, not a failure) is a {@link KnibPanicError} (unchecked); the JVM and the context go on. knib's native
+ * log records go to {@code java.util.logging} (logger {@code io.knib.native}).
  */
 public final class Knib implements AutoCloseable {
     private static final Cleaner CLEANER = Cleaner.create();
@@ -167,16 +167,13 @@ public final class Knib implements AutoCloseable {
 
     /**
      * Replaces {@code LibvirtCompressBackupCommandWrapper}. A rate limit below 1 means none, as CloudStack's
-     * setting.
+     * setting (the request keeps it as 0).
      *
      * @param request the files and how to compress them
      * @return each compressed copy
      * @throws KnibException on failure (the {@code .comp} files written are removed)
      */
     public CompressBackup.Answer compressBackup(CompressBackup.Request request) throws KnibException {
-        if (request.rateLimitMbps < 1) {
-            request.rateLimitMbps = 0;
-        }
         return run("agent.compress", request, CompressBackup.Answer.class);
     }
 
@@ -279,65 +276,39 @@ public final class Knib implements AutoCloseable {
         return run("agent.merge_snapshot", request, MergeSnapshot.Answer.class);
     }
 
-    private static Map<String, Object> fileRequest(String store, String backup, String volume) {
-        Map<String, Object> m = new LinkedHashMap<>();
-        m.put("store", store);
-        m.put("backup", backup);
-        m.put("volume", volume);
-        return m;
-    }
-
     /**
      * The file systems of a volume of a catalog backup ({@code files.fs}).
      *
-     * @param store the store directory
-     * @param backup the backup's id
-     * @param volume the volume's name
+     * @param request the store, the backup's id and the volume's name
      * @return its file systems
      * @throws KnibException on failure
      */
-    public FileRestore.Filesystems listFilesystems(String store, String backup, String volume) throws KnibException {
-        return run("files.fs", fileRequest(store, backup, volume), FileRestore.Filesystems.class);
+    public FileRestore.Filesystems listFilesystems(FileRestore.Volume request) throws KnibException {
+        return run("files.fs", request, FileRestore.Filesystems.class);
     }
 
     /**
      * The entries of a directory in a backup ({@code files.ls}).
      *
-     * @param store the store directory
-     * @param backup the backup's id
-     * @param volume the volume's name
-     * @param fs the file system's index; null for the only one
-     * @param path the directory; null for the root
+     * @param request the volume, and which file system and directory (by default the only readable one, and
+     *     its root)
      * @return its entries
      * @throws KnibException on failure
      */
-    public FileRestore.Listing listFiles(String store, String backup, String volume, Integer fs, String path)
-            throws KnibException {
-        Map<String, Object> m = fileRequest(store, backup, volume);
-        m.put("fs", fs);
-        m.put("path", path);
-        return run("files.ls", m, FileRestore.Listing.class);
+    public FileRestore.Listing listFiles(FileRestore.ListRequest request) throws KnibException {
+        return run("files.ls", request, FileRestore.Listing.class);
     }
 
     /**
      * Copy a file or directory out of a backup ({@code files.get}).
      *
-     * @param store the store directory
-     * @param backup the backup's id
-     * @param volume the volume's name
-     * @param fs the file system's index; null for the only one
-     * @param path what to copy
-     * @param to where to put it
+     * @param request the volume, what to copy and where to, and which file system (by default the only
+     *     readable one)
      * @return what was written
      * @throws KnibException on failure
      */
-    public FileRestore.Extracted extractFiles(String store, String backup, String volume, Integer fs, String path, String to)
-            throws KnibException {
-        Map<String, Object> m = fileRequest(store, backup, volume);
-        m.put("fs", fs);
-        m.put("path", path);
-        m.put("to", to);
-        return run("files.get", m, FileRestore.Extracted.class);
+    public FileRestore.Extracted extractFiles(FileRestore.GetRequest request) throws KnibException {
+        return run("files.get", request, FileRestore.Extracted.class);
     }
 
     /** Tests only: the native handle. */
@@ -345,7 +316,7 @@ public final class Knib implements AutoCloseable {
         return live();
     }
 
-    /** Tests only: panics inside the native library. */
+    /** Tests only (debug builds of the library): panics inside the native library. */
     void testPanic() throws KnibException {
         NativeLib.testPanic(live());
     }

@@ -1,6 +1,5 @@
 package io.knib;
 
-import java.util.ArrayList;
 import java.util.List;
 
 /**
@@ -11,51 +10,76 @@ import java.util.List;
 public final class PrepareValidation {
     private PrepareValidation() {}
 
-    /** The command. */
-    public static final class Request {
-        /** The validation VM's name (names the overlays). */
-        public String vmName;
-        /** Where the overlays go. */
-        public String workDir;
-        /** Backup file and volume pairs ({@code backupToVolumeList}). */
-        public List<Volume> volumes = new ArrayList<>();
-        /** The command's time budget in seconds; null for none. */
-        public Long timeoutSecs;
-    }
-
-    /** One volume of the backup. */
-    public static final class Volume {
-        /** The volume's uuid. */
-        public String uuid;
-        /** The backup's file for it. */
-        public String backupPath;
-
-        /** An empty volume. */
-        public Volume() {}
+    /**
+     * The command. Immutable.
+     *
+     * @param vmName the validation VM's name (names the overlays)
+     * @param workDir where the overlays go
+     * @param volumes backup file and volume pairs ({@code backupToVolumeList})
+     * @param timeoutSecs the command's time budget in seconds; null for none
+     */
+    public record Request(String vmName, String workDir, List<Volume> volumes, Long timeoutSecs) {
+        /** Copies {@code volumes} (null: none). */
+        public Request {
+            volumes = Json.copy(volumes);
+        }
 
         /**
-         * @param uuid the volume's uuid
-         * @param backupPath the backup's file
+         * With no time budget of its own.
+         *
+         * @param vmName the validation VM's name
+         * @param workDir where the overlays go
+         * @param volumes the backup's volumes
          */
-        public Volume(String uuid, String backupPath) {
-            this.uuid = uuid;
-            this.backupPath = backupPath;
+        public Request(String vmName, String workDir, List<Volume> volumes) {
+            this(vmName, workDir, volumes, null);
+        }
+
+        /** @param v the time budget in seconds @return this request with it */
+        public Request withTimeoutSecs(Long v) {
+            return new Request(vmName, workDir, volumes, v);
         }
     }
 
+    /**
+     * One volume of the backup.
+     *
+     * @param uuid the volume's uuid
+     * @param backupPath the backup's file for it
+     */
+    public record Volume(String uuid, String backupPath) {}
+
     /** The answer. */
     public static final class Answer {
-        /** Each overlay made. */
-        public List<Prepared> volumes = new ArrayList<>();
+        private final List<Prepared> volumes;
+
+        private Answer() {
+            volumes = null;
+        }
+
+        /** @return each overlay made */
+        public List<Prepared> volumes() { return Json.view(volumes); }
     }
 
     /** One overlay. */
     public static final class Prepared {
-        /** The volume's uuid. */
-        public String uuid;
-        /** The backup's file. */
-        public String backupPath;
-        /** The overlay. */
-        public String overlayPath;
+        private final String uuid;
+        private final String backupPath;
+        private final String overlayPath;
+
+        private Prepared() {
+            uuid = null;
+            backupPath = null;
+            overlayPath = null;
+        }
+
+        /** @return the volume's uuid */
+        public String uuid() { return uuid; }
+
+        /** @return the backup's file */
+        public String backupPath() { return backupPath; }
+
+        /** @return the overlay */
+        public String overlayPath() { return overlayPath; }
     }
 }

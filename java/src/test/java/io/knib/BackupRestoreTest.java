@@ -42,29 +42,28 @@ class BackupRestoreTest {
         Path store = dir.resolve("store");
         vm.write("vda", 0x11, 0, MIB);
 
-        TakeBackup.Request full = new TakeBackup.Request();
-        full.domain = vm.name;
-        full.running = true;
         Path delta1 = dir.resolve("8c1e7a52-delta");
-        full.volumes.add(new TakeBackup.Volume("vol-1", disk.toString(), delta1.toString(), store.resolve("b1/vda.qcow2").toString()));
+        TakeBackup.Request full = TakeBackup.Request.builder()
+                .domain(vm.name)
+                .running(true)
+                .volume(new TakeBackup.Volume("vol-1", disk.toString(), delta1.toString(), store.resolve("b1/vda.qcow2").toString()))
+                .build();
         TakeBackup.Answer a1;
         try (Knib k = new Knib()) {
             a1 = k.takeBackup(full);
         }
-        assertEquals("full", a1.kind);
+        assertEquals("full", a1.kind());
         assertEquals(Map.of("vol-1", delta1.toString()), a1.newVolumePaths());
         assertEquals(delta1, vm.activeFile("vda"), "the volume runs on the new delta");
-        assertTrue(a1.volumes.get(0).size > 0);
+        assertTrue(a1.volumes().get(0).size() > 0);
 
         vm.write("vda", 0x22, 4 * MIB, 512 * 1024);
         vm.write("vda", 0x23, 40 * MIB, 64 * 1024);
-        TakeBackup.Request incr = new TakeBackup.Request();
-        incr.domain = vm.name;
         Path delta2 = dir.resolve("f09b44d1-delta");
-        TakeBackup.Volume v = new TakeBackup.Volume("vol-1", delta1.toString(), delta2.toString(), store.resolve("b2/vda.qcow2").toString());
-        v.parentBackupPath = store.resolve("b1/vda.qcow2").toString();
-        v.merge = new TakeBackup.MergeTree(disk.toString(), delta1.toString());
-        incr.volumes.add(v);
+        TakeBackup.Volume v = new TakeBackup.Volume("vol-1", delta1.toString(), delta2.toString(), store.resolve("b2/vda.qcow2").toString())
+                .withParentBackupPath(store.resolve("b1/vda.qcow2").toString())
+                .withMerge(new TakeBackup.MergeTree(disk.toString(), delta1.toString()));
+        TakeBackup.Request incr = TakeBackup.Request.builder().domain(vm.name).volume(v).build();
         List<String> steps = new ArrayList<>();
         TakeBackup.Answer a2;
         try (Knib k = new Knib()) {
@@ -75,8 +74,8 @@ class BackupRestoreTest {
             });
             a2 = k.takeBackup(incr);
         }
-        assertEquals("incremental", a2.kind);
-        assertEquals(delta2.toString(), a2.volumes.get(0).newVolumePath);
+        assertEquals("incremental", a2.kind());
+        assertEquals(delta2.toString(), a2.volumes().get(0).newVolumePath());
         assertEquals(delta2, vm.activeFile("vda"));
         assertFalse(Files.exists(delta1), "the old delta was merged into the base");
         Path b2 = store.resolve("b2/vda.qcow2");
@@ -88,30 +87,28 @@ class BackupRestoreTest {
 
         // Compress and finalize the incremental backup.
         try (Knib k = new Knib()) {
-            CompressBackup.Request c = new CompressBackup.Request();
-            c.files.add(b2.toString());
-            c.coroutines = 2;
-            c.rateLimitMbps = -1;
+            CompressBackup.Request c = CompressBackup.Request.builder().file(b2.toString()).coroutines(2).rateLimitMbps(-1).build();
+            assertEquals(0, c.rateLimitMbps(), "below 1 is no limit");
             CompressBackup.Answer ca = k.compressBackup(c);
-            assertEquals("zstd", ca.compressed.get(0).library);
-            assertTrue(Files.exists(Path.of(ca.compressed.get(0).compPath)));
-            FinalizeCompression.Request f = new FinalizeCompression.Request();
-            f.files.add(b2.toString());
+            assertEquals("zstd", ca.compressed().get(0).library());
+            assertTrue(Files.exists(Path.of(ca.compressed().get(0).compPath())));
+            FinalizeCompression.Request f = new FinalizeCompression.Request(List.of(b2.toString()));
             FinalizeCompression.Answer fa = k.finalizeBackupCompression(f);
-            assertEquals(Files.size(b2), fa.finalized.get(0).size);
-            assertFalse(Files.exists(Path.of(ca.compressed.get(0).compPath)));
+            assertEquals(Files.size(b2), fa.finalized().get(0).size());
+            assertFalse(Files.exists(Path.of(ca.compressed().get(0).compPath())));
             assertTrue(Sh.run("qemu-img", "info", "-U", b2.toString()).contains("compression type: zstd"));
         }
 
         // Restored to a new file, it is the disk as it is (no write came after the backup).
         Path restored = dir.resolve("restored/vda.qcow2");
         Files.createDirectories(restored.getParent());
-        RestoreBackup.Request r = new RestoreBackup.Request();
-        r.volumes.add(new RestoreBackup.Volume("vol-1", b2.toString(), restored.toString()));
+        RestoreBackup.Request r = RestoreBackup.Request.builder()
+                .volume(new RestoreBackup.Volume("vol-1", b2.toString(), restored.toString()))
+                .build();
         try (Knib k = new Knib()) {
             RestoreBackup.Answer ra = k.restoreBackup(r);
-            assertEquals(restored.toString(), ra.volumes.get(0).path);
-            assertNull(ra.volumes.get(0).backing);
+            assertEquals(restored.toString(), ra.volumes().get(0).path());
+            assertNull(ra.volumes().get(0).backing());
         }
         assertNull(Sh.backing(restored), "a restore is flattened");
         // The domain goes first, so that QEMU has written all it holds.
@@ -146,27 +143,27 @@ class BackupRestoreTest {
         Files.createDirectories(volume.getParent());
         Sh.qcow2(volume, 32 * MIB);
         Sh.qcow2(oldDelta, 32 * MIB);
-        RestoreBackup.Request r = new RestoreBackup.Request();
-        r.quickRestore = true;
-        r.volumes.add(new RestoreBackup.Volume("vol-7", c[1].toString(), volume.toString()));
-        r.deltasToRemove.add(oldDelta.toString());
+        RestoreBackup.Request r = RestoreBackup.Request.builder()
+                .quickRestore(true)
+                .volume(new RestoreBackup.Volume("vol-7", c[1].toString(), volume.toString()))
+                .deltaToRemove(oldDelta.toString())
+                .build();
         try (Knib k = new Knib()) {
             RestoreBackup.Answer a = k.restoreBackup(r);
-            assertEquals(c[1].toRealPath().toString(), a.volumes.get(0).backing);
-            assertEquals(List.of(oldDelta.toString()), a.removed);
+            assertEquals(c[1].toRealPath().toString(), a.volumes().get(0).backing());
+            assertEquals(List.of(oldDelta.toString()), a.removed());
         }
         assertFalse(Files.exists(oldDelta));
         assertEquals(c[1].toRealPath().toString(), Sh.backing(volume), "the volume is an overlay on the backup");
 
         TestVm vm = track(TestVm.runningOn(Map.of("vda", volume)));
-        ConsolidateVolumes.Request cr = new ConsolidateVolumes.Request();
-        cr.domain = vm.name;
-        cr.volumes.add(new ConsolidateVolumes.VolumeRef("vol-7", volume.toString()));
+        ConsolidateVolumes.Request cr = new ConsolidateVolumes.Request(vm.name,
+                List.of(new ConsolidateVolumes.VolumeRef("vol-7", volume.toString())));
         try (Knib k = new Knib()) {
             ConsolidateVolumes.Answer a = k.consolidateVolumes(cr);
-            assertEquals(1, a.consolidated.size());
-            assertTrue(a.consolidated.get(0).pulled);
-            assertEquals("vda", a.consolidated.get(0).target);
+            assertEquals(1, a.consolidated().size());
+            assertTrue(a.consolidated().get(0).pulled());
+            assertEquals("vda", a.consolidated().get(0).target());
         }
         vm.close();
         assertNull(Sh.backing(volume), "after consolidation the volume no longer needs the store");
@@ -176,17 +173,15 @@ class BackupRestoreTest {
     @Test
     void theHashOfAChainIsStableAndChangesWithOneByte() throws Exception {
         Path[] c = chain();
-        TakeBackupHash.Request r = new TakeBackupHash.Request();
-        r.files.add(c[0].toString());
-        r.files.add(c[1].toString());
-        r.backupUuid = "backup-2";
+        TakeBackupHash.Request r = new TakeBackupHash.Request(List.of(c[0].toString(), c[1].toString()))
+                .withBackupUuid("backup-2");
         try (Knib k = new Knib()) {
             TakeBackupHash.Answer h1 = k.takeBackupHash(r);
             TakeBackupHash.Answer h2 = k.takeBackupHash(r);
-            assertEquals(h1.hash, h2.hash);
-            assertEquals(32, h1.hash.length());
-            assertEquals("backup-2", h1.backupUuid);
-            assertEquals(2, h1.files.size());
+            assertEquals(h1.hash(), h2.hash());
+            assertEquals(32, h1.hash().length());
+            assertEquals("backup-2", h1.backupUuid());
+            assertEquals(2, h1.files().size());
             try (RandomAccessFile f = new RandomAccessFile(c[1].toFile(), "rw")) {
                 long at = f.length() - 1;
                 f.seek(at);
@@ -195,8 +190,8 @@ class BackupRestoreTest {
                 f.write(b ^ 0x01);
             }
             TakeBackupHash.Answer h3 = k.takeBackupHash(r);
-            assertNotEquals(h1.hash, h3.hash);
-            assertEquals(h1.files.get(0).hash, h3.files.get(0).hash, "the full backup did not change");
+            assertNotEquals(h1.hash(), h3.hash());
+            assertEquals(h1.files().get(0).hash(), h3.files().get(0).hash(), "the full backup did not change");
         }
     }
 }

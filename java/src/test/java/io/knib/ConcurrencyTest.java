@@ -54,16 +54,18 @@ class ConcurrencyTest {
                     Path dest = dir.resolve("store/vm" + id + "/b1/vda.qcow2");
                     try (Knib k = new Knib()) {
                         k.setProgressListener((step, pct) -> progress.incrementAndGet());
-                        TakeBackup.Request r = new TakeBackup.Request();
-                        r.domain = vm.name;
-                        r.running = false;
-                        r.volumes.add(new TakeBackup.Volume("v" + id, disk.toString(),
-                                dir.resolve(vm.name + "-delta-1").toString(), dest.toString()));
+                        TakeBackup.Request r = TakeBackup.Request.builder()
+                                .domain(vm.name)
+                                .running(false)
+                                .volume(new TakeBackup.Volume("v" + id, disk.toString(),
+                                        dir.resolve(vm.name + "-delta-1").toString(), dest.toString()))
+                                .build();
                         TakeBackup.Answer a = k.takeBackup(r);
-                        assertEquals(dir.resolve(vm.name + "-delta-1").toString(), a.volumes.get(0).newVolumePath);
+                        assertEquals(dir.resolve(vm.name + "-delta-1").toString(), a.volumes().get(0).newVolumePath());
                         Path to = dir.resolve("restored-" + id + ".qcow2");
-                        RestoreBackup.Request rr = new RestoreBackup.Request();
-                        rr.volumes.add(new RestoreBackup.Volume("v" + id, dest.toString(), to.toString()));
+                        RestoreBackup.Request rr = RestoreBackup.Request.builder()
+                                .volume(new RestoreBackup.Volume("v" + id, dest.toString(), to.toString()))
+                                .build();
                         k.restoreBackup(rr);
                         return to;
                     }
@@ -108,8 +110,9 @@ class ConcurrencyTest {
                     }
                 }
             });
-            RestoreBackup.Request r = new RestoreBackup.Request();
-            r.volumes.add(new RestoreBackup.Volume("big", backup.toString(), dest.resolve("vol.qcow2").toString()));
+            RestoreBackup.Request r = RestoreBackup.Request.builder()
+                    .volume(new RestoreBackup.Volume("big", backup.toString(), dest.resolve("vol.qcow2").toString()))
+                    .build();
             Future<RestoreBackup.Answer> f = pool.submit(() -> k.restoreBackup(r));
             started.await();
             k.cancel();

@@ -2,9 +2,11 @@ package io.knib;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertNotEquals;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
 import java.util.ArrayList;
@@ -23,23 +25,23 @@ class ErrorMappingTest {
 
     @Test
     void unknownDomainArrivesAsNotFoundExceptionSayingTheVmIsConsistent() {
-        TakeBackup.Request r = new TakeBackup.Request();
-        r.domain = TestVm.newName() + "-never-defined";
-        r.volumes.add(new TakeBackup.Volume("v1", dir.resolve("v1.qcow2").toString(),
-                dir.resolve("d1").toString(), dir.resolve("store/b1/v1.qcow2").toString()));
+        TakeBackup.Request r = TakeBackup.Request.builder()
+                .domain(TestVm.newName() + "-never-defined")
+                .volume(new TakeBackup.Volume("v1", dir.resolve("v1.qcow2").toString(),
+                        dir.resolve("d1").toString(), dir.resolve("store/b1/v1.qcow2").toString()))
+                .build();
         try (Knib k = new Knib()) {
             NotFoundException e = assertThrows(NotFoundException.class, () -> k.takeBackup(r));
             assertEquals(ErrorKind.NOT_FOUND, e.kind());
             assertEquals(1, e.code());
             assertEquals(Optional.of(true), e.vmConsistent());
-            assertTrue(e.getMessage().contains(r.domain), e.getMessage());
+            assertTrue(e.getMessage().contains(r.domain()), e.getMessage());
         }
     }
 
     @Test
     void missingFileArrivesAsNotFoundException() {
-        TakeBackupHash.Request r = new TakeBackupHash.Request();
-        r.files.add(dir.resolve("no-such-backup.qcow2").toString());
+        TakeBackupHash.Request r = new TakeBackupHash.Request(List.of(dir.resolve("no-such-backup.qcow2").toString()));
         try (Knib k = new Knib()) {
             NotFoundException e = assertThrows(NotFoundException.class, () -> k.takeBackupHash(r));
             assertTrue(e.getMessage().contains("no-such-backup.qcow2"), e.getMessage());
@@ -59,8 +61,7 @@ class ErrorMappingTest {
             assertTrue(e.getMessage().contains("is not valid JSON"), e.getMessage());
             e = assertThrows(InvalidInputException.class, () -> k.call("agent.no_such_op", "{}"));
             assertTrue(e.getMessage().contains("unknown operation"), e.getMessage());
-            CompressBackup.Request c = new CompressBackup.Request();
-            c.files.add("relative/file.qcow2");
+            CompressBackup.Request c = CompressBackup.Request.builder().file("relative/file.qcow2").build();
             e = assertThrows(InvalidInputException.class, () -> k.compressBackup(c));
             assertTrue(e.getMessage().contains("not an absolute path"), e.getMessage());
             // The context is still usable.
@@ -69,16 +70,50 @@ class ErrorMappingTest {
     }
 
     @Test
-    void forcedPanicArrivesAsInternalExceptionAndTheJvmGoesOn() throws Exception {
+    void forcedPanicArrivesAsAnUncheckedErrorAndTheJvmGoesOn() throws Exception {
         try (Knib k = new Knib()) {
             for (int i = 0; i < 3; i++) {
-                InternalException e = assertThrows(InternalException.class, k::testPanic);
-                assertEquals(ErrorKind.INTERNAL, e.kind());
+                // A bug is not an operational failure: an Error, which no `catch (KnibException e)` swallows.
+                KnibPanicError e = assertThrows(KnibPanicError.class, k::testPanic);
+                assertTrue(e instanceof Error);
+                assertFalse(Exception.class.isAssignableFrom(KnibPanicError.class));
                 assertTrue(e.getMessage().contains("panicked"), e.getMessage());
+                assertTrue(e.getMessage().contains("NativeLib.testPanic was called"), e.getMessage());
             }
             // The same context runs operations afterwards (the panic released it).
             assertTrue(k.call("version", "{}").contains("\"schema\":1"));
             assertThrows(NotFoundException.class, () -> k.call("agent.take_hash", "{\"files\": [\"/no/such/knib/file\"]}"));
+        }
+    }
+
+    @Test
+    void aSpentBudgetArrivesAsKnibTimeoutException() throws Exception {
+        // No class of knib is named like java.util.concurrent.TimeoutException.
+        assertThrows(ClassNotFoundException.class, () -> Class.forName("io.knib.TimeoutException"));
+        assertNotEquals(java.util.concurrent.TimeoutException.class.getSimpleName(), KnibTimeoutException.class.getSimpleName());
+        Path f = dir.resolve("t.qcow2");
+        Sh.qcow2(f, 64 * TestVm.MIB);
+        Sh.write(f, 0x74, 0, 32 * TestVm.MIB);
+        try (Knib k = new Knib()) {
+            // The first progress report outlasts the one-second budget.
+            boolean[] slept = {false};
+            k.setTimeout(Duration.ofSeconds(1)).setProgressListener((step, pct) -> {
+                if (!slept[0]) {
+                    slept[0] = true;
+                    try {
+                        Thread.sleep(2500);
+                    } catch (InterruptedException e) {
+                        Thread.currentThread().interrupt();
+                    }
+                }
+            });
+            RestoreBackup.Request r = RestoreBackup.Request.builder()
+                    .volume(new RestoreBackup.Volume("t", f.toString(), dir.resolve("t-restored.qcow2").toString()))
+                    .build();
+            KnibTimeoutException e = assertThrows(KnibTimeoutException.class, () -> k.restoreBackup(r));
+            assertEquals(ErrorKind.TIMEOUT, e.kind());
+            assertEquals(5, e.code());
+            assertFalse(Files.exists(dir.resolve("t-restored.qcow2")), "nothing half-written is left");
         }
     }
 
@@ -134,8 +169,9 @@ class ErrorMappingTest {
                     }
                 }
             });
-            RestoreBackup.Request r = new RestoreBackup.Request();
-            r.volumes.add(new RestoreBackup.Volume("a", f.toString(), dir.resolve("r.qcow2").toString()));
+            RestoreBackup.Request r = RestoreBackup.Request.builder()
+                    .volume(new RestoreBackup.Volume("a", f.toString(), dir.resolve("r.qcow2").toString()))
+                    .build();
             k.restoreBackup(r);
             assertFalse(seen.isEmpty(), "the listener was called");
             assertTrue(seen.get(0) instanceof BusyException, seen.get(0).toString());

@@ -11,6 +11,8 @@ import java.nio.file.Path;
 import java.nio.file.attribute.FileTime;
 import java.nio.file.attribute.PosixFilePermissions;
 import java.util.Map;
+import java.util.Optional;
+import java.util.OptionalInt;
 import java.util.stream.Collectors;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
@@ -40,22 +42,32 @@ class FileRestoreTest {
                     "disks", java.util.List.of(Map.of("name", "root", "path", disk.toString())))));
             String id = Json.GSON.fromJson(backup, com.google.gson.JsonObject.class).get("id").getAsString();
 
-            FileRestore.Filesystems fss = k.listFilesystems(store.toString(), id, "root");
-            assertEquals(1, fss.filesystems.size());
-            assertEquals("ext4", fss.filesystems.get(0).type);
-            assertEquals("jroot", fss.filesystems.get(0).label);
+            FileRestore.Volume root = new FileRestore.Volume(store.toString(), id, "root");
+            FileRestore.Filesystems fss = k.listFilesystems(root);
+            assertEquals(1, fss.filesystems().size());
+            FileRestore.Filesystem fs = fss.filesystems().get(0);
+            assertEquals("ext4", fs.type());
+            assertEquals("jroot", fs.label());
 
-            FileRestore.Listing ls = k.listFiles(store.toString(), id, "root", null, "/etc/app");
-            Map<String, FileRestore.Entry> byName = ls.entries.stream().collect(Collectors.toMap(e -> e.name, e -> e));
+            // The root of the only file system, then a directory of the file system named by its index.
+            FileRestore.ListRequest top = FileRestore.ListRequest.of(root);
+            assertEquals(OptionalInt.empty(), top.fs());
+            assertEquals(Optional.empty(), top.path());
+            assertTrue(k.listFiles(top).entries().stream().anyMatch(e -> e.name().equals("etc")));
+            FileRestore.ListRequest app = top.withPath("/etc/app").withFs(fs.index());
+            assertEquals(OptionalInt.of(fs.index()), app.fs());
+            assertEquals(Optional.empty(), top.path(), "withPath made a new request");
+            FileRestore.Listing ls = k.listFiles(app);
+            Map<String, FileRestore.Entry> byName = ls.entries().stream().collect(Collectors.toMap(FileRestore.Entry::name, e -> e));
             FileRestore.Entry e = byName.get("app.conf");
-            assertEquals("file", e.type);
-            assertEquals(12L, e.size);
-            assertEquals(0640, e.mode & 07777);
-            assertEquals(1_600_000_000L, e.mtime);
+            assertEquals("file", e.type());
+            assertEquals(12L, e.size());
+            assertEquals(0640, e.mode() & 07777);
+            assertEquals(1_600_000_000L, e.mtime());
 
             Path to = dir.resolve("out");
-            FileRestore.Extracted x = k.extractFiles(store.toString(), id, "root", null, "/etc", to.toString());
-            assertEquals(1, x.files);
+            FileRestore.Extracted x = k.extractFiles(FileRestore.GetRequest.of(root, "/etc", to.toString()));
+            assertEquals(1, x.files());
             Path got = to.resolve("app/app.conf");
             assertEquals("answer = 42\n", Files.readString(got));
             assertEquals("rw-r-----", PosixFilePermissions.toString(Files.getPosixFilePermissions(got)));
@@ -64,9 +76,12 @@ class FileRestoreTest {
             // A path that climbs out, and a file that is not there.
             Path bad = dir.resolve("bad");
             assertThrows(InvalidInputException.class,
-                    () -> k.extractFiles(store.toString(), id, "root", null, "/etc/../../x", bad.toString()));
-            assertThrows(NotFoundException.class,
-                    () -> k.listFiles(store.toString(), id, "root", null, "/nope"));
+                    () -> k.extractFiles(FileRestore.GetRequest.of(root, "/etc/../../x", bad.toString())));
+            assertThrows(NotFoundException.class, () -> k.listFiles(FileRestore.ListRequest.of(root).withPath("/nope")));
+            // A file system index the volume does not have.
+            assertThrows(InvalidInputException.class,
+                    () -> k.extractFiles(FileRestore.GetRequest.of(root, "/etc", bad.toString()).withFs(fs.index() + 7)));
+            assertThrows(NullPointerException.class, () -> FileRestore.GetRequest.of(root, null, bad.toString()));
             assertFalse(Files.exists(bad));
             assertTrue(Files.exists(store));
         }
