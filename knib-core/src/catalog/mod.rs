@@ -73,6 +73,7 @@ use crate::names;
 use crate::qemu_img::QemuImg;
 
 pub use backup::{BackupOptions, DiskSpec};
+#[cfg(feature = "libvirt")]
 pub(crate) use backup::compressed_as_copied;
 pub use delete::DeleteOutcome;
 pub use lock::VmLock;
