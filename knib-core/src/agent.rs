@@ -12,10 +12,11 @@
 //! carry `timeout_secs` (the command's `wait`): the operation's time budget,
 //! together with the caller's own (the sooner wins); 0 or absent = none.
 //!
-//! Their requests are the `*Req` structs below and their answers the
-//! structs of `answers.rs`; their JSON Schema (field types, defaults,
-//! nested objects) is `docs/schema.json`, generated from them, and the
-//! README's operation table lists their fields. `agent.cleanup_vm_backup`
+//! Their requests are the `*Req` structs of `requests.rs` and their answers
+//! the structs of `answers.rs`; this module holds the operations. Their
+//! JSON Schema (field types, defaults, nested objects) is
+//! `docs/schema.json`, generated from them, and the README's operation
+//! table lists their fields. `agent.cleanup_vm_backup`
 //! takes the request of the failed `agent.take_backup` (`quiesce` is
 //! ignored). `agent.consolidate` without `volumes` consolidates every disk
 //! of the domain that has backing files.
@@ -87,11 +88,8 @@
 //! domain named `vm_name`, if there is one, and removes the overlays
 //! `prepare_validation` made in `work_dir`.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use schemars::JsonSchema;
-use serde::Deserialize;
 
 use crate::engine::{self, CompressOptions};
 use crate::wire::{absolute, non_empty};
@@ -102,258 +100,6 @@ use crate::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
 
 /// The suffix of the overlays `agent.prepare_validation` makes.
 pub const VALIDATION_SUFFIX: &str = ".knib-validation.qcow2";
-
-fn default_one() -> u32 {
-    1
-}
-fn default_factor() -> f64 {
-    1.0
-}
-fn default_true() -> bool {
-    true
-}
-fn default_memory() -> u64 {
-    512
-}
-fn default_boot_timeout() -> u64 {
-    300
-}
-
-/// One volume of a backup, as the agent's KbossTO describes it.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct BackupVolume {
-    pub uuid: String,
-    pub path: PathBuf,
-    pub delta_path_on_primary: PathBuf,
-    pub delta_path_on_store: PathBuf,
-    #[serde(default)]
-    pub parent_backup_path: Option<PathBuf>,
-    #[serde(default)]
-    pub merge: Option<MergeTree>,
-    #[serde(default)]
-    pub vm_snapshot_delta_paths: Vec<PathBuf>,
-}
-
-/// A DeltaMergeTreeTO: `child` is committed into `parent`; `grand_children`
-/// used `child` as their backing file.
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct MergeTree {
-    pub parent: PathBuf,
-    pub child: PathBuf,
-    /// Accepted as the transfer object carries it; after a backup's copy
-    /// the only child of `child` is the new delta, which the merge itself
-    /// moves onto `parent`.
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub grand_children: Vec<PathBuf>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct TakeReq {
-    pub domain: String,
-    #[serde(default)]
-    pub connect: Option<String>,
-    #[serde(default)]
-    pub running: Option<bool>,
-    #[serde(default)]
-    pub quiesce: bool,
-    #[serde(default)]
-    pub end_of_chain: bool,
-    #[serde(default)]
-    pub isolated: bool,
-    pub volumes: Vec<BackupVolume>,
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CompressReq {
-    files: Vec<PathBuf>,
-    #[serde(default)]
-    library: CompressionLibrary,
-    #[serde(default = "default_one")]
-    coroutines: u32,
-    #[serde(default)]
-    rate_limit_mbps: u64,
-    #[serde(default = "default_factor")]
-    min_free_factor: f64,
-    #[serde(default)]
-    min_free_bytes: Option<u64>,
-    #[serde(default)]
-    expected_hashes: Option<Vec<String>>,
-    #[serde(default)]
-    pub(crate) timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FinalizeReq {
-    files: Vec<PathBuf>,
-    #[serde(default)]
-    cleanup: bool,
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub(crate) timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RestoreVolume {
-    #[serde(default)]
-    uuid: Option<String>,
-    backup_path: PathBuf,
-    volume_path: PathBuf,
-    #[serde(default)]
-    expected_hashes: Vec<engine::ExpectedHash>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RestoreReq {
-    volumes: Vec<RestoreVolume>,
-    #[serde(default)]
-    quick_restore: bool,
-    #[serde(default)]
-    deltas_to_remove: Vec<PathBuf>,
-    #[serde(default)]
-    pub(crate) timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct VolumeRef {
-    #[serde(default)]
-    pub uuid: Option<String>,
-    pub path: PathBuf,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ConsolidateReq {
-    pub domain: String,
-    #[serde(default)]
-    pub connect: Option<String>,
-    /// The volumes to consolidate; absent or empty: every disk of the
-    /// domain that has backing files.
-    #[serde(default)]
-    pub volumes: Vec<VolumeRef>,
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PrepareVolume {
-    uuid: String,
-    backup_path: PathBuf,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct PrepareReq {
-    vm_name: String,
-    work_dir: PathBuf,
-    volumes: Vec<PrepareVolume>,
-    #[serde(default)]
-    pub(crate) timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ValidateDisk {
-    pub target: String,
-    pub path: PathBuf,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ValidateReq {
-    #[serde(default)]
-    pub vm_name: Option<String>,
-    #[serde(default)]
-    pub connect: Option<String>,
-    pub disks: Vec<ValidateDisk>,
-    pub work_dir: PathBuf,
-    #[serde(default = "default_memory")]
-    pub memory_mib: u64,
-    #[serde(default = "default_true")]
-    pub wait_for_boot: bool,
-    #[serde(default = "default_boot_timeout")]
-    pub boot_timeout_secs: u64,
-    #[serde(default)]
-    pub take_screenshot: bool,
-    #[serde(default)]
-    pub screenshot_path: Option<PathBuf>,
-    #[serde(default)]
-    pub execute_script: bool,
-    #[serde(default)]
-    pub script: Option<String>,
-    #[serde(default)]
-    pub script_arguments: Option<String>,
-    #[serde(default)]
-    pub expected_result: Option<String>,
-    #[serde(default)]
-    pub kernel: Option<PathBuf>,
-    #[serde(default)]
-    pub initrd: Option<PathBuf>,
-    #[serde(default)]
-    pub cmdline: Option<String>,
-    #[serde(default)]
-    pub domain_type: Option<String>,
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HashReq {
-    files: Vec<PathBuf>,
-    #[serde(default)]
-    backup_uuid: Option<String>,
-    #[serde(default)]
-    pub(crate) timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct CleanupValidationReq {
-    pub vm_name: String,
-    #[serde(default)]
-    pub work_dir: Option<PathBuf>,
-    #[serde(default)]
-    pub connect: Option<String>,
-    #[serde(default)]
-    #[allow(dead_code)]
-    pub timeout_secs: Option<u64>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct SnapshotMerge {
-    #[serde(default)]
-    pub uuid: Option<String>,
-    pub parent: PathBuf,
-    pub child: PathBuf,
-    #[serde(default)]
-    pub grand_children: Vec<PathBuf>,
-}
-
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct MergeReq {
-    pub domain: String,
-    #[serde(default)]
-    pub connect: Option<String>,
-    #[serde(default)]
-    pub running: Option<bool>,
-    pub merges: Vec<SnapshotMerge>,
-    #[serde(default)]
-    pub timeout_secs: Option<u64>,
-}
 
 /// The caller's control, with the request's own budget when it is sooner.
 pub(crate) fn budget(ctl: &Control, secs: Option<u64>) -> Control {
@@ -372,23 +118,6 @@ fn canonical(p: &Path) -> PathBuf {
 /// Whether `a` and `b` name the same file.
 fn same_file(a: &Path, b: &Path) -> bool {
     a == b || canonical(a) == canonical(b)
-}
-
-/// The path of `to` relative to directory `from` (both absolute), as a
-/// backing pointer: `../<parent>/vol.qcow2`.
-pub fn relative_pointer(from: &Path, to: &Path) -> String {
-    let (from, to) = (canonical(from), canonical(to));
-    let a: Vec<Component> = from.components().collect();
-    let b: Vec<Component> = to.components().collect();
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut out = PathBuf::new();
-    for _ in common..a.len() {
-        out.push("..");
-    }
-    for c in &b[common..] {
-        out.push(c.as_os_str());
-    }
-    out.to_string_lossy().into_owned()
 }
 
 /// `agent.finalize_compression`.
@@ -597,6 +326,7 @@ pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Res
 /// A guest command from CloudStack's script fields: the arguments are split
 /// at white space; an integer `expected` is an exit code, anything else the
 /// expected output.
+#[cfg(feature = "libvirt")]
 pub(crate) fn guest_command(script: &str, args: Option<&str>, expected: Option<&str>) -> engine::validate::GuestCommand {
     let (expect_exit, expect_output) = match expected.map(str::trim) {
         None | Some("") => (None, None),
@@ -614,22 +344,21 @@ pub(crate) fn guest_command(script: &str, args: Option<&str>, expected: Option<&
 }
 
 mod answers;
+// Without libvirt, the requests of the operations that need it are read
+// (the dispatcher refuses them) but their fields are not.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+mod requests;
 #[cfg(feature = "libvirt")]
 pub(crate) mod live;
 
 pub use answers::*;
+pub(crate) use requests::{CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq, PrepareReq, RestoreReq, TakeReq, ValidateReq};
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn relative_pointers() {
-        assert_eq!(relative_pointer(Path::new("/s/b2"), Path::new("/s/b1/v.qcow2")), "../b1/v.qcow2");
-        assert_eq!(relative_pointer(Path::new("/s"), Path::new("/s/v.qcow2")), "v.qcow2");
-        assert_eq!(relative_pointer(Path::new("/a/b/c"), Path::new("/x/v")), "../../../x/v");
-    }
-
+    #[cfg(feature = "libvirt")]
     #[test]
     fn guest_commands_from_script_fields() {
         let c = guest_command("/bin/check", Some(" -a  b "), Some("3"));

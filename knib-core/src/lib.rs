@@ -2,8 +2,14 @@
 //! are qcow2 files.
 //!
 //! Layers, bottom up (see the README):
+//! - ground: [`error`], [`lock`] (the file locks: the VM's record lock, the
+//!   job queue's `flock`, QEMU's OFD image locks), [`json`], [`fsio`]
+//!   (atomic writes, free space), [`progress`], [`names`], [`hash`] (the
+//!   xxh3-128 of a chain's files);
 //! - parts: [`process`] and [`qemu_img`] (external programs, run safely),
-//!   [`fsio`] (atomic writes, free space), `libvirt` (running VMs);
+//!   `libvirt` (running VMs: domains, their XML, block jobs, the guest
+//!   agent, screenshots), [`qcow2`] (images and chains read and written
+//!   natively);
 //! - [`engine`]: the operations of the CloudStack KVM agent, path-based and
 //!   stateless (take, merge, restore, overlay, compress, finalize, hash);
 //! - [`catalog`]: standalone backup chains in a store directory, with
@@ -23,7 +29,9 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod fsio;
+pub mod hash;
 pub mod json;
+pub mod lock;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod names;

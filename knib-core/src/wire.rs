@@ -26,7 +26,8 @@ use crate::error::{KnibError, Result};
 /// The request schema version.
 pub const SCHEMA: u32 = 1;
 
-/// The default libvirt URI.
+/// The default libvirt URI (libvirt's `SYSTEM_URI`, named here too so a
+/// knib built without libvirt has it).
 pub const DEFAULT_URI: &str = "qemu:///system";
 
 /// The JSON object of the request of `op`, its `"schema"` field checked
@@ -101,10 +102,4 @@ pub fn non_empty<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
 /// The error of an operation that needs libvirt in a knib built without it.
 pub fn no_libvirt(op: &str) -> KnibError {
     KnibError::invalid(format!("{op} needs libvirt, and this knib was built without it"))
-}
-
-/// Domain `name` on the hypervisor at `uri` (default [`DEFAULT_URI`]).
-#[cfg(feature = "libvirt")]
-pub fn domain(uri: Option<&str>, name: &str) -> Result<crate::libvirt::Vm> {
-    crate::libvirt::Hypervisor::open(uri.unwrap_or(DEFAULT_URI))?.domain(name)
 }

@@ -6,10 +6,9 @@ use crate::engine::live::{self as engine_live, chain_of, DiskPlan, LivePlan};
 use crate::engine::take::BackupKind;
 use crate::engine::validate::{boot_test, BootTestRequest};
 use crate::libvirt::{DiskInfo, Hypervisor, Vm};
+use crate::qcow2::relative_pointer;
 
-fn domain(connect: Option<&str>, name: &str) -> Result<Vm> {
-    crate::wire::domain(connect, name)
-}
+use crate::libvirt::{describe_disks as describe, disk_on, domain};
 
 /// Fail when the request says the domain is running and it is not, or the
 /// other way round.
@@ -23,22 +22,6 @@ fn check_running(op: &str, vm: &Vm, want: Option<bool>) -> Result<bool> {
         ))),
         _ => Ok(running),
     }
-}
-
-fn describe(disks: &[DiskInfo]) -> String {
-    disks.iter().map(|d| format!("{} on {}", d.target, d.file.display())).collect::<Vec<_>>().join(", ")
-}
-
-/// The disk of `vm` whose active file is `path`.
-fn disk_on<'a>(vm: &Vm, disks: &'a [DiskInfo], path: &Path) -> Result<&'a DiskInfo> {
-    disks.iter().find(|d| same_file(&d.file, path)).ok_or_else(|| {
-        KnibError::not_found(format!(
-            "domain {} has no disk running on {} (its disks: {})",
-            vm.name(),
-            path.display(),
-            describe(disks)
-        ))
-    })
 }
 
 /// The disk of `vm` whose chain holds one of `files`, and that chain.
@@ -367,7 +350,7 @@ pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Valid
         command,
         domain_type: r.domain_type.clone(),
     };
-    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::wire::DEFAULT_URI))?;
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::libvirt::SYSTEM_URI))?;
     let mut rep = boot_test(&hv, &req, ctl)
         .map_err(|e| e.context(format!("validation of {}", r.vm_name.as_deref().unwrap_or("a backup"))))?;
     if !r.wait_for_boot {
@@ -394,7 +377,7 @@ pub(crate) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<C
     if let Some(dir) = &r.work_dir {
         absolute(op, "work_dir", dir)?;
     }
-    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::wire::DEFAULT_URI))?;
+    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::libvirt::SYSTEM_URI))?;
     let domain_removed = match hv.domain(&r.vm_name) {
         Ok(vm) => {
             if vm.is_running()? {

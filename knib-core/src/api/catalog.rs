@@ -354,7 +354,7 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
             }
             #[cfg(feature = "libvirt")]
             {
-                store.backup_domain(&crate::wire::domain(r.connect.as_deref(), d)?, &opts, r.quiesce, ctl)?
+                store.backup_domain(&crate::libvirt::domain(r.connect.as_deref(), d)?, &opts, r.quiesce, ctl)?
             }
             #[cfg(not(feature = "libvirt"))]
             {
@@ -394,7 +394,7 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
     #[cfg(feature = "libvirt")]
     {
         let _ = op;
-        let vm = crate::wire::domain(r.connect.as_deref(), &r.domain)?;
+        let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
         let store = Store::open(&r.store)?;
         Ok(QuickRestoreAnswer { overlays: store.quick_restore_domain(&r.backup, &vm, ctl)? })
     }
@@ -409,7 +409,7 @@ pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverA
     #[cfg(feature = "libvirt")]
     {
         let _ = op;
-        let vm = crate::wire::domain(r.connect.as_deref(), &r.domain)?;
+        let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
         let o = Store::create(&r.store)?.recover_domain(&vm, ctl)?;
         Ok(RecoverAnswer {
             backup_id: o.backup_id,

@@ -256,9 +256,9 @@ impl Store {
                 .iter()
                 .map(|(t, _, _)| (t.clone(), disks.iter().find(|d| &d.target == t).expect("checked").file.clone()))
                 .collect();
-            live::set_disk_sources(vm, &sources)?;
+            vm.set_disk_sources(&sources)?;
             if let Err(e) = vm.start() {
-                let _ = live::set_disk_sources(vm, &old);
+                let _ = vm.set_disk_sources(&old);
                 return Err(e);
             }
             Ok(())

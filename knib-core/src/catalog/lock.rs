@@ -4,20 +4,19 @@
 //! operation that holds the lock; the lock goes with the process, so a crash
 //! never leaves a VM locked.
 //!
-//! Why not `flock`: a child process forked by another thread (a `qemu-img`
-//! spawned at the same instant) holds a copy of every open file description
-//! until it execs, so a released `flock` could still be held for a moment
-//! and a later operation of this process would be refused. POSIX record
-//! locks belong to the process and are not inherited by a fork; they do not
-//! exclude threads of one process from each other, which the registry does.
+//! The kernel lock is [`crate::lock::try_record_lock`] (why a record lock
+//! and not an `flock` is said there). Record locks belong to the process:
+//! they do not exclude threads of one process from each other, which the
+//! registry does, and closing any descriptor of the file drops them, so the
+//! lock file is opened and closed only under the registry's mutex.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+
+use parking_lot::Mutex;
 
 use crate::error::{KnibError, Result};
 
@@ -26,7 +25,7 @@ use crate::error::{KnibError, Result};
 /// map, and closed under the mutex: closing any descriptor of a file drops
 /// the process's POSIX locks on it, so no other descriptor may come and go
 /// while one is held.
-static HELD: Mutex<Option<HashMap<PathBuf, String>>> = Mutex::new(None);
+static HELD: Mutex<Option<HashMap<PathBuf, String>>> = parking_lot::const_mutex(None);
 
 /// The lock of one VM; released when dropped.
 #[derive(Debug)]
@@ -50,7 +49,7 @@ impl VmLock {
             .canonicalize()
             .map_err(|e| KnibError::io("cannot resolve", dir, e))?
             .join(path.file_name().unwrap_or_default());
-        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = HELD.lock();
         let map = held.get_or_insert_with(HashMap::new);
         if let Some(holder) = map.get(&key) {
             return Err(busy(vm, holder));
@@ -71,23 +70,14 @@ impl VmLock {
                 )),
                 _ => KnibError::io("cannot open lock", &key, e),
             })?;
-        // SAFETY: a zeroed `flock` is a valid value; the fields set below ask
-        // for a write lock on the whole file.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = libc::F_WRLCK as libc::c_short;
-        fl.l_whence = libc::SEEK_SET as libc::c_short;
-        // SAFETY: `file` is open and `fl` a valid flock structure.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &fl) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::EACCES) | Some(libc::EAGAIN) => {
-                    let mut holder = String::new();
-                    let _ = file.read_to_string(&mut holder);
-                    Err(busy(vm, &holder))
-                }
-                _ => Err(KnibError::io("cannot lock", &key, err)),
-            };
+        match crate::lock::try_record_lock(&file) {
+            Ok(true) => {}
+            Ok(false) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(busy(vm, &holder));
+            }
+            Err(e) => return Err(KnibError::io("cannot lock", &key, e)),
         }
         let text = format!("{operation} (pid {})", std::process::id());
         let _ = file.set_len(0);
@@ -100,7 +90,7 @@ impl VmLock {
 
 impl Drop for VmLock {
     fn drop(&mut self) {
-        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = HELD.lock();
         drop(self.file.take());
         if let Some(map) = held.as_mut() {
             map.remove(&self.key);

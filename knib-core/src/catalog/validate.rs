@@ -68,6 +68,7 @@ impl Store {
         ctl: &Control,
     ) -> Result<ValidationReport> {
         let verify = self.verify(Some(id), ctl)?.pop().expect("one backup verified");
+        #[cfg_attr(not(feature = "libvirt"), allow(unused_mut))]
         let mut problems = verify.problems.clone();
         #[cfg(feature = "libvirt")]
         let mut boot = None;

@@ -194,7 +194,7 @@ pub fn compress_verified(
                         ctl,
                     )?;
                     fsio::sync_file(&out)?;
-                    let hash = if want.is_empty() { None } else { Some(crate::engine::hash::hash_files(std::slice::from_ref(&out), ctl)?) };
+                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_files(std::slice::from_ref(&out), ctl)?) };
                     (fsio::file_size(&out)?, hash)
                 }
             };

@@ -32,7 +32,7 @@ use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
-use crate::libvirt::blockjob;
+use crate::libvirt::{blockjob, blockwait};
 use crate::libvirt::{DiskInfo, Vm};
 use crate::progress::Control;
 use crate::qcow2::{SourceMode, TargetFormat};
@@ -389,7 +389,7 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
     let step = format!("active commit of disk {} into {}", d.target, into.display());
     crate::crashpoint::durable_step(&step);
     if running {
-        blockjob::commit_and_wait(vm, &d.target, into, top, false, ctl, &step)?;
+        blockwait::commit_and_wait(vm, &d.target, into, top, false, ctl, &step)?;
         let now = vm.disk(&d.target)?;
         if now.file != into {
             return Err(KnibError::hypervisor(format!(
@@ -401,7 +401,7 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
     } else {
         commit_files(q, top, into, path, ctl)?;
         crate::crashpoint::durable_step(&format!("pointing disk {} at {}", d.target, into.display()));
-        set_disk_sources(vm, &[(d.target.clone(), into.to_path_buf())])?;
+        vm.set_disk_sources(&[(d.target.clone(), into.to_path_buf())])?;
     }
     fsio::remove_if_exists(top)
 }
@@ -413,7 +413,7 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
     let step = format!("block commit of {} into {}", layer.display(), d.base.display());
     crate::crashpoint::durable_step(&step);
     if running {
-        blockjob::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
+        blockwait::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
     } else {
         let active = vm.disk(&d.target)?.file;
         commit_files(q, layer, &d.base, path, ctl)?;
@@ -437,56 +437,6 @@ fn commit_files(q: &QemuImg, top: &Path, into: &Path, path: DataPath, ctl: &Cont
         )));
     }
     native::commit_keep(q, top, path, ctl)
-}
-
-/// Point disks of a stopped, persistent domain at other files (its
-/// definition is rewritten; `<backingStore>` elements of those disks are
-/// dropped, libvirt reads the chain from the images).
-pub fn set_disk_sources(vm: &Vm, sources: &[(String, PathBuf)]) -> Result<()> {
-    let dom = vm.domain();
-    let xml = dom
-        .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
-        .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", vm.name())))?;
-    let new = replace_disk_sources(&xml, sources)?;
-    let conn = dom
-        .connect()
-        .map_err(|e| KnibError::hypervisor(format!("connection of domain {}: {e}", vm.name())))?;
-    conn.define_domain_xml(&new)
-        .map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", vm.name())))?;
-    Ok(())
-}
-
-/// `xml` with the `<source file>` of each named disk target replaced.
-pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))?;
-    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
-    for (target, file) in sources {
-        let disk = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("disk"))
-            .find(|n| {
-                n.children()
-                    .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target.as_str()))
-            })
-            .ok_or_else(|| KnibError::not_found(format!("the domain has no disk {target}")))?;
-        let src = disk
-            .children()
-            .find(|c| c.has_tag_name("source"))
-            .ok_or_else(|| KnibError::invalid(format!("disk {target} has no <source>")))?;
-        let path = file
-            .to_str()
-            .ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", file.display())))?;
-        edits.push((src.range(), format!("<source file='{}'/>", crate::libvirt::xml::xml_escape(path))));
-        for b in disk.children().filter(|c| c.has_tag_name("backingStore")) {
-            edits.push((b.range(), String::new()));
-        }
-    }
-    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
-    let mut out = xml.to_string();
-    for (r, text) in edits {
-        out.replace_range(r, &text);
-    }
-    Ok(out)
 }
 
 /// What [`recover`] did.
@@ -588,7 +538,7 @@ pub fn consolidate_disk(q: &QemuImg, vm: &Vm, target: &str, ctl: &Control) -> Re
     }
     let step = format!("block pull of disk {}", d.target);
     if running {
-        blockjob::pull_and_wait(vm, &d.target, None, false, ctl, &step)?;
+        blockwait::pull_and_wait(vm, &d.target, None, false, ctl, &step)?;
     } else {
         q.flatten_in_place(&d.file, ctl)?;
     }
@@ -617,11 +567,11 @@ pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ct
     })?;
     let step = format!("merge of {} into {}", delta.display(), below.display());
     if running {
-        blockjob::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
+        blockwait::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
         fsio::remove_if_exists(delta)?;
     } else if i == 0 {
         commit_files(q, delta, &below, DataPath::Native, ctl)?;
-        set_disk_sources(vm, &[(target.to_string(), below.clone())])?;
+        vm.set_disk_sources(&[(target.to_string(), below.clone())])?;
         fsio::remove_if_exists(delta)?;
     } else {
         crate::engine::merge_delta(q, delta, Some(&chain[i - 1]), ctl)?;

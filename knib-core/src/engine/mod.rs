@@ -30,7 +30,6 @@
 //! two makes the next incremental copy a superset, never miss a write.
 
 pub mod compress;
-pub mod hash;
 pub mod merge;
 pub mod native;
 pub mod restore;
@@ -41,7 +40,9 @@ pub mod live;
 #[cfg(feature = "libvirt")] pub mod validate;
 
 pub use compress::{compress, compress_verified, finalize, CompressOptions, CompressedFile};
-pub use hash::hash_files;
+/// The hashing of files lives below the qcow2 code ([`crate::hash`]); the
+/// engine hands it on under its old path.
+pub use crate::hash::{self, hash_files};
 pub use merge::merge_delta;
 pub use native::DataPath;
 pub use restore::{create_overlay, restore, restore_verified, RestoreRequest};

@@ -83,7 +83,7 @@ pub struct VolumeResult {
     /// The disk's guest-visible size.
     pub virtual_size: u64,
     /// xxh3-128 of the backup file, computed as it was written (native data
-    /// path; `None` with qemu-img): what [`crate::engine::hash_files`] of
+    /// path; `None` with qemu-img): what [`crate::hash::hash_files`] of
     /// the file gives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,

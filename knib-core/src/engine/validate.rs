@@ -11,6 +11,12 @@
 //! - a command run through `guest-exec`, polled with `guest-exec-status`,
 //!   its exit code and standard output compared with the expected ones.
 //!
+//! The libvirt side of each lives in `libvirt/`: the domain's XML in
+//! [`crate::libvirt::boot_domain`], the guest agent in
+//! [`crate::libvirt::guest`], the screenshot in
+//! [`crate::libvirt::screenshot`]. This module owns the test: its request,
+//! its report, the overlays, and the clean-up.
+//!
 //! Whatever happens (a failed check, an error, a cancellation, a panic),
 //! the domain is destroyed and the overlays and console log are removed
 //! (see [`BootTestReport::problems`] for a clean-up that failed).
@@ -31,53 +37,29 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::engine::create_overlay;
-use crate::error::{ErrorKind, KnibError, Result};
+use crate::error::{KnibError, Result};
 use crate::fsio;
-use crate::libvirt::xml::xml_escape;
-use crate::libvirt::{qemu_agent_command, virt_error, Hypervisor, Vm};
+use crate::libvirt::boot_domain::{disk_bus, BootDomain};
+use crate::libvirt::guest::{compare_command, run_command, wait_for_agent};
+use crate::libvirt::screenshot::screenshot;
+use crate::libvirt::{Hypervisor, Vm};
 use crate::names;
 use crate::progress::Control;
 use crate::qemu_img::QemuImg;
 
-/// How often the guest agent is asked `guest-sync` while the guest boots.
-pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How long one agent command may wait for its answer, in seconds.
-const AGENT_TIMEOUT_SECS: i32 = 5;
-
-/// How long a command run through `guest-exec` may take.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+pub use crate::libvirt::boot_domain::DEFAULT_CMDLINE;
+pub use crate::libvirt::guest::{GuestCommand, COMMAND_TIMEOUT, SYNC_INTERVAL};
+pub use crate::libvirt::screenshot::{ppm_to_png, PNG_MAGIC};
 
 /// The prefix of the names of boot-test domains: `knib-validate-<pid>-<n>`.
 pub const DOMAIN_PREFIX: &str = "knib-validate";
-
-/// A command to run in the guest through `guest-exec`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GuestCommand {
-    /// The program, an absolute path in the guest (`/bin/cat`).
-    pub path: String,
-    /// Its arguments.
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// The exit code it must end with. When neither this nor
-    /// `expect_output` is given, the command must exit with 0.
-    #[serde(default)]
-    pub expect_exit: Option<i64>,
-    /// What it must print on its standard output (compared without
-    /// trailing white space on either side).
-    #[serde(default)]
-    pub expect_output: Option<String>,
-}
 
 /// A boot test of a backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,9 +95,6 @@ pub struct BootTestRequest {
     #[serde(default)]
     pub domain_type: Option<String>,
 }
-
-/// The kernel command line used with a kernel and no command line.
-pub const DEFAULT_CMDLINE: &str = "root=/dev/vda console=tty0 console=ttyS0";
 
 /// What a boot test found.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -162,18 +141,6 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// A fresh domain name, `knib-validate-<pid>-<n>`.
 fn domain_name() -> String {
     format!("{DOMAIN_PREFIX}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
-}
-
-/// An id for `guest-sync` that an earlier, stale answer cannot carry: the
-/// time, the pid and a counter mixed (below 2^53, exact in any JSON reader).
-fn sync_id() -> u64 {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    let mut x = nanos ^ ((std::process::id() as u64) << 32) ^ COUNTER.fetch_add(1, Ordering::SeqCst).rotate_left(17);
-    // splitmix64's finaliser.
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d049bb133111eb);
-    x ^= x >> 31;
-    x & ((1 << 53) - 1)
 }
 
 /// Destroys the domain and removes the files of a boot test when dropped,
@@ -264,83 +231,6 @@ fn check_request(req: &BootTestRequest) -> Result<()> {
     Ok(())
 }
 
-fn disk_bus(target: &str) -> Option<&'static str> {
-    if target.starts_with("vd") {
-        Some("virtio")
-    } else if target.starts_with("sd") {
-        Some("sata")
-    } else if target.starts_with("hd") {
-        Some("ide")
-    } else {
-        None
-    }
-}
-
-fn utf8(p: &Path) -> Result<String> {
-    p.to_str().map(xml_escape).ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", p.display())))
-}
-
-/// The XML of the throwaway domain.
-fn domain_xml(
-    name: &str,
-    req: &BootTestRequest,
-    overlays: &[(String, PathBuf)],
-    console: &Path,
-    domain_type: &str,
-) -> Result<String> {
-    let mut os = String::from("<type arch='x86_64'>hvm</type>");
-    if let Some(kernel) = &req.kernel {
-        let _ = write!(os, "<kernel>{}</kernel>", utf8(kernel)?);
-        if let Some(initrd) = &req.initrd {
-            let _ = write!(os, "<initrd>{}</initrd>", utf8(initrd)?);
-        }
-        let cmdline = req.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE);
-        let _ = write!(os, "<cmdline>{}</cmdline>", xml_escape(cmdline));
-    }
-    let mut devices = String::new();
-    for (i, (target, file)) in overlays.iter().enumerate() {
-        let boot = if i == 0 && req.kernel.is_none() { "\n      <boot order='1'/>" } else { "" };
-        let _ = write!(
-            devices,
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
-             <source file='{}'/>\n      <target dev='{}' bus='{}'/>{boot}\n    </disk>\n",
-            utf8(file)?,
-            xml_escape(target),
-            disk_bus(target).unwrap_or("virtio"),
-        );
-    }
-    Ok(format!(
-        "<domain type='{domain_type}'>
-  <name>{name}</name>
-  <description>knib boot test of a backup; removed when the test ends</description>
-  <memory unit='MiB'>{memory}</memory>
-  <vcpu>1</vcpu>
-  <os>{os}</os>
-  <features><acpi/><apic/></features>
-  <clock offset='utc'/>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-{devices}    <serial type='file'>
-      <source path='{console}'/>
-      <target port='0'/>
-    </serial>
-    <channel type='unix'>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <video><model type='vga'/></video>
-    <memballoon model='none'/>
-  </devices>
-  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
-</domain>
-",
-        name = xml_escape(name),
-        memory = req.memory_mib,
-        console = utf8(console)?,
-    ))
-}
-
 /// Boot-test a backup (see the module documentation). An error means the
 /// test could not be run (a missing file, overlays that could not be made,
 /// a domain libvirt refused, a cancellation, the caller's deadline); a guest
@@ -369,7 +259,17 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     cleanup.files.push(console.clone());
 
     let domain_type = req.domain_type.as_deref().unwrap_or_else(|| default_domain_type());
-    let xml = domain_xml(&name, req, &overlays, &console, domain_type)?;
+    let xml = BootDomain {
+        name: &name,
+        domain_type,
+        kernel: req.kernel.as_deref(),
+        initrd: req.initrd.as_deref(),
+        cmdline: req.cmdline.as_deref(),
+        memory_mib: req.memory_mib,
+        disks: &overlays,
+        console: &console,
+    }
+    .xml()?;
     ctl.check("starting the boot-test domain")?;
     ctl.report("boot test: start", 0.0);
     let started = Instant::now();
@@ -421,42 +321,6 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     Ok(report)
 }
 
-/// Ask `guest-sync` every [`SYNC_INTERVAL`] until the agent echoes the id or
-/// `timeout` from `started` passes: (answered, the last failure).
-fn wait_for_agent(vm: &Vm, started: Instant, timeout: Duration, ctl: &Control) -> Result<(bool, Option<String>)> {
-    // A timeout past what the clock can represent has no end.
-    let until = started.checked_add(timeout);
-    let mut last_error;
-    loop {
-        ctl.check("waiting for the guest to boot")?;
-        if !vm.is_running().unwrap_or(false) {
-            return Ok((false, Some("the domain stopped".into())));
-        }
-        let id = sync_id();
-        let cmd = format!(r#"{{"execute":"guest-sync","arguments":{{"id":{id}}}}}"#);
-        // libvirt's own message ("Guest agent is not responding: QEMU guest
-        // agent is not connected") says enough.
-        match vm.domain().qemu_agent_command(&cmd, AGENT_TIMEOUT_SECS, 0) {
-            Ok(answer) => match serde_json::from_str::<Value>(&answer) {
-                Ok(v) if v.get("return").and_then(Value::as_u64) == Some(id) => return Ok((true, None)),
-                _ => last_error = Some(format!("guest-sync answered {answer:?}, not the id {id}")),
-            },
-            Err(e) => last_error = Some(e.message().to_string()),
-        }
-        if until.is_some_and(|u| Instant::now() >= u) {
-            return Ok((false, last_error));
-        }
-        // Sleep to the next attempt (the last one at the deadline), in
-        // short steps so that a cancellation is seen at once.
-        let next = Instant::now() + SYNC_INTERVAL;
-        let wake = until.map_or(next, |u| next.min(u));
-        while Instant::now() < wake {
-            ctl.check("waiting for the guest to boot")?;
-            std::thread::sleep(Duration::from_millis(100).min(wake.saturating_duration_since(Instant::now())));
-        }
-    }
-}
-
 /// The last `n` non-empty lines of the console log.
 fn console_tail(console: &Path, n: usize) -> Vec<String> {
     let Ok(bytes) = fs::read(console) else {
@@ -471,249 +335,10 @@ fn console_tail(console: &Path, n: usize) -> Vec<String> {
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
-/// Take a screenshot of the domain's first screen and save it as PNG at
-/// `dest` (written under a temporary name, then renamed).
-fn screenshot(hv: &Hypervisor, vm: &Vm, dest: &Path) -> Result<()> {
-    let what = || format!("screenshot of domain {}", vm.name());
-    let stream = virt::stream::Stream::new(hv.connect(), 0).map_err(|e| virt_error(what(), &e))?;
-    let mime = vm.domain().screenshot(&stream, 0, 0).map_err(|e| virt_error(what(), &e))?;
-    let mut data = Vec::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = stream.recv(&mut buf).map_err(|e| virt_error(what(), &e))?;
-        if n <= 0 {
-            break;
-        }
-        data.extend_from_slice(&buf[..n as usize]);
-    }
-    let _ = stream.finish();
-    let png = if data.starts_with(PNG_MAGIC) {
-        data
-    } else if data.starts_with(b"P6") {
-        ppm_to_png(&data).map_err(|e| e.context(what()))?
-    } else {
-        return Err(KnibError::hypervisor(format!(
-            "{}: libvirt sent {} bytes of {mime}, neither PNG nor PPM",
-            what(),
-            data.len()
-        )));
-    };
-    fsio::write_atomic(dest, &png)
-}
-
-/// The first bytes of every PNG file.
-pub const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
-
-/// Convert a binary PPM (P6, 8 bits a sample) to PNG.
-pub fn ppm_to_png(ppm: &[u8]) -> Result<Vec<u8>> {
-    let bad = |why: &str| KnibError::new(ErrorKind::Hypervisor, format!("the screenshot is not a valid PPM: {why}"));
-    let mut pos = 2;
-    let mut fields = [0usize; 3];
-    if !ppm.starts_with(b"P6") {
-        return Err(bad("no P6 magic"));
-    }
-    for field in &mut fields {
-        // White space and comments, then a decimal number.
-        loop {
-            match ppm.get(pos) {
-                Some(c) if c.is_ascii_whitespace() => pos += 1,
-                Some(b'#') => {
-                    while ppm.get(pos).is_some_and(|&c| c != b'\n') {
-                        pos += 1;
-                    }
-                }
-                _ => break,
-            }
-        }
-        let start = pos;
-        while ppm.get(pos).is_some_and(u8::is_ascii_digit) {
-            pos += 1;
-        }
-        *field = std::str::from_utf8(&ppm[start..pos])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("a bad header"))?;
-    }
-    // One white-space byte ends the header.
-    pos += 1;
-    let [width, height, maxval] = fields;
-    if maxval == 0 || maxval > 255 {
-        return Err(bad("not 8 bits a sample"));
-    }
-    if width == 0 || height == 0 || width > 1 << 15 || height > 1 << 15 {
-        return Err(bad("a bad size"));
-    }
-    let len = width * height * 3;
-    let pixels = ppm.get(pos..pos + len).ok_or_else(|| bad("too short"))?;
-    let scaled: Vec<u8>;
-    let pixels = if maxval == 255 {
-        pixels
-    } else {
-        scaled = pixels.iter().map(|&p| ((p as usize * 255) / maxval) as u8).collect();
-        &scaled
-    };
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(BufWriter::new(&mut out), width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut w = enc.write_header().map_err(|e| KnibError::internal(format!("PNG encoder: {e}")))?;
-        w.write_image_data(pixels).map_err(|e| KnibError::internal(format!("PNG encoder: {e}")))?;
-        w.finish().map_err(|e| KnibError::internal(format!("PNG encoder: {e}")))?;
-    }
-    Ok(out)
-}
-
-/// What a command run through `guest-exec` did.
-#[derive(Debug, Clone)]
-struct CommandOutcome {
-    exit: Option<i64>,
-    signal: Option<i64>,
-    stdout: String,
-    stderr: String,
-}
-
-fn describe(cmd: &GuestCommand) -> String {
-    std::iter::once(cmd.path.as_str()).chain(cmd.args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ")
-}
-
-/// Run `cmd` in the guest: `Ok(Ok(outcome))` when it ran to its end,
-/// `Ok(Err(problem))` when the agent refused it or it did not end within
-/// [`COMMAND_TIMEOUT`]; `Err` on a cancellation or the caller's deadline.
-fn run_command(vm: &Vm, cmd: &GuestCommand, ctl: &Control) -> Result<std::result::Result<CommandOutcome, String>> {
-    let shown = describe(cmd);
-    let exec = serde_json::json!({
-        "execute": "guest-exec",
-        "arguments": {"path": cmd.path, "arg": cmd.args, "capture-output": true},
-    });
-    let answer = match qemu_agent_command(vm, &exec.to_string(), AGENT_TIMEOUT_SECS) {
-        Ok(a) => a,
-        Err(e) => return Ok(Err(format!("command {shown} was not started: {}", e.message))),
-    };
-    let Some(pid) = serde_json::from_str::<Value>(&answer).ok().and_then(|v| v["return"]["pid"].as_i64()) else {
-        return Ok(Err(format!("command {shown}: guest-exec answered {answer:?}, without a pid")));
-    };
-    let until = Instant::now() + COMMAND_TIMEOUT;
-    let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string();
-    loop {
-        ctl.check(&format!("waiting for command {shown}"))?;
-        let answer = match qemu_agent_command(vm, &status, AGENT_TIMEOUT_SECS) {
-            Ok(a) => a,
-            Err(e) => return Ok(Err(format!("command {shown}: guest-exec-status failed: {}", e.message))),
-        };
-        let v: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
-        let r = &v["return"];
-        if r["exited"].as_bool() == Some(true) {
-            let text = |key: &str| -> std::result::Result<String, String> {
-                match r[key].as_str() {
-                    None => Ok(String::new()),
-                    Some(b64) => base64::engine::general_purpose::STANDARD
-                        .decode(b64)
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .map_err(|e| format!("command {shown}: its {key} is not base64: {e}")),
-                }
-            };
-            return Ok(match (text("out-data"), text("err-data")) {
-                (Ok(stdout), Ok(stderr)) => {
-                    Ok(CommandOutcome { exit: r["exitcode"].as_i64(), signal: r["signal"].as_i64(), stdout, stderr })
-                }
-                (Err(p), _) | (_, Err(p)) => Err(p),
-            });
-        }
-        if r.is_null() {
-            return Ok(Err(format!("command {shown}: guest-exec-status answered {answer:?}")));
-        }
-        if Instant::now() >= until {
-            return Ok(Err(format!("command {shown} did not end within {} s", COMMAND_TIMEOUT.as_secs())));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The problems of a command's outcome against what was expected.
-fn compare_command(cmd: &GuestCommand, out: &CommandOutcome) -> Vec<String> {
-    let shown = describe(cmd);
-    let mut problems = Vec::new();
-    let expect_exit = match (cmd.expect_exit, &cmd.expect_output) {
-        (Some(code), _) => Some(code),
-        (None, None) => Some(0),
-        (None, Some(_)) => None,
-    };
-    if let Some(code) = expect_exit {
-        if out.exit != Some(code) {
-            let got = match (out.exit, out.signal) {
-                (Some(c), _) => format!("exited with {c}"),
-                (None, Some(s)) => format!("was killed by signal {s}"),
-                (None, None) => "ended without an exit code".to_string(),
-            };
-            let stderr = out.stderr.trim();
-            let stderr = if stderr.is_empty() { String::new() } else { format!(" (stderr: {stderr:?})") };
-            problems.push(format!("command {shown} {got}, expected exit code {code}{stderr}"));
-        }
-    }
-    if let Some(expected) = &cmd.expect_output {
-        if out.stdout.trim_end() != expected.trim_end() {
-            problems.push(format!(
-                "command {shown} printed {:?}, expected {:?}",
-                out.stdout.trim_end(),
-                expected.trim_end()
-            ));
-        }
-    }
-    problems
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn outcome(exit: Option<i64>, stdout: &str) -> CommandOutcome {
-        CommandOutcome { exit, signal: None, stdout: stdout.into(), stderr: String::new() }
-    }
-
-    fn cmd(expect_exit: Option<i64>, expect_output: Option<&str>) -> GuestCommand {
-        GuestCommand {
-            path: "/bin/cat".into(),
-            args: vec!["/etc/x".into()],
-            expect_exit,
-            expect_output: expect_output.map(str::to_string),
-        }
-    }
-
-    #[test]
-    fn compares_commands() {
-        assert!(compare_command(&cmd(None, None), &outcome(Some(0), "")).is_empty());
-        let p = compare_command(&cmd(None, None), &outcome(Some(1), ""));
-        assert_eq!(p, ["command /bin/cat /etc/x exited with 1, expected exit code 0"]);
-        assert!(compare_command(&cmd(None, Some("hello\n")), &outcome(Some(3), "hello")).is_empty());
-        let p = compare_command(&cmd(Some(0), Some("bye")), &outcome(Some(0), "hello\n"));
-        assert_eq!(p, [r#"command /bin/cat /etc/x printed "hello", expected "bye""#]);
-        let p = compare_command(&cmd(Some(0), None), &outcome(None, ""));
-        assert_eq!(p, ["command /bin/cat /etc/x ended without an exit code, expected exit code 0"]);
-    }
-
-    #[test]
-    fn converts_ppm() {
-        let mut ppm = b"P6\n# a comment\n2 1\n255\n".to_vec();
-        ppm.extend_from_slice(&[255, 0, 0, 0, 0, 255]);
-        let png = ppm_to_png(&ppm).unwrap();
-        assert!(png.starts_with(PNG_MAGIC));
-        let mut reader = png::Decoder::new(std::io::Cursor::new(&png)).read_info().unwrap();
-        let mut buf = vec![0; reader.output_buffer_size()];
-        let info = reader.next_frame(&mut buf).unwrap();
-        assert_eq!((info.width, info.height), (2, 1));
-        assert_eq!(&buf[..info.buffer_size()], &[255, 0, 0, 0, 0, 255]);
-        assert!(ppm_to_png(b"P6\n2 1\n255\n\x01").is_err());
-        assert!(ppm_to_png(b"P5\n2 1\n255\n").is_err());
-    }
-
-    #[test]
-    fn sync_ids_differ_and_fit_json() {
-        let a = sync_id();
-        let b = sync_id();
-        assert_ne!(a, b);
-        assert!(a < 1 << 53 && b < 1 << 53);
-    }
+    use crate::error::ErrorKind;
 
     #[test]
     fn refuses_bad_requests() {
@@ -738,35 +363,5 @@ mod tests {
         assert_eq!(check_request(&r).unwrap_err().kind, ErrorKind::NotFound);
         r.backup_files = vec![("xda".into(), dir.join("knib-no-such-file"))];
         assert_eq!(check_request(&r).unwrap_err().kind, ErrorKind::InvalidInput);
-    }
-
-    #[test]
-    fn xml_has_the_devices() {
-        let req = BootTestRequest {
-            backup_files: vec![("vda".into(), "/s/a.qcow2".into())],
-            work_dir: "/w".into(),
-            kernel: Some("/k/vmlinuz".into()),
-            initrd: Some("/k/initrd".into()),
-            cmdline: Some("root=/dev/vda a&b".into()),
-            memory_mib: 256,
-            boot_timeout_secs: 10,
-            screenshot: None,
-            command: None,
-            domain_type: None,
-        };
-        let xml = domain_xml(
-            "knib-validate-1-0",
-            &req,
-            &[("vda".into(), "/w/o.qcow2".into())],
-            Path::new("/w/c.log"),
-            "qemu",
-        )
-        .unwrap();
-        let doc = roxmltree::Document::parse(&xml).unwrap();
-        let text = |tag: &str| doc.descendants().find(|n| n.has_tag_name(tag)).and_then(|n| n.text()).unwrap();
-        assert_eq!(text("kernel"), "/k/vmlinuz");
-        assert_eq!(text("cmdline"), "root=/dev/vda a&b");
-        assert!(xml.contains("org.qemu.guest_agent.0") && xml.contains("<model type='vga'/>"));
-        assert!(!xml.contains("<boot order"));
     }
 }

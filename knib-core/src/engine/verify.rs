@@ -1,7 +1,7 @@
 //! Checking backup files against their recorded hashes as they are read.
 //!
 //! The recorded hash of a backup file is xxh3-128 over every byte of that
-//! file alone (the per-file hash of [`crate::engine::hash::hash_chain`],
+//! file alone (the per-file hash of [`crate::hash::hash_chain`],
 //! the catalog's `VolumeEntry::hash`, the `files[].hash` of
 //! `agent.take_hash`), not the chain hash CloudStack stores.
 //!
@@ -75,7 +75,7 @@ pub fn check_source_hashes(got: &[SourceHash], expected: &[ExpectedHash]) -> Res
 /// Hash each expected file in a read of its own and compare.
 pub fn verify_files(expected: &[ExpectedHash], ctl: &Control) -> Result<()> {
     for e in expected {
-        let (_, each) = crate::engine::hash::hash_chain(std::slice::from_ref(&e.path), ctl)?;
+        let (_, each) = crate::hash::hash_chain(std::slice::from_ref(&e.path), ctl)?;
         let got = each.into_iter().next().unwrap_or_default();
         if !got.eq_ignore_ascii_case(&e.hash) {
             return Err(mismatch(&e.path, &got, &e.hash));

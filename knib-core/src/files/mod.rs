@@ -89,12 +89,14 @@ mod fallback;
 mod fat;
 pub mod fs;
 mod ntfs;
+mod ops;
 pub mod partition;
+mod path;
 
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::catalog::Store;
 use crate::error::{ErrorKind, KnibError, Result};
@@ -102,11 +104,13 @@ use crate::progress::Control;
 
 use detect::{Detected, Native};
 use device::{Device, SharedDevice, Window};
-pub use extract::GetSummary;
 use fs::{display, Filesystem, Kind, Node};
 
-/// The most symlinks followed while resolving one path.
-pub const MAX_LINKS: usize = 40;
+pub use extract::GetSummary;
+pub use ops::{EntriesAnswer, FilesystemsAnswer};
+pub(crate) use ops::{fs_op, get_op, ls_op, FsReq, GetReq, LsReq};
+pub use path::MAX_LINKS;
+pub(crate) use path::{parse_path, resolve};
 
 /// One filesystem of a volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
@@ -376,102 +380,6 @@ fn entry_info(f: &mut dyn Filesystem, path: &[Vec<u8>], name: &[u8], n: &Node) -
     })
 }
 
-/// The components of a requested path; `..` is refused.
-pub(crate) fn parse_path(path: &str) -> Result<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    for c in path.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err(KnibError::invalid(format!(
-                "path {path:?} has a `..` component: paths are taken from the filesystem's root and may not leave it"
-            ))),
-            c if c.contains('\0') => return Err(KnibError::invalid(format!("path {path:?} contains a NUL byte"))),
-            c => out.push(c.as_bytes().to_vec()),
-        }
-    }
-    Ok(out)
-}
-
-/// Resolve `comps` (of request `request`) from the root of `f`, following
-/// symlinks inside the filesystem: the canonical path (directories only,
-/// then the last component) and what it names.
-pub(crate) fn resolve(f: &mut dyn Filesystem, request: &str, comps: &[Vec<u8>]) -> Result<(Vec<Vec<u8>>, Node)> {
-    let mut todo: std::collections::VecDeque<Vec<u8>> = comps.iter().cloned().collect();
-    let mut canon: Vec<Vec<u8>> = Vec::new();
-    let mut nodes: Vec<Node> = vec![f.root()?];
-    let mut links = 0;
-    while let Some(c) = todo.pop_front() {
-        if c == b".." {
-            // Only from a symlink's target.
-            if canon.pop().is_none() {
-                return Err(KnibError::invalid(format!(
-                    "{request}: a symlink on the way climbs above the filesystem's root"
-                )));
-            }
-            nodes.pop();
-            continue;
-        }
-        let dir = nodes.last().expect("the root is always there").clone();
-        if dir.kind != Kind::Dir {
-            return Err(KnibError::invalid(format!("{request}: {} is not a directory", display(&canon))));
-        }
-        let fs::Entry { name: c, node } = f.lookup(&canon, &dir, &c)?.ok_or_else(|| {
-            let mut p = canon.clone();
-            p.push(c.clone());
-            KnibError::not_found(format!("{request}: {} does not exist", display(&p)))
-        })?;
-        if node.kind == Kind::Symlink {
-            let mut link = canon.clone();
-            link.push(c.clone());
-            links += 1;
-            if links > MAX_LINKS {
-                return Err(KnibError::invalid(format!(
-                    "{request}: more than {MAX_LINKS} symlinks on the way (at {}): they loop",
-                    display(&link)
-                )));
-            }
-            let target = f.read_link(&link, &node)?;
-            let shown = String::from_utf8_lossy(&target).into_owned();
-            let leaves = || {
-                KnibError::invalid(format!(
-                    "{request}: symlink {} points to {shown:?}, outside the filesystem; ask for a path inside it",
-                    display(&link)
-                ))
-            };
-            if target.first() == Some(&b'/') {
-                return Err(leaves());
-            }
-            // Climbing above the root from the link's directory leaves it.
-            let mut depth = canon.len() as i64;
-            let mut parts = Vec::new();
-            for t in target.split(|&b| b == b'/') {
-                match t {
-                    b"" | b"." => {}
-                    b".." => {
-                        depth -= 1;
-                        if depth < 0 {
-                            return Err(leaves());
-                        }
-                        parts.push(t.to_vec());
-                    }
-                    t => {
-                        depth += 1;
-                        parts.push(t.to_vec());
-                    }
-                }
-            }
-            for p in parts.into_iter().rev() {
-                todo.push_front(p);
-            }
-            continue;
-        }
-        canon.push(c);
-        nodes.push(node);
-    }
-    let node = nodes.pop().expect("the root is always there");
-    Ok((canon, node))
-}
-
 /// The filesystems of volume `volume` of backup `backup`.
 pub fn filesystems(store: &Store, backup: &str, volume: &str, ctl: &Control) -> Result<Vec<FsInfo>> {
     Ok(Disk::open_backup(store, backup, volume, ctl)?.filesystems())
@@ -503,98 +411,9 @@ pub fn get(
     Disk::open_backup(store, backup, volume, ctl)?.get(fs, path, to, ctl)
 }
 
-/// The request of `files.fs`.
-#[derive(Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FsReq {
-    /// The store directory.
-    store: PathBuf,
-    /// The backup's id.
-    backup: String,
-    /// The volume's name.
-    volume: String,
-}
-
-/// The request of `files.ls`.
-#[derive(Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct LsReq {
-    /// The store directory.
-    store: PathBuf,
-    /// The backup's id.
-    backup: String,
-    /// The volume's name.
-    volume: String,
-    /// The filesystem's `index` (from `files.fs`); optional when one is
-    /// read natively.
-    #[serde(default)]
-    fs: Option<u32>,
-    /// The directory (or file); default `/`.
-    #[serde(default)]
-    path: Option<String>,
-}
-
-/// The request of `files.get`.
-#[derive(Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct GetReq {
-    /// The store directory.
-    store: PathBuf,
-    /// The backup's id.
-    backup: String,
-    /// The volume's name.
-    volume: String,
-    /// The filesystem's `index`; optional when one is read natively.
-    #[serde(default)]
-    fs: Option<u32>,
-    /// The file or directory to extract.
-    path: String,
-    /// Where to put it (must not exist).
-    to: PathBuf,
-}
-
-/// The answer of `files.fs`.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct FilesystemsAnswer {
-    /// The filesystems found.
-    pub filesystems: Vec<FsInfo>,
-}
-
-/// The answer of `files.ls`.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct EntriesAnswer {
-    /// The entries, sorted by name.
-    pub entries: Vec<EntryInfo>,
-}
-
-/// `files.fs`.
-pub(crate) fn fs_op(r: &FsReq, ctl: &Control) -> Result<FilesystemsAnswer> {
-    Ok(FilesystemsAnswer { filesystems: filesystems(&Store::open(&r.store)?, &r.backup, &r.volume, ctl)? })
-}
-
-/// `files.ls`.
-pub(crate) fn ls_op(r: &LsReq, ctl: &Control) -> Result<EntriesAnswer> {
-    let path = r.path.as_deref().unwrap_or("/");
-    Ok(EntriesAnswer { entries: list(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, path, ctl)? })
-}
-
-/// `files.get`.
-pub(crate) fn get_op(r: &GetReq, ctl: &Control) -> Result<GetSummary> {
-    get(&Store::open(&r.store)?, &r.backup, &r.volume, r.fs, &r.path, &r.to, ctl)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requested_paths() {
-        assert_eq!(parse_path("/a//b/./c/").unwrap(), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
-        assert!(parse_path("").unwrap().is_empty());
-        let e = parse_path("/a/../../etc/passwd").unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidInput);
-        assert!(e.message.contains("\"/a/../../etc/passwd\" has a `..` component"), "{e}");
-    }
 
     /// Random bytes as a disk: errors, never a panic or a hang.
     #[test]

@@ -28,13 +28,17 @@
 //! process-wide handler sets it after knib's first connection.
 
 pub mod blockjob;
+pub mod blockwait;
+pub mod boot_domain;
+pub mod guest;
 pub mod qemu;
+pub mod screenshot;
 pub mod xml;
 
 use std::ffi::CStr;
 use std::fmt;
 use std::os::raw::c_void;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Once;
 
 use virt::connect::Connect;
@@ -45,14 +49,46 @@ use virt::sys;
 use crate::error::{ErrorKind, KnibError, Result};
 
 pub use blockjob::{
-    block_commit, block_job_abort, block_job_info, block_pull, commit_and_wait, pull_and_wait,
-    wait_block_job, BlockJobInfo, BlockJobKind, CommitFlags, PullFlags,
+    block_commit, block_job_abort, block_job_info, block_pull, BlockJobInfo, BlockJobKind, CommitFlags, PullFlags,
 };
+pub use blockwait::{commit_and_wait, pull_and_wait, wait_block_job};
 pub use qemu::{qemu_agent_command, qemu_monitor_command_hmp, qemu_monitor_command_qmp};
-pub use xml::{disk_targets, parse_disks, snapshot_xml, BackingLayer, DiskInfo};
+pub use xml::{disk_targets, parse_disks, replace_disk_sources, snapshot_xml, BackingLayer, DiskInfo};
 
-/// The URI of the local system QEMU driver.
+/// The URI of the local system QEMU driver, the default of every request's
+/// `connect` field (the wire names it too, for builds without libvirt).
 pub const SYSTEM_URI: &str = "qemu:///system";
+
+/// Domain `name` on the hypervisor at `uri` (default [`SYSTEM_URI`]);
+/// [`ErrorKind::NotFound`] when there is none.
+pub fn domain(uri: Option<&str>, name: &str) -> Result<Vm> {
+    Hypervisor::open(uri.unwrap_or(SYSTEM_URI))?.domain(name)
+}
+
+/// The disk of `vm` (its disks being `disks`) whose active file is `path`
+/// (the same file: symbolic links and `..` resolved);
+/// [`ErrorKind::NotFound`] naming the disks there are when none is.
+pub fn disk_on<'a>(vm: &Vm, disks: &'a [DiskInfo], path: &Path) -> Result<&'a DiskInfo> {
+    disks.iter().find(|d| same_file(&d.file, path)).ok_or_else(|| {
+        KnibError::not_found(format!(
+            "domain {} has no disk running on {} (its disks: {})",
+            vm.name(),
+            path.display(),
+            describe_disks(disks)
+        ))
+    })
+}
+
+/// Disks as `target on file, ...`, for messages.
+pub fn describe_disks(disks: &[DiskInfo]) -> String {
+    disks.iter().map(|d| format!("{} on {}", d.target, d.file.display())).collect::<Vec<_>>().join(", ")
+}
+
+/// Whether `a` and `b` name the same file (resolved when they exist).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    a == b || canonical(a) == canonical(b)
+}
 
 /// A libvirt error as a [`KnibError`]: `what` names the call and its
 /// object. A missing domain becomes [`ErrorKind::NotFound`], the rest
@@ -289,6 +325,23 @@ impl Vm {
         self.dom
             .undefine()
             .map_err(|e| virt_error(format_args!("undefining domain {}", self.name), &e))
+    }
+
+    /// Point disks of a stopped, persistent domain at other files (its
+    /// definition is rewritten; `<backingStore>` elements of those disks are
+    /// dropped, libvirt reads the chain from the images).
+    pub fn set_disk_sources(&self, sources: &[(String, PathBuf)]) -> Result<()> {
+        let dom = self.domain();
+        let xml = dom
+            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", self.name())))?;
+        let new = replace_disk_sources(&xml, sources)?;
+        let conn = dom
+            .connect()
+            .map_err(|e| KnibError::hypervisor(format!("connection of domain {}: {e}", self.name())))?;
+        conn.define_domain_xml(&new)
+            .map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))?;
+        Ok(())
     }
 
     /// Take a disk-only external snapshot, atomically and without snapshot

@@ -234,6 +234,39 @@ pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(
     Ok(xml)
 }
 
+/// `xml` with the `<source file>` of each named disk target replaced.
+pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))?;
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    for (target, file) in sources {
+        let disk = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("disk"))
+            .find(|n| {
+                n.children()
+                    .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target.as_str()))
+            })
+            .ok_or_else(|| KnibError::not_found(format!("the domain has no disk {target}")))?;
+        let src = disk
+            .children()
+            .find(|c| c.has_tag_name("source"))
+            .ok_or_else(|| KnibError::invalid(format!("disk {target} has no <source>")))?;
+        let path = file
+            .to_str()
+            .ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", file.display())))?;
+        edits.push((src.range(), format!("<source file='{}'/>", xml_escape(path))));
+        for b in disk.children().filter(|c| c.has_tag_name("backingStore")) {
+            edits.push((b.range(), String::new()));
+        }
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = xml.to_string();
+    for (r, text) in edits {
+        out.replace_range(r, &text);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use super::header::MAGIC;
 use super::image::{file_size, Qcow2Image};
@@ -264,4 +264,36 @@ fn probe(path: &Path) -> Result<String> {
         }
     }
     Ok(if got == 4 && magic == MAGIC { "qcow2" } else { "raw" }.to_string())
+}
+
+/// The path of `to` relative to directory `from` (both absolute), as a
+/// backing pointer: `../<parent>/vol.qcow2`. Both are resolved first
+/// (symbolic links, `..`) when they exist, so the pointer holds for the
+/// files as they are on disk.
+pub fn relative_pointer(from: &Path, to: &Path) -> String {
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let (from, to) = (canonical(from), canonical(to));
+    let a: Vec<Component> = from.components().collect();
+    let b: Vec<Component> = to.components().collect();
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut out = PathBuf::new();
+    for _ in common..a.len() {
+        out.push("..");
+    }
+    for c in &b[common..] {
+        out.push(c.as_os_str());
+    }
+    out.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_pointers() {
+        assert_eq!(relative_pointer(Path::new("/s/b2"), Path::new("/s/b1/v.qcow2")), "../b1/v.qcow2");
+        assert_eq!(relative_pointer(Path::new("/s"), Path::new("/s/v.qcow2")), "v.qcow2");
+        assert_eq!(relative_pointer(Path::new("/a/b/c"), Path::new("/x/v")), "../../../x/v");
+    }
 }

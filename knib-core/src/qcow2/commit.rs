@@ -28,9 +28,9 @@
 //!   table offsets aligned and inside the file, L1 and refcount table sizes
 //!   within QEMU's limits, the snapshot table's count, alignment and place,
 //!   header extension lengths, the bitmaps extension);
-//! - neither file is marked dirty (stale lazy refcounts: the engine has
-//!   them rebuilt by `qemu-img check -r all` first,
-//!   [`crate::engine::native::repair_dirty`]) nor marked corrupt by QEMU;
+//! - neither file is marked dirty (stale lazy refcounts: the caller has
+//!   them rebuilt by `qemu-img check -r all` first, as the engine's native
+//!   merge does) nor marked corrupt by QEMU;
 //! - one pass over the base's metadata ([`super::guard`]): no table or
 //!   block (header, L1, L2, refcount table and blocks, bitmap directory
 //!   and tables) shares a host cluster with another or with guest data
@@ -88,19 +88,17 @@
 //! and renamed over it; it refuses a top with snapshots, bitmaps or other
 //! features it would drop.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::chain::{Chain, Layer};
-use super::guard::Scan;
+use super::commit_base::{l2_ranges, Base, BaseEntry, CommitReport, TableEdit};
+use super::empty::{empty_image, keeps_what_emptying_drops};
 use super::image::{
-    ClusterState, Qcow2Image, COPIED, L1_RESERVED, L2_COMPRESSED as COMPRESSED, L2_RESERVED, L2_ZERO as ZERO, OFFSET_MASK,
-    RT_OFFSET_MASK,
+    ClusterState, Qcow2Image, COPIED, L2_ZERO as ZERO,
 };
-use super::writer::{BackingRef, ImageSpec, Layout};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 
@@ -108,23 +106,6 @@ use crate::progress::Control;
 pub const BATCH_TABLE_BYTES: usize = 16 << 20;
 /// The largest refcount table the merge keeps in memory.
 const MAX_REFCOUNT_TABLE_BYTES: u64 = 32 << 20;
-
-/// What a merge did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CommitReport {
-    /// Data clusters written into the base (in place or new).
-    pub data_clusters: u64,
-    /// Of those, written in place over the base's own clusters.
-    pub in_place_clusters: u64,
-    /// Clusters set to read as zeros.
-    pub zero_clusters: u64,
-    /// Host clusters added to the base file (data, L2 tables, refcount blocks).
-    pub new_clusters: u64,
-    /// Guest bytes copied.
-    pub bytes: u64,
-    /// fdatasync calls made.
-    pub syncs: u32,
-}
 
 /// A merge of a top image into its base, checked and ready to run.
 pub struct Commit {
@@ -142,64 +123,24 @@ impl std::fmt::Debug for Commit {
     }
 }
 
-/// QEMU's image locking (byte-range OFD locks): a process holding a
-/// permission on an image read-locks byte 100 + bit; one that does not
-/// let others have it read-locks byte 200 + bit. Bit 0: consistent read,
-/// bit 1: write.
-const LOCK_PERM_BASE: i64 = 100;
-const LOCK_SHARED_BASE: i64 = 200;
-const PERM_READ: i64 = 0;
-const PERM_WRITE: i64 = 1;
-
-fn ofd_lock(file: &File, cmd: libc::c_int, kind: libc::c_int, byte: i64) -> std::io::Result<libc::flock> {
-    // SAFETY: a zeroed flock is a valid value for every field.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    // SAFETY: fcntl on a descriptor we own with a valid flock.
-    if unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) } == 0 {
-        Ok(fl)
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Lock `file` the way a QEMU writer does (read and write it, share
-/// reading, not writing), or fail as busy when another process writes it
-/// or does not let others write (a running QEMU, `qemu-img commit`, ...).
-/// Readers that share writing (`qemu-img info -U`) are not disturbed;
-/// writers cannot open the image while `file` stays open.
+/// Lock `file` (at `path`) as a QEMU writer does ([`crate::lock::lock_like_qemu_writer`]),
+/// or fail as busy when another process writes it or does not let others
+/// write (a running QEMU, `qemu-img commit`, ...). The locks are held as
+/// long as `file` stays open.
 fn lock_like_qemu(file: &File, path: &Path) -> Result<()> {
-    let busy = || {
-        KnibError::new(
+    match crate::lock::lock_like_qemu_writer(file) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(KnibError::new(
             ErrorKind::Busy,
             format!("{} is in use by another process (a running QEMU?): it cannot be merged now", path.display()),
-        )
-    };
-    for byte in [LOCK_PERM_BASE + PERM_READ, LOCK_PERM_BASE + PERM_WRITE, LOCK_SHARED_BASE + PERM_WRITE] {
-        match ofd_lock(file, libc::F_OFD_SETLK, libc::F_RDLCK, byte) {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => return Err(busy()),
-            Err(e) => return Err(KnibError::io("cannot lock", path, e)),
-        }
+        )),
+        Err(e) => Err(KnibError::io("cannot lock", path, e)),
     }
-    // Another writer holds byte 101, a process refusing to share writing
-    // byte 201 (our own read locks do not conflict with this test).
-    for byte in [LOCK_PERM_BASE + PERM_WRITE, LOCK_SHARED_BASE + PERM_WRITE] {
-        let fl = ofd_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK, byte)
-            .map_err(|e| KnibError::io("cannot test the locks of", path, e))?;
-        if fl.l_type != libc::F_UNLCK as libc::c_short {
-            return Err(busy());
-        }
-    }
-    Ok(())
 }
 
 /// The error for an image marked dirty: its refcounts are stale, so
 /// nothing may be allocated in it until they are rebuilt
-/// ([`crate::engine::native::repair_dirty`] does it before a merge).
+/// (the engine's native merge has `qemu-img check -r all` do it first).
 fn dirty(path: &Path) -> KnibError {
     KnibError::corrupt(format!(
         "qcow2 image {} is marked dirty (not closed cleanly): its refcounts are stale; rebuild them \
@@ -215,24 +156,6 @@ fn marked_corrupt(path: &Path) -> KnibError {
         path.display()
     ))
 }
-
-/// What of the top's, if anything, [`empty_image`] would not keep:
-/// internal snapshots, bitmaps and other auto-clear features, compatible
-/// features other than lazy refcounts.
-fn keeps_what_emptying_drops(h: &super::Header) -> Option<String> {
-    if h.nb_snapshots != 0 {
-        Some(format!("has {} internal snapshots", h.nb_snapshots))
-    } else if h.autoclear_features != 0 || h.bitmaps.is_some() {
-        Some(format!("has bitmaps or other auto-clear features ({:#x})", h.autoclear_features))
-    } else if h.compatible_features & !COMPAT_LAZY_REFCOUNTS != 0 {
-        Some(format!("has unknown compatible features ({:#x})", h.compatible_features))
-    } else {
-        None
-    }
-}
-
-/// Compatible feature bit 0: lazy refcounts.
-const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 
 impl Commit {
     /// Open `top` and its backing file and check that the native merge
@@ -524,61 +447,6 @@ impl CopyRun {
     }
 }
 
-/// An L2 table of the base being changed.
-#[derive(Debug)]
-struct TableEdit {
-    l1_index: usize,
-    offset: u64,
-    entries: Vec<u64>,
-    /// Allocated by this merge (written before the L1 entry points to it).
-    is_new: bool,
-}
-
-/// What the base held for one guest cluster.
-#[derive(Debug, Clone, Copy)]
-enum BaseEntry {
-    /// No host cluster (unallocated, or zero without one).
-    Empty,
-    /// Its own host cluster (refcount 1), maybe a preallocated zero cluster.
-    Owned(u64),
-    /// Host data that loses this reference when replaced: compressed data,
-    /// or a cluster without the copied flag.
-    Release { offset: u64, len: u64 },
-}
-
-/// The base file, open for writing.
-struct Base {
-    file: File,
-    path: PathBuf,
-    cs: u64,
-    bits: u32,
-    file_len: u64,
-    l1_offset: u64,
-    l1: Vec<u64>,
-    rt_offset: u64,
-    rt: Vec<u64>,
-    /// Refcount table entries set by this merge, to write.
-    rt_dirty: Vec<usize>,
-    /// Refcount entries per block (16-bit refcounts).
-    per_block: u64,
-    /// Loaded refcount blocks by refcount table index: (bytes, changed).
-    blocks: HashMap<usize, (Vec<u8>, bool)>,
-    /// The next host cluster to allocate: past every cluster referenced or
-    /// counted, and past the end of the file.
-    next_free: u64,
-    /// The base's metadata, read before the merge.
-    scan: Scan,
-    /// References dropped by the current batch's table changes.
-    freed: Vec<(u64, u64)>,
-    /// ... and by the previous batch's (now durable) ones.
-    freed_durable: Vec<(u64, u64)>,
-}
-
-/// The number of L2 ranges (L1 entries) covering an image's virtual size.
-fn l2_ranges(img: &Qcow2Image) -> usize {
-    img.guest_clusters().div_ceil(img.header().l2_entries()) as usize
-}
-
 /// At most how many host clusters merging `top` adds to its base: one per
 /// data or compressed cluster and one per L2 table.
 fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
@@ -598,327 +466,4 @@ fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
         }
     }
     Ok(n)
-}
-
-fn be64_at(b: &[u8], i: usize) -> u64 {
-    u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
-}
-
-impl Base {
-    /// The base open for writing, its header read by `img` (the same file).
-    fn open(file: File, path: PathBuf, img: &Qcow2Image, file_len: u64, scan: Scan) -> Result<Base> {
-        let h = img.header();
-        let cs = h.cluster_size();
-        let io = |what: &str, e: std::io::Error| KnibError::io(what, &path, e);
-        let l1_len = l2_ranges(img);
-        let mut raw = vec![0u8; l1_len * 8];
-        file.read_exact_at(&mut raw, h.l1_table_offset).map_err(|e| io("cannot read the L1 table of", e))?;
-        let l1 = (0..l1_len).map(|i| be64_at(&raw, i)).collect();
-        let rt_len = (u64::from(h.refcount_table_clusters) * cs / 8) as usize;
-        let mut raw = vec![0u8; rt_len * 8];
-        file.read_exact_at(&mut raw, h.refcount_table_offset)
-            .map_err(|e| io("cannot read the refcount table of", e))?;
-        let rt: Vec<u64> = (0..rt_len).map(|i| be64_at(&raw, i)).collect();
-        let per_block = cs * 8 / 16;
-        let base = Base {
-            file,
-            path,
-            cs,
-            bits: h.cluster_bits,
-            file_len,
-            l1_offset: h.l1_table_offset,
-            l1,
-            rt_offset: h.refcount_table_offset,
-            rt,
-            rt_dirty: Vec::new(),
-            per_block,
-            blocks: HashMap::new(),
-            next_free: scan.end,
-            scan,
-            freed: Vec::new(),
-            freed_durable: Vec::new(),
-        };
-        Ok(base)
-    }
-
-    fn corrupt(&self, what: impl std::fmt::Display) -> KnibError {
-        KnibError::corrupt(format!("qcow2 image {}: {what}", self.path.display()))
-    }
-
-    fn io(&self, what: &str, e: std::io::Error) -> KnibError {
-        KnibError::io(what, &self.path, e)
-    }
-
-    /// Refcount block `rti` (loaded, or zeros for a new one), marked
-    /// changed when it is to be `written`.
-    fn block(&mut self, rti: usize, written: bool) -> Result<&mut Vec<u8>> {
-        if !self.blocks.contains_key(&rti) {
-            let off = self.rt.get(rti).copied().unwrap_or(0) & RT_OFFSET_MASK;
-            let mut b = vec![0u8; self.cs as usize];
-            if off != 0 {
-                if !off.is_multiple_of(self.cs)
-                    || off.saturating_add(self.cs) > self.file_len.max(self.next_free * self.cs)
-                {
-                    return Err(self
-                        .corrupt(format!("refcount block {rti} at {off} is misaligned or past the end of the file")));
-                }
-                self.file.read_exact_at(&mut b, off).map_err(|e| self.io("cannot read a refcount block of", e))?;
-            }
-            self.blocks.insert(rti, (b, false));
-        }
-        match self.blocks.get_mut(&rti) {
-            Some((b, dirty)) => {
-                *dirty |= written;
-                Ok(b)
-            }
-            None => Err(KnibError::internal("refcount block cache")),
-        }
-    }
-
-    /// Add `delta` (+1 or -1) to the refcount of host cluster `c`.
-    fn add_ref(&mut self, c: u64, delta: i64) -> Result<()> {
-        let rti = (c / self.per_block) as usize;
-        let k = (c % self.per_block) as usize;
-        if rti >= self.rt.len() || self.rt[rti] & RT_OFFSET_MASK == 0 {
-            return Err(self.corrupt(format!("host cluster {c} has no refcount block")));
-        }
-        let block = self.block(rti, true)?;
-        let old = i64::from(u16::from_be_bytes([block[2 * k], block[2 * k + 1]]));
-        let new = old + delta;
-        if !(0..=i64::from(u16::MAX)).contains(&new) {
-            return Err(self.corrupt(format!("refcount of host cluster {c} would go from {old} to {new}")));
-        }
-        block[2 * k..2 * k + 2].copy_from_slice(&(new as u16).to_be_bytes());
-        Ok(())
-    }
-
-    /// A new host cluster at the end of the file, its refcount set to 1
-    /// (placing a refcount block first when its range has none).
-    fn alloc(&mut self, report: &mut CommitReport) -> Result<u64> {
-        loop {
-            let c = self.next_free;
-            let rti = (c / self.per_block) as usize;
-            if rti >= self.rt.len() {
-                return Err(KnibError::internal(format!(
-                    "{}: the refcount table is full (checked before the merge)",
-                    self.path.display()
-                )));
-            }
-            self.next_free += 1;
-            report.new_clusters += 1;
-            if let Some(m) = self.scan.metadata(c) {
-                return Err(KnibError::internal(format!(
-                    "{}: host cluster {c} to allocate holds the {m}",
-                    self.path.display()
-                )));
-            }
-            if self.rt[rti] & RT_OFFSET_MASK == 0 {
-                // A refcount block for this range, counting itself.
-                self.blocks.insert(rti, (vec![0u8; self.cs as usize], true));
-                self.rt[rti] = c * self.cs;
-                self.rt_dirty.push(rti);
-                self.add_ref(c, 1)?;
-                continue;
-            }
-            self.add_ref(c, 1)?;
-            return Ok(c * self.cs);
-        }
-    }
-
-    /// The L2 table of range `r`, loaded, or a new one.
-    fn load_table(&mut self, r: usize, report: &mut CommitReport) -> Result<TableEdit> {
-        let e = self.l1.get(r).copied().ok_or_else(|| self.corrupt(format!("no L1 entry {r}")))?;
-        if e & L1_RESERVED != 0 {
-            return Err(self.corrupt(format!("L1 entry {r} ({e:#018x}) has reserved bits set")));
-        }
-        let off = e & OFFSET_MASK;
-        let n = (self.cs / 8) as usize;
-        if off == 0 {
-            let offset = self.alloc(report)?;
-            return Ok(TableEdit { l1_index: r, offset, entries: vec![0; n], is_new: true });
-        }
-        if !off.is_multiple_of(self.cs) || off < self.cs || off.saturating_add(self.cs) > self.file_len {
-            return Err(self.corrupt(format!("L1 entry {r}: L2 table at {off} is misaligned or outside the file")));
-        }
-        if e & COPIED == 0 {
-            return Err(self.corrupt(format!("L1 entry {r}: the L2 table at {off} lacks the copied flag")));
-        }
-        let expected = format!("L2 table of L1 entry {r}");
-        if self.scan.metadata(off / self.cs) != Some(expected.as_str()) {
-            return Err(KnibError::internal(format!("{}: {expected} was not seen by the scan", self.path.display())));
-        }
-        let mut raw = vec![0u8; self.cs as usize];
-        self.file.read_exact_at(&mut raw, off).map_err(|e| self.io("cannot read an L2 table of", e))?;
-        Ok(TableEdit { l1_index: r, offset: off, entries: (0..n).map(|i| be64_at(&raw, i)).collect(), is_new: false })
-    }
-
-    /// What base L2 entry `e` of guest cluster `index` holds.
-    fn classify(&self, index: u64, e: u64) -> Result<BaseEntry> {
-        let cs = self.cs;
-        if e & COMPRESSED != 0 {
-            let x = 62 - (self.bits - 8);
-            let offset = e & ((1u64 << x) - 1);
-            let extra = (e >> x) & ((1u64 << (62 - x)) - 1);
-            let end = (offset & !511) + (extra + 1) * 512;
-            if offset < cs || offset >= self.file_len {
-                return Err(self.corrupt(format!(
-                    "L2 entry for guest cluster {index}: compressed data at {offset} is outside the file"
-                )));
-            }
-            return Ok(BaseEntry::Release { offset, len: end - offset });
-        }
-        if e & L2_RESERVED != 0 {
-            return Err(self.corrupt(format!("L2 entry for guest cluster {index} ({e:#018x}) has reserved bits set")));
-        }
-        let off = e & OFFSET_MASK;
-        if off == 0 {
-            return Ok(BaseEntry::Empty);
-        }
-        if !off.is_multiple_of(cs) || off < cs || off >= self.file_len {
-            return Err(self.corrupt(format!(
-                "L2 entry for guest cluster {index}: data cluster at {off} is misaligned or outside the file"
-            )));
-        }
-        // Checked for every entry by the scan before the merge; checked
-        // again where it is written.
-        if let Some(m) = self.scan.metadata(off / cs) {
-            return Err(self.corrupt(format!(
-                "L2 entry for guest cluster {index} points at host cluster {}, which holds the {m}: metadata overlap",
-                off / cs
-            )));
-        }
-        if e & COPIED != 0 {
-            Ok(BaseEntry::Owned(off))
-        } else {
-            Ok(BaseEntry::Release { offset: off, len: cs })
-        }
-    }
-
-    fn sync(&self, report: &mut CommitReport) -> Result<()> {
-        report.syncs += 1;
-        self.file.sync_data().map_err(|e| self.io("cannot fsync", e))
-    }
-
-    /// Drop the references in `ranges`, one per host cluster each touches.
-    fn drop_refs(&mut self, ranges: &[(u64, u64)]) -> Result<()> {
-        for &(offset, len) in ranges {
-            for c in offset / self.cs..=(offset + len - 1) / self.cs {
-                self.add_ref(c, -1)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Write the changed refcount blocks and forget them.
-    fn write_blocks(&mut self) -> Result<()> {
-        let mut blocks: Vec<_> = self.blocks.drain().filter(|(_, (_, dirty))| *dirty).collect();
-        blocks.sort_by_key(|(rti, _)| *rti);
-        for (rti, (b, _)) in blocks {
-            let off = self.rt[rti] & RT_OFFSET_MASK;
-            self.file.write_all_at(&b, off).map_err(|e| self.io("cannot write a refcount block of", e))?;
-        }
-        Ok(())
-    }
-
-    /// Make one batch of table changes durable, in the order of the module
-    /// documentation.
-    fn flush(&mut self, batch: &mut Vec<TableEdit>, report: &mut CommitReport) -> Result<()> {
-        let raw = |t: &TableEdit| t.entries.iter().flat_map(|e| e.to_be_bytes()).collect::<Vec<u8>>();
-        // 1. New tables, refcounts (and the previous batch's releases).
-        for t in batch.iter().filter(|t| t.is_new) {
-            self.file.write_all_at(&raw(t), t.offset).map_err(|e| self.io("cannot write an L2 table of", e))?;
-        }
-        let released = std::mem::take(&mut self.freed_durable);
-        self.drop_refs(&released)?;
-        self.write_blocks()?;
-        self.sync(report)?;
-        // 2. The refcount table entries of new blocks.
-        if !self.rt_dirty.is_empty() {
-            for rti in std::mem::take(&mut self.rt_dirty) {
-                self.file
-                    .write_all_at(&self.rt[rti].to_be_bytes(), self.rt_offset + rti as u64 * 8)
-                    .map_err(|e| self.io("cannot write the refcount table of", e))?;
-            }
-            self.sync(report)?;
-        }
-        // 3. Existing tables and the L1 entries of new ones.
-        for t in batch.drain(..) {
-            if t.is_new {
-                self.l1[t.l1_index] = t.offset | COPIED;
-                self.file
-                    .write_all_at(&self.l1[t.l1_index].to_be_bytes(), self.l1_offset + t.l1_index as u64 * 8)
-                    .map_err(|e| self.io("cannot write the L1 table of", e))?;
-            } else {
-                self.file.write_all_at(&raw(&t), t.offset).map_err(|e| self.io("cannot write an L2 table of", e))?;
-            }
-        }
-        self.sync(report)?;
-        self.freed_durable = std::mem::take(&mut self.freed);
-        Ok(())
-    }
-
-    /// Drop the references the last batch released, once its tables are durable.
-    fn release_freed(&mut self, report: &mut CommitReport) -> Result<()> {
-        let released = std::mem::take(&mut self.freed_durable);
-        if released.is_empty() {
-            return Ok(());
-        }
-        self.drop_refs(&released)?;
-        self.write_blocks()?;
-        self.sync(report)
-    }
-}
-
-/// Replace the qcow2 image at `path` (whose header is `header`) with an
-/// empty one of the same shape: virtual size, cluster size, compression
-/// type, backing pointer and backing format, the lazy refcounts feature,
-/// owner and mode. Written under a temporary name in the same directory,
-/// fsynced, renamed over `path`, and the directory fsynced.
-///
-/// Errors ([`ErrorKind::InvalidInput`], nothing written): the image has
-/// what an empty image of this shape would drop: internal snapshots,
-/// bitmaps or other auto-clear features, unknown compatible features.
-pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
-    if let Some(why) = keeps_what_emptying_drops(header) {
-        return Err(KnibError::invalid(format!(
-            "{} {why}, which an emptied image would lose: it is not emptied",
-            path.display()
-        )));
-    }
-    let spec = ImageSpec {
-        virtual_size: header.size,
-        cluster_bits: header.cluster_bits,
-        backing: header
-            .backing_file
-            .clone()
-            .map(|name| BackingRef { name, format: header.backing_format.clone().unwrap_or_else(|| "qcow2".into()) }),
-        compression: header.compression_type,
-    };
-    let (head, mut body, _) = Layout::new(spec, Vec::new(), None)?.finish()?;
-    body[..head.len()].copy_from_slice(&head);
-    // Compatible features (v3 header bytes 80..88): lazy refcounts is kept.
-    body[80..88].copy_from_slice(&(header.compatible_features & COMPAT_LAZY_REFCOUNTS).to_be_bytes());
-    let meta = std::fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;
-    let tmp = crate::fsio::temp_path(path);
-    let result = (|| {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| KnibError::io("cannot create", &tmp, e))?;
-        f.write_all_at(&body, 0).map_err(|e| KnibError::io("cannot write", &tmp, e))?;
-        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(|e| KnibError::io("cannot set the mode of", &tmp, e))?;
-        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))
-            .map_err(|e| KnibError::io("cannot set the owner of", &tmp, e))?;
-        f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
-        crate::fsio::sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }

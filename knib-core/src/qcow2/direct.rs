@@ -13,9 +13,11 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
 
 use crate::error::{KnibError, Result};
 
@@ -124,10 +126,7 @@ impl DirectWriter {
             let h = std::thread::Builder::new()
                 .name("knib-direct-io".into())
                 .spawn(move || loop {
-                    let next = match rx.lock() {
-                        Ok(rx) => rx.recv(),
-                        Err(_) => return,
-                    };
+                    let next = rx.lock().recv();
                     let Ok((mut buf, pos)) = next else { return };
                     let r = write_at(&io_file, buf.data(), pos);
                     buf.len = 0;

@@ -6,7 +6,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::header::{header_prefix_len, CompressionType, Header};
+use super::compressed::Decompressor;
+use super::header::{header_prefix_len, Header};
 use crate::error::{KnibError, Result};
 
 /// Bits 9-55 of an L1 or standard L2 entry: a cluster-aligned host offset.
@@ -23,8 +24,6 @@ pub(crate) const COPIED: u64 = 1 << 63;
 pub(crate) const L2_ZERO: u64 = 1;
 /// Bits 9-63 of a refcount table entry.
 pub(crate) const RT_OFFSET_MASK: u64 = !0x1ff;
-/// zstd frames may not ask for a window over 8 MiB (a cluster is at most 2 MiB).
-const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 /// The L2 cache holds about this many bytes of tables.
 const L2_CACHE_BYTES: u64 = 4 << 20;
 /// ... and between these many tables.
@@ -137,17 +136,7 @@ pub struct Qcow2Image {
     /// The last decompressed cluster: (host offset, cluster bytes).
     decompressed: Option<(u64, Vec<u8>)>,
     compressed_buf: Vec<u8>,
-    inflater: Option<flate2::Decompress>,
-    zstd: Option<ZstdDecoder>,
-}
-
-/// A zstd streaming decoder (opaque so that the image stays `Debug`).
-struct ZstdDecoder(zstd::stream::raw::Decoder<'static>);
-
-impl std::fmt::Debug for ZstdDecoder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ZstdDecoder")
-    }
+    decompressor: Decompressor,
 }
 
 impl Qcow2Image {
@@ -208,8 +197,7 @@ impl Qcow2Image {
             l2_cache: L2Cache { slots: Vec::new(), capacity, clock: 0 },
             decompressed: None,
             compressed_buf: Vec::new(),
-            inflater: None,
-            zstd: None,
+            decompressor: Decompressor::default(),
         })
     }
 
@@ -423,25 +411,6 @@ impl Qcow2Image {
         Ok(())
     }
 
-    /// The guest bytes (one whole cluster) of guest cluster `index`, stored
-    /// compressed at `host_offset` as [`Qcow2Image::cluster_state`] said.
-    pub fn read_compressed(&mut self, index: u64, host_offset: u64, compressed_len: u64) -> Result<&[u8]> {
-        self.decompress(index, host_offset, compressed_len, &mut |_, _| Ok(()))
-    }
-
-    /// [`Qcow2Image::read_compressed`], calling `seen(offset, bytes)` with
-    /// the bytes read from the file, if any were (a cached cluster is not
-    /// read again): for the hash of the file as it is read.
-    pub(crate) fn read_compressed_seen(
-        &mut self,
-        index: u64,
-        host_offset: u64,
-        compressed_len: u64,
-        seen: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
-    ) -> Result<&[u8]> {
-        self.decompress(index, host_offset, compressed_len, seen)
-    }
-
     /// A duplicate of the descriptor the image reads (`None` in memory).
     pub(crate) fn dup_file(&self) -> Option<std::io::Result<File>> {
         match &self.storage {
@@ -533,6 +502,25 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// The guest bytes (one whole cluster) of guest cluster `index`, stored
+    /// compressed at `host_offset` as [`Qcow2Image::cluster_state`] said.
+    pub fn read_compressed(&mut self, index: u64, host_offset: u64, compressed_len: u64) -> Result<&[u8]> {
+        self.decompress(index, host_offset, compressed_len, &mut |_, _| Ok(()))
+    }
+
+    /// [`Qcow2Image::read_compressed`], calling `seen(offset, bytes)` with
+    /// the bytes read from the file, if any were (a cached cluster is not
+    /// read again): for the hash of the file as it is read.
+    pub(crate) fn read_compressed_seen(
+        &mut self,
+        index: u64,
+        host_offset: u64,
+        compressed_len: u64,
+        seen: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<&[u8]> {
+        self.decompress(index, host_offset, compressed_len, seen)
+    }
+
     /// The decompressed bytes (one whole cluster) of the compressed cluster
     /// at `host_offset`; the last one is cached.
     fn decompress(
@@ -561,10 +549,7 @@ impl Qcow2Image {
                 None => Vec::new(),
             };
             out.resize(cs, 0);
-            let r = match self.header.compression_type {
-                CompressionType::Zlib => self.inflate(&input, &mut out),
-                CompressionType::Zstd => self.unzstd(&input, &mut out),
-            };
+            let r = self.decompressor.run(self.header.compression_type, &input, &mut out);
             self.compressed_buf = input;
             if let Err(what) = r {
                 return Err(self.corrupt(format!(
@@ -577,59 +562,6 @@ impl Qcow2Image {
         match &self.decompressed {
             Some((_, data)) => Ok(data),
             None => Err(KnibError::internal("decompressed cluster cache is empty")),
-        }
-    }
-
-    /// Raw deflate `input` until `out` is full.
-    fn inflate(&mut self, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
-        let d = self.inflater.get_or_insert_with(|| flate2::Decompress::new(false));
-        d.reset(false);
-        loop {
-            let (in_before, out_before) = (d.total_in() as usize, d.total_out() as usize);
-            let status = d
-                .decompress(&input[in_before..], &mut out[out_before..], flate2::FlushDecompress::None)
-                .map_err(|e| format!("bad deflate data: {e}"))?;
-            let (in_now, out_now) = (d.total_in() as usize, d.total_out() as usize);
-            if out_now == out.len() {
-                return Ok(());
-            }
-            if status == flate2::Status::StreamEnd {
-                return Err(format!("decompresses to {out_now} bytes, not a whole cluster of {}", out.len()));
-            }
-            if in_now == in_before && out_now == out_before {
-                return Err(format!("deflate data ends early (after {out_now} of {} bytes)", out.len()));
-            }
-        }
-    }
-
-    /// Decode the zstd frame at the start of `input` until `out` is full.
-    fn unzstd(&mut self, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
-        use zstd::stream::raw::{DParameter, Decoder, Operation};
-        if self.zstd.is_none() {
-            let mut d = Decoder::new().map_err(|e| format!("zstd decoder: {e}"))?;
-            d.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX)).map_err(|e| format!("zstd decoder: {e}"))?;
-            self.zstd = Some(ZstdDecoder(d));
-        }
-        let Some(ZstdDecoder(d)) = self.zstd.as_mut() else { return Err("no zstd decoder".into()) };
-        d.reinit().map_err(|e| format!("zstd decoder: {e}"))?;
-        let (mut read, mut written) = (0usize, 0usize);
-        loop {
-            let st =
-                d.run_on_buffers(&input[read..], &mut out[written..]).map_err(|e| format!("bad zstd data: {e}"))?;
-            read += st.bytes_read;
-            written += st.bytes_written;
-            if written == out.len() {
-                return Ok(());
-            }
-            if st.remaining == 0 {
-                return Err(format!(
-                    "zstd frame decompresses to {written} bytes, not a whole cluster of {}",
-                    out.len()
-                ));
-            }
-            if st.bytes_read == 0 && st.bytes_written == 0 {
-                return Err(format!("zstd data ends early (after {written} of {} bytes)", out.len()));
-            }
         }
     }
 }

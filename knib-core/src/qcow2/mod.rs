@@ -132,24 +132,34 @@
 mod chain;
 mod check;
 mod commit;
+mod commit_base;
+mod compressed;
 mod copy;
+mod copy_batch;
+mod copy_read;
 mod direct;
+mod empty;
 mod guard;
 mod header;
 mod image;
+mod sink;
 mod srchash;
 mod writer;
 #[cfg(test)]
 mod tests;
 
-pub use chain::{Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
+pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use header::{
     header_prefix_len, BitmapsExt, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 pub use check::RefcountCheck;
-pub use commit::{empty_image, Commit, CommitReport};
-pub use copy::{copy_image, CopyOptions, CopyReport, SourceMode, TargetFormat};
+pub use commit::Commit;
+pub use commit_base::CommitReport;
+pub use empty::empty_image;
+pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat};
+pub use copy_read::SourceMode;
 pub use image::{ClusterState, Qcow2Image};
 pub use srchash::SourceHash;
-pub use writer::{header_cluster, BackingRef, CountSink, FileSink, ImageSpec, Layout, Sink, WriteSummary, REFCOUNT_ORDER};
+pub use sink::{CountSink, FileSink, Sink};
+pub use writer::{header_cluster, BackingRef, ImageSpec, Layout, WriteSummary, REFCOUNT_ORDER};

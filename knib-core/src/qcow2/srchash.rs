@@ -1,7 +1,7 @@
 //! The hash of a source file of a copy, taken from the bytes the copy reads.
 //!
 //! A backup's recorded hash is xxh3-128 over every byte of its file, in file
-//! order ([`crate::engine::hash`]). A copy reads a file's data clusters in
+//! order ([`crate::hash`]). A copy reads a file's data clusters in
 //! guest order, which for files written front to back (knib's writer,
 //! `qemu-img convert`) is also host order. [`SourceHasher`] is fed each
 //! range the copy reads, at its offset: bytes at or after the hashed prefix
@@ -19,7 +19,7 @@
 //!   few bytes where the sector-rounded extents of neighbouring compressed
 //!   clusters overlap).
 //!
-//! The digest is the same as [`crate::engine::hash::hash_chain`]'s per-file
+//! The digest is the same as [`crate::hash::hash_chain`]'s per-file
 //! hash: the same bytes in the same order (the file is read through a
 //! duplicate of the descriptor the copy reads, so it is the same inode even
 //! if the path is replaced meanwhile).
@@ -165,7 +165,7 @@ mod tests {
         let p = d.path().join("f");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         std::fs::File::create(&p).and_then(|mut f| f.write_all(&data)).expect("write");
-        let want = crate::engine::hash::hash_files(std::slice::from_ref(&p), &crate::progress::Control::new()).expect("hash");
+        let want = crate::hash::hash_files(std::slice::from_ref(&p), &crate::progress::Control::new()).expect("hash");
         let mut seed = 0x1234_5678_9abc_def0u64;
         for round in 0..50 {
             let f = File::open(&p).expect("open");

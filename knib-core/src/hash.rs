@@ -1,5 +1,9 @@
 //! The hash of a backup: xxh3-128 over the bytes of every file of its chain,
 //! root first, as CloudStack stores it after a first successful validation.
+//!
+//! It reads plain files and knows nothing of their format, so it stands
+//! below every module that hashes: the qcow2 copy and source hashes
+//! (`qcow2`), the engine and the catalog.
 
 use std::fs::File;
 use std::io::Read;

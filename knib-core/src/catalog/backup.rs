@@ -1,0 +1,178 @@
+//! Taking a backup into the store: the disks of a stopped VM copied by the
+//! engine into a hidden `.part` directory, published by one rename.
+//!
+//! # Invariants
+//!
+//! - A backup is written in `vms/<vm>/.<id>.part/` and becomes visible by
+//!   one rename of that directory, after its files and manifest are
+//!   fsynced; nothing half-written is ever listed.
+//! - Primary storage is merged only after the backup is published.
+//! - The parent of an incremental backup is the chain head as derived from
+//!   primary storage and the published manifests (see the `head` module),
+//!   never from `state.json` alone.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{head, new_backup_id, settings, CompressionInfo, Manifest, Store, VmState, VolumeEntry, DEFAULT_CHAIN_SIZE};
+use crate::engine::{self, BackupKind, TakeBackupRequest, VolumeBackup};
+use crate::error::{KnibError, Result};
+use crate::fsio;
+use crate::names;
+use crate::progress::Control;
+use crate::qemu_img::CompressionLibrary;
+
+/// How to take a backup through the catalog.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupOptions {
+    /// Take a full backup even when an incremental one is possible.
+    pub full: bool,
+    /// Take an isolated backup: full, outside any chain, primary untouched.
+    pub isolated: bool,
+    /// Backups per chain: 1 = always full, less than 1 = unlimited.
+    pub chain_size: i64,
+    /// Compress the backup's files as they are copied (one pass over the
+    /// data, instead of a copy now and a compression job later).
+    pub compress: Option<CompressionLibrary>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions { full: false, isolated: false, chain_size: DEFAULT_CHAIN_SIZE, compress: None }
+    }
+}
+
+/// A disk of a VM to back up.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// The volume's name in the backup.
+    pub name: String,
+    /// The disk's qcow2 file.
+    pub path: PathBuf,
+}
+
+/// The compression record of a backup whose files were compressed as they
+/// were copied: the original size is the guest data copied (or the file
+/// size where the copy did not count it).
+pub(crate) fn compressed_as_copied(vols: &[engine::VolumeResult]) -> Option<CompressionInfo> {
+    let library = vols.iter().find_map(|v| v.compression)?;
+    Some(CompressionInfo {
+        library,
+        original_size: vols.iter().map(|v| v.data_bytes.unwrap_or(v.size)).sum(),
+        size: vols.iter().map(|v| v.size).sum(),
+    })
+}
+
+impl Store {
+    /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM).
+    /// Full or incremental is decided from the chain and `opts`.
+    pub fn backup(&self, vm: &str, disks: &[DiskSpec], opts: &BackupOptions, ctl: &Control) -> Result<Manifest> {
+        names::validate("VM name", vm)?;
+        if disks.is_empty() {
+            return Err(KnibError::invalid("a backup needs at least one --disk NAME=PATH"));
+        }
+        for (i, d) in disks.iter().enumerate() {
+            names::validate("volume name", &d.name)?;
+            if disks[..i].iter().any(|o| o.name == d.name) {
+                return Err(KnibError::invalid(format!("volume name {:?} is given twice", d.name)));
+            }
+        }
+        let q = &self.qemu_img;
+        // Check every disk before anything is written to the store. A disk
+        // whose file is missing beside its base was interrupted while it got
+        // that base; the engine finishes that, and it then runs on the base.
+        let mut on_base = Vec::new();
+        for d in disks {
+            if d.path.exists() {
+                let st = engine::take::inspect_disk(q, &d.name, &d.path, ctl)?;
+                on_base.push((d.name.clone(), d.path.clone(), st.on_knib_base));
+            } else if engine::take::base_path(&d.path).exists() {
+                on_base.push((d.name.clone(), d.path.clone(), true));
+            } else {
+                return Err(KnibError::not_found(format!("disk {}: {} does not exist", d.name, d.path.display())));
+            }
+        }
+        let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
+
+        let sources: Vec<(String, PathBuf)> = disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
+        let follows = head::follows_of_plain_disks(&on_base);
+        let head::Decision { kind, parent, position, end_of_chain, full_reason } =
+            self.decide(vm, &sources, opts, &follows)?;
+
+        let id = new_backup_id();
+        let part = self.vm_dir(vm).join(format!(".{id}.part"));
+        crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
+        fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
+        let req = TakeBackupRequest {
+            volumes: disks
+                .iter()
+                .map(|d| VolumeBackup {
+                    name: d.name.clone(),
+                    disk: d.path.clone(),
+                    dest: part.join(format!("{}.qcow2", d.name)),
+                    parent: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, d.name)),
+                })
+                .collect(),
+            kind,
+            end_of_chain,
+            data_path: settings::Settings::load(&self.root)?.data_path,
+            compress: opts.compress,
+        };
+        let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
+        manifest.full_reason = full_reason;
+        let final_dir = self.vm_dir(vm).join(&id);
+        let result = engine::take::take_backup_with(q, &req, ctl, &mut |vols| {
+            manifest.volumes = vols
+                .iter()
+                .map(|v| VolumeEntry {
+                    name: v.name.clone(),
+                    file: format!("{}.qcow2", v.name),
+                    virtual_size: v.virtual_size,
+                    size: v.size,
+                    source: disks
+                        .iter()
+                        .find(|d| d.name == v.name)
+                        .map(|d| d.path.display().to_string())
+                        .unwrap_or_default(),
+                    backing: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, v.name)),
+                    hash: v.hash.clone(),
+                })
+                .collect();
+            manifest.compression = compressed_as_copied(vols);
+            self.publish(&manifest, &part)?;
+            // Before any delta is emptied or created for this backup, record
+            // beside each disk that its delta follows it (see `head`).
+            if kind != BackupKind::Isolated {
+                for d in disks {
+                    engine::take::write_since_marker(&d.path, &id)?;
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            if !final_dir.exists() {
+                let _ = fs::remove_dir_all(&part);
+            }
+            return Err(e);
+        }
+        Ok(manifest)
+    }
+
+    /// Make a backup written in `part` visible: its manifest is written,
+    /// the directory renamed to the backup's id and made durable, and (for
+    /// a backup of a chain) the VM's head moved to it.
+    pub(super) fn publish(&self, m: &Manifest, part: &Path) -> Result<()> {
+        m.save(&part.join("manifest.json"))?;
+        let final_dir = self.backup_dir(m);
+        crate::crashpoint::durable_step(&format!("publishing {}", final_dir.display()));
+        fs::rename(part, &final_dir).map_err(|e| KnibError::io("cannot publish", &final_dir, e))?;
+        fsio::sync_dir(&self.vm_dir(&m.vm))?;
+        if m.kind != BackupKind::Isolated {
+            self.save_state(&m.vm, &VmState { schema: 1, head: Some(m.id.clone()) })?;
+        }
+        Ok(())
+    }
+}

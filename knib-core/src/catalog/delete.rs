@@ -1,0 +1,88 @@
+//! Deleting a backup from the store.
+//!
+//! # Invariants
+//!
+//! - A backup with children is never removed from disk: it is marked
+//!   removed, and expunged when its last child goes.
+//! - Deleting the head makes the next backup a full one.
+//! - A delete takes the VM's lock and is refused while a job of the backup
+//!   runs.
+
+use std::fs;
+
+use serde::{Deserialize, Serialize};
+
+use super::confine::Want;
+use super::{confine, Manifest, Store};
+use crate::error::{KnibError, Result};
+use crate::fsio;
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DeleteOutcome {
+    /// Backups whose files were removed.
+    pub expunged: Vec<String>,
+    /// Backups kept on disk, marked removed, because later backups need them.
+    pub marked_removed: Vec<String>,
+}
+
+impl Store {
+    /// Delete backup `id` without breaking any chain: a backup that later
+    /// backups depend on is marked removed and kept; one that none depends
+    /// on is expunged, and so are removed ancestors left without children.
+    pub fn delete(&self, id: &str) -> Result<DeleteOutcome> {
+        let m = self.show(id)?;
+        let _lock = self.lock_vm(&m.vm, &format!("delete of {id}"))?;
+        self.refuse_while_validated(id)?;
+        let (all, unreadable) = self.scan_backups(&m.vm)?;
+        let mut m = all
+            .iter()
+            .find(|x| x.id == id && !x.removed)
+            .cloned()
+            .ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist")))?;
+        let mut outcome = DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new() };
+        let mut state = self.load_state(&m.vm)?;
+        let children = |x: &str, gone: &[String]| {
+            all.iter().filter(|c| c.parent.as_deref() == Some(x) && !gone.contains(&c.id)).count()
+        };
+        if !unreadable.is_empty() {
+            log::warn!(
+                "VM {}: the manifests of {} cannot be read; they may depend on backup {id}, so it is kept on disk",
+                m.vm,
+                unreadable.join(", ")
+            );
+        }
+        if children(&m.id, &outcome.expunged) > 0 || !unreadable.is_empty() {
+            m.removed = true;
+            m.save(&self.backup_dir(&m).join("manifest.json"))?;
+            outcome.marked_removed.push(m.id.clone());
+        } else {
+            let mut cur = Some(m);
+            while let Some(x) = cur.take() {
+                self.expunge(&x)?;
+                if state.head.as_deref() == Some(x.id.as_str()) {
+                    state.head = None;
+                    self.save_state(&x.vm, &state)?;
+                }
+                outcome.expunged.push(x.id.clone());
+                if let Some(p) = &x.parent {
+                    if let Some(pm) = all.iter().find(|a| &a.id == p) {
+                        if pm.removed && children(&pm.id, &outcome.expunged) == 0 && unreadable.is_empty() {
+                            cur = Some(pm.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn expunge(&self, m: &Manifest) -> Result<()> {
+        let dir = self.backup_dir(m);
+        confine::check(&self.root, &Self::vm_rel(&m.vm).join(&m.id), Want::Dir, "backup directory")?;
+        let trash = self.vm_dir(&m.vm).join(format!(".{}.deleting", m.id));
+        fs::rename(&dir, &trash).map_err(|e| KnibError::io("cannot remove", &dir, e))?;
+        fsio::sync_dir(&self.vm_dir(&m.vm))?;
+        fs::remove_dir_all(&trash).map_err(|e| KnibError::io("cannot remove", &trash, e))
+    }
+}

@@ -1,0 +1,211 @@
+//! The job model: what a job is, the states it goes through, and its file.
+//!
+//! # Invariants
+//!
+//! - A job file is `STORE/jobs/<id>.json`, JSON of schema [`super::JOB_SCHEMA`],
+//!   always written whole ([`fsio::write_atomic`]); a file of another schema
+//!   or an unknown kind is an error, never skipped.
+//! - `running` is the only state with an `owner`; `done`, `failed` and
+//!   `cancelled` are final and carry `finished_at`.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::JOB_SCHEMA;
+use crate::catalog::settings::Settings;
+use crate::error::{KnibError, Result};
+use crate::fsio;
+use crate::names;
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Compress a backup in place.
+    Compress,
+    /// Validate a backup: file checks, hashes and, if set, a boot test.
+    Validate,
+}
+
+impl JobKind {
+    /// Every kind this knib runs.
+    pub const ALL: &'static [JobKind] = &[JobKind::Compress, JobKind::Validate];
+
+    /// The kind's name in job files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Compress => "compress",
+            JobKind::Validate => "validate",
+        }
+    }
+
+    /// The limits of this kind of job: (enabled, max per host, retries,
+    /// retry interval, time budget in seconds).
+    pub(super) fn limits(self, s: &Settings) -> (bool, u32, u32, u64, u64) {
+        match self {
+            JobKind::Compress => {
+                let c = &s.compression;
+                (c.enabled, c.max_concurrent_per_host, c.max_retries, c.retry_interval_secs, c.timeout_secs)
+            }
+            JobKind::Validate => {
+                let v = &s.validation;
+                (v.enabled, v.max_concurrent_per_host, v.max_retries, v.retry_interval_secs, v.timeout_secs)
+            }
+        }
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Waiting to run (at `next_attempt_at` or later).
+    Queued,
+    /// Claimed by a runner (`owner`).
+    Running,
+    /// Finished successfully.
+    Done,
+    /// Failed its last allowed attempt (`last_error` says why).
+    Failed,
+    /// Not run: its backup was deleted.
+    Cancelled,
+}
+
+impl JobState {
+    /// The state's name in job files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Queued or running.
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// The runner process holding a running job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobOwner {
+    /// Its process id.
+    pub pid: u32,
+    /// Its host.
+    pub hostname: String,
+    /// When it claimed the job (unix seconds).
+    pub started_at: u64,
+    /// The Linux boot id of its host when it claimed the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// The start time of its process (clock ticks after boot), so a reused
+    /// pid is not taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid_start: Option<u64>,
+}
+
+/// Whether a job's owner still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OwnerStatus {
+    /// The owner process is alive on this host.
+    Alive,
+    /// The owner was on this host and is gone.
+    Dead,
+    /// The owner is on another host: nothing can be told from here.
+    OtherHost,
+}
+
+/// One job: `STORE/jobs/<id>.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Schema version ([`JOB_SCHEMA`]).
+    pub schema: u32,
+    /// The job's id (its file's name without `.json`).
+    pub id: String,
+    /// What it does.
+    pub kind: JobKind,
+    /// The VM of the backup.
+    pub vm: String,
+    /// The backup it works on.
+    pub backup: String,
+    /// Where it is in its life.
+    pub state: JobState,
+    /// Failed attempts so far (interrupted ones are not counted).
+    pub attempts: u32,
+    /// When it may run (again), unix seconds.
+    pub next_attempt_at: u64,
+    /// Why the last attempt failed (or why it was cancelled or taken back).
+    pub last_error: Option<String>,
+    /// The runner holding it, while it is running.
+    pub owner: Option<JobOwner>,
+    /// When it was queued (unix seconds).
+    pub created_at: u64,
+    /// When its file last changed (unix seconds).
+    pub updated_at: u64,
+    /// When it ended (done, failed or cancelled), unix seconds.
+    pub finished_at: Option<u64>,
+    /// What the last attempt found (a validation's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Job {
+    /// Read and check a job file.
+    ///
+    /// The file is untrusted: a link is not followed, a key given twice or
+    /// unknown is refused, and its id, VM and backup must be plain names
+    /// ([`crate::names`]); anything else is [`crate::ErrorKind::Corrupt`].
+    pub fn load(path: &Path) -> Result<Job> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let corrupt = |what: String| KnibError::corrupt(format!("job file {} {what}", path.display()));
+        let mut text = Vec::new();
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .and_then(|mut f| f.read_to_end(&mut text))
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => corrupt("is a symbolic link: knib follows no link inside a store".into()),
+                _ => KnibError::io("cannot read job", path, e),
+            })?;
+        crate::json::check_unique_keys(&text).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
+        match v.get("schema").and_then(|s| s.as_u64()) {
+            Some(s) if s == JOB_SCHEMA as u64 => {}
+            Some(s) => return Err(corrupt(format!("has schema {s}; this knib reads schema {JOB_SCHEMA}"))),
+            None => return Err(corrupt("has no schema".into())),
+        }
+        if let Some(kind) = v.get("kind").and_then(|k| k.as_str()) {
+            if !JobKind::ALL.iter().any(|k| k.as_str() == kind) {
+                let known: Vec<&str> = JobKind::ALL.iter().map(|k| k.as_str()).collect();
+                return Err(corrupt(format!(
+                    "has kind {kind:?}, which this knib does not know (it runs: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+        let job: Job = serde_json::from_value(v).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
+        for (field, what, value) in [("id", "job id", &job.id), ("vm", "VM name", &job.vm), ("backup", "backup id", &job.backup)] {
+            names::validate(what, value).map_err(|e| corrupt(format!("field `{field}`: {}", e.message)))?;
+        }
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        if job.id != stem {
+            return Err(corrupt(format!("holds job {:?}, not {stem:?}", job.id)));
+        }
+        Ok(job)
+    }
+
+    pub(super) fn save(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_vec_pretty(self).expect("a job always serializes");
+        fsio::write_atomic(&dir.join(format!("{}.json", self.id)), &text)
+    }
+}

@@ -1,0 +1,479 @@
+//! The runner: worker threads that claim due jobs, run them within the
+//! settings' limits, and record their results (see the module
+//! documentation of [`super`] for the rules).
+//!
+//! # Invariants
+//!
+//! - A claim and a record are each one queue transaction; a job runs
+//!   outside the lock.
+//! - At most `max_concurrent_per_host` jobs of a kind run on a host, and at
+//!   most one job per VM, whatever its kind.
+//! - An error reading the queue stops every worker; the jobs running finish
+//!   and are recorded first.
+
+use std::collections::HashSet;
+use std::fs::{self};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use super::model::{Job, JobKind, JobOwner, JobState, OwnerStatus};
+use super::now_f64;
+use super::ownership::me;
+use super::queue::{load_all, lock_queue};
+use crate::catalog::settings::Settings;
+use crate::catalog::{Manifest, Store};
+use crate::engine::compress::comp_path;
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::fsio;
+use crate::progress::{CancelToken, Control, Deadline};
+
+/// How often a waiting runner looks at the queue again (other processes may
+/// change it).
+const POLL: Duration = Duration::from_millis(500);
+
+/// What happened to a job, as a runner reports it.
+#[derive(Debug, Clone)]
+pub enum JobEvent {
+    /// A job whose runner had died was taken back and queued again.
+    Recovered(Job),
+    /// A job was claimed and is about to run; it is in state running.
+    Started(Job),
+    /// An attempt ended; the job's state says how (done, failed, cancelled,
+    /// or queued again for a retry).
+    Finished(Job),
+}
+
+/// Receives the runner's events, from its worker threads.
+pub type JobObserver = Arc<dyn Fn(&JobEvent) + Send + Sync>;
+
+/// How [`run_jobs`] runs.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Called at every event (a hook for progress output and tests).
+    pub observer: Option<JobObserver>,
+    /// Stops the runner: no job is started any more, running ones are
+    /// stopped and queued again (their attempt not counted).
+    pub cancel: CancelToken,
+    /// Do not wait for jobs whose retry time has not come; leave them queued.
+    pub no_wait: bool,
+}
+
+/// What one [`run_jobs`] did (job ids).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Every kind of job is disabled in the settings: nothing was run.
+    pub disabled: bool,
+    /// Jobs that finished.
+    pub done: Vec<String>,
+    /// Jobs that failed their last attempt.
+    pub failed: Vec<String>,
+    /// Jobs cancelled because their backup was deleted.
+    pub cancelled: Vec<String>,
+    /// One entry per failed attempt that was queued again for a retry.
+    pub retried: Vec<String>,
+    /// Jobs taken back from a runner that had died.
+    pub recovered: Vec<String>,
+    /// Jobs still queued when the runner ended.
+    pub left_queued: Vec<String>,
+}
+
+/// The result of one attempt.
+enum Outcome {
+    Done(Option<serde_json::Value>),
+    /// The job ran and found the backup bad: failed at once, no retry.
+    Rejected(String, serde_json::Value),
+    Cancelled(String),
+    Failed(KnibError),
+    Interrupted(KnibError),
+}
+
+/// What a look at the queue found.
+struct Scan {
+    claimed: Option<Job>,
+    recovered: Vec<Job>,
+    /// The earliest retry time of a queued job that is not due yet.
+    next_due: Option<f64>,
+    /// A due job could not start (its VM busy, or the host at its limit).
+    blocked: bool,
+}
+
+/// Under the queue lock: take back jobs of dead runners, then claim the
+/// first due job that the limits allow.
+fn scan(store: &Store, settings: &Settings) -> Result<Scan> {
+    let dir = store.jobs_dir();
+    let me = me();
+    let mut jobs = load_all(&dir)?;
+    let now = now_f64();
+    let mut recovered = Vec::new();
+    for j in jobs.iter_mut().filter(|j| j.state == JobState::Running) {
+        let status = j.owner.as_ref().map(|o| o.status()).unwrap_or(OwnerStatus::Dead);
+        if status == OwnerStatus::Dead {
+            let who = j
+                .owner
+                .as_ref()
+                .map(|o| format!("runner pid {} on {}", o.pid, o.hostname))
+                .unwrap_or_else(|| "a runner".into());
+            log::warn!("job {}: its {who} died; queueing it again", j.id);
+            j.state = JobState::Queued;
+            j.owner = None;
+            j.next_attempt_at = now as u64;
+            j.last_error = Some(format!("interrupted: the {who} died during the attempt"));
+            j.updated_at = now as u64;
+            j.save(&dir)?;
+            recovered.push(j.clone());
+        }
+    }
+    let running: Vec<&Job> = jobs.iter().filter(|j| j.state == JobState::Running).collect();
+    let host_running = |kind: JobKind| {
+        running.iter().filter(|j| j.kind == kind && j.owner.as_ref().is_some_and(|o| o.hostname == me.hostname)).count()
+    };
+    let busy_vms: HashSet<&str> = running.iter().map(|j| j.vm.as_str()).collect();
+    let mut queued: Vec<usize> = (0..jobs.len()).filter(|i| jobs[*i].state == JobState::Queued).collect();
+    queued.sort_by_key(|i| (jobs[*i].next_attempt_at, jobs[*i].created_at, jobs[*i].id.clone()));
+    let mut next_due: Option<f64> = None;
+    let mut blocked = false;
+    let mut pick = None;
+    for i in queued {
+        let j = &jobs[i];
+        let at = j.next_attempt_at as f64;
+        let (enabled, max_here, ..) = j.kind.limits(settings);
+        if !enabled {
+            continue;
+        }
+        if at > now {
+            next_due = Some(next_due.map_or(at, |d| d.min(at)));
+        } else if host_running(j.kind) >= max_here as usize || busy_vms.contains(j.vm.as_str()) {
+            blocked = true;
+        } else if pick.is_none() {
+            pick = Some(i);
+        }
+    }
+    let claimed = match pick {
+        Some(i) => {
+            let j = &mut jobs[i];
+            j.state = JobState::Running;
+            j.owner = Some(JobOwner {
+                pid: me.pid,
+                hostname: me.hostname.clone(),
+                started_at: now as u64,
+                boot_id: me.boot_id.clone(),
+                pid_start: me.pid_start,
+            });
+            j.updated_at = now as u64;
+            j.save(&dir)?;
+            Some(j.clone())
+        }
+        None => None,
+    };
+    Ok(Scan { claimed, recovered, next_due, blocked })
+}
+
+/// Under the queue lock: write the result of an attempt of `job`.
+fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> Result<Job> {
+    let dir = store.jobs_dir();
+    let mut j = Job::load(&dir.join(format!("{}.json", job.id)))?;
+    let now = now_f64();
+    j.owner = None;
+    j.updated_at = now as u64;
+    match outcome {
+        Outcome::Done(result) => {
+            j.state = JobState::Done;
+            j.last_error = None;
+            j.result = result.clone();
+        }
+        Outcome::Rejected(why, result) => {
+            j.attempts += 1;
+            j.state = JobState::Failed;
+            j.last_error = Some(why.clone());
+            j.result = Some(result.clone());
+        }
+        Outcome::Cancelled(why) => {
+            j.state = JobState::Cancelled;
+            j.last_error = Some(why.clone());
+        }
+        Outcome::Interrupted(e) => {
+            j.state = JobState::Queued;
+            j.next_attempt_at = now as u64;
+            j.last_error = Some(format!("interrupted: {e}"));
+        }
+        Outcome::Failed(e) => {
+            let (_, _, max_retries, interval, _) = j.kind.limits(settings);
+            j.attempts += 1;
+            j.last_error = Some(e.to_string());
+            if j.attempts <= max_retries {
+                j.state = JobState::Queued;
+                j.next_attempt_at = (now + interval as f64).ceil() as u64;
+            } else {
+                j.state = JobState::Failed;
+            }
+        }
+    }
+    if !j.state.is_active() {
+        j.finished_at = Some(now as u64);
+    }
+    j.save(&dir)?;
+    Ok(j)
+}
+
+/// Remove the `.comp` files of backup `m`.
+fn remove_comp_files(store: &Store, m: &Manifest) -> Result<()> {
+    for v in &m.volumes {
+        fsio::remove_if_exists(&comp_path(&store.backup_dir(m).join(&v.file)))?;
+    }
+    Ok(())
+}
+
+/// When the job's backup is gone (or only kept as a removed parent), why;
+/// its `.comp` files are removed.
+fn backup_gone(store: &Store, job: &Job) -> Option<String> {
+    match store.find(&job.backup) {
+        Ok(m) if m.removed => {
+            // Best effort: the backup is no longer shown, nothing else
+            // writes its files.
+            let _lock = store.lock_vm(&m.vm, &format!("cleanup of job {}", job.id));
+            if let Err(e) = remove_comp_files(store, &m) {
+                log::warn!("job {}: {e}", job.id);
+            }
+            Some(format!("backup {} was deleted", job.backup))
+        }
+        Ok(_) => None,
+        Err(e) if e.kind == ErrorKind::NotFound => Some(format!("backup {} was deleted", job.backup)),
+        Err(_) => None,
+    }
+}
+
+/// The control of an attempt: the runner's cancel token and the kind's
+/// time budget (0 = none).
+fn job_control(timeout_secs: u64, cancel: &CancelToken) -> Control {
+    let deadline =
+        if timeout_secs == 0 { Deadline::none() } else { Deadline::after(Duration::from_secs(timeout_secs)) };
+    Control::new().with_cancel(cancel.clone()).with_deadline(deadline)
+}
+
+/// What an attempt that ended with `e` comes to: cancelled when its backup
+/// is gone, interrupted when the runner was stopped, else failed.
+fn failed(store: &Store, job: &Job, cancel: &CancelToken, e: KnibError) -> Outcome {
+    if let Some(why) = backup_gone(store, job) {
+        Outcome::Cancelled(why)
+    } else if e.kind == ErrorKind::Cancelled && cancel.is_cancelled() {
+        Outcome::Interrupted(e)
+    } else {
+        Outcome::Failed(e)
+    }
+}
+
+fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelToken) -> Outcome {
+    if let Some(why) = backup_gone(store, job) {
+        return Outcome::Cancelled(why);
+    }
+    let m = match store.show(&job.backup) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Failed(e),
+    };
+    // Leftovers of an interrupted attempt go first, under the VM's lock.
+    {
+        let _lock = match store.lock_vm(&m.vm, &format!("compression of {}", m.id)) {
+            Ok(l) => l,
+            Err(e) => return Outcome::Failed(e),
+        };
+        if let Err(e) = remove_comp_files(store, &m) {
+            return Outcome::Failed(e);
+        }
+    }
+    let ctl = job_control(settings.compression.timeout_secs, cancel);
+    match store.compress(&job.backup, &settings.compress_options(), &ctl) {
+        Ok(_) => Outcome::Done(None),
+        // A backup file that does not match its hash will not match it on a
+        // retry either: failed at once, the backup left as it was.
+        Err(e) if e.kind == ErrorKind::Corrupt && backup_gone(store, job).is_none() => {
+            Outcome::Rejected(e.to_string(), serde_json::json!({ "error": e }))
+        }
+        Err(e) => failed(store, job, cancel, e),
+    }
+}
+
+/// The screenshot of validation job `id`: `STORE/jobs/<id>.png`.
+pub fn screenshot_path(store: &Store, id: &str) -> PathBuf {
+    store.jobs_dir().join(format!("{id}.png"))
+}
+
+fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelToken) -> Outcome {
+    if let Some(why) = backup_gone(store, job) {
+        return Outcome::Cancelled(why);
+    }
+    let v = &settings.validation;
+    let ctl = job_control(v.timeout_secs, cancel);
+    let work = store.jobs_dir().join(format!(".{}.work", job.id));
+    let shot = screenshot_path(store, &job.id);
+    // Both names are knib's own; whatever is there (a leftover, or a link
+    // planted to make the boot test write elsewhere) goes first.
+    let leftovers = (|| -> Result<()> {
+        match fs::symlink_metadata(&work) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&work).map_err(|e| KnibError::io("cannot remove", &work, e))?,
+            Ok(_) => fsio::remove_if_exists(&work)?,
+            Err(_) => {}
+        }
+        fsio::remove_if_exists(&shot)
+    })();
+    if let Err(e) = leftovers {
+        return failed(store, job, cancel, e);
+    }
+    let r = store.validate(&job.backup, v, &work, Some(&shot), &ctl);
+    let _ = fs::remove_dir_all(&work);
+    match r {
+        Ok(report) => {
+            let value = serde_json::to_value(&report).expect("a report serializes");
+            if report.ok {
+                Outcome::Done(Some(value))
+            } else {
+                Outcome::Rejected(format!("backup {} is not valid: {}", job.backup, report.problems.join("; ")), value)
+            }
+        }
+        Err(e) => failed(store, job, cancel, e),
+    }
+}
+
+fn execute(store: &Store, job: &Job, settings: &Settings, cancel: &CancelToken) -> Outcome {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.kind {
+        JobKind::Compress => compress_job(store, job, settings, cancel),
+        JobKind::Validate => validate_job(store, job, settings, cancel),
+    }));
+    run.unwrap_or_else(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Outcome::Failed(KnibError::internal(format!("job {} panicked: {what}", job.id)))
+    })
+}
+
+/// State shared by the worker threads of one runner.
+struct Shared {
+    /// Jobs of this runner between claim and record.
+    running: Mutex<usize>,
+    changed: Condvar,
+    stop: AtomicBool,
+    error: Mutex<Option<KnibError>>,
+    summary: Mutex<RunSummary>,
+}
+
+impl Shared {
+    fn fail(&self, e: KnibError) {
+        self.error.lock().get_or_insert(e);
+        self.stop.store(true, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+}
+
+fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared) {
+    let dir = store.jobs_dir();
+    let emit = |e: JobEvent| {
+        if let Some(o) = &opts.observer {
+            o(&e);
+        }
+    };
+    loop {
+        if shared.stop.load(Ordering::SeqCst) || opts.cancel.is_cancelled() {
+            return;
+        }
+        let found = lock_queue(&dir).and_then(|_lock| {
+            let s = scan(store, settings)?;
+            if s.claimed.is_some() {
+                *shared.running.lock() += 1;
+            }
+            Ok(s)
+        });
+        let found = match found {
+            Ok(s) => s,
+            Err(e) => return shared.fail(e),
+        };
+        for j in found.recovered {
+            shared.summary.lock().recovered.push(j.id.clone());
+            emit(JobEvent::Recovered(j));
+        }
+        if let Some(job) = found.claimed {
+            emit(JobEvent::Started(job.clone()));
+            let outcome = execute(store, &job, settings, &opts.cancel);
+            let recorded = lock_queue(&dir).and_then(|_lock| record(store, settings, &job, &outcome));
+            *shared.running.lock() -= 1;
+            shared.changed.notify_all();
+            match recorded {
+                Ok(j) => {
+                    {
+                        let mut s = shared.summary.lock();
+                        let list = match (j.state, &outcome) {
+                            (JobState::Done, _) => Some(&mut s.done),
+                            (JobState::Failed, _) => Some(&mut s.failed),
+                            (JobState::Cancelled, _) => Some(&mut s.cancelled),
+                            (JobState::Queued, Outcome::Failed(_)) => Some(&mut s.retried),
+                            _ => None,
+                        };
+                        if let Some(l) = list {
+                            l.push(j.id.clone());
+                        }
+                    }
+                    emit(JobEvent::Finished(j));
+                }
+                Err(e) => return shared.fail(e),
+            }
+            continue;
+        }
+        let mut here = shared.running.lock();
+        let waiting = found.blocked || (!opts.no_wait && found.next_due.is_some());
+        if *here == 0 && !waiting {
+            return;
+        }
+        let mut timeout = POLL;
+        if let Some(due) = found.next_due {
+            timeout = timeout.min(Duration::from_secs_f64((due - now_f64()).max(0.0)));
+        }
+        let _ = shared.changed.wait_for(&mut here, timeout);
+    }
+}
+
+/// Work the store's job queue until it is empty: run every due job within
+/// the settings' limits, wait for the ones waiting for a retry, and return
+/// what was done. An error reading the queue (a job file of an unknown kind,
+/// say) stops the runner: the jobs it is running finish, and the error is
+/// returned.
+pub fn run_jobs(store: &Store, opts: &RunOptions) -> Result<RunSummary> {
+    let settings = store.settings()?;
+    let shared = Shared {
+        running: Mutex::new(0),
+        changed: Condvar::new(),
+        stop: AtomicBool::new(false),
+        error: Mutex::new(None),
+        summary: Mutex::new(RunSummary::default()),
+    };
+    let workers: u32 = JobKind::ALL.iter().map(|k| k.limits(&settings)).filter(|l| l.0).map(|l| l.1.max(1)).sum();
+    if workers > 0 {
+        std::thread::scope(|s| {
+            for i in 0..workers {
+                let (settings, shared) = (&settings, &shared);
+                std::thread::Builder::new()
+                    .name(format!("knib-job-{i}"))
+                    .spawn_scoped(s, move || worker(store, settings, opts, shared))
+                    .expect("a worker thread starts");
+            }
+        });
+    }
+    if let Some(e) = shared.error.into_inner() {
+        return Err(e);
+    }
+    let mut summary = shared.summary.into_inner();
+    summary.disabled = workers == 0;
+    summary.left_queued = store.jobs()?.into_iter().filter(|j| j.state == JobState::Queued).map(|j| j.id).collect();
+    if opts.cancel.is_cancelled() {
+        return Err(KnibError::new(
+            ErrorKind::Cancelled,
+            format!("the job runner was cancelled; {} job(s) left queued", summary.left_queued.len()),
+        ));
+    }
+    Ok(summary)
+}

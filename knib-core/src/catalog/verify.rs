@@ -1,0 +1,172 @@
+//! Verifying stored backups: every file of each backup's chain read back
+//! and held against its manifest and its recorded hashes.
+//!
+//! # Invariants
+//!
+//! - Verifying only reads the store; a backup found bad is a report with
+//!   `ok` false, never an error.
+//! - A backup file's qcow2 backing pointer must be exactly the
+//!   `../<parent>/<file>` its manifest and its parent's say before any chain
+//!   is read through it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Manifest, Store, VmLock};
+use crate::error::{ErrorKind, Result};
+use crate::progress::Control;
+
+/// The result of verifying one backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VerifyReport {
+    /// The backup.
+    pub id: String,
+    /// Whether every check passed.
+    pub ok: bool,
+    /// What failed, one line each.
+    pub problems: Vec<String>,
+    /// Files checked.
+    pub files_checked: usize,
+    /// The xxh3-128 of the backup's chain (files root first), per volume.
+    pub chain_hashes: BTreeMap<String, String>,
+}
+
+impl Store {
+    /// Verify one backup, or every backup of the store: `qemu-img check` of
+    /// its files, backing pointers and sizes as the manifest says, the whole
+    /// chain present, and each file's hash (recorded when the backup was
+    /// written or at the first clean verify, compared afterwards).
+    pub fn verify(&self, id: Option<&str>, ctl: &Control) -> Result<Vec<VerifyReport>> {
+        let targets = match id {
+            Some(id) => vec![self.show(id)?],
+            None => self.list(None)?,
+        };
+        let mut out = Vec::new();
+        for m in targets {
+            out.push(self.verify_one(&m, ctl)?);
+        }
+        Ok(out)
+    }
+
+    /// Verify one backup. The checks run without the VM's lock (a backup
+    /// of the VM may go on meanwhile); when they find a problem, they are
+    /// run again under the lock, on the manifest as it is then, so that a
+    /// compression that replaced a file between the manifest's read and the
+    /// file's (its manifest is saved after its files, under the lock) is
+    /// never reported as a changed hash. Hashes are recorded under the lock.
+    fn verify_one(&self, m: &Manifest, ctl: &Control) -> Result<VerifyReport> {
+        let (report, new_hashes) = self.check_backup(m, ctl)?;
+        if report.ok && new_hashes.is_empty() {
+            return Ok(report);
+        }
+        let _lock = self.wait_for_vm(&m.vm, &format!("verify of {}", m.id), ctl)?;
+        let (report, new_hashes, m) = if report.ok {
+            (report, new_hashes, m.clone())
+        } else {
+            match self.find(&m.id) {
+                Ok(fresh) if !fresh.removed => {
+                    let (r, h) = self.check_backup(&fresh, ctl)?;
+                    (r, h, fresh)
+                }
+                // Deleted meanwhile: what was found stands.
+                _ => return Ok(report),
+            }
+        };
+        if report.ok && !new_hashes.is_empty() {
+            let mut fresh = self.find(&m.id)?;
+            if fresh.compression == m.compression {
+                for (name, h) in new_hashes {
+                    if let Some(v) = fresh.volumes.iter_mut().find(|v| v.name == name) {
+                        v.hash = Some(h);
+                    }
+                }
+                fresh.save(&self.backup_dir(&fresh).join("manifest.json"))?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Take the lock of `vm`, waiting (up to ten minutes, as `ctl` allows)
+    /// while another operation holds it.
+    fn wait_for_vm(&self, vm: &str, operation: &str, ctl: &Control) -> Result<VmLock> {
+        let start = std::time::Instant::now();
+        loop {
+            match self.lock_vm(vm, operation) {
+                Err(e) if e.kind == ErrorKind::Busy && start.elapsed() < std::time::Duration::from_secs(600) => {
+                    ctl.check(operation)?;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// The checks of [`Store::verify`] on `m` as read, and the hashes to
+    /// record (volumes without one).
+    fn check_backup(&self, m: &Manifest, ctl: &Control) -> Result<(VerifyReport, Vec<(String, String)>)> {
+        let q = &self.qemu_img;
+        let mut problems = Vec::new();
+        let mut files_checked = 0;
+        let mut chain_hashes = BTreeMap::new();
+        let mut new_hashes = Vec::new();
+        for v in &m.volumes {
+            let file = self.backup_dir(m).join(&v.file);
+            let files = match self.chain_files(m, &v.name) {
+                Ok(f) => f,
+                Err(e) => {
+                    problems.push(e.message);
+                    continue;
+                }
+            };
+            match q.check(&file, ctl) {
+                Ok(r) if r.is_clean() => {}
+                Ok(r) => problems.push(format!(
+                    "{}: qemu-img check found {} corruptions, {} leaks, {} errors",
+                    file.display(),
+                    r.corruptions,
+                    r.leaks,
+                    r.check_errors
+                )),
+                Err(e) if e.kind == ErrorKind::Cancelled || e.kind == ErrorKind::Timeout => return Err(e),
+                Err(e) => problems.push(e.message),
+            }
+            files_checked += 1;
+            match q.info(&file, ctl) {
+                Ok(info) => {
+                    if info.backing_filename != v.backing {
+                        problems.push(format!(
+                            "{}: backing file is {:?}, the manifest says {:?}",
+                            file.display(),
+                            info.backing_filename,
+                            v.backing
+                        ));
+                    }
+                    if info.virtual_size != v.virtual_size {
+                        problems.push(format!(
+                            "{}: virtual size is {}, the manifest says {}",
+                            file.display(),
+                            info.virtual_size,
+                            v.virtual_size
+                        ));
+                    }
+                }
+                Err(e) => problems.push(e.message),
+            }
+            let (chain_hash, file_hashes) = crate::hash::hash_chain(&files, ctl)?;
+            let own = file_hashes.last().cloned().expect("a chain has a file");
+            match &v.hash {
+                Some(h) if *h != own => problems.push(format!(
+                    "{}: hash {own} differs from the recorded {h}: the file changed since it was verified",
+                    file.display()
+                )),
+                Some(_) => {}
+                None => new_hashes.push((v.name.clone(), own)),
+            }
+            chain_hashes.insert(v.name.clone(), chain_hash);
+        }
+        let report = VerifyReport { id: m.id.clone(), ok: problems.is_empty(), problems, files_checked, chain_hashes };
+        Ok((report, new_hashes))
+    }
+}
+

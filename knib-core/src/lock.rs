@@ -1,0 +1,168 @@
+//! File locks: the three kinds knib takes, each on the kernel lock whose
+//! owner and lifetime fit its use. Nothing here is `unsafe`: the whole-file
+//! locks are [`rustix`]'s, the byte-range OFD locks (which `rustix` does not
+//! offer) `nix`'s.
+//!
+//! | use | kernel lock | owner | blocks |
+//! |---|---|---|---|
+//! | one operation per VM ([`try_record_lock`]) | POSIX record lock, `fcntl(F_SETLK)`, whole file, write | the process | no |
+//! | the job queue ([`lock_exclusive`]) | `flock(LOCK_EX)` | the open file description | yes |
+//! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | no |
+//!
+//! # Invariants
+//!
+//! - Every lock is advisory and goes with its owner: a crash never leaves
+//!   anything locked.
+//! - A record lock belongs to the process: it is not inherited by a fork (a
+//!   `qemu-img` spawned by another thread cannot keep it), it does not
+//!   exclude threads of one process from each other (the caller keeps a
+//!   registry for that), and closing *any* descriptor of the file drops it
+//!   (the caller opens and closes the lock file only while its registry is
+//!   locked).
+//! - An `flock` belongs to the open file description: threads that each open
+//!   the file exclude each other, and closing that file releases it.
+//! - The OFD locks are QEMU's own image locks (QEMU takes them on the same
+//!   bytes), so a QEMU that writes the image and knib exclude each other.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::libc;
+use rustix::fs::{fcntl_lock, flock, FlockOperation};
+
+/// Take a POSIX record write lock on the whole of `file`, owned by this
+/// process, without waiting (`fcntl(F_SETLK)`, `F_WRLCK`): `Ok(false)` when
+/// another process holds a lock on the file.
+///
+/// For the one-operation-per-VM lock: a record lock, not an `flock`,
+/// because a child forked by another thread (a `qemu-img` spawned at the
+/// same instant) holds a copy of every open file description until it
+/// execs, so a released `flock` could still be held for a moment and a
+/// later operation of this process be refused; record locks are not
+/// inherited by a fork.
+pub fn try_record_lock(file: &File) -> io::Result<bool> {
+    match fcntl_lock(file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(e) if e == rustix::io::Errno::ACCESS || e == rustix::io::Errno::AGAIN => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Lock `file` exclusively (`flock(LOCK_EX)`), waiting as long as another
+/// open file description holds it; released when `file` is closed.
+///
+/// For the job queue's lock, held for one short transaction: each thread
+/// opens the lock file itself, so threads of one process exclude each
+/// other too, which a record lock would not do.
+pub fn lock_exclusive(file: &File) -> io::Result<()> {
+    loop {
+        match flock(file, FlockOperation::LockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// QEMU's image locking: a process holding a permission on an image
+/// read-locks byte 100 + bit; one that does not let others have it
+/// read-locks byte 200 + bit. Bit 0: consistent read, bit 1: write.
+const QEMU_PERM_BASE: i64 = 100;
+const QEMU_SHARED_BASE: i64 = 200;
+const QEMU_PERM_READ: i64 = 0;
+const QEMU_PERM_WRITE: i64 = 1;
+
+/// One byte at `byte` of type `kind` (`F_RDLCK`, `F_WRLCK`).
+fn one_byte(kind: libc::c_int, byte: i64) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+/// Lock `file` the way a QEMU writer locks an image (it reads and writes
+/// it, shares reading, not writing), with OFD byte-range locks
+/// (`fcntl(F_OFD_SETLK)`) held as long as `file` stays open: read locks on
+/// bytes 100 and 101 (consistent read, write) and 201 (writing not shared).
+/// `Ok(false)`, without waiting, when another process writes the image or
+/// does not let others write it (a running QEMU, `qemu-img commit`, ...).
+///
+/// OFD locks, as QEMU's own: they belong to the open file description, so
+/// they neither vanish when another descriptor of the file is closed nor
+/// pass to a forked child that outlives its exec. While they are held, no
+/// QEMU can open the image for writing; readers that share writing
+/// (`qemu-img info -U`) can.
+pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
+    let fd = file.as_raw_fd();
+    for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
+        match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    // Another writer holds byte 101, a process refusing to share writing
+    // byte 201 (our own read locks do not conflict with this test).
+    for byte in [QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
+        let mut fl = one_byte(libc::F_WRLCK, byte);
+        fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl))?;
+        if fl.l_type != libc::F_UNLCK as libc::c_short {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_file(dir: &tempfile::TempDir, name: &str) -> (std::path::PathBuf, File) {
+        let p = dir.path().join(name);
+        let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).unwrap();
+        (p, f)
+    }
+
+    #[test]
+    fn ofd_locks_exclude_a_second_writer_and_go_with_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, a) = temp_file(&d, "img");
+        assert!(lock_like_qemu_writer(&a).unwrap());
+        // A second open file description, even in this process, is another
+        // owner: it finds the image in use.
+        let b = File::options().read(true).write(true).open(&p).unwrap();
+        assert!(!lock_like_qemu_writer(&b).unwrap());
+        drop(a);
+        assert!(lock_like_qemu_writer(&b).unwrap());
+    }
+
+    #[test]
+    fn flock_is_released_with_its_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, a) = temp_file(&d, "q");
+        lock_exclusive(&a).unwrap();
+        let b = File::open(&p).unwrap();
+        assert!(flock(&b, FlockOperation::NonBlockingLockExclusive).is_err());
+        drop(a);
+        lock_exclusive(&b).unwrap();
+    }
+
+    #[test]
+    fn a_record_lock_is_the_process_s() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, a) = temp_file(&d, "vm");
+        assert!(try_record_lock(&a).unwrap());
+        // Another process sees it held.
+        let st = std::process::Command::new("python3")
+            .args(["-c", "import fcntl,sys; f=open(sys.argv[1],'r+');\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB); sys.exit(0)\nexcept OSError: sys.exit(3)"])
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(3));
+    }
+}

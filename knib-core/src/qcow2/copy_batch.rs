@@ -1,0 +1,192 @@
+//! The batches a native copy moves between its threads, and the
+//! compression workers.
+//!
+//! # Invariants
+//!
+//! - A batch holds clusters in guest order; its buffers are recycled, so
+//!   memory stays bounded (about 32 MiB of batches, see [`batch_plan`])
+//!   whatever the disk size.
+//! - A compressed cluster is kept only when it is smaller than a cluster;
+//!   otherwise the cluster is written as it is.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender};
+
+use parking_lot::Mutex;
+
+use super::header::CompressionType;
+use crate::error::{KnibError, Result};
+
+/// One item of a batch: runs of guest clusters.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Item {
+    /// `count` clusters from `index`, uncompressed, at `at` of the batch's data.
+    Data { index: u64, count: u64, at: usize },
+    /// Zero clusters.
+    Zero { index: u64, count: u64 },
+    /// One cluster, compressed, at `at..at + len` of the batch's output.
+    Compressed { index: u64, at: usize, len: usize },
+}
+
+/// A batch of consecutive guest clusters.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    pub(super) seq: u64,
+    pub(super) items: Vec<Item>,
+    /// Uncompressed clusters: the first `used` bytes (the buffer keeps its
+    /// length from batch to batch, so it is not zeroed again).
+    pub(super) data: Vec<u8>,
+    pub(super) used: usize,
+    /// Compressed clusters: the first `out_used` bytes.
+    pub(super) out: Vec<u8>,
+    pub(super) out_used: usize,
+    /// The guest clusters it covers end before this one.
+    pub(super) end_index: u64,
+    pub(super) read_bytes: u64,
+}
+
+impl Batch {
+    /// Room for `len` more bytes of data: where they go.
+    pub(super) fn grow(&mut self, len: usize) -> usize {
+        let at = self.used;
+        if self.data.len() < at + len {
+            self.data.resize(at + len, 0);
+        }
+        self.used += len;
+        at
+    }
+
+    /// Room for up to `len` more compressed bytes: where they go.
+    pub(super) fn grow_out(&mut self, len: usize) -> usize {
+        let at = self.out_used;
+        if self.out.len() < at + len {
+            self.out.resize(at + len, 0);
+        }
+        at
+    }
+}
+
+/// Batches in flight and the data bytes of each: about 32 MiB in all.
+pub(super) fn batch_plan(cs: u64, workers: usize) -> (usize, usize) {
+    const BUDGET: u64 = 32 << 20;
+    let in_flight = workers + 3;
+    let per = if workers > 0 { BUDGET / (2 * in_flight as u64) } else { BUDGET / in_flight as u64 };
+    let bytes = (per.min(4 << 20) / cs).max(1) * cs;
+    (in_flight, bytes as usize)
+}
+
+/// Whether `b` is all zeros.
+pub(super) fn is_zero(b: &[u8]) -> bool {
+    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// The compressor of one worker.
+pub(super) enum Compressor {
+    Zstd(zstd::bulk::Compressor<'static>),
+    Zlib(flate2::Compress),
+}
+
+/// zstd level QEMU uses (the library's default).
+pub(super) const ZSTD_LEVEL: i32 = 3;
+
+impl Compressor {
+    pub(super) fn new(t: CompressionType) -> Result<Self> {
+        Ok(match t {
+            CompressionType::Zstd => {
+                let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL)
+                    .map_err(|e| KnibError::internal(format!("zstd compressor: {e}")))?;
+                // One frame per cluster, as QEMU reads it; no checksum.
+                c.include_checksum(false).map_err(|e| KnibError::internal(format!("zstd compressor: {e}")))?;
+                Compressor::Zstd(c)
+            }
+            // QEMU reads raw deflate with a 4 KiB window (window bits 12).
+            CompressionType::Zlib => Compressor::Zlib(flate2::Compress::new_with_window_bits(
+                flate2::Compression::default(),
+                false,
+                12,
+            )),
+        })
+    }
+
+    /// Compress `src` (one cluster) into `dst`; `None` when it does not fit
+    /// in `dst` (whose length is the most allowed).
+    pub(super) fn compress(&mut self, src: &[u8], dst: &mut [u8]) -> Option<usize> {
+        match self {
+            Compressor::Zstd(c) => c.compress_to_buffer(src, dst).ok(),
+            Compressor::Zlib(d) => {
+                d.reset();
+                match d.compress(src, dst, flate2::FlushCompress::Finish) {
+                    Ok(flate2::Status::StreamEnd) if d.total_in() as usize == src.len() => Some(d.total_out() as usize),
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+/// A compression worker: turns the data items of batches into compressed,
+/// zero or (when compression does not pay) uncompressed clusters.
+pub(super) fn compress_loop(
+    work: Arc<Mutex<Receiver<Result<Batch>>>>,
+    done: SyncSender<Result<Batch>>,
+    ctype: CompressionType,
+    cs: u64,
+    zero_is_skip: bool,
+) {
+    let mut compressor = match Compressor::new(ctype) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            let _ = done.send(Err(e));
+            None
+        }
+    };
+    let cs = cs as usize;
+    let mut items = Vec::new();
+    loop {
+        let next = work.lock().recv();
+        let Ok(msg) = next else { return };
+        let mut batch = match (msg, compressor.as_mut()) {
+            (Ok(b), Some(_)) => b,
+            (Err(e), _) => {
+                let _ = done.send(Err(e));
+                return;
+            }
+            (Ok(_), None) => return,
+        };
+        let Some(c) = compressor.as_mut() else { return };
+        items.clear();
+        std::mem::swap(&mut items, &mut batch.items);
+        for item in items.iter().copied() {
+            let Item::Data { index, count, at } = item else {
+                batch.items.push(item);
+                continue;
+            };
+            for k in 0..count as usize {
+                let g = index + k as u64;
+                let off = at + k * cs;
+                let cluster = &batch.data[off..off + cs];
+                if is_zero(cluster) {
+                    if !zero_is_skip {
+                        match batch.items.last_mut() {
+                            Some(Item::Zero { index: z, count }) if *z + *count == g => *count += 1,
+                            _ => batch.items.push(Item::Zero { index: g, count: 1 }),
+                        }
+                    }
+                    continue;
+                }
+                let start = batch.grow_out(cs - 1);
+                let (data, out) = (&batch.data[off..off + cs], &mut batch.out[start..start + cs - 1]);
+                match c.compress(data, out) {
+                    Some(len) => {
+                        batch.out_used += len;
+                        batch.items.push(Item::Compressed { index: g, at: start, len });
+                    }
+                    None => batch.items.push(Item::Data { index: g, count: 1, at: off }),
+                }
+            }
+        }
+        if done.send(Ok(batch)).is_err() {
+            return;
+        }
+    }
+}

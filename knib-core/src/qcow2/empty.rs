@@ -1,0 +1,92 @@
+//! Emptying a qcow2 image after a merge: the image replaced by an empty one
+//! of the same shape.
+//!
+//! # Invariants
+//!
+//! - The new image keeps the virtual size, cluster size, compression type,
+//!   backing pointer and format, the lazy refcounts bit, owner and mode.
+//! - It is written under a temporary name in the same directory, fsynced,
+//!   renamed over the image, and the directory fsynced: the image is the
+//!   old one or the empty one, never a mix.
+//! - An image with what an empty one would drop (internal snapshots,
+//!   bitmaps, auto-clear or unknown compatible features) is refused before
+//!   anything is written.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use super::writer::{BackingRef, ImageSpec, Layout};
+use crate::error::{KnibError, Result};
+
+/// What of the top's, if anything, [`empty_image`] would not keep:
+/// internal snapshots, bitmaps and other auto-clear features, compatible
+/// features other than lazy refcounts.
+pub(super) fn keeps_what_emptying_drops(h: &super::Header) -> Option<String> {
+    if h.nb_snapshots != 0 {
+        Some(format!("has {} internal snapshots", h.nb_snapshots))
+    } else if h.autoclear_features != 0 || h.bitmaps.is_some() {
+        Some(format!("has bitmaps or other auto-clear features ({:#x})", h.autoclear_features))
+    } else if h.compatible_features & !COMPAT_LAZY_REFCOUNTS != 0 {
+        Some(format!("has unknown compatible features ({:#x})", h.compatible_features))
+    } else {
+        None
+    }
+}
+
+/// Compatible feature bit 0: lazy refcounts.
+const COMPAT_LAZY_REFCOUNTS: u64 = 1;
+
+/// Replace the qcow2 image at `path` (whose header is `header`) with an
+/// empty one of the same shape: virtual size, cluster size, compression
+/// type, backing pointer and backing format, the lazy refcounts feature,
+/// owner and mode. Written under a temporary name in the same directory,
+/// fsynced, renamed over `path`, and the directory fsynced.
+///
+/// Errors ([`crate::ErrorKind::InvalidInput`], nothing written): the image has
+/// what an empty image of this shape would drop: internal snapshots,
+/// bitmaps or other auto-clear features, unknown compatible features.
+pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
+    if let Some(why) = keeps_what_emptying_drops(header) {
+        return Err(KnibError::invalid(format!(
+            "{} {why}, which an emptied image would lose: it is not emptied",
+            path.display()
+        )));
+    }
+    let spec = ImageSpec {
+        virtual_size: header.size,
+        cluster_bits: header.cluster_bits,
+        backing: header
+            .backing_file
+            .clone()
+            .map(|name| BackingRef { name, format: header.backing_format.clone().unwrap_or_else(|| "qcow2".into()) }),
+        compression: header.compression_type,
+    };
+    let (head, mut body, _) = Layout::new(spec, Vec::new(), None)?.finish()?;
+    body[..head.len()].copy_from_slice(&head);
+    // Compatible features (v3 header bytes 80..88): lazy refcounts is kept.
+    body[80..88].copy_from_slice(&(header.compatible_features & COMPAT_LAZY_REFCOUNTS).to_be_bytes());
+    let meta = std::fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;
+    let tmp = crate::fsio::temp_path(path);
+    let result = (|| {
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| KnibError::io("cannot create", &tmp, e))?;
+        f.write_all_at(&body, 0).map_err(|e| KnibError::io("cannot write", &tmp, e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .map_err(|e| KnibError::io("cannot set the mode of", &tmp, e))?;
+        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| KnibError::io("cannot set the owner of", &tmp, e))?;
+        f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
+        crate::fsio::sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

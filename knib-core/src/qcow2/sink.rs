@@ -1,0 +1,182 @@
+//! Where a streaming qcow2 writer ([`super::Layout`]) puts its bytes: a
+//! file (buffered, or unbuffered with `O_DIRECT`), a counter (to plan a
+//! file's length without writing it), or memory.
+//!
+//! # Invariants
+//!
+//! - Bytes are only appended, front to back; [`FileSink::patch`] rewrites
+//!   bytes already written (the header of a compressed image) and is the
+//!   one exception.
+//! - A hashing file sink hashes every byte appended, in file order, so for
+//!   a file written front to back its hash is the file's xxh3-128 as
+//!   [`crate::hash`] reads it back; a patch is not hashed (a compressed
+//!   image, whose header is patched last, is hashed by reading it back).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::direct::DirectWriter;
+use crate::error::{KnibError, Result};
+
+/// Where the writer's bytes go, in file order.
+pub trait Sink {
+    /// Append `bytes` at the end of what was written so far.
+    fn append(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Append `n` zero bytes.
+    fn append_zeros(&mut self, n: u64) -> Result<()> {
+        const Z: [u8; 4096] = [0; 4096];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(Z.len() as u64) as usize;
+            self.append(&Z[..k])?;
+            left -= k as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Memory (tests, fuzzing).
+impl Sink for Vec<u8> {
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        self.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// A sink that only counts: used to plan a file before writing it.
+#[derive(Debug, Default)]
+pub struct CountSink(pub u64);
+
+impl Sink for CountSink {
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0 += bytes.len() as u64;
+        Ok(())
+    }
+    fn append_zeros(&mut self, n: u64) -> Result<()> {
+        self.0 += n;
+        Ok(())
+    }
+}
+
+/// A file written front to back through a buffer, optionally hashed
+/// (xxh3-128) in the same order.
+pub struct FileSink {
+    file: File,
+    path: PathBuf,
+    buf: Vec<u8>,
+    pos: u64,
+    hasher: Option<Box<Xxh3>>,
+    /// Writing around the page cache (O_DIRECT), by an I/O thread.
+    direct: Option<DirectWriter>,
+}
+
+/// Appends this long or longer skip the buffer.
+const UNBUFFERED_APPEND: usize = 256 << 10;
+
+const SINK_BUFFER: usize = 1 << 20;
+
+impl FileSink {
+    /// Write `file` (at `path`, named in errors) from offset 0; with
+    /// `hash`, every byte appended is hashed in order.
+    pub fn new(file: File, path: &Path, hash: bool) -> Self {
+        FileSink {
+            file,
+            path: path.to_path_buf(),
+            buf: Vec::with_capacity(SINK_BUFFER),
+            pos: 0,
+            hasher: hash.then(|| Box::new(Xxh3::new())),
+            direct: None,
+        }
+    }
+
+    /// Like [`FileSink::new`], writing around the page cache (O_DIRECT)
+    /// in aligned 2 MiB writes made by four I/O threads, where the file system
+    /// allows it (not on NFS). Falls back to buffered
+    /// writes when O_DIRECT is refused, now or at a write.
+    pub fn new_direct(file: File, path: &Path, hash: bool) -> Result<Self> {
+        let mut sink = Self::new(file, path, hash);
+        sink.direct = DirectWriter::start(&sink.file, path)?;
+        Ok(sink)
+    }
+
+    /// Whether writes go around the page cache (O_DIRECT).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn io(&self, e: std::io::Error) -> KnibError {
+        KnibError::io("cannot write", &self.path, e)
+    }
+
+    fn write_out(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, self.pos).map_err(|e| self.io(e))?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Write out what is buffered.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(d) = self.direct.take() {
+            self.pos = d.len();
+            d.finish(&self.file)?;
+        }
+        if !self.buf.is_empty() {
+            let buf = std::mem::take(&mut self.buf);
+            let r = self.write_out(&buf);
+            self.buf = buf;
+            self.buf.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Bytes written so far (buffered ones included).
+    pub fn len(&self) -> u64 {
+        match &self.direct {
+            Some(d) => d.len(),
+            None => self.pos + self.buf.len() as u64,
+        }
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Overwrite `bytes` at `offset` (already written); not hashed.
+    pub fn patch(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
+        self.flush()?;
+        self.file.write_all_at(bytes, offset).map_err(|e| self.io(e))
+    }
+
+    /// Flush, and return the file and the hash of everything appended (32
+    /// lower-case hex digits) when hashing.
+    pub fn finish(mut self) -> Result<(File, Option<String>)> {
+        self.flush()?;
+        let hash = self.hasher.take().map(|h| format!("{:032x}", h.digest128()));
+        Ok((self.file, hash))
+    }
+}
+
+impl Sink for FileSink {
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(bytes);
+        }
+        if let Some(d) = self.direct.as_mut() {
+            return d.append(bytes);
+        }
+        if bytes.len() >= UNBUFFERED_APPEND {
+            self.flush()?;
+            return self.write_out(bytes);
+        }
+        if self.buf.len() + bytes.len() > SINK_BUFFER {
+            self.flush()?;
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+}
