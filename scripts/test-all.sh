@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 bash scripts/setup.sh
 cargo build --workspace --all-targets
+# Doc comments: no broken or private links.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
 # The C ABI: header drift, then the C programs under ASan/UBSan and Valgrind.
 bash scripts/test-c.sh

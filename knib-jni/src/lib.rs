@@ -18,7 +18,7 @@
 //! | `void testPanic(long)` | tests only: panics inside knib (debug builds; a release build throws `UnsupportedOperationException`) |
 //!
 //! Every native method runs inside one panic boundary
-//! ([`boundary::guard`]): a failure is thrown as the `KnibException`
+//! (`boundary::guard`): a failure is thrown as the `KnibException`
 //! subclass of its kind (message, kind, and whether the VM was left
 //! consistent), a panic as `KnibPanicError` (an unchecked `Error`: a bug
 //! is not an operational failure), a dead handle as

@@ -6,7 +6,7 @@
 //! | catalog | path-based | shared |
 //! |---|---|---|
 //! | `compress` | `agent.compress` + `agent.finalize_compression` | [`crate::engine::compress_verified()`], [`crate::engine::finalize()`]; fields `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor`, `min_free_bytes`, `timeout_secs` |
-//! | `hash` | `agent.take_hash` | [`agent::chain_hash`]: each volume's [`ChainHash`] is `agent.take_hash`'s `hash` and `files` for that chain |
+//! | `hash` | `agent.take_hash` | `agent::chain_hash`: each volume's [`ChainHash`] is `agent.take_hash`'s `hash` and `files` for that chain |
 //! | `restore` | `agent.restore` | [`crate::engine::restore_verified()`]; the answer is [`RestoreAnswer`] |
 //!
 //! The catalog forms take the expected hashes from the manifests (the
@@ -156,6 +156,8 @@ pub(crate) struct RestoreReq {
 /// The request of `quick_restore`.
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+// Read only by the libvirt part.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) struct QuickRestoreReq {
     /// The store directory.
     store: PathBuf,
@@ -171,6 +173,8 @@ pub(crate) struct QuickRestoreReq {
 /// The request of `recover`.
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+// Read only by the libvirt part.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) struct RecoverReq {
     /// The store directory.
     store: PathBuf,

@@ -32,7 +32,7 @@
 //!   it removed, and it is expunged when its last child goes. Deleting the
 //!   head makes the next backup a full one.
 //! - Caller names (VM, volume, backup id) are checked by [`crate::names`].
-//! - Everything read back from the store is untrusted ([`confine`]): the
+//! - Everything read back from the store is untrusted (`confine`): the
 //!   store's directories and files are opened without following any link
 //!   below the root; manifests, `state.json`, journals, job files and
 //!   `knib.json` refuse unknown and repeated keys; every name in them is a

@@ -22,7 +22,7 @@
 //! libvirt prints every error on the process's stderr unless an error
 //! handler is set, and a library must not write there. Before knib opens
 //! its first connection it sets libvirt's process-wide handler (once), and
-//! on each of its connections their own, to [`log_libvirt_error`]: libvirt's
+//! on each of its connections their own, to `log_libvirt_error`: libvirt's
 //! reports go to knib's log (errors at debug level, as knib returns them as
 //! [`KnibError`]s anyway; warnings at warn level). A host that wants its own
 //! process-wide handler sets it after knib's first connection.

@@ -64,7 +64,7 @@ pub struct CopyOptions {
     pub hash: bool,
     /// Compute the xxh3-128 hash of each source file (the top and, for a
     /// flattened copy, every backing file), from the bytes the copy reads
-    /// (see [`super::srchash`]): [`CopyReport::source_hashes`].
+    /// (see `qcow2::srchash`): [`CopyReport::source_hashes`].
     pub hash_source: bool,
     /// Compression worker threads; 0 = one per core.
     pub threads: usize,
