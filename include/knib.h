@@ -88,10 +88,13 @@
  *
  *   agent.cleanup_validation: Remove a validation's domain and overlays.
  *     request:
- *       connect?      string or null
- *       timeout_secs? integer or null
- *       vm_name       string
- *       work_dir?     string or null
+ *       connect?      string or null: The libvirt URI (default
+ *                     `qemu:///system`).
+ *       timeout_secs? integer or null: Accepted for symmetry.
+ *       vm_name       string: The validation domain's name (destroyed and
+ *                     undefined if there is one).
+ *       work_dir?     string or null: Where `agent.prepare_validation` put
+ *                     the overlays (removed).
  *     answer: CleanupValidationAnswer
  *     example request:
  *       {"vm_name": "v-10", "work_dir": "/var/lib/knib/validation"}
@@ -106,14 +109,22 @@
  *   agent.cleanup_vm_backup: Finish or undo a failed agent.take_backup, given
  *                            its request.
  *     request:
- *       connect?      string or null
- *       domain        string
- *       end_of_chain? boolean, default false
- *       isolated?     boolean, default false
- *       quiesce?      boolean, default false
- *       running?      boolean or null
- *       timeout_secs? integer or null
- *       volumes       [BackupVolume]
+ *       connect?      string or null: The libvirt URI (default
+ *                     `qemu:///system`).
+ *       domain        string: The libvirt domain of the VM.
+ *       end_of_chain? boolean, default false: End the chain: the new delta is
+ *                     committed into the base too, and the disk runs on its
+ *                     base alone.
+ *       isolated?     boolean, default false: A full copy outside the chain;
+ *                     the disks' chains stay as they were.
+ *       quiesce?      boolean, default false: Freeze the guest's filesystems
+ *                     (guest agent) for the snapshot.
+ *       running?      boolean or null: Whether the VM runs (absent: asked of
+ *                     libvirt).
+ *       timeout_secs? integer or null: The time budget in seconds (the
+ *                     command's `wait`); 0 or absent = none.
+ *       volumes       [BackupVolume]: Every volume of the VM, backed up at
+ *                     one instant.
  *     answer: CleanupVmBackupAnswer
  *     example request:
  *       {
@@ -143,14 +154,20 @@
  *   agent.compress: Write `<file>.comp` beside each file (all removed on
  *                   failure).
  *     request:
- *       coroutines?      integer, default 1
- *       expected_hashes? [string] or null
- *       files            [string]
- *       library?         "zstd" | "zlib", default "zstd"
- *       min_free_bytes?  integer or null
- *       min_free_factor? number, default 1.0
- *       rate_limit_mbps? integer, default 0
- *       timeout_secs?    integer or null
+ *       coroutines?      integer, default 1: qemu-img's `-m`, 1 to 16.
+ *       expected_hashes? [string] or null: One xxh3-128 per file, in order: a
+ *                        file that does not match is refused as corrupt.
+ *       files            [string]: The backup files to compress (absolute);
+ *                        `<file>.comp` is written beside each.
+ *       library?         "zstd" | "zlib", default "zstd": "zstd" (default) or
+ *                        "zlib".
+ *       min_free_bytes?  integer or null: Refuse unless this many bytes are
+ *                        free beside the files.
+ *       min_free_factor? number, default 1.0: Refuse unless this many times
+ *                        each file's size is free.
+ *       rate_limit_mbps? integer, default 0: MB/s; 0 = no limit.
+ *       timeout_secs?    integer or null: The time budget in seconds; 0 or
+ *                        absent = none.
  *     answer: CompressAnswer
  *     example request:
  *       {
@@ -173,9 +190,11 @@
  *   agent.consolidate: Pull the backing files into a domain's volumes (after
  *                      a quick restore).
  *     request:
- *       connect?      string or null
- *       domain        string
- *       timeout_secs? integer or null
+ *       connect?      string or null: The libvirt URI (default
+ *                     `qemu:///system`).
+ *       domain        string: The libvirt domain.
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
  *       volumes?      [VolumeRef]: The volumes to consolidate; absent or
  *                     empty: every disk of the domain that has backing files.
  *     answer: ConsolidateAnswer
@@ -199,9 +218,12 @@
  *   agent.finalize_compression: Rename each `<file>.comp` over its file, or
  *                               with `cleanup` remove them.
  *     request:
- *       cleanup?      boolean, default false
- *       files         [string]
- *       timeout_secs? integer or null
+ *       cleanup?      boolean, default false: Remove the `<file>.comp` files
+ *                     instead (a failed compression).
+ *       files         [string]: The files whose `<file>.comp` is renamed over
+ *                     them (or removed).
+ *       timeout_secs? integer or null: Accepted for symmetry; finalizing is a
+ *                     rename.
  *     answer: FinalizeAnswer
  *     example request:
  *       {"files": ["/mnt/store/backups/b1/0c6f2a4e"]}
@@ -216,11 +238,14 @@
  *   agent.merge_snapshot: Merge disk-only VM snapshot deltas into the layer
  *                         below them.
  *     request:
- *       connect?      string or null
- *       domain        string
- *       merges        [SnapshotMerge]
- *       running?      boolean or null
- *       timeout_secs? integer or null
+ *       connect?      string or null: The libvirt URI (default
+ *                     `qemu:///system`).
+ *       domain        string: The libvirt domain.
+ *       merges        [SnapshotMerge]: One merge per volume.
+ *       running?      boolean or null: Whether the VM runs (absent: asked of
+ *                     libvirt).
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
  *     answer: MergeSnapshotAnswer
  *     example request:
  *       {
@@ -247,10 +272,11 @@
  *   agent.prepare_validation: One qcow2 overlay per volume of a backup, for a
  *                             validation.
  *     request:
- *       timeout_secs? integer or null
- *       vm_name       string
- *       volumes       [PrepareVolume]
- *       work_dir      string
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
+ *       vm_name       string: The validation VM's name (names the overlays).
+ *       volumes       [PrepareVolume]: The backup's volumes.
+ *       work_dir      string: Where the overlays go.
  *     answer: PrepareValidationAnswer
  *     example request:
  *       {
@@ -277,10 +303,15 @@
  *   agent.restore: Restore volumes from backup files (all or none replaced),
  *                  or quickly onto overlays.
  *     request:
- *       deltas_to_remove? [string], default []
- *       quick_restore?    boolean, default false
- *       timeout_secs?     integer or null
- *       volumes           [RestoreVolume]
+ *       deltas_to_remove? [string], default []: Files of the old chains on
+ *                         primary, removed after the restore.
+ *       quick_restore?    boolean, default false: Write empty qcow2 overlays
+ *                         over the backups instead of copies (consolidate
+ *                         later).
+ *       timeout_secs?     integer or null: The time budget in seconds; 0 or
+ *                         absent = none.
+ *       volumes           [RestoreVolume]: The volumes to restore, all or
+ *                         none.
  *     answer: RestoreAnswer
  *     example request:
  *       {
@@ -307,14 +338,22 @@
  *   agent.take_backup: Snapshot a domain's volumes, copy them to the store,
  *                      merge (CloudStack's TakeKbossBackupCommand).
  *     request:
- *       connect?      string or null
- *       domain        string
- *       end_of_chain? boolean, default false
- *       isolated?     boolean, default false
- *       quiesce?      boolean, default false
- *       running?      boolean or null
- *       timeout_secs? integer or null
- *       volumes       [BackupVolume]
+ *       connect?      string or null: The libvirt URI (default
+ *                     `qemu:///system`).
+ *       domain        string: The libvirt domain of the VM.
+ *       end_of_chain? boolean, default false: End the chain: the new delta is
+ *                     committed into the base too, and the disk runs on its
+ *                     base alone.
+ *       isolated?     boolean, default false: A full copy outside the chain;
+ *                     the disks' chains stay as they were.
+ *       quiesce?      boolean, default false: Freeze the guest's filesystems
+ *                     (guest agent) for the snapshot.
+ *       running?      boolean or null: Whether the VM runs (absent: asked of
+ *                     libvirt).
+ *       timeout_secs? integer or null: The time budget in seconds (the
+ *                     command's `wait`); 0 or absent = none.
+ *       volumes       [BackupVolume]: Every volume of the VM, backed up at
+ *                     one instant.
  *     answer: TakeBackupAnswer
  *     example request:
  *       {
@@ -346,9 +385,11 @@
  *   agent.take_hash: xxh3-128 of a backup's chain, root first, and of each
  *                    file.
  *     request:
- *       backup_uuid?  string or null
- *       files         [string]
- *       timeout_secs? integer or null
+ *       backup_uuid?  string or null: Echoed in the answer.
+ *       files         [string]: The backup's chain, root first (absolute
+ *                     paths), hashed in this order.
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
  *     answer: TakeHashAnswer
  *     example request:
  *       {
@@ -373,24 +414,36 @@
  *   agent.validate: Boot a throwaway domain on backup files and run the
  *                   checks.
  *     request:
- *       boot_timeout_secs? integer, default 300
- *       cmdline?           string or null
- *       connect?           string or null
- *       disks              [ValidateDisk]
- *       domain_type?       string or null
- *       execute_script?    boolean, default false
- *       expected_result?   string or null
- *       initrd?            string or null
- *       kernel?            string or null
- *       memory_mib?        integer, default 512
- *       screenshot_path?   string or null
- *       script?            string or null
- *       script_arguments?  string or null
- *       take_screenshot?   boolean, default false
- *       timeout_secs?      integer or null
- *       vm_name?           string or null
- *       wait_for_boot?     boolean, default true
- *       work_dir           string
+ *       boot_timeout_secs? integer, default 300: How long to wait for the
+ *                          guest agent.
+ *       cmdline?           string or null: Its command line.
+ *       connect?           string or null: The libvirt URI (default
+ *                          `qemu:///system`).
+ *       disks              [ValidateDisk]: The disks to boot on, first the
+ *                          boot disk.
+ *       domain_type?       string or null: `kvm` or `qemu` (default: chosen
+ *                          by the host).
+ *       execute_script?    boolean, default false: Run `script` in the guest
+ *                          through the guest agent.
+ *       expected_result?   string or null: An exit code (an integer) or the
+ *                          output the script must print.
+ *       initrd?            string or null: Its initrd.
+ *       kernel?            string or null: Boot this kernel directly (else
+ *                          the first disk through the firmware).
+ *       memory_mib?        integer, default 512: Guest memory in MiB.
+ *       screenshot_path?   string or null: Where the screenshot goes.
+ *       script?            string or null: The program to run in the guest.
+ *       script_arguments?  string or null: Its arguments, split at white
+ *                          space.
+ *       take_screenshot?   boolean, default false: Save a PNG screenshot
+ *                          after the boot.
+ *       timeout_secs?      integer or null: The time budget in seconds; 0 or
+ *                          absent = none.
+ *       vm_name?           string or null: The validated VM's name (in
+ *                          messages and the throwaway domain's name).
+ *       wait_for_boot?     boolean, default true: Wait for the guest agent to
+ *                          answer (else a silent agent is no failure).
+ *       work_dir           string: Where the boot test's own overlays go.
  *     answer: ValidateAnswer
  *     example request:
  *       {
@@ -745,13 +798,23 @@
  *
  *   BackupVolume: One volume of a backup, as the agent's KbossTO describes
  *                 it.
- *       delta_path_on_primary    string
- *       delta_path_on_store      string
- *       merge?                   MergeTree or null
- *       parent_backup_path?      string or null
- *       path                     string
- *       uuid                     string
- *       vm_snapshot_delta_paths? [string], default []
+ *       delta_path_on_primary    string: The new delta the disk runs on after
+ *                                the backup (created).
+ *       delta_path_on_store      string: The backup file written on the store
+ *                                (its directory made when missing).
+ *       merge?                   MergeTree or null: The delta written since
+ *                                the last backup and the base it is committed
+ *                                into after the copy.
+ *       parent_backup_path?      string or null: The parent backup on the
+ *                                store: the copy is incremental, with it as
+ *                                backing file; absent: a full copy.
+ *       path                     string: The file the disk runs on now
+ *                                (VolumeObjectTO path, absolute).
+ *       uuid                     string: The volume's uuid (the key of its
+ *                                results in the answer).
+ *       vm_snapshot_delta_paths? [string], default []: Disk-only VM snapshot
+ *                                deltas taken since the last backup, oldest
+ *                                first.
  *
  *   CleanupValidationAnswer: The answer of `agent.cleanup_validation`.
  *       domain_removed  boolean: Whether a domain was destroyed.
@@ -861,12 +924,12 @@
  *
  *   MergeTree: A DeltaMergeTreeTO: `child` is committed into `parent`;
  *              `grand_children` used `child` as their backing file.
- *       child           string
+ *       child           string: The delta committed (it must be `path`).
  *       grand_children? [string], default []: Accepted as the transfer object
  *                       carries it; after a backup's copy the only child of
  *                       `child` is the new delta, which the merge itself
  *                       moves onto `parent`.
- *       parent          string
+ *       parent          string: The base the delta is committed into.
  *
  *   MergedVolume: One merge done.
  *       path    string: The file it runs on now.
@@ -876,9 +939,10 @@
  *   PrepareValidationAnswer: The answer of `agent.prepare_validation`.
  *       volumes  [PreparedVolume]: One overlay per volume.
  *
- *   PrepareVolume: (an object)
- *       backup_path  string
- *       uuid         string
+ *   PrepareVolume: One volume of `agent.prepare_validation`.
+ *       backup_path  string: The backup file the overlay is made over (only
+ *                    read).
+ *       uuid         string: The volume's uuid (names the overlay).
  *
  *   PreparedVolume: The overlay of one volume.
  *       backup_path   string: The backup file under it.
@@ -906,11 +970,15 @@
  *       removed  [string]: The old deltas removed.
  *       volumes  [RestoredVolume]: Each volume restored.
  *
- *   RestoreVolume: (an object)
- *       backup_path      string
- *       expected_hashes? [ExpectedHash], default []
- *       uuid?            string or null
- *       volume_path      string
+ *   RestoreVolume: One volume of `agent.restore`.
+ *       backup_path      string: The backup file (its chain follows its
+ *                        backing pointers).
+ *       expected_hashes? [ExpectedHash], default []: Files of the backup's
+ *                        chain with their xxh3-128: a mismatch fails the
+ *                        restore before any volume is replaced.
+ *       uuid?            string or null: The volume's uuid, echoed in the
+ *                        answer.
+ *       volume_path      string: The volume file replaced.
  *
  *   ExpectedHash: The hash a file must have.
  *       hash  string: Its xxh3-128, 32 hex digits (as `agent.take_hash` gives
@@ -927,11 +995,13 @@
  *       path  string: The file.
  *       size  integer: Its size in bytes.
  *
- *   SnapshotMerge: (an object)
- *       child           string
- *       grand_children? [string], default []
- *       parent          string
- *       uuid?           string or null
+ *   SnapshotMerge: One merge of `agent.merge_snapshot`.
+ *       child           string: The snapshot delta committed.
+ *       grand_children? [string], default []: The files whose backing file
+ *                       was `child`: they are moved onto `parent`.
+ *       parent          string: The layer the delta is committed into.
+ *       uuid?           string or null: The volume's uuid, echoed in the
+ *                       answer.
  *
  *   TakeBackupAnswer: The answer of `agent.take_backup`.
  *       kind           string: "full", "incremental" or "isolated".
@@ -963,9 +1033,10 @@
  *       script_exit_code? integer or null: The script's exit code.
  *       script_result?    string or null: The script's output.
  *
- *   ValidateDisk: (an object)
- *       path    string
- *       target  string
+ *   ValidateDisk: One disk of `agent.validate`.
+ *       path    string: Its file (a prepared overlay or a backup file; only
+ *               read).
+ *       target  string: The disk's target name in the guest (`vda`, ...).
  *
  *   VerifyReport: The result of verifying one backup.
  *       chain_hashes   {string: string}: The xxh3-128 of the backup's chain
@@ -979,9 +1050,9 @@
  *       schema   integer: The request schema it reads.
  *       version  string: knib's version.
  *
- *   VolumeRef: (an object)
- *       path  string
- *       uuid? string or null
+ *   VolumeRef: One volume of `agent.consolidate`.
+ *       path  string: The volume's file.
+ *       uuid? string or null: The volume's uuid, echoed in the answer.
  *
  *   VolumeState: A volume and the file it runs on.
  *       path?   string or null: The file it runs on now.

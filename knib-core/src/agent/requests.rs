@@ -44,14 +44,21 @@ fn default_boot_timeout() -> u64 {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BackupVolume {
+    /// The volume's uuid (the key of its results in the answer).
     pub uuid: String,
+    /// The file the disk runs on now (VolumeObjectTO path, absolute).
     pub path: PathBuf,
+    /// The new delta the disk runs on after the backup (created).
     pub delta_path_on_primary: PathBuf,
+    /// The backup file written on the store (its directory made when missing).
     pub delta_path_on_store: PathBuf,
+    /// The parent backup on the store: the copy is incremental, with it as backing file; absent: a full copy.
     #[serde(default)]
     pub parent_backup_path: Option<PathBuf>,
+    /// The delta written since the last backup and the base it is committed into after the copy.
     #[serde(default)]
     pub merge: Option<MergeTree>,
+    /// Disk-only VM snapshot deltas taken since the last backup, oldest first.
     #[serde(default)]
     pub vm_snapshot_delta_paths: Vec<PathBuf>,
 }
@@ -61,7 +68,9 @@ pub(crate) struct BackupVolume {
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MergeTree {
+    /// The base the delta is committed into.
     pub parent: PathBuf,
+    /// The delta committed (it must be `path`).
     pub child: PathBuf,
     /// Accepted as the transfer object carries it; after a backup's copy
     /// the only child of `child` is the new delta, which the merge itself
@@ -71,207 +80,296 @@ pub(crate) struct MergeTree {
     pub grand_children: Vec<PathBuf>,
 }
 
+/// The request of `agent.take_backup` (and of `agent.cleanup_vm_backup`).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TakeReq {
+    /// The libvirt domain of the VM.
     pub domain: String,
+    /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
+    /// Whether the VM runs (absent: asked of libvirt).
     #[serde(default)]
     pub running: Option<bool>,
+    /// Freeze the guest's filesystems (guest agent) for the snapshot.
     #[serde(default)]
     pub quiesce: bool,
+    /// End the chain: the new delta is committed into the base too, and the disk runs on its base alone.
     #[serde(default)]
     pub end_of_chain: bool,
+    /// A full copy outside the chain; the disks' chains stay as they were.
     #[serde(default)]
     pub isolated: bool,
+    /// Every volume of the VM, backed up at one instant.
     pub volumes: Vec<BackupVolume>,
+    /// The time budget in seconds (the command's `wait`); 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
 }
 
+/// The request of `agent.compress`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CompressReq {
+    /// The backup files to compress (absolute); `<file>.comp` is written beside each.
     pub(crate) files: Vec<PathBuf>,
+    /// "zstd" (default) or "zlib".
     #[serde(default)]
     pub(crate) library: CompressionLibrary,
+    /// qemu-img's `-m`, 1 to 16.
     #[serde(default = "default_one")]
     pub(crate) coroutines: u32,
+    /// MB/s; 0 = no limit.
     #[serde(default)]
     pub(crate) rate_limit_mbps: u64,
+    /// Refuse unless this many times each file's size is free.
     #[serde(default = "default_factor")]
     pub(crate) min_free_factor: f64,
+    /// Refuse unless this many bytes are free beside the files.
     #[serde(default)]
     pub(crate) min_free_bytes: Option<u64>,
+    /// One xxh3-128 per file, in order: a file that does not match is refused as corrupt.
     #[serde(default)]
     pub(crate) expected_hashes: Option<Vec<String>>,
+    /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub(crate) timeout_secs: Option<u64>,
 }
 
+/// The request of `agent.finalize_compression`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FinalizeReq {
+    /// The files whose `<file>.comp` is renamed over them (or removed).
     pub(crate) files: Vec<PathBuf>,
+    /// Remove the `<file>.comp` files instead (a failed compression).
     #[serde(default)]
     pub(crate) cleanup: bool,
+    /// Accepted for symmetry; finalizing is a rename.
     #[serde(default)]
     #[allow(dead_code)]
     pub(crate) timeout_secs: Option<u64>,
 }
 
+/// One volume of `agent.restore`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RestoreVolume {
+    /// The volume's uuid, echoed in the answer.
     #[serde(default)]
     pub(crate) uuid: Option<String>,
+    /// The backup file (its chain follows its backing pointers).
     pub(crate) backup_path: PathBuf,
+    /// The volume file replaced.
     pub(crate) volume_path: PathBuf,
+    /// Files of the backup's chain with their xxh3-128: a mismatch fails the restore before any volume is replaced.
     #[serde(default)]
     pub(crate) expected_hashes: Vec<engine::ExpectedHash>,
 }
 
+/// The request of `agent.restore`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RestoreReq {
+    /// The volumes to restore, all or none.
     pub(crate) volumes: Vec<RestoreVolume>,
+    /// Write empty qcow2 overlays over the backups instead of copies (consolidate later).
     #[serde(default)]
     pub(crate) quick_restore: bool,
+    /// Files of the old chains on primary, removed after the restore.
     #[serde(default)]
     pub(crate) deltas_to_remove: Vec<PathBuf>,
+    /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub(crate) timeout_secs: Option<u64>,
 }
 
+/// One volume of `agent.consolidate`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct VolumeRef {
+    /// The volume's uuid, echoed in the answer.
     #[serde(default)]
     pub uuid: Option<String>,
+    /// The volume's file.
     pub path: PathBuf,
 }
 
+/// The request of `agent.consolidate`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ConsolidateReq {
+    /// The libvirt domain.
     pub domain: String,
+    /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
     /// The volumes to consolidate; absent or empty: every disk of the
     /// domain that has backing files.
     #[serde(default)]
     pub volumes: Vec<VolumeRef>,
+    /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
 }
 
+/// One volume of `agent.prepare_validation`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PrepareVolume {
+    /// The volume's uuid (names the overlay).
     pub(crate) uuid: String,
+    /// The backup file the overlay is made over (only read).
     pub(crate) backup_path: PathBuf,
 }
 
+/// The request of `agent.prepare_validation`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PrepareReq {
+    /// The validation VM's name (names the overlays).
     pub(crate) vm_name: String,
+    /// Where the overlays go.
     pub(crate) work_dir: PathBuf,
+    /// The backup's volumes.
     pub(crate) volumes: Vec<PrepareVolume>,
+    /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub(crate) timeout_secs: Option<u64>,
 }
 
+/// One disk of `agent.validate`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValidateDisk {
+    /// The disk's target name in the guest (`vda`, ...).
     pub target: String,
+    /// Its file (a prepared overlay or a backup file; only read).
     pub path: PathBuf,
 }
 
+/// The request of `agent.validate`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValidateReq {
+    /// The validated VM's name (in messages and the throwaway domain's name).
     #[serde(default)]
     pub vm_name: Option<String>,
+    /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
+    /// The disks to boot on, first the boot disk.
     pub disks: Vec<ValidateDisk>,
+    /// Where the boot test's own overlays go.
     pub work_dir: PathBuf,
+    /// Guest memory in MiB.
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
+    /// Wait for the guest agent to answer (else a silent agent is no failure).
     #[serde(default = "default_true")]
     pub wait_for_boot: bool,
+    /// How long to wait for the guest agent.
     #[serde(default = "default_boot_timeout")]
     pub boot_timeout_secs: u64,
+    /// Save a PNG screenshot after the boot.
     #[serde(default)]
     pub take_screenshot: bool,
+    /// Where the screenshot goes.
     #[serde(default)]
     pub screenshot_path: Option<PathBuf>,
+    /// Run `script` in the guest through the guest agent.
     #[serde(default)]
     pub execute_script: bool,
+    /// The program to run in the guest.
     #[serde(default)]
     pub script: Option<String>,
+    /// Its arguments, split at white space.
     #[serde(default)]
     pub script_arguments: Option<String>,
+    /// An exit code (an integer) or the output the script must print.
     #[serde(default)]
     pub expected_result: Option<String>,
+    /// Boot this kernel directly (else the first disk through the firmware).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
+    /// Its initrd.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
+    /// Its command line.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// `kvm` or `qemu` (default: chosen by the host).
     #[serde(default)]
     pub domain_type: Option<String>,
+    /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
 }
 
+/// The request of `agent.take_hash`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HashReq {
+    /// The backup's chain, root first (absolute paths), hashed in this order.
     pub(crate) files: Vec<PathBuf>,
+    /// Echoed in the answer.
     #[serde(default)]
     pub(crate) backup_uuid: Option<String>,
+    /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub(crate) timeout_secs: Option<u64>,
 }
 
+/// The request of `agent.cleanup_validation`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CleanupValidationReq {
+    /// The validation domain's name (destroyed and undefined if there is one).
     pub vm_name: String,
+    /// Where `agent.prepare_validation` put the overlays (removed).
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
+    /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
+    /// Accepted for symmetry.
     #[serde(default)]
     #[allow(dead_code)]
     pub timeout_secs: Option<u64>,
 }
 
+/// One merge of `agent.merge_snapshot`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct SnapshotMerge {
+    /// The volume's uuid, echoed in the answer.
     #[serde(default)]
     pub uuid: Option<String>,
+    /// The layer the delta is committed into.
     pub parent: PathBuf,
+    /// The snapshot delta committed.
     pub child: PathBuf,
+    /// The files whose backing file was `child`: they are moved onto `parent`.
     #[serde(default)]
     pub grand_children: Vec<PathBuf>,
 }
 
+/// The request of `agent.merge_snapshot`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MergeReq {
+    /// The libvirt domain.
     pub domain: String,
+    /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
+    /// Whether the VM runs (absent: asked of libvirt).
     #[serde(default)]
     pub running: Option<bool>,
+    /// One merge per volume.
     pub merges: Vec<SnapshotMerge>,
+    /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
 }
