@@ -1,0 +1,217 @@
+//! Native merges (commit into the backing file) against `qemu-img commit`:
+//! the same guest view, clean images, stops between batches, images in use.
+
+use super::*;
+
+/// Merge the top of `g` into its backing file natively (batches of
+/// `batch` bytes of L2 tables), and check it against `qemu-img commit` of a
+/// copy of the same chain: the base passes `qemu-img check` and holds what
+/// qemu-img's base holds, the top is empty, clean and keeps its backing
+/// pointer, and the chain reads as before.
+fn check_native_commit(g: &Generated, tag: &str, batch: usize) -> bool {
+    let dir = g.top().parent().unwrap();
+    let top = g.top();
+    let base = &g.files[g.files.len() - 2];
+    let top_info = info(top);
+    let top_size = Qcow2Image::open(top).unwrap().virtual_size();
+    let base_size = Qcow2Image::open(base).unwrap().virtual_size();
+
+    let mut c = match Commit::prepare(top).unwrap() {
+        Ok(c) => c.with_batch_bytes(batch),
+        Err(why) => {
+            // The generator makes some tops larger than their base:
+            // qemu-img grows the base then, the native merge does not.
+            assert_ne!(top_size, base_size, "{tag}: refused: {why}");
+            assert!(why.contains("another virtual size"), "{tag}: {why}");
+            return false;
+        }
+    };
+    let before = dir.join("before.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", p(top), p(&before)]);
+    let reference = dir.join("reference");
+    std::fs::create_dir(&reference).unwrap();
+    for f in &g.files {
+        std::fs::copy(f, reference.join(f.file_name().unwrap())).unwrap();
+    }
+    qemu_img(&["commit", "-q", p(&reference.join(top.file_name().unwrap()))]);
+    assert_eq!(c.base_path(), base.as_path(), "{tag}");
+    let r = c.run(&Control::new()).unwrap_or_else(|e| panic!("{tag}: merge: {e}"));
+    c.empty_top().unwrap();
+    drop(c);
+    assert_clean(base);
+    assert_clean(top);
+    assert_same(base, &reference.join(base.file_name().unwrap()));
+    assert_same(top, &before);
+    // The top holds nothing now, and points where it pointed.
+    let mut t = Qcow2Image::open(top).unwrap();
+    for i in 0..t.guest_clusters() {
+        assert_eq!(t.cluster_state(i).unwrap(), ClusterState::Unallocated, "{tag}: cluster {i}");
+    }
+    let after = info(top);
+    for k in ["backing-filename", "backing-filename-format", "cluster-size", "virtual-size"] {
+        assert_eq!(after[k], top_info[k], "{tag}: {k}");
+    }
+    assert!(r.data_clusters + r.zero_clusters > 0, "{tag}: {r:?}");
+    std::fs::remove_file(&before).unwrap();
+    std::fs::remove_dir_all(&reference).unwrap();
+    true
+}
+
+/// Put a new layer of the same virtual size on top of `g`, with random
+/// writes, zero writes and discards (and compressed clusters when asked).
+fn add_layer(g: &mut Generated, seed: u64, compressed: bool) {
+    let dir = g.top().parent().unwrap().to_path_buf();
+    let mut rng = Rng::new(seed);
+    let srcs = sources(&dir, &mut rng, 3 * g.cs.max(64 * K));
+    let name = format!("l{}.qcow2", g.files.len());
+    let below = g.top().file_name().unwrap().to_str().unwrap().to_string();
+    let size = Qcow2Image::open(g.top()).unwrap().virtual_size().to_string();
+    let opts = format!("cluster_size={}", g.cs);
+    must(Some(&dir), "qemu-img", &["create", "-q", "-f", "qcow2", "-o", &opts, "-b", &below, "-F", "qcow2", &name, &size]);
+    let path = dir.join(name);
+    let n = 30 + rng.below(40) as usize;
+    let ops = random_ops(&mut rng, size.parse().unwrap(), g.cs, n, &srcs, compressed);
+    qemu_io(&path, &ops);
+    g.files.push(path);
+}
+
+#[test]
+fn native_merges_into_the_backing_file_match_qemu_img_commit() {
+    // 64 KiB clusters, odd sizes, bases with zstd or zlib compressed
+    // clusters (replaced clusters release their references), chains of 2
+    // and 3 files; one batch, and one batch per L2 table.
+    let mut merged = 0;
+    for seed in 300..312u64 {
+        let d = tempfile::tempdir().unwrap();
+        let depth = 2 + (seed % 2) as usize;
+        let size = 3 * M + seed * 7 * 512 + if seed % 2 == 0 { 0 } else { 40 * K };
+        let base = match seed % 3 {
+            1 => Some("zstd"),
+            2 => Some("zlib"),
+            _ => None,
+        };
+        let mut g = generate(d.path(), seed, depth, size, 64 * K, base);
+        let batch = if seed % 2 == 0 { usize::MAX } else { 1 };
+        merged += usize::from(check_native_commit(&g, &format!("seed {seed}"), batch));
+        // A layer of the same size (with compressed clusters) on top of
+        // the merged chain: always merged natively.
+        add_layer(&mut g, seed + 1000, seed % 2 == 1);
+        assert!(check_native_commit(&g, &format!("seed {seed}, added layer"), batch), "seed {seed}");
+    }
+    eprintln!("{merged} of 12 generated chains merged natively (the others have a top larger than its base)");
+    assert!(merged >= 3, "{merged} of 12 generated chains merged natively");
+}
+
+#[test]
+fn native_merges_with_small_and_large_clusters_add_tables_and_refcount_blocks() {
+    // 512-byte clusters: a refcount block covers 128 KiB of file, so the
+    // merge adds refcount blocks (and refcount table entries) as the base
+    // grows; 2 MiB clusters: few, large tables.
+    for (seed, cs, size) in [(320u64, 512u64, 2 * M + 3 * 512), (321, 4 * K, 3 * M), (322, 2 * M, 9 * M + 512)] {
+        let d = tempfile::tempdir().unwrap();
+        let mut g = generate(d.path(), seed, 1, size, cs, None);
+        add_layer(&mut g, seed + 1000, true);
+        assert!(check_native_commit(&g, &format!("seed {seed}"), 1), "seed {seed}");
+    }
+}
+
+#[test]
+fn a_merge_stopped_between_batches_leaves_a_clean_base_and_the_same_chain() {
+    let d = tempfile::tempdir().unwrap();
+    let top = d.path().join("top.qcow2");
+    let base = d.path().join("base.qcow2");
+    let size = 8 * M;
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", p(&base), &size.to_string()]);
+    qemu_io(&base, &["write -P 0x11 0 8M".into()]);
+    // The base compressed: replacing its clusters releases references.
+    let tmp = d.path().join("c.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", "-o", "cluster_size=4096", p(&base), p(&tmp)]);
+    std::fs::rename(&tmp, &base).unwrap();
+    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    // Writes across several L2 tables (one maps 2 MiB here).
+    qemu_io(&top, &["write -P 0x22 100k 300k".into(), "write -z 3M 64k".into(), "write -P 0x33 5M 2M".into()]);
+    let before = d.path().join("before.raw");
+    qemu_img(&["convert", "-O", "raw", p(&top), p(&before)]);
+
+    // Cancelled: it stops after the first batch (one table).
+    let ctl = Control::new();
+    ctl.cancel.cancel();
+    let mut c = Commit::prepare(&top).unwrap().unwrap().with_batch_bytes(1);
+    let e = c.run(&ctl).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+    drop(c);
+    assert_clean(&base);
+    assert_clean(&top);
+    assert_same(&top, &before);
+    // Run again to the end: the same as one merge.
+    let mut c = Commit::prepare(&top).unwrap().unwrap();
+    c.run(&Control::new()).unwrap();
+    c.empty_top().unwrap();
+    drop(c);
+    assert_clean(&base);
+    assert_same(&base, &before);
+    assert_same(&top, &before);
+}
+
+#[test]
+fn a_merge_refuses_images_in_use_and_hands_unsupported_ones_to_qemu_img() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"]);
+    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    qemu_io(&top, &["write -P 0x44 0 1M".into()]);
+
+    // A QEMU process (qemu-io) has the base open: busy, nothing written.
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", p(&base)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let base_bytes = std::fs::read(&base).unwrap();
+    // Wait until it holds its locks (listed in /proc/locks by inode).
+    let ino = format!(":{} ", std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&base).unwrap()));
+    let mut locked = false;
+    for _ in 0..200 {
+        if std::fs::read_to_string("/proc/locks").unwrap().lines().any(|l| l.contains("OFDLCK") && l.contains(&ino)) {
+            locked = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    assert!(locked, "qemu-io locks {}", base.display());
+    let busy = Commit::prepare(&top).err();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let e = busy.expect("the merge sees the image in use");
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("base.qcow2 is in use"), "{e}");
+    assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
+
+    // A version 2 base: refused before anything is written, with the reason.
+    let old = d.path().join("old.qcow2");
+    let over = d.path().join("over.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compat=0.10", p(&old), "4M"]);
+    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "old.qcow2", "-F", "qcow2", "over.qcow2"]);
+    qemu_io(&over, &["write -P 0x55 0 1M".into()]);
+    let why = Commit::prepare(&over).unwrap().unwrap_err();
+    assert!(why.contains("old.qcow2 is qcow2 version 2"), "{why}");
+    // engine::commit merges it with qemu-img then.
+    let before = d.path().join("before.raw");
+    qemu_img(&["convert", "-O", "raw", p(&over), p(&before)]);
+    knib_core::engine::native::commit(
+        &knib_core::qemu_img::QemuImg::new(),
+        &over,
+        knib_core::engine::DataPath::Native,
+        &Control::new(),
+    )
+    .unwrap();
+    assert_same(&old, &before);
+    assert_clean(&old);
+
+    // No backing file: an invalid-input error naming the file.
+    let e = Commit::prepare(&base).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("has no backing file"), "{e}");
+}
