@@ -146,6 +146,7 @@ public final class FileRestore {
         private final Long size;
         private final String type;
         private final String label;
+        private final String device;
 
         private Filesystem() {
             index = null;
@@ -154,6 +155,7 @@ public final class FileRestore {
             size = null;
             type = null;
             label = null;
+            device = null;
         }
 
         /** @return its index (what {@code fs} names) */
@@ -173,6 +175,12 @@ public final class FileRestore {
 
         /** @return its label */
         public String label() { return label; }
+
+        /**
+         * @return the name libguestfs gives it ({@code /dev/sda1}, or {@code /dev/sda} for the whole disk): what
+         *     CloudStack's agent calls the file system, and what {@code withFs(String)} takes
+         */
+        public String device() { return device; }
     }
 
     /** The answer of {@code files.ls}. */
