@@ -551,23 +551,25 @@
  *     example answer (abridged):
  *       {"expunged": ["20260301T020000Z-web"], "marked_removed": []}
  *
- *   files.fs: The filesystems of a volume of a backup, read from the store.
+ *   files.fs: The filesystems of a backup's volume (from the catalog, or a
+ *             backup file by its path).
  *     request:
- *       backup  string: The backup's id.
- *       store   string: The store directory.
- *       volume  string: The volume's name.
+ *       backup?      string or null: The backup's id.
+ *       backup_path? string or null: The absolute path of a backup's qcow2
+ *                    file (its chain follows the backing pointers), instead
+ *                    of `store`, `backup` and `volume`.
+ *       store?       string or null: The store directory (with `backup` and
+ *                    `volume`; or `backup_path`).
+ *       volume?      string or null: The volume's name.
  *     answer: FilesystemsAnswer
  *     example request:
- *       {
- *         "backup": "20260301T020000Z-web",
- *         "store": "/backups",
- *         "volume": "root"
- *       }
+ *       {"backup_path": "/mnt/store/backups/b2/0c6f2a4e"}
  *     example answer (abridged):
  *       {
  *         "filesystems": [
  *           {
- *             "index": 0,
+ *             "device": "/dev/sda1",
+ *             "index": 1,
  *             "label": "root",
  *             "partition": 1,
  *             "size": 1072693248,
@@ -580,17 +582,22 @@
  *   files.get: Extract a file or directory tree of a backup to a new local
  *              path.
  *     request:
- *       backup  string: The backup's id.
- *       fs?     integer or null: The filesystem's `index`; optional when one
- *               is read natively.
- *       path    string: The file or directory to extract.
- *       store   string: The store directory.
- *       to      string: Where to put it (must not exist).
- *       volume  string: The volume's name.
+ *       backup?      string or null: The backup's id.
+ *       backup_path? string or null: The absolute path of a backup's qcow2
+ *                    file (its chain follows the backing pointers), instead
+ *                    of `store`, `backup` and `volume`.
+ *       fs?          integer | string or null: The filesystem's `index` or
+ *                    `device`; optional when one is read natively.
+ *       path         string: The file or directory to extract.
+ *       store?       string or null: The store directory (with `backup` and
+ *                    `volume`; or `backup_path`).
+ *       to           string: Where to put it (must not exist).
+ *       volume?      string or null: The volume's name.
  *     answer: GetSummary
  *     example request:
  *       {
  *         "backup": "20260301T020000Z-web",
+ *         "fs": 1,
  *         "path": "/etc/hosts",
  *         "store": "/backups",
  *         "to": "/restore/hosts",
@@ -602,19 +609,23 @@
  *   files.ls: The entries of a directory (or one file) of a filesystem of a
  *             backup.
  *     request:
- *       backup  string: The backup's id.
- *       fs?     integer or null: The filesystem's `index` (from `files.fs`);
- *               optional when one is read natively.
- *       path?   string or null: The directory (or file); default `/`.
- *       store   string: The store directory.
- *       volume  string: The volume's name.
+ *       backup?      string or null: The backup's id.
+ *       backup_path? string or null: The absolute path of a backup's qcow2
+ *                    file (its chain follows the backing pointers), instead
+ *                    of `store`, `backup` and `volume`.
+ *       fs?          integer | string or null: The filesystem's `index` or
+ *                    `device` (from `files.fs`); optional when one is read
+ *                    natively.
+ *       path?        string or null: The directory (or file); default `/`.
+ *       store?       string or null: The store directory (with `backup` and
+ *                    `volume`; or `backup_path`).
+ *       volume?      string or null: The volume's name.
  *     answer: EntriesAnswer
  *     example request:
  *       {
- *         "backup": "20260301T020000Z-web",
- *         "path": "/etc",
- *         "store": "/backups",
- *         "volume": "root"
+ *         "backup_path": "/mnt/store/backups/b2/0c6f2a4e",
+ *         "fs": "/dev/sda1",
+ *         "path": "/etc"
  *       }
  *     example answer (abridged):
  *       {
@@ -887,6 +898,9 @@
  *                  size.
  *
  *   FsInfo: One filesystem of a volume.
+ *       device     string: The name libguestfs gives it: `/dev/sdaN`, or
+ *                  `/dev/sda` for the whole disk (what CloudStack's agent
+ *                  calls the filesystem).
  *       index      integer: What `fs` names it by (1, 2, ...).
  *       label?     string or null: Its label.
  *       partition? integer or null: The partition's number, `None` for the

@@ -141,7 +141,7 @@ operations! {
     "agent.cleanup_validation" => CleanupValidation(agent::CleanupValidationReq) -> agent::CleanupValidationAnswer,
     /// Merge disk-only VM snapshot deltas into the layer below them.
     "agent.merge_snapshot" => MergeSnapshot(agent::MergeReq) -> agent::MergeSnapshotAnswer,
-    /// The filesystems of a volume of a backup, read from the store.
+    /// The filesystems of a backup's volume (from the catalog, or a backup file by its path).
     "files.fs" => FilesFs(files::FsReq) -> files::FilesystemsAnswer,
     /// The entries of a directory (or one file) of a filesystem of a backup.
     "files.ls" => FilesLs(files::LsReq) -> files::EntriesAnswer,
@@ -346,8 +346,23 @@ mod tests {
     #[test]
     fn bad_file_requests_name_the_field() {
         let ctl = Control::new();
-        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": "one"}"#, &ctl).unwrap_err();
+        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": true}"#, &ctl).unwrap_err();
         assert!(e.message.contains("request of files.ls: field `fs`"), "{e}");
+        assert!(e.message.contains("a filesystem's index (1, 2, ...) or its device name"), "{e}");
+        let e = call("files.ls", r#"{"store": "/x", "backup": "b", "volume": "v", "backup_path": "/b"}"#, &ctl)
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains("request of files.ls: give either `backup_path` or `store`, `backup` and `volume`, not both (`backup_path` and `store`, `backup`, `volume` given)"), "{e}");
+        let e = call("files.fs", "{}", &ctl).unwrap_err();
+        assert!(
+            e.message
+                .contains("request of files.fs: give `backup_path`, or `store`, `backup` and `volume`: none was given"),
+            "{e}"
+        );
+        let e = call("files.get", r#"{"store": "/x", "volume": "v", "path": "/", "to": "/t"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("missing field `backup`"), "{e}");
+        let e = call("files.fs", r#"{"backup_path": "rel/b.qcow2"}"#, &ctl).unwrap_err();
+        assert!(e.message.contains("backup_path rel/b.qcow2 is not an absolute path"), "{e}");
         let e = call("files.get", r#"{"store": "/x", "backup": "b", "volume": "v", "path": "/"}"#, &ctl).unwrap_err();
         assert!(e.message.contains("missing field `to`"), "{e}");
         let e = call("files.fs", r#"{"store": "/x", "backup": "b", "volume": "v", "fs": 1}"#, &ctl).unwrap_err();

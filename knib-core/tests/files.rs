@@ -442,3 +442,162 @@ fn ntfs_files_from_a_two_backup_chain() {
     let one = files::list(&store, &b2, "root", None, "/CHANGING.TXT", &ctl()).unwrap();
     assert_eq!((one[0].name.as_str(), one[0].size), ("changing.txt", 3000));
 }
+
+/// One `files.*` call through the JSON API.
+fn api(op: &str, req: Value) -> Result<Value, KnibError> {
+    knib_core::api::call(op, &req.to_string(), &ctl()).map(|s| serde_json::from_str(&s).unwrap())
+}
+
+fn qemu_img(args: &[&str], files: &[&Path]) {
+    let mut c = Command::new("qemu-img");
+    c.args(args);
+    for f in files {
+        c.arg(f);
+    }
+    run(&mut c);
+}
+
+/// CloudStack's backups, by their paths (no catalog): a full backup and an
+/// incremental on top of it whose `changing.txt` was rewritten, chained by
+/// a relative backing pointer (as knib writes) and by an absolute one (as
+/// the agent writes, `qemu-img rebase -u -b /abs/path`); each file listed
+/// and extracted from its own backup, the filesystem named by index and
+/// by device; chains that loop, lack a file or hold a non-qcow2 or
+/// non-regular file refused naming it.
+#[test]
+fn backups_by_path_with_relative_and_absolute_pointers() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let (src1, src2) = (w.join("src1"), w.join("src2"));
+    write_tree(&src1, TreeOptions { big: false, symlinks: false });
+    let disk = small_ext4_disk(w, "vm", &src1, |_| {});
+    let img = w.join("vm.img");
+
+    // Relative pointer: rel/inc.qcow2 -> full.qcow2.
+    let rel = w.join("rel");
+    std::fs::create_dir(&rel).unwrap();
+    let (rel_full, rel_inc) = (rel.join("full.qcow2"), rel.join("inc.qcow2"));
+    std::fs::copy(&disk, &rel_full).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "full.qcow2"], &[&rel_inc]);
+    let old = w.join("vm.old");
+    std::fs::copy(&img, &old).unwrap();
+    write_tree2(&src1, &src2);
+    ext4_to_state2(&img, &src2);
+    let scratch = w.join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    write_changes(&rel_inc, 1 << 20, &old, &img, &scratch);
+
+    // Absolute pointer, the files in two directories: abs/inc/inc.qcow2 ->
+    // <abs>/abs/base/full.qcow2.
+    let (abs_base, abs_incd) = (w.join("abs/base"), w.join("abs/inc"));
+    std::fs::create_dir_all(&abs_base).unwrap();
+    std::fs::create_dir_all(&abs_incd).unwrap();
+    let (abs_full, abs_inc) = (abs_base.join("full.qcow2"), abs_incd.join("inc.qcow2"));
+    std::fs::copy(&rel_full, &abs_full).unwrap();
+    std::fs::copy(&rel_inc, &abs_inc).unwrap();
+    qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", abs_full.to_str().unwrap()], &[&abs_inc]);
+    let info = run(Command::new("qemu-img").args(["info", "--output=json"]).arg(&abs_inc));
+    assert!(info.contains(&format!("\"backing-filename\": \"{}\"", abs_full.display())), "{info}");
+
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+    for (kind, full, inc) in [("relative", &rel_full, &rel_inc), ("absolute", &abs_full, &abs_inc)] {
+        for b in [full, inc] {
+            let fs = api("files.fs", json!({"backup_path": b})).unwrap();
+            assert_eq!(
+                fs["filesystems"],
+                json!([{"index": 1, "partition": 1, "start": 1 << 20, "size": 32 << 20, "type": "ext4",
+                        "label": "root", "device": "/dev/sda1"}]),
+                "{kind} {}",
+                b.display()
+            );
+        }
+        // The listings: by index, by device, and with `fs` left out.
+        let l1 = api("files.ls", json!({"backup_path": full, "fs": "/dev/sda1"})).unwrap();
+        let l2 = api("files.ls", json!({"backup_path": inc, "fs": 1, "path": "/"})).unwrap();
+        let l2b = api("files.ls", json!({"backup_path": inc})).unwrap();
+        assert_eq!(l2, l2b);
+        let names = |l: &Value| -> Vec<String> {
+            l["entries"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect()
+        };
+        let (n1, n2) = (names(&l1), names(&l2));
+        assert!(n1.contains(&"to-delete.txt".into()) && !n1.contains(&"added.txt".into()), "{kind}: {n1:?}");
+        assert!(!n2.contains(&"to-delete.txt".into()) && n2.contains(&"added.txt".into()), "{kind}: {n2:?}");
+
+        // The incremental's path gives the new bytes, the full's the old.
+        let (to1, to2) = (out.join(format!("{kind}-1")), out.join(format!("{kind}-2")));
+        let s = api("files.get", json!({"backup_path": full, "fs": "/dev/sda1", "path": "/changing.txt", "to": to1}))
+            .unwrap();
+        assert_eq!(s, json!({"files": 1, "dirs": 0, "symlinks": 0, "bytes": 1000}));
+        api("files.get", json!({"backup_path": inc, "path": "changing.txt", "to": to2})).unwrap();
+        assert!(same_bytes(&to1, &src1.join("changing.txt")), "{kind}: the full backup's file");
+        assert!(same_bytes(&to2, &src2.join("changing.txt")), "{kind}: the incremental's file");
+        assert!(!same_bytes(&to1, &to2));
+        // A directory, and an existing destination refused.
+        let docs = out.join(format!("{kind}-docs"));
+        api("files.get", json!({"backup_path": inc, "fs": 1, "path": "/docs", "to": docs})).unwrap();
+        assert_same_tree(&src2.join("docs"), &docs, &EXT4);
+        let e = api("files.get", json!({"backup_path": inc, "path": "/changing.txt", "to": to1})).unwrap_err();
+        assert!(e.message.contains("already exists"), "{e}");
+        assert!(same_bytes(&to1, &src1.join("changing.txt")), "left as it was");
+        // An unknown device names the choices.
+        let e = api("files.ls", json!({"backup_path": inc, "fs": "/dev/sdb1"})).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(
+            e.message.contains(
+                "has no filesystem \"/dev/sdb1\"; it has: 1 (partition 1, ext4 \"root\") (devices /dev/sda1)"
+            ),
+            "{e}"
+        );
+    }
+    assert_only(&out, &["relative-1", "relative-2", "relative-docs", "absolute-1", "absolute-2", "absolute-docs"]);
+
+    // Both forms, or neither.
+    let store = Store::create(w.join("store")).unwrap();
+    let e = api("files.fs", json!({"store": store.root(), "backup": "b", "volume": "root", "backup_path": rel_inc}))
+        .unwrap_err();
+    assert!(e.message.contains("give either `backup_path` or `store`, `backup` and `volume`, not both"), "{e}");
+    let e = api("files.ls", json!({"fs": 1})).unwrap_err();
+    assert!(e.message.contains("give `backup_path`, or `store`, `backup` and `volume`: none was given"), "{e}");
+
+    // Hostile chains.
+    let bad = w.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    let (a, b) = (bad.join("a.qcow2"), bad.join("b.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2"], &[&a, Path::new("1M")]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "a.qcow2"], &[&b]);
+    qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", "b.qcow2"], &[&a]);
+    let e = assert_err(api("files.fs", json!({"backup_path": b})), ErrorKind::Corrupt, "backing chain loops");
+    assert!(e.message.contains(&format!("{} -> {} -> {}", b.display(), a.display(), b.display())), "{e}");
+
+    let (c, gone) = (bad.join("c.qcow2"), bad.join("gone.qcow2"));
+    qemu_img(&["create", "-q", "-f", "qcow2"], &[&gone, Path::new("1M")]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", gone.to_str().unwrap()], &[&c]);
+    std::fs::remove_file(&gone).unwrap();
+    let e = assert_err(api("files.ls", json!({"backup_path": c})), ErrorKind::NotFound, &gone.display().to_string());
+    assert!(e.message.contains(&format!("backing chain of {}", c.display())), "{e}");
+    let e = assert_err(api("files.fs", json!({"backup_path": gone})), ErrorKind::NotFound, "gone.qcow2");
+    assert!(!e.message.contains("backing chain"), "{e}");
+
+    // A raw backing file, and one that is not a regular file: never read.
+    let (r, raw) = (bad.join("r.qcow2"), bad.join("disk.raw"));
+    std::fs::File::create(&raw).unwrap().set_len(1 << 20).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "raw", "-b", raw.to_str().unwrap()], &[&r]);
+    let e = assert_err(api("files.fs", json!({"backup_path": r})), ErrorKind::InvalidInput, "is not qcow2");
+    assert!(e.message.contains(&raw.display().to_string()), "{e}");
+    let fifo = bad.join("fifo");
+    run(Command::new("mkfifo").arg(&fifo));
+    qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", fifo.to_str().unwrap()], &[&r]);
+    let e = assert_err(api("files.fs", json!({"backup_path": r})), ErrorKind::InvalidInput, "is not a regular file");
+    assert!(e.message.contains(&fifo.display().to_string()), "{e}");
+    assert_err(
+        api("files.fs", json!({"backup_path": "/dev/null"})),
+        ErrorKind::InvalidInput,
+        "/dev/null is not a regular file",
+    );
+    // The store form still works as before (the disk is in state 1), `fs`
+    // by device too.
+    let sb = backup(&store, "vm", &disk);
+    let l = api("files.ls", json!({"store": store.root(), "backup": sb, "volume": "root", "fs": "/dev/sda1"})).unwrap();
+    assert!(l["entries"].as_array().unwrap().iter().any(|e| e["name"] == "to-delete.txt"), "state 1: {l}");
+}

@@ -61,6 +61,14 @@ impl Device {
         Ok(Device::new(Source::Chain(Box::new(chain)), size, name.into(), ctl))
     }
 
+    /// [`Device::open`] for a chain named from outside: regular qcow2
+    /// files only (see [`Chain::open_files_only`]).
+    pub fn open_files_only(path: &Path, name: impl Into<String>, ctl: &Control) -> Result<Device> {
+        let chain = Chain::open_files_only(path)?;
+        let size = chain.virtual_size();
+        Ok(Device::new(Source::Chain(Box::new(chain)), size, name.into(), ctl))
+    }
+
     /// A disk held in memory (tests, fuzzing).
     pub fn from_bytes(data: Vec<u8>, name: impl Into<String>) -> Device {
         let size = data.len() as u64;

@@ -35,6 +35,15 @@ pub fn place(partition: Option<u32>) -> String {
     }
 }
 
+/// The device name libguestfs gives the filesystem at `partition` of the
+/// one disk it is given: `/dev/sdaN`, or `/dev/sda` for the whole disk.
+pub fn device_name(partition: Option<u32>) -> String {
+    match partition {
+        Some(n) => format!("/dev/sda{n}"),
+        None => "/dev/sda".into(),
+    }
+}
+
 /// The error for filesystem `fs_type` at `partition`, not read natively,
 /// with no libguestfs to fall back on.
 pub fn unsupported(fs_type: &str, partition: Option<u32>) -> KnibError {
@@ -68,11 +77,7 @@ impl Guest {
             return None;
         }
         let guestfish = find_tool("guestfish", std::env::var_os("PATH").as_deref())?;
-        let device = match partition {
-            Some(n) => format!("/dev/sda{n}"),
-            None => "/dev/sda".into(),
-        };
-        Some(Guest { guestfish, image: image.to_path_buf(), device })
+        Some(Guest { guestfish, image: image.to_path_buf(), device: device_name(partition) })
     }
 
     fn run(&self, commands: &[&OsStr], ctl: &Control) -> Result<String> {

@@ -22,14 +22,24 @@
 //! the structs at the end of this module (JSON Schema in
 //! `docs/schema.json`, fields in the README's operation table).
 //!
+//! The backup is named either by `store`, `backup` and `volume` (a backup
+//! of knib's catalog) or by `backup_path`: the absolute path of a qcow2
+//! file (a CloudStack backup, which has no catalog), its chain following
+//! the backing pointers, relative or absolute. Every file of such a chain
+//! is opened read-only, must be a regular qcow2 file and is checked as
+//! hostile input; a chain that loops, is deeper than 64 files or names a
+//! missing file is refused naming the file.
+//!
 //! - `files.fs`: `index` is what `fs` names (1, 2, ...); `partition` the
 //!   partition's number (MBR 1-4 primary, 5+ logical; GPT entry number), or
 //!   null for a filesystem on the whole disk; `start` and `size` in bytes;
 //!   `type` as blkid names it ("ext4", "vfat", "ntfs", or one knib does not
 //!   read: "xfs", "btrfs", "LVM2_member", "swap", ..., "unknown"); `label`
-//!   or null.
-//! - `fs` may be left out when exactly one filesystem of the volume is
-//!   read natively; with several, the error names the choices.
+//!   or null; `device` the name libguestfs gives it (`/dev/sdaN`, or
+//!   `/dev/sda` for the whole disk), as CloudStack's agent names it.
+//! - `fs` is the `index` (a number) or the `device` (a string) of a
+//!   filesystem; it may be left out when exactly one filesystem of the
+//!   volume is read natively; with several, the error names the choices.
 //! - `files.ls`: the entries of directory `path` (sorted by name; a file's
 //!   path gives that one entry). `type` is "file", "dir", "symlink" or
 //!   "other"; `mode` the permission bits (`0o7777`, as a number); `mtime`
@@ -96,7 +106,7 @@ mod path;
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::catalog::Store;
 use crate::error::{ErrorKind, KnibError, Result};
@@ -129,6 +139,29 @@ pub struct FsInfo {
     pub fs_type: String,
     /// Its label.
     pub label: Option<String>,
+    /// The name libguestfs gives it: `/dev/sdaN`, or `/dev/sda` for the
+    /// whole disk (what CloudStack's agent calls the filesystem).
+    pub device: String,
+}
+
+/// Which filesystem of a disk: its `index` or its `device` name (see
+/// [`FsInfo`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(untagged, expecting = "a filesystem's index (1, 2, ...) or its device name (\"/dev/sda1\")")]
+pub enum FsRef {
+    /// Its `index`.
+    Index(u32),
+    /// Its `device`.
+    Device(String),
+}
+
+impl std::fmt::Display for FsRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsRef::Index(n) => write!(f, "{n}"),
+            FsRef::Device(d) => write!(f, "{d:?}"),
+        }
+    }
 }
 
 /// One directory entry as `ls` gives it.
@@ -186,6 +219,24 @@ impl Disk {
         Disk::open_named(path, path.display().to_string(), ctl)
     }
 
+    /// The disk of the backup file at `path`, named from outside (a
+    /// CloudStack backup): `path` must be absolute, and its chain is
+    /// opened by [`crate::qcow2::Chain::open_files_only`] (regular qcow2
+    /// files only).
+    ///
+    /// Errors: InvalidInput for a relative path, a file of the chain that
+    /// is not a regular qcow2 file; NotFound for a missing file; Corrupt
+    /// for a chain that loops or a damaged image; each naming the file.
+    pub fn open_backup_file(path: &Path, ctl: &Control) -> Result<Disk> {
+        if !path.is_absolute() {
+            return Err(KnibError::invalid(format!("backup_path {} is not an absolute path", path.display())));
+        }
+        let dev = Device::open_files_only(path, format!("backup {}", path.display()), ctl)?.shared();
+        let mut d = Disk::scan(dev)?;
+        d.image = Some(path.to_path_buf());
+        Ok(d)
+    }
+
     fn open_named(path: &Path, name: String, ctl: &Control) -> Result<Disk> {
         let dev = Device::open(path, name, ctl)?.shared();
         let mut d = Disk::scan(dev)?;
@@ -213,6 +264,7 @@ impl Disk {
                 size: p.size,
                 fs_type: d.name.clone(),
                 label: d.label.clone(),
+                device: fallback::device_name(p.number),
             };
             found.push((info, d));
         }
@@ -255,11 +307,23 @@ impl Disk {
 
     /// The index in `found` of filesystem `fs`, or of the only one read
     /// natively.
-    fn choose(&self, fs: Option<u32>) -> Result<usize> {
+    fn choose(&self, fs: Option<&FsRef>) -> Result<usize> {
         match fs {
-            Some(n) => self.found.iter().position(|(i, _)| i.index == n).ok_or_else(|| {
-                KnibError::invalid(format!("{} has no filesystem {n}; it has: {}", self.name(), self.choices()))
-            }),
+            Some(r) => self
+                .found
+                .iter()
+                .position(|(i, _)| match r {
+                    FsRef::Index(n) => i.index == *n,
+                    FsRef::Device(d) => i.device == *d,
+                })
+                .ok_or_else(|| {
+                    let devices = self.found.iter().map(|(i, _)| i.device.as_str()).collect::<Vec<_>>().join(", ");
+                    KnibError::invalid(format!(
+                        "{} has no filesystem {r}; it has: {} (devices {devices})",
+                        self.name(),
+                        self.choices()
+                    ))
+                }),
             None => {
                 let native: Vec<usize> = (0..self.found.len()).filter(|&i| self.found[i].1.native.is_some()).collect();
                 match native.as_slice() {
@@ -303,7 +367,7 @@ impl Disk {
 
     /// Run `f` on filesystem `fs` (see [`Disk::choose`]), errors given the
     /// filesystem as context; a panic in a reader is an Internal error.
-    fn with_fs<T>(&self, fs: Option<u32>, f: impl FnOnce(Mounted, &str) -> Result<T>) -> Result<T> {
+    fn with_fs<T>(&self, fs: Option<&FsRef>, f: impl FnOnce(Mounted, &str) -> Result<T>) -> Result<T> {
         let i = self.choose(fs)?;
         let what = format!("filesystem {} of {}", self.describe(i), self.name());
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self.mount_at(i)?, &what)));
@@ -330,6 +394,11 @@ impl Disk {
     /// The entries of directory `path` of filesystem `fs` (a file's path
     /// gives that file's entry).
     pub fn list(&self, fs: Option<u32>, path: &str, ctl: &Control) -> Result<Vec<EntryInfo>> {
+        self.list_in(fs.map(FsRef::Index).as_ref(), path, ctl)
+    }
+
+    /// [`Disk::list`] with the filesystem named by index or device.
+    pub fn list_in(&self, fs: Option<&FsRef>, path: &str, ctl: &Control) -> Result<Vec<EntryInfo>> {
         let comps = parse_path(path)?;
         self.with_fs(fs, |m, _| match m {
             Mounted::Guest(g) => g.list(&display(&comps), ctl),
@@ -355,6 +424,11 @@ impl Disk {
     /// Extract file or directory `path` of filesystem `fs` to `to` (see the
     /// module's documentation).
     pub fn get(&self, fs: Option<u32>, path: &str, to: &Path, ctl: &Control) -> Result<GetSummary> {
+        self.get_in(fs.map(FsRef::Index).as_ref(), path, to, ctl)
+    }
+
+    /// [`Disk::get`] with the filesystem named by index or device.
+    pub fn get_in(&self, fs: Option<&FsRef>, path: &str, to: &Path, ctl: &Control) -> Result<GetSummary> {
         let comps = parse_path(path)?;
         self.with_fs(fs, |m, _| match m {
             Mounted::Guest(g) => g.get(&display(&comps), to, ctl),

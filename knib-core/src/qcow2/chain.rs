@@ -122,6 +122,22 @@ impl Chain {
 
     /// [`Chain::open`] with a chain of at most `max_depth` files.
     pub fn open_with_depth(top: &Path, max_depth: usize) -> Result<Self> {
+        Self::open_inner(top, max_depth, false)
+    }
+
+    /// [`Chain::open`] for a chain named from outside (a backup file given
+    /// by its path): every file of it must be a regular file (checked
+    /// before it is opened, so a device or a fifo is never read) holding
+    /// qcow2; a raw backing file is refused (a backup's chain is all
+    /// qcow2, and a raw pointer could name any file or disk of the host).
+    ///
+    /// Errors: those of [`Chain::open`], and InvalidInput naming the file
+    /// that is not a regular file or not qcow2.
+    pub fn open_files_only(top: &Path) -> Result<Self> {
+        Self::open_inner(top, MAX_CHAIN_DEPTH, true)
+    }
+
+    fn open_inner(top: &Path, max_depth: usize, files_only: bool) -> Result<Self> {
         let mut layers = Vec::new();
         // Files seen, by device and inode (so symlinks and hard links count).
         let mut seen: HashSet<(u64, u64)> = HashSet::new();
@@ -135,6 +151,13 @@ impl Chain {
                 }
                 None => KnibError::io("open qcow2 image", &path, e),
             })?;
+            if files_only && !meta.is_file() {
+                let e = KnibError::invalid(format!("{} is not a regular file", path.display()));
+                return Err(match names.last() {
+                    Some(parent) => e.context(format!("backing chain of {parent}")),
+                    None => e,
+                });
+            }
             names.push(path.display().to_string());
             if !seen.insert((meta.dev(), meta.ino())) {
                 return Err(KnibError::corrupt(format!("backing chain loops: {}", names.join(" -> "))));
@@ -149,6 +172,13 @@ impl Chain {
                 Some(f) => f,
                 None => probe(&path)?,
             };
+            if files_only && fmt != "qcow2" {
+                return Err(KnibError::invalid(format!(
+                    "backing file {} of {} is not qcow2 (format \"{fmt}\"): a backup's chain holds only qcow2 files",
+                    path.display(),
+                    names[names.len() - 2]
+                )));
+            }
             let layer = match fmt.as_str() {
                 "qcow2" => Layer::Qcow2(Box::new(Qcow2Image::open(&path)?)),
                 "raw" => Layer::Raw(RawImage::open(&path)?),

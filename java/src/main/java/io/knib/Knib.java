@@ -277,9 +277,9 @@ public final class Knib implements AutoCloseable {
     }
 
     /**
-     * The file systems of a volume of a catalog backup ({@code files.fs}).
+     * The file systems of a volume of a catalog backup, or of a backup file ({@code files.fs}).
      *
-     * @param request the store, the backup's id and the volume's name
+     * @param request the store, the backup's id and the volume's name, or the backup file
      * @return its file systems
      * @throws KnibException on failure
      */

@@ -67,9 +67,11 @@ class ApiShapeTest {
         for (Class<?> c : List.of(TakeBackup.Request.class, CompressBackup.Request.class, FinalizeCompression.Request.class,
                 RestoreBackup.Request.class, ConsolidateVolumes.Request.class, PrepareValidation.Request.class,
                 ValidateVm.Request.class, TakeBackupHash.Request.class, CleanupValidation.Request.class,
-                CleanupVmBackup.Request.class, MergeSnapshot.Request.class, FileRestore.Volume.class)) {
+                CleanupVmBackup.Request.class, MergeSnapshot.Request.class)) {
             assertTrue(c.isRecord(), c + " is a record");
         }
+        // Two forms, no nullable positional argument: a final class.
+        assertTrue(Modifier.isFinal(FileRestore.Volume.class.getModifiers()));
         assertTrue(Modifier.isFinal(FileRestore.ListRequest.class.getModifiers()));
         assertTrue(Modifier.isFinal(FileRestore.GetRequest.class.getModifiers()));
         List<TakeBackup.Volume> given = new ArrayList<>();
@@ -106,6 +108,12 @@ class ApiShapeTest {
         assertEquals("{\"store\":\"/s\",\"backup\":\"b1\",\"volume\":\"root\",\"fs\":2}", ls.toString());
         JsonObject get = Json.GSON.toJsonTree(FileRestore.GetRequest.of(root, "/etc", "/out")).getAsJsonObject();
         assertEquals("{\"store\":\"/s\",\"backup\":\"b1\",\"volume\":\"root\",\"path\":\"/etc\",\"to\":\"/out\"}", get.toString());
+        FileRestore.Volume file = FileRestore.Volume.ofBackupFile(java.nio.file.Path.of("/mnt/s/b2/v"));
+        assertEquals("{\"backup_path\":\"/mnt/s/b2/v\"}", Json.GSON.toJson(file));
+        JsonObject byDevice = Json.GSON.toJsonTree(FileRestore.GetRequest.of(file, "/etc", "/out").withFs("/dev/sda1"))
+                .getAsJsonObject();
+        assertEquals("{\"backup_path\":\"/mnt/s/b2/v\",\"fs\":\"/dev/sda1\",\"path\":\"/etc\",\"to\":\"/out\"}",
+                byDevice.toString());
     }
 
     @Test

@@ -86,4 +86,67 @@ class FileRestoreTest {
             assertTrue(Files.exists(store));
         }
     }
+
+    /**
+     * A backup by its file path, as CloudStack's agent has it: a full backup and an incremental on top of it (its
+     * backing pointer absolute, as the agent writes it, the two in different directories) whose file changed; each
+     * path gives its own content; the file system named by its device; both forms checked for nulls; a chain that
+     * names a missing file refused naming it.
+     */
+    @Test
+    void backupFilesByPathWithAnAbsoluteBackingPointer() throws Exception {
+        Path tree = dir.resolve("tree");
+        Files.createDirectories(tree.resolve("etc"));
+        Path conf = tree.resolve("etc/app.conf");
+        Files.writeString(conf, "version = 1\n", StandardCharsets.UTF_8);
+        Path raw1 = dir.resolve("disk1.raw");
+        Sh.run("mkfs.ext4", "-q", "-F", "-L", "agent", "-d", tree.toString(), raw1.toString(), "16M");
+        Files.writeString(conf, "version = 2, longer\n", StandardCharsets.UTF_8);
+        Path raw2 = dir.resolve("disk2.raw");
+        Sh.run("mkfs.ext4", "-q", "-F", "-L", "agent", "-d", tree.toString(), raw2.toString(), "16M");
+        Path full = dir.resolve("store/backups/vol/full");
+        Path inc = dir.resolve("store/backups/vol2/inc");
+        Files.createDirectories(full.getParent());
+        Files.createDirectories(inc.getParent());
+        Sh.run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw1.toString(), full.toString());
+        Sh.run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-F", "qcow2", "-B", full.toAbsolutePath().toString(),
+                raw2.toString(), inc.toString());
+
+        try (Knib k = new Knib()) {
+            FileRestore.Volume fullV = FileRestore.Volume.ofBackupFile(full.toAbsolutePath());
+            FileRestore.Volume incV = FileRestore.Volume.ofBackupFile(inc.toAbsolutePath());
+            assertEquals(Optional.of(inc.toAbsolutePath()), incV.backupFile());
+            assertEquals(Optional.empty(), incV.store());
+            assertEquals(incV, FileRestore.ListRequest.of(incV).withFs("/dev/sda").volume());
+
+            FileRestore.Filesystem fs = k.listFilesystems(incV).filesystems().get(0);
+            assertEquals("/dev/sda", fs.device(), "a file system on the whole disk");
+            assertEquals("agent", fs.label());
+            FileRestore.ListRequest etc = FileRestore.ListRequest.of(incV).withPath("/etc").withFs(fs.device());
+            assertEquals(Optional.of("/dev/sda"), etc.fsDevice());
+            assertEquals(OptionalInt.empty(), etc.fs());
+            assertEquals(20L, k.listFiles(etc).entries().get(0).size());
+
+            Path old = dir.resolve("old.conf");
+            Path now = dir.resolve("new.conf");
+            k.extractFiles(FileRestore.GetRequest.of(fullV, "/etc/app.conf", old.toString()).withFs("/dev/sda"));
+            k.extractFiles(FileRestore.GetRequest.of(incV, "/etc/app.conf", now.toString()).withFs(fs.index()));
+            assertEquals("version = 1\n", Files.readString(old));
+            assertEquals("version = 2, longer\n", Files.readString(now));
+            // An existing destination is left alone.
+            InvalidInputException e = assertThrows(InvalidInputException.class,
+                    () -> k.extractFiles(FileRestore.GetRequest.of(incV, "/etc/app.conf", old.toString())));
+            assertTrue(e.getMessage().contains("already exists"), e.getMessage());
+            assertEquals("version = 1\n", Files.readString(old));
+            // A device the disk does not have.
+            assertThrows(InvalidInputException.class, () -> k.listFiles(FileRestore.ListRequest.of(incV).withFs("/dev/sdb1")));
+
+            // The chain's full backup gone: the error names it.
+            Files.delete(full);
+            NotFoundException nf = assertThrows(NotFoundException.class, () -> k.listFilesystems(incV));
+            assertTrue(nf.getMessage().contains(full.toAbsolutePath().toString()), nf.getMessage());
+        }
+        assertThrows(NullPointerException.class, () -> FileRestore.Volume.ofBackupFile(null));
+        assertThrows(NullPointerException.class, () -> new FileRestore.Volume(null, "b", "v"));
+    }
 }
