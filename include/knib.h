@@ -107,7 +107,9 @@
  *                            its request.
  *     request:
  *       connect?      string or null
- *       domain        string
+ *       domain?       string or null: The libvirt domain; may be absent only
+ *                     with `running: false` (a stopped VM libvirt does not
+ *                     know: the volumes' files alone).
  *       end_of_chain? boolean, default false
  *       isolated?     boolean, default false
  *       quiesce?      boolean, default false
@@ -217,7 +219,8 @@
  *                         below them.
  *     request:
  *       connect?      string or null
- *       domain        string
+ *       domain?       string or null: The libvirt domain; may be absent only
+ *                     with `running: false`.
  *       merges        [SnapshotMerge]
  *       running?      boolean or null
  *       timeout_secs? integer or null
@@ -308,7 +311,9 @@
  *                      merge (CloudStack's TakeKbossBackupCommand).
  *     request:
  *       connect?      string or null
- *       domain        string
+ *       domain?       string or null: The libvirt domain; may be absent only
+ *                     with `running: false` (a stopped VM libvirt does not
+ *                     know: the volumes' files alone).
  *       end_of_chain? boolean, default false
  *       isolated?     boolean, default false
  *       quiesce?      boolean, default false
@@ -862,15 +867,19 @@
  *   MergeTree: A DeltaMergeTreeTO: `child` is committed into `parent`;
  *              `grand_children` used `child` as their backing file.
  *       child           string
- *       grand_children? [string], default []: Accepted as the transfer object
- *                       carries it; after a backup's copy the only child of
- *                       `child` is the new delta, which the merge itself
- *                       moves onto `parent`.
+ *       grand_children? [string], default []: With a domain, accepted as the
+ *                       transfer object carries it (after a backup's copy the
+ *                       only child of `child` in the disk's chain is the new
+ *                       delta, which the merge itself moves onto `parent`).
+ *                       Without a domain, each (other than the new delta,
+ *                       always moved) is re-pointed at `parent` after the
+ *                       merge.
  *       parent          string
  *
  *   MergedVolume: One merge done.
  *       path    string: The file it runs on now.
- *       target  string: Its disk target.
+ *       target? string or null: Its disk target; null for a VM without a
+ *               domain.
  *       uuid?   string or null: The request's uuid.
  *
  *   PrepareValidationAnswer: The answer of `agent.prepare_validation`.
@@ -949,7 +958,8 @@
  *       delta_path_on_store  string: Its backup file.
  *       new_volume_path      string: The file the volume runs on now.
  *       size                 integer: Bytes of the backup file.
- *       target               string: The disk target it runs as.
+ *       target?              string or null: The disk target it runs as; null
+ *                            for a VM without a domain.
  *       uuid                 string: The request's uuid.
  *       virtual_size         integer: Guest-visible size.
  *
@@ -985,7 +995,8 @@
  *
  *   VolumeState: A volume and the file it runs on.
  *       path?   string or null: The file it runs on now.
- *       target  string: Its disk target.
+ *       target? string or null: Its disk target; null for a VM without a
+ *               domain.
  *       uuid?   string or null: The request's uuid.
  *
  *   VolumeView: A volume of a backup as every binding shows it.
