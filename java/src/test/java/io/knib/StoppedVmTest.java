@@ -119,4 +119,60 @@ class StoppedVmTest {
         assertFalse(Files.exists(delta2));
         assertTrue(Sh.identical(base, r2), "the merge kept every write");
     }
+
+    @Test
+    void aFailedBackupOfAStoppedTransientVmIsCleanedUpFromItsFiles() throws Exception {
+        TestVm vm = track(TestVm.running(dir, "vda"));
+        Path base = vm.disks.get("vda");
+        Path store = dir.resolve("store");
+        vm.write("vda", 0x51, 0, MIB);
+        vm.close();
+        Path delta1 = dir.resolve("0d4e-delta");
+        try (Knib k = new Knib()) {
+            k.takeBackup(TakeBackup.Request.builder()
+                    .running(false)
+                    .volume(new TakeBackup.Volume("vol-1", base.toString(), delta1.toString(), store.resolve("b1/vda.qcow2").toString()))
+                    .build());
+        }
+        TestVm again = track(TestVm.runningOn(Map.of("vda", delta1)));
+        again.write("vda", 0x52, 8 * MIB, 128 * 1024);
+        again.close();
+        Path before = dir.resolve("before.qcow2");
+        Sh.run("qemu-img", "convert", "-U", "-O", "qcow2", delta1.toString(), before.toString());
+
+        // The copy fails: a directory stands where its temporary file goes.
+        Path delta2 = dir.resolve("7a9c-delta");
+        TakeBackup.Request incr = TakeBackup.Request.builder()
+                .running(false)
+                .volume(new TakeBackup.Volume("vol-1", delta1.toString(), delta2.toString(), store.resolve("b2/vda.qcow2").toString())
+                        .withParentBackupPath(store.resolve("b1/vda.qcow2").toString())
+                        .withMerge(new TakeBackup.MergeTree(base.toString(), delta1.toString())))
+                .build();
+        Path part = store.resolve("b2/.vda.qcow2.part/x");
+        Files.createDirectories(part);
+        try (Knib k = new Knib()) {
+            KnibException e = assertThrows(KnibException.class, () -> k.takeBackup(incr));
+            assertTrue(e.isVmConsistent(), e.getMessage());
+            Files.delete(part);
+            Files.delete(part.getParent());
+            CleanupVmBackup.Answer c = k.cleanupVmBackup(CleanupVmBackup.Request.of(incr));
+            assertFalse(c.published());
+            assertEquals(delta1.toString(), c.volumes().get(0).path());
+            assertNull(c.volumes().get(0).target());
+        }
+        assertFalse(Files.exists(delta2));
+        assertFalse(Files.exists(store.resolve("b2/vda.qcow2")));
+        assertTrue(Sh.identical(delta1, before), "the VM reads what it wrote");
+
+        // The next incremental backup holds every write.
+        TestVm third = track(TestVm.runningOn(Map.of("vda", delta1)));
+        third.write("vda", 0x53, 12 * MIB, 64 * 1024);
+        third.close();
+        try (Knib k = new Knib()) {
+            k.takeBackup(incr);
+        }
+        Path r = restore(store.resolve("b2/vda.qcow2"), "b2.qcow2");
+        assertTrue(Sh.identical(delta2, r));
+        assertTrue(Sh.has(r, 0x51, 0, MIB) && Sh.has(r, 0x52, 8 * MIB, 128 * 1024) && Sh.has(r, 0x53, 12 * MIB, 64 * 1024));
+    }
 }
