@@ -111,7 +111,9 @@
  *     request:
  *       connect?      string or null: The libvirt URI (default
  *                     `qemu:///system`).
- *       domain        string: The libvirt domain of the VM.
+ *       domain?       string or null: The libvirt domain; may be absent only
+ *                     with `running: false` (a stopped VM libvirt does not
+ *                     know: the volumes' files alone).
  *       end_of_chain? boolean, default false: End the chain: the new delta is
  *                     committed into the base too, and the disk runs on its
  *                     base alone.
@@ -240,7 +242,8 @@
  *     request:
  *       connect?      string or null: The libvirt URI (default
  *                     `qemu:///system`).
- *       domain        string: The libvirt domain.
+ *       domain?       string or null: The libvirt domain; may be absent only
+ *                     with `running: false`.
  *       merges        [SnapshotMerge]: One merge per volume.
  *       running?      boolean or null: Whether the VM runs (absent: asked of
  *                     libvirt).
@@ -340,7 +343,9 @@
  *     request:
  *       connect?      string or null: The libvirt URI (default
  *                     `qemu:///system`).
- *       domain        string: The libvirt domain of the VM.
+ *       domain?       string or null: The libvirt domain; may be absent only
+ *                     with `running: false` (a stopped VM libvirt does not
+ *                     know: the volumes' files alone).
  *       end_of_chain? boolean, default false: End the chain: the new delta is
  *                     committed into the base too, and the disk runs on its
  *                     base alone.
@@ -939,15 +944,19 @@
  *   MergeTree: A DeltaMergeTreeTO: `child` is committed into `parent`;
  *              `grand_children` used `child` as their backing file.
  *       child           string: The delta committed (it must be `path`).
- *       grand_children? [string], default []: Accepted as the transfer object
- *                       carries it; after a backup's copy the only child of
- *                       `child` is the new delta, which the merge itself
- *                       moves onto `parent`.
+ *       grand_children? [string], default []: With a domain, accepted as the
+ *                       transfer object carries it (after a backup's copy the
+ *                       only child of `child` in the disk's chain is the new
+ *                       delta, which the merge itself moves onto `parent`).
+ *                       Without a domain, each (other than the new delta,
+ *                       always moved) is re-pointed at `parent` after the
+ *                       merge.
  *       parent          string: The base the delta is committed into.
  *
  *   MergedVolume: One merge done.
  *       path    string: The file it runs on now.
- *       target  string: Its disk target.
+ *       target? string or null: Its disk target; null for a VM without a
+ *               domain.
  *       uuid?   string or null: The request's uuid.
  *
  *   PrepareValidationAnswer: The answer of `agent.prepare_validation`.
@@ -1033,7 +1042,8 @@
  *       delta_path_on_store  string: Its backup file.
  *       new_volume_path      string: The file the volume runs on now.
  *       size                 integer: Bytes of the backup file.
- *       target               string: The disk target it runs as.
+ *       target?              string or null: The disk target it runs as; null
+ *                            for a VM without a domain.
  *       uuid                 string: The request's uuid.
  *       virtual_size         integer: Guest-visible size.
  *
@@ -1070,7 +1080,8 @@
  *
  *   VolumeState: A volume and the file it runs on.
  *       path?   string or null: The file it runs on now.
- *       target  string: Its disk target.
+ *       target? string or null: Its disk target; null for a VM without a
+ *               domain.
  *       uuid?   string or null: The request's uuid.
  *
  *   VolumeView: A volume of a backup as every binding shows it.

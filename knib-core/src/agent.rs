@@ -48,6 +48,34 @@
 //! undone (what is on the store is removed, the new delta committed back),
 //! so the next incremental backup still holds every write.
 //!
+//! # Stopped VMs that libvirt does not know
+//!
+//! CloudStack's domains are transient: a stopped VM has no domain, only its
+//! volume files. `agent.take_backup`, `agent.cleanup_vm_backup` and
+//! `agent.merge_snapshot` with `running: false` and no `domain` work on
+//! `volumes[].path` (and the merge trees' files) alone, needing no libvirt
+//! ([`crate::engine::stopped`]); `domain` is required when `running` is
+//! true or absent. A backup: each new delta is created over `path`
+//! (`qemu-img create -b`, the pointer relative to the new delta's
+//! directory), the copy is made as above, then `merge.child` (`path`) is
+//! committed into `merge.parent` (natively when the native merge applies,
+//! with its checks) and the new delta and each of `merge.grand_children`
+//! are re-pointed at `merge.parent` (`rebase -u`); end of chain and isolated
+//! as above. The failure contract is the same: a failure before every copy
+//! is complete removes the copies and commits the new deltas back
+//! (`vm_consistent`). `agent.cleanup_vm_backup` decides from the files as
+//! above (where the new delta is, what lies below it). `agent.merge_snapshot`
+//! commits each `child` into `parent` (which must be its backing file) and
+//! re-points each of `grand_children`. Answers are those of the domain
+//! path, with `target` null.
+//!
+//! No domain says whether a QEMU runs on the files, so before anything is
+//! written (or removed, on the store too) every existing file the request
+//! names on primary is tested for QEMU's image locks
+//! ([`crate::lock::held_like_qemu`]): one a process holds (the VM runs after
+//! all, or a `qemu-img` works on it) fails the operation as `busy`, naming
+//! the file, with nothing written.
+//!
 //! # Hashes
 //!
 //! CloudStack keeps one hash per backup (xxh3-128 over its chain's files,
@@ -350,9 +378,10 @@ mod answers;
 mod requests;
 #[cfg(feature = "libvirt")]
 pub(crate) mod live;
+pub(crate) mod stopped;
 
 pub use answers::*;
-pub(crate) use requests::{CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq, PrepareReq, RestoreReq, TakeReq, ValidateReq};
+pub(crate) use requests::{domain_of, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq, PrepareReq, RestoreReq, TakeReq, ValidateReq};
 
 #[cfg(test)]
 mod tests {

@@ -180,10 +180,15 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::Hash(r) => to_json(&catalog::hash(r, ctl)?),
         Request::Delete(r) => to_json(&catalog::delete(r)?),
         Request::Recover(r) => to_json(&catalog::recover(op, r, ctl)?),
-        Request::TakeBackup(r) => live!(op, agent::live::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
-        Request::CleanupVmBackup(r) => {
-            live!(op, agent::live::cleanup_vm_backup(op, &r, &agent::budget(ctl, r.timeout_secs)))
-        }
+        // Without `domain` (`running: false`): the volumes' files alone.
+        Request::TakeBackup(r) => match agent::domain_of(op, &r.domain, r.running)? {
+            None => to_json(&agent::stopped::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))?),
+            Some(_) => live!(op, agent::live::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
+        },
+        Request::CleanupVmBackup(r) => match agent::domain_of(op, &r.domain, r.running)? {
+            None => to_json(&agent::stopped::cleanup_vm_backup(op, &r, &agent::budget(ctl, r.timeout_secs))?),
+            Some(_) => live!(op, agent::live::cleanup_vm_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
+        },
         Request::AgentCompress(r) => to_json(&agent::compress(op, &r, &agent::budget(ctl, r.timeout_secs))?),
         Request::FinalizeCompression(r) => to_json(&agent::finalize_compression(op, &r)?),
         Request::AgentRestore(r) => to_json(&agent::restore(op, &r, &agent::budget(ctl, r.timeout_secs))?),
@@ -194,9 +199,10 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::Validate(r) => live!(op, agent::live::validate(op, &r, &agent::budget(ctl, r.timeout_secs))),
         Request::TakeHash(r) => to_json(&agent::take_hash(op, &r, &agent::budget(ctl, r.timeout_secs))?),
         Request::CleanupValidation(r) => live!(op, agent::live::cleanup_validation(op, &r)),
-        Request::MergeSnapshot(r) => {
-            live!(op, agent::live::merge_snapshot(op, &r, &agent::budget(ctl, r.timeout_secs)))
-        }
+        Request::MergeSnapshot(r) => match agent::domain_of(op, &r.domain, r.running)? {
+            None => to_json(&agent::stopped::merge_snapshot(op, &r, &agent::budget(ctl, r.timeout_secs))?),
+            Some(_) => live!(op, agent::live::merge_snapshot(op, &r, &agent::budget(ctl, r.timeout_secs))),
+        },
         Request::FilesFs(r) => to_json(&files::fs_op(&r, ctl)?),
         Request::FilesLs(r) => to_json(&files::ls_op(&r, ctl)?),
         Request::FilesGet(r) => to_json(&files::get_op(&r, ctl)?),

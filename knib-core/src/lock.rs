@@ -8,6 +8,7 @@
 //! | one operation per VM ([`try_record_lock`]) | POSIX record lock, `fcntl(F_SETLK)`, whole file, write | the process | no |
 //! | the job queue ([`lock_exclusive`]) | `flock(LOCK_EX)` | the open file description | yes |
 //! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | no |
+//! | is an image in use by a QEMU? ([`held_like_qemu`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no |
 //!
 //! # Invariants
 //!
@@ -118,6 +119,27 @@ pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
     Ok(true)
 }
 
+/// Whether another owner holds any of QEMU's image locks on `file`
+/// (bytes 100 to 299: the permissions a process holds, and those it does
+/// not share), tested with `fcntl(F_OFD_GETLK)` for a write lock over that
+/// range: nothing is taken. True while a QEMU has the image open, as its
+/// active file or as a backing file, and while a `qemu-img` that does not
+/// share (`commit`, `rebase`, `check -r`) works on it; readers that share
+/// writing (`qemu-img info -U`) take no lock and are not seen. A POSIX
+/// record lock of another process on those bytes counts too (QEMU falls
+/// back to them without OFD locks).
+pub fn held_like_qemu(file: &File) -> io::Result<bool> {
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: QEMU_PERM_BASE,
+        l_len: 2 * (QEMU_SHARED_BASE - QEMU_PERM_BASE),
+        l_pid: 0,
+    };
+    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut fl))?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,7 +159,9 @@ mod tests {
         // owner: it finds the image in use.
         let b = File::options().read(true).write(true).open(&p).unwrap();
         assert!(!lock_like_qemu_writer(&b).unwrap());
+        assert!(held_like_qemu(&b).unwrap());
         drop(a);
+        assert!(!held_like_qemu(&b).unwrap());
         assert!(lock_like_qemu_writer(&b).unwrap());
     }
 

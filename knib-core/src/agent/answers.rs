@@ -25,8 +25,8 @@ pub struct TakeBackupAnswer {
 pub struct TakenVolume {
     /// The request's uuid.
     pub uuid: String,
-    /// The disk target it runs as.
-    pub target: String,
+    /// The disk target it runs as; null for a VM without a domain.
+    pub target: Option<String>,
     /// The file the volume runs on now.
     pub new_volume_path: PathBuf,
     /// Its backup file.
@@ -56,8 +56,8 @@ pub struct CleanupVmBackupAnswer {
 pub struct VolumeState {
     /// The request's uuid.
     pub uuid: Option<String>,
-    /// Its disk target.
-    pub target: String,
+    /// Its disk target; null for a VM without a domain.
+    pub target: Option<String>,
     /// The file it runs on now.
     pub path: Option<PathBuf>,
 }
@@ -251,8 +251,8 @@ pub struct MergeSnapshotAnswer {
 pub struct MergedVolume {
     /// The request's uuid.
     pub uuid: Option<String>,
-    /// Its disk target.
-    pub target: String,
+    /// Its disk target; null for a VM without a domain.
+    pub target: Option<String>,
     /// The file it runs on now.
     pub path: PathBuf,
 }

@@ -53,30 +53,7 @@ enum Mode {
     Cleanup,
 }
 
-/// The kind of a backup from its request.
-fn kind_of(op: &str, r: &TakeReq) -> Result<BackupKind> {
-    let parents = r.volumes.iter().filter(|v| v.parent_backup_path.is_some()).count();
-    if r.isolated {
-        if let Some(v) = r.volumes.iter().find(|v| v.parent_backup_path.is_some()) {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: an isolated backup is a full copy: volume {} must not have `parent_backup_path`",
-                v.uuid
-            )));
-        }
-        Ok(BackupKind::Isolated)
-    } else if parents == 0 {
-        Ok(BackupKind::Full)
-    } else if parents == r.volumes.len() {
-        Ok(BackupKind::Incremental)
-    } else {
-        let without: Vec<&str> =
-            r.volumes.iter().filter(|v| v.parent_backup_path.is_none()).map(|v| v.uuid.as_str()).collect();
-        Err(KnibError::invalid(format!(
-            "request of {op}: some volumes have `parent_backup_path` and some ({}) do not: one backup is all full or all incremental",
-            without.join(", ")
-        )))
-    }
-}
+use super::stopped::kind_of;
 
 /// The plan of a backup from the request's explicit paths.
 fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) -> Result<LivePlan> {
@@ -226,7 +203,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
     let q = QemuImg::new();
     // Until the snapshot, nothing has changed: the VM is consistent.
     let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
-    let vm = domain(r.connect.as_deref(), &r.domain).map_err(consistent)?;
+    let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default()).map_err(consistent)?;
     let plan = plan(op, &q, &vm, r, Mode::Take, ctl).map_err(consistent)?;
     log::info!("{op}: {} backup of domain {} ({} volumes)", plan.kind.as_str(), vm.name(), plan.disks.len());
     let answer = engine_live::take(&q, &vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(())).map_err(consistent)?;
@@ -236,7 +213,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
         .zip(&answer.volumes)
         .map(|(v, a)| TakenVolume {
             uuid: v.uuid.clone(),
-            target: a.name.clone(),
+            target: Some(a.name.clone()),
             new_volume_path: a.active_file.clone(),
             delta_path_on_store: a.dest.clone(),
             size: a.size,
@@ -249,7 +226,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
 /// `agent.cleanup_vm_backup`.
 pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
     let q = QemuImg::new();
-    let vm = domain(r.connect.as_deref(), &r.domain)?;
+    let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
     let plan = plan(op, &q, &vm, r, Mode::Cleanup, ctl)?;
     let published = plan.disks.iter().all(|d| d.dest.is_file());
     let mut actions = Vec::new();
@@ -279,7 +256,7 @@ pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<
         .zip(&plan.disks)
         .map(|(v, d)| {
             let path = report.chains.iter().find(|(t, _)| *t == d.target).and_then(|(_, c)| c.first().cloned());
-            VolumeState { uuid: Some(v.uuid.clone()), target: d.target.clone(), path }
+            VolumeState { uuid: Some(v.uuid.clone()), target: Some(d.target.clone()), path }
         })
         .collect();
     for a in &actions {
@@ -411,7 +388,7 @@ pub(crate) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<C
 pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<MergeSnapshotAnswer> {
     non_empty(op, "merges", &r.merges)?;
     let q = QemuImg::new();
-    let vm = domain(r.connect.as_deref(), &r.domain)?;
+    let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
     let running = check_running(op, &vm, r.running)?;
     let mut out = Vec::new();
     for (i, m) in r.merges.iter().enumerate() {
@@ -454,7 +431,7 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
         for g in &others {
             q.rebase_unsafe(g, &parent.to_string_lossy(), "qcow2", ctl)?;
         }
-        out.push(MergedVolume { uuid: m.uuid.clone(), target, path: now });
+        out.push(MergedVolume { uuid: m.uuid.clone(), target: Some(target), path: now });
     }
     Ok(MergeSnapshotAnswer { volumes: out })
 }

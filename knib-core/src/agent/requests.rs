@@ -72,11 +72,12 @@ pub(crate) struct MergeTree {
     pub parent: PathBuf,
     /// The delta committed (it must be `path`).
     pub child: PathBuf,
-    /// Accepted as the transfer object carries it; after a backup's copy
-    /// the only child of `child` is the new delta, which the merge itself
-    /// moves onto `parent`.
+    /// With a domain, accepted as the transfer object carries it (after a
+    /// backup's copy the only child of `child` in the disk's chain is the
+    /// new delta, which the merge itself moves onto `parent`). Without a
+    /// domain, each (other than the new delta, always moved) is re-pointed
+    /// at `parent` after the merge.
     #[serde(default)]
-    #[allow(dead_code)]
     pub grand_children: Vec<PathBuf>,
 }
 
@@ -84,8 +85,10 @@ pub(crate) struct MergeTree {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TakeReq {
-    /// The libvirt domain of the VM.
-    pub domain: String,
+    /// The libvirt domain; may be absent only with `running: false` (a
+    /// stopped VM libvirt does not know: the volumes' files alone).
+    #[serde(default)]
+    pub domain: Option<String>,
     /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
@@ -359,8 +362,9 @@ pub(crate) struct SnapshotMerge {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct MergeReq {
-    /// The libvirt domain.
-    pub domain: String,
+    /// The libvirt domain; may be absent only with `running: false`.
+    #[serde(default)]
+    pub domain: Option<String>,
     /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
@@ -372,4 +376,17 @@ pub(crate) struct MergeReq {
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+}
+
+/// The domain a request names: `Ok(None)` for a stopped VM libvirt does
+/// not know (no `domain`, `running: false`); without `domain` and with
+/// `running` true or absent, an error naming the field.
+pub(crate) fn domain_of<'a>(op: &str, domain: &'a Option<String>, running: Option<bool>) -> crate::error::Result<Option<&'a str>> {
+    match (domain.as_deref(), running) {
+        (Some(d), _) => Ok(Some(d)),
+        (None, Some(false)) => Ok(None),
+        (None, _) => Err(crate::error::KnibError::invalid(format!(
+            "request of {op}: field `domain` is missing: it may be left out only with `running: false` (a stopped VM named by its volumes' files)"
+        ))),
+    }
 }

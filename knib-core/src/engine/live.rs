@@ -28,15 +28,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::native::{self, DataPath, NativeCopy};
+use crate::engine::native::DataPath;
 use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::libvirt::{blockjob, blockwait};
 use crate::libvirt::{DiskInfo, Vm};
 use crate::progress::Control;
-use crate::qcow2::{SourceMode, TargetFormat};
-use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
+use crate::qemu_img::{CompressionLibrary, QemuImg};
 
 /// The marker in the name of a knib delta.
 pub const DELTA_MARKER: &str = ".knib-delta-";
@@ -247,53 +246,17 @@ pub fn take(
         let mut results = Vec::new();
         for d in &plan.disks {
             ctl.check(&format!("copy of disk {}", d.target))?;
-            let dir = fsio::parent_dir(&d.dest);
-            let tmp = fsio::temp_path(&d.dest);
-            let native = plan.data_path == DataPath::Native && !native::is_qcow2_v2(d.old_top()).unwrap_or(true);
-            crate::crashpoint::durable_step(&format!("copy of disk {}", d.target));
-            let r = if native {
-                let what = format!("backup of disk {}", d.target);
-                let c = NativeCopy {
-                    source: d.old_top(),
-                    dest: &tmp,
-                    mode: if d.parent.is_some() { SourceMode::Top } else { SourceMode::Chain },
-                    format: TargetFormat::Qcow2,
-                    backing: d.parent.clone(),
-                    compress: plan.compress,
-                    hash: true,
-                    threads: 0,
-                    rate_limit_mbps: 0,
-                    what: &what,
-                };
-                native::copy(&c, ctl).map(|r| (r.hash, plan.compress, Some(r.bytes_read)))
-            } else {
-                let needed = if d.parent.is_some() {
-                    fsio::allocated_bytes(d.old_top())?
-                } else {
-                    q.measure(d.old_top(), ImageFormat::Qcow2, ctl)?.required
-                };
-                fsio::require_space(dir, needed, &format!("backup of disk {}", d.target))?;
-                q.convert(
-                    &Convert {
-                        source: d.old_top().to_path_buf(),
-                        dest: tmp.clone(),
-                        backing: d.parent.clone(),
-                        force_share: true,
-                        compress: plan.compress,
-                        ..Default::default()
-                    },
-                    ctl,
-                )
-                .map(|_| (None, plan.compress, None))
-            };
-            let r = r.and_then(|hash| fsio::commit_rename(&tmp, &d.dest).map(|_| hash));
-            let (hash, compression, data_bytes) = match r {
-                Ok(h) => h,
-                Err(e) => {
-                    let _ = fsio::remove_if_exists(&tmp);
-                    return Err(e.context(format!("copy of disk {}", d.target)));
-                }
-            };
+            let what = format!("disk {}", d.target);
+            let (hash, compression, data_bytes) = super::stopped::copy_to_store(
+                q,
+                d.old_top(),
+                &d.dest,
+                d.parent.as_deref(),
+                plan.data_path,
+                plan.compress,
+                &what,
+                ctl,
+            )?;
             results.push(VolumeResult {
                 name: d.target.clone(),
                 active_file: d.new_delta.clone(),
@@ -424,19 +387,9 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
 }
 
 /// Merge `top` into `into`, which must be its backing file (stopped
-/// domain): natively when the native merge applies, else `qemu-img commit`
-/// ([`native::commit_keep`]).
+/// domain): [`super::stopped::commit_files`].
 fn commit_files(q: &QemuImg, top: &Path, into: &Path, path: DataPath, ctl: &Control) -> Result<()> {
-    let chain = q.info_chain(top, ctl)?;
-    let backing = chain.get(1).map(|i| PathBuf::from(&i.filename));
-    if backing.as_deref() != Some(into) {
-        return Err(KnibError::invalid(format!(
-            "{} does not have {} as its backing file",
-            top.display(),
-            into.display()
-        )));
-    }
-    native::commit_keep(q, top, path, ctl)
+    super::stopped::commit_files(q, top, into, path, ctl)
 }
 
 /// What [`recover`] did.

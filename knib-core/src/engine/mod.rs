@@ -33,6 +33,7 @@ pub mod compress;
 pub mod merge;
 pub mod native;
 pub mod restore;
+pub mod stopped;
 pub mod take;
 pub mod verify;
 #[cfg(feature = "libvirt")]

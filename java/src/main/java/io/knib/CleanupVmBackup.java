@@ -13,9 +13,12 @@ public final class CleanupVmBackup {
     /**
      * The command: the failed backup's request, as {@link #of} makes it. Immutable.
      *
-     * @param domain the libvirt domain ({@code vmName})
+     * @param domain the libvirt domain ({@code vmName}); null for a stopped VM libvirt does not know (its
+     *     domain was transient): then {@code running} must be false, and the volumes' files alone are worked on
+     *     (every file is first tested for QEMU's image lock: one a process holds fails with {@link BusyException})
      * @param connect the libvirt URI; null for {@code qemu:///system}
-     * @param running whether the VM runs ({@code runningVM}); null to take the domain's state as it is
+     * @param running whether the VM runs ({@code runningVM}); null to take the domain's state as it is; must be
+     *     false when {@code domain} is null
      * @param quiesce as the failed backup's
      * @param endOfChain as the failed backup's
      * @param isolated as the failed backup's
@@ -93,7 +96,7 @@ public final class CleanupVmBackup {
         /** @return the volume's uuid */
         public String uuid() { return uuid; }
 
-        /** @return its disk target */
+        /** @return its disk target; null for a VM without a domain */
         public String target() { return target; }
 
         /** @return the file it runs on now */

@@ -9,9 +9,12 @@ public final class MergeSnapshot {
     /**
      * The command. Immutable.
      *
-     * @param domain the libvirt domain ({@code vmName})
+     * @param domain the libvirt domain ({@code vmName}); null for a stopped VM libvirt does not know (its
+     *     domain was transient): then {@code running} must be false, and the volumes' files alone are worked on
+     *     (every file is first tested for QEMU's image lock: one a process holds fails with {@link BusyException})
      * @param connect the libvirt URI; null for {@code qemu:///system}
-     * @param running whether the VM runs ({@code isVmRunning}); null to take the domain's state as it is
+     * @param running whether the VM runs ({@code isVmRunning}); null to take the domain's state as it is; must be
+     *     false when {@code domain} is null
      * @param merges the merges, in order ({@code snapshotMergeTreeToList})
      * @param timeoutSecs the command's time budget in seconds; null for none
      */
@@ -98,7 +101,7 @@ public final class MergeSnapshot {
         /** @return the volume's uuid */
         public String uuid() { return uuid; }
 
-        /** @return its disk target */
+        /** @return its disk target; null for a VM without a domain */
         public String target() { return target; }
 
         /** @return the file it runs on now */

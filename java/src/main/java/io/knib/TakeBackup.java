@@ -12,9 +12,12 @@ public final class TakeBackup {
     /**
      * The command: one backup of all the volumes of one VM. Immutable; make one with {@link #builder()}.
      *
-     * @param domain the libvirt domain ({@code vmName})
+     * @param domain the libvirt domain ({@code vmName}); null for a stopped VM libvirt does not know (its
+     *     domain was transient): then {@code running} must be false, and the volumes' files alone are worked on
+     *     (every file is first tested for QEMU's image lock: one a process holds fails with {@link BusyException})
      * @param connect the libvirt URI; null for {@code qemu:///system}
-     * @param running whether the VM runs ({@code runningVM}); null to take the domain's state as it is
+     * @param running whether the VM runs ({@code runningVM}); null to take the domain's state as it is; must be
+     *     false when {@code domain} is null
      * @param quiesce freeze the guest's file systems for the snapshot ({@code quiesceVm}; needs the guest agent)
      * @param endOfChain the backup ends its chain: the disks go back to their base afterwards ({@code endChain})
      * @param isolated a full copy outside any chain; the disks are left as they were ({@code isolated})
@@ -214,7 +217,7 @@ public final class TakeBackup {
         /** @return the volume's uuid */
         public String uuid() { return uuid; }
 
-        /** @return the disk target in the domain ({@code vda}) */
+        /** @return the disk target in the domain ({@code vda}); null for a VM without a domain */
         public String target() { return target; }
 
         /** @return the file the volume runs on now */

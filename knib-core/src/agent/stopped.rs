@@ -1,0 +1,272 @@
+//! The agent operations for a stopped VM that libvirt does not know
+//! (`running: false`, no `domain`): `agent.take_backup`,
+//! `agent.cleanup_vm_backup` and `agent.merge_snapshot` on the volumes'
+//! files alone, through [`crate::engine::stopped`] (see the module
+//! documentation of [`crate::agent`]). Needs no libvirt.
+
+use super::*;
+use crate::engine::stopped::{self as files_engine, ensure_unused, FilesDisk, FilesPlan};
+use crate::engine::take::BackupKind;
+use crate::qcow2::relative_pointer;
+
+/// The kind of a backup from its request.
+pub(crate) fn kind_of(op: &str, r: &TakeReq) -> Result<BackupKind> {
+    let parents = r.volumes.iter().filter(|v| v.parent_backup_path.is_some()).count();
+    if r.isolated {
+        if let Some(v) = r.volumes.iter().find(|v| v.parent_backup_path.is_some()) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: an isolated backup is a full copy: volume {} must not have `parent_backup_path`",
+                v.uuid
+            )));
+        }
+        Ok(BackupKind::Isolated)
+    } else if parents == 0 {
+        Ok(BackupKind::Full)
+    } else if parents == r.volumes.len() {
+        Ok(BackupKind::Incremental)
+    } else {
+        let without: Vec<&str> =
+            r.volumes.iter().filter(|v| v.parent_backup_path.is_none()).map(|v| v.uuid.as_str()).collect();
+        Err(KnibError::invalid(format!(
+            "request of {op}: some volumes have `parent_backup_path` and some ({}) do not: one backup is all full or all incremental",
+            without.join(", ")
+        )))
+    }
+}
+
+/// Every file on primary the request names (those that exist are tested
+/// for QEMU's locks before anything is done).
+fn named_files(r: &TakeReq) -> Vec<&Path> {
+    let mut out: Vec<&Path> = Vec::new();
+    for v in &r.volumes {
+        out.push(&v.path);
+        out.push(&v.delta_path_on_primary);
+        if let Some(m) = &v.merge {
+            out.push(&m.parent);
+            out.push(&m.child);
+            out.extend(m.grand_children.iter().map(PathBuf::as_path));
+        }
+    }
+    out
+}
+
+/// The plan of a backup of a VM without a domain, from the request's paths
+/// and the files; `take` says whether the backup is about to be taken (the
+/// new files must not exist yet, the store directory is created) or
+/// cleaned up.
+fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result<FilesPlan> {
+    non_empty(op, "volumes", &r.volumes)?;
+    let kind = kind_of(op, r)?;
+    let mut disks: Vec<FilesDisk> = Vec::new();
+    for (i, v) in r.volumes.iter().enumerate() {
+        let field = |f: &str| format!("volumes[{i}].{f}");
+        if v.uuid.is_empty() {
+            return Err(KnibError::invalid(format!("request of {op}: field `{}` is empty", field("uuid"))));
+        }
+        absolute(op, &field("path"), &v.path)?;
+        absolute(op, &field("delta_path_on_primary"), &v.delta_path_on_primary)?;
+        absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)?;
+        if let Some(p) = &v.parent_backup_path {
+            absolute(op, &field("parent_backup_path"), p)?;
+            if take && !p.is_file() {
+                return Err(KnibError::not_found(format!("volume {}: the parent backup {} does not exist", v.uuid, p.display())));
+            }
+        }
+        if let Some(m) = &v.merge {
+            absolute(op, &field("merge.parent"), &m.parent)?;
+            absolute(op, &field("merge.child"), &m.child)?;
+            for (j, g) in m.grand_children.iter().enumerate() {
+                absolute(op, &field(&format!("merge.grand_children[{j}]")), g)?;
+            }
+            if !same_file(&m.child, &v.path) {
+                return Err(KnibError::invalid(format!(
+                    "request of {op}: volume {}: `merge.child` ({}) must be the file the volume runs on ({})",
+                    v.uuid,
+                    m.child.display(),
+                    v.path.display()
+                )));
+            }
+        }
+        if !v.vm_snapshot_delta_paths.is_empty() && kind == BackupKind::Incremental {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: volume {}: VM snapshot deltas since the last backup cannot be backed up incrementally yet (only the top layer would be copied): take a full backup, or merge the VM snapshots first",
+                v.uuid
+            )));
+        }
+        if let Some(o) = r.volumes[..i].iter().position(|o| same_file(&o.path, &v.path)) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: volumes {} and {} are the same file {}",
+                r.volumes[o].uuid,
+                v.uuid,
+                v.path.display()
+            )));
+        }
+        let mut virtual_size = 0;
+        if take {
+            if !v.path.is_file() {
+                return Err(KnibError::not_found(format!("volume {}: {} does not exist", v.uuid, v.path.display())));
+            }
+            for (what, f) in [("the new delta", &v.delta_path_on_primary), ("the backup file", &v.delta_path_on_store)] {
+                if f.exists() {
+                    return Err(KnibError::invalid(format!("volume {}: {what} {} already exists", v.uuid, f.display())));
+                }
+            }
+            let info = q.info(&v.path, ctl)?;
+            if info.format != "qcow2" {
+                return Err(KnibError::invalid(format!("volume {}: {} is {}, not qcow2", v.uuid, v.path.display(), info.format)));
+            }
+            virtual_size = info.virtual_size;
+            match &v.merge {
+                Some(m) => {
+                    let below = info.full_backing_filename.as_deref().map(PathBuf::from);
+                    if !below.as_deref().is_some_and(|b| same_file(b, &m.parent)) {
+                        return Err(KnibError::invalid(format!(
+                            "request of {op}: volume {}: {} has {} below it, not `merge.parent` {}",
+                            v.uuid,
+                            v.path.display(),
+                            below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
+                            m.parent.display()
+                        )));
+                    }
+                }
+                None if kind == BackupKind::Incremental => {
+                    return Err(KnibError::invalid(format!(
+                        "request of {op}: volume {}: an incremental backup copies the delta written since the parent backup: give it as `merge.child` (with its base as `merge.parent`)",
+                        v.uuid
+                    )));
+                }
+                None => {}
+            }
+        }
+        let dest_dir = fsio::parent_dir(&v.delta_path_on_store);
+        if take && !dest_dir.is_dir() {
+            std::fs::create_dir_all(dest_dir).map_err(|e| KnibError::io("cannot create", dest_dir, e))?;
+        }
+        let (base, old_delta, grand_children) = match &v.merge {
+            Some(m) => (m.parent.clone(), Some(v.path.clone()), m.grand_children.clone()),
+            None => (v.path.clone(), None, Vec::new()),
+        };
+        disks.push(FilesDisk {
+            name: v.uuid.clone(),
+            base,
+            old_delta,
+            new_delta: v.delta_path_on_primary.clone(),
+            dest: v.delta_path_on_store.clone(),
+            parent: v.parent_backup_path.as_deref().map(|p| relative_pointer(dest_dir, p)),
+            virtual_size,
+            grand_children,
+        });
+    }
+    Ok(FilesPlan {
+        kind,
+        end_of_chain: r.end_of_chain && kind != BackupKind::Isolated,
+        disks,
+        data_path: Default::default(),
+        compress: None,
+    })
+}
+
+/// `agent.take_backup` of a VM without a domain.
+pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
+    let q = QemuImg::new();
+    // Until the new deltas exist, nothing has changed.
+    let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
+    ensure_unused(&named_files(r), &format!("{op} of a VM without a domain")).map_err(consistent)?;
+    let plan = plan(op, &q, r, true, ctl).map_err(consistent)?;
+    log::info!("{op}: {} backup of {} volumes without a domain", plan.kind.as_str(), plan.disks.len());
+    let answer = files_engine::take(&q, &plan, ctl).map_err(consistent)?;
+    let volumes = r
+        .volumes
+        .iter()
+        .zip(&answer.volumes)
+        .map(|(v, a)| TakenVolume {
+            uuid: v.uuid.clone(),
+            target: None,
+            new_volume_path: a.active_file.clone(),
+            delta_path_on_store: a.dest.clone(),
+            size: a.size,
+            virtual_size: a.virtual_size,
+        })
+        .collect();
+    Ok(TakeBackupAnswer { kind: plan.kind.as_str().to_string(), vm_consistent: true, volumes })
+}
+
+/// `agent.cleanup_vm_backup` of a VM without a domain: decided from the
+/// files (every `delta_path_on_store` present: finish; else undo), after
+/// testing every file on primary for QEMU's locks.
+pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
+    let q = QemuImg::new();
+    ensure_unused(&named_files(r), &format!("{op} of a VM without a domain"))?;
+    let plan = plan(op, &q, r, false, ctl)?;
+    let published = plan.disks.iter().all(|d| d.dest.is_file());
+    let mut actions = Vec::new();
+    for d in &plan.disks {
+        let tmp = fsio::temp_path(&d.dest);
+        if tmp.exists() {
+            fsio::remove_if_exists(&tmp)?;
+            actions.push(format!("{}: removed the partial copy {}", d.name, tmp.display()));
+        }
+        if !published && d.dest.exists() {
+            fsio::remove_if_exists(&d.dest)?;
+            actions.push(format!("{}: removed {} (the backup was not complete)", d.name, d.dest.display()));
+        }
+    }
+    let rep = files_engine::recover(&q, &plan, published, ctl).map_err(|e| {
+        let e = e.context("cleanup of the backup of a VM without a domain");
+        if e.vm_consistent.is_none() {
+            e.with_vm_consistent(false)
+        } else {
+            e
+        }
+    })?;
+    actions.extend(rep.actions);
+    for a in &actions {
+        log::info!("{op}: {a}");
+    }
+    let volumes = r
+        .volumes
+        .iter()
+        .zip(rep.tops)
+        .map(|(v, top)| VolumeState { uuid: Some(v.uuid.clone()), target: None, path: Some(top) })
+        .collect();
+    Ok(CleanupVmBackupAnswer { published, vm_consistent: true, volumes, actions })
+}
+
+/// `agent.merge_snapshot` of a VM without a domain: each `child` committed
+/// into `parent` (its backing file), each of `grand_children` re-pointed
+/// at `parent`, `child` removed.
+pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<MergeSnapshotAnswer> {
+    non_empty(op, "merges", &r.merges)?;
+    let q = QemuImg::new();
+    let mut all: Vec<&Path> = Vec::new();
+    for (i, m) in r.merges.iter().enumerate() {
+        absolute(op, &format!("merges[{i}].parent"), &m.parent)?;
+        absolute(op, &format!("merges[{i}].child"), &m.child)?;
+        for (j, g) in m.grand_children.iter().enumerate() {
+            absolute(op, &format!("merges[{i}].grand_children[{j}]"), g)?;
+        }
+        all.push(&m.parent);
+        all.push(&m.child);
+        all.extend(m.grand_children.iter().map(PathBuf::as_path));
+    }
+    ensure_unused(&all, &format!("{op} of a VM without a domain"))?;
+    let mut out = Vec::new();
+    for m in &r.merges {
+        if !m.child.is_file() {
+            return Err(KnibError::not_found(format!("{} does not exist", m.child.display())));
+        }
+        let below = q.info(&m.child, ctl)?.full_backing_filename.map(PathBuf::from);
+        if !below.as_deref().is_some_and(|b| same_file(b, &m.parent)) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: {} has {} below it, not `parent` {}",
+                m.child.display(),
+                below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
+                m.parent.display()
+            )));
+        }
+        files_engine::merge_into_parent(&q, &m.child, &m.parent, &m.grand_children, Default::default(), ctl)
+            .map_err(|e| e.context(format!("merge of {} into {}", m.child.display(), m.parent.display())))?;
+        out.push(MergedVolume { uuid: m.uuid.clone(), target: None, path: m.parent.clone() });
+    }
+    Ok(MergeSnapshotAnswer { volumes: out })
+}

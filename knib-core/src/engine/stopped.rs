@@ -1,0 +1,437 @@
+//! Backups of a VM that no hypervisor knows: a stopped CloudStack VM, whose
+//! libvirt domain was transient and is gone, named only by its volumes'
+//! files. The steps are those of [`crate::engine::live`] made on the files:
+//!
+//! 1. `Snapshot`: each volume gets its new delta `D'` over the file it runs
+//!    on (`qemu-img create -b`, the pointer relative to `D'`'s directory);
+//! 2. `Copy`: the file it ran on (`D`, with the parent backup as backing
+//!    file) or the flattened chain (full, isolated) to the store, under a
+//!    temporary name, fsynced and renamed;
+//! 3. `Merge`: `D` committed into the base (natively when the native merge
+//!    applies, with its checks: dirty images repaired first, metadata
+//!    guarded), `D'` and every other child of `D` re-pointed at the base
+//!    (`rebase -u`), `D` removed;
+//! 4. `Pivot`: at the end of a chain `D'` is committed into the base; for
+//!    an isolated backup step 3 is skipped and `D'` goes back into `D`.
+//!
+//! A failure before every copy is complete removes what was written to the
+//! store and commits each `D'` back (the error says the VM is consistent);
+//! a later failure says it is not, for [`recover`] to finish.
+//!
+//! # Files in use
+//!
+//! No domain says whether a QEMU runs on the files, so before anything is
+//! written every existing file the backup reads or writes on primary is
+//! tested for QEMU's image locks ([`ensure_unused`]): one that a process
+//! holds (a VM running on it after all, a `qemu-img` working on it) fails
+//! the operation as busy, naming it, with nothing written.
+
+use std::path::{Path, PathBuf};
+
+use crate::engine::native::{self, DataPath, NativeCopy};
+use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::fsio;
+use crate::progress::Control;
+use crate::qcow2::{relative_pointer, SourceMode, TargetFormat};
+use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
+
+/// What a backup does to one volume of a VM without a domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilesDisk {
+    /// The volume's name in messages (the request's uuid).
+    pub name: String,
+    /// The base file.
+    pub base: PathBuf,
+    /// The delta the volume ran on (`D`, above `base`), if any.
+    pub old_delta: Option<PathBuf>,
+    /// The new delta (`D'`).
+    pub new_delta: PathBuf,
+    /// The backup file on the store.
+    pub dest: PathBuf,
+    /// The parent backup's file, as the backing pointer of `dest`.
+    pub parent: Option<String>,
+    /// The guest-visible size.
+    pub virtual_size: u64,
+    /// Other files whose backing file is `old_delta` (snapshot branches),
+    /// re-pointed at the base when it is merged.
+    pub grand_children: Vec<PathBuf>,
+}
+
+impl FilesDisk {
+    /// The file the volume ran on before the backup.
+    pub fn old_top(&self) -> &Path {
+        self.old_delta.as_deref().unwrap_or(&self.base)
+    }
+}
+
+/// A backup of the volumes of a VM without a domain, planned.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilesPlan {
+    /// Full, incremental or isolated.
+    pub kind: BackupKind,
+    /// Collapse to the base afterwards.
+    pub end_of_chain: bool,
+    /// One entry per volume.
+    pub disks: Vec<FilesDisk>,
+    /// Native data path (default) or qemu-img for the copies.
+    pub data_path: DataPath,
+    /// Compress the backup files as they are copied.
+    pub compress: Option<CompressionLibrary>,
+}
+
+/// Fail as busy, naming the file, when a process holds QEMU's image locks
+/// on one of `files` ([`crate::lock::held_like_qemu`]); files that do not
+/// exist are skipped. Nothing is written.
+pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
+    for f in files {
+        let file = match std::fs::File::open(f) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(KnibError::io("cannot open", f, e)),
+        };
+        if crate::lock::held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
+            return Err(KnibError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is in use by another process (it holds QEMU's image lock: a running VM, or qemu-img): {what} refused, nothing was written",
+                    f.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The backing pointer a file at `from` gets to `to`: relative to `from`'s
+/// directory.
+fn pointer(from: &Path, to: &Path) -> String {
+    relative_pointer(fsio::parent_dir(from), to)
+}
+
+/// The file `top`'s backing pointer leads to, as `qemu-img` resolves it.
+fn backing_of(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<PathBuf>> {
+    Ok(q.info(top, ctl)?.full_backing_filename.map(PathBuf::from))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || a.canonicalize().ok().is_some_and(|x| b.canonicalize().ok() == Some(x))
+}
+
+/// Copy one volume's `source` to the store at `dest`: its own clusters over
+/// `parent` (incremental) or the flattened chain. Written under a temporary
+/// name, fsynced and renamed; the temporary is removed on a failure.
+/// Returns (hash, compression, guest bytes copied), as the native data path
+/// knows them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_to_store(
+    q: &QemuImg,
+    source: &Path,
+    dest: &Path,
+    parent: Option<&str>,
+    data_path: DataPath,
+    compress: Option<CompressionLibrary>,
+    what: &str,
+    ctl: &Control,
+) -> Result<(Option<String>, Option<CompressionLibrary>, Option<u64>)> {
+    let dir = fsio::parent_dir(dest);
+    let tmp = fsio::temp_path(dest);
+    let native = data_path == DataPath::Native && !native::is_qcow2_v2(source).unwrap_or(true);
+    crate::crashpoint::durable_step(&format!("copy of {what}"));
+    let r = if native {
+        let label = format!("backup of {what}");
+        let c = NativeCopy {
+            source,
+            dest: &tmp,
+            mode: if parent.is_some() { SourceMode::Top } else { SourceMode::Chain },
+            format: TargetFormat::Qcow2,
+            backing: parent.map(str::to_string),
+            compress,
+            hash: true,
+            threads: 0,
+            rate_limit_mbps: 0,
+            what: &label,
+        };
+        native::copy(&c, ctl).map(|r| (r.hash, compress, Some(r.bytes_read)))
+    } else {
+        (|| {
+            let needed = if parent.is_some() {
+                fsio::allocated_bytes(source)?
+            } else {
+                q.measure(source, ImageFormat::Qcow2, ctl)?.required
+            };
+            fsio::require_space(dir, needed, &format!("backup of {what}"))?;
+            q.convert(
+                &Convert {
+                    source: source.to_path_buf(),
+                    dest: tmp.clone(),
+                    backing: parent.map(str::to_string),
+                    force_share: true,
+                    compress,
+                    ..Default::default()
+                },
+                ctl,
+            )
+            .map(|_| (None, compress, None))
+        })()
+    };
+    match r.and_then(|h| fsio::commit_rename(&tmp, dest).map(|_| h)) {
+        Ok(h) => Ok(h),
+        Err(e) => {
+            let _ = fsio::remove_if_exists(&tmp);
+            Err(e.context(format!("copy of {what}")))
+        }
+    }
+}
+
+/// Commit `top` into `into`, which must be its backing file: natively when
+/// the native merge applies (dirty images repaired first, the base's
+/// metadata guarded), else `qemu-img commit`. `top` is kept.
+pub(crate) fn commit_files(q: &QemuImg, top: &Path, into: &Path, path: DataPath, ctl: &Control) -> Result<()> {
+    let backing = backing_of(q, top, ctl)?;
+    if !backing.as_deref().is_some_and(|b| same_file(b, into)) {
+        return Err(KnibError::invalid(format!(
+            "{} does not have {} as its backing file",
+            top.display(),
+            into.display()
+        )));
+    }
+    native::commit_keep(q, top, path, ctl)
+}
+
+/// Merge `child` into `parent` (its backing file), point each of
+/// `grand_children` (files whose backing file is `child`) at `parent`, and
+/// remove `child`: how a delta of a stopped volume is deleted. Reads
+/// through every grand child are the same before and after.
+pub fn merge_into_parent(
+    q: &QemuImg,
+    child: &Path,
+    parent: &Path,
+    grand_children: &[PathBuf],
+    path: DataPath,
+    ctl: &Control,
+) -> Result<()> {
+    for g in grand_children {
+        if !backing_of(q, g, ctl)?.is_some_and(|b| same_file(&b, child)) {
+            return Err(KnibError::invalid(format!(
+                "{} does not have {} as its backing file",
+                g.display(),
+                child.display()
+            )));
+        }
+    }
+    crate::crashpoint::durable_step(&format!("commit of {} into {}", child.display(), parent.display()));
+    commit_files(q, child, parent, path, ctl)?;
+    for g in grand_children {
+        crate::crashpoint::durable_step(&format!("rebase of {} onto {}", g.display(), parent.display()));
+        q.rebase_unsafe(g, &pointer(g, parent), "qcow2", ctl)?;
+    }
+    fsio::remove_if_exists(child)
+}
+
+/// Commit `top` (the file the volume runs on) into `into` (its backing
+/// file) and remove it: the volume then runs on `into`.
+fn commit_down(q: &QemuImg, top: &Path, into: &Path, path: DataPath, ctl: &Control) -> Result<()> {
+    merge_into_parent(q, top, into, &[], path, ctl)
+}
+
+/// Every existing file on primary a backup of `d` reads or writes.
+fn touched(d: &FilesDisk) -> Vec<&Path> {
+    let mut v: Vec<&Path> = vec![&d.base, &d.new_delta];
+    v.extend(d.old_delta.as_deref());
+    v.extend(d.grand_children.iter().map(PathBuf::as_path));
+    v
+}
+
+/// Take a backup of the volumes of a VM without a domain as `plan` says
+/// (see the module documentation).
+pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAnswer> {
+    let consistent = |e: KnibError| e.with_vm_consistent(true);
+    let all: Vec<&Path> = plan.disks.iter().flat_map(touched).collect();
+    ensure_unused(&all, "the backup").map_err(consistent)?;
+
+    // 1. The new deltas.
+    let mut made: Vec<&FilesDisk> = Vec::new();
+    for d in &plan.disks {
+        crate::crashpoint::durable_step(&format!("snapshot of volume {}", d.name));
+        let r = q.create_overlay(&d.new_delta, &pointer(&d.new_delta, d.old_top()), "qcow2", Some(d.virtual_size), ctl);
+        if let Err(e) = r {
+            let _ = fsio::remove_if_exists(&d.new_delta);
+            for m in &made {
+                let _ = fsio::remove_if_exists(&m.new_delta);
+            }
+            return Err(consistent(e.context(format!("new delta of volume {}", d.name))));
+        }
+        made.push(d);
+    }
+
+    // 2. The copies.
+    let copied = (|| -> Result<Vec<VolumeResult>> {
+        let mut results = Vec::new();
+        for d in &plan.disks {
+            ctl.check(&format!("copy of volume {}", d.name))?;
+            let what = format!("volume {}", d.name);
+            let (hash, compression, data_bytes) =
+                copy_to_store(q, d.old_top(), &d.dest, d.parent.as_deref(), plan.data_path, plan.compress, &what, ctl)?;
+            results.push(VolumeResult {
+                name: d.name.clone(),
+                active_file: d.new_delta.clone(),
+                dest: d.dest.clone(),
+                size: fsio::file_size(&d.dest)?,
+                virtual_size: d.virtual_size,
+                hash,
+                compression,
+                data_bytes,
+            });
+        }
+        ctl.check("finishing the backup")?;
+        Ok(results)
+    })();
+    let mut results = match copied {
+        Ok(r) => r,
+        Err(e) => {
+            for d in &plan.disks {
+                let _ = fsio::remove_if_exists(&d.dest);
+            }
+            let undo = Control::new().with_deadline(crate::Deadline::from_secs(3600));
+            let mut ok = true;
+            for d in &plan.disks {
+                if let Err(u) = commit_down(q, &d.new_delta, d.old_top(), plan.data_path, &undo) {
+                    log::error!("undoing the new delta of volume {}: {u}", d.name);
+                    ok = false;
+                }
+            }
+            return Err(e.with_vm_consistent(ok));
+        }
+    };
+
+    // 3. and 4. The merges.
+    let after = (|| -> Result<()> {
+        let mctl = Control::new().with_deadline(ctl.deadline);
+        if plan.kind == BackupKind::Isolated {
+            for d in &plan.disks {
+                commit_down(q, &d.new_delta, d.old_top(), plan.data_path, &mctl)?;
+            }
+            return Ok(());
+        }
+        for d in &plan.disks {
+            if let Some(old) = &d.old_delta {
+                let mut children = vec![d.new_delta.clone()];
+                children.extend(d.grand_children.iter().filter(|g| !same_file(g, &d.new_delta)).cloned());
+                merge_into_parent(q, old, &d.base, &children, plan.data_path, &mctl)?;
+            }
+        }
+        if plan.end_of_chain {
+            for d in &plan.disks {
+                commit_down(q, &d.new_delta, &d.base, plan.data_path, &mctl)?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = after {
+        return Err(e
+            .context("the backup is stored, but merging the volumes afterwards failed (agent.cleanup_vm_backup finishes it)")
+            .with_vm_consistent(false));
+    }
+    for (r, d) in results.iter_mut().zip(&plan.disks) {
+        r.active_file = match (plan.kind, plan.end_of_chain) {
+            (BackupKind::Isolated, _) => d.old_top().to_path_buf(),
+            (_, true) => d.base.clone(),
+            _ => d.new_delta.clone(),
+        };
+    }
+    Ok(TakeBackupAnswer { volumes: results })
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FilesRecovery {
+    /// One line per action taken.
+    pub actions: Vec<String>,
+    /// The file each volume runs on afterwards, in the plan's order.
+    pub tops: Vec<PathBuf>,
+}
+
+/// Finish (`published`: every copy reached the store) or undo an
+/// interrupted backup of volumes without a domain, from its plan and the
+/// files: where `D'` is, which layers are below it. Every file is first
+/// tested for QEMU's locks ([`ensure_unused`]).
+pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) -> Result<FilesRecovery> {
+    let all: Vec<&Path> = plan.disks.iter().flat_map(touched).collect();
+    ensure_unused(&all, "the cleanup")?;
+    let mut rep = FilesRecovery::default();
+    let finish = published && plan.kind != BackupKind::Isolated;
+    for d in &plan.disks {
+        let chain_of = |top: &Path| -> Result<Vec<PathBuf>> {
+            Ok(q.info_chain(top, ctl)?.into_iter().map(|i| PathBuf::from(i.filename)).collect())
+        };
+        let in_chain = |chain: &[PathBuf], p: &Path| chain.iter().any(|c| same_file(c, p));
+        if d.new_delta.exists() {
+            let chain = chain_of(&d.new_delta)?;
+            let old = d.old_delta.as_deref().filter(|o| chain.get(1).is_some_and(|c| same_file(c, o)));
+            if finish {
+                if let Some(old) = old {
+                    let mut children = vec![d.new_delta.clone()];
+                    children.extend(d.grand_children.iter().filter(|g| g.exists() && !same_file(g, &d.new_delta)).cloned());
+                    merge_into_parent(q, old, &d.base, &children, plan.data_path, ctl)?;
+                    rep.actions.push(format!("{}: merged {} into {}", d.name, old.display(), d.base.display()));
+                }
+                if plan.end_of_chain {
+                    commit_down(q, &d.new_delta, &d.base, plan.data_path, ctl)?;
+                    rep.actions.push(format!(
+                        "{}: committed {} into {} (end of chain)",
+                        d.name,
+                        d.new_delta.display(),
+                        d.base.display()
+                    ));
+                }
+            } else {
+                let into = chain.get(1).cloned().ok_or_else(|| {
+                    KnibError::new(ErrorKind::VmInconsistent, format!("{} has no backing file", d.new_delta.display()))
+                })?;
+                if !(same_file(&into, &d.base) || old.is_some()) {
+                    return Err(KnibError::new(
+                        ErrorKind::VmInconsistent,
+                        format!(
+                            "volume {}: {} sits on {}, neither {} nor {}",
+                            d.name,
+                            d.new_delta.display(),
+                            into.display(),
+                            d.old_top().display(),
+                            d.base.display()
+                        ),
+                    ));
+                }
+                commit_down(q, &d.new_delta, &into, plan.data_path, ctl)?;
+                rep.actions.push(format!(
+                    "{}: undid the new delta: committed {} back into {}",
+                    d.name,
+                    d.new_delta.display(),
+                    into.display()
+                ));
+            }
+        }
+        // The volume runs on the highest of its files still there; a file
+        // of the backup outside that chain is a leftover of a finished step.
+        let top = [Some(d.new_delta.as_path()), d.old_delta.as_deref(), Some(d.base.as_path())]
+            .into_iter()
+            .flatten()
+            .find(|p| p.exists())
+            .ok_or_else(|| {
+                KnibError::new(
+                    ErrorKind::VmInconsistent,
+                    format!("volume {}: none of its files is left ({} is missing)", d.name, d.base.display()),
+                )
+            })?
+            .to_path_buf();
+        let chain = chain_of(&top)?;
+        for f in [Some(d.new_delta.as_path()), d.old_delta.as_deref()].into_iter().flatten() {
+            if !in_chain(&chain, f) && f.exists() {
+                fsio::remove_if_exists(f)?;
+                rep.actions.push(format!("{}: removed {} (no longer in the chain)", d.name, f.display()));
+            }
+        }
+        rep.tops.push(top);
+    }
+    Ok(rep)
+}

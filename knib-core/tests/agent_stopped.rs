@@ -1,0 +1,471 @@
+//! The agent's backups of a stopped VM that libvirt does not know
+//! (`running: false`, no `domain`: the volumes' files alone), through
+//! `agent.take_backup`, `agent.cleanup_vm_backup` and
+//! `agent.merge_snapshot`, with the real qemu-img and qemu-io and no
+//! libvirt: seeded guest writes between backups (full, incrementals with
+//! merges, end of chain, isolated), each backup restored and compared with
+//! the guest's view when it was taken; a crash at every durable step of an
+//! incremental backup (a child process aborted by `KNIB_TEST_CRASH_AT`)
+//! followed by the cleanup, after which the next incremental still holds
+//! every write; and volumes a process holds QEMU's image lock on refused
+//! with nothing written.
+
+#[path = "common/disk.rs"]
+mod disk;
+#[path = "common/gen.rs"]
+mod gen;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use disk::{assert_check_clean, assert_identical, make_disk, qemu_io, snapshot};
+use gen::Rng;
+use knib_core::api::call;
+use knib_core::qemu_img::QemuImg;
+use knib_core::{Control, ErrorKind, KnibError};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const VOLS: [(&str, u64); 2] = [("root", 16 * MIB), ("data", 8 * MIB)];
+const CHILD_ENV: &str = "KNIB_STOPPED_CHILD_REQUEST";
+const CRASH_ENV: &str = "KNIB_TEST_CRASH_AT";
+const NOTE_ENV: &str = "KNIB_TEST_CRASH_NOTE";
+
+fn agent(op: &str, req: &Value) -> Result<Value, KnibError> {
+    call(op, &req.to_string(), &Control::new()).map(|a| serde_json::from_str(&a).expect("answers are JSON"))
+}
+
+fn ok(op: &str, req: &Value) -> Value {
+    agent(op, req).unwrap_or_else(|e| panic!("{op}: {e}\nrequest: {req:#}"))
+}
+
+/// A stopped VM's volumes in a directory, and where each runs now.
+struct Vm {
+    dir: PathBuf,
+    store: PathBuf,
+    /// (name, base, file it runs on now)
+    vols: Vec<(String, PathBuf, PathBuf)>,
+    rng: Rng,
+}
+
+impl Vm {
+    fn new(dir: &Path, seed: u64) -> Vm {
+        let store = dir.join("store");
+        let primary = dir.join("primary");
+        std::fs::create_dir_all(&primary).unwrap();
+        let vols = VOLS
+            .iter()
+            .map(|(n, size)| {
+                let p = primary.join(format!("{n}-vol"));
+                make_disk(&p, *size, &[]);
+                (n.to_string(), p.clone(), p)
+            })
+            .collect();
+        Vm { dir: dir.to_path_buf(), store, vols, rng: Rng::new(seed) }
+    }
+
+    /// Seeded guest writes (and a discard) into every volume's top file.
+    fn write(&mut self, n: usize) {
+        for ((_, _, top), (_, size)) in self.vols.iter().zip(VOLS) {
+            for _ in 0..n {
+                let len = (1 + self.rng.below(8)) * 16 * 1024;
+                let off = self.rng.below((size - len) / 512) * 512;
+                let pat = 1 + self.rng.below(250);
+                qemu_io(top, &format!("write -P {pat} {off} {len}"));
+            }
+            let off = self.rng.below(size / MIB) * MIB;
+            qemu_io(top, &format!("write -z {off} 65536"));
+        }
+    }
+
+    /// The guest's view of every volume now, flattened.
+    fn view(&self, tag: &str) -> Vec<PathBuf> {
+        self.vols
+            .iter()
+            .map(|(n, _, top)| {
+                let p = self.dir.join(format!("view-{n}-{tag}.qcow2"));
+                snapshot(top, &p);
+                p
+            })
+            .collect()
+    }
+
+    fn store_file(&self, backup: &str, vol: &str) -> PathBuf {
+        self.store.join(backup).join(format!("{vol}.qcow2"))
+    }
+
+    /// The request of a backup named `id`, incremental over `parent`.
+    fn request(&self, id: &str, parent: Option<&str>, extra: Value) -> Value {
+        let volumes: Vec<Value> = self
+            .vols
+            .iter()
+            .map(|(n, base, top)| {
+                let mut v = json!({
+                    "uuid": format!("uuid-{n}"),
+                    "path": top,
+                    "delta_path_on_primary": base.with_file_name(format!("{n}-delta-{id}")),
+                    "delta_path_on_store": self.store_file(id, n),
+                });
+                if top != base {
+                    v["merge"] = json!({"parent": base, "child": top});
+                }
+                if let Some(p) = parent {
+                    v["parent_backup_path"] = json!(self.store_file(p, n));
+                }
+                v
+            })
+            .collect();
+        let mut r = json!({"running": false, "volumes": volumes, "timeout_secs": 600});
+        for (k, v) in extra.as_object().unwrap() {
+            r[k] = v.clone();
+        }
+        r
+    }
+
+    fn take(&mut self, id: &str, parent: Option<&str>, extra: Value) -> Value {
+        let a = ok("agent.take_backup", &self.request(id, parent, extra));
+        self.follow(&a["volumes"], "new_volume_path");
+        a
+    }
+
+    /// Each volume runs on the file the answer says.
+    fn follow(&mut self, vols: &Value, field: &str) {
+        for (v, a) in self.vols.iter_mut().zip(vols.as_array().unwrap()) {
+            assert_eq!(a["uuid"], json!(format!("uuid-{}", v.0)));
+            assert!(a["target"].is_null(), "{a}");
+            v.2 = PathBuf::from(a[field].as_str().unwrap());
+        }
+    }
+
+    /// Backup `id` restored with `agent.restore` equals `views`.
+    fn assert_backup_is(&self, id: &str, views: &[PathBuf]) {
+        for ((n, _, _), view) in self.vols.iter().zip(views) {
+            let to = self.dir.join(format!("restored-{n}-{id}.qcow2"));
+            let _ = std::fs::remove_file(&to);
+            ok("agent.restore", &json!({"volumes": [{"backup_path": self.store_file(id, n), "volume_path": to}]}));
+            assert_identical(&to, view);
+        }
+    }
+
+    /// `qemu-img check` of every file on primary and on the store, and the
+    /// files on primary are each volume's chain, nothing else.
+    fn assert_clean(&self) {
+        let q = QemuImg::new();
+        let mut in_chains = Vec::new();
+        for (_, _, top) in &self.vols {
+            for i in q.info_chain(top, &Control::new()).unwrap() {
+                in_chains.push(PathBuf::from(i.filename));
+            }
+        }
+        for e in std::fs::read_dir(self.vols[0].1.parent().unwrap()).unwrap() {
+            let p = e.unwrap().path();
+            assert!(in_chains.contains(&p), "{} is left on primary, outside the chains {in_chains:?}", p.display());
+            assert_check_clean(&p);
+        }
+        for b in std::fs::read_dir(&self.store).into_iter().flatten() {
+            for f in std::fs::read_dir(b.unwrap().path()).unwrap() {
+                let p = f.unwrap().path();
+                assert!(p.extension().is_some_and(|x| x == "qcow2"), "{} is left on the store", p.display());
+                assert_check_clean(&p);
+            }
+        }
+    }
+}
+
+#[test]
+fn full_incrementals_end_of_chain_and_isolated_without_a_domain() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 14);
+    vm.write(6);
+    let v1 = vm.view("b1");
+    let a = vm.take("b1", None, json!({}));
+    assert_eq!((a["kind"].as_str(), a["vm_consistent"].as_bool()), (Some("full"), Some(true)));
+    for (v, a) in vm.vols.iter().zip(a["volumes"].as_array().unwrap()) {
+        assert_eq!(v.2, v.1.with_file_name(format!("{}-delta-b1", v.0)), "runs on its new delta");
+        assert_eq!(a["virtual_size"].as_u64(), VOLS.iter().find(|x| x.0 == v.0).map(|x| x.1));
+        assert!(a["size"].as_u64().unwrap() > 0);
+        assert_eq!(QemuImg::new().info(&v.2, &Control::new()).unwrap().backing_filename.as_deref(), Some(format!("{}-vol", v.0).as_str()));
+    }
+    vm.assert_clean();
+
+    vm.write(5);
+    let v2 = vm.view("b2");
+    let a = vm.take("b2", Some("b1"), json!({}));
+    assert_eq!(a["kind"], "incremental");
+    for v in &vm.vols {
+        assert!(!v.1.with_file_name(format!("{}-delta-b1", v.0)).exists(), "the old delta is merged and removed");
+        assert_eq!(disk::chain_len(&v.2), 2);
+    }
+    // The store's pointers are relative: the store can be mounted elsewhere.
+    let b2 = QemuImg::new().info(&vm.store_file("b2", "root"), &Control::new()).unwrap();
+    assert_eq!(b2.backing_filename.as_deref(), Some("../b1/root.qcow2"));
+    vm.assert_clean();
+
+    vm.write(5);
+    let v3 = vm.view("b3");
+    let a = vm.take("b3", Some("b2"), json!({"end_of_chain": true}));
+    assert_eq!(a["kind"], "incremental");
+    for v in &vm.vols {
+        assert_eq!(v.2, v.1, "the chain ended: the volume runs on its base alone");
+        assert_eq!(disk::chain_len(&v.2), 1);
+    }
+    vm.assert_clean();
+
+    vm.write(4);
+    let v4 = vm.view("b4");
+    let a = vm.take("b4", None, json!({"isolated": true}));
+    assert_eq!(a["kind"], "isolated");
+    for v in &vm.vols {
+        assert_eq!(v.2, v.1, "an isolated backup leaves the chain as it was");
+    }
+    vm.assert_clean();
+    // And with a delta under it: still as it was.
+    let a = vm.take("b5", None, json!({}));
+    assert_eq!(a["kind"], "full");
+    vm.write(3);
+    let v6 = vm.view("b6");
+    let before: Vec<PathBuf> = vm.vols.iter().map(|v| v.2.clone()).collect();
+    vm.take("b6", None, json!({"isolated": true}));
+    assert_eq!(vm.vols.iter().map(|v| v.2.clone()).collect::<Vec<_>>(), before);
+    vm.assert_clean();
+
+    for (id, view) in [("b1", &v1), ("b2", &v2), ("b3", &v3), ("b4", &v4), ("b6", &v6)] {
+        vm.assert_backup_is(id, view);
+    }
+    // The guest still reads everything it wrote.
+    let now = vm.view("now");
+    for ((_, _, top), view) in vm.vols.iter().zip(&now) {
+        assert_identical(top, view);
+    }
+    assert_identical(&now[0], &v6[0]);
+}
+
+#[test]
+fn domain_is_required_unless_running_is_false() {
+    for r in [json!({"volumes": []}), json!({"running": true, "volumes": []})] {
+        let e = agent("agent.take_backup", &r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        assert!(e.message.contains("field `domain` is missing"), "{e}");
+        let e = agent("agent.cleanup_vm_backup", &r).unwrap_err();
+        assert!(e.message.contains("field `domain` is missing"), "{e}");
+    }
+    let e = agent("agent.merge_snapshot", &json!({"merges": [{"parent": "/a", "child": "/b"}]})).unwrap_err();
+    assert!(e.message.contains("field `domain` is missing"), "{e}");
+    // The checks of the request name the field.
+    let e = agent("agent.take_backup", &json!({"running": false, "volumes": [{"uuid": "u", "path": "rel", "delta_path_on_primary": "/d", "delta_path_on_store": "/s"}]})).unwrap_err();
+    assert!(e.message.contains("volumes[0].path"), "{e}");
+}
+
+/// The child process of the crash test: runs the request in
+/// `KNIB_STOPPED_CHILD_REQUEST` (the crash hook aborts it).
+#[test]
+fn child_take_backup() {
+    let Ok(req) = std::env::var(CHILD_ENV) else { return };
+    let r: Value = serde_json::from_str(&req).unwrap();
+    let _ = call("agent.take_backup", &r.to_string(), &Control::new());
+}
+
+#[test]
+fn a_crash_at_every_step_then_cleanup_then_the_next_incremental_holds_every_write() {
+    let mut n = 1;
+    loop {
+        let t = tempfile::tempdir().unwrap();
+        let mut vm = Vm::new(t.path(), 100 + n);
+        vm.write(4);
+        let v1 = vm.view("b1");
+        vm.take("b1", None, json!({}));
+        vm.write(4);
+        let before = vm.view("before");
+        let req = vm.request("b2", Some("b1"), json!({}));
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_take_backup", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, req.to_string())
+            .env(CRASH_ENV, n.to_string())
+            .env(NOTE_ENV, t.path().join("note"))
+            .output()
+            .unwrap();
+        let crashed = !out.status.success();
+        let note = std::fs::read_to_string(t.path().join("note")).unwrap_or_default();
+        if !crashed {
+            assert!(note.is_empty());
+            assert!(n > 6, "the backup has more than {n} durable steps");
+            break;
+        }
+        assert!(!note.is_empty(), "step {n}: the child failed without the crash hook: {}", String::from_utf8_lossy(&out.stderr));
+        // The cleanup, given the failed request, works it out from the files.
+        let c = ok("agent.cleanup_vm_backup", &req);
+        assert_eq!(c["vm_consistent"], true);
+        vm.follow(&c["volumes"], "path");
+        let published = c["published"].as_bool().unwrap();
+        let parent = if published { "b2" } else { "b1" };
+        if published {
+            vm.assert_backup_is("b2", &before);
+        } else {
+            for (v, _, _) in &vm.vols {
+                assert!(!vm.store_file("b2", v).exists(), "step {n} ({note}): the unfinished backup is removed");
+            }
+        }
+        vm.assert_clean();
+        // The guest's view did not change.
+        for ((_, _, top), view) in vm.vols.iter().zip(&before) {
+            assert_identical(top, view);
+        }
+        vm.write(3);
+        let v3 = vm.view("b3");
+        vm.take("b3", Some(parent), json!({}));
+        vm.assert_backup_is("b3", &v3);
+        vm.assert_backup_is("b1", &v1);
+        vm.assert_clean();
+        eprintln!("crash before step {note}: cleanup {}, actions {}", if published { "finished" } else { "undid" }, c["actions"]);
+        n += 1;
+    }
+}
+
+/// Wait until a process holds QEMU's lock on `p`.
+fn wait_held(p: &Path) {
+    for _ in 0..100 {
+        if knib_core::lock::held_like_qemu(&std::fs::File::open(p).unwrap()).unwrap() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{} never got locked", p.display());
+}
+
+#[test]
+fn volumes_a_qemu_holds_are_refused_with_nothing_written() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 7);
+    vm.write(3);
+    vm.take("b1", None, json!({}));
+    vm.write(3);
+    let list = |d: &Path| {
+        let mut v: Vec<(PathBuf, u64, Option<std::time::SystemTime>)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let m = e.unwrap();
+                let md = m.metadata().unwrap();
+                (m.path(), md.len(), md.modified().ok())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let primary = vm.vols[0].1.parent().unwrap().to_path_buf();
+    let req = vm.request("b2", Some("b1"), json!({}));
+    let merge = json!({"running": false, "merges": [{"parent": vm.vols[1].1, "child": vm.vols[1].2}]});
+
+    // A process holding the lock as a QEMU writer does (knib's own lock),
+    // on the base of the second volume; then a real qemu-io on the top of
+    // the first.
+    let held = std::fs::File::open(&vm.vols[1].1).unwrap();
+    assert!(knib_core::lock::lock_like_qemu_writer(&held).unwrap());
+    let mut io = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&vm.vols[0].2)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_held(&vm.vols[0].2);
+    let (p0, s0) = (list(&primary), list(&vm.store));
+    for (op, r, file) in [
+        ("agent.take_backup", &req, &vm.vols[0].2),
+        ("agent.cleanup_vm_backup", &req, &vm.vols[0].2),
+        ("agent.merge_snapshot", &merge, &vm.vols[1].1),
+    ] {
+        let e = agent(op, r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy, "{op}: {e}");
+        assert!(e.message.contains(&file.display().to_string()), "{op}: {e}");
+        assert_eq!((list(&primary), list(&vm.store)), (p0.clone(), s0.clone()), "{op} wrote something");
+    }
+    let e = agent("agent.take_backup", &req).unwrap_err();
+    assert_eq!(e.vm_consistent, Some(true));
+    io.kill().unwrap();
+    io.wait().unwrap();
+    let e = agent("agent.take_backup", &req).unwrap_err();
+    assert!(e.kind == ErrorKind::Busy && e.message.contains(&vm.vols[1].1.display().to_string()), "{e}");
+    drop(held);
+    let v2 = vm.view("b2");
+    vm.take("b2", Some("b1"), json!({}));
+    vm.assert_backup_is("b2", &v2);
+    vm.assert_clean();
+}
+
+#[test]
+fn merge_snapshot_without_a_domain() {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path();
+    let q = QemuImg::new();
+    let c = Control::new();
+    let base = d.join("base");
+    make_disk(&base, 8 * MIB, &[]);
+    qemu_io(&base, "write -P 1 0 1M");
+    let s1 = d.join("s1");
+    q.create_overlay(&s1, "base", "qcow2", None, &c).unwrap();
+    qemu_io(&s1, "write -P 2 512k 1M");
+    let top = d.join("top");
+    let other = d.join("other");
+    q.create_overlay(&top, "s1", "qcow2", None, &c).unwrap();
+    q.create_overlay(&other, "s1", "qcow2", None, &c).unwrap();
+    qemu_io(&top, "write -P 3 1M 64k");
+    qemu_io(&other, "write -P 4 2M 64k");
+    let (vt, vo) = (d.join("vt"), d.join("vo"));
+    snapshot(&top, &vt);
+    snapshot(&other, &vo);
+    // Not the layer below: refused.
+    let e = agent("agent.merge_snapshot", &json!({"running": false, "merges": [{"parent": base, "child": top}]})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    let a = ok(
+        "agent.merge_snapshot",
+        &json!({"running": false, "merges": [{"uuid": "u", "parent": base, "child": s1, "grand_children": [top, other]}]}),
+    );
+    assert_eq!(a["volumes"], json!([{"uuid": "u", "target": null, "path": base}]));
+    assert!(!s1.exists());
+    assert_identical(&top, &vt);
+    assert_identical(&other, &vo);
+    for f in [&base, &top, &other] {
+        assert_check_clean(f);
+    }
+    assert_eq!(q.info(&top, &c).unwrap().backing_filename.as_deref(), Some("base"));
+    // The top merged in too: the volume runs on the base.
+    let a = ok("agent.merge_snapshot", &json!({"running": false, "merges": [{"parent": base, "child": top}]}));
+    assert_eq!(a["volumes"][0]["path"], json!(base));
+    assert_identical(&base, &vt);
+}
+
+#[test]
+fn a_copy_that_fails_is_undone_and_the_vm_left_consistent() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 21);
+    vm.write(4);
+    vm.take("b1", None, json!({}));
+    vm.write(4);
+    let before = vm.view("before");
+    let tops: Vec<PathBuf> = vm.vols.iter().map(|v| v.2.clone()).collect();
+    // The second volume's copy cannot be written (a directory stands where
+    // its temporary file goes): the first one's copy is already on the store.
+    let req = vm.request("b2", Some("b1"), json!({}));
+    let part = vm.store.join("b2").join(".data.qcow2.part");
+    std::fs::create_dir_all(part.join("x")).unwrap();
+    let e = agent("agent.take_backup", &req).unwrap_err();
+    assert_eq!(e.vm_consistent, Some(true), "{e}");
+    assert!(e.message.contains("copy of volume uuid-data"), "{e}");
+    assert!(!vm.store_file("b2", "root").exists() && !vm.store_file("b2", "data").exists());
+    std::fs::remove_dir_all(&part).unwrap();
+    for ((v, view), top) in vm.vols.iter().zip(&before).zip(&tops) {
+        assert_eq!(&v.2, top);
+        assert!(!v.1.with_file_name(format!("{}-delta-b2", v.0)).exists(), "the new delta is committed back");
+        assert_identical(&v.2, view);
+    }
+    vm.assert_clean();
+    // Nothing is left to clean up, and the next incremental holds every write.
+    let c = ok("agent.cleanup_vm_backup", &req);
+    assert_eq!(c["published"], false);
+    assert_eq!(c["actions"], json!([]));
+    vm.write(2);
+    let v2 = vm.view("b2");
+    vm.take("b2", Some("b1"), json!({}));
+    vm.assert_backup_is("b2", &v2);
+    vm.assert_clean();
+}
