@@ -383,11 +383,10 @@ pub(crate) mod stopped;
 pub use answers::*;
 pub(crate) use requests::{domain_of, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq, PrepareReq, RestoreReq, TakeReq, ValidateReq};
 
-#[cfg(test)]
+#[cfg(all(test, feature = "libvirt"))]
 mod tests {
     use super::*;
 
-    #[cfg(feature = "libvirt")]
     #[test]
     fn guest_commands_from_script_fields() {
         let c = guest_command("/bin/check", Some(" -a  b "), Some("3"));
