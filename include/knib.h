@@ -106,7 +106,9 @@
  *         ]
  *       }
  *
- *   agent.cleanup_vm_backup: Finish or undo a failed agent.take_backup, given
+ *   agent.cleanup_vm_backup: Discard a failed agent.take_backup (store files
+ *                            removed, VM back on base <- delta), or with mode
+ *                            "complete" finish it when it is stored, given
  *                            its request.
  *     request:
  *       connect?      string or null: The libvirt URI (default
@@ -114,19 +116,22 @@
  *       domain?       string or null: The libvirt domain; may be absent only
  *                     with `running: false` (a stopped VM libvirt does not
  *                     know: the volumes' files alone).
- *       end_of_chain? boolean, default false: End the chain: the new delta is
- *                     committed into the base too, and the disk runs on its
- *                     base alone.
- *       isolated?     boolean, default false: A full copy outside the chain;
- *                     the disks' chains stay as they were.
- *       quiesce?      boolean, default false: Freeze the guest's filesystems
- *                     (guest agent) for the snapshot.
+ *       end_of_chain? boolean, default false: As the failed backup's: whether
+ *                     the backup ended the chain.
+ *       isolated?     boolean, default false: As the failed backup's: whether
+ *                     it was an isolated full copy.
+ *       mode?         "discard" | "complete": "discard" (the default, the
+ *                     agent's cleanup: the store files are removed and the VM
+ *                     put back on `base <- delta`) or "complete" (a backup
+ *                     whose every store file is present is finished).
+ *       quiesce?      boolean, default false: As the failed backup's
+ *                     (ignored).
  *       running?      boolean or null: Whether the VM runs (absent: asked of
  *                     libvirt).
- *       timeout_secs? integer or null: The time budget in seconds (the
- *                     command's `wait`); 0 or absent = none.
- *       volumes       [BackupVolume]: Every volume of the VM, backed up at
- *                     one instant.
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
+ *       volumes       [BackupVolume]: The failed backup's volumes, as its
+ *                     request gave them.
  *     answer: CleanupVmBackupAnswer
  *     example request:
  *       {
@@ -142,8 +147,11 @@
  *       }
  *     example answer (abridged):
  *       {
- *         "published": false,
+ *         "mode": "discard",
+ *         "published": true,
+ *         "removed_from_store": ["/mnt/store/backups/b1/0c6f2a4e"],
  *         "vm_consistent": true,
+ *         "vm_running": true,
  *         "volumes": [
  *           {
  *             "path": "/mnt/primary/0c6f2a4e",
@@ -231,10 +239,10 @@
  *       {"files": ["/mnt/store/backups/b1/0c6f2a4e"]}
  *     example answer (abridged):
  *       {
- *         "discarded": [],
  *         "finalized": [
  *           {"path": "/mnt/store/backups/b1/0c6f2a4e", "size": 402653184}
- *         ]
+ *         ],
+ *         "total_size": 402653184
  *       }
  *
  *   agent.merge_snapshot: Merge disk-only VM snapshot deltas into the layer
@@ -376,6 +384,7 @@
  *     example answer (abridged):
  *       {
  *         "kind": "full",
+ *         "total_size": 1073741824,
  *         "vm_consistent": true,
  *         "volumes": [
  *           {
@@ -837,11 +846,20 @@
  *       removed         [string]: The overlays removed.
  *
  *   CleanupVmBackupAnswer: The answer of `agent.cleanup_vm_backup`.
- *       actions        [string]: What was done, one line each.
- *       published      boolean: Whether the backup had reached the store
- *                      (then it was finished, else undone).
- *       vm_consistent  boolean: Always true on success.
- *       volumes        [VolumeState]: The file each volume runs on now.
+ *       actions             [string]: What was done, one line each.
+ *       mode                string: The request's mode: "discard" or
+ *                           "complete".
+ *       published           boolean: Whether every store file of the backup
+ *                           was present: with mode "complete" the backup was
+ *                           then finished; otherwise (and always with
+ *                           "discard") it was undone.
+ *       removed_from_store  [string]: The backup's files removed from the
+ *                           store (partial copies too).
+ *       vm_consistent       boolean: Always true on success.
+ *       vm_running          boolean: Whether the VM runs after the cleanup:
+ *                           its domain's state, false for a VM without a
+ *                           domain.
+ *       volumes             [VolumeState]: The file each volume runs on now.
  *
  *   CompressAnswer: The answer of `agent.compress`.
  *       compressed  [CompressedFile]: One per file, in the request's order.
@@ -897,10 +915,12 @@
  *
  *   FinalizeAnswer: The answer of `agent.finalize_compression`: `finalized`
  *                   or, with `cleanup`, `discarded`.
- *       discarded? [string] or null: The files whose `.comp` copies were
- *                  removed.
- *       finalized? [SizedFile] or null: Each file, now compressed, and its
- *                  size.
+ *       discarded?  [string] or null: The files whose `.comp` copies were
+ *                   removed.
+ *       finalized?  [SizedFile] or null: Each file, now compressed, and its
+ *                   size.
+ *       total_size  integer: Bytes of the finalized files together (the
+ *                   agent's answer details); 0 with `cleanup`.
  *
  *   FsInfo: One filesystem of a volume.
  *       device     string: The name libguestfs gives it: `/dev/sdaN`, or
@@ -1028,6 +1048,8 @@
  *
  *   TakeBackupAnswer: The answer of `agent.take_backup`.
  *       kind           string: "full", "incremental" or "isolated".
+ *       total_size     integer: Bytes of the backup: the sum of the volumes'
+ *                      `size`.
  *       vm_consistent  boolean: Always true on success (a failure says it in
  *                      its error).
  *       volumes        [TakenVolume]: One per volume of the request, in its
@@ -1041,7 +1063,8 @@
  *   TakenVolume: One volume backed up.
  *       delta_path_on_store  string: Its backup file.
  *       new_volume_path      string: The file the volume runs on now.
- *       size                 integer: Bytes of the backup file.
+ *       size                 integer: Bytes of the backup file (its apparent
+ *                            length, as Java's `Files.size`).
  *       target?              string or null: The disk target it runs as; null
  *                            for a VM without a domain.
  *       uuid                 string: The request's uuid.

@@ -18,7 +18,7 @@
 //! `docs/schema.json`, generated from them, and the README's operation
 //! table lists their fields. `agent.cleanup_vm_backup`
 //! takes the request of the failed `agent.take_backup` (`quiesce` is
-//! ignored). `agent.consolidate` without `volumes` consolidates every disk
+//! ignored) and `mode`. `agent.consolidate` without `volumes` consolidates every disk
 //! of the domain that has backing files.
 //!
 //! # Backups (`agent.take_backup`, `agent.cleanup_vm_backup`)
@@ -43,10 +43,39 @@
 //! the records): a failed `agent.take_backup` says whether the VM was left
 //! consistent, and `agent.cleanup_vm_backup`, given the same request, works
 //! out the step that was reached from the domain's chains and the files on
-//! the store. Every `delta_path_on_store` present means the copy was
-//! complete: the backup is finished (merges, end of chain). Otherwise it is
-//! undone (what is on the store is removed, the new delta committed back),
-//! so the next incremental backup still holds every write.
+//! the store. With `mode: "discard"` (the default, the agent's cleanup:
+//! the management server marks the backup failed) the backup is undone
+//! even when every store file is complete: the store files are removed and
+//! each new delta is committed back into the file below it, so the volume
+//! runs on `base <- delta` again (on its base alone if the old delta had
+//! already been merged into it) and the next incremental backup still
+//! holds every write. With `mode: "complete"` (knib's own), every
+//! `delta_path_on_store` present means the copy was complete: the backup
+//! is finished (merges, end of chain); otherwise it is undone as above.
+//! The answer says what was done (`actions`, `removed_from_store`,
+//! `published`) and whether the VM runs (`vm_running`: the domain's state,
+//! false without a domain), as `CleanupKbossBackupErrorAnswer` does.
+//!
+//! Answers carry what the agent's answers carry, so a wrapper computes
+//! nothing: `agent.take_backup` each volume's `size` (the store file's
+//! apparent length, as Java's `Files.size`) and `virtual_size` keyed by
+//! `uuid`, and `total_size` (their sum); `agent.finalize_compression`
+//! `total_size` (the sum of the finalized files' sizes: the agent's
+//! answer details).
+//!
+//! # Backing pointers
+//!
+//! knib writes the backing pointers it makes on the store (an incremental
+//! backup's parent) and, for a VM without a domain, on primary (a new
+//! delta's base) relative to the directory of the file holding them, where the agent writes absolute paths
+//! under its own mount points. A relative pointer survives the store being
+//! mounted elsewhere (another host, another mount root, another URL
+//! spelling for the same export), as long as the store's layout is kept;
+//! QEMU and every reader that goes through it (guestfish, quick-restore and
+//! validation overlays) resolve it against the image's own directory.
+//! Absolute pointers written by the agent are followed too: a chain may
+//! mix them (an agent-written parent under a knib child), and restores as
+//! long as those absolute paths resolve where it is read.
 //!
 //! # Stopped VMs that libvirt does not know
 //!
@@ -156,14 +185,15 @@ pub(crate) fn finalize_compression(op: &str, r: &FinalizeReq) -> Result<Finalize
     }
     engine::finalize(&r.files, !r.cleanup)?;
     if r.cleanup {
-        Ok(FinalizeAnswer { finalized: None, discarded: Some(r.files.clone()) })
+        Ok(FinalizeAnswer { finalized: None, discarded: Some(r.files.clone()), total_size: 0 })
     } else {
         let done = r
             .files
             .iter()
             .map(|f| Ok(SizedFile { path: f.clone(), size: fsio::file_size(f)? }))
             .collect::<Result<Vec<_>>>()?;
-        Ok(FinalizeAnswer { finalized: Some(done), discarded: None })
+        let total_size = done.iter().map(|f| f.size).sum();
+        Ok(FinalizeAnswer { finalized: Some(done), discarded: None, total_size })
     }
 }
 
@@ -381,7 +411,8 @@ pub(crate) mod live;
 pub(crate) mod stopped;
 
 pub use answers::*;
-pub(crate) use requests::{domain_of, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq, PrepareReq, RestoreReq, TakeReq, ValidateReq};
+pub use requests::CleanupMode;
+pub(crate) use requests::{domain_of, CleanupReq, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq, PrepareReq, RestoreReq, TakeReq, ValidateReq};
 
 #[cfg(all(test, feature = "libvirt"))]
 mod tests {

@@ -121,8 +121,8 @@ operations! {
     "recover" => Recover(catalog::RecoverReq) -> catalog::RecoverAnswer,
     /// Snapshot a domain's volumes, copy them to the store, merge (CloudStack's TakeKbossBackupCommand).
     "agent.take_backup" => TakeBackup(agent::TakeReq) -> agent::TakeBackupAnswer,
-    /// Finish or undo a failed agent.take_backup, given its request.
-    "agent.cleanup_vm_backup" => CleanupVmBackup(agent::TakeReq) -> agent::CleanupVmBackupAnswer,
+    /// Discard a failed agent.take_backup (store files removed, VM back on base <- delta), or with mode "complete" finish it when it is stored, given its request.
+    "agent.cleanup_vm_backup" => CleanupVmBackup(agent::CleanupReq) -> agent::CleanupVmBackupAnswer,
     /// Write `<file>.comp` beside each file (all removed on failure).
     "agent.compress" => AgentCompress(agent::CompressReq) -> agent::CompressAnswer,
     /// Rename each `<file>.comp` over its file, or with `cleanup` remove them.
@@ -185,10 +185,13 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
             None => to_json(&agent::stopped::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))?),
             Some(_) => live!(op, agent::live::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
         },
-        Request::CleanupVmBackup(r) => match agent::domain_of(op, &r.domain, r.running)? {
-            None => to_json(&agent::stopped::cleanup_vm_backup(op, &r, &agent::budget(ctl, r.timeout_secs))?),
-            Some(_) => live!(op, agent::live::cleanup_vm_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
-        },
+        Request::CleanupVmBackup(r) => {
+            let (r, mode) = r.into_parts();
+            match agent::domain_of(op, &r.domain, r.running)? {
+                None => to_json(&agent::stopped::cleanup_vm_backup(op, &r, mode, &agent::budget(ctl, r.timeout_secs))?),
+                Some(_) => live!(op, agent::live::cleanup_vm_backup(op, &r, mode, &agent::budget(ctl, r.timeout_secs))),
+            }
+        }
         Request::AgentCompress(r) => to_json(&agent::compress(op, &r, &agent::budget(ctl, r.timeout_secs))?),
         Request::FinalizeCompression(r) => to_json(&agent::finalize_compression(op, &r)?),
         Request::AgentRestore(r) => to_json(&agent::restore(op, &r, &agent::budget(ctl, r.timeout_secs))?),

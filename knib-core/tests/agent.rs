@@ -104,6 +104,8 @@ fn full_and_incremental_backups_of_a_running_domain_compress_restore_and_hash() 
     let c = ok("agent.compress", &json!({"files": files, "library": "zstd"}));
     assert_eq!(c["compressed"][0]["library"], "zstd");
     let f = ok("agent.finalize_compression", &json!({"files": files}));
+    let sizes: u64 = files.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert_eq!(f["total_size"].as_u64(), Some(sizes), "the agent's details: the sum of the finalized files' sizes");
     assert_eq!(f["finalized"][1]["path"], json!(files[1]));
     assert!(!PathBuf::from(format!("{}.comp", files[0].display())).exists());
 
@@ -164,25 +166,48 @@ fn cleanup_undoes_an_unfinished_backup_and_finishes_a_copied_one() {
     }
     assert!(!store.join("backup-2").join("vda.qcow2").exists());
 
-    // Interrupted after the copy: the backup is complete on the store, so
-    // cleanup finishes it (the old delta merged into the base).
-    vm.vm.snapshot_disk_only(&news, false).unwrap();
-    for (i, (t, _)) in DISKS.iter().enumerate() {
-        let v = &req["volumes"][i];
-        let dest = PathBuf::from(v["delta_path_on_store"].as_str().unwrap());
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        let st = std::process::Command::new("qemu-img")
-            .args(["convert", "-U", "-f", "qcow2", "-O", "qcow2", "-B"])
-            .arg(format!("../backup-1/{t}.qcow2"))
-            .args(["-F", "qcow2"])
-            .arg(&before[i][0])
-            .arg(&dest)
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
+    // Interrupted after the copy: the backup is complete on the store.
+    let stored = || -> Vec<PathBuf> {
+        vm.vm.snapshot_disk_only(&news, false).unwrap();
+        let mut out = Vec::new();
+        for (i, (t, _)) in DISKS.iter().enumerate() {
+            let v = &req["volumes"][i];
+            let dest = PathBuf::from(v["delta_path_on_store"].as_str().unwrap());
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            let st = std::process::Command::new("qemu-img")
+                .args(["convert", "-U", "-f", "qcow2", "-O", "qcow2", "-B"])
+                .arg(format!("../backup-1/{t}.qcow2"))
+                .args(["-F", "qcow2"])
+                .arg(&before[i][0])
+                .arg(&dest)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            out.push(dest);
+        }
+        out
+    };
+    // The agent's cleanup (the default, "discard") removes it anyway and
+    // puts the disks back on `base <- delta`.
+    let dests = stored();
+    model.write(&vm, "vda", 0x34, 3 * MIB, 64 * 1024);
     let a = ok("agent.cleanup_vm_backup", &req);
-    assert_eq!(a["published"], true);
+    assert_eq!((a["mode"].as_str(), a["published"].as_bool(), a["vm_running"].as_bool()), (Some("discard"), Some(true), Some(true)), "{a:#}");
+    assert_eq!(a["removed_from_store"], json!(dests));
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        assert!(!dests[i].exists());
+        assert_eq!(chain(&vm, t), before[i], "{t} is back on its chain: {a:#}");
+        assert!(!news[i].1.exists());
+    }
+    model.assert_vm_reads_everything(&vm);
+
+    // With mode "complete", cleanup finishes it (the old delta merged into
+    // the base).
+    stored();
+    let mut req = req.clone();
+    req["mode"] = json!("complete");
+    let a = ok("agent.cleanup_vm_backup", &req);
+    assert_eq!((a["published"].as_bool(), a["removed_from_store"].as_array().map(Vec::len)), (Some(true), Some(0)));
     for (i, (t, _)) in DISKS.iter().enumerate() {
         assert_eq!(chain(&vm, t), vec![news[i].1.clone(), vm.initial_file(t)], "{a:#}");
         assert_eq!(a["volumes"][i]["path"], json!(news[i].1));

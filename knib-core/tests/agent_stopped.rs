@@ -6,8 +6,11 @@
 //! merges, end of chain, isolated), each backup restored and compared with
 //! the guest's view when it was taken; a crash at every durable step of an
 //! incremental backup (a child process aborted by `KNIB_TEST_CRASH_AT`)
-//! followed by the cleanup, after which the next incremental still holds
-//! every write; and volumes a process holds QEMU's image lock on refused
+//! followed by the cleanup (mode "complete": finished when stored; the
+//! default "discard": the store files removed and the volumes back on
+//! `base <- delta`), after which the next backup still holds every write;
+//! a chain restored from its store moved elsewhere, and with an absolute
+//! (agent-written) pointer in it; and volumes a process holds QEMU's image lock on refused
 //! with nothing written.
 
 #[path = "common/disk.rs"]
@@ -192,6 +195,16 @@ fn full_incrementals_end_of_chain_and_isolated_without_a_domain() {
     let v2 = vm.view("b2");
     let a = vm.take("b2", Some("b1"), json!({}));
     assert_eq!(a["kind"], "incremental");
+    // Sizes as the agent's answer carries them: each store file's apparent
+    // length, keyed by uuid, and their sum.
+    let mut sum = 0;
+    for (v, av) in vm.vols.iter().zip(a["volumes"].as_array().unwrap()) {
+        assert_eq!(av["uuid"], json!(format!("uuid-{}", v.0)));
+        let len = std::fs::metadata(vm.store_file("b2", &v.0)).unwrap().len();
+        assert_eq!(av["size"].as_u64(), Some(len));
+        sum += len;
+    }
+    assert_eq!(a["total_size"].as_u64(), Some(sum));
     for v in &vm.vols {
         assert!(!v.1.with_file_name(format!("{}-delta-b1", v.0)).exists(), "the old delta is merged and removed");
         assert_eq!(disk::chain_len(&v.2), 2);
@@ -249,6 +262,8 @@ fn domain_is_required_unless_running_is_false() {
         let e = agent("agent.cleanup_vm_backup", &r).unwrap_err();
         assert!(e.message.contains("field `domain` is missing"), "{e}");
     }
+    let e = agent("agent.cleanup_vm_backup", &json!({"running": false, "volumes": [], "mode": "keep"})).unwrap_err();
+    assert!(e.kind == ErrorKind::InvalidInput && e.message.contains("keep"), "{e}");
     let e = agent("agent.merge_snapshot", &json!({"merges": [{"parent": "/a", "child": "/b"}]})).unwrap_err();
     assert!(e.message.contains("field `domain` is missing"), "{e}");
     // The checks of the request name the field.
@@ -266,7 +281,19 @@ fn child_take_backup() {
 }
 
 #[test]
-fn a_crash_at_every_step_then_cleanup_then_the_next_incremental_holds_every_write() {
+fn a_crash_at_every_step_then_cleanup_complete_then_the_next_incremental_holds_every_write() {
+    crash_at_every_step(Some("complete"));
+}
+
+#[test]
+fn a_crash_at_every_step_then_cleanup_discard_then_the_next_backup_holds_every_write() {
+    crash_at_every_step(None);
+}
+
+/// A crash at every durable step of an incremental backup, then
+/// `agent.cleanup_vm_backup` with `mode` (absent: the default, "discard").
+fn crash_at_every_step(mode: Option<&str>) {
+    let discard = mode != Some("complete");
     let mut n = 1;
     loop {
         let t = tempfile::tempdir().unwrap();
@@ -293,16 +320,45 @@ fn a_crash_at_every_step_then_cleanup_then_the_next_incremental_holds_every_writ
         }
         assert!(!note.is_empty(), "step {n}: the child failed without the crash hook: {}", String::from_utf8_lossy(&out.stderr));
         // The cleanup, given the failed request, works it out from the files.
-        let c = ok("agent.cleanup_vm_backup", &req);
+        let mut creq = req.clone();
+        if let Some(m) = mode {
+            creq["mode"] = json!(m);
+        }
+        let on_store: Vec<PathBuf> =
+            vm.vols.iter().map(|(v, _, _)| vm.store_file("b2", v)).filter(|f| f.exists()).collect();
+        let c = ok("agent.cleanup_vm_backup", &creq);
         assert_eq!(c["vm_consistent"], true);
+        assert_eq!(c["vm_running"], false, "a VM without a domain does not run");
+        assert_eq!(c["mode"], if discard { "discard" } else { "complete" });
         vm.follow(&c["volumes"], "path");
         let published = c["published"].as_bool().unwrap();
-        let parent = if published { "b2" } else { "b1" };
-        if published {
+        assert_eq!(published, on_store.len() == vm.vols.len(), "{c}");
+        let finished = published && !discard;
+        let mut parent = Some(if finished { "b2" } else { "b1" });
+        if finished {
             vm.assert_backup_is("b2", &before);
+            assert_eq!(c["removed_from_store"], json!([]));
         } else {
             for (v, _, _) in &vm.vols {
-                assert!(!vm.store_file("b2", v).exists(), "step {n} ({note}): the unfinished backup is removed");
+                assert!(!vm.store_file("b2", v).exists(), "step {n} ({note}): the failed backup's store files are removed");
+            }
+            let removed: Vec<PathBuf> = serde_json::from_value(c["removed_from_store"].clone()).unwrap();
+            for f in &on_store {
+                assert!(removed.contains(f), "step {n}: {} removed but not said: {c}", f.display());
+            }
+            // The new delta is committed back: the volume runs on its base
+            // and the delta of b1, or (once that was merged, the chain
+            // ended) on its base alone.
+            for (v, base, top) in &vm.vols {
+                let old = base.with_file_name(format!("{v}-delta-b1"));
+                assert!(!base.with_file_name(format!("{v}-delta-b2")).exists(), "step {n}: the new delta is gone");
+                if old.exists() {
+                    assert_eq!(top, &old, "step {n}: back on base <- delta");
+                    assert_eq!(disk::chain_len(top), 2);
+                } else {
+                    assert_eq!(top, base, "step {n}: on the base alone");
+                    parent = None;
+                }
             }
         }
         vm.assert_clean();
@@ -312,11 +368,11 @@ fn a_crash_at_every_step_then_cleanup_then_the_next_incremental_holds_every_writ
         }
         vm.write(3);
         let v3 = vm.view("b3");
-        vm.take("b3", Some(parent), json!({}));
+        vm.take("b3", parent, json!({}));
         vm.assert_backup_is("b3", &v3);
         vm.assert_backup_is("b1", &v1);
         vm.assert_clean();
-        eprintln!("crash before step {note}: cleanup {}, actions {}", if published { "finished" } else { "undid" }, c["actions"]);
+        eprintln!("crash before step {note}: cleanup {}, actions {}", if finished { "finished" } else { "undid" }, c["actions"]);
         n += 1;
     }
 }
@@ -468,4 +524,46 @@ fn a_copy_that_fails_is_undone_and_the_vm_left_consistent() {
     vm.take("b2", Some("b1"), json!({}));
     vm.assert_backup_is("b2", &v2);
     vm.assert_clean();
+}
+
+#[test]
+fn a_chain_restores_from_a_store_moved_elsewhere_and_with_an_absolute_pointer_in_it() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 33);
+    vm.write(4);
+    let v1 = vm.view("b1");
+    vm.take("b1", None, json!({}));
+    vm.write(4);
+    let v2 = vm.view("b2");
+    vm.take("b2", Some("b1"), json!({}));
+    vm.write(4);
+    let v3 = vm.view("b3");
+    vm.take("b3", Some("b2"), json!({}));
+
+    // The store mounted elsewhere: knib's relative pointers still resolve.
+    let moved = t.path().join("mounted").join("elsewhere");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&vm.store, &moved).unwrap();
+    vm.store = moved;
+    for (id, view) in [("b1", &v1), ("b2", &v2), ("b3", &v3)] {
+        vm.assert_backup_is(id, view);
+    }
+
+    // A mixed chain: b2's pointer rewritten absolute, as the agent writes
+    // them, under b3's relative one.
+    for (n, _, _) in &vm.vols {
+        let b2 = vm.store_file("b2", n);
+        let st = Command::new("qemu-img")
+            .args(["rebase", "-u", "-F", "qcow2", "-b"])
+            .arg(vm.store_file("b1", n))
+            .arg(&b2)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let info = QemuImg::new().info(&b2, &Control::new()).unwrap();
+        assert_eq!(info.backing_filename.map(PathBuf::from), Some(vm.store_file("b1", n)));
+    }
+    for (id, view) in [("b1", &v1), ("b2", &v2), ("b3", &v3)] {
+        vm.assert_backup_is(id, view);
+    }
 }

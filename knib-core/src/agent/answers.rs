@@ -18,6 +18,16 @@ pub struct TakeBackupAnswer {
     pub vm_consistent: bool,
     /// One per volume of the request, in its order.
     pub volumes: Vec<TakenVolume>,
+    /// Bytes of the backup: the sum of the volumes' `size`.
+    pub total_size: u64,
+}
+
+impl TakeBackupAnswer {
+    /// The answer of these volumes, `total_size` their sum.
+    pub(crate) fn new(kind: &str, volumes: Vec<TakenVolume>) -> Self {
+        let total_size = volumes.iter().map(|v| v.size).sum();
+        TakeBackupAnswer { kind: kind.to_string(), vm_consistent: true, volumes, total_size }
+    }
 }
 
 /// One volume backed up.
@@ -31,7 +41,8 @@ pub struct TakenVolume {
     pub new_volume_path: PathBuf,
     /// Its backup file.
     pub delta_path_on_store: PathBuf,
-    /// Bytes of the backup file.
+    /// Bytes of the backup file (its apparent length, as Java's
+    /// `Files.size`).
     pub size: u64,
     /// Guest-visible size.
     pub virtual_size: u64,
@@ -40,8 +51,11 @@ pub struct TakenVolume {
 /// The answer of `agent.cleanup_vm_backup`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct CleanupVmBackupAnswer {
-    /// Whether the backup had reached the store (then it was finished,
-    /// else undone).
+    /// The request's mode: "discard" or "complete".
+    pub mode: String,
+    /// Whether every store file of the backup was present: with mode
+    /// "complete" the backup was then finished; otherwise (and always with
+    /// "discard") it was undone.
     pub published: bool,
     /// Always true on success.
     pub vm_consistent: bool,
@@ -49,6 +63,11 @@ pub struct CleanupVmBackupAnswer {
     pub volumes: Vec<VolumeState>,
     /// What was done, one line each.
     pub actions: Vec<String>,
+    /// The backup's files removed from the store (partial copies too).
+    pub removed_from_store: Vec<PathBuf>,
+    /// Whether the VM runs after the cleanup: its domain's state, false
+    /// for a VM without a domain.
+    pub vm_running: bool,
 }
 
 /// A volume and the file it runs on.
@@ -111,6 +130,9 @@ pub struct FinalizeAnswer {
     /// The files whose `.comp` copies were removed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discarded: Option<Vec<PathBuf>>,
+    /// Bytes of the finalized files together (the agent's answer details);
+    /// 0 with `cleanup`.
+    pub total_size: u64,
 }
 
 /// A file and its size.

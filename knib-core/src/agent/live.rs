@@ -220,28 +220,33 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
             virtual_size: a.virtual_size,
         })
         .collect();
-    Ok(TakeBackupAnswer { kind: plan.kind.as_str().to_string(), vm_consistent: true, volumes })
+    Ok(TakeBackupAnswer::new(plan.kind.as_str(), volumes))
 }
 
 /// `agent.cleanup_vm_backup`.
-pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
+pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
     let plan = plan(op, &q, &vm, r, Mode::Cleanup, ctl)?;
     let published = plan.disks.iter().all(|d| d.dest.is_file());
+    let finish = published && mode == CleanupMode::Complete;
     let mut actions = Vec::new();
+    let mut removed_from_store = Vec::new();
     for d in &plan.disks {
         let tmp = fsio::temp_path(&d.dest);
         if tmp.exists() {
             fsio::remove_if_exists(&tmp)?;
             actions.push(format!("{}: removed the partial copy {}", d.target, tmp.display()));
+            removed_from_store.push(tmp);
         }
-        if !published && d.dest.exists() {
+        if !finish && d.dest.exists() {
             fsio::remove_if_exists(&d.dest)?;
-            actions.push(format!("{}: removed {} (the backup was not complete)", d.target, d.dest.display()));
+            let why = if published { "the backup is discarded" } else { "the backup was not complete" };
+            actions.push(format!("{}: removed {} ({why})", d.target, d.dest.display()));
+            removed_from_store.push(d.dest.clone());
         }
     }
-    let report = engine_live::recover(&q, &vm, &plan, published, ctl).map_err(|e| {
+    let report = engine_live::recover(&q, &vm, &plan, finish, ctl).map_err(|e| {
         let e = e.context(format!("cleanup of the backup of domain {}", vm.name()));
         if e.vm_consistent.is_none() {
             e.with_vm_consistent(false)
@@ -262,7 +267,16 @@ pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<
     for a in &actions {
         log::info!("{op}: domain {}: {a}", vm.name());
     }
-    Ok(CleanupVmBackupAnswer { published, vm_consistent: true, volumes, actions })
+    let vm_running = vm.is_running()?;
+    Ok(CleanupVmBackupAnswer {
+        mode: mode.as_str().to_string(),
+        published,
+        vm_consistent: true,
+        volumes,
+        actions,
+        removed_from_store,
+        vm_running,
+    })
 }
 
 /// `agent.consolidate`: the volumes named, or every disk of the domain.

@@ -81,7 +81,7 @@ pub(crate) struct MergeTree {
     pub grand_children: Vec<PathBuf>,
 }
 
-/// The request of `agent.take_backup` (and of `agent.cleanup_vm_backup`).
+/// The request of `agent.take_backup` (and, with `mode`, of `agent.cleanup_vm_backup`).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TakeReq {
@@ -109,6 +109,75 @@ pub(crate) struct TakeReq {
     /// The time budget in seconds (the command's `wait`); 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+}
+
+/// What `agent.cleanup_vm_backup` does with a failed backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanupMode {
+    /// The agent's cleanup (the default): the backup's store files are
+    /// removed, even when every one is complete, and each new delta is
+    /// committed back into the file below it (`base <- delta` again), so
+    /// the next incremental backup holds every write.
+    #[default]
+    Discard,
+    /// knib's own: a backup whose every store file is present is finished
+    /// (merges, end of chain); otherwise it is discarded as above.
+    Complete,
+}
+
+impl CleanupMode {
+    /// Its name in requests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CleanupMode::Discard => "discard",
+            CleanupMode::Complete => "complete",
+        }
+    }
+}
+
+/// The request of `agent.cleanup_vm_backup`: the failed `agent.take_backup`'s
+/// request (`quiesce` is ignored) and `mode`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CleanupReq {
+    /// The libvirt domain; may be absent only with `running: false` (a
+    /// stopped VM libvirt does not know: the volumes' files alone).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// The libvirt URI (default `qemu:///system`).
+    #[serde(default)]
+    pub connect: Option<String>,
+    /// Whether the VM runs (absent: asked of libvirt).
+    #[serde(default)]
+    pub running: Option<bool>,
+    /// As the failed backup's (ignored).
+    #[serde(default)]
+    pub quiesce: bool,
+    /// As the failed backup's: whether the backup ended the chain.
+    #[serde(default)]
+    pub end_of_chain: bool,
+    /// As the failed backup's: whether it was an isolated full copy.
+    #[serde(default)]
+    pub isolated: bool,
+    /// The failed backup's volumes, as its request gave them.
+    pub volumes: Vec<BackupVolume>,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// "discard" (the default, the agent's cleanup: the store files are
+    /// removed and the VM put back on `base <- delta`) or "complete"
+    /// (a backup whose every store file is present is finished).
+    #[serde(default)]
+    pub mode: CleanupMode,
+}
+
+impl CleanupReq {
+    /// The failed backup's request and the mode.
+    pub fn into_parts(self) -> (TakeReq, CleanupMode) {
+        let CleanupReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs, mode } = self;
+        (TakeReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs }, mode)
+    }
 }
 
 /// The request of `agent.compress`.

@@ -188,30 +188,36 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
             virtual_size: a.virtual_size,
         })
         .collect();
-    Ok(TakeBackupAnswer { kind: plan.kind.as_str().to_string(), vm_consistent: true, volumes })
+    Ok(TakeBackupAnswer::new(plan.kind.as_str(), volumes))
 }
 
 /// `agent.cleanup_vm_backup` of a VM without a domain: decided from the
-/// files (every `delta_path_on_store` present: finish; else undo), after
-/// testing every file on primary for QEMU's locks.
-pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
+/// files (with mode "complete" and every `delta_path_on_store` present:
+/// finish; else discard: the store files removed, the new deltas undone),
+/// after testing every file on primary for QEMU's locks.
+pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
     let q = QemuImg::new();
     ensure_unused(&named_files(r), &format!("{op} of a VM without a domain"))?;
     let plan = plan(op, &q, r, false, ctl)?;
     let published = plan.disks.iter().all(|d| d.dest.is_file());
+    let finish = published && mode == CleanupMode::Complete;
     let mut actions = Vec::new();
+    let mut removed_from_store = Vec::new();
     for d in &plan.disks {
         let tmp = fsio::temp_path(&d.dest);
         if tmp.exists() {
             fsio::remove_if_exists(&tmp)?;
             actions.push(format!("{}: removed the partial copy {}", d.name, tmp.display()));
+            removed_from_store.push(tmp);
         }
-        if !published && d.dest.exists() {
+        if !finish && d.dest.exists() {
             fsio::remove_if_exists(&d.dest)?;
-            actions.push(format!("{}: removed {} (the backup was not complete)", d.name, d.dest.display()));
+            let why = if published { "the backup is discarded" } else { "the backup was not complete" };
+            actions.push(format!("{}: removed {} ({why})", d.name, d.dest.display()));
+            removed_from_store.push(d.dest.clone());
         }
     }
-    let rep = files_engine::recover(&q, &plan, published, ctl).map_err(|e| {
+    let rep = files_engine::recover(&q, &plan, finish, ctl).map_err(|e| {
         let e = e.context("cleanup of the backup of a VM without a domain");
         if e.vm_consistent.is_none() {
             e.with_vm_consistent(false)
@@ -229,7 +235,16 @@ pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<
         .zip(rep.tops)
         .map(|(v, top)| VolumeState { uuid: Some(v.uuid.clone()), target: None, path: Some(top) })
         .collect();
-    Ok(CleanupVmBackupAnswer { published, vm_consistent: true, volumes, actions })
+    Ok(CleanupVmBackupAnswer {
+        mode: mode.as_str().to_string(),
+        published,
+        vm_consistent: true,
+        volumes,
+        actions,
+        removed_from_store,
+        // Without a domain the VM does not run (its files are not locked).
+        vm_running: false,
+    })
 }
 
 /// `agent.merge_snapshot` of a VM without a domain: each `child` committed

@@ -4,8 +4,10 @@ import java.util.List;
 
 /**
  * {@link Knib#cleanupVmBackup}: CloudStack's {@code CleanupKbossBackupErrorCommand}. Give it what the failed
- * {@link Knib#takeBackup} was given: it finishes the backup when every volume's file is on the store, and
- * undoes it otherwise.
+ * {@link Knib#takeBackup} was given. By default ({@code "discard"}) it does what the agent's cleanup does: the
+ * backup's store files are removed, even when complete, and each volume is put back on {@code base <- delta}
+ * (the new delta committed back), so the next incremental backup holds every write. With {@code "complete"} it
+ * finishes a backup whose every volume's file is on the store, and discards it otherwise.
  */
 public final class CleanupVmBackup {
     private CleanupVmBackup() {}
@@ -24,6 +26,7 @@ public final class CleanupVmBackup {
      * @param isolated as the failed backup's
      * @param volumes the failed backup's volumes ({@code kbossTOs})
      * @param timeoutSecs the command's time budget in seconds; null for none
+     * @param mode {@code "discard"} (null means it too) or {@code "complete"}
      */
     public record Request(
             String domain,
@@ -33,7 +36,8 @@ public final class CleanupVmBackup {
             boolean endOfChain,
             boolean isolated,
             List<TakeBackup.Volume> volumes,
-            Long timeoutSecs) {
+            Long timeoutSecs,
+            String mode) {
         /** Copies {@code volumes} (null: none). */
         public Request {
             volumes = Json.copy(volumes);
@@ -45,30 +49,47 @@ public final class CleanupVmBackup {
          */
         public static Request of(TakeBackup.Request failed) {
             return new Request(failed.domain(), failed.connect(), failed.running(), failed.quiesce(),
-                    failed.endOfChain(), failed.isolated(), failed.volumes(), failed.timeoutSecs());
+                    failed.endOfChain(), failed.isolated(), failed.volumes(), failed.timeoutSecs(), null);
         }
 
         /** @param v the time budget in seconds @return this request with it */
         public Request withTimeoutSecs(Long v) {
-            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, v);
+            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, v, mode);
+        }
+
+        /** @param v {@code "discard"} or {@code "complete"} @return this request with it */
+        public Request withMode(String v) {
+            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, timeoutSecs, v);
         }
     }
 
     /** The answer ({@code CleanupKbossBackupErrorAnswer}). */
     public static final class Answer {
+        private final String mode;
         private final boolean published;
         private final boolean vmConsistent;
         private final List<VolumeState> volumes;
         private final List<String> actions;
+        private final List<String> removedFromStore;
+        private final boolean vmRunning;
 
         private Answer() {
+            mode = null;
             published = false;
             vmConsistent = false;
             volumes = null;
             actions = null;
+            removedFromStore = null;
+            vmRunning = false;
         }
 
-        /** @return whether the backup had reached the store (it was then finished, else undone) */
+        /** @return the request's mode, {@code "discard"} or {@code "complete"} */
+        public String mode() { return mode; }
+
+        /**
+         * @return whether every store file of the backup was present (with {@code "complete"} it was then
+         *     finished; otherwise it was discarded)
+         */
         public boolean published() { return published; }
 
         /** @return true: the VM runs on {@code base} or {@code base <- one delta} again */
@@ -79,6 +100,15 @@ public final class CleanupVmBackup {
 
         /** @return what was done, one line each */
         public List<String> actions() { return Json.view(actions); }
+
+        /** @return the backup's files removed from the store (partial copies too) */
+        public List<String> removedFromStore() { return Json.view(removedFromStore); }
+
+        /**
+         * @return {@code CleanupKbossBackupErrorAnswer.vmRunning}: whether the VM runs after the cleanup (the
+         *     domain's state; false for a VM without a domain)
+         */
+        public boolean vmRunning() { return vmRunning; }
     }
 
     /** A volume after the clean-up. */

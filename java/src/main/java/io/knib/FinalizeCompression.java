@@ -43,10 +43,12 @@ public final class FinalizeCompression {
     public static final class Answer {
         private final List<SizedFile> finalized;
         private final List<String> discarded;
+        private final long totalSize;
 
         private Answer() {
             finalized = null;
             discarded = null;
+            totalSize = 0;
         }
 
         /** @return each file, now compressed, and its new size (empty with {@code cleanup}) */
@@ -54,6 +56,12 @@ public final class FinalizeCompression {
 
         /** @return the files whose {@code .comp} copies were deleted (with {@code cleanup}) */
         public List<String> discarded() { return Json.view(discarded); }
+
+        /**
+         * @return bytes of the finalized files together (0 with {@code cleanup}): the agent's answer details,
+         *     {@code Long.toString(totalSize())}
+         */
+        public long totalSize() { return totalSize; }
     }
 
     /** A file and its size. */

@@ -170,11 +170,13 @@ public final class TakeBackup {
         private final String kind;
         private final boolean vmConsistent;
         private final List<VolumeResult> volumes;
+        private final long totalSize;
 
         private Answer() {
             kind = null;
             vmConsistent = false;
             volumes = null;
+            totalSize = 0;
         }
 
         /** @return "full", "incremental" or "isolated" */
@@ -185,6 +187,9 @@ public final class TakeBackup {
 
         /** @return one entry per volume, in request order */
         public List<VolumeResult> volumes() { return Json.view(volumes); }
+
+        /** @return bytes of the backup: the sum of the volumes' {@link VolumeResult#size()} */
+        public long totalSize() { return totalSize; }
 
         /** @return {@code mapVolumeUuidToNewVolumePath}: each volume's uuid and the file it runs on now */
         public Map<String, String> newVolumePaths() {

@@ -157,6 +157,8 @@ class StoppedVmTest {
             Files.delete(part.getParent());
             CleanupVmBackup.Answer c = k.cleanupVmBackup(CleanupVmBackup.Request.of(incr));
             assertFalse(c.published());
+            assertEquals("discard", c.mode());
+            assertFalse(c.vmRunning(), "a VM without a domain does not run");
             assertEquals(delta1.toString(), c.volumes().get(0).path());
             assertNull(c.volumes().get(0).target());
         }
