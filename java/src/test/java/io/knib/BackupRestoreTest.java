@@ -56,6 +56,8 @@ class BackupRestoreTest {
         assertEquals(Map.of("vol-1", delta1.toString()), a1.newVolumePaths());
         assertEquals(delta1, vm.activeFile("vda"), "the volume runs on the new delta");
         assertTrue(a1.volumes().get(0).size() > 0);
+        assertEquals(a1.volumes().stream().mapToLong(TakeBackup.VolumeResult::size).sum(), a1.totalSize(),
+                "totalSize: the sum of the volumes' sizes");
 
         vm.write("vda", 0x22, 4 * MIB, 512 * 1024);
         vm.write("vda", 0x23, 40 * MIB, 64 * 1024);
@@ -95,6 +97,8 @@ class BackupRestoreTest {
             FinalizeCompression.Request f = new FinalizeCompression.Request(List.of(b2.toString()));
             FinalizeCompression.Answer fa = k.finalizeBackupCompression(f);
             assertEquals(Files.size(b2), fa.finalized().get(0).size());
+            assertEquals(fa.finalized().stream().mapToLong(FinalizeCompression.SizedFile::size).sum(), fa.totalSize(),
+                    "totalSize: the agent's answer details");
             assertFalse(Files.exists(Path.of(ca.compressed().get(0).compPath())));
             assertTrue(Sh.run("qemu-img", "info", "-U", b2.toString()).contains("compression type: zstd"));
         }

@@ -177,4 +177,69 @@ class StoppedVmTest {
         assertTrue(Sh.identical(delta2, r));
         assertTrue(Sh.has(r, 0x51, 0, MIB) && Sh.has(r, 0x52, 8 * MIB, 128 * 1024) && Sh.has(r, 0x53, 12 * MIB, 64 * 1024));
     }
+    /** The state a backup fails in after its copy: the new delta on the old one, the store file complete. */
+    private static void failedAfterTheCopy(Path oldDelta, Path newDelta, Path storeFile) throws Exception {
+        Sh.run("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", oldDelta.getFileName().toString(), newDelta.toString());
+        Files.createDirectories(storeFile.getParent());
+        Sh.run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", "-B", "../b1/vda.qcow2", "-F", "qcow2",
+                oldDelta.toString(), storeFile.toString());
+    }
+
+    @Test
+    void aCompleteFailedBackupIsDiscardedByDefaultAndFinishedWithModeComplete() throws Exception {
+        TestVm vm = track(TestVm.running(dir, "vda"));
+        Path base = vm.disks.get("vda");
+        Path store = dir.resolve("store");
+        vm.write("vda", 0x61, 0, MIB);
+        vm.close();
+        Path delta1 = dir.resolve("1c2d-delta");
+        try (Knib k = new Knib()) {
+            k.takeBackup(TakeBackup.Request.builder()
+                    .running(false)
+                    .volume(new TakeBackup.Volume("vol-1", base.toString(), delta1.toString(), store.resolve("b1/vda.qcow2").toString()))
+                    .build());
+        }
+        TestVm again = track(TestVm.runningOn(Map.of("vda", delta1)));
+        again.write("vda", 0x62, 6 * MIB, 128 * 1024);
+        again.close();
+        Path before = dir.resolve("before.qcow2");
+        Sh.run("qemu-img", "convert", "-U", "-O", "qcow2", delta1.toString(), before.toString());
+
+        Path delta2 = dir.resolve("3e4f-delta");
+        Path b2 = store.resolve("b2/vda.qcow2");
+        TakeBackup.Request incr = TakeBackup.Request.builder()
+                .running(false)
+                .volume(new TakeBackup.Volume("vol-1", delta1.toString(), delta2.toString(), b2.toString())
+                        .withParentBackupPath(store.resolve("b1/vda.qcow2").toString())
+                        .withMerge(new TakeBackup.MergeTree(base.toString(), delta1.toString())))
+                .build();
+
+        // The agent's cleanup (the default): the store file goes, the VM is back on base <- delta1.
+        failedAfterTheCopy(delta1, delta2, b2);
+        try (Knib k = new Knib()) {
+            CleanupVmBackup.Answer c = k.cleanupVmBackup(CleanupVmBackup.Request.of(incr));
+            assertEquals("discard", c.mode());
+            assertTrue(c.published(), "every store file was there");
+            assertEquals(List.of(b2.toString()), c.removedFromStore());
+            assertFalse(c.vmRunning());
+            assertEquals(delta1.toString(), c.volumes().get(0).path());
+        }
+        assertFalse(Files.exists(b2));
+        assertFalse(Files.exists(delta2));
+        assertEquals(base.getFileName().toString(), Sh.backing(delta1));
+        assertTrue(Sh.identical(delta1, before), "the VM reads what it wrote");
+
+        // With mode "complete", the same state is finished: the backup kept, the old delta merged.
+        failedAfterTheCopy(delta1, delta2, b2);
+        try (Knib k = new Knib()) {
+            CleanupVmBackup.Answer c = k.cleanupVmBackup(CleanupVmBackup.Request.of(incr).withMode("complete"));
+            assertEquals("complete", c.mode());
+            assertTrue(c.published());
+            assertEquals(List.of(), c.removedFromStore());
+            assertEquals(delta2.toString(), c.volumes().get(0).path());
+        }
+        assertFalse(Files.exists(delta1));
+        assertTrue(Sh.identical(delta2, before));
+        assertTrue(Sh.identical(restore(b2, "b2.qcow2"), before), "the finished backup is the disk as it was");
+    }
 }
