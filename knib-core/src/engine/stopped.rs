@@ -330,7 +330,7 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
     })();
     if let Err(e) = after {
         return Err(e
-            .context("the backup is stored, but merging the volumes afterwards failed (agent.cleanup_vm_backup finishes it)")
+            .context("the backup is stored, but merging the volumes afterwards failed (agent.cleanup_vm_backup discards it, or with mode \"complete\" finishes it)")
             .with_vm_consistent(false));
     }
     for (r, d) in results.iter_mut().zip(&plan.disks) {

@@ -255,10 +255,12 @@ public final class Knib implements AutoCloseable {
     }
 
     /**
-     * Replaces {@code LibvirtCleanupKbossVmBackupCommandWrapper}: finishes or undoes a failed backup.
+     * Replaces {@code LibvirtCleanupKbossVmBackupCommandWrapper}: discards a failed backup as the agent does (its
+     * store files removed, each volume back on {@code base <- delta}), or with mode {@code "complete"} finishes
+     * it when every store file is present.
      *
-     * @param request what the failed backup was given
-     * @return the file each volume runs on now
+     * @param request what the failed backup was given, and the mode
+     * @return the file each volume runs on now, what was done, and whether the VM runs
      * @throws KnibException on failure ({@link VmInconsistentException} when the VM is still inconsistent)
      */
     public CleanupVmBackup.Answer cleanupVmBackup(CleanupVmBackup.Request request) throws KnibException {
