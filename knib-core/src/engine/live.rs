@@ -250,6 +250,7 @@ pub fn take(
             let (hash, compression, data_bytes) = super::stopped::copy_to_store(
                 q,
                 d.old_top(),
+                0,
                 &d.dest,
                 d.parent.as_deref(),
                 plan.data_path,
