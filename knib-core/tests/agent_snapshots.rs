@@ -4,7 +4,8 @@
 //! a full backup, then incrementals after one and after two VM snapshots,
 //! each restored with `agent.restore` and compared with the guest's view
 //! when it was taken, every file checked, and the incrementals after them
-//! still holding every write. And the native copy of the layers above a
+//! still holding every write; a crash at every step of such a backup,
+//! then the cleanup. And the native copy of the layers above a
 //! base ([`SourceMode::Above`]) against the same chain read by qemu-img.
 
 #[path = "common/disk.rs"]
@@ -360,4 +361,82 @@ fn copy_above_a_base_is_a_delta_of_the_upper_layers() {
     let opts = CopyOptions { mode: SourceMode::Above(4), ..Default::default() };
     let e = copy_image(&top, &d.join("x.qcow2"), &opts, &Control::new(), &mut |_| Ok(())).unwrap_err();
     assert!(e.to_string().contains("fewer than"), "{e}");
+}
+
+const CHILD_ENV: &str = "KNIB_SNAPSHOTS_CHILD_REQUEST";
+
+/// The child process of the crash test: runs the request in
+/// `KNIB_SNAPSHOTS_CHILD_REQUEST` (the crash hook aborts it).
+#[test]
+fn child_take_backup() {
+    let Ok(req) = std::env::var(CHILD_ENV) else { return };
+    let _ = call("agent.take_backup", &req, &Control::new());
+}
+
+/// A crash at every durable step of an incremental backup after two VM
+/// snapshots, then `agent.cleanup_vm_backup` with the same request: the
+/// guest's view is unchanged, the backup finished or removed, and the next
+/// incremental holds every write.
+#[test]
+fn a_crash_at_every_step_with_vm_snapshots_then_cleanup() {
+    let mut n = 1;
+    loop {
+        let t = tempfile::tempdir().unwrap();
+        let mut vm = Vm::new(t.path(), 300 + n);
+        vm.write(3);
+        vm.take("b1", None);
+        vm.write(3);
+        vm.vm_snapshot("s1");
+        vm.write(3);
+        vm.vm_snapshot("s2");
+        vm.write(3);
+        let before = vm.view("before");
+        let req = vm.request("b2", Some("b1"));
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_take_backup", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, req.to_string())
+            .env("KNIB_TEST_CRASH_AT", n.to_string())
+            .env("KNIB_TEST_CRASH_NOTE", t.path().join("note"))
+            .output()
+            .unwrap();
+        let note = std::fs::read_to_string(t.path().join("note")).unwrap_or_default();
+        if out.status.success() {
+            assert!(note.is_empty());
+            assert!(n > 6, "the backup has more than {n} durable steps");
+            break;
+        }
+        assert!(!note.is_empty(), "step {n}: the child failed without the crash hook: {}", String::from_utf8_lossy(&out.stderr));
+        let c = ok("agent.cleanup_vm_backup", &req);
+        assert_eq!(c["vm_consistent"], true);
+        let published = c["published"].as_bool().unwrap();
+        for (v, a) in vm.vols.iter_mut().zip(c["volumes"].as_array().unwrap()) {
+            let top = PathBuf::from(a["path"].as_str().unwrap());
+            if published {
+                assert_eq!(top, v.base.with_file_name(format!("{}-delta-b2", v.name)), "step {n} ({note})");
+                let d = v.delta.take().unwrap();
+                assert!(!d.exists(), "step {n} ({note}): {} is merged and removed", d.display());
+                v.base = v.snaps.pop().unwrap();
+                v.snaps.clear();
+                v.delta = Some(top);
+            } else {
+                assert_eq!(top, v.top(), "step {n} ({note}): the volume runs on its top snapshot delta again");
+                assert!(!vm.store.join("b2").join(format!("{}.qcow2", v.name)).exists());
+            }
+        }
+        for (v, view) in vm.vols.iter().zip(&before) {
+            assert_identical(v.top(), view);
+        }
+        if published {
+            vm.assert_backup_is("b2", &before);
+        }
+        vm.assert_clean();
+        vm.write(3);
+        let v3 = vm.view("b3");
+        let parent = if published { "b2" } else { "b1" };
+        vm.take("b3", Some(parent));
+        vm.assert_backup_is("b3", &v3);
+        vm.assert_clean();
+        eprintln!("crash before step {note}: cleanup {}", if published { "finished" } else { "undid" });
+        n += 1;
+    }
 }
