@@ -839,7 +839,9 @@
  *                                results in the answer).
  *       vm_snapshot_delta_paths? [string], default []: Disk-only VM snapshot
  *                                deltas taken since the last backup, oldest
- *                                first.
+ *                                first: `[merge.child, X1, …]`, the layers
+ *                                between `merge.parent` and `path` (sent with
+ *                                a parent backup).
  *
  *   CleanupValidationAnswer: The answer of `agent.cleanup_validation`.
  *       domain_removed  boolean: Whether a domain was destroyed.

@@ -33,11 +33,13 @@
 //! backup as its backing file, written relative to the new file); without
 //! one, the flattened chain is copied (full). All volumes of a request are
 //! of the same kind; `isolated` is a full copy that leaves the chain as it
-//! was (`end_of_chain` is then moot). `vm_snapshot_delta_paths` (VM
-//! snapshots taken since the last backup) are accepted for a full backup,
-//! whose flattened copy holds them, and refused for an incremental one
-//! (its copy would hold only the top layer). The directory of each
-//! `delta_path_on_store` is created when missing.
+//! was (`end_of_chain` is then moot). `vm_snapshot_delta_paths` (the
+//! disk-only VM snapshots taken since the last backup; the management
+//! server sends them only with a parent backup) are accepted for a full
+//! backup, whose flattened copy holds them, and taken by an incremental
+//! one, with a domain or without (see "VM snapshots since the last backup"
+//! below). The directory of each `delta_path_on_store` is created when
+//! missing.
 //!
 //! The agent path keeps no journal (CloudStack's management server keeps
 //! the records): a failed `agent.take_backup` says whether the VM was left
@@ -97,6 +99,27 @@
 //! commits each `child` into `parent` (which must be its backing file) and
 //! re-points each of `grand_children`. Answers are those of the domain
 //! path, with `target` null.
+//!
+//! # VM snapshots since the last backup
+//!
+//! With disk-only VM snapshots taken since the last backup, the volume's
+//! chain is `merge.parent <- merge.child <- X1 <- … <- path`, and
+//! `vm_snapshot_delta_paths` is `[merge.child, X1, …]`, oldest first,
+//! without `path` (as the management server sends it); the chain must be
+//! exactly that. The new delta is created over `path`; the incremental
+//! copy is one qcow2 over the parent backup holding every cluster
+//! allocated or zeroed in any layer from `path` down to, not including,
+//! `merge.parent`, as the topmost of them holds it
+//! ([`crate::qcow2::SourceMode::Above`]; the native data path only:
+//! `qemu-img convert -B` would copy the top layer alone), so the backup
+//! chain reads as the guest did at the snapshot. Then `merge.child` is
+//! committed into `merge.parent` and the layer over it (`X1`, or `path`
+//! with one VM snapshot) and `merge.grand_children` are re-pointed at
+//! `merge.parent` (for a running domain libvirt's block commit of the
+//! non-active `merge.child` does the re-pointing; for a stopped one, or a
+//! VM without a domain, `qemu-img rebase -u`); the VM snapshot deltas stay
+//! (they are the snapshots' files). At the end of a chain the new delta
+//! goes into `path`, the top snapshot delta.
 //!
 //! No domain says whether a QEMU runs on the files, so before anything is
 //! written (or removed, on the store too) every existing file the request

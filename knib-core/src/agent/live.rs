@@ -83,14 +83,29 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         if let Some(m) = &v.merge {
             absolute(op, &field("merge.parent"), &m.parent)?;
             absolute(op, &field("merge.child"), &m.child)?;
-        }
-        if !v.vm_snapshot_delta_paths.is_empty() && kind == BackupKind::Incremental {
+            for (j, s) in v.vm_snapshot_delta_paths.iter().enumerate() {
+                absolute(op, &field(&format!("vm_snapshot_delta_paths[{j}]")), s)?;
+            }
+            if let Some(first) = v.vm_snapshot_delta_paths.first() {
+                if !same_file(first, &m.child) {
+                    return Err(KnibError::invalid(format!(
+                        "request of {op}: volume {}: `vm_snapshot_delta_paths[0]` ({}) must be `merge.child` ({}), the delta the VM snapshots since the last backup were taken over",
+                        v.uuid,
+                        first.display(),
+                        m.child.display()
+                    )));
+                }
+            }
+        } else if !v.vm_snapshot_delta_paths.is_empty() {
             return Err(KnibError::invalid(format!(
-                "request of {op}: volume {}: VM snapshot deltas since the last backup cannot be backed up incrementally yet (only the top layer would be copied): take a full backup, or merge the VM snapshots first",
+                "request of {op}: volume {}: `vm_snapshot_delta_paths` needs `merge` (the delta below the VM snapshots as `merge.child`, its base as `merge.parent`)",
                 v.uuid
             )));
         }
-        let (disk, base, old_delta) = match mode {
+        // The layers between `merge.child` and `merge.parent`: the VM
+        // snapshot deltas over the old delta.
+        let n = v.vm_snapshot_delta_paths.len();
+        let (disk, base, old_delta, snapshots) = match mode {
             Mode::Take => {
                 let disk = disk_on(vm, &disks, &v.path)?;
                 if v.delta_path_on_primary.exists() {
@@ -112,26 +127,32 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                 let chain = chain_of(q, running, disk, ctl)?;
                 let (base, old) = match &v.merge {
                     Some(m) => {
-                        if !same_file(&m.child, &v.path) {
+                        if n == 0 && !same_file(&m.child, &v.path) {
                             return Err(KnibError::invalid(format!(
-                                "request of {op}: volume {}: `merge.child` ({}) must be the file the volume runs on ({})",
+                                "request of {op}: volume {}: `merge.child` ({}) must be the file the volume runs on ({}) when no VM snapshot was taken since the last backup",
                                 v.uuid,
                                 m.child.display(),
                                 v.path.display()
                             )));
                         }
-                        match chain.get(1) {
-                            Some(below) if same_file(below, &m.parent) => (below.clone(), Some(chain[0].clone())),
-                            below => {
+                        // Below `path`, from the top down: the VM snapshot
+                        // deltas, newest first, then `merge.parent`.
+                        let mut want: Vec<(&str, &Path)> =
+                            v.vm_snapshot_delta_paths.iter().rev().map(|s| ("vm_snapshot_delta_paths", s.as_path())).collect();
+                        want.push(("merge.parent", &m.parent));
+                        for (k, (name, f)) in want.iter().enumerate() {
+                            let below = chain.get(k + 1);
+                            if !below.is_some_and(|b| same_file(b, f)) {
                                 return Err(KnibError::invalid(format!(
-                                    "request of {op}: volume {}: {} has {} below it, not `merge.parent` {}",
+                                    "request of {op}: volume {}: {} has {} below it, not `{name}` {}",
                                     v.uuid,
-                                    m.child.display(),
+                                    chain[k].display(),
                                     below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
-                                    m.parent.display()
+                                    f.display()
                                 )));
                             }
                         }
+                        (chain[n + 1].clone(), Some(chain[n].clone()))
                     }
                     None if kind == BackupKind::Incremental => {
                         return Err(KnibError::invalid(format!(
@@ -141,7 +162,8 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                     }
                     None => (chain[0].clone(), None),
                 };
-                (disk, base, old)
+                let snapshots: Vec<PathBuf> = chain[..n].iter().rev().cloned().collect();
+                (disk, base, old, snapshots)
             }
             Mode::Cleanup => {
                 let mut files: Vec<&Path> = vec![&v.path, &v.delta_path_on_primary];
@@ -152,9 +174,13 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                 // As the chain names them, while they are in it.
                 let named =
                     |p: &Path| chain.iter().find(|c| same_file(c, p)).cloned().unwrap_or_else(|| p.to_path_buf());
+                let snapshots: Vec<PathBuf> = match v.vm_snapshot_delta_paths.split_first() {
+                    Some((_, rest)) => rest.iter().chain([&v.path]).map(|p| named(p)).collect(),
+                    None => Vec::new(),
+                };
                 match &v.merge {
-                    Some(m) => (disk, named(&m.parent), Some(named(&m.child))),
-                    None => (disk, named(&v.path), None),
+                    Some(m) => (disk, named(&m.parent), Some(named(&m.child)), snapshots),
+                    None => (disk, named(&v.path), None, snapshots),
                 }
             }
         };
@@ -178,6 +204,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
             dest: v.delta_path_on_store.clone(),
             parent,
             virtual_size,
+            snapshots,
         });
     }
     let id = r

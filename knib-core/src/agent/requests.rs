@@ -58,7 +58,7 @@ pub(crate) struct BackupVolume {
     /// The delta written since the last backup and the base it is committed into after the copy.
     #[serde(default)]
     pub merge: Option<MergeTree>,
-    /// Disk-only VM snapshot deltas taken since the last backup, oldest first.
+    /// Disk-only VM snapshot deltas taken since the last backup, oldest first: `[merge.child, X1, …]`, the layers between `merge.parent` and `path` (sent with a parent backup).
     #[serde(default)]
     pub vm_snapshot_delta_paths: Vec<PathBuf>,
 }

@@ -46,6 +46,7 @@ fn named_files(r: &TakeReq) -> Vec<&Path> {
             out.push(&m.child);
             out.extend(m.grand_children.iter().map(PathBuf::as_path));
         }
+        out.extend(v.vm_snapshot_delta_paths.iter().map(PathBuf::as_path));
     }
     out
 }
@@ -78,21 +79,40 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             for (j, g) in m.grand_children.iter().enumerate() {
                 absolute(op, &field(&format!("merge.grand_children[{j}]")), g)?;
             }
-            if !same_file(&m.child, &v.path) {
-                return Err(KnibError::invalid(format!(
-                    "request of {op}: volume {}: `merge.child` ({}) must be the file the volume runs on ({})",
-                    v.uuid,
-                    m.child.display(),
-                    v.path.display()
-                )));
+            for (j, s) in v.vm_snapshot_delta_paths.iter().enumerate() {
+                absolute(op, &field(&format!("vm_snapshot_delta_paths[{j}]")), s)?;
             }
-        }
-        if !v.vm_snapshot_delta_paths.is_empty() && kind == BackupKind::Incremental {
+            match v.vm_snapshot_delta_paths.first() {
+                None if !same_file(&m.child, &v.path) => {
+                    return Err(KnibError::invalid(format!(
+                        "request of {op}: volume {}: `merge.child` ({}) must be the file the volume runs on ({}) when no VM snapshot was taken since the last backup",
+                        v.uuid,
+                        m.child.display(),
+                        v.path.display()
+                    )));
+                }
+                Some(first) if !same_file(first, &m.child) => {
+                    return Err(KnibError::invalid(format!(
+                        "request of {op}: volume {}: `vm_snapshot_delta_paths[0]` ({}) must be `merge.child` ({}), the delta the VM snapshots since the last backup were taken over",
+                        v.uuid,
+                        first.display(),
+                        m.child.display()
+                    )));
+                }
+                _ => {}
+            }
+        } else if !v.vm_snapshot_delta_paths.is_empty() {
             return Err(KnibError::invalid(format!(
-                "request of {op}: volume {}: VM snapshot deltas since the last backup cannot be backed up incrementally yet (only the top layer would be copied): take a full backup, or merge the VM snapshots first",
+                "request of {op}: volume {}: `vm_snapshot_delta_paths` needs `merge` (the delta below the VM snapshots as `merge.child`, its base as `merge.parent`)",
                 v.uuid
             )));
         }
+        // The VM snapshot deltas over `merge.child`, oldest first, ending
+        // with the file the volume runs on.
+        let snapshots: Vec<PathBuf> = match v.vm_snapshot_delta_paths.split_first() {
+            Some((_, rest)) => rest.iter().cloned().chain([v.path.clone()]).collect(),
+            None => Vec::new(),
+        };
         if let Some(o) = r.volumes[..i].iter().position(|o| same_file(&o.path, &v.path)) {
             return Err(KnibError::invalid(format!(
                 "request of {op}: volumes {} and {} are the same file {}",
@@ -118,15 +138,32 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             virtual_size = info.virtual_size;
             match &v.merge {
                 Some(m) => {
-                    let below = info.full_backing_filename.as_deref().map(PathBuf::from);
-                    if !below.as_deref().is_some_and(|b| same_file(b, &m.parent)) {
-                        return Err(KnibError::invalid(format!(
-                            "request of {op}: volume {}: {} has {} below it, not `merge.parent` {}",
-                            v.uuid,
-                            v.path.display(),
-                            below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
-                            m.parent.display()
-                        )));
+                    // Below `path`, from the top down: the VM snapshot
+                    // deltas but the first, newest first, `merge.child`
+                    // (with VM snapshots; else it is `path`),
+                    // `merge.parent`.
+                    let chain = q.info_chain(&v.path, ctl)?;
+                    let mut want: Vec<(&str, &Path)> = Vec::new();
+                    for s in v.vm_snapshot_delta_paths.iter().skip(1).rev() {
+                        want.push(("vm_snapshot_delta_paths", s));
+                    }
+                    if !v.vm_snapshot_delta_paths.is_empty() {
+                        want.push(("merge.child", &m.child));
+                    }
+                    want.push(("merge.parent", &m.parent));
+                    let mut upper = v.path.clone();
+                    for (k, (name, f)) in want.iter().enumerate() {
+                        let below = chain.get(k + 1).map(|i| PathBuf::from(&i.filename));
+                        if !below.as_deref().is_some_and(|b| same_file(b, f)) {
+                            return Err(KnibError::invalid(format!(
+                                "request of {op}: volume {}: {} has {} below it, not `{name}` {}",
+                                v.uuid,
+                                upper.display(),
+                                below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
+                                f.display()
+                            )));
+                        }
+                        upper = f.to_path_buf();
                     }
                 }
                 None if kind == BackupKind::Incremental => {
@@ -143,7 +180,7 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             std::fs::create_dir_all(dest_dir).map_err(|e| KnibError::io("cannot create", dest_dir, e))?;
         }
         let (base, old_delta, grand_children) = match &v.merge {
-            Some(m) => (m.parent.clone(), Some(v.path.clone()), m.grand_children.clone()),
+            Some(m) => (m.parent.clone(), Some(m.child.clone()), m.grand_children.clone()),
             None => (v.path.clone(), None, Vec::new()),
         };
         disks.push(FilesDisk {
@@ -155,6 +192,7 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             parent: v.parent_backup_path.as_deref().map(|p| relative_pointer(dest_dir, p)),
             virtual_size,
             grand_children,
+            snapshots,
         });
     }
     Ok(FilesPlan {

@@ -63,6 +63,12 @@ pub fn check_plan(plan: &LivePlan, journal: &Path, vm: &str, disks: &[(String, V
                 chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" <- ")
             )));
         }
+        if !d.snapshots.is_empty() {
+            return Err(bad(format!(
+                "field `{}`: knib's own backups take no VM snapshot deltas",
+                field("snapshots")
+            )));
+        }
         let want = live::delta_path(&d.base, &plan.backup_id);
         if d.new_delta != want {
             return Err(bad(format!(

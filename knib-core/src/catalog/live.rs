@@ -126,6 +126,7 @@ impl Store {
                     dest: part.join(format!("{}.qcow2", s.info.target)),
                     parent: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, s.info.target)),
                     virtual_size: s.virtual_size,
+                    snapshots: Vec::new(),
                 })
                 .collect(),
             data_path: super::settings::Settings::load(&self.root)?.data_path,

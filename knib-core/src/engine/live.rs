@@ -90,12 +90,24 @@ pub struct DiskPlan {
     pub parent: Option<String>,
     /// The guest-visible size.
     pub virtual_size: u64,
+    /// The deltas of the disk-only VM snapshots taken over `old_delta`
+    /// since the last backup, oldest first, the last the file the disk ran
+    /// on (the agent's `vm_snapshot_delta_paths`); they stay. Empty
+    /// without VM snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<PathBuf>,
 }
 
 impl DiskPlan {
     /// The file the disk ran on before the backup.
     pub fn old_top(&self) -> &Path {
-        self.old_delta.as_deref().unwrap_or(&self.base)
+        self.snapshots.last().map(PathBuf::as_path).or(self.old_delta.as_deref()).unwrap_or(&self.base)
+    }
+
+    /// Where the new delta goes at the end of a chain: the base, or the
+    /// last VM snapshot delta (the snapshots' deltas stay).
+    pub fn end_of_chain_into(&self) -> &Path {
+        self.snapshots.last().unwrap_or(&self.base)
     }
 }
 
@@ -250,6 +262,7 @@ pub fn take(
             let (hash, compression, data_bytes) = super::stopped::copy_to_store(
                 q,
                 d.old_top(),
+                d.snapshots.len(),
                 &d.dest,
                 d.parent.as_deref(),
                 plan.data_path,
@@ -314,7 +327,7 @@ pub fn take(
         if plan.end_of_chain {
             journal(LiveStep::Pivot)?;
             for d in &plan.disks {
-                commit_down(q, vm, by, d, &d.new_delta, &d.base, &merge_ctl)?;
+                commit_down(q, vm, by, d, &d.new_delta, d.end_of_chain_into(), &merge_ctl)?;
             }
         }
         Ok(())
@@ -330,7 +343,7 @@ pub fn take(
     for (r, d) in results.iter_mut().zip(&plan.disks) {
         r.active_file = match (plan.kind, plan.end_of_chain) {
             (BackupKind::Isolated, _) => d.old_top().to_path_buf(),
-            (_, true) => d.base.clone(),
+            (_, true) => d.end_of_chain_into().to_path_buf(),
             _ => d.new_delta.clone(),
         };
     }
@@ -370,7 +383,9 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
 }
 
 /// Commit `layer` (between the base and the active file) into the base; the
-/// disk then runs on `base <- active`, and `layer` is removed.
+/// layer above it (the active file, or the first VM snapshot delta) is
+/// re-pointed at the base (by libvirt's block commit when running), and
+/// `layer` is removed.
 fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<()> {
     let (running, path) = (by.running, by.data_path);
     let step = format!("block commit of {} into {}", layer.display(), d.base.display());
@@ -378,10 +393,13 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
     if running {
         blockwait::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
     } else {
-        let active = vm.disk(&d.target)?.file;
+        let above = match d.snapshots.first() {
+            Some(s) => s.clone(),
+            None => vm.disk(&d.target)?.file,
+        };
         commit_files(q, layer, &d.base, path, ctl)?;
-        crate::crashpoint::durable_step(&format!("rebase of {} onto {}", active.display(), d.base.display()));
-        q.rebase_unsafe(&active, &d.base.to_string_lossy(), "qcow2", ctl)?;
+        crate::crashpoint::durable_step(&format!("rebase of {} onto {}", above.display(), d.base.display()));
+        q.rebase_unsafe(&above, &d.base.to_string_lossy(), "qcow2", ctl)?;
     }
     fsio::remove_if_exists(layer)
 }
@@ -434,11 +452,15 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
                     rep.actions.push(format!("{}: merged {} into {}", d.target, old.display(), d.base.display()));
                 }
                 if plan.end_of_chain {
-                    commit_down(q, vm, by, d, &d.new_delta, &d.base, ctl)?;
-                    rep.actions.push(format!("{}: committed {} into {} (end of chain)", d.target, d.new_delta.display(), d.base.display()));
+                    let into = d.end_of_chain_into();
+                    commit_down(q, vm, by, d, &d.new_delta, into, ctl)?;
+                    rep.actions.push(format!("{}: committed {} into {} (end of chain)", d.target, d.new_delta.display(), into.display()));
                 }
             } else {
-                let into = d.old_delta.as_deref().filter(|o| has(o)).unwrap_or(&d.base);
+                let into = match d.snapshots.last() {
+                    Some(s) => s.as_path(),
+                    None => d.old_delta.as_deref().filter(|o| has(o)).unwrap_or(&d.base),
+                };
                 commit_down(q, vm, by, d, &d.new_delta, into, ctl)?;
                 rep.actions.push(format!("{}: undid the snapshot: committed {} back into {}", d.target, d.new_delta.display(), into.display()));
             }

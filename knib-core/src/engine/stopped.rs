@@ -53,15 +53,28 @@ pub struct FilesDisk {
     pub parent: Option<String>,
     /// The guest-visible size.
     pub virtual_size: u64,
-    /// Other files whose backing file is `old_delta` (snapshot branches),
-    /// re-pointed at the base when it is merged.
+    /// Other files whose backing file is `old_delta` (snapshot branches,
+    /// the first VM snapshot delta over it), re-pointed at the base when it
+    /// is merged.
     pub grand_children: Vec<PathBuf>,
+    /// The deltas of the disk-only VM snapshots taken over `old_delta`
+    /// since the last backup, oldest first (each the backing file of the
+    /// next, the first over `old_delta`): the last is the file the volume
+    /// runs on. Empty without VM snapshots.
+    pub snapshots: Vec<PathBuf>,
 }
 
 impl FilesDisk {
     /// The file the volume ran on before the backup.
     pub fn old_top(&self) -> &Path {
-        self.old_delta.as_deref().unwrap_or(&self.base)
+        self.snapshots.last().map(PathBuf::as_path).or(self.old_delta.as_deref()).unwrap_or(&self.base)
+    }
+
+    /// How many backing files of `old_top` an incremental backup copies
+    /// with it: the layers between it and the base (`old_delta` and the
+    /// VM snapshot deltas below the top one).
+    pub fn layers_above_base(&self) -> usize {
+        self.snapshots.len()
     }
 }
 
@@ -118,8 +131,9 @@ fn same_file(a: &Path, b: &Path) -> bool {
     a == b || a.canonicalize().ok().is_some_and(|x| b.canonicalize().ok() == Some(x))
 }
 
-/// Copy one volume's `source` to the store at `dest`: its own clusters over
-/// `parent` (incremental) or the flattened chain. Written under a temporary
+/// Copy one volume's `source` to the store at `dest`: its own clusters and
+/// those of its first `above` backing files over `parent` (incremental), or
+/// the flattened chain. Written under a temporary
 /// name, fsynced and renamed; the temporary is removed on a failure.
 /// Returns (hash, compression, guest bytes copied), as the native data path
 /// knows them.
@@ -127,6 +141,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 pub(crate) fn copy_to_store(
     q: &QemuImg,
     source: &Path,
+    above: usize,
     dest: &Path,
     parent: Option<&str>,
     data_path: DataPath,
@@ -143,7 +158,11 @@ pub(crate) fn copy_to_store(
         let c = NativeCopy {
             source,
             dest: &tmp,
-            mode: if parent.is_some() { SourceMode::Top } else { SourceMode::Chain },
+            mode: match (parent, above) {
+                (None, _) => SourceMode::Chain,
+                (Some(_), 0) => SourceMode::Top,
+                (Some(_), n) => SourceMode::Above(n),
+            },
             format: TargetFormat::Qcow2,
             backing: parent.map(str::to_string),
             compress,
@@ -153,6 +172,13 @@ pub(crate) fn copy_to_store(
             what: &label,
         };
         native::copy(&c, ctl).map(|r| (r.hash, compress, Some(r.bytes_read)))
+    } else if parent.is_some() && above > 0 {
+        // `qemu-img convert -B <parent backup> <top>` copies the top's own
+        // clusters only (qemu-img 7.2), not those of the layers between it
+        // and the base: the backup would miss writes.
+        Err(KnibError::invalid(format!(
+            "backup of {what}: the layers of VM snapshots over the delta are copied as one file by the native data path only (not qemu-img)"
+        )))
     } else {
         (|| {
             let needed = if parent.is_some() {
@@ -240,7 +266,24 @@ fn touched(d: &FilesDisk) -> Vec<&Path> {
     let mut v: Vec<&Path> = vec![&d.base, &d.new_delta];
     v.extend(d.old_delta.as_deref());
     v.extend(d.grand_children.iter().map(PathBuf::as_path));
+    v.extend(d.snapshots.iter().map(PathBuf::as_path));
     v
+}
+
+/// The files re-pointed at the base when `old_delta` is merged into it:
+/// the layer just above it (the new delta, or the first VM snapshot delta)
+/// and the other grand children.
+fn children_of_old(d: &FilesDisk) -> Vec<PathBuf> {
+    let first = d.snapshots.first().unwrap_or(&d.new_delta);
+    let mut children = vec![first.clone()];
+    children.extend(d.grand_children.iter().filter(|g| g.exists() && !same_file(g, first)).cloned());
+    children
+}
+
+/// Where the new delta goes at the end of a chain: the base, or, with VM
+/// snapshots (whose deltas stay), the last of them.
+fn end_of_chain_into(d: &FilesDisk) -> &Path {
+    d.snapshots.last().unwrap_or(&d.base)
 }
 
 /// Take a backup of the volumes of a VM without a domain as `plan` says
@@ -272,7 +315,7 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
             ctl.check(&format!("copy of volume {}", d.name))?;
             let what = format!("volume {}", d.name);
             let (hash, compression, data_bytes) =
-                copy_to_store(q, d.old_top(), &d.dest, d.parent.as_deref(), plan.data_path, plan.compress, &what, ctl)?;
+                copy_to_store(q, d.old_top(), d.layers_above_base(), &d.dest, d.parent.as_deref(), plan.data_path, plan.compress, &what, ctl)?;
             results.push(VolumeResult {
                 name: d.name.clone(),
                 active_file: d.new_delta.clone(),
@@ -316,14 +359,12 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
         }
         for d in &plan.disks {
             if let Some(old) = &d.old_delta {
-                let mut children = vec![d.new_delta.clone()];
-                children.extend(d.grand_children.iter().filter(|g| !same_file(g, &d.new_delta)).cloned());
-                merge_into_parent(q, old, &d.base, &children, plan.data_path, &mctl)?;
+                merge_into_parent(q, old, &d.base, &children_of_old(d), plan.data_path, &mctl)?;
             }
         }
         if plan.end_of_chain {
             for d in &plan.disks {
-                commit_down(q, &d.new_delta, &d.base, plan.data_path, &mctl)?;
+                commit_down(q, &d.new_delta, end_of_chain_into(d), plan.data_path, &mctl)?;
             }
         }
         Ok(())
@@ -336,7 +377,7 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
     for (r, d) in results.iter_mut().zip(&plan.disks) {
         r.active_file = match (plan.kind, plan.end_of_chain) {
             (BackupKind::Isolated, _) => d.old_top().to_path_buf(),
-            (_, true) => d.base.clone(),
+            (_, true) => end_of_chain_into(d).to_path_buf(),
             _ => d.new_delta.clone(),
         };
     }
@@ -368,28 +409,32 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
         let in_chain = |chain: &[PathBuf], p: &Path| chain.iter().any(|c| same_file(c, p));
         if d.new_delta.exists() {
             let chain = chain_of(&d.new_delta)?;
-            let old = d.old_delta.as_deref().filter(|o| chain.get(1).is_some_and(|c| same_file(c, o)));
+            // `old_delta`, still in the chain just below the new delta or
+            // the first VM snapshot delta.
+            let old = d
+                .old_delta
+                .as_deref()
+                .filter(|o| chain.get(1 + d.snapshots.len()).is_some_and(|c| same_file(c, o)));
             if finish {
                 if let Some(old) = old {
-                    let mut children = vec![d.new_delta.clone()];
-                    children.extend(d.grand_children.iter().filter(|g| g.exists() && !same_file(g, &d.new_delta)).cloned());
-                    merge_into_parent(q, old, &d.base, &children, plan.data_path, ctl)?;
+                    merge_into_parent(q, old, &d.base, &children_of_old(d), plan.data_path, ctl)?;
                     rep.actions.push(format!("{}: merged {} into {}", d.name, old.display(), d.base.display()));
                 }
                 if plan.end_of_chain {
-                    commit_down(q, &d.new_delta, &d.base, plan.data_path, ctl)?;
+                    let into = end_of_chain_into(d);
+                    commit_down(q, &d.new_delta, into, plan.data_path, ctl)?;
                     rep.actions.push(format!(
                         "{}: committed {} into {} (end of chain)",
                         d.name,
                         d.new_delta.display(),
-                        d.base.display()
+                        into.display()
                     ));
                 }
             } else {
                 let into = chain.get(1).cloned().ok_or_else(|| {
                     KnibError::new(ErrorKind::VmInconsistent, format!("{} has no backing file", d.new_delta.display()))
                 })?;
-                if !(same_file(&into, &d.base) || old.is_some()) {
+                if !(same_file(&into, d.old_top()) || same_file(&into, &d.base) || old.is_some()) {
                     return Err(KnibError::new(
                         ErrorKind::VmInconsistent,
                         format!(
@@ -413,7 +458,7 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
         }
         // The volume runs on the highest of its files still there; a file
         // of the backup outside that chain is a leftover of a finished step.
-        let top = [Some(d.new_delta.as_path()), d.old_delta.as_deref(), Some(d.base.as_path())]
+        let top = [Some(d.new_delta.as_path()), d.snapshots.last().map(PathBuf::as_path), d.old_delta.as_deref(), Some(d.base.as_path())]
             .into_iter()
             .flatten()
             .find(|p| p.exists())

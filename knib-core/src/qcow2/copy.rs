@@ -52,7 +52,8 @@ pub struct CopyOptions {
     pub mode: SourceMode,
     /// The output format.
     pub format: TargetFormat,
-    /// The backing pointer of a qcow2 output ([`SourceMode::Top`] only).
+    /// The backing pointer of a qcow2 output ([`SourceMode::Top`] and
+    /// [`SourceMode::Above`] only).
     pub backing: Option<BackingRef>,
     /// Compress the clusters of a qcow2 output: each cluster is stored
     /// compressed when that makes it shorter than a cluster, as zero when

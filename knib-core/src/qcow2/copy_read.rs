@@ -33,6 +33,16 @@ pub enum SourceMode {
     /// The whole chain as the guest sees it, flattened: the output has no
     /// backing file.
     Chain,
+    /// The top and its first `n` backing files flattened into one delta
+    /// over what lies below them (the base): a cluster allocated or zero
+    /// in any of these layers is copied as the topmost of them holds it
+    /// (data, or a zero cluster); a cluster unallocated in all of them
+    /// stays unallocated, so that it reads from the output's backing file.
+    /// A cluster the layers cover only in part (cluster sizes or virtual
+    /// sizes differ) is copied whole as the full chain reads it. `Above(0)`
+    /// copies what [`SourceMode::Top`] copies. How a delta with disk-only
+    /// VM snapshots taken over it is backed up in one pass.
+    Above(usize),
 }
 
 /// Where one guest cluster of the output comes from.
@@ -69,6 +79,17 @@ impl Source {
         let (top, backing) = match mode {
             SourceMode::Top => (Qcow2Image::open(path)?, Vec::new()),
             SourceMode::Chain => Chain::open(path)?.into_parts(),
+            SourceMode::Above(n) => {
+                let (top, backing) = Chain::open(path)?.into_parts();
+                if backing.len() < n {
+                    return Err(KnibError::invalid(format!(
+                        "{} has {} backing files, fewer than the {n} layers to copy above its base",
+                        path.display(),
+                        backing.len()
+                    )));
+                }
+                (top, backing)
+            }
         };
         let (cs, bits, size) = (top.cluster_size(), top.header().cluster_bits, top.virtual_size());
         Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new() })
@@ -86,7 +107,12 @@ impl Source {
             Ok(SourceHasher::new(path, file, len))
         };
         hashers.push(dup(top.path(), top.dup_file(), top.file_len())?);
-        for layer in &self.backing {
+        // A copy above a base reads only the layers above it.
+        let read = match self.mode {
+            SourceMode::Above(n) => n,
+            _ => self.backing.len(),
+        };
+        for layer in &self.backing[..read] {
             hashers.push(match layer {
                 Layer::Qcow2(img) => dup(img.path(), img.dup_file(), img.file_len())?,
                 Layer::Raw(r) => dup(Some(r.path()), Some(r.dup_file()), r.virtual_size())?,
@@ -122,15 +148,20 @@ impl Source {
         }
         let start = index * self.cs;
         let need = self.cs.min(self.size - start);
+        // A delta over the layers below `upper` (a copy above a base).
+        let (upper, delta) = match self.mode {
+            SourceMode::Above(n) => (n, true),
+            _ => (self.backing.len(), false),
+        };
         let mut state = Some(state);
-        for layer in 0..=self.backing.len() {
+        for layer in 0..=upper {
             let st = match layer {
                 0 => state.take().unwrap_or(ClusterState::Unallocated),
                 _ => match &mut self.backing[layer - 1] {
                     Layer::Qcow2(img) => {
                         let size = img.virtual_size();
                         if start >= size {
-                            return Ok(Resolved::Skip);
+                            return Ok(if delta { Resolved::Complex } else { Resolved::Skip });
                         }
                         if start + need > size || img.cluster_size() != self.cs {
                             return Ok(Resolved::Complex);
@@ -140,7 +171,7 @@ impl Source {
                     Layer::Raw(r) => {
                         let size = r.virtual_size();
                         if start >= size {
-                            return Ok(Resolved::Skip);
+                            return Ok(if delta { Resolved::Complex } else { Resolved::Skip });
                         }
                         if start + self.cs > size {
                             return Ok(Resolved::Complex);
@@ -151,7 +182,7 @@ impl Source {
             };
             match st {
                 ClusterState::Unallocated => continue,
-                ClusterState::Zero => return Ok(Resolved::Skip),
+                ClusterState::Zero => return Ok(if delta { Resolved::Zero } else { Resolved::Skip }),
                 ClusterState::Data { host_offset } => return Ok(Resolved::Host { layer, offset: host_offset }),
                 ClusterState::Compressed { host_offset, compressed_len } => {
                     return Ok(Resolved::Compressed { layer, offset: host_offset, len: compressed_len })

@@ -23,6 +23,7 @@ fn plan(base: &Path, store_vm: &Path) -> LivePlan {
             dest: store_vm.join(format!(".{ID}.part/vda.qcow2")),
             parent: Some("../20261130-050000000-00bb/vda.qcow2".into()),
             virtual_size: 16 << 20,
+            snapshots: Vec::new(),
         }],
         data_path: DataPath::default(),
         compress: None,
@@ -37,6 +38,7 @@ fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
     let c = canary.join("secret");
     let c2 = c.clone();
     let c3 = c.clone();
+    let c4 = c.clone();
     let rel = ["../../etc/passwd", "secret", "./x/../../y"][rng.below(3) as usize];
     vec![
         ("new_delta", Box::new(move |p: &mut LivePlan| p.disks[0].new_delta = c.clone())),
@@ -59,6 +61,7 @@ fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
             p.disks[0].new_delta = delta_path(&c3, ID);
             p.disks[0].old_delta = None;
         })),
+        ("snapshots", Box::new(move |p: &mut LivePlan| p.disks[0].snapshots = vec![c4.clone()])),
         ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "vdz".into())),
         ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "../vda".into())),
         ("backup_id", Box::new(|p: &mut LivePlan| p.backup_id = "../../x".into())),

@@ -1,0 +1,145 @@
+//! Incremental backups of a running domain (real libvirt and QEMU) with
+//! disk-only VM snapshots taken since the last backup
+//! (`vm_snapshot_delta_paths`): after one and after two snapshots, and the
+//! incremental after them, each restored and compared with what the guest
+//! had written (writes made through the monitor), the guest still reading
+//! every write.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::model::Model;
+use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
+use knib_core::api::call;
+use knib_core::qemu_img::QemuImg;
+use knib_core::Control;
+use serde_json::{json, Value};
+
+const DISKS: [(&str, u64); 2] = [("vda", 32 * MIB), ("vdb", 16 * MIB)];
+
+fn ok(op: &str, req: &Value) -> Value {
+    call(op, &req.to_string(), &Control::new())
+        .map(|a| serde_json::from_str(&a).expect("answers are JSON"))
+        .unwrap_or_else(|e| panic!("{op}: {e}\nrequest: {req:#}"))
+}
+
+fn chain(vm: &TestVm, target: &str) -> Vec<PathBuf> {
+    vm.disk(target).chain_files().into_iter().map(Path::to_path_buf).collect()
+}
+
+fn store_file(store: &Path, n: u32, t: &str) -> PathBuf {
+    store.join(format!("backup-{n}")).join(format!("{t}.qcow2"))
+}
+
+/// The volumes of backup `n` as the management server sends them, with `k`
+/// VM snapshots taken since the last backup: `path` the top, `merge.child`
+/// the old delta (`k` layers below), `merge.parent` the layer below it,
+/// `grand_children` the layer over it, `vm_snapshot_delta_paths` the old
+/// delta and the snapshot deltas but the top, oldest first.
+fn volumes(vm: &TestVm, store: &Path, n: u32, parent: Option<u32>, k: usize) -> Value {
+    let vols: Vec<Value> = DISKS
+        .iter()
+        .map(|(t, _)| {
+            let c = chain(vm, t);
+            let base = vm.initial_file(t);
+            let mut v = json!({
+                "uuid": format!("uuid-{t}"),
+                "path": c[0],
+                "delta_path_on_primary": base.with_file_name(format!("delta-{t}-{n}")),
+                "delta_path_on_store": store_file(store, n, t),
+            });
+            if c.len() > k + 1 {
+                v["merge"] = json!({"parent": c[k + 1], "child": c[k]});
+                if k > 0 {
+                    v["merge"]["grand_children"] = json!([c[k - 1]]);
+                    v["vm_snapshot_delta_paths"] = json!(c[1..=k].iter().rev().collect::<Vec<_>>());
+                }
+            }
+            if let Some(p) = parent {
+                v["parent_backup_path"] = json!(store_file(store, p, t));
+            }
+            v
+        })
+        .collect();
+    json!(vols)
+}
+
+fn vm_snapshot(vm: &TestVm, name: &str) -> Vec<PathBuf> {
+    let files: Vec<(String, PathBuf)> =
+        DISKS.iter().map(|(t, _)| (t.to_string(), vm.initial_file(t).with_file_name(format!("{name}-{t}")))).collect();
+    vm.vm.snapshot_disk_only(&files, false).unwrap();
+    files.into_iter().map(|f| f.1).collect()
+}
+
+#[test]
+fn incrementals_of_a_running_domain_after_one_and_two_vm_snapshots() {
+    if skip_without_libvirt("agent backups with VM snapshots") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm = TestVm::create("knib-snaps", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let mut model = Model::new(&DISKS);
+    let mut at = 0u64;
+    let mut write = |model: &mut Model, p: u8| {
+        for (t, _) in DISKS {
+            model.write(&vm, t, p, at, 192 * 1024);
+        }
+        at += 256 * 1024;
+    };
+    write(&mut model, 0x11);
+    let n1 = model.writes.len();
+    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 1, None, 0)}));
+    assert_eq!(a["kind"], "full");
+
+    // One VM snapshot since the last backup.
+    write(&mut model, 0x21);
+    let s1 = vm_snapshot(&vm, "s1");
+    write(&mut model, 0x22);
+    let n2 = model.writes.len();
+    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 2, Some(1), 1)}));
+    assert_eq!(a["kind"], "incremental");
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        let now = chain(&vm, t);
+        let d2 = vm.initial_file(t).with_file_name(format!("delta-{t}-2"));
+        assert_eq!(now, vec![d2.clone(), s1[i].clone(), vm.initial_file(t)], "the old delta is merged, s1 kept");
+        assert_eq!(a["volumes"][i]["new_volume_path"], json!(d2));
+        assert!(!vm.initial_file(t).with_file_name(format!("delta-{t}-1")).exists());
+        let info = QemuImg::new().info(&store_file(&store, 2, t), &Control::new()).unwrap();
+        assert_eq!(info.backing_filename.as_deref(), Some(format!("../backup-1/{t}.qcow2").as_str()));
+    }
+
+    // Two.
+    write(&mut model, 0x31);
+    vm_snapshot(&vm, "s2");
+    write(&mut model, 0x32);
+    let s3 = vm_snapshot(&vm, "s3");
+    write(&mut model, 0x33);
+    let n3 = model.writes.len();
+    ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 3, Some(2), 2)}));
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        let now = chain(&vm, t);
+        assert_eq!(now[0], vm.initial_file(t).with_file_name(format!("delta-{t}-3")));
+        assert_eq!(now[1], s3[i]);
+        assert_eq!(now.len(), 5, "delta-3, s3, s2, s1, base: {now:?}");
+    }
+
+    // The next incremental still holds every write.
+    write(&mut model, 0x41);
+    let n4 = model.writes.len();
+    ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 4, Some(3), 0)}));
+
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    for (n, upto) in [(1, n1), (2, n2), (3, n3), (4, n4)] {
+        for (t, _) in DISKS {
+            let to = out.join(format!("{t}-{n}.qcow2"));
+            ok("agent.restore", &json!({"volumes": [{"uuid": t, "backup_path": store_file(&store, n, t), "volume_path": to}]}));
+            model.assert_restored(t, upto, &to, dir.path());
+        }
+    }
+    model.assert_vm_reads_everything(&vm);
+}
