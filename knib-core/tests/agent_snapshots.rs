@@ -406,7 +406,11 @@ fn a_crash_at_every_step_with_vm_snapshots_then_cleanup() {
             break;
         }
         assert!(!note.is_empty(), "step {n}: the child failed without the crash hook: {}", String::from_utf8_lossy(&out.stderr));
-        let c = ok("agent.cleanup_vm_backup", &req);
+        // Mode "complete": a backup whose every store file is there is
+        // finished, else undone (the default, "discard", always undoes).
+        let mut creq = req.clone();
+        creq["mode"] = json!("complete");
+        let c = ok("agent.cleanup_vm_backup", &creq);
         assert_eq!(c["vm_consistent"], true);
         let published = c["published"].as_bool().unwrap();
         for (v, a) in vm.vols.iter_mut().zip(c["volumes"].as_array().unwrap()) {
