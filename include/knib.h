@@ -86,25 +86,24 @@
  *
  *   (generated from docs/schema.json by knib-core/tests/schema.rs)
  *
- *   agent.cleanup_validation: Remove a validation's domain and overlays.
+ *   agent.cleanup_validation: Nothing by default (as the agent); with
+ *                             remove_domain the validation's domain, with
+ *                             work_dir knib's overlays.
  *     request:
- *       connect?      string or null: The libvirt URI (default
- *                     `qemu:///system`).
- *       timeout_secs? integer or null: Accepted for symmetry.
- *       vm_name       string: The validation domain's name (destroyed and
- *                     undefined if there is one).
- *       work_dir?     string or null: Where `agent.prepare_validation` put
- *                     the overlays (removed).
+ *       connect?       string or null: The libvirt URI (default
+ *                      `qemu:///system`).
+ *       remove_domain? boolean, default false: Destroy (and undefine) the
+ *                      domain of that name, if there is one.
+ *       timeout_secs?  integer or null: Accepted for symmetry.
+ *       vm_name        string: The validation VM's name.
+ *       work_dir?      string or null: Where `agent.prepare_validation` put
+ *                      the overlays of the volumes without `overlay_path`
+ *                      (they are removed).
  *     answer: CleanupValidationAnswer
  *     example request:
- *       {"vm_name": "v-10", "work_dir": "/var/lib/knib/validation"}
+ *       {"vm_name": "v-10"}
  *     example answer (abridged):
- *       {
- *         "domain_removed": true,
- *         "removed": [
- *           "/var/lib/knib/validation/v-10-0c6f2a4e.knib-validation.qcow2"
- *         ]
- *       }
+ *       {"domain_removed": false, "removed": []}
  *
  *   agent.cleanup_vm_backup: Discard a failed agent.take_backup (store files
  *                            removed, VM back on base <- delta), or with mode
@@ -281,31 +280,34 @@
  *       }
  *
  *   agent.prepare_validation: One qcow2 overlay per volume of a backup, for a
- *                             validation.
+ *                             validation: at each volume's overlay_path (an
+ *                             empty volume file) or in work_dir.
  *     request:
  *       timeout_secs? integer or null: The time budget in seconds; 0 or
  *                     absent = none.
- *       vm_name       string: The validation VM's name (names the overlays).
+ *       vm_name       string: The validation VM's name (names the overlays in
+ *                     `work_dir`).
  *       volumes       [PrepareVolume]: The backup's volumes.
- *       work_dir      string: Where the overlays go.
+ *       work_dir?     string or null: Where the overlays of the volumes
+ *                     without `overlay_path` go.
  *     answer: PrepareValidationAnswer
  *     example request:
  *       {
  *         "vm_name": "v-10",
  *         "volumes": [
  *           {
- *             "backup_path": "/mnt/store/backups/b1/0c6f2a4e",
+ *             "backup_path": "/mnt/store/backups/2/7/b1",
+ *             "overlay_path": "/mnt/primary/5e6f7a8b",
  *             "uuid": "0c6f2a4e"
  *           }
- *         ],
- *         "work_dir": "/var/lib/knib/validation"
+ *         ]
  *       }
  *     example answer (abridged):
  *       {
  *         "volumes": [
  *           {
- *             "backup_path": "/mnt/store/backups/b1/0c6f2a4e",
- *             "overlay_path": "/var/lib/knib/validation/v-10-0c6f2a4e.knib-validation.qcow2",
+ *             "backup_path": "/mnt/store/backups/2/7/b1",
+ *             "overlay_path": "/mnt/primary/5e6f7a8b",
  *             "uuid": "0c6f2a4e"
  *           }
  *         ]
@@ -425,58 +427,94 @@
  *         "hash": "5d1e0b7c93a24f68a1c2e3f405162738"
  *       }
  *
- *   agent.validate: Boot a throwaway domain on backup files and run the
- *                   checks.
+ *   agent.validate: Validate a running domain (CloudStack's validation VM) or
+ *                   a throwaway one booted on backup files: boot, screenshot,
+ *                   script.
  *     request:
- *       boot_timeout_secs? integer, default 300: How long to wait for the
- *                          guest agent.
- *       cmdline?           string or null: Its command line.
- *       connect?           string or null: The libvirt URI (default
- *                          `qemu:///system`).
- *       disks              [ValidateDisk]: The disks to boot on, first the
- *                          boot disk.
- *       domain_type?       string or null: `kvm` or `qemu` (default: chosen
- *                          by the host).
- *       execute_script?    boolean, default false: Run `script` in the guest
- *                          through the guest agent.
- *       expected_result?   string or null: An exit code (an integer) or the
- *                          output the script must print.
- *       initrd?            string or null: Its initrd.
- *       kernel?            string or null: Boot this kernel directly (else
- *                          the first disk through the firmware).
- *       memory_mib?        integer, default 512: Guest memory in MiB.
- *       screenshot_path?   string or null: Where the screenshot goes.
- *       script?            string or null: The program to run in the guest.
- *       script_arguments?  string or null: Its arguments, split at white
- *                          space.
- *       take_screenshot?   boolean, default false: Save a PNG screenshot
- *                          after the boot.
- *       timeout_secs?      integer or null: The time budget in seconds; 0 or
- *                          absent = none.
- *       vm_name?           string or null: The validated VM's name (in
- *                          messages and the throwaway domain's name).
- *       wait_for_boot?     boolean, default true: Wait for the guest agent to
- *                          answer (else a silent agent is no failure).
- *       work_dir           string: Where the boot test's own overlays go.
+ *       boot_timeout_secs?    integer, default 300: How long to wait for the
+ *                             guest agent.
+ *       cmdline?              string or null: Its command line.
+ *       connect?              string or null: The libvirt URI (default
+ *                             `qemu:///system`).
+ *       disks?                [ValidateDisk]: The disks to boot a throwaway
+ *                             domain on, first the boot disk (not with
+ *                             `domain`).
+ *       domain?               string or null: The running domain to validate,
+ *                             by name: knib creates, changes and destroys
+ *                             nothing (not with `disks`).
+ *       domain_type?          string or null: `kvm` or `qemu` (default:
+ *                             chosen by the host; with `disks`).
+ *       execute_script?       boolean, default false: Run `script` in the
+ *                             guest through the guest agent.
+ *       expected_result?      string or null: What the script must give, as
+ *                             the agent compares it: `"0"` (the default)
+ *                             matches an exit code of 0; any value matches a
+ *                             standard output whose base64 (as the guest
+ *                             agent sends it) equals it.
+ *       initrd?               string or null: Its initrd.
+ *       kernel?               string or null: Boot this kernel directly (else
+ *                             the first disk through the firmware; with
+ *                             `disks`).
+ *       memory_mib?           integer or null: The throwaway domain's memory
+ *                             in MiB (default 512).
+ *       screenshot_next_to?   string or null: Name the screenshot as the
+ *                             agent does:
+ *                             `<screenshot_next_to>-screenshot-<UTC
+ *                             time>.png`, next to this file (the backup's
+ *                             first file on the store).
+ *       screenshot_path?      string or null: Where the screenshot goes (not
+ *                             with `screenshot_next_to`).
+ *       screenshot_wait_secs? integer, default 0: Seconds to wait before the
+ *                             screenshot (the agent's `screenshotWait`).
+ *       script?               string or null: The program to run in the guest
+ *                             (an absolute path).
+ *       script_arguments?     string or null: Its arguments, split at every
+ *                             comma, nothing trimmed (as the agent splits
+ *                             them).
+ *       script_timeout_secs?  integer or null: How long the script may run,
+ *                             in seconds (the agent's `scriptTimeout`;
+ *                             default 60).
+ *       store_root?           string or null: The store's mount point: the
+ *                             answer's `screenshot_store_path` is the
+ *                             screenshot relative to it, as the agent
+ *                             answers.
+ *       take_screenshot?      boolean, default false: Save a PNG screenshot
+ *                             after the boot.
+ *       timeout_secs?         integer or null: The time budget in seconds; 0
+ *                             or absent = none.
+ *       vm_name?              string or null: The validated VM's name (in
+ *                             messages).
+ *       wait_for_boot?        boolean, default true: Wait for the guest agent
+ *                             to answer `guest-sync` (else the boot is not
+ *                             validated and the other checks run at once).
+ *       work_dir?             string or null: Where the throwaway domain's
+ *                             overlays go (with `disks`).
  *     answer: ValidateAnswer
  *     example request:
  *       {
  *         "boot_timeout_secs": 120,
- *         "disks": [
- *           {
- *             "path": "/var/lib/knib/validation/v-10-0c6f2a4e.knib-validation.qcow2",
- *             "target": "vda"
- *           }
- *         ],
- *         "vm_name": "v-10",
- *         "work_dir": "/var/lib/knib/validation"
+ *         "domain": "v-10",
+ *         "execute_script": true,
+ *         "expected_result": "0",
+ *         "screenshot_next_to": "/mnt/store/backups/2/7/b1",
+ *         "screenshot_wait_secs": 5,
+ *         "script": "/usr/local/bin/check",
+ *         "script_arguments": "--quick,db",
+ *         "script_timeout_secs": 60,
+ *         "store_root": "/mnt/store",
+ *         "take_screenshot": true
  *       }
  *     example answer (abridged):
  *       {
  *         "boot_seconds": 14.2,
  *         "boot_validated": true,
  *         "passed": true,
- *         "problems": []
+ *         "problems": [],
+ *         "screenshot_path": "/mnt/store/backups/2/7/b1-screenshot-20261201T120000Z.png",
+ *         "screenshot_store_path": "backups/2/7/b1-screenshot-20261201T120000Z.png",
+ *         "script_exit_code": 0,
+ *         "script_output": "ok",
+ *         "script_result": null
  *       }
  *
  *   backup: Back up all the disks of one VM together, full or incremental as
@@ -844,7 +882,8 @@
  *                                a parent backup).
  *
  *   CleanupValidationAnswer: The answer of `agent.cleanup_validation`.
- *       domain_removed  boolean: Whether a domain was destroyed.
+ *       domain_removed  boolean: Whether a domain was destroyed (only with
+ *                       `remove_domain`).
  *       removed         [string]: The overlays removed.
  *
  *   CleanupVmBackupAnswer: The answer of `agent.cleanup_vm_backup`.
@@ -985,9 +1024,16 @@
  *       volumes  [PreparedVolume]: One overlay per volume.
  *
  *   PrepareVolume: One volume of `agent.prepare_validation`.
- *       backup_path  string: The backup file the overlay is made over (only
- *                    read).
- *       uuid         string: The volume's uuid (names the overlay).
+ *       backup_path   string: The backup file the overlay is made over (only
+ *                     read).
+ *       overlay_path? string or null: Where the overlay goes: the validation
+ *                     VM's volume file, as CloudStack's management server
+ *                     created it. An existing file is replaced only when it
+ *                     holds no data (empty, or a qcow2 image with no backing
+ *                     file and no allocated cluster) and no QEMU holds it.
+ *                     Without it the overlay goes to `work_dir`.
+ *       uuid          string: The volume's uuid (names the overlay in
+ *                     `work_dir`).
  *
  *   PreparedVolume: The overlay of one volume.
  *       backup_path   string: The backup file under it.
@@ -1072,15 +1118,32 @@
  *       uuid                 string: The request's uuid.
  *       virtual_size         integer: Guest-visible size.
  *
- *   ValidateAnswer: The answer of `agent.validate`.
- *       boot_seconds      number: Seconds to its first answer (or to giving
- *                         up).
- *       boot_validated    boolean: Whether the guest agent answered.
- *       passed            boolean: Whether every check passed.
- *       problems          [string]: What failed, one line each.
- *       screenshot_path?  string or null: The screenshot taken.
- *       script_exit_code? integer or null: The script's exit code.
- *       script_result?    string or null: The script's output.
+ *   ValidateAnswer: The answer of `agent.validate`. The agent's
+ *                   `ValidateKbossVmAnswer` is `boot_validated`,
+ *                   `screenshot_store_path` and `script_result`, as they are;
+ *                   the rest is knib's.
+ *       boot_seconds           number: Seconds to its first answer (or to
+ *                              giving up).
+ *       boot_validated         boolean: Whether the guest agent answered
+ *                              (false when it was not waited for).
+ *       passed                 boolean: Whether every check passed (the boot
+ *                              when waited for, the screenshot, the script).
+ *       problems               [string]: What failed, one line each.
+ *       screenshot_path?       string or null: The screenshot taken
+ *                              (absolute).
+ *       screenshot_store_path? string or null: The screenshot relative to the
+ *                              request's `store_root`, as the agent answers
+ *                              `screenshotPath`.
+ *       script_exit_code?      integer or null: The script's exit code.
+ *       script_output?         string or null: The script's standard output,
+ *                              decoded.
+ *       script_result?         string or null: The agent's `scriptResult`:
+ *                              null when the script gave the expected result
+ *                              (or was not asked for); else its standard
+ *                              output in base64 (as the guest agent sent it;
+ *                              `"exit code N, no output"` when it printed
+ *                              nothing), `"Timeout"`, or the error that kept
+ *                              it from running.
  *
  *   ValidateDisk: One disk of `agent.validate`.
  *       path    string: Its file (a prepared overlay or a backup file; only

@@ -69,6 +69,7 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl
         screenshot: a.screenshot.clone(),
         command,
         domain_type: None,
+        timing: Default::default(),
     };
     let hv = Hypervisor::open(connect)?;
     let report = boot_test(&hv, &req, ctl);

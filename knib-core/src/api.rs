@@ -131,13 +131,13 @@ operations! {
     "agent.restore" => AgentRestore(agent::RestoreReq) -> agent::RestoreAnswer,
     /// Pull the backing files into a domain's volumes (after a quick restore).
     "agent.consolidate" => Consolidate(agent::ConsolidateReq) -> agent::ConsolidateAnswer,
-    /// One qcow2 overlay per volume of a backup, for a validation.
+    /// One qcow2 overlay per volume of a backup, for a validation: at each volume's overlay_path (an empty volume file) or in work_dir.
     "agent.prepare_validation" => PrepareValidation(agent::PrepareReq) -> agent::PrepareValidationAnswer,
-    /// Boot a throwaway domain on backup files and run the checks.
-    "agent.validate" => Validate(agent::ValidateReq) -> agent::ValidateAnswer,
+    /// Validate a running domain (CloudStack's validation VM) or a throwaway one booted on backup files: boot, screenshot, script.
+    "agent.validate" => Validate(Box<agent::ValidateReq>) -> agent::ValidateAnswer,
     /// xxh3-128 of a backup's chain, root first, and of each file.
     "agent.take_hash" => TakeHash(agent::HashReq) -> agent::TakeHashAnswer,
-    /// Remove a validation's domain and overlays.
+    /// Nothing by default (as the agent); with remove_domain the validation's domain, with work_dir knib's overlays.
     "agent.cleanup_validation" => CleanupValidation(agent::CleanupValidationReq) -> agent::CleanupValidationAnswer,
     /// Merge disk-only VM snapshot deltas into the layer below them.
     "agent.merge_snapshot" => MergeSnapshot(agent::MergeReq) -> agent::MergeSnapshotAnswer,

@@ -362,8 +362,116 @@ fn quick_restore_consolidate_and_validation_files() {
     v2["wait_for_boot"] = json!(false);
     let r = ok("agent.validate", &v2);
     assert_eq!(r["passed"], true, "{r:#}");
+    // As the agent: the clean-up does nothing by default.
+    let a = ok("agent.cleanup_validation", &json!({"vm_name": "knib-agent-validation"}));
+    assert_eq!((a["removed"].clone(), a["domain_removed"].clone()), (json!([]), json!(false)));
+    assert!(overlay.exists());
     let a = ok("agent.cleanup_validation", &json!({"vm_name": "knib-agent-validation", "work_dir": work}));
     assert_eq!(a["removed"], json!([overlay]));
     assert_eq!(a["domain_removed"], false);
     assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "boot tests leave nothing behind");
+}
+
+/// `agent.validate`'s two ways exclude each other, and its screenshot and
+/// script fields are checked before anything runs; `agent.prepare_validation`
+/// replaces a volume file with an overlay only when the file holds no data
+/// and no QEMU holds it, and all volumes or none.
+#[test]
+fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = |op: &str, v: Value| {
+        let e = agent(op, &v).expect_err(&format!("{op} accepted {v:#}"));
+        (e.kind, e.message)
+    };
+    let disks = json!([{"target": "vda", "path": dir.path().join("x")}]);
+    for (req, words) in [
+        (json!({}), "give `domain`"),
+        (json!({"domain": "v", "disks": disks}), "exclude each other"),
+        (json!({"domain": "v", "work_dir": dir.path()}), "`work_dir` is for a throwaway domain"),
+        (json!({"domain": "v", "memory_mib": 256}), "`memory_mib` is for a throwaway domain"),
+        (json!({"disks": disks}), "needs `work_dir`"),
+        (json!({"domain": "v", "take_screenshot": true}), "needs `screenshot_path` or `screenshot_next_to`"),
+        (json!({"domain": "v", "screenshot_next_to": "/s/b/f"}), "need `take_screenshot`"),
+        (
+            json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/b/f", "screenshot_path": "/s/x.png"}),
+            "exclude each other",
+        ),
+        (json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/b/f", "store_root": "/t"}), "is not under `store_root`"),
+        (
+            json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/../t/f", "store_root": "/s"}),
+            "is not under `store_root`",
+        ),
+        (json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "b/f"}), "screenshot_next_to"),
+        (json!({"domain": "v", "execute_script": true}), "`execute_script` needs `script`"),
+    ] {
+        let (kind, message) = err("agent.validate", req.clone());
+        assert_eq!(kind, ErrorKind::InvalidInput, "{req}: {message}");
+        assert!(message.contains(words), "{req}: {message:?} does not say {words:?}");
+    }
+
+    // A backup file, and volume files in every state.
+    let backup = dir.path().join("backup.qcow2");
+    make_disk(&backup, 16 * MIB, &[]);
+    qemu_io(&backup, "write -P 0x61 0 1M");
+    let empty = dir.path().join("empty.qcow2");
+    make_disk(&empty, 16 * MIB, &[]);
+    let zero_length = dir.path().join("zero-length");
+    std::fs::write(&zero_length, b"").unwrap();
+    let absent = dir.path().join("absent.qcow2");
+    let with_data = dir.path().join("with-data.qcow2");
+    make_disk(&with_data, 16 * MIB, &[]);
+    qemu_io(&with_data, "write -P 0x62 4M 64k");
+    let with_zeros = dir.path().join("with-zeros.qcow2");
+    make_disk(&with_zeros, 16 * MIB, &[]);
+    qemu_io(&with_zeros, "write -z 0 1M");
+    let with_backing = dir.path().join("with-backing.qcow2");
+    make_disk(&with_backing, 16 * MIB, &["-b", backup.to_str().unwrap(), "-F", "qcow2"]);
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let prepare = |vols: &[(&str, &Path)]| {
+        let volumes: Vec<Value> =
+            vols.iter().map(|(uuid, p)| json!({"uuid": uuid, "backup_path": backup, "overlay_path": p})).collect();
+        agent("agent.prepare_validation", &json!({"vm_name": "v-1", "volumes": volumes}))
+    };
+    // Every file of the directory with its bytes.
+    let files = || -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
+    };
+    for (bad, words) in [(&with_data, "holds data"), (&with_backing, "has a backing file"), (&raw, "is not an empty qcow2 image")] {
+        // The bad one second: the first, replaceable, is not touched either.
+        let before = files();
+        let e = prepare(&[("a", &empty), ("b", bad)]).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains(words) && e.message.contains(bad.to_str().unwrap()), "{e}");
+        assert_eq!(files(), before, "a refused prepare changed files");
+    }
+    // A volume some QEMU holds is busy.
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&empty)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let e = prepare(&[("a", &empty)]).unwrap_err();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    // Empty, zero-length, zeroed and absent files are replaced by overlays.
+    let a = prepare(&[("a", &empty), ("b", &zero_length), ("c", &absent), ("d", &with_zeros)]).unwrap();
+    let a: Value = a;
+    assert_eq!(a["volumes"].as_array().unwrap().len(), 4);
+    for p in [&empty, &zero_length, &absent, &with_zeros] {
+        let info = knib_core::qemu_img::QemuImg::default().info(p, &Control::new()).unwrap();
+        assert_eq!(info.full_backing_filename.as_deref().map(Path::new), Some(backup.canonicalize().unwrap().as_path()));
+        assert_identical(p, &backup);
+    }
+    // An overlay is never a backup file, and never named twice.
+    assert_eq!(prepare(&[("a", &backup)]).unwrap_err().kind, ErrorKind::InvalidInput);
+    let fresh = dir.path().join("fresh.qcow2");
+    assert_eq!(prepare(&[("a", &fresh), ("b", &fresh)]).unwrap_err().kind, ErrorKind::InvalidInput);
+    assert!(!fresh.exists());
+    let leftovers: Vec<_> = files().into_keys().filter(|p| p.to_string_lossy().ends_with(".part")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }

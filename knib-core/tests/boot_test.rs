@@ -149,6 +149,7 @@ fn request(g: &Guest, backup: PathBuf, work: &Path) -> BootTestRequest {
         screenshot: None,
         command: None,
         domain_type: None,
+        timing: Default::default(),
     }
 }
 
@@ -411,4 +412,160 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
         .collect();
     assert!(left.is_empty(), "left in the jobs directory: {left:?}");
     assert_eq!(images(snapshot_files(&store.root().join("vms"))), before, "a backup file changed");
+}
+
+/// Destroys the domain when dropped (a test that fails leaves none).
+struct Running(knib_core::libvirt::Vm);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.is_running().unwrap_or(false) {
+            let _ = self.0.destroy();
+        }
+    }
+}
+
+fn agent_ok(op: &str, req: &serde_json::Value) -> serde_json::Value {
+    let a = knib_core::api::call(op, &req.to_string(), &Control::new()).unwrap_or_else(|e| panic!("{op}: {e}\n{req:#}"));
+    serde_json::from_str(&a).unwrap()
+}
+
+/// The agent's path (issue 14 §3): the "management server" makes the
+/// validation VM's volume, knib turns it into an overlay of the backup
+/// (`agent.prepare_validation` with `overlay_path`), the management server
+/// starts the VM, and `agent.validate` validates that running domain by
+/// name: a screenshot named and answered as the agent names it, a script
+/// whose arguments are split at commas, its result as the agent's
+/// `scriptResult` (null, the base64 output, "Timeout", the error), with the
+/// script's timeout honoured; nothing created or destroyed;
+/// `agent.cleanup_validation` does nothing unless asked to remove the domain.
+#[test]
+fn the_agent_validates_the_running_validation_vm_as_kboss_does() {
+    use base64::Engine as _;
+    use knib_core::libvirt::boot_domain::BootDomain;
+    use serde_json::json;
+    if skip_without_libvirt("the_agent_validates_the_running_validation_vm_as_kboss_does") {
+        return;
+    }
+    let _serial = serial();
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    // The backup on the store, as CloudStack lays it out.
+    let store_root = tmp.path().join("mnt-store");
+    let backup = store_root.join("backups/2/7/0b1c2d3e");
+    std::fs::create_dir_all(backup.parent().unwrap()).unwrap();
+    std::fs::copy(&g.disk, &backup).unwrap();
+    let backup_hash = hash_files(std::slice::from_ref(&backup), &Control::new()).unwrap();
+    // The validation VM's volume, empty, as the management server creates it.
+    let primary = tmp.path().join("primary");
+    std::fs::create_dir(&primary).unwrap();
+    let volume = primary.join("5e6f7a8b");
+    common::disk::make_disk(&volume, 64 << 20, &[]);
+
+    let a = agent_ok(
+        "agent.prepare_validation",
+        &json!({"vm_name": "v-7", "volumes": [{"uuid": "5e6f7a8b", "backup_path": backup, "overlay_path": volume}]}),
+    );
+    assert_eq!(a["volumes"][0]["overlay_path"], json!(volume));
+    let info = knib_core::qemu_img::QemuImg::default().info(&volume, &Control::new()).unwrap();
+    assert_eq!(
+        info.full_backing_filename.as_deref().map(Path::new),
+        Some(backup.canonicalize().unwrap().as_path()),
+        "{info:?}"
+    );
+    assert_eq!(std::fs::read_dir(&primary).unwrap().count(), 1, "prepare left a temporary file");
+
+    // The management server starts the validation VM.
+    let name = format!("knib-kboss-validation-{}", std::process::id());
+    let disks = [("vda".to_string(), volume.clone())];
+    let console = tmp.path().join("console.log");
+    let xml = BootDomain {
+        name: &name,
+        domain_type: knib_core::engine::validate::default_domain_type(),
+        kernel: Some(&g.kernel),
+        initrd: Some(&g.initrd),
+        cmdline: Some(&g.cmdline),
+        memory_mib: 256,
+        disks: &disks,
+        console: &console,
+    }
+    .xml()
+    .unwrap();
+    let vm = Running(hv().create_transient(&xml).unwrap());
+
+    // Boot, a screenshot after its wait, a script that exits 3 with output.
+    let base = json!({
+        "domain": name,
+        "boot_timeout_secs": BOOT_TIMEOUT_SECS,
+        "execute_script": true,
+        "script": "/bin/sh",
+        "script_arguments": "-c,echo a b; exit 3",
+        "script_timeout_secs": 30,
+    });
+    let mut req = base.clone();
+    req["take_screenshot"] = json!(true);
+    req["screenshot_wait_secs"] = json!(1);
+    req["screenshot_next_to"] = json!(backup);
+    req["store_root"] = json!(store_root);
+    req["expected_result"] = json!("0");
+    let a = agent_ok("agent.validate", &req);
+    eprintln!("{a:#}");
+    assert_eq!(a["boot_validated"], true, "{a:#}");
+    let out_b64 = base64::engine::general_purpose::STANDARD.encode("a b\n");
+    assert_eq!(a["script_result"], json!(out_b64), "the output in base64, as the agent answers: {a:#}");
+    assert_eq!((a["script_exit_code"].as_i64(), a["script_output"].as_str()), (Some(3), Some("a b\n")), "{a:#}");
+    assert_eq!(a["passed"], false, "{a:#}");
+    let rel = a["screenshot_store_path"].as_str().unwrap();
+    assert!(rel.starts_with("backups/2/7/0b1c2d3e-screenshot-") && rel.ends_with(".png"), "{rel}");
+    let shot = store_root.join(rel);
+    assert_eq!(a["screenshot_path"], json!(shot));
+    let (w, h, _) = decode_png(&shot);
+    assert!(w >= 320 && h >= 200, "screenshot of {w}x{h}");
+
+    // The same output expected, in base64 as the management server keeps
+    // it: matched, so null.
+    let mut req = base.clone();
+    req["expected_result"] = json!(out_b64);
+    let a = agent_ok("agent.validate", &req);
+    assert_eq!((a["script_result"].clone(), a["passed"].clone()), (json!(null), json!(true)), "{a:#}");
+    // The decoded output is not what the agent compares with.
+    req["expected_result"] = json!("a b\n");
+    assert_eq!(agent_ok("agent.validate", &req)["script_result"], json!(out_b64));
+    // "0" (the default) matches an exit code of 0.
+    let mut req = base.clone();
+    req["script_arguments"] = json!("-c,exit 0");
+    req.as_object_mut().unwrap().remove("script_timeout_secs");
+    let a = agent_ok("agent.validate", &req);
+    assert_eq!((a["script_result"].clone(), a["passed"].clone()), (json!(null), json!(true)), "{a:#}");
+    // A script that outlives its timeout: "Timeout", in about that time.
+    let mut req = base.clone();
+    req["script"] = json!("/bin/sleep");
+    req["script_arguments"] = json!("60");
+    req["script_timeout_secs"] = json!(2);
+    let started = Instant::now();
+    let a = agent_ok("agent.validate", &req);
+    assert_eq!(a["script_result"], "Timeout", "{a:#}");
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    // A program the guest does not have: the error, which is no match.
+    let mut req = base.clone();
+    req["script"] = json!("/no/such/program");
+    let a = agent_ok("agent.validate", &req);
+    let r = a["script_result"].as_str().unwrap_or_default();
+    assert!(!r.is_empty() && r != "Timeout" && a["passed"] == false, "{a:#}");
+
+    // knib created, changed and destroyed nothing.
+    assert!(vm.0.is_running().unwrap(), "the validation VM was stopped");
+    assert_eq!(hash_files(std::slice::from_ref(&backup), &Control::new()).unwrap(), backup_hash);
+    let on_store: Vec<PathBuf> = std::fs::read_dir(backup.parent().unwrap()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(on_store.len(), 2, "the backup and one screenshot: {on_store:?}");
+
+    // The clean-up, as the agent's, does nothing; with remove_domain it
+    // removes the domain.
+    let a = agent_ok("agent.cleanup_validation", &json!({"vm_name": name}));
+    assert_eq!(a, json!({"domain_removed": false, "removed": []}));
+    assert!(vm.0.is_running().unwrap());
+    let a = agent_ok("agent.cleanup_validation", &json!({"vm_name": name, "remove_domain": true}));
+    assert_eq!(a["domain_removed"], true);
+    assert!(!all_domains().contains(&name), "domain {name} left");
+    assert!(volume.exists(), "the volume is the management server's to remove");
 }

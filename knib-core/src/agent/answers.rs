@@ -202,20 +202,32 @@ pub struct PreparedVolume {
     pub overlay_path: PathBuf,
 }
 
-/// The answer of `agent.validate`.
+/// The answer of `agent.validate`. The agent's `ValidateKbossVmAnswer` is
+/// `boot_validated`, `screenshot_store_path` and `script_result`, as they
+/// are; the rest is knib's.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct ValidateAnswer {
-    /// Whether the guest agent answered.
+    /// Whether the guest agent answered (false when it was not waited for).
     pub boot_validated: bool,
     /// Seconds to its first answer (or to giving up).
     pub boot_seconds: f64,
-    /// The screenshot taken.
+    /// The screenshot taken (absolute).
     pub screenshot_path: Option<PathBuf>,
-    /// The script's output.
+    /// The screenshot relative to the request's `store_root`, as the agent
+    /// answers `screenshotPath`.
+    pub screenshot_store_path: Option<String>,
+    /// The agent's `scriptResult`: null when the script gave the expected
+    /// result (or was not asked for); else its standard output in base64
+    /// (as the guest agent sent it; `"exit code N, no output"` when it
+    /// printed nothing), `"Timeout"`, or the error that kept it from
+    /// running.
     pub script_result: Option<String>,
+    /// The script's standard output, decoded.
+    pub script_output: Option<String>,
     /// The script's exit code.
     pub script_exit_code: Option<i64>,
-    /// Whether every check passed.
+    /// Whether every check passed (the boot when waited for, the
+    /// screenshot, the script).
     pub passed: bool,
     /// What failed, one line each.
     pub problems: Vec<String>,
@@ -255,7 +267,7 @@ pub struct FileHash {
 /// The answer of `agent.cleanup_validation`.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct CleanupValidationAnswer {
-    /// Whether a domain was destroyed.
+    /// Whether a domain was destroyed (only with `remove_domain`).
     pub domain_removed: bool,
     /// The overlays removed.
     pub removed: Vec<PathBuf>,

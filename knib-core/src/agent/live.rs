@@ -4,7 +4,7 @@
 use super::*;
 use crate::engine::live::{self as engine_live, chain_of, DiskPlan, LivePlan};
 use crate::engine::take::BackupKind;
-use crate::engine::validate::{boot_test, BootTestRequest};
+use crate::engine::validate::{boot_test, validate_running, BootTestRequest, CheckTiming};
 use crate::libvirt::{DiskInfo, Hypervisor, Vm};
 use crate::qcow2::relative_pointer;
 
@@ -340,74 +340,161 @@ pub(crate) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result
     Ok(ConsolidateAnswer { consolidated })
 }
 
-/// `agent.validate`.
+/// `agent.validate`: a running domain (`domain`), or a throwaway one on
+/// `disks`.
 pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<ValidateAnswer> {
-    non_empty(op, "disks", &r.disks)?;
-    if r.take_screenshot && r.screenshot_path.is_none() {
-        return Err(KnibError::invalid(format!("request of {op}: `take_screenshot` needs `screenshot_path`")));
+    let bad = |m: String| KnibError::invalid(format!("request of {op}: {m}"));
+    match (&r.domain, r.disks.is_empty()) {
+        (Some(_), false) => return Err(bad("`domain` (a running domain) and `disks` (a throwaway one) exclude each other".into())),
+        (None, true) => return Err(bad("give `domain` (validate a running domain) or `disks` (boot a throwaway domain on them)".into())),
+        _ => {}
     }
+    if r.domain.is_some() {
+        let throwaway_only = [
+            ("work_dir", r.work_dir.is_some()),
+            ("memory_mib", r.memory_mib.is_some()),
+            ("kernel", r.kernel.is_some()),
+            ("initrd", r.initrd.is_some()),
+            ("cmdline", r.cmdline.is_some()),
+            ("domain_type", r.domain_type.is_some()),
+        ];
+        if let Some((field, _)) = throwaway_only.iter().find(|(_, given)| *given) {
+            return Err(bad(format!("`{field}` is for a throwaway domain (`disks`), not with `domain`")));
+        }
+    }
+    let screenshot = screenshot_file(op, r)?;
     let command = if r.execute_script {
         let script = r
             .script
             .as_deref()
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| KnibError::invalid(format!("request of {op}: `execute_script` needs `script`")))?;
-        Some(guest_command(script, r.script_arguments.as_deref(), r.expected_result.as_deref()))
+            .ok_or_else(|| bad("`execute_script` needs `script`".into()))?;
+        Some(guest_command(script, r.script_arguments.as_deref()))
     } else {
         None
     };
+    let script_timeout = r.script_timeout_secs.unwrap_or(crate::engine::validate::COMMAND_TIMEOUT.as_secs());
+    let work_dir = match (&r.domain, &r.work_dir) {
+        (None, None) => return Err(bad("`disks` needs `work_dir` (where the throwaway domain's overlays go)".into())),
+        (_, w) => w.clone().unwrap_or_default(),
+    };
     let req = BootTestRequest {
         backup_files: r.disks.iter().map(|d| (d.target.clone(), d.path.clone())).collect(),
-        work_dir: r.work_dir.clone(),
+        work_dir,
         kernel: r.kernel.clone(),
         initrd: r.initrd.clone(),
         cmdline: r.cmdline.clone(),
-        memory_mib: r.memory_mib,
+        memory_mib: r.memory_mib.unwrap_or(requests::DEFAULT_MEMORY_MIB),
         boot_timeout_secs: r.boot_timeout_secs,
-        screenshot: if r.take_screenshot { r.screenshot_path.clone() } else { None },
+        screenshot: screenshot.clone(),
         command,
         domain_type: r.domain_type.clone(),
+        timing: CheckTiming {
+            wait_for_boot: r.wait_for_boot,
+            screenshot_wait_secs: r.screenshot_wait_secs,
+            command_timeout_secs: script_timeout,
+            judge_command: false,
+        },
     };
     let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::libvirt::SYSTEM_URI))?;
-    let mut rep = boot_test(&hv, &req, ctl)
-        .map_err(|e| e.context(format!("validation of {}", r.vm_name.as_deref().unwrap_or("a backup"))))?;
-    if !r.wait_for_boot {
-        rep.problems.retain(|p| !p.starts_with("no answer from the guest agent"));
-        if r.execute_script && !rep.booted {
-            rep.problems.push("the script was not run: the guest agent never answered".into());
-        }
-        rep.passed = rep.problems.is_empty();
+    let what = r.vm_name.as_deref().or(r.domain.as_deref()).unwrap_or("a backup");
+    let mut rep = match &r.domain {
+        Some(name) => validate_running(&hv, &hv.domain(name)?, &req, ctl),
+        None => boot_test(&hv, &req, ctl),
     }
+    .map_err(|e| e.context(format!("validation of {what}")))?;
+    let expected = r.expected_result.as_deref().unwrap_or("0");
+    let script_result = rep.command_result.as_ref().and_then(|exec| script_result(expected, exec));
+    if let (Some(result), Some(cmd)) = (&script_result, &req.command) {
+        rep.problems.push(format!(
+            "script {}: result {result:?} (exit code {}), expected {expected:?}",
+            cmd.path,
+            rep.command_exit.map_or("none".to_string(), |c| c.to_string())
+        ));
+    }
+    let screenshot_store_path = match (&r.store_root, &rep.screenshot) {
+        (Some(root), Some(shot)) => shot.strip_prefix(root).ok().map(|p| p.to_string_lossy().into_owned()),
+        _ => None,
+    };
     Ok(ValidateAnswer {
         boot_validated: rep.booted,
         boot_seconds: rep.boot_seconds,
         screenshot_path: rep.screenshot,
-        script_result: rep.command_output,
+        screenshot_store_path,
+        script_result,
+        script_output: rep.command_output,
         script_exit_code: rep.command_exit,
-        passed: rep.passed,
+        passed: (rep.booted || !r.wait_for_boot) && rep.problems.is_empty(),
         problems: rep.problems,
     })
 }
 
-/// `agent.cleanup_validation`.
+/// Where `agent.validate` saves its screenshot: `screenshot_path`, or
+/// `<screenshot_next_to>-screenshot-<UTC time>.png`; `None` when none is
+/// asked for.
+fn screenshot_file(op: &str, r: &ValidateReq) -> Result<Option<PathBuf>> {
+    let bad = |m: &str| KnibError::invalid(format!("request of {op}: {m}"));
+    if !r.take_screenshot {
+        if r.screenshot_path.is_some() || r.screenshot_next_to.is_some() || r.store_root.is_some() {
+            return Err(bad("`screenshot_path`, `screenshot_next_to` and `store_root` need `take_screenshot`"));
+        }
+        return Ok(None);
+    }
+    let file = match (&r.screenshot_path, &r.screenshot_next_to) {
+        (Some(_), Some(_)) => return Err(bad("`screenshot_path` and `screenshot_next_to` exclude each other")),
+        (None, None) => return Err(bad("`take_screenshot` needs `screenshot_path` or `screenshot_next_to`")),
+        (Some(p), None) => {
+            absolute(op, "screenshot_path", p)?;
+            p.clone()
+        }
+        (None, Some(next)) => {
+            absolute(op, "screenshot_next_to", next)?;
+            let stamp = time::OffsetDateTime::now_utc()
+                .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))
+                .map_err(|e| KnibError::internal(format!("formatting the time: {e}")))?;
+            let mut name = next.as_os_str().to_owned();
+            name.push(format!("-screenshot-{stamp}.png"));
+            PathBuf::from(name)
+        }
+    };
+    if let Some(root) = &r.store_root {
+        absolute(op, "store_root", root)?;
+        let lexical = |p: &Path| p.components().any(|c| matches!(c, std::path::Component::ParentDir));
+        if lexical(&file) || lexical(root) || !file.starts_with(root) {
+            return Err(bad(&format!(
+                "the screenshot {} is not under `store_root` {}",
+                file.display(),
+                root.display()
+            )));
+        }
+    }
+    Ok(Some(file))
+}
+
+/// `agent.cleanup_validation`: nothing by default (as the agent); the
+/// domain with `remove_domain`, knib's overlays with `work_dir`.
 pub(crate) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<CleanupValidationAnswer> {
     crate::names::validate("VM name", &r.vm_name)?;
     if let Some(dir) = &r.work_dir {
         absolute(op, "work_dir", dir)?;
     }
-    let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::libvirt::SYSTEM_URI))?;
-    let domain_removed = match hv.domain(&r.vm_name) {
-        Ok(vm) => {
-            if vm.is_running()? {
-                vm.destroy()?;
+    let domain_removed = if r.remove_domain {
+        let hv = Hypervisor::open(r.connect.as_deref().unwrap_or(crate::libvirt::SYSTEM_URI))?;
+        match hv.domain(&r.vm_name) {
+            Ok(vm) => {
+                if vm.is_running()? {
+                    vm.destroy()?;
+                }
+                if vm.is_persistent().unwrap_or(false) {
+                    vm.undefine()?;
+                }
+                true
             }
-            if vm.is_persistent().unwrap_or(false) {
-                vm.undefine()?;
-            }
-            true
+            Err(e) if e.kind == crate::ErrorKind::NotFound => false,
+            Err(e) => return Err(e),
         }
-        Err(e) if e.kind == crate::ErrorKind::NotFound => false,
-        Err(e) => return Err(e),
+    } else {
+        false
     };
     let mut removed = Vec::new();
     if let Some(dir) = &r.work_dir {

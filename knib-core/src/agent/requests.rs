@@ -32,9 +32,8 @@ fn default_true() -> bool {
     true
 }
 
-fn default_memory() -> u64 {
-    512
-}
+/// The memory of `agent.validate`'s throwaway domain, in MiB, unless told.
+pub(crate) const DEFAULT_MEMORY_MIB: u64 = 512;
 
 fn default_boot_timeout() -> u64 {
     300
@@ -290,20 +289,28 @@ pub(crate) struct ConsolidateReq {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PrepareVolume {
-    /// The volume's uuid (names the overlay).
+    /// The volume's uuid (names the overlay in `work_dir`).
     pub(crate) uuid: String,
     /// The backup file the overlay is made over (only read).
     pub(crate) backup_path: PathBuf,
+    /// Where the overlay goes: the validation VM's volume file, as
+    /// CloudStack's management server created it. An existing file is
+    /// replaced only when it holds no data (empty, or a qcow2 image with no
+    /// backing file and no allocated cluster) and no QEMU holds it.
+    /// Without it the overlay goes to `work_dir`.
+    #[serde(default)]
+    pub(crate) overlay_path: Option<PathBuf>,
 }
 
 /// The request of `agent.prepare_validation`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PrepareReq {
-    /// The validation VM's name (names the overlays).
+    /// The validation VM's name (names the overlays in `work_dir`).
     pub(crate) vm_name: String,
-    /// Where the overlays go.
-    pub(crate) work_dir: PathBuf,
+    /// Where the overlays of the volumes without `overlay_path` go.
+    #[serde(default)]
+    pub(crate) work_dir: Option<PathBuf>,
     /// The backup's volumes.
     pub(crate) volumes: Vec<PrepareVolume>,
     /// The time budget in seconds; 0 or absent = none.
@@ -321,24 +328,36 @@ pub(crate) struct ValidateDisk {
     pub path: PathBuf,
 }
 
-/// The request of `agent.validate`.
+/// The request of `agent.validate`. Two ways: `domain` validates a domain
+/// that runs already (CloudStack's validation VM, as the agent does);
+/// `disks` boots a throwaway domain on overlays of its own (knib's boot
+/// test). The checks run in the agent's order: wait for the guest agent,
+/// the screenshot, the script.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ValidateReq {
-    /// The validated VM's name (in messages and the throwaway domain's name).
+    /// The validated VM's name (in messages).
     #[serde(default)]
     pub vm_name: Option<String>,
+    /// The running domain to validate, by name: knib creates, changes and
+    /// destroys nothing (not with `disks`).
+    #[serde(default)]
+    pub domain: Option<String>,
     /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     pub connect: Option<String>,
-    /// The disks to boot on, first the boot disk.
+    /// The disks to boot a throwaway domain on, first the boot disk (not
+    /// with `domain`).
+    #[serde(default)]
     pub disks: Vec<ValidateDisk>,
-    /// Where the boot test's own overlays go.
-    pub work_dir: PathBuf,
-    /// Guest memory in MiB.
-    #[serde(default = "default_memory")]
-    pub memory_mib: u64,
-    /// Wait for the guest agent to answer (else a silent agent is no failure).
+    /// Where the throwaway domain's overlays go (with `disks`).
+    #[serde(default)]
+    pub work_dir: Option<PathBuf>,
+    /// The throwaway domain's memory in MiB (default 512).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// Wait for the guest agent to answer `guest-sync` (else the boot is
+    /// not validated and the other checks run at once).
     #[serde(default = "default_true")]
     pub wait_for_boot: bool,
     /// How long to wait for the guest agent.
@@ -347,22 +366,42 @@ pub(crate) struct ValidateReq {
     /// Save a PNG screenshot after the boot.
     #[serde(default)]
     pub take_screenshot: bool,
-    /// Where the screenshot goes.
+    /// Seconds to wait before the screenshot (the agent's `screenshotWait`).
+    #[serde(default)]
+    pub screenshot_wait_secs: u64,
+    /// Where the screenshot goes (not with `screenshot_next_to`).
     #[serde(default)]
     pub screenshot_path: Option<PathBuf>,
+    /// Name the screenshot as the agent does:
+    /// `<screenshot_next_to>-screenshot-<UTC time>.png`, next to this file
+    /// (the backup's first file on the store).
+    #[serde(default)]
+    pub screenshot_next_to: Option<PathBuf>,
+    /// The store's mount point: the answer's `screenshot_store_path` is the
+    /// screenshot relative to it, as the agent answers.
+    #[serde(default)]
+    pub store_root: Option<PathBuf>,
     /// Run `script` in the guest through the guest agent.
     #[serde(default)]
     pub execute_script: bool,
-    /// The program to run in the guest.
+    /// The program to run in the guest (an absolute path).
     #[serde(default)]
     pub script: Option<String>,
-    /// Its arguments, split at white space.
+    /// Its arguments, split at every comma, nothing trimmed (as the agent
+    /// splits them).
     #[serde(default)]
     pub script_arguments: Option<String>,
-    /// An exit code (an integer) or the output the script must print.
+    /// How long the script may run, in seconds (the agent's
+    /// `scriptTimeout`; default 60).
+    #[serde(default)]
+    pub script_timeout_secs: Option<u64>,
+    /// What the script must give, as the agent compares it: `"0"` (the
+    /// default) matches an exit code of 0; any value matches a standard
+    /// output whose base64 (as the guest agent sends it) equals it.
     #[serde(default)]
     pub expected_result: Option<String>,
-    /// Boot this kernel directly (else the first disk through the firmware).
+    /// Boot this kernel directly (else the first disk through the
+    /// firmware; with `disks`).
     #[serde(default)]
     pub kernel: Option<PathBuf>,
     /// Its initrd.
@@ -371,7 +410,7 @@ pub(crate) struct ValidateReq {
     /// Its command line.
     #[serde(default)]
     pub cmdline: Option<String>,
-    /// `kvm` or `qemu` (default: chosen by the host).
+    /// `kvm` or `qemu` (default: chosen by the host; with `disks`).
     #[serde(default)]
     pub domain_type: Option<String>,
     /// The time budget in seconds; 0 or absent = none.
@@ -393,13 +432,19 @@ pub(crate) struct HashReq {
     pub(crate) timeout_secs: Option<u64>,
 }
 
-/// The request of `agent.cleanup_validation`.
+/// The request of `agent.cleanup_validation`. By default it does nothing
+/// (the agent only releases its mounts: the management server destroys the
+/// validation VM and its volumes).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CleanupValidationReq {
-    /// The validation domain's name (destroyed and undefined if there is one).
+    /// The validation VM's name.
     pub vm_name: String,
-    /// Where `agent.prepare_validation` put the overlays (removed).
+    /// Destroy (and undefine) the domain of that name, if there is one.
+    #[serde(default)]
+    pub remove_domain: bool,
+    /// Where `agent.prepare_validation` put the overlays of the volumes
+    /// without `overlay_path` (they are removed).
     #[serde(default)]
     pub work_dir: Option<PathBuf>,
     /// The libvirt URI (default `qemu:///system`).

@@ -47,7 +47,7 @@ use crate::engine::create_overlay;
 use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::libvirt::boot_domain::{disk_bus, BootDomain};
-use crate::libvirt::guest::{compare_command, run_command, wait_for_agent};
+use crate::libvirt::guest::{compare_command, exec_problem, run_command, wait_for_agent};
 use crate::libvirt::screenshot::screenshot;
 use crate::libvirt::{Hypervisor, Vm};
 use crate::names;
@@ -55,7 +55,7 @@ use crate::progress::Control;
 use crate::qemu_img::QemuImg;
 
 pub use crate::libvirt::boot_domain::DEFAULT_CMDLINE;
-pub use crate::libvirt::guest::{GuestCommand, COMMAND_TIMEOUT, SYNC_INTERVAL};
+pub use crate::libvirt::guest::{CommandOutcome, Exec, GuestCommand, COMMAND_TIMEOUT, SYNC_INTERVAL};
 pub use crate::libvirt::screenshot::{ppm_to_png, PNG_MAGIC};
 
 /// The prefix of the names of boot-test domains: `knib-validate-<pid>-<n>`.
@@ -94,6 +94,50 @@ pub struct BootTestRequest {
     /// [`default_domain_type`].
     #[serde(default)]
     pub domain_type: Option<String>,
+    /// The checks' timing and judging.
+    #[serde(flatten)]
+    pub timing: CheckTiming,
+}
+
+/// How the checks of a guest are timed and judged, apart from what they
+/// are (see [`check_guest`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckTiming {
+    /// Wait for the guest agent before the other checks (else it is not
+    /// waited for, and the boot is not validated).
+    #[serde(default = "yes")]
+    pub wait_for_boot: bool,
+    /// Seconds to wait before the screenshot.
+    #[serde(default)]
+    pub screenshot_wait_secs: u64,
+    /// Seconds the command has to end, from its start.
+    #[serde(default = "default_command_timeout")]
+    pub command_timeout_secs: u64,
+    /// Compare the command's outcome with its expectations
+    /// ([`GuestCommand::expect_exit`], [`GuestCommand::expect_output`]) and
+    /// report a mismatch as a problem; without, the caller judges
+    /// [`BootTestReport::command_result`] itself.
+    #[serde(default = "yes")]
+    pub judge_command: bool,
+}
+
+impl Default for CheckTiming {
+    fn default() -> Self {
+        CheckTiming {
+            wait_for_boot: true,
+            screenshot_wait_secs: 0,
+            command_timeout_secs: COMMAND_TIMEOUT.as_secs(),
+            judge_command: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_command_timeout() -> u64 {
+    COMMAND_TIMEOUT.as_secs()
 }
 
 /// What a boot test found.
@@ -113,10 +157,14 @@ pub struct BootTestReport {
     pub command_exit: Option<i64>,
     /// The command's standard output, when it ran.
     pub command_output: Option<String>,
-    /// Whether the guest booted and every check asked for passed.
+    /// Whether the guest booted (when it was waited for) and every check
+    /// asked for passed.
     pub passed: bool,
     /// What went wrong, one line each (empty when `passed`).
     pub problems: Vec<String>,
+    /// How the command went, when one was asked for (not stored).
+    #[serde(skip)]
+    pub command_result: Option<Exec>,
 }
 
 /// The domain type to use when the request names none: `kvm` when
@@ -223,9 +271,13 @@ fn check_request(req: &BootTestRequest) -> Result<()> {
             return Err(KnibError::invalid(format!("boot test: domain type {t:?} is neither kvm nor qemu")));
         }
     }
+    check_command(req)
+}
+
+fn check_command(req: &BootTestRequest) -> Result<()> {
     if let Some(c) = &req.command {
         if !c.path.starts_with('/') {
-            return Err(KnibError::invalid(format!("boot test: command {:?} is not an absolute path", c.path)));
+            return Err(KnibError::invalid(format!("validation: command {:?} is not an absolute path", c.path)));
         }
     }
     Ok(())
@@ -276,48 +328,100 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     let vm = hv.create_transient(&xml).map_err(|e| e.context("boot test"))?;
     cleanup.vm = Some(vm.clone());
 
-    let mut report = BootTestReport { domain: name.clone(), ..Default::default() };
-    let boot_timeout = Duration::from_secs(req.boot_timeout_secs);
-    let (booted, last_error) = wait_for_agent(&vm, started, boot_timeout, ctl)?;
-    report.booted = booted;
-    report.boot_seconds = started.elapsed().as_secs_f64();
-    if booted {
-        ctl.report("boot test: booted", 50.0);
-    } else {
-        let mut p = format!("no answer from the guest agent within {} s", req.boot_timeout_secs);
-        if let Some(e) = last_error {
-            let _ = write!(p, " (last: {e})");
+    let mut report = check_guest(hv, &vm, req, started, Some(&console), ctl)?;
+    report.domain = name.clone();
+    report.problems.extend(cleanup.finish());
+    report.passed = (report.booted || !req.timing.wait_for_boot) && report.problems.is_empty();
+    ctl.report("boot test: done", 100.0);
+    Ok(report)
+}
+
+/// Validate a domain that is running already (CloudStack's validation VM,
+/// started by the management server on overlays it made): the checks of
+/// `req` (its disks, work directory, kernel, memory and domain type are
+/// not used), on `vm` as it is. Nothing is created, changed or destroyed
+/// but what the command does in the guest and the screenshot file.
+pub fn validate_running(hv: &Hypervisor, vm: &Vm, req: &BootTestRequest, ctl: &Control) -> Result<BootTestReport> {
+    if !vm.is_running()? {
+        return Err(KnibError::invalid(format!("domain {} is not running; there is nothing to validate", vm.name())));
+    }
+    check_command(req)?;
+    let mut report = check_guest(hv, vm, req, Instant::now(), None, ctl)?;
+    report.domain = vm.name().to_string();
+    report.passed = (report.booted || !req.timing.wait_for_boot) && report.problems.is_empty();
+    ctl.report("validation: done", 100.0);
+    Ok(report)
+}
+
+/// The checks of `req` on the running `vm`, in the agent's order: wait for
+/// the guest agent (when asked), the screenshot (after its wait), the
+/// command. A command is run even when the boot was not waited for; when
+/// the agent was waited for in vain it is not run, and its result says so.
+fn check_guest(
+    hv: &Hypervisor,
+    vm: &Vm,
+    req: &BootTestRequest,
+    started: Instant,
+    console: Option<&Path>,
+    ctl: &Control,
+) -> Result<BootTestReport> {
+    let mut report = BootTestReport::default();
+    if req.timing.wait_for_boot {
+        let boot_timeout = Duration::from_secs(req.boot_timeout_secs);
+        let (booted, last_error) = wait_for_agent(vm, started, boot_timeout, ctl)?;
+        report.booted = booted;
+        report.boot_seconds = started.elapsed().as_secs_f64();
+        if booted {
+            ctl.report("validation: booted", 50.0);
+        } else {
+            let mut p = format!("no answer from the guest agent within {} s", req.boot_timeout_secs);
+            if let Some(e) = last_error {
+                let _ = write!(p, " (last: {e})");
+            }
+            let tail = console.map(|c| console_tail(c, 5)).unwrap_or_default();
+            if !tail.is_empty() {
+                let _ = write!(p, "; the console ends with: {}", tail.join(" | "));
+            }
+            report.problems.push(p);
         }
-        let tail = console_tail(&console, 5);
-        if !tail.is_empty() {
-            let _ = write!(p, "; the console ends with: {}", tail.join(" | "));
-        }
-        report.problems.push(p);
     }
 
     if let Some(dest) = &req.screenshot {
+        let wait = Duration::from_secs(req.timing.screenshot_wait_secs);
+        let until = Instant::now() + wait;
+        while Instant::now() < until {
+            ctl.check("waiting to take the screenshot")?;
+            std::thread::sleep(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
+        }
         ctl.check("the screenshot")?;
-        match screenshot(hv, &vm, dest) {
+        match screenshot(hv, vm, dest) {
             Ok(()) => report.screenshot = Some(dest.clone()),
             Err(e) => report.problems.push(format!("no screenshot: {}", e.message)),
         }
     }
 
-    if let (true, Some(cmd)) = (booted, &req.command) {
-        ctl.report("boot test: command", 75.0);
-        match run_command(&vm, cmd, ctl)? {
-            Ok(out) => {
-                report.command_exit = out.exit;
-                report.command_output = Some(out.stdout.clone());
-                report.problems.extend(compare_command(cmd, &out));
+    if let Some(cmd) = &req.command {
+        let timeout = Duration::from_secs(req.timing.command_timeout_secs);
+        let exec = if req.timing.wait_for_boot && !report.booted {
+            Exec::Failed(format!(
+                "command {} was not run: the guest agent did not answer within {} s",
+                cmd.path, req.boot_timeout_secs
+            ))
+        } else {
+            ctl.report("validation: command", 75.0);
+            run_command(vm, cmd, timeout, ctl)?
+        };
+        if let Exec::Ended(out) = &exec {
+            report.command_exit = out.exit;
+            report.command_output = Some(out.stdout.clone());
+            if req.timing.judge_command {
+                report.problems.extend(compare_command(cmd, out));
             }
-            Err(p) => report.problems.push(p),
+        } else if req.timing.judge_command && report.booted {
+            report.problems.extend(exec_problem(cmd, &exec, timeout));
         }
+        report.command_result = Some(exec);
     }
-
-    report.problems.extend(cleanup.finish());
-    report.passed = report.booted && report.problems.is_empty();
-    ctl.report("boot test: done", 100.0);
     Ok(report)
 }
 
@@ -354,6 +458,7 @@ mod tests {
             screenshot: None,
             command: None,
             domain_type: None,
+            timing: CheckTiming::default(),
         };
         assert_eq!(check_request(&base).unwrap_err().kind, ErrorKind::InvalidInput);
         let mut r = base.clone();

@@ -8,7 +8,7 @@
 //!   earlier, stale answer cannot pass for this one and any JSON reader
 //!   reads it exactly.
 //! - One agent command waits at most [`AGENT_TIMEOUT_SECS`] seconds; a
-//!   command in the guest at most [`COMMAND_TIMEOUT`]; a cancellation or the
+//!   command in the guest at most the timeout given; a cancellation or the
 //!   caller's deadline is seen within 100 ms (200 ms while a command runs).
 //! - What the guest did wrong (no answer, a refused command, a bad exit code
 //!   or output) is a problem line, never an error: an error is a
@@ -31,7 +31,8 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// How long one agent command may wait for its answer, in seconds.
 pub const AGENT_TIMEOUT_SECS: i32 = 5;
 
-/// How long a command run through `guest-exec` may take.
+/// How long a command run through `guest-exec` may take unless told
+/// otherwise.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -102,27 +103,43 @@ pub fn wait_for_agent(vm: &Vm, started: Instant, timeout: Duration, ctl: &Contro
     }
 }
 
-/// What a command run through `guest-exec` did.
-#[derive(Debug, Clone)]
+/// What a command run through `guest-exec` did, when it ran to its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutcome {
     /// Its exit code, when it exited.
     pub exit: Option<i64>,
     /// The signal that killed it, when one did.
     pub signal: Option<i64>,
-    /// Its standard output.
+    /// Its standard output, decoded (invalid UTF-8 replaced).
     pub stdout: String,
-    /// Its standard error.
+    /// Its standard output as the agent sent it (`out-data`, base64; empty
+    /// when the agent sent none).
+    pub stdout_base64: String,
+    /// Its standard error, decoded.
     pub stderr: String,
+}
+
+/// How a command run through `guest-exec` went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exec {
+    /// It ran to its end.
+    Ended(CommandOutcome),
+    /// It did not run to its end: the agent refused it, failed, or answered
+    /// something unreadable (the message says which, libvirt's own words
+    /// where there are some).
+    Failed(String),
+    /// It had not ended when the timeout ran out.
+    TimedOut,
 }
 
 fn describe(cmd: &GuestCommand) -> String {
     std::iter::once(cmd.path.as_str()).chain(cmd.args.iter().map(String::as_str)).collect::<Vec<_>>().join(" ")
 }
 
-/// Run `cmd` in the guest: `Ok(Ok(outcome))` when it ran to its end,
-/// `Ok(Err(problem))` when the agent refused it or it did not end within
-/// [`COMMAND_TIMEOUT`]; `Err` on a cancellation or the caller's deadline.
-pub fn run_command(vm: &Vm, cmd: &GuestCommand, ctl: &Control) -> Result<std::result::Result<CommandOutcome, String>> {
+/// Run `cmd` in the guest and wait at most `timeout` (from the
+/// `guest-exec`) for its end. `Err` only on a cancellation or the caller's
+/// deadline; whatever the guest or its agent did is in the [`Exec`].
+pub fn run_command(vm: &Vm, cmd: &GuestCommand, timeout: Duration, ctl: &Control) -> Result<Exec> {
     let shown = describe(cmd);
     let exec = serde_json::json!({
         "execute": "guest-exec",
@@ -130,18 +147,18 @@ pub fn run_command(vm: &Vm, cmd: &GuestCommand, ctl: &Control) -> Result<std::re
     });
     let answer = match qemu_agent_command(vm, &exec.to_string(), AGENT_TIMEOUT_SECS) {
         Ok(a) => a,
-        Err(e) => return Ok(Err(format!("command {shown} was not started: {}", e.message))),
+        Err(e) => return Ok(Exec::Failed(e.message)),
     };
     let Some(pid) = serde_json::from_str::<Value>(&answer).ok().and_then(|v| v["return"]["pid"].as_i64()) else {
-        return Ok(Err(format!("command {shown}: guest-exec answered {answer:?}, without a pid")));
+        return Ok(Exec::Failed(format!("command {shown}: guest-exec answered {answer:?}, without a pid")));
     };
-    let until = Instant::now() + COMMAND_TIMEOUT;
+    let until = Instant::now().checked_add(timeout);
     let status = serde_json::json!({"execute": "guest-exec-status", "arguments": {"pid": pid}}).to_string();
     loop {
         ctl.check(&format!("waiting for command {shown}"))?;
         let answer = match qemu_agent_command(vm, &status, AGENT_TIMEOUT_SECS) {
             Ok(a) => a,
-            Err(e) => return Ok(Err(format!("command {shown}: guest-exec-status failed: {}", e.message))),
+            Err(e) => return Ok(Exec::Failed(format!("command {shown}: guest-exec-status failed: {}", e.message))),
         };
         let v: Value = serde_json::from_str(&answer).unwrap_or(Value::Null);
         let r = &v["return"];
@@ -156,19 +173,33 @@ pub fn run_command(vm: &Vm, cmd: &GuestCommand, ctl: &Control) -> Result<std::re
                 }
             };
             return Ok(match (text("out-data"), text("err-data")) {
-                (Ok(stdout), Ok(stderr)) => {
-                    Ok(CommandOutcome { exit: r["exitcode"].as_i64(), signal: r["signal"].as_i64(), stdout, stderr })
-                }
-                (Err(p), _) | (_, Err(p)) => Err(p),
+                (Ok(stdout), Ok(stderr)) => Exec::Ended(CommandOutcome {
+                    exit: r["exitcode"].as_i64(),
+                    signal: r["signal"].as_i64(),
+                    stdout,
+                    stdout_base64: r["out-data"].as_str().unwrap_or_default().to_string(),
+                    stderr,
+                }),
+                (Err(p), _) | (_, Err(p)) => Exec::Failed(p),
             });
         }
         if r.is_null() {
-            return Ok(Err(format!("command {shown}: guest-exec-status answered {answer:?}")));
+            return Ok(Exec::Failed(format!("command {shown}: guest-exec-status answered {answer:?}")));
         }
-        if Instant::now() >= until {
-            return Ok(Err(format!("command {shown} did not end within {} s", COMMAND_TIMEOUT.as_secs())));
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return Ok(Exec::TimedOut);
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The problem line of a command that did not run to its end.
+pub fn exec_problem(cmd: &GuestCommand, exec: &Exec, timeout: Duration) -> Option<String> {
+    match exec {
+        Exec::Ended(_) => None,
+        Exec::Failed(m) if m.starts_with("command ") => Some(m.clone()),
+        Exec::Failed(m) => Some(format!("command {} was not started: {m}", describe(cmd))),
+        Exec::TimedOut => Some(format!("command {} did not end within {} s", describe(cmd), timeout.as_secs())),
     }
 }
 
@@ -210,7 +241,7 @@ mod tests {
     use super::*;
 
     fn outcome(exit: Option<i64>, stdout: &str) -> CommandOutcome {
-        CommandOutcome { exit, signal: None, stdout: stdout.into(), stderr: String::new() }
+        CommandOutcome { exit, signal: None, stdout: stdout.into(), stdout_base64: String::new(), stderr: String::new() }
     }
 
     fn cmd(expect_exit: Option<i64>, expect_output: Option<&str>) -> GuestCommand {

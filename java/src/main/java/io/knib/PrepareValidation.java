@@ -4,8 +4,9 @@ import java.util.List;
 
 /**
  * {@link Knib#prepareValidation}: CloudStack's {@code PrepareValidationCommand}. One qcow2 overlay per volume
- * of the backup, named {@code <vmName>-<uuid>.knib-validation.qcow2} in {@code workDir}, for the validation VM
- * to run on (the backup itself is only read).
+ * of the backup, for the validation VM to run on (the backup itself is only read): at the volume's
+ * {@code overlayPath} (the validation VM's volume file, as the agent does; replaced only when it holds no data and
+ * no QEMU holds it), or named {@code <vmName>-<uuid>.knib-validation.qcow2} in {@code workDir}. All or none.
  */
 public final class PrepareValidation {
     private PrepareValidation() {}
@@ -14,7 +15,7 @@ public final class PrepareValidation {
      * The command. Immutable.
      *
      * @param vmName the validation VM's name (names the overlays)
-     * @param workDir where the overlays go
+     * @param workDir where the overlays of volumes without {@code overlayPath} go; null when every volume has one
      * @param volumes backup file and volume pairs ({@code backupToVolumeList})
      * @param timeoutSecs the command's time budget in seconds; null for none
      */
@@ -46,8 +47,19 @@ public final class PrepareValidation {
      *
      * @param uuid the volume's uuid
      * @param backupPath the backup's file for it
+     * @param overlayPath the validation VM's volume file, replaced by the overlay; null: in {@code workDir}
      */
-    public record Volume(String uuid, String backupPath) {}
+    public record Volume(String uuid, String backupPath, String overlayPath) {
+        /**
+         * An overlay in {@code workDir}.
+         *
+         * @param uuid the volume's uuid
+         * @param backupPath the backup's file for it
+         */
+        public Volume(String uuid, String backupPath) {
+            this(uuid, backupPath, null);
+        }
+    }
 
     /** The answer. */
     public static final class Answer {

@@ -4,8 +4,10 @@ import java.util.ArrayList;
 import java.util.List;
 
 /**
- * {@link Knib#validateVm}: CloudStack's {@code ValidateKbossVmCommand}. A throwaway domain boots on the disks
- * (with overlays of its own on top, removed afterwards) and the checks asked for run.
+ * {@link Knib#validateVm}: CloudStack's {@code ValidateKbossVmCommand}. Two ways: {@code domain} validates the
+ * running validation VM the management server started, as the agent does (knib creates, changes and destroys
+ * nothing); {@code disks} boots a throwaway domain on them (with overlays of its own on top, removed
+ * afterwards). The checks run in the agent's order: wait for the guest agent, the screenshot, the script.
  */
 public final class ValidateVm {
     private ValidateVm() {}
@@ -14,18 +16,26 @@ public final class ValidateVm {
      * The command. Immutable; make one with {@link #builder()}.
      *
      * @param vmName the validation VM's name (used in messages)
+     * @param domain the running domain to validate, by name ({@code vm.getName()}); null with {@code disks}
      * @param connect the libvirt URI; null for {@code qemu:///system}
-     * @param disks the disks in boot order: the prepared overlays or backup files
-     * @param workDir where the throwaway overlays and the console log go while the test runs
-     * @param memoryMib the guest's memory, in MiB
-     * @param waitForBoot a guest agent that does not answer fails the validation ({@code waitForBoot})
+     * @param disks a throwaway domain's disks in boot order: the prepared overlays or backup files; empty with
+     *     {@code domain}
+     * @param workDir where the throwaway domain's overlays and console log go while the test runs
+     * @param memoryMib the throwaway domain's memory, in MiB; null for 512
+     * @param waitForBoot wait for the guest agent ({@code waitForBoot}); without, the boot is not validated
      * @param bootTimeoutSecs how long the guest has to answer the agent ({@code bootTimeout})
-     * @param takeScreenshot save a screenshot ({@code takeScreenshot}) to {@code screenshotPath}
-     * @param screenshotPath where the PNG goes ({@code backupDeltaTO.screenshotPath})
+     * @param takeScreenshot save a screenshot ({@code takeScreenshot})
+     * @param screenshotWaitSecs seconds to wait before the screenshot ({@code screenshotWait})
+     * @param screenshotPath where the PNG goes; null with {@code screenshotNextTo}
+     * @param screenshotNextTo the local path of {@code backupDeltaTO.path}: the PNG is saved next to it as
+     *     {@code <it>-screenshot-<UTC time>.png}, as the agent names it
+     * @param storeRoot the store's mount point: {@link Answer#screenshotStorePath()} is relative to it
      * @param executeScript run {@code script} in the guest ({@code executeScript})
      * @param script the program in the guest, an absolute path ({@code scriptToExecute})
-     * @param scriptArguments its arguments, split at white space ({@code scriptArguments})
-     * @param expectedResult an integer: the exit code expected; anything else: the output expected ({@code expectedResult})
+     * @param scriptArguments its arguments, split at every comma, nothing trimmed ({@code scriptArguments})
+     * @param scriptTimeoutSecs how long the script may run ({@code scriptTimeout}); null for 60 s
+     * @param expectedResult compared as the agent compares it: "0" (null means "0") matches an exit code of 0,
+     *     any value matches an output whose base64 equals it ({@code expectedResult})
      * @param kernel a kernel to boot directly (tests); null boots the first disk through the firmware
      * @param initrd the kernel's initrd
      * @param cmdline the kernel's command line
@@ -34,17 +44,22 @@ public final class ValidateVm {
      */
     public record Request(
             String vmName,
+            String domain,
             String connect,
             List<Disk> disks,
             String workDir,
-            long memoryMib,
+            Long memoryMib,
             boolean waitForBoot,
             long bootTimeoutSecs,
             boolean takeScreenshot,
+            long screenshotWaitSecs,
             String screenshotPath,
+            String screenshotNextTo,
+            String storeRoot,
             boolean executeScript,
             String script,
             String scriptArguments,
+            Long scriptTimeoutSecs,
             String expectedResult,
             String kernel,
             String initrd,
@@ -56,7 +71,7 @@ public final class ValidateVm {
             disks = Json.copy(disks);
         }
 
-        /** @return a builder with the defaults: 512 MiB, wait for boot, 300 s to boot, no screenshot, no script */
+        /** @return a builder with the defaults: wait for boot, 300 s to boot, no screenshot, no script */
         public static Builder builder() {
             return new Builder();
         }
@@ -64,17 +79,22 @@ public final class ValidateVm {
         /** Builds a {@link Request}; every setter returns the builder. */
         public static final class Builder {
             private String vmName;
+            private String domain;
             private String connect;
             private final List<Disk> disks = new ArrayList<>();
             private String workDir;
-            private long memoryMib = 512;
+            private Long memoryMib;
             private boolean waitForBoot = true;
             private long bootTimeoutSecs = 300;
             private boolean takeScreenshot;
+            private long screenshotWaitSecs;
             private String screenshotPath;
+            private String screenshotNextTo;
+            private String storeRoot;
             private boolean executeScript;
             private String script;
             private String scriptArguments;
+            private Long scriptTimeoutSecs;
             private String expectedResult;
             private String kernel;
             private String initrd;
@@ -86,6 +106,9 @@ public final class ValidateVm {
 
             /** @param v {@link Request#vmName()} @return this builder */
             public Builder vmName(String v) { vmName = v; return this; }
+
+            /** @param v {@link Request#domain()} @return this builder */
+            public Builder domain(String v) { domain = v; return this; }
 
             /** @param v {@link Request#connect()} @return this builder */
             public Builder connect(String v) { connect = v; return this; }
@@ -100,7 +123,7 @@ public final class ValidateVm {
             public Builder workDir(String v) { workDir = v; return this; }
 
             /** @param v {@link Request#memoryMib()} @return this builder */
-            public Builder memoryMib(long v) { memoryMib = v; return this; }
+            public Builder memoryMib(Long v) { memoryMib = v; return this; }
 
             /** @param v {@link Request#waitForBoot()} @return this builder */
             public Builder waitForBoot(boolean v) { waitForBoot = v; return this; }
@@ -111,8 +134,17 @@ public final class ValidateVm {
             /** @param v {@link Request#takeScreenshot()} @return this builder */
             public Builder takeScreenshot(boolean v) { takeScreenshot = v; return this; }
 
+            /** @param v {@link Request#screenshotWaitSecs()} @return this builder */
+            public Builder screenshotWaitSecs(long v) { screenshotWaitSecs = v; return this; }
+
             /** @param v {@link Request#screenshotPath()} @return this builder */
             public Builder screenshotPath(String v) { screenshotPath = v; return this; }
+
+            /** @param v {@link Request#screenshotNextTo()} @return this builder */
+            public Builder screenshotNextTo(String v) { screenshotNextTo = v; return this; }
+
+            /** @param v {@link Request#storeRoot()} @return this builder */
+            public Builder storeRoot(String v) { storeRoot = v; return this; }
 
             /** @param v {@link Request#executeScript()} @return this builder */
             public Builder executeScript(boolean v) { executeScript = v; return this; }
@@ -122,6 +154,9 @@ public final class ValidateVm {
 
             /** @param v {@link Request#scriptArguments()} @return this builder */
             public Builder scriptArguments(String v) { scriptArguments = v; return this; }
+
+            /** @param v {@link Request#scriptTimeoutSecs()} @return this builder */
+            public Builder scriptTimeoutSecs(Long v) { scriptTimeoutSecs = v; return this; }
 
             /** @param v {@link Request#expectedResult()} @return this builder */
             public Builder expectedResult(String v) { expectedResult = v; return this; }
@@ -143,9 +178,10 @@ public final class ValidateVm {
 
             /** @return the request */
             public Request build() {
-                return new Request(vmName, connect, disks, workDir, memoryMib, waitForBoot, bootTimeoutSecs,
-                        takeScreenshot, screenshotPath, executeScript, script, scriptArguments, expectedResult,
-                        kernel, initrd, cmdline, domainType, timeoutSecs);
+                return new Request(vmName, domain, connect, disks, workDir, memoryMib, waitForBoot, bootTimeoutSecs,
+                        takeScreenshot, screenshotWaitSecs, screenshotPath, screenshotNextTo, storeRoot,
+                        executeScript, script, scriptArguments, scriptTimeoutSecs, expectedResult, kernel, initrd,
+                        cmdline, domainType, timeoutSecs);
             }
         }
     }
@@ -158,12 +194,17 @@ public final class ValidateVm {
      */
     public record Disk(String target, String path) {}
 
-    /** The answer ({@code ValidateKbossVmAnswer}). */
+    /**
+     * The answer. {@code ValidateKbossVmAnswer} is {@link #bootValidated()}, {@link #screenshotStorePath()} and
+     * {@link #scriptResult()}, as they are (its result is true: {@link #passed()} false is no failed Answer).
+     */
     public static final class Answer {
         private final boolean bootValidated;
         private final double bootSeconds;
         private final String screenshotPath;
+        private final String screenshotStorePath;
         private final String scriptResult;
+        private final String scriptOutput;
         private final Long scriptExitCode;
         private final boolean passed;
         private final List<String> problems;
@@ -172,7 +213,9 @@ public final class ValidateVm {
             bootValidated = false;
             bootSeconds = 0;
             screenshotPath = null;
+            screenshotStorePath = null;
             scriptResult = null;
+            scriptOutput = null;
             scriptExitCode = null;
             passed = false;
             problems = null;
@@ -184,11 +227,21 @@ public final class ValidateVm {
         /** @return seconds to the agent's first answer (or to giving up) */
         public double bootSeconds() { return bootSeconds; }
 
-        /** @return the screenshot, when taken ({@code screenshotPath}); else null */
+        /** @return the screenshot's absolute path, when taken; else null */
         public String screenshotPath() { return screenshotPath; }
 
-        /** @return the script's output ({@code scriptResult}); null when none ran */
+        /** @return the screenshot relative to {@code storeRoot} ({@code screenshotPath} of the answer); else null */
+        public String screenshotStorePath() { return screenshotStorePath; }
+
+        /**
+         * @return the agent's {@code scriptResult}: null when the script gave the expected result or was not
+         *     asked for; else its output in base64 ("exit code N, no output" when it printed nothing),
+         *     "Timeout", or the error that kept it from running
+         */
         public String scriptResult() { return scriptResult; }
+
+        /** @return the script's standard output, decoded; null when none ran */
+        public String scriptOutput() { return scriptOutput; }
 
         /** @return the script's exit code; null when none ran */
         public Long scriptExitCode() { return scriptExitCode; }
