@@ -407,6 +407,11 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
             Ok(q.info_chain(top, ctl)?.into_iter().map(|i| PathBuf::from(i.filename)).collect())
         };
         let in_chain = |chain: &[PathBuf], p: &Path| chain.iter().any(|c| same_file(c, p));
+        // The file the new delta was committed back into, when it was: the
+        // volume runs on it. (A file above it, such as an old delta already
+        // merged into the base but not yet removed, is a leftover: running
+        // on it would hide what was committed.)
+        let mut undone_into = None;
         if d.new_delta.exists() {
             let chain = chain_of(&d.new_delta)?;
             // `old_delta`, still in the chain just below the new delta or
@@ -447,6 +452,13 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
                         ),
                     ));
                 }
+                // An old delta outside the new delta's chain was merged into
+                // the base already: it goes first, so that a crash after the
+                // commit below never leaves it above what was committed.
+                if let Some(o) = d.old_delta.as_deref().filter(|o| o.exists() && !in_chain(&chain, o)) {
+                    fsio::remove_if_exists(o)?;
+                    rep.actions.push(format!("{}: removed {} (merged, no longer in the chain)", d.name, o.display()));
+                }
                 commit_down(q, &d.new_delta, &into, plan.data_path, ctl)?;
                 rep.actions.push(format!(
                     "{}: undid the new delta: committed {} back into {}",
@@ -454,13 +466,20 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
                     d.new_delta.display(),
                     into.display()
                 ));
+                undone_into = Some(into);
             }
         }
-        // The volume runs on the highest of its files still there; a file
-        // of the backup outside that chain is a leftover of a finished step.
-        let top = [Some(d.new_delta.as_path()), d.snapshots.last().map(PathBuf::as_path), d.old_delta.as_deref(), Some(d.base.as_path())]
+        // The volume runs on the file the new delta went back into, else on
+        // the highest of its files still there; a file of the backup outside
+        // that chain is a leftover of a finished step.
+        let top = undone_into
             .into_iter()
-            .flatten()
+            .chain(
+                [Some(d.new_delta.as_path()), d.snapshots.last().map(PathBuf::as_path), d.old_delta.as_deref(), Some(d.base.as_path())]
+                    .into_iter()
+                    .flatten()
+                    .map(Path::to_path_buf),
+            )
             .find(|p| p.exists())
             .ok_or_else(|| {
                 KnibError::new(
