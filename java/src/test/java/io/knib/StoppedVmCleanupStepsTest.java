@@ -127,7 +127,7 @@ class StoppedVmCleanupStepsTest {
         }
         boolean published = state.compareTo(State.PUBLISHED) >= 0;
         boolean finish = published && mode != null;
-        String what = state + ", mode " + mode + ": " + c.actions();
+        String what = state + ", mode " + c.mode() + ": " + c.actions();
         assertEquals(mode == null ? "discard" : mode, c.mode());
         assertEquals(published, c.published(), what);
         assertTrue(c.vmConsistent());
