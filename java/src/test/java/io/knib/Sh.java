@@ -72,6 +72,29 @@ final class Sh {
         return r.code == 0;
     }
 
+    /** The files of {@code file}'s chain (read with -U), from the top down, as qemu-img resolves them. */
+    static List<Path> chain(Path file) {
+        String out = run("qemu-img", "info", "-U", "--backing-chain", "--output=json", file.toString());
+        List<Path> files = new java.util.ArrayList<>();
+        for (com.google.gson.JsonElement e : com.google.gson.JsonParser.parseString(out).getAsJsonArray()) {
+            files.add(Path.of(e.getAsJsonObject().get("filename").getAsString()));
+        }
+        return files;
+    }
+
+    /** Fail the test unless {@code qemu-img check} finds {@code file} clean (no corruption, no leak). */
+    static void check(Path file) {
+        Result r = exec(List.of("qemu-img", "check", "-q", file.toString()));
+        if (r.code != 0) {
+            fail("qemu-img check " + file + " exited with " + r.code + ": " + r.stderr + r.stdout);
+        }
+    }
+
+    /** What image {@code from} reads now (through its chain, with -U), as a new flat qcow2 image {@code to}. */
+    static void flatten(Path from, Path to) {
+        run("qemu-img", "convert", "-U", "-O", "qcow2", from.toString(), to.toString());
+    }
+
     /** The backing file qemu-img reads in {@code file}'s header, or null. */
     static String backing(Path file) {
         String out = run("qemu-img", "info", "-U", "--output=json", file.toString());

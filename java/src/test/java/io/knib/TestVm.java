@@ -108,26 +108,65 @@ final class TestVm implements AutoCloseable {
 
     /** Write as the guest would; fails the test unless QEMU says it wrote. */
     void write(String target, int pattern, long offset, long len) {
+        String out = qemuIo(target, String.format("write -P 0x%02x %d %d", pattern, offset, len),
+                "wrote " + len + "/" + len + " bytes at offset " + offset);
+        if (out.contains(" failed: ")) {
+            fail("write on " + name + ": " + out);
+        }
+    }
+
+    /** Whether the guest reads {@code len} bytes of {@code pattern} at {@code offset} of disk {@code target}. */
+    boolean reads(String target, int pattern, long offset, long len) {
+        String out = qemuIo(target, String.format("read -P 0x%02x %d %d", pattern, offset, len),
+                "read " + len + "/" + len + " bytes at offset " + offset);
+        if (out.contains("read failed")) {
+            fail("read on " + name + ": " + out);
+        }
+        return !out.contains("Pattern verification failed");
+    }
+
+    /** Flush what QEMU holds of disk {@code target} (data and qcow2 metadata) to its file. */
+    void flush(String target) {
+        String device = device(target);
+        String answer = Sh.run("virsh", "-c", URI, "qemu-monitor-command", name, "--hmp", "qemu-io -d " + device + " flush");
+        assertTrue(answer.isBlank(), "qemu-io flush on " + name + ": " + answer);
+    }
+
+    /**
+     * A disk-only snapshot of the running domain, as CloudStack takes a VM snapshot without memory: each disk
+     * named goes on a new file (over the one it ran on); libvirt keeps no metadata (the domain is transient).
+     */
+    void snapshot(Map<String, Path> newFiles) {
+        List<String> cmd = new ArrayList<>(List.of("virsh", "-q", "-c", URI, "snapshot-create-as", name,
+                "--disk-only", "--atomic", "--no-metadata"));
+        for (Map.Entry<String, Path> f : newFiles.entrySet()) {
+            cmd.add("--diskspec");
+            cmd.add(f.getKey() + ",snapshot=external,file=" + f.getValue());
+        }
+        Sh.run(cmd.toArray(new String[0]));
+    }
+
+    private String device(String target) {
         List<String> targets = new ArrayList<>(disks.keySet());
-        String device = "/machine/peripheral/virtio-disk" + targets.indexOf(target) + "/virtio-backend";
+        return "/machine/peripheral/virtio-disk" + targets.indexOf(target) + "/virtio-backend";
+    }
+
+    /** Run qemu-io command {@code cmd} on disk {@code target} through the monitor; QEMU's output until {@code done}. */
+    private String qemuIo(String target, String cmd, String done) {
         Path log = Path.of("/var/log/libvirt/qemu/" + name + ".log");
         long start = size(log);
-        String cmd = String.format("write -P 0x%02x %d %d", pattern, offset, len);
-        String answer = Sh.run("virsh", "-c", URI, "qemu-monitor-command", name, "--hmp", "qemu-io -d " + device + " \"" + cmd + "\"");
+        String answer = Sh.run("virsh", "-c", URI, "qemu-monitor-command", name, "--hmp", "qemu-io -d " + device(target) + " \"" + cmd + "\"");
         assertTrue(answer.isBlank(), "qemu-io on " + name + ": " + answer);
-        String expected = "wrote " + len + "/" + len + " bytes at offset " + offset;
         // QEMU prints qemu-io's result on its standard output, into the log.
         for (int i = 0; i < 1500; i++) {
             String text = tail(log, start);
-            if (text.contains(expected)) {
-                return;
-            }
-            if (text.contains(" failed: ")) {
-                fail(cmd + " on " + name + ": " + text);
+            if (text.contains(done) || text.contains(" failed: ")) {
+                return text;
             }
             sleep(20);
         }
         fail(cmd + " on " + name + ": no result in " + log);
+        return "";
     }
 
     private static long size(Path p) {
