@@ -100,7 +100,7 @@ pub struct BootTestRequest {
 }
 
 /// How the checks of a guest are timed and judged, apart from what they
-/// are (see [`check_guest`]).
+/// are (see [`boot_test`] and [`validate_running`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckTiming {
     /// Wait for the guest agent before the other checks (else it is not
