@@ -54,6 +54,10 @@
 //! holds every write. With `mode: "complete"` (knib's own), every
 //! `delta_path_on_store` present means the copy was complete: the backup
 //! is finished (merges, end of chain); otherwise it is undone as above.
+//! The request may also be built from the agent's cleanup TOs: `path` the
+//! file the failed delta was to sit on, no `merge`; an old delta still
+//! between the two (the take failed before merging it) is found in the
+//! chain, the failed delta goes back into it, and the volume runs on it.
 //! The answer says what was done (`actions`, `removed_from_store`,
 //! `published`) and whether the VM runs (`vm_running`: the domain's state,
 //! false without a domain), as `CleanupKbossBackupErrorAnswer` does.

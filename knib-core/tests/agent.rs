@@ -166,6 +166,25 @@ fn cleanup_undoes_an_unfinished_backup_and_finishes_a_copied_one() {
     }
     assert!(!store.join("backup-2").join("vda.qcow2").exists());
 
+    // The same, the request as the wrapper builds it from the agent's
+    // cleanup TOs: `path` is the file the failed delta was to sit on (the
+    // base), no `merge`. The new deltas go back into the old deltas, which
+    // the request does not name (not through them into the base).
+    vm.vm.snapshot_disk_only(&news, false).unwrap();
+    model.write(&vm, "vda", 0x35, 5 * MIB, 128 * 1024);
+    let mut as_tos = req.clone();
+    for (i, v) in as_tos["volumes"].as_array_mut().unwrap().iter_mut().enumerate() {
+        v["path"] = json!(before[i].last().unwrap());
+        v.as_object_mut().unwrap().remove("merge");
+    }
+    let a = ok("agent.cleanup_vm_backup", &as_tos);
+    for (i, (t, _)) in DISKS.iter().enumerate() {
+        assert_eq!(chain(&vm, t), before[i], "{t} is back on its chain: {a:#}");
+        assert_eq!(a["volumes"][i]["path"], json!(before[i][0]), "{a:#}");
+        assert!(!news[i].1.exists());
+    }
+    model.assert_vm_reads_everything(&vm);
+
     // Interrupted after the copy: the backup is complete on the store.
     let stored = || -> Vec<PathBuf> {
         vm.vm.snapshot_disk_only(&news, false).unwrap();

@@ -457,9 +457,20 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
                     rep.actions.push(format!("{}: committed {} into {} (end of chain)", d.target, d.new_delta.display(), into.display()));
                 }
             } else {
+                // An old delta the request did not name (the agent's cleanup
+                // gives only the file the volume was to sit on) may lie
+                // between the new delta and the base: the new delta goes
+                // back into it, and the volume runs on it, as before the
+                // backup (folding it into the base too would leave its file
+                // behind and the volume on a chain the next backup does not
+                // expect).
+                let unnamed_old = match (&d.old_delta, chain.get(1), chain.get(2)) {
+                    (None, Some(below), Some(b)) if chain[0] == d.new_delta && b == &d.base => Some(below.as_path()),
+                    _ => None,
+                };
                 let into = match d.snapshots.last() {
                     Some(s) => s.as_path(),
-                    None => d.old_delta.as_deref().filter(|o| has(o)).unwrap_or(&d.base),
+                    None => d.old_delta.as_deref().filter(|o| has(o)).or(unnamed_old).unwrap_or(&d.base),
                 };
                 commit_down(q, vm, by, d, &d.new_delta, into, ctl)?;
                 rep.actions.push(format!("{}: undid the snapshot: committed {} back into {}", d.target, d.new_delta.display(), into.display()));

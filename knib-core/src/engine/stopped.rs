@@ -439,7 +439,14 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
                 let into = chain.get(1).cloned().ok_or_else(|| {
                     KnibError::new(ErrorKind::VmInconsistent, format!("{} has no backing file", d.new_delta.display()))
                 })?;
-                if !(same_file(&into, d.old_top()) || same_file(&into, &d.base) || old.is_some()) {
+                // A delta between the new delta and the file the volume was
+                // to sit on: an old delta the request did not name (the
+                // agent's cleanup gives only that file). The new delta goes
+                // back into it, and the volume runs on it, as before the
+                // backup.
+                let unnamed_old = d.old_delta.is_none()
+                    && chain.get(2).is_some_and(|b| same_file(b, d.old_top()) || same_file(b, &d.base));
+                if !(same_file(&into, d.old_top()) || same_file(&into, &d.base) || old.is_some() || unnamed_old) {
                     return Err(KnibError::new(
                         ErrorKind::VmInconsistent,
                         format!(
