@@ -47,6 +47,7 @@ use crate::progress::Control;
 use crate::wire::{self, to_json};
 
 pub mod catalog;
+pub mod group;
 
 pub use crate::wire::{DEFAULT_URI, SCHEMA};
 pub use catalog::{BackupView, VolumeView};
@@ -119,6 +120,18 @@ operations! {
     "delete" => Delete(catalog::BackupRef) -> crate::catalog::DeleteOutcome,
     /// Finish or undo the interrupted live backup of a domain from its journal.
     "recover" => Recover(catalog::RecoverReq) -> catalog::RecoverAnswer,
+    /// One backup of each of several VMs at a common instant (guests frozen together), recorded as a group.
+    "group.backup" => GroupBackup(group::GroupBackupReq) -> crate::catalog::group::GroupRecord,
+    /// The group backups of a store.
+    "group.list" => GroupList(group::StoreReq) -> Vec<crate::catalog::group::GroupRecord>,
+    /// One group backup.
+    "group.show" => GroupShow(group::GroupRef) -> crate::catalog::group::GroupRecord,
+    /// Restore every member of a group backup (copies, or quick overlays).
+    "group.restore" => GroupRestore(group::GroupRestoreReq) -> group::GroupRestoreAnswer,
+    /// Delete every member's backup of a group (chain-safely), then the group.
+    "group.delete" => GroupDelete(group::GroupRef) -> group::GroupDeleteAnswer,
+    /// Finish the group backups a crash interrupted (each member recovered).
+    "group.recover" => GroupRecover(group::GroupRecoverReq) -> Vec<crate::catalog::group::GroupRecord>,
     /// Snapshot a domain's volumes, copy them to the store, merge (CloudStack's TakeKbossBackupCommand).
     "agent.take_backup" => TakeBackup(agent::TakeReq) -> agent::TakeBackupAnswer,
     /// Discard a failed agent.take_backup (store files removed, VM back on base <- delta), or with mode "complete" finish it when it is stored, given its request.
@@ -180,6 +193,12 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::Hash(r) => to_json(&catalog::hash(r, ctl)?),
         Request::Delete(r) => to_json(&catalog::delete(r)?),
         Request::Recover(r) => to_json(&catalog::recover(op, r, ctl)?),
+        Request::GroupBackup(r) => to_json(&group::backup(op, r, ctl)?),
+        Request::GroupList(r) => to_json(&group::list(r)?),
+        Request::GroupShow(r) => to_json(&group::show(r)?),
+        Request::GroupRestore(r) => to_json(&group::restore(r, ctl)?),
+        Request::GroupDelete(r) => to_json(&group::delete(r)?),
+        Request::GroupRecover(r) => to_json(&group::recover(op, r, ctl)?),
         // Without `domain` (`running: false`): the volumes' files alone.
         Request::TakeBackup(r) => match agent::domain_of(op, &r.domain, r.running)? {
             None => to_json(&agent::stopped::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))?),

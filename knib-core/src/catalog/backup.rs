@@ -70,6 +70,22 @@ impl Store {
     /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM).
     /// Full or incremental is decided from the chain and `opts`.
     pub fn backup(&self, vm: &str, disks: &[DiskSpec], opts: &BackupOptions, ctl: &Control) -> Result<Manifest> {
+        self.backup_with(vm, disks, opts, None, &mut || Ok(()), ctl)
+    }
+
+    /// [`Store::backup`] with the backup's id chosen by the caller (`None`:
+    /// a new one) and `before_publish` called once the copies are written,
+    /// before the backup is published (a group backup holds its members
+    /// there); its error undoes the backup.
+    pub(crate) fn backup_with(
+        &self,
+        vm: &str,
+        disks: &[DiskSpec],
+        opts: &BackupOptions,
+        id: Option<&str>,
+        before_publish: &mut dyn FnMut() -> Result<()>,
+        ctl: &Control,
+    ) -> Result<Manifest> {
         names::validate("VM name", vm)?;
         if disks.is_empty() {
             return Err(KnibError::invalid("a backup needs at least one --disk NAME=PATH"));
@@ -102,7 +118,13 @@ impl Store {
         let head::Decision { kind, parent, position, end_of_chain, full_reason } =
             self.decide(vm, &sources, opts, &follows)?;
 
-        let id = new_backup_id();
+        let id = match id {
+            Some(id) => {
+                names::validate("backup id", id)?;
+                id.to_string()
+            }
+            None => new_backup_id(),
+        };
         let part = self.vm_dir(vm).join(format!(".{id}.part"));
         crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
         fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
@@ -142,6 +164,7 @@ impl Store {
                 })
                 .collect();
             manifest.compression = compressed_as_copied(vols);
+            before_publish()?;
             self.publish(&manifest, &part)?;
             // Before any delta is emptied or created for this backup, record
             // beside each disk that its delta follows it (see `head`).

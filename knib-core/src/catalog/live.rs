@@ -77,6 +77,23 @@ impl Store {
     /// Back up every disk of a libvirt domain, running or stopped. The VM's
     /// name in the store is the domain's name; volumes are the disk targets.
     pub fn backup_domain(&self, vm: &Vm, opts: &BackupOptions, quiesce: bool, ctl: &Control) -> Result<Manifest> {
+        self.backup_domain_with(vm, opts, quiesce, None, &mut |_| Ok(()), ctl)
+    }
+
+    /// [`Store::backup_domain`] with the backup's id chosen by the caller
+    /// (`None`: a new one) and `hook` called after each step is recorded in
+    /// the journal and before it is taken (a group backup holds its members
+    /// there). An error of `hook` before the snapshot leaves the domain as
+    /// it was; one before the publication undoes the snapshot.
+    pub(crate) fn backup_domain_with(
+        &self,
+        vm: &Vm,
+        opts: &BackupOptions,
+        quiesce: bool,
+        id: Option<&str>,
+        hook: &mut dyn FnMut(LiveStep) -> Result<()>,
+        ctl: &Control,
+    ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
         let q = self.qemu_img.clone();
@@ -108,7 +125,13 @@ impl Store {
             .collect();
         let super::head::Decision { kind, parent, position, end_of_chain, full_reason } =
             self.decide(&name, &sources, opts, &follows)?;
-        let id = super::new_backup_id();
+        let id = match id {
+            Some(id) => {
+                crate::names::validate("backup id", id)?;
+                id.to_string()
+            }
+            None => super::new_backup_id(),
+        };
         let part = self.vm_dir(&name).join(format!(".{id}.part"));
         let plan = LivePlan {
             backup_id: id.clone(),
@@ -142,7 +165,10 @@ impl Store {
             vm,
             &plan,
             ctl,
-            &mut |step| self.record(&name, &plan, step),
+            &mut |step| {
+                self.record(&name, &plan, step)?;
+                hook(step).map_err(|e| if step == LiveStep::Snapshot { e.with_vm_consistent(true) } else { e })
+            },
             &mut |vols| {
                 m.volumes = vols
                     .iter()

@@ -9,6 +9,7 @@
 //!                                    cache: see "chain head" below)
 //! STORE/vms/<vm>/<id>/manifest.json  one manifest per backup (schema 1)
 //! STORE/vms/<vm>/<id>/<volume>.qcow2 one file per volume
+//! STORE/groups/<id>.json             a group backup's record (see `group`)
 //! ```
 //!
 //! - A backup file's backing pointer is `../<parent id>/<volume>.qcow2`,
@@ -46,6 +47,7 @@
 mod backup;
 pub(crate) mod confine;
 mod delete;
+pub mod group;
 mod head;
 pub mod jobs;
 #[cfg(feature = "libvirt")]

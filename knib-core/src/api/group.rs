@@ -1,0 +1,187 @@
+//! The group operations (`group.*`): one backup of each of several VMs at a
+//! common instant, recorded as a group ([`crate::catalog::group`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::agent;
+use crate::catalog::group::{GroupRecord, MemberSpec, OnFailure, RestoredMember, DEFAULT_FREEZE_TIMEOUT_SECS};
+use crate::catalog::{DeleteOutcome, Store, DEFAULT_CHAIN_SIZE};
+use crate::error::Result;
+use crate::progress::Control;
+use crate::qemu_img::{CompressionLibrary, ImageFormat};
+#[cfg(not(feature = "libvirt"))]
+use crate::wire::no_libvirt;
+
+fn default_chain() -> i64 {
+    DEFAULT_CHAIN_SIZE
+}
+fn default_freeze_timeout() -> u64 {
+    DEFAULT_FREEZE_TIMEOUT_SECS
+}
+
+/// The request of `group.backup`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+pub(crate) struct GroupBackupReq {
+    /// The store directory (made when missing).
+    store: PathBuf,
+    /// The VMs, at least two: each a `domain`, or a `vm` with `disks`.
+    members: Vec<MemberSpec>,
+    /// The libvirt URI (default `qemu:///system`).
+    #[serde(default)]
+    connect: Option<String>,
+    /// Freeze every running guest that has a guest agent channel for the
+    /// snapshots (all at once).
+    #[serde(default)]
+    quiesce: bool,
+    /// The bound on freezing and snapshotting, in seconds (default 30):
+    /// past it every guest is thawed and the group fails.
+    #[serde(default = "default_freeze_timeout")]
+    freeze_timeout_secs: u64,
+    /// `"keep"` (default: publish the members that succeeded) or
+    /// `"rollback"` (publish none unless all succeed).
+    #[serde(default)]
+    on_failure: OnFailure,
+    /// Start new chains.
+    #[serde(default)]
+    full: bool,
+    /// Backups per chain (default 8).
+    #[serde(default = "default_chain")]
+    chain_size: i64,
+    /// Compress as copied: "zstd" or "zlib".
+    #[serde(default)]
+    compress: Option<CompressionLibrary>,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+/// A store (`group.list`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoreReq {
+    /// The store directory.
+    store: PathBuf,
+}
+
+/// A group backup (`group.show`, `group.delete`).
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GroupRef {
+    /// The store directory.
+    store: PathBuf,
+    /// The group backup's id.
+    group: String,
+}
+
+/// The request of `group.restore`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GroupRestoreReq {
+    /// The store directory.
+    store: PathBuf,
+    /// The group backup's id.
+    group: String,
+    /// The directory the volumes go to, as `<to>/<vm>/<volume>.<format>`.
+    to: PathBuf,
+    /// Their format (flattened copies).
+    #[serde(default)]
+    format: ImageFormat,
+    /// qcow2 overlays over the backups instead of copies.
+    #[serde(default)]
+    quick: bool,
+    /// Skip checking the chains' hashes as they are read.
+    #[serde(default)]
+    no_verify: bool,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+/// The request of `group.recover`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+pub(crate) struct GroupRecoverReq {
+    /// The store directory.
+    store: PathBuf,
+    /// The libvirt URI.
+    #[serde(default)]
+    connect: Option<String>,
+}
+
+/// The answer of `group.restore`.
+#[derive(Serialize, JsonSchema)]
+pub struct GroupRestoreAnswer {
+    /// Every volume written.
+    pub volumes: Vec<RestoredMember>,
+}
+
+/// The answer of `group.delete`.
+#[derive(Serialize, JsonSchema)]
+pub struct GroupDeleteAnswer {
+    /// Each member backup's deletion.
+    pub members: Vec<DeleteOutcome>,
+}
+
+pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<GroupRecord> {
+    #[cfg(feature = "libvirt")]
+    {
+        let _ = op;
+        let ctl = &agent::budget(ctl, r.timeout_secs);
+        let opts = crate::catalog::group::GroupOptions {
+            backup: crate::catalog::BackupOptions {
+                full: r.full,
+                isolated: false,
+                chain_size: r.chain_size,
+                compress: r.compress,
+            },
+            quiesce: r.quiesce,
+            freeze_timeout: Duration::from_secs(r.freeze_timeout_secs.max(1)),
+            on_failure: r.on_failure,
+            connect: r.connect,
+        };
+        Store::create(&r.store)?.backup_group(&r.members, &opts, ctl)
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        let _ = (r, ctl, Duration::ZERO);
+        Err(no_libvirt(op))
+    }
+}
+
+pub(crate) fn list(r: StoreReq) -> Result<Vec<GroupRecord>> {
+    Store::open(&r.store)?.groups()
+}
+
+pub(crate) fn show(r: GroupRef) -> Result<GroupRecord> {
+    Store::open(&r.store)?.group(&r.group)
+}
+
+pub(crate) fn restore(r: GroupRestoreReq, ctl: &Control) -> Result<GroupRestoreAnswer> {
+    let ctl = &agent::budget(ctl, r.timeout_secs);
+    let volumes = Store::open(&r.store)?.restore_group(&r.group, &r.to, r.format, r.quick, !r.no_verify, ctl)?;
+    Ok(GroupRestoreAnswer { volumes })
+}
+
+pub(crate) fn delete(r: GroupRef) -> Result<GroupDeleteAnswer> {
+    Ok(GroupDeleteAnswer { members: Store::open(&r.store)?.delete_group(&r.group)? })
+}
+
+pub(crate) fn recover(op: &str, r: GroupRecoverReq, ctl: &Control) -> Result<Vec<GroupRecord>> {
+    #[cfg(feature = "libvirt")]
+    {
+        let _ = op;
+        Store::open(&r.store)?.recover_groups(r.connect.as_deref(), ctl)
+    }
+    #[cfg(not(feature = "libvirt"))]
+    {
+        let _ = (r, ctl);
+        Err(no_libvirt(op))
+    }
+}

@@ -1,0 +1,481 @@
+//! Taking and recovering group backups (the libvirt part of
+//! [`super`]; see its documentation for the steps and invariants).
+
+use std::fs;
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::super::manifest::rfc3339;
+use super::super::{Manifest, Store};
+use super::{group_id, GroupMember, GroupOptions, GroupRecord, MemberSpec, OnFailure, GROUP_SCHEMA};
+use crate::engine::live::LiveStep;
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::fsio;
+use crate::libvirt::{qemu_agent_command, Hypervisor, Vm};
+use crate::names;
+use crate::progress::Control;
+
+/// Where the members are held between the steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Members are planned; they wait before their snapshot.
+    Gather,
+    /// Take the snapshots.
+    Snapshot,
+    /// Copy (guests thawed).
+    Copy,
+    /// Publish (rollback mode: every copy is written).
+    Publish,
+    /// Give up: members that have not published undo what they did.
+    Abort,
+}
+
+#[derive(Debug)]
+struct GateState {
+    phase: Phase,
+    /// Member i waits before its snapshot.
+    ready: Vec<bool>,
+    /// Member i's snapshot is done, and when.
+    snapped: Vec<Option<SystemTime>>,
+    /// Member i's copies are written (rollback mode).
+    written: Vec<bool>,
+    /// Member i failed, and why.
+    failed: Vec<Option<String>>,
+    /// Member i is done (published or failed).
+    done: Vec<bool>,
+    /// Why the group gave up.
+    abort_reason: Option<String>,
+}
+
+/// The meeting point of the members and the coordinator.
+struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+impl Gate {
+    fn new(n: usize) -> Gate {
+        Gate {
+            state: Mutex::new(GateState {
+                phase: Phase::Gather,
+                ready: vec![false; n],
+                snapped: vec![None; n],
+                written: vec![false; n],
+                failed: vec![None; n],
+                done: vec![false; n],
+                abort_reason: None,
+            }),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Change the state and wake everyone.
+    fn update(&self, f: impl FnOnce(&mut GateState)) {
+        f(&mut self.lock());
+        self.cv.notify_all();
+    }
+
+    /// Wait (checking `ctl` every 100 ms) until `until` holds; a cancel or
+    /// deadline aborts the group.
+    fn wait(&self, ctl: &Control, mut until: impl FnMut(&GateState) -> bool) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if until(&st) {
+                return Ok(());
+            }
+            if let Err(e) = ctl.check("group backup") {
+                st.phase = Phase::Abort;
+                st.abort_reason.get_or_insert_with(|| e.message.clone());
+                self.cv.notify_all();
+                return Err(e);
+            }
+            st = self.cv.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// A member's wait for `phase`, or an error when the group gave up.
+    fn member_wait(&self, i: usize, ctl: &Control, ok: &[Phase]) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if ok.contains(&st.phase) {
+                return Ok(());
+            }
+            if st.phase == Phase::Abort {
+                return Err(KnibError::new(
+                    ErrorKind::Cancelled,
+                    format!("the group backup gave up: {}", st.abort_reason.clone().unwrap_or_default()),
+                ));
+            }
+            let _ = i;
+            st = self.cv.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+            if ctl.check("group backup").is_err() && st.phase != Phase::Abort {
+                // The coordinator sees the same cancellation and aborts.
+                continue;
+            }
+        }
+    }
+
+    fn abort(&self, reason: String) {
+        self.update(|s| {
+            s.phase = Phase::Abort;
+            s.abort_reason.get_or_insert(reason);
+        });
+    }
+}
+
+/// A member domain's agent: whether its XML has a guest agent channel.
+fn has_agent_channel(vm: &Vm) -> Result<bool> {
+    Ok(vm.xml()?.contains("org.qemu.guest_agent.0"))
+}
+
+/// Send `guest-fsfreeze-freeze` (or thaw) to each of `vms` in parallel,
+/// each bounded by `timeout`: the error of each that failed.
+fn agent_all(vms: &[&Vm], command: &str, timeout: Duration) -> Vec<Option<String>> {
+    let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vms
+            .iter()
+            .map(|vm| {
+                s.spawn(move || {
+                    qemu_agent_command(vm, &format!(r#"{{"execute":"{command}"}}"#), secs).err().map(|e| e.message)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some(format!("{command} panicked")))).collect()
+    })
+}
+
+impl Store {
+    /// Take a group backup (see the module documentation): one backup of
+    /// each member at a common instant, recorded as a group.
+    pub fn backup_group(&self, members: &[MemberSpec], opts: &GroupOptions, ctl: &Control) -> Result<GroupRecord> {
+        if members.len() < 2 {
+            return Err(KnibError::invalid("a group backup names at least two VMs"));
+        }
+        let mut names_seen: Vec<&str> = Vec::new();
+        for m in members {
+            let n = m.name()?;
+            names::validate("VM name", n)?;
+            if names_seen.contains(&n) {
+                return Err(KnibError::invalid(format!("VM {n} is named twice in the group")));
+            }
+            names_seen.push(n);
+        }
+        let hv = members
+            .iter()
+            .any(|m| m.domain.is_some())
+            .then(|| Hypervisor::open(opts.connect.as_deref().unwrap_or(crate::libvirt::SYSTEM_URI)))
+            .transpose()?;
+        let vms: Vec<Option<Vm>> = members
+            .iter()
+            .map(|m| match (&m.domain, &hv) {
+                (Some(d), Some(hv)) => hv.domain(d).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_>>()?;
+        let running: Vec<bool> =
+            vms.iter().map(|v| v.as_ref().map_or(Ok(false), Vm::is_running)).collect::<Result<_>>()?;
+        let agent: Vec<bool> = vms
+            .iter()
+            .zip(&running)
+            .map(|(v, r)| match v {
+                Some(vm) if *r && opts.quiesce => has_agent_channel(vm),
+                _ => Ok(false),
+            })
+            .collect::<Result<_>>()?;
+
+        let id = group_id();
+        let ids: Vec<String> = members.iter().map(|_| super::super::new_backup_id()).collect();
+        let mut record = GroupRecord {
+            schema: GROUP_SCHEMA,
+            id: id.clone(),
+            created: rfc3339(SystemTime::now()),
+            state: "running".into(),
+            members: members
+                .iter()
+                .zip(&ids)
+                .zip(&running)
+                .map(|((m, b), r)| GroupMember {
+                    vm: m.name().expect("checked").to_string(),
+                    domain: m.domain.is_some(),
+                    backup: Some(b.clone()),
+                    running: *r,
+                    quiesced: false,
+                    snapshot_at: None,
+                    error: None,
+                })
+                .collect(),
+            quiesce: opts.quiesce,
+            on_failure: opts.on_failure,
+            instant: None,
+            freeze_to_thaw_ms: None,
+            snapshot_skew_ms: None,
+            recovered: false,
+        };
+        let journal = self.journal_file(&id);
+        crate::crashpoint::durable_step(&format!("journal of group {id}"));
+        self.save_group(&journal, &record)?;
+
+        let gate = Gate::new(members.len());
+        let rollback = opts.on_failure == OnFailure::Rollback;
+        let mut freeze_to_thaw = None;
+        let mut frozen = vec![false; members.len()];
+        let results: Vec<Result<Manifest>> = std::thread::scope(|s| {
+            let handles: Vec<_> = members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let (gate, vm, bid) = (&gate, vms[i].as_ref(), ids[i].as_str());
+                    s.spawn(move || {
+                        let mctl = Control::new().with_deadline(ctl.deadline).with_cancel(ctl.cancel.clone());
+                        let r = match (vm, m) {
+                            (Some(vm), _) => self.backup_domain_with(
+                                vm,
+                                &opts.backup,
+                                false,
+                                Some(bid),
+                                &mut |step| match step {
+                                    LiveStep::Snapshot => {
+                                        gate.update(|st| st.ready[i] = true);
+                                        gate.member_wait(i, &mctl, &[Phase::Snapshot, Phase::Copy, Phase::Publish])
+                                    }
+                                    LiveStep::Copy => {
+                                        gate.update(|st| st.snapped[i] = Some(SystemTime::now()));
+                                        gate.member_wait(i, &mctl, &[Phase::Copy, Phase::Publish])
+                                    }
+                                    LiveStep::Publish if rollback => {
+                                        gate.update(|st| st.written[i] = true);
+                                        gate.member_wait(i, &mctl, &[Phase::Publish])
+                                    }
+                                    _ => Ok(()),
+                                },
+                                &mctl,
+                            ),
+                            (None, m) => (|| {
+                                // A plain-disk VM does not change: it is
+                                // checked now and backed up after the thaw.
+                                for d in &m.disks {
+                                    if !d.path.exists() {
+                                        return Err(KnibError::not_found(format!(
+                                            "disk {}: {} does not exist",
+                                            d.name,
+                                            d.path.display()
+                                        )));
+                                    }
+                                }
+                                gate.update(|st| st.ready[i] = true);
+                                gate.member_wait(i, &mctl, &[Phase::Snapshot, Phase::Copy, Phase::Publish])?;
+                                gate.update(|st| st.snapped[i] = Some(SystemTime::now()));
+                                gate.member_wait(i, &mctl, &[Phase::Copy, Phase::Publish])?;
+                                self.backup_with(
+                                    m.vm.as_deref().expect("checked"),
+                                    &m.disks,
+                                    &opts.backup,
+                                    Some(bid),
+                                    &mut || {
+                                        if rollback {
+                                            gate.update(|st| st.written[i] = true);
+                                            gate.member_wait(i, &mctl, &[Phase::Publish])?;
+                                        }
+                                        Ok(())
+                                    },
+                                    &mctl,
+                                )
+                            })(),
+                        };
+                        gate.update(|st| {
+                            st.done[i] = true;
+                            if let Err(e) = &r {
+                                st.failed[i] = Some(e.to_string());
+                            }
+                        });
+                        r
+                    })
+                })
+                .collect();
+
+            // 1. Every member planned, or one failed.
+            let planned = gate.wait(ctl, |st| {
+                st.failed.iter().any(Option::is_some) || st.ready.iter().all(|r| *r)
+            });
+            let first_failure = |st: &GateState| {
+                st.failed.iter().enumerate().find_map(|(i, f)| f.as_ref().map(|f| format!("member {}: {f}", members[i].name().unwrap_or("?"))))
+            };
+            let failed_early = planned.is_err() || first_failure(&gate.lock()).is_some();
+            if failed_early {
+                let why = first_failure(&gate.lock()).unwrap_or_else(|| "cancelled".into());
+                gate.abort(why);
+            } else {
+                // 2. and 3. Freeze, snapshot, thaw.
+                let started = Instant::now();
+                let to_freeze: Vec<usize> = (0..members.len()).filter(|i| agent[*i]).collect();
+                let freeze_vms: Vec<&Vm> = to_freeze.iter().map(|i| vms[*i].as_ref().expect("a domain")).collect();
+                let mut ok = true;
+                if !freeze_vms.is_empty() {
+                    ctl.report("group backup: freezing the guests", 10.0);
+                    let errors = agent_all(&freeze_vms, "guest-fsfreeze-freeze", opts.freeze_timeout);
+                    for (k, e) in to_freeze.iter().zip(&errors) {
+                        frozen[*k] = true;
+                        if let Some(e) = e {
+                            ok = false;
+                            gate.abort(format!("the guest of {} could not be frozen: {e}", members[*k].name().unwrap_or("?")));
+                        }
+                    }
+                }
+                if ok {
+                    gate.update(|st| st.phase = Phase::Snapshot);
+                    let bound = opts.freeze_timeout;
+                    let snapped = gate.wait(ctl, |st| {
+                        st.failed.iter().any(Option::is_some)
+                            || st.snapped.iter().all(Option::is_some)
+                            || (!freeze_vms.is_empty() && started.elapsed() > bound)
+                    });
+                    let st = gate.lock();
+                    let all = st.snapped.iter().all(Option::is_some);
+                    let why = first_failure(&st);
+                    drop(st);
+                    if snapped.is_err() || !all {
+                        gate.abort(why.unwrap_or_else(|| {
+                            format!("freezing and snapshotting the group took longer than {} s", bound.as_secs())
+                        }));
+                    }
+                }
+                if !freeze_vms.is_empty() {
+                    for (k, e) in to_freeze.iter().zip(agent_all(&freeze_vms, "guest-fsfreeze-thaw", opts.freeze_timeout)) {
+                        if let Some(e) = e {
+                            log::error!("group {id}: thawing the guest of {}: {e}", members[*k].name().unwrap_or("?"));
+                        }
+                    }
+                    freeze_to_thaw = Some(started.elapsed());
+                }
+                // 4. Copies and merges.
+                let aborted = gate.lock().phase == Phase::Abort;
+                if !aborted {
+                    gate.update(|st| st.phase = Phase::Copy);
+                    ctl.report("group backup: copying", 30.0);
+                    if rollback {
+                        let _ = gate.wait(ctl, |st| {
+                            st.failed.iter().any(Option::is_some) || st.written.iter().all(|w| *w)
+                        });
+                        let why = first_failure(&gate.lock());
+                        match why {
+                            Some(w) => gate.abort(w),
+                            None => gate.update(|st| st.phase = Phase::Publish),
+                        }
+                    }
+                }
+            }
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(KnibError::internal("a group member's thread panicked"))))
+                .collect()
+        });
+
+        let st = gate.lock();
+        let snaps: Vec<SystemTime> = st.snapped.iter().flatten().copied().collect();
+        let aborted = st.phase == Phase::Abort;
+        let reason = st.abort_reason.clone();
+        drop(st);
+        for (i, (m, r)) in record.members.iter_mut().zip(&results).enumerate() {
+            m.quiesced = frozen[i] && !aborted;
+            m.snapshot_at = gate.lock().snapped[i].map(rfc3339);
+            if let Err(e) = r {
+                m.backup = None;
+                m.error = Some(e.to_string());
+            }
+        }
+        let published = results.iter().filter(|r| r.is_ok()).count();
+        if aborted || published == 0 {
+            fsio::remove_if_exists(&journal)?;
+            let why = reason.unwrap_or_else(|| "every member failed".into());
+            let detail: Vec<String> =
+                record.members.iter().filter_map(|m| m.error.as_ref().map(|e| format!("{}: {e}", m.vm))).collect();
+            let consistent = results.iter().all(|r| r.as_ref().err().is_none_or(|e| e.vm_consistent != Some(false)));
+            let e = KnibError::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "group backup {id} failed, no member was published: {why}{}",
+                    if detail.is_empty() { String::new() } else { format!(" ({})", detail.join("; ")) }
+                ),
+            );
+            return Err(e.with_vm_consistent(consistent));
+        }
+        record.state = if published == members.len() { "complete" } else { "partial" }.into();
+        if let (Some(first), Some(last)) = (snaps.iter().min(), snaps.iter().max()) {
+            record.instant = Some(rfc3339(*last));
+            record.snapshot_skew_ms = Some(last.duration_since(*first).unwrap_or_default().as_secs_f64() * 1000.0);
+        }
+        record.freeze_to_thaw_ms = freeze_to_thaw.map(|d| d.as_secs_f64() * 1000.0);
+        crate::crashpoint::durable_step(&format!("record of group {id}"));
+        self.save_group(&self.record_file(&id), &record)?;
+        fsio::remove_if_exists(&journal)?;
+        fsio::sync_dir(&self.groups_dir())?;
+        Ok(record)
+    }
+
+    /// Finish every group backup a crash interrupted (see the module
+    /// documentation): the records written, with what each member left.
+    pub fn recover_groups(&self, connect: Option<&str>, ctl: &Control) -> Result<Vec<GroupRecord>> {
+        let dir = self.groups_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(KnibError::io("cannot list", &dir, e)),
+        };
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = n.strip_prefix('.').and_then(|n| n.strip_suffix(".journal.json")) else { continue };
+            names::validate("group id", id)?;
+            let Some(mut r) = self.load_group(&Path::new("groups").join(&n), id)? else { continue };
+            let hv = r
+                .members
+                .iter()
+                .any(|m| m.domain)
+                .then(|| Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI)))
+                .transpose()?;
+            for m in &mut r.members {
+                if let (true, Some(hv)) = (m.domain, &hv) {
+                    match hv.domain(&m.vm) {
+                        Ok(vm) => {
+                            self.recover_domain(&vm, ctl).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
+                        }
+                        Err(e) if e.kind == ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                let exists = m.backup.as_deref().is_some_and(|b| self.load_manifest(&m.vm, b).is_ok());
+                if !exists {
+                    m.backup = None;
+                    m.error = Some("interrupted (finished by recover)".into());
+                }
+            }
+            let published: Vec<(String, String)> =
+                r.members.iter().filter_map(|m| m.backup.clone().map(|b| (m.vm.clone(), b))).collect();
+            if published.len() < r.members.len() && r.on_failure == OnFailure::Rollback {
+                for (vm, b) in &published {
+                    log::warn!("group {id} (rollback): deleting backup {b} of {vm}, published before the crash");
+                    self.delete(b)?;
+                }
+                fsio::remove_if_exists(&e.path())?;
+                continue;
+            }
+            if published.is_empty() {
+                fsio::remove_if_exists(&e.path())?;
+                continue;
+            }
+            r.state = if published.len() == r.members.len() { "complete" } else { "partial" }.into();
+            r.recovered = true;
+            self.save_group(&self.record_file(id), &r)?;
+            fsio::remove_if_exists(&e.path())?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+}
