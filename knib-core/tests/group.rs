@@ -87,7 +87,8 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
         let rec = store
             .backup_group(&[domain(&vm1), domain(&vm2), p.clone()], &GroupOptions::default(), &ctl)
             .unwrap();
-        assert_eq!(rec.state, "complete", "{rec:#?}");
+        let errors: Vec<String> = rec.members.iter().filter_map(|m| m.error.as_ref().map(|e| format!("{}: {e}", m.vm))).collect();
+        assert_eq!(rec.state, "complete", "round {round}: {errors:?}");
         assert_eq!(m1.lock().unwrap().writes.len(), n1 + 1, "the writes during the copies were made");
         assert_eq!(rec.members.len(), 3);
         assert!(rec.members.iter().all(|m| m.backup.is_some() && m.error.is_none() && !m.quiesced), "{rec:#?}");

@@ -120,15 +120,15 @@ impl Store {
     }
 
     /// Open an existing store: a directory holding what knib writes there
-    /// (its `vms` or `jobs` directory, or its settings file).
+    /// (its `vms`, `jobs` or `groups` directory, or its settings file).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         if !root.is_dir() {
             return Err(KnibError::not_found(format!("store {} does not exist", root.display())));
         }
-        if !["vms", "jobs", settings::SETTINGS_FILE].iter().any(|n| root.join(n).exists()) {
+        if !["vms", "jobs", "groups", settings::SETTINGS_FILE].iter().any(|n| root.join(n).exists()) {
             return Err(KnibError::not_found(format!(
-                "{} is not a knib store (it holds no vms/, jobs/ or {})",
+                "{} is not a knib store (it holds no vms/, jobs/, groups/ or {})",
                 root.display(),
                 settings::SETTINGS_FILE
             )));

@@ -150,6 +150,22 @@ fn agent_all(vms: &[&Vm], command: &str, timeout: Duration) -> Vec<Option<String
     })
 }
 
+/// The group's timing and each member's snapshot instant and quiescing,
+/// into its record (`snaps`: the members' snapshot instants, in order).
+fn stamp(record: &mut GroupRecord, snaps: &[SystemTime], freeze_to_thaw: Option<Duration>, frozen: &[bool]) {
+    if let (Some(first), Some(last)) = (snaps.iter().min(), snaps.iter().max()) {
+        record.instant = Some(rfc3339(*last));
+        record.snapshot_skew_ms = Some(last.duration_since(*first).unwrap_or_default().as_secs_f64() * 1000.0);
+    }
+    if snaps.len() == record.members.len() {
+        for ((m, t), f) in record.members.iter_mut().zip(snaps).zip(frozen) {
+            m.snapshot_at = Some(rfc3339(*t));
+            m.quiesced = *f;
+        }
+    }
+    record.freeze_to_thaw_ms = freeze_to_thaw.map(|d| d.as_secs_f64() * 1000.0);
+}
+
 impl Store {
     /// Take a group backup (see the module documentation): one backup of
     /// each member at a common instant, recorded as a group.
@@ -218,6 +234,8 @@ impl Store {
             recovered: false,
         };
         let journal = self.journal_file(&id);
+        // Held while the group runs: `recover_groups` leaves it alone.
+        let _running = self.lock_group(&id)?.ok_or_else(|| KnibError::internal(format!("group {id} is locked already")))?;
         crate::crashpoint::durable_step(&format!("journal of group {id}"));
         self.save_group(&journal, &record)?;
 
@@ -356,6 +374,16 @@ impl Store {
                 // 4. Copies and merges.
                 let aborted = gate.lock().phase == Phase::Abort;
                 if !aborted {
+                    // The journal keeps the instant, for a record `recover`
+                    // writes after a crash.
+                    let snaps: Vec<SystemTime> = gate.lock().snapped.iter().flatten().copied().collect();
+                    stamp(&mut record, &snaps, freeze_to_thaw, &frozen);
+                    if let Err(e) = self.save_group(&journal, &record) {
+                        gate.abort(format!("writing the group's journal: {e}"));
+                    }
+                }
+                let aborted = gate.lock().phase == Phase::Abort;
+                if !aborted {
                     gate.update(|st| st.phase = Phase::Copy);
                     ctl.report("group backup: copying", 30.0);
                     if rollback {
@@ -381,9 +409,7 @@ impl Store {
         let aborted = st.phase == Phase::Abort;
         let reason = st.abort_reason.clone();
         drop(st);
-        for (i, (m, r)) in record.members.iter_mut().zip(&results).enumerate() {
-            m.quiesced = frozen[i] && !aborted;
-            m.snapshot_at = gate.lock().snapped[i].map(rfc3339);
+        for (m, r) in record.members.iter_mut().zip(&results) {
             if let Err(e) = r {
                 m.backup = None;
                 m.error = Some(e.to_string());
@@ -392,6 +418,7 @@ impl Store {
         let published = results.iter().filter(|r| r.is_ok()).count();
         if aborted || published == 0 {
             fsio::remove_if_exists(&journal)?;
+            fsio::remove_if_exists(&self.lock_file(&id))?;
             let why = reason.unwrap_or_else(|| "every member failed".into());
             let detail: Vec<String> =
                 record.members.iter().filter_map(|m| m.error.as_ref().map(|e| format!("{}: {e}", m.vm))).collect();
@@ -406,20 +433,39 @@ impl Store {
             return Err(e.with_vm_consistent(consistent));
         }
         record.state = if published == members.len() { "complete" } else { "partial" }.into();
-        if let (Some(first), Some(last)) = (snaps.iter().min(), snaps.iter().max()) {
-            record.instant = Some(rfc3339(*last));
-            record.snapshot_skew_ms = Some(last.duration_since(*first).unwrap_or_default().as_secs_f64() * 1000.0);
-        }
-        record.freeze_to_thaw_ms = freeze_to_thaw.map(|d| d.as_secs_f64() * 1000.0);
+        stamp(&mut record, &snaps, freeze_to_thaw, &frozen);
         crate::crashpoint::durable_step(&format!("record of group {id}"));
         self.save_group(&self.record_file(&id), &record)?;
         fsio::remove_if_exists(&journal)?;
+        fsio::remove_if_exists(&self.lock_file(&id))?;
         fsio::sync_dir(&self.groups_dir())?;
         Ok(record)
     }
 
+    /// The lock file of a running group backup.
+    fn lock_file(&self, id: &str) -> std::path::PathBuf {
+        self.groups_dir().join(format!(".{id}.lock"))
+    }
+
+    /// Take the lock of group `id` (a record lock on `.<id>.lock`): `None`
+    /// when another process holds it (the group is running there).
+    fn lock_group(&self, id: &str) -> Result<Option<fs::File>> {
+        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
+        super::super::confine::ensure_dir(&self.root, Path::new("groups"), "groups directory")?;
+        let p = self.lock_file(id);
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| KnibError::io("cannot open", &p, e))?;
+        Ok(crate::lock::try_record_lock(&f).map_err(|e| KnibError::io("cannot lock", &p, e))?.then_some(f))
+    }
+
     /// Finish every group backup a crash interrupted (see the module
-    /// documentation): the records written, with what each member left.
+    /// documentation): the records written, with what each member left,
+    /// and what the crash left half-written removed. A group running in
+    /// another process (its lock held) is left alone.
     pub fn recover_groups(&self, connect: Option<&str>, ctl: &Control) -> Result<Vec<GroupRecord>> {
         let dir = self.groups_dir();
         let entries = match fs::read_dir(&dir) {
@@ -427,55 +473,86 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(KnibError::io("cannot list", &dir, e)),
         };
-        let mut out = Vec::new();
+        // The groups something of which is left: a journal, a lock, a
+        // half-written journal or record.
+        let mut ids: Vec<String> = Vec::new();
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = n.strip_prefix('.').and_then(|n| n.strip_suffix(".journal.json")) else { continue };
-            names::validate("group id", id)?;
-            let Some(mut r) = self.load_group(&Path::new("groups").join(&n), id)? else { continue };
-            let hv = r
-                .members
-                .iter()
-                .any(|m| m.domain)
-                .then(|| Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI)))
-                .transpose()?;
-            for m in &mut r.members {
-                if let (true, Some(hv)) = (m.domain, &hv) {
-                    match hv.domain(&m.vm) {
-                        Ok(vm) => {
-                            self.recover_domain(&vm, ctl).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
-                        }
-                        Err(e) if e.kind == ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                let exists = m.backup.as_deref().is_some_and(|b| self.load_manifest(&m.vm, b).is_ok());
-                if !exists {
-                    m.backup = None;
-                    m.error = Some("interrupted (finished by recover)".into());
+            let Some(rest) = n.strip_prefix('.') else { continue };
+            let rest = rest.trim_start_matches('.');
+            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock"].iter().find_map(|sfx| rest.strip_suffix(sfx));
+            if let Some(id) = id.filter(|id| names::validate("group id", id).is_ok()) {
+                if !ids.iter().any(|i| i == id) {
+                    ids.push(id.to_string());
                 }
             }
-            let published: Vec<(String, String)> =
-                r.members.iter().filter_map(|m| m.backup.clone().map(|b| (m.vm.clone(), b))).collect();
-            if published.len() < r.members.len() && r.on_failure == OnFailure::Rollback {
-                for (vm, b) in &published {
-                    log::warn!("group {id} (rollback): deleting backup {b} of {vm}, published before the crash");
-                    self.delete(b)?;
-                }
-                fsio::remove_if_exists(&e.path())?;
+        }
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(_lock) = self.lock_group(&id)? else {
+                log::info!("group {id} is running in another process; it is left alone");
                 continue;
+            };
+            let journal_rel = Path::new("groups").join(format!(".{id}.journal.json"));
+            if let Some(r) = self.load_group(&journal_rel, &id)? {
+                if let Some(r) = self.recover_group(r, connect, ctl)? {
+                    out.push(r);
+                }
             }
-            if published.is_empty() {
-                fsio::remove_if_exists(&e.path())?;
-                continue;
+            for f in [
+                self.journal_file(&id),
+                dir.join(format!("..{id}.journal.json.part")),
+                dir.join(format!(".{id}.json.part")),
+                self.lock_file(&id),
+            ] {
+                fsio::remove_if_exists(&f)?;
             }
-            r.state = if published.len() == r.members.len() { "complete" } else { "partial" }.into();
-            r.recovered = true;
-            self.save_group(&self.record_file(id), &r)?;
-            fsio::remove_if_exists(&e.path())?;
-            out.push(r);
         }
         Ok(out)
     }
 
+    /// Recover the members of one interrupted group and write its record
+    /// (`None` when none of its members' backups is left).
+    fn recover_group(&self, mut r: GroupRecord, connect: Option<&str>, ctl: &Control) -> Result<Option<GroupRecord>> {
+        let id = r.id.clone();
+        let hv = r
+            .members
+            .iter()
+            .any(|m| m.domain)
+            .then(|| Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI)))
+            .transpose()?;
+        for m in &mut r.members {
+            if let (true, Some(hv)) = (m.domain, &hv) {
+                match hv.domain(&m.vm) {
+                    Ok(vm) => {
+                        self.recover_domain(&vm, ctl).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
+                    }
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let exists = m.backup.as_deref().is_some_and(|b| self.load_manifest(&m.vm, b).is_ok());
+            if !exists {
+                m.backup = None;
+                m.error = Some("interrupted (finished by recover)".into());
+            }
+        }
+        let published: Vec<(String, String)> =
+            r.members.iter().filter_map(|m| m.backup.clone().map(|b| (m.vm.clone(), b))).collect();
+        if published.len() < r.members.len() && r.on_failure == OnFailure::Rollback {
+            for (vm, b) in &published {
+                log::warn!("group {id} (rollback): deleting backup {b} of {vm}, published before the crash");
+                self.delete(b)?;
+            }
+            return Ok(None);
+        }
+        if published.is_empty() {
+            return Ok(None);
+        }
+        r.state = if published.len() == r.members.len() { "complete" } else { "partial" }.into();
+        r.recovered = true;
+        self.save_group(&self.record_file(&id), &r)?;
+        Ok(Some(r))
+    }
 }
