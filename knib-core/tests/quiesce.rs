@@ -16,9 +16,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::guest::GuestVm;
+use common::guest::{backup_file, disk_file, token, GuestVm};
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::catalog::{BackupOptions, Store};
 use knib_core::engine::BackupKind;
@@ -30,24 +30,8 @@ fn ctl() -> Control {
     Control::new()
 }
 
-/// A token no earlier run can have left anywhere.
-fn token(what: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("knib-{what}-{}-{nanos:x}", std::process::id())
-}
-
-/// The content of file `path` of the only filesystem of `disk`, `None` when
-/// there is no such file.
-fn read_file(disk: &Disk, path: &str, scratch: &Path) -> Option<String> {
-    let to = scratch.join(format!("{}-{}", path.trim_start_matches('/').replace('/', "_"), token("get")));
-    match disk.get(None, path, &to, &ctl()) {
-        Ok(_) => Some(std::fs::read_to_string(&to).unwrap().trim_end().to_string()),
-        Err(e) if e.kind == ErrorKind::NotFound => None,
-        Err(e) => panic!("{path} of {}: {e}", disk.name()),
-    }
-}
-
-/// The guest's disk in backup `id`: one ext4 filesystem on the whole disk.
+/// The guest's disk in backup `id`: one ext4 filesystem on the whole disk
+/// (no partition table), as the test guest lays it out.
 fn backed_up_disk(store: &Store, id: &str) -> Disk {
     let disk = Disk::open_backup(store, id, "vda", &ctl()).unwrap();
     let fs = disk.filesystems();
@@ -56,31 +40,19 @@ fn backed_up_disk(store: &Store, id: &str) -> Disk {
     disk
 }
 
-/// How many times the guest agent logged a freeze.
-fn freezes(g: &GuestVm) -> usize {
-    g.sh_ok("cat /run/messages").matches("guest-fsfreeze called").count()
-}
-
 #[test]
 fn a_quiesced_backup_holds_what_the_guest_wrote_before_the_freeze() {
     if skip_without_libvirt("a_quiesced_backup_holds_what_the_guest_wrote_before_the_freeze") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let scratch = dir.path().join("scratch");
-    std::fs::create_dir(&scratch).unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
     let g = GuestVm::boot("knib-quiesce", dir.path());
-    // The agent logs its freezes to syslog: keep them in /run (not on the disk).
-    g.sh_ok("syslogd -O /run/messages");
-    // Hold the guest's writeback back: dirty data reaches the disk only on
-    // a sync or a freeze.
-    g.sh_ok(
-        "echo 0 > /proc/sys/vm/dirty_writeback_centisecs && echo 360000 > /proc/sys/vm/dirty_expire_centisecs \
-         && mount -o remount,commit=600 /",
-    );
+    g.start_syslog();
+    // Dirty data reaches the disk only on a sync or a freeze.
+    g.hold_writeback();
     assert_eq!(g.fsfreeze_status(), "thawed");
-    assert_eq!(freezes(&g), 0);
+    assert_eq!(g.agent_freezes(), 0);
 
     // Written and synced, then written without a sync, just before the backup.
     let synced = token("synced");
@@ -98,19 +70,19 @@ fn a_quiesced_backup_holds_what_the_guest_wrote_before_the_freeze() {
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
     assert_eq!(g.fsfreeze_status(), "thawed");
     // The snapshot was taken with the filesystems frozen, once.
-    assert_eq!(freezes(&g), 1, "{}", g.sh_ok("cat /run/messages"));
+    assert_eq!(g.agent_freezes(), 1, "{}", g.syslog());
 
     // After the backup: the proof file changed, a new file.
     let later = token("later");
     g.sh_ok(&format!("echo {later} > /root/quiesce-proof && echo {later} > /root/later && sync"));
 
     let disk = backed_up_disk(&store, &m.id);
-    assert_eq!(read_file(&disk, "/root/quiesce-proof", &scratch).as_deref(), Some(synced.as_str()));
+    assert_eq!(disk_file(&disk, "/root/quiesce-proof").as_deref(), Some(synced.as_str()));
     // Only the freeze put this one on the disk.
-    assert_eq!(read_file(&disk, "/root/unsynced", &scratch).as_deref(), Some(unsynced.as_str()));
-    assert_eq!(read_file(&disk, "/root/later", &scratch), None);
-    assert_eq!(read_file(&disk, "/root/after", &scratch), None);
-    assert_eq!(read_file(&disk, "/etc/knib-marker", &scratch).as_deref(), Some(common::guest::test_guest().marker.as_str()));
+    assert_eq!(disk_file(&disk, "/root/unsynced").as_deref(), Some(unsynced.as_str()));
+    assert_eq!(disk_file(&disk, "/root/later"), None);
+    assert_eq!(disk_file(&disk, "/root/after"), None);
+    assert_eq!(disk_file(&disk, "/etc/knib-marker").as_deref(), Some(common::guest::test_guest().marker.as_str()));
 
     // The same without quiesce: a write without a sync is not in the
     // backup, what was synced is (the file-level restore replays ext4's
@@ -119,15 +91,14 @@ fn a_quiesced_backup_holds_what_the_guest_wrote_before_the_freeze() {
     g.sh_ok(&format!("echo {unsynced2} > /root/unsynced2"));
     let m2 = store.backup_domain(&g.vm, &BackupOptions::default(), false, &ctl()).unwrap();
     assert_eq!(m2.kind, BackupKind::Incremental);
-    assert_eq!(freezes(&g), 1);
+    assert_eq!(g.agent_freezes(), 1);
     let disk2 = backed_up_disk(&store, &m2.id);
-    assert_eq!(read_file(&disk2, "/root/quiesce-proof", &scratch).as_deref(), Some(later.as_str()));
-    assert_eq!(read_file(&disk2, "/root/later", &scratch).as_deref(), Some(later.as_str()));
-    let got = read_file(&disk2, "/root/unsynced2", &scratch);
+    assert_eq!(disk_file(&disk2, "/root/quiesce-proof").as_deref(), Some(later.as_str()));
+    assert_eq!(disk_file(&disk2, "/root/later").as_deref(), Some(later.as_str()));
+    let got = disk_file(&disk2, "/root/unsynced2");
     assert_ne!(got.as_deref(), Some(unsynced2.as_str()), "an unsynced write reached the disk without a freeze");
     // The first backup is as it was.
-    let disk = backed_up_disk(&store, &m.id);
-    assert_eq!(read_file(&disk, "/root/quiesce-proof", &scratch).as_deref(), Some(synced.as_str()));
+    assert_eq!(backup_file(&store, &m.id, "vda", "/root/quiesce-proof").as_deref(), Some(synced.as_str()));
 }
 
 /// All files under `dir`, recursively.

@@ -9,7 +9,10 @@
 //! binary. [`GuestVm::boot`] starts a domain on a copy of its disk and waits
 //! until the agent answers `guest-sync` (about 10-40 s under TCG);
 //! [`GuestVm::sh`] runs a shell command in the guest through `guest-exec`;
-//! the domain is destroyed when the [`GuestVm`] is dropped.
+//! the domain is destroyed when the [`GuestVm`] is dropped (its files stay
+//! in the caller's directory). [`GuestVm::start_syslog`],
+//! [`GuestVm::agent_freezes`] and [`GuestVm::hold_writeback`] help prove a
+//! freeze; [`backup_file`] reads a file back from a backup.
 //!
 //! Like the other libvirt test domains, QEMU runs as root (a static DAC
 //! label), so the disks may live in `tempfile`'s 0700 directories.
@@ -26,7 +29,9 @@ use std::time::{Duration, Instant};
 use knib_core::libvirt::boot_domain::BootDomain;
 use knib_core::libvirt::guest::{run_command, wait_for_agent, CommandOutcome, Exec, GuestCommand};
 use knib_core::libvirt::{qemu_agent_command, DiskInfo, Hypervisor, Vm};
-use knib_core::Control;
+use knib_core::catalog::Store;
+use knib_core::files::Disk;
+use knib_core::{Control, ErrorKind};
 
 use super::vm::URI;
 
@@ -230,10 +235,69 @@ impl GuestVm {
         v["return"].take()
     }
 
+    /// Start busybox's syslogd in the guest, keeping the log in
+    /// `/run/messages` (a tmpfs: never on the disk, so never in a backup).
+    /// The agent logs every command it runs there, a freeze as
+    /// `guest-fsfreeze called` (see [`GuestVm::agent_freezes`]).
+    pub fn start_syslog(&self) {
+        self.sh_ok("[ -e /run/messages ] || syslogd -O /run/messages");
+    }
+
+    /// How many times the agent logged a freeze (`guest-fsfreeze called`)
+    /// since [`GuestVm::start_syslog`].
+    pub fn agent_freezes(&self) -> usize {
+        self.sh_ok("cat /run/messages").matches("guest-fsfreeze called").count()
+    }
+
+    /// The agent's log since [`GuestVm::start_syslog`] (for messages).
+    pub fn syslog(&self) -> String {
+        self.sh_ok("cat /run/messages")
+    }
+
+    /// Hold the guest's writeback back: no periodic flush, dirty data kept
+    /// for an hour, the root filesystem's journal committed every 600 s. A
+    /// file written without `sync` then stays in the guest's page cache
+    /// until a `sync` or a freeze (`FIFREEZE` syncs the filesystem): it is
+    /// in a backup only when the guest was quiesced for it.
+    pub fn hold_writeback(&self) {
+        self.sh_ok(
+            "echo 0 > /proc/sys/vm/dirty_writeback_centisecs && echo 360000 > /proc/sys/vm/dirty_expire_centisecs \
+             && mount -o remount,commit=600 /",
+        );
+    }
+
     /// `guest-fsfreeze-status`: "thawed" or "frozen".
     pub fn fsfreeze_status(&self) -> String {
         let r = self.agent(&serde_json::json!({"execute": "guest-fsfreeze-status"}));
         r.as_str().unwrap_or_else(|| panic!("guest-fsfreeze-status answered {r}")).to_string()
+    }
+}
+
+/// A token no earlier run can have left anywhere (`knib-<what>-<pid>-<ns>`),
+/// to write in a guest and look for in a backup.
+pub fn token(what: &str) -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("knib-{what}-{}-{nanos:x}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+/// The content of file `path` (trailing white space trimmed) of the only
+/// filesystem read natively on volume `volume` of backup `backup`, read by
+/// knib's file-level restore; `None` when there is no such file. Panics on
+/// any other error.
+pub fn backup_file(store: &Store, backup: &str, volume: &str, path: &str) -> Option<String> {
+    let disk = Disk::open_backup(store, backup, volume, &Control::new())
+        .unwrap_or_else(|e| panic!("volume {volume} of backup {backup}: {e}"));
+    disk_file(&disk, path)
+}
+
+/// The same on an opened [`Disk`].
+pub fn disk_file(disk: &Disk, path: &str) -> Option<String> {
+    let scratch = tempfile::tempdir().unwrap();
+    let to = scratch.path().join("file");
+    match disk.get(None, path, &to, &Control::new()) {
+        Ok(_) => Some(std::fs::read_to_string(&to).unwrap().trim_end().to_string()),
+        Err(e) if e.kind == ErrorKind::NotFound => None,
+        Err(e) => panic!("{path} of {}: {e}", disk.name()),
     }
 }
 
