@@ -136,7 +136,8 @@ impl GuestVm {
         let name = format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
         let dir = std::fs::canonicalize(dir).expect("the disk directory exists");
         let root = dir.join(format!("{name}-vda.qcow2"));
-        std::fs::copy(&g.disk, &root).unwrap_or_else(|e| panic!("copy {} to {}: {e}", g.disk.display(), root.display()));
+        std::fs::copy(&g.disk, &root)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", g.disk.display(), root.display()));
         let mut disks = vec![("vda".to_string(), root)];
         for (target, size) in &opts.extra_disks {
             let file = dir.join(format!("{name}-{target}.qcow2"));
