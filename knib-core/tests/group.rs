@@ -63,6 +63,8 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
     let vm1 = Arc::new(running("knib-group-a", dir.path(), false));
     let vm2 = Arc::new(running("knib-group-b", dir.path(), false));
     let (p, pdisk) = plain(dir.path(), "plain-1", 0x44);
+    // A stopped, defined domain.
+    let stopped = TestVm::create("knib-group-s", &[("vda", 8 * MIB)], dir.path(), TestVmOptions { persistent: true, running: false, agent_channel: false });
     let m1 = Arc::new(Mutex::new(Model::new(&DISKS)));
     let m2 = Arc::new(Mutex::new(Model::new(&DISKS)));
     let mut ids: Vec<String> = Vec::new();
@@ -73,6 +75,10 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
         let (n1, n2) = (m1.lock().unwrap().writes.len(), m2.lock().unwrap().writes.len());
         let plain_view = dir.path().join(format!("plain-view-{round}.qcow2"));
         snapshot(&pdisk, &plain_view);
+        let stopped_file = stopped.disk("vda").file;
+        qemu_io(&stopped_file, &format!("write -P {} {}M 64k", 0x48 + round, 1 + round));
+        let stopped_view = dir.path().join(format!("stopped-view-{round}.qcow2"));
+        snapshot(&stopped_file, &stopped_view);
         // Writes while the members copy, after the thaw: not in the group.
         let during = {
             let (vm1, vm2, m1, m2) = (vm1.clone(), vm2.clone(), m1.clone(), m2.clone());
@@ -85,16 +91,21 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
         };
         let ctl = Control::new().with_progress(during);
         let rec = store
-            .backup_group(&[domain(&vm1), domain(&vm2), p.clone()], &GroupOptions::default(), &ctl)
+            .backup_group(
+                &[domain(&vm1), domain(&vm2), p.clone(), domain(&stopped)],
+                // The second round copies one member at a time.
+                &GroupOptions { max_parallel: (round == 1).then_some(1), ..Default::default() },
+                &ctl,
+            )
             .unwrap();
         let errors: Vec<String> = rec.members.iter().filter_map(|m| m.error.as_ref().map(|e| format!("{}: {e}", m.vm))).collect();
         assert_eq!(rec.state, "complete", "round {round}: {errors:?}");
         assert_eq!(m1.lock().unwrap().writes.len(), n1 + 1, "the writes during the copies were made");
-        assert_eq!(rec.members.len(), 3);
+        assert_eq!(rec.members.len(), 4);
         assert!(rec.members.iter().all(|m| m.backup.is_some() && m.error.is_none() && !m.quiesced), "{rec:#?}");
         assert_eq!(
             rec.members.iter().map(|m| (m.vm.as_str(), m.domain, m.running)).collect::<Vec<_>>(),
-            [(vm1.name(), true, true), (vm2.name(), true, true), ("plain-1", false, false)]
+            [(vm1.name(), true, true), (vm2.name(), true, true), ("plain-1", false, false), (stopped.name(), true, false)]
         );
         let skew = rec.snapshot_skew_ms.unwrap();
         assert!((0.0..60_000.0).contains(&skew), "{rec:#?}");
@@ -102,12 +113,13 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
         // Each member's backup, restored, is the VM at the group's instant.
         let out = dir.path().join(format!("restored-{round}"));
         let restored = store.restore_group(&rec.id, &out, ImageFormat::Qcow2, false, true, &Control::new()).unwrap();
-        assert_eq!(restored.len(), 5);
+        assert_eq!(restored.len(), 6);
         let scratch = dir.path();
         for r in &restored {
             match r.vm.as_str() {
                 v if v == vm1.name() => m1.lock().unwrap().assert_restored(&r.volume, n1, &r.path, scratch),
                 v if v == vm2.name() => m2.lock().unwrap().assert_restored(&r.volume, n2, &r.path, scratch),
+                v if v == stopped.name() => assert_identical(&r.path, &stopped_view),
                 _ => assert_identical(&r.path, &plain_view),
             }
         }
@@ -126,17 +138,17 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
     let list = call("group.list", json!({"store": root}));
     assert_eq!(list.as_array().unwrap().iter().map(|g| g["id"].as_str().unwrap()).collect::<Vec<_>>(), ids);
     let shown = call("group.show", json!({"store": root, "group": ids[1]}));
-    assert_eq!(shown["members"].as_array().unwrap().len(), 3);
+    assert_eq!(shown["members"].as_array().unwrap().len(), 4);
     let q = call("group.restore", json!({"store": root, "group": ids[1], "to": dir.path().join("quick"), "quick": true}));
-    assert_eq!(q["volumes"].as_array().unwrap().len(), 5);
+    assert_eq!(q["volumes"].as_array().unwrap().len(), 6);
     let d = call("group.delete", json!({"store": root, "group": ids[1]}));
-    assert_eq!(d["members"].as_array().unwrap().len(), 3);
+    assert_eq!(d["members"].as_array().unwrap().len(), 4);
     assert_eq!(call("group.list", json!({"store": root})).as_array().unwrap().len(), 1);
     let e = knib_core::api::call("group.show", &json!({"store": root, "group": ids[1]}).to_string(), &Control::new()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
     // The first group's backups still restore (chain-safe delete).
     let again = store.restore_group(&ids[0], &dir.path().join("again"), ImageFormat::Raw, false, true, &Control::new()).unwrap();
-    assert_eq!(again.len(), 5);
+    assert_eq!(again.len(), 6);
     // Nothing is left in the groups directory but the one record.
     let left: Vec<_> = std::fs::read_dir(root.join("groups")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left.len(), 1, "{left:?}");

@@ -66,11 +66,11 @@ fn a_group_backup_killed_at_every_step_is_recovered() {
     let mut n = 1u32;
     loop {
         for (k, (vm, m)) in vms.iter().zip(&mut models).enumerate() {
-            let target = if n % 2 == 0 { "vda" } else { "vdb" };
+            let target = if n.is_multiple_of(2) { "vda" } else { "vdb" };
             m.write(vm, target, (n % 200) as u8 + 1 + k as u8, n as u64 * 64 * 1024, 64 * 1024);
         }
         let at: Vec<usize> = models.iter().map(|m| m.writes.len()).collect();
-        let rollback = n % 2 == 0;
+        let rollback = n.is_multiple_of(2);
         let req = json!({
             "store": root,
             "members": [{"domain": vms[0].name()}, {"domain": vms[1].name()}],

@@ -47,6 +47,10 @@ pub(crate) struct GroupBackupReq {
     /// `"rollback"` (publish none unless all succeed).
     #[serde(default)]
     on_failure: OnFailure,
+    /// Members copied at once after the thaw (default: the store's
+    /// `group.max_concurrent_copies`, 4).
+    #[serde(default)]
+    max_parallel: Option<usize>,
     /// Start new chains.
     #[serde(default)]
     full: bool,
@@ -145,6 +149,7 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
             freeze_timeout: Duration::from_secs(r.freeze_timeout_secs.max(1)),
             on_failure: r.on_failure,
             connect: r.connect,
+            max_parallel: r.max_parallel,
         };
         Store::create(&r.store)?.backup_group(&r.members, &opts, ctl)
     }

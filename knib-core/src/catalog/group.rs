@@ -19,7 +19,8 @@
 //! 3. The disk-only snapshots of all running and stopped domains, in
 //!    parallel; then every frozen guest is thawed (always, whatever
 //!    happened: a thaw is sent to every guest a freeze was sent to).
-//! 4. The copies and merges of all members, in parallel. Plain-disk VMs
+//! 4. The copies and merges of all members, in parallel, at most
+//!    `group.max_concurrent_copies` copies at once. Plain-disk VMs
 //!    (stopped: their disks do not change) are backed up in this step.
 //!    With `on_failure: "rollback"` every member waits, its copies written,
 //!    until all are written: if one failed, the others are undone before
@@ -61,6 +62,10 @@ use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::names;
 
+#[cfg(feature = "libvirt")]
+mod gate;
+#[cfg(feature = "libvirt")]
+mod recover;
 #[cfg(feature = "libvirt")]
 mod take;
 
@@ -120,6 +125,9 @@ pub struct GroupOptions {
     pub on_failure: OnFailure,
     /// The libvirt URI.
     pub connect: Option<String>,
+    /// Members copied at once after the thaw; `None`: the store's
+    /// `group.max_concurrent_copies` setting.
+    pub max_parallel: Option<usize>,
 }
 
 impl Default for GroupOptions {
@@ -130,6 +138,7 @@ impl Default for GroupOptions {
             freeze_timeout: Duration::from_secs(DEFAULT_FREEZE_TIMEOUT_SECS),
             on_failure: OnFailure::Keep,
             connect: None,
+            max_parallel: None,
         }
     }
 }

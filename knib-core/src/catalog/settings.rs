@@ -30,6 +30,7 @@
 //! | `validation.expect_exit` | exit code the command must end with | `0` |
 //! | `validation.expect_output` | output it must print (trailing white space ignored) | none |
 //! | `validation.domain_type` | `kvm` or `qemu` | chosen by the host |
+//! | `group.max_concurrent_copies` | (knib: members of a group backup copied at once, after the thaw) | `4` |
 //! | `knib.data.path` | (knib: who moves the bytes of copies, compressions, restores) | `"native"` (or `"qemu-img"`) |
 //!
 //! A validation job always runs `qemu-img check` on every file of the
@@ -92,8 +93,23 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("validation.expect_exit", "guest command exit code"),
     ("validation.expect_output", "guest command output"),
     ("validation.domain_type", "boot test domain type"),
+    ("group.max_concurrent_copies", "group backup members copied at once"),
     ("knib.data.path", "knib's native data path or qemu-img"),
 ];
+
+/// How group backups run (see the module's table for the keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupSettings {
+    /// Members of a group backup copied at once (at least 1).
+    pub max_concurrent_copies: u32,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings { max_concurrent_copies: 4 }
+    }
+}
 
 /// How compression jobs run (see the module's table for the keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +248,8 @@ pub struct Settings {
     pub compression: CompressionSettings,
     /// Validation jobs.
     pub validation: ValidationSettings,
+    /// Group backups.
+    pub group: GroupSettings,
     /// Backup copies, compressions and restores: knib's native qcow2 data
     /// path (default) or `qemu-img convert` (`knib.data.path`).
     #[serde(rename = "knib", with = "knib_section")]

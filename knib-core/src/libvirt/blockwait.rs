@@ -69,6 +69,22 @@ pub fn wait_block_job(
     step: &str,
     pivot_when_ready: bool,
 ) -> Result<()> {
+    wait_block_job_from(vm, disk, ctl, step, pivot_when_ready, None)
+}
+
+/// [`wait_block_job`] for a job started on a chain of `before` files (the
+/// caller read it before starting the job). Without it, the chain is read at
+/// the first sight of the job, which may be after libvirt already shows the
+/// job's result (a short commit on a busy host), and a commit would then
+/// seem to have left the chain as it was.
+fn wait_block_job_from(
+    vm: &Vm,
+    disk: &str,
+    ctl: &Control,
+    step: &str,
+    pivot_when_ready: bool,
+    before: Option<usize>,
+) -> Result<()> {
     let mut interval = Duration::from_millis(200);
     let mut seen: Option<(BlockJobKind, Option<usize>)> = None;
     let mut pivoted = false;
@@ -82,7 +98,7 @@ pub fn wait_block_job(
             return Ok(());
         };
         if seen.is_none() {
-            seen = Some((info.kind, chain_len(vm, disk)));
+            seen = Some((info.kind, before.or_else(|| chain_len(vm, disk))));
         }
         ctl.report(step, info.percent());
 
@@ -293,7 +309,7 @@ pub fn commit_and_wait(
     };
     block_commit(vm, disk, Some(&chain[i_base]), Some(&chain[i_top]), flags)
         .map_err(|e| e.context(step))?;
-    wait_block_job(vm, disk, ctl, step, true)?;
+    wait_block_job_from(vm, disk, ctl, step, true, Some(chain.len()))?;
     let expected: Vec<PathBuf> = chain[..i_top]
         .iter()
         .chain(&chain[i_base..])
@@ -335,7 +351,7 @@ pub fn pull_and_wait(
         relative,
     };
     block_pull(vm, disk, flags).map_err(|e| e.context(step))?;
-    wait_block_job(vm, disk, ctl, step, false)?;
+    wait_block_job_from(vm, disk, ctl, step, false, Some(chain.len()))?;
     let expected: Vec<PathBuf> = std::iter::once(&chain[0])
         .chain(&chain[i_base..])
         .cloned()

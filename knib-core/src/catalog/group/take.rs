@@ -1,13 +1,11 @@
 //! Taking and recovering group backups (the libvirt part of
 //! [`super`]; see its documentation for the steps and invariants).
 
-use std::fs;
-use std::path::Path;
-use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::super::manifest::rfc3339;
 use super::super::{Manifest, Store};
+use super::gate::{Gate, GateState, Phase};
 use super::{group_id, GroupMember, GroupOptions, GroupRecord, MemberSpec, OnFailure, GROUP_SCHEMA};
 use crate::engine::live::LiveStep;
 use crate::error::{ErrorKind, KnibError, Result};
@@ -15,118 +13,6 @@ use crate::fsio;
 use crate::libvirt::{qemu_agent_command, Hypervisor, Vm};
 use crate::names;
 use crate::progress::Control;
-
-/// Where the members are held between the steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Members are planned; they wait before their snapshot.
-    Gather,
-    /// Take the snapshots.
-    Snapshot,
-    /// Copy (guests thawed).
-    Copy,
-    /// Publish (rollback mode: every copy is written).
-    Publish,
-    /// Give up: members that have not published undo what they did.
-    Abort,
-}
-
-#[derive(Debug)]
-struct GateState {
-    phase: Phase,
-    /// Member i waits before its snapshot.
-    ready: Vec<bool>,
-    /// Member i's snapshot is done, and when.
-    snapped: Vec<Option<SystemTime>>,
-    /// Member i's copies are written (rollback mode).
-    written: Vec<bool>,
-    /// Member i failed, and why.
-    failed: Vec<Option<String>>,
-    /// Member i is done (published or failed).
-    done: Vec<bool>,
-    /// Why the group gave up.
-    abort_reason: Option<String>,
-}
-
-/// The meeting point of the members and the coordinator.
-struct Gate {
-    state: Mutex<GateState>,
-    cv: Condvar,
-}
-
-impl Gate {
-    fn new(n: usize) -> Gate {
-        Gate {
-            state: Mutex::new(GateState {
-                phase: Phase::Gather,
-                ready: vec![false; n],
-                snapped: vec![None; n],
-                written: vec![false; n],
-                failed: vec![None; n],
-                done: vec![false; n],
-                abort_reason: None,
-            }),
-            cv: Condvar::new(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Change the state and wake everyone.
-    fn update(&self, f: impl FnOnce(&mut GateState)) {
-        f(&mut self.lock());
-        self.cv.notify_all();
-    }
-
-    /// Wait (checking `ctl` every 100 ms) until `until` holds; a cancel or
-    /// deadline aborts the group.
-    fn wait(&self, ctl: &Control, mut until: impl FnMut(&GateState) -> bool) -> Result<()> {
-        let mut st = self.lock();
-        loop {
-            if until(&st) {
-                return Ok(());
-            }
-            if let Err(e) = ctl.check("group backup") {
-                st.phase = Phase::Abort;
-                st.abort_reason.get_or_insert_with(|| e.message.clone());
-                self.cv.notify_all();
-                return Err(e);
-            }
-            st = self.cv.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
-        }
-    }
-
-    /// A member's wait for `phase`, or an error when the group gave up.
-    fn member_wait(&self, i: usize, ctl: &Control, ok: &[Phase]) -> Result<()> {
-        let mut st = self.lock();
-        loop {
-            if ok.contains(&st.phase) {
-                return Ok(());
-            }
-            if st.phase == Phase::Abort {
-                return Err(KnibError::new(
-                    ErrorKind::Cancelled,
-                    format!("the group backup gave up: {}", st.abort_reason.clone().unwrap_or_default()),
-                ));
-            }
-            let _ = i;
-            st = self.cv.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
-            if ctl.check("group backup").is_err() && st.phase != Phase::Abort {
-                // The coordinator sees the same cancellation and aborts.
-                continue;
-            }
-        }
-    }
-
-    fn abort(&self, reason: String) {
-        self.update(|s| {
-            s.phase = Phase::Abort;
-            s.abort_reason.get_or_insert(reason);
-        });
-    }
-}
 
 /// A member domain's agent: whether its XML has a guest agent channel.
 fn has_agent_channel(vm: &Vm) -> Result<bool> {
@@ -239,7 +125,11 @@ impl Store {
         crate::crashpoint::durable_step(&format!("journal of group {id}"));
         self.save_group(&journal, &record)?;
 
-        let gate = Gate::new(members.len());
+        let max_copying = match opts.max_parallel {
+            Some(n) => n,
+            None => super::super::settings::Settings::load(&self.root)?.group.max_concurrent_copies as usize,
+        };
+        let gate = Gate::new(members.len(), max_copying);
         let rollback = opts.on_failure == OnFailure::Rollback;
         let mut freeze_to_thaw = None;
         let mut frozen = vec![false; members.len()];
@@ -264,11 +154,16 @@ impl Store {
                                     }
                                     LiveStep::Copy => {
                                         gate.update(|st| st.snapped[i] = Some(SystemTime::now()));
-                                        gate.member_wait(i, &mctl, &[Phase::Copy, Phase::Publish])
+                                        gate.member_wait(i, &mctl, &[Phase::Copy, Phase::Publish])?;
+                                        gate.take_slot(i, &mctl)
                                     }
-                                    LiveStep::Publish if rollback => {
-                                        gate.update(|st| st.written[i] = true);
-                                        gate.member_wait(i, &mctl, &[Phase::Publish])
+                                    LiveStep::Publish => {
+                                        gate.give_slot(i);
+                                        if rollback {
+                                            gate.update(|st| st.written[i] = true);
+                                            gate.member_wait(i, &mctl, &[Phase::Publish])?;
+                                        }
+                                        Ok(())
                                     }
                                     _ => Ok(()),
                                 },
@@ -290,12 +185,14 @@ impl Store {
                                 gate.member_wait(i, &mctl, &[Phase::Snapshot, Phase::Copy, Phase::Publish])?;
                                 gate.update(|st| st.snapped[i] = Some(SystemTime::now()));
                                 gate.member_wait(i, &mctl, &[Phase::Copy, Phase::Publish])?;
+                                gate.take_slot(i, &mctl)?;
                                 self.backup_with(
                                     m.vm.as_deref().expect("checked"),
                                     &m.disks,
                                     &opts.backup,
                                     Some(bid),
                                     &mut || {
+                                        gate.give_slot(i);
                                         if rollback {
                                             gate.update(|st| st.written[i] = true);
                                             gate.member_wait(i, &mctl, &[Phase::Publish])?;
@@ -306,6 +203,7 @@ impl Store {
                                 )
                             })(),
                         };
+                        gate.give_slot(i);
                         gate.update(|st| {
                             st.done[i] = true;
                             if let Err(e) = &r {
@@ -440,119 +338,5 @@ impl Store {
         fsio::remove_if_exists(&self.lock_file(&id))?;
         fsio::sync_dir(&self.groups_dir())?;
         Ok(record)
-    }
-
-    /// The lock file of a running group backup.
-    fn lock_file(&self, id: &str) -> std::path::PathBuf {
-        self.groups_dir().join(format!(".{id}.lock"))
-    }
-
-    /// Take the lock of group `id` (a record lock on `.<id>.lock`): `None`
-    /// when another process holds it (the group is running there).
-    fn lock_group(&self, id: &str) -> Result<Option<fs::File>> {
-        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
-        super::super::confine::ensure_dir(&self.root, Path::new("groups"), "groups directory")?;
-        let p = self.lock_file(id);
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&p)
-            .map_err(|e| KnibError::io("cannot open", &p, e))?;
-        Ok(crate::lock::try_record_lock(&f).map_err(|e| KnibError::io("cannot lock", &p, e))?.then_some(f))
-    }
-
-    /// Finish every group backup a crash interrupted (see the module
-    /// documentation): the records written, with what each member left,
-    /// and what the crash left half-written removed. A group running in
-    /// another process (its lock held) is left alone.
-    pub fn recover_groups(&self, connect: Option<&str>, ctl: &Control) -> Result<Vec<GroupRecord>> {
-        let dir = self.groups_dir();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(KnibError::io("cannot list", &dir, e)),
-        };
-        // The groups something of which is left: a journal, a lock, a
-        // half-written journal or record.
-        let mut ids: Vec<String> = Vec::new();
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            let Some(rest) = n.strip_prefix('.') else { continue };
-            let rest = rest.trim_start_matches('.');
-            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock"].iter().find_map(|sfx| rest.strip_suffix(sfx));
-            if let Some(id) = id.filter(|id| names::validate("group id", id).is_ok()) {
-                if !ids.iter().any(|i| i == id) {
-                    ids.push(id.to_string());
-                }
-            }
-        }
-        ids.sort();
-        let mut out = Vec::new();
-        for id in ids {
-            let Some(_lock) = self.lock_group(&id)? else {
-                log::info!("group {id} is running in another process; it is left alone");
-                continue;
-            };
-            let journal_rel = Path::new("groups").join(format!(".{id}.journal.json"));
-            if let Some(r) = self.load_group(&journal_rel, &id)? {
-                if let Some(r) = self.recover_group(r, connect, ctl)? {
-                    out.push(r);
-                }
-            }
-            for f in [
-                self.journal_file(&id),
-                dir.join(format!("..{id}.journal.json.part")),
-                dir.join(format!(".{id}.json.part")),
-                self.lock_file(&id),
-            ] {
-                fsio::remove_if_exists(&f)?;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Recover the members of one interrupted group and write its record
-    /// (`None` when none of its members' backups is left).
-    fn recover_group(&self, mut r: GroupRecord, connect: Option<&str>, ctl: &Control) -> Result<Option<GroupRecord>> {
-        let id = r.id.clone();
-        let hv = r
-            .members
-            .iter()
-            .any(|m| m.domain)
-            .then(|| Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI)))
-            .transpose()?;
-        for m in &mut r.members {
-            if let (true, Some(hv)) = (m.domain, &hv) {
-                match hv.domain(&m.vm) {
-                    Ok(vm) => {
-                        self.recover_domain(&vm, ctl).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
-                    }
-                    Err(e) if e.kind == ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            let exists = m.backup.as_deref().is_some_and(|b| self.load_manifest(&m.vm, b).is_ok());
-            if !exists {
-                m.backup = None;
-                m.error = Some("interrupted (finished by recover)".into());
-            }
-        }
-        let published: Vec<(String, String)> =
-            r.members.iter().filter_map(|m| m.backup.clone().map(|b| (m.vm.clone(), b))).collect();
-        if published.len() < r.members.len() && r.on_failure == OnFailure::Rollback {
-            for (vm, b) in &published {
-                log::warn!("group {id} (rollback): deleting backup {b} of {vm}, published before the crash");
-                self.delete(b)?;
-            }
-            return Ok(None);
-        }
-        if published.is_empty() {
-            return Ok(None);
-        }
-        r.state = if published.len() == r.members.len() { "complete" } else { "partial" }.into();
-        r.recovered = true;
-        self.save_group(&self.record_file(&id), &r)?;
-        Ok(Some(r))
     }
 }

@@ -1,0 +1,129 @@
+//! Recovering group backups a crash interrupted (see [`super`]), and the
+//! lock a running group holds so that recovery leaves it alone.
+
+use std::fs;
+use std::path::Path;
+
+use super::super::Store;
+use super::{GroupRecord, OnFailure};
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::fsio;
+use crate::libvirt::Hypervisor;
+use crate::names;
+use crate::progress::Control;
+
+impl Store {
+    /// The lock file of a running group backup.
+    pub(super) fn lock_file(&self, id: &str) -> std::path::PathBuf {
+        self.groups_dir().join(format!(".{id}.lock"))
+    }
+
+    /// Take the lock of group `id` (a record lock on `.<id>.lock`): `None`
+    /// when another process holds it (the group is running there).
+    pub(super) fn lock_group(&self, id: &str) -> Result<Option<fs::File>> {
+        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
+        super::super::confine::ensure_dir(&self.root, Path::new("groups"), "groups directory")?;
+        let p = self.lock_file(id);
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| KnibError::io("cannot open", &p, e))?;
+        Ok(crate::lock::try_record_lock(&f).map_err(|e| KnibError::io("cannot lock", &p, e))?.then_some(f))
+    }
+
+    /// Finish every group backup a crash interrupted (see the module
+    /// documentation): the records written, with what each member left,
+    /// and what the crash left half-written removed. A group running in
+    /// another process (its lock held) is left alone.
+    pub fn recover_groups(&self, connect: Option<&str>, ctl: &Control) -> Result<Vec<GroupRecord>> {
+        let dir = self.groups_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(KnibError::io("cannot list", &dir, e)),
+        };
+        // The groups something of which is left: a journal, a lock, a
+        // half-written journal or record.
+        let mut ids: Vec<String> = Vec::new();
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = n.strip_prefix('.') else { continue };
+            let rest = rest.trim_start_matches('.');
+            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock"].iter().find_map(|sfx| rest.strip_suffix(sfx));
+            if let Some(id) = id.filter(|id| names::validate("group id", id).is_ok()) {
+                if !ids.iter().any(|i| i == id) {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+        ids.sort();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(_lock) = self.lock_group(&id)? else {
+                log::info!("group {id} is running in another process; it is left alone");
+                continue;
+            };
+            let journal_rel = Path::new("groups").join(format!(".{id}.journal.json"));
+            if let Some(r) = self.load_group(&journal_rel, &id)? {
+                if let Some(r) = self.recover_group(r, connect, ctl)? {
+                    out.push(r);
+                }
+            }
+            for f in [
+                self.journal_file(&id),
+                dir.join(format!("..{id}.journal.json.part")),
+                dir.join(format!(".{id}.json.part")),
+                self.lock_file(&id),
+            ] {
+                fsio::remove_if_exists(&f)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recover the members of one interrupted group and write its record
+    /// (`None` when none of its members' backups is left).
+    fn recover_group(&self, mut r: GroupRecord, connect: Option<&str>, ctl: &Control) -> Result<Option<GroupRecord>> {
+        let id = r.id.clone();
+        let hv = r
+            .members
+            .iter()
+            .any(|m| m.domain)
+            .then(|| Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI)))
+            .transpose()?;
+        for m in &mut r.members {
+            if let (true, Some(hv)) = (m.domain, &hv) {
+                match hv.domain(&m.vm) {
+                    Ok(vm) => {
+                        self.recover_domain(&vm, ctl).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
+                    }
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let exists = m.backup.as_deref().is_some_and(|b| self.load_manifest(&m.vm, b).is_ok());
+            if !exists {
+                m.backup = None;
+                m.error = Some("interrupted (finished by recover)".into());
+            }
+        }
+        let published: Vec<(String, String)> =
+            r.members.iter().filter_map(|m| m.backup.clone().map(|b| (m.vm.clone(), b))).collect();
+        if published.len() < r.members.len() && r.on_failure == OnFailure::Rollback {
+            for (vm, b) in &published {
+                log::warn!("group {id} (rollback): deleting backup {b} of {vm}, published before the crash");
+                self.delete(b)?;
+            }
+            return Ok(None);
+        }
+        if published.is_empty() {
+            return Ok(None);
+        }
+        r.state = if published.len() == r.members.len() { "complete" } else { "partial" }.into();
+        r.recovered = true;
+        self.save_group(&self.record_file(&id), &r)?;
+        Ok(Some(r))
+    }
+}

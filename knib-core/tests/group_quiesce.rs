@@ -1,0 +1,76 @@
+//! A group backup that quiesces for real (issue 17): the Debian-built test
+//! guest, running the QEMU guest agent, beside a firmware-only domain
+//! without an agent channel. What the guest wrote and synced just before
+//! the group backup, and what it wrote without a sync (which only the
+//! freeze puts on its disk: its writeback is held back), are in its backup,
+//! read with file-level restore; what it wrote afterwards is not. The
+//! record says which member was quiesced and how long the guests were
+//! frozen.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::guest::{backup_file, token, GuestVm};
+use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
+use knib_core::catalog::group::{GroupOptions, MemberSpec};
+use knib_core::catalog::Store;
+use knib_core::Control;
+
+#[test]
+fn a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze() {
+    if skip_without_libvirt("a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let g = GuestVm::boot("knib-gquiesce", dir.path());
+    g.start_syslog();
+    g.hold_writeback();
+    let other = TestVm::create(
+        "knib-gquiesce-fw",
+        &[("vda", 16 * MIB)],
+        dir.path(),
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    other.write("vda", 0x5a, MIB, 64 * 1024);
+
+    let synced = token("synced");
+    let unsynced = token("unsynced");
+    g.sh_ok(&format!("echo {synced} > /root/group-proof && sync && echo {unsynced} > /root/group-unsynced"));
+    let members = [
+        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
+        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
+    ];
+    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
+    let rec = store.backup_group(&members, &opts, &Control::new()).unwrap();
+    eprintln!("{rec:#?}");
+    assert_eq!(rec.state, "complete");
+    assert_eq!((rec.members[0].quiesced, rec.members[1].quiesced), (true, false), "{rec:#?}");
+    let frozen_ms = rec.freeze_to_thaw_ms.expect("the freeze was timed");
+    assert!(frozen_ms > 0.0 && frozen_ms < 60_000.0, "{rec:#?}");
+    assert!(rec.snapshot_skew_ms.is_some_and(|s| s <= frozen_ms), "the snapshots fall inside the freeze: {rec:#?}");
+    // Thawed: the guest writes and syncs at once, and says it is thawed.
+    assert_eq!(g.fsfreeze_status(), "thawed");
+    g.sh_ok("echo x > /root/after && sync");
+    assert_eq!(g.agent_freezes(), 1, "{}", g.syslog());
+    g.sh_ok(&format!("echo {} > /root/group-later && sync", token("later")));
+
+    let b = rec.members[0].backup.as_deref().unwrap();
+    assert_eq!(backup_file(&store, b, "vda", "/root/group-proof").as_deref(), Some(synced.as_str()));
+    assert_eq!(
+        backup_file(&store, b, "vda", "/root/group-unsynced").as_deref(),
+        Some(unsynced.as_str()),
+        "only the freeze could have put it on the disk"
+    );
+    assert_eq!(backup_file(&store, b, "vda", "/root/group-later"), None);
+    assert_eq!(backup_file(&store, b, "vda", "/root/after"), None);
+    // The other member is restorable too.
+    let out = dir.path().join("restored");
+    let restored =
+        store.restore_group(&rec.id, &out, knib_core::qemu_img::ImageFormat::Raw, false, true, &Control::new()).unwrap();
+    assert_eq!(restored.len(), 2);
+    assert!(common::model::image_has(&restored[1].path, 0x5a, MIB, 64 * 1024));
+}
