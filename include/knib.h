@@ -693,6 +693,200 @@
  *         ]
  *       }
  *
+ *   group.backup: One backup of each of several VMs at a common instant
+ *                 (guests frozen together), recorded as a group.
+ *     request:
+ *       chain_size?          integer, default 8: Backups per chain (default
+ *                            8).
+ *       compress?            "zstd" | "zlib" or null: Compress as copied:
+ *                            "zstd" or "zlib".
+ *       connect?             string or null: The libvirt URI (default
+ *                            `qemu:///system`).
+ *       freeze_timeout_secs? integer, default 30: The bound on freezing and
+ *                            snapshotting, in seconds (default 30): past it
+ *                            every guest is thawed and the group fails.
+ *       full?                boolean, default false: Start new chains.
+ *       members              [MemberSpec]: The VMs, at least two: each a
+ *                            `domain`, or a `vm` with `disks`.
+ *       on_failure?          "keep" | "rollback", default "keep": `"keep"`
+ *                            (default: publish the members that succeeded) or
+ *                            `"rollback"` (publish none unless all succeed).
+ *       quiesce?             boolean, default false: Freeze every running
+ *                            guest that has a guest agent channel for the
+ *                            snapshots (all at once).
+ *       store                string: The store directory (made when missing).
+ *       timeout_secs?        integer or null: The time budget in seconds; 0
+ *                            or absent = none.
+ *     answer: GroupRecord
+ *     example request:
+ *       {
+ *         "members": [{"domain": "web"}, {"domain": "db"}],
+ *         "on_failure": "rollback",
+ *         "quiesce": true,
+ *         "store": "/backups"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "created": "2026-03-01T02:00:00.000Z",
+ *         "freeze_to_thaw_ms": 180.4,
+ *         "id": "group-20260301-020000000-1a2b",
+ *         "instant": "2026-03-01T02:00:01.262Z",
+ *         "members": [
+ *           {
+ *             "backup": "20260301-020000001-3c4d",
+ *             "domain": true,
+ *             "error": null,
+ *             "quiesced": true,
+ *             "running": true,
+ *             "snapshot_at": "2026-03-01T02:00:01.250Z",
+ *             "vm": "web"
+ *           },
+ *           {
+ *             "backup": "20260301-020000001-5e6f",
+ *             "domain": true,
+ *             "error": null,
+ *             "quiesced": true,
+ *             "running": true,
+ *             "snapshot_at": "2026-03-01T02:00:01.262Z",
+ *             "vm": "db"
+ *           }
+ *         ],
+ *         "on_failure": "rollback",
+ *         "quiesce": true,
+ *         "recovered": false,
+ *         "schema": 1,
+ *         "snapshot_skew_ms": 12.0,
+ *         "state": "complete"
+ *       }
+ *
+ *   group.delete: Delete every member's backup of a group (chain-safely),
+ *                 then the group.
+ *     request:
+ *       group  string: The group backup's id.
+ *       store  string: The store directory.
+ *     answer: GroupDeleteAnswer
+ *     example request:
+ *       {"group": "group-20260301-020000000-1a2b", "store": "/backups"}
+ *     example answer (abridged):
+ *       {
+ *         "members": [
+ *           {"expunged": ["20260301-020000001-3c4d"], "marked_removed": []},
+ *           {"expunged": ["20260301-020000001-5e6f"], "marked_removed": []}
+ *         ]
+ *       }
+ *
+ *   group.list: The group backups of a store.
+ *     request:
+ *       store  string: The store directory.
+ *     answer: [GroupRecord]
+ *     example request:
+ *       {"store": "/backups"}
+ *     example answer (abridged):
+ *       [
+ *         {
+ *           "id": "group-20260301-020000000-1a2b",
+ *           "members": [
+ *             {
+ *               "backup": "20260301-020000001-3c4d",
+ *               "domain": true,
+ *               "vm": "web"
+ *             },
+ *             {
+ *               "backup": "20260301-020000001-5e6f",
+ *               "domain": true,
+ *               "vm": "db"
+ *             }
+ *           ],
+ *           "state": "complete"
+ *         }
+ *       ]
+ *
+ *   group.recover: Finish the group backups a crash interrupted (each member
+ *                  recovered).
+ *     request:
+ *       connect? string or null: The libvirt URI.
+ *       store    string: The store directory.
+ *     answer: [GroupRecord]
+ *     example request:
+ *       {"store": "/backups"}
+ *     example answer (abridged):
+ *       [
+ *         {
+ *           "id": "group-20260301-020000000-1a2b",
+ *           "members": [
+ *             {
+ *               "backup": "20260301-020000001-3c4d",
+ *               "domain": true,
+ *               "vm": "web"
+ *             },
+ *             {
+ *               "backup": null,
+ *               "domain": true,
+ *               "error": "interrupted (finished by recover)",
+ *               "vm": "db"
+ *             }
+ *           ],
+ *           "recovered": true,
+ *           "state": "partial"
+ *         }
+ *       ]
+ *
+ *   group.restore: Restore every member of a group backup (copies, or quick
+ *                  overlays).
+ *     request:
+ *       format?       "qcow2" | "raw", default "qcow2": Their format
+ *                     (flattened copies).
+ *       group         string: The group backup's id.
+ *       no_verify?    boolean, default false: Skip checking the chains'
+ *                     hashes as they are read.
+ *       quick?        boolean, default false: qcow2 overlays over the backups
+ *                     instead of copies.
+ *       store         string: The store directory.
+ *       timeout_secs? integer or null: The time budget in seconds; 0 or
+ *                     absent = none.
+ *       to            string: The directory the volumes go to, as
+ *                     `<to>/<vm>/<volume>.<format>`.
+ *     answer: GroupRestoreAnswer
+ *     example request:
+ *       {
+ *         "format": "raw",
+ *         "group": "group-20260301-020000000-1a2b",
+ *         "store": "/backups",
+ *         "to": "/restore"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "volumes": [
+ *           {
+ *             "backup": "20260301-020000001-3c4d",
+ *             "path": "/restore/web/vda.raw",
+ *             "vm": "web",
+ *             "volume": "vda"
+ *           },
+ *           {
+ *             "backup": "20260301-020000001-5e6f",
+ *             "path": "/restore/db/vda.raw",
+ *             "vm": "db",
+ *             "volume": "vda"
+ *           }
+ *         ]
+ *       }
+ *
+ *   group.show: One group backup.
+ *     request:
+ *       group  string: The group backup's id.
+ *       store  string: The store directory.
+ *     answer: GroupRecord
+ *     example request:
+ *       {"group": "group-20260301-020000000-1a2b", "store": "/backups"}
+ *     example answer (abridged):
+ *       {
+ *         "id": "group-20260301-020000000-1a2b",
+ *         "instant": "2026-03-01T02:00:01.262Z",
+ *         "snapshot_skew_ms": 12.0,
+ *         "state": "complete"
+ *       }
+ *
  *   hash: The xxh3-128 of each volume's chain of a backup.
  *     request:
  *       backup        string: The backup's id.
@@ -983,6 +1177,46 @@
  *       files     integer: Regular files written.
  *       symlinks  integer: Symlinks made.
  *
+ *   GroupDeleteAnswer: The answer of `group.delete`.
+ *       members  [DeleteOutcome]: Each member backup's deletion.
+ *
+ *   GroupRecord: A group backup: its record in the store (and its journal
+ *                while it runs).
+ *       created            string: When it started (UTC).
+ *       freeze_to_thaw_ms? number or null: Milliseconds from the first freeze
+ *                          to the last thaw (with quiesce).
+ *       id                 string: The group backup's id.
+ *       instant?           string or null: The group's instant: when the last
+ *                          snapshot was done (UTC).
+ *       members            [GroupMember]: The members.
+ *       on_failure         "keep" | "rollback": What a failure after the
+ *                          snapshots does.
+ *       quiesce            boolean: Whether quiescing was asked for.
+ *       recovered?         boolean, default false: Whether the record was
+ *                          finished by `recover` after a crash.
+ *       schema             integer: Schema version (1).
+ *       snapshot_skew_ms?  number or null: Milliseconds between the first and
+ *                          the last member's snapshot.
+ *       state              string: `"complete"` (every member backed up),
+ *                          `"partial"` (some failed, `on_failure: "keep"`) or
+ *                          `"running"` (a journal).
+ *
+ *   GroupMember: One member in a group's record.
+ *       backup?      string or null: Its backup's id (planned in a journal;
+ *                    in a record, published).
+ *       domain       boolean: Whether it is a libvirt domain (else a
+ *                    plain-disk VM).
+ *       error?       string or null: Why it has no backup.
+ *       quiesced?    boolean, default false: Whether its guest was frozen for
+ *                    the snapshot.
+ *       running?     boolean, default false: Whether the VM was running at
+ *                    its snapshot.
+ *       snapshot_at? string or null: When its snapshot was done (UTC).
+ *       vm           string: The VM's name in the store.
+ *
+ *   GroupRestoreAnswer: The answer of `group.restore`.
+ *       volumes  [RestoredMember]: Every volume written.
+ *
  *   HashAnswer: The answer of `hash`.
  *       backup   string: The backup's id.
  *       volumes  {string: ChainHash}: Each volume's chain (by volume name):
@@ -998,6 +1232,12 @@
  *   FileHash: One file's hash.
  *       hash  string: Its xxh3-128.
  *       path  string: The file.
+ *
+ *   MemberSpec: One VM of a group backup.
+ *       disks?  [DiskSpec], default []: The plain-disk VM's disks.
+ *       domain? string or null: A libvirt domain (running or stopped), by
+ *               name.
+ *       vm?     string or null: A plain-disk VM's name (with `disks`).
  *
  *   MergeSnapshotAnswer: The answer of `agent.merge_snapshot`.
  *       volumes  [MergedVolume]: The file each merged volume runs on now.
@@ -1075,6 +1315,12 @@
  *       hash  string: Its xxh3-128, 32 hex digits (as `agent.take_hash` gives
  *             it per file).
  *       path  string: The file.
+ *
+ *   RestoredMember: One volume a group restore wrote.
+ *       backup  string: Its backup.
+ *       path    string: The file written.
+ *       vm      string: The member VM.
+ *       volume  string: The volume.
  *
  *   RestoredVolume: One volume restored.
  *       backing? string or null: Its backing file (the backup) after a quick
