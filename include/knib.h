@@ -706,6 +706,9 @@
  *                            snapshotting, in seconds (default 30): past it
  *                            every guest is thawed and the group fails.
  *       full?                boolean, default false: Start new chains.
+ *       max_parallel?        integer or null: Members copied at once after
+ *                            the thaw (default: the store's
+ *                            `group.max_concurrent_copies`, 4).
  *       members              [MemberSpec]: The VMs, at least two: each a
  *                            `domain`, or a `vm` with `disks`.
  *       on_failure?          "keep" | "rollback", default "keep": `"keep"`

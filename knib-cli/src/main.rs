@@ -11,6 +11,7 @@
 mod boot;
 mod demo;
 mod files;
+mod group;
 mod jobs;
 mod output;
 
@@ -42,7 +43,8 @@ struct Cli {
     #[arg(short, long, action = ArgAction::Count, global = true)]
     verbose: u8,
     /// The libvirt connection URI of the commands that talk to libvirt
-    /// (backup --domain, restore --quick, consolidate, recover, verify --boot).
+    /// (backup --domain, restore --quick, consolidate, recover, verify --boot,
+    /// group backup, group recover).
     #[arg(long, global = true, value_name = "URI", default_value = "qemu:///system")]
     connect: String,
     #[command(subcommand)]
@@ -188,6 +190,12 @@ enum Command {
     Files {
         #[command(subcommand)]
         command: files::FilesCommand,
+    },
+    /// Group backups: one backup of each of several VMs at a common instant
+    /// (backup, list, show, restore, delete, recover).
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
     },
     /// The store's durable job queue: queue, list and run compression jobs.
     Jobs {
@@ -388,6 +396,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo { dir } => demo::run(dir, &ctl)?,
         Command::Jobs { command } => jobs::run(command, json)?,
+        Command::Group { command } => group::run(command, json, &connect, &ctl)?,
         Command::Files { command } => files::run(command, json, &ctl)?,
     }
     Ok(())
@@ -419,6 +428,16 @@ fn init_log(verbose: u8) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Group { command: group::GroupCommand::Backup(a) } = &cli.command {
+        if let Err(why) = a.check() {
+            use clap::CommandFactory;
+            let mut c = Cli::command();
+            c.build();
+            let sub =
+                c.find_subcommand_mut("group").and_then(|g| g.find_subcommand_mut("backup")).expect("knib group backup");
+            sub.error(clap::error::ErrorKind::TooFewValues, why).exit();
+        }
+    }
     init_log(cli.verbose);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -161,6 +161,33 @@ fn the_java_classes_are_the_schema() {
     }
     assert!(seen >= 14, "Knib.java: found only {seen} operations");
     assert_eq!(seen, runs, "Knib.java: a `return run(...)` is not in the form this test reads");
+    // The operations answering an array: `public List<F.Element> name(F.Request
+    // request) throws KnibException { return runList("op", request,
+    // F.Element.class); }`, each element held against the answer's items.
+    let list_method = Regex::new(
+        r#"public List<(\w+)\.(\w+)> \w+\((\w+)\.(\w+) request\) throws KnibException \{\s*return runList\("([\w.]+)", request, (\w+)\.(\w+)\.class\);"#,
+    )
+    .expect("regex");
+    let list_runs = Regex::new(r#"return runList\("#).expect("regex").find_iter(&knib).count();
+    let mut list_seen = 0;
+    for c in list_method.captures_iter(&knib) {
+        let (req_file, req_class, op, file, element) = (&c[3], &c[4], &c[5], &c[6], &c[7]);
+        if (&c[1], &c[2]) != (file, element) {
+            let returned = format!("List<{}.{}>", &c[1], &c[2]);
+            problems.push(format!("Knib.java: the method running {op} returns {returned}, not of {file}.{element}"));
+        }
+        let Some((_, req, ans)) = ops.get(op) else {
+            problems.push(format!("Knib.java runs {op}, which is not an operation of the schema"));
+            continue;
+        };
+        list_seen += 1;
+        compare(&s, req_file, req_class, req, true, &mut problems);
+        match resolve(&s, ans).get("items") {
+            Some(items) => compare(&s, file, element, items, false, &mut problems),
+            None => problems.push(format!("Knib.java: {op} answers no array, yet its method returns a List")),
+        }
+    }
+    assert_eq!(list_seen, list_runs, "Knib.java: a `return runList(...)` is not in the form this test reads");
     // No class has a public instance field: requests and answers are immutable.
     let public_field = Regex::new(r"(?m)^\s*public (?:final )?[\w<>., ]+ (\w+)(?: = [^;]*)?;").expect("regex");
     let dir = root().join("java/src/main/java/io/knib");

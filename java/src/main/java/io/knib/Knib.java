@@ -1,8 +1,10 @@
 package io.knib;
 
 import com.google.gson.JsonParseException;
+import com.google.gson.reflect.TypeToken;
 import java.lang.ref.Cleaner;
 import java.time.Duration;
+import java.util.List;
 import java.util.Objects;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.logging.Level;
@@ -148,6 +150,22 @@ public final class Knib implements AutoCloseable {
                 throw new InternalException("the answer of " + op + " is empty", -1);
             }
             return a;
+        } catch (JsonParseException e) {
+            throw new InternalException("the answer of " + op + " does not parse (" + e.getMessage() + "): " + json, -1);
+        }
+    }
+
+    /** An operation whose answer is a JSON array of {@code element}s; a read-only list. */
+    private <E> List<E> runList(String op, Object request, Class<E> element) throws KnibException {
+        Objects.requireNonNull(request, "request");
+        String json = call(op, Json.GSON.toJson(request));
+        try {
+            @SuppressWarnings("unchecked")
+            List<E> a = (List<E>) Json.GSON.fromJson(json, TypeToken.getParameterized(List.class, element).getType());
+            if (a == null) {
+                throw new InternalException("the answer of " + op + " is empty", -1);
+            }
+            return Json.view(a);
         } catch (JsonParseException e) {
             throw new InternalException("the answer of " + op + " does not parse (" + e.getMessage() + "): " + json, -1);
         }
@@ -311,6 +329,76 @@ public final class Knib implements AutoCloseable {
      */
     public FileRestore.Extracted extractFiles(FileRestore.GetRequest request) throws KnibException {
         return run("files.get", request, FileRestore.Extracted.class);
+    }
+
+    /**
+     * One backup of each of several VMs at a common instant, recorded as a group ({@code group.backup}; see
+     * {@link GroupBackup}).
+     *
+     * @param request the store, the members and how
+     * @return the group's record: each member's backup, and the timing ({@code "partial"} when a member failed
+     *     after the snapshots with {@code onFailure "keep"})
+     * @throws KnibException when the group failed as a whole (no member was published); {@link
+     *     KnibException#isVmConsistent()} says whether every VM is consistent
+     */
+    public GroupBackup.Group groupBackup(GroupBackup.Request request) throws KnibException {
+        return run("group.backup", request, GroupBackup.Group.class);
+    }
+
+    /**
+     * The group backups of a store, oldest first ({@code group.list}).
+     *
+     * @param request the store
+     * @return their records
+     * @throws KnibException on failure
+     */
+    public List<GroupBackup.Group> groupList(GroupBackup.ListRequest request) throws KnibException {
+        return runList("group.list", request, GroupBackup.Group.class);
+    }
+
+    /**
+     * One group backup ({@code group.show}).
+     *
+     * @param request the store and the group's id
+     * @return its record
+     * @throws KnibException on failure ({@link NotFoundException} when there is no such group)
+     */
+    public GroupBackup.Group groupShow(GroupBackup.ShowRequest request) throws KnibException {
+        return run("group.show", request, GroupBackup.Group.class);
+    }
+
+    /**
+     * Restore every volume of every member of a group backup ({@code group.restore}).
+     *
+     * @param request the group, where to and how
+     * @return every volume written
+     * @throws KnibException on failure (the files already written are removed)
+     */
+    public GroupBackup.Restored groupRestore(GroupBackup.RestoreRequest request) throws KnibException {
+        return run("group.restore", request, GroupBackup.Restored.class);
+    }
+
+    /**
+     * Delete every member's backup of a group (chain-safely), then the group ({@code group.delete}).
+     *
+     * @param request the store and the group's id
+     * @return each member backup's deletion
+     * @throws KnibException on failure
+     */
+    public GroupBackup.Deleted groupDelete(GroupBackup.DeleteRequest request) throws KnibException {
+        return run("group.delete", request, GroupBackup.Deleted.class);
+    }
+
+    /**
+     * Finish the group backups a crash interrupted: each member domain recovered, then the group's record
+     * written, or with {@code "rollback"} the group undone ({@code group.recover}).
+     *
+     * @param request the store
+     * @return the records written
+     * @throws KnibException on failure
+     */
+    public List<GroupBackup.Group> groupRecover(GroupBackup.RecoverRequest request) throws KnibException {
+        return runList("group.recover", request, GroupBackup.Group.class);
     }
 
     /** Tests only: the native handle. */

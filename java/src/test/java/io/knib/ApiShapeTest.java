@@ -59,7 +59,7 @@ class ApiShapeTest {
             }
         }
         assertTrue(problems.isEmpty(), String.join("\n", problems));
-        assertEquals(14, requests, "one request type per operation of the facade");
+        assertEquals(20, requests, "one request type per operation of the facade");
     }
 
     @Test
@@ -67,7 +67,10 @@ class ApiShapeTest {
         for (Class<?> c : List.of(TakeBackup.Request.class, CompressBackup.Request.class, FinalizeCompression.Request.class,
                 RestoreBackup.Request.class, ConsolidateVolumes.Request.class, PrepareValidation.Request.class,
                 ValidateVm.Request.class, TakeBackupHash.Request.class, CleanupValidation.Request.class,
-                CleanupVmBackup.Request.class, MergeSnapshot.Request.class)) {
+                CleanupVmBackup.Request.class, MergeSnapshot.Request.class, GroupBackup.Request.class,
+                GroupBackup.Member.class, GroupBackup.Disk.class, GroupBackup.ListRequest.class,
+                GroupBackup.ShowRequest.class, GroupBackup.RestoreRequest.class, GroupBackup.DeleteRequest.class,
+                GroupBackup.RecoverRequest.class)) {
             assertTrue(c.isRecord(), c + " is a record");
         }
         // Two forms, no nullable positional argument: a final class.
@@ -114,6 +117,16 @@ class ApiShapeTest {
                 .getAsJsonObject();
         assertEquals("{\"backup_path\":\"/mnt/s/b2/v\",\"fs\":\"/dev/sda1\",\"path\":\"/etc\",\"to\":\"/out\"}",
                 byDevice.toString());
+
+        GroupBackup.Request g = GroupBackup.Request.builder().store("/s").domain("web")
+                .member(GroupBackup.Member.plain("db", List.of(new GroupBackup.Disk("root", "/d/root.qcow2"))))
+                .freezeTimeoutSecs(5L).onFailure("rollback").build();
+        assertEquals("{\"store\":\"/s\",\"members\":[{\"domain\":\"web\",\"disks\":[]},"
+                + "{\"vm\":\"db\",\"disks\":[{\"name\":\"root\",\"path\":\"/d/root.qcow2\"}]}],"
+                + "\"quiesce\":false,\"freeze_timeout_secs\":5,\"on_failure\":\"rollback\",\"full\":false}",
+                Json.GSON.toJson(g));
+        assertEquals("{\"store\":\"/s\",\"group\":\"g1\",\"to\":\"/r\",\"format\":\"raw\",\"quick\":false,\"no_verify\":true}",
+                Json.GSON.toJson(GroupBackup.RestoreRequest.of("/s", "g1", "/r").withFormat("raw").withNoVerify(true)));
     }
 
     @Test
