@@ -35,6 +35,8 @@ public final class GroupBackup {
      *     is thawed and the group fails); null for 30
      * @param onFailure {@code "keep"} (null means it too: publish the members that succeeded) or {@code "rollback"}
      *     (publish none unless all succeed)
+     * @param maxParallel members copied at once after the thaw; null for the store's
+     *     {@code group.max_concurrent_copies} (4)
      * @param full start new chains
      * @param chainSize backups per chain; null for 8
      * @param compress "zstd" or "zlib" to compress as copied; null for none
@@ -47,6 +49,7 @@ public final class GroupBackup {
             boolean quiesce,
             Long freezeTimeoutSecs,
             String onFailure,
+            Long maxParallel,
             boolean full,
             Long chainSize,
             String compress,
@@ -68,6 +71,7 @@ public final class GroupBackup {
             private String connect;
             private boolean quiesce;
             private Long freezeTimeoutSecs;
+            private Long maxParallel;
             private String onFailure;
             private boolean full;
             private Long chainSize;
@@ -100,6 +104,9 @@ public final class GroupBackup {
             /** @param v {@link Request#onFailure()} @return this builder */
             public Builder onFailure(String v) { onFailure = v; return this; }
 
+            /** @param v {@link Request#maxParallel()} @return this builder */
+            public Builder maxParallel(Long v) { maxParallel = v; return this; }
+
             /** @param v {@link Request#full()} @return this builder */
             public Builder full(boolean v) { full = v; return this; }
 
@@ -114,8 +121,8 @@ public final class GroupBackup {
 
             /** @return the request */
             public Request build() {
-                return new Request(store, members, connect, quiesce, freezeTimeoutSecs, onFailure, full, chainSize,
-                        compress, timeoutSecs);
+                return new Request(store, members, connect, quiesce, freezeTimeoutSecs, onFailure, maxParallel, full,
+                        chainSize, compress, timeoutSecs);
             }
         }
     }
