@@ -37,6 +37,7 @@ use serde_json::json;
 const CS: u64 = 64 << 10;
 
 mod gen;
+mod live;
 mod measure;
 use gen::*;
 use measure::*;
@@ -58,7 +59,8 @@ fn human(n: u64) -> String {
     }
 }
 
-const ROWS: [&str; 8] = ["compress", "delta", "delta-compressed", "restore", "engine", "delta-big", "engine-big", "chain8"];
+const ROWS: [&str; 9] =
+    ["compress", "delta", "delta-compressed", "restore", "engine", "delta-big", "engine-big", "chain8", "live"];
 
 /// The benchmark's command line.
 #[derive(Parser)]
@@ -119,6 +121,7 @@ enum Op {
     Hash,
     EngineFull,
     EngineInc,
+    LiveBackup,
 }
 
 /// knib's side of each row.
@@ -148,6 +151,10 @@ fn op(kind: Op, args: &[String]) {
         }
         Op::Hash => {
             println!("{}", engine::hash_files(&[a(0)], &ctl).expect("hash"));
+            return;
+        }
+        Op::LiveBackup => {
+            live::knib_backup(&a(0), &args[1]);
             return;
         }
         Op::EngineFull | Op::EngineInc => {
@@ -196,6 +203,8 @@ struct Line {
 #[derive(Default)]
 struct Results {
     lines: Vec<Line>,
+    /// Rows skipped, with why.
+    skipped: Vec<(String, String)>,
 }
 
 impl Results {
@@ -214,6 +223,11 @@ impl Results {
                 env,
             });
         }
+    }
+
+    fn skip(&mut self, row: &str, why: String) {
+        eprintln!("skipping the {row} row: {why}");
+        self.skipped.push((row.to_string(), why));
     }
 }
 
@@ -642,6 +656,36 @@ fn main() {
         );
     }
 
+    // 6. A running domain: knib against virtnbdbackup.
+    if want("live") {
+        match live::unavailable() {
+            Some(why) => res.skip("live", why),
+            None => {
+                eprintln!("running domain: incremental backup, 1% changed");
+                let l = live::Live {
+                    me: &me,
+                    src: p("disk.qcow2"),
+                    dir: p("live"),
+                    size,
+                    changed: size / CS / 100,
+                    name: format!("knib-bench-{}", std::process::id()),
+                };
+                let (m, env) = live::row(&l, runs);
+                res.row(
+                    "running domain: incremental backup, 1% changed",
+                    env,
+                    size / 100,
+                    format!(
+                        "{:.2}x faster, {:.2}x the CPU of virtnbdbackup (the CPU of the backup processes, not QEMU's: block commit, NBD export)",
+                        m[1].secs / m[0].secs,
+                        m[0].cpu / m[1].cpu
+                    ),
+                    &[("knib (catalog domain backup)", m[0]), ("virtnbdbackup -l inc", m[1])],
+                );
+            }
+        }
+    }
+
     let noisy = busy_at_start || res.lines.iter().any(|l| l.env.noisy);
     let data_line = format!(
         "Data: {} in the image ({} virtual), {} in the delta, {} in the third layer.",
@@ -676,6 +720,7 @@ fn main() {
             "size_bytes": size,
             "big_bytes": big,
             "rows": rows,
+            "skipped": res.skipped.iter().map(|(r, w)| json!({"row": r, "why": w})).collect::<Vec<_>>(),
             "data": data_line,
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
@@ -710,6 +755,9 @@ fn main() {
         );
     }
     println!();
+    for (row, why) in &res.skipped {
+        println!("Row {row} skipped: {why}.");
+    }
     println!(
         "{runs} runs per tool (alternating; {} for the delta and engine incremental rows), median shown; every run \
          ends with its output fsynced. CPU s: user + system time of the tool's processes (median). A row is noisy \

@@ -81,12 +81,13 @@ pub(crate) struct RunUsage {
 }
 
 /// Run the steps of one run, then fsync `sync` (`sync FILE`: qemu-img and
-/// cp leave their output in the page cache; knib fsyncs itself).
-pub(crate) fn timed(steps: &[Cmd], sync: &[&Path]) -> RunUsage {
+/// cp leave their output in the page cache; knib fsyncs itself), or with
+/// `whole_fs` the file systems they are on (`sync -f`).
+pub(crate) fn timed(steps: &[Cmd], sync: &[&Path], whole_fs: bool) -> RunUsage {
     let start = Instant::now();
     let mut u = RunUsage::default();
     let sync_cmd = (!sync.is_empty()).then(|| {
-        let mut c = cmd(&["sync"]);
+        let mut c = if whole_fs { cmd(&["sync", "-f"]) } else { cmd(&["sync"]) };
         c.extend(sync.iter().map(|p| p.to_str().expect("UTF-8 path").to_string()));
         c
     });
@@ -239,8 +240,12 @@ pub(crate) struct Tool<'a> {
     pub(crate) name: &'a str,
     pub(crate) steps: Vec<Cmd>,
     /// Its output (measured, and fsynced after the steps, whatever the
-    /// tool: a no-op for knib, which fsyncs its outputs itself).
+    /// tool: a no-op for knib, which fsyncs its outputs itself). A
+    /// directory's output is what the run added to the files in it.
     pub(crate) out: PathBuf,
+    /// Sync the output's whole file system (`sync -f`): for tools that
+    /// write files of their own naming into a directory.
+    pub(crate) sync_fs: bool,
     /// Other files fsynced after the steps (a base a merge wrote into).
     pub(crate) sync_also: Vec<PathBuf>,
     /// Untimed preparation before each run, given the run's number (the
@@ -250,7 +255,7 @@ pub(crate) struct Tool<'a> {
 
 impl<'a> Tool<'a> {
     pub(crate) fn new(name: &'a str, steps: Vec<Cmd>, out: &Path) -> Self {
-        Tool { name, steps, out: out.to_path_buf(), sync_also: vec![], setup: None }
+        Tool { name, steps, out: out.to_path_buf(), sync_also: vec![], setup: None, sync_fs: false }
     }
 
     pub(crate) fn setup(mut self, f: &'a dyn Fn(usize)) -> Self {
@@ -258,9 +263,25 @@ impl<'a> Tool<'a> {
         self
     }
 
+    pub(crate) fn sync_fs(mut self) -> Self {
+        self.sync_fs = true;
+        self
+    }
+
     pub(crate) fn sync_also(mut self, s: Vec<PathBuf>) -> Self {
         self.sync_also = s;
         self
+    }
+}
+
+/// The length of a file, or of all files under a directory (0 when missing).
+fn tree_size(p: &Path) -> u64 {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| tree_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
     }
 }
 
@@ -281,12 +302,13 @@ pub(crate) fn compare(runs: usize, tools: &[Tool<'_>]) -> (Vec<Measured>, RowEnv
             }
             let mut sync: Vec<&Path> = vec![&tool.out];
             sync.extend(tool.sync_also.iter().map(|p| p.as_path()));
-            let u = timed(&tool.steps, &sync);
+            let before = tree_size(&tool.out);
+            let u = timed(&tool.steps, &sync, tool.sync_fs);
             eprintln!("  {}: {:.2} s, {:.2} CPU s, {} KiB", tool.name, u.secs, u.cpu, u.rss_kib);
             times[t].push(u.secs);
             cpus[t].push(u.cpu);
             rss[t] = rss[t].max(u.rss_kib);
-            size[t] = std::fs::metadata(&tool.out).map(|m| m.len()).unwrap_or(0);
+            size[t] = tree_size(&tool.out).saturating_sub(before);
         }
     }
     let env = watch.end();
