@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p knib-cli --bin knib-bench -- [--dir DIR] [--size-gib N] [--big-gib N] [--runs N] [--rows LIST] [--json]
+//! cargo run -p knib-cli --bin knib-bench -- --size-mib 64 --runs 1     (a check of the benchmark itself)
 //! ```
 //!
 //! It generates a deterministic disk image (64 KiB clusters; about 35%
@@ -14,11 +15,12 @@
 //! alternating the tools, and prints a table: median wall time, median CPU
 //! time, MB/s of allocated data, output size, peak memory (RSS), the
 //! machine's load and stolen CPU during the row, and the ratios. Every
-//! tool runs as a child process (knib as `knib-bench op ...`), reaped with
-//! `wait4` for its CPU time and peak RSS; every timed run ends with its
-//! output fsynced (`sync FILE`), whatever the tool. A row (and the run)
-//! during which the machine was busy is marked noisy, and its ratios are
-//! printed as such.
+//! tool runs as a child process (knib as `knib-bench op ...`) under
+//! `/usr/bin/time` (peak RSS), reaped with `wait4` (CPU time); every timed
+//! run ends with its output fsynced (`sync FILE`), whatever the tool. The
+//! live row (a running domain, against virtnbdbackup) needs root and
+//! libvirt. A row (and the run) during which the machine was busy is
+//! marked noisy, and its ratios are printed as such.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
