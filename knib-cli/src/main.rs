@@ -159,9 +159,16 @@ enum Command {
         /// The compression library.
         #[arg(long, value_enum, default_value_t = Library::Zstd)]
         library: Library,
-        /// Parallel coroutines of qemu-img (1 to 16).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
-        coroutines: u32,
+        /// Compression threads, 1 to 16 (at most one per core is used);
+        /// by default one per core. `--coroutines` is its old name (on the
+        /// qemu-img data path, qemu-img's coroutines, `-m`).
+        #[arg(
+            long,
+            visible_alias = "coroutines",
+            default_value_t = default_threads(),
+            value_parser = clap::value_parser!(u32).range(1..=16)
+        )]
+        threads: u32,
         /// Rate limit in MB/s (0 = none).
         #[arg(long, default_value_t = 0)]
         rate_limit: u64,
@@ -209,6 +216,12 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// The default of `compress --threads`: one per core of this machine, at
+/// most 16 (the most the option takes).
+fn default_threads() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(16) as u32
 }
 
 /// A compression library, as the command line names it.
@@ -328,10 +341,12 @@ fn run(cli: Cli) -> Result<()> {
             // The answer of the `restore` operation, as every binding prints it.
             output::say(json, &serde_json::json!(knib_core::api::catalog::restored(volume, to)), &text);
         }
-        Command::Compress { store, backup, library, coroutines, rate_limit } => {
+        Command::Compress { store, backup, library, threads, rate_limit } => {
             let library = CompressionLibrary::from(library);
             let store = Store::open(store)?;
-            let opts = CompressOptions { library, coroutines, rate_limit_mbps: rate_limit, ..Default::default() };
+            // The engine's field keeps CloudStack's name: on the native data
+            // path it is the number of compression threads.
+            let opts = CompressOptions { library, coroutines: threads, rate_limit_mbps: rate_limit, ..Default::default() };
             let m = store.compress(&backup, &opts, &ctl)?;
             output::clear_progress();
             output::print_backup(&store, &m, json);

@@ -155,6 +155,14 @@ pub fn compress_verified(
             let (compressed_size, hash) = match (native_header, info) {
                 (Some(header), _) => {
                     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                    let threads = (opts.coroutines as usize).clamp(1, cores);
+                    log::info!(
+                        "compressing {} ({}) with {threads} compression thread{} ({} asked, {cores} cores)",
+                        f.display(),
+                        library.as_str(),
+                        if threads == 1 { "" } else { "s" },
+                        opts.coroutines
+                    );
                     let what = format!("compression of {}", f.display());
                     let c = NativeCopy {
                         source: f,
@@ -164,7 +172,7 @@ pub fn compress_verified(
                         backing: header.backing_file.clone(),
                         compress: Some(library),
                         hash: !want.is_empty(),
-                        threads: (opts.coroutines as usize).clamp(1, cores),
+                        threads,
                         rate_limit_mbps: opts.rate_limit_mbps,
                         what: &what,
                     };
@@ -178,6 +186,12 @@ pub fn compress_verified(
                     }
                 }
                 (None, info) => {
+                    log::info!(
+                        "compressing {} ({}) with qemu-img convert -m {}",
+                        f.display(),
+                        library.as_str(),
+                        opts.coroutines
+                    );
                     // qemu-img reads the file itself: its hash takes a read of its own.
                     verify::verify_files(&want, ctl)?;
                     q.convert(

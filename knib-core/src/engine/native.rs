@@ -86,7 +86,7 @@ pub struct NativeCopy<'a> {
     pub compress: Option<CompressionLibrary>,
     /// Compute the output's hash.
     pub hash: bool,
-    /// Compression threads (0 = one per core).
+    /// Compression threads (0 = one per core, at most 16).
     pub threads: usize,
     /// Read rate limit in MB/s (0 = none).
     pub rate_limit_mbps: u64,

@@ -67,7 +67,8 @@ pub struct CopyOptions {
     /// flattened copy, every backing file), from the bytes the copy reads
     /// (see `qcow2::srchash`): [`CopyReport::source_hashes`].
     pub hash_source: bool,
-    /// Compression worker threads; 0 = one per core.
+    /// Compression worker threads; 0 = one per core, at most
+    /// [`MAX_AUTO_THREADS`].
     pub threads: usize,
     /// Read at most this many MB (10^6 bytes) of data per second; 0 = no limit.
     pub rate_limit_mbps: u64,
@@ -77,6 +78,10 @@ pub struct CopyOptions {
     /// system allows it (see [`FileSink::new_direct`]).
     pub direct_io: bool,
 }
+
+/// The most compression threads "one per core" ([`CopyOptions::threads`]
+/// 0) starts: beyond it a copy is bound by its single reader and writer.
+pub const MAX_AUTO_THREADS: usize = 16;
 
 impl Default for CopyOptions {
     fn default() -> Self {
@@ -206,7 +211,7 @@ pub fn copy_image(
     let workers = match opts.compression {
         None => 0,
         Some(_) if opts.threads > 0 => opts.threads,
-        Some(_) => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_THREADS),
     };
     let (in_flight, batch_bytes) = batch_plan(src.cs, workers);
     let mut report = CopyReport { virtual_size: src.size, ..Default::default() };

@@ -157,7 +157,7 @@ pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
 pub use empty::empty_image;
-pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat};
+pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat, MAX_AUTO_THREADS};
 pub use copy_read::SourceMode;
 pub use image::{ClusterState, Qcow2Image};
 pub use srchash::SourceHash;

@@ -66,11 +66,15 @@ pub(crate) struct Counts {
 
 /// Write a qcow2 layer of `size` bytes: extents of 1 to 64 clusters; a
 /// cluster extent is unallocated with `p_skip`%, zero with `p_zero`%, text
-/// with `p_text`%, random otherwise.
+/// with `p_text`%, random otherwise. With a `stride` above 1 the layer holds
+/// the same extents (same seed, same bytes) as a layer of `size / stride`
+/// bytes, each moved from cluster `i` to cluster `i * stride`: a larger
+/// disk with the same data (and, for a delta, the same change).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gen_layer(
     path: &Path,
     size: u64,
+    stride: u64,
     backing: Option<&str>,
     seed: u64,
     p_skip: u64,
@@ -87,7 +91,7 @@ pub(crate) fn gen_layer(
     };
     let file = std::fs::File::create(path).expect("create image");
     let mut l = Layout::new(spec, FileSink::new(file, path, false), None).expect("layout");
-    let clusters = size / CS;
+    let clusters = size / stride / CS;
     let mut buf = vec![0u8; (64 * CS) as usize];
     let mut counts = Counts::default();
     let mut i = 0;
@@ -96,7 +100,7 @@ pub(crate) fn gen_layer(
         let k = rng.below(100);
         if k < p_skip {
         } else if k < p_skip + p_zero {
-            l.push_zero(i, n).expect("zero");
+            l.push_zero(i * stride, n).expect("zero");
             counts.zero += n;
         } else {
             let b = &mut buf[..(n * CS) as usize];
@@ -108,7 +112,7 @@ pub(crate) fn gen_layer(
             } else {
                 rng.fill(b);
             }
-            l.push_data(i, b).expect("data");
+            l.push_data(i * stride, b).expect("data");
             counts.data += n;
         }
         i += n;

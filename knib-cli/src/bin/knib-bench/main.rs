@@ -1,17 +1,26 @@
 //! knib-bench: the data-path benchmark (not part of the test suite).
 //!
 //! ```text
-//! cargo run --release -p knib-cli --bin knib-bench -- [--dir DIR] [--size-gib N] [--runs N] [--rows LIST]
+//! cargo run --release -p knib-cli --bin knib-bench -- [--dir DIR] [--size-gib N] [--big-gib N] [--runs N] [--rows LIST] [--json]
+//! cargo run -p knib-cli --bin knib-bench -- --size-mib 64 --runs 1     (a check of the benchmark itself)
 //! ```
 //!
 //! It generates a deterministic disk image (64 KiB clusters; about 35%
 //! unallocated or zero, 35% text-like data, 30% random data, in extents of
 //! 64 KiB to 4 MiB), a delta with 10% of the clusters rewritten and a third
-//! layer with 5% more, then times knib's native data path against qemu-img
-//! (and `cp`) on the same files in the same run, alternating the tools, and
-//! prints a table: median time, MB/s of allocated data, output size, peak
-//! memory (RSS) and the knib/qemu-img ratio. Every timed run ends with its
-//! output fsynced (`sync FILE`), whatever the tool.
+//! layer with 5% more (and, for the rows that need them, five more layers
+//! for an 8-deep chain, and a larger disk with the same data and the same
+//! delta), then times knib's native data path against what a user would
+//! run instead (qemu-img, `cp`) on the same files in the same run,
+//! alternating the tools, and prints a table: median wall time, median CPU
+//! time, MB/s of allocated data, output size, peak memory (RSS), the
+//! machine's load and stolen CPU during the row, and the ratios. Every
+//! tool runs as a child process (knib as `knib-bench op ...`) under
+//! `/usr/bin/time` (peak RSS), reaped with `wait4` (CPU time); every timed
+//! run ends with its output fsynced (`sync FILE`), whatever the tool. The
+//! live row (a running domain, against virtnbdbackup) needs root and
+//! libvirt. A row (and the run) during which the machine was busy is
+//! marked noisy, and its ratios are printed as such.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,77 +34,23 @@ use knib_core::qcow2::{
 };
 use knib_core::qemu_img::QemuImg;
 use knib_core::Control;
+use serde_json::json;
 
 const CS: u64 = 64 << 10;
 
 mod gen;
+mod live;
+mod measure;
 use gen::*;
+use measure::*;
+
+fn ok(c: &mut Command) {
+    let st = c.status().unwrap_or_else(|e| panic!("{c:?} does not run: {e}"));
+    assert!(st.success(), "{c:?} failed");
+}
 
 fn qemu_img_ok(args: &[&str]) {
-    let st = Command::new("qemu-img").args(args).status().expect("qemu-img runs");
-    assert!(st.success(), "qemu-img {args:?}");
-}
-
-/// One timed step: a program and its arguments.
-type Cmd = Vec<String>;
-
-fn cmd(parts: &[&str]) -> Cmd {
-    parts.iter().map(|s| s.to_string()).collect()
-}
-
-/// Run the steps of one run (each under /usr/bin/time), then fsync `out`.
-/// Returns (seconds, peak RSS in KiB).
-fn timed(steps: &[Cmd], out: &Path) -> (f64, u64) {
-    let tfile = std::env::temp_dir().join(format!("knib-bench-time-{}", std::process::id()));
-    let start = Instant::now();
-    let mut rss = 0;
-    for s in steps {
-        let st = Command::new("/usr/bin/time")
-            .args(["-f", "%M", "-o"])
-            .arg(&tfile)
-            .args(s)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("/usr/bin/time runs (install the `time` package)");
-        assert!(st.success(), "{s:?} failed");
-        let m: u64 = std::fs::read_to_string(&tfile).unwrap_or_default().trim().lines().last().unwrap_or("0").parse().unwrap_or(0);
-        rss = rss.max(m);
-    }
-    let st = Command::new("sync").arg(out).status().expect("sync runs");
-    assert!(st.success());
-    (start.elapsed().as_secs_f64(), rss)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
-}
-
-struct Measured {
-    secs: f64,
-    rss_kib: u64,
-    out_bytes: u64,
-}
-
-/// Alternate the tools `runs` times; each tool: (steps, output, extra files to remove).
-fn compare(runs: usize, tools: &[(&str, Vec<Cmd>, PathBuf, Vec<PathBuf>)]) -> Vec<Measured> {
-    let mut times = vec![Vec::new(); tools.len()];
-    let mut rss = vec![0u64; tools.len()];
-    let mut size = vec![0u64; tools.len()];
-    for _ in 0..runs {
-        for (t, (name, steps, out, extra)) in tools.iter().enumerate() {
-            let _ = std::fs::remove_file(out);
-            for e in extra {
-                let _ = std::fs::remove_file(e);
-            }
-            let (s, m) = timed(steps, out);
-            eprintln!("  {name}: {s:.2} s, {m} KiB");
-            times[t].push(s);
-            rss[t] = rss[t].max(m);
-            size[t] = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-        }
-    }
-    (0..tools.len()).map(|t| Measured { secs: median(&mut times[t]), rss_kib: rss[t], out_bytes: size[t] }).collect()
+    ok(Command::new("qemu-img").args(args));
 }
 
 fn human(n: u64) -> String {
@@ -106,9 +61,12 @@ fn human(n: u64) -> String {
     }
 }
 
+const ROWS: [&str; 9] =
+    ["compress", "delta", "delta-compressed", "restore", "engine", "delta-big", "engine-big", "chain8", "live"];
+
 /// The benchmark's command line.
 #[derive(Parser)]
-#[command(name = "knib-bench", about = "The data-path benchmark: knib's native data path against qemu-img")]
+#[command(name = "knib-bench", about = "The data-path benchmark: knib's native data path against qemu-img and cp")]
 struct Args {
     /// Work here: the generated images and the outputs of every tool.
     #[arg(long, default_value = "/var/tmp/knib-bench")]
@@ -116,19 +74,32 @@ struct Args {
     /// Virtual size of the generated disk, in GiB.
     #[arg(long, default_value_t = 4)]
     size_gib: u64,
-    /// Timed runs of each tool (the median is shown).
+    /// Virtual size of the large disk of the `-big` rows, in GiB (a multiple
+    /// of --size-gib): the same data and the same delta, spread over it.
+    #[arg(long, default_value_t = 32)]
+    big_gib: u64,
+    /// Instead of --size-gib and --big-gib: a disk of this many MiB and a
+    /// large one 8 times as large, to check the benchmark itself quickly
+    /// (its figures mean nothing).
+    #[arg(long, conflicts_with_all = ["size_gib", "big_gib"])]
+    size_mib: Option<u64>,
+    /// Timed runs of each tool (the median is shown; 3 times as many for
+    /// the short rows).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Only these rows, comma-separated (all when left out).
-    #[arg(long, value_delimiter = ',', value_parser = ["compress", "delta", "delta-compressed", "restore", "engine"])]
+    #[arg(long, value_delimiter = ',', value_parser = ROWS)]
     rows: Vec<String>,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     op: Option<OpCommand>,
 }
 
 #[derive(Subcommand)]
 enum OpCommand {
-    /// knib's side of one row, run by the benchmark itself under /usr/bin/time.
+    /// knib's side of one row, run by the benchmark itself as a child.
     #[command(hide = true)]
     Op {
         /// What to run.
@@ -148,12 +119,14 @@ enum Op {
     Delta,
     DeltaCompressed,
     Restore,
+    RestoreQcow2,
     Hash,
     EngineFull,
     EngineInc,
+    LiveBackup,
 }
 
-/// knib's side of each row, run under /usr/bin/time.
+/// knib's side of each row.
 fn op(kind: Op, args: &[String]) {
     let a = |i: usize| PathBuf::from(&args[i]);
     let ctl = Control::new();
@@ -161,7 +134,7 @@ fn op(kind: Op, args: &[String]) {
     match kind {
         Op::Compress => {
             opts.compression = Some(CompressionType::Zstd);
-            opts.threads = 8.min(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            opts.threads = 8.min(cores());
         }
         Op::Delta | Op::DeltaCompressed => {
             opts.backing = Some(BackingRef { name: args[2].clone(), format: "qcow2".into() });
@@ -174,8 +147,16 @@ fn op(kind: Op, args: &[String]) {
             opts.mode = SourceMode::Chain;
             opts.format = TargetFormat::Raw;
         }
+        Op::RestoreQcow2 => {
+            opts.mode = SourceMode::Chain;
+            opts.format = TargetFormat::Qcow2;
+        }
         Op::Hash => {
             println!("{}", engine::hash_files(&[a(0)], &ctl).expect("hash"));
+            return;
+        }
+        Op::LiveBackup => {
+            live::knib_backup(&a(0), &args[1]);
             return;
         }
         Op::EngineFull | Op::EngineInc => {
@@ -202,40 +183,221 @@ fn op(kind: Op, args: &[String]) {
     }
 }
 
+fn s(p: &Path) -> String {
+    p.to_str().expect("UTF-8 path").to_string()
+}
+
+/// One line of the results: a tool in a row.
+struct Line {
+    row: String,
+    /// The row's first line (knib's): the one with the row's name, its
+    /// ratios and the machine's state in the table.
+    first: bool,
+    tool: String,
+    m: Measured,
+    /// Bytes of allocated guest data the row moves (for MB/s).
+    data: u64,
+    ratio: String,
+    env: RowEnv,
+}
+
+/// The results so far.
+#[derive(Default)]
+struct Results {
+    lines: Vec<Line>,
+    /// Rows skipped, with why.
+    skipped: Vec<(String, String)>,
+}
+
+impl Results {
+    /// Add a row: its tools' lines (the first is knib's), the ratio text on
+    /// the first, marked noisy when the row was.
+    fn row(&mut self, what: &str, env: RowEnv, data: u64, ratio: String, tools: &[(&str, Measured)]) {
+        let ratio = if env.noisy { format!("NOISY ({}): {ratio}", env.why()) } else { ratio };
+        for (i, (tool, m)) in tools.iter().enumerate() {
+            self.lines.push(Line {
+                row: what.to_string(),
+                first: i == 0,
+                tool: tool.to_string(),
+                m: *m,
+                data,
+                ratio: if i == 0 { ratio.clone() } else { String::new() },
+                env,
+            });
+        }
+    }
+
+    fn skip(&mut self, row: &str, why: String) {
+        eprintln!("skipping the {row} row: {why}");
+        self.skipped.push((row.to_string(), why));
+    }
+}
+
+/// The state of an engine row before each run: a fresh VM directory with
+/// a copy of `src` as its disk; with `changed` > 0, also a knib full
+/// backup of it (untimed) and then `changed` clusters written over the
+/// disk by qemu-io (extents of 1 to 16 clusters, seeded by the run, so the
+/// tools of one run get the same writes).
+struct EngineSetup<'a> {
+    me: &'a str,
+    src: PathBuf,
+    vm: PathBuf,
+    size: u64,
+    changed: u64,
+}
+
+impl EngineSetup<'_> {
+    fn disk(&self) -> PathBuf {
+        self.vm.join("vda.qcow2")
+    }
+    fn store(&self) -> PathBuf {
+        self.vm.join("store")
+    }
+
+    fn prepare(&self, run: usize) {
+        let _ = std::fs::remove_dir_all(&self.vm);
+        std::fs::create_dir_all(self.store()).expect("vm dir");
+        let disk = self.disk();
+        ok(Command::new("cp").arg("--sparse=always").arg(&self.src).arg(&disk));
+        // The copy is setup: flushed now, not by the first fsync timed.
+        ok(Command::new("sync").arg(&disk));
+        if self.changed == 0 {
+            return;
+        }
+        let full = self.store().join("full.qcow2");
+        ok(Command::new(self.me).args(["op", "engine-full", &s(&disk), &s(&full)]));
+        let mut rng = Rng::new(100 + run as u64);
+        let mut written = 0;
+        let mut io = vec!["-f".to_string(), "qcow2".to_string()];
+        while written < self.changed {
+            let n = (1 + rng.below(16)).min(self.changed - written);
+            let at = rng.below(self.size / CS - n);
+            io.push("-c".into());
+            io.push(format!("write -q -P {} {} {}", 1 + rng.below(250), at * CS, n * CS));
+            written += n;
+        }
+        io.push(s(&disk));
+        ok(Command::new("qemu-io").args(&io));
+        ok(Command::new("sync").arg(&disk));
+    }
+
+    /// The base the disk runs on after [`EngineSetup::prepare`] with
+    /// changes (the file knib's incremental backup merges the delta into).
+    fn base(&self) -> PathBuf {
+        let h = Qcow2Image::open(&self.disk()).expect("open the disk").header().clone();
+        let b = h.backing_file.expect("the disk runs on a base after a full backup");
+        self.vm.join(b)
+    }
+}
+
+/// An incremental backup through the engine (copy the delta, merge it into
+/// the base) against `qemu-img convert -B` of the delta then `qemu-img
+/// commit` of the disk into its base.
+fn engine_inc(runs: usize, e: &EngineSetup<'_>) -> (Vec<Measured>, RowEnv) {
+    let prep = |run: usize| e.prepare(run);
+    // Once before, to learn the base's name.
+    e.prepare(0);
+    let base = e.base();
+    let (disk, store) = (s(&e.disk()), e.store());
+    let (ko, qo) = (store.join("inc.qcow2"), store.join("inc-qemu.qcow2"));
+    compare(
+        3 * runs,
+        &[
+            Tool::new("knib", vec![cmd(&[e.me, "op", "engine-inc", &disk, &s(&ko), "full.qcow2"])], &ko).setup(&prep),
+            Tool::new(
+                "qemu-img convert -B, commit",
+                vec![
+                    cmd(&[
+                        "qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", "-B", "full.qcow2", "-F", "qcow2",
+                        &disk, &s(&qo),
+                    ]),
+                    cmd(&["qemu-img", "commit", "-q", &disk]),
+                ],
+                &qo,
+            )
+            .sync_also(vec![base, e.disk()])
+            .setup(&prep),
+        ],
+    )
+}
+
 fn main() {
-    let Args { dir, size_gib, runs, rows: only, op: command } = Args::parse();
+    let Args { dir, size_gib, big_gib, size_mib, runs, rows: only, json: as_json, op: command } = Args::parse();
     if let Some(OpCommand::Op { kind, files }) = command {
         return op(kind, &files);
+    }
+    assert!(
+        size_gib > 0 && big_gib >= size_gib && big_gib % size_gib == 0,
+        "--big-gib ({big_gib}) must be a multiple of --size-gib ({size_gib})"
+    );
+    let (size, big) = match size_mib {
+        Some(m) => (m << 20, 8 * (m << 20)),
+        None => (size_gib << 30, big_gib << 30),
+    };
+    // The disks' sizes as the table names them.
+    let (size_name, big_name) = (human(size), human(big));
+    let want = |r: &str| only.is_empty() || only.iter().any(|o| o == r);
+    let ncores = cores();
+    // The run is noisy when the machine is busy before it starts (the load
+    // average later includes the benchmark's own work).
+    let load_at_start = load1();
+    let busy_at_start = load_at_start > LOAD_NOISY_PER_CORE * ncores as f64;
+    if busy_at_start {
+        eprintln!(
+            "the machine is busy: load average {load_at_start:.2} on {ncores} cores (over {LOAD_NOISY_PER_CORE} per core); \
+             this run is noisy"
+        );
     }
     std::fs::create_dir_all(&dir).expect("bench directory");
     let me = std::env::current_exe().expect("own path");
     let me = me.to_str().expect("UTF-8 path").to_string();
     let p = |n: &str| dir.join(n);
-    let s = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
-    let size = size_gib << 30;
 
-    eprintln!("generating a {size_gib} GiB image and its deltas in {}", dir.display());
+    eprintln!("generating a {size_name} image and its deltas in {}", dir.display());
     let t = Instant::now();
     let mut rng = Rng::new(42);
     let pool = text_pool(&mut rng, 16 << 20);
-    let base = gen_layer(&p("disk.qcow2"), size, None, 1, 25, 10, 35, &pool);
+    let base = gen_layer(&p("disk.qcow2"), size, 1, None, 1, 25, 10, 35, &pool);
     // 10% of the clusters rewritten (half text, half random), then 5% more.
-    let delta = gen_layer(&p("delta.qcow2"), size, Some("disk.qcow2"), 2, 90, 0, 5, &pool);
-    let delta2 = gen_layer(&p("delta2.qcow2"), size, Some("delta.qcow2"), 3, 95, 0, 3, &pool);
-    let st = Command::new("sync").status().expect("sync");
-    assert!(st.success());
-    for f in ["disk.qcow2", "delta.qcow2", "delta2.qcow2"] {
+    let delta = gen_layer(&p("delta.qcow2"), size, 1, Some("disk.qcow2"), 2, 90, 0, 5, &pool);
+    let delta2 = gen_layer(&p("delta2.qcow2"), size, 1, Some("delta.qcow2"), 3, 95, 0, 3, &pool);
+    let mut files = vec!["disk.qcow2", "delta.qcow2", "delta2.qcow2"];
+    // The 8-deep chain: five more layers like the third.
+    const CHAIN8: [&str; 8] = [
+        "disk.qcow2",
+        "delta.qcow2",
+        "delta2.qcow2",
+        "delta3.qcow2",
+        "delta4.qcow2",
+        "delta5.qcow2",
+        "delta6.qcow2",
+        "delta7.qcow2",
+    ];
+    if want("chain8") {
+        for i in 3..8 {
+            gen_layer(&p(CHAIN8[i]), size, 1, Some(CHAIN8[i - 1]), 1 + i as u64, 95, 0, 3, &pool);
+            files.push(CHAIN8[i]);
+        }
+    }
+    // The large disk: the same data, the same delta, spread over it.
+    let stride = big / size;
+    if want("delta-big") || want("engine-big") {
+        gen_layer(&p("big.qcow2"), big, stride, None, 1, 25, 10, 35, &pool);
+        gen_layer(&p("big-delta.qcow2"), big, stride, Some("big.qcow2"), 2, 90, 0, 5, &pool);
+        files.extend(["big.qcow2", "big-delta.qcow2"]);
+    }
+    ok(&mut Command::new("sync"));
+    for f in &files {
         qemu_img_ok(&["check", "-q", &s(&p(f))]);
     }
     eprintln!("generated in {:.1} s", t.elapsed().as_secs_f64());
     let alloc = |c: Counts| c.data * CS;
     let base_data = alloc(base);
     let delta_data = alloc(delta);
-    // The data the flattened 3-deep chain holds: the topmost allocated
+    // The data of a flattened chain (top first): the topmost allocated
     // state of each cluster.
-    let chain_data = {
-        let mut layers: Vec<Qcow2Image> =
-            ["delta2.qcow2", "delta.qcow2", "disk.qcow2"].iter().map(|f| Qcow2Image::open(&p(f)).expect("open")).collect();
+    let chain_data = |top_first: &[&str]| {
+        let mut layers: Vec<Qcow2Image> = top_first.iter().map(|f| Qcow2Image::open(&p(f)).expect("open")).collect();
         let mut n = 0;
         for i in 0..size / CS {
             for l in layers.iter_mut() {
@@ -257,248 +419,354 @@ fn main() {
         human(alloc(delta2))
     );
 
-    let mut rows: Vec<String> = Vec::new();
-    let row = |rows: &mut Vec<String>, what: &str, tool: &str, m: &Measured, data: u64, ratio: &str| {
-        rows.push(format!(
-            "| {what} | {tool} | {:.2} | {:.0} | {} | {:.0} | {ratio} |",
-            m.secs,
-            data as f64 / 1e6 / m.secs,
-            human(m.out_bytes),
-            m.rss_kib as f64 / 1024.0
-        ));
-    };
-
-    let want = |r: &str| only.is_empty() || only.iter().any(|o| o == r);
+    let mut res = Results::default();
+    // The knib times of the 4 GiB rows, to compare the large disk's with.
+    let mut delta_knib: Option<f64> = None;
+    let mut inc_knib: Option<f64> = None;
 
     // 1. Compress the full image.
     if want("compress") {
-    eprintln!("compress the full image");
-    let (ko, qo) = (p("c-knib.qcow2"), p("c-qemu.qcow2"));
-    let m = compare(
-        runs,
-        &[
-            ("knib", vec![cmd(&[&me, "op", "compress", &s(&p("disk.qcow2")), &s(&ko)])], ko.clone(), vec![]),
-            (
-                "qemu-img",
-                vec![cmd(&[
-                    "qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2",
-                    &s(&p("disk.qcow2")), &s(&qo),
-                ])],
-                qo.clone(),
-                vec![],
+        eprintln!("compress the full image");
+        let (ko, qo) = (p("c-knib.qcow2"), p("c-qemu.qcow2"));
+        let (m, env) = compare(
+            runs,
+            &[
+                Tool::new("knib", vec![cmd(&[&me, "op", "compress", &s(&p("disk.qcow2")), &s(&ko)])], &ko),
+                Tool::new(
+                    "qemu-img",
+                    vec![cmd(&[
+                        "qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2",
+                        &s(&p("disk.qcow2")), &s(&qo),
+                    ])],
+                    &qo,
+                ),
+            ],
+        );
+        let speed = m[1].secs / m[0].secs;
+        let bigger = m[0].out_bytes as f64 / m[1].out_bytes as f64 - 1.0;
+        res.row(
+            "compress full image (zstd)",
+            env,
+            base_data,
+            format!(
+                "{speed:.2}x faster, {:.2}x the CPU, output {:+.2}% (target >= 1.5x, <= +2%)",
+                m[0].cpu / m[1].cpu,
+                bigger * 100.0
             ),
-        ],
-    );
-    let speed = m[1].secs / m[0].secs;
-    let bigger = m[0].out_bytes as f64 / m[1].out_bytes as f64 - 1.0;
-    row(&mut rows, "compress full image (zstd)", "knib", &m[0], base_data, &format!("{speed:.2}x faster, output {:+.2}% (target >= 1.5x, <= +2%)", bigger * 100.0));
-    row(&mut rows, "", "qemu-img convert -c -m 8 -W", &m[1], base_data, "");
-    let _ = std::fs::remove_file(&ko);
-    let _ = std::fs::remove_file(&qo);
-
+            &[("knib", m[0]), ("qemu-img convert -c -m 8 -W", m[1])],
+        );
+        for f in [&ko, &qo] {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
-    // 2. Back up the delta: copy with backing pointer + hash.
-    if want("delta") {
-    eprintln!("back up the delta (copy + hash)");
-    let (ko, qo, co) = (p("d-knib.qcow2"), p("d-qemu.qcow2"), p("d-cp.qcow2"));
-    let m = compare(
-        3 * runs,
-        &[
-            ("knib", vec![cmd(&[&me, "op", "delta", &s(&p("delta.qcow2")), &s(&ko), "disk.qcow2"])], ko.clone(), vec![]),
-            (
-                "qemu-img+hash",
-                vec![
-                    cmd(&[
-                        "qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", "-B", "disk.qcow2", "-F", "qcow2",
-                        &s(&p("delta.qcow2")), &s(&qo),
-                    ]),
-                    cmd(&[&me, "op", "hash", &s(&qo)]),
-                ],
-                qo.clone(),
-                vec![],
-            ),
-            (
-                "qemu-img",
-                vec![cmd(&[
-                    "qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", "-B", "disk.qcow2", "-F", "qcow2",
-                    &s(&p("delta.qcow2")), &s(&qo),
-                ])],
-                qo.clone(),
-                vec![],
-            ),
-            ("cp", vec![cmd(&["cp", &s(&p("delta.qcow2")), &s(&co)])], co.clone(), vec![]),
-        ],
-    );
-    row(
-        &mut rows,
-        "back up the delta (copy + xxh3-128)",
-        "knib (hash in the same pass)",
-        &m[0],
-        delta_data,
-        &format!(
+    // 2. Back up the delta: copy with backing pointer + hash (on the disk
+    // of --size-gib, and on the large one with the same delta).
+    for (row, top, backing, big_disk) in
+        [("delta", "delta.qcow2", "disk.qcow2", false), ("delta-big", "big-delta.qcow2", "big.qcow2", true)]
+    {
+        if !want(row) {
+            continue;
+        }
+        eprintln!("back up the delta (copy + hash){}", if big_disk { ", large disk" } else { "" });
+        let (ko, qo, co) = (p("d-knib.qcow2"), p("d-qemu.qcow2"), p("d-cp.qcow2"));
+        let convert = cmd(&[
+            "qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", "-B", backing, "-F", "qcow2", &s(&p(top)), &s(&qo),
+        ]);
+        let (m, env) = compare(
+            3 * runs,
+            &[
+                Tool::new("knib", vec![cmd(&[&me, "op", "delta", &s(&p(top)), &s(&ko), backing])], &ko),
+                Tool::new("qemu-img+hash", vec![convert.clone(), cmd(&[&me, "op", "hash", &s(&qo)])], &qo),
+                Tool::new("qemu-img", vec![convert], &qo),
+                Tool::new("cp", vec![cmd(&["cp", &s(&p(top)), &s(&co)])], &co),
+            ],
+        );
+        let mut ratio = format!(
             "{:.2}x qemu-img+hash, {:.2}x qemu-img alone (target >= 1.0x), {:.2}x cp (target >= 0.8x)",
             m[1].secs / m[0].secs,
             m[2].secs / m[0].secs,
             m[3].secs / m[0].secs
-        ),
-    );
-    row(&mut rows, "", "qemu-img convert -m 8 -W -B + hash pass", &m[1], delta_data, "");
-    row(&mut rows, "", "qemu-img convert -m 8 -W -B (no hash)", &m[2], delta_data, "");
-    row(&mut rows, "", "cp (no hash)", &m[3], delta_data, "");
-    for f in [&ko, &qo, &co] {
-        let _ = std::fs::remove_file(f);
-    }
-
-    }
-
-    // 3. Back up the delta compressed, in one pass.
-    if want("delta-compressed") {
-    eprintln!("back up the delta compressed");
-    let (ko, qt, qo) = (p("dc-knib.qcow2"), p("dc-tmp.qcow2"), p("dc-qemu.qcow2"));
-    let m = compare(
-        3 * runs,
-        &[
-            (
-                "knib",
-                vec![cmd(&[&me, "op", "delta-compressed", &s(&p("delta.qcow2")), &s(&ko), "disk.qcow2"])],
-                ko.clone(),
-                vec![],
-            ),
-            (
-                "qemu-img x2",
-                vec![
-                    cmd(&[
-                        "qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", "-B", "disk.qcow2", "-F", "qcow2",
-                        &s(&p("delta.qcow2")), &s(&qt),
-                    ]),
-                    cmd(&[
-                        "qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2",
-                        "-B", "disk.qcow2", "-F", "qcow2", &s(&qt), &s(&qo),
-                    ]),
-                ],
-                qo.clone(),
-                vec![qt.clone()],
-            ),
-        ],
-    );
-    row(
-        &mut rows,
-        "back up the delta compressed (zstd)",
-        "knib (one pass, + hash)",
-        &m[0],
-        delta_data,
-        &format!("{:.2}x the time (target <= 0.6x)", m[0].secs / m[1].secs),
-    );
-    row(&mut rows, "", "qemu-img convert, then convert -c", &m[1], delta_data, "");
-    for f in [&ko, &qt, &qo] {
-        let _ = std::fs::remove_file(f);
-    }
-
-    }
-
-    // 4. Restore a 3-deep chain to raw.
-    if want("restore") {
-    eprintln!("restore a 3-deep chain to raw");
-    let (ko, qo) = (p("r-knib.raw"), p("r-qemu.raw"));
-    let m = compare(
-        runs,
-        &[
-            ("knib", vec![cmd(&[&me, "op", "restore", &s(&p("delta2.qcow2")), &s(&ko)])], ko.clone(), vec![]),
-            ("qemu-img", vec![cmd(&["qemu-img", "convert", "-O", "raw", &s(&p("delta2.qcow2")), &s(&qo)])], qo.clone(), vec![]),
-        ],
-    );
-    row(
-        &mut rows,
-        "restore a 3-deep chain to raw",
-        "knib",
-        &m[0],
-        chain_data,
-        &format!("{:.2}x faster (target >= 1.0x)", m[1].secs / m[0].secs),
-    );
-    row(&mut rows, "", "qemu-img convert -O raw", &m[1], chain_data, "");
-    for f in [&ko, &qo] {
-        let _ = std::fs::remove_file(f);
-    }
-
-    }
-
-    // 5. Through the engine: a full backup of the disk, then an incremental
-    // one with 1% of the clusters changed.
-    if want("engine") {
-    eprintln!("engine: full and incremental backups");
-    let mut full_t = Vec::new();
-    let mut inc_t = Vec::new();
-    let (mut full_rss, mut inc_rss) = (0, 0);
-    let (mut full_size, mut inc_size) = (0, 0);
-    let vm = p("vm");
-    for run in 0..3 * runs {
-        let _ = std::fs::remove_dir_all(&vm);
-        std::fs::create_dir_all(vm.join("store")).expect("vm dir");
-        let disk = vm.join("vda.qcow2");
-        let st = Command::new("cp").arg("--sparse=always").arg(p("disk.qcow2")).arg(&disk).status().expect("cp");
-        assert!(st.success());
-        // The copy is setup: flushed now, not by the first fsync timed.
-        let st = Command::new("sync").arg(&disk).status().expect("sync");
-        assert!(st.success());
-        let full = vm.join("store").join("full.qcow2");
-        let (t, m) = timed(&[cmd(&[&me, "op", "engine-full", &s(&disk), &s(&full)])], &full);
-        eprintln!("  full: {t:.2} s");
-        full_t.push(t);
-        full_rss = full_rss.max(m);
-        full_size = std::fs::metadata(&full).map(|m| m.len()).unwrap_or(0);
-        // 1% of the clusters: extents of 64 KiB to 1 MiB written by qemu-io.
-        let mut rng = Rng::new(100 + run as u64);
-        let target = size / CS / 100;
-        let mut written = 0;
-        let mut io = vec!["-f".to_string(), "qcow2".to_string()];
-        while written < target {
-            let n = (1 + rng.below(16)).min(target - written);
-            let at = rng.below(size / CS - n);
-            io.push("-c".into());
-            io.push(format!("write -q -P {} {} {}", 1 + rng.below(250), at * CS, n * CS));
-            written += n;
+        );
+        if big_disk {
+            ratio = format!("{big_name} disk, same delta: {ratio}");
+            if let Some(t) = delta_knib {
+                ratio.push_str(&format!("; knib {:.2}x its time on the {size_name} disk", m[0].secs / t));
+            }
+        } else {
+            delta_knib = Some(m[0].secs);
         }
-        io.push(s(&disk));
-        let st = Command::new("qemu-io").args(&io).status().expect("qemu-io");
-        assert!(st.success());
-        let inc = vm.join("store").join("inc.qcow2");
-        let (t, m) = timed(&[cmd(&[&me, "op", "engine-inc", &s(&disk), &s(&inc), "full.qcow2"])], &inc);
-        eprintln!("  incremental: {t:.2} s");
-        inc_t.push(t);
-        inc_rss = inc_rss.max(m);
-        inc_size = std::fs::metadata(&inc).map(|m| m.len()).unwrap_or(0);
-    }
-    let _ = std::fs::remove_dir_all(&vm);
-    let full = Measured { secs: median(&mut full_t), rss_kib: full_rss, out_bytes: full_size };
-    let inc = Measured { secs: median(&mut inc_t), rss_kib: inc_rss, out_bytes: inc_size };
-    row(
-        &mut rows,
-        "engine: incremental backup, 1% changed",
-        "knib take_backup",
-        &inc,
-        size / 100,
-        &format!("{:.1}% of the full backup's time (target <= 5%)", inc.secs / full.secs * 100.0),
-    );
-    row(&mut rows, "engine: full backup of the same disk", "knib take_backup", &full, base_data, "");
+        res.row(
+            if big_disk { "back up the delta (copy + xxh3-128), large disk" } else { "back up the delta (copy + xxh3-128)" },
+            env,
+            delta_data,
+            ratio,
+            &[
+                ("knib (hash in the same pass)", m[0]),
+                ("qemu-img convert -m 8 -W -B + hash pass", m[1]),
+                ("qemu-img convert -m 8 -W -B (no hash)", m[2]),
+                ("cp (no hash)", m[3]),
+            ],
+        );
+        for f in [&ko, &qo, &co] {
+            let _ = std::fs::remove_file(f);
+        }
     }
 
-    println!("| row | tool | median s | MB/s of data | output | peak RSS MiB | knib vs the others |");
-    println!("|---|---|---|---|---|---|---|");
-    for r in rows {
-        println!("{r}");
+    // 3. Back up the delta compressed, in one pass; qemu-img does it in
+    // one pass too (`convert -c -B`).
+    if want("delta-compressed") {
+        eprintln!("back up the delta compressed");
+        let (ko, qo) = (p("dc-knib.qcow2"), p("dc-qemu.qcow2"));
+        let (m, env) = compare(
+            3 * runs,
+            &[
+                Tool::new(
+                    "knib",
+                    vec![cmd(&[&me, "op", "delta-compressed", &s(&p("delta.qcow2")), &s(&ko), "disk.qcow2"])],
+                    &ko,
+                ),
+                Tool::new(
+                    "qemu-img convert -c -B",
+                    vec![cmd(&[
+                        "qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2",
+                        "-B", "disk.qcow2", "-F", "qcow2", &s(&p("delta.qcow2")), &s(&qo),
+                    ])],
+                    &qo,
+                ),
+            ],
+        );
+        res.row(
+            "back up the delta compressed (zstd)",
+            env,
+            delta_data,
+            format!(
+                "{:.2}x the time, {:.2}x the CPU of one qemu-img pass (knib also hashes)",
+                m[0].secs / m[1].secs,
+                m[0].cpu / m[1].cpu
+            ),
+            &[("knib (one pass, + hash)", m[0]), ("qemu-img convert -c -m 8 -W -B", m[1])],
+        );
+        for f in [&ko, &qo] {
+            let _ = std::fs::remove_file(f);
+        }
     }
-    println!();
-    println!(
-        "{runs} runs per tool (alternating; {} for the delta and engine rows), median shown; every run ends \
-         with its output fsynced.",
-        3 * runs
-    );
-    println!(
+
+    // 4. Restore a chain: 3 deep to raw; 8 deep to raw and to qcow2.
+    let mut restores: Vec<(&str, &[&str], Op, &str)> = Vec::new();
+    if want("restore") {
+        restores.push(("restore a 3-deep chain to raw", &CHAIN8[..3], Op::Restore, "raw"));
+    }
+    if want("chain8") {
+        restores.push(("restore an 8-deep chain to raw", &CHAIN8[..], Op::Restore, "raw"));
+        restores.push(("restore an 8-deep chain to qcow2", &CHAIN8[..], Op::RestoreQcow2, "qcow2"));
+    }
+    for (what, chain, kind, fmt) in restores {
+        eprintln!("{what}");
+        let top = chain[chain.len() - 1];
+        let (ko, qo) = (p(&format!("r-knib.{fmt}")), p(&format!("r-qemu.{fmt}")));
+        let kop = if kind == Op::Restore { "restore" } else { "restore-qcow2" };
+        let (m, env) = compare(
+            runs,
+            &[
+                Tool::new("knib", vec![cmd(&[&me, "op", kop, &s(&p(top)), &s(&ko)])], &ko),
+                Tool::new("qemu-img", vec![cmd(&["qemu-img", "convert", "-O", fmt, &s(&p(top)), &s(&qo)])], &qo),
+            ],
+        );
+        let top_first: Vec<&str> = chain.iter().rev().copied().collect();
+        res.row(
+            what,
+            env,
+            chain_data(&top_first),
+            format!(
+                "{:.2}x faster, {:.2}x the CPU{}",
+                m[1].secs / m[0].secs,
+                m[0].cpu / m[1].cpu,
+                if chain.len() == 3 { " (target >= 1.0x)" } else { "" }
+            ),
+            &[("knib", m[0]), (if fmt == "raw" { "qemu-img convert -O raw" } else { "qemu-img convert -O qcow2" }, m[1])],
+        );
+        for f in [&ko, &qo] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+
+    // 5. Through the engine: a full backup of the disk against a plain
+    // copy, then an incremental one with 1% of the clusters changed against
+    // qemu-img convert -B + commit; on the large disk, the same number of
+    // clusters changed.
+    if want("engine") {
+        eprintln!("engine: full backup");
+        let e = EngineSetup { me: &me, src: p("disk.qcow2"), vm: p("vm"), size, changed: 0 };
+        let prep = |run: usize| e.prepare(run);
+        let (disk, store) = (s(&e.disk()), e.store());
+        let (ko, co, qo) = (store.join("full.qcow2"), store.join("full-cp.qcow2"), store.join("full-qemu.qcow2"));
+        let (full, full_env) = compare(
+            runs,
+            &[
+                Tool::new("knib", vec![cmd(&[&me, "op", "engine-full", &disk, &s(&ko)])], &ko).setup(&prep),
+                Tool::new("cp", vec![cmd(&["cp", &disk, &s(&co)])], &co).setup(&prep),
+                Tool::new("qemu-img", vec![cmd(&["qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", &disk, &s(&qo)])], &qo)
+                    .setup(&prep),
+            ],
+        );
+        eprintln!("engine: incremental backup, 1% changed");
+        let e = EngineSetup { changed: size / CS / 100, ..e };
+        let (inc, inc_env) = engine_inc(runs, &e);
+        let _ = std::fs::remove_dir_all(&e.vm);
+        inc_knib = Some(inc[0].secs);
+        res.row(
+            "engine: incremental backup, 1% changed",
+            inc_env,
+            size / 100,
+            format!(
+                "{:.1}% of the full backup's time (target <= 5%); {:.2}x faster, {:.2}x the CPU of qemu-img convert -B + commit",
+                inc[0].secs / full[0].secs * 100.0,
+                inc[1].secs / inc[0].secs,
+                inc[0].cpu / inc[1].cpu
+            ),
+            &[("knib take_backup", inc[0]), ("qemu-img convert -m 8 -W -B, then commit", inc[1])],
+        );
+        res.row(
+            "engine: full backup of the same disk",
+            full_env,
+            base_data,
+            format!("{:.2}x cp, {:.2}x qemu-img convert", full[1].secs / full[0].secs, full[2].secs / full[0].secs),
+            &[("knib take_backup", full[0]), ("cp", full[1]), ("qemu-img convert -m 8 -W", full[2])],
+        );
+    }
+    if want("engine-big") {
+        eprintln!("engine: incremental backup of the large disk, the same clusters changed");
+        let e = EngineSetup { me: &me, src: p("big.qcow2"), vm: p("vm"), size: big, changed: size / CS / 100 };
+        let (inc, env) = engine_inc(runs, &e);
+        let _ = std::fs::remove_dir_all(&e.vm);
+        let mut ratio = format!(
+            "{big_name} disk, {} changed: {:.2}x faster, {:.2}x the CPU of qemu-img convert -B + commit",
+            human(size / 100),
+            inc[1].secs / inc[0].secs,
+            inc[0].cpu / inc[1].cpu
+        );
+        if let Some(t) = inc_knib {
+            ratio.push_str(&format!("; knib {:.2}x its time on the {size_name} disk", inc[0].secs / t));
+        }
+        res.row(
+            "engine: incremental backup, large disk",
+            env,
+            size / 100,
+            ratio,
+            &[("knib take_backup", inc[0]), ("qemu-img convert -m 8 -W -B, then commit", inc[1])],
+        );
+    }
+
+    // 6. A running domain: knib against virtnbdbackup.
+    if want("live") {
+        match live::unavailable() {
+            Some(why) => res.skip("live", why),
+            None => {
+                eprintln!("running domain: incremental backup, 1% changed");
+                let l = live::Live {
+                    me: &me,
+                    src: p("disk.qcow2"),
+                    dir: p("live"),
+                    size,
+                    changed: size / CS / 100,
+                    name: format!("knib-bench-{}", std::process::id()),
+                };
+                let (m, env) = live::row(&l, runs);
+                res.row(
+                    "running domain: incremental backup, 1% changed",
+                    env,
+                    size / 100,
+                    format!(
+                        "{:.2}x faster, {:.2}x the CPU of virtnbdbackup (the CPU of the backup processes, not QEMU's: block commit, NBD export)",
+                        m[1].secs / m[0].secs,
+                        m[0].cpu / m[1].cpu
+                    ),
+                    &[("knib (catalog domain backup)", m[0]), ("virtnbdbackup -l inc", m[1])],
+                );
+            }
+        }
+    }
+
+    let noisy = busy_at_start || res.lines.iter().any(|l| l.env.noisy);
+    let data_line = format!(
         "Data: {} in the image ({} virtual), {} in the delta, {} in the third layer.",
         human(base_data),
         human(size),
         human(delta_data),
         human(alloc(delta2))
     );
+    if as_json {
+        let rows: Vec<_> = res
+            .lines
+            .iter()
+            .map(|l| {
+                json!({
+                    "row": l.row,
+                    "tool": l.tool,
+                    "median_s": l.m.secs,
+                    "cpu_s": l.m.cpu,
+                    "mb_per_s": l.data as f64 / 1e6 / l.m.secs,
+                    "output_bytes": l.m.out_bytes,
+                    "peak_rss_kib": l.m.rss_kib,
+                    "ratio": l.ratio,
+                    "machine": l.env.json(),
+                })
+            })
+            .collect();
+        let out = json!({
+            "noisy": noisy,
+            "cores": ncores,
+            "load_at_start": load_at_start,
+            "runs": runs,
+            "size_bytes": size,
+            "big_bytes": big,
+            "rows": rows,
+            "skipped": res.skipped.iter().map(|(r, w)| json!({"row": r, "why": w})).collect::<Vec<_>>(),
+            "data": data_line,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
+        return;
+    }
+    if noisy {
+        println!(
+            "NOISY RUN: the machine was busy (load average {load_at_start:.2} on {ncores} cores at the start; rows \
+             marked NOISY below): its ratios are not measurements of knib."
+        );
+        println!();
+    }
+    println!(
+        "| row | tool | median s | CPU s | MB/s of data | output | peak RSS MiB | load (start -> end) | steal % | knib vs the others |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for l in &res.lines {
+        let (row, load, steal) = if l.first {
+            (l.row.as_str(), format!("{:.2} -> {:.2}", l.env.load_start, l.env.load_end), format!("{:.1}", l.env.steal_pct))
+        } else {
+            ("", String::new(), String::new())
+        };
+        println!(
+            "| {row} | {} | {:.2} | {:.2} | {:.0} | {} | {:.0} | {load} | {steal} | {} |",
+            l.tool,
+            l.m.secs,
+            l.m.cpu,
+            l.data as f64 / 1e6 / l.m.secs,
+            human(l.m.out_bytes),
+            l.m.rss_kib as f64 / 1024.0,
+            l.ratio
+        );
+    }
+    println!();
+    for (row, why) in &res.skipped {
+        println!("Row {row} skipped: {why}.");
+    }
+    println!(
+        "{runs} runs per tool (alternating; {} for the delta and engine incremental rows), median shown; every run \
+         ends with its output fsynced. CPU s: user + system time of the tool's processes (median). A row is noisy \
+         when over {STEAL_NOISY_PCT}% of the CPU time was stolen or other processes kept more than \
+         {OTHERS_NOISY_PER_CORE} cores per core busy; the run, also when the load average was over \
+         {LOAD_NOISY_PER_CORE} per core at its start.",
+        3 * runs
+    );
+    println!("{data_line}");
 }

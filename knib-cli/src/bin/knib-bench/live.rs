@@ -1,0 +1,180 @@
+//! The live row: an incremental backup of a running domain, by knib (the
+//! catalog's domain backup: a disk-only snapshot, the copy of the delta,
+//! the block commit) and by `virtnbdbackup` (libvirt's backup API, dirty
+//! bitmaps, NBD). The domain has no operating system (it sits in SeaBIOS);
+//! its disk is a copy of the benchmark's disk, and the guest's writes are
+//! made through the disk's own block backend with HMP `qemu-io -d`. Each
+//! run of each tool starts from a fresh domain, a full backup by the same
+//! tool and the same writes (seeded by the run), all untimed.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use knib_core::catalog::{BackupOptions, Store};
+use knib_core::libvirt::{qemu_monitor_command_hmp, Hypervisor};
+use knib_core::Control;
+
+use super::{ok, s, Rng, CS};
+use crate::measure::{cmd, compare, Measured, RowEnv, Tool};
+
+pub(crate) const URI: &str = "qemu:///system";
+
+/// Why the row cannot run here, if it cannot.
+pub(crate) fn unavailable() -> Option<String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path).any(|d| d.join("virtnbdbackup").is_file());
+    if !found {
+        return Some(
+            "virtnbdbackup is not installed (Debian package `virtnbdbackup`, in scripts/setup.sh)".to_string(),
+        );
+    }
+    let libvirt = Command::new("virsh").args(["-c", URI, "version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if !libvirt {
+        return Some(format!("the libvirt daemon does not answer (`virsh -c {URI} version` fails)"));
+    }
+    None
+}
+
+/// knib's side: one backup of the running domain `name` into the store
+/// (a full one on a new store, incremental after).
+pub(crate) fn knib_backup(store: &Path, name: &str) {
+    let ctl = Control::new();
+    let hv = Hypervisor::open(URI).expect("libvirt");
+    let vm = hv.domain(name).expect("the domain");
+    let store = Store::create(store).expect("store");
+    store.backup_domain(&vm, &BackupOptions::default(), false, &ctl).expect("domain backup");
+}
+
+fn xml(name: &str, disk: &Path) -> String {
+    let kind = if Path::new("/dev/kvm").exists() { "kvm" } else { "qemu" };
+    format!(
+        "<domain type='{kind}'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os><type>hvm</type><boot dev='hd'/></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <memballoon model='none'/>
+  </devices>
+  <seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>
+</domain>
+",
+        disk.to_str().expect("UTF-8 path")
+    )
+}
+
+/// The row's domain and files.
+pub(crate) struct Live<'a> {
+    pub(crate) me: &'a str,
+    pub(crate) src: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) size: u64,
+    pub(crate) changed: u64,
+    pub(crate) name: String,
+}
+
+impl Live<'_> {
+    fn disk(&self) -> PathBuf {
+        self.dir.join("vda.qcow2")
+    }
+    fn store(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+    fn nbd(&self) -> PathBuf {
+        self.dir.join("virtnbdbackup")
+    }
+
+    /// Destroy and undefine the domain, remove the files.
+    pub(crate) fn teardown(&self) {
+        if let Ok(hv) = Hypervisor::open(URI) {
+            if let Ok(vm) = hv.domain(&self.name) {
+                let _ = vm.destroy();
+                // Its checkpoints (virtnbdbackup's) go with it.
+                let _ = Command::new("virsh")
+                    .args(["-c", URI, "undefine", &self.name, "--checkpoints-metadata", "--snapshots-metadata"])
+                    .output();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// A fresh running domain on a copy of the disk, a full backup by
+    /// `full` (untimed), then the run's writes.
+    fn prepare(&self, run: usize, full: &[String]) {
+        self.teardown();
+        std::fs::create_dir_all(self.store()).expect("live dir");
+        let disk = self.disk();
+        ok(Command::new("cp").arg("--sparse=always").arg(&self.src).arg(&disk));
+        ok(Command::new("sync").arg(&disk));
+        let hv = Hypervisor::open(URI).expect("libvirt");
+        // Persistent: virtnbdbackup keeps checkpoints, which a transient
+        // domain may refuse.
+        let vm = hv.define(&xml(&self.name, &disk)).expect("define the domain");
+        vm.start().expect("start the domain");
+        ok(Command::new(&full[0]).args(&full[1..]));
+        let device = vm
+            .disk("vda")
+            .expect("disk vda")
+            .qom_device_path()
+            .expect("a running disk has a device alias");
+        let log = PathBuf::from(format!("/var/log/libvirt/qemu/{}.log", self.name));
+        let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+        let mut rng = Rng::new(100 + run as u64);
+        let (mut written, mut writes) = (0, 0);
+        while written < self.changed {
+            let n = (1 + rng.below(16)).min(self.changed - written);
+            let at = rng.below(self.size / CS - n);
+            let hmp = format!("qemu-io -d {device} \"write -P {} {} {}\"", 1 + rng.below(250), at * CS, n * CS);
+            let answer = qemu_monitor_command_hmp(&vm, &hmp).expect("qemu-io through the monitor");
+            assert!(answer.trim().is_empty(), "{hmp}: {answer}");
+            written += n;
+            writes += 1;
+        }
+        // qemu-io prints into the domain's log, not into the answer: each
+        // write ends with its statistics line (`... ops/sec)`), a failed
+        // one with `failed: `.
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let bytes = std::fs::read(&log).unwrap_or_default();
+            let text = String::from_utf8_lossy(&bytes[(start as usize).min(bytes.len())..]).into_owned();
+            assert!(!text.contains(" failed: "), "a write of the live row failed: {text}");
+            if text.lines().filter(|l| l.ends_with("ops/sec)")).count() >= writes {
+                break;
+            }
+            assert!(Instant::now() < until, "the live row's writes did not finish in 60 s: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("  ({writes} writes, {written} clusters)");
+    }
+}
+
+/// Run the row: knib's incremental domain backup against virtnbdbackup's.
+pub(crate) fn row(live: &Live<'_>, runs: usize) -> (Vec<Measured>, RowEnv) {
+    let (store, nbd) = (s(&live.store()), s(&live.nbd()));
+    let knib_once = cmd(&[live.me, "op", "live-backup", &store, &live.name]);
+    let nbd_full = cmd(&["virtnbdbackup", "-U", URI, "-d", &live.name, "-l", "full", "-o", &nbd]);
+    let nbd_inc = cmd(&["virtnbdbackup", "-U", URI, "-d", &live.name, "-l", "inc", "-o", &nbd]);
+    // The domain is removed however the row ends (a failed step panics).
+    struct Down<'a, 'b>(&'a Live<'b>);
+    impl Drop for Down<'_, '_> {
+        fn drop(&mut self) {
+            self.0.teardown();
+        }
+    }
+    let _down = Down(live);
+    let knib_prep = |run: usize| live.prepare(run, &knib_once);
+    let nbd_prep = |run: usize| live.prepare(run, &nbd_full);
+    compare(
+        runs,
+        &[
+            Tool::new("knib", vec![knib_once.clone()], &live.store()).sync_fs().setup(&knib_prep),
+            Tool::new("virtnbdbackup", vec![nbd_inc], &live.nbd()).sync_fs().setup(&nbd_prep),
+        ],
+    )
+}

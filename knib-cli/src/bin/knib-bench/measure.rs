@@ -1,0 +1,327 @@
+//! How the benchmark measures: each timed step runs as a child process
+//! (under `/usr/bin/time`, for its peak RSS) reaped with `wait4`, which
+//! gives its CPU time (user + system); each row records the machine's load average and, from
+//! `/proc/stat`, the CPU stolen by the hypervisor and the CPU other
+//! processes used meanwhile, and is marked noisy when the machine was busy.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde_json::json;
+
+/// One timed step: a program and its arguments.
+pub(crate) type Cmd = Vec<String>;
+
+pub(crate) fn cmd(parts: &[&str]) -> Cmd {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+/// What one child process used.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Usage {
+    /// User + system CPU seconds.
+    pub(crate) cpu: f64,
+    /// Peak resident set, KiB.
+    pub(crate) rss_kib: u64,
+}
+
+fn secs(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// Run `c` (its output to /dev/null) and return what it used; panics when
+/// it fails.
+///
+/// It runs under `/usr/bin/time -f %M`, which reports the `ru_maxrss` of
+/// its child: a process started by the benchmark itself would inherit the
+/// benchmark's own peak RSS as its floor (Linux records the RSS of the
+/// address space replaced at `exec`), `/usr/bin/time`'s is about 2 MiB.
+/// The CPU time is from `wait4` of `/usr/bin/time`: its child's user and
+/// system time, which it reaps, plus its own (about a millisecond).
+pub(crate) fn run_child(c: &Cmd) -> Usage {
+    let tfile = std::env::temp_dir().join(format!("knib-bench-time-{}", std::process::id()));
+    let child = Command::new("/usr/bin/time")
+        .args(["-f", "%M", "-o"])
+        .arg(&tfile)
+        .args(c)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("/usr/bin/time does not run (install the `time` package): {e}"));
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value for wait4 to fill.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: wait4 on our own child, with valid pointers.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "wait4 of {c:?}: {e}");
+    }
+    // The child is reaped: `child` is dropped without a wait (std neither
+    // waits nor kills on drop).
+    drop(child);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{c:?} failed (wait status {status})");
+    let rss_kib =
+        std::fs::read_to_string(&tfile).unwrap_or_default().trim().lines().last().unwrap_or("0").parse().unwrap_or(0);
+    let _ = std::fs::remove_file(&tfile);
+    Usage { cpu: secs(ru.ru_utime) + secs(ru.ru_stime), rss_kib }
+}
+
+/// One timed run: wall seconds, CPU seconds of all its processes, peak RSS
+/// of the largest.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct RunUsage {
+    pub(crate) secs: f64,
+    pub(crate) cpu: f64,
+    pub(crate) rss_kib: u64,
+}
+
+/// Run the steps of one run, then fsync `sync` (`sync FILE`: qemu-img and
+/// cp leave their output in the page cache; knib fsyncs itself), or with
+/// `whole_fs` the file systems they are on (`sync -f`).
+pub(crate) fn timed(steps: &[Cmd], sync: &[&Path], whole_fs: bool) -> RunUsage {
+    let start = Instant::now();
+    let mut u = RunUsage::default();
+    let sync_cmd = (!sync.is_empty()).then(|| {
+        let mut c = if whole_fs { cmd(&["sync", "-f"]) } else { cmd(&["sync"]) };
+        c.extend(sync.iter().map(|p| p.to_str().expect("UTF-8 path").to_string()));
+        c
+    });
+    for s in steps.iter().chain(sync_cmd.as_ref()) {
+        let r = run_child(s);
+        u.cpu += r.cpu;
+        u.rss_kib = u.rss_kib.max(r.rss_kib);
+    }
+    u.secs = start.elapsed().as_secs_f64();
+    u
+}
+
+pub(crate) fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// A tool's result in a row.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Measured {
+    /// Median wall seconds.
+    pub(crate) secs: f64,
+    /// Median CPU seconds (user + system of its processes).
+    pub(crate) cpu: f64,
+    /// Largest peak RSS of any of its processes, KiB.
+    pub(crate) rss_kib: u64,
+    pub(crate) out_bytes: u64,
+}
+
+/// The machine's state: cores, 1-minute load average, CPU counters.
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub(crate) fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// The `cpu` line of /proc/stat, in clock ticks: (busy, steal, total).
+/// Busy is user + nice + system + irq + softirq (guest time is inside
+/// user); total adds idle, iowait and steal.
+fn cpu_ticks() -> (u64, u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s
+        .lines()
+        .next()
+        .filter(|l| l.starts_with("cpu "))
+        .map(|l| l.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    if v.len() < 8 {
+        return (0, 0, 0);
+    }
+    let (user, nice, system, idle, iowait, irq, softirq, steal) = (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]);
+    let busy = user + nice + system + irq + softirq;
+    (busy, steal, busy + idle + iowait + steal)
+}
+
+/// CPU seconds this process and its reaped children have used.
+fn own_cpu() -> f64 {
+    let mut t = 0.0;
+    for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+        // SAFETY: getrusage fills a zeroed rusage.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(who, &mut ru) } == 0 {
+            t += secs(ru.ru_utime) + secs(ru.ru_stime);
+        }
+    }
+    t
+}
+
+/// A row is noisy when more than this share of the time of the CPUs was
+/// stolen by the hypervisor...
+pub(crate) const STEAL_NOISY_PCT: f64 = 2.0;
+/// ...or other processes kept more than this many cores per core busy on
+/// average (0.25: half a core of a 2-core machine).
+pub(crate) const OTHERS_NOISY_PER_CORE: f64 = 0.25;
+/// The run is noisy when the load average per core exceeds this at its start.
+pub(crate) const LOAD_NOISY_PER_CORE: f64 = 0.5;
+
+/// The machine while a row ran.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct RowEnv {
+    pub(crate) load_start: f64,
+    pub(crate) load_end: f64,
+    /// Share of the CPUs' time stolen, %.
+    pub(crate) steal_pct: f64,
+    /// Cores kept busy by other processes (the machine's busy time less
+    /// the benchmark's own and its children's), on average.
+    pub(crate) others_cores: f64,
+    pub(crate) noisy: bool,
+}
+
+impl RowEnv {
+    pub(crate) fn why(&self) -> String {
+        format!(
+            "load {:.2} -> {:.2}, steal {:.1}%, others {:.2} cores",
+            self.load_start, self.load_end, self.steal_pct, self.others_cores
+        )
+    }
+
+    pub(crate) fn json(&self) -> serde_json::Value {
+        json!({
+            "load_start": self.load_start,
+            "load_end": self.load_end,
+            "steal_pct": self.steal_pct,
+            "others_cores": self.others_cores,
+            "noisy": self.noisy,
+        })
+    }
+}
+
+/// Watches the machine from its start to [`Watch::end`].
+pub(crate) struct Watch {
+    load: f64,
+    ticks: (u64, u64, u64),
+    own: f64,
+    at: Instant,
+}
+
+impl Watch {
+    pub(crate) fn start() -> Self {
+        Watch { load: load1(), ticks: cpu_ticks(), own: own_cpu(), at: Instant::now() }
+    }
+
+    pub(crate) fn end(&self) -> RowEnv {
+        let (busy, steal, total) = cpu_ticks();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let dtotal = total.saturating_sub(self.ticks.2).max(1) as f64;
+        let steal_pct = steal.saturating_sub(self.ticks.1) as f64 / dtotal * 100.0;
+        let busy_secs = busy.saturating_sub(self.ticks.0) as f64 / hz;
+        let elapsed = self.at.elapsed().as_secs_f64().max(1e-3);
+        let others_cores = ((busy_secs - (own_cpu() - self.own)) / elapsed).max(0.0);
+        let c = cores() as f64;
+        RowEnv {
+            load_start: self.load,
+            load_end: load1(),
+            steal_pct,
+            others_cores,
+            noisy: steal_pct > STEAL_NOISY_PCT || others_cores > OTHERS_NOISY_PER_CORE * c,
+        }
+    }
+}
+
+/// One tool of a row.
+pub(crate) struct Tool<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) steps: Vec<Cmd>,
+    /// Its output (measured, and fsynced after the steps, whatever the
+    /// tool: a no-op for knib, which fsyncs its outputs itself). A
+    /// directory's output is what the run added to the files in it.
+    pub(crate) out: PathBuf,
+    /// Sync the output's whole file system (`sync -f`): for tools that
+    /// write files of their own naming into a directory.
+    pub(crate) sync_fs: bool,
+    /// Other files fsynced after the steps (a base a merge wrote into).
+    pub(crate) sync_also: Vec<PathBuf>,
+    /// Untimed preparation before each run, given the run's number (the
+    /// tools of one run get the same number, hence the same data).
+    pub(crate) setup: Option<&'a dyn Fn(usize)>,
+}
+
+impl<'a> Tool<'a> {
+    pub(crate) fn new(name: &'a str, steps: Vec<Cmd>, out: &Path) -> Self {
+        Tool { name, steps, out: out.to_path_buf(), sync_also: vec![], setup: None, sync_fs: false }
+    }
+
+    pub(crate) fn setup(mut self, f: &'a dyn Fn(usize)) -> Self {
+        self.setup = Some(f);
+        self
+    }
+
+    pub(crate) fn sync_fs(mut self) -> Self {
+        self.sync_fs = true;
+        self
+    }
+
+    pub(crate) fn sync_also(mut self, s: Vec<PathBuf>) -> Self {
+        self.sync_also = s;
+        self
+    }
+}
+
+/// The length of a file, or of all files under a directory (0 when missing).
+fn tree_size(p: &Path) -> u64 {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| tree_size(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
+    }
+}
+
+/// Alternate the tools `runs` times (run after run, every tool once per
+/// run, in turn), and report each tool's medians and the machine's state
+/// during the row.
+pub(crate) fn compare(runs: usize, tools: &[Tool<'_>]) -> (Vec<Measured>, RowEnv) {
+    let watch = Watch::start();
+    let mut times = vec![Vec::new(); tools.len()];
+    let mut cpus = vec![Vec::new(); tools.len()];
+    let mut rss = vec![0u64; tools.len()];
+    let mut size = vec![0u64; tools.len()];
+    for run in 0..runs {
+        for (t, tool) in tools.iter().enumerate() {
+            let _ = std::fs::remove_file(&tool.out);
+            if let Some(setup) = tool.setup {
+                setup(run);
+            }
+            let mut sync: Vec<&Path> = vec![&tool.out];
+            sync.extend(tool.sync_also.iter().map(|p| p.as_path()));
+            let before = tree_size(&tool.out);
+            let u = timed(&tool.steps, &sync, tool.sync_fs);
+            eprintln!("  {}: {:.2} s, {:.2} CPU s, {} KiB", tool.name, u.secs, u.cpu, u.rss_kib);
+            times[t].push(u.secs);
+            cpus[t].push(u.cpu);
+            rss[t] = rss[t].max(u.rss_kib);
+            size[t] = tree_size(&tool.out).saturating_sub(before);
+        }
+    }
+    let env = watch.end();
+    if env.noisy {
+        eprintln!("  noisy: {}", env.why());
+    }
+    let m = (0..tools.len())
+        .map(|t| Measured {
+            secs: median(&mut times[t]),
+            cpu: median(&mut cpus[t]),
+            rss_kib: rss[t],
+            out_bytes: size[t],
+        })
+        .collect();
+    (m, env)
+}
