@@ -106,6 +106,10 @@ pub struct BackupArgs {
     /// or roll every member back.
     #[arg(long, value_enum, value_name = "WHAT", default_value_t = OnFailureArg::Keep)]
     on_failure: OnFailureArg,
+    /// Members copied at once after the thaw (default: the store's
+    /// `group.max_concurrent_copies`, 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_parallel: Option<u64>,
     /// Take full backups, starting new chains.
     #[arg(long)]
     full: bool,
@@ -260,6 +264,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
                     OnFailureArg::Rollback => OnFailure::Rollback,
                 },
                 connect: Some(connect.to_string()),
+                max_parallel: a.max_parallel.map(|n| n as usize),
             };
             let r = Store::create(&a.store)?.backup_group(&members, &opts, ctl)?;
             output::clear_progress();
