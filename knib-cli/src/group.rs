@@ -223,24 +223,7 @@ fn print_record(r: &GroupRecord, json: bool) {
 
 /// The error kind a member's error line (`"<kind>: <message>"`) names.
 fn kind_of(error: &str) -> ErrorKind {
-    const KINDS: [ErrorKind; 12] = [
-        ErrorKind::NotFound,
-        ErrorKind::Busy,
-        ErrorKind::InvalidInput,
-        ErrorKind::NoSpace,
-        ErrorKind::Timeout,
-        ErrorKind::Cancelled,
-        ErrorKind::ImageTool,
-        ErrorKind::Hypervisor,
-        ErrorKind::Io,
-        ErrorKind::Corrupt,
-        ErrorKind::VmInconsistent,
-        ErrorKind::Internal,
-    ];
-    KINDS
-        .into_iter()
-        .find(|k| error.strip_prefix(k.as_str()).is_some_and(|rest| rest.starts_with(':')))
-        .unwrap_or(ErrorKind::Internal)
+    ErrorKind::of_message(error).unwrap_or(ErrorKind::Internal)
 }
 
 /// Run a `group` subcommand.

@@ -39,6 +39,28 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in the order of their codes.
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::NotFound,
+        ErrorKind::Busy,
+        ErrorKind::InvalidInput,
+        ErrorKind::NoSpace,
+        ErrorKind::Timeout,
+        ErrorKind::Cancelled,
+        ErrorKind::ImageTool,
+        ErrorKind::Hypervisor,
+        ErrorKind::Io,
+        ErrorKind::Corrupt,
+        ErrorKind::VmInconsistent,
+        ErrorKind::Internal,
+    ];
+
+    /// The kind an error's text (`"<kind>: <message>"`, as [`KnibError`]
+    /// displays) starts with; `None` when it starts with none.
+    pub fn of_message(text: &str) -> Option<ErrorKind> {
+        Self::ALL.into_iter().find(|k| text.strip_prefix(k.as_str()).is_some_and(|rest| rest.starts_with(':')))
+    }
+
     /// The fixed number of this kind, shared by the C and Java bindings.
     pub fn code(self) -> u32 {
         match self {

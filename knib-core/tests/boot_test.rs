@@ -16,7 +16,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::vm::{skip_without_libvirt, URI};
@@ -40,42 +40,12 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The built test guest.
-struct Guest {
-    disk: PathBuf,
-    kernel: PathBuf,
-    initrd: PathBuf,
-    cmdline: String,
-    marker: String,
-}
+/// The built test guest (shared with the other tests that boot it).
+use common::guest::TestGuest as Guest;
 
 /// Build the test guest (or find it in the cache) once per test run.
 fn guest() -> &'static Guest {
-    static GUEST: OnceLock<Guest> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        let dir =
-            PathBuf::from(std::env::var("KNIB_TEST_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/knib-test-guest".into()));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-test-guest.sh");
-        let started = Instant::now();
-        let out = Command::new("bash").arg(&script).arg(&dir).output().expect("bash runs");
-        assert!(
-            out.status.success(),
-            "{} {} failed:\n{}{}",
-            script.display(),
-            dir.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("test guest ready in {:.1} s ({})", started.elapsed().as_secs_f64(), dir.display());
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap().trim().to_string();
-        Guest {
-            disk: dir.join("disk.qcow2"),
-            kernel: dir.join("vmlinuz"),
-            initrd: dir.join("initrd.img"),
-            cmdline: read("cmdline"),
-            marker: read("marker"),
-        }
-    })
+    common::guest::test_guest()
 }
 
 fn hv() -> Hypervisor {

@@ -105,20 +105,7 @@ pub extern "C" fn knib_result_name(code: u32) -> *const c_char {
 mod tests {
     use super::*;
 
-    const KINDS: [ErrorKind; 12] = [
-        ErrorKind::NotFound,
-        ErrorKind::Busy,
-        ErrorKind::InvalidInput,
-        ErrorKind::NoSpace,
-        ErrorKind::Timeout,
-        ErrorKind::Cancelled,
-        ErrorKind::ImageTool,
-        ErrorKind::Hypervisor,
-        ErrorKind::Io,
-        ErrorKind::Corrupt,
-        ErrorKind::VmInconsistent,
-        ErrorKind::Internal,
-    ];
+    const KINDS: [ErrorKind; 12] = ErrorKind::ALL;
 
     #[test]
     fn codes_are_the_core_kinds_numbers_and_names() {
