@@ -211,6 +211,13 @@ impl Chain {
             };
             format = backing_format;
         }
+        // One L2 cache budget for the whole chain, shared by its qcow2 layers.
+        let qcow2_layers = layers.iter().filter(|l| matches!(l, Layer::Qcow2(_))).count().max(1) as u64;
+        for l in &mut layers {
+            if let Layer::Qcow2(img) = l {
+                img.set_l2_cache_bytes(super::image::L2_CACHE_BYTES / qcow2_layers);
+            }
+        }
         let mut layers = layers.into_iter();
         match layers.next() {
             Some(Layer::Qcow2(top)) => Ok(Chain { top: *top, backing: layers.collect() }),

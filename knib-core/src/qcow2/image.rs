@@ -24,11 +24,18 @@ pub(crate) const COPIED: u64 = 1 << 63;
 pub(crate) const L2_ZERO: u64 = 1;
 /// Bits 9-63 of a refcount table entry.
 pub(crate) const RT_OFFSET_MASK: u64 = !0x1ff;
-/// The L2 cache holds about this many bytes of tables.
-const L2_CACHE_BYTES: u64 = 4 << 20;
+/// The L2 cache holds about this many bytes of tables (a chain shares it
+/// among its layers: [`Qcow2Image::set_l2_cache_bytes`]).
+pub(crate) const L2_CACHE_BYTES: u64 = 4 << 20;
 /// ... and between these many tables.
 const L2_CACHE_MIN: usize = 2;
 const L2_CACHE_MAX: usize = 64;
+
+/// How many L2 tables of `1 << cluster_bits` bytes a cache of about `bytes`
+/// holds.
+fn l2_capacity(bytes: u64, cluster_bits: u32) -> usize {
+    ((bytes >> cluster_bits) as usize).clamp(L2_CACHE_MIN, L2_CACHE_MAX)
+}
 
 /// Where one guest cluster of ONE image (its backing file not consulted)
 /// gets its data.
@@ -186,7 +193,7 @@ impl Qcow2Image {
         }
         let l1 = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
 
-        let capacity = ((L2_CACHE_BYTES >> header.cluster_bits) as usize).clamp(L2_CACHE_MIN, L2_CACHE_MAX);
+        let capacity = l2_capacity(L2_CACHE_BYTES, header.cluster_bits);
         Ok(Qcow2Image {
             name,
             path: None,
@@ -276,6 +283,19 @@ impl Qcow2Image {
         }
         let entry = self.l2_entry(l2_offset, l2_index)?;
         self.decode_l2_entry(index, entry)
+    }
+
+    /// Let the L2 cache hold about `bytes` of tables (at least two), from
+    /// now on: a chain gives each of its layers a share of one budget, so
+    /// its memory does not grow with its depth.
+    pub fn set_l2_cache_bytes(&mut self, bytes: u64) {
+        self.l2_cache.capacity = l2_capacity(bytes, self.header.cluster_bits);
+        self.l2_cache.slots.truncate(self.l2_cache.capacity);
+    }
+
+    /// How many L2 tables the cache holds at most.
+    pub fn l2_cache_capacity(&self) -> usize {
+        self.l2_cache.capacity
     }
 
     /// Whether some guest cluster gets data from this image alone (stored,

@@ -537,3 +537,32 @@ fn mutated_written_images_never_panic_in_reads_or_the_refcount_check() {
     }
     assert!(opened > 1000, "only {opened} mutated images opened");
 }
+
+/// A chain's layers share one L2 cache budget: an 8-deep chain holds no
+/// more tables in all than one image alone (at least two per layer).
+#[test]
+fn a_chains_layers_share_one_l2_cache_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut below: Option<std::path::PathBuf> = None;
+    for i in 0..8 {
+        let f = dir.path().join(format!("l{i}.qcow2"));
+        let mut c = std::process::Command::new("qemu-img");
+        c.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(b) = &below {
+            c.args(["-F", "qcow2", "-b"]).arg(b);
+        }
+        assert!(c.arg(&f).arg("1G").status().unwrap().success());
+        below = Some(f);
+    }
+    let top = below.unwrap();
+    let alone = Qcow2Image::open(&top).unwrap().l2_cache_capacity();
+    assert_eq!(alone, 64, "4 MiB of 64 KiB tables");
+    let chain = Chain::open(&top).unwrap();
+    let mut total = chain.top().l2_cache_capacity();
+    for l in chain.backing() {
+        if let Layer::Qcow2(img) = l {
+            total += img.l2_cache_capacity();
+        }
+    }
+    assert_eq!(total, alone, "eight layers of {} tables", alone / 8);
+}
