@@ -382,6 +382,30 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     Ok(RestoreAnswer { volumes, removed })
 }
 
+/// The cleanup's store side: the partial copy beside each store file
+/// (`disks`: the volume's name and its store file) removed, and the store
+/// file too unless the backup is finished (`finish`); `published` says
+/// whether every store file was complete. Returns (actions, files removed).
+pub(crate) fn clean_store(disks: &[(&str, &Path)], published: bool, finish: bool) -> Result<(Vec<String>, Vec<PathBuf>)> {
+    let mut actions = Vec::new();
+    let mut removed = Vec::new();
+    for (name, dest) in disks {
+        let tmp = fsio::temp_path(dest);
+        if tmp.exists() {
+            fsio::remove_if_exists(&tmp)?;
+            actions.push(format!("{name}: removed the partial copy {}", tmp.display()));
+            removed.push(tmp);
+        }
+        if !finish && dest.exists() {
+            fsio::remove_if_exists(dest)?;
+            let why = if published { "the backup is discarded" } else { "the backup was not complete" };
+            actions.push(format!("{name}: removed {} ({why})", dest.display()));
+            removed.push(dest.to_path_buf());
+        }
+    }
+    Ok((actions, removed))
+}
+
 /// The overlay `agent.prepare_validation` makes for volume `uuid` of VM
 /// `vm_name`.
 pub fn validation_overlay(work_dir: &Path, vm_name: &str, uuid: &str) -> PathBuf {

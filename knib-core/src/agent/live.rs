@@ -257,22 +257,8 @@ pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode, ctl: &
     let plan = plan(op, &q, &vm, r, Mode::Cleanup, ctl)?;
     let published = plan.disks.iter().all(|d| d.dest.is_file());
     let finish = published && mode == CleanupMode::Complete;
-    let mut actions = Vec::new();
-    let mut removed_from_store = Vec::new();
-    for d in &plan.disks {
-        let tmp = fsio::temp_path(&d.dest);
-        if tmp.exists() {
-            fsio::remove_if_exists(&tmp)?;
-            actions.push(format!("{}: removed the partial copy {}", d.target, tmp.display()));
-            removed_from_store.push(tmp);
-        }
-        if !finish && d.dest.exists() {
-            fsio::remove_if_exists(&d.dest)?;
-            let why = if published { "the backup is discarded" } else { "the backup was not complete" };
-            actions.push(format!("{}: removed {} ({why})", d.target, d.dest.display()));
-            removed_from_store.push(d.dest.clone());
-        }
-    }
+    let store_files: Vec<(&str, &Path)> = plan.disks.iter().map(|d| (d.target.as_str(), d.dest.as_path())).collect();
+    let (mut actions, removed_from_store) = clean_store(&store_files, published, finish)?;
     let report = engine_live::recover(&q, &vm, &plan, finish, ctl).map_err(|e| {
         let e = e.context(format!("cleanup of the backup of domain {}", vm.name()));
         if e.vm_consistent.is_none() {
