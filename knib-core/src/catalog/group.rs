@@ -6,8 +6,8 @@
 //! 1. Every member is planned at once, each in its own thread, as a
 //!    backup of its own (its VM's lock, its journal, its chain's decision):
 //!    a libvirt domain (running or stopped) through
-//!    [`Store::backup_domain_with`], a plain-disk VM through
-//!    [`Store::backup_with`]. Each domain stops before its snapshot. If any
+//!    `Store::backup_domain_with`, a plain-disk VM through
+//!    `Store::backup_with`. Each domain stops before its snapshot. If any
 //!    member fails there, every member is let go with an error: nothing was
 //!    snapshotted, nothing is published, every VM is as it was.
 //! 2. With `quiesce`, every running member whose domain has a guest agent

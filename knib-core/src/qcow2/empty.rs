@@ -1,5 +1,6 @@
 //! Emptying a qcow2 image after a merge: the image replaced by an empty one
-//! of the same shape.
+//! of the same shape; and telling whether an image holds any data of its
+//! own ([`super::Qcow2Image::holds_data`]).
 //!
 //! # Invariants
 //!
@@ -89,4 +90,25 @@ pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+impl super::Qcow2Image {
+    /// Whether some guest cluster gets data from this image alone (stored,
+    /// compressed or not; zero and unallocated clusters hold none). Only
+    /// the L2 tables there are are read.
+    pub fn holds_data(&mut self) -> Result<bool> {
+        let l2_entries = self.header().l2_entries();
+        for i in 0..self.header().l1_size as usize {
+            if self.l2_table_offset(i)? == 0 {
+                continue;
+            }
+            let first = i as u64 * l2_entries;
+            for index in first..(first + l2_entries).min(self.guest_clusters()) {
+                if matches!(self.cluster_state(index)?, super::ClusterState::Data { .. } | super::ClusterState::Compressed { .. }) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
 }

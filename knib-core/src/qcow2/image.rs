@@ -298,25 +298,6 @@ impl Qcow2Image {
         self.l2_cache.capacity
     }
 
-    /// Whether some guest cluster gets data from this image alone (stored,
-    /// compressed or not; zero and unallocated clusters hold none). Only
-    /// the L2 tables there are are read.
-    pub fn holds_data(&mut self) -> Result<bool> {
-        let l2_entries = self.header.l2_entries();
-        for i in 0..self.l1.len() {
-            if self.l2_table_offset(i)? == 0 {
-                continue;
-            }
-            let first = i as u64 * l2_entries;
-            for index in first..(first + l2_entries).min(self.guest_clusters()) {
-                if matches!(self.cluster_state(index)?, ClusterState::Data { .. } | ClusterState::Compressed { .. }) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
-    }
-
     /// The L2 table offset (checked) of L1 entry `i`, 0 when that range of
     /// guest clusters has no L2 table.
     pub(crate) fn l2_table_offset(&self, i: usize) -> Result<u64> {

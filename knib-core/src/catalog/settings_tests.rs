@@ -1,0 +1,111 @@
+//! Tests of [`super`] (the store's settings).
+use super::*;
+use crate::ErrorKind;
+
+fn parse(t: &str) -> Result<Settings> {
+    Settings::from_json(t, "knib.json")
+}
+
+#[test]
+fn missing_file_means_defaults() {
+    let d = tempfile::tempdir().unwrap();
+    let s = Settings::load(d.path()).unwrap();
+    assert_eq!(s, Settings::default());
+    let c = &s.compression;
+    assert!(c.enabled);
+    assert_eq!(
+        (c.max_concurrent_per_host, c.max_retries, c.retry_interval_secs, c.timeout_secs),
+        (5, 2, 3600, 28800)
+    );
+    assert_eq!((c.min_free_factor, c.coroutines, c.rate_limit_mbps), (1.0, 1, 0));
+    assert_eq!(c.library, CompressionLibrary::Zstd);
+    let v = &s.validation;
+    assert!(v.enabled && !v.boot && v.screenshot);
+    assert_eq!((v.max_concurrent_per_host, v.max_retries, v.timeout_secs), (1, 2, 3600));
+}
+
+#[test]
+fn flat_and_nested_keys_and_round_trip() {
+    let a = parse(r#"{"schema": 1, "compression.max_retries": 4, "compression.library": "zlib"}"#).unwrap();
+    let b = parse(r#"{"schema": 1, "compression": {"max_retries": 4, "library": "zlib"}}"#).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.compression.max_retries, 4);
+    assert_eq!(a.compression.library, CompressionLibrary::Zlib);
+    assert_eq!(parse(&a.to_json().to_string()).unwrap(), a);
+    assert_eq!(parse(r#"{"schema":1,"compression.rate_limit_mbps":-3}"#).unwrap().compression.rate_limit_mbps, 0);
+    let v = parse(
+        r#"{"schema": 1, "validation": {"boot": true, "kernel": "/boot/vmlinuz", "command": ["/bin/uname", "-s"],
+            "expect_output": "Linux", "max_concurrent_per_host": 2, "domain_type": "qemu"}}"#,
+    )
+    .unwrap();
+    assert!(v.validation.boot);
+    assert_eq!(v.validation.kernel.as_deref(), Some(Path::new("/boot/vmlinuz")));
+    assert_eq!(v.validation.command, ["/bin/uname", "-s"]);
+    assert_eq!(v.validation.max_concurrent_per_host, 2);
+    assert_eq!(parse(&v.to_json().to_string()).unwrap(), v);
+    assert_eq!(parse(&Settings::default().to_json().to_string()).unwrap(), Settings::default());
+}
+
+#[test]
+fn the_data_path_is_native_unless_set_to_qemu_img() {
+    assert_eq!(Settings::default().data_path, DataPath::Native);
+    assert_eq!(Settings::default().compress_options().data_path, DataPath::Native);
+    let flat = parse(r#"{"schema": 1, "knib.data.path": "qemu-img"}"#).unwrap();
+    let nested = parse(r#"{"schema": 1, "knib": {"data": {"path": "qemu-img"}}}"#).unwrap();
+    assert_eq!(flat, nested);
+    assert_eq!(flat.data_path, DataPath::QemuImg);
+    assert_eq!(flat.compress_options().data_path, DataPath::QemuImg);
+    assert_eq!(parse(r#"{"schema": 1, "knib.data.path": "native"}"#).unwrap().data_path, DataPath::Native);
+    assert_eq!(parse(&flat.to_json().to_string()).unwrap(), flat);
+}
+
+#[test]
+fn bad_settings_name_the_key() {
+    for (text, needle) in [
+        (r#"{"schema": 1, "compression.max_retires": 3}"#, "compression.max_retires"),
+        (r#"{"schema": 1, "compression": {"colour": 3}}"#, "compression.colour"),
+        (r#"{"schema": 1, "compresion": {"enabled": true}}"#, "compresion.enabled"),
+        (r#"{"schema": 1, "compression.max_retries": "two"}"#, "compression.max_retries"),
+        (r#"{"schema": 1, "compression.enabled": 1}"#, "compression.enabled"),
+        (r#"{"schema": 1, "compression.coroutines": 17}"#, "compression.coroutines"),
+        (r#"{"schema": 1, "compression.max_concurrent_per_host": 0}"#, "compression.max_concurrent_per_host"),
+        (r#"{"schema": 1, "compression.min_free_factor": -1}"#, "compression.min_free_factor"),
+        (r#"{"schema": 1, "compression.library": "lz4"}"#, "compression.library"),
+        (r#"{"schema": 1, "compression.timeout_secs": 1.5}"#, "compression.timeout_secs"),
+        (r#"{"schema": 1, "validation.command": ["uname"]}"#, "validation.command"),
+        (r#"{"schema": 1, "validation.kernel": "vmlinuz"}"#, "validation.kernel"),
+        (r#"{"schema": 1, "validation.domain_type": "xen"}"#, "validation.domain_type"),
+        (r#"{"schema": 1, "validation": {"boot": "yes"}}"#, "validation.boot"),
+        (r#"{"schema": 1, "knib.data.path": "qemu"}"#, "knib.data.path"),
+        (r#"{"schema": 1, "knib": {"data": {"path": 1}}}"#, "knib.data.path"),
+        (r#"{"schema": 1, "compression.enabled": true, "compression": {"enabled": false}}"#, "given twice"),
+        (r#"{"schema": 1, "knib.data": {"path": "native"}, "knib": {"data.path": "native"}}"#, "\"knib.data.path\" is given twice"),
+        (r#"{"schema": 1, "validation": {"kernel": null}}"#, "validation.kernel"),
+        (r#"{"schema": 1, "validation.memory_mib": 32}"#, "validation.memory_mib"),
+        (r#"{"schema": 1, "knib": {"data": {"route": "native"}}}"#, "knib.data.route"),
+        (r#"{"compression.enabled": true}"#, "schema"),
+        (r#"{"schema": 2}"#, "schema"),
+        (r#"[1]"#, "object"),
+        (r#"{"schema": 1,"#, "JSON"),
+    ] {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{text}");
+        assert!(e.message.contains(needle), "{text}: {e}");
+        assert!(e.message.starts_with("settings knib.json: "), "{e}");
+    }
+}
+
+#[test]
+fn every_key_of_the_table_is_read_and_written() {
+    let s = parse(
+        r#"{"schema": 1, "validation": {"kernel": "/k", "initrd": "/i", "cmdline": "c", "command": ["/bin/true"],
+            "expect_exit": 0, "expect_output": "", "domain_type": "kvm"}}"#,
+    )
+    .unwrap();
+    let v = s.to_json();
+    let written: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).filter(|k| *k != "schema").collect();
+    let mut table: Vec<&str> = SETTING_KEYS.iter().map(|(k, _)| *k).collect();
+    table.sort();
+    assert_eq!(written, table);
+    assert_eq!(parse(&v.to_string()).unwrap(), s);
+}
