@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 bash scripts/setup.sh
 cargo build --workspace --all-targets
+# The code's layout (rustfmt.toml) and clippy's lints, warnings refused.
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 # Doc comments: no broken or private links.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt

@@ -71,10 +71,8 @@ pub fn run(dir: Option<PathBuf>, ctl: &Control) -> Result<()> {
         for (disk, cmd) in w.iter() {
             qemu_io(disk, cmd)?;
         }
-        let what: Vec<String> = w
-            .iter()
-            .map(|(d, c)| format!("{}: {c}", d.file_stem().unwrap_or_default().to_string_lossy()))
-            .collect();
+        let what: Vec<String> =
+            w.iter().map(|(d, c)| format!("{}: {c}", d.file_stem().unwrap_or_default().to_string_lossy())).collect();
         step(&mut n, &format!("guest writes ({})", what.join("; ")));
         for d in &disks {
             let r = refs.join(format!("{}-{}.qcow2", d.name, round + 1));
@@ -98,12 +96,7 @@ pub fn run(dir: Option<PathBuf>, ctl: &Control) -> Result<()> {
         let chain = q.info_chain(&d.path, &nctl)?;
         step(
             &mut n,
-            &format!(
-                "disk {} still runs on {} with {} file(s) in its chain",
-                d.name,
-                d.path.display(),
-                chain.len()
-            ),
+            &format!("disk {} still runs on {} with {} file(s) in its chain", d.name, d.path.display(), chain.len()),
         );
     }
     let first = ids[0].clone();

@@ -258,9 +258,7 @@ impl From<Format> for ImageFormat {
 }
 
 fn parse_disk(s: &str) -> Result<DiskSpec> {
-    let (name, path) = s
-        .split_once('=')
-        .ok_or_else(|| KnibError::invalid(format!("--disk {s:?} is not NAME=PATH")))?;
+    let (name, path) = s.split_once('=').ok_or_else(|| KnibError::invalid(format!("--disk {s:?} is not NAME=PATH")))?;
     if path.is_empty() {
         return Err(KnibError::invalid(format!("--disk {s:?} has no path")));
     }
@@ -346,7 +344,8 @@ fn run(cli: Cli) -> Result<()> {
             let store = Store::open(store)?;
             // The engine's field keeps CloudStack's name: on the native data
             // path it is the number of compression threads.
-            let opts = CompressOptions { library, coroutines: threads, rate_limit_mbps: rate_limit, ..Default::default() };
+            let opts =
+                CompressOptions { library, coroutines: threads, rate_limit_mbps: rate_limit, ..Default::default() };
             let m = store.compress(&backup, &opts, &ctl)?;
             output::clear_progress();
             output::print_backup(&store, &m, json);
@@ -448,8 +447,10 @@ fn main() -> ExitCode {
             use clap::CommandFactory;
             let mut c = Cli::command();
             c.build();
-            let sub =
-                c.find_subcommand_mut("group").and_then(|g| g.find_subcommand_mut("backup")).expect("knib group backup");
+            let sub = c
+                .find_subcommand_mut("group")
+                .and_then(|g| g.find_subcommand_mut("backup"))
+                .expect("knib group backup");
             sub.error(clap::error::ErrorKind::TooFewValues, why).exit();
         }
     }

@@ -39,11 +39,7 @@ fn backup_line(m: &Manifest) -> String {
     let size: u64 = m.volumes.iter().map(|v| v.size).sum();
     let parent = m.parent.as_deref().map(|p| format!(" parent {p}")).unwrap_or_default();
     let eoc = if m.end_of_chain { " end-of-chain" } else { "" };
-    let comp = m
-        .compression
-        .as_ref()
-        .map(|c| format!(" compressed({})", c.library.as_str()))
-        .unwrap_or_default();
+    let comp = m.compression.as_ref().map(|c| format!(" compressed({})", c.library.as_str())).unwrap_or_default();
     format!(
         "{}  {}  {:<11} #{}{eoc}{comp}  {}  {} volume(s), {}{parent}",
         m.id,

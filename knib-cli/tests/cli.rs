@@ -58,8 +58,12 @@ fn backup_list_show_compress_verify_restore_delete() {
     assert_eq!(shown["id"], inc["id"]);
     // One view of a backup: `--json` prints what every binding answers.
     let api: Value = serde_json::from_str(
-        &knib_core::api::call("show", &serde_json::json!({"store": store, "backup": id}).to_string(), &knib_core::Control::new())
-            .expect("show through the API"),
+        &knib_core::api::call(
+            "show",
+            &serde_json::json!({"store": store, "backup": id}).to_string(),
+            &knib_core::Control::new(),
+        )
+        .expect("show through the API"),
     )
     .expect("JSON");
     assert_eq!(shown, api);

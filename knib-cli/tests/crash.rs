@@ -52,7 +52,12 @@ fn killed_at_every_journal_step_then_recovered_with_nothing_lost() {
     let store = dir.path().join("store");
     let s = store.to_str().unwrap().to_string();
     let disks = [("vda", 64 * MIB), ("vdb", 32 * MIB)];
-    let vm = TestVm::create("knib-crash", &disks, dir.path(), TestVmOptions { persistent: false, running: true, agent_channel: false });
+    let vm = TestVm::create(
+        "knib-crash",
+        &disks,
+        dir.path(),
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
     let name = vm.name().to_string();
     let mut model = Model::new(&disks);
     model.write(&vm, "vda", 0x01, 0, 2 * MIB);
@@ -67,7 +72,12 @@ fn killed_at_every_journal_step_then_recovered_with_nothing_lost() {
         // The pivot step is taken only at the end of a chain.
         let chain = if step == "pivot" { "1" } else { "8" };
         let out = knib(&["backup", "--store", &s, "--domain", &name, "--chain-size", chain], Some(step));
-        assert_eq!(out.status.signal(), Some(9), "knib was to be killed at {step}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "knib was to be killed at {step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         killed_at.push(step);
         assert!(store.join("vms").join(&name).join("journal.json").exists());
         // Writes go on between the crash and the recovery.
@@ -108,7 +118,21 @@ fn killed_at_every_journal_step_then_recovered_with_nothing_lost() {
     let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for (t, _) in disks {
         let to = dir.path().join(format!("final-{t}.raw"));
-        let out = knib(&["restore", "--store", &s, b["id"].as_str().unwrap(), "--volume", t, "--to", to.to_str().unwrap(), "--format", "raw"], None);
+        let out = knib(
+            &[
+                "restore",
+                "--store",
+                &s,
+                b["id"].as_str().unwrap(),
+                "--volume",
+                t,
+                "--to",
+                to.to_str().unwrap(),
+                "--format",
+                "raw",
+            ],
+            None,
+        );
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         model.assert_restored(t, model.writes.len(), &to, dir.path());
     }

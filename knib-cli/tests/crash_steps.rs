@@ -344,7 +344,18 @@ fn a_delta_emptied_for_another_store_makes_the_next_backup_full_and_says_why() {
     assert!(why.contains("not a backup of web in this store"), "{m}");
     for (v, r) in &refs {
         let to = d.path().join(format!("{v}.raw"));
-        let args = ["restore", "--store", a.to_str().unwrap(), m["id"].as_str().unwrap(), "--volume", v, "--to", to.to_str().unwrap(), "--format", "raw"];
+        let args = [
+            "restore",
+            "--store",
+            a.to_str().unwrap(),
+            m["id"].as_str().unwrap(),
+            "--volume",
+            v,
+            "--to",
+            to.to_str().unwrap(),
+            "--format",
+            "raw",
+        ];
         let out = knib(&strs(&args), None, d.path());
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_identical(&to, r);
@@ -373,7 +384,18 @@ fn a_stale_state_does_not_move_the_parent_of_the_next_incremental() {
     assert_eq!(b3["parent"], b2["id"], "{b3}");
     for (v, r) in &refs {
         let to = d.path().join(format!("{v}.raw"));
-        let args = ["restore", "--store", store.to_str().unwrap(), b3["id"].as_str().unwrap(), "--volume", v, "--to", to.to_str().unwrap(), "--format", "raw"];
+        let args = [
+            "restore",
+            "--store",
+            store.to_str().unwrap(),
+            b3["id"].as_str().unwrap(),
+            "--volume",
+            v,
+            "--to",
+            to.to_str().unwrap(),
+            "--format",
+            "raw",
+        ];
         let out = knib(&strs(&args), None, d.path());
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_identical(&to, r);
@@ -391,7 +413,11 @@ mod domains {
     /// The files of a disk's chain, active first (qemu-img's view: the
     /// definition of a stopped domain does not list backing files).
     fn chain(file: &Path) -> Vec<PathBuf> {
-        let out = Command::new("qemu-img").args(["info", "-U", "--backing-chain", "--output=json"]).arg(file).output().unwrap();
+        let out = Command::new("qemu-img")
+            .args(["info", "-U", "--backing-chain", "--output=json"])
+            .arg(file)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v.as_array().unwrap().iter().map(|i| PathBuf::from(i["filename"].as_str().unwrap())).collect()

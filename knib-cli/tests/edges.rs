@@ -98,8 +98,11 @@ fn restore_to_a_bare_file_name_in_the_working_directory() {
             run(w, &["qemu-img", "compare", "-F", "raw", &to, &format!("ref{round}.raw")]);
         }
     }
-    let names: Vec<String> =
-        std::fs::read_dir(w).expect("read_dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(w)
+        .expect("read_dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(!names.iter().any(|n| n.ends_with(".part")), "a partial file is left: {names:?}");
 }
 
@@ -133,7 +136,11 @@ fn refused_backups(dir: &Path) -> Vec<(Vec<String>, i32, String)> {
     add(&["--vm", "a b", "--disk", &disk("good.qcow2")], 13, "VM name \"a b\"");
     add(&["--vm", "ok", "--disk", &disk("good.qcow2"), "--disk", &disk("good.qcow2")], 13, "given twice");
     add(&["--vm", "ok", "--disk", &disk("missing.qcow2")], 11, "does not exist");
-    add(&["--vm", "ok", "--disk", &disk("good.qcow2"), "--disk", &format!("vdb={}", s(&dir.join("gone.qcow2")))], 11, "does not exist");
+    add(
+        &["--vm", "ok", "--disk", &disk("good.qcow2"), "--disk", &format!("vdb={}", s(&dir.join("gone.qcow2")))],
+        11,
+        "does not exist",
+    );
     add(&["--vm", "ok", "--disk", &disk("raw.img")], 13, "is raw, not qcow2");
     add(&["--vm", "ok", "--disk", "noequals"], 13, "is not NAME=PATH");
     add(&["--vm", "ok"], 2, "--disk");
@@ -285,7 +292,10 @@ fn libvirt_errors_stay_off_stderr() {
     let store = d.path().join("store");
     let domain = format!("knib-no-such-domain-{}", std::process::id());
     let cases: [(&[&str], &str); 6] = [
-        (&["--json", "backup", "--store", s(&store), "--domain", "x", "--connect", "qemu:///nope"], "knib: hypervisor: "),
+        (
+            &["--json", "backup", "--store", s(&store), "--domain", "x", "--connect", "qemu:///nope"],
+            "knib: hypervisor: ",
+        ),
         (&["recover", "--store", s(&store), "--domain", "x", "--connect", "qemu:///nope"], "knib: hypervisor: "),
         (&["consolidate", "--domain", "x", "--connect", "qemu:///nope"], "knib: hypervisor: "),
         (&["--json", "backup", "--store", s(&store), "--domain", &domain], "knib: not found: "),

@@ -33,8 +33,8 @@ fn ok_json(args: &[&str]) -> Value {
 
 /// The answer of JSON operation `op` to `req`.
 fn api(op: &str, req: Value) -> Value {
-    let a = knib_core::api::call(op, &req.to_string(), &knib_core::Control::new())
-        .unwrap_or_else(|e| panic!("{op}: {e}"));
+    let a =
+        knib_core::api::call(op, &req.to_string(), &knib_core::Control::new()).unwrap_or_else(|e| panic!("{op}: {e}"));
     serde_json::from_str(&a).expect("JSON")
 }
 
@@ -157,8 +157,23 @@ fn two_plain_disk_vms_backed_up_restored_and_deleted_as_a_group() {
     for (img, name) in [(&a1, "a1"), (&a2, "a2"), (&b1, "b1")] {
         run(&["qemu-img", "convert", "-O", "raw", s(img), s(&refs.join(name))]);
     }
-    let out = ok(&["group", "backup", "--store", st, "--plain", &web, "--plain", &db, "--on-failure", "rollback",
-        "--compress", "--chain-size", "4", "--freeze-timeout", "5"]);
+    let out = ok(&[
+        "group",
+        "backup",
+        "--store",
+        st,
+        "--plain",
+        &web,
+        "--plain",
+        &db,
+        "--on-failure",
+        "rollback",
+        "--compress",
+        "--chain-size",
+        "4",
+        "--freeze-timeout",
+        "5",
+    ]);
     let text = stdout(&out);
     assert!(text.contains(" complete "), "{text}");
     assert!(text.contains("on failure rollback"), "{text}");

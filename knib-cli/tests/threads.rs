@@ -34,7 +34,10 @@ fn help_says_threads_and_the_default_is_the_core_count() {
     assert!(help.contains("Compression threads"), "{help}");
     assert!(help.contains("[alias: --coroutines]"), "{help}");
     let default = cores().min(16);
-    assert!(help.contains(&format!("[default: {default}]")), "default is not {default} (the cores, at most 16): {help}");
+    assert!(
+        help.contains(&format!("[default: {default}]")),
+        "default is not {default} (the cores, at most 16): {help}"
+    );
 }
 
 /// A full backup of a 16 MiB disk with 4 MiB of data, on a new store in `dir`;

@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn libvirt_available() -> bool {
-    Command::new("virsh").args(["-c", "qemu:///system", "version"]).output().map(|o| o.status.success()).unwrap_or(false)
+    Command::new("virsh")
+        .args(["-c", "qemu:///system", "version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
 }
 
 fn knib(args: &[&str]) -> std::process::Output {
@@ -20,7 +24,8 @@ fn verify_boot_proves_a_backup_boots_and_checks_a_command() {
         eprintln!("skipped: the libvirt daemon does not answer");
         return;
     }
-    let guest = PathBuf::from(std::env::var("KNIB_TEST_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/knib-test-guest".into()));
+    let guest =
+        PathBuf::from(std::env::var("KNIB_TEST_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/knib-test-guest".into()));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-test-guest.sh");
     let out = Command::new("bash").arg(&script).arg(&guest).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -31,15 +36,27 @@ fn verify_boot_proves_a_backup_boots_and_checks_a_command() {
     std::fs::copy(guest.join("disk.qcow2"), &disk).unwrap();
     let store = d.path().join("store");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let out = knib(&["--json", "backup", "--store", &s(&store), "--vm", "guest", "--disk", &format!("root={}", s(&disk))]);
+    let out =
+        knib(&["--json", "backup", "--store", &s(&store), "--vm", "guest", "--disk", &format!("root={}", s(&disk))]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let id = b["id"].as_str().unwrap().to_string();
     let shot = d.path().join("screen.png");
     let (kernel, initrd) = (s(&guest.join("vmlinuz")), s(&guest.join("initrd.img")));
     let base = [
-        "verify", "--store", &s(&store), &id, "--boot", "--kernel", &kernel, "--initrd", &initrd, "--cmdline", &cmdline,
-        "--boot-timeout", "240",
+        "verify",
+        "--store",
+        &s(&store),
+        &id,
+        "--boot",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        &cmdline,
+        "--boot-timeout",
+        "240",
     ];
     let mut ok = base.to_vec();
     let shot_s = s(&shot);

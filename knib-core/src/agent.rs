@@ -195,11 +195,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::engine::{self, CompressOptions};
-use crate::wire::{absolute, non_empty};
 use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::{Control, Deadline};
 use crate::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
+use crate::wire::{absolute, non_empty};
 
 /// The suffix of the overlays `agent.prepare_validation` makes.
 pub const VALIDATION_SUFFIX: &str = ".knib-validation.qcow2";
@@ -263,7 +263,12 @@ pub(crate) fn chain_hash(files: &[PathBuf], ctl: &Control) -> Result<ChainHash> 
 
 /// The compression options of `agent.compress` and `compress`, which take
 /// the same fields with the same defaults.
-pub(crate) fn compress_options(library: CompressionLibrary, coroutines: u32, rate_limit_mbps: u64, min_free_factor: f64) -> CompressOptions {
+pub(crate) fn compress_options(
+    library: CompressionLibrary,
+    coroutines: u32,
+    rate_limit_mbps: u64,
+    min_free_factor: f64,
+) -> CompressOptions {
     CompressOptions { library, coroutines, rate_limit_mbps, min_free_factor, ..Default::default() }
 }
 
@@ -386,7 +391,11 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
 /// (`disks`: the volume's name and its store file) removed, and the store
 /// file too unless the backup is finished (`finish`); `published` says
 /// whether every store file was complete. Returns (actions, files removed).
-pub(crate) fn clean_store(disks: &[(&str, &Path)], published: bool, finish: bool) -> Result<(Vec<String>, Vec<PathBuf>)> {
+pub(crate) fn clean_store(
+    disks: &[(&str, &Path)],
+    published: bool,
+    finish: bool,
+) -> Result<(Vec<String>, Vec<PathBuf>)> {
     let mut actions = Vec::new();
     let mut removed = Vec::new();
     for (name, dest) in disks {
@@ -409,17 +418,20 @@ pub(crate) fn clean_store(disks: &[(&str, &Path)], published: bool, finish: bool
 mod answers;
 // Without libvirt, the requests of the operations that need it are read
 // (the dispatcher refuses them) but their fields are not.
-#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
-mod requests;
 #[cfg(feature = "libvirt")]
 pub(crate) mod live;
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+mod requests;
 pub(crate) mod stopped;
 mod validation;
 
 pub use answers::*;
-pub use validation::validation_overlay;
+pub use requests::CleanupMode;
+pub(crate) use requests::{
+    domain_of, CleanupReq, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq,
+    PrepareReq, RestoreReq, TakeReq, ValidateReq,
+};
 pub(crate) use validation::prepare_validation;
+pub use validation::validation_overlay;
 #[cfg(feature = "libvirt")]
 pub(crate) use validation::{guest_command, script_result};
-pub use requests::CleanupMode;
-pub(crate) use requests::{domain_of, CleanupReq, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq, PrepareReq, RestoreReq, TakeReq, ValidateReq};

@@ -304,13 +304,16 @@ mod tests {
         assert_eq!(ans, json!({"volumes": [{"uuid": "a", "path": to, "backing": null}], "removed": []}));
 
         // `hash` gives, per volume, what `agent.take_hash` gives on its chain.
-        let ans: Value =
-            serde_json::from_str(&call("hash", &json!({"store": store, "backup": id}).to_string(), &Control::new()).unwrap())
-                .unwrap();
-        let files: Vec<Value> = ans["volumes"]["a"]["files"].as_array().unwrap().iter().map(|f| f["path"].clone()).collect();
+        let ans: Value = serde_json::from_str(
+            &call("hash", &json!({"store": store, "backup": id}).to_string(), &Control::new()).unwrap(),
+        )
+        .unwrap();
+        let files: Vec<Value> =
+            ans["volumes"]["a"]["files"].as_array().unwrap().iter().map(|f| f["path"].clone()).collect();
         assert_eq!(files.len(), 1);
         let agent: Value = serde_json::from_str(
-            &call("agent.take_hash", &json!({"files": files, "timeout_secs": 60}).to_string(), &Control::new()).unwrap(),
+            &call("agent.take_hash", &json!({"files": files, "timeout_secs": 60}).to_string(), &Control::new())
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(ans["volumes"]["a"]["hash"], agent["hash"]);
@@ -332,7 +335,8 @@ mod tests {
         q.create(&b, 4 << 20, &Control::new()).unwrap();
         let e = call("agent.compress", r#"{"files": []}"#, &Control::new()).unwrap_err();
         assert!(e.message.contains("field `files` is empty"), "{e}");
-        let e = call("agent.finalize_compression", r#"{"files": ["/x"], "clean_up": true}"#, &Control::new()).unwrap_err();
+        let e =
+            call("agent.finalize_compression", r#"{"files": ["/x"], "clean_up": true}"#, &Control::new()).unwrap_err();
         assert!(e.message.contains("unknown field `clean_up`"), "{e}");
 
         let ans: Value = serde_json::from_str(
@@ -346,8 +350,9 @@ mod tests {
         assert!(!crate::engine::compress::comp_path(&a).exists());
 
         call("agent.compress", &json!({"files": [b]}).to_string(), &Control::new()).unwrap();
-        let ans = call("agent.finalize_compression", &json!({"files": [b], "cleanup": true}).to_string(), &Control::new())
-            .unwrap();
+        let ans =
+            call("agent.finalize_compression", &json!({"files": [b], "cleanup": true}).to_string(), &Control::new())
+                .unwrap();
         assert!(ans.contains("\"discarded\""), "{ans}");
         assert!(!crate::engine::compress::comp_path(&b).exists());
         assert!(b.exists());
@@ -368,7 +373,10 @@ mod tests {
         let e = call("agent.finalize_compression", r#"{"files": []}"#, &ctl).unwrap_err();
         assert!(e.message.contains("field `files` is empty"), "{e}");
         let e = call("agent.explode", "{}", &ctl).unwrap_err();
-        assert!(e.message.contains("unknown operation \"agent.explode\"") && e.message.contains("agent.take_backup"), "{e}");
+        assert!(
+            e.message.contains("unknown operation \"agent.explode\"") && e.message.contains("agent.take_backup"),
+            "{e}"
+        );
     }
 
     #[test]

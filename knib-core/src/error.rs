@@ -193,7 +193,10 @@ mod tests {
     fn the_text_is_kind_message_and_the_vm_state() {
         let e = KnibError::busy("vm1 is being backed up");
         assert_eq!(e.to_string(), "busy: vm1 is being backed up");
-        assert_eq!(e.clone().with_vm_consistent(true).to_string(), "busy: vm1 is being backed up (the VM was left consistent)");
+        assert_eq!(
+            e.clone().with_vm_consistent(true).to_string(),
+            "busy: vm1 is being backed up (the VM was left consistent)"
+        );
         assert_eq!(
             e.with_vm_consistent(false).to_string(),
             "VM left inconsistent: vm1 is being backed up (the VM was left inconsistent: run recover)"

@@ -97,12 +97,7 @@ pub fn require_space(dir: &Path, needed: u64, what: &str) -> Result<()> {
     if free < needed {
         return Err(KnibError::new(
             ErrorKind::NoSpace,
-            format!(
-                "{what}: {} has {} free, {} needed",
-                dir.display(),
-                human_bytes(free),
-                human_bytes(needed)
-            ),
+            format!("{what}: {} has {} free, {} needed", dir.display(), human_bytes(free), human_bytes(needed)),
         ));
     }
     Ok(())

@@ -104,7 +104,8 @@ mod tests {
             let e = check_unique_keys(bad.as_bytes()).unwrap_err();
             assert!(e.to_string().contains("is given twice"), "{bad}: {e}");
         }
-        for good in [r#"{"a": 1, "b": {"a": 2}}"#, "[1, 2.5, -3, \"s\", true, null]", r#"{"a": [{"a": 1}, {"a": 2}]}"#] {
+        for good in [r#"{"a": 1, "b": {"a": 2}}"#, "[1, 2.5, -3, \"s\", true, null]", r#"{"a": [{"a": 1}, {"a": 2}]}"#]
+        {
             check_unique_keys(good.as_bytes()).unwrap();
         }
         assert!(check_unique_keys(b"{\"a\": 1} x").is_err());

@@ -31,16 +31,16 @@ pub mod files;
 pub mod fsio;
 pub mod hash;
 pub mod json;
-pub mod lock;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod lock;
 pub mod names;
 pub mod process;
 pub mod progress;
-pub mod session;
-pub mod wire;
 pub mod qcow2;
 pub mod qemu_img;
+pub mod session;
+pub mod wire;
 
 pub use error::{ErrorKind, KnibError, Result};
 pub use progress::{CancelToken, Control, Deadline, Progress, ProgressSink};

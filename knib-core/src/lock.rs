@@ -100,7 +100,8 @@ fn one_byte(kind: libc::c_int, byte: i64) -> libc::flock {
 /// (`qemu-img info -U`) can.
 pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
     let fd = file.as_raw_fd();
-    for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
+    for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE]
+    {
         match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
             Ok(_) => {}
             Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => return Ok(false),

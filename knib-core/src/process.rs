@@ -86,16 +86,10 @@ impl Invocation {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| {
-                let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                    ErrorKind::NotFound
-                } else {
-                    ErrorKind::Io
-                };
-                KnibError::new(kind, format!("cannot run {}: {e}", self.program.display()))
-            })?;
+        let mut child = cmd.spawn().map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Io };
+            KnibError::new(kind, format!("cannot run {}: {e}", self.program.display()))
+        })?;
         let mut out = child.stdout.take().expect("stdout was piped");
         let mut err = child.stderr.take().expect("stderr was piped");
         let progress_ctl = ctl.clone();
@@ -170,14 +164,7 @@ impl Invocation {
 
     /// The error for a run that ended badly.
     pub fn failure(&self, f: &Finished, kind: ErrorKind) -> KnibError {
-        let detail = f
-            .stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("(no message)")
-            .trim()
-            .to_string();
+        let detail = f.stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("(no message)").trim().to_string();
         let code = f.code.map(|c| c.to_string()).unwrap_or_else(|| "a signal".into());
         KnibError::new(kind, format!("{} failed (exit {code}): {detail}", self.display()))
     }

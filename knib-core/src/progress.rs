@@ -152,11 +152,7 @@ impl Control {
     }
     /// The error for running out of time during `what`.
     pub fn timeout_error(&self, what: &str) -> KnibError {
-        let budget = self
-            .deadline
-            .budget()
-            .map(|b| format!("{}s", b.as_secs_f64()))
-            .unwrap_or_else(|| "no".into());
+        let budget = self.deadline.budget().map(|b| format!("{}s", b.as_secs_f64())).unwrap_or_else(|| "no".into());
         KnibError::new(ErrorKind::Timeout, format!("{what}: the time budget ({budget}) ran out"))
     }
 }

@@ -69,12 +69,14 @@ impl Session {
     /// Run `f` as this session's one operation: a second one at the same
     /// time is refused with a "busy" error. A cancellation asked for during
     /// (or before) it is used up when it ends.
-    pub fn exclusive<T, E: From<KnibError>>(&self, f: impl FnOnce() -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+    pub fn exclusive<T, E: From<KnibError>>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
         if self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            return Err(KnibError::busy(
-                "another operation is running on this context (use one context per thread)",
-            )
-            .into());
+            return Err(
+                KnibError::busy("another operation is running on this context (use one context per thread)").into()
+            );
         }
         struct Done<'a>(&'a Session);
         impl Drop for Done<'_> {

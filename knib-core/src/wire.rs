@@ -83,10 +83,7 @@ pub fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
     if p.is_absolute() {
         Ok(())
     } else {
-        Err(KnibError::invalid(format!(
-            "request of {op}: field `{field}`: {} is not an absolute path",
-            p.display()
-        )))
+        Err(KnibError::invalid(format!("request of {op}: field `{field}`: {} is not an absolute path", p.display())))
     }
 }
 

@@ -73,7 +73,10 @@ fn full_and_incremental_backups_of_a_running_domain_compress_restore_and_hash() 
     model.write(&vm, "vdb", 0x12, MIB, 256 * 1024);
     let n1 = model.writes.len();
 
-    let a1 = ok("agent.take_backup", &json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 1, None)}));
+    let a1 = ok(
+        "agent.take_backup",
+        &json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 1, None)}),
+    );
     assert_eq!(a1["kind"], "full");
     assert_eq!(a1["vm_consistent"], true);
     for (i, (t, _)) in DISKS.iter().enumerate() {
@@ -139,7 +142,8 @@ fn cleanup_undoes_an_unfinished_backup_and_finishes_a_copied_one() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let vm = TestVm::create("knib-agent-clean", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let vm =
+        TestVm::create("knib-agent-clean", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
     let mut model = Model::new(&DISKS);
     model.write(&vm, "vda", 0x31, 0, MIB);
     ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 1, None)}));
@@ -211,7 +215,11 @@ fn cleanup_undoes_an_unfinished_backup_and_finishes_a_copied_one() {
     let dests = stored();
     model.write(&vm, "vda", 0x34, 3 * MIB, 64 * 1024);
     let a = ok("agent.cleanup_vm_backup", &req);
-    assert_eq!((a["mode"].as_str(), a["published"].as_bool(), a["vm_running"].as_bool()), (Some("discard"), Some(true), Some(true)), "{a:#}");
+    assert_eq!(
+        (a["mode"].as_str(), a["published"].as_bool(), a["vm_running"].as_bool()),
+        (Some("discard"), Some(true), Some(true)),
+        "{a:#}"
+    );
     assert_eq!(a["removed_from_store"], json!(dests));
     for (i, (t, _)) in DISKS.iter().enumerate() {
         assert!(!dests[i].exists());
@@ -243,7 +251,12 @@ fn failed_backups_say_whether_the_vm_is_consistent() {
     let store = dir.path().join("store");
     let e = agent("agent.take_backup", &json!({"domain": "knib-agent-no-such-domain", "volumes": []})).unwrap_err();
     assert_eq!((e.kind, e.vm_consistent), (ErrorKind::NotFound, Some(true)), "{e}");
-    let vm = TestVm::create("knib-agent-err", &DISKS[..1], dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let vm = TestVm::create(
+        "knib-agent-err",
+        &DISKS[..1],
+        dir.path(),
+        TestVmOptions { running: true, ..Default::default() },
+    );
     let vols = volumes(&vm, &store, 1, None);
     let e = agent("agent.take_backup", &json!({"domain": vm.name(), "running": false, "volumes": vols})).unwrap_err();
     assert!(e.message.contains("field `running` is false"), "{e}");
@@ -271,7 +284,12 @@ fn a_stopped_domain_backup_and_a_vm_snapshot_merge() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let vm = TestVm::create("knib-agent-stopped", &DISKS[..1], dir.path(), TestVmOptions { persistent: true, ..Default::default() });
+    let vm = TestVm::create(
+        "knib-agent-stopped",
+        &DISKS[..1],
+        dir.path(),
+        TestVmOptions { persistent: true, ..Default::default() },
+    );
     let base = vm.initial_file("vda");
     qemu_io(&base, "write -P 0x41 0 1M");
     let vol = |n: u32, parent: Option<u32>, path: &Path, merge: Option<Value>| {
@@ -289,7 +307,8 @@ fn a_stopped_domain_backup_and_a_vm_snapshot_merge() {
         }
         json!([v])
     };
-    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "running": false, "volumes": vol(1, None, &base, None)}));
+    let a =
+        ok("agent.take_backup", &json!({"domain": vm.name(), "running": false, "volumes": vol(1, None, &base, None)}));
     let d1 = base.with_file_name("delta-1");
     assert_eq!(a["volumes"][0]["new_volume_path"], json!(d1));
     assert_eq!(vm.disk("vda").file, d1);
@@ -316,7 +335,8 @@ fn a_stopped_domain_backup_and_a_vm_snapshot_merge() {
     vm.vm.snapshot_disk_only(&[("vda", &top)], false).unwrap();
     let reference = dir.path().join("ref2.qcow2");
     snapshot(&top, &reference);
-    let e = agent("agent.merge_snapshot", &json!({"domain": vm.name(), "merges": [{"parent": top, "child": snap}]})).unwrap_err();
+    let e = agent("agent.merge_snapshot", &json!({"domain": vm.name(), "merges": [{"parent": top, "child": snap}]}))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
     let a = ok(
         "agent.merge_snapshot",
@@ -346,7 +366,11 @@ fn quick_restore_consolidate_and_validation_files() {
     );
     assert_eq!(a["volumes"][0]["backing"], json!(backup.canonicalize().unwrap()));
     assert_eq!(a["removed"], json!([old]));
-    let vm = TestVm::create_on("knib-agent-quick", &[("vda", vol.clone())], TestVmOptions { running: true, ..Default::default() });
+    let vm = TestVm::create_on(
+        "knib-agent-quick",
+        &[("vda", vol.clone())],
+        TestVmOptions { running: true, ..Default::default() },
+    );
     assert_eq!(chain(&vm, "vda").len(), 2);
     // Without `volumes`: every disk of the domain (what the catalog's
     // consolidate did under its own name).
@@ -415,7 +439,10 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
             json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/b/f", "screenshot_path": "/s/x.png"}),
             "exclude each other",
         ),
-        (json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/b/f", "store_root": "/t"}), "is not under `store_root`"),
+        (
+            json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/b/f", "store_root": "/t"}),
+            "is not under `store_root`",
+        ),
         (
             json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/../t/f", "store_root": "/s"}),
             "is not under `store_root`",
@@ -454,9 +481,15 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
     };
     // Every file of the directory with its bytes.
     let files = || -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
-        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).map(|p| (p.clone(), std::fs::read(&p).unwrap())).collect()
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect()
     };
-    for (bad, words) in [(&with_data, "holds data"), (&with_backing, "has a backing file"), (&raw, "is not an empty qcow2 image")] {
+    for (bad, words) in
+        [(&with_data, "holds data"), (&with_backing, "has a backing file"), (&raw, "is not an empty qcow2 image")]
+    {
         // The bad one second: the first, replaceable, is not touched either.
         let before = files();
         let e = prepare(&[("a", &empty), ("b", bad)]).unwrap_err();
@@ -483,7 +516,10 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
     assert_eq!(a["volumes"].as_array().unwrap().len(), 4);
     for p in [&empty, &zero_length, &absent, &with_zeros] {
         let info = knib_core::qemu_img::QemuImg::default().info(p, &Control::new()).unwrap();
-        assert_eq!(info.full_backing_filename.as_deref().map(Path::new), Some(backup.canonicalize().unwrap().as_path()));
+        assert_eq!(
+            info.full_backing_filename.as_deref().map(Path::new),
+            Some(backup.canonicalize().unwrap().as_path())
+        );
         assert_identical(p, &backup);
     }
     // An overlay is never a backup file, and never named twice.

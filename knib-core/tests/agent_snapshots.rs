@@ -175,7 +175,11 @@ impl Vm {
             want.push(v.base.clone());
             let canon = |p: &PathBuf| p.canonicalize().unwrap();
             let chain: Vec<PathBuf> = chain.iter().take(want.len()).map(canon).collect();
-            assert_eq!(chain, want.iter().map(canon).collect::<Vec<_>>(), "the new delta, the VM snapshot deltas, the base");
+            assert_eq!(
+                chain,
+                want.iter().map(canon).collect::<Vec<_>>(),
+                "the new delta, the VM snapshot deltas, the base"
+            );
             // The next backup's base: the last VM snapshot delta (which
             // the management server keeps as the snapshot's file), or the base.
             if let Some(last) = v.snaps.last() {
@@ -191,7 +195,10 @@ impl Vm {
         for (v, view) in self.vols.iter().zip(views) {
             let to = self.dir.join(format!("restored-{}-{id}.qcow2", v.name));
             let _ = std::fs::remove_file(&to);
-            ok("agent.restore", &json!({"volumes": [{"backup_path": self.store_file(id, &v.name), "volume_path": to}]}));
+            ok(
+                "agent.restore",
+                &json!({"volumes": [{"backup_path": self.store_file(id, &v.name), "volume_path": to}]}),
+            );
             assert_identical(&to, view);
         }
     }
@@ -346,12 +353,8 @@ fn copy_above_a_base_is_a_delta_of_the_upper_layers() {
         let c = d.join(format!("c{i}"));
         std::fs::copy(l, &c).unwrap();
         let below = if i == 0 { other.clone() } else { d.join(format!("c{}", i - 1)) };
-        let st = Command::new("qemu-img")
-            .args(["rebase", "-u", "-F", "qcow2", "-b"])
-            .arg(&below)
-            .arg(&c)
-            .status()
-            .unwrap();
+        let st =
+            Command::new("qemu-img").args(["rebase", "-u", "-F", "qcow2", "-b"]).arg(&below).arg(&c).status().unwrap();
         assert!(st.success());
     }
     assert_identical(&over_other, &d.join("c2"));
@@ -405,7 +408,11 @@ fn a_crash_at_every_step_with_vm_snapshots_then_cleanup() {
             assert!(n > 6, "the backup has more than {n} durable steps");
             break;
         }
-        assert!(!note.is_empty(), "step {n}: the child failed without the crash hook: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !note.is_empty(),
+            "step {n}: the child failed without the crash hook: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Mode "complete": a backup whose every store file is there is
         // finished, else undone (the default, "discard", always undoes).
         let mut creq = req.clone();

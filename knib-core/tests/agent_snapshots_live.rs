@@ -92,7 +92,10 @@ fn incrementals_of_a_running_domain_after_one_and_two_vm_snapshots() {
     };
     write(&mut model, 0x11);
     let n1 = model.writes.len();
-    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 1, None, 0)}));
+    let a = ok(
+        "agent.take_backup",
+        &json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 1, None, 0)}),
+    );
     assert_eq!(a["kind"], "full");
 
     // One VM snapshot since the last backup.
@@ -137,7 +140,10 @@ fn incrementals_of_a_running_domain_after_one_and_two_vm_snapshots() {
     for (n, upto) in [(1, n1), (2, n2), (3, n3), (4, n4)] {
         for (t, _) in DISKS {
             let to = out.join(format!("{t}-{n}.qcow2"));
-            ok("agent.restore", &json!({"volumes": [{"uuid": t, "backup_path": store_file(&store, n, t), "volume_path": to}]}));
+            ok(
+                "agent.restore",
+                &json!({"volumes": [{"uuid": t, "backup_path": store_file(&store, n, t), "volume_path": to}]}),
+            );
             model.assert_restored(t, upto, &to, dir.path());
         }
     }

@@ -187,7 +187,10 @@ fn full_incrementals_end_of_chain_and_isolated_without_a_domain() {
         assert_eq!(v.2, v.1.with_file_name(format!("{}-delta-b1", v.0)), "runs on its new delta");
         assert_eq!(a["virtual_size"].as_u64(), VOLS.iter().find(|x| x.0 == v.0).map(|x| x.1));
         assert!(a["size"].as_u64().unwrap() > 0);
-        assert_eq!(QemuImg::new().info(&v.2, &Control::new()).unwrap().backing_filename.as_deref(), Some(format!("{}-vol", v.0).as_str()));
+        assert_eq!(
+            QemuImg::new().info(&v.2, &Control::new()).unwrap().backing_filename.as_deref(),
+            Some(format!("{}-vol", v.0).as_str())
+        );
     }
     vm.assert_clean();
 
@@ -318,7 +321,11 @@ fn crash_at_every_step(mode: Option<&str>) {
             assert!(n > 6, "the backup has more than {n} durable steps");
             break;
         }
-        assert!(!note.is_empty(), "step {n}: the child failed without the crash hook: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !note.is_empty(),
+            "step {n}: the child failed without the crash hook: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // The VM ran between the failed backup and its cleanup: it wrote
         // over the whole of each volume into the new delta, where there is
         // one. Those writes must survive the cleanup.
@@ -352,7 +359,10 @@ fn crash_at_every_step(mode: Option<&str>) {
             assert_eq!(c["removed_from_store"], json!([]));
         } else {
             for (v, _, _) in &vm.vols {
-                assert!(!vm.store_file("b2", v).exists(), "step {n} ({note}): the failed backup's store files are removed");
+                assert!(
+                    !vm.store_file("b2", v).exists(),
+                    "step {n} ({note}): the failed backup's store files are removed"
+                );
             }
             let removed: Vec<PathBuf> = serde_json::from_value(c["removed_from_store"].clone()).unwrap();
             for f in &on_store {
@@ -384,7 +394,11 @@ fn crash_at_every_step(mode: Option<&str>) {
         vm.assert_backup_is("b3", &v3);
         vm.assert_backup_is("b1", &v1);
         vm.assert_clean();
-        eprintln!("crash before step {note}: cleanup {}, actions {}", if finished { "finished" } else { "undid" }, c["actions"]);
+        eprintln!(
+            "crash before step {note}: cleanup {}, actions {}",
+            if finished { "finished" } else { "undid" },
+            c["actions"]
+        );
         n += 1;
     }
 }
@@ -482,7 +496,8 @@ fn merge_snapshot_without_a_domain() {
     snapshot(&top, &vt);
     snapshot(&other, &vo);
     // Not the layer below: refused.
-    let e = agent("agent.merge_snapshot", &json!({"running": false, "merges": [{"parent": base, "child": top}]})).unwrap_err();
+    let e = agent("agent.merge_snapshot", &json!({"running": false, "merges": [{"parent": base, "child": top}]}))
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
     let a = ok(
         "agent.merge_snapshot",
@@ -607,7 +622,11 @@ fn a_cleanup_given_as_the_agents_cleanup_tos_puts_the_volume_back_on_its_delta()
             .env(NOTE_ENV, t.path().join("note"))
             .output()
             .unwrap();
-        assert!(!out.status.success(), "step {step}: the backup has no merge step: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            !out.status.success(),
+            "step {step}: the backup has no merge step: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let note = std::fs::read_to_string(t.path().join("note")).unwrap_or_default();
         if note.contains(": commit of") {
             break;

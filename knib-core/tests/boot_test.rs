@@ -396,7 +396,8 @@ impl Drop for Running {
 }
 
 fn agent_ok(op: &str, req: &serde_json::Value) -> serde_json::Value {
-    let a = knib_core::api::call(op, &req.to_string(), &Control::new()).unwrap_or_else(|e| panic!("{op}: {e}\n{req:#}"));
+    let a =
+        knib_core::api::call(op, &req.to_string(), &Control::new()).unwrap_or_else(|e| panic!("{op}: {e}\n{req:#}"));
     serde_json::from_str(&a).unwrap()
 }
 
@@ -526,7 +527,8 @@ fn the_agent_validates_the_running_validation_vm_as_kboss_does() {
     // knib created, changed and destroyed nothing.
     assert!(vm.0.is_running().unwrap(), "the validation VM was stopped");
     assert_eq!(hash_files(std::slice::from_ref(&backup), &Control::new()).unwrap(), backup_hash);
-    let on_store: Vec<PathBuf> = std::fs::read_dir(backup.parent().unwrap()).unwrap().map(|e| e.unwrap().path()).collect();
+    let on_store: Vec<PathBuf> =
+        std::fs::read_dir(backup.parent().unwrap()).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(on_store.len(), 2, "the backup and one screenshot: {on_store:?}");
 
     // The clean-up, as the agent's, does nothing; with remove_domain it

@@ -91,7 +91,12 @@ fn chain_size_three_then_full_and_isolated_keeps_the_chain() {
     let iso_refs = vm.snapshot_all("iso");
     let chain_before = chain_len(vm.path("root"));
     let iso = store
-        .backup("vm1", &vm.disks, &BackupOptions { isolated: true, chain_size: 3, ..Default::default() }, &Control::new())
+        .backup(
+            "vm1",
+            &vm.disks,
+            &BackupOptions { isolated: true, chain_size: 3, ..Default::default() },
+            &Control::new(),
+        )
         .unwrap();
     assert_eq!((iso.kind, iso.parent.clone(), iso.end_of_chain), (BackupKind::Isolated, None, false));
     assert_eq!(chain_len(vm.path("root")), chain_before);
@@ -161,11 +166,7 @@ fn deleting_the_middle_backup_keeps_every_other_restorable() {
 }
 
 fn walk_qcow2(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    tree(dir)
-        .keys()
-        .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
-        .map(|p| dir.join(p))
-        .collect()
+    tree(dir).keys().filter(|p| p.extension().is_some_and(|x| x == "qcow2")).map(|p| dir.join(p)).collect()
 }
 
 #[test]
@@ -345,9 +346,8 @@ fn a_backup_file_removed_behind_knibs_back_is_named() {
     assert!(e.message.contains("--full"), "{e}");
     assert_eq!(tree(sdir.path()), before);
     // The way out the error names works.
-    let m = store
-        .backup("vm1", &vm.disks, &BackupOptions { full: true, ..Default::default() }, &Control::new())
-        .unwrap();
+    let m =
+        store.backup("vm1", &vm.disks, &BackupOptions { full: true, ..Default::default() }, &Control::new()).unwrap();
     assert_eq!(m.kind, BackupKind::Full);
 }
 

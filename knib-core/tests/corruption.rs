@@ -114,12 +114,7 @@ fn build(seed: u64, variant: Variant) -> Built {
 
 /// A copy of the built store, to damage.
 fn copy_store(b: &Built, to: &Path) -> Store {
-    let st = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(b.dir.path().join("store"))
-        .arg(to)
-        .status()
-        .expect("cp");
+    let st = std::process::Command::new("cp").arg("-a").arg(b.dir.path().join("store")).arg(to).status().expect("cp");
     assert!(st.success());
     Store::open(to).expect("open copy")
 }
@@ -214,7 +209,8 @@ fn contents(dir: &Path) -> BTreeMap<PathBuf, String> {
 }
 
 fn set_data_path(store: &Store, path: &str) {
-    std::fs::write(store.root().join("knib.json"), format!("{{\"schema\": 1, \"knib.data.path\": \"{path}\"}}")).expect("settings");
+    std::fs::write(store.root().join("knib.json"), format!("{{\"schema\": 1, \"knib.data.path\": \"{path}\"}}"))
+        .expect("settings");
 }
 
 fn file_of(store: &Store, id: &str, volume: &str) -> PathBuf {
@@ -389,8 +385,11 @@ fn the_compression_job_of_a_damaged_backup_fails_without_retry() {
     let id = &b.ids[0];
     let mut rng = Rng::new(0x1308);
     damage(&file_of(&store, id, "root"), Damage::DataByte, &mut rng);
-    std::fs::write(root.join("knib.json"), r#"{"schema": 1, "compression.max_retries": 2, "compression.retry_interval_secs": 0}"#)
-        .expect("settings");
+    std::fs::write(
+        root.join("knib.json"),
+        r#"{"schema": 1, "compression.max_retries": 2, "compression.retry_interval_secs": 0}"#,
+    )
+    .expect("settings");
     let before = contents(&root);
     let job = store.queue_compression(id).expect("queue");
     run_jobs(&store, &RunOptions::default()).expect("run");
@@ -474,8 +473,12 @@ fn agent_compress_and_restore_check_the_hashes_they_are_given() {
     let hashes: Value =
         serde_json::from_str(&call("agent.take_hash", &json!({ "files": chain }).to_string(), &ctl).expect("hash"))
             .expect("json");
-    let each: Vec<String> =
-        hashes["files"].as_array().expect("files").iter().map(|f| f["hash"].as_str().expect("hash").to_string()).collect();
+    let each: Vec<String> = hashes["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["hash"].as_str().expect("hash").to_string())
+        .collect();
     let mut rng = Rng::new(0x130a);
     damage(&chain[1], Damage::DataByte, &mut rng);
     // Compression of the damaged file with its hash: refused, nothing left.
@@ -486,7 +489,8 @@ fn agent_compress_and_restore_check_the_hashes_they_are_given() {
     assert!(!knib_core::engine::compress::comp_path(&chain[1]).exists());
     // An intact file: compressed, with the hash of its output.
     let req = json!({ "files": [chain[2]], "expected_hashes": [each[2]] });
-    let ans: Value = serde_json::from_str(&call("agent.compress", &req.to_string(), &ctl).expect("compress")).expect("json");
+    let ans: Value =
+        serde_json::from_str(&call("agent.compress", &req.to_string(), &ctl).expect("compress")).expect("json");
     let comp = knib_core::engine::compress::comp_path(&chain[2]);
     let want = knib_core::engine::hash_files(std::slice::from_ref(&comp), &ctl).expect("hash");
     assert_eq!(ans["compressed"][0]["hash"], want.as_str());
@@ -539,7 +543,11 @@ fn the_hash_of_each_source_comes_from_the_copy_s_own_reads() {
                     assert!(sh.read_twice_bytes <= bound, "{variant:?} {mode:?} {}: {sh:?} of {len}", file.display());
                     if k == 0 {
                         // The top: all of it is read by the copy but its metadata.
-                        assert!(sh.hash_only_bytes <= len / 4 + 1024 * 1024, "{mode:?} {}: {sh:?} of {len}", file.display());
+                        assert!(
+                            sh.hash_only_bytes <= len / 4 + 1024 * 1024,
+                            "{mode:?} {}: {sh:?} of {len}",
+                            file.display()
+                        );
                     }
                 }
                 std::fs::remove_file(&dest).expect("remove");

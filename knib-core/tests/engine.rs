@@ -168,7 +168,9 @@ fn native_backups_record_the_hash_of_the_file_and_match_qemu_img_backups() {
     let info = QemuImg::new().info(&files[0], &ctl).unwrap();
     assert_eq!(info.backing_filename.as_deref(), Some("b0.qcow2"));
     assert_eq!(info.format_specific.unwrap().data.compression_type.as_deref(), Some("zstd"));
-    for (name, format) in [("r.raw", knib_core::qemu_img::ImageFormat::Raw), ("r.qcow2", knib_core::qemu_img::ImageFormat::Qcow2)] {
+    for (name, format) in
+        [("r.raw", knib_core::qemu_img::ImageFormat::Raw), ("r.qcow2", knib_core::qemu_img::ImageFormat::Qcow2)]
+    {
         let dest = d.path().join(name);
         let req = engine::RestoreRequest {
             backup_file: files[0].clone(),
@@ -195,7 +197,12 @@ fn a_one_pass_compressed_backup_is_compressed_and_restores() {
     for (i, path) in [engine::DataPath::Native, engine::DataPath::QemuImg].into_iter().enumerate() {
         let dest = d.path().join(format!("b{i}.qcow2"));
         let req = engine::TakeBackupRequest {
-            volumes: vec![engine::VolumeBackup { name: "v".into(), disk: disk.clone(), dest: dest.clone(), parent: None }],
+            volumes: vec![engine::VolumeBackup {
+                name: "v".into(),
+                disk: disk.clone(),
+                dest: dest.clone(),
+                parent: None,
+            }],
             kind: engine::BackupKind::Isolated,
             end_of_chain: false,
             data_path: path,

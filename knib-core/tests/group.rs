@@ -39,7 +39,11 @@ fn plain(dir: &Path, name: &str, pattern: u8) -> (MemberSpec, PathBuf) {
     let disk = dir.join(format!("{name}-root.qcow2"));
     make_disk(&disk, 8 * MIB, &[]);
     qemu_io(&disk, &format!("write -P {pattern} 1M 256k"));
-    let spec = MemberSpec { domain: None, vm: Some(name.into()), disks: vec![DiskSpec { name: "root".into(), path: disk.clone() }] };
+    let spec = MemberSpec {
+        domain: None,
+        vm: Some(name.into()),
+        disks: vec![DiskSpec { name: "root".into(), path: disk.clone() }],
+    };
     (spec, disk)
 }
 
@@ -64,7 +68,12 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
     let vm2 = Arc::new(running("knib-group-b", dir.path(), false));
     let (p, pdisk) = plain(dir.path(), "plain-1", 0x44);
     // A stopped, defined domain.
-    let stopped = TestVm::create("knib-group-s", &[("vda", 8 * MIB)], dir.path(), TestVmOptions { persistent: true, running: false, agent_channel: false });
+    let stopped = TestVm::create(
+        "knib-group-s",
+        &[("vda", 8 * MIB)],
+        dir.path(),
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
     let m1 = Arc::new(Mutex::new(Model::new(&DISKS)));
     let m2 = Arc::new(Mutex::new(Model::new(&DISKS)));
     let mut ids: Vec<String> = Vec::new();
@@ -98,14 +107,20 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
                 &ctl,
             )
             .unwrap();
-        let errors: Vec<String> = rec.members.iter().filter_map(|m| m.error.as_ref().map(|e| format!("{}: {e}", m.vm))).collect();
+        let errors: Vec<String> =
+            rec.members.iter().filter_map(|m| m.error.as_ref().map(|e| format!("{}: {e}", m.vm))).collect();
         assert_eq!(rec.state, "complete", "round {round}: {errors:?}");
         assert_eq!(m1.lock().unwrap().writes.len(), n1 + 1, "the writes during the copies were made");
         assert_eq!(rec.members.len(), 4);
         assert!(rec.members.iter().all(|m| m.backup.is_some() && m.error.is_none() && !m.quiesced), "{rec:#?}");
         assert_eq!(
             rec.members.iter().map(|m| (m.vm.as_str(), m.domain, m.running)).collect::<Vec<_>>(),
-            [(vm1.name(), true, true), (vm2.name(), true, true), ("plain-1", false, false), (stopped.name(), true, false)]
+            [
+                (vm1.name(), true, true),
+                (vm2.name(), true, true),
+                ("plain-1", false, false),
+                (stopped.name(), true, false)
+            ]
         );
         let skew = rec.snapshot_skew_ms.unwrap();
         assert!((0.0..60_000.0).contains(&skew), "{rec:#?}");
@@ -139,15 +154,19 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
     assert_eq!(list.as_array().unwrap().iter().map(|g| g["id"].as_str().unwrap()).collect::<Vec<_>>(), ids);
     let shown = call("group.show", json!({"store": root, "group": ids[1]}));
     assert_eq!(shown["members"].as_array().unwrap().len(), 4);
-    let q = call("group.restore", json!({"store": root, "group": ids[1], "to": dir.path().join("quick"), "quick": true}));
+    let q =
+        call("group.restore", json!({"store": root, "group": ids[1], "to": dir.path().join("quick"), "quick": true}));
     assert_eq!(q["volumes"].as_array().unwrap().len(), 6);
     let d = call("group.delete", json!({"store": root, "group": ids[1]}));
     assert_eq!(d["members"].as_array().unwrap().len(), 4);
     assert_eq!(call("group.list", json!({"store": root})).as_array().unwrap().len(), 1);
-    let e = knib_core::api::call("group.show", &json!({"store": root, "group": ids[1]}).to_string(), &Control::new()).unwrap_err();
+    let e = knib_core::api::call("group.show", &json!({"store": root, "group": ids[1]}).to_string(), &Control::new())
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
     // The first group's backups still restore (chain-safe delete).
-    let again = store.restore_group(&ids[0], &dir.path().join("again"), ImageFormat::Raw, false, true, &Control::new()).unwrap();
+    let again = store
+        .restore_group(&ids[0], &dir.path().join("again"), ImageFormat::Raw, false, true, &Control::new())
+        .unwrap();
     assert_eq!(again.len(), 6);
     // Nothing is left in the groups directory but the one record.
     let left: Vec<_> = std::fs::read_dir(root.join("groups")).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -243,7 +262,11 @@ fn a_member_that_fails_after_the_snapshots_is_reported_or_rolls_the_group_back()
 
     // Keep: the domain's backup is published, the failure recorded.
     let n1 = m1.writes.len();
-    let rec = store.backup_group(&[domain(&vm1), damaged_plain(&dir.path().join("k"))], &GroupOptions::default(), &Control::new());
+    let rec = store.backup_group(
+        &[domain(&vm1), damaged_plain(&dir.path().join("k"))],
+        &GroupOptions::default(),
+        &Control::new(),
+    );
     let rec = match rec {
         Ok(r) => r,
         Err(e) => panic!("{e}"),

@@ -61,7 +61,10 @@ fn a_group_backup_killed_at_every_step_is_recovered() {
     let root = dir.path().join("store");
     let store = Store::create(&root).unwrap();
     let opts = TestVmOptions { persistent: false, running: true, agent_channel: false };
-    let vms = [TestVm::create("knib-gcrash-a", &DISKS, dir.path(), opts), TestVm::create("knib-gcrash-b", &DISKS, dir.path(), opts)];
+    let vms = [
+        TestVm::create("knib-gcrash-a", &DISKS, dir.path(), opts),
+        TestVm::create("knib-gcrash-b", &DISKS, dir.path(), opts),
+    ];
     let mut models = [Model::new(&DISKS), Model::new(&DISKS)];
     let mut n = 1u32;
     loop {
@@ -89,7 +92,11 @@ fn a_group_backup_killed_at_every_step_is_recovered() {
         let step = std::fs::read_to_string(&note).unwrap_or_default();
         let crashed = !out.status.success();
         if !crashed || step.is_empty() {
-            assert!(!crashed, "step {n}: the child failed without the crash hook: {}", String::from_utf8_lossy(&out.stdout));
+            assert!(
+                !crashed,
+                "step {n}: the child failed without the crash hook: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
             assert!(n > 10, "the group backup has more than {n} durable steps");
             break;
         }
@@ -99,17 +106,26 @@ fn a_group_backup_killed_at_every_step_is_recovered() {
         for (vm, m) in vms.iter().zip(&models) {
             assert_consistent(vm, &step);
             m.assert_vm_reads_everything(vm);
-            assert!(!root.join("vms").join(vm.name()).join("journal.json").exists(), "{step}: a member's journal is left");
+            assert!(
+                !root.join("vms").join(vm.name()).join("journal.json").exists(),
+                "{step}: a member's journal is left"
+            );
         }
         let left: Vec<String> = std::fs::read_dir(root.join("groups"))
-            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with('.')).collect())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with('.'))
+                    .collect()
+            })
             .unwrap_or_default();
         assert!(left.is_empty(), "{step}: {left:?} left");
         let new: BTreeSet<String> = backups(&store).difference(&before).cloned().collect();
         let rec = recovered.as_array().unwrap().first().cloned();
         let in_record: BTreeSet<String> = rec
             .iter()
-            .flat_map(|r| r["members"].as_array().unwrap().iter().filter_map(|m| m["backup"].as_str().map(str::to_string)))
+            .flat_map(|r| {
+                r["members"].as_array().unwrap().iter().filter_map(|m| m["backup"].as_str().map(str::to_string))
+            })
             .collect();
         // A crash after the record was written leaves nothing to recover:
         // the record is the newest group then.
@@ -138,10 +154,14 @@ fn a_group_backup_killed_at_every_step_is_recovered() {
         n += 1;
     }
     // The next group backup, uninterrupted, holds every write.
-    let rec = call("group.backup", &json!({"store": root, "members": [{"domain": vms[0].name()}, {"domain": vms[1].name()}]}));
+    let rec = call(
+        "group.backup",
+        &json!({"store": root, "members": [{"domain": vms[0].name()}, {"domain": vms[1].name()}]}),
+    );
     assert_eq!(rec["state"], "complete");
     let out = dir.path().join("final");
-    let restored = store.restore_group(rec["id"].as_str().unwrap(), &out, ImageFormat::Raw, false, true, &Control::new()).unwrap();
+    let restored =
+        store.restore_group(rec["id"].as_str().unwrap(), &out, ImageFormat::Raw, false, true, &Control::new()).unwrap();
     for r in &restored {
         let k = vms.iter().position(|v| v.name() == r.vm).unwrap();
         models[k].assert_restored(&r.volume, models[k].writes.len(), &r.path, Path::new(dir.path()));

@@ -69,8 +69,9 @@ fn a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze() {
     assert_eq!(backup_file(&store, b, "vda", "/root/after"), None);
     // The other member is restorable too.
     let out = dir.path().join("restored");
-    let restored =
-        store.restore_group(&rec.id, &out, knib_core::qemu_img::ImageFormat::Raw, false, true, &Control::new()).unwrap();
+    let restored = store
+        .restore_group(&rec.id, &out, knib_core::qemu_img::ImageFormat::Raw, false, true, &Control::new())
+        .unwrap();
     assert_eq!(restored.len(), 2);
     assert!(common::model::image_has(&restored[1].path, 0x5a, MIB, 64 * 1024));
 }

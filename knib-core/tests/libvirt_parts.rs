@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use knib_core::libvirt::{
-    block_commit, block_job_abort, block_job_info, block_pull, commit_and_wait, pull_and_wait,
-    wait_block_job, BlockJobKind, CommitFlags, Hypervisor, PullFlags,
+    block_commit, block_job_abort, block_job_info, block_pull, commit_and_wait, pull_and_wait, wait_block_job,
+    BlockJobKind, CommitFlags, Hypervisor, PullFlags,
 };
 use knib_core::qemu_img::QemuImg;
 use knib_core::{CancelToken, Control, Deadline, ErrorKind, Progress};
@@ -33,27 +33,18 @@ fn write(vm: &TestVm, log: &mut Written, target: &'static str, pattern: u8, offs
 
 fn assert_all_read_back(vm: &TestVm, log: &Written) {
     for &(target, pattern, offset, len) in log {
-        assert!(
-            vm.read_check(target, pattern, offset, len),
-            "{target}: 0x{pattern:02x} at {offset}+{len} is gone"
-        );
+        assert!(vm.read_check(target, pattern, offset, len), "{target}: 0x{pattern:02x} at {offset}+{len} is gone");
     }
 }
 
 fn chain(vm: &TestVm, target: &str) -> Vec<PathBuf> {
-    vm.disk(target)
-        .chain_files()
-        .into_iter()
-        .map(Path::to_path_buf)
-        .collect()
+    vm.disk(target).chain_files().into_iter().map(Path::to_path_buf).collect()
 }
 
 fn recording_control() -> (Control, Arc<Mutex<Vec<Progress>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = seen.clone();
-    let ctl = Control::new().with_progress(Arc::new(move |p: &Progress| {
-        sink.lock().unwrap().push(p.clone())
-    }));
+    let ctl = Control::new().with_progress(Arc::new(move |p: &Progress| sink.lock().unwrap().push(p.clone())));
     (ctl, seen)
 }
 
@@ -63,11 +54,7 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let t = TestVm::start(
-        "knib-parts",
-        &[("vda", 64 * MIB), ("vdb", 32 * MIB)],
-        dir.path(),
-    );
+    let t = TestVm::start("knib-parts", &[("vda", 64 * MIB), ("vdb", 32 * MIB)], dir.path());
     let (base_a, base_b) = (t.initial_file("vda"), t.initial_file("vdb"));
 
     // The domain as the library sees it.
@@ -76,21 +63,13 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
     assert_eq!(vm.name(), t.name());
     assert!(vm.is_running().unwrap());
     let disks = vm.disks().unwrap();
-    assert_eq!(
-        disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>(),
-        ["vda", "vdb"]
-    );
+    assert_eq!(disks.iter().map(|d| d.target.as_str()).collect::<Vec<_>>(), ["vda", "vdb"]);
     assert_eq!(disks[0].file, base_a);
     assert_eq!(disks[1].file, base_b);
     for d in &disks {
         assert_eq!(d.format, "qcow2");
         assert!(d.backing_chain.is_empty(), "{d:?}");
-        assert!(
-            d.qom_device_path()
-                .unwrap()
-                .starts_with("/machine/peripheral/virtio-disk"),
-            "{d:?}"
-        );
+        assert!(d.qom_device_path().unwrap().starts_with("/machine/peripheral/virtio-disk"), "{d:?}");
     }
     assert!(block_job_info(&vm, "vda").unwrap().is_none());
 
@@ -104,8 +83,7 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
     // Snapshot 1: base <- d1.
     let d1 = |b: &Path| b.with_extension("d1");
     let d2 = |b: &Path| b.with_extension("d2");
-    vm.snapshot_disk_only(&[("vda", d1(&base_a)), ("vdb", d1(&base_b))], false)
-        .unwrap();
+    vm.snapshot_disk_only(&[("vda", d1(&base_a)), ("vdb", d1(&base_b))], false).unwrap();
     assert_eq!(chain(&t, "vda"), [d1(&base_a), base_a.clone()]);
     assert_eq!(chain(&t, "vdb"), [d1(&base_b), base_b.clone()]);
     assert_eq!(t.disk("vda").backing_chain[0].format, "qcow2");
@@ -113,14 +91,10 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
     write(&t, &mut log, "vdb", 0xb2, 2 * MIB, K64);
 
     // Snapshot 2: base <- d1 <- d2 (libvirt writes absolute backing names).
-    vm.snapshot_disk_only(&[("vda", d2(&base_a)), ("vdb", d2(&base_b))], false)
-        .unwrap();
+    vm.snapshot_disk_only(&[("vda", d2(&base_a)), ("vdb", d2(&base_b))], false).unwrap();
     assert_eq!(chain(&t, "vda"), [d2(&base_a), d1(&base_a), base_a.clone()]);
     let info = QemuImg::new().info(&d2(&base_a), &Control::new()).unwrap();
-    assert_eq!(
-        info.backing_filename.as_deref(),
-        Some(d1(&base_a).to_str().unwrap())
-    );
+    assert_eq!(info.backing_filename.as_deref(), Some(d1(&base_a).to_str().unwrap()));
     write(&t, &mut log, "vda", 0xa3, 2 * MIB, K64);
     write(&t, &mut log, "vdb", 0xb3, 3 * MIB, K64);
     // Overwrite half of the first write: the newest data must win.
@@ -133,29 +107,16 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
         "vda",
         Some(&base_a),
         Some(&d1(&base_a)),
-        CommitFlags {
-            relative: true,
-            ..Default::default()
-        },
+        CommitFlags { relative: true, ..Default::default() },
     )
     .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Hypervisor);
-    assert!(
-        err.message.contains("virDomainBlockCommit") && err.message.contains("vda"),
-        "{err}"
-    );
+    assert!(err.message.contains("virDomainBlockCommit") && err.message.contains("vda"), "{err}");
 
     // Non-active commit of d1 into base: base <- d2, d2 now backed by base.
     // vda with the low-level calls...
     let (ctl, seen) = recording_control();
-    block_commit(
-        &vm,
-        "vda",
-        Some(&base_a),
-        Some(&d1(&base_a)),
-        CommitFlags::default(),
-    )
-    .unwrap();
+    block_commit(&vm, "vda", Some(&base_a), Some(&d1(&base_a)), CommitFlags::default()).unwrap();
     wait_block_job(&vm, "vda", &ctl, "commit vda", false).unwrap();
     assert_eq!(chain(&t, "vda"), [d2(&base_a), base_a.clone()]);
     let seen = seen.lock().unwrap().clone();
@@ -166,34 +127,20 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
     let ctl = Control::new();
     let err = commit_and_wait(&vm, "vdb", &base_b, &base_a, false, &ctl, "commit vdb").unwrap_err();
     assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
-    let err =
-        commit_and_wait(&vm, "vdb", &d1(&base_b), &base_b, false, &ctl, "commit vdb").unwrap_err();
+    let err = commit_and_wait(&vm, "vdb", &d1(&base_b), &base_b, false, &ctl, "commit vdb").unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidInput, "{err}");
     commit_and_wait(&vm, "vdb", &base_b, &d1(&base_b), false, &ctl, "commit vdb").unwrap();
     assert_eq!(chain(&t, "vdb"), [d2(&base_b), base_b.clone()]);
     for base in [&base_a, &base_b] {
         let info = QemuImg::new().info(&d2(base), &Control::new()).unwrap();
-        assert_eq!(
-            info.backing_filename.as_deref(),
-            Some(base.to_str().unwrap())
-        );
+        assert_eq!(info.backing_filename.as_deref(), Some(base.to_str().unwrap()));
     }
     assert_all_read_back(&t, &log);
     write(&t, &mut log, "vda", 0xa6, 4 * MIB, K64);
 
     // Active commit of d2 into base with pivot: vda runs on base alone.
     let (ctl, _) = recording_control();
-    block_commit(
-        &vm,
-        "vda",
-        Some(&base_a),
-        None,
-        CommitFlags {
-            active: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    block_commit(&vm, "vda", Some(&base_a), None, CommitFlags { active: true, ..Default::default() }).unwrap();
     wait_block_job(&vm, "vda", &ctl, "active commit vda", true).unwrap();
     assert_eq!(chain(&t, "vda"), [base_a.as_path()]);
     assert!(block_job_info(&vm, "vda").unwrap().is_none());
@@ -207,23 +154,12 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
     // pivot, then a pull.
     write(&t, &mut log, "vdb", 0xb4, 4 * MIB, K64);
     let d3 = |b: &Path| b.with_extension("d3");
-    vm.snapshot_disk_only(&[("vdb", d3(&base_b))], false)
-        .unwrap();
+    vm.snapshot_disk_only(&[("vdb", d3(&base_b))], false).unwrap();
     assert_eq!(chain(&t, "vda"), [base_a.as_path()]);
     write(&t, &mut log, "vdb", 0xb5, 5 * MIB, K64);
-    commit_and_wait(
-        &vm,
-        "vdb",
-        &d2(&base_b),
-        &d3(&base_b),
-        false,
-        &ctl,
-        "commit vdb",
-    )
-    .unwrap();
+    commit_and_wait(&vm, "vdb", &d2(&base_b), &d3(&base_b), false, &ctl, "commit vdb").unwrap();
     assert_eq!(chain(&t, "vdb"), [d2(&base_b)]);
-    vm.snapshot_disk_only(&[("vdb", d3(&base_b).with_extension("d4"))], false)
-        .unwrap();
+    vm.snapshot_disk_only(&[("vdb", d3(&base_b).with_extension("d4"))], false).unwrap();
     write(&t, &mut log, "vdb", 0xb6, 6 * MIB, K64);
     pull_and_wait(&vm, "vdb", None, false, &ctl, "pull vdb").unwrap();
     assert_eq!(chain(&t, "vdb"), [d3(&base_b).with_extension("d4")]);
@@ -238,21 +174,12 @@ fn snapshots_commit_pivot_and_pull_keep_every_write() {
     t.vm.destroy().unwrap();
     for &(target, pattern, offset, len) in log.iter().filter(|w| w.0 == "vda") {
         let out = std::process::Command::new("qemu-io")
-            .args([
-                "-r",
-                "-f",
-                "qcow2",
-                "-c",
-                &format!("read -P 0x{pattern:02x} {offset} {len}"),
-            ])
+            .args(["-r", "-f", "qcow2", "-c", &format!("read -P 0x{pattern:02x} {offset} {len}")])
             .arg(&base_a)
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && !text.contains("verification failed"),
-            "{target} 0x{pattern:02x}: {text}"
-        );
+        assert!(out.status.success() && !text.contains("verification failed"), "{target} 0x{pattern:02x}: {text}");
     }
 }
 
@@ -269,23 +196,13 @@ fn cancel_and_deadline_abort_an_active_commit_and_keep_the_chain() {
     write(&t, &mut log, "vda", 0x11, 0, K64);
     t.vm.snapshot_disk_only(&[("vda", &top)], false).unwrap();
     write(&t, &mut log, "vda", 0x22, MIB, K64);
-    let active = CommitFlags {
-        active: true,
-        ..Default::default()
-    };
+    let active = CommitFlags { active: true, ..Default::default() };
 
     // Cancelled: the job is aborted, the domain stays on base <- top.
     let cancel = CancelToken::new();
     cancel.cancel();
     block_commit(&t.vm, "vda", None, None, active).unwrap();
-    let err = wait_block_job(
-        &t.vm,
-        "vda",
-        &Control::new().with_cancel(cancel),
-        "commit vda",
-        true,
-    )
-    .unwrap_err();
+    let err = wait_block_job(&t.vm, "vda", &Control::new().with_cancel(cancel), "commit vda", true).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Cancelled, "{err}");
     assert!(block_job_info(&t.vm, "vda").unwrap().is_none());
     assert_eq!(chain(&t, "vda"), [top.clone(), base.clone()]);
@@ -327,58 +244,31 @@ fn relative_backing_names_are_kept_on_request() {
     let dir = tempfile::tempdir().unwrap();
     let d = std::fs::canonicalize(dir.path()).unwrap();
     let img = |args: &[&str]| {
-        let st = std::process::Command::new("qemu-img")
-            .args(args)
-            .current_dir(&d)
-            .status()
-            .unwrap();
+        let st = std::process::Command::new("qemu-img").args(args).current_dir(&d).status().unwrap();
         assert!(st.success(), "qemu-img {args:?}");
     };
     img(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        "d.qcow2",
-    ]);
-    img(&[
-        "create", "-q", "-f", "qcow2", "-b", "d.qcow2", "-F", "qcow2", "e.qcow2",
-    ]);
+    img(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "d.qcow2"]);
+    img(&["create", "-q", "-f", "qcow2", "-b", "d.qcow2", "-F", "qcow2", "e.qcow2"]);
     let t = TestVm::create_on(
         "knib-parts",
         &[("vda", d.join("e.qcow2"))],
-        TestVmOptions {
-            running: true,
-            ..Default::default()
-        },
+        TestVmOptions { running: true, ..Default::default() },
     );
     // libvirt shows the chain with absolute paths.
-    assert_eq!(
-        chain(&t, "vda"),
-        [d.join("e.qcow2"), d.join("d.qcow2"), d.join("base.qcow2")]
-    );
+    assert_eq!(chain(&t, "vda"), [d.join("e.qcow2"), d.join("d.qcow2"), d.join("base.qcow2")]);
     t.write("vda", 0x33, 0, K64);
     block_commit(
         &t.vm,
         "vda",
         Some(&d.join("base.qcow2")),
         Some(&d.join("d.qcow2")),
-        CommitFlags {
-            relative: true,
-            ..Default::default()
-        },
+        CommitFlags { relative: true, ..Default::default() },
     )
     .unwrap();
     wait_block_job(&t.vm, "vda", &Control::new(), "commit vda", false).unwrap();
     assert_eq!(chain(&t, "vda"), [d.join("e.qcow2"), d.join("base.qcow2")]);
-    let info = QemuImg::new()
-        .info(&d.join("e.qcow2"), &Control::new())
-        .unwrap();
+    let info = QemuImg::new().info(&d.join("e.qcow2"), &Control::new()).unwrap();
     assert_eq!(info.backing_filename.as_deref(), Some("base.qcow2"));
     assert!(t.read_check("vda", 0x33, 0, K64));
 }
@@ -389,29 +279,19 @@ fn quiesce_fails(agent_channel: bool) {
         "knib-parts",
         &[("vda", 16 * MIB), ("vdb", 16 * MIB)],
         dir.path(),
-        TestVmOptions {
-            running: true,
-            agent_channel,
-            ..Default::default()
-        },
+        TestVmOptions { running: true, agent_channel, ..Default::default() },
     );
     let before = t.disks();
     let new_a = t.initial_file("vda").with_extension("q1");
     let new_b = t.initial_file("vdb").with_extension("q1");
-    let err =
-        t.vm.snapshot_disk_only(&[("vda", &new_a), ("vdb", &new_b)], true)
-            .unwrap_err();
+    let err = t.vm.snapshot_disk_only(&[("vda", &new_a), ("vdb", &new_b)], true).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Hypervisor, "{err}");
-    assert!(
-        err.message.contains("the guest agent did not answer"),
-        "{err}"
-    );
+    assert!(err.message.contains("the guest agent did not answer"), "{err}");
     assert!(err.message.contains(t.name()), "{err}");
     assert_eq!(t.disks(), before);
     assert!(!new_a.exists() && !new_b.exists());
     // Without quiesce the same snapshot works.
-    t.vm.snapshot_disk_only(&[("vda", &new_a), ("vdb", &new_b)], false)
-        .unwrap();
+    t.vm.snapshot_disk_only(&[("vda", &new_a), ("vdb", &new_b)], false).unwrap();
     assert_eq!(t.disk("vda").file, new_a);
 }
 
@@ -458,10 +338,7 @@ fn stopped_domain_snapshot_works_block_jobs_do_not() {
     assert!(!t.vm.is_running().unwrap());
     assert!(t.vm.is_persistent().unwrap());
     let d = t.disk("vda");
-    assert_eq!(
-        (d.file.as_path(), d.format.as_str(), d.alias.as_deref()),
-        (base.as_path(), "qcow2", None)
-    );
+    assert_eq!((d.file.as_path(), d.format.as_str(), d.alias.as_deref()), (base.as_path(), "qcow2", None));
 
     // libvirt makes the overlay itself and updates the definition (quiesce
     // is ignored on a stopped domain); the inactive XML has no chain.
@@ -471,22 +348,9 @@ fn stopped_domain_snapshot_works_block_jobs_do_not() {
     assert_eq!(d.file, top);
     assert!(d.backing_chain.is_empty());
     let info = QemuImg::new().info(&top, &Control::new()).unwrap();
-    assert_eq!(
-        info.backing_filename.as_deref(),
-        Some(base.to_str().unwrap())
-    );
+    assert_eq!(info.backing_filename.as_deref(), Some(base.to_str().unwrap()));
 
-    let err = block_commit(
-        &t.vm,
-        "vda",
-        None,
-        None,
-        CommitFlags {
-            active: true,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let err = block_commit(&t.vm, "vda", None, None, CommitFlags { active: true, ..Default::default() }).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Hypervisor, "{err}");
     eprintln!("block commit on a stopped domain: {err}");
     let err = block_job_info(&t.vm, "vda").unwrap_err();
@@ -510,31 +374,17 @@ fn a_larger_commit_and_pull_report_progress_to_the_end() {
     let t = TestVm::start("knib-parts", &[("vda", 256 * MIB)], dir.path());
     let base = t.initial_file("vda");
     let mut log = Written::new();
-    t.vm.snapshot_disk_only(&[("vda", base.with_extension("d1"))], false)
-        .unwrap();
+    t.vm.snapshot_disk_only(&[("vda", base.with_extension("d1"))], false).unwrap();
     write(&t, &mut log, "vda", 0x5a, 0, 160 * MIB);
-    t.vm.snapshot_disk_only(&[("vda", base.with_extension("d2"))], false)
-        .unwrap();
+    t.vm.snapshot_disk_only(&[("vda", base.with_extension("d2"))], false).unwrap();
     write(&t, &mut log, "vda", 0x5b, 200 * MIB, MIB);
 
     let (ctl, seen) = recording_control();
-    commit_and_wait(
-        &t.vm,
-        "vda",
-        &base,
-        &base.with_extension("d1"),
-        false,
-        &ctl,
-        "commit vda",
-    )
-    .unwrap();
+    commit_and_wait(&t.vm, "vda", &base, &base.with_extension("d1"), false, &ctl, "commit vda").unwrap();
     assert_eq!(chain(&t, "vda"), [base.with_extension("d2"), base.clone()]);
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.last().map(|p| p.percent), Some(100.0), "{seen:?}");
-    assert!(
-        seen.windows(2).all(|w| w[0].percent <= w[1].percent),
-        "{seen:?}"
-    );
+    assert!(seen.windows(2).all(|w| w[0].percent <= w[1].percent), "{seen:?}");
 
     let (ctl, seen) = recording_control();
     pull_and_wait(&t.vm, "vda", None, false, &ctl, "pull vda").unwrap();

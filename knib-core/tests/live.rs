@@ -162,9 +162,8 @@ fn end_of_chain_leaves_the_vm_on_its_base_and_the_next_backup_is_full() {
     }
     // An isolated backup leaves the chain as it was.
     let chain_before: Vec<_> = vm.disks().iter().map(|d| d.chain_files().len()).collect();
-    let iso = store
-        .backup_domain(&vm.vm, &BackupOptions { isolated: true, ..opts.clone() }, false, &Control::new())
-        .unwrap();
+    let iso =
+        store.backup_domain(&vm.vm, &BackupOptions { isolated: true, ..opts.clone() }, false, &Control::new()).unwrap();
     assert_eq!(iso.kind, BackupKind::Isolated);
     let chain_after: Vec<_> = vm.disks().iter().map(|d| d.chain_files().len()).collect();
     assert_eq!(chain_before, chain_after);
@@ -190,7 +189,12 @@ fn quick_restore_runs_at_once_keeps_new_writes_and_consolidate_frees_the_store()
     let b = store.backup_domain(&src.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
     let tdir = dir.path().join("target");
     std::fs::create_dir(&tdir).unwrap();
-    let target = TestVm::create("knib-qr-dst", &DISKS, &tdir, TestVmOptions { persistent: true, running: false, agent_channel: false });
+    let target = TestVm::create(
+        "knib-qr-dst",
+        &DISKS,
+        &tdir,
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
     let overlays = store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap();
     assert!(target.vm.is_running().unwrap());
     for (t, overlay) in &overlays {
@@ -227,12 +231,14 @@ fn busy_missing_domain_raw_disk_and_quiesce_without_agent_are_clear_errors() {
     let mut model = Model::new(&DISKS);
     model.write(&vm, "vda", 0x61, 0, 8 * MIB);
     // Quiesce with no agent answering: refused, nothing changed.
-    let chains: Vec<_> = vm.disks().iter().map(|d| d.chain_files().iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()).collect();
+    let chains: Vec<_> =
+        vm.disks().iter().map(|d| d.chain_files().iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()).collect();
     let e = store.backup_domain(&vm.vm, &BackupOptions::default(), true, &Control::new()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Hypervisor, "{e}");
     assert!(e.message.contains("guest agent"), "{e}");
     assert_eq!(e.vm_consistent, Some(true));
-    let after: Vec<_> = vm.disks().iter().map(|d| d.chain_files().iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()).collect();
+    let after: Vec<_> =
+        vm.disks().iter().map(|d| d.chain_files().iter().map(|p| p.to_path_buf()).collect::<Vec<_>>()).collect();
     assert_eq!(chains, after);
     assert!(store.list(None).unwrap().is_empty());
     // Missing domain.
@@ -259,7 +265,8 @@ fn busy_missing_domain_raw_disk_and_quiesce_without_agent_are_clear_errors() {
     std::fs::create_dir(&rdir).unwrap();
     let raw = rdir.join("raw.img");
     std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
-    let xml = common::vm::domain_xml("knib-raw-probe", &[("vda".into(), raw.clone())], false).replace("type='qcow2'", "type='raw'");
+    let xml = common::vm::domain_xml("knib-raw-probe", &[("vda".into(), raw.clone())], false)
+        .replace("type='qcow2'", "type='raw'");
     let rvm = vm.hv.create_transient(&xml).unwrap();
     let e = store.backup_domain(&rvm, &BackupOptions::default(), false, &Control::new()).unwrap_err();
     let _ = rvm.destroy();
@@ -275,20 +282,39 @@ fn a_stopped_domain_is_backed_up_through_the_same_api() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
-    let vm = TestVm::create("knib-stopped", &DISKS, dir.path(), TestVmOptions { persistent: true, running: false, agent_channel: false });
+    let vm = TestVm::create(
+        "knib-stopped",
+        &DISKS,
+        dir.path(),
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
     let active = |t: &str| vm.disk(t).file;
     // Writes to a stopped VM's disks go into their active files.
     common::disk::qemu_io(&active("vda"), "write -P 0x71 0 2M");
     common::disk::qemu_io(&active("vdb"), "write -P 0x72 1M 1M");
     let r1 = dir.path().join("r1");
     std::fs::create_dir(&r1).unwrap();
-    let refs1: Vec<_> = DISKS.iter().map(|(t, _)| { let p = r1.join(format!("{t}.qcow2")); common::disk::snapshot(&active(t), &p); p }).collect();
+    let refs1: Vec<_> = DISKS
+        .iter()
+        .map(|(t, _)| {
+            let p = r1.join(format!("{t}.qcow2"));
+            common::disk::snapshot(&active(t), &p);
+            p
+        })
+        .collect();
     let b1 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
     assert_eq!(b1.kind, BackupKind::Full);
     common::disk::qemu_io(&active("vda"), "write -P 0x73 4M 1M");
     let r2 = dir.path().join("r2");
     std::fs::create_dir(&r2).unwrap();
-    let refs2: Vec<_> = DISKS.iter().map(|(t, _)| { let p = r2.join(format!("{t}.qcow2")); common::disk::snapshot(&active(t), &p); p }).collect();
+    let refs2: Vec<_> = DISKS
+        .iter()
+        .map(|(t, _)| {
+            let p = r2.join(format!("{t}.qcow2"));
+            common::disk::snapshot(&active(t), &p);
+            p
+        })
+        .collect();
     let b2 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
     assert_eq!(b2.kind, BackupKind::Incremental);
     for (t, _) in DISKS {
@@ -316,7 +342,12 @@ fn a_disk_only_vm_snapshot_delta_is_merged_running_and_stopped() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let vm = TestVm::create("knib-merge", &DISKS, dir.path(), TestVmOptions { persistent: true, running: true, agent_channel: false });
+    let vm = TestVm::create(
+        "knib-merge",
+        &DISKS,
+        dir.path(),
+        TestVmOptions { persistent: true, running: true, agent_channel: false },
+    );
     let q = knib_core::qemu_img::QemuImg::new();
     let mut model = Model::new(&DISKS);
     model.write(&vm, "vda", 0x91, 0, MIB);

@@ -114,9 +114,8 @@ fn dirty_disks_through_store_backup_lose_nothing() {
 /// agree on the size.
 #[test]
 fn odd_virtual_sizes_backup_restore_and_verify_agree() {
-    for (i, (size, header_size)) in [(1_000_001u64, None), (3 << 20, Some((3u64 << 20) - 1000)), (65536 * 3 + 512, None)]
-        .into_iter()
-        .enumerate()
+    for (i, (size, header_size)) in
+        [(1_000_001u64, None), (3 << 20, Some((3u64 << 20) - 1000)), (65536 * 3 + 512, None)].into_iter().enumerate()
     {
         let dir = tempfile::tempdir().unwrap();
         let sdir = tempfile::tempdir().unwrap();
@@ -314,7 +313,6 @@ fn damaged_bases_are_refused_before_anything_is_written() {
         assert!(check_clean(&base));
     }
 }
-
 
 /// The offset of header extension `ty` in `img` (v3, header_length 112 or
 /// more): the offset of its type field.

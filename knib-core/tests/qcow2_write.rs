@@ -21,8 +21,8 @@ use gen::{random_ops, sources, Rng, K};
 
 use knib_core::engine::hash_files;
 use knib_core::qcow2::{
-    copy_image, BackingRef, Chain, ClusterState, Commit, CompressionType, CopyOptions, CountSink, ImageSpec, Layout, Qcow2Image,
-    SourceMode, TargetFormat,
+    copy_image, BackingRef, Chain, ClusterState, Commit, CompressionType, CopyOptions, CountSink, ImageSpec, Layout,
+    Qcow2Image, SourceMode, TargetFormat,
 };
 use knib_core::{Control, ErrorKind};
 
@@ -167,7 +167,12 @@ fn native(
         Ok(())
     })
     .unwrap_or_else(|e| panic!("copy {} to {}: {e}", src.display(), dest.display()));
-    assert!(r.file_len <= bound || format == TargetFormat::Raw, "{}: {} over the bound {bound}", dest.display(), r.file_len);
+    assert!(
+        r.file_len <= bound || format == TargetFormat::Raw,
+        "{}: {} over the bound {bound}",
+        dest.display(),
+        r.file_len
+    );
     // The hash reported is the file's, as verify computes it.
     let want = hash_files(&[dest.to_path_buf()], &Control::new()).unwrap();
     assert_eq!(r.hash.as_deref(), Some(want.as_str()), "{}", dest.display());
@@ -180,7 +185,8 @@ fn check_native_outputs(g: &Generated, tag: &str) {
     let top = g.top();
     let backing = g.files.len().checked_sub(2).map(|i| g.files[i].file_name().unwrap().to_str().unwrap().to_string());
     // Delta copies: the top's own clusters, the same backing pointer.
-    for (name, comp) in [("plain", None), ("zstd", Some(CompressionType::Zstd)), ("zlib", Some(CompressionType::Zlib))] {
+    for (name, comp) in [("plain", None), ("zstd", Some(CompressionType::Zstd)), ("zlib", Some(CompressionType::Zlib))]
+    {
         let out = dir.join(format!("delta-{name}.qcow2"));
         let r = native(top, &out, SourceMode::Top, TargetFormat::Qcow2, backing.as_deref(), comp);
         assert_clean(&out);
@@ -306,7 +312,11 @@ fn images_qemu_img_writes_read_natively_as_qemu_reads_them() {
         if g.files.len() >= 2 {
             let below = g.files[g.files.len() - 2].file_name().unwrap().to_str().unwrap().to_string();
             let out = d.path().join("qemu-delta.qcow2");
-            must(Some(d.path()), "qemu-img", &["convert", "-c", "-O", "qcow2", "-B", &below, "-F", "qcow2", p(top), p(&out)]);
+            must(
+                Some(d.path()),
+                "qemu-img",
+                &["convert", "-c", "-O", "qcow2", "-B", &below, "-F", "qcow2", p(top), p(&out)],
+            );
             assert_reads_like_qemu(&out);
         }
     }
@@ -328,7 +338,9 @@ fn refcounts_never_overflow_when_tiny_compressed_clusters_share_a_2m_cluster() {
     let sink = knib_core::qcow2::FileSink::new(file, &out, false);
     let mut layout = Layout::new(spec, sink, None).unwrap();
     for i in 0..n {
-        layout.push_compressed(i, &[0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i as u8]).unwrap();
+        layout
+            .push_compressed(i, &[0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, i as u8])
+            .unwrap();
     }
     let (header, sink, summary) = layout.finish().unwrap();
     assert_eq!(summary.compressed_clusters, n);
@@ -346,7 +358,8 @@ fn refcounts_never_overflow_when_tiny_compressed_clusters_share_a_2m_cluster() {
 
 #[test]
 fn a_plan_gives_the_exact_file_length_of_a_plain_copy() {
-    let spec = ImageSpec { virtual_size: 10 * M + 512, cluster_bits: 16, backing: None, compression: CompressionType::Zlib };
+    let spec =
+        ImageSpec { virtual_size: 10 * M + 512, cluster_bits: 16, backing: None, compression: CompressionType::Zlib };
     let mut l = Layout::new(spec, CountSink::default(), None).unwrap();
     l.push_data(3, &vec![0u8; 2 * 64 * K as usize]).unwrap();
     l.push_zero(10, 5).unwrap();
@@ -369,8 +382,16 @@ fn the_native_path_refuses_what_it_does_not_handle_with_clear_errors() {
     let d = tempfile::tempdir().unwrap();
     let enc = d.path().join("enc.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o", "encrypt.format=aes,encrypt.key-secret=s0",
-        p(&enc), "1M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s0",
+        p(&enc),
+        "1M",
     ]);
     let ext = d.path().join("ext.qcow2");
     let data = d.path().join("ext.data");
@@ -406,7 +427,8 @@ fn the_rate_limit_deadline_and_progress_hold_on_the_native_path() {
     qemu_io(&src, &["write -q -P 0x33 0 8M".to_string()]);
     // 8 MB at 1 MB/s takes 8 s; the budget is 1 s: the copy stops on time.
     let ctl = Control::new().with_deadline(knib_core::Deadline::after(std::time::Duration::from_secs(1)));
-    let opts = CopyOptions { rate_limit_mbps: 1, compression: Some(CompressionType::Zstd), threads: 1, ..Default::default() };
+    let opts =
+        CopyOptions { rate_limit_mbps: 1, compression: Some(CompressionType::Zstd), threads: 1, ..Default::default() };
     let out = d.path().join("out.qcow2");
     let e = copy_image(&src, &out, &opts, &ctl, &mut |_| Ok(())).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Timeout, "{e}");

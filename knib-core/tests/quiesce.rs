@@ -151,10 +151,8 @@ fn a_quiesced_backup_of_a_domain_without_an_agent_fails_and_changes_nothing() {
     assert_eq!(vm.disks(), disks);
     assert_eq!(tree(&vms), files);
     // The store holds at most the VM's lock file.
-    let left: Vec<PathBuf> = tree(store.root())
-        .into_iter()
-        .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != ".lock"))
-        .collect();
+    let left: Vec<PathBuf> =
+        tree(store.root()).into_iter().filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != ".lock")).collect();
     assert!(left.is_empty(), "left in the store: {left:?}");
     assert!(store.list(None).unwrap().is_empty());
     assert!(vm.read_check("vda", 0x5a, 0, MIB));

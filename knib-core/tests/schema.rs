@@ -109,7 +109,8 @@ fn answer_cell(s: &Value, ans: &Value) -> String {
 
 /// The README's table.
 fn readme_table(s: &Value) -> String {
-    let mut t = String::from("| op | what it does | request fields (`?`: optional) | answer fields |\n|---|---|---|---|\n");
+    let mut t =
+        String::from("| op | what it does | request fields (`?`: optional) | answer fields |\n|---|---|---|---|\n");
     for (op, (what, req, ans)) in operations(s) {
         t += &format!("| `{op}` | {what} | {} | {} |\n", request_cell(s, &req), answer_cell(s, &ans));
     }
@@ -162,8 +163,11 @@ fn type_name(root: &Value, s: &Value, objects: &mut BTreeSet<String>) -> String 
     }
     if let Some(any) = s.get("anyOf").or_else(|| s.get("oneOf")).and_then(Value::as_array) {
         let nullable = any.iter().any(|a| a.get("type") == Some(&Value::from("null")));
-        let parts: Vec<String> =
-            any.iter().filter(|a| a.get("type") != Some(&Value::from("null"))).map(|a| type_name(root, a, objects)).collect();
+        let parts: Vec<String> = any
+            .iter()
+            .filter(|a| a.get("type") != Some(&Value::from("null")))
+            .map(|a| type_name(root, a, objects))
+            .collect();
         return parts.join(" | ") + if nullable { " or null" } else { "" };
     }
     if let Some(c) = s.get("const") {
@@ -221,7 +225,8 @@ fn json_lines(v: &Value, indent: usize, width: usize) -> Vec<String> {
     fn one_line(v: &Value) -> String {
         match v {
             Value::Object(m) => {
-                let inner: Vec<String> = m.iter().map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), one_line(v))).collect();
+                let inner: Vec<String> =
+                    m.iter().map(|(k, v)| format!("{}: {}", Value::from(k.as_str()), one_line(v))).collect();
                 format!("{{{}}}", inner.join(", "))
             }
             Value::Array(a) => format!("[{}]", a.iter().map(one_line).collect::<Vec<_>>().join(", ")),
@@ -354,7 +359,8 @@ fn header_table(s: &Value) -> String {
     let text = lines.join("\n") + "\n";
     for bad in ["*/", "/*", "\\", "\"\"\""] {
         if text[HEADER_BEGIN.len()..].contains(bad) {
-            problems.push(format!("the generated header text holds {bad:?}, which the C comment or cbindgen.toml cannot"));
+            problems
+                .push(format!("the generated header text holds {bad:?}, which the C comment or cbindgen.toml cannot"));
         }
     }
     assert!(problems.is_empty(), "the header's documentation cannot be generated:\n{}", problems.join("\n"));
@@ -410,7 +416,16 @@ fn the_readme_table_is_the_schema() {
     let inner = format!("\n\n{}\n", readme_table(&s));
     let readme = read("README.md");
     if writing() {
-        write("README.md", &replace_between(&readme, README_BEGIN, README_END, &format!("{README_BEGIN}{inner}{README_END}"), "README.md"));
+        write(
+            "README.md",
+            &replace_between(
+                &readme,
+                README_BEGIN,
+                README_END,
+                &format!("{README_BEGIN}{inner}{README_END}"),
+                "README.md",
+            ),
+        );
         return;
     }
     let got = between(&readme, README_BEGIN, README_END, "README.md");

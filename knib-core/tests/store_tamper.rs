@@ -296,7 +296,9 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
             names: manifest_of(&id),
             want: Box::new(move |op| match op {
                 Op::List => Works,
-                Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs if ids2[2] == id2 => Fail(ErrorKind::Corrupt),
+                Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs if ids2[2] == id2 => {
+                    Fail(ErrorKind::Corrupt)
+                }
                 Op::Restore | Op::Verify if pos < 2 => Fail(ErrorKind::Corrupt),
                 Op::Backup => FullOrFail,
                 _ => Any,
@@ -307,49 +309,99 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
     let target = last.clone();
     let vol: &'static str = ["root", "data"][rng.below(2) as usize];
     let links: Vec<(&str, String, String, WantFn)> = vec![
-        ("vms", "vms".into(), "outside".into(), Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any })),
-        ("vms/vm1", "vms/vm1".into(), "outside/vm1".into(), Box::new(|op| match op {
-            Op::List => Works,
-            Op::Backup => Fail(ErrorKind::Corrupt),
-            _ => Any,
-        })),
-        ("backup dir", format!("vms/vm1/{target}"), format!("outside/vm1/{target}"), Box::new(move |op| match op {
-            Op::List => Works,
-            Op::Backup => FullOrFail,
-            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Delete | Op::Jobs => Fail(ErrorKind::Corrupt),
-        })),
-        ("volume file", format!("vms/vm1/{target}/{vol}.qcow2"), format!("outside/vm1/{target}/{vol}.qcow2"), Box::new(move |op| match op {
-            Op::List | Op::Show => Works,
-            Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
-            Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
-            _ => Any,
-        })),
-        ("parent's volume file", format!("vms/vm1/{}/{vol}.qcow2", ids[0]), format!("outside/vm1/{}/{vol}.qcow2", ids[0]), Box::new(move |op| match op {
-            Op::List | Op::Show => Works,
-            Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
-            Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
-            _ => Any,
-        })),
-        ("manifest", format!("vms/vm1/{target}/manifest.json"), format!("outside/vm1/{target}/manifest.json"), Box::new(move |op| match op {
-            Op::List => Works,
-            Op::Backup => FullOrFail,
-            Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs => Fail(ErrorKind::Corrupt),
-            _ => Any,
-        })),
+        (
+            "vms",
+            "vms".into(),
+            "outside".into(),
+            Box::new(|op| if op == Op::Backup { Fail(ErrorKind::Corrupt) } else { Any }),
+        ),
+        (
+            "vms/vm1",
+            "vms/vm1".into(),
+            "outside/vm1".into(),
+            Box::new(|op| match op {
+                Op::List => Works,
+                Op::Backup => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        ),
+        (
+            "backup dir",
+            format!("vms/vm1/{target}"),
+            format!("outside/vm1/{target}"),
+            Box::new(move |op| match op {
+                Op::List => Works,
+                Op::Backup => FullOrFail,
+                Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Delete | Op::Jobs => Fail(ErrorKind::Corrupt),
+            }),
+        ),
+        (
+            "volume file",
+            format!("vms/vm1/{target}/{vol}.qcow2"),
+            format!("outside/vm1/{target}/{vol}.qcow2"),
+            Box::new(move |op| match op {
+                Op::List | Op::Show => Works,
+                Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+                Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        ),
+        (
+            "parent's volume file",
+            format!("vms/vm1/{}/{vol}.qcow2", ids[0]),
+            format!("outside/vm1/{}/{vol}.qcow2", ids[0]),
+            Box::new(move |op| match op {
+                Op::List | Op::Show => Works,
+                Op::Compress | Op::Verify | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+                Op::Restore if vol == "root" => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        ),
+        (
+            "manifest",
+            format!("vms/vm1/{target}/manifest.json"),
+            format!("outside/vm1/{target}/manifest.json"),
+            Box::new(move |op| match op {
+                Op::List => Works,
+                Op::Backup => FullOrFail,
+                Op::Show | Op::Restore | Op::Compress | Op::Verify | Op::Jobs => Fail(ErrorKind::Corrupt),
+                _ => Any,
+            }),
+        ),
         // state.json is only a cache of the head: a backup follows the
         // disks' deltas and repairs it (the link is replaced, not followed).
-        ("state", "vms/vm1/state.json".into(), "outside/vm1/state.json".into(), Box::new(|op| if op == Op::Backup { Works } else { Any })),
-        ("lock", "vms/vm1/.lock".into(), "outside/secret".into(), Box::new(move |op| match op {
-            Op::Backup | Op::Compress | Op::Delete => Fail(ErrorKind::Corrupt),
-            Op::List | Op::Show | Op::Restore => Works,
-            _ => Any,
-        })),
-        ("settings", "knib.json".into(), "outside/knib.json".into(), Box::new(|op| match op {
-            Op::List | Op::Show | Op::Delete => Works,
-            Op::Restore | Op::Compress | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
-            Op::Verify => Any,
-        })),
-        ("jobs dir", "jobs".into(), "outside/jobs".into(), Box::new(|op| if op == Op::Jobs { Fail(ErrorKind::Corrupt) } else { Any })),
+        (
+            "state",
+            "vms/vm1/state.json".into(),
+            "outside/vm1/state.json".into(),
+            Box::new(|op| if op == Op::Backup { Works } else { Any }),
+        ),
+        (
+            "lock",
+            "vms/vm1/.lock".into(),
+            "outside/secret".into(),
+            Box::new(move |op| match op {
+                Op::Backup | Op::Compress | Op::Delete => Fail(ErrorKind::Corrupt),
+                Op::List | Op::Show | Op::Restore => Works,
+                _ => Any,
+            }),
+        ),
+        (
+            "settings",
+            "knib.json".into(),
+            "outside/knib.json".into(),
+            Box::new(|op| match op {
+                Op::List | Op::Show | Op::Delete => Works,
+                Op::Restore | Op::Compress | Op::Backup | Op::Jobs => Fail(ErrorKind::Corrupt),
+                Op::Verify => Any,
+            }),
+        ),
+        (
+            "jobs dir",
+            "jobs".into(),
+            "outside/jobs".into(),
+            Box::new(|op| if op == Op::Jobs { Fail(ErrorKind::Corrupt) } else { Any }),
+        ),
     ];
     for (what, rel, to, want) in links {
         let (rel2, to2) = (rel.clone(), to.clone());
@@ -387,10 +439,18 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
                 let b = match form {
                     0 => outside.join("victim.qcow2").display().to_string(),
                     1 => format!("../{}", escape(&mut r, outside, "victim.qcow2")),
-                    _ => format!("json:{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}", outside.join("victim.qcow2").display()),
+                    _ => format!(
+                        "json:{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}}}}",
+                        outside.join("victim.qcow2").display()
+                    ),
                 };
                 let f = store.join("vms/vm1").join(&tid).join("root.qcow2");
-                let st = Command::new("qemu-img").args(["rebase", "-u", "-F", "qcow2", "-b"]).arg(&b).arg(&f).status().unwrap();
+                let st = Command::new("qemu-img")
+                    .args(["rebase", "-u", "-F", "qcow2", "-b"])
+                    .arg(&b)
+                    .arg(&f)
+                    .status()
+                    .unwrap();
                 assert!(st.success());
             }),
             names: format!("vms/vm1/{id}/root.qcow2"),
@@ -420,7 +480,11 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
     out.push(Case {
         name: "settings: repeated key".into(),
         tamper: Box::new(|store: &Path, _| {
-            std::fs::write(store.join("knib.json"), "{\"schema\": 1, \"knib.data.path\": \"native\", \"knib.data.path\": \"qemu-img\"}").unwrap()
+            std::fs::write(
+                store.join("knib.json"),
+                "{\"schema\": 1, \"knib.data.path\": \"native\", \"knib.data.path\": \"qemu-img\"}",
+            )
+            .unwrap()
         }),
         names: "knib.json".into(),
         want: Box::new(|op| match op {
@@ -480,7 +544,13 @@ fn tampered_stores_are_refused_and_nothing_outside_is_touched() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} checks failed:\n{}", failures.len(), all.len() * OPS.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} checks failed:\n{}",
+        failures.len(),
+        all.len() * OPS.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -177,9 +177,7 @@ pub extern "system" fn Java_io_knib_NativeLib_setLogLevel<'l>(
     _class: JClass<'l>,
     level: jint,
 ) -> jboolean {
-    guard(&mut env, JNI_FALSE, |env| {
-        Ok(if logging::set_level(env, level)? { JNI_TRUE } else { JNI_FALSE })
-    })
+    guard(&mut env, JNI_FALSE, |env| Ok(if logging::set_level(env, level)? { JNI_TRUE } else { JNI_FALSE }))
 }
 
 /// `void NativeLib.testPanic(long)`: tests only, in debug builds. Panics
@@ -193,12 +191,17 @@ pub extern "system" fn Java_io_knib_NativeLib_testPanic<'l>(mut env: JNIEnv<'l>,
         #[cfg(debug_assertions)]
         {
             let _ = env;
-            s.exclusive(|| -> Result<(), knib_core::KnibError> { panic!("knib test panic: NativeLib.testPanic was called") })?;
+            s.exclusive(|| -> Result<(), knib_core::KnibError> {
+                panic!("knib test panic: NativeLib.testPanic was called")
+            })?;
         }
         #[cfg(not(debug_assertions))]
         {
             drop(s);
-            env.throw_new("java/lang/UnsupportedOperationException", "testPanic exists in debug builds of knib-jni only")?;
+            env.throw_new(
+                "java/lang/UnsupportedOperationException",
+                "testPanic exists in debug builds of knib-jni only",
+            )?;
         }
         Ok(())
     })

@@ -53,7 +53,12 @@ impl log::Log for Forwarder {
             let class = <&JClass>::from(t.class.as_obj());
             let _ = env.with_local_frame(4, |env| -> jni::errors::Result<()> {
                 let s = env.new_string(&text)?;
-                let r = env.call_static_method(class, "log", "(ILjava/lang/String;)V", &[JValue::Int(level), JValue::Object(&s)]);
+                let r = env.call_static_method(
+                    class,
+                    "log",
+                    "(ILjava/lang/String;)V",
+                    &[JValue::Int(level), JValue::Object(&s)],
+                );
                 if env.exception_check()? {
                     env.exception_clear()?;
                 }

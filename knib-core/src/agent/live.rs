@@ -137,8 +137,12 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                         }
                         // Below `path`, from the top down: the VM snapshot
                         // deltas, newest first, then `merge.parent`.
-                        let mut want: Vec<(&str, &Path)> =
-                            v.vm_snapshot_delta_paths.iter().rev().map(|s| ("vm_snapshot_delta_paths", s.as_path())).collect();
+                        let mut want: Vec<(&str, &Path)> = v
+                            .vm_snapshot_delta_paths
+                            .iter()
+                            .rev()
+                            .map(|s| ("vm_snapshot_delta_paths", s.as_path()))
+                            .collect();
                         want.push(("merge.parent", &m.parent));
                         for (k, (name, f)) in want.iter().enumerate() {
                             let below = chain.get(k + 1);
@@ -251,7 +255,12 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
 }
 
 /// `agent.cleanup_vm_backup`.
-pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
+pub(crate) fn cleanup_vm_backup(
+    op: &str,
+    r: &TakeReq,
+    mode: CleanupMode,
+    ctl: &Control,
+) -> Result<CleanupVmBackupAnswer> {
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
     let plan = plan(op, &q, &vm, r, Mode::Cleanup, ctl)?;
@@ -331,8 +340,14 @@ pub(crate) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result
 pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<ValidateAnswer> {
     let bad = |m: String| KnibError::invalid(format!("request of {op}: {m}"));
     match (&r.domain, r.disks.is_empty()) {
-        (Some(_), false) => return Err(bad("`domain` (a running domain) and `disks` (a throwaway one) exclude each other".into())),
-        (None, true) => return Err(bad("give `domain` (validate a running domain) or `disks` (boot a throwaway domain on them)".into())),
+        (Some(_), false) => {
+            return Err(bad("`domain` (a running domain) and `disks` (a throwaway one) exclude each other".into()))
+        }
+        (None, true) => {
+            return Err(bad(
+                "give `domain` (validate a running domain) or `disks` (boot a throwaway domain on them)".into()
+            ))
+        }
         _ => {}
     }
     if r.domain.is_some() {

@@ -174,7 +174,8 @@ pub(crate) struct CleanupReq {
 impl CleanupReq {
     /// The failed backup's request and the mode.
     pub fn into_parts(self) -> (TakeReq, CleanupMode) {
-        let CleanupReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs, mode } = self;
+        let CleanupReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs, mode } =
+            self;
         (TakeReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs }, mode)
     }
 }
@@ -495,7 +496,11 @@ pub(crate) struct MergeReq {
 /// The domain a request names: `Ok(None)` for a stopped VM libvirt does
 /// not know (no `domain`, `running: false`); without `domain` and with
 /// `running` true or absent, an error naming the field.
-pub(crate) fn domain_of<'a>(op: &str, domain: &'a Option<String>, running: Option<bool>) -> crate::error::Result<Option<&'a str>> {
+pub(crate) fn domain_of<'a>(
+    op: &str,
+    domain: &'a Option<String>,
+    running: Option<bool>,
+) -> crate::error::Result<Option<&'a str>> {
     match (domain.as_deref(), running) {
         (Some(d), _) => Ok(Some(d)),
         (None, Some(false)) => Ok(None),

@@ -70,7 +70,11 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
         if let Some(p) = &v.parent_backup_path {
             absolute(op, &field("parent_backup_path"), p)?;
             if take && !p.is_file() {
-                return Err(KnibError::not_found(format!("volume {}: the parent backup {} does not exist", v.uuid, p.display())));
+                return Err(KnibError::not_found(format!(
+                    "volume {}: the parent backup {} does not exist",
+                    v.uuid,
+                    p.display()
+                )));
             }
         }
         if let Some(m) = &v.merge {
@@ -126,14 +130,24 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             if !v.path.is_file() {
                 return Err(KnibError::not_found(format!("volume {}: {} does not exist", v.uuid, v.path.display())));
             }
-            for (what, f) in [("the new delta", &v.delta_path_on_primary), ("the backup file", &v.delta_path_on_store)] {
+            for (what, f) in [("the new delta", &v.delta_path_on_primary), ("the backup file", &v.delta_path_on_store)]
+            {
                 if f.exists() {
-                    return Err(KnibError::invalid(format!("volume {}: {what} {} already exists", v.uuid, f.display())));
+                    return Err(KnibError::invalid(format!(
+                        "volume {}: {what} {} already exists",
+                        v.uuid,
+                        f.display()
+                    )));
                 }
             }
             let info = q.info(&v.path, ctl)?;
             if info.format != "qcow2" {
-                return Err(KnibError::invalid(format!("volume {}: {} is {}, not qcow2", v.uuid, v.path.display(), info.format)));
+                return Err(KnibError::invalid(format!(
+                    "volume {}: {} is {}, not qcow2",
+                    v.uuid,
+                    v.path.display(),
+                    info.format
+                )));
             }
             virtual_size = info.virtual_size;
             match &v.merge {
@@ -233,7 +247,12 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
 /// files (with mode "complete" and every `delta_path_on_store` present:
 /// finish; else discard: the store files removed, the new deltas undone),
 /// after testing every file on primary for QEMU's locks.
-pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode, ctl: &Control) -> Result<CleanupVmBackupAnswer> {
+pub(crate) fn cleanup_vm_backup(
+    op: &str,
+    r: &TakeReq,
+    mode: CleanupMode,
+    ctl: &Control,
+) -> Result<CleanupVmBackupAnswer> {
     let q = QemuImg::new();
     ensure_unused(&named_files(r), &format!("{op} of a VM without a domain"))?;
     let plan = plan(op, &q, r, false, ctl)?;

@@ -51,7 +51,9 @@ pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Res
                 )))
             }
         };
-        if overlays.iter().any(|o: &PathBuf| same_file(o, &overlay) || o == &overlay) || same_file(&overlay, &v.backup_path) {
+        if overlays.iter().any(|o: &PathBuf| same_file(o, &overlay) || o == &overlay)
+            || same_file(&overlay, &v.backup_path)
+        {
             return Err(KnibError::invalid(format!(
                 "request of {op}: overlay {} is named twice or is a backup file",
                 overlay.display()
@@ -70,7 +72,11 @@ pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Res
             made.push(tmp.clone());
             engine::create_overlay(&q, &v.backup_path, &tmp, ctl)
                 .map_err(|e| e.context(format!("overlay of volume {}", v.uuid)))?;
-            out.push(PreparedVolume { uuid: v.uuid.clone(), backup_path: v.backup_path.clone(), overlay_path: overlay.clone() });
+            out.push(PreparedVolume {
+                uuid: v.uuid.clone(),
+                backup_path: v.backup_path.clone(),
+                overlay_path: overlay.clone(),
+            });
         }
         for (tmp, overlay) in made.iter().zip(&overlays) {
             fsio::commit_rename(tmp, overlay)?;
@@ -113,7 +119,8 @@ fn replaceable_volume(path: &Path) -> Result<()> {
     if meta.len() == 0 {
         return Ok(());
     }
-    let mut img = crate::qcow2::Qcow2Image::open(path).map_err(|e| refuse(format!("is not an empty qcow2 image ({})", e.message)))?;
+    let mut img = crate::qcow2::Qcow2Image::open(path)
+        .map_err(|e| refuse(format!("is not an empty qcow2 image ({})", e.message)))?;
     if let Some(b) = &img.header().backing_file {
         return Err(refuse(format!("has a backing file ({b})")));
     }
@@ -165,7 +172,6 @@ pub(crate) fn script_result(expected: &str, exec: &engine::validate::Exec) -> Op
     }
 }
 
-
 #[cfg(all(test, feature = "libvirt"))]
 mod tests {
     use super::*;
@@ -183,7 +189,13 @@ mod tests {
         use engine::validate::{CommandOutcome, Exec};
         let ended = |exit: i64, out: &str| {
             let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, out);
-            Exec::Ended(CommandOutcome { exit: Some(exit), signal: None, stdout: out.into(), stdout_base64: b64, stderr: String::new() })
+            Exec::Ended(CommandOutcome {
+                exit: Some(exit),
+                signal: None,
+                stdout: out.into(),
+                stdout_base64: b64,
+                stderr: String::new(),
+            })
         };
         // "0" matches an exit code of 0, whatever the output.
         assert_eq!(script_result("0", &ended(0, "hello\n")), None);
@@ -197,6 +209,9 @@ mod tests {
         // No output: a text, never "".
         assert_eq!(script_result("0", &ended(2, "")).as_deref(), Some("exit code 2, no output"));
         assert_eq!(script_result("0", &Exec::TimedOut).as_deref(), Some("Timeout"));
-        assert_eq!(script_result("0", &Exec::Failed("agent not connected".into())).as_deref(), Some("agent not connected"));
+        assert_eq!(
+            script_result("0", &Exec::Failed("agent not connected".into())).as_deref(),
+            Some("agent not connected")
+        );
     }
 }

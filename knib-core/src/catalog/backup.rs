@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{head, new_backup_id, settings, CompressionInfo, Manifest, Store, VmState, VolumeEntry, DEFAULT_CHAIN_SIZE};
+use super::{
+    head, new_backup_id, settings, CompressionInfo, Manifest, Store, VmState, VolumeEntry, DEFAULT_CHAIN_SIZE,
+};
 use crate::engine::{self, BackupKind, TakeBackupRequest, VolumeBackup};
 use crate::error::{KnibError, Result};
 use crate::fsio;

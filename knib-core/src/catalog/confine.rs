@@ -59,9 +59,7 @@ pub(crate) enum Want {
     File,
 }
 
-const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
-    .union(ResolveFlags::NO_SYMLINKS)
-    .union(ResolveFlags::NO_MAGICLINKS);
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
 fn open_root(root: &Path) -> Result<OwnedFd> {
     rustix::fs::open(root, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
@@ -77,10 +75,9 @@ fn refusal(root: &Path, rel: &Path, what: &str, errno: Errno) -> KnibError {
             full.display()
         )),
         Errno::XDEV => KnibError::corrupt(format!("{what} {} leaves the store {}", full.display(), root.display())),
-        Errno::NOTDIR => KnibError::corrupt(format!(
-            "{what} {}: a part of the path is not a directory",
-            full.display()
-        )),
+        Errno::NOTDIR => {
+            KnibError::corrupt(format!("{what} {}: a part of the path is not a directory", full.display()))
+        }
         e => KnibError::io(&format!("cannot open {what}"), &full, e.into()),
     }
 }

@@ -345,7 +345,9 @@ impl Store {
             if let Some(b) = &m.backup {
                 match self.delete(b) {
                     Ok(o) => out.push(o),
-                    Err(e) if e.kind == ErrorKind::NotFound => log::warn!("group {id}: backup {b} of {} is gone already", m.vm),
+                    Err(e) if e.kind == ErrorKind::NotFound => {
+                        log::warn!("group {id}: backup {b} of {} is gone already", m.vm)
+                    }
                     Err(e) => return Err(e.context(format!("group {id}: member {}", m.vm))),
                 }
             }

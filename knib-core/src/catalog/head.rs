@@ -90,7 +90,8 @@ impl Store {
     ) -> Result<Decision> {
         let decision = |kind: BackupKind, parent: Option<Manifest>, full_reason: Option<String>| {
             let position = parent.as_ref().map(|p: &Manifest| p.position + 1).unwrap_or(1);
-            let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
+            let end_of_chain =
+                kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
             if let Some(why) = &full_reason {
                 log::warn!("backup of {vm}: taking a full backup: {why}");
             }
@@ -160,7 +161,10 @@ impl Store {
             .cloned()
         else {
             let list: Vec<String> = ids.iter().map(|(d, id)| format!("disk {d} follows {id}")).collect();
-            return full(format!("no backup of {vm} continues what the deltas follow ({}): it was deleted", list.join(", ")));
+            return full(format!(
+                "no backup of {vm} continues what the deltas follow ({}): it was deleted",
+                list.join(", ")
+            ));
         };
         match self.load_state(vm) {
             Ok(st) if st.head.as_deref() == Some(head.id.as_str()) => {}
@@ -176,9 +180,9 @@ impl Store {
             return Ok(decision(BackupKind::Full, None, None));
         }
         let same_disks = head.volumes.len() == sources.len()
-            && sources
-                .iter()
-                .all(|(name, path)| head.volumes.iter().any(|v| &v.name == name && Path::new(&v.source) == path.as_path()));
+            && sources.iter().all(|(name, path)| {
+                head.volumes.iter().any(|v| &v.name == name && Path::new(&v.source) == path.as_path())
+            });
         if !same_disks {
             return full(format!("the disks are not those of backup {}, the head of the chain", head.id));
         }

@@ -23,7 +23,6 @@
 
 use std::path::{Component, Path, PathBuf};
 
-
 use crate::engine::live::{self, LivePlan, DELTA_MARKER};
 use crate::error::{KnibError, Result};
 use crate::names;
@@ -50,10 +49,14 @@ pub fn check_plan(plan: &LivePlan, journal: &Path, vm: &str, disks: &[(String, V
         if plan.disks[..i].iter().any(|o| o.target == d.target) {
             return Err(bad(format!("field `{}`: disk {} is listed twice", field("target"), d.target)));
         }
-        let chain = disks.iter().find(|(t, _)| *t == d.target).map(|(_, c)| c).ok_or_else(|| {
-            bad(format!("field `{}`: the domain has no disk {}", field("target"), d.target))
-        })?;
-        let clean = |p: &Path| p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+        let chain = disks
+            .iter()
+            .find(|(t, _)| *t == d.target)
+            .map(|(_, c)| c)
+            .ok_or_else(|| bad(format!("field `{}`: the domain has no disk {}", field("target"), d.target)))?;
+        let clean = |p: &Path| {
+            p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        };
         if !clean(&d.base) || !chain.iter().any(|c| c == &d.base) {
             return Err(bad(format!(
                 "field `{}`: {} is not a file of disk {}'s chain ({})",
@@ -64,10 +67,7 @@ pub fn check_plan(plan: &LivePlan, journal: &Path, vm: &str, disks: &[(String, V
             )));
         }
         if !d.snapshots.is_empty() {
-            return Err(bad(format!(
-                "field `{}`: knib's own backups take no VM snapshot deltas",
-                field("snapshots")
-            )));
+            return Err(bad(format!("field `{}`: knib's own backups take no VM snapshot deltas", field("snapshots"))));
         }
         let want = live::delta_path(&d.base, &plan.backup_id);
         if d.new_delta != want {

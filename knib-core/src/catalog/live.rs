@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{Manifest, VolumeEntry};
 use super::head::Follows;
+use super::manifest::{Manifest, VolumeEntry};
 use super::{BackupOptions, Store};
 use crate::engine::live::{self, DiskPlan, LivePlan, LiveStep, RecoverReport};
 use crate::error::{ErrorKind, KnibError, Result};

@@ -74,9 +74,9 @@ use crate::fsio;
 use crate::names;
 use crate::qemu_img::QemuImg;
 
-pub use backup::{BackupOptions, DiskSpec};
 #[cfg(feature = "libvirt")]
 pub(crate) use backup::compressed_as_copied;
+pub use backup::{BackupOptions, DiskSpec};
 pub use delete::DeleteOutcome;
 pub use lock::VmLock;
 pub use manifest::{CompressionInfo, Manifest, VolumeEntry, MANIFEST_SCHEMA};
@@ -224,9 +224,8 @@ impl Store {
         let st: VmState = crate::json::from_slice(&t)
             .map_err(|e| KnibError::corrupt(format!("state file {} is corrupted: {e}", p.display())))?;
         if let Some(h) = &st.head {
-            names::validate("backup id", h).map_err(|e| {
-                KnibError::corrupt(format!("state file {}: field `head`: {}", p.display(), e.message))
-            })?;
+            names::validate("backup id", h)
+                .map_err(|e| KnibError::corrupt(format!("state file {}: field `head`: {}", p.display(), e.message)))?;
         }
         Ok(st)
     }
@@ -347,7 +346,8 @@ impl Store {
             if chain.iter().any(|c| c.id == p) {
                 return Err(KnibError::corrupt(format!("backup {} has a parent loop (through {p})", m.id)));
             }
-            let pm = self.load_manifest(&m.vm, &p).map_err(|e| e.context(format!("parent {p} of backup {}", cur.id)))?;
+            let pm =
+                self.load_manifest(&m.vm, &p).map_err(|e| e.context(format!("parent {p} of backup {}", cur.id)))?;
             chain.push(pm.clone());
             cur = pm;
         }
@@ -399,7 +399,6 @@ impl Store {
         }
         Ok(files)
     }
-
 }
 
 /// The backing file name in the qcow2 header of `file` (opened, confined,

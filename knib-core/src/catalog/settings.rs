@@ -364,7 +364,12 @@ fn domain_type<'de, D: Deserializer<'de>>(d: D) -> De<Option<String>, D::Error> 
 
 /// Put `value` at the dotted `key` of `into`, splitting the key and
 /// merging objects; a leaf reached twice is an error naming its key.
-fn insert_dotted(into: &mut Map<String, Value>, key: &str, value: Value, prefix: &str) -> std::result::Result<(), String> {
+fn insert_dotted(
+    into: &mut Map<String, Value>,
+    key: &str,
+    value: Value,
+    prefix: &str,
+) -> std::result::Result<(), String> {
     let (first, rest) = match key.split_once('.') {
         Some((first, rest)) => (first, Some(rest)),
         None => (key, None),

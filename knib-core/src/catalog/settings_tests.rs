@@ -13,10 +13,7 @@ fn missing_file_means_defaults() {
     assert_eq!(s, Settings::default());
     let c = &s.compression;
     assert!(c.enabled);
-    assert_eq!(
-        (c.max_concurrent_per_host, c.max_retries, c.retry_interval_secs, c.timeout_secs),
-        (5, 2, 3600, 28800)
-    );
+    assert_eq!((c.max_concurrent_per_host, c.max_retries, c.retry_interval_secs, c.timeout_secs), (5, 2, 3600, 28800));
     assert_eq!((c.min_free_factor, c.coroutines, c.rate_limit_mbps), (1.0, 1, 0));
     assert_eq!(c.library, CompressionLibrary::Zstd);
     let v = &s.validation;
@@ -79,7 +76,10 @@ fn bad_settings_name_the_key() {
         (r#"{"schema": 1, "knib.data.path": "qemu"}"#, "knib.data.path"),
         (r#"{"schema": 1, "knib": {"data": {"path": 1}}}"#, "knib.data.path"),
         (r#"{"schema": 1, "compression.enabled": true, "compression": {"enabled": false}}"#, "given twice"),
-        (r#"{"schema": 1, "knib.data": {"path": "native"}, "knib": {"data.path": "native"}}"#, "\"knib.data.path\" is given twice"),
+        (
+            r#"{"schema": 1, "knib.data": {"path": "native"}, "knib": {"data.path": "native"}}"#,
+            "\"knib.data.path\" is given twice",
+        ),
         (r#"{"schema": 1, "validation": {"kernel": null}}"#, "validation.kernel"),
         (r#"{"schema": 1, "validation.memory_mib": 32}"#, "validation.memory_mib"),
         (r#"{"schema": 1, "knib": {"data": {"route": "native"}}}"#, "knib.data.route"),

@@ -18,10 +18,7 @@ use crate::qcow2::MAGIC;
 pub(crate) fn require_qcow2_magic(file: &Path, what: &str) -> Result<()> {
     let mut f = File::open(file).map_err(|e| KnibError::io("cannot open", file, e))?;
     let mut head = Vec::with_capacity(MAGIC.len());
-    (&mut f)
-        .take(MAGIC.len() as u64)
-        .read_to_end(&mut head)
-        .map_err(|e| KnibError::io("cannot read", file, e))?;
+    (&mut f).take(MAGIC.len() as u64).read_to_end(&mut head).map_err(|e| KnibError::io("cannot read", file, e))?;
     if head == MAGIC {
         return Ok(());
     }

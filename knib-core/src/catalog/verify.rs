@@ -169,4 +169,3 @@ impl Store {
         Ok((report, new_hashes))
     }
 }
-

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{KnibError, Result};
 use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::engine::verify::{self, ExpectedHash};
+use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{Qcow2Image, SourceMode, TargetFormat};
@@ -130,10 +130,10 @@ pub fn compress_verified(
             // The native path takes qcow2 v3 files; v2 ones stay v2 (zlib)
             // through qemu-img.
             let native_header = match opts.data_path {
-                DataPath::Native => Some(
-                    Qcow2Image::open(f).map_err(|e| verify::explain_failure(e, &want, ctl))?.header().clone(),
-                )
-                .filter(|h| h.version >= 3),
+                DataPath::Native => {
+                    Some(Qcow2Image::open(f).map_err(|e| verify::explain_failure(e, &want, ctl))?.header().clone())
+                        .filter(|h| h.version >= 3)
+                }
                 DataPath::QemuImg => None,
             };
             let info = if native_header.is_none() {
@@ -208,7 +208,11 @@ pub fn compress_verified(
                         ctl,
                     )?;
                     fsio::sync_file(&out)?;
-                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_files(std::slice::from_ref(&out), ctl)?) };
+                    let hash = if want.is_empty() {
+                        None
+                    } else {
+                        Some(crate::hash::hash_files(std::slice::from_ref(&out), ctl)?)
+                    };
                     (fsio::file_size(&out)?, hash)
                 }
             };

@@ -58,7 +58,8 @@ pub enum LiveStep {
 
 impl LiveStep {
     /// Every step, in order.
-    pub const ALL: [LiveStep; 5] = [LiveStep::Snapshot, LiveStep::Copy, LiveStep::Publish, LiveStep::Merge, LiveStep::Pivot];
+    pub const ALL: [LiveStep; 5] =
+        [LiveStep::Snapshot, LiveStep::Copy, LiveStep::Publish, LiveStep::Merge, LiveStep::Pivot];
 
     /// The step's name.
     pub fn as_str(self) -> &'static str {
@@ -159,10 +160,7 @@ pub(crate) fn chain_of(q: &QemuImg, vm_running: bool, d: &DiskInfo, ctl: &Contro
     if vm_running {
         return Ok(d.chain_files().into_iter().map(Path::to_path_buf).collect());
     }
-    Ok(q.info_chain(&d.file, ctl)?
-        .into_iter()
-        .map(|i| PathBuf::from(i.filename))
-        .collect())
+    Ok(q.info_chain(&d.file, ctl)?.into_iter().map(|i| PathBuf::from(i.filename)).collect())
 }
 
 /// Inspect every file-backed disk of `vm`: each must be qcow2, with no
@@ -334,10 +332,7 @@ pub fn take(
     })();
     if let Err(e) = after {
         return Err(e
-            .context(format!(
-                "the backup is stored, but merging the disks of domain {} afterwards failed",
-                vm.name()
-            ))
+            .context(format!("the backup is stored, but merging the disks of domain {} afterwards failed", vm.name()))
             .with_vm_consistent(false));
     }
     for (r, d) in results.iter_mut().zip(&plan.disks) {
@@ -454,7 +449,12 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
                 if plan.end_of_chain {
                     let into = d.end_of_chain_into();
                     commit_down(q, vm, by, d, &d.new_delta, into, ctl)?;
-                    rep.actions.push(format!("{}: committed {} into {} (end of chain)", d.target, d.new_delta.display(), into.display()));
+                    rep.actions.push(format!(
+                        "{}: committed {} into {} (end of chain)",
+                        d.target,
+                        d.new_delta.display(),
+                        into.display()
+                    ));
                 }
             } else {
                 // An old delta the request did not name (the agent's cleanup
@@ -473,7 +473,12 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
                     None => d.old_delta.as_deref().filter(|o| has(o)).or(unnamed_old).unwrap_or(&d.base),
                 };
                 commit_down(q, vm, by, d, &d.new_delta, into, ctl)?;
-                rep.actions.push(format!("{}: undid the snapshot: committed {} back into {}", d.target, d.new_delta.display(), into.display()));
+                rep.actions.push(format!(
+                    "{}: undid the snapshot: committed {} back into {}",
+                    d.target,
+                    d.new_delta.display(),
+                    into.display()
+                ));
             }
         }
         // Deltas out of the chain are leftovers of a finished step.
@@ -549,7 +554,10 @@ pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ct
         ))
     })?;
     let below = chain.get(i + 1).cloned().ok_or_else(|| {
-        KnibError::invalid(format!("{} is the base of disk {target}: there is nothing to merge it into", delta.display()))
+        KnibError::invalid(format!(
+            "{} is the base of disk {target}: there is nothing to merge it into",
+            delta.display()
+        ))
     })?;
     let step = format!("merge of {} into {}", delta.display(), below.display());
     if running {

@@ -13,9 +13,10 @@ use crate::qemu_img::QemuImg;
 /// VM is stopped. Reads through `child` give the same bytes before and after.
 pub fn merge_delta(q: &QemuImg, delta: &Path, child: Option<&Path>, ctl: &Control) -> Result<()> {
     let info = q.info(delta, ctl)?;
-    let backing = info.backing_filename.clone().ok_or_else(|| {
-        KnibError::invalid(format!("{} has no backing file to merge into", delta.display()))
-    })?;
+    let backing = info
+        .backing_filename
+        .clone()
+        .ok_or_else(|| KnibError::invalid(format!("{} has no backing file to merge into", delta.display())))?;
     let backing_format = info.backing_filename_format.clone().unwrap_or_else(|| "qcow2".into());
     if let Some(c) = child {
         let ci = q.info(c, ctl)?;
@@ -40,11 +41,8 @@ pub fn merge_delta(q: &QemuImg, delta: &Path, child: Option<&Path>, ctl: &Contro
             .full_backing_filename
             .clone()
             .ok_or_else(|| KnibError::internal("qemu-img gave no full backing file name"))?;
-        let pointer = if Path::new(&backing).is_relative() && delta.parent() == c.parent() {
-            backing.clone()
-        } else {
-            full
-        };
+        let pointer =
+            if Path::new(&backing).is_relative() && delta.parent() == c.parent() { backing.clone() } else { full };
         q.rebase_unsafe(c, &pointer, &backing_format, ctl)?;
     }
     fsio::remove_if_exists(delta)

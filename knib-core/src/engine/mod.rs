@@ -30,22 +30,25 @@
 //! two makes the next incremental copy a superset, never miss a write.
 
 pub mod compress;
+#[cfg(feature = "libvirt")]
+pub mod live;
 pub mod merge;
 pub mod native;
 pub mod restore;
 pub mod stopped;
 pub mod take;
-pub mod verify;
 #[cfg(feature = "libvirt")]
-pub mod live;
-#[cfg(feature = "libvirt")] pub mod validate;
+pub mod validate;
+pub mod verify;
 
-pub use compress::{compress, compress_verified, finalize, CompressOptions, CompressedFile};
 /// The hashing of files lives below the qcow2 code ([`crate::hash`]); the
 /// engine hands it on under its old path.
 pub use crate::hash::{self, hash_files};
+pub use compress::{compress, compress_verified, finalize, CompressOptions, CompressedFile};
 pub use merge::merge_delta;
 pub use native::DataPath;
 pub use restore::{create_overlay, restore, restore_verified, RestoreRequest};
+pub use take::{
+    take_backup, take_backup_with, BackupKind, TakeBackupAnswer, TakeBackupRequest, VolumeBackup, VolumeResult,
+};
 pub use verify::ExpectedHash;
-pub use take::{take_backup, take_backup_with, BackupKind, TakeBackupAnswer, TakeBackupRequest, VolumeBackup, VolumeResult};

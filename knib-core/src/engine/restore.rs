@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{KnibError, Result};
 use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::engine::verify::{self, ExpectedHash};
+use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{SourceMode, TargetFormat};
@@ -125,18 +125,12 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
 /// file is the backup (by absolute path, as the store is elsewhere). A VM
 /// can start on it at once; consolidation later pulls the data in.
 pub fn create_overlay(q: &QemuImg, backup_file: &Path, dest: &Path, ctl: &Control) -> Result<()> {
-    let abs = backup_file
-        .canonicalize()
-        .map_err(|e| KnibError::io("backup file", backup_file, e))?;
+    let abs = backup_file.canonicalize().map_err(|e| KnibError::io("backup file", backup_file, e))?;
     check_dest(dest, false)?;
     q.info_chain(&abs, ctl)?;
     let tmp = fsio::temp_path(dest);
-    let abs_s = abs
-        .to_str()
-        .ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", abs.display())))?;
-    let r = q
-        .create_overlay(&tmp, abs_s, "qcow2", None, ctl)
-        .and_then(|_| fsio::commit_rename(&tmp, dest));
+    let abs_s = abs.to_str().ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", abs.display())))?;
+    let r = q.create_overlay(&tmp, abs_s, "qcow2", None, ctl).and_then(|_| fsio::commit_rename(&tmp, dest));
     if r.is_err() {
         let _ = fsio::remove_if_exists(&tmp);
     }

@@ -314,8 +314,17 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
         for d in &plan.disks {
             ctl.check(&format!("copy of volume {}", d.name))?;
             let what = format!("volume {}", d.name);
-            let (hash, compression, data_bytes) =
-                copy_to_store(q, d.old_top(), d.layers_above_base(), &d.dest, d.parent.as_deref(), plan.data_path, plan.compress, &what, ctl)?;
+            let (hash, compression, data_bytes) = copy_to_store(
+                q,
+                d.old_top(),
+                d.layers_above_base(),
+                &d.dest,
+                d.parent.as_deref(),
+                plan.data_path,
+                plan.compress,
+                &what,
+                ctl,
+            )?;
             results.push(VolumeResult {
                 name: d.name.clone(),
                 active_file: d.new_delta.clone(),
@@ -416,10 +425,8 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
             let chain = chain_of(&d.new_delta)?;
             // `old_delta`, still in the chain just below the new delta or
             // the first VM snapshot delta.
-            let old = d
-                .old_delta
-                .as_deref()
-                .filter(|o| chain.get(1 + d.snapshots.len()).is_some_and(|c| same_file(c, o)));
+            let old =
+                d.old_delta.as_deref().filter(|o| chain.get(1 + d.snapshots.len()).is_some_and(|c| same_file(c, o)));
             if finish {
                 if let Some(old) = old {
                     merge_into_parent(q, old, &d.base, &children_of_old(d), plan.data_path, ctl)?;
@@ -482,10 +489,15 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
         let top = undone_into
             .into_iter()
             .chain(
-                [Some(d.new_delta.as_path()), d.snapshots.last().map(PathBuf::as_path), d.old_delta.as_deref(), Some(d.base.as_path())]
-                    .into_iter()
-                    .flatten()
-                    .map(Path::to_path_buf),
+                [
+                    Some(d.new_delta.as_path()),
+                    d.snapshots.last().map(PathBuf::as_path),
+                    d.old_delta.as_deref(),
+                    Some(d.base.as_path()),
+                ]
+                .into_iter()
+                .flatten()
+                .map(Path::to_path_buf),
             )
             .find(|p| p.exists())
             .ok_or_else(|| {

@@ -144,8 +144,8 @@ pub fn read_since_marker(disk: &Path) -> Result<Option<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(KnibError::io("cannot read", &p, e)),
     };
-    let m: SinceMarker = serde_json::from_slice(&text)
-        .map_err(|e| KnibError::corrupt(format!("{} is corrupted: {e}", p.display())))?;
+    let m: SinceMarker =
+        serde_json::from_slice(&text).map_err(|e| KnibError::corrupt(format!("{} is corrupted: {e}", p.display())))?;
     if m.schema != 1 || crate::names::validate("backup id", &m.backup).is_err() {
         return Err(KnibError::corrupt(format!("{} does not name a backup", p.display())));
     }

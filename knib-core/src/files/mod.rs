@@ -117,8 +117,8 @@ use device::{Device, SharedDevice, Window};
 use fs::{display, Filesystem, Kind, Node};
 
 pub use extract::GetSummary;
-pub use ops::{EntriesAnswer, FilesystemsAnswer};
 pub(crate) use ops::{fs_op, get_op, ls_op, FsReq, GetReq, LsReq};
+pub use ops::{EntriesAnswer, FilesystemsAnswer};
 pub use path::MAX_LINKS;
 pub(crate) use path::{parse_path, resolve};
 

@@ -24,9 +24,11 @@ pub(crate) fn parse_path(path: &str) -> Result<Vec<Vec<u8>>> {
     for c in path.split('/') {
         match c {
             "" | "." => {}
-            ".." => return Err(KnibError::invalid(format!(
+            ".." => {
+                return Err(KnibError::invalid(format!(
                 "path {path:?} has a `..` component: paths are taken from the filesystem's root and may not leave it"
-            ))),
+            )))
+            }
             c if c.contains('\0') => return Err(KnibError::invalid(format!("path {path:?} contains a NUL byte"))),
             c => out.push(c.as_bytes().to_vec()),
         }

@@ -152,23 +152,13 @@ fn c_path(what: &str, p: &Path) -> Result<CString> {
 /// [`CommitFlags::active`], the active file) down to just above `base`
 /// (default: the bottom of the chain) is written into `base`. Returns once
 /// the job started; follow it with `blockwait::wait_block_job`.
-pub fn block_commit(
-    vm: &Vm,
-    disk: &str,
-    base: Option<&Path>,
-    top: Option<&Path>,
-    flags: CommitFlags,
-) -> Result<()> {
+pub fn block_commit(vm: &Vm, disk: &str, base: Option<&Path>, top: Option<&Path>, flags: CommitFlags) -> Result<()> {
     let what = format!(
         "virDomainBlockCommit on disk {disk} of domain {} (base {}, top {})",
         vm.name(),
         base.map_or_else(|| "bottom of the chain".into(), |p| p.display().to_string()),
         top.map_or_else(
-            || if flags.active {
-                "active file".into()
-            } else {
-                "backing file of the active one".into()
-            },
+            || if flags.active { "active file".into() } else { "backing file of the active one".into() },
             |p| p.display().to_string()
         ),
     );
@@ -235,21 +225,11 @@ pub fn block_pull(vm: &Vm, disk: &str, flags: PullFlags) -> Result<()> {
             );
             let c_disk = c_string(&what, disk)?;
             let c_base = c_path(&what, base)?;
-            let raw_flags = if flags.relative {
-                sys::VIR_DOMAIN_BLOCK_REBASE_RELATIVE
-            } else {
-                0
-            };
+            let raw_flags = if flags.relative { sys::VIR_DOMAIN_BLOCK_REBASE_RELATIVE } else { 0 };
             // SAFETY: as above; the base string is NUL-terminated and
             // outlives the call. Without the COPY flag a rebase is a pull.
             ret = unsafe {
-                sys::virDomainBlockRebase(
-                    vm.domain().as_ptr(),
-                    c_disk.as_ptr(),
-                    c_base.as_ptr(),
-                    0,
-                    raw_flags,
-                )
+                sys::virDomainBlockRebase(vm.domain().as_ptr(), c_disk.as_ptr(), c_base.as_ptr(), 0, raw_flags)
             };
         }
     }
@@ -262,32 +242,18 @@ pub fn block_pull(vm: &Vm, disk: &str, flags: PullFlags) -> Result<()> {
 /// The block job running on `disk`, or `None` when there is none (it ended,
 /// or never started).
 pub fn block_job_info(vm: &Vm, disk: &str) -> Result<Option<BlockJobInfo>> {
-    let what = format!(
-        "virDomainGetBlockJobInfo on disk {disk} of domain {}",
-        vm.name()
-    );
+    let what = format!("virDomainGetBlockJobInfo on disk {disk} of domain {}", vm.name());
     let c_disk = c_string(&what, disk)?;
-    let mut info = sys::virDomainBlockJobInfo {
-        type_: 0,
-        bandwidth: 0,
-        cur: 0,
-        end: 0,
-    };
+    let mut info = sys::virDomainBlockJobInfo { type_: 0, bandwidth: 0, cur: 0, end: 0 };
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the disk
     // string is NUL-terminated; `info` is a properly laid out, writable
     // struct that lives across the call. libvirt returns 1 and fills `info`
     // when there is a job, 0 when there is none, -1 on error.
-    let ret = unsafe {
-        sys::virDomainGetBlockJobInfo(vm.domain().as_ptr(), c_disk.as_ptr(), &mut info, 0)
-    };
+    let ret = unsafe { sys::virDomainGetBlockJobInfo(vm.domain().as_ptr(), c_disk.as_ptr(), &mut info, 0) };
     match ret {
         r if r < 0 => Err(last_virt_error(what)),
         0 => Ok(None),
-        _ => Ok(Some(BlockJobInfo {
-            kind: BlockJobKind::from_raw(info.type_),
-            cur: info.cur,
-            end: info.end,
-        })),
+        _ => Ok(Some(BlockJobInfo { kind: BlockJobKind::from_raw(info.type_), cur: info.cur, end: info.end })),
     }
 }
 
@@ -297,17 +263,10 @@ pub fn block_job_info(vm: &Vm, disk: &str) -> Result<Option<BlockJobInfo>> {
 /// on the chain it had (a commit's `base` may have received part of the
 /// data, which changes nothing the guest sees).
 pub fn block_job_abort(vm: &Vm, disk: &str, pivot: bool) -> Result<()> {
-    let what = format!(
-        "virDomainBlockJobAbort{} on disk {disk} of domain {}",
-        if pivot { " (pivot)" } else { "" },
-        vm.name()
-    );
+    let what =
+        format!("virDomainBlockJobAbort{} on disk {disk} of domain {}", if pivot { " (pivot)" } else { "" }, vm.name());
     let c_disk = c_string(&what, disk)?;
-    let flags = if pivot {
-        sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
-    } else {
-        0
-    };
+    let flags = if pivot { sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT } else { 0 };
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the disk
     // string is NUL-terminated and outlives the call. Without the ASYNC
     // flag the call returns when the job is gone.
@@ -324,11 +283,7 @@ mod tests {
 
     #[test]
     fn job_info_readiness_and_percent() {
-        let mut i = BlockJobInfo {
-            kind: BlockJobKind::ActiveCommit,
-            cur: 0,
-            end: 0,
-        };
+        let mut i = BlockJobInfo { kind: BlockJobKind::ActiveCommit, cur: 0, end: 0 };
         assert!(!i.is_ready());
         assert_eq!(i.percent(), 0.0);
         i.end = 4;
@@ -348,9 +303,6 @@ mod tests {
         assert_eq!(BlockJobKind::from_raw(42), BlockJobKind::Unknown(42));
         assert!(BlockJobKind::ActiveCommit.needs_pivot());
         assert!(!BlockJobKind::Commit.needs_pivot());
-        assert_eq!(
-            BlockJobKind::ActiveCommit.to_string(),
-            "active block commit"
-        );
+        assert_eq!(BlockJobKind::ActiveCommit.to_string(), "active block commit");
     }
 }

@@ -17,8 +17,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::blockjob::{
+    block_commit, block_job_abort, block_job_info, block_pull, BlockJobKind, CommitFlags, PullFlags,
+};
 use super::Vm;
-use super::blockjob::{block_commit, block_job_abort, block_job_info, block_pull, BlockJobKind, CommitFlags, PullFlags};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 
@@ -26,10 +28,7 @@ use crate::progress::Control;
 /// live XML; `None` when the disk is not found by target or active file.
 fn chain_len(vm: &Vm, disk: &str) -> Option<usize> {
     let disks = vm.disks().ok()?;
-    disks
-        .iter()
-        .find(|d| d.target == disk || d.file == Path::new(disk))
-        .map(|d| 1 + d.backing_chain.len())
+    disks.iter().find(|d| d.target == disk || d.file == Path::new(disk)).map(|d| 1 + d.backing_chain.len())
 }
 
 /// How long to wait, after a commit is gone, for libvirt to show its result
@@ -62,13 +61,7 @@ const XML_SETTLE_PULL: Duration = Duration::from_secs(2);
 /// When there is no job on the disk at the first look, the job already
 /// ended (or never started, or failed): this returns at once and checks
 /// nothing. [`commit_and_wait`] and [`pull_and_wait`] check the chain.
-pub fn wait_block_job(
-    vm: &Vm,
-    disk: &str,
-    ctl: &Control,
-    step: &str,
-    pivot_when_ready: bool,
-) -> Result<()> {
+pub fn wait_block_job(vm: &Vm, disk: &str, ctl: &Control, step: &str, pivot_when_ready: bool) -> Result<()> {
     wait_block_job_from(vm, disk, ctl, step, pivot_when_ready, None)
 }
 
@@ -107,10 +100,7 @@ fn wait_block_job_from(
             let err = if cancelled {
                 KnibError::new(
                     ErrorKind::Cancelled,
-                    format!(
-                        "{step}: cancelled; the {} on disk {disk} was aborted",
-                        info.kind
-                    ),
+                    format!("{step}: cancelled; the {} on disk {disk} was aborted", info.kind),
                 )
             } else {
                 ctl.timeout_error(step)
@@ -119,12 +109,7 @@ fn wait_block_job_from(
                 Ok(()) => return Err(err),
                 // The job may have ended between the two calls: look again.
                 Err(_) if matches!(block_job_info(vm, disk), Ok(None)) => continue,
-                Err(e) => {
-                    return Err(KnibError::new(
-                        err.kind,
-                        format!("{}; {}", err.message, e.message),
-                    ))
-                }
+                Err(e) => return Err(KnibError::new(err.kind, format!("{}; {}", err.message, e.message))),
             }
         }
 
@@ -182,11 +167,7 @@ fn finish(
     if !may_shrink || before <= 1 {
         return Ok(());
     }
-    let settle = if must_shrink {
-        XML_SETTLE
-    } else {
-        XML_SETTLE_PULL
-    };
+    let settle = if must_shrink { XML_SETTLE } else { XML_SETTLE_PULL };
     let start = Instant::now();
     loop {
         match chain_len(vm, disk) {
@@ -222,20 +203,11 @@ fn position(chain: &[PathBuf], file: &Path) -> Option<usize> {
 }
 
 fn current_chain(vm: &Vm, disk: &str) -> Result<Vec<PathBuf>> {
-    Ok(vm
-        .disk(disk)?
-        .chain_files()
-        .into_iter()
-        .map(Path::to_path_buf)
-        .collect())
+    Ok(vm.disk(disk)?.chain_files().into_iter().map(Path::to_path_buf).collect())
 }
 
 fn show(chain: &[PathBuf]) -> String {
-    chain
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(" <- ")
+    chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" <- ")
 }
 
 /// Wait (up to [`XML_SETTLE`]) until the chain of `disk` is `expected`.
@@ -302,19 +274,10 @@ pub fn commit_and_wait(
     }
     let active = i_top == 0;
     // Name the layers as libvirt shows them.
-    let flags = CommitFlags {
-        active,
-        relative,
-        delete: false,
-    };
-    block_commit(vm, disk, Some(&chain[i_base]), Some(&chain[i_top]), flags)
-        .map_err(|e| e.context(step))?;
+    let flags = CommitFlags { active, relative, delete: false };
+    block_commit(vm, disk, Some(&chain[i_base]), Some(&chain[i_top]), flags).map_err(|e| e.context(step))?;
     wait_block_job_from(vm, disk, ctl, step, true, Some(chain.len()))?;
-    let expected: Vec<PathBuf> = chain[..i_top]
-        .iter()
-        .chain(&chain[i_base..])
-        .cloned()
-        .collect();
+    let expected: Vec<PathBuf> = chain[..i_top].iter().chain(&chain[i_base..]).cloned().collect();
     expect_chain(vm, disk, step, &expected)
 }
 
@@ -346,15 +309,9 @@ pub fn pull_and_wait(
             }
         },
     };
-    let flags = PullFlags {
-        base: base.map(|_| chain[i_base].clone()),
-        relative,
-    };
+    let flags = PullFlags { base: base.map(|_| chain[i_base].clone()), relative };
     block_pull(vm, disk, flags).map_err(|e| e.context(step))?;
     wait_block_job_from(vm, disk, ctl, step, false, Some(chain.len()))?;
-    let expected: Vec<PathBuf> = std::iter::once(&chain[0])
-        .chain(&chain[i_base..])
-        .cloned()
-        .collect();
+    let expected: Vec<PathBuf> = std::iter::once(&chain[0]).chain(&chain[i_base..]).cloned().collect();
     expect_chain(vm, disk, step, &expected)
 }

@@ -241,7 +241,13 @@ mod tests {
     use super::*;
 
     fn outcome(exit: Option<i64>, stdout: &str) -> CommandOutcome {
-        CommandOutcome { exit, signal: None, stdout: stdout.into(), stdout_base64: String::new(), stderr: String::new() }
+        CommandOutcome {
+            exit,
+            signal: None,
+            stdout: stdout.into(),
+            stdout_base64: String::new(),
+            stderr: String::new(),
+        }
     }
 
     fn cmd(expect_exit: Option<i64>, expect_output: Option<&str>) -> GuestCommand {

@@ -94,11 +94,8 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// object. A missing domain becomes [`ErrorKind::NotFound`], the rest
 /// [`ErrorKind::Hypervisor`].
 pub(crate) fn virt_error(what: impl fmt::Display, e: &virt::error::Error) -> KnibError {
-    let kind = if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) {
-        ErrorKind::NotFound
-    } else {
-        ErrorKind::Hypervisor
-    };
+    let kind =
+        if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) { ErrorKind::NotFound } else { ErrorKind::Hypervisor };
     KnibError::new(kind, format!("{what}: {}", e.message()))
 }
 
@@ -155,9 +152,7 @@ pub struct Hypervisor {
 
 impl fmt::Debug for Hypervisor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hypervisor")
-            .field("uri", &self.uri)
-            .finish()
+        f.debug_struct("Hypervisor").field("uri", &self.uri).finish()
     }
 }
 
@@ -165,27 +160,14 @@ impl Hypervisor {
     /// Connect to `uri` (`qemu:///system`, see [`SYSTEM_URI`]), read-write.
     pub fn open(uri: &str) -> Result<Self> {
         install_error_handler();
-        let conn = Connect::open(Some(uri)).map_err(|e| {
-            KnibError::hypervisor(format!(
-                "cannot connect to libvirt at {uri}: {}",
-                e.message()
-            ))
-        })?;
+        let conn = Connect::open(Some(uri))
+            .map_err(|e| KnibError::hypervisor(format!("cannot connect to libvirt at {uri}: {}", e.message())))?;
         // SAFETY: `conn` owns a valid connection pointer for the duration of
         // the call; the handler is a `'static` function that only reads the
         // error it is given, and a null user-data pointer is allowed. The
         // thread's last error is still recorded for `virGetLastError`.
-        unsafe {
-            sys::virConnSetErrorFunc(
-                conn.as_ptr(),
-                std::ptr::null_mut(),
-                Some(log_libvirt_error),
-            )
-        };
-        Ok(Hypervisor {
-            conn,
-            uri: uri.to_string(),
-        })
+        unsafe { sys::virConnSetErrorFunc(conn.as_ptr(), std::ptr::null_mut(), Some(log_libvirt_error)) };
+        Ok(Hypervisor { conn, uri: uri.to_string() })
     }
 
     /// The URI this connection was opened with.
@@ -201,17 +183,11 @@ impl Hypervisor {
     /// The domain called `name`; [`ErrorKind::NotFound`] when there is none.
     pub fn domain(&self, name: &str) -> Result<Vm> {
         match self.conn.lookup_domain_by_name(name) {
-            Ok(dom) => Ok(Vm {
-                dom,
-                name: name.to_string(),
-            }),
-            Err(e) if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) => Err(
-                KnibError::not_found(format!("domain {name} does not exist")),
-            ),
-            Err(e) => Err(virt_error(
-                format_args!("looking up domain {name} at {}", self.uri),
-                &e,
-            )),
+            Ok(dom) => Ok(Vm { dom, name: name.to_string() }),
+            Err(e) if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) => {
+                Err(KnibError::not_found(format!("domain {name} does not exist")))
+            }
+            Err(e) => Err(virt_error(format_args!("looking up domain {name} at {}", self.uri), &e)),
         }
     }
 
@@ -245,9 +221,7 @@ pub struct Vm {
 impl Vm {
     /// Wrap a `virt` domain.
     pub fn from_domain(dom: Domain) -> Result<Self> {
-        let name = dom
-            .name()
-            .map_err(|e| virt_error("reading a domain's name", &e))?;
+        let name = dom.name().map_err(|e| virt_error("reading a domain's name", &e))?;
         Ok(Vm { dom, name })
     }
 
@@ -263,29 +237,19 @@ impl Vm {
 
     /// Whether the domain is running (active: running or paused).
     pub fn is_running(&self) -> Result<bool> {
-        self.dom.is_active().map_err(|e| {
-            virt_error(
-                format_args!("reading the state of domain {}", self.name),
-                &e,
-            )
-        })
+        self.dom.is_active().map_err(|e| virt_error(format_args!("reading the state of domain {}", self.name), &e))
     }
 
     /// Whether the domain is persistent (defined), rather than transient.
     pub fn is_persistent(&self) -> Result<bool> {
-        self.dom.is_persistent().map_err(|e| {
-            virt_error(
-                format_args!("reading the persistence of domain {}", self.name),
-                &e,
-            )
-        })
+        self.dom
+            .is_persistent()
+            .map_err(|e| virt_error(format_args!("reading the persistence of domain {}", self.name), &e))
     }
 
     /// The domain's live XML (for a stopped domain, its definition).
     pub fn xml(&self) -> Result<String> {
-        self.dom
-            .xml_desc(0)
-            .map_err(|e| virt_error(format_args!("reading the XML of domain {}", self.name), &e))
+        self.dom.xml_desc(0).map_err(|e| virt_error(format_args!("reading the XML of domain {}", self.name), &e))
     }
 
     /// The domain's file disks with their backing chains (see
@@ -301,30 +265,22 @@ impl Vm {
         self.disks()?
             .into_iter()
             .find(|d| d.target == target)
-            .ok_or_else(|| {
-                KnibError::not_found(format!("domain {} has no file disk {target}", self.name))
-            })
+            .ok_or_else(|| KnibError::not_found(format!("domain {} has no file disk {target}", self.name)))
     }
 
     /// Start the (defined, stopped) domain.
     pub fn start(&self) -> Result<()> {
-        self.dom
-            .create()
-            .map_err(|e| virt_error(format_args!("starting domain {}", self.name), &e))
+        self.dom.create().map_err(|e| virt_error(format_args!("starting domain {}", self.name), &e))
     }
 
     /// Stop the domain at once (power off); a transient domain disappears.
     pub fn destroy(&self) -> Result<()> {
-        self.dom
-            .destroy()
-            .map_err(|e| virt_error(format_args!("destroying domain {}", self.name), &e))
+        self.dom.destroy().map_err(|e| virt_error(format_args!("destroying domain {}", self.name), &e))
     }
 
     /// Remove the domain's persistent definition.
     pub fn undefine(&self) -> Result<()> {
-        self.dom
-            .undefine()
-            .map_err(|e| virt_error(format_args!("undefining domain {}", self.name), &e))
+        self.dom.undefine().map_err(|e| virt_error(format_args!("undefining domain {}", self.name), &e))
     }
 
     /// Point disks of a stopped, persistent domain at other files (its
@@ -336,9 +292,8 @@ impl Vm {
             .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
             .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", self.name())))?;
         let new = replace_disk_sources(&xml, sources)?;
-        let conn = dom
-            .connect()
-            .map_err(|e| KnibError::hypervisor(format!("connection of domain {}: {e}", self.name())))?;
+        let conn =
+            dom.connect().map_err(|e| KnibError::hypervisor(format!("connection of domain {}: {e}", self.name())))?;
         conn.define_domain_xml(&new)
             .map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))?;
         Ok(())
@@ -360,19 +315,11 @@ impl Vm {
     /// the snapshot fails with an [`ErrorKind::Hypervisor`] error saying so,
     /// and nothing is changed. On a stopped domain libvirt creates the
     /// overlays itself and `quiesce` is ignored.
-    pub fn snapshot_disk_only<S: AsRef<str>, P: AsRef<Path>>(
-        &self,
-        new_files: &[(S, P)],
-        quiesce: bool,
-    ) -> Result<()> {
+    pub fn snapshot_disk_only<S: AsRef<str>, P: AsRef<Path>>(&self, new_files: &[(S, P)], quiesce: bool) -> Result<()> {
         if new_files.is_empty() {
-            return Err(KnibError::invalid(format!(
-                "disk-only snapshot of domain {}: no disk was named",
-                self.name
-            )));
+            return Err(KnibError::invalid(format!("disk-only snapshot of domain {}: no disk was named", self.name)));
         }
-        let targets = disk_targets(&self.xml()?)
-            .map_err(|e| e.context(format_args!("domain {}", self.name)))?;
+        let targets = disk_targets(&self.xml()?).map_err(|e| e.context(format_args!("domain {}", self.name)))?;
         let snap_xml = snapshot_xml(&targets, new_files)
             .map_err(|e| e.context(format_args!("disk-only snapshot of domain {}", self.name)))?;
         let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
@@ -382,10 +329,8 @@ impl Vm {
             flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
         }
         let what = || {
-            let disks: Vec<String> = new_files
-                .iter()
-                .map(|(t, p)| format!("{} -> {}", t.as_ref(), p.as_ref().display()))
-                .collect();
+            let disks: Vec<String> =
+                new_files.iter().map(|(t, p)| format!("{} -> {}", t.as_ref(), p.as_ref().display())).collect();
             format!(
                 "disk-only snapshot{} of domain {} ({})",
                 if quiesce { " with quiesce" } else { "" },
@@ -409,10 +354,6 @@ impl Vm {
 /// Whether a libvirt error says the guest agent is missing, not connected or
 /// not answering.
 fn is_agent_error(e: &virt::error::Error) -> bool {
-    e.code().is_known_and(|c| {
-        matches!(
-            c,
-            ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced
-        )
-    }) || e.message().to_ascii_lowercase().contains("agent")
+    e.code().is_known_and(|c| matches!(c, ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced))
+        || e.message().to_ascii_lowercase().contains("agent")
 }

@@ -12,18 +12,11 @@ use crate::error::{KnibError, Result};
 /// libvirt's default, `-2` to wait forever.
 pub fn qemu_agent_command(vm: &Vm, json_cmd: &str, timeout_secs: i32) -> Result<String> {
     if timeout_secs < -2 {
-        return Err(KnibError::invalid(format!(
-            "guest agent command timeout {timeout_secs} is below -2"
-        )));
+        return Err(KnibError::invalid(format!("guest agent command timeout {timeout_secs} is below -2")));
     }
     vm.domain()
         .qemu_agent_command(json_cmd, timeout_secs, 0)
-        .map_err(|e| {
-            virt_error(
-                format_args!("guest agent command {json_cmd} on domain {}", vm.name()),
-                &e,
-            )
-        })
+        .map_err(|e| virt_error(format_args!("guest agent command {json_cmd} on domain {}", vm.name()), &e))
 }
 
 /// Run a human monitor (HMP) command (`info block`, `qemu-io ...`) in the
@@ -33,12 +26,7 @@ pub fn qemu_agent_command(vm: &Vm, json_cmd: &str, timeout_secs: i32) -> Result<
 pub fn qemu_monitor_command_hmp(vm: &Vm, cmd: &str) -> Result<String> {
     vm.domain()
         .qemu_monitor_command(cmd, virt::sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        .map_err(|e| {
-            virt_error(
-                format_args!("HMP command {cmd:?} on domain {}", vm.name()),
-                &e,
-            )
-        })
+        .map_err(|e| virt_error(format_args!("HMP command {cmd:?} on domain {}", vm.name()), &e))
 }
 
 /// Run a QMP command (`{"execute":"query-block-jobs"}`) in the domain's QEMU
@@ -46,10 +34,5 @@ pub fn qemu_monitor_command_hmp(vm: &Vm, cmd: &str) -> Result<String> {
 pub fn qemu_monitor_command_qmp(vm: &Vm, json_cmd: &str) -> Result<String> {
     vm.domain()
         .qemu_monitor_command(json_cmd, virt::sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
-        .map_err(|e| {
-            virt_error(
-                format_args!("QMP command {json_cmd} on domain {}", vm.name()),
-                &e,
-            )
-        })
+        .map_err(|e| virt_error(format_args!("QMP command {json_cmd} on domain {}", vm.name()), &e))
 }

@@ -59,15 +59,12 @@ impl DiskInfo {
     /// All files of the chain top-down: the active file, then the backing
     /// layers.
     pub fn chain_files(&self) -> Vec<&Path> {
-        std::iter::once(self.file.as_path())
-            .chain(self.backing_chain.iter().map(|l| l.file.as_path()))
-            .collect()
+        std::iter::once(self.file.as_path()).chain(self.backing_chain.iter().map(|l| l.file.as_path())).collect()
     }
 }
 
 fn parse(xml: &str) -> Result<roxmltree::Document<'_>> {
-    roxmltree::Document::parse(xml)
-        .map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))
+    roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))
 }
 
 fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
@@ -83,9 +80,7 @@ fn disk_nodes<'a, 'i>(doc: &'a roxmltree::Document<'i>) -> Result<Vec<roxmltree:
             root.tag_name().name()
         )));
     }
-    Ok(child(root, "devices")
-        .map(|d| d.children().filter(|c| c.has_tag_name("disk")).collect())
-        .unwrap_or_default())
+    Ok(child(root, "devices").map(|d| d.children().filter(|c| c.has_tag_name("disk")).collect()).unwrap_or_default())
 }
 
 fn target_of(disk: roxmltree::Node<'_, '_>) -> Result<String> {
@@ -102,25 +97,16 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
     let doc = parse(xml)?;
     let mut out = Vec::new();
     for disk in disk_nodes(&doc)? {
-        if disk.attribute("type").unwrap_or("file") != "file"
-            || disk.attribute("device").unwrap_or("disk") != "disk"
-        {
+        if disk.attribute("type").unwrap_or("file") != "file" || disk.attribute("device").unwrap_or("disk") != "disk" {
             continue;
         }
         let Some(file) = child(disk, "source").and_then(|s| s.attribute("file")) else {
             continue;
         };
         let target = target_of(disk)?;
-        let bus = child(disk, "target")
-            .and_then(|t| t.attribute("bus"))
-            .map(str::to_string);
-        let format = child(disk, "driver")
-            .and_then(|d| d.attribute("type"))
-            .unwrap_or("raw")
-            .to_string();
-        let alias = child(disk, "alias")
-            .and_then(|a| a.attribute("name"))
-            .map(str::to_string);
+        let bus = child(disk, "target").and_then(|t| t.attribute("bus")).map(str::to_string);
+        let format = child(disk, "driver").and_then(|d| d.attribute("type")).unwrap_or("raw").to_string();
+        let alias = child(disk, "alias").and_then(|a| a.attribute("name")).map(str::to_string);
         let mut backing_chain = Vec::new();
         let mut node = child(disk, "backingStore");
         while let Some(bs) = node {
@@ -134,24 +120,11 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
                     bs.attribute("type").unwrap_or("?")
                 )));
             };
-            let format = child(bs, "format")
-                .and_then(|f| f.attribute("type"))
-                .unwrap_or("")
-                .to_string();
-            backing_chain.push(BackingLayer {
-                file: PathBuf::from(path),
-                format,
-            });
+            let format = child(bs, "format").and_then(|f| f.attribute("type")).unwrap_or("").to_string();
+            backing_chain.push(BackingLayer { file: PathBuf::from(path), format });
             node = child(bs, "backingStore");
         }
-        out.push(DiskInfo {
-            target,
-            bus,
-            file: PathBuf::from(file),
-            format,
-            backing_chain,
-            alias,
-        });
+        out.push(DiskInfo { target, bus, file: PathBuf::from(file), format, backing_chain, alias });
     }
     Ok(out)
 }
@@ -185,21 +158,14 @@ pub fn xml_escape(s: &str) -> String {
 /// `snapshot='no'`. Fails (invalid input) when a target of `new_files` is
 /// not in `all_targets`, is named twice, or its file is not an absolute
 /// path.
-pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(
-    all_targets: &[String],
-    new_files: &[(S, P)],
-) -> Result<String> {
+pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(all_targets: &[String], new_files: &[(S, P)]) -> Result<String> {
     for (i, (target, file)) in new_files.iter().enumerate() {
         let (target, file) = (target.as_ref(), file.as_ref());
         if !all_targets.iter().any(|t| t == target) {
-            return Err(KnibError::not_found(format!(
-                "disk {target} is not a disk of the domain"
-            )));
+            return Err(KnibError::not_found(format!("disk {target} is not a disk of the domain")));
         }
         if new_files[..i].iter().any(|(t, _)| t.as_ref() == target) {
-            return Err(KnibError::invalid(format!(
-                "disk {target} is named twice in the snapshot"
-            )));
+            return Err(KnibError::invalid(format!("disk {target} is named twice in the snapshot")));
         }
         if !file.is_absolute() {
             return Err(KnibError::invalid(format!(
@@ -208,10 +174,7 @@ pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(
             )));
         }
         if file.to_str().is_none() {
-            return Err(KnibError::invalid(format!(
-                "the new file of disk {target} is not UTF-8: {}",
-                file.display()
-            )));
+            return Err(KnibError::invalid(format!("the new file of disk {target} is not UTF-8: {}", file.display())));
         }
     }
     let mut xml = String::from("<domainsnapshot>\n  <disks>\n");
@@ -236,24 +199,20 @@ pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(
 
 /// `xml` with the `<source file>` of each named disk target replaced.
 pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<String> {
-    let doc = roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))?;
+    let doc =
+        roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))?;
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     for (target, file) in sources {
         let disk = doc
             .descendants()
             .filter(|n| n.has_tag_name("disk"))
-            .find(|n| {
-                n.children()
-                    .any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target.as_str()))
-            })
+            .find(|n| n.children().any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target.as_str())))
             .ok_or_else(|| KnibError::not_found(format!("the domain has no disk {target}")))?;
         let src = disk
             .children()
             .find(|c| c.has_tag_name("source"))
             .ok_or_else(|| KnibError::invalid(format!("disk {target} has no <source>")))?;
-        let path = file
-            .to_str()
-            .ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", file.display())))?;
+        let path = file.to_str().ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", file.display())))?;
         edits.push((src.range(), format!("<source file='{}'/>", xml_escape(path))));
         for b in disk.children().filter(|c| c.has_tag_name("backingStore")) {
             edits.push((b.range(), String::new()));
@@ -355,36 +314,20 @@ mod tests {
         assert_eq!(
             vda.backing_chain,
             vec![
-                BackingLayer {
-                    file: "/tmp/knibexp/a.d1".into(),
-                    format: "qcow2".into()
-                },
-                BackingLayer {
-                    file: "/tmp/knibexp/a.qcow2".into(),
-                    format: "qcow2".into()
-                },
+                BackingLayer { file: "/tmp/knibexp/a.d1".into(), format: "qcow2".into() },
+                BackingLayer { file: "/tmp/knibexp/a.qcow2".into(), format: "qcow2".into() },
             ]
         );
         assert_eq!(
             vda.chain_files(),
-            [
-                Path::new("/tmp/knibexp/a.d2"),
-                Path::new("/tmp/knibexp/a.d1"),
-                Path::new("/tmp/knibexp/a.qcow2")
-            ]
+            [Path::new("/tmp/knibexp/a.d2"), Path::new("/tmp/knibexp/a.d1"), Path::new("/tmp/knibexp/a.qcow2")]
         );
-        assert_eq!(
-            vda.qom_device_path().as_deref(),
-            Some("/machine/peripheral/virtio-disk0/virtio-backend")
-        );
+        assert_eq!(vda.qom_device_path().as_deref(), Some("/machine/peripheral/virtio-disk0/virtio-backend"));
         let vdb = &disks[1];
         assert_eq!(vdb.file, PathBuf::from("/tmp/knib & co/b.qcow2"));
         assert!(vdb.backing_chain.is_empty());
         assert_eq!(disks[2].format, "raw");
-        assert_eq!(
-            disks[2].qom_device_path().as_deref(),
-            Some("/machine/peripheral/scsi0-0-0-0")
-        );
+        assert_eq!(disks[2].qom_device_path().as_deref(), Some("/machine/peripheral/scsi0-0-0-0"));
     }
 
     #[test]
@@ -400,36 +343,20 @@ mod tests {
 
     #[test]
     fn lists_all_targets() {
-        assert_eq!(
-            disk_targets(LIVE).unwrap(),
-            ["vda", "vdb", "hdc", "vdc", "vdd", "sda"]
-        );
+        assert_eq!(disk_targets(LIVE).unwrap(), ["vda", "vdb", "hdc", "vdc", "vdd", "sda"]);
         assert_eq!(disk_targets(INACTIVE).unwrap(), ["vda", "hdc"]);
     }
 
     #[test]
     fn rejects_bad_xml() {
-        assert_eq!(
-            parse_disks("<domain>").unwrap_err().kind,
-            ErrorKind::InvalidInput
-        );
-        assert_eq!(
-            parse_disks("<network/>").unwrap_err().kind,
-            ErrorKind::InvalidInput
-        );
-        let no_target =
-            "<domain><devices><disk type='file'><source file='/a'/></disk></devices></domain>";
-        assert_eq!(
-            parse_disks(no_target).unwrap_err().kind,
-            ErrorKind::InvalidInput
-        );
+        assert_eq!(parse_disks("<domain>").unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(parse_disks("<network/>").unwrap_err().kind, ErrorKind::InvalidInput);
+        let no_target = "<domain><devices><disk type='file'><source file='/a'/></disk></devices></domain>";
+        assert_eq!(parse_disks(no_target).unwrap_err().kind, ErrorKind::InvalidInput);
         let net_backing = "<domain><devices><disk type='file' device='disk'><source file='/a'/>\
             <backingStore type='network'><format type='raw'/><source protocol='nbd'/></backingStore>\
             <target dev='vda'/></disk></devices></domain>";
-        assert_eq!(
-            parse_disks(net_backing).unwrap_err().kind,
-            ErrorKind::InvalidInput
-        );
+        assert_eq!(parse_disks(net_backing).unwrap_err().kind, ErrorKind::InvalidInput);
         assert_eq!(parse_disks("<domain/>").unwrap(), vec![]);
     }
 
@@ -445,25 +372,11 @@ mod tests {
         );
         // It parses back, with the file name intact.
         let doc = roxmltree::Document::parse(&xml).unwrap();
-        let src = doc
-            .descendants()
-            .find(|n| n.has_tag_name("source"))
-            .unwrap();
+        let src = doc.descendants().find(|n| n.has_tag_name("source")).unwrap();
         assert_eq!(src.attribute("file"), Some("/v/a'&.d1"));
 
-        assert_eq!(
-            snapshot_xml(&all, &[("vdz", "/x")]).unwrap_err().kind,
-            ErrorKind::NotFound
-        );
-        assert_eq!(
-            snapshot_xml(&all, &[("vda", "x.d1")]).unwrap_err().kind,
-            ErrorKind::InvalidInput
-        );
-        assert_eq!(
-            snapshot_xml(&all, &[("vda", "/x"), ("vda", "/y")])
-                .unwrap_err()
-                .kind,
-            ErrorKind::InvalidInput
-        );
+        assert_eq!(snapshot_xml(&all, &[("vdz", "/x")]).unwrap_err().kind, ErrorKind::NotFound);
+        assert_eq!(snapshot_xml(&all, &[("vda", "x.d1")]).unwrap_err().kind, ErrorKind::InvalidInput);
+        assert_eq!(snapshot_xml(&all, &[("vda", "/x"), ("vda", "/y")]).unwrap_err().kind, ErrorKind::InvalidInput);
     }
 }

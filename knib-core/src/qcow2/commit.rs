@@ -96,9 +96,7 @@ use std::path::{Path, PathBuf};
 use super::chain::{Chain, Layer};
 use super::commit_base::{l2_ranges, Base, BaseEntry, CommitReport, TableEdit};
 use super::empty::{empty_image, keeps_what_emptying_drops};
-use super::image::{
-    ClusterState, Qcow2Image, COPIED, L2_ZERO as ZERO,
-};
+use super::image::{ClusterState, Qcow2Image, COPIED, L2_ZERO as ZERO};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 
@@ -227,8 +225,7 @@ impl Commit {
         }
         // Every cluster the merge may write into is checked against the
         // base's metadata and references, in one pass before any write.
-        let file_len =
-            super::image::file_size(&base_file).map_err(|e| KnibError::io("cannot size", &base_path, e))?;
+        let file_len = super::image::file_size(&base_file).map_err(|e| KnibError::io("cannot size", &base_path, e))?;
         let scan = match super::guard::scan(&base_file, &base_path, &bh, file_len)? {
             Ok(scan) => scan,
             Err(why) => return Ok(Err(why)),

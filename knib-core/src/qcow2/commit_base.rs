@@ -23,8 +23,7 @@ use std::path::PathBuf;
 
 use super::guard::Scan;
 use super::image::{
-    Qcow2Image, COPIED, L1_RESERVED, L2_COMPRESSED as COMPRESSED, L2_RESERVED, OFFSET_MASK,
-    RT_OFFSET_MASK,
+    Qcow2Image, COPIED, L1_RESERVED, L2_COMPRESSED as COMPRESSED, L2_RESERVED, OFFSET_MASK, RT_OFFSET_MASK,
 };
 use crate::error::{KnibError, Result};
 

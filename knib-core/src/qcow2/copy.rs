@@ -22,8 +22,8 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -320,7 +320,9 @@ impl RawOut<'_> {
                 (true, None) => run = Some(((index + k as u64) * self.cs, k * cs)),
                 (false, Some((off, at))) => {
                     let end = (k * cs).min(at + (self.size - off) as usize);
-                    self.file.write_all_at(&data[at..end], off).map_err(|e| KnibError::io("cannot write", self.dest, e))?;
+                    self.file
+                        .write_all_at(&data[at..end], off)
+                        .map_err(|e| KnibError::io("cannot write", self.dest, e))?;
                     run = None;
                 }
                 _ => {}

@@ -9,8 +9,8 @@
 //! - A compressed cluster is kept only when it is smaller than a cluster;
 //!   otherwise the cluster is written as it is.
 
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -100,11 +100,9 @@ impl Compressor {
                 Compressor::Zstd(c)
             }
             // QEMU reads raw deflate with a 4 KiB window (window bits 12).
-            CompressionType::Zlib => Compressor::Zlib(flate2::Compress::new_with_window_bits(
-                flate2::Compression::default(),
-                false,
-                12,
-            )),
+            CompressionType::Zlib => {
+                Compressor::Zlib(flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12))
+            }
         })
     }
 

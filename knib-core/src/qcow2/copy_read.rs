@@ -203,7 +203,14 @@ impl Source {
         self.seen(layer, offset, buf)
     }
 
-    pub(super) fn read_compressed(&mut self, layer: usize, index: u64, offset: u64, len: u64, out: &mut [u8]) -> Result<()> {
+    pub(super) fn read_compressed(
+        &mut self,
+        layer: usize,
+        index: u64,
+        offset: u64,
+        len: u64,
+        out: &mut [u8],
+    ) -> Result<()> {
         let img = match layer {
             0 => &mut self.top,
             _ => match &mut self.backing[layer - 1] {

@@ -104,7 +104,10 @@ impl super::Qcow2Image {
             }
             let first = i as u64 * l2_entries;
             for index in first..(first + l2_entries).min(self.guest_clusters()) {
-                if matches!(self.cluster_state(index)?, super::ClusterState::Data { .. } | super::ClusterState::Compressed { .. }) {
+                if matches!(
+                    self.cluster_state(index)?,
+                    super::ClusterState::Data { .. } | super::ClusterState::Compressed { .. }
+                ) {
                     return Ok(true);
                 }
             }

@@ -100,14 +100,12 @@ impl Refs<'_> {
         }
         for c in offset / self.cs..=(offset + len - 1) / self.cs {
             if let Some(other) = self.meta.get(&c) {
-                return Err(self.corrupt(format!(
-                    "{what} at {offset} overlaps the {other} (host cluster {c}): metadata overlap"
-                )));
+                return Err(self
+                    .corrupt(format!("{what} at {offset} overlaps the {other} (host cluster {c}): metadata overlap")));
             }
             if self.refs[c as usize] != 0 {
-                return Err(self.corrupt(format!(
-                    "{what} at {offset} overlaps guest data (host cluster {c}): metadata overlap"
-                )));
+                return Err(self
+                    .corrupt(format!("{what} at {offset} overlaps guest data (host cluster {c}): metadata overlap")));
             }
             self.meta.insert(c, what.clone());
             self.count(c);
@@ -120,7 +118,9 @@ impl Refs<'_> {
     fn data(&mut self, guest: u64, c: u64) -> Result<()> {
         let what = format_args!("the L2 entry of guest cluster {guest}");
         if let Some(m) = self.meta.get(&c) {
-            return Err(self.corrupt(format!("{what} points at host cluster {c}, which holds the {m}: metadata overlap")));
+            return Err(
+                self.corrupt(format!("{what} points at host cluster {c}, which holds the {m}: metadata overlap"))
+            );
         }
         if self.refs[c as usize] != 0 {
             let shared = if self.is_compressed(c) { "compressed data" } else { "another L2 entry's data" };
@@ -284,10 +284,9 @@ pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Resul
                 continue;
             }
             if host >= file_len {
-                return Err(r.corrupt(format!(
-                    "{} points at {host}, past the end of the file ({file_len} bytes)",
-                    what()
-                )));
+                return Err(
+                    r.corrupt(format!("{} points at {host}, past the end of the file ({file_len} bytes)", what()))
+                );
             }
             if !host.is_multiple_of(cs) {
                 return Err(r.corrupt(format!("{} points at {host}, not cluster aligned", what())));

@@ -290,7 +290,9 @@ impl Header {
                     if len > MAX_BACKING_FORMAT {
                         return Err(corrupt(
                             name,
-                            format!("backing format extension of {len} bytes is too long (at most {MAX_BACKING_FORMAT})"),
+                            format!(
+                                "backing format extension of {len} bytes is too long (at most {MAX_BACKING_FORMAT})"
+                            ),
                         ));
                     }
                     let s = std::str::from_utf8(data)

@@ -144,22 +144,22 @@ mod header;
 mod image;
 mod sink;
 mod srchash;
-mod writer;
 #[cfg(test)]
 mod tests;
+mod writer;
 
 pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
+pub use check::RefcountCheck;
+pub use commit::Commit;
+pub use commit_base::CommitReport;
+pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat, MAX_AUTO_THREADS};
+pub use copy_read::SourceMode;
+pub use empty::empty_image;
 pub use header::{
     header_prefix_len, BitmapsExt, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
-pub use check::RefcountCheck;
-pub use commit::Commit;
-pub use commit_base::CommitReport;
-pub use empty::empty_image;
-pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat, MAX_AUTO_THREADS};
-pub use copy_read::SourceMode;
 pub use image::{ClusterState, Qcow2Image};
-pub use srchash::SourceHash;
 pub use sink::{CountSink, FileSink, Sink};
+pub use srchash::SourceHash;
 pub use writer::{header_cluster, BackingRef, ImageSpec, Layout, WriteSummary, REFCOUNT_ORDER};

@@ -71,7 +71,16 @@ impl SourceHasher {
     /// A hasher of `file` (a duplicate of the copy's descriptor), `len`
     /// bytes long when opened.
     pub(crate) fn new(path: &Path, file: File, len: u64) -> Self {
-        SourceHasher { path: path.to_path_buf(), file, len, pos: 0, hasher: Xxh3::new(), buf: Vec::new(), extra: 0, twice: 0 }
+        SourceHasher {
+            path: path.to_path_buf(),
+            file,
+            len,
+            pos: 0,
+            hasher: Xxh3::new(),
+            buf: Vec::new(),
+            extra: 0,
+            twice: 0,
+        }
     }
 
     /// The copy read `data` at `offset` of the file.

@@ -81,10 +81,7 @@ pub struct FormatData {
 impl ImageInfo {
     /// Whether this is a qcow2 image of version 2 (compat 0.10).
     pub fn is_qcow2_v2(&self) -> bool {
-        self.format_specific
-            .as_ref()
-            .and_then(|f| f.data.compat.as_deref())
-            .is_some_and(|c| c == "0.10")
+        self.format_specific.as_ref().and_then(|f| f.data.compat.as_deref()).is_some_and(|c| c == "0.10")
     }
 }
 
@@ -336,10 +333,7 @@ impl QemuImg {
     /// `qemu-img measure` of converting `path` (its whole chain) to `format`.
     pub fn measure(&self, path: &Path, format: ImageFormat, ctl: &Control) -> Result<Measure> {
         Self::require_file(path)?;
-        let inv = self
-            .inv()
-            .args(["measure", "-U", "--output=json", "-O", format.as_str()])
-            .arg(os(path));
+        let inv = self.inv().args(["measure", "-U", "--output=json", "-O", format.as_str()]).arg(os(path));
         let f = inv.run_ok(ctl, ErrorKind::ImageTool)?;
         self.json(&inv, &f.stdout)
     }
@@ -365,9 +359,7 @@ impl QemuImg {
         size: Option<u64>,
         ctl: &Control,
     ) -> Result<()> {
-        let mut inv = self
-            .inv()
-            .args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b", backing]);
+        let mut inv = self.inv().args(["create", "-q", "-f", "qcow2", "-F", backing_format, "-b", backing]);
         if size.is_some() {
             inv = inv.arg("-u");
         }

@@ -26,11 +26,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use knib_core::catalog::Store;
+use knib_core::files::Disk;
 use knib_core::libvirt::boot_domain::BootDomain;
 use knib_core::libvirt::guest::{run_command, wait_for_agent, CommandOutcome, Exec, GuestCommand};
 use knib_core::libvirt::{qemu_agent_command, DiskInfo, Hypervisor, Vm};
-use knib_core::catalog::Store;
-use knib_core::files::Disk;
 use knib_core::{Control, ErrorKind};
 
 use super::vm::URI;

@@ -67,7 +67,11 @@ fn add_layer(g: &mut Generated, seed: u64, compressed: bool) {
     let below = g.top().file_name().unwrap().to_str().unwrap().to_string();
     let size = Qcow2Image::open(g.top()).unwrap().virtual_size().to_string();
     let opts = format!("cluster_size={}", g.cs);
-    must(Some(&dir), "qemu-img", &["create", "-q", "-f", "qcow2", "-o", &opts, "-b", &below, "-F", "qcow2", &name, &size]);
+    must(
+        Some(&dir),
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &opts, "-b", &below, "-F", "qcow2", &name, &size],
+    );
     let path = dir.join(name);
     let n = 30 + rng.below(40) as usize;
     let ops = random_ops(&mut rng, size.parse().unwrap(), g.cs, n, &srcs, compressed);
@@ -127,7 +131,11 @@ fn a_merge_stopped_between_batches_leaves_a_clean_base_and_the_same_chain() {
     let tmp = d.path().join("c.qcow2");
     qemu_img(&["convert", "-c", "-O", "qcow2", "-o", "cluster_size=4096", p(&base), p(&tmp)]);
     std::fs::rename(&tmp, &base).unwrap();
-    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    must(
+        Some(d.path()),
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+    );
     // Writes across several L2 tables (one maps 2 MiB here).
     qemu_io(&top, &["write -P 0x22 100k 300k".into(), "write -z 3M 64k".into(), "write -P 0x33 5M 2M".into()]);
     let before = d.path().join("before.raw");

@@ -25,7 +25,9 @@ fn java_classes(file: &str) -> BTreeMap<String, Vec<(String, String)>> {
             let at = c.get(0).expect("match").start();
             match (c.get(1), c.get(2), c.get(3)) {
                 (Some(name), _, _) => (at, name.as_str().to_string(), None),
-                (None, Some(name), Some(components)) => (at, name.as_str().to_string(), Some(components.as_str().to_string())),
+                (None, Some(name), Some(components)) => {
+                    (at, name.as_str().to_string(), Some(components.as_str().to_string()))
+                }
                 _ => unreachable!("the regex names a class or a record"),
             }
         })
@@ -149,7 +151,8 @@ fn the_java_classes_are_the_schema() {
     for c in method.captures_iter(&knib) {
         let (req_file, req_class, op, file, answer) = (&c[3], &c[4], &c[5], &c[6], &c[7]);
         if (&c[1], &c[2]) != (file, answer) {
-            problems.push(format!("Knib.java: the method running {op} returns {}.{}, not {file}.{answer}", &c[1], &c[2]));
+            problems
+                .push(format!("Knib.java: the method running {op} returns {}.{}, not {file}.{answer}", &c[1], &c[2]));
         }
         let Some((_, req, ans)) = ops.get(op) else {
             problems.push(format!("Knib.java runs {op}, which is not an operation of the schema"));

@@ -43,34 +43,49 @@ fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
     vec![
         ("new_delta", Box::new(move |p: &mut LivePlan| p.disks[0].new_delta = c.clone())),
         ("new_delta", Box::new(move |p: &mut LivePlan| p.disks[0].new_delta = PathBuf::from(rel))),
-        ("new_delta", Box::new(|p: &mut LivePlan| {
-            let b = p.disks[0].base.clone();
-            p.disks[0].new_delta = delta_path(&b, "20200101-000000000-0000");
-        })),
+        (
+            "new_delta",
+            Box::new(|p: &mut LivePlan| {
+                let b = p.disks[0].base.clone();
+                p.disks[0].new_delta = delta_path(&b, "20200101-000000000-0000");
+            }),
+        ),
         ("old_delta", Box::new(move |p: &mut LivePlan| p.disks[0].old_delta = Some(c2.clone()))),
-        ("old_delta", Box::new(|p: &mut LivePlan| {
-            let b = p.disks[0].base.clone();
-            p.disks[0].old_delta = Some(PathBuf::from(format!("{}.knib-delta-../../x", b.display())));
-        })),
-        ("old_delta", Box::new(|p: &mut LivePlan| {
-            let b = p.disks[0].base.with_file_name("other.qcow2");
-            p.disks[0].old_delta = Some(delta_path(&b, "20261130-050000000-00bb"));
-        })),
-        ("base", Box::new(move |p: &mut LivePlan| {
-            p.disks[0].base = c3.clone();
-            p.disks[0].new_delta = delta_path(&c3, ID);
-            p.disks[0].old_delta = None;
-        })),
+        (
+            "old_delta",
+            Box::new(|p: &mut LivePlan| {
+                let b = p.disks[0].base.clone();
+                p.disks[0].old_delta = Some(PathBuf::from(format!("{}.knib-delta-../../x", b.display())));
+            }),
+        ),
+        (
+            "old_delta",
+            Box::new(|p: &mut LivePlan| {
+                let b = p.disks[0].base.with_file_name("other.qcow2");
+                p.disks[0].old_delta = Some(delta_path(&b, "20261130-050000000-00bb"));
+            }),
+        ),
+        (
+            "base",
+            Box::new(move |p: &mut LivePlan| {
+                p.disks[0].base = c3.clone();
+                p.disks[0].new_delta = delta_path(&c3, ID);
+                p.disks[0].old_delta = None;
+            }),
+        ),
         ("snapshots", Box::new(move |p: &mut LivePlan| p.disks[0].snapshots = vec![c4.clone()])),
         ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "vdz".into())),
         ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "../vda".into())),
         ("backup_id", Box::new(|p: &mut LivePlan| p.backup_id = "../../x".into())),
         ("dest", Box::new(|p: &mut LivePlan| p.disks[0].dest = PathBuf::from("/etc/vda.qcow2"))),
         ("parent", Box::new(|p: &mut LivePlan| p.disks[0].parent = Some("/etc/vda.qcow2".into()))),
-        ("target", Box::new(|p: &mut LivePlan| {
-            let d = p.disks[0].clone();
-            p.disks.push(d);
-        })),
+        (
+            "target",
+            Box::new(|p: &mut LivePlan| {
+                let d = p.disks[0].clone();
+                p.disks.push(d);
+            }),
+        ),
     ]
 }
 
@@ -129,7 +144,8 @@ fn recover_deletes_nothing_a_tampered_journal_names() {
     // A key given twice: the second would win in a map.
     let j = serde_json::to_string(&serde_json::json!({"schema": 1, "step": "copy", "plan": good})).unwrap();
     let evil = serde_json::to_string(&outside.join("other")).unwrap();
-    texts.push(("given twice".into(), j.replacen("\"new_delta\":", &format!("\"new_delta\":{evil},\"new_delta\":"), 1)));
+    texts
+        .push(("given twice".into(), j.replacen("\"new_delta\":", &format!("\"new_delta\":{evil},\"new_delta\":"), 1)));
     texts.push(("given twice".into(), j.replacen("\"plan\":", "\"plan\":{},\"plan\":", 1)));
     for (what, text) in &texts {
         std::fs::write(&journal, text).unwrap();
@@ -158,7 +174,11 @@ fn recover_deletes_nothing_a_tampered_journal_names() {
     ok.disks[0].old_delta = None;
     ok.disks[0].parent = None;
     ok.kind = BackupKind::Full;
-    std::fs::write(&journal, serde_json::to_string(&serde_json::json!({"schema": 1, "step": "snapshot", "plan": ok})).unwrap()).unwrap();
+    std::fs::write(
+        &journal,
+        serde_json::to_string(&serde_json::json!({"schema": 1, "step": "snapshot", "plan": ok})).unwrap(),
+    )
+    .unwrap();
     store.recover_domain(&vm.vm, &Control::new()).unwrap();
     assert!(!journal.exists());
     assert_eq!(vm.disk("vda").file, base);

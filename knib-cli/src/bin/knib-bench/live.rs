@@ -29,7 +29,8 @@ pub(crate) fn unavailable() -> Option<String> {
             "virtnbdbackup is not installed (Debian package `virtnbdbackup`, in scripts/setup.sh)".to_string(),
         );
     }
-    let libvirt = Command::new("virsh").args(["-c", URI, "version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    let libvirt =
+        Command::new("virsh").args(["-c", URI, "version"]).output().map(|o| o.status.success()).unwrap_or(false);
     if !libvirt {
         return Some(format!("the libvirt daemon does not answer (`virsh -c {URI} version` fails)"));
     }
@@ -118,11 +119,7 @@ impl Live<'_> {
         let vm = hv.define(&xml(&self.name, &disk)).expect("define the domain");
         vm.start().expect("start the domain");
         ok(Command::new(&full[0]).args(&full[1..]));
-        let device = vm
-            .disk("vda")
-            .expect("disk vda")
-            .qom_device_path()
-            .expect("a running disk has a device alias");
+        let device = vm.disk("vda").expect("disk vda").qom_device_path().expect("a running disk has a device alias");
         let log = PathBuf::from(format!("/var/log/libvirt/qemu/{}.log", self.name));
         let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
         let mut rng = Rng::new(100 + run as u64);

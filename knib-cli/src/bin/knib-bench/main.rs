@@ -308,8 +308,19 @@ fn engine_inc(runs: usize, e: &EngineSetup<'_>) -> (Vec<Measured>, RowEnv) {
                 "qemu-img convert -B, commit",
                 vec![
                     cmd(&[
-                        "qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", "-B", "full.qcow2", "-F", "qcow2",
-                        &disk, &s(&qo),
+                        "qemu-img",
+                        "convert",
+                        "-m",
+                        "8",
+                        "-W",
+                        "-O",
+                        "qcow2",
+                        "-B",
+                        "full.qcow2",
+                        "-F",
+                        "qcow2",
+                        &disk,
+                        &s(&qo),
                     ]),
                     cmd(&["qemu-img", "commit", "-q", &disk]),
                 ],
@@ -435,8 +446,18 @@ fn main() {
                 Tool::new(
                     "qemu-img",
                     vec![cmd(&[
-                        "qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2",
-                        &s(&p("disk.qcow2")), &s(&qo),
+                        "qemu-img",
+                        "convert",
+                        "-c",
+                        "-o",
+                        "compression_type=zstd",
+                        "-m",
+                        "8",
+                        "-W",
+                        "-O",
+                        "qcow2",
+                        &s(&p("disk.qcow2")),
+                        &s(&qo),
                     ])],
                     &qo,
                 ),
@@ -471,7 +492,19 @@ fn main() {
         eprintln!("back up the delta (copy + hash){}", if big_disk { ", large disk" } else { "" });
         let (ko, qo, co) = (p("d-knib.qcow2"), p("d-qemu.qcow2"), p("d-cp.qcow2"));
         let convert = cmd(&[
-            "qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", "-B", backing, "-F", "qcow2", &s(&p(top)), &s(&qo),
+            "qemu-img",
+            "convert",
+            "-m",
+            "8",
+            "-W",
+            "-O",
+            "qcow2",
+            "-B",
+            backing,
+            "-F",
+            "qcow2",
+            &s(&p(top)),
+            &s(&qo),
         ]);
         let (m, env) = compare(
             3 * runs,
@@ -497,7 +530,11 @@ fn main() {
             delta_knib = Some(m[0].secs);
         }
         res.row(
-            if big_disk { "back up the delta (copy + xxh3-128), large disk" } else { "back up the delta (copy + xxh3-128)" },
+            if big_disk {
+                "back up the delta (copy + xxh3-128), large disk"
+            } else {
+                "back up the delta (copy + xxh3-128)"
+            },
             env,
             delta_data,
             ratio,
@@ -529,8 +566,22 @@ fn main() {
                 Tool::new(
                     "qemu-img convert -c -B",
                     vec![cmd(&[
-                        "qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2",
-                        "-B", "disk.qcow2", "-F", "qcow2", &s(&p("delta.qcow2")), &s(&qo),
+                        "qemu-img",
+                        "convert",
+                        "-c",
+                        "-o",
+                        "compression_type=zstd",
+                        "-m",
+                        "8",
+                        "-W",
+                        "-O",
+                        "qcow2",
+                        "-B",
+                        "disk.qcow2",
+                        "-F",
+                        "qcow2",
+                        &s(&p("delta.qcow2")),
+                        &s(&qo),
                     ])],
                     &qo,
                 ),
@@ -584,7 +635,10 @@ fn main() {
                 m[0].cpu / m[1].cpu,
                 if chain.len() == 3 { " (target >= 1.0x)" } else { "" }
             ),
-            &[("knib", m[0]), (if fmt == "raw" { "qemu-img convert -O raw" } else { "qemu-img convert -O qcow2" }, m[1])],
+            &[
+                ("knib", m[0]),
+                (if fmt == "raw" { "qemu-img convert -O raw" } else { "qemu-img convert -O qcow2" }, m[1]),
+            ],
         );
         for f in [&ko, &qo] {
             let _ = std::fs::remove_file(f);
@@ -606,8 +660,12 @@ fn main() {
             &[
                 Tool::new("knib", vec![cmd(&[&me, "op", "engine-full", &disk, &s(&ko)])], &ko).setup(&prep),
                 Tool::new("cp", vec![cmd(&["cp", &disk, &s(&co)])], &co).setup(&prep),
-                Tool::new("qemu-img", vec![cmd(&["qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", &disk, &s(&qo)])], &qo)
-                    .setup(&prep),
+                Tool::new(
+                    "qemu-img",
+                    vec![cmd(&["qemu-img", "convert", "-m", "8", "-W", "-O", "qcow2", &disk, &s(&qo)])],
+                    &qo,
+                )
+                .setup(&prep),
             ],
         );
         eprintln!("engine: incremental backup, 1% changed");
@@ -741,7 +799,11 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for l in &res.lines {
         let (row, load, steal) = if l.first {
-            (l.row.as_str(), format!("{:.2} -> {:.2}", l.env.load_start, l.env.load_end), format!("{:.1}", l.env.steal_pct))
+            (
+                l.row.as_str(),
+                format!("{:.2} -> {:.2}", l.env.load_start, l.env.load_end),
+                format!("{:.1}", l.env.steal_pct),
+            )
         } else {
             ("", String::new(), String::new())
         };

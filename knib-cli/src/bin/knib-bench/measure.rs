@@ -277,9 +277,9 @@ impl<'a> Tool<'a> {
 /// The length of a file, or of all files under a directory (0 when missing).
 fn tree_size(p: &Path) -> u64 {
     match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::read_dir(p)
-            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| tree_size(&e.path())).sum())
-            .unwrap_or(0),
+        Ok(m) if m.is_dir() => {
+            std::fs::read_dir(p).map(|rd| rd.filter_map(|e| e.ok()).map(|e| tree_size(&e.path())).sum()).unwrap_or(0)
+        }
         Ok(m) if m.is_file() => m.len(),
         _ => 0,
     }

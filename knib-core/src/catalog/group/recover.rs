@@ -51,7 +51,9 @@ impl Store {
             let n = e.file_name().to_string_lossy().into_owned();
             let Some(rest) = n.strip_prefix('.') else { continue };
             let rest = rest.trim_start_matches('.');
-            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock"].iter().find_map(|sfx| rest.strip_suffix(sfx));
+            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock"]
+                .iter()
+                .find_map(|sfx| rest.strip_suffix(sfx));
             if let Some(id) = id.filter(|id| names::validate("group id", id).is_ok()) {
                 if !ids.iter().any(|i| i == id) {
                     ids.push(id.to_string());

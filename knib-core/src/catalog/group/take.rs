@@ -121,7 +121,8 @@ impl Store {
         };
         let journal = self.journal_file(&id);
         // Held while the group runs: `recover_groups` leaves it alone.
-        let _running = self.lock_group(&id)?.ok_or_else(|| KnibError::internal(format!("group {id} is locked already")))?;
+        let _running =
+            self.lock_group(&id)?.ok_or_else(|| KnibError::internal(format!("group {id} is locked already")))?;
         crate::crashpoint::durable_step(&format!("journal of group {id}"));
         self.save_group(&journal, &record)?;
 
@@ -216,11 +217,12 @@ impl Store {
                 .collect();
 
             // 1. Every member planned, or one failed.
-            let planned = gate.wait(ctl, |st| {
-                st.failed.iter().any(Option::is_some) || st.ready.iter().all(|r| *r)
-            });
+            let planned = gate.wait(ctl, |st| st.failed.iter().any(Option::is_some) || st.ready.iter().all(|r| *r));
             let first_failure = |st: &GateState| {
-                st.failed.iter().enumerate().find_map(|(i, f)| f.as_ref().map(|f| format!("member {}: {f}", members[i].name().unwrap_or("?"))))
+                st.failed
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, f)| f.as_ref().map(|f| format!("member {}: {f}", members[i].name().unwrap_or("?"))))
             };
             let failed_early = planned.is_err() || first_failure(&gate.lock()).is_some();
             if failed_early {
@@ -239,7 +241,10 @@ impl Store {
                         frozen[*k] = true;
                         if let Some(e) = e {
                             ok = false;
-                            gate.abort(format!("the guest of {} could not be frozen: {e}", members[*k].name().unwrap_or("?")));
+                            gate.abort(format!(
+                                "the guest of {} could not be frozen: {e}",
+                                members[*k].name().unwrap_or("?")
+                            ));
                         }
                     }
                 }
@@ -262,7 +267,9 @@ impl Store {
                     }
                 }
                 if !freeze_vms.is_empty() {
-                    for (k, e) in to_freeze.iter().zip(agent_all(&freeze_vms, "guest-fsfreeze-thaw", opts.freeze_timeout)) {
+                    for (k, e) in
+                        to_freeze.iter().zip(agent_all(&freeze_vms, "guest-fsfreeze-thaw", opts.freeze_timeout))
+                    {
                         if let Some(e) = e {
                             log::error!("group {id}: thawing the guest of {}: {e}", members[*k].name().unwrap_or("?"));
                         }
@@ -285,9 +292,8 @@ impl Store {
                     gate.update(|st| st.phase = Phase::Copy);
                     ctl.report("group backup: copying", 30.0);
                     if rollback {
-                        let _ = gate.wait(ctl, |st| {
-                            st.failed.iter().any(Option::is_some) || st.written.iter().all(|w| *w)
-                        });
+                        let _ =
+                            gate.wait(ctl, |st| st.failed.iter().any(Option::is_some) || st.written.iter().all(|w| *w));
                         let why = first_failure(&gate.lock());
                         match why {
                             Some(w) => gate.abort(w),

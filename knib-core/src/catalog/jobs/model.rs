@@ -194,7 +194,9 @@ impl Job {
             }
         }
         let job: Job = serde_json::from_value(v).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
-        for (field, what, value) in [("id", "job id", &job.id), ("vm", "VM name", &job.vm), ("backup", "backup id", &job.backup)] {
+        for (field, what, value) in
+            [("id", "job id", &job.id), ("vm", "VM name", &job.vm), ("backup", "backup id", &job.backup)]
+        {
             names::validate(what, value).map_err(|e| corrupt(format!("field `{field}`: {}", e.message)))?;
         }
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
