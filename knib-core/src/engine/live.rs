@@ -425,7 +425,14 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
             // A job knib started may still run in QEMU: stop it where it is
             // (either side of a commit reads the same bytes).
             if let Some(job) = blockjob::block_job_info(vm, &d.target)? {
-                blockjob::block_job_abort(vm, &d.target, false)?;
+                if let Err(e) = blockjob::block_job_abort(vm, &d.target, false) {
+                    // The job may have ended between the two calls (a
+                    // commit the killed process started goes on in QEMU).
+                    if blockjob::block_job_info(vm, &d.target)?.is_some() {
+                        return Err(e);
+                    }
+                    log::info!("{}: a left-over {:?} job ended by itself", d.target, job.kind);
+                }
                 let t = std::time::Instant::now();
                 while blockjob::block_job_info(vm, &d.target)?.is_some() {
                     if t.elapsed() > std::time::Duration::from_secs(60) {
