@@ -100,8 +100,10 @@ use super::image::{ClusterState, Qcow2Image, COPIED, L2_ZERO as ZERO};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 
-/// The L2 tables one batch holds in memory at most.
-pub const BATCH_TABLE_BYTES: usize = 16 << 20;
+/// The L2 tables one batch holds in memory at most (32 tables of 64 KiB,
+/// covering 16 GiB of guest disk: a merge of scattered writes into a large
+/// base takes more batches, not more memory).
+pub const BATCH_TABLE_BYTES: usize = 2 << 20;
 /// The largest refcount table the merge keeps in memory.
 const MAX_REFCOUNT_TABLE_BYTES: u64 = 32 << 20;
 

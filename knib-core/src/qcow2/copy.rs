@@ -8,7 +8,7 @@
 //! and the caller's thread as the one writer, which keeps guest order and
 //! hashes the file as it writes it. Batches of clusters travel between them
 //! through bounded channels, and their buffers are recycled, so memory is
-//! bounded (about 32 MiB of batches, see [`batch_plan`]) whatever the disk
+//! bounded (about 4 MiB of batches, see [`batch_plan`]) whatever the disk
 //! size.
 //!
 //! A plain (uncompressed) qcow2 output is planned first from the source's

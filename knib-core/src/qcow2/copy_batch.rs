@@ -4,7 +4,7 @@
 //! # Invariants
 //!
 //! - A batch holds clusters in guest order; its buffers are recycled, so
-//!   memory stays bounded (about 32 MiB of batches, see [`batch_plan`])
+//!   memory stays bounded (about 4 MiB of batches, see [`batch_plan`])
 //!   whatever the disk size.
 //! - A compressed cluster is kept only when it is smaller than a cluster;
 //!   otherwise the cluster is written as it is.
@@ -50,6 +50,9 @@ impl Batch {
     pub(super) fn grow(&mut self, len: usize) -> usize {
         let at = self.used;
         if self.data.len() < at + len {
+            // Exactly: a doubling growth would leave batches up to twice
+            // their planned size (memory bound: `batch_plan`).
+            self.data.reserve_exact(at + len - self.data.len());
             self.data.resize(at + len, 0);
         }
         self.used += len;
@@ -60,15 +63,18 @@ impl Batch {
     pub(super) fn grow_out(&mut self, len: usize) -> usize {
         let at = self.out_used;
         if self.out.len() < at + len {
+            self.out.reserve_exact(at + len - self.out.len());
             self.out.resize(at + len, 0);
         }
         at
     }
 }
 
-/// Batches in flight and the data bytes of each: about 32 MiB in all.
+/// Batches in flight and the data bytes of each: about 4 MiB in all (a
+/// copy's whole memory stays under 32 MiB, process and libraries
+/// included: issue 18; larger batches bought no speed, docs/performance.md).
 pub(super) fn batch_plan(cs: u64, workers: usize) -> (usize, usize) {
-    const BUDGET: u64 = 32 << 20;
+    const BUDGET: u64 = 4 << 20;
     let in_flight = workers + 3;
     let per = if workers > 0 { BUDGET / (2 * in_flight as u64) } else { BUDGET / in_flight as u64 };
     let bytes = (per.min(4 << 20) / cs).max(1) * cs;

@@ -24,9 +24,9 @@ use crate::error::{KnibError, Result};
 /// Alignment of O_DIRECT buffers, offsets and lengths.
 const ALIGN: usize = 4096;
 /// Each write is this long (but the last).
-const BUFFER: usize = 2 << 20;
+const BUFFER: usize = 1 << 20;
 /// I/O threads: the device gets this many writes at once.
-const IO_THREADS: usize = 4;
+const IO_THREADS: usize = 2;
 /// Buffers in all: one being filled, the others written or waiting.
 const BUFFERS: usize = IO_THREADS + 2;
 /// `statfs` magic of NFS.
@@ -90,7 +90,7 @@ fn write_at(file: &File, data: &[u8], pos: u64) -> std::io::Result<()> {
     }
 }
 
-/// Appends to a file from offset 0 in aligned 2 MiB writes made by I/O
+/// Appends to a file from offset 0 in aligned 1 MiB writes made by I/O
 /// threads, O_DIRECT when the file system allows it.
 pub(crate) struct DirectWriter {
     path: PathBuf,

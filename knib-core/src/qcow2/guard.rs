@@ -29,10 +29,13 @@
 //! can never land on a cluster any table references. Images with internal
 //! snapshots are not scanned (the merge does not write into them).
 //!
-//! Memory: two bytes per host cluster of the file (at most
-//! [`MAX_SCAN_CLUSTERS`]), one bit per cluster for compressed data, and one
-//! map entry per metadata cluster; the L2 tables and refcount blocks are
-//! read one at a time.
+//! Memory: the references are counted in windows of at most
+//! [`SCAN_WINDOW_CLUSTERS`] host clusters (two bytes and one bit per
+//! cluster of the window), one window after the other, each pass reading
+//! the L2 tables and refcount blocks again, one at a time; and one map entry
+//! per metadata cluster. So the scan's memory does not grow with the size
+//! of the file (issue 18: a backup's memory stays under 32 MiB); a file of
+//! up to 64 GiB (with 64 KiB clusters) takes one pass.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -43,8 +46,11 @@ use super::header::Header;
 use super::image::{L1_RESERVED, L2_COMPRESSED, L2_RESERVED, OFFSET_MASK, RT_OFFSET_MASK};
 use crate::error::{KnibError, Result};
 
-/// The most host clusters a scan counts references of (64 MiB of counters).
+/// The most host clusters a scan counts references of (2 TiB with 64 KiB
+/// clusters: a larger file would take more than 32 passes).
 pub const MAX_SCAN_CLUSTERS: u64 = 32 << 20;
+/// Host clusters whose references one pass counts (2 MiB of counters).
+pub const SCAN_WINDOW_CLUSTERS: u64 = 1 << 20;
 
 /// The metadata of an image, as found by [`scan`].
 #[derive(Debug)]
@@ -68,7 +74,11 @@ struct Refs<'a> {
     cs: u64,
     file_len: u64,
     nclusters: u64,
+    /// The window of host clusters counted now: `lo..lo + refs.len()`.
+    lo: u64,
+    /// References to each host cluster of the window.
     refs: Vec<u16>,
+    /// Whether each host cluster of the window holds compressed data.
     compressed: Vec<u64>,
     meta: HashMap<u64, String>,
     /// One past the last host cluster referenced.
@@ -80,10 +90,35 @@ impl Refs<'_> {
         KnibError::corrupt(format!("qcow2 image {}: {what}; it is not written into", self.path.display()))
     }
 
+    /// Index of host cluster `c` in the window, if it is in it.
+    fn at(&self, c: u64) -> Option<usize> {
+        c.checked_sub(self.lo).filter(|&i| i < self.refs.len() as u64).map(|i| i as usize)
+    }
+
+    /// References to host cluster `c` of the window counted so far.
+    fn refs_of(&self, c: u64) -> u16 {
+        self.at(c).map_or(0, |i| self.refs[i])
+    }
+
     fn count(&mut self, c: u64) {
-        let r = &mut self.refs[c as usize];
-        *r = r.saturating_add(1);
+        if let Some(i) = self.at(c) {
+            self.refs[i] = self.refs[i].saturating_add(1);
+        }
         self.max_ref = self.max_ref.max(c + 1);
+    }
+
+    /// Start counting the window `lo..hi`: the metadata clusters in it
+    /// are counted once each, as the first pass counted them.
+    fn window(&mut self, lo: u64, hi: u64) {
+        self.lo = lo;
+        self.refs.clear();
+        self.refs.resize((hi - lo) as usize, 0);
+        self.compressed.clear();
+        self.compressed.resize((hi - lo).div_ceil(64) as usize, 0);
+        let meta: Vec<u64> = self.meta.keys().copied().filter(|&c| c >= lo && c < hi).collect();
+        for c in meta {
+            self.count(c);
+        }
     }
 
     /// A metadata structure of `len` bytes at `offset`, cluster aligned and
@@ -103,7 +138,7 @@ impl Refs<'_> {
                 return Err(self
                     .corrupt(format!("{what} at {offset} overlaps the {other} (host cluster {c}): metadata overlap")));
             }
-            if self.refs[c as usize] != 0 {
+            if self.refs_of(c) != 0 {
                 return Err(self
                     .corrupt(format!("{what} at {offset} overlaps guest data (host cluster {c}): metadata overlap")));
             }
@@ -122,7 +157,7 @@ impl Refs<'_> {
                 self.corrupt(format!("{what} points at host cluster {c}, which holds the {m}: metadata overlap"))
             );
         }
-        if self.refs[c as usize] != 0 {
+        if self.refs_of(c) != 0 {
             let shared = if self.is_compressed(c) { "compressed data" } else { "another L2 entry's data" };
             return Err(self.corrupt(format!("{what} points at host cluster {c}, which also holds {shared}")));
         }
@@ -139,18 +174,20 @@ impl Refs<'_> {
                 "{what}: compressed data in host cluster {c}, which holds the {m}: metadata overlap"
             )));
         }
-        if self.refs[c as usize] != 0 && !self.is_compressed(c) {
+        if self.refs_of(c) != 0 && !self.is_compressed(c) {
             return Err(self.corrupt(format!(
                 "{what}: compressed data in host cluster {c}, which also holds another L2 entry's data"
             )));
         }
-        self.compressed[(c / 64) as usize] |= 1 << (c % 64);
+        if let Some(i) = self.at(c) {
+            self.compressed[i / 64] |= 1 << (i % 64);
+        }
         self.count(c);
         Ok(())
     }
 
     fn is_compressed(&self, c: u64) -> bool {
-        self.compressed[(c / 64) as usize] & (1 << (c % 64)) != 0
+        self.at(c).is_some_and(|i| self.compressed[i / 64] & (1 << (i % 64)) != 0)
     }
 }
 
@@ -162,6 +199,32 @@ fn be64(b: &[u8], i: usize) -> u64 {
 /// header `h`) before a write (see the module documentation). `Ok(Err)`
 /// when the image is too large to scan here (nothing is wrong with it).
 pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Result<std::result::Result<Scan, String>> {
+    scan_windowed(file, path, h, file_len, SCAN_WINDOW_CLUSTERS)
+}
+
+/// Scan the qcow2 image at `path` as the merge does before it writes into
+/// it (see the module documentation), counting references in windows of
+/// `window` host clusters (`None`: the merge's own window). What the merge
+/// would learn: `Ok(Ok(end))` with the first host cluster free to allocate,
+/// `Ok(Err(why))` when the image is not scanned here, `Err` (corrupt) when
+/// it is refused. For tests of the windowed count.
+#[doc(hidden)]
+pub fn scan_file(path: &Path, window: Option<u64>) -> Result<std::result::Result<u64, String>> {
+    let file = File::open(path).map_err(|e| KnibError::io("cannot open", path, e))?;
+    let img = super::Qcow2Image::open(path)?;
+    let len = super::image::file_size(&file).map_err(|e| KnibError::io("cannot size", path, e))?;
+    let scan = scan_windowed(&file, path, img.header(), len, window.unwrap_or(SCAN_WINDOW_CLUSTERS))?;
+    Ok(scan.map(|s| s.end))
+}
+
+/// [`scan`], counting references in windows of `window` host clusters.
+fn scan_windowed(
+    file: &File,
+    path: &Path,
+    h: &Header,
+    file_len: u64,
+    window: u64,
+) -> Result<std::result::Result<Scan, String>> {
     if h.nb_snapshots != 0 {
         return Err(KnibError::internal(format!("{}: images with snapshots are not scanned", path.display())));
     }
@@ -182,8 +245,9 @@ pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Resul
         cs,
         file_len,
         nclusters,
-        refs: vec![0; nclusters as usize],
-        compressed: vec![0; nclusters.div_ceil(64) as usize],
+        lo: 0,
+        refs: vec![0; nclusters.min(window.max(1)) as usize],
+        compressed: vec![0; nclusters.min(window.max(1)).div_ceil(64) as usize],
         meta: HashMap::new(),
         max_ref: 0,
     };
@@ -249,6 +313,41 @@ pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Resul
             r.metadata(format!("L2 table of L1 entry {i}"), e & OFFSET_MASK, cs)?;
         }
     }
+    // Each window of host clusters: the references the L2 tables make into
+    // it, then its stored refcounts against them.
+    let window = window.max(1);
+    let mut last_counted = 0u64;
+    let mut lo = 0u64;
+    loop {
+        let hi = (lo + window).min(nclusters);
+        if lo > 0 {
+            r.window(lo, hi);
+        }
+        count_l2_refs(&mut r, file, h, &l1)?;
+        let last = hi >= nclusters;
+        last_counted = last_counted.max(check_refcounts(&mut r, file, &rt, hi, last)?);
+        if last {
+            break;
+        }
+        lo = hi;
+    }
+    let per_block = cs / 2;
+    let covered = rt.len() as u64 * per_block;
+    if r.max_ref > covered {
+        return Err(r.corrupt(format!(
+            "host cluster {} is referenced but the refcount table covers only {covered} clusters",
+            r.max_ref - 1
+        )));
+    }
+    let end = nclusters.max(last_counted).max(r.max_ref);
+    Ok(Ok(Scan { meta: r.meta, end }))
+}
+
+/// Count the references the L2 tables (those of `l1`) make into the window
+/// of `r`, checking every entry (the checks that need no counts are made in
+/// every pass and fail in the first).
+fn count_l2_refs(r: &mut Refs<'_>, file: &File, h: &Header, l1: &[u64]) -> Result<()> {
+    let (cs, file_len) = (r.cs, r.file_len);
     let l2n = cs / 8;
     let x = 62 - (h.cluster_bits - 8);
     let mut table = vec![0u8; cs as usize];
@@ -257,7 +356,7 @@ pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Resul
         if off == 0 {
             continue;
         }
-        file.read_exact_at(&mut table, off).map_err(|e| io("cannot read an L2 table of", e))?;
+        file.read_exact_at(&mut table, off).map_err(|e| KnibError::io("cannot read an L2 table of", r.path, e))?;
         for j in 0..l2n as usize {
             let e = be64(&table, j);
             let guest = i as u64 * l2n + j as u64;
@@ -294,31 +393,42 @@ pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Resul
             r.data(guest, host / cs)?;
         }
     }
+    Ok(())
+}
 
-    // Stored refcounts against the references.
+/// Check the stored refcounts of the window of `r` (which ends at host
+/// cluster `hi`; with `last`, also those past the end of the file) against
+/// the references counted; the host cluster past the last one with a
+/// stored refcount, among those looked at.
+fn check_refcounts(r: &mut Refs<'_>, file: &File, rt: &[u64], hi: u64, last: bool) -> Result<u64> {
+    let (cs, nclusters, lo) = (r.cs, r.nclusters, r.lo);
     let per_block = cs / 2;
     let mut last_counted = 0u64;
     let mut block = vec![0u8; cs as usize];
     for (rti, &e) in rt.iter().enumerate() {
         let first = rti as u64 * per_block;
+        // This block's clusters looked at in this pass.
+        let from = first.max(lo);
+        let to = if last { first + per_block } else { (first + per_block).min(hi) };
+        if from >= to {
+            continue;
+        }
         if e == 0 {
             // No block: nothing in its range may be referenced.
-            let range = first.min(nclusters) as usize..(first + per_block).min(nclusters) as usize;
-            if let Some(k) = r.refs[range.clone()].iter().position(|&n| n != 0) {
-                let c = range.start as u64 + k as u64;
+            if let Some(c) = (from..to.min(nclusters)).find(|&c| r.refs_of(c) != 0) {
                 let what = r.metadata_name(c);
                 return Err(r.corrupt(format!("host cluster {c}{what} is referenced but has no refcount block")));
             }
             continue;
         }
-        file.read_exact_at(&mut block, e).map_err(|e| io("cannot read a refcount block of", e))?;
-        for k in 0..per_block {
-            let c = first + k;
-            let stored = u16::from_be_bytes([block[2 * k as usize], block[2 * k as usize + 1]]);
+        file.read_exact_at(&mut block, e).map_err(|e| KnibError::io("cannot read a refcount block of", r.path, e))?;
+        for c in from..to {
+            let k = (c - first) as usize;
+            let stored = u16::from_be_bytes([block[2 * k], block[2 * k + 1]]);
             if stored != 0 {
                 last_counted = c + 1;
             }
-            let refs = r.refs.get(c as usize).copied().unwrap_or(0);
+            let refs = r.refs_of(c);
             if stored < refs {
                 let what = r.metadata_name(c);
                 return Err(r.corrupt(format!(
@@ -328,15 +438,7 @@ pub(crate) fn scan(file: &File, path: &Path, h: &Header, file_len: u64) -> Resul
             }
         }
     }
-    let covered = rt.len() as u64 * per_block;
-    if r.max_ref > covered {
-        return Err(r.corrupt(format!(
-            "host cluster {} is referenced but the refcount table covers only {covered} clusters",
-            r.max_ref - 1
-        )));
-    }
-    let end = nclusters.max(last_counted).max(r.max_ref);
-    Ok(Ok(Scan { meta: r.meta, end }))
+    Ok(last_counted)
 }
 
 impl Refs<'_> {

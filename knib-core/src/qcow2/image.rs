@@ -26,7 +26,7 @@ pub(crate) const L2_ZERO: u64 = 1;
 pub(crate) const RT_OFFSET_MASK: u64 = !0x1ff;
 /// The L2 cache holds about this many bytes of tables (a chain shares it
 /// among its layers: [`Qcow2Image::set_l2_cache_bytes`]).
-pub(crate) const L2_CACHE_BYTES: u64 = 4 << 20;
+pub(crate) const L2_CACHE_BYTES: u64 = 2 << 20;
 /// ... and between these many tables.
 const L2_CACHE_MIN: usize = 2;
 const L2_CACHE_MAX: usize = 64;

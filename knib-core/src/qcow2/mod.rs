@@ -8,7 +8,7 @@
 //!
 //! Written from QEMU's format specification (docs/interop/qcow2.txt). Reads
 //! stream: one L1 table in memory (the entries covering the virtual size),
-//! a small LRU cache of L2 tables (about 4 MiB, 2 to 64 tables), and the
+//! a small LRU cache of L2 tables (about 2 MiB, 2 to 64 tables), and the
 //! last decompressed cluster.
 //!
 //! # What the writer writes ([`Layout`])
@@ -155,6 +155,8 @@ pub use commit_base::CommitReport;
 pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat, MAX_AUTO_THREADS};
 pub use copy_read::SourceMode;
 pub use empty::empty_image;
+#[doc(hidden)]
+pub use guard::scan_file;
 pub use header::{
     header_prefix_len, BitmapsExt, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,

@@ -93,7 +93,7 @@ impl FileSink {
     }
 
     /// Like [`FileSink::new`], writing around the page cache (O_DIRECT)
-    /// in aligned 2 MiB writes made by four I/O threads, where the file system
+    /// in aligned 1 MiB writes made by two I/O threads, where the file system
     /// allows it (not on NFS). Falls back to buffered
     /// writes when O_DIRECT is refused, now or at a write.
     pub fn new_direct(file: File, path: &Path, hash: bool) -> Result<Self> {

@@ -56,7 +56,6 @@ pub(crate) struct SourceHasher {
     /// Bytes `0..pos` are hashed.
     pos: u64,
     hasher: Xxh3,
-    buf: Vec<u8>,
     extra: u64,
     twice: u64,
 }
@@ -67,20 +66,14 @@ impl std::fmt::Debug for SourceHasher {
     }
 }
 
+/// The longest read of [`SourceHasher::read_to`].
+const CHUNK: usize = 256 << 10;
+
 impl SourceHasher {
     /// A hasher of `file` (a duplicate of the copy's descriptor), `len`
     /// bytes long when opened.
     pub(crate) fn new(path: &Path, file: File, len: u64) -> Self {
-        SourceHasher {
-            path: path.to_path_buf(),
-            file,
-            len,
-            pos: 0,
-            hasher: Xxh3::new(),
-            buf: Vec::new(),
-            extra: 0,
-            twice: 0,
-        }
+        SourceHasher { path: path.to_path_buf(), file, len, pos: 0, hasher: Xxh3::new(), extra: 0, twice: 0 }
     }
 
     /// The copy read `data` at `offset` of the file.
@@ -113,18 +106,25 @@ impl SourceHasher {
 
     /// Read and hash the file from `pos` up to `end`, or to its end of file
     /// (`None`).
+    ///
+    /// The buffer lives only for the call and is no longer than the gap
+    /// (at most [`CHUNK`]): a chain keeps one hasher per layer, and a
+    /// buffer kept by each would make the copy's memory grow with the
+    /// chain's depth.
     fn read_to(&mut self, end: Option<u64>) -> Result<()> {
-        const CHUNK: usize = 1 << 20;
-        if self.buf.len() < CHUNK {
-            self.buf.resize(CHUNK, 0);
-        }
+        let first = match end {
+            Some(e) if self.pos >= e => return Ok(()),
+            Some(e) => ((e - self.pos) as usize).min(CHUNK),
+            None => CHUNK,
+        };
+        let mut buf = vec![0u8; first];
         loop {
             let want = match end {
                 Some(e) if self.pos >= e => return Ok(()),
-                Some(e) => ((e - self.pos) as usize).min(CHUNK),
-                None => CHUNK,
+                Some(e) => ((e - self.pos) as usize).min(first),
+                None => first,
             };
-            let n = match self.file.read_at(&mut self.buf[..want], self.pos) {
+            let n = match self.file.read_at(&mut buf[..want], self.pos) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(KnibError::io("cannot read", &self.path, e)),
@@ -133,7 +133,7 @@ impl SourceHasher {
                 // The file is shorter than when it was opened: hash what is there.
                 return Ok(());
             }
-            self.hasher.update(&self.buf[..n]);
+            self.hasher.update(&buf[..n]);
             self.pos += n as u64;
             self.extra += n as u64;
         }
