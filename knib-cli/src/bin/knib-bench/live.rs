@@ -1,4 +1,4 @@
-//! The live row: an incremental backup of a running domain, by knib (the
+//! The live rows: a full and an incremental backup of a running domain, by knib (the
 //! catalog's domain backup: a disk-only snapshot, the copy of the delta,
 //! the block commit) and by `virtnbdbackup` (libvirt's backup API, dirty
 //! bitmaps, NBD). The domain has no operating system (it sits in SeaBIOS);
@@ -105,9 +105,9 @@ impl Live<'_> {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
-    /// A fresh running domain on a copy of the disk, a full backup by
-    /// `full` (untimed), then the run's writes.
-    fn prepare(&self, run: usize, full: &[String]) {
+    /// A fresh running domain on a copy of the disk; then, with `full`, a
+    /// full backup by it (untimed) and the run's writes.
+    fn prepare(&self, run: usize, full: Option<&[String]>) {
         self.teardown();
         std::fs::create_dir_all(self.store()).expect("live dir");
         let disk = self.disk();
@@ -118,6 +118,7 @@ impl Live<'_> {
         // domain may refuse.
         let vm = hv.define(&xml(&self.name, &disk)).expect("define the domain");
         vm.start().expect("start the domain");
+        let Some(full) = full else { return };
         ok(Command::new(&full[0]).args(&full[1..]));
         let device = vm.disk("vda").expect("disk vda").qom_device_path().expect("a running disk has a device alias");
         let log = PathBuf::from(format!("/var/log/libvirt/qemu/{}.log", self.name));
@@ -151,8 +152,9 @@ impl Live<'_> {
     }
 }
 
-/// Run the row: knib's incremental domain backup against virtnbdbackup's.
-pub(crate) fn row(live: &Live<'_>, runs: usize) -> (Vec<Measured>, RowEnv) {
+/// Run the rows: knib's full domain backup against virtnbdbackup's, then
+/// the incremental ones; (full, incremental).
+pub(crate) fn rows(live: &Live<'_>, runs: usize) -> ((Vec<Measured>, RowEnv), (Vec<Measured>, RowEnv)) {
     let (store, nbd) = (s(&live.store()), s(&live.nbd()));
     let knib_once = cmd(&[live.me, "op", "live-backup", &store, &live.name]);
     let nbd_full = cmd(&["virtnbdbackup", "-U", URI, "-d", &live.name, "-l", "full", "-o", &nbd]);
@@ -165,13 +167,22 @@ pub(crate) fn row(live: &Live<'_>, runs: usize) -> (Vec<Measured>, RowEnv) {
         }
     }
     let _down = Down(live);
-    let knib_prep = |run: usize| live.prepare(run, &knib_once);
-    let nbd_prep = |run: usize| live.prepare(run, &nbd_full);
-    compare(
+    let fresh = |run: usize| live.prepare(run, None);
+    let full = compare(
+        runs,
+        &[
+            Tool::new("knib", vec![knib_once.clone()], &live.store()).sync_fs().setup(&fresh),
+            Tool::new("virtnbdbackup", vec![nbd_full.clone()], &live.nbd()).sync_fs().setup(&fresh),
+        ],
+    );
+    let knib_prep = |run: usize| live.prepare(run, Some(&knib_once));
+    let nbd_prep = |run: usize| live.prepare(run, Some(&nbd_full));
+    let inc = compare(
         runs,
         &[
             Tool::new("knib", vec![knib_once.clone()], &live.store()).sync_fs().setup(&knib_prep),
             Tool::new("virtnbdbackup", vec![nbd_inc], &live.nbd()).sync_fs().setup(&nbd_prep),
         ],
-    )
+    );
+    (full, inc)
 }
