@@ -302,6 +302,8 @@ start() {
     fi
     ensure_packages
     stop_daemons
+    # A failed start leaves no daemon behind, and its logs for a look.
+    trap 'echo "ceph.sh: start failed; its daemons are stopped, logs in $dir/log" >&2; stop_daemons KILL' EXIT
     for p in "$mon_port" "$rgw_port"; do
         port_in_use "$p" && die "port $p on 127.0.0.1 is taken (set KNIB_CEPH_MON_PORT / KNIB_CEPH_RGW_PORT)"
     done
@@ -320,6 +322,7 @@ start() {
         daemon_alive "$d" || die "$d is not running (see $dir/log/$d.log)"
     done
     write_env
+    trap - EXIT
     echo "ceph.sh: Ceph RGW ready in $((SECONDS - t0)) s; S3 at $endpoint, env in $dir/s3.env"
 }
 
