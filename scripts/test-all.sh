@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of knib on a fresh Debian 12 machine, as root: installs the
-# system packages, starts libvirt, then the Rust, C and Java tests.
+# system packages, starts libvirt and a local Ceph S3 gateway (RGW), then the
+# Rust, C and Java tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -11,6 +12,15 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Doc comments: no broken or private links.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+# The S3 tests' server: a single-node Ceph cluster with RGW on 127.0.0.1
+# (scripts/ceph.sh), stopped when this run ends unless it ran before. Its S3
+# settings (AWS_*, KNIB_S3_*) go to every test below, Rust, C and Java.
+if ! bash scripts/ceph.sh status >/dev/null; then
+    trap 'bash scripts/ceph.sh stop' EXIT
+    bash scripts/ceph.sh start
+fi
+s3_env=$(bash scripts/ceph.sh env)
+eval "$s3_env"
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test-output.txt
 # The C ABI: header drift, then the C programs under ASan/UBSan and Valgrind.
 bash scripts/test-c.sh
