@@ -313,3 +313,30 @@ fn a_raw_disk_of_a_running_vm_is_backed_up_in_full_each_time_saying_why() {
     }
     assert_eq!(vm.disk("vda").file, raw);
 }
+
+#[test]
+fn the_backup_method_is_a_setting_of_each_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    assert_eq!(store.vm_settings("web").unwrap().backup_method, BackupMethod::Snapshot);
+    store.set_vm_settings("web", &VmSettings { backup_method: BackupMethod::Bitmap }).unwrap();
+    assert_eq!(store.vm_settings("web").unwrap().backup_method, BackupMethod::Bitmap);
+    assert_eq!(store.vm_settings("db").unwrap().backup_method, BackupMethod::Snapshot);
+    // Through the JSON API: read, set, read back.
+    let call = |req: serde_json::Value| {
+        knib_core::api::call("vm.settings", &req.to_string(), &Control::new())
+            .map(|a| serde_json::from_str::<serde_json::Value>(&a).unwrap())
+    };
+    let s = root.to_str().unwrap();
+    assert_eq!(call(serde_json::json!({"store": s, "vm": "web"})).unwrap()["backup_method"], "bitmap");
+    let set = call(serde_json::json!({"store": s, "vm": "db", "backup_method": "bitmap"})).unwrap();
+    assert_eq!(set["backup_method"], "bitmap");
+    assert_eq!(store.vm_settings("db").unwrap().backup_method, BackupMethod::Bitmap);
+    let bad = call(serde_json::json!({"store": s, "vm": "db", "backup_method": "push"})).unwrap_err();
+    assert_eq!(bad.kind, knib_core::ErrorKind::InvalidInput, "{bad:?}");
+    // A settings file with an unknown key is refused, naming it.
+    std::fs::write(root.join("vms/web/settings.json"), r#"{"schema": 1, "backup_methd": "bitmap"}"#).unwrap();
+    let e = store.vm_settings("web").unwrap_err();
+    assert!(e.message.contains("backup_methd"), "{e:?}");
+}
