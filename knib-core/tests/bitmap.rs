@@ -124,7 +124,13 @@ fn full_then_incrementals_by_bitmap_with_writes_during_each_backup() {
         while concurrent.lock().unwrap().len() < 2 {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let m = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+        // The last one compressed as it is written.
+        let opts = match round {
+            2 => BackupOptions { compress: Some(knib_core::qemu_img::CompressionLibrary::Zstd), ..bitmap() },
+            _ => bitmap(),
+        };
+        let m = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+        assert_eq!(m.compression.is_some(), round == 2);
         stop.store(true, Ordering::SeqCst);
         writer.join().unwrap();
         assert_eq!(m.kind, if round == 0 { BackupKind::Full } else { BackupKind::Incremental });

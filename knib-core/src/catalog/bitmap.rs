@@ -145,6 +145,7 @@ impl Store {
                 _ => None,
             },
             checkpoint: (kind != BackupKind::Isolated && !end_of_chain && all_qcow2).then(|| checkpoint_name(&id)),
+            compress: opts.compress,
         };
         if kind == BackupKind::Incremental && plan.since.is_none() {
             return Err(KnibError::internal("an incremental bitmap backup without a checkpoint to follow"));
@@ -170,6 +171,7 @@ impl Store {
                     hash: v.hash.clone(),
                 })
                 .collect();
+            m.compression = super::compressed_as_copied(vols);
             self.publish(&m, &part)
         });
         match result {

@@ -49,6 +49,8 @@ use crate::fsio;
 use crate::libvirt::backup::{self, BackupDisk};
 use crate::libvirt::{disk_targets, qemu_agent_command, DiskInfo, Vm};
 use crate::progress::Control;
+use crate::qcow2::CompressionType;
+use crate::qemu_img::CompressionLibrary;
 
 /// A step of a bitmap backup, recorded before it is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +116,9 @@ pub struct BitmapPlan {
     /// The checkpoint this backup creates (none for an isolated backup or
     /// one that ends its chain, or when a disk cannot carry a bitmap).
     pub checkpoint: Option<String>,
+    /// Compress the backup files as they are written.
+    #[serde(default)]
+    pub compress: Option<CompressionLibrary>,
 }
 
 impl BitmapPlan {
@@ -346,9 +351,20 @@ pub fn take(
         for d in &plan.disks {
             ctl.check(&format!("copy of disk {}", d.target))?;
             let bitmap = plan.since.as_ref().map(|_| d.target.as_str());
-            let c =
-                super::bitmap_copy::copy_export(&plan.socket(), &d.target, bitmap, &d.dest, d.parent.as_deref(), ctl)
-                    .map_err(|e| e.context(format!("disk {}", d.target)))?;
+            let ctype = plan.compress.map(|c| match c {
+                CompressionLibrary::Zstd => CompressionType::Zstd,
+                CompressionLibrary::Zlib => CompressionType::Zlib,
+            });
+            let c = super::bitmap_copy::copy_export(
+                &plan.socket(),
+                &d.target,
+                bitmap,
+                &d.dest,
+                d.parent.as_deref(),
+                ctype,
+                ctl,
+            )
+            .map_err(|e| e.context(format!("disk {}", d.target)))?;
             results.push(VolumeResult {
                 name: d.target.clone(),
                 active_file: d.file.clone(),
@@ -356,7 +372,7 @@ pub fn take(
                 size: fsio::file_size(&d.dest)?,
                 virtual_size: c.virtual_size,
                 hash: Some(c.hash),
-                compression: None,
+                compression: plan.compress,
                 data_bytes: Some(c.data_bytes),
             });
         }

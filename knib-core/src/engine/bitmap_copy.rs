@@ -194,14 +194,17 @@ pub struct ExportCopy {
 /// file `dest`: every cluster that is dirty in the export's bitmap
 /// `bitmap` (incremental), or every cluster that does not read as zeros
 /// (`bitmap` `None`: full). `backing` is the parent backup's file, as the
-/// backing pointer written (relative to `dest`). On error `dest` may hold
-/// a partial file: the caller removes it.
+/// backing pointer written (relative to `dest`). With `compress`, each
+/// cluster is stored compressed when that makes it shorter (the header is
+/// then written last and the file hashed by reading it back). On error
+/// `dest` may hold a partial file: the caller removes it.
 pub fn copy_export(
     socket: &Path,
     export: &str,
     bitmap: Option<&str>,
     dest: &Path,
     backing: Option<&str>,
+    compress: Option<CompressionType>,
     ctl: &Control,
 ) -> Result<ExportCopy> {
     let what = format!("copy of NBD export {export} to {}", dest.display());
@@ -224,8 +227,11 @@ pub fn copy_export(
         virtual_size: size,
         cluster_bits: CLUSTER_BITS,
         backing: backing.map(|b| BackingRef { name: b.to_string(), format: "qcow2".into() }),
-        compression: CompressionType::Zlib,
+        compression: compress.unwrap_or(CompressionType::Zlib),
     };
+    if let Some(t) = compress {
+        return copy_compressed(&mut n, &runs, spec, t, dest, size, ctl, &what);
+    }
     let cs = spec.cluster_size();
     let zeros = vec![0u8; READ_RUN as usize];
     let per = READ_RUN / cs;
@@ -284,6 +290,75 @@ pub fn copy_export(
     let (file, hash) = sink.finish()?;
     file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
     let hash = hash.ok_or_else(|| KnibError::internal("the file sink did not hash"))?;
+    Ok(ExportCopy { hash, data_bytes, virtual_size: size })
+}
+
+/// One cluster compressed as QEMU reads it (zstd frame, or raw deflate
+/// with a 4 KiB window), when it fits in `dst`.
+fn compress_cluster(t: CompressionType, src: &[u8], dst: &mut [u8]) -> Result<Option<usize>> {
+    Ok(match t {
+        CompressionType::Zstd => {
+            let mut c = zstd::bulk::Compressor::new(3).map_err(|e| KnibError::internal(format!("zstd: {e}")))?;
+            c.include_checksum(false).map_err(|e| KnibError::internal(format!("zstd: {e}")))?;
+            c.compress_to_buffer(src, dst).ok()
+        }
+        CompressionType::Zlib => {
+            let mut d = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            match d.compress(src, dst, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if d.total_in() as usize == src.len() => Some(d.total_out() as usize),
+                _ => None,
+            }
+        }
+    })
+}
+
+/// [`copy_export`] with compressed clusters.
+#[allow(clippy::too_many_arguments)]
+fn copy_compressed(
+    n: &mut Nbd,
+    runs: &[Run],
+    spec: ImageSpec,
+    t: CompressionType,
+    dest: &Path,
+    size: u64,
+    ctl: &Control,
+    what: &str,
+) -> Result<ExportCopy> {
+    use std::os::unix::fs::FileExt;
+    let cs = spec.cluster_size();
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|e| KnibError::io("cannot create", dest, e))?;
+    let mut out = Layout::new(spec, FileSink::new(file, dest, false), None)?;
+    let mut buf = vec![0u8; cs as usize];
+    let mut packed = vec![0u8; cs as usize - 1];
+    let mut data_bytes = 0u64;
+    for r in runs {
+        if r.kind == RunKind::Zero {
+            out.push_zero(r.start, r.count)?;
+            continue;
+        }
+        for i in r.start..r.start + r.count {
+            ctl.check(what)?;
+            let off = i * cs;
+            let readable = cs.min(size.saturating_sub(off));
+            n.pread(&mut buf[..readable as usize], off)?;
+            buf[readable as usize..].fill(0);
+            data_bytes += readable;
+            match compress_cluster(t, &buf, &mut packed)? {
+                Some(len) => out.push_compressed(i, &packed[..len])?,
+                None => out.push_data(i, &buf)?,
+            }
+        }
+    }
+    let (header, sink, _) = out.finish()?;
+    let (file, _) = sink.finish()?;
+    file.write_all_at(&header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
+    file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
+    drop(file);
+    let hash = crate::hash::hash_files(&[dest.to_path_buf()], ctl)?;
     Ok(ExportCopy { hash, data_bytes, virtual_size: size })
 }
 
