@@ -346,3 +346,39 @@ fn the_backup_method_is_a_setting_of_each_vm() {
     let e = store.vm_settings("web").unwrap_err();
     assert!(e.message.contains("backup_methd"), "{e:?}");
 }
+
+#[test]
+fn end_of_chain_and_isolated_bitmap_backups_keep_the_checkpoints_in_step() {
+    if skip_without_libvirt("bitmap end of chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = vm("knib-bm-eoc", dir.path(), false);
+    let mut model = Model::new(&DISKS);
+    let opts = BackupOptions { chain_size: 2, ..bitmap() };
+    model.write(&vm, "vda", 0x71, 0, MIB);
+    let b1 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b1.id)]);
+    // An isolated backup: no checkpoint of its own, the head's stays.
+    model.write(&vm, "vdb", 0x72, MIB, MIB);
+    let iso =
+        store.backup_domain(&vm.vm, &BackupOptions { isolated: true, ..opts.clone() }, false, &Control::new()).unwrap();
+    assert_eq!(iso.kind, BackupKind::Isolated);
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b1.id)]);
+    for (t, f) in restore_all(&store, &iso.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    // The chain goes on from b1, holding what the isolated one saw too.
+    model.write(&vm, "vda", 0x73, 2 * MIB, MIB);
+    let b2 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b2.kind, b2.parent.as_deref(), b2.end_of_chain), (BackupKind::Incremental, Some(b1.id.as_str()), true));
+    assert!(knib_checkpoints(&vm).is_empty(), "the end of a chain leaves no checkpoint");
+    for (t, f) in restore_all(&store, &b2.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    let b3 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b3.kind, b3.full_reason.as_deref()), (BackupKind::Full, None));
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b3.id)]);
+    assert_chains_untouched(&vm);
+}
