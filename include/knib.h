@@ -531,6 +531,10 @@
  *       full?         boolean, default false: Start a new chain.
  *       isolated?     boolean, default false: A full backup outside the
  *                     chain.
+ *       method?       "snapshot" | "bitmap" or null: With `domain`: how
+ *                     changes are found, `snapshot` or `bitmap` (checkpoints
+ *                     and dirty bitmaps, running domains); absent: the VM's
+ *                     setting (`vm.settings`), `snapshot` by default.
  *       quiesce?      boolean, default false: Freeze the guest's filesystems
  *                     (guest agent) for the snapshot.
  *       store         string: The store directory (made when missing).
@@ -1062,6 +1066,19 @@
  *     example answer (abridged):
  *       {"schema": 1, "version": "0.1.0"}
  *
+ *   vm.settings: A VM's settings (its backup method), set when given.
+ *     request:
+ *       backup_method? "snapshot" | "bitmap" or null: Set the VM's backup
+ *                      method: `snapshot` or `bitmap`; absent: leave it.
+ *       store          string: The store directory (made when a setting is
+ *                      given and it is missing).
+ *       vm             string: The VM's name (a libvirt domain's name).
+ *     answer: VmSettings
+ *     example request:
+ *       {"backup_method": "bitmap", "store": "/backups", "vm": "web"}
+ *     example answer (abridged):
+ *       {"backup_method": "bitmap"}
+ *
  *   OBJECT TYPES (`?`: optional field)
  *
  *   BackupView: A backup as every binding and `knib --json` show it.
@@ -1434,6 +1451,10 @@
  *   VersionAnswer: The answer of `version`.
  *       schema   integer: The request schema it reads.
  *       version  string: knib's version.
+ *
+ *   VmSettings: The settings of one VM.
+ *       backup_method? "snapshot" | "bitmap", default "snapshot": How backups
+ *                      of the VM find its changes.
  *
  *   VolumeRef: One volume of `agent.consolidate`.
  *       path  string: The volume's file.

@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev
           pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java
-          e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup)
+          e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd-dev)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -22,7 +22,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --allow-downgrades \
         qemu-utils/bookworm qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev \
         pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java \
-        e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup >/dev/null
+        e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd-dev >/dev/null
 fi
 
 # No systemd here: start the daemons by hand unless they already run.

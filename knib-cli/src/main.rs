@@ -21,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use knib_core::catalog::{BackupOptions, DiskSpec, Store, DEFAULT_CHAIN_SIZE};
+use knib_core::engine::BackupMethod;
 use knib_core::engine::CompressOptions;
 use knib_core::libvirt::Hypervisor;
 use knib_core::qemu_img::{CompressionLibrary, ImageFormat, QemuImg};
@@ -85,6 +86,23 @@ enum Command {
         /// LIBRARY is given).
         #[arg(long, value_enum, value_name = "LIBRARY", num_args = 0..=1, default_missing_value = "zstd")]
         compress: Option<Library>,
+        /// How a domain's changes are found (default: the VM's setting, see
+        /// vm-settings): snapshot (external snapshot, copy, merge) or bitmap
+        /// (checkpoints and dirty bitmaps of a running domain).
+        #[arg(long, value_enum, requires = "domain")]
+        method: Option<Method>,
+    },
+    /// Show or set a VM's settings (its backup method).
+    VmSettings {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The VM (a libvirt domain's name).
+        #[arg(long)]
+        vm: String,
+        /// Set how its backups find its changes.
+        #[arg(long, value_enum)]
+        backup_method: Option<Method>,
     },
     /// List backups, oldest first.
     List {
@@ -241,6 +259,23 @@ impl From<Library> for CompressionLibrary {
     }
 }
 
+/// A backup method, as the command line names it.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Method {
+    // No doc comments: `--help` then lists the values on one line.
+    Snapshot,
+    Bitmap,
+}
+
+impl From<Method> for BackupMethod {
+    fn from(m: Method) -> Self {
+        match m {
+            Method::Snapshot => BackupMethod::Snapshot,
+            Method::Bitmap => BackupMethod::Bitmap,
+        }
+    }
+}
+
 /// An image format a restore writes.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Format {
@@ -276,9 +311,9 @@ fn run(cli: Cli) -> Result<()> {
     let connect = cli.connect;
     let ctl = output::control();
     match cli.command {
-        Command::Backup { store, vm, disks, domain, quiesce, full, isolated, chain_size, compress } => {
+        Command::Backup { store, vm, disks, domain, quiesce, full, isolated, chain_size, compress, method } => {
             let compress = compress.map(CompressionLibrary::from);
-            let opts = BackupOptions { full, isolated, chain_size, compress };
+            let opts = BackupOptions { full, isolated, chain_size, compress, method: method.map(BackupMethod::from) };
             let m = match (vm, domain) {
                 (Some(vm), None) => {
                     let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
@@ -391,6 +426,20 @@ fn run(cli: Cli) -> Result<()> {
             };
             output::say(json, &serde_json::json!({"domain": domain, "consolidated": done}), &text);
         }
+        Command::VmSettings { store, vm, backup_method } => {
+            let s = match backup_method {
+                Some(m) => {
+                    let store = Store::create(&store)?;
+                    let mut s = store.vm_settings(&vm)?;
+                    s.backup_method = m.into();
+                    store.set_vm_settings(&vm, &s)?;
+                    s
+                }
+                None => Store::open(&store)?.vm_settings(&vm)?,
+            };
+            let text = format!("VM {vm}: backup method {}", s.backup_method);
+            output::say(json, &serde_json::to_value(&s).expect("serializes"), &text);
+        }
         Command::Recover { store, domain } => {
             let hv = Hypervisor::open(&connect)?;
             let dom = hv.domain(&domain)?;
@@ -401,6 +450,11 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(id), Some(step)) => format!(
                     "backup {id} of {domain} had stopped at its {} step; it was {}. {}",
                     step.as_str(),
+                    if out.published { "on the store, and is finished" } else { "not on the store, and is undone" },
+                    out.report.actions.join("; ")
+                ),
+                (Some(id), None) => format!(
+                    "bitmap backup {id} of {domain} was interrupted; it was {}. {}",
                     if out.published { "on the store, and is finished" } else { "not on the store, and is undone" },
                     out.report.actions.join("; ")
                 ),

@@ -35,6 +35,8 @@ pub mod json;
 pub mod libvirt;
 pub mod lock;
 pub mod names;
+#[cfg(feature = "libvirt")]
+pub mod nbd;
 pub mod process;
 pub mod progress;
 pub mod qcow2;

@@ -76,9 +76,42 @@ pub(crate) struct BackupReq {
     /// Compress as copied, in one pass.
     #[serde(default)]
     compress: Option<CompressionLibrary>,
+    /// With `domain`: how changes are found, `snapshot` or `bitmap`
+    /// (checkpoints and dirty bitmaps, running domains); absent: the VM's
+    /// setting (`vm.settings`), `snapshot` by default.
+    #[serde(default)]
+    method: Option<crate::engine::BackupMethod>,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     timeout_secs: Option<u64>,
+}
+
+/// The request of `vm.settings`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VmSettingsReq {
+    /// The store directory (made when a setting is given and it is missing).
+    store: PathBuf,
+    /// The VM's name (a libvirt domain's name).
+    vm: String,
+    /// Set the VM's backup method: `snapshot` or `bitmap`; absent: leave it.
+    #[serde(default)]
+    backup_method: Option<crate::engine::BackupMethod>,
+}
+
+/// The settings of a VM, after a `vm.settings` request.
+pub(crate) fn vm_settings(r: VmSettingsReq) -> Result<crate::catalog::VmSettings> {
+    crate::names::validate("VM name", &r.vm)?;
+    match r.backup_method {
+        Some(m) => {
+            let store = Store::create(&r.store)?;
+            let mut s = store.vm_settings(&r.vm)?;
+            s.backup_method = m;
+            store.set_vm_settings(&r.vm, &s)?;
+            Ok(s)
+        }
+        None => Store::open(&r.store)?.vm_settings(&r.vm),
+    }
 }
 
 /// The request of `list`.
@@ -348,7 +381,13 @@ pub(crate) fn version() -> VersionAnswer {
 
 pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView> {
     let ctl = &agent::budget(ctl, r.timeout_secs);
-    let opts = BackupOptions { full: r.full, isolated: r.isolated, chain_size: r.chain_size, compress: r.compress };
+    let opts = BackupOptions {
+        full: r.full,
+        isolated: r.isolated,
+        chain_size: r.chain_size,
+        compress: r.compress,
+        method: r.method,
+    };
     let store = Store::create(&r.store)?;
     let m = match (&r.vm, &r.domain) {
         (Some(vm), None) => store.backup(vm, &r.disks, &opts, ctl)?,

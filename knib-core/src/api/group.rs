@@ -144,6 +144,7 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
                 isolated: false,
                 chain_size: r.chain_size,
                 compress: r.compress,
+                method: None,
             },
             quiesce: r.quiesce,
             freeze_timeout: Duration::from_secs(r.freeze_timeout_secs.max(1)),

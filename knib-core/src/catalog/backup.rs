@@ -38,11 +38,15 @@ pub struct BackupOptions {
     /// Compress the backup's files as they are copied (one pass over the
     /// data, instead of a copy now and a compression job later).
     pub compress: Option<CompressionLibrary>,
+    /// The backup method of a libvirt domain's backup; `None`: the VM's
+    /// setting ([`super::VmSettings::backup_method`]).
+    #[serde(default)]
+    pub method: Option<crate::engine::BackupMethod>,
 }
 
 impl Default for BackupOptions {
     fn default() -> Self {
-        BackupOptions { full: false, isolated: false, chain_size: DEFAULT_CHAIN_SIZE, compress: None }
+        BackupOptions { full: false, isolated: false, chain_size: DEFAULT_CHAIN_SIZE, compress: None, method: None }
     }
 }
 

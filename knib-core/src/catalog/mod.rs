@@ -45,6 +45,8 @@
 //!   with a warning by `list` and `delete`; `show` of it says `corrupt`.
 
 mod backup;
+#[cfg(feature = "libvirt")]
+mod bitmap;
 pub(crate) mod confine;
 mod delete;
 pub mod group;
@@ -61,6 +63,7 @@ pub mod settings;
 mod store_file;
 pub mod validate;
 mod verify;
+mod vm_settings;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -77,10 +80,13 @@ use crate::qemu_img::QemuImg;
 #[cfg(feature = "libvirt")]
 pub(crate) use backup::compressed_as_copied;
 pub use backup::{BackupOptions, DiskSpec};
+#[cfg(feature = "libvirt")]
+pub use bitmap::BitmapJournal;
 pub use delete::DeleteOutcome;
 pub use lock::VmLock;
 pub use manifest::{CompressionInfo, Manifest, VolumeEntry, MANIFEST_SCHEMA};
 pub use verify::VerifyReport;
+pub use vm_settings::{VmSettings, VM_SETTINGS_FILE};
 
 /// The default number of backups per chain (`backup.chain.size`).
 pub const DEFAULT_CHAIN_SIZE: i64 = 8;

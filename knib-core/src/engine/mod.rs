@@ -29,10 +29,15 @@
 //! published on the store before primary is merged, so a crash between the
 //! two makes the next incremental copy a superset, never miss a write.
 
+#[cfg(feature = "libvirt")]
+pub mod bitmap;
+#[cfg(feature = "libvirt")]
+pub mod bitmap_copy;
 pub mod compress;
 #[cfg(feature = "libvirt")]
 pub mod live;
 pub mod merge;
+pub mod method;
 pub mod native;
 pub mod restore;
 pub mod stopped;
@@ -46,6 +51,7 @@ pub mod verify;
 pub use crate::hash::{self, hash_files};
 pub use compress::{compress, compress_verified, finalize, CompressOptions, CompressedFile};
 pub use merge::merge_delta;
+pub use method::BackupMethod;
 pub use native::DataPath;
 pub use restore::{create_overlay, restore, restore_verified, RestoreRequest};
 pub use take::{

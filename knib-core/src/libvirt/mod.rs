@@ -27,6 +27,7 @@
 //! [`KnibError`]s anyway; warnings at warn level). A host that wants its own
 //! process-wide handler sets it after knib's first connection.
 
+pub mod backup;
 pub mod blockjob;
 pub mod blockwait;
 pub mod boot_domain;

@@ -94,13 +94,15 @@ fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
 
-/// The domain XML of a test VM on `disks` (target, qcow2 file).
+/// The domain XML of a test VM on `disks` (target, qcow2 file; a file
+/// named `*.raw` is a raw disk).
 pub fn domain_xml(name: &str, disks: &[(String, PathBuf)], agent_channel: bool) -> String {
     let kind = if Path::new("/dev/kvm").exists() { "kvm" } else { "qemu" };
     let mut devices = String::new();
     for (target, file) in disks {
+        let format = if file.extension().is_some_and(|e| e == "raw") { "raw" } else { "qcow2" };
         devices.push_str(&format!(
-            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{format}'/>\n      \
              <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n    </disk>\n",
             xml_escape(file.to_str().expect("UTF-8 disk path")),
             xml_escape(target)

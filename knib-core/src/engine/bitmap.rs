@@ -1,0 +1,482 @@
+//! Backups of running domains by dirty bitmap: libvirt checkpoints and
+//! pull-mode backup jobs. The disks' chains are never touched: nothing is
+//! snapshotted, nothing merged, and raw disks can be backed up (in full).
+//!
+//! # Steps
+//!
+//! 1. `Begin`: one `virDomainBackupBegin` in pull mode for all the disks:
+//!    an NBD server on a UNIX socket in a private directory (owned by
+//!    QEMU's user, mode 0700) with one export per disk, and, in the same
+//!    call, the checkpoint of this backup (`knib-<id>`, a dirty bitmap of
+//!    that name on each disk), so the export and the new bitmap start at
+//!    one instant. An incremental backup exports the changes since the
+//!    parent backup's checkpoint as the dirty bitmap of each export. With
+//!    quiesce the guest's filesystems are frozen (guest agent) around the
+//!    call;
+//! 2. `Copy`: each export's dirty clusters (incremental) or allocated
+//!    clusters (full) are written to the store by knib's own writer
+//!    ([`super::bitmap_copy`]), the parent backup's file as backing file;
+//! 3. `Publish`: the caller makes the copies visible;
+//! 4. `End`: the job is ended (its NBD server and scratch files go), and
+//!    knib's older checkpoints are deleted: one checkpoint (the chain
+//!    head's) is left, or none after the end of a chain. An isolated backup
+//!    creates no checkpoint and deletes none.
+//!
+//! Before publication a failure ends the job and deletes the new
+//! checkpoint (libvirt merges its bitmap into the parent's, so the parent
+//! still covers every write); the VM is consistent. [`recover`] does the
+//! same after a crash, from the journal's plan.
+//!
+//! # What the next backup follows
+//!
+//! [`tracked_since`] names the backup whose checkpoint each disk's bitmap
+//! tracks writes since: knib's newest checkpoint, when every disk has its
+//! bitmap, recording and consistent. A missing checkpoint or bitmap (the
+//! VM was restarted with a raw disk, a transient domain was recreated,
+//! someone removed it), an inconsistent one (QEMU stopped while it was in
+//! use) or a disk that cannot carry one (raw) is a reason for a full
+//! backup, given to the caller, never a short incremental.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::take::{BackupKind, VolumeResult};
+use crate::error::{KnibError, Result};
+use crate::fsio;
+use crate::libvirt::backup::{self, BackupDisk};
+use crate::libvirt::{disk_targets, qemu_agent_command, DiskInfo, Vm};
+use crate::progress::Control;
+use crate::qcow2::CompressionType;
+use crate::qemu_img::CompressionLibrary;
+
+/// A step of a bitmap backup, recorded before it is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BitmapStep {
+    /// The backup job and the checkpoint.
+    Begin,
+    /// The copies to the store.
+    Copy,
+    /// Making the copies visible on the store.
+    Publish,
+    /// Ending the job, deleting the older checkpoints.
+    End,
+}
+
+impl BitmapStep {
+    /// Every step, in order.
+    pub const ALL: [BitmapStep; 4] = [BitmapStep::Begin, BitmapStep::Copy, BitmapStep::Publish, BitmapStep::End];
+
+    /// The step's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BitmapStep::Begin => "begin",
+            BitmapStep::Copy => "copy",
+            BitmapStep::Publish => "publish",
+            BitmapStep::End => "end",
+        }
+    }
+}
+
+/// What a bitmap backup does with one disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapDisk {
+    /// The guest target (`vda`): also its NBD export's name.
+    pub target: String,
+    /// The disk's active file (left as it is).
+    pub file: PathBuf,
+    /// The backup file on the store.
+    pub dest: PathBuf,
+    /// The parent backup's file, as the backing pointer of `dest`.
+    pub parent: Option<String>,
+}
+
+/// A bitmap backup of a running domain, planned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BitmapPlan {
+    /// The id of the backup.
+    pub backup_id: String,
+    /// Full, incremental or isolated.
+    pub kind: BackupKind,
+    /// The backup ends its chain (no checkpoint is kept).
+    pub end_of_chain: bool,
+    /// Freeze the guest's filesystems for the backup's instant.
+    pub quiesce: bool,
+    /// One entry per disk.
+    pub disks: Vec<BitmapDisk>,
+    /// The private directory of the NBD socket and scratch files.
+    pub work_dir: PathBuf,
+    /// The checkpoint an incremental backup copies the changes since.
+    pub since: Option<String>,
+    /// The checkpoint this backup creates (none for an isolated backup or
+    /// one that ends its chain, or when a disk cannot carry a bitmap).
+    pub checkpoint: Option<String>,
+    /// Compress the backup files as they are written.
+    #[serde(default)]
+    pub compress: Option<CompressionLibrary>,
+}
+
+impl BitmapPlan {
+    /// The NBD server's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.work_dir.join("nbd.sock")
+    }
+}
+
+/// The disks of a running domain a bitmap backup takes: every file disk
+/// (qcow2 or raw). Refused when the domain is not running or has no file
+/// disk (see [`refuse_running_job`] for a job left running).
+pub fn inspect(vm: &Vm) -> Result<Vec<DiskInfo>> {
+    if !vm.is_running()? {
+        return Err(KnibError::invalid(format!(
+            "domain {} is not running: the bitmap method backs up running domains (use the snapshot method for a stopped one)",
+            vm.name()
+        )));
+    }
+    let disks = vm.disks()?;
+    if disks.is_empty() {
+        return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
+    }
+    Ok(disks)
+}
+
+/// Refuse a domain that already has a backup job ("busy").
+pub fn refuse_running_job(vm: &Vm) -> Result<()> {
+    if backup::backup_running(vm)? {
+        return Err(KnibError::busy(format!(
+            "a backup job is running on domain {}: run `knib recover` if it is one of knib's",
+            vm.name()
+        )));
+    }
+    Ok(())
+}
+
+/// Which backup the dirty bitmaps of `disks` track the writes since: the
+/// id of knib's newest checkpoint on the domain, when every disk carries
+/// its bitmap, recording and consistent; otherwise why not (a full backup
+/// is then needed).
+pub fn tracked_since(vm: &Vm, disks: &[DiskInfo]) -> Result<std::result::Result<String, String>> {
+    if let Some(d) = disks.iter().find(|d| d.format != "qcow2") {
+        return Ok(Err(format!(
+            "disk {} of domain {} is {}: libvirt keeps checkpoints of qcow2 disks only, so every bitmap backup of it is full",
+            d.target,
+            vm.name(),
+            d.format
+        )));
+    }
+    let names = backup::checkpoints(vm)?;
+    let Some(id) = names.iter().filter_map(|n| backup::checkpoint_backup_id(n.as_str())).max() else {
+        return Ok(Err(format!(
+            "domain {} has no knib checkpoint (the last backup was not taken by bitmap, ended its chain, or the checkpoint was removed)",
+            vm.name()
+        )));
+    };
+    let name = backup::checkpoint_name(id);
+    for d in disks {
+        let bitmaps = backup::bitmaps_of(vm, &d.file)?;
+        let Some(b) = bitmaps.iter().find(|b| b.name == name) else {
+            return Ok(Err(format!(
+                "disk {} of domain {} has no dirty bitmap {name} (it was removed, or the disk changed since the checkpoint)",
+                d.target,
+                vm.name()
+            )));
+        };
+        if b.inconsistent {
+            return Ok(Err(format!(
+                "the dirty bitmap {name} of disk {} is inconsistent (QEMU stopped while it was in use)",
+                d.target
+            )));
+        }
+        if !b.recording {
+            return Ok(Err(format!("the dirty bitmap {name} of disk {} does not record writes", d.target)));
+        }
+    }
+    Ok(Ok(id.to_string()))
+}
+
+/// The uid and gid the domain's QEMU runs as (from its pid file), if known.
+fn qemu_owner(vm: &Vm) -> Option<(u32, u32)> {
+    let pid = fs::read_to_string(format!("/run/libvirt/qemu/{}.pid", vm.name())).ok()?;
+    let md = fs::metadata(format!("/proc/{}", pid.trim())).ok()?;
+    Some((md.uid(), md.gid()))
+}
+
+/// Make the private directory of the NBD socket and scratch files: mode
+/// 0700, owned by QEMU's user (who creates the socket there).
+fn make_work_dir(vm: &Vm, dir: &Path) -> Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| KnibError::io("cannot create", dir, e))?;
+    if let Some((uid, gid)) = qemu_owner(vm) {
+        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| KnibError::io("cannot chown", dir, e))?;
+    }
+    let sock = dir.join("nbd.sock");
+    if sock.as_os_str().len() > 107 {
+        return Err(KnibError::invalid(format!(
+            "the NBD socket path {} is longer than a UNIX socket path may be (107 bytes): use a store with a shorter path",
+            sock.display()
+        )));
+    }
+    Ok(())
+}
+
+fn remove_work_dir(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KnibError::io("cannot remove", dir, e)),
+    }
+}
+
+/// Freeze (or thaw) the guest's filesystems through its agent.
+fn agent(vm: &Vm, command: &str) -> Result<()> {
+    qemu_agent_command(vm, &format!(r#"{{"execute":"{command}"}}"#), 30).map(|_| ())
+}
+
+/// Start the backup job of `plan` (and its checkpoint), quiescing around it
+/// when asked.
+fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
+    let all = disk_targets(&vm.xml()?)?;
+    let targets: Vec<String> = plan.disks.iter().map(|d| d.target.clone()).collect();
+    let disks: Vec<BackupDisk> = plan
+        .disks
+        .iter()
+        .map(|d| BackupDisk { target: d.target.clone(), scratch: plan.work_dir.join(format!("{}.scratch", d.target)) })
+        .collect();
+    let bxml = backup::backup_xml(&plan.socket(), &disks, plan.since.as_deref());
+    let cxml = plan.checkpoint.as_deref().map(|c| backup::checkpoint_xml(c, &all, &targets));
+    if plan.quiesce {
+        agent(vm, "guest-fsfreeze-freeze").map_err(|e| {
+            e.context(format!(
+                "quiescing domain {}: the guest agent did not freeze the filesystems; nothing was changed",
+                vm.name()
+            ))
+        })?;
+    }
+    let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
+    if plan.quiesce {
+        if let Err(e) = agent(vm, "guest-fsfreeze-thaw") {
+            log::error!("thawing the filesystems of domain {}: {e}", vm.name());
+        }
+    }
+    r
+}
+
+/// End the job, if one runs; returns whether one did.
+fn end_job(vm: &Vm) -> Result<bool> {
+    if !backup::backup_running(vm)? {
+        return Ok(false);
+    }
+    if let Err(e) = backup::abort_job(vm) {
+        // It may have ended between the look and the abort.
+        if backup::backup_running(vm)? {
+            return Err(e);
+        }
+    }
+    let t = std::time::Instant::now();
+    while backup::backup_running(vm)? {
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            return Err(KnibError::hypervisor(format!("the backup job of domain {} does not end", vm.name())));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok(true)
+}
+
+/// Delete every knib checkpoint of the domain but `keep`; returns those
+/// deleted.
+pub fn prune_checkpoints(vm: &Vm, keep: Option<&str>) -> Result<Vec<String>> {
+    let mut gone = Vec::new();
+    let mut mine: Vec<String> =
+        backup::checkpoints(vm)?.into_iter().filter(|n| backup::checkpoint_backup_id(n).is_some()).collect();
+    mine.sort();
+    for n in mine {
+        if Some(n.as_str()) == keep {
+            continue;
+        }
+        match backup::delete_checkpoint(vm, &n, false) {
+            Ok(true) => {
+                log::info!("domain {}: deleted checkpoint {n}", vm.name());
+                gone.push(n);
+            }
+            Ok(false) => {}
+            // libvirt cannot merge a bitmap that is gone or broken: the
+            // record goes alone, then what is left of its bitmaps.
+            Err(e) => {
+                log::warn!("{e}: deleting the checkpoint's record and removing its remaining bitmaps");
+                if backup::delete_checkpoint(vm, &n, true)? {
+                    let left = backup::remove_bitmaps_named(vm, &n)?;
+                    log::info!("domain {}: deleted checkpoint {n} (record; {left} bitmaps removed)", vm.name());
+                    gone.push(n);
+                }
+            }
+        }
+    }
+    Ok(gone)
+}
+
+/// The checkpoints a finished backup of `plan` leaves: its own, unless
+/// isolated (the others are left as they were).
+fn after_publish(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
+    if plan.kind == BackupKind::Isolated {
+        return Ok(Vec::new());
+    }
+    prune_checkpoints(vm, plan.checkpoint.as_deref())
+}
+
+/// Take a bitmap backup of a running domain as `plan` says. `journal` is
+/// called before each step; `publish` once every copy is durable on the
+/// store. A failure before publishing ends the job, deletes the new
+/// checkpoint and the copies (the error says the VM is consistent).
+pub fn take(
+    vm: &Vm,
+    plan: &BitmapPlan,
+    ctl: &Control,
+    journal: &mut dyn FnMut(BitmapStep) -> Result<()>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<Vec<VolumeResult>> {
+    journal(BitmapStep::Begin)?;
+    crate::crashpoint::durable_step(&format!("backup job of domain {}", vm.name()));
+    let started = make_work_dir(vm, &plan.work_dir).and_then(|()| begin(vm, plan));
+    if let Err(e) = started {
+        let _ = remove_work_dir(&plan.work_dir);
+        return Err(e.context(format!("bitmap backup of domain {}", vm.name())).with_vm_consistent(true));
+    }
+    let copied = (|| -> Result<Vec<VolumeResult>> {
+        journal(BitmapStep::Copy)?;
+        let mut results = Vec::new();
+        for d in &plan.disks {
+            ctl.check(&format!("copy of disk {}", d.target))?;
+            let bitmap = plan.since.as_ref().map(|_| d.target.as_str());
+            let ctype = plan.compress.map(|c| match c {
+                CompressionLibrary::Zstd => CompressionType::Zstd,
+                CompressionLibrary::Zlib => CompressionType::Zlib,
+            });
+            let c = super::bitmap_copy::copy_export(
+                &plan.socket(),
+                &d.target,
+                bitmap,
+                &d.dest,
+                d.parent.as_deref(),
+                ctype,
+                ctl,
+            )
+            .map_err(|e| e.context(format!("disk {}", d.target)))?;
+            results.push(VolumeResult {
+                name: d.target.clone(),
+                active_file: d.file.clone(),
+                dest: d.dest.clone(),
+                size: fsio::file_size(&d.dest)?,
+                virtual_size: c.virtual_size,
+                hash: Some(c.hash),
+                compression: plan.compress,
+                data_bytes: Some(c.data_bytes),
+            });
+        }
+        ctl.check("publishing the backup")?;
+        journal(BitmapStep::Publish)?;
+        publish(&results)?;
+        Ok(results)
+    })();
+    let results = match copied {
+        Ok(r) => r,
+        Err(e) => {
+            let mut consistent = true;
+            if let Err(u) = undo(vm, plan) {
+                log::error!("undoing the bitmap backup of domain {}: {u}", vm.name());
+                consistent = false;
+            }
+            for d in &plan.disks {
+                let _ = fsio::remove_if_exists(&d.dest);
+            }
+            return Err(e.with_vm_consistent(consistent));
+        }
+    };
+    let end = (|| -> Result<()> {
+        journal(BitmapStep::End)?;
+        end_job(vm)?;
+        after_publish(vm, plan)?;
+        remove_work_dir(&plan.work_dir)
+    })();
+    end.map_err(|e| {
+        e.context(format!("the backup is stored, but ending the backup job of domain {} failed", vm.name()))
+            .with_vm_consistent(false)
+    })?;
+    Ok(results)
+}
+
+/// Undo an unpublished backup: end the job, delete its checkpoint (its
+/// bitmap is merged into the parent's), remove the work directory.
+fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    if vm.is_running()? && end_job(vm)? {
+        done.push(format!("ended the backup job of domain {}", vm.name()));
+    }
+    if let Some(c) = &plan.checkpoint {
+        if backup::delete_checkpoint(vm, c, false)? {
+            done.push(format!("deleted checkpoint {c} (its changes stay tracked by the one before it)"));
+        }
+    }
+    remove_work_dir(&plan.work_dir)?;
+    Ok(done)
+}
+
+/// Finish or undo an interrupted bitmap backup: the job is ended; a
+/// published backup keeps its checkpoint (the older ones go), an
+/// unpublished one loses it; the socket and scratch files go. Returns what
+/// was done.
+pub fn recover(vm: &Vm, plan: &BitmapPlan, published: bool) -> Result<Vec<String>> {
+    if !published {
+        return undo(vm, plan);
+    }
+    let mut done = Vec::new();
+    if vm.is_running()? && end_job(vm)? {
+        done.push(format!("ended the backup job of domain {}", vm.name()));
+    }
+    for c in after_publish(vm, plan)? {
+        done.push(format!("deleted checkpoint {c} (older than the backup's)"));
+    }
+    remove_work_dir(&plan.work_dir)?;
+    Ok(done)
+}
+
+/// Delete every knib checkpoint of the domain, running or stopped: a
+/// backup by the snapshot method changes the disks' chains under them.
+/// For a stopped domain whose images libvirt cannot edit, the checkpoint's
+/// metadata goes and its bitmaps are removed from the disks' files with
+/// `qemu-img bitmap --remove`.
+pub fn prune_stale_checkpoints(vm: &Vm) -> Result<Vec<String>> {
+    let mine: Vec<String> =
+        backup::checkpoints(vm)?.into_iter().filter(|n| backup::checkpoint_backup_id(n).is_some()).collect();
+    if mine.is_empty() {
+        return Ok(Vec::new());
+    }
+    if vm.is_running()? {
+        return prune_checkpoints(vm, None);
+    }
+    let disks = vm.disks()?;
+    let mut gone = Vec::new();
+    for n in mine {
+        if let Err(e) = backup::delete_checkpoint(vm, &n, false) {
+            log::warn!("{e}: deleting its metadata and removing its bitmaps from the disks' files");
+            backup::delete_checkpoint(vm, &n, true)?;
+            for d in disks.iter().filter(|d| d.format == "qcow2") {
+                let r = crate::process::Invocation::new(
+                    std::env::var_os("KNIB_QEMU_IMG").unwrap_or_else(|| "qemu-img".into()),
+                )
+                .args(["bitmap", "--remove"])
+                .arg(d.file.as_os_str())
+                .arg(&n)
+                .run(&Control::new());
+                if let Ok(f) = r {
+                    log::debug!("qemu-img bitmap --remove {n} on {}: {:?}", d.file.display(), f);
+                }
+            }
+        }
+        gone.push(n);
+    }
+    Ok(gone)
+}

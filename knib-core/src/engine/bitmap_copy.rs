@@ -1,0 +1,394 @@
+//! Writing a store file from an NBD export: the clusters a block status
+//! walk selects (the allocated ones for a full backup, the dirty ones for
+//! an incremental one) are read and written through knib's own streaming
+//! qcow2 writer, with the parent backup as backing file.
+//!
+//! # Invariants
+//!
+//! - An incremental copy holds every cluster that has a dirty byte in the
+//!   exported bitmap; a dirty cluster that reads as zeros all through is
+//!   written as a zero cluster (so the parent's data is not seen through
+//!   it). Reading more than was changed is harmless; reading less never
+//!   happens: a missing bitmap context is an error, not an empty bitmap.
+//! - A full copy holds every cluster that does not read as zeros all
+//!   through; the others read as zeros without a backing file.
+//! - The selection is made before any data is read (the export is a
+//!   point-in-time view, it does not change), so the output is planned
+//!   first: its header is known in advance, the file is written strictly
+//!   front to back and hashed in the same pass (xxh3-128, as
+//!   [`crate::hash`] reads it back).
+
+use std::fs::OpenOptions;
+use std::path::Path;
+
+use crate::error::{KnibError, Result};
+use crate::nbd::{self, Nbd};
+use crate::progress::Control;
+use crate::qcow2::{BackingRef, CompressionType, CountSink, FileSink, ImageSpec, Layout};
+
+/// log2 of the output's cluster size (64 KiB, QEMU's default, and the
+/// default granularity of its dirty bitmaps).
+pub const CLUSTER_BITS: u32 = 16;
+
+/// The most bytes read from the export at once.
+const READ_RUN: u64 = 4 << 20;
+
+/// What a run of clusters becomes in the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    /// Read from the export and stored.
+    Data,
+    /// Stored as zero clusters (the parent is not read for them).
+    Zero,
+}
+
+/// A run of `count` output clusters from cluster `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The first cluster.
+    pub start: u64,
+    /// How many clusters.
+    pub count: u64,
+    /// What they become.
+    pub kind: RunKind,
+}
+
+/// Turns byte segments (in increasing order, without gaps) into runs of
+/// clusters: a cluster is wanted when any of its bytes is, and zero when
+/// all of its bytes are.
+#[derive(Debug)]
+pub struct Selector {
+    cs: u64,
+    incremental: bool,
+    /// The cluster being gathered: (index, wanted, all zero).
+    cur: Option<(u64, bool, bool)>,
+    runs: Vec<Run>,
+}
+
+impl Selector {
+    /// A selector for clusters of `1 << bits` bytes; `incremental` keeps
+    /// wanted zero clusters (as [`RunKind::Zero`]), a full copy drops them.
+    pub fn new(bits: u32, incremental: bool) -> Self {
+        Selector { cs: 1 << bits, incremental, cur: None, runs: Vec::new() }
+    }
+
+    fn emit(&mut self, index: u64, count: u64, wanted: bool, zero: bool) {
+        if !wanted || count == 0 {
+            return;
+        }
+        let kind = match (zero, self.incremental) {
+            (true, false) => return,
+            (true, true) => RunKind::Zero,
+            (false, _) => RunKind::Data,
+        };
+        if let Some(last) = self.runs.last_mut() {
+            if last.kind == kind && last.start + last.count == index {
+                last.count += count;
+                return;
+            }
+        }
+        self.runs.push(Run { start: index, count, kind });
+    }
+
+    fn flush(&mut self) {
+        if let Some((i, w, z)) = self.cur.take() {
+            self.emit(i, 1, w, z);
+        }
+    }
+
+    /// Bytes `offset..offset + len`: `wanted` (dirty, or allocated) and
+    /// reading as zeros (`zero`).
+    pub fn feed(&mut self, offset: u64, len: u64, wanted: bool, zero: bool) {
+        if len == 0 {
+            return;
+        }
+        let (first, last) = (offset / self.cs, (offset + len - 1) / self.cs);
+        // The first cluster, maybe shared with the segment before.
+        match &mut self.cur {
+            Some((i, w, z)) if *i == first => {
+                *w |= wanted;
+                *z &= zero;
+            }
+            _ => {
+                self.flush();
+                self.cur = Some((first, wanted, zero));
+            }
+        }
+        if last == first {
+            return;
+        }
+        self.flush();
+        // Whole clusters in between, then the last one (maybe shared with
+        // the next segment).
+        self.emit(first + 1, last - first - 1, wanted, zero);
+        self.cur = Some((last, wanted, zero));
+    }
+
+    /// The runs, in order.
+    pub fn finish(mut self) -> Vec<Run> {
+        self.flush();
+        self.runs
+    }
+}
+
+/// Walk the block status of the whole export: the runs of clusters to copy.
+fn select(n: &mut Nbd, size: u64, dirty_ctx: Option<&str>, ctl: &Control, what: &str) -> Result<Vec<Run>> {
+    let mut sel = Selector::new(CLUSTER_BITS, dirty_ctx.is_some());
+    let mut off = 0;
+    while off < size {
+        ctl.check(what)?;
+        let (end, got) = n.block_status(off, size - off)?;
+        let alloc = got.iter().find(|(c, _)| c == nbd::BASE_ALLOCATION).map(|(_, l)| l.as_slice()).unwrap_or(&[]);
+        let dirty = match dirty_ctx {
+            Some(d) => Some(got.iter().find(|(c, _)| c == d).map(|(_, l)| l.as_slice()).ok_or_else(|| {
+                KnibError::hypervisor(format!("{what}: the NBD server gave no block status for {d}"))
+            })?),
+            None => None,
+        };
+        // Intersect the contexts' extents into segments.
+        let (mut a, mut d, mut at) = (0usize, 0usize, off);
+        while at < end {
+            let ae = alloc.get(a);
+            let (a_end, zero) = match ae {
+                Some(e) => (e.offset + e.length, e.flags & nbd::STATE_ZERO != 0),
+                None => (end, false),
+            };
+            let (d_end, wanted) = match dirty {
+                Some(list) => match list.get(d) {
+                    Some(e) => (e.offset + e.length, e.flags & nbd::STATE_DIRTY != 0),
+                    // Past the answer: dirty, to be safe.
+                    None => (end, true),
+                },
+                None => (end, !zero),
+            };
+            let seg_end = a_end.min(d_end).min(end);
+            if seg_end <= at {
+                return Err(KnibError::hypervisor(format!("{what}: the NBD block status answer is out of order")));
+            }
+            sel.feed(at, seg_end - at, wanted, zero);
+            at = seg_end;
+            if a_end == at {
+                a += 1;
+            }
+            if dirty.is_some() && d_end == at {
+                d += 1;
+            }
+        }
+        off = end;
+    }
+    Ok(sel.finish())
+}
+
+/// What [`copy_export`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportCopy {
+    /// xxh3-128 of the file written.
+    pub hash: String,
+    /// Guest data bytes read from the export and stored.
+    pub data_bytes: u64,
+    /// The export's size (the guest-visible size).
+    pub virtual_size: u64,
+}
+
+/// Copy export `export` of the NBD server on `socket` into a new qcow2
+/// file `dest`: every cluster that is dirty in the export's bitmap
+/// `bitmap` (incremental), or every cluster that does not read as zeros
+/// (`bitmap` `None`: full). `backing` is the parent backup's file, as the
+/// backing pointer written (relative to `dest`). With `compress`, each
+/// cluster is stored compressed when that makes it shorter (the header is
+/// then written last and the file hashed by reading it back). On error
+/// `dest` may hold a partial file: the caller removes it.
+pub fn copy_export(
+    socket: &Path,
+    export: &str,
+    bitmap: Option<&str>,
+    dest: &Path,
+    backing: Option<&str>,
+    compress: Option<CompressionType>,
+    ctl: &Control,
+) -> Result<ExportCopy> {
+    let what = format!("copy of NBD export {export} to {}", dest.display());
+    let dirty_ctx = bitmap.map(nbd::dirty_bitmap_context);
+    let mut contexts = vec![nbd::BASE_ALLOCATION];
+    if let Some(d) = &dirty_ctx {
+        contexts.push(d);
+    }
+    let mut n = Nbd::connect_unix(socket, export, &contexts)?;
+    if let Some(d) = &dirty_ctx {
+        if !n.can_meta_context(d)? {
+            return Err(KnibError::hypervisor(format!(
+                "{what}: the export has no dirty bitmap {d}: an incremental copy cannot be made from it"
+            )));
+        }
+    }
+    let size = n.size()?;
+    let runs = select(&mut n, size, dirty_ctx.as_deref(), ctl, &what)?;
+    let spec = ImageSpec {
+        virtual_size: size,
+        cluster_bits: CLUSTER_BITS,
+        backing: backing.map(|b| BackingRef { name: b.to_string(), format: "qcow2".into() }),
+        compression: compress.unwrap_or(CompressionType::Zlib),
+    };
+    if let Some(t) = compress {
+        return copy_compressed(&mut n, &runs, spec, t, dest, size, ctl, &what);
+    }
+    let cs = spec.cluster_size();
+    let zeros = vec![0u8; READ_RUN as usize];
+    let per = READ_RUN / cs;
+    // Plan: the header and the file's length, before anything is read.
+    let mut plan = Layout::new(spec.clone(), CountSink::default(), None)?;
+    for r in &runs {
+        match r.kind {
+            RunKind::Zero => plan.push_zero(r.start, r.count)?,
+            RunKind::Data => {
+                let mut i = r.start;
+                while i < r.start + r.count {
+                    let k = per.min(r.start + r.count - i);
+                    plan.push_data(i, &zeros[..(k * cs) as usize])?;
+                    i += k;
+                }
+            }
+        }
+    }
+    let (header, _, planned) = plan.finish()?;
+    if let Some(dir) = dest.parent() {
+        crate::fsio::require_space(dir, planned.file_len, &what)?;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|e| KnibError::io("cannot create", dest, e))?;
+    let mut out = Layout::new(spec, FileSink::new(file, dest, true), Some(header))?;
+    let mut buf = vec![0u8; READ_RUN as usize];
+    let mut data_bytes = 0u64;
+    let total: u64 = runs.iter().filter(|r| r.kind == RunKind::Data).map(|r| r.count).sum();
+    let mut done = 0u64;
+    for r in &runs {
+        if r.kind == RunKind::Zero {
+            out.push_zero(r.start, r.count)?;
+            continue;
+        }
+        let mut i = r.start;
+        while i < r.start + r.count {
+            ctl.check(&what)?;
+            let k = per.min(r.start + r.count - i);
+            let (off, len) = (i * cs, k * cs);
+            // The last cluster may pass the end of the export.
+            let readable = len.min(size.saturating_sub(off));
+            let chunk = &mut buf[..len as usize];
+            n.pread(&mut chunk[..readable as usize], off)?;
+            chunk[readable as usize..].fill(0);
+            out.push_data(i, chunk)?;
+            data_bytes += readable;
+            i += k;
+            done += k;
+            ctl.report(&what, done as f64 * 100.0 / total.max(1) as f64);
+        }
+    }
+    let (_, sink, _) = out.finish()?;
+    let (file, hash) = sink.finish()?;
+    file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
+    let hash = hash.ok_or_else(|| KnibError::internal("the file sink did not hash"))?;
+    Ok(ExportCopy { hash, data_bytes, virtual_size: size })
+}
+
+/// One cluster compressed as QEMU reads it (zstd frame, or raw deflate
+/// with a 4 KiB window), when it fits in `dst`.
+fn compress_cluster(t: CompressionType, src: &[u8], dst: &mut [u8]) -> Result<Option<usize>> {
+    Ok(match t {
+        CompressionType::Zstd => {
+            let mut c = zstd::bulk::Compressor::new(3).map_err(|e| KnibError::internal(format!("zstd: {e}")))?;
+            c.include_checksum(false).map_err(|e| KnibError::internal(format!("zstd: {e}")))?;
+            c.compress_to_buffer(src, dst).ok()
+        }
+        CompressionType::Zlib => {
+            let mut d = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            match d.compress(src, dst, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) if d.total_in() as usize == src.len() => Some(d.total_out() as usize),
+                _ => None,
+            }
+        }
+    })
+}
+
+/// [`copy_export`] with compressed clusters.
+#[allow(clippy::too_many_arguments)]
+fn copy_compressed(
+    n: &mut Nbd,
+    runs: &[Run],
+    spec: ImageSpec,
+    t: CompressionType,
+    dest: &Path,
+    size: u64,
+    ctl: &Control,
+    what: &str,
+) -> Result<ExportCopy> {
+    use std::os::unix::fs::FileExt;
+    let cs = spec.cluster_size();
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|e| KnibError::io("cannot create", dest, e))?;
+    let mut out = Layout::new(spec, FileSink::new(file, dest, false), None)?;
+    let mut buf = vec![0u8; cs as usize];
+    let mut packed = vec![0u8; cs as usize - 1];
+    let mut data_bytes = 0u64;
+    for r in runs {
+        if r.kind == RunKind::Zero {
+            out.push_zero(r.start, r.count)?;
+            continue;
+        }
+        for i in r.start..r.start + r.count {
+            ctl.check(what)?;
+            let off = i * cs;
+            let readable = cs.min(size.saturating_sub(off));
+            n.pread(&mut buf[..readable as usize], off)?;
+            buf[readable as usize..].fill(0);
+            data_bytes += readable;
+            match compress_cluster(t, &buf, &mut packed)? {
+                Some(len) => out.push_compressed(i, &packed[..len])?,
+                None => out.push_data(i, &buf)?,
+            }
+        }
+    }
+    let (header, sink, _) = out.finish()?;
+    let (file, _) = sink.finish()?;
+    file.write_all_at(&header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
+    file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
+    drop(file);
+    let hash = crate::hash::hash_files(&[dest.to_path_buf()], ctl)?;
+    Ok(ExportCopy { hash, data_bytes, virtual_size: size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_makes_cluster_runs() {
+        // Clusters of 16 bytes.
+        let mut s = Selector::new(4, true);
+        s.feed(0, 8, false, false); // cluster 0: half clean
+        s.feed(8, 4, true, false); //  ... a dirty byte: wanted
+        s.feed(12, 36, false, false); // rest of 0, clusters 1, 2: clean
+        s.feed(48, 40, true, true); // clusters 3, 4 zero; cluster 5 starts zero
+        s.feed(88, 8, true, false); // cluster 5 has data
+        s.feed(96, 16, false, false);
+        let runs = s.finish();
+        assert_eq!(
+            runs,
+            vec![
+                Run { start: 0, count: 1, kind: RunKind::Data },
+                Run { start: 3, count: 2, kind: RunKind::Zero },
+                Run { start: 5, count: 1, kind: RunKind::Data },
+            ]
+        );
+        // A full copy drops zero clusters.
+        let mut s = Selector::new(4, false);
+        s.feed(0, 32, true, true);
+        s.feed(32, 33, true, false);
+        assert_eq!(s.finish(), vec![Run { start: 2, count: 3, kind: RunKind::Data }]);
+    }
+}

@@ -1,0 +1,299 @@
+//! Pull-mode backup jobs and checkpoints of a running domain
+//! (`virDomainBackupBegin`, `virDomainCheckpoint*`). The `virt` crate has
+//! no safe wrappers for these; each `virt::sys` call is wrapped once here.
+//!
+//! knib's checkpoints are named `knib-<backup id>` ([`checkpoint_name`]),
+//! so that knib only ever deletes its own; each disk's QEMU dirty bitmap
+//! carries the same name.
+//!
+//! Behaviour of libvirt 9.0 / QEMU 7.2 that the engine relies on:
+//! - `virDomainBackupBegin` with a checkpoint XML creates the checkpoint
+//!   at the instant of the backup, for all its disks at once;
+//! - a pull-mode job stays until it is aborted (`virDomainAbortJob`); its
+//!   NBD server is then stopped and its scratch files removed by libvirt;
+//! - deleting a checkpoint merges its bitmap into its parent's (when it
+//!   has one), so the parent keeps tracking every write since its own
+//!   instant.
+
+use std::ffi::{CStr, CString};
+use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use virt::sys;
+
+use super::{last_virt_error, Vm};
+use crate::error::{KnibError, Result};
+
+/// The prefix of knib's checkpoint names.
+pub const CHECKPOINT_PREFIX: &str = "knib-";
+
+/// The checkpoint (and bitmap) name of backup `id`.
+pub fn checkpoint_name(id: &str) -> String {
+    format!("{CHECKPOINT_PREFIX}{id}")
+}
+
+/// The backup id of a knib checkpoint name, when it is one.
+pub fn checkpoint_backup_id(name: &str) -> Option<&str> {
+    let id = name.strip_prefix(CHECKPOINT_PREFIX)?;
+    crate::names::validate("backup id", id).ok()?;
+    Some(id)
+}
+
+/// Escape text for an XML attribute.
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '\'' => o.push_str("&apos;"),
+            '"' => o.push_str("&quot;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+/// One disk of a pull-mode backup: its target (also the NBD export's and
+/// the exported bitmap's name) and its scratch file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupDisk {
+    /// The guest target (`vda`).
+    pub target: String,
+    /// Where QEMU keeps the old data of clusters the guest overwrites
+    /// during the job (created and removed by libvirt).
+    pub scratch: PathBuf,
+}
+
+/// The `<domainbackup mode='pull'>` XML: an NBD server on the UNIX socket
+/// `socket`, one export per disk named after its target, with the changes
+/// since checkpoint `incremental` exported as the dirty bitmap named after
+/// the target too. Disks not listed are not backed up.
+pub fn backup_xml(socket: &Path, disks: &[BackupDisk], incremental: Option<&str>) -> String {
+    let mut x = String::from("<domainbackup mode='pull'>\n");
+    if let Some(c) = incremental {
+        let _ = writeln!(x, "  <incremental>{}</incremental>", esc(c));
+    }
+    let _ = writeln!(x, "  <server transport='unix' socket='{}'/>", esc(&socket.to_string_lossy()));
+    x.push_str("  <disks>\n");
+    for d in disks {
+        let t = esc(&d.target);
+        let bitmap = if incremental.is_some() { format!(" exportbitmap='{t}'") } else { String::new() };
+        let _ = writeln!(x, "    <disk name='{t}' backup='yes' type='file' exportname='{t}'{bitmap}>");
+        let _ = writeln!(x, "      <scratch file='{}'/>", esc(&d.scratch.to_string_lossy()));
+        x.push_str("    </disk>\n");
+    }
+    x.push_str("  </disks>\n</domainbackup>\n");
+    x
+}
+
+/// The `<domaincheckpoint>` XML of checkpoint `name`: a bitmap of that
+/// name on each of `with_bitmap`, none on the other targets of `all`.
+pub fn checkpoint_xml(name: &str, all: &[String], with_bitmap: &[String]) -> String {
+    let mut x = format!("<domaincheckpoint>\n  <name>{}</name>\n  <disks>\n", esc(name));
+    for t in all {
+        if with_bitmap.contains(t) {
+            let _ = writeln!(x, "    <disk name='{}' checkpoint='bitmap' bitmap='{}'/>", esc(t), esc(name));
+        } else {
+            let _ = writeln!(x, "    <disk name='{}' checkpoint='no'/>", esc(t));
+        }
+    }
+    x.push_str("  </disks>\n</domaincheckpoint>\n");
+    x
+}
+
+fn c_string(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| KnibError::invalid(format!("{what}: a NUL byte in {s:?}")))
+}
+
+/// Start a backup job on the running domain (`backup` from [`backup_xml`];
+/// `checkpoint`, from [`checkpoint_xml`], is created at the same instant).
+pub fn backup_begin(vm: &Vm, backup: &str, checkpoint: Option<&str>) -> Result<()> {
+    let what = format!("virDomainBackupBegin on domain {}", vm.name());
+    let b = c_string(&what, backup)?;
+    let c = checkpoint.map(|c| c_string(&what, c)).transpose()?;
+    // SAFETY: the domain pointer is valid while `vm` is borrowed; the
+    // strings are NUL-terminated and outlive the call (null: no checkpoint).
+    let ret = unsafe {
+        sys::virDomainBackupBegin(
+            vm.domain().as_ptr(),
+            b.as_ptr(),
+            c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            0,
+        )
+    };
+    if ret < 0 {
+        return Err(last_virt_error(what));
+    }
+    Ok(())
+}
+
+/// Whether a backup job runs on the domain.
+pub fn backup_running(vm: &Vm) -> Result<bool> {
+    if !vm.is_running()? {
+        return Ok(false);
+    }
+    // SAFETY: the domain pointer is valid while `vm` is borrowed; the
+    // answer is a malloc'ed string we free, or null when there is no job.
+    let p = unsafe { sys::virDomainBackupGetXMLDesc(vm.domain().as_ptr(), 0) };
+    if p.is_null() {
+        return Ok(false);
+    }
+    // SAFETY: `p` came from libvirt's allocator.
+    unsafe { libc::free(p.cast()) };
+    Ok(true)
+}
+
+/// End the domain's job (the backup job): its NBD server stops and its
+/// scratch files go.
+pub fn abort_job(vm: &Vm) -> Result<()> {
+    // SAFETY: the domain pointer is valid while `vm` is borrowed.
+    if unsafe { sys::virDomainAbortJob(vm.domain().as_ptr()) } < 0 {
+        return Err(last_virt_error(format!("virDomainAbortJob on domain {}", vm.name())));
+    }
+    Ok(())
+}
+
+/// The names of the domain's checkpoints.
+pub fn checkpoints(vm: &Vm) -> Result<Vec<String>> {
+    let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
+    // SAFETY: the domain pointer is valid while `vm` is borrowed; libvirt
+    // fills `list` with `n` references and a NULL, all ours to free.
+    let n = unsafe { sys::virDomainListAllCheckpoints(vm.domain().as_ptr(), &mut list, 0) };
+    if n < 0 {
+        return Err(last_virt_error(format!("virDomainListAllCheckpoints on domain {}", vm.name())));
+    }
+    let mut names = Vec::new();
+    for i in 0..n as usize {
+        // SAFETY: `i < n`; each entry is a live checkpoint reference, its
+        // name a string owned by it; each reference is freed once.
+        unsafe {
+            let cp = *list.add(i);
+            let name = sys::virDomainCheckpointGetName(cp);
+            if !name.is_null() {
+                names.push(CStr::from_ptr(name).to_string_lossy().into_owned());
+            }
+            sys::virDomainCheckpointFree(cp);
+        }
+    }
+    if !list.is_null() {
+        // SAFETY: the array came from libvirt's allocator.
+        unsafe { libc::free(list.cast()) };
+    }
+    Ok(names)
+}
+
+/// Delete checkpoint `name` of the domain (its bitmaps too, unless
+/// `metadata_only`); `false` when there was none.
+pub fn delete_checkpoint(vm: &Vm, name: &str, metadata_only: bool) -> Result<bool> {
+    if !checkpoints(vm)?.iter().any(|c| c == name) {
+        return Ok(false);
+    }
+    let what = format!("deleting checkpoint {name} of domain {}", vm.name());
+    let c = c_string(&what, name)?;
+    // SAFETY: the domain pointer is valid while `vm` is borrowed; the name
+    // outlives the call; the reference returned is freed once.
+    unsafe {
+        let cp = sys::virDomainCheckpointLookupByName(vm.domain().as_ptr(), c.as_ptr(), 0);
+        if cp.is_null() {
+            return Err(last_virt_error(what));
+        }
+        let flags = if metadata_only { sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY } else { 0 };
+        let r = sys::virDomainCheckpointDelete(cp, flags);
+        sys::virDomainCheckpointFree(cp);
+        if r < 0 {
+            return Err(last_virt_error(what));
+        }
+    }
+    Ok(true)
+}
+
+/// One dirty bitmap of a block node, as QEMU reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapState {
+    /// Its name.
+    pub name: String,
+    /// Whether it records writes.
+    pub recording: bool,
+    /// Whether QEMU marks it inconsistent (in use when QEMU stopped).
+    pub inconsistent: bool,
+    /// Whether it lives in the image (kept across VM restarts).
+    pub persistent: bool,
+}
+
+/// The dirty bitmaps of the block node whose file is `file` (the active
+/// file of a disk of the running domain), from `query-named-block-nodes`.
+pub fn bitmaps_of(vm: &Vm, file: &Path) -> Result<Vec<BitmapState>> {
+    let out =
+        super::qemu_monitor_command_qmp(vm, r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#)?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| KnibError::hypervisor(format!("query-named-block-nodes of domain {}: {e}", vm.name())))?;
+    let want = file.as_os_str().as_bytes();
+    let mut found = Vec::new();
+    for node in v["return"].as_array().into_iter().flatten() {
+        if node["file"].as_str().map(str::as_bytes) != Some(want) || node["drv"].as_str() == Some("file") {
+            continue;
+        }
+        for b in node["dirty-bitmaps"].as_array().into_iter().flatten() {
+            let flag = |k: &str| b[k].as_bool().unwrap_or(false);
+            found.push(BitmapState {
+                name: b["name"].as_str().unwrap_or_default().to_string(),
+                recording: flag("recording"),
+                inconsistent: flag("inconsistent"),
+                persistent: flag("persistent"),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Remove QEMU's dirty bitmap `name` from every block node of the running
+/// domain that has it (after its checkpoint's record was deleted alone);
+/// returns how many were removed.
+pub fn remove_bitmaps_named(vm: &Vm, name: &str) -> Result<usize> {
+    let out =
+        super::qemu_monitor_command_qmp(vm, r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#)?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| KnibError::hypervisor(format!("query-named-block-nodes of domain {}: {e}", vm.name())))?;
+    let mut n = 0;
+    for node in v["return"].as_array().into_iter().flatten() {
+        let has = node["dirty-bitmaps"].as_array().into_iter().flatten().any(|b| b["name"] == name);
+        if has && node["node-name"].is_string() {
+            let cmd = serde_json::json!({"execute": "block-dirty-bitmap-remove",
+                "arguments": {"node": node["node-name"], "name": name}});
+            super::qemu_monitor_command_qmp(vm, &cmd.to_string())?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_of_a_pull_backup_and_its_checkpoint() {
+        let d = [BackupDisk { target: "vda".into(), scratch: "/s/vda.scratch".into() }];
+        let x = backup_xml(Path::new("/s/nbd.sock"), &d, Some("knib-1"));
+        assert!(x.contains("<incremental>knib-1</incremental>"), "{x}");
+        assert!(x.contains("socket='/s/nbd.sock'"), "{x}");
+        assert!(x.contains("exportname='vda' exportbitmap='vda'"), "{x}");
+        let full = backup_xml(Path::new("/s/n'b.sock"), &d, None);
+        assert!(!full.contains("incremental") && !full.contains("exportbitmap"), "{full}");
+        assert!(full.contains("n&apos;b.sock"), "{full}");
+        let c = checkpoint_xml("knib-2", &["vda".into(), "hdc".into()], &["vda".into()]);
+        assert!(c.contains("<disk name='vda' checkpoint='bitmap' bitmap='knib-2'/>"), "{c}");
+        assert!(c.contains("<disk name='hdc' checkpoint='no'/>"), "{c}");
+    }
+
+    #[test]
+    fn checkpoint_names_carry_backup_ids() {
+        let id = "20260101-000000000-00ab";
+        assert_eq!(checkpoint_backup_id(&checkpoint_name(id)), Some(id));
+        assert_eq!(checkpoint_backup_id("user-checkpoint"), None);
+        assert_eq!(checkpoint_backup_id("knib-../x"), None);
+    }
+}

@@ -1,0 +1,384 @@
+//! Bitmap backups of running libvirt domains (checkpoints, pull-mode backup
+//! jobs, NBD), against the real daemon: guest writes before and during each
+//! backup, restores compared with a model of every write, the disks' chains
+//! never touched, a bitmap removed behind knib's back, a VM restarted
+//! between backups, a chain that switches method.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::model::{image_has, Model, Write};
+use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
+use knib_core::catalog::{BackupOptions, Store, VmSettings};
+use knib_core::engine::{BackupKind, BackupMethod};
+use knib_core::libvirt::backup::{checkpoint_name, checkpoints};
+use knib_core::libvirt::qemu_monitor_command_qmp;
+use knib_core::qemu_img::ImageFormat;
+use knib_core::Control;
+
+const DISKS: [(&str, u64); 2] = [("vda", 64 * MIB), ("vdb", 32 * MIB)];
+
+fn bitmap() -> BackupOptions {
+    BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() }
+}
+
+fn vm(prefix: &str, dir: &std::path::Path, persistent: bool) -> TestVm {
+    TestVm::create(prefix, &DISKS, dir, TestVmOptions { persistent, running: true, agent_channel: false })
+}
+
+fn restore_all(store: &Store, id: &str, out: &std::path::Path) -> Vec<(String, std::path::PathBuf)> {
+    DISKS
+        .iter()
+        .map(|(t, _)| {
+            let to = out.join(format!("{id}-{t}.raw"));
+            store.restore(id, t, &to, ImageFormat::Raw, &Control::new()).unwrap();
+            (t.to_string(), to)
+        })
+        .collect()
+}
+
+fn assert_chains_untouched(vm: &TestVm) {
+    for d in vm.disks() {
+        assert!(d.backing_chain.is_empty(), "disk {} runs on {:?}", d.target, d.chain_files());
+        assert_eq!(d.file, vm.initial_file(&d.target));
+    }
+}
+
+/// The domain's knib checkpoints.
+fn knib_checkpoints(vm: &TestVm) -> Vec<String> {
+    let mut c: Vec<String> = checkpoints(&vm.vm).unwrap().into_iter().filter(|n| n.starts_with("knib-")).collect();
+    c.sort();
+    c
+}
+
+/// Nothing of a backup job is left in the VM's store directory.
+fn assert_no_work_dirs(store: &std::path::Path, vm: &str) {
+    let left: Vec<_> = std::fs::read_dir(store.join("vms").join(vm))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".nbd") || n.ends_with(".part") || n == "bitmap-journal.json")
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Remove dirty bitmap `name` from every node of the domain that has it
+/// (behind libvirt's and knib's back).
+fn remove_bitmap_behind_knibs_back(vm: &TestVm, name: &str) -> usize {
+    let out =
+        qemu_monitor_command_qmp(&vm.vm, r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut n = 0;
+    for node in v["return"].as_array().unwrap() {
+        let has = node["dirty-bitmaps"].as_array().into_iter().flatten().any(|b| b["name"] == name);
+        if has {
+            let cmd = serde_json::json!({"execute": "block-dirty-bitmap-remove",
+                "arguments": {"node": node["node-name"], "name": name}});
+            qemu_monitor_command_qmp(&vm.vm, &cmd.to_string()).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn full_then_incrementals_by_bitmap_with_writes_during_each_backup() {
+    if skip_without_libvirt("bitmap backups") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let store = Store::create(&store_dir).unwrap();
+    let vm = Arc::new(vm("knib-bm", dir.path(), false));
+    let model = Arc::new(Mutex::new(Model::new(&DISKS)));
+    let mut ids: Vec<(String, usize)> = Vec::new();
+    for round in 0..3u64 {
+        {
+            let mut m = model.lock().unwrap();
+            m.write(&vm, "vda", 0x10 + round as u8, round * MIB, 256 * 1024);
+            m.write(&vm, "vdb", 0x20 + round as u8, round * MIB, 128 * 1024);
+            m.write(&vm, "vdb", 0x30 + round as u8, 16 * MIB + round * MIB, 64 * 1024);
+        }
+        let before = model.lock().unwrap().writes.len();
+        // A writer keeps writing 64 KiB blocks while the backup runs.
+        let stop = Arc::new(AtomicBool::new(false));
+        let concurrent: Arc<Mutex<Vec<Write>>> = Arc::default();
+        let writer = {
+            let (vm, model, stop, concurrent) = (vm.clone(), model.clone(), stop.clone(), concurrent.clone());
+            std::thread::spawn(move || {
+                for k in 0..128u64 {
+                    if stop.load(Ordering::SeqCst) && k >= 2 {
+                        break;
+                    }
+                    let off = 32 * MIB + (round * 128 + k) * 64 * 1024;
+                    model.lock().unwrap().write(&vm, "vda", 0x80 + round as u8, off, 64 * 1024);
+                    let w = *model.lock().unwrap().writes.last().unwrap();
+                    concurrent.lock().unwrap().push(w);
+                }
+            })
+        };
+        while concurrent.lock().unwrap().len() < 2 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // The last one compressed as it is written.
+        let opts = match round {
+            2 => BackupOptions { compress: Some(knib_core::qemu_img::CompressionLibrary::Zstd), ..bitmap() },
+            _ => bitmap(),
+        };
+        let m = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+        assert_eq!(m.compression.is_some(), round == 2);
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+        assert_eq!(m.kind, if round == 0 { BackupKind::Full } else { BackupKind::Incremental });
+        assert!(m.full_reason.is_none(), "{:?}", m.full_reason);
+        assert!(vm.vm.is_running().unwrap());
+        assert_chains_untouched(&vm);
+        assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&m.id)], "one checkpoint: the head's");
+        assert_no_work_dirs(&store_dir, vm.name());
+        let during = concurrent.lock().unwrap().clone();
+        let restored = restore_all(&store, &m.id, dir.path());
+        let vda = &restored[0].1;
+        let present: Vec<bool> = during.iter().map(|w| image_has(vda, w.pattern, w.offset, w.len)).collect();
+        let cut = present.iter().position(|p| !p).unwrap_or(present.len());
+        assert!(present[cut..].iter().all(|p| !p), "not a point in time: {present:?}");
+        let model_now = model.lock().unwrap().clone();
+        for (t, file) in &restored {
+            model_now.assert_restored(t, before + cut, file, dir.path());
+        }
+        if round > 0 {
+            // An incremental holds the changed clusters only: not round 0's
+            // write at offset 0 of vda, which its parent holds.
+            let file = store_dir.join("vms").join(vm.name()).join(&m.id).join("vda.qcow2");
+            let out = std::process::Command::new("qemu-img")
+                .args(["map", "--output=json", "-f", "qcow2"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+            let own = map.iter().find(|e| e["start"] == 0).unwrap();
+            assert!(own["depth"].as_u64() != Some(0) || own["data"] == false, "{own}");
+        }
+        ids.push((m.id.clone(), before + cut));
+    }
+    // Every backup still restores to its instant; verify passes on all.
+    let model_now = model.lock().unwrap().clone();
+    let out = dir.path().join("again");
+    std::fs::create_dir(&out).unwrap();
+    for (id, n) in &ids {
+        for (t, file) in restore_all(&store, id, &out) {
+            model_now.assert_restored(&t, *n, &file, dir.path());
+        }
+    }
+    for r in store.verify(None, &Control::new()).unwrap() {
+        assert!(r.problems.is_empty(), "{r:?}");
+    }
+    model_now.assert_vm_reads_everything(&vm);
+}
+
+#[test]
+fn a_missing_checkpoint_or_bitmap_makes_the_next_backup_full_and_says_why() {
+    if skip_without_libvirt("bitmap removed") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = vm("knib-bm-gone", dir.path(), false);
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x41, 0, MIB);
+    let b1 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    model.write(&vm, "vdb", 0x42, MIB, MIB);
+    // The bitmap goes, the checkpoint's record stays.
+    assert_eq!(remove_bitmap_behind_knibs_back(&vm, &checkpoint_name(&b1.id)), 2);
+    let b2 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    assert_eq!(b2.kind, BackupKind::Full);
+    let why = b2.full_reason.clone().unwrap();
+    assert!(why.contains("no dirty bitmap"), "{why}");
+    for (t, f) in restore_all(&store, &b2.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    // The checkpoint goes too (its record): full again, saying so.
+    model.write(&vm, "vda", 0x43, 2 * MIB, MIB);
+    let out = std::process::Command::new("virsh")
+        .args(["-c", common::vm::URI, "checkpoint-delete", vm.name(), &checkpoint_name(&b2.id)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b3 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    assert_eq!(b3.kind, BackupKind::Full);
+    assert!(b3.full_reason.as_deref().unwrap_or("").contains("no knib checkpoint"), "{:?}", b3.full_reason);
+    model.write(&vm, "vdb", 0x44, 3 * MIB, MIB);
+    let b4 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    assert_eq!((b4.kind, b4.parent.as_deref()), (BackupKind::Incremental, Some(b3.id.as_str())));
+    for (t, f) in restore_all(&store, &b4.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    // Deleting the head: the next backup is full, and its checkpoint is
+    // the only one left.
+    store.delete(&b4.id).unwrap();
+    let b5 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    assert_eq!(b5.kind, BackupKind::Full, "{:?}", b5.full_reason);
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b5.id)]);
+}
+
+#[test]
+fn a_restarted_vm_keeps_its_bitmaps_and_a_chain_can_switch_method() {
+    if skip_without_libvirt("bitmap restart and switch") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let store = Store::create(&store_dir).unwrap();
+    let vm = vm("knib-bm-sw", dir.path(), true);
+    let mut model = Model::new(&DISKS);
+    // Two backups by snapshot, then the VM's setting says bitmap.
+    model.write(&vm, "vda", 0x51, 0, MIB);
+    let s1 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    model.write(&vm, "vdb", 0x52, MIB, MIB);
+    let s2 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    assert_eq!((s1.kind, s2.kind), (BackupKind::Full, BackupKind::Incremental));
+    store.set_vm_settings(vm.name(), &VmSettings { backup_method: BackupMethod::Bitmap }).unwrap();
+    assert_eq!(store.vm_settings(vm.name()).unwrap().backup_method, BackupMethod::Bitmap);
+    model.write(&vm, "vda", 0x53, 2 * MIB, MIB);
+    let b1 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    assert_eq!(b1.kind, BackupKind::Full, "a change of method starts a chain");
+    assert!(b1.full_reason.is_some());
+    let n1 = model.writes.len();
+    // The VM is restarted: its qcow2 bitmaps are persistent.
+    vm.power_off();
+    vm.boot();
+    model.write(&vm, "vdb", 0x54, 3 * MIB, MIB);
+    let b2 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    assert_eq!(
+        (b2.kind, b2.parent.as_deref()),
+        (BackupKind::Incremental, Some(b1.id.as_str())),
+        "{:?}",
+        b2.full_reason
+    );
+    let n2 = model.writes.len();
+    // Back to snapshot: the disks still run on the delta that follows s2
+    // (the bitmap backups never touched it), so it continues s2's chain;
+    // the bitmap checkpoints go.
+    model.write(&vm, "vda", 0x55, 4 * MIB, MIB);
+    let opts = BackupOptions { method: Some(BackupMethod::Snapshot), ..Default::default() };
+    let s3 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!(
+        (s3.kind, s3.parent.as_deref()),
+        (BackupKind::Incremental, Some(s2.id.as_str())),
+        "{:?}",
+        s3.full_reason
+    );
+    assert!(knib_checkpoints(&vm).is_empty());
+    let n3 = model.writes.len();
+    for (id, n) in [(&s2.id, 2), (&b1.id, n1), (&b2.id, n2), (&s3.id, n3)] {
+        for (t, f) in restore_all(&store, id, dir.path()) {
+            model.assert_restored(&t, n, &f, dir.path());
+        }
+    }
+    model.assert_vm_reads_everything(&vm);
+}
+
+#[test]
+fn a_raw_disk_of_a_running_vm_is_backed_up_in_full_each_time_saying_why() {
+    if skip_without_libvirt("bitmap raw disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let raw = base.join("knib-bm-raw-vda.raw");
+    let qcow = base.join("knib-bm-raw-vdb.qcow2");
+    for (f, fmt, size) in [(&raw, "raw", DISKS[0].1), (&qcow, "qcow2", DISKS[1].1)] {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", fmt])
+            .arg(f)
+            .arg(size.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let vm = TestVm::create_on(
+        "knib-bm-raw",
+        &[("vda", raw.clone()), ("vdb", qcow.clone())],
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x61, 0, MIB);
+    let b1 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    model.write(&vm, "vdb", 0x62, MIB, MIB);
+    model.write(&vm, "vda", 0x63, 4 * MIB, MIB);
+    let b2 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    assert_eq!((b1.kind, b2.kind), (BackupKind::Full, BackupKind::Full));
+    assert!(b2.full_reason.as_deref().unwrap_or("").contains("is raw"), "{:?}", b2.full_reason);
+    assert!(knib_checkpoints(&vm).is_empty());
+    for (t, f) in restore_all(&store, &b2.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    assert_eq!(vm.disk("vda").file, raw);
+}
+
+#[test]
+fn the_backup_method_is_a_setting_of_each_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    assert_eq!(store.vm_settings("web").unwrap().backup_method, BackupMethod::Snapshot);
+    store.set_vm_settings("web", &VmSettings { backup_method: BackupMethod::Bitmap }).unwrap();
+    assert_eq!(store.vm_settings("web").unwrap().backup_method, BackupMethod::Bitmap);
+    assert_eq!(store.vm_settings("db").unwrap().backup_method, BackupMethod::Snapshot);
+    // Through the JSON API: read, set, read back.
+    let call = |req: serde_json::Value| {
+        knib_core::api::call("vm.settings", &req.to_string(), &Control::new())
+            .map(|a| serde_json::from_str::<serde_json::Value>(&a).unwrap())
+    };
+    let s = root.to_str().unwrap();
+    assert_eq!(call(serde_json::json!({"store": s, "vm": "web"})).unwrap()["backup_method"], "bitmap");
+    let set = call(serde_json::json!({"store": s, "vm": "db", "backup_method": "bitmap"})).unwrap();
+    assert_eq!(set["backup_method"], "bitmap");
+    assert_eq!(store.vm_settings("db").unwrap().backup_method, BackupMethod::Bitmap);
+    let bad = call(serde_json::json!({"store": s, "vm": "db", "backup_method": "push"})).unwrap_err();
+    assert_eq!(bad.kind, knib_core::ErrorKind::InvalidInput, "{bad:?}");
+    // A settings file with an unknown key is refused, naming it.
+    std::fs::write(root.join("vms/web/settings.json"), r#"{"schema": 1, "backup_methd": "bitmap"}"#).unwrap();
+    let e = store.vm_settings("web").unwrap_err();
+    assert!(e.message.contains("backup_methd"), "{e:?}");
+}
+
+#[test]
+fn end_of_chain_and_isolated_bitmap_backups_keep_the_checkpoints_in_step() {
+    if skip_without_libvirt("bitmap end of chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = vm("knib-bm-eoc", dir.path(), false);
+    let mut model = Model::new(&DISKS);
+    let opts = BackupOptions { chain_size: 2, ..bitmap() };
+    model.write(&vm, "vda", 0x71, 0, MIB);
+    let b1 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b1.id)]);
+    // An isolated backup: no checkpoint of its own, the head's stays.
+    model.write(&vm, "vdb", 0x72, MIB, MIB);
+    let iso =
+        store.backup_domain(&vm.vm, &BackupOptions { isolated: true, ..opts.clone() }, false, &Control::new()).unwrap();
+    assert_eq!(iso.kind, BackupKind::Isolated);
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b1.id)]);
+    for (t, f) in restore_all(&store, &iso.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    // The chain goes on from b1, holding what the isolated one saw too.
+    model.write(&vm, "vda", 0x73, 2 * MIB, MIB);
+    let b2 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b2.kind, b2.parent.as_deref(), b2.end_of_chain), (BackupKind::Incremental, Some(b1.id.as_str()), true));
+    assert!(knib_checkpoints(&vm).is_empty(), "the end of a chain leaves no checkpoint");
+    for (t, f) in restore_all(&store, &b2.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    let b3 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b3.kind, b3.full_reason.as_deref()), (BackupKind::Full, None));
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b3.id)]);
+    assert_chains_untouched(&vm);
+}
