@@ -118,6 +118,8 @@ operations! {
     "hash" => Hash(catalog::HashReq) -> catalog::HashAnswer,
     /// Delete a backup without breaking its chain.
     "delete" => Delete(catalog::BackupRef) -> crate::catalog::DeleteOutcome,
+    /// Send the backups of a store that an S3 vault lacks (parents first, each manifest last).
+    "sync" => Sync(catalog::SyncReq) -> crate::vault::SyncReport,
     /// Finish or undo the interrupted live backup of a domain from its journal.
     "recover" => Recover(catalog::RecoverReq) -> catalog::RecoverAnswer,
     /// One backup of each of several VMs at a common instant (guests frozen together), recorded as a group.
@@ -192,6 +194,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::Verify(r) => to_json(&catalog::verify(r, ctl)?),
         Request::Hash(r) => to_json(&catalog::hash(r, ctl)?),
         Request::Delete(r) => to_json(&catalog::delete(r)?),
+        Request::Sync(r) => to_json(&catalog::sync(r, ctl)?),
         Request::Recover(r) => to_json(&catalog::recover(op, r, ctl)?),
         Request::GroupBackup(r) => to_json(&group::backup(op, r, ctl)?),
         Request::GroupList(r) => to_json(&group::list(r)?),
