@@ -241,6 +241,12 @@ fn the_json_operations_take_a_vault_as_their_store() {
     let d = call("delete", json!({"store": loc, "backup": m.id}));
     assert_eq!(d["expunged"], json!([m.id]));
     assert!(p.keys().is_empty(), "{:?}", p.keys());
+    // What needs a store directory says so.
+    for op in ["compress", "hash"] {
+        let e = knib_core::api::call(op, &json!({"store": loc, "backup": m.id}).to_string(), &ctl()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{op}: {e}");
+        assert!(e.message.contains("is a vault"), "{op}: {e}");
+    }
     // A bad `to` names the field.
     let e =
         knib_core::api::call("sync", &json!({"store": sdir.path(), "to": "/tmp/x"}).to_string(), &ctl()).unwrap_err();
