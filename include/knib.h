@@ -600,7 +600,8 @@
  *   delete: Delete a backup without breaking its chain.
  *     request:
  *       backup  string: The backup's id.
- *       store   string: The store directory.
+ *       store   string: The store directory, or a vault
+ *               (`s3://BUCKET/PREFIX`).
  *     answer: DeleteOutcome
  *     example request:
  *       {"backup": "20260301T020000Z-web", "store": "/backups"}
@@ -614,8 +615,9 @@
  *       backup_path? string or null: The absolute path of a backup's qcow2
  *                    file (its chain follows the backing pointers), instead
  *                    of `store`, `backup` and `volume`.
- *       store?       string or null: The store directory (with `backup` and
- *                    `volume`; or `backup_path`).
+ *       store?       string or null: The store directory, or a vault
+ *                    (`s3://BUCKET/PREFIX`) (with `backup` and `volume`; or
+ *                    `backup_path`).
  *       volume?      string or null: The volume's name.
  *     answer: FilesystemsAnswer
  *     example request:
@@ -645,8 +647,9 @@
  *       fs?          integer | string or null: The filesystem's `index` or
  *                    `device`; optional when one is read natively.
  *       path         string: The file or directory to extract.
- *       store?       string or null: The store directory (with `backup` and
- *                    `volume`; or `backup_path`).
+ *       store?       string or null: The store directory, or a vault
+ *                    (`s3://BUCKET/PREFIX`) (with `backup` and `volume`; or
+ *                    `backup_path`).
  *       to           string: Where to put it (must not exist).
  *       volume?      string or null: The volume's name.
  *     answer: GetSummary
@@ -673,8 +676,9 @@
  *                    `device` (from `files.fs`); optional when one is read
  *                    natively.
  *       path?        string or null: The directory (or file); default `/`.
- *       store?       string or null: The store directory (with `backup` and
- *                    `volume`; or `backup_path`).
+ *       store?       string or null: The store directory, or a vault
+ *                    (`s3://BUCKET/PREFIX`) (with `backup` and `volume`; or
+ *                    `backup_path`).
  *       volume?      string or null: The volume's name.
  *     answer: EntriesAnswer
  *     example request:
@@ -945,7 +949,8 @@
  *
  *   list: The backups of a store that were not deleted.
  *     request:
- *       store  string: The store directory.
+ *       store  string: The store directory, or a vault
+ *              (`s3://BUCKET/PREFIX`).
  *       vm?    string or null: Only this VM's backups.
  *     answer: [BackupView]
  *     example request:
@@ -997,7 +1002,8 @@
  *       no_verify?    boolean, default false: Skip checking every file of the
  *                     chain against its recorded hash as it is read (checked
  *                     by default).
- *       store         string: The store directory.
+ *       store         string: The store directory, or a vault
+ *                     (`s3://BUCKET/PREFIX`).
  *       timeout_secs? integer or null: The time budget in seconds; 0 or
  *                     absent = none.
  *       to            string: The new image (must not exist).
@@ -1025,7 +1031,8 @@
  *   show: One backup.
  *     request:
  *       backup  string: The backup's id.
- *       store   string: The store directory.
+ *       store   string: The store directory, or a vault
+ *               (`s3://BUCKET/PREFIX`).
  *     answer: BackupView
  *     example request:
  *       {"backup": "20260301T020000Z-web", "store": "/backups"}
@@ -1037,12 +1044,46 @@
  *         "kind": "full"
  *       }
  *
+ *   sync: Send the backups of a store that an S3 vault lacks (parents first,
+ *         each manifest last).
+ *     request:
+ *       parallel_parts?  integer or null: Parts of a multipart upload in
+ *                        flight at once, 1 to 16 (default 4; each holds 8
+ *                        MiB).
+ *       rate_limit_mbps? integer, default 0: Read (and send) at most this
+ *                        many MB/s; 0 or absent = no limit.
+ *       store            string: The store directory the backups are sent
+ *                        from.
+ *       timeout_secs?    integer or null: The time budget in seconds; 0 or
+ *                        absent = none.
+ *       to               string: The vault they are sent to:
+ *                        `s3://bucket/prefix` (endpoint, region and
+ *                        credentials from the usual AWS environment variables
+ *                        and files).
+ *       vm?              string or null: Only this VM's backups.
+ *     answer: SyncReport
+ *     example request:
+ *       {
+ *         "rate_limit_mbps": 100,
+ *         "store": "/backups",
+ *         "to": "s3://knib-vault/site-a",
+ *         "vm": "web"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "aborted_uploads": 0,
+ *         "bytes_sent": 1073741824,
+ *         "present": [],
+ *         "sent": ["20260301T020000Z-web"]
+ *       }
+ *
  *   verify: Check one backup or all: qemu-img check, backing pointers, sizes,
  *           chains, hashes.
  *     request:
  *       backup?       string or null: One backup; absent: every backup of the
  *                     store.
- *       store         string: The store directory.
+ *       store         string: The store directory, or a vault
+ *                     (`s3://BUCKET/PREFIX`).
  *       timeout_secs? integer or null: The time budget in seconds; 0 or
  *                     absent = none.
  *     answer: [VerifyReport]
@@ -1383,6 +1424,13 @@
  *       parent          string: The layer the delta is committed into.
  *       uuid?           string or null: The volume's uuid, echoed in the
  *                       answer.
+ *
+ *   SyncReport: What a sync did.
+ *       aborted_uploads  integer: Interrupted uploads found and aborted.
+ *       bytes_sent       integer: Bytes of volume files sent.
+ *       present          [string]: Backups the vault already had.
+ *       sent             [string]: Backups sent, in the order sent (parents
+ *                        first).
  *
  *   TakeBackupAnswer: The answer of `agent.take_backup`.
  *       kind           string: "full", "incremental" or "isolated".

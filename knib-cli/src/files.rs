@@ -8,6 +8,7 @@ use clap::Subcommand;
 use knib_core::catalog::Store;
 use knib_core::files::{self, EntryInfo, FsInfo};
 use knib_core::fsio::human_bytes;
+use knib_core::vault::Vault;
 use knib_core::{Control, Result};
 use serde_json::json;
 
@@ -19,7 +20,7 @@ pub enum FilesCommand {
     /// List the filesystems of a volume of a backup (partition, type,
     /// label, size).
     Fs {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// The backup's id.
@@ -30,7 +31,7 @@ pub enum FilesCommand {
     },
     /// List a directory (or one file) of a filesystem of a backup.
     Ls {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// The backup's id.
@@ -49,7 +50,7 @@ pub enum FilesCommand {
     /// Extract a file or a directory tree (modes and mtimes kept) to a new
     /// local path.
     Get {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// The backup's id.
@@ -115,11 +116,20 @@ fn entry_line(e: &EntryInfo) -> String {
     format!("{}  {:>12}  {when}  {}{target}", mode_text(e), e.size, e.name)
 }
 
+/// The disk of a volume of a backup in a store directory or a vault
+/// (`--store s3://bucket/prefix`: read by ranged requests).
+fn open_disk(store: &std::path::Path, backup: &str, volume: &str, ctl: &Control) -> Result<files::Disk> {
+    match crate::vault::location(store) {
+        Some(loc) => Vault::open(loc)?.disk(backup, volume, ctl),
+        None => files::Disk::open_backup(&Store::open(store)?, backup, volume, ctl),
+    }
+}
+
 /// Run a `files` subcommand.
 pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
     match cmd {
         FilesCommand::Fs { store, backup, volume } => {
-            let list = files::filesystems(&Store::open(store)?, &backup, &volume, ctl)?;
+            let list = open_disk(&store, &backup, &volume, ctl)?.filesystems();
             if json {
                 println!("{}", json!({ "filesystems": list }));
             } else {
@@ -129,7 +139,7 @@ pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
             }
         }
         FilesCommand::Ls { store, backup, volume, fs, path } => {
-            let entries = files::list(&Store::open(store)?, &backup, &volume, fs, &path, ctl)?;
+            let entries = open_disk(&store, &backup, &volume, ctl)?.list(fs, &path, ctl)?;
             if json {
                 println!("{}", json!({ "entries": entries }));
             } else {
@@ -139,7 +149,7 @@ pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
             }
         }
         FilesCommand::Get { store, backup, volume, fs, path, to } => {
-            let s = files::get(&Store::open(store)?, &backup, &volume, fs, &path, &to, ctl)?;
+            let s = open_disk(&store, &backup, &volume, ctl)?.get(fs, &path, &to, ctl)?;
             output::clear_progress();
             output::say(
                 json,

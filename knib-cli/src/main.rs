@@ -14,6 +14,7 @@ mod files;
 mod group;
 mod jobs;
 mod output;
+mod vault;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -106,7 +107,7 @@ enum Command {
     },
     /// List backups, oldest first.
     List {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// Only this VM's backups.
@@ -115,7 +116,7 @@ enum Command {
     },
     /// Show one backup.
     Show {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// The backup's id.
@@ -123,7 +124,7 @@ enum Command {
     },
     /// Restore one volume of a backup to a new image.
     Restore {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// The backup's id.
@@ -193,7 +194,7 @@ enum Command {
     },
     /// Check backups: image checks, backing pointers, sizes, hashes.
     Verify {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// One backup (all when left out).
@@ -204,11 +205,32 @@ enum Command {
     },
     /// Delete a backup without breaking any chain.
     Delete {
-        /// The store directory.
+        /// The store directory, or a vault (s3://BUCKET/PREFIX).
         #[arg(long)]
         store: PathBuf,
         /// The backup's id.
         backup: String,
+    },
+    /// Send the backups of a store that a vault on S3 lacks (parents
+    /// first, each backup's manifest last; an interrupted sync is cleaned
+    /// up and resumed by the next). Endpoint, region and credentials come
+    /// from the usual AWS environment variables and files.
+    Sync {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// The vault: s3://BUCKET/PREFIX.
+        #[arg(long)]
+        to: String,
+        /// Only this VM's backups.
+        #[arg(long)]
+        vm: Option<String>,
+        /// Rate limit in MB/s (0 = none).
+        #[arg(long, default_value_t = 0)]
+        rate_limit: u64,
+        /// Parts of 8 MiB sent at once.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+        parallel_parts: u32,
     },
     /// Files of a backup, read straight from the store: list filesystems
     /// and directories, extract files and directories.
@@ -335,6 +357,24 @@ fn run(cli: Cli) -> Result<()> {
             output::clear_progress();
             output::print_backup(&store, &m, json);
         }
+        Command::List { store, vm } if vault::location(&store).is_some() => {
+            vault::list(vault::location(&store).unwrap_or_default(), vm.as_deref(), json)?
+        }
+        Command::Show { store, backup } if vault::location(&store).is_some() => {
+            vault::show(vault::location(&store).unwrap_or_default(), &backup, json)?
+        }
+        Command::Verify { store, backup, boot } if vault::location(&store).is_some() => {
+            if boot.boot {
+                return Err(KnibError::invalid("--boot needs a store directory, not a vault"));
+            }
+            vault::verify(vault::location(&store).unwrap_or_default(), backup.as_deref(), json, &ctl)?
+        }
+        Command::Delete { store, backup } if vault::location(&store).is_some() => {
+            vault::delete(vault::location(&store).unwrap_or_default(), &backup, json)?
+        }
+        Command::Sync { store, to, vm, rate_limit, parallel_parts } => {
+            vault::sync(&store, &to, vm, rate_limit, parallel_parts, json, &ctl)?
+        }
         Command::List { store, vm } => {
             let store = Store::open(store)?;
             let list = store.list(vm.as_deref())?;
@@ -347,6 +387,18 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Restore { store, backup, volume, to, format, quick, domain, no_verify } => {
             let format = ImageFormat::from(format);
+            if let Some(loc) = vault::location(&store) {
+                if quick {
+                    return Err(KnibError::invalid(
+                        "--quick needs a store directory: restore from the vault first, or sync it to a local store",
+                    ));
+                }
+                let (volume, to) = match (volume, to) {
+                    (Some(v), Some(t)) => (v, t),
+                    _ => return Err(KnibError::invalid("restore needs --volume and --to")),
+                };
+                return vault::restore(loc, &backup, volume, &to, format, !no_verify, json, &ctl);
+            }
             let store = Store::open(store)?;
             if quick {
                 let domain = domain.ok_or_else(|| KnibError::invalid("--quick needs --domain"))?;

@@ -35,7 +35,7 @@ pub fn backup_json(store: &Store, m: &Manifest) -> Value {
     serde_json::to_value(BackupView::new(store, m)).expect("a backup view serializes")
 }
 
-fn backup_line(m: &Manifest) -> String {
+pub fn backup_line(m: &Manifest) -> String {
     let size: u64 = m.volumes.iter().map(|v| v.size).sum();
     let parent = m.parent.as_deref().map(|p| format!(" parent {p}")).unwrap_or_default();
     let eoc = if m.end_of_chain { " end-of-chain" } else { "" };

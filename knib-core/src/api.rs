@@ -120,6 +120,8 @@ operations! {
     "delete" => Delete(catalog::BackupRef) -> crate::catalog::DeleteOutcome,
     /// A VM's settings (its backup method), set when given.
     "vm.settings" => VmSettings(catalog::VmSettingsReq) -> crate::catalog::VmSettings,
+    /// Send the backups of a store that an S3 vault lacks (parents first, each manifest last).
+    "sync" => Sync(catalog::SyncReq) -> crate::vault::SyncReport,
     /// Finish or undo the interrupted live backup of a domain from its journal.
     "recover" => Recover(catalog::RecoverReq) -> catalog::RecoverAnswer,
     /// One backup of each of several VMs at a common instant (guests frozen together), recorded as a group.
@@ -195,6 +197,7 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::Hash(r) => to_json(&catalog::hash(r, ctl)?),
         Request::Delete(r) => to_json(&catalog::delete(r)?),
         Request::VmSettings(r) => to_json(&catalog::vm_settings(r)?),
+        Request::Sync(r) => to_json(&catalog::sync(r, ctl)?),
         Request::Recover(r) => to_json(&catalog::recover(op, r, ctl)?),
         Request::GroupBackup(r) => to_json(&group::backup(op, r, ctl)?),
         Request::GroupList(r) => to_json(&group::list(r)?),

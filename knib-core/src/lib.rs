@@ -42,6 +42,7 @@ pub mod progress;
 pub mod qcow2;
 pub mod qemu_img;
 pub mod session;
+pub mod vault;
 pub mod wire;
 
 pub use error::{ErrorKind, KnibError, Result};

@@ -25,6 +25,7 @@ use crate::catalog::{BackupOptions, CompressionInfo, DiskSpec, Manifest, Store, 
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
 use crate::qemu_img::{CompressionLibrary, ImageFormat};
+use crate::vault::{SyncOptions, SyncReport, Vault};
 #[cfg(not(feature = "libvirt"))]
 use crate::wire::no_libvirt;
 
@@ -118,7 +119,7 @@ pub(crate) fn vm_settings(r: VmSettingsReq) -> Result<crate::catalog::VmSettings
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListReq {
-    /// The store directory.
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`).
     store: PathBuf,
     /// Only this VM's backups.
     #[serde(default)]
@@ -129,7 +130,7 @@ pub(crate) struct ListReq {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BackupRef {
-    /// The store directory.
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`).
     store: PathBuf,
     /// The backup's id.
     backup: String,
@@ -152,7 +153,7 @@ pub(crate) struct HashReq {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct VerifyReq {
-    /// The store directory.
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`).
     store: PathBuf,
     /// One backup; absent: every backup of the store.
     #[serde(default)]
@@ -166,7 +167,7 @@ pub(crate) struct VerifyReq {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RestoreReq {
-    /// The store directory.
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`).
     store: PathBuf,
     /// The backup's id.
     backup: String,
@@ -294,10 +295,20 @@ pub struct VolumeView {
 }
 
 impl BackupView {
+    /// The view of manifest `m` in vault `vault`: each volume's `file` is
+    /// its object's `s3://` name.
+    pub fn in_vault(vault: &Vault, m: &Manifest) -> BackupView {
+        Self::of(m, |f| PathBuf::from(format!("{}/vms/{}/{}/{f}", vault.location(), m.vm, m.id)))
+    }
+
     /// The view of manifest `m` in `store`.
     pub fn new(store: &Store, m: &Manifest) -> BackupView {
         let dir = store.backup_dir(m);
         let dir = dir.canonicalize().unwrap_or(dir);
+        Self::of(m, |f| dir.join(f))
+    }
+
+    fn of(m: &Manifest, file: impl Fn(&str) -> PathBuf) -> BackupView {
         BackupView {
             id: m.id.clone(),
             vm: m.vm.clone(),
@@ -314,7 +325,7 @@ impl BackupView {
                 .iter()
                 .map(|v| VolumeView {
                     name: v.name.clone(),
-                    file: dir.join(&v.file),
+                    file: file(&v.file),
                     virtual_size: v.virtual_size,
                     size: v.size,
                     source: v.source.clone(),
@@ -410,12 +421,26 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
     Ok(BackupView::new(&store, &m))
 }
 
+/// The vault `store` names (`s3://bucket/prefix`), if it names one.
+fn vault_of(store: &std::path::Path) -> Result<Option<Vault>> {
+    match store.to_str() {
+        Some(s) if crate::vault::is_vault(s) => Ok(Some(Vault::open(s)?)),
+        _ => Ok(None),
+    }
+}
+
 pub(crate) fn list(r: ListReq) -> Result<Vec<BackupView>> {
+    if let Some(v) = vault_of(&r.store)? {
+        return Ok(v.list(r.vm.as_deref())?.iter().map(|m| BackupView::in_vault(&v, m)).collect());
+    }
     let store = Store::open(&r.store)?;
     Ok(store.list(r.vm.as_deref())?.iter().map(|m| BackupView::new(&store, m)).collect())
 }
 
 pub(crate) fn show(r: BackupRef) -> Result<BackupView> {
+    if let Some(v) = vault_of(&r.store)? {
+        return Ok(BackupView::in_vault(&v, &v.show(&r.backup)?));
+    }
     let store = Store::open(&r.store)?;
     let m = store.show(&r.backup)?;
     Ok(BackupView::new(&store, &m))
@@ -423,6 +448,10 @@ pub(crate) fn show(r: BackupRef) -> Result<BackupView> {
 
 pub(crate) fn restore(r: RestoreReq, ctl: &Control) -> Result<RestoreAnswer> {
     let ctl = &agent::budget(ctl, r.timeout_secs);
+    if let Some(v) = vault_of(&r.store)? {
+        v.restore(&r.backup, &r.volume, &r.to, r.format, !r.no_verify, ctl)?;
+        return Ok(restored(r.volume, r.to));
+    }
     Store::open(&r.store)?.restore_with(&r.backup, &r.volume, &r.to, r.format, !r.no_verify, ctl)?;
     Ok(restored(r.volume, r.to))
 }
@@ -482,6 +511,9 @@ pub(crate) fn compress(r: CompressReq, ctl: &Control) -> Result<BackupView> {
 
 pub(crate) fn verify(r: VerifyReq, ctl: &Control) -> Result<Vec<crate::catalog::VerifyReport>> {
     let ctl = &agent::budget(ctl, r.timeout_secs);
+    if let Some(v) = vault_of(&r.store)? {
+        return Ok(v.verify(r.backup.as_deref(), ctl)?.reports);
+    }
     Store::open(&r.store)?.verify(r.backup.as_deref(), ctl)
 }
 
@@ -498,5 +530,52 @@ pub(crate) fn hash(r: HashReq, ctl: &Control) -> Result<HashAnswer> {
 }
 
 pub(crate) fn delete(r: BackupRef) -> Result<crate::catalog::DeleteOutcome> {
+    if let Some(v) = vault_of(&r.store)? {
+        return v.delete(&r.backup);
+    }
     Store::open(&r.store)?.delete(&r.backup)
+}
+
+/// The request of `sync`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SyncReq {
+    /// The store directory the backups are sent from.
+    store: PathBuf,
+    /// The vault they are sent to: `s3://bucket/prefix` (endpoint, region
+    /// and credentials from the usual AWS environment variables and files).
+    to: String,
+    /// Only this VM's backups.
+    #[serde(default)]
+    vm: Option<String>,
+    /// Read (and send) at most this many MB/s; 0 or absent = no limit.
+    #[serde(default)]
+    rate_limit_mbps: u64,
+    /// Parts of a multipart upload in flight at once, 1 to 16 (default 4;
+    /// each holds 8 MiB).
+    #[serde(default)]
+    parallel_parts: Option<u32>,
+    /// The time budget in seconds; 0 or absent = none.
+    #[serde(default)]
+    timeout_secs: Option<u64>,
+}
+
+pub(crate) fn sync(r: SyncReq, ctl: &Control) -> Result<SyncReport> {
+    let ctl = &agent::budget(ctl, r.timeout_secs);
+    if !crate::vault::is_vault(&r.to) {
+        return Err(KnibError::invalid(format!("request of sync: field `to`: {:?} is not s3://BUCKET/PREFIX", r.to)));
+    }
+    let parallel = r.parallel_parts.unwrap_or(4);
+    if !(1..=16).contains(&parallel) {
+        return Err(KnibError::invalid(format!("request of sync: field `parallel_parts`: {parallel} is not 1 to 16")));
+    }
+    let store = Store::open(&r.store)?;
+    let vault = Vault::open(&r.to)?;
+    let opts = SyncOptions {
+        vm: r.vm,
+        parallel_parts: parallel as usize,
+        rate_limit_mbps: r.rate_limit_mbps,
+        ..Default::default()
+    };
+    vault.sync_from(&store, &opts, ctl)
 }

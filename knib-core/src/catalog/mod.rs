@@ -116,19 +116,33 @@ pub(crate) fn new_backup_id() -> String {
     format!("{}-{}-{salt:04x}", &stamp[..8], &stamp[8..17])
 }
 
+/// A vault (`s3://...`) where a store directory is needed: said plainly.
+fn refuse_vault(root: &Path) -> Result<()> {
+    match root.to_str() {
+        Some(s) if crate::vault::is_vault(s) => Err(KnibError::invalid(format!(
+            "{s} is a vault: backups are taken, compressed, hashed and quick-restored in a store directory; \
+             a vault takes sync, list, show, restore, verify, delete and files"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Store {
     /// A store at `root` that need not exist yet: nothing is made on disk
     /// here. Its directories are made when a backup has passed every check
     /// and takes its VM's lock ([`Store::lock_vm`]), so a refused command
     /// leaves no trace.
     pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
-        Ok(Store { root: root.into(), qemu_img: QemuImg::new() })
+        let root = root.into();
+        refuse_vault(&root)?;
+        Ok(Store { root, qemu_img: QemuImg::new() })
     }
 
     /// Open an existing store: a directory holding what knib writes there
     /// (its `vms`, `jobs` or `groups` directory, or its settings file).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
+        refuse_vault(&root)?;
         if !root.is_dir() {
             return Err(KnibError::not_found(format!("store {} does not exist", root.display())));
         }

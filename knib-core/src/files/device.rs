@@ -69,6 +69,13 @@ impl Device {
         Ok(Device::new(Source::Chain(Box::new(chain)), size, name.into(), ctl))
     }
 
+    /// The guest-visible disk of a chain opened by the caller (a backup
+    /// in a vault, read by ranged requests).
+    pub fn from_chain(chain: Chain, name: impl Into<String>, ctl: &Control) -> Device {
+        let size = chain.virtual_size();
+        Device::new(Source::Chain(Box::new(chain)), size, name.into(), ctl)
+    }
+
     /// A disk held in memory (tests, fuzzing).
     pub fn from_bytes(data: Vec<u8>, name: impl Into<String>) -> Device {
         let size = data.len() as u64;

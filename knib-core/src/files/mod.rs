@@ -244,6 +244,13 @@ impl Disk {
         Ok(d)
     }
 
+    /// The disk of a chain opened by the caller (a volume of a backup in
+    /// a vault); `name` names it in messages. Filesystems knib does not
+    /// read natively are refused (the libguestfs fallback needs a file).
+    pub fn open_chain(chain: crate::qcow2::Chain, name: String, ctl: &Control) -> Result<Disk> {
+        Disk::scan(Device::from_chain(chain, name, ctl).shared())
+    }
+
     /// A disk held in memory (tests, fuzzing).
     pub fn from_bytes(data: Vec<u8>) -> Result<Disk> {
         Disk::scan(Device::from_bytes(data, "disk in memory").shared())

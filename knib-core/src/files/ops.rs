@@ -49,9 +49,10 @@ impl Source<'_> {
             )),
             (None, true) => refuse("give `backup_path`, or `store`, `backup` and `volume`: none was given".into()),
             (None, false) => match (self.store, self.backup, self.volume) {
-                (Some(store), Some(backup), Some(volume)) => {
-                    Disk::open_backup(&Store::open(store)?, backup, volume, ctl)
-                }
+                (Some(store), Some(backup), Some(volume)) => match store.to_str() {
+                    Some(s) if crate::vault::is_vault(s) => crate::vault::Vault::open(s)?.disk(backup, volume, ctl),
+                    _ => Disk::open_backup(&Store::open(store)?, backup, volume, ctl),
+                },
                 _ => {
                     let missing: Vec<&str> = catalog.iter().filter(|(_, g)| !*g).map(|(n, _)| *n).collect();
                     refuse(format!(
@@ -68,7 +69,8 @@ impl Source<'_> {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FsReq {
-    /// The store directory (with `backup` and `volume`; or `backup_path`).
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`) (with
+    /// `backup` and `volume`; or `backup_path`).
     #[serde(default)]
     store: Option<PathBuf>,
     /// The backup's id.
@@ -87,7 +89,8 @@ pub(crate) struct FsReq {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct LsReq {
-    /// The store directory (with `backup` and `volume`; or `backup_path`).
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`) (with
+    /// `backup` and `volume`; or `backup_path`).
     #[serde(default)]
     store: Option<PathBuf>,
     /// The backup's id.
@@ -113,7 +116,8 @@ pub(crate) struct LsReq {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct GetReq {
-    /// The store directory (with `backup` and `volume`; or `backup_path`).
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`) (with
+    /// `backup` and `volume`; or `backup_path`).
     #[serde(default)]
     store: Option<PathBuf>,
     /// The backup's id.

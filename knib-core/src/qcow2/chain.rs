@@ -225,6 +225,31 @@ impl Chain {
         }
     }
 
+    /// A chain of images opened by the caller (from [`super::ReadAt`]
+    /// sources, such as a vault's objects): `top`, then its backing files
+    /// nearest first. The caller has checked that each one's backing
+    /// pointer names the next; the L2 cache budget is shared as in
+    /// [`Chain::open`].
+    pub fn from_images(top: Qcow2Image, backing: Vec<Qcow2Image>) -> Result<Self> {
+        if backing.len() >= MAX_CHAIN_DEPTH {
+            return Err(KnibError::corrupt(format!(
+                "backing chain of {} is deeper than {MAX_CHAIN_DEPTH} files",
+                top.name()
+            )));
+        }
+        let share = super::image::L2_CACHE_BYTES / (1 + backing.len() as u64);
+        let mut top = top;
+        top.set_l2_cache_bytes(share);
+        let backing = backing
+            .into_iter()
+            .map(|mut img| {
+                img.set_l2_cache_bytes(share);
+                Layer::Qcow2(Box::new(img))
+            })
+            .collect();
+        Ok(Chain { top, backing })
+    }
+
     /// The top image (its header, its own [`Qcow2Image::cluster_state`]).
     pub fn top(&self) -> &Qcow2Image {
         &self.top

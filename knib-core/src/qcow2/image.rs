@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::compressed::Decompressor;
 use super::header::{header_prefix_len, Header};
+use super::source::ReadAt;
 use crate::error::{KnibError, Result};
 
 /// Bits 9-55 of an L1 or standard L2 entry: a cluster-aligned host offset.
@@ -67,6 +68,17 @@ pub enum ClusterState {
 enum Storage {
     File(File),
     Memory(Vec<u8>),
+    /// Any other source (an object of a vault: [`super::source`]).
+    Source(SharedSource),
+}
+
+/// A [`ReadAt`] source shared with whoever made it.
+struct SharedSource(std::sync::Arc<dyn ReadAt>);
+
+impl std::fmt::Debug for SharedSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedSource").field("len", &self.0.len()).finish()
+    }
 }
 
 impl Storage {
@@ -81,6 +93,7 @@ impl Storage {
                 buf[n..].fill(0);
                 Ok(n)
             }
+            Storage::Source(s) => s.0.read_at(offset, buf),
             Storage::File(f) => {
                 let mut done = 0;
                 while done < buf.len() {
@@ -162,6 +175,14 @@ impl Qcow2Image {
     pub fn from_bytes(name: impl Into<String>, data: Vec<u8>) -> Result<Self> {
         let len = data.len() as u64;
         Self::from_storage(name.into(), Storage::Memory(data), len)
+    }
+
+    /// Open the image whose bytes `source` gives (an object of a vault);
+    /// `name` is used in error messages. The same checks as
+    /// [`Qcow2Image::open`].
+    pub fn from_source(name: impl Into<String>, source: std::sync::Arc<dyn ReadAt>) -> Result<Self> {
+        let len = source.len();
+        Self::from_storage(name.into(), Storage::Source(SharedSource(source)), len)
     }
 
     fn from_storage(name: String, storage: Storage, file_len: u64) -> Result<Self> {
@@ -311,7 +332,7 @@ impl Qcow2Image {
     pub(crate) fn file(&self) -> Option<&File> {
         match &self.storage {
             Storage::File(f) => Some(f),
-            Storage::Memory(_) => None,
+            Storage::Memory(_) | Storage::Source(_) => None,
         }
     }
 
@@ -435,7 +456,7 @@ impl Qcow2Image {
     pub(crate) fn dup_file(&self) -> Option<std::io::Result<File>> {
         match &self.storage {
             Storage::File(f) => Some(f.try_clone()),
-            Storage::Memory(_) => None,
+            Storage::Memory(_) | Storage::Source(_) => None,
         }
     }
 

@@ -143,6 +143,7 @@ mod guard;
 mod header;
 mod image;
 mod sink;
+mod source;
 mod srchash;
 #[cfg(test)]
 mod tests;
@@ -163,5 +164,6 @@ pub use header::{
 };
 pub use image::{ClusterState, Qcow2Image};
 pub use sink::{CountSink, FileSink, Sink};
+pub use source::{FileSource, ReadAt};
 pub use srchash::SourceHash;
 pub use writer::{header_cluster, BackingRef, ImageSpec, Layout, WriteSummary, REFCOUNT_ORDER};

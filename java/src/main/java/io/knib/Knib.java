@@ -401,6 +401,19 @@ public final class Knib implements AutoCloseable {
         return runList("group.recover", request, GroupBackup.Group.class);
     }
 
+    /**
+     * Send the backups of a store that an off-site vault on S3 lacks: parents first, each backup's manifest
+     * last; an interrupted sync is cleaned up and resumed by the next ({@code sync}). The other catalog
+     * operations take the vault ({@code s3://BUCKET/PREFIX}) as their store through {@link #call}.
+     *
+     * @param request the store, the vault and the limits
+     * @return what was sent
+     * @throws KnibException on failure
+     */
+    public VaultSync.Report sync(VaultSync.Request request) throws KnibException {
+        return run("sync", request, VaultSync.Report.class);
+    }
+
     /** Tests only: the native handle. */
     long handleForTests() {
         return live();

@@ -1,0 +1,70 @@
+package io.knib;
+
+import java.util.List;
+
+/**
+ * {@link Knib#sync}: send the backups of a store that an off-site vault on S3 lacks ({@code sync}). The
+ * endpoint, region and credentials come from the usual AWS environment variables and files of the process.
+ */
+public final class VaultSync {
+    private VaultSync() {}
+
+    /**
+     * The request. Immutable.
+     *
+     * @param store the store directory the backups are sent from
+     * @param to the vault, {@code s3://BUCKET/PREFIX}
+     * @param vm only this VM's backups; null for every VM
+     * @param rateLimitMbps read (and send) at most this many MB/s; 0 for no limit
+     * @param parallelParts parts of 8 MiB in flight at once, 1 to 16; null for 4
+     * @param timeoutSecs the time budget in seconds; null for none
+     */
+    public record Request(String store, String to, String vm, long rateLimitMbps, Integer parallelParts, Long timeoutSecs) {
+        /**
+         * Every VM, no rate limit, the default parallelism, no time budget.
+         *
+         * @param store the store directory
+         * @param to the vault
+         */
+        public Request(String store, String to) {
+            this(store, to, null, 0, null, null);
+        }
+
+        /** @param v only this VM's backups @return this request with it */
+        public Request withVm(String v) {
+            return new Request(store, to, v, rateLimitMbps, parallelParts, timeoutSecs);
+        }
+
+        /** @param v the rate limit in MB/s @return this request with it */
+        public Request withRateLimitMbps(long v) {
+            return new Request(store, to, vm, v, parallelParts, timeoutSecs);
+        }
+    }
+
+    /** What a sync did. */
+    public static final class Report {
+        private final List<String> sent;
+        private final List<String> present;
+        private final long bytesSent;
+        private final long abortedUploads;
+
+        private Report() {
+            sent = null;
+            present = null;
+            bytesSent = 0;
+            abortedUploads = 0;
+        }
+
+        /** @return the backups sent, parents first */
+        public List<String> sent() { return Json.view(sent); }
+
+        /** @return the backups the vault already had */
+        public List<String> present() { return Json.view(present); }
+
+        /** @return the bytes of volume files sent */
+        public long bytesSent() { return bytesSent; }
+
+        /** @return the interrupted uploads found and aborted */
+        public long abortedUploads() { return abortedUploads; }
+    }
+}

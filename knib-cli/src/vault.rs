@@ -1,0 +1,150 @@
+//! The commands on a vault (`--store s3://BUCKET/PREFIX`): list, show,
+//! restore, verify and delete read and change the vault by S3 requests;
+//! `knib sync` sends a store's backups there.
+
+use std::path::Path;
+
+use knib_core::api::BackupView;
+use knib_core::catalog::Manifest;
+use knib_core::qemu_img::ImageFormat;
+use knib_core::vault::Vault;
+use knib_core::{Control, KnibError, Result};
+
+use crate::output;
+
+/// The vault location `store` names, if it names one.
+pub fn location(store: &Path) -> Option<&str> {
+    store.to_str().filter(|s| knib_core::vault::is_vault(s))
+}
+
+fn backup_json(v: &Vault, m: &Manifest) -> serde_json::Value {
+    serde_json::to_value(BackupView::in_vault(v, m)).expect("a backup view serializes")
+}
+
+fn print_backup(v: &Vault, m: &Manifest, json: bool) {
+    if json {
+        println!("{}", backup_json(v, m));
+        return;
+    }
+    println!("{}", output::backup_line(m));
+    for vol in &m.volumes {
+        println!(
+            "  {}: {}/vms/{}/{}/{} ({} virtual, {} stored)",
+            vol.name,
+            v.location(),
+            m.vm,
+            m.id,
+            vol.file,
+            knib_core::fsio::human_bytes(vol.virtual_size),
+            knib_core::fsio::human_bytes(vol.size)
+        );
+    }
+}
+
+/// `knib list --store s3://...`.
+pub fn list(loc: &str, vm: Option<&str>, json: bool) -> Result<()> {
+    let v = Vault::open(loc)?;
+    let list = v.list(vm)?;
+    if json {
+        let arr: Vec<serde_json::Value> = list.iter().map(|m| backup_json(&v, m)).collect();
+        println!("{}", serde_json::Value::Array(arr));
+    } else if list.is_empty() {
+        println!("no backups");
+    } else {
+        for m in &list {
+            println!("{}", output::backup_line(m));
+        }
+    }
+    Ok(())
+}
+
+/// `knib show --store s3://...`.
+pub fn show(loc: &str, id: &str, json: bool) -> Result<()> {
+    let v = Vault::open(loc)?;
+    print_backup(&v, &v.show(id)?, json);
+    Ok(())
+}
+
+/// `knib restore --store s3://...`.
+#[allow(clippy::too_many_arguments)]
+pub fn restore(
+    loc: &str,
+    id: &str,
+    volume: String,
+    to: &Path,
+    format: ImageFormat,
+    verify: bool,
+    json: bool,
+    ctl: &Control,
+) -> Result<()> {
+    let v = Vault::open(loc)?;
+    let r = v.restore(id, &volume, to, format, verify, ctl)?;
+    output::clear_progress();
+    let text = format!(
+        "restored volume {volume} of backup {id} from {loc} to {} ({}; {} fetched)",
+        to.display(),
+        format.as_str(),
+        knib_core::fsio::human_bytes(r.bytes_fetched)
+    );
+    output::say(json, &serde_json::json!(knib_core::api::catalog::restored(volume, to.to_path_buf())), &text);
+    Ok(())
+}
+
+/// `knib verify --store s3://...`.
+pub fn verify(loc: &str, id: Option<&str>, json: bool, ctl: &Control) -> Result<()> {
+    let v = Vault::open(loc)?;
+    let out = v.verify(id, ctl)?;
+    output::clear_progress();
+    output::print_verify(&out.reports, json);
+    if let Some(bad) = out.reports.iter().find(|r| !r.ok) {
+        return Err(KnibError::corrupt(format!("backup {} failed verification: {}", bad.id, bad.problems.join("; "))));
+    }
+    Ok(())
+}
+
+/// `knib delete --store s3://...`.
+pub fn delete(loc: &str, id: &str, json: bool) -> Result<()> {
+    let v = Vault::open(loc)?;
+    let out = v.delete(id)?;
+    let text = if out.marked_removed.is_empty() {
+        format!("deleted {} from {loc}", out.expunged.join(", "))
+    } else {
+        format!(
+            "backup {id} is marked removed in {loc}; its objects stay until the backups that depend on it are deleted"
+        )
+    };
+    output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
+    Ok(())
+}
+
+/// `knib sync`.
+pub fn sync(
+    store: &Path,
+    to: &str,
+    vm: Option<String>,
+    rate_limit: u64,
+    parallel_parts: u32,
+    json: bool,
+    ctl: &Control,
+) -> Result<()> {
+    if location(Path::new(to)).is_none() {
+        return Err(KnibError::invalid(format!("--to {to:?} is not a vault (s3://BUCKET/PREFIX)")));
+    }
+    let store = knib_core::catalog::Store::open(store)?;
+    let v = Vault::open(to)?;
+    let opts = knib_core::vault::SyncOptions {
+        vm,
+        rate_limit_mbps: rate_limit,
+        parallel_parts: parallel_parts as usize,
+        ..Default::default()
+    };
+    let r = v.sync_from(&store, &opts, ctl)?;
+    output::clear_progress();
+    let text = if r.sent.is_empty() {
+        format!("{to} has every backup already ({} present)", r.present.len())
+    } else {
+        format!("sent {} to {to} ({})", r.sent.join(", "), knib_core::fsio::human_bytes(r.bytes_sent))
+    };
+    output::say(json, &serde_json::to_value(&r).expect("serializes"), &text);
+    Ok(())
+}

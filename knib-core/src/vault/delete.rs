@@ -1,0 +1,65 @@
+//! Deleting a backup from a vault, chain-safe as in a store directory: a
+//! backup that later backups depend on is marked removed (its manifest
+//! rewritten) and kept; one that none depends on is expunged (its manifest
+//! first, so it is never seen half-deleted, then its objects), and so are
+//! removed ancestors left without children.
+
+use object_store::PutMode;
+
+use super::Vault;
+use crate::catalog::{DeleteOutcome, Manifest};
+use crate::error::{KnibError, Result};
+
+impl Vault {
+    /// Delete backup `id` from the vault without breaking any chain.
+    pub fn delete(&self, id: &str) -> Result<DeleteOutcome> {
+        let m = self.show(id)?;
+        let (all, unreadable) = self.scan_backups(&m.vm)?;
+        let mut m = all
+            .iter()
+            .find(|x| x.id == id && !x.removed)
+            .cloned()
+            .ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist")))?;
+        let mut outcome = DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new() };
+        let children = |x: &str, gone: &[String]| {
+            all.iter().filter(|c| c.parent.as_deref() == Some(x) && !gone.contains(&c.id)).count()
+        };
+        if !unreadable.is_empty() {
+            log::warn!(
+                "vault {}: the manifests of {} cannot be read; they may depend on backup {id}, so it is kept",
+                self.location(),
+                unreadable.join(", ")
+            );
+        }
+        if children(&m.id, &outcome.expunged) > 0 || !unreadable.is_empty() {
+            m.removed = true;
+            let text = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
+            self.put_small(&Self::manifest_rel(&m), text, PutMode::Overwrite, "manifest")?;
+            outcome.marked_removed.push(m.id.clone());
+            return Ok(outcome);
+        }
+        let mut cur = Some(m);
+        while let Some(x) = cur.take() {
+            self.expunge(&x)?;
+            outcome.expunged.push(x.id.clone());
+            if let Some(p) = &x.parent {
+                if let Some(pm) = all.iter().find(|a| &a.id == p) {
+                    if pm.removed && children(&pm.id, &outcome.expunged) == 0 {
+                        cur = Some(pm.clone());
+                    }
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Remove backup `m`: its manifest first (it is no longer a backup),
+    /// then its objects.
+    fn expunge(&self, m: &Manifest) -> Result<()> {
+        self.delete_key(&Self::manifest_rel(m))?;
+        for v in &m.volumes {
+            self.delete_key(&Self::volume_rel(m, &v.file))?;
+        }
+        Ok(())
+    }
+}

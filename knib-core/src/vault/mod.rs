@@ -1,0 +1,504 @@
+//! The vault: knib's store on S3 object storage (`s3://bucket/prefix`),
+//! where backups live off-site. It holds the same backups as a store
+//! directory, laid out the same way, and is read without downloading
+//! anything whole: restore, verify and file-level restore read the qcow2
+//! chains by ranged GETs through knib's own qcow2 reader.
+//!
+//! # Layout
+//!
+//! ```text
+//! PREFIX/vms/<vm>/<id>/manifest.json   the backup's manifest (schema 1), written last
+//! PREFIX/vms/<vm>/<id>/<volume>.qcow2  one object per volume: the store's file, byte for byte
+//! PREFIX/uploads/<vm>/<id>/<file>.json an upload in progress: its multipart upload id
+//! ```
+//!
+//! # Guarantees
+//!
+//! - A backup is visible (listed, restorable) only when its manifest
+//!   exists, and the manifest is written after every object of the backup
+//!   is complete, with a conditional create (`If-None-Match: *`) where the
+//!   server has it: two syncs never overwrite each other's manifest.
+//! - A chain's parent is in the vault before its children: sync sends a
+//!   backup only once its parent's manifest is there.
+//! - An interrupted upload leaves nothing visible: volume objects larger
+//!   than one part go up as multipart uploads, whose parts are invisible
+//!   until completed; each upload's id is recorded under `uploads/` before
+//!   its first part, and the next sync aborts the recorded uploads and
+//!   sends the backup again. (A process killed between starting an upload
+//!   and recording it leaves one incomplete upload unrecorded: a bucket
+//!   lifecycle rule `AbortIncompleteMultipartUpload` is the backstop.)
+//! - Every object's xxh3-128 is in its manifest (taken from the bytes sent
+//!   and compared with the hash the local store recorded, if any): verify
+//!   reads every object and compares; restore compares the hash of each
+//!   object of the chain from the bytes it reads and refuses (nothing left
+//!   at the destination) on a mismatch.
+//! - Everything read from the vault is hostile input, as in a store
+//!   directory: keys are built only from checked names, manifests are
+//!   parsed strictly and must sit at `vms/<their vm>/<their id>/`, and a
+//!   volume object's qcow2 backing pointer must be exactly the
+//!   `../<parent>/<file>` the manifests say before a chain is read through it.
+//! - Credentials (access key, secret key, session token) never appear in
+//!   logs, errors, manifests or answers: every message that comes from the
+//!   S3 client has them blanked out, and [`Vault`]'s `Debug` shows only the
+//!   location.
+//! - One writer at a time per vault prefix (a sync or a delete): S3 has no
+//!   lock; two concurrent syncs are safe for the manifests (conditional
+//!   create) but one may abort the other's recorded uploads.
+//!
+//! # Costs
+//!
+//! A sync reads each local file once and sends it once (parts of
+//! [`SyncOptions::part_size`], [`SyncOptions::parallel_parts`] in flight: at
+//! most their product of memory, 32 MiB by default), plus a few small
+//! requests per backup (list, manifest, upload record). A restore fetches
+//! each object of the chain about once (the hash check reads what the copy
+//! skipped); a file-level restore fetches the qcow2 tables and the clusters
+//! of what it reads; verify fetches every object of the backup whole.
+//!
+//! # Why `object_store`
+//!
+//! `object_store` (Apache Arrow) is a well-kept S3 client: request
+//! signing, retries with backoff, multipart uploads with explicit ids
+//! (`MultipartStore`, which a resumable upload needs), conditional puts and
+//! ranged GETs, with the usual `AWS_*` environment variables. The AWS SDK
+//! does the same with several times the dependencies. It is async: a
+//! vault runs a small private tokio runtime (two worker threads) and the
+//! rest of knib stays synchronous; every call into it blocks on that
+//! runtime, so a vault must not be used from inside another tokio runtime.
+
+mod config;
+mod delete;
+mod object;
+mod read;
+mod sync;
+
+use std::collections::BTreeSet;
+use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3;
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+
+use crate::catalog::Manifest;
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::names;
+
+pub use object::RemoteObject;
+pub use read::{VaultRestore, VaultVerify};
+pub use sync::{SyncOptions, SyncReport};
+
+/// Whether a store location names a vault (`s3://...`) rather than a
+/// directory.
+pub fn is_vault(location: &str) -> bool {
+    location.starts_with("s3://")
+}
+
+/// The most bytes a manifest may have (a real one is a few KiB).
+const MAX_MANIFEST: u64 = 1 << 20;
+
+/// A vault: a bucket and prefix of an S3 server.
+#[derive(Clone)]
+pub struct Vault {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    rt: tokio::runtime::Runtime,
+    s3: Arc<AmazonS3>,
+    /// `s3://bucket/prefix`, for messages.
+    location: String,
+    /// The prefix, without a trailing slash (may be empty).
+    prefix: String,
+    /// The credentials' strings, blanked out of every message.
+    secrets: Vec<String>,
+    /// Bytes fetched by GET requests (ranged or whole).
+    fetched: AtomicU64,
+    /// GET requests made.
+    gets: AtomicU64,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").field("location", &self.inner.location).finish_non_exhaustive()
+    }
+}
+
+impl Vault {
+    /// Open the vault at `location` (`s3://bucket` or `s3://bucket/prefix`).
+    /// The endpoint, region and credentials come from the usual AWS
+    /// environment variables (`AWS_ENDPOINT_URL`, `AWS_REGION`,
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+    /// `AWS_PROFILE`) and, for what they leave out, the shared config files
+    /// (`~/.aws/credentials`, `~/.aws/config`, or `AWS_SHARED_CREDENTIALS_FILE`
+    /// and `AWS_CONFIG_FILE`). An `http://` endpoint is allowed (a local
+    /// server). The bucket is checked at once: a missing bucket is NotFound,
+    /// refused credentials an Io error saying so.
+    pub fn open(location: &str) -> Result<Vault> {
+        let (bucket, prefix) = config::parse_location(location)?;
+        let settings = config::Settings::load()?;
+        let location = if prefix.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{prefix}") };
+        let secrets = settings.secrets();
+        let s3 = settings
+            .build(&bucket)
+            .map_err(|e| KnibError::invalid(format!("vault {location}: {}", redact(&secrets, &e.to_string()))))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("knib-vault")
+            .enable_all()
+            .build()
+            .map_err(|e| KnibError::internal(format!("vault {location}: cannot start its runtime: {e}")))?;
+        let v = Vault {
+            inner: Arc::new(Inner {
+                rt,
+                s3: Arc::new(s3),
+                location,
+                prefix,
+                secrets,
+                fetched: AtomicU64::new(0),
+                gets: AtomicU64::new(0),
+            }),
+        };
+        v.probe()?;
+        Ok(v)
+    }
+
+    /// `s3://bucket/prefix`.
+    pub fn location(&self) -> &str {
+        &self.inner.location
+    }
+
+    /// Bytes fetched from the vault by this handle so far (GET bodies).
+    pub fn bytes_fetched(&self) -> u64 {
+        self.inner.fetched.load(Ordering::Relaxed)
+    }
+
+    /// GET requests made by this handle so far.
+    pub fn get_requests(&self) -> u64 {
+        self.inner.gets.load(Ordering::Relaxed)
+    }
+
+    /// One cheap request, so that a missing bucket or refused credentials
+    /// are said at once and clearly.
+    fn probe(&self) -> Result<()> {
+        let key = self.key("vms");
+        let s3 = Arc::clone(&self.inner.s3);
+        let r = self.block_on(async move { s3.list_with_delimiter(Some(&key)).await });
+        r.map(drop).map_err(|e| match e {
+            object_store::Error::NotFound { .. } => KnibError::not_found(format!(
+                "vault {}: the bucket does not exist ({})",
+                self.location(),
+                redact(&self.inner.secrets, &error_chain(&e))
+            )),
+            e => self.inner.error("cannot open", &e),
+        })
+    }
+
+    /// The key of `rel` (a `/`-separated path of checked names) under the prefix.
+    fn key(&self, rel: &str) -> Key {
+        self.inner.key(rel)
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.inner.rt.block_on(f)
+    }
+
+    /// The whole of a small object (a manifest, an upload record), or
+    /// `None` when it does not exist; more than `max` bytes is corrupt.
+    fn get_small(&self, rel: &str, max: u64, what: &str) -> Result<Option<Vec<u8>>> {
+        let key = self.key(rel);
+        let s3 = Arc::clone(&self.inner.s3);
+        let k = key.clone();
+        let r = self.block_on(async move {
+            let got = s3.get(&k).await?;
+            let size = got.meta.size;
+            if size > max {
+                return Ok(Err(size));
+            }
+            got.bytes().await.map(Ok)
+        });
+        self.inner.gets.fetch_add(1, Ordering::Relaxed);
+        match r {
+            Ok(Ok(b)) => {
+                self.inner.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+                Ok(Some(b.to_vec()))
+            }
+            Ok(Err(size)) => Err(KnibError::corrupt(format!(
+                "{what} {} is {size} bytes long, more than the {max} a {what} may have",
+                self.inner.show(&key)
+            ))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.inner.error(&format!("cannot read {what}"), &e)),
+        }
+    }
+
+    /// Write a small object whole (a PUT is atomic: it is there complete
+    /// or not at all).
+    fn put_small(&self, rel: &str, data: Vec<u8>, mode: PutMode, what: &str) -> Result<()> {
+        self.put_raw(rel, data, mode).map_err(|e| self.inner.error(&format!("cannot write {what}"), &e))
+    }
+
+    /// [`Vault::put_small`] with the S3 client's own error.
+    fn put_raw(&self, rel: &str, data: Vec<u8>, mode: PutMode) -> object_store::Result<()> {
+        let key = self.key(rel);
+        let s3 = Arc::clone(&self.inner.s3);
+        let r = self.block_on(async move {
+            s3.put_opts(&key, PutPayload::from(data), PutOptions { mode, ..Default::default() }).await
+        });
+        r.map(drop)
+    }
+
+    fn delete_key(&self, rel: &str) -> Result<()> {
+        let key = self.key(rel);
+        let s3 = Arc::clone(&self.inner.s3);
+        let k = key.clone();
+        match self.block_on(async move { s3.delete(&k).await }) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.inner.error("cannot delete", &e)),
+        }
+    }
+
+    /// The names one level below `rel/` (common prefixes).
+    fn children(&self, rel: &str) -> Result<Vec<String>> {
+        let key = self.key(rel);
+        let s3 = Arc::clone(&self.inner.s3);
+        let k = key.clone();
+        let r = self.block_on(async move { s3.list_with_delimiter(Some(&k)).await });
+        let list = r.map_err(|e| self.inner.error("cannot list", &e))?;
+        let mut out: Vec<String> =
+            list.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Every VM with a backup prefix in the vault (names checked; others
+    /// are skipped with a warning).
+    pub fn vms(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for n in self.children("vms")? {
+            match names::validate("VM name", &n) {
+                Ok(()) => out.push(n),
+                Err(_) => log::warn!("vault {}: skipping vms/{n}: not a VM of this vault", self.location()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The manifest of backup `id` of `vm`, or `None` when the vault has
+    /// none (not sent, or an upload that never finished).
+    fn load_manifest(&self, vm: &str, id: &str) -> Result<Option<Manifest>> {
+        names::validate("VM name", vm)?;
+        names::validate("backup id", id)?;
+        let rel = format!("vms/{vm}/{id}/manifest.json");
+        let Some(text) = self.get_small(&rel, MAX_MANIFEST, "manifest")? else { return Ok(None) };
+        let shown = self.inner.show(&self.key(&rel));
+        let m = Manifest::parse(&text, FsPath::new(&shown))?;
+        if m.vm != vm || m.id != id {
+            return Err(KnibError::corrupt(format!(
+                "manifest {shown} is the manifest of backup {} of VM {}, not of {id} of {vm}",
+                m.id, m.vm
+            )));
+        }
+        if let Some((i, _)) = m.volumes.iter().enumerate().find(|(_, v)| v.hash.is_none()) {
+            return Err(KnibError::corrupt(format!(
+                "manifest {shown}: field `volumes[{i}].hash` is missing (every object of a vault has its hash)"
+            )));
+        }
+        Ok(Some(m))
+    }
+
+    /// Every backup of `vm` in the vault (removed ones too), oldest first,
+    /// and the ids whose manifest cannot be read (skipped with a warning;
+    /// a delete keeps their parents).
+    pub fn scan_backups(&self, vm: &str) -> Result<(Vec<Manifest>, Vec<String>)> {
+        names::validate("VM name", vm)?;
+        let mut out = Vec::new();
+        let mut unreadable = Vec::new();
+        for id in self.children(&format!("vms/{vm}"))? {
+            if names::validate("backup id", &id).is_err() {
+                log::warn!("vault {}: skipping vms/{vm}/{id}: not a backup of this vault", self.location());
+                continue;
+            }
+            match self.load_manifest(vm, &id) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => log::info!(
+                    "vault {}: vms/{vm}/{id} has no manifest (an upload not finished): not a backup",
+                    self.location()
+                ),
+                Err(e) if matches!(e.kind, ErrorKind::Corrupt) => {
+                    log::warn!("vault {}: skipping vms/{vm}/{id}: {e}", self.location());
+                    unreadable.push(id);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| (a.created.as_str(), a.id.as_str()).cmp(&(b.created.as_str(), b.id.as_str())));
+        Ok((out, unreadable))
+    }
+
+    /// Every backup of `vm` (removed ones too), oldest first.
+    pub fn manifests(&self, vm: &str) -> Result<Vec<Manifest>> {
+        Ok(self.scan_backups(vm)?.0)
+    }
+
+    /// The ids of `vm`'s backups the vault has (removed ones too).
+    pub(crate) fn ids(&self, vm: &str) -> Result<BTreeSet<String>> {
+        Ok(self.manifests(vm)?.into_iter().map(|m| m.id).collect())
+    }
+
+    /// Backups of one VM, or of all, oldest first; removed backups are
+    /// left out.
+    pub fn list(&self, vm: Option<&str>) -> Result<Vec<Manifest>> {
+        let vms = match vm {
+            Some(v) => vec![v.to_string()],
+            None => self.vms()?,
+        };
+        let mut out = Vec::new();
+        for v in vms {
+            out.extend(self.manifests(&v)?.into_iter().filter(|m| !m.removed));
+        }
+        Ok(out)
+    }
+
+    /// The manifest of backup `id` (removed backups included).
+    pub fn find(&self, id: &str) -> Result<Manifest> {
+        names::validate("backup id", id)?;
+        for vm in self.vms()? {
+            if let Some(m) = self.load_manifest(&vm, id)? {
+                return Ok(m);
+            }
+        }
+        Err(KnibError::not_found(format!("backup {id} does not exist in vault {}", self.location())))
+    }
+
+    /// The manifest of a backup that was not deleted.
+    pub fn show(&self, id: &str) -> Result<Manifest> {
+        let m = self.find(id)?;
+        if m.removed {
+            return Err(KnibError::not_found(format!(
+                "backup {id} was deleted from vault {} (its objects stay until the backups that depend on it are deleted)",
+                self.location()
+            )));
+        }
+        Ok(m)
+    }
+
+    /// The chain of `m`, root first, ending with `m`.
+    pub fn chain(&self, m: &Manifest) -> Result<Vec<Manifest>> {
+        let mut chain = vec![m.clone()];
+        let mut cur = m.clone();
+        while let Some(p) = cur.parent.clone() {
+            if chain.iter().any(|c| c.id == p) {
+                return Err(KnibError::corrupt(format!("backup {} has a parent loop (through {p})", m.id)));
+            }
+            let pm = self.load_manifest(&m.vm, &p)?.ok_or_else(|| {
+                KnibError::not_found(format!(
+                    "parent {p} of backup {} is missing from vault {}",
+                    cur.id,
+                    self.location()
+                ))
+            })?;
+            chain.push(pm.clone());
+            cur = pm;
+        }
+        chain.reverse();
+        Ok(chain)
+    }
+
+    /// The key (relative to the prefix) of volume `volume`'s object of `m`.
+    fn volume_rel(m: &Manifest, file: &str) -> String {
+        format!("vms/{}/{}/{file}", m.vm, m.id)
+    }
+
+    /// The manifest key (relative to the prefix) of `m`.
+    fn manifest_rel(m: &Manifest) -> String {
+        format!("vms/{}/{}/manifest.json", m.vm, m.id)
+    }
+}
+
+impl Inner {
+    fn key(&self, rel: &str) -> Key {
+        if self.prefix.is_empty() {
+            Key::from(rel)
+        } else {
+            Key::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// `key` relative to the prefix, if it is below it.
+    fn rel_of(&self, key: &Key) -> Option<String> {
+        let k = key.as_ref();
+        if self.prefix.is_empty() {
+            return Some(k.to_string());
+        }
+        k.strip_prefix(self.prefix.as_str()).and_then(|r| r.strip_prefix('/')).map(str::to_string)
+    }
+
+    /// `s3://bucket/key`, for messages.
+    fn show(&self, key: &Key) -> String {
+        let bucket = self.location.trim_start_matches("s3://").split('/').next().unwrap_or_default();
+        format!("s3://{bucket}/{key}")
+    }
+
+    /// A KnibError for `e` met while doing `what`, the credentials blanked
+    /// out and the usual causes said plainly.
+    fn error(&self, what: &str, e: &object_store::Error) -> KnibError {
+        let text = redact(&self.secrets, &error_chain(e));
+        const REFUSED: &str =
+            ": the server refused the credentials (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile)";
+        let refused = ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden"];
+        let (kind, hint) = match e {
+            _ if text.contains("NoSuchBucket") => (ErrorKind::NotFound, ": the bucket does not exist"),
+            object_store::Error::NotFound { .. } => (ErrorKind::NotFound, ""),
+            object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+                (ErrorKind::Io, REFUSED)
+            }
+            _ if refused.iter().any(|r| text.contains(r)) => (ErrorKind::Io, REFUSED),
+            _ => (ErrorKind::Io, ""),
+        };
+        KnibError::new(kind, format!("vault {}: {what}: {text}{hint}", self.location))
+    }
+}
+
+/// An error and its sources, as one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out.replace('\n', " ")
+}
+
+/// `text` with every secret (of 4 bytes or more) replaced by `***`.
+fn redact(secrets: &[String], text: &str) -> String {
+    let mut out = text.to_string();
+    for s in secrets.iter().filter(|s| s.len() >= 4) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_blanked_out() {
+        let s = vec!["AKIDSECRET".to_string(), "abc".to_string()];
+        assert_eq!(redact(&s, "key AKIDSECRET and abc"), "key *** and abc");
+    }
+
+    #[test]
+    fn vault_locations_are_told_apart() {
+        assert!(is_vault("s3://b/p"));
+        assert!(!is_vault("/srv/store"));
+        assert!(!is_vault("s3:/b"));
+    }
+}

@@ -1,0 +1,341 @@
+//! Reading backups straight from a vault: restore (flattened to qcow2 or
+//! raw), verify (every object's hash, tables and refcounts) and the disk
+//! of a volume for file-level restore, all through knib's qcow2 reader
+//! over ranged GETs ([`RemoteObject`]): nothing is downloaded whole first.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use object_store::ObjectStore;
+use serde::{Deserialize, Serialize};
+
+use super::object::RemoteObject;
+use super::Vault;
+use crate::catalog::{Manifest, VerifyReport};
+use crate::error::{ErrorKind, KnibError, Result};
+use crate::files::Disk;
+use crate::fsio;
+use crate::progress::Control;
+use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Image};
+use crate::qemu_img::ImageFormat;
+
+/// The read cache of one chain's objects, shared among them.
+const CHAIN_CACHE_BYTES: u64 = 16 << 20;
+/// Guest bytes read per step of a restore.
+const RESTORE_CHUNK: usize = 4 << 20;
+
+/// What a restore from a vault did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VaultRestore {
+    /// The backup.
+    pub backup: String,
+    /// The volume.
+    pub volume: String,
+    /// The image written.
+    pub path: std::path::PathBuf,
+    /// Bytes fetched from the vault.
+    pub bytes_fetched: u64,
+    /// Whether every object of the chain was checked against its hash.
+    pub verified: bool,
+}
+
+/// What a verify of a vault found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct VaultVerify {
+    /// One report per backup.
+    pub reports: Vec<VerifyReport>,
+    /// Bytes fetched from the vault.
+    pub bytes_fetched: u64,
+}
+
+/// One object of an opened chain.
+struct Opened {
+    object: Arc<RemoteObject>,
+    backup: String,
+    hash: Option<String>,
+}
+
+impl Vault {
+    /// The HEAD of the object of `rel`: its length, checked against the
+    /// manifest's size.
+    fn object_len(&self, rel: &str, want: u64) -> Result<u64> {
+        let key = self.key(rel);
+        let s3 = Arc::clone(&self.inner.s3);
+        let k = key.clone();
+        let meta = self.block_on(async move { s3.head(&k).await }).map_err(|e| match e {
+            object_store::Error::NotFound { .. } => KnibError::corrupt(format!(
+                "object {} is missing from the vault, though its manifest is there",
+                self.inner.show(&key)
+            )),
+            e => self.inner.error("cannot read", &e),
+        })?;
+        let len = meta.size;
+        if len != want {
+            return Err(KnibError::corrupt(format!(
+                "object {} is {len} bytes long, its manifest says {want}: the vault was damaged",
+                self.inner.show(&key)
+            )));
+        }
+        Ok(len)
+    }
+
+    /// Open volume `volume` of `m`'s chain as a qcow2 [`Chain`] over ranged
+    /// reads: each object's qcow2 header must hold the backing pointer the
+    /// manifests say. With `hash`, each object's hash is taken as it is read.
+    fn open_chain(&self, m: &Manifest, volume: &str, hash: bool) -> Result<(Chain, Vec<Opened>)> {
+        let chain = self.chain(m)?;
+        let share = CHAIN_CACHE_BYTES / chain.len() as u64;
+        let mut images = Vec::new();
+        let mut opened = Vec::new();
+        let mut below: Option<(String, String)> = None;
+        for b in &chain {
+            let v = b.volume(volume)?;
+            let want = below.as_ref().map(|(id, file)| format!("../{id}/{file}"));
+            if v.backing != want {
+                return Err(KnibError::corrupt(format!(
+                    "manifest of backup {} in vault {}: volume {volume} has backing {:?}, but its parent's file is {:?}",
+                    b.id,
+                    self.location(),
+                    v.backing,
+                    want
+                )));
+            }
+            let rel = Self::volume_rel(b, &v.file);
+            let len = self.object_len(&rel, v.size)?;
+            let object = Arc::new(RemoteObject::new(Arc::clone(&self.inner), self.key(&rel), len, share, hash));
+            let name = object.name();
+            let img = Qcow2Image::from_source(name.clone(), object.clone()).map_err(|e| {
+                if e.kind == ErrorKind::InvalidInput {
+                    KnibError::corrupt(format!("backup {}: object {name}: {}", b.id, e.message))
+                } else {
+                    e
+                }
+            })?;
+            if img.header().backing_file != want {
+                return Err(KnibError::corrupt(format!(
+                    "object {name}: its qcow2 backing pointer is {:?}, the manifest says {want:?}; \
+                     knib reads no chain the manifests do not describe",
+                    img.header().backing_file
+                )));
+            }
+            images.push(img);
+            opened.push(Opened { object, backup: b.id.clone(), hash: v.hash.clone() });
+            below = Some((b.id.clone(), v.file.clone()));
+        }
+        images.reverse();
+        let mut images = images.into_iter();
+        let top = images.next().ok_or_else(|| KnibError::internal("a chain without a file"))?;
+        Ok((Chain::from_images(top, images.collect())?, opened))
+    }
+
+    /// Restore volume `volume` of backup `id` from the vault to `to` (which
+    /// must not exist), flattened, as `format`. With `verify`, every object
+    /// of the chain is checked against its recorded hash from the bytes the
+    /// restore reads (and what it skipped); a mismatch is a `corrupt` error
+    /// naming the object, and nothing is left at `to`.
+    pub fn restore(
+        &self,
+        id: &str,
+        volume: &str,
+        to: &Path,
+        format: ImageFormat,
+        verify: bool,
+        ctl: &Control,
+    ) -> Result<VaultRestore> {
+        let m = self.show(id)?;
+        if to.exists() {
+            return Err(KnibError::invalid(format!("{} already exists; it is not overwritten", to.display())));
+        }
+        let dir = fsio::parent_dir(to);
+        if !dir.is_dir() {
+            return Err(KnibError::not_found(format!("directory {} does not exist", dir.display())));
+        }
+        let before = self.bytes_fetched();
+        let (mut chain, opened) = self.open_chain(&m, volume, verify)?;
+        let tmp = fsio::temp_path(to);
+        let r = write_flat(&mut chain, &tmp, format, &format!("restore of {volume} of {id} from the vault"), ctl)
+            .and_then(|_| if verify { check_hashes(&opened, ctl) } else { Ok(()) })
+            .and_then(|_| fsio::commit_rename(&tmp, to));
+        if let Err(e) = r {
+            let _ = fsio::remove_if_exists(&tmp);
+            return Err(e);
+        }
+        Ok(VaultRestore {
+            backup: id.to_string(),
+            volume: volume.to_string(),
+            path: to.to_path_buf(),
+            bytes_fetched: self.bytes_fetched() - before,
+            verified: verify,
+        })
+    }
+
+    /// The disk of volume `volume` of backup `id`, for file-level restore
+    /// ([`crate::files`]): read by ranged GETs, only the tables and
+    /// clusters the filesystem reader asks for (their hashes are not
+    /// checked: that takes the whole objects; `verify` does it).
+    pub fn disk(&self, id: &str, volume: &str, ctl: &Control) -> Result<Disk> {
+        let m = self.show(id)?;
+        let (chain, _) = self.open_chain(&m, volume, false)?;
+        Disk::open_chain(chain, format!("volume {volume} of backup {id} in vault {}", self.location()), ctl)
+    }
+
+    /// Verify one backup, or every backup of the vault: each object of its
+    /// chains opened as qcow2 with its backing pointer as the manifests
+    /// say, its own objects' refcounts checked, and every byte of its
+    /// objects read and held against the recorded hash: of every object of
+    /// its chains for one backup, of its own objects when every backup is
+    /// verified (each object is then read once). A backup found bad is a
+    /// report with `ok` false.
+    pub fn verify(&self, id: Option<&str>, ctl: &Control) -> Result<VaultVerify> {
+        let before = self.bytes_fetched();
+        let targets = match id {
+            Some(id) => vec![self.show(id)?],
+            None => self.list(None)?,
+        };
+        let mut reports = Vec::new();
+        let whole_chain = id.is_some();
+        for m in targets {
+            reports.push(self.verify_one(&m, whole_chain, ctl)?);
+        }
+        Ok(VaultVerify { reports, bytes_fetched: self.bytes_fetched() - before })
+    }
+
+    fn verify_one(&self, m: &Manifest, whole_chain: bool, ctl: &Control) -> Result<VerifyReport> {
+        let mut problems = Vec::new();
+        let mut files_checked = 0;
+        for v in &m.volumes {
+            ctl.check(&format!("verify of {} in the vault", m.id))?;
+            let (mut chain, opened) = match self.open_chain(m, &v.name, true) {
+                Ok(c) => c,
+                Err(e) if matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout) => return Err(e),
+                Err(e) => {
+                    problems.push(e.message);
+                    continue;
+                }
+            };
+            let own = opened.last().expect("a chain has an object");
+            if chain.virtual_size() != v.virtual_size {
+                problems.push(format!(
+                    "{}: virtual size is {}, the manifest says {}",
+                    own.object.name(),
+                    chain.virtual_size(),
+                    v.virtual_size
+                ));
+            }
+            match chain.top_mut().check_refcounts() {
+                Ok(r) if r.is_clean() => {}
+                Ok(r) => problems.push(format!(
+                    "{}: {} corruptions, {} leaks: {}",
+                    own.object.name(),
+                    r.corruptions,
+                    r.leaks,
+                    r.problems.join("; ")
+                )),
+                Err(e) => problems.push(e.message),
+            }
+            let hashed = if whole_chain { &opened[..] } else { std::slice::from_ref(own) };
+            for o in hashed {
+                ctl.check(&format!("verify of {} in the vault", m.id))?;
+                files_checked += 1;
+                match o.object.finish_hash() {
+                    Ok(Some(h)) if Some(&h) != o.hash.as_ref() => problems.push(format!(
+                        "{}: hash {h} differs from the recorded {}: the object changed since it was sent",
+                        o.object.name(),
+                        o.hash.as_deref().unwrap_or("(none)")
+                    )),
+                    Ok(_) => {}
+                    Err(e) => problems.push(e.message),
+                }
+            }
+        }
+        Ok(VerifyReport {
+            id: m.id.clone(),
+            ok: problems.is_empty(),
+            problems,
+            files_checked,
+            chain_hashes: BTreeMap::new(),
+        })
+    }
+}
+
+/// The hash of each object of a restored chain against its manifest's.
+fn check_hashes(opened: &[Opened], ctl: &Control) -> Result<()> {
+    for o in opened {
+        ctl.check("hash of the vault's objects")?;
+        let got = o.object.finish_hash()?;
+        match (&got, &o.hash) {
+            (Some(g), Some(w)) if g == w => {}
+            (Some(g), Some(w)) => {
+                return Err(KnibError::corrupt(format!(
+                    "backup {}: object {} has hash {g}, its manifest says {w}: the vault's copy is damaged; nothing was restored",
+                    o.backup,
+                    o.object.name()
+                )))
+            }
+            _ => return Err(KnibError::internal("an object of the vault without its hash")),
+        }
+    }
+    Ok(())
+}
+
+/// Write the guest-visible bytes of `chain` to a new file `dest`: raw
+/// (sparse) or qcow2 (clusters that read as zeros left unallocated).
+fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, ctl: &Control) -> Result<()> {
+    let size = chain.virtual_size();
+    let bits = chain.top().header().cluster_bits;
+    let cs = 1usize << bits;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|e| KnibError::io("cannot create", dest, e))?;
+    let mut layout = match format {
+        ImageFormat::Qcow2 => {
+            let spec =
+                ImageSpec { virtual_size: size, cluster_bits: bits, backing: None, compression: CompressionType::Zlib };
+            let f = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
+            Some(Layout::new(spec, FileSink::new(f, dest, false), None)?)
+        }
+        ImageFormat::Raw => None,
+    };
+    let chunk = RESTORE_CHUNK.max(cs);
+    let mut buf = vec![0u8; chunk];
+    let mut offset = 0u64;
+    ctl.report(step, 0.0);
+    while offset < size {
+        ctl.check(step)?;
+        let n = (chunk as u64).min(size - offset) as usize;
+        buf.fill(0);
+        chain.read_at(offset, &mut buf[..n])?;
+        // Whole clusters (the last one padded with zeros).
+        let whole = n.div_ceil(cs) * cs;
+        for (k, c) in buf[..whole].chunks(cs).enumerate() {
+            if c.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let at = offset + (k * cs) as u64;
+            match layout.as_mut() {
+                Some(l) => l.push_data(at >> bits, c)?,
+                None => {
+                    let len = (c.len() as u64).min(size - at) as usize;
+                    file.write_all_at(&c[..len], at).map_err(|e| KnibError::io("cannot write", dest, e))?;
+                }
+            }
+        }
+        offset += n as u64;
+        ctl.report(step, offset as f64 * 100.0 / size as f64);
+    }
+    match layout {
+        Some(l) => {
+            let (header, sink, _) = l.finish()?;
+            let (f, _) = sink.finish()?;
+            f.write_all_at(&header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
+        }
+        None => file.set_len(size).map_err(|e| KnibError::io("cannot size", dest, e))?,
+    }
+    file.sync_all().map_err(|e| KnibError::io("cannot fsync", dest, e))
+}

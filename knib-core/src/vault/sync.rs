@@ -1,0 +1,358 @@
+//! Sending a store's backups to a vault: only what the vault lacks, each
+//! chain's parent before its children, each backup's objects complete
+//! before its manifest (written last, conditionally created).
+//!
+//! # Invariants
+//!
+//! - A volume file larger than one part goes up as a multipart upload: its
+//!   id is recorded under `uploads/<vm>/<id>/` before the first part, parts
+//!   are read in order and sent [`SyncOptions::parallel_parts`] at a time
+//!   (memory: at most that many parts), and the record is removed once the
+//!   upload is completed or aborted. A sync first aborts every recorded
+//!   upload of the VMs it sends (left by a sync that was killed) and sends
+//!   those backups again.
+//! - The bytes sent are hashed as they are read; a file whose recorded
+//!   hash (from the backup, or a verify) differs is not sent: the local
+//!   copy changed since it was written, and that is a `corrupt` error.
+//! - The local VM's lock is held while its backups are read, so a
+//!   compression cannot replace a file under the sync.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, PutMode, PutPayload};
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::Vault;
+use crate::catalog::{Manifest, Store};
+use crate::error::{KnibError, Result};
+use crate::progress::Control;
+
+/// How a sync sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncOptions {
+    /// Only this VM's backups; `None`: every VM of the store.
+    pub vm: Option<String>,
+    /// Bytes per part of a multipart upload (at least 5 MiB, S3's least).
+    pub part_size: usize,
+    /// Parts in flight at once.
+    pub parallel_parts: usize,
+    /// Read (and so send) at most this many MB (10^6 bytes) per second; 0: no limit.
+    pub rate_limit_mbps: u64,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions { vm: None, part_size: 8 << 20, parallel_parts: 4, rate_limit_mbps: 0 }
+    }
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SyncReport {
+    /// Backups sent, in the order sent (parents first).
+    pub sent: Vec<String>,
+    /// Backups the vault already had.
+    pub present: Vec<String>,
+    /// Bytes of volume files sent.
+    pub bytes_sent: u64,
+    /// Interrupted uploads found and aborted.
+    pub aborted_uploads: usize,
+}
+
+/// The record of an upload in progress.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadRecord {
+    key: String,
+    upload_id: String,
+}
+
+/// S3's least part size (but the last).
+const MIN_PART: usize = 5 << 20;
+
+impl Vault {
+    /// Send every backup of `store` (or of one VM) that the vault lacks.
+    pub fn sync_from(&self, store: &Store, opts: &SyncOptions, ctl: &Control) -> Result<SyncReport> {
+        if opts.part_size < MIN_PART || opts.part_size > (512 << 20) {
+            return Err(KnibError::invalid(format!("part size {} is not between 5 MiB and 512 MiB", opts.part_size)));
+        }
+        let vms = match &opts.vm {
+            Some(v) => vec![v.clone()],
+            None => store.vms()?,
+        };
+        let mut report = SyncReport::default();
+        for vm in vms {
+            self.sync_vm(store, &vm, opts, ctl, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    fn sync_vm(
+        &self,
+        store: &Store,
+        vm: &str,
+        opts: &SyncOptions,
+        ctl: &Control,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let local = store.manifests(vm)?;
+        if local.is_empty() {
+            return Ok(());
+        }
+        let _lock = store.lock_vm(vm, &format!("sync of {vm} to vault {}", self.location()))?;
+        report.aborted_uploads += self.abort_recorded(vm)?;
+        let local = store.manifests(vm)?;
+        let have = self.ids(vm)?;
+        // What to send: every live backup the vault lacks, and the
+        // ancestors it lacks (removed ones too: their children need them).
+        let mut needed: Vec<&Manifest> = Vec::new();
+        for m in local.iter().filter(|m| !m.removed) {
+            let mut cur = Some(m);
+            let mut path = Vec::new();
+            while let Some(c) = cur {
+                if have.contains(&c.id)
+                    || needed.iter().any(|n| n.id == c.id)
+                    || path.iter().any(|p: &&Manifest| p.id == c.id)
+                {
+                    break;
+                }
+                path.push(c);
+                cur = match &c.parent {
+                    Some(p) => Some(local.iter().find(|x| &x.id == p).ok_or_else(|| {
+                        KnibError::corrupt(format!("backup {}: its parent {p} is missing from the store", c.id))
+                    })?),
+                    None => None,
+                };
+            }
+            // Parents first.
+            needed.extend(path.into_iter().rev());
+            if have.contains(&m.id) {
+                report.present.push(m.id.clone());
+            }
+        }
+        for m in needed {
+            ctl.check(&format!("sync of {} to the vault", m.id))?;
+            self.send_backup(store, m, opts, ctl, report)?;
+            report.sent.push(m.id.clone());
+        }
+        Ok(())
+    }
+
+    /// Abort every upload recorded for `vm` (left by a sync that stopped),
+    /// and remove the records.
+    fn abort_recorded(&self, vm: &str) -> Result<usize> {
+        let prefix = self.key(&format!("uploads/{vm}"));
+        let s3 = Arc::clone(&self.inner.s3);
+        let p = prefix.clone();
+        let listed = self.block_on(async move {
+            use futures::TryStreamExt;
+            s3.list(Some(&p)).try_collect::<Vec<_>>().await
+        });
+        let objects = listed.map_err(|e| self.inner.error("cannot list", &e))?;
+        let mut n = 0;
+        for o in objects {
+            let Some(rel) = self.inner.rel_of(&o.location) else { continue };
+            if let Some(text) = self.get_small(&rel, 64 << 10, "upload record")? {
+                match crate::json::from_slice::<UploadRecord>(&text) {
+                    Ok(r) if r.key.starts_with(&format!("{}/", self.key(&format!("vms/{vm}")))) => {
+                        crate::crashpoint::durable_step(&format!("abort of the interrupted upload of {}", r.key));
+                        let s3 = Arc::clone(&self.inner.s3);
+                        let key = Key::from(r.key.as_str());
+                        let id = r.upload_id.clone();
+                        match self.block_on(async move { s3.abort_multipart(&key, &id).await }) {
+                            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(self.inner.error("cannot abort an interrupted upload", &e)),
+                        }
+                        log::warn!("vault {}: aborted the interrupted upload of {}", self.location(), r.key);
+                        n += 1;
+                    }
+                    _ => log::warn!(
+                        "vault {}: removing the upload record {rel}, which names no upload of {vm}",
+                        self.location()
+                    ),
+                }
+            }
+            crate::crashpoint::durable_step(&format!("removal of the upload record {rel}"));
+            self.delete_key(&rel)?;
+        }
+        Ok(n)
+    }
+
+    /// Send backup `m` (its parent is in the vault): each volume's file,
+    /// then the manifest.
+    fn send_backup(
+        &self,
+        store: &Store,
+        m: &Manifest,
+        opts: &SyncOptions,
+        ctl: &Control,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        log::info!("vault {}: sending backup {} of {}", self.location(), m.id, m.vm);
+        let mut out = m.clone();
+        for v in out.volumes.iter_mut() {
+            let files = store.chain_files(m, &v.name)?;
+            let file = files.last().expect("a chain has a file").clone();
+            let rel = Self::volume_rel(m, &v.file);
+            let record = format!("uploads/{}/{}/{}.json", m.vm, m.id, v.file);
+            let (len, hash) = self.upload_file(&file, &rel, &record, opts, ctl)?;
+            if let Some(h) = &v.hash {
+                if *h != hash {
+                    self.delete_key(&rel)?;
+                    return Err(KnibError::corrupt(format!(
+                        "backup {}: file {} has hash {hash}, its manifest says {h}: it changed since it was written; not sent",
+                        m.id,
+                        file.display()
+                    )));
+                }
+            }
+            v.hash = Some(hash);
+            v.size = len;
+            report.bytes_sent += len;
+        }
+        let text = serde_json::to_vec_pretty(&out).expect("a manifest serializes");
+        let rel = Self::manifest_rel(&out);
+        crate::crashpoint::durable_step(&format!("publishing backup {} in vault {}", m.id, self.location()));
+        match self.put_raw(&rel, text.clone(), PutMode::Create) {
+            Ok(()) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                log::warn!("vault {}: backup {} was sent meanwhile by another sync", self.location(), m.id);
+                Ok(())
+            }
+            Err(object_store::Error::NotImplemented | object_store::Error::NotSupported { .. }) => {
+                log::warn!(
+                    "vault {}: the server has no conditional create; the manifest of {} is written unconditionally",
+                    self.location(),
+                    m.id
+                );
+                self.put_small(&rel, text, PutMode::Overwrite, "manifest")
+            }
+            Err(e) => Err(self.inner.error("cannot write manifest", &e)),
+        }
+    }
+
+    /// Send local file `path` to object `rel`, hashing it as it is read;
+    /// its length and hash.
+    fn upload_file(
+        &self,
+        path: &std::path::Path,
+        rel: &str,
+        record: &str,
+        opts: &SyncOptions,
+        ctl: &Control,
+    ) -> Result<(u64, String)> {
+        let file = File::open(path).map_err(|e| KnibError::io("cannot open", path, e))?;
+        let len = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.len();
+        let mut hasher = Xxh3::new();
+        let key = self.key(rel);
+        let step = format!("sending {}", path.display());
+        let start = Instant::now();
+        let throttle = |sent: u64| {
+            if opts.rate_limit_mbps > 0 {
+                let due = Duration::from_secs_f64(sent as f64 / (opts.rate_limit_mbps as f64 * 1e6));
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
+        };
+        let read_part = |off: u64, n: usize| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; n];
+            file.read_exact_at(&mut buf, off).map_err(|e| KnibError::io("cannot read", path, e))?;
+            Ok(buf)
+        };
+        if len <= opts.part_size as u64 {
+            let data = read_part(0, len as usize)?;
+            hasher.update(&data);
+            throttle(len);
+            crate::crashpoint::durable_step(&format!("upload of {}", path.display()));
+            let s3 = Arc::clone(&self.inner.s3);
+            let k = key.clone();
+            self.block_on(async move { s3.put(&k, PutPayload::from(data)).await })
+                .map_err(|e| self.inner.error(&format!("cannot send {}", path.display()), &e))?;
+            return Ok((len, format!("{:032x}", hasher.digest128())));
+        }
+        crate::crashpoint::durable_step(&format!("start of the upload of {}", path.display()));
+        let s3 = Arc::clone(&self.inner.s3);
+        let k = key.clone();
+        let id = self
+            .block_on(async move { s3.create_multipart(&k).await })
+            .map_err(|e| self.inner.error(&format!("cannot start sending {}", path.display()), &e))?;
+        let rec =
+            serde_json::to_vec(&UploadRecord { key: key.to_string(), upload_id: id.clone() }).expect("serializes");
+        let abort = |why: KnibError| -> KnibError {
+            let s3 = Arc::clone(&self.inner.s3);
+            let (k, i) = (key.clone(), id.clone());
+            if let Err(e) = self.block_on(async move { s3.abort_multipart(&k, &i).await }) {
+                log::warn!("vault {}: {}", self.location(), self.inner.error("cannot abort an upload", &e));
+            } else if let Err(e) = self.delete_key(record) {
+                log::warn!("{e}");
+            }
+            why
+        };
+        crate::crashpoint::durable_step(&format!("record of the upload of {}", path.display()));
+        if let Err(e) = self.put_small(record, rec, PutMode::Overwrite, "upload record") {
+            return Err(abort(e));
+        }
+        let mut in_flight: VecDeque<tokio::task::JoinHandle<object_store::Result<PartId>>> = VecDeque::new();
+        let mut parts: Vec<PartId> = Vec::new();
+        let mut off = 0u64;
+        let mut idx = 0usize;
+        let wait = |h: tokio::task::JoinHandle<object_store::Result<PartId>>| -> Result<PartId> {
+            match self.block_on(h) {
+                Ok(Ok(p)) => Ok(p),
+                Ok(Err(e)) => Err(self.inner.error(&format!("cannot send {}", path.display()), &e)),
+                Err(e) => Err(KnibError::internal(format!("a part upload failed: {e}"))),
+            }
+        };
+        while off < len {
+            if let Err(e) = ctl.check(&step) {
+                return Err(abort(e));
+            }
+            ctl.report(&step, off as f64 * 100.0 / len as f64);
+            let n = (opts.part_size as u64).min(len - off) as usize;
+            let data = match read_part(off, n) {
+                Ok(d) => d,
+                Err(e) => return Err(abort(e)),
+            };
+            hasher.update(&data);
+            let s3 = Arc::clone(&self.inner.s3);
+            let (k, i) = (key.clone(), id.clone());
+            let part = idx;
+            crate::crashpoint::durable_step(&format!("part {part} of {}", path.display()));
+            in_flight
+                .push_back(self.inner.rt.spawn(async move { s3.put_part(&k, &i, part, PutPayload::from(data)).await }));
+            off += n as u64;
+            idx += 1;
+            throttle(off);
+            if in_flight.len() >= opts.parallel_parts.max(1) {
+                let h = in_flight.pop_front().expect("a part in flight");
+                match wait(h) {
+                    Ok(p) => parts.push(p),
+                    Err(e) => return Err(abort(e)),
+                }
+            }
+        }
+        while let Some(h) = in_flight.pop_front() {
+            match wait(h) {
+                Ok(p) => parts.push(p),
+                Err(e) => return Err(abort(e)),
+            }
+        }
+        crate::crashpoint::durable_step(&format!("completion of the upload of {}", path.display()));
+        let s3 = Arc::clone(&self.inner.s3);
+        let (k, i) = (key.clone(), id.clone());
+        if let Err(e) = self.block_on(async move { s3.complete_multipart(&k, &i, parts).await }) {
+            return Err(abort(self.inner.error(&format!("cannot finish sending {}", path.display()), &e)));
+        }
+        crate::crashpoint::durable_step(&format!("removal of the upload record of {}", path.display()));
+        self.delete_key(record)?;
+        Ok((len, format!("{:032x}", hasher.digest128())))
+    }
+}

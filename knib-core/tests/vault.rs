@@ -1,0 +1,255 @@
+//! The vault against a real S3 server (Ceph RGW, `scripts/ceph.sh`; see
+//! `common/s3.rs`): chains synced (only what the vault lacks, parents
+//! first), restored from the bucket byte-identical, verified; a damaged
+//! object found by verify and refused by restore; a small file-level
+//! restore from a large backup fetching a small fraction of it; chain-safe
+//! deletes; the JSON operations on an `s3://` store.
+
+mod common;
+#[path = "common/fsimage.rs"]
+mod fsimage;
+#[path = "common/s3.rs"]
+mod s3;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use common::disk::*;
+use knib_core::catalog::{BackupOptions, DiskSpec, Store};
+use knib_core::qemu_img::ImageFormat;
+use knib_core::vault::{SyncOptions, Vault};
+use knib_core::{Control, ErrorKind};
+use serde_json::{json, Value};
+
+fn ctl() -> Control {
+    Control::new()
+}
+
+/// Three backups of two disks (full, then two incrementals), with the
+/// disks' contents at each.
+fn three_backups(vm: &TestDisks, store: &Store) -> Vec<(String, BTreeMap<String, PathBuf>)> {
+    let rounds: [&[(&str, &str)]; 3] = [
+        &[("root", "write -P 0x11 0 20M"), ("data", "write -P 0x21 1M 3M")],
+        &[("root", "write -P 0x12 4M 1M"), ("data", "write -z 1M 64k"), ("data", "write -P 0x22 30M 2M")],
+        &[("root", "write -P 0x13 63M 1M"), ("root", "discard 0 64k"), ("data", "write -P 0x23 0 512")],
+    ];
+    let mut out = Vec::new();
+    for (i, round) in rounds.iter().enumerate() {
+        for (disk, cmd) in round.iter() {
+            qemu_io(vm.path(disk), cmd);
+        }
+        let refs = vm.snapshot_all(&format!("b{i}"));
+        let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+        out.push((m.id, refs));
+    }
+    out
+}
+
+#[test]
+fn chains_synced_restored_identical_verified_and_deleted_chain_safely() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("chain");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let taken = three_backups(&vm, &store);
+    let vault = Vault::open(&p.location()).unwrap();
+    assert!(vault.list(None).unwrap().is_empty());
+
+    let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let ids: Vec<String> = taken.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(r.sent, ids, "parents first");
+    assert!(r.present.is_empty());
+    let local_bytes: u64 = store.list(None).unwrap().iter().flat_map(|m| m.volumes.iter().map(|v| v.size)).sum();
+    assert_eq!(r.bytes_sent, local_bytes);
+    // Nothing but the backups is left: no upload record.
+    assert!(p.keys().keys().all(|k| k.starts_with("vms/vm1/")), "{:?}", p.keys());
+
+    // A second sync sends nothing.
+    let again = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert!(again.sent.is_empty(), "{again:?}");
+    assert_eq!(again.present, ids);
+
+    // The vault's manifests are the store's, with every hash.
+    let listed = vault.list(None).unwrap();
+    for (l, v) in store.list(None).unwrap().iter().zip(&listed) {
+        assert_eq!((&l.id, &l.parent, l.kind, l.position), (&v.id, &v.parent, v.kind, v.position));
+        for (lv, vv) in l.volumes.iter().zip(&v.volumes) {
+            assert!(vv.hash.is_some());
+            assert_eq!(lv.hash.as_ref().or(vv.hash.as_ref()), vv.hash.as_ref());
+            assert_eq!(lv.size, vv.size);
+        }
+    }
+
+    // Every backup restores from the bucket to exactly the disk as it was.
+    let out = tempfile::tempdir().unwrap();
+    for (id, refs) in &taken {
+        for (i, (vol, reference)) in refs.iter().enumerate() {
+            let fmt = if i % 2 == 0 { ImageFormat::Qcow2 } else { ImageFormat::Raw };
+            let to = out.path().join(format!("{id}-{vol}.{}", fmt.as_str()));
+            let done = vault.restore(id, vol, &to, fmt, true, &ctl()).unwrap();
+            assert!(done.verified && done.bytes_fetched > 0);
+            assert_identical(&to, reference);
+            if fmt == ImageFormat::Qcow2 {
+                assert_check_clean(&to);
+            }
+        }
+    }
+    let v = vault.verify(None, &ctl()).unwrap();
+    assert_eq!(v.reports.len(), 3);
+    assert!(v.reports.iter().all(|r| r.ok && r.files_checked == 2), "{v:?}");
+
+    // A fourth backup: the next sync sends it alone.
+    qemu_io(vm.path("data"), "write -P 0x24 8M 1M");
+    let m4 = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert_eq!(r.sent, vec![m4.id.clone()]);
+    assert_eq!(r.bytes_sent, m4.volumes.iter().map(|v| v.size).sum::<u64>());
+
+    // Deletes keep chains whole: a backup with children is only marked.
+    let d = vault.delete(&taken[1].0).unwrap();
+    assert_eq!(d.marked_removed, vec![taken[1].0.clone()]);
+    assert!(vault.show(&taken[1].0).is_err());
+    let to = out.path().join("after-delete.raw");
+    vault.restore(&taken[2].0, "root", &to, ImageFormat::Raw, true, &ctl()).unwrap();
+    assert_identical(&to, &taken[2].1["root"]);
+    // The last two go: the removed one with them.
+    vault.delete(&m4.id).unwrap();
+    let d = vault.delete(&taken[2].0).unwrap();
+    assert_eq!(d.expunged, vec![taken[2].0.clone(), taken[1].0.clone()]);
+    let left: Vec<String> = vault.list(None).unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(left, vec![taken[0].0.clone()]);
+    assert!(p.keys().keys().all(|k| k.contains(&taken[0].0)), "{:?}", p.keys());
+}
+
+#[test]
+fn a_damaged_object_is_found_by_verify_and_refused_by_restore() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("damage");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x31 0 12M");
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    let vault = Vault::open(&p.location()).unwrap();
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+
+    // One byte of a data cluster changed, the length kept.
+    let rel = format!("vms/vm1/{}/root.qcow2", m.id);
+    let mut bytes = p.get(&rel);
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x5a;
+    p.put(&rel, bytes.clone());
+
+    let v = vault.verify(Some(&m.id), &ctl()).unwrap();
+    assert!(!v.reports[0].ok);
+    assert!(v.reports[0].problems.iter().any(|p| p.contains("root.qcow2") && p.contains("hash")), "{v:?}");
+    let out = tempfile::tempdir().unwrap();
+    let to = out.path().join("r.qcow2");
+    let e = vault.restore(&m.id, "root", &to, ImageFormat::Qcow2, true, &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("root.qcow2") && e.message.contains("damaged"), "{e}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "nothing is left behind");
+    // The other volume is whole and restores.
+    vault.restore(&m.id, "data", &to, ImageFormat::Qcow2, true, &ctl()).unwrap();
+
+    // An object cut short is corrupt before anything is read through it.
+    bytes.truncate(bytes.len() - 4096);
+    p.put(&rel, bytes);
+    let e = vault.restore(&m.id, "root", &out.path().join("s.raw"), ImageFormat::Raw, false, &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("its manifest says"), "{e}");
+}
+
+#[test]
+fn a_small_file_restore_from_a_large_backup_fetches_a_small_fraction() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("files");
+    let w = tempfile::tempdir().unwrap();
+    let src = w.path().join("src");
+    std::fs::create_dir_all(src.join("etc")).unwrap();
+    std::fs::write(src.join("etc/hostname"), b"vault-test\n").unwrap();
+    fsimage::write_stream(&src.join("big.bin"), 7, 96 << 20);
+    let img = w.path().join("fs.img");
+    fsimage::mkfs_ext4(&src, &img, 128);
+    let raw = w.path().join("disk.raw");
+    fsimage::partitioned_disk(&[&img], &raw);
+    let disk = w.path().join("disk.qcow2");
+    fsimage::to_qcow2(&raw, &disk);
+    let store = Store::create(w.path().join("store")).unwrap();
+    let disks = vec![DiskSpec { name: "root".into(), path: disk.clone() }];
+    let m = store.backup("vm1", &disks, &BackupOptions::default(), &ctl()).unwrap();
+    let backup_bytes = m.volumes[0].size;
+    assert!(backup_bytes > 96 << 20);
+    Vault::open(&p.location()).unwrap().sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+
+    // A fresh handle counts only what this restore fetches.
+    let vault = Vault::open(&p.location()).unwrap();
+    let d = vault.disk(&m.id, "root", &ctl()).unwrap();
+    assert_eq!(d.filesystems().len(), 1);
+    let to = w.path().join("hostname");
+    d.get(None, "/etc/hostname", &to, &ctl()).unwrap();
+    assert_eq!(std::fs::read(&to).unwrap(), b"vault-test\n");
+    let fetched = vault.bytes_fetched();
+    assert!(fetched > 0);
+    assert!(fetched * 20 < backup_bytes, "fetched {fetched} bytes of a {backup_bytes}-byte backup");
+
+    // The same through the JSON operation, with the vault as its store.
+    let to2 = w.path().join("hostname2");
+    let req = json!({"store": p.location(), "backup": m.id, "volume": "root", "path": "/etc/hostname", "to": to2});
+    knib_core::api::call("files.get", &req.to_string(), &ctl()).unwrap();
+    assert_eq!(std::fs::read(&to2).unwrap(), b"vault-test\n");
+}
+
+#[test]
+fn the_json_operations_take_a_vault_as_their_store() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("json");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    qemu_io(vm.path("data"), "write -P 0x41 0 9M");
+    let refs = vm.snapshot_all("b0");
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    let call = |op: &str, req: Value| -> Value {
+        let out = knib_core::api::call(op, &req.to_string(), &ctl()).unwrap_or_else(|e| panic!("{op}: {e}"));
+        serde_json::from_str(&out).unwrap()
+    };
+    let loc = p.location();
+    let sent = call("sync", json!({"store": sdir.path(), "to": loc, "parallel_parts": 2}));
+    assert_eq!(sent["sent"], json!([m.id]));
+    let list = call("list", json!({"store": loc}));
+    assert_eq!(list[0]["id"], json!(m.id));
+    let file = list[0]["volumes"][0]["file"].as_str().unwrap().to_string();
+    assert!(file.starts_with(&format!("{loc}/vms/vm1/{}/", m.id)), "{file}");
+    let shown = call("show", json!({"store": loc, "backup": m.id}));
+    assert_eq!(shown, list[0]);
+    let w = tempfile::tempdir().unwrap();
+    let to = w.path().join("data.raw");
+    call("restore", json!({"store": loc, "backup": m.id, "volume": "data", "to": to, "format": "raw"}));
+    assert_identical(&to, &refs["data"]);
+    let v = call("verify", json!({"store": loc}));
+    assert_eq!(v[0]["ok"], json!(true), "{v}");
+    let d = call("delete", json!({"store": loc, "backup": m.id}));
+    assert_eq!(d["expunged"], json!([m.id]));
+    assert!(p.keys().is_empty(), "{:?}", p.keys());
+    // What needs a store directory says so.
+    for op in ["compress", "hash"] {
+        let e = knib_core::api::call(op, &json!({"store": loc, "backup": m.id}).to_string(), &ctl()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{op}: {e}");
+        assert!(e.message.contains("is a vault"), "{op}: {e}");
+    }
+    // A bad `to` names the field.
+    let e =
+        knib_core::api::call("sync", &json!({"store": sdir.path(), "to": "/tmp/x"}).to_string(), &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.message.contains("field `to`"), "{e}");
+}
