@@ -8,7 +8,6 @@ use clap::Subcommand;
 use knib_core::catalog::Store;
 use knib_core::files::{self, EntryInfo, FsInfo};
 use knib_core::fsio::human_bytes;
-use knib_core::vault::Vault;
 use knib_core::{Control, Result};
 use serde_json::json;
 
@@ -120,7 +119,7 @@ fn entry_line(e: &EntryInfo) -> String {
 /// (`--store s3://bucket/prefix`: read by ranged requests).
 fn open_disk(store: &std::path::Path, backup: &str, volume: &str, ctl: &Control) -> Result<files::Disk> {
     match crate::vault::location(store) {
-        Some(loc) => Vault::open(loc)?.disk(backup, volume, ctl),
+        Some(loc) => files::Disk::open_vault(loc, backup, volume, ctl),
         None => files::Disk::open_backup(&Store::open(store)?, backup, volume, ctl),
     }
 }

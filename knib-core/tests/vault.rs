@@ -191,7 +191,8 @@ fn a_small_file_restore_from_a_large_backup_fetches_a_small_fraction() {
 
     // A fresh handle counts only what this restore fetches.
     let vault = Vault::open(&p.location()).unwrap();
-    let d = vault.disk(&m.id, "root", &ctl()).unwrap();
+    let (chain, name) = vault.volume_chain(&m.id, "root").unwrap();
+    let d = knib_core::files::Disk::open_chain(chain, name, &ctl()).unwrap();
     assert_eq!(d.filesystems().len(), 1);
     let to = w.path().join("hostname");
     d.get(None, "/etc/hostname", &to, &ctl()).unwrap();

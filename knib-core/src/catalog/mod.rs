@@ -116,10 +116,16 @@ pub(crate) fn new_backup_id() -> String {
     format!("{}-{}-{salt:04x}", &stamp[..8], &stamp[8..17])
 }
 
+/// Whether a store location names a vault (`s3://...`) rather than a
+/// directory.
+pub fn is_vault(location: &str) -> bool {
+    location.starts_with("s3://")
+}
+
 /// A vault (`s3://...`) where a store directory is needed: said plainly.
 fn refuse_vault(root: &Path) -> Result<()> {
     match root.to_str() {
-        Some(s) if crate::vault::is_vault(s) => Err(KnibError::invalid(format!(
+        Some(s) if is_vault(s) => Err(KnibError::invalid(format!(
             "{s} is a vault: backups are taken, compressed, hashed and quick-restored in a store directory; \
              a vault takes sync, list, show, restore, verify, delete and files"
         ))),

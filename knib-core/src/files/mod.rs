@@ -251,6 +251,15 @@ impl Disk {
         Disk::scan(Device::from_chain(chain, name, ctl).shared())
     }
 
+    /// The disk of volume `volume` of backup `backup` in the vault at
+    /// `location` (`s3://bucket/prefix`), read by ranged requests: only the
+    /// tables and clusters the filesystem reader asks for (their hashes are
+    /// not checked, which takes the whole objects: `verify` does it).
+    pub fn open_vault(location: &str, backup: &str, volume: &str, ctl: &Control) -> Result<Disk> {
+        let (chain, name) = crate::vault::Vault::open(location)?.volume_chain(backup, volume)?;
+        Disk::open_chain(chain, name, ctl)
+    }
+
     /// A disk held in memory (tests, fuzzing).
     pub fn from_bytes(data: Vec<u8>) -> Result<Disk> {
         Disk::scan(Device::from_bytes(data, "disk in memory").shared())

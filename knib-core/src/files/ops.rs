@@ -50,7 +50,7 @@ impl Source<'_> {
             (None, true) => refuse("give `backup_path`, or `store`, `backup` and `volume`: none was given".into()),
             (None, false) => match (self.store, self.backup, self.volume) {
                 (Some(store), Some(backup), Some(volume)) => match store.to_str() {
-                    Some(s) if crate::vault::is_vault(s) => crate::vault::Vault::open(s)?.disk(backup, volume, ctl),
+                    Some(s) if crate::vault::is_vault(s) => Disk::open_vault(s, backup, volume, ctl),
                     _ => Disk::open_backup(&Store::open(store)?, backup, volume, ctl),
                 },
                 _ => {

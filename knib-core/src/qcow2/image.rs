@@ -111,12 +111,7 @@ impl Storage {
     }
 }
 
-/// The size of an open file or block device (whose metadata says 0).
-pub(crate) fn file_size(file: &File) -> std::io::Result<u64> {
-    use std::io::Seek;
-    let mut f = file;
-    f.seek(std::io::SeekFrom::End(0))
-}
+pub(crate) use super::source::file_size;
 
 /// An LRU cache of decoded L2 tables, keyed by their file offset.
 #[derive(Debug)]

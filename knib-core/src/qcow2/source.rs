@@ -36,7 +36,7 @@ pub struct FileSource {
 impl FileSource {
     /// Wrap an open file.
     pub fn new(file: File) -> std::io::Result<FileSource> {
-        let len = super::image::file_size(&file)?;
+        let len = file_size(&file)?;
         Ok(FileSource { file, len })
     }
 }
@@ -59,6 +59,13 @@ impl ReadAt for FileSource {
     fn len(&self) -> u64 {
         self.len
     }
+}
+
+/// The size of an open file or block device (whose metadata says 0).
+pub(crate) fn file_size(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    f.seek(std::io::SeekFrom::End(0))
 }
 
 #[cfg(test)]

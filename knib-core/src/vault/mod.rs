@@ -89,11 +89,7 @@ pub use object::RemoteObject;
 pub use read::{VaultRestore, VaultVerify};
 pub use sync::{SyncOptions, SyncReport};
 
-/// Whether a store location names a vault (`s3://...`) rather than a
-/// directory.
-pub fn is_vault(location: &str) -> bool {
-    location.starts_with("s3://")
-}
+pub use crate::catalog::is_vault;
 
 /// The most bytes a manifest may have (a real one is a few KiB).
 const MAX_MANIFEST: u64 = 1 << 20;

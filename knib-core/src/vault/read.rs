@@ -16,7 +16,6 @@ use super::object::RemoteObject;
 use super::Vault;
 use crate::catalog::{Manifest, VerifyReport};
 use crate::error::{ErrorKind, KnibError, Result};
-use crate::files::Disk;
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Image};
@@ -172,14 +171,14 @@ impl Vault {
         })
     }
 
-    /// The disk of volume `volume` of backup `id`, for file-level restore
-    /// ([`crate::files`]): read by ranged GETs, only the tables and
-    /// clusters the filesystem reader asks for (their hashes are not
-    /// checked: that takes the whole objects; `verify` does it).
-    pub fn disk(&self, id: &str, volume: &str, ctl: &Control) -> Result<Disk> {
+    /// The qcow2 chain of volume `volume` of backup `id`, read by ranged
+    /// GETs (only the tables and clusters asked for; their hashes are not
+    /// checked: that takes the whole objects, `verify` does it), and a name
+    /// for it in messages: what file-level restore opens (`files::Disk::open_vault`).
+    pub fn volume_chain(&self, id: &str, volume: &str) -> Result<(Chain, String)> {
         let m = self.show(id)?;
         let (chain, _) = self.open_chain(&m, volume, false)?;
-        Disk::open_chain(chain, format!("volume {volume} of backup {id} in vault {}", self.location()), ctl)
+        Ok((chain, format!("volume {volume} of backup {id} in vault {}", self.location())))
     }
 
     /// Verify one backup, or every backup of the vault: each object of its
