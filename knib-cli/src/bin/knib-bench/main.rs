@@ -816,10 +816,15 @@ fn main() {
         return;
     }
     if noisy {
-        println!(
-            "NOISY RUN: the machine was busy (load average {load_at_start:.2} on {ncores} cores at the start; rows \
-             marked NOISY below): its ratios are not measurements of knib."
-        );
+        let mut why = Vec::new();
+        if busy_at_start {
+            why.push(format!("the load average was {load_at_start:.2} on {ncores} cores at the start"));
+        }
+        let rows = res.lines.iter().filter(|l| l.env.noisy && l.first).count();
+        if rows > 0 {
+            why.push(format!("{rows} rows are marked NOISY below (stolen CPU or other processes)"));
+        }
+        println!("NOISY RUN: {}: its ratios are not measurements of knib.", why.join("; "));
         println!();
     }
     println!(
