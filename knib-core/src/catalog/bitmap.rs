@@ -44,14 +44,7 @@ impl Store {
     }
 
     pub(crate) fn load_bitmap_journal(&self, vm: &str) -> Result<Option<BitmapJournal>> {
-        let p = self.bitmap_journal_path(vm);
-        let rel = std::path::Path::new("vms").join(vm).join("bitmap-journal.json");
-        match super::confine::read(&self.root, &rel, "journal")? {
-            Some(t) => crate::json::from_slice(&t)
-                .map(Some)
-                .map_err(|e| KnibError::corrupt(format!("journal {} is corrupted: {e}", p.display()))),
-            None => Ok(None),
-        }
+        self.load_vm_journal(vm, "bitmap-journal.json")
     }
 
     fn record_bitmap(&self, vm: &str, plan: &BitmapPlan, step: BitmapStep) -> Result<()> {

@@ -51,12 +51,17 @@ impl Store {
     }
 
     pub(super) fn load_journal(&self, vm: &str) -> Result<Option<Journal>> {
-        let p = self.journal_path(vm);
-        let rel = std::path::Path::new("vms").join(vm).join("journal.json");
+        self.load_vm_journal(vm, "journal.json")
+    }
+
+    /// The journal `name` of VM `vm` (read confined to the store), if any;
+    /// one that does not parse is corrupt.
+    pub(super) fn load_vm_journal<T: serde::de::DeserializeOwned>(&self, vm: &str, name: &str) -> Result<Option<T>> {
+        let rel = std::path::Path::new("vms").join(vm).join(name);
         match super::confine::read(&self.root, &rel, "journal")? {
-            Some(t) => crate::json::from_slice(&t)
-                .map(Some)
-                .map_err(|e| KnibError::corrupt(format!("journal {} is corrupted: {e}", p.display()))),
+            Some(t) => crate::json::from_slice(&t).map(Some).map_err(|e| {
+                KnibError::corrupt(format!("journal {} is corrupted: {e}", self.vm_dir(vm).join(name).display()))
+            }),
             None => Ok(None),
         }
     }
