@@ -141,7 +141,7 @@ impl Store {
                     name: d.name.clone(),
                     disk: d.path.clone(),
                     dest: part.join(format!("{}.qcow2", d.name)),
-                    parent: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, d.name)),
+                    parent: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &d.name)),
                 })
                 .collect(),
             kind,
@@ -165,7 +165,7 @@ impl Store {
                         .find(|d| d.name == v.name)
                         .map(|d| d.path.display().to_string())
                         .unwrap_or_default(),
-                    backing: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, v.name)),
+                    backing: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &v.name)),
                     hash: v.hash.clone(),
                 })
                 .collect();

@@ -129,7 +129,7 @@ impl Store {
                     target: d.target.clone(),
                     file: d.file.clone(),
                     dest: part.join(format!("{}.qcow2", d.target)),
-                    parent: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, d.target)),
+                    parent: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &d.target)),
                 })
                 .collect(),
             work_dir: self.vm_dir(&name).join(format!(".{id}.nbd")),

@@ -173,7 +173,7 @@ impl Store {
                     old_delta: s.delta.clone(),
                     new_delta: live::delta_path(&s.base, &id),
                     dest: part.join(format!("{}.qcow2", s.info.target)),
-                    parent: parent.as_ref().map(|p| format!("../{}/{}.qcow2", p.id, s.info.target)),
+                    parent: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &s.info.target)),
                     virtual_size: s.virtual_size,
                     snapshots: Vec::new(),
                 })

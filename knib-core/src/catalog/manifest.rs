@@ -195,6 +195,13 @@ impl Manifest {
     }
 }
 
+/// The backing pointer a volume file of a child of backup `parent` holds:
+/// the parent's file of volume `volume`, relative to the child's directory
+/// (`../<parent id>/<volume>.qcow2`), the store's one layout rule for chains.
+pub(crate) fn parent_file_ref(parent: &Manifest, volume: &str) -> String {
+    format!("../{}/{volume}.qcow2", parent.id)
+}
+
 /// A UTC time as RFC 3339 with milliseconds (`2026-11-21T13:05:01.123Z`);
 /// a time before 1970 is shown as 1970-01-01T00:00:00.000Z.
 pub fn rfc3339(t: std::time::SystemTime) -> String {
