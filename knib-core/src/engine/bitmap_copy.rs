@@ -293,25 +293,6 @@ pub fn copy_export(
     Ok(ExportCopy { hash, data_bytes, virtual_size: size })
 }
 
-/// One cluster compressed as QEMU reads it (zstd frame, or raw deflate
-/// with a 4 KiB window), when it fits in `dst`.
-fn compress_cluster(t: CompressionType, src: &[u8], dst: &mut [u8]) -> Result<Option<usize>> {
-    Ok(match t {
-        CompressionType::Zstd => {
-            let mut c = zstd::bulk::Compressor::new(3).map_err(|e| KnibError::internal(format!("zstd: {e}")))?;
-            c.include_checksum(false).map_err(|e| KnibError::internal(format!("zstd: {e}")))?;
-            c.compress_to_buffer(src, dst).ok()
-        }
-        CompressionType::Zlib => {
-            let mut d = flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            match d.compress(src, dst, flate2::FlushCompress::Finish) {
-                Ok(flate2::Status::StreamEnd) if d.total_in() as usize == src.len() => Some(d.total_out() as usize),
-                _ => None,
-            }
-        }
-    })
-}
-
 /// [`copy_export`] with compressed clusters.
 #[allow(clippy::too_many_arguments)]
 fn copy_compressed(
@@ -334,6 +315,7 @@ fn copy_compressed(
     let mut out = Layout::new(spec, FileSink::new(file, dest, false), None)?;
     let mut buf = vec![0u8; cs as usize];
     let mut packed = vec![0u8; cs as usize - 1];
+    let mut compressor = crate::qcow2::Compressor::new(t)?;
     let mut data_bytes = 0u64;
     for r in runs {
         if r.kind == RunKind::Zero {
@@ -347,7 +329,7 @@ fn copy_compressed(
             n.pread(&mut buf[..readable as usize], off)?;
             buf[readable as usize..].fill(0);
             data_bytes += readable;
-            match compress_cluster(t, &buf, &mut packed)? {
+            match compressor.compress(&buf, &mut packed) {
                 Some(len) => out.push_compressed(i, &packed[..len])?,
                 None => out.push_data(i, &buf)?,
             }

@@ -236,6 +236,69 @@ impl Drop for DirectWriter {
     }
 }
 
+/// Writes at any offset of a file, around the page cache where the file
+/// system allows it: a second open of the file with O_DIRECT (its own open
+/// file description, so the caller's stays buffered), written through an
+/// aligned bounce buffer per writing thread. A write that is not 4 KiB
+/// aligned, and every write after the file system refuses O_DIRECT, goes
+/// through the buffered file instead. Used for raw outputs, whose clusters
+/// are written at their guest offsets by several I/O threads.
+pub(crate) struct ScatterWriter {
+    direct: Option<File>,
+    refused: std::sync::atomic::AtomicBool,
+}
+
+/// A writing thread's 1 MiB aligned bounce buffer for [`ScatterWriter`].
+pub(crate) struct Bounce(Aligned);
+
+impl Bounce {
+    pub(crate) fn new() -> Bounce {
+        Bounce(Aligned::new())
+    }
+}
+
+impl ScatterWriter {
+    /// Open `path` (already created) again for direct writes; when that
+    /// is not possible (NFS, a file system without O_DIRECT, or `direct`
+    /// false) every write goes buffered.
+    pub(crate) fn open(path: &Path, direct: bool) -> ScatterWriter {
+        let file = direct
+            .then(|| std::fs::OpenOptions::new().write(true).open(path).ok())
+            .flatten()
+            .filter(|f| set_direct(f, true));
+        ScatterWriter { direct: file, refused: std::sync::atomic::AtomicBool::new(false) }
+    }
+
+    /// Write `data` at `pos`: directly when aligned and allowed, else
+    /// through `buffered`.
+    pub(crate) fn write_at(&self, buffered: &File, bounce: &mut Bounce, data: &[u8], pos: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let aligned = data.len().is_multiple_of(ALIGN) && pos.is_multiple_of(ALIGN as u64);
+        match &self.direct {
+            Some(f) if aligned && !self.refused.load(Ordering::Relaxed) => {
+                let mut done = 0;
+                while done < data.len() {
+                    let n = (data.len() - done).min(BUFFER);
+                    let b = &mut bounce.0;
+                    b.len = n;
+                    b.mem[b.start..b.start + n].copy_from_slice(&data[done..done + n]);
+                    match f.write_all_at(b.data(), pos + done as u64) {
+                        Ok(()) => done += n,
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            log::debug!("O_DIRECT write refused: writing buffered");
+                            self.refused.store(true, Ordering::Relaxed);
+                            return buffered.write_all_at(&data[done..], pos + done as u64);
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(())
+            }
+            _ => buffered.write_all_at(data, pos),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -154,6 +154,7 @@ pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
 pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat, MAX_AUTO_THREADS};
+pub(crate) use copy_batch::Compressor;
 pub use copy_read::SourceMode;
 pub use empty::empty_image;
 #[doc(hidden)]

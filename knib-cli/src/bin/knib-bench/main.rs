@@ -142,6 +142,11 @@ fn op(kind: Op, args: &[String]) {
     let a = |i: usize| PathBuf::from(&args[i]);
     let ctl = Control::new();
     let mut opts = CopyOptions { hash: false, ..Default::default() };
+    // For comparing the two ways of writing (not used by the rows):
+    // KNIB_BENCH_BUFFERED=1 writes through the page cache.
+    if std::env::var_os("KNIB_BENCH_BUFFERED").is_some() {
+        opts.direct_io = false;
+    }
     match kind {
         Op::Compress => {
             opts.compression = Some(CompressionType::Zstd);
