@@ -119,6 +119,8 @@
  *                     the backup ended the chain.
  *       isolated?     boolean, default false: As the failed backup's: whether
  *                     it was an isolated full copy.
+ *       method?       "snapshot" | "bitmap", default "snapshot": As the
+ *                     failed backup's: "snapshot" (the default) or "bitmap".
  *       mode?         "discard" | "complete": "discard" (the default, the
  *                     agent's cleanup: the store files are removed and the VM
  *                     put back on `base <- delta`) or "complete" (a backup
@@ -349,7 +351,8 @@
  *       }
  *
  *   agent.take_backup: Snapshot a domain's volumes, copy them to the store,
- *                      merge (CloudStack's TakeKbossBackupCommand).
+ *                      merge (CloudStack's TakeKbossBackupCommand); or, with
+ *                      method bitmap, copy what a checkpoint tracked.
  *     request:
  *       connect?      string or null: The libvirt URI (default
  *                     `qemu:///system`).
@@ -361,6 +364,13 @@
  *                     base alone.
  *       isolated?     boolean, default false: A full copy outside the chain;
  *                     the disks' chains stay as they were.
+ *       method?       "snapshot" | "bitmap", default "snapshot": "snapshot"
+ *                     (the default: KBOSS's external snapshot, copy and
+ *                     merge) or "bitmap" (a running domain only: libvirt
+ *                     checkpoints and a pull-mode backup job; the disks'
+ *                     chains are left as they are, so `delta_path_on_primary`
+ *                     is not created and `merge` and
+ *                     `vm_snapshot_delta_paths` must be absent).
  *       quiesce?      boolean, default false: Freeze the guest's filesystems
  *                     (guest agent) for the snapshot.
  *       running?      boolean or null: Whether the VM runs (absent: asked of
@@ -1433,6 +1443,13 @@
  *                        first).
  *
  *   TakeBackupAnswer: The answer of `agent.take_backup`.
+ *       full_reason?   string or null: Method `bitmap` only, when an
+ *                      incremental backup could not follow its parent's
+ *                      checkpoint (why: the checkpoint or a bitmap is
+ *                      missing, inconsistent or not recording, or a disk is
+ *                      raw): every cluster was copied over the parent, so the
+ *                      file is as large as a full backup but still an exact
+ *                      incremental of its parent.
  *       kind           string: "full", "incremental" or "isolated".
  *       total_size     integer: Bytes of the backup: the sum of the volumes'
  *                      `size`.

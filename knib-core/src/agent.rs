@@ -416,6 +416,8 @@ pub(crate) fn clean_store(
 }
 
 mod answers;
+#[cfg(feature = "libvirt")]
+pub(crate) mod bitmap;
 // Without libvirt, the requests of the operations that need it are read
 // (the dispatcher refuses them) but their fields are not.
 #[cfg(feature = "libvirt")]

@@ -136,7 +136,7 @@ operations! {
     "group.delete" => GroupDelete(group::GroupRef) -> group::GroupDeleteAnswer,
     /// Finish the group backups a crash interrupted (each member recovered).
     "group.recover" => GroupRecover(group::GroupRecoverReq) -> Vec<crate::catalog::group::GroupRecord>,
-    /// Snapshot a domain's volumes, copy them to the store, merge (CloudStack's TakeKbossBackupCommand).
+    /// Snapshot a domain's volumes, copy them to the store, merge (CloudStack's TakeKbossBackupCommand); or, with method bitmap, copy what a checkpoint tracked.
     "agent.take_backup" => TakeBackup(agent::TakeReq) -> agent::TakeBackupAnswer,
     /// Discard a failed agent.take_backup (store files removed, VM back on base <- delta), or with mode "complete" finish it when it is stored, given its request.
     "agent.cleanup_vm_backup" => CleanupVmBackup(agent::CleanupReq) -> agent::CleanupVmBackupAnswer,

@@ -20,13 +20,20 @@ pub struct TakeBackupAnswer {
     pub volumes: Vec<TakenVolume>,
     /// Bytes of the backup: the sum of the volumes' `size`.
     pub total_size: u64,
+    /// Method `bitmap` only, when an incremental backup could not follow
+    /// its parent's checkpoint (why: the checkpoint or a bitmap is
+    /// missing, inconsistent or not recording, or a disk is raw): every
+    /// cluster was copied over the parent, so the file is as large as a
+    /// full backup but still an exact incremental of its parent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_reason: Option<String>,
 }
 
 impl TakeBackupAnswer {
     /// The answer of these volumes, `total_size` their sum.
     pub(crate) fn new(kind: &str, volumes: Vec<TakenVolume>) -> Self {
         let total_size = volumes.iter().map(|v| v.size).sum();
-        TakeBackupAnswer { kind: kind.to_string(), vm_consistent: true, volumes, total_size }
+        TakeBackupAnswer { kind: kind.to_string(), vm_consistent: true, volumes, total_size, full_reason: None }
     }
 }
 

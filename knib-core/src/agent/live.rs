@@ -231,6 +231,9 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
 
 /// `agent.take_backup`.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
+    if r.method == engine::BackupMethod::Bitmap {
+        return super::bitmap::take_backup(op, r, ctl);
+    }
     let q = QemuImg::new();
     // Until the snapshot, nothing has changed: the VM is consistent.
     let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
@@ -261,6 +264,9 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
+    if r.method == engine::BackupMethod::Bitmap {
+        return super::bitmap::cleanup_vm_backup(op, r, mode);
+    }
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
     let plan = plan(op, &q, &vm, r, Mode::Cleanup, ctl)?;

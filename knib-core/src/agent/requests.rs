@@ -108,6 +108,13 @@ pub(crate) struct TakeReq {
     /// The time budget in seconds (the command's `wait`); 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// "snapshot" (the default: KBOSS's external snapshot, copy and merge)
+    /// or "bitmap" (a running domain only: libvirt checkpoints and a
+    /// pull-mode backup job; the disks' chains are left as they are, so
+    /// `delta_path_on_primary` is not created and `merge` and
+    /// `vm_snapshot_delta_paths` must be absent).
+    #[serde(default)]
+    pub method: engine::BackupMethod,
 }
 
 /// What `agent.cleanup_vm_backup` does with a failed backup.
@@ -169,14 +176,27 @@ pub(crate) struct CleanupReq {
     /// (a backup whose every store file is present is finished).
     #[serde(default)]
     pub mode: CleanupMode,
+    /// As the failed backup's: "snapshot" (the default) or "bitmap".
+    #[serde(default)]
+    pub method: engine::BackupMethod,
 }
 
 impl CleanupReq {
     /// The failed backup's request and the mode.
     pub fn into_parts(self) -> (TakeReq, CleanupMode) {
-        let CleanupReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs, mode } =
-            self;
-        (TakeReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs }, mode)
+        let CleanupReq {
+            domain,
+            connect,
+            running,
+            quiesce,
+            end_of_chain,
+            isolated,
+            volumes,
+            timeout_secs,
+            mode,
+            method,
+        } = self;
+        (TakeReq { domain, connect, running, quiesce, end_of_chain, isolated, volumes, timeout_secs, method }, mode)
     }
 }
 

@@ -218,8 +218,19 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
     })
 }
 
+/// Refuse method `bitmap` for a VM without a domain.
+fn refuse_bitmap(op: &str, r: &TakeReq) -> Result<()> {
+    if r.method == engine::BackupMethod::Bitmap {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: method `bitmap` needs a running libvirt domain (field `domain`); a VM without a domain is backed up by method `snapshot`"
+        )));
+    }
+    Ok(())
+}
+
 /// `agent.take_backup` of a VM without a domain.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
+    refuse_bitmap(op, r).map_err(|e| e.with_vm_consistent(true))?;
     let q = QemuImg::new();
     // Until the new deltas exist, nothing has changed.
     let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
@@ -253,6 +264,7 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
+    refuse_bitmap(op, r)?;
     let q = QemuImg::new();
     ensure_unused(&named_files(r), &format!("{op} of a VM without a domain"))?;
     let plan = plan(op, &q, r, false, ctl)?;

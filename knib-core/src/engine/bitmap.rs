@@ -176,8 +176,26 @@ pub fn tracked_since(vm: &Vm, disks: &[DiskInfo]) -> Result<std::result::Result<
             vm.name()
         )));
     };
+    Ok(tracks(vm, disks, id)?.map(|()| id.to_string()))
+}
+
+/// Whether every disk of `disks` carries the dirty bitmap of backup
+/// `id`'s checkpoint, recording and consistent (so it holds every write
+/// since that backup's instant); otherwise why not.
+pub fn tracks(vm: &Vm, disks: &[DiskInfo], id: &str) -> Result<std::result::Result<(), String>> {
     let name = backup::checkpoint_name(id);
+    if !backup::checkpoints(vm)?.contains(&name) {
+        return Ok(Err(format!("domain {} has no checkpoint {name}", vm.name())));
+    }
     for d in disks {
+        if d.format != "qcow2" {
+            return Ok(Err(format!(
+                "disk {} of domain {} is {}: libvirt keeps checkpoints of qcow2 disks only",
+                d.target,
+                vm.name(),
+                d.format
+            )));
+        }
         let bitmaps = backup::bitmaps_of(vm, &d.file)?;
         let Some(b) = bitmaps.iter().find(|b| b.name == name) else {
             return Ok(Err(format!(
@@ -196,7 +214,7 @@ pub fn tracked_since(vm: &Vm, disks: &[DiskInfo]) -> Result<std::result::Result<
             return Ok(Err(format!("the dirty bitmap {name} of disk {} does not record writes", d.target)));
         }
     }
-    Ok(Ok(id.to_string()))
+    Ok(Ok(()))
 }
 
 /// The uid and gid the domain's QEMU runs as (from its pid file), if known.

@@ -11,7 +11,10 @@
 //!   it). Reading more than was changed is harmless; reading less never
 //!   happens: a missing bitmap context is an error, not an empty bitmap.
 //! - A full copy holds every cluster that does not read as zeros all
-//!   through; the others read as zeros without a backing file.
+//!   through; the others read as zeros without a backing file. A full
+//!   copy over a parent (a backing file, when no bitmap can say what
+//!   changed) holds every cluster: the zero ones as zero clusters, so
+//!   nothing of the parent is seen through it.
 //! - The selection is made before any data is read (the export is a
 //!   point-in-time view, it does not change), so the output is planned
 //!   first: its header is known in advance, the file is written strictly
@@ -132,8 +135,15 @@ impl Selector {
 }
 
 /// Walk the block status of the whole export: the runs of clusters to copy.
-fn select(n: &mut Nbd, size: u64, dirty_ctx: Option<&str>, ctl: &Control, what: &str) -> Result<Vec<Run>> {
-    let mut sel = Selector::new(CLUSTER_BITS, dirty_ctx.is_some());
+fn select(
+    n: &mut Nbd,
+    size: u64,
+    dirty_ctx: Option<&str>,
+    over_parent: bool,
+    ctl: &Control,
+    what: &str,
+) -> Result<Vec<Run>> {
+    let mut sel = Selector::new(CLUSTER_BITS, dirty_ctx.is_some() || over_parent);
     let mut off = 0;
     while off < size {
         ctl.check(what)?;
@@ -159,7 +169,7 @@ fn select(n: &mut Nbd, size: u64, dirty_ctx: Option<&str>, ctl: &Control, what: 
                     // Past the answer: dirty, to be safe.
                     None => (end, true),
                 },
-                None => (end, !zero),
+                None => (end, !zero || over_parent),
             };
             let seg_end = a_end.min(d_end).min(end);
             if seg_end <= at {
@@ -194,7 +204,8 @@ pub struct ExportCopy {
 /// file `dest`: every cluster that is dirty in the export's bitmap
 /// `bitmap` (incremental), or every cluster that does not read as zeros
 /// (`bitmap` `None`: full). `backing` is the parent backup's file, as the
-/// backing pointer written (relative to `dest`). With `compress`, each
+/// backing pointer written (relative to `dest`); a full copy with one
+/// holds every cluster (the zero ones as zero clusters). With `compress`, each
 /// cluster is stored compressed when that makes it shorter (the header is
 /// then written last and the file hashed by reading it back). On error
 /// `dest` may hold a partial file: the caller removes it.
@@ -222,7 +233,7 @@ pub fn copy_export(
         }
     }
     let size = n.size()?;
-    let runs = select(&mut n, size, dirty_ctx.as_deref(), ctl, &what)?;
+    let runs = select(&mut n, size, dirty_ctx.as_deref(), backing.is_some(), ctl, &what)?;
     let spec = ImageSpec {
         virtual_size: size,
         cluster_bits: CLUSTER_BITS,

@@ -27,6 +27,7 @@ public final class CleanupVmBackup {
      * @param volumes the failed backup's volumes ({@code kbossTOs})
      * @param timeoutSecs the command's time budget in seconds; null for none
      * @param mode {@code "discard"} (null means it too) or {@code "complete"}
+     * @param method as the failed backup's: {@code "snapshot"} (null means it too) or {@code "bitmap"}
      */
     public record Request(
             String domain,
@@ -37,7 +38,8 @@ public final class CleanupVmBackup {
             boolean isolated,
             List<TakeBackup.Volume> volumes,
             Long timeoutSecs,
-            String mode) {
+            String mode,
+            String method) {
         /** Copies {@code volumes} (null: none). */
         public Request {
             volumes = Json.copy(volumes);
@@ -49,17 +51,19 @@ public final class CleanupVmBackup {
          */
         public static Request of(TakeBackup.Request failed) {
             return new Request(failed.domain(), failed.connect(), failed.running(), failed.quiesce(),
-                    failed.endOfChain(), failed.isolated(), failed.volumes(), failed.timeoutSecs(), null);
+                    failed.endOfChain(), failed.isolated(), failed.volumes(), failed.timeoutSecs(), null,
+                    failed.method());
         }
 
         /** @param v the time budget in seconds @return this request with it */
         public Request withTimeoutSecs(Long v) {
-            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, v, mode);
+            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, v, mode, method);
         }
 
         /** @param v {@code "discard"} or {@code "complete"} @return this request with it */
         public Request withMode(String v) {
-            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, timeoutSecs, v);
+            return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, timeoutSecs, v,
+                    method);
         }
     }
 

@@ -414,6 +414,19 @@ public final class Knib implements AutoCloseable {
         return run("sync", request, VaultSync.Report.class);
     }
 
+    /**
+     * Read a VM's settings in a store, and set its backup method when the request gives one
+     * ({@code vm.settings}): {@code "snapshot"} (KBOSS's external snapshot, copy and merge) or {@code "bitmap"}
+     * (libvirt checkpoints; the disks' chains are left alone). The next backup after a change of method is full.
+     *
+     * @param request the store, the VM and the method to set, if any
+     * @return the VM's settings after the request
+     * @throws KnibException on failure (an unknown method is {@link InvalidInputException})
+     */
+    public VmSettings.Settings vmSettings(VmSettings.Request request) throws KnibException {
+        return run("vm.settings", request, VmSettings.Settings.class);
+    }
+
     /** Tests only: the native handle. */
     long handleForTests() {
         return live();

@@ -23,6 +23,10 @@ public final class TakeBackup {
      * @param isolated a full copy outside any chain; the disks are left as they were ({@code isolated})
      * @param volumes one entry per volume ({@code kbossTOs})
      * @param timeoutSecs the command's time budget in seconds ({@code wait}); null for none
+     * @param method {@code "snapshot"} (null means it too: KBOSS's external snapshot, copy and merge) or
+     *     {@code "bitmap"} (a running domain only: libvirt checkpoints and a pull-mode backup job; the disks'
+     *     chains are left as they are, {@code deltaPathOnPrimary} is not created, and no volume may have a
+     *     {@code merge} or VM snapshot deltas)
      */
     public record Request(
             String domain,
@@ -32,7 +36,8 @@ public final class TakeBackup {
             boolean endOfChain,
             boolean isolated,
             List<Volume> volumes,
-            Long timeoutSecs) {
+            Long timeoutSecs,
+            String method) {
         /** Copies {@code volumes} (null: none). */
         public Request {
             volumes = Json.copy(volumes);
@@ -53,6 +58,7 @@ public final class TakeBackup {
             private boolean isolated;
             private final List<Volume> volumes = new ArrayList<>();
             private Long timeoutSecs;
+            private String method;
 
             private Builder() {}
 
@@ -82,10 +88,13 @@ public final class TakeBackup {
 
             /** @param v {@link Request#timeoutSecs()} @return this builder */
             public Builder timeoutSecs(Long v) { timeoutSecs = v; return this; }
+            /** @param v {@link Request#method()}: {@code "snapshot"} or {@code "bitmap"} @return this builder */
+            public Builder method(String v) { method = v; return this; }
 
             /** @return the request */
             public Request build() {
-                return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, timeoutSecs);
+                return new Request(domain, connect, running, quiesce, endOfChain, isolated, volumes, timeoutSecs,
+                        method);
             }
         }
     }
@@ -171,12 +180,14 @@ public final class TakeBackup {
         private final boolean vmConsistent;
         private final List<VolumeResult> volumes;
         private final long totalSize;
+        private final String fullReason;
 
         private Answer() {
             kind = null;
             vmConsistent = false;
             volumes = null;
             totalSize = 0;
+            fullReason = null;
         }
 
         /** @return "full", "incremental" or "isolated" */
@@ -190,6 +201,13 @@ public final class TakeBackup {
 
         /** @return bytes of the backup: the sum of the volumes' {@link VolumeResult#size()} */
         public long totalSize() { return totalSize; }
+
+        /**
+         * @return method {@code "bitmap"} only, null otherwise: why an incremental backup could not follow its
+         *     parent's checkpoint and copied every cluster over the parent (still an exact incremental, as large
+         *     as a full backup)
+         */
+        public String fullReason() { return fullReason; }
 
         /** @return {@code mapVolumeUuidToNewVolumePath}: each volume's uuid and the file it runs on now */
         public Map<String, String> newVolumePaths() {

@@ -59,7 +59,7 @@ class ApiShapeTest {
             }
         }
         assertTrue(problems.isEmpty(), String.join("\n", problems));
-        assertEquals(21, requests, "one request type per operation of the facade");
+        assertEquals(22, requests, "one request type per operation of the facade");
     }
 
     @Test
