@@ -216,9 +216,21 @@ fn a_missing_checkpoint_or_bitmap_makes_the_next_backup_full_and_says_why() {
     for (t, f) in restore_all(&store, &b4.id, dir.path()) {
         model.assert_restored(&t, model.writes.len(), &f, dir.path());
     }
-    // Deleting the head: the next backup is full, and its checkpoint is
-    // the only one left.
+    // Deleting the head deletes its checkpoint: the next backup is full,
+    // and its checkpoint is the only one left.
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b4.id)]);
     store.delete(&b4.id).unwrap();
+    assert!(knib_checkpoints(&vm).is_empty(), "{:?}", knib_checkpoints(&vm));
+    for d in vm.disks() {
+        assert!(
+            !knib_core::libvirt::backup::bitmaps_of(&vm.vm, &d.file)
+                .unwrap()
+                .iter()
+                .any(|b| b.name.starts_with("knib-")),
+            "no bitmap of a deleted backup is left on {}",
+            d.target
+        );
+    }
     let b5 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
     assert_eq!(b5.kind, BackupKind::Full, "{:?}", b5.full_reason);
     assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b5.id)]);

@@ -7,6 +7,11 @@
 //! - Deleting the head makes the next backup a full one.
 //! - A delete takes the VM's lock and is refused while a job of the backup
 //!   runs.
+//! - The deleted backup's libvirt checkpoint (`knib-<id>`, left by a
+//!   backup by bitmap that was its chain's head) is deleted with it, when
+//!   a domain of the VM's name has it on the local hypervisor
+//!   (`qemu:///system`): no bitmap is left behind for a backup that is gone.
+//!   The next backup of the VM is then full.
 
 use std::fs;
 
@@ -40,6 +45,7 @@ impl Store {
             .find(|x| x.id == id && !x.removed)
             .cloned()
             .ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist")))?;
+        let vm = m.vm.clone();
         let mut outcome = DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new() };
         let mut state = self.load_state(&m.vm)?;
         let children = |x: &str, gone: &[String]| {
@@ -74,6 +80,7 @@ impl Store {
                 }
             }
         }
+        drop_checkpoint(&vm, id);
         Ok(outcome)
     }
 
@@ -86,3 +93,33 @@ impl Store {
         fs::remove_dir_all(&trash).map_err(|e| KnibError::io("cannot remove", &trash, e))
     }
 }
+
+/// Delete checkpoint `knib-<id>` of domain `vm`, when there is such a
+/// domain and it has one; a failure is logged (the backup is deleted
+/// either way, and the next bitmap backup, full, deletes a stale
+/// checkpoint itself).
+#[cfg(feature = "libvirt")]
+fn drop_checkpoint(vm: &str, id: &str) {
+    use crate::libvirt::backup::{checkpoint_name, checkpoints};
+    let name = checkpoint_name(id);
+    let Ok(dom) = crate::libvirt::domain(None, vm) else { return };
+    let has = match checkpoints(&dom) {
+        Ok(c) => c.contains(&name),
+        Err(e) => {
+            log::warn!("delete of backup {id}: cannot list the checkpoints of domain {vm}: {e}");
+            return;
+        }
+    };
+    if !has {
+        return;
+    }
+    match crate::engine::bitmap::delete_checkpoint(&dom, &name) {
+        Ok(_) => log::info!("delete of backup {id}: deleted checkpoint {name} of domain {vm}"),
+        Err(e) => log::warn!(
+            "delete of backup {id}: checkpoint {name} of domain {vm} is left ({e}); the next backup of {vm} is full and deletes it"
+        ),
+    }
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn drop_checkpoint(_vm: &str, _id: &str) {}

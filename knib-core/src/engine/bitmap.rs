@@ -315,22 +315,9 @@ pub fn prune_checkpoints(vm: &Vm, keep: Option<&str>) -> Result<Vec<String>> {
         if Some(n.as_str()) == keep {
             continue;
         }
-        match backup::delete_checkpoint(vm, &n, false) {
-            Ok(true) => {
-                log::info!("domain {}: deleted checkpoint {n}", vm.name());
-                gone.push(n);
-            }
-            Ok(false) => {}
-            // libvirt cannot merge a bitmap that is gone or broken: the
-            // record goes alone, then what is left of its bitmaps.
-            Err(e) => {
-                log::warn!("{e}: deleting the checkpoint's record and removing its remaining bitmaps");
-                if backup::delete_checkpoint(vm, &n, true)? {
-                    let left = backup::remove_bitmaps_named(vm, &n)?;
-                    log::info!("domain {}: deleted checkpoint {n} (record; {left} bitmaps removed)", vm.name());
-                    gone.push(n);
-                }
-            }
+        if prune_one(vm, &n)? {
+            log::info!("domain {}: deleted checkpoint {n}", vm.name());
+            gone.push(n);
         }
     }
     Ok(gone)
@@ -461,40 +448,65 @@ pub fn recover(vm: &Vm, plan: &BitmapPlan, published: bool) -> Result<Vec<String
     Ok(done)
 }
 
-/// Delete every knib checkpoint of the domain, running or stopped: a
-/// backup by the snapshot method changes the disks' chains under them.
-/// For a stopped domain whose images libvirt cannot edit, the checkpoint's
-/// metadata goes and its bitmaps are removed from the disks' files with
-/// `qemu-img bitmap --remove`.
-pub fn prune_stale_checkpoints(vm: &Vm) -> Result<Vec<String>> {
-    let mine: Vec<String> =
-        backup::checkpoints(vm)?.into_iter().filter(|n| backup::checkpoint_backup_id(n).is_some()).collect();
-    if mine.is_empty() {
-        return Ok(Vec::new());
-    }
+/// Delete knib checkpoint `name` of the domain, running or stopped;
+/// whether it was there. For a stopped domain whose images libvirt cannot
+/// edit, the checkpoint's metadata goes and its bitmaps are removed from
+/// the disks' files with `qemu-img bitmap --remove`.
+pub fn delete_checkpoint(vm: &Vm, name: &str) -> Result<bool> {
     if vm.is_running()? {
-        return prune_checkpoints(vm, None);
+        return Ok(prune_one(vm, name)?);
     }
-    let disks = vm.disks()?;
-    let mut gone = Vec::new();
-    for n in mine {
-        if let Err(e) = backup::delete_checkpoint(vm, &n, false) {
+    match backup::delete_checkpoint(vm, name, false) {
+        Ok(there) => Ok(there),
+        Err(e) => {
             log::warn!("{e}: deleting its metadata and removing its bitmaps from the disks' files");
-            backup::delete_checkpoint(vm, &n, true)?;
-            for d in disks.iter().filter(|d| d.format == "qcow2") {
+            let there = backup::delete_checkpoint(vm, name, true)?;
+            for d in vm.disks()?.iter().filter(|d| d.format == "qcow2") {
                 let r = crate::process::Invocation::new(
                     std::env::var_os("KNIB_QEMU_IMG").unwrap_or_else(|| "qemu-img".into()),
                 )
                 .args(["bitmap", "--remove"])
                 .arg(d.file.as_os_str())
-                .arg(&n)
+                .arg(name)
                 .run(&Control::new());
                 if let Ok(f) = r {
-                    log::debug!("qemu-img bitmap --remove {n} on {}: {:?}", d.file.display(), f);
+                    log::debug!("qemu-img bitmap --remove {name} on {}: {:?}", d.file.display(), f);
                 }
             }
+            Ok(there)
         }
-        gone.push(n);
+    }
+}
+
+/// Delete checkpoint `name` of a running domain (libvirt merges its
+/// bitmaps into the checkpoint before it); when libvirt cannot (a bitmap
+/// gone or broken), its record goes alone, then what is left of its
+/// bitmaps. Whether it was there.
+fn prune_one(vm: &Vm, n: &str) -> Result<bool> {
+    match backup::delete_checkpoint(vm, n, false) {
+        Ok(there) => Ok(there),
+        Err(e) => {
+            log::warn!("{e}: deleting the checkpoint's record and removing its remaining bitmaps");
+            let there = backup::delete_checkpoint(vm, n, true)?;
+            if there {
+                let left = backup::remove_bitmaps_named(vm, n)?;
+                log::info!("domain {}: deleted checkpoint {n} (record; {left} bitmaps removed)", vm.name());
+            }
+            Ok(there)
+        }
+    }
+}
+
+/// Delete every knib checkpoint of the domain, running or stopped: a
+/// backup by the snapshot method changes the disks' chains under them.
+pub fn prune_stale_checkpoints(vm: &Vm) -> Result<Vec<String>> {
+    let mine: Vec<String> =
+        backup::checkpoints(vm)?.into_iter().filter(|n| backup::checkpoint_backup_id(n).is_some()).collect();
+    let mut gone = Vec::new();
+    for n in mine {
+        if delete_checkpoint(vm, &n)? {
+            gone.push(n);
+        }
     }
     Ok(gone)
 }
