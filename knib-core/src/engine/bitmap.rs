@@ -454,7 +454,7 @@ pub fn recover(vm: &Vm, plan: &BitmapPlan, published: bool) -> Result<Vec<String
 /// the disks' files with `qemu-img bitmap --remove`.
 pub fn delete_checkpoint(vm: &Vm, name: &str) -> Result<bool> {
     if vm.is_running()? {
-        return Ok(prune_one(vm, name)?);
+        return prune_one(vm, name);
     }
     match backup::delete_checkpoint(vm, name, false) {
         Ok(there) => Ok(there),
