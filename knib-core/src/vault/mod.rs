@@ -68,6 +68,7 @@
 
 mod config;
 mod delete;
+mod direct;
 mod object;
 mod read;
 mod sync;
@@ -85,6 +86,7 @@ use crate::catalog::Manifest;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::names;
 
+pub use direct::VaultSink;
 pub use object::RemoteObject;
 pub use read::{VaultRestore, VaultVerify};
 pub use sync::{SyncOptions, SyncReport};

@@ -69,13 +69,13 @@ pub struct SyncReport {
 /// The record of an upload in progress.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UploadRecord {
-    key: String,
-    upload_id: String,
+pub(super) struct UploadRecord {
+    pub(super) key: String,
+    pub(super) upload_id: String,
 }
 
 /// S3's least part size (but the last).
-const MIN_PART: usize = 5 << 20;
+pub(super) const MIN_PART: usize = 5 << 20;
 
 impl Vault {
     /// Send every backup of `store` (or of one VM) that the vault lacks.
@@ -108,6 +108,7 @@ impl Vault {
         }
         let _lock = store.lock_vm(vm, &format!("sync of {vm} to vault {}", self.location()))?;
         report.aborted_uploads += self.abort_recorded(vm)?;
+        self.remove_unfinished(vm)?;
         let local = store.manifests(vm)?;
         let have = self.ids(vm)?;
         // What to send: every live backup the vault lacks, and the
@@ -147,7 +148,7 @@ impl Vault {
 
     /// Abort every upload recorded for `vm` (left by a sync that stopped),
     /// and remove the records.
-    fn abort_recorded(&self, vm: &str) -> Result<usize> {
+    pub(super) fn abort_recorded(&self, vm: &str) -> Result<usize> {
         let prefix = self.key(&format!("uploads/{vm}"));
         let s3 = Arc::clone(&self.inner.s3);
         let p = prefix.clone();
