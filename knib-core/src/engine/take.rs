@@ -325,7 +325,7 @@ fn take_backup_to(
     q: &QemuImg,
     req: &TakeBackupRequest,
     ctl: &Control,
-    mut copy_to: Option<&mut CopyTo<'_>>,
+    copy_to: Option<&mut CopyTo<'_>>,
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<TakeBackupAnswer> {
     if req.volumes.is_empty() {
@@ -378,7 +378,7 @@ fn take_backup_to(
             let states = &states;
             scope.spawn(move || merge_into_bases(q, req, states, &mctl))
         });
-        let copy = match copy_to.as_deref_mut() {
+        let copy = match copy_to {
             Some(to) => copy_volumes_to(req, &states, ctl, to, publish),
             None => copy_volumes(q, req, &states, ctl, &mut written, publish),
         };

@@ -323,7 +323,7 @@ impl Drop for VaultSink {
 }
 
 fn check_part_size(part_size: usize) -> Result<()> {
-    if part_size < MIN_PART || part_size > (512 << 20) {
+    if !(MIN_PART..=(512 << 20)).contains(&part_size) {
         return Err(KnibError::invalid(format!("part size {part_size} is not between 5 MiB and 512 MiB")));
     }
     Ok(())
@@ -433,8 +433,10 @@ impl Vault {
         ctl: &Control,
     ) -> Result<CopiedTo> {
         let sink = VaultSink::new(self, rel, record, send, copy.compression.is_none())?;
+        // The send's rate limit, as a limit on what the copy reads.
+        let copy = crate::qcow2::CopyOptions { rate_limit_mbps: send.rate_limit_mbps, ..copy.clone() };
         crate::crashpoint::durable_step(&format!("copy of {} to the vault", disk.display()));
-        let mut done = crate::qcow2::copy_image_to_sink(disk, sink, copy, ctl, &mut |_| Ok(()))?;
+        let mut done = crate::qcow2::copy_image_to_sink(disk, sink, &copy, ctl, &mut |_| Ok(()))?;
         if let Some(h) = &done.header {
             done.sink.patch(0, h)?;
         }

@@ -27,6 +27,10 @@
 //!   sends the backup again. (A process killed between starting an upload
 //!   and recording it leaves one incomplete upload unrecorded: a bucket
 //!   lifecycle rule `AbortIncompleteMultipartUpload` is the backstop.)
+//!   A backup written straight to the vault ([`Vault::backup_direct`],
+//!   module `direct`) records its uploads the same way; a sync or direct
+//!   backup of a VM also removes the objects of its backups that have no
+//!   manifest (left by a direct backup that was killed).
 //! - Every object's xxh3-128 is in its manifest (taken from the bytes sent
 //!   and compared with the hash the local store recorded, if any): verify
 //!   reads every object and compares; restore compares the hash of each

@@ -9,8 +9,9 @@
 //!   are read in order and sent [`SyncOptions::parallel_parts`] at a time
 //!   (memory: at most that many parts), and the record is removed once the
 //!   upload is completed or aborted. A sync first aborts every recorded
-//!   upload of the VMs it sends (left by a sync that was killed) and sends
-//!   those backups again.
+//!   upload of the VMs it sends (left by a sync that was killed), removes
+//!   the objects of their backups that have no manifest (left by a direct
+//!   backup that was killed) and sends those backups again.
 //! - The bytes sent are hashed as they are read; a file whose recorded
 //!   hash (from the backup, or a verify) differs is not sent: the local
 //!   copy changed since it was written, and that is a `corrupt` error.
