@@ -133,7 +133,7 @@ pub fn backup(
     }
     let store = knib_core::catalog::Store::create(store)?;
     let v = Vault::open(to)?;
-    let m = v.backup_direct(&store, vm, disks, opts, &knib_core::vault::SyncOptions::default(), ctl)?;
+    let m = v.backup_direct(&store, vm, disks, opts, &knib_core::vault::SyncOptions::direct(), ctl)?;
     output::clear_progress();
     print_backup(&v, &m, json);
     Ok(())

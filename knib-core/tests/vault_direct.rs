@@ -195,3 +195,39 @@ fn the_sink_holds_at_most_its_bound_and_sends_every_byte_in_order() {
     assert_eq!(&got[10..16], b"HEADER");
     assert_eq!(got.len(), 70_000);
 }
+
+#[test]
+fn the_json_backup_writes_straight_to_a_vault() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("direct-json");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    qemu_io(vm.path("data"), "write -P 0x41 0 9M");
+    let refs = vm.snapshot_all("b0");
+    let loc = p.location();
+    let call = |req: serde_json::Value| knib_core::api::call("backup", &req.to_string(), &ctl());
+    let disks = serde_json::to_value(&vm.disks).unwrap();
+    let out = call(serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": loc})).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(b["kind"], "full");
+    let id = b["id"].as_str().unwrap();
+    let file = b["volumes"][0]["file"].as_str().unwrap();
+    assert!(file.starts_with(&format!("{loc}/vms/vm1/{id}/")), "{file}");
+    // In the vault, not in the store.
+    assert!(Store::open(sdir.path()).unwrap().list(None).unwrap().is_empty());
+    let w = tempfile::tempdir().unwrap();
+    let to = w.path().join("data.raw");
+    Vault::open(&loc).unwrap().restore(id, "data", &to, ImageFormat::Raw, true, &ctl()).unwrap();
+    assert_identical(&to, &refs["data"]);
+    // A bad `vault`, or one with a domain, names the field.
+    for req in [
+        serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": "/tmp/x"}),
+        serde_json::json!({"store": sdir.path(), "domain": "d1", "vault": loc}),
+    ] {
+        let e = call(req).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains("field `vault`"), "{e}");
+    }
+}

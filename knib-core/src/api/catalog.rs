@@ -418,7 +418,7 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
             )));
         };
         let vault = Vault::open(to)?;
-        let m = vault.backup_direct(&store, vm, &r.disks, &opts, &SyncOptions::default(), ctl)?;
+        let m = vault.backup_direct(&store, vm, &r.disks, &opts, &SyncOptions::direct(), ctl)?;
         return Ok(BackupView::in_vault(&vault, &m));
     }
     let m = match (&r.vm, &r.domain) {

@@ -54,6 +54,16 @@ impl Default for SyncOptions {
     }
 }
 
+impl SyncOptions {
+    /// The default of a backup written straight to the vault: parts of
+    /// 6 MiB, 3 filled or in flight, so that its upload holds at most
+    /// 24 MiB ([`super::VaultSink::bound`]) beside the copy's own memory,
+    /// and the whole process stays under the 64 MiB peak of a backup.
+    pub fn direct() -> Self {
+        SyncOptions { part_size: 6 << 20, parallel_parts: 3, ..Default::default() }
+    }
+}
+
 /// What a sync did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SyncReport {
