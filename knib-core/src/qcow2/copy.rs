@@ -202,9 +202,8 @@ pub fn copy_image(
 
 /// What a copy to a sink leaves to its caller.
 pub struct SinkCopy<S: Sink> {
-    /// What the copy did; `file_len` is the bytes appended, `hash` their
-    /// xxh3-128 when asked for and the image is plain (a compressed
-    /// image's header is only known at the end: see `header`).
+    /// What the copy did; `file_len` is the bytes appended; `hash` is
+    /// `None` (the sink hashes what it is given, if it hashes).
     pub report: CopyReport,
     /// The sink, every byte appended.
     pub sink: S,
