@@ -223,7 +223,7 @@ fn the_json_backup_writes_straight_to_a_vault() {
     assert_identical(&to, &refs["data"]);
     // A bad `vault`, or one with a domain, names the field.
     for req in [
-        serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": "/tmp/x"}),
+        serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": "backups/x"}),
         serde_json::json!({"store": sdir.path(), "domain": "d1", "vault": loc}),
     ] {
         let e = call(req).unwrap_err();
