@@ -550,6 +550,10 @@
  *       store         string: The store directory (made when missing).
  *       timeout_secs? integer or null: The time budget in seconds; 0 or
  *                     absent = none.
+ *       vault?        string or null: With `vm` and `disks`: write the backup
+ *                     straight to this vault (`s3://bucket/prefix`) as it is
+ *                     copied, instead of into the store (which keeps the VM's
+ *                     lock and settings); the chain continued is the vault's.
  *       vm?           string or null: The VM's name, with `disks`.
  *     answer: BackupView
  *     example request:

@@ -92,6 +92,11 @@ enum Command {
         /// (checkpoints and dirty bitmaps of a running domain).
         #[arg(long, value_enum, requires = "domain")]
         method: Option<Method>,
+        /// Write the backup straight to this vault (s3://BUCKET/PREFIX) as
+        /// it is copied, instead of into the store (which keeps the VM's
+        /// lock and settings); the chain continued is the vault's.
+        #[arg(long, value_name = "S3_URL", conflicts_with = "domain")]
+        vault: Option<String>,
     },
     /// Show or set a VM's settings (its backup method).
     VmSettings {
@@ -333,9 +338,25 @@ fn run(cli: Cli) -> Result<()> {
     let connect = cli.connect;
     let ctl = output::control();
     match cli.command {
-        Command::Backup { store, vm, disks, domain, quiesce, full, isolated, chain_size, compress, method } => {
+        Command::Backup {
+            store,
+            vm,
+            disks,
+            domain,
+            quiesce,
+            full,
+            isolated,
+            chain_size,
+            compress,
+            method,
+            vault: to,
+        } => {
             let compress = compress.map(CompressionLibrary::from);
             let opts = BackupOptions { full, isolated, chain_size, compress, method: method.map(BackupMethod::from) };
+            if let (Some(to), Some(vm)) = (&to, &vm) {
+                let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
+                return vault::backup(&store, to, vm, &disks, &opts, json, &ctl);
+            }
             let m = match (vm, domain) {
                 (Some(vm), None) => {
                     let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;

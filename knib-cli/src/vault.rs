@@ -118,6 +118,27 @@ pub fn delete(loc: &str, id: &str, json: bool) -> Result<()> {
 }
 
 /// `knib sync`.
+/// `knib backup --vault`: a backup of plain disks written straight to the vault.
+pub fn backup(
+    store: &Path,
+    to: &str,
+    vm: &str,
+    disks: &[knib_core::catalog::DiskSpec],
+    opts: &knib_core::catalog::BackupOptions,
+    json: bool,
+    ctl: &Control,
+) -> Result<()> {
+    if location(Path::new(to)).is_none() {
+        return Err(KnibError::invalid(format!("--vault {to:?} is not a vault (s3://BUCKET/PREFIX)")));
+    }
+    let store = knib_core::catalog::Store::create(store)?;
+    let v = Vault::open(to)?;
+    let m = v.backup_direct(&store, vm, disks, opts, &knib_core::vault::SyncOptions::direct(), ctl)?;
+    output::clear_progress();
+    print_backup(&v, &m, json);
+    Ok(())
+}
+
 pub fn sync(
     store: &Path,
     to: &str,

@@ -82,6 +82,12 @@ pub(crate) struct BackupReq {
     /// setting (`vm.settings`), `snapshot` by default.
     #[serde(default)]
     method: Option<crate::engine::BackupMethod>,
+    /// With `vm` and `disks`: write the backup straight to this vault
+    /// (`s3://bucket/prefix`) as it is copied, instead of into the store
+    /// (which keeps the VM's lock and settings); the chain continued is
+    /// the vault's.
+    #[serde(default)]
+    vault: Option<String>,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     timeout_secs: Option<u64>,
@@ -400,6 +406,21 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
         method: r.method,
     };
     let store = Store::create(&r.store)?;
+    if let Some(to) = &r.vault {
+        if !crate::vault::is_vault(to) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: field `vault`: {to:?} is not s3://BUCKET/PREFIX"
+            )));
+        }
+        let Some(vm) = r.vm.as_deref().filter(|_| r.domain.is_none()) else {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: field `vault` goes with `vm` and `disks` (a domain's backup is taken into the store and synced)"
+            )));
+        };
+        let vault = Vault::open(to)?;
+        let m = vault.backup_direct(&store, vm, &r.disks, &opts, &SyncOptions::direct(), ctl)?;
+        return Ok(BackupView::in_vault(&vault, &m));
+    }
     let m = match (&r.vm, &r.domain) {
         (Some(vm), None) => store.backup(vm, &r.disks, &opts, ctl)?,
         (None, Some(d)) => {

@@ -72,6 +72,60 @@ pub(crate) fn compressed_as_copied(vols: &[engine::VolumeResult]) -> Option<Comp
     })
 }
 
+/// Check a plain-disk backup's VM name and disks before anything is
+/// written: (volume name, disk path, whether it runs on its knib base).
+pub(crate) fn check_disks(
+    q: &crate::qemu_img::QemuImg,
+    vm: &str,
+    disks: &[DiskSpec],
+    ctl: &Control,
+) -> Result<Vec<(String, PathBuf, bool)>> {
+    names::validate("VM name", vm)?;
+    if disks.is_empty() {
+        return Err(KnibError::invalid("a backup needs at least one --disk NAME=PATH"));
+    }
+    for (i, d) in disks.iter().enumerate() {
+        names::validate("volume name", &d.name)?;
+        if disks[..i].iter().any(|o| o.name == d.name) {
+            return Err(KnibError::invalid(format!("volume name {:?} is given twice", d.name)));
+        }
+    }
+    // Check every disk before anything is written to the store. A disk
+    // whose file is missing beside its base was interrupted while it got
+    // that base; the engine finishes that, and it then runs on the base.
+    let mut on_base = Vec::new();
+    for d in disks {
+        if d.path.exists() {
+            let st = engine::take::inspect_disk(q, &d.name, &d.path, ctl)?;
+            on_base.push((d.name.clone(), d.path.clone(), st.on_knib_base));
+        } else if engine::take::base_path(&d.path).exists() {
+            on_base.push((d.name.clone(), d.path.clone(), true));
+        } else {
+            return Err(KnibError::not_found(format!("disk {}: {} does not exist", d.name, d.path.display())));
+        }
+    }
+    Ok(on_base)
+}
+
+/// The manifest's entries of a plain-disk backup's volumes as copied.
+pub(crate) fn volume_entries(
+    vols: &[engine::VolumeResult],
+    disks: &[DiskSpec],
+    parent: Option<&Manifest>,
+) -> Vec<VolumeEntry> {
+    vols.iter()
+        .map(|v| VolumeEntry {
+            name: v.name.clone(),
+            file: format!("{}.qcow2", v.name),
+            virtual_size: v.virtual_size,
+            size: v.size,
+            source: disks.iter().find(|d| d.name == v.name).map(|d| d.path.display().to_string()).unwrap_or_default(),
+            backing: parent.map(|p| super::manifest::parent_file_ref(p, &v.name)),
+            hash: v.hash.clone(),
+        })
+        .collect()
+}
+
 impl Store {
     /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM).
     /// Full or incremental is decided from the chain and `opts`.
@@ -92,31 +146,8 @@ impl Store {
         before_publish: &mut dyn FnMut() -> Result<()>,
         ctl: &Control,
     ) -> Result<Manifest> {
-        names::validate("VM name", vm)?;
-        if disks.is_empty() {
-            return Err(KnibError::invalid("a backup needs at least one --disk NAME=PATH"));
-        }
-        for (i, d) in disks.iter().enumerate() {
-            names::validate("volume name", &d.name)?;
-            if disks[..i].iter().any(|o| o.name == d.name) {
-                return Err(KnibError::invalid(format!("volume name {:?} is given twice", d.name)));
-            }
-        }
         let q = &self.qemu_img;
-        // Check every disk before anything is written to the store. A disk
-        // whose file is missing beside its base was interrupted while it got
-        // that base; the engine finishes that, and it then runs on the base.
-        let mut on_base = Vec::new();
-        for d in disks {
-            if d.path.exists() {
-                let st = engine::take::inspect_disk(q, &d.name, &d.path, ctl)?;
-                on_base.push((d.name.clone(), d.path.clone(), st.on_knib_base));
-            } else if engine::take::base_path(&d.path).exists() {
-                on_base.push((d.name.clone(), d.path.clone(), true));
-            } else {
-                return Err(KnibError::not_found(format!("disk {}: {} does not exist", d.name, d.path.display())));
-            }
-        }
+        let on_base = check_disks(q, vm, disks, ctl)?;
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
 
         let sources: Vec<(String, PathBuf)> = disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
@@ -153,22 +184,7 @@ impl Store {
         manifest.full_reason = full_reason;
         let final_dir = self.vm_dir(vm).join(&id);
         let result = engine::take::take_backup_with(q, &req, ctl, &mut |vols| {
-            manifest.volumes = vols
-                .iter()
-                .map(|v| VolumeEntry {
-                    name: v.name.clone(),
-                    file: format!("{}.qcow2", v.name),
-                    virtual_size: v.virtual_size,
-                    size: v.size,
-                    source: disks
-                        .iter()
-                        .find(|d| d.name == v.name)
-                        .map(|d| d.path.display().to_string())
-                        .unwrap_or_default(),
-                    backing: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &v.name)),
-                    hash: v.hash.clone(),
-                })
-                .collect();
+            manifest.volumes = volume_entries(vols, disks, parent.as_ref());
             manifest.compression = compressed_as_copied(vols);
             before_publish()?;
             self.publish(&manifest, &part)?;

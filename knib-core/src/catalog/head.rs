@@ -88,112 +88,136 @@ impl Store {
         opts: &super::BackupOptions,
         follows: &[(String, Follows)],
     ) -> Result<Decision> {
-        let decision = |kind: BackupKind, parent: Option<Manifest>, full_reason: Option<String>| {
-            let position = parent.as_ref().map(|p: &Manifest| p.position + 1).unwrap_or(1);
-            let end_of_chain =
-                kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
-            if let Some(why) = &full_reason {
-                log::warn!("backup of {vm}: taking a full backup: {why}");
-            }
-            let ends = if end_of_chain { ", which ends its chain" } else { "" };
-            log::info!("backup of {vm}: {} backup at position {position}{ends}", kind.as_str());
-            Decision { kind, parent, position, end_of_chain, full_reason }
-        };
-        if opts.isolated {
-            return Ok(decision(BackupKind::Isolated, None, None));
-        }
-        if opts.full || opts.chain_size == 1 {
-            return Ok(decision(BackupKind::Full, None, None));
-        }
-        let all = self.manifests(vm)?;
-        // No chain to continue, or the newest backup closed it: a full
-        // backup is what is expected.
-        match all.iter().rev().find(|m| !m.removed && m.kind != BackupKind::Isolated) {
-            // Deltas that follow a backup the store cannot show (its
-            // manifest unreadable or gone): full, saying so.
-            None => {
-                let why = follows.iter().find_map(|(disk, f)| match f {
-                    Follows::Backup(id) => Some(format!(
-                        "the delta of disk {disk} follows backup {id}, and {vm} has no readable backup in this store (a manifest that does not parse is skipped)"
-                    )),
-                    _ => None,
-                });
-                return Ok(decision(BackupKind::Full, None, why));
-            }
-            Some(m) if m.end_of_chain => return Ok(decision(BackupKind::Full, None, None)),
-            Some(_) => {}
-        }
-        let full = |why: String| Ok(decision(BackupKind::Full, None, Some(why)));
-        let mut ids: Vec<(&str, &str)> = Vec::new();
-        for (disk, f) in follows {
-            match f {
-                Follows::NoDelta => {
-                    return full(format!("disk {disk} does not run on a delta since a backup"));
-                }
-                Follows::Unknown(why) => {
-                    return full(format!("cannot tell which backup the delta of disk {disk} follows: {why}"));
-                }
-                Follows::Backup(id) => ids.push((disk, id)),
-            }
-        }
-        for (disk, id) in &ids {
-            if !all.iter().any(|m| m.id == *id) {
-                return full(format!(
-                    "the delta of disk {disk} follows backup {id}, which is not a backup of {vm} in this store (deleted, or taken into another store)"
-                ));
-            }
-        }
-        let in_chain = |m: &Manifest, id: &str| {
-            let mut cur = Some(m);
-            for _ in 0..=all.len() {
-                match cur {
-                    Some(c) if c.id == id => return true,
-                    Some(c) => cur = c.parent.as_ref().and_then(|p| all.iter().find(|x| &x.id == p)),
-                    None => return false,
-                }
-            }
-            false
-        };
-        let Some(head) = all
-            .iter()
-            .rev()
-            .find(|m| !m.removed && m.kind != BackupKind::Isolated && ids.iter().all(|(_, id)| in_chain(m, id)))
-            .cloned()
-        else {
-            let list: Vec<String> = ids.iter().map(|(d, id)| format!("disk {d} follows {id}")).collect();
-            return full(format!(
-                "no backup of {vm} continues what the deltas follow ({}): it was deleted",
-                list.join(", ")
-            ));
-        };
-        match self.load_state(vm) {
+        let all = if opts.isolated || opts.full || opts.chain_size == 1 { Vec::new() } else { self.manifests(vm)? };
+        let note_head = |head: &Manifest, follows_id: &str| {
+            match self.load_state(vm) {
             Ok(st) if st.head.as_deref() == Some(head.id.as_str()) => {}
             Ok(st) => log::warn!(
                 "state of {vm} names {} as the chain head, but the disks' deltas follow backup {}: continuing from {} (the state is repaired when this backup is published)",
                 st.head.as_deref().unwrap_or("no backup"),
-                ids.first().map(|(_, id)| *id).unwrap_or(""),
+                follows_id,
                 head.id
             ),
             Err(e) => log::warn!("{e}: the chain head is taken from the disks' deltas ({})", head.id),
         }
-        if head.end_of_chain {
-            return Ok(decision(BackupKind::Full, None, None));
-        }
-        let same_disks = head.volumes.len() == sources.len()
-            && sources.iter().all(|(name, path)| {
-                head.volumes.iter().any(|v| &v.name == name && Path::new(&v.source) == path.as_path())
-            });
-        if !same_disks {
-            return full(format!("the disks are not those of backup {}, the head of the chain", head.id));
-        }
-        if opts.chain_size >= 1 && (head.position as i64) >= opts.chain_size {
-            return Ok(decision(BackupKind::Full, None, None));
-        }
-        for (name, _) in sources {
-            self.chain_files(&head, name).map_err(|e: KnibError| {
-                e.context("the chain to continue is damaged; take a full backup with --full")
-            })?;
-        }
-        Ok(decision(BackupKind::Incremental, Some(head), None))
+        };
+        let check_chain = |head: &Manifest| -> Result<()> {
+            for (name, _) in sources {
+                self.chain_files(head, name).map_err(|e: KnibError| {
+                    e.context("the chain to continue is damaged; take a full backup with --full")
+                })?;
+            }
+            Ok(())
+        };
+        decide_among(vm, &all, "this store", sources, opts, follows, &note_head, &check_chain)
     }
+}
+
+/// [`Store::decide`] among the backups `all` of `vm` (oldest first) kept
+/// in `place` ("this store", or a vault), with `note_head` called with the
+/// head the deltas follow (and the first id they follow) and
+/// `check_chain` with the head an incremental backup would continue.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decide_among(
+    vm: &str,
+    all: &[Manifest],
+    place: &str,
+    sources: &[(String, PathBuf)],
+    opts: &super::BackupOptions,
+    follows: &[(String, Follows)],
+    note_head: &dyn Fn(&Manifest, &str),
+    check_chain: &dyn Fn(&Manifest) -> Result<()>,
+) -> Result<Decision> {
+    let decision = |kind: BackupKind, parent: Option<Manifest>, full_reason: Option<String>| {
+        let position = parent.as_ref().map(|p: &Manifest| p.position + 1).unwrap_or(1);
+        let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
+        if let Some(why) = &full_reason {
+            log::warn!("backup of {vm}: taking a full backup: {why}");
+        }
+        let ends = if end_of_chain { ", which ends its chain" } else { "" };
+        log::info!("backup of {vm}: {} backup at position {position}{ends}", kind.as_str());
+        Decision { kind, parent, position, end_of_chain, full_reason }
+    };
+    if opts.isolated {
+        return Ok(decision(BackupKind::Isolated, None, None));
+    }
+    if opts.full || opts.chain_size == 1 {
+        return Ok(decision(BackupKind::Full, None, None));
+    }
+    // No chain to continue, or the newest backup closed it: a full
+    // backup is what is expected.
+    match all.iter().rev().find(|m| !m.removed && m.kind != BackupKind::Isolated) {
+        // Deltas that follow a backup the store cannot show (its
+        // manifest unreadable or gone): full, saying so.
+        None => {
+            let why = follows.iter().find_map(|(disk, f)| match f {
+                Follows::Backup(id) => Some(format!(
+                    "the delta of disk {disk} follows backup {id}, and {vm} has no readable backup in {place} (a manifest that does not parse is skipped)"
+                )),
+                _ => None,
+            });
+            return Ok(decision(BackupKind::Full, None, why));
+        }
+        Some(m) if m.end_of_chain => return Ok(decision(BackupKind::Full, None, None)),
+        Some(_) => {}
+    }
+    let full = |why: String| Ok(decision(BackupKind::Full, None, Some(why)));
+    let mut ids: Vec<(&str, &str)> = Vec::new();
+    for (disk, f) in follows {
+        match f {
+            Follows::NoDelta => {
+                return full(format!("disk {disk} does not run on a delta since a backup"));
+            }
+            Follows::Unknown(why) => {
+                return full(format!("cannot tell which backup the delta of disk {disk} follows: {why}"));
+            }
+            Follows::Backup(id) => ids.push((disk, id)),
+        }
+    }
+    for (disk, id) in &ids {
+        if !all.iter().any(|m| m.id == *id) {
+            return full(format!(
+                "the delta of disk {disk} follows backup {id}, which is not a backup of {vm} in {place} (deleted, or taken into another store)"
+            ));
+        }
+    }
+    let in_chain = |m: &Manifest, id: &str| {
+        let mut cur = Some(m);
+        for _ in 0..=all.len() {
+            match cur {
+                Some(c) if c.id == id => return true,
+                Some(c) => cur = c.parent.as_ref().and_then(|p| all.iter().find(|x| &x.id == p)),
+                None => return false,
+            }
+        }
+        false
+    };
+    let Some(head) = all
+        .iter()
+        .rev()
+        .find(|m| !m.removed && m.kind != BackupKind::Isolated && ids.iter().all(|(_, id)| in_chain(m, id)))
+        .cloned()
+    else {
+        let list: Vec<String> = ids.iter().map(|(d, id)| format!("disk {d} follows {id}")).collect();
+        return full(format!(
+            "no backup of {vm} continues what the deltas follow ({}): it was deleted",
+            list.join(", ")
+        ));
+    };
+    note_head(&head, ids.first().map(|(_, id)| *id).unwrap_or(""));
+    if head.end_of_chain {
+        return Ok(decision(BackupKind::Full, None, None));
+    }
+    let same_disks = head.volumes.len() == sources.len()
+        && sources
+            .iter()
+            .all(|(name, path)| head.volumes.iter().any(|v| &v.name == name && Path::new(&v.source) == path.as_path()));
+    if !same_disks {
+        return full(format!("the disks are not those of backup {}, the head of the chain", head.id));
+    }
+    if opts.chain_size >= 1 && (head.position as i64) >= opts.chain_size {
+        return Ok(decision(BackupKind::Full, None, None));
+    }
+    check_chain(&head)?;
+    Ok(decision(BackupKind::Incremental, Some(head), None))
 }

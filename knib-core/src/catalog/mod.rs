@@ -50,7 +50,7 @@ mod bitmap;
 pub(crate) mod confine;
 mod delete;
 pub mod group;
-mod head;
+pub(crate) mod head;
 pub mod jobs;
 #[cfg(feature = "libvirt")]
 pub mod journal_check;
@@ -78,7 +78,7 @@ use crate::names;
 use crate::qemu_img::QemuImg;
 
 #[cfg(feature = "libvirt")]
-pub(crate) use backup::compressed_as_copied;
+pub(crate) use backup::{check_disks, compressed_as_copied, volume_entries};
 pub use backup::{BackupOptions, DiskSpec};
 #[cfg(feature = "libvirt")]
 pub use bitmap::BitmapJournal;

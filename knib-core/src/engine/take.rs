@@ -10,7 +10,7 @@ use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
-use crate::qcow2::{Commit, SourceMode, TargetFormat};
+use crate::qcow2::{BackingRef, Commit, CompressionType, CopyOptions, SourceMode, TargetFormat};
 use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
 
 /// What kind of backup to take.
@@ -285,6 +285,49 @@ pub fn take_backup_with(
     ctl: &Control,
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<TakeBackupAnswer> {
+    take_backup_to(q, req, ctl, None, publish)
+}
+
+/// One volume's single-pass copy written elsewhere than a store file (a
+/// vault's upload): given the volume and the options of the native copy
+/// to run (mode, backing pointer, compression), it runs the copy from
+/// `VolumeBackup::disk` and says what it wrote. On error it leaves
+/// nothing of the volume visible.
+pub type CopyTo<'a> = dyn FnMut(&VolumeBackup, &CopyOptions, &Control) -> Result<CopiedTo> + 'a;
+
+/// What a [`CopyTo`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopiedTo {
+    /// The length of the volume's file.
+    pub size: u64,
+    /// Its xxh3-128.
+    pub hash: String,
+    /// Guest data bytes read from the disk.
+    pub bytes_read: u64,
+}
+
+/// [`take_backup_with`] with every volume's copy made by `copy_to`
+/// instead of into `VolumeBackup::dest` (which only names it): the
+/// native data path, qcow2 version 3 disks only. `publish` is called once
+/// every volume is written, before primary is merged, as for
+/// [`take_backup_with`].
+pub fn take_backup_direct(
+    q: &QemuImg,
+    req: &TakeBackupRequest,
+    ctl: &Control,
+    copy_to: &mut CopyTo<'_>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<TakeBackupAnswer> {
+    take_backup_to(q, req, ctl, Some(copy_to), publish)
+}
+
+fn take_backup_to(
+    q: &QemuImg,
+    req: &TakeBackupRequest,
+    ctl: &Control,
+    copy_to: Option<&mut CopyTo<'_>>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<TakeBackupAnswer> {
     if req.volumes.is_empty() {
         return Err(KnibError::invalid("a backup needs at least one volume"));
     }
@@ -306,7 +349,15 @@ pub fn take_backup_with(
                 )));
             }
         }
-        if v.dest.exists() {
+        if copy_to.is_some() && (req.data_path != DataPath::Native || st.qcow2_v2) {
+            return Err(KnibError::invalid(format!(
+                "volume {}: a backup written straight to a vault needs the native data path (knib.data.path) and a qcow2 version 3 disk ({} is {}); take it into the store and sync it",
+                v.name,
+                v.disk.display(),
+                if st.qcow2_v2 { "version 2" } else { "version 3, but the data path is qemu-img" }
+            )));
+        }
+        if copy_to.is_none() && v.dest.exists() {
             return Err(KnibError::invalid(format!("volume {}: {} already exists", v.name, v.dest.display())));
         }
         states.push(st);
@@ -327,7 +378,10 @@ pub fn take_backup_with(
             let states = &states;
             scope.spawn(move || merge_into_bases(q, req, states, &mctl))
         });
-        let copy = copy_volumes(q, req, &states, ctl, &mut written, publish);
+        let copy = match copy_to {
+            Some(to) => copy_volumes_to(req, &states, ctl, to, publish),
+            None => copy_volumes(q, req, &states, ctl, &mut written, publish),
+        };
         let merged = match merger {
             Some(h) => h.join().unwrap_or_else(|_| {
                 req.volumes
@@ -440,6 +494,45 @@ fn copy_volumes(
             hash: hash.clone(),
             compression: *compression,
             data_bytes: *data_bytes,
+        });
+    }
+    ctl.check("publishing the backup")?;
+    publish(&results)?;
+    Ok(results)
+}
+
+/// Step 1 of [`take_backup_direct`]: every volume's copy made by `copy_to`,
+/// then publish.
+fn copy_volumes_to(
+    req: &TakeBackupRequest,
+    states: &[DiskState],
+    ctl: &Control,
+    copy_to: &mut CopyTo<'_>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<Vec<VolumeResult>> {
+    let mut results = Vec::new();
+    for (v, st) in req.volumes.iter().zip(states) {
+        let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
+        let opts = CopyOptions {
+            mode: if backing.is_some() { SourceMode::Top } else { SourceMode::Chain },
+            format: TargetFormat::Qcow2,
+            backing: backing.map(|name| BackingRef { name, format: "qcow2".into() }),
+            compression: req.compress.map(CompressionType::from),
+            hash: true,
+            sync: false,
+            direct_io: false,
+            ..Default::default()
+        };
+        let c = copy_to(v, &opts, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+        results.push(VolumeResult {
+            name: v.name.clone(),
+            active_file: v.disk.clone(),
+            dest: v.dest.clone(),
+            size: c.size,
+            virtual_size: st.virtual_size,
+            hash: Some(c.hash),
+            compression: req.compress,
+            data_bytes: Some(c.bytes_read),
         });
     }
     ctl.check("publishing the backup")?;

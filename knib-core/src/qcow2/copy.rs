@@ -31,7 +31,7 @@ use super::copy_batch::{batch_plan, compress_loop, is_zero, Batch, Item};
 use super::copy_read::{read_loop, Resolved, Source, SourceMode};
 use super::direct::{Bounce, ScatterWriter};
 use super::header::CompressionType;
-use super::sink::{CountSink, FileSink};
+use super::sink::{CountSink, FileSink, Sink};
 use super::srchash::SourceHash;
 use super::writer::{BackingRef, ImageSpec, Layout, WriteSummary};
 use crate::error::{KnibError, Result};
@@ -138,6 +138,128 @@ pub fn copy_image(
     ctl: &Control,
     before_write: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<CopyReport> {
+    let Prepared { mut src, spec, plain_qcow2, planned_header, planned_len, step } =
+        prepare(source, opts, ctl, before_write)?;
+
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dest)
+        .map_err(|e| KnibError::io("cannot create", dest, e))?;
+
+    if plain_qcow2 {
+        // The exact length is known: allocate it up front (one extent
+        // allocation instead of one delayed allocation per page written).
+        // Best effort: a file system without fallocate just grows as written.
+        use std::os::fd::AsRawFd;
+        let len = i64::try_from(planned_len).unwrap_or(i64::MAX);
+        // SAFETY: fallocate on an open file descriptor we own.
+        let _ = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+    }
+    let mut report = CopyReport { virtual_size: src.size, ..Default::default() };
+    let cs = src.cs;
+
+    let mut target = match opts.format {
+        TargetFormat::Raw => {
+            let scatter = ScatterWriter::open(dest, opts.direct_io);
+            Target::Raw(RawOut { file, scatter, size: src.size, cs, dest })
+        }
+        TargetFormat::Qcow2 => {
+            let header = plain_qcow2.then_some(planned_header.clone());
+            let hash = opts.hash && plain_qcow2;
+            let sink =
+                if opts.direct_io { FileSink::new_direct(file, dest, hash)? } else { FileSink::new(file, dest, hash) };
+            Target::Qcow2(Box::new(Layout::new(spec.clone(), sink, header)?))
+        }
+    };
+    run(&mut src, &mut target, opts, ctl, &step, &mut report)?;
+
+    // Finish the output.
+    let file = match target {
+        Target::Raw(raw) => {
+            raw.file.set_len(raw.size).map_err(|e| KnibError::io("cannot size", dest, e))?;
+            raw.file
+        }
+        Target::Qcow2(layout) => {
+            let (header, sink, summary) = (*layout).finish()?;
+            let (file, hash) = sink.finish()?;
+            if !plain_qcow2 {
+                file.write_all_at(&header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
+            }
+            report.hash = hash;
+            report.summary = summary;
+            file
+        }
+    };
+    if opts.sync {
+        file.sync_all().map_err(|e| KnibError::io("cannot fsync", dest, e))?;
+    }
+    report.file_len = crate::qcow2::image::file_size(&file).map_err(|e| KnibError::io("cannot size", dest, e))?;
+    drop(file);
+    if opts.hash && report.hash.is_none() {
+        report.hash = Some(crate::hash::hash_files(&[dest.to_path_buf()], ctl)?);
+    }
+    Ok(report)
+}
+
+/// What a copy to a sink leaves to its caller.
+pub struct SinkCopy<S: Sink> {
+    /// What the copy did; `file_len` is the bytes appended; `hash` is
+    /// `None` (the sink hashes what it is given, if it hashes).
+    pub report: CopyReport,
+    /// The sink, every byte appended.
+    pub sink: S,
+    /// For a compressed image: the header cluster to write at offset 0 in
+    /// place of the zeros appended there (`report.hash` is then `None`).
+    pub header: Option<Vec<u8>>,
+}
+
+/// [`copy_image`] into `sink` (a qcow2 output only), front to back: the
+/// single-pass copy written elsewhere than a local file (a vault's
+/// multipart upload). Nothing is fsynced or hashed back: the caller
+/// finishes the sink. `before_write` is called as [`copy_image`] calls it.
+pub fn copy_image_to_sink<S: Sink>(
+    source: &Path,
+    sink: S,
+    opts: &CopyOptions,
+    ctl: &Control,
+    before_write: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<SinkCopy<S>> {
+    if opts.format != TargetFormat::Qcow2 {
+        return Err(KnibError::invalid("a copy into a sink writes qcow2"));
+    }
+    let Prepared { mut src, spec, plain_qcow2, planned_header, step, .. } = prepare(source, opts, ctl, before_write)?;
+    let mut report = CopyReport { virtual_size: src.size, ..Default::default() };
+    let header = plain_qcow2.then_some(planned_header);
+    let mut target: Target<'_, S> = Target::Qcow2(Box::new(Layout::new(spec, sink, header)?));
+    run(&mut src, &mut target, opts, ctl, &step, &mut report)?;
+    let Target::Qcow2(layout) = target else { unreachable!("a qcow2 target") };
+    let (header, sink, summary) = (*layout).finish()?;
+    report.file_len = summary.file_len;
+    report.summary = summary;
+    Ok(SinkCopy { report, sink, header: (!plain_qcow2).then_some(header) })
+}
+
+/// A copy's source opened and its output planned.
+struct Prepared {
+    src: Source,
+    spec: ImageSpec,
+    plain_qcow2: bool,
+    planned_header: Vec<u8>,
+    planned_len: u64,
+    step: String,
+}
+
+/// Open and check the source, plan the output from its tables alone and
+/// call `before_write` with the most bytes it can take.
+fn prepare(
+    source: &Path,
+    opts: &CopyOptions,
+    ctl: &Control,
+    before_write: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<Prepared> {
     if opts.mode == SourceMode::Chain && opts.backing.is_some() {
         return Err(KnibError::invalid("a flattened copy has no backing file"));
     }
@@ -191,55 +313,35 @@ pub fn copy_image(
         TargetFormat::Qcow2 => planned.file_len + planned.l2_tables * src.cs,
     };
     before_write(bound)?;
+    Ok(Prepared { src, spec, plain_qcow2, planned_header, planned_len: planned.file_len, step })
+}
 
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dest)
-        .map_err(|e| KnibError::io("cannot create", dest, e))?;
-
-    if plain_qcow2 {
-        // The exact length is known: allocate it up front (one extent
-        // allocation instead of one delayed allocation per page written).
-        // Best effort: a file system without fallocate just grows as written.
-        use std::os::fd::AsRawFd;
-        let len = i64::try_from(planned.file_len).unwrap_or(i64::MAX);
-        // SAFETY: fallocate on an open file descriptor we own.
-        let _ = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
-    }
+/// The copy's threads (a reader, compression workers, this thread as the
+/// writer) from `src` into `target`, then the rest of each source file
+/// for its hash.
+fn run<S: Sink>(
+    src: &mut Source,
+    target: &mut Target<'_, S>,
+    opts: &CopyOptions,
+    ctl: &Control,
+    step: &str,
+    report: &mut CopyReport,
+) -> Result<()> {
     let workers = match opts.compression {
         None => 0,
         Some(_) if opts.threads > 0 => opts.threads,
         Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_THREADS),
     };
     let (in_flight, batch_bytes) = batch_plan(src.cs, workers);
-    let mut report = CopyReport { virtual_size: src.size, ..Default::default() };
-
     let zero_is_skip = opts.backing.is_none();
     let compression = opts.compression;
     let cs = src.cs;
     let total = src.clusters();
 
-    let mut target = match opts.format {
-        TargetFormat::Raw => {
-            let scatter = ScatterWriter::open(dest, opts.direct_io);
-            Target::Raw(RawOut { file, scatter, size: src.size, cs, dest })
-        }
-        TargetFormat::Qcow2 => {
-            let header = plain_qcow2.then_some(planned_header.clone());
-            let hash = opts.hash && plain_qcow2;
-            let sink =
-                if opts.direct_io { FileSink::new_direct(file, dest, hash)? } else { FileSink::new(file, dest, hash) };
-            Target::Qcow2(Box::new(Layout::new(spec.clone(), sink, header)?))
-        }
-    };
-
     // A raw output's writes go to I/O threads: each cluster has its own
-    // offset, so they may land in any order, and two buffered writers keep
-    // the device (and the page cache) busier than one (docs/performance.md).
-    // Two more batches in flight for them (about 6.7 MiB of batches in all).
+    // offset, so they may land in any order, and two writers keep the
+    // device busier than one (docs/performance.md). Two more batches in
+    // flight for them (about 6.7 MiB of batches in all).
     let raw_io = if matches!(target, Target::Raw(_)) { RAW_IO_THREADS } else { 0 };
     let in_flight = in_flight + raw_io;
     let raw_error: Mutex<Option<KnibError>> = Mutex::new(None);
@@ -250,9 +352,9 @@ pub fn copy_image(
         }
         let (work_tx, work_rx) = sync_channel::<Result<Batch>>(in_flight);
         let reader_ctl = ctl.clone();
-        let reader_step = step.clone();
+        let reader_step = step.to_string();
         let rate = opts.rate_limit_mbps;
-        let src = &mut src;
+        let src = &mut *src;
         scope.spawn(move || {
             read_loop(src, free_rx, work_tx, batch_bytes, rate, &reader_ctl, &reader_step);
         });
@@ -269,7 +371,7 @@ pub fn copy_image(
             }
             done_rx
         };
-        let out = match &mut target {
+        let out = match target {
             Target::Qcow2(l) => Out::Qcow2(l),
             Target::Raw(raw) => {
                 let (raw_tx, raw_rx) = sync_channel::<Batch>(in_flight);
@@ -286,7 +388,7 @@ pub fn copy_image(
         };
         // `out` (and with it the raw writers' channel) is dropped when the
         // loop returns: the I/O threads then finish and the scope joins them.
-        write_loop(out, done_rx, free_tx, total, ctl, &step, &mut report)
+        write_loop(out, done_rx, free_tx, total, ctl, step, report)
     })?;
     if let Some(e) = raw_error.into_inner() {
         return Err(e);
@@ -294,41 +396,15 @@ pub fn copy_image(
 
     // The rest of each source file, for its hash.
     for h in std::mem::take(&mut src.hashers) {
-        ctl.check(&step)?;
+        ctl.check(step)?;
         report.source_hashes.push(h.finish()?);
     }
-
-    // Finish the output.
-    let file = match target {
-        Target::Raw(raw) => {
-            raw.file.set_len(raw.size).map_err(|e| KnibError::io("cannot size", dest, e))?;
-            raw.file
-        }
-        Target::Qcow2(layout) => {
-            let (header, sink, summary) = (*layout).finish()?;
-            let (file, hash) = sink.finish()?;
-            if !plain_qcow2 {
-                file.write_all_at(&header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
-            }
-            report.hash = hash;
-            report.summary = summary;
-            file
-        }
-    };
-    if opts.sync {
-        file.sync_all().map_err(|e| KnibError::io("cannot fsync", dest, e))?;
-    }
-    report.file_len = crate::qcow2::image::file_size(&file).map_err(|e| KnibError::io("cannot size", dest, e))?;
-    drop(file);
-    if opts.hash && report.hash.is_none() {
-        report.hash = Some(crate::hash::hash_files(&[dest.to_path_buf()], ctl)?);
-    }
-    Ok(report)
+    Ok(())
 }
 
-enum Target<'a> {
+enum Target<'a, S: Sink = FileSink> {
     Raw(RawOut<'a>),
-    Qcow2(Box<Layout<FileSink>>),
+    Qcow2(Box<Layout<S>>),
 }
 
 struct RawOut<'a> {
@@ -369,9 +445,9 @@ impl RawOut<'_> {
 const RAW_IO_THREADS: usize = 2;
 
 /// Where the writer puts each batch.
-enum Out<'t> {
+enum Out<'t, S: Sink> {
     /// Into the qcow2 layout, in order.
-    Qcow2(&'t mut Layout<FileSink>),
+    Qcow2(&'t mut Layout<S>),
     /// To the raw output's I/O threads; the first error they meet.
     Raw { tx: SyncSender<Batch>, error: &'t Mutex<Option<KnibError>> },
 }
@@ -407,8 +483,8 @@ fn raw_io_loop(
 }
 
 /// The writer (the caller's thread): batches in order into the target.
-fn write_loop(
-    mut out: Out<'_>,
+fn write_loop<S: Sink>(
+    mut out: Out<'_, S>,
     done: Receiver<Result<Batch>>,
     free: SyncSender<Batch>,
     total: u64,

@@ -153,7 +153,7 @@ pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
-pub use copy::{copy_image, CopyOptions, CopyReport, TargetFormat, MAX_AUTO_THREADS};
+pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy, TargetFormat, MAX_AUTO_THREADS};
 pub(crate) use copy_batch::Compressor;
 pub use copy_read::SourceMode;
 pub use empty::empty_image;

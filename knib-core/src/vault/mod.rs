@@ -27,6 +27,10 @@
 //!   sends the backup again. (A process killed between starting an upload
 //!   and recording it leaves one incomplete upload unrecorded: a bucket
 //!   lifecycle rule `AbortIncompleteMultipartUpload` is the backstop.)
+//!   A backup written straight to the vault ([`Vault::backup_direct`],
+//!   module `direct`) records its uploads the same way; a sync or direct
+//!   backup of a VM also removes the objects of its backups that have no
+//!   manifest (left by a direct backup that was killed).
 //! - Every object's xxh3-128 is in its manifest (taken from the bytes sent
 //!   and compared with the hash the local store recorded, if any): verify
 //!   reads every object and compares; restore compares the hash of each
@@ -68,6 +72,7 @@
 
 mod config;
 mod delete;
+mod direct;
 mod object;
 mod read;
 mod sync;
@@ -85,6 +90,7 @@ use crate::catalog::Manifest;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::names;
 
+pub use direct::VaultSink;
 pub use object::RemoteObject;
 pub use read::{VaultRestore, VaultVerify};
 pub use sync::{SyncOptions, SyncReport};

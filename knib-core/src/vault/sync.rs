@@ -9,8 +9,9 @@
 //!   are read in order and sent [`SyncOptions::parallel_parts`] at a time
 //!   (memory: at most that many parts), and the record is removed once the
 //!   upload is completed or aborted. A sync first aborts every recorded
-//!   upload of the VMs it sends (left by a sync that was killed) and sends
-//!   those backups again.
+//!   upload of the VMs it sends (left by a sync that was killed), removes
+//!   the objects of their backups that have no manifest (left by a direct
+//!   backup that was killed) and sends those backups again.
 //! - The bytes sent are hashed as they are read; a file whose recorded
 //!   hash (from the backup, or a verify) differs is not sent: the local
 //!   copy changed since it was written, and that is a `corrupt` error.
@@ -53,6 +54,16 @@ impl Default for SyncOptions {
     }
 }
 
+impl SyncOptions {
+    /// The default of a backup written straight to the vault: parts of
+    /// 6 MiB, 3 filled or in flight, so that its upload holds at most
+    /// 24 MiB ([`super::VaultSink::bound`]) beside the copy's own memory,
+    /// and the whole process stays under the 64 MiB peak of a backup.
+    pub fn direct() -> Self {
+        SyncOptions { part_size: 6 << 20, parallel_parts: 3, ..Default::default() }
+    }
+}
+
 /// What a sync did.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SyncReport {
@@ -69,13 +80,13 @@ pub struct SyncReport {
 /// The record of an upload in progress.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UploadRecord {
-    key: String,
-    upload_id: String,
+pub(super) struct UploadRecord {
+    pub(super) key: String,
+    pub(super) upload_id: String,
 }
 
 /// S3's least part size (but the last).
-const MIN_PART: usize = 5 << 20;
+pub(super) const MIN_PART: usize = 5 << 20;
 
 impl Vault {
     /// Send every backup of `store` (or of one VM) that the vault lacks.
@@ -108,6 +119,7 @@ impl Vault {
         }
         let _lock = store.lock_vm(vm, &format!("sync of {vm} to vault {}", self.location()))?;
         report.aborted_uploads += self.abort_recorded(vm)?;
+        self.remove_unfinished(vm)?;
         let local = store.manifests(vm)?;
         let have = self.ids(vm)?;
         // What to send: every live backup the vault lacks, and the
@@ -147,7 +159,7 @@ impl Vault {
 
     /// Abort every upload recorded for `vm` (left by a sync that stopped),
     /// and remove the records.
-    fn abort_recorded(&self, vm: &str) -> Result<usize> {
+    pub(super) fn abort_recorded(&self, vm: &str) -> Result<usize> {
         let prefix = self.key(&format!("uploads/{vm}"));
         let s3 = Arc::clone(&self.inner.s3);
         let p = prefix.clone();

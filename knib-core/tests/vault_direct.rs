@@ -1,0 +1,233 @@
+//! Backups written straight to the vault from the single-pass copy,
+//! against a real S3 server (Ceph RGW, `scripts/ceph.sh`; see
+//! `common/s3.rs`): a chain written directly and restored from the bucket
+//! byte-identical; the parent must be in the vault; the multipart sink's
+//! memory bound, its single PUT and its header patch.
+
+mod common;
+#[path = "common/s3.rs"]
+mod s3;
+
+use common::disk::*;
+use knib_core::catalog::{BackupOptions, Store};
+use knib_core::engine::BackupKind;
+use knib_core::qcow2::Sink;
+use knib_core::qemu_img::{CompressionLibrary, ImageFormat};
+use knib_core::vault::{SyncOptions, Vault, VaultSink};
+use knib_core::{Control, ErrorKind};
+
+fn ctl() -> Control {
+    Control::new()
+}
+
+/// Small parts, two at a time: a few MiB of disk is many parts.
+fn send() -> SyncOptions {
+    SyncOptions { part_size: 5 << 20, parallel_parts: 2, ..Default::default() }
+}
+
+#[test]
+fn a_chain_written_directly_restores_byte_identical() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("direct-chain");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let vault = Vault::open(&p.location()).unwrap();
+    let rounds: [&[(&str, &str)]; 4] = [
+        &[("root", "write -P 0x11 0 20M"), ("data", "write -P 0x21 1M 3M")],
+        &[("root", "write -P 0x12 4M 1M"), ("data", "write -z 1M 64k"), ("data", "write -P 0x22 30M 2M")],
+        &[("root", "write -P 0x13 63M 1M"), ("root", "discard 0 64k"), ("data", "write -P 0x23 0 512")],
+        &[("root", "write -P 0x14 8M 7M")],
+    ];
+    let mut taken = Vec::new();
+    for (i, round) in rounds.iter().enumerate() {
+        for (disk, cmd) in round.iter() {
+            qemu_io(vm.path(disk), cmd);
+        }
+        let refs = vm.snapshot_all(&format!("b{i}"));
+        // The last one compressed: its header is written last, into the
+        // first part kept for it.
+        let opts = BackupOptions { compress: (i == 3).then_some(CompressionLibrary::Zstd), ..Default::default() };
+        let m = vault.backup_direct(&store, "vm1", &vm.disks, &opts, &send(), &ctl()).unwrap();
+        taken.push((m, refs));
+    }
+    let kinds: Vec<BackupKind> = taken.iter().map(|(m, _)| m.kind).collect();
+    assert_eq!(kinds, [BackupKind::Full, BackupKind::Incremental, BackupKind::Incremental, BackupKind::Incremental]);
+    for w in taken.windows(2) {
+        assert_eq!(w[1].0.parent.as_deref(), Some(w[0].0.id.as_str()));
+    }
+    assert!(taken[3].0.compression.is_some());
+    // Nothing of them in the store; nothing but the backups in the vault.
+    assert!(store.list(None).unwrap().is_empty());
+    assert!(p.keys().keys().all(|k| k.starts_with("vms/vm1/")), "{:?}", p.keys());
+    // The manifests' sizes and hashes are the objects'.
+    let listed = vault.list(Some("vm1")).unwrap();
+    assert_eq!(listed.len(), 4);
+    let keys = p.keys();
+    for m in &listed {
+        for v in &m.volumes {
+            assert_eq!(keys[&format!("vms/vm1/{}/{}", m.id, v.file)], v.size);
+            let bytes = p.get(&format!("vms/vm1/{}/{}", m.id, v.file));
+            let h = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&bytes));
+            assert_eq!(v.hash.as_deref(), Some(h.as_str()), "{} {}", m.id, v.name);
+        }
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    for (m, refs) in &taken {
+        for (i, (vol, reference)) in refs.iter().enumerate() {
+            let fmt = if i % 2 == 0 { ImageFormat::Qcow2 } else { ImageFormat::Raw };
+            let to = out.path().join(format!("{}-{vol}.{}", m.id, fmt.as_str()));
+            let done = vault.restore(&m.id, vol, &to, fmt, true, &ctl()).unwrap();
+            assert!(done.verified);
+            assert_identical(&to, reference);
+            if fmt == ImageFormat::Qcow2 {
+                assert_check_clean(&to);
+            }
+        }
+    }
+    let v = vault.verify(None, &ctl()).unwrap();
+    assert!(v.reports.iter().all(|r| r.ok && r.files_checked == 2), "{v:?}");
+}
+
+#[test]
+fn the_parent_must_be_in_the_vault() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("direct-parent");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let vault = Vault::open(&p.location()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x31 0 6M");
+    let local = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x32 1M 1M");
+    // The deltas follow a backup of the store that the vault lacks.
+    let e = vault.backup_direct(&store, "vm1", &vm.disks, &BackupOptions::default(), &send(), &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains(&local.id) && e.message.contains("knib sync"), "{e}");
+    assert!(p.keys().is_empty(), "{:?}", p.keys());
+    // Synced, the direct backup continues it.
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let refs = vm.snapshot_all("after");
+    let m = vault.backup_direct(&store, "vm1", &vm.disks, &BackupOptions::default(), &send(), &ctl()).unwrap();
+    assert_eq!((m.kind, m.parent.as_deref()), (BackupKind::Incremental, Some(local.id.as_str())));
+    let out = tempfile::tempdir().unwrap();
+    let to = out.path().join("root.raw");
+    vault.restore(&m.id, "root", &to, ImageFormat::Raw, true, &ctl()).unwrap();
+    assert_identical(&to, &refs["root"]);
+    // A full one needs no parent.
+    let full = BackupOptions { full: true, ..Default::default() };
+    let f = vault.backup_direct(&store, "vm1", &vm.disks, &full, &send(), &ctl()).unwrap();
+    assert_eq!((f.kind, f.parent), (BackupKind::Full, None));
+}
+
+/// Bytes of a test stream: not compressible, not zero.
+fn stream(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn the_sink_holds_at_most_its_bound_and_sends_every_byte_in_order() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("direct-sink");
+    let vault = Vault::open(&p.location()).unwrap();
+    for parallel in [1usize, 3] {
+        let opts = SyncOptions { part_size: 5 << 20, parallel_parts: parallel, ..Default::default() };
+        let rel = format!("vms/vm1/x/p{parallel}.qcow2");
+        let record = format!("uploads/vm1/x/p{parallel}.json");
+        let data = stream(parallel as u64, (37 << 20) + 12345);
+        let mut sink = VaultSink::new(&vault, &rel, &record, &opts, true).unwrap();
+        // Appends of odd sizes, and runs of zeros.
+        let mut off = 0;
+        let mut n = 1;
+        while off < data.len() {
+            let k = (n * 7919 % (3 << 20) + 1).min(data.len() - off);
+            sink.append(&data[off..off + k]).unwrap();
+            off += k;
+            n += 1;
+        }
+        sink.append_zeros(100_000).unwrap();
+        let bound = sink.bound();
+        assert_eq!(bound, (parallel + 1) * (5 << 20));
+        let (len, hash) = sink.finish().unwrap();
+        let mut want = data.clone();
+        want.resize(want.len() + 100_000, 0);
+        assert_eq!(len, want.len() as u64);
+        assert_eq!(hash, Some(format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&want))));
+        assert!(p.get(&rel) == want, "the object is the bytes appended");
+        assert!(!p.keys().contains_key(&record), "the upload record is removed");
+    }
+    // The peak, measured on a sink that is not finished yet.
+    let opts = SyncOptions { part_size: 5 << 20, parallel_parts: 2, ..Default::default() };
+    let mut sink = VaultSink::new(&vault, "vms/vm1/x/peak.qcow2", "uploads/vm1/x/peak.json", &opts, false).unwrap();
+    let chunk = stream(9, 1 << 20);
+    for _ in 0..40 {
+        sink.append(&chunk).unwrap();
+        assert!(sink.peak_buffered() <= sink.bound(), "{} > {}", sink.peak_buffered(), sink.bound());
+    }
+    assert!(sink.peak_buffered() >= 2 * (5 << 20), "parts were held: {}", sink.peak_buffered());
+    // Dropped unfinished: the upload is aborted, nothing is visible.
+    drop(sink);
+    assert!(!p.keys().keys().any(|k| k.contains("peak")), "{:?}", p.keys());
+
+    // One small part: one PUT; a patch of the first part, not hashed.
+    let mut sink = VaultSink::new(&vault, "vms/vm1/x/small", "uploads/vm1/x/small.json", &opts, true).unwrap();
+    sink.append(&stream(3, 70_000)).unwrap();
+    sink.patch(10, b"HEADER").unwrap();
+    assert!(sink.patch(69_999, b"xy").is_err());
+    let (len, hash) = sink.finish().unwrap();
+    assert_eq!((len, hash), (70_000, None));
+    let got = p.get("vms/vm1/x/small");
+    assert_eq!(&got[10..16], b"HEADER");
+    assert_eq!(got.len(), 70_000);
+}
+
+#[test]
+fn the_json_backup_writes_straight_to_a_vault() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("direct-json");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    qemu_io(vm.path("data"), "write -P 0x41 0 9M");
+    let refs = vm.snapshot_all("b0");
+    let loc = p.location();
+    let call = |req: serde_json::Value| knib_core::api::call("backup", &req.to_string(), &ctl());
+    let disks = serde_json::to_value(&vm.disks).unwrap();
+    let out = call(serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": loc})).unwrap();
+    let b: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(b["kind"], "full");
+    let id = b["id"].as_str().unwrap();
+    let file = b["volumes"][0]["file"].as_str().unwrap();
+    assert!(file.starts_with(&format!("{loc}/vms/vm1/{id}/")), "{file}");
+    // In the vault, not in the store.
+    assert!(Store::open(sdir.path()).unwrap().list(None).unwrap().is_empty());
+    let w = tempfile::tempdir().unwrap();
+    let to = w.path().join("data.raw");
+    Vault::open(&loc).unwrap().restore(id, "data", &to, ImageFormat::Raw, true, &ctl()).unwrap();
+    assert_identical(&to, &refs["data"]);
+    // A bad `vault`, or one with a domain, names the field.
+    for req in [
+        serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": "backups/x"}),
+        serde_json::json!({"store": sdir.path(), "domain": "d1", "vault": loc}),
+    ] {
+        let e = call(req).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains("field `vault`"), "{e}");
+    }
+}
