@@ -19,7 +19,9 @@
 //! # Running
 //!
 //! [`run_jobs`] starts one worker thread per slot of each enabled kind
-//! (`compression.max_concurrent_per_host` + `validation.max_concurrent_per_host`).
+//! (`compression.max_concurrent_per_host` + `validation.max_concurrent_per_host`
+//! + `sync.max_concurrent_per_host`, the last when it was given a
+//! [`SyncRunner`]).
 //! Each claims a due queued job (state `running`, `owner` = this process),
 //! runs it with its kind's time budget, and records the result:
 //!
