@@ -8,10 +8,14 @@
 #      system C compiler and run with AddressSanitizer + UBSan (leaks
 #      included), then built plainly and run under Valgrind memcheck;
 #      backup_restore is also linked statically against libknib.a once.
+#      vault needs an S3 server (KNIB_S3_ENDPOINT and the AWS_* settings, as
+#      `eval "$(bash scripts/ceph.sh env)"` gives them; test-all.sh starts
+#      Ceph RGW before this script) and says it is skipped without one.
 # Valgrind counts every memory error and the "definitely lost" and
 # "indirectly lost" leaks; "possibly lost" and "still reachable" blocks are
 # shown but not counted (Rust's std and libvirt keep process-wide
-# allocations, such as thread-locals, until exit).
+# allocations, such as thread-locals, until exit). tests/c/valgrind.supp
+# suppresses the reports that are not errors, each with why.
 #
 #   bash scripts/test-c.sh                 check, build, test
 #   bash scripts/test-c.sh --write-header  regenerate include/knib.h only
@@ -91,7 +95,7 @@ say "installed libknib $version ($soname) in $PREFIX"
 CC=${CC:-cc}
 CFLAGS=(-std=c11 -Wall -Wextra -Werror -pedantic -g -I"$PREFIX/include")
 LINK=(-L"$PREFIX/lib" -Wl,-rpath,"$PREFIX/lib" -lknib -lpthread)
-programs=(backup_restore hostile files)
+programs=(backup_restore hostile files vault)
 passed=0
 failed=0
 run_test() { # name, command...
@@ -126,6 +130,7 @@ for p in "${programs[@]}"; do
 done
 for p in "${programs[@]}"; do
     run_test "$p (Valgrind)" valgrind --quiet --error-exitcode=99 --leak-check=full \
+        --suppressions=tests/c/valgrind.supp \
         --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect \
         "$WORK/plain/$p"
 done

@@ -250,9 +250,13 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
                 connect: Some(connect.to_string()),
                 max_parallel: a.max_parallel.map(|n| n as usize),
             };
-            let r = Store::create(&a.store)?.backup_group(&members, &opts, ctl)?;
+            let store = Store::create(&a.store)?;
+            let r = store.backup_group(&members, &opts, ctl)?;
             output::clear_progress();
             print_record(&r, json);
+            for m in r.members.iter().filter(|m| m.backup.is_some()) {
+                crate::jobs::after_backup(&store, &m.vm, json);
+            }
             if let Some(m) = r.members.iter().find(|m| m.backup.is_none()) {
                 let e = m.error.as_deref().unwrap_or("no backup");
                 let failed = r.members.iter().filter(|m| m.backup.is_none()).count();

@@ -1,10 +1,11 @@
-//! `knib jobs`: the store's durable job queue (compression and validation jobs).
+//! `knib jobs`: the store's durable job queue (compression, validation and
+//! sync jobs); `knib sync --queue`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Subcommand;
-use knib_core::catalog::jobs::{run_jobs, Job, JobEvent, JobState, OwnerStatus, RunOptions};
+use knib_core::catalog::jobs::{run_jobs, Job, JobEvent, JobKind, JobState, OwnerStatus, RunOptions};
 use knib_core::catalog::Store;
 use knib_core::{ErrorKind, KnibError, Result};
 use serde_json::{json, Value};
@@ -31,15 +32,20 @@ pub enum JobsCommand {
         #[arg(long)]
         store: PathBuf,
     },
-    /// Queue the compression (or, with --validate, the validation) of a backup.
+    /// Queue the compression (or, with --validate, the validation; with
+    /// --sync, the sync of its VM to the vault) of a backup.
     Queue {
         /// The store directory.
         #[arg(long)]
         store: PathBuf,
         /// Queue a validation job (file checks, hashes and, when
         /// `validation.boot` is set in STORE/knib.json, a boot test).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "sync")]
         validate: bool,
+        /// Queue a sync job of the backup's VM: it sends to `sync.vault`
+        /// every backup of the VM the vault lacks.
+        #[arg(long)]
+        sync: bool,
         /// The backup's id.
         backup: String,
     },
@@ -76,8 +82,14 @@ fn job_line(j: &Job) -> String {
 /// Run a `jobs` subcommand.
 pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
     match cmd {
-        JobsCommand::Queue { store, validate, backup } => {
+        JobsCommand::Queue { store, validate, sync, backup } => {
             let store = Store::open(store)?;
+            if sync {
+                let vm = store.show(&backup)?.vm;
+                let j = store.queue_sync(&vm)?;
+                output::say(json, &job_json(&j), &format!("queued job {} (sync of VM {vm} to the vault)", j.id));
+                return Ok(());
+            }
             let (j, what) = if validate {
                 (store.queue_validation(&backup)?, "validation")
             } else {
@@ -107,6 +119,9 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                     JobEvent::Recovered(j) => {
                         println!("{}: taken back from a runner that died", j.id)
                     }
+                    JobEvent::Started(j) if j.kind == JobKind::Sync => {
+                        println!("{}: sync of VM {} started (attempt {})", j.id, j.vm, j.attempts + 1)
+                    }
                     JobEvent::Started(j) => {
                         println!(
                             "{}: {} of backup {} started (attempt {})",
@@ -119,10 +134,11 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                     JobEvent::Finished(j) => println!("{}: {}", j.id, job_line(j)),
                 }))
             };
-            let summary = run_jobs(&store, &RunOptions { observer, no_wait, ..Default::default() })?;
+            let sync = Some(knib_core::vault::sync_runner());
+            let summary = run_jobs(&store, &RunOptions { observer, no_wait, sync, ..Default::default() })?;
             let text = if summary.disabled {
                 format!(
-                    "compression and validation are disabled in {}; {} job(s) left queued",
+                    "every kind of job is disabled in {}; {} job(s) left queued",
                     store.root().join("knib.json").display(),
                     summary.left_queued.len()
                 )
@@ -147,6 +163,8 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                     ErrorKind::Timeout
                 } else if first.starts_with("backup ") && first.contains(" is not valid: ") {
                     ErrorKind::Corrupt
+                } else if let Some(k) = failed_sync_kind(&store, &summary.failed[0]) {
+                    k
                 } else {
                     ErrorKind::ImageTool
                 };
@@ -162,4 +180,47 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The kind of the error a failed sync job ended with (its `last_error`
+/// is the error's text, `<kind>: <message>`), so the exit status says it.
+fn failed_sync_kind(store: &Store, id: &str) -> Option<ErrorKind> {
+    let j = store.job(id).ok()?;
+    if j.kind != JobKind::Sync {
+        return None;
+    }
+    ErrorKind::of_message(&j.last_error?)
+}
+
+/// `knib sync --queue`: a sync job of each VM of the store (or of `vm`).
+pub fn queue_sync(store: PathBuf, vm: Option<String>, json: bool) -> Result<()> {
+    let store = Store::open(store)?;
+    let vms = match vm {
+        Some(vm) => vec![vm],
+        None => store.vms()?.into_iter().filter(|v| store.list(Some(v)).is_ok_and(|l| !l.is_empty())).collect(),
+    };
+    if vms.is_empty() {
+        return Err(KnibError::not_found(format!("store {} has no backup to sync", store.root().display())));
+    }
+    let mut queued = Vec::new();
+    for vm in &vms {
+        queued.push(store.queue_sync(vm)?);
+    }
+    let text = queued
+        .iter()
+        .map(|j| format!("queued job {} (sync of VM {} to the vault)", j.id, j.vm))
+        .collect::<Vec<_>>()
+        .join("\n");
+    output::say(json, &Value::Array(queued.iter().map(job_json).collect()), &text);
+    Ok(())
+}
+
+/// After a backup: queue the VM's sync job when `sync.auto` says so. A
+/// backup that worked is not failed by this: a problem is said on stderr.
+pub fn after_backup(store: &Store, vm: &str, json: bool) {
+    match store.queue_sync_after_backup(vm) {
+        Ok(Some(j)) if !json => println!("queued job {} (sync of VM {vm} to the vault)", j.id),
+        Ok(_) => {}
+        Err(e) => eprintln!("knib: warning: the backup is done, but its sync job was not queued: {e}"),
+    }
 }

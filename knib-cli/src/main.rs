@@ -219,14 +219,20 @@ enum Command {
     /// Send the backups of a store that a vault on S3 lacks (parents
     /// first, each backup's manifest last; an interrupted sync is cleaned
     /// up and resumed by the next). Endpoint, region and credentials come
-    /// from the usual AWS environment variables and files.
+    /// from the usual AWS environment variables and files. With --queue,
+    /// queue a sync job per VM instead (run by `knib jobs run`, within the
+    /// `sync.*` settings of STORE/knib.json, to its `sync.vault`).
     Sync {
         /// The store directory.
         #[arg(long)]
         store: PathBuf,
         /// The vault: s3://BUCKET/PREFIX.
-        #[arg(long)]
-        to: String,
+        #[arg(long, required_unless_present = "queue")]
+        to: Option<String>,
+        /// Queue a durable sync job of each VM (or of --vm) instead of
+        /// sending now; the jobs send to `sync.vault`.
+        #[arg(long, conflicts_with_all = ["to", "rate_limit", "parallel_parts"])]
+        queue: bool,
         /// Only this VM's backups.
         #[arg(long)]
         vm: Option<String>,
@@ -249,7 +255,8 @@ enum Command {
         #[command(subcommand)]
         command: group::GroupCommand,
     },
-    /// The store's durable job queue: queue, list and run compression jobs.
+    /// The store's durable job queue: queue, list and run compression,
+    /// validation and sync jobs.
     Jobs {
         #[command(subcommand)]
         command: jobs::JobsCommand,
@@ -377,6 +384,7 @@ fn run(cli: Cli) -> Result<()> {
             let store = Store::open(store)?;
             output::clear_progress();
             output::print_backup(&store, &m, json);
+            jobs::after_backup(&store, &m.vm, json);
         }
         Command::List { store, vm } if vault::location(&store).is_some() => {
             vault::list(vault::location(&store).unwrap_or_default(), vm.as_deref(), json)?
@@ -393,8 +401,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Delete { store, backup } if vault::location(&store).is_some() => {
             vault::delete(vault::location(&store).unwrap_or_default(), &backup, json)?
         }
-        Command::Sync { store, to, vm, rate_limit, parallel_parts } => {
-            vault::sync(&store, &to, vm, rate_limit, parallel_parts, json, &ctl)?
+        Command::Sync { store, queue: true, vm, .. } => jobs::queue_sync(store, vm, json)?,
+        Command::Sync { store, to, vm, rate_limit, parallel_parts, .. } => {
+            vault::sync(&store, to.as_deref().unwrap_or_default(), vm, rate_limit, parallel_parts, json, &ctl)?
         }
         Command::List { store, vm } => {
             let store = Store::open(store)?;

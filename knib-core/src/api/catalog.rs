@@ -439,6 +439,13 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
         }
         _ => return Err(KnibError::invalid(format!("request of {op}: give `vm` with `disks`, or `domain`"))),
     };
+    // `sync.auto`: the VM's sync job, queued; a backup that worked is not
+    // failed by a problem here.
+    match store.queue_sync_after_backup(&m.vm) {
+        Ok(Some(j)) => log::info!("backup {}: queued sync job {}", m.id, j.id),
+        Ok(None) => {}
+        Err(e) => log::warn!("backup {}: its sync job was not queued: {e}", m.id),
+    }
     Ok(BackupView::new(&store, &m))
 }
 

@@ -152,7 +152,18 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
             connect: r.connect,
             max_parallel: r.max_parallel,
         };
-        Store::create(&r.store)?.backup_group(&r.members, &opts, ctl)
+        let store = Store::create(&r.store)?;
+        let record = store.backup_group(&r.members, &opts, ctl)?;
+        // `sync.auto`: each member's sync job, queued; the group backup is
+        // not failed by a problem here.
+        for m in record.members.iter().filter(|m| m.backup.is_some()) {
+            match store.queue_sync_after_backup(&m.vm) {
+                Ok(Some(j)) => log::info!("group backup {}: queued sync job {} of {}", record.id, j.id, m.vm),
+                Ok(None) => {}
+                Err(e) => log::warn!("group backup {}: the sync job of {} was not queued: {e}", record.id, m.vm),
+            }
+        }
+        Ok(record)
     }
     #[cfg(not(feature = "libvirt"))]
     {

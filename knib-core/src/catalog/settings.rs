@@ -30,6 +30,16 @@
 //! | `validation.expect_exit` | exit code the command must end with | `0` |
 //! | `validation.expect_output` | output it must print (trailing white space ignored) | none |
 //! | `validation.domain_type` | `kvm` or `qemu` | chosen by the host |
+//! | `sync.enabled` | (sync jobs processed) | `true` |
+//! | `sync.auto` | (queue a sync job of the VM after each backup) | `false` |
+//! | `sync.vault` | (the vault sync jobs send to: `s3://bucket/prefix`) | none |
+//! | `sync.max_concurrent_per_host` | (sync jobs at once on a host) | `2` |
+//! | `sync.max_retries` | (retries of a failed sync) | `2` |
+//! | `sync.retry_interval_secs` | | `600` |
+//! | `sync.timeout_secs` | (one sync job; 0 = no limit) | `28800` |
+//! | `sync.rate_limit_mbps` | (MB/s read and sent by one sync job, < 1 = none) | `0` |
+//! | `sync.part_size_mib` | (part of a multipart upload, 5 to 512) | `8` |
+//! | `sync.parallel_parts` | (parts in flight at once, 1 to 16) | `4` |
 //! | `group.max_concurrent_copies` | (knib: members of a group backup copied at once, after the thaw) | `4` |
 //! | `knib.data.path` | (knib: who moves the bytes of copies, compressions, restores) | `"native"` (or `"qemu-img"`) |
 //!
@@ -93,9 +103,74 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("validation.expect_exit", "guest command exit code"),
     ("validation.expect_output", "guest command output"),
     ("validation.domain_type", "boot test domain type"),
+    ("sync.enabled", "sync jobs processed"),
+    ("sync.auto", "sync job queued after each backup"),
+    ("sync.vault", "vault of the sync jobs"),
+    ("sync.max_concurrent_per_host", "sync jobs per host"),
+    ("sync.max_retries", "sync job retries"),
+    ("sync.retry_interval_secs", "sync retry interval"),
+    ("sync.timeout_secs", "sync job timeout"),
+    ("sync.rate_limit_mbps", "sync rate limit"),
+    ("sync.part_size_mib", "sync multipart part size"),
+    ("sync.parallel_parts", "sync parts in flight"),
     ("group.max_concurrent_copies", "group backup members copied at once"),
     ("knib.data.path", "knib's native data path or qemu-img"),
 ];
+
+/// How sync jobs run: they send a VM's backups to a vault on S3 (see the
+/// module's table for the keys, and [`super::jobs`] for what a job sends).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyncSettings {
+    /// Whether `jobs run` runs sync jobs (queued ones wait when not).
+    pub enabled: bool,
+    /// Queue a sync job of the VM after each backup (with `enabled`).
+    pub auto: bool,
+    /// The vault sync jobs send to: `s3://bucket/prefix` (endpoint, region
+    /// and credentials from the usual AWS environment variables and files,
+    /// never from this file).
+    #[serde(deserialize_with = "vault_location", skip_serializing_if = "Option::is_none")]
+    pub vault: Option<String>,
+    /// Sync jobs running at once on one host, all runners together.
+    #[serde(deserialize_with = "per_host")]
+    pub max_concurrent_per_host: u32,
+    /// Retries after a failed attempt (refused credentials fail at once).
+    #[serde(deserialize_with = "retries")]
+    pub max_retries: u32,
+    /// Seconds between a failed attempt and the next.
+    #[serde(deserialize_with = "seconds")]
+    pub retry_interval_secs: u64,
+    /// Time budget of one attempt, in seconds; 0 = no limit.
+    #[serde(deserialize_with = "seconds")]
+    pub timeout_secs: u64,
+    /// MB/s one sync job reads and sends; 0 = none.
+    #[serde(deserialize_with = "rate_limit")]
+    pub rate_limit_mbps: u64,
+    /// MiB per part of a multipart upload, 5 to 512.
+    #[serde(deserialize_with = "part_size")]
+    pub part_size_mib: u32,
+    /// Parts in flight at once, 1 to 16 (memory: their product with the
+    /// part size, per running job).
+    #[serde(deserialize_with = "parallel_parts")]
+    pub parallel_parts: u32,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            enabled: true,
+            auto: false,
+            vault: None,
+            max_concurrent_per_host: 2,
+            max_retries: 2,
+            retry_interval_secs: 600,
+            timeout_secs: 28800,
+            rate_limit_mbps: 0,
+            part_size_mib: 8,
+            parallel_parts: 4,
+        }
+    }
+}
 
 /// How group backups run (see the module's table for the keys).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -248,6 +323,8 @@ pub struct Settings {
     pub compression: CompressionSettings,
     /// Validation jobs.
     pub validation: ValidationSettings,
+    /// Sync jobs.
+    pub sync: SyncSettings,
     /// Group backups.
     pub group: GroupSettings,
     /// Backup copies, compressions and restores: knib's native qcow2 data
@@ -312,6 +389,23 @@ fn boot_seconds<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {
 
 fn coroutines<'de, D: Deserializer<'de>>(d: D) -> De<u32, D::Error> {
     whole(d, 1, 16, "a whole number from 1 to 16").map(|n| n as u32)
+}
+
+fn part_size<'de, D: Deserializer<'de>>(d: D) -> De<u32, D::Error> {
+    whole(d, 5, 512, "a number of MiB from 5 to 512").map(|n| n as u32)
+}
+
+fn parallel_parts<'de, D: Deserializer<'de>>(d: D) -> De<u32, D::Error> {
+    whole(d, 1, 16, "a whole number from 1 to 16").map(|n| n as u32)
+}
+
+/// `s3://bucket[/prefix]` (checked whole when the vault is opened).
+fn vault_location<'de, D: Deserializer<'de>>(d: D) -> De<Option<String>, D::Error> {
+    let s = String::deserialize(d)?;
+    if !super::is_vault(&s) || s.len() <= "s3://".len() {
+        return Err(D::Error::custom(format!("must be a vault location, s3://BUCKET/PREFIX, not {s:?}")));
+    }
+    Ok(Some(s))
 }
 
 fn memory<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {

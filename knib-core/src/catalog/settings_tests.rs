@@ -19,6 +19,31 @@ fn missing_file_means_defaults() {
     let v = &s.validation;
     assert!(v.enabled && !v.boot && v.screenshot);
     assert_eq!((v.max_concurrent_per_host, v.max_retries, v.timeout_secs), (1, 2, 3600));
+    let y = &s.sync;
+    assert!(y.enabled && !y.auto && y.vault.is_none());
+    assert_eq!((y.max_concurrent_per_host, y.max_retries, y.retry_interval_secs, y.timeout_secs), (2, 2, 600, 28800));
+    assert_eq!((y.rate_limit_mbps, y.part_size_mib, y.parallel_parts), (0, 8, 4));
+}
+
+#[test]
+fn sync_settings_are_read_and_checked() {
+    let s = parse(r#"{"schema": 1, "sync.vault": "s3://knib-vault/site-a", "sync": {"auto": true, "max_retries": 0}}"#)
+        .unwrap();
+    assert_eq!(s.sync.vault.as_deref(), Some("s3://knib-vault/site-a"));
+    assert!(s.sync.auto && s.sync.enabled);
+    assert_eq!(s.sync.max_retries, 0);
+    assert_eq!(parse(&s.to_json().to_string()).unwrap(), s);
+    for (text, needle) in [
+        (r#"{"schema": 1, "sync.vault": "/srv/vault"}"#, "sync.vault"),
+        (r#"{"schema": 1, "sync.vault": "s3://"}"#, "sync.vault"),
+        (r#"{"schema": 1, "sync.part_size_mib": 4}"#, "sync.part_size_mib"),
+        (r#"{"schema": 1, "sync.parallel_parts": 0}"#, "sync.parallel_parts"),
+        (r#"{"schema": 1, "sync.secret_key": "x"}"#, "sync.secret_key"),
+    ] {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{text}");
+        assert!(e.message.contains(needle), "{text}: {e}");
+    }
 }
 
 #[test]
@@ -99,7 +124,7 @@ fn bad_settings_name_the_key() {
 fn every_key_of_the_table_is_read_and_written() {
     let s = parse(
         r#"{"schema": 1, "validation": {"kernel": "/k", "initrd": "/i", "cmdline": "c", "command": ["/bin/true"],
-            "expect_exit": 0, "expect_output": "", "domain_type": "kvm"}}"#,
+            "expect_exit": 0, "expect_output": "", "domain_type": "kvm"}, "sync.vault": "s3://b12/p"}"#,
     )
     .unwrap();
     let v = s.to_json();

@@ -73,6 +73,7 @@
 mod config;
 mod delete;
 mod direct;
+mod job;
 mod object;
 mod read;
 mod sync;
@@ -91,11 +92,23 @@ use crate::error::{ErrorKind, KnibError, Result};
 use crate::names;
 
 pub use direct::VaultSink;
+pub use job::sync_runner;
 pub use object::RemoteObject;
 pub use read::{VaultRestore, VaultVerify};
 pub use sync::{SyncOptions, SyncReport};
 
 pub use crate::catalog::is_vault;
+
+/// What an error says when the server refused the credentials (see
+/// [`credentials_refused`]).
+const REFUSED: &str =
+    ": the server refused the credentials (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile)";
+
+/// Whether `e` says the vault refused the credentials (a retry with the
+/// same ones would be refused again).
+pub fn credentials_refused(e: &KnibError) -> bool {
+    e.message.contains(REFUSED)
+}
 
 /// The most bytes a manifest may have (a real one is a few KiB).
 const MAX_MANIFEST: u64 = 1 << 20;
@@ -447,8 +460,6 @@ impl Inner {
     /// out and the usual causes said plainly.
     fn error(&self, what: &str, e: &object_store::Error) -> KnibError {
         let text = redact(&self.secrets, &error_chain(e));
-        const REFUSED: &str =
-            ": the server refused the credentials (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the profile)";
         let refused = ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden"];
         let (kind, hint) = match e {
             _ if text.contains("NoSuchBucket") => (ErrorKind::NotFound, ": the bucket does not exist"),

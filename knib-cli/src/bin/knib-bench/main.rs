@@ -19,8 +19,10 @@
 //! `/usr/bin/time` (peak RSS), reaped with `wait4` (CPU time); every timed
 //! run ends with its output fsynced (`sync FILE`), whatever the tool. The
 //! live row (a running domain, against virtnbdbackup) needs root and
-//! libvirt. A row (and the run) during which the machine was busy is
-//! marked noisy, and its ratios are printed as such.
+//! libvirt; the vault rows (a sync to S3 and a restore from it, against
+//! `cp` into a local store and a restore from it) need an S3 server
+//! (`KNIB_S3_ENDPOINT`). A row (and the run) during which the machine was
+//! busy is marked noisy, and its ratios are printed as such.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +43,7 @@ const CS: u64 = 64 << 10;
 mod gen;
 mod live;
 mod measure;
+mod vault;
 use gen::*;
 use measure::*;
 
@@ -61,7 +64,7 @@ fn human(n: u64) -> String {
     }
 }
 
-const ROWS: [&str; 10] = [
+const ROWS: [&str; 12] = [
     "compress",
     "delta",
     "delta-compressed",
@@ -72,6 +75,8 @@ const ROWS: [&str; 10] = [
     "engine-big",
     "chain8",
     "live",
+    "vault-sync",
+    "vault-restore",
 ];
 
 /// The benchmark's command line.
@@ -116,7 +121,9 @@ enum OpCommand {
         #[arg(value_enum)]
         kind: Op,
         /// Its files: source, destination, then the backing file or parent
-        /// (`hash`: the one file).
+        /// (`hash`: the one file; `vault-sync`: store, vault; `vault-restore`:
+        /// vault, backup, destination; `store-restore`: store, backup,
+        /// destination).
         #[arg(num_args = 1..=3, required = true)]
         files: Vec<String>,
     },
@@ -135,6 +142,9 @@ enum Op {
     EngineInc,
     EngineIncCompressed,
     LiveBackup,
+    VaultSync,
+    VaultRestore,
+    StoreRestore,
 }
 
 /// knib's side of each row.
@@ -175,6 +185,9 @@ fn op(kind: Op, args: &[String]) {
             live::knib_backup(&a(0), &args[1]);
             return;
         }
+        Op::VaultSync => return vault::knib_sync(&a(0), &args[1]),
+        Op::VaultRestore => return vault::knib_restore_vault(&args[0], &args[1], &a(2)),
+        Op::StoreRestore => return vault::knib_restore_store(&a(0), &args[1], &a(2)),
         Op::EngineFull | Op::EngineInc | Op::EngineIncCompressed => {
             let inc = kind != Op::EngineFull;
             let req = TakeBackupRequest {
@@ -776,6 +789,56 @@ fn main() {
                     ),
                     &[("knib (catalog domain backup)", m[0]), ("virtnbdbackup -l inc", m[1])],
                 );
+            }
+        }
+    }
+
+    // 7. The vault: a sync to S3 against cp into a local store, a restore
+    // from S3 against one from the local store.
+    let (want_sync, want_restore) = (want("vault-sync"), want("vault-restore"));
+    if want_sync || want_restore {
+        match vault::unavailable() {
+            Some(why) => {
+                for r in ["vault-sync", "vault-restore"].into_iter().filter(|r| want(r)) {
+                    res.skip(r, why.clone());
+                }
+            }
+            None => {
+                let b = vault::VaultBench { me: &me, src: p("disk.qcow2"), dir: p("vault"), size };
+                let v = vault::rows(&b, runs, want_sync, want_restore);
+                if let Some((m, env)) = v.sync {
+                    res.row(
+                        "vault: sync a full + incremental backup to S3",
+                        env,
+                        v.bytes,
+                        format!(
+                            "{:.0} MB/s to the vault: {:.2}x the time, {:.2}x the CPU of cp into a local store directory \
+                             (no target: the network and the S3 server bound it)",
+                            v.bytes as f64 / 1e6 / m[0].secs,
+                            m[0].secs / m[1].secs,
+                            m[0].cpu / m[1].cpu
+                        ),
+                        &[("knib sync (8 MiB parts, 4 in flight)", m[0]), ("cp -r into a local store directory", m[1])],
+                    );
+                }
+                if let Some((m, env)) = v.restore {
+                    res.row(
+                        "vault: restore the incremental from S3",
+                        env,
+                        v.bytes,
+                        format!(
+                            "{:.0} MB/s of backup files from the vault: {:.2}x the time, {:.2}x the CPU of the same \
+                             restore from the local store (both verify every file's hash)",
+                            v.bytes as f64 / 1e6 / m[0].secs,
+                            m[0].secs / m[1].secs,
+                            m[0].cpu / m[1].cpu
+                        ),
+                        &[
+                            ("knib restore from the vault (ranged GETs)", m[0]),
+                            ("knib restore from the local store", m[1]),
+                        ],
+                    );
+                }
             }
         }
     }

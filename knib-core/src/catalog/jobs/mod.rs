@@ -1,4 +1,5 @@
-//! Durable jobs of a store: compression and validation of backups.
+//! Durable jobs of a store: compression and validation of backups, and
+//! syncs of a VM's backups to a vault on S3.
 //!
 //! # Files
 //!
@@ -18,7 +19,8 @@
 //! # Running
 //!
 //! [`run_jobs`] starts one worker thread per slot of each enabled kind
-//! (`compression.max_concurrent_per_host` + `validation.max_concurrent_per_host`).
+//! (`compression.max_concurrent_per_host`, `validation.max_concurrent_per_host`
+//! and, when it was given a [`SyncRunner`], `sync.max_concurrent_per_host`).
 //! Each claims a due queued job (state `running`, `owner` = this process),
 //! runs it with its kind's time budget, and records the result:
 //!
@@ -67,6 +69,35 @@
 //! `Store::compress` refuse, with a "busy" error naming the job, a backup
 //! whose validation job is running. Should its files vanish anyway, the job
 //! ends `cancelled`.
+//!
+//! # Sync jobs
+//!
+//! A sync job sends the backups of one VM that the vault (`sync.vault` in
+//! the settings, `s3://bucket/prefix`) lacks, like a Proxmox Backup Server
+//! sync job: one job per VM, not per backup. Its `backup` is the VM's
+//! newest backup when it was queued (queueing again while one is queued
+//! only moves that to the newest), but an attempt sends whatever the VM
+//! lacks in the vault at that moment. Per VM because that keeps the two
+//! rules of the vault true whatever the order jobs run in: an attempt
+//! holds the VM's lock, lists the vault, and sends the missing backups of
+//! every chain root first, so a child never goes before its parent and
+//! nothing the vault has is sent again (a job per backup would have to
+//! order jobs of one VM between themselves, and a deleted backup would
+//! cancel a job whose chain still needs sending). A VM left with no
+//! backup sends nothing and the job is `done`.
+//!
+//! The catalog does not know the vault (the vault is built on it): the
+//! caller of [`run_jobs`] gives the [`SyncRunner`] in
+//! [`RunOptions::sync`] (`knib_core::vault::sync_runner`); without one,
+//! sync jobs stay queued as a disabled kind's do. Limits, retries, interval
+//! and time budget are `sync.*`; the rate limit, part size and parts in
+//! flight are one job's (two jobs at once send twice the rate). A failed
+//! attempt (an unreachable server, a missing bucket, the VM busy with a
+//! backup) is retried; one the vault refuses the credentials of, or with
+//! no vault set or a bad location, fails at once: retrying with the same
+//! credentials would be refused again (and could lock the key out), and an
+//! operator must fix them. A job's `result` is the sync's report (backups
+//! sent and present, bytes sent).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -76,7 +107,7 @@ mod queue;
 mod runner;
 
 pub use model::{Job, JobKind, JobOwner, JobState, OwnerStatus};
-pub use runner::{run_jobs, screenshot_path, JobEvent, JobObserver, RunOptions, RunSummary};
+pub use runner::{run_jobs, screenshot_path, JobEvent, JobObserver, RunOptions, RunSummary, SyncAttempt, SyncRunner};
 
 /// The job schema this version of knib writes and reads.
 pub const JOB_SCHEMA: u32 = 1;

@@ -27,17 +27,21 @@ pub enum JobKind {
     Compress,
     /// Validate a backup: file checks, hashes and, if set, a boot test.
     Validate,
+    /// Send a VM's backups that the vault (`sync.vault`) lacks, parents
+    /// first (see [`super`]).
+    Sync,
 }
 
 impl JobKind {
     /// Every kind this knib runs.
-    pub const ALL: &'static [JobKind] = &[JobKind::Compress, JobKind::Validate];
+    pub const ALL: &'static [JobKind] = &[JobKind::Compress, JobKind::Validate, JobKind::Sync];
 
     /// The kind's name in job files.
     pub fn as_str(self) -> &'static str {
         match self {
             JobKind::Compress => "compress",
             JobKind::Validate => "validate",
+            JobKind::Sync => "sync",
         }
     }
 
@@ -52,6 +56,10 @@ impl JobKind {
             JobKind::Validate => {
                 let v = &s.validation;
                 (v.enabled, v.max_concurrent_per_host, v.max_retries, v.retry_interval_secs, v.timeout_secs)
+            }
+            JobKind::Sync => {
+                let y = &s.sync;
+                (y.enabled, y.max_concurrent_per_host, y.max_retries, y.retry_interval_secs, y.timeout_secs)
             }
         }
     }
@@ -134,7 +142,8 @@ pub struct Job {
     pub kind: JobKind,
     /// The VM of the backup.
     pub vm: String,
-    /// The backup it works on.
+    /// The backup it works on (a sync job: the VM's newest backup when it
+    /// was queued; it sends that one and every other the vault lacks).
     pub backup: String,
     /// Where it is in its life.
     pub state: JobState,

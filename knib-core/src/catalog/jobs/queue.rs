@@ -7,7 +7,9 @@
 //!   ([`lock_queue`]), by reading the job files and rewriting the one that
 //!   changes: a compare-and-swap, so two runners never claim one job.
 //! - The lock is held for one short transaction, never while a job runs.
-//! - A backup has at most one queued or running job of each kind.
+//! - A backup has at most one queued or running compression and one
+//!   validation job; a VM has at most one queued sync job (queueing another
+//!   brings the queued one up to date instead).
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -109,6 +111,51 @@ impl Store {
         self.queue_job(JobKind::Validate, &m)
     }
 
+    /// Queue a sync job of VM `vm`: it sends every backup of the VM that
+    /// the vault of the settings (`sync.vault`) lacks, parents first, when a
+    /// runner gets to it. Refused when no vault is set or the VM has no
+    /// backup. When the VM already has a queued sync job, that job is
+    /// returned instead, its `backup` set to the VM's newest (it will send
+    /// that one too); a running one is left alone, and the new job runs
+    /// after it (one job per VM at a time).
+    pub fn queue_sync(&self, vm: &str) -> Result<Job> {
+        names::validate("VM name", vm)?;
+        let settings = self.settings()?;
+        if settings.sync.vault.is_none() {
+            return Err(KnibError::invalid(format!(
+                "store {} has no vault for sync jobs: set \"sync.vault\": \"s3://BUCKET/PREFIX\" in its {}",
+                self.root().display(),
+                crate::catalog::settings::SETTINGS_FILE
+            )));
+        }
+        let newest = self.list(Some(vm))?.pop().ok_or_else(|| {
+            KnibError::not_found(format!("VM {vm} has no backup in store {}: nothing to sync", self.root().display()))
+        })?;
+        let dir = self.jobs_dir();
+        let _lock = lock_queue(&dir)?;
+        let queued =
+            load_all(&dir)?.into_iter().find(|j| j.kind == JobKind::Sync && j.vm == vm && j.state == JobState::Queued);
+        if let Some(mut j) = queued {
+            if j.backup != newest.id {
+                j.backup = newest.id.clone();
+                j.updated_at = now_secs();
+                j.save(&dir)?;
+            }
+            return Ok(j);
+        }
+        self.new_job(&dir, JobKind::Sync, &newest)
+    }
+
+    /// After a backup of `vm`: queue its sync job when the settings say so
+    /// (`sync.enabled` and `sync.auto`); `None` when they do not.
+    pub fn queue_sync_after_backup(&self, vm: &str) -> Result<Option<Job>> {
+        let s = self.settings()?;
+        if !(s.sync.enabled && s.sync.auto) {
+            return Ok(None);
+        }
+        self.queue_sync(vm).map(Some)
+    }
+
     /// The running validation job of backup `backup` whose runner is alive,
     /// if there is one.
     pub fn running_validation(&self, backup: &str) -> Result<Option<Job>> {
@@ -133,6 +180,11 @@ impl Store {
                 j.state.as_str()
             )));
         }
+        self.new_job(&dir, kind, m)
+    }
+
+    /// Write a new queued job of `kind` on `m` (under the queue lock).
+    fn new_job(&self, dir: &Path, kind: JobKind, m: &Manifest) -> Result<Job> {
         let mut id = format!("{}-{}", kind.as_str(), crate::catalog::new_backup_id());
         while dir.join(format!("{id}.json")).exists() {
             std::thread::sleep(Duration::from_millis(1));
@@ -155,7 +207,7 @@ impl Store {
             finished_at: None,
             result: None,
         };
-        job.save(&dir)?;
+        job.save(dir)?;
         Ok(job)
     }
 }

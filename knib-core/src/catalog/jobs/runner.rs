@@ -25,7 +25,7 @@ use super::model::{Job, JobKind, JobOwner, JobState, OwnerStatus};
 use super::now_f64;
 use super::ownership::me;
 use super::queue::{load_all, lock_queue};
-use crate::catalog::settings::Settings;
+use crate::catalog::settings::{Settings, SyncSettings};
 use crate::catalog::{Manifest, Store};
 use crate::engine::compress::comp_path;
 use crate::error::{ErrorKind, KnibError, Result};
@@ -51,9 +51,30 @@ pub enum JobEvent {
 /// Receives the runner's events, from its worker threads.
 pub type JobObserver = Arc<dyn Fn(&JobEvent) + Send + Sync>;
 
+/// How an attempt of a sync job ended, as its [`SyncRunner`] tells.
+#[derive(Debug, Clone)]
+pub enum SyncAttempt {
+    /// Sent: what the sync did (its report), kept in the job's `result`.
+    Done(serde_json::Value),
+    /// Failed in a way a retry would not change (the vault refused the
+    /// credentials, or no vault is set): the job fails at once.
+    Refused(KnibError),
+    /// Failed (the vault unreachable, a missing bucket, the VM busy): retried
+    /// as other jobs are.
+    Failed(KnibError),
+}
+
+/// Runs one attempt of a sync job: sends the backups of `job.vm` that the
+/// vault of `settings.vault` lacks, within the control's time budget. The
+/// vault is built on the catalog, so the catalog cannot call it itself: the
+/// caller of [`run_jobs`] gives the runner (`knib_core::vault::sync_runner`).
+pub type SyncRunner = Arc<dyn Fn(&Store, &Job, &SyncSettings, &Control) -> SyncAttempt + Send + Sync>;
+
 /// How [`run_jobs`] runs.
 #[derive(Clone, Default)]
 pub struct RunOptions {
+    /// Runs sync jobs; without it they are left queued, as a disabled kind's.
+    pub sync: Option<SyncRunner>,
     /// Called at every event (a hook for progress output and tests).
     pub observer: Option<JobObserver>,
     /// Stops the runner: no job is started any more, running ones are
@@ -102,9 +123,15 @@ struct Scan {
     blocked: bool,
 }
 
+/// Whether this runner runs jobs of `kind`: enabled in the settings (and,
+/// for sync jobs, a [`SyncRunner`] given).
+fn runs(kind: JobKind, settings: &Settings, opts: &RunOptions) -> bool {
+    kind.limits(settings).0 && (kind != JobKind::Sync || opts.sync.is_some())
+}
+
 /// Under the queue lock: take back jobs of dead runners, then claim the
 /// first due job that the limits allow.
-fn scan(store: &Store, settings: &Settings) -> Result<Scan> {
+fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
     let dir = store.jobs_dir();
     let me = me();
     let mut jobs = load_all(&dir)?;
@@ -141,8 +168,8 @@ fn scan(store: &Store, settings: &Settings) -> Result<Scan> {
     for i in queued {
         let j = &jobs[i];
         let at = j.next_attempt_at as f64;
-        let (enabled, max_here, ..) = j.kind.limits(settings);
-        if !enabled {
+        let (_, max_here, ..) = j.kind.limits(settings);
+        if !runs(j.kind, settings, opts) {
             continue;
         }
         if at > now {
@@ -338,10 +365,30 @@ fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
     }
 }
 
-fn execute(store: &Store, job: &Job, settings: &Settings, cancel: &CancelToken) -> Outcome {
+/// A sync job: the VM's backups the vault lacks, sent by the caller's
+/// [`SyncRunner`]. It is not cancelled when its `backup` is deleted (the
+/// VM's other backups still go); a VM left with no backup sends nothing.
+fn sync_job(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) -> Outcome {
+    let Some(run) = &opts.sync else {
+        return Outcome::Failed(KnibError::internal(format!("job {}: no sync runner", job.id)));
+    };
+    let ctl = job_control(settings.sync.timeout_secs, &opts.cancel);
+    match run(store, job, &settings.sync, &ctl) {
+        SyncAttempt::Done(report) => Outcome::Done(Some(report)),
+        SyncAttempt::Refused(e) => Outcome::Rejected(e.to_string(), serde_json::json!({ "error": e })),
+        SyncAttempt::Failed(e) if e.kind == ErrorKind::Cancelled && opts.cancel.is_cancelled() => {
+            Outcome::Interrupted(e)
+        }
+        SyncAttempt::Failed(e) => Outcome::Failed(e),
+    }
+}
+
+fn execute(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) -> Outcome {
+    let cancel = &opts.cancel;
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.kind {
         JobKind::Compress => compress_job(store, job, settings, cancel),
         JobKind::Validate => validate_job(store, job, settings, cancel),
+        JobKind::Sync => sync_job(store, job, settings, opts),
     }));
     run.unwrap_or_else(|p| {
         let what = p
@@ -383,7 +430,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
             return;
         }
         let found = lock_queue(&dir).and_then(|_lock| {
-            let s = scan(store, settings)?;
+            let s = scan(store, settings, opts)?;
             if s.claimed.is_some() {
                 *shared.running.lock() += 1;
             }
@@ -399,7 +446,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
         }
         if let Some(job) = found.claimed {
             emit(JobEvent::Started(job.clone()));
-            let outcome = execute(store, &job, settings, &opts.cancel);
+            let outcome = execute(store, &job, settings, opts);
             let recorded = lock_queue(&dir).and_then(|_lock| record(store, settings, &job, &outcome));
             *shared.running.lock() -= 1;
             shared.changed.notify_all();
@@ -451,7 +498,8 @@ pub fn run_jobs(store: &Store, opts: &RunOptions) -> Result<RunSummary> {
         error: Mutex::new(None),
         summary: Mutex::new(RunSummary::default()),
     };
-    let workers: u32 = JobKind::ALL.iter().map(|k| k.limits(&settings)).filter(|l| l.0).map(|l| l.1.max(1)).sum();
+    let workers: u32 =
+        JobKind::ALL.iter().filter(|k| runs(**k, &settings, opts)).map(|k| k.limits(&settings).1.max(1)).sum();
     if workers > 0 {
         std::thread::scope(|s| {
             for i in 0..workers {
