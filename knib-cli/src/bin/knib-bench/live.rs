@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use knib_core::catalog::{BackupOptions, Store};
+use knib_core::engine::BackupMethod;
 use knib_core::libvirt::{qemu_monitor_command_hmp, Hypervisor};
 use knib_core::Control;
 
@@ -38,13 +39,49 @@ pub(crate) fn unavailable() -> Option<String> {
 }
 
 /// knib's side: one backup of the running domain `name` into the store
-/// (a full one on a new store, incremental after).
-pub(crate) fn knib_backup(store: &Path, name: &str) {
+/// (a full one on a new store, incremental after) by `method`. The bytes
+/// QEMU wrote to storage meanwhile (`write_bytes` of its `/proc/PID/io`:
+/// the block commit of the snapshot method; the bitmaps and scratch files
+/// of the bitmap method) are appended, with the backup's kind, to
+/// [`writes_file`] beside the live directory (which each run removes).
+pub(crate) fn knib_backup(store: &Path, name: &str, method: BackupMethod) {
     let ctl = Control::new();
     let hv = Hypervisor::open(URI).expect("libvirt");
     let vm = hv.domain(name).expect("the domain");
-    let store = Store::create(store).expect("store");
-    store.backup_domain(&vm, &BackupOptions::default(), false, &ctl).expect("domain backup");
+    let before = qemu_write_bytes(name);
+    let st = Store::create(store).expect("store");
+    let opts = BackupOptions { method: Some(method), ..Default::default() };
+    let m = st.backup_domain(&vm, &opts, false, &ctl).expect("domain backup");
+    if let (Some(b), Some(a), Some(dir)) = (before, qemu_write_bytes(name), store.parent()) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(writes_file(dir, method))
+            .expect("the QEMU writes file");
+        writeln!(f, "{} {}", m.kind.as_str(), a.saturating_sub(b)).expect("the QEMU writes file");
+    }
+}
+
+/// Where [`knib_backup`] records QEMU's writes for the live directory `dir`.
+fn writes_file(dir: &Path, method: BackupMethod) -> PathBuf {
+    dir.with_extension(format!("qemu-writes-{}", method.as_str()))
+}
+
+/// `write_bytes` of the QEMU process of domain `name`, when it can be read.
+fn qemu_write_bytes(name: &str) -> Option<u64> {
+    let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid")).ok()?;
+    let io = std::fs::read_to_string(format!("/proc/{}/io", pid.trim())).ok()?;
+    io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// The median of the incremental backups' figures in a writes file.
+fn median_incremental_writes(file: &Path) -> u64 {
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let mut v: Vec<u64> =
+        text.lines().filter_map(|l| l.strip_prefix("incremental ")).filter_map(|n| n.trim().parse().ok()).collect();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
 fn xml(name: &str, disk: &Path) -> String {
@@ -184,5 +221,41 @@ pub(crate) fn rows(live: &Live<'_>, runs: usize) -> ((Vec<Measured>, RowEnv), (V
             Tool::new("virtnbdbackup", vec![nbd_inc], &live.nbd()).sync_fs().setup(&nbd_prep),
         ],
     );
+    let _ = std::fs::remove_file(writes_file(&live.dir, BackupMethod::Snapshot));
     (full, inc)
+}
+
+/// The bitmap row: a 1%-changed incremental backup of the running domain
+/// by bitmap against one by snapshot, each after a full backup by the same
+/// method and the same writes (untimed); the timings and the median bytes
+/// QEMU wrote to storage during each incremental (bitmap, snapshot).
+pub(crate) fn method_rows(live: &Live<'_>, runs: usize) -> ((Vec<Measured>, RowEnv), [u64; 2]) {
+    let store = s(&live.store());
+    let by_bitmap = cmd(&[live.me, "op", "live-backup-bitmap", &store, &live.name]);
+    let by_snapshot = cmd(&[live.me, "op", "live-backup", &store, &live.name]);
+    struct Down<'a, 'b>(&'a Live<'b>);
+    impl Drop for Down<'_, '_> {
+        fn drop(&mut self) {
+            self.0.teardown();
+        }
+    }
+    let _down = Down(live);
+    let files = [writes_file(&live.dir, BackupMethod::Bitmap), writes_file(&live.dir, BackupMethod::Snapshot)];
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    let bitmap_prep = |run: usize| live.prepare(run, Some(&by_bitmap));
+    let snapshot_prep = |run: usize| live.prepare(run, Some(&by_snapshot));
+    let m = compare(
+        runs,
+        &[
+            Tool::new("knib by bitmap", vec![by_bitmap.clone()], &live.store()).sync_fs().setup(&bitmap_prep),
+            Tool::new("knib by snapshot", vec![by_snapshot.clone()], &live.store()).sync_fs().setup(&snapshot_prep),
+        ],
+    );
+    let writes = [median_incremental_writes(&files[0]), median_incremental_writes(&files[1])];
+    for f in &files {
+        let _ = std::fs::remove_file(f);
+    }
+    (m, writes)
 }
