@@ -169,3 +169,69 @@ pub fn sync(
     output::say(json, &serde_json::to_value(&r).expect("serializes"), &text);
     Ok(())
 }
+
+/// `knib restore --store s3://... BACKUP --quick --domain NAME`: start the
+/// stopped domain at once on overlays backed by NBD exports of the
+/// backup's volumes, served by a detached `knib vault-serve` that reads
+/// the vault by ranged GETs; `knib consolidate` pulls the data in and
+/// stops it.
+pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: bool, ctl: &Control) -> Result<()> {
+    let v = Vault::open(loc)?;
+    let hv = knib_core::libvirt::Hypervisor::open(connect)?;
+    let dom = hv.domain(domain)?;
+    let exe = std::env::current_exe()
+        .map_err(|e| KnibError::internal(format!("cannot find knib's own program to start the NBD server: {e}")))?;
+    let mut spawn = |dir: &Path| -> Result<u32> {
+        use std::os::unix::process::CommandExt;
+        let log_path = dir.join(knib_core::vault::serve::LOG_FILE);
+        let log = std::fs::File::create(&log_path).map_err(|e| KnibError::io("cannot create", &log_path, e))?;
+        let child = std::process::Command::new(&exe)
+            .arg("vault-serve")
+            .arg("--store")
+            .arg(loc)
+            .arg("--backup")
+            .arg(id)
+            .arg("--dir")
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            // Its own process group: the terminal's signals to knib do not reach it.
+            .process_group(0)
+            .spawn()
+            .map_err(|e| KnibError::io("cannot start", &exe, e))?;
+        Ok(child.id())
+    };
+    let st = knib_core::vault::serve::quick_restore_domain(
+        &v,
+        &knib_core::qemu_img::QemuImg::new(),
+        id,
+        &dom,
+        &mut spawn,
+        ctl,
+    )?;
+    let overlays: Vec<(String, std::path::PathBuf)> =
+        st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect();
+    let text: Vec<String> = overlays.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
+    output::say(
+        json,
+        &serde_json::json!({"restored": id, "domain": domain, "overlays": overlays, "vault": loc, "server_pid": st.pid}),
+        &format!(
+            "domain {domain} started on overlays of backup {id} served from {loc} by process {}: {}; run `knib consolidate --domain {domain}` to pull the data in",
+            st.pid,
+            text.join(", ")
+        ),
+    );
+    Ok(())
+}
+
+/// `knib vault-serve`: serve every volume of backup `id` on `<dir>/<volume>.sock`
+/// until killed (`knib consolidate` stops it).
+pub fn serve(loc: &str, id: &str, dir: &Path) -> Result<()> {
+    let v = Vault::open(loc)?;
+    let servers = v.serve_volumes(id, dir)?;
+    log::info!("serving {} volumes of backup {id} of {loc} in {}", servers.len(), dir.display());
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
+    }
+}

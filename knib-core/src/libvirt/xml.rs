@@ -114,7 +114,12 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
             let Some(source) = child(bs, "source") else {
                 break;
             };
-            let Some(path) = source.attribute("file").or_else(|| source.attribute("dev")) else {
+            // An NBD export on a UNIX socket (quick restore from the vault):
+            // the layer is named by its socket.
+            let nbd_socket = (source.attribute("protocol") == Some("nbd"))
+                .then(|| child(source, "host").and_then(|h| h.attribute("socket")))
+                .flatten();
+            let Some(path) = source.attribute("file").or_else(|| source.attribute("dev")).or(nbd_socket) else {
                 return Err(KnibError::invalid(format!(
                     "domain XML: disk {target} has a backing layer of type '{}' that is not a file",
                     bs.attribute("type").unwrap_or("?")
