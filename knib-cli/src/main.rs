@@ -515,16 +515,27 @@ fn run(cli: Cli) -> Result<()> {
             let q = QemuImg::new();
             let done = knib_core::engine::live::consolidate(&q, &dom, &ctl)?;
             // A quick restore from a vault: its server is no longer needed.
-            for st in knib_core::vault::serve::release_served(&q, &dom, &ctl)? {
-                log::info!("domain {domain}: the vault's server of backup {} is stopped", st.backup);
-            }
+            let released = knib_core::vault::serve::release_served(&q, &dom, &ctl)?;
             output::clear_progress();
             let text = if done.is_empty() {
                 format!("domain {domain}: no disk depends on a backing file; nothing to consolidate")
             } else {
                 format!("domain {domain}: consolidated {}", done.join(", "))
             };
-            output::say(json, &serde_json::json!({"domain": domain, "consolidated": done}), &text);
+            let mut answer = serde_json::json!({"domain": domain, "consolidated": done});
+            let mut text = text;
+            if !released.is_empty() {
+                answer["vault_servers_stopped"] = serde_json::to_value(&released).expect("serializes");
+                for r in &released {
+                    text.push_str(&format!(
+                        "; stopped the server of backup {} from {} (it fetched {})",
+                        r.state.backup,
+                        r.state.vault,
+                        r.bytes_fetched.map(knib_core::fsio::human_bytes).unwrap_or_else(|| "an unknown amount".into())
+                    ));
+                }
+            }
+            output::say(json, &answer, &text);
         }
         Command::VmSettings { store, vm, backup_method } => {
             let s = match backup_method {

@@ -226,12 +226,29 @@ pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: boo
 }
 
 /// `knib vault-serve`: serve every volume of backup `id` on `<dir>/<volume>.sock`
-/// until killed (`knib consolidate` stops it).
+/// until SIGTERM or SIGINT (`knib consolidate` stops it); then write what
+/// it fetched from the vault to `<dir>/fetched.json` and end.
 pub fn serve(loc: &str, id: &str, dir: &Path) -> Result<()> {
+    // SIGTERM and SIGINT are taken by `sigwait` below: blocked here, before
+    // any thread starts, so that every thread inherits the mask.
+    // SAFETY: plain signal-mask calls on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
     let v = Vault::open(loc)?;
     let servers = v.serve_volumes(id, dir)?;
     log::info!("serving {} volumes of backup {id} of {loc} in {}", servers.len(), dir.display());
-    loop {
-        std::thread::sleep(std::time::Duration::from_secs(3600));
-    }
+    let mut sig: libc::c_int = 0;
+    // SAFETY: waits for one of the blocked signals of `set`.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    drop(servers);
+    let fetched = serde_json::json!({"bytes_fetched": v.bytes_fetched(), "get_requests": v.get_requests()});
+    knib_core::fsio::write_atomic(&dir.join(knib_core::vault::serve::FETCHED_FILE), fetched.to_string().as_bytes())?;
+    log::info!("signal {sig}: the server of backup {id} ends; fetched {fetched}");
+    Ok(())
 }

@@ -41,6 +41,9 @@ use crate::qemu_img::QemuImg;
 
 /// The state file of a served quick restore, in its directory.
 pub const STATE_FILE: &str = "serve.json";
+/// What the server fetched from the vault (`bytes_fetched`,
+/// `get_requests`), written by it as it ends, in its directory.
+pub const FETCHED_FILE: &str = "fetched.json";
 /// The server's log, in its directory.
 pub const LOG_FILE: &str = "serve.log";
 /// How long the server may take to listen on every socket (opening a chain
@@ -163,8 +166,8 @@ fn is_our_server(pid: u32, dir: &Path) -> bool {
 }
 
 /// Stop the server `pid` of `dir` (SIGTERM, then SIGKILL after 10 s) and
-/// remove `dir`.
-fn stop_server(pid: u32, dir: &Path) -> Result<()> {
+/// remove `dir`; the bytes it fetched from the vault, when it said.
+fn stop_server(pid: u32, dir: &Path) -> Result<Option<u64>> {
     if pid > 0 && is_our_server(pid, dir) {
         // SAFETY: kill(2) on a pid checked to be our server.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };
@@ -178,11 +181,24 @@ fn stop_server(pid: u32, dir: &Path) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    let fetched = fs::read(dir.join(FETCHED_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["bytes_fetched"].as_u64());
     match fs::remove_dir_all(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(fetched),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(fetched),
         Err(e) => Err(KnibError::io("cannot remove", dir, e)),
     }
+}
+
+/// A server stopped by [`release_served`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Released {
+    /// What the quick restore recorded.
+    pub state: ServeState,
+    /// The bytes the server fetched from the vault, if it said.
+    pub bytes_fetched: Option<u64>,
 }
 
 /// Quick restore of backup `id` of `vault` onto the stopped domain `vm`:
@@ -318,9 +334,9 @@ fn wait_for_sockets(state: &ServeState, dir: &Path, ctl: &Control) -> Result<()>
 
 /// After consolidation: stop the server of each quick restore from the
 /// vault of `vm` whose exports no disk of `vm` depends on any more, and
-/// remove its directory. Returns the states released; a server still
+/// remove its directory. Returns the servers stopped; a server still
 /// needed is left running (with a log line).
-pub fn release_served(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<ServeState>> {
+pub fn release_served(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<Released>> {
     let disks = vm.disks()?;
     let running = vm.is_running()?;
     let mut dirs: Vec<PathBuf> = disks.iter().map(|d| serve_dir(fsio::parent_dir(&d.file), vm.name())).collect();
@@ -346,14 +362,14 @@ pub fn release_served(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<ServeSt
             );
             continue;
         }
-        stop_server(state.pid, &dir)?;
+        let bytes_fetched = stop_server(state.pid, &dir)?;
         log::info!(
-            "domain {}: stopped the vault's NBD server (pid {}) of backup {}",
+            "domain {}: stopped the vault's NBD server (pid {}) of backup {}; it fetched {bytes_fetched:?} bytes",
             vm.name(),
             state.pid,
             state.backup
         );
-        out.push(state);
+        out.push(Released { state, bytes_fetched });
     }
     Ok(out)
 }
