@@ -362,6 +362,14 @@ mod tests {
             <backingStore type='network'><format type='raw'/><source protocol='nbd'/></backingStore>\
             <target dev='vda'/></disk></devices></domain>";
         assert_eq!(parse_disks(net_backing).unwrap_err().kind, ErrorKind::InvalidInput);
+        // An NBD export on a UNIX socket (quick restore from the vault) is
+        // named by its socket.
+        let nbd_unix = "<domain><devices><disk type='file' device='disk'><source file='/a'/>\
+            <backingStore type='network'><format type='raw'/><source protocol='nbd'>\
+            <host transport='unix' socket='/d/vda.sock'/></source></backingStore>\
+            <target dev='vda'/></disk></devices></domain>";
+        let d = parse_disks(nbd_unix).unwrap();
+        assert_eq!(d[0].backing_chain, vec![BackingLayer { file: PathBuf::from("/d/vda.sock"), format: "raw".into() }]);
         assert_eq!(parse_disks("<domain/>").unwrap(), vec![]);
     }
 
