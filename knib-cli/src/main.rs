@@ -513,6 +513,9 @@ fn run(cli: Cli) -> Result<()> {
             let hv = Hypervisor::open(&connect)?;
             let dom = hv.domain(&domain)?;
             let q = QemuImg::new();
+            // A quick restore from a vault whose server is gone (the host
+            // restarted): serve the exports again first.
+            vault::restart_dead_servers(&dom, &ctl)?;
             let done = knib_core::engine::live::consolidate(&q, &dom, &ctl)?;
             // A quick restore from a vault: its server is no longer needed.
             let released = knib_core::vault::serve::release_served(&q, &dom, &ctl)?;

@@ -179,29 +179,7 @@ pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: boo
     let v = Vault::open(loc)?;
     let hv = knib_core::libvirt::Hypervisor::open(connect)?;
     let dom = hv.domain(domain)?;
-    let exe = std::env::current_exe()
-        .map_err(|e| KnibError::internal(format!("cannot find knib's own program to start the NBD server: {e}")))?;
-    let mut spawn = |dir: &Path| -> Result<u32> {
-        use std::os::unix::process::CommandExt;
-        let log_path = dir.join(knib_core::vault::serve::LOG_FILE);
-        let log = std::fs::File::create(&log_path).map_err(|e| KnibError::io("cannot create", &log_path, e))?;
-        let child = std::process::Command::new(&exe)
-            .arg("vault-serve")
-            .arg("--store")
-            .arg(loc)
-            .arg("--backup")
-            .arg(id)
-            .arg("--dir")
-            .arg(dir)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            // Its own process group: the terminal's signals to knib do not reach it.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| KnibError::io("cannot start", &exe, e))?;
-        Ok(child.id())
-    };
+    let mut spawn = |dir: &Path| spawn_server(loc, id, dir);
     let st = knib_core::vault::serve::quick_restore_domain(
         &v,
         &knib_core::qemu_img::QemuImg::new(),
@@ -223,6 +201,44 @@ pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: boo
         ),
     );
     Ok(())
+}
+
+/// Start `knib vault-serve` for backup `id` of vault `loc` on `dir`,
+/// detached (its own process group, its log in `dir`); its pid.
+fn spawn_server(loc: &str, id: &str, dir: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()
+        .map_err(|e| KnibError::internal(format!("cannot find knib's own program to start the NBD server: {e}")))?;
+    let log_path = dir.join(knib_core::vault::serve::LOG_FILE);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| KnibError::io("cannot open", &log_path, e))?;
+    let child = std::process::Command::new(&exe)
+        .arg("vault-serve")
+        .arg("--store")
+        .arg(loc)
+        .arg("--backup")
+        .arg(id)
+        .arg("--dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        // Its own process group: the terminal's signals to knib do not reach it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| KnibError::io("cannot start", &exe, e))?;
+    Ok(child.id())
+}
+
+/// Before `knib consolidate`: start again the vault's server of a quick
+/// restore onto `dom` whose server is gone (see
+/// `knib_core::vault::serve::restart_dead`).
+pub fn restart_dead_servers(dom: &knib_core::libvirt::Vm, ctl: &Control) -> Result<()> {
+    let mut spawn = |st: &knib_core::vault::serve::ServeState, dir: &Path| spawn_server(&st.vault, &st.backup, dir);
+    knib_core::vault::serve::restart_dead(dom, &mut spawn, ctl).map(drop)
 }
 
 /// `knib vault-serve`: serve every volume of backup `id` on `<dir>/<volume>.sock`

@@ -3,10 +3,12 @@
 //! of backups synced to the vault, the local store deleted (so only the
 //! vault can be read), `knib restore --quick` starts a stopped domain on
 //! overlays backed by knib's NBD exports of the vault, the guest reads the
-//! backup's data, `knib consolidate` pulls it in, stops the server and
-//! removes its sockets, and the disk is the backup byte for byte.
+//! backup's data, `knib consolidate` pulls it in (a block pull while the
+//! domain runs; offline, after starting again a server that was killed,
+//! when it is stopped), stops the server and removes its sockets, and the
+//! disk is the backup byte for byte.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 #[path = "../../knib-core/tests/common/mod.rs"]
@@ -33,13 +35,41 @@ fn alive(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
+fn wait_gone(pid: u64) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(pid) && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    !alive(pid)
+}
+
+/// The server a test started: killed if the test ends before consolidation.
+struct Server(u64);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            // SAFETY: kill(2) on the server this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 const SIZE: u64 = 64 * MIB;
 
-#[test]
-fn quick_restore_from_the_vault_then_consolidate() {
-    if !s3::setup() || skip_without_libvirt("quick restore from the vault") {
-        return;
-    }
+/// A backup chain synced to a new vault prefix (the local store deleted),
+/// a stopped domain quick-restored from it; the guest reads the backup.
+struct Restored {
+    _dir: tempfile::TempDir,
+    prefix: s3::Prefix,
+    reference: PathBuf,
+    target: TestVm,
+    serve_dir: PathBuf,
+    overlay: PathBuf,
+    server: Server,
+}
+
+fn quick_restored(name: &str) -> Restored {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.qcow2");
     make_disk(&src, SIZE, &[]);
@@ -54,8 +84,8 @@ fn quick_restore_from_the_vault_then_consolidate() {
     let id = b2["id"].as_str().unwrap().to_string();
     let reference = dir.path().join("ref.qcow2");
     snapshot(&src, &reference);
-    let p = s3::Prefix::new("quick");
-    let loc = p.location();
+    let prefix = s3::Prefix::new(name);
+    let loc = prefix.location();
     ok_json(&["--json", "sync", "--store", s, "--to", &loc]);
     // Only the vault can be read from now on.
     std::fs::remove_dir_all(&store).unwrap();
@@ -70,8 +100,8 @@ fn quick_restore_from_the_vault_then_consolidate() {
     );
     let r =
         ok_json(&["--json", "--connect", URI, "restore", "--store", &loc, &id, "--quick", "--domain", target.name()]);
-    let pid = r["server_pid"].as_u64().unwrap();
-    assert!(alive(pid), "{r}");
+    let server = Server(r["server_pid"].as_u64().unwrap());
+    assert!(alive(server.0), "{r}");
     assert!(target.vm.is_running().unwrap());
     let serve_dir = std::fs::canonicalize(&tdir).unwrap().join(format!(".knib-vault-{}", target.name()));
     let d = target.disk("vda");
@@ -84,26 +114,52 @@ fn quick_restore_from_the_vault_then_consolidate() {
     assert!(target.read_check("vda", 0x73, MIB, MIB));
     assert!(target.read_check("vda", 0x72, 40 * MIB, 2 * MIB));
     assert!(target.read_check("vda", 0x00, 50 * MIB, MIB));
+    Restored { _dir: dir, prefix, reference, target, serve_dir, overlay: d.file, server }
+}
 
-    let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", target.name()]);
+/// After consolidation: the server and its directory are gone, the disk
+/// has no backing file and is the backup.
+fn assert_consolidated(r: &Restored, c: &serde_json::Value) {
     assert_eq!(c["consolidated"], serde_json::json!(["vda"]), "{c}");
-    // The server read each object about once: the data the block pull
-    // needed (7 MiB written, the rest zeros), not the objects many times.
-    let stored: u64 = p.keys().iter().filter(|(k, _)| k.ends_with(".qcow2")).map(|(_, n)| n).sum();
+    // The server read each object about once: the data the pull needed
+    // (7 MiB written, the rest zeros), not the objects many times.
+    let stored: u64 = r.prefix.keys().iter().filter(|(k, _)| k.ends_with(".qcow2")).map(|(_, n)| n).sum();
     let fetched = c["vault_servers_stopped"][0]["bytes_fetched"].as_u64().expect("the server said what it fetched");
     eprintln!("the server fetched {fetched} bytes; the objects hold {stored}");
     assert!(fetched >= 6 * MIB && fetched <= stored + stored / 2, "fetched {fetched} of {stored} stored bytes: {c}");
-    assert!(target.disk("vda").backing_chain.is_empty());
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while alive(pid) && std::time::Instant::now() < until {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(!alive(pid), "the server runs on after consolidation");
-    assert!(!serve_dir.exists(), "its directory is left");
-    assert!(target.read_check("vda", 0x73, MIB, MIB));
-    target.power_off();
-    assert_identical(&d.file, &reference);
-    let info = Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&d.file).output().unwrap();
+    let pid = c["vault_servers_stopped"][0]["state"]["pid"].as_u64().unwrap();
+    assert!(wait_gone(pid), "the server runs on after consolidation");
+    assert!(!r.serve_dir.exists(), "its directory is left");
+    assert_identical(&r.overlay, &r.reference);
+    let info = Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&r.overlay).output().unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert!(info.get("backing-filename").is_none(), "{info}");
+}
+
+#[test]
+fn quick_restore_from_the_vault_then_consolidate_while_it_runs() {
+    if !s3::setup() || skip_without_libvirt("quick restore from the vault") {
+        return;
+    }
+    let r = quick_restored("quick");
+    let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
+    assert!(r.target.disk("vda").backing_chain.is_empty());
+    assert!(r.target.read_check("vda", 0x73, MIB, MIB));
+    r.target.power_off();
+    assert_consolidated(&r, &c);
+}
+
+#[test]
+fn a_killed_server_is_started_again_for_an_offline_consolidation() {
+    if !s3::setup() || skip_without_libvirt("quick restore from the vault, server killed") {
+        return;
+    }
+    let r = quick_restored("quick-killed");
+    r.target.power_off();
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(r.server.0 as i32, libc::SIGKILL) };
+    assert!(wait_gone(r.server.0));
+    let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
+    assert_ne!(c["vault_servers_stopped"][0]["state"]["pid"].as_u64(), Some(r.server.0), "{c}");
+    assert_consolidated(&r, &c);
 }

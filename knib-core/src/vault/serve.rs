@@ -332,6 +332,62 @@ fn wait_for_sockets(state: &ServeState, dir: &Path, ctl: &Control) -> Result<()>
     }
 }
 
+/// The quick restores from a vault of `vm` still served: each directory
+/// beside its disks with a state file, and the state.
+fn served(vm: &Vm, disks: &[crate::libvirt::DiskInfo]) -> Result<Vec<(PathBuf, ServeState)>> {
+    let mut dirs: Vec<PathBuf> = disks.iter().map(|d| serve_dir(fsio::parent_dir(&d.file), vm.name())).collect();
+    dirs.sort();
+    dirs.dedup();
+    let mut out = Vec::new();
+    for dir in dirs {
+        let state_path = dir.join(STATE_FILE);
+        let Ok(text) = fs::read(&state_path) else { continue };
+        let state: ServeState = crate::json::from_slice(&text)
+            .map_err(|e| KnibError::corrupt(format!("{} is corrupted: {e}", state_path.display())))?;
+        out.push((dir, state));
+    }
+    Ok(out)
+}
+
+/// Before consolidation: start again the server of each quick restore of
+/// `vm` from a vault whose server is gone (the host restarted, or it was
+/// killed), with `spawn(state, dir)` (which returns the new pid), so that
+/// the overlays' backing exports answer again. Returns the pids started.
+/// (A running QEMU does not reconnect to a server that went away: this
+/// serves a stopped domain, whose consolidation reads the exports.)
+pub fn restart_dead(
+    vm: &Vm,
+    spawn: &mut dyn FnMut(&ServeState, &Path) -> Result<u32>,
+    ctl: &Control,
+) -> Result<Vec<u32>> {
+    let disks = vm.disks()?;
+    let mut out = Vec::new();
+    for (dir, mut state) in served(vm, &disks)? {
+        if alive(state.pid) && is_our_server(state.pid, &dir) {
+            continue;
+        }
+        log::warn!(
+            "domain {}: the vault's NBD server of backup {} (pid {}) is gone: starting it again",
+            vm.name(),
+            state.backup,
+            state.pid
+        );
+        for d in &state.disks {
+            fsio::remove_if_exists(&d.socket)?;
+        }
+        let _ = fsio::remove_if_exists(&dir.join(FETCHED_FILE));
+        state.pid = spawn(&state, &dir)?;
+        fsio::write_atomic(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(&state).expect("state serializes"))?;
+        wait_for_sockets(&state, &dir, ctl)?;
+        let ids = qemu_ids();
+        for d in &state.disks {
+            chown(&d.socket, ids)?;
+        }
+        out.push(state.pid);
+    }
+    Ok(out)
+}
+
 /// After consolidation: stop the server of each quick restore from the
 /// vault of `vm` whose exports no disk of `vm` depends on any more, and
 /// remove its directory. Returns the servers stopped; a server still
@@ -339,19 +395,12 @@ fn wait_for_sockets(state: &ServeState, dir: &Path, ctl: &Control) -> Result<()>
 pub fn release_served(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<Released>> {
     let disks = vm.disks()?;
     let running = vm.is_running()?;
-    let mut dirs: Vec<PathBuf> = disks.iter().map(|d| serve_dir(fsio::parent_dir(&d.file), vm.name())).collect();
-    dirs.sort();
-    dirs.dedup();
     let mut chains = Vec::new();
     for d in &disks {
         chains.push(crate::engine::live::chain_of(q, running, d, ctl)?);
     }
     let mut out = Vec::new();
-    for dir in dirs {
-        let state_path = dir.join(STATE_FILE);
-        let Ok(text) = fs::read(&state_path) else { continue };
-        let state: ServeState = crate::json::from_slice(&text)
-            .map_err(|e| KnibError::corrupt(format!("{} is corrupted: {e}", state_path.display())))?;
+    for (dir, state) in served(vm, &disks)? {
         let dir_s = dir.to_string_lossy().into_owned();
         let needed = chains.iter().flatten().any(|f| f.to_string_lossy().contains(&dir_s));
         if needed {
