@@ -243,6 +243,20 @@ enum Command {
         #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
         parallel_parts: u32,
     },
+    /// Serve the volumes of a vault's backup over NBD for a quick restore
+    /// (started by `knib restore --quick`, stopped by `knib consolidate`).
+    #[command(hide = true)]
+    VaultServe {
+        /// The vault (s3://BUCKET/PREFIX).
+        #[arg(long)]
+        store: PathBuf,
+        /// The backup's id.
+        #[arg(long)]
+        backup: String,
+        /// The directory of the sockets.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Files of a backup, read straight from the store: list filesystems
     /// and directories, extract files and directories.
     Files {
@@ -419,9 +433,8 @@ fn run(cli: Cli) -> Result<()> {
             let format = ImageFormat::from(format);
             if let Some(loc) = vault::location(&store) {
                 if quick {
-                    return Err(KnibError::invalid(
-                        "--quick needs a store directory: restore from the vault first, or sync it to a local store",
-                    ));
+                    let domain = domain.ok_or_else(|| KnibError::invalid("--quick needs --domain"))?;
+                    return vault::quick_restore(loc, &backup, &domain, &connect, json, &ctl);
                 }
                 let (volume, to) = match (volume, to) {
                     (Some(v), Some(t)) => (v, t),
@@ -499,14 +512,33 @@ fn run(cli: Cli) -> Result<()> {
         Command::Consolidate { domain } => {
             let hv = Hypervisor::open(&connect)?;
             let dom = hv.domain(&domain)?;
-            let done = knib_core::engine::live::consolidate(&QemuImg::new(), &dom, &ctl)?;
+            let q = QemuImg::new();
+            // A quick restore from a vault whose server is gone (the host
+            // restarted): serve the exports again first.
+            vault::restart_dead_servers(&dom, &ctl)?;
+            let done = knib_core::engine::live::consolidate(&q, &dom, &ctl)?;
+            // A quick restore from a vault: its server is no longer needed.
+            let released = knib_core::vault::serve::release_served(&q, &dom, &ctl)?;
             output::clear_progress();
             let text = if done.is_empty() {
                 format!("domain {domain}: no disk depends on a backing file; nothing to consolidate")
             } else {
                 format!("domain {domain}: consolidated {}", done.join(", "))
             };
-            output::say(json, &serde_json::json!({"domain": domain, "consolidated": done}), &text);
+            let mut answer = serde_json::json!({"domain": domain, "consolidated": done});
+            let mut text = text;
+            if !released.is_empty() {
+                answer["vault_servers_stopped"] = serde_json::to_value(&released).expect("serializes");
+                for r in &released {
+                    text.push_str(&format!(
+                        "; stopped the server of backup {} from {} (it fetched {})",
+                        r.state.backup,
+                        r.state.vault,
+                        r.bytes_fetched.map(knib_core::fsio::human_bytes).unwrap_or_else(|| "an unknown amount".into())
+                    ));
+                }
+            }
+            output::say(json, &answer, &text);
         }
         Command::VmSettings { store, vm, backup_method } => {
             let s = match backup_method {
@@ -548,6 +580,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Jobs { command } => jobs::run(command, json)?,
         Command::Group { command } => group::run(command, json, &connect, &ctl)?,
         Command::Files { command } => files::run(command, json, &ctl)?,
+        Command::VaultServe { store, backup, dir } => {
+            let loc = vault::location(&store).ok_or_else(|| {
+                KnibError::invalid(format!("{} is not a vault (s3://BUCKET/PREFIX)", store.display()))
+            })?;
+            vault::serve(loc, &backup, &dir)?
+        }
     }
     Ok(())
 }

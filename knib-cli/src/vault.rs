@@ -169,3 +169,102 @@ pub fn sync(
     output::say(json, &serde_json::to_value(&r).expect("serializes"), &text);
     Ok(())
 }
+
+/// `knib restore --store s3://... BACKUP --quick --domain NAME`: start the
+/// stopped domain at once on overlays backed by NBD exports of the
+/// backup's volumes, served by a detached `knib vault-serve` that reads
+/// the vault by ranged GETs; `knib consolidate` pulls the data in and
+/// stops it.
+pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: bool, ctl: &Control) -> Result<()> {
+    let v = Vault::open(loc)?;
+    let hv = knib_core::libvirt::Hypervisor::open(connect)?;
+    let dom = hv.domain(domain)?;
+    let mut spawn = |dir: &Path| spawn_server(loc, id, dir);
+    let st = knib_core::vault::serve::quick_restore_domain(
+        &v,
+        &knib_core::qemu_img::QemuImg::new(),
+        id,
+        &dom,
+        &mut spawn,
+        ctl,
+    )?;
+    let overlays: Vec<(String, std::path::PathBuf)> =
+        st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect();
+    let text: Vec<String> = overlays.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
+    output::say(
+        json,
+        &serde_json::json!({"restored": id, "domain": domain, "overlays": overlays, "vault": loc, "server_pid": st.pid}),
+        &format!(
+            "domain {domain} started on overlays of backup {id} served from {loc} by process {}: {}; run `knib consolidate --domain {domain}` to pull the data in",
+            st.pid,
+            text.join(", ")
+        ),
+    );
+    Ok(())
+}
+
+/// Start `knib vault-serve` for backup `id` of vault `loc` on `dir`,
+/// detached (its own process group, its log in `dir`); its pid.
+fn spawn_server(loc: &str, id: &str, dir: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe()
+        .map_err(|e| KnibError::internal(format!("cannot find knib's own program to start the NBD server: {e}")))?;
+    let log_path = dir.join(knib_core::vault::serve::LOG_FILE);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| KnibError::io("cannot open", &log_path, e))?;
+    let child = std::process::Command::new(&exe)
+        .arg("vault-serve")
+        .arg("--store")
+        .arg(loc)
+        .arg("--backup")
+        .arg(id)
+        .arg("--dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        // Its own process group: the terminal's signals to knib do not reach it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| KnibError::io("cannot start", &exe, e))?;
+    Ok(child.id())
+}
+
+/// Before `knib consolidate`: start again the vault's server of a quick
+/// restore onto `dom` whose server is gone (see
+/// `knib_core::vault::serve::restart_dead`).
+pub fn restart_dead_servers(dom: &knib_core::libvirt::Vm, ctl: &Control) -> Result<()> {
+    let mut spawn = |st: &knib_core::vault::serve::ServeState, dir: &Path| spawn_server(&st.vault, &st.backup, dir);
+    knib_core::vault::serve::restart_dead(dom, &mut spawn, ctl).map(drop)
+}
+
+/// `knib vault-serve`: serve every volume of backup `id` on `<dir>/<volume>.sock`
+/// until SIGTERM or SIGINT (`knib consolidate` stops it); then write what
+/// it fetched from the vault to `<dir>/fetched.json` and end.
+pub fn serve(loc: &str, id: &str, dir: &Path) -> Result<()> {
+    // SIGTERM and SIGINT are taken by `sigwait` below: blocked here, before
+    // any thread starts, so that every thread inherits the mask.
+    // SAFETY: plain signal-mask calls on a local set.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let v = Vault::open(loc)?;
+    let servers = v.serve_volumes(id, dir)?;
+    log::info!("serving {} volumes of backup {id} of {loc} in {}", servers.len(), dir.display());
+    let mut sig: libc::c_int = 0;
+    // SAFETY: waits for one of the blocked signals of `set`.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    drop(servers);
+    let fetched = serde_json::json!({"bytes_fetched": v.bytes_fetched(), "get_requests": v.get_requests()});
+    knib_core::fsio::write_atomic(&dir.join(knib_core::vault::serve::FETCHED_FILE), fetched.to_string().as_bytes())?;
+    log::info!("signal {sig}: the server of backup {id} ends; fetched {fetched}");
+    Ok(())
+}

@@ -37,6 +37,7 @@ pub mod lock;
 pub mod names;
 #[cfg(feature = "libvirt")]
 pub mod nbd;
+pub mod nbd_server;
 pub mod process;
 pub mod progress;
 pub mod qcow2;

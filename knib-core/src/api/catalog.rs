@@ -494,6 +494,17 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
     #[cfg(feature = "libvirt")]
     {
         let _ = op;
+        if r.store.to_str().is_some_and(crate::vault::is_vault) {
+            // The exports of the vault's volumes are served by a knib
+            // process that outlives the call: the CLI starts it.
+            return Err(KnibError::invalid(format!(
+                "{}: a quick restore from a vault runs knib's NBD server as a process of its own: use `knib restore --store {} {} --quick --domain {}`",
+                r.store.display(),
+                r.store.display(),
+                r.backup,
+                r.domain
+            )));
+        }
         let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
         let store = Store::open(&r.store)?;
         Ok(QuickRestoreAnswer { overlays: store.quick_restore_domain(&r.backup, &vm, ctl)? })

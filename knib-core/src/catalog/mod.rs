@@ -126,8 +126,8 @@ pub fn is_vault(location: &str) -> bool {
 fn refuse_vault(root: &Path) -> Result<()> {
     match root.to_str() {
         Some(s) if is_vault(s) => Err(KnibError::invalid(format!(
-            "{s} is a vault: backups are taken, compressed, hashed and quick-restored in a store directory; \
-             a vault takes sync, list, show, restore, verify, delete and files"
+            "{s} is a vault: backups are taken, compressed and hashed in a store directory; \
+             a vault takes sync, list, show, restore (quick restore by the CLI), verify, delete and files"
         ))),
         _ => Ok(()),
     }

@@ -114,7 +114,12 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
             let Some(source) = child(bs, "source") else {
                 break;
             };
-            let Some(path) = source.attribute("file").or_else(|| source.attribute("dev")) else {
+            // An NBD export on a UNIX socket (quick restore from the vault):
+            // the layer is named by its socket.
+            let nbd_socket = (source.attribute("protocol") == Some("nbd"))
+                .then(|| child(source, "host").and_then(|h| h.attribute("socket")))
+                .flatten();
+            let Some(path) = source.attribute("file").or_else(|| source.attribute("dev")).or(nbd_socket) else {
                 return Err(KnibError::invalid(format!(
                     "domain XML: disk {target} has a backing layer of type '{}' that is not a file",
                     bs.attribute("type").unwrap_or("?")
@@ -357,6 +362,14 @@ mod tests {
             <backingStore type='network'><format type='raw'/><source protocol='nbd'/></backingStore>\
             <target dev='vda'/></disk></devices></domain>";
         assert_eq!(parse_disks(net_backing).unwrap_err().kind, ErrorKind::InvalidInput);
+        // An NBD export on a UNIX socket (quick restore from the vault) is
+        // named by its socket.
+        let nbd_unix = "<domain><devices><disk type='file' device='disk'><source file='/a'/>\
+            <backingStore type='network'><format type='raw'/><source protocol='nbd'>\
+            <host transport='unix' socket='/d/vda.sock'/></source></backingStore>\
+            <target dev='vda'/></disk></devices></domain>";
+        let d = parse_disks(nbd_unix).unwrap();
+        assert_eq!(d[0].backing_chain, vec![BackingLayer { file: PathBuf::from("/d/vda.sock"), format: "raw".into() }]);
         assert_eq!(parse_disks("<domain/>").unwrap(), vec![]);
     }
 

@@ -76,6 +76,8 @@ mod direct;
 mod job;
 mod object;
 mod read;
+#[cfg(feature = "libvirt")]
+pub mod serve;
 mod sync;
 
 use std::collections::BTreeSet;

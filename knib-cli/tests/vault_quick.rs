@@ -1,0 +1,165 @@
+//! Quick restore straight from the vault, against a real S3 server (Ceph
+//! RGW, see `knib-core/tests/common/s3.rs`) and the real libvirt: a chain
+//! of backups synced to the vault, the local store deleted (so only the
+//! vault can be read), `knib restore --quick` starts a stopped domain on
+//! overlays backed by knib's NBD exports of the vault, the guest reads the
+//! backup's data, `knib consolidate` pulls it in (a block pull while the
+//! domain runs; offline, after starting again a server that was killed,
+//! when it is stopped), stops the server and removes its sockets, and the
+//! disk is the backup byte for byte.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+#[path = "../../knib-core/tests/common/mod.rs"]
+mod common;
+#[path = "../../knib-core/tests/common/s3.rs"]
+mod s3;
+
+use common::disk::{assert_identical, make_disk, qemu_io, snapshot};
+use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB, URI};
+
+fn knib(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_knib")).args(args).output().expect("knib runs")
+}
+
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    let out = knib(args);
+    assert!(out.status.success(), "knib {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("knib {args:?} printed no JSON ({e})"))
+}
+
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn wait_gone(pid: u64) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive(pid) && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    !alive(pid)
+}
+
+/// The server a test started: killed if the test ends before consolidation.
+struct Server(u64);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            // SAFETY: kill(2) on the server this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+const SIZE: u64 = 64 * MIB;
+
+/// A backup chain synced to a new vault prefix (the local store deleted),
+/// a stopped domain quick-restored from it; the guest reads the backup.
+struct Restored {
+    _dir: tempfile::TempDir,
+    prefix: s3::Prefix,
+    reference: PathBuf,
+    target: TestVm,
+    serve_dir: PathBuf,
+    overlay: PathBuf,
+    server: Server,
+}
+
+fn quick_restored(name: &str) -> Restored {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    make_disk(&src, SIZE, &[]);
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let disk = format!("vda={}", src.display());
+    qemu_io(&src, "write -P 0x71 0 4M");
+    qemu_io(&src, "write -P 0x72 40M 2M");
+    ok_json(&["--json", "backup", "--store", s, "--vm", "vmq", "--disk", &disk]);
+    qemu_io(&src, "write -P 0x73 1M 1M");
+    let b2 = ok_json(&["--json", "backup", "--store", s, "--vm", "vmq", "--disk", &disk]);
+    let id = b2["id"].as_str().unwrap().to_string();
+    let reference = dir.path().join("ref.qcow2");
+    snapshot(&src, &reference);
+    let prefix = s3::Prefix::new(name);
+    let loc = prefix.location();
+    ok_json(&["--json", "sync", "--store", s, "--to", &loc]);
+    // Only the vault can be read from now on.
+    std::fs::remove_dir_all(&store).unwrap();
+
+    let tdir = dir.path().join("target");
+    std::fs::create_dir(&tdir).unwrap();
+    let target = TestVm::create(
+        "knib-vq",
+        &[("vda", SIZE)],
+        &tdir,
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
+    let r =
+        ok_json(&["--json", "--connect", URI, "restore", "--store", &loc, &id, "--quick", "--domain", target.name()]);
+    let server = Server(r["server_pid"].as_u64().unwrap());
+    assert!(alive(server.0), "{r}");
+    assert!(target.vm.is_running().unwrap());
+    let serve_dir = std::fs::canonicalize(&tdir).unwrap().join(format!(".knib-vault-{}", target.name()));
+    let d = target.disk("vda");
+    assert_eq!(d.file, Path::new(r["overlays"][0][1].as_str().unwrap()));
+    assert!(std::fs::metadata(&d.file).unwrap().len() < 2 * MIB, "no data copied before the VM runs");
+    assert_eq!(d.backing_chain.len(), 1, "{:?}", d.backing_chain);
+    assert_eq!(d.backing_chain[0].file, serve_dir.join("vda.sock"));
+    // The guest reads the backup's data through the exports.
+    assert!(target.read_check("vda", 0x71, 2 * MIB, 2 * MIB));
+    assert!(target.read_check("vda", 0x73, MIB, MIB));
+    assert!(target.read_check("vda", 0x72, 40 * MIB, 2 * MIB));
+    assert!(target.read_check("vda", 0x00, 50 * MIB, MIB));
+    Restored { _dir: dir, prefix, reference, target, serve_dir, overlay: d.file, server }
+}
+
+/// After consolidation: the server and its directory are gone, the disk
+/// has no backing file and is the backup.
+fn assert_consolidated(r: &Restored, c: &serde_json::Value) {
+    assert_eq!(c["consolidated"], serde_json::json!(["vda"]), "{c}");
+    // The server read each object about once: the data the pull needed
+    // (7 MiB written, the rest zeros), not the objects many times.
+    let stored: u64 = r.prefix.keys().iter().filter(|(k, _)| k.ends_with(".qcow2")).map(|(_, n)| n).sum();
+    let fetched = c["vault_servers_stopped"][0]["bytes_fetched"].as_u64().expect("the server said what it fetched");
+    eprintln!("the server fetched {fetched} bytes; the objects hold {stored}");
+    assert!(fetched >= 6 * MIB && fetched <= stored + stored / 2, "fetched {fetched} of {stored} stored bytes: {c}");
+    let pid = c["vault_servers_stopped"][0]["state"]["pid"].as_u64().unwrap();
+    assert!(wait_gone(pid), "the server runs on after consolidation");
+    assert!(!r.serve_dir.exists(), "its directory is left");
+    assert_identical(&r.overlay, &r.reference);
+    let info = Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&r.overlay).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+}
+
+#[test]
+fn quick_restore_from_the_vault_then_consolidate_while_it_runs() {
+    if !s3::setup() || skip_without_libvirt("quick restore from the vault") {
+        return;
+    }
+    let r = quick_restored("quick");
+    let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
+    assert!(r.target.disk("vda").backing_chain.is_empty());
+    assert!(r.target.read_check("vda", 0x73, MIB, MIB));
+    r.target.power_off();
+    assert_consolidated(&r, &c);
+}
+
+#[test]
+fn a_killed_server_is_started_again_for_an_offline_consolidation() {
+    if !s3::setup() || skip_without_libvirt("quick restore from the vault, server killed") {
+        return;
+    }
+    let r = quick_restored("quick-killed");
+    r.target.power_off();
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(r.server.0 as i32, libc::SIGKILL) };
+    assert!(wait_gone(r.server.0));
+    let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
+    assert_ne!(c["vault_servers_stopped"][0]["state"]["pid"].as_u64(), Some(r.server.0), "{c}");
+    assert_consolidated(&r, &c);
+}

@@ -1,0 +1,548 @@
+//! A small read-only NBD server: it serves a flattened disk (a qcow2
+//! [`Chain`] read through knib's own reader, e.g. a backup volume in the
+//! vault) as raw bytes on a UNIX socket, so that QEMU can use it as the
+//! backing file of an overlay (quick restore from the vault).
+//!
+//! # Protocol
+//!
+//! The fixed newstyle handshake (with `NBD_FLAG_NO_ZEROES`), the options
+//! `NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME` and `NBD_OPT_ABORT`
+//! (every other option is answered `NBD_REP_ERR_UNSUP`, so clients fall
+//! back to simple replies and no meta contexts), one export named `""`,
+//! simple replies only, and the commands `NBD_CMD_READ`, `NBD_CMD_FLUSH`
+//! (nothing to flush) and `NBD_CMD_DISC`; writes, trims and every other
+//! command are refused (`EPERM` for what would change the disk, `EINVAL`
+//! for the rest); the export flags say read-only. Requests of more than
+//! [`MAX_REQUEST`] bytes are refused; a write longer than that (whose
+//! payload cannot be skipped safely) ends the connection.
+//!
+//! # Why written here
+//!
+//! crates.io has no well-kept NBD server: the `nbd` crate (last released
+//! years ago) has an old-style handshake without `NBD_OPT_GO`, and the
+//! servers of the NBD project, nbdkit and QEMU are C programs that cannot
+//! read a chain through knib's reader over ranged GETs. The server side of
+//! the part knib needs is small (a few hundred lines) and is tested against
+//! libnbd, the NBD project's own client (and QEMU's client in the vault
+//! tests).
+//!
+//! # Invariants
+//!
+//! - UNIX sockets only, never TCP: the socket's directory decides who may
+//!   connect (knib makes it mode 0700, owned by QEMU's user).
+//! - Read-only: nothing a client sends changes the export.
+//! - Each connection has its own thread; reads of the shared export are
+//!   serialised by a mutex (a chain's reader is not shared).
+//! - A client's bad request is answered with an error or ends its
+//!   connection; it never ends the server.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+
+use crate::error::{KnibError, Result};
+use crate::qcow2::Chain;
+
+/// The longest read (and the longest write payload skipped) a request may
+/// ask for: 32 MiB, what the protocol lets a client assume.
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// The longest option payload accepted.
+const MAX_OPTION: u32 = 4096;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const C_FLAG_FIXED_NEWSTYLE: u32 = 1;
+const C_FLAG_NO_ZEROES: u32 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+const TFLAG_READ_ONLY: u16 = 1 << 1;
+const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+const EXPORT_FLAGS: u16 = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+
+const EPERM: u32 = 1;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+
+/// What an NBD server serves: a disk of `size` bytes read at offsets.
+pub trait Export: Send {
+    /// The disk's size in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` with the disk's bytes from `offset` (within the size).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+impl Export for Chain {
+    fn size(&self) -> u64 {
+        self.virtual_size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        Chain::read_at(self, offset, buf)
+    }
+}
+
+/// A running server on one UNIX socket. Dropping it stops accepting
+/// connections (those open end when their clients disconnect) and removes
+/// the socket.
+pub struct NbdServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdServer").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl NbdServer {
+    /// Serve `export` (named `name` in logs) on a new UNIX socket at
+    /// `path` (which must not exist), each connection on its own thread.
+    pub fn start(path: &Path, name: &str, export: Box<dyn Export>) -> Result<NbdServer> {
+        if path.as_os_str().len() > 107 {
+            return Err(KnibError::invalid(format!(
+                "the NBD socket path {} is longer than a UNIX socket path may be (107 bytes)",
+                path.display()
+            )));
+        }
+        let listener = UnixListener::bind(path).map_err(|e| KnibError::io("cannot listen on", path, e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let export: Arc<Mutex<Box<dyn Export>>> = Arc::new(Mutex::new(export));
+        let s = Arc::clone(&stop);
+        let name = name.to_string();
+        let for_log = name.clone();
+        let shown = path.display().to_string();
+        let accept = std::thread::Builder::new()
+            .name("knib-nbd".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if s.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match conn {
+                        Ok(c) => {
+                            let e = Arc::clone(&export);
+                            let n = for_log.clone();
+                            let r = std::thread::Builder::new().name("knib-nbd-conn".into()).spawn(move || {
+                                match serve_connection(c, &e) {
+                                    Ok(()) => log::debug!("NBD export {n}: a client disconnected"),
+                                    Err(err) => log::info!("NBD export {n}: connection ended: {err}"),
+                                }
+                            });
+                            if let Err(err) = r {
+                                log::warn!("NBD server on {shown}: cannot start a connection thread: {err}");
+                            }
+                        }
+                        Err(err) => log::warn!("NBD server on {shown}: accept failed: {err}"),
+                    }
+                }
+            })
+            .map_err(|e| KnibError::internal(format!("cannot start the NBD server thread: {e}")))?;
+        log::info!("NBD server for {name} on {}", path.display());
+        Ok(NbdServer { path: path.to_path_buf(), stop, accept: Some(accept) })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accepting thread.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum End {
+    Io(std::io::Error),
+    Protocol(String),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Io(e) => write!(f, "{e}"),
+            End::Protocol(s) => f.write_str(s),
+        }
+    }
+}
+
+impl From<std::io::Error> for End {
+    fn from(e: std::io::Error) -> End {
+        End::Io(e)
+    }
+}
+
+type Conn<T> = std::result::Result<T, End>;
+
+fn read_u16(r: &mut impl Read) -> std::io::Result<u16> {
+    let mut b = [0; 2];
+    r.read_exact(&mut b)?;
+    Ok(u16::from_be_bytes(b))
+}
+
+fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
+    let mut b = [0; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {
+    let mut b = [0; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+    w.write_all(&REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&option.to_be_bytes())?;
+    w.write_all(&kind.to_be_bytes())?;
+    w.write_all(&(data.len() as u32).to_be_bytes())?;
+    w.write_all(data)?;
+    w.flush()
+}
+
+/// One client, from the handshake to its disconnection.
+fn serve_connection(stream: UnixStream, export: &Mutex<Box<dyn Export>>) -> Conn<()> {
+    let mut r = BufReader::new(stream.try_clone()?);
+    let mut w = BufWriter::new(stream);
+    let size = export.lock().size();
+    if !handshake(&mut r, &mut w, size)? {
+        return Ok(());
+    }
+    transmission(&mut r, &mut w, export, size)
+}
+
+/// The handshake and option haggling: whether the client went on to the
+/// transmission phase (false: it aborted).
+fn handshake(r: &mut impl Read, w: &mut impl Write, size: u64) -> Conn<bool> {
+    w.write_all(&NBDMAGIC.to_be_bytes())?;
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    w.flush()?;
+    let cflags = read_u32(r)?;
+    if cflags & !(C_FLAG_FIXED_NEWSTYLE | C_FLAG_NO_ZEROES) != 0 {
+        return Err(End::Protocol(format!("unknown client flags {cflags:#x}")));
+    }
+    let no_zeroes = cflags & C_FLAG_NO_ZEROES != 0;
+    loop {
+        let magic = read_u64(r)?;
+        if magic != IHAVEOPT {
+            return Err(End::Protocol(format!("bad option magic {magic:#x}")));
+        }
+        let option = read_u32(r)?;
+        let len = read_u32(r)?;
+        if len > MAX_OPTION {
+            return Err(End::Protocol(format!("option {option} of {len} bytes (at most {MAX_OPTION})")));
+        }
+        let mut data = vec![0; len as usize];
+        r.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                if !data.is_empty() {
+                    return Err(End::Protocol(format!(
+                        "no export named {:?} (the one export is named \"\")",
+                        String::from_utf8_lossy(&data)
+                    )));
+                }
+                w.write_all(&size.to_be_bytes())?;
+                w.write_all(&EXPORT_FLAGS.to_be_bytes())?;
+                if !no_zeroes {
+                    w.write_all(&[0; 124])?;
+                }
+                w.flush()?;
+                return Ok(true);
+            }
+            OPT_ABORT => {
+                // The client may close before reading the answer.
+                let _ = option_reply(w, option, REP_ACK, &[]);
+                return Ok(false);
+            }
+            OPT_INFO | OPT_GO => {
+                let Some((name, requests)) = parse_info(&data) else {
+                    option_reply(w, option, REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO request")?;
+                    continue;
+                };
+                if !name.is_empty() {
+                    option_reply(w, option, REP_ERR_UNKNOWN, b"no such export (the one export is named \"\")")?;
+                    continue;
+                }
+                let mut info = Vec::with_capacity(12);
+                info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                info.extend_from_slice(&size.to_be_bytes());
+                info.extend_from_slice(&EXPORT_FLAGS.to_be_bytes());
+                option_reply(w, option, REP_INFO, &info)?;
+                if requests.contains(&INFO_BLOCK_SIZE) {
+                    let mut b = Vec::with_capacity(14);
+                    b.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                    b.extend_from_slice(&1u32.to_be_bytes());
+                    b.extend_from_slice(&4096u32.to_be_bytes());
+                    b.extend_from_slice(&MAX_REQUEST.to_be_bytes());
+                    option_reply(w, option, REP_INFO, &b)?;
+                }
+                option_reply(w, option, REP_ACK, &[])?;
+                if option == OPT_GO {
+                    return Ok(true);
+                }
+            }
+            _ => option_reply(w, option, REP_ERR_UNSUP, b"not supported by knib's read-only server")?,
+        }
+    }
+}
+
+/// The export name and information requests of an `NBD_OPT_INFO`/`GO`.
+fn parse_info(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+    let n = u32::from_be_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let name = data.get(4..4 + n)?;
+    let rest = data.get(4 + n..)?;
+    let count = u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let list = rest.get(2..)?;
+    if list.len() != count * 2 {
+        return None;
+    }
+    Some((name, list.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
+}
+
+fn simple_reply(w: &mut impl Write, error: u32, cookie: u64, data: &[u8]) -> std::io::Result<()> {
+    w.write_all(&SIMPLE_REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&error.to_be_bytes())?;
+    w.write_all(&cookie.to_be_bytes())?;
+    w.write_all(data)?;
+    w.flush()
+}
+
+/// The transmission phase: requests answered in order until `NBD_CMD_DISC`.
+fn transmission(r: &mut impl Read, w: &mut impl Write, export: &Mutex<Box<dyn Export>>, size: u64) -> Conn<()> {
+    let mut buf = Vec::new();
+    loop {
+        let magic = read_u32(r)?;
+        if magic != REQUEST_MAGIC {
+            return Err(End::Protocol(format!("bad request magic {magic:#x}")));
+        }
+        let _flags = read_u16(r)?;
+        let kind = read_u16(r)?;
+        let cookie = read_u64(r)?;
+        let offset = read_u64(r)?;
+        let len = read_u32(r)?;
+        let in_range = offset.checked_add(u64::from(len)).is_some_and(|end| end <= size);
+        match kind {
+            CMD_READ => {
+                if len > MAX_REQUEST || !in_range {
+                    simple_reply(w, EINVAL, cookie, &[])?;
+                    continue;
+                }
+                buf.resize(len as usize, 0);
+                let got = export.lock().read_at(offset, &mut buf);
+                match got {
+                    Ok(()) => simple_reply(w, 0, cookie, &buf)?,
+                    Err(e) => {
+                        log::warn!("NBD read of {len} bytes at {offset}: {e}");
+                        simple_reply(w, EIO, cookie, &[])?;
+                    }
+                }
+            }
+            CMD_WRITE => {
+                if len > MAX_REQUEST {
+                    return Err(End::Protocol(format!("a write of {len} bytes (refused; at most {MAX_REQUEST})")));
+                }
+                std::io::copy(&mut r.take(u64::from(len)), &mut std::io::sink())?;
+                simple_reply(w, EPERM, cookie, &[])?;
+            }
+            CMD_DISC => return Ok(()),
+            CMD_FLUSH => simple_reply(w, 0, cookie, &[])?,
+            CMD_TRIM | CMD_WRITE_ZEROES => simple_reply(w, EPERM, cookie, &[])?,
+            _ => simple_reply(w, EINVAL, cookie, &[])?,
+        }
+    }
+}
+
+#[cfg(all(test, feature = "libvirt"))]
+mod tests {
+    use super::*;
+    use crate::nbd::Nbd;
+
+    /// A disk whose byte at `i` is `i % 251`.
+    struct Pattern(u64);
+
+    impl Export for Pattern {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = ((offset + i as u64) % 251) as u8;
+            }
+            Ok(())
+        }
+    }
+
+    fn pattern(offset: u64, len: usize) -> Vec<u8> {
+        (0..len as u64).map(|i| ((offset + i) % 251) as u8).collect()
+    }
+
+    #[test]
+    fn libnbd_reads_the_export() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let server = NbdServer::start(&sock, "pattern", Box::new(Pattern(10 << 20))).unwrap();
+        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        assert_eq!(c.size().unwrap(), 10 << 20);
+        let mut buf = vec![0; 1 << 20];
+        c.pread(&mut buf, 3 << 20).unwrap();
+        assert_eq!(buf, pattern(3 << 20, 1 << 20));
+        let mut tail = vec![0; 100];
+        c.pread(&mut tail, (10 << 20) - 100).unwrap();
+        assert_eq!(tail, pattern((10 << 20) - 100, 100));
+        // Past the end: refused, and the connection goes on.
+        assert!(c.pread(&mut tail, (10 << 20) - 50).is_err());
+        c.pread(&mut tail, 7).unwrap();
+        assert_eq!(tail, pattern(7, 100));
+        // A second client at the same time.
+        let mut c2 = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        c2.pread(&mut tail, 1000).unwrap();
+        assert_eq!(tail, pattern(1000, 100));
+        drop(c);
+        drop(c2);
+        drop(server);
+        assert!(!sock.exists());
+    }
+
+    #[test]
+    fn unknown_exports_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let _server = NbdServer::start(&sock, "pattern", Box::new(Pattern(1 << 20))).unwrap();
+        let e = Nbd::connect_unix(&sock, "other", &[]).unwrap_err();
+        assert!(e.message.contains("other"), "{e}");
+        // The server goes on.
+        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        assert_eq!(c.size().unwrap(), 1 << 20);
+    }
+
+    /// The raw protocol: the old `NBD_OPT_EXPORT_NAME`, a write refused
+    /// with EPERM, a flush, a read, then `NBD_CMD_DISC`.
+    #[test]
+    fn export_name_writes_refused_and_disc() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let _server = NbdServer::start(&sock, "pattern", Box::new(Pattern(1 << 20))).unwrap();
+        let mut s = UnixStream::connect(&sock).unwrap();
+        assert_eq!(read_u64(&mut s).unwrap(), NBDMAGIC);
+        assert_eq!(read_u64(&mut s).unwrap(), IHAVEOPT);
+        assert_eq!(read_u16(&mut s).unwrap(), FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        s.write_all(&(C_FLAG_FIXED_NEWSTYLE | C_FLAG_NO_ZEROES).to_be_bytes()).unwrap();
+        // An unknown option (NBD_OPT_LIST) is refused.
+        s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+        s.write_all(&3u32.to_be_bytes()).unwrap();
+        s.write_all(&0u32.to_be_bytes()).unwrap();
+        assert_eq!(read_u64(&mut s).unwrap(), REPLY_MAGIC);
+        assert_eq!(read_u32(&mut s).unwrap(), 3);
+        assert_eq!(read_u32(&mut s).unwrap(), REP_ERR_UNSUP);
+        let n = read_u32(&mut s).unwrap();
+        let mut skip = vec![0; n as usize];
+        s.read_exact(&mut skip).unwrap();
+        s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+        s.write_all(&OPT_EXPORT_NAME.to_be_bytes()).unwrap();
+        s.write_all(&0u32.to_be_bytes()).unwrap();
+        assert_eq!(read_u64(&mut s).unwrap(), 1 << 20);
+        assert_eq!(read_u16(&mut s).unwrap(), EXPORT_FLAGS);
+        let request = |s: &mut UnixStream, kind: u16, cookie: u64, offset: u64, len: u32| {
+            s.write_all(&REQUEST_MAGIC.to_be_bytes()).unwrap();
+            s.write_all(&0u16.to_be_bytes()).unwrap();
+            s.write_all(&kind.to_be_bytes()).unwrap();
+            s.write_all(&cookie.to_be_bytes()).unwrap();
+            s.write_all(&offset.to_be_bytes()).unwrap();
+            s.write_all(&len.to_be_bytes()).unwrap();
+        };
+        let reply = |s: &mut UnixStream| {
+            assert_eq!(read_u32(s).unwrap(), SIMPLE_REPLY_MAGIC);
+            let e = read_u32(s).unwrap();
+            (e, read_u64(s).unwrap())
+        };
+        request(&mut s, CMD_WRITE, 1, 0, 8);
+        s.write_all(&[9; 8]).unwrap();
+        assert_eq!(reply(&mut s), (EPERM, 1));
+        request(&mut s, CMD_FLUSH, 2, 0, 0);
+        assert_eq!(reply(&mut s), (0, 2));
+        request(&mut s, CMD_READ, 3, 500, 16);
+        assert_eq!(reply(&mut s), (0, 3));
+        let mut data = [0; 16];
+        s.read_exact(&mut data).unwrap();
+        assert_eq!(data.to_vec(), pattern(500, 16));
+        request(&mut s, CMD_DISC, 4, 0, 0);
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+    }
+
+    /// QEMU's client, through `qemu-img convert`: a qcow2 chain served
+    /// flattened comes out byte for byte.
+    #[test]
+    fn qemu_img_reads_a_served_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.qcow2");
+        let raw = dir.path().join("a.raw");
+        std::fs::write(&raw, pattern(0, 3 << 20)).unwrap();
+        let ok = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&img)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let chain = Chain::open(&img).unwrap();
+        let sock = dir.path().join("c.sock");
+        let _server = NbdServer::start(&sock, "chain", Box::new(chain)).unwrap();
+        let out = dir.path().join("out.raw");
+        let ok = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "raw"])
+            .arg(format!("nbd+unix:///?socket={}", sock.display()))
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        assert_eq!(std::fs::read(&out).unwrap(), pattern(0, 3 << 20));
+    }
+}
