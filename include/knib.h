@@ -982,10 +982,16 @@
  *   quick_restore: Run a stopped libvirt domain at once on overlays over a
  *                  backup.
  *     request:
- *       backup   string: The backup's id.
- *       connect? string or null: The libvirt URI.
- *       domain   string: The libvirt domain (stopped).
- *       store    string: The store directory.
+ *       backup          string: The backup's id.
+ *       connect?        string or null: The libvirt URI.
+ *       domain          string: The libvirt domain (stopped).
+ *       server_program? string or null: From a vault only: the `knib` program
+ *                       to run as the NBD server (default: `knib` on `PATH`).
+ *       store           string: The store directory, or a vault
+ *                       (`s3://BUCKET/PREFIX`): the disks then read the vault
+ *                       through knib's NBD server, a `knib vault-serve`
+ *                       process that runs until `agent.consolidate` (or `knib
+ *                       consolidate`) has pulled the data in.
  *     answer: QuickRestoreAnswer
  *     example request:
  *       {

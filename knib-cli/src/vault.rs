@@ -203,34 +203,11 @@ pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: boo
     Ok(())
 }
 
-/// Start `knib vault-serve` for backup `id` of vault `loc` on `dir`,
-/// detached (its own process group, its log in `dir`); its pid.
+/// Start this program's `vault-serve` for backup `id` of vault `loc` on `dir`.
 fn spawn_server(loc: &str, id: &str, dir: &Path) -> Result<u32> {
-    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe()
         .map_err(|e| KnibError::internal(format!("cannot find knib's own program to start the NBD server: {e}")))?;
-    let log_path = dir.join(knib_core::vault::serve::LOG_FILE);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| KnibError::io("cannot open", &log_path, e))?;
-    let child = std::process::Command::new(&exe)
-        .arg("vault-serve")
-        .arg("--store")
-        .arg(loc)
-        .arg("--backup")
-        .arg(id)
-        .arg("--dir")
-        .arg(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        // Its own process group: the terminal's signals to knib do not reach it.
-        .process_group(0)
-        .spawn()
-        .map_err(|e| KnibError::io("cannot start", &exe, e))?;
-    Ok(child.id())
+    knib_core::vault::serve::spawn_server(&exe, loc, id, dir)
 }
 
 /// Before `knib consolidate`: start again the vault's server of a quick

@@ -163,3 +163,70 @@ fn a_killed_server_is_started_again_for_an_offline_consolidation() {
     assert_ne!(c["vault_servers_stopped"][0]["state"]["pid"].as_u64(), Some(r.server.0), "{c}");
     assert_consolidated(&r, &c);
 }
+
+/// The same through the JSON API (as C and Java call it): `quick_restore`
+/// with the vault as its store and the knib program to run as the server,
+/// then `agent.consolidate`, which stops the server.
+#[test]
+fn quick_restore_from_the_vault_through_the_json_api() {
+    if !s3::setup() || skip_without_libvirt("quick restore from the vault (JSON)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    make_disk(&src, SIZE, &[]);
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let disk = format!("vda={}", src.display());
+    qemu_io(&src, "write -P 0x61 0 3M");
+    let b = ok_json(&["--json", "backup", "--store", s, "--vm", "vmj", "--disk", &disk]);
+    let id = b["id"].as_str().unwrap().to_string();
+    let reference = dir.path().join("ref.qcow2");
+    snapshot(&src, &reference);
+    let prefix = s3::Prefix::new("quick-json");
+    let loc = prefix.location();
+    ok_json(&["--json", "sync", "--store", s, "--to", &loc]);
+    std::fs::remove_dir_all(&store).unwrap();
+    let tdir = dir.path().join("target");
+    std::fs::create_dir(&tdir).unwrap();
+    let target = TestVm::create(
+        "knib-vqj",
+        &[("vda", SIZE)],
+        &tdir,
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
+    let call = |op: &str, req: serde_json::Value| {
+        knib_core::api::call(op, &req.to_string(), &knib_core::Control::new())
+            .map(|a| serde_json::from_str::<serde_json::Value>(&a).unwrap())
+    };
+    // A program that is not there is named in the error; nothing is changed.
+    let e = call(
+        "quick_restore",
+        serde_json::json!({"store": loc, "backup": id, "domain": target.name(), "connect": URI,
+            "server_program": dir.path().join("no-knib")}),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("no-knib"), "{e}");
+    assert!(!target.vm.is_running().unwrap());
+    let a = call(
+        "quick_restore",
+        serde_json::json!({"store": loc, "backup": id, "domain": target.name(), "connect": URI,
+            "server_program": env!("CARGO_BIN_EXE_knib")}),
+    )
+    .unwrap_or_else(|e| panic!("quick_restore: {e}"));
+    let overlay = PathBuf::from(a["overlays"][0][1].as_str().unwrap());
+    let serve_dir = std::fs::canonicalize(&tdir).unwrap().join(format!(".knib-vault-{}", target.name()));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(serve_dir.join("serve.json")).unwrap()).unwrap();
+    let server = Server(state["pid"].as_u64().unwrap());
+    assert!(target.vm.is_running().unwrap());
+    assert!(target.read_check("vda", 0x61, MIB, 2 * MIB));
+    let c = call("agent.consolidate", serde_json::json!({"domain": target.name(), "connect": URI}))
+        .unwrap_or_else(|e| panic!("agent.consolidate: {e}"));
+    assert_eq!(c["consolidated"][0]["pulled"], true, "{c}");
+    assert!(wait_gone(server.0), "the server runs on after agent.consolidate");
+    assert!(!serve_dir.exists());
+    target.power_off();
+    assert_identical(&overlay, &reference);
+    drop(prefix);
+}

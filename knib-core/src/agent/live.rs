@@ -321,6 +321,13 @@ pub(crate) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result
     if r.volumes.is_empty() {
         targets = disks.iter().map(|d| (None, d.target.clone(), d.file.clone())).collect();
     }
+    // After a quick restore from a vault: its NBD server (`knib vault-serve`,
+    // found on PATH) is started again if it is gone, so the pull can read.
+    let mut spawn = |st: &crate::vault::serve::ServeState, dir: &Path| {
+        let program = crate::vault::serve::server_program(None)?;
+        crate::vault::serve::spawn_server(&program, &st.vault, &st.backup, dir)
+    };
+    crate::vault::serve::restart_dead(&vm, &mut spawn, ctl)?;
     let mut done: Vec<(String, bool)> = Vec::new();
     for (_, target, _) in &targets {
         let pulled = engine_live::consolidate_disk(&q, &vm, target, ctl).map_err(|e| {
@@ -338,6 +345,10 @@ pub(crate) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result
         .zip(done)
         .map(|((uuid, _, path), (target, pulled))| Consolidated { uuid, target, path, pulled })
         .collect();
+    // The vault's NBD servers no disk needs any more are stopped.
+    for r in crate::vault::serve::release_served(&q, &vm, ctl)? {
+        log::info!("{op}: domain {}: stopped the vault's NBD server {:?}", vm.name(), r);
+    }
     Ok(ConsolidateAnswer { consolidated })
 }
 

@@ -199,7 +199,10 @@ pub(crate) struct RestoreReq {
 // Read only by the libvirt part.
 #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) struct QuickRestoreReq {
-    /// The store directory.
+    /// The store directory, or a vault (`s3://BUCKET/PREFIX`): the disks
+    /// then read the vault through knib's NBD server, a `knib vault-serve`
+    /// process that runs until `agent.consolidate` (or `knib consolidate`)
+    /// has pulled the data in.
     store: PathBuf,
     /// The backup's id.
     backup: String,
@@ -208,6 +211,10 @@ pub(crate) struct QuickRestoreReq {
     /// The libvirt URI.
     #[serde(default)]
     connect: Option<String>,
+    /// From a vault only: the `knib` program to run as the NBD server
+    /// (default: `knib` on `PATH`).
+    #[serde(default)]
+    server_program: Option<PathBuf>,
 }
 
 /// The request of `recover`.
@@ -493,16 +500,26 @@ pub fn restored(volume: String, to: PathBuf) -> RestoreAnswer {
 pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Result<QuickRestoreAnswer> {
     #[cfg(feature = "libvirt")]
     {
-        let _ = op;
-        if r.store.to_str().is_some_and(crate::vault::is_vault) {
-            // The exports of the vault's volumes are served by a knib
-            // process that outlives the call: the CLI starts it.
+        if let Some(loc) = r.store.to_str().filter(|s| crate::vault::is_vault(s)) {
+            let program = crate::vault::serve::server_program(r.server_program.as_deref())?;
+            let vault = Vault::open(loc)?;
+            let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
+            let mut spawn = |dir: &std::path::Path| crate::vault::serve::spawn_server(&program, loc, &r.backup, dir);
+            let st = crate::vault::serve::quick_restore_domain(
+                &vault,
+                &crate::qemu_img::QemuImg::new(),
+                &r.backup,
+                &vm,
+                &mut spawn,
+                ctl,
+            )?;
+            return Ok(QuickRestoreAnswer {
+                overlays: st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect(),
+            });
+        }
+        if r.server_program.is_some() {
             return Err(KnibError::invalid(format!(
-                "{}: a quick restore from a vault runs knib's NBD server as a process of its own: use `knib restore --store {} {} --quick --domain {}`",
-                r.store.display(),
-                r.store.display(),
-                r.backup,
-                r.domain
+                "request of {op}: field `server_program` goes with a vault (`store` s3://BUCKET/PREFIX)"
             )));
         }
         let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;

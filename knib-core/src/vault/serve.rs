@@ -422,3 +422,51 @@ pub fn release_served(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<Release
     }
     Ok(out)
 }
+
+/// The `knib` program a library caller (the JSON API, C, Java) starts as
+/// the vault's NBD server: `given`, or `knib` found on `PATH`.
+pub fn server_program(given: Option<&Path>) -> Result<std::path::PathBuf> {
+    if let Some(p) = given {
+        if !p.is_file() {
+            return Err(KnibError::not_found(format!(
+                "the knib program {} (to run the vault's NBD server) does not exist",
+                p.display()
+            )));
+        }
+        return Ok(p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join("knib")).find(|p| p.is_file()).ok_or_else(|| {
+        KnibError::not_found(
+            "a quick restore from a vault runs knib's NBD server as a process of its own (`knib vault-serve`), and no `knib` program is on PATH: install it or name it (field `server_program`)",
+        )
+    })
+}
+
+/// Start `program vault-serve` for backup `id` of vault `loc` on `dir`,
+/// detached (its own process group, its log in `dir`); its pid.
+pub fn spawn_server(program: &Path, loc: &str, id: &str, dir: &Path) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let log_path = dir.join(LOG_FILE);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| KnibError::io("cannot open", &log_path, e))?;
+    let child = std::process::Command::new(program)
+        .arg("vault-serve")
+        .arg("--store")
+        .arg(loc)
+        .arg("--backup")
+        .arg(id)
+        .arg("--dir")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        // Its own process group: the terminal's signals to the caller do not reach it.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| KnibError::io("cannot start", program, e))?;
+    Ok(child.id())
+}
