@@ -35,6 +35,30 @@ impl TakeBackupAnswer {
         let total_size = volumes.iter().map(|v| v.size).sum();
         TakeBackupAnswer { kind: kind.to_string(), vm_consistent: true, volumes, total_size, full_reason: None }
     }
+
+    /// The answer of a backup of the request's `volumes`, whose results
+    /// are `results` in the same order; `domain`: the volumes are disks of
+    /// a libvirt domain (their targets are answered).
+    pub(crate) fn of(
+        kind: &str,
+        volumes: &[super::requests::BackupVolume],
+        results: &[crate::engine::take::VolumeResult],
+        domain: bool,
+    ) -> Self {
+        let taken = volumes
+            .iter()
+            .zip(results)
+            .map(|(v, a)| TakenVolume {
+                uuid: v.uuid.clone(),
+                target: domain.then(|| a.name.clone()),
+                new_volume_path: a.active_file.clone(),
+                delta_path_on_store: a.dest.clone(),
+                size: a.size,
+                virtual_size: a.virtual_size,
+            })
+            .collect();
+        Self::new(kind, taken)
+    }
 }
 
 /// One volume backed up.

@@ -185,20 +185,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
         plan.since.as_deref().map(|s| format!(", changes since {s}")).unwrap_or_default()
     );
     let results = engine_bitmap::take(&vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(()))?;
-    let volumes = r
-        .volumes
-        .iter()
-        .zip(&results)
-        .map(|(v, a)| TakenVolume {
-            uuid: v.uuid.clone(),
-            target: Some(a.name.clone()),
-            new_volume_path: a.active_file.clone(),
-            delta_path_on_store: a.dest.clone(),
-            size: a.size,
-            virtual_size: a.virtual_size,
-        })
-        .collect();
-    let mut answer = TakeBackupAnswer::new(plan.kind.as_str(), volumes);
+    let mut answer = TakeBackupAnswer::of(plan.kind.as_str(), &r.volumes, &results, true);
     answer.full_reason = full_reason;
     Ok(answer)
 }

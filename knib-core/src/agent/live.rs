@@ -241,20 +241,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
     let plan = plan(op, &q, &vm, r, Mode::Take, ctl).map_err(consistent)?;
     log::info!("{op}: {} backup of domain {} ({} volumes)", plan.kind.as_str(), vm.name(), plan.disks.len());
     let answer = engine_live::take(&q, &vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(())).map_err(consistent)?;
-    let volumes = r
-        .volumes
-        .iter()
-        .zip(&answer.volumes)
-        .map(|(v, a)| TakenVolume {
-            uuid: v.uuid.clone(),
-            target: Some(a.name.clone()),
-            new_volume_path: a.active_file.clone(),
-            delta_path_on_store: a.dest.clone(),
-            size: a.size,
-            virtual_size: a.virtual_size,
-        })
-        .collect();
-    Ok(TakeBackupAnswer::new(plan.kind.as_str(), volumes))
+    Ok(TakeBackupAnswer::of(plan.kind.as_str(), &r.volumes, &answer.volumes, true))
 }
 
 /// `agent.cleanup_vm_backup`.

@@ -238,20 +238,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
     let plan = plan(op, &q, r, true, ctl).map_err(consistent)?;
     log::info!("{op}: {} backup of {} volumes without a domain", plan.kind.as_str(), plan.disks.len());
     let answer = files_engine::take(&q, &plan, ctl).map_err(consistent)?;
-    let volumes = r
-        .volumes
-        .iter()
-        .zip(&answer.volumes)
-        .map(|(v, a)| TakenVolume {
-            uuid: v.uuid.clone(),
-            target: None,
-            new_volume_path: a.active_file.clone(),
-            delta_path_on_store: a.dest.clone(),
-            size: a.size,
-            virtual_size: a.virtual_size,
-        })
-        .collect();
-    Ok(TakeBackupAnswer::new(plan.kind.as_str(), volumes))
+    Ok(TakeBackupAnswer::of(plan.kind.as_str(), &r.volumes, &answer.volumes, false))
 }
 
 /// `agent.cleanup_vm_backup` of a VM without a domain: decided from the
