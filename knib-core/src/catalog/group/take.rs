@@ -41,7 +41,10 @@ fn agent_all(vms: &[&Vm], command: &str, timeout: Duration) -> Vec<Option<String
 fn stamp(record: &mut GroupRecord, snaps: &[SystemTime], freeze_to_thaw: Option<Duration>, frozen: &[bool]) {
     if let (Some(first), Some(last)) = (snaps.iter().min(), snaps.iter().max()) {
         record.instant = Some(rfc3339(*last));
-        record.snapshot_skew_ms = Some(last.duration_since(*first).unwrap_or_default().as_secs_f64() * 1000.0);
+        // Whole microseconds: a number the record's JSON gives back exactly
+        // (`show` answers what `backup` answered).
+        let us = last.duration_since(*first).unwrap_or_default().as_micros();
+        record.snapshot_skew_ms = Some(us as f64 / 1000.0);
     }
     if snaps.len() == record.members.len() {
         for ((m, t), f) in record.members.iter_mut().zip(snaps).zip(frozen) {
@@ -49,7 +52,7 @@ fn stamp(record: &mut GroupRecord, snaps: &[SystemTime], freeze_to_thaw: Option<
             m.quiesced = *f;
         }
     }
-    record.freeze_to_thaw_ms = freeze_to_thaw.map(|d| d.as_secs_f64() * 1000.0);
+    record.freeze_to_thaw_ms = freeze_to_thaw.map(|d| d.as_micros() as f64 / 1000.0);
 }
 
 impl Store {
