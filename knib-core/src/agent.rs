@@ -415,6 +415,21 @@ pub(crate) fn clean_store(
     Ok((actions, removed))
 }
 
+/// The checks every backup volume of a request gets: a uuid, and absolute
+/// `path` and `delta_path_on_store` (and `delta_path_on_primary` when
+/// the method creates it).
+fn check_volume(op: &str, i: usize, v: &requests::BackupVolume, primary: bool) -> Result<()> {
+    let field = |f: &str| format!("volumes[{i}].{f}");
+    if v.uuid.is_empty() {
+        return Err(KnibError::invalid(format!("request of {op}: field `{}` is empty", field("uuid"))));
+    }
+    absolute(op, &field("path"), &v.path)?;
+    if primary {
+        absolute(op, &field("delta_path_on_primary"), &v.delta_path_on_primary)?;
+    }
+    absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)
+}
+
 mod answers;
 #[cfg(feature = "libvirt")]
 pub(crate) mod bitmap;

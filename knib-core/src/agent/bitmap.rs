@@ -62,11 +62,7 @@ fn plan(op: &str, vm: &Vm, r: &TakeReq) -> Result<(BitmapPlan, Option<String>)> 
     let mut chosen: Vec<DiskInfo> = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
-        if v.uuid.is_empty() {
-            return Err(KnibError::invalid(format!("request of {op}: field `{}` is empty", field("uuid"))));
-        }
-        absolute(op, &field("path"), &v.path)?;
-        absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)?;
+        super::check_volume(op, i, v, false)?;
         if v.merge.is_some() || !v.vm_snapshot_delta_paths.is_empty() {
             return Err(KnibError::invalid(format!(
                 "request of {op}: volume {}: method `bitmap` merges nothing: `merge` and `vm_snapshot_delta_paths` must be absent",

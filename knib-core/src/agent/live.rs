@@ -64,12 +64,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
     let mut plans: Vec<DiskPlan> = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
-        if v.uuid.is_empty() {
-            return Err(KnibError::invalid(format!("request of {op}: field `{}` is empty", field("uuid"))));
-        }
-        absolute(op, &field("path"), &v.path)?;
-        absolute(op, &field("delta_path_on_primary"), &v.delta_path_on_primary)?;
-        absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)?;
+        super::check_volume(op, i, v, true)?;
         if let Some(p) = &v.parent_backup_path {
             absolute(op, &field("parent_backup_path"), p)?;
             if !p.is_file() {

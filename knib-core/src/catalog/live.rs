@@ -285,21 +285,11 @@ impl Store {
     /// Returns each target and its overlay.
     pub fn quick_restore_domain(&self, id: &str, vm: &Vm, ctl: &Control) -> Result<Vec<(String, PathBuf)>> {
         let m = self.show(id)?;
-        if vm.is_running()? {
-            return Err(KnibError::invalid(format!(
-                "domain {} is running: shut it down before restoring onto it",
-                vm.name()
-            )));
-        }
-        let disks = vm.disks()?;
+        let targets = quick_restore_targets(&m, vm)?;
         let mut plan = Vec::new();
-        for v in &m.volumes {
-            let d = disks.iter().find(|d| d.target == v.name).ok_or_else(|| {
-                KnibError::not_found(format!("domain {} has no disk {} (backup {id} has it)", vm.name(), v.name))
-            })?;
-            let top = self.chain_files(&m, &v.name)?.pop().expect("non-empty chain");
-            let dir = d.file.parent().unwrap_or(std::path::Path::new("/")).to_path_buf();
-            plan.push((v.name.clone(), top, dir.join(format!("{}-restored-{id}.qcow2", v.name))));
+        for (target, _, overlay) in &targets {
+            let top = self.chain_files(&m, target)?.pop().expect("non-empty chain");
+            plan.push((target.clone(), top, overlay.clone()));
         }
         let mut made = Vec::new();
         let r = (|| -> Result<()> {
@@ -308,10 +298,7 @@ impl Store {
                 made.push(overlay.clone());
             }
             let sources: Vec<(String, PathBuf)> = plan.iter().map(|(t, _, o)| (t.clone(), o.clone())).collect();
-            let old: Vec<(String, PathBuf)> = plan
-                .iter()
-                .map(|(t, _, _)| (t.clone(), disks.iter().find(|d| &d.target == t).expect("checked").file.clone()))
-                .collect();
+            let old: Vec<(String, PathBuf)> = targets.iter().map(|(t, f, _)| (t.clone(), f.clone())).collect();
             vm.set_disk_sources(&sources)?;
             if let Err(e) = vm.start() {
                 let _ = vm.set_disk_sources(&old);
@@ -327,4 +314,27 @@ impl Store {
         }
         Ok(plan.into_iter().map(|(t, _, o)| (t, o)).collect())
     }
+}
+
+/// The disks a quick restore of backup `m` onto the stopped domain `vm`
+/// replaces: each volume's target, the file its disk runs on now, and its
+/// overlay `<target>-restored-<id>.qcow2` beside that file. Refused when
+/// the domain runs or lacks one of the backup's disks.
+pub(crate) fn quick_restore_targets(m: &Manifest, vm: &Vm) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    if vm.is_running()? {
+        return Err(KnibError::invalid(format!(
+            "domain {} is running: shut it down before restoring onto it",
+            vm.name()
+        )));
+    }
+    let disks = vm.disks()?;
+    let mut out = Vec::new();
+    for v in &m.volumes {
+        let d = disks.iter().find(|d| d.target == v.name).ok_or_else(|| {
+            KnibError::not_found(format!("domain {} has no disk {} (backup {} has it)", vm.name(), v.name, m.id))
+        })?;
+        let overlay = crate::fsio::parent_dir(&d.file).join(format!("{}-restored-{}.qcow2", v.name, m.id));
+        out.push((v.name.clone(), d.file.clone(), overlay));
+    }
+    Ok(out)
 }

@@ -56,6 +56,8 @@ pub mod jobs;
 pub mod journal_check;
 #[cfg(feature = "libvirt")]
 pub mod live;
+#[cfg(feature = "libvirt")]
+pub(crate) use live::quick_restore_targets;
 pub mod lock;
 pub mod manifest;
 mod restore;

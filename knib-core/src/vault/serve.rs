@@ -215,21 +215,7 @@ pub fn quick_restore_domain(
     ctl: &Control,
 ) -> Result<ServeState> {
     let m = vault.show(id)?;
-    if vm.is_running()? {
-        return Err(KnibError::invalid(format!(
-            "domain {} is running: shut it down before restoring onto it",
-            vm.name()
-        )));
-    }
-    let disks = vm.disks()?;
-    let mut plan = Vec::new();
-    for v in &m.volumes {
-        let d = disks.iter().find(|d| d.target == v.name).ok_or_else(|| {
-            KnibError::not_found(format!("domain {} has no disk {} (backup {id} has it)", vm.name(), v.name))
-        })?;
-        let ddir = fsio::parent_dir(&d.file).to_path_buf();
-        plan.push((v.name.clone(), d.file.clone(), ddir.join(format!("{}-restored-{id}.qcow2", v.name))));
-    }
+    let plan = crate::catalog::quick_restore_targets(&m, vm)?;
     let first = plan.first().ok_or_else(|| KnibError::invalid(format!("backup {id} has no volume")))?;
     let dir = serve_dir(fsio::parent_dir(&first.1), vm.name());
     if dir.exists() {
