@@ -759,20 +759,22 @@ fn main() {
         );
     }
 
+    // The running domain of the live rows: the disk, 1% of it changed.
+    let live_setup = || live::Live {
+        me: &me,
+        src: p("disk.qcow2"),
+        dir: p("live"),
+        size,
+        changed: size / CS / 100,
+        name: format!("knib-bench-{}", std::process::id()),
+    };
     // 6. A running domain: knib against virtnbdbackup.
     if want("live") {
         match live::unavailable() {
             Some(why) => res.skip("live", why),
             None => {
                 eprintln!("running domain: full backup, then incremental backup, 1% changed");
-                let l = live::Live {
-                    me: &me,
-                    src: p("disk.qcow2"),
-                    dir: p("live"),
-                    size,
-                    changed: size / CS / 100,
-                    name: format!("knib-bench-{}", std::process::id()),
-                };
+                let l = live_setup();
                 let ((f, fenv), (m, env)) = live::rows(&l, runs);
                 res.row(
                     "running domain: full backup",
@@ -807,14 +809,7 @@ fn main() {
             Some(why) => res.skip("live-bitmap", why),
             None => {
                 eprintln!("running domain: incremental backup, 1% changed, by bitmap and by snapshot");
-                let l = live::Live {
-                    me: &me,
-                    src: p("disk.qcow2"),
-                    dir: p("live"),
-                    size,
-                    changed: size / CS / 100,
-                    name: format!("knib-bench-{}", std::process::id()),
-                };
+                let l = live_setup();
                 let ((m, env), writes) = live::method_rows(&l, runs);
                 res.row(
                     "running domain: incremental backup, 1% changed, by bitmap vs by snapshot",
