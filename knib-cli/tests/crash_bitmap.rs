@@ -3,7 +3,9 @@
 //! of its journal in turn; `knib recover` must end the backup job, leave
 //! exactly one knib checkpoint (the chain head's), no socket or scratch
 //! directory and no partial backup, and the next incremental must hold
-//! every guest write.
+//! every guest write. The same for a stopped domain (persistent bitmaps
+//! and qemu-nbd exports): no export outlives knib, and the files keep
+//! exactly the head's bitmap.
 
 #![cfg(feature = "libvirt")]
 
@@ -123,4 +125,82 @@ fn a_bitmap_backup_killed_at_every_step_is_recovered_with_nothing_lost() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         model.assert_restored(t, model.writes.len(), &to, dir.path());
     }
+}
+
+/// The knib bitmaps stored in a file, sorted.
+fn file_bitmaps(file: &Path) -> Vec<String> {
+    let mut b: Vec<String> = knib_core::qemu_img::QemuImg::new()
+        .bitmaps(file, &knib_core::Control::new())
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .filter(|n| n.starts_with("knib-"))
+        .collect();
+    b.sort();
+    b
+}
+
+#[test]
+fn a_bitmap_backup_of_a_stopped_domain_killed_at_every_step_is_recovered_with_nothing_lost() {
+    if skip_without_libvirt("bitmap crash recovery of a stopped domain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap().to_string();
+    let disks = [("vda", 64 * MIB), ("vdb", 32 * MIB)];
+    let vm = TestVm::define_stopped("knib-bmscrash", &disks, dir.path());
+    let name = vm.name().to_string();
+    let file = |t: &str| vm.initial_file(t);
+    let mut model = Model::new(&disks);
+    model.write_file(&file("vda"), "qcow2", "vda", 0x01, 0, 2 * MIB);
+    let first = ok_json(&["--json", "backup", "--store", &s, "--domain", &name, "--method", "bitmap"]);
+    let mut head = first["id"].as_str().unwrap().to_string();
+    for (i, step) in ["begin", "copy", "publish", "end"].into_iter().enumerate() {
+        let i = i as u64 + 1;
+        model.write_file(&file("vda"), "qcow2", "vda", 0x10 + i as u8, i * 2 * MIB, MIB);
+        model.write_file(&file("vdb"), "qcow2", "vdb", 0x20 + i as u8, i * MIB, 512 * 1024);
+        let out = knib(&["backup", "--store", &s, "--domain", &name, "--method", "bitmap"], Some(step));
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "knib was to be killed at {step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let refused = knib(&["backup", "--store", &s, "--domain", &name, "--method", "bitmap"], None);
+        assert_eq!(refused.status.code(), Some(21), "{}", String::from_utf8_lossy(&refused.stderr));
+        // No export outlives knib: the disks are not held.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let nbd = Command::new("pgrep").args(["-f", &format!("qemu-nbd.*{name}")]).output().unwrap();
+        assert!(nbd.stdout.is_empty(), "after {step}: qemu-nbd runs: {}", String::from_utf8_lossy(&nbd.stdout));
+        model.write_file(&file("vdb"), "qcow2", "vdb", 0x30 + i as u8, 16 * MIB + i * MIB, 256 * 1024);
+        let rec = ok_json(&["--json", "recover", "--store", &s, "--domain", &name]);
+        let published = step == "end";
+        assert_eq!(rec["published"], published, "{rec}");
+        if published {
+            head = rec["backup_id"].as_str().unwrap().to_string();
+        }
+        for (t, _) in disks {
+            assert_eq!(file_bitmaps(&file(t)), vec![checkpoint_name(&head)], "after {step}: {t}");
+        }
+        let mine: Vec<String> = checkpoints(&vm.vm).unwrap().into_iter().filter(|c| c.starts_with("knib-")).collect();
+        assert_eq!(mine, vec![checkpoint_name(&head)], "after {step}");
+        assert!(leftovers(&store, &name).is_empty(), "after {step}: {:?}", leftovers(&store, &name));
+        let out = knib(&["verify", "--store", &s], None);
+        assert!(out.status.success(), "verify after {step}: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let b = ok_json(&["--json", "backup", "--store", &s, "--domain", &name, "--method", "bitmap"]);
+    assert_eq!(b["kind"], "incremental", "{b}");
+    assert_eq!(b["parent"], head.as_str(), "{b}");
+    for (t, _) in disks {
+        let to = dir.path().join(format!("final-{t}.raw"));
+        let id = b["id"].as_str().unwrap();
+        let out =
+            knib(&["restore", "--store", &s, id, "--volume", t, "--to", to.to_str().unwrap(), "--format", "raw"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        model.assert_restored(t, model.writes.len(), &to, dir.path());
+    }
+    // The domain starts and reads every write.
+    vm.boot();
+    model.assert_vm_reads_everything(&vm);
 }

@@ -5,7 +5,9 @@
 //! had written; the disks' chains never touched; a checkpoint removed
 //! behind knib's back (the next incremental copies every cluster over its
 //! parent and says why); a failed backup cleaned up (discarded, and the
-//! next incremental still holds every write); requests the method refuses.
+//! next incremental still holds every write); requests the method refuses;
+//! stopped VMs, with a domain or without one (persistent bitmaps in the
+//! volumes' files).
 
 #![cfg(feature = "libvirt")]
 
@@ -194,11 +196,12 @@ fn method_bitmap_refuses_what_it_cannot_do() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    // No domain: a VM libvirt does not know has no checkpoints.
-    let v = json!([{"uuid": "u", "path": dir.path().join("d.qcow2"), "delta_path_on_primary": dir.path().join("n"),
+    // No domain, and the volume's file is missing.
+    let missing = dir.path().join("d.qcow2");
+    let v = json!([{"uuid": "u", "path": missing, "delta_path_on_primary": dir.path().join("n"),
         "delta_path_on_store": store.join("x")}]);
     let e = call_json("agent.take_backup", &json!({"running": false, "method": "bitmap", "volumes": v})).unwrap_err();
-    assert!(e.to_string().contains("method `bitmap` needs a running libvirt domain"), "{e}");
+    assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
     assert_eq!(e.vm_consistent, Some(true));
 
     let vm = TestVm::create(
@@ -222,12 +225,118 @@ fn method_bitmap_refuses_what_it_cannot_do() {
     assert!(e.to_string().contains("bitmaps"), "{e}");
     assert!(knib_checkpoints(&vm).is_empty());
     assert!(!store.exists() || std::fs::read_dir(&store).unwrap().next().is_none(), "nothing written to the store");
-    // A stopped domain.
-    vm.power_off();
+    // `running: false` for a domain that runs.
     let e = call_json(
         "agent.take_backup",
-        &json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, 1, None)}),
+        &json!({"domain": vm.name(), "running": false, "method": "bitmap", "volumes": volumes(&vm, &store, 1, None)}),
     )
     .unwrap_err();
-    assert!(e.to_string().contains("is not running"), "{e}");
+    assert!(e.to_string().contains("field `running` is false"), "{e}");
+}
+
+/// The knib bitmaps stored in a file, sorted.
+fn file_bitmaps(file: &Path) -> Vec<String> {
+    let mut b: Vec<String> = knib_core::qemu_img::QemuImg::new()
+        .bitmaps(file, &Control::new())
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .filter(|n| n.starts_with("knib-"))
+        .collect();
+    b.sort();
+    b
+}
+
+#[test]
+fn stopped_vms_with_or_without_a_domain_are_backed_up_by_persistent_bitmaps() {
+    if skip_without_libvirt("agent bitmap backups of stopped VMs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm = TestVm::define_stopped("knib-abs", &DISKS, dir.path());
+    let file = |t: &str| vm.initial_file(t);
+    let ckpt = |n: u32| format!("knib-{}", store_file(&store, n, "vda").file_name().unwrap().to_string_lossy());
+    // CloudStack's stopped VMs have no domain: the request names the files.
+    let req = |n: u32, parent: Option<u32>, domain: bool| {
+        let mut r = json!({"running": false, "method": "bitmap", "volumes": volumes(&vm, &store, n, parent)});
+        if domain {
+            r["domain"] = json!(vm.name());
+        }
+        r
+    };
+    let mut model = Model::new(&DISKS);
+    let mut upto = Vec::new();
+    model.write_file(&file("vda"), "qcow2", "vda", 0x41, 0, 4 * MIB);
+    model.write_file(&file("vdb"), "qcow2", "vdb", 0x42, MIB, 4 * MIB);
+    let a = ok("agent.take_backup", &req(1, None, false));
+    assert_eq!(a["kind"], "full");
+    assert_eq!(a["volumes"][0]["new_volume_path"], json!(file("vda")));
+    for (t, _) in DISKS {
+        assert_eq!(file_bitmaps(&file(t)), vec![ckpt(1)], "{t}");
+    }
+    upto.push((1, model.writes.len()));
+
+    // An incremental follows backup 1's bitmap: only what changed.
+    model.write_file(&file("vdb"), "qcow2", "vdb", 0x43, 12 * MIB, 128 * 1024);
+    let a = ok("agent.take_backup", &req(2, Some(1), false));
+    assert_eq!(a["kind"], "incremental");
+    assert!(a.get("full_reason").is_none(), "{a:#}");
+    let size2 = std::fs::metadata(store_file(&store, 2, "vda")).unwrap().len();
+    let size1 = std::fs::metadata(store_file(&store, 1, "vda")).unwrap().len();
+    assert!(size2 * 4 < size1, "unchanged vda: {size2} bytes against the full's {size1}");
+    for (t, _) in DISKS {
+        assert_eq!(file_bitmaps(&file(t)), vec![ckpt(2)], "{t}: the parent's bitmap goes");
+    }
+    upto.push((2, model.writes.len()));
+
+    // The same VM named by its stopped domain: libvirt's checkpoints follow.
+    model.write_file(&file("vda"), "qcow2", "vda", 0x44, 8 * MIB, MIB);
+    let a = ok("agent.take_backup", &req(3, Some(2), true));
+    assert_eq!(a["kind"], "incremental");
+    assert!(a.get("full_reason").is_none(), "{a:#}");
+    assert_eq!(knib_checkpoints(&vm), vec![ckpt(3)]);
+    upto.push((3, model.writes.len()));
+
+    // A backup the management server gives up on is discarded: its files
+    // and bitmap go; the next incremental of 3 copies every cluster over it
+    // and says why.
+    model.write_file(&file("vdb"), "qcow2", "vdb", 0x45, 14 * MIB, MIB);
+    ok("agent.take_backup", &req(4, Some(3), true));
+    let mut cleanup = req(4, Some(3), true);
+    cleanup["mode"] = json!("discard");
+    let c = ok("agent.cleanup_vm_backup", &cleanup);
+    assert_eq!(c["published"], true);
+    for (t, _) in DISKS {
+        assert!(!store_file(&store, 4, t).exists());
+        assert!(file_bitmaps(&file(t)).is_empty(), "{t}: {:?}", file_bitmaps(&file(t)));
+    }
+    assert!(knib_checkpoints(&vm).is_empty());
+    let a = ok("agent.take_backup", &req(5, Some(3), false));
+    assert_eq!(a["kind"], "incremental");
+    assert!(a["full_reason"].as_str().unwrap_or("").contains("no dirty bitmap"), "{a:#}");
+    upto.push((5, model.writes.len()));
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.ends_with(".nbd") || f.starts_with("delta-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    for (n, k) in upto {
+        for (t, _) in DISKS {
+            let to = out.join(format!("{n}-{t}.qcow2"));
+            let st = std::process::Command::new("qemu-img")
+                .args(["convert", "-O", "qcow2"])
+                .arg(store_file(&store, n, t))
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            model.assert_restored(t, k, &to, &out);
+        }
+    }
 }

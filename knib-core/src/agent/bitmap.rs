@@ -30,10 +30,12 @@
 
 use super::*;
 use crate::engine::bitmap::{self as engine_bitmap, BitmapDisk, BitmapPlan};
+use crate::engine::bitmap_stopped as engine_stopped;
 use crate::engine::take::BackupKind;
 use crate::libvirt::backup::checkpoint_name;
 use crate::libvirt::{disk_on, domain, DiskInfo, Vm};
 use crate::qcow2::relative_pointer;
+use crate::qemu_img::QemuImg;
 
 /// The backup id a store file stands for: its file name.
 fn id_of(op: &str, what: &str, file: &Path) -> Result<String> {
@@ -47,17 +49,60 @@ fn id_of(op: &str, what: &str, file: &Path) -> Result<String> {
     Ok(name)
 }
 
+/// The disks of the VM: a running domain's (`Some(true)`), a stopped
+/// domain's, or (no domain) the volumes' files, named `vol0`, `vol1`, ...
+/// in the request's order, in the format `qemu-img info` reads.
+fn vm_disks(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> Result<(Vec<DiskInfo>, bool)> {
+    match vm {
+        Some(vm) if vm.is_running()? => Ok((engine_bitmap::inspect(vm)?, true)),
+        Some(vm) => Ok((engine_stopped::inspect(vm)?, false)),
+        None => {
+            let mut disks = Vec::new();
+            for (i, v) in r.volumes.iter().enumerate() {
+                absolute(op, &format!("volumes[{i}].path"), &v.path)?;
+                let format = q.info(&v.path, ctl)?.format;
+                if format != "qcow2" && format != "raw" {
+                    return Err(KnibError::invalid(format!(
+                        "volume {}: {} is a {format} image: knib backs up qcow2 and raw disks",
+                        v.uuid,
+                        v.path.display()
+                    )));
+                }
+                disks.push(DiskInfo {
+                    target: format!("vol{i}"),
+                    bus: None,
+                    file: v.path.clone(),
+                    format,
+                    backing_chain: Vec::new(),
+                    alias: None,
+                });
+            }
+            Ok((disks, false))
+        }
+    }
+}
+
+/// The disk of `disks` volume `path` is.
+fn disk_of<'d>(vm: Option<&Vm>, disks: &'d [DiskInfo], path: &Path) -> Result<&'d DiskInfo> {
+    match vm {
+        Some(vm) => disk_on(vm, disks, path),
+        None => disks
+            .iter()
+            .find(|d| d.file == path)
+            .ok_or_else(|| KnibError::internal(format!("no disk for {}", path.display()))),
+    }
+}
+
 /// The plan of a bitmap backup from the request, and why an incremental
 /// one copies every cluster, if it does.
-fn plan(op: &str, vm: &Vm, r: &TakeReq) -> Result<(BitmapPlan, Option<String>)> {
+fn plan(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> Result<(BitmapPlan, Option<String>)> {
     non_empty(op, "volumes", &r.volumes)?;
-    if r.running == Some(false) {
-        return Err(KnibError::invalid(format!(
-            "request of {op}: method `bitmap` backs up a running domain, and field `running` is false"
-        )));
-    }
     let kind = super::stopped::kind_of(op, r)?;
-    let disks: Vec<DiskInfo> = engine_bitmap::inspect(vm)?;
+    let (disks, running) = vm_disks(op, vm, r, q, ctl)?;
+    let who = vm.map(|v| format!("domain {}", v.name())).unwrap_or_else(|| "the VM".into());
+    if r.running == Some(false) && running {
+        return Err(KnibError::invalid(format!("request of {op}: field `running` is false, and {who} is running")));
+    }
     let mut planned: Vec<BitmapDisk> = Vec::new();
     let mut chosen: Vec<DiskInfo> = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
@@ -76,7 +121,7 @@ fn plan(op: &str, vm: &Vm, r: &TakeReq) -> Result<(BitmapPlan, Option<String>)> 
                 v.delta_path_on_store.display()
             )));
         }
-        let disk = disk_on(vm, &disks, &v.path)?;
+        let disk = disk_of(vm, &disks, &v.path)?;
         if chosen.iter().any(|d| d.target == disk.target) {
             return Err(KnibError::invalid(format!(
                 "request of {op}: two volumes are the same disk {} (volume {})",
@@ -104,6 +149,7 @@ fn plan(op: &str, vm: &Vm, r: &TakeReq) -> Result<(BitmapPlan, Option<String>)> 
             file: disk.file.clone(),
             dest: v.delta_path_on_store.clone(),
             parent,
+            format: disk.format.clone(),
         });
     }
     let id = id_of(op, "volumes[0].delta_path_on_store", &r.volumes[0].delta_path_on_store)?;
@@ -116,33 +162,43 @@ fn plan(op: &str, vm: &Vm, r: &TakeReq) -> Result<(BitmapPlan, Option<String>)> 
                 parents.push(id_of(op, &format!("volumes[{i}].parent_backup_path"), p)?);
             }
         }
-        let have = crate::libvirt::backup::checkpoints(vm)?;
-        match parents.iter().find(|p| have.contains(&checkpoint_name(p))) {
-            None => {
-                full_reason = Some(format!(
-                    "domain {} has no checkpoint of the parent backup ({}): the parent was not taken by method bitmap, or its checkpoint was removed",
-                    vm.name(),
-                    parents.iter().map(|p| checkpoint_name(p)).collect::<Vec<_>>().join(" or ")
-                ));
+        let followed = match vm {
+            Some(vm) if running => {
+                let have = crate::libvirt::backup::checkpoints(vm)?;
+                match parents.iter().find(|p| have.contains(&checkpoint_name(p))) {
+                    None => Err(format!(
+                        "domain {} has no checkpoint of the parent backup ({}): the parent was not taken by method bitmap, or its checkpoint was removed",
+                        vm.name(),
+                        parents.iter().map(|p| checkpoint_name(p)).collect::<Vec<_>>().join(" or ")
+                    )),
+                    Some(p) => engine_bitmap::tracks(vm, &chosen, p)?.map(|()| p.clone()),
+                }
+            }
+            _ => match parents.first() {
+                None => Err("the request names no parent backup".to_string()),
+                Some(p) => engine_stopped::tracks(q, &planned, p, ctl)?.map(|()| p.clone()),
+            },
+        };
+        match followed {
+            Ok(p) => Some(checkpoint_name(&p)),
+            Err(why) => {
+                full_reason = Some(why);
                 None
             }
-            Some(p) => match engine_bitmap::tracks(vm, &chosen, p)? {
-                Ok(()) => Some(checkpoint_name(p)),
-                Err(why) => {
-                    full_reason = Some(why);
-                    None
-                }
-            },
         }
     } else {
         None
     };
     if let Some(why) = &full_reason {
-        log::warn!("{op}: domain {}: {why}; every cluster is copied over the parent backup", vm.name());
+        log::warn!("{op}: {who}: {why}; every cluster is copied over the parent backup");
     }
     let end_of_chain = r.end_of_chain && kind != BackupKind::Isolated;
-    let raw = chosen.iter().any(|d| d.format != "qcow2");
-    let checkpoint = (kind != BackupKind::Isolated && !end_of_chain && !raw).then(|| checkpoint_name(&id));
+    let can_carry = if running {
+        chosen.iter().all(|d| d.format == "qcow2")
+    } else {
+        engine_stopped::cannot_carry(q, &planned, ctl)?.is_none()
+    };
+    let checkpoint = (kind != BackupKind::Isolated && !end_of_chain && can_carry).then(|| checkpoint_name(&id));
     // Beside the first volume's file: QEMU reaches it (it runs the disk
     // there) and writes the export's scratch files in it.
     let work_dir = crate::fsio::parent_dir(&chosen[0].file).join(format!(".knib-{id}.nbd"));
@@ -150,23 +206,37 @@ fn plan(op: &str, vm: &Vm, r: &TakeReq) -> Result<(BitmapPlan, Option<String>)> 
         backup_id: id,
         kind,
         end_of_chain,
-        quiesce: r.quiesce,
+        quiesce: r.quiesce && running,
         disks: planned,
         work_dir,
         since,
         checkpoint,
         compress: None,
+        stopped: !running,
     };
     Ok((plan, full_reason))
 }
 
-/// `agent.take_backup` with method `bitmap`.
+/// The libvirt domain of the request, if it names one.
+fn domain_of(r: &TakeReq) -> Result<Option<Vm>> {
+    r.domain.as_deref().map(|d| domain(r.connect.as_deref(), d)).transpose()
+}
+
+/// `agent.take_backup` with method `bitmap`: a running domain by a backup
+/// job, a stopped one or a VM without a domain by persistent bitmaps.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
-    // Until the backup job starts, nothing has changed.
+    // Until the exports start, nothing has changed.
     let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
-    let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default()).map_err(consistent)?;
-    engine_bitmap::refuse_running_job(&vm).map_err(consistent)?;
-    let (plan, full_reason) = plan(op, &vm, r).map_err(consistent)?;
+    let q = QemuImg::new();
+    let vm = domain_of(r).map_err(consistent)?;
+    if let Some(vm) = &vm {
+        engine_bitmap::refuse_running_job(vm).map_err(consistent)?;
+    }
+    if vm.is_none() {
+        let files: Vec<&Path> = r.volumes.iter().map(|v| v.path.as_path()).collect();
+        crate::engine::stopped::ensure_unused(&files, &format!("{op} of a VM without a domain")).map_err(consistent)?;
+    }
+    let (plan, full_reason) = plan(op, vm.as_ref(), r, &q, ctl).map_err(consistent)?;
     for d in &plan.disks {
         let dir = crate::fsio::parent_dir(&d.dest);
         if !dir.is_dir() {
@@ -174,34 +244,42 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
         }
     }
     log::info!(
-        "{op}: {} backup of domain {} by bitmap ({} volumes{})",
+        "{op}: {} backup of {} by bitmap ({} volumes{})",
         plan.kind.as_str(),
-        vm.name(),
+        vm.as_ref().map(|v| format!("domain {}", v.name())).unwrap_or_else(|| "a VM without a domain".into()),
         plan.disks.len(),
         plan.since.as_deref().map(|s| format!(", changes since {s}")).unwrap_or_default()
     );
-    let results = engine_bitmap::take(&vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(()))?;
-    let mut answer = TakeBackupAnswer::of(plan.kind.as_str(), &r.volumes, &results, true);
+    let results = if plan.stopped {
+        engine_stopped::take(&q, vm.as_ref(), &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(()))?
+    } else {
+        let vm = vm.as_ref().ok_or_else(|| KnibError::internal("a running VM without a domain"))?;
+        engine_bitmap::take(vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(()))?
+    };
+    let mut answer = TakeBackupAnswer::of(plan.kind.as_str(), &r.volumes, &results, vm.is_some());
     answer.full_reason = full_reason;
     Ok(answer)
 }
 
 /// `agent.cleanup_vm_backup` with method `bitmap`.
 pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode) -> Result<CleanupVmBackupAnswer> {
-    let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
+    let vm = domain_of(r)?;
     non_empty(op, "volumes", &r.volumes)?;
     let id = id_of(op, "volumes[0].delta_path_on_store", &r.volumes[0].delta_path_on_store)?;
-    let disks = vm.disks()?;
+    let q = QemuImg::new();
+    let ctl = Control::new();
+    let (disks, running) = vm_disks(op, vm.as_ref(), r, &q, &ctl)?;
     let mut planned = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
         absolute(op, &format!("volumes[{i}].path"), &v.path)?;
         absolute(op, &format!("volumes[{i}].delta_path_on_store"), &v.delta_path_on_store)?;
-        let disk = disk_on(&vm, &disks, &v.path)?;
+        let disk = disk_of(vm.as_ref(), &disks, &v.path)?;
         planned.push(BitmapDisk {
             target: disk.target.clone(),
             file: disk.file.clone(),
             dest: v.delta_path_on_store.clone(),
             parent: None,
+            format: disk.format.clone(),
         });
     }
     let published = planned.iter().all(|d| d.dest.is_file());
@@ -218,15 +296,19 @@ pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode) -> Res
         checkpoint: (kind != BackupKind::Isolated && !r.end_of_chain).then(|| checkpoint_name(&id)),
         disks: planned,
         compress: None,
+        stopped: !running,
     };
     let store_files: Vec<(&str, &Path)> = plan.disks.iter().map(|d| (d.target.as_str(), d.dest.as_path())).collect();
     let (mut actions, removed_from_store) = clean_store(&store_files, published, finish)?;
-    let done = engine_bitmap::recover(&vm, &plan, finish).map_err(|e| {
-        e.context(format!("cleanup of the bitmap backup of domain {}", vm.name())).with_vm_consistent(false)
-    })?;
+    let who = vm.as_ref().map(|v| format!("domain {}", v.name())).unwrap_or_else(|| "a VM without a domain".into());
+    let done = match &vm {
+        Some(vm) if running => engine_bitmap::recover(vm, &plan, finish),
+        _ => engine_stopped::recover(&q, vm.as_ref(), &plan, finish, &ctl),
+    }
+    .map_err(|e| e.context(format!("cleanup of the bitmap backup of {who}")).with_vm_consistent(false))?;
     actions.extend(done);
     for a in &actions {
-        log::info!("{op}: domain {}: {a}", vm.name());
+        log::info!("{op}: {who}: {a}");
     }
     let volumes = r
         .volumes
@@ -245,6 +327,9 @@ pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode) -> Res
         volumes,
         actions,
         removed_from_store,
-        vm_running: vm.is_running()?,
+        vm_running: match &vm {
+            Some(vm) => vm.is_running()?,
+            None => false,
+        },
     })
 }

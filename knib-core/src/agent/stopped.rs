@@ -213,11 +213,13 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
     })
 }
 
-/// Refuse method `bitmap` for a VM without a domain.
+/// Refuse method `bitmap` for a VM without a domain when knib is built
+/// without libvirt (the bitmap method's NBD client comes with it).
+#[cfg(not(feature = "libvirt"))]
 fn refuse_bitmap(op: &str, r: &TakeReq) -> Result<()> {
     if r.method == engine::BackupMethod::Bitmap {
         return Err(KnibError::invalid(format!(
-            "request of {op}: method `bitmap` needs a running libvirt domain (field `domain`); a VM without a domain is backed up by method `snapshot`"
+            "request of {op}: method `bitmap` needs knib built with its libvirt part"
         )));
     }
     Ok(())
@@ -225,6 +227,11 @@ fn refuse_bitmap(op: &str, r: &TakeReq) -> Result<()> {
 
 /// `agent.take_backup` of a VM without a domain.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
+    #[cfg(feature = "libvirt")]
+    if r.method == engine::BackupMethod::Bitmap {
+        return super::bitmap::take_backup(op, r, ctl);
+    }
+    #[cfg(not(feature = "libvirt"))]
     refuse_bitmap(op, r).map_err(|e| e.with_vm_consistent(true))?;
     let q = QemuImg::new();
     // Until the new deltas exist, nothing has changed.
@@ -246,6 +253,11 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
+    #[cfg(feature = "libvirt")]
+    if r.method == engine::BackupMethod::Bitmap {
+        return super::bitmap::cleanup_vm_backup(op, r, mode);
+    }
+    #[cfg(not(feature = "libvirt"))]
     refuse_bitmap(op, r)?;
     let q = QemuImg::new();
     ensure_unused(&named_files(r), &format!("{op} of a VM without a domain"))?;

@@ -19,6 +19,7 @@ use super::head::Follows;
 use super::manifest::{Manifest, VolumeEntry};
 use super::{BackupOptions, Store};
 use crate::engine::bitmap::{self, BitmapDisk, BitmapPlan, BitmapStep};
+use crate::engine::bitmap_stopped;
 use crate::engine::BackupKind;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
@@ -75,8 +76,10 @@ impl Store {
         Ok(())
     }
 
-    /// Back up every disk of a running libvirt domain by dirty bitmap (see
-    /// [`crate::engine::bitmap`]). The VM's name in the store is the
+    /// Back up every disk of a libvirt domain by dirty bitmap: a running
+    /// one by checkpoints and a backup job ([`crate::engine::bitmap`]), a
+    /// stopped one by persistent bitmaps in its disks' files
+    /// ([`crate::engine::bitmap_stopped`]). The VM's name in the store is the
     /// domain's name; volumes are the disk targets.
     pub fn backup_domain_bitmap(
         &self,
@@ -87,7 +90,8 @@ impl Store {
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
-        let disks = bitmap::inspect(vm)?;
+        let running = vm.is_running()?;
+        let disks = if running { bitmap::inspect(vm)? } else { bitmap_stopped::inspect(vm)? };
         let _lock = self.lock_vm(&name, &format!("backup of {name}"))?;
         self.refuse_interrupted_bitmap(&name)?;
         if let Some(j) = self.load_journal(&name)? {
@@ -100,9 +104,24 @@ impl Store {
                 ),
             ));
         }
-        bitmap::refuse_running_job(vm)?;
+        let probe: Vec<BitmapDisk> = disks
+            .iter()
+            .map(|d| BitmapDisk {
+                target: d.target.clone(),
+                file: d.file.clone(),
+                dest: PathBuf::new(),
+                parent: None,
+                format: d.format.clone(),
+            })
+            .collect();
+        let q = &self.qemu_img;
+        let (tracked, can_carry) = if running {
+            bitmap::refuse_running_job(vm)?;
+            (bitmap::tracked_since(vm, &disks)?, disks.iter().all(|d| d.format == "qcow2"))
+        } else {
+            (bitmap_stopped::tracked_since(q, &probe, ctl)?, bitmap_stopped::cannot_carry(q, &probe, ctl)?.is_none())
+        };
         let sources: Vec<(String, PathBuf)> = disks.iter().map(|d| (d.target.clone(), d.file.clone())).collect();
-        let tracked = bitmap::tracked_since(vm, &disks)?;
         let follows: Vec<(String, Follows)> = disks
             .iter()
             .map(|d| {
@@ -117,19 +136,17 @@ impl Store {
             self.decide(&name, &sources, opts, &follows)?;
         let id = super::new_backup_id();
         let part = self.vm_dir(&name).join(format!(".{id}.part"));
-        let all_qcow2 = disks.iter().all(|d| d.format == "qcow2");
         let plan = BitmapPlan {
             backup_id: id.clone(),
             kind,
             end_of_chain,
             quiesce,
-            disks: disks
-                .iter()
+            disks: probe
+                .into_iter()
                 .map(|d| BitmapDisk {
-                    target: d.target.clone(),
-                    file: d.file.clone(),
                     dest: part.join(format!("{}.qcow2", d.target)),
                     parent: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &d.target)),
+                    ..d
                 })
                 .collect(),
             work_dir: self.vm_dir(&name).join(format!(".{id}.nbd")),
@@ -137,8 +154,9 @@ impl Store {
                 (BackupKind::Incremental, Ok(t)) => Some(checkpoint_name(t)),
                 _ => None,
             },
-            checkpoint: (kind != BackupKind::Isolated && !end_of_chain && all_qcow2).then(|| checkpoint_name(&id)),
+            checkpoint: (kind != BackupKind::Isolated && !end_of_chain && can_carry).then(|| checkpoint_name(&id)),
             compress: opts.compress,
+            stopped: !running,
         };
         if kind == BackupKind::Incremental && plan.since.is_none() {
             return Err(KnibError::internal("an incremental bitmap backup without a checkpoint to follow"));
@@ -151,7 +169,8 @@ impl Store {
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         m.full_reason = full_reason;
         let final_dir = self.vm_dir(&name).join(&id);
-        let result = bitmap::take(vm, &plan, ctl, &mut |step| self.record_bitmap(&name, &plan, step), &mut |vols| {
+        let mut journal = |step| self.record_bitmap(&name, &plan, step);
+        let mut publish = |vols: &[crate::engine::take::VolumeResult]| {
             m.volumes = vols
                 .iter()
                 .map(|v| VolumeEntry {
@@ -166,7 +185,12 @@ impl Store {
                 .collect();
             m.compression = super::compressed_as_copied(vols);
             self.publish(&m, &part)
-        });
+        };
+        let result = if running {
+            bitmap::take(vm, &plan, ctl, &mut journal, &mut publish)
+        } else {
+            bitmap_stopped::take(q, Some(vm), &plan, ctl, &mut journal, &mut publish)
+        };
         match result {
             Ok(_) => {
                 fsio::remove_if_exists(&self.bitmap_journal_path(&name))?;
@@ -206,7 +230,23 @@ impl Store {
             }
         }
         let published = self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists();
-        let actions = bitmap::recover(vm, &j.plan, published)?;
+        let actions = if j.plan.stopped {
+            // The files whose bitmaps recovery edits are the domain's own
+            // disks, never ones the journal names.
+            let disks = vm.disks()?;
+            for d in &j.plan.disks {
+                if !disks.iter().any(|x| x.target == d.target && x.file == d.file && x.format == d.format) {
+                    return Err(KnibError::corrupt(format!(
+                        "journal of {name}: disk {} ({}) is not a disk of domain {name}",
+                        d.target,
+                        d.file.display()
+                    )));
+                }
+            }
+            bitmap_stopped::recover(&self.qemu_img, Some(vm), &j.plan, published, &Control::new())?
+        } else {
+            bitmap::recover(vm, &j.plan, published)?
+        };
         if published && j.plan.kind != BackupKind::Isolated {
             let st = self.load_state(&name).unwrap_or_default();
             if st.head.as_deref() != Some(j.plan.backup_id.as_str()) {

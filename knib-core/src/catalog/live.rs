@@ -108,10 +108,6 @@ impl Store {
         if method == crate::engine::BackupMethod::Bitmap {
             if id.is_some() {
                 log::warn!("backup of {name}: a group backup takes its members by the snapshot method");
-            } else if !vm.is_running()? {
-                log::warn!(
-                    "backup of {name}: the domain is stopped, and bitmap backups of stopped domains are not supported yet: taking it by the snapshot method"
-                );
             } else {
                 return self.backup_domain_bitmap(vm, opts, quiesce, ctl);
             }

@@ -79,7 +79,6 @@ use crate::fsio;
 use crate::names;
 use crate::qemu_img::QemuImg;
 
-#[cfg(feature = "libvirt")]
 pub(crate) use backup::{check_disks, compressed_as_copied, volume_entries};
 pub use backup::{BackupOptions, DiskSpec};
 #[cfg(feature = "libvirt")]

@@ -93,6 +93,14 @@ pub struct BitmapDisk {
     pub dest: PathBuf,
     /// The parent backup's file, as the backing pointer of `dest`.
     pub parent: Option<String>,
+    /// The format of `file` (`qcow2` or `raw`): a stopped VM's disk is
+    /// exported in it, never probed.
+    #[serde(default = "qcow2")]
+    pub format: String,
+}
+
+fn qcow2() -> String {
+    "qcow2".to_string()
 }
 
 /// A bitmap backup of a running domain, planned.
@@ -119,6 +127,11 @@ pub struct BitmapPlan {
     /// Compress the backup files as they are written.
     #[serde(default)]
     pub compress: Option<CompressionLibrary>,
+    /// The VM is stopped: persistent bitmaps in the disks' files, exported
+    /// by `qemu-nbd` ([`super::bitmap_stopped`]), instead of libvirt's
+    /// backup job.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 impl BitmapPlan {
@@ -226,7 +239,7 @@ fn qemu_owner(vm: &Vm) -> Option<(u32, u32)> {
 
 /// Make the private directory of the NBD socket and scratch files: mode
 /// 0700, owned by QEMU's user (who creates the socket there).
-fn make_work_dir(vm: &Vm, dir: &Path) -> Result<()> {
+pub(crate) fn make_work_dir(vm: &Vm, dir: &Path) -> Result<()> {
     fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| KnibError::io("cannot create", dir, e))?;
     if let Some((uid, gid)) = qemu_owner(vm) {
         std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| KnibError::io("cannot chown", dir, e))?;
@@ -241,7 +254,7 @@ fn make_work_dir(vm: &Vm, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn remove_work_dir(dir: &Path) -> Result<()> {
+pub(crate) fn remove_work_dir(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -332,6 +345,64 @@ fn after_publish(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
     prune_checkpoints(vm, plan.checkpoint.as_deref())
 }
 
+/// How the disks of a bitmap backup are exported and its checkpoints kept:
+/// by libvirt's backup job for a running domain ([`Libvirt`]), by
+/// `qemu-nbd` and persistent bitmaps for a stopped VM
+/// ([`super::bitmap_stopped::Stopped`]).
+pub(crate) trait Exporter {
+    /// What is backed up, for messages ("domain web1").
+    fn who(&self) -> String;
+    /// Start the exports and create the backup's checkpoint.
+    fn begin(&mut self, plan: &BitmapPlan) -> Result<()>;
+    /// Where disk `d` is exported: the socket, the export's name, and the
+    /// dirty bitmap of an incremental's changes.
+    fn export(&self, plan: &BitmapPlan, d: &BitmapDisk) -> (PathBuf, String, Option<String>);
+    /// After publication: end the exports, delete the older checkpoints,
+    /// remove the work directory. Returns what was done.
+    fn end(&mut self, plan: &BitmapPlan) -> Result<Vec<String>>;
+    /// Before publication: end the exports, delete the new checkpoint (the
+    /// one before it still covers every write), remove the work directory.
+    fn undo(&mut self, plan: &BitmapPlan) -> Result<Vec<String>>;
+}
+
+/// A running domain's backup job.
+pub(crate) struct Libvirt<'a>(pub &'a Vm);
+
+impl Exporter for Libvirt<'_> {
+    fn who(&self) -> String {
+        format!("domain {}", self.0.name())
+    }
+
+    fn begin(&mut self, plan: &BitmapPlan) -> Result<()> {
+        let started = make_work_dir(self.0, &plan.work_dir).and_then(|()| begin(self.0, plan));
+        if started.is_err() {
+            let _ = remove_work_dir(&plan.work_dir);
+        }
+        started
+    }
+
+    fn export(&self, plan: &BitmapPlan, d: &BitmapDisk) -> (PathBuf, String, Option<String>) {
+        (plan.socket(), d.target.clone(), plan.since.as_ref().map(|_| d.target.clone()))
+    }
+
+    fn end(&mut self, plan: &BitmapPlan) -> Result<Vec<String>> {
+        let vm = self.0;
+        let mut done = Vec::new();
+        if vm.is_running()? && end_job(vm)? {
+            done.push(format!("ended the backup job of domain {}", vm.name()));
+        }
+        for c in after_publish(vm, plan)? {
+            done.push(format!("deleted checkpoint {c} (older than the backup's)"));
+        }
+        remove_work_dir(&plan.work_dir)?;
+        Ok(done)
+    }
+
+    fn undo(&mut self, plan: &BitmapPlan) -> Result<Vec<String>> {
+        undo(self.0, plan)
+    }
+}
+
 /// Take a bitmap backup of a running domain as `plan` says. `journal` is
 /// called before each step; `publish` once every copy is durable on the
 /// store. A failure before publishing ends the job, deletes the new
@@ -343,27 +414,37 @@ pub fn take(
     journal: &mut dyn FnMut(BitmapStep) -> Result<()>,
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<Vec<VolumeResult>> {
+    run(&mut Libvirt(vm), plan, ctl, journal, publish)
+}
+
+/// Take the bitmap backup `plan` through `exp` (see [`take`]).
+pub(crate) fn run(
+    exp: &mut dyn Exporter,
+    plan: &BitmapPlan,
+    ctl: &Control,
+    journal: &mut dyn FnMut(BitmapStep) -> Result<()>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<Vec<VolumeResult>> {
+    let who = exp.who();
     journal(BitmapStep::Begin)?;
-    crate::crashpoint::durable_step(&format!("backup job of domain {}", vm.name()));
-    let started = make_work_dir(vm, &plan.work_dir).and_then(|()| begin(vm, plan));
-    if let Err(e) = started {
-        let _ = remove_work_dir(&plan.work_dir);
-        return Err(e.context(format!("bitmap backup of domain {}", vm.name())).with_vm_consistent(true));
+    crate::crashpoint::durable_step(&format!("backup exports of {who}"));
+    if let Err(e) = exp.begin(plan) {
+        return Err(e.context(format!("bitmap backup of {who}")).with_vm_consistent(true));
     }
     let copied = (|| -> Result<Vec<VolumeResult>> {
         journal(BitmapStep::Copy)?;
         let mut results = Vec::new();
         for d in &plan.disks {
             ctl.check(&format!("copy of disk {}", d.target))?;
-            let bitmap = plan.since.as_ref().map(|_| d.target.as_str());
+            let (socket, export, bitmap) = exp.export(plan, d);
             let ctype = plan.compress.map(|c| match c {
                 CompressionLibrary::Zstd => CompressionType::Zstd,
                 CompressionLibrary::Zlib => CompressionType::Zlib,
             });
             let c = super::bitmap_copy::copy_export(
-                &plan.socket(),
-                &d.target,
-                bitmap,
+                &socket,
+                &export,
+                bitmap.as_deref(),
                 &d.dest,
                 d.parent.as_deref(),
                 ctype,
@@ -390,8 +471,8 @@ pub fn take(
         Ok(r) => r,
         Err(e) => {
             let mut consistent = true;
-            if let Err(u) = undo(vm, plan) {
-                log::error!("undoing the bitmap backup of domain {}: {u}", vm.name());
+            if let Err(u) = exp.undo(plan) {
+                log::error!("undoing the bitmap backup of {who}: {u}");
                 consistent = false;
             }
             for d in &plan.disks {
@@ -400,16 +481,19 @@ pub fn take(
             return Err(e.with_vm_consistent(consistent));
         }
     };
-    let end = (|| -> Result<()> {
-        journal(BitmapStep::End)?;
-        end_job(vm)?;
-        after_publish(vm, plan)?;
-        remove_work_dir(&plan.work_dir)
-    })();
-    end.map_err(|e| {
-        e.context(format!("the backup is stored, but ending the backup job of domain {} failed", vm.name()))
-            .with_vm_consistent(false)
-    })?;
+    let end = journal(BitmapStep::End).and_then(|()| exp.end(plan));
+    match end {
+        Ok(done) => {
+            for a in done {
+                log::info!("bitmap backup {} of {who}: {a}", plan.backup_id);
+            }
+        }
+        Err(e) => {
+            return Err(e
+                .context(format!("the backup is stored, but ending its exports on {who} failed"))
+                .with_vm_consistent(false))
+        }
+    }
     Ok(results)
 }
 
@@ -434,18 +518,12 @@ fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
 /// unpublished one loses it; the socket and scratch files go. Returns what
 /// was done.
 pub fn recover(vm: &Vm, plan: &BitmapPlan, published: bool) -> Result<Vec<String>> {
-    if !published {
-        return undo(vm, plan);
+    let mut exp = Libvirt(vm);
+    if published {
+        exp.end(plan)
+    } else {
+        exp.undo(plan)
     }
-    let mut done = Vec::new();
-    if vm.is_running()? && end_job(vm)? {
-        done.push(format!("ended the backup job of domain {}", vm.name()));
-    }
-    for c in after_publish(vm, plan)? {
-        done.push(format!("deleted checkpoint {c} (older than the backup's)"));
-    }
-    remove_work_dir(&plan.work_dir)?;
-    Ok(done)
 }
 
 /// Delete knib checkpoint `name` of the domain, running or stopped;

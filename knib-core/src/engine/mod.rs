@@ -33,6 +33,8 @@
 pub mod bitmap;
 #[cfg(feature = "libvirt")]
 pub mod bitmap_copy;
+#[cfg(feature = "libvirt")]
+pub mod bitmap_stopped;
 pub mod compress;
 #[cfg(feature = "libvirt")]
 pub mod live;

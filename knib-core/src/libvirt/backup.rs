@@ -104,6 +104,40 @@ pub fn checkpoint_xml(name: &str, all: &[String], with_bitmap: &[String]) -> Str
     x
 }
 
+/// Record checkpoint `name` in libvirt's metadata of a domain, running or
+/// stopped, whose disks already carry its bitmaps (`with_bitmap`; `all` is
+/// every disk target): a bitmap knib added with `qemu-img bitmap` while
+/// the domain was stopped (libvirt 9 creates checkpoints of running
+/// domains only). A running domain's next backup job can then follow it.
+/// Nothing is done when the checkpoint is already recorded.
+pub fn redefine_checkpoint(vm: &Vm, name: &str, all: &[String], with_bitmap: &[String]) -> Result<()> {
+    if checkpoints(vm)?.iter().any(|c| c == name) {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let xml = checkpoint_xml(name, all, with_bitmap).replacen(
+        "  <disks>\n",
+        &format!("  <creationTime>{now}</creationTime>\n  <disks>\n"),
+        1,
+    );
+    let what = format!("recording checkpoint {name} of domain {}", vm.name());
+    let x = c_string(&what, &xml)?;
+    // SAFETY: the domain pointer is valid while `vm` is borrowed; the XML
+    // outlives the call; the checkpoint reference returned is freed once.
+    unsafe {
+        let cp = sys::virDomainCheckpointCreateXML(
+            vm.domain().as_ptr(),
+            x.as_ptr(),
+            sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
+        );
+        if cp.is_null() {
+            return Err(last_virt_error(what));
+        }
+        sys::virDomainCheckpointFree(cp);
+    }
+    Ok(())
+}
+
 fn c_string(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| KnibError::invalid(format!("{what}: a NUL byte in {s:?}")))
 }

@@ -279,9 +279,13 @@ impl Vm {
         self.dom.destroy().map_err(|e| virt_error(format_args!("destroying domain {}", self.name), &e))
     }
 
-    /// Remove the domain's persistent definition.
+    /// Remove the domain's persistent definition, with its checkpoints'
+    /// metadata (libvirt refuses a domain that has checkpoints otherwise;
+    /// their bitmaps stay in the disks' files).
     pub fn undefine(&self) -> Result<()> {
-        self.dom.undefine().map_err(|e| virt_error(format_args!("undefining domain {}", self.name), &e))
+        self.dom
+            .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            .map_err(|e| virt_error(format_args!("undefining domain {}", self.name), &e))
     }
 
     /// Point disks of a stopped, persistent domain at other files (its

@@ -154,6 +154,7 @@ pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
 pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy, TargetFormat, MAX_AUTO_THREADS};
+#[cfg(feature = "libvirt")]
 pub(crate) use copy_batch::Compressor;
 pub use copy_read::SourceMode;
 pub use empty::empty_image;

@@ -76,6 +76,36 @@ pub struct FormatData {
     /// The name of an external data file, if any.
     #[serde(default)]
     pub data_file: Option<String>,
+    /// The persistent dirty bitmaps stored in the image.
+    #[serde(default)]
+    pub bitmaps: Vec<ImageBitmap>,
+}
+
+/// A persistent dirty bitmap stored in a qcow2 image.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct ImageBitmap {
+    /// Its name.
+    pub name: String,
+    /// `auto` (it records the writes of whoever opens the image) and
+    /// `in-use` (the image was not closed cleanly while it was loaded: its
+    /// content cannot be trusted).
+    #[serde(default)]
+    pub flags: Vec<String>,
+    /// Bytes per bit.
+    #[serde(default)]
+    pub granularity: u64,
+}
+
+impl ImageBitmap {
+    /// Whether it records writes (`auto`).
+    pub fn recording(&self) -> bool {
+        self.flags.iter().any(|f| f == "auto")
+    }
+
+    /// Whether QEMU marks it inconsistent (`in-use` in a closed image).
+    pub fn inconsistent(&self) -> bool {
+        self.flags.iter().any(|f| f == "in-use")
+    }
 }
 
 impl ImageInfo {
@@ -422,6 +452,34 @@ impl QemuImg {
         }
         inv = inv.arg(os(path)).progress(format!("commit {}", path.display()));
         inv.run_ok(ctl, ErrorKind::ImageTool)?;
+        Ok(())
+    }
+
+    /// The persistent dirty bitmaps of the qcow2 image at `path`.
+    pub fn bitmaps(&self, path: &Path, ctl: &Control) -> Result<Vec<ImageBitmap>> {
+        let info = self.info(path, ctl)?;
+        Ok(info.format_specific.map(|f| f.data.bitmaps).unwrap_or_default())
+    }
+
+    /// Add an enabled persistent dirty bitmap `name` to the qcow2 image at
+    /// `path` (`bitmap --add --enable`): it records every write from now on.
+    pub fn bitmap_add(&self, path: &Path, name: &str, ctl: &Control) -> Result<()> {
+        self.inv()
+            .args(["bitmap", "-f", "qcow2", "--add", "--enable"])
+            .arg(os(path))
+            .arg(name)
+            .run_ok(ctl, ErrorKind::ImageTool)?;
+        Ok(())
+    }
+
+    /// Remove the persistent dirty bitmap `name` from the qcow2 image at
+    /// `path` (`bitmap --remove`).
+    pub fn bitmap_remove(&self, path: &Path, name: &str, ctl: &Control) -> Result<()> {
+        self.inv()
+            .args(["bitmap", "-f", "qcow2", "--remove"])
+            .arg(os(path))
+            .arg(name)
+            .run_ok(ctl, ErrorKind::ImageTool)?;
         Ok(())
     }
 

@@ -55,6 +55,24 @@ impl Model {
         self.writes.push(w);
     }
 
+    /// Make a write to the file of disk `target` of a stopped VM (`qemu-io`
+    /// on the image, which loads its persistent bitmaps and records the
+    /// write in them as QEMU running the VM would) and record it.
+    pub fn write_file(&mut self, file: &Path, format: &str, target: &str, pattern: u8, offset: u64, len: u64) {
+        let w = Write { disk: self.idx(target), offset, len, pattern };
+        assert!(
+            !self.writes.iter().any(|o| o.disk == w.disk && o.offset < offset + len && offset < o.offset + o.len),
+            "test writes must not overlap"
+        );
+        let out = Command::new("qemu-io")
+            .args(["-f", format, "-c", &format!("write -P 0x{pattern:02x} {offset} {len}")])
+            .arg(file)
+            .output()
+            .expect("qemu-io");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        self.writes.push(w);
+    }
+
     /// Build disk `target` as the first `n` writes left it, at `dest` (qcow2).
     pub fn build(&self, target: &str, n: usize, dest: &Path) {
         let i = self.idx(target);
