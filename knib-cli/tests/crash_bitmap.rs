@@ -3,7 +3,9 @@
 //! of its journal in turn; `knib recover` must end the backup job, leave
 //! exactly one knib checkpoint (the chain head's), no socket or scratch
 //! directory and no partial backup, and the next incremental must hold
-//! every guest write. The same for a stopped domain (persistent bitmaps
+//! every guest write (one disk is raw: its bitmap is knib's own, and the
+//! parent's bitmap must get the interrupted backup's writes back). The
+//! same for a stopped domain (persistent bitmaps
 //! and qemu-nbd exports): no export outlives knib, and the files keep
 //! exactly the head's bitmap.
 
@@ -56,10 +58,17 @@ fn a_bitmap_backup_killed_at_every_step_is_recovered_with_nothing_lost() {
     let store = dir.path().join("store");
     let s = store.to_str().unwrap().to_string();
     let disks = [("vda", 64 * MIB), ("vdb", 32 * MIB)];
-    let vm = TestVm::create(
+    // vdb is raw: its bitmap is knib's own, in QEMU's memory.
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let files = [("vda", base.join("crash-vda.qcow2"), "qcow2"), ("vdb", base.join("crash-vdb.raw"), "raw")];
+    for ((_, f, fmt), (_, size)) in files.iter().zip(disks) {
+        let out =
+            Command::new("qemu-img").args(["create", "-q", "-f", fmt]).arg(f).arg(size.to_string()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let vm = TestVm::create_on(
         "knib-bmcrash",
-        &disks,
-        dir.path(),
+        &[("vda", files[0].1.clone()), ("vdb", files[1].1.clone())],
         TestVmOptions { persistent: false, running: true, agent_channel: false },
     );
     let name = vm.name().to_string();
@@ -93,6 +102,13 @@ fn a_bitmap_backup_killed_at_every_step_is_recovered_with_nothing_lost() {
         assert!(!backup_running(&vm.vm).unwrap(), "after {step}: a backup job is left");
         let mine: Vec<String> = checkpoints(&vm.vm).unwrap().into_iter().filter(|c| c.starts_with("knib-")).collect();
         assert_eq!(mine, vec![checkpoint_name(&head)], "after {step}");
+        let raw: Vec<String> = knib_core::libvirt::backup::bitmaps_of(&vm.vm, &files[1].1)
+            .unwrap()
+            .into_iter()
+            .map(|b| b.name)
+            .filter(|n| n.starts_with("knib-"))
+            .collect();
+        assert_eq!(raw, vec![checkpoint_name(&head)], "after {step}: the raw disk's bitmaps");
         assert!(leftovers(&store, &name).is_empty(), "after {step}: {:?}", leftovers(&store, &name));
         for d in vm.disks() {
             assert!(d.backing_chain.is_empty(), "after {step}: {:?}", d.chain_files());
@@ -104,6 +120,7 @@ fn a_bitmap_backup_killed_at_every_step_is_recovered_with_nothing_lost() {
     // The next backup continues the chain and holds every write.
     let b = ok_json(&["--json", "backup", "--store", &s, "--domain", &name, "--method", "bitmap"]);
     assert_eq!(b["kind"], "incremental", "{b}");
+    assert!(b.get("full_reason").is_none() || b["full_reason"].is_null(), "{b}");
     assert_eq!(b["parent"], head.as_str(), "{b}");
     for (t, _) in disks {
         let to = dir.path().join(format!("final-{t}.raw"));

@@ -293,8 +293,21 @@ fn a_restarted_vm_keeps_its_bitmaps_and_a_chain_can_switch_method() {
     model.assert_vm_reads_everything(&vm);
 }
 
+/// The knib dirty bitmaps of the node of disk `target`'s file, sorted.
+fn node_bitmaps(vm: &TestVm, target: &str) -> Vec<String> {
+    let d = vm.disk(target);
+    let mut b: Vec<String> = knib_core::libvirt::backup::bitmaps_of(&vm.vm, &d.file)
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .filter(|n| n.starts_with("knib-"))
+        .collect();
+    b.sort();
+    b
+}
+
 #[test]
-fn a_raw_disk_of_a_running_vm_is_backed_up_in_full_each_time_saying_why() {
+fn a_raw_disk_of_a_running_vm_has_incrementals_by_a_bitmap_in_qemus_memory_until_a_restart() {
     if skip_without_libvirt("bitmap raw disk") {
         return;
     }
@@ -314,22 +327,83 @@ fn a_raw_disk_of_a_running_vm_is_backed_up_in_full_each_time_saying_why() {
     let vm = TestVm::create_on(
         "knib-bm-raw",
         &[("vda", raw.clone()), ("vdb", qcow.clone())],
-        TestVmOptions { persistent: false, running: true, agent_channel: false },
+        TestVmOptions { persistent: true, running: true, agent_channel: false },
     );
-    let store = Store::create(dir.path().join("store")).unwrap();
+    let store_dir = dir.path().join("store");
+    let store = Store::create(&store_dir).unwrap();
     let mut model = Model::new(&DISKS);
+    let mut taken = Vec::new();
     model.write(&vm, "vda", 0x61, 0, MIB);
     let b1 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
-    model.write(&vm, "vdb", 0x62, MIB, MIB);
-    model.write(&vm, "vda", 0x63, 4 * MIB, MIB);
-    let b2 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
-    assert_eq!((b1.kind, b2.kind), (BackupKind::Full, BackupKind::Full));
-    assert!(b2.full_reason.as_deref().unwrap_or("").contains("is raw"), "{:?}", b2.full_reason);
-    assert!(knib_checkpoints(&vm).is_empty());
-    for (t, f) in restore_all(&store, &b2.id, dir.path()) {
-        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    assert_eq!(b1.kind, BackupKind::Full);
+    assert_eq!(node_bitmaps(&vm, "vda"), vec![checkpoint_name(&b1.id)], "a bitmap of knib's own on the raw disk");
+    assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b1.id)]);
+    taken.push((b1.id.clone(), model.writes.len()));
+
+    // Incrementals: the raw disk's changes only, with the guest writing to
+    // it while the backup runs.
+    for round in 0..2u64 {
+        model.write(&vm, "vdb", 0x62 + round as u8, MIB + round * MIB, MIB);
+        model.write(&vm, "vda", 0x64 + round as u8, 4 * MIB + round * MIB, MIB);
+        let n = model.writes.len();
+        let during = std::thread::scope(|s| {
+            let w = s.spawn(|| {
+                // Written while the backup runs: the backup may or may not
+                // hold it, but the next one must.
+                vm.write("vda", 0x70 + round as u8, 40 * MIB + round * MIB, 256 * 1024);
+            });
+            let m = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+            w.join().unwrap();
+            m
+        });
+        model.writes.push(common::model::Write {
+            disk: 0,
+            offset: 40 * MIB + round * MIB,
+            len: 256 * 1024,
+            pattern: 0x70 + round as u8,
+        });
+        assert_eq!(during.kind, BackupKind::Incremental, "{:?}", during.full_reason);
+        let vda = store_dir.join("vms").join(vm.name()).join(&during.id).join("vda.qcow2");
+        let size = std::fs::metadata(&vda).unwrap().len();
+        assert!(size < 8 * MIB, "the raw disk's incremental holds its changes only: {size} bytes");
+        assert_eq!(node_bitmaps(&vm, "vda"), vec![checkpoint_name(&during.id)], "the older bitmap goes");
+        // Restored: every write before the backup, and the concurrent one
+        // either whole or not at all.
+        let to = dir.path().join(format!("{}-vda.raw", during.id));
+        store.restore(&during.id, "vda", &to, ImageFormat::Raw, &Control::new()).unwrap();
+        let w = *model.writes.last().unwrap();
+        let k = if image_has(&to, w.pattern, w.offset, w.len) { n + 1 } else { n };
+        model.assert_restored("vda", k, &to, dir.path());
+        taken.push((during.id.clone(), k));
     }
+
+    // A restart loses the raw disk's bitmap: the next backup is full and
+    // says why; the one after is an incremental again.
+    vm.power_off();
+    vm.boot();
+    model.write(&vm, "vda", 0x68, 8 * MIB, MIB);
+    let b4 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    assert_eq!(b4.kind, BackupKind::Full);
+    let why = b4.full_reason.clone().unwrap_or_default();
+    assert!(why.contains("vda") && why.contains("QEMU's memory only"), "{why}");
+    taken.push((b4.id.clone(), model.writes.len()));
+    model.write(&vm, "vda", 0x69, 9 * MIB, MIB);
+    let b5 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    assert_eq!(b5.kind, BackupKind::Incremental, "{:?}", b5.full_reason);
+    taken.push((b5.id.clone(), model.writes.len()));
+    let out = dir.path().join("all");
+    std::fs::create_dir(&out).unwrap();
+    for (id, n) in &taken {
+        for (t, f) in restore_all(&store, id, &out) {
+            model.assert_restored(&t, *n, &f, dir.path());
+        }
+    }
+    // Deleting the head removes its raw bitmap too.
+    store.delete(&b5.id).unwrap();
+    assert!(node_bitmaps(&vm, "vda").is_empty(), "{:?}", node_bitmaps(&vm, "vda"));
+    assert!(knib_checkpoints(&vm).is_empty());
     assert_eq!(vm.disk("vda").file, raw);
+    model.assert_vm_reads_everything(&vm);
 }
 
 #[test]

@@ -14,7 +14,8 @@
 //! server never recorded is not followed.
 //!
 //! When the parent's checkpoint cannot be followed (it is gone, a bitmap
-//! is missing, inconsistent or not recording, a disk is raw) the backup
+//! is missing, inconsistent or not recording, a raw disk's bitmap was lost
+//! with a VM restart, a stopped VM's raw disk cannot store one) the backup
 //! still writes an exact incremental of its parent: every cluster is
 //! copied over it (zero clusters as zeros), and the answer's
 //! `full_reason` says why it is as large as a full backup.
@@ -193,11 +194,9 @@ fn plan(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> R
         log::warn!("{op}: {who}: {why}; every cluster is copied over the parent backup");
     }
     let end_of_chain = r.end_of_chain && kind != BackupKind::Isolated;
-    let can_carry = if running {
-        chosen.iter().all(|d| d.format == "qcow2")
-    } else {
-        engine_stopped::cannot_carry(q, &planned, ctl)?.is_none()
-    };
+    // A running domain's raw disk carries a bitmap of knib's own, in QEMU's
+    // memory; a stopped VM's must be a qcow2 (v3) file to carry one.
+    let can_carry = running || engine_stopped::cannot_carry(q, &planned, ctl)?.is_none();
     let checkpoint = (kind != BackupKind::Isolated && !end_of_chain && can_carry).then(|| checkpoint_name(&id));
     // Beside the first volume's file: QEMU reaches it (it runs the disk
     // there) and writes the export's scratch files in it.

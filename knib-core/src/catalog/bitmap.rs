@@ -117,7 +117,8 @@ impl Store {
         let q = &self.qemu_img;
         let (tracked, can_carry) = if running {
             bitmap::refuse_running_job(vm)?;
-            (bitmap::tracked_since(vm, &disks)?, disks.iter().all(|d| d.format == "qcow2"))
+            // A raw disk carries a bitmap of knib's own, in QEMU's memory.
+            (bitmap::tracked_since(vm, &disks)?, true)
         } else {
             (bitmap_stopped::tracked_since(q, &probe, ctl)?, bitmap_stopped::cannot_carry(q, &probe, ctl)?.is_none())
         };

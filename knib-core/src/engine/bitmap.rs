@@ -1,6 +1,8 @@
 //! Backups of running domains by dirty bitmap: libvirt checkpoints and
 //! pull-mode backup jobs. The disks' chains are never touched: nothing is
-//! snapshotted, nothing merged, and raw disks can be backed up (in full).
+//! snapshotted, nothing merged, and raw disks are tracked too (by a bitmap
+//! of knib's own in QEMU's memory: see "Raw disks" below). Stopped VMs are backed
+//! up by [`super::bitmap_stopped`] through the same steps (`Exporter`).
 //!
 //! # Steps
 //!
@@ -27,6 +29,20 @@
 //! still covers every write); the VM is consistent. [`recover`] does the
 //! same after a crash, from the journal's plan.
 //!
+//! # Raw disks
+//!
+//! libvirt keeps checkpoints of qcow2 disks only. A raw disk's dirty
+//! bitmap is knib's own: a non-persistent bitmap `knib-<id>` added to the
+//! disk's node just before the job starts; for an incremental, the
+//! parent's bitmap is stopped just after it and exported beside libvirt's
+//! export of the disk (`knib-<target>`, on the job's fleecing node, which
+//! reads the job's instant). Each bitmap so covers a little more than its
+//! interval; the clusters it adds are read at the job's instant too, so the
+//! copy stays exact. Undoing a backup gives its writes back to the parent's
+//! bitmap (recording again, then the new one merged into it, then
+//! removed). The bitmap lives in QEMU's memory: after a VM restart the
+//! next backup is full and says why.
+//!
 //! # What the next backup follows
 //!
 //! [`tracked_since`] names the backup whose checkpoint each disk's bitmap
@@ -34,7 +50,7 @@
 //! bitmap, recording and consistent. A missing checkpoint or bitmap (the
 //! VM was restarted with a raw disk, a transient domain was recreated,
 //! someone removed it), an inconsistent one (QEMU stopped while it was in
-//! use) or a disk that cannot carry one (raw) is a reason for a full
+//! use) or a raw disk's bitmap lost with a VM restart is a reason for a full
 //! backup, given to the caller, never a short incremental.
 
 use std::fs;
@@ -174,14 +190,6 @@ pub fn refuse_running_job(vm: &Vm) -> Result<()> {
 /// its bitmap, recording and consistent; otherwise why not (a full backup
 /// is then needed).
 pub fn tracked_since(vm: &Vm, disks: &[DiskInfo]) -> Result<std::result::Result<String, String>> {
-    if let Some(d) = disks.iter().find(|d| d.format != "qcow2") {
-        return Ok(Err(format!(
-            "disk {} of domain {} is {}: libvirt keeps checkpoints of qcow2 disks only, so every bitmap backup of it is full",
-            d.target,
-            vm.name(),
-            d.format
-        )));
-    }
     let names = backup::checkpoints(vm)?;
     let Some(id) = names.iter().filter_map(|n| backup::checkpoint_backup_id(n.as_str())).max() else {
         return Ok(Err(format!(
@@ -201,16 +209,16 @@ pub fn tracks(vm: &Vm, disks: &[DiskInfo], id: &str) -> Result<std::result::Resu
         return Ok(Err(format!("domain {} has no checkpoint {name}", vm.name())));
     }
     for d in disks {
-        if d.format != "qcow2" {
-            return Ok(Err(format!(
-                "disk {} of domain {} is {}: libvirt keeps checkpoints of qcow2 disks only",
-                d.target,
-                vm.name(),
-                d.format
-            )));
-        }
         let bitmaps = backup::bitmaps_of(vm, &d.file)?;
         let Some(b) = bitmaps.iter().find(|b| b.name == name) else {
+            if d.format != "qcow2" {
+                return Ok(Err(format!(
+                    "disk {} of domain {} is {}: its dirty bitmap {name} lived in QEMU's memory only, and is gone (the VM was restarted since that backup, or the bitmap was removed)",
+                    d.target,
+                    vm.name(),
+                    d.format
+                )));
+            }
             return Ok(Err(format!(
                 "disk {} of domain {} has no dirty bitmap {name} (it was removed, or the disk changed since the checkpoint)",
                 d.target,
@@ -267,18 +275,48 @@ fn agent(vm: &Vm, command: &str) -> Result<()> {
     qemu_agent_command(vm, &format!(r#"{{"execute":"{command}"}}"#), 30).map(|_| ())
 }
 
+/// The NBD export knib adds for the changes of a disk that libvirt does
+/// not checkpoint (raw): named, and with the id, `knib-<target>`.
+fn own_export(d: &BitmapDisk) -> String {
+    format!("knib-{}", d.target)
+}
+
+/// Whether libvirt checkpoints disk `d` (qcow2); the dirty bitmaps of the
+/// others (raw) are knib's own, in QEMU's memory only.
+fn checkpointed(d: &BitmapDisk) -> bool {
+    d.format == "qcow2"
+}
+
 /// Start the backup job of `plan` (and its checkpoint), quiescing around it
 /// when asked.
+///
+/// A raw disk's dirty bitmap is knib's own (libvirt keeps checkpoints of
+/// qcow2 disks only): a non-persistent bitmap `knib-<id>` is added to its
+/// node just before the job starts, and, for an incremental, the parent's
+/// bitmap is stopped just after and exported beside libvirt's export of
+/// the disk (`knib-<target>`, on the job's fleecing node, so it reads the
+/// job's instant). Each bitmap so covers a little more than its interval
+/// (the writes between the two calls and the job's instant): the clusters
+/// it adds are read at the job's instant too, so the copy stays exact.
 fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
     let all = disk_targets(&vm.xml()?)?;
-    let targets: Vec<String> = plan.disks.iter().map(|d| d.target.clone()).collect();
+    let with_bitmap: Vec<String> = plan.disks.iter().filter(|d| checkpointed(d)).map(|d| d.target.clone()).collect();
     let disks: Vec<BackupDisk> = plan
         .disks
         .iter()
-        .map(|d| BackupDisk { target: d.target.clone(), scratch: plan.work_dir.join(format!("{}.scratch", d.target)) })
+        .map(|d| BackupDisk {
+            target: d.target.clone(),
+            scratch: scratch_of(plan, d),
+            incremental: if checkpointed(d) { plan.since.clone() } else { None },
+        })
         .collect();
-    let bxml = backup::backup_xml(&plan.socket(), &disks, plan.since.as_deref());
-    let cxml = plan.checkpoint.as_deref().map(|c| backup::checkpoint_xml(c, &all, &targets));
+    let bxml = backup::backup_xml(&plan.socket(), &disks);
+    let cxml = plan.checkpoint.as_deref().map(|c| backup::checkpoint_xml(c, &all, &with_bitmap));
+    if let Some(c) = &plan.checkpoint {
+        for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
+            backup::add_bitmap(vm, &backup::node_of(vm, &d.file, &d.format)?, c, false)?;
+        }
+    }
     if plan.quiesce {
         agent(vm, "guest-fsfreeze-freeze").map_err(|e| {
             e.context(format!(
@@ -293,7 +331,79 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
             log::error!("thawing the filesystems of domain {}: {e}", vm.name());
         }
     }
-    r
+    r?;
+    if let Some(since) = &plan.since {
+        for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
+            let node = backup::node_of(vm, &d.file, &d.format)?;
+            backup::set_bitmap_recording(vm, &node, since, false)?;
+            let fleecing = backup::node_of(vm, &scratch_of(plan, d), "qcow2")?;
+            backup::add_export(vm, &own_export(d), &fleecing, since)?;
+        }
+    }
+    Ok(())
+}
+
+/// The scratch file of disk `d`'s export.
+fn scratch_of(plan: &BitmapPlan, d: &BitmapDisk) -> PathBuf {
+    plan.work_dir.join(format!("{}.scratch", d.target))
+}
+
+/// Remove knib's own exports of `plan` (before the job ends).
+fn remove_own_exports(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
+    if !vm.is_running()? {
+        return Ok(());
+    }
+    for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
+        backup::remove_export(vm, &own_export(d))?;
+    }
+    Ok(())
+}
+
+/// Remove every knib dirty bitmap of the raw disks of `plan` but `keep`;
+/// returns those removed.
+fn prune_raw_bitmaps(vm: &Vm, plan: &BitmapPlan, keep: Option<&str>) -> Result<Vec<String>> {
+    let mut gone = Vec::new();
+    if !vm.is_running()? {
+        return Ok(gone);
+    }
+    for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
+        let Ok(node) = backup::node_of(vm, &d.file, &d.format) else { continue };
+        for b in backup::bitmaps_of_node(vm, &node)? {
+            if backup::checkpoint_backup_id(&b.name).is_some() && Some(b.name.as_str()) != keep {
+                backup::remove_bitmap(vm, &node, &b.name)?;
+                gone.push(format!("{} of disk {}", b.name, d.target));
+            }
+        }
+    }
+    Ok(gone)
+}
+
+/// Give a raw disk's writes since the interrupted backup back to its
+/// parent's bitmap: it records again, the new bitmap is merged into it and
+/// removed (in that order, so no write falls between).
+fn undo_raw_bitmaps(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    if !vm.is_running()? {
+        return Ok(done);
+    }
+    for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
+        let Ok(node) = backup::node_of(vm, &d.file, &d.format) else { continue };
+        let have = backup::bitmaps_of_node(vm, &node)?;
+        let has = |n: &str| have.iter().find(|b| b.name == n);
+        if let Some(p) = plan.since.as_deref().and_then(has) {
+            if !p.recording {
+                backup::set_bitmap_recording(vm, &node, &p.name, true)?;
+            }
+        }
+        if let Some(c) = plan.checkpoint.as_deref().and_then(has) {
+            if let Some(p) = plan.since.as_deref().and_then(has) {
+                backup::merge_bitmap(vm, &node, &p.name, &c.name)?;
+            }
+            backup::remove_bitmap(vm, &node, &c.name)?;
+            done.push(format!("removed dirty bitmap {} of raw disk {}", c.name, d.target));
+        }
+    }
+    Ok(done)
 }
 
 /// End the job, if one runs; returns whether one did.
@@ -342,7 +452,9 @@ fn after_publish(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
     if plan.kind == BackupKind::Isolated {
         return Ok(Vec::new());
     }
-    prune_checkpoints(vm, plan.checkpoint.as_deref())
+    let mut gone = prune_checkpoints(vm, plan.checkpoint.as_deref())?;
+    gone.extend(prune_raw_bitmaps(vm, plan, plan.checkpoint.as_deref())?);
+    Ok(gone)
 }
 
 /// How the disks of a bitmap backup are exported and its checkpoints kept:
@@ -374,20 +486,28 @@ impl Exporter for Libvirt<'_> {
     }
 
     fn begin(&mut self, plan: &BitmapPlan) -> Result<()> {
-        let started = make_work_dir(self.0, &plan.work_dir).and_then(|()| begin(self.0, plan));
+        make_work_dir(self.0, &plan.work_dir)?;
+        let started = begin(self.0, plan);
         if started.is_err() {
-            let _ = remove_work_dir(&plan.work_dir);
+            if let Err(u) = undo(self.0, plan) {
+                log::error!("undoing the start of the bitmap backup of domain {}: {u}", self.0.name());
+            }
         }
         started
     }
 
     fn export(&self, plan: &BitmapPlan, d: &BitmapDisk) -> (PathBuf, String, Option<String>) {
-        (plan.socket(), d.target.clone(), plan.since.as_ref().map(|_| d.target.clone()))
+        match &plan.since {
+            None => (plan.socket(), d.target.clone(), None),
+            Some(_) if checkpointed(d) => (plan.socket(), d.target.clone(), Some(d.target.clone())),
+            Some(since) => (plan.socket(), own_export(d), Some(since.clone())),
+        }
     }
 
     fn end(&mut self, plan: &BitmapPlan) -> Result<Vec<String>> {
         let vm = self.0;
         let mut done = Vec::new();
+        remove_own_exports(vm, plan)?;
         if vm.is_running()? && end_job(vm)? {
             done.push(format!("ended the backup job of domain {}", vm.name()));
         }
@@ -501,9 +621,11 @@ pub(crate) fn run(
 /// bitmap is merged into the parent's), remove the work directory.
 fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
     let mut done = Vec::new();
+    remove_own_exports(vm, plan)?;
     if vm.is_running()? && end_job(vm)? {
         done.push(format!("ended the backup job of domain {}", vm.name()));
     }
+    done.extend(undo_raw_bitmaps(vm, plan)?);
     if let Some(c) = &plan.checkpoint {
         if backup::delete_checkpoint(vm, c, false)? {
             done.push(format!("deleted checkpoint {c} (its changes stay tracked by the one before it)"));
@@ -562,7 +684,13 @@ pub fn delete_checkpoint(vm: &Vm, name: &str) -> Result<bool> {
 /// bitmaps. Whether it was there.
 fn prune_one(vm: &Vm, n: &str) -> Result<bool> {
     match backup::delete_checkpoint(vm, n, false) {
-        Ok(there) => Ok(there),
+        Ok(there) => {
+            // The raw disks' bitmaps of that name are knib's own.
+            if there && vm.is_running()? {
+                backup::remove_bitmaps_named(vm, n)?;
+            }
+            Ok(there)
+        }
         Err(e) => {
             log::warn!("{e}: deleting the checkpoint's record and removing its remaining bitmaps");
             let there = backup::delete_checkpoint(vm, n, true)?;

@@ -65,23 +65,27 @@ pub struct BackupDisk {
     /// Where QEMU keeps the old data of clusters the guest overwrites
     /// during the job (created and removed by libvirt).
     pub scratch: PathBuf,
+    /// The checkpoint whose changes since are exported as the dirty bitmap
+    /// named after the target (an incremental of this disk), or none (the
+    /// whole disk).
+    pub incremental: Option<String>,
 }
 
 /// The `<domainbackup mode='pull'>` XML: an NBD server on the UNIX socket
-/// `socket`, one export per disk named after its target, with the changes
-/// since checkpoint `incremental` exported as the dirty bitmap named after
-/// the target too. Disks not listed are not backed up.
-pub fn backup_xml(socket: &Path, disks: &[BackupDisk], incremental: Option<&str>) -> String {
+/// `socket`, one export per disk named after its target; a disk with an
+/// incremental checkpoint also exports the changes since it as the dirty
+/// bitmap named after the target. Disks not listed are not backed up.
+pub fn backup_xml(socket: &Path, disks: &[BackupDisk]) -> String {
     let mut x = String::from("<domainbackup mode='pull'>\n");
-    if let Some(c) = incremental {
-        let _ = writeln!(x, "  <incremental>{}</incremental>", esc(c));
-    }
     let _ = writeln!(x, "  <server transport='unix' socket='{}'/>", esc(&socket.to_string_lossy()));
     x.push_str("  <disks>\n");
     for d in disks {
         let t = esc(&d.target);
-        let bitmap = if incremental.is_some() { format!(" exportbitmap='{t}'") } else { String::new() };
-        let _ = writeln!(x, "    <disk name='{t}' backup='yes' type='file' exportname='{t}'{bitmap}>");
+        let mode = match &d.incremental {
+            Some(c) => format!("backupmode='incremental' incremental='{}' exportbitmap='{t}'", esc(c)),
+            None => "backupmode='full'".to_string(),
+        };
+        let _ = writeln!(x, "    <disk name='{t}' backup='yes' type='file' {mode} exportname='{t}'>");
         let _ = writeln!(x, "      <scratch file='{}'/>", esc(&d.scratch.to_string_lossy()));
         x.push_str("    </disk>\n");
     }
@@ -304,18 +308,139 @@ pub fn remove_bitmaps_named(vm: &Vm, name: &str) -> Result<usize> {
     Ok(n)
 }
 
+/// The block nodes of the running domain (`query-named-block-nodes`).
+fn named_nodes(vm: &Vm) -> Result<Vec<serde_json::Value>> {
+    let out =
+        super::qemu_monitor_command_qmp(vm, r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#)?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| KnibError::hypervisor(format!("query-named-block-nodes of domain {}: {e}", vm.name())))?;
+    Ok(v["return"].as_array().cloned().unwrap_or_default())
+}
+
+/// The name of the node of driver `drv` (`raw`, `qcow2`) whose file is
+/// `file`, in the running domain.
+pub fn node_of(vm: &Vm, file: &Path, drv: &str) -> Result<String> {
+    let want = file.as_os_str().as_bytes();
+    named_nodes(vm)?
+        .iter()
+        .find(|n| n["file"].as_str().map(str::as_bytes) == Some(want) && n["drv"].as_str() == Some(drv))
+        .and_then(|n| n["node-name"].as_str().map(str::to_string))
+        .ok_or_else(|| {
+            KnibError::hypervisor(format!("domain {} has no {drv} block node of {}", vm.name(), file.display()))
+        })
+}
+
+/// Run one QMP command on the running domain; its error names `what`.
+fn qmp(vm: &Vm, what: &str, cmd: serde_json::Value) -> Result<()> {
+    super::qemu_monitor_command_qmp(vm, &cmd.to_string())
+        .map(|_| ())
+        .map_err(|e| e.context(format!("{what} on domain {}", vm.name())))
+}
+
+/// Add a dirty bitmap `name` to block node `node`, recording from now on
+/// (`persistent: false`: kept in QEMU's memory only, as on a raw disk).
+pub fn add_bitmap(vm: &Vm, node: &str, name: &str, persistent: bool) -> Result<()> {
+    qmp(
+        vm,
+        &format!("adding dirty bitmap {name} to {node}"),
+        serde_json::json!({"execute": "block-dirty-bitmap-add",
+            "arguments": {"node": node, "name": name, "persistent": persistent}}),
+    )
+}
+
+/// Stop (`false`) or start (`true`) dirty bitmap `name` of `node`
+/// recording writes.
+pub fn set_bitmap_recording(vm: &Vm, node: &str, name: &str, on: bool) -> Result<()> {
+    let cmd = if on { "block-dirty-bitmap-enable" } else { "block-dirty-bitmap-disable" };
+    qmp(
+        vm,
+        &format!("{cmd} {name} of {node}"),
+        serde_json::json!({"execute": cmd, "arguments": {"node": node, "name": name}}),
+    )
+}
+
+/// Merge dirty bitmap `from` into `into`, both of `node`.
+pub fn merge_bitmap(vm: &Vm, node: &str, into: &str, from: &str) -> Result<()> {
+    qmp(
+        vm,
+        &format!("merging dirty bitmap {from} into {into} of {node}"),
+        serde_json::json!({"execute": "block-dirty-bitmap-merge",
+            "arguments": {"node": node, "target": into, "bitmaps": [from]}}),
+    )
+}
+
+/// Remove dirty bitmap `name` of `node`.
+pub fn remove_bitmap(vm: &Vm, node: &str, name: &str) -> Result<()> {
+    qmp(
+        vm,
+        &format!("removing dirty bitmap {name} of {node}"),
+        serde_json::json!({"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": name}}),
+    )
+}
+
+/// The dirty bitmaps of block node `node`.
+pub fn bitmaps_of_node(vm: &Vm, node: &str) -> Result<Vec<BitmapState>> {
+    Ok(named_nodes(vm)?
+        .iter()
+        .filter(|n| n["node-name"] == node)
+        .flat_map(|n| n["dirty-bitmaps"].as_array().cloned().unwrap_or_default())
+        .filter_map(|b| {
+            let flag = |k: &str| b[k].as_bool().unwrap_or(false);
+            Some(BitmapState {
+                name: b["name"].as_str()?.to_string(),
+                recording: flag("recording"),
+                inconsistent: flag("inconsistent"),
+                persistent: flag("persistent"),
+            })
+        })
+        .collect())
+}
+
+/// Add a read-only NBD export `name` (also its id) of block node `node` to
+/// the NBD server the domain's backup job started, with dirty bitmap
+/// `bitmap` (found on `node` or below it) as a meta context.
+pub fn add_export(vm: &Vm, name: &str, node: &str, bitmap: &str) -> Result<()> {
+    qmp(
+        vm,
+        &format!("exporting {node} as {name}"),
+        serde_json::json!({"execute": "block-export-add", "arguments": {"type": "nbd", "id": name,
+            "node-name": node, "name": name, "writable": false, "bitmaps": [bitmap]}}),
+    )
+}
+
+/// Remove NBD export `id`, if the domain has it.
+pub fn remove_export(vm: &Vm, id: &str) -> Result<()> {
+    let out = super::qemu_monitor_command_qmp(vm, r#"{"execute":"query-block-exports"}"#)?;
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| KnibError::hypervisor(format!("query-block-exports of domain {}: {e}", vm.name())))?;
+    if v["return"].as_array().into_iter().flatten().any(|e| e["id"] == id) {
+        qmp(
+            vm,
+            &format!("removing NBD export {id}"),
+            serde_json::json!({"execute": "block-export-del", "arguments": {"id": id, "mode": "hard"}}),
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn xml_of_a_pull_backup_and_its_checkpoint() {
-        let d = [BackupDisk { target: "vda".into(), scratch: "/s/vda.scratch".into() }];
-        let x = backup_xml(Path::new("/s/nbd.sock"), &d, Some("knib-1"));
-        assert!(x.contains("<incremental>knib-1</incremental>"), "{x}");
+        let d = [
+            BackupDisk { target: "vda".into(), scratch: "/s/vda.scratch".into(), incremental: Some("knib-1".into()) },
+            BackupDisk { target: "vdb".into(), scratch: "/s/vdb.scratch".into(), incremental: None },
+        ];
+        let x = backup_xml(Path::new("/s/nbd.sock"), &d);
         assert!(x.contains("socket='/s/nbd.sock'"), "{x}");
-        assert!(x.contains("exportname='vda' exportbitmap='vda'"), "{x}");
-        let full = backup_xml(Path::new("/s/n'b.sock"), &d, None);
+        assert!(
+            x.contains("name='vda' backup='yes' type='file' backupmode='incremental' incremental='knib-1' exportbitmap='vda' exportname='vda'"),
+            "{x}"
+        );
+        assert!(x.contains("name='vdb' backup='yes' type='file' backupmode='full' exportname='vdb'>"), "{x}");
+        let full = backup_xml(Path::new("/s/n'b.sock"), &d[1..]);
         assert!(!full.contains("incremental") && !full.contains("exportbitmap"), "{full}");
         assert!(full.contains("n&apos;b.sock"), "{full}");
         let c = checkpoint_xml("knib-2", &["vda".into(), "hdc".into()], &["vda".into()]);
