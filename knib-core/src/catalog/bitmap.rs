@@ -44,6 +44,13 @@ impl Store {
         self.vm_dir(vm).join("bitmap-journal.json")
     }
 
+    /// The private directory of a bitmap backup's NBD socket and scratch
+    /// files: absolute, since libvirt takes absolute socket paths only.
+    fn bitmap_work_dir(&self, vm: &str, id: &str) -> Result<PathBuf> {
+        let d = self.vm_dir(vm).join(format!(".{id}.nbd"));
+        std::path::absolute(&d).map_err(|e| KnibError::io("cannot make an absolute path of", &d, e))
+    }
+
     pub(crate) fn load_bitmap_journal(&self, vm: &str) -> Result<Option<BitmapJournal>> {
         self.load_vm_journal(vm, "bitmap-journal.json")
     }
@@ -150,7 +157,7 @@ impl Store {
                     ..d
                 })
                 .collect(),
-            work_dir: self.vm_dir(&name).join(format!(".{id}.nbd")),
+            work_dir: self.bitmap_work_dir(&name, &id)?,
             since: match (kind, &tracked) {
                 (BackupKind::Incremental, Ok(t)) => Some(checkpoint_name(t)),
                 _ => None,
@@ -216,7 +223,7 @@ impl Store {
         let Some(j) = self.load_bitmap_journal(&name)? else { return Ok(None) };
         // The journal is untrusted: the work directory must be the one knib
         // names for this backup, the checkpoint knib's for it.
-        let want_dir = self.vm_dir(&name).join(format!(".{}.nbd", j.plan.backup_id));
+        let want_dir = self.bitmap_work_dir(&name, &j.plan.backup_id)?;
         crate::names::validate("backup id", &j.plan.backup_id)?;
         if j.plan.work_dir != want_dir {
             return Err(KnibError::corrupt(format!(
