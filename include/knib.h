@@ -550,10 +550,12 @@
  *       store         string: The store directory (made when missing).
  *       timeout_secs? integer or null: The time budget in seconds; 0 or
  *                     absent = none.
- *       vault?        string or null: With `vm` and `disks`: write the backup
- *                     straight to this vault (`s3://bucket/prefix`) as it is
- *                     copied, instead of into the store (which keeps the VM's
- *                     lock and settings); the chain continued is the vault's.
+ *       vault?        string or null: Write the backup straight to this vault
+ *                     (`s3://bucket/prefix`) as it is copied, instead of into
+ *                     the store (which keeps the VM's lock, settings and, for
+ *                     a domain, the journal); the chain continued is the
+ *                     vault's. A domain's backup is then taken by the
+ *                     snapshot method.
  *       vm?           string or null: The VM's name, with `disks`.
  *     answer: BackupView
  *     example request:
@@ -1008,6 +1010,10 @@
  *       connect? string or null: The libvirt URI.
  *       domain   string: The libvirt domain.
  *       store    string: The store directory.
+ *       vault?   string or null: The vault (`s3://bucket/prefix`) the
+ *                interrupted backup was being written to, when its journal
+ *                names one: it says whether the backup was published, and
+ *                loses the objects of one that was not.
  *     answer: RecoverAnswer
  *     example request:
  *       {"domain": "web", "store": "/backups"}

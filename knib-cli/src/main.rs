@@ -94,8 +94,10 @@ enum Command {
         method: Option<Method>,
         /// Write the backup straight to this vault (s3://BUCKET/PREFIX) as
         /// it is copied, instead of into the store (which keeps the VM's
-        /// lock and settings); the chain continued is the vault's.
-        #[arg(long, value_name = "S3_URL", conflicts_with = "domain")]
+        /// lock, settings and a domain backup's journal); the chain
+        /// continued is the vault's. A domain is backed up by the snapshot
+        /// method.
+        #[arg(long, value_name = "S3_URL")]
         vault: Option<String>,
     },
     /// Show or set a VM's settings (its backup method).
@@ -172,6 +174,10 @@ enum Command {
         /// The domain.
         #[arg(long)]
         domain: String,
+        /// The vault (s3://BUCKET/PREFIX) the interrupted backup was being
+        /// written to (`backup --domain --vault`), when it was.
+        #[arg(long)]
+        vault: Option<String>,
     },
     /// Compress a backup in place (it stays a valid backing file).
     Compress {
@@ -378,6 +384,13 @@ fn run(cli: Cli) -> Result<()> {
                 let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
                 return vault::backup(&store, to, vm, &disks, &opts, json, &ctl);
             }
+            if let (Some(to), Some(domain)) = (&to, &domain) {
+                if !disks.is_empty() {
+                    return Err(KnibError::invalid("--disk goes with --vm, not with --domain"));
+                }
+                let hv = Hypervisor::open(&connect)?;
+                return vault::backup_domain(&store, to, &hv.domain(domain)?, &opts, quiesce, json, &ctl);
+            }
             let m = match (vm, domain) {
                 (Some(vm), None) => {
                     let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
@@ -554,11 +567,14 @@ fn run(cli: Cli) -> Result<()> {
             let text = format!("VM {vm}: backup method {}", s.backup_method);
             output::say(json, &serde_json::to_value(&s).expect("serializes"), &text);
         }
-        Command::Recover { store, domain } => {
+        Command::Recover { store, domain, vault: to } => {
             let hv = Hypervisor::open(&connect)?;
             let dom = hv.domain(&domain)?;
             let store = Store::create(store)?;
-            let out = store.recover_domain(&dom, &ctl)?;
+            let out = match &to {
+                Some(to) => vault::open(to)?.recover_domain(&store, &dom, &ctl)?,
+                None => store.recover_domain(&dom, &ctl)?,
+            };
             output::clear_progress();
             let text = match (&out.backup_id, out.step) {
                 (Some(id), Some(step)) => format!(

@@ -139,6 +139,32 @@ pub fn backup(
     Ok(())
 }
 
+/// `knib backup --domain NAME --vault LOCATION`.
+pub fn backup_domain(
+    store: &Path,
+    to: &str,
+    vm: &knib_core::libvirt::Vm,
+    opts: &knib_core::catalog::BackupOptions,
+    quiesce: bool,
+    json: bool,
+    ctl: &Control,
+) -> Result<()> {
+    let v = open(to)?;
+    let store = knib_core::catalog::Store::create(store)?;
+    let m = v.backup_domain_direct(&store, vm, opts, quiesce, &knib_core::vault::SyncOptions::direct(), ctl)?;
+    output::clear_progress();
+    print_backup(&v, &m, json);
+    Ok(())
+}
+
+/// The vault at `to`, refused when it is not `s3://BUCKET/PREFIX`.
+pub fn open(to: &str) -> Result<Vault> {
+    if location(Path::new(to)).is_none() {
+        return Err(KnibError::invalid(format!("--vault {to:?} is not a vault (s3://BUCKET/PREFIX)")));
+    }
+    Vault::open(to)
+}
+
 pub fn sync(
     store: &Path,
     to: &str,

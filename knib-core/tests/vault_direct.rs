@@ -221,13 +221,16 @@ fn the_json_backup_writes_straight_to_a_vault() {
     let to = w.path().join("data.raw");
     Vault::open(&loc).unwrap().restore(id, "data", &to, ImageFormat::Raw, true, &ctl()).unwrap();
     assert_identical(&to, &refs["data"]);
-    // A bad `vault`, or one with a domain, names the field.
-    for req in [
-        serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": "backups/x"}),
-        serde_json::json!({"store": sdir.path(), "domain": "d1", "vault": loc}),
+    // A bad `vault` names the field; a VM and a domain at once are refused.
+    for (req, says) in [
+        (serde_json::json!({"store": sdir.path(), "vm": "vm1", "disks": disks, "vault": "backups/x"}), "field `vault`"),
+        (
+            serde_json::json!({"store": sdir.path(), "vm": "vm1", "domain": "d1", "vault": loc}),
+            "give `vm` with `disks`, or `domain`",
+        ),
     ] {
         let e = call(req).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
-        assert!(e.message.contains("field `vault`"), "{e}");
+        assert!(e.message.contains(says), "{e}");
     }
 }

@@ -82,10 +82,10 @@ pub(crate) struct BackupReq {
     /// setting (`vm.settings`), `snapshot` by default.
     #[serde(default)]
     method: Option<crate::engine::BackupMethod>,
-    /// With `vm` and `disks`: write the backup straight to this vault
-    /// (`s3://bucket/prefix`) as it is copied, instead of into the store
-    /// (which keeps the VM's lock and settings); the chain continued is
-    /// the vault's.
+    /// Write the backup straight to this vault (`s3://bucket/prefix`) as
+    /// it is copied, instead of into the store (which keeps the VM's lock,
+    /// settings and, for a domain, the journal); the chain continued is the
+    /// vault's. A domain's backup is then taken by the snapshot method.
     #[serde(default)]
     vault: Option<String>,
     /// The time budget in seconds; 0 or absent = none.
@@ -230,6 +230,11 @@ pub(crate) struct RecoverReq {
     /// The libvirt URI.
     #[serde(default)]
     connect: Option<String>,
+    /// The vault (`s3://bucket/prefix`) the interrupted backup was being
+    /// written to, when its journal names one: it says whether the backup
+    /// was published, and loses the objects of one that was not.
+    #[serde(default)]
+    vault: Option<String>,
 }
 
 /// The request of `compress`.
@@ -419,13 +424,28 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
                 "request of {op}: field `vault`: {to:?} is not s3://BUCKET/PREFIX"
             )));
         }
-        let Some(vm) = r.vm.as_deref().filter(|_| r.domain.is_none()) else {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: field `vault` goes with `vm` and `disks` (a domain's backup is taken into the store and synced)"
-            )));
-        };
         let vault = Vault::open(to)?;
-        let m = vault.backup_direct(&store, vm, &r.disks, &opts, &SyncOptions::direct(), ctl)?;
+        let m = match (&r.vm, &r.domain) {
+            (Some(vm), None) => vault.backup_direct(&store, vm, &r.disks, &opts, &SyncOptions::direct(), ctl)?,
+            (None, Some(d)) => {
+                if !r.disks.is_empty() {
+                    return Err(KnibError::invalid(format!(
+                        "request of {op}: field `disks` goes with `vm`, not `domain`"
+                    )));
+                }
+                #[cfg(feature = "libvirt")]
+                {
+                    let dom = crate::libvirt::domain(r.connect.as_deref(), d)?;
+                    vault.backup_domain_direct(&store, &dom, &opts, r.quiesce, &SyncOptions::direct(), ctl)?
+                }
+                #[cfg(not(feature = "libvirt"))]
+                {
+                    let _ = d;
+                    return Err(no_libvirt(op));
+                }
+            }
+            _ => return Err(KnibError::invalid(format!("request of {op}: give `vm` with `disks`, or `domain`"))),
+        };
         return Ok(BackupView::in_vault(&vault, &m));
     }
     let m = match (&r.vm, &r.domain) {
@@ -538,7 +558,11 @@ pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverA
     {
         let _ = op;
         let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
-        let o = Store::create(&r.store)?.recover_domain(&vm, ctl)?;
+        let store = Store::create(&r.store)?;
+        let o = match &r.vault {
+            Some(to) => Vault::open(to)?.recover_domain(&store, &vm, ctl)?,
+            None => store.recover_domain(&vm, ctl)?,
+        };
         Ok(RecoverAnswer {
             backup_id: o.backup_id,
             step: o.step.map(|s| s.as_str().to_string()),

@@ -14,6 +14,7 @@
 //!   plain id: the only files `recover` may merge or delete are knib deltas
 //!   of the domain's own disks;
 //! - `dest` is `<vm>/.<id>.part/<target>.qcow2` or `<vm>/<id>/<target>.qcow2`
+//!   (for a backup written to a vault: the vault's key of that file)
 //!   (only its tail is checked: the store may have been mounted elsewhere
 //!   since, and `recover` does not touch it), and `parent` is
 //!   `../<id>/<target>.qcow2`.
@@ -30,7 +31,13 @@ use crate::names;
 /// Check `plan`, read from `journal`, against the domain's disks (`disks`:
 /// each target with its current chain, active file first) and the VM's
 /// name `vm`.
-pub fn check_plan(plan: &LivePlan, journal: &Path, vm: &str, disks: &[(String, Vec<PathBuf>)]) -> Result<()> {
+pub fn check_plan(
+    plan: &LivePlan,
+    journal: &Path,
+    vm: &str,
+    disks: &[(String, Vec<PathBuf>)],
+    vault_dest: Option<&dyn Fn(&str) -> PathBuf>,
+) -> Result<()> {
     let bad = |what: String| {
         KnibError::corrupt(format!("journal {}: {what}; nothing was merged or deleted", journal.display()))
     };
@@ -97,7 +104,16 @@ pub fn check_plan(plan: &LivePlan, journal: &Path, vm: &str, disks: &[(String, V
             }
         }
         let file = format!("{}.qcow2", d.target);
-        if !clean(&d.dest) || !d.dest.ends_with(part.join(&file)) && !d.dest.ends_with(published.join(&file)) {
+        if let Some(want) = vault_dest {
+            if d.dest != want(&d.target) {
+                return Err(bad(format!(
+                    "field `{}`: {} is not {} of this backup in its vault",
+                    field("dest"),
+                    d.dest.display(),
+                    want(&d.target).display()
+                )));
+            }
+        } else if !clean(&d.dest) || !d.dest.ends_with(part.join(&file)) && !d.dest.ends_with(published.join(&file)) {
             return Err(bad(format!(
                 "field `{}`: {} is not {} of this backup in the store",
                 field("dest"),

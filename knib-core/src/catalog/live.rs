@@ -26,6 +26,39 @@ pub struct Journal {
     pub step: LiveStep,
     /// The whole plan.
     pub plan: LivePlan,
+    /// The vault the backup is written to, when it goes straight there
+    /// (`s3://BUCKET/PREFIX`): recovery then asks the vault whether it was
+    /// published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<String>,
+}
+
+/// Where a domain's backup goes, when not into the store: a vault, as
+/// [`crate::vault`] implements it (the catalog does not depend on it).
+pub trait DomainBackupTarget {
+    /// The vault's location, `s3://BUCKET/PREFIX` (no credentials).
+    fn location(&self) -> String;
+    /// The target's backups of `vm`, for choosing full or incremental.
+    fn manifests(&self, vm: &str) -> Result<Vec<Manifest>>;
+    /// What `dest` names for volume `volume` of backup `id` of `vm`.
+    fn dest(&self, vm: &str, id: &str, volume: &str) -> PathBuf;
+    /// Prepare for a backup of `vm`: finish what an interrupted one left.
+    fn prepare(&self, vm: &str) -> Result<()>;
+    /// Copy `v` as [`crate::engine::take::CopyTo`] does, into backup `id`.
+    fn copy(
+        &self,
+        vm: &str,
+        id: &str,
+        v: &crate::engine::take::VolumeBackup,
+        opts: &crate::qcow2::CopyOptions,
+        ctl: &Control,
+    ) -> Result<crate::engine::take::CopiedTo>;
+    /// Make backup `m` visible.
+    fn publish(&self, m: &Manifest) -> Result<()>;
+    /// Whether backup `id` of `vm` is visible.
+    fn has(&self, vm: &str, id: &str) -> Result<bool>;
+    /// Remove what an unpublished backup `id` of `vm` wrote.
+    fn discard(&self, vm: &str, id: &str) -> Result<()>;
 }
 
 /// The environment variable that makes knib kill itself (SIGKILL) right
@@ -66,8 +99,8 @@ impl Store {
         }
     }
 
-    fn record(&self, vm: &str, plan: &LivePlan, step: LiveStep) -> Result<()> {
-        let j = Journal { schema: 1, step, plan: plan.clone() };
+    fn record(&self, vm: &str, plan: &LivePlan, step: LiveStep, vault: Option<&str>) -> Result<()> {
+        let j = Journal { schema: 1, step, plan: plan.clone(), vault: vault.map(str::to_string) };
         fsio::write_atomic(&self.journal_path(vm), &serde_json::to_vec_pretty(&j).expect("journal serializes"))?;
         log::info!("backup {} of {vm}: {}", plan.backup_id, step.as_str());
         if std::env::var(FAULT_ENV).ok().as_deref() == Some(step.as_str()) {
@@ -112,6 +145,26 @@ impl Store {
                 return self.backup_domain_bitmap(vm, opts, quiesce, ctl);
             }
         }
+        self.backup_domain_to(vm, opts, quiesce, id, None, hook, ctl)
+    }
+
+    /// A backup of a domain by the snapshot method into the store, or,
+    /// with `target`, straight into a vault: the chain it continues is
+    /// then the vault's, its files go only there, and the journal (in the
+    /// store, under the VM's lock) names the vault for recovery.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backup_domain_to(
+        &self,
+        vm: &Vm,
+        opts: &BackupOptions,
+        quiesce: bool,
+        id: Option<&str>,
+        target: Option<&dyn DomainBackupTarget>,
+        hook: &mut dyn FnMut(LiveStep) -> Result<()>,
+        ctl: &Control,
+    ) -> Result<Manifest> {
+        let name = vm.name().to_string();
+        crate::names::validate("VM name", &name)?;
         let q = self.qemu_img.clone();
         let shapes = live::inspect(&q, vm, ctl)?;
         let _lock = self.lock_vm(&name, &format!("backup of {name}"))?;
@@ -131,6 +184,9 @@ impl Store {
                 ),
             ));
         }
+        if let Some(t) = target {
+            t.prepare(&name)?;
+        }
         let sources: Vec<(String, PathBuf)> = shapes.iter().map(|s| (s.info.target.clone(), s.base.clone())).collect();
         let follows: Vec<(String, Follows)> = shapes
             .iter()
@@ -145,8 +201,10 @@ impl Store {
                 (s.info.target.clone(), f)
             })
             .collect();
-        let super::head::Decision { kind, parent, position, end_of_chain, full_reason } =
-            self.decide(&name, &sources, opts, &follows)?;
+        let super::head::Decision { kind, parent, position, end_of_chain, full_reason } = match target {
+            None => self.decide(&name, &sources, opts, &follows)?,
+            Some(t) => self.decide_in_target(t, &name, &sources, opts, &follows)?,
+        };
         let id = match id {
             Some(id) => {
                 crate::names::validate("backup id", id)?;
@@ -168,7 +226,10 @@ impl Store {
                     base: s.base.clone(),
                     old_delta: s.delta.clone(),
                     new_delta: live::delta_path(&s.base, &id),
-                    dest: part.join(format!("{}.qcow2", s.info.target)),
+                    dest: match target {
+                        None => part.join(format!("{}.qcow2", s.info.target)),
+                        Some(t) => t.dest(&name, &id, &s.info.target),
+                    },
                     parent: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &s.info.target)),
                     virtual_size: s.virtual_size,
                     snapshots: Vec::new(),
@@ -177,46 +238,63 @@ impl Store {
             data_path: super::settings::Settings::load(&self.root)?.data_path,
             compress: opts.compress,
         };
-        crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
-        fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
+        if target.is_none() {
+            crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
+            fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
+        }
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         m.full_reason = full_reason;
         let final_dir = self.vm_dir(&name).join(&id);
-        let result = live::take(
-            &q,
-            vm,
-            &plan,
-            ctl,
-            &mut |step| {
-                self.record(&name, &plan, step)?;
-                hook(step).map_err(|e| if step == LiveStep::Snapshot { e.with_vm_consistent(true) } else { e })
-            },
-            &mut |vols| {
-                m.volumes = vols
-                    .iter()
-                    .zip(&plan.disks)
-                    .map(|(v, d)| VolumeEntry {
-                        name: v.name.clone(),
-                        file: format!("{}.qcow2", v.name),
-                        virtual_size: v.virtual_size,
-                        size: v.size,
-                        source: d.base.display().to_string(),
-                        backing: d.parent.clone(),
-                        hash: v.hash.clone(),
-                    })
-                    .collect();
-                m.compression = super::compressed_as_copied(vols);
-                self.publish(&m, &part)
-            },
-        );
+        let vault = target.map(|t| t.location());
+        let mut journal = |step| {
+            self.record(&name, &plan, step, vault.as_deref())?;
+            hook(step).map_err(|e| if step == LiveStep::Snapshot { e.with_vm_consistent(true) } else { e })
+        };
+        let mut publish = |vols: &[crate::engine::take::VolumeResult]| {
+            m.volumes = vols
+                .iter()
+                .zip(&plan.disks)
+                .map(|(v, d)| VolumeEntry {
+                    name: v.name.clone(),
+                    file: format!("{}.qcow2", v.name),
+                    virtual_size: v.virtual_size,
+                    size: v.size,
+                    source: d.base.display().to_string(),
+                    backing: d.parent.clone(),
+                    hash: v.hash.clone(),
+                })
+                .collect();
+            m.compression = super::compressed_as_copied(vols);
+            match target {
+                None => self.publish(&m, &part),
+                Some(t) => t.publish(&m),
+            }
+        };
+        let result = match target {
+            None => live::take(&q, vm, &plan, ctl, &mut journal, &mut publish),
+            Some(t) => {
+                let mut copy = |v: &crate::engine::take::VolumeBackup, o: &crate::qcow2::CopyOptions, c: &Control| {
+                    t.copy(&name, &id, v, o, c)
+                };
+                live::take_to(&q, vm, &plan, ctl, &mut journal, Some(&mut copy), &mut publish)
+            }
+        };
         match result {
             Ok(_) => {
                 fsio::remove_if_exists(&self.journal_path(&name))?;
                 Ok(m)
             }
             Err(e) => {
-                if !final_dir.exists() {
-                    let _ = fs::remove_dir_all(&part);
+                match target {
+                    None if !final_dir.exists() => {
+                        let _ = fs::remove_dir_all(&part);
+                    }
+                    Some(t) if !t.has(&name, &id).unwrap_or(true) => {
+                        if let Err(d) = t.discard(&name, &id) {
+                            log::warn!("{d}");
+                        }
+                    }
+                    _ => {}
                 }
                 if e.vm_consistent == Some(true) {
                     let _ = fsio::remove_if_exists(&self.journal_path(&name));
@@ -226,10 +304,58 @@ impl Store {
         }
     }
 
+    /// Full or incremental for a backup into `t`, from `t`'s chain; refused
+    /// when the disks follow a backup that is in the store but not in `t`.
+    fn decide_in_target(
+        &self,
+        t: &dyn DomainBackupTarget,
+        name: &str,
+        sources: &[(String, PathBuf)],
+        opts: &BackupOptions,
+        follows: &[(String, Follows)],
+    ) -> Result<super::head::Decision> {
+        let plain = !opts.isolated && !opts.full && opts.chain_size != 1;
+        let all = if plain { t.manifests(name)? } else { Vec::new() };
+        if plain {
+            let local = self.manifests(name)?;
+            for (disk, f) in follows {
+                if let Follows::Backup(id) = f {
+                    if !all.iter().any(|m| &m.id == id) && local.iter().any(|m| &m.id == id && !m.removed) {
+                        return Err(KnibError::invalid(format!(
+                            "backup of {name} to vault {}: the delta of disk {disk} follows backup {id}, which is in store {} but not in the vault: send it first (knib sync), or take a full backup (--full)",
+                            t.location(),
+                            self.root.display()
+                        )));
+                    }
+                }
+            }
+        }
+        let place = format!("vault {}", t.location());
+        super::head::decide_among(name, &all, &place, sources, opts, follows, &|_, _| {}, &|_| Ok(()))
+    }
+
+    /// The vault an interrupted backup of `vm` was being written to, if
+    /// its journal names one (recovery needs it: [`Store::recover_domain_in`]).
+    pub fn interrupted_vault(&self, vm: &str) -> Result<Option<String>> {
+        Ok(self.load_journal(vm)?.and_then(|j| j.vault))
+    }
+
     /// Finish or undo an interrupted backup of a domain, so it runs on
     /// `base` or `base <- one delta` with every write kept, and the store
     /// holds no partial backup.
     pub fn recover_domain(&self, vm: &Vm, ctl: &Control) -> Result<RecoverOutcome> {
+        self.recover_domain_in(vm, None, ctl)
+    }
+
+    /// [`Store::recover_domain`] of a backup that was being written to
+    /// `target` (the vault its journal names: [`Store::interrupted_vault`]);
+    /// an unpublished one's objects are removed from it.
+    pub fn recover_domain_in(
+        &self,
+        vm: &Vm,
+        target: Option<&dyn DomainBackupTarget>,
+        ctl: &Control,
+    ) -> Result<RecoverOutcome> {
         let name = vm.name().to_string();
         let _lock = self.lock_vm(&name, &format!("recovery of {name}"))?;
         if let Some(out) = self.recover_bitmap(vm)? {
@@ -253,12 +379,36 @@ impl Store {
             let chain = live::chain_of(&self.qemu_img, running, &d, ctl)?;
             chains.push((d.target.clone(), chain));
         }
-        super::journal_check::check_plan(&j.plan, &self.journal_path(&name), &name, &chains)?;
-        let published = self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists();
+        let id = j.plan.backup_id.clone();
+        let in_vault = match (&j.vault, target) {
+            (None, _) => None,
+            (Some(loc), Some(t)) if *loc == t.location() => Some(t),
+            (Some(loc), _) => {
+                return Err(KnibError::invalid(format!(
+                    "backup {id} of domain {name} was being written to vault {loc}: recover it with that vault (knib recover --vault {loc})"
+                )))
+            }
+        };
+        let dest_of = |t: &dyn DomainBackupTarget, volume: &str| t.dest(&name, &id, volume);
+        let vault_dest = in_vault.map(|t| move |v: &str| dest_of(t, v));
+        super::journal_check::check_plan(
+            &j.plan,
+            &self.journal_path(&name),
+            &name,
+            &chains,
+            vault_dest.as_ref().map(|f| f as &dyn Fn(&str) -> PathBuf),
+        )?;
+        let published = match in_vault {
+            None => self.vm_dir(&name).join(&id).join("manifest.json").exists(),
+            Some(t) => t.has(&name, &id)?,
+        };
         let report = live::recover(&self.qemu_img, vm, &j.plan, published, ctl)?;
+        if let (Some(t), false) = (target, published) {
+            t.discard(&name, &j.plan.backup_id)?;
+        }
         // The disks now follow the published backup: the state says so too
         // (a crash may have come between publishing and recording it).
-        if published && j.plan.kind != crate::engine::BackupKind::Isolated {
+        if published && j.plan.kind != crate::engine::BackupKind::Isolated && j.vault.is_none() {
             let st = self.load_state(&name).unwrap_or_default();
             if st.head.as_deref() != Some(j.plan.backup_id.as_str()) {
                 log::warn!(

@@ -243,6 +243,35 @@ pub fn take(
     journal: &mut dyn FnMut(LiveStep) -> Result<()>,
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<TakeBackupAnswer> {
+    take_to(q, vm, plan, ctl, journal, None, publish)
+}
+
+/// [`take`] with every disk's copy made by `copy_to` when given (the
+/// native data path: a vault's upload), instead of into `DiskPlan::dest`
+/// (which then only names it).
+pub fn take_to(
+    q: &QemuImg,
+    vm: &Vm,
+    plan: &LivePlan,
+    ctl: &Control,
+    journal: &mut dyn FnMut(LiveStep) -> Result<()>,
+    mut copy_to: Option<&mut super::take::CopyTo<'_>>,
+    publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
+) -> Result<TakeBackupAnswer> {
+    let direct = copy_to.is_some();
+    if direct {
+        for d in &plan.disks {
+            let f = d.old_top();
+            if super::native::is_qcow2_v2(f)? {
+                return Err(KnibError::invalid(format!(
+                    "disk {}: {} is a qcow2 version 2 image, which knib's own data path does not read: back it up into a store",
+                    d.target,
+                    f.display()
+                ))
+                .with_vm_consistent(true));
+            }
+        }
+    }
     let running = vm.is_running()?;
     let by = MergeBy { running, data_path: plan.data_path };
     journal(LiveStep::Snapshot)?;
@@ -257,6 +286,40 @@ pub fn take(
         for d in &plan.disks {
             ctl.check(&format!("copy of disk {}", d.target))?;
             let what = format!("disk {}", d.target);
+            if let Some(copy_to) = copy_to.as_mut() {
+                let v = super::take::VolumeBackup {
+                    name: d.target.clone(),
+                    disk: d.old_top().to_path_buf(),
+                    dest: d.dest.clone(),
+                    parent: d.parent.clone(),
+                };
+                let opts = crate::qcow2::CopyOptions {
+                    mode: match (&d.parent, d.snapshots.len()) {
+                        (None, _) => crate::qcow2::SourceMode::Chain,
+                        (Some(_), 0) => crate::qcow2::SourceMode::Top,
+                        (Some(_), n) => crate::qcow2::SourceMode::Above(n),
+                    },
+                    format: crate::qcow2::TargetFormat::Qcow2,
+                    backing: d.parent.clone().map(|name| crate::qcow2::BackingRef { name, format: "qcow2".into() }),
+                    compression: plan.compress.map(crate::qcow2::CompressionType::from),
+                    hash: true,
+                    sync: false,
+                    direct_io: false,
+                    ..Default::default()
+                };
+                let c = copy_to(&v, &opts, ctl).map_err(|e| e.context(what.clone()))?;
+                results.push(VolumeResult {
+                    name: d.target.clone(),
+                    active_file: d.new_delta.clone(),
+                    dest: d.dest.clone(),
+                    size: c.size,
+                    virtual_size: d.virtual_size,
+                    hash: Some(c.hash),
+                    compression: plan.compress,
+                    data_bytes: Some(c.bytes_read),
+                });
+                continue;
+            }
             let (hash, compression, data_bytes) = super::stopped::copy_to_store(
                 q,
                 d.old_top(),
@@ -287,7 +350,8 @@ pub fn take(
     let mut results = match before_publish {
         Ok(r) => r,
         Err(e) => {
-            for d in &plan.disks {
+            // (A direct copy's `dest` only names it: its caller removes it.)
+            for d in plan.disks.iter().filter(|_| !direct) {
                 let _ = fsio::remove_if_exists(&d.dest);
             }
             // Undo the snapshot: D' goes back into the layer below it.

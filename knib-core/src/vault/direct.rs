@@ -421,6 +421,53 @@ impl Vault {
         Ok(manifest)
     }
 
+    #[cfg(feature = "libvirt")]
+    /// Take a backup of libvirt domain `vm` (running or stopped, by the
+    /// snapshot method) straight into the vault: the store holds the VM's
+    /// lock and its journal (which names the vault), nothing of the backup;
+    /// the chain continued is the vault's ([`Store::backup_domain_to`]).
+    /// Each disk is sent as it is copied, the manifest written last; the
+    /// disks are merged on primary once it is. The bitmap method is refused:
+    /// its copies come from an NBD export, which is written to files.
+    pub fn backup_domain_direct(
+        &self,
+        store: &Store,
+        vm: &crate::libvirt::Vm,
+        opts: &BackupOptions,
+        quiesce: bool,
+        send: &SyncOptions,
+        ctl: &Control,
+    ) -> Result<Manifest> {
+        check_part_size(send.part_size)?;
+        let method = match opts.method {
+            Some(m) => m,
+            None => store.vm_settings(vm.name())?.backup_method,
+        };
+        if method == crate::engine::BackupMethod::Bitmap {
+            return Err(KnibError::invalid(format!(
+                "backup of domain {} to vault {}: the bitmap method writes its copies into a store only: back it up into the store and send it (knib sync), or use --method snapshot",
+                vm.name(),
+                self.location()
+            )));
+        }
+        let target = DirectTarget { vault: self, send };
+        store.backup_domain_to(vm, opts, quiesce, None, Some(&target), &mut |_| Ok(()), ctl)
+    }
+
+    #[cfg(feature = "libvirt")]
+    /// Finish or undo an interrupted backup of domain `vm` that was being
+    /// written to this vault ([`Store::recover_domain_in`]).
+    pub fn recover_domain(
+        &self,
+        store: &Store,
+        vm: &crate::libvirt::Vm,
+        ctl: &Control,
+    ) -> Result<crate::catalog::live::RecoverOutcome> {
+        let send = SyncOptions::direct();
+        let target = DirectTarget { vault: self, send: &send };
+        store.recover_domain_in(vm, Some(&target), ctl)
+    }
+
     /// One volume's native copy from `disk` into object `rel`: its length,
     /// hash and the guest bytes read.
     fn copy_volume(
@@ -514,5 +561,60 @@ impl Vault {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+/// A domain backup's destination in a vault (see
+/// [`Vault::backup_domain_direct`]).
+#[cfg(feature = "libvirt")]
+struct DirectTarget<'a> {
+    vault: &'a Vault,
+    send: &'a SyncOptions,
+}
+
+#[cfg(feature = "libvirt")]
+impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
+    fn location(&self) -> String {
+        self.vault.location().to_string()
+    }
+
+    fn manifests(&self, vm: &str) -> Result<Vec<Manifest>> {
+        self.vault.manifests(vm)
+    }
+
+    fn dest(&self, vm: &str, id: &str, volume: &str) -> PathBuf {
+        PathBuf::from(self.vault.inner.show(&self.vault.key(&format!("vms/{vm}/{id}/{volume}.qcow2"))))
+    }
+
+    fn prepare(&self, vm: &str) -> Result<()> {
+        self.vault.abort_recorded(vm)?;
+        self.vault.remove_unfinished(vm)?;
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        vm: &str,
+        id: &str,
+        v: &VolumeBackup,
+        opts: &crate::qcow2::CopyOptions,
+        ctl: &Control,
+    ) -> Result<CopiedTo> {
+        let rel = format!("vms/{vm}/{id}/{}.qcow2", v.name);
+        let record = format!("uploads/{vm}/{id}/{}.qcow2.json", v.name);
+        self.vault.copy_volume(&v.disk, &rel, &record, opts, self.send, ctl)
+    }
+
+    fn publish(&self, m: &Manifest) -> Result<()> {
+        self.vault.publish_manifest(m)
+    }
+
+    fn has(&self, vm: &str, id: &str) -> Result<bool> {
+        Ok(self.vault.manifests(vm)?.iter().any(|m| m.id == id))
+    }
+
+    fn discard(&self, vm: &str, id: &str) -> Result<()> {
+        self.vault.abort_recorded(vm)?;
+        self.vault.remove_backup_objects(vm, id)
     }
 }

@@ -96,14 +96,26 @@ fn a_plan_naming_files_knib_did_not_name_is_corrupt() {
     let good = plan(&base, Path::new("/store/vms/vm"));
     let chain = vec![good.disks[0].old_delta.clone().unwrap(), base.clone()];
     let disks = vec![("vda".to_string(), chain.clone()), ("vdb".to_string(), vec![PathBuf::from("/x/b.qcow2")])];
-    check_plan(&good, &journal, "vm", &disks).unwrap();
+    check_plan(&good, &journal, "vm", &disks, None).unwrap();
     // The store may have been mounted elsewhere since.
-    check_plan(&plan(&base, Path::new("/mnt/other/vms/vm")), &journal, "vm", &disks).unwrap();
+    check_plan(&plan(&base, Path::new("/mnt/other/vms/vm")), &journal, "vm", &disks, None).unwrap();
+    // A backup written to a vault: its files are the vault's keys, exactly.
+    let key = |t: &str| PathBuf::from(format!("s3://bucket/prefix/vms/vm/{}/{t}.qcow2", good.backup_id));
+    let mut to_vault = good.clone();
+    for d in &mut to_vault.disks {
+        d.dest = key(&d.target);
+    }
+    check_plan(&to_vault, &journal, "vm", &disks, Some(&key)).unwrap();
+    let e = check_plan(&good, &journal, "vm", &disks, Some(&key)).unwrap_err();
+    assert!(e.message.contains("of this backup in its vault"), "{e}");
+    let mut elsewhere = to_vault.clone();
+    elsewhere.disks[0].dest = PathBuf::from("s3://bucket/other/vms/vm/x/vda.qcow2");
+    assert_eq!(check_plan(&elsewhere, &journal, "vm", &disks, Some(&key)).unwrap_err().kind, ErrorKind::Corrupt);
     let mut rng = Rng::new(SEED);
     for (field, t) in tamperings(&mut rng, Path::new("/canary")) {
         let mut p = good.clone();
         t(&mut p);
-        let e = check_plan(&p, &journal, "vm", &disks).unwrap_err();
+        let e = check_plan(&p, &journal, "vm", &disks, None).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{field}: {e}");
         assert!(e.message.contains("journal /store/vms/vm/journal.json"), "{e}");
         assert!(e.message.contains(field), "{field}: {e}");
