@@ -554,8 +554,7 @@
  *                     (`s3://bucket/prefix`) as it is copied, instead of into
  *                     the store (which keeps the VM's lock, settings and, for
  *                     a domain, the journal); the chain continued is the
- *                     vault's. A domain's backup is then taken by the
- *                     snapshot method.
+ *                     vault's.
  *       vm?           string or null: The VM's name, with `disks`.
  *     answer: BackupView
  *     example request:

@@ -95,8 +95,7 @@ enum Command {
         /// Write the backup straight to this vault (s3://BUCKET/PREFIX) as
         /// it is copied, instead of into the store (which keeps the VM's
         /// lock, settings and a domain backup's journal); the chain
-        /// continued is the vault's. A domain is backed up by the snapshot
-        /// method.
+        /// continued is the vault's.
         #[arg(long, value_name = "S3_URL")]
         vault: Option<String>,
     },

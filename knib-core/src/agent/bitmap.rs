@@ -250,10 +250,10 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
         plan.since.as_deref().map(|s| format!(", changes since {s}")).unwrap_or_default()
     );
     let results = if plan.stopped {
-        engine_stopped::take(&q, vm.as_ref(), &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(()))?
+        engine_stopped::take(&q, vm.as_ref(), &plan, ctl, &mut |_| Ok(()), None, &mut |_| Ok(()))?
     } else {
         let vm = vm.as_ref().ok_or_else(|| KnibError::internal("a running VM without a domain"))?;
-        engine_bitmap::take(vm, &plan, ctl, &mut |_| Ok(()), &mut |_| Ok(()))?
+        engine_bitmap::take(vm, &plan, ctl, &mut |_| Ok(()), None, &mut |_| Ok(()))?
     };
     let mut answer = TakeBackupAnswer::of(plan.kind.as_str(), &r.volumes, &results, vm.is_some());
     answer.full_reason = full_reason;

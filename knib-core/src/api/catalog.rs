@@ -85,7 +85,7 @@ pub(crate) struct BackupReq {
     /// Write the backup straight to this vault (`s3://bucket/prefix`) as
     /// it is copied, instead of into the store (which keeps the VM's lock,
     /// settings and, for a domain, the journal); the chain continued is the
-    /// vault's. A domain's backup is then taken by the snapshot method.
+    /// vault's.
     #[serde(default)]
     vault: Option<String>,
     /// The time budget in seconds; 0 or absent = none.

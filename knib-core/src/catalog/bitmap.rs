@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::head::Follows;
+use super::live::DomainBackupTarget;
 use super::manifest::{Manifest, VolumeEntry};
 use super::{BackupOptions, Store};
 use crate::engine::bitmap::{self, BitmapDisk, BitmapPlan, BitmapStep};
@@ -37,6 +38,9 @@ pub struct BitmapJournal {
     pub step: BitmapStep,
     /// The whole plan.
     pub plan: BitmapPlan,
+    /// The vault the backup is written to, when it goes straight there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<String>,
 }
 
 impl Store {
@@ -55,8 +59,8 @@ impl Store {
         self.load_vm_journal(vm, "bitmap-journal.json")
     }
 
-    fn record_bitmap(&self, vm: &str, plan: &BitmapPlan, step: BitmapStep) -> Result<()> {
-        let j = BitmapJournal { schema: 1, step, plan: plan.clone() };
+    fn record_bitmap(&self, vm: &str, plan: &BitmapPlan, step: BitmapStep, vault: Option<&str>) -> Result<()> {
+        let j = BitmapJournal { schema: 1, step, plan: plan.clone(), vault: vault.map(str::to_string) };
         fsio::write_atomic(&self.bitmap_journal_path(vm), &serde_json::to_vec_pretty(&j).expect("journal serializes"))?;
         log::info!("bitmap backup {} of {vm}: {}", plan.backup_id, step.as_str());
         if std::env::var(super::live::FAULT_ENV).ok().as_deref() == Some(step.as_str()) {
@@ -93,6 +97,20 @@ impl Store {
         vm: &Vm,
         opts: &BackupOptions,
         quiesce: bool,
+        ctl: &Control,
+    ) -> Result<Manifest> {
+        self.backup_domain_bitmap_to(vm, opts, quiesce, None, ctl)
+    }
+
+    /// [`Store::backup_domain_bitmap`] into the store, or, with `target`,
+    /// straight into a vault: the chain it continues is then the vault's,
+    /// its files go only there, and its journal names the vault.
+    pub fn backup_domain_bitmap_to(
+        &self,
+        vm: &Vm,
+        opts: &BackupOptions,
+        quiesce: bool,
+        target: Option<&dyn DomainBackupTarget>,
         ctl: &Control,
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
@@ -140,8 +158,13 @@ impl Store {
                 (d.target.clone(), f)
             })
             .collect();
-        let super::head::Decision { kind, parent, position, end_of_chain, full_reason } =
-            self.decide(&name, &sources, opts, &follows)?;
+        if let Some(t) = target {
+            t.prepare(&name)?;
+        }
+        let super::head::Decision { kind, parent, position, end_of_chain, full_reason } = match target {
+            None => self.decide(&name, &sources, opts, &follows)?,
+            Some(t) => self.decide_in_target(t, &name, &sources, opts, &follows)?,
+        };
         let id = super::new_backup_id();
         let part = self.vm_dir(&name).join(format!(".{id}.part"));
         let plan = BitmapPlan {
@@ -152,7 +175,10 @@ impl Store {
             disks: probe
                 .into_iter()
                 .map(|d| BitmapDisk {
-                    dest: part.join(format!("{}.qcow2", d.target)),
+                    dest: match target {
+                        None => part.join(format!("{}.qcow2", d.target)),
+                        Some(t) => t.dest(&name, &id, &d.target),
+                    },
                     parent: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &d.target)),
                     ..d
                 })
@@ -172,12 +198,15 @@ impl Store {
         if let Some(why) = &full_reason {
             log::warn!("bitmap backup {id} of {name} is full: {why}");
         }
-        crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
-        fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
+        if target.is_none() {
+            crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
+            fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
+        }
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         m.full_reason = full_reason;
         let final_dir = self.vm_dir(&name).join(&id);
-        let mut journal = |step| self.record_bitmap(&name, &plan, step);
+        let vault = target.map(|t| t.location());
+        let mut journal = |step| self.record_bitmap(&name, &plan, step, vault.as_deref());
         let mut publish = |vols: &[crate::engine::take::VolumeResult]| {
             m.volumes = vols
                 .iter()
@@ -192,12 +221,25 @@ impl Store {
                 })
                 .collect();
             m.compression = super::compressed_as_copied(vols);
-            self.publish(&m, &part)
+            match target {
+                None => self.publish(&m, &part),
+                Some(t) => t.publish(&m),
+            }
         };
+        let mut copy = |d: &BitmapDisk,
+                        socket: &std::path::Path,
+                        export: &str,
+                        bitmap: Option<&str>,
+                        compress: Option<crate::qcow2::CompressionType>,
+                        c: &Control| {
+            let t = target.ok_or_else(|| KnibError::internal("a direct copy without a target"))?;
+            t.copy_export(&name, &id, d, socket, export, bitmap, compress, c)
+        };
+        let copy_to: Option<&mut bitmap::ExportCopyTo<'_>> = if target.is_some() { Some(&mut copy) } else { None };
         let result = if running {
-            bitmap::take(vm, &plan, ctl, &mut journal, &mut publish)
+            bitmap::take(vm, &plan, ctl, &mut journal, copy_to, &mut publish)
         } else {
-            bitmap_stopped::take(q, Some(vm), &plan, ctl, &mut journal, &mut publish)
+            bitmap_stopped::take(q, Some(vm), &plan, ctl, &mut journal, copy_to, &mut publish)
         };
         match result {
             Ok(_) => {
@@ -205,8 +247,16 @@ impl Store {
                 Ok(m)
             }
             Err(e) => {
-                if !final_dir.exists() {
-                    let _ = fs::remove_dir_all(&part);
+                match target {
+                    None if !final_dir.exists() => {
+                        let _ = fs::remove_dir_all(&part);
+                    }
+                    Some(t) if !t.has(&name, &id).unwrap_or(true) => {
+                        if let Err(d) = t.discard(&name, &id) {
+                            log::warn!("{d}");
+                        }
+                    }
+                    _ => {}
                 }
                 if e.vm_consistent == Some(true) {
                     let _ = fsio::remove_if_exists(&self.bitmap_journal_path(&name));
@@ -218,7 +268,11 @@ impl Store {
 
     /// Finish or undo an interrupted bitmap backup of `vm`, if there is
     /// one (called by [`Store::recover_domain`] under the VM's lock).
-    pub(crate) fn recover_bitmap(&self, vm: &Vm) -> Result<Option<super::live::RecoverOutcome>> {
+    pub(crate) fn recover_bitmap(
+        &self,
+        vm: &Vm,
+        target: Option<&dyn DomainBackupTarget>,
+    ) -> Result<Option<super::live::RecoverOutcome>> {
         let name = vm.name().to_string();
         let Some(j) = self.load_bitmap_journal(&name)? else { return Ok(None) };
         // The journal is untrusted: the work directory must be the one knib
@@ -237,7 +291,31 @@ impl Store {
                 return Err(KnibError::corrupt(format!("journal of {name}: checkpoint {c} is not this backup's")));
             }
         }
-        let published = self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists();
+        let in_vault = match (&j.vault, target) {
+            (None, _) => None,
+            (Some(loc), Some(t)) if *loc == t.location() => Some(t),
+            (Some(loc), _) => {
+                return Err(KnibError::invalid(format!(
+                    "bitmap backup {} of domain {name} was being written to vault {loc}: recover it with that vault (knib recover --vault {loc})",
+                    j.plan.backup_id
+                )))
+            }
+        };
+        if let Some(t) = in_vault {
+            for d in &j.plan.disks {
+                if d.dest != t.dest(&name, &j.plan.backup_id, &d.target) {
+                    return Err(KnibError::corrupt(format!(
+                        "journal of {name}: {} is not the vault's file of disk {} of this backup",
+                        d.dest.display(),
+                        d.target
+                    )));
+                }
+            }
+        }
+        let published = match in_vault {
+            None => self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists(),
+            Some(t) => t.has(&name, &j.plan.backup_id)?,
+        };
         let actions = if j.plan.stopped {
             // The files whose bitmaps recovery edits are the domain's own
             // disks, never ones the journal names.
@@ -255,7 +333,10 @@ impl Store {
         } else {
             bitmap::recover(vm, &j.plan, published)?
         };
-        if published && j.plan.kind != BackupKind::Isolated {
+        if let (Some(t), false) = (in_vault, published) {
+            t.discard(&name, &j.plan.backup_id)?;
+        }
+        if published && j.plan.kind != BackupKind::Isolated && in_vault.is_none() {
             let st = self.load_state(&name).unwrap_or_default();
             if st.head.as_deref() != Some(j.plan.backup_id.as_str()) {
                 self.save_state(&name, &super::VmState { schema: 1, head: Some(j.plan.backup_id.clone()) })?;

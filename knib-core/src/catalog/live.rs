@@ -53,6 +53,21 @@ pub trait DomainBackupTarget {
         opts: &crate::qcow2::CopyOptions,
         ctl: &Control,
     ) -> Result<crate::engine::take::CopiedTo>;
+    /// Copy a bitmap backup's export of disk `d` (socket, export, dirty
+    /// bitmap, compression) into backup `id`, as
+    /// [`crate::engine::bitmap::ExportCopyTo`] does.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_export(
+        &self,
+        vm: &str,
+        id: &str,
+        d: &crate::engine::bitmap::BitmapDisk,
+        socket: &std::path::Path,
+        export: &str,
+        bitmap: Option<&str>,
+        compress: Option<crate::qcow2::CompressionType>,
+        ctl: &Control,
+    ) -> Result<(crate::engine::take::CopiedTo, u64)>;
     /// Make backup `m` visible.
     fn publish(&self, m: &Manifest) -> Result<()>;
     /// Whether backup `id` of `vm` is visible.
@@ -306,7 +321,7 @@ impl Store {
 
     /// Full or incremental for a backup into `t`, from `t`'s chain; refused
     /// when the disks follow a backup that is in the store but not in `t`.
-    fn decide_in_target(
+    pub(super) fn decide_in_target(
         &self,
         t: &dyn DomainBackupTarget,
         name: &str,
@@ -358,7 +373,7 @@ impl Store {
     ) -> Result<RecoverOutcome> {
         let name = vm.name().to_string();
         let _lock = self.lock_vm(&name, &format!("recovery of {name}"))?;
-        if let Some(out) = self.recover_bitmap(vm)? {
+        if let Some(out) = self.recover_bitmap(vm, target)? {
             return Ok(out);
         }
         let Some(j) = self.load_journal(&name)? else {

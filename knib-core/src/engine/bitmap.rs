@@ -527,18 +527,34 @@ impl Exporter for Libvirt<'_> {
     }
 }
 
+/// A bitmap backup's copy of one disk's export made elsewhere than into
+/// its `dest` file (a vault's upload): given the disk, the export's
+/// socket, name and dirty bitmap, and the compression, it returns what it
+/// wrote and the disk's guest-visible size.
+pub type ExportCopyTo<'a> = dyn FnMut(
+        &BitmapDisk,
+        &Path,
+        &str,
+        Option<&str>,
+        Option<CompressionType>,
+        &Control,
+    ) -> Result<(crate::engine::take::CopiedTo, u64)>
+    + 'a;
+
 /// Take a bitmap backup of a running domain as `plan` says. `journal` is
 /// called before each step; `publish` once every copy is durable on the
-/// store. A failure before publishing ends the job, deletes the new
+/// store; `copy_to`, when given, makes each copy instead of the store's
+/// file. A failure before publishing ends the job, deletes the new
 /// checkpoint and the copies (the error says the VM is consistent).
 pub fn take(
     vm: &Vm,
     plan: &BitmapPlan,
     ctl: &Control,
     journal: &mut dyn FnMut(BitmapStep) -> Result<()>,
+    copy_to: Option<&mut ExportCopyTo<'_>>,
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<Vec<VolumeResult>> {
-    run(&mut Libvirt(vm), plan, ctl, journal, publish)
+    run(&mut Libvirt(vm), plan, ctl, journal, copy_to, publish)
 }
 
 /// Take the bitmap backup `plan` through `exp` (see [`take`]).
@@ -547,8 +563,10 @@ pub(crate) fn run(
     plan: &BitmapPlan,
     ctl: &Control,
     journal: &mut dyn FnMut(BitmapStep) -> Result<()>,
+    mut copy_to: Option<&mut ExportCopyTo<'_>>,
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<Vec<VolumeResult>> {
+    let direct = copy_to.is_some();
     let who = exp.who();
     journal(BitmapStep::Begin)?;
     crate::crashpoint::durable_step(&format!("backup exports of {who}"));
@@ -565,6 +583,21 @@ pub(crate) fn run(
                 CompressionLibrary::Zstd => CompressionType::Zstd,
                 CompressionLibrary::Zlib => CompressionType::Zlib,
             });
+            if let Some(copy_to) = copy_to.as_mut() {
+                let (c, virtual_size) = copy_to(d, &socket, &export, bitmap.as_deref(), ctype, ctl)
+                    .map_err(|e| e.context(format!("disk {}", d.target)))?;
+                results.push(VolumeResult {
+                    name: d.target.clone(),
+                    active_file: d.file.clone(),
+                    dest: d.dest.clone(),
+                    size: c.size,
+                    virtual_size,
+                    hash: Some(c.hash),
+                    compression: plan.compress,
+                    data_bytes: Some(c.bytes_read),
+                });
+                continue;
+            }
             let c = super::bitmap_copy::copy_export(
                 &socket,
                 &export,
@@ -599,7 +632,8 @@ pub(crate) fn run(
                 log::error!("undoing the bitmap backup of {who}: {u}");
                 consistent = false;
             }
-            for d in &plan.disks {
+            // (A direct copy's `dest` only names it: its caller removes it.)
+            for d in plan.disks.iter().filter(|_| !direct) {
                 let _ = fsio::remove_if_exists(&d.dest);
             }
             return Err(e.with_vm_consistent(consistent));

@@ -21,6 +21,7 @@
 //!   front to back and hashed in the same pass (xxh3-128, as
 //!   [`crate::hash`] reads it back).
 
+use crate::qcow2::Sink;
 use std::fs::OpenOptions;
 use std::path::Path;
 
@@ -218,7 +219,64 @@ pub fn copy_export(
     compress: Option<CompressionType>,
     ctl: &Control,
 ) -> Result<ExportCopy> {
+    use std::os::unix::fs::FileExt;
     let what = format!("copy of NBD export {export} to {}", dest.display());
+    let w = copy_export_to(socket, export, bitmap, backing, compress, ctl, &what, &mut |planned, hash| {
+        if let (Some(len), Some(dir)) = (planned, dest.parent()) {
+            crate::fsio::require_space(dir, len, &what)?;
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(dest)
+            .map_err(|e| KnibError::io("cannot create", dest, e))?;
+        Ok(FileSink::new(file, dest, hash))
+    })?;
+    let (file, hash) = w.sink.finish()?;
+    let hash = match (&w.header, hash) {
+        (None, Some(h)) => {
+            file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
+            h
+        }
+        (Some(header), _) => {
+            file.write_all_at(header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
+            file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
+            drop(file);
+            crate::hash::hash_files(&[dest.to_path_buf()], ctl)?
+        }
+        (None, None) => return Err(KnibError::internal("the file sink did not hash")),
+    };
+    Ok(ExportCopy { hash, data_bytes: w.data_bytes, virtual_size: w.virtual_size })
+}
+
+/// What [`copy_export_to`] wrote into its sink.
+pub(crate) struct ExportWritten<S> {
+    /// The sink, every byte appended (not finished).
+    pub sink: S,
+    /// A compressed image's header, to write at offset 0 last (the sink was
+    /// made without hashing); `None`: the header went first, and the sink
+    /// hashed everything.
+    pub header: Option<Vec<u8>>,
+    /// Guest data bytes read from the export and stored.
+    pub data_bytes: u64,
+    /// The export's size (the guest-visible size).
+    pub virtual_size: u64,
+}
+
+/// [`copy_export`] into any [`Sink`], front to back: `make(planned
+/// length, hash)` makes it once the image's length is known (`None`: a
+/// compressed image, whose length is not). A vault's upload is one.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_export_to<S: Sink>(
+    socket: &Path,
+    export: &str,
+    bitmap: Option<&str>,
+    backing: Option<&str>,
+    compress: Option<CompressionType>,
+    ctl: &Control,
+    what: &str,
+    make: &mut dyn FnMut(Option<u64>, bool) -> Result<S>,
+) -> Result<ExportWritten<S>> {
     let dirty_ctx = bitmap.map(nbd::dirty_bitmap_context);
     let mut contexts = vec![nbd::BASE_ALLOCATION];
     if let Some(d) = &dirty_ctx {
@@ -233,7 +291,7 @@ pub fn copy_export(
         }
     }
     let size = n.size()?;
-    let runs = select(&mut n, size, dirty_ctx.as_deref(), backing.is_some(), ctl, &what)?;
+    let runs = select(&mut n, size, dirty_ctx.as_deref(), backing.is_some(), ctl, what)?;
     let spec = ImageSpec {
         virtual_size: size,
         cluster_bits: CLUSTER_BITS,
@@ -241,7 +299,7 @@ pub fn copy_export(
         compression: compress.unwrap_or(CompressionType::Zlib),
     };
     if let Some(t) = compress {
-        return copy_compressed(&mut n, &runs, spec, t, dest, size, ctl, &what);
+        return copy_compressed(&mut n, &runs, spec, t, size, ctl, what, make);
     }
     let cs = spec.cluster_size();
     let zeros = vec![0u8; READ_RUN as usize];
@@ -262,15 +320,7 @@ pub fn copy_export(
         }
     }
     let (header, _, planned) = plan.finish()?;
-    if let Some(dir) = dest.parent() {
-        crate::fsio::require_space(dir, planned.file_len, &what)?;
-    }
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dest)
-        .map_err(|e| KnibError::io("cannot create", dest, e))?;
-    let mut out = Layout::new(spec, FileSink::new(file, dest, true), Some(header))?;
+    let mut out = Layout::new(spec, make(Some(planned.file_len), true)?, Some(header))?;
     let mut buf = vec![0u8; READ_RUN as usize];
     let mut data_bytes = 0u64;
     let total: u64 = runs.iter().filter(|r| r.kind == RunKind::Data).map(|r| r.count).sum();
@@ -282,7 +332,7 @@ pub fn copy_export(
         }
         let mut i = r.start;
         while i < r.start + r.count {
-            ctl.check(&what)?;
+            ctl.check(what)?;
             let k = per.min(r.start + r.count - i);
             let (off, len) = (i * cs, k * cs);
             // The last cluster may pass the end of the export.
@@ -294,36 +344,27 @@ pub fn copy_export(
             data_bytes += readable;
             i += k;
             done += k;
-            ctl.report(&what, done as f64 * 100.0 / total.max(1) as f64);
+            ctl.report(what, done as f64 * 100.0 / total.max(1) as f64);
         }
     }
     let (_, sink, _) = out.finish()?;
-    let (file, hash) = sink.finish()?;
-    file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
-    let hash = hash.ok_or_else(|| KnibError::internal("the file sink did not hash"))?;
-    Ok(ExportCopy { hash, data_bytes, virtual_size: size })
+    Ok(ExportWritten { sink, header: None, data_bytes, virtual_size: size })
 }
 
-/// [`copy_export`] with compressed clusters.
+/// [`copy_export_to`] with compressed clusters.
 #[allow(clippy::too_many_arguments)]
-fn copy_compressed(
+fn copy_compressed<S: Sink>(
     n: &mut Nbd,
     runs: &[Run],
     spec: ImageSpec,
     t: CompressionType,
-    dest: &Path,
     size: u64,
     ctl: &Control,
     what: &str,
-) -> Result<ExportCopy> {
-    use std::os::unix::fs::FileExt;
+    make: &mut dyn FnMut(Option<u64>, bool) -> Result<S>,
+) -> Result<ExportWritten<S>> {
     let cs = spec.cluster_size();
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(dest)
-        .map_err(|e| KnibError::io("cannot create", dest, e))?;
-    let mut out = Layout::new(spec, FileSink::new(file, dest, false), None)?;
+    let mut out = Layout::new(spec, make(None, false)?, None)?;
     let mut buf = vec![0u8; cs as usize];
     let mut packed = vec![0u8; cs as usize - 1];
     let mut compressor = crate::qcow2::Compressor::new(t)?;
@@ -347,12 +388,7 @@ fn copy_compressed(
         }
     }
     let (header, sink, _) = out.finish()?;
-    let (file, _) = sink.finish()?;
-    file.write_all_at(&header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
-    file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
-    drop(file);
-    let hash = crate::hash::hash_files(&[dest.to_path_buf()], ctl)?;
-    Ok(ExportCopy { hash, data_bytes, virtual_size: size })
+    Ok(ExportWritten { sink, header: Some(header), data_bytes, virtual_size: size })
 }
 
 #[cfg(test)]

@@ -419,6 +419,7 @@ pub fn take(
     plan: &BitmapPlan,
     ctl: &Control,
     journal: &mut dyn FnMut(super::bitmap::BitmapStep) -> Result<()>,
+    copy_to: Option<&mut super::bitmap::ExportCopyTo<'_>>,
     publish: &mut dyn FnMut(&[super::take::VolumeResult]) -> Result<()>,
 ) -> Result<Vec<super::take::VolumeResult>> {
     if let Some(vm) = vm {
@@ -430,7 +431,7 @@ pub fn take(
             .with_vm_consistent(true));
         }
     }
-    super::bitmap::run(&mut Stopped::new(q, vm, ctl), plan, ctl, journal, publish)
+    super::bitmap::run(&mut Stopped::new(q, vm, ctl), plan, ctl, journal, copy_to, publish)
 }
 
 /// Finish or undo an interrupted bitmap backup of a stopped VM: its exports

@@ -422,13 +422,13 @@ impl Vault {
     }
 
     #[cfg(feature = "libvirt")]
-    /// Take a backup of libvirt domain `vm` (running or stopped, by the
-    /// snapshot method) straight into the vault: the store holds the VM's
-    /// lock and its journal (which names the vault), nothing of the backup;
-    /// the chain continued is the vault's ([`Store::backup_domain_to`]).
-    /// Each disk is sent as it is copied, the manifest written last; the
-    /// disks are merged on primary once it is. The bitmap method is refused:
-    /// its copies come from an NBD export, which is written to files.
+    /// Take a backup of libvirt domain `vm` (running or stopped, by either
+    /// method) straight into the vault: the store holds the VM's lock and
+    /// its journal (which names the vault), nothing of the backup; the
+    /// chain continued is the vault's ([`Store::backup_domain_to`],
+    /// [`Store::backup_domain_bitmap_to`]). Each disk is sent as it is
+    /// copied, the manifest written last; by the snapshot method the disks
+    /// are merged on primary only once it is.
     pub fn backup_domain_direct(
         &self,
         store: &Store,
@@ -443,14 +443,10 @@ impl Vault {
             Some(m) => m,
             None => store.vm_settings(vm.name())?.backup_method,
         };
-        if method == crate::engine::BackupMethod::Bitmap {
-            return Err(KnibError::invalid(format!(
-                "backup of domain {} to vault {}: the bitmap method writes its copies into a store only: back it up into the store and send it (knib sync), or use --method snapshot",
-                vm.name(),
-                self.location()
-            )));
-        }
         let target = DirectTarget { vault: self, send };
+        if method == crate::engine::BackupMethod::Bitmap {
+            return store.backup_domain_bitmap_to(vm, opts, quiesce, Some(&target), ctl);
+        }
         store.backup_domain_to(vm, opts, quiesce, None, Some(&target), &mut |_| Ok(()), ctl)
     }
 
@@ -494,16 +490,22 @@ impl Vault {
             done.sink.peak_buffered(),
             done.sink.bound()
         );
-        let (size, hash) = done.sink.finish()?;
+        let (size, hash) = self.finish_sink(rel, done.sink)?;
+        Ok(CopiedTo { size, hash, bytes_read: done.report.bytes_read })
+    }
+
+    /// Complete object `rel`'s upload: its length and hash (a compressed
+    /// image's, whose header went in last, read back once).
+    fn finish_sink(&self, rel: &str, sink: VaultSink) -> Result<(u64, String)> {
+        let (size, hash) = sink.finish()?;
         let hash = match hash {
             Some(h) => h,
-            // A compressed image: its header went in last; read it back.
             None => {
                 let obj = super::RemoteObject::new(Arc::clone(&self.inner), self.key(rel), size, 0, true);
-                obj.finish_hash()?.expect("hashed")
+                obj.finish_hash()?.ok_or_else(|| KnibError::internal(format!("{rel} was not hashed")))?
             }
         };
-        Ok(CopiedTo { size, hash, bytes_read: done.report.bytes_read })
+        Ok((size, hash))
     }
 
     /// Write `m`'s manifest, conditionally created: the backup becomes visible.
@@ -603,6 +605,38 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
         let rel = format!("vms/{vm}/{id}/{}.qcow2", v.name);
         let record = format!("uploads/{vm}/{id}/{}.qcow2.json", v.name);
         self.vault.copy_volume(&v.disk, &rel, &record, opts, self.send, ctl)
+    }
+
+    fn copy_export(
+        &self,
+        vm: &str,
+        id: &str,
+        d: &crate::engine::bitmap::BitmapDisk,
+        socket: &std::path::Path,
+        export: &str,
+        bitmap: Option<&str>,
+        compress: Option<crate::qcow2::CompressionType>,
+        ctl: &Control,
+    ) -> Result<(CopiedTo, u64)> {
+        let rel = format!("vms/{vm}/{id}/{}.qcow2", d.target);
+        let record = format!("uploads/{vm}/{id}/{}.qcow2.json", d.target);
+        let what = format!("copy of NBD export {export} to vault {}", self.vault.location());
+        crate::crashpoint::durable_step(&format!("copy of disk {} to the vault", d.target));
+        let mut w = crate::engine::bitmap_copy::copy_export_to(
+            socket,
+            export,
+            bitmap,
+            d.parent.as_deref(),
+            compress,
+            ctl,
+            &what,
+            &mut |_, hash| VaultSink::new(self.vault, &rel, &record, self.send, hash),
+        )?;
+        if let Some(h) = &w.header {
+            w.sink.patch(0, h)?;
+        }
+        let (size, hash) = self.vault.finish_sink(&rel, w.sink)?;
+        Ok((CopiedTo { size, hash, bytes_read: w.data_bytes }, w.virtual_size))
     }
 
     fn publish(&self, m: &Manifest) -> Result<()> {
