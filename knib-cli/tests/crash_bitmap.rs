@@ -18,6 +18,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::Command;
 
+use common::bitmaps::file_bitmaps;
 use common::model::Model;
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::libvirt::backup::{backup_running, checkpoint_name, checkpoints};
@@ -142,19 +143,6 @@ fn a_bitmap_backup_killed_at_every_step_is_recovered_with_nothing_lost() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         model.assert_restored(t, model.writes.len(), &to, dir.path());
     }
-}
-
-/// The knib bitmaps stored in a file, sorted.
-fn file_bitmaps(file: &Path) -> Vec<String> {
-    let mut b: Vec<String> = knib_core::qemu_img::QemuImg::new()
-        .bitmaps(file, &knib_core::Control::new())
-        .unwrap()
-        .into_iter()
-        .map(|b| b.name)
-        .filter(|n| n.starts_with("knib-"))
-        .collect();
-    b.sort();
-    b
 }
 
 #[test]

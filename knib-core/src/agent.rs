@@ -445,7 +445,7 @@ mod validation;
 pub use answers::*;
 pub use requests::CleanupMode;
 pub(crate) use requests::{
-    domain_of, CleanupReq, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq,
+    domain_of, kind_of, CleanupReq, CleanupValidationReq, CompressReq, ConsolidateReq, FinalizeReq, HashReq, MergeReq,
     PrepareReq, RestoreReq, TakeReq, ValidateReq,
 };
 pub(crate) use validation::prepare_validation;

@@ -15,10 +15,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::bitmaps::{file_bitmaps, knib_checkpoints};
 use common::model::Model;
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::api::call;
-use knib_core::libvirt::backup::checkpoints;
 use knib_core::Control;
 use serde_json::{json, Value};
 
@@ -59,12 +59,6 @@ fn volumes(vm: &TestVm, store: &Path, n: u32, parent: Option<u32>) -> Value {
 
 fn take(vm: &TestVm, store: &Path, n: u32, parent: Option<u32>) -> Value {
     ok("agent.take_backup", &json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(vm, store, n, parent)}))
-}
-
-fn knib_checkpoints(vm: &TestVm) -> Vec<String> {
-    let mut c: Vec<String> = checkpoints(&vm.vm).unwrap().into_iter().filter(|n| n.starts_with("knib-")).collect();
-    c.sort();
-    c
 }
 
 fn assert_chains_untouched(vm: &TestVm) {
@@ -232,19 +226,6 @@ fn method_bitmap_refuses_what_it_cannot_do() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("field `running` is false"), "{e}");
-}
-
-/// The knib bitmaps stored in a file, sorted.
-fn file_bitmaps(file: &Path) -> Vec<String> {
-    let mut b: Vec<String> = knib_core::qemu_img::QemuImg::new()
-        .bitmaps(file, &Control::new())
-        .unwrap()
-        .into_iter()
-        .map(|b| b.name)
-        .filter(|n| n.starts_with("knib-"))
-        .collect();
-    b.sort();
-    b
 }
 
 #[test]

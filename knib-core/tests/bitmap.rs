@@ -11,11 +11,12 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use common::bitmaps::knib_checkpoints;
 use common::model::{image_has, Model, Write};
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::catalog::{BackupOptions, Store, VmSettings};
 use knib_core::engine::{BackupKind, BackupMethod};
-use knib_core::libvirt::backup::{checkpoint_name, checkpoints};
+use knib_core::libvirt::backup::checkpoint_name;
 use knib_core::libvirt::qemu_monitor_command_qmp;
 use knib_core::qemu_img::ImageFormat;
 use knib_core::Control;
@@ -46,13 +47,6 @@ fn assert_chains_untouched(vm: &TestVm) {
         assert!(d.backing_chain.is_empty(), "disk {} runs on {:?}", d.target, d.chain_files());
         assert_eq!(d.file, vm.initial_file(&d.target));
     }
-}
-
-/// The domain's knib checkpoints.
-fn knib_checkpoints(vm: &TestVm) -> Vec<String> {
-    let mut c: Vec<String> = checkpoints(&vm.vm).unwrap().into_iter().filter(|n| n.starts_with("knib-")).collect();
-    c.sort();
-    c
 }
 
 /// Nothing of a backup job is left in the VM's store directory.

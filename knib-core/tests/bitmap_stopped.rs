@@ -13,11 +13,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::bitmaps::{file_bitmaps, knib_checkpoints};
 use common::model::Model;
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::catalog::{BackupOptions, Manifest, Store};
 use knib_core::engine::{BackupKind, BackupMethod};
-use knib_core::libvirt::backup::{checkpoint_name, checkpoints};
+use knib_core::libvirt::backup::checkpoint_name;
 use knib_core::qemu_img::{ImageFormat, QemuImg};
 use knib_core::Control;
 
@@ -29,26 +30,6 @@ fn bitmap() -> BackupOptions {
 
 fn backup(store: &Store, vm: &TestVm) -> Manifest {
     store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap()
-}
-
-/// The knib bitmaps of a file, sorted.
-fn file_bitmaps(file: &Path) -> Vec<String> {
-    let mut b: Vec<String> = QemuImg::new()
-        .bitmaps(file, &Control::new())
-        .unwrap()
-        .into_iter()
-        .map(|b| b.name)
-        .filter(|n| n.starts_with("knib-"))
-        .collect();
-    b.sort();
-    b
-}
-
-/// The domain's knib checkpoints.
-fn knib_checkpoints(vm: &TestVm) -> Vec<String> {
-    let mut c: Vec<String> = checkpoints(&vm.vm).unwrap().into_iter().filter(|n| n.starts_with("knib-")).collect();
-    c.sort();
-    c
 }
 
 /// Nothing of a backup is left: no work directory, journal or part in the

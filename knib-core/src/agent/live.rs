@@ -53,8 +53,6 @@ enum Mode {
     Cleanup,
 }
 
-use super::stopped::kind_of;
-
 /// The plan of a backup from the request's explicit paths.
 fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) -> Result<LivePlan> {
     non_empty(op, "volumes", &r.volumes)?;

@@ -529,3 +529,28 @@ pub(crate) fn domain_of<'a>(
         ))),
     }
 }
+
+/// The kind of a backup from its request.
+pub(crate) fn kind_of(op: &str, r: &TakeReq) -> crate::error::Result<crate::engine::take::BackupKind> {
+    let parents = r.volumes.iter().filter(|v| v.parent_backup_path.is_some()).count();
+    if r.isolated {
+        if let Some(v) = r.volumes.iter().find(|v| v.parent_backup_path.is_some()) {
+            return Err(crate::error::KnibError::invalid(format!(
+                "request of {op}: an isolated backup is a full copy: volume {} must not have `parent_backup_path`",
+                v.uuid
+            )));
+        }
+        Ok(crate::engine::take::BackupKind::Isolated)
+    } else if parents == 0 {
+        Ok(crate::engine::take::BackupKind::Full)
+    } else if parents == r.volumes.len() {
+        Ok(crate::engine::take::BackupKind::Incremental)
+    } else {
+        let without: Vec<&str> =
+            r.volumes.iter().filter(|v| v.parent_backup_path.is_none()).map(|v| v.uuid.as_str()).collect();
+        Err(crate::error::KnibError::invalid(format!(
+            "request of {op}: some volumes have `parent_backup_path` and some ({}) do not: one backup is all full or all incremental",
+            without.join(", ")
+        )))
+    }
+}

@@ -9,31 +9,6 @@ use crate::engine::stopped::{self as files_engine, ensure_unused, FilesDisk, Fil
 use crate::engine::take::BackupKind;
 use crate::qcow2::relative_pointer;
 
-/// The kind of a backup from its request.
-pub(crate) fn kind_of(op: &str, r: &TakeReq) -> Result<BackupKind> {
-    let parents = r.volumes.iter().filter(|v| v.parent_backup_path.is_some()).count();
-    if r.isolated {
-        if let Some(v) = r.volumes.iter().find(|v| v.parent_backup_path.is_some()) {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: an isolated backup is a full copy: volume {} must not have `parent_backup_path`",
-                v.uuid
-            )));
-        }
-        Ok(BackupKind::Isolated)
-    } else if parents == 0 {
-        Ok(BackupKind::Full)
-    } else if parents == r.volumes.len() {
-        Ok(BackupKind::Incremental)
-    } else {
-        let without: Vec<&str> =
-            r.volumes.iter().filter(|v| v.parent_backup_path.is_none()).map(|v| v.uuid.as_str()).collect();
-        Err(KnibError::invalid(format!(
-            "request of {op}: some volumes have `parent_backup_path` and some ({}) do not: one backup is all full or all incremental",
-            without.join(", ")
-        )))
-    }
-}
-
 /// Every file on primary the request names (those that exist are tested
 /// for QEMU's locks before anything is done).
 fn named_files(r: &TakeReq) -> Vec<&Path> {

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod bitmaps;
 pub mod disk;
 pub mod guest;
 pub mod model;
