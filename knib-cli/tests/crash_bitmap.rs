@@ -118,8 +118,17 @@ fn a_bitmap_backup_killed_at_every_step_is_recovered_with_nothing_lost() {
         assert!(out.status.success(), "verify after {step}: {}", String::from_utf8_lossy(&out.stdout));
         model.assert_vm_reads_everything(&vm);
     }
-    // The next backup continues the chain and holds every write.
-    let b = ok_json(&["--json", "backup", "--store", &s, "--domain", &name, "--method", "bitmap"]);
+    // The next backup continues the chain and holds every write; the store
+    // is given as a relative path (libvirt takes absolute socket paths
+    // only: knib makes the work directory's absolute).
+    let out = Command::new(env!("CARGO_BIN_EXE_knib"))
+        .args(["--json", "backup", "--store", "store", "--domain", &name, "--method", "bitmap"])
+        .current_dir(dir.path())
+        .env_remove("KNIB_FAULT_AT")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(b["kind"], "incremental", "{b}");
     assert!(b.get("full_reason").is_none() || b["full_reason"].is_null(), "{b}");
     assert_eq!(b["parent"], head.as_str(), "{b}");
