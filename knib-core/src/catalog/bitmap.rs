@@ -247,17 +247,7 @@ impl Store {
                 Ok(m)
             }
             Err(e) => {
-                match target {
-                    None if !final_dir.exists() => {
-                        let _ = fs::remove_dir_all(&part);
-                    }
-                    Some(t) if !t.has(&name, &id).unwrap_or(true) => {
-                        if let Err(d) = t.discard(&name, &id) {
-                            log::warn!("{d}");
-                        }
-                    }
-                    _ => {}
-                }
+                super::live::discard_unpublished(target, &part, &final_dir, &name, &id);
                 if e.vm_consistent == Some(true) {
                     let _ = fsio::remove_if_exists(&self.bitmap_journal_path(&name));
                 }
@@ -291,16 +281,11 @@ impl Store {
                 return Err(KnibError::corrupt(format!("journal of {name}: checkpoint {c} is not this backup's")));
             }
         }
-        let in_vault = match (&j.vault, target) {
-            (None, _) => None,
-            (Some(loc), Some(t)) if *loc == t.location() => Some(t),
-            (Some(loc), _) => {
-                return Err(KnibError::invalid(format!(
-                    "bitmap backup {} of domain {name} was being written to vault {loc}: recover it with that vault (knib recover --vault {loc})",
-                    j.plan.backup_id
-                )))
-            }
-        };
+        let in_vault = super::live::journal_target(
+            j.vault.as_deref(),
+            target,
+            &format!("bitmap backup {} of domain {name}", j.plan.backup_id),
+        )?;
         if let Some(t) = in_vault {
             for d in &j.plan.disks {
                 if d.dest != t.dest(&name, &j.plan.backup_id, &d.target) {

@@ -33,6 +33,44 @@ pub struct Journal {
     pub vault: Option<String>,
 }
 
+/// The target an interrupted backup's journal names (`vault`), which must
+/// be `target`; refused, saying which vault, when it is not given.
+pub(super) fn journal_target<'a>(
+    vault: Option<&str>,
+    target: Option<&'a dyn DomainBackupTarget>,
+    what: &str,
+) -> Result<Option<&'a dyn DomainBackupTarget>> {
+    match (vault, target) {
+        (None, _) => Ok(None),
+        (Some(loc), Some(t)) if loc == t.location() => Ok(Some(t)),
+        (Some(loc), _) => Err(KnibError::invalid(format!(
+            "{what} was being written to vault {loc}: recover it with that vault (knib recover --vault {loc})"
+        ))),
+    }
+}
+
+/// Remove what a failed, unpublished backup `id` wrote: its part
+/// directory in the store, or its objects in `target`.
+pub(super) fn discard_unpublished(
+    target: Option<&dyn DomainBackupTarget>,
+    part: &std::path::Path,
+    final_dir: &std::path::Path,
+    vm: &str,
+    id: &str,
+) {
+    match target {
+        None if !final_dir.exists() => {
+            let _ = fs::remove_dir_all(part);
+        }
+        Some(t) if !t.has(vm, id).unwrap_or(true) => {
+            if let Err(d) = t.discard(vm, id) {
+                log::warn!("{d}");
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Where a domain's backup goes, when not into the store: a vault, as
 /// [`crate::vault`] implements it (the catalog does not depend on it).
 pub trait DomainBackupTarget {
@@ -300,17 +338,7 @@ impl Store {
                 Ok(m)
             }
             Err(e) => {
-                match target {
-                    None if !final_dir.exists() => {
-                        let _ = fs::remove_dir_all(&part);
-                    }
-                    Some(t) if !t.has(&name, &id).unwrap_or(true) => {
-                        if let Err(d) = t.discard(&name, &id) {
-                            log::warn!("{d}");
-                        }
-                    }
-                    _ => {}
-                }
+                discard_unpublished(target, &part, &final_dir, &name, &id);
                 if e.vm_consistent == Some(true) {
                     let _ = fsio::remove_if_exists(&self.journal_path(&name));
                 }
@@ -395,15 +423,7 @@ impl Store {
             chains.push((d.target.clone(), chain));
         }
         let id = j.plan.backup_id.clone();
-        let in_vault = match (&j.vault, target) {
-            (None, _) => None,
-            (Some(loc), Some(t)) if *loc == t.location() => Some(t),
-            (Some(loc), _) => {
-                return Err(KnibError::invalid(format!(
-                    "backup {id} of domain {name} was being written to vault {loc}: recover it with that vault (knib recover --vault {loc})"
-                )))
-            }
-        };
+        let in_vault = journal_target(j.vault.as_deref(), target, &format!("backup {id} of domain {name}"))?;
         let dest_of = |t: &dyn DomainBackupTarget, volume: &str| t.dest(&name, &id, volume);
         let vault_dest = in_vault.map(|t| move |v: &str| dest_of(t, v));
         super::journal_check::check_plan(
