@@ -23,7 +23,10 @@
 //! # Invariants
 //!
 //! - A [`Nbd`] handle is used by one thread at a time (`&mut self`): libnbd
-//!   handles are thread-safe, but knib reads each export sequentially.
+//!   handles are thread-safe, but knib reads each export from one thread,
+//!   with several reads in flight ([`Nbd::pread_pipelined`]), taken in order.
+//! - A buffer lent to an asynchronous read is neither touched nor freed
+//!   until libnbd has retired the read, on every path (errors included).
 //! - No Rust panic crosses into libnbd: the block status callback catches
 //!   unwinding and reports an error to libnbd instead.
 //! - Block status is asked for in pieces of at most [`STATUS_CHUNK`] bytes;
@@ -71,6 +74,19 @@ struct ExtentCallback {
     free: Option<unsafe extern "C" fn(*mut c_void)>,
 }
 
+type CompletionFn = unsafe extern "C" fn(*mut c_void, *mut c_int) -> c_int;
+
+/// libnbd's `nbd_completion_callback`; knib passes none (commands are polled).
+#[repr(C)]
+struct CompletionCallback {
+    callback: Option<CompletionFn>,
+    user_data: *mut c_void,
+    free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+
+const NO_COMPLETION: CompletionCallback =
+    CompletionCallback { callback: None, user_data: std::ptr::null_mut(), free: None };
+
 #[link(name = "nbd")]
 extern "C" {
     fn nbd_create() -> *mut NbdHandle;
@@ -85,6 +101,16 @@ extern "C" {
     fn nbd_pread(h: *mut NbdHandle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int;
     fn nbd_block_status(h: *mut NbdHandle, count: u64, offset: u64, cb: ExtentCallback, flags: u32) -> c_int;
     fn nbd_shutdown(h: *mut NbdHandle, flags: u32) -> c_int;
+    fn nbd_aio_pread(
+        h: *mut NbdHandle,
+        buf: *mut c_void,
+        count: usize,
+        offset: u64,
+        cb: CompletionCallback,
+        flags: u32,
+    ) -> i64;
+    fn nbd_aio_command_completed(h: *mut NbdHandle, cookie: u64) -> c_int;
+    fn nbd_poll(h: *mut NbdHandle, timeout: c_int) -> c_int;
 }
 
 /// The calling thread's last libnbd error, as a knib error about `what`.
@@ -218,6 +244,88 @@ impl Nbd {
             return Err(last_error(&format!("read of {} bytes at {offset} from export {}", buf.len(), self.export)));
         }
         Ok(())
+    }
+
+    /// Read each range of `ranges` (offset, length) with up to `depth` of
+    /// them in flight at once (the server works on them together), and hand
+    /// each one's bytes to `each`, with its index, strictly in the order
+    /// given. An error of a read or of `each` stops the reading; the reads
+    /// still in flight are waited for before their buffers are freed.
+    pub fn pread_pipelined(
+        &mut self,
+        ranges: &[(u64, usize)],
+        depth: usize,
+        each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        /// A read in flight: its cookie, its index in `ranges`, its buffer
+        /// (which libnbd writes into until the read completes).
+        struct Flight {
+            cookie: u64,
+            idx: usize,
+            buf: Vec<u8>,
+        }
+        let h = self.h.as_ptr();
+        let mut ring: std::collections::VecDeque<Flight> = std::collections::VecDeque::new();
+        let mut spare: Vec<Vec<u8>> = Vec::new();
+        let what = |i: usize| {
+            let (off, len) = ranges[i];
+            format!("read of {len} bytes at {off} from export {}", self.export)
+        };
+        let mut run = || -> Result<()> {
+            let mut next = 0;
+            while next < ranges.len() || !ring.is_empty() {
+                while next < ranges.len() && ring.len() < depth.max(1) {
+                    let (off, len) = ranges[next];
+                    let mut buf = spare.pop().unwrap_or_default();
+                    buf.resize(len, 0);
+                    // SAFETY: live handle; `buf` stays allocated, unmoved
+                    // (a Vec's heap block), and untouched until the command
+                    // is retired: it sits in `ring` until then, and the
+                    // drain below waits for every command left in flight.
+                    let cookie = unsafe { nbd_aio_pread(h, buf.as_mut_ptr().cast(), len, off, NO_COMPLETION, 0) };
+                    let Ok(cookie) = u64::try_from(cookie) else { return Err(last_error(&what(next))) };
+                    ring.push_back(Flight { cookie, idx: next, buf });
+                    next += 1;
+                }
+                let front = ring.front().expect("a read in flight");
+                loop {
+                    // SAFETY: live handle; a cookie of this handle.
+                    match unsafe { nbd_aio_command_completed(h, front.cookie) } {
+                        1 => break,
+                        0 => {
+                            // SAFETY: live handle.
+                            if unsafe { nbd_poll(h, -1) } == -1 {
+                                return Err(last_error(&what(front.idx)));
+                            }
+                        }
+                        _ => {
+                            // Retired with an error: its buffer is free.
+                            let f = ring.pop_front().expect("the front read");
+                            return Err(last_error(&what(f.idx)));
+                        }
+                    }
+                }
+                let f = ring.pop_front().expect("the front read");
+                each(f.idx, &f.buf)?;
+                spare.push(f.buf);
+            }
+            Ok(())
+        };
+        let r = run();
+        // Wait for what is still in flight (after an error) before its
+        // buffers go; a connection that died writes into them no more.
+        for f in ring.drain(..) {
+            // SAFETY (both calls): live handle; a cookie of this handle.
+            while unsafe { nbd_aio_command_completed(h, f.cookie) } == 0 {
+                if unsafe { nbd_poll(h, -1) } == -1 {
+                    // Dead: libnbd no longer touches the buffer, but keep
+                    // it rather than free memory it was lent.
+                    std::mem::forget(f.buf);
+                    break;
+                }
+            }
+        }
+        r
     }
 
     /// Block status of `count` bytes (at most [`STATUS_CHUNK`]) from

@@ -310,6 +310,10 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
             incremental: if checkpointed(d) { plan.since.clone() } else { None },
         })
         .collect();
+    let owner = qemu_owner(vm);
+    for (b, d) in disks.iter().zip(&plan.disks) {
+        backup::make_scratch(&b.scratch, backup::disk_capacity(vm, &d.target)?, owner)?;
+    }
     let bxml = backup::backup_xml(&plan.socket(), &disks);
     let cxml = plan.checkpoint.as_deref().map(|c| backup::checkpoint_xml(c, &all, &with_bitmap));
     if let Some(c) = &plan.checkpoint {
@@ -512,10 +516,14 @@ impl Exporter for Libvirt<'_> {
         let vm = self.0;
         let mut done = Vec::new();
         remove_own_exports(vm, plan)?;
+        // The older checkpoints go first, while the job still runs (its
+        // export reads a bitmap of its own, merged at its start): libvirt
+        // then ends the job while knib waits for it, instead of after.
+        let older = after_publish(vm, plan)?;
         if vm.is_running()? && end_job(vm)? {
             done.push(format!("ended the backup job of domain {}", vm.name()));
         }
-        for c in after_publish(vm, plan)? {
+        for c in older {
             done.push(format!("deleted checkpoint {c} (older than the backup's)"));
         }
         remove_work_dir(&plan.work_dir)?;
@@ -573,6 +581,7 @@ pub(crate) fn run(
     if let Err(e) = exp.begin(plan) {
         return Err(e.context(format!("bitmap backup of {who}")).with_vm_consistent(true));
     }
+    log::debug!("bitmap backup {} of {who}: exports ready", plan.backup_id);
     let copied = (|| -> Result<Vec<VolumeResult>> {
         journal(BitmapStep::Copy)?;
         let mut results = Vec::new();
@@ -619,6 +628,7 @@ pub(crate) fn run(
                 data_bytes: Some(c.data_bytes),
             });
         }
+        log::debug!("bitmap backup {} of {who}: copied", plan.backup_id);
         ctl.check("publishing the backup")?;
         journal(BitmapStep::Publish)?;
         publish(&results)?;

@@ -34,8 +34,13 @@ use crate::qcow2::{BackingRef, CompressionType, CountSink, FileSink, ImageSpec, 
 /// default granularity of its dirty bitmaps).
 pub const CLUSTER_BITS: u32 = 16;
 
-/// The most bytes read from the export at once.
-const READ_RUN: u64 = 4 << 20;
+/// The most bytes one read from the export asks for.
+const READ_RUN: u64 = 512 << 10;
+
+/// Reads in flight at once: the server works on them together (QEMU reads
+/// its image from several threads), and their buffers,
+/// `READ_RUN * READ_DEPTH` (4 MiB), are what the copy holds.
+const READ_DEPTH: usize = 8;
 
 /// What a run of clusters becomes in the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,7 +235,9 @@ pub fn copy_export(
             .create_new(true)
             .open(dest)
             .map_err(|e| KnibError::io("cannot create", dest, e))?;
-        Ok(FileSink::new(file, dest, hash))
+        // Around the page cache, as the snapshot method's copies: the
+        // file's fsync then has nothing left to write back.
+        FileSink::new_direct(file, dest, hash)
     })?;
     let (file, hash) = w.sink.finish()?;
     let hash = match (&w.header, hash) {
@@ -302,53 +309,133 @@ pub(crate) fn copy_export_to<S: Sink>(
         return copy_compressed(&mut n, &runs, spec, t, size, ctl, what, make);
     }
     let cs = spec.cluster_size();
+    let pieces = Pieces::new(&runs, cs, size);
     let zeros = vec![0u8; READ_RUN as usize];
-    let per = READ_RUN / cs;
     // Plan: the header and the file's length, before anything is read.
     let mut plan = Layout::new(spec.clone(), CountSink::default(), None)?;
-    for r in &runs {
-        match r.kind {
-            RunKind::Zero => plan.push_zero(r.start, r.count)?,
-            RunKind::Data => {
-                let mut i = r.start;
-                while i < r.start + r.count {
-                    let k = per.min(r.start + r.count - i);
-                    plan.push_data(i, &zeros[..(k * cs) as usize])?;
-                    i += k;
-                }
-            }
-        }
-    }
+    pieces.replay(&mut plan, &mut |plan, p, _| plan.push_data(p.cluster, &zeros[..p.len]))?;
     let (header, _, planned) = plan.finish()?;
     let mut out = Layout::new(spec, make(Some(planned.file_len), true)?, Some(header))?;
-    let mut buf = vec![0u8; READ_RUN as usize];
     let mut data_bytes = 0u64;
-    let total: u64 = runs.iter().filter(|r| r.kind == RunKind::Data).map(|r| r.count).sum();
     let mut done = 0u64;
-    for r in &runs {
-        if r.kind == RunKind::Zero {
-            out.push_zero(r.start, r.count)?;
-            continue;
-        }
-        let mut i = r.start;
-        while i < r.start + r.count {
-            ctl.check(what)?;
-            let k = per.min(r.start + r.count - i);
-            let (off, len) = (i * cs, k * cs);
-            // The last cluster may pass the end of the export.
-            let readable = len.min(size.saturating_sub(off));
-            let chunk = &mut buf[..len as usize];
-            n.pread(&mut chunk[..readable as usize], off)?;
-            chunk[readable as usize..].fill(0);
-            out.push_data(i, chunk)?;
-            data_bytes += readable;
-            i += k;
-            done += k;
-            ctl.report(what, done as f64 * 100.0 / total.max(1) as f64);
-        }
-    }
+    pieces.read(&mut n, ctl, what, &mut out, &mut |out, p, bytes| {
+        out.push_data(p.cluster, bytes)?;
+        data_bytes += p.readable as u64;
+        done += p.len as u64;
+        ctl.report(what, done as f64 * 100.0 / pieces.data_len.max(1) as f64);
+        Ok(())
+    })?;
     let (_, sink, _) = out.finish()?;
     Ok(ExportWritten { sink, header: None, data_bytes, virtual_size: size })
+}
+
+/// A read of the export: `len` bytes (whole clusters) from cluster
+/// `cluster`, of which `readable` are inside the export (the last cluster
+/// may pass its end: the rest reads as zeros).
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    cluster: u64,
+    len: usize,
+    readable: usize,
+}
+
+/// What is done with a read's bytes (none when planning).
+type PieceFn<'f, T> = dyn FnMut(&mut Layout<T>, Piece, &[u8]) -> Result<()> + 'f;
+
+/// The runs cut into reads of at most [`READ_RUN`] bytes, in order, with
+/// the zero runs between them.
+struct Pieces<'a> {
+    runs: &'a [Run],
+    cs: u64,
+    /// Every read, in output order.
+    reads: Vec<Piece>,
+    /// Bytes of all reads.
+    data_len: u64,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(runs: &'a [Run], cs: u64, size: u64) -> Self {
+        let per = READ_RUN / cs;
+        let mut reads = Vec::new();
+        for r in runs.iter().filter(|r| r.kind == RunKind::Data) {
+            let mut i = r.start;
+            while i < r.start + r.count {
+                let k = per.min(r.start + r.count - i);
+                let (off, len) = (i * cs, k * cs);
+                reads.push(Piece {
+                    cluster: i,
+                    len: len as usize,
+                    readable: len.min(size.saturating_sub(off)) as usize,
+                });
+                i += k;
+            }
+        }
+        let data_len = reads.iter().map(|p| p.len as u64).sum();
+        Pieces { runs, cs, reads, data_len }
+    }
+
+    /// Hand the zero runs to `out` and each read to `data`, in output
+    /// order, without reading (`data` gets no bytes): for planning.
+    fn replay<T: Sink>(&self, out: &mut Layout<T>, data: &mut PieceFn<'_, T>) -> Result<()> {
+        let mut zeros = ZeroRuns::new(self.runs);
+        for p in &self.reads {
+            zeros.before(out, p.cluster)?;
+            data(out, *p, &[])?;
+        }
+        zeros.before(out, u64::MAX)
+    }
+
+    /// Read every piece from the export, several at once, and hand the zero
+    /// runs to `out` and each piece's bytes (zero-filled past the export's
+    /// end) to `data`, in output order.
+    fn read<T: Sink>(
+        &self,
+        n: &mut Nbd,
+        ctl: &Control,
+        what: &str,
+        out: &mut Layout<T>,
+        data: &mut PieceFn<'_, T>,
+    ) -> Result<()> {
+        let ranges: Vec<(u64, usize)> = self.reads.iter().map(|p| (p.cluster * self.cs, p.readable)).collect();
+        let mut zeros = ZeroRuns::new(self.runs);
+        let mut tail = Vec::new();
+        n.pread_pipelined(&ranges, READ_DEPTH, &mut |i, bytes| {
+            ctl.check(what)?;
+            let p = self.reads[i];
+            zeros.before(out, p.cluster)?;
+            if p.readable == p.len {
+                return data(out, p, bytes);
+            }
+            tail.clear();
+            tail.extend_from_slice(bytes);
+            tail.resize(p.len, 0);
+            data(out, p, &tail)
+        })?;
+        zeros.before(out, u64::MAX)
+    }
+}
+
+/// The zero runs of a selection, handed out in order.
+struct ZeroRuns<'a> {
+    runs: std::slice::Iter<'a, Run>,
+    next: Option<&'a Run>,
+}
+
+impl<'a> ZeroRuns<'a> {
+    fn new(runs: &'a [Run]) -> Self {
+        let mut runs = runs.iter();
+        let next = runs.find(|r| r.kind == RunKind::Zero);
+        ZeroRuns { runs, next }
+    }
+
+    /// Push to `out` every zero run that starts before cluster `cluster`.
+    fn before<T: Sink>(&mut self, out: &mut Layout<T>, cluster: u64) -> Result<()> {
+        while let Some(r) = self.next.filter(|r| r.start < cluster) {
+            out.push_zero(r.start, r.count)?;
+            self.next = self.runs.find(|r| r.kind == RunKind::Zero);
+        }
+        Ok(())
+    }
 }
 
 /// [`copy_export_to`] with compressed clusters.
@@ -365,28 +452,20 @@ fn copy_compressed<S: Sink>(
 ) -> Result<ExportWritten<S>> {
     let cs = spec.cluster_size();
     let mut out = Layout::new(spec, make(None, false)?, None)?;
-    let mut buf = vec![0u8; cs as usize];
     let mut packed = vec![0u8; cs as usize - 1];
     let mut compressor = crate::qcow2::Compressor::new(t)?;
     let mut data_bytes = 0u64;
-    for r in runs {
-        if r.kind == RunKind::Zero {
-            out.push_zero(r.start, r.count)?;
-            continue;
-        }
-        for i in r.start..r.start + r.count {
-            ctl.check(what)?;
-            let off = i * cs;
-            let readable = cs.min(size.saturating_sub(off));
-            n.pread(&mut buf[..readable as usize], off)?;
-            buf[readable as usize..].fill(0);
-            data_bytes += readable;
-            match compressor.compress(&buf, &mut packed) {
+    Pieces::new(runs, cs, size).read(n, ctl, what, &mut out, &mut |out, p, bytes| {
+        data_bytes += p.readable as u64;
+        for (j, cluster) in bytes.chunks(cs as usize).enumerate() {
+            let i = p.cluster + j as u64;
+            match compressor.compress(cluster, &mut packed) {
                 Some(len) => out.push_compressed(i, &packed[..len])?,
-                None => out.push_data(i, &buf)?,
+                None => out.push_data(i, cluster)?,
             }
         }
-    }
+        Ok(())
+    })?;
     let (header, sink, _) = out.finish()?;
     Ok(ExportWritten { sink, header: Some(header), data_bytes, virtual_size: size })
 }

@@ -10,7 +10,12 @@
 //! - `virDomainBackupBegin` with a checkpoint XML creates the checkpoint
 //!   at the instant of the backup, for all its disks at once;
 //! - a pull-mode job stays until it is aborted (`virDomainAbortJob`); its
-//!   NBD server is then stopped and its scratch files removed by libvirt;
+//!   NBD server is then stopped;
+//! - with `VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL`, libvirt opens scratch
+//!   files that exist (qcow2, the disk's size) instead of creating them
+//!   with a `blockdev-create` job, attaches them with the disk as their
+//!   backing node (whatever their header says), and leaves them when the
+//!   job ends (knib creates and removes them, with the work directory);
 //! - deleting a checkpoint merges its bitmap into its parent's (when it
 //!   has one), so the parent keeps tracking every write since its own
 //!   instant.
@@ -63,7 +68,8 @@ pub struct BackupDisk {
     /// The guest target (`vda`).
     pub target: String,
     /// Where QEMU keeps the old data of clusters the guest overwrites
-    /// during the job (created and removed by libvirt).
+    /// during the job: an empty qcow2 of the disk's size that exists
+    /// before the job ([`make_scratch`]).
     pub scratch: PathBuf,
     /// The checkpoint whose changes since are exported as the dirty bitmap
     /// named after the target (an incremental of this disk), or none (the
@@ -87,6 +93,7 @@ pub fn backup_xml(socket: &Path, disks: &[BackupDisk]) -> String {
         };
         let _ = writeln!(x, "    <disk name='{t}' backup='yes' type='file' {mode} exportname='{t}'>");
         let _ = writeln!(x, "      <scratch file='{}'/>", esc(&d.scratch.to_string_lossy()));
+        x.push_str("      <driver type='qcow2'/>\n");
         x.push_str("    </disk>\n");
     }
     x.push_str("  </disks>\n</domainbackup>\n");
@@ -146,8 +153,45 @@ fn c_string(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| KnibError::invalid(format!("{what}: a NUL byte in {s:?}")))
 }
 
-/// Start a backup job on the running domain (`backup` from [`backup_xml`];
-/// `checkpoint`, from [`checkpoint_xml`], is created at the same instant).
+/// Make the scratch file of a pull-mode backup of a disk of `size` bytes
+/// (its capacity): an empty qcow2 image, mode 0600, owned by `owner` (QEMU's
+/// user) when given. Written by knib's own qcow2 writer: libvirt would
+/// otherwise create it through a QMP `blockdev-create` job inside
+/// `virDomainBackupBegin` (about 20 ms). Not fsynced: it is scratch, and
+/// goes with the work directory.
+pub fn make_scratch(path: &Path, size: u64, owner: Option<(u32, u32)>) -> Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let spec = crate::qcow2::ImageSpec {
+        virtual_size: size,
+        cluster_bits: 16,
+        backing: None,
+        compression: crate::qcow2::CompressionType::Zlib,
+    };
+    let (head, mut body, _) = crate::qcow2::Layout::new(spec, Vec::new(), None)?.finish()?;
+    body[..head.len()].copy_from_slice(&head);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| KnibError::io("cannot create", path, e))?;
+    f.write_all_at(&body, 0).map_err(|e| KnibError::io("cannot write", path, e))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(|e| KnibError::io("cannot chown", path, e))?;
+    }
+    Ok(())
+}
+
+/// The capacity (guest-visible size) of disk `target` of the domain.
+pub fn disk_capacity(vm: &Vm, target: &str) -> Result<u64> {
+    vm.domain().block_info(target, 0).map(|i| i.capacity).map_err(|e| {
+        KnibError::hypervisor(format!("virDomainGetBlockInfo of disk {target} of domain {}: {e}", vm.name()))
+    })
+}
+
+/// Start a backup job on the running domain (`backup` from [`backup_xml`],
+/// whose scratch files exist: [`make_scratch`]; `checkpoint`, from
+/// [`checkpoint_xml`], is created at the same instant).
 pub fn backup_begin(vm: &Vm, backup: &str, checkpoint: Option<&str>) -> Result<()> {
     let what = format!("virDomainBackupBegin on domain {}", vm.name());
     let b = c_string(&what, backup)?;
@@ -159,7 +203,7 @@ pub fn backup_begin(vm: &Vm, backup: &str, checkpoint: Option<&str>) -> Result<(
             vm.domain().as_ptr(),
             b.as_ptr(),
             c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-            0,
+            sys::VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL,
         )
     };
     if ret < 0 {
@@ -320,14 +364,27 @@ fn named_nodes(vm: &Vm) -> Result<Vec<serde_json::Value>> {
 /// The name of the node of driver `drv` (`raw`, `qcow2`) whose file is
 /// `file`, in the running domain.
 pub fn node_of(vm: &Vm, file: &Path, drv: &str) -> Result<String> {
-    let want = file.as_os_str().as_bytes();
     named_nodes(vm)?
         .iter()
-        .find(|n| n["file"].as_str().map(str::as_bytes) == Some(want) && n["drv"].as_str() == Some(drv))
+        .find(|n| n["drv"].as_str() == Some(drv) && n["file"].as_str().is_some_and(|f| names_file(f, file)))
         .and_then(|n| n["node-name"].as_str().map(str::to_string))
         .ok_or_else(|| {
             KnibError::hypervisor(format!("domain {} has no {drv} block node of {}", vm.name(), file.display()))
         })
+}
+
+/// Whether a block node's `file` (its filename in QEMU's words) is `file`:
+/// the path itself, or a `json:{...}` filename whose protocol layer is that
+/// file (QEMU writes the options so when a node was opened with options its
+/// header does not hold, as a scratch file given a backing node).
+fn names_file(name: &str, file: &Path) -> bool {
+    let want = file.as_os_str().as_bytes();
+    if name.as_bytes() == want {
+        return true;
+    }
+    let Some(json) = name.strip_prefix("json:") else { return false };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else { return false };
+    v["file"]["driver"] == "file" && v["file"]["filename"].as_str().map(str::as_bytes) == Some(want)
 }
 
 /// Run one QMP command on the running domain; its error names `what`.
@@ -440,12 +497,41 @@ mod tests {
             "{x}"
         );
         assert!(x.contains("name='vdb' backup='yes' type='file' backupmode='full' exportname='vdb'>"), "{x}");
+        assert!(x.contains("<scratch file='/s/vda.scratch'/>\n      <driver type='qcow2'/>"), "{x}");
         let full = backup_xml(Path::new("/s/n'b.sock"), &d[1..]);
         assert!(!full.contains("incremental") && !full.contains("exportbitmap"), "{full}");
         assert!(full.contains("n&apos;b.sock"), "{full}");
         let c = checkpoint_xml("knib-2", &["vda".into(), "hdc".into()], &["vda".into()]);
         assert!(c.contains("<disk name='vda' checkpoint='bitmap' bitmap='knib-2'/>"), "{c}");
         assert!(c.contains("<disk name='hdc' checkpoint='no'/>"), "{c}");
+    }
+
+    #[test]
+    fn a_node_names_its_file_plainly_or_in_json_options() {
+        let f = Path::new("/w/.x.nbd/vda.scratch");
+        assert!(names_file("/w/.x.nbd/vda.scratch", f));
+        let json = r#"json:{"backing": {"driver": "qcow2", "file": {"driver": "file", "filename": "/d/vda.qcow2"}}, "driver": "qcow2", "file": {"driver": "file", "filename": "/w/.x.nbd/vda.scratch"}}"#;
+        assert!(names_file(json, f));
+        // The backing file's name is not the node's.
+        assert!(!names_file(json, Path::new("/d/vda.qcow2")));
+        assert!(!names_file("json:{not json", f));
+        assert!(!names_file("/w/.x.nbd/vda.scratch2", f));
+    }
+
+    #[test]
+    fn a_scratch_file_is_an_empty_qcow2_of_the_disks_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("vda.scratch");
+        make_scratch(&p, 3 << 30, None).unwrap();
+        let img = crate::qcow2::Qcow2Image::open(&p).unwrap();
+        assert_eq!(img.header().size, 3 << 30);
+        assert!(img.header().backing_file.is_none());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        // Never over an existing file.
+        assert!(make_scratch(&p, 1 << 20, None).is_err());
+        let out = std::process::Command::new("qemu-img").args(["check", "-q"]).arg(&p).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     #[test]

@@ -361,6 +361,8 @@ fn engine_inc(runs: usize, e: &EngineSetup<'_>, compressed: bool) -> (Vec<Measur
 fn main() {
     let Args { dir, size_gib, big_gib, size_mib, runs, rows: only, json: as_json, op: command } = Args::parse();
     if let Some(OpCommand::Op { kind, files }) = command {
+        // knib's log, for profiling one operation: RUST_LOG=debug.
+        let _ = env_logger::Builder::from_default_env().format_timestamp_micros().try_init();
         return op(kind, &files);
     }
     assert!(
