@@ -185,6 +185,10 @@ impl Live<'_> {
             assert!(Instant::now() < until, "the live row's writes did not finish in 60 s: {text}");
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The guest's writes reach the disk before the timed backup starts
+        // (QEMU writes through the host's page cache): each tool's timed
+        // `sync -f` then writes back its own work only, not the guest's.
+        ok(Command::new("sync").arg("-f").arg(&disk));
         eprintln!("  ({writes} writes, {written} clusters)");
     }
 }
