@@ -1073,7 +1073,7 @@
  *         each manifest last).
  *     request:
  *       parallel_parts?  integer or null: Parts of a multipart upload in
- *                        flight at once, 1 to 16 (default 4; each holds 8
+ *                        flight at once, 1 to 16 (default 2; each holds 5
  *                        MiB).
  *       rate_limit_mbps? integer, default 0: Read (and send) at most this
  *                        many MB/s; 0 or absent = no limit.

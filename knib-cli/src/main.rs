@@ -244,8 +244,8 @@ enum Command {
         /// Rate limit in MB/s (0 = none).
         #[arg(long, default_value_t = 0)]
         rate_limit: u64,
-        /// Parts of 8 MiB sent at once.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+        /// Parts of 5 MiB read or sent at once.
+        #[arg(long, default_value_t = knib_core::vault::DEFAULT_PARALLEL_PARTS as u32, value_parser = clap::value_parser!(u32).range(1..=16))]
         parallel_parts: u32,
     },
     /// Serve the volumes of a vault's backup over NBD for a quick restore

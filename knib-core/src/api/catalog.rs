@@ -631,8 +631,8 @@ pub(crate) struct SyncReq {
     /// Read (and send) at most this many MB/s; 0 or absent = no limit.
     #[serde(default)]
     rate_limit_mbps: u64,
-    /// Parts of a multipart upload in flight at once, 1 to 16 (default 4;
-    /// each holds 8 MiB).
+    /// Parts of a multipart upload in flight at once, 1 to 16 (default 2;
+    /// each holds 5 MiB).
     #[serde(default)]
     parallel_parts: Option<u32>,
     /// The time budget in seconds; 0 or absent = none.
@@ -645,7 +645,7 @@ pub(crate) fn sync(r: SyncReq, ctl: &Control) -> Result<SyncReport> {
     if !crate::vault::is_vault(&r.to) {
         return Err(KnibError::invalid(format!("request of sync: field `to`: {:?} is not s3://BUCKET/PREFIX", r.to)));
     }
-    let parallel = r.parallel_parts.unwrap_or(4);
+    let parallel = r.parallel_parts.unwrap_or(crate::vault::DEFAULT_PARALLEL_PARTS as u32);
     if !(1..=16).contains(&parallel) {
         return Err(KnibError::invalid(format!("request of sync: field `parallel_parts`: {parallel} is not 1 to 16")));
     }

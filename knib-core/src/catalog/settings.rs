@@ -38,8 +38,8 @@
 //! | `sync.retry_interval_secs` | | `600` |
 //! | `sync.timeout_secs` | (one sync job; 0 = no limit) | `28800` |
 //! | `sync.rate_limit_mbps` | (MB/s read and sent by one sync job, < 1 = none) | `0` |
-//! | `sync.part_size_mib` | (part of a multipart upload, 5 to 512) | `8` |
-//! | `sync.parallel_parts` | (parts in flight at once, 1 to 16) | `4` |
+//! | `sync.part_size_mib` | (part of a multipart upload, 5 to 512) | `5` |
+//! | `sync.parallel_parts` | (parts in flight at once, 1 to 16) | `2` |
 //! | `group.max_concurrent_copies` | (knib: members of a group backup copied at once, after the thaw) | `4` |
 //! | `knib.data.path` | (knib: who moves the bytes of copies, compressions, restores) | `"native"` (or `"qemu-img"`) |
 //!
@@ -166,8 +166,8 @@ impl Default for SyncSettings {
             retry_interval_secs: 600,
             timeout_secs: 28800,
             rate_limit_mbps: 0,
-            part_size_mib: 8,
-            parallel_parts: 4,
+            part_size_mib: (crate::vault::DEFAULT_PART_SIZE >> 20) as u32,
+            parallel_parts: crate::vault::DEFAULT_PARALLEL_PARTS as u32,
         }
     }
 }

@@ -22,7 +22,7 @@ fn missing_file_means_defaults() {
     let y = &s.sync;
     assert!(y.enabled && !y.auto && y.vault.is_none());
     assert_eq!((y.max_concurrent_per_host, y.max_retries, y.retry_interval_secs, y.timeout_secs), (2, 2, 600, 28800));
-    assert_eq!((y.rate_limit_mbps, y.part_size_mib, y.parallel_parts), (0, 8, 4));
+    assert_eq!((y.rate_limit_mbps, y.part_size_mib, y.parallel_parts), (0, 5, 2));
 }
 
 #[test]

@@ -10,9 +10,13 @@
 //!   chain it continues is the vault's. Its parent must be in the vault:
 //!   when the disks' deltas follow a backup that is in the store but not
 //!   in the vault, the backup is refused (sync first, or take a full one).
-//! - A [`VaultSink`] holds at most `parallel_parts + 1` parts of memory
-//!   (its first part, kept until the end so that a compressed image's
-//!   header can be written into it, and the parts being filled or sent).
+//! - A [`VaultSink`] holds at most `parallel_parts` parts of memory (the
+//!   part being filled and those being sent), and one more for a
+//!   compressed image: its first part, kept until the end so that the
+//!   header can be written into it. Parts are `part_size` bytes; past
+//!   [`GROW_AFTER`] parts (an object of more than 24 GiB at 5 MiB) each
+//!   further [`GROW_EVERY`] parts double in size, so that an object of up
+//!   to 327 GiB at 5 MiB fits in S3's 10,000 parts.
 //!   An image of one part goes up as one PUT; a larger one as a multipart
 //!   upload recorded under `uploads/` before its first part is sent, as a
 //!   sync records them.
@@ -45,6 +49,11 @@ use crate::qcow2::Sink;
 
 type PartTask = tokio::task::JoinHandle<object_store::Result<PartId>>;
 
+/// Parts of a [`VaultSink`] sent at the part size asked for.
+pub const GROW_AFTER: usize = 5_000;
+/// Past [`GROW_AFTER`], the part size doubles every this many parts.
+pub const GROW_EVERY: usize = 1_000;
+
 /// A vault object written front to back as a multipart upload: the
 /// [`Sink`] of a direct backup's qcow2 writer.
 pub struct VaultSink {
@@ -55,8 +64,12 @@ pub struct VaultSink {
     key: Key,
     part_size: usize,
     parallel: usize,
-    /// Part 0, kept until [`VaultSink::finish`].
+    /// Whether part 0 is kept until [`VaultSink::finish`] (for
+    /// [`VaultSink::patch`]), or sent as soon as a second part is needed.
+    keep_first: bool,
+    /// Part 0, until it is sent.
     first: Vec<u8>,
+    first_sent: bool,
     /// The part being filled (number `next`, from 1 on).
     cur: Vec<u8>,
     next: usize,
@@ -81,7 +94,10 @@ impl VaultSink {
     /// A sink writing object `rel` (a `/`-separated path of checked names
     /// under the prefix), its upload recorded at `record`, in parts of
     /// `opts.part_size` bytes, `opts.parallel_parts` of them filled or in
-    /// flight at once; with `hash`, every byte appended is hashed in order.
+    /// flight at once; with `hash`, every byte appended is hashed in order
+    /// and the image is written front to back (part 0 is sent as soon as a
+    /// second part is needed: no [`VaultSink::patch`]); without it, part 0
+    /// is kept until the end, for the header of a compressed image.
     pub fn new(vault: &Vault, rel: &str, record: &str, opts: &SyncOptions, hash: bool) -> Result<VaultSink> {
         check_part_size(opts.part_size)?;
         Ok(VaultSink {
@@ -91,7 +107,9 @@ impl VaultSink {
             key: vault.key(rel),
             part_size: opts.part_size,
             parallel: opts.parallel_parts.max(1),
+            keep_first: !hash,
             first: Vec::new(),
+            first_sent: false,
             cur: Vec::new(),
             next: 1,
             upload: None,
@@ -120,9 +138,18 @@ impl VaultSink {
         self.peak
     }
 
-    /// The most bytes of parts it may hold: `(parallel_parts + 1) * part_size`.
+    /// The most bytes of parts it may hold (in its first
+    /// [`GROW_AFTER`] parts): `parallel_parts * part_size`, one part
+    /// more when it keeps part 0 for a patch.
     pub fn bound(&self) -> usize {
-        (self.parallel + 1) * self.part_size
+        (self.parallel + usize::from(self.keep_first)) * self.part_size
+    }
+
+    /// The size of part `idx`: the part size asked for, doubled every
+    /// [`GROW_EVERY`] parts past [`GROW_AFTER`].
+    fn size_of_part(&self, idx: usize) -> usize {
+        let doublings = idx.saturating_sub(GROW_AFTER - 1).div_ceil(GROW_EVERY).min(16) as u32;
+        self.part_size << doublings
     }
 
     fn note_peak(&mut self) {
@@ -138,7 +165,7 @@ impl VaultSink {
     /// a compressed image); the hash taken so far is dropped.
     pub fn patch(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
         let end = offset as usize + bytes.len();
-        if end > self.first.len() {
+        if self.first_sent || end > self.first.len() {
             return Err(KnibError::internal(format!(
                 "{}: a patch of bytes {offset}..{end} is outside the first part ({} bytes)",
                 self.name(),
@@ -211,15 +238,23 @@ impl VaultSink {
         }
         self.len += bytes.len() as u64;
         while !bytes.is_empty() {
-            let buf = if self.first.len() < self.part_size { &mut self.first } else { &mut self.cur };
-            if buf.capacity() == 0 {
-                buf.reserve_exact(self.part_size);
+            if !self.keep_first && !self.first_sent && self.first.len() == self.part_size {
+                // A second part is needed: part 0 goes now.
+                let data = std::mem::take(&mut self.first);
+                self.first_sent = true;
+                self.send(0, data)?;
             }
-            let k = (self.part_size - buf.len()).min(bytes.len());
+            let into_first = !self.first_sent && self.first.len() < self.part_size;
+            let size = if into_first { self.part_size } else { self.size_of_part(self.next) };
+            let buf = if into_first { &mut self.first } else { &mut self.cur };
+            if buf.capacity() == 0 {
+                buf.reserve_exact(size);
+            }
+            let k = (size - buf.len()).min(bytes.len());
             buf.extend_from_slice(&bytes[..k]);
             bytes = &bytes[k..];
             self.note_peak();
-            if self.cur.len() == self.part_size {
+            if !into_first && self.cur.len() == size {
                 let data = std::mem::take(&mut self.cur);
                 let idx = self.next;
                 self.next += 1;
@@ -244,7 +279,7 @@ impl VaultSink {
     fn finish_inner(&mut self) -> Result<(u64, Option<String>)> {
         let name = self.name();
         let hash = self.hasher.take().map(|h| format!("{:032x}", h.digest128()));
-        if self.upload.is_none() && self.cur.is_empty() {
+        if self.upload.is_none() && self.cur.is_empty() && !self.first_sent {
             // One part: one PUT.
             let data = std::mem::take(&mut self.first);
             crate::crashpoint::durable_step(&format!("upload of {name}"));
@@ -261,8 +296,11 @@ impl VaultSink {
             self.next += 1;
             self.send(idx, data)?;
         }
-        let first = std::mem::take(&mut self.first);
-        self.send(0, first)?;
+        if !self.first_sent {
+            let first = std::mem::take(&mut self.first);
+            self.first_sent = true;
+            self.send(0, first)?;
+        }
         while !self.in_flight.is_empty() {
             self.wait_one()?;
         }
@@ -501,7 +539,13 @@ impl Vault {
         let hash = match hash {
             Some(h) => h,
             None => {
-                let obj = super::RemoteObject::new(Arc::clone(&self.inner), self.key(rel), size, 0, true);
+                let obj = super::RemoteObject::new(
+                    Arc::clone(&self.inner),
+                    self.key(rel),
+                    size,
+                    super::object::BlockCache::new(0),
+                    true,
+                );
                 obj.finish_hash()?.ok_or_else(|| KnibError::internal(format!("{rel} was not hashed")))?
             }
         };

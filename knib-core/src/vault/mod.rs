@@ -52,12 +52,42 @@
 //! # Costs
 //!
 //! A sync reads each local file once and sends it once (parts of
-//! [`SyncOptions::part_size`], [`SyncOptions::parallel_parts`] in flight: at
-//! most their product of memory, 32 MiB by default), plus a few small
-//! requests per backup (list, manifest, upload record). A restore fetches
-//! each object of the chain about once (the hash check reads what the copy
-//! skipped); a file-level restore fetches the qcow2 tables and the clusters
-//! of what it reads; verify fetches every object of the backup whole.
+//! [`SyncOptions::part_size`], [`SyncOptions::parallel_parts`] read or in
+//! flight: at most their product of memory, 10 MiB by default), plus a few
+//! small requests per backup (list, manifest, upload record). A restore
+//! fetches each object of the chain about once (the hash check reads what
+//! the copy skipped); a file-level restore fetches the qcow2 tables and the
+//! clusters of what it reads; verify fetches every object of the backup
+//! whole.
+//!
+//! # Memory
+//!
+//! A sync and a read stay under the 32 MiB peak RSS of any knib operation
+//! (issue 18; a process starts at about 16 MiB, its shared libraries, and
+//! about 22 MiB once it has talked to a vault: the runtime, the HTTP
+//! client and their code), whatever the disk's size or the chain's depth
+//! (a sync's parts grow only past 48.8 GiB per file): a sync
+//! holds its parts (10 MiB by default), and a
+//! read of a chain (restore, verify, file-level restore) one block cache
+//! of 4 MiB shared by all the chain's objects, plus the range being
+//! fetched (at most 1 MiB of read-ahead, or one read).
+//!
+//! A read of a chain fixes glibc malloc's mmap threshold at its initial
+//! 128 KiB for the process (`mallopt(M_MMAP_THRESHOLD)`, once). By default
+//! glibc raises the threshold to the size of each large block freed (up
+//! to 32 MiB), after which parts and fetched ranges come from its arenas
+//! (one per thread: the runtime's workers free what the caller
+//! allocated), which keep freed memory instead of returning it: 6 MiB more
+//! peak RSS for a restore. Fixed, every buffer of 128 KiB or more is its
+//! own mapping, returned to the system when freed. (Not for a sync or a
+//! direct backup: their peak is the same either way, and a compressed
+//! copy's many large buffers would each cost a mapping.)
+//!
+//! A backup written straight to a vault does not reach 32 MiB: the copy's
+//! own buffers (a backup into a store peaks at 26 to 27 MiB) plus the
+//! vault's client (6 MiB) plus its parts (15 MiB by default, 20 MiB
+//! compressed: [`SyncOptions::direct`]) peak at about 41 MiB (45 MiB
+//! compressed) for a 1 GiB disk.
 //!
 //! # Why `object_store`
 //!
@@ -66,7 +96,7 @@
 //! (`MultipartStore`, which a resumable upload needs), conditional puts and
 //! ranged GETs, with the usual `AWS_*` environment variables. The AWS SDK
 //! does the same with several times the dependencies. It is async: a
-//! vault runs a small private tokio runtime (two worker threads) and the
+//! vault runs a small private tokio runtime (one worker thread) and the
 //! rest of knib stays synchronous; every call into it blocks on that
 //! runtime, so a vault must not be used from inside another tokio runtime.
 
@@ -97,7 +127,7 @@ pub use direct::VaultSink;
 pub use job::sync_runner;
 pub use object::RemoteObject;
 pub use read::{VaultRestore, VaultVerify};
-pub use sync::{SyncOptions, SyncReport};
+pub use sync::{SyncOptions, SyncReport, DEFAULT_PARALLEL_PARTS, DEFAULT_PART_SIZE};
 
 pub use crate::catalog::is_vault;
 
@@ -110,6 +140,22 @@ const REFUSED: &str =
 /// same ones would be refused again).
 pub fn credentials_refused(e: &KnibError) -> bool {
     e.message.contains(REFUSED)
+}
+
+/// Fix glibc malloc's mmap threshold at its initial 128 KiB, once per
+/// process (see the module's "Memory").
+pub(super) fn keep_large_buffers_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only sets a tuning parameter of the allocator;
+            // any value is valid for M_MMAP_THRESHOLD up to 32 MiB.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+            }
+        });
+    }
 }
 
 /// The most bytes a manifest may have (a real one is a few KiB).
@@ -161,7 +207,7 @@ impl Vault {
             .build(&bucket)
             .map_err(|e| KnibError::invalid(format!("vault {location}: {}", redact(&secrets, &e.to_string()))))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("knib-vault")
             .enable_all()
             .build()

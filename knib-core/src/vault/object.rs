@@ -1,7 +1,19 @@
 //! One object of a vault read by ranged GETs, as a [`ReadAt`] source of
-//! knib's qcow2 reader: blocks of [`BLOCK`] bytes in a bounded LRU cache,
-//! read-ahead that grows while reads are sequential, and (when asked) the
+//! knib's qcow2 reader: blocks of [`BLOCK`] bytes in a bounded LRU cache
+//! ([`BlockCache`], one budget shared by every object of a chain),
+//! read-ahead that grows while reads are sequential (at most
+//! [`MAX_AHEAD`] blocks, and half the cache), and (when asked) the
 //! xxh3-128 of the object taken from the bytes fetched.
+//!
+//! # Memory
+//!
+//! What a reader holds is bounded by its cache's budget, not by the
+//! chain's depth or the object's size: the cached blocks (a block is a
+//! slice of the range it was fetched with, so one fetch stays whole until
+//! its last block is evicted: at most one read-ahead more than the
+//! budget), plus the one range being fetched (a read larger than half the
+//! cache goes straight through, as large as the read) and the hash's
+//! chunks ([`HASH_CHUNK`]).
 //!
 //! # The hash from the bytes fetched
 //!
@@ -30,27 +42,95 @@ use crate::qcow2::ReadAt;
 
 /// Bytes per cache block.
 pub const BLOCK: u64 = 256 << 10;
-/// The most blocks one read-ahead fetches (4 MiB).
-const MAX_AHEAD: u64 = 16;
+/// The most blocks one read-ahead fetches (1 MiB).
+pub const MAX_AHEAD: u64 = 4;
 /// A range at most this far past the hashed prefix has the gap fetched
 /// for the hash.
 const GAP_FILL: u64 = 8 << 20;
 /// Ranges fetched for the hash alone, at most this long each.
-const HASH_CHUNK: u64 = 8 << 20;
+pub const HASH_CHUNK: u64 = 1 << 20;
+
+/// A bounded LRU cache of blocks, shared by the objects of a chain: one
+/// budget, whatever the chain's depth.
+pub struct BlockCache {
+    state: Mutex<CacheState>,
+}
+
+struct CacheState {
+    /// (object, block number, bytes, last use).
+    blocks: Vec<(u64, u64, Bytes, u64)>,
+    capacity: usize,
+    clock: u64,
+    /// The number of the next object to use this cache.
+    objects: u64,
+}
+
+impl std::fmt::Debug for BlockCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockCache").field("capacity", &self.state.lock().capacity).finish()
+    }
+}
+
+impl BlockCache {
+    /// A cache of about `bytes` (at least four blocks).
+    pub fn new(bytes: u64) -> Arc<BlockCache> {
+        let capacity = (bytes / BLOCK).max(4) as usize;
+        Arc::new(BlockCache { state: Mutex::new(CacheState { blocks: Vec::new(), capacity, clock: 0, objects: 0 }) })
+    }
+
+    fn capacity(&self) -> u64 {
+        self.state.lock().capacity as u64
+    }
+
+    fn register(&self) -> u64 {
+        let mut st = self.state.lock();
+        st.objects += 1;
+        st.objects
+    }
+
+    /// Block `b` of object `obj`, if cached (marked as used).
+    fn get(&self, obj: u64, b: u64) -> Option<Bytes> {
+        let mut st = self.state.lock();
+        st.clock += 1;
+        let clock = st.clock;
+        st.blocks.iter_mut().find(|s| s.0 == obj && s.1 == b).map(|s| {
+            s.3 = clock;
+            s.2.clone()
+        })
+    }
+
+    fn contains(&self, obj: u64, b: u64) -> bool {
+        self.state.lock().blocks.iter().any(|s| s.0 == obj && s.1 == b)
+    }
+
+    /// Put `data` in the cache as block `b` of `obj`, evicting the least
+    /// recently used.
+    fn insert(&self, obj: u64, b: u64, data: Bytes) {
+        let mut st = self.state.lock();
+        st.clock += 1;
+        let clock = st.clock;
+        if let Some(slot) = st.blocks.iter_mut().find(|s| s.0 == obj && s.1 == b) {
+            *slot = (obj, b, data, clock);
+        } else if st.blocks.len() < st.capacity {
+            st.blocks.push((obj, b, data, clock));
+        } else if let Some(lru) = st.blocks.iter_mut().min_by_key(|s| s.3) {
+            *lru = (obj, b, data, clock);
+        }
+    }
+}
 
 /// An object of a vault, read by ranged GETs.
 pub struct RemoteObject {
     vault: Arc<Inner>,
     key: Key,
     len: u64,
+    cache: Arc<BlockCache>,
+    /// Its number in the cache.
+    id: u64,
     state: Mutex<State>,
 }
 
 struct State {
-    /// (block number, bytes, last use).
-    blocks: Vec<(u64, Bytes, u64)>,
-    capacity: usize,
-    clock: u64,
     /// The block after the last read (reads from there are sequential).
     next: u64,
     /// The current read-ahead, in blocks.
@@ -65,23 +145,18 @@ impl std::fmt::Debug for RemoteObject {
 }
 
 impl RemoteObject {
-    /// The object at `key`, `len` bytes long, with a cache of about
-    /// `cache_bytes` (at least four blocks); with `hash`, its hash is taken
-    /// as it is read.
-    pub(super) fn new(vault: Arc<Inner>, key: Key, len: u64, cache_bytes: u64, hash: bool) -> RemoteObject {
-        let capacity = (cache_bytes / BLOCK).max(4) as usize;
+    /// The object at `key`, `len` bytes long, its blocks kept in `cache`
+    /// (which other objects may share); with `hash`, its hash is taken as
+    /// it is read.
+    pub(super) fn new(vault: Arc<Inner>, key: Key, len: u64, cache: Arc<BlockCache>, hash: bool) -> RemoteObject {
+        let id = cache.register();
         RemoteObject {
             vault,
             key,
             len,
-            state: Mutex::new(State {
-                blocks: Vec::new(),
-                capacity,
-                clock: 0,
-                next: u64::MAX,
-                ahead: 1,
-                hash: hash.then(|| (0, Xxh3::new())),
-            }),
+            cache,
+            id,
+            state: Mutex::new(State { next: u64::MAX, ahead: 1, hash: hash.then(|| (0, Xxh3::new())) }),
         }
     }
 
@@ -114,10 +189,16 @@ impl RemoteObject {
         let pos = *pos;
         let end = start + data.len() as u64;
         if start > pos && start - pos <= GAP_FILL {
-            let gap = self.fetch(pos, start)?;
-            if let Some((p, h)) = st.hash.as_mut() {
-                h.update(&gap);
-                *p = start;
+            // In chunks: the gap may be larger than the cache.
+            let mut at = pos;
+            while at < start {
+                let to = (at + HASH_CHUNK).min(start);
+                let gap = self.fetch(at, to)?;
+                if let Some((p, h)) = st.hash.as_mut() {
+                    h.update(&gap);
+                    *p = to;
+                }
+                at = to;
             }
         }
         if let Some((p, h)) = st.hash.as_mut() {
@@ -156,8 +237,9 @@ impl RemoteObject {
         buf[n..].fill(0);
         let mut st = self.state.lock();
         let (first, last) = (offset / BLOCK, (end - 1) / BLOCK);
+        let capacity = self.cache.capacity();
         // A read larger than half the cache goes straight through.
-        if last - first + 1 > st.capacity as u64 / 2 {
+        if last - first + 1 > capacity / 2 {
             let b = self.fetch(offset, end)?;
             self.feed(&mut st, offset, &b)?;
             buf[..n].copy_from_slice(&b);
@@ -165,22 +247,17 @@ impl RemoteObject {
             return Ok(n);
         }
         let sequential = first == st.next || first + 1 == st.next;
-        st.ahead = if sequential { (st.ahead * 2).min(MAX_AHEAD).min(st.capacity as u64 / 2) } else { 1 };
+        st.ahead = if sequential { (st.ahead * 2).min(MAX_AHEAD).min(capacity / 2) } else { 1 };
         let mut block = first;
         while block <= last {
-            st.clock += 1;
-            let clock = st.clock;
-            let hit = st.blocks.iter_mut().find(|b| b.0 == block).map(|b| {
-                b.2 = clock;
-                b.1.clone()
-            });
+            let hit = self.cache.get(self.id, block);
             let data = match hit {
                 Some(d) => d,
                 None => {
                     // Fetch the missing run from here, and read-ahead past
                     // the end of the read while reads are sequential.
                     let mut to = block + 1;
-                    while to <= last && !st.blocks.iter().any(|b| b.0 == to) {
+                    while to <= last && !self.cache.contains(self.id, to) {
                         to += 1;
                     }
                     if to > last && sequential {
@@ -199,7 +276,7 @@ impl RemoteObject {
                         if b == block {
                             first_data = Some(piece.clone());
                         }
-                        insert(&mut st, b, piece);
+                        self.cache.insert(self.id, b, piece);
                         b += 1;
                     }
                     first_data.unwrap_or_default()
@@ -216,19 +293,6 @@ impl RemoteObject {
         }
         st.next = last + 1;
         Ok(n)
-    }
-}
-
-/// Put `data` in the cache as block `b`, evicting the least recently used.
-fn insert(st: &mut State, b: u64, data: Bytes) {
-    st.clock += 1;
-    let clock = st.clock;
-    if let Some(slot) = st.blocks.iter_mut().find(|s| s.0 == b) {
-        *slot = (b, data, clock);
-    } else if st.blocks.len() < st.capacity {
-        st.blocks.push((b, data, clock));
-    } else if let Some(lru) = st.blocks.iter_mut().min_by_key(|s| s.2) {
-        *lru = (b, data, clock);
     }
 }
 

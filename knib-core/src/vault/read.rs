@@ -12,7 +12,7 @@ use std::sync::Arc;
 use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
-use super::object::RemoteObject;
+use super::object::{BlockCache, RemoteObject};
 use super::Vault;
 use crate::catalog::{Manifest, VerifyReport};
 use crate::error::{ErrorKind, KnibError, Result};
@@ -21,10 +21,11 @@ use crate::progress::Control;
 use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Image};
 use crate::qemu_img::ImageFormat;
 
-/// The read cache of one chain's objects, shared among them.
-const CHAIN_CACHE_BYTES: u64 = 16 << 20;
+/// The read cache of one chain's objects, one budget shared among them
+/// (whatever the chain's depth).
+pub const CHAIN_CACHE_BYTES: u64 = 4 << 20;
 /// Guest bytes read per step of a restore.
-const RESTORE_CHUNK: usize = 4 << 20;
+const RESTORE_CHUNK: usize = 1 << 20;
 
 /// What a restore from a vault did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -86,7 +87,8 @@ impl Vault {
     /// manifests say. With `hash`, each object's hash is taken as it is read.
     fn open_chain(&self, m: &Manifest, volume: &str, hash: bool) -> Result<(Chain, Vec<Opened>)> {
         let chain = self.chain(m)?;
-        let share = CHAIN_CACHE_BYTES / chain.len() as u64;
+        super::keep_large_buffers_mapped();
+        let cache = BlockCache::new(CHAIN_CACHE_BYTES);
         let mut images = Vec::new();
         let mut opened = Vec::new();
         let mut below: Option<(String, String)> = None;
@@ -104,7 +106,8 @@ impl Vault {
             }
             let rel = Self::volume_rel(b, &v.file);
             let len = self.object_len(&rel, v.size)?;
-            let object = Arc::new(RemoteObject::new(Arc::clone(&self.inner), self.key(&rel), len, share, hash));
+            let object =
+                Arc::new(RemoteObject::new(Arc::clone(&self.inner), self.key(&rel), len, Arc::clone(&cache), hash));
             let name = object.name();
             let img = Qcow2Image::from_source(name.clone(), object.clone()).map_err(|e| {
                 if e.kind == ErrorKind::InvalidInput {

@@ -7,8 +7,10 @@
 //! - A volume file larger than one part goes up as a multipart upload: its
 //!   id is recorded under `uploads/<vm>/<id>/` before the first part, parts
 //!   are read in order and sent [`SyncOptions::parallel_parts`] at a time
-//!   (memory: at most that many parts), and the record is removed once the
-//!   upload is completed or aborted. A sync first aborts every recorded
+//!   (memory: at most that many parts; parts grow past
+//!   [`SyncOptions::part_size`] only for a file that would take more than
+//!   S3's 10,000 parts, above 48.8 GiB at 5 MiB), and the record is
+//!   removed once the upload is completed or aborted. A sync first aborts every recorded
 //!   upload of the VMs it sends (left by a sync that was killed), removes
 //!   the objects of their backups that have no manifest (left by a direct
 //!   backup that was killed) and sends those backups again.
@@ -48,20 +50,46 @@ pub struct SyncOptions {
     pub rate_limit_mbps: u64,
 }
 
+/// The default part size: S3's least, 5 MiB.
+pub const DEFAULT_PART_SIZE: usize = MIN_PART;
+/// The default number of parts filled or in flight.
+pub const DEFAULT_PARALLEL_PARTS: usize = 2;
+
 impl Default for SyncOptions {
+    /// Parts of 5 MiB, 2 read or in flight: a sync holds at most 10 MiB of
+    /// parts, and the whole process stays under the 32 MiB peak of any
+    /// operation (issue 18).
     fn default() -> Self {
-        SyncOptions { vm: None, part_size: 8 << 20, parallel_parts: 4, rate_limit_mbps: 0 }
+        SyncOptions {
+            vm: None,
+            part_size: DEFAULT_PART_SIZE,
+            parallel_parts: DEFAULT_PARALLEL_PARTS,
+            rate_limit_mbps: 0,
+        }
     }
 }
 
 impl SyncOptions {
     /// The default of a backup written straight to the vault: parts of
-    /// 6 MiB, 3 filled or in flight, so that its upload holds at most
-    /// 24 MiB ([`super::VaultSink::bound`]) beside the copy's own memory,
-    /// and the whole process stays under the 64 MiB peak of a backup.
+    /// 5 MiB, 3 filled or in flight (so that 2 are sent while the copy
+    /// fills the next: filling takes as long as the copy, where a sync's
+    /// read of a part is quick), so that its upload holds at most 15 MiB
+    /// of parts beside the copy's own memory (20 MiB for a compressed
+    /// image, whose first part is kept until its header is written:
+    /// [`super::VaultSink::bound`]).
     pub fn direct() -> Self {
-        SyncOptions { part_size: 6 << 20, parallel_parts: 3, ..Default::default() }
+        SyncOptions { parallel_parts: 3, ..SyncOptions::default() }
     }
+}
+
+/// S3's most parts in one multipart upload.
+pub(super) const MAX_PARTS: u64 = 10_000;
+
+/// The part size for a file of `len` bytes: `part_size`, or larger (whole
+/// MiB) when `len` would take more than [`MAX_PARTS`] parts.
+pub(super) fn part_size_for(part_size: usize, len: u64) -> usize {
+    let least = len.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+    part_size.max(least as usize)
 }
 
 /// What a sync did.
@@ -279,7 +307,8 @@ impl Vault {
             file.read_exact_at(&mut buf, off).map_err(|e| KnibError::io("cannot read", path, e))?;
             Ok(buf)
         };
-        if len <= opts.part_size as u64 {
+        let part_size = part_size_for(opts.part_size, len);
+        if len <= part_size as u64 {
             let data = read_part(0, len as usize)?;
             hasher.update(&data);
             throttle(len);
@@ -328,7 +357,7 @@ impl Vault {
                 return Err(abort(e));
             }
             ctl.report(&step, off as f64 * 100.0 / len as f64);
-            let n = (opts.part_size as u64).min(len - off) as usize;
+            let n = (part_size as u64).min(len - off) as usize;
             let data = match read_part(off, n) {
                 Ok(d) => d,
                 Err(e) => return Err(abort(e)),

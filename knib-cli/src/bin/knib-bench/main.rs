@@ -855,7 +855,7 @@ fn main() {
                             m[0].secs / m[1].secs,
                             m[0].cpu / m[1].cpu
                         ),
-                        &[("knib sync (8 MiB parts, 4 in flight)", m[0]), ("cp -r into a local store directory", m[1])],
+                        &[("knib sync (5 MiB parts, 2 in flight)", m[0]), ("cp -r into a local store directory", m[1])],
                     );
                 }
                 if let Some((m, env)) = v.restore {
