@@ -644,6 +644,8 @@ fn main() -> ExitCode {
         }
     }
     init_log(cli.verbose);
+    // The CLI owns its process: a read of a vault chain may tune malloc.
+    knib_core::vault::allow_allocator_tuning();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -139,7 +139,7 @@ impl VaultSink {
     }
 
     /// The most bytes of parts it may hold (in its first
-    /// [`GROW_AFTER`] parts): `parallel_parts * part_size`, one part
+    /// `GROW_AFTER` parts): `parallel_parts * part_size`, one part
     /// more when it keeps part 0 for a patch.
     pub fn bound(&self) -> usize {
         (self.parallel + usize::from(self.keep_first)) * self.part_size

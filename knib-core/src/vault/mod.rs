@@ -72,8 +72,10 @@
 //! of 4 MiB shared by all the chain's objects, plus the range being
 //! fetched (at most 1 MiB of read-ahead, or one read).
 //!
-//! A read of a chain fixes glibc malloc's mmap threshold at its initial
-//! 128 KiB for the process (`mallopt(M_MMAP_THRESHOLD)`, once). By default
+//! In a program that has allowed it ([`allow_allocator_tuning`]: the
+//! `knib` CLI does; a library user's process is left as it is unless it
+//! asks), a read of a chain fixes glibc malloc's mmap threshold at its
+//! initial 128 KiB for the process (`mallopt(M_MMAP_THRESHOLD)`, once). By default
 //! glibc raises the threshold to the size of each large block freed (up
 //! to 32 MiB), after which parts and fetched ranges come from its arenas
 //! (one per thread: the runtime's workers free what the caller
@@ -142,9 +144,23 @@ pub fn credentials_refused(e: &KnibError) -> bool {
     e.message.contains(REFUSED)
 }
 
+/// Whether the program allowed [`keep_large_buffers_mapped`].
+static ALLOCATOR_TUNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Allow reads of a vault chain to tune glibc malloc for the whole process
+/// (see the module's "Memory"): for a program that owns its process, as
+/// the `knib` CLI does. A library user (the CloudStack agent's JVM, a C
+/// program) keeps its allocator as it is unless it calls this.
+pub fn allow_allocator_tuning() {
+    ALLOCATOR_TUNING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Fix glibc malloc's mmap threshold at its initial 128 KiB, once per
-/// process (see the module's "Memory").
+/// process, when the program allowed it (see the module's "Memory").
 pub(super) fn keep_large_buffers_mapped() {
+    if !ALLOCATOR_TUNING.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         static ONCE: std::sync::Once = std::sync::Once::new();

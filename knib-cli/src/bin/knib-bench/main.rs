@@ -193,7 +193,11 @@ fn op(kind: Op, args: &[String]) {
             return;
         }
         Op::VaultSync => return vault::knib_sync(&a(0), &args[1]),
-        Op::VaultRestore => return vault::knib_restore_vault(&args[0], &args[1], &a(2)),
+        Op::VaultRestore => {
+            // As the knib CLI does (it owns its process).
+            knib_core::vault::allow_allocator_tuning();
+            return vault::knib_restore_vault(&args[0], &args[1], &a(2));
+        }
         Op::StoreRestore => return vault::knib_restore_store(&a(0), &args[1], &a(2)),
         Op::EngineFull | Op::EngineInc | Op::EngineIncCompressed => {
             let inc = kind != Op::EngineFull;
