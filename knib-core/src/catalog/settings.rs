@@ -117,6 +117,12 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("knib.data.path", "knib's native data path or qemu-img"),
 ];
 
+/// The default part of a sync's multipart uploads, in MiB: S3's least
+/// (the vault's `DEFAULT_PART_SIZE` follows it).
+pub const DEFAULT_SYNC_PART_SIZE_MIB: u32 = 5;
+/// The default number of a sync's parts read or in flight at once.
+pub const DEFAULT_SYNC_PARALLEL_PARTS: u32 = 2;
+
 /// How sync jobs run: they send a VM's backups to a vault on S3 (see the
 /// module's table for the keys, and [`super::jobs`] for what a job sends).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,8 +172,8 @@ impl Default for SyncSettings {
             retry_interval_secs: 600,
             timeout_secs: 28800,
             rate_limit_mbps: 0,
-            part_size_mib: (crate::vault::DEFAULT_PART_SIZE >> 20) as u32,
-            parallel_parts: crate::vault::DEFAULT_PARALLEL_PARTS as u32,
+            part_size_mib: DEFAULT_SYNC_PART_SIZE_MIB,
+            parallel_parts: DEFAULT_SYNC_PARALLEL_PARTS,
         }
     }
 }

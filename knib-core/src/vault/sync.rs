@@ -50,10 +50,14 @@ pub struct SyncOptions {
     pub rate_limit_mbps: u64,
 }
 
-/// The default part size: S3's least, 5 MiB.
-pub const DEFAULT_PART_SIZE: usize = MIN_PART;
-/// The default number of parts filled or in flight.
-pub const DEFAULT_PARALLEL_PARTS: usize = 2;
+/// The default part size: S3's least, 5 MiB (the `sync.part_size_mib`
+/// setting's default).
+pub const DEFAULT_PART_SIZE: usize = (crate::catalog::settings::DEFAULT_SYNC_PART_SIZE_MIB as usize) << 20;
+/// The default number of parts filled or in flight (the
+/// `sync.parallel_parts` setting's default).
+pub const DEFAULT_PARALLEL_PARTS: usize = crate::catalog::settings::DEFAULT_SYNC_PARALLEL_PARTS as usize;
+
+const _: () = assert!(DEFAULT_PART_SIZE == MIN_PART);
 
 impl Default for SyncOptions {
     /// Parts of 5 MiB, 2 read or in flight: a sync holds at most 10 MiB of
