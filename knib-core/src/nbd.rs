@@ -263,10 +263,12 @@ impl Nbd {
             cookie: u64,
             idx: usize,
             buf: Vec<u8>,
+            len: usize,
         }
         let h = self.h.as_ptr();
         let mut ring: std::collections::VecDeque<Flight> = std::collections::VecDeque::new();
         let mut spare: Vec<Vec<u8>> = Vec::new();
+        let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let what = |i: usize| {
             let (off, len) = ranges[i];
             format!("read of {len} bytes at {off} from export {}", self.export)
@@ -276,15 +278,17 @@ impl Nbd {
             while next < ranges.len() || !ring.is_empty() {
                 while next < ranges.len() && ring.len() < depth.max(1) {
                     let (off, len) = ranges[next];
-                    let mut buf = spare.pop().unwrap_or_default();
-                    buf.resize(len, 0);
+                    // Each buffer is made once, as long as the longest read
+                    // (zeroing and faulting in a buffer per read cost more
+                    // than the read's copy).
+                    let mut buf = spare.pop().unwrap_or_else(|| vec![0; longest]);
                     // SAFETY: live handle; `buf` stays allocated, unmoved
                     // (a Vec's heap block), and untouched until the command
                     // is retired: it sits in `ring` until then, and the
                     // drain below waits for every command left in flight.
                     let cookie = unsafe { nbd_aio_pread(h, buf.as_mut_ptr().cast(), len, off, NO_COMPLETION, 0) };
                     let Ok(cookie) = u64::try_from(cookie) else { return Err(last_error(&what(next))) };
-                    ring.push_back(Flight { cookie, idx: next, buf });
+                    ring.push_back(Flight { cookie, idx: next, buf, len });
                     next += 1;
                 }
                 let front = ring.front().expect("a read in flight");
@@ -306,7 +310,7 @@ impl Nbd {
                     }
                 }
                 let f = ring.pop_front().expect("the front read");
-                each(f.idx, &f.buf)?;
+                each(f.idx, &f.buf[..f.len])?;
                 spare.push(f.buf);
             }
             Ok(())

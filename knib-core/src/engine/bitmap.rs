@@ -354,7 +354,7 @@ fn scratch_of(plan: &BitmapPlan, d: &BitmapDisk) -> PathBuf {
 
 /// Remove knib's own exports of `plan` (before the job ends).
 fn remove_own_exports(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
-    if !vm.is_running()? {
+    if plan.disks.iter().all(checkpointed) || !vm.is_running()? {
         return Ok(());
     }
     for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
@@ -367,7 +367,7 @@ fn remove_own_exports(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
 /// returns those removed.
 fn prune_raw_bitmaps(vm: &Vm, plan: &BitmapPlan, keep: Option<&str>) -> Result<Vec<String>> {
     let mut gone = Vec::new();
-    if !vm.is_running()? {
+    if plan.disks.iter().all(checkpointed) || !vm.is_running()? {
         return Ok(gone);
     }
     for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
@@ -421,18 +421,39 @@ fn end_job(vm: &Vm) -> Result<bool> {
             return Err(e);
         }
     }
-    // libvirt's abort of a pull-mode job returns once the job has ended
-    // (its scratch files removed) in libvirt 9; the loop covers one that
-    // takes longer. A short period: every backup waits here once, and a
-    // 200 ms period was half of a small incremental's time.
+    wait_job_end(vm)?;
+    Ok(true)
+}
+
+/// End the backup job this backup started (known to run): abort it and
+/// wait for its end, without first asking whether it runs.
+fn end_own_job(vm: &Vm) -> Result<bool> {
+    if let Err(e) = backup::abort_job(vm) {
+        // The domain stopped, or the job ended some other way.
+        if backup::backup_running(vm)? {
+            return Err(e);
+        }
+        return Ok(false);
+    }
+    wait_job_end(vm)?;
+    Ok(true)
+}
+
+/// Wait until the domain's backup job, aborted, has ended.
+fn wait_job_end(vm: &Vm) -> Result<()> {
+    // libvirt's abort of a pull-mode job returns before the job has ended
+    // when block jobs must finish first; libvirt then removes the exports
+    // and scratch nodes in the background. A short period: every backup
+    // waits here once (a 200 ms period was half of a small incremental's
+    // time), and each look is one call to libvirtd.
     let t = std::time::Instant::now();
     while backup::backup_running(vm)? {
         if t.elapsed() > std::time::Duration::from_secs(60) {
             return Err(KnibError::hypervisor(format!("the backup job of domain {} does not end", vm.name())));
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Delete every knib checkpoint of the domain but `keep`; returns those
@@ -520,7 +541,7 @@ impl Exporter for Libvirt<'_> {
         // export reads a bitmap of its own, merged at its start): libvirt
         // then ends the job while knib waits for it, instead of after.
         let older = after_publish(vm, plan)?;
-        if vm.is_running()? && end_job(vm)? {
+        if end_own_job(vm)? {
             done.push(format!("ended the backup job of domain {}", vm.name()));
         }
         for c in older {

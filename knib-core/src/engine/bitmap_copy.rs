@@ -289,7 +289,9 @@ pub(crate) fn copy_export_to<S: Sink>(
     if let Some(d) = &dirty_ctx {
         contexts.push(d);
     }
+    let t0 = std::time::Instant::now();
     let mut n = Nbd::connect_unix(socket, export, &contexts)?;
+    log::debug!("{what}: connected in {:?}", t0.elapsed());
     if let Some(d) = &dirty_ctx {
         if !n.can_meta_context(d)? {
             return Err(KnibError::hypervisor(format!(
@@ -299,6 +301,7 @@ pub(crate) fn copy_export_to<S: Sink>(
     }
     let size = n.size()?;
     let runs = select(&mut n, size, dirty_ctx.as_deref(), backing.is_some(), ctl, what)?;
+    log::debug!("{what}: {} runs selected at {:?}", runs.len(), t0.elapsed());
     let spec = ImageSpec {
         virtual_size: size,
         cluster_bits: CLUSTER_BITS,
@@ -325,7 +328,9 @@ pub(crate) fn copy_export_to<S: Sink>(
         ctl.report(what, done as f64 * 100.0 / pieces.data_len.max(1) as f64);
         Ok(())
     })?;
+    log::debug!("{what}: read at {:?}", t0.elapsed());
     let (_, sink, _) = out.finish()?;
+    log::debug!("{what}: finished at {:?}", t0.elapsed());
     Ok(ExportWritten { sink, header: None, data_bytes, virtual_size: size })
 }
 

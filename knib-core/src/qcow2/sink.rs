@@ -97,8 +97,13 @@ impl FileSink {
     /// allows it (not on NFS). Falls back to buffered
     /// writes when O_DIRECT is refused, now or at a write.
     pub fn new_direct(file: File, path: &Path, hash: bool) -> Result<Self> {
-        let mut sink = Self::new(file, path, hash);
-        sink.direct = DirectWriter::start(&sink.file, path)?;
+        let mut sink = Self::new(file, path, false);
+        let hasher = hash.then(|| Box::new(Xxh3::new()));
+        sink.direct = DirectWriter::start(&sink.file, path, hasher.clone())?;
+        if sink.direct.is_none() {
+            // Buffered: the sink hashes as it appends.
+            sink.hasher = hasher;
+        }
         Ok(sink)
     }
 
@@ -121,7 +126,11 @@ impl FileSink {
     pub fn flush(&mut self) -> Result<()> {
         if let Some(d) = self.direct.take() {
             self.pos = d.len();
-            d.finish(&self.file)?;
+            // The writer's hasher, which has seen every byte appended:
+            // what is appended from now on is hashed here.
+            if let Some(h) = d.finish(&self.file)? {
+                self.hasher = Some(h);
+            }
         }
         if !self.buf.is_empty() {
             let buf = std::mem::take(&mut self.buf);
