@@ -167,8 +167,7 @@ pub fn make_scratch(path: &Path, size: u64, owner: Option<(u32, u32)>) -> Result
         backing: None,
         compression: crate::qcow2::CompressionType::Zlib,
     };
-    let (head, mut body, _) = crate::qcow2::Layout::new(spec, Vec::new(), None)?.finish()?;
-    body[..head.len()].copy_from_slice(&head);
+    let body = crate::qcow2::empty_image_bytes(spec)?;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -20,6 +20,15 @@ use std::path::Path;
 use super::writer::{BackingRef, ImageSpec, Layout};
 use crate::error::{KnibError, Result};
 
+/// The bytes of an empty qcow2 image of `spec` (header, L1 table,
+/// refcount table and block, no data): what [`empty_image`] writes, and a
+/// backup job's scratch file (`libvirt::backup::make_scratch`).
+pub fn empty_image_bytes(spec: ImageSpec) -> Result<Vec<u8>> {
+    let (head, mut body, _) = Layout::new(spec, Vec::new(), None)?.finish()?;
+    body[..head.len()].copy_from_slice(&head);
+    Ok(body)
+}
+
 /// What of the top's, if anything, [`empty_image`] would not keep:
 /// internal snapshots, bitmaps and other auto-clear features, compatible
 /// features other than lazy refcounts.
@@ -63,8 +72,7 @@ pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
             .map(|name| BackingRef { name, format: header.backing_format.clone().unwrap_or_else(|| "qcow2".into()) }),
         compression: header.compression_type,
     };
-    let (head, mut body, _) = Layout::new(spec, Vec::new(), None)?.finish()?;
-    body[..head.len()].copy_from_slice(&head);
+    let mut body = empty_image_bytes(spec)?;
     // Compatible features (v3 header bytes 80..88): lazy refcounts is kept.
     body[80..88].copy_from_slice(&(header.compatible_features & COMPAT_LAZY_REFCOUNTS).to_be_bytes());
     let meta = std::fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;

@@ -157,7 +157,7 @@ pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy
 #[cfg(feature = "libvirt")]
 pub(crate) use copy_batch::Compressor;
 pub use copy_read::SourceMode;
-pub use empty::empty_image;
+pub use empty::{empty_image, empty_image_bytes};
 #[doc(hidden)]
 pub use guard::scan_file;
 pub use header::{

@@ -51,35 +51,34 @@ const GAP_FILL: u64 = 8 << 20;
 pub const HASH_CHUNK: u64 = 1 << 20;
 
 /// A bounded LRU cache of blocks, shared by the objects of a chain: one
-/// budget, whatever the chain's depth.
+/// budget, whatever the chain's depth (the `lru` crate's map, keyed by
+/// object and block number).
 pub struct BlockCache {
     state: Mutex<CacheState>,
 }
 
 struct CacheState {
-    /// (object, block number, bytes, last use).
-    blocks: Vec<(u64, u64, Bytes, u64)>,
-    capacity: usize,
-    clock: u64,
+    /// (object, block number) -> bytes, least recently used first out.
+    blocks: lru::LruCache<(u64, u64), Bytes>,
     /// The number of the next object to use this cache.
     objects: u64,
 }
 
 impl std::fmt::Debug for BlockCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockCache").field("capacity", &self.state.lock().capacity).finish()
+        f.debug_struct("BlockCache").field("capacity", &self.capacity()).finish()
     }
 }
 
 impl BlockCache {
     /// A cache of about `bytes` (at least four blocks).
     pub fn new(bytes: u64) -> Arc<BlockCache> {
-        let capacity = (bytes / BLOCK).max(4) as usize;
-        Arc::new(BlockCache { state: Mutex::new(CacheState { blocks: Vec::new(), capacity, clock: 0, objects: 0 }) })
+        let capacity = std::num::NonZeroUsize::new((bytes / BLOCK).max(4) as usize).expect("at least four blocks");
+        Arc::new(BlockCache { state: Mutex::new(CacheState { blocks: lru::LruCache::new(capacity), objects: 0 }) })
     }
 
     fn capacity(&self) -> u64 {
-        self.state.lock().capacity as u64
+        self.state.lock().blocks.cap().get() as u64
     }
 
     fn register(&self) -> u64 {
@@ -90,32 +89,17 @@ impl BlockCache {
 
     /// Block `b` of object `obj`, if cached (marked as used).
     fn get(&self, obj: u64, b: u64) -> Option<Bytes> {
-        let mut st = self.state.lock();
-        st.clock += 1;
-        let clock = st.clock;
-        st.blocks.iter_mut().find(|s| s.0 == obj && s.1 == b).map(|s| {
-            s.3 = clock;
-            s.2.clone()
-        })
+        self.state.lock().blocks.get(&(obj, b)).cloned()
     }
 
     fn contains(&self, obj: u64, b: u64) -> bool {
-        self.state.lock().blocks.iter().any(|s| s.0 == obj && s.1 == b)
+        self.state.lock().blocks.contains(&(obj, b))
     }
 
     /// Put `data` in the cache as block `b` of `obj`, evicting the least
     /// recently used.
     fn insert(&self, obj: u64, b: u64, data: Bytes) {
-        let mut st = self.state.lock();
-        st.clock += 1;
-        let clock = st.clock;
-        if let Some(slot) = st.blocks.iter_mut().find(|s| s.0 == obj && s.1 == b) {
-            *slot = (obj, b, data, clock);
-        } else if st.blocks.len() < st.capacity {
-            st.blocks.push((obj, b, data, clock));
-        } else if let Some(lru) = st.blocks.iter_mut().min_by_key(|s| s.3) {
-            *lru = (obj, b, data, clock);
-        }
+        self.state.lock().blocks.put((obj, b), data);
     }
 }
 
