@@ -9,10 +9,12 @@
 //! synchronous round trip, and where the file system refuses O_DIRECT, the
 //! same code writes buffered.
 //!
-//! A writer that hashes does it on a thread of its own, in file order,
-//! between the buffer being filled and the I/O threads: the hash (a few GB/s)
-//! is then off the thread that fills the buffers, which in a copy also
-//! reads or receives the data.
+//! A writer that hashes does it on its I/O threads, each buffer just before
+//! its write and in file order (a thread that takes a buffer waits until
+//! the one before it is hashed): the hash (a few GB/s) is then off the
+//! thread that fills the buffers, which in a copy also reads or receives
+//! the data, and no buffer more is needed (a hashing stage of its own held
+//! one, and left the device one write at a time).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -22,7 +24,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::error::{KnibError, Result};
@@ -113,9 +115,29 @@ pub(crate) struct DirectWriter {
     /// Buffers never used yet.
     spare: usize,
     io: Vec<JoinHandle<()>>,
-    /// The thread hashing the buffers in order, when hashing: it gives
-    /// its hasher back when the buffers stop coming.
-    hash: Option<JoinHandle<Box<Xxh3>>>,
+    /// The hash of the buffers, when hashing, taken by the I/O threads in
+    /// file order.
+    hash: Option<Arc<HashTurn>>,
+}
+
+/// The hasher the I/O threads share, and the file offset of the next
+/// byte to hash: a thread hashes its buffer when that offset is its own.
+struct HashTurn {
+    state: Mutex<(Box<Xxh3>, u64)>,
+    turn: Condvar,
+}
+
+impl HashTurn {
+    /// Hash `data`, the bytes at `pos`, once every byte before it is.
+    fn hash(&self, data: &[u8], pos: u64) {
+        let mut st = self.state.lock();
+        while st.1 != pos {
+            self.turn.wait(&mut st);
+        }
+        st.0.update(data);
+        st.1 += data.len() as u64;
+        self.turn.notify_all();
+    }
 }
 
 impl DirectWriter {
@@ -128,38 +150,24 @@ impl DirectWriter {
             return Ok(None);
         }
         let (to_io, from_sink) = sync_channel::<(Aligned, u64)>(BUFFERS);
-        // With a hasher, the sink's buffers go to the hash thread first,
-        // which hands each on to the I/O threads once hashed.
-        let (to_io, hash) = match hasher {
-            None => (to_io, None),
-            Some(mut h) => {
-                let (to_hash, from_sink) = sync_channel::<(Aligned, u64)>(1);
-                let h = std::thread::Builder::new()
-                    .name("knib-hash".into())
-                    .spawn(move || {
-                        for (buf, pos) in from_sink {
-                            h.update(buf.data());
-                            if to_io.send((buf, pos)).is_err() {
-                                break;
-                            }
-                        }
-                        h
-                    })
-                    .map_err(|e| KnibError::internal(format!("cannot start a hashing thread: {e}")))?;
-                (to_hash, Some(h))
-            }
-        };
+        let hash = hasher.map(|h| Arc::new(HashTurn { state: Mutex::new((h, 0)), turn: Condvar::new() }));
         let (to_sink, back) = sync_channel::<std::io::Result<Aligned>>(BUFFERS);
         let from_sink = Arc::new(Mutex::new(from_sink));
         let mut io = Vec::new();
         for _ in 0..IO_THREADS {
             let io_file = file.try_clone().map_err(|e| KnibError::io("cannot open", path, e))?;
-            let (rx, tx) = (Arc::clone(&from_sink), to_sink.clone());
+            let (rx, tx, turn) = (Arc::clone(&from_sink), to_sink.clone(), hash.clone());
             let h = std::thread::Builder::new()
                 .name("knib-direct-io".into())
                 .spawn(move || loop {
                     let next = rx.lock().recv();
                     let Ok((mut buf, pos)) = next else { return };
+                    // Buffers are taken in file order (one at a time, under
+                    // the lock), so the one before this one is already
+                    // taken and is hashed without waiting for this one.
+                    if let Some(t) = &turn {
+                        t.hash(buf.data(), pos);
+                    }
                     let r = write_at(&io_file, buf.data(), pos);
                     buf.len = 0;
                     let failed = r.is_err();
@@ -248,14 +256,15 @@ impl DirectWriter {
             self.take_back()?;
         }
         self.to_io = None;
-        let hasher = match self.hash.take() {
-            Some(h) => Some(h.join().map_err(|_| KnibError::internal("the hashing thread failed"))?),
-            None => None,
-        };
         for h in self.io.drain(..) {
             let _ = h.join();
         }
         set_direct(file, false);
+        let hasher = match self.hash.take().map(Arc::try_unwrap) {
+            Some(Ok(t)) => Some(t.state.into_inner().0),
+            Some(Err(_)) => return Err(KnibError::internal("an I/O thread still holds the hash")),
+            None => None,
+        };
         Ok(hasher)
     }
 }
@@ -266,9 +275,6 @@ impl Drop for DirectWriter {
         self.to_io = None;
         while self.in_flight > 0 && self.back.recv().is_ok() {
             self.in_flight -= 1;
-        }
-        if let Some(h) = self.hash.take() {
-            let _ = h.join();
         }
         for h in self.io.drain(..) {
             let _ = h.join();
@@ -366,7 +372,7 @@ mod tests {
             assert_eq!(w.len(), want.len() as u64);
         }
         let hasher = w.finish(&file).unwrap().expect("the writer hashed");
-        // The hash thread saw every byte, in order.
+        // The I/O threads hashed every byte, in order.
         assert_eq!(hasher.digest128(), xxhash_rust::xxh3::xxh3_128(&want));
         // O_DIRECT is off again: a buffered write at any offset works.
         file.write_all_at(b"x", 3).unwrap();
