@@ -415,21 +415,15 @@ fn end_job(vm: &Vm) -> Result<bool> {
     if !backup::backup_running(vm)? {
         return Ok(false);
     }
-    if let Err(e) = backup::abort_job(vm) {
-        // It may have ended between the look and the abort.
-        if backup::backup_running(vm)? {
-            return Err(e);
-        }
-    }
-    wait_job_end(vm)?;
-    Ok(true)
+    end_own_job(vm)
 }
 
 /// End the backup job this backup started (known to run): abort it and
 /// wait for its end, without first asking whether it runs.
 fn end_own_job(vm: &Vm) -> Result<bool> {
     if let Err(e) = backup::abort_job(vm) {
-        // The domain stopped, or the job ended some other way.
+        // The domain stopped, or the job ended some other way (between a
+        // look and the abort).
         if backup::backup_running(vm)? {
             return Err(e);
         }

@@ -143,14 +143,15 @@ impl HashTurn {
 impl DirectWriter {
     /// Start writing `file` (at `path`, named in errors); `None` when
     /// O_DIRECT cannot be turned on (then write it buffered). With
-    /// `hasher`, every byte appended is hashed in order (after what
-    /// `hasher` has seen), and [`DirectWriter::finish`] gives it back.
-    pub(crate) fn start(file: &File, path: &Path, hasher: Option<Box<Xxh3>>) -> Result<Option<DirectWriter>> {
+    /// `hash`, every byte appended is hashed (xxh3) in order, and
+    /// [`DirectWriter::finish`] gives the hasher.
+    pub(crate) fn start(file: &File, path: &Path, hash: bool) -> Result<Option<DirectWriter>> {
         if !set_direct(file, true) {
             return Ok(None);
         }
         let (to_io, from_sink) = sync_channel::<(Aligned, u64)>(BUFFERS);
-        let hash = hasher.map(|h| Arc::new(HashTurn { state: Mutex::new((h, 0)), turn: Condvar::new() }));
+        let hash =
+            hash.then(|| Arc::new(HashTurn { state: Mutex::new((Box::new(Xxh3::new()), 0)), turn: Condvar::new() }));
         let (to_sink, back) = sync_channel::<std::io::Result<Aligned>>(BUFFERS);
         let from_sink = Arc::new(Mutex::new(from_sink));
         let mut io = Vec::new();
@@ -356,7 +357,7 @@ mod tests {
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         let mut want = Vec::new();
         let mut state = 7u64;
-        let Some(mut w) = DirectWriter::start(&file, &path, Some(Box::new(Xxh3::new()))).unwrap() else {
+        let Some(mut w) = DirectWriter::start(&file, &path, true).unwrap() else {
             // A file system without O_DIRECT: FileSink writes buffered.
             return;
         };

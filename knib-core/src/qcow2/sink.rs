@@ -97,12 +97,12 @@ impl FileSink {
     /// allows it (not on NFS). Falls back to buffered
     /// writes when O_DIRECT is refused, now or at a write.
     pub fn new_direct(file: File, path: &Path, hash: bool) -> Result<Self> {
-        let mut sink = Self::new(file, path, false);
-        let hasher = hash.then(|| Box::new(Xxh3::new()));
-        sink.direct = DirectWriter::start(&sink.file, path, hasher.clone())?;
-        if sink.direct.is_none() {
-            // Buffered: the sink hashes as it appends.
-            sink.hasher = hasher;
+        let mut sink = Self::new(file, path, hash);
+        sink.direct = DirectWriter::start(&sink.file, path, hash)?;
+        if sink.direct.is_some() {
+            // The writer hashes (on its I/O threads); buffered, the sink
+            // hashes as it appends.
+            sink.hasher = None;
         }
         Ok(sink)
     }
