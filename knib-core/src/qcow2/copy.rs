@@ -75,8 +75,9 @@ pub struct CopyOptions {
     pub rate_limit_mbps: u64,
     /// fsync the output before returning.
     pub sync: bool,
-    /// Write a qcow2 output around the page cache (O_DIRECT) where the file
-    /// system allows it (see [`FileSink::new_direct`]).
+    /// Read the source's data clusters and write the output around the
+    /// page cache (O_DIRECT) where the file system allows it (not NFS;
+    /// see [`FileSink::new_direct`]).
     pub direct_io: bool,
 }
 
@@ -270,6 +271,9 @@ fn prepare(
     let mut src = Source::open(source, opts.mode)?;
     if opts.hash_source {
         src.hash_files()?;
+    }
+    if opts.direct_io {
+        src.read_around_cache();
     }
     let out_bits = opts.cluster_bits.unwrap_or(src.bits);
     if out_bits != src.bits {

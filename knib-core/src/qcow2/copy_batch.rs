@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::direct::AlignedBuf;
 use super::header::CompressionType;
 use crate::error::{KnibError, Result};
 
@@ -34,8 +35,9 @@ pub(super) struct Batch {
     pub(super) seq: u64,
     pub(super) items: Vec<Item>,
     /// Uncompressed clusters: the first `used` bytes (the buffer keeps its
-    /// length from batch to batch, so it is not zeroed again).
-    pub(super) data: Vec<u8>,
+    /// length from batch to batch, so it is not zeroed again). 4 KiB
+    /// aligned, so that the source is read into it around the page cache.
+    pub(super) data: AlignedBuf,
     pub(super) used: usize,
     /// Compressed clusters: the first `out_used` bytes.
     pub(super) out: Vec<u8>,
@@ -52,8 +54,7 @@ impl Batch {
         if self.data.len() < at + len {
             // Exactly: a doubling growth would leave batches up to twice
             // their planned size (memory bound: `batch_plan`).
-            self.data.reserve_exact(at + len - self.data.len());
-            self.data.resize(at + len, 0);
+            self.data.grow_to(at + len);
         }
         self.used += len;
         at

@@ -62,24 +62,111 @@ pub(crate) fn set_direct(file: &File, on: bool) -> bool {
     }
 }
 
-/// A buffer whose bytes `start..start + BUFFER` are 4 KiB aligned.
-struct Aligned {
+/// Bytes whose first one is 4 KiB aligned, so that O_DIRECT reads and
+/// writes can use them in place (a `Vec<u8>` of this size starts 16 bytes
+/// into a page). Grows exactly, keeping its bytes.
+#[derive(Default)]
+pub(crate) struct AlignedBuf {
     mem: Vec<u8>,
     start: usize,
     len: usize,
 }
 
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub(crate) fn with_len(len: usize) -> AlignedBuf {
+        let mut b = AlignedBuf::default();
+        b.grow_to(len);
+        b
+    }
+
+    /// Grow to `len` bytes (new bytes are zeros); never shrinks.
+    pub(crate) fn grow_to(&mut self, len: usize) {
+        if len <= self.len {
+            return;
+        }
+        let mut mem = Vec::new();
+        mem.reserve_exact(len + ALIGN);
+        mem.resize(len + ALIGN, 0);
+        let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
+        mem[start..start + self.len].copy_from_slice(&self.mem[self.start..self.start + self.len]);
+        mem.truncate(start + len);
+        *self = AlignedBuf { mem, start, len };
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.mem[self.start..self.start + self.len]
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.mem[self.start..self.start + self.len]
+    }
+}
+
+/// Whether `data` at file offset `pos` may go to or come from the device
+/// directly: its address, length and offset 4 KiB aligned.
+pub(crate) fn is_aligned(data: &[u8], pos: u64) -> bool {
+    (data.as_ptr() as usize).is_multiple_of(ALIGN)
+        && data.len().is_multiple_of(ALIGN)
+        && pos.is_multiple_of(ALIGN as u64)
+}
+
+/// A 1 MiB aligned buffer, the first `len` bytes filled.
+struct Aligned {
+    buf: AlignedBuf,
+    len: usize,
+}
+
 impl Aligned {
     fn new() -> Aligned {
-        let mut mem = vec![0u8; BUFFER + ALIGN];
-        let start = mem.as_ptr().align_offset(ALIGN).min(ALIGN);
-        mem.truncate(start + BUFFER);
-        Aligned { mem, start, len: 0 }
+        Aligned { buf: AlignedBuf::with_len(BUFFER), len: 0 }
     }
 
     fn data(&self) -> &[u8] {
-        &self.mem[self.start..self.start + self.len]
+        &self.buf[..self.len]
     }
+}
+
+/// A second open of `file` (its own open file description, so `file`
+/// stays buffered) that reads around the page cache; `None` where that is
+/// not possible (NFS, a file system without O_DIRECT, no `/proc`).
+pub(crate) fn reopen_direct(file: &File) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // The descriptor's own file, whatever its path now names.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .ok()?;
+    set_direct(&f, true).then_some(f)
+}
+
+/// Read `buf` at `pos` of `direct` (opened by [`reopen_direct`]) when it is
+/// aligned; the bytes read (fewer at the end of the file, or 0 when it is
+/// not aligned: the caller reads the rest buffered). `Err` with EINVAL when
+/// the file system refuses.
+pub(crate) fn read_direct(direct: &File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() && is_aligned(&buf[done..], pos + done as u64) {
+        match direct.read_at(&mut buf[done..], pos + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// Write `data` at `pos` of `file`; an unaligned write, or one the file
@@ -233,8 +320,8 @@ impl DirectWriter {
     pub(crate) fn append(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
             let k = (BUFFER - self.cur.len).min(bytes.len());
-            let at = self.cur.start + self.cur.len;
-            self.cur.mem[at..at + k].copy_from_slice(&bytes[..k]);
+            let at = self.cur.len;
+            self.cur.buf[at..at + k].copy_from_slice(&bytes[..k]);
             self.cur.len += k;
             bytes = &bytes[k..];
             if self.cur.len == BUFFER {
@@ -326,10 +413,17 @@ impl ScatterWriter {
                 let mut done = 0;
                 while done < data.len() {
                     let n = (data.len() - done).min(BUFFER);
-                    let b = &mut bounce.0;
-                    b.len = n;
-                    b.mem[b.start..b.start + n].copy_from_slice(&data[done..done + n]);
-                    match f.write_all_at(b.data(), pos + done as u64) {
+                    // Data that is aligned in memory too (a copy's batches
+                    // are) goes as it is; other data through the bounce buffer.
+                    let chunk = if is_aligned(&data[done..done + n], 0) {
+                        &data[done..done + n]
+                    } else {
+                        let b = &mut bounce.0;
+                        b.len = n;
+                        b.buf[..n].copy_from_slice(&data[done..done + n]);
+                        b.data()
+                    };
+                    match f.write_all_at(chunk, pos + done as u64) {
                         Ok(()) => done += n,
                         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                             log::debug!("O_DIRECT write refused: writing buffered");
@@ -379,5 +473,51 @@ mod tests {
         file.write_all_at(b"x", 3).unwrap();
         want[3] = b'x';
         assert_eq!(std::fs::read(&path).unwrap(), want);
+    }
+
+    #[test]
+    fn aligned_buffers_keep_their_bytes_and_alignment_as_they_grow() {
+        let mut b = AlignedBuf::default();
+        let mut want = Vec::new();
+        for (round, len) in [1usize, 4095, 4096, 70_000, 70_001, 1 << 20].into_iter().enumerate() {
+            b.grow_to(len);
+            want.resize(len, 0);
+            assert_eq!(b.len(), len);
+            assert!((b.as_ptr() as usize).is_multiple_of(ALIGN), "round {round}: not aligned");
+            assert_eq!(&b[..], &want[..], "round {round}: bytes lost");
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = (i as u8).wrapping_mul(round as u8 + 3);
+            }
+            want.copy_from_slice(&b);
+        }
+        b.grow_to(10);
+        assert_eq!(b.len(), 1 << 20, "never shrinks");
+    }
+
+    #[test]
+    fn direct_reads_give_the_file_bytes_and_stop_where_they_cannot_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in");
+        // Three blocks and 100 bytes: the file ends inside a block.
+        let bytes: Vec<u8> = (0..3 * ALIGN + 100).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let Some(direct) = reopen_direct(&file) else {
+            // A file system without O_DIRECT (tmpfs): reads stay buffered.
+            return;
+        };
+        // The caller's descriptor stays buffered: an unaligned read works.
+        let mut one = [0u8; 3];
+        file.read_exact_at(&mut one, 5).unwrap();
+        assert_eq!(one, bytes[5..8]);
+        let mut buf = AlignedBuf::with_len(4 * ALIGN);
+        let n = read_direct(&direct, &mut buf, 0).unwrap();
+        assert!(n >= 3 * ALIGN && n <= bytes.len(), "read {n} bytes");
+        assert_eq!(&buf[..n], &bytes[..n]);
+        // Unaligned offset, or unaligned memory: nothing is read directly.
+        assert_eq!(read_direct(&direct, &mut buf[..ALIGN], 512).unwrap(), 0);
+        assert_eq!(read_direct(&direct, &mut buf[1..ALIGN + 1], 0).unwrap(), 0);
+        assert_eq!(read_direct(&direct, &mut buf[..ALIGN], ALIGN as u64).unwrap(), ALIGN);
+        assert_eq!(&buf[..ALIGN], &bytes[ALIGN..2 * ALIGN]);
     }
 }
