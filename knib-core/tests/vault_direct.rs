@@ -2,7 +2,8 @@
 //! against a real S3 server (Ceph RGW, `scripts/ceph.sh`; see
 //! `common/s3.rs`): a chain written directly and restored from the bucket
 //! byte-identical; the parent must be in the vault; the multipart sink's
-//! memory bound, its single PUT and its header patch.
+//! memory bound (its parts are in spool files), its single PUT and its
+//! header patch; an image of many parts, plain and compressed.
 
 mod common;
 #[path = "common/s3.rs"]
@@ -145,12 +146,14 @@ fn the_sink_holds_at_most_its_bound_and_sends_every_byte_in_order() {
     }
     let p = s3::Prefix::new("direct-sink");
     let vault = Vault::open(&p.location()).unwrap();
+    let spool = tempfile::tempdir().unwrap();
+    let spooled_names = || std::fs::read_dir(spool.path()).unwrap().count();
     for parallel in [1usize, 3] {
         let opts = SyncOptions { part_size: 5 << 20, parallel_parts: parallel, ..Default::default() };
         let rel = format!("vms/vm1/x/p{parallel}.qcow2");
         let record = format!("uploads/vm1/x/p{parallel}.json");
         let data = stream(parallel as u64, (37 << 20) + 12345);
-        let mut sink = VaultSink::new(&vault, &rel, &record, &opts, true).unwrap();
+        let mut sink = VaultSink::new(&vault, &rel, &record, &opts, true, spool.path()).unwrap();
         // Appends of odd sizes, and runs of zeros.
         let mut off = 0;
         let mut n = 1;
@@ -162,9 +165,12 @@ fn the_sink_holds_at_most_its_bound_and_sends_every_byte_in_order() {
         }
         sink.append_zeros(100_000).unwrap();
         let bound = sink.bound();
-        // Hashed: written front to back, part 0 is not kept.
-        assert_eq!(bound, parallel * (5 << 20));
+        // The parts are in spool files: in memory, small buffers only.
+        assert!(bound <= (256 << 10) + parallel * (512 << 10), "{bound}");
         assert!(sink.peak_buffered() <= bound, "{} > {bound}", sink.peak_buffered());
+        // Hashed: written front to back, part 0 is not kept.
+        assert!(sink.peak_spooled() <= parallel as u64 * (5 << 20), "{}", sink.peak_spooled());
+        assert_eq!(spooled_names(), 0, "the spool files have no names");
         let (len, hash) = sink.finish().unwrap();
         let mut want = data.clone();
         want.resize(want.len() + 100_000, 0);
@@ -175,19 +181,24 @@ fn the_sink_holds_at_most_its_bound_and_sends_every_byte_in_order() {
     }
     // The peak, measured on a sink that is not finished yet.
     let opts = SyncOptions { part_size: 5 << 20, parallel_parts: 2, ..Default::default() };
-    let mut sink = VaultSink::new(&vault, "vms/vm1/x/peak.qcow2", "uploads/vm1/x/peak.json", &opts, false).unwrap();
+    let mut sink =
+        VaultSink::new(&vault, "vms/vm1/x/peak.qcow2", "uploads/vm1/x/peak.json", &opts, false, spool.path()).unwrap();
     let chunk = stream(9, 1 << 20);
     for _ in 0..40 {
         sink.append(&chunk).unwrap();
         assert!(sink.peak_buffered() <= sink.bound(), "{} > {}", sink.peak_buffered(), sink.bound());
+        // Part 0 kept for a patch, one being filled, one in flight.
+        assert!(sink.peak_spooled() <= 3 * (5 << 20), "{}", sink.peak_spooled());
     }
-    assert!(sink.peak_buffered() >= 2 * (5 << 20), "parts were held: {}", sink.peak_buffered());
+    assert!(sink.peak_buffered() > 0 && sink.bound() < 2 << 20, "{} {}", sink.peak_buffered(), sink.bound());
+    assert!(sink.peak_spooled() >= 2 * (5 << 20), "parts were held in spool files: {}", sink.peak_spooled());
     // Dropped unfinished: the upload is aborted, nothing is visible.
     drop(sink);
     assert!(!p.keys().keys().any(|k| k.contains("peak")), "{:?}", p.keys());
 
     // One small part: one PUT; a patch of the first part, not hashed.
-    let mut sink = VaultSink::new(&vault, "vms/vm1/x/small", "uploads/vm1/x/small.json", &opts, true).unwrap();
+    let mut sink =
+        VaultSink::new(&vault, "vms/vm1/x/small", "uploads/vm1/x/small.json", &opts, true, spool.path()).unwrap();
     sink.append(&stream(3, 70_000)).unwrap();
     sink.patch(10, b"HEADER").unwrap();
     assert!(sink.patch(69_999, b"xy").is_err());
@@ -196,6 +207,64 @@ fn the_sink_holds_at_most_its_bound_and_sends_every_byte_in_order() {
     let got = p.get("vms/vm1/x/small");
     assert_eq!(&got[10..16], b"HEADER");
     assert_eq!(got.len(), 70_000);
+    assert_eq!(spooled_names(), 0);
+}
+
+#[test]
+fn an_image_of_many_parts_is_sent_from_spool_files_plain_and_compressed() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("direct-many");
+    let w = tempfile::tempdir().unwrap();
+    // 64 MiB of guest, 27 MiB of it random (not compressed away): more
+    // than 5 parts of 5 MiB, plain or compressed.
+    let raw = w.path().join("root.raw");
+    let mut bytes = stream(21, 24 << 20);
+    bytes.resize(40 << 20, 0);
+    bytes.extend(stream(22, 3 << 20));
+    bytes.resize(64 << 20, 0);
+    std::fs::write(&raw, &bytes).unwrap();
+    drop(bytes);
+    let disk = w.path().join("root.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let reference = w.path().join("ref.qcow2");
+    snapshot(&disk, &reference);
+    let disks = vec![knib_core::catalog::DiskSpec { name: "root".into(), path: disk }];
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let vault = Vault::open(&p.location()).unwrap();
+    let send = SyncOptions::direct();
+    let bound = VaultSink::new(&vault, "vms/vm1/x/b", "uploads/vm1/x/b.json", &send, false, w.path()).unwrap().bound();
+    assert!(bound <= 2 << 20, "{bound}");
+    for compress in [None, Some(CompressionLibrary::Zstd)] {
+        let opts = BackupOptions { full: true, compress, ..Default::default() };
+        let m = vault.backup_direct(&store, "vm1", &disks, &opts, &send, &ctl()).unwrap();
+        assert_eq!(m.compression.is_some(), compress.is_some());
+        let size = m.volumes[0].size;
+        assert!(size > 5 * (5 << 20), "{compress:?}: {size} bytes is not more than 5 parts");
+        // The parts went through spool files: the sink's memory stayed small.
+        let peak = vault.part_memory_peak();
+        assert!(peak > 0 && peak <= bound as u64, "{compress:?}: {peak} bytes of parts in memory (bound {bound})");
+        // Nothing of them is left in the store.
+        let left: Vec<_> = std::fs::read_dir(sdir.path().join("vms/vm1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ".lock")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let to = w.path().join(format!("restored-{}.qcow2", compress.is_some()));
+        let done = vault.restore(&m.id, "root", &to, ImageFormat::Qcow2, true, &ctl()).unwrap();
+        assert!(done.verified);
+        assert_identical(&to, &reference);
+        assert_check_clean(&to);
+    }
 }
 
 #[test]

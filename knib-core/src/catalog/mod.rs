@@ -177,6 +177,13 @@ impl Store {
         self.root.join("vms").join(vm)
     }
 
+    /// The directory of `vm` (`vms/<vm>/`, made by [`Store::lock_vm`]),
+    /// where an operation that holds the VM's lock keeps its work in
+    /// progress: a backup's `.<id>.part/`, a direct backup's spool files.
+    pub(crate) fn vm_work_dir(&self, vm: &str) -> PathBuf {
+        self.vm_dir(vm)
+    }
+
     /// `vm_dir` relative to the root, for [`confine`].
     fn vm_rel(vm: &str) -> PathBuf {
         Path::new("vms").join(vm)

@@ -32,6 +32,12 @@ pub(super) fn parse_location(location: &str) -> Result<(String, String)> {
     Ok((bucket.to_string(), prefix.to_string()))
 }
 
+/// How a failed request is retried: by the S3 client, and by a direct
+/// backup for the parts it sends itself (`spool`).
+pub(super) fn retry() -> RetryConfig {
+    RetryConfig { backoff: BackoffConfig::default(), max_retries: 5, retry_timeout: Duration::from_secs(120) }
+}
+
 /// What the environment and the config files say.
 #[derive(Default)]
 pub(super) struct Settings {
@@ -118,17 +124,16 @@ impl Settings {
         [&self.access_key, &self.secret_key, &self.token].into_iter().flatten().cloned().collect()
     }
 
+    /// The region requests are signed for: the one configured, else
+    /// `us-east-1`.
+    pub(super) fn region(&self) -> String {
+        self.region.clone().unwrap_or_else(|| "us-east-1".to_string())
+    }
+
     /// The client for `bucket`: path-style requests (what a local server
     /// and Ceph RGW expect), retries with backoff on transient failures.
     pub(super) fn build(&self, bucket: &str) -> object_store::Result<AmazonS3> {
-        let mut b = AmazonS3Builder::new()
-            .with_bucket_name(bucket)
-            .with_region(self.region.clone().unwrap_or_else(|| "us-east-1".to_string()))
-            .with_retry(RetryConfig {
-                backoff: BackoffConfig::default(),
-                max_retries: 5,
-                retry_timeout: Duration::from_secs(120),
-            });
+        let mut b = AmazonS3Builder::new().with_bucket_name(bucket).with_region(self.region()).with_retry(retry());
         if let Some(e) = &self.endpoint {
             b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
         }

@@ -1,6 +1,7 @@
 //! A backup written straight to a vault from the single-pass copy: each
 //! volume's qcow2 image goes from the native copy into a [`VaultSink`], a
-//! multipart upload, without a local file; the manifest is written last.
+//! multipart upload, without a copy of the image on local disk; the
+//! manifest is written last.
 //!
 //! # Invariants
 //!
@@ -10,16 +11,22 @@
 //!   chain it continues is the vault's. Its parent must be in the vault:
 //!   when the disks' deltas follow a backup that is in the store but not
 //!   in the vault, the backup is refused (sync first, or take a full one).
-//! - A [`VaultSink`] holds at most `parallel_parts` parts of memory (the
-//!   part being filled and those being sent), and one more for a
-//!   compressed image: its first part, kept until the end so that the
-//!   header can be written into it. Parts are `part_size` bytes; past
-//!   [`GROW_AFTER`] parts (an object of more than 24 GiB at 5 MiB) each
-//!   further [`GROW_EVERY`] parts double in size, so that an object of up
-//!   to 327 GiB at 5 MiB fits in S3's 10,000 parts.
-//!   An image of one part goes up as one PUT; a larger one as a multipart
-//!   upload recorded under `uploads/` before its first part is sent, as a
-//!   sync records them.
+//! - A [`VaultSink`] holds its parts in spool files, not in memory
+//!   (module `spool`): anonymous temporary files (unlinked: nothing is left
+//!   of them after a crash) in the VM's directory of the store, which the
+//!   backup owns while it holds the VM's lock. At most `parallel_parts`
+//!   parts are filled or in flight at once, and one more for a compressed
+//!   image: its first part, kept until the end so that the header can be
+//!   written into it (a positioned write into its file). Parts are
+//!   `part_size` bytes; past [`GROW_AFTER`] parts (an object of more than
+//!   24 GiB at 5 MiB) each further [`GROW_EVERY`] parts double in size, so
+//!   that an object of up to 327 GiB at 5 MiB fits in S3's 10,000 parts.
+//!   An image of one part goes up as one PUT (streamed from its spool file
+//!   the same way: no upload to record, and a crash before it leaves
+//!   nothing); a larger one as a multipart upload recorded under
+//!   `uploads/` before its first part is sent, as a sync records them. A
+//!   PUT that fails on the way is sent again, read again from its file's
+//!   start, as often as the vault's S3 client retries its own requests.
 //! - Nothing is visible before the manifest: a copy that fails aborts its
 //!   upload and removes what the backup had completed; a process killed
 //!   part way leaves an upload record, or objects without a manifest, which
@@ -27,16 +34,49 @@
 //! - Every object's hash is that of the bytes sent, in file order; a
 //!   compressed image, whose header is written last into the first part,
 //!   is hashed by reading the completed object back (one GET of it).
+//!
+//! # Costs
+//!
+//! In memory, a sink holds small buffers only, whatever the part size: a
+//! write buffer of 256 KiB for the part being filled, and per part in
+//! flight at most two chunks of 256 KiB of its body (read from its file,
+//! queued in the HTTP client or being written to the connection):
+//! [`VaultSink::bound`], 1.75 MiB with the defaults, where holding the
+//! parts took 15 MiB (20 MiB compressed). On disk, the spool files take at
+//! most `parallel_parts` parts (`parallel_parts + 1` for a compressed
+//! image: 15 and 20 MiB with [`SyncOptions::direct`]; more once parts
+//! grow), freed as each part is sent. Every byte is written to a spool
+//! file and read back once more (twice if its PUT is retried): a copy into
+//! the page cache and out of it, CPU time but no disk read in practice, as
+//! a part is read back within seconds of being written; the spool files
+//! are never synced, and the kernel may write some of their pages back
+//! (memory it may reclaim, not the process's RSS).
+//!
+//! # Why not object_store's `put_part`
+//!
+//! The vault prefers a well-kept crate to code of its own (`vault`'s "Why
+//! `object_store`"), and everything else of the upload still goes through
+//! object_store: starting, completing and aborting it (`MultipartStore`),
+//! the upload records, the manifest, and the URL and signature of every
+//! part. But `put_part` takes the whole part as a `PutPayload` in memory,
+//! and a part is at least 5 MiB (S3's least): with the parts in flight and
+//! the one being filled, that is 15 to 20 MiB, which took a direct backup
+//! to 41 to 45 MiB of RSS, over issue 18's 32 MiB for any operation.
+//! object_store has no way to send a body it does not hold, so the parts
+//! are sent by the `spool` module: the same request, built and signed by
+//! object_store, with a body streamed from the part's spool file, and its
+//! answer read as `put_part` reads it.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, PutMode, PutPayload};
+use object_store::{ObjectStore, PutMode};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::spool::{Gauge, Sender, Spool, CHUNK, WINDOW, WRITE_BUF};
 use super::sync::{SyncOptions, UploadRecord, MIN_PART};
 use super::Vault;
 use crate::catalog::head::{decide_among, follows_of_plain_disks, Decision, Follows};
@@ -49,13 +89,16 @@ use crate::qcow2::Sink;
 
 type PartTask = tokio::task::JoinHandle<object_store::Result<PartId>>;
 
+// The sizes the docs give (module doc, `VaultSink::bound`).
+const _: () = assert!(WRITE_BUF == 256 << 10 && CHUNK == 256 << 10 && WINDOW == 2);
+
 /// Parts of a [`VaultSink`] sent at the part size asked for.
 pub const GROW_AFTER: usize = 5_000;
 /// Past [`GROW_AFTER`], the part size doubles every this many parts.
 pub const GROW_EVERY: usize = 1_000;
 
-/// A vault object written front to back as a multipart upload: the
-/// [`Sink`] of a direct backup's qcow2 writer.
+/// A vault object written front to back as a multipart upload, its parts
+/// held in spool files: the [`Sink`] of a direct backup's qcow2 writer.
 pub struct VaultSink {
     vault: Vault,
     /// The object's key (relative to the prefix), and its upload record's.
@@ -67,20 +110,29 @@ pub struct VaultSink {
     /// Whether part 0 is kept until [`VaultSink::finish`] (for
     /// [`VaultSink::patch`]), or sent as soon as a second part is needed.
     keep_first: bool,
-    /// Part 0, until it is sent.
-    first: Vec<u8>,
+    /// Where the spool files are made.
+    spool_dir: PathBuf,
+    /// Part 0, complete, until it is sent.
+    first: Option<Spool>,
     first_sent: bool,
-    /// The part being filled (number `next`, from 1 on).
-    cur: Vec<u8>,
+    /// The part being filled (number `next`): its spool file, and the last
+    /// bytes appended, not yet written to it.
+    filling: Option<Spool>,
+    buf: Vec<u8>,
     next: usize,
     /// The multipart upload, once a second part is needed.
     upload: Option<String>,
-    in_flight: VecDeque<(usize, usize, PartTask)>,
-    in_flight_bytes: usize,
+    /// How parts are sent, made for the first one.
+    sender: Option<Arc<Sender>>,
+    /// Parts in flight: number, bytes, task.
+    in_flight: VecDeque<(usize, u64, PartTask)>,
+    in_flight_bytes: u64,
     parts: Vec<Option<PartId>>,
     hasher: Option<Box<Xxh3>>,
     len: u64,
-    peak: usize,
+    /// Bytes in memory: the write buffer, the chunks of the parts' bodies.
+    gauge: Arc<Gauge>,
+    peak_spooled: u64,
     done: bool,
 }
 
@@ -94,11 +146,20 @@ impl VaultSink {
     /// A sink writing object `rel` (a `/`-separated path of checked names
     /// under the prefix), its upload recorded at `record`, in parts of
     /// `opts.part_size` bytes, `opts.parallel_parts` of them filled or in
-    /// flight at once; with `hash`, every byte appended is hashed in order
-    /// and the image is written front to back (part 0 is sent as soon as a
-    /// second part is needed: no [`VaultSink::patch`]); without it, part 0
-    /// is kept until the end, for the header of a compressed image.
-    pub fn new(vault: &Vault, rel: &str, record: &str, opts: &SyncOptions, hash: bool) -> Result<VaultSink> {
+    /// flight at once, each held in an anonymous spool file made in
+    /// `spool_dir` (a directory of the local disk the caller owns); with
+    /// `hash`, every byte appended is hashed in order and the image is
+    /// written front to back (part 0 is sent as soon as a second part is
+    /// needed: no [`VaultSink::patch`]); without it, part 0 is kept until
+    /// the end, for the header of a compressed image.
+    pub fn new(
+        vault: &Vault,
+        rel: &str,
+        record: &str,
+        opts: &SyncOptions,
+        hash: bool,
+        spool_dir: &Path,
+    ) -> Result<VaultSink> {
         check_part_size(opts.part_size)?;
         Ok(VaultSink {
             vault: vault.clone(),
@@ -108,17 +169,21 @@ impl VaultSink {
             part_size: opts.part_size,
             parallel: opts.parallel_parts.max(1),
             keep_first: !hash,
-            first: Vec::new(),
+            spool_dir: spool_dir.to_path_buf(),
+            first: None,
             first_sent: false,
-            cur: Vec::new(),
-            next: 1,
+            filling: None,
+            buf: Vec::new(),
+            next: 0,
             upload: None,
+            sender: None,
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
             parts: Vec::new(),
             hasher: hash.then(|| Box::new(Xxh3::new())),
             len: 0,
-            peak: 0,
+            gauge: Arc::new(Gauge::default()),
+            peak_spooled: 0,
             done: false,
         })
     }
@@ -133,16 +198,24 @@ impl VaultSink {
         self.len == 0
     }
 
-    /// The most bytes of parts the sink held at once (buffered or in flight).
+    /// The most bytes of parts the sink held in memory at once (its write
+    /// buffer and the chunks of the bodies being sent).
     pub fn peak_buffered(&self) -> usize {
-        self.peak
+        self.gauge.peak()
     }
 
-    /// The most bytes of parts it may hold (in its first
-    /// `GROW_AFTER` parts): `parallel_parts * part_size`, one part
-    /// more when it keeps part 0 for a patch.
+    /// The most bytes of parts it may hold in memory, whatever the part
+    /// size: its write buffer (256 KiB), and two chunks of 256 KiB of the
+    /// body of each part in flight (`parallel_parts` of them): 1.75 MiB
+    /// with [`SyncOptions::direct`].
     pub fn bound(&self) -> usize {
-        (self.parallel + usize::from(self.keep_first)) * self.part_size
+        WRITE_BUF + self.parallel * WINDOW * CHUNK
+    }
+
+    /// The most bytes of parts it held in spool files at once (at most
+    /// `parallel_parts` parts, one more when it keeps part 0 for a patch).
+    pub fn peak_spooled(&self) -> u64 {
+        self.peak_spooled
     }
 
     /// The size of part `idx`: the part size asked for, doubled every
@@ -152,27 +225,89 @@ impl VaultSink {
         self.part_size << doublings
     }
 
-    fn note_peak(&mut self) {
-        let held = self.first.len() + self.cur.len() + self.in_flight_bytes;
-        self.peak = self.peak.max(held);
+    fn note_spooled(&mut self) {
+        let held = self.first.as_ref().map_or(0, Spool::len)
+            + self.filling.as_ref().map_or(0, Spool::len)
+            + self.in_flight_bytes;
+        self.peak_spooled = self.peak_spooled.max(held);
     }
 
     fn name(&self) -> String {
         self.vault.inner.show(&self.key)
     }
 
+    fn spool_error(&self, what: &str, e: std::io::Error) -> KnibError {
+        KnibError::io(&format!("{}: cannot {what} a spool file in", self.name()), &self.spool_dir, e)
+    }
+
+    /// The bytes of the part being filled (in its file and its buffer).
+    fn filling_len(&self) -> u64 {
+        self.filling.as_ref().map_or(0, Spool::len) + self.buf.len() as u64
+    }
+
+    /// Write the buffered bytes into the part being filled.
+    fn flush(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let spool = self.filling.as_mut().expect("buffered bytes belong to a part being filled");
+        if let Err(e) = spool.append(&self.buf) {
+            return Err(self.spool_error("write", e));
+        }
+        self.buf.clear();
+        self.note_spooled();
+        Ok(())
+    }
+
+    /// Append `bytes` to the part being filled, through the buffer.
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.buf.len() + bytes.len() > WRITE_BUF {
+            self.flush()?;
+        }
+        if bytes.len() < WRITE_BUF {
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(WRITE_BUF);
+                self.gauge.add(self.buf.capacity());
+            }
+            self.buf.extend_from_slice(bytes);
+            return Ok(());
+        }
+        let spool = self.filling.as_mut().expect("a part being filled");
+        if let Err(e) = spool.append(bytes) {
+            return Err(self.spool_error("write", e));
+        }
+        self.note_spooled();
+        Ok(())
+    }
+
+    /// Free the write buffer (nothing more is appended).
+    fn release_buf(&mut self) {
+        self.gauge.sub(self.buf.capacity());
+        self.buf = Vec::new();
+    }
+
     /// Overwrite `bytes` at `offset`, inside the first part (the header of
     /// a compressed image); the hash taken so far is dropped.
     pub fn patch(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
-        let end = offset as usize + bytes.len();
-        if self.first_sent || end > self.first.len() {
+        let end = offset + bytes.len() as u64;
+        let first_len = match (&self.first, &self.filling) {
+            (Some(s), _) => s.len(),
+            (None, Some(_)) if self.next == 0 => self.filling_len(),
+            _ => 0,
+        };
+        if self.first_sent || end > first_len {
             return Err(KnibError::internal(format!(
-                "{}: a patch of bytes {offset}..{end} is outside the first part ({} bytes)",
-                self.name(),
-                self.first.len()
+                "{}: a patch of bytes {offset}..{end} is outside the first part ({first_len} bytes)",
+                self.name()
             )));
         }
-        self.first[offset as usize..end].copy_from_slice(bytes);
+        if self.first.is_none() {
+            self.flush()?;
+        }
+        let spool = self.first.as_ref().or(self.filling.as_ref()).expect("part 0 is held");
+        if let Err(e) = spool.write_at(offset, bytes) {
+            return Err(self.spool_error("write", e));
+        }
         self.hasher = None;
         Ok(())
     }
@@ -198,18 +333,49 @@ impl VaultSink {
         Ok(id)
     }
 
-    /// Send part `idx` (`data`), and wait until fewer than
+    /// How parts are sent (made once: the vault's HTTP client for parts).
+    fn sender(&mut self) -> Result<Arc<Sender>> {
+        if let Some(s) = &self.sender {
+            return Ok(Arc::clone(s));
+        }
+        let inner = &self.vault.inner;
+        let http = match inner.parts_http.get() {
+            Some(c) => c.clone(),
+            None => {
+                let _in_runtime = inner.rt.enter();
+                let c = super::spool::client().map_err(|e| {
+                    KnibError::internal(format!(
+                        "vault {}: cannot make an HTTP client: {}",
+                        inner.location,
+                        super::error_chain(&e)
+                    ))
+                })?;
+                inner.parts_http.get_or_init(|| c).clone()
+            }
+        };
+        let s = Arc::new(Sender {
+            s3: Arc::clone(&inner.s3),
+            http,
+            region: inner.region.clone(),
+            retry: super::config::retry(),
+            key: self.key.clone(),
+            gauge: Arc::clone(&self.gauge),
+        });
+        self.sender = Some(Arc::clone(&s));
+        Ok(s)
+    }
+
+    /// Send part `idx` (held in `spool`), and wait until fewer than
     /// `parallel_parts` are in flight.
-    fn send(&mut self, idx: usize, data: Vec<u8>) -> Result<()> {
+    fn send(&mut self, idx: usize, spool: Spool) -> Result<()> {
         let id = self.start()?;
         crate::crashpoint::durable_step(&format!("part {idx} of {}", self.name()));
-        let s3 = Arc::clone(&self.vault.inner.s3);
-        let k = self.key.clone();
-        let n = data.len();
-        let task = self.vault.inner.rt.spawn(async move { s3.put_part(&k, &id, idx, PutPayload::from(data)).await });
-        self.in_flight.push_back((idx, n, task));
+        let sender = self.sender()?;
+        let n = spool.len();
         self.in_flight_bytes += n;
-        self.note_peak();
+        self.note_spooled();
+        let task = self.vault.inner.rt.spawn(sender.put(Some(spool), Some((idx, id))));
+        self.in_flight.push_back((idx, n, task));
         while self.in_flight.len() >= self.parallel {
             self.wait_one()?;
         }
@@ -232,33 +398,41 @@ impl VaultSink {
         Ok(())
     }
 
+    /// The part being filled is full: part 0 is held (until a second part
+    /// is needed, or the end), the others are sent.
+    fn part_full(&mut self) -> Result<()> {
+        self.flush()?;
+        let spool = self.filling.take().expect("a part being filled");
+        let idx = self.next;
+        self.next += 1;
+        if idx == 0 {
+            self.first = Some(spool);
+            return Ok(());
+        }
+        self.send(idx, spool)
+    }
+
     fn append_inner(&mut self, mut bytes: &[u8]) -> Result<()> {
         if let Some(h) = self.hasher.as_mut() {
             h.update(bytes);
         }
         self.len += bytes.len() as u64;
         while !bytes.is_empty() {
-            if !self.keep_first && !self.first_sent && self.first.len() == self.part_size {
-                // A second part is needed: part 0 goes now.
-                let data = std::mem::take(&mut self.first);
-                self.first_sent = true;
-                self.send(0, data)?;
+            if self.filling.is_none() {
+                if !self.keep_first && self.first.is_some() {
+                    // A second part is needed: part 0 goes now.
+                    let first = self.first.take().expect("part 0");
+                    self.first_sent = true;
+                    self.send(0, first)?;
+                }
+                self.filling = Some(Spool::new(&self.spool_dir)?);
             }
-            let into_first = !self.first_sent && self.first.len() < self.part_size;
-            let size = if into_first { self.part_size } else { self.size_of_part(self.next) };
-            let buf = if into_first { &mut self.first } else { &mut self.cur };
-            if buf.capacity() == 0 {
-                buf.reserve_exact(size);
-            }
-            let k = (size - buf.len()).min(bytes.len());
-            buf.extend_from_slice(&bytes[..k]);
+            let size = self.size_of_part(self.next) as u64;
+            let k = (size - self.filling_len()).min(bytes.len() as u64) as usize;
+            self.write(&bytes[..k])?;
             bytes = &bytes[k..];
-            self.note_peak();
-            if !into_first && self.cur.len() == size {
-                let data = std::mem::take(&mut self.cur);
-                let idx = self.next;
-                self.next += 1;
-                self.send(idx, data)?;
+            if self.filling_len() == size {
+                self.part_full()?;
             }
         }
         Ok(())
@@ -273,31 +447,37 @@ impl VaultSink {
             self.abort();
         }
         self.done = true;
+        self.note_peak();
         r
+    }
+
+    /// Tell the vault handle how much memory the sink held at its peak.
+    fn note_peak(&self) {
+        let peak = self.gauge.peak() as u64;
+        self.vault.inner.part_memory_peak.fetch_max(peak, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn finish_inner(&mut self) -> Result<(u64, Option<String>)> {
         let name = self.name();
         let hash = self.hasher.take().map(|h| format!("{:032x}", h.digest128()));
-        if self.upload.is_none() && self.cur.is_empty() && !self.first_sent {
-            // One part: one PUT.
-            let data = std::mem::take(&mut self.first);
+        self.flush()?;
+        self.release_buf();
+        if self.upload.is_none() && (self.first.is_none() || self.filling.is_none()) {
+            // One part (or none): one PUT.
+            let spool = self.first.take().or_else(|| self.filling.take());
             crate::crashpoint::durable_step(&format!("upload of {name}"));
-            let s3 = Arc::clone(&self.vault.inner.s3);
-            let k = self.key.clone();
+            let sender = self.sender()?;
             self.vault
-                .block_on(async move { s3.put(&k, PutPayload::from(data)).await })
+                .block_on(sender.put(spool, None))
                 .map_err(|e| self.vault.inner.error(&format!("cannot send {name}"), &e))?;
             return Ok((self.len, hash));
         }
-        if !self.cur.is_empty() {
-            let data = std::mem::take(&mut self.cur);
+        if let Some(spool) = self.filling.take() {
             let idx = self.next;
             self.next += 1;
-            self.send(idx, data)?;
+            self.send(idx, spool)?;
         }
-        if !self.first_sent {
-            let first = std::mem::take(&mut self.first);
+        if let Some(first) = self.first.take() {
             self.first_sent = true;
             self.send(0, first)?;
         }
@@ -319,12 +499,16 @@ impl VaultSink {
     }
 
     /// Abort the upload (if started) and remove its record; errors are
-    /// logged (the next direct backup or sync of the VM cleans up).
+    /// logged (the next direct backup or sync of the VM cleans up). The
+    /// spool files go with the parts.
     fn abort(&mut self) {
         for (_, _, t) in self.in_flight.drain(..) {
             t.abort();
         }
         self.in_flight_bytes = 0;
+        self.first = None;
+        self.filling = None;
+        self.release_buf();
         if let Some(id) = self.upload.take() {
             let s3 = Arc::clone(&self.vault.inner.s3);
             let k = self.key.clone();
@@ -356,6 +540,7 @@ impl Drop for VaultSink {
     fn drop(&mut self) {
         if !self.done {
             self.abort();
+            self.note_peak();
         }
     }
 }
@@ -371,10 +556,11 @@ impl Vault {
     /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM)
     /// straight into the vault: full or incremental is decided from the
     /// vault's chain and `opts`, as [`Store::backup`] decides it from the
-    /// store's; `store` holds the VM's lock and settings (its data path),
-    /// nothing of the backup. Each volume is sent as it is copied
-    /// ([`VaultSink`], `send`'s part size and parallel parts); the
-    /// manifest is written last.
+    /// store's; `store` holds the VM's lock and settings (its data path)
+    /// and, while the backup runs, the spool files of its parts
+    /// (anonymous: nothing of them stays), nothing of the backup. Each
+    /// volume is sent as it is copied ([`VaultSink`], `send`'s part size
+    /// and parallel parts); the manifest is written last.
     pub fn backup_direct(
         &self,
         store: &Store,
@@ -421,7 +607,7 @@ impl Vault {
                 .map(|d| VolumeBackup {
                     name: d.name.clone(),
                     disk: d.path.clone(),
-                    dest: PathBuf::from(self.inner.show(&self.key(&format!("vms/{vm}/{id}/{}.qcow2", d.name)))),
+                    dest: PathBuf::from(self.inner.show(&self.key(&object_rel(vm, &id, &d.name)))),
                     parent: parent.as_ref().map(|p| crate::catalog::manifest::parent_file_ref(p, &d.name)),
                 })
                 .collect(),
@@ -431,10 +617,9 @@ impl Vault {
             compress: opts.compress,
         };
         let mut published = false;
+        let target = DirectTarget { vault: self, send, store };
         let mut copy_to = |v: &VolumeBackup, copy: &crate::qcow2::CopyOptions, ctl: &Control| -> Result<CopiedTo> {
-            let rel = format!("vms/{vm}/{id}/{}.qcow2", v.name);
-            let record = format!("uploads/{vm}/{id}/{}.qcow2.json", v.name);
-            self.copy_volume(&v.disk, &rel, &record, copy, send, ctl)
+            target.copy_volume(vm, &id, &v.name, &v.disk, copy, ctl)
         };
         let result = take_backup_direct(q, &req, ctl, &mut copy_to, &mut |vols| {
             manifest.volumes = crate::catalog::volume_entries(vols, disks, parent.as_ref());
@@ -481,7 +666,7 @@ impl Vault {
             Some(m) => m,
             None => store.vm_settings(vm.name())?.backup_method,
         };
-        let target = DirectTarget { vault: self, send };
+        let target = DirectTarget { vault: self, send, store };
         if method == crate::engine::BackupMethod::Bitmap {
             return store.backup_domain_bitmap_to(vm, opts, quiesce, Some(&target), ctl);
         }
@@ -498,43 +683,21 @@ impl Vault {
         ctl: &Control,
     ) -> Result<crate::catalog::live::RecoverOutcome> {
         let send = SyncOptions::direct();
-        let target = DirectTarget { vault: self, send: &send };
+        let target = DirectTarget { vault: self, send: &send, store };
         store.recover_domain_in(vm, Some(&target), ctl)
-    }
-
-    /// One volume's native copy from `disk` into object `rel`: its length,
-    /// hash and the guest bytes read.
-    fn copy_volume(
-        &self,
-        disk: &std::path::Path,
-        rel: &str,
-        record: &str,
-        copy: &crate::qcow2::CopyOptions,
-        send: &SyncOptions,
-        ctl: &Control,
-    ) -> Result<CopiedTo> {
-        let sink = VaultSink::new(self, rel, record, send, copy.compression.is_none())?;
-        // The send's rate limit, as a limit on what the copy reads.
-        let copy = crate::qcow2::CopyOptions { rate_limit_mbps: send.rate_limit_mbps, ..copy.clone() };
-        crate::crashpoint::durable_step(&format!("copy of {} to the vault", disk.display()));
-        let mut done = crate::qcow2::copy_image_to_sink(disk, sink, &copy, ctl, &mut |_| Ok(()))?;
-        if let Some(h) = &done.header {
-            done.sink.patch(0, h)?;
-        }
-        log::debug!(
-            "vault {}: {rel}: {} bytes, at most {} bytes of parts held (bound {})",
-            self.location(),
-            done.sink.len(),
-            done.sink.peak_buffered(),
-            done.sink.bound()
-        );
-        let (size, hash) = self.finish_sink(rel, done.sink)?;
-        Ok(CopiedTo { size, hash, bytes_read: done.report.bytes_read })
     }
 
     /// Complete object `rel`'s upload: its length and hash (a compressed
     /// image's, whose header went in last, read back once).
     fn finish_sink(&self, rel: &str, sink: VaultSink) -> Result<(u64, String)> {
+        log::debug!(
+            "vault {}: {rel}: {} bytes, at most {} bytes of parts in memory (bound {}), {} in spool files",
+            self.location(),
+            sink.len(),
+            sink.peak_buffered(),
+            sink.bound(),
+            sink.peak_spooled()
+        );
         let (size, hash) = sink.finish()?;
         let hash = match hash {
             Some(h) => h,
@@ -610,12 +773,63 @@ impl Vault {
     }
 }
 
-/// A domain backup's destination in a vault (see
-/// [`Vault::backup_domain_direct`]).
-#[cfg(feature = "libvirt")]
+/// Where a direct backup writes: the vault, how it sends, and the store
+/// whose VM directory holds the spool files of its parts (see
+/// [`Vault::backup_direct`], and `Vault::backup_domain_direct`).
 struct DirectTarget<'a> {
     vault: &'a Vault,
     send: &'a SyncOptions,
+    store: &'a Store,
+}
+
+/// The key (under the prefix) of volume `volume`'s object in backup `id`.
+fn object_rel(vm: &str, id: &str, volume: &str) -> String {
+    format!("vms/{vm}/{id}/{volume}.qcow2")
+}
+
+/// The key of the record of that object's upload.
+fn record_rel(vm: &str, id: &str, volume: &str) -> String {
+    format!("uploads/{vm}/{id}/{volume}.qcow2.json")
+}
+
+impl DirectTarget<'_> {
+    /// A sink of volume `volume`'s object in backup `id` of `vm`, its
+    /// parts spooled in the VM's directory of the store (made by
+    /// [`Store::lock_vm`], held for the backup).
+    fn sink(&self, vm: &str, id: &str, volume: &str, hash: bool) -> Result<VaultSink> {
+        let spool_dir = self.store.vm_work_dir(vm);
+        VaultSink::new(
+            self.vault,
+            &object_rel(vm, id, volume),
+            &record_rel(vm, id, volume),
+            self.send,
+            hash,
+            &spool_dir,
+        )
+    }
+
+    /// One volume's native copy from `disk` into its object: its length,
+    /// hash and the guest bytes read.
+    fn copy_volume(
+        &self,
+        vm: &str,
+        id: &str,
+        volume: &str,
+        disk: &std::path::Path,
+        copy: &crate::qcow2::CopyOptions,
+        ctl: &Control,
+    ) -> Result<CopiedTo> {
+        let sink = self.sink(vm, id, volume, copy.compression.is_none())?;
+        // The send's rate limit, as a limit on what the copy reads.
+        let copy = crate::qcow2::CopyOptions { rate_limit_mbps: self.send.rate_limit_mbps, ..copy.clone() };
+        crate::crashpoint::durable_step(&format!("copy of {} to the vault", disk.display()));
+        let mut done = crate::qcow2::copy_image_to_sink(disk, sink, &copy, ctl, &mut |_| Ok(()))?;
+        if let Some(h) = &done.header {
+            done.sink.patch(0, h)?;
+        }
+        let (size, hash) = self.vault.finish_sink(&object_rel(vm, id, volume), done.sink)?;
+        Ok(CopiedTo { size, hash, bytes_read: done.report.bytes_read })
+    }
 }
 
 #[cfg(feature = "libvirt")]
@@ -629,7 +843,7 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
     }
 
     fn dest(&self, vm: &str, id: &str, volume: &str) -> PathBuf {
-        PathBuf::from(self.vault.inner.show(&self.vault.key(&format!("vms/{vm}/{id}/{volume}.qcow2"))))
+        PathBuf::from(self.vault.inner.show(&self.vault.key(&object_rel(vm, id, volume))))
     }
 
     fn prepare(&self, vm: &str) -> Result<()> {
@@ -646,9 +860,7 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
         opts: &crate::qcow2::CopyOptions,
         ctl: &Control,
     ) -> Result<CopiedTo> {
-        let rel = format!("vms/{vm}/{id}/{}.qcow2", v.name);
-        let record = format!("uploads/{vm}/{id}/{}.qcow2.json", v.name);
-        self.vault.copy_volume(&v.disk, &rel, &record, opts, self.send, ctl)
+        self.copy_volume(vm, id, &v.name, &v.disk, opts, ctl)
     }
 
     fn copy_export(
@@ -662,8 +874,6 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
         compress: Option<crate::qcow2::CompressionType>,
         ctl: &Control,
     ) -> Result<(CopiedTo, u64)> {
-        let rel = format!("vms/{vm}/{id}/{}.qcow2", d.target);
-        let record = format!("uploads/{vm}/{id}/{}.qcow2.json", d.target);
         let what = format!("copy of NBD export {export} to vault {}", self.vault.location());
         crate::crashpoint::durable_step(&format!("copy of disk {} to the vault", d.target));
         let mut w = crate::engine::bitmap_copy::copy_export_to(
@@ -674,12 +884,12 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
             compress,
             ctl,
             &what,
-            &mut |_, hash| VaultSink::new(self.vault, &rel, &record, self.send, hash),
+            &mut |_, hash| self.sink(vm, id, &d.target, hash),
         )?;
         if let Some(h) = &w.header {
             w.sink.patch(0, h)?;
         }
-        let (size, hash) = self.vault.finish_sink(&rel, w.sink)?;
+        let (size, hash) = self.vault.finish_sink(&object_rel(vm, id, &d.target), w.sink)?;
         Ok((CopiedTo { size, hash, bytes_read: w.data_bytes }, w.virtual_size))
     }
 

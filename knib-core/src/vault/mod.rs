@@ -58,7 +58,10 @@
 //! fetches each object of the chain about once (the hash check reads what
 //! the copy skipped); a file-level restore fetches the qcow2 tables and the
 //! clusters of what it reads; verify fetches every object of the backup
-//! whole.
+//! whole. A backup written straight to the vault sends each object once,
+//! its parts written to spool files on the store's disk and read back
+//! once (at most `parallel_parts` parts of disk, one more compressed:
+//! module `direct`).
 //!
 //! # Memory
 //!
@@ -85,11 +88,13 @@
 //! direct backup: their peak is the same either way, and a compressed
 //! copy's many large buffers would each cost a mapping.)
 //!
-//! A backup written straight to a vault does not reach 32 MiB: the copy's
-//! own buffers (a backup into a store peaks at 26 to 27 MiB) plus the
-//! vault's client (6 MiB) plus its parts (15 MiB by default, 20 MiB
-//! compressed: [`SyncOptions::direct`]) peak at about 41 MiB (45 MiB
-//! compressed) for a 1 GiB disk.
+//! A backup written straight to a vault stays under 32 MiB too, since its
+//! parts are held in spool files instead of memory and sent with bodies
+//! streamed from them (module `direct`): the copy's own buffers (a backup
+//! into a store peaks at 26 to 27 MiB) plus the vault's client plus at
+//! most 1.75 MiB of the parts' buffers ([`VaultSink::bound`]) peak at
+//! 27.8 to 28.6 MiB, compressed or not, for a 1 GiB disk (41 MiB, 45 MiB
+//! compressed, when the parts were held in memory).
 //!
 //! # Why `object_store`
 //!
@@ -97,7 +102,11 @@
 //! signing, retries with backoff, multipart uploads with explicit ids
 //! (`MultipartStore`, which a resumable upload needs), conditional puts and
 //! ranged GETs, with the usual `AWS_*` environment variables. The AWS SDK
-//! does the same with several times the dependencies. It is async: a
+//! does the same with several times the dependencies. One request is not
+//! sent by it: a direct backup's parts go in PUTs that object_store names
+//! and signs but knib sends, with a body streamed from a spool file
+//! (object_store's `put_part` holds the whole part in memory; module
+//! `direct` says why that matters). object_store is async: a
 //! vault runs a small private tokio runtime (one worker thread) and the
 //! rest of knib stays synchronous; every call into it blocks on that
 //! runtime, so a vault must not be used from inside another tokio runtime.
@@ -110,6 +119,7 @@ mod object;
 mod read;
 #[cfg(feature = "libvirt")]
 pub mod serve;
+mod spool;
 mod sync;
 
 use std::collections::BTreeSet;
@@ -192,10 +202,17 @@ pub(crate) struct Inner {
     prefix: String,
     /// The credentials' strings, blanked out of every message.
     secrets: Vec<String>,
+    /// The region requests are signed for (the S3 client's).
+    region: String,
+    /// The HTTP client that sends a direct backup's parts (`spool`), made
+    /// for the first one.
+    parts_http: std::sync::OnceLock<reqwest::Client>,
     /// Bytes fetched by GET requests (ranged or whole).
     fetched: AtomicU64,
     /// GET requests made.
     gets: AtomicU64,
+    /// The most bytes of parts one direct backup's sink held in memory.
+    part_memory_peak: AtomicU64,
 }
 
 impl std::fmt::Debug for Vault {
@@ -235,8 +252,11 @@ impl Vault {
                 location,
                 prefix,
                 secrets,
+                region: settings.region(),
+                parts_http: std::sync::OnceLock::new(),
                 fetched: AtomicU64::new(0),
                 gets: AtomicU64::new(0),
+                part_memory_peak: AtomicU64::new(0),
             }),
         };
         v.probe()?;
@@ -256,6 +276,13 @@ impl Vault {
     /// GET requests made by this handle so far.
     pub fn get_requests(&self) -> u64 {
         self.inner.gets.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes of parts that one [`VaultSink`] of this handle (a
+    /// volume of a backup written straight to the vault) held in memory at
+    /// once, so far ([`VaultSink::peak_buffered`]).
+    pub fn part_memory_peak(&self) -> u64 {
+        self.inner.part_memory_peak.load(Ordering::Relaxed)
     }
 
     /// One cheap request, so that a missing bucket or refused credentials

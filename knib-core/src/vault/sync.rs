@@ -77,10 +77,11 @@ impl SyncOptions {
     /// The default of a backup written straight to the vault: parts of
     /// 5 MiB, 3 filled or in flight (so that 2 are sent while the copy
     /// fills the next: filling takes as long as the copy, where a sync's
-    /// read of a part is quick), so that its upload holds at most 15 MiB
-    /// of parts beside the copy's own memory (20 MiB for a compressed
-    /// image, whose first part is kept until its header is written:
-    /// [`super::VaultSink::bound`]).
+    /// read of a part is quick). The parts are held in spool files, at
+    /// most 15 MiB of them (20 MiB for a compressed image, whose first
+    /// part is kept until its header is written), and sent from there:
+    /// its upload holds 1.75 MiB of memory at most beside the copy's own
+    /// ([`super::VaultSink::bound`]).
     pub fn direct() -> Self {
         SyncOptions { parallel_parts: 3, ..SyncOptions::default() }
     }

@@ -1,0 +1,471 @@
+//! The parts of a backup written straight to the vault ([`super::VaultSink`],
+//! module `direct`), held on disk and sent with streamed bodies.
+//!
+//! Each part is written to a spool file: an anonymous temporary file
+//! (`tempfile::tempfile_in`: `O_TMPFILE`, or made and unlinked at once) in
+//! a directory of the local disk that the backup owns, so that nothing of
+//! it is left when the process ends, killed or not. A part is sent by one
+//! PUT whose body is read back from its file in chunks of [`CHUNK`] bytes
+//! (a blocking read of the runtime's blocking pool), at most [`WINDOW`]
+//! chunks of a part in memory at once: read, queued in the HTTP client, or
+//! being written to its connection (each chunk holds a permit of its
+//! part's window until the client drops it). A PUT that fails on the way
+//! (no answer, a 5xx, 408 or 429) is sent again, its body read again from
+//! the file's start, as the vault's S3 client retries its own requests
+//! (`config::retry`: the same number of retries, backoff and time limit).
+//!
+//! The request is the one object_store's `put_part` makes, and is made by
+//! object_store wherever it can be: the object's URL is its
+//! `Signer::signed_url` with the query dropped (its endpoint, bucket,
+//! path-style and key encoding), plus `partNumber=<idx + 1>` and
+//! `uploadId` as `put_part` adds them; the headers are signed by its
+//! `AwsAuthorizer` with the credentials of its provider, with an unsigned
+//! payload (`UNSIGNED-PAYLOAD`: a streamed body is not hashed before it is
+//! sent); the part's id is the answer's `ETag` header, taken as `put_part`
+//! takes it, so that `complete_multipart` and `abort_multipart` go through
+//! object_store's `MultipartStore` unchanged. What is knib's is the
+//! sending: a `reqwest` client (the crate and TLS object_store uses, with
+//! its default timeouts) and a body streamed from the file.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use object_store::aws::{AmazonS3, AwsAuthorizer};
+use object_store::client::{HttpRequest, HttpRequestBody};
+use object_store::multipart::PartId;
+use object_store::path::Path as Key;
+use object_store::signer::Signer;
+use object_store::RetryConfig;
+use reqwest::header::{CONTENT_LENGTH, ETAG};
+use reqwest::{Method, StatusCode};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{KnibError, Result};
+
+/// Bytes of a spool file read at a time for a part's body.
+pub(super) const CHUNK: usize = 256 << 10;
+/// Chunks of one part's body in memory at once.
+pub(super) const WINDOW: usize = 2;
+/// The write buffer of the part being filled (small appends are gathered
+/// into one write of the spool file).
+pub(super) const WRITE_BUF: usize = 256 << 10;
+
+/// Bytes of parts in memory (the write buffer, the chunks of the bodies
+/// being sent), now and at their peak.
+#[derive(Debug, Default)]
+pub(super) struct Gauge {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl Gauge {
+    pub(super) fn add(&self, n: usize) {
+        let now = self.now.fetch_add(n, Ordering::Relaxed) + n;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    pub(super) fn sub(&self, n: usize) {
+        self.now.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub(super) fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+/// One part's bytes, in an anonymous file of the spool directory (gone
+/// when it is dropped, or when the process ends).
+#[derive(Debug)]
+pub(super) struct Spool {
+    file: File,
+    len: u64,
+}
+
+impl Spool {
+    /// An empty spool file in `dir`.
+    pub(super) fn new(dir: &Path) -> Result<Spool> {
+        let file = tempfile::tempfile_in(dir).map_err(|e| KnibError::io("cannot make a spool file in", dir, e))?;
+        Ok(Spool { file, len: 0 })
+    }
+
+    /// Bytes written.
+    pub(super) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Append `bytes`.
+    pub(super) fn append(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, self.len)?;
+        self.len += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Overwrite bytes already written, from `offset` on.
+    pub(super) fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        debug_assert!(offset + bytes.len() as u64 <= self.len);
+        self.file.write_all_at(bytes, offset)
+    }
+}
+
+/// The HTTP client of the parts, set as object_store sets its own by
+/// default: HTTP/1.1 only, 5 s to connect, 30 s for a request.
+pub(super) fn client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("knib/", env!("CARGO_PKG_VERSION")))
+        .http1_only()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .build()
+}
+
+/// Where a direct backup's parts go and how: the object, the S3 client
+/// that names and signs, the HTTP client that sends.
+pub(super) struct Sender {
+    pub(super) s3: Arc<AmazonS3>,
+    pub(super) http: reqwest::Client,
+    /// The region requests are signed for (the S3 client's).
+    pub(super) region: String,
+    pub(super) retry: RetryConfig,
+    pub(super) key: Key,
+    /// Counts the chunks of the bodies in memory.
+    pub(super) gauge: Arc<Gauge>,
+}
+
+/// Why one PUT failed, and whether it is worth sending again.
+struct Failed {
+    message: String,
+    retry: bool,
+}
+
+impl Sender {
+    /// Send `spool` (`None`: no bytes) as part `idx` of multipart upload
+    /// `id` (`part`), or as the whole object (`part` is `None`): the part's
+    /// id, as object_store's `put_part` makes it (the whole object's is
+    /// its ETag too, or empty). Retried as the vault's S3 client retries.
+    pub(super) async fn put(
+        self: Arc<Self>,
+        spool: Option<Spool>,
+        part: Option<(usize, String)>,
+    ) -> object_store::Result<PartId> {
+        let (file, len) = match spool {
+            Some(s) => (Some(Arc::new(s.file)), s.len),
+            None => (None, 0),
+        };
+        let what = match &part {
+            Some((idx, _)) => format!("part {idx} ({len} bytes)"),
+            None => format!("the object ({len} bytes, one PUT)"),
+        };
+        let start = Instant::now();
+        let mut wait = self.retry.backoff.init_backoff;
+        let mut retries = 0;
+        loop {
+            match self.put_once(file.clone(), len, part.as_ref()).await {
+                Ok(content_id) => return Ok(PartId { content_id }),
+                Err(f)
+                    if f.retry
+                        && retries < self.retry.max_retries
+                        && start.elapsed() + wait <= self.retry.retry_timeout =>
+                {
+                    retries += 1;
+                    log::info!(
+                        "{}: {what}: {} (sent again in {wait:?}, retry {retries} of {})",
+                        self.key,
+                        f.message,
+                        self.retry.max_retries
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = wait.mul_f64(self.retry.backoff.base).min(self.retry.backoff.max_backoff);
+                }
+                Err(f) => {
+                    let after = if retries > 0 { format!(" (after {retries} retries)") } else { String::new() };
+                    return Err(object_store::Error::Generic {
+                        store: "S3",
+                        source: format!("{what}: {}{after}", f.message).into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// One PUT of the file's `len` bytes: the answer's ETag.
+    async fn put_once(
+        &self,
+        file: Option<Arc<File>>,
+        len: u64,
+        part: Option<&(usize, String)>,
+    ) -> std::result::Result<String, Failed> {
+        let fatal = |e: &dyn std::error::Error| Failed { message: super::error_chain(e), retry: false };
+        let credential = self.s3.credentials().get_credential().await.map_err(|e| fatal(&e))?;
+        let mut url =
+            self.s3.signed_url(Method::PUT, &self.key, Duration::from_secs(3600)).await.map_err(|e| fatal(&e))?;
+        url.set_query(None);
+        if let Some((idx, id)) = part {
+            url.query_pairs_mut().append_pair("partNumber", &(idx + 1).to_string()).append_pair("uploadId", id);
+        }
+        // A request without its body, only for its signed headers.
+        let mut signed = HttpRequest::new(HttpRequestBody::empty());
+        *signed.method_mut() = Method::PUT;
+        *signed.uri_mut() = url.as_str().parse().map_err(|e| fatal(&e))?;
+        AwsAuthorizer::new(&credential, "s3", &self.region).with_sign_payload(false).authorize(&mut signed, None);
+        let body = match file {
+            Some(f) if len > 0 => reqwest::Body::wrap_stream(chunks(f, len, Arc::clone(&self.gauge))),
+            _ => reqwest::Body::from(Bytes::new()),
+        };
+        let sent =
+            self.http.put(url).headers(signed.headers().clone()).header(CONTENT_LENGTH, len).body(body).send().await;
+        let answer = sent.map_err(|e| Failed { message: super::error_chain(&e), retry: true })?;
+        let status = answer.status();
+        if status.is_success() {
+            return match answer.headers().get(ETAG).map(|v| v.to_str()) {
+                Some(Ok(etag)) => Ok(etag.to_string()),
+                None if part.is_none() => Ok(String::new()),
+                None => Err(Failed { message: "the answer has no ETag header".into(), retry: false }),
+                Some(Err(e)) => {
+                    Err(Failed { message: format!("the answer's ETag header is not text: {e}"), retry: false })
+                }
+            };
+        }
+        let retry = status.is_server_error()
+            || status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        Err(Failed { message: format!("HTTP status {status}: {}", first_bytes(answer, 512).await), retry })
+    }
+}
+
+/// The first `max` bytes of an answer's body, as one line of text.
+async fn first_bytes(mut answer: reqwest::Response, max: usize) -> String {
+    let mut got = Vec::new();
+    while got.len() < max {
+        match answer.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c[..c.len().min(max - got.len())]),
+            _ => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got).replace(['\r', '\n'], " ");
+    if text.trim().is_empty() {
+        "(no body)".to_string()
+    } else {
+        text.trim().to_string()
+    }
+}
+
+/// One chunk of a body: counted by the gauge, and holding a permit of its
+/// part's window, until the HTTP client drops it.
+struct Chunk {
+    buf: Vec<u8>,
+    gauge: Arc<Gauge>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Chunk {
+    fn new(n: usize, gauge: Arc<Gauge>, permit: OwnedSemaphorePermit) -> Chunk {
+        gauge.add(n);
+        Chunk { buf: vec![0; n], gauge, _permit: permit }
+    }
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.gauge.sub(self.buf.len());
+    }
+}
+
+/// The `len` bytes of `file` from its start, in chunks of [`CHUNK`], at
+/// most [`WINDOW`] of them alive at once.
+fn chunks(
+    file: Arc<File>,
+    len: u64,
+    gauge: Arc<Gauge>,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let window = Arc::new(Semaphore::new(WINDOW));
+    futures::stream::try_unfold(0u64, move |off| {
+        read_chunk(Arc::clone(&file), off, len, Arc::clone(&gauge), Arc::clone(&window))
+    })
+}
+
+/// The chunk of `file` at `off` (none at `len`), once the window has room
+/// for it, and the offset of the next.
+async fn read_chunk(
+    file: Arc<File>,
+    off: u64,
+    len: u64,
+    gauge: Arc<Gauge>,
+    window: Arc<Semaphore>,
+) -> std::io::Result<Option<(Bytes, u64)>> {
+    if off >= len {
+        return Ok(None);
+    }
+    let permit = window.acquire_owned().await.map_err(std::io::Error::other)?;
+    let mut chunk = Chunk::new((len - off).min(CHUNK as u64) as usize, gauge, permit);
+    let chunk = tokio::task::spawn_blocking(move || file.read_exact_at(&mut chunk.buf, off).map(|()| chunk))
+        .await
+        .map_err(std::io::Error::other)??;
+    let next = off + chunk.buf.len() as u64;
+    Ok(Some((Bytes::from_owner(chunk), next)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
+    /// A request as a fake S3 server got it.
+    struct Got {
+        line: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    }
+
+    impl Got {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// A server on loopback that answers each request, one connection
+    /// each, with the next of `answers`; the requests it got.
+    fn serve(answers: Vec<&'static str>) -> (u16, std::thread::JoinHandle<Vec<Got>>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for answer in answers {
+                let (s, _) = l.accept().unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                let mut headers = Vec::new();
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    let (k, v) = h.split_once(':').unwrap();
+                    headers.push((k.trim().to_lowercase(), v.trim().to_string()));
+                }
+                let n: usize = headers.iter().find(|(k, _)| k == "content-length").unwrap().1.parse().unwrap();
+                let mut body = vec![0; n];
+                r.read_exact(&mut body).unwrap();
+                (&s).write_all(answer.as_bytes()).unwrap();
+                got.push(Got { line: line.trim_end().to_string(), headers, body });
+            }
+            got
+        });
+        (port, t)
+    }
+
+    fn sender(port: u16, gauge: &Arc<Gauge>) -> Arc<Sender> {
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("bucket")
+            .with_region("eu-west-3")
+            .with_endpoint(format!("http://127.0.0.1:{port}"))
+            .with_allow_http(true)
+            .with_access_key_id("AKIDTEST")
+            .with_secret_access_key("SECRETTEST")
+            .build()
+            .unwrap();
+        let mut retry = crate::vault::config::retry();
+        retry.backoff.init_backoff = Duration::from_millis(10);
+        Arc::new(Sender {
+            s3: Arc::new(s3),
+            http: client().unwrap(),
+            region: "eu-west-3".into(),
+            retry,
+            key: Key::from("vms/vm1/b1/root disk.qcow2"),
+            gauge: Arc::clone(gauge),
+        })
+    }
+
+    fn spool_of(dir: &Path, bytes: &[u8]) -> Spool {
+        let mut s = Spool::new(dir).unwrap();
+        for piece in bytes.chunks(100_000) {
+            s.append(piece).unwrap();
+        }
+        s
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn a_part_is_streamed_from_its_file_signed_and_sent_again_after_a_5xx() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..(CHUNK * 3 + 12_345)).map(|i| (i * 7 % 251) as u8).collect();
+        let (port, server) = serve(vec![
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 9\r\nConnection: close\r\n\r\nSlowDown!",
+            "HTTP/1.1 200 OK\r\nETag: \"e7a9\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ]);
+        let gauge = Arc::new(Gauge::default());
+        let s = sender(port, &gauge);
+        let part = rt().block_on(s.put(Some(spool_of(dir.path(), &bytes)), Some((2, "2~up/id+x".into())))).unwrap();
+        // The ETag as the answer has it, as object_store's put_part takes it.
+        assert_eq!(part.content_id, "\"e7a9\"");
+        let got = server.join().unwrap();
+        assert_eq!(got.len(), 2, "sent again after the 503");
+        for g in &got {
+            // object_store's URL (path-style, the key encoded), part idx + 1.
+            assert_eq!(
+                g.line,
+                "PUT /bucket/vms/vm1/b1/root%20disk.qcow2?partNumber=3&uploadId=2%7Eup%2Fid%2Bx HTTP/1.1"
+            );
+            assert_eq!(g.header("content-length"), Some(bytes.len().to_string().as_str()));
+            assert_eq!(g.header("x-amz-content-sha256"), Some("UNSIGNED-PAYLOAD"));
+            let auth = g.header("authorization").unwrap();
+            assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDTEST/"), "{auth}");
+            assert!(auth.contains("/eu-west-3/s3/aws4_request"), "{auth}");
+            assert!(!auth.contains("SECRETTEST"));
+            assert!(g.body == bytes, "the body is the file's bytes, read again from its start");
+        }
+        // In memory: at most a window of chunks.
+        assert!(gauge.peak() > 0 && gauge.peak() <= WINDOW * CHUNK, "{}", gauge.peak());
+        assert_eq!(gauge.now.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_refused_part_is_an_error_naming_the_part_the_status_and_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, server) = serve(vec![
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 47\r\nConnection: close\r\n\r\n<Error><Code>AccessDenied</Code></Error>\n\n\n\n\n\n\n",
+        ]);
+        let gauge = Arc::new(Gauge::default());
+        let s = sender(port, &gauge);
+        let e = rt().block_on(s.put(Some(spool_of(dir.path(), b"0123456789")), Some((0, "u".into())))).unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("part 0 (10 bytes)"), "{text}");
+        assert!(text.contains("HTTP status 403 Forbidden: <Error><Code>AccessDenied</Code></Error>"), "{text}");
+        assert_eq!(server.join().unwrap().len(), 1, "a 403 is not sent again");
+    }
+
+    #[test]
+    fn an_object_of_one_part_or_none_is_one_put_without_a_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, server) = serve(vec![
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        ]);
+        let gauge = Arc::new(Gauge::default());
+        let s = sender(port, &gauge);
+        let rt = rt();
+        rt.block_on(Arc::clone(&s).put(Some(spool_of(dir.path(), b"abc")), None)).unwrap();
+        rt.block_on(s.put(None, None)).unwrap();
+        let got = server.join().unwrap();
+        assert_eq!(got[0].line, "PUT /bucket/vms/vm1/b1/root%20disk.qcow2 HTTP/1.1");
+        assert_eq!((got[0].body.as_slice(), got[0].header("content-length")), (&b"abc"[..], Some("3")));
+        assert_eq!((got[1].body.len(), got[1].header("content-length")), (0, Some("0")));
+    }
+}
