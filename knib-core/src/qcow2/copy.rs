@@ -76,8 +76,7 @@ pub struct CopyOptions {
     /// fsync the output before returning.
     pub sync: bool,
     /// Write the output around the page cache (O_DIRECT) where the file
-    /// system allows it (not NFS; see [`FileSink::new_direct`]), and, when
-    /// compressing, read the source's data clusters around it too.
+    /// system allows it (not NFS; see [`FileSink::new_direct`]).
     pub direct_io: bool,
 }
 
@@ -271,16 +270,6 @@ fn prepare(
     let mut src = Source::open(source, opts.mode)?;
     if opts.hash_source {
         src.hash_files()?;
-    }
-    // A compressed copy is bound by the CPU, and the kernel's copy of each
-    // byte from the page cache is about a tenth of its CPU time, while the
-    // device has bandwidth to spare: its source is read around the cache.
-    // An uncompressed copy is bound by the device, where reads served
-    // from the page cache cost it nothing: they stay buffered (an 8-deep
-    // chain restored with direct reads took 1.1x to 1.4x qemu-img's time
-    // instead of 0.8x, docs/performance.md).
-    if opts.direct_io && opts.compression.is_some() {
-        src.read_around_cache();
     }
     let out_bits = opts.cluster_bits.unwrap_or(src.bits);
     if out_bits != src.bits {

@@ -36,7 +36,7 @@ pub(super) struct Batch {
     pub(super) items: Vec<Item>,
     /// Uncompressed clusters: the first `used` bytes (the buffer keeps its
     /// length from batch to batch, so it is not zeroed again). 4 KiB
-    /// aligned, so that the source is read into it around the page cache.
+    /// aligned, so that a raw output's O_DIRECT writes take it in place.
     pub(super) data: AlignedBuf,
     pub(super) used: usize,
     /// Compressed clusters: the first `out_used` bytes.

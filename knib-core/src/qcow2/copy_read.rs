@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use super::chain::{read_layers, Chain, Layer};
 use super::copy_batch::{Batch, Item};
-use super::direct::{read_direct, reopen_direct};
 use super::image::{ClusterState, Qcow2Image};
 use super::srchash::SourceHasher;
 use crate::error::{KnibError, Result};
@@ -73,9 +72,6 @@ pub(super) struct Source {
     pub(super) size: u64,
     /// The hasher of each layer (0 = top), when source hashes are asked for.
     pub(super) hashers: Vec<SourceHasher>,
-    /// Each layer's file opened again to read around the page cache
-    /// ([`Source::read_around_cache`]), where the file system allows it.
-    direct: Vec<Option<File>>,
 }
 
 impl Source {
@@ -96,26 +92,7 @@ impl Source {
             }
         };
         let (cs, bits, size) = (top.cluster_size(), top.header().cluster_bits, top.virtual_size());
-        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new(), direct: Vec::new() })
-    }
-
-    /// Read the layers' data clusters around the page cache (O_DIRECT)
-    /// where the file system allows it (not NFS), whenever a read is 4 KiB
-    /// aligned: the kernel then does not copy every byte from the cache,
-    /// about a tenth of the CPU time of a compressed copy, and a backup's
-    /// reads do not evict the host's cached data. Tables, compressed
-    /// clusters and unaligned reads stay buffered; the kernel writes dirty
-    /// cached pages of a range back before reading it directly, so what is
-    /// read is what a buffered read would see.
-    pub(super) fn read_around_cache(&mut self) {
-        let mut direct = vec![self.top.dup_file().and_then(|f| f.ok()).as_ref().and_then(reopen_direct)];
-        for layer in &self.backing {
-            direct.push(match layer {
-                Layer::Qcow2(img) => img.dup_file().and_then(|f| f.ok()).as_ref().and_then(reopen_direct),
-                Layer::Raw(r) => r.dup_file().ok().as_ref().and_then(reopen_direct),
-            });
-        }
-        self.direct = direct;
+        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new() })
     }
 
     /// Hash every file of the source as it is read.
@@ -216,35 +193,14 @@ impl Source {
     }
 
     pub(super) fn read_host(&mut self, layer: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let done = self.read_host_direct(layer, offset, buf);
-        let (rest, at) = (&mut buf[done..], offset + done as u64);
-        if !rest.is_empty() {
-            match layer {
-                0 => self.top.read_host(at, rest)?,
-                _ => match &mut self.backing[layer - 1] {
-                    Layer::Qcow2(img) => img.read_host(at, rest)?,
-                    Layer::Raw(r) => r.read_at(at, rest)?,
-                },
-            }
+        match layer {
+            0 => self.top.read_host(offset, buf)?,
+            _ => match &mut self.backing[layer - 1] {
+                Layer::Qcow2(img) => img.read_host(offset, buf)?,
+                Layer::Raw(r) => r.read_at(offset, buf)?,
+            },
         }
         self.seen(layer, offset, buf)
-    }
-
-    /// The bytes of `buf` read around the page cache (from its start): 0
-    /// when that is not possible; fewer at the end of the file or after
-    /// an error, which the buffered read that follows reports.
-    fn read_host_direct(&mut self, layer: usize, offset: u64, buf: &mut [u8]) -> usize {
-        let Some(Some(f)) = self.direct.get(layer) else { return 0 };
-        match read_direct(f, buf, offset) {
-            Ok(n) => n,
-            Err(e) => {
-                if e.raw_os_error() == Some(libc::EINVAL) {
-                    log::debug!("O_DIRECT read refused: reading buffered");
-                    self.direct[layer] = None;
-                }
-                0
-            }
-        }
     }
 
     pub(super) fn read_compressed(

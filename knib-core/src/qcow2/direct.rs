@@ -62,8 +62,8 @@ pub(crate) fn set_direct(file: &File, on: bool) -> bool {
     }
 }
 
-/// Bytes whose first one is 4 KiB aligned, so that O_DIRECT reads and
-/// writes can use them in place (a `Vec<u8>` of this size starts 16 bytes
+/// Bytes whose first one is 4 KiB aligned, so that O_DIRECT writes can
+/// use them in place (a `Vec<u8>` of this size starts 16 bytes
 /// into a page). Grows exactly, keeping its bytes.
 #[derive(Default)]
 pub(crate) struct AlignedBuf {
@@ -114,8 +114,8 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
-/// Whether `data` at file offset `pos` may go to or come from the device
-/// directly: its address, length and offset 4 KiB aligned.
+/// Whether `data` may be written at file offset `pos` directly: its
+/// address, length and offset 4 KiB aligned.
 pub(crate) fn is_aligned(data: &[u8], pos: u64) -> bool {
     (data.as_ptr() as usize).is_multiple_of(ALIGN)
         && data.len().is_multiple_of(ALIGN)
@@ -136,37 +136,6 @@ impl Aligned {
     fn data(&self) -> &[u8] {
         &self.buf[..self.len]
     }
-}
-
-/// A second open of `file` (its own open file description, so `file`
-/// stays buffered) that reads around the page cache; `None` where that is
-/// not possible (NFS, a file system without O_DIRECT, no `/proc`).
-pub(crate) fn reopen_direct(file: &File) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // The descriptor's own file, whatever its path now names.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .ok()?;
-    set_direct(&f, true).then_some(f)
-}
-
-/// Read `buf` at `pos` of `direct` (opened by [`reopen_direct`]) when it is
-/// aligned; the bytes read (fewer at the end of the file, or 0 when it is
-/// not aligned: the caller reads the rest buffered). `Err` with EINVAL when
-/// the file system refuses.
-pub(crate) fn read_direct(direct: &File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() && is_aligned(&buf[done..], pos + done as u64) {
-        match direct.read_at(&mut buf[done..], pos + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// Write `data` at `pos` of `file`; an unaligned write, or one the file
@@ -492,32 +461,5 @@ mod tests {
         }
         b.grow_to(10);
         assert_eq!(b.len(), 1 << 20, "never shrinks");
-    }
-
-    #[test]
-    fn direct_reads_give_the_file_bytes_and_stop_where_they_cannot_go_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("in");
-        // Three blocks and 100 bytes: the file ends inside a block.
-        let bytes: Vec<u8> = (0..3 * ALIGN + 100).map(|i| (i * 7 % 251) as u8).collect();
-        std::fs::write(&path, &bytes).unwrap();
-        let file = File::open(&path).unwrap();
-        let Some(direct) = reopen_direct(&file) else {
-            // A file system without O_DIRECT (tmpfs): reads stay buffered.
-            return;
-        };
-        // The caller's descriptor stays buffered: an unaligned read works.
-        let mut one = [0u8; 3];
-        file.read_exact_at(&mut one, 5).unwrap();
-        assert_eq!(one, bytes[5..8]);
-        let mut buf = AlignedBuf::with_len(4 * ALIGN);
-        let n = read_direct(&direct, &mut buf, 0).unwrap();
-        assert!(n >= 3 * ALIGN && n <= bytes.len(), "read {n} bytes");
-        assert_eq!(&buf[..n], &bytes[..n]);
-        // Unaligned offset, or unaligned memory: nothing is read directly.
-        assert_eq!(read_direct(&direct, &mut buf[..ALIGN], 512).unwrap(), 0);
-        assert_eq!(read_direct(&direct, &mut buf[1..ALIGN + 1], 0).unwrap(), 0);
-        assert_eq!(read_direct(&direct, &mut buf[..ALIGN], ALIGN as u64).unwrap(), ALIGN);
-        assert_eq!(&buf[..ALIGN], &bytes[ALIGN..2 * ALIGN]);
     }
 }

@@ -164,6 +164,10 @@ fn op(kind: Op, args: &[String]) {
         Op::Compress => {
             opts.compression = Some(CompressionType::Zstd);
             opts.threads = 8.min(cores());
+            // For experiments (not used by the rows): KNIB_BENCH_THREADS=N.
+            if let Some(n) = std::env::var("KNIB_BENCH_THREADS").ok().and_then(|v| v.parse().ok()) {
+                opts.threads = n;
+            }
         }
         Op::Delta | Op::DeltaCompressed => {
             opts.backing = Some(BackingRef { name: args[2].clone(), format: "qcow2".into() });
