@@ -131,6 +131,39 @@ pub fn domain_xml(name: &str, disks: &[(String, PathBuf)], agent_channel: bool) 
     )
 }
 
+/// Start a defined domain and watch it for a second. A test guest has no
+/// OS and waits in its firmware; on nested KVM its QEMU was seen to stop
+/// within two seconds of a start, with nothing in its log (libvirt's log:
+/// "shutting down, reason=crashed" or "reason=failed"; the start then
+/// fails with "domain is no longer running" or "process exited while
+/// connecting to monitor"), mostly when the domain is started again right
+/// after a `destroy` while other domains start and stop: the domain is
+/// then started again after a second, at most three times in all.
+fn start_watched(vm: &Vm, name: &str) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 1..=3 {
+        if attempt > 1 {
+            eprintln!("test domain {name}: {last} (start {} of 3)", attempt - 1);
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if let Err(e) = vm.start() {
+            last = format!("start {name}: {e}");
+            continue;
+        }
+        let until = Instant::now() + Duration::from_secs(1);
+        let mut running = true;
+        while running && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+            running = vm.is_running().unwrap_or(false);
+        }
+        if running {
+            return Ok(());
+        }
+        last = "stopped within a second of its start".to_string();
+    }
+    Err(format!("test domain {name} does not stay running: {last}"))
+}
+
 impl TestVm {
     /// A running transient domain named `<prefix>-<pid>-<n>` with one qcow2
     /// disk per `(target, size in bytes)`, created in `dir` as
@@ -184,9 +217,10 @@ impl TestVm {
         let vm = if opts.persistent {
             let vm = hv.define(&xml).unwrap_or_else(|e| panic!("define {name}: {e}\n{xml}"));
             if opts.running {
-                if let Err(e) = vm.start() {
+                if let Err(e) = start_watched(&vm, &name) {
+                    let _ = vm.destroy();
                     let _ = vm.undefine();
-                    panic!("start {name}: {e}");
+                    panic!("{e}");
                 }
             }
             vm
@@ -220,7 +254,7 @@ impl TestVm {
 
     /// Start the (persistent, stopped) domain.
     pub fn boot(&self) {
-        self.vm.start().unwrap_or_else(|e| panic!("start {}: {e}", self.name));
+        start_watched(&self.vm, &self.name).unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Power the (persistent) domain off.
