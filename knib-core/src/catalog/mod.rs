@@ -173,15 +173,11 @@ impl Store {
         &self.qemu_img
     }
 
-    fn vm_dir(&self, vm: &str) -> PathBuf {
-        self.root.join("vms").join(vm)
-    }
-
     /// The directory of `vm` (`vms/<vm>/`, made by [`Store::lock_vm`]),
     /// where an operation that holds the VM's lock keeps its work in
     /// progress: a backup's `.<id>.part/`, a direct backup's spool files.
-    pub(crate) fn vm_work_dir(&self, vm: &str) -> PathBuf {
-        self.vm_dir(vm)
+    pub(crate) fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.root.join("vms").join(vm)
     }
 
     /// `vm_dir` relative to the root, for [`confine`].

@@ -797,7 +797,7 @@ impl DirectTarget<'_> {
     /// parts spooled in the VM's directory of the store (made by
     /// [`Store::lock_vm`], held for the backup).
     fn sink(&self, vm: &str, id: &str, volume: &str, hash: bool) -> Result<VaultSink> {
-        let spool_dir = self.store.vm_work_dir(vm);
+        let spool_dir = self.store.vm_dir(vm);
         VaultSink::new(
             self.vault,
             &object_rel(vm, id, volume),
