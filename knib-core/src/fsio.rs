@@ -110,6 +110,17 @@ pub fn allocated_bytes(path: &Path) -> Result<u64> {
     Ok(m.blocks() * 512)
 }
 
+/// Drop the clean pages of `len` bytes of `file` from `offset` (0: to
+/// the end) from the page cache; best effort (a file system may keep them,
+/// NFS until its commit). The pages of a large folio go only when the range
+/// holds the whole folio.
+pub(crate) fn drop_cached(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let off = |x: u64| libc::off_t::try_from(x).unwrap_or(libc::off_t::MAX);
+    // SAFETY: fadvise on a descriptor the caller owns.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), off(offset), off(len), libc::POSIX_FADV_DONTNEED) };
+}
+
 /// Size of a file in bytes.
 pub fn file_size(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?.len())

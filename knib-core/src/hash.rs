@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -23,6 +23,20 @@ pub fn hash_files(files: &[PathBuf], ctl: &Control) -> Result<String> {
 /// In one read of each file: the hash of the whole chain (as
 /// [`hash_files`]) and the hash of each file on its own, in order.
 pub fn hash_chain(files: &[PathBuf], ctl: &Control) -> Result<(String, Vec<String>)> {
+    hash_chain_with(files, ctl, false)
+}
+
+/// [`hash_files`] of one file just written, not to be read again soon:
+/// each part's pages are dropped from the page cache once hashed (those
+/// that are clean; best effort).
+pub(crate) fn hash_written(file: &Path, ctl: &Control) -> Result<String> {
+    Ok(hash_chain_with(&[file.to_path_buf()], ctl, true)?.0)
+}
+
+/// [`hash_written`] drops what it read every this many bytes.
+const DROP_EVERY: u64 = 32 << 20;
+
+fn hash_chain_with(files: &[PathBuf], ctl: &Control, drop_cache: bool) -> Result<(String, Vec<String>)> {
     let mut chain = Xxh3::new();
     let mut each = Vec::with_capacity(files.len());
     let mut buf = vec![0u8; 1 << 20];
@@ -30,6 +44,7 @@ pub fn hash_chain(files: &[PathBuf], ctl: &Control) -> Result<(String, Vec<Strin
         ctl.check(&format!("hash of {}", f.display()))?;
         let mut own = Xxh3::new();
         let mut file = File::open(f).map_err(|e| KnibError::io("cannot open", f, e))?;
+        let (mut at, mut dropped) = (0u64, 0u64);
         loop {
             let n = file.read(&mut buf).map_err(|e| KnibError::io("cannot read", f, e))?;
             if n == 0 {
@@ -37,6 +52,16 @@ pub fn hash_chain(files: &[PathBuf], ctl: &Control) -> Result<(String, Vec<Strin
             }
             chain.update(&buf[..n]);
             own.update(&buf[..n]);
+            at += n as u64;
+            if drop_cache && at - dropped >= DROP_EVERY {
+                // From the start: a large folio is dropped only by a range
+                // that holds it whole (see `qcow2::behind`).
+                crate::fsio::drop_cached(&file, 0, at);
+                dropped = at;
+            }
+        }
+        if drop_cache {
+            crate::fsio::drop_cached(&file, 0, 0);
         }
         each.push(format!("{:032x}", own.digest128()));
     }

@@ -235,9 +235,14 @@ pub fn copy_export(
             .create_new(true)
             .open(dest)
             .map_err(|e| KnibError::io("cannot create", dest, e))?;
-        // Around the page cache, as the snapshot method's copies: the
-        // file's fsync then has nothing left to write back.
-        FileSink::new_direct(file, dest, hash)
+        // Written behind, as the snapshot method's copies: the file's
+        // fsync then has little left to write back.
+        let mut sink = FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::Behind)?;
+        if planned.is_none() {
+            // A compressed image: hashed by reading it back, below.
+            sink.keep_cached();
+        }
+        Ok(sink)
     })?;
     let (file, hash) = w.sink.finish()?;
     let hash = match (&w.header, hash) {
@@ -249,7 +254,7 @@ pub fn copy_export(
             file.write_all_at(header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
             file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
             drop(file);
-            crate::hash::hash_files(&[dest.to_path_buf()], ctl)?
+            crate::hash::hash_written(dest, ctl)?
         }
         (None, None) => return Err(KnibError::internal("the file sink did not hash")),
     };

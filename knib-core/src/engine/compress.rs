@@ -208,11 +208,7 @@ pub fn compress_verified(
                         ctl,
                     )?;
                     fsio::sync_file(&out)?;
-                    let hash = if want.is_empty() {
-                        None
-                    } else {
-                        Some(crate::hash::hash_files(std::slice::from_ref(&out), ctl)?)
-                    };
+                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_written(&out, ctl)?) };
                     (fsio::file_size(&out)?, hash)
                 }
             };

@@ -304,7 +304,7 @@ pub fn take_to(
                     compression: plan.compress.map(crate::qcow2::CompressionType::from),
                     hash: true,
                     sync: false,
-                    direct_io: false,
+                    write_mode: crate::qcow2::WriteMode::Buffered,
                     ..Default::default()
                 };
                 let c = copy_to(&v, &opts, ctl).map_err(|e| e.context(what.clone()))?;

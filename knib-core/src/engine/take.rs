@@ -520,7 +520,7 @@ fn copy_volumes_to(
             compression: req.compress.map(CompressionType::from),
             hash: true,
             sync: false,
-            direct_io: false,
+            write_mode: crate::qcow2::WriteMode::Buffered,
             ..Default::default()
         };
         let c = copy_to(v, &opts, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;

@@ -31,7 +31,7 @@ use super::copy_batch::{batch_plan, compress_loop, is_zero, Batch, Item};
 use super::copy_read::{read_loop, Resolved, Source, SourceMode};
 use super::direct::{Bounce, ScatterWriter};
 use super::header::CompressionType;
-use super::sink::{CountSink, FileSink, Sink};
+use super::sink::{CountSink, FileSink, Sink, WriteMode};
 use super::srchash::SourceHash;
 use super::writer::{BackingRef, ImageSpec, Layout, WriteSummary};
 use crate::error::{KnibError, Result};
@@ -75,9 +75,10 @@ pub struct CopyOptions {
     pub rate_limit_mbps: u64,
     /// fsync the output before returning.
     pub sync: bool,
-    /// Write the output around the page cache (O_DIRECT) where the file
-    /// system allows it (not NFS; see [`FileSink::new_direct`]).
-    pub direct_io: bool,
+    /// How the output is written: by default through the page cache, sent
+    /// to the device as written and dropped from the cache once there
+    /// ([`WriteMode::Behind`]).
+    pub write_mode: WriteMode,
 }
 
 /// The most compression threads "one per core" ([`CopyOptions::threads`]
@@ -97,7 +98,7 @@ impl Default for CopyOptions {
             threads: 0,
             rate_limit_mbps: 0,
             sync: true,
-            direct_io: true,
+            write_mode: WriteMode::Behind,
         }
     }
 }
@@ -163,14 +164,17 @@ pub fn copy_image(
 
     let mut target = match opts.format {
         TargetFormat::Raw => {
-            let scatter = ScatterWriter::open(dest, opts.direct_io);
+            let scatter = ScatterWriter::open(dest, opts.write_mode);
             Target::Raw(RawOut { file, scatter, size: src.size, cs, dest })
         }
         TargetFormat::Qcow2 => {
             let header = plain_qcow2.then_some(planned_header.clone());
             let hash = opts.hash && plain_qcow2;
-            let sink =
-                if opts.direct_io { FileSink::new_direct(file, dest, hash)? } else { FileSink::new(file, dest, hash) };
+            let mut sink = FileSink::with_mode(file, dest, hash, opts.write_mode)?;
+            if opts.hash && !plain_qcow2 {
+                // Hashed by reading it back, below.
+                sink.keep_cached();
+            }
             Target::Qcow2(Box::new(Layout::new(spec.clone(), sink, header)?))
         }
     };
@@ -199,7 +203,7 @@ pub fn copy_image(
     report.file_len = crate::qcow2::image::file_size(&file).map_err(|e| KnibError::io("cannot size", dest, e))?;
     drop(file);
     if opts.hash && report.hash.is_none() {
-        report.hash = Some(crate::hash::hash_files(&[dest.to_path_buf()], ctl)?);
+        report.hash = Some(crate::hash::hash_written(dest, ctl)?);
     }
     Ok(report)
 }
@@ -465,7 +469,14 @@ fn raw_io_loop(
     let mut bounce = Bounce::new();
     loop {
         let next = rx.lock().recv();
-        let Ok(mut batch) = next else { return };
+        let Ok(mut batch) = next else {
+            if error.lock().is_none() {
+                if let Err(e) = raw.scatter.finish_thread(&raw.file, &mut bounce) {
+                    error.lock().get_or_insert(KnibError::io("cannot write", raw.dest, e));
+                }
+            }
+            return;
+        };
         if error.lock().is_none() {
             for item in &batch.items {
                 if let Item::Data { index, count, at } = item {
@@ -558,7 +569,7 @@ mod raw_io_tests {
         std::fs::write(&path, b"").unwrap();
         // Opened read-only: every write fails.
         let file = File::open(&path).unwrap();
-        let scatter = ScatterWriter::open(&path, false);
+        let scatter = ScatterWriter::open(&path, WriteMode::Buffered);
         let raw = RawOut { file, scatter, size: 1 << 20, cs: 65536, dest: &path };
         let (tx, rx) = sync_channel::<Batch>(4);
         let (free_tx, free_rx) = sync_channel::<Batch>(4);

@@ -27,6 +27,8 @@ use std::thread::JoinHandle;
 use parking_lot::{Condvar, Mutex};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::behind::WriteBehind;
+use super::sink::WriteMode;
 use crate::error::{KnibError, Result};
 
 /// Alignment of O_DIRECT buffers, offsets and lengths.
@@ -339,37 +341,46 @@ impl Drop for DirectWriter {
     }
 }
 
-/// Writes at any offset of a file, around the page cache where the file
-/// system allows it: a second open of the file with O_DIRECT (its own open
-/// file description, so the caller's stays buffered), written through an
-/// aligned bounce buffer per writing thread. A write that is not 4 KiB
-/// aligned, and every write after the file system refuses O_DIRECT, goes
-/// through the buffered file instead. Used for raw outputs, whose clusters
-/// are written at their guest offsets by several I/O threads.
+/// Writes at any offset of a file, as a [`WriteMode`] says: around the
+/// page cache where the file system allows it ([`WriteMode::Direct`]: a
+/// second open of the file with O_DIRECT, its own open file description,
+/// so the caller's stays buffered), written through an aligned bounce
+/// buffer per writing thread unless the data is aligned already; else
+/// through the caller's buffered file, written behind unless the mode is
+/// [`WriteMode::Buffered`]. A direct write that is not 4 KiB aligned, and
+/// every write after the file system refuses O_DIRECT, goes buffered. Used
+/// for raw outputs, whose clusters are written at their guest offsets by
+/// several I/O threads.
 pub(crate) struct ScatterWriter {
     direct: Option<File>,
     refused: std::sync::atomic::AtomicBool,
+    behind: bool,
 }
 
-/// A writing thread's 1 MiB aligned bounce buffer for [`ScatterWriter`].
-pub(crate) struct Bounce(Aligned);
+/// A writing thread's own state for [`ScatterWriter`]: its 1 MiB aligned
+/// bounce buffer and its write-behind.
+pub(crate) struct Bounce(Aligned, WriteBehind);
 
 impl Bounce {
     pub(crate) fn new() -> Bounce {
-        Bounce(Aligned::new())
+        Bounce(Aligned::new(), WriteBehind::new())
     }
 }
 
 impl ScatterWriter {
-    /// Open `path` (already created) again for direct writes; when that
-    /// is not possible (NFS, a file system without O_DIRECT, or `direct`
-    /// false) every write goes buffered.
-    pub(crate) fn open(path: &Path, direct: bool) -> ScatterWriter {
-        let file = direct
+    /// Open `path` (already created) again for direct writes when `mode`
+    /// asks for them; when that is not possible (NFS, a file system
+    /// without O_DIRECT) writes go behind.
+    pub(crate) fn open(path: &Path, mode: WriteMode) -> ScatterWriter {
+        let file = (mode == WriteMode::Direct)
             .then(|| std::fs::OpenOptions::new().write(true).open(path).ok())
             .flatten()
             .filter(|f| set_direct(f, true));
-        ScatterWriter { direct: file, refused: std::sync::atomic::AtomicBool::new(false) }
+        ScatterWriter {
+            direct: file,
+            refused: std::sync::atomic::AtomicBool::new(false),
+            behind: mode != WriteMode::Buffered,
+        }
     }
 
     /// Write `data` at `pos`: directly when aligned and allowed, else
@@ -377,7 +388,7 @@ impl ScatterWriter {
     pub(crate) fn write_at(&self, buffered: &File, bounce: &mut Bounce, data: &[u8], pos: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering;
         let aligned = data.len().is_multiple_of(ALIGN) && pos.is_multiple_of(ALIGN as u64);
-        match &self.direct {
+        let from = match &self.direct {
             Some(f) if aligned && !self.refused.load(Ordering::Relaxed) => {
                 let mut done = 0;
                 while done < data.len() {
@@ -397,15 +408,29 @@ impl ScatterWriter {
                         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                             log::debug!("O_DIRECT write refused: writing buffered");
                             self.refused.store(true, Ordering::Relaxed);
-                            return buffered.write_all_at(&data[done..], pos + done as u64);
+                            break;
                         }
                         Err(e) => return Err(e),
                     }
                 }
-                Ok(())
+                done
             }
-            _ => buffered.write_all_at(data, pos),
+            _ => 0,
+        };
+        if from == data.len() {
+            return Ok(());
         }
+        buffered.write_all_at(&data[from..], pos + from as u64)?;
+        if self.behind {
+            bounce.1.wrote(buffered, pos + from as u64, (data.len() - from) as u64)?;
+        }
+        Ok(())
+    }
+
+    /// A writing thread is done: wait until what it wrote behind is on
+    /// the device (and out of the cache).
+    pub(crate) fn finish_thread(&self, buffered: &File, bounce: &mut Bounce) -> std::io::Result<()> {
+        bounce.1.finish(buffered)
     }
 }
 

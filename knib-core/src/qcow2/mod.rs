@@ -57,10 +57,11 @@
 //! - The refcount table covers every refcount block, and the blocks cover
 //!   every cluster of the file (they cover themselves and the tail).
 //!
-//! qcow2 files are written around the page cache where the file system
-//! allows it (O_DIRECT, aligned writes made by I/O threads; buffered on NFS
-//! and for an unaligned tail); the bytes are the same either way. Raw
-//! outputs are written through the page cache.
+//! Outputs (qcow2 and raw) are written through the page cache, each chunk
+//! sent to the device as it is written and dropped from the cache once
+//! there (`behind`); [`WriteMode`] can ask for O_DIRECT writes made by I/O
+//! threads (`direct`) or plain buffered ones. The bytes are the same
+//! whichever way.
 //!
 //! Memory is bounded whatever the disk size: one L2 table, the L1 table
 //! (8 bytes per 512 MiB of disk with 64 KiB clusters), the refcounts of the
@@ -129,6 +130,7 @@
 //! a header cluster or an L2 table, 4 MiB for compressed input, 32 MiB for
 //! the L1 table and never more than the file holds).
 
+mod behind;
 mod chain;
 mod check;
 mod commit;
@@ -149,6 +151,7 @@ mod srchash;
 mod tests;
 mod writer;
 
+pub(crate) use behind::WriteBehind;
 pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use check::RefcountCheck;
 pub use commit::Commit;
@@ -165,7 +168,7 @@ pub use header::{
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 pub use image::{ClusterState, Qcow2Image};
-pub use sink::{CountSink, FileSink, Sink};
+pub use sink::{CountSink, FileSink, Sink, WriteMode};
 pub use source::{FileSource, ReadAt};
 pub use srchash::SourceHash;
 pub use writer::{header_cluster, BackingRef, ImageSpec, Layout, WriteSummary, REFCOUNT_ORDER};

@@ -1,5 +1,6 @@
 //! Where a streaming qcow2 writer ([`super::Layout`]) puts its bytes: a
-//! file (buffered, or unbuffered with `O_DIRECT`), a counter (to plan a
+//! file (written behind, buffered, or unbuffered with `O_DIRECT`: see
+//! [`WriteMode`]), a counter (to plan a
 //! file's length without writing it), or memory.
 //!
 //! # Invariants
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
 
+use super::behind::WriteBehind;
 use super::direct::DirectWriter;
 use crate::error::{KnibError, Result};
 
@@ -61,6 +63,23 @@ impl Sink for CountSink {
     }
 }
 
+/// How an output file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// Through the page cache, each chunk sent to the device as it is
+    /// written and dropped from the cache once there, with at most 64 MiB
+    /// per writer not yet on the device (write-behind; the module doc of
+    /// `qcow2::behind` says why this is the default).
+    #[default]
+    Behind,
+    /// Around the page cache (O_DIRECT), in aligned 1 MiB writes made by two
+    /// I/O threads, where the file system allows it (not NFS); written
+    /// behind where it does not.
+    Direct,
+    /// Through the page cache, left to the kernel until the caller's fsync.
+    Buffered,
+}
+
 /// A file written front to back through a buffer, optionally hashed
 /// (xxh3-128) in the same order.
 pub struct FileSink {
@@ -71,6 +90,8 @@ pub struct FileSink {
     hasher: Option<Box<Xxh3>>,
     /// Writing around the page cache (O_DIRECT), by an I/O thread.
     direct: Option<DirectWriter>,
+    /// Written behind ([`WriteMode::Behind`]).
+    behind: Option<WriteBehind>,
 }
 
 /// Appends this long or longer skip the buffer.
@@ -79,8 +100,9 @@ const UNBUFFERED_APPEND: usize = 256 << 10;
 const SINK_BUFFER: usize = 1 << 20;
 
 impl FileSink {
-    /// Write `file` (at `path`, named in errors) from offset 0; with
-    /// `hash`, every byte appended is hashed in order.
+    /// Write `file` (at `path`, named in errors) from offset 0 through the
+    /// page cache ([`WriteMode::Buffered`]); with `hash`, every byte appended
+    /// is hashed in order.
     pub fn new(file: File, path: &Path, hash: bool) -> Self {
         FileSink {
             file,
@@ -89,22 +111,35 @@ impl FileSink {
             pos: 0,
             hasher: hash.then(|| Box::new(Xxh3::new())),
             direct: None,
+            behind: None,
         }
     }
 
-    /// Like [`FileSink::new`], writing around the page cache (O_DIRECT)
-    /// in aligned 1 MiB writes made by two I/O threads, where the file system
-    /// allows it (not on NFS). Falls back to buffered
-    /// writes when O_DIRECT is refused, now or at a write.
-    pub fn new_direct(file: File, path: &Path, hash: bool) -> Result<Self> {
+    /// Like [`FileSink::new`], written as `mode` says. [`WriteMode::Direct`]
+    /// falls back to writing behind when O_DIRECT is refused, now, and to
+    /// buffered writes when it is refused at a write.
+    pub fn with_mode(file: File, path: &Path, hash: bool, mode: WriteMode) -> Result<Self> {
         let mut sink = Self::new(file, path, hash);
-        sink.direct = DirectWriter::start(&sink.file, path, hash)?;
+        if mode == WriteMode::Direct {
+            sink.direct = DirectWriter::start(&sink.file, path, hash)?;
+        }
         if sink.direct.is_some() {
             // The writer hashes (on its I/O threads); buffered, the sink
             // hashes as it appends.
             sink.hasher = None;
+        } else if mode != WriteMode::Buffered {
+            sink.behind = Some(WriteBehind::new());
         }
         Ok(sink)
+    }
+
+    /// Written behind, keep what is written in the cache once it is on the
+    /// device: the file is read back next (a compressed image's hash,
+    /// `hash::hash_written`).
+    pub fn keep_cached(&mut self) {
+        if let Some(b) = self.behind.as_mut() {
+            b.keep_cached();
+        }
     }
 
     /// Whether writes go around the page cache (O_DIRECT).
@@ -118,6 +153,10 @@ impl FileSink {
 
     fn write_out(&mut self, bytes: &[u8]) -> Result<()> {
         self.file.write_all_at(bytes, self.pos).map_err(|e| self.io(e))?;
+        if let Some(b) = self.behind.as_mut() {
+            b.wrote(&self.file, self.pos, bytes.len() as u64)
+                .map_err(|e| KnibError::io("cannot write", &self.path, e))?;
+        }
         self.pos += bytes.len() as u64;
         Ok(())
     }
@@ -165,6 +204,9 @@ impl FileSink {
     /// lower-case hex digits) when hashing.
     pub fn finish(mut self) -> Result<(File, Option<String>)> {
         self.flush()?;
+        if let Some(mut b) = self.behind.take() {
+            b.finish(&self.file).map_err(|e| self.io(e))?;
+        }
         let hash = self.hasher.take().map(|h| format!("{:032x}", h.digest128()));
         Ok((self.file, hash))
     }

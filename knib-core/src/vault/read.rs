@@ -18,7 +18,7 @@ use crate::catalog::{Manifest, VerifyReport};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
-use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Image};
+use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Image, WriteBehind, WriteMode};
 use crate::qemu_img::ImageFormat;
 
 /// The read cache of one chain's objects, one budget shared among them
@@ -300,12 +300,14 @@ fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, c
             let spec =
                 ImageSpec { virtual_size: size, cluster_bits: bits, backing: None, compression: CompressionType::Zlib };
             let f = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
-            Some(Layout::new(spec, FileSink::new(f, dest, false), None)?)
+            Some(Layout::new(spec, FileSink::with_mode(f, dest, false, WriteMode::Behind)?, None)?)
         }
         ImageFormat::Raw => None,
     };
     let chunk = RESTORE_CHUNK.max(cs);
     let mut buf = vec![0u8; chunk];
+    // A raw output is written behind as a qcow2 one is (by its sink).
+    let mut behind = WriteBehind::new();
     let mut offset = 0u64;
     ctl.report(step, 0.0);
     while offset < size {
@@ -325,6 +327,7 @@ fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, c
                 None => {
                     let len = (c.len() as u64).min(size - at) as usize;
                     file.write_all_at(&c[..len], at).map_err(|e| KnibError::io("cannot write", dest, e))?;
+                    behind.wrote(&file, at, len as u64).map_err(|e| KnibError::io("cannot write", dest, e))?;
                 }
             }
         }
@@ -337,7 +340,10 @@ fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, c
             let (f, _) = sink.finish()?;
             f.write_all_at(&header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
         }
-        None => file.set_len(size).map_err(|e| KnibError::io("cannot size", dest, e))?,
+        None => {
+            behind.finish(&file).map_err(|e| KnibError::io("cannot write", dest, e))?;
+            file.set_len(size).map_err(|e| KnibError::io("cannot size", dest, e))?
+        }
     }
     file.sync_all().map_err(|e| KnibError::io("cannot fsync", dest, e))
 }
