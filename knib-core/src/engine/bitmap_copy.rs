@@ -237,12 +237,9 @@ pub fn copy_export(
             .map_err(|e| KnibError::io("cannot create", dest, e))?;
         // Written behind, as the snapshot method's copies: the file's
         // fsync then has little left to write back.
-        let mut sink = FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::Behind)?;
-        if planned.is_none() {
-            // A compressed image: hashed by reading it back, below.
-            sink.keep_cached();
-        }
-        Ok(sink)
+        // A compressed image (its length not planned) is hashed by reading
+        // it back, below.
+        FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::Behind, planned.is_none())
     })?;
     let (file, hash) = w.sink.finish()?;
     let hash = match (&w.header, hash) {

@@ -170,11 +170,9 @@ pub fn copy_image(
         TargetFormat::Qcow2 => {
             let header = plain_qcow2.then_some(planned_header.clone());
             let hash = opts.hash && plain_qcow2;
-            let mut sink = FileSink::with_mode(file, dest, hash, opts.write_mode)?;
-            if opts.hash && !plain_qcow2 {
-                // Hashed by reading it back, below.
-                sink.keep_cached();
-            }
+            // A compressed image is hashed by reading it back, below.
+            let read_back = opts.hash && !plain_qcow2;
+            let sink = FileSink::with_mode(file, dest, hash, opts.write_mode, read_back)?;
             Target::Qcow2(Box::new(Layout::new(spec.clone(), sink, header)?))
         }
     };

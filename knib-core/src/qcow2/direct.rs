@@ -1,13 +1,17 @@
-//! Writing a file front to back around the page cache (O_DIRECT), with the
-//! writes done by I/O threads so that filling the next buffer overlaps
-//! the device writing the last one.
+//! Writing a file front to back with the writes done by I/O threads, so
+//! that filling the next buffer overlaps the writing of the last one:
+//! around the page cache (O_DIRECT, [`WriteMode::Direct`]) or through it,
+//! written behind ([`WriteMode::Behind`], see `super::behind`).
 //!
-//! Why: a backup's output is not read again soon, so caching it only
-//! evicts the host's useful data; and on some hosts writing through new
-//! page-cache pages costs several times what the device does (measured on
-//! the development machine, docs/performance.md). On NFS, where each direct write is a
-//! synchronous round trip, and where the file system refuses O_DIRECT, the
-//! same code writes buffered.
+//! Why O_DIRECT: a backup's output is not read again soon, so caching it
+//! only evicts the host's useful data; and on some hosts writing through
+//! new page-cache pages costs several times what the device does (measured
+//! on the first development machine, docs/performance.md). On NFS, where
+//! each direct write is a synchronous round trip, and where the file system
+//! refuses O_DIRECT, the same code writes behind. Why an I/O thread written
+//! behind: the copy into the page cache (about 1 GB/s on the second
+//! development machine) and the waits of write-behind are then off the
+//! thread that fills the buffers.
 //!
 //! A writer that hashes does it on its I/O threads, each buffer just before
 //! its write and in file order (a thread that takes a buffer waits until
@@ -35,8 +39,11 @@ use crate::error::{KnibError, Result};
 const ALIGN: usize = 4096;
 /// Each write is this long (but the last).
 const BUFFER: usize = 1 << 20;
-/// I/O threads: the device gets this many writes at once.
+/// I/O threads writing directly: the device gets this many writes at once.
 const IO_THREADS: usize = 2;
+/// I/O threads writing behind: one, its writes in file order (the kernel's
+/// writeback has the device busy).
+const BEHIND_THREADS: usize = 1;
 /// Buffers in all: one being filled, the others written or waiting.
 const BUFFERS: usize = IO_THREADS + 2;
 /// `statfs` magic of NFS.
@@ -157,7 +164,8 @@ fn write_at(file: &File, data: &[u8], pos: u64) -> std::io::Result<()> {
 }
 
 /// Appends to a file from offset 0 in aligned 1 MiB writes made by I/O
-/// threads, O_DIRECT when the file system allows it.
+/// threads: O_DIRECT when asked and the file system allows it, else
+/// through the page cache, written behind.
 pub(crate) struct DirectWriter {
     path: PathBuf,
     /// The buffer being filled.
@@ -172,7 +180,7 @@ pub(crate) struct DirectWriter {
     in_flight: usize,
     /// Buffers never used yet.
     spare: usize,
-    io: Vec<JoinHandle<()>>,
+    io: Vec<JoinHandle<std::io::Result<()>>>,
     /// The hash of the buffers, when hashing, taken by the I/O threads in
     /// file order.
     hash: Option<Arc<HashTurn>>,
@@ -199,39 +207,64 @@ impl HashTurn {
 }
 
 impl DirectWriter {
-    /// Start writing `file` (at `path`, named in errors); `None` when
-    /// O_DIRECT cannot be turned on (then write it buffered). With
-    /// `hash`, every byte appended is hashed (xxh3) in order, and
-    /// [`DirectWriter::finish`] gives the hasher.
-    pub(crate) fn start(file: &File, path: &Path, hash: bool) -> Result<Option<DirectWriter>> {
-        if !set_direct(file, true) {
-            return Ok(None);
-        }
+    /// Start writing `file` (at `path`, named in errors) as `mode` says;
+    /// `None` for [`WriteMode::Buffered`] (the caller writes). With `hash`,
+    /// every byte appended is hashed (xxh3) in order, and
+    /// [`DirectWriter::finish`] gives the hasher. Written behind, with
+    /// `keep_cached` the pages stay cached once on the device (the file is
+    /// read back next).
+    pub(crate) fn start(
+        file: &File,
+        path: &Path,
+        hash: bool,
+        mode: WriteMode,
+        keep_cached: bool,
+    ) -> Result<Option<DirectWriter>> {
+        let threads = match mode {
+            WriteMode::Buffered => return Ok(None),
+            WriteMode::Direct if set_direct(file, true) => IO_THREADS,
+            WriteMode::Direct | WriteMode::Behind => BEHIND_THREADS,
+        };
+        let behind = threads == BEHIND_THREADS;
         let (to_io, from_sink) = sync_channel::<(Aligned, u64)>(BUFFERS);
         let hash =
             hash.then(|| Arc::new(HashTurn { state: Mutex::new((Box::new(Xxh3::new()), 0)), turn: Condvar::new() }));
         let (to_sink, back) = sync_channel::<std::io::Result<Aligned>>(BUFFERS);
         let from_sink = Arc::new(Mutex::new(from_sink));
         let mut io = Vec::new();
-        for _ in 0..IO_THREADS {
+        for _ in 0..threads {
             let io_file = file.try_clone().map_err(|e| KnibError::io("cannot open", path, e))?;
             let (rx, tx, turn) = (Arc::clone(&from_sink), to_sink.clone(), hash.clone());
+            let mut wb = behind.then(|| {
+                let mut wb = WriteBehind::new();
+                if keep_cached {
+                    wb.keep_cached();
+                }
+                wb
+            });
             let h = std::thread::Builder::new()
-                .name("knib-direct-io".into())
+                .name("knib-write-io".into())
                 .spawn(move || loop {
                     let next = rx.lock().recv();
-                    let Ok((mut buf, pos)) = next else { return };
+                    let Ok((mut buf, pos)) = next else {
+                        // The writer is done (or gone): what was written
+                        // behind is waited for, its error returned.
+                        return wb.as_mut().map_or(Ok(()), |wb| wb.finish(&io_file));
+                    };
                     // Buffers are taken in file order (one at a time, under
                     // the lock), so the one before this one is already
                     // taken and is hashed without waiting for this one.
                     if let Some(t) = &turn {
                         t.hash(buf.data(), pos);
                     }
-                    let r = write_at(&io_file, buf.data(), pos);
+                    let mut r = write_at(&io_file, buf.data(), pos);
+                    if let (Ok(()), Some(wb)) = (&r, wb.as_mut()) {
+                        r = wb.wrote(&io_file, pos, buf.len as u64);
+                    }
                     buf.len = 0;
                     let failed = r.is_err();
                     if tx.send(r.map(|()| buf)).is_err() || failed {
-                        return;
+                        return Ok(());
                     }
                 })
                 .map_err(|e| KnibError::internal(format!("cannot start an I/O thread: {e}")))?;
@@ -307,16 +340,21 @@ impl DirectWriter {
         self.pos + self.cur.len as u64
     }
 
-    /// Write out everything appended and wait until it is written (the
-    /// file then has O_DIRECT off); the hasher, when hashing.
+    /// Write out everything appended and wait until it is written (on the
+    /// device, when written behind; the file then has O_DIRECT off); the
+    /// hasher, when hashing.
     pub(crate) fn finish(mut self, file: &File) -> Result<Option<Box<Xxh3>>> {
         self.send()?;
         while self.in_flight > 0 {
             self.take_back()?;
         }
         self.to_io = None;
-        for h in self.io.drain(..) {
-            let _ = h.join();
+        for h in std::mem::take(&mut self.io) {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(self.io_err(e)),
+                Err(_) => return Err(KnibError::internal("an I/O thread panicked")),
+            }
         }
         set_direct(file, false);
         let hasher = match self.hash.take().map(Arc::try_unwrap) {
@@ -440,15 +478,18 @@ mod tests {
 
     #[test]
     fn appends_of_any_length_land_in_order_and_are_hashed_in_order_with_an_unaligned_tail() {
+        for mode in [WriteMode::Direct, WriteMode::Behind] {
+            appends_land_in_order(mode);
+        }
+    }
+
+    fn appends_land_in_order(mode: WriteMode) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         let mut want = Vec::new();
         let mut state = 7u64;
-        let Some(mut w) = DirectWriter::start(&file, &path, true).unwrap() else {
-            // A file system without O_DIRECT: FileSink writes buffered.
-            return;
-        };
+        let mut w = DirectWriter::start(&file, &path, true, mode, false).unwrap().expect("an I/O thread writes");
         // 11 MiB and a bit, in pieces of 1 byte to 3 MiB: several buffers
         // in flight, then a tail that is not a multiple of 4 KiB.
         while want.len() < (11 << 20) + 1234 {

@@ -19,7 +19,6 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use super::behind::WriteBehind;
 use super::direct::DirectWriter;
 use crate::error::{KnibError, Result};
 
@@ -88,10 +87,9 @@ pub struct FileSink {
     buf: Vec<u8>,
     pos: u64,
     hasher: Option<Box<Xxh3>>,
-    /// Writing around the page cache (O_DIRECT), by an I/O thread.
+    /// The I/O threads writing ([`WriteMode::Direct`] and
+    /// [`WriteMode::Behind`]) until [`FileSink::flush`].
     direct: Option<DirectWriter>,
-    /// Written behind ([`WriteMode::Behind`]).
-    behind: Option<WriteBehind>,
 }
 
 /// Appends this long or longer skip the buffer.
@@ -111,40 +109,25 @@ impl FileSink {
             pos: 0,
             hasher: hash.then(|| Box::new(Xxh3::new())),
             direct: None,
-            behind: None,
         }
     }
 
-    /// Like [`FileSink::new`], written as `mode` says. [`WriteMode::Direct`]
-    /// falls back to writing behind when O_DIRECT is refused, now, and to
-    /// buffered writes when it is refused at a write.
-    pub fn with_mode(file: File, path: &Path, hash: bool, mode: WriteMode) -> Result<Self> {
+    /// Like [`FileSink::new`], written as `mode` says, by I/O threads but
+    /// for [`WriteMode::Buffered`]. [`WriteMode::Direct`] falls back to
+    /// writing behind when O_DIRECT is refused now, and to buffered writes
+    /// when it is refused at a write. Written behind, with `keep_cached`
+    /// the pages stay cached once on the device: for a file read back
+    /// next (a compressed image's hash, read back because its header is
+    /// written last).
+    pub fn with_mode(file: File, path: &Path, hash: bool, mode: WriteMode, keep_cached: bool) -> Result<Self> {
         let mut sink = Self::new(file, path, hash);
-        if mode == WriteMode::Direct {
-            sink.direct = DirectWriter::start(&sink.file, path, hash)?;
-        }
+        sink.direct = DirectWriter::start(&sink.file, path, hash, mode, keep_cached)?;
         if sink.direct.is_some() {
             // The writer hashes (on its I/O threads); buffered, the sink
             // hashes as it appends.
             sink.hasher = None;
-        } else if mode != WriteMode::Buffered {
-            sink.behind = Some(WriteBehind::new());
         }
         Ok(sink)
-    }
-
-    /// Written behind, keep what is written in the cache once it is on the
-    /// device: the file is read back next (a compressed image's hash,
-    /// `hash::hash_written`).
-    pub fn keep_cached(&mut self) {
-        if let Some(b) = self.behind.as_mut() {
-            b.keep_cached();
-        }
-    }
-
-    /// Whether writes go around the page cache (O_DIRECT).
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
     }
 
     fn io(&self, e: std::io::Error) -> KnibError {
@@ -153,10 +136,6 @@ impl FileSink {
 
     fn write_out(&mut self, bytes: &[u8]) -> Result<()> {
         self.file.write_all_at(bytes, self.pos).map_err(|e| self.io(e))?;
-        if let Some(b) = self.behind.as_mut() {
-            b.wrote(&self.file, self.pos, bytes.len() as u64)
-                .map_err(|e| KnibError::io("cannot write", &self.path, e))?;
-        }
         self.pos += bytes.len() as u64;
         Ok(())
     }
@@ -204,9 +183,6 @@ impl FileSink {
     /// lower-case hex digits) when hashing.
     pub fn finish(mut self) -> Result<(File, Option<String>)> {
         self.flush()?;
-        if let Some(mut b) = self.behind.take() {
-            b.finish(&self.file).map_err(|e| self.io(e))?;
-        }
         let hash = self.hasher.take().map(|h| format!("{:032x}", h.digest128()));
         Ok((self.file, hash))
     }

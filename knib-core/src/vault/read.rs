@@ -300,7 +300,7 @@ fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, c
             let spec =
                 ImageSpec { virtual_size: size, cluster_bits: bits, backing: None, compression: CompressionType::Zlib };
             let f = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
-            Some(Layout::new(spec, FileSink::with_mode(f, dest, false, WriteMode::Behind)?, None)?)
+            Some(Layout::new(spec, FileSink::with_mode(f, dest, false, WriteMode::Behind, false)?, None)?)
         }
         ImageFormat::Raw => None,
     };
