@@ -29,9 +29,9 @@ use parking_lot::Mutex;
 
 use super::copy_batch::{batch_plan, compress_loop, is_zero, Batch, Item};
 use super::copy_read::{read_loop, Resolved, Source, SourceMode};
-use super::direct::{Bounce, ScatterWriter};
+use super::direct::{Bounce, ScatterWriter, WriteMode};
 use super::header::CompressionType;
-use super::sink::{CountSink, FileSink, Sink, WriteMode};
+use super::sink::{CountSink, FileSink, Sink};
 use super::srchash::SourceHash;
 use super::writer::{BackingRef, ImageSpec, Layout, WriteSummary};
 use crate::error::{KnibError, Result};

@@ -32,7 +32,6 @@ use parking_lot::{Condvar, Mutex};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::behind::WriteBehind;
-use super::sink::WriteMode;
 use crate::error::{KnibError, Result};
 
 /// Alignment of O_DIRECT buffers, offsets and lengths.
@@ -48,6 +47,23 @@ const BEHIND_THREADS: usize = 1;
 const BUFFERS: usize = IO_THREADS + 2;
 /// `statfs` magic of NFS.
 const NFS_SUPER_MAGIC: i64 = 0x6969;
+
+/// How an output file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriteMode {
+    /// Through the page cache, each chunk sent to the device as it is
+    /// written and dropped from the cache once there, with at most 64 MiB
+    /// per writer not yet on the device (write-behind; the module doc of
+    /// `qcow2::behind` says why this is the default).
+    #[default]
+    Behind,
+    /// Around the page cache (O_DIRECT), in aligned 1 MiB writes made by two
+    /// I/O threads, where the file system allows it (not NFS); written
+    /// behind where it does not.
+    Direct,
+    /// Through the page cache, left to the kernel until the caller's fsync.
+    Buffered,
+}
 
 /// Turn O_DIRECT on or off for `file`; whether it now is as asked. Never
 /// turned on for a file on NFS.

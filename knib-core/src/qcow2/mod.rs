@@ -160,6 +160,7 @@ pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy
 #[cfg(feature = "libvirt")]
 pub(crate) use copy_batch::Compressor;
 pub use copy_read::SourceMode;
+pub use direct::WriteMode;
 pub use empty::{empty_image, empty_image_bytes};
 #[doc(hidden)]
 pub use guard::scan_file;
@@ -168,7 +169,7 @@ pub use header::{
     INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES, MIN_CLUSTER_BITS,
 };
 pub use image::{ClusterState, Qcow2Image};
-pub use sink::{CountSink, FileSink, Sink, WriteMode};
+pub use sink::{CountSink, FileSink, Sink};
 pub use source::{FileSource, ReadAt};
 pub use srchash::SourceHash;
 pub use writer::{header_cluster, BackingRef, ImageSpec, Layout, WriteSummary, REFCOUNT_ORDER};

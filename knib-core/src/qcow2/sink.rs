@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use super::direct::DirectWriter;
+use super::direct::{DirectWriter, WriteMode};
 use crate::error::{KnibError, Result};
 
 /// Where the writer's bytes go, in file order.
@@ -60,23 +60,6 @@ impl Sink for CountSink {
         self.0 += n;
         Ok(())
     }
-}
-
-/// How an output file is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum WriteMode {
-    /// Through the page cache, each chunk sent to the device as it is
-    /// written and dropped from the cache once there, with at most 64 MiB
-    /// per writer not yet on the device (write-behind; the module doc of
-    /// `qcow2::behind` says why this is the default).
-    #[default]
-    Behind,
-    /// Around the page cache (O_DIRECT), in aligned 1 MiB writes made by two
-    /// I/O threads, where the file system allows it (not NFS); written
-    /// behind where it does not.
-    Direct,
-    /// Through the page cache, left to the kernel until the caller's fsync.
-    Buffered,
 }
 
 /// A file written front to back through a buffer, optionally hashed
