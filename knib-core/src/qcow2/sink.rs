@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
 
+use super::behind::WriteBehind;
 use super::direct::{DirectWriter, WriteMode};
 use crate::error::{KnibError, Result};
 
@@ -73,6 +74,8 @@ pub struct FileSink {
     /// The I/O threads writing ([`WriteMode::Direct`] and
     /// [`WriteMode::Behind`]) until [`FileSink::flush`].
     direct: Option<DirectWriter>,
+    /// Written behind by the caller's thread ([`FileSink::new_behind_inline`]).
+    behind: Option<WriteBehind>,
 }
 
 /// Appends this long or longer skip the buffer.
@@ -92,6 +95,7 @@ impl FileSink {
             pos: 0,
             hasher: hash.then(|| Box::new(Xxh3::new())),
             direct: None,
+            behind: None,
         }
     }
 
@@ -113,12 +117,26 @@ impl FileSink {
         Ok(sink)
     }
 
+    /// Written behind by the caller's thread, with no I/O thread and no
+    /// buffer beyond the sink's own 1 MiB: for a writer whose memory is
+    /// tight (a restore from the vault, which also holds a read cache;
+    /// the I/O thread's four buffers took it over 32 MiB).
+    pub(crate) fn new_behind_inline(file: File, path: &Path, hash: bool) -> Self {
+        let mut sink = Self::new(file, path, hash);
+        sink.behind = Some(WriteBehind::new());
+        sink
+    }
+
     fn io(&self, e: std::io::Error) -> KnibError {
         KnibError::io("cannot write", &self.path, e)
     }
 
     fn write_out(&mut self, bytes: &[u8]) -> Result<()> {
         self.file.write_all_at(bytes, self.pos).map_err(|e| self.io(e))?;
+        if let Some(b) = self.behind.as_mut() {
+            b.wrote(&self.file, self.pos, bytes.len() as u64)
+                .map_err(|e| KnibError::io("cannot write", &self.path, e))?;
+        }
         self.pos += bytes.len() as u64;
         Ok(())
     }
@@ -166,6 +184,9 @@ impl FileSink {
     /// lower-case hex digits) when hashing.
     pub fn finish(mut self) -> Result<(File, Option<String>)> {
         self.flush()?;
+        if let Some(mut b) = self.behind.take() {
+            b.finish(&self.file).map_err(|e| self.io(e))?;
+        }
         let hash = self.hasher.take().map(|h| format!("{:032x}", h.digest128()));
         Ok((self.file, hash))
     }

@@ -18,7 +18,7 @@ use crate::catalog::{Manifest, VerifyReport};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
-use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Image, WriteBehind, WriteMode};
+use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Image, WriteBehind};
 use crate::qemu_img::ImageFormat;
 
 /// The read cache of one chain's objects, one budget shared among them
@@ -300,7 +300,7 @@ fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, c
             let spec =
                 ImageSpec { virtual_size: size, cluster_bits: bits, backing: None, compression: CompressionType::Zlib };
             let f = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
-            Some(Layout::new(spec, FileSink::with_mode(f, dest, false, WriteMode::Behind, false)?, None)?)
+            Some(Layout::new(spec, FileSink::new_behind_inline(f, dest, false), None)?)
         }
         ImageFormat::Raw => None,
     };
