@@ -116,9 +116,14 @@ pub fn allocated_bytes(path: &Path) -> Result<u64> {
 /// holds the whole folio.
 pub(crate) fn drop_cached(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
-    let off = |x: u64| libc::off_t::try_from(x).unwrap_or(libc::off_t::MAX);
     // SAFETY: fadvise on a descriptor the caller owns.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), off(offset), off(len), libc::POSIX_FADV_DONTNEED) };
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), to_off(offset), to_off(len), libc::POSIX_FADV_DONTNEED) };
+}
+
+/// A file offset or length for a system call (saturating: no file is
+/// that long).
+pub(crate) fn to_off(x: u64) -> libc::off64_t {
+    libc::off64_t::try_from(x).unwrap_or(libc::off64_t::MAX)
 }
 
 /// Size of a file in bytes.

@@ -139,7 +139,14 @@ impl WriteBehind {
     /// (write-behind is then off for good).
     fn range(&mut self, file: &File, s: Span, flags: libc::c_uint) -> std::io::Result<bool> {
         // SAFETY: sync_file_range on a descriptor we own.
-        let r = unsafe { libc::sync_file_range(file.as_raw_fd(), to_off(s.start), to_off(s.end - s.start), flags) };
+        let r = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                crate::fsio::to_off(s.start),
+                crate::fsio::to_off(s.end - s.start),
+                flags,
+            )
+        };
         if r == 0 {
             return Ok(true);
         }
@@ -156,10 +163,6 @@ impl WriteBehind {
             _ => Err(e),
         }
     }
-}
-
-fn to_off(x: u64) -> libc::off64_t {
-    libc::off64_t::try_from(x).unwrap_or(libc::off64_t::MAX)
 }
 
 #[cfg(test)]
@@ -198,14 +201,8 @@ mod tests {
     #[test]
     fn a_file_that_refuses_sync_file_range_is_written_plainly() {
         // A pipe: sync_file_range says ESPIPE.
-        let (r, w) = {
-            let mut fds = [0; 2];
-            // SAFETY: pipe into an array we own.
-            assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-            use std::os::fd::FromRawFd;
-            // SAFETY: both descriptors are new and ours.
-            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
-        };
+        let (r, w) = std::io::pipe().unwrap();
+        let w = File::from(std::os::fd::OwnedFd::from(w));
         let mut wb = WriteBehind::new();
         for _ in 0..3 {
             wb.wrote(&w, 0, CHUNK).unwrap();
