@@ -208,6 +208,43 @@ fn a_small_file_restore_from_a_large_backup_fetches_a_small_fraction() {
     assert_eq!(std::fs::read(&to2).unwrap(), b"vault-test\n");
 }
 
+/// An incremental that overrides a long run of its parent (longer than the
+/// gap a read beyond the parent's hashed prefix fills at once): the
+/// restore goes on reading the parent past the run, and those reads must
+/// not all be fetched a second time for the parent's hash. Restored
+/// identical and verified, fetching about the objects' bytes once (each
+/// byte of the objects at most 1.3 times), not the parent's rest twice.
+#[test]
+fn a_restore_past_a_long_overridden_run_fetches_the_parent_about_once() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("overridden-run");
+    let w = tempfile::tempdir().unwrap();
+    let disk = w.path().join("root.qcow2");
+    make_disk(&disk, 128 << 20, &[]);
+    qemu_io(&disk, "write -P 0x31 0 96M");
+    let store = Store::create(w.path().join("store")).unwrap();
+    let disks = vec![DiskSpec { name: "root".into(), path: disk.clone() }];
+    store.backup("vm1", &disks, &BackupOptions::default(), &ctl()).unwrap();
+    // 16 MiB, twice the gap filled at once, 72 MiB of the parent after it.
+    qemu_io(&disk, "write -P 0x32 8M 16M");
+    let inc = store.backup("vm1", &disks, &BackupOptions::default(), &ctl()).unwrap();
+    let objects: u64 = store.list(None).unwrap().iter().map(|m| m.volumes[0].size).sum();
+    Vault::open(&p.location()).unwrap().sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+
+    let vault = Vault::open(&p.location()).unwrap();
+    let to = w.path().join("restored.qcow2");
+    let done = vault.restore(&inc.id, "root", &to, ImageFormat::Qcow2, true, &ctl()).unwrap();
+    assert!(done.verified);
+    assert_identical(&to, &disk);
+    assert!(
+        done.bytes_fetched * 10 <= objects * 13,
+        "fetched {} bytes to restore from {objects} bytes of objects",
+        done.bytes_fetched
+    );
+}
+
 #[test]
 fn the_json_operations_take_a_vault_as_their_store() {
     if !s3::setup() {

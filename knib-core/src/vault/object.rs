@@ -22,7 +22,16 @@
 //! prefix; one that starts a little ahead (at most [`GAP_FILL`]: an L2
 //! table between two runs of data, clusters an upper layer overrides) has
 //! the gap fetched and hashed first; one far ahead (the L1 table at the
-//! end of the file, read when the image is opened) is not hashed then.
+//! end of the file, read when the image is opened; the L2 table after the
+//! data it maps) is not hashed then, since the reads that follow usually
+//! come back to the prefix. When they do not (an upper layer overrides a
+//! long run of this one, and the reads go on past it), every byte read
+//! beyond the prefix would have to be fetched again by
+//! [`RemoteObject::finish_hash`]; so once the reads beyond the prefix add
+//! up to the gap they first left, the gap (and them) is fetched and hashed,
+//! and the reads after it extend the prefix again: the rent-or-buy rule,
+//! which fetches such a run at most three times where the best choice in
+//! hindsight fetches it once, and not the rest of the object twice.
 //! [`RemoteObject::finish_hash`] fetches what is left. A restore of a
 //! knib-written file, which is laid out in guest order, fetches it about
 //! once.
@@ -120,6 +129,9 @@ struct State {
     /// The current read-ahead, in blocks.
     ahead: u64,
     hash: Option<(u64, Xxh3)>,
+    /// Since the hashed prefix last grew: where the first read beyond it
+    /// started, and the bytes fetched beyond it (see the module docs).
+    beyond: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for RemoteObject {
@@ -140,7 +152,7 @@ impl RemoteObject {
             len,
             cache,
             id,
-            state: Mutex::new(State { next: u64::MAX, ahead: 1, hash: hash.then(|| (0, Xxh3::new())) }),
+            state: Mutex::new(State { next: u64::MAX, ahead: 1, hash: hash.then(|| (0, Xxh3::new())), beyond: None }),
         }
     }
 
@@ -172,7 +184,12 @@ impl RemoteObject {
         let Some((pos, _)) = st.hash.as_ref() else { return Ok(()) };
         let pos = *pos;
         let end = start + data.len() as u64;
-        if start > pos && start - pos <= GAP_FILL {
+        if start > pos {
+            let (first, fetched) = st.beyond.get_or_insert((start, 0));
+            if start - pos > GAP_FILL && *fetched < *first - pos {
+                *fetched += data.len() as u64;
+                return Ok(());
+            }
             // In chunks: the gap may be larger than the cache.
             let mut at = pos;
             while at < start {
@@ -189,6 +206,7 @@ impl RemoteObject {
             if start <= *p && end > *p {
                 h.update(&data[(*p - start) as usize..]);
                 *p = end;
+                st.beyond = None;
             }
         }
         Ok(())

@@ -22,10 +22,11 @@ use crate::qcow2::{Chain, CompressionType, FileSink, ImageSpec, Layout, Qcow2Ima
 use crate::qemu_img::ImageFormat;
 
 /// The read cache of one chain's objects, one budget shared among them
-/// (whatever the chain's depth).
-pub const CHAIN_CACHE_BYTES: u64 = 4 << 20;
+/// (whatever the chain's depth): 12 blocks, enough for the read-ahead of
+/// three layers read at once.
+pub const CHAIN_CACHE_BYTES: u64 = 3 << 20;
 /// Guest bytes read per step of a restore.
-const RESTORE_CHUNK: usize = 1 << 20;
+const RESTORE_CHUNK: usize = 256 << 10;
 
 /// What a restore from a vault did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
