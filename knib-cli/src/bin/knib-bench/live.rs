@@ -17,9 +17,13 @@ use knib_core::libvirt::{qemu_monitor_command_hmp, Hypervisor};
 use knib_core::Control;
 
 use super::{ok, s, Rng, CS};
-use crate::measure::{cmd, compare, Measured, RowEnv, Tool};
+use crate::measure::{cmd, compare_serving, Measured, RowEnv, Tool};
 
 pub(crate) const URI: &str = "qemu:///system";
+
+/// The servers the live rows drive (their CPU is the rows' work, shown
+/// apart from other processes'): the domain's QEMU, libvirt's daemons.
+const SERVERS: &[&str] = &["qemu-system-x86", "libvirtd", "virtlogd"];
 
 /// Why the row cannot run here, if it cannot.
 pub(crate) fn unavailable() -> Option<String> {
@@ -209,21 +213,23 @@ pub(crate) fn rows(live: &Live<'_>, runs: usize) -> ((Vec<Measured>, RowEnv), (V
     }
     let _down = Down(live);
     let fresh = |run: usize| live.prepare(run, None);
-    let full = compare(
+    let full = compare_serving(
         runs,
         &[
             Tool::new("knib", vec![knib_once.clone()], &live.store()).sync_fs().setup(&fresh),
             Tool::new("virtnbdbackup", vec![nbd_full.clone()], &live.nbd()).sync_fs().setup(&fresh),
         ],
+        SERVERS,
     );
     let knib_prep = |run: usize| live.prepare(run, Some(&knib_once));
     let nbd_prep = |run: usize| live.prepare(run, Some(&nbd_full));
-    let inc = compare(
+    let inc = compare_serving(
         runs,
         &[
             Tool::new("knib", vec![knib_once.clone()], &live.store()).sync_fs().setup(&knib_prep),
             Tool::new("virtnbdbackup", vec![nbd_inc], &live.nbd()).sync_fs().setup(&nbd_prep),
         ],
+        SERVERS,
     );
     let _ = std::fs::remove_file(writes_file(&live.dir, BackupMethod::Snapshot));
     (full, inc)
@@ -250,12 +256,13 @@ pub(crate) fn method_rows(live: &Live<'_>, runs: usize) -> ((Vec<Measured>, RowE
     }
     let bitmap_prep = |run: usize| live.prepare(run, Some(&by_bitmap));
     let snapshot_prep = |run: usize| live.prepare(run, Some(&by_snapshot));
-    let m = compare(
+    let m = compare_serving(
         runs,
         &[
             Tool::new("knib by bitmap", vec![by_bitmap.clone()], &live.store()).sync_fs().setup(&bitmap_prep),
             Tool::new("knib by snapshot", vec![by_snapshot.clone()], &live.store()).sync_fs().setup(&snapshot_prep),
         ],
+        SERVERS,
     );
     let writes = [median_incremental_writes(&files[0]), median_incremental_writes(&files[1])];
     for f in &files {

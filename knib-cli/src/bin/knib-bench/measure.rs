@@ -170,7 +170,8 @@ pub(crate) const OTHERS_NOISY_PER_CORE: f64 = 0.25;
 /// The run is noisy when the load average per core exceeds this at its start.
 pub(crate) const LOAD_NOISY_PER_CORE: f64 = 0.5;
 
-/// The machine while a row ran.
+/// The machine while a row's timed runs ran (its untimed setups, which
+/// start domains and copy disks, are not counted).
 #[derive(Default, Clone, Copy)]
 pub(crate) struct RowEnv {
     pub(crate) load_start: f64,
@@ -178,15 +179,25 @@ pub(crate) struct RowEnv {
     /// Share of the CPUs' time stolen, %.
     pub(crate) steal_pct: f64,
     /// Cores kept busy by other processes (the machine's busy time less
-    /// the benchmark's own and its children's), on average.
+    /// the benchmark's own and its children's, and less the row's
+    /// servers'), on average.
     pub(crate) others_cores: f64,
+    /// Cores kept busy by the servers the row drives (QEMU and libvirtd in
+    /// the live rows, Ceph's daemons in the vault rows), on average: the
+    /// work of the row, not noise; shown apart.
+    pub(crate) server_cores: f64,
     pub(crate) noisy: bool,
 }
 
 impl RowEnv {
     pub(crate) fn why(&self) -> String {
+        let servers = if self.server_cores > 0.0 {
+            format!(" (the row's servers {:.2})", self.server_cores)
+        } else {
+            String::new()
+        };
         format!(
-            "load {:.2} -> {:.2}, steal {:.1}%, others {:.2} cores",
+            "load {:.2} -> {:.2}, steal {:.1}%, others {:.2} cores{servers}",
             self.load_start, self.load_end, self.steal_pct, self.others_cores
         )
     }
@@ -197,39 +208,125 @@ impl RowEnv {
             "load_end": self.load_end,
             "steal_pct": self.steal_pct,
             "others_cores": self.others_cores,
+            "server_cores": self.server_cores,
             "noisy": self.noisy,
         })
     }
 }
 
-/// Watches the machine from its start to [`Watch::end`].
-pub(crate) struct Watch {
-    load: f64,
+/// CPU seconds (user + system, every thread) of the running processes
+/// whose name (`comm`) is one of `names`, by pid.
+fn server_cpu(names: &[&str]) -> Vec<(u32, f64)> {
+    if names.is_empty() {
+        return vec![];
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(rd) = std::fs::read_dir("/proc") else { return vec![] };
+    let mut out = vec![];
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // pid (comm) state ...: comm may hold spaces, so split at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !names.contains(&&stat[open + 1..close]) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the comm: state is field 3, utime 14 and stime 15.
+        if let (Some(u), Some(s)) =
+            (f.get(11).and_then(|v| v.parse::<u64>().ok()), f.get(12).and_then(|v| v.parse::<u64>().ok()))
+        {
+            out.push((pid, (u + s) as f64 / hz));
+        }
+    }
+    out
+}
+
+/// What a span of time used: the machine's busy and stolen time, the
+/// benchmark's own (and its children's) and its servers'.
+#[derive(Default, Clone, Copy)]
+struct Span {
+    busy_secs: f64,
+    steal_ticks: u64,
+    total_ticks: u64,
+    own_secs: f64,
+    server_secs: f64,
+    elapsed: f64,
+}
+
+/// Watches the machine over one timed run: from [`Watch::start`] to
+/// [`Watch::end`].
+pub(crate) struct Watch<'a> {
+    servers: &'a [&'a str],
     ticks: (u64, u64, u64),
     own: f64,
+    server: Vec<(u32, f64)>,
     at: Instant,
 }
 
-impl Watch {
-    pub(crate) fn start() -> Self {
-        Watch { load: load1(), ticks: cpu_ticks(), own: own_cpu(), at: Instant::now() }
+impl<'a> Watch<'a> {
+    pub(crate) fn start(servers: &'a [&'a str]) -> Self {
+        Watch { servers, ticks: cpu_ticks(), own: own_cpu(), server: server_cpu(servers), at: Instant::now() }
     }
 
-    pub(crate) fn end(&self) -> RowEnv {
+    fn end(&self) -> Span {
         let (busy, steal, total) = cpu_ticks();
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let dtotal = total.saturating_sub(self.ticks.2).max(1) as f64;
-        let steal_pct = steal.saturating_sub(self.ticks.1) as f64 / dtotal * 100.0;
-        let busy_secs = busy.saturating_sub(self.ticks.0) as f64 / hz;
-        let elapsed = self.at.elapsed().as_secs_f64().max(1e-3);
-        let others_cores = ((busy_secs - (own_cpu() - self.own)) / elapsed).max(0.0);
+        // A server's CPU over the span: of the processes there at both ends
+        // (a domain started or stopped meanwhile is the tool's work, which
+        // setups do untimed).
+        let server_secs = server_cpu(self.servers)
+            .iter()
+            .filter_map(|(pid, t)| self.server.iter().find(|(p, _)| p == pid).map(|(_, t0)| (t - t0).max(0.0)))
+            .sum();
+        Span {
+            busy_secs: busy.saturating_sub(self.ticks.0) as f64 / hz,
+            steal_ticks: steal.saturating_sub(self.ticks.1),
+            total_ticks: total.saturating_sub(self.ticks.2),
+            own_secs: own_cpu() - self.own,
+            server_secs,
+            elapsed: self.at.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// The machine over a row's timed runs.
+struct RowWatch {
+    load_start: Option<f64>,
+    sum: Span,
+}
+
+impl RowWatch {
+    fn new() -> Self {
+        RowWatch { load_start: None, sum: Span::default() }
+    }
+
+    fn add(&mut self, load_start: f64, s: Span) {
+        self.load_start.get_or_insert(load_start);
+        let t = &mut self.sum;
+        t.busy_secs += s.busy_secs;
+        t.steal_ticks += s.steal_ticks;
+        t.total_ticks += s.total_ticks;
+        t.own_secs += s.own_secs;
+        t.server_secs += s.server_secs;
+        t.elapsed += s.elapsed;
+    }
+
+    fn env(&self) -> RowEnv {
+        let t = &self.sum;
+        let elapsed = t.elapsed.max(1e-3);
+        let steal_pct = t.steal_ticks as f64 / t.total_ticks.max(1) as f64 * 100.0;
+        let server_cores = t.server_secs / elapsed;
+        let others_cores = ((t.busy_secs - t.own_secs - t.server_secs) / elapsed).max(0.0);
         let c = cores() as f64;
         RowEnv {
-            load_start: self.load,
+            load_start: self.load_start.unwrap_or_else(load1),
             load_end: load1(),
             steal_pct,
             others_cores,
+            server_cores,
             noisy: steal_pct > STEAL_NOISY_PCT || others_cores > OTHERS_NOISY_PER_CORE * c,
         }
     }
@@ -289,7 +386,14 @@ fn tree_size(p: &Path) -> u64 {
 /// run, in turn), and report each tool's medians and the machine's state
 /// during the row.
 pub(crate) fn compare(runs: usize, tools: &[Tool<'_>]) -> (Vec<Measured>, RowEnv) {
-    let watch = Watch::start();
+    compare_serving(runs, tools, &[])
+}
+
+/// [`compare`] for a row that drives servers: the processes named
+/// `servers`, whose CPU is the row's work, shown apart from other
+/// processes' ([`RowEnv::server_cores`]).
+pub(crate) fn compare_serving(runs: usize, tools: &[Tool<'_>], servers: &[&str]) -> (Vec<Measured>, RowEnv) {
+    let mut watch = RowWatch::new();
     let mut times = vec![Vec::new(); tools.len()];
     let mut cpus = vec![Vec::new(); tools.len()];
     let mut rss = vec![0u64; tools.len()];
@@ -303,7 +407,10 @@ pub(crate) fn compare(runs: usize, tools: &[Tool<'_>]) -> (Vec<Measured>, RowEnv
             let mut sync: Vec<&Path> = vec![&tool.out];
             sync.extend(tool.sync_also.iter().map(|p| p.as_path()));
             let before = tree_size(&tool.out);
+            let load = load1();
+            let w = Watch::start(servers);
             let u = timed(&tool.steps, &sync, tool.sync_fs);
+            watch.add(load, w.end());
             eprintln!("  {}: {:.2} s, {:.2} CPU s, {} KiB", tool.name, u.secs, u.cpu, u.rss_kib);
             times[t].push(u.secs);
             cpus[t].push(u.cpu);
@@ -311,7 +418,7 @@ pub(crate) fn compare(runs: usize, tools: &[Tool<'_>]) -> (Vec<Measured>, RowEnv
             size[t] = tree_size(&tool.out).saturating_sub(before);
         }
     }
-    let env = watch.end();
+    let env = watch.env();
     if env.noisy {
         eprintln!("  noisy: {}", env.why());
     }

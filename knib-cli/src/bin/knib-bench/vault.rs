@@ -19,7 +19,11 @@ use knib_core::vault::{SyncOptions, Vault};
 use knib_core::Control;
 
 use super::{ok, s, Rng, CS};
-use crate::measure::{cmd, compare, Measured, RowEnv, Tool};
+use crate::measure::{cmd, compare_serving, Measured, RowEnv, Tool};
+
+/// The servers the vault rows drive (their CPU is the rows' work, shown
+/// apart from other processes'): Ceph's daemons.
+const SERVERS: &[&str] = &["radosgw", "ceph-osd", "ceph-mon", "ceph-mgr"];
 
 /// Why the rows cannot run here, if they cannot.
 pub(crate) fn unavailable() -> Option<String> {
@@ -135,7 +139,7 @@ pub(crate) fn rows(b: &VaultBench<'_>, runs: usize, want_sync: bool, want_restor
             let _ = std::fs::remove_dir_all(&copy);
             std::fs::create_dir_all(&copy).expect("copy directory");
         };
-        let (mut m, env) = compare(
+        let (mut m, env) = compare_serving(
             runs,
             &[
                 // Its output is in the vault: the store directory stands in
@@ -150,6 +154,7 @@ pub(crate) fn rows(b: &VaultBench<'_>, runs: usize, want_sync: bool, want_restor
                 .sync_fs()
                 .setup(&empty_copy),
             ],
+            SERVERS,
         );
         m[0].out_bytes = bytes;
         out.sync = Some((m, env));
@@ -160,7 +165,7 @@ pub(crate) fn rows(b: &VaultBench<'_>, runs: usize, want_sync: bool, want_restor
         }
         eprintln!("vault: restore the incremental backup");
         let (ko, lo) = (b.dir.join("restored-vault.qcow2"), b.dir.join("restored-local.qcow2"));
-        out.restore = Some(compare(
+        out.restore = Some(compare_serving(
             runs,
             &[
                 Tool::new(
@@ -174,6 +179,7 @@ pub(crate) fn rows(b: &VaultBench<'_>, runs: usize, want_sync: bool, want_restor
                     &lo,
                 ),
             ],
+            SERVERS,
         ));
     }
     clear(&location);
