@@ -34,7 +34,10 @@ use knib_core::{KnibError, Result};
     version,
     about = "Native incremental backups of KVM VMs with qcow2 disks",
     after_help = "Environment:\n  KNIB_LOG=FILTER  show knib's log on stderr by level or module \
-                  (KNIB_LOG=debug, KNIB_LOG=knib_core::catalog=trace)"
+                  (KNIB_LOG=debug, KNIB_LOG=knib_core::catalog=trace)\n  \
+                  KNIB_WRITE_MODE=MODE  how outputs are written: behind (the default: through the page cache, \
+                  each chunk sent to the device at once and dropped from the cache), direct (O_DIRECT) or \
+                  buffered (left to the kernel until the final fsync)"
 )]
 struct Cli {
     /// Print results as JSON.

@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[path = "../../knib-core/tests/common/cache.rs"]
+mod cache;
+
 fn knib(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_knib")).args(args).output().expect("knib runs")
 }
@@ -224,4 +227,56 @@ fn backup_compress_writes_a_compressed_backup_in_one_pass() {
     let out = knib(&["restore", "--store", s(&store), id, "--volume", "a", "--to", s(&to), "--format", "raw"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     qemu(&["qemu-img", "compare", s(&to), s(&d.path().join("ref.qcow2"))]);
+}
+
+/// `KNIB_WRITE_MODE` chooses, host-wide, how knib writes its outputs: a
+/// restore written behind (the default, or the variable's `behind`) or
+/// O_DIRECT (`direct`) leaves none of its 160 MiB in the page cache; one
+/// written `buffered` leaves it there; the bytes are the same each time. A
+/// value that is no mode is a warning naming it, and the default. The files
+/// are under the target directory, a disk file system (tmpfs keeps every
+/// page).
+#[test]
+fn knib_write_mode_chooses_how_outputs_are_written() {
+    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let store = d.path().join("store");
+    let disk = d.path().join("disk.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(&disk), "256M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 96M", "-c", "write -P 0x42 128M 64M", s(&disk)]);
+    let da = format!("root={}", s(&disk));
+    let full = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "m", "--disk", &da]);
+    let id = full["id"].as_str().unwrap();
+    let cases: [(Option<&str>, bool); 5] = [
+        (None, false),
+        (Some("behind"), false),
+        (Some("direct"), false),
+        (Some("buffered"), true),
+        (Some("fast"), false),
+    ];
+    for (i, (mode, cached)) in cases.iter().enumerate() {
+        for format in ["qcow2", "raw"] {
+            let out_path = d.path().join(format!("r{i}.{format}"));
+            let mut c = Command::new(env!("CARGO_BIN_EXE_knib"));
+            c.args(["restore", "--store", s(&store), id, "--volume", "root", "--format", format, "--to", s(&out_path)]);
+            c.env_remove("KNIB_WRITE_MODE");
+            if let Some(m) = mode {
+                c.env("KNIB_WRITE_MODE", m);
+            }
+            let out = c.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{mode:?} {format}: {err}");
+            let warned = err
+                .contains("KNIB_WRITE_MODE=\"fast\" is not a write mode (behind, direct or buffered); writing behind");
+            assert_eq!(warned, *mode == Some("fast"), "{mode:?} {format}: {err}");
+            // Before the comparison, which reads the file into the cache.
+            let resident = cache::resident(&out_path);
+            qemu(&["qemu-img", "compare", "-q", s(&disk), s(&out_path)]);
+            if *cached {
+                assert!(resident > 128 << 20, "{mode:?} {format}: only {resident} bytes cached");
+            } else {
+                assert!(resident < 8 << 20, "{mode:?} {format}: {resident} bytes left cached");
+            }
+            std::fs::remove_file(&out_path).unwrap();
+        }
+    }
 }

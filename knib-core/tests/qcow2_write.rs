@@ -15,6 +15,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "common/cache.rs"]
+mod cache;
 #[path = "common/gen.rs"]
 mod gen;
 use gen::{random_ops, sources, Rng, K};
@@ -445,27 +447,6 @@ fn the_rate_limit_deadline_and_progress_hold_on_the_native_path() {
     assert_same(&out, &src);
 }
 
-/// Bytes of `path` in the page cache (mmap + mincore).
-fn resident(path: &Path) -> u64 {
-    use std::os::fd::AsRawFd;
-    let f = std::fs::File::open(path).unwrap();
-    let len = f.metadata().unwrap().len() as usize;
-    if len == 0 {
-        return 0;
-    }
-    let page = 4096usize;
-    let mut vec = vec![0u8; len.div_ceil(page)];
-    // SAFETY: a private read-only map of a file we opened, unmapped below;
-    // mincore writes one byte per page into `vec`, which has that many.
-    unsafe {
-        let m = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
-        assert_ne!(m, libc::MAP_FAILED);
-        assert_eq!(libc::mincore(m, len, vec.as_mut_ptr()), 0);
-        libc::munmap(m, len);
-    }
-    vec.iter().filter(|&&b| b & 1 == 1).count() as u64 * page as u64
-}
-
 /// Every way of writing an output (written behind, the default; O_DIRECT;
 /// plain buffered) gives the same bytes, for qcow2 (plain and compressed)
 /// and raw outputs. Written behind or directly, a 300 MiB output is not
@@ -512,7 +493,7 @@ fn every_write_mode_writes_the_same_bytes_and_write_behind_leaves_the_cache_clea
                 CopyOptions { format, compression: comp, hash, threads: 2, write_mode: mode, ..Default::default() };
             let r = copy_image(&src, &out, &opts, &Control::new(), &mut |_| Ok(()))
                 .unwrap_or_else(|e| panic!("{name} {mode:?}: {e}"));
-            let cached = resident(&out);
+            let cached = cache::resident(&out);
             let data = std::fs::metadata(&out).unwrap().len();
             if mode == WriteMode::Buffered && comp.is_none() {
                 assert!(cached > 200 * M, "{name} {mode:?}: only {cached} of {data} bytes cached");

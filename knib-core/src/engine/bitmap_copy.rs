@@ -235,11 +235,12 @@ pub fn copy_export(
             .create_new(true)
             .open(dest)
             .map_err(|e| KnibError::io("cannot create", dest, e))?;
-        // Written behind, as the snapshot method's copies: the file's
-        // fsync then has little left to write back.
+        // Written as the host's write mode says (behind by default: the
+        // file's fsync then has little left to write back), as the
+        // snapshot method's copies.
         // A compressed image (its length not planned) is hashed by reading
         // it back, below.
-        FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::Behind, planned.is_none())
+        FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::default(), planned.is_none())
     })?;
     let (file, hash) = w.sink.finish()?;
     let hash = match (&w.header, hash) {

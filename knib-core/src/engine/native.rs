@@ -120,7 +120,7 @@ fn copy_with(c: &NativeCopy<'_>, hash_source: bool, ctl: &Control) -> Result<Cop
         threads: c.threads,
         rate_limit_mbps: c.rate_limit_mbps,
         sync: true,
-        write_mode: crate::qcow2::WriteMode::Behind,
+        write_mode: crate::qcow2::WriteMode::default(),
     };
     copy_image(c.source, c.dest, &opts, ctl, &mut |bound| {
         // A raw output is sparse: its data is all that needs room.

@@ -75,9 +75,10 @@ pub struct CopyOptions {
     pub rate_limit_mbps: u64,
     /// fsync the output before returning.
     pub sync: bool,
-    /// How the output is written: by default through the page cache, sent
-    /// to the device as written and dropped from the cache once there
-    /// ([`WriteMode::Behind`]).
+    /// How the output is written: by default the host's mode
+    /// ([`WriteMode::host_default`]: through the page cache, sent to the
+    /// device as written and dropped from the cache once there, unless
+    /// `KNIB_WRITE_MODE` says otherwise).
     pub write_mode: WriteMode,
 }
 
@@ -98,7 +99,7 @@ impl Default for CopyOptions {
             threads: 0,
             rate_limit_mbps: 0,
             sync: true,
-            write_mode: WriteMode::Behind,
+            write_mode: WriteMode::default(),
         }
     }
 }

@@ -48,14 +48,19 @@ const BUFFERS: usize = IO_THREADS + 2;
 /// `statfs` magic of NFS.
 const NFS_SUPER_MAGIC: i64 = 0x6969;
 
-/// How an output file is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// The environment variable that sets the host's write mode
+/// ([`WriteMode::host_default`]): `behind`, `direct` or `buffered`.
+pub const WRITE_MODE_ENV: &str = "KNIB_WRITE_MODE";
+
+/// How an output file is written. Its default is the host's
+/// ([`WriteMode::host_default`]): written behind unless `KNIB_WRITE_MODE`
+/// says otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteMode {
     /// Through the page cache, each chunk sent to the device as it is
     /// written and dropped from the cache once there, with at most 64 MiB
     /// per writer not yet on the device (write-behind; the module doc of
     /// `qcow2::behind` says why this is the default).
-    #[default]
     Behind,
     /// Around the page cache (O_DIRECT), in aligned 1 MiB writes made by two
     /// I/O threads, where the file system allows it (not NFS); written
@@ -63,6 +68,59 @@ pub enum WriteMode {
     Direct,
     /// Through the page cache, left to the kernel until the caller's fsync.
     Buffered,
+}
+
+impl WriteMode {
+    /// The mode's name: `behind`, `direct` or `buffered`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteMode::Behind => "behind",
+            WriteMode::Direct => "direct",
+            WriteMode::Buffered => "buffered",
+        }
+    }
+
+    /// The host's write mode, read once per process from `KNIB_WRITE_MODE`
+    /// ([`WRITE_MODE_ENV`]); [`WriteMode::Behind`] when it is unset. Which
+    /// mode is fastest depends on the host's storage (on one development
+    /// host O_DIRECT was, on the next the page cache; `docs/performance.md`),
+    /// so it is the host's setting, not a backup's: the CLI, the C library
+    /// and the CloudStack agent's JNI all read it from their environment. A
+    /// value that is none of the three is logged as a warning, once, and
+    /// written behind. A restore from a vault is always written behind (on
+    /// the caller's thread: its memory bound).
+    pub fn host_default() -> WriteMode {
+        static MODE: std::sync::OnceLock<WriteMode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var(WRITE_MODE_ENV) {
+            Err(_) => WriteMode::Behind,
+            Ok(v) => v.parse().unwrap_or_else(|e: crate::error::KnibError| {
+                log::warn!("{}; writing behind", e.message);
+                WriteMode::Behind
+            }),
+        })
+    }
+}
+
+impl Default for WriteMode {
+    /// The host's write mode ([`WriteMode::host_default`]).
+    fn default() -> Self {
+        WriteMode::host_default()
+    }
+}
+
+impl std::str::FromStr for WriteMode {
+    type Err = crate::error::KnibError;
+
+    fn from_str(s: &str) -> crate::error::Result<WriteMode> {
+        match s {
+            "behind" => Ok(WriteMode::Behind),
+            "direct" => Ok(WriteMode::Direct),
+            "buffered" => Ok(WriteMode::Buffered),
+            other => Err(crate::error::KnibError::invalid(format!(
+                "{WRITE_MODE_ENV}={other:?} is not a write mode (behind, direct or buffered)"
+            ))),
+        }
+    }
 }
 
 /// Turn O_DIRECT on or off for `file`; whether it now is as asked. Never

@@ -160,7 +160,7 @@ pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy
 #[cfg(feature = "libvirt")]
 pub(crate) use copy_batch::Compressor;
 pub use copy_read::SourceMode;
-pub use direct::WriteMode;
+pub use direct::{WriteMode, WRITE_MODE_ENV};
 pub use empty::{empty_image, empty_image_bytes};
 #[doc(hidden)]
 pub use guard::scan_file;
