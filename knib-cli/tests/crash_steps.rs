@@ -423,6 +423,37 @@ mod domains {
         v.as_array().unwrap().iter().map(|i| PathBuf::from(i["filename"].as_str().unwrap())).collect()
     }
 
+    /// Before `recover`, a domain whose backup was interrupted (its journal
+    /// still in the store) refuses another backup by either method: exit
+    /// status 21 (VM left inconsistent), the interrupted step named and
+    /// "run `knib recover` first", and nothing of the store changed but
+    /// the half-written `.part` files any operation on the VM sweeps (as
+    /// `recover` does first).
+    fn refused_until_recovered(store: &str, domain: &str, cwd: &Path) {
+        let root = cwd.join(store);
+        let vm_dir = root.join("vms").join(domain);
+        if !["journal.json", "bitmap-journal.json"].iter().any(|j| vm_dir.join(j).exists()) {
+            return;
+        }
+        let kept = || {
+            let mut t = common::disk::tree(&root);
+            t.retain(|p, _| !p.components().any(|c| c.as_os_str().to_string_lossy().ends_with(".part")));
+            t
+        };
+        let before = kept();
+        for method in ["snapshot", "bitmap"] {
+            let out = knib(&strs(&["backup", "--store", store, "--domain", domain, "--method", method]), None, cwd);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(21), "a {method} backup after a crash: {err}");
+            assert!(
+                err.contains(&format!("of domain {domain} was interrupted at its "))
+                    && err.contains(" step; run `knib recover` first"),
+                "a {method} backup after a crash: {err}"
+            );
+        }
+        assert_eq!(kept(), before, "a refused backup changed the store");
+    }
+
     struct Stopped {
         vm: TestVm,
         sizes: Vec<(String, u64)>,
@@ -450,6 +481,7 @@ mod domains {
             self.sizes.iter().find(|s| s.0 == v).unwrap().1
         }
         fn after_crash(&self, store: &str, cwd: &Path) {
+            refused_until_recovered(store, self.vm.name(), cwd);
             let out = knib(&strs(&["--json", "recover", "--store", store, "--domain", self.vm.name()]), None, cwd);
             assert!(out.status.success(), "recover: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -523,6 +555,7 @@ mod domains {
             self.model.borrow().assert_vm_reads_everything(&self.vm);
         }
         fn after_crash(&self, store: &str, cwd: &Path) {
+            refused_until_recovered(store, self.vm.name(), cwd);
             let out = knib(&strs(&["--json", "recover", "--store", store, "--domain", self.vm.name()]), None, cwd);
             assert!(out.status.success(), "recover: {}", String::from_utf8_lossy(&out.stderr));
         }

@@ -76,16 +76,9 @@ impl Invocation {
         ctl.check(&what)?;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill
-        // the child when its parent dies, so a killed knib never leaves a
-        // qemu-img writing into the store behind it.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        // A killed knib never leaves a qemu-img writing into the store
+        // behind it.
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| {
             let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Io };
             KnibError::new(kind, format!("cannot run {}: {e}", self.program.display()))
@@ -189,6 +182,21 @@ pub fn parse_progress(line: &[u8]) -> Option<f64> {
     let s = std::str::from_utf8(line).ok()?.trim();
     let inner = s.strip_prefix('(')?.strip_suffix("/100%)")?;
     inner.trim().parse::<f64>().ok()
+}
+
+/// Have the kernel kill the child `cmd` starts (SIGKILL) when its parent
+/// dies: a killed knib leaves no helper of its own behind (a qemu-img
+/// writing into the store, a qemu-nbd export holding a disk's lock).
+pub(crate) fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe, and the closure touches nothing
+    // of the parent's; it only sets the child's parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]

@@ -72,19 +72,36 @@ impl Store {
         Ok(())
     }
 
-    /// The error of a domain whose bitmap backup was interrupted.
-    pub(crate) fn refuse_interrupted_bitmap(&self, vm: &str) -> Result<()> {
-        if let Some(j) = self.load_bitmap_journal(vm)? {
-            return Err(KnibError::new(
-                ErrorKind::VmInconsistent,
-                format!(
-                    "bitmap backup {} of domain {vm} was interrupted at its {} step; run `knib recover` first",
-                    j.plan.backup_id,
-                    j.step.as_str()
-                ),
-            ));
+    /// [`Store::refuse_interrupted`] before the domain is even inspected
+    /// (an interrupted backup may have left its disks on knib's deltas,
+    /// which inspecting refuses with a less useful error), under the VM's
+    /// lock, taken and let go here ("busy" while that backup still runs).
+    /// A VM without a directory in the store has no journal: nothing is
+    /// made for it here.
+    pub(crate) fn refuse_interrupted_first(&self, vm: &str, what: &str) -> Result<()> {
+        crate::names::validate("VM name", vm)?;
+        if !self.vm_dir(vm).is_dir() {
+            return Ok(());
         }
-        Ok(())
+        let _lock = self.lock_vm(vm, what)?;
+        self.refuse_interrupted(vm)
+    }
+
+    /// The error of a domain whose backup (by either method) was
+    /// interrupted: nothing else is done to it before `knib recover`.
+    pub(crate) fn refuse_interrupted(&self, vm: &str) -> Result<()> {
+        let interrupted = match (self.load_bitmap_journal(vm)?, self.load_journal(vm)?) {
+            (Some(j), _) => Some((format!("bitmap backup {}", j.plan.backup_id), j.step.as_str())),
+            (None, Some(j)) => Some((format!("backup {}", j.plan.backup_id), j.step.as_str())),
+            (None, None) => None,
+        };
+        match interrupted {
+            Some((what, step)) => Err(KnibError::new(
+                ErrorKind::VmInconsistent,
+                format!("{what} of domain {vm} was interrupted at its {step} step; run `knib recover` first"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Back up every disk of a libvirt domain by dirty bitmap: a running
@@ -115,20 +132,11 @@ impl Store {
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
+        self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let running = vm.is_running()?;
         let disks = if running { bitmap::inspect(vm)? } else { bitmap_stopped::inspect(vm)? };
         let _lock = self.lock_vm(&name, &format!("backup of {name}"))?;
-        self.refuse_interrupted_bitmap(&name)?;
-        if let Some(j) = self.load_journal(&name)? {
-            return Err(KnibError::new(
-                ErrorKind::VmInconsistent,
-                format!(
-                    "backup {} of domain {name} was interrupted at its {} step; run `knib recover` first",
-                    j.plan.backup_id,
-                    j.step.as_str()
-                ),
-            ));
-        }
+        self.refuse_interrupted(&name)?;
         let probe: Vec<BitmapDisk> = disks
             .iter()
             .map(|d| BitmapDisk {

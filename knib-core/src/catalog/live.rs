@@ -11,7 +11,7 @@ use super::head::Follows;
 use super::manifest::{Manifest, VolumeEntry};
 use super::{BackupOptions, Store};
 use crate::engine::live::{self, DiskPlan, LivePlan, LiveStep, RecoverReport};
-use crate::error::{ErrorKind, KnibError, Result};
+use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::libvirt::Vm;
 use crate::progress::Control;
@@ -218,24 +218,15 @@ impl Store {
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
+        self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let q = self.qemu_img.clone();
         let shapes = live::inspect(&q, vm, ctl)?;
         let _lock = self.lock_vm(&name, &format!("backup of {name}"))?;
-        self.refuse_interrupted_bitmap(&name)?;
+        self.refuse_interrupted(&name)?;
         // Checkpoints of earlier bitmap backups do not follow what this
         // method does to the disks: they go (the next bitmap backup is full).
         for c in crate::engine::bitmap::prune_stale_checkpoints(vm)? {
             log::info!("backup of {name}: deleted checkpoint {c} of an earlier bitmap backup (snapshot method now)");
-        }
-        if let Some(j) = self.load_journal(&name)? {
-            return Err(KnibError::new(
-                ErrorKind::VmInconsistent,
-                format!(
-                    "backup {} of domain {name} was interrupted at its {} step; run `knib recover` first",
-                    j.plan.backup_id,
-                    j.step.as_str()
-                ),
-            ));
         }
         if let Some(t) = target {
             t.prepare(&name)?;

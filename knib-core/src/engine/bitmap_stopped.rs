@@ -51,7 +51,6 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -175,14 +174,8 @@ fn start_export(d: &BitmapDisk, socket: &Path, bitmap: Option<&str>, log: &Path)
         cmd.arg("--bitmap").arg(b);
     }
     cmd.arg(&d.file).stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
-    // SAFETY: prctl is async-signal-safe; it asks the kernel to end the
-    // export when knib dies, so no export keeps the disk locked.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    // The export ends when knib dies, so no export keeps the disk locked.
+    crate::process::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| {
         let kind = if e.kind() == std::io::ErrorKind::NotFound { ErrorKind::NotFound } else { ErrorKind::Io };
         KnibError::new(kind, format!("cannot run {}: {e}", qemu_nbd().display()))
