@@ -71,15 +71,6 @@ pub enum WriteMode {
 }
 
 impl WriteMode {
-    /// The mode's name: `behind`, `direct` or `buffered`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WriteMode::Behind => "behind",
-            WriteMode::Direct => "direct",
-            WriteMode::Buffered => "buffered",
-        }
-    }
-
     /// The host's write mode, read once per process from `KNIB_WRITE_MODE`
     /// ([`WRITE_MODE_ENV`]); [`WriteMode::Behind`] when it is unset. Which
     /// mode is fastest depends on the host's storage (on one development

@@ -33,7 +33,7 @@ use knib_core::engine::BackupMethod;
 use knib_core::engine::{self, BackupKind, DataPath, TakeBackupRequest, VolumeBackup};
 use knib_core::qcow2::{
     copy_image, BackingRef, ClusterState, CompressionType, CopyOptions, FileSink, ImageSpec, Layout, Qcow2Image,
-    SourceMode, TargetFormat, WriteMode,
+    SourceMode, TargetFormat,
 };
 use knib_core::qemu_img::QemuImg;
 use knib_core::Control;
@@ -155,13 +155,8 @@ fn op(kind: Op, args: &[String]) {
     let a = |i: usize| PathBuf::from(&args[i]);
     let ctl = Control::new();
     let mut opts = CopyOptions { hash: false, ..Default::default() };
-    // For comparing the ways of writing (not used by the rows):
-    // KNIB_BENCH_WRITE=direct|buffered (the default: written behind).
-    match std::env::var("KNIB_BENCH_WRITE").as_deref() {
-        Ok("direct") => opts.write_mode = WriteMode::Direct,
-        Ok("buffered") => opts.write_mode = WriteMode::Buffered,
-        _ => {}
-    }
+    // The ways of writing are compared by setting KNIB_WRITE_MODE for a
+    // run, as for knib itself (the rows leave it to the host's default).
     match kind {
         Op::Compress => {
             opts.compression = Some(CompressionType::Zstd);

@@ -257,7 +257,7 @@ struct Span {
 
 /// Watches the machine over one timed run: from [`Watch::start`] to
 /// [`Watch::end`].
-pub(crate) struct Watch<'a> {
+struct Watch<'a> {
     servers: &'a [&'a str],
     ticks: (u64, u64, u64),
     own: f64,
@@ -266,7 +266,7 @@ pub(crate) struct Watch<'a> {
 }
 
 impl<'a> Watch<'a> {
-    pub(crate) fn start(servers: &'a [&'a str]) -> Self {
+    fn start(servers: &'a [&'a str]) -> Self {
         Watch { servers, ticks: cpu_ticks(), own: own_cpu(), server: server_cpu(servers), at: Instant::now() }
     }
 
