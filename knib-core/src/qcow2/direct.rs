@@ -43,8 +43,13 @@ const IO_THREADS: usize = 2;
 /// I/O threads writing behind: one, its writes in file order (the kernel's
 /// writeback has the device busy).
 const BEHIND_THREADS: usize = 1;
-/// Buffers in all: one being filled, the others written or waiting.
-const BUFFERS: usize = IO_THREADS + 2;
+/// Buffers in all, per I/O thread: one being filled, one written by each
+/// thread, one waiting (writing behind: three, 3 MiB; a fourth bought no
+/// speed and took the engine's incremental of a 32 GiB disk over 32 MiB
+/// of RSS, docs/performance.md).
+const fn buffers(threads: usize) -> usize {
+    threads + 2
+}
 /// `statfs` magic of NFS.
 const NFS_SUPER_MAGIC: i64 = 0x6969;
 
@@ -291,10 +296,11 @@ impl DirectWriter {
             WriteMode::Direct | WriteMode::Behind => BEHIND_THREADS,
         };
         let behind = threads == BEHIND_THREADS;
-        let (to_io, from_sink) = sync_channel::<(Aligned, u64)>(BUFFERS);
+        let buffers = buffers(threads);
+        let (to_io, from_sink) = sync_channel::<(Aligned, u64)>(buffers);
         let hash =
             hash.then(|| Arc::new(HashTurn { state: Mutex::new((Box::new(Xxh3::new()), 0)), turn: Condvar::new() }));
-        let (to_sink, back) = sync_channel::<std::io::Result<Aligned>>(BUFFERS);
+        let (to_sink, back) = sync_channel::<std::io::Result<Aligned>>(buffers);
         let from_sink = Arc::new(Mutex::new(from_sink));
         let mut io = Vec::new();
         for _ in 0..threads {
@@ -342,7 +348,7 @@ impl DirectWriter {
             to_io: Some(to_io),
             back,
             in_flight: 0,
-            spare: BUFFERS - 1,
+            spare: buffers - 1,
             io,
             hash,
         }))

@@ -556,7 +556,7 @@ fn a_chains_layers_share_one_l2_cache_budget() {
     }
     let top = below.unwrap();
     let alone = Qcow2Image::open(&top).unwrap().l2_cache_capacity();
-    assert_eq!(alone, 32, "2 MiB of 64 KiB tables");
+    assert_eq!(alone, 16, "1 MiB of 64 KiB tables");
     let chain = Chain::open(&top).unwrap();
     let mut total = chain.top().l2_cache_capacity();
     for l in chain.backing() {
