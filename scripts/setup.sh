@@ -3,9 +3,9 @@
 # daemons. Safe to run again.
 set -euo pipefail
 
-packages=(qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev
+packages=(qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt0
           pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java
-          e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd-dev)
+          e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd0)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -20,9 +20,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --allow-downgrades \
-        qemu-utils/bookworm qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt-dev \
+        qemu-utils/bookworm qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt0 \
         pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java \
-        e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd-dev >/dev/null
+        e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd0 >/dev/null
 fi
 
 # No systemd here: start the daemons by hand unless they already run.

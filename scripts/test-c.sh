@@ -21,7 +21,8 @@
 #   bash scripts/test-c.sh --write-header  regenerate include/knib.h only
 #
 # Needs: a Rust toolchain, gcc (cc), valgrind, binutils (readelf),
-# qemu-utils; libvirt's client library (libvirt-dev) to link.
+# qemu-utils. (libvirt and libnbd are loaded by knib when first used, not
+# linked: knib-core/src/dynlib.rs.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -280,3 +280,52 @@ fn knib_write_mode_chooses_how_outputs_are_written() {
         }
     }
 }
+
+/// libvirt and libnbd are loaded by the commands that talk to a domain,
+/// and by no other: a backup, restore and verify of disk files never map
+/// them. The dynamic loader's own trace (`LD_DEBUG=files`) names every
+/// library a process loads, at its start or later (`dlopen`).
+#[test]
+fn libvirt_and_libnbd_are_loaded_only_for_domains() {
+    let loaded = |args: &[&str]| -> (String, Vec<String>) {
+        let out = Command::new(env!("CARGO_BIN_EXE_knib")).args(args).env("LD_DEBUG", "files").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        let libs = err
+            .lines()
+            .filter_map(|l| l.split("file=").nth(1))
+            .filter_map(|l| l.split([' ', '\t']).next())
+            .map(str::to_string)
+            .collect();
+        (err, libs)
+    };
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("store");
+    let disk = d.path().join("disk.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(&disk), "16M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 1M", s(&disk)]);
+    let dd = format!("root={}", s(&disk));
+    let full = ok_json(&["--json", "backup", "--store", s(&store), "--vm", "m", "--disk", &dd]);
+    let id = full["id"].as_str().unwrap();
+    let to = d.path().join("r.qcow2");
+    let file_commands: [Vec<&str>; 5] = [
+        vec!["--version"],
+        vec!["backup", "--store", s(&store), "--vm", "m", "--disk", &dd, "--compress"],
+        vec!["list", "--store", s(&store)],
+        vec!["verify", "--store", s(&store), id],
+        vec!["restore", "--store", s(&store), id, "--volume", "root", "--to", s(&to)],
+    ];
+    for args in &file_commands {
+        let (err, libs) = loaded(args);
+        assert!(libs.iter().any(|l| l == "libc.so.6"), "{args:?}: no loader trace: {err}");
+        let bad: Vec<_> = libs.iter().filter(|l| l.starts_with("libvirt") || l.starts_with("libnbd")).collect();
+        assert!(bad.is_empty(), "{args:?} loaded {bad:?}");
+    }
+    qemu(&["qemu-img", "compare", "-q", s(&disk), s(&to)]);
+    // A command on a domain loads libvirt.
+    let (err, libs) = loaded(&["backup", "--store", s(&store), "--domain", "knib-test-no-such-domain"]);
+    for lib in ["libvirt.so.0", "libvirt-qemu.so.0"] {
+        assert!(libs.iter().any(|l| l == lib), "{lib} not loaded: {err}");
+    }
+    // libvirt's "no domain" error (its number read through the loaded API).
+    assert!(err.contains("knib: not found: domain knib-test-no-such-domain does not exist"), "{err}");
+}

@@ -25,6 +25,8 @@ pub mod agent;
 pub mod api;
 pub mod catalog;
 pub mod crashpoint;
+#[cfg(feature = "libvirt")]
+mod dynlib;
 pub mod engine;
 pub mod error;
 pub mod files;

@@ -7,9 +7,10 @@
 //!
 //! # Why libnbd
 //!
-//! The client is libnbd (Debian's `libnbd-dev`), the NBD project's own
+//! The client is libnbd (Debian's `libnbd0`), the NBD project's own
 //! client library, used by `nbdcopy`, `nbdinfo` and virt-v2v, through the
-//! thin safe binding below (a handful of calls). What knib needs of the
+//! thin safe binding below (a handful of calls, loaded with the library on
+//! first use: `crate::dynlib` says why). What knib needs of the
 //! protocol is exactly what libnbd is tested for against QEMU's server: the
 //! fixed newstyle handshake with `NBD_OPT_GO`, `NBD_OPT_SET_META_CONTEXT`
 //! with two contexts, structured replies, and block status answers split
@@ -39,7 +40,9 @@ use std::os::raw::{c_char, c_int, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 
+use crate::dynlib::{self, dyn_api};
 use crate::error::{ErrorKind, KnibError, Result};
 
 /// The largest range one block status request covers.
@@ -87,39 +90,51 @@ struct CompletionCallback {
 const NO_COMPLETION: CompletionCallback =
     CompletionCallback { callback: None, user_data: std::ptr::null_mut(), free: None };
 
-#[link(name = "nbd")]
-extern "C" {
-    fn nbd_create() -> *mut NbdHandle;
-    fn nbd_close(h: *mut NbdHandle);
-    fn nbd_get_error() -> *const c_char;
-    fn nbd_get_errno() -> c_int;
-    fn nbd_set_export_name(h: *mut NbdHandle, name: *const c_char) -> c_int;
-    fn nbd_add_meta_context(h: *mut NbdHandle, name: *const c_char) -> c_int;
-    fn nbd_connect_unix(h: *mut NbdHandle, socket: *const c_char) -> c_int;
-    fn nbd_get_size(h: *mut NbdHandle) -> i64;
-    fn nbd_can_meta_context(h: *mut NbdHandle, name: *const c_char) -> c_int;
-    fn nbd_pread(h: *mut NbdHandle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int;
-    fn nbd_block_status(h: *mut NbdHandle, count: u64, offset: u64, cb: ExtentCallback, flags: u32) -> c_int;
-    fn nbd_shutdown(h: *mut NbdHandle, flags: u32) -> c_int;
-    fn nbd_aio_pread(
-        h: *mut NbdHandle,
-        buf: *mut c_void,
-        count: usize,
-        offset: u64,
-        cb: CompletionCallback,
-        flags: u32,
-    ) -> i64;
-    fn nbd_aio_command_completed(h: *mut NbdHandle, cookie: u64) -> c_int;
-    fn nbd_poll(h: *mut NbdHandle, timeout: c_int) -> c_int;
+dyn_api! {
+    /// The libnbd calls knib makes (`libnbd.so.0`, loaded on first use:
+    /// `crate::dynlib`), as declared in `libnbd.h`.
+    struct Api {
+    nbd nbd_create: fn() -> *mut NbdHandle;
+    nbd nbd_close: fn(*mut NbdHandle) -> ();
+    nbd nbd_get_error: fn() -> *const c_char;
+    nbd nbd_get_errno: fn() -> c_int;
+    nbd nbd_set_export_name: fn(*mut NbdHandle, *const c_char) -> c_int;
+    nbd nbd_add_meta_context: fn(*mut NbdHandle, *const c_char) -> c_int;
+    nbd nbd_connect_unix: fn(*mut NbdHandle, *const c_char) -> c_int;
+    nbd nbd_get_size: fn(*mut NbdHandle) -> i64;
+    nbd nbd_can_meta_context: fn(*mut NbdHandle, *const c_char) -> c_int;
+    nbd nbd_pread: fn(*mut NbdHandle, *mut c_void, usize, u64, u32) -> c_int;
+    nbd nbd_block_status: fn(*mut NbdHandle, u64, u64, ExtentCallback, u32) -> c_int;
+    nbd nbd_shutdown: fn(*mut NbdHandle, u32) -> c_int;
+    nbd nbd_aio_pread: fn(*mut NbdHandle, *mut c_void, usize, u64, CompletionCallback, u32) -> i64;
+    nbd nbd_aio_command_completed: fn(*mut NbdHandle, u64) -> c_int;
+    nbd nbd_poll: fn(*mut NbdHandle, c_int) -> c_int;
+    }
+}
+
+/// The library's soname.
+const LIBNBD: &str = "libnbd.so.0";
+
+/// libnbd's calls, the library loaded on the first call; an
+/// [`ErrorKind::Io`] error naming the library when it cannot be.
+fn api() -> Result<&'static Api> {
+    static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+    API.get_or_init(|| {
+        let lib = dynlib::open(LIBNBD, "the NBD client library", "libnbd0")?;
+        // SAFETY: the declarations of `Api` follow libnbd.h.
+        unsafe { Api::resolve(vec![("nbd", lib)]) }
+    })
+    .as_ref()
+    .map_err(|e| KnibError::new(ErrorKind::Io, e.clone()))
 }
 
 /// The calling thread's last libnbd error, as a knib error about `what`.
-fn last_error(what: &str) -> KnibError {
+fn last_error(api: &Api, what: &str) -> KnibError {
     // SAFETY: libnbd returns a thread-local NUL-terminated string or NULL.
     let (msg, errno) = unsafe {
-        let p = nbd_get_error();
+        let p = (api.nbd_get_error)();
         let m = if p.is_null() { "(no message)".to_string() } else { CStr::from_ptr(p).to_string_lossy().into_owned() };
-        (m, nbd_get_errno())
+        (m, (api.nbd_get_errno)())
     };
     let kind = if errno == libc::ENOENT { ErrorKind::NotFound } else { ErrorKind::Io };
     KnibError::new(kind, format!("NBD {what}: {msg}"))
@@ -142,6 +157,7 @@ pub struct Extent {
 
 /// A connection to one NBD export.
 pub struct Nbd {
+    api: &'static Api,
     h: NonNull<NbdHandle>,
     export: String,
 }
@@ -199,21 +215,22 @@ impl Nbd {
         let sock = cstring("the NBD socket path", socket.as_os_str().as_bytes())?;
         let name = cstring("the NBD export name", export.as_bytes())?;
         let ctxs = contexts.iter().map(|c| cstring("an NBD meta context", c.as_bytes())).collect::<Result<Vec<_>>>()?;
+        let api = api()?;
         // SAFETY: plain constructor; NULL on failure.
-        let h = NonNull::new(unsafe { nbd_create() }).ok_or_else(|| last_error("handle creation"))?;
-        let nbd = Nbd { h, export: export.to_string() };
+        let h = NonNull::new(unsafe { (api.nbd_create)() }).ok_or_else(|| last_error(api, "handle creation"))?;
+        let nbd = Nbd { api, h, export: export.to_string() };
         // SAFETY: `h` is a live handle, the strings outlive the calls.
         unsafe {
-            if nbd_set_export_name(nbd.h.as_ptr(), name.as_ptr()) == -1 {
-                return Err(last_error(&format!("export name {export}")));
+            if (api.nbd_set_export_name)(nbd.h.as_ptr(), name.as_ptr()) == -1 {
+                return Err(last_error(api, &format!("export name {export}")));
             }
             for c in &ctxs {
-                if nbd_add_meta_context(nbd.h.as_ptr(), c.as_ptr()) == -1 {
-                    return Err(last_error(&format!("meta context {}", c.to_string_lossy())));
+                if (api.nbd_add_meta_context)(nbd.h.as_ptr(), c.as_ptr()) == -1 {
+                    return Err(last_error(api, &format!("meta context {}", c.to_string_lossy())));
                 }
             }
-            if nbd_connect_unix(nbd.h.as_ptr(), sock.as_ptr()) == -1 {
-                return Err(last_error(&format!("connection to export {export} on {}", socket.display())));
+            if (api.nbd_connect_unix)(nbd.h.as_ptr(), sock.as_ptr()) == -1 {
+                return Err(last_error(api, &format!("connection to export {export} on {}", socket.display())));
             }
         }
         Ok(nbd)
@@ -221,27 +238,33 @@ impl Nbd {
 
     /// The export's size in bytes.
     pub fn size(&mut self) -> Result<u64> {
+        let api = self.api;
         // SAFETY: live handle.
-        let n = unsafe { nbd_get_size(self.h.as_ptr()) };
-        u64::try_from(n).map_err(|_| last_error(&format!("size of export {}", self.export)))
+        let n = unsafe { (api.nbd_get_size)(self.h.as_ptr()) };
+        u64::try_from(n).map_err(|_| last_error(api, &format!("size of export {}", self.export)))
     }
 
     /// Whether the server agreed to meta context `name`.
     pub fn can_meta_context(&mut self, name: &str) -> Result<bool> {
+        let api = self.api;
         let c = cstring("an NBD meta context", name.as_bytes())?;
         // SAFETY: live handle, `c` outlives the call.
-        match unsafe { nbd_can_meta_context(self.h.as_ptr(), c.as_ptr()) } {
-            -1 => Err(last_error(&format!("meta context {name} of export {}", self.export))),
+        match unsafe { (api.nbd_can_meta_context)(self.h.as_ptr(), c.as_ptr()) } {
+            -1 => Err(last_error(api, &format!("meta context {name} of export {}", self.export))),
             v => Ok(v == 1),
         }
     }
 
     /// Read `buf.len()` bytes at `offset`.
     pub fn pread(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let api = self.api;
         // SAFETY: live handle; `buf` is valid for writes of its length.
-        let r = unsafe { nbd_pread(self.h.as_ptr(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
+        let r = unsafe { (api.nbd_pread)(self.h.as_ptr(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
         if r == -1 {
-            return Err(last_error(&format!("read of {} bytes at {offset} from export {}", buf.len(), self.export)));
+            return Err(last_error(
+                api,
+                &format!("read of {} bytes at {offset} from export {}", buf.len(), self.export),
+            ));
         }
         Ok(())
     }
@@ -265,7 +288,7 @@ impl Nbd {
             buf: Vec<u8>,
             len: usize,
         }
-        let h = self.h.as_ptr();
+        let (api, h) = (self.api, self.h.as_ptr());
         let mut ring: std::collections::VecDeque<Flight> = std::collections::VecDeque::new();
         let mut spare: Vec<Vec<u8>> = Vec::new();
         let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
@@ -286,26 +309,26 @@ impl Nbd {
                     // (a Vec's heap block), and untouched until the command
                     // is retired: it sits in `ring` until then, and the
                     // drain below waits for every command left in flight.
-                    let cookie = unsafe { nbd_aio_pread(h, buf.as_mut_ptr().cast(), len, off, NO_COMPLETION, 0) };
-                    let Ok(cookie) = u64::try_from(cookie) else { return Err(last_error(&what(next))) };
+                    let cookie = unsafe { (api.nbd_aio_pread)(h, buf.as_mut_ptr().cast(), len, off, NO_COMPLETION, 0) };
+                    let Ok(cookie) = u64::try_from(cookie) else { return Err(last_error(api, &what(next))) };
                     ring.push_back(Flight { cookie, idx: next, buf, len });
                     next += 1;
                 }
                 let front = ring.front().expect("a read in flight");
                 loop {
                     // SAFETY: live handle; a cookie of this handle.
-                    match unsafe { nbd_aio_command_completed(h, front.cookie) } {
+                    match unsafe { (api.nbd_aio_command_completed)(h, front.cookie) } {
                         1 => break,
                         0 => {
                             // SAFETY: live handle.
-                            if unsafe { nbd_poll(h, -1) } == -1 {
-                                return Err(last_error(&what(front.idx)));
+                            if unsafe { (api.nbd_poll)(h, -1) } == -1 {
+                                return Err(last_error(api, &what(front.idx)));
                             }
                         }
                         _ => {
                             // Retired with an error: its buffer is free.
                             let f = ring.pop_front().expect("the front read");
-                            return Err(last_error(&what(f.idx)));
+                            return Err(last_error(api, &what(f.idx)));
                         }
                     }
                 }
@@ -320,8 +343,8 @@ impl Nbd {
         // buffers go; a connection that died writes into them no more.
         for f in ring.drain(..) {
             // SAFETY (both calls): live handle; a cookie of this handle.
-            while unsafe { nbd_aio_command_completed(h, f.cookie) } == 0 {
-                if unsafe { nbd_poll(h, -1) } == -1 {
+            while unsafe { (api.nbd_aio_command_completed)(h, f.cookie) } == 0 {
+                if unsafe { (api.nbd_poll)(h, -1) } == -1 {
                     // Dead: libnbd no longer touches the buffer, but keep
                     // it rather than free memory it was lent.
                     std::mem::forget(f.buf);
@@ -337,6 +360,7 @@ impl Nbd {
     /// of the range every context answered for (the server may answer for
     /// less than asked) and each context's extents, cut at that end.
     pub fn block_status(&mut self, offset: u64, count: u64) -> Result<(u64, Gathered)> {
+        let api = self.api;
         let count = count.min(STATUS_CHUNK);
         let mut got: Gathered = Vec::new();
         let cb = ExtentCallback {
@@ -346,9 +370,12 @@ impl Nbd {
         };
         // SAFETY: live handle; `got` outlives the call (the callback is not
         // kept after it returns: no `free` is needed).
-        let r = unsafe { nbd_block_status(self.h.as_ptr(), count, offset, cb, 0) };
+        let r = unsafe { (api.nbd_block_status)(self.h.as_ptr(), count, offset, cb, 0) };
         if r == -1 {
-            return Err(last_error(&format!("block status of {count} bytes at {offset} of export {}", self.export)));
+            return Err(last_error(
+                api,
+                &format!("block status of {count} bytes at {offset} of export {}", self.export),
+            ));
         }
         let end = got
             .iter()
@@ -374,10 +401,11 @@ impl Nbd {
 
 impl Drop for Nbd {
     fn drop(&mut self) {
+        let api = self.api;
         // SAFETY: live handle, closed once.
         unsafe {
-            nbd_shutdown(self.h.as_ptr(), 0);
-            nbd_close(self.h.as_ptr());
+            (api.nbd_shutdown)(self.h.as_ptr(), 0);
+            (api.nbd_close)(self.h.as_ptr());
         }
     }
 }

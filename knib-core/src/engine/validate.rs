@@ -205,9 +205,9 @@ impl Cleanup {
             // A transient domain disappears when destroyed; one that stopped
             // by itself is gone already.
             if vm.is_running().unwrap_or(false) {
-                if let Err(e) = vm.domain().destroy() {
+                if let Err(e) = vm.destroy() {
                     if vm.is_running().unwrap_or(false) {
-                        problems.push(format!("cannot destroy domain {}: {}", vm.name(), e.message()));
+                        problems.push(e.message);
                     }
                 }
             }

@@ -1,6 +1,5 @@
 //! Pull-mode backup jobs and checkpoints of a running domain
-//! (`virDomainBackupBegin`, `virDomainCheckpoint*`). The `virt` crate has
-//! no safe wrappers for these; each `virt::sys` call is wrapped once here.
+//! (`virDomainBackupBegin`, `virDomainCheckpoint*`). Each call is wrapped once here.
 //!
 //! knib's checkpoints are named `knib-<backup id>` ([`checkpoint_name`]),
 //! so that knib only ever deletes its own; each disk's QEMU dirty bitmap
@@ -25,9 +24,7 @@ use std::fmt::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use virt::sys;
-
-use super::{last_virt_error, Vm};
+use super::{ffi, last_virt_error, Vm};
 use crate::error::{KnibError, Result};
 
 /// The prefix of knib's checkpoint names.
@@ -136,15 +133,15 @@ pub fn redefine_checkpoint(vm: &Vm, name: &str, all: &[String], with_bitmap: &[S
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the XML
     // outlives the call; the checkpoint reference returned is freed once.
     unsafe {
-        let cp = sys::virDomainCheckpointCreateXML(
-            vm.domain().as_ptr(),
+        let cp = (vm.dom().api.virDomainCheckpointCreateXML)(
+            vm.dom().as_ptr(),
             x.as_ptr(),
-            sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
+            ffi::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
         );
         if cp.is_null() {
-            return Err(last_virt_error(what));
+            return Err(last_virt_error(vm.dom(), what));
         }
-        sys::virDomainCheckpointFree(cp);
+        (vm.dom().api.virDomainCheckpointFree)(cp);
     }
     Ok(())
 }
@@ -183,7 +180,7 @@ pub fn make_scratch(path: &Path, size: u64, owner: Option<(u32, u32)>) -> Result
 
 /// The capacity (guest-visible size) of disk `target` of the domain.
 pub fn disk_capacity(vm: &Vm, target: &str) -> Result<u64> {
-    vm.domain().block_info(target, 0).map(|i| i.capacity).map_err(|e| {
+    vm.dom().block_capacity(target).map_err(|e| {
         KnibError::hypervisor(format!("virDomainGetBlockInfo of disk {target} of domain {}: {e}", vm.name()))
     })
 }
@@ -198,15 +195,15 @@ pub fn backup_begin(vm: &Vm, backup: &str, checkpoint: Option<&str>) -> Result<(
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the
     // strings are NUL-terminated and outlive the call (null: no checkpoint).
     let ret = unsafe {
-        sys::virDomainBackupBegin(
-            vm.domain().as_ptr(),
+        (vm.dom().api.virDomainBackupBegin)(
+            vm.dom().as_ptr(),
             b.as_ptr(),
             c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
-            sys::VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL,
+            ffi::VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL,
         )
     };
     if ret < 0 {
-        return Err(last_virt_error(what));
+        return Err(last_virt_error(vm.dom(), what));
     }
     Ok(())
 }
@@ -218,7 +215,7 @@ pub fn backup_running(vm: &Vm) -> Result<bool> {
     }
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the
     // answer is a malloc'ed string we free, or null when there is no job.
-    let p = unsafe { sys::virDomainBackupGetXMLDesc(vm.domain().as_ptr(), 0) };
+    let p = unsafe { (vm.dom().api.virDomainBackupGetXMLDesc)(vm.dom().as_ptr(), 0) };
     if p.is_null() {
         return Ok(false);
     }
@@ -231,20 +228,20 @@ pub fn backup_running(vm: &Vm) -> Result<bool> {
 /// scratch files go.
 pub fn abort_job(vm: &Vm) -> Result<()> {
     // SAFETY: the domain pointer is valid while `vm` is borrowed.
-    if unsafe { sys::virDomainAbortJob(vm.domain().as_ptr()) } < 0 {
-        return Err(last_virt_error(format!("virDomainAbortJob on domain {}", vm.name())));
+    if unsafe { (vm.dom().api.virDomainAbortJob)(vm.dom().as_ptr()) } < 0 {
+        return Err(last_virt_error(vm.dom(), format!("virDomainAbortJob on domain {}", vm.name())));
     }
     Ok(())
 }
 
 /// The names of the domain's checkpoints.
 pub fn checkpoints(vm: &Vm) -> Result<Vec<String>> {
-    let mut list: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();
+    let mut list: *mut ffi::virDomainCheckpointPtr = std::ptr::null_mut();
     // SAFETY: the domain pointer is valid while `vm` is borrowed; libvirt
     // fills `list` with `n` references and a NULL, all ours to free.
-    let n = unsafe { sys::virDomainListAllCheckpoints(vm.domain().as_ptr(), &mut list, 0) };
+    let n = unsafe { (vm.dom().api.virDomainListAllCheckpoints)(vm.dom().as_ptr(), &mut list, 0) };
     if n < 0 {
-        return Err(last_virt_error(format!("virDomainListAllCheckpoints on domain {}", vm.name())));
+        return Err(last_virt_error(vm.dom(), format!("virDomainListAllCheckpoints on domain {}", vm.name())));
     }
     let mut names = Vec::new();
     for i in 0..n as usize {
@@ -252,11 +249,11 @@ pub fn checkpoints(vm: &Vm) -> Result<Vec<String>> {
         // name a string owned by it; each reference is freed once.
         unsafe {
             let cp = *list.add(i);
-            let name = sys::virDomainCheckpointGetName(cp);
+            let name = (vm.dom().api.virDomainCheckpointGetName)(cp);
             if !name.is_null() {
                 names.push(CStr::from_ptr(name).to_string_lossy().into_owned());
             }
-            sys::virDomainCheckpointFree(cp);
+            (vm.dom().api.virDomainCheckpointFree)(cp);
         }
     }
     if !list.is_null() {
@@ -277,15 +274,15 @@ pub fn delete_checkpoint(vm: &Vm, name: &str, metadata_only: bool) -> Result<boo
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the name
     // outlives the call; the reference returned is freed once.
     unsafe {
-        let cp = sys::virDomainCheckpointLookupByName(vm.domain().as_ptr(), c.as_ptr(), 0);
+        let cp = (vm.dom().api.virDomainCheckpointLookupByName)(vm.dom().as_ptr(), c.as_ptr(), 0);
         if cp.is_null() {
-            return Err(last_virt_error(what));
+            return Err(last_virt_error(vm.dom(), what));
         }
-        let flags = if metadata_only { sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY } else { 0 };
-        let r = sys::virDomainCheckpointDelete(cp, flags);
-        sys::virDomainCheckpointFree(cp);
+        let flags = if metadata_only { ffi::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY } else { 0 };
+        let r = (vm.dom().api.virDomainCheckpointDelete)(cp, flags);
+        (vm.dom().api.virDomainCheckpointFree)(cp);
         if r < 0 {
-            return Err(last_virt_error(what));
+            return Err(last_virt_error(vm.dom(), what));
         }
     }
     Ok(true)

@@ -1,6 +1,5 @@
 //! Block jobs of a running domain: commit, pull, their progress, abort and
-//! pivot. The `virt` crate has no safe wrappers for these; each `virt::sys`
-//! call is wrapped once here.
+//! pivot. Each libvirt call is wrapped once here.
 //!
 //! A disk is named by its target (`vda`) or its active file's path; layers
 //! of the chain (`base`, `top`) by their path as the live domain XML shows
@@ -29,9 +28,7 @@ use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use virt::sys;
-
-use super::{last_virt_error, Vm};
+use super::{ffi, last_virt_error, Vm};
 use crate::error::{KnibError, Result};
 
 /// Options of [`block_commit`].
@@ -79,12 +76,12 @@ pub enum BlockJobKind {
 
 impl BlockJobKind {
     fn from_raw(raw: i32) -> Self {
-        match raw as sys::virDomainBlockJobType {
-            sys::VIR_DOMAIN_BLOCK_JOB_TYPE_PULL => BlockJobKind::Pull,
-            sys::VIR_DOMAIN_BLOCK_JOB_TYPE_COPY => BlockJobKind::Copy,
-            sys::VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT => BlockJobKind::Commit,
-            sys::VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT => BlockJobKind::ActiveCommit,
-            sys::VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP => BlockJobKind::Backup,
+        match raw {
+            ffi::VIR_DOMAIN_BLOCK_JOB_TYPE_PULL => BlockJobKind::Pull,
+            ffi::VIR_DOMAIN_BLOCK_JOB_TYPE_COPY => BlockJobKind::Copy,
+            ffi::VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT => BlockJobKind::Commit,
+            ffi::VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT => BlockJobKind::ActiveCommit,
+            ffi::VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP => BlockJobKind::Backup,
             _ => BlockJobKind::Unknown(raw),
         }
     }
@@ -167,21 +164,21 @@ pub fn block_commit(vm: &Vm, disk: &str, base: Option<&Path>, top: Option<&Path>
     let c_top = top.map(|p| c_path(&what, p)).transpose()?;
     let mut raw_flags = 0;
     if flags.active {
-        raw_flags |= sys::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE;
+        raw_flags |= ffi::VIR_DOMAIN_BLOCK_COMMIT_ACTIVE;
     }
     if flags.relative {
-        raw_flags |= sys::VIR_DOMAIN_BLOCK_COMMIT_RELATIVE;
+        raw_flags |= ffi::VIR_DOMAIN_BLOCK_COMMIT_RELATIVE;
     }
     if flags.delete {
-        raw_flags |= sys::VIR_DOMAIN_BLOCK_COMMIT_DELETE;
+        raw_flags |= ffi::VIR_DOMAIN_BLOCK_COMMIT_DELETE;
     }
     // SAFETY: the domain pointer is valid while `vm` is borrowed (the `Vm`
     // holds a reference on it); the strings are NUL-terminated and outlive
     // the call; libvirt takes null for an absent base or top and does not
     // keep any pointer after returning. Bandwidth 0 means unlimited.
     let ret = unsafe {
-        sys::virDomainBlockCommit(
-            vm.domain().as_ptr(),
+        (vm.dom().api.virDomainBlockCommit)(
+            vm.dom().as_ptr(),
             c_disk.as_ptr(),
             c_base.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
             c_top.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
@@ -190,7 +187,7 @@ pub fn block_commit(vm: &Vm, disk: &str, base: Option<&Path>, top: Option<&Path>
         )
     };
     if ret < 0 {
-        return Err(last_virt_error(what));
+        return Err(last_virt_error(vm.dom(), what));
     }
     Ok(())
 }
@@ -215,7 +212,7 @@ pub fn block_pull(vm: &Vm, disk: &str, flags: PullFlags) -> Result<()> {
             // SAFETY: the domain pointer is valid while `vm` is borrowed; the
             // disk string is NUL-terminated and outlives the call; libvirt
             // keeps no pointer. Bandwidth 0 means unlimited.
-            ret = unsafe { sys::virDomainBlockPull(vm.domain().as_ptr(), c_disk.as_ptr(), 0, 0) };
+            ret = unsafe { (vm.dom().api.virDomainBlockPull)(vm.dom().as_ptr(), c_disk.as_ptr(), 0, 0) };
         }
         Some(base) => {
             what = format!(
@@ -225,16 +222,16 @@ pub fn block_pull(vm: &Vm, disk: &str, flags: PullFlags) -> Result<()> {
             );
             let c_disk = c_string(&what, disk)?;
             let c_base = c_path(&what, base)?;
-            let raw_flags = if flags.relative { sys::VIR_DOMAIN_BLOCK_REBASE_RELATIVE } else { 0 };
+            let raw_flags = if flags.relative { ffi::VIR_DOMAIN_BLOCK_REBASE_RELATIVE } else { 0 };
             // SAFETY: as above; the base string is NUL-terminated and
             // outlives the call. Without the COPY flag a rebase is a pull.
             ret = unsafe {
-                sys::virDomainBlockRebase(vm.domain().as_ptr(), c_disk.as_ptr(), c_base.as_ptr(), 0, raw_flags)
+                (vm.dom().api.virDomainBlockRebase)(vm.dom().as_ptr(), c_disk.as_ptr(), c_base.as_ptr(), 0, raw_flags)
             };
         }
     }
     if ret < 0 {
-        return Err(last_virt_error(what));
+        return Err(last_virt_error(vm.dom(), what));
     }
     Ok(())
 }
@@ -244,14 +241,14 @@ pub fn block_pull(vm: &Vm, disk: &str, flags: PullFlags) -> Result<()> {
 pub fn block_job_info(vm: &Vm, disk: &str) -> Result<Option<BlockJobInfo>> {
     let what = format!("virDomainGetBlockJobInfo on disk {disk} of domain {}", vm.name());
     let c_disk = c_string(&what, disk)?;
-    let mut info = sys::virDomainBlockJobInfo { type_: 0, bandwidth: 0, cur: 0, end: 0 };
+    let mut info = ffi::virDomainBlockJobInfo::default();
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the disk
     // string is NUL-terminated; `info` is a properly laid out, writable
     // struct that lives across the call. libvirt returns 1 and fills `info`
     // when there is a job, 0 when there is none, -1 on error.
-    let ret = unsafe { sys::virDomainGetBlockJobInfo(vm.domain().as_ptr(), c_disk.as_ptr(), &mut info, 0) };
+    let ret = unsafe { (vm.dom().api.virDomainGetBlockJobInfo)(vm.dom().as_ptr(), c_disk.as_ptr(), &mut info, 0) };
     match ret {
-        r if r < 0 => Err(last_virt_error(what)),
+        r if r < 0 => Err(last_virt_error(vm.dom(), what)),
         0 => Ok(None),
         _ => Ok(Some(BlockJobInfo { kind: BlockJobKind::from_raw(info.type_), cur: info.cur, end: info.end })),
     }
@@ -266,13 +263,13 @@ pub fn block_job_abort(vm: &Vm, disk: &str, pivot: bool) -> Result<()> {
     let what =
         format!("virDomainBlockJobAbort{} on disk {disk} of domain {}", if pivot { " (pivot)" } else { "" }, vm.name());
     let c_disk = c_string(&what, disk)?;
-    let flags = if pivot { sys::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT } else { 0 };
+    let flags = if pivot { ffi::VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT } else { 0 };
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the disk
     // string is NUL-terminated and outlives the call. Without the ASYNC
     // flag the call returns when the job is gone.
-    let ret = unsafe { sys::virDomainBlockJobAbort(vm.domain().as_ptr(), c_disk.as_ptr(), flags) };
+    let ret = unsafe { (vm.dom().api.virDomainBlockJobAbort)(vm.dom().as_ptr(), c_disk.as_ptr(), flags) };
     if ret < 0 {
-        return Err(last_virt_error(what));
+        return Err(last_virt_error(vm.dom(), what));
     }
     Ok(())
 }

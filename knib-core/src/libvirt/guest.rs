@@ -82,7 +82,7 @@ pub fn wait_for_agent(vm: &Vm, started: Instant, timeout: Duration, ctl: &Contro
         let cmd = format!(r#"{{"execute":"guest-sync","arguments":{{"id":{id}}}}}"#);
         // libvirt's own message ("Guest agent is not responding: QEMU guest
         // agent is not connected") says enough.
-        match vm.domain().qemu_agent_command(&cmd, AGENT_TIMEOUT_SECS, 0) {
+        match vm.dom().qemu_agent_command(&cmd, AGENT_TIMEOUT_SECS) {
             Ok(answer) => match serde_json::from_str::<Value>(&answer) {
                 Ok(v) if v.get("return").and_then(Value::as_u64) == Some(id) => return Ok((true, None)),
                 _ => last_error = Some(format!("guest-sync answered {answer:?}, not the id {id}")),

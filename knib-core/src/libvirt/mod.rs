@@ -2,9 +2,9 @@
 //! block jobs and the QEMU monitor and guest agent.
 //!
 //! [`Hypervisor`] is a connection (`qemu:///system`), [`Vm`] one domain.
-//! The `virt` crate wraps most of libvirt safely; what it leaves to
-//! `virt::sys` (block commit, block pull, block job info and abort) is
-//! wrapped once, in [`blockjob`], and every libvirt failure becomes a
+//! libvirt's C library is loaded on the first connection, not when the
+//! process starts (`ffi` says why and how); its calls are wrapped once,
+//! here, in [`blockjob`] and in [`backup`], and every libvirt failure becomes a
 //! [`KnibError`] of kind [`ErrorKind::Hypervisor`] (or
 //! [`ErrorKind::NotFound`] for a domain that does not exist) whose message
 //! names the call, the domain and the disk.
@@ -31,21 +31,18 @@ pub mod backup;
 pub mod blockjob;
 pub mod blockwait;
 pub mod boot_domain;
+mod ffi;
 pub mod guest;
 pub mod qemu;
 pub mod screenshot;
 pub mod xml;
 
-use std::ffi::CStr;
 use std::fmt;
 use std::os::raw::c_void;
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::error::ErrorNumber;
-use virt::sys;
+use ffi::{Conn, Dom, VirtError};
 
 use crate::error::{ErrorKind, KnibError, Result};
 
@@ -94,22 +91,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// A libvirt error as a [`KnibError`]: `what` names the call and its
 /// object. A missing domain becomes [`ErrorKind::NotFound`], the rest
 /// [`ErrorKind::Hypervisor`].
-pub(crate) fn virt_error(what: impl fmt::Display, e: &virt::error::Error) -> KnibError {
-    let kind =
-        if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) { ErrorKind::NotFound } else { ErrorKind::Hypervisor };
+fn virt_error(what: impl fmt::Display, e: &VirtError) -> KnibError {
+    let kind = if e.code() == ffi::VIR_ERR_NO_DOMAIN { ErrorKind::NotFound } else { ErrorKind::Hypervisor };
     KnibError::new(kind, format!("{what}: {}", e.message()))
 }
 
 /// The calling thread's last libvirt error as a [`KnibError`] (see
-/// [`virt_error`]); for the `virt::sys` wrappers, right after the failed
-/// call.
-pub(crate) fn last_virt_error(what: impl fmt::Display) -> KnibError {
-    virt_error(what, &virt::error::Error::last_error())
+/// [`virt_error`]), right after the failed call on `dom`.
+fn last_virt_error(dom: &Dom, what: impl fmt::Display) -> KnibError {
+    virt_error(what, &VirtError::last(dom.api))
 }
 
 /// libvirt's error handler of knib (process-wide and on each connection):
 /// the report goes to knib's log instead of stderr. Never unwinds into C.
-unsafe extern "C" fn log_libvirt_error(_user_data: *mut c_void, error: sys::virErrorPtr) {
+unsafe extern "C" fn log_libvirt_error(_user_data: *mut c_void, error: *mut ffi::virError) {
     if error.is_null() {
         return;
     }
@@ -117,15 +112,10 @@ unsafe extern "C" fn log_libvirt_error(_user_data: *mut c_void, error: sys::virE
     // its message is NULL or a NUL-terminated string.
     let (code, domain, level, message) = unsafe {
         let e = &*error;
-        let message = if e.message.is_null() {
-            "(no message)".to_string()
-        } else {
-            CStr::from_ptr(e.message).to_string_lossy().into_owned()
-        };
-        (e.code, e.domain, e.level, message)
+        (e.code, e.domain, e.level, ffi::c_str(e.message).unwrap_or_else(|| "(no message)".into()))
     };
     let _ = std::panic::catch_unwind(|| {
-        if level == sys::VIR_ERR_WARNING {
+        if level == ffi::VIR_ERR_WARNING {
             log::warn!(target: "knib::libvirt", "libvirt warning (code {code}, domain {domain}): {message}");
         } else {
             log::debug!(target: "knib::libvirt", "libvirt error (code {code}, domain {domain}): {message}");
@@ -136,18 +126,18 @@ unsafe extern "C" fn log_libvirt_error(_user_data: *mut c_void, error: sys::virE
 /// Set libvirt's process-wide error handler to [`log_libvirt_error`], once:
 /// errors raised outside a connection (a connection that cannot be opened)
 /// would otherwise be printed on stderr.
-fn install_error_handler() {
+fn install_error_handler(api: &ffi::Api) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // SAFETY: the handler is a `'static` function that only reads the
         // error it is given; a null user-data pointer is allowed.
-        unsafe { sys::virSetErrorFunc(std::ptr::null_mut(), Some(log_libvirt_error)) };
+        unsafe { (api.virSetErrorFunc)(std::ptr::null_mut(), Some(log_libvirt_error)) };
     });
 }
 
 /// A connection to libvirt.
 pub struct Hypervisor {
-    conn: Connect,
+    conn: Conn,
     uri: String,
 }
 
@@ -160,14 +150,15 @@ impl fmt::Debug for Hypervisor {
 impl Hypervisor {
     /// Connect to `uri` (`qemu:///system`, see [`SYSTEM_URI`]), read-write.
     pub fn open(uri: &str) -> Result<Self> {
-        install_error_handler();
-        let conn = Connect::open(Some(uri))
+        let api = ffi::api().map_err(|e| e.context(format_args!("cannot connect to libvirt at {uri}")))?;
+        install_error_handler(api);
+        let conn = Conn::open(api, uri)
             .map_err(|e| KnibError::hypervisor(format!("cannot connect to libvirt at {uri}: {}", e.message())))?;
         // SAFETY: `conn` owns a valid connection pointer for the duration of
         // the call; the handler is a `'static` function that only reads the
         // error it is given, and a null user-data pointer is allowed. The
         // thread's last error is still recorded for `virGetLastError`.
-        unsafe { sys::virConnSetErrorFunc(conn.as_ptr(), std::ptr::null_mut(), Some(log_libvirt_error)) };
+        unsafe { (conn.api().virConnSetErrorFunc)(conn.as_ptr(), std::ptr::null_mut(), Some(log_libvirt_error)) };
         Ok(Hypervisor { conn, uri: uri.to_string() })
     }
 
@@ -176,8 +167,8 @@ impl Hypervisor {
         &self.uri
     }
 
-    /// The underlying `virt` connection, for what knib does not wrap.
-    pub fn connect(&self) -> &Connect {
+    /// The connection, for the calls wrapped in this module's parts.
+    pub(crate) fn conn(&self) -> &Conn {
         &self.conn
     }
 
@@ -185,7 +176,7 @@ impl Hypervisor {
     pub fn domain(&self, name: &str) -> Result<Vm> {
         match self.conn.lookup_domain_by_name(name) {
             Ok(dom) => Ok(Vm { dom, name: name.to_string() }),
-            Err(e) if e.code().is_known_and(|c| c == ErrorNumber::NoDomain) => {
+            Err(e) if e.code() == ffi::VIR_ERR_NO_DOMAIN => {
                 Err(KnibError::not_found(format!("domain {name} does not exist")))
             }
             Err(e) => Err(virt_error(format_args!("looking up domain {name} at {}", self.uri), &e)),
@@ -215,13 +206,12 @@ impl Hypervisor {
 /// One libvirt domain.
 #[derive(Debug, Clone)]
 pub struct Vm {
-    dom: Domain,
+    dom: Dom,
     name: String,
 }
 
 impl Vm {
-    /// Wrap a `virt` domain.
-    pub fn from_domain(dom: Domain) -> Result<Self> {
+    fn from_domain(dom: Dom) -> Result<Self> {
         let name = dom.name().map_err(|e| virt_error("reading a domain's name", &e))?;
         Ok(Vm { dom, name })
     }
@@ -231,8 +221,8 @@ impl Vm {
         &self.name
     }
 
-    /// The underlying `virt` domain, for what knib does not wrap.
-    pub fn domain(&self) -> &Domain {
+    /// The domain's handle, for the calls wrapped in this module's parts.
+    pub(crate) fn dom(&self) -> &Dom {
         &self.dom
     }
 
@@ -284,7 +274,7 @@ impl Vm {
     /// their bitmaps stay in the disks' files).
     pub fn undefine(&self) -> Result<()> {
         self.dom
-            .undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+            .undefine_flags(ffi::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
             .map_err(|e| virt_error(format_args!("undefining domain {}", self.name), &e))
     }
 
@@ -292,16 +282,12 @@ impl Vm {
     /// definition is rewritten; `<backingStore>` elements of those disks are
     /// dropped, libvirt reads the chain from the images).
     pub fn set_disk_sources(&self, sources: &[(String, PathBuf)]) -> Result<()> {
-        let dom = self.domain();
-        let xml = dom
-            .xml_desc(virt::sys::VIR_DOMAIN_XML_INACTIVE)
+        let xml = self
+            .dom
+            .xml_desc(ffi::VIR_DOMAIN_XML_INACTIVE)
             .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", self.name())))?;
         let new = replace_disk_sources(&xml, sources)?;
-        let conn =
-            dom.connect().map_err(|e| KnibError::hypervisor(format!("connection of domain {}: {e}", self.name())))?;
-        conn.define_domain_xml(&new)
-            .map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))?;
-        Ok(())
+        self.dom.redefine(&new).map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))
     }
 
     /// Take a disk-only external snapshot, atomically and without snapshot
@@ -327,11 +313,11 @@ impl Vm {
         let targets = disk_targets(&self.xml()?).map_err(|e| e.context(format_args!("domain {}", self.name)))?;
         let snap_xml = snapshot_xml(&targets, new_files)
             .map_err(|e| e.context(format_args!("disk-only snapshot of domain {}", self.name)))?;
-        let mut flags = sys::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
-            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
-            | sys::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
+        let mut flags = ffi::VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | ffi::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+            | ffi::VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA;
         if quiesce {
-            flags |= sys::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
+            flags |= ffi::VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE;
         }
         let what = || {
             let disks: Vec<String> =
@@ -345,7 +331,7 @@ impl Vm {
         };
         match self.dom.create_snapshot_xml(&snap_xml, flags) {
             // With NO_METADATA libvirt keeps no record: the handle is dropped.
-            Ok(_snapshot) => Ok(()),
+            Ok(()) => Ok(()),
             Err(e) if quiesce && is_agent_error(&e) => Err(KnibError::hypervisor(format!(
                 "{}: the guest agent did not answer, so the guest could not be quiesced; nothing was changed ({})",
                 what(),
@@ -358,7 +344,7 @@ impl Vm {
 
 /// Whether a libvirt error says the guest agent is missing, not connected or
 /// not answering.
-fn is_agent_error(e: &virt::error::Error) -> bool {
-    e.code().is_known_and(|c| matches!(c, ErrorNumber::AgentUnresponsive | ErrorNumber::AgentUnsynced))
+fn is_agent_error(e: &VirtError) -> bool {
+    matches!(e.code(), ffi::VIR_ERR_AGENT_UNRESPONSIVE | ffi::VIR_ERR_AGENT_UNSYNCED)
         || e.message().to_ascii_lowercase().contains("agent")
 }

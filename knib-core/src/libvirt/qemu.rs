@@ -14,8 +14,8 @@ pub fn qemu_agent_command(vm: &Vm, json_cmd: &str, timeout_secs: i32) -> Result<
     if timeout_secs < -2 {
         return Err(KnibError::invalid(format!("guest agent command timeout {timeout_secs} is below -2")));
     }
-    vm.domain()
-        .qemu_agent_command(json_cmd, timeout_secs, 0)
+    vm.dom()
+        .qemu_agent_command(json_cmd, timeout_secs)
         .map_err(|e| virt_error(format_args!("guest agent command {json_cmd} on domain {}", vm.name()), &e))
 }
 
@@ -24,15 +24,15 @@ pub fn qemu_agent_command(vm: &Vm, json_cmd: &str, timeout_secs: i32) -> Result<
 /// prints its results on QEMU's standard output (the domain's log file),
 /// not in this answer.
 pub fn qemu_monitor_command_hmp(vm: &Vm, cmd: &str) -> Result<String> {
-    vm.domain()
-        .qemu_monitor_command(cmd, virt::sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+    vm.dom()
+        .qemu_monitor_command(cmd, super::ffi::VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
         .map_err(|e| virt_error(format_args!("HMP command {cmd:?} on domain {}", vm.name()), &e))
 }
 
 /// Run a QMP command (`{"execute":"query-block-jobs"}`) in the domain's QEMU
 /// and return its JSON answer.
 pub fn qemu_monitor_command_qmp(vm: &Vm, json_cmd: &str) -> Result<String> {
-    vm.domain()
-        .qemu_monitor_command(json_cmd, virt::sys::VIR_DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
+    vm.dom()
+        .qemu_monitor_command(json_cmd, super::ffi::VIR_DOMAIN_QEMU_MONITOR_COMMAND_DEFAULT)
         .map_err(|e| virt_error(format_args!("QMP command {json_cmd} on domain {}", vm.name()), &e))
 }

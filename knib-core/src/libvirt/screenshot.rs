@@ -19,16 +19,16 @@ use crate::fsio;
 /// `dest` (written under a temporary name, then renamed).
 pub fn screenshot(hv: &Hypervisor, vm: &Vm, dest: &Path) -> Result<()> {
     let what = || format!("screenshot of domain {}", vm.name());
-    let stream = virt::stream::Stream::new(hv.connect(), 0).map_err(|e| virt_error(what(), &e))?;
-    let mime = vm.domain().screenshot(&stream, 0, 0).map_err(|e| virt_error(what(), &e))?;
+    let stream = hv.conn().new_stream(0).map_err(|e| virt_error(what(), &e))?;
+    let mime = vm.dom().screenshot(&stream, 0).map_err(|e| virt_error(what(), &e))?;
     let mut data = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = stream.recv(&mut buf).map_err(|e| virt_error(what(), &e))?;
-        if n <= 0 {
+        if n == 0 {
             break;
         }
-        data.extend_from_slice(&buf[..n as usize]);
+        data.extend_from_slice(&buf[..n]);
     }
     let _ = stream.finish();
     let png = if data.starts_with(PNG_MAGIC) {
