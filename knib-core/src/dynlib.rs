@@ -2,9 +2,9 @@
 //! starts: libvirt ([`crate::libvirt`]) and libnbd ([`crate::nbd`]).
 //!
 //! Linking them costs every process that links knib, whether or not it
-//! ever talks to a domain: the dynamic loader maps the 57 libraries
-//! libvirt brings (GnuTLS, libxml2, GLib, ...) and the 20 of libnbd (ICU
-//! among them), and resolves their symbols, at each start. Measured with
+//! ever talks to a domain: the dynamic loader maps libvirt and the fifty
+//! libraries it needs (GnuTLS, libxml2, GLib, ...), libnbd and its own
+//! (ICU among them), and resolves their symbols, at each start. Measured with
 //! `perf stat` (an empty C program: 0.3 ms of CPU; linked with `-lvirt`:
 //! 9.4 ms), this was nine tenths of `knib`'s start, paid by every `knib
 //! restore`, `knib compress` or `knib list`, by every C program that
