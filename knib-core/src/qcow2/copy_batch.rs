@@ -93,20 +93,21 @@ pub(crate) enum Compressor {
     Zlib(flate2::Compress),
 }
 
-/// zstd's level for qcow2 clusters: 2, with a minimum match of 4 bytes
-/// ([`ZSTD_MIN_MATCH`]).
+/// zstd's level for qcow2 clusters: 2, with the library's own parameters
+/// for it.
 ///
 /// QEMU uses the library's default, level 3. Measured cluster by cluster
-/// (64 KiB frames, `zstd -b -B64K`) on the benchmark's image and on a tar
-/// of a Debian system's `/usr/lib` and `/usr/share/doc`, level 2 with a
-/// minimum match of 4 costs about a quarter less CPU than level 3 and
-/// its output is 0.56% (the benchmark's image) and 0.67% (the system
-/// files) larger; plain level 2 was 1.2% larger on the system files, level
-/// 1 2.6% larger on the benchmark's image. Any zstd decoder reads the
-/// frames; QEMU's does.
+/// (64 KiB frames, each compressed on its own as a qcow2 cluster is) on
+/// the benchmark's image, on a tar of a Debian system's `/usr/lib` and
+/// `/usr/share/doc` and on a tar of `/usr/bin`, `/usr/share`, `/etc` and a
+/// Rust toolchain: level 2 takes 0.80x, 0.86x and 0.83x level 3's CPU, for
+/// output 0.14%, 1.38% and 1.68% larger. A minimum match of 4 bytes (knib's
+/// setting until then) cost 12% more CPU for output 0.54%, 1.23% and 1.82%
+/// larger; larger hash tables bought at most 0.2% for 3% to 7% more CPU;
+/// staying within 1% of level 3 on binaries takes the `dfast` strategy,
+/// which costs what level 3 costs (docs/performance.md, "Compression").
+/// Any zstd decoder reads the frames; QEMU's does.
 pub(crate) const ZSTD_LEVEL: i32 = 2;
-/// zstd's minimum match length (`ZSTD_c_minMatch`) with [`ZSTD_LEVEL`].
-pub(crate) const ZSTD_MIN_MATCH: u32 = 4;
 
 impl Compressor {
     pub(crate) fn new(t: CompressionType) -> Result<Self> {
@@ -114,7 +115,6 @@ impl Compressor {
         Ok(match t {
             CompressionType::Zstd => {
                 let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(zerr)?;
-                c.set_parameter(zstd::stream::raw::CParameter::MinMatch(ZSTD_MIN_MATCH)).map_err(zerr)?;
                 // One frame per cluster, as QEMU reads it; no checksum.
                 c.include_checksum(false).map_err(zerr)?;
                 Compressor::Zstd(c)
