@@ -817,7 +817,9 @@ fn main() {
             None => {
                 eprintln!("running domain: incremental backup, 1% changed, by bitmap and by snapshot");
                 let l = live_setup();
-                let ((m, env), writes) = live::method_rows(&l, runs);
+                // A short row (0.1 to 0.3 s), whose runs spread as widely
+                // as the delta and engine incremental rows': as many runs.
+                let ((m, env), writes) = live::method_rows(&l, 3 * runs);
                 res.row(
                     "running domain: incremental backup, 1% changed, by bitmap vs by snapshot",
                     env,
@@ -967,7 +969,7 @@ fn main() {
         println!("Row {row} skipped: {why}.");
     }
     println!(
-        "{runs} runs per tool (alternating; {} for the delta and engine incremental rows), median shown; every run \
+        "{runs} runs per tool (alternating; {} for the delta, engine incremental and bitmap rows), median shown; every run \
          ends with its output fsynced. CPU s: user + system time of the tool's processes (median). A row is noisy \
          when over {STEAL_NOISY_PCT}% of the CPU time was stolen or other processes kept more than \
          {OTHERS_NOISY_PER_CORE} cores per core busy; the run, also when the load average was over \
