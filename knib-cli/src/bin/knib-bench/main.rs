@@ -150,6 +150,11 @@ enum Op {
     StoreRestore,
 }
 
+/// How many times `--runs` the short rows take (the delta copies, the
+/// engine incrementals and the bitmap row, 0.05 to 0.6 s each): their runs
+/// spread over more than the gaps to their targets.
+const SHORT_ROW_RUNS: usize = 3;
+
 /// knib's side of each row.
 fn op(kind: Op, args: &[String]) {
     let a = |i: usize| PathBuf::from(&args[i]);
@@ -349,7 +354,7 @@ fn engine_inc(runs: usize, e: &EngineSetup<'_>, compressed: bool) -> (Vec<Measur
     let (disk_s, qo_s) = (disk.clone(), s(&qo));
     convert.extend(["-m", "8", "-W", "-O", "qcow2", "-B", "full.qcow2", "-F", "qcow2", &disk_s, &qo_s]);
     compare(
-        3 * runs,
+        SHORT_ROW_RUNS * runs,
         &[
             Tool::new("knib", vec![cmd(&[e.me, "op", kop, &disk, &s(&ko), "full.qcow2"])], &ko).setup(&prep),
             Tool::new(
@@ -540,7 +545,7 @@ fn main() {
             &s(&qo),
         ]);
         let (m, env) = compare(
-            3 * runs,
+            SHORT_ROW_RUNS * runs,
             &[
                 Tool::new("knib", vec![cmd(&[&me, "op", "delta", &s(&p(top)), &s(&ko), backing])], &ko),
                 Tool::new("qemu-img+hash", vec![convert.clone(), cmd(&[&me, "op", "hash", &s(&qo)])], &qo),
@@ -589,7 +594,7 @@ fn main() {
         eprintln!("back up the delta compressed");
         let (ko, qo) = (p("dc-knib.qcow2"), p("dc-qemu.qcow2"));
         let (m, env) = compare(
-            3 * runs,
+            SHORT_ROW_RUNS * runs,
             &[
                 Tool::new(
                     "knib",
@@ -817,9 +822,7 @@ fn main() {
             None => {
                 eprintln!("running domain: incremental backup, 1% changed, by bitmap and by snapshot");
                 let l = live_setup();
-                // A short row (0.1 to 0.3 s), whose runs spread as widely
-                // as the delta and engine incremental rows': as many runs.
-                let ((m, env), writes) = live::method_rows(&l, 3 * runs);
+                let ((m, env), writes) = live::method_rows(&l, SHORT_ROW_RUNS * runs);
                 res.row(
                     "running domain: incremental backup, 1% changed, by bitmap vs by snapshot",
                     env,
@@ -974,7 +977,7 @@ fn main() {
          when over {STEAL_NOISY_PCT}% of the CPU time was stolen or other processes kept more than \
          {OTHERS_NOISY_PER_CORE} cores per core busy; the run, also when the load average was over \
          {LOAD_NOISY_PER_CORE} per core at its start.",
-        3 * runs
+        SHORT_ROW_RUNS * runs
     );
     println!("{data_line}");
 }
