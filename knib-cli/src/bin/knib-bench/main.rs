@@ -10,7 +10,9 @@
 //! 64 KiB to 4 MiB), a delta with 10% of the clusters rewritten and a third
 //! layer with 5% more (and, for the rows that need them, five more layers
 //! for an 8-deep chain, and a larger disk with the same data and the same
-//! delta), then times knib's native data path against what a user would
+//! delta; for the `compress-files` row, an image of real files: the first
+//! --size-gib of a tar of the machine's `/usr`, which differs from machine
+//! to machine), then times knib's native data path against what a user would
 //! run instead (qemu-img, `cp`) on the same files in the same run,
 //! alternating the tools, and prints a table: median wall time, median CPU
 //! time, MB/s of allocated data, output size, peak memory (RSS), the
@@ -22,7 +24,9 @@
 //! libvirt; the vault rows (a sync to S3 and a restore from it, against
 //! `cp` into a local store and a restore from it) need an S3 server
 //! (`KNIB_S3_ENDPOINT`). A row (and the run) during which the machine was
-//! busy is marked noisy, and its ratios are printed as such.
+//! busy is marked noisy, and its ratios are printed as such; so is the
+//! whole run on a VM whose balloon reports free memory to its host (the
+//! message says how to turn that off for the run).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -57,6 +61,80 @@ fn qemu_img_ok(args: &[&str]) {
     ok(Command::new("qemu-img").args(args));
 }
 
+/// The compression row on `src`: knib against one `qemu-img convert -c`,
+/// wall time, CPU and output size.
+fn compress_row(res: &mut Results, runs: usize, me: &str, src: &Path, dir: &Path, data: u64, label: &str) {
+    let (ko, qo) = (dir.join("c-knib.qcow2"), dir.join("c-qemu.qcow2"));
+    let (m, env) = compare(
+        runs,
+        &[
+            Tool::new("knib", vec![cmd(&[me, "op", "compress", &s(src), &s(&ko)])], &ko),
+            Tool::new(
+                "qemu-img",
+                vec![cmd(&[
+                    "qemu-img",
+                    "convert",
+                    "-c",
+                    "-o",
+                    "compression_type=zstd",
+                    "-m",
+                    "8",
+                    "-W",
+                    "-O",
+                    "qcow2",
+                    &s(src),
+                    &s(&qo),
+                ])],
+                &qo,
+            ),
+        ],
+    );
+    let speed = m[1].secs / m[0].secs;
+    let bigger = m[0].out_bytes as f64 / m[1].out_bytes as f64 - 1.0;
+    res.row(
+        label,
+        env,
+        data,
+        format!(
+            "{speed:.2}x faster (target >= 2.0x), {:.2}x the CPU (target <= 0.5x), output {:+.2}% (target <= +1%)",
+            m[0].cpu / m[1].cpu,
+            bigger * 100.0
+        ),
+        &[("knib", m[0]), ("qemu-img convert -c -m 8 -W", m[1])],
+    );
+    for f in [&ko, &qo] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// A qcow2 image of real files, which knib's authors did not generate: the
+/// first `size` bytes of a tar of this machine's `/usr` (programs,
+/// libraries, documentation), in whole clusters. Its path and its bytes of
+/// data.
+fn files_image(dir: &Path, size: u64) -> (PathBuf, u64) {
+    let (raw, img) = (dir.join("files.raw"), dir.join("files.qcow2"));
+    let out = std::fs::File::create(&raw).expect("files.raw");
+    let mut tar = Command::new("tar")
+        .args(["-cf", "-", "--one-file-system", "-C", "/", "usr"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tar");
+    let mut from = tar.stdout.take().expect("tar's output");
+    let mut to = std::io::BufWriter::new(out);
+    let n = std::io::copy(&mut std::io::Read::take(&mut from, size), &mut to).expect("tar of /usr");
+    drop(from);
+    let _ = tar.kill();
+    let _ = tar.wait();
+    let data = n / CS * CS;
+    to.into_inner().expect("files.raw").set_len(data).expect("files.raw");
+    assert!(data > 0, "the tar of /usr is empty");
+    qemu_img_ok(&["convert", "-f", "raw", "-O", "qcow2", &s(&raw), &s(&img)]);
+    let _ = std::fs::remove_file(&raw);
+    ok(&mut Command::new("sync"));
+    (img, data)
+}
+
 fn human(n: u64) -> String {
     if n >= 1 << 30 {
         format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64)
@@ -65,8 +143,9 @@ fn human(n: u64) -> String {
     }
 }
 
-const ROWS: [&str; 13] = [
+const ROWS: [&str; 14] = [
     "compress",
+    "compress-files",
     "delta",
     "delta-compressed",
     "restore",
@@ -397,6 +476,12 @@ fn main() {
              this run is noisy"
         );
     }
+    // A VM that reports its free memory to the host makes whichever tool
+    // allocates after another freed memory pay for the host's faults.
+    let reporting = free_page_reporting();
+    if let Some(r) = reporting {
+        eprintln!("{}; this run is noisy", reporting_why(r));
+    }
     std::fs::create_dir_all(&dir).expect("bench directory");
     let me = std::env::current_exe().expect("own path");
     let me = me.to_str().expect("UTF-8 path").to_string();
@@ -473,50 +558,17 @@ fn main() {
     let mut delta_knib: Option<f64> = None;
     let mut inc_knib: Option<f64> = None;
 
-    // 1. Compress the full image.
+    // 1. Compress the full image, then an image of this machine's files.
     if want("compress") {
         eprintln!("compress the full image");
-        let (ko, qo) = (p("c-knib.qcow2"), p("c-qemu.qcow2"));
-        let (m, env) = compare(
-            runs,
-            &[
-                Tool::new("knib", vec![cmd(&[&me, "op", "compress", &s(&p("disk.qcow2")), &s(&ko)])], &ko),
-                Tool::new(
-                    "qemu-img",
-                    vec![cmd(&[
-                        "qemu-img",
-                        "convert",
-                        "-c",
-                        "-o",
-                        "compression_type=zstd",
-                        "-m",
-                        "8",
-                        "-W",
-                        "-O",
-                        "qcow2",
-                        &s(&p("disk.qcow2")),
-                        &s(&qo),
-                    ])],
-                    &qo,
-                ),
-            ],
-        );
-        let speed = m[1].secs / m[0].secs;
-        let bigger = m[0].out_bytes as f64 / m[1].out_bytes as f64 - 1.0;
-        res.row(
-            "compress full image (zstd)",
-            env,
-            base_data,
-            format!(
-                "{speed:.2}x faster (target >= 2.0x), {:.2}x the CPU (target <= 0.5x), output {:+.2}% (target <= +1%)",
-                m[0].cpu / m[1].cpu,
-                bigger * 100.0
-            ),
-            &[("knib", m[0]), ("qemu-img convert -c -m 8 -W", m[1])],
-        );
-        for f in [&ko, &qo] {
-            let _ = std::fs::remove_file(f);
-        }
+        compress_row(&mut res, runs, &me, &p("disk.qcow2"), &dir, base_data, "compress full image (zstd)");
+    }
+    if want("compress-files") {
+        eprintln!("compress an image of this machine's files");
+        let (img, data) = files_image(&dir, size);
+        let label = format!("compress this machine's files (zstd; the first {} of a tar of /usr)", human(data));
+        compress_row(&mut res, runs, &me, &img, &dir, data, &label);
+        let _ = std::fs::remove_file(&img);
     }
 
     // 2. Back up the delta: copy with backing pointer + hash (on the disk
@@ -890,7 +942,7 @@ fn main() {
         }
     }
 
-    let noisy = busy_at_start || res.lines.iter().any(|l| l.env.noisy);
+    let noisy = busy_at_start || reporting.is_some() || res.lines.iter().any(|l| l.env.noisy);
     let data_line = format!(
         "Data: {} in the image ({} virtual), {} in the delta, {} in the third layer.",
         human(base_data),
@@ -920,6 +972,7 @@ fn main() {
             "noisy": noisy,
             "cores": ncores,
             "load_at_start": load_at_start,
+            "free_page_reporting_order": reporting.map(|r| r.order),
             "runs": runs,
             "size_bytes": size,
             "big_bytes": big,
@@ -934,6 +987,9 @@ fn main() {
         let mut why = Vec::new();
         if busy_at_start {
             why.push(format!("the load average was {load_at_start:.2} on {ncores} cores at the start"));
+        }
+        if let Some(r) = reporting {
+            why.push(reporting_why(r));
         }
         let rows = res.lines.iter().filter(|l| l.env.noisy && l.first).count();
         if rows > 0 {
@@ -976,8 +1032,20 @@ fn main() {
          ends with its output fsynced. CPU s: user + system time of the tool's processes (median). A row is noisy \
          when over {STEAL_NOISY_PCT}% of the CPU time was stolen or other processes kept more than \
          {OTHERS_NOISY_PER_CORE} cores per core busy; the run, also when the load average was over \
-         {LOAD_NOISY_PER_CORE} per core at its start.",
+         {LOAD_NOISY_PER_CORE} per core at its start, or on a VM whose balloon reports free memory to its host.",
         SHORT_ROW_RUNS * runs
     );
     println!("{data_line}");
+}
+
+/// Why a run on a machine with free page reporting is noisy, and what
+/// makes it quiet.
+fn reporting_why(r: PageReporting) -> String {
+    format!(
+        "this VM's balloon reports free memory to its host (free page reporting, order {}): memory one tool frees \
+         faults on the host when the next tool takes it, so a tool's runs are fast or slow by the order they run in; \
+         for a quiet run, as root: echo {} > /sys/module/page_reporting/parameters/page_reporting_order (and back \
+         to {} after)",
+        r.order, r.off, r.order
+    )
 }

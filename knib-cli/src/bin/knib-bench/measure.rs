@@ -432,3 +432,35 @@ pub(crate) fn compare_serving(runs: usize, tools: &[Tool<'_>], servers: &[&str])
         .collect();
     (m, env)
 }
+
+/// The kernel's free page reporting, when this machine is a VM whose
+/// balloon device hands freed memory back to its host; `None` when not.
+///
+/// A virtio balloon with `VIRTIO_BALLOON_F_REPORTING` (feature bit 5)
+/// reports free blocks of `page_reporting_order` and above to the host,
+/// which drops them; the next process to allocate such a page takes a
+/// fault on the host. A tool that frees memory (a deleted output, pages
+/// dropped after writeback) thus slows down whichever tool comes next: on
+/// the benchmark's host the same delta copy took 0.13 s or 0.30 s by that
+/// alone (docs/performance.md, "An eleventh run"). Reporting is off when
+/// the order is above the largest the buddy allocator keeps (the columns
+/// of `/proc/buddyinfo`).
+pub(crate) fn free_page_reporting() -> Option<PageReporting> {
+    const ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+    let order: u32 = std::fs::read_to_string(ORDER).ok()?.trim().parse().ok()?;
+    let buddy = std::fs::read_to_string("/proc/buddyinfo").ok()?;
+    // "Node 0, zone DMA  n0 n1 ... nMAX": four words before the counts.
+    let max_order = buddy.lines().next()?.split_whitespace().count().checked_sub(5)? as u32;
+    let balloon = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon").ok()?.flatten().any(|e| {
+        let features = std::fs::read_to_string(e.path().join("features")).unwrap_or_default();
+        features.as_bytes().get(5) == Some(&b'1')
+    });
+    (balloon && order <= max_order).then_some(PageReporting { order, off: max_order + 1 })
+}
+
+/// Free page reporting as found: its order, and the order that turns it off.
+#[derive(Clone, Copy)]
+pub(crate) struct PageReporting {
+    pub(crate) order: u32,
+    pub(crate) off: u32,
+}
