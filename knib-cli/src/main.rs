@@ -37,7 +37,9 @@ use knib_core::{KnibError, Result};
                   (KNIB_LOG=debug, KNIB_LOG=knib_core::catalog=trace)\n  \
                   KNIB_WRITE_MODE=MODE  how outputs are written: behind (the default: through the page cache, \
                   each chunk sent to the device at once and dropped from the cache), direct (O_DIRECT) or \
-                  buffered (left to the kernel until the final fsync)"
+                  buffered (left to the kernel until the final fsync)\n  \
+                  KNIB_ZSTD_LEVEL=N  zstd's level for compressed outputs, 1 to 19: 2 by default; 3 is QEMU's, \
+                  about 1.5% smaller on programs and libraries for about a fifth more CPU"
 )]
 struct Cli {
     /// Print results as JSON.

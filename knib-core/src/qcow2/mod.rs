@@ -159,6 +159,7 @@ pub use commit_base::CommitReport;
 pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy, TargetFormat, MAX_AUTO_THREADS};
 #[cfg(feature = "libvirt")]
 pub(crate) use copy_batch::Compressor;
+pub use copy_batch::{zstd_level, DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS, ZSTD_LEVEL_ENV};
 pub use copy_read::SourceMode;
 pub use direct::{WriteMode, WRITE_MODE_ENV};
 pub use empty::{empty_image, empty_image_bytes};
