@@ -45,6 +45,12 @@ use serde_json::json;
 
 const CS: u64 = 64 << 10;
 
+/// `qemu-img convert` writing a compressed qcow2 as a user would run it
+/// (zstd, 8 coroutines, out-of-order writes): the arguments before the
+/// backing options and the files.
+const QEMU_IMG_COMPRESSED: [&str; 10] =
+    ["qemu-img", "convert", "-c", "-o", "compression_type=zstd", "-m", "8", "-W", "-O", "qcow2"];
+
 mod gen;
 mod live;
 mod measure;
@@ -65,28 +71,12 @@ fn qemu_img_ok(args: &[&str]) {
 /// wall time, CPU and output size.
 fn compress_row(res: &mut Results, runs: usize, me: &str, src: &Path, dir: &Path, data: u64, label: &str) {
     let (ko, qo) = (dir.join("c-knib.qcow2"), dir.join("c-qemu.qcow2"));
+    let (src_s, qo_s) = (s(src), s(&qo));
     let (m, env) = compare(
         runs,
         &[
-            Tool::new("knib", vec![cmd(&[me, "op", "compress", &s(src), &s(&ko)])], &ko),
-            Tool::new(
-                "qemu-img",
-                vec![cmd(&[
-                    "qemu-img",
-                    "convert",
-                    "-c",
-                    "-o",
-                    "compression_type=zstd",
-                    "-m",
-                    "8",
-                    "-W",
-                    "-O",
-                    "qcow2",
-                    &s(src),
-                    &s(&qo),
-                ])],
-                &qo,
-            ),
+            Tool::new("knib", vec![cmd(&[me, "op", "compress", &src_s, &s(&ko)])], &ko),
+            Tool::new("qemu-img", vec![cmd(&[&QEMU_IMG_COMPRESSED[..], &[&src_s, &qo_s]].concat())], &qo),
         ],
     );
     let speed = m[1].secs / m[0].secs;
@@ -426,12 +416,13 @@ fn engine_inc(runs: usize, e: &EngineSetup<'_>, compressed: bool) -> (Vec<Measur
     let (disk, store) = (s(&e.disk()), e.store());
     let (ko, qo) = (store.join("inc.qcow2"), store.join("inc-qemu.qcow2"));
     let kop = if compressed { "engine-inc-compressed" } else { "engine-inc" };
-    let mut convert = vec!["qemu-img", "convert"];
-    if compressed {
-        convert.extend(["-c", "-o", "compression_type=zstd"]);
+    // The same command without compression: `-c -o compression_type=zstd` left out.
+    let mut convert: Vec<&str> = QEMU_IMG_COMPRESSED.to_vec();
+    if !compressed {
+        convert.drain(2..5);
     }
     let (disk_s, qo_s) = (disk.clone(), s(&qo));
-    convert.extend(["-m", "8", "-W", "-O", "qcow2", "-B", "full.qcow2", "-F", "qcow2", &disk_s, &qo_s]);
+    convert.extend(["-B", "full.qcow2", "-F", "qcow2", &disk_s, &qo_s]);
     compare(
         SHORT_ROW_RUNS * runs,
         &[
@@ -656,23 +647,10 @@ fn main() {
                 Tool::new(
                     "qemu-img convert -c -B",
                     vec![cmd(&[
-                        "qemu-img",
-                        "convert",
-                        "-c",
-                        "-o",
-                        "compression_type=zstd",
-                        "-m",
-                        "8",
-                        "-W",
-                        "-O",
-                        "qcow2",
-                        "-B",
-                        "disk.qcow2",
-                        "-F",
-                        "qcow2",
-                        &s(&p("delta.qcow2")),
-                        &s(&qo),
-                    ])],
+                        &QEMU_IMG_COMPRESSED[..],
+                        &["-B", "disk.qcow2", "-F", "qcow2", &s(&p("delta.qcow2")), &s(&qo)],
+                    ]
+                    .concat())],
                     &qo,
                 ),
             ],
