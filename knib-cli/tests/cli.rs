@@ -13,6 +13,17 @@ fn knib(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_knib")).args(args).output().expect("knib runs")
 }
 
+/// knib with the host setting `var` at `value`, or unset when `None`
+/// (whatever the tests' own environment holds).
+fn knib_with(var: &str, value: Option<&str>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_knib"));
+    c.args(args).env_remove(var);
+    if let Some(v) = value {
+        c.env(var, v);
+    }
+    c.output().expect("knib runs")
+}
+
 fn ok_json(args: &[&str]) -> Value {
     let out = knib(args);
     assert!(out.status.success(), "knib {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -256,13 +267,11 @@ fn knib_write_mode_chooses_how_outputs_are_written() {
     for (i, (mode, cached)) in cases.iter().enumerate() {
         for format in ["qcow2", "raw"] {
             let out_path = d.path().join(format!("r{i}.{format}"));
-            let mut c = Command::new(env!("CARGO_BIN_EXE_knib"));
-            c.args(["restore", "--store", s(&store), id, "--volume", "root", "--format", format, "--to", s(&out_path)]);
-            c.env_remove("KNIB_WRITE_MODE");
-            if let Some(m) = mode {
-                c.env("KNIB_WRITE_MODE", m);
-            }
-            let out = c.output().unwrap();
+            let out = knib_with(
+                "KNIB_WRITE_MODE",
+                *mode,
+                &["restore", "--store", s(&store), id, "--volume", "root", "--format", format, "--to", s(&out_path)],
+            );
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success(), "{mode:?} {format}: {err}");
             let warned = err
@@ -304,13 +313,11 @@ fn knib_zstd_level_chooses_size_against_cpu() {
     let mut sizes = Vec::new();
     for (i, level) in [None, Some("3"), Some("1"), Some("fast")].iter().enumerate() {
         let store = d.path().join(format!("store{i}"));
-        let mut c = Command::new(env!("CARGO_BIN_EXE_knib"));
-        c.args(["--json", "backup", "--store", s(&store), "--vm", "m", "--disk", &da, "--compress", "zstd"]);
-        c.env_remove("KNIB_ZSTD_LEVEL");
-        if let Some(l) = level {
-            c.env("KNIB_ZSTD_LEVEL", l);
-        }
-        let out = c.output().unwrap();
+        let out = knib_with(
+            "KNIB_ZSTD_LEVEL",
+            *level,
+            &["--json", "backup", "--store", s(&store), "--vm", "m", "--disk", &da, "--compress", "zstd"],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{level:?}: {err}");
         let warned = err.contains("KNIB_ZSTD_LEVEL=\"fast\" is not a zstd level (1 to 19); compressing at level 2");
