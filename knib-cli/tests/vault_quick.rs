@@ -8,6 +8,7 @@
 //! when it is stopped), stops the server and removes its sockets, and the
 //! disk is the backup byte for byte.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -109,6 +110,12 @@ fn quick_restored(name: &str) -> Restored {
     assert!(std::fs::metadata(&d.file).unwrap().len() < 2 * MIB, "no data copied before the VM runs");
     assert_eq!(d.backing_chain.len(), 1, "{:?}", d.backing_chain);
     assert_eq!(d.backing_chain[0].file, serve_dir.join("vda.sock"));
+    // The directory is knib's (QEMU's user passes through it to its
+    // socket, and can change nothing in it); the socket is QEMU's user's.
+    let m = std::fs::symlink_metadata(&serve_dir).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (rustix_euid(), 0o711), "{}", serve_dir.display());
+    let sock = std::fs::symlink_metadata(serve_dir.join("vda.sock")).unwrap();
+    assert_eq!((sock.uid(), sock.gid()), knib_core::vault::serve::qemu_ids());
     // The guest reads the backup's data through the exports.
     assert!(target.read_check("vda", 0x71, 2 * MIB, 2 * MIB));
     assert!(target.read_check("vda", 0x73, MIB, MIB));
@@ -162,6 +169,66 @@ fn a_killed_server_is_started_again_for_an_offline_consolidation() {
     let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
     assert_ne!(c["vault_servers_stopped"][0]["state"]["pid"].as_u64(), Some(r.server.0), "{c}");
     assert_consolidated(&r, &c);
+}
+
+fn rustix_euid() -> u32 {
+    // SAFETY: geteuid(2) cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// The state file of a quick restore steers what knib (as root) removes,
+/// gives to QEMU's user and serves: one that names a file outside its
+/// directory, or one in a directory somebody else owns, is refused before
+/// anything is touched; once it is knib's again, consolidation goes on.
+#[test]
+fn a_tampered_serve_state_steers_nothing() {
+    if !s3::setup() || skip_without_libvirt("quick restore from the vault, state tampered") {
+        return;
+    }
+    let r = quick_restored("quick-tampered");
+    r.target.power_off();
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(r.server.0 as i32, libc::SIGKILL) };
+    assert!(wait_gone(r.server.0));
+    let state_path = r.serve_dir.join("serve.json");
+    let good = std::fs::read(&state_path).unwrap();
+    let canary = r.serve_dir.parent().unwrap().join("canary");
+    std::fs::write(&canary, b"not knib's").unwrap();
+    let consolidate = || knib(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
+    let refused = |out: &Output, why: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "expected {why:?}: {err}");
+    };
+    // A socket outside the directory (restarting a dead server removes its
+    // sockets, then gives the new ones to QEMU's user).
+    let mut state: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    state["disks"][0]["socket"] = serde_json::json!(canary);
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    refused(&consolidate(), "serve.json is not what knib wrote: the socket of vda is");
+    assert_eq!(std::fs::read(&canary).unwrap(), b"not knib's");
+    assert_eq!(std::fs::metadata(&canary).unwrap().uid(), 0);
+    // Another domain's state.
+    let mut state: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    state["domain"] = serde_json::json!("other-vm");
+    std::fs::write(&state_path, serde_json::to_vec(&state).unwrap()).unwrap();
+    refused(&consolidate(), "it names domain \"other-vm\"");
+    // The right state, in a directory QEMU's user could write (as quick
+    // restores made before the check left it).
+    std::fs::write(&state_path, &good).unwrap();
+    std::os::unix::fs::chown(&r.serve_dir, Some(65534), None).unwrap();
+    refused(&consolidate(), "is not a directory knib made");
+    std::os::unix::fs::chown(&r.serve_dir, Some(0), None).unwrap();
+    std::fs::set_permissions(&r.serve_dir, std::os::unix::fs::PermissionsExt::from_mode(0o733)).unwrap();
+    refused(&consolidate(), "is not a directory knib made");
+    std::fs::set_permissions(&r.serve_dir, std::os::unix::fs::PermissionsExt::from_mode(0o711)).unwrap();
+    // Nothing was touched: the disk is still on its overlay, and with the
+    // directory knib's again, the consolidation goes on.
+    let info = Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&r.overlay).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info["backing-filename"].as_str().is_some_and(|b| b.contains("vda.sock")), "{info}");
+    let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
+    assert_consolidated(&r, &c);
+    assert_eq!(std::fs::read(&canary).unwrap(), b"not knib's");
 }
 
 /// The same through the JSON API (as C and Java call it): `quick_restore`

@@ -10,10 +10,16 @@
 //! # Layout
 //!
 //! Beside the domain's disks, a directory `.knib-vault-<domain>/` of mode
-//! 0700, owned by QEMU's user (who must connect to the sockets), holding
-//! `<volume>.sock` (one UNIX socket per volume, never TCP), `serve.json`
-//! (the server's pid, the vault, the backup and the sockets: a
-//! [`ServeState`]) and `serve.log` (the server's log).
+//! 0711, owned by knib's user, holding `<volume>.sock` (one UNIX socket per
+//! volume, never TCP, owned by QEMU's user, who must connect to it),
+//! `serve.json` (the server's pid, the vault, the backup and the sockets:
+//! a [`ServeState`]) and `serve.log` (the server's log). QEMU's user can
+//! pass through the directory to its sockets but not list it, nor add,
+//! replace or remove anything in it: the state file steers what knib (as
+//! root) later removes, changes the owner of and serves, so it is trusted
+//! only in a directory nobody else can write ([`served`] checks the
+//! directory and that every path in the state is the one knib would have
+//! made).
 //!
 //! # Guarantees
 //!
@@ -46,6 +52,10 @@ pub const STATE_FILE: &str = "serve.json";
 pub const FETCHED_FILE: &str = "fetched.json";
 /// The server's log, in its directory.
 pub const LOG_FILE: &str = "serve.log";
+/// The directory's mode: search for everyone (QEMU's user reaches its
+/// sockets), nothing else for anyone but its owner.
+const DIR_MODE: u32 = 0o711;
+
 /// How long the server may take to listen on every socket (opening a chain
 /// reads its qcow2 headers and tables from the vault).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -145,8 +155,32 @@ pub fn qemu_ids() -> (u32, u32) {
     (uid, gid)
 }
 
-fn chown(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(|e| KnibError::io("cannot chown", path, e))
+/// Give the socket at `path` to QEMU's user: only a socket, and without
+/// following a symbolic link.
+fn chown_socket(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let m = fs::symlink_metadata(path).map_err(|e| KnibError::io("cannot read", path, e))?;
+    if !m.file_type().is_socket() {
+        return Err(KnibError::corrupt(format!("{} is not the NBD server's socket", path.display())));
+    }
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).map_err(|e| KnibError::io("cannot chown", path, e))
+}
+
+/// Whether `dir` can be trusted with a state file: a directory (not a
+/// link) owned by knib's user that nobody else can write.
+fn check_own_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::symlink_metadata(dir).map_err(|e| KnibError::io("cannot read", dir, e))?;
+    let me = rustix::process::geteuid().as_raw();
+    if !m.file_type().is_dir() || m.uid() != me || m.mode() & 0o022 != 0 {
+        return Err(KnibError::corrupt(format!(
+            "{} is not a directory knib made (a directory owned by uid {me} that nobody else can write; it is owned by uid {}, mode {:o}): its state file is not trusted. A quick restore from a vault made before this check left it owned by QEMU's user: stop the server it names by hand, then remove the directory",
+            dir.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// Whether process `pid` is alive (not gone, not a zombie).
@@ -232,7 +266,7 @@ pub fn quick_restore_domain(
         }
     }
     let ids = qemu_ids();
-    fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
+    fs::DirBuilder::new().mode(DIR_MODE).create(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
     let mut state = ServeState {
         schema: 1,
         pid: 0,
@@ -246,12 +280,14 @@ pub fn quick_restore_domain(
     };
     let mut made = Vec::new();
     let r = (|| -> Result<()> {
-        chown(&dir, ids)?;
+        // The umask may have taken search from others.
+        fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(DIR_MODE))
+            .map_err(|e| KnibError::io("cannot change the mode of", &dir, e))?;
         state.pid = spawn(&dir)?;
         fsio::write_atomic(&dir.join(STATE_FILE), &serde_json::to_vec_pretty(&state).expect("state serializes"))?;
         wait_for_sockets(&state, &dir, ctl)?;
         for d in &state.disks {
-            chown(&d.socket, ids)?;
+            chown_socket(&d.socket, ids)?;
             let uri = nbd_uri(&d.socket)?;
             let tmp = fsio::temp_path(&d.overlay);
             made.push(tmp.clone());
@@ -326,13 +362,44 @@ fn served(vm: &Vm, disks: &[crate::libvirt::DiskInfo]) -> Result<Vec<(PathBuf, S
     dirs.dedup();
     let mut out = Vec::new();
     for dir in dirs {
+        if fs::symlink_metadata(&dir).is_err() {
+            continue;
+        }
+        check_own_dir(&dir)?;
         let state_path = dir.join(STATE_FILE);
         let Ok(text) = fs::read(&state_path) else { continue };
         let state: ServeState = crate::json::from_slice(&text)
             .map_err(|e| KnibError::corrupt(format!("{} is corrupted: {e}", state_path.display())))?;
+        check_state(&state, &dir, vm.name())
+            .map_err(|why| KnibError::corrupt(format!("{} is not what knib wrote: {why}", state_path.display())))?;
         out.push((dir, state));
     }
     Ok(out)
+}
+
+/// Whether `state` (read from `dir`) is what [`quick_restore_domain`]
+/// writes for domain `domain`: its schema, its domain, and each socket
+/// the one of its target in `dir`; why not.
+fn check_state(state: &ServeState, dir: &Path, domain: &str) -> std::result::Result<(), String> {
+    if state.schema != 1 {
+        return Err(format!("schema {} (knib writes 1)", state.schema));
+    }
+    if state.domain != domain {
+        return Err(format!("it names domain {:?}, not {domain:?}", state.domain));
+    }
+    crate::names::validate("backup id", &state.backup).map_err(|e| e.to_string())?;
+    for d in &state.disks {
+        crate::names::validate("disk target", &d.target).map_err(|e| e.to_string())?;
+        if d.socket != socket_path(dir, &d.target) {
+            return Err(format!(
+                "the socket of {} is {}, not {}",
+                d.target,
+                d.socket.display(),
+                socket_path(dir, &d.target).display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Before consolidation: start again the server of each quick restore of
@@ -367,7 +434,7 @@ pub fn restart_dead(
         wait_for_sockets(&state, &dir, ctl)?;
         let ids = qemu_ids();
         for d in &state.disks {
-            chown(&d.socket, ids)?;
+            chown_socket(&d.socket, ids)?;
         }
         out.push(state.pid);
     }
@@ -432,11 +499,13 @@ pub fn server_program(given: Option<&Path>) -> Result<std::path::PathBuf> {
 /// Start `program vault-serve` for backup `id` of vault `loc` on `dir`,
 /// detached (its own process group, its log in `dir`); its pid.
 pub fn spawn_server(program: &Path, loc: &str, id: &str, dir: &Path) -> Result<u32> {
+    use std::os::unix::fs::OpenOptionsExt;
     use std::os::unix::process::CommandExt;
     let log_path = dir.join(LOG_FILE);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&log_path)
         .map_err(|e| KnibError::io("cannot open", &log_path, e))?;
     let child = std::process::Command::new(program)
