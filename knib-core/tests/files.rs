@@ -345,6 +345,68 @@ fn fat_cluster_chain_loops() {
     assert_only(&out, &[]);
 }
 
+/// A cross-linked FAT: forty entries of the root share the chain of one
+/// 1 MiB file, so extracting the root would write 41 MiB out of a 16 MiB
+/// filesystem (a guest can make it write without end this way): a Corrupt
+/// error once more than the filesystem holds is written, and nothing left.
+#[test]
+fn fat_cross_linked_files_write_no_more_than_the_filesystem_holds() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let src = w.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let big: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::write(src.join("BIG.BIN"), &big).unwrap();
+    let mut args = vec![src.join("BIG.BIN")];
+    for i in 0..40 {
+        std::fs::write(src.join(format!("F{i}.BIN")), b"x").unwrap();
+        args.push(src.join(format!("F{i}.BIN")));
+    }
+    let img = w.join("fat.img");
+    std::fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+    run(Command::new("mkfs.vfat").args(["-F", "16"]).arg(&img));
+    run(Command::new("mcopy").arg("-i").arg(&img).args(&args).arg("::/"));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let mut bpb = [0u8; 512];
+        f.read_at(&mut bpb, 0).unwrap();
+        let le16 = |o: usize| u16::from_le_bytes([bpb[o], bpb[o + 1]]) as u64;
+        let (bps, reserved, fats, root_entries, fat_sectors) = (le16(11), le16(14), bpb[16] as u64, le16(17), le16(22));
+        let root = (reserved + fats * fat_sectors) * bps;
+        let mut dir = vec![0u8; root_entries as usize * 32];
+        f.read_at(&mut dir, root).unwrap();
+        let big_first = dir.chunks(32).find(|e| &e[..11] == b"BIG     BIN").map(|e| [e[26], e[27]]).unwrap();
+        let mut shared = 0;
+        for (i, e) in dir.chunks_mut(32).enumerate() {
+            if e[0] == b'F' && &e[8..11] == b"BIN" {
+                e[26..28].copy_from_slice(&big_first);
+                e[28..32].copy_from_slice(&(big.len() as u32).to_le_bytes());
+                f.write_all_at(e, root + i as u64 * 32).unwrap();
+                shared += 1;
+            }
+        }
+        assert_eq!(shared, 40);
+    }
+    let disk = w.join("disk.qcow2");
+    to_qcow2(&img, &disk);
+    let disk = Disk::open_image(&disk, &ctl()).unwrap();
+    // Each entry alone reads as the big file (the filesystem is damaged, not
+    // unreadable).
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+    disk.get(None, "/F7.BIN", &out.join("one"), &ctl()).unwrap();
+    assert_eq!(std::fs::read(out.join("one")).unwrap(), big);
+    std::fs::remove_file(out.join("one")).unwrap();
+    let e = assert_err(
+        disk.get(None, "/", &out.join("all"), &ctl()),
+        ErrorKind::Corrupt,
+        "wrote more data than the filesystem holds (16777216 bytes): its files share their data",
+    );
+    assert!(e.message.contains("extracting /F"), "{e}");
+    assert_only(&out, &[]);
+}
+
 /// A cancelled extraction leaves nothing; progress goes up to 100.
 #[test]
 fn cancel_and_progress() {

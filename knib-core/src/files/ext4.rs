@@ -36,6 +36,8 @@ impl Ext4Read for Reader {
 pub struct Ext4Fs {
     fs: Ext4,
     inodes: u64,
+    /// The bytes it spans.
+    span: u64,
 }
 
 /// The error for `e`, met while doing `what` (a path, a step).
@@ -91,8 +93,9 @@ impl Ext4Fs {
     pub fn open(win: Window) -> Result<Ext4Fs> {
         let sb = win.read_vec(1024, 1024)?;
         let inodes = if sb.len() >= 4 { u32::from_le_bytes(sb[0..4].try_into().expect("4 bytes")) as u64 } else { 0 };
+        let span = win.len();
         let fs = Ext4::load(Box::new(Reader(win))).map_err(|e| err(e, "superblock"))?;
-        Ok(Ext4Fs { fs, inodes })
+        Ok(Ext4Fs { fs, inodes, span })
     }
 
     fn metadata(&self, path: &FsPath) -> Result<Metadata> {
@@ -185,7 +188,13 @@ impl Filesystem for Ext4Fs {
     }
 
     fn max_dirs(&self) -> u64 {
-        self.inodes
+        // The superblock's count is the guest's word; each directory takes
+        // at least a block (1 KiB at the least) of the filesystem.
+        self.inodes.min(self.span / 1024)
+    }
+
+    fn capacity(&self) -> u64 {
+        self.span
     }
 }
 

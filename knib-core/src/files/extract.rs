@@ -152,6 +152,9 @@ struct Walk<'a> {
     counting: bool,
     total: u64,
     summary: GetSummary,
+    /// Bytes of data written (holes left out): at most the filesystem's
+    /// [`Filesystem::capacity`].
+    written: u64,
     dirs_seen: u64,
     buf: Vec<u8>,
     last_report: u64,
@@ -227,7 +230,7 @@ impl Walk<'_> {
                             self.copy(path, n, &f, &local)?;
                             finish(&f, n, &local)?;
                         }
-                        None => self.total += n.size,
+                        None => self.total = self.total.saturating_add(n.size),
                     }
                     self.summary.files += 1;
                 }
@@ -254,8 +257,9 @@ impl Walk<'_> {
         let what = format!("extracting {}", display(path));
         let mut buf = std::mem::take(&mut self.buf);
         let (ctl, step, total) = (self.ctl, &self.step, self.total);
-        let (bytes, last) = (&mut self.summary.bytes, &mut self.last_report);
+        let (bytes, last, written) = (&mut self.summary.bytes, &mut self.last_report, &mut self.written);
         let fs = &mut *self.fs;
+        let capacity = fs.capacity();
         let r = (|| {
             let mut reader: Box<dyn FileRead + '_> = fs.open(path, n)?;
             let mut off = 0u64;
@@ -265,7 +269,13 @@ impl Walk<'_> {
                 if got == 0 {
                     break;
                 }
-                write_sparse(f, &buf[..got], off, local)?;
+                *written += write_sparse(f, &buf[..got], off, local)?;
+                if *written > capacity {
+                    return Err(KnibError::corrupt(format!(
+                        "extracting {} wrote more data than the filesystem holds ({capacity} bytes): its files share their data (a cross-linked filesystem, or many hard links to large files); extract fewer files at a time",
+                        display(path)
+                    )));
+                }
                 off += got as u64;
                 *bytes += got as u64;
                 if off > n.size {
@@ -297,8 +307,10 @@ fn progress(ctl: &Control, step: &str, bytes: u64, total: u64, last: &mut u64, f
     }
 }
 
-/// Write `data` at `off`, skipping 4 KiB blocks of zeros (left as holes).
-fn write_sparse(f: &File, data: &[u8], off: u64, local: &Path) -> Result<()> {
+/// Write `data` at `off`, skipping 4 KiB blocks of zeros (left as holes);
+/// the bytes written.
+fn write_sparse(f: &File, data: &[u8], off: u64, local: &Path) -> Result<u64> {
+    let mut written = 0;
     const BLOCK: usize = 4096;
     let mut i = 0;
     while i < data.len() {
@@ -317,9 +329,10 @@ fn write_sparse(f: &File, data: &[u8], off: u64, local: &Path) -> Result<()> {
             j = e;
         }
         f.write_all_at(&data[i..j], off + i as u64).map_err(|e| KnibError::io("cannot write", local, e))?;
+        written += (j - i) as u64;
         i = j;
     }
-    Ok(())
+    Ok(written)
 }
 
 /// Make every directory under `p` writable again and remove it all
@@ -393,6 +406,7 @@ pub fn extract(
         counting: true,
         total: 0,
         summary: GetSummary::default(),
+        written: 0,
         dirs_seen: 0,
         buf: Vec::new(),
         last_report: 0,

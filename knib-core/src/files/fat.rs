@@ -406,6 +406,10 @@ impl Filesystem for FatFs {
     fn max_dirs(&self) -> u64 {
         self.clusters as u64 + 1
     }
+
+    fn capacity(&self) -> u64 {
+        self.win.len()
+    }
 }
 
 struct FatFile<'a> {

@@ -90,6 +90,10 @@ pub trait Filesystem {
     /// An upper bound of the directories the filesystem can hold: a walk
     /// that meets more is going round a loop.
     fn max_dirs(&self) -> u64;
+    /// The bytes the filesystem spans on its disk: more data than this
+    /// can be read from it only when its files share their data (a
+    /// cross-linked filesystem, or hard links).
+    fn capacity(&self) -> u64;
 }
 
 /// `path` as `/a/b` for messages (names not in UTF-8 shown lossily).

@@ -180,6 +180,10 @@ impl Filesystem for NtfsFs {
     fn max_dirs(&self) -> u64 {
         self.win.len() / u64::from(self.ntfs.file_record_size().max(256))
     }
+
+    fn capacity(&self) -> u64 {
+        self.win.len()
+    }
 }
 
 /// A file's unnamed data stream, read from `pos` on; the file record is
