@@ -106,7 +106,9 @@ impl super::Qcow2Image {
     /// the L2 tables there are are read.
     pub fn holds_data(&mut self) -> Result<bool> {
         let l2_entries = self.header().l2_entries();
-        for i in 0..self.header().l1_size as usize {
+        // The L1 entries covering the virtual size: a shrunk image keeps a
+        // longer table (`l1_size`), whose tail maps nothing the guest sees.
+        for i in 0..self.guest_clusters().div_ceil(l2_entries) as usize {
             if self.l2_table_offset(i)? == 0 {
                 continue;
             }
@@ -121,5 +123,34 @@ impl super::Qcow2Image {
             }
         }
         Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    fn run(program: &str, args: &[&str]) {
+        let out = Command::new(program).args(args).output().unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// An image shrunk by QEMU keeps its longer L1 table: whether it holds
+    /// data is read from the entries covering its size (an empty volume
+    /// was refused before: "no L1 entry").
+    #[test]
+    fn a_shrunk_image_keeps_a_longer_l1_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("shrunk.qcow2");
+        let p = f.to_str().unwrap();
+        run("qemu-img", &["create", "-q", "-f", "qcow2", p, "10G"]);
+        run("qemu-img", &["resize", "-q", "-f", "qcow2", "--shrink", p, "1G"]);
+        let mut img = crate::qcow2::Qcow2Image::open(&f).unwrap();
+        assert!(img.header().l1_size as u64 > img.guest_clusters().div_ceil(img.header().l2_entries()));
+        assert!(!img.holds_data().unwrap());
+        drop(img);
+        run("qemu-io", &["-f", "qcow2", "-c", "write -P 7 1000M 64k", p]);
+        let mut img = crate::qcow2::Qcow2Image::open(&f).unwrap();
+        assert!(img.holds_data().unwrap());
     }
 }
