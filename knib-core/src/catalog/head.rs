@@ -129,7 +129,7 @@ pub(crate) fn decide_among(
     check_chain: &dyn Fn(&Manifest) -> Result<()>,
 ) -> Result<Decision> {
     let decision = |kind: BackupKind, parent: Option<Manifest>, full_reason: Option<String>| {
-        let position = parent.as_ref().map(|p: &Manifest| p.position + 1).unwrap_or(1);
+        let position = parent.as_ref().map(|p: &Manifest| p.position.saturating_add(1)).unwrap_or(1);
         let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
         if let Some(why) = &full_reason {
             log::warn!("backup of {vm}: taking a full backup: {why}");
