@@ -21,7 +21,12 @@
 //! - Directories [`ensure_dir`] creates are made one component at a time,
 //!   each inside a directory already opened without following links.
 //! - Files are checked for their type: a directory where a file is expected
-//!   (or the reverse) is `corrupt`.
+//!   (or the reverse) is `corrupt`, and so is a FIFO, a socket or a device.
+//!   A file is opened with `O_NONBLOCK`, so a FIFO planted in its place
+//!   cannot make the open wait (forever, holding a VM's lock) for a writer.
+//! - [`read`] reads at most [`MAX_STORE_JSON`] bytes: a larger file (a
+//!   sparse file of 100 GiB put in place of a manifest) is `corrupt`, not
+//!   read into memory.
 //!
 //! The check is made when a path is opened. Tools that take a path (qemu-img,
 //! the qcow2 reader) open it again afterwards, so someone who can rewrite the
@@ -58,6 +63,13 @@ pub(crate) enum Want {
     /// A regular file.
     File,
 }
+
+/// The most bytes a JSON file of a store may have (a manifest, a journal,
+/// a job file, `knib.json`: [`read`], [`read_capped`]). knib writes such
+/// files of a few KiB (a manifest with hundreds of volumes stays far below
+/// 1 MiB, the vault's cap on manifests); a larger one was not written by
+/// knib and is refused before it is read into memory.
+pub(crate) const MAX_STORE_JSON: u64 = 16 << 20;
 
 const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS).union(ResolveFlags::NO_MAGICLINKS);
 
@@ -132,12 +144,16 @@ fn plain(root: &Path, rel: &Path, what: &str) -> Result<()> {
 /// Open `root/rel` for reading (a directory: as a handle), refusing any
 /// symbolic link below `root` and a path that leaves it; it must be `want`.
 /// `what` names the file in errors ("manifest", "backup directory").
+///
+/// A file is opened with `O_NONBLOCK` (a FIFO then opens at once instead of
+/// waiting for a writer, and is refused as not a regular file); the flag is
+/// cleared again on the regular file returned.
 pub(crate) fn open(root: &Path, rel: &Path, want: Want, what: &str) -> Result<File> {
     plain(root, rel, what)?;
     let dir = open_root(root)?;
     let flags = match want {
         Want::Dir => OFlags::PATH | OFlags::DIRECTORY,
-        Want::File => OFlags::RDONLY,
+        Want::File => OFlags::RDONLY | OFlags::NONBLOCK,
     } | OFlags::CLOEXEC
         | OFlags::NOFOLLOW;
     let fd = beneath(&dir, rel, flags).map_err(|e| refusal(root, rel, what, e))?;
@@ -147,7 +163,14 @@ pub(crate) fn open(root: &Path, rel: &Path, want: Want, what: &str) -> Result<Fi
         Want::File if !ft.is_file() => {
             Err(KnibError::corrupt(format!("{what} {} is not a regular file", root.join(rel).display())))
         }
-        _ => Ok(f),
+        Want::File => {
+            let fl =
+                rustix::fs::fcntl_getfl(&f).map_err(|e| KnibError::io("cannot open", &root.join(rel), e.into()))?;
+            rustix::fs::fcntl_setfl(&f, fl.difference(OFlags::NONBLOCK))
+                .map_err(|e| KnibError::io("cannot open", &root.join(rel), e.into()))?;
+            Ok(f)
+        }
+        Want::Dir => Ok(f),
     }
 }
 
@@ -159,14 +182,37 @@ pub(crate) fn check(root: &Path, rel: &Path, want: Want, what: &str) -> Result<(
 /// The bytes of file `root/rel`, or `None` when it does not exist; a link
 /// or a path out of the store is `corrupt`.
 pub(crate) fn read(root: &Path, rel: &Path, what: &str) -> Result<Option<Vec<u8>>> {
-    let mut f = match open(root, rel, Want::File, what) {
+    let f = match open(root, rel, Want::File, what) {
         Ok(f) => f,
         Err(e) if e.kind == crate::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let mut out = Vec::new();
-    f.read_to_end(&mut out).map_err(|e| KnibError::io(&format!("cannot read {what}"), &root.join(rel), e))?;
-    Ok(Some(out))
+    read_capped(&f, &root.join(rel), what).map(Some)
+}
+
+/// The bytes of `f`, the regular file `path` (already opened and checked),
+/// refusing one of more than [`MAX_STORE_JSON`] bytes as `corrupt`: its size
+/// is checked before reading, and no more than one byte past the cap is
+/// read (a file that grows meanwhile is refused all the same).
+pub(crate) fn read_capped(f: &File, path: &Path, what: &str) -> Result<Vec<u8>> {
+    let too_large = || {
+        KnibError::corrupt(format!(
+            "{what} {} is larger than {MAX_STORE_JSON} bytes, the most a JSON file of a store may have",
+            path.display()
+        ))
+    };
+    let len = f.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.len();
+    if len > MAX_STORE_JSON {
+        return Err(too_large());
+    }
+    let mut out = Vec::with_capacity(len as usize);
+    f.take(MAX_STORE_JSON + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| KnibError::io(&format!("cannot read {what}"), path, e))?;
+    if out.len() as u64 > MAX_STORE_JSON {
+        return Err(too_large());
+    }
+    Ok(out)
 }
 
 /// Make sure `root/rel` is a real directory, creating what is missing one
@@ -246,5 +292,93 @@ mod tests {
         assert_eq!(open(&root, Path::new("vms/a"), Want::File, "x").unwrap_err().kind, ErrorKind::Corrupt);
         assert_eq!(ensure_dir(&root, Path::new("vms/a/file"), "x").unwrap_err().kind, ErrorKind::Corrupt);
         assert_eq!(read(&root, Path::new("vms/a/file"), "x").unwrap().unwrap(), b"1");
+    }
+
+    /// Run `f` in a thread; panic if it has not returned within 10 s.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the read hung (a FIFO opened without O_NONBLOCK?)")
+    }
+
+    #[test]
+    fn a_fifo_in_place_of_a_store_file_is_refused_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("store");
+        std::fs::create_dir_all(root.join("vms/vm1/20260101-000000000-0000")).unwrap();
+        for (rel, what) in [
+            ("vms/vm1/20260101-000000000-0000/manifest.json", "manifest"),
+            ("vms/vm1/journal.json", "journal"),
+            ("knib.json", "settings"),
+        ] {
+            nix::unistd::mkfifo(&root.join(rel), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+            let r2 = root.clone();
+            let e = within_10s(move || read(&r2, Path::new(rel), what)).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{rel}: {e}");
+            assert_eq!(e.message, format!("{what} {} is not a regular file", root.join(rel).display()));
+            let r2 = root.clone();
+            let e = within_10s(move || check(&r2, Path::new(rel), Want::File, what)).unwrap_err();
+            assert_eq!(e.message, format!("{what} {} is not a regular file", root.join(rel).display()));
+        }
+    }
+
+    #[test]
+    fn a_regular_file_is_returned_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let f = open(d.path(), Path::new("f"), Want::File, "file").unwrap();
+        assert!(!rustix::fs::fcntl_getfl(&f).unwrap().contains(OFlags::NONBLOCK));
+    }
+
+    #[test]
+    fn a_store_file_larger_than_the_cap_is_refused_unread() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("vms/vm1/20260101-000000000-0000")).unwrap();
+        let rel = "vms/vm1/20260101-000000000-0000/manifest.json";
+        // Sparse: 100 GiB that take no room, and would exhaust memory if read.
+        std::fs::File::create(root.join(rel)).unwrap().set_len(100 << 30).unwrap();
+        let e = read(root, Path::new(rel), "manifest").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert_eq!(
+            e.message,
+            format!(
+                "manifest {} is larger than 16777216 bytes, the most a JSON file of a store may have",
+                root.join(rel).display()
+            )
+        );
+        // One byte past the cap is refused; the cap itself is read.
+        std::fs::File::create(root.join("knib.json")).unwrap().set_len(MAX_STORE_JSON + 1).unwrap();
+        let e = read(root, Path::new("knib.json"), "settings").unwrap_err();
+        assert!(e.message.starts_with(&format!("settings {} is larger than", root.join("knib.json").display())));
+        std::fs::File::create(root.join("knib.json")).unwrap().set_len(MAX_STORE_JSON).unwrap();
+        assert_eq!(read(root, Path::new("knib.json"), "settings").unwrap().unwrap().len() as u64, MAX_STORE_JSON);
+    }
+
+    #[test]
+    fn no_more_than_one_byte_past_the_cap_is_read_when_the_size_said_less() {
+        // A pipe says it is 0 bytes long, as a file that grows after its
+        // size was checked would: the read stops one byte past the cap.
+        use std::io::Write;
+        let (r, mut w) = std::io::pipe().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b' '; 1 << 20];
+            let mut sent = 0u64;
+            while sent <= MAX_STORE_JSON + (4 << 20) {
+                if w.write_all(&chunk).is_err() {
+                    break; // the reader stopped and closed its end
+                }
+                sent += chunk.len() as u64;
+            }
+        });
+        let f = File::from(OwnedFd::from(r));
+        let p = Path::new("/store/jobs/x.json");
+        let e = within_10s(move || read_capped(&f, p, "job file")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert_eq!(
+            e.message,
+            "job file /store/jobs/x.json is larger than 16777216 bytes, the most a JSON file of a store may have"
+        );
+        writer.join().unwrap();
     }
 }

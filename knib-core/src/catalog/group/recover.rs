@@ -19,8 +19,11 @@ impl Store {
     }
 
     /// Take the lock of group `id` (a record lock on `.<id>.lock`): `None`
-    /// when another process holds it (the group is running there).
+    /// when another process holds it (the group is running there). A link
+    /// in place of the lock file is `corrupt`, never followed: it must not
+    /// make knib create or open a file outside the store.
     pub(super) fn lock_group(&self, id: &str) -> Result<Option<fs::File>> {
+        use std::os::unix::fs::OpenOptionsExt;
         fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
         super::super::confine::ensure_dir(&self.root, Path::new("groups"), "groups directory")?;
         let p = self.lock_file(id);
@@ -28,8 +31,20 @@ impl Store {
             .create(true)
             .truncate(false)
             .write(true)
+            // Not blocking: a FIFO in its place does not make the open wait.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&p)
-            .map_err(|e| KnibError::io("cannot open", &p, e))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => KnibError::corrupt(format!(
+                    "lock file {} is a symbolic link: knib follows no link inside a store",
+                    p.display()
+                )),
+                Some(libc::ENXIO) => KnibError::corrupt(format!("lock file {} is not a regular file", p.display())),
+                _ => KnibError::io("cannot open", &p, e),
+            })?;
+        if !f.metadata().map_err(|e| KnibError::io("cannot stat", &p, e))?.is_file() {
+            return Err(KnibError::corrupt(format!("lock file {} is not a regular file", p.display())));
+        }
         Ok(crate::lock::try_record_lock(&f).map_err(|e| KnibError::io("cannot lock", &p, e))?.then_some(f))
     }
 
@@ -127,5 +142,37 @@ impl Store {
         r.recovered = true;
         self.save_group(&self.record_file(&id), &r)?;
         Ok(Some(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn a_link_in_place_of_a_group_lock_is_corrupt_and_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, outside) = (d.path().join("store"), d.path().join("outside"));
+        std::fs::create_dir_all(root.join("groups")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        let target = outside.join("nologin");
+        let lock = root.join("groups/.evil.lock");
+        symlink(&target, &lock).unwrap();
+        let store = Store::open(&root).unwrap();
+        let want = format!("lock file {} is a symbolic link: knib follows no link inside a store", lock.display());
+        let e = store.lock_group("evil").unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::Corrupt, want.as_str()));
+        // Recovery finds the group by its lock file, and refuses it the same.
+        let e = store.recover_groups(None, &Control::new()).unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::Corrupt, want.as_str()));
+        // A FIFO in its place: refused at once, not waited on.
+        let fifo = root.join("groups/.fifo.lock");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = store.lock_group("fifo").unwrap_err();
+        assert_eq!(e.message, format!("lock file {} is not a regular file", fifo.display()));
+        assert!(std::fs::symlink_metadata(&target).is_err(), "the link's target outside the store was created");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(std::fs::symlink_metadata(&lock).unwrap().file_type().is_symlink());
     }
 }

@@ -14,6 +14,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::JOB_SCHEMA;
+use crate::catalog::confine::read_capped;
 use crate::catalog::settings::Settings;
 use crate::error::{KnibError, Result};
 use crate::fsio;
@@ -169,23 +170,31 @@ pub struct Job {
 impl Job {
     /// Read and check a job file.
     ///
-    /// The file is untrusted: a link is not followed, a key given twice or
-    /// unknown is refused, and its id, VM and backup must be plain names
-    /// ([`crate::names`]); anything else is [`crate::ErrorKind::Corrupt`].
+    /// The file is untrusted: a link is not followed; anything but a
+    /// regular file (a FIFO too: it is opened with `O_NONBLOCK`, so without
+    /// waiting for a writer), a file of more than 16 MiB (the cap on a
+    /// store's JSON files) and a key given twice or unknown are refused; its
+    /// id, VM and backup must be plain names ([`crate::names`]); anything
+    /// else is [`crate::ErrorKind::Corrupt`].
     pub fn load(path: &Path) -> Result<Job> {
-        use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
         let corrupt = |what: String| KnibError::corrupt(format!("job file {} {what}", path.display()));
-        let mut text = Vec::new();
-        OpenOptions::new()
+        let refused = |e: std::io::Error| match e.raw_os_error() {
+            Some(libc::ELOOP) => corrupt("is a symbolic link: knib follows no link inside a store".into()),
+            _ => KnibError::io("cannot read job", path, e),
+        };
+        // O_NONBLOCK: a FIFO opens at once (and is refused below) instead of
+        // waiting for a writer while the queue's lock is held.
+        let f = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(path)
-            .and_then(|mut f| f.read_to_end(&mut text))
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => corrupt("is a symbolic link: knib follows no link inside a store".into()),
-                _ => KnibError::io("cannot read job", path, e),
-            })?;
+            .map_err(refused)?;
+        if !f.metadata().map_err(|e| KnibError::io("cannot stat job", path, e))?.is_file() {
+            return Err(corrupt("is not a regular file".into()));
+        }
+        // O_NONBLOCK makes no difference to a regular file's reads.
+        let text = read_capped(&f, path, "job file")?;
         crate::json::check_unique_keys(&text).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
         let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| corrupt(format!("is corrupted: {e}")))?;
         match v.get("schema").and_then(|s| s.as_u64()) {
@@ -218,5 +227,50 @@ impl Job {
     pub(super) fn save(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_vec_pretty(self).expect("a job always serializes");
         fsio::write_atomic(&dir.join(format!("{}.json", self.id)), &text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn a_fifo_job_file_is_refused_without_waiting_for_a_writer() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j1.json");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p2 = p.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Job::load(&p2));
+        });
+        let e = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("Job::load hung on a FIFO").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert_eq!(e.message, format!("job file {} is not a regular file", p.display()));
+    }
+
+    #[test]
+    fn a_huge_job_file_is_refused_unread() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j1.json");
+        // Sparse: 100 GiB that take no room, and would exhaust memory if read.
+        std::fs::File::create(&p).unwrap().set_len(100 << 30).unwrap();
+        let e = Job::load(&p).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert_eq!(
+            e.message,
+            format!("job file {} is larger than 16777216 bytes, the most a JSON file of a store may have", p.display())
+        );
+    }
+
+    #[test]
+    fn a_directory_in_place_of_a_job_file_is_corrupt() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j1.json");
+        std::fs::create_dir(&p).unwrap();
+        let e = Job::load(&p).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert_eq!(e.message, format!("job file {} is not a regular file", p.display()));
     }
 }
