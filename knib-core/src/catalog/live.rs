@@ -429,7 +429,10 @@ impl Store {
             Some(t) => t.has(&name, &id)?,
         };
         let report = live::recover(&self.qemu_img, vm, &j.plan, published, ctl)?;
-        if let (Some(t), false) = (target, published) {
+        // Only the vault the journal names holds this backup's unfinished
+        // objects: a journal of a backup into the store never discards
+        // anything of `target` (a published backup there may share its id).
+        if let (Some(t), false) = (in_vault, published) {
             t.discard(&name, &j.plan.backup_id)?;
         }
         // The disks now follow the published backup: the state says so too

@@ -153,15 +153,42 @@ impl Store {
                 }
                 Err(e) => problems.push(e.message),
             }
+            // The manifests of the chain, root first, as `files` are: each
+            // file is held against its own backup's recorded hash (a parent
+            // deleted but kept for the chain is checked only this way).
+            let chain = match self.chain(m) {
+                Ok(c) if c.len() == files.len() => c,
+                Ok(_) => {
+                    problems.push(format!("backup {}: its chain changed while it was verified", m.id));
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(e.message);
+                    continue;
+                }
+            };
             let (chain_hash, file_hashes) = crate::hash::hash_chain(&files, ctl)?;
             let own = file_hashes.last().cloned().expect("a chain has a file");
             match &v.hash {
                 Some(h) if *h != own => problems.push(format!(
-                    "{}: hash {own} differs from the recorded {h}: the file changed since it was verified",
-                    file.display()
+                    "{}: hash {own} differs from the recorded {h} of backup {}: the file changed since it was verified",
+                    file.display(),
+                    m.id
                 )),
                 Some(_) => {}
                 None => new_hashes.push((v.name.clone(), own)),
+            }
+            for ((b, f), got) in chain.iter().zip(&files).zip(&file_hashes).take(files.len() - 1) {
+                let recorded = b.volume(&v.name).ok().and_then(|bv| bv.hash.as_ref());
+                if let Some(h) = recorded.filter(|h| *h != got) {
+                    problems.push(format!(
+                        "{}: hash {got} differs from the recorded {h} of backup {}, in the chain of backup {}: \
+                         the file changed since it was verified",
+                        f.display(),
+                        b.id,
+                        m.id
+                    ));
+                }
             }
             chain_hashes.insert(v.name.clone(), chain_hash);
         }

@@ -897,11 +897,31 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
         self.vault.publish_manifest(m)
     }
 
+    /// A manifest that is there but cannot be read (damaged, too large,
+    /// naming another backup) is neither published nor unfinished: an
+    /// error naming it (a recovery stops there, its journal kept, and
+    /// nothing of the backup is discarded).
     fn has(&self, vm: &str, id: &str) -> Result<bool> {
-        Ok(self.vault.manifests(vm)?.iter().any(|m| m.id == id))
+        match self.vault.load_manifest(vm, id) {
+            Ok(m) => Ok(m.is_some()),
+            Err(e) if e.kind == crate::error::ErrorKind::Corrupt => Err(KnibError::corrupt(format!(
+                "vault {}: backup {id} of {vm} has a manifest that cannot be read ({}): knib can neither count it as published nor discard it; repair or remove that manifest, then recover again",
+                self.vault.location(),
+                e.message
+            ))),
+            Err(e) => Err(e),
+        }
     }
 
+    /// Refused when the backup has a manifest (readable or not): only a
+    /// backup that was never published is discarded.
     fn discard(&self, vm: &str, id: &str) -> Result<()> {
+        if self.has(vm, id)? {
+            return Err(KnibError::invalid(format!(
+                "backup {id} of {vm} has a manifest in vault {}: it was published, and is not discarded",
+                self.vault.location()
+            )));
+        }
         self.vault.abort_recorded(vm)?;
         self.vault.remove_backup_objects(vm, id)
     }
