@@ -31,14 +31,17 @@ impl RefcountCheck {
         self.leaks == 0 && self.corruptions == 0
     }
 
-    fn problem(&mut self, leak: bool, what: String) {
+    /// Count a problem; list it (`what` makes its line) if the list has
+    /// room. Lines past the list are not even formatted: a crafted image
+    /// can have a billion wrong entries.
+    fn problem(&mut self, leak: bool, what: impl FnOnce() -> String) {
         if leak {
             self.leaks += 1;
         } else {
             self.corruptions += 1;
         }
         if self.problems.len() < MAX_LISTED {
-            self.problems.push(what);
+            self.problems.push(what());
         }
     }
 }
@@ -95,7 +98,11 @@ impl Qcow2Image {
     /// blocks, the L2 tables and the data and compressed clusters (as
     /// `qemu-img check` counts them), and the "copied" flags of L1 and L2
     /// entries. Images with internal snapshots are refused (their tables
-    /// are not followed). Memory: four bytes per host cluster of the file.
+    /// are not followed). Memory: four bytes per host cluster of the file
+    /// (and one L2 table), whatever the number of entries: the tables are
+    /// walked twice, once to count the references, then again to check
+    /// each entry's copied flag against its cluster's stored refcount,
+    /// with nothing kept per entry.
     pub fn check_refcounts(&mut self) -> Result<RefcountCheck> {
         let h = self.header().clone();
         if h.nb_snapshots != 0 {
@@ -120,7 +127,8 @@ impl Qcow2Image {
                 match refs.get_mut(c as usize) {
                     Some(r) => *r = r.saturating_add(1),
                     None => {
-                        report.problem(false, format!("{what} at {offset} ({len} bytes) is past the end of the file"));
+                        report
+                            .problem(false, || format!("{what} at {offset} ({len} bytes) is past the end of the file"));
                         return;
                     }
                 }
@@ -136,7 +144,7 @@ impl Qcow2Image {
         for i in 0..rt.len() / 8 {
             let e = be64(&rt, i);
             if e & 0x1ff != 0 {
-                report.problem(false, format!("refcount table entry {i} has reserved bits set"));
+                report.problem(false, || format!("refcount table entry {i} has reserved bits set"));
             }
             let off = e & RT_OFFSET_MASK;
             if off != 0 {
@@ -149,7 +157,6 @@ impl Qcow2Image {
         self.read_host(h.l1_table_offset, &mut l1)?;
         let mut l2 = vec![0u8; cs as usize];
         let x = 62 - (h.cluster_bits - 8);
-        let mut copied_checks: Vec<(String, u64, bool)> = Vec::new();
         for i in 0..l1.len() / 8 {
             let e = be64(&l1, i);
             let off = e & OFFSET_MASK;
@@ -157,7 +164,6 @@ impl Qcow2Image {
                 continue;
             }
             inc(&mut report, "L2 table", off, cs);
-            copied_checks.push((format!("L1 entry {i}"), off / cs, e & COPIED != 0));
             self.read_host(off, &mut l2)?;
             for j in 0..l2.len() / 8 {
                 let e = be64(&l2, j);
@@ -167,34 +173,60 @@ impl Qcow2Image {
                     let csize = (sectors * 512).saturating_sub(coff & 511);
                     inc(&mut report, "compressed cluster", coff, csize);
                     if e & COPIED != 0 {
-                        report.problem(false, format!("compressed L2 entry {j} of table {i} has the copied flag"));
+                        report.problem(false, || format!("compressed L2 entry {j} of table {i} has the copied flag"));
                     }
                     continue;
                 }
                 let host = e & OFFSET_MASK;
                 if host != 0 {
                     inc(&mut report, "data cluster", host, cs);
-                    copied_checks.push((format!("L2 entry {j} of table {i}"), host / cs, e & COPIED != 0));
                 }
             }
         }
-        // Stored refcounts against references.
-        for (c, &r) in refs.iter().enumerate() {
+        // Stored refcounts against references; `refs` then holds the
+        // stored refcounts (u32::MAX: that or more) for the copied flags.
+        for (c, r) in refs.iter_mut().enumerate() {
             let stored = self.refcount(c as u64)?;
             if stored > 0 {
                 report.allocated_clusters += 1;
             }
-            if stored != u64::from(r) {
-                report.problem(
-                    stored > u64::from(r),
-                    format!("host cluster {c}: refcount {stored}, referenced {r} times"),
-                );
+            if stored != u64::from(*r) {
+                let refs = *r;
+                report.problem(stored > u64::from(refs), || {
+                    format!("host cluster {c}: refcount {stored}, referenced {refs} times")
+                });
             }
+            *r = u32::try_from(stored).unwrap_or(u32::MAX);
         }
-        for (what, c, copied) in copied_checks {
-            let stored = self.refcount(c)?;
+        // The copied flags of L1 and uncompressed L2 entries against the
+        // stored refcounts: the tables walked again, entry by entry.
+        let stored_of = |img: &Self, c: u64| match refs.get(c as usize) {
+            Some(&stored) if stored != u32::MAX => Ok(u64::from(stored)),
+            _ => img.refcount(c),
+        };
+        for i in 0..l1.len() / 8 {
+            let e = be64(&l1, i);
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let (copied, stored) = (e & COPIED != 0, stored_of(self, off / cs)?);
             if (stored == 1) != copied {
-                report.problem(false, format!("{what}: copied flag {copied} but refcount {stored}"));
+                report.problem(false, || format!("L1 entry {i}: copied flag {copied} but refcount {stored}"));
+            }
+            self.read_host(off, &mut l2)?;
+            for j in 0..l2.len() / 8 {
+                let e = be64(&l2, j);
+                let host = e & OFFSET_MASK;
+                if e & COMPRESSED != 0 || host == 0 {
+                    continue;
+                }
+                let (copied, stored) = (e & COPIED != 0, stored_of(self, host / cs)?);
+                if (stored == 1) != copied {
+                    report.problem(false, || {
+                        format!("L2 entry {j} of table {i}: copied flag {copied} but refcount {stored}")
+                    });
+                }
             }
         }
         Ok(report)

@@ -35,9 +35,13 @@
 //!   block (header, L1, L2, refcount table and blocks, bitmap directory
 //!   and tables) shares a host cluster with another or with guest data
 //!   (QEMU's metadata overlap checks), no two L2 entries share an
-//!   uncompressed host cluster, nothing points past the end of the file,
-//!   and no stored refcount is below the references to its cluster (stale
-//!   refcounts with the dirty bit clear).
+//!   uncompressed host cluster, nothing points past the end of the file
+//!   (compressed data included: its sector count may not run past it),
+//!   no stored refcount is below the references to its cluster (stale
+//!   refcounts with the dirty bit clear), and every copied flag the merge
+//!   relies on (of L1 entries and uncompressed L2 entries) matches its
+//!   cluster's refcount being 1, while no compressed entry has one (QEMU's
+//!   `OFLAG_COPIED` errors).
 //!
 //! So every cluster the merge writes is safe to write: data in place only
 //! over a cluster one L2 entry alone references, existing L2 tables and

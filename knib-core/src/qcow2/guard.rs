@@ -14,13 +14,23 @@
 //! - an L2 entry points a data cluster, or compressed data, at a host
 //!   cluster holding metadata (the overlaps QEMU's
 //!   `qcow2_check_metadata_overlap` guards against), or past the end of
-//!   the file, or has reserved bits set;
+//!   the file (compressed data: its last sector ends past the end of the
+//!   file, rounded up to a sector, as [`super::Qcow2Image`] refuses to read
+//!   it), or has reserved bits set, or is compressed with the copied flag;
 //! - two L2 entries point at the same uncompressed host cluster, or
 //!   compressed data shares a host cluster with an uncompressed one;
 //! - a host cluster's stored refcount is below the number of references
 //!   made to it (stale refcounts with the dirty bit clear: a cluster in
 //!   use that an allocation could take), or a referenced cluster has no
-//!   refcount block.
+//!   refcount block;
+//! - the copied flag (bit 63) of an L1 entry (any of the table) or of an
+//!   uncompressed L2 entry (data, or a zero cluster keeping its host
+//!   cluster) does not match its cluster's stored refcount being 1 (what
+//!   `qemu-img check` reports as `OFLAG_COPIED` errors). The merge relies
+//!   on these flags as it writes: it rewrites an L2 table only when its L1
+//!   entry has the flag (and fails there, part-way, otherwise), writes
+//!   data in place over a cluster whose entry has it, and drops a
+//!   reference to a cluster whose entry lacks it.
 //!
 //! What it returns ([`Scan`]) lets the merge check each cluster it writes:
 //! [`Scan::metadata`] names the metadata a host cluster holds, and
@@ -30,7 +40,7 @@
 //! snapshots are not scanned (the merge does not write into them).
 //!
 //! Memory: the references are counted in windows of at most
-//! [`SCAN_WINDOW_CLUSTERS`] host clusters (two bytes and one bit per
+//! [`SCAN_WINDOW_CLUSTERS`] host clusters (two bytes and three bits per
 //! cluster of the window), one window after the other, each pass reading
 //! the L2 tables and refcount blocks again, one at a time; and one map entry
 //! per metadata cluster. So the scan's memory does not grow with the size
@@ -43,7 +53,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::header::Header;
-use super::image::{L1_RESERVED, L2_COMPRESSED, L2_RESERVED, OFFSET_MASK, RT_OFFSET_MASK};
+use super::image::{COPIED, L1_RESERVED, L2_COMPRESSED, L2_RESERVED, OFFSET_MASK, RT_OFFSET_MASK};
 use crate::error::{KnibError, Result};
 
 /// The most host clusters a scan counts references of (2 TiB with 64 KiB
@@ -80,6 +90,12 @@ struct Refs<'a> {
     refs: Vec<u16>,
     /// Whether each host cluster of the window holds compressed data.
     compressed: Vec<u64>,
+    /// Whether each host cluster of the window is an L2 table or the data
+    /// of an uncompressed L2 entry: one entry refers to it, whose copied
+    /// flag must match its stored refcount being 1.
+    flagged: Vec<u64>,
+    /// ... and whether that entry has the copied flag.
+    copied: Vec<u64>,
     meta: HashMap<u64, String>,
     /// One past the last host cluster referenced.
     max_ref: u64,
@@ -113,8 +129,10 @@ impl Refs<'_> {
         self.lo = lo;
         self.refs.clear();
         self.refs.resize((hi - lo) as usize, 0);
-        self.compressed.clear();
-        self.compressed.resize((hi - lo).div_ceil(64) as usize, 0);
+        for bits in [&mut self.compressed, &mut self.flagged, &mut self.copied] {
+            bits.clear();
+            bits.resize((hi - lo).div_ceil(64) as usize, 0);
+        }
         let meta: Vec<u64> = self.meta.keys().copied().filter(|&c| c >= lo && c < hi).collect();
         for c in meta {
             self.count(c);
@@ -149,8 +167,8 @@ impl Refs<'_> {
     }
 
     /// Uncompressed guest data at host cluster `c`, referenced by the L2
-    /// entry of guest cluster `guest`.
-    fn data(&mut self, guest: u64, c: u64) -> Result<()> {
+    /// entry of guest cluster `guest` (with the copied flag or not).
+    fn data(&mut self, guest: u64, c: u64, copied: bool) -> Result<()> {
         let what = format_args!("the L2 entry of guest cluster {guest}");
         if let Some(m) = self.meta.get(&c) {
             return Err(
@@ -162,7 +180,26 @@ impl Refs<'_> {
             return Err(self.corrupt(format!("{what} points at host cluster {c}, which also holds {shared}")));
         }
         self.count(c);
+        self.flag(c, copied);
         Ok(())
+    }
+
+    /// Host cluster `c` is referred to by one entry (L1, or uncompressed
+    /// L2) whose copied flag is `copied`: checked against its refcount.
+    fn flag(&mut self, c: u64, copied: bool) {
+        if let Some(i) = self.at(c) {
+            self.flagged[i / 64] |= 1 << (i % 64);
+            if copied {
+                self.copied[i / 64] |= 1 << (i % 64);
+            }
+        }
+    }
+
+    /// For host cluster `c` of the window referred to by one entry with a
+    /// copied flag: whether that entry has it.
+    fn copied_flag(&self, c: u64) -> Option<bool> {
+        let i = self.at(c)?;
+        (self.flagged[i / 64] & (1 << (i % 64)) != 0).then(|| self.copied[i / 64] & (1 << (i % 64)) != 0)
     }
 
     /// Compressed data touching host cluster `c`, referenced by the L2
@@ -248,6 +285,8 @@ fn scan_windowed(
         lo: 0,
         refs: vec![0; nclusters.min(window.max(1)) as usize],
         compressed: vec![0; nclusters.min(window.max(1)).div_ceil(64) as usize],
+        flagged: vec![0; nclusters.min(window.max(1)).div_ceil(64) as usize],
+        copied: vec![0; nclusters.min(window.max(1)).div_ceil(64) as usize],
         meta: HashMap::new(),
         max_ref: 0,
     };
@@ -325,7 +364,7 @@ fn scan_windowed(
         }
         count_l2_refs(&mut r, file, h, &l1)?;
         let last = hi >= nclusters;
-        last_counted = last_counted.max(check_refcounts(&mut r, file, &rt, hi, last)?);
+        last_counted = last_counted.max(check_refcounts(&mut r, file, &rt, &l1, hi, last)?);
         if last {
             break;
         }
@@ -356,6 +395,8 @@ fn count_l2_refs(r: &mut Refs<'_>, file: &File, h: &Header, l1: &[u64]) -> Resul
         if off == 0 {
             continue;
         }
+        // The L2 table's own copied flag (its cluster is counted as metadata).
+        r.flag(off / cs, e & COPIED != 0);
         file.read_exact_at(&mut table, off).map_err(|e| KnibError::io("cannot read an L2 table of", r.path, e))?;
         for j in 0..l2n as usize {
             let e = be64(&table, j);
@@ -368,11 +409,27 @@ fn count_l2_refs(r: &mut Refs<'_>, file: &File, h: &Header, l1: &[u64]) -> Resul
                 if coff < cs || coff >= file_len {
                     return Err(r.corrupt(format!("{}: compressed data at {coff} is outside the file", what())));
                 }
-                for c in coff / cs..=((end - 1) / cs).min(r.nclusters - 1) {
+                // Its last sector may overhang the end of the file (QEMU
+                // writes only the compressed bytes), by less than a sector,
+                // as the reader allows ([`super::Qcow2Image`]); a sector
+                // count reaching further makes the merge drop references
+                // to clusters past the end when it replaces the data.
+                if end > file_len.div_ceil(512) * 512 {
+                    return Err(r.corrupt(format!(
+                        "{}: compressed data at {coff} ({} bytes) runs past the end of the file ({file_len} bytes)",
+                        what(),
+                        end - coff
+                    )));
+                }
+                if e & COPIED != 0 {
+                    return Err(r.corrupt(format!(
+                        "{} ({e:#018x}) is compressed and has the copied flag, which compressed clusters never have",
+                        what()
+                    )));
+                }
+                for c in coff / cs..=(end - 1) / cs {
                     r.compressed(guest, c)?;
                 }
-                // Its last sector may overhang the end of the file.
-                r.max_ref = r.max_ref.max((end - 1) / cs + 1);
                 continue;
             }
             if e & L2_RESERVED != 0 {
@@ -390,7 +447,7 @@ fn count_l2_refs(r: &mut Refs<'_>, file: &File, h: &Header, l1: &[u64]) -> Resul
             if !host.is_multiple_of(cs) {
                 return Err(r.corrupt(format!("{} points at {host}, not cluster aligned", what())));
             }
-            r.data(guest, host / cs)?;
+            r.data(guest, host / cs, e & COPIED != 0)?;
         }
     }
     Ok(())
@@ -398,9 +455,11 @@ fn count_l2_refs(r: &mut Refs<'_>, file: &File, h: &Header, l1: &[u64]) -> Resul
 
 /// Check the stored refcounts of the window of `r` (which ends at host
 /// cluster `hi`; with `last`, also those past the end of the file) against
-/// the references counted; the host cluster past the last one with a
-/// stored refcount, among those looked at.
-fn check_refcounts(r: &mut Refs<'_>, file: &File, rt: &[u64], hi: u64, last: bool) -> Result<u64> {
+/// the references counted, and the copied flags of the entries referring
+/// to its L2 tables and data clusters (`l1`: the L1 table) against them;
+/// the host cluster past the last one with a stored refcount, among those
+/// looked at.
+fn check_refcounts(r: &mut Refs<'_>, file: &File, rt: &[u64], l1: &[u64], hi: u64, last: bool) -> Result<u64> {
     let (cs, nclusters, lo) = (r.cs, r.nclusters, r.lo);
     let per_block = cs / 2;
     let mut last_counted = 0u64;
@@ -436,9 +495,42 @@ fn check_refcounts(r: &mut Refs<'_>, file: &File, rt: &[u64], hi: u64, last: boo
                      refcounts: qemu-img check -r all repairs them)"
                 )));
             }
+            if let Some(copied) = r.copied_flag(c).filter(|&copied| copied != (stored == 1)) {
+                let who = referrer(r, file, l1, c)?;
+                let has = if copied { "has" } else { "lacks" };
+                return Err(r.corrupt(format!(
+                    "{who} {has} the copied flag, but host cluster {c} it points at has refcount {stored} \
+                     (OFLAG_COPIED: qemu-img check -r all repairs it)"
+                )));
+            }
         }
     }
     Ok(last_counted)
+}
+
+/// The entry referring to host cluster `c` (an L2 table or the data of an
+/// uncompressed L2 entry), named with its value: for an error message.
+fn referrer(r: &Refs<'_>, file: &File, l1: &[u64], c: u64) -> Result<String> {
+    let cs = r.cs;
+    if let Some((i, e)) = l1.iter().enumerate().find(|&(_, &e)| e & OFFSET_MASK != 0 && (e & OFFSET_MASK) / cs == c) {
+        return Ok(format!("L1 entry {i} ({e:#018x})"));
+    }
+    let l2n = cs / 8;
+    let mut table = vec![0u8; cs as usize];
+    for (i, &e) in l1.iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            continue;
+        }
+        file.read_exact_at(&mut table, off).map_err(|e| KnibError::io("cannot read an L2 table of", r.path, e))?;
+        for j in 0..l2n as usize {
+            let e = be64(&table, j);
+            if e & L2_COMPRESSED == 0 && e & OFFSET_MASK != 0 && (e & OFFSET_MASK) / cs == c {
+                return Ok(format!("the L2 entry of guest cluster {} ({e:#018x})", i as u64 * l2n + j as u64));
+            }
+        }
+    }
+    Ok(format!("the entry referring to host cluster {c}"))
 }
 
 impl Refs<'_> {
