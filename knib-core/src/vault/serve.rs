@@ -17,7 +17,7 @@
 //! pass through the directory to its sockets but not list it, nor add,
 //! replace or remove anything in it: the state file steers what knib (as
 //! root) later removes, changes the owner of and serves, so it is trusted
-//! only in a directory nobody else can write ([`served`] checks the
+//! only in a directory nobody else can write (knib checks the
 //! directory and that every path in the state is the one knib would have
 //! made).
 //!
