@@ -152,3 +152,28 @@ pub fn paused_at_first_progress() -> (Control, std::sync::mpsc::Receiver<()>, st
     }));
     (ctl, reached_rx, go_tx)
 }
+
+/// The offset in `file` of its first data cluster (from `qemu-img map`).
+pub fn first_data_offset(file: &Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-f", "qcow2"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    map.iter()
+        .find(|e| e["data"] == true && e["offset"].is_u64() && e["depth"] == 0)
+        .and_then(|e| e["offset"].as_u64())
+        .expect("a data cluster")
+}
+
+/// Flip one byte of `file` at `offset`.
+pub fn flip_byte(file: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0xff;
+    f.write_all_at(&b, offset).unwrap();
+}
