@@ -115,7 +115,10 @@ fn quick_restored(name: &str) -> Restored {
     let m = std::fs::symlink_metadata(&serve_dir).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o7777), (rustix_euid(), 0o711), "{}", serve_dir.display());
     let sock = std::fs::symlink_metadata(serve_dir.join("vda.sock")).unwrap();
-    assert_eq!((sock.uid(), sock.gid()), knib_core::vault::serve::qemu_ids());
+    assert_eq!((sock.uid(), sock.gid(), sock.mode() & 0o7777), {
+        let (u, g) = knib_core::vault::serve::qemu_ids();
+        (u, g, 0o600)
+    });
     // The guest reads the backup's data through the exports.
     assert!(target.read_check("vda", 0x71, 2 * MIB, 2 * MIB));
     assert!(target.read_check("vda", 0x73, MIB, MIB));

@@ -28,8 +28,13 @@
 //!
 //! # Invariants
 //!
-//! - UNIX sockets only, never TCP: the socket's directory decides who may
-//!   connect (knib makes it mode 0700, owned by QEMU's user).
+//! - UNIX sockets only, never TCP, of mode 0600: the socket's owner alone
+//!   may connect (the vault's quick restore gives it to QEMU's user).
+//! - At most [`MAX_CONNECTIONS`] connections at a time (each has a thread
+//!   and up to a request's buffer, [`MAX_REQUEST`]): a client that opens
+//!   more gets its connection closed, so it cannot take the host's memory
+//!   or the process's file descriptors; a failing `accept` is retried
+//!   after a pause, not in a loop, and both are logged at most every 10 s.
 //! - Read-only: nothing a client sends changes the export.
 //! - Each connection has its own thread; reads of the shared export are
 //!   serialised by a mutex (a chain's reader is not shared).
@@ -39,7 +44,7 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -51,6 +56,10 @@ use crate::qcow2::Chain;
 /// The longest read (and the longest write payload skipped) a request may
 /// ask for: 32 MiB, what the protocol lets a client assume.
 pub const MAX_REQUEST: u32 = 32 << 20;
+
+/// The most connections a server keeps open at once (QEMU opens one per
+/// disk it reads; a block job or `qemu-img` one more).
+pub const MAX_CONNECTIONS: usize = 16;
 /// The longest option payload accepted.
 const MAX_OPTION: u32 = 4096;
 
@@ -139,6 +148,9 @@ impl NbdServer {
             )));
         }
         let listener = UnixListener::bind(path).map_err(|e| KnibError::io("cannot listen on", path, e))?;
+        // Whatever the umask: the owner alone connects.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| KnibError::io("cannot change the mode of", path, e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let export: Arc<Mutex<Box<dyn Export>>> = Arc::new(Mutex::new(export));
         let s = Arc::clone(&stop);
@@ -148,25 +160,47 @@ impl NbdServer {
         let accept = std::thread::Builder::new()
             .name("knib-nbd".into())
             .spawn(move || {
+                let open = Arc::new(AtomicUsize::new(0));
+                let mut quiet_until = std::time::Instant::now();
+                // At most one line every 10 s for what a client can repeat.
+                let mut say = |what: String| {
+                    if std::time::Instant::now() >= quiet_until {
+                        log::warn!("NBD server on {shown}: {what}");
+                        quiet_until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                    }
+                };
                 for conn in listener.incoming() {
                     if s.load(Ordering::SeqCst) {
                         break;
                     }
                     match conn {
+                        Ok(c) if open.load(Ordering::SeqCst) >= MAX_CONNECTIONS => {
+                            drop(c);
+                            say(format!("{MAX_CONNECTIONS} connections are open; another one was closed"));
+                        }
                         Ok(c) => {
                             let e = Arc::clone(&export);
                             let n = for_log.clone();
+                            open.fetch_add(1, Ordering::SeqCst);
+                            let done = Arc::clone(&open);
                             let r = std::thread::Builder::new().name("knib-nbd-conn".into()).spawn(move || {
                                 match serve_connection(c, &e) {
                                     Ok(()) => log::debug!("NBD export {n}: a client disconnected"),
                                     Err(err) => log::info!("NBD export {n}: connection ended: {err}"),
                                 }
+                                done.fetch_sub(1, Ordering::SeqCst);
                             });
                             if let Err(err) = r {
-                                log::warn!("NBD server on {shown}: cannot start a connection thread: {err}");
+                                open.fetch_sub(1, Ordering::SeqCst);
+                                say(format!("cannot start a connection thread: {err}"));
                             }
                         }
-                        Err(err) => log::warn!("NBD server on {shown}: accept failed: {err}"),
+                        Err(err) => {
+                            say(format!("accept failed: {err}"));
+                            // Out of descriptors, say: the connection stays
+                            // queued, and accept would fail again at once.
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
                     }
                 }
             })
@@ -447,6 +481,43 @@ mod tests {
         drop(c2);
         drop(server);
         assert!(!sock.exists());
+    }
+
+    /// The socket is its owner's alone; a client cannot open more than
+    /// MAX_CONNECTIONS connections, and a slot is free again once one ends.
+    #[test]
+    fn the_socket_is_its_owners_and_connections_are_capped() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let _server = NbdServer::start(&sock, "pattern", Box::new(Pattern(1 << 20))).unwrap();
+        assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o7777, 0o600);
+        let greeted = |s: &mut UnixStream| {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+            let mut magic = [0u8; 8];
+            match s.read(&mut magic) {
+                Ok(8) => magic == *b"NBDMAGIC",
+                _ => false,
+            }
+        };
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            assert!(greeted(&mut s));
+            held.push(s);
+        }
+        let mut extra = UnixStream::connect(&sock).unwrap();
+        assert!(!greeted(&mut extra), "connection {} was served", MAX_CONNECTIONS + 1);
+        drop(held);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut c = loop {
+            match Nbd::connect_unix(&sock, "", &[]) {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() > until => panic!("no slot freed: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        };
+        assert_eq!(c.size().unwrap(), 1 << 20);
     }
 
     #[test]
