@@ -143,6 +143,12 @@ for p in "${programs[@]}"; do
         "$WORK/plain/$p"
 done
 run_test "backup_restore (static libknib.a)" "$WORK/plain/backup_restore-static"
+# A panic caught at the boundary goes to knib's log, never to the host
+# program's stderr (Rust's default hook would print it there).
+# shellcheck disable=SC2016 # $1 and $2 are the inner shell's
+run_test "hostile (no panic message on stderr)" bash -c \
+    '"$1" 2> "$2"; s=$?; if grep -q "panicked" "$2"; then cat "$2"; exit 97; fi; exit $s' \
+    _ "$WORK/plain/hostile" "$WORK/hostile.stderr"
 
 echo "ctests: $passed passed, $failed failed"
 [ "$failed" = 0 ]

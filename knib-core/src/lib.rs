@@ -40,6 +40,7 @@ pub mod names;
 #[cfg(feature = "libvirt")]
 pub mod nbd;
 pub mod nbd_server;
+pub mod panic_log;
 pub mod process;
 pub mod progress;
 pub mod qcow2;

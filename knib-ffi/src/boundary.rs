@@ -47,16 +47,19 @@ impl From<KnibError> for Fail {
 /// Run `f`, turning a panic into [`knib_result::Panic`]. Every entry point
 /// runs inside this (directly or through `context::with_context`).
 pub(crate) fn guard(f: impl FnOnce() -> knib_result) -> knib_result {
+    knib_core::panic_log::log_panics();
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(knib_result::Panic)
 }
 
 /// Run `f` for an entry point that returns nothing; a panic is swallowed.
 pub(crate) fn guard_void(f: impl FnOnce()) {
+    knib_core::panic_log::log_panics();
     let _ = catch_unwind(AssertUnwindSafe(f));
 }
 
 /// Run `f`, turning a panic into a [`Fail`].
 pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, Fail>) -> Result<T, Fail> {
+    knib_core::panic_log::log_panics();
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| Err(Fail::panic(&*p)))
 }
 

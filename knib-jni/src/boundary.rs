@@ -78,6 +78,7 @@ pub(crate) fn guard<'local, T>(
     default: T,
     f: impl FnOnce(&mut JNIEnv<'local>) -> Result<T, Failure>,
 ) -> T {
+    knib_core::panic_log::log_panics();
     let outcome = catch_unwind(AssertUnwindSafe(|| f(env)));
     let failure = match outcome {
         Ok(Ok(v)) => return v,
