@@ -1863,10 +1863,14 @@ knib_result knib_context_error_vm_consistent(const struct knib_context *context,
 /**
  * Send knib's log records up to `max_level` (a `knib_log_level`; 0 = none)
  * to `callback` with `userdata` (which may be NULL), for the whole process;
- * a NULL `callback` stops logging. May be called again to change either.
- * Fails with `KNIB_RESULT_INVALID_INPUT` for a `max_level` above 5, and with
- * `KNIB_RESULT_BUSY` when another Rust logger already serves this process
- * (a program that links knib with other Rust code using the `log` crate).
+ * a NULL `callback` stops logging. May be called again to change either:
+ * it waits for calls of the previous callback running on other threads,
+ * so once it returns the previous callback is never called again and its
+ * userdata may be freed. Fails with `KNIB_RESULT_INVALID_INPUT` for a
+ * `max_level` above 5, and with `KNIB_RESULT_BUSY` when another Rust
+ * logger already serves this process (a program that links knib with
+ * other Rust code using the `log` crate) or when called from inside the
+ * log callback (records knib logs from inside the callback are dropped).
  */
 knib_result knib_set_log_callback(knib_log_callback callback, void *userdata, uint32_t max_level);
 

@@ -39,6 +39,12 @@ struct Target {
 }
 
 static TARGET: RwLock<Option<Target>> = RwLock::new(None);
+
+thread_local! {
+    /// Whether this thread is inside the C callback: a record it logs
+    /// meanwhile is dropped, and it may not change the callback.
+    static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 /// Whether knib's forwarder is the process's logger (decided at the first call).
 static INSTALLED: OnceLock<bool> = OnceLock::new();
 
@@ -50,11 +56,17 @@ impl log::Log for Forwarder {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        let target = match TARGET.read() {
-            Ok(t) => *t,
-            Err(_) => None,
+        if IN_CALLBACK.with(|c| c.get()) {
+            return;
+        }
+        // Held during the call: once `knib_set_log_callback` has replaced
+        // the callback, the old one is running nowhere and is never called
+        // again (its userdata may be freed).
+        let guard = match TARGET.read() {
+            Ok(t) => t,
+            Err(_) => return,
         };
-        let Some(t) = target else { return };
+        let Some(t) = *guard else { return };
         let level = match record.level() {
             log::Level::Error => knib_log_level::Error,
             log::Level::Warn => knib_log_level::Warn,
@@ -63,9 +75,12 @@ impl log::Log for Forwarder {
             log::Level::Trace => knib_log_level::Trace,
         };
         let text = c_string(&format!("{}: {}", record.target(), record.args()));
+        IN_CALLBACK.with(|c| c.set(true));
         // SAFETY: the caller registered this callback and userdata for log
         // records; `text` lives until it returns.
         unsafe { (t.callback)(t.userdata.0, level, text.as_ptr()) }
+        IN_CALLBACK.with(|c| c.set(false));
+        drop(guard);
     }
 
     fn flush(&self) {}
@@ -75,10 +90,14 @@ static FORWARDER: Forwarder = Forwarder;
 
 /// Send knib's log records up to `max_level` (a `knib_log_level`; 0 = none)
 /// to `callback` with `userdata` (which may be NULL), for the whole process;
-/// a NULL `callback` stops logging. May be called again to change either.
-/// Fails with `KNIB_RESULT_INVALID_INPUT` for a `max_level` above 5, and with
-/// `KNIB_RESULT_BUSY` when another Rust logger already serves this process
-/// (a program that links knib with other Rust code using the `log` crate).
+/// a NULL `callback` stops logging. May be called again to change either:
+/// it waits for calls of the previous callback running on other threads,
+/// so once it returns the previous callback is never called again and its
+/// userdata may be freed. Fails with `KNIB_RESULT_INVALID_INPUT` for a
+/// `max_level` above 5, and with `KNIB_RESULT_BUSY` when another Rust
+/// logger already serves this process (a program that links knib with
+/// other Rust code using the `log` crate) or when called from inside the
+/// log callback (records knib logs from inside the callback are dropped).
 #[no_mangle]
 pub extern "C" fn knib_set_log_callback(
     callback: knib_log_callback,
@@ -95,6 +114,9 @@ pub extern "C" fn knib_set_log_callback(
             5 => log::LevelFilter::Trace,
             _ => return knib_result::InvalidInput,
         };
+        if IN_CALLBACK.with(|c| c.get()) {
+            return knib_result::Busy;
+        }
         if !*INSTALLED.get_or_init(|| log::set_logger(&FORWARDER).is_ok()) {
             return knib_result::Busy;
         }

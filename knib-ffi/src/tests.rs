@@ -85,3 +85,34 @@ fn nulls_bad_handles_and_panics_come_back_as_codes() {
         knib_context_free(ptr::null_mut());
     }
 }
+
+/// Replacing the log callback waits for calls of the old one running on
+/// other threads (after it returns, the old userdata may be freed), and
+/// the callback cannot replace itself (it would wait for itself).
+#[test]
+fn replacing_the_log_callback_waits_for_its_running_calls() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    static EVENTS: Mutex<Vec<&str>> = Mutex::new(Vec::new());
+    static STARTED: AtomicBool = AtomicBool::new(false);
+    unsafe extern "C" fn slow(_: *mut std::ffi::c_void, _: crate::logging::knib_log_level, text: *const c_char) {
+        // SAFETY: knib passes a NUL-terminated string valid during the call.
+        if !unsafe { CStr::from_ptr(text) }.to_string_lossy().contains("slow record") {
+            return;
+        }
+        let inside = crate::logging::knib_set_log_callback(None, ptr::null_mut(), 0);
+        EVENTS.lock().unwrap().push(if inside == knib_result::Busy { "busy" } else { "changed from inside" });
+        STARTED.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        EVENTS.lock().unwrap().push("callback ended");
+    }
+    assert_eq!(crate::logging::knib_set_log_callback(Some(slow), ptr::null_mut(), 2), knib_result::Ok);
+    let t = std::thread::spawn(|| log::warn!("slow record"));
+    while !STARTED.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(crate::logging::knib_set_log_callback(None, ptr::null_mut(), 0), knib_result::Ok);
+    EVENTS.lock().unwrap().push("replaced");
+    t.join().unwrap();
+    assert_eq!(*EVENTS.lock().unwrap(), ["busy", "callback ended", "replaced"]);
+}
