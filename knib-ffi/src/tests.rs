@@ -101,10 +101,10 @@ fn replacing_the_log_callback_waits_for_its_running_calls() {
             return;
         }
         let inside = crate::logging::knib_set_log_callback(None, ptr::null_mut(), 0);
-        EVENTS.lock().unwrap().push(if inside == knib_result::Busy { "busy" } else { "changed from inside" });
+        EVENTS.lock().expect("events").push(if inside == knib_result::Busy { "busy" } else { "changed from inside" });
         STARTED.store(true, Ordering::SeqCst);
         std::thread::sleep(std::time::Duration::from_millis(300));
-        EVENTS.lock().unwrap().push("callback ended");
+        EVENTS.lock().expect("events").push("callback ended");
     }
     assert_eq!(crate::logging::knib_set_log_callback(Some(slow), ptr::null_mut(), 2), knib_result::Ok);
     let t = std::thread::spawn(|| log::warn!("slow record"));
@@ -112,7 +112,7 @@ fn replacing_the_log_callback_waits_for_its_running_calls() {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     assert_eq!(crate::logging::knib_set_log_callback(None, ptr::null_mut(), 0), knib_result::Ok);
-    EVENTS.lock().unwrap().push("replaced");
-    t.join().unwrap();
-    assert_eq!(*EVENTS.lock().unwrap(), ["busy", "callback ended", "replaced"]);
+    EVENTS.lock().expect("events").push("replaced");
+    t.join().expect("the logging thread");
+    assert_eq!(*EVENTS.lock().expect("events"), ["busy", "callback ended", "replaced"]);
 }
