@@ -184,7 +184,7 @@ impl Qcow2Image {
     }
 
     fn from_storage(name: String, storage: Storage, file_len: u64) -> Result<Self> {
-        let io = |e: std::io::Error| KnibError::new(crate::ErrorKind::Io, format!("read qcow2 image {name}: {e}"));
+        let io = |e: std::io::Error| read_error(&name, e);
         let mut start = [0u8; 24];
         let got = storage.read_zero_fill(0, &mut start).map_err(io)?;
         let mut prefix = vec![0u8; header_prefix_len(&start[..got], file_len)];
@@ -272,7 +272,7 @@ impl Qcow2Image {
     }
 
     fn io_err(&self, e: std::io::Error) -> KnibError {
-        KnibError::new(crate::ErrorKind::Io, format!("read qcow2 image {}: {e}", self.name))
+        read_error(&self.name, e)
     }
 
     /// Where guest cluster `index` (guest offset `index * cluster_size`)
@@ -602,5 +602,14 @@ impl Qcow2Image {
             Some((_, data)) => Ok(data),
             None => Err(KnibError::internal("decompressed cluster cache is empty")),
         }
+    }
+}
+
+/// The error of a failed read of image `name`: an I/O error, unless the
+/// source said more (a vault object that changed is `corrupt`).
+fn read_error(name: &str, e: std::io::Error) -> KnibError {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<KnibError>()) {
+        Some(k) => KnibError::new(k.kind, format!("read qcow2 image {name}: {}", k.message)),
+        None => KnibError::new(crate::ErrorKind::Io, format!("read qcow2 image {name}: {e}")),
     }
 }

@@ -706,6 +706,7 @@ impl Vault {
                     Arc::clone(&self.inner),
                     self.key(rel),
                     size,
+                    None,
                     super::object::BlockCache::new(0),
                     true,
                 );

@@ -35,6 +35,15 @@
 //! [`RemoteObject::finish_hash`] fetches what is left. A restore of a
 //! knib-written file, which is laid out in guest order, fetches it about
 //! once.
+//!
+//! # One version of the object
+//!
+//! An object opened with its ETag (from the HEAD that checked its length)
+//! is read only in that version: every ranged GET says `If-Match` with it,
+//! and an object replaced meanwhile is a `corrupt` error. So the bytes the
+//! reader uses (the L1 table read when the image is opened, blocks fetched
+//! again after the cache dropped them) and the bytes the hash covers come
+//! from the same version, and a hash that matches vouches for all of them.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -117,6 +126,8 @@ pub struct RemoteObject {
     vault: Arc<Inner>,
     key: Key,
     len: u64,
+    /// The ETag of the version read (every GET is conditional on it).
+    etag: Option<String>,
     cache: Arc<BlockCache>,
     /// Its number in the cache.
     id: u64,
@@ -144,12 +155,20 @@ impl RemoteObject {
     /// The object at `key`, `len` bytes long, its blocks kept in `cache`
     /// (which other objects may share); with `hash`, its hash is taken as
     /// it is read.
-    pub(super) fn new(vault: Arc<Inner>, key: Key, len: u64, cache: Arc<BlockCache>, hash: bool) -> RemoteObject {
+    pub(super) fn new(
+        vault: Arc<Inner>,
+        key: Key,
+        len: u64,
+        etag: Option<String>,
+        cache: Arc<BlockCache>,
+        hash: bool,
+    ) -> RemoteObject {
         let id = cache.register();
         RemoteObject {
             vault,
             key,
             len,
+            etag,
             cache,
             id,
             state: Mutex::new(State { next: u64::MAX, ahead: 1, hash: hash.then(|| (0, Xxh3::new())), beyond: None }),
@@ -161,13 +180,26 @@ impl RemoteObject {
         self.vault.show(&self.key)
     }
 
-    /// GET bytes `start..end` (inside the object), counted.
+    /// GET bytes `start..end` (inside the object), counted; of the
+    /// version opened, when its ETag is known.
     fn fetch(&self, start: u64, end: u64) -> Result<Bytes> {
         let s3 = Arc::clone(&self.vault.s3);
         let key = self.key.clone();
-        let r = self.vault.rt.block_on(async move { s3.get_range(&key, start..end).await });
+        let opts = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(start..end)),
+            if_match: self.etag.clone(),
+            ..Default::default()
+        };
+        let r = self.vault.rt.block_on(async move { s3.get_opts(&key, opts).await?.bytes().await });
         self.vault.gets.fetch_add(1, Ordering::Relaxed);
-        let b = r.map_err(|e| self.vault.error(&format!("cannot read {}", self.name()), &e))?;
+        let b = r.map_err(|e| match e {
+            object_store::Error::Precondition { .. } => KnibError::corrupt(format!(
+                "{} changed while it was read (it is no longer the version {} that was opened): the vault is being written by someone else",
+                self.name(),
+                self.etag.as_deref().unwrap_or("?")
+            )),
+            e => self.vault.error(&format!("cannot read {}", self.name()), &e),
+        })?;
         self.vault.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
         if b.len() as u64 != end - start {
             return Err(KnibError::corrupt(format!(
@@ -300,7 +332,8 @@ impl RemoteObject {
 
 impl ReadAt for RemoteObject {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.read(offset, buf).map_err(|e| std::io::Error::other(e.message))
+        // The error itself, so that the reader keeps its kind.
+        self.read(offset, buf).map_err(std::io::Error::other)
     }
 
     fn len(&self) -> u64 {

@@ -61,8 +61,8 @@ struct Opened {
 
 impl Vault {
     /// The HEAD of the object of `rel`: its length, checked against the
-    /// manifest's size.
-    fn object_len(&self, rel: &str, want: u64) -> Result<u64> {
+    /// manifest's size, and its ETag (the version every later read asks for).
+    fn object_len(&self, rel: &str, want: u64) -> Result<(u64, Option<String>)> {
         let key = self.key(rel);
         let s3 = Arc::clone(&self.inner.s3);
         let k = key.clone();
@@ -80,7 +80,7 @@ impl Vault {
                 self.inner.show(&key)
             )));
         }
-        Ok(len)
+        Ok((len, meta.e_tag))
     }
 
     /// Open volume `volume` of `m`'s chain as a qcow2 [`Chain`] over ranged
@@ -106,9 +106,15 @@ impl Vault {
                 )));
             }
             let rel = Self::volume_rel(b, &v.file);
-            let len = self.object_len(&rel, v.size)?;
-            let object =
-                Arc::new(RemoteObject::new(Arc::clone(&self.inner), self.key(&rel), len, Arc::clone(&cache), hash));
+            let (len, etag) = self.object_len(&rel, v.size)?;
+            let object = Arc::new(RemoteObject::new(
+                Arc::clone(&self.inner),
+                self.key(&rel),
+                len,
+                etag,
+                Arc::clone(&cache),
+                hash,
+            ));
             let name = object.name();
             let img = Qcow2Image::from_source(name.clone(), object.clone()).map_err(|e| {
                 if e.kind == ErrorKind::InvalidInput {
