@@ -197,6 +197,41 @@ fn an_object_replaced_while_it_is_read_is_not_read_on() {
     assert!(e.message.contains("root.qcow2 changed while it was read"), "{e}");
 }
 
+/// A backup copied under another VM's name (sorted first, with its
+/// manifest's `vm` changed to match) is not restored in place of the
+/// original: the id is found twice, a Corrupt error names both VMs, and
+/// nothing is written.
+#[test]
+fn a_backup_id_under_two_vms_is_refused() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("two-vms");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x51 0 1M");
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    let vault = Vault::open(&p.location()).unwrap();
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    vault.restore(&m.id, "root", &out.path().join("ok.raw"), ImageFormat::Raw, true, &ctl()).unwrap();
+    for (k, _) in p.keys() {
+        let Some(rest) = k.strip_prefix(&format!("vms/vm1/{}/", m.id)) else { continue };
+        let mut data = p.get(&k);
+        if rest == "manifest.json" {
+            let mut v: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            v["vm"] = serde_json::json!("vm0");
+            data = serde_json::to_vec(&v).unwrap();
+        }
+        p.put(&format!("vms/vm0/{}/{rest}", m.id), data);
+    }
+    let e = vault.restore(&m.id, "root", &out.path().join("r.raw"), ImageFormat::Raw, true, &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&format!("backup {} is in vault", m.id)) && e.message.contains("vm0 and vm1"), "{e}");
+    assert!(!out.path().join("r.raw").exists());
+}
+
 #[test]
 fn a_small_file_restore_from_a_large_backup_fetches_a_small_fraction() {
     if !s3::setup() {

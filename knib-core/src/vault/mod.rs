@@ -471,15 +471,26 @@ impl Vault {
         Ok(out)
     }
 
-    /// The manifest of backup `id` (removed backups included).
+    /// The manifest of backup `id` (removed backups included). An id is
+    /// one backup's: found under two VMs (somebody copied a backup under
+    /// another VM's name, perhaps to be restored in its place), it is a
+    /// `corrupt` error naming them, never the first one found.
     pub fn find(&self, id: &str) -> Result<Manifest> {
         names::validate("backup id", id)?;
+        let mut found: Option<Manifest> = None;
         for vm in self.vms()? {
             if let Some(m) = self.load_manifest(&vm, id)? {
-                return Ok(m);
+                if let Some(first) = &found {
+                    return Err(KnibError::corrupt(format!(
+                        "backup {id} is in vault {} under two VMs, {} and {vm}: an id names one backup, so one of them was copied there; remove the copy",
+                        self.location(),
+                        first.vm
+                    )));
+                }
+                found = Some(m);
             }
         }
-        Err(KnibError::not_found(format!("backup {id} does not exist in vault {}", self.location())))
+        found.ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist in vault {}", self.location())))
     }
 
     /// The manifest of a backup that was not deleted.
