@@ -146,6 +146,12 @@ impl JavaProgress {
             }
             r.map(|_| ())
         });
+        // A JNI call that failed before the check above (the string's
+        // OutOfMemoryError, the frame's push) leaves its exception pending:
+        // it must not reach the next JNI call of this thread.
+        if env.exception_check().unwrap_or(false) {
+            let _ = env.exception_clear();
+        }
     }
 }
 

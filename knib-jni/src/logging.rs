@@ -64,6 +64,10 @@ impl log::Log for Forwarder {
                 }
                 r.map(|_| ())
             });
+            // As for progress: no exception of a failed call stays pending.
+            if env.exception_check().unwrap_or(false) {
+                let _ = env.exception_clear();
+            }
         }
         FORWARDING.with(|f| f.set(false));
     }
