@@ -121,7 +121,15 @@ impl Invocation {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) => {}
-                Err(e) => return Err(KnibError::new(ErrorKind::Io, format!("waiting for {what}: {e}"))),
+                Err(e) => {
+                    // The host reaped the child itself (SIGCHLD ignored, or
+                    // its own waitpid): it is gone, its pipes close. The
+                    // reader threads end with them; joined, so that none
+                    // reports progress after this call returns.
+                    let _ = out_thread.join();
+                    let _ = err_thread.join();
+                    return Err(KnibError::new(ErrorKind::Io, format!("waiting for {what}: {e}")));
+                }
             }
             if stop.is_none() {
                 if ctl.cancel.is_cancelled() {
