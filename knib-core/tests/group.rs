@@ -281,3 +281,32 @@ fn a_member_that_fails_after_the_snapshots_is_reported_or_rolls_the_group_back()
         m1.assert_restored(&r.volume, n1, &r.path, dir.path());
     }
 }
+
+/// A group record changed to name another VM's backup for a member (the
+/// two members' backups swapped): restore and delete refuse it, naming
+/// the member, and nothing is written or deleted.
+#[test]
+fn a_record_naming_another_vms_backup_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let (a, _) = plain(dir.path(), "plain-a", 0x61);
+    let (b, _) = plain(dir.path(), "plain-b", 0x62);
+    let rec = store.backup_group(&[a, b], &GroupOptions::default(), &Control::new()).unwrap();
+    let ids: Vec<String> = rec.members.iter().map(|m| m.backup.clone().unwrap()).collect();
+    let path = store.root().join("groups").join(format!("{}.json", rec.id));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["members"][0]["backup"] = json!(ids[1]);
+    v["members"][1]["backup"] = json!(ids[0]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let want = format!("member plain-a names backup {}, which is a backup of plain-b", ids[1]);
+    let out = dir.path().join("out");
+    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, &Control::new()).unwrap_err();
+    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
+    assert!(!out.join("plain-a").join("root.raw").exists());
+    let e = store.delete_group(&rec.id).unwrap_err();
+    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
+    for id in &ids {
+        store.show(id).unwrap();
+    }
+    assert!(path.exists(), "the record is kept");
+}

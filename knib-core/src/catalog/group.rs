@@ -312,6 +312,7 @@ impl Store {
             for m in &r.members {
                 let Some(b) = &m.backup else { continue };
                 let manifest = self.show(b).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
+                member_of(id, m, &manifest)?;
                 let dir = to.join(&m.vm);
                 fs::create_dir_all(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
                 for v in &manifest.volumes {
@@ -340,6 +341,16 @@ impl Store {
     /// [`Store::delete`]), then its record.
     pub fn delete_group(&self, id: &str) -> Result<Vec<super::DeleteOutcome>> {
         let r = self.group(id)?;
+        // Every member's backup is checked before any is deleted.
+        for m in &r.members {
+            if let Some(b) = &m.backup {
+                match self.find(b) {
+                    Ok(manifest) => member_of(id, m, &manifest)?,
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.context(format!("group {id}: member {}", m.vm))),
+                }
+            }
+        }
         let mut out = Vec::new();
         for m in &r.members {
             if let Some(b) = &m.backup {
@@ -355,4 +366,17 @@ impl Store {
         fsio::remove_if_exists(&self.record_file(id))?;
         Ok(out)
     }
+}
+
+/// Fail unless `manifest`, the backup member `m` of group `id` names, is a
+/// backup of that member's VM: a record naming another VM's backup was not
+/// written by knib, and its restore or delete would act on that VM.
+fn member_of(id: &str, m: &GroupMember, manifest: &super::Manifest) -> Result<()> {
+    if manifest.vm != m.vm {
+        return Err(KnibError::corrupt(format!(
+            "group {id}: member {} names backup {}, which is a backup of {}: the group's record was changed; nothing was done",
+            m.vm, manifest.id, manifest.vm
+        )));
+    }
+    Ok(())
 }
