@@ -232,6 +232,44 @@ fn a_backup_id_under_two_vms_is_refused() {
     assert!(!out.path().join("r.raw").exists());
 }
 
+/// A chain of manifests deeper than a qcow2 chain may be (65 backups,
+/// each naming the one before: manifests only, as somebody with write
+/// access to the bucket could add) is refused before any object of it
+/// is opened.
+#[test]
+fn a_chain_deeper_than_64_backups_is_refused_before_any_object_is_opened() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("deep");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    let vault = Vault::open(&p.location()).unwrap();
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let base: serde_json::Value = serde_json::from_slice(&p.get(&format!("vms/vm1/{}/manifest.json", m.id))).unwrap();
+    let mut parent = m.id.clone();
+    for i in 1..=64 {
+        let id = format!("29990101-000000000-{i:04}");
+        let mut v = base.clone();
+        v["id"] = serde_json::json!(id);
+        v["parent"] = serde_json::json!(parent);
+        v["position"] = serde_json::json!(i + 1);
+        for vol in v["volumes"].as_array_mut().unwrap() {
+            let file = vol["file"].as_str().unwrap().to_string();
+            vol["backing"] = serde_json::json!(format!("../{parent}/{file}"));
+        }
+        p.put(&format!("vms/vm1/{id}/manifest.json"), serde_json::to_vec(&v).unwrap());
+        parent = id;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let e = vault.restore(&parent, "root", &out.path().join("r.raw"), ImageFormat::Raw, true, &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("its chain has 65 backups, more than the 64"), "{e}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+}
+
 #[test]
 fn a_small_file_restore_from_a_large_backup_fetches_a_small_fraction() {
     if !s3::setup() {

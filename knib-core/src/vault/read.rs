@@ -88,6 +88,16 @@ impl Vault {
     /// manifests say. With `hash`, each object's hash is taken as it is read.
     fn open_chain(&self, m: &Manifest, volume: &str, hash: bool) -> Result<(Chain, Vec<Opened>)> {
         let chain = self.chain(m)?;
+        // Refused before any object is opened (each holds its L1 table).
+        if chain.len() > crate::qcow2::MAX_CHAIN_DEPTH {
+            return Err(KnibError::corrupt(format!(
+                "backup {} in vault {}: its chain has {} backups, more than the {} files a qcow2 chain may have",
+                m.id,
+                self.location(),
+                chain.len(),
+                crate::qcow2::MAX_CHAIN_DEPTH
+            )));
+        }
         super::keep_large_buffers_mapped();
         let cache = BlockCache::new(CHAIN_CACHE_BYTES);
         let mut images = Vec::new();
