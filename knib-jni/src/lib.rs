@@ -25,7 +25,9 @@
 //! `IllegalStateException`; no panic ever reaches the JVM. Progress
 //! listeners are called on whatever thread reports progress (attached to
 //! the JVM for the call), each call in its own local reference frame; an
-//! exception a listener throws is cleared and logged.
+//! exception a listener throws is cleared and logged. The native context
+//! holds its listener weakly (the `Knib` object holds it strongly), so a
+//! listener that refers to an unclosed `Knib` does not keep it alive.
 
 #![deny(missing_docs)]
 #![deny(clippy::unwrap_used)]
@@ -36,7 +38,7 @@ mod logging;
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use jni::objects::{GlobalRef, JClass, JObject, JString, JValue};
+use jni::objects::{JClass, JObject, JString, JValue, WeakRef};
 use jni::sys::{jboolean, jint, jlong, jstring, JNI_FALSE, JNI_TRUE, JNI_VERSION_1_8};
 use jni::{JNIEnv, JavaVM};
 use knib_core::session::{Handles, Session};
@@ -123,19 +125,25 @@ pub extern "system" fn Java_io_knib_NativeLib_setTimeout<'l>(
     })
 }
 
-/// A Java `ProgressListener`, called from whatever thread reports.
+/// A Java `ProgressListener`, called from whatever thread reports. It is
+/// held weakly: the `Knib` object holds it strongly in a field, so a
+/// listener that refers to its `Knib` (a lambda using it) does not keep an
+/// unclosed `Knib` from being collected and its context released, as a
+/// global reference, which is a root to the collector, did.
 struct JavaProgress {
     vm: JavaVM,
-    listener: GlobalRef,
+    listener: WeakRef,
 }
 
 impl JavaProgress {
     fn report(&self, p: &Progress) {
         let Ok(mut env) = self.vm.attach_current_thread() else { return };
         let _ = env.with_local_frame(4, |env| -> jni::errors::Result<()> {
+            // Collected only once its `Knib` was: nobody is listening.
+            let Some(listener) = self.listener.upgrade_local(env)? else { return Ok(()) };
             let step = env.new_string(&p.step)?;
             let r = env.call_method(
-                &self.listener,
+                &listener,
                 "onProgress",
                 "(Ljava/lang/String;D)V",
                 &[JValue::Object(&step), JValue::Double(p.percent)],
@@ -168,7 +176,8 @@ pub extern "system" fn Java_io_knib_NativeLib_setProgressListener<'l>(
         if listener.is_null() {
             s.set_progress(None);
         } else {
-            let target = JavaProgress { vm: env.get_java_vm()?, listener: env.new_global_ref(&listener)? };
+            let Some(weak) = env.new_weak_ref(&listener)? else { return Err(Failure::Null("listener")) };
+            let target = JavaProgress { vm: env.get_java_vm()?, listener: weak };
             s.set_progress(Some(Arc::new(move |p: &Progress| target.report(p))));
         }
         Ok(())

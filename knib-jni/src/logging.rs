@@ -4,9 +4,15 @@
 //! crate logs its own calls) are not forwarded, so forwarding never logs
 //! itself. The thread that logged is attached to the JVM for the call if it
 //! was not, and any exception the Java side raised is cleared.
+//!
+//! The target (the JVM and the class) is set once and never changed, so a
+//! record is forwarded holding no lock: a Java log handler may call
+//! `Knib.setLogLevel` from inside a forwarded record, or wait on a thread
+//! that does, without deadlocking knib (a read lock held across the Java
+//! call made such a `setLogLevel` wait for itself).
 
 use std::cell::Cell;
-use std::sync::{OnceLock, RwLock};
+use std::sync::OnceLock;
 
 use jni::objects::{GlobalRef, JClass, JValue};
 use jni::{JNIEnv, JavaVM};
@@ -17,7 +23,7 @@ struct Target {
     class: GlobalRef,
 }
 
-static TARGET: RwLock<Option<Target>> = RwLock::new(None);
+static TARGET: OnceLock<Target> = OnceLock::new();
 /// Whether this library's forwarder is the process's logger.
 static INSTALLED: OnceLock<bool> = OnceLock::new();
 
@@ -38,8 +44,7 @@ impl log::Log for Forwarder {
         if !self.enabled(record.metadata()) || FORWARDING.with(Cell::get) {
             return;
         }
-        let Ok(guard) = TARGET.read() else { return };
-        let Some(t) = guard.as_ref() else { return };
+        let Some(t) = TARGET.get() else { return };
         FORWARDING.with(|f| f.set(true));
         let level = match record.level() {
             log::Level::Error => 1,
@@ -92,14 +97,11 @@ pub(crate) fn set_level(env: &mut JNIEnv<'_>, max_level: i32) -> jni::errors::Re
     if !*INSTALLED.get_or_init(|| log::set_logger(&FORWARDER).is_ok()) {
         return Ok(false);
     }
-    let mut slot = match TARGET.write() {
-        Ok(s) => s,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    if slot.is_none() {
+    if TARGET.get().is_none() {
         let class = env.find_class("io/knib/KnibLog")?;
         let class = env.new_global_ref(&class)?;
-        *slot = Some(Target { vm: env.get_java_vm()?, class });
+        // Two first calls at once: one target is kept, the other dropped.
+        let _ = TARGET.set(Target { vm: env.get_java_vm()?, class });
     }
     log::set_max_level(filter);
     Ok(true)

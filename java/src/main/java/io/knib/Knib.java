@@ -3,6 +3,7 @@ package io.knib;
 import com.google.gson.JsonParseException;
 import com.google.gson.reflect.TypeToken;
 import java.lang.ref.Cleaner;
+import java.lang.ref.Reference;
 import java.time.Duration;
 import java.util.List;
 import java.util.Objects;
@@ -50,6 +51,11 @@ public final class Knib implements AutoCloseable {
 
     private final Handle handle;
     private final Cleaner.Cleanable cleanable;
+    /**
+     * The progress listener, held here: the native context holds it weakly, so that a listener referring to
+     * this instance does not keep an unclosed one from being collected (and its context released).
+     */
+    private volatile ProgressListener listener;
 
     /** A new context, with no time budget and no progress listener; loads the native library on first use. */
     public Knib() {
@@ -112,6 +118,7 @@ public final class Knib implements AutoCloseable {
      * @return this context
      */
     public Knib setProgressListener(ProgressListener listener) {
+        this.listener = listener;
         NativeLib.setProgressListener(live(), listener);
         return this;
     }
@@ -138,7 +145,12 @@ public final class Knib implements AutoCloseable {
     public String call(String op, String requestJson) throws KnibException {
         Objects.requireNonNull(op, "op");
         Objects.requireNonNull(requestJson, "requestJson");
-        return NativeLib.call(live(), op, requestJson);
+        try {
+            return NativeLib.call(live(), op, requestJson);
+        } finally {
+            // This instance, and so its listener, stays reachable while the call runs.
+            Reference.reachabilityFence(this);
+        }
     }
 
     private <A> A run(String op, Object request, Class<A> answer) throws KnibException {

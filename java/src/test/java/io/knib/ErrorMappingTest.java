@@ -3,9 +3,12 @@ package io.knib;
 import static org.junit.jupiter.api.Assertions.assertEquals;
 import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertNotEquals;
+import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTimeoutPreemptively;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
+import java.lang.ref.WeakReference;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
@@ -148,6 +151,96 @@ class ErrorMappingTest {
         assertThrows(IllegalStateException.class, () -> NativeLib.call(0x1234, "version", "{}"));
         try (Knib other = new Knib()) {
             assertThrows(NullPointerException.class, () -> NativeLib.call(other.handleForTests(), null, "{}"));
+        }
+    }
+
+    /** An unclosed context whose listener uses it, made in its own frame so that nothing else refers to it. */
+    private static WeakReference<Knib> unclosedContextWithASelfReferringListener(List<Boolean> seen) {
+        Knib k = new Knib();
+        k.setProgressListener((step, pct) -> seen.add(k.isClosed()));
+        return new WeakReference<>(k);
+    }
+
+    @Test
+    void aListenerReferringToAnUnclosedContextDoesNotKeepItAlive() throws Exception {
+        // The native context held its listener by a global reference, a root to the collector: a listener
+        // using its Knib kept an unclosed Knib reachable for ever, and its native context was never released.
+        WeakReference<Knib> ref = unclosedContextWithASelfReferringListener(new ArrayList<>());
+        for (int i = 0; i < 200 && ref.get() != null; i++) {
+            System.gc();
+            Thread.sleep(20);
+        }
+        assertNull(ref.get(), "an unclosed Knib whose listener refers to it was never collected");
+
+        // A live context keeps its listener, however much is collected: a lambda held by nothing else is
+        // still called after collections.
+        Path f = dir.resolve("gc.qcow2");
+        Sh.qcow2(f, 4 * TestVm.MIB);
+        Sh.write(f, 0x61, 0, TestVm.MIB);
+        List<String> steps = new ArrayList<>();
+        try (Knib k = new Knib()) {
+            k.setProgressListener((step, pct) -> {
+                synchronized (steps) {
+                    steps.add(step);
+                }
+            });
+            for (int i = 0; i < 5; i++) {
+                System.gc();
+                Thread.sleep(20);
+            }
+            k.restoreBackup(RestoreBackup.Request.builder()
+                    .volume(new RestoreBackup.Volume("a", f.toString(), dir.resolve("gc-r.qcow2").toString()))
+                    .build());
+        }
+        synchronized (steps) {
+            assertFalse(steps.isEmpty(), "the listener of a live context was not called after collections");
+        }
+    }
+
+    @Test
+    void aLogHandlerMaySetTheLogLevel() throws Exception {
+        // A record was forwarded holding a read lock, and setLogLevel took the write lock: a handler calling
+        // setLogLevel from inside a forwarded record waited for itself.
+        List<Throwable> failures = new ArrayList<>();
+        List<String> seen = new ArrayList<>();
+        Handler h = new Handler() {
+            @Override
+            public void publish(LogRecord r) {
+                try {
+                    Knib.setLogLevel(Level.INFO);
+                    synchronized (seen) {
+                        seen.add(r.getMessage());
+                    }
+                } catch (Throwable t) {
+                    synchronized (failures) {
+                        failures.add(t);
+                    }
+                }
+            }
+
+            @Override
+            public void flush() {}
+
+            @Override
+            public void close() {}
+        };
+        KnibLog.LOGGER.addHandler(h);
+        try {
+            assertTimeoutPreemptively(Duration.ofSeconds(60), () -> {
+                try (Knib k = new Knib()) {
+                    Knib.setLogLevel(Level.INFO);
+                    k.call("version", "{}");
+                    k.call("version", "{}");
+                }
+            }, "a log handler calling Knib.setLogLevel deadlocked the call that logged");
+        } finally {
+            KnibLog.LOGGER.removeHandler(h);
+        }
+        synchronized (failures) {
+            assertTrue(failures.isEmpty(), "setLogLevel inside a handler failed: " + failures);
+        }
+        synchronized (seen) {
+            assertTrue(seen.stream().anyMatch(m -> m.contains("version: done in")), "records: " + seen);
         }
     }
 
