@@ -74,6 +74,7 @@ impl Invocation {
     pub fn run(&self, ctl: &Control) -> Result<Finished> {
         let what = self.display();
         ctl.check(&what)?;
+        children_reapable(&self.program)?;
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         // A killed knib never leaves a qemu-img writing into the store
@@ -122,13 +123,19 @@ impl Invocation {
                 Ok(Some(status)) => break status,
                 Ok(None) => {}
                 Err(e) => {
-                    // The host reaped the child itself (SIGCHLD ignored, or
-                    // its own waitpid): it is gone, its pipes close. The
-                    // reader threads end with them; joined, so that none
-                    // reports progress after this call returns.
+                    // The host reaped the child itself (its own waitpid, or
+                    // SIGCHLD ignored since the check above): it is gone,
+                    // its pipes close. The reader threads end with them;
+                    // joined, so that none reports progress after this call
+                    // returns.
                     let _ = out_thread.join();
                     let _ = err_thread.join();
-                    return Err(KnibError::new(ErrorKind::Io, format!("waiting for {what}: {e}")));
+                    let why = if e.raw_os_error() == Some(libc::ECHILD) {
+                        " (something else in this process reaped it, so whether it succeeded is unknown: the host must not wait for children it did not start)"
+                    } else {
+                        ""
+                    };
+                    return Err(KnibError::new(ErrorKind::Io, format!("waiting for {what}: {e}{why}")));
                 }
             }
             if stop.is_none() {
@@ -190,6 +197,34 @@ pub fn parse_progress(line: &[u8]) -> Option<f64> {
     let s = std::str::from_utf8(line).ok()?.trim();
     let inner = s.strip_prefix('(')?.strip_suffix("/100%)")?;
     inner.trim().parse::<f64>().ok()
+}
+
+/// Fail, before `program` is started, when this process cannot learn how
+/// its children end: SIGCHLD ignored (`SIG_IGN`) or handled with
+/// `SA_NOCLDWAIT` makes the kernel reap every child at once, so whether a
+/// `qemu-img` that wrote into the store succeeded could never be known
+/// (each wait fails with `ECHILD`). Nothing is run then.
+pub fn children_reapable(program: &std::path::Path) -> Result<()> {
+    // SAFETY: all-zero is a valid `sigaction` (no handler, no flags).
+    let mut now: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only queries; `now` is a valid place to fill.
+    if unsafe { libc::sigaction(libc::SIGCHLD, std::ptr::null(), &mut now) } != 0 {
+        return Ok(());
+    }
+    let how = if now.sa_sigaction == libc::SIG_IGN {
+        "ignores SIGCHLD (SIG_IGN)"
+    } else if now.sa_flags & libc::SA_NOCLDWAIT != 0 {
+        "handles SIGCHLD with SA_NOCLDWAIT"
+    } else {
+        return Ok(());
+    };
+    Err(KnibError::new(
+        ErrorKind::Io,
+        format!(
+            "cannot run {}: this process {how}, so the kernel reaps knib's children and their exit status is lost; leave SIGCHLD at its default action in the host (nothing was run)",
+            program.display()
+        ),
+    ))
 }
 
 /// Have the kernel kill the child `cmd` starts (SIGKILL) when its parent

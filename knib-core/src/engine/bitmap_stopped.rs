@@ -161,6 +161,7 @@ struct Export {
 /// Start a read-only `qemu-nbd` of `d` on `socket`, exporting `bitmap`
 /// too; returns once it accepts connections.
 fn start_export(d: &BitmapDisk, socket: &Path, bitmap: Option<&str>, log: &Path) -> Result<Export> {
+    crate::process::children_reapable(&qemu_nbd())?;
     let err = std::fs::File::create(log).map_err(|e| KnibError::io("cannot create", log, e))?;
     let mut cmd = Command::new(qemu_nbd());
     cmd.arg("--read-only")
