@@ -333,6 +333,14 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     for (i, f) in r.deltas_to_remove.iter().enumerate() {
         absolute(op, &format!("deltas_to_remove[{i}]"), f)?;
     }
+    // A quick restore runs the VM on the backups' chains: each is checked
+    // before any volume is staged.
+    if r.quick_restore {
+        for v in &r.volumes {
+            let files = engine::qcow2_chain_files(&q, &v.backup_path, ctl)?;
+            engine::require_quick_restorable(&q, &files, ctl)?;
+        }
+    }
     // 1. Every volume to its staging file; on a failure, none is changed.
     let mut staged: Vec<PathBuf> = Vec::new();
     let written = (|| -> Result<()> {

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::disk::{assert_identical, make_disk, qemu_io, snapshot};
+use common::disk::{assert_identical, make_disk, put_bytes, qemu_io, snapshot, zero_first_data_refcount};
 use common::model::Model;
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::api::call;
@@ -360,10 +360,30 @@ fn quick_restore_consolidate_and_validation_files() {
     make_disk(&old, MIB, &[]);
     let vol = dir.path().join("volume.qcow2");
     make_disk(&vol, 16 * MIB, &[]);
-    let a = ok(
-        "agent.restore",
-        &json!({"quick_restore": true, "deltas_to_remove": [old], "volumes": [{"uuid": "v1", "backup_path": backup, "volume_path": vol}]}),
+    let request = json!({"quick_restore": true, "deltas_to_remove": [old], "volumes": [{"uuid": "v1", "backup_path": backup, "volume_path": vol}]});
+    // A backup whose metadata is damaged: no VM is run on it, nothing is
+    // changed, nothing is left.
+    let (at, was) = zero_first_data_refcount(&backup);
+    let listing = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        v.sort();
+        v
+    };
+    let before = listing(dir.path());
+    let vol_bytes = std::fs::read(&vol).unwrap();
+    let e = agent("agent.restore", &request).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.message.starts_with(&format!("backup file {} is damaged: qemu-img check found ", backup.display()))
+            && e.message.ends_with(
+                "; no VM was run on it (verify says more; a plain restore without verification gets out what can be)"
+            ),
+        "{e}"
     );
+    assert_eq!(listing(dir.path()), before);
+    assert_eq!(std::fs::read(&vol).unwrap(), vol_bytes, "the volume was changed");
+    put_bytes(&backup, at, &was);
+    let a = ok("agent.restore", &request);
     assert_eq!(a["volumes"][0]["backing"], json!(backup.canonicalize().unwrap()));
     assert_eq!(a["removed"], json!([old]));
     let vm = TestVm::create_on(

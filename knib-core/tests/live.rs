@@ -195,6 +195,26 @@ fn quick_restore_runs_at_once_keeps_new_writes_and_consolidate_frees_the_store()
         &tdir,
         TestVmOptions { persistent: true, running: false, agent_channel: false },
     );
+    // The top of one disk's chain damaged: the domain is not started, its
+    // disks are the same, no overlay is made.
+    let top = store.chain_files(&b, "vda").unwrap().pop().unwrap();
+    let (at, was) = common::disk::zero_first_data_refcount(&top);
+    let sources: Vec<_> = target.disks().iter().map(|d| d.file.clone()).collect();
+    let files_before = std::fs::read_dir(&tdir).unwrap().count();
+    let e = store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.message.starts_with(&format!(
+            "quick restore of backup {}: backup file {} is damaged: qemu-img check found ",
+            b.id,
+            top.display()
+        )),
+        "{e}"
+    );
+    assert!(!target.vm.is_running().unwrap());
+    assert_eq!(target.disks().iter().map(|d| d.file.clone()).collect::<Vec<_>>(), sources);
+    assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), files_before, "an overlay was left");
+    common::disk::put_bytes(&top, at, &was);
     let overlays = store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap();
     assert!(target.vm.is_running().unwrap());
     for (t, overlay) in &overlays {

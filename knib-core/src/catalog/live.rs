@@ -457,13 +457,17 @@ impl Store {
     /// target named in the backup, and started at once. The overlays are
     /// created beside the disks' current files as
     /// `<target>-restored-<id>.qcow2`; the old files are left untouched.
-    /// Returns each target and its overlay.
+    /// Every file of each chain must pass `qemu-img check` first, or nothing
+    /// is changed. Returns each target and its overlay.
     pub fn quick_restore_domain(&self, id: &str, vm: &Vm, ctl: &Control) -> Result<Vec<(String, PathBuf)>> {
         let m = self.show(id)?;
         let targets = quick_restore_targets(&m, vm)?;
         let mut plan = Vec::new();
         for (target, _, overlay) in &targets {
-            let top = self.chain_files(&m, target)?.pop().expect("non-empty chain");
+            let mut files = self.chain_files(&m, target)?;
+            crate::engine::require_quick_restorable(&self.qemu_img, &files, ctl)
+                .map_err(|e| e.context(format!("quick restore of backup {id}")))?;
+            let top = files.pop().expect("non-empty chain");
             plan.push((target.clone(), top, overlay.clone()));
         }
         let mut made = Vec::new();

@@ -73,10 +73,13 @@ impl Store {
     }
 
     /// Create a quick-restore overlay of volume `volume` of backup `id` at
-    /// `to`.
+    /// `to`, once every file of its chain passed `qemu-img check`
+    /// ([`engine::require_quick_restorable`]).
     pub fn quick_restore_overlay(&self, id: &str, volume: &str, to: &Path, ctl: &Control) -> Result<()> {
         let m = self.show(id)?;
         let files = self.chain_files(&m, volume)?;
+        engine::require_quick_restorable(&self.qemu_img, &files, ctl)
+            .map_err(|e| e.context(format!("quick restore of backup {id}")))?;
         engine::create_overlay(&self.qemu_img, files.last().expect("non-empty chain"), to, ctl)
     }
 
@@ -120,16 +123,7 @@ impl Store {
         let expected: Vec<Option<String>> = m.volumes.iter().map(|v| v.hash.clone()).collect();
         for (f, _) in files.iter().zip(&expected).filter(|(_, h)| h.is_none()) {
             log::info!("{} has no recorded hash: its data cannot be checked, only its metadata", f.display());
-            let r = self.qemu_img.check(f, ctl)?;
-            if r.corruptions > 0 || r.check_errors > 0 {
-                return Err(KnibError::corrupt(format!(
-                    "backup file {} is damaged: qemu-img check found {} corruptions, {} leaks, {} errors",
-                    f.display(),
-                    r.corruptions,
-                    r.leaks,
-                    r.check_errors
-                )));
-            }
+            engine::require_clean_metadata(&self.qemu_img, f, ctl)?;
         }
         let opts = &CompressOptions { data_path: settings::Settings::load(&self.root)?.data_path, ..opts.clone() };
         let done = engine::compress_verified(&self.qemu_img, &files, &expected, opts, ctl)?;

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::engine::verify::{self, ExpectedHash};
-use crate::error::{KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{SourceMode, TargetFormat};
@@ -119,6 +119,47 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
         let _ = fsio::remove_if_exists(&tmp);
     }
     r
+}
+
+/// Fail with a `corrupt` error naming `file` when `qemu-img check` finds
+/// corruptions or errors in it (its metadata: leaks lose nothing).
+pub fn require_clean_metadata(q: &QemuImg, file: &Path, ctl: &Control) -> Result<()> {
+    let r = q.check(file, ctl)?;
+    if r.corruptions > 0 || r.check_errors > 0 {
+        return Err(KnibError::corrupt(format!(
+            "backup file {} is damaged: qemu-img check found {} corruptions, {} leaks, {} errors",
+            file.display(),
+            r.corruptions,
+            r.leaks,
+            r.check_errors
+        )));
+    }
+    Ok(())
+}
+
+/// Fail unless every file of `files` (the chain a quick restore will run a
+/// VM on) passes `qemu-img check`. A quick restore runs the VM before
+/// anything reads the files whole, so their data cannot be held against
+/// their hashes first (`verify` does that), but damaged metadata is found
+/// for the cost of reading the tables, and no VM is run on it.
+pub fn require_quick_restorable(q: &QemuImg, files: &[PathBuf], ctl: &Control) -> Result<()> {
+    for f in files {
+        require_clean_metadata(q, f, ctl).map_err(|mut e| {
+            if e.kind == ErrorKind::Corrupt {
+                e.message.push_str(
+                    "; no VM was run on it (verify says more; a plain restore without verification gets out what can be)",
+                );
+            }
+            e
+        })?;
+    }
+    Ok(())
+}
+
+/// The qcow2 files of `top`'s backing chain, top first, as `qemu-img info`
+/// opens them (raw files have no metadata to check).
+pub fn qcow2_chain_files(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Vec<PathBuf>> {
+    Ok(q.info_chain(top, ctl)?.into_iter().filter(|i| i.format == "qcow2").map(|i| PathBuf::from(i.filename)).collect())
 }
 
 /// Create a quick-restore overlay at `dest`: an empty qcow2 whose backing

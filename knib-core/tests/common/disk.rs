@@ -177,3 +177,43 @@ pub fn flip_byte(file: &Path, offset: u64) {
     b[0] ^= 0xff;
     f.write_all_at(&b, offset).unwrap();
 }
+
+/// Set the stored refcount of `file`'s first data cluster to 0, a
+/// corruption `qemu-img check` reports (a refcount below the cluster's
+/// references). Returns where the refcount is and what it was, for
+/// [`put_bytes`] to undo it.
+pub fn zero_first_data_refcount(file: &Path) -> (u64, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    let data = first_data_offset(file);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(file).unwrap();
+    let be32 = |at: u64| {
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, at).unwrap();
+        u32::from_be_bytes(b) as u64
+    };
+    let be64 = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let cluster_size = 1u64 << be32(20);
+    let order = if be32(4) >= 3 { be32(96) } else { 4 };
+    assert!(order >= 3, "refcounts of {order} bits are not whole bytes");
+    let bytes = (1u64 << order) / 8;
+    let per_block = cluster_size / bytes;
+    let index = data / cluster_size;
+    let block = be64(be64(48) + index / per_block * 8) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(block, 0, "the data cluster's refcount block is not allocated");
+    let at = block + index % per_block * bytes;
+    let mut old = vec![0u8; bytes as usize];
+    f.read_exact_at(&mut old, at).unwrap();
+    assert!(old.iter().any(|&b| b != 0), "the refcount was 0 already");
+    f.write_all_at(&vec![0u8; bytes as usize], at).unwrap();
+    (at, old)
+}
+
+/// Write `bytes` at `offset` of `file`.
+pub fn put_bytes(file: &Path, offset: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new().write(true).open(file).unwrap().write_all_at(bytes, offset).unwrap();
+}
