@@ -334,11 +334,18 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
         absolute(op, &format!("deltas_to_remove[{i}]"), f)?;
     }
     // A quick restore runs the VM on the backups' chains: each is checked
-    // before any volume is staged.
+    // before any volume is staged, and the files the caller gave hashes for
+    // are held against them (a read of each; a plain restore does it as it
+    // copies).
     if r.quick_restore {
         for v in &r.volumes {
-            let files = engine::qcow2_chain_files(&q, &v.backup_path, ctl)?;
-            engine::require_quick_restorable(&q, &files, ctl)?;
+            let chain = q.info_chain(&v.backup_path, ctl)?;
+            let files: Vec<PathBuf> = chain.iter().map(|i| PathBuf::from(&i.filename)).collect();
+            // Raw files have no metadata to check.
+            let qcow2: Vec<PathBuf> =
+                chain.iter().filter(|i| i.format == "qcow2").map(|i| PathBuf::from(&i.filename)).collect();
+            engine::require_quick_restorable(&q, &qcow2, ctl)?;
+            engine::verify::verify_chain_files(&files, &v.expected_hashes, ctl)?;
         }
     }
     // 1. Every volume to its staging file; on a failure, none is changed.

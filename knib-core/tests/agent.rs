@@ -383,6 +383,30 @@ fn quick_restore_consolidate_and_validation_files() {
     assert_eq!(listing(dir.path()), before);
     assert_eq!(std::fs::read(&vol).unwrap(), vol_bytes, "the volume was changed");
     put_bytes(&backup, at, &was);
+    // Hashes the caller gives are held against the files before anything
+    // is staged: a wrong one, and a file that is not in the chain.
+    let hash = ok("agent.take_hash", &json!({"files": [backup]}))["files"][0]["hash"].as_str().unwrap().to_string();
+    let with_hashes = |expected: Value| {
+        let mut r = request.clone();
+        r["volumes"][0]["expected_hashes"] = expected;
+        r
+    };
+    let wrong = format!("{:032x}", u128::from_str_radix(&hash, 16).unwrap() ^ 1);
+    let e = agent("agent.restore", &with_hashes(json!([{"path": backup, "hash": wrong}]))).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert_eq!(
+        e.message,
+        format!(
+            "backup file {} is corrupted: its xxh3-128 hash is {hash}, the recorded hash is {wrong}",
+            backup.display()
+        )
+    );
+    let e = agent("agent.restore", &with_hashes(json!([{"path": old, "hash": hash}]))).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.starts_with(&format!("backup file {} is not in the chain", old.display())), "{e}");
+    assert_eq!(listing(dir.path()), before);
+    assert_eq!(std::fs::read(&vol).unwrap(), vol_bytes, "the volume was changed");
+    let request = with_hashes(json!([{"path": backup, "hash": hash}]));
     let a = ok("agent.restore", &request);
     assert_eq!(a["volumes"][0]["backing"], json!(backup.canonicalize().unwrap()));
     assert_eq!(a["removed"], json!([old]));

@@ -56,8 +56,7 @@ pub use merge::merge_delta;
 pub use method::BackupMethod;
 pub use native::DataPath;
 pub use restore::{
-    create_overlay, qcow2_chain_files, require_clean_metadata, require_quick_restorable, restore, restore_verified,
-    RestoreRequest,
+    create_overlay, require_clean_metadata, require_quick_restorable, restore, restore_verified, RestoreRequest,
 };
 pub use take::{
     take_backup, take_backup_with, BackupKind, TakeBackupAnswer, TakeBackupRequest, VolumeBackup, VolumeResult,

@@ -156,12 +156,6 @@ pub fn require_quick_restorable(q: &QemuImg, files: &[PathBuf], ctl: &Control) -
     Ok(())
 }
 
-/// The qcow2 files of `top`'s backing chain, top first, as `qemu-img info`
-/// opens them (raw files have no metadata to check).
-pub fn qcow2_chain_files(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Vec<PathBuf>> {
-    Ok(q.info_chain(top, ctl)?.into_iter().filter(|i| i.format == "qcow2").map(|i| PathBuf::from(i.filename)).collect())
-}
-
 /// Create a quick-restore overlay at `dest`: an empty qcow2 whose backing
 /// file is the backup (by absolute path, as the store is elsewhere). A VM
 /// can start on it at once; consolidation later pulls the data in.

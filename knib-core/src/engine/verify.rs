@@ -84,6 +84,23 @@ pub fn verify_files(expected: &[ExpectedHash], ctl: &Control) -> Result<()> {
     Ok(())
 }
 
+/// Hold the files of `chain` (a backup's chain, as `qemu-img info` opens
+/// it) the caller gave hashes for against them, each in a read of its own:
+/// every expected file must be in the chain (as [`check_source_hashes`]
+/// requires of a copy's sources).
+pub fn verify_chain_files(chain: &[PathBuf], expected: &[ExpectedHash], ctl: &Control) -> Result<()> {
+    for e in expected {
+        if !chain.iter().any(|f| same_file(f, &e.path)) {
+            return Err(KnibError::corrupt(format!(
+                "backup file {} is not in the chain ({}): a backing pointer does not lead to it",
+                e.path.display(),
+                chain.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    verify_files(expected, ctl)
+}
+
 /// A copy of hash-checked files failed with `err`: when a file does not
 /// match its hash, that is the error (with the copy's error as detail);
 /// otherwise `err` itself. Cancellations, timeouts and a full disk are
