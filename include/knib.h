@@ -1355,13 +1355,15 @@
  *   MergeTree: A DeltaMergeTreeTO: `child` is committed into `parent`;
  *              `grand_children` used `child` as their backing file.
  *       child           string: The delta committed (it must be `path`).
- *       grand_children? [string], default []: With a domain, accepted as the
- *                       transfer object carries it (after a backup's copy the
- *                       only child of `child` in the disk's chain is the new
- *                       delta, which the merge itself moves onto `parent`).
- *                       Without a domain, each (other than the new delta,
- *                       always moved) is re-pointed at `parent` after the
- *                       merge.
+ *       grand_children? [string], default []: Files whose backing file is
+ *                       `child`. With a domain, the one in the disk's chain
+ *                       is moved onto `parent` by the merge itself, and each
+ *                       outside it (another branch of a VM snapshot tree)
+ *                       must have `child` as its backing file and is
+ *                       re-pointed at `parent` after the merge, before
+ *                       `child` is removed. Without a domain, each (other
+ *                       than the new delta, always moved) is re-pointed at
+ *                       `parent` after the merge.
  *       parent          string: The base the delta is committed into.
  *
  *   MergedVolume: One merge done.

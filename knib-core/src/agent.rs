@@ -121,7 +121,11 @@
 //! with one VM snapshot) and `merge.grand_children` are re-pointed at
 //! `merge.parent` (for a running domain libvirt's block commit of the
 //! non-active `merge.child` does the re-pointing; for a stopped one, or a
-//! VM without a domain, `qemu-img rebase -u`); the VM snapshot deltas stay
+//! VM without a domain, `qemu-img rebase -u`; with a domain, each of
+//! `merge.grand_children` outside the disk's chain, another branch of the
+//! snapshot tree, is re-pointed with `rebase -u` before `merge.child` is
+//! removed: it must have `merge.child` as its backing file, or the request
+//! is refused before anything is written); the VM snapshot deltas stay
 //! (they are the snapshots' files). At the end of a chain the new delta
 //! goes into `path`, the top snapshot delta.
 //!
@@ -191,6 +195,7 @@
 //!   destroys (and undefines) the domain named `vm_name`, `work_dir`
 //!   removes the overlays `prepare_validation` made there.
 
+use crate::fsio::same_file;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -216,11 +221,6 @@ pub(crate) fn budget(ctl: &Control, secs: Option<u64>) -> Control {
 /// exist.
 fn canonical(p: &Path) -> PathBuf {
     p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// Whether `a` and `b` name the same file.
-fn same_file(a: &Path, b: &Path) -> bool {
-    a == b || canonical(a) == canonical(b)
 }
 
 /// `agent.finalize_compression`.

@@ -159,6 +159,12 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// Whether `a` and `b` name the same file: equal paths, or equal once
+/// resolved (both exist).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::disk::{assert_identical, make_disk, qemu_io, snapshot};
 use common::model::Model;
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::api::call;
@@ -103,8 +104,26 @@ fn incrementals_of_a_running_domain_after_one_and_two_vm_snapshots() {
     let s1 = vm_snapshot(&vm, "s1");
     write(&mut model, 0x22);
     let n2 = model.writes.len();
-    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 2, Some(1), 1)}));
+    // Another branch of vda's snapshot tree on the old delta (a VM
+    // snapshot reverted from): the merge must leave it whole, on the base.
+    let old_vda = chain(&vm, "vda")[1].clone();
+    let branch = dir.path().join("branch-vda");
+    make_disk(&branch, 32 * MIB, &["-u", "-F", "qcow2", "-b", old_vda.to_str().unwrap()]);
+    qemu_io(&branch, &format!("write -P 0x5b {} 64k", 64 * 1024));
+    let branch_then = dir.path().join("branch-then.qcow2");
+    snapshot(&branch, &branch_then);
+    let mut vols = volumes(&vm, &store, 2, Some(1), 1);
+    vols[0]["merge"]["grand_children"].as_array_mut().unwrap().push(json!(branch));
+    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": vols}));
     assert_eq!(a["kind"], "incremental");
+    assert!(!old_vda.exists());
+    let info = QemuImg::new().info(&branch, &Control::new()).unwrap();
+    assert_eq!(
+        info.full_backing_filename.map(PathBuf::from),
+        Some(vm.initial_file("vda")),
+        "the branch was not re-pointed"
+    );
+    assert_identical(&branch, &branch_then);
     for (i, (t, _)) in DISKS.iter().enumerate() {
         let now = chain(&vm, t);
         let d2 = vm.initial_file(t).with_file_name(format!("delta-{t}-2"));

@@ -46,6 +46,7 @@ fn plan(id: &str, base: &Path, dest: PathBuf) -> LivePlan {
             parent: None,
             virtual_size: 16 << 20,
             snapshots: Vec::new(),
+            grand_children: Vec::new(),
         }],
         data_path: DataPath::default(),
         compress: None,

@@ -98,7 +98,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         // The layers between `merge.child` and `merge.parent`: the VM
         // snapshot deltas over the old delta.
         let n = v.vm_snapshot_delta_paths.len();
-        let (disk, base, old_delta, snapshots) = match mode {
+        let (disk, base, old_delta, snapshots, grand_children) = match mode {
             Mode::Take => {
                 let disk = disk_on(vm, &disks, &v.path)?;
                 if v.delta_path_on_primary.exists() {
@@ -118,7 +118,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                 // The files as the chain names them (libvirt and the block
                 // jobs compare paths as they are written there).
                 let chain = chain_of(q, running, disk, ctl)?;
-                let (base, old) = match &v.merge {
+                let (base, old, others) = match &v.merge {
                     Some(m) => {
                         if n == 0 && !same_file(&m.child, &v.path) {
                             return Err(KnibError::invalid(format!(
@@ -149,7 +149,8 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                                 )));
                             }
                         }
-                        (chain[n + 1].clone(), Some(chain[n].clone()))
+                        let others = grand_children_off_chain(op, q, &chain, &m.child, &m.grand_children, ctl)?;
+                        (chain[n + 1].clone(), Some(chain[n].clone()), others)
                     }
                     None if kind == BackupKind::Incremental => {
                         return Err(KnibError::invalid(format!(
@@ -157,10 +158,10 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                             v.uuid
                         )));
                     }
-                    None => (chain[0].clone(), None),
+                    None => (chain[0].clone(), None, Vec::new()),
                 };
                 let snapshots: Vec<PathBuf> = chain[..n].iter().rev().cloned().collect();
-                (disk, base, old, snapshots)
+                (disk, base, old, snapshots, others)
             }
             Mode::Cleanup => {
                 let mut files: Vec<&Path> = vec![&v.path, &v.delta_path_on_primary];
@@ -176,8 +177,11 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                     None => Vec::new(),
                 };
                 match &v.merge {
-                    Some(m) => (disk, named(&m.parent), Some(named(&m.child)), snapshots),
-                    None => (disk, named(&v.path), None, snapshots),
+                    Some(m) => {
+                        let others = grand_children_off_chain(op, q, &chain, &m.child, &m.grand_children, ctl)?;
+                        (disk, named(&m.parent), Some(named(&m.child)), snapshots, others)
+                    }
+                    None => (disk, named(&v.path), None, snapshots, Vec::new()),
                 }
             }
         };
@@ -202,6 +206,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
             parent,
             virtual_size,
             snapshots,
+            grand_children,
         });
     }
     let id = r
@@ -220,6 +225,36 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         data_path: Default::default(),
         compress: None,
     })
+}
+
+/// Of `grand_children` (files whose backing file is `child`), those outside
+/// the disk's `chain` (other branches of a VM snapshot tree): each must
+/// have `child` as its backing file. The merge of `child` re-points the one
+/// in the chain itself; these are re-pointed at its parent after it.
+fn grand_children_off_chain(
+    op: &str,
+    q: &QemuImg,
+    chain: &[PathBuf],
+    child: &Path,
+    grand_children: &[PathBuf],
+    ctl: &Control,
+) -> Result<Vec<PathBuf>> {
+    let mut others = Vec::new();
+    for g in grand_children {
+        if chain.iter().any(|c| same_file(c, g)) {
+            continue;
+        }
+        let info = q.info(g, ctl)?;
+        if !info.full_backing_filename.as_deref().is_some_and(|b| same_file(Path::new(b), child)) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: grand child {} does not have {} as its backing file",
+                g.display(),
+                child.display()
+            )));
+        }
+        others.push(g.clone());
+    }
+    Ok(others)
 }
 
 /// `agent.take_backup`.
@@ -535,21 +570,7 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
         }
         // Grand children outside the disk's chain (other branches of a
         // snapshot tree) are pointed at the parent afterwards.
-        let mut others = Vec::new();
-        for g in &m.grand_children {
-            if chain.iter().any(|c| same_file(c, g)) {
-                continue;
-            }
-            let info = q.info(g, ctl)?;
-            if !info.full_backing_filename.as_deref().is_some_and(|b| same_file(Path::new(b), &m.child)) {
-                return Err(KnibError::invalid(format!(
-                    "request of {op}: grand child {} does not have {} as its backing file",
-                    g.display(),
-                    m.child.display()
-                )));
-            }
-            others.push(g.clone());
-        }
+        let others = grand_children_off_chain(op, &q, &chain, &m.child, &m.grand_children, ctl)?;
         let target = disk.target.clone();
         let child = chain[at].clone();
         let parent = chain[at + 1].clone();

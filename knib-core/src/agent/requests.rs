@@ -71,11 +71,12 @@ pub(crate) struct MergeTree {
     pub parent: PathBuf,
     /// The delta committed (it must be `path`).
     pub child: PathBuf,
-    /// With a domain, accepted as the transfer object carries it (after a
-    /// backup's copy the only child of `child` in the disk's chain is the
-    /// new delta, which the merge itself moves onto `parent`). Without a
-    /// domain, each (other than the new delta, always moved) is re-pointed
-    /// at `parent` after the merge.
+    /// Files whose backing file is `child`. With a domain, the one in the
+    /// disk's chain is moved onto `parent` by the merge itself, and each
+    /// outside it (another branch of a VM snapshot tree) must have `child`
+    /// as its backing file and is re-pointed at `parent` after the merge,
+    /// before `child` is removed. Without a domain, each (other than the
+    /// new delta, always moved) is re-pointed at `parent` after the merge.
     #[serde(default)]
     pub grand_children: Vec<PathBuf>,
 }

@@ -277,6 +277,7 @@ impl Store {
                     parent: parent.as_ref().map(|p| super::manifest::parent_file_ref(p, &s.info.target)),
                     virtual_size: s.virtual_size,
                     snapshots: Vec::new(),
+                    grand_children: Vec::new(),
                 })
                 .collect(),
             data_path: super::settings::Settings::load(&self.root)?.data_path,

@@ -24,6 +24,7 @@
 //! every guest write kept: a published backup is finished; an unpublished
 //! one is undone by committing `D'` back into the layer below it.
 
+use crate::fsio::same_file;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,13 @@ pub struct DiskPlan {
     /// without VM snapshots.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<PathBuf>,
+    /// Files outside the disk's chain whose backing file is `old_delta`
+    /// (other branches of a VM snapshot tree, the agent's
+    /// `merge.grand_children`): re-pointed at `base` once `old_delta` is
+    /// merged into it, before `old_delta` is removed. Each is re-pointed
+    /// only while its backing file is `old_delta`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grand_children: Vec<PathBuf>,
 }
 
 impl DiskPlan {
@@ -443,7 +451,8 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
 
 /// Commit `layer` (between the base and the active file) into the base; the
 /// layer above it (the active file, or the first VM snapshot delta) is
-/// re-pointed at the base (by libvirt's block commit when running), and
+/// re-pointed at the base (by libvirt's block commit when running), each of
+/// the plan's grand children still on `layer` too (`rebase -u`), and
 /// `layer` is removed.
 fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<()> {
     let (running, path) = (by.running, by.data_path);
@@ -459,6 +468,17 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
         commit_files(q, layer, &d.base, path, ctl)?;
         crate::crashpoint::durable_step(&format!("rebase of {} onto {}", above.display(), d.base.display()));
         q.rebase_unsafe(&above, &d.base.to_string_lossy(), "qcow2", ctl)?;
+    }
+    // Other branches on `layer` read through it to the base: with its data
+    // now in the base, they are pointed there before it goes (a recovery
+    // running this again finds them on the base already, and leaves them).
+    for g in &d.grand_children {
+        let on_layer = g.exists()
+            && q.info(g, ctl)?.full_backing_filename.as_deref().is_some_and(|b| same_file(Path::new(b), layer));
+        if on_layer {
+            crate::crashpoint::durable_step(&format!("rebase of {} onto {}", g.display(), d.base.display()));
+            q.rebase_unsafe(g, &d.base.to_string_lossy(), "qcow2", ctl)?;
+        }
     }
     fsio::remove_if_exists(layer)
 }

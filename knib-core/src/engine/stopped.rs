@@ -26,6 +26,7 @@
 //! holds (a VM running on it after all, a `qemu-img` working on it) fails
 //! the operation as busy, naming it, with nothing written.
 
+use crate::fsio::same_file;
 use std::path::{Path, PathBuf};
 
 use crate::engine::native::{self, DataPath, NativeCopy};
@@ -125,10 +126,6 @@ fn pointer(from: &Path, to: &Path) -> String {
 /// The file `top`'s backing pointer leads to, as `qemu-img` resolves it.
 fn backing_of(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<PathBuf>> {
     Ok(q.info(top, ctl)?.full_backing_filename.map(PathBuf::from))
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    a == b || a.canonicalize().ok().is_some_and(|x| b.canonicalize().ok() == Some(x))
 }
 
 /// Copy one volume's `source` to the store at `dest`: its own clusters and

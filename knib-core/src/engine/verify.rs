@@ -14,6 +14,7 @@
 //! are hashed in a separate read so that the error names the damaged file
 //! ([`explain_failure`]).
 
+use crate::fsio::same_file;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -30,13 +31,6 @@ pub struct ExpectedHash {
     pub path: PathBuf,
     /// Its xxh3-128, 32 hex digits (as `agent.take_hash` gives it per file).
     pub hash: String,
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
 }
 
 /// The "corrupt" error of a file whose hash is not the recorded one.

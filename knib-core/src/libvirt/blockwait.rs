@@ -14,6 +14,7 @@
 //!   first look is never taken for a success: they are what the engine
 //!   calls.
 
+use crate::fsio::same_file;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -186,16 +187,6 @@ fn finish(
             Some(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
-}
-
-/// Whether `a` and `b` name the same file (equal paths, or equal once
-/// resolved).
-fn same_file(a: &Path, b: &Path) -> bool {
-    a == b
-        || match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-            (Ok(x), Ok(y)) => x == y,
-            _ => false,
-        }
 }
 
 fn position(chain: &[PathBuf], file: &Path) -> Option<usize> {

@@ -37,6 +37,7 @@ pub mod qemu;
 pub mod screenshot;
 pub mod xml;
 
+use crate::fsio::same_file;
 use std::fmt;
 use std::os::raw::c_void;
 use std::path::{Path, PathBuf};
@@ -80,12 +81,6 @@ pub fn disk_on<'a>(vm: &Vm, disks: &'a [DiskInfo], path: &Path) -> Result<&'a Di
 /// Disks as `target on file, ...`, for messages.
 pub fn describe_disks(disks: &[DiskInfo]) -> String {
     disks.iter().map(|d| format!("{} on {}", d.target, d.file.display())).collect::<Vec<_>>().join(", ")
-}
-
-/// Whether `a` and `b` name the same file (resolved when they exist).
-fn same_file(a: &Path, b: &Path) -> bool {
-    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    a == b || canonical(a) == canonical(b)
 }
 
 /// A libvirt error as a [`KnibError`]: `what` names the call and its

@@ -24,6 +24,7 @@ fn plan(base: &Path, store_vm: &Path) -> LivePlan {
             parent: Some("../20261130-050000000-00bb/vda.qcow2".into()),
             virtual_size: 16 << 20,
             snapshots: Vec::new(),
+            grand_children: Vec::new(),
         }],
         data_path: DataPath::default(),
         compress: None,
