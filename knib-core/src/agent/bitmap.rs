@@ -261,13 +261,17 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
 }
 
 /// `agent.cleanup_vm_backup` with method `bitmap`.
-pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode) -> Result<CleanupVmBackupAnswer> {
+pub(crate) fn cleanup_vm_backup(
+    op: &str,
+    r: &TakeReq,
+    mode: CleanupMode,
+    ctl: &Control,
+) -> Result<CleanupVmBackupAnswer> {
     let vm = domain_of(r)?;
     non_empty(op, "volumes", &r.volumes)?;
     let id = id_of(op, "volumes[0].delta_path_on_store", &r.volumes[0].delta_path_on_store)?;
     let q = QemuImg::new();
-    let ctl = Control::new();
-    let (disks, running) = vm_disks(op, vm.as_ref(), r, &q, &ctl)?;
+    let (disks, running) = vm_disks(op, vm.as_ref(), r, &q, ctl)?;
     let mut planned = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
         absolute(op, &format!("volumes[{i}].path"), &v.path)?;
@@ -302,7 +306,7 @@ pub(crate) fn cleanup_vm_backup(op: &str, r: &TakeReq, mode: CleanupMode) -> Res
     let who = vm.as_ref().map(|v| format!("domain {}", v.name())).unwrap_or_else(|| "a VM without a domain".into());
     let done = match &vm {
         Some(vm) if running => engine_bitmap::recover(vm, &plan, finish),
-        _ => engine_stopped::recover(&q, vm.as_ref(), &plan, finish, &ctl),
+        _ => engine_stopped::recover(&q, vm.as_ref(), &plan, finish, ctl),
     }
     .map_err(|e| e.context(format!("cleanup of the bitmap backup of {who}")).with_vm_consistent(false))?;
     actions.extend(done);

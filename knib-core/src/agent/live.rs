@@ -280,7 +280,7 @@ pub(crate) fn cleanup_vm_backup(
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
     if r.method == engine::BackupMethod::Bitmap {
-        return super::bitmap::cleanup_vm_backup(op, r, mode);
+        return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
     }
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;

@@ -230,7 +230,7 @@ pub(crate) fn cleanup_vm_backup(
 ) -> Result<CleanupVmBackupAnswer> {
     #[cfg(feature = "libvirt")]
     if r.method == engine::BackupMethod::Bitmap {
-        return super::bitmap::cleanup_vm_backup(op, r, mode);
+        return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
     }
     #[cfg(not(feature = "libvirt"))]
     refuse_bitmap(op, r)?;
