@@ -862,7 +862,9 @@
  *                     (flattened copies).
  *       group         string: The group backup's id.
  *       no_verify?    boolean, default false: Skip checking the chains'
- *                     hashes as they are read.
+ *                     hashes as they are read (copies only: a quick restore
+ *                     reads nothing whole, and its files always pass
+ *                     `qemu-img check` first).
  *       quick?        boolean, default false: qcow2 overlays over the backups
  *                     instead of copies.
  *       store         string: The store directory.

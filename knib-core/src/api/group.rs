@@ -99,7 +99,9 @@ pub(crate) struct GroupRestoreReq {
     /// qcow2 overlays over the backups instead of copies.
     #[serde(default)]
     quick: bool,
-    /// Skip checking the chains' hashes as they are read.
+    /// Skip checking the chains' hashes as they are read (copies only: a
+    /// quick restore reads nothing whole, and its files always pass
+    /// `qemu-img check` first).
     #[serde(default)]
     no_verify: bool,
     /// The time budget in seconds; 0 or absent = none.
