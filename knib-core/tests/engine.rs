@@ -276,3 +276,34 @@ fn a_backup_that_is_not_published_leaves_the_delta_full_and_the_disk_unchanged()
     assert_check_clean(&base);
     assert!(std::fs::metadata(&disk).unwrap().len() < 1 << 20);
 }
+
+#[test]
+fn an_expected_file_outside_the_chain_is_refused_on_both_data_paths() {
+    // A hash given for a file the backup's chain does not lead to says
+    // nothing of what is restored: refused, even when that file matches it.
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.qcow2");
+    make_disk(&b, 4 << 20, &[]);
+    qemu_io(&b, "write -P 0x31 0 1M");
+    let other = d.path().join("other.qcow2");
+    make_disk(&other, 4 << 20, &[]);
+    let (_, each) = knib_core::hash::hash_chain(std::slice::from_ref(&other), &Control::new()).unwrap();
+    let expected = [engine::verify::ExpectedHash { path: other.clone(), hash: each[0].clone() }];
+    for (i, path) in [engine::DataPath::Native, engine::DataPath::QemuImg].into_iter().enumerate() {
+        let dest = d.path().join(format!("r{i}.raw"));
+        let req = engine::RestoreRequest {
+            backup_file: b.clone(),
+            dest: dest.clone(),
+            format: knib_core::qemu_img::ImageFormat::Raw,
+            overwrite: false,
+            data_path: path,
+        };
+        let e = engine::restore_verified(&QemuImg::new(), &req, &expected, &Control::new()).unwrap_err();
+        assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "{path:?}: {e}");
+        assert!(
+            e.message.starts_with(&format!("backup file {} is not in the chain", other.display())),
+            "{path:?}: {e}"
+        );
+        assert!(!dest.exists(), "{path:?}: a restore was written");
+    }
+}

@@ -97,9 +97,11 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
         return r;
     }
     // Every file of the chain must be there before anything is written.
-    q.info_chain(&req.backup_file, ctl).map_err(|e| verify::explain_failure(e, expected, ctl))?;
-    // qemu-img reads the files itself: their hashes take a read of their own.
-    verify::verify_files(expected, ctl)?;
+    let chain = q.info_chain(&req.backup_file, ctl).map_err(|e| verify::explain_failure(e, expected, ctl))?;
+    // qemu-img reads the files itself: their hashes take a read of their
+    // own, and each must be one the chain leads to, as on the native path.
+    let files: Vec<PathBuf> = chain.iter().map(|i| PathBuf::from(&i.filename)).collect();
+    verify::verify_chain_files(&files, expected, ctl)?;
     let dir = req.dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let m = q.measure(&req.backup_file, req.format, ctl)?;
     let needed = if req.format == ImageFormat::Raw { 0 } else { m.required };
