@@ -291,7 +291,12 @@ pub(crate) fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<Compr
         }
     }
     let opts = compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
-    require_free(fsio::parent_dir(&r.files[0]), r.min_free_bytes)?;
+    // Beside every file: they may lie on more than one file system.
+    let mut dirs: Vec<&Path> = r.files.iter().map(|f| fsio::parent_dir(f)).collect();
+    dirs.dedup();
+    for d in dirs {
+        require_free(d, r.min_free_bytes)?;
+    }
     let expected: Vec<Option<String>> = match &r.expected_hashes {
         Some(h) if h.len() != r.files.len() => {
             return Err(KnibError::invalid(format!(

@@ -574,3 +574,40 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
     let leftovers: Vec<_> = files().into_keys().filter(|p| p.to_string_lossy().ends_with(".part")).collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `agent.compress`'s `min_free_bytes` holds beside every file, not only
+/// the first: the second here is on a 4 MiB tmpfs (mounted for the test;
+/// skipped, saying so, where mounting is not allowed).
+#[test]
+fn compress_min_free_bytes_holds_beside_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: compress_min_free_bytes_holds_beside_every_file needs to mount a tmpfs (root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&small);
+    let (a, b) = (dir.path().join("a.qcow2"), small.join("b.qcow2"));
+    for f in [&a, &b] {
+        make_disk(f, 2 * MIB, &[]);
+        qemu_io(f, "write -P 0x61 0 64k");
+    }
+    let before = std::fs::read(&b).unwrap();
+    let e = agent("agent.compress", &json!({"files": [a, b], "min_free_bytes": 64 * MIB})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NoSpace, "{e}");
+    assert!(e.message.starts_with(&format!("compression (min_free_bytes): {} has ", small.display())), "{e}");
+    assert_eq!(std::fs::read(&b).unwrap(), before);
+    assert_eq!(std::fs::read_dir(&small).unwrap().count(), 1, "something was written beside b");
+}
