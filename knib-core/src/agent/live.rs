@@ -149,7 +149,8 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                                 )));
                             }
                         }
-                        let others = grand_children_off_chain(op, q, &chain, &m.child, &m.grand_children, ctl)?;
+                        let others =
+                            grand_children_off_chain(op, q, &chain, &m.parent, &m.child, &m.grand_children, ctl)?;
                         (chain[n + 1].clone(), Some(chain[n].clone()), others)
                     }
                     None if kind == BackupKind::Incremental => {
@@ -178,7 +179,8 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                 };
                 match &v.merge {
                     Some(m) => {
-                        let others = grand_children_off_chain(op, q, &chain, &m.child, &m.grand_children, ctl)?;
+                        let others =
+                            grand_children_off_chain(op, q, &chain, &m.parent, &m.child, &m.grand_children, ctl)?;
                         (disk, named(&m.parent), Some(named(&m.child)), snapshots, others)
                     }
                     None => (disk, named(&v.path), None, snapshots, Vec::new()),
@@ -228,13 +230,16 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
 }
 
 /// Of `grand_children` (files whose backing file is `child`), those outside
-/// the disk's `chain` (other branches of a VM snapshot tree): each must
-/// have `child` as its backing file. The merge of `child` re-points the one
-/// in the chain itself; these are re-pointed at its parent after it.
+/// the disk's `chain` (other branches of a VM snapshot tree) still on
+/// `child`: the merge of `child` re-points the one in the chain itself;
+/// these are re-pointed at `parent` after it. One already on `parent` (a
+/// merge run again, as a clean-up does) is left; one on another file is
+/// refused.
 fn grand_children_off_chain(
     op: &str,
     q: &QemuImg,
     chain: &[PathBuf],
+    parent: &Path,
     child: &Path,
     grand_children: &[PathBuf],
     ctl: &Control,
@@ -245,14 +250,16 @@ fn grand_children_off_chain(
             continue;
         }
         let info = q.info(g, ctl)?;
-        if !info.full_backing_filename.as_deref().is_some_and(|b| same_file(Path::new(b), child)) {
+        let on = |f: &Path| info.full_backing_filename.as_deref().is_some_and(|b| same_file(Path::new(b), f));
+        if on(child) {
+            others.push(g.clone());
+        } else if !on(parent) {
             return Err(KnibError::invalid(format!(
                 "request of {op}: grand child {} does not have {} as its backing file",
                 g.display(),
                 child.display()
             )));
         }
-        others.push(g.clone());
     }
     Ok(others)
 }
@@ -570,7 +577,7 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
         }
         // Grand children outside the disk's chain (other branches of a
         // snapshot tree) are pointed at the parent afterwards.
-        let others = grand_children_off_chain(op, &q, &chain, &m.child, &m.grand_children, ctl)?;
+        let others = grand_children_off_chain(op, &q, &chain, &m.parent, &m.child, &m.grand_children, ctl)?;
         let target = disk.target.clone();
         let child = chain[at].clone();
         let parent = chain[at + 1].clone();
