@@ -110,6 +110,8 @@ impl Store {
         let mut files_checked = 0;
         let mut chain_hashes = BTreeMap::new();
         let mut new_hashes = Vec::new();
+        // The manifests of the chain, root first (one read for every volume).
+        let manifests = self.chain(m);
         for v in &m.volumes {
             let file = self.backup_dir(m).join(&v.file);
             let files = match self.chain_files(m, &v.name) {
@@ -153,17 +155,17 @@ impl Store {
                 }
                 Err(e) => problems.push(e.message),
             }
-            // The manifests of the chain, root first, as `files` are: each
-            // file is held against its own backup's recorded hash (a parent
-            // deleted but kept for the chain is checked only this way).
-            let chain = match self.chain(m) {
+            // The manifests, as `files` are: each file is held against its
+            // own backup's recorded hash (a parent deleted but kept for the
+            // chain is checked only this way).
+            let chain = match &manifests {
                 Ok(c) if c.len() == files.len() => c,
                 Ok(_) => {
                     problems.push(format!("backup {}: its chain changed while it was verified", m.id));
                     continue;
                 }
                 Err(e) => {
-                    problems.push(e.message);
+                    problems.push(e.message.clone());
                     continue;
                 }
             };
