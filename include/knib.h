@@ -545,8 +545,8 @@
  *                     changes are found, `snapshot` or `bitmap` (checkpoints
  *                     and dirty bitmaps, running domains); absent: the VM's
  *                     setting (`vm.settings`), `snapshot` by default.
- *       quiesce?      boolean, default false: Freeze the guest's filesystems
- *                     (guest agent) for the snapshot.
+ *       quiesce?      boolean, default false: With `domain`: freeze the
+ *                     guest's filesystems (guest agent) for the snapshot.
  *       store         string: The store directory (made when missing).
  *       timeout_secs? integer or null: The time budget in seconds; 0 or
  *                     absent = none.
@@ -726,11 +726,13 @@
  *       connect?             string or null: The libvirt URI (default
  *                            `qemu:///system`).
  *       freeze_timeout_secs? integer, default 30: The bound on freezing and
- *                            snapshotting, in seconds (default 30): past it
- *                            every guest is thawed and the group fails.
+ *                            snapshotting while guests are frozen, in seconds
+ *                            (1 or more, default 30): past it every guest is
+ *                            thawed and the group fails. A group with no
+ *                            guest frozen is not bounded by it.
  *       full?                boolean, default false: Start new chains.
  *       max_parallel?        integer or null: Members copied at once after
- *                            the thaw (default: the store's
+ *                            the thaw (1 or more; default: the store's
  *                            `group.max_concurrent_copies`, 4).
  *       members              [MemberSpec]: The VMs, at least two: each a
  *                            `domain`, or a `vm` with `disks`.

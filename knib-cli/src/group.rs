@@ -97,8 +97,9 @@ pub struct BackupArgs {
     /// once, for the snapshots.
     #[arg(long)]
     quiesce: bool,
-    /// The bound on freezing and snapshotting all members, in seconds:
-    /// past it every guest is thawed and the group fails.
+    /// The bound on freezing and snapshotting all members while guests are
+    /// frozen (--quiesce), in seconds: past it every guest is thawed and the
+    /// group fails.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_FREEZE_TIMEOUT_SECS,
           value_parser = clap::value_parser!(u64).range(1..))]
     freeze_timeout: u64,

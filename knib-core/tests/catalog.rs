@@ -460,3 +460,29 @@ fn a_backup_compressed_as_it_is_copied_is_recorded_compressed_and_restores_ident
     let reports = store.verify(None, &Control::new()).unwrap();
     assert!(reports.iter().all(|r| r.ok), "{reports:?}");
 }
+
+#[test]
+fn what_only_a_domains_backup_does_is_refused_for_a_vm_with_disks() {
+    let vm = TestDisks::two();
+    let chain_before = chain_len(vm.path("root"));
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let disks = serde_json::to_value(&vm.disks).unwrap();
+    for (field, value) in [("quiesce", serde_json::json!(true)), ("method", serde_json::json!("bitmap"))] {
+        let mut req = serde_json::json!({"store": root, "vm": "vm1", "disks": disks});
+        req[field] = value.clone();
+        for vault in [None, Some("s3://bucket/prefix")] {
+            if let Some(v) = vault {
+                req["vault"] = serde_json::json!(v);
+            }
+            let e = knib_core::api::call("backup", &req.to_string(), &Control::new()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{req}: {e}");
+            assert!(e.message.contains(&format!("field `{field}` goes with `domain`, not `vm`")), "{req}: {e}");
+            assert!(!root.exists(), "{req}: the store was made");
+        }
+    }
+    assert_eq!(chain_len(vm.path("root")), chain_before);
+    // Without them the same request backs the VM up.
+    let req = serde_json::json!({"store": root, "vm": "vm1", "disks": disks, "quiesce": false});
+    knib_core::api::call("backup", &req.to_string(), &Control::new()).unwrap();
+}

@@ -310,3 +310,44 @@ fn a_record_naming_another_vms_backup_is_refused() {
     }
     assert!(path.exists(), "the record is kept");
 }
+
+#[test]
+fn options_that_cannot_run_a_group_are_refused_before_the_store_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, disk_a) = plain(dir.path(), "plain-a", 0x61);
+    let (b, _) = plain(dir.path(), "plain-b", 0x62);
+    let before = std::fs::read(&disk_a).unwrap();
+    let root = dir.path().join("store");
+    let members = json!([
+        {"vm": "plain-a", "disks": [{"name": "root", "path": a.disks[0].path}]},
+        {"vm": "plain-b", "disks": [{"name": "root", "path": b.disks[0].path}]},
+    ]);
+    for (field, want) in [
+        ("freeze_timeout_secs", "freeze timeout must be at least 1 second, not 0"),
+        ("max_parallel", "copies at least one member at once: max_parallel is 0"),
+    ] {
+        let mut req = json!({"store": root, "members": members});
+        req[field] = json!(0);
+        let e = knib_core::api::call("group.backup", &req.to_string(), &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{field}: {e}");
+        assert!(e.message.contains(want), "{field}: {e}");
+        assert!(!root.exists(), "{field}: the store was made");
+    }
+    // The library refuses them too, with the store there.
+    let store = Store::create(&root).unwrap();
+    for opts in [
+        GroupOptions { max_parallel: Some(0), ..Default::default() },
+        GroupOptions { freeze_timeout: Duration::ZERO, ..Default::default() },
+    ] {
+        let e = store.backup_group(&[a.clone(), b.clone()], &opts, &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    }
+    assert!(store.list(None).unwrap().is_empty());
+    assert_eq!(std::fs::read(&disk_a).unwrap(), before);
+    // One copy at a time and a one-second bound are taken.
+    let mut req = json!({"store": root, "members": members});
+    req["max_parallel"] = json!(1);
+    req["freeze_timeout_secs"] = json!(1);
+    let rec = call("group.backup", req);
+    assert_eq!(rec["state"], "complete", "{rec}");
+}

@@ -62,7 +62,8 @@ pub(crate) struct BackupReq {
     /// The libvirt URI (default `qemu:///system`).
     #[serde(default)]
     connect: Option<String>,
-    /// Freeze the guest's filesystems (guest agent) for the snapshot.
+    /// With `domain`: freeze the guest's filesystems (guest agent) for the
+    /// snapshot.
     #[serde(default)]
     quiesce: bool,
     /// Start a new chain.
@@ -417,6 +418,15 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
         compress: r.compress,
         method: r.method,
     };
+    if r.vm.is_some() && r.domain.is_none() {
+        // What only a domain's backup does: refused, not ignored.
+        if r.quiesce {
+            return Err(KnibError::invalid(format!("request of {op}: field `quiesce` goes with `domain`, not `vm`")));
+        }
+        if r.method.is_some() {
+            return Err(KnibError::invalid(format!("request of {op}: field `method` goes with `domain`, not `vm`")));
+        }
+    }
     let store = Store::create(&r.store)?;
     if let Some(to) = &r.vault {
         if !crate::vault::is_vault(to) {

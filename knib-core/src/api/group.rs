@@ -39,16 +39,17 @@ pub(crate) struct GroupBackupReq {
     /// snapshots (all at once).
     #[serde(default)]
     quiesce: bool,
-    /// The bound on freezing and snapshotting, in seconds (default 30):
-    /// past it every guest is thawed and the group fails.
+    /// The bound on freezing and snapshotting while guests are frozen, in
+    /// seconds (1 or more, default 30): past it every guest is thawed and
+    /// the group fails. A group with no guest frozen is not bounded by it.
     #[serde(default = "default_freeze_timeout")]
     freeze_timeout_secs: u64,
     /// `"keep"` (default: publish the members that succeeded) or
     /// `"rollback"` (publish none unless all succeed).
     #[serde(default)]
     on_failure: OnFailure,
-    /// Members copied at once after the thaw (default: the store's
-    /// `group.max_concurrent_copies`, 4).
+    /// Members copied at once after the thaw (1 or more; default: the
+    /// store's `group.max_concurrent_copies`, 4).
     #[serde(default)]
     max_parallel: Option<usize>,
     /// Start new chains.
@@ -149,11 +150,12 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
                 method: None,
             },
             quiesce: r.quiesce,
-            freeze_timeout: Duration::from_secs(r.freeze_timeout_secs.max(1)),
+            freeze_timeout: Duration::from_secs(r.freeze_timeout_secs),
             on_failure: r.on_failure,
             connect: r.connect,
             max_parallel: r.max_parallel,
         };
+        opts.check()?;
         let store = Store::create(&r.store)?;
         let record = store.backup_group(&r.members, &opts, ctl)?;
         // `sync.auto`: each member's sync job, queued; the group backup is

@@ -119,15 +119,30 @@ pub struct GroupOptions {
     pub backup: BackupOptions,
     /// Freeze the guests that have a guest agent channel.
     pub quiesce: bool,
-    /// The bound on freezing and snapshotting all members.
+    /// The bound on freezing and snapshotting all members while guests are
+    /// frozen (at least 1 s; a group with no guest frozen is not bounded).
     pub freeze_timeout: Duration,
     /// What a failure after the snapshots does.
     pub on_failure: OnFailure,
     /// The libvirt URI.
     pub connect: Option<String>,
-    /// Members copied at once after the thaw; `None`: the store's
-    /// `group.max_concurrent_copies` setting.
+    /// Members copied at once after the thaw (at least 1); `None`: the
+    /// store's `group.max_concurrent_copies` setting.
     pub max_parallel: Option<usize>,
+}
+
+impl GroupOptions {
+    /// Whether these options can run a group backup: at least one member
+    /// copied at once, and a freeze bound of at least a second.
+    pub fn check(&self) -> Result<()> {
+        if self.max_parallel == Some(0) {
+            return Err(KnibError::invalid("a group backup copies at least one member at once: max_parallel is 0"));
+        }
+        if self.freeze_timeout.is_zero() {
+            return Err(KnibError::invalid("a group backup's freeze timeout must be at least 1 second, not 0"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for GroupOptions {

@@ -182,7 +182,8 @@ impl Default for SyncSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GroupSettings {
-    /// Members of a group backup copied at once (at least 1).
+    /// Members of a group backup copied at once (1 to 1024).
+    #[serde(deserialize_with = "per_host")]
     pub max_concurrent_copies: u32,
 }
 

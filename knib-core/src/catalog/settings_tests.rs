@@ -92,6 +92,7 @@ fn bad_settings_name_the_key() {
         (r#"{"schema": 1, "compression.coroutines": 17}"#, "compression.coroutines"),
         (r#"{"schema": 1, "compression.max_concurrent_per_host": 0}"#, "compression.max_concurrent_per_host"),
         (r#"{"schema": 1, "compression.min_free_factor": -1}"#, "compression.min_free_factor"),
+        (r#"{"schema": 1, "group.max_concurrent_copies": 0}"#, "group.max_concurrent_copies"),
         (r#"{"schema": 1, "compression.library": "lz4"}"#, "compression.library"),
         (r#"{"schema": 1, "compression.timeout_secs": 1.5}"#, "compression.timeout_secs"),
         (r#"{"schema": 1, "validation.command": ["uname"]}"#, "validation.command"),

@@ -62,6 +62,7 @@ impl Store {
         if members.len() < 2 {
             return Err(KnibError::invalid("a group backup names at least two VMs"));
         }
+        opts.check()?;
         let mut names_seen: Vec<&str> = Vec::new();
         for m in members {
             let n = m.name()?;
