@@ -253,7 +253,9 @@
  *                     `qemu:///system`).
  *       domain?       string or null: The libvirt domain; may be absent only
  *                     with `running: false`.
- *       merges        [SnapshotMerge]: One merge per volume.
+ *       merges        [SnapshotMerge]: One merge per volume; empty: nothing
+ *                     to do (an empty answer), as the management server sends
+ *                     it after a restore of every volume.
  *       running?      boolean or null: Whether the VM runs (absent: asked of
  *                     libvirt).
  *       timeout_secs? integer or null: The time budget in seconds; 0 or

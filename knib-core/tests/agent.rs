@@ -335,6 +335,12 @@ fn a_stopped_domain_backup_and_a_vm_snapshot_merge() {
     vm.vm.snapshot_disk_only(&[("vda", &top)], false).unwrap();
     let reference = dir.path().join("ref2.qcow2");
     snapshot(&top, &reference);
+    // Nothing to merge (a restore of every volume ends with it): done, the chain unchanged.
+    let a = ok("agent.merge_snapshot", &json!({"domain": vm.name(), "merges": []}));
+    assert_eq!(a, json!({"volumes": []}));
+    assert!(snap.exists() && top.exists());
+    let below = knib_core::qemu_img::QemuImg::new().info(&top, &Control::new()).unwrap().full_backing_filename;
+    assert_eq!(below.map(PathBuf::from), Some(snap.clone()));
     let e = agent("agent.merge_snapshot", &json!({"domain": vm.name(), "merges": [{"parent": top, "child": snap}]}))
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");

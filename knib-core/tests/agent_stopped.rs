@@ -495,6 +495,12 @@ fn merge_snapshot_without_a_domain() {
     let (vt, vo) = (d.join("vt"), d.join("vo"));
     snapshot(&top, &vt);
     snapshot(&other, &vo);
+    // Nothing to merge (a restore of every volume ends with it): done, nothing touched.
+    let before: Vec<Vec<u8>> = [&base, &s1, &top, &other].iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let a = ok("agent.merge_snapshot", &json!({"running": false, "merges": []}));
+    assert_eq!(a, json!({"volumes": []}));
+    let after: Vec<Vec<u8>> = [&base, &s1, &top, &other].iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert!(before == after, "an empty merge changed a file");
     // Not the layer below: refused.
     let e = agent("agent.merge_snapshot", &json!({"running": false, "merges": [{"parent": base, "child": top}]}))
         .unwrap_err();

@@ -507,7 +507,8 @@ pub(crate) struct MergeReq {
     /// Whether the VM runs (absent: asked of libvirt).
     #[serde(default)]
     pub running: Option<bool>,
-    /// One merge per volume.
+    /// One merge per volume; empty: nothing to do (an empty answer), as
+    /// the management server sends it after a restore of every volume.
     pub merges: Vec<SnapshotMerge>,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
