@@ -1180,7 +1180,10 @@
  *                                into after the copy.
  *       parent_backup_path?      string or null: The parent backup on the
  *                                store: the copy is incremental, with it as
- *                                backing file; absent: a full copy.
+ *                                backing file; absent: a full copy of this
+ *                                volume (method `snapshot` takes full and
+ *                                incremental volumes in one backup; method
+ *                                `bitmap` all or none).
  *       path                     string: The file the disk runs on now
  *                                (VolumeObjectTO path, absolute).
  *       uuid                     string: The volume's uuid (the key of its

@@ -617,3 +617,66 @@ fn compress_min_free_bytes_holds_beside_every_file() {
     assert_eq!(std::fs::read(&b).unwrap(), before);
     assert_eq!(std::fs::read_dir(&small).unwrap().count(), 1, "something was written beside b");
 }
+
+/// A disk whose delta was merged since the last backup (the MS does that
+/// when a volume is detached or migrated; a disk attached since then has
+/// none either) is copied whole in the same backup as the others'
+/// incrementals, as the MS asks: no parent, no merge for it.
+#[test]
+fn one_backup_takes_full_and_incremental_volumes_together() {
+    if skip_without_libvirt("agent mixed backup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm =
+        TestVm::create("knib-agent-mix", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x31, 0, MIB);
+    model.write(&vm, "vdb", 0x32, MIB, 256 * 1024);
+    ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 1, None)}));
+    model.write(&vm, "vdb", 0x33, 2 * MIB, 64 * 1024);
+    // vdb's delta merged into its base while the VM runs.
+    let (vdb_base, vdb_delta) = (vm.initial_file("vdb"), chain(&vm, "vdb")[0].clone());
+    ok(
+        "agent.merge_snapshot",
+        &json!({"domain": vm.name(), "merges": [{"uuid": "uuid-vdb", "parent": vdb_base, "child": vdb_delta}]}),
+    );
+    assert_eq!(chain(&vm, "vdb"), vec![vdb_base.clone()]);
+    model.write(&vm, "vda", 0x34, 4 * MIB, 512 * 1024);
+    model.write(&vm, "vdb", 0x35, 8 * MIB, 64 * 1024);
+    let n2 = model.writes.len();
+
+    let mut vols = volumes(&vm, &store, 2, Some(1));
+    assert!(vols[1]["merge"].is_null(), "vdb runs on its base: no merge");
+    vols[1].as_object_mut().unwrap().remove("parent_backup_path");
+    let a = ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": vols}));
+    assert_eq!(a["kind"], "incremental");
+    let q = knib_core::qemu_img::QemuImg::new();
+    let info = |f: &Path| q.info(f, &Control::new()).unwrap();
+    assert_eq!(info(&store.join("backup-2/vda.qcow2")).backing_filename.as_deref(), Some("../backup-1/vda.qcow2"));
+    assert_eq!(info(&store.join("backup-2/vdb.qcow2")).backing_filename, None, "vdb is copied whole");
+    for (t, _) in DISKS {
+        let now = chain(&vm, t);
+        assert_eq!(now, vec![vm.initial_file(t).with_file_name(format!("delta-{t}-2")), vm.initial_file(t)]);
+        assert_eq!(a["volumes"][if t == "vda" { 0 } else { 1 }]["new_volume_path"], json!(now[0]));
+    }
+    let out = dir.path().join("restored");
+    std::fs::create_dir(&out).unwrap();
+    for (t, _) in DISKS {
+        let to = out.join(format!("{t}.qcow2"));
+        let backup = store.join("backup-2").join(format!("{t}.qcow2"));
+        ok("agent.restore", &json!({"volumes": [{"uuid": t, "backup_path": backup, "volume_path": to}]}));
+        model.assert_restored(t, n2, &to, dir.path());
+    }
+    // The bitmap method takes one checkpoint for all disks: all or none.
+    let mut vols = volumes(&vm, &store, 3, Some(2));
+    vols[1].as_object_mut().unwrap().remove("parent_backup_path");
+    for v in vols.as_array_mut().unwrap() {
+        v.as_object_mut().unwrap().remove("merge");
+    }
+    let e = agent("agent.take_backup", &json!({"domain": vm.name(), "method": "bitmap", "volumes": vols})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("uuid-vdb") && e.message.contains("method `bitmap`"), "{e}");
+    model.assert_vm_reads_everything(&vm);
+}

@@ -674,3 +674,31 @@ fn a_cleanup_given_as_the_agents_cleanup_tos_puts_the_volume_back_on_its_delta()
     vm.assert_backup_is("b1", &v1);
     vm.assert_clean();
 }
+
+/// A volume whose delta was merged since the last backup (detached and
+/// attached again) is copied whole in the same backup as the others'
+/// incrementals: no parent, no merge for it.
+#[test]
+fn one_backup_without_a_domain_takes_full_and_incremental_volumes_together() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 23);
+    vm.write(4);
+    vm.take("b1", None, json!({}));
+    vm.write(3);
+    let (base, top) = (vm.vols[1].1.clone(), vm.vols[1].2.clone());
+    ok("agent.merge_snapshot", &json!({"running": false, "merges": [{"parent": base, "child": top}]}));
+    vm.vols[1].2 = base.clone();
+    vm.write(3);
+    let v2 = vm.view("b2");
+    let mut req = vm.request("b2", Some("b1"), json!({}));
+    assert!(req["volumes"][1]["merge"].is_null());
+    req["volumes"][1].as_object_mut().unwrap().remove("parent_backup_path");
+    let a = ok("agent.take_backup", &req);
+    vm.follow(&a["volumes"], "new_volume_path");
+    assert_eq!(a["kind"], "incremental");
+    let backing = |f: &Path| QemuImg::new().info(f, &Control::new()).unwrap().backing_filename;
+    assert_eq!(backing(&vm.store_file("b2", &vm.vols[0].0)), Some(format!("../b1/{}.qcow2", vm.vols[0].0)));
+    assert_eq!(backing(&vm.store_file("b2", &vm.vols[1].0)), None, "copied whole");
+    vm.assert_backup_is("b2", &v2);
+    vm.assert_clean();
+}

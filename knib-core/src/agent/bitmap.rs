@@ -98,7 +98,7 @@ fn disk_of<'d>(vm: Option<&Vm>, disks: &'d [DiskInfo], path: &Path) -> Result<&'
 /// one copies every cluster, if it does.
 fn plan(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> Result<(BitmapPlan, Option<String>)> {
     non_empty(op, "volumes", &r.volumes)?;
-    let kind = super::kind_of(op, r)?;
+    let kind = super::kind_of(op, r, false)?;
     let (disks, running) = vm_disks(op, vm, r, q, ctl)?;
     let who = vm.map(|v| format!("domain {}", v.name())).unwrap_or_else(|| "the VM".into());
     if r.running == Some(false) && running {
@@ -287,7 +287,7 @@ pub(crate) fn cleanup_vm_backup(
     }
     let published = planned.iter().all(|d| d.dest.is_file());
     let finish = published && mode == CleanupMode::Complete;
-    let kind = super::kind_of(op, r)?;
+    let kind = super::kind_of(op, r, false)?;
     let plan = BitmapPlan {
         backup_id: id.clone(),
         kind,

@@ -57,7 +57,7 @@ enum Mode {
 fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) -> Result<LivePlan> {
     non_empty(op, "volumes", &r.volumes)?;
     let running = check_running(op, vm, r.running)?;
-    let kind = kind_of(op, r)?;
+    let kind = kind_of(op, r, true)?;
     let disks = vm.disks()?;
     let mut plans: Vec<DiskPlan> = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
@@ -153,9 +153,9 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
                             grand_children_off_chain(op, q, &chain, &m.parent, &m.child, &m.grand_children, ctl)?;
                         (chain[n + 1].clone(), Some(chain[n].clone()), others)
                     }
-                    None if kind == BackupKind::Incremental => {
+                    None if v.parent_backup_path.is_some() => {
                         return Err(KnibError::invalid(format!(
-                            "request of {op}: volume {}: an incremental backup copies the delta written since the parent backup: give it as `merge.child` (with its base as `merge.parent`)",
+                            "request of {op}: volume {}: an incremental volume copies the delta written since its parent backup: give it as `merge.child` (with its base as `merge.parent`)",
                             v.uuid
                         )));
                     }

@@ -51,7 +51,7 @@ pub(crate) struct BackupVolume {
     pub delta_path_on_primary: PathBuf,
     /// The backup file written on the store (its directory made when missing).
     pub delta_path_on_store: PathBuf,
-    /// The parent backup on the store: the copy is incremental, with it as backing file; absent: a full copy.
+    /// The parent backup on the store: the copy is incremental, with it as backing file; absent: a full copy of this volume (method `snapshot` takes full and incremental volumes in one backup; method `bitmap` all or none).
     #[serde(default)]
     pub parent_backup_path: Option<PathBuf>,
     /// The delta written since the last backup and the base it is committed into after the copy.
@@ -532,8 +532,14 @@ pub(crate) fn domain_of<'a>(
     }
 }
 
-/// The kind of a backup from its request.
-pub(crate) fn kind_of(op: &str, r: &TakeReq) -> crate::error::Result<crate::engine::take::BackupKind> {
+/// The kind of a backup from its request: isolated, full (no volume has
+/// `parent_backup_path`) or incremental (some have). With `mixed`, an
+/// incremental backup may hold full volumes too: each volume without a
+/// parent is copied whole, as the management server asks for a disk
+/// attached since the last backup, or one whose delta was merged when it
+/// was detached or migrated (method `snapshot`). Without it, every volume
+/// must have a parent (method `bitmap`: one checkpoint for all disks).
+pub(crate) fn kind_of(op: &str, r: &TakeReq, mixed: bool) -> crate::error::Result<crate::engine::take::BackupKind> {
     let parents = r.volumes.iter().filter(|v| v.parent_backup_path.is_some()).count();
     if r.isolated {
         if let Some(v) = r.volumes.iter().find(|v| v.parent_backup_path.is_some()) {
@@ -545,13 +551,13 @@ pub(crate) fn kind_of(op: &str, r: &TakeReq) -> crate::error::Result<crate::engi
         Ok(crate::engine::take::BackupKind::Isolated)
     } else if parents == 0 {
         Ok(crate::engine::take::BackupKind::Full)
-    } else if parents == r.volumes.len() {
+    } else if parents == r.volumes.len() || mixed {
         Ok(crate::engine::take::BackupKind::Incremental)
     } else {
         let without: Vec<&str> =
             r.volumes.iter().filter(|v| v.parent_backup_path.is_none()).map(|v| v.uuid.as_str()).collect();
         Err(crate::error::KnibError::invalid(format!(
-            "request of {op}: some volumes have `parent_backup_path` and some ({}) do not: one backup is all full or all incremental",
+            "request of {op}: some volumes have `parent_backup_path` and some ({}) do not: method `bitmap` backs up all volumes full or all incremental (method `snapshot` takes both in one backup)",
             without.join(", ")
         )))
     }

@@ -32,7 +32,7 @@ fn named_files(r: &TakeReq) -> Vec<&Path> {
 /// cleaned up.
 fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result<FilesPlan> {
     non_empty(op, "volumes", &r.volumes)?;
-    let kind = kind_of(op, r)?;
+    let kind = kind_of(op, r, true)?;
     let mut disks: Vec<FilesDisk> = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
@@ -150,9 +150,9 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
                         upper = f.to_path_buf();
                     }
                 }
-                None if kind == BackupKind::Incremental => {
+                None if v.parent_backup_path.is_some() => {
                     return Err(KnibError::invalid(format!(
-                        "request of {op}: volume {}: an incremental backup copies the delta written since the parent backup: give it as `merge.child` (with its base as `merge.parent`)",
+                        "request of {op}: volume {}: an incremental volume copies the delta written since its parent backup: give it as `merge.child` (with its base as `merge.parent`)",
                         v.uuid
                     )));
                 }
