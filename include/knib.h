@@ -378,7 +378,9 @@
  *       running?      boolean or null: Whether the VM runs (absent: asked of
  *                     libvirt).
  *       timeout_secs? integer or null: The time budget in seconds (the
- *                     command's `wait`); 0 or absent = none.
+ *                     command's `wait`); 0 or absent = none. It bounds the
+ *                     snapshot and the copy; once the backup is published its
+ *                     merges run to their end, as on the Java path.
  *       volumes       [BackupVolume]: Every volume of the VM, backed up at
  *                     one instant.
  *     answer: TakeBackupAnswer
@@ -551,7 +553,10 @@
  *                     guest's filesystems (guest agent) for the snapshot.
  *       store         string: The store directory (made when missing).
  *       timeout_secs? integer or null: The time budget in seconds; 0 or
- *                     absent = none.
+ *                     absent = none. It bounds the snapshot and the copy;
+ *                     once the backup is published the merge of the disks
+ *                     runs to its end (stopping it would leave them for
+ *                     `recover`).
  *       vault?        string or null: Write the backup straight to this vault
  *                     (`s3://bucket/prefix`) as it is copied, instead of into
  *                     the store (which keeps the VM's lock, settings and, for

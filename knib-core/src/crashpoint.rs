@@ -30,6 +30,7 @@ pub const NOTE_ENV: &str = "KNIB_TEST_CRASH_NOTE";
 pub fn durable_step(what: &str) {
     #[cfg(debug_assertions)]
     {
+        pause_if_asked(what);
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::OnceLock;
         static AT: OnceLock<Option<u64>> = OnceLock::new();
@@ -49,4 +50,34 @@ pub fn durable_step(what: &str) {
     }
     #[cfg(not(debug_assertions))]
     let _ = what;
+}
+
+/// Make the first durable step whose name contains `what_contains` wait
+/// `pause` before it is taken, once (debug builds only; release builds
+/// ignore it): how a test puts time between two steps, such as a time
+/// budget that runs out just after a backup is published.
+pub fn pause_before(what_contains: &str, pause: std::time::Duration) {
+    #[cfg(debug_assertions)]
+    pauses().lock().unwrap_or_else(|p| p.into_inner()).push((what_contains.to_string(), pause));
+    #[cfg(not(debug_assertions))]
+    let _ = (what_contains, pause);
+}
+
+#[cfg(debug_assertions)]
+fn pauses() -> &'static std::sync::Mutex<Vec<(String, std::time::Duration)>> {
+    static PAUSES: std::sync::OnceLock<std::sync::Mutex<Vec<(String, std::time::Duration)>>> =
+        std::sync::OnceLock::new();
+    PAUSES.get_or_init(Default::default)
+}
+
+#[cfg(debug_assertions)]
+fn pause_if_asked(what: &str) {
+    let found = {
+        let mut p = pauses().lock().unwrap_or_else(|p| p.into_inner());
+        p.iter().position(|(w, _)| what.contains(w.as_str())).map(|i| p.remove(i).1)
+    };
+    if let Some(d) = found {
+        log::debug!("pausing {d:?} before durable step: {what}");
+        std::thread::sleep(d);
+    }
 }

@@ -680,3 +680,42 @@ fn one_backup_takes_full_and_incremental_volumes_together() {
     assert!(e.message.contains("uuid-vdb") && e.message.contains("method `bitmap`"), "{e}");
     model.assert_vm_reads_everything(&vm);
 }
+
+/// The time budget bounds the copy, not the block commit after it (as on
+/// the Java path): a budget that runs out once the backup is published
+/// still lets the merge finish, and the VM is consistent on its new delta.
+#[test]
+fn the_block_commit_after_a_published_backup_runs_past_the_time_budget() {
+    if skip_without_libvirt("agent merge past the budget") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm =
+        TestVm::create("knib-agent-budget", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x51, 0, MIB);
+    ok("agent.take_backup", &json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 1, None)}));
+    model.write(&vm, "vda", 0x52, 2 * MIB, 256 * 1024);
+    model.write(&vm, "vdb", 0x53, MIB, 64 * 1024);
+    let n2 = model.writes.len();
+    let old = chain(&vm, "vda")[0].clone();
+    knib_core::crashpoint::pause_before(
+        &format!("block commit of {}", old.display()),
+        std::time::Duration::from_secs(3),
+    );
+    let a = ok(
+        "agent.take_backup",
+        &json!({"domain": vm.name(), "timeout_secs": 2, "volumes": volumes(&vm, &store, 2, Some(1))}),
+    );
+    assert_eq!(a["vm_consistent"], true);
+    assert!(!old.exists(), "the old delta is merged and removed");
+    for (t, _) in DISKS {
+        assert_eq!(chain(&vm, t), vec![vm.initial_file(t).with_file_name(format!("delta-{t}-2")), vm.initial_file(t)]);
+        let to = dir.path().join(format!("{t}-restored.qcow2"));
+        let backup = store.join("backup-2").join(format!("{t}.qcow2"));
+        ok("agent.restore", &json!({"volumes": [{"uuid": t, "backup_path": backup, "volume_path": to}]}));
+        model.assert_restored(t, n2, &to, dir.path());
+    }
+    model.assert_vm_reads_everything(&vm);
+}

@@ -702,3 +702,27 @@ fn one_backup_without_a_domain_takes_full_and_incremental_volumes_together() {
     vm.assert_backup_is("b2", &v2);
     vm.assert_clean();
 }
+
+/// The time budget bounds the copy, not the merge after it (as on the Java
+/// path): a budget that runs out once the backup is published still lets
+/// the merge finish, and the backup succeeds with the VM on its new delta.
+#[test]
+fn the_merge_after_a_published_backup_runs_past_the_time_budget() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 29);
+    vm.write(3);
+    vm.take("b1", None, json!({}));
+    vm.write(3);
+    let v2 = vm.view("b2");
+    let old = vm.vols[0].2.clone();
+    // Time passes between the publication and the first merge: past the budget.
+    knib_core::crashpoint::pause_before(&format!("commit of {}", old.display()), std::time::Duration::from_secs(3));
+    let mut req = vm.request("b2", Some("b1"), json!({}));
+    req["timeout_secs"] = json!(2);
+    let a = ok("agent.take_backup", &req);
+    vm.follow(&a["volumes"], "new_volume_path");
+    assert_eq!(a["vm_consistent"], true);
+    assert!(!old.exists(), "the old delta is merged and removed");
+    vm.assert_backup_is("b2", &v2);
+    vm.assert_clean();
+}

@@ -106,7 +106,7 @@ pub(crate) struct TakeReq {
     pub isolated: bool,
     /// Every volume of the VM, backed up at one instant.
     pub volumes: Vec<BackupVolume>,
-    /// The time budget in seconds (the command's `wait`); 0 or absent = none.
+    /// The time budget in seconds (the command's `wait`); 0 or absent = none. It bounds the snapshot and the copy; once the backup is published its merges run to their end, as on the Java path.
     #[serde(default)]
     pub timeout_secs: Option<u64>,
     /// "snapshot" (the default: KBOSS's external snapshot, copy and merge)

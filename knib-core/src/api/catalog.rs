@@ -89,7 +89,9 @@ pub(crate) struct BackupReq {
     /// vault's.
     #[serde(default)]
     vault: Option<String>,
-    /// The time budget in seconds; 0 or absent = none.
+    /// The time budget in seconds; 0 or absent = none. It bounds the
+    /// snapshot and the copy; once the backup is published the merge of the
+    /// disks runs to its end (stopping it would leave them for `recover`).
     #[serde(default)]
     timeout_secs: Option<u64>,
 }

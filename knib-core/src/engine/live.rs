@@ -376,7 +376,10 @@ pub fn take_to(
     };
 
     let after = (|| -> Result<()> {
-        let merge_ctl = Control::new().with_deadline(ctl.deadline).with_cancel(crate::CancelToken::new());
+        // The backup is published: its merges run to their end, past the
+        // time budget (which bounds the copy, as on the Java path) and a
+        // cancel; stopping one would leave the domain for a cleanup.
+        let merge_ctl = Control::new();
         let merge_ctl = match &ctl.progress {
             Some(p) => merge_ctl.with_progress(p.clone()),
             None => merge_ctl,
@@ -441,6 +444,7 @@ fn commit_down(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, top: &Path, into
                 into.display()
             )));
         }
+        flush_commit(into, None)?;
     } else {
         commit_files(q, top, into, path, ctl)?;
         crate::crashpoint::durable_step(&format!("pointing disk {} at {}", d.target, into.display()));
@@ -460,6 +464,11 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
     crate::crashpoint::durable_step(&step);
     if running {
         blockwait::commit_and_wait(vm, &d.target, &d.base, layer, false, ctl, &step)?;
+        let above = match d.snapshots.first() {
+            Some(s) => s.clone(),
+            None => vm.disk(&d.target)?.file,
+        };
+        flush_commit(&d.base, Some(&above))?;
     } else {
         let above = match d.snapshots.first() {
             Some(s) => s.clone(),
@@ -481,6 +490,17 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
         }
     }
     fsio::remove_if_exists(layer)
+}
+
+/// After a block commit into `base` of a running domain, before the
+/// committed layer is removed: QEMU does not flush what the job wrote (the
+/// layer's data in `base`, and the header of the file `above` it, now
+/// pointing at `base`), so both are made durable here; else a power loss
+/// could leave the disk pointing at a removed file, or lose the layer's
+/// writes.
+fn flush_commit(base: &Path, above: Option<&Path>) -> Result<()> {
+    fsio::sync_file(base)?;
+    above.map(fsio::sync_file).transpose().map(|_| ())
 }
 
 /// Merge `top` into `into`, which must be its backing file (stopped
@@ -653,6 +673,7 @@ pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ct
     let step = format!("merge of {} into {}", delta.display(), below.display());
     if running {
         blockwait::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
+        flush_commit(&below, i.checked_sub(1).map(|a| chain[a].as_path()))?;
         fsio::remove_if_exists(delta)?;
     } else if i == 0 {
         commit_files(q, delta, &below, DataPath::Native, ctl)?;

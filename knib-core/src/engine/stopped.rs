@@ -356,7 +356,10 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
 
     // 3. and 4. The merges.
     let after = (|| -> Result<()> {
-        let mctl = Control::new().with_deadline(ctl.deadline);
+        // The backup is published: its merges run to their end, past the
+        // time budget (which bounds the copy, as on the Java path);
+        // stopping one would leave the volume for a cleanup.
+        let mctl = Control::new();
         if plan.kind == BackupKind::Isolated {
             for d in &plan.disks {
                 commit_down(q, &d.new_delta, d.old_top(), plan.data_path, &mctl)?;

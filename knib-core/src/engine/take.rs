@@ -409,7 +409,8 @@ fn take_backup_to(
     // the next backup copies it again.
     if req.kind != BackupKind::Isolated {
         for ((v, st), early) in req.volumes.iter().zip(&states).zip(merged) {
-            merge_after_backup(q, v, st, req.end_of_chain, req.data_path, early, &Control::new().with_deadline(ctl.deadline))
+            // Past the time budget, which bounds the copy: the backup is published.
+            merge_after_backup(q, v, st, req.end_of_chain, req.data_path, early, &Control::new())
                 .map_err(|e| {
                     e.context(format!(
                         "the backup is stored, but merging volume {} afterwards failed (its writes stay in {} and the next backup copies them again)",
