@@ -305,6 +305,47 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
             }),
         });
     }
+    // A compression's next manifest, as a crash between its steps leaves
+    // it: it must be the same backup but for hashes, sizes and
+    // `compression`, and a file, not a link; a `.comp` it leaves for
+    // renaming must be a file too.
+    for kind in ["parent", "file", "link", "comp-link"] {
+        let (tid, seed) = (last.clone(), rng.next());
+        let tamper: Tamper = Box::new(move |store: &Path, outside: &Path| {
+            let dir = store.join("vms/vm1").join(&tid);
+            let mut m: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+            m["compression"] = serde_json::json!({"library": "zstd", "original_size": 1, "size": 1});
+            let mut r = Rng::new(seed);
+            match kind {
+                "parent" => m["parent"] = escape(&mut r, outside, "x").into(),
+                "file" => m["volumes"][0]["file"] = "other.qcow2".into(),
+                _ => {}
+            }
+            let next = dir.join("manifest.next.json");
+            let text = serde_json::to_vec_pretty(&m).unwrap();
+            if kind == "link" {
+                std::fs::write(outside.join("next.json"), &text).unwrap();
+                symlink(outside.join("next.json"), &next).unwrap();
+            } else {
+                std::fs::write(&next, &text).unwrap();
+            }
+            if kind == "comp-link" {
+                std::fs::write(outside.join("victim.comp"), b"not a qcow2").unwrap();
+                symlink(outside.join("victim.comp"), dir.join("root.qcow2.comp")).unwrap();
+            }
+        });
+        out.push(Case {
+            name: format!("next manifest ({kind}) of {last}"),
+            tamper,
+            names: if kind == "comp-link" {
+                format!("vms/vm1/{last}/root.qcow2.comp")
+            } else {
+                format!("vms/vm1/{last}/manifest.next.json")
+            },
+            want: Box::new(|op| if op == Op::List { Works } else { Fail(ErrorKind::Corrupt) }),
+        });
+    }
     // Links at every level of the store, and in place of every file.
     let target = last.clone();
     let vol: &'static str = ["root", "data"][rng.below(2) as usize];

@@ -9,6 +9,8 @@
 //!                                    cache: see "chain head" below)
 //! STORE/vms/<vm>/<id>/manifest.json  one manifest per backup (schema 1)
 //! STORE/vms/<vm>/<id>/<volume>.qcow2 one file per volume
+//! STORE/vms/<vm>/<id>/manifest.next.json  a compression being published
+//!                                    (see `compress_commit`)
 //! STORE/groups/<id>.json             a group backup's record (see `group`)
 //! ```
 //!
@@ -47,6 +49,7 @@
 mod backup;
 #[cfg(feature = "libvirt")]
 mod bitmap;
+mod compress_commit;
 pub(crate) mod confine;
 mod delete;
 pub mod group;
@@ -185,9 +188,17 @@ impl Store {
         Path::new("vms").join(vm)
     }
 
+    /// The manifest of backup `id` of `vm` as its files are: while a
+    /// compression of it is being published (or was, when a crash stopped
+    /// it), each volume as its file is ([`compress_commit`]).
+    fn load_manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
+        let m = self.read_manifest(vm, id)?;
+        self.pending_view(m)
+    }
+
     /// The manifest of backup `id` of `vm`, read without following links;
     /// it must name that VM and id (else someone moved it there).
-    fn load_manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
+    fn read_manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
         names::validate("backup id", id)?;
         let rel = Self::vm_rel(vm).join(id).join("manifest.json");
         let path = self.root.join(&rel);
@@ -223,6 +234,7 @@ impl Store {
         confine::ensure_dir(&self.root, &Self::vm_rel(vm), "VM directory")?;
         let lock = VmLock::acquire(&dir.join(".lock"), vm, operation)?;
         self.sweep_partials(vm)?;
+        self.finish_compressions(vm)?;
         Ok(lock)
     }
 

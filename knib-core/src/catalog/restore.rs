@@ -127,7 +127,6 @@ impl Store {
         }
         let opts = &CompressOptions { data_path: settings::Settings::load(&self.root)?.data_path, ..opts.clone() };
         let done = engine::compress_verified(&self.qemu_img, &files, &expected, opts, ctl)?;
-        engine::finalize(&files, true)?;
         let original: u64 = done.iter().map(|c| c.original_size).sum();
         let size: u64 = done.iter().map(|c| c.compressed_size).sum();
         for (v, c) in m.volumes.iter_mut().zip(&done) {
@@ -139,7 +138,9 @@ impl Store {
             original_size: original,
             size,
         });
-        m.save(&self.backup_dir(&m).join("manifest.json"))?;
+        // The files and the manifest replaced so that a crash at any point
+        // leaves a backup that reads as its files are.
+        self.publish_compression(&m)?;
         Ok(m)
     }
 }
