@@ -25,6 +25,36 @@ pub fn sync_file(path: &Path) -> Result<()> {
     f.sync_all().map_err(|e| KnibError::io("cannot fsync", path, e))
 }
 
+/// Create directory `dir` and every missing parent, each made durable in
+/// its parent (a file later made durable inside a new directory is lost
+/// with it if the directory's own entry is not).
+pub fn create_dir_all_durable(dir: &Path) -> Result<()> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_all_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent_dir(dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(KnibError::io("cannot create", dir, e)),
+    }
+}
+
+/// Flush every file of the filesystem that holds directory `dir`
+/// (`syncfs`): for a tree another program wrote, before it is renamed into
+/// place, since knib cannot fsync what it did not write.
+pub fn sync_filesystem(dir: &Path) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(dir).map_err(|e| KnibError::io("cannot open", dir, e))?;
+    // SAFETY: a valid descriptor, owned by `f` for the call.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(KnibError::io("cannot sync the filesystem of", dir, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// The directory `path` is in: its parent, or "." for a bare file name
 /// (whose `Path::parent()` is the empty path) and for a root.
 pub fn parent_dir(path: &Path) -> &Path {
@@ -186,5 +216,17 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::NoSpace);
         assert!(e.message.starts_with("compress b1: "), "{e}");
         require_space(d.path(), 1, "x").unwrap();
+    }
+
+    #[test]
+    fn directories_are_made_with_their_parents_and_a_file_in_the_way_is_named() {
+        let d = tempfile::tempdir().unwrap();
+        let deep = d.path().join("a/b/c");
+        create_dir_all_durable(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_all_durable(&deep).unwrap();
+        std::fs::write(d.path().join("f"), b"x").unwrap();
+        let e = create_dir_all_durable(&d.path().join("f/g")).unwrap_err();
+        assert!(e.message.contains(&d.path().join("f").display().to_string()), "{e}");
     }
 }

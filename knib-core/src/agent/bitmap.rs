@@ -239,7 +239,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
     for d in &plan.disks {
         let dir = crate::fsio::parent_dir(&d.dest);
         if !dir.is_dir() {
-            std::fs::create_dir_all(dir).map_err(|e| consistent(KnibError::io("cannot create", dir, e)))?;
+            crate::fsio::create_dir_all_durable(dir).map_err(consistent)?;
         }
     }
     log::info!(

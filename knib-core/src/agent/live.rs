@@ -195,7 +195,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         }
         let dest_dir = crate::fsio::parent_dir(&v.delta_path_on_store);
         if mode == Mode::Take && !dest_dir.is_dir() {
-            std::fs::create_dir_all(dest_dir).map_err(|e| KnibError::io("cannot create", dest_dir, e))?;
+            crate::fsio::create_dir_all_durable(dest_dir)?;
         }
         let parent = v.parent_backup_path.as_deref().map(|p| relative_pointer(dest_dir, p));
         let virtual_size = q.info(&disk.file, ctl)?.virtual_size;

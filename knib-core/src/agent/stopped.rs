@@ -161,7 +161,7 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
         }
         let dest_dir = fsio::parent_dir(&v.delta_path_on_store);
         if take && !dest_dir.is_dir() {
-            std::fs::create_dir_all(dest_dir).map_err(|e| KnibError::io("cannot create", dest_dir, e))?;
+            fsio::create_dir_all_durable(dest_dir)?;
         }
         let (base, old_delta, grand_children) = match &v.merge {
             Some(m) => (m.parent.clone(), Some(m.child.clone()), m.grand_children.clone()),

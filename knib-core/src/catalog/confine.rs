@@ -228,7 +228,9 @@ pub(crate) fn ensure_dir(root: &Path, rel: &Path, what: &str) -> Result<()> {
         let next = match beneath(&dir, Path::new(c.as_os_str()), flags) {
             Err(Errno::NOENT) => {
                 match rustix::fs::mkdirat(&dir, c.as_os_str(), Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(Errno::EXIST) => {}
+                    // The new entry made durable in its parent.
+                    Ok(()) => crate::fsio::sync_dir(&root.join(done.parent().unwrap_or(Path::new(""))))?,
+                    Err(Errno::EXIST) => {}
                     Err(e) => return Err(KnibError::io("cannot create", &root.join(&done), e.into())),
                 }
                 beneath(&dir, Path::new(c.as_os_str()), flags)

@@ -329,7 +329,7 @@ impl Store {
                 let manifest = self.show(b).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
                 member_of(id, m, &manifest)?;
                 let dir = to.join(&m.vm);
-                fs::create_dir_all(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
+                fsio::create_dir_all_durable(&dir)?;
                 for v in &manifest.volumes {
                     let ext = if quick { "qcow2" } else { format.as_str() };
                     let path = dir.join(format!("{}.{ext}", v.name));

@@ -157,6 +157,9 @@ impl Guest {
             let base = Path::new(path).file_name().unwrap_or(OsStr::new(""));
             let got = if base.is_empty() { tmp.clone() } else { tmp.join(base) };
             let summary = count(&got)?;
+            // guestfish wrote the tree without syncing it: made durable
+            // before it appears under its name.
+            crate::fsio::sync_filesystem(&tmp)?;
             crate::fsio::commit_rename(&got, to)?;
             Ok(summary)
         })();
