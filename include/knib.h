@@ -493,7 +493,9 @@
  *                             screenshot relative to it, as the agent
  *                             answers.
  *       take_screenshot?      boolean, default false: Save a PNG screenshot
- *                             after the boot.
+ *                             after the boot; without it the screenshot
+ *                             fields below are ignored (the Java wrapper sets
+ *                             them whatever the offering's steps).
  *       timeout_secs?         integer or null: The time budget in seconds; 0
  *                             or absent = none.
  *       vm_name?              string or null: The validated VM's name (in

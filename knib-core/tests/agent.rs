@@ -453,8 +453,13 @@ fn quick_restore_consolidate_and_validation_files() {
     assert_eq!((r["boot_validated"].as_bool(), r["passed"].as_bool()), (Some(false), Some(false)), "{r:#}");
     let mut v2 = v.clone();
     v2["wait_for_boot"] = json!(false);
+    // Where a screenshot would go, as the Java wrapper always sets it: no
+    // screenshot step, no screenshot, and the validation passes.
+    v2["screenshot_next_to"] = json!(work.join("backup-file"));
+    v2["store_root"] = json!(work);
     let r = ok("agent.validate", &v2);
     assert_eq!(r["passed"], true, "{r:#}");
+    assert!(r["screenshot_path"].is_null() && r["screenshot_store_path"].is_null(), "{r:#}");
     // As the agent: the clean-up does nothing by default.
     let a = ok("agent.cleanup_validation", &json!({"vm_name": "knib-agent-validation"}));
     assert_eq!((a["removed"].clone(), a["domain_removed"].clone()), (json!([]), json!(false)));
@@ -484,7 +489,6 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
         (json!({"domain": "v", "memory_mib": 256}), "`memory_mib` is for a throwaway domain"),
         (json!({"disks": disks}), "needs `work_dir`"),
         (json!({"domain": "v", "take_screenshot": true}), "needs `screenshot_path` or `screenshot_next_to`"),
-        (json!({"domain": "v", "screenshot_next_to": "/s/b/f"}), "need `take_screenshot`"),
         (
             json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/b/f", "screenshot_path": "/s/x.png"}),
             "exclude each other",

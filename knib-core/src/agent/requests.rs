@@ -385,7 +385,9 @@ pub(crate) struct ValidateReq {
     /// How long to wait for the guest agent.
     #[serde(default = "default_boot_timeout")]
     pub boot_timeout_secs: u64,
-    /// Save a PNG screenshot after the boot.
+    /// Save a PNG screenshot after the boot; without it the screenshot
+    /// fields below are ignored (the Java wrapper sets them whatever the
+    /// offering's steps).
     #[serde(default)]
     pub take_screenshot: bool,
     /// Seconds to wait before the screenshot (the agent's `screenshotWait`).
