@@ -528,6 +528,24 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
     make_disk(&with_backing, 16 * MIB, &["-b", backup.to_str().unwrap(), "-F", "qcow2"]);
     let raw = dir.path().join("raw.img");
     std::fs::write(&raw, vec![0u8; 4096]).unwrap();
+    // As the MS creates a volume for a sparse or fat offering: every cluster
+    // mapped, all zeros; one written to is data.
+    let preallocated: Vec<PathBuf> = ["metadata", "falloc", "full"]
+        .iter()
+        .map(|mode| {
+            let p = dir.path().join(format!("prealloc-{mode}.qcow2"));
+            make_disk(&p, 16 * MIB, &["-o", &format!("preallocation={mode}")]);
+            p
+        })
+        .collect();
+    let prealloc_written = dir.path().join("prealloc-written.qcow2");
+    make_disk(&prealloc_written, 16 * MIB, &["-o", "preallocation=full"]);
+    qemu_io(&prealloc_written, "write -P 0x63 4M 64k");
+    let with_snapshot = dir.path().join("with-snapshot.qcow2");
+    make_disk(&with_snapshot, 16 * MIB, &[]);
+    let st =
+        std::process::Command::new("qemu-img").args(["snapshot", "-c", "s1"]).arg(&with_snapshot).status().unwrap();
+    assert!(st.success());
     let prepare = |vols: &[(&str, &Path)]| {
         let volumes: Vec<Value> =
             vols.iter().map(|(uuid, p)| json!({"uuid": uuid, "backup_path": backup, "overlay_path": p})).collect();
@@ -541,9 +559,13 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
             .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
             .collect()
     };
-    for (bad, words) in
-        [(&with_data, "holds data"), (&with_backing, "has a backing file"), (&raw, "is not an empty qcow2 image")]
-    {
+    for (bad, words) in [
+        (&with_data, "holds data"),
+        (&prealloc_written, "holds data (guest cluster 64 is not zeros)"),
+        (&with_snapshot, "has 1 internal snapshot"),
+        (&with_backing, "has a backing file"),
+        (&raw, "is not an empty qcow2 image"),
+    ] {
         // The bad one second: the first, replaceable, is not touched either.
         let before = files();
         let e = prepare(&[("a", &empty), ("b", bad)]).unwrap_err();
@@ -564,11 +586,20 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
     let _ = holder.kill();
     let _ = holder.wait();
     assert_eq!(e.kind, ErrorKind::Busy, "{e}");
-    // Empty, zero-length, zeroed and absent files are replaced by overlays.
-    let a = prepare(&[("a", &empty), ("b", &zero_length), ("c", &absent), ("d", &with_zeros)]).unwrap();
+    // Empty, zero-length, zeroed, preallocated and absent files are replaced by overlays.
+    let a = prepare(&[
+        ("a", &empty),
+        ("b", &zero_length),
+        ("c", &absent),
+        ("d", &with_zeros),
+        ("e", &preallocated[0]),
+        ("f", &preallocated[1]),
+        ("g", &preallocated[2]),
+    ])
+    .unwrap();
     let a: Value = a;
-    assert_eq!(a["volumes"].as_array().unwrap().len(), 4);
-    for p in [&empty, &zero_length, &absent, &with_zeros] {
+    assert_eq!(a["volumes"].as_array().unwrap().len(), 7);
+    for p in [&empty, &zero_length, &absent, &with_zeros, &preallocated[0], &preallocated[1], &preallocated[2]] {
         let info = knib_core::qemu_img::QemuImg::default().info(p, &Control::new()).unwrap();
         assert_eq!(
             info.full_backing_filename.as_deref().map(Path::new),

@@ -41,7 +41,7 @@ pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Res
         let overlay = match (&v.overlay_path, &r.work_dir) {
             (Some(p), _) => {
                 absolute(op, &format!("volumes[{i}].overlay_path"), p)?;
-                replaceable_volume(p)?;
+                replaceable_volume(p, ctl)?;
                 p.clone()
             }
             (None, Some(dir)) => validation_overlay(dir, &r.vm_name, &v.uuid),
@@ -96,11 +96,13 @@ pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Res
 }
 
 /// Refuse to replace `path` unless it holds no data: absent, empty, or a
-/// qcow2 image with no backing file and no allocated cluster, and no
-/// process holds QEMU's lock on it. A validation VM's volume, as the
-/// management server creates it, is such a file; anything else may be a
-/// guest's data.
-fn replaceable_volume(path: &Path) -> Result<()> {
+/// qcow2 image with no backing file, no internal snapshot and no guest
+/// cluster that reads as anything but zeros (the management server
+/// preallocates a volume as its offering says: `metadata`, `falloc` or
+/// `full` map every cluster, all zeros), and no process holds QEMU's lock
+/// on it. A validation VM's volume, as the management server creates it,
+/// is such a file; anything else may be a guest's data.
+fn replaceable_volume(path: &Path, ctl: &Control) -> Result<()> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -124,8 +126,13 @@ fn replaceable_volume(path: &Path) -> Result<()> {
     if let Some(b) = &img.header().backing_file {
         return Err(refuse(format!("has a backing file ({b})")));
     }
+    if img.header().nb_snapshots > 0 {
+        return Err(refuse(format!("has {} internal snapshot(s)", img.header().nb_snapshots)));
+    }
     if img.holds_data()? {
-        return Err(refuse("holds data".into()));
+        if let Some(i) = img.first_nonzero_cluster(ctl)? {
+            return Err(refuse(format!("holds data (guest cluster {i} is not zeros)")));
+        }
     }
     Ok(())
 }

@@ -124,6 +124,31 @@ impl super::Qcow2Image {
         }
         Ok(false)
     }
+
+    /// Whether some guest cluster of this image alone reads as anything but
+    /// zeros: a compressed cluster counts as data, an uncompressed one is
+    /// read and looked at (a preallocated image maps every cluster, each
+    /// reading as zeros). The first such cluster's index, if any; `ctl`
+    /// can stop the scan.
+    pub fn first_nonzero_cluster(&mut self, ctl: &crate::progress::Control) -> Result<Option<u64>> {
+        let mut buf = vec![0u8; self.cluster_size() as usize];
+        for index in 0..self.guest_clusters() {
+            if index % 4096 == 0 {
+                ctl.check(&format!("reading {}", self.name()))?;
+            }
+            match self.cluster_state(index)? {
+                super::ClusterState::Compressed { .. } => return Ok(Some(index)),
+                super::ClusterState::Data { host_offset } => {
+                    self.read_host(host_offset, &mut buf)?;
+                    if buf.iter().any(|&b| b != 0) {
+                        return Ok(Some(index));
+                    }
+                }
+                super::ClusterState::Unallocated | super::ClusterState::Zero => {}
+            }
+        }
+        Ok(None)
+    }
 }
 
 #[cfg(test)]
