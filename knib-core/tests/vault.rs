@@ -396,3 +396,115 @@ fn the_json_operations_take_a_vault_as_their_store() {
     assert_eq!(e.kind, ErrorKind::InvalidInput);
     assert!(e.message.contains("field `to`"), "{e}");
 }
+
+/// A delete that would expunge waits for an unfinished upload of the VM (a
+/// backup being sent may be a child of the one deleted: its parent is not
+/// known until its manifest is written); a sync cleans up an interrupted
+/// one, and the delete then goes through.
+#[test]
+fn a_delete_waits_for_an_unfinished_upload_of_the_vm() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("delete-busy");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let taken = three_backups(&vm, &store);
+    let vault = Vault::open(&p.location()).unwrap();
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let head = taken[2].0.clone();
+    for (what, rel) in [
+        ("has objects but no manifest", "vms/vm1/20990101-000000000-beef/root.qcow2".to_string()),
+        ("upload record", "uploads/vm1/20990101-000000000-beef/root.qcow2.json".to_string()),
+    ] {
+        p.put(&rel, b"{}".to_vec());
+        let before = p.keys();
+        let e = vault.delete(&head).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+        assert!(e.message.contains(what) && e.message.contains(&head), "{e}");
+        assert_eq!(p.keys(), before, "a refused delete removed something");
+        p.delete(&rel);
+    }
+    // An interrupted upload (objects, no manifest): the next sync removes it.
+    p.put("vms/vm1/20990101-000000000-beef/root.qcow2", b"partial".to_vec());
+    assert_eq!(vault.delete(&head).unwrap_err().kind, ErrorKind::Busy);
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert!(p.keys().keys().all(|k| !k.contains("beef")), "{:?}", p.keys());
+    let d = vault.delete(&head).unwrap();
+    assert_eq!(d.expunged, vec![head.clone()]);
+}
+
+/// A backup whose parent was deleted from the vault while it was sent is
+/// not published (it would be a child without a parent); the next sync
+/// sends the parent again, then the child.
+#[test]
+fn a_backup_whose_parent_goes_while_it_is_sent_is_not_published() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("parent-gone");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let taken = three_backups(&vm, &store);
+    let vault = Vault::open(&p.location()).unwrap();
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x77 2M 64k");
+    let m4 = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    assert_eq!(m4.parent.as_deref(), Some(taken[2].0.as_str()));
+    // While m4's objects are sent, its parent's manifest goes (a delete
+    // elsewhere that raced with this sync).
+    knib_core::crashpoint::pause_before(&format!("publishing backup {}", m4.id), std::time::Duration::from_secs(2));
+    let parent_manifest = format!("vms/vm1/{}/manifest.json", taken[2].0);
+    let remover = {
+        let rel = parent_manifest.clone();
+        let child = format!("vms/vm1/{}/", m4.id);
+        // A second handle on the same prefix, never dropped (dropping empties it).
+        let prefix = std::mem::ManuallyDrop::new(s3::Prefix { prefix: p.prefix.clone() });
+        std::thread::spawn(move || {
+            // Once the sync has read what the vault has and sends m4.
+            while !prefix.keys().keys().any(|k| k.starts_with(&child)) {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            prefix.delete(&rel);
+        })
+    };
+    let e = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err();
+    remover.join().unwrap();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    assert!(e.message.contains(&m4.id) && e.message.contains(&taken[2].0), "{e}");
+    assert!(vault.show(&m4.id).is_err(), "published without its parent");
+    // The next sync sends the parent again, then the child: all restore.
+    let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert_eq!(r.sent, vec![taken[2].0.clone(), m4.id.clone()]);
+    let out = tempfile::tempdir().unwrap();
+    let to = out.path().join("m4.raw");
+    vault.restore(&m4.id, "root", &to, ImageFormat::Raw, true, &ctl()).unwrap();
+    assert_identical(&to, vm.path("root"));
+}
+
+/// A backup whose manifest in the vault cannot be read is not sent again
+/// over it (its objects overwritten, the sync reporting it sent): the sync
+/// fails naming the manifest, and the vault is left as it was.
+#[test]
+fn a_sync_does_not_send_over_an_unreadable_manifest() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("unreadable");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let taken = three_backups(&vm, &store);
+    let vault = Vault::open(&p.location()).unwrap();
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let rel = format!("vms/vm1/{}/manifest.json", taken[1].0);
+    p.put(&rel, b"{\"schema\": 99}".to_vec());
+    let before: BTreeMap<String, Vec<u8>> = p.keys().into_keys().map(|k| (k.clone(), p.get(&k))).collect();
+    let e = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&rel), "{e}");
+    let after: BTreeMap<String, Vec<u8>> = p.keys().into_keys().map(|k| (k.clone(), p.get(&k))).collect();
+    assert!(before == after, "the vault changed");
+}

@@ -38,6 +38,18 @@ impl Vault {
             outcome.marked_removed.push(m.id.clone());
             return Ok(outcome);
         }
+        // No backup depends on it, unless one is being sent now: its parent
+        // is not known until its manifest is written, so a delete waits.
+        let known: Vec<String> = all.iter().map(|x| x.id.clone()).chain(unreadable.iter().cloned()).collect();
+        if let Some(what) = self.unfinished_upload(&m.vm, &known)? {
+            return Err(KnibError::busy(format!(
+                "backup {id} is not deleted from vault {}: an upload of {}'s backups is unfinished ({what}); a sync or direct backup of {} is running, or one was interrupted: delete again when it ends, or after the next sync of {}, which removes interrupted uploads",
+                self.location(),
+                m.vm,
+                m.vm,
+                m.vm
+            )));
+        }
         let mut cur = Some(m);
         while let Some(x) = cur.take() {
             self.expunge(&x)?;

@@ -73,7 +73,7 @@ use std::sync::Arc;
 
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, PutMode};
+use object_store::PutMode;
 use xxhash_rust::xxh3::Xxh3;
 
 use super::spool::{Gauge, Sender, Spool, CHUNK, WINDOW, WRITE_BUF};
@@ -721,6 +721,7 @@ impl Vault {
         let text = serde_json::to_vec_pretty(m).expect("a manifest serializes");
         let rel = Self::manifest_rel(m);
         crate::crashpoint::durable_step(&format!("publishing backup {} in vault {}", m.id, self.location()));
+        self.require_parent(m)?;
         match self.put_raw(&rel, text.clone(), PutMode::Create) {
             Ok(()) => Ok(()),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
@@ -736,14 +737,15 @@ impl Vault {
     /// Remove every object under `vms/<vm>/<id>/` (a backup whose manifest
     /// was never written).
     fn remove_backup_objects(&self, vm: &str, id: &str) -> Result<()> {
-        let prefix = self.key(&format!("vms/{vm}/{id}"));
-        let s3 = Arc::clone(&self.inner.s3);
-        let listed = self.block_on(async move {
-            use futures::TryStreamExt;
-            s3.list(Some(&prefix)).try_collect::<Vec<_>>().await
-        });
-        for o in listed.map_err(|e| self.inner.error("cannot list", &e))? {
-            let Some(rel) = self.inner.rel_of(&o.location) else { continue };
+        // Asked of the manifest itself, not inferred from a listing: a
+        // published backup is never cleaned up as unfinished.
+        if self.load_manifest(vm, id)?.is_some() {
+            return Err(KnibError::internal(format!("vms/{vm}/{id} has a manifest: it is not an unfinished upload")));
+        }
+        for rel in self.keys_under(&format!("vms/{vm}/{id}"))? {
+            if rel.ends_with("/manifest.json") {
+                continue;
+            }
             crate::crashpoint::durable_step(&format!("removal of the unfinished {rel}"));
             self.delete_key(&rel)?;
         }

@@ -126,7 +126,6 @@ pub mod serve;
 mod spool;
 mod sync;
 
-use std::collections::BTreeSet;
 use std::path::Path as FsPath;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -369,6 +368,62 @@ impl Vault {
         }
     }
 
+    /// The keys (relative to the vault) of every object under `rel/`.
+    /// A listed key outside `rel/` (a server that does not honour the
+    /// prefix) is left out, with a warning: what a listing returns never
+    /// steers a delete elsewhere.
+    fn keys_under(&self, rel: &str) -> Result<Vec<String>> {
+        let prefix = self.key(rel);
+        let s3 = Arc::clone(&self.inner.s3);
+        let listed = self.block_on(async move {
+            use futures::TryStreamExt;
+            s3.list(Some(&prefix)).try_collect::<Vec<_>>().await
+        });
+        let want = format!("{rel}/");
+        let mut out = Vec::new();
+        for o in listed.map_err(|e| self.inner.error("cannot list", &e))? {
+            match self.inner.rel_of(&o.location) {
+                Some(r) if r.starts_with(&want) && !r[want.len()..].is_empty() => out.push(r),
+                _ => log::warn!(
+                    "vault {}: the listing of {rel}/ returned {}, which is not under it: ignored",
+                    self.location(),
+                    o.location
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether an upload to `vm`'s backups is unfinished: objects under a
+    /// backup's prefix that is not one of `known` (the backups with a
+    /// manifest, readable or not), or an upload record; the first one
+    /// found, for messages. A sync or direct backup of `vm` running now
+    /// leaves these, and so does one that was interrupted (the next sync or
+    /// direct backup of `vm` removes those).
+    pub(super) fn unfinished_upload(&self, vm: &str, known: &[String]) -> Result<Option<String>> {
+        for id in self.children(&format!("vms/{vm}"))? {
+            if !known.contains(&id) && names::validate("backup id", &id).is_ok() {
+                return Ok(Some(format!("vms/{vm}/{id}/ has objects but no manifest")));
+            }
+        }
+        Ok(self.keys_under(&format!("uploads/{vm}"))?.into_iter().next().map(|k| format!("upload record {k}")))
+    }
+
+    /// Before a backup's manifest is written: its parent must still be in
+    /// the vault (a delete may have removed it while the backup was sent).
+    pub(super) fn require_parent(&self, m: &Manifest) -> Result<()> {
+        let Some(p) = &m.parent else { return Ok(()) };
+        match self.load_manifest(&m.vm, p)? {
+            Some(_) => Ok(()),
+            None => Err(KnibError::not_found(format!(
+                "backup {} is not published in vault {}: its parent {p} was deleted from the vault while it was sent (its objects are removed by the next sync or direct backup of {})",
+                m.id,
+                self.location(),
+                m.vm
+            ))),
+        }
+    }
+
     /// The names one level below `rel/` (common prefixes).
     fn children(&self, rel: &str) -> Result<Vec<String>> {
         let key = self.key(rel);
@@ -450,11 +505,6 @@ impl Vault {
     /// Every backup of `vm` (removed ones too), oldest first.
     pub fn manifests(&self, vm: &str) -> Result<Vec<Manifest>> {
         Ok(self.scan_backups(vm)?.0)
-    }
-
-    /// The ids of `vm`'s backups the vault has (removed ones too).
-    pub(crate) fn ids(&self, vm: &str) -> Result<BTreeSet<String>> {
-        Ok(self.manifests(vm)?.into_iter().map(|m| m.id).collect())
     }
 
     /// Backups of one VM, or of all, oldest first; removed backups are

@@ -154,7 +154,8 @@ impl Vault {
         report.aborted_uploads += self.abort_recorded(vm)?;
         self.remove_unfinished(vm)?;
         let local = store.manifests(vm)?;
-        let have = self.ids(vm)?;
+        let (in_vault, unreadable) = self.scan_backups(vm)?;
+        let have: std::collections::BTreeSet<String> = in_vault.into_iter().map(|m| m.id).collect();
         // What to send: every live backup the vault lacks, and the
         // ancestors it lacks (removed ones too: their children need them).
         let mut needed: Vec<&Manifest> = Vec::new();
@@ -167,6 +168,17 @@ impl Vault {
                     || path.iter().any(|p: &&Manifest| p.id == c.id)
                 {
                     break;
+                }
+                if unreadable.contains(&c.id) {
+                    // Sending it again would overwrite objects its manifest
+                    // (which may be newer than this knib) describes.
+                    return Err(KnibError::corrupt(format!(
+                        "vault {}: the manifest of backup {} (vms/{vm}/{}/manifest.json) cannot be read: it is not sent again over it, nor is {}; repair or delete it in the vault",
+                        self.location(),
+                        c.id,
+                        c.id,
+                        if c.id == m.id { "anything built on it".to_string() } else { format!("backup {}, built on it", m.id) }
+                    )));
                 }
                 path.push(c);
                 cur = match &c.parent {
@@ -193,17 +205,8 @@ impl Vault {
     /// Abort every upload recorded for `vm` (left by a sync that stopped),
     /// and remove the records.
     pub(super) fn abort_recorded(&self, vm: &str) -> Result<usize> {
-        let prefix = self.key(&format!("uploads/{vm}"));
-        let s3 = Arc::clone(&self.inner.s3);
-        let p = prefix.clone();
-        let listed = self.block_on(async move {
-            use futures::TryStreamExt;
-            s3.list(Some(&p)).try_collect::<Vec<_>>().await
-        });
-        let objects = listed.map_err(|e| self.inner.error("cannot list", &e))?;
         let mut n = 0;
-        for o in objects {
-            let Some(rel) = self.inner.rel_of(&o.location) else { continue };
+        for rel in self.keys_under(&format!("uploads/{vm}"))? {
             if let Some(text) = self.get_small(&rel, 64 << 10, "upload record")? {
                 match crate::json::from_slice::<UploadRecord>(&text) {
                     Ok(r) if r.key.starts_with(&format!("{}/", self.key(&format!("vms/{vm}")))) => {
@@ -265,9 +268,23 @@ impl Vault {
         let text = serde_json::to_vec_pretty(&out).expect("a manifest serializes");
         let rel = Self::manifest_rel(&out);
         crate::crashpoint::durable_step(&format!("publishing backup {} in vault {}", m.id, self.location()));
+        self.require_parent(&out)?;
         match self.put_raw(&rel, text.clone(), PutMode::Create) {
             Ok(()) => Ok(()),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => {
+                // Another sync sent it meanwhile: the same backup, or not sent.
+                let theirs = self.load_manifest(&m.vm, &m.id)?;
+                let same = theirs.as_ref().is_some_and(|t| {
+                    t.volumes.len() == out.volumes.len()
+                        && t.volumes.iter().zip(&out.volumes).all(|(a, b)| a.hash == b.hash && a.size == b.size)
+                });
+                if !same {
+                    return Err(KnibError::corrupt(format!(
+                        "vault {}: backup {} has a manifest already whose hashes are not this store's: not sent",
+                        self.location(),
+                        m.id
+                    )));
+                }
                 log::warn!("vault {}: backup {} was sent meanwhile by another sync", self.location(), m.id);
                 Ok(())
             }

@@ -151,6 +151,15 @@ impl Prefix {
     }
 }
 
+impl Prefix {
+    /// Remove `rel`.
+    pub fn delete(&self, rel: &str) {
+        let (rt, s3) = raw();
+        let k = Key::from(format!("{}/{rel}", self.prefix));
+        rt.block_on(async { s3.delete(&k).await.unwrap() });
+    }
+}
+
 impl Drop for Prefix {
     fn drop(&mut self) {
         if settings().is_none() {
