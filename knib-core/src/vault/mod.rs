@@ -325,7 +325,7 @@ impl Vault {
             if size > max {
                 return Ok(Err(size));
             }
-            got.bytes().await.map(Ok)
+            body_capped(got, max).await
         });
         self.inner.gets.fetch_add(1, Ordering::Relaxed);
         match r {
@@ -654,9 +654,58 @@ fn redact(secrets: &[String], text: &str) -> String {
     out
 }
 
+/// The body of `got`, read chunk by chunk: `Err(n)` as soon as more than
+/// `cap` bytes have come (a server may stream more than its
+/// `Content-Length` said), so a hostile response cannot fill the memory.
+pub(crate) async fn body_capped(
+    got: object_store::GetResult,
+    cap: u64,
+) -> std::result::Result<std::result::Result<bytes::Bytes, u64>, object_store::Error> {
+    use futures::StreamExt;
+    let mut stream = got.into_stream();
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if out.len() as u64 + chunk.len() as u64 > cap {
+            return Ok(Err(out.len() as u64 + chunk.len() as u64));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Ok(out.freeze()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GET response whose body is `chunks`, whatever its metadata says.
+    fn response(chunks: Vec<&'static [u8]>) -> object_store::GetResult {
+        use futures::StreamExt;
+        let stream = futures::stream::iter(chunks.into_iter().map(|c| Ok(bytes::Bytes::from_static(c)))).boxed();
+        object_store::GetResult {
+            payload: object_store::GetResultPayload::Stream(stream),
+            meta: object_store::ObjectMeta {
+                location: Key::from("k"),
+                last_modified: chrono::DateTime::<chrono::Utc>::MIN_UTC,
+                size: 10,
+                e_tag: None,
+                version: None,
+            },
+            range: 0..10,
+            attributes: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_body_longer_than_asked_is_cut_off_as_it_comes() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let chunk: &'static [u8] = &[7u8; 10];
+        // Metadata says 10 bytes; the body streams 30.
+        let got = rt.block_on(body_capped(response(vec![chunk, chunk, chunk]), 10)).unwrap();
+        assert_eq!(got, Err(20), "stopped at the first chunk past the cap");
+        let got = rt.block_on(body_capped(response(vec![chunk, chunk, chunk]), 30)).unwrap();
+        assert_eq!(got.map(|b| b.len()), Ok(30));
+    }
 
     #[test]
     fn secrets_are_blanked_out() {

@@ -190,7 +190,8 @@ impl RemoteObject {
             if_match: self.etag.clone(),
             ..Default::default()
         };
-        let r = self.vault.rt.block_on(async move { s3.get_opts(&key, opts).await?.bytes().await });
+        let want = end - start;
+        let r = self.vault.rt.block_on(async move { super::body_capped(s3.get_opts(&key, opts).await?, want).await });
         self.vault.gets.fetch_add(1, Ordering::Relaxed);
         let b = r.map_err(|e| match e {
             object_store::Error::Precondition { .. } => KnibError::corrupt(format!(
@@ -199,6 +200,12 @@ impl RemoteObject {
                 self.etag.as_deref().unwrap_or("?")
             )),
             e => self.vault.error(&format!("cannot read {}", self.name()), &e),
+        })?;
+        let b = b.map_err(|got| {
+            KnibError::corrupt(format!(
+                "{}: asked for bytes {start}..{end}, got {got} bytes or more: the server sent more than it was asked for",
+                self.name()
+            ))
         })?;
         self.vault.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
         if b.len() as u64 != end - start {
