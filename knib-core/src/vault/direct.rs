@@ -740,7 +740,11 @@ impl Vault {
         // Asked of the manifest itself, not inferred from a listing: a
         // published backup is never cleaned up as unfinished.
         if self.load_manifest(vm, id)?.is_some() {
-            return Err(KnibError::internal(format!("vms/{vm}/{id} has a manifest: it is not an unfinished upload")));
+            log::warn!(
+                "vault {}: vms/{vm}/{id} has a manifest (published meanwhile): it is not removed",
+                self.location()
+            );
+            return Ok(());
         }
         for rel in self.keys_under(&format!("vms/{vm}/{id}"))? {
             if rel.ends_with("/manifest.json") {
