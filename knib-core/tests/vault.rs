@@ -45,6 +45,29 @@ fn three_backups(vm: &TestDisks, store: &Store) -> Vec<(String, BTreeMap<String,
     out
 }
 
+/// Three backups of two disks in a store, synced to a fresh prefix.
+struct Synced {
+    p: s3::Prefix,
+    vm: TestDisks,
+    _sdir: tempfile::TempDir,
+    store: Store,
+    taken: Vec<(String, BTreeMap<String, PathBuf>)>,
+    vault: Vault,
+}
+
+impl Synced {
+    fn new(name: &str) -> Synced {
+        let p = s3::Prefix::new(name);
+        let vm = TestDisks::two();
+        let sdir = tempfile::tempdir().unwrap();
+        let store = Store::create(sdir.path()).unwrap();
+        let taken = three_backups(&vm, &store);
+        let vault = Vault::open(&p.location()).unwrap();
+        vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+        Synced { p, vm, _sdir: sdir, store, taken, vault }
+    }
+}
+
 #[test]
 fn chains_synced_restored_identical_verified_and_deleted_chain_safely() {
     if !s3::setup() {
@@ -406,13 +429,7 @@ fn a_delete_waits_for_an_unfinished_upload_of_the_vm() {
     if !s3::setup() {
         return;
     }
-    let p = s3::Prefix::new("delete-busy");
-    let vm = TestDisks::two();
-    let sdir = tempfile::tempdir().unwrap();
-    let store = Store::create(sdir.path()).unwrap();
-    let taken = three_backups(&vm, &store);
-    let vault = Vault::open(&p.location()).unwrap();
-    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let Synced { p, vm: _vm, _sdir, store, taken, vault } = Synced::new("delete-busy");
     let head = taken[2].0.clone();
     for (what, rel) in [
         ("has objects but no manifest", "vms/vm1/20990101-000000000-beef/root.qcow2".to_string()),
@@ -443,13 +460,7 @@ fn a_backup_whose_parent_goes_while_it_is_sent_is_not_published() {
     if !s3::setup() {
         return;
     }
-    let p = s3::Prefix::new("parent-gone");
-    let vm = TestDisks::two();
-    let sdir = tempfile::tempdir().unwrap();
-    let store = Store::create(sdir.path()).unwrap();
-    let taken = three_backups(&vm, &store);
-    let vault = Vault::open(&p.location()).unwrap();
-    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let Synced { p, vm, _sdir, store, taken, vault } = Synced::new("parent-gone");
     qemu_io(vm.path("root"), "write -P 0x77 2M 64k");
     let m4 = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
     assert_eq!(m4.parent.as_deref(), Some(taken[2].0.as_str()));
@@ -492,13 +503,7 @@ fn a_sync_does_not_send_over_an_unreadable_manifest() {
     if !s3::setup() {
         return;
     }
-    let p = s3::Prefix::new("unreadable");
-    let vm = TestDisks::two();
-    let sdir = tempfile::tempdir().unwrap();
-    let store = Store::create(sdir.path()).unwrap();
-    let taken = three_backups(&vm, &store);
-    let vault = Vault::open(&p.location()).unwrap();
-    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    let Synced { p, vm: _vm, _sdir, store, taken, vault } = Synced::new("unreadable");
     let rel = format!("vms/vm1/{}/manifest.json", taken[1].0);
     p.put(&rel, b"{\"schema\": 99}".to_vec());
     let before: BTreeMap<String, Vec<u8>> = p.keys().into_keys().map(|k| (k.clone(), p.get(&k))).collect();
