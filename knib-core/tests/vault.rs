@@ -513,3 +513,16 @@ fn a_sync_does_not_send_over_an_unreadable_manifest() {
     let after: BTreeMap<String, Vec<u8>> = p.keys().into_keys().map(|k| (k.clone(), p.get(&k))).collect();
     assert!(before == after, "the vault changed");
 }
+
+/// An object under the VM's upload records too large to be one is junk: the
+/// next sync removes it (it blocked every sync of the VM).
+#[test]
+fn an_oversized_upload_record_is_removed_by_the_next_sync() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store, taken: _, vault } = Synced::new("big-record");
+    p.put("uploads/vm1/junk.json", vec![b' '; 70 << 10]);
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert!(!p.keys().contains_key("uploads/vm1/junk.json"), "{:?}", p.keys());
+}

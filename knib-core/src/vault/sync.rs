@@ -207,7 +207,13 @@ impl Vault {
     pub(super) fn abort_recorded(&self, vm: &str) -> Result<usize> {
         let mut n = 0;
         for rel in self.keys_under(&format!("uploads/{vm}"))? {
-            if let Some(text) = self.get_small(&rel, 64 << 10, "upload record")? {
+            // A record too large to be one is junk under this VM's uploads:
+            // removed below like a record that names no upload of it.
+            let text = match self.get_small(&rel, 64 << 10, "upload record") {
+                Err(e) if e.kind == crate::ErrorKind::Corrupt => Some(b"{}".to_vec()),
+                r => r?,
+            };
+            if let Some(text) = text {
                 match crate::json::from_slice::<UploadRecord>(&text) {
                     Ok(r) if r.key.starts_with(&format!("{}/", self.key(&format!("vms/{vm}")))) => {
                         crate::crashpoint::durable_step(&format!("abort of the interrupted upload of {}", r.key));
