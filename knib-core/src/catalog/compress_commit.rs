@@ -117,7 +117,7 @@ impl Store {
                 continue;
             }
             let m = self.read_manifest(vm, &id)?;
-            let next = self.next_manifest(&m)?.expect("checked above");
+            let Some(next) = self.next_manifest(&m)? else { continue };
             log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
             self.commit_compression(&next)?;
         }
