@@ -129,10 +129,8 @@ fn replaceable_volume(path: &Path, ctl: &Control) -> Result<()> {
     if img.header().nb_snapshots > 0 {
         return Err(refuse(format!("has {} internal snapshot(s)", img.header().nb_snapshots)));
     }
-    if img.holds_data()? {
-        if let Some(i) = img.first_nonzero_cluster(ctl)? {
-            return Err(refuse(format!("holds data (guest cluster {i} is not zeros)")));
-        }
+    if let Some(i) = img.first_nonzero_cluster(ctl)? {
+        return Err(refuse(format!("holds data (guest cluster {i} is not zeros)")));
     }
     Ok(())
 }

@@ -105,24 +105,7 @@ impl super::Qcow2Image {
     /// compressed or not; zero and unallocated clusters hold none). Only
     /// the L2 tables there are are read.
     pub fn holds_data(&mut self) -> Result<bool> {
-        let l2_entries = self.header().l2_entries();
-        // The L1 entries covering the virtual size: a shrunk image keeps a
-        // longer table (`l1_size`), whose tail maps nothing the guest sees.
-        for i in 0..self.guest_clusters().div_ceil(l2_entries) as usize {
-            if self.l2_table_offset(i)? == 0 {
-                continue;
-            }
-            let first = i as u64 * l2_entries;
-            for index in first..(first + l2_entries).min(self.guest_clusters()) {
-                if matches!(
-                    self.cluster_state(index)?,
-                    super::ClusterState::Data { .. } | super::ClusterState::Compressed { .. }
-                ) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        Ok(self.first_stored_cluster(&mut |_, _| Ok(true))?.is_some())
     }
 
     /// Whether some guest cluster of this image alone reads as anything but
@@ -132,19 +115,43 @@ impl super::Qcow2Image {
     /// can stop the scan.
     pub fn first_nonzero_cluster(&mut self, ctl: &crate::progress::Control) -> Result<Option<u64>> {
         let mut buf = vec![0u8; self.cluster_size() as usize];
-        for index in 0..self.guest_clusters() {
-            if index % 4096 == 0 {
-                ctl.check(&format!("reading {}", self.name()))?;
+        let mut seen = 0u64;
+        self.first_stored_cluster(&mut |img, state| {
+            seen += 1;
+            if seen.is_multiple_of(4096) {
+                ctl.check(&format!("reading {}", img.name()))?;
             }
-            match self.cluster_state(index)? {
-                super::ClusterState::Compressed { .. } => return Ok(Some(index)),
+            match state {
                 super::ClusterState::Data { host_offset } => {
-                    self.read_host(host_offset, &mut buf)?;
-                    if buf.iter().any(|&b| b != 0) {
-                        return Ok(Some(index));
-                    }
+                    img.read_host(host_offset, &mut buf)?;
+                    Ok(buf.iter().any(|&b| b != 0))
                 }
-                super::ClusterState::Unallocated | super::ClusterState::Zero => {}
+                _ => Ok(true),
+            }
+        })
+    }
+
+    /// The first guest cluster stored in this image alone (compressed or
+    /// not) for which `hit` says yes; only the L2 tables there are are
+    /// read. The L1 entries covering the virtual size only: a shrunk image
+    /// keeps a longer table (`l1_size`), whose tail maps nothing the guest
+    /// sees.
+    fn first_stored_cluster(
+        &mut self,
+        hit: &mut dyn FnMut(&mut Self, super::ClusterState) -> Result<bool>,
+    ) -> Result<Option<u64>> {
+        let l2_entries = self.header().l2_entries();
+        for i in 0..self.guest_clusters().div_ceil(l2_entries) as usize {
+            if self.l2_table_offset(i)? == 0 {
+                continue;
+            }
+            let first = i as u64 * l2_entries;
+            for index in first..(first + l2_entries).min(self.guest_clusters()) {
+                let state = self.cluster_state(index)?;
+                let stored = matches!(state, super::ClusterState::Data { .. } | super::ClusterState::Compressed { .. });
+                if stored && hit(self, state)? {
+                    return Ok(Some(index));
+                }
             }
         }
         Ok(None)
