@@ -324,6 +324,13 @@ impl Disk {
     /// The index in `found` of filesystem `fs`, or of the only one read
     /// natively.
     fn choose(&self, fs: Option<&FsRef>) -> Result<usize> {
+        if self.found.is_empty() {
+            // A partition table without a partition (a GPT of no entries).
+            return Err(KnibError::invalid(format!(
+                "{} has no partitions and no filesystem: its partition table is empty",
+                self.name()
+            )));
+        }
         match fs {
             Some(r) => self
                 .found
@@ -504,6 +511,52 @@ pub fn get(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disk of `sectors` 512-byte sectors with a valid GPT (both headers)
+    /// of no entries.
+    fn empty_gpt(sectors: u64) -> Vec<u8> {
+        let mut d = vec![0u8; (sectors * 512) as usize];
+        d[510] = 0x55;
+        d[511] = 0xaa;
+        d[446 + 4] = 0xee;
+        d[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+        d[446 + 12..446 + 16].copy_from_slice(&((sectors - 1) as u32).to_le_bytes());
+        let header = |my: u64| {
+            let mut h = vec![0u8; 92];
+            h[0..8].copy_from_slice(b"EFI PART");
+            h[8..12].copy_from_slice(&0x10000u32.to_le_bytes());
+            h[12..16].copy_from_slice(&92u32.to_le_bytes());
+            h[24..32].copy_from_slice(&my.to_le_bytes());
+            h[40..48].copy_from_slice(&34u64.to_le_bytes());
+            h[48..56].copy_from_slice(&(sectors - 34).to_le_bytes());
+            h[72..80].copy_from_slice(&2u64.to_le_bytes());
+            h[84..88].copy_from_slice(&128u32.to_le_bytes());
+            h[88..92].copy_from_slice(&crc32fast::hash(&[]).to_le_bytes());
+            let c = crc32fast::hash(&h);
+            h[16..20].copy_from_slice(&c.to_le_bytes());
+            h
+        };
+        d[512..604].copy_from_slice(&header(1));
+        let last = (sectors as usize - 1) * 512;
+        d[last..last + 92].copy_from_slice(&header(sectors - 1));
+        d
+    }
+
+    /// A GPT of no entries: the error says the disk has no partitions
+    /// (it listed an empty choice before).
+    #[test]
+    fn an_empty_partition_table_says_so() {
+        let disk = Disk::from_bytes(empty_gpt(2048)).unwrap();
+        assert!(disk.filesystems().is_empty());
+        for fs in [None, Some(1)] {
+            let e = disk.list(fs, "/", &Control::new()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+            assert_eq!(
+                e.message, "disk in memory has no partitions and no filesystem: its partition table is empty",
+                "{fs:?}"
+            );
+        }
+    }
 
     /// Random bytes as a disk: errors, never a panic or a hang.
     #[test]
