@@ -68,6 +68,23 @@ pub enum FilesCommand {
     },
 }
 
+/// A name from the guest as it is shown on a terminal: control characters
+/// (escape sequences, newlines, bells) and bidirectional overrides escaped
+/// as Rust writes them (`\n`, `\u{1b}`, `\u{202e}`); everything else,
+/// any UTF-8 name, as it is. (`--json` output is escaped by JSON.)
+fn shown(name: &str) -> String {
+    let bidi = |c: char| matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_control() || bidi(c) {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn fs_line(f: &FsInfo) -> String {
     let at = match f.partition {
         Some(n) => format!("partition {n}"),
@@ -78,7 +95,7 @@ fn fs_line(f: &FsInfo) -> String {
         f.index,
         at,
         f.fs_type,
-        f.label.as_deref().unwrap_or("-"),
+        f.label.as_deref().map(shown).unwrap_or_else(|| "-".into()),
         human_bytes(f.size),
         human_bytes(f.start)
     )
@@ -111,8 +128,8 @@ fn entry_line(e: &EntryInfo) -> String {
         .filter(|_| e.mtime >= 0)
         .and_then(|t| t.format(FORMAT).ok())
         .unwrap_or_else(|| format!("{}s", e.mtime));
-    let target = e.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
-    format!("{}  {:>12}  {when}  {}{target}", mode_text(e), e.size, e.name)
+    let target = e.target.as_deref().map(|t| format!(" -> {}", shown(t))).unwrap_or_default();
+    format!("{}  {:>12}  {when}  {}{target}", mode_text(e), e.size, shown(&e.name))
 }
 
 /// The disk of a volume of a backup in a store directory or a vault
@@ -165,4 +182,46 @@ pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(name: &str, kind: &'static str, target: Option<&str>) -> EntryInfo {
+        EntryInfo {
+            name: name.into(),
+            kind,
+            size: 5,
+            mode: 0o644,
+            mtime: 0,
+            mtime_nsec: 0,
+            target: target.map(String::from),
+        }
+    }
+
+    /// Guest names reach the operator's terminal: control characters (an
+    /// escape sequence, a newline, a bell) and bidi overrides are shown
+    /// escaped, one entry a line; other UTF-8 names are shown as they are.
+    #[test]
+    fn guest_names_are_shown_with_control_characters_escaped() {
+        let evil = entry("a\x1b]0;owned\x07\nb\rc\u{202e}txt.exe", "symlink", Some("t\x1b[2J\u{7f}"));
+        let line = entry_line(&evil);
+        assert!(line.ends_with(r"a\u{1b}]0;owned\u{7}\nb\rc\u{202e}txt.exe -> t\u{1b}[2J\u{7f}"), "{line}");
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        let fine = entry_line(&entry("naïve café 日本語 \\ \"q\".txt", "file", None));
+        assert!(fine.ends_with("  naïve café 日本語 \\ \"q\".txt"), "{fine}");
+        let fs = FsInfo {
+            index: 1,
+            partition: Some(1),
+            start: 1 << 20,
+            size: 1 << 20,
+            fs_type: "vfat".into(),
+            label: Some("EFI\x1b[31m\n".into()),
+            device: "/dev/sda1".into(),
+        };
+        let line = fs_line(&fs);
+        assert!(line.contains(r"EFI\u{1b}[31m\n"), "{line}");
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+    }
 }
