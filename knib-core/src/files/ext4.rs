@@ -9,13 +9,20 @@
 //! entry of another directory: a loop or a cross-link, and an error. A loop
 //! crafted to pass these checks still ends: a walk meets at most as many
 //! directories as the filesystem has inodes.
+//!
+//! ext4-view bounds a directory's blocks only by its size, and its extents
+//! may map one block many times over (each read then served by its block
+//! cache, never reaching the device's checks): a directory longer than the
+//! filesystem or than [`MAX_DIR_BYTES`] is refused before it is read, one
+//! with more than [`MAX_ENTRIES`] entries or with a name twice (a block
+//! mapped again) is Corrupt, naming it.
 
 use ext4_view::{Ext4, Ext4Error, Ext4Read, Metadata};
 
 use crate::error::{KnibError, Result};
 
 use super::device::Window;
-use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node};
+use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node, MAX_DIR_BYTES, MAX_ENTRIES};
 
 /// The longest symlink target read (a longer one is corrupt).
 const MAX_LINK: u64 = 4096;
@@ -98,6 +105,20 @@ impl Ext4Fs {
         Ok(Ext4Fs { fs, inodes, span })
     }
 
+    /// Whether directory `dir` at `path` is short enough to be read.
+    fn check_size(&self, path: &FsPath, dir: &Node) -> Result<()> {
+        let limit = self.span.min(MAX_DIR_BYTES);
+        if dir.size > limit {
+            return Err(KnibError::corrupt(format!(
+                "directory {} is {} bytes long, more than {} ({limit} bytes): its size or extents are damaged",
+                display(path),
+                dir.size,
+                if limit == self.span { "the whole filesystem" } else { "knib reads of one directory" }
+            )));
+        }
+        Ok(())
+    }
+
     fn metadata(&self, path: &FsPath) -> Result<Metadata> {
         let p = path_bytes(path);
         let ep = ext4_view::Path::try_from(p.as_slice())
@@ -111,7 +132,8 @@ impl Filesystem for Ext4Fs {
         Ok(node(&self.metadata(&[])?))
     }
 
-    fn lookup(&mut self, dir_path: &FsPath, _dir: &Node, name: &[u8]) -> Result<Option<Entry>> {
+    fn lookup(&mut self, dir_path: &FsPath, dir: &Node, name: &[u8]) -> Result<Option<Entry>> {
+        self.check_size(dir_path, dir)?;
         let mut p = dir_path.to_vec();
         p.push(name.to_vec());
         match self.metadata(&p) {
@@ -121,7 +143,8 @@ impl Filesystem for Ext4Fs {
         }
     }
 
-    fn read_dir(&mut self, path: &FsPath, _dir: &Node) -> Result<Vec<Entry>> {
+    fn read_dir(&mut self, path: &FsPath, dir: &Node) -> Result<Vec<Entry>> {
+        self.check_size(path, dir)?;
         let what = display(path);
         let p = path_bytes(path);
         let ep = ext4_view::Path::try_from(p.as_slice())
@@ -130,6 +153,11 @@ impl Filesystem for Ext4Fs {
         let mut dotdot = None;
         for e in self.fs.read_dir(ep).map_err(|e| err(e, &what))? {
             let e = e.map_err(|e| err(e, &what))?;
+            if out.len() >= MAX_ENTRIES {
+                return Err(KnibError::corrupt(format!(
+                    "directory {what} has more than {MAX_ENTRIES} entries (the most knib reads of one directory): its blocks are damaged or mapped many times"
+                )));
+            }
             let name = e.file_name().as_ref().to_vec();
             let m = e.metadata().map_err(|e| err(e, &format!("{what}: entry {}", String::from_utf8_lossy(&name))))?;
             match name.as_slice() {
@@ -137,6 +165,14 @@ impl Filesystem for Ext4Fs {
                 b".." => dotdot = Some(m),
                 _ => out.push(Entry { name, node: node(&m) }),
             }
+        }
+        // A name met twice: a block of the directory mapped again.
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(w) = out.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(KnibError::corrupt(format!(
+                "directory {what} has the name {:?} twice: its blocks are mapped more than once",
+                String::from_utf8_lossy(&w[0].name)
+            )));
         }
         // `..` must lead back to where the directory was reached from, and
         // that directory's entry of this name must be this directory.

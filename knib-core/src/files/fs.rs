@@ -6,6 +6,17 @@ use crate::error::Result;
 /// as stored (bytes; no `/`, never `.` or `..`). The root is empty.
 pub type FsPath = [Vec<u8>];
 
+/// The most entries read from one directory of ext4 or NTFS (FAT's own
+/// limit, its specification's, is 65536): a listing holds them all in
+/// memory (about 100 to 350 bytes each, so at most a few hundred MiB), and
+/// a directory with more is refused as Corrupt, naming it.
+pub const MAX_ENTRIES: usize = 1 << 20;
+
+/// The most bytes of one ext4 directory read (its `i_size`): a directory
+/// of [`MAX_ENTRIES`] entries of the longest names takes about 270 MiB; a
+/// larger one is refused as Corrupt.
+pub const MAX_DIR_BYTES: u64 = 1 << 30;
+
 /// What an entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
