@@ -41,3 +41,25 @@ fn a_quiesced_bitmap_backup_holds_what_the_guest_wrote_before_the_freeze() {
     assert_eq!(backup_file(&store, &m2.id, "vda", "/root/bm-unsynced").as_deref(), Some(unsynced.as_str()));
     assert_eq!(backup_file(&store, &m.id, "vda", "/root/bm-later"), None);
 }
+
+#[test]
+fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_bitmap_backup_fails() {
+    if skip_without_libvirt("a_freeze_that_outlasts_its_bound_is_thawed_before_the_bitmap_backup_fails") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let g = GuestVm::boot("knib-bm-thaw", dir.path());
+    g.slow_freeze_ahead();
+    let opts = BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() };
+    let started = std::time::Instant::now();
+    let err = store.backup_domain(&g.vm, &opts, true, &Control::new()).unwrap_err();
+    eprintln!("after {:.1} s: {err}", started.elapsed().as_secs_f64());
+    assert!(err.message.contains("did not freeze the filesystems (they are thawed)"), "{err}");
+    assert_eq!(err.vm_consistent, Some(true), "{err}");
+    // libvirt gave up on the freeze after 30 s; the guest went on freezing,
+    // and knib thawed it once it could.
+    assert_eq!(g.fsfreeze_status(), "thawed");
+    g.sh_ok("echo x > /root/after && sync");
+    assert!(store.list(None).unwrap().is_empty(), "nothing was published");
+}

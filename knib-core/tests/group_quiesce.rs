@@ -75,3 +75,34 @@ fn a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze() {
     assert_eq!(restored.len(), 2);
     assert!(common::model::image_has(&restored[1].path, 0x5a, MIB, 64 * 1024));
 }
+
+#[test]
+fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_group_fails() {
+    if skip_without_libvirt("a_freeze_that_outlasts_its_bound_is_thawed_before_the_group_fails") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let g = GuestVm::boot("knib-gthaw", dir.path());
+    let other = TestVm::create(
+        "knib-gthaw-fw",
+        &[("vda", 16 * MIB)],
+        dir.path(),
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    g.slow_freeze_ahead();
+    let members = [
+        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
+        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
+    ];
+    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(3), ..Default::default() };
+    let started = std::time::Instant::now();
+    let err = store.backup_group(&members, &opts, &Control::new()).unwrap_err();
+    eprintln!("after {:.1} s: {err}", started.elapsed().as_secs_f64());
+    assert!(err.message.contains("could not be frozen"), "{err}");
+    // libvirt gave up on the freeze after 3 s; the guest went on freezing,
+    // and knib thawed it once it could.
+    assert_eq!(g.fsfreeze_status(), "thawed");
+    g.sh_ok("echo x > /root/after && sync");
+    assert!(store.list(None).unwrap().is_empty(), "nothing was published");
+}

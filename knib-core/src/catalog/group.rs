@@ -18,7 +18,10 @@
 //!    group: the snapshots taken are undone, nothing is published.
 //! 3. The disk-only snapshots of all running and stopped domains, in
 //!    parallel; then every frozen guest is thawed (always, whatever
-//!    happened: a thaw is sent to every guest a freeze was sent to).
+//!    happened: every guest a freeze was sent to is sent thaws until it
+//!    says it is thawed, see [`crate::libvirt::freeze`]: a freeze that
+//!    timed out goes on in the guest). A guest that cannot be thawed fails
+//!    the group, the error naming it and `virsh domfsthaw`.
 //! 4. The copies and merges of all members, in parallel, at most
 //!    `group.max_concurrent_copies` copies at once. Plain-disk VMs
 //!    (stopped: their disks do not change) are backed up in this step.

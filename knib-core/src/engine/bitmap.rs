@@ -14,7 +14,8 @@
 //!    one instant. An incremental backup exports the changes since the
 //!    parent backup's checkpoint as the dirty bitmap of each export. With
 //!    quiesce the guest's filesystems are frozen (guest agent) around the
-//!    call;
+//!    call, and thawed until the guest says so after it, whatever happened
+//!    ([`crate::libvirt::freeze`]); a guest left frozen fails the backup;
 //! 2. `Copy`: each export's dirty clusters (incremental) or allocated
 //!    clusters (full) are written to the store by knib's own writer
 //!    ([`super::bitmap_copy`]), the parent backup's file as backing file;
@@ -63,7 +64,7 @@ use crate::engine::take::{BackupKind, VolumeResult};
 use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::libvirt::backup::{self, BackupDisk};
-use crate::libvirt::{disk_targets, qemu_agent_command, DiskInfo, Vm};
+use crate::libvirt::{disk_targets, freeze, DiskInfo, Vm};
 use crate::progress::Control;
 use crate::qcow2::CompressionType;
 use crate::qemu_img::CompressionLibrary;
@@ -270,10 +271,9 @@ pub(crate) fn remove_work_dir(dir: &Path) -> Result<()> {
     }
 }
 
-/// Freeze (or thaw) the guest's filesystems through its agent.
-fn agent(vm: &Vm, command: &str) -> Result<()> {
-    qemu_agent_command(vm, &format!(r#"{{"execute":"{command}"}}"#), 30).map(|_| ())
-}
+/// How long a freeze may take, in seconds (the guest syncs its dirty data
+/// first); the thaw after it is [`freeze::thaw`]'s.
+const FREEZE_TIMEOUT_SECS: i32 = 30;
 
 /// The NBD export knib adds for the changes of a disk that libvirt does
 /// not checkpoint (raw): named, and with the id, `knib-<target>`.
@@ -322,20 +322,27 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
         }
     }
     if plan.quiesce {
-        agent(vm, "guest-fsfreeze-freeze").map_err(|e| {
-            e.context(format!(
-                "quiescing domain {}: the guest agent did not freeze the filesystems; nothing was changed",
-                vm.name()
-            ))
-        })?;
-    }
-    let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
-    if plan.quiesce {
-        if let Err(e) = agent(vm, "guest-fsfreeze-thaw") {
-            log::error!("thawing the filesystems of domain {}: {e}", vm.name());
+        if let Err(e) = freeze::freeze(vm, FREEZE_TIMEOUT_SECS) {
+            // The freeze may go on in the guest after libvirt gave up.
+            return Err(match freeze::thaw(vm) {
+                Ok(()) => e.context(format!(
+                    "quiescing domain {}: the guest agent did not freeze the filesystems (they are thawed); \
+                     nothing was changed",
+                    vm.name()
+                )),
+                Err(t) => t.context(format!(
+                    "quiescing domain {}: the guest agent did not freeze the filesystems ({e}); nothing was changed",
+                    vm.name()
+                )),
+            });
         }
     }
+    let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
+    let thawed = if plan.quiesce { freeze::thaw(vm) } else { Ok(()) };
     r?;
+    // A backup that leaves the guest frozen fails: the caller undoes the
+    // job, and the error says how to thaw the guest.
+    thawed?;
     if let Some(since) = &plan.since {
         for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
             let node = backup::node_of(vm, &d.file, &d.format)?;
@@ -510,13 +517,10 @@ impl Exporter for Libvirt<'_> {
 
     fn begin(&mut self, plan: &BitmapPlan) -> Result<()> {
         make_work_dir(self.0, &plan.work_dir)?;
-        let started = begin(self.0, plan);
-        if started.is_err() {
-            if let Err(u) = undo(self.0, plan) {
-                log::error!("undoing the start of the bitmap backup of domain {}: {u}", self.0.name());
-            }
-        }
-        started
+        begin(self.0, plan).map_err(|e| match undo(self.0, plan) {
+            Ok(_) => e,
+            Err(u) => undo_failed(e, u, &self.who()),
+        })
     }
 
     fn export(&self, plan: &BitmapPlan, d: &BitmapDisk) -> (PathBuf, String, Option<String>) {
@@ -580,6 +584,15 @@ pub fn take(
     run(&mut Libvirt(vm), plan, ctl, journal, copy_to, publish)
 }
 
+/// The error of a start that failed (`e`) and could not be undone (`u`):
+/// the job, its exports or the new checkpoint may still be there, which
+/// the next backup refuses until `knib recover` (the journal is kept).
+pub(crate) fn undo_failed(mut e: KnibError, u: KnibError, who: &str) -> KnibError {
+    log::error!("undoing the start of the bitmap backup of {who}: {u}");
+    e.message = format!("{}; undoing the start failed too ({u}): run `knib recover`", e.message);
+    e.with_vm_consistent(false)
+}
+
 /// Take the bitmap backup `plan` through `exp` (see [`take`]).
 pub(crate) fn run(
     exp: &mut dyn Exporter,
@@ -594,7 +607,9 @@ pub(crate) fn run(
     journal(BitmapStep::Begin)?;
     crate::crashpoint::durable_step(&format!("backup exports of {who}"));
     if let Err(e) = exp.begin(plan) {
-        return Err(e.context(format!("bitmap backup of {who}")).with_vm_consistent(true));
+        // Consistent unless the start could not be undone.
+        let consistent = e.vm_consistent.unwrap_or(true);
+        return Err(e.context(format!("bitmap backup of {who}")).with_vm_consistent(consistent));
     }
     log::debug!("bitmap backup {} of {who}: exports ready", plan.backup_id);
     let copied = (|| -> Result<Vec<VolumeResult>> {

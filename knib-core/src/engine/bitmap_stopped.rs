@@ -340,10 +340,10 @@ impl Exporter for Stopped<'_> {
             Ok(())
         })();
         if let Err(e) = started {
-            if let Err(u) = self.undo(plan) {
-                log::error!("undoing the start of the bitmap backup of {}: {u}", self.who());
-            }
-            return Err(e);
+            return Err(match self.undo(plan) {
+                Ok(_) => e,
+                Err(u) => super::bitmap::undo_failed(e, u, &self.who()),
+            });
         }
         Ok(())
     }

@@ -32,6 +32,7 @@ pub mod blockjob;
 pub mod blockwait;
 pub mod boot_domain;
 mod ffi;
+pub mod freeze;
 pub mod guest;
 pub mod qemu;
 pub mod screenshot;

@@ -267,6 +267,19 @@ impl GuestVm {
         );
     }
 
+    /// Dirty data the guest's next freeze must write first, on its disk
+    /// throttled (`virsh blkdeviotune`) so that writing it takes about
+    /// 50 s: a freeze that outlasts any bound under that.
+    pub fn slow_freeze_ahead(&self) {
+        self.hold_writeback();
+        self.sh_ok("dd if=/dev/zero of=/root/slow-freeze bs=1M count=8 2>/dev/null");
+        let out = Command::new("virsh")
+            .args(["-c", URI, "blkdeviotune", &self.name, "vda", "--write-bytes-sec", "163840", "--live"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "virsh blkdeviotune: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     /// `guest-fsfreeze-status`: "thawed" or "frozen".
     pub fn fsfreeze_status(&self) -> String {
         let r = self.agent(&serde_json::json!({"execute": "guest-fsfreeze-status"}));

@@ -10,7 +10,7 @@ use super::{group_id, GroupMember, GroupOptions, GroupRecord, MemberSpec, OnFail
 use crate::engine::live::LiveStep;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
-use crate::libvirt::{qemu_agent_command, Hypervisor, Vm};
+use crate::libvirt::{freeze, qemu_agent_command, Hypervisor, Vm};
 use crate::names;
 use crate::progress::Control;
 
@@ -19,7 +19,7 @@ fn has_agent_channel(vm: &Vm) -> Result<bool> {
     Ok(vm.xml()?.contains("org.qemu.guest_agent.0"))
 }
 
-/// Send `guest-fsfreeze-freeze` (or thaw) to each of `vms` in parallel,
+/// Send `guest-fsfreeze-freeze` to each of `vms` in parallel,
 /// each bounded by `timeout`: the error of each that failed.
 fn agent_all(vms: &[&Vm], command: &str, timeout: Duration) -> Vec<Option<String>> {
     let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
@@ -33,6 +33,15 @@ fn agent_all(vms: &[&Vm], command: &str, timeout: Duration) -> Vec<Option<String
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some(format!("{command} panicked")))).collect()
+    })
+}
+
+/// [`freeze::thaw`] each of `vms` in parallel: the error of each left
+/// frozen.
+fn thaw_all(vms: &[&Vm]) -> Vec<Option<String>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = vms.iter().map(|vm| s.spawn(move || freeze::thaw(vm).err().map(|e| e.message))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some("the thaw panicked".into()))).collect()
     })
 }
 
@@ -271,11 +280,12 @@ impl Store {
                     }
                 }
                 if !freeze_vms.is_empty() {
-                    for (k, e) in
-                        to_freeze.iter().zip(agent_all(&freeze_vms, "guest-fsfreeze-thaw", opts.freeze_timeout))
-                    {
+                    // Every guest a freeze was sent to, until it says it is
+                    // thawed; one left frozen fails the group.
+                    for (k, e) in to_freeze.iter().zip(thaw_all(&freeze_vms)) {
                         if let Some(e) = e {
                             log::error!("group {id}: thawing the guest of {}: {e}", members[*k].name().unwrap_or("?"));
+                            gate.abort(format!("member {}: {e}", members[*k].name().unwrap_or("?")));
                         }
                     }
                     freeze_to_thaw = Some(started.elapsed());

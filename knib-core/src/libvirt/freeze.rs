@@ -1,0 +1,97 @@
+//! Freezing and thawing a running guest's filesystems through its agent
+//! (`guest-fsfreeze-freeze`, `guest-fsfreeze-thaw`), for the backups that
+//! quiesce by hand: the bitmap method and group backups. (The snapshot
+//! method asks libvirt to quiesce, and libvirt thaws.)
+//!
+//! # Invariants
+//!
+//! - After any freeze was sent, whether it answered, failed or timed out,
+//!   [`thaw`] is called: a freeze libvirt stopped waiting for goes on in the
+//!   guest (the agent is busy syncing the filesystems), and nothing else
+//!   would thaw them. [`thaw`] sends thaws until the guest says its
+//!   filesystems are thawed, for up to [`THAW_BUDGET`].
+//! - A guest that cannot be thawed is an error naming the domain and the
+//!   command that thaws it by hand, never only a log line.
+//! - A thaw does not look at the caller's cancellation or deadline: it is
+//!   what a cancelled backup owes the guest.
+
+use std::time::{Duration, Instant};
+
+use super::{qemu_agent_command, Vm};
+use crate::error::{ErrorKind, KnibError, Result};
+
+/// How long [`thaw`] keeps trying: a freeze that outlasted its bound may
+/// still be syncing the guest's dirty data.
+pub const THAW_BUDGET: Duration = Duration::from_secs(180);
+
+/// How long one thaw or status query waits for the agent, in seconds.
+const THAW_COMMAND_SECS: i32 = 10;
+
+/// Between two thaw attempts.
+const THAW_RETRY: Duration = Duration::from_secs(2);
+
+/// Send `guest-fsfreeze-freeze`, waiting at most `timeout_secs` seconds
+/// (at least 1). On any error the caller must still [`thaw`].
+pub fn freeze(vm: &Vm, timeout_secs: i32) -> Result<()> {
+    qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-freeze"}"#, timeout_secs.max(1)).map(|_| ())
+}
+
+/// Thaw the guest's filesystems: `guest-fsfreeze-thaw`, then
+/// `guest-fsfreeze-status` until it answers `thawed`, retried for up to
+/// [`THAW_BUDGET`]. The error says the filesystems may still be frozen and
+/// how to thaw them.
+pub fn thaw(vm: &Vm) -> Result<()> {
+    thaw_within(vm, THAW_BUDGET)
+}
+
+/// [`thaw`] with another budget.
+pub fn thaw_within(vm: &Vm, budget: Duration) -> Result<()> {
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let why = match qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, THAW_COMMAND_SECS) {
+            Ok(_) => match status(vm) {
+                Ok(s) if s == "thawed" => {
+                    if attempts > 1 {
+                        log::warn!("domain {}: the guest's filesystems thawed at attempt {attempts}", vm.name());
+                    }
+                    return Ok(());
+                }
+                Ok(s) => format!("the guest agent says the filesystems are {s}"),
+                Err(e) => e.message,
+            },
+            Err(e) => e.message,
+        };
+        if started.elapsed() + THAW_RETRY >= budget {
+            return Err(KnibError::new(
+                ErrorKind::Hypervisor,
+                format!(
+                    "the filesystems of domain {name} may still be frozen: {attempts} thaws in {secs} s failed, \
+                     the last: {why}; `virsh domfsthaw {name}` thaws them",
+                    name = vm.name(),
+                    secs = started.elapsed().as_secs()
+                ),
+            ));
+        }
+        log::warn!("domain {}: thawing the guest's filesystems (attempt {attempts}): {why}", vm.name());
+        std::thread::sleep(THAW_RETRY);
+    }
+}
+
+/// `guest-fsfreeze-status`: "thawed" or "frozen".
+fn status(vm: &Vm) -> Result<String> {
+    let answer = qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-status"}"#, THAW_COMMAND_SECS)?;
+    let v: serde_json::Value = serde_json::from_str(&answer).map_err(|e| {
+        KnibError::new(
+            ErrorKind::Hypervisor,
+            format!("guest-fsfreeze-status of domain {} answered {answer}: {e}", vm.name()),
+        )
+    })?;
+    v.get("return").and_then(|r| r.as_str()).map(str::to_string).ok_or_else(|| {
+        KnibError::new(
+            ErrorKind::Hypervisor,
+            format!("guest-fsfreeze-status of domain {} answered {answer}", vm.name()),
+        )
+    })
+}
