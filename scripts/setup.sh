@@ -25,6 +25,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
         e2fsprogs dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd0 >/dev/null
 fi
 
+# The file-restore fallback's libguestfs (its XFS support, and a kernel for
+# its appliance), without the mail server and the rest it recommends.
+guestfs=(libguestfs-tools libguestfs-xfs linux-image-amd64)
+missing=()
+for p in "${guestfs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
 # No systemd here: start the daemons by hand unless they already run.
 pgrep -x virtlogd >/dev/null || virtlogd -d
 pgrep -x libvirtd >/dev/null || libvirtd -d

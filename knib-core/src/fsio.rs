@@ -78,6 +78,22 @@ pub fn commit_rename(from: &Path, to: &Path) -> Result<()> {
     sync_dir(parent_dir(to))
 }
 
+/// [`commit_rename`] that never replaces an entry at `to` (one that
+/// appeared since the caller checked): `renameat2(RENAME_NOREPLACE)`.
+pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    sync_file(from)?;
+    crate::crashpoint::durable_step(&format!("rename {} to {}", from.display(), to.display()));
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(|e| {
+        if e == rustix::io::Errno::EXIST {
+            KnibError::invalid(format!("{} appeared meanwhile; nothing was replaced", to.display()))
+        } else {
+            KnibError::io(&format!("cannot rename {} to", from.display()), to, e.into())
+        }
+    })?;
+    sync_dir(parent_dir(to))
+}
+
 /// Write `data` to `path` atomically: a temporary file, fsync, rename, fsync
 /// of the directory. Readers see the old content or the new, never a part.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {

@@ -10,7 +10,10 @@
 //! sibling of the destination, renamed into place at the end.
 
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::process::Invocation;
@@ -68,6 +71,54 @@ pub struct Guest {
     device: String,
 }
 
+/// Names of the temporary files and directories of the fallback.
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A name no other call (of this process or another) uses:
+/// `<what>-<pid>-<n>-<ns>`.
+fn unique(what: &str) -> String {
+    let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{what}-{}-{}-{ns:x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `s` as one argument of a guestfish script: a double-quoted string in
+/// which every byte but ASCII letters, digits and `/._-` is a `\xHH`
+/// escape. No name or path, whatever bytes it holds, can end the string,
+/// start another argument or command, or reach a host shell (`!`, `|`,
+/// `<!`): guestfish reads the string back byte for byte.
+pub fn script_string(s: &[u8]) -> String {
+    let mut q = String::with_capacity(s.len() + 2);
+    q.push('"');
+    for &b in s {
+        if b.is_ascii_alphanumeric() || b"/._-".contains(&b) {
+            q.push(b as char);
+        } else {
+            q.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    q.push('"');
+    q
+}
+
+/// A private directory for one guestfish run (mode 0700), removed when
+/// dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(unique(".knib-guestfish"));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 impl Guest {
     /// The fallback for the filesystem at `partition` of the qcow2 chain
     /// whose top is `image`, if guestfish is on PATH (and the type is one
@@ -80,45 +131,74 @@ impl Guest {
         Some(Guest { guestfish, image: image.to_path_buf(), device: device_name(partition) })
     }
 
-    fn run(&self, commands: &[&OsStr], ctl: &Control) -> Result<String> {
+    /// Run `script` (lines of commands whose arguments are all
+    /// [`script_string`]s): written to a file of a private directory and
+    /// given with `-f`, so that nothing of the guest's is ever on
+    /// guestfish's command line, where an argument `:` starts a command.
+    fn run(&self, script: &str, scratch: &Scratch, ctl: &Control) -> Result<String> {
+        let file = scratch.0.join("script");
+        std::fs::write(&file, script).map_err(|e| KnibError::io("cannot write", &file, e))?;
         let inv = Invocation::new(&self.guestfish)
             .args(["--ro", "--format=qcow2", "-a"])
             .arg(self.image.as_os_str())
             .arg("-m")
             .arg(format!("{}:/:ro", self.device))
-            .arg("--")
-            .args(commands.iter().copied());
+            .arg("-f")
+            .arg(file.as_os_str());
         Ok(inv.run_ok(ctl, ErrorKind::ImageTool)?.stdout)
     }
 
     /// The entries of directory `path`.
     pub fn list(&self, path: &str, ctl: &Control) -> Result<Vec<EntryInfo>> {
         let path = if path.is_empty() { "/" } else { path };
-        let p = OsStr::new(path);
-        let names: Vec<String> =
-            self.run(&[OsStr::new("ls"), p], ctl)?.lines().filter(|l| !l.is_empty()).map(String::from).collect();
+        let scratch = Scratch::new()?;
+        // The names, NUL-separated, into a file of ours (`ls0`): a name may
+        // hold any byte but NUL and `/`, newlines included.
+        let listing = scratch.0.join("names");
+        self.run(
+            &format!("ls0 {} {}\n", script_string(path.as_bytes()), script_string(listing.as_os_str().as_bytes())),
+            &scratch,
+            ctl,
+        )?;
+        let raw = std::fs::read(&listing).map_err(|e| KnibError::io("cannot read", &listing, e))?;
+        let mut names = Vec::new();
+        for n in raw.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            match std::str::from_utf8(n) {
+                Ok(n) if n != "." && n != ".." && !n.contains('/') => names.push(n.to_string()),
+                Ok(n) if n == "." || n == ".." => {}
+                _ => log::warn!(
+                    "{path}: guestfish listed a name knib cannot pass on, left out: {:?}",
+                    String::from_utf8_lossy(n)
+                ),
+            }
+        }
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let mut cmd: Vec<&OsStr> = vec![OsStr::new("lstatnslist"), p];
-        cmd.extend(names.iter().map(OsStr::new));
-        cmd.push(OsStr::new(":"));
-        cmd.push(OsStr::new("readlinklist"));
-        cmd.push(p);
-        cmd.extend(names.iter().map(OsStr::new));
-        let out = self.run(&cmd, ctl)?;
-        let (stats, links) = parse_stats(&out);
-        if stats.len() != names.len() {
-            return Err(KnibError::new(
-                ErrorKind::ImageTool,
-                format!("guestfish gave {} stat results for {} names in {path}", stats.len(), names.len()),
+        // One stat and one readlink per name, each after a marker the
+        // guest cannot know in advance (the readlink of what is not a link
+        // fails, and `-` lets the script go on).
+        let marker = unique("KNIB");
+        let mut script = String::new();
+        for (i, name) in names.iter().enumerate() {
+            let full = if path.ends_with('/') { format!("{path}{name}") } else { format!("{path}/{name}") };
+            let q = script_string(full.as_bytes());
+            script.push_str(&format!(
+                "echo {}\nlstatns {q}\n-readlink {q}\n",
+                script_string(format!("{marker}-{i}").as_bytes())
             ));
         }
+        let out = self.run(&script, &scratch, ctl)?;
+        let sections = split_sections(&out, &marker, names.len()).ok_or_else(|| {
+            KnibError::new(
+                ErrorKind::ImageTool,
+                format!("guestfish's stat output for {path} is not what knib asked for"),
+            )
+        })?;
         Ok(names
             .into_iter()
-            .zip(stats)
-            .enumerate()
-            .map(|(i, (name, st))| {
+            .zip(sections)
+            .map(|(name, (st, target))| {
                 let get =
                     |k: &str| st.iter().find(|(key, _)| key == k).and_then(|(_, v)| v.parse::<i64>().ok()).unwrap_or(0);
                 let fmt = get("st_mode") as u32 & 0o170000;
@@ -135,13 +215,19 @@ impl Guest {
                     mode: get("st_mode") as u32 & 0o7777,
                     mtime: get("st_mtime_sec"),
                     mtime_nsec: get("st_mtime_nsec").clamp(0, 999_999_999) as u32,
-                    target: (kind == "symlink").then(|| links.get(i).cloned().unwrap_or_default()),
+                    target: (kind == "symlink").then_some(target),
                 }
             })
             .collect())
     }
 
-    /// Copy `path` out to `to` (which must not exist).
+    /// Copy `path` out to `to` (which must not exist). guestfish's
+    /// `copy-out` unpacks a tar as the caller, which keeps owners, setuid
+    /// bits and device nodes: the copy is made in a private temporary
+    /// directory beside `to` and brought to what the native path gives
+    /// (owners not set, setuid and setgid dropped, devices, fifos and
+    /// sockets left out) before it is renamed into place, never over an
+    /// entry that appeared meanwhile.
     pub fn get(&self, path: &str, to: &Path, ctl: &Control) -> Result<GetSummary> {
         if std::fs::symlink_metadata(to).is_ok() {
             return Err(KnibError::invalid(format!(
@@ -150,17 +236,25 @@ impl Guest {
             )));
         }
         let parent = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = parent.join(format!(".knib-guestfish-{}.part", std::process::id()));
-        std::fs::create_dir(&tmp).map_err(|e| KnibError::io("cannot create", &tmp, e))?;
+        let tmp = parent.join(format!("{}.part", unique(".knib-guestfish")));
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(|e| KnibError::io("cannot create", &tmp, e))?;
+        }
         let r = (|| {
-            self.run(&[OsStr::new("copy-out"), OsStr::new(path), tmp.as_os_str()], ctl)?;
+            let scratch = Scratch::new()?;
+            self.run(
+                &format!("copy-out {} {}\n", script_string(path.as_bytes()), script_string(tmp.as_os_str().as_bytes())),
+                &scratch,
+                ctl,
+            )?;
             let base = Path::new(path).file_name().unwrap_or(OsStr::new(""));
             let got = if base.is_empty() { tmp.clone() } else { tmp.join(base) };
-            let summary = count(&got)?;
+            let summary = tame(&got)?;
             // guestfish wrote the tree without syncing it: made durable
             // before it appears under its name.
             crate::fsio::sync_filesystem(&tmp)?;
-            crate::fsio::commit_rename(&got, to)?;
+            crate::fsio::rename_noreplace(&got, to)?;
             Ok(summary)
         })();
         let _ = std::fs::remove_dir_all(&tmp);
@@ -168,49 +262,89 @@ impl Guest {
     }
 }
 
-/// The structs of a `lstatnslist` (lists of `key: value` between `{` and
-/// `}`) and the lines of a `readlinklist` after them.
-fn parse_stats(out: &str) -> (Vec<Vec<(String, String)>>, Vec<String>) {
-    let mut stats = Vec::new();
-    let mut links = Vec::new();
-    let mut cur: Option<Vec<(String, String)>> = None;
-    for line in out.lines() {
-        let t = line.trim();
-        if t.ends_with('{') {
-            cur = Some(Vec::new());
-        } else if t == "}" {
-            stats.extend(cur.take());
-        } else if let Some(c) = cur.as_mut() {
-            if let Some((k, v)) = t.split_once(':') {
-                c.push((k.trim().to_string(), v.trim().to_string()));
+/// The `key: value` fields of one `lstatns`.
+type Fields = Vec<(String, String)>;
+
+/// The `lstatns` fields and `readlink` target after each marker
+/// `<marker>-<i>` of `out`, for `n` markers in order; `None` when the
+/// output does not have them.
+fn split_sections(out: &str, marker: &str, n: usize) -> Option<Vec<(Fields, String)>> {
+    let mut sections: Vec<(Fields, Vec<&str>)> = Vec::with_capacity(n);
+    for line in out.split('\n') {
+        if line == format!("{marker}-{}", sections.len()) {
+            sections.push((Vec::new(), Vec::new()));
+            continue;
+        }
+        let (fields, rest) = sections.last_mut()?;
+        match line.split_once(": ") {
+            Some((k, v)) if rest.is_empty() && k.starts_with("st_") && !k.contains(' ') => {
+                fields.push((k.to_string(), v.trim().to_string()))
             }
-        } else {
-            links.push(line.to_string());
+            _ => rest.push(line),
         }
     }
-    (stats, links)
+    if sections.len() != n {
+        return None;
+    }
+    Some(
+        sections
+            .into_iter()
+            .map(|(f, mut rest)| {
+                // The target's line(s), without the newline after it (and
+                // the empty line the split leaves at the very end).
+                while rest.last() == Some(&"") {
+                    rest.pop();
+                }
+                (f, rest.join("\n"))
+            })
+            .collect(),
+    )
 }
 
-/// Files, directories, symlinks and bytes under `p`.
-fn count(p: &Path) -> Result<GetSummary> {
+/// Bring the tree `copy-out` made at `p` to what the native path gives:
+/// owned by whoever extracts it, without setuid or setgid bits, without
+/// devices, fifos or sockets (removed). Counts what is left.
+fn tame(p: &Path) -> Result<GetSummary> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let mut s = GetSummary::default();
     let m = std::fs::symlink_metadata(p).map_err(|e| KnibError::io("cannot stat", p, e))?;
-    if m.is_dir() {
+    let ft = m.file_type();
+    if ft.is_symlink() {
+        std::os::unix::fs::lchown(
+            p,
+            Some(rustix::process::geteuid().as_raw()),
+            Some(rustix::process::getegid().as_raw()),
+        )
+        .map_err(|e| KnibError::io("cannot chown", p, e))?;
+        s.symlinks += 1;
+        return Ok(s);
+    }
+    if !(ft.is_dir() || ft.is_file()) {
+        std::fs::remove_file(p).map_err(|e| KnibError::io("cannot remove", p, e))?;
+        log::info!("{}: left out (not a file, directory or link)", p.display());
+        return Ok(s);
+    }
+    std::os::unix::fs::lchown(p, Some(rustix::process::geteuid().as_raw()), Some(rustix::process::getegid().as_raw()))
+        .map_err(|e| KnibError::io("cannot chown", p, e))?;
+    if ft.is_dir() {
+        // Readable and writable by us while its children are tamed.
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| KnibError::io("cannot chmod", p, e))?;
         s.dirs += 1;
         for e in std::fs::read_dir(p).map_err(|e| KnibError::io("cannot list", p, e))? {
             let e = e.map_err(|e| KnibError::io("cannot list", p, e))?;
-            let c = count(&e.path())?;
+            let c = tame(&e.path())?;
             s.files += c.files;
             s.dirs += c.dirs;
             s.symlinks += c.symlinks;
             s.bytes += c.bytes;
         }
-    } else if m.file_type().is_symlink() {
-        s.symlinks += 1;
-    } else if m.is_file() {
+    } else {
         s.files += 1;
         s.bytes += m.len();
     }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(m.mode() & 0o1777))
+        .map_err(|e| KnibError::io("cannot chmod", p, e))?;
     Ok(s)
 }
 
@@ -241,11 +375,23 @@ mod tests {
     }
 
     #[test]
-    fn guestfish_stat_lists_parse() {
-        let out = "[0] = {\n  st_mode: 33188\n  st_size: 5\n  st_mtime_sec: 1600000000\n}\n[1] = {\n  st_mode: 41471\n}\n\nt\n";
-        let (stats, links) = parse_stats(out);
-        assert_eq!(stats.len(), 2);
-        assert_eq!(stats[0][0], ("st_mode".to_string(), "33188".to_string()));
-        assert_eq!(links, vec!["".to_string(), "t".to_string()]);
+    fn script_strings_hold_any_name_as_one_argument() {
+        assert_eq!(script_string(b"/d/plain.txt"), "\"/d/plain.txt\"");
+        assert_eq!(script_string(b":"), "\"\\x3a\"");
+        assert_eq!(script_string(b"a b\n\"|!"), "\"a\\x20b\\x0a\\x22\\x7c\\x21\"");
+        assert_eq!(script_string("é".as_bytes()), "\"\\xc3\\xa9\"");
+    }
+
+    #[test]
+    fn stat_sections_follow_their_markers() {
+        let out = "M-0\nst_mode: 33188\nst_size: 5\nst_mtime_sec: 1600000000\nM-1\nst_mode: 41471\nst_size: 1\nt\nM-2\nst_mode: 41471\nline1\nline2\n";
+        let s = split_sections(out, "M", 3).unwrap();
+        assert_eq!(s[0].0[0], ("st_mode".to_string(), "33188".to_string()));
+        assert_eq!(s[0].1, "");
+        assert_eq!(s[1].1, "t");
+        assert_eq!(s[2].1, "line1\nline2");
+        // A marker missing or out of order: not what was asked for.
+        assert!(split_sections(out, "M", 4).is_none());
+        assert!(split_sections("M-1\nst_mode: 1\n", "M", 1).is_none());
     }
 }

@@ -95,7 +95,7 @@ pub mod detect;
 pub mod device;
 mod ext4;
 pub mod extract;
-mod fallback;
+pub mod fallback;
 mod fat;
 pub mod fs;
 mod ntfs;
