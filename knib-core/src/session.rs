@@ -17,7 +17,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use std::time::Instant;
 
-use crate::error::{KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::{CancelToken, Control, Deadline, ProgressSink};
 
 /// The settings and state behind one handle of a binding.
@@ -90,12 +90,21 @@ impl Session {
     }
 
     /// Run operation `op` of [`crate::api::call`] on `request` as this
-    /// session's one operation, logging its end and duration.
+    /// session's one operation, logging its end and duration. A
+    /// cancellation asked for before it starts fails it at once with a
+    /// "cancelled" error, whatever the operation: those that take no
+    /// control (`version`, `list`, `delete`, ...) never look at the token,
+    /// so the cancellation would be used up unseen and the operation done.
     pub fn call(&self, op: &str, request: &str) -> Result<String> {
         self.exclusive(|| {
+            let ctl = self.control();
+            if ctl.cancel.is_cancelled() {
+                log::info!(target: "knib", "{op}: cancelled before it started");
+                return Err(KnibError::new(ErrorKind::Cancelled, format!("{op}: cancelled before it started")));
+            }
             let started = Instant::now();
             log::debug!(target: "knib", "{op}: started");
-            let r = crate::api::call(op, request, &self.control());
+            let r = crate::api::call(op, request, &ctl);
             let secs = started.elapsed().as_secs_f64();
             match &r {
                 Ok(_) => log::info!(target: "knib", "{op}: done in {secs:.2} s"),

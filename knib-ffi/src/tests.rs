@@ -116,3 +116,30 @@ fn replacing_the_log_callback_waits_for_its_running_calls() {
     t.join().expect("the logging thread");
     assert_eq!(*EVENTS.lock().expect("events"), ["busy", "callback ended", "replaced"]);
 }
+
+/// A cancel made while no operation runs cancels the next one, whatever it
+/// is: `version` and `delete` take no control and never looked at it, so
+/// the cancel was used up unseen and `delete` went ahead. The call after
+/// runs normally.
+#[test]
+fn a_cancel_between_operations_cancels_the_next_one_whatever_it_is() {
+    let ctx = new_context();
+    let mut answer: *mut c_char = ptr::null_mut();
+    // SAFETY: valid strings and a writable out-pointer.
+    unsafe {
+        assert_eq!(knib_context_cancel(ctx), knib_result::Ok);
+        assert_eq!(knib_call(ctx, c"version".as_ptr(), c"{}".as_ptr(), &mut answer), knib_result::Cancelled);
+        assert!(answer.is_null());
+        assert!(message(ctx).contains("version: cancelled before it started"), "{}", message(ctx));
+        assert_eq!(knib_call(ctx, c"version".as_ptr(), c"{}".as_ptr(), &mut answer), knib_result::Ok);
+        knib_string_free(answer);
+        answer = ptr::null_mut();
+
+        let delete = cr#"{"store": "/nonexistent/knib-store", "backup": "b1"}"#;
+        assert_eq!(knib_context_cancel(ctx), knib_result::Ok);
+        assert_eq!(knib_delete(ctx, delete.as_ptr(), &mut answer), knib_result::Cancelled, "{}", message(ctx));
+        assert_eq!(knib_delete(ctx, delete.as_ptr(), &mut answer), knib_result::NotFound, "{}", message(ctx));
+        assert!(answer.is_null());
+    }
+    knib_context_free(ctx);
+}

@@ -265,6 +265,19 @@ static void stopped_halfway(const char *dir) {
     out = UNTOUCHED;
     EXPECT(knib_backup(ctx, req, &out), KNIB_RESULT_CANCELLED, NULL);
     CHECK(out == UNTOUCHED, "output written on cancel");
+    /* The same for an operation that takes no control (delete, version):
+     * the cancel was used up unseen and the backup deleted. */
+    char del[1024];
+    snprintf(del, sizeof del, "{\"store\": \"%s\", \"backup\": \"%s\"}", store, id);
+    EXPECT(knib_context_cancel(ctx), KNIB_RESULT_OK, ctx);
+    out = UNTOUCHED;
+    EXPECT(knib_delete(ctx, del, &out), KNIB_RESULT_CANCELLED, ctx);
+    CHECK(out == UNTOUCHED, "output written on cancel");
+    CHECK(strstr(last_error(ctx), "cancelled"), "%s", last_error(ctx));
+    EXPECT(knib_context_cancel(ctx), KNIB_RESULT_OK, ctx);
+    out = UNTOUCHED;
+    EXPECT(knib_call(ctx, "version", "{}", &out), KNIB_RESULT_CANCELLED, ctx);
+    CHECK(out == UNTOUCHED, "output written on cancel");
     snprintf(req, sizeof req, "{\"store\": \"%s\"}", store);
     out = NULL;
     EXPECT(knib_list(ctx, req, &out), KNIB_RESULT_OK, ctx);

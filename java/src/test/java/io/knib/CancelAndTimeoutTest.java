@@ -1,0 +1,52 @@
+package io.knib;
+
+import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertThrows;
+import static org.junit.jupiter.api.Assertions.assertTrue;
+
+import com.google.gson.JsonParser;
+import java.nio.file.Path;
+import org.junit.jupiter.api.Test;
+import org.junit.jupiter.api.io.TempDir;
+
+/** Cancellation and time budgets of a context, between and around its operations. */
+class CancelAndTimeoutTest {
+    @TempDir
+    Path dir;
+
+    /** A one-disk backup of VM "web" in {@code store}; its id. */
+    private String backUp(Knib k, Path store) throws KnibException {
+        Path disk = dir.resolve("disk.qcow2");
+        Sh.qcow2(disk, 4 * TestVm.MIB);
+        Sh.write(disk, 0x61, 0, TestVm.MIB);
+        String a = k.call("backup", "{\"store\": \"" + store + "\", \"vm\": \"web\", "
+                + "\"disks\": [{\"name\": \"root\", \"path\": \"" + disk + "\"}]}");
+        return JsonParser.parseString(a).getAsJsonObject().get("id").getAsString();
+    }
+
+    private static int backups(Knib k, Path store) throws KnibException {
+        return JsonParser.parseString(k.call("list", "{\"store\": \"" + store + "\"}")).getAsJsonArray().size();
+    }
+
+    @Test
+    void aCancelBetweenOperationsCancelsTheNextOneWhateverItIs() throws Exception {
+        // Only the operations that take a control looked at the cancel token: delete (and version, list,
+        // show, ...) went ahead and the cancel was used up unseen.
+        Path store = dir.resolve("store");
+        try (Knib k = new Knib()) {
+            String id = backUp(k, store);
+            String ref = "{\"store\": \"" + store + "\", \"backup\": \"" + id + "\"}";
+            k.cancel();
+            CancelledException e = assertThrows(CancelledException.class, () -> k.call("delete", ref));
+            assertEquals(ErrorKind.CANCELLED, e.kind());
+            assertTrue(e.getMessage().contains("delete: cancelled before it started"), e.getMessage());
+            assertEquals(1, backups(k, store), "the backup is still there");
+            assertTrue(k.call("show", ref).contains(id));
+            k.cancel();
+            assertThrows(CancelledException.class, () -> k.call("version", "{}"));
+            // The cancel was used up: the next call runs.
+            assertTrue(k.call("delete", ref).contains(id));
+            assertEquals(0, backups(k, store));
+        }
+    }
+}
