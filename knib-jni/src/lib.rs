@@ -11,7 +11,7 @@
 //! | `long contextNew()` | a new context; its handle is a token |
 //! | `void contextClose(long)` | release it (a dead handle is ignored) |
 //! | `String call(long, String op, String json)` | run `op`; the JSON answer |
-//! | `void cancel(long)` | stop the call running on the context |
+//! | `void cancel(long)` | stop the call running on the context (a dead handle is ignored) |
 //! | `void setTimeout(long, long seconds)` | the time budget of each call |
 //! | `void setProgressListener(long, ProgressListener)` | `null` removes it |
 //! | `boolean setLogLevel(int)` | forward knib's logs up to this level |
@@ -22,7 +22,8 @@
 //! subclass of its kind (message, kind, and whether the VM was left
 //! consistent), a panic as `KnibPanicError` (an unchecked `Error`: a bug
 //! is not an operational failure), a dead handle as
-//! `IllegalStateException`; no panic ever reaches the JVM. Progress
+//! `IllegalStateException` (but for `contextClose` and `cancel`, which
+//! ignore it); no panic ever reaches the JVM. Progress
 //! listeners are called on whatever thread reports progress (attached to
 //! the JVM for the call), each call in its own local reference frame; an
 //! exception a listener throws is cleared and logged. The native context
@@ -102,11 +103,16 @@ pub extern "system" fn Java_io_knib_NativeLib_call<'l>(
     })
 }
 
-/// `void NativeLib.cancel(long)`.
+/// `void NativeLib.cancel(long)`: a dead handle is ignored, as by
+/// `contextClose`. `Knib.cancel()` reads its handle, then calls this: a
+/// `close()` on another thread in between releases the handle, and cancel
+/// is documented to do nothing on a closed context.
 #[no_mangle]
 pub extern "system" fn Java_io_knib_NativeLib_cancel<'l>(mut env: JNIEnv<'l>, _class: JClass<'l>, handle: jlong) {
     guard(&mut env, (), |_| {
-        session(handle)?.cancel();
+        if let Some(s) = CONTEXTS.get(handle as u64) {
+            s.cancel();
+        }
         Ok(())
     })
 }

@@ -125,7 +125,8 @@ public final class Knib implements AutoCloseable {
 
     /**
      * Ask the operation running on this context (from another thread) to stop; when none runs, the next one
-     * is cancelled at once. Does nothing on a closed context.
+     * is cancelled at once, whatever it is. Does nothing on a closed context, nor on one another thread is
+     * closing meanwhile.
      */
     public void cancel() {
         long h = handle.value.get();

@@ -6,6 +6,12 @@ import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import com.google.gson.JsonParser;
 import java.nio.file.Path;
+import java.util.concurrent.CountDownLatch;
+import java.util.concurrent.ExecutionException;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Future;
+import java.util.concurrent.atomic.AtomicBoolean;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
 
@@ -47,6 +53,38 @@ class CancelAndTimeoutTest {
             // The cancel was used up: the next call runs.
             assertTrue(k.call("delete", ref).contains(id));
             assertEquals(0, backups(k, store));
+        }
+    }
+
+    @Test
+    void cancelRacingCloseDoesNothing() throws Exception {
+        // cancel() read a live handle, close() released it, and the native side threw IllegalStateException
+        // for the dead handle: cancel is documented to do nothing on a closed context.
+        ExecutorService pool = Executors.newSingleThreadExecutor();
+        try {
+            for (int i = 0; i < 2000; i++) {
+                Knib k = new Knib();
+                CountDownLatch spinning = new CountDownLatch(1);
+                AtomicBoolean closed = new AtomicBoolean();
+                Future<?> canceller = pool.submit(() -> {
+                    spinning.countDown();
+                    while (!closed.get()) {
+                        k.cancel();
+                    }
+                    k.cancel();
+                    return null;
+                });
+                spinning.await();
+                k.close();
+                closed.set(true);
+                try {
+                    canceller.get();
+                } catch (ExecutionException e) {
+                    throw new AssertionError("round " + i + ": cancel() racing close() threw " + e.getCause(), e.getCause());
+                }
+            }
+        } finally {
+            pool.shutdownNow();
         }
     }
 }
