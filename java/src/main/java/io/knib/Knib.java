@@ -104,13 +104,25 @@ public final class Knib implements AutoCloseable {
 
     /**
      * @param budget the time budget of each next operation (CloudStack's {@code kboss.timeout} or the
-     *     command's wait); zero or null for none, and so is one too long for the clock (such as
-     *     {@code Duration.ofSeconds(Long.MAX_VALUE)})
+     *     command's wait), rounded up to whole seconds (500 ms is one second); zero, negative or null for
+     *     none, and so is one too long for the clock (such as {@code Duration.ofSeconds(Long.MAX_VALUE)})
      * @return this context
      */
     public Knib setTimeout(Duration budget) {
-        NativeLib.setTimeout(live(), budget == null ? 0 : Math.max(0, budget.toSeconds()));
+        NativeLib.setTimeout(live(), timeoutSeconds(budget));
         return this;
+    }
+
+    /**
+     * The native budget of {@code budget}: whole seconds, rounded up, so that a positive budget is never 0
+     * (which means none); 0 for null, zero or negative.
+     */
+    static long timeoutSeconds(Duration budget) {
+        if (budget == null || budget.isNegative() || budget.isZero()) {
+            return 0;
+        }
+        long seconds = budget.getSeconds();
+        return budget.getNano() > 0 && seconds < Long.MAX_VALUE ? seconds + 1 : seconds;
     }
 
     /**

@@ -1,11 +1,14 @@
 package io.knib;
 
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import com.google.gson.JsonParser;
+import java.nio.file.Files;
 import java.nio.file.Path;
+import java.time.Duration;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.ExecutionException;
 import java.util.concurrent.ExecutorService;
@@ -85,6 +88,50 @@ class CancelAndTimeoutTest {
             }
         } finally {
             pool.shutdownNow();
+        }
+    }
+
+    @Test
+    void aBudgetIsRoundedUpToWholeSecondsNeverDownToNone() {
+        // Duration.toSeconds() truncated: a budget under a second became 0, which is no limit at all.
+        assertEquals(1, Knib.timeoutSeconds(Duration.ofMillis(500)));
+        assertEquals(1, Knib.timeoutSeconds(Duration.ofNanos(1)));
+        assertEquals(1, Knib.timeoutSeconds(Duration.ofSeconds(1)));
+        assertEquals(2, Knib.timeoutSeconds(Duration.ofMillis(1001)));
+        assertEquals(30, Knib.timeoutSeconds(Duration.ofSeconds(30)));
+        assertEquals(0, Knib.timeoutSeconds(null));
+        assertEquals(0, Knib.timeoutSeconds(Duration.ZERO));
+        assertEquals(0, Knib.timeoutSeconds(Duration.ofMillis(-500)));
+        assertEquals(0, Knib.timeoutSeconds(Duration.ofSeconds(-3)));
+        assertEquals(Long.MAX_VALUE, Knib.timeoutSeconds(Duration.ofSeconds(Long.MAX_VALUE)));
+        assertEquals(Long.MAX_VALUE, Knib.timeoutSeconds(Duration.ofSeconds(Long.MAX_VALUE, 999_999_999)));
+    }
+
+    @Test
+    void aHalfSecondBudgetRunsOut() throws Exception {
+        Path f = dir.resolve("t.qcow2");
+        Sh.qcow2(f, 64 * TestVm.MIB);
+        Sh.write(f, 0x74, 0, 32 * TestVm.MIB);
+        try (Knib k = new Knib()) {
+            // The first progress report outlasts the budget.
+            boolean[] slept = {false};
+            k.setTimeout(Duration.ofMillis(500)).setProgressListener((step, pct) -> {
+                if (!slept[0]) {
+                    slept[0] = true;
+                    try {
+                        Thread.sleep(2500);
+                    } catch (InterruptedException e) {
+                        Thread.currentThread().interrupt();
+                    }
+                }
+            });
+            Path out = dir.resolve("t-restored.qcow2");
+            RestoreBackup.Request r = RestoreBackup.Request.builder()
+                    .volume(new RestoreBackup.Volume("t", f.toString(), out.toString()))
+                    .build();
+            KnibTimeoutException e = assertThrows(KnibTimeoutException.class, () -> k.restoreBackup(r));
+            assertTrue(e.getMessage().contains("time budget (1s)"), e.getMessage());
+            assertFalse(Files.exists(out), "nothing half-written is left");
         }
     }
 }
