@@ -110,3 +110,132 @@ fn ext4_directory_with_a_block_mapped_many_times() {
     // The rest of the filesystem reads.
     assert_eq!(names(&disk.list(None, "/", &ctl()).unwrap()), ["d", "lost+found"]);
 }
+
+fn le16(b: &[u8], at: usize) -> usize {
+    u16::from_le_bytes([b[at], b[at + 1]]) as usize
+}
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+/// Undo (`apply` false) or redo (`apply` true) the update sequence of an
+/// NTFS record (FILE or INDX): the last two bytes of each 512-byte sector
+/// are the sequence number on disk, their real values in the array.
+fn fixup(rec: &mut [u8], apply: bool) {
+    let (at, count) = (le16(rec, 4), le16(rec, 6));
+    let usn = [rec[at], rec[at + 1]];
+    for i in 1..count {
+        let end = i * 512;
+        let slot = at + 2 * i;
+        if apply {
+            rec.copy_within(end - 2..end, slot);
+            rec[end - 2..end].copy_from_slice(&usn);
+        } else {
+            assert_eq!(rec[end - 2..end], usn, "a torn record");
+            rec.copy_within(slot..slot + 2, end - 2);
+        }
+    }
+}
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+/// An NTFS image of 16 MiB with 200 files at its top: its root index has
+/// index records (INDX) below its $INDEX_ROOT.
+fn ntfs_200(w: &Path) -> std::path::PathBuf {
+    let src = w.join("src");
+    std::fs::create_dir(&src).unwrap();
+    for i in 0..200 {
+        std::fs::write(src.join(format!("file{i:03}.txt")), format!("file {i}\n")).unwrap();
+    }
+    let img = w.join("ntfs.img");
+    mkfs_ntfs(&src, &img, 16, "t");
+    img
+}
+
+/// NTFS: every leaf index record of the root directory gets a subnode
+/// pointing at itself (its end entry grown by the 8 bytes of a VCN, the
+/// update sequence redone). The ntfs crate's iterator pushed the record
+/// again and again (each 4 KiB held) until the read budget of four times
+/// the disk plus 256 MiB ran out: hundreds of MiB. Now Corrupt at the
+/// second visit, naming the directory, in little memory. And a root
+/// whose $INDEX_ROOT says its records are 2 GiB each (the crate allocated
+/// that much for each) is refused before any record is read.
+#[test]
+fn ntfs_index_whose_nodes_loop() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let img = ntfs_200(w);
+    let mut data = std::fs::read(&img).unwrap();
+    let disk = open(&img);
+    assert_eq!(disk.list(None, "/", &ctl()).unwrap().len(), 200);
+    let mut patched = 0;
+    let name: Vec<u8> = "file".encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    for off in (0..data.len() - 4096).step_by(512) {
+        let rec = &mut data[off..off + 4096];
+        if &rec[..4] != b"INDX" || !rec.windows(name.len()).any(|x| x == name) || rec[24 + 12] & 1 != 0 {
+            continue;
+        }
+        fixup(rec, false);
+        let vcn: [u8; 8] = rec[16..24].try_into().unwrap();
+        let (entries, size, alloc) = (24 + le32(rec, 24) as usize, le32(rec, 28), le32(rec, 32));
+        assert!(size + 8 <= alloc);
+        // Find the end entry (flag 2) and give it a subnode (flag 1).
+        let mut p = entries;
+        while le32(rec, p + 12) & 2 == 0 {
+            p += le16(rec, p + 8);
+        }
+        let len = le16(rec, p + 8);
+        rec[p + 8..p + 10].copy_from_slice(&((len + 8) as u16).to_le_bytes());
+        rec[p + 12] |= 1;
+        rec[p + len..p + len + 8].copy_from_slice(&vcn);
+        rec[28..32].copy_from_slice(&(size + 8).to_le_bytes());
+        fixup(rec, true);
+        patched += 1;
+    }
+    assert!(patched >= 2, "{patched} leaf records");
+    std::fs::write(&img, &data).unwrap();
+    let disk = open(&img);
+    let before = peak_rss();
+    let t = std::time::Instant::now();
+    let e = assert_err(disk.list(None, "/", &ctl()), ErrorKind::Corrupt, "directory /: its index loops");
+    let grew = peak_rss().saturating_sub(before);
+    assert!(grew < 32 << 20, "listing the root took {} MiB more: {e}", grew >> 20);
+    assert!(t.elapsed() < std::time::Duration::from_secs(20), "{:?}", t.elapsed());
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+    assert_err(disk.get(None, "/", &out.join("all"), &ctl()), ErrorKind::Corrupt, "its index loops");
+    assert_err(disk.list(None, "/file100.txt", &ctl()), ErrorKind::Corrupt, "its index loops");
+    assert_only(&out, &[]);
+
+    // The root's file record (5): its $INDEX_ROOT's index record size.
+    let big = w.join("big-records");
+    std::fs::create_dir(&big).unwrap();
+    let img = ntfs_200(&big);
+    let mut data = std::fs::read(&img).unwrap();
+    let cluster = le16(&data, 11) * data[13] as usize;
+    let mft = u64::from_le_bytes(data[0x30..0x38].try_into().unwrap()) as usize * cluster;
+    let rec = &mut data[mft + 5 * 1024..mft + 6 * 1024];
+    assert_eq!(&rec[..4], b"FILE");
+    fixup(rec, false);
+    let mut a = le16(rec, 0x14);
+    while le32(rec, a) != 0x90 {
+        assert_ne!(le32(rec, a), 0xffff_ffff, "no $INDEX_ROOT");
+        a += le32(rec, a + 4) as usize;
+    }
+    let value = a + le16(rec, a + 0x14);
+    assert_eq!(le32(rec, value + 8), 4096);
+    rec[value + 8..value + 12].copy_from_slice(&0x8000_0000u32.to_le_bytes());
+    fixup(rec, true);
+    std::fs::write(&img, &data).unwrap();
+    let disk = open(&img);
+    assert_err(
+        disk.list(None, "/", &ctl()),
+        ErrorKind::Corrupt,
+        "directory /: its index records are 2147483648 bytes each",
+    );
+}

@@ -6,18 +6,35 @@
 //! junctions) are reported as "other" and left out of extractions. The
 //! system files of the root (`$MFT`, ...) are not listed. Names are
 //! compared without case. Only the unnamed data stream is read. Each
-//! directory listing may read at most four times the disk (plus 256 MiB):
-//! an index whose nodes loop ends in an error.
+//! directory listing may read at most four times the disk (plus 256 MiB).
+//!
+//! A directory's index (a B-tree of index records) is walked by knib, not
+//! by the crate's iterator, which pushes each subnode's record on a stack
+//! and never checks for one met again (an index whose nodes loop grew
+//! without end), and reads records of the size the guest's $INDEX_ROOT
+//! gives (up to 4 GiB each). Here a record size outside 512 bytes to
+//! 64 KiB, an index record reached twice, more than [`MAX_INDEX_RECORDS`]
+//! records or more than [`MAX_ENTRIES`] entries are Corrupt, naming the
+//! directory; one record is held at a time, so memory stays within the
+//! entries found and a few MiB.
 
+use std::collections::HashSet;
 use std::io::SeekFrom;
 
-use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
-use ntfs::{Ntfs, NtfsError, NtfsFile, NtfsReadSeek};
+use ntfs::indexes::NtfsFileNameIndex;
+use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace, NtfsIndexAllocation, NtfsIndexRoot};
+use ntfs::{Ntfs, NtfsAttributeItem, NtfsAttributeType, NtfsError, NtfsFile, NtfsIndexNodeEntries, NtfsReadSeek};
 
 use crate::error::{KnibError, Result};
 
 use super::device::{from_io, Window};
-use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node};
+use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node, MAX_ENTRIES};
+
+/// The largest index record read (NTFS writes 4 KiB ones).
+pub const MAX_INDEX_RECORD: u32 = 64 << 10;
+/// The most index records of one directory read: a directory of
+/// [`MAX_ENTRIES`] entries holds at least six in each 4 KiB record.
+pub const MAX_INDEX_RECORDS: usize = MAX_ENTRIES / 4;
 
 /// The root directory's file record.
 const ROOT_RECORD: u64 = 5;
@@ -116,21 +133,36 @@ impl NtfsFs {
         {
             let _budget = Budget::set(win, &format!("listing {what}"));
             let file = ntfs.file(win, dir.handle).map_err(|e| err(e, &what))?;
-            let index = file.directory_index(win).map_err(|e| err(e, &what))?;
-            let mut iter = index.entries();
-            while let Some(e) = iter.next(win) {
-                let e = e.map_err(|e| err(e, &what))?;
-                let Some(key) = e.key() else { continue };
-                let key = key.map_err(|e| err(e, &what))?;
-                if key.namespace() == NtfsFileNamespace::Dos {
-                    continue;
+            if !file.is_directory() {
+                return Err(KnibError::corrupt(format!("{what}: its file record is not a directory's")));
+            }
+            let (root_item, alloc_item) = index_items(&file, win, &what)?;
+            let root_attr = root_item.to_attribute().map_err(|e| err(e, &what))?;
+            let root = root_attr.resident_structured_value::<NtfsIndexRoot>().map_err(|e| err(e, &what))?;
+            let mut walk = IndexWalk {
+                what: &what,
+                dir: dir.handle,
+                found: &mut found,
+                pending: Vec::new(),
+                seen: HashSet::new(),
+            };
+            walk.node(root.entries::<NtfsFileNameIndex>().map_err(|e| err(e, &what))?)?;
+            if !walk.pending.is_empty() {
+                let size = root.index_record_size();
+                if !(512..=MAX_INDEX_RECORD).contains(&size) || size % 512 != 0 {
+                    return Err(KnibError::corrupt(format!(
+                        "{what}: its index records are {size} bytes each (NTFS's are 512 bytes to 64 KiB, whole sectors)"
+                    )));
                 }
-                let rec = e.file_reference().file_record_number();
-                let name = key.name().to_string_lossy();
-                if name == "." || (dir.handle == ROOT_RECORD && rec < FIRST_USER_RECORD && name.starts_with('$')) {
-                    continue;
+                let alloc_item = alloc_item.ok_or_else(|| {
+                    KnibError::corrupt(format!("{what}: its index has subnodes but no $INDEX_ALLOCATION"))
+                })?;
+                let alloc_attr = alloc_item.to_attribute().map_err(|e| err(e, &what))?;
+                let alloc = alloc_attr.structured_value::<_, NtfsIndexAllocation>(win).map_err(|e| err(e, &what))?;
+                while let Some(vcn) = walk.pending.pop() {
+                    let record = alloc.record_from_vcn(win, size, vcn).map_err(|e| err(e, &what))?;
+                    walk.node(record.entries::<NtfsFileNameIndex>().map_err(|e| err(e, &what))?)?;
                 }
-                found.push((name.into_bytes(), rec));
             }
         }
         let mut out = Vec::with_capacity(found.len());
@@ -140,6 +172,92 @@ impl NtfsFs {
             out.push((name, node_of(&file, win, &what)?));
         }
         Ok(out)
+    }
+}
+
+/// The $INDEX_ROOT and $INDEX_ALLOCATION attributes of directory `file`'s
+/// index (`$I30`), the second only when there is one.
+fn index_items<'n, 'f>(
+    file: &'f NtfsFile<'n>,
+    win: &mut Window,
+    what: &str,
+) -> Result<(NtfsAttributeItem<'n, 'f>, Option<NtfsAttributeItem<'n, 'f>>)> {
+    let (mut root, mut alloc) = (None, None);
+    let mut iter = file.attributes();
+    while let Some(item) = iter.next(win) {
+        let item = item.map_err(|e| err(e, what))?;
+        let ty = {
+            let attr = item.to_attribute().map_err(|e| err(e, what))?;
+            let ty = attr.ty().map_err(|e| err(e, what))?;
+            if !matches!(ty, NtfsAttributeType::IndexRoot | NtfsAttributeType::IndexAllocation)
+                || attr.name().map_err(|e| err(e, what))? != "$I30"
+            {
+                continue;
+            }
+            ty
+        };
+        match ty {
+            NtfsAttributeType::IndexRoot if root.is_none() => root = Some(item),
+            NtfsAttributeType::IndexAllocation if alloc.is_none() => alloc = Some(item),
+            _ => {}
+        }
+        if root.is_some() && alloc.is_some() {
+            break;
+        }
+    }
+    let root = root.ok_or_else(|| KnibError::corrupt(format!("{what}: it has no index ($INDEX_ROOT)")))?;
+    Ok((root, alloc))
+}
+
+/// A walk over the nodes of one directory's index: the entries found, the
+/// subnodes still to read, the subnodes met (each may be met once).
+struct IndexWalk<'a> {
+    what: &'a str,
+    dir: u64,
+    found: &'a mut Vec<(Vec<u8>, u64)>,
+    pending: Vec<ntfs::types::Vcn>,
+    seen: HashSet<i64>,
+}
+
+impl IndexWalk<'_> {
+    /// Take the entries of one node.
+    fn node(&mut self, entries: NtfsIndexNodeEntries<'_, NtfsFileNameIndex>) -> Result<()> {
+        let what = self.what;
+        for e in entries {
+            let e = e.map_err(|e| err(e, what))?;
+            if let Some(vcn) = e.subnode_vcn() {
+                let vcn = vcn.map_err(|e| err(e, what))?;
+                if !self.seen.insert(vcn.value()) {
+                    return Err(KnibError::corrupt(format!(
+                        "{what}: its index loops (the index record at VCN {} is reached twice)",
+                        vcn.value()
+                    )));
+                }
+                if self.seen.len() > MAX_INDEX_RECORDS {
+                    return Err(KnibError::corrupt(format!(
+                        "{what}: its index has more than {MAX_INDEX_RECORDS} records (the most knib reads of one directory)"
+                    )));
+                }
+                self.pending.push(vcn);
+            }
+            let Some(key) = e.key() else { continue };
+            let key = key.map_err(|e| err(e, what))?;
+            if key.namespace() == NtfsFileNamespace::Dos {
+                continue;
+            }
+            let rec = e.file_reference().file_record_number();
+            let name = key.name().to_string_lossy();
+            if name == "." || (self.dir == ROOT_RECORD && rec < FIRST_USER_RECORD && name.starts_with('$')) {
+                continue;
+            }
+            if self.found.len() >= MAX_ENTRIES {
+                return Err(KnibError::corrupt(format!(
+                    "{what} has more than {MAX_ENTRIES} entries (the most knib reads of one directory)"
+                )));
+            }
+            self.found.push((name.into_bytes(), rec));
+        }
+        Ok(())
     }
 }
 
