@@ -14,7 +14,8 @@ public final class CompressBackup {
      * @param library "zstd" or "zlib" ({@code compressionLib}); qcow2 v2 files always get zlib
      * @param coroutines qemu-img's {@code -m}, 1 to 16 ({@code coroutines})
      * @param rateLimitMbps MB/s; below 1 means no limit ({@code rateLimit}), as CloudStack's setting (kept as 0)
-     * @param minFreeFactor refuse unless the store has this many times each file's size free
+     * @param minFreeFactor refuse unless the store has this many times each file's size free; a finite number
+     *     ({@link Knib#compressBackup} refuses NaN and infinities with {@link InvalidInputException})
      * @param minFreeBytes refuse unless the store has this many bytes free ({@code minFreeStorage}); null for no such check
      * @param expectedHashes the xxh3-128 each file must have, one per file of {@code files} in order (the
      *     {@code files[].hash} of {@link Knib#takeBackupHash}); a file that does not match fails with a corrupt

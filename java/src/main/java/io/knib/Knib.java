@@ -214,9 +214,16 @@ public final class Knib implements AutoCloseable {
      *
      * @param request the files and how to compress them
      * @return each compressed copy
-     * @throws KnibException on failure (the {@code .comp} files written are removed)
+     * @throws KnibException on failure (the {@code .comp} files written are removed); {@link
+     *     InvalidInputException} for a {@code minFreeFactor} that is NaN or infinite
      */
     public CompressBackup.Answer compressBackup(CompressBackup.Request request) throws KnibException {
+        Objects.requireNonNull(request, "request");
+        // JSON has no NaN or Infinity: Gson would throw an unchecked exception naming no field.
+        if (!Double.isFinite(request.minFreeFactor())) {
+            throw new InvalidInputException("invalid input: agent.compress: `min_free_factor` (minFreeFactor) must be "
+                    + "a finite number, not " + request.minFreeFactor(), -1);
+        }
         return run("agent.compress", request, CompressBackup.Answer.class);
     }
 

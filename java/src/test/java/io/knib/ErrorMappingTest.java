@@ -73,6 +73,24 @@ class ErrorMappingTest {
     }
 
     @Test
+    void aMinFreeFactorThatIsNotFiniteIsInvalidInputNamingIt() throws Exception {
+        // Gson refused NaN and infinities with an unchecked IllegalArgumentException naming no field.
+        Path f = dir.resolve("c.qcow2");
+        Sh.qcow2(f, TestVm.MIB);
+        try (Knib k = new Knib()) {
+            for (double v : new double[] {Double.NaN, Double.POSITIVE_INFINITY, Double.NEGATIVE_INFINITY}) {
+                CompressBackup.Request c = CompressBackup.Request.builder().file(f.toString()).minFreeFactor(v).build();
+                InvalidInputException e = assertThrows(InvalidInputException.class, () -> k.compressBackup(c));
+                assertTrue(e.getMessage().contains("minFreeFactor") && e.getMessage().contains("min_free_factor"),
+                        e.getMessage());
+                assertTrue(e.getMessage().contains(Double.toString(v)), e.getMessage());
+                assertEquals(ErrorKind.INVALID_INPUT, e.kind());
+            }
+            assertFalse(Files.exists(Path.of(f + ".comp")));
+        }
+    }
+
+    @Test
     void forcedPanicArrivesAsAnUncheckedErrorAndTheJvmGoesOn() throws Exception {
         try (Knib k = new Knib()) {
             for (int i = 0; i < 3; i++) {
