@@ -138,10 +138,80 @@ fn throw(env: &mut JNIEnv<'_>, failure: Failure) {
     }
 }
 
-/// The text of string parameter `what`.
+/// The text of string parameter `what`. A Java string that is no text (a
+/// lone UTF-16 surrogate) is refused as invalid input naming `what`, as the
+/// C API refuses bytes that are not UTF-8: the jni crate's own conversion
+/// would replace it with U+FFFD, and knib would act on another string (look
+/// for another file) than the one given.
 pub(crate) fn text(env: &mut JNIEnv<'_>, s: &JString<'_>, what: &'static str) -> Result<String, Failure> {
     if s.is_null() {
         return Err(Failure::Null(what));
     }
-    Ok(env.get_string(s)?.into())
+    let chars = env.get_string(s)?;
+    from_modified_utf8(chars.to_bytes())
+        .map_err(|e| Failure::Knib(KnibError::invalid(format!("`{what}` is not valid Unicode: {e}"))))
+}
+
+/// A string from the JVM's modified UTF-8 (each UTF-16 unit encoded on its
+/// own, NUL as `C0 80`): an error naming the first lone surrogate, or the
+/// first malformed byte (the JVM makes none).
+fn from_modified_utf8(bytes: &[u8]) -> Result<String, String> {
+    // The same bytes as UTF-8 unless there is a NUL, a surrogate or a
+    // malformed byte, all of which UTF-8 refuses.
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        return Ok(s.to_owned());
+    }
+    let continuation = |i: usize| bytes.get(i).filter(|b| *b & 0xc0 == 0x80).map(|b| u16::from(b & 0x3f));
+    let mut units = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = u16::from(bytes[i]);
+        let (unit, len) = match (bytes[i], continuation(i + 1), continuation(i + 2)) {
+            (0x00..=0x7f, _, _) => (b, 1),
+            (0xc0..=0xdf, Some(c1), _) => ((b & 0x1f) << 6 | c1, 2),
+            (0xe0..=0xef, Some(c1), Some(c2)) => ((b & 0x0f) << 12 | c1 << 6 | c2, 3),
+            _ => return Err(format!("malformed modified UTF-8 at byte {i}")),
+        };
+        units.push(unit);
+        i += len;
+    }
+    let mut text = String::with_capacity(bytes.len());
+    for (at, c) in char::decode_utf16(units.iter().copied()).enumerate() {
+        match c {
+            Ok(c) => text.push(c),
+            Err(e) => {
+                return Err(format!(
+                    "a lone UTF-16 surrogate U+{:04X} (char {at}), which is no character",
+                    e.unpaired_surrogate()
+                ))
+            }
+        }
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::from_modified_utf8;
+
+    fn refused(bytes: &[u8]) -> String {
+        from_modified_utf8(bytes).err().unwrap_or_else(|| panic!("{bytes:x?} was taken"))
+    }
+
+    #[test]
+    fn modified_utf8_is_decoded_and_lone_surrogates_are_refused() {
+        assert_eq!(from_modified_utf8(b"/tmp/a").as_deref(), Ok("/tmp/a"));
+        assert_eq!(from_modified_utf8("\u{e9}\u{fffd}".as_bytes()).as_deref(), Ok("\u{e9}\u{fffd}"));
+        // NUL is C0 80; U+1F600 is the pair D83D DE00, each unit on its own.
+        assert_eq!(from_modified_utf8(b"a\xc0\x80b").as_deref(), Ok("a\0b"));
+        assert_eq!(from_modified_utf8(b"x\xed\xa0\xbd\xed\xb8\x80y").as_deref(), Ok("x\u{1f600}y"));
+        let lone_high = refused(b"/tmp/a\xed\xa0\x80");
+        assert!(lone_high.contains("U+D800 (char 6)"), "{lone_high}");
+        let lone_low = refused(b"\xed\xb0\x80");
+        assert!(lone_low.contains("U+DC00 (char 0)"), "{lone_low}");
+        let reversed = refused(b"\xed\xb8\x80\xed\xa0\xbd");
+        assert!(reversed.contains("U+DE00"), "{reversed}");
+        assert!(refused(b"a\xe9").contains("malformed modified UTF-8 at byte 1"));
+        assert!(from_modified_utf8(b"\xf0\x9f\x98\x80").is_ok(), "plain UTF-8 of U+1F600 (the JVM never gives it)");
+    }
 }

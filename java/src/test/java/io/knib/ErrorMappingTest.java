@@ -91,6 +91,27 @@ class ErrorMappingTest {
     }
 
     @Test
+    void aLoneSurrogateIsInvalidInputNamingTheArgument() throws Exception {
+        // The jni crate decoded a string it could not read as text lossily: the lone surrogate became U+FFFD,
+        // and knib looked for another file than the one named.
+        try (Knib k = new Knib()) {
+            InvalidInputException e = assertThrows(InvalidInputException.class,
+                    () -> k.call("agent.take_hash", "{\"files\":[\"/tmp/a\uD800\"]}"));
+            assertTrue(e.getMessage().contains("`request`") && e.getMessage().contains("U+D800"), e.getMessage());
+            e = assertThrows(InvalidInputException.class, () -> k.call("version\uDC00", "{}"));
+            assertTrue(e.getMessage().contains("`op`") && e.getMessage().contains("U+DC00"), e.getMessage());
+            e = assertThrows(InvalidInputException.class, () -> k.call("version", "{\"x\": \"\uDE00\uD83D\"}"));
+            assertTrue(e.getMessage().contains("`request`"), e.getMessage());
+            // Text that is all there (a pair, U+FFFD itself) goes through unchanged.
+            String path = "/no/such/knib/\u00e9\uD83D\uDE00\uFFFD";
+            NotFoundException n = assertThrows(NotFoundException.class,
+                    () -> k.call("agent.take_hash", "{\"files\":[\"" + path + "\"]}"));
+            assertTrue(n.getMessage().contains(path), n.getMessage());
+            assertTrue(k.call("version", "{}").contains(Knib.version()));
+        }
+    }
+
+    @Test
     void forcedPanicArrivesAsAnUncheckedErrorAndTheJvmGoesOn() throws Exception {
         try (Knib k = new Knib()) {
             for (int i = 0; i < 3; i++) {
