@@ -27,7 +27,9 @@ import java.util.logging.Level;
  * immutable too, read through accessor methods. Every failure is a {@link KnibException} (checked) of the
  * subclass of its kind; a failed backup's says whether the VM was left consistent. A panic inside knib (a
  * bug, not a failure) is a {@link KnibPanicError} (unchecked); the JVM and the context go on. knib's native
- * log records go to {@code java.util.logging} (logger {@code io.knib.native}).
+ * log records go to {@code java.util.logging} (logger {@code io.knib.native}), but never to the console handler
+ * the JDK puts on the root logger by itself: knib writes nothing to stdout or stderr unless the host configured
+ * logging so (see {@code java/README.md}, "Logs").
  */
 public final class Knib implements AutoCloseable {
     private static final Cleaner CLEANER = Cleaner.create();
