@@ -282,6 +282,39 @@ fn a_member_that_fails_after_the_snapshots_is_reported_or_rolls_the_group_back()
     }
 }
 
+/// A member whose backup is published but whose merge afterwards fails
+/// (the base of its disk made immutable: QEMU cannot write the block
+/// commit into it) stays in the record with its backup and its error; the
+/// group is complete, as recovery would judge it from the manifests.
+#[test]
+fn a_member_whose_merge_fails_after_publication_keeps_its_backup_in_the_record() {
+    if skip_without_libvirt("group member merge failure after publication") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm1 = running("knib-group-m", dir.path(), false);
+    let (p, _) = plain(dir.path(), "plain-m", 0x21);
+    let rec = store.backup_group(&[domain(&vm1), p.clone()], &GroupOptions::default(), &Control::new()).unwrap();
+    assert_eq!(rec.state, "complete");
+    let base = chains(&vm1)[0].last().unwrap().clone();
+    let chattr = |flag: &str| {
+        let st = std::process::Command::new("chattr").arg(flag).arg(&base).status().unwrap();
+        assert!(st.success(), "chattr {flag} {}", base.display());
+    };
+    chattr("+i");
+    let rec = store.backup_group(&[domain(&vm1), p], &GroupOptions::default(), &Control::new());
+    chattr("-i");
+    let rec = rec.unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{rec:#?}");
+    assert_eq!(rec.state, "complete", "{rec:#?}");
+    let m = &rec.members[0];
+    let b = m.backup.as_deref().expect("the published backup is in the record");
+    assert!(m.error.as_deref().is_some_and(|e| e.contains("the backup is stored")), "{rec:#?}");
+    assert!(store.list(None).unwrap().iter().any(|x| x.id == b), "{b} is listed");
+    assert_eq!(store.group(&rec.id).unwrap().members[0].backup.as_deref(), Some(b));
+}
+
 /// A group record changed to name another VM's backup for a member (the
 /// two members' backups swapped): restore and delete refuse it, naming
 /// the member, and nothing is written or deleted.

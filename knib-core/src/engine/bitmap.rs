@@ -322,19 +322,22 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
         }
     }
     if plan.quiesce {
-        if let Err(e) = freeze::freeze(vm, FREEZE_TIMEOUT_SECS) {
+        let why = |e: KnibError, thawed: &str| {
+            e.context(format!(
+                "quiescing domain {}: the guest agent did not freeze the filesystems{thawed}; nothing was changed",
+                vm.name()
+            ))
+        };
+        match freeze::freeze(vm, FREEZE_TIMEOUT_SECS) {
+            freeze::Freeze::Frozen => {}
+            freeze::Freeze::NotSent(e) => return Err(why(e, "")),
             // The freeze may go on in the guest after libvirt gave up.
-            return Err(match freeze::thaw(vm) {
-                Ok(()) => e.context(format!(
-                    "quiescing domain {}: the guest agent did not freeze the filesystems (they are thawed); \
-                     nothing was changed",
-                    vm.name()
-                )),
-                Err(t) => t.context(format!(
-                    "quiescing domain {}: the guest agent did not freeze the filesystems ({e}); nothing was changed",
-                    vm.name()
-                )),
-            });
+            freeze::Freeze::Failed(e) => {
+                return Err(match freeze::thaw(vm) {
+                    Ok(()) => why(e, " (they are thawed)"),
+                    Err(t) => why(t, &format!(" ({e})")),
+                })
+            }
         }
     }
     let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
@@ -468,7 +471,7 @@ pub fn prune_checkpoints(vm: &Vm, keep: Option<&str>) -> Result<Vec<String>> {
         if Some(n.as_str()) == keep {
             continue;
         }
-        if prune_one(vm, &n)? {
+        if delete_checkpoint(vm, &n)? {
             log::info!("domain {}: deleted checkpoint {n}", vm.name());
             gone.push(n);
         }
@@ -705,7 +708,9 @@ fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
     }
     done.extend(undo_raw_bitmaps(vm, plan)?);
     if let Some(c) = &plan.checkpoint {
-        if backup::delete_checkpoint(vm, c, false)? {
+        // Running or stopped (a host crash stops the domain before
+        // `recover` runs).
+        if delete_checkpoint(vm, c)? {
             done.push(format!("deleted checkpoint {c} (its changes stay tracked by the one before it)"));
         }
     }

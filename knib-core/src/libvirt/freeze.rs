@@ -5,6 +5,8 @@
 //!
 //! # Invariants
 //!
+//! - No freeze is sent through a channel libvirt says no agent is
+//!   connected to ([`Freeze::NotSent`]): nothing to thaw then.
 //! - After any freeze was sent, whether it answered, failed or timed out,
 //!   [`thaw`] is called: a freeze libvirt stopped waiting for goes on in the
 //!   guest (the agent is busy syncing the filesystems), and nothing else
@@ -30,10 +32,54 @@ const THAW_COMMAND_SECS: i32 = 10;
 /// Between two thaw attempts.
 const THAW_RETRY: Duration = Duration::from_secs(2);
 
+/// What [`freeze`] did.
+#[derive(Debug)]
+pub enum Freeze {
+    /// The guest answered: its filesystems are frozen.
+    Frozen,
+    /// The freeze was sent and failed or was not answered in time: it may
+    /// go on in the guest, which must be [`thaw`]ed.
+    Failed(KnibError),
+    /// Nothing was sent: the domain's agent channel is not connected (no
+    /// agent runs in the guest), so nothing can be frozen.
+    NotSent(KnibError),
+}
+
 /// Send `guest-fsfreeze-freeze`, waiting at most `timeout_secs` seconds
-/// (at least 1). On any error the caller must still [`thaw`].
-pub fn freeze(vm: &Vm, timeout_secs: i32) -> Result<()> {
-    qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-freeze"}"#, timeout_secs.max(1)).map(|_| ())
+/// (at least 1), unless the domain's agent channel says no agent is
+/// connected (libvirt's `state='disconnected'`).
+pub fn freeze(vm: &Vm, timeout_secs: i32) -> Freeze {
+    match agent_connected(vm) {
+        Ok(false) => {
+            return Freeze::NotSent(KnibError::new(
+                ErrorKind::Hypervisor,
+                format!(
+                    "the guest agent of domain {} is not connected (is it running in the guest?); nothing was frozen",
+                    vm.name()
+                ),
+            ))
+        }
+        Ok(true) => {}
+        Err(e) => return Freeze::NotSent(e),
+    }
+    match qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-freeze"}"#, timeout_secs.max(1)) {
+        Ok(_) => Freeze::Frozen,
+        Err(e) => Freeze::Failed(e),
+    }
+}
+
+/// Whether the domain's guest agent channel is connected: `false` only
+/// when libvirt says `state='disconnected'` (a libvirt that says nothing
+/// counts as connected).
+pub fn agent_connected(vm: &Vm) -> Result<bool> {
+    let xml = vm.xml()?;
+    let doc = roxmltree::Document::parse(&xml)
+        .map_err(|e| KnibError::invalid(format!("domain XML of {} does not parse: {e}", vm.name())))?;
+    Ok(!doc.descendants().any(|n| {
+        n.has_tag_name("target")
+            && n.attribute("name") == Some("org.qemu.guest_agent.0")
+            && n.attribute("state") == Some("disconnected")
+    }))
 }
 
 /// Thaw the guest's filesystems: `guest-fsfreeze-thaw`, then

@@ -4,6 +4,7 @@
 use std::fs;
 use std::path::Path;
 
+use super::super::lock::VmLock;
 use super::super::Store;
 use super::{GroupRecord, OnFailure};
 use crate::error::{ErrorKind, KnibError, Result};
@@ -18,40 +19,46 @@ impl Store {
         self.groups_dir().join(format!(".{id}.lock"))
     }
 
-    /// Take the lock of group `id` (a record lock on `.<id>.lock`): `None`
-    /// when another process holds it (the group is running there). A link
-    /// in place of the lock file is `corrupt`, never followed: it must not
-    /// make knib create or open a file outside the store.
-    pub(super) fn lock_group(&self, id: &str) -> Result<Option<fs::File>> {
-        use std::os::unix::fs::OpenOptionsExt;
+    /// Take the lock of group `id` (a record lock on `.<id>.lock`, through
+    /// the registry of [`VmLock`], so that threads of this process exclude
+    /// each other too and no other descriptor of the file comes and goes
+    /// while it is held, which would drop it): `None` when another
+    /// operation, of this process or another, holds it (the group is
+    /// running there). A link in place of the lock file is `corrupt`, never
+    /// followed: it must not make knib create or open a file outside the
+    /// store.
+    pub(super) fn lock_group(&self, id: &str) -> Result<Option<VmLock>> {
         fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
         super::super::confine::ensure_dir(&self.root, Path::new("groups"), "groups directory")?;
         let p = self.lock_file(id);
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            // Not blocking: a FIFO in its place does not make the open wait.
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(&p)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => KnibError::corrupt(format!(
+        // Checked without opening it (a FIFO would make an open wait, and
+        // any descriptor closed drops the process's lock); the open itself
+        // follows no link.
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(KnibError::corrupt(format!(
                     "lock file {} is a symbolic link: knib follows no link inside a store",
                     p.display()
-                )),
-                Some(libc::ENXIO) => KnibError::corrupt(format!("lock file {} is not a regular file", p.display())),
-                _ => KnibError::io("cannot open", &p, e),
-            })?;
-        if !f.metadata().map_err(|e| KnibError::io("cannot stat", &p, e))?.is_file() {
-            return Err(KnibError::corrupt(format!("lock file {} is not a regular file", p.display())));
+                )))
+            }
+            Ok(m) if !m.is_file() => {
+                return Err(KnibError::corrupt(format!("lock file {} is not a regular file", p.display())))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(KnibError::io("cannot stat", &p, e)),
         }
-        Ok(crate::lock::try_record_lock(&f).map_err(|e| KnibError::io("cannot lock", &p, e))?.then_some(f))
+        match VmLock::acquire(&p, &format!("group {id}"), &format!("group backup {id}")) {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if e.kind == ErrorKind::Busy => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Finish every group backup a crash interrupted (see the module
     /// documentation): the records written, with what each member left,
-    /// and what the crash left half-written removed. A group running in
-    /// another process (its lock held) is left alone.
+    /// and what the crash left half-written removed. A group running, in
+    /// another process or in this one (its lock held), is left alone.
     pub fn recover_groups(&self, connect: Option<&str>, ctl: &Control) -> Result<Vec<GroupRecord>> {
         let dir = self.groups_dir();
         let entries = match fs::read_dir(&dir) {
@@ -79,7 +86,7 @@ impl Store {
         let mut out = Vec::new();
         for id in ids {
             let Some(_lock) = self.lock_group(&id)? else {
-                log::info!("group {id} is running in another process; it is left alone");
+                log::info!("group {id} is running (its lock is held); it is left alone");
                 continue;
             };
             let journal_rel = Path::new("groups").join(format!(".{id}.journal.json"));
@@ -120,7 +127,20 @@ impl Store {
                     Err(e) => return Err(e),
                 }
             }
-            let exists = m.backup.as_deref().is_some_and(|b| self.load_manifest(&m.vm, b).is_ok());
+            // Published when its manifest is there; a manifest that cannot
+            // be read (I/O, permissions, damage) stops the recovery rather
+            // than count as unpublished, which in rollback mode would delete
+            // the other members' good backups.
+            let exists = match m.backup.as_deref() {
+                None => false,
+                Some(b) => match self.load_manifest(&m.vm, b) {
+                    Ok(_) => true,
+                    Err(e) if e.kind == ErrorKind::NotFound => false,
+                    Err(e) => {
+                        return Err(e.context(format!("group {id}: member {}: its backup {b}", m.vm)));
+                    }
+                },
+            };
             if !exists {
                 m.backup = None;
                 m.error = Some("interrupted (finished by recover)".into());
@@ -174,5 +194,32 @@ mod tests {
         assert!(std::fs::symlink_metadata(&target).is_err(), "the link's target outside the store was created");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         assert!(std::fs::symlink_metadata(&lock).unwrap().file_type().is_symlink());
+    }
+
+    #[test]
+    fn recovery_leaves_a_group_running_in_this_process_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::create(d.path().join("store")).unwrap();
+        let id = "group-20261203-000000000-abcd";
+        let held = store.lock_group(id).unwrap().expect("the lock is free");
+        let lock = store.lock_file(id);
+        // Another thread of this process (the C and JNI interfaces run
+        // operations in parallel) finds the group running.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(store.lock_group(id).unwrap().is_none());
+                assert!(store.recover_groups(None, &Control::new()).unwrap().is_empty());
+            });
+        });
+        assert!(lock.exists(), "recovery removed a running group's lock file");
+        // And another process still sees the lock held.
+        let st = std::process::Command::new("python3")
+            .args(["-c", "import fcntl,sys; f=open(sys.argv[1],'r+');\ntry:\n fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB); sys.exit(0)\nexcept OSError: sys.exit(3)"])
+            .arg(&lock)
+            .status()
+            .unwrap();
+        assert_eq!(st.code(), Some(3), "the running group's lock was dropped");
+        drop(held);
+        assert!(store.lock_group(id).unwrap().is_some());
     }
 }

@@ -10,7 +10,7 @@ use super::{group_id, GroupMember, GroupOptions, GroupRecord, MemberSpec, OnFail
 use crate::engine::live::LiveStep;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
-use crate::libvirt::{freeze, qemu_agent_command, Hypervisor, Vm};
+use crate::libvirt::{freeze, Hypervisor, Vm};
 use crate::names;
 use crate::progress::Control;
 
@@ -19,20 +19,23 @@ fn has_agent_channel(vm: &Vm) -> Result<bool> {
     Ok(vm.xml()?.contains("org.qemu.guest_agent.0"))
 }
 
-/// Send `guest-fsfreeze-freeze` to each of `vms` in parallel,
-/// each bounded by `timeout`: the error of each that failed.
-fn agent_all(vms: &[&Vm], command: &str, timeout: Duration) -> Vec<Option<String>> {
+/// [`freeze::freeze`] each of `vms` in parallel, each bounded by
+/// `timeout`: for each, whether a freeze was sent (so it must be thawed)
+/// and its error.
+fn freeze_all(vms: &[&Vm], timeout: Duration) -> Vec<(bool, Option<String>)> {
     let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
     std::thread::scope(|s| {
         let handles: Vec<_> = vms
             .iter()
             .map(|vm| {
-                s.spawn(move || {
-                    qemu_agent_command(vm, &format!(r#"{{"execute":"{command}"}}"#), secs).err().map(|e| e.message)
+                s.spawn(move || match freeze::freeze(vm, secs) {
+                    freeze::Freeze::Frozen => (true, None),
+                    freeze::Freeze::Failed(e) => (true, Some(e.message)),
+                    freeze::Freeze::NotSent(e) => (false, Some(e.message)),
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some(format!("{command} panicked")))).collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| (true, Some("the freeze panicked".into())))).collect()
     })
 }
 
@@ -249,9 +252,9 @@ impl Store {
                 let mut ok = true;
                 if !freeze_vms.is_empty() {
                     ctl.report("group backup: freezing the guests", 10.0);
-                    let errors = agent_all(&freeze_vms, "guest-fsfreeze-freeze", opts.freeze_timeout);
-                    for (k, e) in to_freeze.iter().zip(&errors) {
-                        frozen[*k] = true;
+                    let answers = freeze_all(&freeze_vms, opts.freeze_timeout);
+                    for (k, (sent, e)) in to_freeze.iter().zip(&answers) {
+                        frozen[*k] = *sent;
                         if let Some(e) = e {
                             ok = false;
                             gate.abort(format!(
@@ -279,10 +282,12 @@ impl Store {
                         }));
                     }
                 }
-                if !freeze_vms.is_empty() {
+                let sent: Vec<usize> = to_freeze.iter().copied().filter(|k| frozen[*k]).collect();
+                if !sent.is_empty() {
                     // Every guest a freeze was sent to, until it says it is
                     // thawed; one left frozen fails the group.
-                    for (k, e) in to_freeze.iter().zip(thaw_all(&freeze_vms)) {
+                    let sent_vms: Vec<&Vm> = sent.iter().map(|i| vms[*i].as_ref().expect("a domain")).collect();
+                    for (k, e) in sent.iter().zip(thaw_all(&sent_vms)) {
                         if let Some(e) = e {
                             log::error!("group {id}: thawing the guest of {}: {e}", members[*k].name().unwrap_or("?"));
                             gate.abort(format!("member {}: {e}", members[*k].name().unwrap_or("?")));
@@ -327,13 +332,25 @@ impl Store {
         let aborted = st.phase == Phase::Abort;
         let reason = st.abort_reason.clone();
         drop(st);
+        // A member that failed after its backup was published (its merge
+        // or the end of its job: "the backup is stored, but ...") keeps its
+        // backup in the record, with its error: what counts is whether the
+        // manifest is there, as recovery judges it.
+        let mut published = 0;
         for (m, r) in record.members.iter_mut().zip(&results) {
-            if let Err(e) = r {
-                m.backup = None;
-                m.error = Some(e.to_string());
+            match r {
+                Ok(_) => published += 1,
+                Err(e) => {
+                    let stored = m.backup.as_deref().is_some_and(|b| self.load_manifest(&m.vm, b).is_ok());
+                    if stored {
+                        published += 1;
+                    } else {
+                        m.backup = None;
+                    }
+                    m.error = Some(e.to_string());
+                }
             }
         }
-        let published = results.iter().filter(|r| r.is_ok()).count();
         if aborted || published == 0 {
             fsio::remove_if_exists(&journal)?;
             fsio::remove_if_exists(&self.lock_file(&id))?;
