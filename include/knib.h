@@ -1772,7 +1772,8 @@ typedef uint32_t knib_log_level;
  *
  * Made by `knib_context_new`, owned by the caller, released once by
  * `knib_context_free`. One operation at a time per context (a second one
- * started meanwhile fails with `KNIB_RESULT_BUSY`); it may be used from any
+ * started meanwhile fails with `KNIB_RESULT_BUSY`, leaving the last error
+ * to the operation running); it may be used from any
  * thread, and `knib_context_cancel` may be called from another thread while
  * an operation runs. Use one context per thread for parallel operations.
  */
@@ -1897,7 +1898,9 @@ knib_result knib_set_log_callback(knib_log_callback callback, void *userdata, ui
  * `request_json`. On success `*answer_out` gets the JSON answer, a string
  * the caller owns and frees with `knib_string_free`. On failure nothing is
  * written; the code says what kind of failure it was and
- * `knib_context_error_message` what was wrong.
+ * `knib_context_error_message` what was wrong (but for
+ * `KNIB_RESULT_BUSY`, which leaves the last error as it was: it belongs to
+ * the operation running on the context).
  *
  * # Safety
  * `op` and `request_json` are NULL or NUL-terminated strings;

@@ -25,7 +25,8 @@ use crate::result::knib_result;
 ///
 /// Made by `knib_context_new`, owned by the caller, released once by
 /// `knib_context_free`. One operation at a time per context (a second one
-/// started meanwhile fails with `KNIB_RESULT_BUSY`); it may be used from any
+/// started meanwhile fails with `KNIB_RESULT_BUSY`, leaving the last error
+/// to the operation running); it may be used from any
 /// thread, and `knib_context_cancel` may be called from another thread while
 /// an operation runs. Use one context per thread for parallel operations.
 pub struct knib_context {
@@ -112,7 +113,9 @@ fn find(h: *const knib_context) -> Result<Arc<Context>, knib_result> {
 
 /// The shape of every entry point that takes a context: find the context
 /// (NULL and dead handles give their codes), run `f` behind the panic
-/// boundary, and record its failure in the context as `record` says.
+/// boundary, and record its failure in the context as `record` says; a
+/// "busy" failure is never recorded (the last error is the running
+/// operation's).
 pub(crate) fn with_context(
     h: *const knib_context,
     record: Record,
@@ -132,7 +135,10 @@ pub(crate) fn with_context(
             }
             Err(fail) => {
                 let code = fail.code;
-                if record != Record::Reader {
+                // A call refused as busy leaves the last error alone: it
+                // is the running operation's, which sets it when it ends
+                // (or has just set it, and its caller is about to read it).
+                if record != Record::Reader && code != knib_result::Busy {
                     ctx.set_error(fail);
                 }
                 code

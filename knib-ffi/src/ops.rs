@@ -42,7 +42,9 @@ unsafe fn run(context: *mut knib_context, op: Op, request: *const c_char, answer
 /// `request_json`. On success `*answer_out` gets the JSON answer, a string
 /// the caller owns and frees with `knib_string_free`. On failure nothing is
 /// written; the code says what kind of failure it was and
-/// `knib_context_error_message` what was wrong.
+/// `knib_context_error_message` what was wrong (but for
+/// `KNIB_RESULT_BUSY`, which leaves the last error as it was: it belongs to
+/// the operation running on the context).
 ///
 /// # Safety
 /// `op` and `request_json` are NULL or NUL-terminated strings;

@@ -294,9 +294,13 @@ static void stopped_halfway(const char *dir) {
     out = UNTOUCHED;
     EXPECT(knib_list(ctx, req, &out), KNIB_RESULT_BUSY, NULL);
     CHECK(out == UNTOUCHED, "output written when busy");
+    /* The refused call leaves the last error alone: it is the running
+     * operation's (none yet: the list before it succeeded). */
+    CHECK(strcmp(last_error(ctx), "") == 0, "a busy call set the last error: %s", last_error(ctx));
     EXPECT(knib_context_cancel(ctx), KNIB_RESULT_OK, ctx);
     pthread_join(t, NULL);
     EXPECT(j.result, KNIB_RESULT_CANCELLED, ctx);
+    CHECK(strstr(last_error(ctx), "cancelled"), "%s", last_error(ctx));
     CHECK(j.answer == UNTOUCHED, "output written on cancel");
     const char *left = find_name(store, PARTIAL_NAMES);
     CHECK(left == NULL, "a partial file is left: %s", left);
