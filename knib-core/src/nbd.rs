@@ -27,7 +27,12 @@
 //!   handles are thread-safe, but knib reads each export from one thread,
 //!   with several reads in flight ([`Nbd::pread_pipelined`]), taken in order.
 //! - A buffer lent to an asynchronous read is neither touched nor freed
-//!   until libnbd has retired the read, on every path (errors included).
+//!   until libnbd has retired the read or the handle is closed, on every
+//!   path (errors included).
+//! - Waiting for the server sees the caller's cancellation and deadline
+//!   every 200 ms, and a server that answers nothing for [`REPLY_TIMEOUT`]
+//!   fails the read (pipelined reads, the bulk of a copy; the few
+//!   synchronous calls, connection and block status, wait as libnbd does).
 //! - No Rust panic crosses into libnbd: the block status callback catches
 //!   unwinding and reports an error to libnbd instead.
 //! - Block status is asked for in pieces of at most [`STATUS_CHUNK`] bytes;
@@ -41,9 +46,11 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::dynlib::{self, dyn_api};
 use crate::error::{ErrorKind, KnibError, Result};
+use crate::progress::Control;
 
 /// The largest range one block status request covers.
 pub const STATUS_CHUNK: u64 = 1 << 30;
@@ -140,6 +147,11 @@ fn last_error(api: &Api, what: &str) -> KnibError {
     KnibError::new(kind, format!("NBD {what}: {msg}"))
 }
 
+/// The error for a server that answered nothing for `t` during `what`.
+fn silent(what: &str, t: Duration) -> KnibError {
+    KnibError::new(ErrorKind::Timeout, format!("{what}: the NBD server answered nothing for {} s", t.as_secs()))
+}
+
 fn cstring(what: &str, s: &[u8]) -> Result<CString> {
     CString::new(s).map_err(|_| KnibError::invalid(format!("{what} holds a NUL byte")))
 }
@@ -160,7 +172,27 @@ pub struct Nbd {
     api: &'static Api,
     h: NonNull<NbdHandle>,
     export: String,
+    /// How long [`Nbd::pread_pipelined`] waits for the server to answer
+    /// anything before it gives up ([`REPLY_TIMEOUT`]).
+    reply_timeout: Duration,
+    /// The handle was closed (reads were abandoned after an error): every
+    /// call is then an error, and `drop` closes nothing.
+    closed: bool,
 }
+
+/// How long the server may answer nothing while reads are in flight: QEMU
+/// serving a host's disk answers within seconds; a server that says
+/// nothing for this long (hung storage, a stuck QEMU) fails the copy
+/// instead of holding the VM's lock and its backup job for ever.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long reads still in flight after an error are waited for before
+/// the connection is cut.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// One wait for the server, between two looks at the caller's
+/// cancellation and deadline, in milliseconds.
+const POLL_MS: c_int = 200;
 
 // SAFETY: a libnbd handle may be used from any thread (libnbd locks it);
 // knib uses it from one thread at a time (`&mut self`).
@@ -218,7 +250,7 @@ impl Nbd {
         let api = api()?;
         // SAFETY: plain constructor; NULL on failure.
         let h = NonNull::new(unsafe { (api.nbd_create)() }).ok_or_else(|| last_error(api, "handle creation"))?;
-        let nbd = Nbd { api, h, export: export.to_string() };
+        let nbd = Nbd { api, h, export: export.to_string(), reply_timeout: REPLY_TIMEOUT, closed: false };
         // SAFETY: `h` is a live handle, the strings outlive the calls.
         unsafe {
             if (api.nbd_set_export_name)(nbd.h.as_ptr(), name.as_ptr()) == -1 {
@@ -240,7 +272,7 @@ impl Nbd {
     pub fn size(&mut self) -> Result<u64> {
         let api = self.api;
         // SAFETY: live handle.
-        let n = unsafe { (api.nbd_get_size)(self.h.as_ptr()) };
+        let n = unsafe { (api.nbd_get_size)(self.live()?) };
         u64::try_from(n).map_err(|_| last_error(api, &format!("size of export {}", self.export)))
     }
 
@@ -249,7 +281,7 @@ impl Nbd {
         let api = self.api;
         let c = cstring("an NBD meta context", name.as_bytes())?;
         // SAFETY: live handle, `c` outlives the call.
-        match unsafe { (api.nbd_can_meta_context)(self.h.as_ptr(), c.as_ptr()) } {
+        match unsafe { (api.nbd_can_meta_context)(self.live()?, c.as_ptr()) } {
             -1 => Err(last_error(api, &format!("meta context {name} of export {}", self.export))),
             v => Ok(v == 1),
         }
@@ -259,7 +291,7 @@ impl Nbd {
     pub fn pread(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let api = self.api;
         // SAFETY: live handle; `buf` is valid for writes of its length.
-        let r = unsafe { (api.nbd_pread)(self.h.as_ptr(), buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
+        let r = unsafe { (api.nbd_pread)(self.live()?, buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
         if r == -1 {
             return Err(last_error(
                 api,
@@ -269,15 +301,26 @@ impl Nbd {
         Ok(())
     }
 
+    /// Give up on a server that answers nothing for `t` (instead of
+    /// [`REPLY_TIMEOUT`]).
+    pub fn set_reply_timeout(&mut self, t: Duration) {
+        self.reply_timeout = t;
+    }
+
     /// Read each range of `ranges` (offset, length) with up to `depth` of
     /// them in flight at once (the server works on them together), and hand
     /// each one's bytes to `each`, with its index, strictly in the order
     /// given. An error of a read or of `each` stops the reading; the reads
-    /// still in flight are waited for before their buffers are freed.
+    /// still in flight are waited for before their buffers are freed (for
+    /// at most 2 s: the connection is then closed, so libnbd lets go of
+    /// them, and every later call on it is an error). While waiting,
+    /// `ctl`'s cancellation and deadline are seen every 200 ms, and a
+    /// server that answers nothing for the reply timeout is an error.
     pub fn pread_pipelined(
         &mut self,
         ranges: &[(u64, usize)],
         depth: usize,
+        ctl: &Control,
         each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
         /// A read in flight: its cookie, its index in `ranges`, its buffer
@@ -288,13 +331,14 @@ impl Nbd {
             buf: Vec<u8>,
             len: usize,
         }
-        let (api, h) = (self.api, self.h.as_ptr());
+        let (api, h, timeout) = (self.api, self.live()?, self.reply_timeout);
+        let export = self.export.clone();
         let mut ring: std::collections::VecDeque<Flight> = std::collections::VecDeque::new();
         let mut spare: Vec<Vec<u8>> = Vec::new();
         let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let what = |i: usize| {
             let (off, len) = ranges[i];
-            format!("read of {len} bytes at {off} from export {}", self.export)
+            format!("read of {len} bytes at {off} from export {export}")
         };
         let mut run = || -> Result<()> {
             let mut next = 0;
@@ -315,14 +359,22 @@ impl Nbd {
                     next += 1;
                 }
                 let front = ring.front().expect("a read in flight");
+                let mut heard = Instant::now();
                 loop {
                     // SAFETY: live handle; a cookie of this handle.
                     match unsafe { (api.nbd_aio_command_completed)(h, front.cookie) } {
                         1 => break,
                         0 => {
                             // SAFETY: live handle.
-                            if unsafe { (api.nbd_poll)(h, -1) } == -1 {
-                                return Err(last_error(api, &what(front.idx)));
+                            match unsafe { (api.nbd_poll)(h, POLL_MS) } {
+                                -1 => return Err(last_error(api, &what(front.idx))),
+                                0 => {
+                                    ctl.check(&what(front.idx))?;
+                                    if heard.elapsed() >= timeout {
+                                        return Err(silent(&what(front.idx), timeout));
+                                    }
+                                }
+                                _ => heard = Instant::now(),
                             }
                         }
                         _ => {
@@ -340,19 +392,56 @@ impl Nbd {
         };
         let r = run();
         // Wait for what is still in flight (after an error) before its
-        // buffers go; a connection that died writes into them no more.
-        for f in ring.drain(..) {
+        // buffers go; a connection that died writes into them no more. A
+        // server still silent after a short while is cut off: the handle is
+        // closed (libnbd abandons what is in flight and touches no buffer
+        // after), and the buffers freed.
+        let started = Instant::now();
+        let mut cut = false;
+        for f in ring.iter() {
             // SAFETY (both calls): live handle; a cookie of this handle.
             while unsafe { (api.nbd_aio_command_completed)(h, f.cookie) } == 0 {
-                if unsafe { (api.nbd_poll)(h, -1) } == -1 {
-                    // Dead: libnbd no longer touches the buffer, but keep
-                    // it rather than free memory it was lent.
-                    std::mem::forget(f.buf);
+                if unsafe { (api.nbd_poll)(h, POLL_MS) } == -1 || started.elapsed() >= DRAIN {
+                    cut = true;
                     break;
                 }
             }
+            if cut {
+                break;
+            }
         }
+        if cut {
+            self.close(false);
+        }
+        ring.clear();
         r
+    }
+
+    /// Close the handle; later calls are errors. `graceful`: tell the
+    /// server first (`nbd_shutdown`, which waits for what is in flight);
+    /// else cut the connection at once, abandoning it.
+    fn close(&mut self, graceful: bool) {
+        if !self.closed {
+            self.closed = true;
+            // SAFETY: live handle, closed once.
+            unsafe {
+                if graceful {
+                    (self.api.nbd_shutdown)(self.h.as_ptr(), 0);
+                }
+                (self.api.nbd_close)(self.h.as_ptr());
+            }
+        }
+    }
+
+    /// The handle, unless it was closed.
+    fn live(&self) -> Result<*mut NbdHandle> {
+        if self.closed {
+            return Err(KnibError::new(
+                ErrorKind::Io,
+                format!("the connection to NBD export {} was closed after an earlier error", self.export),
+            ));
+        }
+        Ok(self.h.as_ptr())
     }
 
     /// Block status of `count` bytes (at most [`STATUS_CHUNK`]) from
@@ -370,7 +459,7 @@ impl Nbd {
         };
         // SAFETY: live handle; `got` outlives the call (the callback is not
         // kept after it returns: no `free` is needed).
-        let r = unsafe { (api.nbd_block_status)(self.h.as_ptr(), count, offset, cb, 0) };
+        let r = unsafe { (api.nbd_block_status)(self.live()?, count, offset, cb, 0) };
         if r == -1 {
             return Err(last_error(
                 api,
@@ -401,11 +490,6 @@ impl Nbd {
 
 impl Drop for Nbd {
     fn drop(&mut self) {
-        let api = self.api;
-        // SAFETY: live handle, closed once.
-        unsafe {
-            (api.nbd_shutdown)(self.h.as_ptr(), 0);
-            (api.nbd_close)(self.h.as_ptr());
-        }
+        self.close(true);
     }
 }

@@ -137,9 +137,45 @@ impl std::fmt::Debug for NbdServer {
     }
 }
 
+/// Temporary directories of [`bind_private`].
+static BIND_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A listening socket at `path` that only its owner could ever connect
+/// to: bound in a new directory of mode 0700 beside `path`, given mode
+/// 0600, then renamed to `path` (never over an existing entry). Bound at
+/// `path` directly, the socket would have the umask's mode until changed,
+/// and a connection made meanwhile would wait in the backlog to be served.
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let parent = crate::fsio::parent_dir(path);
+    let dir = parent.join(format!(".knib-nbd-{}-{}", std::process::id(), BIND_COUNTER.fetch_add(1, Ordering::SeqCst)));
+    let tmp = dir.join("s");
+    if tmp.as_os_str().len() > 107 {
+        return Err(KnibError::invalid(format!(
+            "the NBD socket path {} is too long for its temporary name {} (107 bytes)",
+            path.display(),
+            tmp.display()
+        )));
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
+    let r = (|| {
+        let listener = UnixListener::bind(&tmp).map_err(|e| KnibError::io("cannot listen on", &tmp, e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| KnibError::io("cannot change the mode of", &tmp, e))?;
+        use rustix::fs::{renameat_with, RenameFlags, CWD};
+        renameat_with(CWD, &tmp, CWD, path, RenameFlags::NOREPLACE)
+            .map_err(|e| KnibError::io(&format!("cannot rename {} to", tmp.display()), path, e.into()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    r
+}
+
 impl NbdServer {
     /// Serve `export` (named `name` in logs) on a new UNIX socket at
-    /// `path` (which must not exist), each connection on its own thread.
+    /// `path` (which must not exist; its owner's alone from the start, see
+    /// [`bind_private`]), each connection on its own thread.
     pub fn start(path: &Path, name: &str, export: Box<dyn Export>) -> Result<NbdServer> {
         if path.as_os_str().len() > 107 {
             return Err(KnibError::invalid(format!(
@@ -147,10 +183,7 @@ impl NbdServer {
                 path.display()
             )));
         }
-        let listener = UnixListener::bind(path).map_err(|e| KnibError::io("cannot listen on", path, e))?;
-        // Whatever the umask: the owner alone connects.
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(|e| KnibError::io("cannot change the mode of", path, e))?;
+        let listener = bind_private(path)?;
         let stop = Arc::new(AtomicBool::new(false));
         let export: Arc<Mutex<Box<dyn Export>>> = Arc::new(Mutex::new(export));
         let s = Arc::clone(&stop);
@@ -436,6 +469,7 @@ fn transmission(r: &mut impl Read, w: &mut impl Write, export: &Mutex<Box<dyn Ex
 mod tests {
     use super::*;
     use crate::nbd::Nbd;
+    use crate::progress::Control;
 
     /// A disk whose byte at `i` is `i % 251`.
     struct Pattern(u64);
@@ -483,6 +517,67 @@ mod tests {
         assert!(!sock.exists());
     }
 
+    /// A disk whose reads past `from` wait `hold` (a hung storage).
+    struct Hangs {
+        size: u64,
+        from: u64,
+        hold: std::time::Duration,
+    }
+
+    impl Export for Hangs {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            if offset >= self.from {
+                std::thread::sleep(self.hold);
+            }
+            buf.fill(7);
+            Ok(())
+        }
+    }
+
+    /// A server that stops answering fails a pipelined read after the
+    /// reply timeout, and a cancellation ends it within a poll, instead of
+    /// waiting for ever (with the VM's lock and its backup job held).
+    #[test]
+    fn a_silent_server_or_a_cancel_ends_a_pipelined_read() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let hold = Duration::from_secs(6);
+        let _server = NbdServer::start(&sock, "hangs", Box::new(Hangs { size: 8 << 20, from: 4 << 20, hold })).unwrap();
+        let ranges: Vec<(u64, usize)> = (0..8u64).map(|i| (i << 20, 1 << 20)).collect();
+        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        c.set_reply_timeout(Duration::from_secs(1));
+        let started = Instant::now();
+        let mut seen = Vec::new();
+        let e = c.pread_pipelined(&ranges, 2, &Control::new(), &mut |i, _| {
+            seen.push(i);
+            Ok(())
+        });
+        let e = e.unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Timeout, "{e}");
+        assert!(e.message.contains("answered nothing for 1 s"), "{e}");
+        assert!(started.elapsed() < hold, "waited {:?}", started.elapsed());
+        assert_eq!(seen, vec![0, 1, 2, 3]);
+        drop(c);
+        // A cancel from another thread, with the default reply timeout.
+        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        let ctl = Control::new();
+        let token = ctl.cancel.clone();
+        let started = Instant::now();
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(500));
+                token.cancel();
+            });
+            c.pread_pipelined(&ranges, 2, &ctl, &mut |_, _| Ok(())).unwrap_err()
+        });
+        assert_eq!(e.kind, crate::ErrorKind::Cancelled, "{e}");
+        assert!(started.elapsed() < hold, "waited {:?}", started.elapsed());
+    }
+
     /// The socket is its owner's alone; a client cannot open more than
     /// MAX_CONNECTIONS connections, and a slot is free again once one ends.
     #[test]
@@ -492,6 +587,8 @@ mod tests {
         let sock = dir.path().join("d.sock");
         let _server = NbdServer::start(&sock, "pattern", Box::new(Pattern(1 << 20))).unwrap();
         assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o7777, 0o600);
+        // Bound in a private directory and renamed: nothing else is left.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         let greeted = |s: &mut UnixStream| {
             s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
             let mut magic = [0u8; 8];

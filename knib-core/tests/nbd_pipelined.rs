@@ -100,7 +100,7 @@ fn pipelined_reads_come_back_in_order_with_the_images_bytes() {
             .collect();
         let depth = 1 + rng.below(16) as usize;
         let mut seen = Vec::new();
-        n.pread_pipelined(&ranges, depth, &mut |i, bytes| {
+        n.pread_pipelined(&ranges, depth, &knib_core::Control::new(), &mut |i, bytes| {
             let (off, len) = ranges[i];
             assert_eq!(bytes.len(), len, "seed {seed}: range {i}");
             for (k, b) in bytes.iter().enumerate().step_by(509) {
@@ -125,7 +125,7 @@ fn an_error_of_the_callback_stops_the_reads_and_the_handle_still_reads() {
     let ranges: Vec<(u64, usize)> = (0..32).map(|i| (i * 256 * 1024, 256 * 1024)).collect();
     let mut calls = 0;
     let e = n
-        .pread_pipelined(&ranges, 8, &mut |_, _| {
+        .pread_pipelined(&ranges, 8, &knib_core::Control::new(), &mut |_, _| {
             calls += 1;
             if calls == 3 {
                 return Err(knib_core::KnibError::invalid("stop here"));
@@ -151,7 +151,7 @@ fn a_server_killed_during_the_reads_gives_an_error_naming_the_read() {
     let ranges: Vec<(u64, usize)> = (0..64).map(|i| (i * 256 * 1024 % (15 * MIB), 256 * 1024)).collect();
     let mut calls = 0;
     let start = Instant::now();
-    let r = n.pread_pipelined(&ranges, 8, &mut |_, _| {
+    let r = n.pread_pipelined(&ranges, 8, &knib_core::Control::new(), &mut |_, _| {
         calls += 1;
         if calls == 2 {
             server.0.kill().unwrap();

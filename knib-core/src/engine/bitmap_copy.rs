@@ -407,7 +407,7 @@ impl<'a> Pieces<'a> {
         let ranges: Vec<(u64, usize)> = self.reads.iter().map(|p| (p.cluster * self.cs, p.readable)).collect();
         let mut zeros = ZeroRuns::new(self.runs);
         let mut tail = Vec::new();
-        n.pread_pipelined(&ranges, READ_DEPTH, &mut |i, bytes| {
+        n.pread_pipelined(&ranges, READ_DEPTH, ctl, &mut |i, bytes| {
             ctl.check(what)?;
             let p = self.reads[i];
             zeros.before(out, p.cluster)?;
