@@ -239,3 +239,117 @@ fn ntfs_index_whose_nodes_loop() {
         "directory /: its index records are 2147483648 bytes each",
     );
 }
+
+/// How deep the deep trees are.
+const DEEP: usize = 1000;
+
+/// A tree `DEEP` directories deep (`d/d/.../d`, a file `f<i>` beside each
+/// directory) written in `src`.
+fn deep_tree(src: &Path) {
+    let mut p = src.to_path_buf();
+    for i in 0..DEEP {
+        p.push("d");
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.with_file_name(format!("f{i}")), format!("{i}\n")).unwrap();
+    }
+}
+
+/// Check the deep tree extracted at `tree`; `bottom` is the deepest
+/// directory's file, if it has one.
+fn assert_deep_tree(tree: &Path, bottom: Option<&[u8]>) {
+    let mut p = tree.to_path_buf();
+    for i in 0..DEEP {
+        assert_eq!(std::fs::read_to_string(p.join(format!("f{i}"))).unwrap(), format!("{i}\n"), "level {i}");
+        p.push("d");
+    }
+    let got: Vec<_> = std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().file_name()).collect();
+    match bottom {
+        None => assert!(got.is_empty(), "{got:?}"),
+        Some(b) => assert_eq!(std::fs::read(p.join("big.bin")).unwrap(), b),
+    }
+}
+
+/// Run `f` on a thread of `stack` bytes of stack (as JNI or a C caller
+/// may run knib), its panic given back as one.
+fn on_small_stack<T: Send + 'static>(stack: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::Builder::new().stack_size(stack).spawn(f).unwrap().join().unwrap()
+}
+
+/// Trees 1000 directories deep, extracted and listed from a thread of
+/// 256 KiB of stack (a Java thread may have 512 KiB or less): the walk
+/// recursed once per level, a stack overflow (SIGSEGV: the whole JVM
+/// killed) before; now the trees come back whole. FAT (each directory
+/// read by its cluster) and ext4 (ext4-view resolves every path from the
+/// root: no path over 1000 components, and each step costs the depth);
+/// and an extraction of the FAT tree cancelled in the file at its bottom
+/// removes the 1000 levels it made, on the same small stack.
+#[test]
+fn deep_trees_on_a_small_stack() {
+    const STACK: usize = 256 << 10;
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path().to_path_buf();
+    let src = w.join("src");
+    deep_tree(&src);
+    // Small blocks, no checksums: ext4-view reads the blocks of every level
+    // above each step (some 40 s unoptimized even so).
+    let ext = w.join("deep-ext4.img");
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "1024", "-O", "^metadata_csum", "-d"])
+        .arg(&src)
+        .arg(&ext)
+        .arg("16M"));
+    let mut bottom = src.clone();
+    for _ in 0..DEEP {
+        bottom.push("d");
+    }
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8 + 1).collect();
+    std::fs::write(bottom.join("big.bin"), &big).unwrap();
+    let fat = w.join("deep-fat.img");
+    std::fs::File::create(&fat).unwrap().set_len(32 << 20).unwrap();
+    run(Command::new("mkfs.vfat").args(["-F", "16"]).arg(&fat));
+    run(Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-s", "-i"])
+        .arg(&fat)
+        .arg(src.join("d"))
+        .arg(src.join("f0"))
+        .arg("::/"));
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+
+    for (img, bottom) in [(&fat, Some(&big[..])), (&ext, None)] {
+        let qcow2 = img.with_extension("qcow2");
+        to_qcow2(img, &qcow2);
+        let to = out.join(img.file_stem().unwrap());
+        let (q, t) = (qcow2.clone(), to.clone());
+        let (sum, deepest) = on_small_stack(STACK, move || {
+            let disk = Disk::open_image(&q, &ctl()).unwrap();
+            let sum = disk.get(None, "/", &t, &ctl()).unwrap();
+            let deepest = disk.list(None, &vec!["d"; DEEP].join("/"), &ctl()).unwrap();
+            (sum, deepest)
+        });
+        let files = DEEP as u64 + bottom.is_some() as u64;
+        let dirs = DEEP as u64 + 1 + bottom.is_none() as u64; // ext4 has lost+found
+        assert_eq!((sum.files, sum.dirs), (files, dirs), "{}: {sum:?}", img.display());
+        assert_eq!(names(&deepest), if bottom.is_some() { vec!["big.bin"] } else { vec![] });
+        assert_deep_tree(&to, bottom);
+    }
+
+    // Cancelled while the bottom file is written: all 1000 levels removed.
+    let qcow2 = fat.with_extension("qcow2");
+    let to = out.join("cancelled");
+    let t = to.clone();
+    let e = on_small_stack(STACK, move || {
+        let disk = Disk::open_image(&qcow2, &ctl()).unwrap();
+        let token = knib_core::CancelToken::new();
+        let t2 = token.clone();
+        let c = Control::new().with_cancel(token).with_progress(std::sync::Arc::new(move |p| {
+            if p.percent > 0.0 {
+                t2.cancel()
+            }
+        }));
+        disk.get(None, "/", &t, &c).unwrap_err()
+    });
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+    assert_only(&out, &["deep-ext4", "deep-fat"]);
+}

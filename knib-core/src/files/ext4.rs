@@ -10,6 +10,14 @@
 //! crafted to pass these checks still ends: a walk meets at most as many
 //! directories as the filesystem has inodes.
 //!
+//! ext4-view reads by path only: every call resolves its path from the
+//! root, and it refuses paths of more than 4096 bytes or 1000 components.
+//! So that a walk of a deep tree costs one resolution per directory and
+//! per file, not four, the metadata of the directories on the way to the
+//! last one listed are kept (each from its `.` entry), and the second
+//! check (through `..`, two components longer) is left out where its path
+//! would pass ext4-view's limits.
+//!
 //! ext4-view bounds a directory's blocks only by its size, and its extents
 //! may map one block many times over (each read then served by its block
 //! cache, never reaching the device's checks): a directory longer than the
@@ -26,6 +34,9 @@ use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node, MAX_DI
 
 /// The longest symlink target read (a longer one is corrupt).
 const MAX_LINK: u64 = 4096;
+/// The longest path ext4-view resolves, in bytes and in components.
+const EXT4_VIEW_PATH_BYTES: usize = 4096;
+const EXT4_VIEW_PATH_COMPONENTS: usize = 1000;
 
 struct Reader(Window);
 
@@ -45,6 +56,9 @@ pub struct Ext4Fs {
     inodes: u64,
     /// The bytes it spans.
     span: u64,
+    /// The directories on the way to the last one listed, from the root
+    /// (whose name is empty), each with its metadata.
+    known: Vec<(Vec<u8>, Metadata)>,
 }
 
 /// The error for `e`, met while doing `what` (a path, a step).
@@ -57,6 +71,9 @@ fn err(e: Ext4Error, what: &str) -> KnibError {
         Ext4Error::NotFound => KnibError::not_found(format!("{what}: no such file or directory")),
         Ext4Error::Incompatible(i) => KnibError::invalid(format!("{what}: ext4 feature not supported: {i}")),
         Ext4Error::Encrypted => KnibError::invalid(format!("{what}: the file is encrypted")),
+        Ext4Error::PathTooLong => KnibError::invalid(format!(
+            "{what}: the path is longer than ext4-view reads (4096 bytes, 1000 components); extract a directory above it"
+        )),
         other => KnibError::corrupt(format!("{what}: {other}")),
     }
 }
@@ -102,7 +119,7 @@ impl Ext4Fs {
         let inodes = if sb.len() >= 4 { u32::from_le_bytes(sb[0..4].try_into().expect("4 bytes")) as u64 } else { 0 };
         let span = win.len();
         let fs = Ext4::load(Box::new(Reader(win))).map_err(|e| err(e, "superblock"))?;
-        Ok(Ext4Fs { fs, inodes, span })
+        Ok(Ext4Fs { fs, inodes, span, known: Vec::new() })
     }
 
     /// Whether directory `dir` at `path` is short enough to be read.
@@ -150,7 +167,7 @@ impl Filesystem for Ext4Fs {
         let ep = ext4_view::Path::try_from(p.as_slice())
             .map_err(|_| KnibError::not_found(format!("{what}: not a valid ext4 path")))?;
         let mut out = Vec::new();
-        let mut dotdot = None;
+        let (mut dot, mut dotdot) = (None, None);
         for e in self.fs.read_dir(ep).map_err(|e| err(e, &what))? {
             let e = e.map_err(|e| err(e, &what))?;
             if out.len() >= MAX_ENTRIES {
@@ -161,7 +178,7 @@ impl Filesystem for Ext4Fs {
             let name = e.file_name().as_ref().to_vec();
             let m = e.metadata().map_err(|e| err(e, &format!("{what}: entry {}", String::from_utf8_lossy(&name))))?;
             match name.as_slice() {
-                b"." => {}
+                b"." => dot = Some(m),
                 b".." => dotdot = Some(m),
                 _ => out.push(Entry { name, node: node(&m) }),
             }
@@ -174,6 +191,16 @@ impl Filesystem for Ext4Fs {
                 String::from_utf8_lossy(&w[0].name)
             )));
         }
+        let here = match dot {
+            Some(m) => m,
+            None => self.metadata(path)?,
+        };
+        // The known directories that are this one's ancestors.
+        let mut keep = 0;
+        while keep < self.known.len() && keep < path.len() && (keep == 0 || self.known[keep].0 == path[keep - 1]) {
+            keep += 1;
+        }
+        self.known.truncate(keep);
         // `..` must lead back to where the directory was reached from, and
         // that directory's entry of this name must be this directory.
         if let Some((name, parent)) = path.split_last() {
@@ -183,17 +210,26 @@ impl Filesystem for Ext4Fs {
                     display(parent)
                 ))
             };
-            if dotdot.as_ref() != Some(&self.metadata(parent)?) {
+            let above = match self.known.get(parent.len()) {
+                Some((_, m)) if self.known.len() == path.len() => m.clone(),
+                _ => self.metadata(parent)?,
+            };
+            if dotdot.as_ref() != Some(&above) {
                 return Err(loops());
             }
             let mut back = path_bytes(path);
             back.extend_from_slice(b"/../");
             back.extend_from_slice(name);
-            let here = self.metadata(path)?;
-            let again = ext4_view::Path::try_from(back.as_slice()).ok().and_then(|p| self.fs.symlink_metadata(p).ok());
-            if again.as_ref() != Some(&here) {
-                return Err(loops());
+            if back.len() <= EXT4_VIEW_PATH_BYTES && path.len() + 2 <= EXT4_VIEW_PATH_COMPONENTS {
+                let again =
+                    ext4_view::Path::try_from(back.as_slice()).ok().and_then(|p| self.fs.symlink_metadata(p).ok());
+                if again.as_ref() != Some(&here) {
+                    return Err(loops());
+                }
             }
+        }
+        if self.known.len() == path.len() {
+            self.known.push((path.last().cloned().unwrap_or_default(), here));
         }
         Ok(out)
     }

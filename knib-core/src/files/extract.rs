@@ -9,21 +9,28 @@
 //! followed). Modes and modification times are set on every entry,
 //! directories' after their children; setuid and setgid bits are dropped
 //! (the files belong to whoever extracts them).
+//!
+//! Neither the walk nor the removal of a failed extraction recurses: a
+//! tree [`MAX_DEPTH`] directories deep is extracted (or removed) on any
+//! stack, even a JNI or C caller's thread of a few hundred KiB, with a
+//! few descriptors open (a directory's parent is reopened through `..`
+//! when its children are done, and checked to be the one it left).
 
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::{File, FileTimes, Permissions};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::Serialize;
 
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
 
-use super::fs::{display, FileRead, Filesystem, FsPath, Kind, Node};
+use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node};
 
 /// Bytes read and written at a time.
 pub const CHUNK: usize = 1 << 20;
@@ -68,7 +75,7 @@ fn finish(f: &File, n: &Node, path: &Path) -> Result<()> {
 }
 
 /// Open `name` in directory `dir` as a directory, never through a link.
-fn open_dir_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
+fn open_dir_at(dir: &File, name: &CStr, path: &Path) -> Result<File> {
     // SAFETY: valid descriptor and NUL-terminated name; the result is
     // checked and owned by the File.
     let fd = unsafe {
@@ -83,6 +90,25 @@ fn open_dir_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
     }
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// What identifies an open directory: its device and inode.
+fn key_of(f: &File, path: &Path) -> Result<(u64, u64)> {
+    let m = f.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The parent (`..`) of directory `dir` at `path`, which must be the
+/// directory whose key is `want` (nobody moved it meanwhile).
+fn parent_of(dir: &File, want: (u64, u64), path: &Path) -> Result<File> {
+    let up = open_dir_at(dir, c"..", path)?;
+    if key_of(&up, path)? != want {
+        return Err(KnibError::invalid(format!(
+            "the directory above {} was moved while extracting; nothing was written through it",
+            path.display()
+        )));
+    }
+    Ok(up)
 }
 
 /// A new directory `name` in `dir`, opened.
@@ -158,6 +184,22 @@ struct Walk<'a> {
     dirs_seen: u64,
     buf: Vec<u8>,
     last_report: u64,
+    /// Where the extracted path goes (for messages), and the length of its
+    /// path in the filesystem: `path[base..]` is below it.
+    to: PathBuf,
+    base: usize,
+}
+
+/// A directory being walked.
+struct Frame {
+    /// Its entries not visited yet, the last one next.
+    entries: Vec<Entry>,
+    node: Node,
+    /// The directory made for it while its own entries are being made
+    /// (`None` when counting, and while one of its subdirectories is).
+    out: Option<File>,
+    /// What identifies the directory made for it.
+    key: Option<(u64, u64)>,
 }
 
 impl Walk<'_> {
@@ -167,16 +209,18 @@ impl Walk<'_> {
         }
     }
 
-    /// Visit directory `node` at `path` (already made as `out` unless
-    /// counting); `ancestors` are the ids of the directories above.
-    fn dir(
-        &mut self,
-        path: &mut Vec<Vec<u8>>,
-        node: &Node,
-        out: Option<&File>,
-        local: &Path,
-        ancestors: &mut Vec<u64>,
-    ) -> Result<()> {
+    /// The local path of filesystem path `path` (for messages).
+    fn local(&self, path: &FsPath) -> PathBuf {
+        let mut p = self.to.clone();
+        for c in &path[self.base.min(path.len())..] {
+            p.push(OsStr::from_bytes(c));
+        }
+        p
+    }
+
+    /// Start on directory `node` at `path`, made as `out` unless counting:
+    /// its entries, sorted, checked.
+    fn enter(&mut self, path: &FsPath, node: &Node, out: Option<File>) -> Result<Frame> {
         self.dirs_seen += 1;
         if self.dirs_seen > self.fs.max_dirs().max(1) {
             return Err(KnibError::corrupt(format!(
@@ -192,13 +236,53 @@ impl Walk<'_> {
             )));
         }
         let mut entries = self.fs.read_dir(path, node)?;
-        entries.sort_by(|a, b| a.name.cmp(&b.name));
-        for e in entries {
+        // Last first: entries are taken from the end, in order.
+        entries.sort_by(|a, b| b.name.cmp(&a.name));
+        if let Some(w) = entries.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(KnibError::corrupt(format!(
+                "directory {} has two entries named {:?}",
+                display(path),
+                String::from_utf8_lossy(&w[0].name)
+            )));
+        }
+        let key = match &out {
+            Some(f) => Some(key_of(f, &self.local(path))?),
+            None => None,
+        };
+        Ok(Frame { entries, node: node.clone(), out, key })
+    }
+
+    /// Visit directory `top` at `path` and everything below it, depth
+    /// first and without recursion; `out` is the directory made for it
+    /// (`None` when counting), given back open at the end.
+    fn tree(&mut self, path: &mut Vec<Vec<u8>>, top: &Node, out: Option<File>) -> Result<Option<File>> {
+        // The ids of the directories from `top` down to the current one.
+        let mut ancestors: Vec<u64> = top.id.into_iter().collect();
+        let mut stack = vec![self.enter(path, top, out)?];
+        loop {
+            let frame = stack.last_mut().expect("the walk has a directory");
+            let Some(e) = frame.entries.pop() else {
+                // This directory is done: back to its parent.
+                let done = stack.pop().expect("the walk has a directory");
+                let Some(parent) = stack.last_mut() else { return Ok(done.out) };
+                let local = self.local(path);
+                if let Some(out) = &done.out {
+                    let up = parent_of(out, parent.key.expect("a directory made has its key"), &local)?;
+                    finish(out, &done.node, &local)?;
+                    parent.out = Some(up);
+                }
+                if done.node.id.is_some() {
+                    ancestors.pop();
+                }
+                path.pop();
+                self.summary.dirs += 1;
+                continue;
+            };
             self.ctl.check(&format!("extracting {}", display(path)))?;
             check_name(&e.name, path)?;
-            let local = local.join(OsStr::from_bytes(&e.name));
-            path.push(e.name.clone());
-            let n = &e.node;
+            path.push(e.name);
+            let local = self.local(path);
+            let n = e.node;
             match n.kind {
                 Kind::Dir => {
                     if let Some(id) = n.id {
@@ -210,34 +294,30 @@ impl Walk<'_> {
                         }
                         ancestors.push(id);
                     }
-                    let sub = match out {
-                        Some(dir) => Some(make_dir_at(dir, &cstr(&e.name, &local)?, &local)?),
+                    // Only the directory being filled stays open.
+                    let sub = match frame.out.take() {
+                        Some(dir) => Some(make_dir_at(&dir, &cstr(&path[path.len() - 1], &local)?, &local)?),
                         None => None,
                     };
-                    self.dir(path, n, sub.as_ref(), &local, ancestors)?;
-                    if let Some(sub) = &sub {
-                        finish(sub, n, &local)?;
-                    }
-                    if n.id.is_some() {
-                        ancestors.pop();
-                    }
-                    self.summary.dirs += 1;
+                    let child = self.enter(path, &n, sub)?;
+                    stack.push(child);
+                    continue;
                 }
                 Kind::File => {
-                    match out {
+                    match &frame.out {
                         Some(dir) => {
-                            let f = make_file_at(dir, &cstr(&e.name, &local)?, &local)?;
-                            self.copy(path, n, &f, &local)?;
-                            finish(&f, n, &local)?;
+                            let f = make_file_at(dir, &cstr(&path[path.len() - 1], &local)?, &local)?;
+                            self.copy(path, &n, &f, &local)?;
+                            finish(&f, &n, &local)?;
                         }
                         None => self.total = self.total.saturating_add(n.size),
                     }
                     self.summary.files += 1;
                 }
                 Kind::Symlink => {
-                    if let Some(dir) = out {
-                        let target = self.fs.read_link(path, n)?;
-                        make_link_at(dir, &cstr(&e.name, &local)?, &target, n, &local)?;
+                    if let Some(dir) = &frame.out {
+                        let target = self.fs.read_link(path, &n)?;
+                        make_link_at(dir, &cstr(&path[path.len() - 1], &local)?, &target, &n, &local)?;
                     }
                     self.summary.symlinks += 1;
                 }
@@ -249,7 +329,6 @@ impl Walk<'_> {
             }
             path.pop();
         }
-        Ok(())
     }
 
     /// Copy file `n` at `path` into `f`, leaving holes for zero blocks.
@@ -335,30 +414,91 @@ fn write_sparse(f: &File, data: &[u8], off: u64, local: &Path) -> Result<u64> {
     Ok(written)
 }
 
-/// Make every directory under `p` writable again and remove it all
-/// (links are removed, never followed).
-fn remove_tree(p: &Path) {
-    fn unlock(p: &Path) {
-        if let Ok(m) = std::fs::symlink_metadata(p) {
-            if m.is_dir() {
-                let _ = std::fs::set_permissions(p, Permissions::from_mode(0o700));
-                if let Ok(rd) = std::fs::read_dir(p) {
-                    for e in rd.flatten() {
-                        unlock(&e.path());
-                    }
-                }
-            }
+/// Remove `name` in directory `parent`, and all below it when it is a
+/// directory (what a failed extraction made): directories are made
+/// writable (0700) first, links are removed and never followed. Without
+/// recursion, with a few descriptors open (a directory's parent is
+/// reopened through `..` and checked). Best effort: what cannot be removed
+/// is left.
+fn remove_tree_at(parent: &File, name: &CStr) {
+    let _ = remove_tree_inner(parent, name);
+}
+
+/// A directory being emptied: its name in its parent, its descriptor while
+/// it is the one being emptied, its key, its subdirectories left.
+struct Level {
+    name: CString,
+    fd: Option<File>,
+    key: (u64, u64),
+    subdirs: Vec<CString>,
+}
+
+/// Open directory `name` in `at` (made writable first), remove what is
+/// not a directory in it, and list its subdirectories.
+fn open_level(at: &File, name: &CStr) -> std::io::Result<Level> {
+    let _ = rustix::fs::chmodat(at, name, Mode::RWXU, AtFlags::empty());
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = File::from(rustix::fs::openat(at, name, flags, Mode::empty())?);
+    let m = fd.metadata()?;
+    let mut names = Vec::new();
+    let mut dir = rustix::fs::Dir::read_from(&fd)?;
+    while let Some(e) = dir.read() {
+        let e = e?;
+        let n = e.file_name();
+        if n == c"." || n == c".." {
+            continue;
+        }
+        let is_dir = match e.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => rustix::fs::statat(&fd, n, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|s| FileType::from_raw_mode(s.st_mode).is_dir()),
+            _ => false,
+        };
+        names.push((n.to_owned(), is_dir));
+    }
+    let mut subdirs = Vec::new();
+    for (n, is_dir) in names {
+        if is_dir {
+            subdirs.push(n);
+        } else {
+            let _ = rustix::fs::unlinkat(&fd, &n, AtFlags::empty());
         }
     }
-    unlock(p);
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => {
-            let _ = std::fs::remove_dir_all(p);
+    Ok(Level { name: name.to_owned(), fd: Some(fd), key: (m.dev(), m.ino()), subdirs })
+}
+
+fn remove_tree_inner(parent: &File, name: &CStr) -> std::io::Result<()> {
+    let st = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if !FileType::from_raw_mode(st.st_mode).is_dir() {
+        return Ok(rustix::fs::unlinkat(parent, name, AtFlags::empty())?);
+    }
+    let mut levels = vec![open_level(parent, name)?];
+    loop {
+        let top = levels.last_mut().expect("a directory is being emptied");
+        if let Some(sub) = top.subdirs.pop() {
+            let fd = top.fd.take().expect("the directory being emptied is open");
+            match open_level(&fd, &sub) {
+                Ok(l) => levels.push(l),
+                // Left as it is (its parent will not go either).
+                Err(_) => top.fd = Some(fd),
+            }
+            continue;
         }
-        Ok(_) => {
-            let _ = std::fs::remove_file(p);
+        let done = levels.pop().expect("a directory is being emptied");
+        let fd = done.fd.expect("the directory being emptied is open");
+        let Some(up) = levels.last_mut() else {
+            drop(fd);
+            return Ok(rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?);
+        };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let pfd = File::from(rustix::fs::openat(&fd, c"..", flags, Mode::empty())?);
+        let m = pfd.metadata()?;
+        if (m.dev(), m.ino()) != up.key {
+            return Err(std::io::Error::other("a directory being removed was moved"));
         }
-        Err(_) => {}
+        drop(fd);
+        let _ = rustix::fs::unlinkat(&pfd, &done.name, AtFlags::REMOVEDIR);
+        up.fd = Some(pfd);
     }
 }
 
@@ -399,6 +539,7 @@ pub fn extract(
         return Err(KnibError::invalid(format!("{} is not a directory", parent.display())));
     }
     let mut path = path.to_vec();
+    let base = path.len();
     let mut walk = Walk {
         fs,
         ctl,
@@ -410,10 +551,12 @@ pub fn extract(
         dirs_seen: 0,
         buf: Vec::new(),
         last_report: 0,
+        to: to.to_path_buf(),
+        base,
     };
     match node.kind {
         Kind::Dir => {
-            walk.dir(&mut path, node, None, to, &mut node.id.into_iter().collect())?;
+            walk.tree(&mut path, node, None)?;
         }
         Kind::File => walk.total = node.size,
         Kind::Symlink | Kind::Other => {
@@ -433,7 +576,7 @@ pub fn extract(
         match node.kind {
             Kind::Dir => {
                 let d = make_dir_at(&pfd, &tmp_c, &tmp_path)?;
-                walk.dir(&mut path, node, Some(&d), to, &mut node.id.into_iter().collect())?;
+                let d = walk.tree(&mut path, node, Some(d))?.expect("the top directory comes back open");
                 finish(&d, node, to)?;
                 walk.summary.dirs += 1;
             }
@@ -468,7 +611,7 @@ pub fn extract(
         Ok(())
     })();
     if let Err(e) = result {
-        remove_tree(&tmp_path);
+        remove_tree_at(&pfd, &tmp_c);
         return Err(e);
     }
     walk.report(true);
