@@ -338,6 +338,22 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     for (i, f) in r.deltas_to_remove.iter().enumerate() {
         absolute(op, &format!("deltas_to_remove[{i}]"), f)?;
     }
+    // What each volume's file will be renamed over must be a file (or
+    // nothing yet): found out before anything is staged or replaced, not at
+    // the second rename after the first volume was replaced.
+    for (i, v) in r.volumes.iter().enumerate() {
+        match std::fs::symlink_metadata(&v.volume_path) {
+            Ok(m) if m.is_file() || m.file_type().is_symlink() => {}
+            Ok(_) => {
+                return Err(KnibError::invalid(format!(
+                    "request of {op}: volumes[{i}].volume_path {} is not a regular file",
+                    v.volume_path.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(KnibError::io("cannot stat", &v.volume_path, e)),
+        }
+    }
     // A quick restore runs the VM on the backups' chains: each is checked
     // before any volume is staged, and the files the caller gave hashes for
     // are held against them (a read of each; a plain restore does it as it
@@ -388,8 +404,20 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     }
     // 2. The volumes are replaced, then the old deltas removed.
     let mut volumes = Vec::new();
-    for (v, stage) in r.volumes.iter().zip(&staged) {
-        fsio::commit_rename(stage, &v.volume_path)?;
+    for (i, (v, stage)) in r.volumes.iter().zip(&staged).enumerate() {
+        if let Err(e) = fsio::commit_rename(stage, &v.volume_path) {
+            // Say exactly what was and was not replaced; the restored
+            // copies of the others stay beside them for a retry.
+            let done: Vec<String> = volumes.iter().map(|v: &RestoredVolume| v.path.display().to_string()).collect();
+            let left: Vec<String> = staged[i..].iter().map(|s| s.display().to_string()).collect();
+            return Err(e.context(format!(
+                "{op}: replaced {} of {} volumes ({}); the restored copies of the others are left at {}",
+                done.len(),
+                r.volumes.len(),
+                if done.is_empty() { "none".into() } else { done.join(", ") },
+                left.join(", ")
+            )));
+        }
         let backing = r.quick_restore.then(|| canonical(&v.backup_path));
         volumes.push(RestoredVolume { uuid: v.uuid.clone(), path: v.volume_path.clone(), backing });
     }

@@ -486,3 +486,57 @@ fn what_only_a_domains_backup_does_is_refused_for_a_vm_with_disks() {
     let req = serde_json::json!({"store": root, "vm": "vm1", "disks": disks, "quiesce": false});
     knib_core::api::call("backup", &req.to_string(), &Control::new()).unwrap();
 }
+
+/// A quick-restored disk reads the backup's files as its backing chain:
+/// deleting the backup it reads is refused (busy, naming the overlay)
+/// rather than break the disk; a removed ancestor it reads is kept when
+/// its last child goes; once the overlay is gone, the deletes go through.
+#[test]
+fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path().join("store")).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x31 0 1M");
+    let b1 = store.backup("vmq", &vm.disks, &opts(8), &Control::new()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x32 1M 1M");
+    let b2 = store.backup("vmq", &vm.disks, &opts(8), &Control::new()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o2 = out.path().join("root-b2.qcow2");
+    let o1 = out.path().join("root-b1.qcow2");
+    store.quick_restore_overlay(&b2.id, "root", &o2, &Control::new()).unwrap();
+    store.quick_restore_overlay(&b1.id, "root", &o1, &Control::new()).unwrap();
+    // b2 has no children: removing it would break o2.
+    let e = store.delete(&b2.id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&o2.display().to_string()), "{e}");
+    assert_check_clean(&o2);
+    // b1 has a child: marked removed, its files stay.
+    let d = store.delete(&b1.id).unwrap();
+    assert_eq!(d.marked_removed, vec![b1.id.clone()]);
+    // o2 goes (as a consolidation would leave it: reading b2 no more):
+    // b2 is deleted, and b1, removed, is kept for o1.
+    std::fs::remove_file(&o2).unwrap();
+    let d = store.delete(&b2.id).unwrap();
+    assert_eq!(d.expunged, vec![b2.id.clone()]);
+    assert_check_clean(&o1);
+    let st = std::process::Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(&o1)
+        .arg(store.volume_file(&b1, "root").unwrap())
+        .status()
+        .unwrap();
+    assert!(st.success(), "o1 reads what b1 holds");
+    // A record filed under a backup but naming another is refused,
+    // naming it; without it the delete goes through.
+    let pins = sdir.path().join("store/pins");
+    let rec = std::fs::read_dir(&pins).unwrap().next().unwrap().unwrap().path();
+    qemu_io(vm.path("root"), "write -P 0x33 2M 1M");
+    let b3 = store.backup("vmq", &vm.disks, &opts(8), &Control::new()).unwrap();
+    let forged = pins.join(format!("{}.forged.json", b3.id));
+    std::fs::copy(&rec, &forged).unwrap();
+    let e = store.delete(&b3.id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&forged.display().to_string()), "{e}");
+    std::fs::remove_file(&forged).unwrap();
+    store.delete(&b3.id).unwrap();
+}

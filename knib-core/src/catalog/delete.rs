@@ -6,7 +6,9 @@
 //!   removed, and expunged when its last child goes.
 //! - Deleting the head makes the next backup a full one.
 //! - A delete takes the VM's lock and is refused while a job of the backup
-//!   runs.
+//!   runs. A backup a quick-restored disk still reads (see `pins`) is
+//!   never removed from disk: deleting it is refused when it would be (it
+//!   has no children), and a removed ancestor such a disk reads is kept.
 //! - The deleted backup's libvirt checkpoint (`knib-<id>`, left by a
 //!   backup by bitmap that was its chain's head) is deleted with it, when
 //!   a domain of the VM's name has it on the local hypervisor
@@ -63,6 +65,8 @@ impl Store {
             m.save(&self.backup_dir(&m).join("manifest.json"))?;
             outcome.marked_removed.push(m.id.clone());
         } else {
+            // Never a file a quick-restored disk still reads.
+            self.refuse_while_pinned(&m)?;
             let mut cur = Some(m);
             while let Some(x) = cur.take() {
                 self.expunge(&x)?;
@@ -73,7 +77,11 @@ impl Store {
                 outcome.expunged.push(x.id.clone());
                 if let Some(p) = &x.parent {
                     if let Some(pm) = all.iter().find(|a| &a.id == p) {
-                        if pm.removed && children(&pm.id, &outcome.expunged) == 0 && unreadable.is_empty() {
+                        if pm.removed
+                            && children(&pm.id, &outcome.expunged) == 0
+                            && unreadable.is_empty()
+                            && self.live_pins(pm)?.is_empty()
+                        {
                             cur = Some(pm.clone());
                         }
                     }

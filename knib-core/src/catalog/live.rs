@@ -462,6 +462,14 @@ impl Store {
     /// is changed. Returns each target and its overlay.
     pub fn quick_restore_domain(&self, id: &str, vm: &Vm, ctl: &Control) -> Result<Vec<(String, PathBuf)>> {
         let m = self.show(id)?;
+        // The domain's lock, as its backups take it, and none of them
+        // interrupted: a backup that believes the domain stopped would put
+        // its disks back on their old files, dropping what the guest wrote
+        // to the overlays.
+        let name = vm.name().to_string();
+        crate::names::validate("VM name", &name)?;
+        let _lock = self.lock_vm(&name, &format!("quick restore of backup {id}"))?;
+        self.refuse_interrupted(&name)?;
         let targets = quick_restore_targets(&m, vm)?;
         let mut plan = Vec::new();
         for (target, _, overlay) in &targets {
@@ -473,9 +481,11 @@ impl Store {
         }
         let mut made = Vec::new();
         let r = (|| -> Result<()> {
-            for (_, top, overlay) in &plan {
+            for (target, top, overlay) in &plan {
                 crate::engine::create_overlay(&self.qemu_img, top, overlay, ctl)?;
                 made.push(overlay.clone());
+                // Recorded, so that no delete removes what it reads.
+                self.pin(&m, target, overlay)?;
             }
             let sources: Vec<(String, PathBuf)> = plan.iter().map(|(t, _, o)| (t.clone(), o.clone())).collect();
             let old: Vec<(String, PathBuf)> = targets.iter().map(|(t, f, _)| (t.clone(), f.clone())).collect();

@@ -63,6 +63,7 @@ pub mod live;
 pub(crate) use live::quick_restore_targets;
 pub mod lock;
 pub mod manifest;
+mod pins;
 mod restore;
 pub mod settings;
 mod store_file;

@@ -74,13 +74,21 @@ impl Store {
 
     /// Create a quick-restore overlay of volume `volume` of backup `id` at
     /// `to`, once every file of its chain passed `qemu-img check`
-    /// ([`engine::require_quick_restorable`]).
+    /// ([`engine::require_quick_restorable`]), and record it (`pins`): the
+    /// backup cannot be deleted while the overlay reads it.
     pub fn quick_restore_overlay(&self, id: &str, volume: &str, to: &Path, ctl: &Control) -> Result<()> {
         let m = self.show(id)?;
         let files = self.chain_files(&m, volume)?;
         engine::require_quick_restorable(&self.qemu_img, &files, ctl)
             .map_err(|e| e.context(format!("quick restore of backup {id}")))?;
-        engine::create_overlay(&self.qemu_img, files.last().expect("non-empty chain"), to, ctl)
+        engine::create_overlay(&self.qemu_img, files.last().expect("non-empty chain"), to, ctl)?;
+        // Recorded, so that no delete removes what the overlay reads; an
+        // overlay that could not be recorded is removed again.
+        if let Err(e) = self.pin(&m, volume, to) {
+            let _ = crate::fsio::remove_if_exists(to);
+            return Err(e.context(format!("quick restore of backup {id}")));
+        }
+        Ok(())
     }
 
     /// A "busy" error when a validation job of backup `id` is running (it
