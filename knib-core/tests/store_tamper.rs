@@ -624,8 +624,13 @@ fn stray_entries_are_skipped_by_list_and_delete() {
     // never what it points to.
     symlink(outside.join("vm1"), vm.join(".20260101-000000000-0001.part")).unwrap();
     symlink(outside.join("secret"), vm.join(".20260101-000000000-0002.deleting")).unwrap();
+    // With every manifest readable again, nothing needs the removed last
+    // backup: it goes with the one deleted now (children first), instead of
+    // keeping both on disk for good.
     let out = store.delete(&pristine.ids[1]).unwrap();
-    assert_eq!(out.marked_removed, vec![pristine.ids[1].clone()], "{out:?}");
+    assert_eq!(out.expunged, vec![pristine.ids[2].clone(), pristine.ids[1].clone()], "{out:?}");
+    assert!(out.marked_removed.is_empty(), "{out:?}");
+    assert!(!vm.join(&pristine.ids[2]).exists() && !vm.join(&pristine.ids[1]).exists());
     assert_eq!(store.list(Some("vm1")).unwrap().len(), 1);
     assert!(std::fs::symlink_metadata(vm.join(".20260101-000000000-0001.part")).is_err());
     assert!(std::fs::symlink_metadata(vm.join(".20260101-000000000-0002.deleting")).is_err());

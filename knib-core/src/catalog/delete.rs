@@ -3,7 +3,11 @@
 //! # Invariants
 //!
 //! - A backup with children is never removed from disk: it is marked
-//!   removed, and expunged when its last child goes.
+//!   removed, and expunged when nothing needs it any more: no backup that
+//!   is not removed descends from it, and no quick restore reads it. Each
+//!   delete expunges every removed backup of the VM that nothing needs
+//!   (children before parents), so one left by an interrupted delete or
+//!   kept for a manifest that could not be read then goes too.
 //! - Deleting the head makes the next backup a full one.
 //! - A delete takes the VM's lock and is refused while a job of the backup
 //!   runs. A backup a quick-restored disk still reads (see `pins`) is
@@ -15,6 +19,7 @@
 //!   (`qemu:///system`): no bitmap is left behind for a backup that is gone.
 //!   The next backup of the VM is then full.
 
+use std::collections::{HashMap, HashSet};
 use std::fs;
 
 use serde::{Deserialize, Serialize};
@@ -50,43 +55,76 @@ impl Store {
         let vm = m.vm.clone();
         let mut outcome = DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new() };
         let mut state = self.load_state(&m.vm)?;
-        let children = |x: &str, gone: &[String]| {
-            all.iter().filter(|c| c.parent.as_deref() == Some(x) && !gone.contains(&c.id)).count()
-        };
         if !unreadable.is_empty() {
             log::warn!(
                 "VM {}: the manifests of {} cannot be read; they may depend on backup {id}, so it is kept on disk",
                 m.vm,
                 unreadable.join(", ")
             );
-        }
-        if children(&m.id, &outcome.expunged) > 0 || !unreadable.is_empty() {
             m.removed = true;
             m.save(&self.backup_dir(&m).join("manifest.json"))?;
             outcome.marked_removed.push(m.id.clone());
-        } else {
+            drop_checkpoint(&vm, id);
+            return Ok(outcome);
+        }
+        // What must stay on disk: every backup not removed (the one being
+        // deleted counts as removed now) and every ancestor of one; then
+        // every removed backup a quick restore still reads, and its
+        // ancestors. The rest of the removed backups, this one included
+        // when nothing needs it, are expunged, children before parents.
+        let by_id: HashMap<&str, &Manifest> = all.iter().map(|x| (x.id.as_str(), x)).collect();
+        let removed = |x: &Manifest| x.removed || x.id == m.id;
+        let mut needed: HashSet<String> = HashSet::new();
+        let keep = |start: &Manifest, needed: &mut HashSet<String>| {
+            let mut cur = Some(start);
+            while let Some(x) = cur {
+                if !needed.insert(x.id.clone()) {
+                    break;
+                }
+                cur = x.parent.as_deref().and_then(|p| by_id.get(p).copied());
+            }
+        };
+        for x in all.iter().filter(|x| !removed(x)) {
+            keep(x, &mut needed);
+        }
+        let target_needed = needed.contains(&m.id);
+        if !target_needed {
             // Never a file a quick-restored disk still reads.
             self.refuse_while_pinned(&m)?;
-            let mut cur = Some(m);
-            while let Some(x) = cur.take() {
-                self.expunge(&x)?;
-                if state.head.as_deref() == Some(x.id.as_str()) {
-                    state.head = None;
-                    self.save_state(&x.vm, &state)?;
-                }
-                outcome.expunged.push(x.id.clone());
-                if let Some(p) = &x.parent {
-                    if let Some(pm) = all.iter().find(|a| &a.id == p) {
-                        if pm.removed
-                            && children(&pm.id, &outcome.expunged) == 0
-                            && unreadable.is_empty()
-                            && self.live_pins(pm)?.is_empty()
-                        {
-                            cur = Some(pm.clone());
-                        }
-                    }
-                }
+        }
+        let unneeded: Vec<&Manifest> =
+            all.iter().filter(|x| x.removed && x.id != m.id && !needed.contains(&x.id)).collect();
+        for x in unneeded {
+            if !self.live_pins(x)?.is_empty() {
+                keep(x, &mut needed);
             }
+        }
+        if target_needed {
+            m.removed = true;
+            m.save(&self.backup_dir(&m).join("manifest.json"))?;
+            outcome.marked_removed.push(m.id.clone());
+        }
+        let depth = |x: &Manifest| {
+            let mut d = 0usize;
+            let mut cur = x.parent.as_deref().and_then(|p| by_id.get(p).copied());
+            while let Some(p) = cur {
+                d += 1;
+                if d > all.len() {
+                    break;
+                }
+                cur = p.parent.as_deref().and_then(|q| by_id.get(q).copied());
+            }
+            d
+        };
+        let mut gone: Vec<&Manifest> = all.iter().filter(|x| removed(x) && !needed.contains(&x.id)).collect();
+        gone.sort_by_key(|x| std::cmp::Reverse(depth(x)));
+        for x in gone {
+            self.expunge(x)?;
+            if state.head.as_deref() == Some(x.id.as_str()) {
+                state.head = None;
+                self.save_state(&x.vm, &state)?;
+            }
+            outcome.expunged.push(x.id.clone());
         }
         drop_checkpoint(&vm, id);
         Ok(outcome)
