@@ -353,3 +353,122 @@ fn deep_trees_on_a_small_stack() {
     assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
     assert_only(&out, &["deep-ext4", "deep-fat"]);
 }
+
+/// A 16 MiB FAT16 image holding `files` (and directories) at its top.
+fn fat16(files: &[std::path::PathBuf], img: &Path) {
+    std::fs::File::create(img).unwrap().set_len(16 << 20).unwrap();
+    run(Command::new("mkfs.vfat").args(["-F", "16"]).arg(img));
+    run(Command::new("mcopy").env("MTOOLS_SKIP_CHECK", "1").args(["-s", "-i"]).arg(img).args(files).arg("::/"));
+}
+
+/// Rewrite the entries of the FAT16 root directory of `img` for which
+/// `f` returns true; the number of them.
+fn patch_fat16_root(img: &Path, mut f: impl FnMut(&mut [u8]) -> bool) -> usize {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(img).unwrap();
+    let mut bpb = [0u8; 512];
+    file.read_at(&mut bpb, 0).unwrap();
+    let (bps, reserved, fats, entries, fat_sectors) =
+        (le16(&bpb, 11) as u64, le16(&bpb, 14) as u64, bpb[16] as u64, le16(&bpb, 17), le16(&bpb, 22) as u64);
+    let root = (reserved + fats * fat_sectors) * bps;
+    let mut dir = vec![0u8; entries * 32];
+    file.read_at(&mut dir, root).unwrap();
+    let n = dir.chunks_mut(32).filter(|e| e[0] != 0 && e[0] != 0xe5).map(&mut f).filter(|&x| x).count();
+    file.write_all_at(&dir, root).unwrap();
+    n
+}
+
+/// A small FAT made to extract without end: 300 entries sharing the
+/// chain of one 4 MiB file of zeros (1.2 GB of holes: nothing counted
+/// as written, the extraction only bounded by the guest's patience), and
+/// 400 entries naming one directory of 2000 files (800,000 files made
+/// from a 16 MiB image). Before, both were extracted; now Corrupt before
+/// anything is written, naming what was wrong, and nothing is left.
+#[test]
+fn extractions_are_bounded_by_the_filesystem() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+
+    // Zeros shared by 300 entries.
+    let src = w.join("zeros");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("BIG.BIN"), vec![0u8; 4 << 20]).unwrap();
+    let mut args = vec![src.join("BIG.BIN")];
+    for i in 0..300 {
+        std::fs::write(src.join(format!("F{i}.BIN")), b"x").unwrap();
+        args.push(src.join(format!("F{i}.BIN")));
+    }
+    let img = w.join("zeros.img");
+    fat16(&args, &img);
+    let mut first = [0u8; 2];
+    patch_fat16_root(&img, |e| {
+        if &e[..11] == b"BIG     BIN" {
+            first.copy_from_slice(&e[26..28]);
+        }
+        false
+    });
+    let shared = patch_fat16_root(&img, |e| {
+        if e[0] == b'F' && &e[8..11] == b"BIN" {
+            e[26..28].copy_from_slice(&first);
+            e[28..32].copy_from_slice(&(4u32 << 20).to_le_bytes());
+            return true;
+        }
+        false
+    });
+    assert_eq!(shared, 300);
+    let disk = open(&img);
+    let e = assert_err(
+        disk.get(None, "/", &out.join("zeros"), &ctl()),
+        ErrorKind::Corrupt,
+        "extract / would read 1145044992 bytes of file data (at /F", // 273 files of 4 MiB
+    );
+    assert!(e.message.contains("more than 4 times its filesystem's 16777216 bytes plus 1 GiB"), "{e}");
+    assert_only(&out, &[]);
+    // One of them alone is the file of zeros, left as a hole.
+    disk.get(None, "/F7.BIN", &out.join("one"), &ctl()).unwrap();
+    let m = std::fs::metadata(out.join("one")).unwrap();
+    assert_eq!(m.len(), 4 << 20);
+    std::fs::remove_file(out.join("one")).unwrap();
+
+    // One directory named by 400 entries.
+    let src = w.join("dirs");
+    std::fs::create_dir_all(src.join("SUB")).unwrap();
+    for i in 0..2000 {
+        std::fs::write(src.join(format!("SUB/E{i}")), b"").unwrap();
+    }
+    let mut args = vec![src.join("SUB")];
+    for i in 0..400 {
+        std::fs::write(src.join(format!("R{i}")), b"").unwrap();
+        args.push(src.join(format!("R{i}")));
+    }
+    let img = w.join("dirs.img");
+    fat16(&args, &img);
+    let mut first = [0u8; 2];
+    patch_fat16_root(&img, |e| {
+        if &e[..11] == b"SUB        " {
+            first.copy_from_slice(&e[26..28]);
+        }
+        false
+    });
+    let named = patch_fat16_root(&img, |e| {
+        if e[0] == b'R' {
+            e[11] = 0x10;
+            e[26..28].copy_from_slice(&first);
+            e[28..32].fill(0);
+            return true;
+        }
+        false
+    });
+    assert_eq!(named, 400);
+    let disk = open(&img);
+    assert_eq!(disk.list(None, "/R9", &ctl()).unwrap().len(), 2000);
+    let e = assert_err(
+        disk.get(None, "/", &out.join("dirs"), &ctl()),
+        ErrorKind::Corrupt,
+        "extract / meets more than 524288 entries (at /R",
+    );
+    assert!(e.message.contains("its directories are cross-linked"), "{e}");
+    assert_only(&out, &[]);
+}

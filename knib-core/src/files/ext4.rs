@@ -268,6 +268,11 @@ impl Filesystem for Ext4Fs {
     fn capacity(&self) -> u64 {
         self.span
     }
+
+    fn min_entry_bytes(&self) -> u64 {
+        // 8 bytes of header and a name of 1 to 4 bytes.
+        12
+    }
 }
 
 struct Ext4File {

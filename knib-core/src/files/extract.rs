@@ -10,6 +10,15 @@
 //! directories' after their children; setuid and setgid bits are dropped
 //! (the files belong to whoever extracts them).
 //!
+//! A guest can make a small filesystem hold far more than its size (the
+//! same clusters or directory reached from many entries, files whose
+//! zeros are holes): an extraction reads at most [`READ_FACTOR`] times
+//! the filesystem's size of file data plus [`READ_SLACK`], makes at most
+//! as many entries as the filesystem can hold (its size over the fewest
+//! bytes an entry takes there), and writes at most its size of data;
+//! beyond that it is Corrupt, found while counting (before anything is
+//! written) or while writing, and what was made is removed.
+//!
 //! Neither the walk nor the removal of a failed extraction recurses: a
 //! tree [`MAX_DEPTH`] directories deep is extracted (or removed) on any
 //! stack, even a JNI or C caller's thread of a few hundred KiB, with a
@@ -36,6 +45,12 @@ use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node};
 pub const CHUNK: usize = 1 << 20;
 /// The deepest directory tree extracted.
 pub const MAX_DEPTH: usize = 1024;
+/// An extraction reads at most this many times its filesystem's size of
+/// file data (hard links and sparse files read more than the data
+/// stored), plus [`READ_SLACK`].
+pub const READ_FACTOR: u64 = 4;
+/// See [`READ_FACTOR`].
+pub const READ_SLACK: u64 = 1 << 30;
 
 /// What `get` wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
@@ -182,6 +197,8 @@ struct Walk<'a> {
     /// [`Filesystem::capacity`].
     written: u64,
     dirs_seen: u64,
+    /// Entries met (files, directories, links, others).
+    entries: u64,
     buf: Vec<u8>,
     last_report: u64,
     /// Where the extracted path goes (for messages), and the length of its
@@ -207,6 +224,40 @@ impl Walk<'_> {
         if !self.counting {
             progress(self.ctl, &self.step, self.summary.bytes, self.total, &mut self.last_report, force);
         }
+    }
+
+    /// The most bytes of file data read.
+    fn read_limit(&self) -> u64 {
+        self.fs.capacity().saturating_mul(READ_FACTOR).saturating_add(READ_SLACK)
+    }
+
+    /// Count, while counting, one more entry (at `path`) and `size` bytes
+    /// of file data to read: Corrupt past what the filesystem can hold.
+    fn count(&mut self, path: &FsPath, size: u64) -> Result<()> {
+        if !self.counting {
+            return Ok(());
+        }
+        let capacity = self.fs.capacity();
+        let per = self.fs.min_entry_bytes().max(1);
+        let most = (capacity / per).max(1);
+        self.entries += 1;
+        if self.entries > most {
+            return Err(KnibError::corrupt(format!(
+                "{} meets more than {most} entries (at {}), more than its filesystem of {capacity} bytes can hold ({per} bytes an entry at the least): its directories are cross-linked (one reached from many entries)",
+                self.step,
+                display(path)
+            )));
+        }
+        self.total = self.total.saturating_add(size);
+        if self.total > self.read_limit() {
+            return Err(KnibError::corrupt(format!(
+                "{} would read {} bytes of file data (at {}), more than {READ_FACTOR} times its filesystem's {capacity} bytes plus 1 GiB: its files share their data or claim sizes far beyond it (cross-linked entries, many hard links, huge sparse files); extract fewer files at a time",
+                self.step,
+                self.total,
+                display(path)
+            )));
+        }
+        Ok(())
     }
 
     /// The local path of filesystem path `path` (for messages).
@@ -283,6 +334,7 @@ impl Walk<'_> {
             path.push(e.name);
             let local = self.local(path);
             let n = e.node;
+            self.count(path, if n.kind == Kind::File { n.size } else { 0 })?;
             match n.kind {
                 Kind::Dir => {
                     if let Some(id) = n.id {
@@ -304,13 +356,10 @@ impl Walk<'_> {
                     continue;
                 }
                 Kind::File => {
-                    match &frame.out {
-                        Some(dir) => {
-                            let f = make_file_at(dir, &cstr(&path[path.len() - 1], &local)?, &local)?;
-                            self.copy(path, &n, &f, &local)?;
-                            finish(&f, &n, &local)?;
-                        }
-                        None => self.total = self.total.saturating_add(n.size),
+                    if let Some(dir) = &frame.out {
+                        let f = make_file_at(dir, &cstr(&path[path.len() - 1], &local)?, &local)?;
+                        self.copy(path, &n, &f, &local)?;
+                        finish(&f, &n, &local)?;
                     }
                     self.summary.files += 1;
                 }
@@ -339,6 +388,7 @@ impl Walk<'_> {
         let (bytes, last, written) = (&mut self.summary.bytes, &mut self.last_report, &mut self.written);
         let fs = &mut *self.fs;
         let capacity = fs.capacity();
+        let limit = capacity.saturating_mul(READ_FACTOR).saturating_add(READ_SLACK);
         let r = (|| {
             let mut reader: Box<dyn FileRead + '_> = fs.open(path, n)?;
             let mut off = 0u64;
@@ -357,6 +407,12 @@ impl Walk<'_> {
                 }
                 off += got as u64;
                 *bytes += got as u64;
+                if *bytes > limit {
+                    return Err(KnibError::corrupt(format!(
+                        "extracting {} read more than {READ_FACTOR} times the filesystem's {capacity} bytes plus 1 GiB of file data: its files share their data or claim sizes far beyond it",
+                        display(path)
+                    )));
+                }
                 if off > n.size {
                     break;
                 }
@@ -549,6 +605,7 @@ pub fn extract(
         summary: GetSummary::default(),
         written: 0,
         dirs_seen: 0,
+        entries: 0,
         buf: Vec::new(),
         last_report: 0,
         to: to.to_path_buf(),
@@ -558,7 +615,7 @@ pub fn extract(
         Kind::Dir => {
             walk.tree(&mut path, node, None)?;
         }
-        Kind::File => walk.total = node.size,
+        Kind::File => walk.count(&path, node.size)?,
         Kind::Symlink | Kind::Other => {
             return Err(KnibError::invalid(format!("{request} is not a file or a directory: nothing to extract")));
         }

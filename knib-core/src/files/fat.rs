@@ -410,6 +410,10 @@ impl Filesystem for FatFs {
     fn capacity(&self) -> u64 {
         self.win.len()
     }
+
+    fn min_entry_bytes(&self) -> u64 {
+        32
+    }
 }
 
 struct FatFile<'a> {

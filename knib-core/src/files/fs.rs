@@ -105,6 +105,11 @@ pub trait Filesystem {
     /// can be read from it only when its files share their data (a
     /// cross-linked filesystem, or hard links).
     fn capacity(&self) -> u64;
+    /// The fewest bytes of the filesystem one directory entry takes (an
+    /// ext4 entry of a one-byte name, a FAT entry, an NTFS index entry):
+    /// a walk that meets more than [`Filesystem::capacity`] over this many
+    /// entries is going round cross-linked directories.
+    fn min_entry_bytes(&self) -> u64;
 }
 
 /// `path` as `/a/b` for messages (names not in UTF-8 shown lossily).

@@ -80,6 +80,12 @@
 //! - Damaged structures are errors (Corrupt, naming what was wrong): a
 //!   directory met again below itself, a cluster chain or directory that
 //!   loops, a file shorter than its size, a name that cannot be a file name.
+//! - What one extraction may make is bounded by its filesystem's size (a
+//!   guest can cross-link entries, make zeros holes and files empty): at
+//!   most 4 times that size plus 1 GiB of file data read, its size of data
+//!   written, as many entries as it can hold (its size over 12 bytes for
+//!   ext4, 32 for FAT, 80 for NTFS). Beyond that is Corrupt, mostly found
+//!   before anything is written (see [`extract`]).
 //!
 //! # Filesystem specifics
 //!

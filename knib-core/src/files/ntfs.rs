@@ -302,6 +302,12 @@ impl Filesystem for NtfsFs {
     fn capacity(&self) -> u64 {
         self.win.len()
     }
+
+    fn min_entry_bytes(&self) -> u64 {
+        // A 16-byte index entry header and a $FILE_NAME key of 66 bytes
+        // and more.
+        80
+    }
 }
 
 /// A file's unnamed data stream, read from `pos` on; the file record is
