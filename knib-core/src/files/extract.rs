@@ -128,15 +128,26 @@ fn parent_of(dir: &File, want: (u64, u64), path: &Path) -> Result<File> {
 
 /// A new directory `name` in `dir`, opened.
 fn make_dir_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
+    mkdir_at(dir, name).map_err(|e| KnibError::io("cannot create directory", path, e))?;
+    open_dir_at(dir, name, path)
+}
+
+/// `mkdirat` of `name` in `dir`, mode 0700.
+fn mkdir_at(dir: &File, name: &CStr) -> std::io::Result<()> {
     // SAFETY: valid descriptor and NUL-terminated name.
     if unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o700) } != 0 {
-        return Err(os_err("cannot create directory", path));
+        return Err(std::io::Error::last_os_error());
     }
-    open_dir_at(dir, name, path)
+    Ok(())
 }
 
 /// A new file `name` in `dir` (never an existing one, never a link).
 fn make_file_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
+    create_at(dir, name).map_err(|e| KnibError::io("cannot create", path, e))
+}
+
+/// A new file `name` in `dir`, mode 0600 (`O_EXCL | O_NOFOLLOW`).
+fn create_at(dir: &File, name: &CStr) -> std::io::Result<File> {
     // SAFETY: valid descriptor and NUL-terminated name; the result is
     // checked and owned by the File.
     let fd = unsafe {
@@ -148,11 +159,14 @@ fn make_file_at(dir: &File, name: &CString, path: &Path) -> Result<File> {
         )
     };
     if fd < 0 {
-        return Err(os_err("cannot create", path));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a fresh descriptor nobody else owns.
     Ok(unsafe { File::from_raw_fd(fd) })
 }
+
+/// The most temporary names tried when the ones drawn are taken.
+const TEMP_TRIES: usize = 64;
 
 /// A new symlink `name` in `dir` pointing at `target`, with `n`'s mtime.
 fn make_link_at(dir: &File, name: &CString, target: &[u8], n: &Node, path: &Path) -> Result<()> {
@@ -626,19 +640,34 @@ pub fn extract(
     walk.buf = vec![0u8; CHUNK];
     walk.report(true);
 
-    let tmp = temp_name(name);
-    let tmp_c = cstr(&tmp, to)?;
-    let tmp_path = parent.join(OsStr::from_bytes(&tmp));
+    // The temporary entry: a name already taken (a leftover, or anyone
+    // else's) is left alone and the next one drawn; only what is made here
+    // is ever removed.
+    let dir = node.kind == Kind::Dir;
+    let mut tries = 0;
+    let (tmp_c, tmp_path, file) = loop {
+        let tmp = temp_name(name);
+        let tmp_c = cstr(&tmp, to)?;
+        let tmp_path = parent.join(OsStr::from_bytes(&tmp));
+        let made = if dir { mkdir_at(&pfd, &tmp_c).map(|()| None) } else { create_at(&pfd, &tmp_c).map(Some) };
+        match made {
+            Ok(file) => break (tmp_c, tmp_path, file),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && tries + 1 < TEMP_TRIES => tries += 1,
+            Err(e) => {
+                let what = if dir { "cannot create directory" } else { "cannot create" };
+                return Err(KnibError::io(what, &tmp_path, e));
+            }
+        }
+    };
     let result = (|| {
-        match node.kind {
-            Kind::Dir => {
-                let d = make_dir_at(&pfd, &tmp_c, &tmp_path)?;
+        match file {
+            None => {
+                let d = open_dir_at(&pfd, &tmp_c, &tmp_path)?;
                 let d = walk.tree(&mut path, node, Some(d))?.expect("the top directory comes back open");
                 finish(&d, node, to)?;
                 walk.summary.dirs += 1;
             }
-            _ => {
-                let f = make_file_at(&pfd, &tmp_c, &tmp_path)?;
+            Some(f) => {
                 walk.copy(&path, node, &f, to)?;
                 finish(&f, node, to)?;
                 walk.summary.files += 1;
