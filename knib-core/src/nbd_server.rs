@@ -174,8 +174,9 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
 
 impl NbdServer {
     /// Serve `export` (named `name` in logs) on a new UNIX socket at
-    /// `path` (which must not exist; its owner's alone from the start, see
-    /// [`bind_private`]), each connection on its own thread.
+    /// `path` (which must not exist; its owner's alone from the start:
+    /// bound in a private directory and renamed into place), each connection
+    /// on its own thread.
     pub fn start(path: &Path, name: &str, export: Box<dyn Export>) -> Result<NbdServer> {
         if path.as_os_str().len() > 107 {
             return Err(KnibError::invalid(format!(
