@@ -50,8 +50,13 @@ pub struct BootArgs {
 pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl: &Control) -> Result<()> {
     let m = store.show(id)?;
     let backup_files = store.boot_files(&m)?;
-    let work_dir = std::env::temp_dir().join(format!("knib-validate-{}-{id}", std::process::id()));
-    std::fs::create_dir_all(&work_dir).map_err(|e| KnibError::io("cannot create", &work_dir, e))?;
+    // A private directory of a name no one can plant beforehand (mode 0700,
+    // random): root's overlays and console log are made in it.
+    let scratch = tempfile::Builder::new()
+        .prefix(&format!("knib-validate-{id}-"))
+        .tempdir()
+        .map_err(|e| KnibError::io("cannot create a directory in", &std::env::temp_dir(), e))?;
+    let work_dir = scratch.path().to_path_buf();
     let command = a.exec.split_first().map(|(path, args)| GuestCommand {
         path: path.clone(),
         args: args.to_vec(),
@@ -73,7 +78,7 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl
     };
     let hv = Hypervisor::open(connect)?;
     let report = boot_test(&hv, &req, ctl);
-    let _ = std::fs::remove_dir_all(&work_dir);
+    drop(scratch);
     let report = report?;
     output::clear_progress();
     let text = if report.passed {

@@ -402,6 +402,25 @@ pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Valid
             return Err(bad(format!("`{field}` is for a throwaway domain (`disks`), not with `domain`")));
         }
     }
+    // Paths go into the domain's XML, where libvirt and QEMU would resolve
+    // a relative one against their own directory, not knib's.
+    if let Some(w) = &r.work_dir {
+        crate::wire::absolute(op, "work_dir", w)?;
+    }
+    for (i, d) in r.disks.iter().enumerate() {
+        crate::wire::absolute(op, &format!("disks[{i}].path"), &d.path)?;
+    }
+    for (field, p) in [("kernel", &r.kernel), ("initrd", &r.initrd)] {
+        if let Some(p) = p {
+            crate::wire::absolute(op, field, p)?;
+        }
+    }
+    if r.screenshot_wait_secs > MAX_SCREENSHOT_WAIT_SECS {
+        return Err(bad(format!(
+            "`screenshot_wait_secs` is {}, over {MAX_SCREENSHOT_WAIT_SECS} (an hour)",
+            r.screenshot_wait_secs
+        )));
+    }
     let screenshot = screenshot_file(op, r)?;
     let command = if r.execute_script {
         let script = r
@@ -595,3 +614,6 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     }
     Ok(MergeSnapshotAnswer { volumes: out })
 }
+
+/// The longest wait before a validation's screenshot.
+const MAX_SCREENSHOT_WAIT_SECS: u64 = 3600;

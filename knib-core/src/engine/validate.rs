@@ -388,7 +388,9 @@ fn check_guest(
 
     if let Some(dest) = &req.screenshot {
         let wait = Duration::from_secs(req.timing.screenshot_wait_secs);
-        let until = Instant::now() + wait;
+        // A wait too long to add to now is waited for as long as a day,
+        // never a panic (the request's bound is the caller's).
+        let until = Instant::now().checked_add(wait).unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400));
         while Instant::now() < until {
             ctl.check("waiting to take the screenshot")?;
             std::thread::sleep(Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())));
@@ -411,25 +413,71 @@ fn check_guest(
             ctl.report("validation: command", 75.0);
             run_command(vm, cmd, timeout, ctl)?
         };
-        if let Exec::Ended(out) = &exec {
+        let mut exec = exec;
+        if let Exec::Ended(out) = &mut exec {
             report.command_exit = out.exit;
-            report.command_output = Some(out.stdout.clone());
             if req.timing.judge_command {
                 report.problems.extend(compare_command(cmd, out));
             }
+            // Judged whole, kept cut: the guest's output goes into job
+            // records and answers, which must stay small.
+            out.stdout = clip(&out.stdout, MAX_GUEST_OUTPUT);
+            out.stderr = clip(&out.stderr, MAX_GUEST_OUTPUT);
+            if out.stdout_base64.len() > MAX_GUEST_OUTPUT {
+                // A prefix of whole base64 quads stays valid base64.
+                out.stdout_base64.truncate(MAX_GUEST_OUTPUT / 4 * 4);
+            }
+            report.command_output = Some(out.stdout.clone());
         } else if req.timing.judge_command && report.booted {
             report.problems.extend(exec_problem(cmd, &exec, timeout));
         }
+        if let Exec::Failed(why) = &mut exec {
+            *why = clip(why, MAX_GUEST_TEXT);
+        }
         report.command_result = Some(exec);
+    }
+    // Every problem line may quote the guest (its agent's answers, its
+    // output, its console): each is cut to a bounded length.
+    for p in &mut report.problems {
+        *p = clip(p, MAX_GUEST_TEXT);
     }
     Ok(report)
 }
 
-/// The last `n` non-empty lines of the console log.
+/// The longest problem line kept: what the guest said is cut there.
+pub const MAX_GUEST_TEXT: usize = 4096;
+
+/// The most of a command's output (stdout, stderr) a report keeps.
+pub const MAX_GUEST_OUTPUT: usize = 64 * 1024;
+
+/// `s` cut to at most about `max` bytes (at a character boundary), saying
+/// how much was cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... [{} more bytes cut]", &s[..end], s.len() - end)
+}
+
+/// The last `n` non-empty lines of the console log (of its last 64 KiB:
+/// the guest writes it, and it may be huge).
 fn console_tail(console: &Path, n: usize) -> Vec<String> {
-    let Ok(bytes) = fs::read(console) else {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = fs::File::open(console) else {
         return Vec::new();
     };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024))).is_err() {
+        return Vec::new();
+    }
+    let mut bytes = Vec::new();
+    if f.take(64 * 1024).read_to_end(&mut bytes).is_err() {
+        return Vec::new();
+    }
     let text = String::from_utf8_lossy(&bytes);
     let lines: Vec<String> = text
         .lines()
@@ -443,6 +491,27 @@ fn console_tail(console: &Path, n: usize) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    /// What the guest says is cut: a problem line and the console's tail
+    /// stay bounded whatever it wrote (a job record must stay loadable).
+    #[test]
+    fn what_the_guest_says_is_cut_to_a_bound() {
+        let long = "\u{1}".repeat(3_000_000) + "é";
+        let c = clip(&long, MAX_GUEST_TEXT);
+        assert!(c.len() < MAX_GUEST_TEXT + 64, "{}", c.len());
+        assert!(c.ends_with("more bytes cut]"), "{}", &c[c.len() - 40..]);
+        assert_eq!(clip("short", MAX_GUEST_TEXT), "short");
+        // At a character boundary.
+        assert_eq!(clip("ééé", 3), "é... [4 more bytes cut]");
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let mut text = "x".repeat(8 << 20);
+        text.push_str("\nlast line\n");
+        fs::write(&console, text).unwrap();
+        let tail = console_tail(&console, 2);
+        assert_eq!(tail.last().map(String::as_str), Some("last line"));
+        assert!(tail.iter().all(|l| l.len() <= 64 * 1024));
+    }
 
     #[test]
     fn refuses_bad_requests() {
