@@ -157,6 +157,13 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
     let q =
         call("group.restore", json!({"store": root, "group": ids[1], "to": dir.path().join("quick"), "quick": true}));
     assert_eq!(q["volumes"].as_array().unwrap().len(), 6);
+    // The quick overlays read the group's backups: deleting them is refused
+    // until the overlays are gone (or consolidated).
+    let e = knib_core::api::call("group.delete", &json!({"store": root, "group": ids[1]}).to_string(), &Control::new())
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("quick-restored disks"), "{e}");
+    std::fs::remove_dir_all(dir.path().join("quick")).unwrap();
     let d = call("group.delete", json!({"store": root, "group": ids[1]}));
     assert_eq!(d["members"].as_array().unwrap().len(), 4);
     assert_eq!(call("group.list", json!({"store": root})).as_array().unwrap().len(), 1);

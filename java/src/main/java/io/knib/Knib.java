@@ -170,6 +170,11 @@ public final class Knib implements AutoCloseable {
 
     private <A> A run(String op, Object request, Class<A> answer) throws KnibException {
         Objects.requireNonNull(request, "request");
+        // JSON has no NaN or Infinity: Gson would throw an unchecked exception naming no field.
+        if (request instanceof CompressBackup.Request r && !Double.isFinite(r.minFreeFactor())) {
+            throw new InvalidInputException("invalid input: " + op + ": `min_free_factor` (minFreeFactor) must be "
+                    + "a finite number, not " + r.minFreeFactor(), -1);
+        }
         String json = call(op, Json.GSON.toJson(request));
         try {
             A a = Json.GSON.fromJson(json, answer);
@@ -220,12 +225,6 @@ public final class Knib implements AutoCloseable {
      *     InvalidInputException} for a {@code minFreeFactor} that is NaN or infinite
      */
     public CompressBackup.Answer compressBackup(CompressBackup.Request request) throws KnibException {
-        Objects.requireNonNull(request, "request");
-        // JSON has no NaN or Infinity: Gson would throw an unchecked exception naming no field.
-        if (!Double.isFinite(request.minFreeFactor())) {
-            throw new InvalidInputException("invalid input: agent.compress: `min_free_factor` (minFreeFactor) must be "
-                    + "a finite number, not " + request.minFreeFactor(), -1);
-        }
         return run("agent.compress", request, CompressBackup.Answer.class);
     }
 
