@@ -172,7 +172,7 @@
 //!   qcow2 image without backing file or allocated cluster) and no QEMU
 //!   holds it, all volumes or none (each overlay is made under a temporary
 //!   name; the files are replaced once all are whole). Without
-//!   `overlay_path`, the overlay is `<vm_name>-<uuid>.knib-validation.qcow2`
+//!   `overlay_path`, the overlay is `<vm_name>..<uuid>.knib-validation.qcow2`
 //!   in `work_dir`.
 //! - `agent.validate` with `domain` validates that running domain (the
 //!   validation VM the management server started) by name, creating,

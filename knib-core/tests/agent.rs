@@ -464,9 +464,33 @@ fn quick_restore_consolidate_and_validation_files() {
     let a = ok("agent.cleanup_validation", &json!({"vm_name": "knib-agent-validation"}));
     assert_eq!((a["removed"].clone(), a["domain_removed"].clone()), (json!([]), json!(false)));
     assert!(overlay.exists());
+    // Another VM whose name starts with this one's and a dash, with a
+    // volume whose uuid ends like this one's: the overlays differ, and the
+    // clean-up of the first leaves the second's (before, both were
+    // "<vm>-<uuid>": "knib-agent-validation-x-v1" was either, and the first
+    // VM's clean-up removed it).
+    let other = ok(
+        "agent.prepare_validation",
+        &json!({"vm_name": "knib-agent-validation-x", "work_dir": work, "volumes": [{"uuid": "v1", "backup_path": backup}]}),
+    );
+    let other = PathBuf::from(other["volumes"][0]["overlay_path"].as_str().unwrap());
+    let same_name = ok(
+        "agent.prepare_validation",
+        &json!({"vm_name": "knib-agent-validation", "work_dir": work, "volumes": [{"uuid": "x-v1", "backup_path": backup}]}),
+    );
+    let same_name = PathBuf::from(same_name["volumes"][0]["overlay_path"].as_str().unwrap());
+    assert_ne!(other, same_name);
     let a = ok("agent.cleanup_validation", &json!({"vm_name": "knib-agent-validation", "work_dir": work}));
-    assert_eq!(a["removed"], json!([overlay]));
+    let mut removed: Vec<PathBuf> =
+        a["removed"].as_array().unwrap().iter().map(|p| PathBuf::from(p.as_str().unwrap())).collect();
+    removed.sort();
+    let mut expected = vec![overlay.clone(), same_name.clone()];
+    expected.sort();
+    assert_eq!(removed, expected);
     assert_eq!(a["domain_removed"], false);
+    assert!(other.exists(), "the other VM's overlay is left alone");
+    let a = ok("agent.cleanup_validation", &json!({"vm_name": "knib-agent-validation-x", "work_dir": work}));
+    assert_eq!(a["removed"], json!([other]));
     assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "boot tests leave nothing behind");
 }
 

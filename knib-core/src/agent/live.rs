@@ -558,12 +558,11 @@ pub(crate) fn cleanup_validation(op: &str, r: &CleanupValidationReq) -> Result<C
     };
     let mut removed = Vec::new();
     if let Some(dir) = &r.work_dir {
-        let prefix = format!("{}-", r.vm_name);
         let entries = std::fs::read_dir(dir).map_err(|e| KnibError::io("cannot read directory", dir, e))?;
         for e in entries {
             let e = e.map_err(|e| KnibError::io("cannot read directory", dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) && name.ends_with(VALIDATION_SUFFIX) {
+            if super::validation::is_validation_overlay_of(&name, &r.vm_name) {
                 fsio::remove_if_exists(&e.path())?;
                 removed.push(e.path());
             }

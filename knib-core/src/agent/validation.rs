@@ -13,9 +13,20 @@ use crate::qemu_img::QemuImg;
 use crate::wire::{absolute, non_empty};
 
 /// The overlay `agent.prepare_validation` makes for volume `uuid` of VM
-/// `vm_name`.
+/// `vm_name`: `<vm_name>..<uuid>.knib-validation.qcow2`. Neither name may
+/// hold "..", nor a uuid start with a dot, so the last ".." of a file name
+/// tells the VM from the volume: VM `a` with volume `b-c` and VM `a-b` with
+/// volume `c` get two names, and the clean-up of `a` leaves `a-b`'s alone.
 pub fn validation_overlay(work_dir: &Path, vm_name: &str, uuid: &str) -> PathBuf {
-    work_dir.join(format!("{vm_name}-{uuid}{VALIDATION_SUFFIX}"))
+    work_dir.join(format!("{vm_name}..{uuid}{VALIDATION_SUFFIX}"))
+}
+
+/// Whether `file_name` is an overlay [`validation_overlay`] names for VM
+/// `vm_name` (any volume).
+pub(crate) fn is_validation_overlay_of(file_name: &str, vm_name: &str) -> bool {
+    let Some(stem) = file_name.strip_suffix(VALIDATION_SUFFIX) else { return false };
+    let Some(at) = stem.rfind("..") else { return false };
+    stem[..at] == *vm_name && crate::names::validate("volume uuid", &stem[at + 2..]).is_ok()
 }
 
 /// `agent.prepare_validation`: one overlay per volume, at its

@@ -6,7 +6,7 @@ import java.util.List;
  * {@link Knib#prepareValidation}: CloudStack's {@code PrepareValidationCommand}. One qcow2 overlay per volume
  * of the backup, for the validation VM to run on (the backup itself is only read): at the volume's
  * {@code overlayPath} (the validation VM's volume file, as the agent does; replaced only when it holds no data and
- * no QEMU holds it), or named {@code <vmName>-<uuid>.knib-validation.qcow2} in {@code workDir}. All or none.
+ * no QEMU holds it), or named {@code <vmName>..<uuid>.knib-validation.qcow2} in {@code workDir}. All or none.
  */
 public final class PrepareValidation {
     private PrepareValidation() {}
