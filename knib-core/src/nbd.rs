@@ -31,8 +31,10 @@
 //!   path (errors included).
 //! - Waiting for the server sees the caller's cancellation and deadline
 //!   every 200 ms, and a server that answers nothing for [`REPLY_TIMEOUT`]
-//!   fails the read (pipelined reads, the bulk of a copy; the few
-//!   synchronous calls, connection and block status, wait as libnbd does).
+//!   fails the call: the connection and its handshake, block status and
+//!   pipelined reads (every call that waits is libnbd's asynchronous form,
+//!   polled). Closing a connection tells the server for at most 2 s, then
+//!   cuts it.
 //! - No Rust panic crosses into libnbd: the block status callback catches
 //!   unwinding and reports an error to libnbd instead.
 //! - Block status is asked for in pieces of at most [`STATUS_CHUNK`] bytes;
@@ -107,12 +109,16 @@ dyn_api! {
     nbd nbd_get_errno: fn() -> c_int;
     nbd nbd_set_export_name: fn(*mut NbdHandle, *const c_char) -> c_int;
     nbd nbd_add_meta_context: fn(*mut NbdHandle, *const c_char) -> c_int;
-    nbd nbd_connect_unix: fn(*mut NbdHandle, *const c_char) -> c_int;
+    nbd nbd_aio_connect_unix: fn(*mut NbdHandle, *const c_char) -> c_int;
+    nbd nbd_aio_is_connecting: fn(*mut NbdHandle) -> c_int;
+    nbd nbd_aio_is_ready: fn(*mut NbdHandle) -> c_int;
+    nbd nbd_aio_is_closed: fn(*mut NbdHandle) -> c_int;
+    nbd nbd_aio_is_dead: fn(*mut NbdHandle) -> c_int;
+    nbd nbd_aio_disconnect: fn(*mut NbdHandle, u32) -> c_int;
     nbd nbd_get_size: fn(*mut NbdHandle) -> i64;
     nbd nbd_can_meta_context: fn(*mut NbdHandle, *const c_char) -> c_int;
     nbd nbd_pread: fn(*mut NbdHandle, *mut c_void, usize, u64, u32) -> c_int;
-    nbd nbd_block_status: fn(*mut NbdHandle, u64, u64, ExtentCallback, u32) -> c_int;
-    nbd nbd_shutdown: fn(*mut NbdHandle, u32) -> c_int;
+    nbd nbd_aio_block_status: fn(*mut NbdHandle, u64, u64, ExtentCallback, CompletionCallback, u32) -> i64;
     nbd nbd_aio_pread: fn(*mut NbdHandle, *mut c_void, usize, u64, CompletionCallback, u32) -> i64;
     nbd nbd_aio_command_completed: fn(*mut NbdHandle, u64) -> c_int;
     nbd nbd_poll: fn(*mut NbdHandle, c_int) -> c_int;
@@ -147,6 +153,48 @@ fn last_error(api: &Api, what: &str) -> KnibError {
     KnibError::new(kind, format!("NBD {what}: {msg}"))
 }
 
+/// Poll connection `h` until `done` says so, seeing `ctl` every
+/// [`POLL_MS`]; a server that answers nothing for `timeout` is an error
+/// (the caller then closes the connection or drains it: what is in flight
+/// stays in flight), as is an error of `done`.
+fn wait_on(
+    api: &Api,
+    h: *mut NbdHandle,
+    what: &str,
+    ctl: &Control,
+    timeout: Duration,
+    mut done: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let mut heard = Instant::now();
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        // SAFETY: `h` is a live handle (the caller's).
+        match unsafe { (api.nbd_poll)(h, POLL_MS) } {
+            -1 => return Err(last_error(api, what)),
+            0 => {
+                ctl.check(what)?;
+                if heard.elapsed() >= timeout {
+                    return Err(silent(what, timeout));
+                }
+            }
+            _ => heard = Instant::now(),
+        }
+    }
+}
+
+/// Whether command `cookie` of `h` is done; an error when libnbd retired
+/// it with one.
+fn completed(api: &Api, h: *mut NbdHandle, cookie: u64, what: &str) -> Result<bool> {
+    // SAFETY: `h` is a live handle, `cookie` one of its commands.
+    match unsafe { (api.nbd_aio_command_completed)(h, cookie) } {
+        1 => Ok(true),
+        0 => Ok(false),
+        _ => Err(last_error(api, what)),
+    }
+}
+
 /// The error for a server that answered nothing for `t` during `what`.
 fn silent(what: &str, t: Duration) -> KnibError {
     KnibError::new(ErrorKind::Timeout, format!("{what}: the NBD server answered nothing for {} s", t.as_secs()))
@@ -172,15 +220,15 @@ pub struct Nbd {
     api: &'static Api,
     h: NonNull<NbdHandle>,
     export: String,
-    /// How long [`Nbd::pread_pipelined`] waits for the server to answer
-    /// anything before it gives up ([`REPLY_TIMEOUT`]).
+    /// How long a call waits for the server to answer anything before it
+    /// gives up ([`REPLY_TIMEOUT`]).
     reply_timeout: Duration,
     /// The handle was closed (reads were abandoned after an error): every
     /// call is then an error, and `drop` closes nothing.
     closed: bool,
 }
 
-/// How long the server may answer nothing while reads are in flight: QEMU
+/// How long the server may answer nothing while a call waits: QEMU
 /// serving a host's disk answers within seconds; a server that says
 /// nothing for this long (hung storage, a stuck QEMU) fails the copy
 /// instead of holding the VM's lock and its backup job for ever.
@@ -242,15 +290,30 @@ unsafe extern "C" fn gather(
 
 impl Nbd {
     /// Connect to export `export` on the UNIX socket `socket`, asking for
-    /// the meta contexts `contexts` (e.g. [`BASE_ALLOCATION`]).
-    pub fn connect_unix(socket: &Path, export: &str, contexts: &[&str]) -> Result<Nbd> {
+    /// the meta contexts `contexts` (e.g. [`BASE_ALLOCATION`]). The
+    /// connection and its handshake see `ctl` every 200 ms, and fail when
+    /// the server answers nothing for [`REPLY_TIMEOUT`].
+    pub fn connect_unix(socket: &Path, export: &str, contexts: &[&str], ctl: &Control) -> Result<Nbd> {
+        Self::connect_unix_within(socket, export, contexts, ctl, REPLY_TIMEOUT)
+    }
+
+    /// [`Nbd::connect_unix`], the server given `timeout` (for the
+    /// connection and every later call) instead of [`REPLY_TIMEOUT`].
+    pub fn connect_unix_within(
+        socket: &Path,
+        export: &str,
+        contexts: &[&str],
+        ctl: &Control,
+        timeout: Duration,
+    ) -> Result<Nbd> {
         let sock = cstring("the NBD socket path", socket.as_os_str().as_bytes())?;
         let name = cstring("the NBD export name", export.as_bytes())?;
         let ctxs = contexts.iter().map(|c| cstring("an NBD meta context", c.as_bytes())).collect::<Result<Vec<_>>>()?;
         let api = api()?;
         // SAFETY: plain constructor; NULL on failure.
         let h = NonNull::new(unsafe { (api.nbd_create)() }).ok_or_else(|| last_error(api, "handle creation"))?;
-        let nbd = Nbd { api, h, export: export.to_string(), reply_timeout: REPLY_TIMEOUT, closed: false };
+        let mut nbd = Nbd { api, h, export: export.to_string(), reply_timeout: timeout, closed: false };
+        let what = format!("connection to export {export} on {}", socket.display());
         // SAFETY: `h` is a live handle, the strings outlive the calls.
         unsafe {
             if (api.nbd_set_export_name)(nbd.h.as_ptr(), name.as_ptr()) == -1 {
@@ -261,9 +324,22 @@ impl Nbd {
                     return Err(last_error(api, &format!("meta context {}", c.to_string_lossy())));
                 }
             }
-            if (api.nbd_connect_unix)(nbd.h.as_ptr(), sock.as_ptr()) == -1 {
-                return Err(last_error(api, &format!("connection to export {export} on {}", socket.display())));
+            if (api.nbd_aio_connect_unix)(nbd.h.as_ptr(), sock.as_ptr()) == -1 {
+                return Err(last_error(api, &what));
             }
+        }
+        let h = nbd.h.as_ptr();
+        // SAFETY: live handle.
+        let r = wait_on(api, h, &what, ctl, timeout, || Ok(unsafe { (api.nbd_aio_is_connecting)(h) } != 1));
+        if let Err(e) = r {
+            nbd.close(false);
+            return Err(e);
+        }
+        // SAFETY: live handle.
+        if unsafe { (api.nbd_aio_is_ready)(h) } != 1 {
+            let e = last_error(api, &what);
+            nbd.close(false);
+            return Err(e);
         }
         Ok(nbd)
     }
@@ -302,7 +378,7 @@ impl Nbd {
     }
 
     /// Give up on a server that answers nothing for `t` (instead of
-    /// [`REPLY_TIMEOUT`]).
+    /// [`REPLY_TIMEOUT`] or the connection's timeout).
     pub fn set_reply_timeout(&mut self, t: Duration) {
         self.reply_timeout = t;
     }
@@ -359,31 +435,10 @@ impl Nbd {
                     next += 1;
                 }
                 let front = ring.front().expect("a read in flight");
-                let mut heard = Instant::now();
-                loop {
-                    // SAFETY: live handle; a cookie of this handle.
-                    match unsafe { (api.nbd_aio_command_completed)(h, front.cookie) } {
-                        1 => break,
-                        0 => {
-                            // SAFETY: live handle.
-                            match unsafe { (api.nbd_poll)(h, POLL_MS) } {
-                                -1 => return Err(last_error(api, &what(front.idx))),
-                                0 => {
-                                    ctl.check(&what(front.idx))?;
-                                    if heard.elapsed() >= timeout {
-                                        return Err(silent(&what(front.idx), timeout));
-                                    }
-                                }
-                                _ => heard = Instant::now(),
-                            }
-                        }
-                        _ => {
-                            // Retired with an error: its buffer is free.
-                            let f = ring.pop_front().expect("the front read");
-                            return Err(last_error(api, &what(f.idx)));
-                        }
-                    }
-                }
+                let (cookie, idx) = (front.cookie, front.idx);
+                // A read retired with an error stays in `ring`: the drain
+                // below finds it retired at once.
+                wait_on(api, h, &what(idx), ctl, timeout, || completed(api, h, cookie, &what(idx)))?;
                 let f = ring.pop_front().expect("the front read");
                 each(f.idx, &f.buf[..f.len])?;
                 spare.push(f.buf);
@@ -418,17 +473,24 @@ impl Nbd {
     }
 
     /// Close the handle; later calls are errors. `graceful`: tell the
-    /// server first (`nbd_shutdown`, which waits for what is in flight);
-    /// else cut the connection at once, abandoning it.
+    /// server first (NBD's disconnect, after what is in flight), waiting at
+    /// most 2 s for it to close the connection; else cut the connection at
+    /// once, abandoning it.
     fn close(&mut self, graceful: bool) {
         if !self.closed {
             self.closed = true;
+            let (api, h) = (self.api, self.h.as_ptr());
             // SAFETY: live handle, closed once.
             unsafe {
-                if graceful {
-                    (self.api.nbd_shutdown)(self.h.as_ptr(), 0);
+                if graceful && (api.nbd_aio_is_ready)(h) == 1 && (api.nbd_aio_disconnect)(h, 0) == 0 {
+                    let started = Instant::now();
+                    while (api.nbd_aio_is_closed)(h) != 1
+                        && (api.nbd_aio_is_dead)(h) != 1
+                        && started.elapsed() < DRAIN
+                        && (api.nbd_poll)(h, POLL_MS) != -1
+                    {}
                 }
-                (self.api.nbd_close)(self.h.as_ptr());
+                (api.nbd_close)(h);
             }
         }
     }
@@ -447,9 +509,12 @@ impl Nbd {
     /// Block status of `count` bytes (at most [`STATUS_CHUNK`]) from
     /// `offset`, for every context asked for at connection. Returns the end
     /// of the range every context answered for (the server may answer for
-    /// less than asked) and each context's extents, cut at that end.
-    pub fn block_status(&mut self, offset: u64, count: u64) -> Result<(u64, Gathered)> {
-        let api = self.api;
+    /// less than asked) and each context's extents, cut at that end. The
+    /// wait sees `ctl` every 200 ms and fails after the reply timeout of
+    /// silence; the connection is then closed (every later call is an
+    /// error).
+    pub fn block_status(&mut self, offset: u64, count: u64, ctl: &Control) -> Result<(u64, Gathered)> {
+        let (api, h, timeout) = (self.api, self.live()?, self.reply_timeout);
         let count = count.min(STATUS_CHUNK);
         let mut got: Gathered = Vec::new();
         let cb = ExtentCallback {
@@ -457,14 +522,27 @@ impl Nbd {
             user_data: (&mut got as *mut Gathered).cast(),
             free: None,
         };
-        // SAFETY: live handle; `got` outlives the call (the callback is not
-        // kept after it returns: no `free` is needed).
-        let r = unsafe { (api.nbd_block_status)(self.live()?, count, offset, cb, 0) };
-        if r == -1 {
-            return Err(last_error(
-                api,
-                &format!("block status of {count} bytes at {offset} of export {}", self.export),
-            ));
+        let what = format!("block status of {count} bytes at {offset} of export {}", self.export);
+        // SAFETY: live handle; `got` outlives the command: libnbd calls the
+        // callback only while the command is in flight, and it is retired
+        // below or the handle closed (libnbd then calls nothing of it) before
+        // `got` goes. No `free` is needed.
+        let cookie = unsafe { (api.nbd_aio_block_status)(h, count, offset, cb, NO_COMPLETION, 0) };
+        let Ok(cookie) = u64::try_from(cookie) else { return Err(last_error(api, &what)) };
+        let mut retired = false;
+        let waited = wait_on(api, h, &what, ctl, timeout, || {
+            let r = completed(api, h, cookie, &what);
+            retired = r.is_err();
+            r
+        });
+        if let Err(e) = waited {
+            // Still in flight (silence, a cancel): the callback is called
+            // no more once the handle is closed. A command the server
+            // answered with an error leaves the connection as it was.
+            if !retired {
+                self.close(false);
+            }
+            return Err(e);
         }
         let end = got
             .iter()

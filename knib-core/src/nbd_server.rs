@@ -496,7 +496,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("d.sock");
         let server = NbdServer::start(&sock, "pattern", Box::new(Pattern(10 << 20))).unwrap();
-        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        let mut c = Nbd::connect_unix(&sock, "", &[], &Control::new()).unwrap();
         assert_eq!(c.size().unwrap(), 10 << 20);
         let mut buf = vec![0; 1 << 20];
         c.pread(&mut buf, 3 << 20).unwrap();
@@ -509,7 +509,7 @@ mod tests {
         c.pread(&mut tail, 7).unwrap();
         assert_eq!(tail, pattern(7, 100));
         // A second client at the same time.
-        let mut c2 = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        let mut c2 = Nbd::connect_unix(&sock, "", &[], &Control::new()).unwrap();
         c2.pread(&mut tail, 1000).unwrap();
         assert_eq!(tail, pattern(1000, 100));
         drop(c);
@@ -549,7 +549,7 @@ mod tests {
         let hold = Duration::from_secs(6);
         let _server = NbdServer::start(&sock, "hangs", Box::new(Hangs { size: 8 << 20, from: 4 << 20, hold })).unwrap();
         let ranges: Vec<(u64, usize)> = (0..8u64).map(|i| (i << 20, 1 << 20)).collect();
-        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        let mut c = Nbd::connect_unix(&sock, "", &[], &Control::new()).unwrap();
         c.set_reply_timeout(Duration::from_secs(1));
         let started = Instant::now();
         let mut seen = Vec::new();
@@ -564,7 +564,7 @@ mod tests {
         assert_eq!(seen, vec![0, 1, 2, 3]);
         drop(c);
         // A cancel from another thread, with the default reply timeout.
-        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        let mut c = Nbd::connect_unix(&sock, "", &[], &Control::new()).unwrap();
         let ctl = Control::new();
         let token = ctl.cancel.clone();
         let started = Instant::now();
@@ -609,7 +609,7 @@ mod tests {
         drop(held);
         let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut c = loop {
-            match Nbd::connect_unix(&sock, "", &[]) {
+            match Nbd::connect_unix(&sock, "", &[], &Control::new()) {
                 Ok(c) => break c,
                 Err(e) if std::time::Instant::now() > until => panic!("no slot freed: {e}"),
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
@@ -623,10 +623,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("d.sock");
         let _server = NbdServer::start(&sock, "pattern", Box::new(Pattern(1 << 20))).unwrap();
-        let e = Nbd::connect_unix(&sock, "other", &[]).unwrap_err();
+        let e = Nbd::connect_unix(&sock, "other", &[], &Control::new()).unwrap_err();
         assert!(e.message.contains("other"), "{e}");
         // The server goes on.
-        let mut c = Nbd::connect_unix(&sock, "", &[]).unwrap();
+        let mut c = Nbd::connect_unix(&sock, "", &[], &Control::new()).unwrap();
         assert_eq!(c.size().unwrap(), 1 << 20);
     }
 

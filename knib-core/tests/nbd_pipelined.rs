@@ -2,13 +2,17 @@
 //! (`Nbd::pread_pipelined`), against a real `qemu-nbd`: every range comes
 //! back in the order asked with the bytes the image holds (seeded ranges
 //! of random lengths and depths), and a server killed in the middle of the
-//! reads gives an error naming the read, never bytes, a hang or a crash.
+//! reads gives an error naming the read, never bytes, a hang or a crash;
+//! a server that stops answering (the process stopped with SIGSTOP) fails
+//! the connection and block status after the timeout, or at a cancel, and
+//! closing a connection to it does not hang.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use knib_core::nbd::{Nbd, BASE_ALLOCATION};
+use knib_core::{Control, ErrorKind};
 
 const MIB: u64 = 1 << 20;
 
@@ -49,7 +53,13 @@ impl Drop for Server {
 }
 
 fn serve(img: &Path, sock: &Path) -> Server {
+    serve_with(img, sock, &[])
+}
+
+/// [`serve`] with more of qemu-nbd's options.
+fn serve_with(img: &Path, sock: &Path, more: &[&str]) -> Server {
     let child = Command::new("qemu-nbd")
+        .args(more)
         .args(["--read-only", "-f", "qcow2", "-x", "disk", "-k"])
         .arg(sock)
         .arg(img)
@@ -63,7 +73,7 @@ fn serve(img: &Path, sock: &Path) -> Server {
 fn connect(sock: &Path) -> Nbd {
     let until = Instant::now() + Duration::from_secs(10);
     loop {
-        match Nbd::connect_unix(sock, "disk", &[BASE_ALLOCATION]) {
+        match Nbd::connect_unix(sock, "disk", &[BASE_ALLOCATION], &Control::new()) {
             Ok(n) => return n,
             Err(e) => assert!(Instant::now() < until, "qemu-nbd did not answer: {e}"),
         }
@@ -163,4 +173,73 @@ fn a_server_killed_during_the_reads_gives_an_error_naming_the_read() {
     assert!(e.to_string().contains("NBD read of"), "{e}");
     assert!(calls < ranges.len(), "every read succeeded after the server was killed");
     assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+/// Send `signal` (`STOP`, `CONT`) to the server.
+fn signal(server: &Server, signal: &str) {
+    let ok = Command::new("kill").arg(format!("-{signal}")).arg(server.0.id().to_string()).status().unwrap();
+    assert!(ok.success());
+}
+
+/// A server that stops answering (qemu-nbd stopped: the kernel still
+/// accepts connections on its socket, nothing answers) fails a connection
+/// and a block status after the timeout, and a cancel ends them sooner.
+/// Before, both waited in libnbd for as long as the server was silent,
+/// with the VM's lock and its backup job held.
+#[test]
+fn a_silent_server_fails_the_connection_and_block_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 4 * MIB);
+    let sock = dir.path().join("nbd.sock");
+    // Persistent, several clients at once.
+    let server = serve_with(&img, &sock, &["--persistent", "--shared", "4"]);
+    let mut n = connect(&sock);
+    let (end, got) = n.block_status(0, 4 * MIB, &Control::new()).unwrap();
+    assert_eq!(end, 4 * MIB);
+    assert_eq!(got[0].0, BASE_ALLOCATION);
+    signal(&server, "STOP");
+
+    // The connection: the socket is accepted, the greeting never comes.
+    let t = Instant::now();
+    let e = Nbd::connect_unix_within(&sock, "disk", &[BASE_ALLOCATION], &Control::new(), Duration::from_secs(1))
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+    assert!(e.message.contains("connection to export disk") && e.message.contains("answered nothing for 1 s"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "waited {:?}", t.elapsed());
+    // A cancel from another thread ends the wait (default timeout: 120 s).
+    let ctl = Control::new();
+    let token = ctl.cancel.clone();
+    let t = Instant::now();
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(500));
+            token.cancel();
+        });
+        Nbd::connect_unix(&sock, "disk", &[BASE_ALLOCATION], &ctl).unwrap_err()
+    });
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "waited {:?}", t.elapsed());
+
+    // Block status on the connection made before the server stopped.
+    n.set_reply_timeout(Duration::from_secs(1));
+    let t = Instant::now();
+    let e = n.block_status(0, 4 * MIB, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Timeout, "{e}");
+    assert!(e.message.contains("block status of"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "waited {:?}", t.elapsed());
+    // The connection was cut: later calls fail at once, and dropping it
+    // does not wait for the silent server.
+    let e = n.block_status(0, 4 * MIB, &Control::new()).unwrap_err();
+    assert!(e.message.contains("was closed after an earlier error"), "{e}");
+    drop(n);
+
+    // A connection made, then the server silent: closing it (the drop
+    // tells the server) gives up after a short while.
+    signal(&server, "CONT");
+    let n = connect(&sock);
+    signal(&server, "STOP");
+    let t = Instant::now();
+    drop(n);
+    assert!(t.elapsed() < Duration::from_secs(10), "the close waited {:?}", t.elapsed());
+    signal(&server, "CONT");
 }

@@ -153,7 +153,7 @@ fn select(
     let mut off = 0;
     while off < size {
         ctl.check(what)?;
-        let (end, got) = n.block_status(off, size - off)?;
+        let (end, got) = n.block_status(off, size - off, ctl)?;
         let alloc = got.iter().find(|(c, _)| c == nbd::BASE_ALLOCATION).map(|(_, l)| l.as_slice()).unwrap_or(&[]);
         let dirty = match dirty_ctx {
             Some(d) => Some(got.iter().find(|(c, _)| c == d).map(|(_, l)| l.as_slice()).ok_or_else(|| {
@@ -293,7 +293,7 @@ pub(crate) fn copy_export_to<S: Sink>(
         contexts.push(d);
     }
     let t0 = std::time::Instant::now();
-    let mut n = Nbd::connect_unix(socket, export, &contexts)?;
+    let mut n = Nbd::connect_unix(socket, export, &contexts, ctl)?;
     log::debug!("{what}: connected in {:?}", t0.elapsed());
     if let Some(d) = &dirty_ctx {
         if !n.can_meta_context(d)? {
