@@ -63,6 +63,17 @@ pub fn pause_before(what_contains: &str, pause: std::time::Duration) {
     let _ = (what_contains, pause);
 }
 
+/// A point between two steps that is not durable (not counted for
+/// [`CRASH_ENV`]), where a test can still put time with [`pause_before`]
+/// (debug builds only): how a test lets another operation run in between.
+#[inline]
+pub fn pause_point(what: &str) {
+    #[cfg(debug_assertions)]
+    pause_if_asked(what);
+    #[cfg(not(debug_assertions))]
+    let _ = what;
+}
+
 #[cfg(debug_assertions)]
 fn pauses() -> &'static std::sync::Mutex<Vec<(String, std::time::Duration)>> {
     static PAUSES: std::sync::OnceLock<std::sync::Mutex<Vec<(String, std::time::Duration)>>> =

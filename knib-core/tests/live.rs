@@ -393,3 +393,43 @@ fn a_disk_only_vm_snapshot_delta_is_merged_running_and_stopped() {
     vm.boot();
     model.assert_vm_reads_everything(&vm);
 }
+
+/// A backup reads the disks' chains under the VM's lock. Backup B is held
+/// right before it takes the lock while backup A runs whole: B then sees
+/// A's delta, continues A's chain and holds every write. Before, B read the
+/// chains before the lock: it planned on the delta A had merged and
+/// removed, and failed or copied a chain without A's delta.
+#[test]
+fn a_backup_reads_the_chains_under_the_vms_lock() {
+    if skip_without_libvirt("chains read under the lock") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = Arc::new(running_vm("knib-lockread", dir.path()));
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x51, 0, MIB);
+    store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    model.write(&vm, "vda", 0x52, MIB, MIB);
+    let hold = std::time::Duration::from_secs(20);
+    knib_core::crashpoint::pause_before(&format!("locking VM {} for a backup", vm.name()), hold);
+    let (s2, v2) = (store.clone(), vm.clone());
+    let started = std::time::Instant::now();
+    let b = std::thread::spawn(move || s2.backup_domain(&v2.vm, &BackupOptions::default(), false, &Control::new()));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let a = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    let n_a = model.writes.len();
+    assert!(started.elapsed() < hold, "backup A ran past B's pause: the test proves nothing");
+    model.write(&vm, "vdb", 0x53, 2 * MIB, MIB);
+    let n_b = model.writes.len();
+    let b = b.join().unwrap().unwrap();
+    assert_eq!(b.kind, BackupKind::Incremental);
+    assert_eq!(b.parent.as_deref(), Some(a.id.as_str()));
+    assert_base_plus_one_delta(&vm);
+    for (id, n) in [(&a.id, n_a), (&b.id, n_b)] {
+        for (t, file) in restore_all(&store, id, dir.path()) {
+            model.assert_restored(&t, n, &file, dir.path());
+        }
+    }
+    model.assert_vm_reads_everything(&vm);
+}

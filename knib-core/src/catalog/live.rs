@@ -220,14 +220,13 @@ impl Store {
         crate::names::validate("VM name", &name)?;
         self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let q = self.qemu_img.clone();
-        let shapes = live::inspect(&q, vm, ctl)?;
+        crate::crashpoint::pause_point(&format!("locking VM {name} for a backup"));
         let _lock = self.lock_vm(&name, &format!("backup of {name}"))?;
         self.refuse_interrupted(&name)?;
-        // Checkpoints of earlier bitmap backups do not follow what this
-        // method does to the disks: they go (the next bitmap backup is full).
-        for c in crate::engine::bitmap::prune_stale_checkpoints(vm)? {
-            log::info!("backup of {name}: deleted checkpoint {c} of an earlier bitmap backup (snapshot method now)");
-        }
+        // The disks' chains are read under the lock: read before it, a
+        // backup of this VM that ran in between (adding its delta) would be
+        // missed, and this one would copy the chain without that delta.
+        let shapes = live::inspect(&q, vm, ctl)?;
         if let Some(t) = target {
             t.prepare(&name)?;
         }
@@ -283,6 +282,13 @@ impl Store {
             data_path: super::settings::Settings::load(&self.root)?.data_path,
             compress: opts.compress,
         };
+        // Checkpoints of earlier bitmap backups do not follow what this
+        // method does to the disks: they go (the next bitmap backup is full),
+        // once the settings are read and the backup decided (a failure there
+        // costs no bitmap backup its base).
+        for c in crate::engine::bitmap::prune_stale_checkpoints(vm)? {
+            log::info!("backup of {name}: deleted checkpoint {c} of an earlier bitmap backup (snapshot method now)");
+        }
         if target.is_none() {
             crate::crashpoint::durable_step(&format!("creation of {}", part.display()));
             fs::create_dir(&part).map_err(|e| KnibError::io("cannot create", &part, e))?;
