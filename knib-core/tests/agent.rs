@@ -670,6 +670,11 @@ fn compress_min_free_bytes_holds_beside_every_file() {
         qemu_io(f, "write -P 0x61 0 64k");
     }
     let before = std::fs::read(&b).unwrap();
+    // A rate limit qemu-img's -r would overflow is refused, naming it.
+    let e = agent("agent.compress", &json!({"files": [a, b], "rate_limit_mbps": 9_000_000_000_000u64})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("rate_limit_mbps must be at most 1000000"), "{e}");
+    assert_eq!(std::fs::read(&b).unwrap(), before);
     let e = agent("agent.compress", &json!({"files": [a, b], "min_free_bytes": 64 * MIB})).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NoSpace, "{e}");
     assert!(e.message.starts_with(&format!("compression (min_free_bytes): {} has ", small.display())), "{e}");

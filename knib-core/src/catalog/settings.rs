@@ -13,7 +13,7 @@
 //! | `compression.timeout_secs` | `backup.compression.timeout` (0 = no limit) | `28800` |
 //! | `compression.min_free_factor` | `backup.compression.minimum.free.storage` (x backup size) | `1.0` |
 //! | `compression.coroutines` | `backup.compression.coroutines` (`qemu-img -m`, 1 to 16) | `1` |
-//! | `compression.rate_limit_mbps` | `backup.compression.rate.limit` (MB/s, < 1 = none) | `0` |
+//! | `compression.rate_limit_mbps` | `backup.compression.rate.limit` (MB/s, < 1 = none, at most 1000000) | `0` |
 //! | `compression.library` | offering's `compressionlibrary` (`zstd` or `zlib`) | `"zstd"` |
 //! | `validation.enabled` | (offering's `validate`; job processing on) | `true` |
 //! | `validation.max_concurrent_per_host` | (validation jobs at once on a host) | `1` |
@@ -37,7 +37,7 @@
 //! | `sync.max_retries` | (retries of a failed sync) | `2` |
 //! | `sync.retry_interval_secs` | | `600` |
 //! | `sync.timeout_secs` | (one sync job; 0 = no limit) | `28800` |
-//! | `sync.rate_limit_mbps` | (MB/s read and sent by one sync job, < 1 = none) | `0` |
+//! | `sync.rate_limit_mbps` | (MB/s read and sent by one sync job, < 1 = none, at most 1000000) | `0` |
 //! | `sync.part_size_mib` | (part of a multipart upload, 5 to 512) | `5` |
 //! | `sync.parallel_parts` | (parts in flight at once, 1 to 16) | `2` |
 //! | `group.max_concurrent_copies` | (knib: members of a group backup copied at once, after the thaw) | `4` |
@@ -427,9 +427,15 @@ fn factor<'de, D: Deserializer<'de>>(d: D) -> De<f64, D::Error> {
     Ok(f)
 }
 
-/// CloudStack: a rate limit below 1 means none.
+/// CloudStack: a rate limit below 1 means none; at most
+/// [`crate::engine::compress::MAX_RATE_LIMIT_MBPS`].
 fn rate_limit<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {
-    Ok(i64::deserialize(d)?.max(0) as u64)
+    let max = crate::engine::compress::MAX_RATE_LIMIT_MBPS;
+    let v = i64::deserialize(d)?;
+    if v > max as i64 {
+        return Err(D::Error::custom(format!("must be at most {max} MB/s (below 1: no limit), not {v}")));
+    }
+    Ok(v.max(0) as u64)
 }
 
 /// A value that is present (`null` is not a value here).

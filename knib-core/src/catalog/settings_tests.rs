@@ -55,6 +55,15 @@ fn flat_and_nested_keys_and_round_trip() {
     assert_eq!(a.compression.library, CompressionLibrary::Zlib);
     assert_eq!(parse(&a.to_json().to_string()).unwrap(), a);
     assert_eq!(parse(r#"{"schema":1,"compression.rate_limit_mbps":-3}"#).unwrap().compression.rate_limit_mbps, 0);
+    // Over 1 TB/s: qemu-img's -r (bytes per second, an i64) would overflow.
+    assert_eq!(
+        parse(r#"{"schema":1,"compression.rate_limit_mbps":1000000}"#).unwrap().compression.rate_limit_mbps,
+        1_000_000
+    );
+    for key in ["compression.rate_limit_mbps", "sync.rate_limit_mbps"] {
+        let e = parse(&format!(r#"{{"schema":1,"{key}":9000000000000}}"#)).unwrap_err();
+        assert!(e.message.contains(key) && e.message.contains("must be at most 1000000 MB/s"), "{e}");
+    }
     let v = parse(
         r#"{"schema": 1, "validation": {"boot": true, "kernel": "/boot/vmlinuz", "command": ["/bin/uname", "-s"],
             "expect_output": "Linux", "max_concurrent_per_host": 2, "domain_type": "qemu"}}"#,

@@ -25,6 +25,11 @@ use crate::progress::Control;
 use crate::qcow2::{Qcow2Image, SourceMode, TargetFormat};
 use crate::qemu_img::{CompressionLibrary, Convert, QemuImg};
 
+/// The highest compression rate limit, in MB/s (1 TB/s): qemu-img's
+/// `-r` takes bytes per second in an i64, which a larger limit overflows
+/// (qemu-img then refuses every compression).
+pub const MAX_RATE_LIMIT_MBPS: u64 = 1_000_000;
+
 /// How to compress.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompressOptions {
@@ -108,6 +113,12 @@ pub fn compress_verified(
     }
     if !(1..=16).contains(&opts.coroutines) {
         return Err(KnibError::invalid(format!("coroutines must be 1 to 16, not {}", opts.coroutines)));
+    }
+    if opts.rate_limit_mbps > MAX_RATE_LIMIT_MBPS {
+        return Err(KnibError::invalid(format!(
+            "rate_limit_mbps must be at most {MAX_RATE_LIMIT_MBPS} (0: no limit), not {}",
+            opts.rate_limit_mbps
+        )));
     }
     if opts.rate_limit_mbps > 0 && opts.data_path == DataPath::QemuImg {
         let (major, minor) = q.version(ctl)?;
