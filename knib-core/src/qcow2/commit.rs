@@ -15,7 +15,9 @@
 //! are locked the way a QEMU writer locks images (OFD locks on bytes 100,
 //! 101 and 201), so a QEMU process that writes either (a running VM) makes
 //! the merge fail as busy, and none can open them for writing during it;
-//! readers that share writing (`qemu-img info -U`) can.
+//! readers that share writing (`qemu-img info -U`) can. Each file is
+//! locked before its tables are read, and the file read is the file
+//! locked (same device and inode).
 //!
 //! # What is checked before the first write
 //!
@@ -41,7 +43,11 @@
 //!   refcounts with the dirty bit clear), and every copied flag the merge
 //!   relies on (of L1 entries and uncompressed L2 entries) matches its
 //!   cluster's refcount being 1, while no compressed entry has one (QEMU's
-//!   `OFLAG_COPIED` errors).
+//!   `OFLAG_COPIED` errors);
+//! - no refcount counts a cluster past the end of the base's file, and no
+//!   cluster the merge may add lies past the 56 bits of offset an L2 entry
+//!   holds (such a base goes to `qemu-img commit`, which allocates from the
+//!   first free cluster).
 //!
 //! So every cluster the merge writes is safe to write: data in place only
 //! over a cluster one L2 entry alone references, existing L2 tables and
@@ -110,6 +116,9 @@ use crate::progress::Control;
 pub const BATCH_TABLE_BYTES: usize = 2 << 20;
 /// The largest refcount table the merge keeps in memory.
 const MAX_REFCOUNT_TABLE_BYTES: u64 = 32 << 20;
+/// The end of the host offsets an L2 entry holds (bits 9 to 55): no new
+/// cluster of a merge ends past it.
+pub(super) const MAX_HOST_END: u64 = 1 << 56;
 
 /// A merge of a top image into its base, checked and ready to run.
 pub struct Commit {
@@ -153,6 +162,26 @@ fn dirty(path: &Path) -> KnibError {
     ))
 }
 
+/// Check that `read` (the file an image was read from) is `locked` (the
+/// file the lock is held on): a path replaced between the two opens is
+/// an error ([`ErrorKind::Busy`]).
+fn same_file_as(locked: &std::fs::File, read: Option<&std::fs::File>, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id =
+        |f: &std::fs::File| f.metadata().map(|m| (m.dev(), m.ino())).map_err(|e| KnibError::io("cannot stat", path, e));
+    let same = match read {
+        Some(r) => id(locked)? == id(r)?,
+        None => false,
+    };
+    if !same {
+        return Err(KnibError::busy(format!(
+            "{} was replaced while it was opened for a merge; nothing was written",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// The error for an image QEMU marked corrupt (it opens it read-only).
 fn marked_corrupt(path: &Path) -> KnibError {
     KnibError::corrupt(format!(
@@ -167,6 +196,13 @@ impl Commit {
     /// written; `qemu-img commit` can do it). Errors: the files cannot be
     /// opened or read, are corrupt, or are in use ([`ErrorKind::Busy`]).
     pub fn prepare(top: &Path) -> Result<std::result::Result<Commit, String>> {
+        // Locked before anything is read: a writer that finished between a
+        // read of the top's tables and the lock would have written clusters
+        // the merge does not see, and the emptied top would drop them.
+        crate::crashpoint::pause_point(&format!("locking {} for a merge", top.display()));
+        let top_file =
+            OpenOptions::new().read(true).write(true).open(top).map_err(|e| KnibError::io("cannot open", top, e))?;
+        lock_like_qemu(&top_file, top)?;
         let chain = Chain::open(top)?;
         let (top_img, layers) = chain.into_parts();
         let base_path = match layers.first() {
@@ -191,9 +227,7 @@ impl Commit {
         if let Some(why) = keeps_what_emptying_drops(th) {
             return Ok(Err(format!("{} {why}", top.display())));
         }
-        let top_file =
-            OpenOptions::new().read(true).write(true).open(top).map_err(|e| KnibError::io("cannot open", top, e))?;
-        lock_like_qemu(&top_file, top)?;
+        same_file_as(&top_file, top_img.file(), top)?;
         let base_file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -202,6 +236,7 @@ impl Commit {
         lock_like_qemu(&base_file, &base_path)?;
         // Read the base again under the lock.
         let base_img = Qcow2Image::open(&base_path)?;
+        same_file_as(&base_file, base_img.file(), &base_path)?;
         let bh = base_img.header().clone();
         if bh.is_dirty() {
             return Err(dirty(&base_path));
@@ -242,7 +277,30 @@ impl Commit {
         // and L2 table needing a new cluster, and the blocks counting them.
         let mut top_img = top_img;
         let worst = worst_case_new_clusters(&mut top_img)?;
-        let last = base.next_free + worst + worst / base.per_block + 2;
+        // New clusters are taken from the scan's end up. A refcount for a
+        // cluster past the end of the file (a crash between QEMU's refcount
+        // update and its write, or a crafted file) would put them far past
+        // it (a huge sparse file), or past what an L2 entry's 56 bits of
+        // offset hold (QEMU would then read another cluster for them): such
+        // a base goes to qemu-img, which allocates from the first free
+        // cluster.
+        let file_clusters = file_len.div_ceil(base.cs);
+        if base.next_free > file_clusters {
+            return Ok(Err(format!(
+                "{} counts host cluster {} past its end ({file_clusters} clusters)",
+                base.path.display(),
+                base.next_free - 1
+            )));
+        }
+        // Each new refcount block counts itself and at most per_block - 1
+        // other new clusters.
+        let last = base.next_free + worst + worst.div_ceil(base.per_block - 1) + 2;
+        if last.checked_mul(base.cs).is_none_or(|end| end > MAX_HOST_END) {
+            return Ok(Err(format!(
+                "{}: the clusters the merge may add would lie past the offsets a qcow2 L2 entry holds",
+                base.path.display()
+            )));
+        }
         if last / base.per_block >= base.rt.len() as u64 {
             return Ok(Err(format!(
                 "{}: its refcount table is too small for the clusters the merge may add",

@@ -203,6 +203,12 @@ impl Base {
                     self.path.display()
                 )));
             }
+            if (c + 1).checked_mul(self.cs).is_none_or(|end| end > super::commit::MAX_HOST_END) {
+                return Err(KnibError::internal(format!(
+                    "{}: host cluster {c} lies past the offsets a qcow2 L2 entry holds (checked before the merge)",
+                    self.path.display()
+                )));
+            }
             self.next_free += 1;
             report.new_clusters += 1;
             if let Some(m) = self.scan.metadata(c) {

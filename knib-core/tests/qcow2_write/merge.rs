@@ -223,3 +223,103 @@ fn a_merge_refuses_images_in_use_and_hands_unsupported_ones_to_qemu_img() {
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
     assert!(e.message.contains("has no backing file"), "{e}");
 }
+
+/// A base whose refcounts count a host cluster far past its end (here a
+/// refcount block at index 2^15 of the refcount table of a 2 MiB-cluster
+/// image, counting host cluster 2^35 at offset 2^56; `qemu-img check`
+/// finds nothing wrong with it) is merged by `qemu-img commit`, and the
+/// merged base reads what the chain read. Before, the native merge
+/// allocated from past that cluster: at offset 2^56 + 2 MiB, which an L2
+/// entry's offset bits cannot hold (QEMU reads another cluster there: the
+/// guest's data lost once the top was emptied), or failed with EFBIG where
+/// the file system refuses such a size.
+#[test]
+fn a_base_counting_clusters_past_its_end_is_merged_by_qemu_img() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", p(&base), "16M"]);
+    qemu_io(&base, &["write -P 0x21 0 4M".into()]);
+    must(
+        Some(d.path()),
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+    );
+    qemu_io(&top, &["write -P 0x44 8M 2M".into(), "write -P 0x45 1M 64k".into()]);
+    // The crafted refcount block: one more cluster at the end of the file,
+    // its first entry 1, itself counted in refcount block 0.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&base).unwrap();
+    let be64 = |at: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, at).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let cs = 2u64 << 20;
+    let len = f.metadata().unwrap().len();
+    assert_eq!(len % cs, 0);
+    let rt = be64(48);
+    let block0 = be64(rt);
+    let mut blk = vec![0u8; cs as usize];
+    blk[..2].copy_from_slice(&1u16.to_be_bytes());
+    f.write_all_at(&blk, len).unwrap();
+    f.write_all_at(&1u16.to_be_bytes(), block0 + 2 * (len / cs)).unwrap();
+    f.write_all_at(&len.to_be_bytes(), rt + 8 * (1 << 15)).unwrap();
+    drop(f);
+    let (ok, text) = run(None, "qemu-img", &["check", p(&base)]);
+    assert!(ok, "qemu-img accepts the crafted base: {text}");
+
+    let why = Commit::prepare(&top).unwrap().unwrap_err();
+    assert!(why.contains("base.qcow2 counts host cluster 34359738368 past its end"), "{why}");
+    let before = d.path().join("before.raw");
+    qemu_img(&["convert", "-O", "raw", p(&top), p(&before)]);
+    knib_core::engine::native::commit(
+        &knib_core::qemu_img::QemuImg::new(),
+        &top,
+        knib_core::engine::DataPath::Native,
+        &Control::new(),
+    )
+    .unwrap();
+    assert_same(&base, &before);
+    assert_same(&top, &before);
+    let (ok, text) = run(None, "qemu-img", &["check", p(&base)]);
+    assert!(ok, "{text}");
+}
+
+/// The top is locked before its tables are read. A writer that ends
+/// while the merge is held right before its lock (here qemu-io writing a
+/// cluster the top had not allocated) is seen: the merged base holds its
+/// write. Before, the top's tables were read before the lock, and the
+/// write, missing from the stale tables, was dropped with the emptied top.
+#[test]
+fn a_write_before_the_merge_takes_its_lock_is_merged() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "1G"]);
+    qemu_io(&base, &["write -P 0x21 0 4M".into()]);
+    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    qemu_io(&top, &["write -P 0x44 1M 1M".into()]);
+    let hold = std::time::Duration::from_secs(6);
+    knib_core::crashpoint::pause_before(&format!("locking {} for a merge", top.display()), hold);
+    let started = std::time::Instant::now();
+    let merge = {
+        let top = top.clone();
+        std::thread::spawn(move || {
+            let mut c = Commit::prepare(&top).unwrap().unwrap();
+            c.run(&Control::new()).unwrap();
+            c.empty_top().unwrap();
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    // Past 512 MiB: a range of the top's second L2 table, which it did
+    // not have (an L1 entry the merge would have read as empty).
+    qemu_io(&top, &["write -P 0x66 600M 128k".into()]);
+    assert!(started.elapsed() < hold, "the write came after the pause: the test proves nothing");
+    let before = d.path().join("before.raw");
+    qemu_img(&["convert", "-U", "-O", "raw", p(&top), p(&before)]);
+    merge.join().unwrap();
+    assert_same(&base, &before);
+    assert_same(&top, &before);
+    assert_clean(&base);
+}
