@@ -135,6 +135,13 @@ fn refused_backups(dir: &Path) -> Vec<(Vec<String>, i32, String)> {
     add(&["--vm", "../x", "--disk", &disk("good.qcow2")], 13, "could escape the store");
     add(&["--vm", "a b", "--disk", &disk("good.qcow2")], 13, "VM name \"a b\"");
     add(&["--vm", "ok", "--disk", &disk("good.qcow2"), "--disk", &disk("good.qcow2")], 13, "given twice");
+    // One file under two volume names: as given, through a symbolic link,
+    // through a hard link (before, both were copied and published, and the
+    // second volume's merge then failed).
+    for other in ["good.qcow2", "good-symlink.qcow2", "good-hardlink.qcow2"] {
+        let two = format!("vdb={}", s(&dir.join(other)));
+        add(&["--vm", "ok", "--disk", &disk("good.qcow2"), "--disk", &two], 13, "are the same file");
+    }
     add(&["--vm", "ok", "--disk", &disk("missing.qcow2")], 11, "does not exist");
     add(
         &["--vm", "ok", "--disk", &disk("good.qcow2"), "--disk", &format!("vdb={}", s(&dir.join("gone.qcow2")))],
@@ -156,6 +163,8 @@ fn a_refused_backup_creates_nothing() {
     let d = tempfile::tempdir().expect("temp dir");
     run(d.path(), &["qemu-img", "create", "-q", "-f", "qcow2", "good.qcow2", "1M"]);
     run(d.path(), &["qemu-img", "create", "-q", "-f", "raw", "raw.img", "1M"]);
+    std::os::unix::fs::symlink("good.qcow2", d.path().join("good-symlink.qcow2")).expect("symlink");
+    std::fs::hard_link(d.path().join("good.qcow2"), d.path().join("good-hardlink.qcow2")).expect("hard link");
     let cases = refused_backups(d.path());
     assert!(cases.len() > 30);
     for (i, (args, code, text)) in cases.iter().enumerate() {

@@ -89,6 +89,17 @@ pub(crate) fn check_disks(
         if disks[..i].iter().any(|o| o.name == d.name) {
             return Err(KnibError::invalid(format!("volume name {:?} is given twice", d.name)));
         }
+        // One file under two names (the same path, a link, or a hard link
+        // to it) would be copied twice and then merged twice.
+        if let Some(o) = disks[..i].iter().find(|o| one_file(&o.path, &d.path)) {
+            return Err(KnibError::invalid(format!(
+                "volumes {} ({}) and {} ({}) are the same file",
+                o.name,
+                o.path.display(),
+                d.name,
+                d.path.display()
+            )));
+        }
     }
     // Check every disk before anything is written to the store. A disk
     // whose file is missing beside its base was interrupted while it got
@@ -105,6 +116,14 @@ pub(crate) fn check_disks(
         }
     }
     Ok(on_base)
+}
+
+/// Whether `a` and `b` name one file (one path, links to it, or hard
+/// links: the same device and inode).
+fn one_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    crate::fsio::same_file(a, b)
+        || matches!((std::fs::metadata(a), std::fs::metadata(b)), (Ok(x), Ok(y)) if (x.dev(), x.ino()) == (y.dev(), y.ino()))
 }
 
 /// The manifest's entries of a plain-disk backup's volumes as copied.
