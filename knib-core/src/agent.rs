@@ -398,7 +398,6 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     if let Err(e) = written {
         for s in &staged {
             let _ = fsio::remove_if_exists(s);
-            let _ = fsio::remove_if_exists(&fsio::temp_path(s));
         }
         return Err(e);
     }

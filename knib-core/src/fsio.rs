@@ -12,11 +12,81 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ErrorKind, KnibError, Result};
 
-/// The temporary name used while `path` is being written: a hidden file in
-/// the same directory, so the final rename is atomic.
+/// The temporary name used while `path`, a file of the store, is being
+/// written: a hidden file in the same directory, so the final rename is
+/// atomic; one name per file, so that a clean-up finds what a crash left.
+/// A destination outside the store takes a [`TempFile`].
 pub fn temp_path(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.part"))
+}
+
+/// A file that knib made for `dest` under a temporary name beside it
+/// (`.<name>.knib-<pid>-<n>.part`), for destinations outside the store: a
+/// restored image, an overlay. It is created with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW`, so a name already taken (a file, a link
+/// planted under it, another writer's temporary) is never written through
+/// and is skipped for the next one. Dropped before [`TempFile::commit`], it
+/// removes its own file and nothing else.
+#[derive(Debug)]
+pub struct TempFile {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl TempFile {
+    /// Create the temporary file (empty) beside `dest`.
+    pub fn beside(dest: &Path) -> Result<TempFile> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        const TRIES: usize = 64;
+        let name = dest
+            .file_name()
+            .ok_or_else(|| KnibError::invalid(format!("{} does not end in a file name", dest.display())))?;
+        for _ in 0..TRIES {
+            let mut t = std::ffi::OsString::from(".");
+            t.push(name);
+            t.push(format!(".knib-{}-{}.part", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+            let path = dest.with_file_name(t);
+            match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+                Ok(_) => return Ok(TempFile { path, committed: false }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(KnibError::io("cannot create", &path, e)),
+            }
+        }
+        Err(KnibError::invalid(format!(
+            "no temporary name beside {} is free: the next {TRIES} are taken",
+            dest.display()
+        )))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Rename it to `dest`, made durable: over an entry there only with
+    /// `replace` ([`commit_rename`]); without, an entry that appeared at
+    /// `dest` since the caller checked is left alone and the rename refused
+    /// ([`rename_noreplace`]). On an error the temporary file is removed.
+    pub fn commit(mut self, dest: &Path, replace: bool) -> Result<()> {
+        if replace {
+            commit_rename(&self.path, dest)?;
+        } else {
+            rename_noreplace(&self.path, dest)?;
+        }
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// fsync a file.

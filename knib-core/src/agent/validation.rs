@@ -73,37 +73,26 @@ pub(crate) fn prepare_validation(op: &str, r: &PrepareReq, ctl: &Control) -> Res
         overlays.push(overlay);
     }
     let q = QemuImg::new();
-    let mut made: Vec<PathBuf> = Vec::new();
-    let r2 = (|| -> Result<Vec<PreparedVolume>> {
-        let mut out = Vec::new();
-        // Every overlay is made under a temporary name first; the volume
-        // files are replaced only once all are whole.
-        for (v, overlay) in r.volumes.iter().zip(&overlays) {
-            let tmp = fsio::temp_path(overlay);
-            made.push(tmp.clone());
-            engine::create_overlay(&q, &v.backup_path, &tmp, ctl)
-                .map_err(|e| e.context(format!("overlay of volume {}", v.uuid)))?;
-            out.push(PreparedVolume {
-                uuid: v.uuid.clone(),
-                backup_path: v.backup_path.clone(),
-                overlay_path: overlay.clone(),
-            });
-        }
-        for (tmp, overlay) in made.iter().zip(&overlays) {
-            fsio::commit_rename(tmp, overlay)?;
-        }
-        made.clear();
-        Ok(out)
-    })();
-    match r2 {
-        Ok(volumes) => Ok(PrepareValidationAnswer { volumes }),
-        Err(e) => {
-            for f in &made {
-                let _ = fsio::remove_if_exists(f);
-            }
-            Err(e)
-        }
+    let mut out = Vec::new();
+    // Every overlay is made under a temporary name of its own first (each
+    // removed on a failure); the volume files are replaced only once all
+    // are whole.
+    let mut made: Vec<fsio::TempFile> = Vec::new();
+    for (v, overlay) in r.volumes.iter().zip(&overlays) {
+        let tmp = fsio::TempFile::beside(overlay)?;
+        engine::restore::write_overlay(&q, &v.backup_path, &tmp, ctl)
+            .map_err(|e| e.context(format!("overlay of volume {}", v.uuid)))?;
+        made.push(tmp);
+        out.push(PreparedVolume {
+            uuid: v.uuid.clone(),
+            backup_path: v.backup_path.clone(),
+            overlay_path: overlay.clone(),
+        });
     }
+    for (tmp, overlay) in made.into_iter().zip(&overlays) {
+        tmp.commit(overlay, true)?;
+    }
+    Ok(PrepareValidationAnswer { volumes: out })
 }
 
 /// Refuse to replace `path` unless it holds no data: absent, empty, or a

@@ -37,7 +37,8 @@ pub struct RestoreRequest {
 }
 
 fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
-    if dest.exists() && !overwrite {
+    // A link counts as an entry even when it leads nowhere.
+    if std::fs::symlink_metadata(dest).is_ok() && !overwrite {
         return Err(KnibError::invalid(format!("{} already exists; it is not overwritten", dest.display())));
     }
     let dir = dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -48,8 +49,10 @@ fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
 }
 
 /// Restore a backup, flattened, to `dest`: written under a temporary name
-/// and renamed when complete, so `dest` never holds half an image. No hash
-/// is checked (see [`restore_verified`]).
+/// of its own ([`fsio::TempFile`]) and renamed when complete, so `dest`
+/// never holds half an image; without `overwrite`, an entry that appeared
+/// at `dest` meanwhile is not replaced. No hash is checked (see
+/// [`restore_verified`]).
 pub fn restore(q: &QemuImg, req: &RestoreRequest, ctl: &Control) -> Result<()> {
     restore_verified(q, req, &[], ctl)
 }
@@ -63,14 +66,14 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
         return Err(KnibError::not_found(format!("backup file {} does not exist", req.backup_file.display())));
     }
     check_dest(&req.dest, req.overwrite)?;
-    let tmp = fsio::temp_path(&req.dest);
     if req.data_path == DataPath::Native {
         // The chain is opened (every file must be there) before anything is
         // written; the space check comes from the plan.
         let what = format!("restore to {}", req.dest.display());
+        let tmp = fsio::TempFile::beside(&req.dest)?;
         let c = NativeCopy {
             source: &req.backup_file,
-            dest: &tmp,
+            dest: tmp.path(),
             mode: SourceMode::Chain,
             format: match req.format {
                 ImageFormat::Qcow2 => TargetFormat::Qcow2,
@@ -90,11 +93,8 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
                 .and_then(|rep| verify::check_source_hashes(&rep.source_hashes, expected))
                 .map_err(|e| verify::explain_failure(e, expected, ctl))
         };
-        let r = r.and_then(|_| fsio::commit_rename(&tmp, &req.dest));
-        if r.is_err() {
-            let _ = fsio::remove_if_exists(&tmp);
-        }
-        return r;
+        r?;
+        return tmp.commit(&req.dest, req.overwrite);
     }
     // Every file of the chain must be there before anything is written.
     let chain = q.info_chain(&req.backup_file, ctl).map_err(|e| verify::explain_failure(e, expected, ctl))?;
@@ -106,21 +106,17 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
     let m = q.measure(&req.backup_file, req.format, ctl)?;
     let needed = if req.format == ImageFormat::Raw { 0 } else { m.required };
     fsio::require_space(dir, needed, &format!("restore to {}", req.dest.display()))?;
-    let r = q
-        .convert(
-            &Convert {
-                source: req.backup_file.clone(),
-                dest: tmp.clone(),
-                dest_format: req.format,
-                ..Default::default()
-            },
-            ctl,
-        )
-        .and_then(|_| fsio::commit_rename(&tmp, &req.dest));
-    if r.is_err() {
-        let _ = fsio::remove_if_exists(&tmp);
-    }
-    r
+    let tmp = fsio::TempFile::beside(&req.dest)?;
+    q.convert(
+        &Convert {
+            source: req.backup_file.clone(),
+            dest: tmp.path().to_path_buf(),
+            dest_format: req.format,
+            ..Default::default()
+        },
+        ctl,
+    )?;
+    tmp.commit(&req.dest, req.overwrite)
 }
 
 /// Fail with a `corrupt` error naming `file` when `qemu-img check` finds
@@ -161,15 +157,19 @@ pub fn require_quick_restorable(q: &QemuImg, files: &[PathBuf], ctl: &Control) -
 /// Create a quick-restore overlay at `dest`: an empty qcow2 whose backing
 /// file is the backup (by absolute path, as the store is elsewhere). A VM
 /// can start on it at once; consolidation later pulls the data in.
+/// An entry that appeared at `dest` meanwhile is not replaced.
 pub fn create_overlay(q: &QemuImg, backup_file: &Path, dest: &Path, ctl: &Control) -> Result<()> {
-    let abs = backup_file.canonicalize().map_err(|e| KnibError::io("backup file", backup_file, e))?;
     check_dest(dest, false)?;
+    let tmp = fsio::TempFile::beside(dest)?;
+    write_overlay(q, backup_file, &tmp, ctl)?;
+    tmp.commit(dest, false)
+}
+
+/// Write into `tmp` the overlay [`create_overlay`] makes (the caller
+/// renames it into place).
+pub(crate) fn write_overlay(q: &QemuImg, backup_file: &Path, tmp: &fsio::TempFile, ctl: &Control) -> Result<()> {
+    let abs = backup_file.canonicalize().map_err(|e| KnibError::io("backup file", backup_file, e))?;
     q.info_chain(&abs, ctl)?;
-    let tmp = fsio::temp_path(dest);
     let abs_s = abs.to_str().ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", abs.display())))?;
-    let r = q.create_overlay(&tmp, abs_s, "qcow2", None, ctl).and_then(|_| fsio::commit_rename(&tmp, dest));
-    if r.is_err() {
-        let _ = fsio::remove_if_exists(&tmp);
-    }
-    r
+    q.create_overlay(tmp.path(), abs_s, "qcow2", None, ctl)
 }

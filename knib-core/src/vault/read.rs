@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -165,7 +165,7 @@ impl Vault {
         ctl: &Control,
     ) -> Result<VaultRestore> {
         let m = self.show(id)?;
-        if to.exists() {
+        if std::fs::symlink_metadata(to).is_ok() {
             return Err(KnibError::invalid(format!("{} already exists; it is not overwritten", to.display())));
         }
         let dir = fsio::parent_dir(to);
@@ -174,14 +174,12 @@ impl Vault {
         }
         let before = self.bytes_fetched();
         let (mut chain, opened) = self.open_chain(&m, volume, verify)?;
-        let tmp = fsio::temp_path(to);
-        let r = write_flat(&mut chain, &tmp, format, &format!("restore of {volume} of {id} from the vault"), ctl)
-            .and_then(|_| if verify { check_hashes(&opened, ctl) } else { Ok(()) })
-            .and_then(|_| fsio::commit_rename(&tmp, to));
-        if let Err(e) = r {
-            let _ = fsio::remove_if_exists(&tmp);
-            return Err(e);
+        let tmp = fsio::TempFile::beside(to)?;
+        write_flat(&mut chain, tmp.path(), format, &format!("restore of {volume} of {id} from the vault"), ctl)?;
+        if verify {
+            check_hashes(&opened, ctl)?;
         }
+        tmp.commit(to, false)?;
         Ok(VaultRestore {
             backup: id.to_string(),
             volume: volume.to_string(),
@@ -300,8 +298,9 @@ fn check_hashes(opened: &[Opened], ctl: &Control) -> Result<()> {
     Ok(())
 }
 
-/// Write the guest-visible bytes of `chain` to a new file `dest`: raw
+/// Write the guest-visible bytes of `chain` to `dest`: raw
 /// (sparse) or qcow2 (clusters that read as zeros left unallocated).
+/// `dest` is the empty file made for it ([`fsio::TempFile`]).
 fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, ctl: &Control) -> Result<()> {
     let size = chain.virtual_size();
     let bits = chain.top().header().cluster_bits;
@@ -309,9 +308,9 @@ fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, c
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(dest)
-        .map_err(|e| KnibError::io("cannot create", dest, e))?;
+        .map_err(|e| KnibError::io("cannot open", dest, e))?;
     let mut layout = match format {
         ImageFormat::Qcow2 => {
             let spec =

@@ -289,10 +289,9 @@ pub fn quick_restore_domain(
         for d in &state.disks {
             chown_socket(&d.socket, ids)?;
             let uri = nbd_uri(&d.socket)?;
-            let tmp = fsio::temp_path(&d.overlay);
-            made.push(tmp.clone());
-            q.create_overlay(&tmp, &uri, "raw", None, ctl)?;
-            fsio::commit_rename(&tmp, &d.overlay)?;
+            let tmp = fsio::TempFile::beside(&d.overlay)?;
+            q.create_overlay(tmp.path(), &uri, "raw", None, ctl)?;
+            tmp.commit(&d.overlay, false)?;
             made.push(d.overlay.clone());
         }
         let sources: Vec<(String, PathBuf)> =

@@ -1,0 +1,106 @@
+//! A restore (and a quick-restore overlay) writes under a temporary name of
+//! its own beside the destination: whatever sits under the fixed name it
+//! used before (`.<name>.part`) is neither written through nor removed, and
+//! a destination that appears during the restore is not replaced.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::disk::*;
+use knib_core::engine::{self, DataPath, RestoreRequest};
+use knib_core::qemu_img::{ImageFormat, QemuImg};
+use knib_core::{Control, ErrorKind};
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    n.sort();
+    n
+}
+
+/// `.r.qcow2.part` is someone's file and `.r.raw.part` a link to a file
+/// outside: before, the restore truncated and overwrote the first, wrote
+/// the image through the link into the file outside, and removed the
+/// entry on a failure. Now both are left as they were and the restores
+/// succeed, on both data paths, and so does a quick-restore overlay.
+#[test]
+fn entries_at_the_old_temporary_name_are_neither_written_nor_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.qcow2");
+    make_disk(&b, 4 << 20, &[]);
+    qemu_io(&b, "write -P 0x31 0 1M");
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"not an image\n").unwrap();
+
+    for (i, path) in [DataPath::Native, DataPath::QemuImg].into_iter().enumerate() {
+        let out = d.path().join(format!("out{i}"));
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join(".r.qcow2.part"), b"someone else's\n").unwrap();
+        std::os::unix::fs::symlink(&victim, out.join(".r.raw.part")).unwrap();
+        for (name, format) in [("r.qcow2", ImageFormat::Qcow2), ("r.raw", ImageFormat::Raw)] {
+            let dest = out.join(name);
+            let req = RestoreRequest {
+                backup_file: b.clone(),
+                dest: dest.clone(),
+                format,
+                overwrite: false,
+                data_path: path,
+            };
+            engine::restore(&QemuImg::new(), &req, &Control::new()).unwrap_or_else(|e| panic!("{path:?} {name}: {e}"));
+            assert_identical(&dest, &b);
+        }
+        assert_eq!(std::fs::read(out.join(".r.qcow2.part")).unwrap(), b"someone else's\n", "{path:?}");
+        assert_eq!(std::fs::read_link(out.join(".r.raw.part")).unwrap(), victim, "{path:?}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"not an image\n", "{path:?}: written through the link");
+        assert_eq!(names(&out), [".r.qcow2.part", ".r.raw.part", "r.qcow2", "r.raw"], "{path:?}");
+    }
+
+    let out = d.path().join("quick");
+    std::fs::create_dir(&out).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join(".o.qcow2.part")).unwrap();
+    engine::create_overlay(&QemuImg::new(), &b, &out.join("o.qcow2"), &Control::new()).unwrap();
+    assert_identical(&out.join("o.qcow2"), &b);
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not an image\n", "overlay written through the link");
+    assert_eq!(names(&out), [".o.qcow2.part", "o.qcow2"]);
+}
+
+/// The destination is made by someone else once the restore has started
+/// (at its first progress report): before, the final rename replaced it
+/// with the restored image. Now the restore is refused and the entry left
+/// as it is, with no temporary file beside it.
+#[test]
+fn a_destination_that_appears_meanwhile_is_not_replaced() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.qcow2");
+    make_disk(&b, 4 << 20, &[]);
+    qemu_io(&b, "write -P 0x31 0 1M");
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let dest = out.join("r.qcow2");
+    let made = Arc::new(AtomicBool::new(false));
+    let ctl = {
+        let (dest, made) = (dest.clone(), made.clone());
+        Control::new().with_progress(Arc::new(move |_| {
+            if !made.swap(true, Ordering::SeqCst) {
+                std::fs::write(&dest, b"mine\n").unwrap();
+            }
+        }))
+    };
+    let req = RestoreRequest {
+        backup_file: b.clone(),
+        dest: dest.clone(),
+        format: ImageFormat::Qcow2,
+        overwrite: false,
+        data_path: DataPath::Native,
+    };
+    let e = engine::restore(&QemuImg::new(), &req, &ctl).unwrap_err();
+    assert!(made.load(Ordering::SeqCst), "no progress was reported");
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("appeared meanwhile"), "{e}");
+    assert_eq!(std::fs::read(&dest).unwrap(), b"mine\n");
+    assert_eq!(names(&out), ["r.qcow2"]);
+}
