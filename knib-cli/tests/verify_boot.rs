@@ -58,6 +58,35 @@ fn verify_boot_proves_a_backup_boots_and_checks_a_command() {
         "--boot-timeout",
         "240",
     ];
+    // A boot test killed while its guest boots leaves its domain running
+    // (nothing destroyed it); the next boot test on the host removes it
+    // and its overlay.
+    let mut killed = Command::new(env!("CARGO_BIN_EXE_knib"))
+        .args(base)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let orphan = format!("knib-validate-{}-0", killed.id());
+    let virsh = |args: &[&str]| {
+        let o = Command::new("virsh").args(["-c", "qemu:///system"]).args(args).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let listed = |name: &str| virsh(&["list", "--all", "--name"]).lines().any(|l| l.trim() == name);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !listed(&orphan) {
+        assert!(std::time::Instant::now() < until, "{orphan} never started");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let overlay: PathBuf = virsh(&["domblklist", &orphan])
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .find(|f| f.contains(&orphan))
+        .map(PathBuf::from)
+        .expect("the orphan's overlay");
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(listed(&orphan) && overlay.exists(), "the killed boot test left nothing to clean");
     let mut ok = base.to_vec();
     let shot_s = s(&shot);
     ok.extend(["--screenshot", &shot_s, "--exec", "/bin/cat", "/etc/knib-marker", "--expect-output", &marker]);
@@ -65,6 +94,8 @@ fn verify_boot_proves_a_backup_boots_and_checks_a_command() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("{id}: boots")) && text.contains("command exited 0"), "{text}");
+    assert!(!listed(&orphan), "{orphan} of the killed boot test is still there");
+    assert!(!overlay.exists(), "{} of the killed boot test is still there", overlay.display());
     assert_eq!(&std::fs::read(&shot).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     let mut js = vec!["--json"];
     js.extend(ok.iter().copied());

@@ -19,7 +19,10 @@
 //!
 //! Whatever happens (a failed check, an error, a cancellation, a panic),
 //! the domain is destroyed and the overlays and console log are removed
-//! (see [`BootTestReport::problems`] for a clean-up that failed).
+//! (see [`BootTestReport::problems`] for a clean-up that failed). A
+//! process killed during its boot test cleans nothing: each boot test
+//! first destroys the domains `knib-validate-<pid>-<n>` whose process is
+//! gone, and removes their overlays and console logs.
 //!
 //! How the guest boots: with [`BootTestRequest::kernel`] (and optionally
 //! an initrd and a command line), by direct kernel boot, the disks holding
@@ -191,6 +194,51 @@ fn domain_name() -> String {
     format!("{DOMAIN_PREFIX}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
 }
 
+/// The pid in a boot-test domain's name `knib-validate-<pid>-<n>`.
+fn boot_domain_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(DOMAIN_PREFIX)?.strip_prefix('-')?;
+    let (pid, n) = rest.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(pid) && digits(n)).then(|| pid.parse().ok()).flatten()
+}
+
+/// Destroy the boot-test domains whose process is gone (killed during
+/// its boot test: nothing destroyed them), and remove their overlays and
+/// console logs (the files named after the domain beside its disks).
+/// A domain whose process still runs, or a pid reused since, is left. What
+/// cannot be removed is logged: the boot test goes on.
+fn sweep_orphans(hv: &Hypervisor) {
+    let domains = match hv.domains() {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!("boot test: cannot list the domains to remove those of killed boot tests: {e}");
+            return;
+        }
+    };
+    for vm in domains {
+        let Some(pid) = boot_domain_pid(vm.name()) else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let name = vm.name().to_string();
+        let mut files: Vec<PathBuf> = vm
+            .disks()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.file)
+            .filter(|f| f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{name}-"))))
+            .collect();
+        if let Some(dir) = files.first().and_then(|f| f.parent()).map(Path::to_path_buf) {
+            files.push(dir.join(format!("{name}-console.log")));
+        }
+        log::warn!("boot test: removing domain {name}, left by a boot test whose process ({pid}) is gone");
+        let mut cleanup = Cleanup { vm: Some(vm), files };
+        for p in cleanup.finish() {
+            log::warn!("boot test: clean-up of {name}: {p}");
+        }
+    }
+}
+
 /// Destroys the domain and removes the files of a boot test when dropped,
 /// whatever happened; [`Cleanup::finish`] does it early and reports.
 struct Cleanup {
@@ -290,6 +338,7 @@ fn check_command(req: &BootTestRequest) -> Result<()> {
 /// the reasons in `problems`.
 pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Result<BootTestReport> {
     check_request(req)?;
+    sweep_orphans(hv);
     let work_dir = req
         .work_dir
         .canonicalize()
@@ -490,6 +539,23 @@ fn console_tail(console: &Path, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_domain_names_give_their_pid() {
+        assert_eq!(boot_domain_pid("knib-validate-123-0"), Some(123));
+        assert_eq!(boot_domain_pid("knib-validate-7-15"), Some(7));
+        for other in [
+            "knib-validate-",
+            "knib-validate-1",
+            "knib-validate-x-1",
+            "knib-validate-1-",
+            "knib-validate-1-2-3",
+            "knib-validatex-1-2",
+            "vm-1-2",
+        ] {
+            assert_eq!(boot_domain_pid(other), None, "{other}");
+        }
+    }
     use crate::error::ErrorKind;
 
     /// What the guest says is cut: a problem line and the console's tail

@@ -131,6 +131,7 @@ dyn_api! {
     libvirt virConnectClose: fn(virConnectPtr) -> c_int;
     libvirt virConnectRef: fn(virConnectPtr) -> c_int;
     libvirt virDomainLookupByName: fn(virConnectPtr, *const c_char) -> virDomainPtr;
+    libvirt virConnectListAllDomains: fn(virConnectPtr, *mut *mut virDomainPtr, c_uint) -> c_int;
     libvirt virDomainCreateXML: fn(virConnectPtr, *const c_char, c_uint) -> virDomainPtr;
     libvirt virDomainDefineXML: fn(virConnectPtr, *const c_char) -> virDomainPtr;
     libvirt virDomainGetConnect: fn(virDomainPtr) -> virConnectPtr;
@@ -303,6 +304,26 @@ impl Conn {
         let n = cstring(name)?;
         // SAFETY: the connection is open; the name outlives the call.
         self.domain(unsafe { (self.api.virDomainLookupByName)(self.ptr, n.as_ptr()) })
+    }
+
+    /// Every domain of the connection, running or not
+    /// (`virConnectListAllDomains`).
+    pub(crate) fn list_all_domains(&self) -> VResult<Vec<Dom>> {
+        let mut list: *mut virDomainPtr = std::ptr::null_mut();
+        // SAFETY: the connection is open; libvirt fills `list` with `n`
+        // domain references and a NULL, all ours to free.
+        let n = unsafe { (self.api.virConnectListAllDomains)(self.ptr, &mut list, 0) };
+        if n < 0 {
+            return Err(VirtError::last(self.api));
+        }
+        // SAFETY: `i < n`: each entry is a live reference, owned by the
+        // `Dom` made of it (freed once, on its drop).
+        let out = (0..n as usize).map(|i| Dom { api: self.api, ptr: unsafe { *list.add(i) } }).collect();
+        if !list.is_null() {
+            // SAFETY: the array came from libvirt's allocator.
+            unsafe { libc::free(list.cast()) };
+        }
+        Ok(out)
     }
 
     pub(crate) fn create_domain_xml(&self, xml: &str, flags: c_uint) -> VResult<Dom> {

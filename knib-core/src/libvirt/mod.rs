@@ -179,6 +179,15 @@ impl Hypervisor {
         }
     }
 
+    /// Every domain, running or not.
+    pub fn domains(&self) -> Result<Vec<Vm>> {
+        let doms = self
+            .conn
+            .list_all_domains()
+            .map_err(|e| virt_error(format_args!("listing the domains at {}", self.uri), &e))?;
+        doms.into_iter().map(Vm::from_domain).collect()
+    }
+
     /// Create and start a transient domain from `xml` (it disappears when it
     /// stops).
     pub fn create_transient(&self, xml: &str) -> Result<Vm> {
