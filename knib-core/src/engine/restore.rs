@@ -36,6 +36,18 @@ pub struct RestoreRequest {
     pub data_path: DataPath,
 }
 
+/// Check that the chain of `backup_file` is a backup's: regular files
+/// holding qcow2, each backing pointer too. A backup file is read from a
+/// store or a share others can write: a backing pointer to a raw file or
+/// a device would restore (or boot, or quick-restore) a host file or disk
+/// as the guest's. Errors: InvalidInput naming the file, and those of
+/// [`crate::qcow2::Chain::open_files_only`].
+fn backup_chain_only(backup_file: &Path) -> Result<()> {
+    crate::qcow2::Chain::open_files_only(backup_file)
+        .map(drop)
+        .map_err(|e| e.context(format_args!("backup file {}", backup_file.display())))
+}
+
 fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
     // A link counts as an entry even when it leads nowhere.
     if std::fs::symlink_metadata(dest).is_ok() && !overwrite {
@@ -66,6 +78,7 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
         return Err(KnibError::not_found(format!("backup file {} does not exist", req.backup_file.display())));
     }
     check_dest(&req.dest, req.overwrite)?;
+    backup_chain_only(&req.backup_file)?;
     if req.data_path == DataPath::Native {
         // The chain is opened (every file must be there) before anything is
         // written; the space check comes from the plan.
@@ -169,6 +182,7 @@ pub fn create_overlay(q: &QemuImg, backup_file: &Path, dest: &Path, ctl: &Contro
 /// renames it into place).
 pub(crate) fn write_overlay(q: &QemuImg, backup_file: &Path, tmp: &fsio::TempFile, ctl: &Control) -> Result<()> {
     let abs = backup_file.canonicalize().map_err(|e| KnibError::io("backup file", backup_file, e))?;
+    backup_chain_only(&abs)?;
     q.info_chain(&abs, ctl)?;
     let abs_s = abs.to_str().ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", abs.display())))?;
     q.create_overlay(tmp.path(), abs_s, "qcow2", None, ctl)
