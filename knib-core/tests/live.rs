@@ -433,3 +433,43 @@ fn a_backup_reads_the_chains_under_the_vms_lock() {
     }
     model.assert_vm_reads_everything(&vm);
 }
+
+/// A plain-disk backup (`knib backup --disk vda=P`) of a disk a running
+/// domain holds open is refused as busy, naming the file and saying that a
+/// running VM is backed up through its domain; nothing is changed: no
+/// `.knib-base` or `.knib-new` beside the disk, the disk's file the same
+/// inode and still what the domain runs on, nothing in the store. (Before
+/// the fix the backup succeeded: a torn copy, then `P` linked as its base
+/// and replaced by an overlay the running QEMU never wrote to.)
+#[test]
+fn a_plain_disk_backup_of_a_disk_a_running_domain_holds_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    if skip_without_libvirt("plain-disk backup of a running VM") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = TestVm::start("knib-held", &[("vda", 16 * MIB)], dir.path());
+    vm.write("vda", 0x4d, 0, 1024 * 1024);
+    let p = vm.initial_file("vda");
+    let ino = std::fs::metadata(&p).unwrap().ino();
+    let disks = vec![knib_core::catalog::DiskSpec { name: "vda".into(), path: p.clone() }];
+    let e = store.backup("plain", &disks, &BackupOptions::default(), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&p.display().to_string()), "the error names the disk: {e}");
+    assert!(e.message.contains("--domain"), "the error says how to back up a running VM: {e}");
+    assert_eq!(e.vm_consistent, Some(true), "{e}");
+    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+    for leftover in [format!("{name}.knib-base"), format!("{name}.knib-new"), format!("{name}.knib-since")] {
+        assert!(!p.with_file_name(&leftover).exists(), "{leftover} was made");
+    }
+    assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino, "the disk's file was replaced");
+    assert_eq!(vm.disk("vda").file, p);
+    assert_eq!(vm.disk("vda").backing_chain.len(), 0, "the disk has no backing file");
+    assert!(store.list(None).unwrap().is_empty());
+    let vm_dir = dir.path().join("store").join("vms").join("plain");
+    let left: Vec<_> =
+        std::fs::read_dir(&vm_dir).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.iter().all(|n| !n.to_string_lossy().ends_with(".part")), "a part directory is left: {left:?}");
+    assert!(vm.read_check("vda", 0x4d, 0, 1024 * 1024));
+}

@@ -263,6 +263,9 @@ fn inspect_with_qemu_img(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) ->
 /// so a `.knib-since` marker beside a disk (see [`since_marker_path`]) is
 /// removed before the disk's delta is emptied: a catalog backup of the disk
 /// afterwards cannot tell what the delta follows and takes a full backup.
+/// A disk (or its knib base, or the overlay that replaces it) that a
+/// process holds QEMU's image locks on, a VM running on it, is refused as
+/// busy before anything is written ([`super::stopped::ensure_unused`]).
 pub fn take_backup(q: &QemuImg, req: &TakeBackupRequest, ctl: &Control) -> Result<TakeBackupAnswer> {
     take_backup_with(q, req, ctl, &mut |_| {
         if req.kind != BackupKind::Isolated {
@@ -330,6 +333,20 @@ fn take_backup_to(
 ) -> Result<TakeBackupAnswer> {
     if req.volumes.is_empty() {
         return Err(KnibError::invalid("a backup needs at least one volume"));
+    }
+    // A disk a QEMU holds open (a VM running on it) would be copied torn,
+    // then turned into a base under the writer's feet: refused before
+    // anything is written, even a repair.
+    for v in &req.volumes {
+        let (base, new) = (base_path(&v.disk), new_overlay_path(&v.disk));
+        super::stopped::ensure_unused(&[&v.disk, &base, &new], &format!("the backup of volume {}", v.name)).map_err(
+            |mut e| {
+                e.message.push_str(
+                    " (a running VM is backed up through its libvirt domain, knib backup --domain, not its disk files)",
+                );
+                e.with_vm_consistent(true)
+            },
+        )?;
     }
     for v in &req.volumes {
         repair_volume(&v.disk)?;
