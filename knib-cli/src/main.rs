@@ -14,6 +14,7 @@ mod files;
 mod group;
 mod jobs;
 mod output;
+mod signals;
 mod vault;
 
 use std::io::Write;
@@ -364,10 +365,10 @@ fn parse_disk(s: &str) -> Result<DiskSpec> {
     Ok(DiskSpec { name: name.to_string(), path })
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
     let json = cli.json;
     let connect = cli.connect;
-    let ctl = output::control();
+    let ctl = output::control(cancel);
     match cli.command {
         Command::Backup {
             store,
@@ -649,9 +650,15 @@ fn main() -> ExitCode {
         }
     }
     init_log(cli.verbose);
+    // Ctrl-C and SIGTERM cancel (exit status 16), before any thread starts;
+    // `vault-serve` waits for them itself.
+    let cancel = knib_core::CancelToken::new();
+    if !matches!(cli.command, Command::VaultServe { .. }) {
+        signals::cancel_on_signals(cancel.clone());
+    }
     // The CLI owns its process: a read of a vault chain may tune malloc.
     knib_core::vault::allow_allocator_tuning();
-    match run(cli) {
+    match run(cli, cancel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             output::clear_progress();

@@ -9,9 +9,10 @@ use knib_core::catalog::{Manifest, Store, VerifyReport};
 use knib_core::Control;
 use serde_json::Value;
 
-/// A control whose progress goes to standard error when it is a terminal.
-pub fn control() -> Control {
-    let mut ctl = Control::new();
+/// A control that `cancel` stops, whose progress goes to standard error
+/// when it is a terminal.
+pub fn control(cancel: knib_core::CancelToken) -> Control {
+    let mut ctl = Control::new().with_cancel(cancel);
     if std::io::stderr().is_terminal() {
         ctl = ctl.with_progress(Arc::new(|p| {
             let mut e = std::io::stderr();

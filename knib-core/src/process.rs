@@ -156,6 +156,9 @@ impl Invocation {
         if let Some(e) = stop {
             return Err(e);
         }
+        if interrupted_with(status, ctl) {
+            return Err(KnibError::new(ErrorKind::Cancelled, format!("cancelled: {what} ended by a signal")));
+        }
         Ok(Finished { code: status.code(), stdout, stderr })
     }
 
@@ -190,6 +193,24 @@ fn handle_line(line: &[u8], text: &mut Vec<u8>, step: Option<&str>, ctl: &Contro
     }
     text.extend_from_slice(line);
     text.push(b'\n');
+}
+
+/// Whether a child ended by SIGINT or SIGTERM went with its caller's
+/// cancellation: a Ctrl-C on a terminal reaches every process of the
+/// group, so the child may end before the caller's own cancel is seen (it
+/// is waited for a moment). Anything else is the child's own failure.
+fn interrupted_with(status: std::process::ExitStatus, ctl: &Control) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    if !matches!(status.signal(), Some(libc::SIGINT | libc::SIGTERM)) {
+        return false;
+    }
+    for _ in 0..20 {
+        if ctl.cancel.is_cancelled() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    false
 }
 
 /// Parse a qemu-img `-p` line such as `    (42.17/100%)`.
@@ -275,6 +296,25 @@ mod tests {
         cancel.cancel();
         let e = h.join().unwrap().unwrap_err();
         assert_eq!(e.kind, ErrorKind::Cancelled);
+    }
+
+    /// A Ctrl-C on a terminal reaches the child too: one that ends by
+    /// SIGINT just before the caller cancels is cancelled (before: a
+    /// failure of the program, "exit a signal"); one that ends by it with
+    /// no cancel is the program's own end.
+    #[test]
+    fn a_child_ended_by_sigint_as_the_caller_cancels_is_cancelled() {
+        let cancel = CancelToken::new();
+        let ctl = Control::new().with_cancel(cancel.clone());
+        let later = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(60));
+            cancel.cancel();
+        });
+        let e = Invocation::new("sh").args(["-c", "kill -INT $$"]).run(&ctl).unwrap_err();
+        later.join().unwrap();
+        assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+        let f = Invocation::new("sh").args(["-c", "kill -INT $$"]).run(&Control::new()).unwrap();
+        assert_eq!(f.code, None);
     }
 
     #[test]
