@@ -876,6 +876,9 @@
  *                     hashes as they are read (copies only: a quick restore
  *                     reads nothing whole, and its files always pass
  *                     `qemu-img check` first).
+ *       partial?      boolean, default false: Restore a partial group's
+ *                     members that have a backup (without it, a group with
+ *                     members that have none is refused, naming them).
  *       quick?        boolean, default false: qcow2 overlays over the backups
  *                     instead of copies.
  *       store         string: The store directory.
@@ -1341,6 +1344,8 @@
  *       vm           string: The VM's name in the store.
  *
  *   GroupRestoreAnswer: The answer of `group.restore`.
+ *       skipped  [SkippedMember]: The members left out of a partial restore
+ *                (they have no backup).
  *       volumes  [RestoredMember]: Every volume written.
  *
  *   HashAnswer: The answer of `hash`.
@@ -1459,6 +1464,12 @@
  *   SizedFile: A file and its size.
  *       path  string: The file.
  *       size  integer: Its size in bytes.
+ *
+ *   SkippedMember: A member of a partial group that a group restore left out:
+ *                  it has no backup.
+ *       error? string or null: Why it has no backup (the group record's
+ *              error).
+ *       vm     string: The member VM.
  *
  *   SnapshotMerge: One merge of `agent.merge_snapshot`.
  *       child           string: The snapshot delta committed.

@@ -62,6 +62,10 @@ pub enum GroupCommand {
         /// Do not check the chains' files against their recorded hashes.
         #[arg(long, conflicts_with = "quick")]
         no_verify: bool,
+        /// Restore a partial group: the members that have a backup (without
+        /// it, a group with members that have none is refused).
+        #[arg(long)]
+        partial: bool,
     },
     /// Delete every member's backup of a group (chain-safely), then the group.
     Delete {
@@ -288,18 +292,26 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
             let r = Store::open(store)?.group(&group)?;
             print_record(&r, json);
         }
-        GroupCommand::Restore { store, group, to, format, quick, no_verify } => {
+        GroupCommand::Restore { store, group, to, format, quick, no_verify, partial } => {
             let format = ImageFormat::from(format);
-            let volumes = Store::open(store)?.restore_group(&group, &to, format, quick, !no_verify, ctl)?;
+            let (volumes, skipped) =
+                Store::open(store)?.restore_group(&group, &to, format, quick, !no_verify, partial, ctl)?;
             output::clear_progress();
             if json {
-                let a = GroupRestoreAnswer { volumes };
+                let a = GroupRestoreAnswer { volumes, skipped };
                 println!("{}", serde_json::to_value(&a).expect("serializes"));
             } else {
                 let how = if quick { "as overlays over the backups" } else { format.as_str() };
                 println!("restored group {group} to {} ({how}):", to.display());
                 for v in &volumes {
                     println!("  {} {} (backup {}): {}", v.vm, v.volume, v.backup, v.path.display());
+                }
+                for m in &skipped {
+                    println!(
+                        "  {}: left out, it has no backup ({})",
+                        m.vm,
+                        m.error.as_deref().unwrap_or("no error recorded")
+                    );
                 }
             }
         }

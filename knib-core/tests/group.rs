@@ -127,7 +127,8 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
         assert!(rec.instant.is_some() && rec.freeze_to_thaw_ms.is_none(), "{rec:#?}");
         // Each member's backup, restored, is the VM at the group's instant.
         let out = dir.path().join(format!("restored-{round}"));
-        let restored = store.restore_group(&rec.id, &out, ImageFormat::Qcow2, false, true, &Control::new()).unwrap();
+        let restored =
+            store.restore_group(&rec.id, &out, ImageFormat::Qcow2, false, true, false, &Control::new()).unwrap().0;
         assert_eq!(restored.len(), 6);
         let scratch = dir.path();
         for r in &restored {
@@ -172,8 +173,9 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
     assert_eq!(e.kind, ErrorKind::NotFound);
     // The first group's backups still restore (chain-safe delete).
     let again = store
-        .restore_group(&ids[0], &dir.path().join("again"), ImageFormat::Raw, false, true, &Control::new())
-        .unwrap();
+        .restore_group(&ids[0], &dir.path().join("again"), ImageFormat::Raw, false, true, false, &Control::new())
+        .unwrap()
+        .0;
     assert_eq!(again.len(), 6);
     // Nothing is left in the groups directory but the one record.
     let left: Vec<_> = std::fs::read_dir(root.join("groups")).unwrap().map(|e| e.unwrap().file_name()).collect();
@@ -282,7 +284,19 @@ fn a_member_that_fails_after_the_snapshots_is_reported_or_rolls_the_group_back()
     assert!(rec.members[0].backup.is_some() && rec.members[0].error.is_none(), "{rec:#?}");
     assert!(rec.members[1].backup.is_none() && rec.members[1].error.is_some(), "{rec:#?}");
     let out = dir.path().join("kept");
-    let restored = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, &Control::new()).unwrap();
+    // A partial group is not restored as if it were whole: refused, naming
+    // the member without a backup, nothing written (before, its members
+    // with a backup were restored and the other left out unsaid).
+    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, false, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("is partial: 1 of its 2 members have no backup: plain-bad"), "{e}");
+    assert!(!out.exists(), "something was written");
+    // Asked for, the others are restored and the member left out named.
+    let (restored, skipped) =
+        store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, true, &Control::new()).unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].vm, rec.members[1].vm);
+    assert_eq!(skipped[0].error, rec.members[1].error);
     assert_eq!(restored.len(), 2);
     for r in &restored {
         m1.assert_restored(&r.volume, n1, &r.path, dir.path());
@@ -340,7 +354,7 @@ fn a_record_naming_another_vms_backup_is_refused() {
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let want = format!("member plain-a names backup {}, which is a backup of plain-b", ids[1]);
     let out = dir.path().join("out");
-    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, &Control::new()).unwrap_err();
+    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, false, &Control::new()).unwrap_err();
     assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
     assert!(!out.join("plain-a").join("root.raw").exists());
     let e = store.delete_group(&rec.id).unwrap_err();

@@ -160,8 +160,10 @@ fn a_group_backup_killed_at_every_step_is_recovered() {
     );
     assert_eq!(rec["state"], "complete");
     let out = dir.path().join("final");
-    let restored =
-        store.restore_group(rec["id"].as_str().unwrap(), &out, ImageFormat::Raw, false, true, &Control::new()).unwrap();
+    let restored = store
+        .restore_group(rec["id"].as_str().unwrap(), &out, ImageFormat::Raw, false, true, false, &Control::new())
+        .unwrap()
+        .0;
     for r in &restored {
         let k = vms.iter().position(|v| v.name() == r.vm).unwrap();
         models[k].assert_restored(&r.volume, models[k].writes.len(), &r.path, Path::new(dir.path()));

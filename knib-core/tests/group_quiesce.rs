@@ -70,8 +70,9 @@ fn a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze() {
     // The other member is restorable too.
     let out = dir.path().join("restored");
     let restored = store
-        .restore_group(&rec.id, &out, knib_core::qemu_img::ImageFormat::Raw, false, true, &Control::new())
-        .unwrap();
+        .restore_group(&rec.id, &out, knib_core::qemu_img::ImageFormat::Raw, false, true, false, &Control::new())
+        .unwrap()
+        .0;
     assert_eq!(restored.len(), 2);
     assert!(common::model::image_has(&restored[1].path, 0x5a, MIB, 64 * 1024));
 }

@@ -8,7 +8,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::agent;
-use crate::catalog::group::{GroupRecord, MemberSpec, OnFailure, RestoredMember, DEFAULT_FREEZE_TIMEOUT_SECS};
+use crate::catalog::group::{
+    GroupRecord, MemberSpec, OnFailure, RestoredMember, SkippedMember, DEFAULT_FREEZE_TIMEOUT_SECS,
+};
 use crate::catalog::{DeleteOutcome, Store, DEFAULT_CHAIN_SIZE};
 use crate::error::Result;
 use crate::progress::Control;
@@ -105,6 +107,10 @@ pub(crate) struct GroupRestoreReq {
     /// `qemu-img check` first).
     #[serde(default)]
     no_verify: bool,
+    /// Restore a partial group's members that have a backup (without it, a
+    /// group with members that have none is refused, naming them).
+    #[serde(default)]
+    partial: bool,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     timeout_secs: Option<u64>,
@@ -127,6 +133,8 @@ pub(crate) struct GroupRecoverReq {
 pub struct GroupRestoreAnswer {
     /// Every volume written.
     pub volumes: Vec<RestoredMember>,
+    /// The members left out of a partial restore (they have no backup).
+    pub skipped: Vec<SkippedMember>,
 }
 
 /// The answer of `group.delete`.
@@ -186,8 +194,9 @@ pub(crate) fn show(r: GroupRef) -> Result<GroupRecord> {
 
 pub(crate) fn restore(r: GroupRestoreReq, ctl: &Control) -> Result<GroupRestoreAnswer> {
     let ctl = &agent::budget(ctl, r.timeout_secs);
-    let volumes = Store::open(&r.store)?.restore_group(&r.group, &r.to, r.format, r.quick, !r.no_verify, ctl)?;
-    Ok(GroupRestoreAnswer { volumes })
+    let (volumes, skipped) =
+        Store::open(&r.store)?.restore_group(&r.group, &r.to, r.format, r.quick, !r.no_verify, r.partial, ctl)?;
+    Ok(GroupRestoreAnswer { volumes, skipped })
 }
 
 pub(crate) fn delete(r: GroupRef) -> Result<GroupDeleteAnswer> {

@@ -185,6 +185,16 @@ pub struct GroupMember {
     pub error: Option<String>,
 }
 
+/// A member of a partial group that a group restore left out: it has no
+/// backup.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct SkippedMember {
+    /// The member VM.
+    pub vm: String,
+    /// Why it has no backup (the group record's error).
+    pub error: Option<String>,
+}
+
 /// One volume a group restore wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct RestoredMember {
@@ -314,7 +324,10 @@ impl Store {
     /// `to/<vm>/<volume>.<qcow2|raw>` (flattened, the chain's hashes checked
     /// unless `verify` is false), or with `quick` as qcow2 overlays over the
     /// backups. All or none: on a failure the files already written are
-    /// removed.
+    /// removed. A partial group (members without a backup) is refused,
+    /// naming them, unless `partial`: then the others are restored and the
+    /// members left out are returned beside the volumes written.
+    #[allow(clippy::too_many_arguments)]
     pub fn restore_group(
         &self,
         id: &str,
@@ -322,9 +335,27 @@ impl Store {
         format: crate::qemu_img::ImageFormat,
         quick: bool,
         verify: bool,
+        partial: bool,
         ctl: &crate::progress::Control,
-    ) -> Result<Vec<RestoredMember>> {
+    ) -> Result<(Vec<RestoredMember>, Vec<SkippedMember>)> {
         let r = self.group(id)?;
+        let skipped: Vec<SkippedMember> = r
+            .members
+            .iter()
+            .filter(|m| m.backup.is_none())
+            .map(|m| SkippedMember { vm: m.vm.clone(), error: m.error.clone() })
+            .collect();
+        if !skipped.is_empty() && !partial {
+            let why: Vec<String> =
+                skipped.iter().map(|m| format!("{} ({})", m.vm, m.error.as_deref().unwrap_or("no backup"))).collect();
+            return Err(KnibError::invalid(format!(
+                "group {id} is partial: {} of its {} members have no backup: {}; nothing was restored \
+                 (ask for a partial restore to restore the others)",
+                skipped.len(),
+                r.members.len(),
+                why.join("; ")
+            )));
+        }
         let mut out: Vec<RestoredMember> = Vec::new();
         let result = (|| -> Result<()> {
             for m in &r.members {
@@ -352,7 +383,7 @@ impl Store {
             }
             return Err(e.context(format!("restore of group {id} (nothing was left written)")));
         }
-        Ok(out)
+        Ok((out, skipped))
     }
 
     /// Delete every member's backup of group `id` (chain-safely, as

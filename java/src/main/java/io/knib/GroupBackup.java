@@ -181,7 +181,8 @@ public final class GroupBackup {
 
     /**
      * The request of {@code group.restore}: every volume of every member, to {@code <to>/<vm>/<volume>.<format>}
-     * (all or none). Immutable.
+     * (all or none). A partial group (members without a backup) is refused, naming them, unless {@code partial}.
+     * Immutable.
      *
      * @param store the store directory
      * @param group the group backup's id
@@ -189,10 +190,19 @@ public final class GroupBackup {
      * @param format "qcow2" (null means it too) or "raw": flattened copies
      * @param quick qcow2 overlays over the backups instead of copies
      * @param noVerify skip checking the chains' hashes as they are read
+     * @param partial restore a partial group's members that have a backup ({@link Restored#skipped} names the
+     *     others)
      * @param timeoutSecs the time budget in seconds; null for none
      */
     public record RestoreRequest(
-            String store, String group, String to, String format, boolean quick, boolean noVerify, Long timeoutSecs) {
+            String store,
+            String group,
+            String to,
+            String format,
+            boolean quick,
+            boolean noVerify,
+            boolean partial,
+            Long timeoutSecs) {
         /**
          * @param store the store directory
          * @param group the group backup's id
@@ -200,27 +210,32 @@ public final class GroupBackup {
          * @return flattened qcow2 copies, their hashes checked
          */
         public static RestoreRequest of(String store, String group, String to) {
-            return new RestoreRequest(store, group, to, null, false, false, null);
+            return new RestoreRequest(store, group, to, null, false, false, false, null);
         }
 
         /** @param v "qcow2" or "raw" @return this request with it */
         public RestoreRequest withFormat(String v) {
-            return new RestoreRequest(store, group, to, v, quick, noVerify, timeoutSecs);
+            return new RestoreRequest(store, group, to, v, quick, noVerify, partial, timeoutSecs);
         }
 
         /** @param v overlays instead of copies @return this request with it */
         public RestoreRequest withQuick(boolean v) {
-            return new RestoreRequest(store, group, to, format, v, noVerify, timeoutSecs);
+            return new RestoreRequest(store, group, to, format, v, noVerify, partial, timeoutSecs);
         }
 
         /** @param v skip the hash checks @return this request with it */
         public RestoreRequest withNoVerify(boolean v) {
-            return new RestoreRequest(store, group, to, format, quick, v, timeoutSecs);
+            return new RestoreRequest(store, group, to, format, quick, v, partial, timeoutSecs);
+        }
+
+        /** @param v restore a partial group's members that have a backup @return this request with it */
+        public RestoreRequest withPartial(boolean v) {
+            return new RestoreRequest(store, group, to, format, quick, noVerify, v, timeoutSecs);
         }
 
         /** @param v the time budget in seconds @return this request with it */
         public RestoreRequest withTimeoutSecs(Long v) {
-            return new RestoreRequest(store, group, to, format, quick, noVerify, v);
+            return new RestoreRequest(store, group, to, format, quick, noVerify, partial, v);
         }
     }
 
@@ -352,13 +367,35 @@ public final class GroupBackup {
     /** The answer of {@code group.restore}. */
     public static final class Restored {
         private final List<RestoredVolume> volumes;
+        private final List<SkippedMember> skipped;
 
         private Restored() {
             volumes = null;
+            skipped = null;
         }
 
         /** @return every volume written */
         public List<RestoredVolume> volumes() { return Json.view(volumes); }
+
+        /** @return the members a partial restore left out (they have no backup); empty otherwise */
+        public List<SkippedMember> skipped() { return Json.view(skipped); }
+    }
+
+    /** A member of a partial group that a restore left out. */
+    public static final class SkippedMember {
+        private final String vm;
+        private final String error;
+
+        private SkippedMember() {
+            vm = null;
+            error = null;
+        }
+
+        /** @return the member VM */
+        public String vm() { return vm; }
+
+        /** @return why it has no backup; null when the record says nothing */
+        public String error() { return error; }
     }
 
     /** One volume a group restore wrote. */

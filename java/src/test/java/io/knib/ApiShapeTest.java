@@ -125,8 +125,11 @@ class ApiShapeTest {
                 + "{\"vm\":\"db\",\"disks\":[{\"name\":\"root\",\"path\":\"/d/root.qcow2\"}]}],"
                 + "\"quiesce\":false,\"freeze_timeout_secs\":5,\"on_failure\":\"rollback\",\"full\":false}",
                 Json.GSON.toJson(g));
-        assertEquals("{\"store\":\"/s\",\"group\":\"g1\",\"to\":\"/r\",\"format\":\"raw\",\"quick\":false,\"no_verify\":true}",
+        assertEquals("{\"store\":\"/s\",\"group\":\"g1\",\"to\":\"/r\",\"format\":\"raw\",\"quick\":false,\"no_verify\":true,"
+                + "\"partial\":false}",
                 Json.GSON.toJson(GroupBackup.RestoreRequest.of("/s", "g1", "/r").withFormat("raw").withNoVerify(true)));
+        assertEquals("{\"store\":\"/s\",\"group\":\"g1\",\"to\":\"/r\",\"quick\":false,\"no_verify\":false,\"partial\":true}",
+                Json.GSON.toJson(GroupBackup.RestoreRequest.of("/s", "g1", "/r").withPartial(true)));
     }
 
     @Test

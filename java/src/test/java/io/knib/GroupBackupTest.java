@@ -87,6 +87,7 @@ class GroupBackupTest {
             Path to = dir.resolve("restored");
             GroupBackup.Restored r = k.groupRestore(GroupBackup.RestoreRequest.of(store, g.id(), to.toString()));
             assertEquals(3, r.volumes().size());
+            assertEquals(List.of(), r.skipped(), "a complete group leaves no member out");
             for (GroupBackup.RestoredVolume v : r.volumes()) {
                 Path ref = refs.get(v.vm() + "/" + v.volume());
                 assertNotNull(ref, v.vm() + "/" + v.volume() + " is a disk of the group");
