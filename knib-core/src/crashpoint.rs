@@ -8,10 +8,14 @@
 //! (`std::process::abort`, as a `kill -9` would end it: no unwinding, no
 //! cleanup) right before its Nth durable step, so a test can crash a `knib`
 //! process between every pair of durable steps by running it with N = 1,
-//! 2, ... until it completes. When [`NOTE_ENV`] names a file, the step the
-//! process stopped before is written there first (for test messages).
+//! 2, ... until it completes. [`CRASH_BEFORE_ENV`]
+//! (`KNIB_TEST_CRASH_BEFORE=TEXT`) aborts it instead right before the first
+//! durable step whose name contains TEXT: how a test crashes between two
+//! given steps without counting those before them. When [`NOTE_ENV`] names
+//! a file, the step the process stopped before is written there first (for
+//! test messages).
 //!
-//! Release builds ignore both variables: the hook compiles to nothing.
+//! Release builds ignore these variables: the hook compiles to nothing.
 //!
 //! Steps taken on a helper thread (the native merge into a knib base while a
 //! plain disk is copied) are not counted, so the numbering is the same from
@@ -21,11 +25,16 @@
 /// The environment variable naming the durable step to abort before.
 pub const CRASH_ENV: &str = "KNIB_TEST_CRASH_AT";
 
+/// The environment variable naming a text: the process aborts right before
+/// the first durable step whose name contains it.
+pub const CRASH_BEFORE_ENV: &str = "KNIB_TEST_CRASH_BEFORE";
+
 /// The environment variable naming a file where the aborted step is noted.
 pub const NOTE_ENV: &str = "KNIB_TEST_CRASH_NOTE";
 
 /// Called right before a durable step named `what`: aborts the process
-/// when [`CRASH_ENV`] asks for a crash at this step (debug builds only).
+/// when [`CRASH_ENV`] or [`CRASH_BEFORE_ENV`] asks for a crash at this step
+/// (debug builds only).
 #[inline]
 pub fn durable_step(what: &str) {
     #[cfg(debug_assertions)]
@@ -34,18 +43,27 @@ pub fn durable_step(what: &str) {
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::OnceLock;
         static AT: OnceLock<Option<u64>> = OnceLock::new();
+        static BEFORE: OnceLock<Option<String>> = OnceLock::new();
         static COUNT: AtomicU64 = AtomicU64::new(0);
-        let Some(at) = *AT.get_or_init(|| std::env::var(CRASH_ENV).ok().and_then(|v| v.trim().parse().ok())) else {
-            return;
-        };
-        let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
-        log::debug!("durable step {n}: {what}");
-        if n == at {
-            log::error!("{CRASH_ENV}={at}: aborting before durable step {n}: {what}");
+        let abort = |n: u64, why: &str| {
+            log::error!("{why}: aborting before durable step {n}: {what}");
             if let Some(note) = std::env::var_os(NOTE_ENV) {
                 let _ = std::fs::write(note, format!("{n}: {what}\n"));
             }
             std::process::abort();
+        };
+        let at = *AT.get_or_init(|| std::env::var(CRASH_ENV).ok().and_then(|v| v.trim().parse().ok()));
+        let before = BEFORE.get_or_init(|| std::env::var(CRASH_BEFORE_ENV).ok().filter(|v| !v.is_empty()));
+        if at.is_none() && before.is_none() {
+            return;
+        }
+        let n = COUNT.fetch_add(1, Ordering::SeqCst) + 1;
+        log::debug!("durable step {n}: {what}");
+        if at == Some(n) {
+            abort(n, &format!("{CRASH_ENV}={n}"));
+        }
+        if let Some(b) = before.as_deref().filter(|b| what.contains(b)) {
+            abort(n, &format!("{CRASH_BEFORE_ENV}={b}"));
         }
     }
     #[cfg(not(debug_assertions))]

@@ -451,3 +451,65 @@ fn a_crash_at_every_step_with_vm_snapshots_then_cleanup() {
         n += 1;
     }
 }
+
+/// A crash after the old delta of a stopped VM's volume is committed into
+/// its base and the layer over it re-pointed, before another branch of the
+/// snapshot tree on the old delta (a grand child) is re-pointed; then
+/// `agent.cleanup_vm_backup` (mode complete): the old delta, out of the
+/// volume's chain, is removed only once the branch is on the base, which
+/// still opens, passes `qemu-img check` and reads what it read before.
+/// (Before the fix the cleanup removed the old delta under the branch.)
+#[test]
+fn a_crash_before_a_grand_childs_rebase_then_cleanup_keeps_the_branch() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 900);
+    vm.write(3);
+    vm.take("b1", None);
+    vm.write(3);
+    vm.vm_snapshot("s1");
+    vm.write(3);
+    let before = vm.view("before");
+    let old = vm.vols[0].delta.clone().unwrap();
+    let branch = t.path().join("branch");
+    make_disk(&branch, VOLS[0].1, &["-u", "-F", "qcow2", "-b", old.to_str().unwrap()]);
+    qemu_io(&branch, "write -P 0x5b 65536 65536");
+    let branch_then = t.path().join("branch-then.qcow2");
+    snapshot(&branch, &branch_then);
+    let mut req = vm.request("b2", Some("b1"));
+    req["volumes"][0]["merge"]["grand_children"].as_array_mut().unwrap().push(json!(branch));
+
+    let note = t.path().join("note");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_take_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, req.to_string())
+        .env("KNIB_TEST_CRASH_BEFORE", format!("rebase of {}", branch.display()))
+        .env("KNIB_TEST_CRASH_NOTE", &note)
+        .output()
+        .unwrap();
+    let noted = std::fs::read_to_string(&note).unwrap_or_default();
+    assert!(
+        !out.status.success() && noted.contains(&format!("rebase of {}", branch.display())),
+        "the child did not crash before the branch's rebase (note {noted:?}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let backing = |f: &Path| QemuImg::new().info(f, &Control::new()).unwrap().full_backing_filename.map(PathBuf::from);
+    let first = vm.vols[0].snaps[0].clone();
+    assert_eq!(backing(&first), Some(vm.vols[0].base.clone()), "the layer over the old delta is on the base");
+    assert_eq!(backing(&branch), Some(old.clone()), "the branch is still on the old delta");
+    assert!(old.exists());
+
+    let mut creq = req.clone();
+    creq["mode"] = json!("complete");
+    let c = ok("agent.cleanup_vm_backup", &creq);
+    assert_eq!(c["published"], true, "{c:#}");
+    assert_eq!(c["vm_consistent"], true, "{c:#}");
+    assert!(!old.exists(), "the old delta is removed");
+    assert_eq!(backing(&branch), Some(vm.vols[0].base.clone()), "the branch is on the base");
+    assert_check_clean(&branch);
+    assert_identical(&branch, &branch_then);
+    for (v, view) in vm.vols.iter().zip(&before) {
+        let top = v.base.with_file_name(format!("{}-delta-b2", v.name));
+        assert_identical(&top, view);
+    }
+    vm.assert_backup_is("b2", &before);
+}

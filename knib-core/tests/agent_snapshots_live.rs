@@ -174,3 +174,106 @@ fn incrementals_of_a_running_domain_after_one_and_two_vm_snapshots() {
     }
     model.assert_vm_reads_everything(&vm);
 }
+
+const CHILD_ENV: &str = "KNIB_SNAPSHOTS_LIVE_CHILD_REQUEST";
+
+/// The child process of the crash test below: runs `agent.take_backup`
+/// with the request in `KNIB_SNAPSHOTS_LIVE_CHILD_REQUEST` (the crash hook
+/// aborts it).
+#[test]
+fn child_take_backup() {
+    let Ok(req) = std::env::var(CHILD_ENV) else { return };
+    let _ = call("agent.take_backup", &req, &Control::new());
+}
+
+/// A crash after the block commit of the old delta and before the rebase
+/// of another branch of the snapshot tree on it (a grand child), then
+/// `agent.cleanup_vm_backup` (mode complete): the old delta is out of the
+/// disk's chain, its data in the base, and the branch still reads through
+/// it. The cleanup re-points the branch at the base before removing the
+/// old delta: the branch still opens, passes `qemu-img check` and reads
+/// what it read before. (Before the fix the cleanup removed the old delta
+/// under the branch, which then no longer opened.)
+#[test]
+fn a_crash_before_a_grand_childs_rebase_then_cleanup_keeps_the_branch() {
+    if skip_without_libvirt("crash before a grand child's rebase") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm = TestVm::create("knib-gcrash", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let mut model = Model::new(&DISKS);
+    for (t, _) in DISKS {
+        model.write(&vm, t, 0x11, 0, 192 * 1024);
+    }
+    ok(
+        "agent.take_backup",
+        &json!({"domain": vm.name(), "running": true, "volumes": volumes(&vm, &store, 1, None, 0)}),
+    );
+    for (t, _) in DISKS {
+        model.write(&vm, t, 0x21, 256 * 1024, 192 * 1024);
+    }
+    vm_snapshot(&vm, "s1");
+    for (t, _) in DISKS {
+        model.write(&vm, t, 0x22, 512 * 1024, 192 * 1024);
+    }
+    let old_vda = chain(&vm, "vda")[1].clone();
+    let branch = dir.path().join("branch-vda");
+    make_disk(&branch, 32 * MIB, &["-u", "-F", "qcow2", "-b", old_vda.to_str().unwrap()]);
+    qemu_io(&branch, &format!("write -P 0x5b {} 64k", 64 * 1024));
+    let branch_then = dir.path().join("branch-then.qcow2");
+    snapshot(&branch, &branch_then);
+    let mut vols = volumes(&vm, &store, 2, Some(1), 1);
+    vols[0]["merge"]["grand_children"].as_array_mut().unwrap().push(json!(branch));
+    let req = json!({"domain": vm.name(), "volumes": vols.clone()});
+
+    let note = dir.path().join("note");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_take_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, req.to_string())
+        .env(knib_core::crashpoint::CRASH_BEFORE_ENV, format!("rebase of {}", branch.display()))
+        .env(knib_core::crashpoint::NOTE_ENV, &note)
+        .output()
+        .unwrap();
+    let noted = std::fs::read_to_string(&note).unwrap_or_default();
+    assert!(
+        !out.status.success() && noted.contains(&format!("rebase of {}", branch.display())),
+        "the child did not crash before the branch's rebase (note {noted:?}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The crash came where it was meant to: the old delta committed, out
+    // of the chain, still there, and the branch still on it.
+    assert!(old_vda.exists());
+    assert!(!chain(&vm, "vda").contains(&old_vda), "{:?}", chain(&vm, "vda"));
+    let backing = |f: &Path| QemuImg::new().info(f, &Control::new()).unwrap().full_backing_filename.map(PathBuf::from);
+    assert_eq!(backing(&branch), Some(old_vda.clone()));
+
+    let mut creq = req.clone();
+    creq["mode"] = json!("complete");
+    // While the branch cannot be re-pointed (another process holds it, as
+    // QEMU would), the cleanup fails naming it and keeps the old delta.
+    let held = std::fs::File::options().read(true).write(true).open(&branch).unwrap();
+    assert!(knib_core::lock::lock_like_qemu_writer(&held).unwrap());
+    let e = call("agent.cleanup_vm_backup", &creq.to_string(), &Control::new()).unwrap_err();
+    assert!(e.message.contains(&format!("{} is kept", old_vda.display())), "{e}");
+    assert!(e.message.contains(&branch.display().to_string()), "the error names the branch: {e}");
+    assert!(old_vda.exists(), "the old delta is kept while the branch reads through it");
+    assert_eq!(backing(&branch), Some(old_vda.clone()));
+    assert_identical(&branch, &branch_then);
+    drop(held);
+    let c = ok("agent.cleanup_vm_backup", &creq);
+    assert_eq!(c["published"], true, "{c:#}");
+    assert_eq!(c["vm_consistent"], true, "{c:#}");
+    assert!(!old_vda.exists(), "the old delta is removed");
+    assert_eq!(backing(&branch), Some(vm.initial_file("vda")), "the branch is on the base");
+    common::disk::assert_check_clean(&branch);
+    let chain_out =
+        std::process::Command::new("qemu-img").args(["info", "-U", "--backing-chain"]).arg(&branch).output().unwrap();
+    assert!(chain_out.status.success(), "{}", String::from_utf8_lossy(&chain_out.stderr));
+    assert_identical(&branch, &branch_then);
+    for (t, _) in DISKS {
+        assert_eq!(chain(&vm, t)[0], vm.initial_file(t).with_file_name(format!("delta-{t}-2")));
+        assert_eq!(chain(&vm, t).len(), 3, "delta-2, s1, base: {:?}", chain(&vm, t));
+    }
+    model.assert_vm_reads_everything(&vm);
+}

@@ -24,7 +24,6 @@
 //! every guest write kept: a published backup is finished; an unpublished
 //! one is undone by committing `D'` back into the layer below it.
 
-use crate::fsio::same_file;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -481,15 +480,17 @@ fn merge_below(q: &QemuImg, vm: &Vm, by: MergeBy, d: &DiskPlan, layer: &Path, ct
     // Other branches on `layer` read through it to the base: with its data
     // now in the base, they are pointed there before it goes (a recovery
     // running this again finds them on the base already, and leaves them).
-    for g in &d.grand_children {
-        let on_layer = g.exists()
-            && q.info(g, ctl)?.full_backing_filename.as_deref().is_some_and(|b| same_file(Path::new(b), layer));
-        if on_layer {
-            crate::crashpoint::durable_step(&format!("rebase of {} onto {}", g.display(), d.base.display()));
-            q.rebase_unsafe(g, &d.base.to_string_lossy(), "qcow2", ctl)?;
-        }
-    }
+    repoint_grand_children(q, d, layer, ctl)?;
     fsio::remove_if_exists(layer)
+}
+
+/// Point each of `d`'s grand children still on `layer` (whose data is in
+/// the base: it was committed there) at the base, before `layer` goes; see
+/// [`super::stopped::repoint_grand_children`]. Returns those re-pointed.
+fn repoint_grand_children(q: &QemuImg, d: &DiskPlan, layer: &Path, ctl: &Control) -> Result<Vec<PathBuf>> {
+    let to_base = |_: &Path| d.base.to_string_lossy().into_owned();
+    super::stopped::repoint_grand_children(q, layer, &d.base, &d.grand_children, &to_base, ctl)
+        .map_err(|e| e.context(format!("disk {}", d.target)))
 }
 
 /// After a block commit into `base` of a running domain, before the
@@ -597,6 +598,20 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
         let chain = chain_of(q, running, &info, ctl)?;
         for f in [Some(d.new_delta.as_path()), d.old_delta.as_deref()].into_iter().flatten() {
             if !chain.iter().any(|c| c == f) && f.exists() {
+                // An old delta leaves the chain only once committed into the
+                // base: branches still on it (a crash before their rebase)
+                // go there first, or it is kept.
+                if d.old_delta.as_deref() == Some(f) {
+                    for g in repoint_grand_children(q, d, f, ctl)? {
+                        rep.actions.push(format!(
+                            "{}: re-pointed {} at {} (it was on {})",
+                            d.target,
+                            g.display(),
+                            d.base.display(),
+                            f.display()
+                        ));
+                    }
+                }
                 fsio::remove_if_exists(f)?;
                 rep.actions.push(format!("{}: removed {} (no longer in the chain)", d.target, f.display()));
             }

@@ -252,6 +252,53 @@ pub fn merge_into_parent(
     fsio::remove_if_exists(child)
 }
 
+/// Before `old`, a delta out of its volume's chain because it was
+/// committed into `base` (which holds its data since), is removed: each of
+/// `grand_children` whose backing file is still `old` (a merge interrupted
+/// between the commit and their rebase) is re-pointed at `base` (`rebase
+/// -u`, the pointer `pointer_to_base` gives for it), so it reads the same.
+/// Every one is tried; when one cannot be (its header unreadable, the
+/// rebase failing), the error names each that failed, and `old` must be
+/// kept. Returns those re-pointed.
+pub(crate) fn repoint_grand_children(
+    q: &QemuImg,
+    old: &Path,
+    base: &Path,
+    grand_children: &[PathBuf],
+    pointer_to_base: &dyn Fn(&Path) -> String,
+    ctl: &Control,
+) -> Result<Vec<PathBuf>> {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for g in grand_children.iter().filter(|g| g.exists()) {
+        let r = backing_of(q, g, ctl).and_then(|b| {
+            if !b.is_some_and(|b| same_file(&b, old)) {
+                return Ok(false);
+            }
+            crate::crashpoint::durable_step(&format!("rebase of {} onto {}", g.display(), base.display()));
+            q.rebase_unsafe(g, &pointer_to_base(g), "qcow2", ctl).map(|_| true)
+        });
+        match r {
+            Ok(true) => done.push(g.clone()),
+            Ok(false) => {}
+            Err(e) => failed.push(format!("{} ({e})", g.display())),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(KnibError::new(
+            ErrorKind::VmInconsistent,
+            format!(
+                "{} is kept: {} still read through it and could not be re-pointed at {}: {}",
+                old.display(),
+                if failed.len() == 1 { "a file that" } else { "files that" },
+                base.display(),
+                failed.join("; ")
+            ),
+        ));
+    }
+    Ok(done)
+}
+
 /// Commit `top` (the file the volume runs on) into `into` (its backing
 /// file) and remove it: the volume then runs on `into`.
 fn commit_down(q: &QemuImg, top: &Path, into: &Path, path: DataPath, ctl: &Control) -> Result<()> {
@@ -470,6 +517,7 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
                 // the base already: it goes first, so that a crash after the
                 // commit below never leaves it above what was committed.
                 if let Some(o) = d.old_delta.as_deref().filter(|o| o.exists() && !in_chain(&chain, o)) {
+                    repoint_before_removal(q, d, o, &mut rep, ctl)?;
                     fsio::remove_if_exists(o)?;
                     rep.actions.push(format!("{}: removed {} (merged, no longer in the chain)", d.name, o.display()));
                 }
@@ -510,6 +558,9 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
         let chain = chain_of(&top)?;
         for f in [Some(d.new_delta.as_path()), d.old_delta.as_deref()].into_iter().flatten() {
             if !in_chain(&chain, f) && f.exists() {
+                if d.old_delta.as_deref() == Some(f) {
+                    repoint_before_removal(q, d, f, &mut rep, ctl)?;
+                }
                 fsio::remove_if_exists(f)?;
                 rep.actions.push(format!("{}: removed {} (no longer in the chain)", d.name, f.display()));
             }
@@ -517,4 +568,28 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
         rep.tops.push(top);
     }
     Ok(rep)
+}
+
+/// [`repoint_grand_children`] of `d`'s grand children still on `old` (out
+/// of the chain: merged into the base), before [`recover`] removes it.
+fn repoint_before_removal(
+    q: &QemuImg,
+    d: &FilesDisk,
+    old: &Path,
+    rep: &mut FilesRecovery,
+    ctl: &Control,
+) -> Result<()> {
+    let to_base = |g: &Path| pointer(g, &d.base);
+    for g in repoint_grand_children(q, old, &d.base, &d.grand_children, &to_base, ctl)
+        .map_err(|e| e.context(format!("volume {}", d.name)))?
+    {
+        rep.actions.push(format!(
+            "{}: re-pointed {} at {} (it was on {})",
+            d.name,
+            g.display(),
+            d.base.display(),
+            old.display()
+        ));
+    }
+    Ok(())
 }
