@@ -24,27 +24,30 @@ fn has_agent_channel(vm: &Vm) -> Result<bool> {
 /// and its error.
 fn freeze_all(vms: &[&Vm], timeout: Duration) -> Vec<(bool, Option<String>)> {
     let secs = timeout.as_secs().clamp(1, i32::MAX as u64) as i32;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = vms
-            .iter()
-            .map(|vm| {
-                s.spawn(move || match freeze::freeze(vm, secs) {
-                    freeze::Freeze::Frozen => (true, None),
-                    freeze::Freeze::Failed(e) => (true, Some(e.message)),
-                    freeze::Freeze::NotSent(e) => (false, Some(e.message)),
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| (true, Some("the freeze panicked".into())))).collect()
-    })
+    on_each(
+        vms,
+        |vm| match freeze::freeze(vm, secs) {
+            freeze::Freeze::Frozen => (true, None),
+            freeze::Freeze::Failed(e) => (true, Some(e.message)),
+            freeze::Freeze::NotSent(e) => (false, Some(e.message)),
+        },
+        || (true, Some("the freeze panicked".into())),
+    )
 }
 
 /// [`freeze::thaw`] each of `vms` in parallel: the error of each left
 /// frozen.
 fn thaw_all(vms: &[&Vm]) -> Vec<Option<String>> {
+    on_each(vms, |vm| freeze::thaw(vm).err().map(|e| e.message), || Some("the thaw panicked".into()))
+}
+
+/// `f` on each of `vms`, each on its own thread, all at once: the
+/// results in order (`panicked` for a thread that panicked).
+fn on_each<T: Send>(vms: &[&Vm], f: impl Fn(&Vm) -> T + Sync, panicked: impl Fn() -> T) -> Vec<T> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = vms.iter().map(|vm| s.spawn(move || freeze::thaw(vm).err().map(|e| e.message))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Some("the thaw panicked".into()))).collect()
+        let f = &f;
+        let handles: Vec<_> = vms.iter().map(|vm| s.spawn(move || f(vm))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| panicked())).collect()
     })
 }
 
