@@ -91,7 +91,7 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl
     } else {
         format!("{id}: boot test FAILED: {}", report.problems.join("; "))
     };
-    output::say(json, &serde_json::to_value(&report).expect("report serializes"), &text);
+    output::say(json, || serde_json::to_value(&report), &text)?;
     if !report.passed {
         return Err(KnibError::new(
             ErrorKind::Corrupt,

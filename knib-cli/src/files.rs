@@ -147,7 +147,7 @@ pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
         FilesCommand::Fs { store, backup, volume } => {
             let list = open_disk(&store, &backup, &volume, ctl)?.filesystems();
             if json {
-                println!("{}", json!({ "filesystems": list }));
+                println!("{}", output::json_value(serde_json::to_value(&list).map(|l| json!({ "filesystems": l })))?);
             } else {
                 for f in &list {
                     println!("{}", fs_line(f));
@@ -157,7 +157,7 @@ pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
         FilesCommand::Ls { store, backup, volume, fs, path } => {
             let entries = open_disk(&store, &backup, &volume, ctl)?.list(fs, &path, ctl)?;
             if json {
-                println!("{}", json!({ "entries": entries }));
+                println!("{}", output::json_value(serde_json::to_value(&entries).map(|e| json!({ "entries": e })))?);
             } else {
                 for e in &entries {
                     println!("{}", entry_line(e));
@@ -169,7 +169,7 @@ pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
             output::clear_progress();
             output::say(
                 json,
-                &serde_json::to_value(&s).expect("a summary serializes"),
+                || serde_json::to_value(&s),
                 &format!(
                     "extracted {path} of backup {backup} to {}: {} files, {} directories, {} symlinks, {}",
                     to.display(),
@@ -178,7 +178,7 @@ pub fn run(cmd: FilesCommand, json: bool, ctl: &Control) -> Result<()> {
                     s.symlinks,
                     human_bytes(s.bytes)
                 ),
-            );
+            )?;
         }
     }
     Ok(())

@@ -330,7 +330,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
                 );
             }
             let a = GroupDeleteAnswer { members };
-            output::say(json, &serde_json::to_value(&a).expect("serializes"), &text);
+            output::say(json, || serde_json::to_value(&a), &text)?;
         }
         GroupCommand::Recover { store } => {
             let done = Store::open(store)?.recover_groups(Some(connect), ctl)?;

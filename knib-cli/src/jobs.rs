@@ -8,7 +8,7 @@ use clap::Subcommand;
 use knib_core::catalog::jobs::{run_jobs, Job, JobEvent, JobKind, JobState, OwnerStatus, RunOptions};
 use knib_core::catalog::Store;
 use knib_core::{ErrorKind, KnibError, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::output;
 
@@ -51,11 +51,11 @@ pub enum JobsCommand {
     },
 }
 
-fn job_json(j: &Job) -> Value {
-    let mut v = serde_json::to_value(j).expect("a job serializes");
+fn job_json(j: &Job) -> serde_json::Result<Value> {
+    let mut v = serde_json::to_value(j)?;
     let status = j.owner.as_ref().map(|o| o.status());
-    v["owner_status"] = serde_json::to_value(status).expect("serializes");
-    v
+    v["owner_status"] = serde_json::to_value(status)?;
+    Ok(v)
 }
 
 fn job_line(j: &Job) -> String {
@@ -87,7 +87,7 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
             if sync {
                 let vm = store.show(&backup)?.vm;
                 let j = store.queue_sync(&vm)?;
-                output::say(json, &job_json(&j), &format!("queued job {} (sync of VM {vm} to the vault)", j.id));
+                output::say(json, || job_json(&j), &format!("queued job {} (sync of VM {vm} to the vault)", j.id))?;
                 return Ok(());
             }
             let (j, what) = if validate {
@@ -95,13 +95,14 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
             } else {
                 (store.queue_compression(&backup)?, "compression")
             };
-            output::say(json, &job_json(&j), &format!("queued job {} ({what} of backup {backup})", j.id));
+            output::say(json, || job_json(&j), &format!("queued job {} ({what} of backup {backup})", j.id))?;
         }
         JobsCommand::List { store } => {
             let store = Store::open(store)?;
             let jobs = store.jobs()?;
             if json {
-                println!("{}", Value::Array(jobs.iter().map(job_json).collect()));
+                let all = jobs.iter().map(job_json).collect::<serde_json::Result<Vec<Value>>>().map(Value::Array);
+                println!("{}", output::json_value(all)?);
             } else if jobs.is_empty() {
                 println!("no jobs");
             } else {
@@ -153,7 +154,7 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                     summary.left_queued.len()
                 )
             };
-            output::say(json, &json!(summary), &text);
+            output::say(json, || serde_json::to_value(&summary), &text)?;
             // A scheduler (cron) must notice jobs that failed for good.
             if !summary.failed.is_empty() {
                 let first = store.job(&summary.failed[0]).ok().and_then(|j| j.last_error).unwrap_or_default();
@@ -211,7 +212,11 @@ pub fn queue_sync(store: PathBuf, vm: Option<String>, json: bool) -> Result<()> 
         .map(|j| format!("queued job {} (sync of VM {} to the vault)", j.id, j.vm))
         .collect::<Vec<_>>()
         .join("\n");
-    output::say(json, &Value::Array(queued.iter().map(job_json).collect()), &text);
+    output::say(
+        json,
+        || queued.iter().map(job_json).collect::<serde_json::Result<Vec<Value>>>().map(Value::Array),
+        &text,
+    )?;
     Ok(())
 }
 

@@ -415,7 +415,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             };
             let store = Store::open(store)?;
             output::clear_progress();
-            output::print_backup(&store, &m, json);
+            output::print_backup(&store, &m, json)?;
             jobs::after_backup(&store, &m.vm, json);
         }
         Command::List { store, vm } if vault::location(&store).is_some() => {
@@ -440,12 +440,12 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
         Command::List { store, vm } => {
             let store = Store::open(store)?;
             let list = store.list(vm.as_deref())?;
-            output::print_list(&store, &list, json);
+            output::print_list(&store, &list, json)?;
         }
         Command::Show { store, backup } => {
             let store = Store::open(store)?;
             let m = store.show(&backup)?;
-            output::print_backup(&store, &m, json);
+            output::print_backup(&store, &m, json)?;
         }
         Command::Restore { store, backup, volume, to, format, quick, domain, no_verify } => {
             let format = ImageFormat::from(format);
@@ -469,12 +469,12 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 let text: Vec<String> = done.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
                 output::say(
                     json,
-                    &serde_json::json!({"restored": backup, "domain": domain, "overlays": done}),
+                    || Ok(serde_json::json!({"restored": backup, "domain": domain, "overlays": serde_json::to_value(&done)?})),
                     &format!(
                         "domain {domain} started on overlays of backup {backup}: {}; run `knib consolidate --domain {domain}` to pull the data in",
                         text.join(", ")
                     ),
-                );
+                )?;
                 return Ok(());
             }
             let (volume, to) = match (volume, to) {
@@ -485,7 +485,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             output::clear_progress();
             let text = format!("restored volume {volume} of backup {backup} to {} ({})", to.display(), format.as_str());
             // The answer of the `restore` operation, as every binding prints it.
-            output::say(json, &serde_json::json!(knib_core::api::catalog::restored(volume, to)), &text);
+            output::say(json, || serde_json::to_value(knib_core::api::catalog::restored(volume, to)), &text)?;
         }
         Command::Compress { store, backup, library, threads, rate_limit } => {
             let library = CompressionLibrary::from(library);
@@ -496,7 +496,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 CompressOptions { library, coroutines: threads, rate_limit_mbps: rate_limit, ..Default::default() };
             let m = store.compress(&backup, &opts, &ctl)?;
             output::clear_progress();
-            output::print_backup(&store, &m, json);
+            output::print_backup(&store, &m, json)?;
         }
         Command::Verify { store, backup, boot } => {
             let store = Store::open(store)?;
@@ -506,7 +506,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             }
             let reports = store.verify(backup.as_deref(), &ctl)?;
             output::clear_progress();
-            output::print_verify(&reports, json);
+            output::print_verify(&reports, json)?;
             if let Some(bad) = reports.iter().find(|r| !r.ok) {
                 return Err(KnibError::corrupt(format!(
                     "backup {} failed verification: {}",
@@ -525,7 +525,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                     "backup {backup} is marked removed; its files stay until the backups that depend on it are deleted"
                 )
             };
-            output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
+            output::say(json, || serde_json::to_value(&out), &text)?;
         }
         Command::Consolidate { domain } => {
             let hv = Hypervisor::open(&connect)?;
@@ -543,10 +543,15 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             } else {
                 format!("domain {domain}: consolidated {}", done.join(", "))
             };
-            let mut answer = serde_json::json!({"domain": domain, "consolidated": done});
+            let answer = || {
+                let mut a = serde_json::json!({"domain": domain, "consolidated": done});
+                if !released.is_empty() {
+                    a["vault_servers_stopped"] = serde_json::to_value(&released)?;
+                }
+                Ok(a)
+            };
             let mut text = text;
             if !released.is_empty() {
-                answer["vault_servers_stopped"] = serde_json::to_value(&released).expect("serializes");
                 for r in &released {
                     text.push_str(&format!(
                         "; stopped the server of backup {} from {} (it fetched {})",
@@ -556,7 +561,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                     ));
                 }
             }
-            output::say(json, &answer, &text);
+            output::say(json, answer, &text)?;
         }
         Command::VmSettings { store, vm, backup_method } => {
             let s = match backup_method {
@@ -570,7 +575,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 None => Store::open(&store)?.vm_settings(&vm)?,
             };
             let text = format!("VM {vm}: backup method {}", s.backup_method);
-            output::say(json, &serde_json::to_value(&s).expect("serializes"), &text);
+            output::say(json, || serde_json::to_value(&s), &text)?;
         }
         Command::Recover { store, domain, vault: to } => {
             let hv = Hypervisor::open(&connect)?;
@@ -595,7 +600,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 ),
                 _ => format!("domain {domain}: no interrupted backup; its disks are in order"),
             };
-            output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
+            output::say(json, || serde_json::to_value(&out), &text)?;
         }
         Command::Demo { dir } => demo::run(dir, &ctl)?,
         Command::Jobs { command } => jobs::run(command, json)?,
@@ -647,6 +652,22 @@ fn main() -> ExitCode {
                 .and_then(|g| g.find_subcommand_mut("backup"))
                 .expect("knib group backup");
             sub.error(clap::error::ErrorKind::TooFewValues, why).exit();
+        }
+    }
+    if cli.json {
+        // Refused before anything is done, rather than after (the answer
+        // could not name it).
+        if let Some(a) = std::env::args_os().skip(1).find(|a| a.to_str().is_none()) {
+            use clap::CommandFactory;
+            Cli::command()
+                .error(
+                    clap::error::ErrorKind::InvalidUtf8,
+                    format!(
+                        "{:?} is not UTF-8: --json prints paths as JSON strings, which hold only UTF-8 (without --json any path is taken)",
+                        a
+                    ),
+                )
+                .exit();
         }
     }
     init_log(cli.verbose);

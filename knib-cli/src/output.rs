@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use knib_core::api::BackupView;
 use knib_core::catalog::{Manifest, Store, VerifyReport};
-use knib_core::Control;
+use knib_core::{Control, KnibError, Result};
 use serde_json::Value;
 
 /// A control that `cancel` stops, whose progress goes to standard error
@@ -32,8 +32,19 @@ pub fn clear_progress() {
 
 /// A backup as the tool shows it to programs: the same object as every
 /// binding's answer ([`BackupView`]).
-pub fn backup_json(store: &Store, m: &Manifest) -> Value {
-    serde_json::to_value(BackupView::new(store, m)).expect("a backup view serializes")
+pub fn backup_json(store: &Store, m: &Manifest) -> Result<Value> {
+    json_value(serde_json::to_value(BackupView::new(store, m)))
+}
+
+/// The JSON of an answer, or the error that it has none: JSON strings
+/// hold only UTF-8, so a path that is not (the working directory's, say)
+/// cannot be printed as JSON. The work is done by then; the error says so.
+pub fn json_value(v: serde_json::Result<Value>) -> Result<Value> {
+    v.map_err(|e| {
+        KnibError::invalid(format!(
+            "done, but the answer cannot be printed as JSON ({e}: JSON strings hold only UTF-8); without --json it is printed as text"
+        ))
+    })
 }
 
 pub fn backup_line(m: &Manifest) -> String {
@@ -54,9 +65,9 @@ pub fn backup_line(m: &Manifest) -> String {
 }
 
 /// Print one backup.
-pub fn print_backup(store: &Store, m: &Manifest, json: bool) {
+pub fn print_backup(store: &Store, m: &Manifest, json: bool) -> Result<()> {
     if json {
-        println!("{}", backup_json(store, m));
+        println!("{}", backup_json(store, m)?);
     } else {
         println!("{}", backup_line(m));
         if let Some(why) = &m.full_reason {
@@ -72,12 +83,13 @@ pub fn print_backup(store: &Store, m: &Manifest, json: bool) {
             );
         }
     }
+    Ok(())
 }
 
 /// Print a list of backups.
-pub fn print_list(store: &Store, list: &[Manifest], json: bool) {
+pub fn print_list(store: &Store, list: &[Manifest], json: bool) -> Result<()> {
     if json {
-        let arr: Vec<Value> = list.iter().map(|m| backup_json(store, m)).collect();
+        let arr = list.iter().map(|m| backup_json(store, m)).collect::<Result<Vec<Value>>>()?;
         println!("{}", Value::Array(arr));
     } else if list.is_empty() {
         println!("no backups");
@@ -86,13 +98,14 @@ pub fn print_list(store: &Store, list: &[Manifest], json: bool) {
             println!("{}", backup_line(m));
         }
     }
+    Ok(())
 }
 
 /// Print verification reports.
-pub fn print_verify(reports: &[VerifyReport], json: bool) {
+pub fn print_verify(reports: &[VerifyReport], json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(reports).expect("reports serialize"));
-        return;
+        println!("{}", json_value(serde_json::to_value(reports))?);
+        return Ok(());
     }
     for r in reports {
         if r.ok {
@@ -104,13 +117,16 @@ pub fn print_verify(reports: &[VerifyReport], json: bool) {
             }
         }
     }
+    Ok(())
 }
 
-/// Print a result as JSON or as a line of text.
-pub fn say(json: bool, value: &Value, text: &str) {
+/// Print a result as a line of text, or with `json` as the JSON `value`
+/// makes (only then: a path that JSON cannot hold fails only `--json`).
+pub fn say(json: bool, value: impl FnOnce() -> serde_json::Result<Value>, text: &str) -> Result<()> {
     if json {
-        println!("{value}");
+        println!("{}", json_value(value())?);
     } else {
         println!("{text}");
     }
+    Ok(())
 }

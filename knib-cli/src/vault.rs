@@ -17,14 +17,14 @@ pub fn location(store: &Path) -> Option<&str> {
     store.to_str().filter(|s| knib_core::vault::is_vault(s))
 }
 
-fn backup_json(v: &Vault, m: &Manifest) -> serde_json::Value {
-    serde_json::to_value(BackupView::in_vault(v, m)).expect("a backup view serializes")
+fn backup_json(v: &Vault, m: &Manifest) -> Result<serde_json::Value> {
+    output::json_value(serde_json::to_value(BackupView::in_vault(v, m)))
 }
 
-fn print_backup(v: &Vault, m: &Manifest, json: bool) {
+fn print_backup(v: &Vault, m: &Manifest, json: bool) -> Result<()> {
     if json {
-        println!("{}", backup_json(v, m));
-        return;
+        println!("{}", backup_json(v, m)?);
+        return Ok(());
     }
     println!("{}", output::backup_line(m));
     for vol in &m.volumes {
@@ -39,6 +39,7 @@ fn print_backup(v: &Vault, m: &Manifest, json: bool) {
             knib_core::fsio::human_bytes(vol.size)
         );
     }
+    Ok(())
 }
 
 /// `knib list --store s3://...`.
@@ -46,7 +47,7 @@ pub fn list(loc: &str, vm: Option<&str>, json: bool) -> Result<()> {
     let v = Vault::open(loc)?;
     let list = v.list(vm)?;
     if json {
-        let arr: Vec<serde_json::Value> = list.iter().map(|m| backup_json(&v, m)).collect();
+        let arr = list.iter().map(|m| backup_json(&v, m)).collect::<Result<Vec<serde_json::Value>>>()?;
         println!("{}", serde_json::Value::Array(arr));
     } else if list.is_empty() {
         println!("no backups");
@@ -61,7 +62,7 @@ pub fn list(loc: &str, vm: Option<&str>, json: bool) -> Result<()> {
 /// `knib show --store s3://...`.
 pub fn show(loc: &str, id: &str, json: bool) -> Result<()> {
     let v = Vault::open(loc)?;
-    print_backup(&v, &v.show(id)?, json);
+    print_backup(&v, &v.show(id)?, json)?;
     Ok(())
 }
 
@@ -86,7 +87,7 @@ pub fn restore(
         format.as_str(),
         knib_core::fsio::human_bytes(r.bytes_fetched)
     );
-    output::say(json, &serde_json::json!(knib_core::api::catalog::restored(volume, to.to_path_buf())), &text);
+    output::say(json, || serde_json::to_value(knib_core::api::catalog::restored(volume, to.to_path_buf())), &text)?;
     Ok(())
 }
 
@@ -95,7 +96,7 @@ pub fn verify(loc: &str, id: Option<&str>, json: bool, ctl: &Control) -> Result<
     let v = Vault::open(loc)?;
     let out = v.verify(id, ctl)?;
     output::clear_progress();
-    output::print_verify(&out.reports, json);
+    output::print_verify(&out.reports, json)?;
     if let Some(bad) = out.reports.iter().find(|r| !r.ok) {
         return Err(KnibError::corrupt(format!("backup {} failed verification: {}", bad.id, bad.problems.join("; "))));
     }
@@ -113,7 +114,7 @@ pub fn delete(loc: &str, id: &str, json: bool) -> Result<()> {
             "backup {id} is marked removed in {loc}; its objects stay until the backups that depend on it are deleted"
         )
     };
-    output::say(json, &serde_json::to_value(&out).expect("serializes"), &text);
+    output::say(json, || serde_json::to_value(&out), &text)?;
     Ok(())
 }
 
@@ -135,7 +136,7 @@ pub fn backup(
     let v = Vault::open(to)?;
     let m = v.backup_direct(&store, vm, disks, opts, &knib_core::vault::SyncOptions::direct(), ctl)?;
     output::clear_progress();
-    print_backup(&v, &m, json);
+    print_backup(&v, &m, json)?;
     Ok(())
 }
 
@@ -153,7 +154,7 @@ pub fn backup_domain(
     let store = knib_core::catalog::Store::create(store)?;
     let m = v.backup_domain_direct(&store, vm, opts, quiesce, &knib_core::vault::SyncOptions::direct(), ctl)?;
     output::clear_progress();
-    print_backup(&v, &m, json);
+    print_backup(&v, &m, json)?;
     Ok(())
 }
 
@@ -192,7 +193,7 @@ pub fn sync(
     } else {
         format!("sent {} to {to} ({})", r.sent.join(", "), knib_core::fsio::human_bytes(r.bytes_sent))
     };
-    output::say(json, &serde_json::to_value(&r).expect("serializes"), &text);
+    output::say(json, || serde_json::to_value(&r), &text)?;
     Ok(())
 }
 
@@ -219,13 +220,18 @@ pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: boo
     let text: Vec<String> = overlays.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
     output::say(
         json,
-        &serde_json::json!({"restored": id, "domain": domain, "overlays": overlays, "vault": loc, "server_pid": st.pid}),
+        || {
+            Ok(serde_json::json!({
+                "restored": id, "domain": domain, "overlays": serde_json::to_value(&overlays)?,
+                "vault": loc, "server_pid": st.pid
+            }))
+        },
         &format!(
             "domain {domain} started on overlays of backup {id} served from {loc} by process {}: {}; run `knib consolidate --domain {domain}` to pull the data in",
             st.pid,
             text.join(", ")
         ),
-    );
+    )?;
     Ok(())
 }
 
