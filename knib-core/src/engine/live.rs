@@ -596,8 +596,18 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
         // Deltas out of the chain are leftovers of a finished step.
         let info = vm.disk(&d.target)?;
         let chain = chain_of(q, running, &info, ctl)?;
+        let leftover = |f: &Path| !chain.iter().any(|c| c == f) && f.exists();
+        if running && [Some(d.new_delta.as_path()), d.old_delta.as_deref()].into_iter().flatten().any(leftover) {
+            // A block job of the interrupted run took it out of the chain:
+            // what the job wrote is made durable before its layer goes, as
+            // on the normal path (`merge_below`, `commit_down`): the file
+            // committed into (the base, or the active file after a pivot)
+            // and the header of the layer that now points at the base.
+            flush_commit(&d.base, Some(&chain[0]))?;
+            d.snapshots.first().map(|s| fsio::sync_file(s)).transpose()?;
+        }
         for f in [Some(d.new_delta.as_path()), d.old_delta.as_deref()].into_iter().flatten() {
-            if !chain.iter().any(|c| c == f) && f.exists() {
+            if leftover(f) {
                 // An old delta leaves the chain only once committed into the
                 // base: branches still on it (a crash before their rebase)
                 // go there first, or it is kept.
