@@ -106,7 +106,17 @@ fn full_and_incremental_backups_of_a_running_domain_compress_restore_and_hash() 
     let files: Vec<PathBuf> = DISKS.iter().map(|(t, _)| store.join("backup-2").join(format!("{t}.qcow2"))).collect();
     let c = ok("agent.compress", &json!({"files": files, "library": "zstd"}));
     assert_eq!(c["compressed"][0]["library"], "zstd");
+    // A finalize interrupted after its first rename (the first .comp is in
+    // place, the second not) is asked again: it finishes the second
+    // (before, it failed for ever on the first's missing .comp, and the
+    // second stayed uncompressed beside its .comp).
+    let comp0 = PathBuf::from(format!("{}.comp", files[0].display()));
+    std::fs::rename(&comp0, &files[0]).unwrap();
     let f = ok("agent.finalize_compression", &json!({"files": files}));
+    assert!(!PathBuf::from(format!("{}.comp", files[1].display())).exists());
+    // Asked once more, with nothing left to rename: not found, as before.
+    let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     let sizes: u64 = files.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
     assert_eq!(f["total_size"].as_u64(), Some(sizes), "the agent's details: the sum of the finalized files' sizes");
     assert_eq!(f["finalized"][1]["path"], json!(files[1]));

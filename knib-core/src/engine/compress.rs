@@ -241,17 +241,40 @@ pub fn compress_verified(
 /// Finish a compression: when the backup still exists, each `.comp` is
 /// renamed over its original (atomically, made durable); when it was
 /// deleted meanwhile, the `.comp` files are removed.
+///
+/// A finalize interrupted between two files (or answered to a caller that
+/// never heard it) can be asked again: a file whose `.comp` is gone while
+/// the file is there was finalized before, and is left as it is. Every
+/// file is checked before anything is renamed; when no file has a `.comp`
+/// there is nothing to finalize (an error naming the first).
 pub fn finalize(files: &[PathBuf], backup_exists: bool) -> Result<()> {
+    if !backup_exists {
+        for f in files {
+            fsio::remove_if_exists(&comp_path(f))?;
+        }
+        return Ok(());
+    }
+    let mut pending = Vec::new();
     for f in files {
         let comp = comp_path(f);
-        if backup_exists {
-            if !comp.exists() {
-                return Err(KnibError::not_found(format!("compressed file {} does not exist", comp.display())));
+        match (comp.exists(), f.exists()) {
+            (true, _) => pending.push((comp, f)),
+            (false, true) => log::info!("finalize: {} has no {}: finalized before", f.display(), comp.display()),
+            (false, false) => {
+                return Err(KnibError::not_found(format!(
+                    "neither {} nor its compressed file {} exists",
+                    f.display(),
+                    comp.display()
+                )))
             }
-            fsio::commit_rename(&comp, f)?;
-        } else {
-            fsio::remove_if_exists(&comp)?;
         }
+    }
+    if pending.is_empty() {
+        let comp = files.first().map(|f| comp_path(f)).unwrap_or_default();
+        return Err(KnibError::not_found(format!("compressed file {} does not exist", comp.display())));
+    }
+    for (comp, f) in pending {
+        fsio::commit_rename(&comp, f)?;
     }
     Ok(())
 }
