@@ -306,7 +306,7 @@ impl Store {
             }
         }
         let published = match in_vault {
-            None => self.vm_dir(&name).join(&j.plan.backup_id).join("manifest.json").exists(),
+            None => super::journal_check::published_in_store(&self.root, &name, &j.plan.backup_id)?,
             Some(t) => t.has(&name, &j.plan.backup_id)?,
         };
         let actions = if j.plan.stopped {

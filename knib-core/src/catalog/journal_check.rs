@@ -13,6 +13,9 @@
 //!   `old_delta`, if any, is `<base>.knib-delta-<id>` beside the base for a
 //!   plain id: the only files `recover` may merge or delete are knib deltas
 //!   of the domain's own disks;
+//! - `snapshots` and `grand_children` are empty (the catalog never writes
+//!   them: only the agent's requests name VM snapshot deltas and other
+//!   branches on the old delta);
 //! - `dest` is `<vm>/.<id>.part/<target>.qcow2` or `<vm>/<id>/<target>.qcow2`
 //!   (for a backup written to a vault: the vault's key of that file)
 //!   (only its tail is checked: the store may have been mounted elsewhere
@@ -25,8 +28,23 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::engine::live::{self, LivePlan, DELTA_MARKER};
-use crate::error::{KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::names;
+
+/// Whether backup `id` of VM `vm` is published in the store at `root`, as
+/// an interrupted backup's recovery decides it (finish or undo): its
+/// `vms/<vm>/<id>/manifest.json` is a regular file reached without
+/// following any link ([`super::confine`]). A link on the way (a backup
+/// directory pointed elsewhere) or a manifest that is no regular file is
+/// `corrupt`, naming it, and the recovery changes nothing.
+pub(crate) fn published_in_store(root: &Path, vm: &str, id: &str) -> Result<bool> {
+    let rel = Path::new("vms").join(vm).join(id).join("manifest.json");
+    match super::confine::check(root, &rel, super::confine::Want::File, "manifest") {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
 
 /// Check `plan`, read from `journal`, against the domain's disks (`disks`:
 /// each target with its current chain, active file first) and the VM's
@@ -75,6 +93,14 @@ pub fn check_plan(
         }
         if !d.snapshots.is_empty() {
             return Err(bad(format!("field `{}`: knib's own backups take no VM snapshot deltas", field("snapshots"))));
+        }
+        // Only the agent's requests name other branches on the old delta;
+        // recover would run `qemu-img info` and `rebase -u` on each.
+        if !d.grand_children.is_empty() {
+            return Err(bad(format!(
+                "field `{}`: knib's own backups re-point no other branch of a snapshot tree",
+                field("grand_children")
+            )));
         }
         let want = live::delta_path(&d.base, &plan.backup_id);
         if d.new_delta != want {

@@ -432,7 +432,7 @@ impl Store {
             vault_dest.as_ref().map(|f| f as &dyn Fn(&str) -> PathBuf),
         )?;
         let published = match in_vault {
-            None => self.vm_dir(&name).join(&id).join("manifest.json").exists(),
+            None => super::journal_check::published_in_store(&self.root, &name, &id)?,
             Some(t) => t.has(&name, &id)?,
         };
         let report = live::recover(&self.qemu_img, vm, &j.plan, published, ctl)?;

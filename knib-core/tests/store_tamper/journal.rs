@@ -40,6 +40,7 @@ fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
     let c2 = c.clone();
     let c3 = c.clone();
     let c4 = c.clone();
+    let c5 = c.clone();
     let rel = ["../../etc/passwd", "secret", "./x/../../y"][rng.below(3) as usize];
     vec![
         ("new_delta", Box::new(move |p: &mut LivePlan| p.disks[0].new_delta = c.clone())),
@@ -75,6 +76,7 @@ fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
             }),
         ),
         ("snapshots", Box::new(move |p: &mut LivePlan| p.disks[0].snapshots = vec![c4.clone()])),
+        ("grand_children", Box::new(move |p: &mut LivePlan| p.disks[0].grand_children = vec![c5.clone()])),
         ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "vdz".into())),
         ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "../vda".into())),
         ("backup_id", Box::new(|p: &mut LivePlan| p.backup_id = "../../x".into())),
@@ -180,6 +182,26 @@ fn recover_deletes_nothing_a_tampered_journal_names() {
     assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
     assert!(e.message.contains(&journal.display().to_string()), "{e}");
     assert_canary(&before, &canary_state(&outside), "linked journal");
+    // A journal of its own, with the backup's directory a link to a
+    // directory outside holding a manifest: not taken as published (it
+    // would be finished and made the chain's head), refused as corrupt
+    // naming the link, and nothing is changed.
+    std::fs::remove_file(&journal).unwrap();
+    let fake = outside.join("fake-backup");
+    std::fs::create_dir(&fake).unwrap();
+    std::fs::write(fake.join("manifest.json"), b"{}").unwrap();
+    symlink(&fake, vm_dir.join(ID)).unwrap();
+    let text = serde_json::to_string(&serde_json::json!({"schema": 1, "step": "merge", "plan": good})).unwrap();
+    std::fs::write(&journal, &text).unwrap();
+    let before = canary_state(&outside);
+    let e = store.recover_domain(&vm.vm, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&vm_dir.join(ID).display().to_string()), "{e}");
+    assert_canary(&before, &canary_state(&outside), "linked backup directory");
+    assert_eq!(std::fs::read_to_string(&journal).unwrap(), text, "the journal must be kept");
+    assert!(!vm_dir.join("state.json").exists(), "no head was recorded");
+    assert_eq!(vm.disk("vda").file, base);
+    std::fs::remove_file(vm_dir.join(ID)).unwrap();
     // The untampered journal of a backup that never started its
     // snapshot: recovered, and the disk is as it was.
     std::fs::remove_file(&journal).unwrap();
