@@ -33,7 +33,8 @@
 //!   reference to a cluster whose entry lacks it.
 //!
 //! What it returns ([`Scan`]) lets the merge check each cluster it writes:
-//! [`Scan::metadata`] names the metadata a host cluster holds, and
+//! [`Scan::metadata`] names the metadata a host cluster holds
+//! ([`Scan::kind`] says which), and
 //! [`Scan::end`] is a host cluster past every cluster that is referenced
 //! or counted, and past the end of the file, so that allocating from there
 //! can never land on a cluster any table references. Images with internal
@@ -42,12 +43,15 @@
 //! Memory: the references are counted in windows of at most
 //! [`SCAN_WINDOW_CLUSTERS`] host clusters (two bytes and three bits per
 //! cluster of the window), one window after the other, each pass reading
-//! the L2 tables and refcount blocks again, one at a time; and one map entry
-//! per metadata cluster. So the scan's memory does not grow with the size
-//! of the file (issue 18: a backup's memory stays under 32 MiB); a file of
+//! the L2 tables and refcount blocks again, one at a time; and two bits per
+//! host cluster of the file saying which metadata it holds (8 MiB at the
+//! most, for [`MAX_SCAN_CLUSTERS`]; a map entry per metadata cluster took
+//! about 100 bytes, half a gigabyte for an image of 4 Mi L2 tables), with
+//! the names of the few structures that are neither L2 tables nor refcount
+//! blocks. So the scan's memory does not grow with the size of the file
+//! beyond that (issue 18: a backup's memory stays under 32 MiB); a file of
 //! up to 64 GiB (with 64 KiB clusters) takes one pass.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -62,20 +66,110 @@ pub const MAX_SCAN_CLUSTERS: u64 = 32 << 20;
 /// Host clusters whose references one pass counts (2 MiB of counters).
 pub const SCAN_WINDOW_CLUSTERS: u64 = 1 << 20;
 
+/// What a metadata host cluster holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Meta {
+    /// An L2 table.
+    L2Table,
+    /// A refcount block.
+    RefcountBlock,
+    /// The header, the L1 table, the refcount table, or a bitmap's
+    /// directory, table or data.
+    Other,
+}
+
+/// The metadata host clusters of an image: two bits per host cluster of
+/// the file (none, an L2 table, a refcount block, other), and the names of
+/// the structures of the third kind but bitmap data clusters.
+#[derive(Debug, Default)]
+pub(crate) struct MetaMap {
+    bits: Vec<u64>,
+    /// Host clusters `lo..hi` holding what the name says.
+    named: Vec<(u64, u64, String)>,
+}
+
+impl MetaMap {
+    fn new(nclusters: u64) -> MetaMap {
+        MetaMap { bits: vec![0; nclusters.div_ceil(32) as usize], named: Vec::new() }
+    }
+
+    /// What host cluster `c` holds, if it is metadata.
+    pub(crate) fn kind(&self, c: u64) -> Option<Meta> {
+        let w = *self.bits.get(usize::try_from(c / 32).ok()?)?;
+        match (w >> (2 * (c % 32))) & 3 {
+            1 => Some(Meta::L2Table),
+            2 => Some(Meta::RefcountBlock),
+            3 => Some(Meta::Other),
+            _ => None,
+        }
+    }
+
+    /// Mark host cluster `c` (in the file) as holding `kind`.
+    fn set(&mut self, c: u64, kind: Meta) {
+        let code = match kind {
+            Meta::L2Table => 1u64,
+            Meta::RefcountBlock => 2,
+            Meta::Other => 3,
+        };
+        if let Some(w) = self.bits.get_mut((c / 32) as usize) {
+            *w |= code << (2 * (c % 32));
+        }
+    }
+
+    /// What host cluster `c` holds, named for a message ("an L2 table",
+    /// "the L1 table").
+    pub(crate) fn name(&self, c: u64) -> Option<String> {
+        Some(match self.kind(c)? {
+            Meta::L2Table => "an L2 table".into(),
+            Meta::RefcountBlock => "a refcount block".into(),
+            Meta::Other => match self.named.iter().find(|(lo, hi, _)| (*lo..*hi).contains(&c)) {
+                Some((_, _, n)) => format!("the {n}"),
+                None => "a data cluster of a bitmap".into(),
+            },
+        })
+    }
+
+    /// The metadata host clusters in `lo..hi`.
+    fn within(&self, lo: u64, hi: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut c = lo;
+        while c < hi {
+            match self.bits.get((c / 32) as usize) {
+                None => break,
+                Some(0) => c = (c / 32 + 1) * 32,
+                Some(_) => {
+                    if self.kind(c).is_some() {
+                        out.push(c);
+                    }
+                    c += 1;
+                }
+            }
+        }
+        out.retain(|&c| c < hi);
+        out
+    }
+}
+
 /// The metadata of an image, as found by [`scan`].
 #[derive(Debug)]
 pub(crate) struct Scan {
-    /// Host cluster -> the metadata it holds.
-    meta: HashMap<u64, String>,
+    /// What each metadata host cluster holds.
+    meta: MetaMap,
     /// A host cluster past every referenced or counted cluster and past the
     /// end of the file: where allocations may start.
     pub end: u64,
 }
 
 impl Scan {
-    /// The metadata host cluster `c` holds, if any.
-    pub fn metadata(&self, c: u64) -> Option<&str> {
-        self.meta.get(&c).map(String::as_str)
+    /// The metadata host cluster `c` holds, if any, named for a message
+    /// ("an L2 table").
+    pub fn metadata(&self, c: u64) -> Option<String> {
+        self.meta.name(c)
+    }
+
+    /// What host cluster `c` holds, if it is metadata.
+    pub fn kind(&self, c: u64) -> Option<Meta> {
+        self.meta.kind(c)
     }
 }
 
@@ -96,7 +190,7 @@ struct Refs<'a> {
     flagged: Vec<u64>,
     /// ... and whether that entry has the copied flag.
     copied: Vec<u64>,
-    meta: HashMap<u64, String>,
+    meta: MetaMap,
     /// One past the last host cluster referenced.
     max_ref: u64,
 }
@@ -133,15 +227,15 @@ impl Refs<'_> {
             bits.clear();
             bits.resize((hi - lo).div_ceil(64) as usize, 0);
         }
-        let meta: Vec<u64> = self.meta.keys().copied().filter(|&c| c >= lo && c < hi).collect();
-        for c in meta {
+        for c in self.meta.within(lo, hi) {
             self.count(c);
         }
     }
 
-    /// A metadata structure of `len` bytes at `offset`, cluster aligned and
-    /// in the file, sharing no host cluster with anything counted before.
-    fn metadata(&mut self, what: String, offset: u64, len: u64) -> Result<()> {
+    /// A metadata structure of `len` bytes at `offset` (`kind`, `what` in
+    /// messages, and its name kept with `named`), cluster aligned and in the
+    /// file, sharing no host cluster with anything counted before.
+    fn metadata(&mut self, kind: Meta, what: String, named: bool, offset: u64, len: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -151,17 +245,22 @@ impl Refs<'_> {
                 self.file_len
             )));
         }
-        for c in offset / self.cs..=(offset + len - 1) / self.cs {
-            if let Some(other) = self.meta.get(&c) {
-                return Err(self
-                    .corrupt(format!("{what} at {offset} overlaps the {other} (host cluster {c}): metadata overlap")));
+        let (first, last) = (offset / self.cs, (offset + len - 1) / self.cs);
+        for c in first..=last {
+            if let Some(other) = self.meta.name(c) {
+                return Err(
+                    self.corrupt(format!("{what} at {offset} overlaps {other} (host cluster {c}): metadata overlap"))
+                );
             }
             if self.refs_of(c) != 0 {
                 return Err(self
                     .corrupt(format!("{what} at {offset} overlaps guest data (host cluster {c}): metadata overlap")));
             }
-            self.meta.insert(c, what.clone());
+            self.meta.set(c, kind);
             self.count(c);
+        }
+        if named {
+            self.meta.named.push((first, last + 1, what));
         }
         Ok(())
     }
@@ -170,10 +269,8 @@ impl Refs<'_> {
     /// entry of guest cluster `guest` (with the copied flag or not).
     fn data(&mut self, guest: u64, c: u64, copied: bool) -> Result<()> {
         let what = format_args!("the L2 entry of guest cluster {guest}");
-        if let Some(m) = self.meta.get(&c) {
-            return Err(
-                self.corrupt(format!("{what} points at host cluster {c}, which holds the {m}: metadata overlap"))
-            );
+        if let Some(m) = self.meta.name(c) {
+            return Err(self.corrupt(format!("{what} points at host cluster {c}, which holds {m}: metadata overlap")));
         }
         if self.refs_of(c) != 0 {
             let shared = if self.is_compressed(c) { "compressed data" } else { "another L2 entry's data" };
@@ -206,10 +303,10 @@ impl Refs<'_> {
     /// entry of guest cluster `guest`.
     fn compressed(&mut self, guest: u64, c: u64) -> Result<()> {
         let what = format_args!("the L2 entry of guest cluster {guest}");
-        if let Some(m) = self.meta.get(&c) {
-            return Err(self.corrupt(format!(
-                "{what}: compressed data in host cluster {c}, which holds the {m}: metadata overlap"
-            )));
+        if let Some(m) = self.meta.name(c) {
+            return Err(
+                self.corrupt(format!("{what}: compressed data in host cluster {c}, which holds {m}: metadata overlap"))
+            );
         }
         if self.refs_of(c) != 0 && !self.is_compressed(c) {
             return Err(self.corrupt(format!(
@@ -287,14 +384,14 @@ fn scan_windowed(
         compressed: vec![0; nclusters.min(window.max(1)).div_ceil(64) as usize],
         flagged: vec![0; nclusters.min(window.max(1)).div_ceil(64) as usize],
         copied: vec![0; nclusters.min(window.max(1)).div_ceil(64) as usize],
-        meta: HashMap::new(),
+        meta: MetaMap::new(nclusters),
         max_ref: 0,
     };
-    r.metadata("header".into(), 0, cs)?;
+    r.metadata(Meta::Other, "header".into(), true, 0, cs)?;
     let l1_bytes = u64::from(h.l1_size) * 8;
-    r.metadata("L1 table".into(), h.l1_table_offset, l1_bytes)?;
+    r.metadata(Meta::Other, "L1 table".into(), true, h.l1_table_offset, l1_bytes)?;
     let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
-    r.metadata("refcount table".into(), h.refcount_table_offset, rt_bytes)?;
+    r.metadata(Meta::Other, "refcount table".into(), true, h.refcount_table_offset, rt_bytes)?;
 
     // Refcount blocks.
     let mut raw = vec![0u8; rt_bytes as usize];
@@ -305,13 +402,13 @@ fn scan_windowed(
             return Err(r.corrupt(format!("refcount table entry {i} ({e:#x}) has reserved bits set")));
         }
         if e != 0 {
-            r.metadata(format!("refcount block {i}"), e, cs)?;
+            r.metadata(Meta::RefcountBlock, format!("refcount block {i}"), false, e, cs)?;
         }
     }
 
     // Bitmaps in use: their directory, tables and data clusters.
     if let Some(b) = h.bitmaps.filter(|_| h.autoclear_features & super::header::AUTOCLEAR_BITMAPS != 0) {
-        r.metadata("bitmap directory".into(), b.directory_offset, b.directory_size)?;
+        r.metadata(Meta::Other, "bitmap directory".into(), true, b.directory_offset, b.directory_size)?;
         let mut dir = vec![0u8; b.directory_size as usize];
         file.read_exact_at(&mut dir, b.directory_offset).map_err(|e| io("cannot read the bitmap directory of", e))?;
         let mut pos = 0usize;
@@ -327,13 +424,13 @@ fn scan_windowed(
             if table_bytes > 64 << 20 {
                 return Err(r.corrupt(format!("bitmap {n}: its table of {table_size} entries is too large")));
             }
-            r.metadata(format!("table of bitmap {n}"), table_offset, table_bytes)?;
+            r.metadata(Meta::Other, format!("table of bitmap {n}"), true, table_offset, table_bytes)?;
             let mut table = vec![0u8; table_bytes as usize];
             file.read_exact_at(&mut table, table_offset).map_err(|e| io("cannot read a bitmap table of", e))?;
             for k in 0..table_size as usize {
                 let off = be64(&table, k) & OFFSET_MASK;
                 if off != 0 {
-                    r.metadata(format!("data cluster {k} of bitmap {n}"), off, cs)?;
+                    r.metadata(Meta::Other, format!("data cluster {k} of bitmap {n}"), false, off, cs)?;
                 }
             }
             pos += (24 + extra + name_size).div_ceil(8) as usize * 8;
@@ -349,7 +446,7 @@ fn scan_windowed(
             return Err(r.corrupt(format!("L1 entry {i} ({e:#018x}) has reserved bits set")));
         }
         if e & OFFSET_MASK != 0 {
-            r.metadata(format!("L2 table of L1 entry {i}"), e & OFFSET_MASK, cs)?;
+            r.metadata(Meta::L2Table, format!("L2 table of L1 entry {i}"), false, e & OFFSET_MASK, cs)?;
         }
     }
     // Each window of host clusters: the references the L2 tables make into
@@ -535,6 +632,38 @@ fn referrer(r: &Refs<'_>, file: &File, l1: &[u64], c: u64) -> Result<String> {
 
 impl Refs<'_> {
     fn metadata_name(&self, c: u64) -> String {
-        self.meta.get(&c).map(|m| format!(" (the {m})")).unwrap_or_default()
+        self.meta.name(c).map(|m| format!(" ({m})")).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two bits a cluster: what each holds, named; the clusters of a
+    /// window found across words; nothing past the file.
+    #[test]
+    fn the_metadata_map_keeps_kinds_names_and_windows() {
+        let mut m = MetaMap::new(100);
+        assert_eq!(m.bits.len(), 4, "two bits per cluster, 32 a word");
+        m.set(0, Meta::Other);
+        m.named.push((0, 1, "header".into()));
+        m.set(31, Meta::L2Table);
+        m.set(32, Meta::RefcountBlock);
+        m.set(70, Meta::Other);
+        m.set(99, Meta::L2Table);
+        m.set(5000, Meta::L2Table);
+        assert_eq!(m.kind(0), Some(Meta::Other));
+        assert_eq!(m.kind(31), Some(Meta::L2Table));
+        assert_eq!(m.kind(32), Some(Meta::RefcountBlock));
+        assert_eq!((m.kind(1), m.kind(30), m.kind(33), m.kind(5000), m.kind(u64::MAX)), (None, None, None, None, None));
+        assert_eq!(m.name(0).as_deref(), Some("the header"));
+        assert_eq!(m.name(31).as_deref(), Some("an L2 table"));
+        assert_eq!(m.name(32).as_deref(), Some("a refcount block"));
+        assert_eq!(m.name(70).as_deref(), Some("a data cluster of a bitmap"));
+        assert_eq!(m.within(0, 100), vec![0, 31, 32, 70, 99]);
+        assert_eq!(m.within(1, 70), vec![31, 32]);
+        assert_eq!(m.within(71, 99), Vec::<u64>::new());
+        assert_eq!(m.within(90, 200), vec![99]);
     }
 }
