@@ -63,11 +63,18 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl
         expect_exit: a.expect_exit,
         expect_output: a.expect_output.clone(),
     });
+    // The domain's XML names them: from knib's working directory, not
+    // libvirt's.
+    let absolute = |p: &Option<PathBuf>| -> Result<Option<PathBuf>> {
+        p.as_deref()
+            .map(|p| std::path::absolute(p).map_err(|e| KnibError::io("cannot make absolute", p, e)))
+            .transpose()
+    };
     let req = BootTestRequest {
         backup_files,
         work_dir: work_dir.clone(),
-        kernel: a.kernel.clone(),
-        initrd: a.initrd.clone(),
+        kernel: absolute(&a.kernel)?,
+        initrd: absolute(&a.initrd)?,
         cmdline: a.cmdline.clone(),
         memory_mib: a.memory,
         boot_timeout_secs: a.boot_timeout,

@@ -90,7 +90,17 @@ fn verify_boot_proves_a_backup_boots_and_checks_a_command() {
     let mut ok = base.to_vec();
     let shot_s = s(&shot);
     ok.extend(["--screenshot", &shot_s, "--exec", "/bin/cat", "/etc/knib-marker", "--expect-output", &marker]);
-    let out = knib(&ok);
+    // The kernel and initrd given relative to knib's working directory.
+    // Before, they went into the domain's XML as they were, and libvirt
+    // read them from its own working directory (/): `vmlinuz` booted the
+    // host's /vmlinuz; names that are not there did not start.
+    std::fs::copy(guest.join("vmlinuz"), d.path().join("guest-vmlinuz")).unwrap();
+    std::fs::copy(guest.join("initrd.img"), d.path().join("guest-initrd.img")).unwrap();
+    let mut relative = ok.clone();
+    assert_eq!((relative[5], relative[7]), ("--kernel", "--initrd"));
+    relative[6] = "guest-vmlinuz";
+    relative[8] = "guest-initrd.img";
+    let out = Command::new(env!("CARGO_BIN_EXE_knib")).args(&relative).current_dir(d.path()).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("{id}: boots")) && text.contains("command exited 0"), "{text}");

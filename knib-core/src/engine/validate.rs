@@ -300,6 +300,11 @@ fn check_request(req: &BootTestRequest) -> Result<()> {
     }
     for (what, file) in [("kernel", &req.kernel), ("initrd", &req.initrd)] {
         if let Some(f) = file {
+            // The domain's XML names it, and libvirt does not read a
+            // relative path from the caller's working directory.
+            if !f.is_absolute() {
+                return Err(KnibError::invalid(format!("boot test: {what} {} is not an absolute path", f.display())));
+            }
             if !f.is_file() {
                 return Err(KnibError::not_found(format!("boot test: {what} {} does not exist", f.display())));
             }
@@ -603,5 +608,41 @@ mod tests {
         assert_eq!(check_request(&r).unwrap_err().kind, ErrorKind::NotFound);
         r.backup_files = vec![("xda".into(), dir.join("knib-no-such-file"))];
         assert_eq!(check_request(&r).unwrap_err().kind, ErrorKind::InvalidInput);
+    }
+
+    /// A relative kernel or initrd would go into the domain's XML as it is
+    /// (before, only `is_file()` from knib's working directory was
+    /// checked): refused, naming it, even when it exists from here (the
+    /// package's directory, where cargo runs the tests).
+    #[test]
+    fn a_relative_kernel_or_initrd_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("vda.qcow2");
+        std::fs::write(&disk, b"").unwrap();
+        let rel = std::path::PathBuf::from("Cargo.toml");
+        assert!(rel.is_file());
+        let base = BootTestRequest {
+            backup_files: vec![("vda".into(), disk)],
+            work_dir: d.path().to_path_buf(),
+            kernel: Some(std::fs::canonicalize(&rel).unwrap()),
+            initrd: None,
+            cmdline: None,
+            memory_mib: 256,
+            boot_timeout_secs: 10,
+            screenshot: None,
+            command: None,
+            domain_type: None,
+            timing: CheckTiming::default(),
+        };
+        check_request(&base).unwrap();
+        let mut r = base.clone();
+        r.kernel = Some(rel.clone());
+        let e = check_request(&r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert_eq!(e.message, "boot test: kernel Cargo.toml is not an absolute path");
+        let mut r = base.clone();
+        r.initrd = Some(rel);
+        let e = check_request(&r).unwrap_err();
+        assert_eq!(e.message, "boot test: initrd Cargo.toml is not an absolute path");
     }
 }
