@@ -78,13 +78,26 @@ pub fn to_json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| KnibError::internal(format!("answer does not serialize: {e}")))
 }
 
-/// Fail unless `p` (field `field` of the request of `op`) is absolute.
+/// Fail unless `p` (field `field` of the request of `op`) is absolute: a
+/// relative one would be read from the working directory of whatever
+/// process hosts knib.
 pub fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
     if p.is_absolute() {
         Ok(())
+    } else if p.as_os_str().is_empty() {
+        Err(KnibError::invalid(format!("request of {op}: field `{field}` is empty")))
     } else {
         Err(KnibError::invalid(format!("request of {op}: field `{field}`: {} is not an absolute path", p.display())))
     }
+}
+
+/// [`absolute`] for a `store` field that may also name a vault
+/// (`s3://BUCKET/PREFIX`).
+pub fn store_or_vault(op: &str, field: &str, p: &Path) -> Result<()> {
+    if p.to_str().is_some_and(crate::vault::is_vault) {
+        return Ok(());
+    }
+    absolute(op, field, p)
 }
 
 /// Fail when list `v` (field `field` of the request of `op`) is empty.

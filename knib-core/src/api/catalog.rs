@@ -28,6 +28,7 @@ use crate::qemu_img::{CompressionLibrary, ImageFormat};
 use crate::vault::{SyncOptions, SyncReport, Vault};
 #[cfg(not(feature = "libvirt"))]
 use crate::wire::no_libvirt;
+use crate::wire::{absolute, store_or_vault};
 
 fn default_chain() -> i64 {
     DEFAULT_CHAIN_SIZE
@@ -111,6 +112,7 @@ pub(crate) struct VmSettingsReq {
 
 /// The settings of a VM, after a `vm.settings` request.
 pub(crate) fn vm_settings(r: VmSettingsReq) -> Result<crate::catalog::VmSettings> {
+    absolute("vm.settings", "store", &r.store)?;
     crate::names::validate("VM name", &r.vm)?;
     match r.backup_method {
         Some(m) => {
@@ -412,6 +414,7 @@ pub(crate) fn version() -> VersionAnswer {
 }
 
 pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView> {
+    absolute(op, "store", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let opts = BackupOptions {
         full: r.full,
@@ -497,6 +500,7 @@ fn vault_of(store: &std::path::Path) -> Result<Option<Vault>> {
 }
 
 pub(crate) fn list(r: ListReq) -> Result<Vec<BackupView>> {
+    store_or_vault("list", "store", &r.store)?;
     if let Some(v) = vault_of(&r.store)? {
         return Ok(v.list(r.vm.as_deref())?.iter().map(|m| BackupView::in_vault(&v, m)).collect());
     }
@@ -505,6 +509,7 @@ pub(crate) fn list(r: ListReq) -> Result<Vec<BackupView>> {
 }
 
 pub(crate) fn show(r: BackupRef) -> Result<BackupView> {
+    store_or_vault("show", "store", &r.store)?;
     if let Some(v) = vault_of(&r.store)? {
         return Ok(BackupView::in_vault(&v, &v.show(&r.backup)?));
     }
@@ -514,6 +519,8 @@ pub(crate) fn show(r: BackupRef) -> Result<BackupView> {
 }
 
 pub(crate) fn restore(r: RestoreReq, ctl: &Control) -> Result<RestoreAnswer> {
+    store_or_vault("restore", "store", &r.store)?;
+    absolute("restore", "to", &r.to)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     if let Some(v) = vault_of(&r.store)? {
         v.restore(&r.backup, &r.volume, &r.to, r.format, !r.no_verify, ctl)?;
@@ -530,6 +537,7 @@ pub fn restored(volume: String, to: PathBuf) -> RestoreAnswer {
 }
 
 pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Result<QuickRestoreAnswer> {
+    store_or_vault(op, "store", &r.store)?;
     #[cfg(feature = "libvirt")]
     {
         if let Some(loc) = r.store.to_str().filter(|s| crate::vault::is_vault(s)) {
@@ -566,6 +574,7 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
 }
 
 pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverAnswer> {
+    absolute(op, "store", &r.store)?;
     #[cfg(feature = "libvirt")]
     {
         let _ = op;
@@ -590,6 +599,7 @@ pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverA
 }
 
 pub(crate) fn compress(r: CompressReq, ctl: &Control) -> Result<BackupView> {
+    absolute("compress", "store", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let store = Store::open(&r.store)?;
     let opts = agent::compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
@@ -602,6 +612,7 @@ pub(crate) fn compress(r: CompressReq, ctl: &Control) -> Result<BackupView> {
 }
 
 pub(crate) fn verify(r: VerifyReq, ctl: &Control) -> Result<Vec<crate::catalog::VerifyReport>> {
+    store_or_vault("verify", "store", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     if let Some(v) = vault_of(&r.store)? {
         return Ok(v.verify(r.backup.as_deref(), ctl)?.reports);
@@ -610,6 +621,7 @@ pub(crate) fn verify(r: VerifyReq, ctl: &Control) -> Result<Vec<crate::catalog::
 }
 
 pub(crate) fn hash(r: HashReq, ctl: &Control) -> Result<HashAnswer> {
+    absolute("hash", "store", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let store = Store::open(&r.store)?;
     let m = store.show(&r.backup)?;
@@ -622,6 +634,7 @@ pub(crate) fn hash(r: HashReq, ctl: &Control) -> Result<HashAnswer> {
 }
 
 pub(crate) fn delete(r: BackupRef) -> Result<crate::catalog::DeleteOutcome> {
+    store_or_vault("delete", "store", &r.store)?;
     if let Some(v) = vault_of(&r.store)? {
         return v.delete(&r.backup);
     }
@@ -653,6 +666,7 @@ pub(crate) struct SyncReq {
 }
 
 pub(crate) fn sync(r: SyncReq, ctl: &Control) -> Result<SyncReport> {
+    absolute("sync", "store", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     if !crate::vault::is_vault(&r.to) {
         return Err(KnibError::invalid(format!("request of sync: field `to`: {:?} is not s3://BUCKET/PREFIX", r.to)));

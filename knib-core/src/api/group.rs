@@ -15,6 +15,7 @@ use crate::catalog::{DeleteOutcome, Store, DEFAULT_CHAIN_SIZE};
 use crate::error::Result;
 use crate::progress::Control;
 use crate::qemu_img::{CompressionLibrary, ImageFormat};
+use crate::wire::absolute;
 #[cfg(not(feature = "libvirt"))]
 use crate::wire::no_libvirt;
 
@@ -145,9 +146,9 @@ pub struct GroupDeleteAnswer {
 }
 
 pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<GroupRecord> {
+    absolute(op, "store", &r.store)?;
     #[cfg(feature = "libvirt")]
     {
-        let _ = op;
         let ctl = &agent::budget(ctl, r.timeout_secs);
         let opts = crate::catalog::group::GroupOptions {
             backup: crate::catalog::BackupOptions {
@@ -185,14 +186,18 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
 }
 
 pub(crate) fn list(r: StoreReq) -> Result<Vec<GroupRecord>> {
+    absolute("group.list", "store", &r.store)?;
     Store::open(&r.store)?.groups()
 }
 
 pub(crate) fn show(r: GroupRef) -> Result<GroupRecord> {
+    absolute("group.show", "store", &r.store)?;
     Store::open(&r.store)?.group(&r.group)
 }
 
 pub(crate) fn restore(r: GroupRestoreReq, ctl: &Control) -> Result<GroupRestoreAnswer> {
+    absolute("group.restore", "store", &r.store)?;
+    absolute("group.restore", "to", &r.to)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let (volumes, skipped) =
         Store::open(&r.store)?.restore_group(&r.group, &r.to, r.format, r.quick, !r.no_verify, r.partial, ctl)?;
@@ -200,13 +205,14 @@ pub(crate) fn restore(r: GroupRestoreReq, ctl: &Control) -> Result<GroupRestoreA
 }
 
 pub(crate) fn delete(r: GroupRef) -> Result<GroupDeleteAnswer> {
+    absolute("group.delete", "store", &r.store)?;
     Ok(GroupDeleteAnswer { members: Store::open(&r.store)?.delete_group(&r.group)? })
 }
 
 pub(crate) fn recover(op: &str, r: GroupRecoverReq, ctl: &Control) -> Result<Vec<GroupRecord>> {
+    absolute(op, "store", &r.store)?;
     #[cfg(feature = "libvirt")]
     {
-        let _ = op;
         Store::open(&r.store)?.recover_groups(r.connect.as_deref(), ctl)
     }
     #[cfg(not(feature = "libvirt"))]

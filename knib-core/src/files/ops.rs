@@ -21,6 +21,7 @@ use super::{Disk, EntryInfo, FsInfo, FsRef};
 use crate::catalog::Store;
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
+use crate::wire::{absolute, store_or_vault};
 
 /// Which backup's volume a request reads: its fields, as every `files.*`
 /// request has them.
@@ -49,10 +50,13 @@ impl Source<'_> {
             )),
             (None, true) => refuse("give `backup_path`, or `store`, `backup` and `volume`: none was given".into()),
             (None, false) => match (self.store, self.backup, self.volume) {
-                (Some(store), Some(backup), Some(volume)) => match store.to_str() {
-                    Some(s) if crate::vault::is_vault(s) => Disk::open_vault(s, backup, volume, ctl),
-                    _ => Disk::open_backup(&Store::open(store)?, backup, volume, ctl),
-                },
+                (Some(store), Some(backup), Some(volume)) => {
+                    store_or_vault(self.op, "store", store)?;
+                    match store.to_str() {
+                        Some(s) if crate::vault::is_vault(s) => Disk::open_vault(s, backup, volume, ctl),
+                        _ => Disk::open_backup(&Store::open(store)?, backup, volume, ctl),
+                    }
+                }
                 _ => {
                     let missing: Vec<&str> = catalog.iter().filter(|(_, g)| !*g).map(|(n, _)| *n).collect();
                     refuse(format!(
@@ -173,5 +177,6 @@ pub(crate) fn ls_op(r: &LsReq, ctl: &Control) -> Result<EntriesAnswer> {
 
 /// `files.get`.
 pub(crate) fn get_op(r: &GetReq, ctl: &Control) -> Result<GetSummary> {
+    absolute("files.get", "to", &r.to)?;
     source!("files.get", r).open(ctl)?.get_in(r.fs.as_ref(), &r.path, &r.to, ctl)
 }
