@@ -161,3 +161,61 @@ fn a_quiesced_backup_of_a_domain_without_an_agent_fails_and_changes_nothing() {
     assert_eq!(m.kind, BackupKind::Full);
     assert_eq!(store.list(None).unwrap().len(), 1);
 }
+
+/// A quiesced snapshot whose thaw fails (the guest agent restarted with a
+/// freeze hook that fails on `thaw`): libvirt reports an error after the
+/// disks were put on their new deltas. The backup fails, saying the
+/// snapshot was taken and undone; the VM runs on the files it ran on
+/// (nothing on a new delta, no delta file left), nothing is in the store,
+/// no journal is left, and the next backup is a plain full one. (Before
+/// the fix the error said "nothing was changed" and the VM consistent,
+/// the journal was deleted, and the disks stayed on the new deltas.)
+#[test]
+fn a_quiesced_snapshot_whose_thaw_fails_is_undone() {
+    if skip_without_libvirt("a_quiesced_snapshot_whose_thaw_fails_is_undone") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let g = GuestVm::boot("knib-thawfail", dir.path());
+    g.sh_ok(
+        "printf '#!/bin/sh\\n[ \"$1\" = thaw ] && exit 1\\nexit 0\\n' > /root/thaw-fails && chmod 755 /root/thaw-fails",
+    );
+    // The agent started again, with the hook (a detached shell: the agent
+    // running this command is the one it stops).
+    g.sh_ok(
+        "setsid sh -c 'sleep 2; kill $(pidof qemu-ga); sleep 1; exec /usr/sbin/qemu-ga -m virtio-serial \
+         -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log \
+         -F/root/thaw-fails' </dev/null >/dev/null 2>&1 &",
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    knib_core::libvirt::guest::wait_for_agent(&g.vm, Instant::now(), Duration::from_secs(120), &ctl()).unwrap();
+    // The hook is in place: a freeze works, its thaw fails (the guest is
+    // thawed all the same).
+    g.agent(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}));
+    let thaw = knib_core::libvirt::qemu_agent_command(&g.vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, 5);
+    assert!(thaw.as_ref().is_err_and(|e| e.message.contains("hook")), "{thaw:?}");
+    assert_eq!(g.fsfreeze_status(), "thawed");
+
+    let disks = g.disks();
+    let deltas = || -> Vec<PathBuf> {
+        tree(dir.path()).into_iter().filter(|p| p.to_string_lossy().contains(".knib-delta-")).collect()
+    };
+    let e = store.backup_domain(&g.vm, &BackupOptions::default(), true, &ctl()).unwrap_err();
+    assert_eq!(g.disks(), disks, "the VM runs on the files it ran on ({e})");
+    assert!(deltas().is_empty(), "delta files left: {:?}", deltas());
+    assert!(e.message.contains("the snapshot was taken"), "{e}");
+    assert!(!e.message.contains("nothing was changed"), "{e}");
+    assert_eq!(e.vm_consistent, Some(true), "{e}");
+    assert!(store.list(None).unwrap().is_empty());
+    let journal = store.root().join("vms").join(g.name()).join("journal.json");
+    assert!(!journal.exists(), "nothing is left to recover");
+    assert_eq!(g.fsfreeze_status(), "thawed");
+
+    let m = store.backup_domain(&g.vm, &BackupOptions::default(), false, &ctl()).unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+    assert_eq!(
+        disk_file(&backed_up_disk(&store, &m.id), "/etc/knib-marker").as_deref(),
+        Some(common::guest::test_guest().marker.as_str())
+    );
+}

@@ -284,8 +284,9 @@ pub fn take_to(
     journal(LiveStep::Snapshot)?;
     let files: Vec<(String, PathBuf)> = plan.disks.iter().map(|d| (d.target.clone(), d.new_delta.clone())).collect();
     crate::crashpoint::durable_step(&format!("snapshot of domain {}", vm.name()));
-    vm.snapshot_disk_only(&files, plan.quiesce)
-        .map_err(|e| e.context(format!("snapshot of domain {}", vm.name())).with_vm_consistent(true))?;
+    if let Err(e) = vm.snapshot_disk_only(&files, plan.quiesce) {
+        return Err(undo_failed_snapshot(q, vm, by, plan, e.context(format!("snapshot of domain {}", vm.name()))));
+    }
 
     let before_publish = (|| -> Result<Vec<VolumeResult>> {
         journal(LiveStep::Copy)?;
@@ -417,6 +418,60 @@ pub fn take_to(
         };
     }
     Ok(TakeBackupAnswer { volumes: results })
+}
+
+/// The error of a snapshot that failed, `e`, once the domain is as it was.
+/// libvirt may fail after the snapshot was made (a quiesced snapshot whose
+/// thaw of the guest's filesystems fails): each disk's current file is read
+/// back, and every disk running on its new delta is committed back into
+/// the file it ran on. The error says the VM is consistent only when no
+/// disk was on its new delta or every one was undone; otherwise (or when
+/// the domain's disks cannot be read) it is left for [`recover`].
+fn undo_failed_snapshot(q: &QemuImg, vm: &Vm, by: MergeBy, plan: &LivePlan, e: KnibError) -> KnibError {
+    let disks = match vm.disks() {
+        Ok(d) => d,
+        Err(r) => {
+            log::error!("after a failed snapshot of domain {}: {r}", vm.name());
+            let mut e = e;
+            e.message.push_str(&format!(
+                " (the disks of domain {} cannot be read back to see whether the snapshot was taken: {r})",
+                vm.name()
+            ));
+            return e.with_vm_consistent(false);
+        }
+    };
+    let on_new: Vec<&DiskPlan> =
+        plan.disks.iter().filter(|d| disks.iter().any(|i| i.target == d.target && i.file == d.new_delta)).collect();
+    if on_new.is_empty() {
+        return e.with_vm_consistent(true);
+    }
+    let undo = Control::new().with_deadline(crate::Deadline::from_secs(3600));
+    let mut failed = Vec::new();
+    for d in &on_new {
+        log::warn!(
+            "the failed snapshot of domain {} put disk {} on {}: undoing it",
+            vm.name(),
+            d.target,
+            d.new_delta.display()
+        );
+        if let Err(u) = commit_down(q, vm, by, d, &d.new_delta, d.old_top(), &undo) {
+            log::error!("undoing the snapshot of disk {}: {u}", d.target);
+            failed.push(format!("disk {}: {u}", d.target));
+        }
+    }
+    let targets: Vec<&str> = on_new.iter().map(|d| d.target.as_str()).collect();
+    let mut e = e;
+    if failed.is_empty() {
+        e.message.push_str(&format!(
+            " (the snapshot was taken all the same: disks {} were committed back into the files they ran on)",
+            targets.join(", ")
+        ));
+        e.with_vm_consistent(true)
+    } else {
+        e.message
+            .push_str(&format!(" (the snapshot was taken all the same, and undoing it failed: {})", failed.join("; ")));
+        e.with_vm_consistent(false)
+    }
 }
 
 /// How a domain's disk layers are merged: by block jobs (running) or on the

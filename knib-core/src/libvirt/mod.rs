@@ -309,8 +309,10 @@ impl Vm {
     /// With `quiesce`, the guest agent freezes the guest's filesystems
     /// around the snapshot; when there is no agent, or it does not answer,
     /// the snapshot fails with an [`ErrorKind::Hypervisor`] error saying so,
-    /// and nothing is changed. On a stopped domain libvirt creates the
-    /// overlays itself and `quiesce` is ignored.
+    /// and nothing is changed. libvirt also fails when the thaw after the
+    /// snapshot fails: the disks then run on their overlays, and the error
+    /// says the snapshot was taken (the caller undoes it). On a stopped
+    /// domain libvirt creates the overlays itself and `quiesce` is ignored.
     pub fn snapshot_disk_only<S: AsRef<str>, P: AsRef<Path>>(&self, new_files: &[(S, P)], quiesce: bool) -> Result<()> {
         if new_files.is_empty() {
             return Err(KnibError::invalid(format!("disk-only snapshot of domain {}: no disk was named", self.name)));
@@ -337,12 +339,32 @@ impl Vm {
         match self.dom.create_snapshot_xml(&snap_xml, flags) {
             // With NO_METADATA libvirt keeps no record: the handle is dropped.
             Ok(()) => Ok(()),
+            // Only a failure before the snapshot (the freeze) changes
+            // nothing: libvirt also fails when the thaw after it fails.
+            Err(e) if quiesce && is_agent_error(&e) && !self.on_any(new_files) => {
+                Err(KnibError::hypervisor(format!(
+                    "{}: the guest agent did not answer, so the guest could not be quiesced; nothing was changed ({})",
+                    what(),
+                    e.message()
+                )))
+            }
             Err(e) if quiesce && is_agent_error(&e) => Err(KnibError::hypervisor(format!(
-                "{}: the guest agent did not answer, so the guest could not be quiesced; nothing was changed ({})",
+                "{}: the snapshot was taken, but the guest agent failed afterwards (thawing the guest's filesystems): {}",
                 what(),
                 e.message()
             ))),
             Err(e) => Err(virt_error(what(), &e)),
+        }
+    }
+
+    /// Whether any disk named in `new_files` (target, file) runs on that
+    /// file now; a domain whose disks cannot be read is taken to.
+    fn on_any<S: AsRef<str>, P: AsRef<Path>>(&self, new_files: &[(S, P)]) -> bool {
+        match self.disks() {
+            Ok(disks) => {
+                new_files.iter().any(|(t, f)| disks.iter().any(|d| d.target == t.as_ref() && d.file == f.as_ref()))
+            }
+            Err(_) => true,
         }
     }
 }
