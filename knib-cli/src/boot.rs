@@ -1,6 +1,7 @@
 //! `knib verify --boot`: prove a backup boots, through the engine's boot
 //! test (a throwaway domain on overlays of the backup).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -35,7 +36,9 @@ pub struct BootArgs {
     /// Save a screenshot of the booted guest here (PNG).
     #[arg(long, requires = "boot")]
     pub screenshot: Option<PathBuf>,
-    /// Run this command in the guest (through the guest agent); repeat for its arguments.
+    /// Run this command in the guest (through the guest agent): its path and
+    /// arguments, up to knib's next option (`--exec=ARG` for an argument
+    /// that is one of knib's options).
     #[arg(long = "exec", num_args = 1.., value_name = "PATH ARG", requires = "boot")]
     pub exec: Vec<String>,
     /// The exit code the command must end with (default 0).
@@ -44,6 +47,46 @@ pub struct BootArgs {
     /// The output the command must print (trailing white space ignored).
     #[arg(long, requires = "exec")]
     pub expect_output: Option<String>,
+}
+
+/// The command line `args` with each word of the guest command after
+/// `--exec` given as `--exec=WORD`, so that a word starting with a hyphen
+/// (`/bin/sh -c ...`) is the command's, not an unknown option of knib's.
+/// The command ends at the next long option of `knib verify` (or a global
+/// one): `--exec /bin/sh -c 'echo hi' --expect-output hi`. A word that is
+/// one of those options is given as `--exec=WORD`.
+pub fn exec_words_apart(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    use clap::CommandFactory;
+    let cli = crate::Cli::command();
+    let verify = cli.find_subcommand("verify").expect("knib verify");
+    let longs: Vec<String> = cli
+        .get_arguments()
+        .chain(verify.get_arguments())
+        .filter_map(|a| a.get_long())
+        .chain(["help"])
+        .map(|l| format!("--{l}"))
+        .collect();
+    let is_option = |w: &OsString| {
+        let w = w.to_string_lossy();
+        longs.iter().any(|l| w == l.as_str() || w.strip_prefix(l.as_str()).is_some_and(|r| r.starts_with('=')))
+    };
+    let mut out = Vec::new();
+    let mut in_exec = false;
+    for w in args {
+        if w == "--exec" {
+            in_exec = true;
+            continue;
+        }
+        if in_exec && !is_option(&w) {
+            let mut e = OsString::from("--exec=");
+            e.push(&w);
+            out.push(e);
+            continue;
+        }
+        in_exec = false;
+        out.push(w);
+    }
+    out
 }
 
 /// Run the boot test of backup `id`, on libvirt at `connect`.
@@ -106,4 +149,54 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::{Cli, Command};
+
+    fn exec_of(args: &[&str]) -> (Vec<String>, Option<String>) {
+        let args = super::exec_words_apart(args.iter().map(|a| a.into()));
+        let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command {
+            Command::Verify { boot, .. } => (boot.exec, boot.expect_output),
+            _ => panic!("not verify"),
+        }
+    }
+
+    /// Before, clap refused the `-c` of `--exec /bin/sh -c ...` as an
+    /// unknown option of knib's. The command's words end at knib's next
+    /// option.
+    #[test]
+    fn exec_takes_arguments_that_start_with_a_hyphen() {
+        assert_eq!(
+            exec_of(&["knib", "verify", "--store", "/s", "b", "--boot", "--exec=/bin/sh", "--exec=-c", "--exec=-x"]).0,
+            ["/bin/sh", "-c", "-x"]
+        );
+        let base = ["knib", "verify", "--store", "/s", "b", "--boot", "--exec", "/bin/sh", "-c", "echo -n hi"];
+        assert_eq!(exec_of(&base).0, ["/bin/sh", "-c", "echo -n hi"]);
+        let mut more = base.to_vec();
+        more.extend(["--expect-output", "hi"]);
+        assert_eq!(exec_of(&more), (vec!["/bin/sh".into(), "-c".into(), "echo -n hi".into()], Some("hi".into())));
+        let json = ["knib", "verify", "--store", "/s", "b", "--boot", "--exec", "/bin/sh", "-v", "--json"];
+        assert_eq!(exec_of(&json).0, ["/bin/sh", "-v"]);
+        assert_eq!(
+            exec_of(&[
+                "knib",
+                "verify",
+                "--store",
+                "/s",
+                "b",
+                "--boot",
+                "--exec",
+                "/x",
+                "--exec=--json",
+                "--memory=64"
+            ])
+            .0,
+            ["/x", "--json"]
+        );
+    }
 }

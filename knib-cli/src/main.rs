@@ -147,15 +147,15 @@ enum Command {
         /// The image to write (must not exist).
         #[arg(long, required_unless_present = "quick")]
         to: Option<PathBuf>,
-        /// Its format.
-        #[arg(long, value_enum, default_value_t = Format::Qcow2)]
+        /// Its format (a quick restore's overlays are qcow2).
+        #[arg(long, value_enum, default_value_t = Format::Qcow2, conflicts_with = "quick")]
         format: Format,
         /// Quick restore: start the (stopped) domain at once on overlays of
         /// the backup; `knib consolidate` later pulls the data in.
         #[arg(long, requires = "domain", conflicts_with_all = ["volume", "to"])]
         quick: bool,
-        /// The domain to quick-restore onto.
-        #[arg(long)]
+        /// The domain to quick-restore onto (with --quick).
+        #[arg(long, conflicts_with_all = ["volume", "to"])]
         domain: Option<String>,
         /// Do not check the backup's files against their recorded hashes
         /// (by default every file of the chain is checked as it is read,
@@ -641,7 +641,7 @@ fn init_log(verbose: u8) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(boot::exec_words_apart(std::env::args_os()));
     if let Command::Group { command: group::GroupCommand::Backup(a) } = &cli.command {
         if let Err(why) = a.check() {
             use clap::CommandFactory;

@@ -423,6 +423,11 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
         compress: r.compress,
         method: r.method,
     };
+    if r.full && r.isolated {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: fields `full` and `isolated` exclude each other (an isolated backup is a full one outside the chain)"
+        )));
+    }
     if r.vm.is_some() && r.domain.is_none() {
         // What only a domain's backup does: refused, not ignored.
         if r.quiesce {

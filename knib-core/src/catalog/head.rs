@@ -128,6 +128,11 @@ pub(crate) fn decide_among(
     note_head: &dyn Fn(&Manifest, &str),
     check_chain: &dyn Fn(&Manifest) -> Result<()>,
 ) -> Result<Decision> {
+    if opts.full && opts.isolated {
+        return Err(KnibError::invalid(format!(
+            "backup of {vm}: full and isolated exclude each other (an isolated backup is a full one outside the chain)"
+        )));
+    }
     let decision = |kind: BackupKind, parent: Option<Manifest>, full_reason: Option<String>| {
         let position = parent.as_ref().map(|p: &Manifest| p.position.saturating_add(1)).unwrap_or(1);
         let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;

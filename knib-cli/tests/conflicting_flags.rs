@@ -1,0 +1,36 @@
+//! Options that contradict each other are refused as usage errors (status
+//! 2) before anything is opened, not silently ignored.
+
+use std::process::Command;
+
+fn knib(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_knib")).args(args).output().expect("knib runs")
+}
+
+/// Before, `--format raw` was ignored by a quick restore (its overlays are
+/// qcow2) and `--domain` by a plain restore; both went on to open the
+/// store (here: status 11, it does not exist).
+#[test]
+fn restore_refuses_options_the_kind_of_restore_ignores() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("none");
+    let store = store.to_str().unwrap();
+    for (args, names) in [
+        (
+            vec!["restore", "--store", store, "b", "--quick", "--domain", "d", "--format", "raw"],
+            ["--quick", "--format"],
+        ),
+        (
+            vec!["restore", "--store", store, "b", "--volume", "v", "--to", "/tmp/t", "--domain", "d"],
+            ["--domain", "--volume"],
+        ),
+    ] {
+        let out = knib(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("cannot be used with"), "{args:?}: {err}");
+        for n in names {
+            assert!(err.contains(n), "{args:?}: {err}");
+        }
+    }
+}
