@@ -7,6 +7,8 @@
 //! the connection and block status after the timeout, or at a cancel, and
 //! closing a connection to it does not hang.
 
+#![cfg(feature = "libvirt")]
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -22,7 +22,8 @@ pub fn validation_overlay(work_dir: &Path, vm_name: &str, uuid: &str) -> PathBuf
 }
 
 /// Whether `file_name` is an overlay [`validation_overlay`] names for VM
-/// `vm_name` (any volume).
+/// `vm_name` (any volume). Used by the live clean-up only.
+#[cfg(feature = "libvirt")]
 pub(crate) fn is_validation_overlay_of(file_name: &str, vm_name: &str) -> bool {
     let Some(stem) = file_name.strip_suffix(VALIDATION_SUFFIX) else { return false };
     let Some(at) = stem.rfind("..") else { return false };
