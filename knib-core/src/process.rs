@@ -301,19 +301,23 @@ mod tests {
     /// A Ctrl-C on a terminal reaches the child too: one that ends by
     /// SIGINT just before the caller cancels is cancelled (before: a
     /// failure of the program, "exit a signal"); one that ends by it with
-    /// no cancel is the program's own end.
+    /// no cancel is the program's own end. The child is perl, which resets
+    /// SIGINT to its default first: a shell cannot, and tests started in
+    /// the background of a non-interactive shell inherit SIGINT ignored
+    /// (`sh -c 'kill -INT $$'` then exits 0, which failed this test once).
     #[test]
     fn a_child_ended_by_sigint_as_the_caller_cancels_is_cancelled() {
+        const SELF_SIGINT: [&str; 2] = ["-e", "$SIG{INT} = 'DEFAULT'; kill 'INT', $$; sleep 5; exit 3"];
         let cancel = CancelToken::new();
         let ctl = Control::new().with_cancel(cancel.clone());
         let later = thread::spawn(move || {
             thread::sleep(Duration::from_millis(60));
             cancel.cancel();
         });
-        let e = Invocation::new("sh").args(["-c", "kill -INT $$"]).run(&ctl).unwrap_err();
+        let e = Invocation::new("perl").args(SELF_SIGINT).run(&ctl).unwrap_err();
         later.join().unwrap();
         assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
-        let f = Invocation::new("sh").args(["-c", "kill -INT $$"]).run(&Control::new()).unwrap();
+        let f = Invocation::new("perl").args(SELF_SIGINT).run(&Control::new()).unwrap();
         assert_eq!(f.code, None);
     }
 

@@ -91,6 +91,19 @@ pub fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
     }
 }
 
+/// [`absolute`] for the `store` field of an operation that needs a store
+/// directory: a vault (`s3://BUCKET/PREFIX`) there is named as one.
+pub fn store_dir(op: &str, p: &Path) -> Result<()> {
+    if p.to_str().is_some_and(crate::vault::is_vault) {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: field `store`: {} is a vault, and {op} needs a store directory \
+             (a vault takes sync, list, show, restore, verify, delete and files)",
+            p.display()
+        )));
+    }
+    absolute(op, "store", p)
+}
+
 /// [`absolute`] for a `store` field that may also name a vault
 /// (`s3://BUCKET/PREFIX`).
 pub fn store_or_vault(op: &str, field: &str, p: &Path) -> Result<()> {

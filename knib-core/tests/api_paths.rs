@@ -66,6 +66,24 @@ fn relative_or_empty_paths_are_refused_naming_the_field() {
     let e = call("restore", json!({"store": store_dir, "backup": m.id, "volume": "d", "to": ""})).unwrap_err();
     assert_eq!(e.message, "request of restore: field `to` is empty");
 
+    // A vault where a store directory is needed is named as one, not as
+    // a relative path (before: "s3://... is not an absolute path").
+    let vault = "s3://bucket/prefix";
+    for (op, req) in [
+        ("compress", json!({"store": vault, "backup": m.id})),
+        ("hash", json!({"store": vault, "backup": m.id})),
+        ("recover", json!({"store": vault, "domain": "v"})),
+        ("vm.settings", json!({"store": vault, "vm": "v", "backup_method": "snapshot"})),
+        ("group.list", json!({"store": vault})),
+    ] {
+        let e = call(op, req).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{op}: {e}");
+        assert!(
+            e.message.starts_with(&format!("request of {op}: field `store`: s3://bucket/prefix is a vault")),
+            "{op}: {e}"
+        );
+    }
+
     // Absolute paths are taken as before.
     let to = d.path().join("r.qcow2");
     call("restore", json!({"store": store_dir, "backup": m.id, "volume": "d", "to": to})).unwrap();

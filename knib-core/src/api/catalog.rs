@@ -28,7 +28,7 @@ use crate::qemu_img::{CompressionLibrary, ImageFormat};
 use crate::vault::{SyncOptions, SyncReport, Vault};
 #[cfg(not(feature = "libvirt"))]
 use crate::wire::no_libvirt;
-use crate::wire::{absolute, store_or_vault};
+use crate::wire::{absolute, store_dir, store_or_vault};
 
 fn default_chain() -> i64 {
     DEFAULT_CHAIN_SIZE
@@ -112,7 +112,7 @@ pub(crate) struct VmSettingsReq {
 
 /// The settings of a VM, after a `vm.settings` request.
 pub(crate) fn vm_settings(r: VmSettingsReq) -> Result<crate::catalog::VmSettings> {
-    absolute("vm.settings", "store", &r.store)?;
+    store_dir("vm.settings", &r.store)?;
     crate::names::validate("VM name", &r.vm)?;
     match r.backup_method {
         Some(m) => {
@@ -414,7 +414,7 @@ pub(crate) fn version() -> VersionAnswer {
 }
 
 pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView> {
-    absolute(op, "store", &r.store)?;
+    store_dir(op, &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let opts = BackupOptions {
         full: r.full,
@@ -579,7 +579,7 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
 }
 
 pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverAnswer> {
-    absolute(op, "store", &r.store)?;
+    store_dir(op, &r.store)?;
     #[cfg(feature = "libvirt")]
     {
         let _ = op;
@@ -604,7 +604,7 @@ pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverA
 }
 
 pub(crate) fn compress(r: CompressReq, ctl: &Control) -> Result<BackupView> {
-    absolute("compress", "store", &r.store)?;
+    store_dir("compress", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let store = Store::open(&r.store)?;
     let opts = agent::compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
@@ -626,7 +626,7 @@ pub(crate) fn verify(r: VerifyReq, ctl: &Control) -> Result<Vec<crate::catalog::
 }
 
 pub(crate) fn hash(r: HashReq, ctl: &Control) -> Result<HashAnswer> {
-    absolute("hash", "store", &r.store)?;
+    store_dir("hash", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let store = Store::open(&r.store)?;
     let m = store.show(&r.backup)?;
@@ -671,7 +671,7 @@ pub(crate) struct SyncReq {
 }
 
 pub(crate) fn sync(r: SyncReq, ctl: &Control) -> Result<SyncReport> {
-    absolute("sync", "store", &r.store)?;
+    store_dir("sync", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     if !crate::vault::is_vault(&r.to) {
         return Err(KnibError::invalid(format!("request of sync: field `to`: {:?} is not s3://BUCKET/PREFIX", r.to)));

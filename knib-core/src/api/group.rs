@@ -15,9 +15,9 @@ use crate::catalog::{DeleteOutcome, Store, DEFAULT_CHAIN_SIZE};
 use crate::error::Result;
 use crate::progress::Control;
 use crate::qemu_img::{CompressionLibrary, ImageFormat};
-use crate::wire::absolute;
 #[cfg(not(feature = "libvirt"))]
 use crate::wire::no_libvirt;
+use crate::wire::{absolute, store_dir};
 
 fn default_chain() -> i64 {
     DEFAULT_CHAIN_SIZE
@@ -146,7 +146,7 @@ pub struct GroupDeleteAnswer {
 }
 
 pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<GroupRecord> {
-    absolute(op, "store", &r.store)?;
+    store_dir(op, &r.store)?;
     #[cfg(feature = "libvirt")]
     {
         let ctl = &agent::budget(ctl, r.timeout_secs);
@@ -186,17 +186,17 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
 }
 
 pub(crate) fn list(r: StoreReq) -> Result<Vec<GroupRecord>> {
-    absolute("group.list", "store", &r.store)?;
+    store_dir("group.list", &r.store)?;
     Store::open(&r.store)?.groups()
 }
 
 pub(crate) fn show(r: GroupRef) -> Result<GroupRecord> {
-    absolute("group.show", "store", &r.store)?;
+    store_dir("group.show", &r.store)?;
     Store::open(&r.store)?.group(&r.group)
 }
 
 pub(crate) fn restore(r: GroupRestoreReq, ctl: &Control) -> Result<GroupRestoreAnswer> {
-    absolute("group.restore", "store", &r.store)?;
+    store_dir("group.restore", &r.store)?;
     absolute("group.restore", "to", &r.to)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let (volumes, skipped) =
@@ -205,12 +205,12 @@ pub(crate) fn restore(r: GroupRestoreReq, ctl: &Control) -> Result<GroupRestoreA
 }
 
 pub(crate) fn delete(r: GroupRef) -> Result<GroupDeleteAnswer> {
-    absolute("group.delete", "store", &r.store)?;
+    store_dir("group.delete", &r.store)?;
     Ok(GroupDeleteAnswer { members: Store::open(&r.store)?.delete_group(&r.group)? })
 }
 
 pub(crate) fn recover(op: &str, r: GroupRecoverReq, ctl: &Control) -> Result<Vec<GroupRecord>> {
-    absolute(op, "store", &r.store)?;
+    store_dir(op, &r.store)?;
     #[cfg(feature = "libvirt")]
     {
         Store::open(&r.store)?.recover_groups(r.connect.as_deref(), ctl)
