@@ -517,3 +517,70 @@ fn every_write_mode_writes_the_same_bytes_and_write_behind_leaves_the_cache_clea
 
 #[path = "qcow2_write/merge.rs"]
 mod merge;
+
+/// A crafted header can give an image a virtual size in the petabytes
+/// with almost nothing mapped (qcow2 allows 2 EiB: 2^40 guest clusters of
+/// 2 MiB). The native copy used to resolve every guest cluster twice (the
+/// plan, then the read): for the 16 PiB here, 2^33 clusters, hours of work
+/// on hostile input, stopped only by a deadline. It now steps over the L1
+/// ranges without an L2 table in every layer it reads; the copies (a delta
+/// with its data, zero and unmapped ranges, and the chain flattened over a
+/// shorter backing file, which reads zeros past its end) hold exactly what
+/// qemu reads. The deadline turns the old behaviour into a failure (a
+/// Timeout) rather than a hung test; it is not a speed bound. (16 PiB, not
+/// 2 EiB: qemu-img's own compare and map take minutes per image there.)
+#[test]
+fn a_huge_sparse_image_is_copied_by_its_l1_table() {
+    const E: u64 = 1 << 53;
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", p(&base), "64M"]);
+    qemu_io(&base, &["write -q -P 0x11 0 8M".to_string(), "write -q -P 0x22 62M 2M".to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+        "16P",
+    ]);
+    let end = 2 * E;
+    qemu_io(
+        &top,
+        &[
+            "write -q -P 0x5a 2M 2M".to_string(),
+            "write -q -z 4M 2M".to_string(),
+            format!("write -q -P 0x6b {} 2M", E),
+            format!("write -q -z {} 2M", E + (1 << 45)),
+            format!("write -q -P 0x7c {} 4M", end - 4 * M),
+        ],
+    );
+    let ctl = || Control::new().with_deadline(knib_core::Deadline::after(std::time::Duration::from_secs(120)));
+    for (name, mode, backing) in [("delta", SourceMode::Top, Some("base.qcow2")), ("flat", SourceMode::Chain, None)] {
+        let out = d.path().join(format!("{name}.qcow2"));
+        let opts = CopyOptions {
+            mode,
+            backing: backing.map(|b| BackingRef { name: b.to_string(), format: "qcow2".into() }),
+            hash: true,
+            threads: 2,
+            ..Default::default()
+        };
+        let r = copy_image(&top, &out, &opts, &ctl(), &mut |_| Ok(()))
+            .unwrap_or_else(|e| panic!("{name} copy of the 16 PiB image: {e}"));
+        assert_clean(&out);
+        assert_same(&out, &top);
+        // Data: the top's four clusters; flattened, also the base's
+        // clusters 0, 3 and 31 (its 1 and 2 are the top's data and zero).
+        let data = if mode == SourceMode::Top { 4 } else { 7 };
+        assert_eq!(r.summary.data_clusters, data, "{name}: {r:?}");
+        let info = info(&out);
+        assert_eq!(info["virtual-size"].as_u64(), Some(end), "{name}");
+    }
+}

@@ -297,18 +297,22 @@ fn prepare(
     let mut plan = Layout::new(spec.clone(), CountSink::default(), None)?;
     let zero_cluster = vec![0u8; src.cs as usize];
     let mut data_clusters = 0u64;
-    for i in 0..src.clusters() {
-        if i % 4096 == 0 {
+    let (mut i, mut looked) = (0u64, 0u64);
+    while i < src.clusters() {
+        if looked % 4096 == 0 {
             ctl.check(&step)?;
         }
+        looked += 1;
+        let mut next = i + 1;
         match src.resolve(i)? {
-            Resolved::Skip => {}
+            Resolved::Skip => next = src.after_skip(i)?,
             Resolved::Zero => plan.push_zero(i, 1)?,
             _ => {
                 data_clusters += 1;
                 plan.push_data(i, &zero_cluster)?;
             }
         }
+        i = next;
     }
     let (planned_header, _, planned) = plan.finish()?;
     let bound = match opts.format {

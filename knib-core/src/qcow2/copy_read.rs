@@ -72,6 +72,9 @@ pub(super) struct Source {
     pub(super) size: u64,
     /// The hasher of each layer (0 = top), when source hashes are asked for.
     pub(super) hashers: Vec<SourceHasher>,
+    /// Per layer (0 = top), the last answer of [`Source::next_mapped`]:
+    /// (asked from, first mapped cluster at or after it).
+    mapped: Vec<Option<(u64, u64)>>,
 }
 
 impl Source {
@@ -92,7 +95,8 @@ impl Source {
             }
         };
         let (cs, bits, size) = (top.cluster_size(), top.header().cluster_bits, top.virtual_size());
-        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new() })
+        let mapped = vec![None; 1 + backing.len()];
+        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new(), mapped })
     }
 
     /// Hash every file of the source as it is read.
@@ -132,6 +136,81 @@ impl Source {
 
     pub(super) fn clusters(&self) -> u64 {
         self.size.div_ceil(self.cs)
+    }
+
+    /// The first cluster at or after `index` that may not resolve to
+    /// [`Resolved::Skip`]: every cluster before it is unallocated in each
+    /// layer the copy reads (or, flattened, past the end of a shorter
+    /// layer). Only the L1 tables are looked at, so a copy of a huge,
+    /// mostly unmapped image (a crafted header can ask for 2^61 bytes)
+    /// steps over its holes a table range at a time instead of resolving
+    /// billions of clusters. `index` itself when it may hold data.
+    pub(super) fn next_candidate(&mut self, index: u64) -> Result<u64> {
+        let mut end = self.next_mapped(0, index)?.min(self.clusters());
+        if end <= index || self.mode == SourceMode::Top {
+            return Ok(end.max(index));
+        }
+        let (upper, delta) = match self.mode {
+            SourceMode::Above(n) => (n, true),
+            _ => (self.backing.len(), false),
+        };
+        let start = index * self.cs;
+        for layer in 1..=upper {
+            let (size, same_clusters) = match &self.backing[layer - 1] {
+                Layer::Qcow2(img) => (img.virtual_size(), img.cluster_size() == self.cs),
+                Layer::Raw(r) => (r.virtual_size(), false),
+            };
+            if start >= size {
+                // Past this layer's end: a flattened copy reads zeros there
+                // whatever lies below (resolve's Skip), a delta above a
+                // base writes them (Complex).
+                return Ok(if delta { index } else { end });
+            }
+            // Raw data, other cluster sizes and a layer ending inside the
+            // range: cluster by cluster, as resolve does.
+            let whole = size / self.cs;
+            if !same_clusters || whole <= index {
+                return Ok(index);
+            }
+            end = end.min(whole).min(self.next_mapped(layer, index)?);
+            if end <= index {
+                return Ok(index);
+            }
+        }
+        Ok(end)
+    }
+
+    /// The next cluster to resolve after cluster `index` resolved to
+    /// [`Resolved::Skip`]: past the unmapped ranges at the start of an L1
+    /// range of the top ([`Source::next_candidate`]), else the next one.
+    pub(super) fn after_skip(&mut self, index: u64) -> Result<u64> {
+        if !index.is_multiple_of(self.top.header().l2_entries()) {
+            return Ok(index + 1);
+        }
+        Ok(self.next_candidate(index)?.max(index + 1))
+    }
+
+    /// The first cluster at or after `index` in a range of qcow2 layer
+    /// `layer`'s L1 table that has an L2 table. Copies ask in guest order,
+    /// so the last answer is kept and each stretch of an L1 table is
+    /// scanned once.
+    fn next_mapped(&mut self, layer: usize, index: u64) -> Result<u64> {
+        if let Some(Some((from, next))) = self.mapped.get(layer) {
+            if *from <= index && index <= *next {
+                return Ok(*next);
+            }
+        }
+        let next = match layer {
+            0 => self.top.next_mapped_cluster(index)?,
+            _ => match &self.backing[layer - 1] {
+                Layer::Qcow2(img) => img.next_mapped_cluster(index)?,
+                Layer::Raw(_) => index,
+            },
+        };
+        if let Some(m) = self.mapped.get_mut(layer) {
+            *m = Some((index, next));
+        }
+        Ok(next)
     }
 
     pub(super) fn resolve(&mut self, index: u64) -> Result<Resolved> {
@@ -309,6 +388,7 @@ pub(super) fn fill_batch(src: &mut Source, batch: &mut Batch, index: &mut u64, b
     };
     while *index < scan_end && batch.used + run.map_or(0, |r| r.3 as usize * cs) < batch_bytes {
         let i = *index;
+        let mut next = i + 1;
         let r = src.resolve(i)?;
         match r {
             Resolved::Host { layer, offset } => {
@@ -325,7 +405,8 @@ pub(super) fn fill_batch(src: &mut Source, batch: &mut Batch, index: &mut u64, b
             other => {
                 flush_run(src, batch, &mut run)?;
                 match other {
-                    Resolved::Skip | Resolved::Host { .. } => {}
+                    Resolved::Skip => next = src.after_skip(i)?,
+                    Resolved::Host { .. } => {}
                     Resolved::Zero => match batch.items.last_mut() {
                         Some(Item::Zero { index: z, count }) if *z + *count == i => *count += 1,
                         _ => batch.items.push(Item::Zero { index: i, count: 1 }),
@@ -345,7 +426,7 @@ pub(super) fn fill_batch(src: &mut Source, batch: &mut Batch, index: &mut u64, b
                 }
             }
         }
-        *index += 1;
+        *index = next;
     }
     flush_run(src, batch, &mut run)?;
     // Bytes past the virtual size in the last cluster are stored as zeros.

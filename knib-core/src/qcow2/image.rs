@@ -326,6 +326,25 @@ impl Qcow2Image {
         }
     }
 
+    /// The first guest cluster at or after `index` whose range of the L1
+    /// table has an L2 table ([`Qcow2Image::guest_clusters`] when none
+    /// has): every cluster before it is unallocated here. Reads the L1
+    /// table only (its entries checked), so a copy can step over the
+    /// unmapped ranges of a huge, sparse image instead of asking for each
+    /// cluster.
+    pub(crate) fn next_mapped_cluster(&self, index: u64) -> Result<u64> {
+        let total = self.guest_clusters();
+        let l2_entries = self.header.l2_entries();
+        let mut r = index / l2_entries;
+        while r * l2_entries < total {
+            if self.l2_table_offset(r as usize)? != 0 {
+                return Ok((r * l2_entries).max(index));
+            }
+            r += 1;
+        }
+        Ok(total.max(index))
+    }
+
     /// The open file (`None` for an in-memory image).
     pub(crate) fn file(&self) -> Option<&File> {
         match &self.storage {
