@@ -31,6 +31,8 @@ pub fn temp_path(path: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct TempFile {
     path: PathBuf,
+    /// The file as created (written through this, never reopened by name).
+    file: fs::File,
     committed: bool,
 }
 
@@ -50,7 +52,7 @@ impl TempFile {
             t.push(format!(".knib-{}-{}.part", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
             let path = dest.with_file_name(t);
             match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
-                Ok(_) => return Ok(TempFile { path, committed: false }),
+                Ok(file) => return Ok(TempFile { path, file, committed: false }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(KnibError::io("cannot create", &path, e)),
             }
@@ -64,6 +66,11 @@ impl TempFile {
     /// Its path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file it created (open for writing).
+    pub fn file(&self) -> &fs::File {
+        &self.file
     }
 
     /// Rename it to `dest`, made durable: over an entry there only with

@@ -13,7 +13,6 @@
 //!   bitmaps, auto-clear or unknown compatible features) is refused before
 //!   anything is written.
 
-use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -50,8 +49,9 @@ const COMPAT_LAZY_REFCOUNTS: u64 = 1;
 /// Replace the qcow2 image at `path` (whose header is `header`) with an
 /// empty one of the same shape: virtual size, cluster size, compression
 /// type, backing pointer and backing format, the lazy refcounts feature,
-/// owner and mode. Written under a temporary name in the same directory,
-/// fsynced, renamed over `path`, and the directory fsynced.
+/// owner and mode. Written under a temporary name in the same directory
+/// ([`crate::fsio::TempFile`]), fsynced, renamed over `path`, and the
+/// directory fsynced; on an error the temporary file is removed.
 ///
 /// Errors ([`crate::ErrorKind::InvalidInput`], nothing written): the image has
 /// what an empty image of this shape would drop: internal snapshots,
@@ -76,28 +76,20 @@ pub fn empty_image(path: &Path, header: &super::Header) -> Result<()> {
     // Compatible features (v3 header bytes 80..88): lazy refcounts is kept.
     body[80..88].copy_from_slice(&(header.compatible_features & COMPAT_LAZY_REFCOUNTS).to_be_bytes());
     let meta = std::fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;
-    let tmp = crate::fsio::temp_path(path);
-    let result = (|| {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| KnibError::io("cannot create", &tmp, e))?;
-        f.write_all_at(&body, 0).map_err(|e| KnibError::io("cannot write", &tmp, e))?;
-        f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
-            .map_err(|e| KnibError::io("cannot set the mode of", &tmp, e))?;
-        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))
-            .map_err(|e| KnibError::io("cannot set the owner of", &tmp, e))?;
-        f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
-        crate::fsio::sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    // A fresh name beside the image, created exclusively and never through
+    // a link: the image's directory may be a primary storage pool, where a
+    // fixed name (`.<image>.part`, before) could be a link planted to
+    // another file, truncated and then renamed over the image.
+    let tmp = crate::fsio::TempFile::beside(path)?;
+    let f = tmp.file();
+    let at = tmp.path();
+    f.write_all_at(&body, 0).map_err(|e| KnibError::io("cannot write", at, e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(|e| KnibError::io("cannot set the mode of", at, e))?;
+    std::os::unix::fs::fchown(f, Some(meta.uid()), Some(meta.gid()))
+        .map_err(|e| KnibError::io("cannot set the owner of", at, e))?;
+    // fsync of the file and of the directory after the rename.
+    tmp.commit(path, true)
 }
 
 impl super::Qcow2Image {

@@ -323,3 +323,43 @@ fn a_write_before_the_merge_takes_its_lock_is_merged() {
     assert_same(&top, &before);
     assert_clean(&base);
 }
+
+/// The top is emptied under a temporary name beside it, in a directory
+/// that may be a primary storage pool. It was the fixed name
+/// `.<top>.part`, opened with create+truncate: a link planted there had its
+/// target truncated and overwritten with an empty qcow2 header, and was
+/// then renamed over the top (the top became the link). The name is now
+/// made exclusively and never followed: the planted link and its target
+/// stay as they were, the top is a regular file, emptied, and no
+/// temporary file is left.
+#[test]
+fn emptying_the_top_never_writes_through_a_planted_link() {
+    let d = tempfile::tempdir().unwrap();
+    let top = d.path().join("top.qcow2");
+    let base = d.path().join("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"]);
+    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    qemu_io(&top, &["write -P 0x5e 0 1M".into()]);
+    let before = d.path().join("before.raw");
+    qemu_img(&["convert", "-O", "raw", p(&top), p(&before)]);
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"an operator's file").unwrap();
+    let link = d.path().join(".top.qcow2.part");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+
+    let mut c = Commit::prepare(&top).unwrap().unwrap();
+    c.run(&Control::new()).unwrap();
+    c.empty_top().unwrap();
+    drop(c);
+    let kept = std::fs::read(&victim).unwrap();
+    assert!(kept == b"an operator's file", "the planted link's target was overwritten ({} bytes now)", kept.len());
+    assert_eq!(std::fs::read_link(&link).unwrap(), victim);
+    assert!(std::fs::symlink_metadata(&top).unwrap().file_type().is_file());
+    assert_clean(&top);
+    assert_same(&top, &before);
+    assert_eq!(Qcow2Image::open(&top).unwrap().cluster_state(0).unwrap(), ClusterState::Unallocated);
+    let mut names: Vec<String> =
+        std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, [".top.qcow2.part", "base.qcow2", "before.raw", "top.qcow2", "victim"]);
+}
