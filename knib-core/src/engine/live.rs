@@ -668,13 +668,7 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
                 // go there first, or it is kept.
                 if d.old_delta.as_deref() == Some(f) {
                     for g in repoint_grand_children(q, d, f, ctl)? {
-                        rep.actions.push(format!(
-                            "{}: re-pointed {} at {} (it was on {})",
-                            d.target,
-                            g.display(),
-                            d.base.display(),
-                            f.display()
-                        ));
+                        rep.actions.push(super::stopped::repointed_line(&d.target, &g, &d.base, f));
                     }
                 }
                 fsio::remove_if_exists(f)?;

@@ -252,6 +252,12 @@ pub fn merge_into_parent(
     fsio::remove_if_exists(child)
 }
 
+/// The recover report's line for grand child `g` of volume or disk `name`,
+/// re-pointed from `old` at `base` ([`repoint_grand_children`]).
+pub(crate) fn repointed_line(name: &str, g: &Path, base: &Path, old: &Path) -> String {
+    format!("{name}: re-pointed {} at {} (it was on {})", g.display(), base.display(), old.display())
+}
+
 /// Before `old`, a delta out of its volume's chain because it was
 /// committed into `base` (which holds its data since), is removed: each of
 /// `grand_children` whose backing file is still `old` (a merge interrupted
@@ -583,13 +589,7 @@ fn repoint_before_removal(
     for g in repoint_grand_children(q, old, &d.base, &d.grand_children, &to_base, ctl)
         .map_err(|e| e.context(format!("volume {}", d.name)))?
     {
-        rep.actions.push(format!(
-            "{}: re-pointed {} at {} (it was on {})",
-            d.name,
-            g.display(),
-            d.base.display(),
-            old.display()
-        ));
+        rep.actions.push(repointed_line(&d.name, &g, &d.base, old));
     }
     Ok(())
 }

@@ -584,12 +584,12 @@ mod tests {
         assert!(tail.iter().all(|l| l.len() <= 64 * 1024));
     }
 
-    #[test]
-    fn refuses_bad_requests() {
-        let dir = std::env::temp_dir();
-        let base = BootTestRequest {
-            backup_files: vec![],
-            work_dir: dir.clone(),
+    /// A boot test of `backup_files` in `work_dir`, every other field its
+    /// plain value.
+    fn request(backup_files: Vec<(String, PathBuf)>, work_dir: &Path) -> BootTestRequest {
+        BootTestRequest {
+            backup_files,
+            work_dir: work_dir.to_path_buf(),
             kernel: None,
             initrd: None,
             cmdline: None,
@@ -599,7 +599,13 @@ mod tests {
             command: None,
             domain_type: None,
             timing: CheckTiming::default(),
-        };
+        }
+    }
+
+    #[test]
+    fn refuses_bad_requests() {
+        let dir = std::env::temp_dir();
+        let base = request(vec![], &dir);
         assert_eq!(check_request(&base).unwrap_err().kind, ErrorKind::InvalidInput);
         let mut r = base.clone();
         r.backup_files = vec![("../vda".into(), dir.join("nothing"))];
@@ -621,19 +627,8 @@ mod tests {
         std::fs::write(&disk, b"").unwrap();
         let rel = std::path::PathBuf::from("Cargo.toml");
         assert!(rel.is_file());
-        let base = BootTestRequest {
-            backup_files: vec![("vda".into(), disk)],
-            work_dir: d.path().to_path_buf(),
-            kernel: Some(std::fs::canonicalize(&rel).unwrap()),
-            initrd: None,
-            cmdline: None,
-            memory_mib: 256,
-            boot_timeout_secs: 10,
-            screenshot: None,
-            command: None,
-            domain_type: None,
-            timing: CheckTiming::default(),
-        };
+        let mut base = request(vec![("vda".into(), disk)], d.path());
+        base.kernel = Some(std::fs::canonicalize(&rel).unwrap());
         check_request(&base).unwrap();
         let mut r = base.clone();
         r.kernel = Some(rel.clone());
