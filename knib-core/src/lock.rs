@@ -28,10 +28,13 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::libc;
 use rustix::fs::{fcntl_lock, flock, FlockOperation};
+
+use crate::error::{ErrorKind, KnibError, Result};
 
 /// Take a POSIX record write lock on the whole of `file`, owned by this
 /// process, without waiting (`fcntl(F_SETLK)`, `F_WRLCK`): `Ok(false)` when
@@ -139,6 +142,29 @@ pub fn held_like_qemu(file: &File) -> io::Result<bool> {
     };
     fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut fl))?;
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Fail as busy, naming the file, when a process holds QEMU's image locks
+/// on one of `files` ([`held_like_qemu`]); files that do not exist are
+/// skipped. Nothing is written.
+pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
+    for f in files {
+        let file = match std::fs::File::open(f) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(KnibError::io("cannot open", f, e)),
+        };
+        if held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
+            return Err(KnibError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is in use by another process (it holds QEMU's image lock: a running VM, or qemu-img): {what} refused, nothing was written",
+                    f.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

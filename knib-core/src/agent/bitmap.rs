@@ -233,7 +233,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
     }
     if vm.is_none() {
         let files: Vec<&Path> = r.volumes.iter().map(|v| v.path.as_path()).collect();
-        crate::engine::stopped::ensure_unused(&files, &format!("{op} of a VM without a domain")).map_err(consistent)?;
+        crate::lock::ensure_unused(&files, &format!("{op} of a VM without a domain")).map_err(consistent)?;
     }
     let (plan, full_reason) = plan(op, vm.as_ref(), r, &q, ctl).map_err(consistent)?;
     for d in &plan.disks {

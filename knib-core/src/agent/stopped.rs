@@ -5,8 +5,9 @@
 //! documentation of [`crate::agent`]). Needs no libvirt.
 
 use super::*;
-use crate::engine::stopped::{self as files_engine, ensure_unused, FilesDisk, FilesPlan};
+use crate::engine::stopped::{self as files_engine, FilesDisk, FilesPlan};
 use crate::engine::take::BackupKind;
+use crate::lock::ensure_unused;
 use crate::qcow2::relative_pointer;
 
 /// Every file on primary the request names (those that exist are tested

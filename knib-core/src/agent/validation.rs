@@ -118,7 +118,7 @@ fn replaceable_volume(path: &Path, ctl: &Control) -> Result<()> {
     if !meta.is_file() {
         return Err(refuse("is not a regular file".into()));
     }
-    engine::stopped::ensure_unused(&[path], "replacing it with a validation overlay")?;
+    crate::lock::ensure_unused(&[path], "replacing it with a validation overlay")?;
     if meta.len() == 0 {
         return Ok(());
     }

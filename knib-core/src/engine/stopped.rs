@@ -33,6 +33,7 @@ use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
+use crate::lock::ensure_unused;
 use crate::progress::Control;
 use crate::qcow2::{relative_pointer, SourceMode, TargetFormat};
 use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
@@ -92,29 +93,6 @@ pub struct FilesPlan {
     pub data_path: DataPath,
     /// Compress the backup files as they are copied.
     pub compress: Option<CompressionLibrary>,
-}
-
-/// Fail as busy, naming the file, when a process holds QEMU's image locks
-/// on one of `files` ([`crate::lock::held_like_qemu`]); files that do not
-/// exist are skipped. Nothing is written.
-pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
-    for f in files {
-        let file = match std::fs::File::open(f) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(KnibError::io("cannot open", f, e)),
-        };
-        if crate::lock::held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
-            return Err(KnibError::new(
-                ErrorKind::Busy,
-                format!(
-                    "{} is in use by another process (it holds QEMU's image lock: a running VM, or qemu-img): {what} refused, nothing was written",
-                    f.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// The backing pointer a file at `from` gets to `to`: relative to `from`'s

@@ -265,7 +265,7 @@ fn inspect_with_qemu_img(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) ->
 /// afterwards cannot tell what the delta follows and takes a full backup.
 /// A disk (or its knib base, or the overlay that replaces it) that a
 /// process holds QEMU's image locks on, a VM running on it, is refused as
-/// busy before anything is written ([`super::stopped::ensure_unused`]).
+/// busy before anything is written ([`crate::lock::ensure_unused`]).
 pub fn take_backup(q: &QemuImg, req: &TakeBackupRequest, ctl: &Control) -> Result<TakeBackupAnswer> {
     take_backup_with(q, req, ctl, &mut |_| {
         if req.kind != BackupKind::Isolated {
@@ -339,7 +339,7 @@ fn take_backup_to(
     // anything is written, even a repair.
     for v in &req.volumes {
         let (base, new) = (base_path(&v.disk), new_overlay_path(&v.disk));
-        super::stopped::ensure_unused(&[&v.disk, &base, &new], &format!("the backup of volume {}", v.name)).map_err(
+        crate::lock::ensure_unused(&[&v.disk, &base, &new], &format!("the backup of volume {}", v.name)).map_err(
             |mut e| {
                 e.message.push_str(
                     " (a running VM is backed up through its libvirt domain, knib backup --domain, not its disk files)",

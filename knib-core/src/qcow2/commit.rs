@@ -104,7 +104,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::chain::{Chain, Layer};
-use super::commit_base::{l2_ranges, Base, BaseEntry, CommitReport, TableEdit};
+use super::commit_base::{l2_ranges, Base, BaseEntry, CommitReport, TableEdit, MAX_HOST_END};
 use super::empty::{empty_image, keeps_what_emptying_drops};
 use super::image::{ClusterState, Qcow2Image, COPIED, L2_ZERO as ZERO};
 use crate::error::{ErrorKind, KnibError, Result};
@@ -116,9 +116,6 @@ use crate::progress::Control;
 pub const BATCH_TABLE_BYTES: usize = 2 << 20;
 /// The largest refcount table the merge keeps in memory.
 const MAX_REFCOUNT_TABLE_BYTES: u64 = 32 << 20;
-/// The end of the host offsets an L2 entry holds (bits 9 to 55): no new
-/// cluster of a merge ends past it.
-pub(super) const MAX_HOST_END: u64 = 1 << 56;
 
 /// A merge of a top image into its base, checked and ready to run.
 pub struct Commit {

@@ -27,6 +27,10 @@ use super::image::{
 };
 use crate::error::{KnibError, Result};
 
+/// The end of the host offsets an L2 entry holds (bits 9 to 55): no new
+/// cluster of a merge ends past it.
+pub(super) const MAX_HOST_END: u64 = 1 << 56;
+
 /// What a merge did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommitReport {
@@ -203,7 +207,7 @@ impl Base {
                     self.path.display()
                 )));
             }
-            if (c + 1).checked_mul(self.cs).is_none_or(|end| end > super::commit::MAX_HOST_END) {
+            if (c + 1).checked_mul(self.cs).is_none_or(|end| end > MAX_HOST_END) {
                 return Err(KnibError::internal(format!(
                     "{}: host cluster {c} lies past the offsets a qcow2 L2 entry holds (checked before the merge)",
                     self.path.display()
