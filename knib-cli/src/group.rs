@@ -189,10 +189,10 @@ fn ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.1} ms")).unwrap_or_else(|| "-".into())
 }
 
-fn print_record(r: &GroupRecord, json: bool) {
+fn print_record(r: &GroupRecord, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_value(r).expect("a group record serializes"));
-        return;
+        println!("{}", output::json_value(serde_json::to_value(r))?);
+        return Ok(());
     }
     println!("{}", member_line(r));
     let on_failure = match r.on_failure {
@@ -224,6 +224,7 @@ fn print_record(r: &GroupRecord, json: bool) {
         let at = m.snapshot_at.as_deref().map(|t| format!(", snapshot at {t}")).unwrap_or_default();
         println!("  {} [{what}{flags}]: {state}{at}", m.vm);
     }
+    Ok(())
 }
 
 /// The error kind a member's error line (`"<kind>: <message>"`) names.
@@ -258,7 +259,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
             let store = Store::create(&a.store)?;
             let r = store.backup_group(&members, &opts, ctl)?;
             output::clear_progress();
-            print_record(&r, json);
+            print_record(&r, json)?;
             for m in r.members.iter().filter(|m| m.backup.is_some()) {
                 crate::jobs::after_backup(&store, &m.vm, json);
             }
@@ -279,7 +280,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
         GroupCommand::List { store } => {
             let list = Store::open(store)?.groups()?;
             if json {
-                println!("{}", serde_json::to_value(&list).expect("group records serialize"));
+                println!("{}", output::json_value(serde_json::to_value(&list))?);
             } else if list.is_empty() {
                 println!("no group backups");
             } else {
@@ -290,7 +291,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
         }
         GroupCommand::Show { store, group } => {
             let r = Store::open(store)?.group(&group)?;
-            print_record(&r, json);
+            print_record(&r, json)?;
         }
         GroupCommand::Restore { store, group, to, format, quick, no_verify, partial } => {
             let format = ImageFormat::from(format);
@@ -299,7 +300,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
             output::clear_progress();
             if json {
                 let a = GroupRestoreAnswer { volumes, skipped };
-                println!("{}", serde_json::to_value(&a).expect("serializes"));
+                println!("{}", output::json_value(serde_json::to_value(&a))?);
             } else {
                 let how = if quick { "as overlays over the backups" } else { format.as_str() };
                 println!("restored group {group} to {} ({how}):", to.display());
@@ -336,7 +337,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
             let done = Store::open(store)?.recover_groups(Some(connect), ctl)?;
             output::clear_progress();
             if json {
-                println!("{}", serde_json::to_value(&done).expect("group records serialize"));
+                println!("{}", output::json_value(serde_json::to_value(&done))?);
             } else if done.is_empty() {
                 println!("no interrupted group backup was left to finish");
             } else {
