@@ -96,9 +96,9 @@ pub fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
 pub fn store_dir(op: &str, p: &Path) -> Result<()> {
     if p.to_str().is_some_and(crate::vault::is_vault) {
         return Err(KnibError::invalid(format!(
-            "request of {op}: field `store`: {} is a vault, and {op} needs a store directory \
-             (a vault takes sync, list, show, restore, verify, delete and files)",
-            p.display()
+            "request of {op}: field `store`: {} is a vault, and {op} needs a store directory (a vault takes {})",
+            p.display(),
+            crate::vault::VAULT_TAKES
         )));
     }
     absolute(op, "store", p)

@@ -127,12 +127,14 @@ pub fn is_vault(location: &str) -> bool {
     location.starts_with("s3://")
 }
 
+/// The operations a vault takes, as the errors that refuse one say.
+pub const VAULT_TAKES: &str = "sync, list, show, restore (quick restore by the CLI), verify, delete and files";
+
 /// A vault (`s3://...`) where a store directory is needed: said plainly.
 fn refuse_vault(root: &Path) -> Result<()> {
     match root.to_str() {
         Some(s) if is_vault(s) => Err(KnibError::invalid(format!(
-            "{s} is a vault: backups are taken, compressed and hashed in a store directory; \
-             a vault takes sync, list, show, restore (quick restore by the CLI), verify, delete and files"
+            "{s} is a vault: backups are taken, compressed and hashed in a store directory; a vault takes {VAULT_TAKES}"
         ))),
         _ => Ok(()),
     }

@@ -144,7 +144,7 @@ pub use object::RemoteObject;
 pub use read::{VaultRestore, VaultVerify};
 pub use sync::{SyncOptions, SyncReport, DEFAULT_PARALLEL_PARTS, DEFAULT_PART_SIZE};
 
-pub use crate::catalog::is_vault;
+pub use crate::catalog::{is_vault, VAULT_TAKES};
 
 /// What an error says when the server refused the credentials (see
 /// [`credentials_refused`]).

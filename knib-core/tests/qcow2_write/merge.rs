@@ -161,14 +161,21 @@ fn a_merge_stopped_between_batches_leaves_a_clean_base_and_the_same_chain() {
     assert_same(&top, &before);
 }
 
+/// `base.qcow2` (4 MiB, empty) and `top.qcow2` over it in `dir`, the top's
+/// first MiB written with `pattern`.
+fn base_and_top(dir: &Path, pattern: u8) -> (PathBuf, PathBuf) {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"]);
+    must(Some(dir), "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+    qemu_io(&top, &[format!("write -P {pattern:#x} 0 1M")]);
+    (base, top)
+}
+
 #[test]
 fn a_merge_refuses_images_in_use_and_hands_unsupported_ones_to_qemu_img() {
     let d = tempfile::tempdir().unwrap();
-    let base = d.path().join("base.qcow2");
-    let top = d.path().join("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"]);
-    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
-    qemu_io(&top, &["write -P 0x44 0 1M".into()]);
+    let (base, top) = base_and_top(d.path(), 0x44);
 
     // A QEMU process (qemu-io) has the base open: busy, nothing written.
     let mut holder = Command::new("qemu-io")
@@ -335,11 +342,7 @@ fn a_write_before_the_merge_takes_its_lock_is_merged() {
 #[test]
 fn emptying_the_top_never_writes_through_a_planted_link() {
     let d = tempfile::tempdir().unwrap();
-    let top = d.path().join("top.qcow2");
-    let base = d.path().join("base.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", p(&base), "4M"]);
-    must(Some(d.path()), "qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
-    qemu_io(&top, &["write -P 0x5e 0 1M".into()]);
+    let (_, top) = base_and_top(d.path(), 0x5e);
     let before = d.path().join("before.raw");
     qemu_img(&["convert", "-O", "raw", p(&top), p(&before)]);
     let victim = d.path().join("victim");
