@@ -540,3 +540,53 @@ fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
     std::fs::remove_file(&forged).unwrap();
     store.delete(&b3.id).unwrap();
 }
+
+/// A restore takes no lock, so a compression may replace the backup's files
+/// and hashes between the restore's read of the manifest and its read of
+/// the files: the restore must not call the backup corrupt (it ran again on
+/// the manifest as it is then), and restores the same bytes, on both data
+/// paths.
+#[test]
+fn a_restore_racing_a_compression_is_not_reported_corrupt() {
+    for data_path in ["native", "qemu-img"] {
+        let vm = TestDisks::two();
+        let sdir = tempfile::tempdir().unwrap();
+        let store = Store::create(sdir.path()).unwrap();
+        std::fs::write(
+            store.root().join("knib.json"),
+            format!("{{\"schema\": 1, \"knib.data.path\": \"{data_path}\"}}"),
+        )
+        .unwrap();
+        qemu_io(vm.path("root"), "write -P 0x5a 0 12M");
+        qemu_io(vm.path("root"), "write -P 0x5b 20M 4M");
+        let refs = vm.snapshot_all("r");
+        let b = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+        // The qemu-img path records no hash as it copies: verify does.
+        assert!(store.verify(Some(&b.id), &Control::new()).unwrap()[0].ok);
+        let before = store.show(&b.id).unwrap().volumes[0].hash.clone();
+        assert!(before.is_some(), "{data_path}: no hash recorded");
+        // The restore stops right after it read the manifest; the
+        // compression runs in that time.
+        let pause = std::time::Duration::from_secs(6);
+        knib_core::crashpoint::pause_before(&format!("restore of backup {}: manifest read", b.id), pause);
+        let out = tempfile::tempdir().unwrap();
+        let to = out.path().join("root.qcow2");
+        let started = std::time::Instant::now();
+        let restorer = {
+            let (root, id, to) = (store.root().to_path_buf(), b.id.clone(), to.clone());
+            std::thread::spawn(move || {
+                Store::open(root).unwrap().restore(&id, "root", &to, ImageFormat::Qcow2, &Control::new())
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let c = store.compress(&b.id, &CompressOptions::default(), &Control::new()).unwrap();
+        assert!(
+            started.elapsed() < pause,
+            "{data_path}: the compression took {:?}, longer than the restore's pause: the race was not made",
+            started.elapsed()
+        );
+        assert_ne!(c.volumes[0].hash, before, "{data_path}: the compression changed the file's hash");
+        restorer.join().unwrap().unwrap_or_else(|e| panic!("{data_path}: {e}"));
+        assert_identical(&to, &refs["root"]);
+    }
+}

@@ -5,7 +5,10 @@
 //!
 //! - The backup is only ever read: a restore writes its target under a
 //!   temporary name and verifies what it read against the hashes the
-//!   manifest records.
+//!   manifest records. It takes no lock; one that fails after a
+//!   compression or a delete replaced files of its chain meanwhile is run
+//!   again on the manifests as they are then, so such a race is never
+//!   reported as a corrupt backup; a failure on an unchanged chain stands.
 //! - A compression replaces the backup's files only after the compressed
 //!   copies are verified, under the VM's lock; a backup being validated is
 //!   refused.
@@ -14,9 +17,13 @@ use std::path::{Path, PathBuf};
 
 use super::{settings, CompressionInfo, Manifest, Store};
 use crate::engine::{self, CompressOptions};
-use crate::error::{KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 use crate::qemu_img::ImageFormat;
+
+/// How many times [`Store::restore_with`] runs a restore whose chain
+/// changed while it ran.
+const RESTORE_ATTEMPTS: u32 = 3;
 
 impl Store {
     /// Restore volume `volume` of backup `id` to `to`, checking every file
@@ -31,6 +38,13 @@ impl Store {
     /// naming the file, and nothing is left at `to`. Without, the files are
     /// copied as they are (to get out what can be got from a damaged
     /// backup).
+    ///
+    /// A restore takes no lock: a compression or a delete of the VM's
+    /// backups may replace files of the chain (and their recorded hashes)
+    /// between the manifest's read and the files'. A restore that fails is
+    /// therefore run again, from the manifests as they are then, when the
+    /// chain's files or hashes changed meanwhile (three runs at most); a
+    /// failure on an unchanged chain stands.
     pub fn restore_with(
         &self,
         id: &str,
@@ -40,22 +54,47 @@ impl Store {
         verify: bool,
         ctl: &Control,
     ) -> Result<()> {
+        let data_path = settings::Settings::load(&self.root)?.data_path;
+        let mut plan = self.restore_plan(id, volume, verify)?;
+        let mut attempt = 1;
+        loop {
+            crate::crashpoint::pause_point(&format!("restore of backup {id}: manifest read"));
+            let r = engine::restore_verified(
+                &self.qemu_img,
+                &engine::RestoreRequest {
+                    backup_file: plan.0.last().expect("a chain has at least one file").clone(),
+                    dest: to.to_path_buf(),
+                    format,
+                    overwrite: false,
+                    data_path,
+                },
+                &plan.1,
+                ctl,
+            );
+            let e = match r {
+                Err(e) if e.kind != ErrorKind::Cancelled && attempt < RESTORE_ATTEMPTS => e,
+                r => return r,
+            };
+            match self.restore_plan(id, volume, verify) {
+                Ok(now) if now != plan => {
+                    log::warn!(
+                        "restore of backup {id} ({volume}): {e}; the chain's files changed meanwhile (a compression or a delete of the VM's backups), so it is run again"
+                    );
+                    plan = now;
+                    attempt += 1;
+                }
+                _ => return Err(e),
+            }
+        }
+    }
+
+    /// The files of backup `id`'s chain for `volume` (root first) and, with
+    /// `verify`, the hashes they must have, as the manifests say now.
+    fn restore_plan(&self, id: &str, volume: &str, verify: bool) -> Result<(Vec<PathBuf>, Vec<engine::ExpectedHash>)> {
         let m = self.show(id)?;
         let files = self.chain_files(&m, volume)?;
-        let top = files.last().expect("a chain has at least one file").clone();
         let expected = if verify { self.expected_hashes(&m, volume, &files)? } else { Vec::new() };
-        engine::restore_verified(
-            &self.qemu_img,
-            &engine::RestoreRequest {
-                backup_file: top,
-                dest: to.to_path_buf(),
-                format,
-                overwrite: false,
-                data_path: settings::Settings::load(&self.root)?.data_path,
-            },
-            &expected,
-            ctl,
-        )
+        Ok((files, expected))
     }
 
     /// The recorded hashes of the files of `m`'s chain for `volume`
