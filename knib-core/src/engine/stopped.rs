@@ -502,6 +502,7 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
                 // commit below never leaves it above what was committed.
                 if let Some(o) = d.old_delta.as_deref().filter(|o| o.exists() && !in_chain(&chain, o)) {
                     repoint_before_removal(q, d, o, &mut rep, ctl)?;
+                    durable_before_removal(d)?;
                     fsio::remove_if_exists(o)?;
                     rep.actions.push(format!("{}: removed {} (merged, no longer in the chain)", d.name, o.display()));
                 }
@@ -545,6 +546,7 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
                 if d.old_delta.as_deref() == Some(f) {
                     repoint_before_removal(q, d, f, &mut rep, ctl)?;
                 }
+                durable_before_removal(d)?;
                 fsio::remove_if_exists(f)?;
                 rep.actions.push(format!("{}: removed {} (no longer in the chain)", d.name, f.display()));
             }
@@ -552,6 +554,20 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
         rep.tops.push(top);
     }
     Ok(rep)
+}
+
+/// Before [`recover`] removes a layer an interrupted run took out of `d`'s
+/// chain (merged into the base, or committed back): the files that hold
+/// what it held, or point past it, are made durable first (the base, the
+/// first VM snapshot delta or the new delta, the grand children), so that
+/// a power loss after the removal finds them as they were read. The run
+/// that wrote them may have been killed before its own sync.
+fn durable_before_removal(d: &FilesDisk) -> Result<()> {
+    let layers = [Some(&d.base), d.snapshots.first(), Some(&d.new_delta)].into_iter().flatten();
+    for f in layers.chain(&d.grand_children).filter(|f| f.exists()) {
+        fsio::sync_file(f)?;
+    }
+    Ok(())
 }
 
 /// [`repoint_grand_children`] of `d`'s grand children still on `old` (out
