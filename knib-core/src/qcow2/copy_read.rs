@@ -39,7 +39,9 @@ pub enum SourceMode {
     /// (data, or a zero cluster); a cluster unallocated in all of them
     /// stays unallocated, so that it reads from the output's backing file.
     /// A cluster the layers cover only in part (cluster sizes or virtual
-    /// sizes differ) is copied whole as the full chain reads it. `Above(0)`
+    /// sizes differ) is copied whole as the full chain reads it; one wholly
+    /// past the end of one of these layers, and unallocated in those above
+    /// it, is a zero cluster (the chain reads zeros there). `Above(0)`
     /// copies what [`SourceMode::Top`] copies. How a delta with disk-only
     /// VM snapshots taken over it is backed up in one pass.
     Above(usize),
@@ -60,6 +62,22 @@ pub(super) enum Resolved {
     /// Read through the chain (cluster sizes differ, a layer ends inside
     /// the cluster).
     Complex,
+}
+
+/// What a cluster wholly past the end of a layer the copy reads resolves
+/// to, when no layer above that one holds it: the chain reads zeros there
+/// whatever lies below. A flattened copy leaves it out; a delta above a
+/// base (`delta`) must hide what its backing file holds there, and does so
+/// with a zero cluster: no read, no data written. (A disk grown after a
+/// disk-only VM snapshot has a top larger than the layers below it: a
+/// cluster-sized read and a data cluster of zeros each would have written
+/// every byte it grew by into the backup.)
+fn past_the_end(delta: bool) -> Resolved {
+    if delta {
+        Resolved::Zero
+    } else {
+        Resolved::Skip
+    }
 }
 
 /// The source: the top image and, for a flattened copy, its backing files.
@@ -163,7 +181,7 @@ impl Source {
             if start >= size {
                 // Past this layer's end: a flattened copy reads zeros there
                 // whatever lies below (resolve's Skip), a delta above a
-                // base writes them (Complex).
+                // base writes them as zero clusters ([`past_the_end`]).
                 return Ok(if delta { index } else { end });
             }
             // Raw data, other cluster sizes and a layer ending inside the
@@ -240,7 +258,7 @@ impl Source {
                     Layer::Qcow2(img) => {
                         let size = img.virtual_size();
                         if start >= size {
-                            return Ok(if delta { Resolved::Complex } else { Resolved::Skip });
+                            return Ok(past_the_end(delta));
                         }
                         if start + need > size || img.cluster_size() != self.cs {
                             return Ok(Resolved::Complex);
@@ -250,7 +268,7 @@ impl Source {
                     Layer::Raw(r) => {
                         let size = r.virtual_size();
                         if start >= size {
-                            return Ok(if delta { Resolved::Complex } else { Resolved::Skip });
+                            return Ok(past_the_end(delta));
                         }
                         if start + self.cs > size {
                             return Ok(Resolved::Complex);
