@@ -96,7 +96,7 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl
     // A private directory of a name no one can plant beforehand (mode 0700,
     // random): root's overlays and console log are made in it.
     let scratch = tempfile::Builder::new()
-        .prefix(&format!("knib-validate-{id}-"))
+        .prefix(&format!("{}{id}-", knib_core::engine::validate::SCRATCH_PREFIX))
         .tempdir()
         .map_err(|e| KnibError::io("cannot create a directory in", &std::env::temp_dir(), e))?;
     let work_dir = scratch.path().to_path_buf();

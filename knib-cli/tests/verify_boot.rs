@@ -106,6 +106,8 @@ fn verify_boot_proves_a_backup_boots_and_checks_a_command() {
     assert!(text.contains(&format!("{id}: boots")) && text.contains("command exited 0"), "{text}");
     assert!(!listed(&orphan), "{orphan} of the killed boot test is still there");
     assert!(!overlay.exists(), "{} of the killed boot test is still there", overlay.display());
+    let scratch = overlay.parent().unwrap();
+    assert!(!scratch.exists(), "{}, the directory of the killed boot test, is still there", scratch.display());
     assert_eq!(&std::fs::read(&shot).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     let mut js = vec!["--json"];
     js.extend(ok.iter().copied());

@@ -231,13 +231,28 @@ fn sweep_orphans(hv: &Hypervisor) {
         if let Some(dir) = files.first().and_then(|f| f.parent()).map(Path::to_path_buf) {
             files.push(dir.join(format!("{name}-console.log")));
         }
+        let dir = files.first().and_then(|f| f.parent()).map(Path::to_path_buf);
         log::warn!("boot test: removing domain {name}, left by a boot test whose process ({pid}) is gone");
         let mut cleanup = Cleanup { vm: Some(vm), files };
         for p in cleanup.finish() {
             log::warn!("boot test: clean-up of {name}: {p}");
         }
+        // The private directory `knib verify --boot` made for it, once
+        // empty (a directory that still holds anything is left).
+        if let Some(dir) =
+            dir.filter(|d| d.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(SCRATCH_PREFIX)))
+        {
+            if std::fs::remove_dir(&dir).is_ok() {
+                log::warn!("boot test: removed {}, the empty directory of {name}", dir.display());
+            }
+        }
     }
 }
+
+/// How the private directories `knib verify --boot` makes for a boot test's
+/// overlays begin (`knib-validate-<backup>-<random>`, in the temporary
+/// directory): a killed boot test's is removed with its domain, once empty.
+pub const SCRATCH_PREFIX: &str = "knib-validate-";
 
 /// Destroys the domain and removes the files of a boot test when dropped,
 /// whatever happened; [`Cleanup::finish`] does it early and reports.
