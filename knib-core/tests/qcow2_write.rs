@@ -584,3 +584,64 @@ fn a_huge_sparse_image_is_copied_by_its_l1_table() {
         assert_eq!(info["virtual-size"].as_u64(), Some(end), "{name}");
     }
 }
+
+/// The same huge top over a shorter middle layer, copied above the base
+/// (as a delta over VM snapshots is): past the middle layer's end the chain
+/// reads zeros, so the copy writes zero clusters where its backing file
+/// (the base) could show through, and nothing past the base's end, where
+/// the output reads zeros anyway. Before, every cluster past the middle
+/// layer's end (2^33 here) was read through the chain and written as data:
+/// the deadline turns that into a failure, as above.
+#[test]
+fn a_huge_top_over_a_shorter_layer_is_copied_above_its_base() {
+    const E: u64 = 1 << 53;
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let mid = d.path().join("mid.qcow2");
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", p(&base), "64M"]);
+    qemu_io(&base, &["write -q -P 0x11 0 64M".to_string()]);
+    let over = |file: &Path, backing: &str, size: &str| {
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=2M",
+            "-b",
+            backing,
+            "-F",
+            "qcow2",
+            p(file),
+            size,
+        ]);
+    };
+    over(&mid, "base.qcow2", "32M");
+    qemu_io(&mid, &["write -q -P 0x22 30M 2M".to_string()]);
+    over(&top, "mid.qcow2", "16P");
+    qemu_io(
+        &top,
+        &[
+            "write -q -P 0x5a 2M 2M".to_string(),
+            "write -q -P 0x5b 40M 2M".to_string(),
+            format!("write -q -P 0x6b {E} 2M"),
+        ],
+    );
+    let ctl = Control::new().with_deadline(knib_core::Deadline::after(std::time::Duration::from_secs(120)));
+    let out = d.path().join("above.qcow2");
+    let opts = CopyOptions {
+        mode: SourceMode::Above(1),
+        backing: Some(BackingRef { name: "base.qcow2".into(), format: "qcow2".into() }),
+        hash: true,
+        ..Default::default()
+    };
+    let r = copy_image(&top, &out, &opts, &ctl, &mut |_| Ok(()))
+        .unwrap_or_else(|e| panic!("copy above the base of the 16 PiB image: {e}"));
+    assert_clean(&out);
+    assert_same(&out, &top);
+    // Data: the top's three clusters and the middle layer's one; zero
+    // clusters: the base's 32M to 64M that the middle layer ends before,
+    // but the one the top writes (16 clusters of 2M, one of them data).
+    assert_eq!((r.summary.data_clusters, r.summary.zero_clusters), (4, 15), "{r:?}");
+}

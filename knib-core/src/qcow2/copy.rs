@@ -141,7 +141,7 @@ pub fn copy_image(
     before_write: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<CopyReport> {
     let Prepared { mut src, spec, plain_qcow2, planned_header, planned_len, step } =
-        prepare(source, opts, ctl, before_write)?;
+        prepare(source, opts, output_backing_size(dest, opts), ctl, before_write)?;
 
     let file = OpenOptions::new()
         .read(true)
@@ -233,7 +233,8 @@ pub fn copy_image_to_sink<S: Sink>(
     if opts.format != TargetFormat::Qcow2 {
         return Err(KnibError::invalid("a copy into a sink writes qcow2"));
     }
-    let Prepared { mut src, spec, plain_qcow2, planned_header, step, .. } = prepare(source, opts, ctl, before_write)?;
+    let Prepared { mut src, spec, plain_qcow2, planned_header, step, .. } =
+        prepare(source, opts, None, ctl, before_write)?;
     let mut report = CopyReport { virtual_size: src.size, ..Default::default() };
     let header = plain_qcow2.then_some(planned_header);
     let mut target: Target<'_, S> = Target::Qcow2(Box::new(Layout::new(spec, sink, header)?));
@@ -255,11 +256,30 @@ struct Prepared {
     step: String,
 }
 
+/// The virtual size of the backing file a copy above a base gives `dest`
+/// (its name is relative to `dest`'s directory), when it can be read: the
+/// output reads zeros past it whatever it leaves unallocated there. `None`
+/// for other copies, and when the file cannot be opened or parsed (the
+/// copy then writes the zero clusters it would need over any size).
+fn output_backing_size(dest: &Path, opts: &CopyOptions) -> Option<u64> {
+    let b = opts.backing.as_ref().filter(|_| matches!(opts.mode, SourceMode::Above(n) if n > 0))?;
+    let path = crate::fsio::parent_dir(dest).join(&b.name);
+    let size = match b.format.as_str() {
+        "qcow2" => super::Qcow2Image::open(&path).map(|i| i.virtual_size()),
+        "raw" => std::fs::metadata(&path).map(|m| m.len()).map_err(|e| KnibError::io("cannot stat", &path, e)),
+        _ => return None,
+    };
+    size.map_err(|e| log::info!("{}: {e}; zero clusters are written past every shorter layer", path.display())).ok()
+}
+
 /// Open and check the source, plan the output from its tables alone and
-/// call `before_write` with the most bytes it can take.
+/// call `before_write` with the most bytes it can take. `backing_size`:
+/// the output's backing file's virtual size, when known
+/// ([`output_backing_size`]).
 fn prepare(
     source: &Path,
     opts: &CopyOptions,
+    backing_size: Option<u64>,
     ctl: &Control,
     before_write: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<Prepared> {
@@ -271,6 +291,7 @@ fn prepare(
     }
     let step = format!("copy {}", source.display());
     let mut src = Source::open(source, opts.mode)?;
+    src.below_end = backing_size;
     if opts.hash_source {
         src.hash_files()?;
     }

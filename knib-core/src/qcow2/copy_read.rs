@@ -41,7 +41,9 @@ pub enum SourceMode {
     /// A cluster the layers cover only in part (cluster sizes or virtual
     /// sizes differ) is copied whole as the full chain reads it; one wholly
     /// past the end of one of these layers, and unallocated in those above
-    /// it, is a zero cluster (the chain reads zeros there). `Above(0)`
+    /// it, is a zero cluster (the chain reads zeros there), or is left out
+    /// past the end of the output's backing file (read for its size by
+    /// `copy_image`), where the output reads zeros anyway. `Above(0)`
     /// copies what [`SourceMode::Top`] copies. How a delta with disk-only
     /// VM snapshots taken over it is backed up in one pass.
     Above(usize),
@@ -64,22 +66,6 @@ pub(super) enum Resolved {
     Complex,
 }
 
-/// What a cluster wholly past the end of a layer the copy reads resolves
-/// to, when no layer above that one holds it: the chain reads zeros there
-/// whatever lies below. A flattened copy leaves it out; a delta above a
-/// base (`delta`) must hide what its backing file holds there, and does so
-/// with a zero cluster: no read, no data written. (A disk grown after a
-/// disk-only VM snapshot has a top larger than the layers below it: a
-/// cluster-sized read and a data cluster of zeros each would have written
-/// every byte it grew by into the backup.)
-fn past_the_end(delta: bool) -> Resolved {
-    if delta {
-        Resolved::Zero
-    } else {
-        Resolved::Skip
-    }
-}
-
 /// The source: the top image and, for a flattened copy, its backing files.
 pub(super) struct Source {
     pub(super) top: Qcow2Image,
@@ -93,6 +79,11 @@ pub(super) struct Source {
     /// Per layer (0 = top), the last answer of [`Source::next_mapped`]:
     /// (asked from, first mapped cluster at or after it).
     mapped: Vec<Option<(u64, u64)>>,
+    /// A copy above a base: the virtual size of the output's backing file,
+    /// when known. Past it the output reads zeros where it leaves a
+    /// cluster unallocated, so a cluster past a shorter layer's end needs
+    /// no zero cluster there ([`Source::past_the_end`]).
+    pub(super) below_end: Option<u64>,
 }
 
 impl Source {
@@ -114,7 +105,25 @@ impl Source {
         };
         let (cs, bits, size) = (top.cluster_size(), top.header().cluster_bits, top.virtual_size());
         let mapped = vec![None; 1 + backing.len()];
-        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new(), mapped })
+        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new(), mapped, below_end: None })
+    }
+
+    /// What the cluster at guest offset `start`, wholly past the end of a
+    /// layer the copy reads, resolves to when no layer above that one holds
+    /// it: the chain reads zeros there whatever lies below. A flattened
+    /// copy leaves it out; a delta above a base (`delta`) must hide what its
+    /// backing file holds there, and does so with a zero cluster (no read,
+    /// no data written), or leaves it out past that file's end, where the
+    /// output reads zeros anyway. (A disk grown after a disk-only VM
+    /// snapshot has a top larger than the layers below it: a cluster-sized
+    /// read and a data cluster of zeros each wrote every byte it grew by
+    /// into the backup.)
+    fn past_the_end(&self, delta: bool, start: u64) -> Resolved {
+        if delta && self.below_end.is_none_or(|end| start < end) {
+            Resolved::Zero
+        } else {
+            Resolved::Skip
+        }
     }
 
     /// Hash every file of the source as it is read.
@@ -181,8 +190,9 @@ impl Source {
             if start >= size {
                 // Past this layer's end: a flattened copy reads zeros there
                 // whatever lies below (resolve's Skip), a delta above a
-                // base writes them as zero clusters ([`past_the_end`]).
-                return Ok(if delta { index } else { end });
+                // base writes them as zero clusters, up to the end of its
+                // backing file ([`Source::past_the_end`]).
+                return Ok(if self.past_the_end(delta, start) == Resolved::Skip { end } else { index });
             }
             // Raw data, other cluster sizes and a layer ending inside the
             // range: cluster by cluster, as resolve does.
@@ -258,7 +268,7 @@ impl Source {
                     Layer::Qcow2(img) => {
                         let size = img.virtual_size();
                         if start >= size {
-                            return Ok(past_the_end(delta));
+                            return Ok(self.past_the_end(delta, start));
                         }
                         if start + need > size || img.cluster_size() != self.cs {
                             return Ok(Resolved::Complex);
@@ -268,7 +278,7 @@ impl Source {
                     Layer::Raw(r) => {
                         let size = r.virtual_size();
                         if start >= size {
-                            return Ok(past_the_end(delta));
+                            return Ok(self.past_the_end(delta, start));
                         }
                         if start + self.cs > size {
                             return Ok(Resolved::Complex);
