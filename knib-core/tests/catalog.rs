@@ -590,3 +590,55 @@ fn a_restore_racing_a_compression_is_not_reported_corrupt() {
         assert_identical(&to, &refs["root"]);
     }
 }
+
+/// A disk grown, then shrunk, between backups: each backup restores to the
+/// disk as it was (its size too), on both data paths, after a compression
+/// of one and a delete of another, and every backup verifies.
+#[test]
+fn a_disk_resized_between_backups_restores_at_each_size() {
+    for data_path in ["native", "qemu-img"] {
+        let vm = TestDisks::two();
+        let sdir = tempfile::tempdir().unwrap();
+        let store = Store::create(sdir.path()).unwrap();
+        std::fs::write(
+            store.root().join("knib.json"),
+            format!("{{\"schema\": 1, \"knib.data.path\": \"{data_path}\"}}"),
+        )
+        .unwrap();
+        qemu_io(vm.path("root"), "write -P 0x11 0 8M");
+        let r1 = vm.snapshot_all("a");
+        let b1 = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+        let st =
+            std::process::Command::new("qemu-img").arg("resize").arg(vm.path("root")).arg("256M").output().unwrap();
+        assert!(st.status.success());
+        qemu_io(vm.path("root"), "write -P 0x22 100M 4M");
+        qemu_io(vm.path("root"), "write -P 0x23 60M 8M");
+        let r2 = vm.snapshot_all("b");
+        let b2 = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+        let st = std::process::Command::new("qemu-img")
+            .arg("resize")
+            .arg("--shrink")
+            .arg(vm.path("root"))
+            .arg("96M")
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        qemu_io(vm.path("root"), "write -P 0x33 90M 2M");
+        let r3 = vm.snapshot_all("c");
+        let b3 = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+        qemu_io(vm.path("root"), "write -P 0x44 0 1M");
+        let r4 = vm.snapshot_all("d");
+        let b4 = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+        assert_eq!([b2.kind, b3.kind, b4.kind], [BackupKind::Incremental; 3], "{data_path}");
+        restore_and_compare(&store, &b1.id, &r1);
+        restore_and_compare(&store, &b2.id, &r2);
+        restore_and_compare(&store, &b3.id, &r3);
+        restore_and_compare(&store, &b4.id, &r4);
+        store.compress(&b2.id, &CompressOptions::default(), &Control::new()).unwrap();
+        store.delete(&b3.id).unwrap();
+        restore_and_compare(&store, &b2.id, &r2);
+        restore_and_compare(&store, &b4.id, &r4);
+        let reports = store.verify(None, &Control::new()).unwrap();
+        assert!(reports.iter().all(|r| r.ok), "{reports:?}");
+    }
+}

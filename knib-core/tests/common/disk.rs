@@ -49,6 +49,10 @@ pub fn snapshot(disk: &Path, dest: &Path) {
 
 /// Assert two images have identical guest-visible contents.
 pub fn assert_identical(a: &Path, b: &Path) {
+    // `qemu-img compare` takes a larger image's tail of zeros as equal: the
+    // guest would see another disk size.
+    let size = |p: &Path| QemuImg::new().info(p, &Control::new()).expect("qemu-img info").virtual_size;
+    assert_eq!(size(a), size(b), "{} and {} differ in virtual size", a.display(), b.display());
     let out = Command::new("qemu-img").args(["compare", "-U"]).arg(a).arg(b).output().expect("qemu-img compare");
     assert!(
         out.status.success(),
