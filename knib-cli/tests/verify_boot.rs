@@ -84,6 +84,25 @@ fn verify_boot_proves_a_backup_boots_and_checks_a_command() {
         .find(|f| f.contains(&orphan))
         .map(PathBuf::from)
         .expect("the orphan's overlay");
+    // A boot test in another pid namespace (a container's knib, the same
+    // libvirt) does not take the running test's domain for an orphan,
+    // though the pid in its name is none of its namespace's.
+    let mut other = vec!["--pid", "--fork", "--mount-proc", env!("CARGO_BIN_EXE_knib")];
+    other.extend(base[..base.len() - 1].iter().copied());
+    other.push("1");
+    let out = Command::new("unshare").args(&other).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("does not boot")
+            || String::from_utf8_lossy(&out.stderr).contains("boot"),
+        "the boot test in another pid namespace did not run: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(killed.try_wait().unwrap().is_none(), "the boot test died");
+    assert!(
+        listed(&orphan) && overlay.exists(),
+        "a boot test in another pid namespace removed a running test's domain"
+    );
     killed.kill().unwrap();
     killed.wait().unwrap();
     assert!(listed(&orphan) && overlay.exists(), "the killed boot test left nothing to clean");

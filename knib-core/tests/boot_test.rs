@@ -459,6 +459,7 @@ fn the_agent_validates_the_running_validation_vm_as_kboss_does() {
         memory_mib: 256,
         disks: &disks,
         console: &console,
+        owner: "the management server's validation VM",
     }
     .xml()
     .unwrap();

@@ -22,7 +22,11 @@
 //! (see [`BootTestReport::problems`] for a clean-up that failed). A
 //! process killed during its boot test cleans nothing: each boot test
 //! first destroys the domains `knib-validate-<pid>-<n>` whose process is
-//! gone, and removes their overlays and console logs.
+//! gone, and removes their overlays and console logs (and the empty
+//! directory `knib verify --boot` made for them). Only domains whose
+//! description says they were made in this pid namespace are judged so: a
+//! knib in a container sharing the host's libvirt would otherwise take a
+//! running test's domain of the host for an orphan.
 //!
 //! How the guest boots: with [`BootTestRequest::kernel`] (and optionally
 //! an initrd and a command line), by direct kernel boot, the disks holding
@@ -221,6 +225,17 @@ fn sweep_orphans(hv: &Hypervisor) {
             continue;
         }
         let name = vm.name().to_string();
+        // Only a domain of this pid namespace: pid numbers of another (a
+        // container's, or the host's seen from one) say nothing here.
+        let here = owner_tag(pid);
+        let xml = vm.xml().unwrap_or_default();
+        if !here.as_deref().is_some_and(|tag| description_has(&xml, tag)) {
+            log::info!(
+                "boot test: domain {name} was not made by a knib of this pid namespace ({}); it is left",
+                here.as_deref().unwrap_or("this process's pid namespace cannot be read")
+            );
+            continue;
+        }
         let mut files: Vec<PathBuf> = vm
             .disks()
             .unwrap_or_default()
@@ -253,6 +268,26 @@ fn sweep_orphans(hv: &Hypervisor) {
 /// overlays begin (`knib-validate-<backup>-<random>`, in the temporary
 /// directory): a killed boot test's is removed with its domain, once empty.
 pub const SCRATCH_PREFIX: &str = "knib-validate-";
+
+/// What the description of a boot-test domain made by process `pid` of
+/// this pid namespace says of it: `run by pid <pid> in pid:[<inode>]`.
+/// `None` when the namespace cannot be read (such a domain is never
+/// swept).
+fn owner_tag(pid: u32) -> Option<String> {
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("run by pid {pid} in {}", ns.to_str()?))
+}
+
+/// Whether the `<description>` of domain XML `xml` ends with `; <tag>`.
+fn description_has(xml: &str, tag: &str) -> bool {
+    roxmltree::Document::parse(xml).is_ok_and(|doc| {
+        doc.root_element()
+            .children()
+            .find(|n| n.has_tag_name("description"))
+            .and_then(|n| n.text())
+            .is_some_and(|d| d.strip_suffix(tag).is_some_and(|rest| rest.ends_with("; ")))
+    })
+}
 
 /// Destroys the domain and removes the files of a boot test when dropped,
 /// whatever happened; [`Cleanup::finish`] does it early and reports.
@@ -389,6 +424,7 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
         memory_mib: req.memory_mib,
         disks: &overlays,
         console: &console,
+        owner: &owner_tag(std::process::id()).unwrap_or_default(),
     }
     .xml()?;
     ctl.check("starting the boot-test domain")?;
@@ -575,6 +611,30 @@ mod tests {
         ] {
             assert_eq!(boot_domain_pid(other), None, "{other}");
         }
+    }
+
+    /// A domain is swept only when its description names its pid in this
+    /// pid namespace, as the boot test writes it.
+    #[test]
+    fn only_a_domain_of_this_pid_namespace_is_the_sweeps() {
+        let tag = owner_tag(42).expect("this process's pid namespace");
+        assert!(tag.starts_with("run by pid 42 in pid:["), "{tag}");
+        let xml = |d: &str| {
+            format!("<domain type='kvm'><name>knib-validate-42-0</name><description>{d}</description></domain>")
+        };
+        let ours = format!("knib boot test of a backup; removed when the test ends; {tag}");
+        assert!(description_has(&xml(&ours), &tag));
+        for other in [
+            "knib boot test of a backup; removed when the test ends".to_string(),
+            "knib boot test of a backup; removed when the test ends; run by pid 42 in pid:[1]".to_string(),
+            format!("knib boot test of a backup; removed when the test ends; {}", owner_tag(4).unwrap()),
+            format!("{ours}; and more"),
+            format!("x{tag}"),
+        ] {
+            assert!(!description_has(&xml(&other), &tag), "{other}");
+        }
+        assert!(!description_has("<domain><name>x</name></domain>", &tag));
+        assert!(!description_has("not xml", &tag));
     }
     use crate::error::ErrorKind;
 

@@ -42,6 +42,9 @@ pub struct BootDomain<'a> {
     pub disks: &'a [(String, PathBuf)],
     /// The file the serial console is written to.
     pub console: &'a Path,
+    /// Who runs the test, added to the domain's description (the boot
+    /// test's sweep of orphan domains reads it back).
+    pub owner: &'a str,
 }
 
 /// The bus of a disk target: `virtio` for `vd*`, `sata` for `sd*`, `ide`
@@ -90,7 +93,7 @@ impl BootDomain<'_> {
         Ok(format!(
             "<domain type='{domain_type}'>
   <name>{name}</name>
-  <description>knib boot test of a backup; removed when the test ends</description>
+  <description>knib boot test of a backup; removed when the test ends; {owner}</description>
   <memory unit='MiB'>{memory}</memory>
   <vcpu>1</vcpu>
   <os>{os}</os>
@@ -114,6 +117,7 @@ impl BootDomain<'_> {
 </domain>
 ",
             name = xml_escape(name),
+            owner = xml_escape(self.owner),
             memory = self.memory_mib,
             console = utf8(self.console)?,
         ))
@@ -135,12 +139,14 @@ mod tests {
             memory_mib: 256,
             disks: &[("vda".into(), "/w/o.qcow2".into())],
             console: Path::new("/w/c.log"),
+            owner: "run by pid 1 in pid:[4]",
         }
         .xml()
         .unwrap();
         let doc = roxmltree::Document::parse(&xml).unwrap();
         let text = |tag: &str| doc.descendants().find(|n| n.has_tag_name(tag)).and_then(|n| n.text()).unwrap();
         assert_eq!(text("kernel"), "/k/vmlinuz");
+        assert!(text("description").ends_with("; run by pid 1 in pid:[4]"));
         assert_eq!(text("cmdline"), "root=/dev/vda a&b");
         assert!(xml.contains("org.qemu.guest_agent.0") && xml.contains("<model type='vga'/>"));
         assert!(!xml.contains("<boot order"));

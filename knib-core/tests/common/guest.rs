@@ -154,6 +154,7 @@ impl GuestVm {
             memory_mib: opts.memory_mib,
             disks: &disks,
             console: &console,
+            owner: "a knib test's guest",
         }
         .xml()
         .unwrap();
