@@ -243,10 +243,10 @@ fn sweep_orphans(hv: &Hypervisor) {
             .map(|d| d.file)
             .filter(|f| f.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{name}-"))))
             .collect();
-        if let Some(dir) = files.first().and_then(|f| f.parent()).map(Path::to_path_buf) {
+        let dir = files.first().and_then(|f| f.parent()).map(Path::to_path_buf);
+        if let Some(dir) = &dir {
             files.push(dir.join(format!("{name}-console.log")));
         }
-        let dir = files.first().and_then(|f| f.parent()).map(Path::to_path_buf);
         log::warn!("boot test: removing domain {name}, left by a boot test whose process ({pid}) is gone");
         let mut cleanup = Cleanup { vm: Some(vm), files };
         for p in cleanup.finish() {
