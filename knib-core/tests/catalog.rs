@@ -541,6 +541,16 @@ fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
     store.delete(&b3.id).unwrap();
 }
 
+/// Two test disks and a new store whose data path is `data_path`.
+fn store_on(data_path: &str) -> (TestDisks, tempfile::TempDir, Store) {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let settings = format!("{{\"schema\": 1, \"knib.data.path\": \"{data_path}\"}}");
+    std::fs::write(store.root().join("knib.json"), settings).unwrap();
+    (vm, sdir, store)
+}
+
 /// A restore takes no lock, so a compression may replace the backup's files
 /// and hashes between the restore's read of the manifest and its read of
 /// the files: the restore must not call the backup corrupt (it ran again on
@@ -549,14 +559,7 @@ fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
 #[test]
 fn a_restore_racing_a_compression_is_not_reported_corrupt() {
     for data_path in ["native", "qemu-img"] {
-        let vm = TestDisks::two();
-        let sdir = tempfile::tempdir().unwrap();
-        let store = Store::create(sdir.path()).unwrap();
-        std::fs::write(
-            store.root().join("knib.json"),
-            format!("{{\"schema\": 1, \"knib.data.path\": \"{data_path}\"}}"),
-        )
-        .unwrap();
+        let (vm, _sdir, store) = store_on(data_path);
         qemu_io(vm.path("root"), "write -P 0x5a 0 12M");
         qemu_io(vm.path("root"), "write -P 0x5b 20M 4M");
         let refs = vm.snapshot_all("r");
@@ -597,14 +600,7 @@ fn a_restore_racing_a_compression_is_not_reported_corrupt() {
 #[test]
 fn a_disk_resized_between_backups_restores_at_each_size() {
     for data_path in ["native", "qemu-img"] {
-        let vm = TestDisks::two();
-        let sdir = tempfile::tempdir().unwrap();
-        let store = Store::create(sdir.path()).unwrap();
-        std::fs::write(
-            store.root().join("knib.json"),
-            format!("{{\"schema\": 1, \"knib.data.path\": \"{data_path}\"}}"),
-        )
-        .unwrap();
+        let (vm, _sdir, store) = store_on(data_path);
         qemu_io(vm.path("root"), "write -P 0x11 0 8M");
         let r1 = vm.snapshot_all("a");
         let b1 = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();

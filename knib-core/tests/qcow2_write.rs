@@ -537,20 +537,7 @@ fn a_huge_sparse_image_is_copied_by_its_l1_table() {
     let top = d.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", p(&base), "64M"]);
     qemu_io(&base, &["write -q -P 0x11 0 8M".to_string(), "write -q -P 0x22 62M 2M".to_string()]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=2M",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        p(&top),
-        "16P",
-    ]);
+    create_2m_over(&top, "base.qcow2", "16P");
     let end = 2 * E;
     qemu_io(
         &top,
@@ -585,6 +572,12 @@ fn a_huge_sparse_image_is_copied_by_its_l1_table() {
     }
 }
 
+/// A qcow2 image of 2 MiB clusters at `file`, of `size`, over the qcow2
+/// file `backing` (named relative to it).
+fn create_2m_over(file: &Path, backing: &str, size: &str) {
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "-b", backing, "-F", "qcow2", p(file), size]);
+}
+
 /// The same huge top over a shorter middle layer, copied above the base
 /// (as a delta over VM snapshots is): past the middle layer's end the chain
 /// reads zeros, so the copy writes zero clusters where its backing file
@@ -601,25 +594,9 @@ fn a_huge_top_over_a_shorter_layer_is_copied_above_its_base() {
     let top = d.path().join("top.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", p(&base), "64M"]);
     qemu_io(&base, &["write -q -P 0x11 0 64M".to_string()]);
-    let over = |file: &Path, backing: &str, size: &str| {
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=2M",
-            "-b",
-            backing,
-            "-F",
-            "qcow2",
-            p(file),
-            size,
-        ]);
-    };
-    over(&mid, "base.qcow2", "32M");
+    create_2m_over(&mid, "base.qcow2", "32M");
     qemu_io(&mid, &["write -q -P 0x22 30M 2M".to_string()]);
-    over(&top, "mid.qcow2", "16P");
+    create_2m_over(&top, "mid.qcow2", "16P");
     qemu_io(
         &top,
         &[
