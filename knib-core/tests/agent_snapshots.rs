@@ -570,3 +570,41 @@ fn a_disk_grown_over_vm_snapshots_is_copied_without_its_growth() {
         );
     }
 }
+
+/// Through the agent: a stopped VM's disk grown after a disk-only VM
+/// snapshot, the guest writing past the old end. The incremental backups
+/// restore to what the guest saw, every file on primary and in the store
+/// checks clean, and the backup holds the guest's writes, not the size the
+/// disk grew by (before, the growth was written as data).
+#[test]
+fn a_disk_grown_over_a_vm_snapshot_is_backed_up_by_its_writes() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 4242);
+    vm.write(3);
+    vm.take("b1", None);
+    vm.write(3);
+    vm.vm_snapshot("s1");
+    let old: Vec<u64> = vm.vols.iter().map(|v| v.size).collect();
+    for v in &mut vm.vols {
+        v.size *= 4;
+        let st = Command::new("qemu-img").arg("resize").arg(v.top()).arg(v.size.to_string()).output().unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        qemu_io(v.top(), &format!("write -P 99 {} 65536", v.size - 131072));
+    }
+    vm.write(3);
+    let v2 = vm.view("b2");
+    vm.take("b2", Some("b1"));
+    vm.assert_backup_is("b2", &v2);
+    vm.write(2);
+    vm.vm_snapshot("s2");
+    vm.write(2);
+    let v3 = vm.view("b3");
+    vm.take("b3", Some("b2"));
+    vm.assert_backup_is("b3", &v3);
+    vm.assert_backup_is("b2", &v2);
+    vm.assert_clean();
+    for (v, old) in vm.vols.iter().zip(old) {
+        let len = std::fs::metadata(vm.store_file("b2", &v.name)).unwrap().len();
+        assert!(len < old / 2, "{}: b2 holds {len} bytes for a disk grown from {old} to {} bytes", v.name, v.size);
+    }
+}
