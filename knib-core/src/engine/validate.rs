@@ -236,8 +236,8 @@ fn sweep_orphans(hv: &Hypervisor) {
             );
             continue;
         }
-        let mut files: Vec<PathBuf> = vm
-            .disks()
+        // Its disks from the XML just read (no second call to libvirt).
+        let mut files: Vec<PathBuf> = crate::libvirt::parse_disks(&xml)
             .unwrap_or_default()
             .into_iter()
             .map(|d| d.file)

@@ -290,8 +290,7 @@ fn prepare(
         return Err(KnibError::invalid("a raw output has no backing file and no compression"));
     }
     let step = format!("copy {}", source.display());
-    let mut src = Source::open(source, opts.mode)?;
-    src.below_end = backing_size;
+    let mut src = Source::open(source, opts.mode, backing_size)?;
     if opts.hash_source {
         src.hash_files()?;
     }

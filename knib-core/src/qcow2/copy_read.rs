@@ -83,11 +83,13 @@ pub(super) struct Source {
     /// when known. Past it the output reads zeros where it leaves a
     /// cluster unallocated, so a cluster past a shorter layer's end needs
     /// no zero cluster there ([`Source::past_the_end`]).
-    pub(super) below_end: Option<u64>,
+    below_end: Option<u64>,
 }
 
 impl Source {
-    pub(super) fn open(path: &Path, mode: SourceMode) -> Result<Source> {
+    /// Open `path` for a copy in `mode`. `below_end`: for a copy above a
+    /// base, the virtual size of the output's backing file, when known.
+    pub(super) fn open(path: &Path, mode: SourceMode, below_end: Option<u64>) -> Result<Source> {
         let (top, backing) = match mode {
             SourceMode::Top => (Qcow2Image::open(path)?, Vec::new()),
             SourceMode::Chain => Chain::open(path)?.into_parts(),
@@ -105,21 +107,21 @@ impl Source {
         };
         let (cs, bits, size) = (top.cluster_size(), top.header().cluster_bits, top.virtual_size());
         let mapped = vec![None; 1 + backing.len()];
-        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new(), mapped, below_end: None })
+        Ok(Source { top, backing, mode, cs, bits, size, hashers: Vec::new(), mapped, below_end })
     }
 
     /// What the cluster at guest offset `start`, wholly past the end of a
     /// layer the copy reads, resolves to when no layer above that one holds
     /// it: the chain reads zeros there whatever lies below. A flattened
-    /// copy leaves it out; a delta above a base (`delta`) must hide what its
+    /// copy leaves it out; a delta above a base must hide what its
     /// backing file holds there, and does so with a zero cluster (no read,
     /// no data written), or leaves it out past that file's end, where the
     /// output reads zeros anyway. (A disk grown after a disk-only VM
     /// snapshot has a top larger than the layers below it: a cluster-sized
     /// read and a data cluster of zeros each wrote every byte it grew by
     /// into the backup.)
-    fn past_the_end(&self, delta: bool, start: u64) -> Resolved {
-        if delta && self.below_end.is_none_or(|end| start < end) {
+    fn past_the_end(&self, start: u64) -> Resolved {
+        if matches!(self.mode, SourceMode::Above(_)) && self.below_end.is_none_or(|end| start < end) {
             Resolved::Zero
         } else {
             Resolved::Skip
@@ -177,9 +179,9 @@ impl Source {
         if end <= index || self.mode == SourceMode::Top {
             return Ok(end.max(index));
         }
-        let (upper, delta) = match self.mode {
-            SourceMode::Above(n) => (n, true),
-            _ => (self.backing.len(), false),
+        let upper = match self.mode {
+            SourceMode::Above(n) => n,
+            _ => self.backing.len(),
         };
         let start = index * self.cs;
         for layer in 1..=upper {
@@ -192,7 +194,7 @@ impl Source {
                 // whatever lies below (resolve's Skip), a delta above a
                 // base writes them as zero clusters, up to the end of its
                 // backing file ([`Source::past_the_end`]).
-                return Ok(if self.past_the_end(delta, start) == Resolved::Skip { end } else { index });
+                return Ok(if self.past_the_end(start) == Resolved::Skip { end } else { index });
             }
             // Raw data, other cluster sizes and a layer ending inside the
             // range: cluster by cluster, as resolve does.
@@ -268,7 +270,7 @@ impl Source {
                     Layer::Qcow2(img) => {
                         let size = img.virtual_size();
                         if start >= size {
-                            return Ok(self.past_the_end(delta, start));
+                            return Ok(self.past_the_end(start));
                         }
                         if start + need > size || img.cluster_size() != self.cs {
                             return Ok(Resolved::Complex);
@@ -278,7 +280,7 @@ impl Source {
                     Layer::Raw(r) => {
                         let size = r.virtual_size();
                         if start >= size {
-                            return Ok(self.past_the_end(delta, start));
+                            return Ok(self.past_the_end(start));
                         }
                         if start + self.cs > size {
                             return Ok(Resolved::Complex);
