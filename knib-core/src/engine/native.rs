@@ -69,6 +69,30 @@ pub fn is_qcow2_v2(path: &Path) -> Result<bool> {
     Ok(Qcow2Image::open(path)?.header().version == 2)
 }
 
+/// Whether the native data path reads `source` for a copy in `mode` (the
+/// file alone for [`SourceMode::Top`], else its backing chain too): false
+/// for a qcow2 version 2 file (the native writer writes version 3;
+/// qemu-img keeps it version 2) and for a file its reader does not handle
+/// (an invalid-input error naming it, logged: extended L2 entries, a raw
+/// or non-UTF-8-named layer it cannot follow, ...), which `qemu-img
+/// convert` reads as QEMU does. A damaged image (a corrupt-data error) or
+/// one that cannot be read is an error here: it is not handed to qemu-img
+/// to be copied as it happens to read it.
+pub fn reads_natively(source: &Path, mode: SourceMode) -> Result<bool> {
+    let opened = match mode {
+        SourceMode::Top => Qcow2Image::open(source).map(|img| img.header().version),
+        _ => crate::qcow2::Chain::open(source).map(|chain| chain.top().header().version),
+    };
+    match opened {
+        Ok(version) => Ok(version >= 3),
+        Err(e) if e.kind == crate::ErrorKind::InvalidInput => {
+            log::info!("{}: copied by qemu-img: {e}", source.display());
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// One native copy as the engine makes them.
 #[derive(Debug, Clone)]
 pub struct NativeCopy<'a> {

@@ -126,18 +126,20 @@ pub(crate) fn copy_to_store(
 ) -> Result<(Option<String>, Option<CompressionLibrary>, Option<u64>)> {
     let dir = fsio::parent_dir(dest);
     let tmp = fsio::temp_path(dest);
-    let native = data_path == DataPath::Native && !native::is_qcow2_v2(source).unwrap_or(true);
+    let mode = match (parent, above) {
+        (None, _) => SourceMode::Chain,
+        (Some(_), 0) => SourceMode::Top,
+        (Some(_), n) => SourceMode::Above(n),
+    };
+    let native = data_path == DataPath::Native
+        && native::reads_natively(source, mode).map_err(|e| e.context(format!("backup of {what}")))?;
     crate::crashpoint::durable_step(&format!("copy of {what}"));
     let r = if native {
         let label = format!("backup of {what}");
         let c = NativeCopy {
             source,
             dest: &tmp,
-            mode: match (parent, above) {
-                (None, _) => SourceMode::Chain,
-                (Some(_), 0) => SourceMode::Top,
-                (Some(_), n) => SourceMode::Above(n),
-            },
+            mode,
             format: TargetFormat::Qcow2,
             backing: parent.map(str::to_string),
             compress,

@@ -458,9 +458,12 @@ fn copy_volumes(
         written.push(tmp.clone());
         let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
         let v2 = st.qcow2_v2;
-        if req.data_path == DataPath::Native && !v2 {
+        let mode = if backing.is_some() { SourceMode::Top } else { SourceMode::Chain };
+        if req.data_path == DataPath::Native
+            && !v2
+            && native::reads_natively(&v.disk, mode).map_err(|e| e.context(format!("copy of volume {}", v.name)))?
+        {
             let what = format!("backup of volume {}", v.name);
-            let mode = if backing.is_some() { SourceMode::Top } else { SourceMode::Chain };
             let c = NativeCopy {
                 source: &v.disk,
                 dest: &tmp,
