@@ -473,3 +473,52 @@ fn a_plain_disk_backup_of_a_disk_a_running_domain_holds_is_refused() {
     assert!(left.iter().all(|n| !n.to_string_lossy().ends_with(".part")), "a part directory is left: {left:?}");
     assert!(vm.read_check("vda", 0x4d, 0, 1024 * 1024));
 }
+
+/// A running domain whose disk has extended L2 entries (subclusters), and
+/// one whose disk runs over a template that has them: the native reader
+/// does not read them, so the copies go through qemu-img (reading the
+/// snapshotted layers QEMU no longer writes) instead of failing the backup.
+/// A full and an incremental each restore to the guest's writes; the VM
+/// keeps running on `base <- one delta`.
+#[test]
+fn a_running_domain_with_extended_l2_disks_is_backed_up() {
+    if skip_without_libvirt("extended L2 disks") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let extended = ["-o", "extended_l2=on,cluster_size=128k"];
+    let vda = dir.path().join("vda.qcow2");
+    common::disk::make_disk(&vda, DISKS[0].1, &extended);
+    let template = dir.path().join("template.qcow2");
+    common::disk::make_disk(&template, DISKS[1].1, &extended);
+    let vdb = dir.path().join("vdb.qcow2");
+    common::disk::make_disk(&vdb, DISKS[1].1, &["-b", "template.qcow2", "-F", "qcow2"]);
+    let vm = TestVm::create_on(
+        "knib-xl2",
+        &[("vda", vda), ("vdb", vdb)],
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    let mut model = Model::new(&DISKS);
+    let mut taken = Vec::new();
+    for round in 0..2u64 {
+        model.write(&vm, "vda", 0x41 + round as u8, round * MIB + 4096, 200 * 1024);
+        model.write(&vm, "vdb", 0x51 + round as u8, 3 * MIB + round * 64 * 1024, 12 * 1024);
+        let m = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+        assert_eq!(m.kind, if round == 0 { BackupKind::Full } else { BackupKind::Incremental });
+        assert!(vm.vm.is_running().unwrap());
+        // base <- one delta, vdb's base over its template.
+        for d in vm.disks() {
+            assert!(d.file.to_string_lossy().contains(".knib-delta-"), "{}", d.file.display());
+            assert_eq!(d.backing_chain[0].file, vm.initial_file(&d.target));
+            assert_eq!(d.backing_chain.len(), if d.target == "vda" { 1 } else { 2 }, "{:?}", d.chain_files());
+        }
+        taken.push((m.id, model.writes.len()));
+    }
+    for (id, n) in &taken {
+        for (t, file) in restore_all(&store, id, dir.path()) {
+            model.assert_restored(&t, *n, &file, dir.path());
+        }
+    }
+    model.assert_vm_reads_everything(&vm);
+}
