@@ -126,6 +126,46 @@ fn the_parent_must_be_in_the_vault() {
     assert_eq!((f.kind, f.parent), (BackupKind::Full, None));
 }
 
+/// A disk knib's own reader does not copy (qcow2 version 2; extended L2
+/// entries) cannot be written straight to a vault: refused before anything
+/// changes, naming the disk and why, and saying to take it into the store
+/// and sync it; nothing is sent and the disk is as it was. Taken into the
+/// store (through qemu-img) and synced, it restores from the vault.
+#[test]
+fn a_disk_the_native_path_does_not_copy_is_refused_before_anything_is_sent() {
+    if !s3::setup() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    for (name, opts, why) in [
+        ("old", ["-o", "compat=0.10"], "is a qcow2 version 2 image"),
+        ("xl2", ["-o", "extended_l2=on"], "extended L2 entries (subclusters) are not supported"),
+    ] {
+        let p = s3::Prefix::new(&format!("direct-refused-{name}"));
+        let vault = Vault::open(&p.location()).unwrap();
+        let disk = dir.path().join(format!("{name}.qcow2"));
+        make_disk(&disk, 8 << 20, &opts);
+        qemu_io(&disk, "write -P 0x61 1M 2M");
+        let reference = dir.path().join(format!("{name}-ref.qcow2"));
+        snapshot(&disk, &reference);
+        let disks = vec![knib_core::catalog::DiskSpec { name: "vda".into(), path: disk.clone() }];
+        let e = vault.backup_direct(&store, name, &disks, &BackupOptions::default(), &send(), &ctl()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        for part in [why, disk.to_str().unwrap(), "take it into the store and sync it"] {
+            assert!(e.message.contains(part), "{name}: {part:?} not in: {e}");
+        }
+        assert!(p.keys().is_empty(), "{:?}", p.keys());
+        assert_eq!(chain_len(&disk), 1, "{name}: the disk is as it was");
+        assert_identical(&disk, &reference);
+        let m = store.backup(name, &disks, &BackupOptions::default(), &ctl()).unwrap();
+        vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+        let to = dir.path().join(format!("{name}-restored.raw"));
+        vault.restore(&m.id, "vda", &to, ImageFormat::Raw, true, &ctl()).unwrap();
+        assert_identical(&to, &reference);
+    }
+}
+
 /// Bytes of a test stream: not compressible, not zero.
 fn stream(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;

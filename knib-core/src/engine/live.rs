@@ -269,9 +269,9 @@ pub fn take_to(
     if direct {
         for d in &plan.disks {
             let f = d.old_top();
-            if super::native::is_qcow2_v2(f)? {
+            if let Some(why) = super::native::native_refusal(f, copy_mode(d))? {
                 return Err(KnibError::invalid(format!(
-                    "disk {}: {} is a qcow2 version 2 image, which knib's own data path does not read: back it up into a store",
+                    "disk {}: knib's own data path does not copy {} ({why}), and a backup written straight to a vault needs it: back it up into a store",
                     d.target,
                     f.display()
                 ))
@@ -302,11 +302,7 @@ pub fn take_to(
                     parent: d.parent.clone(),
                 };
                 let opts = crate::qcow2::CopyOptions {
-                    mode: match (&d.parent, d.snapshots.len()) {
-                        (None, _) => crate::qcow2::SourceMode::Chain,
-                        (Some(_), 0) => crate::qcow2::SourceMode::Top,
-                        (Some(_), n) => crate::qcow2::SourceMode::Above(n),
-                    },
+                    mode: copy_mode(d),
                     format: crate::qcow2::TargetFormat::Qcow2,
                     backing: d.parent.clone().map(|name| crate::qcow2::BackingRef { name, format: "qcow2".into() }),
                     compression: plan.compress.map(crate::qcow2::CompressionType::from),
@@ -427,6 +423,17 @@ pub fn take_to(
 /// the file it ran on. The error says the VM is consistent only when no
 /// disk was on its new delta or every one was undone; otherwise (or when
 /// the domain's disks cannot be read) it is left for [`recover`].
+/// How disk `d`'s backup copy reads its old top: the flattened chain
+/// (full), its own clusters (incremental), or those of the VM snapshots'
+/// layers above its delta too.
+fn copy_mode(d: &DiskPlan) -> crate::qcow2::SourceMode {
+    match (&d.parent, d.snapshots.len()) {
+        (None, _) => crate::qcow2::SourceMode::Chain,
+        (Some(_), 0) => crate::qcow2::SourceMode::Top,
+        (Some(_), n) => crate::qcow2::SourceMode::Above(n),
+    }
+}
+
 fn undo_failed_snapshot(q: &QemuImg, vm: &Vm, by: MergeBy, plan: &LivePlan, e: KnibError) -> KnibError {
     let disks = match vm.disks() {
         Ok(d) => d,

@@ -64,33 +64,36 @@ impl From<CompressionLibrary> for CompressionType {
     }
 }
 
-/// Whether the qcow2 image at `path` is version 2 (read from its header).
-pub fn is_qcow2_v2(path: &Path) -> Result<bool> {
-    Ok(Qcow2Image::open(path)?.header().version == 2)
-}
-
-/// Whether the native data path reads `source` for a copy in `mode` (the
-/// file alone for [`SourceMode::Top`], else its backing chain too): false
-/// for a qcow2 version 2 file (the native writer writes version 3;
-/// qemu-img keeps it version 2) and for a file its reader does not handle
-/// (an invalid-input error naming it, logged: extended L2 entries, a raw
-/// or non-UTF-8-named layer it cannot follow, ...), which `qemu-img
-/// convert` reads as QEMU does. A damaged image (a corrupt-data error) or
-/// one that cannot be read is an error here: it is not handed to qemu-img
-/// to be copied as it happens to read it.
-pub fn reads_natively(source: &Path, mode: SourceMode) -> Result<bool> {
+/// Why the native data path does not read `source` for a copy in `mode`
+/// (the file alone for [`SourceMode::Top`], else its backing chain too),
+/// or `None` when it does: a qcow2 version 2 file (the native writer writes
+/// version 3; qemu-img keeps it version 2), or what its reader refuses as
+/// invalid input, named (extended L2 entries, a layer it cannot follow,
+/// ...), which `qemu-img convert` reads as QEMU does. A damaged image (a
+/// corrupt-data error) or one that cannot be read is an error here: it is
+/// not handed to qemu-img to be copied as it happens to read it.
+pub fn native_refusal(source: &Path, mode: SourceMode) -> Result<Option<String>> {
     let opened = match mode {
         SourceMode::Top => Qcow2Image::open(source).map(|img| img.header().version),
         _ => crate::qcow2::Chain::open(source).map(|chain| chain.top().header().version),
     };
     match opened {
-        Ok(version) => Ok(version >= 3),
-        Err(e) if e.kind == crate::ErrorKind::InvalidInput => {
-            log::info!("{}: copied by qemu-img: {e}", source.display());
-            Ok(false)
-        }
+        Ok(version) if version >= 3 => Ok(None),
+        Ok(_) => Ok(Some(format!("{} is a qcow2 version 2 image", source.display()))),
+        Err(e) if e.kind == crate::ErrorKind::InvalidInput => Ok(Some(e.message)),
         Err(e) => Err(e),
     }
+}
+
+/// Whether the native data path reads `source` for a copy in `mode`
+/// ([`native_refusal`]; its reason logged when it does not: qemu-img
+/// makes that copy).
+pub fn reads_natively(source: &Path, mode: SourceMode) -> Result<bool> {
+    let why = native_refusal(source, mode)?;
+    if let Some(why) = &why {
+        log::info!("{}: copied by qemu-img: {why}", source.display());
+    }
+    Ok(why.is_none())
 }
 
 /// One native copy as the engine makes them.

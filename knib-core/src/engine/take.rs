@@ -366,13 +366,21 @@ fn take_backup_to(
                 )));
             }
         }
-        if copy_to.is_some() && (req.data_path != DataPath::Native || st.qcow2_v2) {
-            return Err(KnibError::invalid(format!(
-                "volume {}: a backup written straight to a vault needs the native data path (knib.data.path) and a qcow2 version 3 disk ({} is {}); take it into the store and sync it",
-                v.name,
-                v.disk.display(),
-                if st.qcow2_v2 { "version 2" } else { "version 3, but the data path is qemu-img" }
-            )));
+        if copy_to.is_some() {
+            let mode = if req.kind == BackupKind::Incremental { SourceMode::Top } else { SourceMode::Chain };
+            let why = match req.data_path {
+                DataPath::QemuImg => Some("the data path (knib.data.path) is qemu-img".to_string()),
+                DataPath::Native => {
+                    native::native_refusal(&v.disk, mode).map_err(|e| e.context(format!("volume {}", v.name)))?
+                }
+            };
+            if let Some(why) = why {
+                return Err(KnibError::invalid(format!(
+                    "volume {}: a backup written straight to a vault needs knib's own data path, which does not copy {}: {why}; take it into the store and sync it",
+                    v.name,
+                    v.disk.display()
+                )));
+            }
         }
         if copy_to.is_none() && v.dest.exists() {
             return Err(KnibError::invalid(format!("volume {}: {} already exists", v.name, v.dest.display())));
