@@ -222,10 +222,11 @@ fn qcow2_v2_disk_is_compressed_with_zlib() {
     assert_identical(&to, &r);
 }
 
-/// A disk with extended L2 entries (subclusters), and a disk over a base
-/// that has them (a template made with `extended_l2=on`): the native
-/// reader does not read them, so their copies go through qemu-img, as
-/// QEMU reads them, instead of failing the backup. Seeded guest-like
+/// A disk with extended L2 entries (subclusters), a disk over a base that
+/// has them (a template made with `extended_l2=on`) and one whose backing
+/// file is named as a `json:` pseudo-protocol: the native reader does not
+/// read them, so their copies go through qemu-img, as QEMU reads them,
+/// instead of failing the backup. Seeded guest-like
 /// writes (partial clusters, zero writes with and without unmap,
 /// discards); every backup restores to what the disk held, the store's
 /// files check clean and verify.
@@ -242,9 +243,19 @@ fn disks_with_extended_l2_entries_are_backed_up_through_qemu_img() {
     make_disk(&template, size, &extended);
     qemu_io(&template, "write -P 0x3c 0 5M");
     make_disk(&over, size, &["-b", "template.qcow2", "-F", "qcow2"]);
+    // A backing file named as QEMU's json: pseudo-protocol, which libvirt
+    // writes after some block jobs: the native reader does not follow it.
+    let plain_template = dir.path().join("plain-template.qcow2");
+    make_disk(&plain_template, size, &[]);
+    qemu_io(&plain_template, "write -P 0x3d 1M 3M");
+    let json = dir.path().join("json.qcow2");
+    let named =
+        format!(r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}}}}"#, plain_template.display());
+    make_disk(&json, size, &["-b", &named, "-F", "qcow2"]);
     let disks = vec![
         knib_core::catalog::DiskSpec { name: "ext".into(), path: ext.clone() },
         knib_core::catalog::DiskSpec { name: "over".into(), path: over.clone() },
+        knib_core::catalog::DiskSpec { name: "json".into(), path: json.clone() },
     ];
     let mut rng = gen::Rng::new(0x5eb1);
     let srcs = gen::sources(dir.path(), &mut rng, 256 << 10);
