@@ -131,10 +131,15 @@ pub(crate) fn copy_to_store(
         (Some(_), 0) => SourceMode::Top,
         (Some(_), n) => SourceMode::Above(n),
     };
-    let native = data_path == DataPath::Native
-        && native::reads_natively(source, mode).map_err(|e| e.context(format!("backup of {what}")))?;
+    let refusal = match data_path {
+        DataPath::Native => native::native_refusal(source, mode).map_err(|e| e.context(format!("backup of {what}")))?,
+        DataPath::QemuImg => Some("the data path (knib.data.path) is qemu-img".to_string()),
+    };
+    if let Some(why) = &refusal {
+        log::info!("{}: copied by qemu-img: {why}", source.display());
+    }
     crate::crashpoint::durable_step(&format!("copy of {what}"));
-    let r = if native {
+    let r = if refusal.is_none() {
         let label = format!("backup of {what}");
         let c = NativeCopy {
             source,
@@ -149,12 +154,13 @@ pub(crate) fn copy_to_store(
             what: &label,
         };
         native::copy(&c, ctl).map(|r| (r.hash, compress, Some(r.bytes_read)))
-    } else if parent.is_some() && above > 0 {
+    } else if let (Some(_), true, Some(why)) = (parent, above > 0, &refusal) {
         // `qemu-img convert -B <parent backup> <top>` copies the top's own
         // clusters only (qemu-img 7.2), not those of the layers between it
         // and the base: the backup would miss writes.
         Err(KnibError::invalid(format!(
-            "backup of {what}: the layers of VM snapshots over the delta are copied as one file by the native data path only (not qemu-img)"
+            "backup of {what}: the layers of VM snapshots over the delta are copied as one file by knib's own data path only (not qemu-img), which does not copy {}: {why}",
+            source.display()
         )))
     } else {
         (|| {
