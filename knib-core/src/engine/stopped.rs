@@ -181,7 +181,16 @@ pub(crate) fn copy_to_store(
                 },
                 ctl,
             )
-            .map(|_| (None, compress, None))
+            .and_then(|_| {
+                // On the native data path (qemu-img only where its reader
+                // refuses the disk) the backup's hash is recorded as the
+                // native copy records it, read back from the file written.
+                let hash = match data_path {
+                    DataPath::Native => Some(crate::hash::hash_written(&tmp, ctl)?),
+                    DataPath::QemuImg => None,
+                };
+                Ok((hash, compress, None))
+            })
         })()
     };
     match r.and_then(|h| fsio::commit_rename(&tmp, dest).map(|_| h)) {
