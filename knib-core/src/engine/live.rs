@@ -416,13 +416,6 @@ pub fn take_to(
     Ok(TakeBackupAnswer { volumes: results })
 }
 
-/// The error of a snapshot that failed, `e`, once the domain is as it was.
-/// libvirt may fail after the snapshot was made (a quiesced snapshot whose
-/// thaw of the guest's filesystems fails): each disk's current file is read
-/// back, and every disk running on its new delta is committed back into
-/// the file it ran on. The error says the VM is consistent only when no
-/// disk was on its new delta or every one was undone; otherwise (or when
-/// the domain's disks cannot be read) it is left for [`recover`].
 /// How disk `d`'s backup copy reads its old top: the flattened chain
 /// (full), its own clusters (incremental), or those of the VM snapshots'
 /// layers above its delta too.
@@ -434,6 +427,13 @@ fn copy_mode(d: &DiskPlan) -> crate::qcow2::SourceMode {
     }
 }
 
+/// The error of a snapshot that failed, `e`, once the domain is as it was.
+/// libvirt may fail after the snapshot was made (a quiesced snapshot whose
+/// thaw of the guest's filesystems fails): each disk's current file is read
+/// back, and every disk running on its new delta is committed back into
+/// the file it ran on. The error says the VM is consistent only when no
+/// disk was on its new delta or every one was undone; otherwise (or when
+/// the domain's disks cannot be read) it is left for [`recover`].
 fn undo_failed_snapshot(q: &QemuImg, vm: &Vm, by: MergeBy, plan: &LivePlan, e: KnibError) -> KnibError {
     let disks = match vm.disks() {
         Ok(d) => d,

@@ -85,15 +85,18 @@ pub fn native_refusal(source: &Path, mode: SourceMode) -> Result<Option<String>>
     }
 }
 
-/// Whether the native data path reads `source` for a copy in `mode`
-/// ([`native_refusal`]; its reason logged when it does not: qemu-img
-/// makes that copy).
-pub fn reads_natively(source: &Path, mode: SourceMode) -> Result<bool> {
-    let why = native_refusal(source, mode)?;
+/// Why a copy of `source` in `mode` on `data_path` is not made by the
+/// native data path ([`native_refusal`], or the data path itself), logged;
+/// `None` when it is.
+pub fn not_native(data_path: DataPath, source: &Path, mode: SourceMode) -> Result<Option<String>> {
+    let why = match data_path {
+        DataPath::Native => native_refusal(source, mode)?,
+        DataPath::QemuImg => Some("the data path (knib.data.path) is qemu-img".to_string()),
+    };
     if let Some(why) = &why {
-        log::info!("{}: copied by qemu-img: {why}", source.display());
+        log::info!("{}: not copied by knib's own data path: {why}", source.display());
     }
-    Ok(why.is_none())
+    Ok(why)
 }
 
 /// One native copy as the engine makes them.

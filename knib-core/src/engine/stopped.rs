@@ -131,13 +131,7 @@ pub(crate) fn copy_to_store(
         (Some(_), 0) => SourceMode::Top,
         (Some(_), n) => SourceMode::Above(n),
     };
-    let refusal = match data_path {
-        DataPath::Native => native::native_refusal(source, mode).map_err(|e| e.context(format!("backup of {what}")))?,
-        DataPath::QemuImg => Some("the data path (knib.data.path) is qemu-img".to_string()),
-    };
-    if let Some(why) = &refusal {
-        log::info!("{}: copied by qemu-img: {why}", source.display());
-    }
+    let refusal = native::not_native(data_path, source, mode).map_err(|e| e.context(format!("backup of {what}")))?;
     crate::crashpoint::durable_step(&format!("copy of {what}"));
     let r = if refusal.is_none() {
         let label = format!("backup of {what}");

@@ -369,12 +369,8 @@ fn take_backup_to(
         }
         if copy_to.is_some() {
             let mode = if req.kind == BackupKind::Incremental { SourceMode::Top } else { SourceMode::Chain };
-            let why = match req.data_path {
-                DataPath::QemuImg => Some("the data path (knib.data.path) is qemu-img".to_string()),
-                DataPath::Native => {
-                    native::native_refusal(&v.disk, mode).map_err(|e| e.context(format!("volume {}", v.name)))?
-                }
-            };
+            let why = native::not_native(req.data_path, &v.disk, mode)
+                .map_err(|e| e.context(format!("volume {}", v.name)))?;
             if let Some(why) = why {
                 return Err(KnibError::invalid(format!(
                     "volume {}: a backup written straight to a vault needs knib's own data path, which does not copy {}: {why}; take it into the store and sync it",
@@ -468,10 +464,9 @@ fn copy_volumes(
         let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
         let v2 = st.qcow2_v2;
         let mode = if backing.is_some() { SourceMode::Top } else { SourceMode::Chain };
-        if req.data_path == DataPath::Native
-            && !v2
-            && native::reads_natively(&v.disk, mode).map_err(|e| e.context(format!("copy of volume {}", v.name)))?
-        {
+        let refusal = native::not_native(req.data_path, &v.disk, mode)
+            .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+        if refusal.is_none() {
             let what = format!("backup of volume {}", v.name);
             let c = NativeCopy {
                 source: &v.disk,
