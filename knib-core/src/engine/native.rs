@@ -30,7 +30,7 @@ pub enum DataPath {
     /// compression on every core.
     #[default]
     Native,
-    /// `qemu-img convert` (and a separate read for hashes).
+    /// `qemu-img convert` (and a read of the file written for its hash).
     QemuImg,
 }
 

@@ -175,16 +175,9 @@ pub(crate) fn copy_to_store(
                 },
                 ctl,
             )
-            .and_then(|_| {
-                // On the native data path (qemu-img only where its reader
-                // refuses the disk) the backup's hash is recorded as the
-                // native copy records it, read back from the file written.
-                let hash = match data_path {
-                    DataPath::Native => Some(crate::hash::hash_written(&tmp, ctl)?),
-                    DataPath::QemuImg => None,
-                };
-                Ok((hash, compress, None))
-            })
+            // The hash is recorded as the native copy records it, read
+            // back from the file written: a backup is never without one.
+            .and_then(|_| Ok((Some(crate::hash::hash_written(&tmp, ctl)?), compress, None)))
         })()
     };
     match r.and_then(|h| fsio::commit_rename(&tmp, dest).map(|_| h)) {

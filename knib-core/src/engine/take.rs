@@ -83,9 +83,9 @@ pub struct VolumeResult {
     /// The disk's guest-visible size.
     pub virtual_size: u64,
     /// xxh3-128 of the backup file, computed as it was written (native data
-    /// path; read back from the file where that path left the copy to
-    /// qemu-img; `None` with the qemu-img data path): what
-    /// [`crate::hash::hash_files`] of the file gives.
+    /// path) or read back from the file qemu-img wrote: what
+    /// [`crate::hash::hash_files`] of the file gives. `None` only in
+    /// answers written before knib recorded it on every path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
     /// The library the file was compressed with as it was copied, if it was.
@@ -503,13 +503,9 @@ fn copy_volumes(
             ctl,
         )
         .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
-        // On the native data path (qemu-img only for a version 2 disk or
-        // one its reader refuses) the hash is recorded as the native copy
-        // records it, read back from the file written.
-        let hash = match req.data_path {
-            DataPath::Native => Some(crate::hash::hash_written(&tmp, ctl)?),
-            DataPath::QemuImg => None,
-        };
+        // The hash is recorded as the native copy records it, read back
+        // from the file written: a backup is never without one.
+        let hash = Some(crate::hash::hash_written(&tmp, ctl)?);
         hashes.push((hash, req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }), None));
     }
     for (v, tmp) in req.volumes.iter().zip(written.iter()) {
