@@ -416,15 +416,9 @@ pub fn take_to(
     Ok(TakeBackupAnswer { volumes: results })
 }
 
-/// How disk `d`'s backup copy reads its old top: the flattened chain
-/// (full), its own clusters (incremental), or those of the VM snapshots'
-/// layers above its delta too.
+/// How disk `d`'s backup copy reads its old top.
 fn copy_mode(d: &DiskPlan) -> crate::qcow2::SourceMode {
-    match (&d.parent, d.snapshots.len()) {
-        (None, _) => crate::qcow2::SourceMode::Chain,
-        (Some(_), 0) => crate::qcow2::SourceMode::Top,
-        (Some(_), n) => crate::qcow2::SourceMode::Above(n),
-    }
+    super::native::backup_mode(d.parent.is_some(), d.snapshots.len())
 }
 
 /// The error of a snapshot that failed, `e`, once the domain is as it was.

@@ -64,6 +64,17 @@ impl From<CompressionLibrary> for CompressionType {
     }
 }
 
+/// How a backup copy reads its source: the flattened chain (a full
+/// backup, no parent), its own clusters (an incremental), or those of the
+/// `above` layers of VM snapshots over its delta too.
+pub fn backup_mode(has_parent: bool, above: usize) -> SourceMode {
+    match (has_parent, above) {
+        (false, _) => SourceMode::Chain,
+        (true, 0) => SourceMode::Top,
+        (true, n) => SourceMode::Above(n),
+    }
+}
+
 /// Why the native data path does not read `source` for a copy in `mode`
 /// (the file alone for [`SourceMode::Top`], else its backing chain too),
 /// or `None` when it does: a qcow2 version 2 file (the native writer writes

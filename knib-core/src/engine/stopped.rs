@@ -35,7 +35,7 @@ use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::lock::ensure_unused;
 use crate::progress::Control;
-use crate::qcow2::{relative_pointer, SourceMode, TargetFormat};
+use crate::qcow2::{relative_pointer, TargetFormat};
 use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
 
 /// What a backup does to one volume of a VM without a domain.
@@ -126,11 +126,7 @@ pub(crate) fn copy_to_store(
 ) -> Result<(Option<String>, Option<CompressionLibrary>, Option<u64>)> {
     let dir = fsio::parent_dir(dest);
     let tmp = fsio::temp_path(dest);
-    let mode = match (parent, above) {
-        (None, _) => SourceMode::Chain,
-        (Some(_), 0) => SourceMode::Top,
-        (Some(_), n) => SourceMode::Above(n),
-    };
+    let mode = native::backup_mode(parent.is_some(), above);
     let refusal = native::not_native(data_path, source, mode).map_err(|e| e.context(format!("backup of {what}")))?;
     crate::crashpoint::durable_step(&format!("copy of {what}"));
     let r = if refusal.is_none() {

@@ -10,7 +10,7 @@ use crate::engine::native::{self, DataPath, NativeCopy};
 use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
-use crate::qcow2::{BackingRef, Commit, CompressionType, CopyOptions, SourceMode, TargetFormat};
+use crate::qcow2::{BackingRef, Commit, CompressionType, CopyOptions, TargetFormat};
 use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
 
 /// What kind of backup to take.
@@ -368,7 +368,7 @@ fn take_backup_to(
             }
         }
         if copy_to.is_some() {
-            let mode = if req.kind == BackupKind::Incremental { SourceMode::Top } else { SourceMode::Chain };
+            let mode = native::backup_mode(req.kind == BackupKind::Incremental, 0);
             let why = native::not_native(req.data_path, &v.disk, mode)
                 .map_err(|e| e.context(format!("volume {}", v.name)))?;
             if let Some(why) = why {
@@ -463,7 +463,7 @@ fn copy_volumes(
         written.push(tmp.clone());
         let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
         let v2 = st.qcow2_v2;
-        let mode = if backing.is_some() { SourceMode::Top } else { SourceMode::Chain };
+        let mode = native::backup_mode(backing.is_some(), 0);
         let refusal = native::not_native(req.data_path, &v.disk, mode)
             .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
         if refusal.is_none() {
@@ -542,7 +542,7 @@ fn copy_volumes_to(
     for (v, st) in req.volumes.iter().zip(states) {
         let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
         let opts = CopyOptions {
-            mode: if backing.is_some() { SourceMode::Top } else { SourceMode::Chain },
+            mode: native::backup_mode(backing.is_some(), 0),
             format: TargetFormat::Qcow2,
             backing: backing.map(|name| BackingRef { name, format: "qcow2".into() }),
             compression: req.compress.map(CompressionType::from),
