@@ -249,6 +249,28 @@ pub(crate) fn to_off(x: u64) -> libc::off64_t {
     libc::off64_t::try_from(x).unwrap_or(libc::off64_t::MAX)
 }
 
+/// Open `path`, a file a caller named, for reading; anything but a regular
+/// file is InvalidInput naming it. The file is opened with `O_NONBLOCK`, so
+/// a FIFO opens at once (and is refused) instead of waiting for a writer;
+/// the flag is cleared again on the file returned. A device or a directory
+/// is refused too: a device such as `/dev/zero` never ends.
+pub(crate) fn open_regular(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| KnibError::io("cannot open", path, e))?;
+    let meta = f.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
+    if !meta.is_file() {
+        return Err(KnibError::invalid(format!("{} is not a regular file", path.display())));
+    }
+    let fl = rustix::fs::fcntl_getfl(&f).map_err(|e| KnibError::io("cannot open", path, e.into()))?;
+    rustix::fs::fcntl_setfl(&f, fl.difference(rustix::fs::OFlags::NONBLOCK))
+        .map_err(|e| KnibError::io("cannot open", path, e.into()))?;
+    Ok(f)
+}
+
 /// Size of a file in bytes.
 pub fn file_size(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?.len())

@@ -5,7 +5,6 @@
 //! below every module that hashes: the qcow2 copy and source hashes
 //! (`qcow2`), the engine and the catalog.
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +15,9 @@ use crate::progress::Control;
 
 /// xxh3-128 of the files in the order given (root of the chain first), as
 /// 32 lower-case hex digits.
+///
+/// Errors: InvalidInput naming a file that is not a regular file (a FIFO,
+/// a device, a directory: none is read, so none can hang or never end).
 pub fn hash_files(files: &[PathBuf], ctl: &Control) -> Result<String> {
     Ok(hash_chain(files, ctl)?.0)
 }
@@ -43,7 +45,7 @@ fn hash_chain_with(files: &[PathBuf], ctl: &Control, drop_cache: bool) -> Result
     for f in files {
         ctl.check(&format!("hash of {}", f.display()))?;
         let mut own = Xxh3::new();
-        let mut file = File::open(f).map_err(|e| KnibError::io("cannot open", f, e))?;
+        let mut file = crate::fsio::open_regular(f)?;
         let (mut at, mut dropped) = (0u64, 0u64);
         loop {
             let n = file.read(&mut buf).map_err(|e| KnibError::io("cannot read", f, e))?;

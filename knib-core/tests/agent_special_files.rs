@@ -1,0 +1,112 @@
+//! Files the CloudStack agent names that are not files: a FIFO (opening
+//! it waits for a writer), a character device (`/dev/zero` never ends), a
+//! directory, and a link to each. `agent.take_hash`, `agent.compress` and
+//! `agent.restore` (its backup and its expected hashes) must refuse each
+//! at once, naming it, and write nothing; before, `agent.take_hash` on a
+//! FIFO or on `/dev/zero` never returned, on a directory it failed with an
+//! I/O error, and `agent.compress` and `agent.restore` called any of them
+//! a file that "does not exist".
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use knib_core::api::call;
+use knib_core::{Control, ErrorKind, KnibError};
+use serde_json::{json, Value};
+
+/// Run `op` in a thread; panic if it has not returned in 10 s.
+fn within_10s(op: &'static str, req: Value) -> Result<String, KnibError> {
+    let (tx, rx) = mpsc::channel();
+    let shown = req.to_string();
+    std::thread::spawn(move || tx.send(call(op, &req.to_string(), &Control::new())));
+    rx.recv_timeout(Duration::from_secs(10)).unwrap_or_else(|_| panic!("{op} hung on {shown}"))
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img").args(args).output().expect("qemu-img runs");
+    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every file under `dir` with its length, sorted.
+fn listing(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+            out.push((e.path(), m.len()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The special files: a FIFO, a directory, `/dev/zero`, and a link to each
+/// (a link's own name is what the caller gave, so the error names it).
+fn specials(dir: &Path) -> Vec<PathBuf> {
+    let fifo = dir.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let sub = dir.join("a-directory");
+    std::fs::create_dir(&sub).unwrap();
+    let mut all = vec![fifo, sub, PathBuf::from("/dev/zero")];
+    for (i, target) in all.clone().iter().enumerate() {
+        let link = dir.join(format!("link-{i}"));
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        all.push(link);
+    }
+    all
+}
+
+fn assert_not_regular(e: &KnibError, what: &str, path: &Path) {
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{}: {e}", path.display());
+    assert!(
+        e.message.ends_with(&format!("{what}{} is not a regular file", path.display())),
+        "must name {}: {e}",
+        path.display()
+    );
+}
+
+#[test]
+fn files_that_are_not_regular_files_are_refused_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let good = dir.join("good.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", good.to_str().unwrap(), "1M"]);
+    let hash: Value =
+        serde_json::from_str(&call("agent.take_hash", &json!({"files": [good]}).to_string(), &Control::new()).unwrap())
+            .unwrap();
+    let good_hash = hash["files"][0]["hash"].as_str().unwrap().to_string();
+    let volume = dir.join("volume.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", volume.to_str().unwrap(), "1M"]);
+    let specials = specials(&dir);
+    let before = listing(&dir);
+    for s in &specials {
+        // The hash of the file alone, and of a chain it is the second of.
+        for files in [json!([s]), json!([good, s])] {
+            let e = within_10s("agent.take_hash", json!({"files": files})).unwrap_err();
+            assert_not_regular(&e, "", s);
+        }
+        let e = within_10s("agent.compress", json!({"files": [s]})).unwrap_err();
+        assert_not_regular(&e, "backup file ", s);
+        // A restore from it, and a restore whose expected hashes name it.
+        let e =
+            within_10s("agent.restore", json!({"volumes": [{"backup_path": s, "volume_path": volume}]})).unwrap_err();
+        assert_not_regular(&e, "backup file ", s);
+        let hashes = json!([{"path": good, "hash": good_hash}, {"path": s, "hash": good_hash}]);
+        let e = within_10s(
+            "agent.restore",
+            json!({"volumes": [{"backup_path": good, "volume_path": volume, "expected_hashes": hashes}]}),
+        )
+        .unwrap_err();
+        // Not a file of the chain read: it is never opened.
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{}: {e}", s.display());
+        assert!(e.message.starts_with(&format!("backup file {} is not in the chain", s.display())), "{e}");
+        assert_eq!(listing(&dir), before, "{} left something behind", s.display());
+    }
+}
