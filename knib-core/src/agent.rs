@@ -281,23 +281,12 @@ pub(crate) fn require_free(dir: &Path, min_free_bytes: Option<u64>) -> Result<()
     }
 }
 
-/// A backup file the caller named must be a regular file: NotFound when
-/// there is none, InvalidInput naming anything else (a FIFO, a device, a
-/// directory), which knib never reads.
-fn backup_file(f: &Path) -> Result<()> {
-    match std::fs::metadata(f) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(KnibError::invalid(format!("backup file {} is not a regular file", f.display()))),
-        Err(_) => Err(KnibError::not_found(format!("backup file {} does not exist", f.display()))),
-    }
-}
-
 /// `agent.compress`.
 pub(crate) fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<CompressAnswer> {
     non_empty(op, "files", &r.files)?;
     for (i, f) in r.files.iter().enumerate() {
         absolute(op, &format!("files[{i}]"), f)?;
-        backup_file(f)?;
+        fsio::require_file(f, "backup file ", false)?;
     }
     let opts = compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
     // Beside every file: they may lie on more than one file system.
@@ -334,7 +323,7 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     for (i, v) in r.volumes.iter().enumerate() {
         absolute(op, &format!("volumes[{i}].backup_path"), &v.backup_path)?;
         absolute(op, &format!("volumes[{i}].volume_path"), &v.volume_path)?;
-        backup_file(&v.backup_path)?;
+        fsio::require_file(&v.backup_path, "backup file ", false)?;
         if r.volumes[..i].iter().any(|o| same_file(&o.volume_path, &v.volume_path)) {
             return Err(KnibError::invalid(format!(
                 "request of {op}: volume path {} is named twice",

@@ -249,6 +249,26 @@ pub(crate) fn to_off(x: u64) -> libc::off64_t {
     libc::off64_t::try_from(x).unwrap_or(libc::off64_t::MAX)
 }
 
+/// Check `path`, a file a caller named, before anything opens it: NotFound
+/// when there is none, InvalidInput when it is not a regular file (nor,
+/// with `block`, a block device). A FIFO would make its reader wait for a
+/// writer, a character device (`/dev/zero`) never ends. `what` starts each
+/// message ("backup file ", "disk vda: ").
+pub(crate) fn require_file(path: &Path, what: &str, block: bool) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::metadata(path) {
+        Ok(m) if m.is_file() || (block && m.file_type().is_block_device()) => Ok(()),
+        Ok(_) if block => {
+            Err(KnibError::invalid(format!("{what}{} is neither a regular file nor a block device", path.display())))
+        }
+        Ok(_) => Err(KnibError::invalid(format!("{what}{} is not a regular file", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(KnibError::not_found(format!("{what}{} does not exist", path.display())))
+        }
+        Err(e) => Err(KnibError::io("cannot stat", path, e)),
+    }
+}
+
 /// Open `path`, a file a caller named, for reading; anything but a regular
 /// file is InvalidInput naming it. The file is opened with `O_NONBLOCK`, so
 /// a FIFO opens at once (and is refused) instead of waiting for a writer;

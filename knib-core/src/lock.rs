@@ -145,15 +145,24 @@ pub fn held_like_qemu(file: &File) -> io::Result<bool> {
 }
 
 /// Fail as busy, naming the file, when a process holds QEMU's image locks
-/// on one of `files` ([`held_like_qemu`]); files that do not exist are
-/// skipped. Nothing is written.
+/// on one of `files` ([`held_like_qemu`]); files that do not exist, and
+/// those QEMU would not lock (neither a regular file nor a block device:
+/// never waited on, a FIFO included), are skipped. Nothing is written.
 pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     for f in files {
-        let file = match std::fs::File::open(f) {
+        // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer.
+        let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(f) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(KnibError::io("cannot open", f, e)),
         };
+        // QEMU locks only the images it opens: regular files and block
+        // devices (anything else is the caller's to refuse).
+        let ft = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            continue;
+        }
         if held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
             return Err(KnibError::new(
                 ErrorKind::Busy,

@@ -1,11 +1,15 @@
 //! Files the CloudStack agent names that are not files: a FIFO (opening
 //! it waits for a writer), a character device (`/dev/zero` never ends), a
-//! directory, and a link to each. `agent.take_hash`, `agent.compress` and
-//! `agent.restore` (its backup and its expected hashes) must refuse each
-//! at once, naming it, and write nothing; before, `agent.take_hash` on a
-//! FIFO or on `/dev/zero` never returned, on a directory it failed with an
-//! I/O error, and `agent.compress` and `agent.restore` called any of them
-//! a file that "does not exist".
+//! directory, and a link to each. `agent.take_hash`, `agent.compress`,
+//! `agent.restore` (its backup and its expected hashes), `backup` (a disk),
+//! `agent.take_backup` (a stopped VM's volume or its parent backup),
+//! `agent.merge_snapshot`, `agent.prepare_validation` and `files.fs` must
+//! refuse each at once, naming it, and write nothing. Before,
+//! `agent.take_hash` on a FIFO or on `/dev/zero` and `backup` of a FIFO
+//! never returned (nor stopped on SIGTERM: the process waited in `open`),
+//! `agent.take_backup` of a FIFO volume waited in the test of QEMU's image
+//! lock, a directory was an I/O error, and the agent called any of them a
+//! file that "does not exist".
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,6 +111,40 @@ fn files_that_are_not_regular_files_are_refused_at_once() {
         // Not a file of the chain read: it is never opened.
         assert_eq!(e.kind, ErrorKind::Corrupt, "{}: {e}", s.display());
         assert!(e.message.starts_with(&format!("backup file {} is not in the chain", s.display())), "{e}");
+        // A disk to back up (a block device would do) and a stopped VM's
+        // volume: refused before a store or a delta is made.
+        let store = dir.join("store");
+        let e =
+            within_10s("backup", json!({"store": store, "vm": "v", "disks": [{"name": "a", "path": s}]})).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{}: {e}", s.display());
+        assert!(
+            e.message.ends_with(&format!("disk a: {} is neither a regular file nor a block device", s.display())),
+            "{e}"
+        );
+        let volume = json!({"uuid": "u", "path": s, "delta_path_on_primary": dir.join("delta"),
+            "delta_path_on_store": store.join("b1/u.qcow2")});
+        let e = within_10s("agent.take_backup", json!({"running": false, "volumes": [volume]})).unwrap_err();
+        assert_not_regular(&e, "volume u: ", s);
+        let volume = json!({"uuid": "u", "path": good, "delta_path_on_primary": dir.join("delta"),
+            "delta_path_on_store": store.join("b2/u.qcow2"), "parent_backup_path": s});
+        let e = within_10s("agent.take_backup", json!({"running": false, "volumes": [volume]})).unwrap_err();
+        assert_not_regular(&e, "volume u: the parent backup ", s);
+        // A merge of VM snapshot deltas, either file special.
+        for (parent, child) in [(&good, s), (s, &good)] {
+            let req = json!({"running": false, "merges": [{"parent": parent, "child": child}]});
+            let e = within_10s("agent.merge_snapshot", req).unwrap_err();
+            assert_not_regular(&e, "", s);
+        }
+        // A validation's overlay over it (the error names the file the link
+        // leads to), and the filesystems of a backup named by its path.
+        let req = json!({"vm_name": "v", "work_dir": dir, "volumes": [{"uuid": "u", "backup_path": s}]});
+        let e = within_10s("agent.prepare_validation", req).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{}: {e}", s.display());
+        let target = s.canonicalize().unwrap();
+        assert!(e.message.starts_with("overlay of volume u: backup file "), "{e}");
+        assert!(e.message.ends_with(&format!("{} is not a regular file", target.display())), "{e}");
+        let e = within_10s("files.fs", json!({"backup_path": s})).unwrap_err();
+        assert_not_regular(&e, "", s);
         assert_eq!(listing(&dir), before, "{} left something behind", s.display());
     }
 }

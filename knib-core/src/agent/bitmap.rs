@@ -133,13 +133,7 @@ fn plan(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> R
         let parent = match &v.parent_backup_path {
             Some(p) => {
                 absolute(op, &field("parent_backup_path"), p)?;
-                if !p.is_file() {
-                    return Err(KnibError::not_found(format!(
-                        "volume {}: the parent backup {} does not exist",
-                        v.uuid,
-                        p.display()
-                    )));
-                }
+                crate::fsio::require_file(p, &format!("volume {}: the parent backup ", v.uuid), false)?;
                 Some(relative_pointer(dest_dir, p))
             }
             None => None,

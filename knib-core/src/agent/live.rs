@@ -65,13 +65,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         super::check_volume(op, i, v, true)?;
         if let Some(p) = &v.parent_backup_path {
             absolute(op, &field("parent_backup_path"), p)?;
-            if !p.is_file() {
-                return Err(KnibError::not_found(format!(
-                    "volume {}: the parent backup {} does not exist",
-                    v.uuid,
-                    p.display()
-                )));
-            }
+            crate::fsio::require_file(p, &format!("volume {}: the parent backup ", v.uuid), false)?;
         }
         if let Some(m) = &v.merge {
             absolute(op, &field("merge.parent"), &m.parent)?;

@@ -40,12 +40,8 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
         super::check_volume(op, i, v, true)?;
         if let Some(p) = &v.parent_backup_path {
             absolute(op, &field("parent_backup_path"), p)?;
-            if take && !p.is_file() {
-                return Err(KnibError::not_found(format!(
-                    "volume {}: the parent backup {} does not exist",
-                    v.uuid,
-                    p.display()
-                )));
+            if take {
+                fsio::require_file(p, &format!("volume {}: the parent backup ", v.uuid), false)?;
             }
         }
         if let Some(m) = &v.merge {
@@ -98,9 +94,7 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
         }
         let mut virtual_size = 0;
         if take {
-            if !v.path.is_file() {
-                return Err(KnibError::not_found(format!("volume {}: {} does not exist", v.uuid, v.path.display())));
-            }
+            fsio::require_file(&v.path, &format!("volume {}: ", v.uuid), false)?;
             for (what, f) in [("the new delta", &v.delta_path_on_primary), ("the backup file", &v.delta_path_on_store)]
             {
                 if f.exists() {
@@ -297,9 +291,8 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     ensure_unused(&all, &format!("{op} of a VM without a domain"))?;
     let mut out = Vec::new();
     for m in &r.merges {
-        if !m.child.is_file() {
-            return Err(KnibError::not_found(format!("{} does not exist", m.child.display())));
-        }
+        fsio::require_file(&m.child, "", false)?;
+        fsio::require_file(&m.parent, "", false)?;
         let below = q.info(&m.child, ctl)?.full_backing_filename.map(PathBuf::from);
         if !below.as_deref().is_some_and(|b| same_file(b, &m.parent)) {
             return Err(KnibError::invalid(format!(

@@ -207,16 +207,14 @@ pub struct DiskState {
     pub on_knib_base: bool,
 }
 
-/// Inspect a disk: it must exist, be qcow2, and be neither encrypted nor
+/// Inspect a disk: it must exist (a regular file or a block device), be qcow2, and be neither encrypted nor
 /// using an external data file; its backing chain must open. Read by the
 /// native qcow2 reader; what it refuses (a raw file, encryption, an
 /// external data file, a corrupt table) is asked of `qemu-img info
 /// --backing-chain`, whose answer names the problem or shows that QEMU
 /// reads the disk.
 pub fn inspect_disk(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) -> Result<DiskState> {
-    if !disk.exists() {
-        return Err(KnibError::not_found(format!("disk {name}: {} does not exist", disk.display())));
-    }
+    crate::fsio::require_file(disk, &format!("disk {name}: "), true)?;
     let backing = match crate::qcow2::Chain::open(disk) {
         Ok(chain) => {
             let h = chain.top().header();

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::header::MAGIC;
@@ -115,7 +115,9 @@ impl Chain {
     /// [`crate::ErrorKind::Corrupt`] for a chain that loops or is deeper
     /// than the limit, and for any image that [`Qcow2Image::open`] refuses
     /// as corrupt; [`crate::ErrorKind::InvalidInput`] for an unsupported
-    /// backing format or protocol.
+    /// backing format or protocol, and for a file of the chain that is
+    /// neither a regular file nor a block device (a FIFO, a character
+    /// device, a directory: checked before it is opened, never read).
     pub fn open(top: &Path) -> Result<Self> {
         Self::open_with_depth(top, MAX_CHAIN_DEPTH)
     }
@@ -151,8 +153,14 @@ impl Chain {
                 }
                 None => KnibError::io("open qcow2 image", &path, e),
             })?;
-            if files_only && !meta.is_file() {
-                let e = KnibError::invalid(format!("{} is not a regular file", path.display()));
+            let block = meta.file_type().is_block_device();
+            if !meta.is_file() && (files_only || !block) {
+                // Never opened: a FIFO would wait for a writer, a character
+                // device (`/dev/zero`) never ends.
+                let e = KnibError::invalid(match files_only {
+                    true => format!("{} is not a regular file", path.display()),
+                    false => format!("{} is neither a regular file nor a block device", path.display()),
+                });
                 return Err(match names.last() {
                     Some(parent) => e.context(format!("backing chain of {parent}")),
                     None => e,
