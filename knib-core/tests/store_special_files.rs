@@ -3,7 +3,8 @@
 //! job file or `knib.json` must be refused at once, naming the file (not
 //! wait forever for a writer, holding the VM's lock or the job queue's),
 //! and a huge (sparse) file in their place must be refused before it is
-//! read into memory.
+//! read into memory; and a store path that is a file, a FIFO or a device
+//! must be refused as not a directory, naming it.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -117,4 +118,51 @@ fn a_huge_job_file_is_refused_unread() {
     let e = store.jobs().unwrap_err();
     assert_eq!(e.message, format!("job file {} {TOO_LARGE}", job.display()));
     assert_refused(&e, &job, TOO_LARGE);
+}
+
+#[test]
+fn a_store_path_that_is_not_a_directory_is_refused_naming_it() {
+    use knib_core::api::call;
+    use knib_core::Control;
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("1M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let file = d.path().join("a-file");
+    std::fs::write(&file, b"not a store").unwrap();
+    let fifo = d.path().join("fifo");
+    mkfifo(&fifo);
+    for root in [file.clone(), fifo, PathBuf::from("/dev/null")] {
+        let want = format!("store {} is not a directory", root.display());
+        let (tx, rx) = mpsc::channel();
+        let disks = serde_json::json!([{"name": "a", "path": disk}]);
+        let reqs = [
+            ("list", serde_json::json!({"store": root})),
+            ("backup", serde_json::json!({"store": root, "vm": "v", "disks": disks})),
+        ];
+        std::thread::spawn(move || {
+            for (op, req) in reqs {
+                tx.send((op, call(op, &req.to_string(), &Control::new()))).unwrap();
+            }
+        });
+        for _ in 0..2 {
+            let (op, got) = rx.recv_timeout(Duration::from_secs(10)).expect("hung on the store path");
+            let e = got.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{op} on {}: {e}", root.display());
+            assert_eq!(e.message, want, "{op}");
+        }
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"not a store");
+    // Missing, and a directory that is not a store: NotFound as before.
+    let e =
+        call("list", &serde_json::json!({"store": d.path().join("none")}).to_string(), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    let e = call("list", &serde_json::json!({"store": d.path()}).to_string(), &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    assert!(e.message.ends_with("is not a knib store (it holds no vms/, jobs/, groups/ or knib.json)"), "{e}");
 }

@@ -262,8 +262,7 @@ impl Store {
 
     #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub(super) fn save_group(&self, path: &Path, r: &GroupRecord) -> Result<()> {
-        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
-        super::confine::ensure_dir(&self.root, Path::new("groups"), "groups directory")?;
+        self.ensure_dir(Path::new("groups"), "groups directory")?;
         fsio::write_atomic(path, &serde_json::to_vec_pretty(r).expect("a group record serializes"))
     }
 

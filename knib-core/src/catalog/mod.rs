@@ -130,6 +130,11 @@ pub fn is_vault(location: &str) -> bool {
 /// The operations a vault takes, as the errors that refuse one say.
 pub const VAULT_TAKES: &str = "sync, list, show, restore (quick restore by the CLI), verify, delete and files";
 
+/// A store path that names something other than a directory.
+fn not_a_directory(root: &Path) -> KnibError {
+    KnibError::invalid(format!("store {} is not a directory", root.display()))
+}
+
 /// A vault (`s3://...`) where a store directory is needed: said plainly.
 fn refuse_vault(root: &Path) -> Result<()> {
     match root.to_str() {
@@ -156,8 +161,10 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         refuse_vault(&root)?;
-        if !root.is_dir() {
-            return Err(KnibError::not_found(format!("store {} does not exist", root.display())));
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(not_a_directory(&root)),
+            Err(_) => return Err(KnibError::not_found(format!("store {} does not exist", root.display()))),
         }
         if !["vms", "jobs", "groups", settings::SETTINGS_FILE].iter().any(|n| root.join(n).exists()) {
             return Err(KnibError::not_found(format!(
@@ -167,6 +174,19 @@ impl Store {
             )));
         }
         Ok(Store { root, qemu_img: QemuImg::new() })
+    }
+
+    /// Make the store's directory if need be, then its directory `rel`
+    /// (see [`confine::ensure_dir`]; `what` names it in errors). A store
+    /// path that is not a directory is InvalidInput, named.
+    pub(crate) fn ensure_dir(&self, rel: &Path, what: &str) -> Result<()> {
+        if let Err(e) = fs::create_dir_all(&self.root) {
+            return Err(match fs::metadata(&self.root) {
+                Ok(m) if !m.is_dir() => not_a_directory(&self.root),
+                _ => KnibError::io("cannot create store", &self.root, e),
+            });
+        }
+        confine::ensure_dir(&self.root, rel, what)
     }
 
     /// The store's directory.
@@ -233,8 +253,7 @@ impl Store {
     pub fn lock_vm(&self, vm: &str, operation: &str) -> Result<VmLock> {
         names::validate("VM name", vm)?;
         let dir = self.vm_dir(vm);
-        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
-        confine::ensure_dir(&self.root, &Self::vm_rel(vm), "VM directory")?;
+        self.ensure_dir(&Self::vm_rel(vm), "VM directory")?;
         let lock = VmLock::acquire(&dir.join(".lock"), vm, operation)?;
         self.sweep_partials(vm)?;
         self.finish_compressions(vm)?;

@@ -49,8 +49,7 @@ impl Store {
 
     /// Record that `overlay` reads volume `volume` of backup `m`.
     pub(super) fn pin(&self, m: &Manifest, volume: &str, overlay: &Path) -> Result<()> {
-        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
-        confine::ensure_dir(&self.root, Self::pins_rel(), "quick-restore records directory")?;
+        self.ensure_dir(Self::pins_rel(), "quick-restore records directory")?;
         let overlay = fs::canonicalize(overlay).map_err(|e| KnibError::io("cannot resolve", overlay, e))?;
         let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let name = format!("{}.{ns:x}-{}-{}.json", m.id, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));

@@ -28,8 +28,7 @@ impl Store {
     /// followed: it must not make knib create or open a file outside the
     /// store.
     pub(super) fn lock_group(&self, id: &str) -> Result<Option<VmLock>> {
-        fs::create_dir_all(&self.root).map_err(|e| KnibError::io("cannot create store", &self.root, e))?;
-        super::super::confine::ensure_dir(&self.root, Path::new("groups"), "groups directory")?;
+        self.ensure_dir(Path::new("groups"), "groups directory")?;
         let p = self.lock_file(id);
         // Checked without opening it (a FIFO would make an open wait, and
         // any descriptor closed drops the process's lock); the open itself
