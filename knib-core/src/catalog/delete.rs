@@ -46,6 +46,7 @@ impl Store {
         let m = self.show(id)?;
         let _lock = self.lock_vm(&m.vm, &format!("delete of {id}"))?;
         self.refuse_while_validated(id)?;
+        crate::crashpoint::pause_point(&format!("delete of {id}: no validation of it runs"));
         let (all, unreadable) = self.scan_backups(&m.vm)?;
         let mut m = all
             .iter()

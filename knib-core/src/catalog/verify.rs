@@ -105,6 +105,7 @@ impl Store {
     /// The checks of [`Store::verify`] on `m` as read, and the hashes to
     /// record (volumes without one).
     fn check_backup(&self, m: &Manifest, ctl: &Control) -> Result<(VerifyReport, Vec<(String, String)>)> {
+        crate::crashpoint::pause_point(&format!("verify of backup {}: manifest read", m.id));
         let q = &self.qemu_img;
         let mut problems = Vec::new();
         let mut files_checked = 0;

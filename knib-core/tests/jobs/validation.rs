@@ -1,5 +1,6 @@
 //! Validation jobs: hashes recorded, then a flipped byte and a broken
-//! refcount found and named.
+//! refcount found and named; a backup deleted while it is validated
+//! cancels the validation (it was not found bad).
 
 use super::*;
 
@@ -115,4 +116,29 @@ fn deleting_or_compressing_a_backup_while_it_is_validated_is_refused_busy() {
     // Its runner dead: the delete goes ahead.
     fake_running(&store, &job.id, 999_999_999, &hostname(), 0);
     store.delete(&m.id).unwrap();
+}
+
+#[test]
+fn a_backup_deleted_while_it_is_validated_cancels_the_validation_instead_of_failing_it() {
+    let (work, store) = store_with(r#""validation.max_retries": 0"#);
+    let (m, _) = backups(&store, work.path(), "vm1", &[2]).pop().unwrap();
+    let job = store.queue_validation(&m.id).unwrap();
+    // The delete checks that no validation of the backup runs, then waits;
+    // the validation starts meanwhile and waits after reading the manifest
+    // until the delete has removed the files.
+    let pause = Duration::from_secs(3);
+    knib_core::crashpoint::pause_before(&format!("delete of {}: no validation of it runs", m.id), pause);
+    knib_core::crashpoint::pause_before(&format!("verify of backup {}: manifest read", m.id), pause);
+    let summary = std::thread::scope(|s| {
+        let deleter = s.spawn(|| store.delete(&m.id));
+        std::thread::sleep(Duration::from_millis(500));
+        let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+        assert_eq!(deleter.join().unwrap().unwrap().expunged, vec![m.id.clone()]);
+        summary
+    });
+    assert!(store.find(&m.id).is_err(), "the backup was deleted");
+    assert_eq!(summary.cancelled, vec![job.id.clone()], "{summary:?}");
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    assert_eq!(j.last_error.as_deref(), Some(format!("backup {} was deleted", m.id).as_str()), "{j:?}");
 }

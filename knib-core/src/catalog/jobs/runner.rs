@@ -357,6 +357,11 @@ fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
             let value = serde_json::to_value(&report).expect("a report serializes");
             if report.ok {
                 Outcome::Done(Some(value))
+            } else if let Some(why) = backup_gone(store, job) {
+                // Deleted while it was validated (the delete's check that
+                // no validation runs came first): its files went, it was
+                // not found bad.
+                Outcome::Cancelled(why)
             } else {
                 Outcome::Rejected(format!("backup {} is not valid: {}", job.backup, report.problems.join("; ")), value)
             }
