@@ -321,7 +321,8 @@
  *                  or quickly onto overlays.
  *     request:
  *       deltas_to_remove? [string], default []: Files of the old chains on
- *                         primary, removed after the restore.
+ *                         primary, removed after the restore (a file of a
+ *                         backup's chain or a directory refuses the request).
  *       quick_restore?    boolean, default false: Write empty qcow2 overlays
  *                         over the backups instead of copies (consolidate
  *                         later).

@@ -350,6 +350,31 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
             Err(e) => return Err(KnibError::io("cannot stat", &v.volume_path, e)),
         }
     }
+    // The old deltas removed at the end are never a file of a backup read
+    // here (a quick-restored volume would lose its backing file, and the
+    // backup its data) nor a directory (found before any volume changes).
+    if !r.deltas_to_remove.is_empty() {
+        let chains: Vec<Vec<PathBuf>> =
+            r.volumes.iter().map(|v| engine::backup_chain_files(&v.backup_path)).collect::<Result<_>>()?;
+        for (i, f) in r.deltas_to_remove.iter().enumerate() {
+            if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_dir()) {
+                return Err(KnibError::invalid(format!(
+                    "request of {op}: deltas_to_remove[{i}] {} is a directory",
+                    f.display()
+                )));
+            }
+            for (v, chain) in r.volumes.iter().zip(&chains) {
+                if let Some(b) = chain.iter().find(|b| same_file(b, f)) {
+                    return Err(KnibError::invalid(format!(
+                        "request of {op}: deltas_to_remove[{i}] {} is {} of the backup chain of volume {}: a restore never removes a backup; nothing was changed",
+                        f.display(),
+                        b.display(),
+                        v.uuid.as_deref().unwrap_or("(no uuid)")
+                    )));
+                }
+            }
+        }
+    }
     // A quick restore runs the VM on the backups' chains: each is checked
     // before any volume is staged, and the files the caller gave hashes for
     // are held against them (a read of each; a plain restore does it as it

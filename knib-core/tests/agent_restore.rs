@@ -1,6 +1,8 @@
 //! `agent.restore` replaces all of its volumes or none: a volume path that
 //! cannot be replaced (a directory) is refused before anything is staged
-//! or renamed, so the first volume is not replaced alone.
+//! or renamed, so the first volume is not replaced alone; and an old delta
+//! to remove that is a file of the backup chain (or a directory) refuses
+//! the restore before anything changes, quick or plain.
 
 mod common;
 
@@ -37,4 +39,91 @@ fn a_volume_that_cannot_be_replaced_refuses_the_whole_restore_first() {
     knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap();
     assert_identical(&v0, &backup);
     assert_identical(&v1, &backup);
+}
+
+/// A qcow2 overlay `top` over `base`, named relative to `top`'s directory.
+fn overlay(base: &std::path::Path, top: &std::path::Path) {
+    let name = base.file_name().unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(name)
+        .arg(top)
+        .current_dir(top.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every file under `dir` with its bytes.
+fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn old_deltas_that_are_files_of_the_backup_chain_or_directories_refuse_the_restore_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The backup chain: base <- inc (a relative pointer, as a store has).
+    let (base, inc) = (d.join("base.qcow2"), d.join("inc.qcow2"));
+    make_disk(&base, 8 << 20, &[]);
+    qemu_io(&base, "write -P 0x21 0 1M");
+    overlay(&base, &inc);
+    qemu_io(&inc, "write -P 0x22 1M 1M");
+    let reference = d.join("reference.raw");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .args([&inc, &reference])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The volume on primary, on an old delta over an old base.
+    let (old_base, vol) = (d.join("old-base.qcow2"), d.join("volume.qcow2"));
+    make_disk(&old_base, 8 << 20, &[]);
+    overlay(&old_base, &vol);
+    qemu_io(&vol, "write -P 0x11 0 64k");
+    let a_dir = d.join("a-directory");
+    std::fs::create_dir(&a_dir).unwrap();
+    for quick in [false, true] {
+        let request = |deltas: serde_json::Value| {
+            json!({"quick_restore": quick, "deltas_to_remove": deltas,
+                "volumes": [{"uuid": "u", "backup_path": inc, "volume_path": vol}]})
+        };
+        let before = files(d);
+        for (bad, why) in [
+            (&inc, format!("is {} of the backup chain of volume u", inc.display())),
+            (&base, format!("is {} of the backup chain of volume u", base.display())),
+            (&a_dir, "is a directory".to_string()),
+        ] {
+            let req = request(json!([old_base, bad]));
+            let e = knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+            let named = format!("request of agent.restore: deltas_to_remove[1] {} {why}", bad.display());
+            assert!(e.message.starts_with(&named), "quick {quick}: {e}");
+            assert_eq!(files(d), before, "quick {quick}: something changed");
+        }
+        // Only the old base: the restore goes ahead and removes it.
+        let req = request(json!([old_base]));
+        let a: serde_json::Value =
+            serde_json::from_str(&knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap())
+                .unwrap();
+        assert_eq!(a["removed"], json!([old_base]), "{a}");
+        assert!(!old_base.exists());
+        assert_identical(&vol, &reference);
+        assert!(inc.exists() && base.exists());
+        assert_check_clean(&vol);
+        // The next round starts from an old base again.
+        make_disk(&old_base, 8 << 20, &[]);
+        std::fs::remove_file(&vol).unwrap();
+        overlay(&old_base, &vol);
+    }
 }

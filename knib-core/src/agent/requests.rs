@@ -270,7 +270,7 @@ pub(crate) struct RestoreReq {
     /// Write empty qcow2 overlays over the backups instead of copies (consolidate later).
     #[serde(default)]
     pub(crate) quick_restore: bool,
-    /// Files of the old chains on primary, removed after the restore.
+    /// Files of the old chains on primary, removed after the restore (a file of a backup's chain or a directory refuses the request).
     #[serde(default)]
     pub(crate) deltas_to_remove: Vec<PathBuf>,
     /// The time budget in seconds; 0 or absent = none.

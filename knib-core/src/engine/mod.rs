@@ -56,7 +56,8 @@ pub use merge::merge_delta;
 pub use method::BackupMethod;
 pub use native::DataPath;
 pub use restore::{
-    create_overlay, require_clean_metadata, require_quick_restorable, restore, restore_verified, RestoreRequest,
+    backup_chain_files, create_overlay, require_clean_metadata, require_quick_restorable, restore, restore_verified,
+    RestoreRequest,
 };
 pub use take::{
     take_backup, take_backup_with, BackupKind, TakeBackupAnswer, TakeBackupRequest, VolumeBackup, VolumeResult,

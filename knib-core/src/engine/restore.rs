@@ -48,6 +48,16 @@ fn backup_chain_only(backup_file: &Path) -> Result<()> {
         .map_err(|e| e.context(format_args!("backup file {}", backup_file.display())))
 }
 
+/// The files of the chain of `backup_file`, top first, as
+/// [`backup_chain_only`] checks and opens it.
+pub fn backup_chain_files(backup_file: &Path) -> Result<Vec<PathBuf>> {
+    let chain = crate::qcow2::Chain::open_files_only(backup_file)
+        .map_err(|e| e.context(format_args!("backup file {}", backup_file.display())))?;
+    let mut files = vec![backup_file.to_path_buf()];
+    files.extend(chain.backing().iter().filter_map(|l| l.path().map(Path::to_path_buf)));
+    Ok(files)
+}
+
 fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
     // A link counts as an entry even when it leads nowhere.
     if std::fs::symlink_metadata(dest).is_ok() && !overwrite {
