@@ -495,7 +495,38 @@ fn check_volume(op: &str, i: usize, v: &requests::BackupVolume, primary: bool) -
     if primary {
         absolute(op, &field("delta_path_on_primary"), &v.delta_path_on_primary)?;
     }
-    absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)
+    absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)?;
+    // The backup file and the new delta are new files of their own: a
+    // cleanup removes or undoes them, so neither may be a file the volume
+    // runs on or a backup it builds on (nor each other).
+    let mut named: Vec<(&str, PathBuf)> = vec![("path", v.path.clone())];
+    if let Some(m) = &v.merge {
+        named.push(("merge.parent", m.parent.clone()));
+        named.push(("merge.child", m.child.clone()));
+        named.extend(m.grand_children.iter().map(|g| ("merge.grand_children", g.clone())));
+    }
+    named.extend(v.vm_snapshot_delta_paths.iter().map(|s| ("vm_snapshot_delta_paths", s.clone())));
+    if let Some(p) = &v.parent_backup_path {
+        // The parent's whole chain when it opens (else the file named).
+        let chain = engine::backup_chain_files(p).unwrap_or_else(|_| vec![p.clone()]);
+        named.extend(chain.into_iter().map(|f| ("chain of parent_backup_path", f)));
+    }
+    let mut new: Vec<(&str, &str, &Path)> = vec![("delta_path_on_store", "the backup file", &v.delta_path_on_store)];
+    if primary {
+        named.push(("delta_path_on_store", v.delta_path_on_store.clone()));
+        new.push(("delta_path_on_primary", "the new delta", &v.delta_path_on_primary));
+    }
+    for (name, role, file) in new {
+        if let Some((what, f)) = named.iter().find(|(what, f)| *what != name && same_file(f, file)) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: {} {} is the volume's {what} ({}): {role} must be a new file of its own",
+                field(name),
+                file.display(),
+                f.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 mod answers;

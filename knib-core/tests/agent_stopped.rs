@@ -10,8 +10,10 @@
 //! default "discard": the store files removed and the volumes back on
 //! `base <- delta`), after which the next backup still holds every write;
 //! a chain restored from its store moved elsewhere, and with an absolute
-//! (agent-written) pointer in it; and volumes a process holds QEMU's image lock on refused
-//! with nothing written.
+//! (agent-written) pointer in it; volumes a process holds QEMU's image lock on refused
+//! with nothing written; and a request whose backup file or new delta
+//! names a file the volume runs on or a backup it builds on refused by
+//! take and cleanup alike (a cleanup removed the disk the VM ran on).
 
 #[path = "common/disk.rs"]
 mod disk;
@@ -764,5 +766,103 @@ fn the_merge_after_a_published_backup_runs_past_the_time_budget() {
     assert_eq!(a["vm_consistent"], true);
     assert!(!old.exists(), "the old delta is merged and removed");
     vm.assert_backup_is("b2", &v2);
+    vm.assert_clean();
+}
+
+/// Every file under `dir` with its bytes (to show nothing changed).
+fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.file_name().unwrap() != ".lock" {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn new_files_that_name_a_file_of_the_vm_or_of_the_parent_chain_are_refused_before_anything_changes() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 77);
+    vm.write(3);
+    vm.take("b1", None, json!({}));
+    vm.write(3);
+    vm.take("b2", Some("b1"), json!({}));
+    vm.write(3);
+    // An incremental request whose backup file is a file the VM runs on, its
+    // base, or a backup of the parent's chain: a take refuses it as an
+    // existing file; a cleanup (discard) would remove it.
+    let req = vm.request("b3", Some("b2"), json!({}));
+    let vol = &req["volumes"][0];
+    let candidates: Vec<(&str, Value)> = vec![
+        ("path", vol["path"].clone()),
+        ("merge.parent", vol["merge"]["parent"].clone()),
+        ("parent_backup_path", vol["parent_backup_path"].clone()),
+        ("a file of the parent backup's chain", json!(vm.store_file("b1", "root"))),
+    ];
+    let before = contents(t.path());
+    for (what, file) in candidates {
+        let mut r = req.clone();
+        r["volumes"][0]["delta_path_on_store"] = file.clone();
+        for mode in [None, Some("complete")] {
+            let mut c = r.clone();
+            if let Some(m) = mode {
+                c["mode"] = json!(m);
+            }
+            let e = agent("agent.cleanup_vm_backup", &c).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{what} ({mode:?}): {e}");
+            assert!(
+                e.message.contains("volumes[0].delta_path_on_store")
+                    && e.message.contains(file.as_str().unwrap())
+                    && e.message.contains("the backup file must be a new file of its own"),
+                "{what}: {e}"
+            );
+            assert_eq!(contents(t.path()), before, "{what} ({mode:?}): files changed");
+        }
+        let e = agent("agent.take_backup", &r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{what}: {e}");
+        assert_eq!(contents(t.path()), before, "{what}: files changed");
+    }
+    // Nor may the new delta on primary be one of them (a cleanup undoes
+    // it: it committed the volume's delta into its base, so the next
+    // incremental would have missed the writes since b2), or the backup file.
+    let candidates: Vec<(&str, Value)> = vec![
+        ("path", vol["path"].clone()),
+        ("merge.parent", vol["merge"]["parent"].clone()),
+        ("parent_backup_path", vol["parent_backup_path"].clone()),
+        ("delta_path_on_store", vol["delta_path_on_store"].clone()),
+    ];
+    for (what, file) in candidates {
+        let mut r = req.clone();
+        r["volumes"][0]["delta_path_on_primary"] = file.clone();
+        for mode in [None, Some("complete")] {
+            let mut c = r.clone();
+            if let Some(m) = mode {
+                c["mode"] = json!(m);
+            }
+            let e = agent("agent.cleanup_vm_backup", &c).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{what} ({mode:?}): {e}");
+            assert!(
+                e.message.contains("volumes[0].delta_path_on_primary")
+                    && e.message.contains(file.as_str().unwrap())
+                    && e.message.contains("the new delta must be a new file of its own"),
+                "{what}: {e}"
+            );
+            assert_eq!(contents(t.path()), before, "{what} ({mode:?}): files changed");
+        }
+        let e = agent("agent.take_backup", &r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{what}: {e}");
+        assert_eq!(contents(t.path()), before, "{what}: files changed");
+    }
+    // The request as it should be still works.
+    vm.take("b3", Some("b2"), json!({}));
     vm.assert_clean();
 }
