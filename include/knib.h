@@ -478,7 +478,9 @@
  *                             time>.png`, next to this file (the backup's
  *                             first file on the store).
  *       screenshot_path?      string or null: Where the screenshot goes (not
- *                             with `screenshot_next_to`).
+ *                             with `screenshot_next_to`); an existing file
+ *                             there is replaced only when it is a PNG image
+ *                             or empty.
  *       screenshot_wait_secs? integer, default 0: Seconds to wait before the
  *                             screenshot (the agent's `screenshotWait`).
  *       script?               string or null: The program to run in the guest

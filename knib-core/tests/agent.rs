@@ -505,7 +505,8 @@ fn quick_restore_consolidate_and_validation_files() {
 }
 
 /// `agent.validate`'s two ways exclude each other, and its screenshot and
-/// script fields are checked before anything runs; `agent.prepare_validation`
+/// script fields are checked before anything runs (a screenshot replaces
+/// only an earlier screenshot); `agent.prepare_validation`
 /// replaces a volume file with an overlay only when the file holds no data
 /// and no QEMU holds it, and all volumes or none.
 #[test]
@@ -516,6 +517,13 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
         (e.kind, e.message)
     };
     let disks = json!([{"target": "vda", "path": dir.path().join("x")}]);
+    let not_png = dir.path().join("a-disk.qcow2");
+    make_disk(&not_png, MIB, &[]);
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let link = dir.path().join("link.png");
+    std::os::unix::fs::symlink(&not_png, &link).unwrap();
+    let disk_bytes = std::fs::read(&not_png).unwrap();
     for (req, words) in [
         (json!({}), "give `domain`"),
         (json!({"domain": "v", "disks": disks}), "exclude each other"),
@@ -537,10 +545,32 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
         ),
         (json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "b/f"}), "screenshot_next_to"),
         (json!({"domain": "v", "execute_script": true}), "`execute_script` needs `script`"),
+        // A screenshot replaces only an earlier one: not a disk, a
+        // directory, a FIFO or a link.
+        (
+            json!({"domain": "v", "take_screenshot": true, "screenshot_path": not_png}),
+            "exists and is not a PNG image; it is not replaced",
+        ),
+        (
+            json!({"domain": "v", "take_screenshot": true, "screenshot_path": dir.path()}),
+            "exists and is not a PNG image; it is not replaced",
+        ),
+        (
+            json!({"domain": "v", "take_screenshot": true, "screenshot_path": fifo}),
+            "exists and is not a PNG image; it is not replaced",
+        ),
+        (
+            json!({"domain": "v", "take_screenshot": true, "screenshot_path": link}),
+            "exists and is not a PNG image; it is not replaced",
+        ),
     ] {
         let (kind, message) = err("agent.validate", req.clone());
         assert_eq!(kind, ErrorKind::InvalidInput, "{req}: {message}");
         assert!(message.contains(words), "{req}: {message:?} does not say {words:?}");
+    }
+    assert_eq!(std::fs::read(&not_png).unwrap(), disk_bytes);
+    for f in [&not_png, &fifo, &link] {
+        std::fs::remove_file(f).unwrap();
     }
 
     // A backup file, and volume files in every state.

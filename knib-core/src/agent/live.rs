@@ -522,6 +522,24 @@ fn screenshot_file(op: &str, r: &ValidateReq) -> Result<Option<PathBuf>> {
             )));
         }
     }
+    // The screenshot replaces nothing but an earlier screenshot (or an
+    // empty file): a path that names a disk, a backup or any other file is
+    // refused before anything runs (the file would have been replaced by a
+    // PNG).
+    if let Ok(m) = std::fs::symlink_metadata(&file) {
+        use std::io::Read;
+        let mut head = [0u8; 8];
+        let png = m.is_file()
+            && (m.len() == 0
+                || std::fs::File::open(&file).and_then(|mut f| f.read_exact(&mut head)).is_ok()
+                    && head == crate::libvirt::screenshot::PNG_MAGIC);
+        if !png {
+            return Err(bad(&format!(
+                "the screenshot {} exists and is not a PNG image; it is not replaced",
+                file.display()
+            )));
+        }
+    }
     Ok(Some(file))
 }
 

@@ -393,7 +393,7 @@ pub(crate) struct ValidateReq {
     /// Seconds to wait before the screenshot (the agent's `screenshotWait`).
     #[serde(default)]
     pub screenshot_wait_secs: u64,
-    /// Where the screenshot goes (not with `screenshot_next_to`).
+    /// Where the screenshot goes (not with `screenshot_next_to`); an existing file there is replaced only when it is a PNG image or empty.
     #[serde(default)]
     pub screenshot_path: Option<PathBuf>,
     /// Name the screenshot as the agent does:
