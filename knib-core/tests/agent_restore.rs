@@ -54,21 +54,6 @@ fn overlay(base: &std::path::Path, top: &std::path::Path) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Every file under `dir` with its bytes.
-fn files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
-    let mut out: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect();
-    out.sort();
-    out
-}
-
 #[test]
 fn old_deltas_that_are_files_of_the_backup_chain_or_directories_refuse_the_restore_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +83,7 @@ fn old_deltas_that_are_files_of_the_backup_chain_or_directories_refuse_the_resto
             json!({"quick_restore": quick, "deltas_to_remove": deltas,
                 "volumes": [{"uuid": "u", "backup_path": inc, "volume_path": vol}]})
         };
-        let before = files(d);
+        let before = contents(d);
         for (bad, why) in [
             (&inc, format!("is {} of the backup chain of volume u", inc.display())),
             (&base, format!("is {} of the backup chain of volume u", base.display())),
@@ -109,7 +94,7 @@ fn old_deltas_that_are_files_of_the_backup_chain_or_directories_refuse_the_resto
             assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
             let named = format!("request of agent.restore: deltas_to_remove[1] {} {why}", bad.display());
             assert!(e.message.starts_with(&named), "quick {quick}: {e}");
-            assert_eq!(files(d), before, "quick {quick}: something changed");
+            assert_eq!(contents(d), before, "quick {quick}: something changed");
         }
         // Only the old base: the restore goes ahead and removes it.
         let req = request(json!([old_base]));

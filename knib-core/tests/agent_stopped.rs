@@ -23,7 +23,7 @@ mod gen;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use disk::{assert_check_clean, assert_identical, make_disk, qemu_io, snapshot};
+use disk::{assert_check_clean, assert_identical, contents, make_disk, qemu_io, snapshot};
 use gen::Rng;
 use knib_core::api::call;
 use knib_core::qemu_img::QemuImg;
@@ -769,25 +769,6 @@ fn the_merge_after_a_published_backup_runs_past_the_time_budget() {
     vm.assert_clean();
 }
 
-/// Every file under `dir` with its bytes (to show nothing changed).
-fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if p.file_name().unwrap() != ".lock" {
-                let bytes = std::fs::read(&p).unwrap();
-                out.push((p, bytes));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 #[test]
 fn new_files_that_name_a_file_of_the_vm_or_of_the_parent_chain_are_refused_before_anything_changes() {
     let t = tempfile::tempdir().unwrap();
@@ -799,68 +780,58 @@ fn new_files_that_name_a_file_of_the_vm_or_of_the_parent_chain_are_refused_befor
     vm.write(3);
     // An incremental request whose backup file is a file the VM runs on, its
     // base, or a backup of the parent's chain: a take refuses it as an
-    // existing file; a cleanup (discard) would remove it.
+    // existing file; a cleanup (discard) removed it. Nor may the new delta
+    // on primary be one of them, or the backup file: a cleanup undid it
+    // (committed the volume's delta into its base, so the next incremental
+    // would have missed the writes since b2).
     let req = vm.request("b3", Some("b2"), json!({}));
     let vol = &req["volumes"][0];
-    let candidates: Vec<(&str, Value)> = vec![
-        ("path", vol["path"].clone()),
-        ("merge.parent", vol["merge"]["parent"].clone()),
-        ("parent_backup_path", vol["parent_backup_path"].clone()),
-        ("a file of the parent backup's chain", json!(vm.store_file("b1", "root"))),
+    let named = |f: &str| vol[f].clone();
+    let cases = [
+        (
+            "delta_path_on_store",
+            "the backup file",
+            vec![
+                ("path", named("path")),
+                ("merge.parent", vol["merge"]["parent"].clone()),
+                ("parent_backup_path", named("parent_backup_path")),
+                ("a file of the parent backup's chain", json!(vm.store_file("b1", "root"))),
+            ],
+        ),
+        (
+            "delta_path_on_primary",
+            "the new delta",
+            vec![
+                ("path", named("path")),
+                ("merge.parent", vol["merge"]["parent"].clone()),
+                ("parent_backup_path", named("parent_backup_path")),
+                ("delta_path_on_store", named("delta_path_on_store")),
+            ],
+        ),
     ];
     let before = contents(t.path());
-    for (what, file) in candidates {
-        let mut r = req.clone();
-        r["volumes"][0]["delta_path_on_store"] = file.clone();
-        for mode in [None, Some("complete")] {
-            let mut c = r.clone();
-            if let Some(m) = mode {
-                c["mode"] = json!(m);
+    for (field, role, candidates) in cases {
+        for (what, file) in candidates {
+            let mut r = req.clone();
+            r["volumes"][0][field] = file.clone();
+            for mode in [None, Some("complete")] {
+                let mut c = r.clone();
+                if let Some(m) = mode {
+                    c["mode"] = json!(m);
+                }
+                let e = agent("agent.cleanup_vm_backup", &c).unwrap_err();
+                assert_eq!(e.kind, ErrorKind::InvalidInput, "{field} = {what} ({mode:?}): {e}");
+                assert!(
+                    e.message.contains(&format!("volumes[0].{field} {}", file.as_str().unwrap()))
+                        && e.message.contains(&format!("{role} must be a new file of its own")),
+                    "{field} = {what}: {e}"
+                );
+                assert_eq!(contents(t.path()), before, "{field} = {what} ({mode:?}): files changed");
             }
-            let e = agent("agent.cleanup_vm_backup", &c).unwrap_err();
-            assert_eq!(e.kind, ErrorKind::InvalidInput, "{what} ({mode:?}): {e}");
-            assert!(
-                e.message.contains("volumes[0].delta_path_on_store")
-                    && e.message.contains(file.as_str().unwrap())
-                    && e.message.contains("the backup file must be a new file of its own"),
-                "{what}: {e}"
-            );
-            assert_eq!(contents(t.path()), before, "{what} ({mode:?}): files changed");
+            let e = agent("agent.take_backup", &r).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{field} = {what}: {e}");
+            assert_eq!(contents(t.path()), before, "{field} = {what}: files changed");
         }
-        let e = agent("agent.take_backup", &r).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidInput, "{what}: {e}");
-        assert_eq!(contents(t.path()), before, "{what}: files changed");
-    }
-    // Nor may the new delta on primary be one of them (a cleanup undoes
-    // it: it committed the volume's delta into its base, so the next
-    // incremental would have missed the writes since b2), or the backup file.
-    let candidates: Vec<(&str, Value)> = vec![
-        ("path", vol["path"].clone()),
-        ("merge.parent", vol["merge"]["parent"].clone()),
-        ("parent_backup_path", vol["parent_backup_path"].clone()),
-        ("delta_path_on_store", vol["delta_path_on_store"].clone()),
-    ];
-    for (what, file) in candidates {
-        let mut r = req.clone();
-        r["volumes"][0]["delta_path_on_primary"] = file.clone();
-        for mode in [None, Some("complete")] {
-            let mut c = r.clone();
-            if let Some(m) = mode {
-                c["mode"] = json!(m);
-            }
-            let e = agent("agent.cleanup_vm_backup", &c).unwrap_err();
-            assert_eq!(e.kind, ErrorKind::InvalidInput, "{what} ({mode:?}): {e}");
-            assert!(
-                e.message.contains("volumes[0].delta_path_on_primary")
-                    && e.message.contains(file.as_str().unwrap())
-                    && e.message.contains("the new delta must be a new file of its own"),
-                "{what}: {e}"
-            );
-            assert_eq!(contents(t.path()), before, "{what} ({mode:?}): files changed");
-        }
-        let e = agent("agent.take_backup", &r).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::InvalidInput, "{what}: {e}");
-        assert_eq!(contents(t.path()), before, "{what}: files changed");
     }
     // The request as it should be still works.
     vm.take("b3", Some("b2"), json!({}));

@@ -75,6 +75,27 @@ pub fn chain_len(disk: &Path) -> usize {
     QemuImg::new().info_chain(disk, &Control::new()).expect("info").len()
 }
 
+/// Every regular file under `dir` with its bytes, lock files left out:
+/// to show that nothing changed.
+pub fn contents(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                todo.push(p);
+            } else if m.is_file() && p.file_name().unwrap() != ".lock" {
+                let bytes = std::fs::read(&p).unwrap();
+                out.push((p, bytes));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// Every file under `dir` (relative path -> content of manifests, size of
 /// the rest), lock files left out: to show a store is as it was.
 pub fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
