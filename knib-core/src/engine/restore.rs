@@ -36,26 +36,24 @@ pub struct RestoreRequest {
     pub data_path: DataPath,
 }
 
-/// Check that the chain of `backup_file` is a backup's: regular files
-/// holding qcow2, each backing pointer too. A backup file is read from a
-/// store or a share others can write: a backing pointer to a raw file or
-/// a device would restore (or boot, or quick-restore) a host file or disk
-/// as the guest's. Errors: InvalidInput naming the file, and those of
-/// [`crate::qcow2::Chain::open_files_only`].
-fn backup_chain_only(backup_file: &Path) -> Result<()> {
-    crate::qcow2::Chain::open_files_only(backup_file)
-        .map(drop)
-        .map_err(|e| e.context(format_args!("backup file {}", backup_file.display())))
-}
-
-/// The files of the chain of `backup_file`, top first, as
-/// [`backup_chain_only`] checks and opens it.
+/// The files of the chain of `backup_file`, the file first, checked to be
+/// a backup's: regular files holding qcow2, each backing pointer too. A
+/// backup file is read from a store or a share others can write: a
+/// backing pointer to a raw file or a device would restore (or boot, or
+/// quick-restore) a host file or disk as the guest's. Errors: InvalidInput
+/// naming the file, and those of [`crate::qcow2::Chain::open_files_only`].
 pub fn backup_chain_files(backup_file: &Path) -> Result<Vec<PathBuf>> {
     let chain = crate::qcow2::Chain::open_files_only(backup_file)
         .map_err(|e| e.context(format_args!("backup file {}", backup_file.display())))?;
     let mut files = vec![backup_file.to_path_buf()];
     files.extend(chain.backing().iter().filter_map(|l| l.path().map(Path::to_path_buf)));
     Ok(files)
+}
+
+/// Check that the chain of `backup_file` is a backup's (see
+/// [`backup_chain_files`]).
+fn backup_chain_only(backup_file: &Path) -> Result<()> {
+    backup_chain_files(backup_file).map(drop)
 }
 
 fn check_dest(dest: &Path, overwrite: bool) -> Result<()> {
