@@ -121,6 +121,31 @@ fn files_that_are_not_regular_files_are_refused_at_once() {
             e.message.ends_with(&format!("disk a: {} is neither a regular file nor a block device", s.display())),
             "{e}"
         );
+        // A disk whose backing file is one: refused, never read (nor handed
+        // to qemu-img, which waited on a FIFO).
+        let over = dir.join("over.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            "raw",
+            "-b",
+            s.to_str().unwrap(),
+            over.to_str().unwrap(),
+            "1M",
+        ]);
+        let e = within_10s("backup", json!({"store": store, "vm": "v", "disks": [{"name": "a", "path": over}]}))
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Io, "{}: {e}", s.display());
+        assert!(
+            e.message
+                .ends_with(&format!("{} is neither a regular file nor a block device: it is not read", s.display())),
+            "{e}"
+        );
+        std::fs::remove_file(&over).unwrap();
         let volume = json!({"uuid": "u", "path": s, "delta_path_on_primary": dir.join("delta"),
             "delta_path_on_store": store.join("b1/u.qcow2")});
         let e = within_10s("agent.take_backup", json!({"running": false, "volumes": [volume]})).unwrap_err();

@@ -115,9 +115,10 @@ impl Chain {
     /// [`crate::ErrorKind::Corrupt`] for a chain that loops or is deeper
     /// than the limit, and for any image that [`Qcow2Image::open`] refuses
     /// as corrupt; [`crate::ErrorKind::InvalidInput`] for an unsupported
-    /// backing format or protocol, and for a file of the chain that is
-    /// neither a regular file nor a block device (a FIFO, a character
-    /// device, a directory: checked before it is opened, never read).
+    /// backing format or protocol; [`crate::ErrorKind::Io`] for a file of
+    /// the chain that is neither a regular file nor a block device (a FIFO,
+    /// a character device, a directory: checked before it is opened, never
+    /// read, and not an image qemu-img should be asked to read either).
     pub fn open(top: &Path) -> Result<Self> {
         Self::open_with_depth(top, MAX_CHAIN_DEPTH)
     }
@@ -156,11 +157,17 @@ impl Chain {
             let block = meta.file_type().is_block_device();
             if !meta.is_file() && (files_only || !block) {
                 // Never opened: a FIFO would wait for a writer, a character
-                // device (`/dev/zero`) never ends.
-                let e = KnibError::invalid(match files_only {
-                    true => format!("{} is not a regular file", path.display()),
-                    false => format!("{} is neither a regular file nor a block device", path.display()),
-                });
+                // device (`/dev/zero`) never ends. A disk's chain (not a
+                // backup's) gets an I/O error, not InvalidInput: callers
+                // hand InvalidInput refusals of the reader to qemu-img,
+                // which would wait on the FIFO in its turn.
+                let e = match files_only {
+                    true => KnibError::invalid(format!("{} is not a regular file", path.display())),
+                    false => KnibError::new(
+                        crate::ErrorKind::Io,
+                        format!("{} is neither a regular file nor a block device: it is not read", path.display()),
+                    ),
+                };
                 return Err(match names.last() {
                     Some(parent) => e.context(format!("backing chain of {parent}")),
                     None => e,
