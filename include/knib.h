@@ -162,8 +162,8 @@
  *         ]
  *       }
  *
- *   agent.compress: Write `<file>.comp` beside each file (all removed on
- *                   failure).
+ *   agent.compress: Write `<file>.comp` beside each file, each under a
+ *                   temporary name until whole (all removed on failure).
  *     request:
  *       coroutines?      integer, default 1: qemu-img's `-m`, 1 to 16.
  *       expected_hashes? [string] or null: One xxh3-128 per file, in order: a
@@ -226,8 +226,10 @@
  *         ]
  *       }
  *
- *   agent.finalize_compression: Rename each `<file>.comp` over its file, or
- *                               with `cleanup` remove them.
+ *   agent.finalize_compression: Rename each `<file>.comp` over its file (each
+ *                               first checked to be a whole qcow2 image with
+ *                               its file's size and backing pointer), or with
+ *                               `cleanup` remove them.
  *     request:
  *       cleanup?      boolean, default false: Remove the `<file>.comp` files
  *                     instead (a failed compression).

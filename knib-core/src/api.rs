@@ -140,9 +140,9 @@ operations! {
     "agent.take_backup" => TakeBackup(agent::TakeReq) -> agent::TakeBackupAnswer,
     /// Discard a failed agent.take_backup (store files removed, VM back on base <- delta), or with mode "complete" finish it when it is stored, given its request.
     "agent.cleanup_vm_backup" => CleanupVmBackup(agent::CleanupReq) -> agent::CleanupVmBackupAnswer,
-    /// Write `<file>.comp` beside each file (all removed on failure).
+    /// Write `<file>.comp` beside each file, each under a temporary name until whole (all removed on failure).
     "agent.compress" => AgentCompress(agent::CompressReq) -> agent::CompressAnswer,
-    /// Rename each `<file>.comp` over its file, or with `cleanup` remove them.
+    /// Rename each `<file>.comp` over its file (each first checked to be a whole qcow2 image with its file's size and backing pointer), or with `cleanup` remove them.
     "agent.finalize_compression" => FinalizeCompression(agent::FinalizeReq) -> agent::FinalizeAnswer,
     /// Restore volumes from backup files (all or none replaced), or quickly onto overlays.
     "agent.restore" => AgentRestore(agent::RestoreReq) -> agent::RestoreAnswer,

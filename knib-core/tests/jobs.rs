@@ -324,7 +324,9 @@ fn deleting_a_backup_while_it_compresses_is_refused_busy() {
     let (work, store) = store_with(r#""compression.rate_limit_mbps": 8"#);
     let (m, reference) = backups(&store, work.path(), "vm1", &[16]).pop().unwrap();
     let job = store.queue_compression(&m.id).unwrap();
-    let comp = PathBuf::from(format!("{}.comp", store.volume_file(&m, "root").unwrap().display()));
+    // Written under its temporary name until whole.
+    let file = store.volume_file(&m, "root").unwrap();
+    let comp = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
     let summary = std::thread::scope(|s| {
         let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());
         wait_for(&comp);

@@ -1,5 +1,6 @@
 //! Compressing backups on the store, in two steps as CloudStack does:
-//! [`compress`] writes `<file>.comp` beside each backup file (same backing
+//! [`compress`] writes `<file>.comp` beside each backup file (under a
+//! temporary name until it is whole and durable; same backing
 //! pointer: a compressed qcow2 stays a valid backing file), then
 //! [`finalize`] renames them over the originals, or removes them when the
 //! backup was deleted meanwhile.
@@ -138,6 +139,11 @@ pub fn compress_verified(
             let needed = (size as f64 * opts.min_free_factor.max(0.0)).ceil() as u64;
             fsio::require_space(dir, needed, &format!("compression of {}", f.display()))?;
             let out = comp_path(f);
+            // Written under a temporary name, renamed to `out` once whole
+            // and durable: a `.comp` file is always a finished one, which
+            // [`finalize`] may rename over the backup (a compression killed
+            // midway leaves only the temporary, removed by the next).
+            let tmp = fsio::temp_path(&out);
             // The native path takes qcow2 v3 files; v2 ones stay v2 (zlib)
             // through qemu-img.
             let native_header = match opts.data_path {
@@ -155,6 +161,7 @@ pub fn compress_verified(
             let v2 = info.as_ref().is_some_and(|i| i.is_qcow2_v2());
             let library = if v2 { CompressionLibrary::Zlib } else { opts.library };
             fsio::remove_if_exists(&out)?;
+            fsio::remove_if_exists(&tmp)?;
             done.push(CompressedFile {
                 path: f.clone(),
                 comp_path: out.clone(),
@@ -177,7 +184,7 @@ pub fn compress_verified(
                     let what = format!("compression of {}", f.display());
                     let c = NativeCopy {
                         source: f,
-                        dest: &out,
+                        dest: &tmp,
                         mode: SourceMode::Top,
                         format: TargetFormat::Qcow2,
                         backing: header.backing_file.clone(),
@@ -208,7 +215,7 @@ pub fn compress_verified(
                     q.convert(
                         &Convert {
                             source: f.clone(),
-                            dest: out.clone(),
+                            dest: tmp.clone(),
                             backing: info.and_then(|i| i.backing_filename),
                             compress: Some(library),
                             compat_v2: v2,
@@ -218,11 +225,12 @@ pub fn compress_verified(
                         },
                         ctl,
                     )?;
-                    fsio::sync_file(&out)?;
-                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_written(&out, ctl)?) };
-                    (fsio::file_size(&out)?, hash)
+                    fsio::sync_file(&tmp)?;
+                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_written(&tmp, ctl)?) };
+                    (fsio::file_size(&tmp)?, hash)
                 }
             };
+            fsio::commit_rename(&tmp, &out)?;
             let last = done.last_mut().expect("pushed above");
             last.compressed_size = compressed_size;
             last.hash = hash;
@@ -232,6 +240,7 @@ pub fn compress_verified(
     if let Err(e) = r {
         for c in &done {
             let _ = fsio::remove_if_exists(&c.comp_path);
+            let _ = fsio::remove_if_exists(&fsio::temp_path(&c.comp_path));
         }
         return Err(e);
     }
@@ -246,11 +255,15 @@ pub fn compress_verified(
 /// never heard it) can be asked again: a file whose `.comp` is gone while
 /// the file is there was finalized before, and is left as it is. Every
 /// file is checked before anything is renamed; when no file has a `.comp`
-/// there is nothing to finalize (an error naming the first).
+/// there is nothing to finalize (an error naming the first). A `.comp`
+/// that is not a whole compression of its file (cut short, damaged, made
+/// from another image) is refused, `corrupt` and naming it, before
+/// anything is renamed.
 pub fn finalize(files: &[PathBuf], backup_exists: bool) -> Result<()> {
     if !backup_exists {
         for f in files {
             fsio::remove_if_exists(&comp_path(f))?;
+            fsio::remove_if_exists(&fsio::temp_path(&comp_path(f)))?;
         }
         return Ok(());
     }
@@ -273,8 +286,46 @@ pub fn finalize(files: &[PathBuf], backup_exists: bool) -> Result<()> {
         let comp = files.first().map(|f| comp_path(f)).unwrap_or_default();
         return Err(KnibError::not_found(format!("compressed file {} does not exist", comp.display())));
     }
+    for (comp, f) in &pending {
+        check_compressed(comp, f)?;
+    }
     for (comp, f) in pending {
         fsio::commit_rename(&comp, f)?;
+    }
+    Ok(())
+}
+
+/// Refuse a `.comp` file that is not a finished compression of `f` before
+/// it can replace `f`: it must be a regular file that opens as qcow2 with
+/// no refcount corruption, and have `f`'s virtual size and backing
+/// pointer. Its data is not compared (that takes the hashes `agent.compress`
+/// answers): what this catches is a file cut short or damaged since, or
+/// one that never was `f`'s, which a rename would put in place of the
+/// backup.
+fn check_compressed(comp: &Path, f: &Path) -> Result<()> {
+    let bad = |why: String| {
+        KnibError::corrupt(format!(
+            "compressed file {} {why}: it does not replace {}, and nothing was finalized",
+            comp.display(),
+            f.display()
+        ))
+    };
+    fsio::require_file(comp, "compressed file ", false)?;
+    fsio::require_file(f, "backup file ", false)?;
+    let mut c = Qcow2Image::open(comp).map_err(|e| bad(format!("is not a whole qcow2 image ({})", e.message)))?;
+    let check = c.check_refcounts().map_err(|e| bad(format!("cannot be checked ({})", e.message)))?;
+    if check.corruptions > 0 {
+        let first = check.problems.first().cloned().unwrap_or_default();
+        return Err(bad(format!("is damaged: {} corruptions ({first})", check.corruptions)));
+    }
+    let o = Qcow2Image::open(f).map_err(|e| e.context(format!("backup file {}", f.display())))?;
+    let (was, now) = (o.header(), c.header());
+    if was.size != now.size {
+        return Err(bad(format!("has a virtual size of {} bytes, not {}", now.size, was.size)));
+    }
+    if was.backing_file != now.backing_file {
+        let name = |b: &Option<String>| b.as_deref().map_or("none".to_string(), |b| format!("`{b}`"));
+        return Err(bad(format!("has backing file {}, not {}", name(&now.backing_file), name(&was.backing_file))));
     }
     Ok(())
 }

@@ -247,10 +247,13 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
     Ok(j)
 }
 
-/// Remove the `.comp` files of backup `m`.
+/// Remove the `.comp` files of backup `m` (and the temporaries of a
+/// compression killed while writing them).
 fn remove_comp_files(store: &Store, m: &Manifest) -> Result<()> {
     for v in &m.volumes {
-        fsio::remove_if_exists(&comp_path(&store.backup_dir(m).join(&v.file)))?;
+        let comp = comp_path(&store.backup_dir(m).join(&v.file));
+        fsio::remove_if_exists(&comp)?;
+        fsio::remove_if_exists(&fsio::temp_path(&comp))?;
     }
     Ok(())
 }

@@ -1,0 +1,273 @@
+//! `agent.compress` interrupted, and `agent.finalize_compression` called
+//! after it as an agent that retries would call it, with the real qemu-img
+//! and qemu-io: a compression killed in the middle of its copy (SIGKILL),
+//! a crash at every durable step of a compression and its finalize, and
+//! `.comp` files that are not a whole compression of their file (cut
+//! short, damaged, of another image, a FIFO). Through all of it the
+//! backup's chain must read what the guest wrote, and a finalize must never
+//! put anything but a whole compression in place of a backup file. Before,
+//! a compression killed midway left its `.comp` cut short, and a finalize
+//! renamed it over the backup, which no longer opened.
+
+#[path = "common/disk.rs"]
+mod disk;
+#[path = "common/gen.rs"]
+mod gen;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use disk::{assert_check_clean, assert_identical, contents, make_disk, put_bytes, qemu_io, snapshot};
+use gen::Rng;
+use knib_core::api::call;
+use knib_core::{Control, ErrorKind, KnibError};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const CHILD_ENV: &str = "KNIB_COMPRESS_CHILD_REQUEST";
+const CRASH_ENV: &str = "KNIB_TEST_CRASH_AT";
+const NOTE_ENV: &str = "KNIB_TEST_CRASH_NOTE";
+
+fn agent(op: &str, req: &Value) -> Result<Value, KnibError> {
+    call(op, &req.to_string(), &Control::new()).map(|a| serde_json::from_str(&a).unwrap())
+}
+
+fn ok(op: &str, req: &Value) -> Value {
+    agent(op, req).unwrap_or_else(|e| panic!("{op}: {e}"))
+}
+
+/// A backup chain in `dir`: a full backup (`full.qcow2`, 24 MiB of random
+/// data and seeded writes) and an incremental over it (`inc.qcow2`, a
+/// relative backing pointer, seeded writes, some clusters compressed).
+/// Returns the files, root first, and a flattened copy of what the
+/// chain reads.
+fn backup_chain(dir: &Path, seed: u64) -> (Vec<PathBuf>, PathBuf) {
+    let mut rng = Rng::new(seed);
+    let srcs = gen::sources(dir, &mut rng, 8 * MIB);
+    let full = dir.join("full.qcow2");
+    let inc = dir.join("inc.qcow2");
+    make_disk(&full, 32 * MIB, &[]);
+    for i in 0..3 {
+        qemu_io(&full, &format!("write -q -s {} {} {}", srcs[0].display(), i * 8 * MIB, 8 * MIB));
+    }
+    for op in gen::random_ops(&mut rng, 32 * MIB, 64 * 1024, 40, &srcs, false) {
+        qemu_io(&full, &op);
+    }
+    make_disk(&inc, 32 * MIB, &["-F", "qcow2", "-b", "full.qcow2"]);
+    for op in gen::random_ops(&mut rng, 32 * MIB, 64 * 1024, 40, &srcs, true) {
+        qemu_io(&inc, &op);
+    }
+    for s in srcs {
+        std::fs::remove_file(s).unwrap();
+    }
+    let reference = dir.join("reference.raw");
+    snapshot(&inc, &reference);
+    (vec![full, inc], reference)
+}
+
+/// What the chain reads is the guest's data, and each file checks clean.
+fn assert_chain_reads(files: &[PathBuf], reference: &Path) {
+    for f in files {
+        assert_check_clean(f);
+    }
+    assert_identical(files.last().unwrap(), reference);
+}
+
+/// The files beside the chain that are not its own, the reference or a
+/// `.comp` (what a compression or a finalize left behind).
+fn leftovers(dir: &Path) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !matches!(n.as_str(), "full.qcow2" | "inc.qcow2" | "reference.raw" | "note"))
+        .collect();
+    out.sort();
+    out
+}
+
+/// The child process of the crash tests: runs the calls in
+/// `KNIB_COMPRESS_CHILD_REQUEST` (`[[op, request], ...]`) in order (the
+/// crash hook or the test's SIGKILL ends it).
+#[test]
+fn child_calls() {
+    let Ok(req) = std::env::var(CHILD_ENV) else { return };
+    let calls: Vec<(String, Value)> = serde_json::from_str(&req).unwrap();
+    for (op, r) in calls {
+        call(&op, &r.to_string(), &Control::new()).unwrap_or_else(|e| panic!("{op}: {e}"));
+    }
+}
+
+fn child(calls: &Value) -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "child_calls", "--nocapture", "--test-threads=1"]).env(CHILD_ENV, calls.to_string());
+    c
+}
+
+/// Compress the chain and finalize it, then check it reads as before and
+/// nothing is left beside it.
+fn compress_and_finalize(dir: &Path, files: &[PathBuf], reference: &Path) {
+    ok("agent.compress", &json!({"files": files}));
+    ok("agent.finalize_compression", &json!({"files": files}));
+    assert_chain_reads(files, reference);
+    assert!(leftovers(dir).is_empty(), "left behind: {:?}", leftovers(dir));
+}
+
+#[test]
+fn a_compression_killed_midway_leaves_nothing_a_finalize_would_put_in_place_of_a_backup() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x5eed_c0de);
+    let before = contents(&dir);
+    // A rate limit keeps the copy going long enough to kill it midway,
+    // once a megabyte of its output is written, whatever its name.
+    let mut c = child(&json!([["agent.compress", {"files": files, "rate_limit_mbps": 4}]]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let written = || {
+        std::fs::read_dir(&dir).unwrap().any(|e| {
+            let e = e.unwrap();
+            e.file_name().to_string_lossy().contains(".comp") && e.metadata().is_ok_and(|m| m.len() >= MIB)
+        })
+    };
+    while !written() {
+        assert!(c.try_wait().unwrap().is_none(), "the compression ended before a megabyte was written");
+        assert!(start.elapsed() < Duration::from_secs(60), "no output after 60 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    c.kill().unwrap();
+    c.wait().unwrap();
+    // No `.comp` file: nothing to finalize, nothing replaced.
+    let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    let comp = format!("{}.comp", files[0].display());
+    assert!(e.message.ends_with(&format!("compressed file {comp} does not exist")), "{e}");
+    let now: Vec<_> = contents(&dir).into_iter().filter(|(p, _)| !p.to_string_lossy().ends_with(".part")).collect();
+    assert!(now == before, "a file of the chain changed");
+    assert_chain_reads(&files, &reference);
+    // The next compression removes what the killed one left.
+    compress_and_finalize(&dir, &files, &reference);
+}
+
+#[test]
+fn a_crash_at_every_step_of_a_compression_and_its_finalize_never_loses_the_chain() {
+    let mut n = 1;
+    loop {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().canonicalize().unwrap();
+        let (files, reference) = backup_chain(&dir, 0xc0 + n);
+        let calls = json!([["agent.compress", {"files": files}], ["agent.finalize_compression", {"files": files}]]);
+        let out = child(&calls).env(CRASH_ENV, n.to_string()).env(NOTE_ENV, dir.join("note")).output().unwrap();
+        let note = std::fs::read_to_string(dir.join("note")).unwrap_or_default();
+        if out.status.success() {
+            assert!(note.is_empty());
+            assert!(n > 4, "a compression of two files and its finalize take more than {n} durable steps");
+            assert_chain_reads(&files, &reference);
+            assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
+            break;
+        }
+        assert!(
+            !note.is_empty(),
+            "step {n}: the child failed without the crash hook: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Whatever step it stopped before, the chain reads the guest's data.
+        assert_chain_reads(&files, &reference);
+        // The agent finalizes what it has (a `.comp` is whole or absent);
+        // when there is nothing to finalize, it compresses again.
+        match agent("agent.finalize_compression", &json!({"files": files})) {
+            Ok(_) => {
+                assert_chain_reads(&files, &reference);
+                std::fs::remove_file(dir.join("note")).unwrap();
+                for l in leftovers(&dir) {
+                    assert!(l.starts_with('.') && l.ends_with(".comp.part"), "crash before {note}: {l} is left");
+                }
+                ok("agent.finalize_compression", &json!({"files": files, "cleanup": true}));
+                assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
+            }
+            Err(e) => {
+                assert_eq!(e.kind, ErrorKind::NotFound, "crash before {note}: {e}");
+                std::fs::remove_file(dir.join("note")).unwrap();
+                compress_and_finalize(&dir, &files, &reference);
+            }
+        }
+        n += 1;
+    }
+}
+
+#[test]
+fn a_comp_file_that_is_not_a_whole_compression_of_its_file_is_never_finalized() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0xbad_c0e9);
+    let comp = |f: &Path| PathBuf::from(format!("{}.comp", f.display()));
+    ok("agent.compress", &json!({"files": files}));
+    // Keep the good compressions aside, to make bad ones from.
+    let good: Vec<PathBuf> = files
+        .iter()
+        .map(|f| {
+            let keep = dir.join(format!("good-{}", f.file_name().unwrap().to_string_lossy()));
+            std::fs::copy(comp(f), &keep).unwrap();
+            keep
+        })
+        .collect();
+    let other = dir.join("other.qcow2");
+    make_disk(&other, 16 * MIB, &["-F", "qcow2", "-b", "full.qcow2"]);
+    let (full, inc) = (&files[0], &files[1]);
+    let truncated = |to: &Path| {
+        std::fs::copy(&good[1], to).unwrap();
+        let len = std::fs::metadata(to).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(to).unwrap().set_len(len / 2).unwrap();
+    };
+    let damaged = |to: &Path| {
+        std::fs::copy(&good[1], to).unwrap();
+        // The refcount table's offset past the end of the file.
+        put_bytes(to, 48, &(1u64 << 40).to_be_bytes());
+    };
+    let of_the_full = |to: &Path| {
+        std::fs::copy(&good[0], to).unwrap();
+    };
+    let of_another_size = |to: &Path| {
+        std::fs::copy(&other, to).unwrap();
+    };
+    let fifo = |to: &Path| {
+        nix::unistd::mkfifo(to, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    };
+    type Make<'a> = &'a dyn Fn(&Path);
+    let cases: [(&str, Make, ErrorKind, String); 5] = [
+        ("cut short", &truncated, ErrorKind::Corrupt, "is not a whole qcow2 image".into()),
+        ("damaged", &damaged, ErrorKind::Corrupt, String::new()),
+        ("of the full backup", &of_the_full, ErrorKind::Corrupt, "has backing file none, not `full.qcow2`".into()),
+        (
+            "of another size",
+            &of_another_size,
+            ErrorKind::Corrupt,
+            format!("has a virtual size of {} bytes, not {}", 16 * MIB, 32 * MIB),
+        ),
+        ("a FIFO", &fifo, ErrorKind::InvalidInput, "is not a regular file".into()),
+    ];
+    for (what, make, kind, says) in cases {
+        std::fs::remove_file(comp(inc)).unwrap();
+        make(&comp(inc));
+        let before = contents(&dir);
+        let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
+        assert_eq!(e.kind, kind, "{what}: {e}");
+        assert!(e.message.contains(&format!("compressed file {}", comp(inc).display())), "{what}: {e}");
+        assert!(e.message.contains(&says), "{what}: {e}");
+        // Nothing was renamed: not even the full backup's good `.comp`.
+        assert!(contents(&dir) == before, "{what}: a file changed");
+        assert!(comp(full).exists(), "{what}");
+        assert_chain_reads(&files, &reference);
+    }
+    std::fs::remove_file(comp(inc)).unwrap();
+    std::fs::copy(&good[1], comp(inc)).unwrap();
+    ok("agent.finalize_compression", &json!({"files": files}));
+    assert_chain_reads(&files, &reference);
+    for f in good.iter().chain([&other]) {
+        std::fs::remove_file(f).unwrap();
+    }
+    assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
+}
