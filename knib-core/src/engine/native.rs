@@ -251,10 +251,26 @@ pub fn repair_dirty(q: &QemuImg, top: &Path, ctl: &Control) -> Result<()> {
         }
         Err(e) => return Err(e),
     };
-    for file in std::iter::once(top.to_path_buf()).chain(base) {
-        if !dirty_bit(&file)? {
-            continue;
+    let files: Vec<(std::path::PathBuf, bool)> =
+        std::iter::once(top.to_path_buf()).chain(base).map(|f| dirty_bit(&f).map(|d| (f, d))).collect::<Result<_>>()?;
+    if !files.iter().any(|(_, dirty)| *dirty) {
+        return Ok(());
+    }
+    // The files that are not dirty are checked before a dirty one is
+    // rewritten: a merge refused for their damage afterwards would have
+    // repaired the other for nothing.
+    for (file, _) in files.iter().filter(|(_, dirty)| !dirty) {
+        let r = q.check(file, ctl)?;
+        if r.corruptions > 0 || r.check_errors > 0 {
+            return Err(KnibError::corrupt(format!(
+                "{}: qemu-img check finds {} corruptions and {} check errors: nothing is merged into or from it",
+                file.display(),
+                r.corruptions,
+                r.check_errors
+            )));
         }
+    }
+    for (file, _) in files.into_iter().filter(|(_, dirty)| *dirty) {
         log::warn!(
             "{} is marked dirty (not closed cleanly, its refcounts are stale): rebuilding them with \
              qemu-img check -r all before the merge",

@@ -44,6 +44,9 @@
 //!   relies on (of L1 entries and uncompressed L2 entries) matches its
 //!   cluster's refcount being 1, while no compressed entry has one (QEMU's
 //!   `OFLAG_COPIED` errors);
+//! - every entry of the top reads, and every compressed cluster of the top
+//!   decompresses (so a top that cannot be read fails before the base is
+//!   written, not part-way through the merge);
 //! - no refcount counts a cluster past the end of the base's file, and no
 //!   cluster the merge may add lies past the 56 bits of offset an L2 entry
 //!   holds (such a base goes to `qemu-img commit`, which allocates from the
@@ -519,7 +522,11 @@ impl CopyRun {
 }
 
 /// At most how many host clusters merging `top` adds to its base: one per
-/// data or compressed cluster and one per L2 table.
+/// data or compressed cluster and one per L2 table. Every entry of the top
+/// is read and every compressed cluster decompressed on the way, so a top
+/// whose data cannot be read (compressed data garbled, or a descriptor
+/// pointing at its own tables) fails here, before the base is written,
+/// rather than part-way through the merge.
 fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
     let l2n = top.header().l2_entries();
     let total = top.guest_clusters();
@@ -531,8 +538,13 @@ fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
         n += 1;
         let first = r as u64 * l2n;
         for i in first..(first + l2n).min(total) {
-            if matches!(top.cluster_state(i)?, ClusterState::Data { .. } | ClusterState::Compressed { .. }) {
-                n += 1;
+            match top.cluster_state(i)? {
+                ClusterState::Data { .. } => n += 1,
+                ClusterState::Compressed { host_offset, compressed_len } => {
+                    top.read_compressed(i, host_offset, compressed_len)?;
+                    n += 1;
+                }
+                _ => {}
             }
         }
     }

@@ -445,13 +445,49 @@ impl QemuImg {
 
     /// Commit `path` into its backing file. With `keep`, `path` keeps its
     /// data (`-d`); otherwise it is emptied.
+    ///
+    /// Both files are checked first ([`QemuImg::require_uncorrupted`]): a
+    /// qcow2 file that `qemu-img check` finds corrupt is refused, and
+    /// nothing is written. `qemu-img commit` writes by the tables and
+    /// refcounts it finds: into a base whose refcount says a cluster in use
+    /// is free, or whose L2 entries share a cluster or point into its
+    /// metadata, it writes over guest data and answers success.
     pub fn commit(&self, path: &Path, keep: bool, ctl: &Control) -> Result<()> {
+        self.require_uncorrupted(path, ctl)?;
         let mut inv = self.inv().args(["commit", "-p", "-f", "qcow2"]);
         if keep {
             inv = inv.arg("-d");
         }
         inv = inv.arg(os(path)).progress(format!("commit {}", path.display()));
         inv.run_ok(ctl, ErrorKind::ImageTool)?;
+        Ok(())
+    }
+
+    /// Refuse `top` or its backing file when either is qcow2 and
+    /// `qemu-img check` (read only) finds corruptions in it or cannot check
+    /// it: [`ErrorKind::Corrupt`], naming the file and the check's first
+    /// line. Leaks (clusters counted but unused) are harmless to a write
+    /// and pass. A backing file named by a `json:` description is not a
+    /// file to check; it passes, logged.
+    pub fn require_uncorrupted(&self, top: &Path, ctl: &Control) -> Result<()> {
+        let chain = self.info_chain(top, ctl)?;
+        for i in chain.iter().take(2).filter(|i| i.format == "qcow2") {
+            if i.filename.starts_with("json:") {
+                log::warn!("{}: not checked before the merge (a json: description)", i.filename);
+                continue;
+            }
+            let file = Path::new(&i.filename);
+            let r =
+                self.check(file, ctl).map_err(|e| e.context(format!("check of {} before a merge", file.display())))?;
+            if r.corruptions > 0 || r.check_errors > 0 {
+                return Err(KnibError::corrupt(format!(
+                    "{}: qemu-img check finds {} corruptions and {} check errors: nothing is merged into or from it",
+                    file.display(),
+                    r.corruptions,
+                    r.check_errors
+                )));
+            }
+        }
         Ok(())
     }
 
