@@ -466,6 +466,22 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
             want,
         });
     }
+    // The VM's lock file as a hard link to a file outside: the operations
+    // that take the lock refuse it, and none writes the file (they
+    // truncated it and wrote their name into it).
+    out.push(Case {
+        name: "hard link: the VM's lock file".into(),
+        tamper: Box::new(|store: &Path, outside: &Path| {
+            let lock = store.join("vms/vm1/.lock");
+            let _ = std::fs::remove_file(&lock);
+            std::fs::hard_link(outside.join("secret"), &lock).unwrap();
+        }),
+        names: "vms/vm1/.lock is not a regular file with one name (2 names)".into(),
+        want: Box::new(|op| match op {
+            Op::Backup | Op::Delete | Op::Compress => Fail(ErrorKind::Corrupt),
+            _ => Any,
+        }),
+    });
     // The qcow2 backing pointer of a backup file, rewritten to leave the
     // chain: restore and verify must not read through it.
     for form in 0..3 {

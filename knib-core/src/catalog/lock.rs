@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -70,11 +70,25 @@ impl VmLock {
                 )),
                 _ => KnibError::io("cannot open lock", &key, e),
             })?;
+        // Nor is a hard link written: its other name may lie outside the
+        // store (the lock file is truncated and written below).
+        let meta = file.metadata().map_err(|e| KnibError::io("cannot stat lock", &key, e))?;
+        if !meta.is_file() || meta.nlink() != 1 {
+            return Err(KnibError::corrupt(format!(
+                "lock file {} is not a regular file with one name ({} names): knib writes no file another name leads to",
+                key.display(),
+                meta.nlink()
+            )));
+        }
         match crate::lock::try_record_lock(&file) {
             Ok(true) => {}
             Ok(false) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
+                // What the holder wrote, read as hostile: a line of at most
+                // 256 bytes, control characters shown as '?'.
+                let mut raw = Vec::new();
+                let _ = (&mut file).take(256).read_to_end(&mut raw);
+                let holder: String =
+                    String::from_utf8_lossy(&raw).chars().map(|c| if c.is_control() { '?' } else { c }).collect();
                 return Err(busy(vm, &holder));
             }
             Err(e) => return Err(KnibError::io("cannot lock", &key, e)),
@@ -122,5 +136,30 @@ mod tests {
         }
         drop(held);
         VmLock::acquire(&p, "vm", "delete").unwrap();
+    }
+
+    /// A lock held by another process names its holder from the file: read
+    /// as hostile (its first 256 bytes, control characters as '?').
+    #[test]
+    fn the_holder_named_by_a_lock_file_is_bounded_and_printable() {
+        use std::io::BufRead;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(".lock");
+        std::fs::write(&p, format!("\x1b[31mbackup\n{}", "x".repeat(100_000))).unwrap();
+        let mut holder = std::process::Command::new("python3")
+            .args(["-c", "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"])
+            .arg(&p)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "held");
+        let e = VmLock::acquire(&p, "vm", "delete").unwrap_err();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        assert_eq!(e.kind, ErrorKind::Busy);
+        assert!(e.message.contains("VM vm is busy: ?[31mbackup?xxx"), "{e}");
+        assert!(e.message.len() < 400 && !e.message.chars().any(char::is_control), "{e}");
     }
 }
