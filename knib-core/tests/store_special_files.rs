@@ -4,7 +4,10 @@
 //! wait forever for a writer, holding the VM's lock or the job queue's),
 //! and a huge (sparse) file in their place must be refused before it is
 //! read into memory; and a store path that is a file, a FIFO or a device
-//! must be refused as not a directory, naming it.
+//! must be refused as not a directory, naming it. The `.knib-since`
+//! marker beside a disk (what its delta follows) is read the same way: a
+//! FIFO, a link to `/dev/zero` or a huge file there makes the next backup
+//! a full one saying why, at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -165,4 +168,44 @@ fn a_store_path_that_is_not_a_directory_is_refused_naming_it() {
     let e = call("list", &serde_json::json!({"store": d.path()}).to_string(), &Control::new()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     assert!(e.message.ends_with("is not a knib store (it holds no vms/, jobs/, groups/ or knib.json)"), "{e}");
+}
+
+#[path = "common/disk.rs"]
+mod disk;
+
+#[test]
+fn a_since_marker_that_is_not_a_small_regular_file_makes_the_next_backup_full_at_once() {
+    use knib_core::catalog::BackupOptions;
+    let disks = disk::TestDisks::two();
+    let d = tempfile::tempdir().unwrap();
+    let store = Store::create(d.path().join("store")).unwrap();
+    let opts = BackupOptions::default();
+    let ctl = knib_core::Control::new();
+    store.backup("vm1", &disks.disks, &opts, &ctl).unwrap();
+    let marker = PathBuf::from(format!("{}.knib-since", disks.path("root").display()));
+    assert!(marker.exists(), "the first backup writes the marker");
+    fn zero(p: &Path) {
+        std::os::unix::fs::symlink("/dev/zero", p).unwrap()
+    }
+    fn big(p: &Path) {
+        std::fs::write(p, vec![b' '; 1 << 20]).unwrap()
+    }
+    type Plant = fn(&Path);
+    let cases: [(&str, Plant, &str); 3] = [
+        ("a FIFO", mkfifo, "is not a regular file"),
+        ("a link to /dev/zero", zero, "is a symbolic link"),
+        ("a megabyte", big, "is larger than 4096 bytes"),
+    ];
+    for (what, plant, says) in cases {
+        std::fs::remove_file(&marker).unwrap();
+        plant(&marker);
+        let disks_now = disks.disks.clone();
+        let m = within_10s(&store, move |s| {
+            s.backup("vm1", &disks_now, &BackupOptions::default(), &knib_core::Control::new())
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let why = m.full_reason.unwrap_or_else(|| panic!("{what}: the backup must be full, saying why"));
+        assert!(why.contains(&format!("{} {says}", marker.display())), "{what}: {why}");
+        assert!(std::fs::symlink_metadata(&marker).unwrap().is_file(), "{what}: the backup writes a new marker");
+    }
 }

@@ -551,6 +551,18 @@ impl Settings {
             Some(s) => return Err(bad(format!("schema is {s}; this knib reads schema {SETTINGS_SCHEMA}"))),
             None => return Err(bad(format!("has no \"schema\" field (add \"schema\": {SETTINGS_SCHEMA})"))),
         }
+        // A key of more parts than any known one is unknown: said before
+        // the key is split (its parts nest one call each; a crafted key of
+        // ten thousand parts overflowed the stack), and shown cut short.
+        let most_parts = SETTING_KEYS.iter().map(|(k, _)| k.split('.').count()).max().unwrap_or(1);
+        if let Some(k) = top.keys().find(|k| k.split('.').count() > most_parts) {
+            let shown: String = k.chars().take(80).collect();
+            let cut = if shown.len() < k.len() { "..." } else { "" };
+            return Err(bad(format!(
+                "unknown key \"{shown}{cut}\" ({} parts; no key has more than {most_parts})",
+                k.split('.').count()
+            )));
+        }
         let mut nested = Map::new();
         for (k, v) in top {
             insert_dotted(&mut nested, &k, v, "").map_err(bad)?;

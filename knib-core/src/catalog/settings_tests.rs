@@ -144,3 +144,19 @@ fn every_key_of_the_table_is_read_and_written() {
     assert_eq!(written, table);
     assert_eq!(parse(&v.to_string()).unwrap(), s);
 }
+
+/// A key of thousands of parts is unknown, said at once and cut short (it
+/// overflowed the stack: a store's knib.json crashed the process).
+#[test]
+fn a_key_of_many_parts_is_unknown_and_shown_cut_short() {
+    for parts in [5, 100, 100_000] {
+        let key = vec!["compression"; parts].join(".");
+        let e = parse(&format!(r#"{{"schema": 1, "{key}": 1}}"#)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{parts} parts: {e}");
+        assert!(e.message.contains(&format!("({parts} parts; no key has more than ")), "{e}");
+        assert!(e.message.len() < 300, "{parts} parts: the message is {} bytes", e.message.len());
+    }
+    // The same depth nested is refused by the JSON reader's own limit.
+    let nested = format!(r#"{{"schema": 1, "compression": {}1{}}}"#, r#"{"a": "#.repeat(10_000), "}".repeat(10_000));
+    assert_eq!(parse(&nested).unwrap_err().kind, ErrorKind::InvalidInput);
+}

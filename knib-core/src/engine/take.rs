@@ -135,16 +135,40 @@ pub fn write_since_marker(disk: &Path, id: &str) -> Result<()> {
     fsio::write_atomic(&since_marker_path(disk), &serde_json::to_vec(&m).expect("a marker serializes"))
 }
 
+/// The most bytes a `.knib-since` marker holds (knib writes about 60).
+pub const MAX_MARKER_BYTES: u64 = 4096;
+
 /// The backup the delta of `disk` follows, as its marker says: `None` when
 /// there is no marker. The marker is untrusted: an id that is not a valid
 /// backup id, or a file that does not parse, is a `corrupt` error.
+///
+/// It is read as hostile: opened without following a link and without
+/// waiting (a FIFO), only when it is a regular file, and only its first
+/// [`MAX_MARKER_BYTES`] (a marker linked to `/dev/zero`, or of a gigabyte,
+/// took that much memory, and a FIFO hung the backup with its VM locked).
 pub fn read_since_marker(disk: &Path) -> Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let p = since_marker_path(disk);
-    let text = match fs::read(&p) {
-        Ok(t) => t,
+    let f = match fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(&p) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(KnibError::io("cannot read", &p, e)),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(KnibError::corrupt(format!("{} is a symbolic link, not a marker knib wrote", p.display())))
+        }
+        Err(e) => return Err(KnibError::io("cannot open", &p, e)),
     };
+    if !f.metadata().map_err(|e| KnibError::io("cannot stat", &p, e))?.is_file() {
+        return Err(KnibError::corrupt(format!("{} is not a regular file, not a marker knib wrote", p.display())));
+    }
+    let mut text = Vec::new();
+    f.take(MAX_MARKER_BYTES + 1).read_to_end(&mut text).map_err(|e| KnibError::io("cannot read", &p, e))?;
+    if text.len() as u64 > MAX_MARKER_BYTES {
+        return Err(KnibError::corrupt(format!(
+            "{} is larger than {MAX_MARKER_BYTES} bytes, not a marker knib wrote",
+            p.display()
+        )));
+    }
     let m: SinceMarker =
         serde_json::from_slice(&text).map_err(|e| KnibError::corrupt(format!("{} is corrupted: {e}", p.display())))?;
     if m.schema != 1 || crate::names::validate("backup id", &m.backup).is_err() {
