@@ -617,6 +617,30 @@ fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
     assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
     assert!(e.message.contains(&forged.display().to_string()), "{e}");
     std::fs::remove_file(&forged).unwrap();
+    // A record naming a FIFO is kept as live, at once (opening it waited
+    // for a writer, the VM locked); one naming a relative path is refused.
+    let fifo = out.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let planted = pins.join(format!("{}.planted.json", b3.id));
+    let record = |overlay: &std::path::Path| {
+        let r = serde_json::json!({"vm": "vmq", "backup": b3.id, "volume": "root", "overlay": overlay});
+        std::fs::write(&planted, r.to_string()).unwrap();
+    };
+    let delete_within_10s = |id: String| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let root = store.root().to_path_buf();
+        std::thread::spawn(move || tx.send(Store::open(&root).unwrap().delete(&id).map(drop)));
+        rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the delete hung")
+    };
+    record(&fifo);
+    let e = delete_within_10s(b3.id.clone()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&fifo.display().to_string()), "{e}");
+    record(std::path::Path::new("root-b3.qcow2"));
+    let e = delete_within_10s(b3.id.clone()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("names overlay root-b3.qcow2, not an absolute path"), "{e}");
+    std::fs::remove_file(&planted).unwrap();
     store.delete(&b3.id).unwrap();
 }
 

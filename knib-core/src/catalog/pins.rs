@@ -15,7 +15,8 @@
 //!   removed by the delete that finds it.
 //! - A record is store content, so hostile input: it is read without
 //!   following links, capped, and must name the backup it is filed under;
-//!   the overlay it names is only opened read-only to read its header,
+//!   the overlay it names must be an absolute path, is only opened (when
+//!   it is a regular file or a block device) read-only to read its header,
 //!   and at worst a record makes a delete refuse.
 
 use std::fs;
@@ -91,6 +92,13 @@ impl Store {
             let pin: Pin = serde_json::from_slice(&text).map_err(|e| {
                 KnibError::corrupt(format!("quick-restore record {} does not parse: {e}", path.display()))
             })?;
+            if !pin.overlay.is_absolute() {
+                return Err(KnibError::corrupt(format!(
+                    "quick-restore record {} names overlay {}, not an absolute path (knib writes it canonical)",
+                    path.display(),
+                    pin.overlay.display()
+                )));
+            }
             if pin.backup != m.id || pin.vm != m.vm {
                 return Err(KnibError::corrupt(format!(
                     "quick-restore record {} names backup {} of VM {}, not {} of {}",
@@ -134,7 +142,24 @@ impl Store {
 
 /// Whether the qcow2 file `overlay` exists and its backing file is one of
 /// `files` (canonical paths).
+///
+/// Only a regular file or a block device is opened: a FIFO there would
+/// make the delete wait forever with the VM locked, and a device may act
+/// on being opened. Anything else is kept as live, as what cannot be read.
 fn reads_one_of(overlay: &Path, files: &[PathBuf]) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    match fs::metadata(overlay) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Ok(md) if !(md.is_file() || md.file_type().is_block_device()) => {
+            log::warn!(
+                "quick-restore overlay {} is neither a regular file nor a block device; counted as still reading \
+                 its backup",
+                overlay.display()
+            );
+            return Ok(true);
+        }
+        _ => {}
+    }
     let img = match Qcow2Image::open(overlay) {
         Ok(i) => i,
         Err(e) if e.kind == ErrorKind::NotFound => return Ok(false),
