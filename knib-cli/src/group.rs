@@ -246,6 +246,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
                     chain_size: a.chain_size,
                     compress: a.compress.map(CompressionLibrary::from),
                     method: None,
+                    group: None,
                 },
                 quiesce: a.quiesce,
                 freeze_timeout: Duration::from_secs(a.freeze_timeout),

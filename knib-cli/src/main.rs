@@ -384,7 +384,14 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             vault: to,
         } => {
             let compress = compress.map(CompressionLibrary::from);
-            let opts = BackupOptions { full, isolated, chain_size, compress, method: method.map(BackupMethod::from) };
+            let opts = BackupOptions {
+                full,
+                isolated,
+                chain_size,
+                compress,
+                method: method.map(BackupMethod::from),
+                group: None,
+            };
             if let (Some(to), Some(vm)) = (&to, &vm) {
                 let disks = disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>>>()?;
                 return vault::backup(&store, to, vm, &disks, &opts, json, &ctl);

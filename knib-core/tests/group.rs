@@ -365,6 +365,79 @@ fn a_record_naming_another_vms_backup_is_refused() {
     assert!(path.exists(), "the record is kept");
 }
 
+/// A record or a crashed group's journal that names backups the group did
+/// not take (backups taken on their own, of the same VMs): restore, delete
+/// and recover (with "rollback", which deletes the published members)
+/// refuse it, naming the backup, and nothing is deleted. Before, a planted
+/// journal had `group.recover` delete a standalone backup and answer
+/// nothing, and a record naming them had `group.delete` delete them.
+#[test]
+fn a_record_or_journal_naming_backups_the_group_did_not_take_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let (a, _) = plain(dir.path(), "plain-a", 0x61);
+    let (b, _) = plain(dir.path(), "plain-b", 0x62);
+    let own: Vec<String> = [&a, &b]
+        .iter()
+        .map(|m| store.backup(m.vm.as_deref().unwrap(), &m.disks, &Default::default(), &Control::new()).unwrap().id)
+        .collect();
+    let rec = store.backup_group(&[a, b], &GroupOptions::default(), &Control::new()).unwrap();
+    let path = store.root().join("groups").join(format!("{}.json", rec.id));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["members"][0]["backup"] = json!(own[0]);
+    v["members"][1]["backup"] = json!(own[1]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let want = format!("member plain-a names backup {}, which was taken on its own", own[0]);
+    let out = dir.path().join("out");
+    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, false, &Control::new()).unwrap_err();
+    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
+    let e = store.delete_group(&rec.id).unwrap_err();
+    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
+    // A journal of a crashed group, "rollback", one member unpublished.
+    let gid = "group-20260101-000000000-beef";
+    v["id"] = json!(gid);
+    v["state"] = json!("running");
+    v["on_failure"] = json!("rollback");
+    v["members"][1]["backup"] = json!("20260101-000000000-0000");
+    std::fs::write(store.root().join("groups").join(format!(".{gid}.journal.json")), v.to_string()).unwrap();
+    let e = store.recover_groups(None, &Control::new()).unwrap_err();
+    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
+    assert!(e.message.contains(&format!("journal of group {gid}")), "{e}");
+    for id in own.iter().chain(rec.members.iter().filter_map(|m| m.backup.as_ref())) {
+        store.show(id).unwrap_or_else(|e| panic!("backup {id} must be left: {e}"));
+    }
+}
+
+/// A group delete that stops at a member (its VM busy) after deleting
+/// the members before it says which it deleted, and the record says what
+/// is left (state "partial"); run again once the VM is free, it finishes.
+/// Before, the record still called the group complete and named the
+/// deleted backups, and the error did not say they were gone.
+#[test]
+fn a_group_delete_that_stops_part_way_says_what_it_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let (a, _) = plain(dir.path(), "plain-a", 0x61);
+    let (b, _) = plain(dir.path(), "plain-b", 0x62);
+    let rec = store.backup_group(&[a, b], &GroupOptions::default(), &Control::new()).unwrap();
+    let ids: Vec<String> = rec.members.iter().map(|m| m.backup.clone().unwrap()).collect();
+    let lock = store.lock_vm("plain-b", "a test holding the VM").unwrap();
+    let e = store.delete_group(&rec.id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&format!("the backups of the members before it were deleted: {}", ids[0])), "{e}");
+    assert_eq!(store.show(&ids[0]).unwrap_err().kind, ErrorKind::NotFound);
+    store.show(&ids[1]).unwrap();
+    let left = store.group(&rec.id).unwrap();
+    assert_eq!(left.state, "partial");
+    assert_eq!(left.members[0].backup, None);
+    assert!(left.members[0].error.as_deref().unwrap().contains("stopped at member plain-b"));
+    assert_eq!(left.members[1].backup.as_deref(), Some(ids[1].as_str()));
+    drop(lock);
+    store.delete_group(&rec.id).unwrap();
+    assert_eq!(store.show(&ids[1]).unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(store.group(&rec.id).unwrap_err().kind, ErrorKind::NotFound);
+}
+
 #[test]
 fn options_that_cannot_run_a_group_are_refused_before_the_store_is_made() {
     let dir = tempfile::tempdir().unwrap();

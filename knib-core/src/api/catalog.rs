@@ -422,6 +422,7 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
         chain_size: r.chain_size,
         compress: r.compress,
         method: r.method,
+        group: None,
     };
     if r.full && r.isolated {
         return Err(KnibError::invalid(format!(

@@ -157,6 +157,7 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
                 chain_size: r.chain_size,
                 compress: r.compress,
                 method: None,
+                group: None,
             },
             quiesce: r.quiesce,
             freeze_timeout: Duration::from_secs(r.freeze_timeout_secs),

@@ -42,11 +42,22 @@ pub struct BackupOptions {
     /// setting ([`super::VmSettings::backup_method`]).
     #[serde(default)]
     pub method: Option<crate::engine::BackupMethod>,
+    /// The group backup this backup is a member of, recorded in its
+    /// manifest ([`super::Manifest::group`]); set by group backups only.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 impl Default for BackupOptions {
     fn default() -> Self {
-        BackupOptions { full: false, isolated: false, chain_size: DEFAULT_CHAIN_SIZE, compress: None, method: None }
+        BackupOptions {
+            full: false,
+            isolated: false,
+            chain_size: DEFAULT_CHAIN_SIZE,
+            compress: None,
+            method: None,
+            group: None,
+        }
     }
 }
 
@@ -201,6 +212,7 @@ impl Store {
         };
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         manifest.full_reason = full_reason;
+        manifest.group = opts.group.clone();
         let final_dir = self.vm_dir(vm).join(&id);
         let result = engine::take::take_backup_with(q, &req, ctl, &mut |vols| {
             manifest.volumes = volume_entries(vols, disks, parent.as_ref());

@@ -400,16 +400,33 @@ impl Store {
             }
         }
         let mut out = Vec::new();
-        for m in &r.members {
-            if let Some(b) = &m.backup {
-                match self.delete(b) {
-                    Ok(o) => out.push(o),
-                    Err(e) if e.kind == ErrorKind::NotFound => {
-                        log::warn!("group {id}: backup {b} of {} is gone already", m.vm)
+        let mut r = r;
+        let mut deleted: Vec<String> = Vec::new();
+        for i in 0..r.members.len() {
+            let Some(b) = r.members[i].backup.clone() else { continue };
+            let vm = r.members[i].vm.clone();
+            match self.delete(&b) {
+                Ok(o) => out.push(o),
+                Err(e) if e.kind == ErrorKind::NotFound => log::warn!("group {id}: backup {b} of {vm} is gone already"),
+                Err(e) if deleted.is_empty() => return Err(e.context(format!("group {id}: member {vm}"))),
+                Err(e) => {
+                    // The record says what is left: the members deleted so
+                    // far have no backup, and the group is partial.
+                    let why = format!("deleted by a group delete that stopped at member {vm}");
+                    for m in r.members.iter_mut().filter(|m| m.backup.as_ref().is_some_and(|b| deleted.contains(b))) {
+                        m.backup = None;
+                        m.error = Some(why.clone());
                     }
-                    Err(e) => return Err(e.context(format!("group {id}: member {}", m.vm))),
+                    r.state = "partial".into();
+                    self.save_group(&self.record_file(id), &r)?;
+                    return Err(e.context(format!(
+                        "group {id}: member {vm} (the backups of the members before it were deleted: {}; the \
+                         group's record now says so)",
+                        deleted.join(", ")
+                    )));
                 }
             }
+            deleted.push(b);
         }
         fsio::remove_if_exists(&self.record_file(id))?;
         Ok(out)
@@ -417,13 +434,25 @@ impl Store {
 }
 
 /// Fail unless `manifest`, the backup member `m` of group `id` names, is a
-/// backup of that member's VM: a record naming another VM's backup was not
-/// written by knib, and its restore or delete would act on that VM.
-fn member_of(id: &str, m: &GroupMember, manifest: &super::Manifest) -> Result<()> {
+/// backup of that member's VM taken in that group (its manifest says so):
+/// a record naming another VM's backup, or a backup taken on its own or
+/// in another group, was not written by knib, and its restore or delete
+/// would act on backups the group never took.
+pub(crate) fn member_of(id: &str, m: &GroupMember, manifest: &super::Manifest) -> Result<()> {
     if manifest.vm != m.vm {
         return Err(KnibError::corrupt(format!(
             "group {id}: member {} names backup {}, which is a backup of {}: the group's record was changed; nothing was done",
             m.vm, manifest.id, manifest.vm
+        )));
+    }
+    if manifest.group.as_deref() != Some(id) {
+        let taken = match &manifest.group {
+            Some(g) => format!("in group {g}"),
+            None => "on its own".to_string(),
+        };
+        return Err(KnibError::corrupt(format!(
+            "group {id}: member {} names backup {}, which was taken {taken}: the group's record was changed; nothing was done",
+            m.vm, manifest.id
         )));
     }
     Ok(())

@@ -295,6 +295,7 @@ impl Store {
         }
         let mut m = Manifest::new(&id, &name, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         m.full_reason = full_reason;
+        m.group = opts.group.clone();
         let final_dir = self.vm_dir(&name).join(&id);
         let vault = target.map(|t| t.location());
         let mut journal = |step| {

@@ -82,6 +82,11 @@ pub struct Manifest {
     /// chain could not be continued safely, see [`crate::catalog`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub full_reason: Option<String>,
+    /// The group backup this backup was taken in, if any: a group's record
+    /// (or a crashed group's journal) acts only on backups that say they
+    /// are its members (see [`crate::catalog::group`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Manifest {
@@ -107,6 +112,7 @@ impl Manifest {
             compression: None,
             removed: false,
             full_reason: None,
+            group: None,
         }
     }
 
@@ -143,6 +149,9 @@ impl Manifest {
         let name = |field: &str, what: &str, v: &str| names::validate(what, v).map_err(|e| bad(field, e.message));
         name("id", "backup id", &self.id)?;
         name("vm", "VM name", &self.vm)?;
+        if let Some(g) = &self.group {
+            name("group", "group id", g)?;
+        }
         if let Some(p) = &self.parent {
             name("parent", "backup id", p)?;
             if p == &self.id {

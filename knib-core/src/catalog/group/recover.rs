@@ -133,7 +133,12 @@ impl Store {
             let exists = match m.backup.as_deref() {
                 None => false,
                 Some(b) => match self.load_manifest(&m.vm, b) {
-                    Ok(_) => true,
+                    // A journal naming a backup the group did not take
+                    // (with "rollback" its recovery deletes them).
+                    Ok(manifest) => {
+                        super::member_of(&id, m, &manifest).map_err(|e| e.context(format!("journal of group {id}")))?;
+                        true
+                    }
                     Err(e) if e.kind == ErrorKind::NotFound => false,
                     Err(e) => {
                         return Err(e.context(format!("group {id}: member {}: its backup {b}", m.vm)));

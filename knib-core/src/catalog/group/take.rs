@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use super::super::manifest::rfc3339;
-use super::super::{Manifest, Store};
+use super::super::{BackupOptions, Manifest, Store};
 use super::gate::{Gate, GateState, Phase};
 use super::{group_id, GroupMember, GroupOptions, GroupRecord, MemberSpec, OnFailure, GROUP_SCHEMA};
 use crate::engine::live::LiveStep;
@@ -153,18 +153,21 @@ impl Store {
         let rollback = opts.on_failure == OnFailure::Rollback;
         let mut freeze_to_thaw = None;
         let mut frozen = vec![false; members.len()];
+        // Each member's manifest names the group (what its delete and
+        // recovery check).
+        let member_opts = BackupOptions { group: Some(id.clone()), ..opts.backup.clone() };
         let results: Vec<Result<Manifest>> = std::thread::scope(|s| {
             let handles: Vec<_> = members
                 .iter()
                 .enumerate()
                 .map(|(i, m)| {
-                    let (gate, vm, bid) = (&gate, vms[i].as_ref(), ids[i].as_str());
+                    let (gate, vm, bid, member_opts) = (&gate, vms[i].as_ref(), ids[i].as_str(), &member_opts);
                     s.spawn(move || {
                         let mctl = Control::new().with_deadline(ctl.deadline).with_cancel(ctl.cancel.clone());
                         let r = match (vm, m) {
                             (Some(vm), _) => self.backup_domain_with(
                                 vm,
-                                &opts.backup,
+                                member_opts,
                                 false,
                                 Some(bid),
                                 &mut |step| match step {
@@ -209,7 +212,7 @@ impl Store {
                                 self.backup_with(
                                     m.vm.as_deref().expect("checked"),
                                     &m.disks,
-                                    &opts.backup,
+                                    member_opts,
                                     Some(bid),
                                     &mut || {
                                         gate.give_slot(i);
