@@ -236,6 +236,11 @@ fn fake_running(store: &Store, id: &str, pid: u32, host: &str, attempts: u32) {
     v["state"] = "running".into();
     v["attempts"] = attempts.into();
     v["owner"] = serde_json::json!({"pid": pid, "hostname": host, "started_at": 1});
+    // As a runner records it: its process's start time, when it runs.
+    if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        let start: u64 = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap();
+        v["owner"]["pid_start"] = start.into();
+    }
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
 }
 
@@ -476,3 +481,66 @@ fn bad_job_files_and_bad_settings_are_errors_not_ignored() {
 
 #[path = "jobs/validation.rs"]
 mod validation;
+
+/// Job files that lie about who runs them or what they are about: a job
+/// "running" on this host under pid 1 with no start time (knib's runners
+/// always record one) is taken back as a dead runner's and run, instead of
+/// holding its VM's jobs (and `--no-wait` runners) forever; a job naming
+/// one VM and a backup of another is failed as corrupt, not run.
+#[test]
+fn job_files_that_lie_about_their_runner_or_their_vm_do_not_hold_the_queue() {
+    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let (m1, reference) = backups(&store, work.path(), "vm1", &[2]).pop().unwrap();
+    let (m2, _) = backups(&store, work.path(), "vm2", &[1]).pop().unwrap();
+    let j1 = store.queue_compression(&m1.id).unwrap();
+    let j2 = store.queue_compression(&m2.id).unwrap();
+    let edit = |id: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let file = store.root().join("jobs").join(format!("{id}.json"));
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim().to_string();
+    edit(&j1.id, &|v| {
+        v["state"] = "running".into();
+        v["owner"] = serde_json::json!({"pid": 1, "hostname": host, "started_at": 0, "boot_id": boot});
+    });
+    edit(&j2.id, &|v| v["vm"] = "vm1".into());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = store.root().to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(run_jobs(&Store::open(&root).unwrap(), &RunOptions::default()));
+    });
+    let summary =
+        rx.recv_timeout(Duration::from_secs(120)).expect("the runner waited on a job no runner runs").unwrap();
+    assert_eq!(summary.done, vec![j1.id.clone()]);
+    let j = store.job(&j2.id).unwrap();
+    assert_eq!(j.state, JobState::Failed);
+    let why = j.last_error.unwrap();
+    assert!(why.contains(&format!("names VM vm1 but backup {}, which is a backup of vm2", m2.id)), "{why}");
+    assert!(store.find(&m2.id).unwrap().compression.is_none(), "the lying job was not run");
+    restores_identical(&store, &m1.id, &reference);
+}
+
+/// `no_wait` does not wait for a due job that another live runner's job of
+/// its VM holds back: it is left queued (before, the runner waited for as
+/// long as the other job ran).
+#[test]
+fn no_wait_leaves_a_job_its_vms_running_job_holds_back() {
+    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let ms = backups(&store, work.path(), "vm1", &[1, 1]);
+    let held = store.queue_compression(&ms[0].0.id).unwrap();
+    let queued = store.queue_compression(&ms[1].0.id).unwrap();
+    // `held` runs under this test's own process (alive, its start time right).
+    fake_running(&store, &held.id, std::process::id(), &hostname(), 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let root = store.root().to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(run_jobs(&Store::open(&root).unwrap(), &RunOptions { no_wait: true, ..Default::default() }));
+    });
+    let summary = rx.recv_timeout(Duration::from_secs(60)).expect("a no-wait runner waited").unwrap();
+    assert!(summary.done.is_empty(), "{summary:?}");
+    assert_eq!(store.job(&queued.id).unwrap().state, JobState::Queued);
+    assert_eq!(store.job(&held.id).unwrap().state, JobState::Running);
+}

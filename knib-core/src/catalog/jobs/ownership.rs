@@ -7,8 +7,8 @@
 //!   ([`OwnerStatus::OtherHost`]).
 //! - On this host an owner is dead when its boot id differs, its pid is gone
 //!   or a zombie, or the pid now belongs to a process started at another
-//!   time (a reused pid); a pid that exists but may not be signalled is
-//!   alive.
+//!   time (a reused pid) or the owner records no start time (every runner
+//!   records one); a pid that exists but may not be signalled is alive.
 
 use std::fs::{self};
 use std::sync::OnceLock;
@@ -74,7 +74,10 @@ impl JobOwner {
         }
         match proc_stat(self.pid) {
             Some((state, start)) => {
-                if matches!(state, 'Z' | 'X') || self.pid_start.is_some_and(|s| s != start) {
+                // knib always records its runner's start time: an owner on
+                // this host without one was not written by a runner (a
+                // tampered job naming pid 1 held its VM's jobs forever).
+                if matches!(state, 'Z' | 'X') || self.pid_start.is_none_or(|s| s != start) {
                     OwnerStatus::Dead
                 } else {
                     OwnerStatus::Alive

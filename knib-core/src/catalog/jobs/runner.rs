@@ -80,7 +80,8 @@ pub struct RunOptions {
     /// Stops the runner: no job is started any more, running ones are
     /// stopped and queued again (their attempt not counted).
     pub cancel: CancelToken,
-    /// Do not wait for jobs whose retry time has not come; leave them queued.
+    /// Do not wait for jobs whose retry time has not come, nor for due jobs
+    /// that another runner's job of their VM holds back; leave them queued.
     pub no_wait: bool,
 }
 
@@ -393,6 +394,19 @@ fn sync_job(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) ->
 
 fn execute(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) -> Outcome {
     let cancel = &opts.cancel;
+    // The job's VM is what the runner counts as busy while it runs: a job
+    // naming one VM and a backup of another was not queued by knib.
+    if job.kind != JobKind::Sync {
+        if let Ok(m) = store.find(&job.backup) {
+            if m.vm != job.vm {
+                let e = KnibError::corrupt(format!(
+                    "job {} names VM {} but backup {}, which is a backup of {}: it is not run",
+                    job.id, job.vm, job.backup, m.vm
+                ));
+                return Outcome::Rejected(e.to_string(), serde_json::json!({ "error": e }));
+            }
+        }
+    }
     let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.kind {
         JobKind::Compress => compress_job(store, job, settings, cancel),
         JobKind::Validate => validate_job(store, job, settings, cancel),
@@ -480,7 +494,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
             continue;
         }
         let mut here = shared.running.lock();
-        let waiting = found.blocked || (!opts.no_wait && found.next_due.is_some());
+        let waiting = !opts.no_wait && (found.blocked || found.next_due.is_some());
         if *here == 0 && !waiting {
             return;
         }
