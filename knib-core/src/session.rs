@@ -20,6 +20,11 @@ use std::time::Instant;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::{CancelToken, Control, Deadline, ProgressSink};
 
+/// The message of the "busy" error [`Session::exclusive`] refuses a second
+/// operation with (a binding tells it from an operation's own "busy", such
+/// as a VM another process backs up, which is the operation's error).
+pub const CONTEXT_BUSY: &str = "another operation is running on this context (use one context per thread)";
+
 /// The settings and state behind one handle of a binding.
 #[derive(Default)]
 pub struct Session {
@@ -74,9 +79,7 @@ impl Session {
         f: impl FnOnce() -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
         if self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            return Err(
-                KnibError::busy("another operation is running on this context (use one context per thread)").into()
-            );
+            return Err(KnibError::busy(CONTEXT_BUSY).into());
         }
         struct Done<'a>(&'a Session);
         impl Drop for Done<'_> {

@@ -135,10 +135,13 @@ pub(crate) fn with_context(
             }
             Err(fail) => {
                 let code = fail.code;
-                // A call refused as busy leaves the last error alone: it
-                // is the running operation's, which sets it when it ends
-                // (or has just set it, and its caller is about to read it).
-                if record != Record::Reader && code != knib_result::Busy {
+                // A call refused because the context runs another
+                // operation leaves the last error alone: it is the running
+                // operation's, which sets it when it ends (or has just set
+                // it, and its caller is about to read it). An operation's
+                // own "busy" (a VM another process backs up) is its error.
+                let context_busy = code == knib_result::Busy && fail.message.contains(knib_core::session::CONTEXT_BUSY);
+                if record != Record::Reader && !context_busy {
                     ctx.set_error(fail);
                 }
                 code

@@ -4,7 +4,9 @@
  * no partial file left, and the process going on. */
 #include "common.h"
 
+#include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 
 typedef knib_result (*op_fn)(knib_context *, const char *, char **);
@@ -315,6 +317,33 @@ static void stopped_halfway(const char *dir) {
     EXPECT(knib_show(ctx, req, &out), KNIB_RESULT_OK, ctx);
     CHECK(out && strstr(out, "\"compression\":null"), "show: %s", out ? out : "(null)");
     knib_string_free(out);
+
+    /* A VM another process works on: the busy error is the operation's
+     * own and says who holds the VM (the C API left it empty before). */
+    int ready[2];
+    CHECK(pipe(ready) == 0, "pipe");
+    pid_t holder = fork();
+    if (holder == 0) {
+        char lock[700];
+        snprintf(lock, sizeof lock, "%s/vms/big/.lock", store);
+        int fd = open(lock, O_RDWR | O_CREAT, 0644);
+        struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+        if (fd < 0 || fcntl(fd, F_SETLK, &fl) != 0 || ftruncate(fd, 0) != 0 || write(fd, "a C test", 8) != 8 ||
+            write(ready[1], "x", 1) != 1)
+            _exit(1);
+        pause();
+        _exit(0);
+    }
+    char got = 0;
+    CHECK(read(ready[0], &got, 1) == 1, "the lock holder did not start");
+    out = UNTOUCHED;
+    EXPECT(knib_delete(ctx, del, &out), KNIB_RESULT_BUSY, NULL);
+    CHECK(out == UNTOUCHED, "output written when busy");
+    CHECK(strstr(last_error(ctx), "VM big is busy: a C test is running"), "%s", last_error(ctx));
+    kill(holder, SIGKILL);
+    waitpid(holder, NULL, 0);
+    close(ready[0]);
+    close(ready[1]);
 
     /* Out of time: the same, with KNIB_RESULT_TIMEOUT. */
     EXPECT(knib_context_set_timeout(ctx, 1), KNIB_RESULT_OK, ctx);
