@@ -256,6 +256,10 @@ pub(crate) fn take_hash(op: &str, r: &HashReq, ctl: &Control) -> Result<TakeHash
 /// The hash of a chain (`files`, root first) and of each of its files: the
 /// one hashing call of `agent.take_hash` and `hash`.
 pub(crate) fn chain_hash(files: &[PathBuf], ctl: &Control) -> Result<ChainHash> {
+    // No merge writes them while they are read (a hash of a parent half
+    // merged was answered as the file's).
+    let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let _reading = crate::lock::hold_for_reading(&refs, "the hash")?;
     let (hash, each) = engine::hash::hash_chain(files, ctl)?;
     let files = files.iter().zip(each).map(|(p, h)| FileHash { path: p.clone(), hash: h }).collect();
     Ok(ChainHash { hash, files })
@@ -390,6 +394,12 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
             engine::verify::verify_chain_files(&files, &v.expected_hashes, ctl)?;
         }
     }
+    // The backups' files are read under QEMU's reader locks: no merge
+    // writes them meanwhile (a restore copied a parent half merged).
+    let chains: Vec<PathBuf> =
+        r.volumes.iter().map(|v| engine::backup_chain_files(&v.backup_path)).collect::<Result<Vec<_>>>()?.concat();
+    let refs: Vec<&Path> = chains.iter().map(PathBuf::as_path).collect();
+    let _reading = crate::lock::hold_for_reading(&refs, "the restore")?;
     // 1. Every volume to its staging file; on a failure, none is changed.
     let mut staged: Vec<PathBuf> = Vec::new();
     let written = (|| -> Result<()> {

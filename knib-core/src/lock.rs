@@ -9,6 +9,8 @@
 //! | the job queue ([`lock_exclusive`]) | `flock(LOCK_EX)` | the open file description | yes |
 //! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | no |
 //! | is an image in use by a QEMU? ([`held_like_qemu`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no |
+//! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | no |
+//! | a compression's output under its fixed name ([`try_lock_byte_zero`]) | OFD write lock, byte 0 | the open file description | no |
 //!
 //! # Invariants
 //!
@@ -121,6 +123,71 @@ pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// Lock `file` the way a QEMU reader that needs consistent reads and does
+/// not share writing locks an image (`qemu-img convert` without `-U`):
+/// read locks on bytes 100 (consistent read) and 201 (writing not shared),
+/// OFD locks held as long as `file` stays open. `Ok(false)`, without
+/// waiting, when another process writes the image (holds byte 101: a
+/// running VM on it, a merge into it). While they are held no writer that
+/// locks as QEMU does (QEMU, `qemu-img commit`, knib's own merge) can
+/// start on it; other readers can, a VM reading it as a backing file too.
+pub fn lock_like_qemu_reader(file: &File) -> io::Result<bool> {
+    let fd = file.as_raw_fd();
+    for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
+        match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut fl = one_byte(libc::F_WRLCK, QEMU_PERM_BASE + QEMU_PERM_WRITE);
+    fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl))?;
+    Ok(fl.l_type == libc::F_UNLCK as libc::c_short)
+}
+
+/// Open each of `files` and lock it as a QEMU reader ([`lock_like_qemu_reader`])
+/// for as long as the returned files stay open: what a read of backup files
+/// by path holds, so that no merge writes them under it (a hash or a restore
+/// read a parent half-merged, and answered success). A file another process
+/// writes is busy, naming it and `what`; nothing is read.
+pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut held = Vec::with_capacity(files.len());
+    for f in files {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(f)
+            .map_err(|e| KnibError::io("cannot open", f, e))?;
+        if !file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?.is_file() {
+            continue;
+        }
+        if !lock_like_qemu_reader(&file).map_err(|e| KnibError::io("cannot lock", f, e))? {
+            return Err(KnibError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is being written by another process (it holds QEMU's write lock: a merge, or a running VM): {what} does not read it",
+                    f.display()
+                ),
+            ));
+        }
+        held.push(file);
+    }
+    Ok(held)
+}
+
+/// An OFD write lock on byte 0 of `file` (below QEMU's locks, which start
+/// at byte 100), held as long as `file` stays open: one process at a time
+/// writes a file knib makes under a fixed name (a compression's output).
+/// `Ok(false)`, without waiting, when another holds it.
+pub fn try_lock_byte_zero(file: &File) -> io::Result<bool> {
+    match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_WRLCK, 0))) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Whether another owner holds any of QEMU's image locks on `file`

@@ -271,3 +271,29 @@ fn a_comp_file_that_is_not_a_whole_compression_of_its_file_is_never_finalized() 
     }
     assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
 }
+
+/// A second compression of the same files while the first runs (a command
+/// retried while the first still works) is busy, naming what it waits
+/// for, and leaves the first's work alone. Before, the second removed the
+/// first's temporary and the first renamed half of the second's output.
+#[test]
+fn a_second_compression_of_the_same_files_is_busy() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x2c0);
+    let req = json!({"files": files, "rate_limit_mbps": 8});
+    let first = std::thread::spawn(move || agent("agent.compress", &req));
+    let tmp = dir.join(".full.qcow2.comp.part");
+    let start = Instant::now();
+    while std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0) < MIB {
+        assert!(start.elapsed() < Duration::from_secs(60), "the first compression never wrote");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let e = agent("agent.compress", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&format!("a compression of {} is running", files[0].display())), "{e}");
+    first.join().unwrap().unwrap();
+    ok("agent.finalize_compression", &json!({"files": files}));
+    assert_chain_reads(&files, &reference);
+    assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
+}

@@ -144,6 +144,9 @@ pub fn compress_verified(
             // [`finalize`] may rename over the backup (a compression killed
             // midway leaves only the temporary, removed by the next).
             let tmp = fsio::temp_path(&out);
+            // No merge writes `f` while it is read.
+            let _reading =
+                crate::lock::hold_for_reading(&[f.as_path()], &format!("the compression of {}", f.display()))?;
             // The native path takes qcow2 v3 files; v2 ones stay v2 (zlib)
             // through qemu-img.
             let native_header = match opts.data_path {
@@ -160,8 +163,12 @@ pub fn compress_verified(
             };
             let v2 = info.as_ref().is_some_and(|i| i.is_qcow2_v2());
             let library = if v2 { CompressionLibrary::Zlib } else { opts.library };
-            fsio::remove_if_exists(&out)?;
-            fsio::remove_if_exists(&tmp)?;
+            // One compression of `f` at a time: the temporary is locked
+            // while it is written (a retried command ran a second beside
+            // the first, which removed the first's temporary and had it
+            // rename half of its own). Removed with the `.comp` on a failure
+            // from here on.
+            let _claim = claim_temp(&tmp, f)?;
             done.push(CompressedFile {
                 path: f.clone(),
                 comp_path: out.clone(),
@@ -170,6 +177,7 @@ pub fn compress_verified(
                 library,
                 hash: None,
             });
+            fsio::remove_if_exists(&out)?;
             let (compressed_size, hash) = match (native_header, info) {
                 (Some(header), _) => {
                     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -245,6 +253,35 @@ pub fn compress_verified(
         return Err(e);
     }
     Ok(done)
+}
+
+/// Open (or create) the temporary `tmp` a compression of `f` writes, lock
+/// it for this compression alone ([`crate::lock::try_lock_byte_zero`]) and
+/// empty it; the lock goes with the file returned. Another compression of
+/// `f` running (in any process) is busy. A link or anything but a regular
+/// file under the name is refused.
+fn claim_temp(tmp: &Path, f: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(tmp)
+        .map_err(|e| KnibError::io("cannot create", tmp, e))?;
+    if !file.metadata().map_err(|e| KnibError::io("cannot stat", tmp, e))?.is_file() {
+        return Err(KnibError::invalid(format!("{} is not a regular file", tmp.display())));
+    }
+    if !crate::lock::try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", tmp, e))? {
+        return Err(KnibError::busy(format!(
+            "a compression of {} is running (it holds {}); try again when it ends",
+            f.display(),
+            tmp.display()
+        )));
+    }
+    file.set_len(0).map_err(|e| KnibError::io("cannot truncate", tmp, e))?;
+    Ok(file)
 }
 
 /// Finish a compression: when the backup still exists, each `.comp` is

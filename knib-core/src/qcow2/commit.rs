@@ -339,6 +339,7 @@ impl Commit {
     /// batches, where stopping leaves the base consistent.
     pub fn run(&mut self, ctl: &Control) -> Result<CommitReport> {
         let step = format!("merge of {} into {}", self.top_path.display(), self.base.path.display());
+        crate::crashpoint::pause_point(&format!("{step}: writing"));
         let l2n = self.top.header().l2_entries();
         let total = self.top.guest_clusters();
         let cs = self.base.cs;
