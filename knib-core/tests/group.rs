@@ -336,6 +336,25 @@ fn a_member_whose_merge_fails_after_publication_keeps_its_backup_in_the_record()
     assert_eq!(store.group(&rec.id).unwrap().members[0].backup.as_deref(), Some(b));
 }
 
+/// Rewrite group `id`'s record to name `backups` (one per member, in
+/// order); then its restore and its delete must both be refused as
+/// corrupt, saying `want`, the restore writing nothing. Returns the
+/// record's path and its rewritten text.
+fn record_naming(store: &Store, id: &str, backups: [&str; 2], want: &str, dir: &Path) -> (PathBuf, serde_json::Value) {
+    let path = store.root().join("groups").join(format!("{id}.json"));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["members"][0]["backup"] = json!(backups[0]);
+    v["members"][1]["backup"] = json!(backups[1]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let out = dir.join("out");
+    let e = store.restore_group(id, &out, ImageFormat::Raw, false, true, false, &Control::new()).unwrap_err();
+    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(want), "{e}");
+    assert!(!out.join("plain-a").join("root.raw").exists());
+    let e = store.delete_group(id).unwrap_err();
+    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(want), "{e}");
+    (path, v)
+}
+
 /// A group record changed to name another VM's backup for a member (the
 /// two members' backups swapped): restore and delete refuse it, naming
 /// the member, and nothing is written or deleted.
@@ -347,18 +366,8 @@ fn a_record_naming_another_vms_backup_is_refused() {
     let (b, _) = plain(dir.path(), "plain-b", 0x62);
     let rec = store.backup_group(&[a, b], &GroupOptions::default(), &Control::new()).unwrap();
     let ids: Vec<String> = rec.members.iter().map(|m| m.backup.clone().unwrap()).collect();
-    let path = store.root().join("groups").join(format!("{}.json", rec.id));
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    v["members"][0]["backup"] = json!(ids[1]);
-    v["members"][1]["backup"] = json!(ids[0]);
-    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let want = format!("member plain-a names backup {}, which is a backup of plain-b", ids[1]);
-    let out = dir.path().join("out");
-    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, false, &Control::new()).unwrap_err();
-    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
-    assert!(!out.join("plain-a").join("root.raw").exists());
-    let e = store.delete_group(&rec.id).unwrap_err();
-    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
+    let (path, _) = record_naming(&store, &rec.id, [&ids[1], &ids[0]], &want, dir.path());
     for id in &ids {
         store.show(id).unwrap();
     }
@@ -382,17 +391,8 @@ fn a_record_or_journal_naming_backups_the_group_did_not_take_is_refused() {
         .map(|m| store.backup(m.vm.as_deref().unwrap(), &m.disks, &Default::default(), &Control::new()).unwrap().id)
         .collect();
     let rec = store.backup_group(&[a, b], &GroupOptions::default(), &Control::new()).unwrap();
-    let path = store.root().join("groups").join(format!("{}.json", rec.id));
-    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    v["members"][0]["backup"] = json!(own[0]);
-    v["members"][1]["backup"] = json!(own[1]);
-    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let want = format!("member plain-a names backup {}, which was taken on its own", own[0]);
-    let out = dir.path().join("out");
-    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, false, &Control::new()).unwrap_err();
-    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
-    let e = store.delete_group(&rec.id).unwrap_err();
-    assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
+    let (_, mut v) = record_naming(&store, &rec.id, [&own[0], &own[1]], &want, dir.path());
     // A journal of a crashed group, "rollback", one member unpublished.
     let gid = "group-20260101-000000000-beef";
     v["id"] = json!(gid);

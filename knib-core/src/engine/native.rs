@@ -260,15 +260,7 @@ pub fn repair_dirty(q: &QemuImg, top: &Path, ctl: &Control) -> Result<()> {
     // rewritten: a merge refused for their damage afterwards would have
     // repaired the other for nothing.
     for (file, _) in files.iter().filter(|(_, dirty)| !dirty) {
-        let r = q.check(file, ctl)?;
-        if r.corruptions > 0 || r.check_errors > 0 {
-            return Err(KnibError::corrupt(format!(
-                "{}: qemu-img check finds {} corruptions and {} check errors: nothing is merged into or from it",
-                file.display(),
-                r.corruptions,
-                r.check_errors
-            )));
-        }
+        q.require_no_corruption(file, ctl)?;
     }
     for (file, _) in files.into_iter().filter(|(_, dirty)| *dirty) {
         log::warn!(

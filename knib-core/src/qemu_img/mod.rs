@@ -476,17 +476,23 @@ impl QemuImg {
                 log::warn!("{}: not checked before the merge (a json: description)", i.filename);
                 continue;
             }
-            let file = Path::new(&i.filename);
-            let r =
-                self.check(file, ctl).map_err(|e| e.context(format!("check of {} before a merge", file.display())))?;
-            if r.corruptions > 0 || r.check_errors > 0 {
-                return Err(KnibError::corrupt(format!(
-                    "{}: qemu-img check finds {} corruptions and {} check errors: nothing is merged into or from it",
-                    file.display(),
-                    r.corruptions,
-                    r.check_errors
-                )));
-            }
+            self.require_no_corruption(Path::new(&i.filename), ctl)?;
+        }
+        Ok(())
+    }
+
+    /// Refuse the qcow2 file `file` when `qemu-img check` (read only) finds
+    /// corruptions in it or cannot check it ([`ErrorKind::Corrupt`], naming
+    /// it): before a merge into or from it. Leaks pass.
+    pub fn require_no_corruption(&self, file: &Path, ctl: &Control) -> Result<()> {
+        let r = self.check(file, ctl).map_err(|e| e.context(format!("check of {} before a merge", file.display())))?;
+        if r.corruptions > 0 || r.check_errors > 0 {
+            return Err(KnibError::corrupt(format!(
+                "{}: qemu-img check finds {} corruptions and {} check errors: nothing is merged into or from it",
+                file.display(),
+                r.corruptions,
+                r.check_errors
+            )));
         }
         Ok(())
     }
