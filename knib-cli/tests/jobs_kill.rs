@@ -1,5 +1,5 @@
 //! A `knib jobs run` killed with SIGKILL in the middle of a compression: the
-//! job is left running with a dead owner and a `.comp` file; the next
+//! job is left running with a dead owner and a `.comp.part` file; the next
 //! `knib jobs run` takes it back, runs it again to the end, leaves no `.comp`
 //! file, and the backup restores byte-identical.
 
@@ -34,7 +34,9 @@ fn comp_files(dir: &Path) -> Vec<PathBuf> {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         if e.path().is_dir() {
             out.extend(comp_files(&e.path()));
-        } else if e.file_name().to_string_lossy().ends_with(".comp") {
+        } else if e.file_name().to_string_lossy().ends_with(".comp")
+            || e.file_name().to_string_lossy().ends_with(".comp.part")
+        {
             out.push(e.path());
         }
     }
@@ -56,7 +58,8 @@ fn a_runner_killed_mid_compression_is_taken_back_and_finishes() {
     let backup = json(&["--json", "backup", "--store", s, "--vm", "vm1", "--disk", &disk_arg]);
     let id = backup["id"].as_str().unwrap().to_string();
     let file = PathBuf::from(backup["volumes"][0]["file"].as_str().unwrap());
-    let comp = PathBuf::from(format!("{}.comp", file.display()));
+    // A compression writes under a temporary name until its output is whole.
+    let comp = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
 
     // 68 MiB at 8 MB/s: the compression takes several seconds.
     std::fs::write(store.join("knib.json"), r#"{"schema": 1, "compression": {"rate_limit_mbps": 8}}"#).unwrap();
@@ -84,7 +87,7 @@ fn a_runner_killed_mid_compression_is_taken_back_and_finishes() {
     assert_eq!(jobs[0]["id"], job_id.as_str());
     assert_eq!(jobs[0]["state"], "running", "{jobs}");
     assert_eq!(jobs[0]["owner_status"], "dead", "{jobs}");
-    assert!(comp.exists(), "the killed compression left its .comp file");
+    assert!(comp.exists(), "the killed compression left its temporary file");
     let shown = json(&["--json", "show", "--store", s, &id]);
     assert!(shown["compression"].is_null());
 

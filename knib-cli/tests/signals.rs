@@ -128,7 +128,8 @@ fn ctrl_c_to_the_process_group_cancels_a_compression_on_the_qemu_img_path() {
     let manifest = store.join("vms/v").join(&id).join("manifest.json");
     let m0 = std::fs::read(&manifest).unwrap();
     let mut child = spawn(&["compress", "--store", s(&store), &id, "--rate-limit", "1"]);
-    let comp = store.join("vms/v").join(&id).join("d.qcow2.comp");
+    // Written under its temporary name until whole.
+    let comp = store.join("vms/v").join(&id).join(".d.qcow2.comp.part");
     wait_for(&mut child, "qemu-img's output", || comp.exists());
     signal(-(child.id() as i32), libc::SIGINT);
     let (status, err) = finish(child);
@@ -146,7 +147,8 @@ fn sigterm_cancels_and_a_second_signal_ends_knib() {
     let d = tempfile::tempdir().unwrap();
     let (store, id) = store_with_backup(d.path(), 32);
     let args = ["compress", "--store", s(&store), &id, "--rate-limit", "1"];
-    let comp = store.join("vms/v").join(&id).join("d.qcow2.comp");
+    // Written under its temporary name until whole.
+    let comp = store.join("vms/v").join(&id).join(".d.qcow2.comp.part");
 
     let before = tree(&store);
     let mut child = spawn(&args);
