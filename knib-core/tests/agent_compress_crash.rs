@@ -297,3 +297,21 @@ fn a_second_compression_of_the_same_files_is_busy() {
     assert_chain_reads(&files, &reference);
     assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
 }
+
+/// A backup file whose refcounts are damaged (a used cluster's refcount
+/// 0; its data still reads) is not compressed: the compressed copy would
+/// be clean and replace it, hiding the damage. Corrupt, naming it, and
+/// nothing is left beside it.
+#[test]
+fn a_backup_file_with_damaged_metadata_is_not_compressed() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, _) = backup_chain(&dir, 0xda3a);
+    disk::zero_first_data_refcount(&files[0]);
+    let before = contents(&dir);
+    let e = agent("agent.compress", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&format!("backup file {} is damaged: ", files[0].display())), "{e}");
+    assert!(e.message.contains(": refcount 0, referenced 1 times"), "{e}");
+    assert!(contents(&dir) == before, "the refused compression left something");
+}

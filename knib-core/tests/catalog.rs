@@ -644,6 +644,28 @@ fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
     store.delete(&b3.id).unwrap();
 }
 
+/// A quick restore's overlay is made and recorded under the backup's VM
+/// lock: while another operation holds the VM (a delete that would remove
+/// the files the overlay reads), it is busy and makes nothing.
+#[test]
+fn a_quick_restore_overlay_waits_for_no_delete_of_its_backup() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path().join("store")).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x41 0 1M");
+    let b = store.backup("vmo", &vm.disks, &opts(8), &Control::new()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let overlay = out.path().join("root.qcow2");
+    let held = store.lock_vm("vmo", "delete of a backup").unwrap();
+    let e = store.quick_restore_overlay(&b.id, "root", &overlay, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("delete of a backup"), "{e}");
+    assert!(!overlay.exists());
+    drop(held);
+    store.quick_restore_overlay(&b.id, "root", &overlay, &Control::new()).unwrap();
+    assert_eq!(store.delete(&b.id).unwrap_err().kind, ErrorKind::Busy);
+}
+
 /// Two test disks and a new store whose data path is `data_path`.
 fn store_on(data_path: &str) -> (TestDisks, tempfile::TempDir, Store) {
     let vm = TestDisks::two();

@@ -215,6 +215,15 @@ fn quick_restore_runs_at_once_keeps_new_writes_and_consolidate_frees_the_store()
     assert_eq!(target.disks().iter().map(|d| d.file.clone()).collect::<Vec<_>>(), sources);
     assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), files_before, "an overlay was left");
     common::disk::put_bytes(&top, at, &was);
+    // While the backup's own VM is held (a delete of the backup), the
+    // quick restore to another domain is busy and changes nothing.
+    let held = store.lock_vm(src.name(), "delete of a backup").unwrap();
+    let e = store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("delete of a backup"), "{e}");
+    assert!(!target.vm.is_running().unwrap());
+    assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), files_before, "an overlay was left");
+    drop(held);
     let overlays = store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap();
     assert!(target.vm.is_running().unwrap());
     for (t, overlay) in &overlays {

@@ -476,6 +476,14 @@ impl Store {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
         let _lock = self.lock_vm(&name, &format!("quick restore of backup {id}"))?;
+        // And the backup's VM's, when it is another: no delete of the
+        // backup runs until its overlays are recorded.
+        let _backup_lock = if m.vm != name {
+            Some(self.lock_vm(&m.vm, &format!("quick restore of backup {id} to {name}"))?)
+        } else {
+            None
+        };
+        let m = self.show(id)?;
         self.refuse_interrupted(&name)?;
         let targets = quick_restore_targets(&m, vm)?;
         let mut plan = Vec::new();

@@ -116,6 +116,10 @@ impl Store {
     /// ([`engine::require_quick_restorable`]), and record it (`pins`): the
     /// backup cannot be deleted while the overlay reads it.
     pub fn quick_restore_overlay(&self, id: &str, volume: &str, to: &Path, ctl: &Control) -> Result<()> {
+        // Under the backup's VM lock until the overlay is recorded: a delete
+        // in between would remove the files the new overlay reads.
+        let vm = self.show(id)?.vm;
+        let _lock = self.lock_vm(&vm, &format!("quick restore of backup {id}"))?;
         let m = self.show(id)?;
         let files = self.chain_files(&m, volume)?;
         engine::require_quick_restorable(&self.qemu_img, &files, ctl)
