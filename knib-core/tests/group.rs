@@ -403,6 +403,19 @@ fn a_record_or_journal_naming_backups_the_group_did_not_take_is_refused() {
     let e = store.recover_groups(None, &Control::new()).unwrap_err();
     assert!(e.kind == ErrorKind::Corrupt && e.message.contains(&want), "{e}");
     assert!(e.message.contains(&format!("journal of group {gid}")), "{e}");
+    // A record naming one VM twice (knib never takes two backups of a VM
+    // in a group): refused, and the restore makes no directory.
+    let path = store.root().join("groups").join(format!("{}.json", rec.id));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["members"][1] = v["members"][0].clone();
+    v["members"][1]["backup"] = json!(own[0]);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let out = dir.path().join("twice");
+    let e = store.restore_group(&rec.id, &out, ImageFormat::Raw, false, true, false, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.ends_with("VM plain-a is a member twice"), "{e}");
+    assert!(!out.exists(), "the refused restore made {}", out.display());
+    assert_eq!(store.delete_group(&rec.id).unwrap_err().kind, ErrorKind::Corrupt);
     for id in own.iter().chain(rec.members.iter().filter_map(|m| m.backup.as_ref())) {
         store.show(id).unwrap_or_else(|e| panic!("backup {id} must be left: {e}"));
     }

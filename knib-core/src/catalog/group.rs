@@ -281,8 +281,13 @@ impl Store {
         if r.schema != GROUP_SCHEMA {
             return Err(bad(format!("schema {} is not {GROUP_SCHEMA}", r.schema)));
         }
-        for m in &r.members {
+        for (i, m) in r.members.iter().enumerate() {
             names::validate("VM name", &m.vm).map_err(|e| bad(e.message))?;
+            // knib never takes two backups of one VM in a group (a restore
+            // of such a record wrote the VM's files twice, then blamed them).
+            if r.members[..i].iter().any(|o| o.vm == m.vm) {
+                return Err(bad(format!("VM {} is a member twice", m.vm)));
+            }
             if let Some(b) = &m.backup {
                 names::validate("backup id", b).map_err(|e| bad(e.message))?;
             }
