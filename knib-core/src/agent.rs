@@ -134,7 +134,14 @@
 //! names on primary is tested for QEMU's image locks
 //! ([`crate::lock::held_like_qemu`]): one a process holds (the VM runs after
 //! all, or a `qemu-img` works on it) fails the operation as `busy`, naming
-//! the file, with nothing written.
+//! the file, with nothing written. Those files are also held for the
+//! whole request ([`crate::lock::hold_for_one_operation`], a lock QEMU does
+//! not use): a second `agent.take_backup`, `agent.cleanup_vm_backup`,
+//! `agent.merge_snapshot` or `agent.restore` on one of them meanwhile (a
+//! retried command) is `busy`, naming it, with nothing written; before, a
+//! second backup of the same volume merged the delta a second time and
+//! left a new delta without its backing file. `agent.restore` holds each
+//! existing `volume_path` the same way.
 //!
 //! # Hashes
 //!
@@ -354,12 +361,20 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
             Err(e) => return Err(KnibError::io("cannot stat", &v.volume_path, e)),
         }
     }
+    // One restore at a time replaces a volume: a second one to the same
+    // file is busy (both wrote one staging file, and the loser answered
+    // with a misleading error).
+    let targets: Vec<&Path> = r.volumes.iter().map(|v| v.volume_path.as_path()).collect();
+    let _held = crate::lock::hold_for_one_operation(&targets, "the restore")?;
+    crate::crashpoint::pause_point(&format!("{op}: volumes held, {} first", r.volumes[0].volume_path.display()));
+    // The backups' chains, read once (their files are held for reading,
+    // and none may be among the deltas removed).
+    let chains: Vec<Vec<PathBuf>> =
+        r.volumes.iter().map(|v| engine::backup_chain_files(&v.backup_path)).collect::<Result<_>>()?;
     // The old deltas removed at the end are never a file of a backup read
     // here (a quick-restored volume would lose its backing file, and the
     // backup its data) nor a directory (found before any volume changes).
     if !r.deltas_to_remove.is_empty() {
-        let chains: Vec<Vec<PathBuf>> =
-            r.volumes.iter().map(|v| engine::backup_chain_files(&v.backup_path)).collect::<Result<_>>()?;
         for (i, f) in r.deltas_to_remove.iter().enumerate() {
             if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_dir()) {
                 return Err(KnibError::invalid(format!(
@@ -396,9 +411,7 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     }
     // The backups' files are read under QEMU's reader locks: no merge
     // writes them meanwhile (a restore copied a parent half merged).
-    let chains: Vec<PathBuf> =
-        r.volumes.iter().map(|v| engine::backup_chain_files(&v.backup_path)).collect::<Result<Vec<_>>>()?.concat();
-    let refs: Vec<&Path> = chains.iter().map(PathBuf::as_path).collect();
+    let refs: Vec<&Path> = chains.iter().flatten().map(PathBuf::as_path).collect();
     let _reading = crate::lock::hold_for_reading(&refs, "the restore")?;
     // 1. Every volume to its staging file; on a failure, none is changed.
     let mut staged: Vec<PathBuf> = Vec::new();

@@ -11,6 +11,7 @@
 //! | is an image in use by a QEMU? ([`held_like_qemu`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no |
 //! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | no |
 //! | a compression's output under its fixed name ([`try_lock_byte_zero`]) | OFD write lock, byte 0 | the open file description | no |
+//! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 0 | the open file description | no |
 //!
 //! # Invariants
 //!
@@ -188,6 +189,69 @@ pub fn try_lock_byte_zero(file: &File) -> io::Result<bool> {
         Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Ok(false),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Open each of `files` that exists and is a regular file for writing and
+/// take an OFD write lock on its byte 0 ([`try_lock_byte_zero`], below
+/// QEMU's locks: QEMU and `qemu-img` are not hindered) for as long as the
+/// returned files stay open: one knib operation at a time changes a
+/// volume's files on primary (two backups of one stopped volume at once
+/// merged the same delta twice, and the loser's new delta lost its backing
+/// file). A file another operation holds is busy, naming it and `what`;
+/// nothing is written. A file that cannot be opened for writing (read-only)
+/// is not locked: it is not written either.
+pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let mut held: Vec<File> = Vec::with_capacity(files.len());
+    let mut ids: Vec<(u64, u64)> = Vec::with_capacity(files.len());
+    for f in files {
+        // O_NONBLOCK: a FIFO opens at once; O_NOFOLLOW is not used, the
+        // volumes of a pool may be links (the lock is on what they name).
+        let file = match std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(f) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::EPERM) | Some(libc::EISDIR)
+                ) =>
+            {
+                log::debug!("{} cannot be opened for writing ({e}): not locked for {what}", f.display());
+                continue;
+            }
+            Err(e) => return Err(KnibError::io("cannot open", f, e)),
+        };
+        let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?;
+        if !meta.is_file() {
+            continue;
+        }
+        // One file named twice (or by two names) is held once.
+        let id = (meta.dev(), meta.ino());
+        if ids.contains(&id) {
+            continue;
+        }
+        if !try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", f, e))? {
+            return Err(KnibError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{} is being changed by another knib operation (a backup, cleanup, merge or restore of this volume): {what} refused, nothing was written; try again when it ends",
+                    f.display()
+                ),
+            ));
+        }
+        ids.push(id);
+        held.push(file);
+    }
+    Ok(held)
+}
+
+/// Whether another owner holds the lock of [`hold_for_one_operation`] (or
+/// [`try_lock_byte_zero`]) on `file`, tested with `fcntl(F_OFD_GETLK)`:
+/// nothing is taken.
+pub fn held_by_one_operation(file: &File) -> io::Result<bool> {
+    let mut fl = one_byte(libc::F_WRLCK, 0);
+    fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut fl))?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
 /// Whether another owner holds any of QEMU's image locks on `file`

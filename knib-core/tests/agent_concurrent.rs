@@ -39,6 +39,28 @@ fn assert_busy(r: Result<Value, KnibError>, names: &Path, what: &str) {
     assert!(e.message.contains(&names.display().to_string()), "{what}: must name {}: {e}", names.display());
 }
 
+/// Wait until `held` says another process holds `file` (looked at, no
+/// lock taken).
+fn wait_until_held(file: &Path, held: fn(&std::fs::File) -> std::io::Result<bool>) {
+    let f = std::fs::File::open(file).unwrap();
+    let t = std::time::Instant::now();
+    while !held(&f).unwrap() {
+        assert!(t.elapsed() < Duration::from_secs(30), "nothing ever held {}", file.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Wait until a merge holds `file` (QEMU's writer locks).
+fn wait_held_like_qemu(file: &Path) {
+    wait_until_held(file, knib_core::lock::held_like_qemu)
+}
+
+/// Wait until another operation holds `file` (the lock of
+/// `hold_for_one_operation`).
+fn wait_held_by_an_operation(file: &Path) {
+    wait_until_held(file, knib_core::lock::held_by_one_operation)
+}
+
 #[test]
 fn a_parent_being_merged_into_is_not_read() {
     let d = tempfile::tempdir().unwrap();
@@ -55,12 +77,7 @@ fn a_parent_being_merged_into_is_not_read() {
     let merge = std::thread::spawn(move || agent("agent.merge_snapshot", &req));
     // Wait until the merge holds the parent's locks (looked at, none taken).
     let restored = dir.join("restored.qcow2");
-    let t = std::time::Instant::now();
-    let f = std::fs::File::open(&parent).unwrap();
-    while !knib_core::lock::held_like_qemu(&f).unwrap() {
-        assert!(t.elapsed() < Duration::from_secs(30), "the merge never held the parent");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_held_like_qemu(&parent);
     let before = contents(&dir);
     assert_busy(agent("agent.take_hash", &json!({"files": [parent]})), &parent, "hash");
     let volume = json!({"backup_path": child, "volume_path": restored});
@@ -89,4 +106,96 @@ fn a_parent_being_read_is_not_merged_into() {
     snapshot(&child, &reference);
     agent("agent.merge_snapshot", &req).unwrap();
     assert_identical(&parent, &reference);
+}
+
+/// A backup volume of a stopped VM without a domain, as the agent sends it.
+fn stopped_volume(path: &Path, delta: &Path, store: &Path, parent: Option<&Path>, merge: Option<Value>) -> Value {
+    let mut v = json!({"uuid": "u1", "path": path, "delta_path_on_primary": delta, "delta_path_on_store": store});
+    if let Some(p) = parent {
+        v["parent_backup_path"] = json!(p);
+    }
+    if let Some(m) = merge {
+        v["merge"] = m;
+    }
+    v
+}
+
+#[test]
+fn a_stopped_volume_being_backed_up_is_not_backed_up_merged_or_restored_by_another_request() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let store = dir.join("store");
+    std::fs::create_dir(&store).unwrap();
+    let base = dir.join("base.qcow2");
+    make_disk(&base, 16 * MIB, &[]);
+    qemu_io(&base, "write -P 0x11 0 8M");
+    let (d1, b1) = (dir.join("d1.qcow2"), store.join("b1.qcow2"));
+    let full = json!({"running": false, "volumes": [stopped_volume(&base, &d1, &b1, None, None)]});
+    agent("agent.take_backup", &full).unwrap();
+    qemu_io(&d1, "write -P 0x22 4M 8M");
+    let reference = dir.join("reference.raw");
+    snapshot(&d1, &reference);
+    // The incremental stops for a while once it holds its files, before it
+    // makes the new delta d2 over d1 (then copies d1, merges it into base).
+    let merge = json!({"parent": base, "child": d1});
+    let (d2, b2) = (dir.join("d2.qcow2"), store.join("b2.qcow2"));
+    let first = json!({"running": false, "volumes": [stopped_volume(&d1, &d2, &b2, Some(&b1), Some(merge.clone()))]});
+    knib_core::crashpoint::pause_before("snapshot of volume u1", Duration::from_secs(4));
+    let taking = std::thread::spawn(move || agent("agent.take_backup", &first));
+    wait_held_by_an_operation(&d1);
+    let before = contents(&dir);
+    // The same backup asked again with its own new files (a retried
+    // command): before, it merged d1 a second time under the first, and
+    // its new delta lost its backing file.
+    let (d2b, b2b) = (dir.join("d2b.qcow2"), store.join("b2b.qcow2"));
+    let second =
+        json!({"running": false, "volumes": [stopped_volume(&d1, &d2b, &b2b, Some(&b1), Some(merge.clone()))]});
+    assert_busy(agent("agent.take_backup", &second), &d1, "second backup");
+    let cleanup = json!({"running": false, "mode": "discard", "volumes": [stopped_volume(&d1, &d2b, &b2b, Some(&b1), Some(merge.clone()))]});
+    assert_busy(agent("agent.cleanup_vm_backup", &cleanup), &d1, "cleanup");
+    assert_busy(
+        agent("agent.merge_snapshot", &json!({"running": false, "merges": [merge]})),
+        &base,
+        "merge of the same delta",
+    );
+    let restore = json!({"volumes": [{"backup_path": b1, "volume_path": d1}]});
+    assert_busy(agent("agent.restore", &restore), &d1, "restore over the volume");
+    assert!(contents(&dir) == before, "a refused request wrote something");
+    taking.join().unwrap().unwrap();
+    // What a user checks: the volume's new chain and the backup hold the
+    // disk as it was.
+    assert_identical(&d2, &reference);
+    assert_identical(&b2, &reference);
+    assert!(!d2b.exists() && !b2b.exists());
+}
+
+#[test]
+fn a_volume_being_restored_is_not_restored_by_another_request() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (x, y) = (dir.join("x.qcow2"), dir.join("y.qcow2"));
+    make_disk(&x, 16 * MIB, &[]);
+    qemu_io(&x, "write -P 0x33 0 8M");
+    make_disk(&y, 16 * MIB, &[]);
+    qemu_io(&y, "write -P 0x44 0 8M");
+    let volume = dir.join("volume.qcow2");
+    make_disk(&volume, 16 * MIB, &[]);
+    knib_core::crashpoint::pause_before(
+        &format!("agent.restore: volumes held, {} first", volume.display()),
+        Duration::from_secs(3),
+    );
+    let req = json!({"volumes": [{"backup_path": x, "volume_path": volume}]});
+    let first = std::thread::spawn(move || agent("agent.restore", &req));
+    wait_held_by_an_operation(&volume);
+    let before = contents(&dir);
+    // Before, the second removed the first's staging file and wrote its
+    // own under the same name; one of them failed naming files the other
+    // had moved.
+    for quick in [false, true] {
+        let other = json!({"volumes": [{"backup_path": y, "volume_path": volume}], "quick_restore": quick});
+        assert_busy(agent("agent.restore", &other), &volume, "second restore");
+    }
+    assert!(contents(&dir) == before, "a refused restore wrote something");
+    first.join().unwrap().unwrap();
+    assert_identical(&volume, &x);
 }

@@ -7,7 +7,7 @@
 use super::*;
 use crate::engine::stopped::{self as files_engine, FilesDisk, FilesPlan};
 use crate::engine::take::BackupKind;
-use crate::lock::ensure_unused;
+use crate::lock::{ensure_unused, hold_for_one_operation};
 use crate::qcow2::relative_pointer;
 
 /// Every file on primary the request names (those that exist are tested
@@ -197,6 +197,10 @@ fn refuse_bitmap(op: &str, r: &TakeReq) -> Result<()> {
 
 /// `agent.take_backup` of a VM without a domain.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
+    // One operation at a time on the volumes' files (a second backup of
+    // the same volume merged the same delta again under the first).
+    let _held = hold_for_one_operation(&named_files(r), &format!("{op} of a VM without a domain"))
+        .map_err(|e| e.with_vm_consistent(true))?;
     #[cfg(feature = "libvirt")]
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::take_backup(op, r, ctl);
@@ -223,6 +227,7 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
+    let _held = hold_for_one_operation(&named_files(r), &format!("{op} of a VM without a domain"))?;
     #[cfg(feature = "libvirt")]
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
@@ -288,6 +293,7 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
         all.push(&m.child);
         all.extend(m.grand_children.iter().map(PathBuf::as_path));
     }
+    let _held = hold_for_one_operation(&all, &format!("{op} of a VM without a domain"))?;
     ensure_unused(&all, &format!("{op} of a VM without a domain"))?;
     let mut out = Vec::new();
     for m in &r.merges {
