@@ -253,7 +253,7 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
     let pick = |rng: &mut Rng| ids[rng.below(3) as usize].clone();
     let manifest_of = |id: &str| format!("vms/vm1/{id}/manifest.json");
     // A manifest must hold plain names only.
-    for field in ["file", "backing", "parent", "id", "vm", "name", "dup_file", "unknown"] {
+    for field in ["file", "backing", "parent", "id", "vm", "name", "hash", "dup_file", "unknown"] {
         let id = if matches!(field, "backing" | "parent") { ids[1 + rng.below(2) as usize].clone() } else { pick(rng) };
         let vol = ["root", "data"][rng.below(2) as usize];
         let seed = rng.next();
@@ -280,6 +280,10 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
                     "file" => v["file"] = escape(&mut r, outside, "victim.qcow2").into(),
                     "backing" => v["backing"] = escape(&mut r, outside, "victim.qcow2").into(),
                     "name" => v["name"] = "../../outside".into(),
+                    "hash" => {
+                        v["hash"] =
+                            ["..", "../../outside", "", "0123456789ABCDEF0123456789abcdef"][r.below(4) as usize].into()
+                    }
                     "parent" => m["parent"] = ["../../../outside", "/tmp", "..", "x/../.."][r.below(4) as usize].into(),
                     "id" => m["id"] = "other-id".into(),
                     "vm" => m["vm"] = "vm2".into(),

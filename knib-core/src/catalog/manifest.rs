@@ -164,6 +164,19 @@ impl Manifest {
         for (i, v) in self.volumes.iter().enumerate() {
             name(&format!("volumes[{i}].name"), "volume name", &v.name)?;
             name(&format!("volumes[{i}].file"), "volume file name", &v.file)?;
+            if let Some(h) = &v.hash {
+                // What knib writes: xxh3-128 as 32 lowercase hex digits
+                // (compared, never used as a name; anything else is a
+                // tampered manifest).
+                if h.len() != 32 || !h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+                    let shown: String = h.chars().take(40).collect();
+                    let more = if shown.len() < h.len() { "..." } else { "" };
+                    return Err(bad(
+                        &format!("volumes[{i}].hash"),
+                        format!("{shown:?}{more} is not an xxh3-128 hash (32 lowercase hex digits)"),
+                    ));
+                }
+            }
             if !seen.insert(v.name.as_str()) {
                 return Err(bad(&format!("volumes[{i}].name"), format!("volume {:?} is listed twice", v.name)));
             }
