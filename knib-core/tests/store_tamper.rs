@@ -678,9 +678,10 @@ fn an_api_request_with_a_key_given_twice_is_invalid() {
 fn tampered_job_files_are_corrupt() {
     let pristine = Pristine::build();
     let mut rng = Rng::new(SEED ^ 2);
-    let kinds = ["backup", "vm", "given twice", "link", "unknown"];
+    let kinds = ["backup", "vm", "given twice", "link", "dir link", "unknown"];
     for round in 0..kinds.len() * 2 {
-        let what = kinds[(round + rng.below(kinds.len() as u64) as usize) % kinds.len()];
+        // Each kind twice (the rest of the case drawn from the seed).
+        let what = kinds[round % kinds.len()];
         let work = tempfile::tempdir().unwrap();
         let (root, outside) = pristine.copy(work.path());
         let store = Store::open(&root).unwrap();
@@ -702,17 +703,30 @@ fn tampered_job_files_are_corrupt() {
                 std::fs::write(outside.join("job.json"), &text).unwrap();
                 replace_by_link(&file, &outside.join("job.json"));
             }
+            "dir link" => {
+                // The whole directory: its files are plain, outside.
+                let jobs = outside.join("jobs");
+                std::fs::create_dir(&jobs).unwrap();
+                std::fs::write(jobs.join(file.file_name().unwrap()), &text).unwrap();
+                std::fs::remove_dir_all(root.join("jobs")).unwrap();
+                symlink(&jobs, root.join("jobs")).unwrap();
+            }
             _ => {
                 let t = text.replacen('{', "{\"evil\": 1, ", 1);
                 std::fs::write(&file, t).unwrap();
             }
         }
+        let names = if what == "dir link" { root.join("jobs") } else { file.clone() };
         let before = canary_state(&outside);
         let e = store.jobs().unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
-        assert!(e.message.contains(&file.display().to_string()), "{what}: {e}");
+        assert!(e.message.contains(&names.display().to_string()), "{what}: {e}");
+        let e = store.job(&job.id).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.message.contains(&names.display().to_string()), "{what}: {e}");
         let e = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{what}: {e}");
+        assert!(e.message.contains(&names.display().to_string()), "{what}: {e}");
         assert_canary(&before, &canary_state(&outside), what);
     }
 }

@@ -48,9 +48,29 @@ pub(super) fn lock_queue(dir: &Path) -> Result<QueueLock> {
     Ok(QueueLock { _file: file })
 }
 
+/// Whether the jobs directory `dir` (`<store>/jobs`) exists, as a real
+/// directory of the store: a symbolic link (to job files outside the store)
+/// is `corrupt`, naming it.
+fn jobs_dir_exists(dir: &Path) -> Result<bool> {
+    let root = dir.parent().unwrap_or(Path::new("."));
+    match crate::catalog::confine::check(
+        root,
+        Path::new(JOBS_DIR),
+        crate::catalog::confine::Want::Dir,
+        "jobs directory",
+    ) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind == crate::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Every job file in `dir`, oldest first.
 pub(super) fn load_all(dir: &Path) -> Result<Vec<Job>> {
     let mut out = Vec::new();
+    if !jobs_dir_exists(dir)? {
+        return Ok(out);
+    }
     let rd = match fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -88,7 +108,7 @@ impl Store {
     pub fn job(&self, id: &str) -> Result<Job> {
         names::validate("job id", id)?;
         let p = self.jobs_dir().join(format!("{id}.json"));
-        if !p.exists() {
+        if !jobs_dir_exists(&self.jobs_dir())? || !p.exists() {
             return Err(KnibError::not_found(format!("job {id} does not exist in store {}", self.root().display())));
         }
         Job::load(&p)
