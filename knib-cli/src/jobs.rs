@@ -133,6 +133,14 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                         )
                     }
                     JobEvent::Finished(j) => println!("{}: {}", j.id, job_line(j)),
+                    JobEvent::Waiting(j) => {
+                        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(j.next_attempt_at);
+                        println!(
+                            "{}: waiting for its next attempt at {} (`jobs run --no-wait` leaves it queued)",
+                            j.id,
+                            knib_core::catalog::manifest::rfc3339(at)
+                        )
+                    }
                 }))
             };
             let sync = Some(knib_core::vault::sync_runner());

@@ -175,7 +175,7 @@ fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
     let (_dir, store, b) = one_backup();
     std::fs::write(
         store.join("knib.json"),
-        r#"{"schema": 1, "compression.max_retries": 0, "compression.min_free_factor": 1e12}"#,
+        r#"{"schema": 1, "compression.max_retries": 1, "compression.retry_interval_secs": 1, "compression.min_free_factor": 1e12}"#,
     )
     .unwrap();
     let out = knib(&["jobs", "queue", "--store", s(&store), b["id"].as_str().unwrap()]);
@@ -184,7 +184,10 @@ fn jobs_run_exits_non_zero_when_a_job_failed_for_good() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(14), "{err}");
     assert!(err.contains("1 job(s) failed"), "{err}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 done, 1 failed"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0 done, 1 failed, 0 cancelled, 1 retried"), "{text}");
+    // While it waited for the retry, it said so.
+    assert_eq!(text.matches("waiting for its next attempt at 20").count(), 1, "{text}");
 }
 
 #[test]

@@ -88,7 +88,7 @@ impl Recorder {
                         r.0 -= 1;
                         r.2.remove(&j.vm);
                     }
-                    JobEvent::Recovered(_) => {}
+                    JobEvent::Recovered(_) | JobEvent::Waiting(_) => {}
                 }
             }
             me.events.lock().unwrap().push((Instant::now(), e.clone()));
@@ -215,6 +215,18 @@ fn a_failing_job_is_retried_at_the_interval_then_failed_and_the_backup_is_untouc
         } else {
             assert_eq!(j.state, JobState::Failed);
         }
+    }
+    // Before each retry the runner told what it waits for, once.
+    let ev = rec.events.lock().unwrap().clone();
+    let waits: Vec<(Instant, Job)> = ev
+        .iter()
+        .filter_map(|(t, e)| if let JobEvent::Waiting(j) = e { Some((*t, j.clone())) } else { None })
+        .collect();
+    assert_eq!(waits.len(), 2, "one wait told per retry: {waits:?}");
+    for (k, (t, w)) in waits.iter().enumerate() {
+        assert_eq!((w.id.as_str(), w.next_attempt_at), (job.id.as_str(), finishes[k].1.next_attempt_at));
+        // (Another worker may tell it just before the failing one reports.)
+        assert!(starts[k].0 <= *t && *t <= starts[k + 1].0, "told between the attempt and the retry");
     }
     let j = store.job(&job.id).unwrap();
     assert_eq!((j.state, j.attempts), (JobState::Failed, 3));

@@ -46,6 +46,11 @@ pub enum JobEvent {
     /// An attempt ended; the job's state says how (done, failed, cancelled,
     /// or queued again for a retry).
     Finished(Job),
+    /// The runner waits for this queued job's retry time
+    /// (`next_attempt_at`, not come yet); told once per job and retry time,
+    /// so a runner that waits says for what (`no_wait` leaves such jobs
+    /// queued instead).
+    Waiting(Job),
 }
 
 /// Receives the runner's events, from its worker threads.
@@ -120,6 +125,8 @@ struct Scan {
     recovered: Vec<Job>,
     /// The earliest retry time of a queued job that is not due yet.
     next_due: Option<f64>,
+    /// The queued jobs that are not due yet.
+    not_due: Vec<Job>,
     /// A due job could not start (its VM busy, or the host at its limit).
     blocked: bool,
 }
@@ -164,6 +171,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
     let mut queued: Vec<usize> = (0..jobs.len()).filter(|i| jobs[*i].state == JobState::Queued).collect();
     queued.sort_by_key(|i| (jobs[*i].next_attempt_at, jobs[*i].created_at, jobs[*i].id.clone()));
     let mut next_due: Option<f64> = None;
+    let mut not_due = Vec::new();
     let mut blocked = false;
     let mut pick = None;
     for i in queued {
@@ -175,6 +183,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
         }
         if at > now {
             next_due = Some(next_due.map_or(at, |d| d.min(at)));
+            not_due.push(j.clone());
         } else if host_running(j.kind) >= max_here as usize || busy_vms.contains(j.vm.as_str()) {
             blocked = true;
         } else if pick.is_none() {
@@ -198,7 +207,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
         }
         None => None,
     };
-    Ok(Scan { claimed, recovered, next_due, blocked })
+    Ok(Scan { claimed, recovered, next_due, not_due, blocked })
 }
 
 /// Under the queue lock: write the result of an attempt of `job`.
@@ -430,6 +439,8 @@ struct Shared {
     stop: AtomicBool,
     error: Mutex<Option<KnibError>>,
     summary: Mutex<RunSummary>,
+    /// The jobs (and retry times) a [`JobEvent::Waiting`] was told for.
+    told_waiting: Mutex<HashSet<(String, u64)>>,
 }
 
 impl Shared {
@@ -493,6 +504,19 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
             }
             continue;
         }
+        if !opts.no_wait {
+            for j in found.not_due {
+                if shared.told_waiting.lock().insert((j.id.clone(), j.next_attempt_at)) {
+                    let at = std::time::UNIX_EPOCH + Duration::from_secs(j.next_attempt_at);
+                    log::info!(
+                        "job {}: waiting for its retry time {} (a runner without waiting leaves it queued)",
+                        j.id,
+                        crate::catalog::manifest::rfc3339(at)
+                    );
+                    emit(JobEvent::Waiting(j));
+                }
+            }
+        }
         let mut here = shared.running.lock();
         let waiting = !opts.no_wait && (found.blocked || found.next_due.is_some());
         if *here == 0 && !waiting {
@@ -519,6 +543,7 @@ pub fn run_jobs(store: &Store, opts: &RunOptions) -> Result<RunSummary> {
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
         summary: Mutex::new(RunSummary::default()),
+        told_waiting: Mutex::new(HashSet::new()),
     };
     let workers: u32 =
         JobKind::ALL.iter().filter(|k| runs(**k, &settings, opts)).map(|k| k.limits(&settings).1.max(1)).sum();
