@@ -141,7 +141,9 @@
 //! retried command) is `busy`, naming it, with nothing written; before, a
 //! second backup of the same volume merged the delta a second time and
 //! left a new delta without its backing file. `agent.restore` holds each
-//! existing `volume_path` the same way.
+//! existing `volume_path` the same way, and, for a volume that does not
+//! exist yet, an empty lock file `.<volume>.knib-restore.lock` beside it
+//! ([`crate::lock::LockFile`], removed when the restore ends).
 //!
 //! # Hashes
 //!
@@ -327,6 +329,13 @@ fn staging_path(volume: &Path) -> PathBuf {
     volume.with_file_name(format!(".{name}.knib-restore"))
 }
 
+/// The lock file of the restores to `volume` (the volume may not exist
+/// yet), beside it; removed when the restore ends.
+fn lock_path(volume: &Path) -> PathBuf {
+    let name = volume.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    volume.with_file_name(format!(".{name}.knib-restore.lock"))
+}
+
 /// `agent.restore`.
 pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<RestoreAnswer> {
     non_empty(op, "volumes", &r.volumes)?;
@@ -365,6 +374,16 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     // file is busy (both wrote one staging file, and the loser answered
     // with a misleading error).
     let targets: Vec<&Path> = r.volumes.iter().map(|v| v.volume_path.as_path()).collect();
+    let _claims: Vec<crate::lock::LockFile> = r
+        .volumes
+        .iter()
+        .map(|v| {
+            crate::lock::LockFile::hold(
+                &lock_path(&v.volume_path),
+                &format!("a restore to {}", v.volume_path.display()),
+            )
+        })
+        .collect::<Result<_>>()?;
     let _held = crate::lock::hold_for_one_operation(&targets, "the restore")?;
     crate::crashpoint::pause_point(&format!("{op}: volumes held, {} first", r.volumes[0].volume_path.display()));
     // The backups' chains, read once (their files are held for reading,

@@ -12,6 +12,7 @@
 //! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | no |
 //! | a compression's output under its fixed name ([`try_lock_byte_zero`]) | OFD write lock, byte 0 | the open file description | no |
 //! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 0 | the open file description | no |
+//! | a name that does not exist yet ([`LockFile`]) | OFD write lock, byte 0, of an empty file beside it | the open file description | no |
 //!
 //! # Invariants
 //!
@@ -245,6 +246,78 @@ pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> 
     Ok(held)
 }
 
+/// An empty lock file, held (an OFD write lock on its byte 0) as long as
+/// this value lives and removed when it is dropped: one operation at a
+/// time on a name that may not exist yet (a volume a restore creates),
+/// where there is no file to lock.
+///
+/// The file is removed while still locked, and a process that locked it
+/// checks that the name still leads to the file it locked, else it opens
+/// the name again: whoever opened the old file just before it was removed
+/// cannot hold a lock the next one does not see.
+#[derive(Debug)]
+pub struct LockFile {
+    path: std::path::PathBuf,
+    file: File,
+}
+
+impl LockFile {
+    /// Create (or open) and lock `path`, without waiting: another holder
+    /// makes it busy, naming `path` and `what`.
+    pub fn hold(path: &Path, what: &str) -> Result<LockFile> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        // Bounded: each round needs another process to remove the file
+        // between our open and our lock.
+        for _ in 0..100 {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(path)
+                .map_err(|e| KnibError::io("cannot create the lock file", path, e))?;
+            let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
+            if !meta.is_file() {
+                return Err(KnibError::invalid(format!("lock file {} is not a regular file", path.display())));
+            }
+            if !try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", path, e))? {
+                return Err(KnibError::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{what} is running in another request (it holds {}): refused, nothing was written; try again when it ends",
+                        path.display()
+                    ),
+                ));
+            }
+            match std::fs::symlink_metadata(path) {
+                Ok(now) if now.dev() == meta.dev() && now.ino() == meta.ino() => {
+                    return Ok(LockFile { path: path.to_path_buf(), file })
+                }
+                // Removed (or replaced) by its last holder meanwhile.
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(KnibError::io("cannot stat", path, e)),
+            }
+        }
+        Err(KnibError::new(ErrorKind::Busy, format!("{what}: {} keeps being replaced; try again", path.display())))
+    }
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        // Removed only while it is still the file this value locked.
+        let ours = self.file.metadata().ok().map(|m| (m.dev(), m.ino()));
+        let named = std::fs::symlink_metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == named {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                log::warn!("cannot remove the lock file {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
 /// Whether another owner holds the lock of [`hold_for_one_operation`] (or
 /// [`try_lock_byte_zero`]) on `file`, tested with `fcntl(F_OFD_GETLK)`:
 /// nothing is taken.
@@ -330,6 +403,24 @@ mod tests {
         drop(a);
         assert!(!held_like_qemu(&b).unwrap());
         assert!(lock_like_qemu_writer(&b).unwrap());
+    }
+
+    #[test]
+    fn a_lock_file_is_held_once_removed_after_and_a_stale_one_is_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join(".v.lock");
+        let a = LockFile::hold(&p, "a restore").unwrap();
+        let e = LockFile::hold(&p, "a restore").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+        assert!(e.message.contains(&p.display().to_string()), "{e}");
+        assert!(p.exists(), "a refused holder removed the holder's file");
+        drop(a);
+        assert!(!p.exists(), "left after its holder");
+        // One a crash left behind (unlocked) is taken.
+        std::fs::write(&p, b"").unwrap();
+        let b = LockFile::hold(&p, "a restore").unwrap();
+        drop(b);
+        assert!(!p.exists());
     }
 
     #[test]

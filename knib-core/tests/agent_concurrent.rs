@@ -42,9 +42,9 @@ fn assert_busy(r: Result<Value, KnibError>, names: &Path, what: &str) {
 /// Wait until `held` says another process holds `file` (looked at, no
 /// lock taken).
 fn wait_until_held(file: &Path, held: fn(&std::fs::File) -> std::io::Result<bool>) {
-    let f = std::fs::File::open(file).unwrap();
     let t = std::time::Instant::now();
-    while !held(&f).unwrap() {
+    // (A lock file may not be made yet.)
+    while !std::fs::File::open(file).is_ok_and(|f| held(&f).unwrap()) {
         assert!(t.elapsed() < Duration::from_secs(30), "nothing ever held {}", file.display());
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -178,24 +178,38 @@ fn a_volume_being_restored_is_not_restored_by_another_request() {
     qemu_io(&x, "write -P 0x33 0 8M");
     make_disk(&y, 16 * MIB, &[]);
     qemu_io(&y, "write -P 0x44 0 8M");
-    let volume = dir.join("volume.qcow2");
-    make_disk(&volume, 16 * MIB, &[]);
-    knib_core::crashpoint::pause_before(
-        &format!("agent.restore: volumes held, {} first", volume.display()),
-        Duration::from_secs(3),
-    );
-    let req = json!({"volumes": [{"backup_path": x, "volume_path": volume}]});
-    let first = std::thread::spawn(move || agent("agent.restore", &req));
-    wait_held_by_an_operation(&volume);
-    let before = contents(&dir);
-    // Before, the second removed the first's staging file and wrote its
-    // own under the same name; one of them failed naming files the other
-    // had moved.
-    for quick in [false, true] {
-        let other = json!({"volumes": [{"backup_path": y, "volume_path": volume}], "quick_restore": quick});
-        assert_busy(agent("agent.restore", &other), &volume, "second restore");
+    // Over a volume, and to a new one (a volume restored from a backup).
+    for exists in [true, false] {
+        let volume = dir.join(format!("volume-{exists}.qcow2"));
+        if exists {
+            make_disk(&volume, 16 * MIB, &[]);
+        }
+        knib_core::crashpoint::pause_before(
+            &format!("agent.restore: volumes held, {} first", volume.display()),
+            Duration::from_secs(3),
+        );
+        let req = json!({"volumes": [{"backup_path": x, "volume_path": volume}]});
+        let first = std::thread::spawn(move || agent("agent.restore", &req));
+        wait_held_by_an_operation(&dir.join(format!(".volume-{exists}.qcow2.knib-restore.lock")));
+        let before = contents(&dir);
+        // Before, the second removed the first's staging file and wrote its
+        // own under the same name; one of them failed naming files the
+        // other had moved.
+        for quick in [false, true] {
+            let other = json!({"volumes": [{"backup_path": y, "volume_path": volume}], "quick_restore": quick});
+            assert_busy(agent("agent.restore", &other), &volume, "second restore");
+        }
+        assert!(contents(&dir) == before, "a refused restore wrote something");
+        first.join().unwrap().unwrap();
+        assert_identical(&volume, &x);
+        // Nothing left beside the volume; the next restore runs.
+        let hidden: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{hidden:?}");
+        agent("agent.restore", &json!({"volumes": [{"backup_path": y, "volume_path": volume}]})).unwrap();
+        assert_identical(&volume, &y);
     }
-    assert!(contents(&dir) == before, "a refused restore wrote something");
-    first.join().unwrap().unwrap();
-    assert_identical(&volume, &x);
 }
