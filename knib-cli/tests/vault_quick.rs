@@ -63,6 +63,8 @@ const SIZE: u64 = 64 * MIB;
 struct Restored {
     _dir: tempfile::TempDir,
     prefix: s3::Prefix,
+    /// The backup restored.
+    id: String,
     reference: PathBuf,
     target: TestVm,
     serve_dir: PathBuf,
@@ -124,7 +126,12 @@ fn quick_restored(name: &str) -> Restored {
     assert!(target.read_check("vda", 0x73, MIB, MIB));
     assert!(target.read_check("vda", 0x72, 40 * MIB, 2 * MIB));
     assert!(target.read_check("vda", 0x00, 50 * MIB, MIB));
-    Restored { _dir: dir, prefix, reference, target, serve_dir, overlay: d.file, server }
+    // The vault records what it serves, on which host, to which domain.
+    let records: Vec<String> = prefix.keys().into_keys().filter(|k| k.starts_with("serving/")).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0].starts_with(&format!("serving/{id}/")), "{records:?}");
+    assert!(records[0].ends_with(&format!("/{}.json", target.name())), "{records:?}");
+    Restored { _dir: dir, prefix, id, reference, target, serve_dir, overlay: d.file, server }
 }
 
 /// After consolidation: the server and its directory are gone, the disk
@@ -140,6 +147,8 @@ fn assert_consolidated(r: &Restored, c: &serde_json::Value) {
     let pid = c["vault_servers_stopped"][0]["state"]["pid"].as_u64().unwrap();
     assert!(wait_gone(pid), "the server runs on after consolidation");
     assert!(!r.serve_dir.exists(), "its directory is left");
+    let records: Vec<String> = r.prefix.keys().into_keys().filter(|k| k.starts_with("serving/")).collect();
+    assert!(records.is_empty(), "the vault's record of the quick restore is left: {records:?}");
     assert_identical(&r.overlay, &r.reference);
     let info = Command::new("qemu-img").args(["info", "-U", "--output=json"]).arg(&r.overlay).output().unwrap();
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
@@ -152,11 +161,23 @@ fn quick_restore_from_the_vault_then_consolidate_while_it_runs() {
         return;
     }
     let r = quick_restored("quick");
+    // While the guest reads the backup through the exports, no delete
+    // removes it (before, it did, and the guest's reads failed).
+    let loc = r.prefix.location();
+    let before = r.prefix.keys();
+    let out = knib(&["delete", "--store", &loc, &r.id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(12), "busy: {err}");
+    assert!(err.contains("a quick restore runs on it") && err.contains(r.target.name()), "{err}");
+    assert_eq!(r.prefix.keys(), before, "a refused delete changed the vault");
     let c = ok_json(&["--json", "--connect", URI, "consolidate", "--domain", r.target.name()]);
     assert!(r.target.disk("vda").backing_chain.is_empty());
     assert!(r.target.read_check("vda", 0x73, MIB, MIB));
     r.target.power_off();
     assert_consolidated(&r, &c);
+    // Consolidated: the delete goes through.
+    ok_json(&["--json", "delete", "--store", &loc, &r.id]);
+    assert!(!r.prefix.keys().keys().any(|k| k.contains(&r.id)), "{:?}", r.prefix.keys());
 }
 
 #[test]
@@ -278,6 +299,16 @@ fn quick_restore_from_the_vault_through_the_json_api() {
     .unwrap_err();
     assert!(e.to_string().contains("no-knib"), "{e}");
     assert!(!target.vm.is_running().unwrap());
+    // A server that ends at its start: nothing is left, in the vault either.
+    let serving = || prefix.keys().into_keys().filter(|k| k.starts_with("serving/")).collect::<Vec<_>>();
+    call(
+        "quick_restore",
+        serde_json::json!({"store": loc, "backup": id, "domain": target.name(), "connect": URI,
+            "server_program": "/bin/false"}),
+    )
+    .unwrap_err();
+    assert!(!target.vm.is_running().unwrap());
+    assert!(serving().is_empty(), "{:?}", serving());
     let a = call(
         "quick_restore",
         serde_json::json!({"store": loc, "backup": id, "domain": target.name(), "connect": URI,
@@ -298,5 +329,6 @@ fn quick_restore_from_the_vault_through_the_json_api() {
     assert!(!serve_dir.exists());
     target.power_off();
     assert_identical(&overlay, &reference);
+    assert!(serving().is_empty(), "the record is left after agent.consolidate: {:?}", serving());
     drop(prefix);
 }

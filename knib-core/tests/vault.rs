@@ -526,3 +526,89 @@ fn an_oversized_upload_record_is_removed_by_the_next_sync() {
     vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
     assert!(!p.keys().contains_key("uploads/vm1/junk.json"), "{:?}", p.keys());
 }
+
+/// A record of a quick restore served from the vault, as knib writes it.
+fn serving_record(backup: &str, host: &str, domain: &str, dir: &str) -> (String, Vec<u8>) {
+    let rel = format!("serving/{backup}/{host}/{domain}.json");
+    let rec = json!({"schema": 1, "backup": backup, "host": host, "domain": domain, "dir": dir,
+        "created": "2026-12-05T03:00:00.000Z"});
+    (rel, serde_json::to_vec(&rec).unwrap())
+}
+
+#[test]
+fn a_backup_a_quick_restore_serves_is_not_deleted_from_any_host() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store: _store, taken, vault } = Synced::new("delete-served");
+    let (mid, head) = (taken[1].0.clone(), taken[2].0.clone());
+    // Served on another host: busy, naming the domain and the host.
+    let (rel, text) = serving_record(&head, "other-host", "dom1", "/var/lib/x/.knib-vault-dom1");
+    p.put(&rel, text);
+    let before = p.keys();
+    let e = vault.delete(&head).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("domain dom1 on host other-host"), "{e}");
+    assert_eq!(p.keys(), before, "a refused delete changed the vault");
+    // A record that is not what knib writes is corrupt, naming it.
+    for bad in [
+        json!({"schema": 1, "backup": mid, "host": "other-host", "domain": "dom1", "dir": "/x", "created": ""}),
+        json!({"schema": 1, "backup": head, "host": "../x", "domain": "dom1", "dir": "/x", "created": ""}),
+        json!({"schema": 1, "backup": head, "host": "other-host", "domain": "dom1", "dir": "/x", "created": "", "evil": 1}),
+    ] {
+        p.put(&rel, serde_json::to_vec(&bad).unwrap());
+        let e = vault.delete(&head).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{bad}: {e}");
+        assert!(e.message.contains(&rel), "{bad}: {e}");
+    }
+    p.delete(&rel);
+    // A record of this host whose directory is gone is stale: removed by
+    // the delete, which goes through.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let (stale, text) = serving_record(&mid, &host, "dom2", "/nonexistent/.knib-vault-dom2");
+    p.put(&stale, text);
+    // The middle backup has a child: it is only marked removed.
+    let d = vault.delete(&mid).unwrap();
+    assert_eq!(d.marked_removed, vec![mid.clone()]);
+    // Served again (on another host), the removed middle backup is kept
+    // when the delete of its last child cascades to it.
+    let (rel2, text) = serving_record(&mid, "other-host", "dom3", "/x");
+    p.put(&rel2, text);
+    let d = vault.delete(&head).unwrap();
+    assert_eq!(d.expunged, vec![head.clone()]);
+    assert!(p.keys().keys().any(|k| k == &format!("vms/vm1/{mid}/manifest.json")), "{:?}", p.keys());
+    assert!(!p.keys().contains_key(&stale), "the stale record of this host is left");
+    p.delete(&rel2);
+}
+
+#[test]
+fn a_quick_restore_recorded_while_a_delete_runs_keeps_the_backup() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store: _store, taken, vault: _vault } = Synced::new("delete-served-race");
+    let head = taken[2].0.clone();
+    let manifest = format!("vms/vm1/{head}/manifest.json");
+    let text = p.get(&manifest);
+    // The delete stops once it removed the manifest, before it looks for
+    // records again; a quick restore records itself meanwhile.
+    knib_core::crashpoint::pause_before(
+        &format!("delete of {head} from the vault: manifest removed"),
+        std::time::Duration::from_secs(3),
+    );
+    let (loc, id) = (p.location(), head.clone());
+    let deleting = std::thread::spawn(move || Vault::open(&loc).unwrap().delete(&id));
+    let t = std::time::Instant::now();
+    while p.keys().contains_key(&manifest) {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "the delete never removed the manifest");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let (rel, rec) = serving_record(&head, "other-host", "dom1", "/x");
+    p.put(&rel, rec);
+    let e = deleting.join().unwrap().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    // The manifest is back as it was, and every object is there.
+    assert_eq!(p.get(&manifest), text);
+    assert!(p.keys().keys().any(|k| k.starts_with(&format!("vms/vm1/{head}/")) && k.ends_with(".qcow2")));
+    p.delete(&rel);
+}

@@ -51,8 +51,19 @@ impl Vault {
             )));
         }
         let mut cur = Some(m);
+        let mut first = true;
         while let Some(x) = cur.take() {
-            self.expunge(&x)?;
+            // A backup a quick restore serves from the vault is kept: asked
+            // for, the delete is busy; reached by the cascade, it stays
+            // marked removed.
+            if let Err(e) = self.expunge_unless_served(&x) {
+                if first || e.kind != crate::ErrorKind::Busy {
+                    return Err(e);
+                }
+                log::warn!("vault {}: {e}; it stays marked removed", self.location());
+                break;
+            }
+            first = false;
             outcome.expunged.push(x.id.clone());
             if let Some(p) = &x.parent {
                 if let Some(pm) = all.iter().find(|a| &a.id == p) {
@@ -65,10 +76,34 @@ impl Vault {
         Ok(outcome)
     }
 
-    /// Remove backup `m`: its manifest first (it is no longer a backup),
-    /// then its objects.
-    fn expunge(&self, m: &Manifest) -> Result<()> {
-        self.delete_key(&Self::manifest_rel(m))?;
+    /// Remove backup `m` unless a quick restore serves it (busy, naming
+    /// the domains; see [`super::serving`]): the records are looked for
+    /// before its manifest is removed and again after (the manifest is put
+    /// back when one appeared meanwhile), then its objects are removed.
+    fn expunge_unless_served(&self, m: &Manifest) -> Result<()> {
+        let busy = |served: Vec<String>| {
+            KnibError::busy(format!(
+                "backup {} of vault {} is not deleted: a quick restore runs on it ({}); consolidate the domain first (`knib consolidate --domain DOMAIN` on its host)",
+                m.id,
+                self.location(),
+                served.join(", ")
+            ))
+        };
+        let served = self.served_to(&m.id)?;
+        if !served.is_empty() {
+            return Err(busy(served));
+        }
+        let rel = Self::manifest_rel(m);
+        let text = self.get_small(&rel, super::MAX_MANIFEST, "manifest")?;
+        self.delete_key(&rel)?;
+        crate::crashpoint::pause_point(&format!("delete of {} from the vault: manifest removed", m.id));
+        let served = self.served_to(&m.id)?;
+        if !served.is_empty() {
+            if let Some(text) = text {
+                self.put_small(&rel, text, PutMode::Overwrite, "manifest")?;
+            }
+            return Err(busy(served));
+        }
         for v in &m.volumes {
             self.delete_key(&Self::volume_rel(m, &v.file))?;
         }

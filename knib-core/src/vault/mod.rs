@@ -123,6 +123,7 @@ mod object;
 mod read;
 #[cfg(feature = "libvirt")]
 pub mod serve;
+mod serving;
 mod spool;
 mod sync;
 

@@ -29,6 +29,10 @@
 //! - The server is stopped only when no disk of the domain has a backing
 //!   layer in its directory, and only if its pid is still a `vault-serve`
 //!   process serving that directory.
+//! - While it serves, the vault holds a record of it
+//!   (`serving/<backup>/<host>/<domain>.json`, see `serving.rs`): a
+//!   delete of the backup, on any host, is busy until the consolidation
+//!   stops the server and removes the record.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -267,6 +271,13 @@ pub fn quick_restore_domain(
     }
     let ids = qemu_ids();
     fs::DirBuilder::new().mode(DIR_MODE).create(&dir).map_err(|e| KnibError::io("cannot create", &dir, e))?;
+    // Recorded in the vault before anything is served (once the directory
+    // exists: a record of this host without it is stale): no delete
+    // removes what the domain reads.
+    if let Err(e) = vault.record_serving(id, vm.name(), &dir) {
+        let _ = fs::remove_dir(&dir);
+        return Err(e);
+    }
     let mut state = ServeState {
         schema: 1,
         pid: 0,
@@ -310,6 +321,9 @@ pub fn quick_restore_domain(
         }
         if let Err(e2) = stop_server(state.pid, &dir) {
             log::warn!("quick restore of {id} onto {}: {e2}", vm.name());
+        }
+        if let Err(e2) = vault.remove_serving(id, vm.name()) {
+            log::warn!("quick restore of {id} onto {}: its record stays in the vault: {e2}", vm.name());
         }
         return Err(e);
     }
@@ -464,6 +478,17 @@ pub fn release_served(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<Release
             continue;
         }
         let bytes_fetched = stop_server(state.pid, &dir)?;
+        // The vault may delete the backup now. A record left (the vault
+        // cannot be reached) is found stale by the next delete on this
+        // host, its directory being gone.
+        if let Err(e) = Vault::open(&state.vault).and_then(|v| v.remove_serving(&state.backup, vm.name())) {
+            log::warn!(
+                "domain {}: the record of the quick restore of backup {} stays in vault {}: {e}",
+                vm.name(),
+                state.backup,
+                state.vault
+            );
+        }
         log::info!(
             "domain {}: stopped the vault's NBD server (pid {}) of backup {}; it fetched {bytes_fetched:?} bytes",
             vm.name(),

@@ -107,6 +107,7 @@ mod queue;
 mod runner;
 
 pub use model::{Job, JobKind, JobOwner, JobState, OwnerStatus};
+pub(crate) use ownership::hostname;
 pub use runner::{run_jobs, screenshot_path, JobEvent, JobObserver, RunOptions, RunSummary, SyncAttempt, SyncRunner};
 
 /// The job schema this version of knib writes and reads.

@@ -31,7 +31,8 @@ pub(super) fn me() -> &'static Me {
     })
 }
 
-fn hostname() -> String {
+/// This host's name (`gethostname`), `localhost` when it has none.
+pub(crate) fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname writes at most
     // that many bytes.
