@@ -140,7 +140,10 @@ pub(crate) fn with_context(
                 // operation's, which sets it when it ends (or has just set
                 // it, and its caller is about to read it). An operation's
                 // own "busy" (a VM another process backs up) is its error.
-                let context_busy = code == knib_result::Busy && fail.message.contains(knib_core::session::CONTEXT_BUSY);
+                // (The whole message, as the session makes it: an
+                // operation's busy error that quotes the text is its own.)
+                let context_busy = code == knib_result::Busy
+                    && fail.message == knib_core::KnibError::busy(knib_core::session::CONTEXT_BUSY).to_string();
                 if record != Record::Reader && !context_busy {
                     ctx.set_error(fail);
                 }
