@@ -154,6 +154,34 @@ fn files_that_are_not_regular_files_are_refused_at_once() {
             "delta_path_on_store": store.join("b2/u.qcow2"), "parent_backup_path": s});
         let e = within_10s("agent.take_backup", json!({"running": false, "volumes": [volume]})).unwrap_err();
         assert_not_regular(&e, "volume u: the parent backup ", s);
+        // An incremental whose base (the merge's parent, below the volume
+        // file) is one: refused by knib's reader before qemu-img is asked
+        // for the chain (it waited on a FIFO until the time budget ended).
+        let over = dir.join("over.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            "raw",
+            "-b",
+            s.to_str().unwrap(),
+            over.to_str().unwrap(),
+            "1M",
+        ]);
+        let volume = json!({"uuid": "u", "path": over, "delta_path_on_primary": dir.join("delta"),
+            "delta_path_on_store": store.join("b3/u.qcow2"), "parent_backup_path": good,
+            "merge": {"parent": s, "child": over}});
+        let e = within_10s("agent.take_backup", json!({"running": false, "volumes": [volume]})).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Io, "{}: {e}", s.display());
+        assert!(
+            e.message
+                .ends_with(&format!("{} is neither a regular file nor a block device: it is not read", s.display())),
+            "{e}"
+        );
+        std::fs::remove_file(&over).unwrap();
         // A merge of VM snapshot deltas, either file special.
         for (parent, child) in [(&good, s), (s, &good)] {
             let req = json!({"running": false, "merges": [{"parent": parent, "child": child}]});

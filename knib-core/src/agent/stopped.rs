@@ -121,6 +121,7 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
                     // deltas but the first, newest first, `merge.child`
                     // (with VM snapshots; else it is `path`),
                     // `merge.parent`.
+                    crate::engine::stopped::refuse_special_layers(&v.path)?;
                     let chain = q.info_chain(&v.path, ctl)?;
                     let mut want: Vec<(&str, &Path)> = Vec::new();
                     for s in v.vm_snapshot_delta_paths.iter().skip(1).rev() {

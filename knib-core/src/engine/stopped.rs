@@ -433,6 +433,23 @@ pub struct FilesRecovery {
     pub tops: Vec<PathBuf>,
 }
 
+/// Refuse the chain of the volume file `top` when a file of it is neither
+/// a regular file nor a block device (a FIFO, a character device, a
+/// directory), found by knib's reader, which never opens such a file,
+/// before `qemu-img info --backing-chain` is asked (it would wait on a
+/// FIFO until the time budget ends). Anything else the reader refuses (a
+/// feature it does not read, damage) is left for qemu-img to say.
+pub(crate) fn refuse_special_layers(top: &Path) -> Result<()> {
+    match crate::qcow2::Chain::open(top) {
+        Err(e)
+            if e.kind == crate::ErrorKind::Io && e.message.contains("is neither a regular file nor a block device") =>
+        {
+            Err(e)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Finish (`published`: every copy reached the store) or undo an
 /// interrupted backup of volumes without a domain, from its plan and the
 /// files: where `D'` is, which layers are below it. Every file is first
@@ -444,6 +461,7 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
     let finish = published && plan.kind != BackupKind::Isolated;
     for d in &plan.disks {
         let chain_of = |top: &Path| -> Result<Vec<PathBuf>> {
+            refuse_special_layers(top)?;
             Ok(q.info_chain(top, ctl)?.into_iter().map(|i| PathBuf::from(i.filename)).collect())
         };
         let in_chain = |chain: &[PathBuf], p: &Path| chain.iter().any(|c| same_file(c, p));
