@@ -246,6 +246,29 @@ pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> 
     Ok(held)
 }
 
+/// Open `path` for writing, creating it (never truncating it), without
+/// following a symbolic link or waiting on a FIFO; it must be a regular
+/// file. Then take the lock of [`try_lock_byte_zero`] on it: `Ok(None)`
+/// when another holds it.
+pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| KnibError::io("cannot create", path, e))?;
+    if !file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.is_file() {
+        return Err(KnibError::invalid(format!("{} is not a regular file", path.display())));
+    }
+    match try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", path, e))? {
+        true => Ok(Some(file)),
+        false => Ok(None),
+    }
+}
+
 /// An empty lock file, held (an OFD write lock on its byte 0) as long as
 /// this value lives and removed when it is dropped: one operation at a
 /// time on a name that may not exist yet (a volume a restore creates),
@@ -265,23 +288,11 @@ impl LockFile {
     /// Create (or open) and lock `path`, without waiting: another holder
     /// makes it busy, naming `path` and `what`.
     pub fn hold(path: &Path, what: &str) -> Result<LockFile> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        use std::os::unix::fs::MetadataExt;
         // Bounded: each round needs another process to remove the file
         // between our open and our lock.
         for _ in 0..100 {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(path)
-                .map_err(|e| KnibError::io("cannot create the lock file", path, e))?;
-            let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
-            if !meta.is_file() {
-                return Err(KnibError::invalid(format!("lock file {} is not a regular file", path.display())));
-            }
-            if !try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", path, e))? {
+            let Some(file) = create_and_lock(path)? else {
                 return Err(KnibError::new(
                     ErrorKind::Busy,
                     format!(
@@ -289,7 +300,8 @@ impl LockFile {
                         path.display()
                     ),
                 ));
-            }
+            };
+            let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
             match std::fs::symlink_metadata(path) {
                 Ok(now) if now.dev() == meta.dev() && now.ino() == meta.ino() => {
                     return Ok(LockFile { path: path.to_path_buf(), file })

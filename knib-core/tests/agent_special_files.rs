@@ -33,6 +33,30 @@ fn qemu_img(args: &[&str]) {
     assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A qcow2 overlay at `over` whose backing file is `special`.
+fn overlay_on(special: &Path, over: &Path) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "raw",
+        "-b",
+        special.to_str().unwrap(),
+        over.to_str().unwrap(),
+        "1M",
+    ]);
+}
+
+/// The error of a chain holding `special`: never read.
+fn assert_not_read(e: &KnibError, special: &Path) {
+    assert_eq!(e.kind, ErrorKind::Io, "{}: {e}", special.display());
+    let tail = format!("{} is neither a regular file nor a block device: it is not read", special.display());
+    assert!(e.message.ends_with(&tail), "{e}");
+}
+
 /// Every file under `dir` with its length, sorted.
 fn listing(dir: &Path) -> Vec<(PathBuf, u64)> {
     let mut out = Vec::new();
@@ -124,27 +148,10 @@ fn files_that_are_not_regular_files_are_refused_at_once() {
         // A disk whose backing file is one: refused, never read (nor handed
         // to qemu-img, which waited on a FIFO).
         let over = dir.join("over.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            "raw",
-            "-b",
-            s.to_str().unwrap(),
-            over.to_str().unwrap(),
-            "1M",
-        ]);
+        overlay_on(s, &over);
         let e = within_10s("backup", json!({"store": store, "vm": "v", "disks": [{"name": "a", "path": over}]}))
             .unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Io, "{}: {e}", s.display());
-        assert!(
-            e.message
-                .ends_with(&format!("{} is neither a regular file nor a block device: it is not read", s.display())),
-            "{e}"
-        );
+        assert_not_read(&e, s);
         std::fs::remove_file(&over).unwrap();
         let volume = json!({"uuid": "u", "path": s, "delta_path_on_primary": dir.join("delta"),
             "delta_path_on_store": store.join("b1/u.qcow2")});
@@ -158,29 +165,12 @@ fn files_that_are_not_regular_files_are_refused_at_once() {
         // file) is one: refused by knib's reader before qemu-img is asked
         // for the chain (it waited on a FIFO until the time budget ended).
         let over = dir.join("over.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-F",
-            "raw",
-            "-b",
-            s.to_str().unwrap(),
-            over.to_str().unwrap(),
-            "1M",
-        ]);
+        overlay_on(s, &over);
         let volume = json!({"uuid": "u", "path": over, "delta_path_on_primary": dir.join("delta"),
             "delta_path_on_store": store.join("b3/u.qcow2"), "parent_backup_path": good,
             "merge": {"parent": s, "child": over}});
         let e = within_10s("agent.take_backup", json!({"running": false, "volumes": [volume]})).unwrap_err();
-        assert_eq!(e.kind, ErrorKind::Io, "{}: {e}", s.display());
-        assert!(
-            e.message
-                .ends_with(&format!("{} is neither a regular file nor a block device: it is not read", s.display())),
-            "{e}"
-        );
+        assert_not_read(&e, s);
         std::fs::remove_file(&over).unwrap();
         // A merge of VM snapshot deltas, either file special.
         for (parent, child) in [(&good, s), (s, &good)] {

@@ -281,25 +281,13 @@ fn refuse_damaged(img: &mut Qcow2Image, f: &Path) -> Result<()> {
 /// `f` running (in any process) is busy. A link or anything but a regular
 /// file under the name is refused.
 fn claim_temp(tmp: &Path, f: &Path) -> Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(tmp)
-        .map_err(|e| KnibError::io("cannot create", tmp, e))?;
-    if !file.metadata().map_err(|e| KnibError::io("cannot stat", tmp, e))?.is_file() {
-        return Err(KnibError::invalid(format!("{} is not a regular file", tmp.display())));
-    }
-    if !crate::lock::try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", tmp, e))? {
+    let Some(file) = crate::lock::create_and_lock(tmp)? else {
         return Err(KnibError::busy(format!(
             "a compression of {} is running (it holds {}); try again when it ends",
             f.display(),
             tmp.display()
         )));
-    }
+    };
     file.set_len(0).map_err(|e| KnibError::io("cannot truncate", tmp, e))?;
     Ok(file)
 }
