@@ -491,3 +491,45 @@ fn options_that_cannot_run_a_group_are_refused_before_the_store_is_made() {
     let rec = call("group.backup", req);
     assert_eq!(rec["state"], "complete", "{rec}");
 }
+
+#[test]
+fn one_disk_file_in_two_members_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, disk_a) = plain(dir.path(), "plain-a", 0x61);
+    let before = std::fs::read(&disk_a).unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let hard = dir.path().join("hard-link.qcow2");
+    std::fs::hard_link(&disk_a, &hard).unwrap();
+    let soft = dir.path().join("soft-link.qcow2");
+    std::os::unix::fs::symlink(&disk_a, &soft).unwrap();
+    // Before, the members raced on the one disk: it was removed, or its
+    // base named itself as its backing file, in about half the runs.
+    let vm = running("knib-gsame", dir.path(), false);
+    let target = vm.disks()[0].file.clone();
+    let chain_before = chains(&vm);
+    let cases: Vec<(Vec<MemberSpec>, PathBuf)> = vec![
+        (vec![a.clone(), plain_on("plain-b", &disk_a)], disk_a.clone()),
+        (vec![a.clone(), plain_on("plain-b", &hard)], hard.clone()),
+        (vec![a.clone(), plain_on("plain-b", &soft)], soft.clone()),
+        (vec![domain(&vm), plain_on("plain-b", &target)], target.clone()),
+    ];
+    for (members, second) in cases {
+        let e = store.backup_group(&members, &GroupOptions::default(), &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains("are the same file") && e.message.contains(&second.display().to_string()), "{e}");
+        assert!(store.list(None).unwrap().is_empty());
+        assert_eq!(std::fs::read(&disk_a).unwrap(), before, "the disk changed");
+        assert_eq!(chains(&vm), chain_before, "the domain's disks changed");
+        let bases: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("knib-base"))
+            .collect();
+        assert!(bases.is_empty(), "{bases:?}");
+    }
+}
+
+/// A plain-disk member named `name` whose one disk is `disk`.
+fn plain_on(name: &str, disk: &Path) -> MemberSpec {
+    MemberSpec { domain: None, vm: Some(name.into()), disks: vec![DiskSpec { name: "root".into(), path: disk.into() }] }
+}

@@ -131,7 +131,7 @@ pub(crate) fn check_disks(
 
 /// Whether `a` and `b` name one file (one path, links to it, or hard
 /// links: the same device and inode).
-fn one_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+pub(crate) fn one_file(a: &std::path::Path, b: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     crate::fsio::same_file(a, b)
         || matches!((std::fs::metadata(a), std::fs::metadata(b)), (Ok(x), Ok(y)) if (x.dev(), x.ino()) == (y.dev(), y.ino()))

@@ -99,6 +99,28 @@ impl Store {
                 _ => Ok(None),
             })
             .collect::<Result<_>>()?;
+        // One file in two members (a disk given twice, or shared by two
+        // domains) would be snapshotted and merged by both at once (it
+        // destroyed the disk): refused before anything is written.
+        let mut files: Vec<(&str, String, std::path::PathBuf)> = Vec::new();
+        for (m, vm) in members.iter().zip(&vms) {
+            let n = m.name()?;
+            let disks: Vec<(String, std::path::PathBuf)> = match vm {
+                Some(vm) => vm.disks()?.into_iter().map(|d| (d.target, d.file)).collect(),
+                None => m.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect(),
+            };
+            for (vol, path) in disks {
+                let same = files.iter().find(|(on, _, op)| *on != n && super::super::backup::one_file(op, &path));
+                if let Some((on, ov, op)) = same {
+                    return Err(KnibError::invalid(format!(
+                        "disk {vol} of VM {n} ({}) and disk {ov} of VM {on} ({}) are the same file: a group backup takes each disk once; nothing was written",
+                        path.display(),
+                        op.display()
+                    )));
+                }
+                files.push((n, vol, path));
+            }
+        }
         let running: Vec<bool> =
             vms.iter().map(|v| v.as_ref().map_or(Ok(false), Vm::is_running)).collect::<Result<_>>()?;
         let agent: Vec<bool> = vms
