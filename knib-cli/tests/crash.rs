@@ -137,3 +137,49 @@ fn killed_at_every_journal_step_then_recovered_with_nothing_lost() {
         model.assert_restored(t, model.writes.len(), &to, dir.path());
     }
 }
+
+#[test]
+fn a_backup_killed_in_a_store_named_by_a_relative_path_is_recovered_from_anywhere() {
+    if skip_without_libvirt("crash recovery, relative store path") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disks = [("vda", 32 * MIB)];
+    let vm = TestVm::create(
+        "knib-crash-rel",
+        &disks,
+        dir.path(),
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    let name = vm.name().to_string();
+    let mut model = Model::new(&disks);
+    model.write(&vm, "vda", 0x41, 0, 2 * MIB);
+    // `--store ./x/../store`, from the test's directory.
+    let in_dir = |args: &[&str], fault: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_knib"));
+        c.current_dir(dir.path()).args(args);
+        match fault {
+            Some(step) => c.env("KNIB_FAULT_AT", step),
+            None => c.env_remove("KNIB_FAULT_AT"),
+        };
+        c.output().expect("knib runs")
+    };
+    std::fs::create_dir(dir.path().join("x")).unwrap();
+    let out = in_dir(&["backup", "--store", "./x/../store", "--domain", &name], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    model.write(&vm, "vda", 0x42, 4 * MIB, MIB);
+    let out = in_dir(&["backup", "--store", "store", "--domain", &name], Some("copy"));
+    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    // Recovered from another directory, the store named by its absolute
+    // path (before, the journal held paths relative to where the backup
+    // ran, and recover refused it as corrupt whatever the spelling).
+    let store = dir.path().join("store");
+    let out = knib(&["--json", "recover", "--store", store.to_str().unwrap(), "--domain", &name], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rec["step"], "copy", "{rec}");
+    assert!(leftovers(&store, &name).is_empty(), "{:?}", leftovers(&store, &name));
+    model.assert_vm_reads_everything(&vm);
+    let out = knib(&["backup", "--store", store.to_str().unwrap(), "--domain", &name], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

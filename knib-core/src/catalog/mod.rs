@@ -145,6 +145,43 @@ fn refuse_vault(root: &Path) -> Result<()> {
     }
 }
 
+/// The store's root as an absolute path without `.` or `..`: the paths a
+/// backup records (its journal's) are checked to be absolute and plain,
+/// and must not depend on the directory a later `recover` runs in (a
+/// backup killed in a store given as `st` could not be recovered). A plain
+/// absolute path is kept as given; another is resolved through the file
+/// system (its parent's, when it does not exist yet), or by its
+/// components when neither exists.
+fn absolute_root(root: PathBuf) -> Result<PathBuf> {
+    use std::path::Component;
+    let plain =
+        |p: &Path| p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    if plain(&root) {
+        return Ok(root);
+    }
+    if let Ok(c) = fs::canonicalize(&root) {
+        return Ok(c);
+    }
+    if let (Some(parent), Some(name)) = (root.parent(), root.file_name()) {
+        let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+        if let Ok(c) = fs::canonicalize(parent) {
+            return Ok(c.join(name));
+        }
+    }
+    let abs = std::path::absolute(&root).map_err(|e| KnibError::io("cannot resolve the store path", &root, e))?;
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Ok(out)
+}
+
 impl Store {
     /// A store at `root` that need not exist yet: nothing is made on disk
     /// here. Its directories are made when a backup has passed every check
@@ -153,7 +190,7 @@ impl Store {
     pub fn create(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         refuse_vault(&root)?;
-        Ok(Store { root, qemu_img: QemuImg::new() })
+        Ok(Store { root: absolute_root(root)?, qemu_img: QemuImg::new() })
     }
 
     /// Open an existing store: a directory holding what knib writes there
@@ -161,6 +198,7 @@ impl Store {
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
         refuse_vault(&root)?;
+        let root = absolute_root(root)?;
         match fs::metadata(&root) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => return Err(not_a_directory(&root)),
