@@ -7,7 +7,7 @@ use std::sync::Arc;
 use clap::Subcommand;
 use knib_core::catalog::jobs::{run_jobs, Job, JobEvent, JobKind, JobState, OwnerStatus, RunOptions};
 use knib_core::catalog::Store;
-use knib_core::{ErrorKind, KnibError, Result};
+use knib_core::{Control, ErrorKind, KnibError, Result};
 use serde_json::Value;
 
 use crate::output;
@@ -80,7 +80,7 @@ fn job_line(j: &Job) -> String {
 }
 
 /// Run a `jobs` subcommand.
-pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
+pub fn run(cmd: JobsCommand, json: bool, ctl: &Control) -> Result<()> {
     match cmd {
         JobsCommand::Queue { store, validate, sync, backup } => {
             let store = Store::open(store)?;
@@ -144,7 +144,10 @@ pub fn run(cmd: JobsCommand, json: bool) -> Result<()> {
                 }))
             };
             let sync = Some(knib_core::vault::sync_runner());
-            let summary = run_jobs(&store, &RunOptions { observer, no_wait, sync, ..Default::default() })?;
+            // Ctrl-C and SIGTERM stop the runner: no job starts any more,
+            // a running one is stopped and queued again.
+            let cancel = ctl.cancel.clone();
+            let summary = run_jobs(&store, &RunOptions { observer, no_wait, sync, cancel })?;
             let text = if summary.disabled {
                 format!(
                     "every kind of job is disabled in {}; {} job(s) left queued",

@@ -610,7 +610,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             output::say(json, || serde_json::to_value(&out), &text)?;
         }
         Command::Demo { dir } => demo::run(dir, &ctl)?,
-        Command::Jobs { command } => jobs::run(command, json)?,
+        Command::Jobs { command } => jobs::run(command, json, &ctl)?,
         Command::Group { command } => group::run(command, json, &connect, &ctl)?,
         Command::Files { command } => files::run(command, json, &ctl)?,
         Command::VaultServe { store, backup, dir } => {

@@ -169,3 +169,49 @@ fn sigterm_cancels_and_a_second_signal_ends_knib() {
     let (status, err) = finish(child);
     assert_eq!(status.signal(), Some(libc::SIGTERM), "{status}: {err}");
 }
+
+/// `jobs run` stops on SIGINT as every command does: while it runs a
+/// compression (the job is stopped and queued again, its attempt not
+/// counted, nothing left beside the backup), and while it waits for a
+/// job's retry time. Before, the runner never saw the signal: the
+/// compression ran to its end and `jobs run` exited 0, and a wait went on
+/// until a second signal.
+#[test]
+fn sigint_stops_jobs_run_while_a_job_runs_and_while_it_waits() {
+    let d = tempfile::tempdir().unwrap();
+    let (store, id) = store_with_backup(d.path(), 32);
+    std::fs::write(store.join("knib.json"), r#"{"schema": 1, "compression.rate_limit_mbps": 1}"#).unwrap();
+    run(&[env!("CARGO_BIN_EXE_knib"), "jobs", "queue", "--store", s(&store), &id]);
+    let before = tree(&store.join("vms"));
+    let comp = store.join("vms/v").join(&id).join(".d.qcow2.comp.part");
+    let mut child = spawn(&["jobs", "run", "--store", s(&store)]);
+    wait_for(&mut child, "the compressed copy", || comp.exists());
+    signal(child.id() as i32, libc::SIGINT);
+    let (status, err) = finish(child);
+    assert_eq!(status.code(), Some(16), "{status}: {err}");
+    assert!(err.starts_with("knib: cancelled: ") && err.contains("1 job(s) left queued"), "{err}");
+    assert_eq!(tree(&store.join("vms")), before, "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_knib"))
+        .args(["--json", "jobs", "list", "--store", s(&store)])
+        .output()
+        .unwrap();
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((jobs[0]["state"].as_str(), jobs[0]["attempts"].as_u64()), (Some("queued"), Some(0)), "{jobs}");
+
+    // A job waiting for its retry an hour ahead.
+    std::fs::write(
+        store.join("knib.json"),
+        r#"{"schema": 1, "compression.min_free_factor": 1e12, "compression.retry_interval_secs": 3600}"#,
+    )
+    .unwrap();
+    let mut child = spawn(&["jobs", "run", "--store", s(&store)]);
+    let job_file = store.join("jobs").join(format!("{}.json", jobs[0]["id"].as_str().unwrap()));
+    wait_for(&mut child, "the failed attempt", || {
+        std::fs::read_to_string(&job_file).is_ok_and(|t| t.contains("\"attempts\": 1") && t.contains("queued"))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    signal(child.id() as i32, libc::SIGINT);
+    let (status, err) = finish(child);
+    assert_eq!(status.code(), Some(16), "{status}: {err}");
+    assert!(err.starts_with("knib: cancelled: "), "{err}");
+}

@@ -140,10 +140,11 @@ impl Control {
         }
     }
     /// Fail if the operation was cancelled or its deadline passed; `what`
-    /// names the step about to be taken.
+    /// names the step about to be taken, or the one under way (a copy
+    /// checks between its chunks).
     pub fn check(&self, what: &str) -> Result<()> {
         if self.cancel.is_cancelled() {
-            return Err(KnibError::new(ErrorKind::Cancelled, format!("cancelled before {what}")));
+            return Err(KnibError::new(ErrorKind::Cancelled, format!("cancelled at {what}")));
         }
         if self.deadline.expired() {
             return Err(self.timeout_error(what));
