@@ -388,3 +388,31 @@ fn libvirt_and_libnbd_are_loaded_only_for_domains() {
     // libvirt's "no domain" error (its number read through the loaded API).
     assert!(err.contains("knib: not found: domain knib-test-no-such-domain does not exist"), "{err}");
 }
+
+/// A disk replaced while its old `.knib-base` is still beside it (an
+/// operator copied the disk again from a template): refused before
+/// anything is copied, the store not even made. Before, a full backup was
+/// copied and published, then the merge failed; each retry added another.
+#[test]
+fn a_disk_beside_a_base_it_does_not_run_on_is_refused_before_the_copy() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join("a.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", s(&a), "8M"]);
+    qemu(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x41 0 1M", s(&a)]);
+    let pristine = d.path().join("pristine.qcow2");
+    std::fs::copy(&a, &pristine).unwrap();
+    let da = format!("root={}", s(&a));
+    ok_json(&["--json", "backup", "--store", s(&d.path().join("st1")), "--vm", "v", "--disk", &da]);
+    assert!(d.path().join("a.qcow2.knib-base").exists());
+    std::fs::copy(&pristine, &a).unwrap();
+    let before = std::fs::read(&a).unwrap();
+    let st2 = d.path().join("st2");
+    for _ in 0..2 {
+        let out = knib(&["backup", "--store", s(&st2), "--vm", "v", "--disk", &da]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(13), "{err}");
+        assert!(err.contains("a.qcow2.knib-base exists but") && err.contains("does not run on it"), "{err}");
+        assert!(!st2.exists(), "a refused backup made the store");
+        assert_eq!(std::fs::read(&a).unwrap(), before);
+    }
+}

@@ -119,6 +119,20 @@ pub(crate) fn check_disks(
     for d in disks {
         if d.path.exists() {
             let st = engine::take::inspect_disk(q, &d.name, &d.path, ctl)?;
+            // A base beside a disk that does not run on it (the disk was
+            // replaced, say re-copied from a template): found here, not
+            // after the copy is published, when the merge cannot make the
+            // base (each retry added a full backup). A second name of the
+            // disk itself is what a crash leaves; the backup undoes it.
+            let base = engine::take::base_path(&d.path);
+            if !st.on_knib_base && std::fs::symlink_metadata(&base).is_ok() && !one_file(&base, &d.path) {
+                return Err(KnibError::invalid(format!(
+                    "disk {}: {} exists but {} does not run on it (was the disk replaced?): move it away; nothing was written",
+                    d.name,
+                    base.display(),
+                    d.path.display()
+                )));
+            }
             on_base.push((d.name.clone(), d.path.clone(), st.on_knib_base));
         } else if engine::take::base_path(&d.path).exists() {
             on_base.push((d.name.clone(), d.path.clone(), true));
