@@ -132,6 +132,30 @@ fn chain_size_one_is_always_full_and_unlimited_never_ends() {
     }
 }
 
+/// An unlimited chain (or one longer than 64) ends at its 64th backup,
+/// the most a qcow2 chain knib reads may have; before, backups 65 and on
+/// were taken and verified, and could not be restored.
+#[test]
+fn an_unlimited_chain_ends_at_64_backups_and_every_one_restores() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let mut kept = Vec::new();
+    for (i, size) in (0..66).map(|i| (i, if i % 2 == 0 { 0 } else { 100 })) {
+        qemu_io(vm.path("root"), &format!("write -P {} {}k 4k", 0x10 + (i % 200), i * 64));
+        let m = store.backup("long", &vm.disks, &opts(size), &Control::new()).unwrap();
+        let position = i as u32 % 64 + 1;
+        assert_eq!((m.position, m.end_of_chain), (position, position == 64), "backup {}", i + 1);
+        // The deepest backup (64 files) and the one after the new full.
+        if i == 63 || i == 65 {
+            kept.push((m.id, vm.snapshot_all(&format!("b{i}"))));
+        }
+    }
+    for (id, refs) in kept {
+        restore_and_compare(&store, &id, &refs);
+    }
+}
+
 #[test]
 fn deleting_the_middle_backup_keeps_every_other_restorable() {
     let vm = TestDisks::two();

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use super::{Manifest, Store};
 use crate::engine::BackupKind;
 use crate::error::{KnibError, Result};
+use crate::qcow2::MAX_CHAIN_DEPTH;
 
 /// What a disk's delta follows, as primary storage says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,9 +134,15 @@ pub(crate) fn decide_among(
             "backup of {vm}: full and isolated exclude each other (an isolated backup is a full one outside the chain)"
         )));
     }
+    // At most N backups per chain, and never more than a qcow2 chain knib
+    // reads (a 65th backup of an "unlimited" chain could not be restored).
+    let limit = match opts.chain_size {
+        n if n >= 1 => n.min(MAX_CHAIN_DEPTH as i64),
+        _ => MAX_CHAIN_DEPTH as i64,
+    };
     let decision = |kind: BackupKind, parent: Option<Manifest>, full_reason: Option<String>| {
         let position = parent.as_ref().map(|p: &Manifest| p.position.saturating_add(1)).unwrap_or(1);
-        let end_of_chain = kind != BackupKind::Isolated && opts.chain_size >= 1 && position as i64 >= opts.chain_size;
+        let end_of_chain = kind != BackupKind::Isolated && position as i64 >= limit;
         if let Some(why) = &full_reason {
             log::warn!("backup of {vm}: taking a full backup: {why}");
         }
@@ -220,7 +227,7 @@ pub(crate) fn decide_among(
     if !same_disks {
         return full(format!("the disks are not those of backup {}, the head of the chain", head.id));
     }
-    if opts.chain_size >= 1 && (head.position as i64) >= opts.chain_size {
+    if (head.position as i64) >= limit {
         return Ok(decision(BackupKind::Full, None, None));
     }
     check_chain(&head)?;
