@@ -126,6 +126,39 @@ fn the_parent_must_be_in_the_vault() {
     assert_eq!((f.kind, f.parent), (BackupKind::Full, None));
 }
 
+/// A chain whose parent object was lost from the vault (its manifest
+/// kept) is not continued: the direct backup is refused as the store
+/// refuses a damaged chain, naming the object, and nothing is sent; a full
+/// one is taken. Before, it and every later one answered success and none
+/// could be restored.
+#[test]
+fn a_chain_with_a_lost_object_is_not_continued() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("direct-lost");
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let vault = Vault::open(&p.location()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x41 0 4M");
+    let first = vault.backup_direct(&store, "vm1", &vm.disks, &BackupOptions::default(), &send(), &ctl()).unwrap();
+    let lost = format!("vms/vm1/{}/{}", first.id, first.volumes[0].file);
+    p.delete(&lost);
+    qemu_io(vm.path("root"), "write -P 0x42 1M 1M");
+    let before = p.keys();
+    let e = vault.backup_direct(&store, "vm1", &vm.disks, &BackupOptions::default(), &send(), &ctl()).unwrap_err();
+    assert!(e.message.contains("the chain to continue is damaged") && e.message.contains(&lost), "{e}");
+    assert_eq!(p.keys(), before, "a refused backup sent something");
+    let full = BackupOptions { full: true, ..Default::default() };
+    let refs = vm.snapshot_all("full");
+    let f = vault.backup_direct(&store, "vm1", &vm.disks, &full, &send(), &ctl()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let to = out.path().join("root.raw");
+    vault.restore(&f.id, "root", &to, ImageFormat::Raw, true, &ctl()).unwrap();
+    assert_identical(&to, &refs["root"]);
+}
+
 /// A disk knib's own reader does not copy (qcow2 version 2; extended L2
 /// entries) cannot be written straight to a vault: refused before anything
 /// changes, naming the disk and why, and saying to take it into the store

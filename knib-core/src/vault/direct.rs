@@ -595,8 +595,23 @@ impl Vault {
             }
         }
         let place = format!("vault {}", self.location());
+        // The chain an incremental continues must be whole in the vault:
+        // every backup's manifest and every volume object, of the size its
+        // manifest says (before, a lost parent object went unseen and every
+        // later backup answered success and could not be restored).
+        let check_chain = |head: &Manifest| -> Result<()> {
+            let whole = || -> Result<()> {
+                for b in self.chain(head)? {
+                    for v in &b.volumes {
+                        self.object_len(&format!("vms/{}/{}/{}", b.vm, b.id, v.file), v.size)?;
+                    }
+                }
+                Ok(())
+            };
+            whole().map_err(|e| e.context("the chain to continue is damaged; take a full backup with --full"))
+        };
         let Decision { kind, parent, position, end_of_chain, full_reason } =
-            decide_among(vm, &all, &place, &sources, opts, &follows, &|_, _| {}, &|_| Ok(()))?;
+            decide_among(vm, &all, &place, &sources, opts, &follows, &|_, _| {}, &check_chain)?;
 
         let id = crate::catalog::new_backup_id();
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);

@@ -62,7 +62,7 @@ struct Opened {
 impl Vault {
     /// The HEAD of the object of `rel`: its length, checked against the
     /// manifest's size, and its ETag (the version every later read asks for).
-    fn object_len(&self, rel: &str, want: u64) -> Result<(u64, Option<String>)> {
+    pub(super) fn object_len(&self, rel: &str, want: u64) -> Result<(u64, Option<String>)> {
         let key = self.key(rel);
         let s3 = Arc::clone(&self.inner.s3);
         let k = key.clone();
