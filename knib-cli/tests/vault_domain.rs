@@ -173,6 +173,20 @@ fn a_running_domain_backed_up_straight_to_the_vault_survives_a_kill_at_every_ste
         restore_check(&loc, id, &model, *k, dir.path());
     }
     model.assert_vm_reads_everything(&vm);
+    // An object of the chain lost from the vault: the next backup does not
+    // continue the chain (before, it answered success and could not be
+    // restored), and nothing is sent; a full one is taken.
+    let lost = p.keys().into_keys().find(|k| k.contains(&last.0) && k.ends_with(".qcow2")).unwrap();
+    p.delete(&lost);
+    let before = p.keys();
+    let out = knib(&backup, None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("the chain to continue is damaged") && err.contains(&lost), "{err}");
+    assert_eq!(p.keys(), before, "a refused backup sent something");
+    let mut full = backup.to_vec();
+    full.push("--full");
+    let b = ok_json(&full);
+    assert_eq!(b["kind"], "full", "{b}");
 }
 
 #[test]

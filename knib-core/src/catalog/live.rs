@@ -78,6 +78,9 @@ pub trait DomainBackupTarget {
     fn location(&self) -> String;
     /// The target's backups of `vm`, for choosing full or incremental.
     fn manifests(&self, vm: &str) -> Result<Vec<Manifest>>;
+    /// Refuse to continue the chain whose head is `head` unless it is whole
+    /// in the target.
+    fn check_chain(&self, head: &Manifest) -> Result<()>;
     /// What `dest` names for volume `volume` of backup `id` of `vm`.
     fn dest(&self, vm: &str, id: &str, volume: &str) -> PathBuf;
     /// Prepare for a backup of `vm`: finish what an interrupted one left.
@@ -373,7 +376,7 @@ impl Store {
             }
         }
         let place = format!("vault {}", t.location());
-        super::head::decide_among(name, &all, &place, sources, opts, follows, &|_, _| {}, &|_| Ok(()))
+        super::head::decide_among(name, &all, &place, sources, opts, follows, &|_, _| {}, &|h| t.check_chain(h))
     }
 
     /// The vault an interrupted backup of `vm` was being written to, if

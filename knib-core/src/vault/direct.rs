@@ -553,6 +553,22 @@ fn check_part_size(part_size: usize) -> Result<()> {
 }
 
 impl Vault {
+    /// Refuse to continue the chain of `head` unless it is whole in the
+    /// vault: every backup's manifest, and every volume object of the size
+    /// its manifest says (a lost parent object made every later backup
+    /// unrestorable while each answered success).
+    pub(crate) fn require_whole_chain(&self, head: &Manifest) -> Result<()> {
+        let whole = || -> Result<()> {
+            for b in self.chain(head)? {
+                for v in &b.volumes {
+                    self.object_len(&format!("vms/{}/{}/{}", b.vm, b.id, v.file), v.size)?;
+                }
+            }
+            Ok(())
+        };
+        whole().map_err(|e| e.context("the chain to continue is damaged; take a full backup with --full"))
+    }
+
     /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM)
     /// straight into the vault: full or incremental is decided from the
     /// vault's chain and `opts`, as [`Store::backup`] decides it from the
@@ -599,17 +615,7 @@ impl Vault {
         // every backup's manifest and every volume object, of the size its
         // manifest says (before, a lost parent object went unseen and every
         // later backup answered success and could not be restored).
-        let check_chain = |head: &Manifest| -> Result<()> {
-            let whole = || -> Result<()> {
-                for b in self.chain(head)? {
-                    for v in &b.volumes {
-                        self.object_len(&format!("vms/{}/{}/{}", b.vm, b.id, v.file), v.size)?;
-                    }
-                }
-                Ok(())
-            };
-            whole().map_err(|e| e.context("the chain to continue is damaged; take a full backup with --full"))
-        };
+        let check_chain = |head: &Manifest| self.require_whole_chain(head);
         let Decision { kind, parent, position, end_of_chain, full_reason } =
             decide_among(vm, &all, &place, &sources, opts, &follows, &|_, _| {}, &check_chain)?;
 
@@ -858,6 +864,10 @@ impl DirectTarget<'_> {
 impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
     fn location(&self) -> String {
         self.vault.location().to_string()
+    }
+
+    fn check_chain(&self, head: &Manifest) -> Result<()> {
+        self.vault.require_whole_chain(head)
     }
 
     fn manifests(&self, vm: &str) -> Result<Vec<Manifest>> {
