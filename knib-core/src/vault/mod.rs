@@ -403,7 +403,13 @@ impl Vault {
     /// direct backup of `vm` removes those).
     pub(super) fn unfinished_upload(&self, vm: &str, known: &[String]) -> Result<Option<String>> {
         for id in self.children(&format!("vms/{vm}"))? {
-            if !known.contains(&id) && names::validate("backup id", &id).is_ok() {
+            // A prefix holding no object but a "folder" marker (what an S3
+            // console's "Create folder" makes, which knib cannot list nor
+            // remove) is no upload.
+            if !known.contains(&id)
+                && names::validate("backup id", &id).is_ok()
+                && !self.keys_under(&format!("vms/{vm}/{id}"))?.is_empty()
+            {
                 return Ok(Some(format!("vms/{vm}/{id}/ has objects but no manifest")));
             }
         }

@@ -153,6 +153,27 @@ impl Prefix {
 
 impl Prefix {
     /// Remove `rel`.
+    /// Put an empty "folder" marker object `rel/` (its key ends with a
+    /// slash, which the object store client cannot name: sent by curl,
+    /// signed with SigV4), as an S3 console's "Create folder" does.
+    pub fn put_folder_marker(&self, rel: &str) {
+        let s = settings().expect("S3 settings");
+        let url = format!("{}/{}/{}/{rel}/", s["AWS_ENDPOINT_URL"].trim_end_matches('/'), bucket(), self.prefix);
+        let region = s.get("AWS_REGION").cloned().unwrap_or_else(|| "us-east-1".into());
+        let out = std::process::Command::new("curl")
+            // RGW wants the payload's hash signed: that of no bytes.
+            .args(["-sS", "-f", "-X", "PUT", "--data-binary", "", "-H"])
+            .arg("x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+            .arg("--aws-sigv4")
+            .arg(format!("aws:amz:{region}:s3"))
+            .arg("--user")
+            .arg(format!("{}:{}", access_key(), secret()))
+            .arg(&url)
+            .output()
+            .expect("curl runs");
+        assert!(out.status.success(), "PUT {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     pub fn delete(&self, rel: &str) {
         let (rt, s3) = raw();
         let k = Key::from(format!("{}/{rel}", self.prefix));
