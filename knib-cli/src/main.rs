@@ -95,7 +95,7 @@ enum Command {
         compress: Option<Library>,
         /// How a domain's changes are found (default: the VM's setting, see
         /// vm-settings): snapshot (external snapshot, copy, merge) or bitmap
-        /// (checkpoints and dirty bitmaps of a running domain).
+        /// (checkpoints and persistent dirty bitmaps; running or stopped).
         #[arg(long, value_enum, requires = "domain")]
         method: Option<Method>,
         /// Write the backup straight to this vault (s3://BUCKET/PREFIX) as
@@ -286,8 +286,9 @@ enum Command {
         #[command(subcommand)]
         command: jobs::JobsCommand,
     },
-    /// Run a demo: make a disk, back it up, change it, back it up again,
-    /// compress, verify, restore, compare.
+    /// Run a demo: make a VM's two disks, back them up full, change them
+    /// and back them up incrementally twice, compress the full backup,
+    /// verify every backup, restore each and compare it with the disks.
     Demo {
         /// Work here (a new temporary directory when left out).
         #[arg(long)]

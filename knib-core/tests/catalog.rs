@@ -366,7 +366,7 @@ fn unknown_backup_id_is_not_found() {
 
 #[test]
 fn unknown_volume_is_not_found() {
-    let (_vm, sdir, store, id) = setup_one();
+    let (vm, sdir, store, id) = setup_one();
     let before = tree(sdir.path());
     let to = sdir.path().join("../y.qcow2");
     let e = store.restore(&id, "swap", &to, ImageFormat::Qcow2, &Control::new()).unwrap_err();
@@ -374,6 +374,13 @@ fn unknown_volume_is_not_found() {
     assert!(e.message.contains("has no volume \"swap\" (it has: root, data)"), "{e}");
     assert!(!to.exists());
     assert_eq!(tree(sdir.path()), before);
+    // Of an incremental: the error names the backup asked for, not the
+    // first of its chain.
+    let inc = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    assert_eq!(inc.kind, BackupKind::Incremental);
+    let e = store.restore(&inc.id, "swap", &to, ImageFormat::Qcow2, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+    assert!(e.message.contains(&format!("backup {} has no volume \"swap\"", inc.id)), "{e}");
 }
 
 #[test]

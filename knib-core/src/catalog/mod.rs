@@ -463,6 +463,9 @@ impl Store {
     /// (`../<parent>/<parent's file>`, none for the root), so that a reader
     /// following the pointers stays inside the chain.
     pub fn chain_files(&self, m: &Manifest, volume: &str) -> Result<Vec<PathBuf>> {
+        // The backup asked for names the volume (else the error would name
+        // the first backup of its chain).
+        m.volume(volume)?;
         let mut files: Vec<PathBuf> = Vec::new();
         let mut below: Option<(String, String)> = None;
         for b in self.chain(m)? {
