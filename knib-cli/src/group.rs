@@ -163,7 +163,7 @@ fn parse_plain(s: &str) -> std::result::Result<Plain, String> {
     }
     let disks = disks
         .split(',')
-        .map(|d| crate::parse_disk(d).map_err(|e| e.message.replace("--disk ", "disk ")))
+        .map(|d| crate::parse_disk(std::ffi::OsStr::new(d)).map_err(|e| e.message.replace("--disk ", "disk ")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Plain { vm: vm.to_string(), disks })
 }

@@ -71,7 +71,7 @@ enum Command {
         vm: Option<String>,
         /// A disk as NAME=PATH of its qcow2 file; repeat for each disk.
         #[arg(long = "disk", value_name = "NAME=PATH")]
-        disks: Vec<String>,
+        disks: Vec<std::ffi::OsString>,
         /// A libvirt domain, running or stopped: all its disks are backed up
         /// through a disk-only snapshot.
         #[arg(long)]
@@ -352,10 +352,21 @@ impl From<Format> for ImageFormat {
     }
 }
 
-fn parse_disk(s: &str) -> Result<DiskSpec> {
-    let (name, path) = s.split_once('=').ok_or_else(|| KnibError::invalid(format!("--disk {s:?} is not NAME=PATH")))?;
+/// `NAME=PATH`: the name is text, the path any bytes (a path that is not
+/// UTF-8 is taken as it is).
+fn parse_disk(arg: &std::ffi::OsStr) -> Result<DiskSpec> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = arg.as_bytes();
+    let shown = arg.to_string_lossy();
+    let eq = bytes
+        .iter()
+        .position(|b| *b == b'=')
+        .ok_or_else(|| KnibError::invalid(format!("--disk {shown:?} is not NAME=PATH")))?;
+    let name = std::str::from_utf8(&bytes[..eq])
+        .map_err(|_| KnibError::invalid(format!("--disk {shown:?}: the disk's name is not text")))?;
+    let path = std::ffi::OsStr::from_bytes(&bytes[eq + 1..]);
     if path.is_empty() {
-        return Err(KnibError::invalid(format!("--disk {s:?} has no path")));
+        return Err(KnibError::invalid(format!("--disk {shown:?} has no path")));
     }
     let path = PathBuf::from(path);
     let path = if path.is_absolute() {

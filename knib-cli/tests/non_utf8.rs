@@ -57,3 +57,25 @@ fn a_restore_to_a_path_that_is_not_utf8() {
     let q = Command::new("qemu-img").args(["compare", "-q", s(&disk)]).arg(&to).status().unwrap();
     assert!(q.success(), "the restored image differs");
 }
+
+/// A `--disk` path that is not UTF-8 is taken as it is without `--json`
+/// (before, clap refused the argument: the disks were read as text).
+#[test]
+fn a_disk_path_that_is_not_utf8_is_backed_up() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join(OsStr::from_bytes(b"disk-\xff.qcow2"));
+    let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&a).arg("8M").output().unwrap();
+    assert!(out.status.success());
+    let mut arg = std::ffi::OsString::from("root=");
+    arg.push(&a);
+    let store = d.path().join("store");
+    let out = Command::new(env!("CARGO_BIN_EXE_knib"))
+        .args(["backup", "--store", s(&store), "--vm", "v", "--disk"])
+        .arg(&arg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_knib")).args(["--json", "list", "--store", s(&store)]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
