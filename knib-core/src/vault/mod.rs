@@ -578,6 +578,16 @@ impl Vault {
                 ))
             })?;
             chain.push(pm.clone());
+            // Bounded: no chain knib reads is deeper, and a longer one made
+            // every verify of the vault fetch its manifests again and again.
+            if chain.len() > crate::qcow2::MAX_CHAIN_DEPTH {
+                return Err(KnibError::corrupt(format!(
+                    "backup {} in vault {}: its chain has more than the {} backups a qcow2 chain may have",
+                    m.id,
+                    self.location(),
+                    crate::qcow2::MAX_CHAIN_DEPTH
+                )));
+            }
             cur = pm;
         }
         chain.reverse();
