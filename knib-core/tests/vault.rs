@@ -621,3 +621,35 @@ fn a_quick_restore_recorded_while_a_delete_runs_keeps_the_backup() {
     assert!(p.keys().keys().any(|k| k.starts_with(&format!("vms/vm1/{head}/")) && k.ends_with(".qcow2")));
     p.delete(&rel);
 }
+
+/// What a delete killed part way leaves (objects of a backup without its
+/// manifest) holds the VM's deletes back until a sync of the VM removes it,
+/// as the busy error says: also from a store that has no backup of the VM
+/// (the site's store is gone). Before, that sync returned at once.
+#[test]
+fn a_sync_of_a_vm_the_store_lacks_removes_what_a_killed_delete_left() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store: _store, taken, vault } = Synced::new("delete-leftovers");
+    let head = taken[2].0.clone();
+    let leftover = "vms/vm1/20990101-000000000-dead/root.qcow2";
+    p.put(leftover, b"half deleted".to_vec());
+    let e = vault.delete(&head).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    let empty_dir = tempfile::tempdir().unwrap();
+    let empty = Store::create(empty_dir.path()).unwrap();
+    std::fs::create_dir(empty_dir.path().join("vms")).unwrap();
+    let empty = Store::open(empty.root()).unwrap();
+    // Every VM of an empty store: nothing to do, nothing touched.
+    vault.sync_from(&empty, &SyncOptions::default(), &ctl()).unwrap();
+    assert!(p.keys().contains_key(leftover));
+    // The VM asked for: its leftovers go.
+    let one = SyncOptions { vm: Some("vm1".into()), ..SyncOptions::default() };
+    vault.sync_from(&empty, &one, &ctl()).unwrap();
+    assert!(!p.keys().contains_key(leftover), "{:?}", p.keys());
+    let d = vault.delete(&head).unwrap();
+    assert_eq!(d.expunged, vec![head.clone()]);
+    // The VM's other backups are untouched.
+    assert!(p.keys().keys().any(|k| k.starts_with(&format!("vms/vm1/{}/", taken[1].0))));
+}

@@ -147,7 +147,12 @@ impl Vault {
         report: &mut SyncReport,
     ) -> Result<()> {
         let local = store.manifests(vm)?;
-        if local.is_empty() {
+        // A VM the store has no backup of is left alone, unless it was
+        // asked for: then what interrupted uploads (or a delete killed
+        // part way) left in the vault is removed, as the busy error of a
+        // vault delete advises (a site whose store is gone had no other
+        // way out).
+        if local.is_empty() && opts.vm.as_deref() != Some(vm) {
             return Ok(());
         }
         let _lock = store.lock_vm(vm, &format!("sync of {vm} to vault {}", self.location()))?;
