@@ -14,6 +14,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p knib-core --no-default-features -- -D warnings
 # Doc comments: no broken or private links.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+# Free disk, for a run that fails on a full one (the tests need a few GiB).
+df -h . /var/tmp | sed 's/^/test-all: /'
 # The S3 tests' server: a single-node Ceph cluster with RGW on 127.0.0.1
 # (scripts/ceph.sh), stopped when this run ends unless it ran before. Its S3
 # settings (AWS_*, KNIB_S3_*) go to every test below, Rust, C and Java.
