@@ -525,6 +525,30 @@ pub(crate) fn clean_store(
     Ok((actions, removed))
 }
 
+/// A volume's `parent_backup_path` before a backup is taken on it
+/// (`field` names it in messages): absolute, a regular file, and the top
+/// of a chain of backup files (all regular qcow2 files, as a restore
+/// requires) that leaves room for the new one: a chain holds at most
+/// [`crate::qcow2::MAX_CHAIN_DEPTH`] files, and a backup on a deeper
+/// one could never be restored. Errors: InvalidInput for a chain that is
+/// full, and those of [`engine::backup_chain_files`] (NotFound, Corrupt,
+/// InvalidInput) for a parent that is not a backup.
+pub(crate) fn check_parent_backup(op: &str, field: &str, uuid: &str, parent: &Path) -> Result<()> {
+    absolute(op, field, parent)?;
+    fsio::require_file(parent, &format!("volume {uuid}: the parent backup "), false)?;
+    let chain =
+        engine::backup_chain_files(parent).map_err(|e| e.context(format_args!("request of {op}: volume {uuid}")))?;
+    let max = crate::qcow2::MAX_CHAIN_DEPTH;
+    if chain.len() >= max {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: volume {uuid}: the parent backup {} is the last of a chain of {} backup files, the most a chain may have: this backup must be a full one (CloudStack's backup.chain.size, or the offering's BACKUP_CHAIN_SIZE, must be between 1 and {max})",
+            parent.display(),
+            chain.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The checks every backup volume of a request gets: a uuid, and absolute
 /// `path` and `delta_path_on_store` (and `delta_path_on_primary` when
 /// the method creates it).

@@ -837,3 +837,54 @@ fn new_files_that_name_a_file_of_the_vm_or_of_the_parent_chain_are_refused_befor
     vm.take("b3", Some("b2"), json!({}));
     vm.assert_clean();
 }
+
+/// A chain holds at most 64 backup files (knib's restores open no deeper
+/// one): an incremental whose parent already ends a chain of 64 is refused
+/// before anything is written, naming the parent and the limit, and one
+/// whose parent ends a chain of 63 is taken and restores to the guest's
+/// view. (CloudStack decides full or incremental from its
+/// `backup.chain.size`, which an operator may set past 64.)
+#[test]
+fn an_incremental_on_a_chain_of_64_backups_is_refused_and_one_on_63_restores() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 64);
+    vm.write(4);
+    vm.take("b1", None, json!({}));
+    // b2..b64: backups in which the guest wrote nothing (empty deltas over
+    // their parents, as the agent names them).
+    for i in 2..=64 {
+        for (n, _, _) in &vm.vols {
+            let f = vm.store_file(&format!("b{i}"), n);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            let st = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(format!("../b{}/{n}.qcow2", i - 1))
+                .arg(&f)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+    }
+    assert_eq!(disk::chain_len(&vm.store_file("b64", "root")), 64);
+    vm.write(4);
+    let tops: Vec<PathBuf> = vm.vols.iter().map(|v| v.2.clone()).collect();
+    let e = agent("agent.take_backup", &vm.request("b65", Some("b64"), json!({}))).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_eq!(
+        e.message,
+        format!(
+            "request of agent.take_backup: volume uuid-root: the parent backup {} is the last of a chain of 64 backup files, the most a chain may have: this backup must be a full one (CloudStack's backup.chain.size, or the offering's BACKUP_CHAIN_SIZE, must be between 1 and 64)",
+            vm.store_file("b64", "root").display()
+        )
+    );
+    assert!(!vm.store.join("b65").exists(), "nothing is written for a refused backup");
+    for (v, top) in vm.vols.iter().zip(&tops) {
+        assert_eq!(&v.2, top);
+        assert!(!v.1.with_file_name(format!("{}-delta-b65", v.0)).exists());
+    }
+    let view = vm.view("c64");
+    vm.take("c64", Some("b63"), json!({}));
+    assert_eq!(disk::chain_len(&vm.store_file("c64", "data")), 64);
+    vm.assert_backup_is("c64", &view);
+    vm.assert_clean();
+}

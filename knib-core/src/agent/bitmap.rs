@@ -132,8 +132,7 @@ fn plan(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> R
         let dest_dir = crate::fsio::parent_dir(&v.delta_path_on_store);
         let parent = match &v.parent_backup_path {
             Some(p) => {
-                absolute(op, &field("parent_backup_path"), p)?;
-                crate::fsio::require_file(p, &format!("volume {}: the parent backup ", v.uuid), false)?;
+                super::check_parent_backup(op, &field("parent_backup_path"), &v.uuid, p)?;
                 Some(relative_pointer(dest_dir, p))
             }
             None => None,

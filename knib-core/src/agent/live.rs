@@ -64,8 +64,12 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         let field = |f: &str| format!("volumes[{i}].{f}");
         super::check_volume(op, i, v, true)?;
         if let Some(p) = &v.parent_backup_path {
-            absolute(op, &field("parent_backup_path"), p)?;
-            crate::fsio::require_file(p, &format!("volume {}: the parent backup ", v.uuid), false)?;
+            if mode == Mode::Take {
+                super::check_parent_backup(op, &field("parent_backup_path"), &v.uuid, p)?;
+            } else {
+                absolute(op, &field("parent_backup_path"), p)?;
+                crate::fsio::require_file(p, &format!("volume {}: the parent backup ", v.uuid), false)?;
+            }
         }
         if let Some(m) = &v.merge {
             absolute(op, &field("merge.parent"), &m.parent)?;

@@ -39,9 +39,10 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
         let field = |f: &str| format!("volumes[{i}].{f}");
         super::check_volume(op, i, v, true)?;
         if let Some(p) = &v.parent_backup_path {
-            absolute(op, &field("parent_backup_path"), p)?;
             if take {
-                fsio::require_file(p, &format!("volume {}: the parent backup ", v.uuid), false)?;
+                super::check_parent_backup(op, &field("parent_backup_path"), &v.uuid, p)?;
+            } else {
+                absolute(op, &field("parent_backup_path"), p)?;
             }
         }
         if let Some(m) = &v.merge {
