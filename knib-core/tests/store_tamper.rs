@@ -634,6 +634,20 @@ fn stray_entries_are_skipped_by_list_and_delete() {
     let e = store.show("garbage").unwrap_err();
     assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
     assert!(e.message.contains("vms/vm1/garbage/manifest.json"), "{e}");
+    // A verify of every backup does not skip it: it is reported, failed,
+    // under its directory's name (and the directory without a manifest is
+    // no backup).
+    let reports = store.verify(None, &Control::new()).unwrap();
+    let got: Vec<(&str, bool)> = reports.iter().map(|r| (r.id.as_str(), r.ok)).collect();
+    let mut want: Vec<(&str, bool)> = pristine.ids.iter().map(|i| (i.as_str(), true)).collect();
+    want.push(("garbage", false));
+    assert_eq!(got, want, "{reports:?}");
+    let bad = &reports[3];
+    assert_eq!((bad.files_checked, bad.problems.len()), (0, 1), "{bad:?}");
+    assert!(
+        bad.problems[0].starts_with("VM vm1: manifest ") && bad.problems[0].contains("vms/vm1/garbage/manifest.json"),
+        "{bad:?}"
+    );
     // The last backup goes; the unreadable manifest might be its child, so
     // its files are kept, marked removed.
     let out = store.delete(&pristine.ids[2]).unwrap();

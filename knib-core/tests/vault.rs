@@ -521,6 +521,16 @@ fn a_sync_does_not_send_over_an_unreadable_manifest() {
     assert!(e.message.contains(&rel), "{e}");
     let after: BTreeMap<String, Vec<u8>> = p.keys().into_keys().map(|k| (k.clone(), p.get(&k))).collect();
     assert!(before == after, "the vault changed");
+    // A verify of every backup does not skip it: it is reported, failed,
+    // under its id.
+    let v = vault.verify(None, &ctl()).unwrap();
+    let bad = v.reports.iter().find(|r| r.id == taken[1].0).unwrap_or_else(|| panic!("not reported: {v:?}"));
+    assert!(!bad.ok && bad.files_checked == 0, "{bad:?}");
+    assert!(
+        bad.problems.len() == 1 && bad.problems[0].starts_with("VM vm1: ") && bad.problems[0].contains(&rel),
+        "{bad:?}"
+    );
+    assert!(v.reports.iter().any(|r| r.id == taken[0].0 && r.ok), "{v:?}");
 }
 
 /// An object under the VM's upload records too large to be one is junk: the
