@@ -95,7 +95,7 @@ pub struct BackupArgs {
     domains: Vec<String>,
     /// A plain-disk VM (stopped, not a libvirt domain) as VM:NAME=PATH, more
     /// disks after commas (VM:a=/d/a.qcow2,b=/d/b.qcow2); repeat for each VM.
-    #[arg(long = "plain", value_name = "VM:NAME=PATH[,NAME=PATH]", value_parser = parse_plain)]
+    #[arg(long = "plain", value_name = "VM:NAME=PATH[,NAME=PATH]", value_parser = plain_parser())]
     plains: Vec<Plain>,
     /// Freeze the running guests that have a guest agent channel, all at
     /// once, for the snapshots.
@@ -156,14 +156,28 @@ pub struct Plain {
     disks: Vec<DiskSpec>,
 }
 
-fn parse_plain(s: &str) -> std::result::Result<Plain, String> {
-    let (vm, disks) = s.split_once(':').ok_or_else(|| format!("{s:?} is not VM:NAME=PATH[,NAME=PATH]"))?;
+/// clap's parser of `--plain`: [`parse_plain`] on the argument as given,
+/// its error a usage error as clap's own.
+fn plain_parser() -> impl clap::builder::TypedValueParser<Value = Plain> {
+    use clap::builder::TypedValueParser;
+    clap::builder::OsStringValueParser::new().try_map(|s: std::ffi::OsString| parse_plain(&s))
+}
+
+/// `--plain VM:NAME=PATH[,NAME=PATH]`, read as bytes: a PATH need not be
+/// UTF-8 (as `--disk`'s); the VM and disk names must be.
+fn parse_plain(arg: &std::ffi::OsStr) -> std::result::Result<Plain, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let shown = arg.to_string_lossy();
+    let bytes = arg.as_bytes();
+    let colon =
+        bytes.iter().position(|b| *b == b':').ok_or_else(|| format!("{shown:?} is not VM:NAME=PATH[,NAME=PATH]"))?;
+    let vm = std::str::from_utf8(&bytes[..colon]).map_err(|_| format!("{shown:?}: the VM's name is not text"))?;
     if vm.is_empty() {
-        return Err(format!("{s:?} names no VM before ':'"));
+        return Err(format!("{shown:?} names no VM before ':'"));
     }
-    let disks = disks
-        .split(',')
-        .map(|d| crate::parse_disk(std::ffi::OsStr::new(d)).map_err(|e| e.message.replace("--disk ", "disk ")))
+    let disks = bytes[colon + 1..]
+        .split(|b| *b == b',')
+        .map(|d| crate::parse_disk(std::ffi::OsStr::from_bytes(d)).map_err(|e| e.message.replace("--disk ", "disk ")))
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Plain { vm: vm.to_string(), disks })
 }

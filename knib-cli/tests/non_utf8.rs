@@ -79,3 +79,50 @@ fn a_disk_path_that_is_not_utf8_is_backed_up() {
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
+
+/// `knib group backup --plain VM:NAME=PATH` takes a PATH that is not
+/// UTF-8 as `--disk` does (they were read as text: clap refused them), and
+/// the member's backup restores to what the disk holds.
+#[test]
+fn a_group_member_disk_path_that_is_not_utf8_is_backed_up() {
+    let d = tempfile::tempdir().unwrap();
+    let a = d.path().join(OsStr::from_bytes(b"disk-\xfe.qcow2"));
+    let b = d.path().join("b.qcow2");
+    for (p, pattern) in [(&a, 0x61), (&b, 0x62)] {
+        let out = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(p).arg("8M").output().unwrap();
+        assert!(out.status.success());
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("write -P {pattern} 1M 64k")])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    }
+    let mut plain = std::ffi::OsString::from("web:root=");
+    plain.push(&a);
+    let store = d.path().join("store");
+    let out = Command::new(env!("CARGO_BIN_EXE_knib"))
+        .args(["group", "backup", "--store", s(&store), "--plain"])
+        .arg(&plain)
+        .args(["--plain", &format!("db:root={}", s(&b))])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_knib")).args(["--json", "list", "--store", s(&store)]).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let web = list.as_array().unwrap().iter().find(|m| m["vm"] == "web").unwrap_or_else(|| panic!("{list}"));
+    let to = d.path().join("web-root.qcow2");
+    run(&[
+        env!("CARGO_BIN_EXE_knib"),
+        "restore",
+        "--store",
+        s(&store),
+        web["id"].as_str().unwrap(),
+        "--volume",
+        "root",
+        "--to",
+        s(&to),
+    ]);
+    let out = Command::new("qemu-img").args(["compare", "-q"]).arg(&a).arg(&to).output().unwrap();
+    assert!(out.status.success(), "the restored disk differs from {}", a.display());
+}
