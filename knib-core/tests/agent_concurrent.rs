@@ -167,6 +167,19 @@ fn a_stopped_volume_being_backed_up_is_not_backed_up_merged_or_restored_by_anoth
     assert_identical(&d2, &reference);
     assert_identical(&b2, &reference);
     assert!(!d2b.exists() && !b2b.exists());
+    // The refused backup's cleanup, asked once the first backup is done:
+    // the volume runs on d2 (over base), which that request does not name.
+    // Before, the cleanup answered base as the volume's file (the VM would
+    // start without d2).
+    let before = contents(&dir);
+    let e = agent("agent.cleanup_vm_backup", &cleanup).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.message.starts_with("request of agent.cleanup_vm_backup: volume u1: ")
+            && e.message.contains(&format!("{} sits on the base {}", d2.display(), base.display())),
+        "{e}"
+    );
+    assert!(contents(&dir) == before, "the refused cleanup wrote something");
 }
 
 #[test]

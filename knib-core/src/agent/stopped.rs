@@ -239,6 +239,7 @@ pub(crate) fn cleanup_vm_backup(
     let q = QemuImg::new();
     ensure_unused(&named_files(r), &format!("{op} of a VM without a domain"))?;
     let plan = plan(op, &q, r, false, ctl)?;
+    files_engine::require_still_described(&plan).map_err(|e| e.context(format_args!("request of {op}")))?;
     let published = plan.disks.iter().all(|d| d.dest.is_file());
     let finish = published && mode == CleanupMode::Complete;
     let store_files: Vec<(&str, &Path)> = plan.disks.iter().map(|d| (d.name.as_str(), d.dest.as_path())).collect();

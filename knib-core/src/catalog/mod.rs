@@ -509,13 +509,10 @@ impl Store {
 /// The backing file name in the qcow2 header of `file` (opened, confined,
 /// as `path`), read with knib's own header parser.
 fn backing_pointer(file: &fs::File, path: &Path) -> Result<Option<String>> {
-    use std::os::unix::fs::FileExt;
-    let len = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.len();
-    let mut start = [0u8; 24];
-    let n = file.read_at(&mut start, 0).map_err(|e| KnibError::io("cannot read", path, e))?;
-    let mut prefix = vec![0u8; crate::qcow2::header_prefix_len(&start[..n], len)];
-    file.read_exact_at(&mut prefix, 0).map_err(|e| KnibError::io("cannot read", path, e))?;
-    let h = crate::qcow2::Header::parse(&path.display().to_string(), &prefix, len).map_err(|e| {
+    let h = crate::qcow2::read_header(file, path).map_err(|e| {
+        if e.kind == ErrorKind::Io {
+            return e;
+        }
         // A file of the store that knib cannot read as its own is damaged.
         KnibError::corrupt(format!("backup file {}: {}", path.display(), e.message))
     })?;

@@ -457,6 +457,7 @@ pub(crate) fn refuse_special_layers(top: &Path) -> Result<()> {
 pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) -> Result<FilesRecovery> {
     let all: Vec<&Path> = plan.disks.iter().flat_map(touched).collect();
     ensure_unused(&all, "the cleanup")?;
+    require_still_described(plan)?;
     let mut rep = FilesRecovery::default();
     let finish = published && plan.kind != BackupKind::Isolated;
     for d in &plan.disks {
@@ -572,6 +573,72 @@ pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) ->
         rep.tops.push(top);
     }
     Ok(rep)
+}
+
+/// Before a cleanup changes anything: each volume must still be as
+/// `plan` (its request) describes it. When neither the file a volume ran
+/// on (an old delta) nor the backup's new delta is there, the volume ran
+/// on its base once this backup's steps were done or undone (its delta
+/// merged, its new delta committed back or, at the end of a chain, down);
+/// but it also looks so when another backup (the same one retried, or run
+/// twice, whose request was refused as busy) merged the old delta and put
+/// the volume on a new delta of its own. The base's directory then holds a
+/// qcow2 file over the base that the request does not name: the volume
+/// runs on it, not on the base, and the cleanup is refused (InvalidInput,
+/// naming it) instead of answering the base as the volume's file (the
+/// management server would start the VM on it, without that delta).
+pub fn require_still_described(plan: &FilesPlan) -> Result<()> {
+    for d in &plan.disks {
+        let Some(old) = d.old_delta.as_deref() else { continue };
+        if old.exists() || d.new_delta.exists() || d.snapshots.iter().any(|s| s.exists()) {
+            continue;
+        }
+        let named: Vec<&Path> = [d.base.as_path(), old, d.new_delta.as_path()]
+            .into_iter()
+            .chain(d.snapshots.iter().map(PathBuf::as_path))
+            .chain(d.grand_children.iter().map(PathBuf::as_path))
+            .collect();
+        if let Some(other) = deltas_over(&d.base, &named)?.first() {
+            return Err(KnibError::invalid(format!(
+                "volume {}: {} and the new delta {} are gone, and {} sits on the base {}: another backup moved the volume onto it after this one (a backup run twice, or retried); this request no longer describes the volume, nothing was done",
+                d.name,
+                old.display(),
+                d.new_delta.display(),
+                other.display(),
+                d.base.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The regular files beside `base` (in its directory) whose qcow2 backing
+/// pointer names `base`, but `named`. Files that cannot be opened or are
+/// not qcow2 are passed over; links and special files are never opened.
+fn deltas_over(base: &Path, named: &[&Path]) -> Result<Vec<PathBuf>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = fsio::parent_dir(base);
+    let entries = std::fs::read_dir(dir).map_err(|e| KnibError::io("cannot list", dir, e))?;
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if !e.file_type().is_ok_and(|t| t.is_file()) || named.iter().any(|n| same_file(n, &p)) {
+            continue;
+        }
+        let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&p)
+        else {
+            continue;
+        };
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let Ok(Some(backing)) = crate::qcow2::read_header(&f, &p).map(|h| h.backing_file) else { continue };
+        if same_file(&dir.join(&backing), base) {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Before [`recover`] removes a layer an interrupted run took out of `d`'s

@@ -564,6 +564,19 @@ fn parse_bitmaps_ext(name: &str, data: &[u8], cluster_size: u64) -> Result<Bitma
     Ok(BitmapsExt { nb_bitmaps, directory_size, directory_offset })
 }
 
+/// The header of the open file `file` (called `path` in messages): its
+/// first cluster read and given to [`Header::parse`]. Errors: Io for a
+/// failed read, and those of [`Header::parse`].
+pub fn read_header(file: &std::fs::File, path: &std::path::Path) -> Result<Header> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.len();
+    let mut start = [0u8; 24];
+    let n = file.read_at(&mut start, 0).map_err(|e| KnibError::io("cannot read", path, e))?;
+    let mut prefix = vec![0u8; header_prefix_len(&start[..n], len)];
+    file.read_exact_at(&mut prefix, 0).map_err(|e| KnibError::io("cannot read", path, e))?;
+    Header::parse(&path.display().to_string(), &prefix, len)
+}
+
 /// How many leading bytes of a file [`Header::parse`] wants, given its first
 /// bytes `start` (at least 24 of them to know the cluster size) and the
 /// file's length: the first cluster, or the whole file when it is shorter.
