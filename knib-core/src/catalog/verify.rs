@@ -32,6 +32,20 @@ pub struct VerifyReport {
     pub chain_hashes: BTreeMap<String, String>,
 }
 
+impl VerifyReport {
+    /// The failed report of backup `id` of `vm`, whose manifest cannot be
+    /// read (`e` says why): nothing of it could be checked.
+    pub(crate) fn unreadable(id: String, vm: &str, e: &crate::KnibError) -> Self {
+        VerifyReport {
+            id,
+            ok: false,
+            problems: vec![format!("VM {vm}: {}", e.message)],
+            files_checked: 0,
+            chain_hashes: BTreeMap::new(),
+        }
+    }
+}
+
 impl Store {
     /// Verify one backup, or every backup of the store: `qemu-img check` of
     /// its files, backing pointers and sizes as the manifest says, the whole
@@ -57,13 +71,7 @@ impl Store {
                 match self.load_manifest(&vm, &id) {
                     Ok(m) if m.removed => {}
                     Ok(m) => out.push(self.verify_one(&m, ctl)?),
-                    Err(e) => out.push(VerifyReport {
-                        id,
-                        ok: false,
-                        problems: vec![format!("VM {vm}: {}", e.message)],
-                        files_checked: 0,
-                        chain_hashes: BTreeMap::new(),
-                    }),
+                    Err(e) => out.push(VerifyReport::unreadable(id, &vm, &e)),
                 }
             }
         }

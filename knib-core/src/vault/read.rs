@@ -225,13 +225,7 @@ impl Vault {
                         Ok(None) => {}
                         Ok(Some(m)) if m.removed => {}
                         Ok(Some(m)) => reports.push(self.verify_one(&m, false, ctl)?),
-                        Err(e) => reports.push(VerifyReport {
-                            id,
-                            ok: false,
-                            problems: vec![format!("VM {vm}: {}", e.message)],
-                            files_checked: 0,
-                            chain_hashes: BTreeMap::new(),
-                        }),
+                        Err(e) => reports.push(VerifyReport::unreadable(id, &vm, &e)),
                     }
                 }
             }
