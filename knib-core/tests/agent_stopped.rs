@@ -888,3 +888,32 @@ fn an_incremental_on_a_chain_of_64_backups_is_refused_and_one_on_63_restores() {
     vm.assert_backup_is("c64", &view);
     vm.assert_clean();
 }
+
+/// An internal snapshot in the delta a volume runs on (`merge.child`,
+/// which the backup merges into the base and removes) refuses the
+/// backup before anything is written, naming the file; the snapshot stays.
+#[test]
+fn an_incremental_that_would_remove_an_internal_snapshot_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 65);
+    vm.write(2);
+    vm.take("b1", None, json!({}));
+    vm.write(2);
+    let top = vm.vols[0].2.clone();
+    let snap = |args: &[&str]| {
+        let out = Command::new("qemu-img").arg("snapshot").args(args).arg(&top).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    snap(&["-c", "int1"]);
+    let before = contents(t.path());
+    let e = agent("agent.take_backup", &vm.request("b2", Some("b1"), json!({}))).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains(&format!("disk uuid-root: {} holds 1 internal snapshot(s)", top.display())), "{e}");
+    assert!(contents(t.path()) == before, "the refused backup changed a file");
+    assert!(snap(&["-l"]).contains("int1"));
+    snap(&["-d", "int1"]);
+    let view = vm.view("b2");
+    vm.take("b2", Some("b1"), json!({}));
+    vm.assert_backup_is("b2", &view);
+}

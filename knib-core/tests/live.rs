@@ -531,3 +531,52 @@ fn a_running_domain_with_extended_l2_disks_is_backed_up() {
     }
     model.assert_vm_reads_everything(&vm);
 }
+
+/// An internal snapshot (`virsh snapshot-create-as` without
+/// `--disk-only`, or `qemu-img snapshot -c`) lives in the file a disk runs
+/// on, here the knib delta the next backup merges into the base and
+/// removes: that backup is refused before anything is done, naming the
+/// file, and the snapshot stays (before, it was removed with the delta and
+/// libvirt could no longer revert to it). Once the snapshot is deleted,
+/// the backup goes ahead.
+#[test]
+fn a_backup_that_would_remove_an_internal_snapshot_is_refused() {
+    if skip_without_libvirt("internal snapshot") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = TestVm::create(
+        "knib-internal-snap",
+        &DISKS,
+        dir.path(),
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
+    let active = |t: &str| vm.disk(t).file;
+    let b1 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    common::disk::qemu_io(&active("vdb"), "write -P 0x51 1M 1M");
+    let delta = active("vdb");
+    assert!(delta.to_string_lossy().contains(".knib-delta-"), "{}", delta.display());
+    let snap = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img").arg("snapshot").args(args).arg(&delta).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    snap(&["-c", "int1"]);
+    let before: Vec<_> = DISKS.iter().map(|(t, _)| active(t)).collect();
+    let e = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.message.contains(&format!(
+            "disk vdb: {} holds 1 internal snapshot(s) (`qemu-img snapshot -l` lists them): this backup would merge",
+            delta.display()
+        )),
+        "{e}"
+    );
+    assert_eq!(DISKS.iter().map(|(t, _)| active(t)).collect::<Vec<_>>(), before, "a disk moved");
+    assert!(snap(&["-l"]).contains("int1"), "the internal snapshot is gone");
+    assert_eq!(store.list(None).unwrap().iter().map(|m| m.id.clone()).collect::<Vec<_>>(), vec![b1.id.clone()]);
+    snap(&["-d", "int1"]);
+    let b2 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    assert_eq!(b2.kind, BackupKind::Incremental);
+}

@@ -320,6 +320,13 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
     let consistent = |e: KnibError| e.with_vm_consistent(true);
     let all: Vec<&Path> = plan.disks.iter().flat_map(touched).collect();
     ensure_unused(&all, "the backup").map_err(consistent)?;
+    if plan.kind != BackupKind::Isolated {
+        for d in &plan.disks {
+            if let Some(old) = &d.old_delta {
+                super::refuse_dropping_internal_snapshots(&d.name, old).map_err(consistent)?;
+            }
+        }
+    }
 
     // 1. The new deltas.
     let mut made: Vec<&FilesDisk> = Vec::new();
