@@ -580,3 +580,55 @@ fn a_backup_that_would_remove_an_internal_snapshot_is_refused() {
     let b2 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
     assert_eq!(b2.kind, BackupKind::Incremental);
 }
+
+/// A disk shrunk since its base was made (`qemu-img resize --shrink`, or
+/// `virsh blockresize` on a running domain: the top file shrinks, the base
+/// keeps its size) stays on its new delta at the end of a chain: a commit
+/// never shrinks the file it commits into, and the disk went back to its
+/// old size with the data past its new end readable again. The backup
+/// restores to the shrunk disk; the next backup is taken and restores too.
+#[test]
+fn an_end_of_chain_backup_of_a_shrunk_disk_keeps_its_size() {
+    if skip_without_libvirt("shrunk disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = TestVm::create(
+        "knib-shrunk",
+        &DISKS,
+        dir.path(),
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
+    let active = |t: &str| vm.disk(t).file;
+    let opts = BackupOptions { chain_size: 2, ..Default::default() };
+    store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    // Data past the new end, merged into the base by the next backup.
+    common::disk::qemu_io(&active("vda"), "write -P 0x61 40M 1M");
+    common::disk::qemu_io(&active("vda"), "write -P 0x62 1M 1M");
+    let out = std::process::Command::new("qemu-img")
+        .args(["resize", "-q", "--shrink"])
+        .arg(active("vda"))
+        .arg("32M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let view = dir.path().join("vda-32M.qcow2");
+    common::disk::snapshot(&active("vda"), &view);
+    let b2 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b2.kind, b2.end_of_chain), (BackupKind::Incremental, true));
+    let now = active("vda");
+    assert_eq!(store.qemu_img().info(&now, &Control::new()).unwrap().virtual_size, 32 * MIB, "{}", now.display());
+    assert!(now.to_string_lossy().contains(".knib-delta-"), "vda runs on {}", now.display());
+    common::disk::assert_identical(&now, &view);
+    // The other disk's chain ended as usual.
+    assert_eq!(active("vdb"), vm.initial_file("vdb"));
+    let to = dir.path().join("b2-vda.qcow2");
+    store.restore(&b2.id, "vda", &to, ImageFormat::Qcow2, &Control::new()).unwrap();
+    common::disk::assert_identical(&to, &view);
+    let b3 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    let to = dir.path().join("b3-vda.qcow2");
+    store.restore(&b3.id, "vda", &to, ImageFormat::Qcow2, &Control::new()).unwrap();
+    common::disk::assert_identical(&to, &view);
+    assert_eq!(store.qemu_img().info(&active("vda"), &Control::new()).unwrap().virtual_size, 32 * MIB);
+}

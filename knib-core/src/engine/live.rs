@@ -403,7 +403,9 @@ pub fn take_to(
         if plan.end_of_chain {
             journal(LiveStep::Pivot)?;
             for d in &plan.disks {
-                commit_down(q, vm, by, d, &d.new_delta, d.end_of_chain_into(), &merge_ctl)?;
+                if !kept_on_new_delta(q, d, ctl)? {
+                    commit_down(q, vm, by, d, &d.new_delta, d.end_of_chain_into(), &merge_ctl)?;
+                }
             }
         }
         Ok(())
@@ -416,11 +418,35 @@ pub fn take_to(
     for (r, d) in results.iter_mut().zip(&plan.disks) {
         r.active_file = match (plan.kind, plan.end_of_chain) {
             (BackupKind::Isolated, _) => d.old_top().to_path_buf(),
+            (_, true) if d.new_delta.exists() => d.new_delta.clone(),
             (_, true) => d.end_of_chain_into().to_path_buf(),
             _ => d.new_delta.clone(),
         };
     }
     Ok(TakeBackupAnswer { volumes: results })
+}
+
+/// Whether disk `d` stays on its new delta at the end of a chain instead
+/// of going back onto the file below (its base): when that file is larger
+/// than the new delta, the disk was shrunk since the base was made, and a
+/// commit (QEMU's or qemu-img's) never shrinks the file it commits into:
+/// the disk would grow back to the old size, and the guest would read
+/// again what was past its new end. The chain then goes on (the backup is
+/// whole either way), with a warning; the next backup is a full one.
+fn kept_on_new_delta(q: &QemuImg, d: &DiskPlan, ctl: &Control) -> Result<bool> {
+    let into = d.end_of_chain_into();
+    let (top, below) = (q.info(&d.new_delta, ctl)?.virtual_size, q.info(into, ctl)?.virtual_size);
+    if below <= top {
+        return Ok(false);
+    }
+    log::warn!(
+        "disk {}: stays on {} instead of going back onto {} at the end of the chain: that file is {below} bytes, the disk {top} (it was shrunk), and committing into it would give the disk its old size and data back; shrink {} to {top} bytes while the VM is shut off (qemu-img resize --shrink) to let the chain end",
+        d.target,
+        d.new_delta.display(),
+        into.display(),
+        into.display()
+    );
+    Ok(true)
 }
 
 /// How disk `d`'s backup copy reads its old top.
@@ -621,7 +647,7 @@ pub fn recover(q: &QemuImg, vm: &Vm, plan: &LivePlan, published: bool, ctl: &Con
                     merge_below(q, vm, by, d, old, ctl)?;
                     rep.actions.push(format!("{}: merged {} into {}", d.target, old.display(), d.base.display()));
                 }
-                if plan.end_of_chain {
+                if plan.end_of_chain && !kept_on_new_delta(q, d, ctl)? {
                     let into = d.end_of_chain_into();
                     commit_down(q, vm, by, d, &d.new_delta, into, ctl)?;
                     rep.actions.push(format!(
