@@ -240,3 +240,41 @@ fn a_raw_disk_of_a_stopped_domain_is_backed_up_in_full_each_time_saying_why() {
     assert!(knib_checkpoints(&vm).is_empty());
     restore_check(&store, &b2.id, &model, model.writes.len(), dir.path());
 }
+
+/// A read-only disk (`<readonly/>`) is refused by the bitmap method before
+/// anything is written: the image gets no bitmap (before, a stopped
+/// domain's backup wrote one into it, and a running domain's failed with
+/// libvirt's bare message).
+#[test]
+fn a_read_only_disk_is_refused_by_the_bitmap_method_and_not_written() {
+    if skip_without_libvirt("read-only disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let vm = TestVm::create(
+        "knib-bm-ro",
+        &DISKS,
+        dir.path(),
+        TestVmOptions { persistent: true, running: false, agent_channel: false },
+    );
+    let xml = vm.vm.xml().unwrap();
+    let at = xml.find("<target dev='vdb'").expect("vdb's target");
+    let xml = format!("{}<readonly/>{}", &xml[..at], &xml[at..]);
+    let f = dir.path().join("ro.xml");
+    std::fs::write(&f, &xml).unwrap();
+    let out = Command::new("virsh").args(["-c", "qemu:///system", "define"]).arg(&f).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vdb = vm.disk("vdb");
+    assert!(vdb.read_only, "{vdb:?}");
+    let before = std::fs::read(&vdb.file).unwrap();
+    let e = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, knib_core::ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.message.starts_with(&format!("disk vdb of domain {} ({}) is read-only: ", vm.vm.name(), vdb.file.display())),
+        "{e}"
+    );
+    assert!(std::fs::read(&vdb.file).unwrap() == before, "the read-only image was written");
+    assert!(file_bitmaps(&vm.disk("vda").file).is_empty());
+    assert!(store.list(None).unwrap().is_empty());
+}

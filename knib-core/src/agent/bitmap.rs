@@ -76,6 +76,7 @@ fn vm_disks(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) 
                     format,
                     backing_chain: Vec::new(),
                     alias: None,
+                    read_only: false,
                 });
             }
             Ok((disks, false))

@@ -172,7 +172,24 @@ pub fn inspect(vm: &Vm) -> Result<Vec<DiskInfo>> {
     if disks.is_empty() {
         return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
     }
+    refuse_read_only(vm, &disks)?;
     Ok(disks)
+}
+
+/// Refuse a domain with a read-only disk (`<readonly/>`, not a CD-ROM):
+/// libvirt refuses a backup job on one while the domain runs, and a
+/// stopped domain's backup would write a persistent bitmap into it. The
+/// snapshot method backs such disks up.
+pub fn refuse_read_only(vm: &Vm, disks: &[DiskInfo]) -> Result<()> {
+    match disks.iter().find(|d| d.read_only) {
+        Some(d) => Err(KnibError::invalid(format!(
+            "disk {} of domain {} ({}) is read-only: the bitmap method does not back up read-only disks (libvirt refuses a backup job on one, and a stopped domain's would get a bitmap written into it); use --method snapshot",
+            d.target,
+            vm.name(),
+            d.file.display()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Refuse a domain that already has a backup job ("busy").

@@ -68,6 +68,7 @@ pub fn inspect(vm: &Vm) -> Result<Vec<crate::libvirt::DiskInfo>> {
     if disks.is_empty() {
         return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
     }
+    super::bitmap::refuse_read_only(vm, &disks)?;
     Ok(disks)
 }
 

@@ -34,6 +34,8 @@ pub struct DiskInfo {
     pub backing_chain: Vec<BackingLayer>,
     /// The device alias (`virtio-disk0`) of a running domain.
     pub alias: Option<String>,
+    /// The disk is read-only to the guest (`<readonly/>`).
+    pub read_only: bool,
 }
 
 impl DiskInfo {
@@ -129,7 +131,8 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
             backing_chain.push(BackingLayer { file: PathBuf::from(path), format });
             node = child(bs, "backingStore");
         }
-        out.push(DiskInfo { target, bus, file: PathBuf::from(file), format, backing_chain, alias });
+        let read_only = child(disk, "readonly").is_some();
+        out.push(DiskInfo { target, bus, file: PathBuf::from(file), format, backing_chain, alias, read_only });
     }
     Ok(out)
 }
