@@ -191,6 +191,9 @@ fn a_missing_checkpoint_or_bitmap_makes_the_next_backup_full_and_says_why() {
     assert_eq!(b2.kind, BackupKind::Full);
     let why = b2.full_reason.clone().unwrap();
     assert!(why.contains("no dirty bitmap"), "{why}");
+    // Said of the VM's bitmaps, not blamed on one disk's delta (the
+    // reason names the disk at fault).
+    assert!(why.starts_with("cannot tell which backup the disks' changes follow: "), "{why}");
     for (t, f) in restore_all(&store, &b2.id, dir.path()) {
         model.assert_restored(&t, model.writes.len(), &f, dir.path());
     }

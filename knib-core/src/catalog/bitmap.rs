@@ -161,7 +161,7 @@ impl Store {
             .map(|d| {
                 let f = match &tracked {
                     Ok(id) => Follows::Backup(id.clone()),
-                    Err(why) => Follows::Unknown(why.clone()),
+                    Err(why) => Follows::Untracked(why.clone()),
                 };
                 (d.target.clone(), f)
             })

@@ -39,6 +39,9 @@ pub(crate) enum Follows {
     NoDelta,
     /// The disk runs on a delta, but what it follows cannot be told (why).
     Unknown(String),
+    /// What the disks' changes follow cannot be told for the whole VM
+    /// (why, naming the disk at fault): its dirty bitmaps do not say.
+    Untracked(String),
     /// The delta holds every write since this backup.
     Backup(String),
 }
@@ -182,6 +185,9 @@ pub(crate) fn decide_among(
             }
             Follows::Unknown(why) => {
                 return full(format!("cannot tell which backup the delta of disk {disk} follows: {why}"));
+            }
+            Follows::Untracked(why) => {
+                return full(format!("cannot tell which backup the disks' changes follow: {why}"));
             }
             Follows::Backup(id) => ids.push((disk, id)),
         }
