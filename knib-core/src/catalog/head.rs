@@ -41,6 +41,7 @@ pub(crate) enum Follows {
     Unknown(String),
     /// What the disks' changes follow cannot be told for the whole VM
     /// (why, naming the disk at fault): its dirty bitmaps do not say.
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     Untracked(String),
     /// The delta holds every write since this backup.
     Backup(String),
