@@ -141,11 +141,20 @@ impl Selector {
 }
 
 /// Walk the block status of the whole export: the runs of clusters to copy.
+///
+/// With `parent`, the parent backup's chain of an incremental: a range that
+/// is clean in the dirty bitmap but reads as zeros now, where the parent
+/// holds data, is taken too (as zeros). QEMU does not mark what a shrink
+/// removed: a disk shrunk and grown again between two backups reads zeros
+/// in the grown part, clean in its bitmap, and an incremental without it
+/// would restore the parent's old data there. A guest's discard or
+/// write-zeroes is marked dirty, so this takes nothing else.
 fn select(
     n: &mut Nbd,
     size: u64,
     dirty_ctx: Option<&str>,
     over_parent: bool,
+    mut parent: Option<&mut crate::qcow2::Chain>,
     ctl: &Control,
     what: &str,
 ) -> Result<Vec<Run>> {
@@ -181,7 +190,26 @@ fn select(
             if seg_end <= at {
                 return Err(KnibError::hypervisor(format!("{what}: the NBD block status answer is out of order")));
             }
-            sel.feed(at, seg_end - at, wanted, zero);
+            match parent.as_deref_mut() {
+                Some(p) if dirty.is_some() && !wanted && zero => {
+                    let mut cur = at;
+                    for (s, l) in p.data_ranges(at, seg_end - at).map_err(|e| e.context("the parent backup"))? {
+                        if s > cur {
+                            sel.feed(cur, s - cur, false, true);
+                        }
+                        log::warn!(
+                            "{what}: bytes {s}..{} read as zeros and are clean in the dirty bitmap, but the parent backup holds data there (the disk was shrunk and grown again?): taken as zeros",
+                            s + l
+                        );
+                        sel.feed(s, l, true, true);
+                        cur = s + l;
+                    }
+                    if seg_end > cur {
+                        sel.feed(cur, seg_end - cur, false, true);
+                    }
+                }
+                _ => sel.feed(at, seg_end - at, wanted, zero),
+            }
             at = seg_end;
             if a_end == at {
                 a += 1;
@@ -226,22 +254,43 @@ pub fn copy_export(
 ) -> Result<ExportCopy> {
     use std::os::unix::fs::FileExt;
     let what = format!("copy of NBD export {export} to {}", dest.display());
-    let w = copy_export_to(socket, export, bitmap, backing, compress, ctl, &what, &mut |planned, hash| {
-        if let (Some(len), Some(dir)) = (planned, dest.parent()) {
-            crate::fsio::require_space(dir, len, &what)?;
+    // An incremental's parent, as its backing pointer names it.
+    let mut parent = match (bitmap, backing) {
+        (Some(_), Some(b)) => {
+            let p = crate::fsio::parent_dir(dest).join(b);
+            Some(
+                crate::qcow2::Chain::open_files_only(&p)
+                    .map_err(|e| e.context(format!("parent backup {}", p.display())))?,
+            )
         }
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(dest)
-            .map_err(|e| KnibError::io("cannot create", dest, e))?;
-        // Written as the host's write mode says (behind by default: the
-        // file's fsync then has little left to write back), as the
-        // snapshot method's copies.
-        // A compressed image (its length not planned) is hashed by reading
-        // it back, below.
-        FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::default(), planned.is_none())
-    })?;
+        _ => None,
+    };
+    let w = copy_export_to(
+        socket,
+        export,
+        bitmap,
+        backing,
+        parent.as_mut(),
+        compress,
+        ctl,
+        &what,
+        &mut |planned, hash| {
+            if let (Some(len), Some(dir)) = (planned, dest.parent()) {
+                crate::fsio::require_space(dir, len, &what)?;
+            }
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dest)
+                .map_err(|e| KnibError::io("cannot create", dest, e))?;
+            // Written as the host's write mode says (behind by default: the
+            // file's fsync then has little left to write back), as the
+            // snapshot method's copies.
+            // A compressed image (its length not planned) is hashed by reading
+            // it back, below.
+            FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::default(), planned.is_none())
+        },
+    )?;
     let (file, hash) = w.sink.finish()?;
     let hash = match (&w.header, hash) {
         (None, Some(h)) => {
@@ -282,6 +331,7 @@ pub(crate) fn copy_export_to<S: Sink>(
     export: &str,
     bitmap: Option<&str>,
     backing: Option<&str>,
+    parent: Option<&mut crate::qcow2::Chain>,
     compress: Option<CompressionType>,
     ctl: &Control,
     what: &str,
@@ -303,7 +353,7 @@ pub(crate) fn copy_export_to<S: Sink>(
         }
     }
     let size = n.size()?;
-    let runs = select(&mut n, size, dirty_ctx.as_deref(), backing.is_some(), ctl, what)?;
+    let runs = select(&mut n, size, dirty_ctx.as_deref(), backing.is_some(), parent, ctl, what)?;
     log::debug!("{what}: {} runs selected at {:?}", runs.len(), t0.elapsed());
     let spec = ImageSpec {
         virtual_size: size,

@@ -295,6 +295,68 @@ impl Chain {
         self.top.virtual_size()
     }
 
+    /// The parts of guest range `offset..offset + len` (clipped to the
+    /// virtual size) that some layer holds data for: a data or compressed
+    /// cluster, or a raw layer, not hidden by a zero cluster above it. Read
+    /// from the tables only (a data cluster holding zero bytes counts as
+    /// data). The ranges are in order, at the granularity of the chain's
+    /// smallest cluster size, and clipped to the range asked.
+    ///
+    /// Errors: those of [`Qcow2Image::cluster_state`].
+    pub fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let end = offset.saturating_add(len).min(self.virtual_size());
+        let grain = self
+            .backing
+            .iter()
+            .filter_map(|l| match l {
+                Layer::Qcow2(img) => Some(img.cluster_size()),
+                Layer::Raw(_) => None,
+            })
+            .fold(self.top.cluster_size(), u64::min);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = offset / grain * grain;
+        while at < end {
+            if self.has_data_at(at)? {
+                let (s, e) = (at.max(offset), (at + grain).min(end));
+                match out.last_mut() {
+                    Some(last) if last.0 + last.1 == s => last.1 += e - s,
+                    _ => out.push((s, e - s)),
+                }
+            }
+            at += grain;
+        }
+        Ok(out)
+    }
+
+    /// Whether the cluster holding guest byte `offset` has data in some
+    /// layer (see [`Chain::data_ranges`]).
+    fn has_data_at(&mut self, offset: u64) -> Result<bool> {
+        fn state(img: &mut Qcow2Image, offset: u64) -> Result<Option<bool>> {
+            if offset >= img.virtual_size() {
+                return Ok(Some(false));
+            }
+            Ok(match img.cluster_state(offset / img.cluster_size())? {
+                super::ClusterState::Unallocated => None,
+                super::ClusterState::Zero => Some(false),
+                _ => Some(true),
+            })
+        }
+        if let Some(d) = state(&mut self.top, offset)? {
+            return Ok(d);
+        }
+        for layer in &mut self.backing {
+            match layer {
+                Layer::Qcow2(img) => {
+                    if let Some(d) = state(img, offset)? {
+                        return Ok(d);
+                    }
+                }
+                Layer::Raw(raw) => return Ok(offset < raw.virtual_size()),
+            }
+        }
+        Ok(false)
+    }
+
     /// Read guest-visible bytes `offset..offset + buf.len()` of the top.
     ///
     /// Errors: [`crate::ErrorKind::InvalidInput`] when the range goes past

@@ -908,11 +908,20 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
     ) -> Result<(CopiedTo, u64)> {
         let what = format!("copy of NBD export {export} to vault {}", self.vault.location());
         crate::crashpoint::durable_step(&format!("copy of disk {} to the vault", d.target));
+        // An incremental's parent (`../<id>/<file>`), read from the vault.
+        let mut parent = match (bitmap, d.parent.as_deref()) {
+            (Some(_), Some(p)) => {
+                let id = p.split('/').nth(1).unwrap_or_default();
+                Some(self.vault.volume_chain(id, &d.target)?.0)
+            }
+            _ => None,
+        };
         let mut w = crate::engine::bitmap_copy::copy_export_to(
             socket,
             export,
             bitmap,
             d.parent.as_deref(),
+            parent.as_mut(),
             compress,
             ctl,
             &what,
