@@ -187,6 +187,10 @@ fn a_missing_checkpoint_or_bitmap_makes_the_next_backup_full_and_says_why() {
     model.write(&vm, "vdb", 0x42, MIB, MIB);
     // The bitmap goes, the checkpoint's record stays.
     assert_eq!(remove_bitmap_behind_knibs_back(&vm, &checkpoint_name(&b1.id)), 2);
+    // libvirt cannot delete that checkpoint now, and its error is the one
+    // knib reports (knib falls back to deleting the record alone).
+    let e = knib_core::libvirt::backup::delete_checkpoint(&vm.vm, &checkpoint_name(&b1.id), false).unwrap_err();
+    assert!(e.to_string().contains("not found"), "libvirt's own message: {e}");
     let b2 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
     assert_eq!(b2.kind, BackupKind::Full);
     let why = b2.full_reason.clone().unwrap();

@@ -280,9 +280,13 @@ pub fn delete_checkpoint(vm: &Vm, name: &str, metadata_only: bool) -> Result<boo
         }
         let flags = if metadata_only { ffi::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY } else { 0 };
         let r = (vm.dom().api.virDomainCheckpointDelete)(cp, flags);
+        // The error is read before the free: every libvirt call, the free
+        // too, clears the thread's last error (it was "an unknown libvirt
+        // error" here).
+        let failed = (r < 0).then(|| last_virt_error(vm.dom(), &what));
         (vm.dom().api.virDomainCheckpointFree)(cp);
-        if r < 0 {
-            return Err(last_virt_error(vm.dom(), what));
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     Ok(true)
