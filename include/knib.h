@@ -1419,6 +1419,9 @@
  *       uuid          string: The request's uuid.
  *
  *   QuickRestoreAnswer: The answer of `quick_restore`.
+ *       kept      [[any]]: `[target, file]` of each writable disk of the
+ *                 domain that the backup does not have (added after it was
+ *                 taken): it was left on its file, as it is now.
  *       overlays  [[any]]: `[target, overlay]` of each disk.
  *
  *   RecoverAnswer: The answer of `recover`.

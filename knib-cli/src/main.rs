@@ -485,13 +485,18 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 let hv = Hypervisor::open(&connect)?;
                 let dom = hv.domain(&domain)?;
                 let done = store.quick_restore_domain(&backup, &dom, &ctl)?;
+                let kept = knib_core::catalog::disks_not_restored(&dom, &done)?;
                 let text: Vec<String> = done.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
                 output::say(
                     json,
-                    || Ok(serde_json::json!({"restored": backup, "domain": domain, "overlays": serde_json::to_value(&done)?})),
+                    || {
+                        Ok(serde_json::json!({"restored": backup, "domain": domain, "overlays": serde_json::to_value(&done)?,
+                            "kept": serde_json::to_value(&kept)?}))
+                    },
                     &format!(
-                        "domain {domain} started on overlays of backup {backup}: {}; run `knib consolidate --domain {domain}` to pull the data in",
-                        text.join(", ")
+                        "domain {domain} started on overlays of backup {backup}: {}{}; run `knib consolidate --domain {domain}` to pull the data in",
+                        text.join(", "),
+                        vault::kept_text(&kept)
                     ),
                 )?;
                 return Ok(());

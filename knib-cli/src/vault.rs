@@ -217,22 +217,29 @@ pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: boo
     )?;
     let overlays: Vec<(String, std::path::PathBuf)> =
         st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect();
+    let kept = knib_core::catalog::disks_not_restored(&dom, &overlays)?;
     let text: Vec<String> = overlays.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
     output::say(
         json,
         || {
             Ok(serde_json::json!({
                 "restored": id, "domain": domain, "overlays": serde_json::to_value(&overlays)?,
-                "vault": loc, "server_pid": st.pid
+                "kept": serde_json::to_value(&kept)?, "vault": loc, "server_pid": st.pid
             }))
         },
         &format!(
-            "domain {domain} started on overlays of backup {id} served from {loc} by process {}: {}; run `knib consolidate --domain {domain}` to pull the data in",
+            "domain {domain} started on overlays of backup {id} served from {loc} by process {}: {}{}; run `knib consolidate --domain {domain}` to pull the data in",
             st.pid,
-            text.join(", ")
+            text.join(", "),
+            kept_text(&kept)
         ),
     )?;
     Ok(())
+}
+
+/// What a quick restore's text says of the disks the backup does not have.
+pub fn kept_text(kept: &[(String, std::path::PathBuf)]) -> String {
+    kept.iter().map(|(t, f)| format!("; {t} is not in the backup and stays on {}, as it is", f.display())).collect()
 }
 
 /// Start this program's `vault-serve` for backup `id` of vault `loc` on `dir`.

@@ -224,8 +224,34 @@ fn quick_restore_runs_at_once_keeps_new_writes_and_consolidate_frees_the_store()
     assert!(!target.vm.is_running().unwrap());
     assert_eq!(std::fs::read_dir(&tdir).unwrap().count(), files_before, "an overlay was left");
     drop(held);
-    let overlays = store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap();
+    // A disk added to the domain after the backup was taken stays on its
+    // file, and the answer says so.
+    let added = tdir.join("vdc.qcow2");
+    common::disk::make_disk(&added, 16 * MIB, &[]);
+    common::disk::qemu_io(&added, "write -P 0x5c 0 1M");
+    let out = std::process::Command::new("virsh")
+        .args(["-c", common::vm::URI, "attach-disk", target.name(), added.to_str().unwrap(), "vdc"])
+        .args(["--subdriver", "qcow2", "--config"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let request =
+        serde_json::json!({"store": store_dir, "backup": b.id, "domain": target.name(), "connect": common::vm::URI});
+    let answer: serde_json::Value =
+        serde_json::from_str(&knib_core::api::call("quick_restore", &request.to_string(), &Control::new()).unwrap())
+            .unwrap();
+    assert_eq!(answer["kept"], serde_json::json!([["vdc", added]]), "{answer}");
+    let overlays: Vec<(String, std::path::PathBuf)> = serde_json::from_value(answer["overlays"].clone()).unwrap();
+    assert_eq!(overlays.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["vda", "vdb"]);
     assert!(target.vm.is_running().unwrap());
+    assert_eq!(target.disk("vdc").file, added);
+    let o = std::process::Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c", "read -P 0x5c 0 1M"])
+        .arg(&added)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && text.contains("read 1048576/1048576"), "vdc as it was: {o:?}");
     for (t, overlay) in &overlays {
         let d = target.disk(t);
         assert_eq!(&d.file, overlay);

@@ -374,6 +374,10 @@ pub struct VersionAnswer {
 pub struct QuickRestoreAnswer {
     /// `[target, overlay]` of each disk.
     pub overlays: Vec<(String, PathBuf)>,
+    /// `[target, file]` of each writable disk of the domain that the
+    /// backup does not have (added after it was taken): it was left on its
+    /// file, as it is now.
+    pub kept: Vec<(String, PathBuf)>,
 }
 
 /// The answer of `hash`.
@@ -559,9 +563,9 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
                 &mut spawn,
                 ctl,
             )?;
-            return Ok(QuickRestoreAnswer {
-                overlays: st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect(),
-            });
+            let overlays: Vec<_> = st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect();
+            let kept = crate::catalog::disks_not_restored(&vm, &overlays)?;
+            return Ok(QuickRestoreAnswer { overlays, kept });
         }
         if r.server_program.is_some() {
             return Err(KnibError::invalid(format!(
@@ -570,7 +574,9 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
         }
         let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
         let store = Store::open(&r.store)?;
-        Ok(QuickRestoreAnswer { overlays: store.quick_restore_domain(&r.backup, &vm, ctl)? })
+        let overlays = store.quick_restore_domain(&r.backup, &vm, ctl)?;
+        let kept = crate::catalog::disks_not_restored(&vm, &overlays)?;
+        Ok(QuickRestoreAnswer { overlays, kept })
     }
     #[cfg(not(feature = "libvirt"))]
     {

@@ -544,5 +544,32 @@ pub(crate) fn quick_restore_targets(m: &Manifest, vm: &Vm) -> Result<Vec<(String
         let overlay = crate::fsio::parent_dir(&d.file).join(format!("{}-restored-{}.qcow2", v.name, m.id));
         out.push((v.name.clone(), d.file.clone(), overlay));
     }
+    let restored: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
+    for (target, file) in writable_disks_besides(&disks, &restored) {
+        log::warn!(
+            "quick restore of backup {} onto domain {}: disk {target} is not in the backup (added after it was taken?): it stays on {}, as it is now",
+            m.id,
+            vm.name(),
+            file.display()
+        );
+    }
     Ok(out)
+}
+
+/// The disks of domain `vm` that a quick restore onto it left as they
+/// were, the backup not having them (a disk added after it was taken):
+/// `[target, file]` of each writable file disk whose target is none of
+/// `restored`'s (a quick restore's answer). Read-only disks (an installer
+/// image) are not listed.
+pub fn disks_not_restored(vm: &Vm, restored: &[(String, PathBuf)]) -> Result<Vec<(String, PathBuf)>> {
+    let targets: Vec<&str> = restored.iter().map(|(t, _)| t.as_str()).collect();
+    Ok(writable_disks_besides(&vm.disks()?, &targets))
+}
+
+fn writable_disks_besides(disks: &[crate::libvirt::xml::DiskInfo], targets: &[&str]) -> Vec<(String, PathBuf)> {
+    disks
+        .iter()
+        .filter(|d| !d.read_only && !targets.contains(&d.target.as_str()))
+        .map(|d| (d.target.clone(), d.file.clone()))
+        .collect()
 }

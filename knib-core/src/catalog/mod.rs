@@ -60,6 +60,8 @@ pub mod journal_check;
 #[cfg(feature = "libvirt")]
 pub mod live;
 #[cfg(feature = "libvirt")]
+pub use live::disks_not_restored;
+#[cfg(feature = "libvirt")]
 pub(crate) use live::quick_restore_targets;
 pub mod lock;
 pub mod manifest;
