@@ -461,6 +461,32 @@ fn a_delete_waits_for_an_unfinished_upload_of_the_vm() {
     assert_eq!(d.expunged, vec![head.clone()]);
 }
 
+/// An object someone else put under a key with an empty segment
+/// (`vms//x`, `vms/vm1//x`), which the S3 client cannot name, stops every
+/// listing of that part of the vault: the error is `corrupt`, names the
+/// key and says how to remove it; once it is gone, all works again.
+#[test]
+fn an_object_key_with_an_empty_segment_is_named_with_how_to_remove_it() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store: _store, taken, vault } = Synced::new("empty-segment");
+    for (rel, listed) in [("vms//x", "vms//"), ("vms/vm1//x", "vms/vm1//")] {
+        p.raw("PUT", rel);
+        let e = match Vault::open(&p.location()) {
+            Err(e) => e,
+            Ok(v) => v.list(None).unwrap_err(),
+        };
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        let key = format!("{}/{listed}", p.prefix);
+        assert!(e.message.contains(&key), "names the key {key}: {e}");
+        assert!(e.message.contains("remove it (every object whose key starts so) with another S3 client"), "{e}");
+        p.raw("DELETE", rel);
+    }
+    let listed: Vec<String> = vault.list(None).unwrap().into_iter().map(|m| m.id).collect();
+    assert_eq!(listed, taken.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>());
+}
+
 /// A backup whose parent was deleted from the vault while it was sent is
 /// not published (it would be a child without a parent); the next sync
 /// sends the parent again, then the child.

@@ -635,6 +635,9 @@ impl Inner {
         let text = redact(&self.secrets, &error_chain(e));
         let refused = ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403 Forbidden"];
         let (kind, hint) = match e {
+            // A key someone else wrote (`vms//x`): the S3 client refuses
+            // the whole page of a listing that holds it.
+            object_store::Error::InvalidPath { .. } => (ErrorKind::Corrupt, INVALID_KEY),
             _ if text.contains("NoSuchBucket") => (ErrorKind::NotFound, ": the bucket does not exist"),
             object_store::Error::NotFound { .. } => (ErrorKind::NotFound, ""),
             object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
@@ -646,6 +649,11 @@ impl Inner {
         KnibError::new(kind, format!("vault {}: {what}: {text}{hint}", self.location))
     }
 }
+
+/// What a vault error says of an object whose key knib cannot name.
+const INVALID_KEY: &str =
+    "; that object was not written by knib, and while it is there no listing of that part of the vault \
+     can be read: remove it (every object whose key starts so) with another S3 client, e.g. `aws s3 rm`";
 
 /// An error and its sources, as one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
