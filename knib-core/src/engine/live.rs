@@ -279,13 +279,8 @@ pub fn take_to(
             }
         }
     }
-    if plan.kind != BackupKind::Isolated {
-        for d in &plan.disks {
-            if let Some(old) = &d.old_delta {
-                super::refuse_dropping_internal_snapshots(&d.target, old).map_err(|e| e.with_vm_consistent(true))?;
-            }
-        }
-    }
+    let old_deltas = plan.disks.iter().filter_map(|d| Some((d.target.as_str(), d.old_delta.as_deref()?)));
+    super::refuse_dropping_internal_snapshots(plan.kind, old_deltas).map_err(|e| e.with_vm_consistent(true))?;
     let running = vm.is_running()?;
     let by = MergeBy { running, data_path: plan.data_path };
     journal(LiveStep::Snapshot)?;

@@ -64,27 +64,29 @@ pub use take::{
 };
 pub use verify::ExpectedHash;
 
-/// Refuse (InvalidInput) a backup whose merge would remove `file`, the
-/// old delta of disk `disk`, while it holds internal snapshots (`virsh
-/// snapshot-create-as` without `--disk-only` puts them in the file the disk
-/// runs on): they would be removed with it, and libvirt would still list
-/// them. Read from the file's qcow2 header; a file that is not a regular
-/// qcow2 file is left for the steps that read it to report.
-pub(crate) fn refuse_dropping_internal_snapshots(disk: &str, file: &std::path::Path) -> crate::error::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(file) else {
-        return Ok(());
-    };
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
-        return Ok(());
-    }
-    let Ok(h) = crate::qcow2::read_header(&f, file) else { return Ok(()) };
-    if h.nb_snapshots == 0 {
+/// Refuse (InvalidInput) a backup of `kind` whose merge would remove an
+/// old delta (`[disk, old delta]` of each disk that has one) while it
+/// holds internal snapshots (`virsh snapshot-create-as` without
+/// `--disk-only` puts them in the file the disk runs on): they would be
+/// removed with it, and libvirt would still list them. An isolated backup
+/// merges nothing. Read from each file's qcow2 header; a file that is not a
+/// regular qcow2 file is left for the steps that read it to report.
+pub(crate) fn refuse_dropping_internal_snapshots<'a>(
+    kind: BackupKind,
+    old_deltas: impl IntoIterator<Item = (&'a str, &'a std::path::Path)>,
+) -> crate::error::Result<()> {
+    if kind == BackupKind::Isolated {
         return Ok(());
     }
-    Err(crate::error::KnibError::invalid(format!(
-        "disk {disk}: {} holds {} internal snapshot(s) (`qemu-img snapshot -l` lists them): this backup would merge that file into its base and remove it, and the snapshots with it; delete them (virsh snapshot-delete) or revert to them first",
-        file.display(),
-        h.nb_snapshots
-    )))
+    for (disk, file) in old_deltas {
+        let Some(h) = crate::qcow2::header_of_regular_file(file, false) else { continue };
+        if h.nb_snapshots > 0 {
+            return Err(crate::error::KnibError::invalid(format!(
+                "disk {disk}: {} holds {} internal snapshot(s) (`qemu-img snapshot -l` lists them): this backup would merge that file into its base and remove it, and the snapshots with it; delete them (virsh snapshot-delete) or revert to them first",
+                file.display(),
+                h.nb_snapshots
+            )));
+        }
+    }
+    Ok(())
 }

@@ -320,13 +320,8 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
     let consistent = |e: KnibError| e.with_vm_consistent(true);
     let all: Vec<&Path> = plan.disks.iter().flat_map(touched).collect();
     ensure_unused(&all, "the backup").map_err(consistent)?;
-    if plan.kind != BackupKind::Isolated {
-        for d in &plan.disks {
-            if let Some(old) = &d.old_delta {
-                super::refuse_dropping_internal_snapshots(&d.name, old).map_err(consistent)?;
-            }
-        }
-    }
+    let old_deltas = plan.disks.iter().filter_map(|d| Some((d.name.as_str(), d.old_delta.as_deref()?)));
+    super::refuse_dropping_internal_snapshots(plan.kind, old_deltas).map_err(consistent)?;
 
     // 1. The new deltas.
     let mut made: Vec<&FilesDisk> = Vec::new();
@@ -460,11 +455,12 @@ pub(crate) fn refuse_special_layers(top: &Path) -> Result<()> {
 /// Finish (`published`: every copy reached the store) or undo an
 /// interrupted backup of volumes without a domain, from its plan and the
 /// files: where `D'` is, which layers are below it. Every file is first
-/// tested for QEMU's locks ([`ensure_unused`]).
+/// tested for QEMU's locks ([`ensure_unused`]). The caller has checked
+/// [`require_still_described`] before it changed anything (the agent's
+/// cleanup does, before it cleans the store).
 pub fn recover(q: &QemuImg, plan: &FilesPlan, published: bool, ctl: &Control) -> Result<FilesRecovery> {
     let all: Vec<&Path> = plan.disks.iter().flat_map(touched).collect();
     ensure_unused(&all, "the cleanup")?;
-    require_still_described(plan)?;
     let mut rep = FilesRecovery::default();
     let finish = published && plan.kind != BackupKind::Isolated;
     for d in &plan.disks {
@@ -623,7 +619,6 @@ pub fn require_still_described(plan: &FilesPlan) -> Result<()> {
 /// pointer names `base`, but `named`. Files that cannot be opened or are
 /// not qcow2 are passed over; links and special files are never opened.
 fn deltas_over(base: &Path, named: &[&Path]) -> Result<Vec<PathBuf>> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = fsio::parent_dir(base);
     let entries = std::fs::read_dir(dir).map_err(|e| KnibError::io("cannot list", dir, e))?;
     let mut out = Vec::new();
@@ -632,14 +627,9 @@ fn deltas_over(base: &Path, named: &[&Path]) -> Result<Vec<PathBuf>> {
         if !e.file_type().is_ok_and(|t| t.is_file()) || named.iter().any(|n| same_file(n, &p)) {
             continue;
         }
-        let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&p)
-        else {
+        let Some(backing) = crate::qcow2::header_of_regular_file(&p, true).and_then(|h| h.backing_file) else {
             continue;
         };
-        if !f.metadata().is_ok_and(|m| m.is_file()) {
-            continue;
-        }
-        let Ok(Some(backing)) = crate::qcow2::read_header(&f, &p).map(|h| h.backing_file) else { continue };
         if same_file(&dir.join(&backing), base) {
             out.push(p);
         }

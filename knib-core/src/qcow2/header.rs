@@ -577,6 +577,21 @@ pub fn read_header(file: &std::fs::File, path: &std::path::Path) -> Result<Heade
     Header::parse(&path.display().to_string(), &prefix, len)
 }
 
+/// The qcow2 header of `path` when it is a regular file that can be opened
+/// and read as qcow2; `None` otherwise (missing, unreadable, a link when
+/// `no_follow`, a special file: opened without blocking and never read, so
+/// a FIFO does not wait for a writer). For the checks that look at files a
+/// step will read later, which reports what is wrong with them.
+pub(crate) fn header_of_regular_file(path: &std::path::Path, no_follow: bool) -> Option<Header> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = libc::O_NONBLOCK | if no_follow { libc::O_NOFOLLOW } else { 0 };
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(flags).open(path).ok()?;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    read_header(&f, path).ok()
+}
+
 /// How many leading bytes of a file [`Header::parse`] wants, given its first
 /// bytes `start` (at least 24 of them to know the cluster size) and the
 /// file's length: the first cluster, or the whole file when it is shorter.

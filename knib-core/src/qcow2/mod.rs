@@ -165,6 +165,7 @@ pub use direct::{WriteMode, WRITE_MODE_ENV};
 pub use empty::{empty_image, empty_image_bytes};
 #[doc(hidden)]
 pub use guard::scan_file;
+pub(crate) use header::header_of_regular_file;
 pub use header::{
     header_prefix_len, read_header, BitmapsExt, CompressionType, Header, INCOMPAT_COMPRESSION, INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, INCOMPAT_EXTENDED_L2, MAGIC, MAX_BACKING_NAME, MAX_CLUSTER_BITS, MAX_L1_BYTES,
