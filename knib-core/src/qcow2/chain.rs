@@ -316,6 +316,13 @@ impl Chain {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut at = offset / grain * grain;
         while at < end {
+            // A range no layer has an L2 table for is passed in one step
+            // (a large sparse disk costs a few table lookups, not one per
+            // cluster); its end is a multiple of the grain.
+            if let Some(skip) = self.no_tables_until(at)? {
+                at = skip.max(at + grain);
+                continue;
+            }
             if self.has_data_at(at)? {
                 let (s, e) = (at.max(offset), (at + grain).min(end));
                 match out.last_mut() {
@@ -326,6 +333,35 @@ impl Chain {
             at += grain;
         }
         Ok(out)
+    }
+
+    /// Where the range from guest byte `offset` on that no layer has an L2
+    /// table for ends (the first layer's end, top down, past which every
+    /// layer below reads as zeros, ends it too): `None` when some layer has
+    /// a table there, or a raw layer data. The end is the end of an L1
+    /// entry's range of a layer above, or `u64::MAX`.
+    fn no_tables_until(&self, offset: u64) -> Result<Option<u64>> {
+        let backing = self.backing.iter().map(|l| match l {
+            Layer::Qcow2(img) => Ok(&**img),
+            Layer::Raw(raw) => Err(raw.virtual_size()),
+        });
+        let mut end = u64::MAX;
+        for layer in std::iter::once(Ok(&self.top)).chain(backing) {
+            let img = match layer {
+                Ok(img) => img,
+                // A raw layer holds data up to its end.
+                Err(raw_size) => return Ok((offset >= raw_size).then_some(end)),
+            };
+            if offset >= img.virtual_size() {
+                return Ok(Some(end));
+            }
+            let span = img.header().l2_entries() * img.cluster_size();
+            if img.l2_table_offset((offset / span) as usize)? != 0 {
+                return Ok(None);
+            }
+            end = end.min((offset / span + 1) * span);
+        }
+        Ok(Some(end))
     }
 
     /// Whether the cluster holding guest byte `offset` has data in some
