@@ -1490,7 +1490,17 @@
  *   SyncReport: What a sync did.
  *       aborted_uploads  integer: Interrupted uploads found and aborted.
  *       bytes_sent       integer: Bytes of volume files sent.
+ *       damaged?         [string], default []: Objects lost from backups the
+ *                        vault has that this store cannot send again (it has
+ *                        no such backup, or its file is not the one the
+ *                        vault's manifest describes), one line each: those
+ *                        backups cannot be restored from the vault (`knib
+ *                        verify` says the same).
  *       present          [string]: Backups the vault already had.
+ *       repaired?        [string], default []: Backups the vault had whose
+ *                        objects were lost (gone, or of another length than
+ *                        their manifest's) and were sent again from the
+ *                        store.
  *       sent             [string]: Backups sent, in the order sent (parents
  *                        first).
  *

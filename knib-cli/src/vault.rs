@@ -188,11 +188,19 @@ pub fn sync(
     };
     let r = v.sync_from(&store, &opts, ctl)?;
     output::clear_progress();
-    let text = if r.sent.is_empty() {
+    let mut text = if r.sent.is_empty() && r.repaired.is_empty() {
         format!("{to} has every backup already ({} present)", r.present.len())
+    } else if r.sent.is_empty() {
+        format!("{to} has every backup ({} present)", r.present.len())
     } else {
         format!("sent {} to {to} ({})", r.sent.join(", "), knib_core::fsio::human_bytes(r.bytes_sent))
     };
+    if !r.repaired.is_empty() {
+        text.push_str(&format!("; sent again the lost objects of {}", r.repaired.join(", ")));
+    }
+    for d in &r.damaged {
+        text.push_str(&format!("\nDAMAGED in the vault, not repaired: {d}"));
+    }
     output::say(json, || serde_json::to_value(&r), &text)?;
     Ok(())
 }

@@ -461,6 +461,59 @@ fn a_delete_waits_for_an_unfinished_upload_of_the_vm() {
     assert_eq!(d.expunged, vec![head.clone()]);
 }
 
+/// An object lost from the vault (removed by hand, or cut short) while
+/// its backup's manifest stays: the next sync sends it again from the
+/// store, checked against the vault's hash, and says so; every backup then
+/// restores as taken. A store without that backup cannot: the sync says
+/// which objects are lost, and changes nothing.
+#[test]
+fn an_object_lost_from_the_vault_is_sent_again_by_the_next_sync() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store, taken, vault } = Synced::new("lost");
+    let ids: Vec<String> = taken.iter().map(|(id, _)| id.clone()).collect();
+    let gone = format!("vms/vm1/{}/root.qcow2", ids[0]);
+    let short = format!("vms/vm1/{}/data.qcow2", ids[2]);
+    let whole = p.keys();
+    p.delete(&gone);
+    p.put(&short, b"cut short".to_vec());
+    // From a store that lacks those backups: said, nothing sent.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Store::create(other_dir.path()).unwrap();
+    let opts = SyncOptions { vm: Some("vm1".into()), ..SyncOptions::default() };
+    let r = vault.sync_from(&other, &opts, &ctl()).unwrap();
+    assert!(r.repaired.is_empty() && r.sent.is_empty() && r.bytes_sent == 0, "{r:?}");
+    assert_eq!(r.damaged.len(), 2, "{r:?}");
+    assert!(
+        r.damaged[0].starts_with(&format!("backup {}: object {gone} is gone, and this store has no backup", ids[0])),
+        "{r:?}"
+    );
+    assert!(
+        r.damaged[1].contains(&format!("object {short} is 9 bytes long, its manifest says {}", whole[&short])),
+        "{r:?}"
+    );
+    assert!(!p.keys().contains_key(&gone));
+    // From the store that took them: sent again, and nothing else.
+    let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert_eq!(r.repaired, vec![ids[0].clone(), ids[2].clone()], "{r:?}");
+    assert!(r.sent.is_empty() && r.damaged.is_empty(), "{r:?}");
+    assert_eq!(r.bytes_sent, whole[&gone] + whole[&short]);
+    assert_eq!(p.keys(), whole, "the vault holds what it held, and no upload record");
+    let v = vault.verify(None, &ctl()).unwrap();
+    assert!(v.reports.iter().all(|r| r.ok), "{v:?}");
+    let out = tempfile::tempdir().unwrap();
+    for (id, refs) in &taken {
+        for (vol, reference) in refs {
+            let to = out.path().join(format!("{id}-{vol}.raw"));
+            vault.restore(id, vol, &to, ImageFormat::Raw, true, &ctl()).unwrap();
+            assert_identical(&to, reference);
+        }
+    }
+    let again = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert!(again.repaired.is_empty() && again.bytes_sent == 0, "{again:?}");
+}
+
 /// An object someone else put under a key with an empty segment
 /// (`vms//x`, `vms/vm1//x`), which the S3 client cannot name, stops every
 /// listing of that part of the vault: the error is `corrupt`, names the

@@ -374,6 +374,11 @@ impl Vault {
     /// prefix) is left out, with a warning: what a listing returns never
     /// steers a delete elsewhere.
     fn keys_under(&self, rel: &str) -> Result<Vec<String>> {
+        Ok(self.objects_under(rel)?.into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// [`Vault::keys_under`] with each object's length.
+    fn objects_under(&self, rel: &str) -> Result<Vec<(String, u64)>> {
         let prefix = self.key(rel);
         let s3 = Arc::clone(&self.inner.s3);
         let listed = self.block_on(async move {
@@ -384,7 +389,7 @@ impl Vault {
         let mut out = Vec::new();
         for o in listed.map_err(|e| self.inner.error("cannot list", &e))? {
             match self.inner.rel_of(&o.location) {
-                Some(r) if r.starts_with(&want) && !r[want.len()..].is_empty() => out.push(r),
+                Some(r) if r.starts_with(&want) && !r[want.len()..].is_empty() => out.push((r, o.size)),
                 _ => log::warn!(
                     "vault {}: the listing of {rel}/ returned {}, which is not under it: ignored",
                     self.location(),

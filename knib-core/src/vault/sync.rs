@@ -108,6 +108,16 @@ pub struct SyncReport {
     pub bytes_sent: u64,
     /// Interrupted uploads found and aborted.
     pub aborted_uploads: usize,
+    /// Backups the vault had whose objects were lost (gone, or of another
+    /// length than their manifest's) and were sent again from the store.
+    #[serde(default)]
+    pub repaired: Vec<String>,
+    /// Objects lost from backups the vault has that this store cannot send
+    /// again (it has no such backup, or its file is not the one the
+    /// vault's manifest describes), one line each: those backups cannot be
+    /// restored from the vault (`knib verify` says the same).
+    #[serde(default)]
+    pub damaged: Vec<String>,
 }
 
 /// The record of an upload in progress.
@@ -160,6 +170,7 @@ impl Vault {
         self.remove_unfinished(vm)?;
         let local = store.manifests(vm)?;
         let (in_vault, unreadable) = self.scan_backups(vm)?;
+        self.send_lost_objects(store, vm, &local, &in_vault, opts, ctl, report)?;
         let have: std::collections::BTreeSet<String> = in_vault.into_iter().map(|m| m.id).collect();
         // What to send: every live backup the vault lacks, and the
         // ancestors it lacks (removed ones too: their children need them).
@@ -203,6 +214,79 @@ impl Vault {
             ctl.check(&format!("sync of {} to the vault", m.id))?;
             self.send_backup(store, m, opts, ctl, report)?;
             report.sent.push(m.id.clone());
+        }
+        Ok(())
+    }
+
+    /// The objects of the backups the vault has (`in_vault`, their
+    /// manifests read) that are gone or whose length is not their
+    /// manifest's (removed by hand or by a lifecycle rule, lost by the
+    /// server): each is sent again from the store's backup of that id when
+    /// its bytes hash as the vault's manifest says (checked while it is
+    /// sent; otherwise what was sent is removed again). What cannot be sent
+    /// again goes to the report's `damaged`, with a warning. One listing of
+    /// the VM's objects.
+    #[allow(clippy::too_many_arguments)]
+    fn send_lost_objects(
+        &self,
+        store: &Store,
+        vm: &str,
+        local: &[Manifest],
+        in_vault: &[Manifest],
+        opts: &SyncOptions,
+        ctl: &Control,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        if in_vault.is_empty() {
+            return Ok(());
+        }
+        let listed: std::collections::HashMap<String, u64> =
+            self.objects_under(&format!("vms/{vm}"))?.into_iter().collect();
+        for m in in_vault {
+            let mut sent_again = false;
+            for v in &m.volumes {
+                let rel = Self::volume_rel(m, &v.file);
+                let lost = match listed.get(&rel) {
+                    Some(&n) if n == v.size => continue,
+                    Some(&n) => format!("is {n} bytes long, its manifest says {}", v.size),
+                    None => "is gone".to_string(),
+                };
+                let mut damaged = |why: &str| {
+                    let line = format!("backup {}: object {rel} {lost}, and {why}", m.id);
+                    log::warn!("vault {}: {line}", self.location());
+                    report.damaged.push(line);
+                };
+                let Some(mine) = local.iter().find(|l| l.id == m.id) else {
+                    damaged("this store has no backup of that id to send it again from");
+                    continue;
+                };
+                let Ok(entry) = mine.volume(&v.name) else {
+                    damaged("this store's backup of that id has no such volume");
+                    continue;
+                };
+                if entry.hash.is_some() && entry.hash != v.hash {
+                    damaged("this store's file of it is not the one sent (another hash: compressed since?)");
+                    continue;
+                }
+                let file = store.chain_files(mine, &v.name)?.pop().expect("a chain has a file");
+                ctl.check(&format!("sync of {} to the vault", m.id))?;
+                log::warn!("vault {}: object {rel} {lost}: sending it again from {}", self.location(), file.display());
+                let record = format!("uploads/{vm}/{}/{}.json", m.id, v.file);
+                let (len, hash) = self.upload_file(&file, &rel, &record, opts, ctl)?;
+                if Some(&hash) != v.hash.as_ref() || len != v.size {
+                    self.delete_key(&rel)?;
+                    damaged(&format!(
+                        "this store's file of it, {}, is not the one sent (hash {hash}, {len} bytes)",
+                        file.display()
+                    ));
+                    continue;
+                }
+                report.bytes_sent += len;
+                sent_again = true;
+            }
+            if sent_again {
+                report.repaired.push(m.id.clone());
+            }
         }
         Ok(())
     }

@@ -47,12 +47,16 @@ public final class VaultSync {
         private final List<String> present;
         private final long bytesSent;
         private final long abortedUploads;
+        private final List<String> repaired;
+        private final List<String> damaged;
 
         private Report() {
             sent = null;
             present = null;
             bytesSent = 0;
             abortedUploads = 0;
+            repaired = null;
+            damaged = null;
         }
 
         /** @return the backups sent, parents first */
@@ -66,5 +70,14 @@ public final class VaultSync {
 
         /** @return the interrupted uploads found and aborted */
         public long abortedUploads() { return abortedUploads; }
+
+        /** @return the backups whose objects lost from the vault were sent again */
+        public List<String> repaired() { return Json.view(repaired); }
+
+        /**
+         * @return the objects lost from backups the vault has that this store
+         *     cannot send again, one line each
+         */
+        public List<String> damaged() { return Json.view(damaged); }
     }
 }
