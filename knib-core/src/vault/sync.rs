@@ -268,6 +268,16 @@ impl Vault {
                     damaged("this store's file of it is not the one sent (another hash: compressed since?)");
                     continue;
                 }
+                // A delete of the backup running meanwhile (its manifest
+                // goes first) would find the object sent again an orphan.
+                if self.load_manifest(vm, &m.id)?.is_none() {
+                    log::warn!(
+                        "vault {}: backup {} was deleted meanwhile: {rel} is not sent again",
+                        self.location(),
+                        m.id
+                    );
+                    break;
+                }
                 let file = store.chain_files(mine, &v.name)?.pop().expect("a chain has a file");
                 ctl.check(&format!("sync of {} to the vault", m.id))?;
                 log::warn!("vault {}: object {rel} {lost}: sending it again from {}", self.location(), file.display());
