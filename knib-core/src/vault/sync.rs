@@ -256,6 +256,10 @@ impl Vault {
                     log::warn!("vault {}: {line}", self.location());
                     report.damaged.push(line);
                 };
+                if v.hash.is_none() {
+                    damaged("the vault's manifest has no hash to check a copy against");
+                    continue;
+                }
                 let Some(mine) = local.iter().find(|l| l.id == m.id) else {
                     damaged("this store has no backup of that id to send it again from");
                     continue;
