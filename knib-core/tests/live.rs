@@ -328,6 +328,7 @@ fn busy_missing_domain_raw_disk_and_quiesce_without_agent_are_clear_errors() {
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
     assert!(e.message.contains("disk vda of domain knib-raw-probe") && e.message.contains("is raw, not qcow2"), "{e}");
     assert_eq!(std::fs::read_dir(&rdir).unwrap().count(), 1);
+    assert!(!store.root().join("vms/knib-raw-probe").exists(), "a refused first backup made the VM's directory");
 }
 
 #[test]

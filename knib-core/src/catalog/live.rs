@@ -223,6 +223,13 @@ impl Store {
         crate::names::validate("VM name", &name)?;
         self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let q = self.qemu_img.clone();
+        // The first backup of the VM in this store, refused for the
+        // domain's shape (a raw disk, no disk), leaves nothing behind: no
+        // VM directory, no lock file. Its shape is read before the lock
+        // too (and again under it, below).
+        if !self.vm_dir(&name).exists() {
+            live::inspect(&q, vm, ctl)?;
+        }
         crate::crashpoint::pause_point(&format!("locking VM {name} for a backup"));
         let _lock = self.lock_vm(&name, &format!("backup of {name}"))?;
         self.refuse_interrupted(&name)?;
