@@ -485,7 +485,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 let hv = Hypervisor::open(&connect)?;
                 let dom = hv.domain(&domain)?;
                 let done = store.quick_restore_domain(&backup, &dom, &ctl)?;
-                let kept = knib_core::catalog::disks_not_restored(&dom, &done)?;
+                let kept = knib_core::catalog::disks_not_restored(&dom, &done);
                 let text: Vec<String> = done.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
                 output::say(
                     json,

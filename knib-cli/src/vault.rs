@@ -225,7 +225,7 @@ pub fn quick_restore(loc: &str, id: &str, domain: &str, connect: &str, json: boo
     )?;
     let overlays: Vec<(String, std::path::PathBuf)> =
         st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect();
-    let kept = knib_core::catalog::disks_not_restored(&dom, &overlays)?;
+    let kept = knib_core::catalog::disks_not_restored(&dom, &overlays);
     let text: Vec<String> = overlays.iter().map(|(t, o)| format!("{t} on {}", o.display())).collect();
     output::say(
         json,

@@ -564,7 +564,7 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
                 ctl,
             )?;
             let overlays: Vec<_> = st.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect();
-            let kept = crate::catalog::disks_not_restored(&vm, &overlays)?;
+            let kept = crate::catalog::disks_not_restored(&vm, &overlays);
             return Ok(QuickRestoreAnswer { overlays, kept });
         }
         if r.server_program.is_some() {
@@ -575,7 +575,7 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
         let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
         let store = Store::open(&r.store)?;
         let overlays = store.quick_restore_domain(&r.backup, &vm, ctl)?;
-        let kept = crate::catalog::disks_not_restored(&vm, &overlays)?;
+        let kept = crate::catalog::disks_not_restored(&vm, &overlays);
         Ok(QuickRestoreAnswer { overlays, kept })
     }
     #[cfg(not(feature = "libvirt"))]

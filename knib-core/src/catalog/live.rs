@@ -567,10 +567,21 @@ pub(crate) fn quick_restore_targets(m: &Manifest, vm: &Vm) -> Result<Vec<(String
 /// were, the backup not having them (a disk added after it was taken):
 /// `[target, file]` of each writable file disk whose target is none of
 /// `restored`'s (a quick restore's answer). Read-only disks (an installer
-/// image) are not listed.
-pub fn disks_not_restored(vm: &Vm, restored: &[(String, PathBuf)]) -> Result<Vec<(String, PathBuf)>> {
+/// image) are not listed. Asked once the domain runs on its overlays: a
+/// domain whose disks cannot be read now gets none listed and a warning,
+/// not an error that would make the restore done look failed.
+pub fn disks_not_restored(vm: &Vm, restored: &[(String, PathBuf)]) -> Vec<(String, PathBuf)> {
     let targets: Vec<&str> = restored.iter().map(|(t, _)| t.as_str()).collect();
-    Ok(writable_disks_besides(&vm.disks()?, &targets))
+    match vm.disks() {
+        Ok(disks) => writable_disks_besides(&disks, &targets),
+        Err(e) => {
+            log::warn!(
+                "after the quick restore of domain {}: {e}: the disks it left as they were are not listed",
+                vm.name()
+            );
+            Vec::new()
+        }
+    }
 }
 
 fn writable_disks_besides(disks: &[crate::libvirt::xml::DiskInfo], targets: &[&str]) -> Vec<(String, PathBuf)> {

@@ -280,6 +280,7 @@ impl Vault {
                         self.location(),
                         m.id
                     );
+                    sent_again = false;
                     break;
                 }
                 let file = store.chain_files(mine, &v.name)?.pop().expect("a chain has a file");
