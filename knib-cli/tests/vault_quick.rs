@@ -18,7 +18,7 @@ mod common;
 mod s3;
 
 use common::disk::{assert_identical, make_disk, qemu_io, snapshot};
-use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB, URI};
+use common::vm::{skip_without_libvirt, TestVm, MIB, URI};
 
 fn knib(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_knib")).args(args).output().expect("knib runs")
@@ -95,12 +95,7 @@ fn quick_restored(name: &str) -> Restored {
 
     let tdir = dir.path().join("target");
     std::fs::create_dir(&tdir).unwrap();
-    let target = TestVm::create(
-        "knib-vq",
-        &[("vda", SIZE)],
-        &tdir,
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let target = TestVm::define_stopped("knib-vq", &[("vda", SIZE)], &tdir);
     let r =
         ok_json(&["--json", "--connect", URI, "restore", "--store", &loc, &id, "--quick", "--domain", target.name()]);
     let server = Server(r["server_pid"].as_u64().unwrap());
@@ -280,12 +275,7 @@ fn quick_restore_from_the_vault_through_the_json_api() {
     std::fs::remove_dir_all(&store).unwrap();
     let tdir = dir.path().join("target");
     std::fs::create_dir(&tdir).unwrap();
-    let target = TestVm::create(
-        "knib-vqj",
-        &[("vda", SIZE)],
-        &tdir,
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let target = TestVm::define_stopped("knib-vqj", &[("vda", SIZE)], &tdir);
     let call = |op: &str, req: serde_json::Value| {
         knib_core::api::call(op, &req.to_string(), &knib_core::Control::new())
             .map(|a| serde_json::from_str::<serde_json::Value>(&a).unwrap())

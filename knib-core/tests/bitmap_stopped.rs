@@ -252,12 +252,7 @@ fn a_read_only_disk_is_refused_by_the_bitmap_method_and_not_written() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
-    let vm = TestVm::create(
-        "knib-bm-ro",
-        &DISKS,
-        dir.path(),
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let vm = TestVm::define_stopped("knib-bm-ro", &DISKS, dir.path());
     let xml = vm.vm.xml().unwrap();
     let at = xml.find("<target dev='vdb'").expect("vdb's target");
     let xml = format!("{}<readonly/>{}", &xml[..at], &xml[at..]);
@@ -292,12 +287,7 @@ fn a_disk_shrunk_and_grown_again_is_restored_as_it_is() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
-    let vm = TestVm::create(
-        "knib-bm-regrow",
-        &DISKS,
-        dir.path(),
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let vm = TestVm::define_stopped("knib-bm-regrow", &DISKS, dir.path());
     let vda = vm.disk("vda").file;
     common::disk::qemu_io(&vda, "write -P 0x12 40M 1M");
     common::disk::qemu_io(&vda, "write -P 0x13 1M 1M");

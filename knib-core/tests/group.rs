@@ -68,12 +68,7 @@ fn two_running_domains_and_a_plain_disk_vm_are_backed_up_at_one_instant() {
     let vm2 = Arc::new(running("knib-group-b", dir.path(), false));
     let (p, pdisk) = plain(dir.path(), "plain-1", 0x44);
     // A stopped, defined domain.
-    let stopped = TestVm::create(
-        "knib-group-s",
-        &[("vda", 8 * MIB)],
-        dir.path(),
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let stopped = TestVm::define_stopped("knib-group-s", &[("vda", 8 * MIB)], dir.path());
     let m1 = Arc::new(Mutex::new(Model::new(&DISKS)));
     let m2 = Arc::new(Mutex::new(Model::new(&DISKS)));
     let mut ids: Vec<String> = Vec::new();

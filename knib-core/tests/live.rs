@@ -189,12 +189,7 @@ fn quick_restore_runs_at_once_keeps_new_writes_and_consolidate_frees_the_store()
     let b = store.backup_domain(&src.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
     let tdir = dir.path().join("target");
     std::fs::create_dir(&tdir).unwrap();
-    let target = TestVm::create(
-        "knib-qr-dst",
-        &DISKS,
-        &tdir,
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let target = TestVm::define_stopped("knib-qr-dst", &DISKS, &tdir);
     // The top of one disk's chain damaged: the domain is not started, its
     // disks are the same, no overlay is made.
     let top = store.chain_files(&b, "vda").unwrap().pop().unwrap();
@@ -338,12 +333,7 @@ fn a_stopped_domain_is_backed_up_through_the_same_api() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
-    let vm = TestVm::create(
-        "knib-stopped",
-        &DISKS,
-        dir.path(),
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let vm = TestVm::define_stopped("knib-stopped", &DISKS, dir.path());
     let active = |t: &str| vm.disk(t).file;
     // Writes to a stopped VM's disks go into their active files.
     common::disk::qemu_io(&active("vda"), "write -P 0x71 0 2M");
@@ -573,12 +563,7 @@ fn a_backup_that_would_remove_an_internal_snapshot_is_refused() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
-    let vm = TestVm::create(
-        "knib-internal-snap",
-        &DISKS,
-        dir.path(),
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let vm = TestVm::define_stopped("knib-internal-snap", &DISKS, dir.path());
     let active = |t: &str| vm.disk(t).file;
     let b1 = store.backup_domain(&vm.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
     common::disk::qemu_io(&active("vdb"), "write -P 0x51 1M 1M");
@@ -621,12 +606,7 @@ fn an_end_of_chain_backup_of_a_shrunk_disk_keeps_its_size() {
     }
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
-    let vm = TestVm::create(
-        "knib-shrunk",
-        &DISKS,
-        dir.path(),
-        TestVmOptions { persistent: true, running: false, agent_channel: false },
-    );
+    let vm = TestVm::define_stopped("knib-shrunk", &DISKS, dir.path());
     let active = |t: &str| vm.disk(t).file;
     let opts = BackupOptions { chain_size: 2, ..Default::default() };
     store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
