@@ -120,6 +120,14 @@ pub struct SyncReport {
     pub damaged: Vec<String>,
 }
 
+/// One sync at work: the store it sends from, how, and what it did so far.
+struct SyncRun<'a> {
+    store: &'a Store,
+    opts: &'a SyncOptions,
+    ctl: &'a Control,
+    report: SyncReport,
+}
+
 /// The record of an upload in progress.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,21 +149,15 @@ impl Vault {
             Some(v) => vec![v.clone()],
             None => store.vms()?,
         };
-        let mut report = SyncReport::default();
+        let mut run = SyncRun { store, opts, ctl, report: SyncReport::default() };
         for vm in vms {
-            self.sync_vm(store, &vm, opts, ctl, &mut report)?;
+            self.sync_vm(&mut run, &vm)?;
         }
-        Ok(report)
+        Ok(run.report)
     }
 
-    fn sync_vm(
-        &self,
-        store: &Store,
-        vm: &str,
-        opts: &SyncOptions,
-        ctl: &Control,
-        report: &mut SyncReport,
-    ) -> Result<()> {
+    fn sync_vm(&self, run: &mut SyncRun<'_>, vm: &str) -> Result<()> {
+        let SyncRun { store, opts, ctl, .. } = *run;
         let local = store.manifests(vm)?;
         // A VM the store has no backup of is left alone, unless it was
         // asked for: then what interrupted uploads (or a delete killed
@@ -166,11 +168,11 @@ impl Vault {
             return Ok(());
         }
         let _lock = store.lock_vm(vm, &format!("sync of {vm} to vault {}", self.location()))?;
-        report.aborted_uploads += self.abort_recorded(vm)?;
+        run.report.aborted_uploads += self.abort_recorded(vm)?;
         self.remove_unfinished(vm)?;
         let local = store.manifests(vm)?;
         let (in_vault, unreadable) = self.scan_backups(vm)?;
-        self.send_lost_objects(store, vm, &local, &in_vault, opts, ctl, report)?;
+        self.send_lost_objects(run, vm, &local, &in_vault)?;
         let have: std::collections::BTreeSet<String> = in_vault.into_iter().map(|m| m.id).collect();
         // What to send: every live backup the vault lacks, and the
         // ancestors it lacks (removed ones too: their children need them).
@@ -207,13 +209,13 @@ impl Vault {
             // Parents first.
             needed.extend(path.into_iter().rev());
             if have.contains(&m.id) {
-                report.present.push(m.id.clone());
+                run.report.present.push(m.id.clone());
             }
         }
         for m in needed {
             ctl.check(&format!("sync of {} to the vault", m.id))?;
-            self.send_backup(store, m, opts, ctl, report)?;
-            report.sent.push(m.id.clone());
+            self.send_backup(run, m)?;
+            run.report.sent.push(m.id.clone());
         }
         Ok(())
     }
@@ -226,17 +228,15 @@ impl Vault {
     /// sent; otherwise what was sent is removed again). What cannot be sent
     /// again goes to the report's `damaged`, with a warning. One listing of
     /// the VM's objects.
-    #[allow(clippy::too_many_arguments)]
     fn send_lost_objects(
         &self,
-        store: &Store,
+        run: &mut SyncRun<'_>,
         vm: &str,
         local: &[Manifest],
         in_vault: &[Manifest],
-        opts: &SyncOptions,
-        ctl: &Control,
-        report: &mut SyncReport,
     ) -> Result<()> {
+        let SyncRun { store, opts, ctl, .. } = *run;
+        let report = &mut run.report;
         if in_vault.is_empty() {
             return Ok(());
         }
@@ -345,14 +345,9 @@ impl Vault {
 
     /// Send backup `m` (its parent is in the vault): each volume's file,
     /// then the manifest.
-    fn send_backup(
-        &self,
-        store: &Store,
-        m: &Manifest,
-        opts: &SyncOptions,
-        ctl: &Control,
-        report: &mut SyncReport,
-    ) -> Result<()> {
+    fn send_backup(&self, run: &mut SyncRun<'_>, m: &Manifest) -> Result<()> {
+        let SyncRun { store, opts, ctl, .. } = *run;
+        let report = &mut run.report;
         log::info!("vault {}: sending backup {} of {}", self.location(), m.id, m.vm);
         let mut out = m.clone();
         for v in out.volumes.iter_mut() {
