@@ -442,13 +442,9 @@ pub struct FilesRecovery {
 /// FIFO until the time budget ends). Anything else the reader refuses (a
 /// feature it does not read, damage) is left for qemu-img to say.
 pub(crate) fn refuse_special_layers(top: &Path) -> Result<()> {
-    match crate::qcow2::Chain::open(top) {
-        Err(e)
-            if e.kind == crate::ErrorKind::Io && e.message.contains("is neither a regular file nor a block device") =>
-        {
-            Err(e)
-        }
-        _ => Ok(()),
+    match crate::qcow2::Chain::special_file_in(top) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

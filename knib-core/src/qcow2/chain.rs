@@ -102,6 +102,19 @@ pub struct Chain {
     backing: Vec<Layer>,
 }
 
+/// Why [`Chain::walk`] failed: a file of the chain is neither a regular
+/// file nor a block device, or any other reason.
+enum Refusal {
+    SpecialFile(KnibError),
+    Other(KnibError),
+}
+
+impl From<KnibError> for Refusal {
+    fn from(e: KnibError) -> Self {
+        Refusal::Other(e)
+    }
+}
+
 impl Chain {
     /// Open the qcow2 image at `top` and its backing files, at most
     /// [`MAX_CHAIN_DEPTH`] files.
@@ -141,6 +154,22 @@ impl Chain {
     }
 
     fn open_inner(top: &Path, max_depth: usize, files_only: bool) -> Result<Self> {
+        Self::walk(top, max_depth, files_only).map_err(|r| match r {
+            Refusal::SpecialFile(e) | Refusal::Other(e) => e,
+        })
+    }
+
+    /// The error of [`Chain::open`] on `top` when a file of its chain is
+    /// neither a regular file nor a block device (that file is never
+    /// opened); `None` when the chain opens, or fails for any other reason.
+    pub(crate) fn special_file_in(top: &Path) -> Option<KnibError> {
+        match Self::walk(top, MAX_CHAIN_DEPTH, false) {
+            Err(Refusal::SpecialFile(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    fn walk(top: &Path, max_depth: usize, files_only: bool) -> std::result::Result<Self, Refusal> {
         let mut layers = Vec::new();
         // Files seen, by device and inode (so symlinks and hard links count).
         let mut seen: HashSet<(u64, u64)> = HashSet::new();
@@ -168,40 +197,41 @@ impl Chain {
                         format!("{} is neither a regular file nor a block device: it is not read", path.display()),
                     ),
                 };
-                return Err(match names.last() {
+                let e = match names.last() {
                     Some(parent) => e.context(format!("backing chain of {parent}")),
                     None => e,
-                });
+                };
+                return Err(if files_only { Refusal::Other(e) } else { Refusal::SpecialFile(e) });
             }
             names.push(path.display().to_string());
             if !seen.insert((meta.dev(), meta.ino())) {
-                return Err(KnibError::corrupt(format!("backing chain loops: {}", names.join(" -> "))));
+                return Err(Refusal::Other(KnibError::corrupt(format!("backing chain loops: {}", names.join(" -> ")))));
             }
             if layers.len() >= max_depth {
-                return Err(KnibError::corrupt(format!(
+                return Err(Refusal::Other(KnibError::corrupt(format!(
                     "backing chain of {} is deeper than {max_depth} files",
                     top.display()
-                )));
+                ))));
             }
             let fmt = match format.take() {
                 Some(f) => f,
                 None => probe(&path)?,
             };
             if files_only && fmt != "qcow2" {
-                return Err(KnibError::invalid(format!(
+                return Err(Refusal::Other(KnibError::invalid(format!(
                     "backing file {} of {} is not qcow2 (format \"{fmt}\"): a backup's chain holds only qcow2 files",
                     path.display(),
                     names[names.len() - 2]
-                )));
+                ))));
             }
             let layer = match fmt.as_str() {
                 "qcow2" => Layer::Qcow2(Box::new(Qcow2Image::open(&path)?)),
                 "raw" => Layer::Raw(RawImage::open(&path)?),
                 other => {
-                    return Err(KnibError::invalid(format!(
+                    return Err(Refusal::Other(KnibError::invalid(format!(
                         "backing file {} has format \"{other}\": only qcow2 and raw are supported",
                         path.display()
-                    )))
+                    ))))
                 }
             };
             let next = match &layer {
@@ -213,10 +243,10 @@ impl Chain {
             layers.push(layer);
             let Some((name, backing_format)) = next else { break };
             if name.starts_with("json:") || name.contains("://") {
-                return Err(KnibError::invalid(format!(
+                return Err(Refusal::Other(KnibError::invalid(format!(
                     "{}: backing file \"{name}\" is not a plain file name (protocols are not supported)",
                     path.display()
-                )));
+                ))));
             }
             let named = Path::new(&name);
             path = if named.is_absolute() {
@@ -236,7 +266,7 @@ impl Chain {
         let mut layers = layers.into_iter();
         match layers.next() {
             Some(Layer::Qcow2(top)) => Ok(Chain { top: *top, backing: layers.collect() }),
-            _ => Err(KnibError::internal(format!("chain of {} has no qcow2 top", top.display()))),
+            _ => Err(KnibError::internal(format!("chain of {} has no qcow2 top", top.display())).into()),
         }
     }
 
