@@ -36,6 +36,12 @@ pub struct BootArgs {
     /// Save a screenshot of the booted guest here (PNG).
     #[arg(long, requires = "boot")]
     pub screenshot: Option<PathBuf>,
+    /// Stop the guest, and fail the test, once it has written more than this
+    /// many MiB to its overlays and console log (default: no limit but the
+    /// free space: a boot test always leaves 1 GiB free on the file system
+    /// of its work directory).
+    #[arg(long, value_name = "MIB", requires = "boot")]
+    pub max_write_mib: Option<u64>,
     /// Run this command in the guest (through the guest agent): its path and
     /// arguments, up to knib's next option (`--exec=ARG` for an argument
     /// that is one of knib's options).
@@ -124,6 +130,7 @@ pub fn run(store: &Store, id: &str, a: &BootArgs, connect: &str, json: bool, ctl
         screenshot: a.screenshot.clone(),
         command,
         domain_type: None,
+        max_write_bytes: a.max_write_mib.map(|m| m.saturating_mul(1 << 20)),
         timing: Default::default(),
     };
     let hv = Hypervisor::open(connect)?;

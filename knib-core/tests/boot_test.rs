@@ -119,6 +119,7 @@ fn request(g: &Guest, backup: PathBuf, work: &Path) -> BootTestRequest {
         screenshot: None,
         command: None,
         domain_type: None,
+        max_write_bytes: None,
         timing: Default::default(),
     }
 }
@@ -212,6 +213,57 @@ fn a_backup_boots_shows_a_screen_and_runs_a_command() {
     assert_cleaned_up(&report.domain, &work);
 
     // The backup files were only read.
+    assert_eq!(snapshot_files(store.root()), before, "the store changed");
+}
+
+/// A guest that writes more than the request's `max_write_bytes` (a
+/// command filling its disk) is destroyed, and the test fails saying so:
+/// before, nothing bounded what a guest wrote to its overlays and console,
+/// in the work directory, beside the store maybe. The same command under
+/// no limit of its own passes (the free-space reserve leaves it alone).
+/// Either way the domain, the overlays and the console log are gone, and
+/// the backup was only read.
+#[test]
+fn a_guest_writing_past_its_limit_is_stopped_and_the_test_fails() {
+    if skip_without_libvirt("a_guest_writing_past_its_limit_is_stopped_and_the_test_fails") {
+        return;
+    }
+    let _serial = serial();
+    let g = guest();
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m) = backed_up(tmp.path(), &g.disk, false);
+    let backup = store.volume_file(&m, "vda").unwrap();
+    let before = snapshot_files(store.root());
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    let fill = GuestCommand {
+        path: "/bin/sh".into(),
+        args: vec!["-c".into(), "dd if=/dev/urandom of=/fill bs=1M count=32 && sync && echo filled".into()],
+        expect_exit: Some(0),
+        expect_output: Some("filled".into()),
+    };
+
+    let mut req = request(g, backup.clone(), &work);
+    req.command = Some(fill.clone());
+    req.max_write_bytes = Some(8 << 20);
+    let report = boot_test(&hv(), &req, &Control::new()).unwrap();
+    eprintln!("{}", show(&report));
+    assert!(!report.passed, "{}", show(&report));
+    let p = &report.problems[0];
+    assert!(
+        p.starts_with("the guest was stopped: it wrote ") && p.ends_with("more than the test's limit of 8.0 MiB"),
+        "{}",
+        show(&report)
+    );
+    assert_ne!(report.command_output.as_deref().map(str::trim_end), Some("filled"), "{}", show(&report));
+    assert_cleaned_up(&report.domain, &work);
+
+    let mut req = request(g, backup, &work);
+    req.command = Some(fill);
+    let report = boot_test(&hv(), &req, &Control::new()).unwrap();
+    assert!(report.passed, "{}", show(&report));
+    assert_eq!(report.command_output.as_deref().map(str::trim_end), Some("filled"));
+    assert_cleaned_up(&report.domain, &work);
     assert_eq!(snapshot_files(store.root()), before, "the store changed");
 }
 

@@ -446,6 +446,7 @@ pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Valid
         screenshot: screenshot.clone(),
         command,
         domain_type: r.domain_type.clone(),
+        max_write_bytes: None,
         timing: CheckTiming {
             wait_for_boot: r.wait_for_boot,
             screenshot_wait_secs: r.screenshot_wait_secs,

@@ -65,6 +65,15 @@ pub use crate::libvirt::boot_domain::DEFAULT_CMDLINE;
 pub use crate::libvirt::guest::{CommandOutcome, Exec, GuestCommand, COMMAND_TIMEOUT, SYNC_INTERVAL};
 pub use crate::libvirt::screenshot::{ppm_to_png, PNG_MAGIC};
 
+/// The least free space a boot test leaves on its work directory's file
+/// system: it does not start with less, and a guest whose writes (to its
+/// overlays, to its serial console) bring it below is stopped. A backup's
+/// guest must never fill the host's disk, which may hold the store.
+pub const MIN_FREE_BYTES: u64 = 1 << 30;
+
+/// How often a boot test measures what its guest wrote.
+const WRITE_WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
 /// The prefix of the names of boot-test domains: `knib-validate-<pid>-<n>`.
 pub const DOMAIN_PREFIX: &str = "knib-validate";
 
@@ -101,6 +110,13 @@ pub struct BootTestRequest {
     /// [`default_domain_type`].
     #[serde(default)]
     pub domain_type: Option<String>,
+    /// The most the guest may write to its overlays and serial console
+    /// log together, in bytes; past it the domain is destroyed and the
+    /// test fails, saying so. Default: no limit of its own, but the test is
+    /// stopped the same way whenever the work directory's file system has
+    /// less than [`MIN_FREE_BYTES`] free.
+    #[serde(default)]
+    pub max_write_bytes: Option<u64>,
     /// The checks' timing and judging.
     #[serde(flatten)]
     pub timing: CheckTiming,
@@ -413,6 +429,7 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     }
     let console = work_dir.join(format!("{name}-console.log"));
     cleanup.files.push(console.clone());
+    fsio::require_space(&work_dir, MIN_FREE_BYTES, "boot test")?;
 
     let domain_type = req.domain_type.as_deref().unwrap_or_else(|| default_domain_type());
     let xml = BootDomain {
@@ -433,12 +450,92 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     let vm = hv.create_transient(&xml).map_err(|e| e.context("boot test"))?;
     cleanup.vm = Some(vm.clone());
 
-    let mut report = check_guest(hv, &vm, req, started, Some(&console), ctl)?;
+    // The checks run under a control of their own, cancelled by the
+    // watcher of the guest's writes when it stops the guest (and when the
+    // caller cancels).
+    let checks = Control { cancel: crate::progress::CancelToken::new(), ..ctl.clone() };
+    let mut watched: Vec<PathBuf> = overlays.iter().map(|(_, o)| o.clone()).collect();
+    watched.push(console.clone());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (checked, stopped) = std::thread::scope(|s| {
+        let watcher = s.spawn(|| watch_writes(&vm, &watched, &work_dir, req.max_write_bytes, ctl, &checks, &done));
+        let checked = check_guest(hv, &vm, req, started, Some(&console), &checks);
+        done.store(true, Ordering::Relaxed);
+        watcher.thread().unpark();
+        (checked, watcher.join().unwrap_or(None))
+    });
+    let mut report = match (checked, stopped) {
+        (checked, Some(why)) => {
+            // What the checks found before the guest was stopped, if they
+            // ended; the reason first.
+            let mut r = checked.unwrap_or_default();
+            r.problems.insert(0, why);
+            r
+        }
+        (checked, None) => checked?,
+    };
     report.domain = name.clone();
     report.problems.extend(cleanup.finish());
     report.passed = (report.booted || !req.timing.wait_for_boot) && report.problems.is_empty();
     ctl.report("boot test: done", 100.0);
     Ok(report)
+}
+
+/// Watch what the boot test's guest writes to `files` (its overlays and
+/// console log, measured by the blocks they take) until `done`: when it
+/// passes `max` or leaves the work directory's file system less than
+/// [`MIN_FREE_BYTES`] free, destroy `vm`, cancel `checks` and say why. A
+/// cancellation of the caller's `ctl` is passed on to `checks`.
+fn watch_writes(
+    vm: &Vm,
+    files: &[PathBuf],
+    work_dir: &Path,
+    max: Option<u64>,
+    ctl: &Control,
+    checks: &Control,
+    done: &std::sync::atomic::AtomicBool,
+) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let taken = || files.iter().filter_map(|f| fs::metadata(f).ok()).map(|m| m.blocks() * 512).sum::<u64>();
+    let at_start = taken();
+    while !done.load(Ordering::Relaxed) {
+        if ctl.cancel.is_cancelled() {
+            checks.cancel.cancel();
+        }
+        let written = taken().saturating_sub(at_start);
+        let free = fsio::free_space(work_dir).unwrap_or(u64::MAX);
+        if let Some(why) = writes_exceeded(written, max, free) {
+            log::warn!("boot test {}: {why}", vm.name());
+            if let Err(e) = vm.destroy() {
+                log::warn!("boot test {}: {e}", vm.name());
+            }
+            checks.cancel.cancel();
+            return Some(why);
+        }
+        std::thread::park_timeout(WRITE_WATCH_INTERVAL);
+    }
+    None
+}
+
+/// Why a guest that wrote `written` bytes, with `free` bytes left on the
+/// work directory's file system, is stopped, if it is (see
+/// [`BootTestRequest::max_write_bytes`] and [`MIN_FREE_BYTES`]).
+fn writes_exceeded(written: u64, max: Option<u64>, free: u64) -> Option<String> {
+    if let Some(max) = max.filter(|&m| written > m) {
+        return Some(format!(
+            "the guest was stopped: it wrote {} to its overlays and console log, more than the test's limit of {}",
+            fsio::human_bytes(written),
+            fsio::human_bytes(max)
+        ));
+    }
+    (free < MIN_FREE_BYTES).then(|| {
+        format!(
+            "the guest was stopped: the work directory's file system had {} free, less than the {} a boot test leaves (the guest had written {})",
+            fsio::human_bytes(free),
+            fsio::human_bytes(MIN_FREE_BYTES),
+            fsio::human_bytes(written)
+        )
+    })
 }
 
 /// Validate a domain that is running already (CloudStack's validation VM,
@@ -597,6 +694,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_guest_is_stopped_past_its_write_limit_or_the_free_space_reserve() {
+        const MIB: u64 = 1 << 20;
+        let plenty = 100 * MIN_FREE_BYTES;
+        assert_eq!(writes_exceeded(0, None, plenty), None);
+        assert_eq!(writes_exceeded(u64::MAX / 2, None, plenty), None);
+        assert_eq!(writes_exceeded(8 * MIB, Some(8 * MIB), plenty), None);
+        assert_eq!(writes_exceeded(8 * MIB, None, MIN_FREE_BYTES), None);
+        let over = writes_exceeded(8 * MIB + 1, Some(8 * MIB), plenty).unwrap();
+        assert!(over.contains("wrote 8.0 MiB") && over.contains("limit of 8.0 MiB"), "{over}");
+        let full = writes_exceeded(3 * MIB, Some(8 * MIB), MIN_FREE_BYTES - 1).unwrap();
+        assert!(
+            full.contains("less than the 1.0 GiB a boot test leaves") && full.contains("written 3.0 MiB"),
+            "{full}"
+        );
+    }
+
+    #[test]
     fn boot_domain_names_give_their_pid() {
         assert_eq!(boot_domain_pid("knib-validate-123-0"), Some(123));
         assert_eq!(boot_domain_pid("knib-validate-7-15"), Some(7));
@@ -673,6 +787,7 @@ mod tests {
             screenshot: None,
             command: None,
             domain_type: None,
+            max_write_bytes: None,
             timing: CheckTiming::default(),
         }
     }
