@@ -417,6 +417,7 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     let name = domain_name();
     let mut cleanup = Cleanup { vm: None, files: Vec::new() };
     let q = QemuImg::new();
+    fsio::require_space(&work_dir, MIN_FREE_BYTES, "boot test")?;
 
     let mut overlays = Vec::new();
     for (target, backup) in &req.backup_files {
@@ -429,7 +430,6 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     }
     let console = work_dir.join(format!("{name}-console.log"));
     cleanup.files.push(console.clone());
-    fsio::require_space(&work_dir, MIN_FREE_BYTES, "boot test")?;
 
     let domain_type = req.domain_type.as_deref().unwrap_or_else(|| default_domain_type());
     let xml = BootDomain {
@@ -459,9 +459,11 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     let done = std::sync::atomic::AtomicBool::new(false);
     let (checked, stopped) = std::thread::scope(|s| {
         let watcher = s.spawn(|| watch_writes(&vm, &watched, &work_dir, req.max_write_bytes, ctl, &checks, &done));
+        // The watcher ends when the checks do, even by a panic (the scope
+        // waits for it before the panic goes on).
+        let stop = StopWatching(&done, watcher.thread().clone());
         let checked = check_guest(hv, &vm, req, started, Some(&console), &checks);
-        done.store(true, Ordering::Relaxed);
-        watcher.thread().unpark();
+        drop(stop);
         (checked, watcher.join().unwrap_or(None))
     });
     let mut report = match (checked, stopped) {
@@ -479,6 +481,16 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     report.passed = (report.booted || !req.timing.wait_for_boot) && report.problems.is_empty();
     ctl.report("boot test: done", 100.0);
     Ok(report)
+}
+
+/// Ends [`watch_writes`] when dropped: sets its `done` and wakes it.
+struct StopWatching<'a>(&'a std::sync::atomic::AtomicBool, std::thread::Thread);
+
+impl Drop for StopWatching<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        self.1.unpark();
+    }
 }
 
 /// Watch what the boot test's guest writes to `files` (its overlays and
@@ -692,6 +704,31 @@ fn console_tail(console: &Path, n: usize) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A panic of the checks ends the watcher of the guest's writes too:
+    /// the scope waits for it before the panic goes on, and without the
+    /// guard it would wait for ever.
+    #[test]
+    fn a_panic_of_the_checks_ends_the_watcher() {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                std::thread::scope(|s| {
+                    let w = s.spawn(|| {
+                        while !done.load(Ordering::Relaxed) {
+                            std::thread::park_timeout(Duration::from_secs(3600));
+                        }
+                    });
+                    let _stop = StopWatching(&done, w.thread().clone());
+                    panic!("the checks panicked");
+                })
+            }));
+            let _ = tx.send(r.is_err());
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(true), "the watcher did not end");
+        waiter.join().unwrap();
+    }
 
     #[test]
     fn a_guest_is_stopped_past_its_write_limit_or_the_free_space_reserve() {
