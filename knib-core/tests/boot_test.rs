@@ -401,6 +401,22 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
     let domain = boot["domain"].as_str().unwrap().to_string();
     assert!(!all_domains().contains(&domain), "domain {domain} left");
 
+    // The same backup under `validation.max_write_mib`, with a command that
+    // writes more: the guest is stopped and the job fails, saying so.
+    let mut limited: serde_json::Value = serde_json::from_str(&settings(BOOT_TIMEOUT_SECS)).unwrap();
+    limited["validation.max_write_mib"] = 8.into();
+    limited["validation.command"] =
+        serde_json::json!(["/bin/sh", "-c", "dd if=/dev/urandom of=/fill bs=1M count=32 && sync && uname"]);
+    std::fs::write(store.root().join("knib.json"), limited.to_string()).unwrap();
+    let job = store.queue_validation(&good.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    let why = j.last_error.clone().unwrap();
+    assert!(why.contains("boot test: the guest was stopped: it wrote ") && why.contains("limit of 8.0 MiB"), "{why}");
+    let domain = j.result.as_ref().unwrap()["boot"]["domain"].as_str().unwrap().to_string();
+    assert!(!all_domains().contains(&domain), "domain {domain} left");
+
     // The root disk zeroed in the VM, then backed up: that backup does not boot.
     let root = tmp.path().join("vm/root.qcow2");
     let size = knib_core::qemu_img::QemuImg::default().info(&root, &Control::new()).unwrap().virtual_size;

@@ -30,6 +30,7 @@
 //! | `validation.expect_exit` | exit code the command must end with | `0` |
 //! | `validation.expect_output` | output it must print (trailing white space ignored) | none |
 //! | `validation.domain_type` | `kvm` or `qemu` | chosen by the host |
+//! | `validation.max_write_mib` | (knib: the most the boot test's guest may write, 1 to 1048576 MiB; it always leaves 1 GiB free) | none |
 //! | `sync.enabled` | (sync jobs processed) | `true` |
 //! | `sync.auto` | (queue a sync job of the VM after each backup) | `false` |
 //! | `sync.vault` | (the vault sync jobs send to: `s3://bucket/prefix`) | none |
@@ -103,6 +104,7 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("validation.expect_exit", "guest command exit code"),
     ("validation.expect_output", "guest command output"),
     ("validation.domain_type", "boot test domain type"),
+    ("validation.max_write_mib", "knib: boot test write limit"),
     ("sync.enabled", "sync jobs processed"),
     ("sync.auto", "sync job queued after each backup"),
     ("sync.vault", "vault of the sync jobs"),
@@ -293,6 +295,11 @@ pub struct ValidationSettings {
     /// libvirt's domain type (`kvm` or `qemu`); none = chosen by the host.
     #[serde(deserialize_with = "domain_type", skip_serializing_if = "Option::is_none")]
     pub domain_type: Option<String>,
+    /// The most the boot test's guest may write to its overlays and console
+    /// log, in MiB ([`crate::engine::validate`]'s `max_write_bytes`); none
+    /// = no limit but the free space it always leaves.
+    #[serde(deserialize_with = "write_limit", skip_serializing_if = "Option::is_none")]
+    pub max_write_mib: Option<u64>,
 }
 
 impl Default for ValidationSettings {
@@ -315,6 +322,7 @@ impl Default for ValidationSettings {
             expect_exit: None,
             expect_output: None,
             domain_type: None,
+            max_write_mib: None,
         }
     }
 }
@@ -413,6 +421,10 @@ fn vault_location<'de, D: Deserializer<'de>>(d: D) -> De<Option<String>, D::Erro
         return Err(D::Error::custom(format!("must be a vault location, s3://BUCKET/PREFIX, not {s:?}")));
     }
     Ok(Some(s))
+}
+
+fn write_limit<'de, D: Deserializer<'de>>(d: D) -> De<Option<u64>, D::Error> {
+    whole(d, 1, 1 << 20, "a number of MiB from 1 to 1048576").map(Some)
 }
 
 fn memory<'de, D: Deserializer<'de>>(d: D) -> De<u64, D::Error> {

@@ -117,6 +117,8 @@ fn bad_settings_name_the_key() {
         ),
         (r#"{"schema": 1, "validation": {"kernel": null}}"#, "validation.kernel"),
         (r#"{"schema": 1, "validation.memory_mib": 32}"#, "validation.memory_mib"),
+        (r#"{"schema": 1, "validation.max_write_mib": 0}"#, "validation.max_write_mib"),
+        (r#"{"schema": 1, "validation": {"max_write_mib": 1048577}}"#, "validation.max_write_mib"),
         (r#"{"schema": 1, "knib": {"data": {"route": "native"}}}"#, "knib.data.route"),
         (r#"{"compression.enabled": true}"#, "schema"),
         (r#"{"schema": 2}"#, "schema"),
@@ -134,7 +136,7 @@ fn bad_settings_name_the_key() {
 fn every_key_of_the_table_is_read_and_written() {
     let s = parse(
         r#"{"schema": 1, "validation": {"kernel": "/k", "initrd": "/i", "cmdline": "c", "command": ["/bin/true"],
-            "expect_exit": 0, "expect_output": "", "domain_type": "kvm"}, "sync.vault": "s3://b12/p"}"#,
+            "expect_exit": 0, "expect_output": "", "domain_type": "kvm", "max_write_mib": 2048}, "sync.vault": "s3://b12/p"}"#,
     )
     .unwrap();
     let v = s.to_json();

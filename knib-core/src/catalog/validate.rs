@@ -94,7 +94,7 @@ impl Store {
                     screenshot: if settings.screenshot { screenshot.map(Path::to_path_buf) } else { None },
                     command,
                     domain_type: settings.domain_type.clone(),
-                    max_write_bytes: None,
+                    max_write_bytes: settings.max_write_mib.map(|m| m << 20),
                     timing: Default::default(),
                 };
                 std::fs::create_dir_all(work_dir).map_err(|e| KnibError::io("cannot create", work_dir, e))?;
