@@ -1093,6 +1093,12 @@
  *   sync: Send the backups of a store that an S3 vault lacks (parents first,
  *         each manifest last).
  *     request:
+ *       check?           boolean, default false: Also read every object of
+ *                        the vault's backups of the VMs synced and hold it
+ *                        against its manifest's hash; an object whose bytes
+ *                        changed is sent again like a lost one (default
+ *                        false: objects are only listed, which finds those
+ *                        gone or of another length).
  *       parallel_parts?  integer or null: Parts of a multipart upload in
  *                        flight at once, 1 to 16 (default 2; each holds 5
  *                        MiB).
@@ -1489,6 +1495,9 @@
  *
  *   SyncReport: What a sync did.
  *       aborted_uploads  integer: Interrupted uploads found and aborted.
+ *       bytes_checked?   integer, default 0: Bytes of the vault's objects
+ *                        read and checked against their hashes (with
+ *                        [`SyncOptions::check`]; 0 without).
  *       bytes_sent       integer: Bytes of volume files sent.
  *       damaged?         [string], default []: Objects lost from backups the
  *                        vault has that this store cannot send again (it has

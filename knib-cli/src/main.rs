@@ -242,7 +242,7 @@ enum Command {
         to: Option<String>,
         /// Queue a durable sync job of each VM (or of --vm) instead of
         /// sending now; the jobs send to `sync.vault`.
-        #[arg(long, conflicts_with_all = ["to", "rate_limit", "parallel_parts"])]
+        #[arg(long, conflicts_with_all = ["to", "rate_limit", "parallel_parts", "check"])]
         queue: bool,
         /// Only this VM's backups.
         #[arg(long)]
@@ -253,6 +253,11 @@ enum Command {
         /// Parts of 5 MiB read or sent at once.
         #[arg(long, default_value_t = knib_core::vault::DEFAULT_PARALLEL_PARTS as u32, value_parser = clap::value_parser!(u32).range(1..=16))]
         parallel_parts: u32,
+        /// Also read every object the vault holds of these VMs and check its
+        /// hash: one whose bytes changed is sent again from the store (a
+        /// plain sync only lists the objects).
+        #[arg(long)]
+        check: bool,
     },
     /// Serve the volumes of a vault's backup over NBD for a quick restore
     /// (started by `knib restore --quick`, stopped by `knib consolidate`).
@@ -453,8 +458,15 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             vault::delete(vault::location(&store).unwrap_or_default(), &backup, json)?
         }
         Command::Sync { store, queue: true, vm, .. } => jobs::queue_sync(store, vm, json)?,
-        Command::Sync { store, to, vm, rate_limit, parallel_parts, .. } => {
-            vault::sync(&store, to.as_deref().unwrap_or_default(), vm, rate_limit, parallel_parts, json, &ctl)?
+        Command::Sync { store, to, vm, rate_limit, parallel_parts, check, .. } => {
+            let opts = knib_core::vault::SyncOptions {
+                vm,
+                rate_limit_mbps: rate_limit,
+                parallel_parts: parallel_parts as usize,
+                check,
+                ..Default::default()
+            };
+            vault::sync(&store, to.as_deref().unwrap_or_default(), &opts, json, &ctl)?
         }
         Command::List { store, vm } => {
             let store = Store::open(store)?;

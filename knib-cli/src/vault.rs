@@ -166,27 +166,13 @@ pub fn open(to: &str) -> Result<Vault> {
     Vault::open(to)
 }
 
-pub fn sync(
-    store: &Path,
-    to: &str,
-    vm: Option<String>,
-    rate_limit: u64,
-    parallel_parts: u32,
-    json: bool,
-    ctl: &Control,
-) -> Result<()> {
+pub fn sync(store: &Path, to: &str, opts: &knib_core::vault::SyncOptions, json: bool, ctl: &Control) -> Result<()> {
     if location(Path::new(to)).is_none() {
         return Err(KnibError::invalid(format!("--to {to:?} is not a vault (s3://BUCKET/PREFIX)")));
     }
     let store = knib_core::catalog::Store::open(store)?;
     let v = Vault::open(to)?;
-    let opts = knib_core::vault::SyncOptions {
-        vm,
-        rate_limit_mbps: rate_limit,
-        parallel_parts: parallel_parts as usize,
-        ..Default::default()
-    };
-    let r = v.sync_from(&store, &opts, ctl)?;
+    let r = v.sync_from(&store, opts, ctl)?;
     output::clear_progress();
     let mut text = if r.sent.is_empty() && r.repaired.is_empty() {
         format!("{to} has every backup already ({} present)", r.present.len())
@@ -195,6 +181,9 @@ pub fn sync(
     } else {
         format!("sent {} to {to} ({})", r.sent.join(", "), knib_core::fsio::human_bytes(r.bytes_sent))
     };
+    if opts.check {
+        text.push_str(&format!("; checked {} of its objects", knib_core::fsio::human_bytes(r.bytes_checked)));
+    }
     if !r.repaired.is_empty() {
         text.push_str(&format!("; sent again the lost objects of {}", r.repaired.join(", ")));
     }

@@ -74,6 +74,12 @@ fn resume_and_check(store: &str, loc: &str, p: &s3::Prefix, reference: &Path, wo
     let r = ok_json(&["--json", "sync", "--store", store, "--to", loc, "--parallel-parts", "2"]);
     assert_eq!(r["sent"].as_array().unwrap().len() + r["present"].as_array().unwrap().len(), 2, "{r}");
     assert!(p.keys().keys().all(|k| k.starts_with("vms/")), "an upload record is left: {:?}", p.keys());
+    // Every object's bytes are the ones sent: a checking sync reads them all
+    // and has nothing to send again.
+    let c = ok_json(&["--json", "sync", "--store", store, "--to", loc, "--check"]);
+    let objects: u64 = p.keys().iter().filter(|(k, _)| k.ends_with(".qcow2")).map(|(_, n)| n).sum();
+    assert_eq!(c["bytes_checked"].as_u64(), Some(objects), "{c}");
+    assert!(c["repaired"].as_array().unwrap().is_empty() && c["damaged"].as_array().unwrap().is_empty(), "{c}");
     let listed = ok_json(&["--json", "list", "--store", loc]);
     assert_eq!(listed.as_array().unwrap().len(), 2);
     ok_json(&["--json", "verify", "--store", loc]);

@@ -672,6 +672,12 @@ pub(crate) struct SyncReq {
     /// each holds 5 MiB).
     #[serde(default)]
     parallel_parts: Option<u32>,
+    /// Also read every object of the vault's backups of the VMs synced and
+    /// hold it against its manifest's hash; an object whose bytes changed
+    /// is sent again like a lost one (default false: objects are only
+    /// listed, which finds those gone or of another length).
+    #[serde(default)]
+    check: bool,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     timeout_secs: Option<u64>,
@@ -693,6 +699,7 @@ pub(crate) fn sync(r: SyncReq, ctl: &Control) -> Result<SyncReport> {
         vm: r.vm,
         parallel_parts: parallel as usize,
         rate_limit_mbps: r.rate_limit_mbps,
+        check: r.check,
         ..Default::default()
     };
     vault.sync_from(&store, &opts, ctl)

@@ -32,6 +32,7 @@ fn attempt(store: &Store, job: &Job, settings: &SyncSettings, ctl: &Control) -> 
         part_size: settings.part_size_mib as usize * (1 << 20),
         parallel_parts: settings.parallel_parts as usize,
         rate_limit_mbps: settings.rate_limit_mbps,
+        check: false,
     };
     let sent = Vault::open(location).and_then(|v| v.sync_from(store, &opts, ctl));
     match sent {

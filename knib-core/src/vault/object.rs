@@ -56,6 +56,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::Inner;
 use crate::error::{KnibError, Result};
+use crate::progress::Control;
 use crate::qcow2::ReadAt;
 
 /// Bytes per cache block.
@@ -249,6 +250,21 @@ impl RemoteObject {
             }
         }
         Ok(())
+    }
+
+    /// The hash of the whole object (32 lower-case hex digits), read from
+    /// its start by ranged GETs of [`HASH_CHUNK`], `ctl` checked between
+    /// them; the block cache is not used.
+    pub(super) fn hash_whole(&self, ctl: &Control) -> Result<String> {
+        let mut h = Xxh3::new();
+        let mut at = 0;
+        while at < self.len {
+            ctl.check(&format!("check of {}", self.name()))?;
+            let end = (at + HASH_CHUNK).min(self.len);
+            h.update(&self.fetch(at, end)?);
+            at = end;
+        }
+        Ok(format!("{:032x}", h.digest128()))
     }
 
     /// Fetch what is left of the object for its hash and return it (32

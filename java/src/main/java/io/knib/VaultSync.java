@@ -16,10 +16,13 @@ public final class VaultSync {
      * @param to the vault, {@code s3://BUCKET/PREFIX}
      * @param vm only this VM's backups; null for every VM
      * @param rateLimitMbps read (and send) at most this many MB/s; 0 for no limit
-     * @param parallelParts parts of 8 MiB in flight at once, 1 to 16; null for 4
+     * @param parallelParts parts of 5 MiB in flight at once, 1 to 16; null for 2
+     * @param check also read every object the vault holds of these VMs and check its hash: one whose bytes
+     *     changed is sent again from the store (a plain sync only lists the objects)
      * @param timeoutSecs the time budget in seconds; null for none
      */
-    public record Request(String store, String to, String vm, long rateLimitMbps, Integer parallelParts, Long timeoutSecs) {
+    public record Request(
+            String store, String to, String vm, long rateLimitMbps, Integer parallelParts, boolean check, Long timeoutSecs) {
         /**
          * Every VM, no rate limit, the default parallelism, no time budget.
          *
@@ -27,17 +30,22 @@ public final class VaultSync {
          * @param to the vault
          */
         public Request(String store, String to) {
-            this(store, to, null, 0, null, null);
+            this(store, to, null, 0, null, false, null);
         }
 
         /** @param v only this VM's backups @return this request with it */
         public Request withVm(String v) {
-            return new Request(store, to, v, rateLimitMbps, parallelParts, timeoutSecs);
+            return new Request(store, to, v, rateLimitMbps, parallelParts, check, timeoutSecs);
         }
 
         /** @param v the rate limit in MB/s @return this request with it */
         public Request withRateLimitMbps(long v) {
-            return new Request(store, to, vm, v, parallelParts, timeoutSecs);
+            return new Request(store, to, vm, v, parallelParts, check, timeoutSecs);
+        }
+
+        /** @param v whether to check every object's hash @return this request with it */
+        public Request withCheck(boolean v) {
+            return new Request(store, to, vm, rateLimitMbps, parallelParts, v, timeoutSecs);
         }
     }
 
@@ -49,6 +57,7 @@ public final class VaultSync {
         private final long abortedUploads;
         private final List<String> repaired;
         private final List<String> damaged;
+        private final long bytesChecked;
 
         private Report() {
             sent = null;
@@ -57,6 +66,7 @@ public final class VaultSync {
             abortedUploads = 0;
             repaired = null;
             damaged = null;
+            bytesChecked = 0;
         }
 
         /** @return the backups sent, parents first */
@@ -79,5 +89,8 @@ public final class VaultSync {
          *     cannot send again, one line each
          */
         public List<String> damaged() { return Json.view(damaged); }
+
+        /** @return the bytes of the vault's objects read and checked (with {@code check}; else 0) */
+        public long bytesChecked() { return bytesChecked; }
     }
 }

@@ -60,6 +60,10 @@ class VaultTest {
             assertEquals(List.of(id), r.sent());
             assertTrue(r.bytesSent() > 9 * MIB);
             assertEquals(List.of(), k.sync(new VaultSync.Request(store.toString(), loc)).sent(), "nothing is sent twice");
+            VaultSync.Report checked = k.sync(new VaultSync.Request(store.toString(), loc).withCheck(true));
+            assertEquals(r.bytesSent(), checked.bytesChecked(), "every object sent is read back and checked");
+            assertEquals(List.of(), checked.repaired());
+            assertEquals(0, k.sync(new VaultSync.Request(store.toString(), loc)).bytesChecked());
 
             JsonObject list = new JsonObject();
             list.addProperty("store", loc);
