@@ -40,7 +40,7 @@ pub struct BootArgs {
     /// many MiB to its overlays and console log (default: no limit but the
     /// free space: a boot test always leaves 1 GiB free on the file system
     /// of its work directory).
-    #[arg(long, value_name = "MIB", requires = "boot")]
+    #[arg(long, value_name = "MIB", requires = "boot", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_write_mib: Option<u64>,
     /// Run this command in the guest (through the guest agent): its path and
     /// arguments, up to knib's next option (`--exec=ARG` for an argument

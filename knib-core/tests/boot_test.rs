@@ -245,10 +245,17 @@ fn a_guest_writing_past_its_limit_is_stopped_and_the_test_fails() {
 
     let mut req = request(g, backup.clone(), &work);
     req.command = Some(fill.clone());
+    req.max_write_bytes = Some(0);
+    let e = boot_test(&hv(), &req, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("max_write_bytes is 0"), "{e}");
     req.max_write_bytes = Some(8 << 20);
     let report = boot_test(&hv(), &req, &Control::new()).unwrap();
     eprintln!("{}", show(&report));
     assert!(!report.passed, "{}", show(&report));
+    // What the checks found before the guest was stopped is kept: it had
+    // booted (the command runs once the agent answers).
+    assert!(report.booted && report.boot_seconds > 0.0, "{}", show(&report));
     let p = &report.problems[0];
     assert!(
         p.starts_with("the guest was stopped: it wrote ") && p.ends_with("more than the test's limit of 8.0 MiB"),

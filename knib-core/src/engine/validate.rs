@@ -17,6 +17,14 @@
 //! [`crate::libvirt::screenshot`]. This module owns the test: its request,
 //! its report, the overlays, and the clean-up.
 //!
+//! The guest may not fill the host's disk: the test does not start when
+//! the file system of its work directory has less than [`MIN_FREE_BYTES`]
+//! free, and a watcher thread measures the space the overlays and the
+//! console log take, five times a second, while the checks run: when they
+//! grow past [`BootTestRequest::max_write_bytes`], or the file system's
+//! free space falls below [`MIN_FREE_BYTES`] (whatever filled it), it
+//! destroys the domain and cancels the checks; the report says why.
+//!
 //! Whatever happens (a failed check, an error, a cancellation, a panic),
 //! the domain is destroyed and the overlays and console log are removed
 //! (see [`BootTestReport::problems`] for a clean-up that failed). A
@@ -110,11 +118,13 @@ pub struct BootTestRequest {
     /// [`default_domain_type`].
     #[serde(default)]
     pub domain_type: Option<String>,
-    /// The most the guest may write to its overlays and serial console
-    /// log together, in bytes; past it the domain is destroyed and the
-    /// test fails, saying so. Default: no limit of its own, but the test is
+    /// The most the guest's overlays and serial console log may grow
+    /// together, in bytes (the space their files take, above what it was
+    /// at the start: a rewrite of a cluster the overlay holds already
+    /// takes none); past it the domain is destroyed and the test fails,
+    /// saying so. At least 1. Default: no limit of its own, but the test is
     /// stopped the same way whenever the work directory's file system has
-    /// less than [`MIN_FREE_BYTES`] free.
+    /// less than [`MIN_FREE_BYTES`] free, whatever filled it.
     #[serde(default)]
     pub max_write_bytes: Option<u64>,
     /// The checks' timing and judging.
@@ -364,6 +374,9 @@ fn check_request(req: &BootTestRequest) -> Result<()> {
     if !req.work_dir.is_dir() {
         return Err(KnibError::not_found(format!("work directory {} does not exist", req.work_dir.display())));
     }
+    if req.max_write_bytes == Some(0) {
+        return Err(KnibError::invalid("boot test: max_write_bytes is 0: the guest could not write its first byte"));
+    }
     for (what, file) in [("kernel", &req.kernel), ("initrd", &req.initrd)] {
         if let Some(f) = file {
             // The domain's XML names it, and libvirt does not read a
@@ -403,10 +416,12 @@ fn check_command(req: &BootTestRequest) -> Result<()> {
 }
 
 /// Boot-test a backup (see the module documentation). An error means the
-/// test could not be run (a missing file, overlays that could not be made,
-/// a domain libvirt refused, a cancellation, the caller's deadline); a guest
-/// that does not boot or fails a check is a report with `passed` false and
-/// the reasons in `problems`.
+/// test could not be run (a missing file, a work directory with less than
+/// [`MIN_FREE_BYTES`] free (NoSpace), overlays that could not be made, a
+/// domain libvirt refused, a cancellation, the caller's deadline); a guest
+/// that does not boot, fails a check or was stopped for what it wrote is a
+/// report with `passed` false and the reasons in `problems` (the guest
+/// stopped: that reason first, then what the checks had found by then).
 pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Result<BootTestReport> {
     check_request(req)?;
     sweep_orphans(hv);
@@ -454,28 +469,18 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     // watcher of the guest's writes when it stops the guest (and when the
     // caller cancels).
     let checks = Control { cancel: crate::progress::CancelToken::new(), ..ctl.clone() };
-    let mut watched: Vec<PathBuf> = overlays.iter().map(|(_, o)| o.clone()).collect();
-    watched.push(console.clone());
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let (checked, stopped) = std::thread::scope(|s| {
-        let watcher = s.spawn(|| watch_writes(&vm, &watched, &work_dir, req.max_write_bytes, ctl, &checks, &done));
-        // The watcher ends when the checks do, even by a panic (the scope
-        // waits for it before the panic goes on).
-        let stop = StopWatching(&done, watcher.thread().clone());
-        let checked = check_guest(hv, &vm, req, started, Some(&console), &checks);
-        drop(stop);
-        (checked, watcher.join().unwrap_or(None))
-    });
-    let mut report = match (checked, stopped) {
-        (checked, Some(why)) => {
-            // What the checks found before the guest was stopped, if they
-            // ended; the reason first.
-            let mut r = checked.unwrap_or_default();
-            r.problems.insert(0, why);
-            r
-        }
-        (checked, None) => checked?,
-    };
+    let mut files: Vec<PathBuf> = overlays.iter().map(|(_, o)| o.clone()).collect();
+    files.push(console.clone());
+    let mut report = BootTestReport::default();
+    let (checked, stopped) = watched(
+        |done| watch_writes(&vm, &files, &work_dir, req.max_write_bytes, ctl, &checks, done),
+        || check_guest(hv, &vm, req, started, Some(&console), &checks, &mut report),
+    );
+    match stopped {
+        None => checked?,
+        Some(why) => stopped_guest(checked, why, ctl.check("the boot test"), &mut report)?,
+    }
+    clip_problems(&mut report);
     report.domain = name.clone();
     report.problems.extend(cleanup.finish());
     report.passed = (report.booted || !req.timing.wait_for_boot) && report.problems.is_empty();
@@ -483,7 +488,49 @@ pub fn boot_test(hv: &Hypervisor, req: &BootTestRequest, ctl: &Control) -> Resul
     Ok(report)
 }
 
-/// Ends [`watch_writes`] when dropped: sets its `done` and wakes it.
+/// The outcome of checks that ended (`checked`) after the watcher stopped
+/// the guest for `why`: the caller's own cancellation or time budget
+/// (`outer`, its check now) is an error still, whatever the guest wrote;
+/// else the reason goes first in the report's problems, after it what the
+/// checks had found, and how they ended when not by the watcher's
+/// cancellation.
+fn stopped_guest(checked: Result<()>, why: String, outer: Result<()>, report: &mut BootTestReport) -> Result<()> {
+    use crate::ErrorKind::{Cancelled, Timeout};
+    if let Err(outer) = outer {
+        return Err(match checked {
+            Err(e) if matches!(e.kind, Cancelled | Timeout) => e,
+            _ => outer,
+        });
+    }
+    report.problems.insert(0, why);
+    if let Err(e) = checked {
+        if e.kind != Cancelled {
+            report.problems.push(e.message);
+        }
+    }
+    Ok(())
+}
+
+/// Run `checks` while `watch` runs on a thread of its own, told to end
+/// (its flag set, its thread woken) when `checks` ends, even by a panic:
+/// the scope waits for it before a panic goes on. What each returned (the
+/// watcher's verdict is `None` when it panicked).
+fn watched<R>(
+    watch: impl FnOnce(&std::sync::atomic::AtomicBool) -> Option<String> + Send,
+    checks: impl FnOnce() -> R,
+) -> (R, Option<String>) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let flag = &done;
+    std::thread::scope(|s| {
+        let watcher = s.spawn(move || watch(flag));
+        let stop = StopWatching(flag, watcher.thread().clone());
+        let r = checks();
+        drop(stop);
+        (r, watcher.join().unwrap_or(None))
+    })
+}
+
+/// Ends the watcher of [`watched`] when dropped: sets its flag and wakes it.
 struct StopWatching<'a>(&'a std::sync::atomic::AtomicBool, std::thread::Thread);
 
 impl Drop for StopWatching<'_> {
@@ -560,7 +607,9 @@ pub fn validate_running(hv: &Hypervisor, vm: &Vm, req: &BootTestRequest, ctl: &C
         return Err(KnibError::invalid(format!("domain {} is not running; there is nothing to validate", vm.name())));
     }
     check_command(req)?;
-    let mut report = check_guest(hv, vm, req, Instant::now(), None, ctl)?;
+    let mut report = BootTestReport::default();
+    check_guest(hv, vm, req, Instant::now(), None, ctl, &mut report)?;
+    clip_problems(&mut report);
     report.domain = vm.name().to_string();
     report.passed = (report.booted || !req.timing.wait_for_boot) && report.problems.is_empty();
     ctl.report("validation: done", 100.0);
@@ -578,8 +627,8 @@ fn check_guest(
     started: Instant,
     console: Option<&Path>,
     ctl: &Control,
-) -> Result<BootTestReport> {
-    let mut report = BootTestReport::default();
+    report: &mut BootTestReport,
+) -> Result<()> {
     if req.timing.wait_for_boot {
         let boot_timeout = Duration::from_secs(req.boot_timeout_secs);
         let (booted, last_error) = wait_for_agent(vm, started, boot_timeout, ctl)?;
@@ -650,12 +699,15 @@ fn check_guest(
         }
         report.command_result = Some(exec);
     }
-    // Every problem line may quote the guest (its agent's answers, its
-    // output, its console): each is cut to a bounded length.
+    Ok(())
+}
+
+/// Every problem line may quote the guest (its agent's answers, its
+/// output, its console): each is cut to a bounded length.
+fn clip_problems(report: &mut BootTestReport) {
     for p in &mut report.problems {
         *p = clip(p, MAX_GUEST_TEXT);
     }
-    Ok(report)
 }
 
 /// The longest problem line kept: what the guest said is cut there.
@@ -705,25 +757,57 @@ fn console_tail(console: &Path, n: usize) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// A guest stopped for its writes: the reason first, what the checks
+    /// had found kept, an error of theirs other than the watcher's
+    /// cancellation added; but the caller's own cancellation or time
+    /// budget is an error.
+    #[test]
+    fn a_stopped_guest_is_a_report_unless_the_caller_cancelled() {
+        use crate::ErrorKind::{Cancelled, Hypervisor as Virt, Timeout};
+        let found = || BootTestReport { booted: true, problems: vec!["no screenshot: x".into()], ..Default::default() };
+        let stop = || "the guest was stopped: y".to_string();
+        let err = |k, m: &str| Err(KnibError::new(k, m));
+
+        let mut r = found();
+        stopped_guest(err(Cancelled, "cancelled at the command"), stop(), Ok(()), &mut r).unwrap();
+        assert_eq!(r.problems, ["the guest was stopped: y", "no screenshot: x"]);
+        assert!(r.booted);
+
+        let mut r = found();
+        stopped_guest(err(Virt, "domain is not running"), stop(), Ok(()), &mut r).unwrap();
+        assert_eq!(r.problems, ["the guest was stopped: y", "no screenshot: x", "domain is not running"]);
+
+        let mut r = found();
+        stopped_guest(Ok(()), stop(), Ok(()), &mut r).unwrap();
+        assert_eq!(r.problems, ["the guest was stopped: y", "no screenshot: x"]);
+
+        let outer = || err(Cancelled, "cancelled at the boot test");
+        let e = stopped_guest(err(Cancelled, "cancelled at the command"), stop(), outer(), &mut found()).unwrap_err();
+        assert_eq!(e.message, "cancelled at the command");
+        let e = stopped_guest(err(Timeout, "budget ran out"), stop(), outer(), &mut found()).unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (Timeout, "budget ran out"));
+        let e = stopped_guest(Ok(()), stop(), outer(), &mut found()).unwrap_err();
+        assert_eq!(e.message, "cancelled at the boot test");
+    }
+
     /// A panic of the checks ends the watcher of the guest's writes too:
     /// the scope waits for it before the panic goes on, and without the
     /// guard it would wait for ever.
     #[test]
     fn a_panic_of_the_checks_ends_the_watcher() {
-        let done = std::sync::atomic::AtomicBool::new(false);
         let (tx, rx) = std::sync::mpsc::channel();
         let waiter = std::thread::spawn(move || {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                std::thread::scope(|s| {
-                    let w = s.spawn(|| {
+            let r = std::panic::catch_unwind(|| {
+                watched(
+                    |done| {
                         while !done.load(Ordering::Relaxed) {
                             std::thread::park_timeout(Duration::from_secs(3600));
                         }
-                    });
-                    let _stop = StopWatching(&done, w.thread().clone());
-                    panic!("the checks panicked");
-                })
-            }));
+                        None
+                    },
+                    || panic!("the checks panicked"),
+                )
+            });
             let _ = tx.send(r.is_err());
         });
         assert_eq!(rx.recv_timeout(Duration::from_secs(60)), Ok(true), "the watcher did not end");
