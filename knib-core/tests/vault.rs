@@ -569,8 +569,23 @@ fn an_object_whose_bytes_changed_is_found_by_a_checking_sync_and_sent_again() {
             assert_identical(&to, reference);
         }
     }
-    let again = vault.sync_from(&store, &checking, &ctl()).unwrap();
+    // Progress is told per object checked, each up to 100%.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&seen);
+    let watched = ctl().with_progress(std::sync::Arc::new(move |p: &knib_core::Progress| {
+        sink.lock().unwrap().push((p.step.clone(), p.percent));
+    }));
+    let again = vault.sync_from(&store, &checking, &watched).unwrap();
     assert!(again.repaired.is_empty() && again.bytes_sent == 0 && again.bytes_checked == objects, "{again:?}");
+    let done: Vec<String> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(step, pct)| step.starts_with("checking s3://") && *pct == 100.0)
+        .map(|(step, _)| step.clone())
+        .collect();
+    assert_eq!(done.len(), whole.keys().filter(|k| k.ends_with(".qcow2")).count(), "{done:?}");
+    assert!(done.iter().any(|s| s.ends_with(&changed)), "{done:?}");
 }
 
 /// An object someone else put under a key with an empty segment

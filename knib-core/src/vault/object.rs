@@ -254,15 +254,24 @@ impl RemoteObject {
 
     /// The hash of the whole object (32 lower-case hex digits), read from
     /// its start by ranged GETs of [`HASH_CHUNK`], `ctl` checked between
-    /// them; the block cache is not used.
+    /// them and told the progress (every whole percent); the block cache
+    /// is not used.
     pub(super) fn hash_whole(&self, ctl: &Control) -> Result<String> {
+        let step = format!("checking {}", self.name());
         let mut h = Xxh3::new();
         let mut at = 0;
+        let mut reported = 0.0;
+        ctl.report(&step, 0.0);
         while at < self.len {
-            ctl.check(&format!("check of {}", self.name()))?;
+            ctl.check(&step)?;
             let end = (at + HASH_CHUNK).min(self.len);
             h.update(&self.fetch(at, end)?);
             at = end;
+            let pct = at as f64 * 100.0 / self.len as f64;
+            if pct - reported >= 1.0 {
+                ctl.report(&step, pct);
+                reported = pct;
+            }
         }
         Ok(format!("{:032x}", h.digest128()))
     }
