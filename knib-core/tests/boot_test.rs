@@ -124,6 +124,30 @@ fn request(g: &Guest, backup: PathBuf, work: &Path) -> BootTestRequest {
     }
 }
 
+/// A store holding a backup of a copy of a disk, and an empty work
+/// directory beside it, all in `tmp`.
+struct Fixture {
+    tmp: tempfile::TempDir,
+    store: Store,
+    /// The backup's file of volume `vda`.
+    backup: PathBuf,
+    /// The store's files before the test.
+    before: BTreeMap<PathBuf, (SystemTime, String)>,
+    work: PathBuf,
+}
+
+/// A [`Fixture`] with a backup of `disk` (with `incremental`, the second
+/// of two).
+fn fixture(disk: &Path, incremental: bool) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let (store, m) = backed_up(tmp.path(), disk, incremental);
+    let backup = store.volume_file(&m, "vda").unwrap();
+    let before = snapshot_files(store.root());
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    Fixture { tmp, store, backup, before, work }
+}
+
 /// Decode a PNG file: (width, height, number of distinct pixels).
 fn decode_png(path: &Path) -> (u32, u32, usize) {
     let bytes = std::fs::read(path).unwrap();
@@ -147,12 +171,7 @@ fn a_backup_boots_shows_a_screen_and_runs_a_command() {
     }
     let _serial = serial();
     let g = guest();
-    let tmp = tempfile::tempdir().unwrap();
-    let (store, m) = backed_up(tmp.path(), &g.disk, true);
-    let backup = store.volume_file(&m, "vda").unwrap();
-    let before = snapshot_files(store.root());
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
+    let Fixture { tmp, store, backup, before, work } = fixture(&g.disk, true);
     let shot = tmp.path().join("screen.png");
 
     let mut req = request(g, backup.clone(), &work);
@@ -230,12 +249,7 @@ fn a_guest_writing_past_its_limit_is_stopped_and_the_test_fails() {
     }
     let _serial = serial();
     let g = guest();
-    let tmp = tempfile::tempdir().unwrap();
-    let (store, m) = backed_up(tmp.path(), &g.disk, false);
-    let backup = store.volume_file(&m, "vda").unwrap();
-    let before = snapshot_files(store.root());
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
+    let Fixture { tmp: _tmp, store, backup, before, work } = fixture(&g.disk, false);
     let fill = GuestCommand {
         path: "/bin/sh".into(),
         args: vec!["-c".into(), "dd if=/dev/urandom of=/fill bs=1M count=32 && sync && echo filled".into()],
@@ -332,12 +346,7 @@ fn a_cancelled_boot_test_leaves_nothing_behind() {
     }
     let _serial = serial();
     let g = guest();
-    let tmp = tempfile::tempdir().unwrap();
-    let (store, m) = backed_up(tmp.path(), &g.disk, false);
-    let backup = store.volume_file(&m, "vda").unwrap();
-    let before = snapshot_files(store.root());
-    let work = tmp.path().join("work");
-    std::fs::create_dir(&work).unwrap();
+    let Fixture { tmp, store, backup, before, work } = fixture(&g.disk, false);
 
     let cancel = CancelToken::new();
     let ctl = Control::new().with_cancel(cancel.clone());

@@ -55,6 +55,21 @@ struct Synced {
     vault: Vault,
 }
 
+/// Every backup of `vault` verifies, and each volume of `taken` restores
+/// identical to its reference.
+fn assert_verified_and_restored(vault: &Vault, taken: &[(String, BTreeMap<String, PathBuf>)]) {
+    let v = vault.verify(None, &ctl()).unwrap();
+    assert!(v.reports.iter().all(|r| r.ok), "{v:?}");
+    let out = tempfile::tempdir().unwrap();
+    for (id, refs) in taken {
+        for (vol, reference) in refs {
+            let to = out.path().join(format!("{id}-{vol}.raw"));
+            vault.restore(id, vol, &to, ImageFormat::Raw, true, &ctl()).unwrap();
+            assert_identical(&to, reference);
+        }
+    }
+}
+
 impl Synced {
     fn new(name: &str) -> Synced {
         let p = s3::Prefix::new(name);
@@ -500,16 +515,7 @@ fn an_object_lost_from_the_vault_is_sent_again_by_the_next_sync() {
     assert!(r.sent.is_empty() && r.damaged.is_empty(), "{r:?}");
     assert_eq!(r.bytes_sent, whole[&gone] + whole[&short]);
     assert_eq!(p.keys(), whole, "the vault holds what it held, and no upload record");
-    let v = vault.verify(None, &ctl()).unwrap();
-    assert!(v.reports.iter().all(|r| r.ok), "{v:?}");
-    let out = tempfile::tempdir().unwrap();
-    for (id, refs) in &taken {
-        for (vol, reference) in refs {
-            let to = out.path().join(format!("{id}-{vol}.raw"));
-            vault.restore(id, vol, &to, ImageFormat::Raw, true, &ctl()).unwrap();
-            assert_identical(&to, reference);
-        }
-    }
+    assert_verified_and_restored(&vault, &taken);
     let again = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
     assert!(again.repaired.is_empty() && again.bytes_sent == 0, "{again:?}");
 }
@@ -559,16 +565,7 @@ fn an_object_whose_bytes_changed_is_found_by_a_checking_sync_and_sent_again() {
     assert_eq!(r.bytes_checked, objects);
     assert!(p.get(&changed) == good, "the object was not sent again as it was");
     assert_eq!(p.keys(), whole, "the vault holds what it held, and no upload record");
-    let v = vault.verify(None, &ctl()).unwrap();
-    assert!(v.reports.iter().all(|r| r.ok), "{v:?}");
-    let out = tempfile::tempdir().unwrap();
-    for (id, refs) in &taken {
-        for (vol, reference) in refs {
-            let to = out.path().join(format!("{id}-{vol}.raw"));
-            vault.restore(id, vol, &to, ImageFormat::Raw, true, &ctl()).unwrap();
-            assert_identical(&to, reference);
-        }
-    }
+    assert_verified_and_restored(&vault, &taken);
     // Progress is told per object checked, each up to 100%.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = std::sync::Arc::clone(&seen);
