@@ -92,6 +92,31 @@ impl Default for Deadline {
     }
 }
 
+/// The progress of one step told to a [`Control`] every whole percent:
+/// the first call is always told, then a call when the step has grown by
+/// a percent or more since the last one told (so at most about a hundred
+/// reports, whatever the step's size). A step of nothing is 100% done.
+pub(crate) struct EveryPercent<'a> {
+    ctl: &'a Control,
+    step: &'a str,
+    reported: Option<f64>,
+}
+
+impl<'a> EveryPercent<'a> {
+    /// Nothing told yet.
+    pub(crate) fn new(ctl: &'a Control, step: &'a str) -> Self {
+        EveryPercent { ctl, step, reported: None }
+    }
+    /// `done` of `total` (any unit) are done.
+    pub(crate) fn at(&mut self, done: u64, total: u64) {
+        let pct = if total == 0 { 100.0 } else { done.min(total) as f64 * 100.0 / total as f64 };
+        if self.reported.is_none_or(|r| pct - r >= 1.0) {
+            self.ctl.report(self.step, pct);
+            self.reported = Some(pct);
+        }
+    }
+}
+
 /// Progress sink, cancel token and deadline of one operation.
 #[derive(Clone, Default)]
 pub struct Control {
@@ -155,5 +180,41 @@ impl Control {
     pub fn timeout_error(&self, what: &str) -> KnibError {
         let budget = self.deadline.budget().map(|b| format!("{}s", b.as_secs_f64())).unwrap_or_else(|| "no".into());
         KnibError::new(ErrorKind::Timeout, format!("{what}: the time budget ({budget}) ran out"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// What `steps` of `done` out of `total` tell a sink.
+    fn told(total: u64, steps: impl IntoIterator<Item = u64>) -> Vec<f64> {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        let ctl = Control::new().with_progress(Arc::new(move |p: &Progress| sink.lock().push(p.percent)));
+        let mut p = EveryPercent::new(&ctl, "step");
+        for done in steps {
+            p.at(done, total);
+        }
+        let v = seen.lock().clone();
+        v
+    }
+
+    /// The first call is told, then one per whole percent grown at most,
+    /// the end always; nothing goes past 100% or back.
+    #[test]
+    fn every_percent_tells_each_percent_once() {
+        let v = told(1000, 0..=1000);
+        assert_eq!(v.len(), 101, "{v:?}");
+        assert_eq!((v[0], v[100]), (0.0, 100.0));
+        assert!(v.windows(2).all(|w| w[1] - w[0] >= 1.0), "{v:?}");
+        // Steps larger than a percent are each told.
+        assert_eq!(told(10, [0, 3, 7, 10]), vec![0.0, 30.0, 70.0, 100.0]);
+        // Beyond the end counts as the end; a step of nothing is done.
+        assert_eq!(told(10, [12]), vec![100.0]);
+        assert_eq!(told(0, [0]), vec![100.0]);
+        // Less than a percent more is not told.
+        assert_eq!(told(1000, [0, 5, 9]), vec![0.0]);
     }
 }

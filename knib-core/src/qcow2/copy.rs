@@ -35,7 +35,7 @@ use super::sink::{CountSink, FileSink, Sink};
 use super::srchash::SourceHash;
 use super::writer::{BackingRef, ImageSpec, Layout, WriteSummary};
 use crate::error::{KnibError, Result};
-use crate::progress::Control;
+use crate::progress::{Control, EveryPercent};
 
 /// The output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,8 +529,8 @@ fn write_loop<S: Sink>(
     let mut pending = std::collections::BTreeMap::new();
     let mut next = 0u64;
     let mut covered = 0u64;
-    let mut reported = -1.0f64;
-    ctl.report(step, 0.0);
+    let mut progress = EveryPercent::new(ctl, step);
+    progress.at(0, total);
     while let Ok(msg) = done.recv() {
         let batch = msg?;
         pending.insert(batch.seq, batch);
@@ -565,11 +565,7 @@ fn write_loop<S: Sink>(
                     tx.send(batch).map_err(|_| KnibError::internal(format!("{step}: the raw writers stopped")))?;
                 }
             }
-            let pct = if total == 0 { 100.0 } else { end_index as f64 * 100.0 / total as f64 };
-            if pct - reported >= 1.0 {
-                ctl.report(step, pct);
-                reported = pct;
-            }
+            progress.at(end_index, total);
         }
     }
     if covered != total {

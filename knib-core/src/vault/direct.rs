@@ -710,7 +710,7 @@ impl Vault {
 
     /// Complete object `rel`'s upload: its length and hash (a compressed
     /// image's, whose header went in last, read back once).
-    fn finish_sink(&self, rel: &str, sink: VaultSink) -> Result<(u64, String)> {
+    fn finish_sink(&self, rel: &str, sink: VaultSink, ctl: &Control) -> Result<(u64, String)> {
         log::debug!(
             "vault {}: {rel}: {} bytes, at most {} bytes of parts in memory (bound {}), {} in spool files",
             self.location(),
@@ -723,15 +723,8 @@ impl Vault {
         let hash = match hash {
             Some(h) => h,
             None => {
-                let obj = super::RemoteObject::new(
-                    Arc::clone(&self.inner),
-                    self.key(rel),
-                    size,
-                    None,
-                    super::object::BlockCache::new(0),
-                    true,
-                );
-                obj.finish_hash()?.ok_or_else(|| KnibError::internal(format!("{rel} was not hashed")))?
+                let obj = super::RemoteObject::whole(Arc::clone(&self.inner), self.key(rel), size);
+                obj.finish_hash(ctl)?.ok_or_else(|| KnibError::internal(format!("{rel} was not hashed")))?
             }
         };
         Ok((size, hash))
@@ -855,7 +848,7 @@ impl DirectTarget<'_> {
         if let Some(h) = &done.header {
             done.sink.patch(0, h)?;
         }
-        let (size, hash) = self.vault.finish_sink(&object_rel(vm, id, volume), done.sink)?;
+        let (size, hash) = self.vault.finish_sink(&object_rel(vm, id, volume), done.sink, ctl)?;
         Ok(CopiedTo { size, hash, bytes_read: done.report.bytes_read })
     }
 }
@@ -930,7 +923,7 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
         if let Some(h) = &w.header {
             w.sink.patch(0, h)?;
         }
-        let (size, hash) = self.vault.finish_sink(&object_rel(vm, id, &d.target), w.sink)?;
+        let (size, hash) = self.vault.finish_sink(&object_rel(vm, id, &d.target), w.sink, ctl)?;
         Ok((CopiedTo { size, hash, bytes_read: w.data_bytes }, w.virtual_size))
     }
 

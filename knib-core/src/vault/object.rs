@@ -56,7 +56,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::Inner;
 use crate::error::{KnibError, Result};
-use crate::progress::Control;
+use crate::progress::{Control, EveryPercent};
 use crate::qcow2::ReadAt;
 
 /// Bytes per cache block.
@@ -252,36 +252,46 @@ impl RemoteObject {
         Ok(())
     }
 
+    /// The object at `key`, `len` bytes long, to be read whole for its
+    /// hash ([`RemoteObject::hash_whole`], [`RemoteObject::finish_hash`]):
+    /// hashed, with the smallest cache (its blocks are not used).
+    pub(super) fn whole(vault: Arc<Inner>, key: Key, len: u64) -> RemoteObject {
+        RemoteObject::new(vault, key, len, None, BlockCache::new(0), true)
+    }
+
     /// The hash of the whole object (32 lower-case hex digits), read from
-    /// its start by ranged GETs of [`HASH_CHUNK`], `ctl` checked between
-    /// them and told the progress (every whole percent); the block cache
-    /// is not used.
+    /// its start by ranged GETs of [`HASH_CHUNK`] (an object made by
+    /// [`RemoteObject::whole`] and not read), `ctl` checked between them
+    /// and told the progress of "checking s3://..." every whole percent.
     pub(super) fn hash_whole(&self, ctl: &Control) -> Result<String> {
         let step = format!("checking {}", self.name());
-        let mut h = Xxh3::new();
-        let mut at = 0;
-        let mut reported = 0.0;
-        ctl.report(&step, 0.0);
-        while at < self.len {
-            ctl.check(&step)?;
-            let end = (at + HASH_CHUNK).min(self.len);
-            h.update(&self.fetch(at, end)?);
-            at = end;
-            let pct = at as f64 * 100.0 / self.len as f64;
-            if pct - reported >= 1.0 {
-                ctl.report(&step, pct);
-                reported = pct;
-            }
-        }
-        Ok(format!("{:032x}", h.digest128()))
+        self.hash_rest(ctl, &step, Some(&mut EveryPercent::new(ctl, &step)))?
+            .ok_or_else(|| KnibError::internal(format!("{} is not hashed", self.name())))
     }
 
     /// Fetch what is left of the object for its hash and return it (32
-    /// lower-case hex digits); `None` when it is not hashed.
-    pub fn finish_hash(&self) -> Result<Option<String>> {
+    /// lower-case hex digits); `None` when it is not hashed. `ctl` is
+    /// checked between the fetches.
+    pub fn finish_hash(&self, ctl: &Control) -> Result<Option<String>> {
+        self.hash_rest(ctl, &format!("hash of {}", self.name()), None)
+    }
+
+    /// Fetch the object from the end of its hashed prefix to its end, by
+    /// [`HASH_CHUNK`], into the hash; `ctl` checked (for `step`) before
+    /// each fetch, and told the progress when asked.
+    fn hash_rest(
+        &self,
+        ctl: &Control,
+        step: &str,
+        mut progress: Option<&mut EveryPercent<'_>>,
+    ) -> Result<Option<String>> {
         let mut st = self.state.lock();
-        let Some((mut pos, _)) = st.hash.as_ref().map(|(p, _)| (*p, ())) else { return Ok(None) };
+        let Some(mut pos) = st.hash.as_ref().map(|(p, _)| *p) else { return Ok(None) };
+        if let Some(p) = progress.as_deref_mut() {
+            p.at(pos, self.len);
+        }
         while pos < self.len {
+            ctl.check(step)?;
             let end = (pos + HASH_CHUNK).min(self.len);
             let b = self.fetch(pos, end)?;
             if let Some((p, h)) = st.hash.as_mut() {
@@ -289,6 +299,9 @@ impl RemoteObject {
                 *p = end;
             }
             pos = end;
+            if let Some(p) = progress.as_deref_mut() {
+                p.at(pos, self.len);
+            }
         }
         Ok(st.hash.as_ref().map(|(_, h)| format!("{:032x}", h.digest128())))
     }

@@ -270,7 +270,7 @@ impl Vault {
             for o in hashed {
                 ctl.check(&format!("verify of {} in the vault", m.id))?;
                 files_checked += 1;
-                match o.object.finish_hash() {
+                match o.object.finish_hash(ctl) {
                     Ok(Some(h)) if Some(&h) != o.hash.as_ref() => problems.push(format!(
                         "{}: hash {h} differs from the recorded {}: the object changed since it was sent",
                         o.object.name(),
@@ -295,7 +295,7 @@ impl Vault {
 fn check_hashes(opened: &[Opened], ctl: &Control) -> Result<()> {
     for o in opened {
         ctl.check("hash of the vault's objects")?;
-        let got = o.object.finish_hash()?;
+        let got = o.object.finish_hash(ctl)?;
         match (&got, &o.hash) {
             (Some(g), Some(w)) if g == w => {}
             (Some(g), Some(w)) => {

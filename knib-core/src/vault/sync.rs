@@ -334,8 +334,7 @@ impl Vault {
 
     /// The hash of object `rel`, `len` bytes long, read whole.
     fn object_hash(&self, rel: &str, len: u64, ctl: &Control) -> Result<String> {
-        let cache = super::object::BlockCache::new(super::object::HASH_CHUNK);
-        super::RemoteObject::new(Arc::clone(&self.inner), self.key(rel), len, None, cache, false).hash_whole(ctl)
+        super::RemoteObject::whole(Arc::clone(&self.inner), self.key(rel), len).hash_whole(ctl)
     }
 
     /// Abort every upload recorded for `vm` (left by a sync that stopped),
