@@ -472,6 +472,14 @@
  *       kernel?               string or null: Boot this kernel directly (else
  *                             the first disk through the firmware; with
  *                             `disks`).
+ *       max_write_mib?        integer or null: The most the throwaway
+ *                             domain's guest may write to its overlays and
+ *                             serial console log, in MiB (1 to 1048576; with
+ *                             `disks`): past it the guest is stopped and the
+ *                             validation fails, saying so. Default: no limit
+ *                             of its own, but a guest is stopped the same way
+ *                             whenever the work directory's file system has
+ *                             less than 1 GiB free.
  *       memory_mib?           integer or null: The throwaway domain's memory
  *                             in MiB (default 512).
  *       screenshot_next_to?   string or null: Name the screenshot as the

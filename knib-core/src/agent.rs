@@ -188,7 +188,9 @@
 //!   changing and destroying nothing
 //!   ([`crate::engine::validate::validate_running`]); with `disks` it boots a
 //!   throwaway domain on overlays of its own over them and removes it
-//!   afterwards ([`crate::engine::validate::boot_test`]). Either way the
+//!   afterwards ([`crate::engine::validate::boot_test`]; its guest is
+//!   stopped, and the validation fails, when it writes more than
+//!   `max_write_mib` or leaves less than 1 GiB free). Either way the
 //!   checks run in the agent's order: wait for the guest agent
 //!   (`guest-sync`, when `wait_for_boot`), the screenshot after
 //!   `screenshot_wait_secs`, the script. The screenshot goes to

@@ -530,6 +530,15 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
         (json!({"domain": "v", "work_dir": dir.path()}), "`work_dir` is for a throwaway domain"),
         (json!({"domain": "v", "memory_mib": 256}), "`memory_mib` is for a throwaway domain"),
         (json!({"disks": disks}), "needs `work_dir`"),
+        (json!({"domain": "v", "max_write_mib": 8}), "`max_write_mib` is for a throwaway domain"),
+        (
+            json!({"disks": disks, "work_dir": dir.path(), "max_write_mib": 0}),
+            "`max_write_mib` must be from 1 to 1048576",
+        ),
+        (
+            json!({"disks": disks, "work_dir": dir.path(), "max_write_mib": 1048577}),
+            "`max_write_mib` must be from 1 to 1048576 (MiB), not 1048577",
+        ),
         (json!({"domain": "v", "take_screenshot": true}), "needs `screenshot_path` or `screenshot_next_to`"),
         (
             json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/b/f", "screenshot_path": "/s/x.png"}),

@@ -279,6 +279,30 @@ fn a_guest_writing_past_its_limit_is_stopped_and_the_test_fails() {
     assert_ne!(report.command_output.as_deref().map(str::trim_end), Some("filled"), "{}", show(&report));
     assert_cleaned_up(&report.domain, &work);
 
+    // The same through the API's throwaway validation (`agent.validate`
+    // with `disks`), as a C or Java caller asks it: `max_write_mib`.
+    let a = agent_ok(
+        "agent.validate",
+        &serde_json::json!({
+            "disks": [{"target": "vda", "path": backup}],
+            "work_dir": work,
+            "kernel": g.kernel, "initrd": g.initrd, "cmdline": g.cmdline, "memory_mib": 256,
+            "boot_timeout_secs": BOOT_TIMEOUT_SECS,
+            "execute_script": true, "script": "/bin/sh",
+            "script_arguments": format!("-c,{}", fill.args[1]),
+            "max_write_mib": 8,
+        }),
+    );
+    let p = a["problems"][0].as_str().unwrap_or_default();
+    assert!(
+        a["passed"] == false
+            && a["boot_validated"] == true
+            && p.starts_with("the guest was stopped: it wrote ")
+            && p.ends_with("more than the test's limit of 8.0 MiB"),
+        "{a:#}"
+    );
+    assert_cleaned_up("", &work);
+
     let mut req = request(g, backup, &work);
     req.command = Some(fill);
     let report = boot_test(&hv(), &req, &Control::new()).unwrap();

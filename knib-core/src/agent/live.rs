@@ -395,10 +395,14 @@ pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Valid
             ("initrd", r.initrd.is_some()),
             ("cmdline", r.cmdline.is_some()),
             ("domain_type", r.domain_type.is_some()),
+            ("max_write_mib", r.max_write_mib.is_some()),
         ];
         if let Some((field, _)) = throwaway_only.iter().find(|(_, given)| *given) {
             return Err(bad(format!("`{field}` is for a throwaway domain (`disks`), not with `domain`")));
         }
+    }
+    if let Some(m) = r.max_write_mib.filter(|m| !(1..=MAX_WRITE_MIB).contains(m)) {
+        return Err(bad(format!("`max_write_mib` must be from 1 to {MAX_WRITE_MIB} (MiB), not {m}")));
     }
     // Paths go into the domain's XML, where libvirt and QEMU would resolve
     // a relative one against their own directory, not knib's.
@@ -446,7 +450,7 @@ pub(crate) fn validate(op: &str, r: &ValidateReq, ctl: &Control) -> Result<Valid
         screenshot: screenshot.clone(),
         command,
         domain_type: r.domain_type.clone(),
-        max_write_bytes: None,
+        max_write_bytes: r.max_write_mib.map(|m| m << 20),
         timing: CheckTiming {
             wait_for_boot: r.wait_for_boot,
             screenshot_wait_secs: r.screenshot_wait_secs,
@@ -630,6 +634,10 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     }
     Ok(MergeSnapshotAnswer { volumes: out })
 }
+
+/// The largest `max_write_mib` of `agent.validate` (1 TiB), as the
+/// `validation.max_write_mib` setting's.
+const MAX_WRITE_MIB: u64 = 1 << 20;
 
 /// The longest wait before a validation's screenshot.
 const MAX_SCREENSHOT_WAIT_SECS: u64 = 3600;

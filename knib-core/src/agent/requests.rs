@@ -437,6 +437,13 @@ pub(crate) struct ValidateReq {
     /// `kvm` or `qemu` (default: chosen by the host; with `disks`).
     #[serde(default)]
     pub domain_type: Option<String>,
+    /// The most the throwaway domain's guest may write to its overlays and
+    /// serial console log, in MiB (1 to 1048576; with `disks`): past it the
+    /// guest is stopped and the validation fails, saying so. Default: no
+    /// limit of its own, but a guest is stopped the same way whenever the
+    /// work directory's file system has less than 1 GiB free.
+    #[serde(default)]
+    pub max_write_mib: Option<u64>,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub timeout_secs: Option<u64>,

@@ -40,6 +40,9 @@ public final class ValidateVm {
      * @param initrd the kernel's initrd
      * @param cmdline the kernel's command line
      * @param domainType "kvm" or "qemu"; null picks
+     * @param maxWriteMib the most the throwaway domain's guest may write to its overlays and console log, in MiB
+     *     (1 to 1048576; with {@code disks}): past it the guest is stopped and the validation fails; null for no
+     *     limit of its own (a guest is stopped the same way when the work directory has less than 1 GiB free)
      * @param timeoutSecs the command's time budget in seconds; null for none
      */
     public record Request(
@@ -65,6 +68,7 @@ public final class ValidateVm {
             String initrd,
             String cmdline,
             String domainType,
+            Long maxWriteMib,
             Long timeoutSecs) {
         /** Copies {@code disks} (null: none). */
         public Request {
@@ -100,6 +104,7 @@ public final class ValidateVm {
             private String initrd;
             private String cmdline;
             private String domainType;
+            private Long maxWriteMib;
             private Long timeoutSecs;
 
             private Builder() {}
@@ -173,6 +178,9 @@ public final class ValidateVm {
             /** @param v {@link Request#domainType()} @return this builder */
             public Builder domainType(String v) { domainType = v; return this; }
 
+            /** @param v {@link Request#maxWriteMib()} @return this builder */
+            public Builder maxWriteMib(Long v) { maxWriteMib = v; return this; }
+
             /** @param v {@link Request#timeoutSecs()} @return this builder */
             public Builder timeoutSecs(Long v) { timeoutSecs = v; return this; }
 
@@ -181,7 +189,7 @@ public final class ValidateVm {
                 return new Request(vmName, domain, connect, disks, workDir, memoryMib, waitForBoot, bootTimeoutSecs,
                         takeScreenshot, screenshotWaitSecs, screenshotPath, screenshotNextTo, storeRoot,
                         executeScript, script, scriptArguments, scriptTimeoutSecs, expectedResult, kernel, initrd,
-                        cmdline, domainType, timeoutSecs);
+                        cmdline, domainType, maxWriteMib, timeoutSecs);
             }
         }
     }

@@ -6,6 +6,7 @@ import static org.junit.jupiter.api.Assertions.assertFalse;
 import static org.junit.jupiter.api.Assertions.assertNotEquals;
 import static org.junit.jupiter.api.Assertions.assertNotNull;
 import static org.junit.jupiter.api.Assertions.assertNull;
+import static org.junit.jupiter.api.Assertions.assertThrows;
 import static org.junit.jupiter.api.Assertions.assertTrue;
 
 import java.nio.charset.StandardCharsets;
@@ -159,6 +160,24 @@ class ValidateKbossTest {
             assertTrue(c.removed().isEmpty());
             assertTrue(running());
             assertTrue(Files.exists(volume));
+        }
+    }
+
+    /**
+     * {@code maxWriteMib} reaches knib as {@code max_write_mib} (the boot test's write limit, which the Rust test
+     * {@code a_guest_writing_past_its_limit_is_stopped_and_the_test_fails} holds a throwaway domain to): it is for a
+     * throwaway domain, so with {@code domain} the request is refused, naming it, before anything runs.
+     */
+    @Test
+    void theWriteLimitIsSentAndIsForAThrowawayDomain() throws Exception {
+        try (Knib knib = new Knib()) {
+            InvalidInputException e = assertThrows(InvalidInputException.class,
+                    () -> knib.validateVm(ValidateVm.Request.builder().domain("v").maxWriteMib(8L).build()));
+            assertTrue(e.getMessage().contains("`max_write_mib` is for a throwaway domain"), e.getMessage());
+            e = assertThrows(InvalidInputException.class, () -> knib.validateVm(ValidateVm.Request.builder()
+                    .disk(new ValidateVm.Disk("vda", dir.resolve("d").toString())).workDir(dir.toString())
+                    .maxWriteMib(0L).build()));
+            assertTrue(e.getMessage().contains("`max_write_mib` must be from 1 to 1048576"), e.getMessage());
         }
     }
 }
