@@ -232,7 +232,9 @@ pub(crate) fn parent_file_ref(parent: &Manifest, volume: &str) -> String {
 pub fn rfc3339(t: std::time::SystemTime) -> String {
     const FORMAT: &[time::format_description::BorrowedFormatItem<'_>] =
         time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
-    let t = time::OffsetDateTime::from(t.max(std::time::UNIX_EPOCH));
+    // Clamped to what the format can show (1970 to the end of 9999).
+    let last = std::time::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    let t = time::OffsetDateTime::from(t.clamp(std::time::UNIX_EPOCH, last));
     t.format(FORMAT).expect("a UTC time from 1970 on formats")
 }
 
@@ -246,5 +248,7 @@ mod tests {
         assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_millis(1_795_266_301_123)), "2026-11-21T13:05:01.123Z");
         assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        // Past the year 9999: the last time the format shows, no panic.
+        assert_eq!(rfc3339(UNIX_EPOCH + Duration::from_secs(u32::MAX as u64 * 1000)), "9999-12-31T23:59:59.000Z");
     }
 }

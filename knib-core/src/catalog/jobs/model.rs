@@ -217,6 +217,27 @@ impl Job {
         {
             names::validate(what, value).map_err(|e| corrupt(format!("field `{field}`: {}", e.message)))?;
         }
+        // knib writes the time of the moment, or of the moment plus a retry
+        // interval (at most 2^32 - 1 seconds): a later one is no time of
+        // its (a runner would wait for it, and a date past the year 9999
+        // cannot be shown).
+        let latest = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_add(u32::MAX as u64);
+        let times = [
+            ("next_attempt_at", Some(job.next_attempt_at)),
+            ("created_at", Some(job.created_at)),
+            ("updated_at", Some(job.updated_at)),
+            ("finished_at", job.finished_at),
+            ("owner.started_at", job.owner.as_ref().map(|o| o.started_at)),
+        ];
+        if let Some((field, t)) = times.iter().find_map(|(f, t)| t.filter(|t| *t > latest).map(|t| (f, t))) {
+            return Err(corrupt(format!(
+                "field `{field}`: {t} is no time knib writes (more than {} seconds from now)",
+                u32::MAX
+            )));
+        }
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         if job.id != stem {
             return Err(corrupt(format!("holds job {:?}, not {stem:?}", job.id)));
@@ -272,5 +293,42 @@ mod tests {
         let e = Job::load(&p).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
         assert_eq!(e.message, format!("job file {} is not a regular file", p.display()));
+    }
+
+    /// A job file's times beyond what knib writes (now plus the longest
+    /// retry interval) are refused, naming the field: before, a runner
+    /// panicked formatting such a retry time as a date (past the year
+    /// 9999), or waited for it.
+    #[test]
+    fn a_job_time_knib_never_writes_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("j1.json");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let job = |field: &str, t: u64| {
+            let mut v = serde_json::json!({
+                "schema": JOB_SCHEMA, "id": "j1", "kind": "compress", "vm": "vm1", "backup": "b1",
+                "state": "queued", "attempts": 1, "next_attempt_at": now, "last_error": null, "owner": null,
+                "created_at": now, "updated_at": now, "finished_at": null,
+            });
+            v[field] = t.into();
+            std::fs::write(&p, v.to_string()).unwrap();
+            Job::load(&p)
+        };
+        let latest = now + u32::MAX as u64;
+        for field in ["next_attempt_at", "created_at", "updated_at", "finished_at"] {
+            for t in [latest + 3600, 253_402_300_800, u64::MAX] {
+                let e = job(field, t).unwrap_err();
+                assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+                assert_eq!(
+                    e.message,
+                    format!(
+                        "job file {} field `{field}`: {t} is no time knib writes (more than 4294967295 seconds from now)",
+                        p.display()
+                    )
+                );
+            }
+            // The longest retry interval from now is a time knib writes.
+            job(field, now + u32::MAX as u64 - 60).unwrap();
+        }
     }
 }

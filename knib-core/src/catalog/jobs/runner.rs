@@ -224,7 +224,7 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
             j.result = result.clone();
         }
         Outcome::Rejected(why, result) => {
-            j.attempts += 1;
+            j.attempts = j.attempts.saturating_add(1);
             j.state = JobState::Failed;
             j.last_error = Some(why.clone());
             j.result = Some(result.clone());
@@ -240,7 +240,7 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
         }
         Outcome::Failed(e) => {
             let (_, _, max_retries, interval, _) = j.kind.limits(settings);
-            j.attempts += 1;
+            j.attempts = j.attempts.saturating_add(1);
             j.last_error = Some(e.to_string());
             if j.attempts <= max_retries {
                 j.state = JobState::Queued;
