@@ -291,6 +291,40 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Create (or truncate) `path`, a temporary file of knib's own, for
+/// reading and writing, following no link: a symbolic link in its place
+/// (put there by someone else since knib chose the name) is refused,
+/// `corrupt` and naming it, instead of having the file it leads to
+/// truncated and written; so is anything but a regular file (a FIFO is
+/// refused at once, not waited on).
+pub(crate) fn create_own_temp(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => KnibError::corrupt(format!(
+                "{} is a symbolic link; knib writes its temporary files only as files of their own",
+                path.display()
+            )),
+            _ => KnibError::io("cannot create", path, e),
+        })?;
+    if !f.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.is_file() {
+        return Err(KnibError::corrupt(format!(
+            "{} is not a regular file; knib writes its temporary files only as files of their own",
+            path.display()
+        )));
+    }
+    let fl = rustix::fs::fcntl_getfl(&f).map_err(|e| KnibError::io("cannot open", path, e.into()))?;
+    rustix::fs::fcntl_setfl(&f, fl.difference(rustix::fs::OFlags::NONBLOCK))
+        .map_err(|e| KnibError::io("cannot open", path, e.into()))?;
+    Ok(f)
+}
+
 /// Size of a file in bytes.
 pub fn file_size(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?.len())

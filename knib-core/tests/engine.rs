@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::disk::*;
 use knib_core::engine;
@@ -311,4 +312,44 @@ fn an_expected_file_outside_the_chain_is_refused_on_both_data_paths() {
         );
         assert!(!dest.exists(), "{path:?}: a restore was written");
     }
+}
+
+/// A compression writes its output only into a file of its own: its
+/// temporary swapped for a link to a file outside (after the claim of the
+/// name, before the copy starts) is refused, naming it, and the file the
+/// link leads to is left as it was. Before, the copy opened the name again,
+/// followed the link and truncated and wrote that file.
+#[test]
+fn a_compression_temporary_swapped_for_a_link_is_not_written_through() {
+    let d = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let f = d.path().join("vol.qcow2");
+    make_disk(&f, 8 << 20, &[]);
+    qemu_io(&f, "write -P 0x5a 0 2M");
+    let r = d.path().join("ref.qcow2");
+    snapshot(&f, &r);
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    knib_core::crashpoint::pause_before(&format!("creating {}", d.path().display()), Duration::from_secs(3));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            for e in std::fs::read_dir(d.path()).unwrap() {
+                let p = e.unwrap().path();
+                if p.to_string_lossy().ends_with(".part") {
+                    std::fs::remove_file(&p).unwrap();
+                    std::os::unix::fs::symlink(&victim, &p).unwrap();
+                }
+            }
+        });
+        let opts = engine::CompressOptions { data_path: engine::DataPath::Native, ..Default::default() };
+        engine::compress(&QemuImg::new(), std::slice::from_ref(&f), &opts, &Control::new()).unwrap_err()
+    });
+    assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.message.ends_with("is a symbolic link; knib writes its temporary files only as files of their own"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's");
+    assert_identical(&f, &r);
 }

@@ -18,7 +18,8 @@ use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{
-    copy_image, BackingRef, Commit, CompressionType, CopyOptions, CopyReport, Qcow2Image, SourceMode, TargetFormat,
+    copy_image_to_temp, BackingRef, Commit, CompressionType, CopyOptions, CopyReport, Qcow2Image, SourceMode,
+    TargetFormat,
 };
 use crate::qemu_img::{CompressionLibrary, QemuImg};
 
@@ -115,7 +116,8 @@ pub fn not_native(data_path: DataPath, source: &Path, mode: SourceMode) -> Resul
 pub struct NativeCopy<'a> {
     /// The source image.
     pub source: &'a Path,
-    /// The file written (fsynced; the caller renames it into place).
+    /// The file written, a temporary name of knib's own (created following
+    /// no link; fsynced; the caller renames it into place).
     pub dest: &'a Path,
     /// Its own clusters (with `backing`) or the flattened chain.
     pub mode: SourceMode,
@@ -163,7 +165,9 @@ fn copy_with(c: &NativeCopy<'_>, hash_source: bool, ctl: &Control) -> Result<Cop
         sync: true,
         write_mode: crate::qcow2::WriteMode::default(),
     };
-    copy_image(c.source, c.dest, &opts, ctl, &mut |bound| {
+    // Every native copy writes a temporary file of knib's own (renamed
+    // into place by the caller): created following no link.
+    copy_image_to_temp(c.source, c.dest, &opts, ctl, &mut |bound| {
         // A raw output is sparse: its data is all that needs room.
         fsio::require_space(dir, bound, c.what)
     })

@@ -140,16 +140,48 @@ pub fn copy_image(
     ctl: &Control,
     before_write: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<CopyReport> {
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dest)
+            .map_err(|e| KnibError::io("cannot create", dest, e))
+    };
+    copy_image_with(source, dest, &open, opts, ctl, before_write)
+}
+
+/// [`copy_image`] to `dest`, a temporary file of knib's own: created
+/// following no link ([`crate::fsio::create_own_temp`]), so that a link
+/// put in its place cannot have the copy write where it leads.
+pub(crate) fn copy_image_to_temp(
+    source: &Path,
+    dest: &Path,
+    opts: &CopyOptions,
+    ctl: &Control,
+    before_write: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<CopyReport> {
+    let open = || {
+        crate::crashpoint::pause_point(&format!("creating {}", dest.display()));
+        crate::fsio::create_own_temp(dest)
+    };
+    copy_image_with(source, dest, &open, opts, ctl, before_write)
+}
+
+/// [`copy_image`], `dest` opened by `open` once the source is checked.
+fn copy_image_with(
+    source: &Path,
+    dest: &Path,
+    open: &dyn Fn() -> Result<std::fs::File>,
+    opts: &CopyOptions,
+    ctl: &Control,
+    before_write: &mut dyn FnMut(u64) -> Result<()>,
+) -> Result<CopyReport> {
     let Prepared { mut src, spec, plain_qcow2, planned_header, planned_len, step } =
         prepare(source, opts, output_backing_size(dest, opts), ctl, before_write)?;
 
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dest)
-        .map_err(|e| KnibError::io("cannot create", dest, e))?;
+    let file = open()?;
 
     if plain_qcow2 {
         // The exact length is known: allocate it up front (one extent
@@ -165,7 +197,7 @@ pub fn copy_image(
 
     let mut target = match opts.format {
         TargetFormat::Raw => {
-            let scatter = ScatterWriter::open(dest, opts.write_mode);
+            let scatter = ScatterWriter::open(&file, opts.write_mode);
             Target::Raw(RawOut { file, scatter, size: src.size, cs, dest })
         }
         TargetFormat::Qcow2 => {
@@ -588,7 +620,7 @@ mod raw_io_tests {
         std::fs::write(&path, b"").unwrap();
         // Opened read-only: every write fails.
         let file = File::open(&path).unwrap();
-        let scatter = ScatterWriter::open(&path, WriteMode::Buffered);
+        let scatter = ScatterWriter::open(&file, WriteMode::Buffered);
         let raw = RawOut { file, scatter, size: 1 << 20, cs: 65536, dest: &path };
         let (tx, rx) = sync_channel::<Batch>(4);
         let (free_tx, free_rx) = sync_channel::<Batch>(4);

@@ -477,12 +477,15 @@ impl Bounce {
 }
 
 impl ScatterWriter {
-    /// Open `path` (already created) again for direct writes when `mode`
+    /// Open `file` again (the same file, through `/proc/self/fd`: not its
+    /// name, which may lead elsewhere by now) for direct writes when `mode`
     /// asks for them; when that is not possible (NFS, a file system
-    /// without O_DIRECT) writes go behind.
-    pub(crate) fn open(path: &Path, mode: WriteMode) -> ScatterWriter {
+    /// without O_DIRECT, no `/proc`) writes go behind.
+    pub(crate) fn open(file: &File, mode: WriteMode) -> ScatterWriter {
+        use std::os::fd::AsRawFd;
+        let again = format!("/proc/self/fd/{}", file.as_raw_fd());
         let file = (mode == WriteMode::Direct)
-            .then(|| std::fs::OpenOptions::new().write(true).open(path).ok())
+            .then(|| std::fs::OpenOptions::new().write(true).open(&again).ok())
             .flatten()
             .filter(|f| set_direct(f, true));
         ScatterWriter {

@@ -156,6 +156,7 @@ pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
+pub(crate) use copy::copy_image_to_temp;
 pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy, TargetFormat, MAX_AUTO_THREADS};
 #[cfg(feature = "libvirt")]
 pub(crate) use copy_batch::Compressor;
