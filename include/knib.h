@@ -50,7 +50,12 @@
  * KNIB_RESULT_BUSY); use one context per thread to run operations in
  * parallel. While an operation runs, another thread may call
  * knib_context_cancel() (the operation stops, removes its partial files
- * and returns KNIB_RESULT_CANCELLED), the setters (they apply to the next
+ * and returns KNIB_RESULT_CANCELLED; the short operations on a store's
+ * records, version, list, show, delete, vm.settings, group.list,
+ * group.show, group.delete, agent.finalize_compression and
+ * agent.cleanup_validation, are not stopped once started: they run to
+ * their end, and neither a cancellation asked for meanwhile nor the time
+ * budget applies to them), the setters (they apply to the next
  * operation), the error readers, and knib_context_free() (the handle is
  * dead at once; the running operation goes on to its end, calling its
  * callbacks, and the context is released when it returns). Operations on one VM exclude each other

@@ -19,7 +19,10 @@ import java.util.logging.Level;
  * on the same instance fails with {@link BusyException}); use one instance per thread, or per command. Its
  * settings (time budget, progress listener) apply to each of its next operations. {@link #cancel()} may be
  * called from any other thread while an operation runs: the operation ends with {@link CancelledException}
- * having removed what it wrote. {@link #close()} releases the native context exactly once; closing again
+ * having removed what it wrote (the short operations on a store's records, {@code list}, {@code show},
+ * {@code delete}, {@code vm.settings}, {@code group.list}, {@code group.show}, {@code group.delete},
+ * {@code agent.finalize_compression} and {@code agent.cleanup_validation}, run to their end once started:
+ * neither a cancellation asked for meanwhile nor the time budget applies to them). {@link #close()} releases the native context exactly once; closing again
  * does nothing, and using a closed instance throws {@link IllegalStateException}. An instance that is never
  * closed is released when it is garbage collected.
  *
@@ -78,11 +81,14 @@ public final class Knib implements AutoCloseable {
      * is used.
      *
      * @param level the most detailed level to forward
+     * @throws NullPointerException when {@code level} is null (nothing is changed)
      */
     public static void setLogLevel(Level level) {
+        java.util.Objects.requireNonNull(level, "level");
         NativeLib.load();
+        int nativeLevel = KnibLog.nativeLevel(level);
         KnibLog.LOGGER.setLevel(level);
-        NativeLib.setLogLevel(KnibLog.nativeLevel(level));
+        NativeLib.setLogLevel(nativeLevel);
     }
 
     private long live() {
@@ -131,9 +137,11 @@ public final class Knib implements AutoCloseable {
      * @param listener receives the progress of each next operation; null for none
      * @return this context
      */
-    public Knib setProgressListener(ProgressListener listener) {
-        this.listener = listener;
+    public synchronized Knib setProgressListener(ProgressListener listener) {
+        // Under this instance's lock: the strong reference kept here is always the listener the native side
+        // holds weakly (two threads setting listeners at once cannot leave it holding one collected).
         NativeLib.setProgressListener(live(), listener);
+        this.listener = listener;
         return this;
     }
 

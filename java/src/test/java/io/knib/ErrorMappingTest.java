@@ -284,6 +284,15 @@ class ErrorMappingTest {
     }
 
     @Test
+    void aNullLogLevelChangesNothing() {
+        // Before, the logger's level was set to null, then the native level's conversion threw.
+        Knib.setLogLevel(Level.FINE);
+        assertThrows(NullPointerException.class, () -> Knib.setLogLevel(null));
+        assertEquals(Level.FINE, KnibLog.LOGGER.getLevel());
+        Knib.setLogLevel(Level.INFO);
+    }
+
+    @Test
     void busyWhenTheSameContextIsUsedTwiceAtOnce() throws Exception {
         try (Knib k = new Knib()) {
             List<Throwable> seen = new ArrayList<>();
