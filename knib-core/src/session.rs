@@ -78,18 +78,19 @@ impl Session {
         &self,
         f: impl FnOnce() -> std::result::Result<T, E>,
     ) -> std::result::Result<T, E> {
-        if self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
-            return Err(KnibError::busy(CONTEXT_BUSY).into());
-        }
-        struct Done<'a>(&'a Session);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                *self.0.cancel.lock() = CancelToken::new();
-                self.0.running.store(false, Ordering::SeqCst);
-            }
-        }
-        let _done = Done(self);
+        let mut slot = self.begin()?;
+        slot.started = true;
         f()
+    }
+
+    /// Take this session's one slot (else a "busy" error); it is given back
+    /// when the value returned is dropped, using up a cancellation when an
+    /// operation `started` in it.
+    fn begin(&self) -> Result<Slot<'_>> {
+        if self.running.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+            return Err(KnibError::busy(CONTEXT_BUSY));
+        }
+        Ok(Slot { session: self, started: false })
     }
 
     /// Run operation `op` of [`crate::api::call`] on `request` as this
@@ -99,22 +100,52 @@ impl Session {
     /// control (`version`, `list`, `delete`, ...) never look at the token,
     /// so the cancellation would be used up unseen and the operation done.
     pub fn call(&self, op: &str, request: &str) -> Result<String> {
-        self.exclusive(|| {
-            let ctl = self.control();
-            if ctl.cancel.is_cancelled() {
-                log::info!(target: "knib", "{op}: cancelled before it started");
-                return Err(KnibError::new(ErrorKind::Cancelled, format!("{op}: cancelled before it started")));
-            }
-            let started = Instant::now();
-            log::debug!(target: "knib", "{op}: started");
-            let r = crate::api::call(op, request, &ctl);
-            let secs = started.elapsed().as_secs_f64();
-            match &r {
-                Ok(_) => log::info!(target: "knib", "{op}: done in {secs:.2} s"),
-                Err(e) => log::info!(target: "knib", "{op}: failed after {secs:.2} s: {e}"),
-            }
-            r
-        })
+        self.call_with(|| Ok((op, request)))
+    }
+
+    /// [`Session::call`] on the operation and request `args` gives,
+    /// read once this session's one operation has begun: a call whose
+    /// arguments are bad (a C caller's NULL) while another operation runs
+    /// is refused as busy, as any second operation is, and its error
+    /// does not replace the running operation's.
+    pub fn call_with<'a, E: From<KnibError>>(
+        &self,
+        args: impl FnOnce() -> std::result::Result<(&'a str, &'a str), E>,
+    ) -> std::result::Result<String, E> {
+        let mut slot = self.begin()?;
+        // Arguments refused: no operation started, a cancellation waits on.
+        let (op, request) = args()?;
+        slot.started = true;
+        let ctl = self.control();
+        if ctl.cancel.is_cancelled() {
+            log::info!(target: "knib", "{op}: cancelled before it started");
+            return Err(KnibError::new(ErrorKind::Cancelled, format!("{op}: cancelled before it started")).into());
+        }
+        let started = Instant::now();
+        log::debug!(target: "knib", "{op}: started");
+        let r = crate::api::call(op, request, &ctl);
+        let secs = started.elapsed().as_secs_f64();
+        match &r {
+            Ok(_) => log::info!(target: "knib", "{op}: done in {secs:.2} s"),
+            Err(e) => log::info!(target: "knib", "{op}: failed after {secs:.2} s: {e}"),
+        }
+        r.map_err(E::from)
+    }
+}
+
+/// A session's one operation slot, taken ([`Session::begin`]).
+struct Slot<'a> {
+    session: &'a Session,
+    /// An operation started in it.
+    started: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.started {
+            *self.session.cancel.lock() = CancelToken::new();
+        }
+        self.session.running.store(false, Ordering::SeqCst);
     }
 }
 
@@ -203,6 +234,23 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
         let e = s.call("agent.take_hash", r#"{"files": ["/nonexistent-knib-file"]}"#).unwrap_err();
         assert_eq!(e.kind, ErrorKind::NotFound, "the cancellation was used up: {e}");
+    }
+
+    /// A call whose arguments are bad (a C caller's NULL) while another
+    /// operation runs is refused as busy (before, its own error replaced the
+    /// running operation's); and, no operation having started, it leaves a
+    /// cancellation waiting for the next one.
+    #[test]
+    fn bad_arguments_are_busy_while_an_operation_runs_and_leave_a_cancellation() {
+        let s = Session::new();
+        let bad = || Err::<(&str, &str), _>(KnibError::invalid("`request_json` is NULL"));
+        let inner = s.exclusive(|| Ok::<_, KnibError>(s.call_with(bad).unwrap_err()));
+        assert_eq!(inner.unwrap().kind, ErrorKind::Busy);
+        s.cancel();
+        assert_eq!(s.call_with(bad).unwrap_err().kind, ErrorKind::InvalidInput);
+        let e = s.call("version", "{}").unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Cancelled, "the cancellation was used up by the refused call: {e}");
+        s.call("version", "{}").unwrap();
     }
 
     /// Huge budgets (what a binding gets from `INT64_MAX` or Java's

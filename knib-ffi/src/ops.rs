@@ -23,15 +23,20 @@ enum Op {
 /// As `knib_call`.
 unsafe fn run(context: *mut knib_context, op: Op, request: *const c_char, answer_out: *mut *mut c_char) -> knib_result {
     with_context(context, Record::Operation, |ctx| {
-        let op = match op {
-            Op::Named(name) => name,
-            // SAFETY: the caller promises a NUL-terminated string or NULL.
-            Op::Given(p) => unsafe { text(p, "op") }?,
-        };
-        // SAFETY: as above.
-        let request = unsafe { text(request, "request_json") }?;
-        non_null(answer_out, "answer_out")?;
-        let answer = ctx.session.call(op, request)?;
+        // The arguments are read once the context's one operation slot is
+        // taken: bad ones on a busy context are refused as busy, and their
+        // error does not replace the running operation's.
+        let answer = ctx.session.call_with(|| {
+            let op = match op {
+                Op::Named(name) => name,
+                // SAFETY: the caller promises a NUL-terminated string or NULL.
+                Op::Given(p) => unsafe { text(p, "op") }?,
+            };
+            // SAFETY: as above.
+            let request = unsafe { text(request, "request_json") }?;
+            non_null(answer_out, "answer_out")?;
+            Ok::<_, Fail>((op, request))
+        })?;
         // SAFETY: `answer_out` is non-NULL and writable, as the caller promised.
         unsafe { *answer_out = c_string(&answer).into_raw() };
         Ok(())

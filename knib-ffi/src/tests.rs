@@ -143,3 +143,45 @@ fn a_cancel_between_operations_cancels_the_next_one_whatever_it_is() {
     }
     knib_context_free(ctx);
 }
+
+/// A call with a NULL argument on a context whose operation runs is
+/// refused as busy, as any second operation on it is (the header says
+/// so); before, its arguments were checked first and it failed with
+/// NULL_ARGUMENT, its error recorded in the running operation's context.
+/// The operation then ends as it would have.
+#[test]
+fn a_null_argument_on_a_busy_context_is_busy() {
+    use std::sync::Mutex;
+    static INSIDE: Mutex<Vec<knib_result>> = Mutex::new(Vec::new());
+    static CTX: Mutex<usize> = Mutex::new(0);
+    unsafe extern "C" fn progress(_: *mut std::ffi::c_void, _: *const c_char, _: f64) {
+        let ctx = *CTX.lock().expect("ctx") as *mut knib_context;
+        let mut answer: *mut c_char = ptr::null_mut();
+        // SAFETY: a valid operation name and out-pointer; the NULL request is the point.
+        let r = unsafe { knib_call(ctx, c"list".as_ptr(), ptr::null(), &mut answer) };
+        INSIDE.lock().expect("inside").push(r);
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let f = dir.path().join("v.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&f)
+        .arg("4M")
+        .status()
+        .expect("qemu-img runs");
+    assert!(st.success());
+    let ctx = new_context();
+    *CTX.lock().expect("ctx") = ctx as usize;
+    assert_eq!(knib_context_set_progress(ctx, Some(progress), ptr::null_mut()), knib_result::Ok);
+    let request = std::ffi::CString::new(serde_json::json!({"files": [f]}).to_string()).expect("no NUL");
+    let mut answer: *mut c_char = ptr::null_mut();
+    // SAFETY: valid strings and a writable out-pointer.
+    let r = unsafe { knib_call(ctx, c"agent.compress".as_ptr(), request.as_ptr(), &mut answer) };
+    assert_eq!(r, knib_result::Ok, "{}", message(ctx));
+    assert_eq!(message(ctx), "");
+    // SAFETY: an answer knib gave, freed once.
+    unsafe { knib_string_free(answer) };
+    let inside = INSIDE.lock().expect("inside").clone();
+    assert!(!inside.is_empty() && inside.iter().all(|r| *r == knib_result::Busy), "{inside:?}");
+    knib_context_free(ctx);
+}
