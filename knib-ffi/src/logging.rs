@@ -121,11 +121,12 @@ pub extern "C" fn knib_set_log_callback(
             return knib_result::Busy;
         }
         let target = callback.map(|callback| Target { callback, userdata: UserData(userdata) });
-        match TARGET.write() {
-            Ok(mut t) => *t = target,
-            Err(poisoned) => *poisoned.into_inner() = target,
-        }
+        let mut t = TARGET.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *t = target;
+        // Under the same lock: two callers at once leave one's callback
+        // with that caller's level, never the other's.
         log::set_max_level(if target.is_some() { filter } else { log::LevelFilter::Off });
+        drop(t);
         knib_result::Ok
     })
 }
