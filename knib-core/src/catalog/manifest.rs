@@ -116,9 +116,13 @@ impl Manifest {
         }
     }
 
-    /// Read and check a manifest (see [`Manifest::parse`]).
+    /// Read and check a manifest (see [`Manifest::parse`]) at `path`, a
+    /// file the caller names: anything but a regular file is refused at
+    /// once (a FIFO is not waited on), and so is a file of more than 16
+    /// MiB, unread (the cap on a store's JSON files).
     pub fn load(path: &Path) -> Result<Manifest> {
-        let text = std::fs::read(path).map_err(|e| KnibError::io("cannot read manifest", path, e))?;
+        let f = crate::fsio::open_regular(path)?;
+        let text = super::confine::read_capped(&f, path, "manifest")?;
         Manifest::parse(&text, path)
     }
 
@@ -242,6 +246,21 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// `Manifest::load` refuses a FIFO at once and a huge file unread.
+    #[test]
+    fn load_refuses_a_fifo_and_a_huge_file() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = Manifest::load(&fifo).unwrap_err();
+        assert_eq!(e.message, format!("{} is not a regular file", fifo.display()));
+        let huge = d.path().join("huge.json");
+        std::fs::File::create(&huge).unwrap().set_len(100 << 30).unwrap();
+        let e = Manifest::load(&huge).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Corrupt, "{e}");
+        assert!(e.message.contains("is larger than 16777216 bytes"), "{e}");
+    }
 
     #[test]
     fn rfc3339_is_right() {
