@@ -107,6 +107,47 @@ fn pause_if_asked(what: &str) {
     };
     if let Some(d) = found {
         log::debug!("pausing {d:?} before durable step: {what}");
+        {
+            let (started, wake) = paused();
+            started.lock().unwrap_or_else(|p| p.into_inner()).push(what.to_string());
+            wake.notify_all();
+        }
         std::thread::sleep(d);
+    }
+}
+
+/// The steps a pause of [`pause_before`] began at, and their wake-up.
+#[cfg(debug_assertions)]
+fn paused() -> &'static (std::sync::Mutex<Vec<String>>, std::sync::Condvar) {
+    static PAUSED: std::sync::OnceLock<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)> =
+        std::sync::OnceLock::new();
+    PAUSED.get_or_init(Default::default)
+}
+
+/// Wait (at most `timeout`) until a pause of [`pause_before`] has begun
+/// at a step whose name contains `what_contains`: how a test acts exactly
+/// while an operation waits there. Whether it began (debug builds only;
+/// release builds never pause, and say false at once).
+pub fn wait_for_pause(what_contains: &str, timeout: std::time::Duration) -> bool {
+    #[cfg(debug_assertions)]
+    {
+        let (started, wake) = paused();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = started.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if seen.iter().any(|w| w.contains(what_contains)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            seen = wake.wait_timeout(seen, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        let _ = (what_contains, timeout);
+        false
     }
 }

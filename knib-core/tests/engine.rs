@@ -330,10 +330,11 @@ fn a_compression_temporary_swapped_for_a_link_is_not_written_through() {
     snapshot(&f, &r);
     let victim = outside.path().join("victim");
     std::fs::write(&victim, b"not knib's").unwrap();
-    knib_core::crashpoint::pause_before(&format!("creating {}", d.path().display()), Duration::from_secs(3));
+    let at = format!("creating {}", d.path().display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
     let e = std::thread::scope(|s| {
         s.spawn(|| {
-            std::thread::sleep(Duration::from_secs(1));
+            assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "no pause at {at}");
             for e in std::fs::read_dir(d.path()).unwrap() {
                 let p = e.unwrap().path();
                 if p.to_string_lossy().ends_with(".part") {
