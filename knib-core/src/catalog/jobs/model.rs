@@ -131,6 +131,10 @@ pub enum OwnerStatus {
     OtherHost,
 }
 
+/// How far ahead of this host's clock another host sharing the store may
+/// write a job's times (a day).
+const CLOCK_SLACK_SECS: u64 = 86_400;
+
 /// One job: `STORE/jobs/<id>.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,13 +222,14 @@ impl Job {
             names::validate(what, value).map_err(|e| corrupt(format!("field `{field}`: {}", e.message)))?;
         }
         // knib writes the time of the moment, or of the moment plus a retry
-        // interval (at most 2^32 - 1 seconds): a later one is no time of
-        // its (a runner would wait for it, and a date past the year 9999
-        // cannot be shown).
+        // interval (at most 2^32 - 1 seconds), on this host or another
+        // whose clock may be ahead: a time more than a day past that is no
+        // time of its (a runner would wait for it, and a date past the
+        // year 9999 cannot be shown).
         let latest = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
-            .saturating_add(u32::MAX as u64);
+            .saturating_add(u32::MAX as u64 + CLOCK_SLACK_SECS);
         let times = [
             ("next_attempt_at", Some(job.next_attempt_at)),
             ("created_at", Some(job.created_at)),
@@ -235,7 +240,7 @@ impl Job {
         if let Some((field, t)) = times.iter().find_map(|(f, t)| t.filter(|t| *t > latest).map(|t| (f, t))) {
             return Err(corrupt(format!(
                 "field `{field}`: {t} is no time knib writes (more than {} seconds from now)",
-                u32::MAX
+                u32::MAX as u64 + CLOCK_SLACK_SECS
             )));
         }
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -314,7 +319,9 @@ mod tests {
             std::fs::write(&p, v.to_string()).unwrap();
             Job::load(&p)
         };
-        let latest = now + u32::MAX as u64;
+        // The longest retry interval from a clock a day ahead, and a minute
+        // for this test's own clock to move.
+        let latest = now + u32::MAX as u64 + 86_400;
         for field in ["next_attempt_at", "created_at", "updated_at", "finished_at"] {
             for t in [latest + 3600, 253_402_300_800, u64::MAX] {
                 let e = job(field, t).unwrap_err();
@@ -322,13 +329,14 @@ mod tests {
                 assert_eq!(
                     e.message,
                     format!(
-                        "job file {} field `{field}`: {t} is no time knib writes (more than 4294967295 seconds from now)",
+                        "job file {} field `{field}`: {t} is no time knib writes (more than 4295053695 seconds from now)",
                         p.display()
                     )
                 );
             }
-            // The longest retry interval from now is a time knib writes.
-            job(field, now + u32::MAX as u64 - 60).unwrap();
+            // The longest retry interval, written by a runner whose clock
+            // is a day ahead, is a time knib writes.
+            job(field, latest).unwrap();
         }
     }
 }
