@@ -277,6 +277,10 @@ impl Vault {
                         o.hash.as_deref().unwrap_or("(none)")
                     )),
                     Ok(_) => {}
+                    // The caller's cancellation or time budget is no damage.
+                    Err(e) if matches!(e.kind, crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout) => {
+                        return Err(e)
+                    }
                     Err(e) => problems.push(e.message),
                 }
             }
