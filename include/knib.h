@@ -32,7 +32,9 @@
  *
  * Pointers. Every pointer argument must be non-NULL unless its
  * documentation says otherwise (callbacks and their `userdata` may be
- * NULL); a NULL one gives KNIB_RESULT_NULL_ARGUMENT and nothing happens.
+ * NULL); a NULL one gives KNIB_RESULT_NULL_ARGUMENT and nothing happens
+ * (but an operation's arguments are read once the context is free: on a
+ * context running an operation, the call gives KNIB_RESULT_BUSY first).
  * Strings are NUL-terminated UTF-8 (other bytes give
  * KNIB_RESULT_INVALID_INPUT). Strings knib returns through a `char **`
  * belong to the caller: free each once with knib_string_free(). Strings

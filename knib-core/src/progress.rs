@@ -201,8 +201,8 @@ mod tests {
         v
     }
 
-    /// The first call is told, then one per whole percent grown at most,
-    /// the end always; nothing goes past 100% or back.
+    /// The first call is told, then one per whole percent grown at most;
+    /// nothing goes past 100% or back.
     #[test]
     fn every_percent_tells_each_percent_once() {
         let v = told(1000, 0..=1000);
