@@ -671,6 +671,49 @@ fn stray_entries_are_skipped_by_list_and_delete() {
     assert_canary(&before, &canary_state(&outside), "stray entries");
 }
 
+/// A backup copied under another VM's name (its manifest's `vm` edited to
+/// match): its id names two backups, so every operation by id is refused,
+/// corrupt and naming both VMs, and nothing is restored or deleted. Before,
+/// the first VM listed won: the copy was the one shown, restored, compressed
+/// and deleted.
+#[test]
+fn a_backup_id_under_two_vms_is_refused() {
+    let pristine = Pristine::build();
+    let work = tempfile::tempdir().unwrap();
+    let (root, outside) = pristine.copy(work.path());
+    let before = canary_state(&outside);
+    let id = &pristine.ids[2];
+    let copy = root.join("vms/vm0").join(id);
+    std::fs::create_dir_all(&copy).unwrap();
+    copy_dir_files(&root.join("vms/vm1").join(id), &copy);
+    let p = copy.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    v["vm"] = "vm0".into();
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let store = Store::open(&root).unwrap();
+    let want = format!(
+        "backup {id} is in store {} under two VMs, vm0 and vm1: an id names one backup, so one of them was copied there; remove the copy",
+        root.display()
+    );
+    let dest = work.path().join("restored.raw");
+    let ctl = Control::new();
+    let results = [
+        ("show", store.show(id).map(drop)),
+        ("restore", store.restore(id, "root", &dest, ImageFormat::Raw, &ctl).map(drop)),
+        ("delete", store.delete(id).map(drop)),
+    ];
+    for (op, r) in results {
+        let e = r.expect_err(op);
+        assert_eq!((e.kind, e.message.as_str()), (ErrorKind::Corrupt, want.as_str()), "{op}");
+    }
+    assert!(!dest.exists());
+    assert!(root.join("vms/vm1").join(id).join("manifest.json").exists() && p.exists());
+    assert_canary(&before, &canary_state(&outside), "a backup id under two VMs");
+    // The copy removed, the backup is its own again.
+    std::fs::remove_dir_all(root.join("vms/vm0")).unwrap();
+    assert_eq!(store.show(id).unwrap().vm, "vm1");
+}
+
 #[cfg(feature = "libvirt")]
 #[path = "store_tamper/journal.rs"]
 mod journal;

@@ -13,6 +13,7 @@ mod s3;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use common::disk::*;
 use knib_core::catalog::{BackupOptions, DiskSpec, Store};
@@ -681,6 +682,71 @@ fn a_sync_does_not_send_over_an_unreadable_manifest() {
         "{bad:?}"
     );
     assert!(v.reports.iter().any(|r| r.id == taken[0].0 && r.ok), "{v:?}");
+}
+
+/// A backup file cannot steer a sync out of the store: one swapped for a
+/// link to a file outside it between the chain's check and its upload is
+/// refused, not read (before, the upload opened it by name and read the
+/// outside file); a sparse one grown past what an S3 object may hold (5
+/// TiB) is refused before any of it is read (before, it was read in parts
+/// of over 500 MiB). Put back, the backup is sent, verifies and restores.
+#[test]
+fn a_backup_file_swapped_or_grown_in_the_store_is_not_sent() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p: _p, vm, _sdir, store, mut taken, vault } = Synced::new("swapped");
+    let refs = vm.snapshot_all("b3");
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    taken.push((m.id.clone(), refs));
+    let files: Vec<PathBuf> = ["root", "data"].iter().map(|v| store.volume_file(&m, v).unwrap()).collect();
+    let in_vault = |id: &str| vault.list(None).unwrap().iter().any(|b| b.id == id);
+
+    // Grown: a sparse file of 5 TiB and a byte, its qcow2 header intact.
+    let len = std::fs::metadata(&files[0]).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&files[0]).unwrap().set_len((5 << 40) + 1).unwrap();
+    let e = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.message.starts_with(&format!("backup file {} is 5497558138881 bytes long, more than", files[0].display())),
+        "{e}"
+    );
+    assert!(!in_vault(&m.id));
+    std::fs::OpenOptions::new().write(true).open(&files[0]).unwrap().set_len(len).unwrap();
+
+    // Swapped while the sync runs: each file of the backup in turn.
+    let outside = tempfile::tempdir().unwrap();
+    for f in &files {
+        let secret = outside.path().join("secret.qcow2");
+        std::fs::copy(f, &secret).unwrap();
+        let at = format!("opening {} to send it", f.display());
+        knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
+        let kept = f.with_extension("kept");
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                // While the sync waits there: the chain was checked, the
+                // file is about to be opened for its upload.
+                assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(120)), "no pause at {at}");
+                std::fs::rename(f, &kept).unwrap();
+                std::os::unix::fs::symlink(&secret, f).unwrap();
+            });
+            vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err()
+        });
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert_eq!(
+            e.message,
+            format!(
+                "backup file being sent {} is, or passes through, a symbolic link: knib follows no link inside a store",
+                f.display()
+            )
+        );
+        assert!(!in_vault(&m.id));
+        std::fs::remove_file(f).unwrap();
+        std::fs::rename(&kept, f).unwrap();
+    }
+    let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert_eq!(r.sent, vec![m.id.clone()], "{r:?}");
+    assert_verified_and_restored(&vault, &taken);
 }
 
 /// An object under the VM's upload records too large to be one is junk: the

@@ -113,13 +113,25 @@ pub struct Store {
     qemu_img: QemuImg,
 }
 
-/// Make a backup id: UTC time, then a few hex digits against collisions.
+/// Make a backup id: UTC time to the millisecond, then four hex digits
+/// against collisions: a number drawn once per process (from its pid and
+/// the time), plus a count of the ids it made. So the ids one process
+/// makes in one millisecond (a group's members) differ, whatever the
+/// clock's resolution (before, two could be equal on a coarse clock, and
+/// one id then named two VMs' backups); two processes' differ but by a
+/// chance of one in 65,536.
 pub(crate) fn new_backup_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNT: AtomicU32 = AtomicU32::new(0);
+    static BASE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let now = std::time::SystemTime::now();
+    let base = *BASE.get_or_init(|| {
+        let nanos = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        nanos ^ std::process::id().wrapping_mul(2654435761)
+    });
     let t = manifest::rfc3339(now);
     let stamp: String = t.chars().filter(|c| c.is_ascii_digit()).collect();
-    let nanos = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-    let salt = (nanos ^ std::process::id().wrapping_mul(2654435761)) & 0xffff;
+    let salt = base.wrapping_add(COUNT.fetch_add(1, Ordering::Relaxed)) & 0xffff;
     format!("{}-{}-{salt:04x}", &stamp[..8], &stamp[8..17])
 }
 
@@ -419,16 +431,31 @@ impl Store {
         Ok(out)
     }
 
-    /// The manifest of backup `id` (removed backups included).
+    /// The manifest of backup `id` (removed backups included). An id is
+    /// one backup's: found under two VMs (somebody copied a backup under
+    /// another VM's name, perhaps to be restored or deleted in its place),
+    /// it is a `corrupt` error naming them, never the first one found.
     pub fn find(&self, id: &str) -> Result<Manifest> {
         names::validate("backup id", id)?;
+        let mut found: Option<Manifest> = None;
         for vm in self.vms()? {
             match self.load_manifest(&vm, id) {
                 Err(e) if e.kind == ErrorKind::NotFound => {}
-                r => return r,
+                Err(e) => return Err(e),
+                Ok(m) => {
+                    if let Some(first) = &found {
+                        return Err(KnibError::corrupt(format!(
+                            "backup {id} is in store {} under two VMs, {} and {vm}: an id names one backup, so one of them was copied there; remove the copy",
+                            self.root.display(),
+                            first.vm
+                        )));
+                    }
+                    found = Some(m);
+                }
             }
         }
-        Err(KnibError::not_found(format!("backup {id} does not exist in store {}", self.root.display())))
+        found
+            .ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist in store {}", self.root.display())))
     }
 
     /// The manifest of a backup that was not deleted.
@@ -457,6 +484,17 @@ impl Store {
         }
         chain.reverse();
         Ok(chain)
+    }
+
+    /// Open `path`, a file of this store as [`Store::chain_files`] names
+    /// it, for reading as the chain's check did: no link below the root, a
+    /// regular file (a FIFO is refused at once). A file swapped for a link
+    /// since the check is refused, not followed out of the store.
+    pub(crate) fn open_file(&self, path: &Path, what: &str) -> Result<fs::File> {
+        let rel = path.strip_prefix(&self.root).map_err(|_| {
+            KnibError::internal(format!("{what} {} is not in store {}", path.display(), self.root.display()))
+        })?;
+        confine::open(&self.root, rel, Want::File, what)
     }
 
     /// Files of volume `volume` of `m`'s chain, root first; each must exist
@@ -492,7 +530,11 @@ impl Store {
                     b.id, v.backing, want
                 )));
             }
-            store_file::require_qcow2_magic(&f, &format!("backup {}: file {} of volume {volume}", b.id, f.display()))?;
+            store_file::require_qcow2_magic(
+                &file,
+                &f,
+                &format!("backup {}: file {} of volume {volume}", b.id, f.display()),
+            )?;
             let header = backing_pointer(&file, &f)?;
             if header != want {
                 return Err(KnibError::corrupt(format!(
@@ -519,4 +561,20 @@ fn backing_pointer(file: &fs::File, path: &Path) -> Result<Option<String>> {
         KnibError::corrupt(format!("backup file {}: {}", path.display(), e.message))
     })?;
     Ok(h.backing_file)
+}
+
+#[cfg(test)]
+mod id_tests {
+    /// The ids one process makes in a row differ (20,000 of them, most in
+    /// the same milliseconds; the old salt, the clock's nanoseconds, gave
+    /// equal ones about every 65 µs), and each is a plain name.
+    #[test]
+    fn ids_made_in_a_row_differ() {
+        let ids: Vec<String> = (0..20_000).map(|_| super::new_backup_id()).collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for id in &ids {
+            crate::names::validate("backup id", id).unwrap();
+        }
+    }
 }

@@ -7,18 +7,28 @@
 //! and is checked where disks are inspected.)
 
 use std::fs::File;
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::error::{KnibError, Result};
 use crate::qcow2::MAGIC;
 
-/// Fail with a `corrupt` error unless `file` starts with the qcow2 magic;
-/// `what` names the file's place in the store ("backup X: file F of volume V").
-pub(crate) fn require_qcow2_magic(file: &Path, what: &str) -> Result<()> {
-    let mut f = File::open(file).map_err(|e| KnibError::io("cannot open", file, e))?;
-    let mut head = Vec::with_capacity(MAGIC.len());
-    (&mut f).take(MAGIC.len() as u64).read_to_end(&mut head).map_err(|e| KnibError::io("cannot read", file, e))?;
+/// Fail with a `corrupt` error unless `f` (the file at `file`, opened)
+/// starts with the qcow2 magic; `what` names the file's place in the store
+/// ("backup X: file F of volume V").
+pub(crate) fn require_qcow2_magic(f: &File, file: &Path, what: &str) -> Result<()> {
+    // From offset 0 whatever the handle's position (positional reads).
+    let mut head = vec![0u8; MAGIC.len()];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read_at(&mut head[n..], n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(KnibError::io("cannot read", file, e)),
+        }
+    }
+    head.truncate(n);
     if head == MAGIC {
         return Ok(());
     }
@@ -48,7 +58,7 @@ mod tests {
         for (i, (bytes, want)) in cases.iter().enumerate() {
             let p = d.path().join(format!("f{i}"));
             std::fs::write(&p, bytes).expect("write");
-            match (require_qcow2_magic(&p, "the file"), want) {
+            match (require_qcow2_magic(&File::open(&p).expect("open"), &p, "the file"), want) {
                 (Ok(()), None) => {}
                 (Err(e), Some(w)) => {
                     assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");

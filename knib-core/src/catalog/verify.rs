@@ -93,7 +93,7 @@ impl Store {
         let (report, new_hashes, m) = if report.ok {
             (report, new_hashes, m.clone())
         } else {
-            match self.find(&m.id) {
+            match self.load_manifest(&m.vm, &m.id) {
                 Ok(fresh) if !fresh.removed => {
                     let (r, h) = self.check_backup(&fresh, ctl)?;
                     (r, h, fresh)
@@ -103,7 +103,7 @@ impl Store {
             }
         };
         if report.ok && !new_hashes.is_empty() {
-            let mut fresh = self.find(&m.id)?;
+            let mut fresh = self.load_manifest(&m.vm, &m.id)?;
             if fresh.compression == m.compression {
                 for (name, h) in new_hashes {
                     if let Some(v) = fresh.volumes.iter_mut().find(|v| v.name == name) {

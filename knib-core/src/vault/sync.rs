@@ -21,7 +21,6 @@
 //!   compression cannot replace a file under the sync.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +95,9 @@ impl SyncOptions {
 
 /// S3's most parts in one multipart upload.
 pub(super) const MAX_PARTS: u64 = 10_000;
+
+/// The most bytes an S3 object may hold (5 TiB).
+pub(super) const MAX_OBJECT_BYTES: u64 = 5 << 40;
 
 /// The part size for a file of `len` bytes: `part_size`, or larger (whole
 /// MiB) when `len` would take more than [`MAX_PARTS`] parts.
@@ -313,7 +315,7 @@ impl Vault {
                 ctl.check(&format!("sync of {} to the vault", m.id))?;
                 log::warn!("vault {}: object {rel} {lost}: sending it again from {}", self.location(), file.display());
                 let record = format!("uploads/{vm}/{}/{}.json", m.id, v.file);
-                let (len, hash) = self.upload_file(&file, &rel, &record, opts, ctl)?;
+                let (len, hash) = self.upload_file(store, &file, &rel, &record, opts, ctl)?;
                 if Some(&hash) != v.hash.as_ref() || len != v.size {
                     self.delete_key(&rel)?;
                     damaged(&format!(
@@ -386,7 +388,7 @@ impl Vault {
             let file = files.last().expect("a chain has a file").clone();
             let rel = Self::volume_rel(m, &v.file);
             let record = format!("uploads/{}/{}/{}.json", m.vm, m.id, v.file);
-            let (len, hash) = self.upload_file(&file, &rel, &record, opts, ctl)?;
+            let (len, hash) = self.upload_file(store, &file, &rel, &record, opts, ctl)?;
             if let Some(h) = &v.hash {
                 if *h != hash {
                     self.delete_key(&rel)?;
@@ -440,14 +442,24 @@ impl Vault {
     /// its length and hash.
     fn upload_file(
         &self,
+        store: &Store,
         path: &std::path::Path,
         rel: &str,
         record: &str,
         opts: &SyncOptions,
         ctl: &Control,
     ) -> Result<(u64, String)> {
-        let file = File::open(path).map_err(|e| KnibError::io("cannot open", path, e))?;
+        crate::crashpoint::pause_point(&format!("opening {} to send it", path.display()));
+        let file = store.open_file(path, "backup file being sent")?;
         let len = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.len();
+        // S3 holds no larger object; a longer file (a sparse one planted in
+        // the store, say) would be read in parts of over 500 MiB each.
+        if len > MAX_OBJECT_BYTES {
+            return Err(KnibError::invalid(format!(
+                "backup file {} is {len} bytes long, more than the {MAX_OBJECT_BYTES} bytes (5 TiB) an S3 object may hold; not sent",
+                path.display()
+            )));
+        }
         let mut hasher = Xxh3::new();
         let key = self.key(rel);
         let step = format!("sending {}", path.display());
