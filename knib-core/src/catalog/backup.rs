@@ -16,9 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    head, new_backup_id, settings, CompressionInfo, Manifest, Store, VmState, VolumeEntry, DEFAULT_CHAIN_SIZE,
-};
+use super::{head, settings, CompressionInfo, Manifest, Store, VmState, VolumeEntry, DEFAULT_CHAIN_SIZE};
 use crate::engine::{self, BackupKind, TakeBackupRequest, VolumeBackup};
 use crate::error::{KnibError, Result};
 use crate::fsio;
@@ -204,7 +202,7 @@ impl Store {
                 names::validate("backup id", id)?;
                 id.to_string()
             }
-            None => new_backup_id(),
+            None => self.fresh_backup_id()?,
         };
         let part = self.vm_dir(vm).join(format!(".{id}.part"));
         crate::crashpoint::durable_step(&format!("creation of {}", part.display()));

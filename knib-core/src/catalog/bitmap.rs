@@ -173,7 +173,7 @@ impl Store {
             None => self.decide(&name, &sources, opts, &follows)?,
             Some(t) => self.decide_in_target(t, &name, &sources, opts, &follows)?,
         };
-        let id = super::new_backup_id();
+        let id = self.fresh_backup_id()?;
         let part = self.vm_dir(&name).join(format!(".{id}.part"));
         let plan = BitmapPlan {
             backup_id: id.clone(),

@@ -263,7 +263,7 @@ impl Store {
                 crate::names::validate("backup id", id)?;
                 id.to_string()
             }
-            None => super::new_backup_id(),
+            None => self.fresh_backup_id()?,
         };
         let part = self.vm_dir(&name).join(format!(".{id}.part"));
         let plan = LivePlan {

@@ -486,6 +486,29 @@ impl Store {
         Ok(chain)
     }
 
+    /// A new backup id ([`new_backup_id`]) that no VM of this store has
+    /// yet, as a backup or one being written: two processes (two hosts
+    /// sharing the store) may draw the same id in the same millisecond,
+    /// by a chance of one in 65,536, and an id names one backup
+    /// ([`Store::find`] refuses one found under two VMs).
+    pub(crate) fn fresh_backup_id(&self) -> Result<String> {
+        self.fresh_backup_id_from(new_backup_id)
+    }
+
+    /// [`Store::fresh_backup_id`], the ids drawn from `next`.
+    fn fresh_backup_id_from(&self, mut next: impl FnMut() -> String) -> Result<String> {
+        let vms = self.vms()?;
+        let mut id = next();
+        while vms.iter().any(|vm| {
+            let dir = self.vm_dir(vm);
+            dir.join(&id).symlink_metadata().is_ok() || dir.join(format!(".{id}.part")).symlink_metadata().is_ok()
+        }) {
+            log::info!("backup id {id} is taken in store {} already; drawing another", self.root.display());
+            id = next();
+        }
+        Ok(id)
+    }
+
     /// Open `path`, a file of this store as [`Store::chain_files`] names
     /// it, for reading as the chain's check did: no link below the root, a
     /// regular file (a FIFO is refused at once). A file swapped for a link
@@ -576,5 +599,18 @@ mod id_tests {
         for id in &ids {
             crate::names::validate("backup id", id).unwrap();
         }
+    }
+
+    /// A new backup's id is none a VM of the store has, as a backup or as
+    /// one being written (another host may have drawn it).
+    #[test]
+    fn a_fresh_id_is_not_taken_by_any_vm() {
+        let d = tempfile::tempdir().unwrap();
+        let store = super::Store::create(d.path()).unwrap();
+        std::fs::create_dir_all(store.vm_dir("vm0").join("20260101-000000000-0001")).unwrap();
+        std::fs::create_dir_all(store.vm_dir("vm1").join(".20260101-000000000-0002.part")).unwrap();
+        let mut drawn = ["20260101-000000000-0001", "20260101-000000000-0002", "20260101-000000000-0003"].into_iter();
+        let id = store.fresh_backup_id_from(|| drawn.next().unwrap().to_string()).unwrap();
+        assert_eq!(id, "20260101-000000000-0003");
     }
 }

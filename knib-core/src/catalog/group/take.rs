@@ -133,7 +133,7 @@ impl Store {
             .collect::<Result<_>>()?;
 
         let id = group_id();
-        let ids: Vec<String> = members.iter().map(|_| super::super::new_backup_id()).collect();
+        let ids: Vec<String> = members.iter().map(|_| self.fresh_backup_id()).collect::<Result<_>>()?;
         let mut record = GroupRecord {
             schema: GROUP_SCHEMA,
             id: id.clone(),
