@@ -602,6 +602,17 @@ fn backups_by_path_with_relative_and_absolute_pointers() {
         let e = api("files.get", json!({"backup_path": inc, "path": "/changing.txt", "to": to1})).unwrap_err();
         assert!(e.message.contains("already exists"), "{e}");
         assert!(same_bytes(&to1, &src1.join("changing.txt")), "left as it was");
+        // A FIFO named as the destination's directory: refused at once
+        // (before, opening it waited for a writer, and could not be
+        // cancelled).
+        let fifo = out.join(format!("{kind}-fifo"));
+        run(Command::new("mkfifo").arg(&fifo));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let req = json!({"backup_path": inc, "path": "/changing.txt", "to": fifo.join("x")});
+        std::thread::spawn(move || tx.send(api("files.get", req)));
+        let r = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("files.get waited on a FIFO");
+        assert_err(r, ErrorKind::InvalidInput, &format!("{} is not a directory", fifo.display()));
+        std::fs::remove_file(&fifo).unwrap();
         // An unknown device names the choices.
         let e = api("files.ls", json!({"backup_path": inc, "fs": "/dev/sdb1"})).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput);

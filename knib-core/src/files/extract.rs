@@ -213,6 +213,9 @@ struct Walk<'a> {
     dirs_seen: u64,
     /// Entries met (files, directories, links, others).
     entries: u64,
+    /// Entries listed and not visited yet, in the directories from the top
+    /// down to the current one: what the walk holds in memory.
+    held: u64,
     buf: Vec<u8>,
     last_report: u64,
     /// Where the extracted path goes (for messages), and the length of its
@@ -240,6 +243,14 @@ impl Walk<'_> {
         }
     }
 
+    /// The most entries the filesystem can hold (its capacity over the
+    /// fewest bytes an entry takes), with those two figures.
+    fn most_entries(&self) -> (u64, u64, u64) {
+        let capacity = self.fs.capacity();
+        let per = self.fs.min_entry_bytes().max(1);
+        ((capacity / per).max(1), capacity, per)
+    }
+
     /// The most bytes of file data read.
     fn read_limit(&self) -> u64 {
         self.fs.capacity().saturating_mul(READ_FACTOR).saturating_add(READ_SLACK)
@@ -251,9 +262,7 @@ impl Walk<'_> {
         if !self.counting {
             return Ok(());
         }
-        let capacity = self.fs.capacity();
-        let per = self.fs.min_entry_bytes().max(1);
-        let most = (capacity / per).max(1);
+        let (most, capacity, per) = self.most_entries();
         self.entries += 1;
         if self.entries > most {
             return Err(KnibError::corrupt(format!(
@@ -310,6 +319,18 @@ impl Walk<'_> {
                 String::from_utf8_lossy(&w[0].name)
             )));
         }
+        // Held until visited, with those of every directory above: bounded
+        // by what the filesystem can hold, or a listing shared by many
+        // directories, one inside the other, would be held once a level.
+        self.held = self.held.saturating_add(entries.len() as u64);
+        let (most, capacity, per) = self.most_entries();
+        if self.held > most {
+            return Err(KnibError::corrupt(format!(
+                "{} holds more than {most} entries listed at once (at {}), more than its filesystem of {capacity} bytes can hold ({per} bytes an entry at the least): its directories are cross-linked (one listing shared by many)",
+                self.step,
+                display(path)
+            )));
+        }
         let key = match &out {
             Some(f) => Some(key_of(f, &self.local(path))?),
             None => None,
@@ -343,6 +364,7 @@ impl Walk<'_> {
                 self.summary.dirs += 1;
                 continue;
             };
+            self.held = self.held.saturating_sub(1);
             self.ctl.check(&format!("extracting {}", display(path)))?;
             check_name(&e.name, path)?;
             path.push(e.name);
@@ -506,9 +528,22 @@ struct Level {
 /// Open directory `name` in `at` (made writable first), remove what is
 /// not a directory in it, and list its subdirectories.
 fn open_level(at: &File, name: &CStr) -> std::io::Result<Level> {
-    let _ = rustix::fs::chmodat(at, name, Mode::RWXU, AtFlags::empty());
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = File::from(rustix::fs::openat(at, name, flags, Mode::empty())?);
+    // The directory itself, never what a link swapped in for it leads to:
+    // held first (`O_PATH`, which needs no permission, refusing a link),
+    // made writable through that handle (`/proc/self/fd`, the directory
+    // held, not a name), then opened for reading from it.
+    let held = rustix::fs::openat(
+        at,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    {
+        use std::os::fd::AsRawFd;
+        let _ = rustix::fs::chmod(format!("/proc/self/fd/{}", held.as_raw_fd()).as_str(), Mode::RWXU);
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let fd = File::from(rustix::fs::openat(&held, c".", flags, Mode::empty())?);
     let m = fd.metadata()?;
     let mut names = Vec::new();
     let mut dir = rustix::fs::Dir::read_from(&fd)?;
@@ -604,7 +639,17 @@ pub fn extract(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let pfd = File::open(&parent).map_err(|e| KnibError::io("cannot open the directory", &parent, e))?;
+    // O_DIRECTORY: a FIFO named as the parent is refused at once, not
+    // waited on for a writer.
+    let pfd = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(&parent).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::ENOTDIR) => KnibError::invalid(format!("{} is not a directory", parent.display())),
+                _ => KnibError::io("cannot open the directory", &parent, e),
+            }
+        })?
+    };
     if !pfd.metadata().map_err(|e| KnibError::io("cannot stat", &parent, e))?.is_dir() {
         return Err(KnibError::invalid(format!("{} is not a directory", parent.display())));
     }
@@ -620,6 +665,7 @@ pub fn extract(
         written: 0,
         dirs_seen: 0,
         entries: 0,
+        held: 0,
         buf: Vec::new(),
         last_report: 0,
         to: to.to_path_buf(),
@@ -637,6 +683,7 @@ pub fn extract(
     walk.counting = false;
     walk.summary = GetSummary::default();
     walk.dirs_seen = 0;
+    walk.held = 0;
     walk.buf = vec![0u8; CHUNK];
     walk.report(true);
 
@@ -702,4 +749,91 @@ pub fn extract(
     }
     walk.report(true);
     Ok(walk.summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Emptying a directory never changes what a link in its place leads
+    /// to (one swapped in between the listing and the opening): it is
+    /// refused, and the directory it leads to keeps its mode and content.
+    /// Before, the directory was made writable by its name first, following
+    /// the link (run as root: any directory of the host made 0700).
+    #[test]
+    fn a_link_in_place_of_a_directory_being_emptied_is_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"x").unwrap();
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("sub")).unwrap();
+        let at = File::open(d.path()).unwrap();
+        assert!(open_level(&at, c"sub").is_err());
+        let mode = std::fs::metadata(outside.path()).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o755);
+        assert!(outside.path().join("keep").exists());
+        // A real directory is emptied as before, whatever its mode.
+        let sub = d.path().join("real");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("f"), b"x").unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o500)).unwrap();
+        let l = open_level(&at, c"real").unwrap();
+        assert!(l.subdirs.is_empty() && !sub.join("f").exists());
+    }
+
+    /// Directories one inside the other that share one long listing (a
+    /// crafted FAT, ext4 or NTFS image: each directory's chain joins the
+    /// same run of entries) are refused once the listings held at once
+    /// pass what the filesystem can hold, before memory grows with the
+    /// depth. Before, only the entries visited were counted: the walk went
+    /// down the first subdirectory of each level, holding every level's
+    /// listing, to the depth limit (here about 200 MB; gigabytes from a
+    /// 3 MB image with the listings a FAT can share).
+    #[test]
+    fn listings_shared_by_nested_directories_are_bounded() {
+        struct Shared;
+        fn node(kind: Kind, id: Option<u64>) -> Node {
+            Node { kind, size: 0, mode: 0o755, mtime: 0, mtime_nsec: 0, id, handle: id.unwrap_or(0) }
+        }
+        impl Filesystem for Shared {
+            fn root(&mut self) -> Result<Node> {
+                Ok(node(Kind::Dir, Some(1)))
+            }
+            fn read_dir(&mut self, _: &FsPath, dir: &Node) -> Result<Vec<Entry>> {
+                // One subdirectory ("0", met first), then the shared run.
+                let mut v = vec![Entry { name: b"0".to_vec(), node: node(Kind::Dir, Some(dir.handle + 1)) }];
+                v.extend((0..2000).map(|i| Entry { name: format!("f{i}").into_bytes(), node: node(Kind::File, None) }));
+                Ok(v)
+            }
+            fn read_link(&mut self, _: &FsPath, _: &Node) -> Result<Vec<u8>> {
+                Ok(Vec::new())
+            }
+            fn open<'a>(&'a mut self, _: &FsPath, _: &Node) -> Result<Box<dyn FileRead + 'a>> {
+                Err(KnibError::internal("not read"))
+            }
+            fn label(&mut self) -> Option<String> {
+                None
+            }
+            fn max_dirs(&self) -> u64 {
+                1 << 20
+            }
+            fn capacity(&self) -> u64 {
+                1 << 20
+            }
+            fn min_entry_bytes(&self) -> u64 {
+                32
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut fs = Shared;
+        let root = fs.root().unwrap();
+        let e = extract(&mut fs, &[], &root, &d.path().join("out"), "/", &Control::new()).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Corrupt, "{e}");
+        assert!(
+            e.message.starts_with("extract / holds more than 32768 entries listed at once (at /0/0/0/0/0/0/0/0/0/0/0/0/0/0/0/0), more than its filesystem of 1048576 bytes"),
+            "{e}"
+        );
+        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none(), "nothing is left");
+    }
 }

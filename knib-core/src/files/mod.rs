@@ -84,8 +84,11 @@
 //!   guest can cross-link entries, make zeros holes and files empty): at
 //!   most 4 times that size plus 1 GiB of file data read, its size of data
 //!   written, as many entries as it can hold (its size over 12 bytes for
-//!   ext4, 32 for FAT, 80 for NTFS). Beyond that is Corrupt, mostly found
-//!   before anything is written (see [`extract`]).
+//!   ext4, 32 for FAT, 80 for NTFS), and as many entries listed and held
+//!   at once (the listings of the directories from the top down to the
+//!   one being walked, which cross-linked directories can share). Beyond
+//!   that is Corrupt, mostly found before anything is written (see
+//!   [`extract`]).
 //!
 //! # Filesystem specifics
 //!
