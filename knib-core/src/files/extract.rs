@@ -706,6 +706,9 @@ pub fn extract(
             }
         }
     };
+    // Removed on any way out (a panic of a reader too) until it is renamed
+    // into place; never after (its name may be someone else's by then).
+    let mut unmade = Unmade { dir: &pfd, name: &tmp_c, armed: true };
     let result = (|| {
         match file {
             None => {
@@ -740,15 +743,30 @@ pub fn extract(
             }
             return Err(KnibError::io(&format!("cannot rename {} to", tmp_path.display()), to, e));
         }
+        unmade.armed = false;
         pfd.sync_all().map_err(|e| KnibError::io("cannot fsync directory", &parent, e))?;
         Ok(())
     })();
-    if let Err(e) = result {
-        remove_tree_at(&pfd, &tmp_c);
-        return Err(e);
-    }
+    drop(unmade);
+    result?;
     walk.report(true);
     Ok(walk.summary)
+}
+
+/// The temporary entry of an extraction, removed when dropped while
+/// `armed`.
+struct Unmade<'a> {
+    dir: &'a File,
+    name: &'a CStr,
+    armed: bool,
+}
+
+impl Drop for Unmade<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            remove_tree_at(self.dir, self.name);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -835,5 +853,57 @@ mod tests {
             "{e}"
         );
         assert!(std::fs::read_dir(d.path()).unwrap().next().is_none(), "nothing is left");
+    }
+
+    /// A reader that panics (a bug) leaves no temporary entry behind: it is
+    /// removed as the panic unwinds (before, only an error removed it).
+    #[test]
+    fn a_reader_panic_leaves_nothing_behind() {
+        struct Panics;
+        struct Read;
+        impl FileRead for Read {
+            fn read(&mut self, _: &mut [u8]) -> Result<usize> {
+                panic!("a reader's bug");
+            }
+        }
+        fn node(kind: Kind, size: u64) -> Node {
+            Node { kind, size, mode: 0o644, mtime: 0, mtime_nsec: 0, id: None, handle: 0 }
+        }
+        impl Filesystem for Panics {
+            fn root(&mut self) -> Result<Node> {
+                Ok(node(Kind::Dir, 0))
+            }
+            fn read_dir(&mut self, _: &FsPath, _: &Node) -> Result<Vec<Entry>> {
+                Ok(vec![Entry { name: b"f".to_vec(), node: node(Kind::File, 10) }])
+            }
+            fn read_link(&mut self, _: &FsPath, _: &Node) -> Result<Vec<u8>> {
+                Ok(Vec::new())
+            }
+            fn open<'a>(&'a mut self, _: &FsPath, _: &Node) -> Result<Box<dyn FileRead + 'a>> {
+                Ok(Box::new(Read))
+            }
+            fn label(&mut self) -> Option<String> {
+                None
+            }
+            fn max_dirs(&self) -> u64 {
+                16
+            }
+            fn capacity(&self) -> u64 {
+                1 << 20
+            }
+            fn min_entry_bytes(&self) -> u64 {
+                32
+            }
+        }
+        let d = tempfile::tempdir().unwrap();
+        let to = d.path().join("out");
+        let r = std::panic::catch_unwind(|| {
+            let mut fs = Panics;
+            let root = fs.root().unwrap();
+            extract(&mut fs, &[], &root, &to, "/", &Control::new())
+        });
+        assert!(r.is_err(), "the reader panicked");
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 }
