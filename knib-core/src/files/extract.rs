@@ -610,8 +610,10 @@ fn remove_tree_inner(parent: &File, name: &CStr) -> std::io::Result<()> {
 fn temp_name(name: &OsStr) -> Vec<u8> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
+    // At most 200 bytes of the name: a destination whose name is near the
+    // 255-byte limit still gets a temporary name that fits.
     let mut t = b".".to_vec();
-    t.extend_from_slice(name.as_bytes());
+    t.extend_from_slice(&name.as_bytes()[..name.len().min(200)]);
     t.extend_from_slice(format!(".knib-{}-{}.part", std::process::id(), N.fetch_add(1, Ordering::Relaxed)).as_bytes());
     t
 }
@@ -905,5 +907,14 @@ mod tests {
         assert!(r.is_err(), "the reader panicked");
         let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    /// A destination name near the 255-byte limit gets a temporary name
+    /// that fits (before, the added bytes made it too long to create).
+    #[test]
+    fn a_long_destination_name_gets_a_temporary_name_that_fits() {
+        let name = "n".repeat(255);
+        let t = temp_name(OsStr::new(&name));
+        assert!(t.len() <= 255 && t.starts_with(b".nnn") && t.ends_with(b".part"), "{}", t.len());
     }
 }

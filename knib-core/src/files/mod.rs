@@ -63,7 +63,7 @@
 //!
 //! - `to` must not exist yet (like `knib restore`); its parent must be a
 //!   directory. Everything is written under a temporary sibling name
-//!   (`.<name>.knib-<pid>-<n>.part`) and renamed into place at the end
+//!   (`.<name>.knib-<pid>-<n>.part`, the name cut at 200 bytes) and renamed into place at the end
 //!   (never replacing anything), so a failure or a cancellation leaves
 //!   nothing half-written.
 //! - A directory is extracted as a tree: regular files with their bytes
