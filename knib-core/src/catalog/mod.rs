@@ -487,10 +487,11 @@ impl Store {
     }
 
     /// A new backup id ([`new_backup_id`]) that no VM of this store has
-    /// yet, as a backup or one being written: two processes (two hosts
-    /// sharing the store) may draw the same id in the same millisecond,
-    /// by a chance of one in 65,536, and an id names one backup
-    /// ([`Store::find`] refuses one found under two VMs).
+    /// yet, as a backup or one being written (an id names one backup:
+    /// [`Store::find`] refuses one found under two VMs). It does not close
+    /// the race of two hosts sharing the store that draw the same id in
+    /// the same millisecond (one chance in 65,536) and both find it free:
+    /// each creates its backup later.
     pub(crate) fn fresh_backup_id(&self) -> Result<String> {
         self.fresh_backup_id_from(new_backup_id)
     }

@@ -529,21 +529,29 @@ struct Level {
 /// not a directory in it, and list its subdirectories.
 fn open_level(at: &File, name: &CStr) -> std::io::Result<Level> {
     // The directory itself, never what a link swapped in for it leads to:
-    // held first (`O_PATH`, which needs no permission, refusing a link),
-    // made writable through that handle (`/proc/self/fd`, the directory
-    // held, not a name), then opened for reading from it.
-    let held = rustix::fs::openat(
-        at,
-        name,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    {
-        use std::os::fd::AsRawFd;
-        let _ = rustix::fs::chmod(format!("/proc/self/fd/{}", held.as_raw_fd()).as_str(), Mode::RWXU);
-    }
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let fd = File::from(rustix::fs::openat(&held, c".", flags, Mode::empty())?);
+    // opened refusing a link, then made writable through its descriptor.
+    // A directory this user may not read (mode 0, not root) is held first
+    // (`O_PATH`, which needs no permission, refusing a link), made
+    // readable through that handle (`/proc/self/fd`: the directory held,
+    // not a name), then opened from it.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = match rustix::fs::openat(at, name, flags, Mode::empty()) {
+        Ok(fd) => File::from(fd),
+        Err(rustix::io::Errno::ACCESS) => {
+            let held = rustix::fs::openat(
+                at,
+                name,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            use std::os::fd::AsRawFd;
+            let _ = rustix::fs::chmod(format!("/proc/self/fd/{}", held.as_raw_fd()).as_str(), Mode::RWXU);
+            let again = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            File::from(rustix::fs::openat(&held, c".", again, Mode::empty())?)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let _ = rustix::fs::fchmod(&fd, Mode::RWXU);
     let m = fd.metadata()?;
     let mut names = Vec::new();
     let mut dir = rustix::fs::Dir::read_from(&fd)?;
@@ -613,7 +621,14 @@ fn temp_name(name: &OsStr) -> Vec<u8> {
     // At most 200 bytes of the name: a destination whose name is near the
     // 255-byte limit still gets a temporary name that fits.
     let mut t = b".".to_vec();
-    t.extend_from_slice(&name.as_bytes()[..name.len().min(200)]);
+    // Cut where no UTF-8 character is split (some file systems refuse
+    // names that are not UTF-8).
+    let b = name.as_bytes();
+    let mut cut = b.len().min(200);
+    while cut > 0 && cut < b.len() && b[cut] & 0xC0 == 0x80 {
+        cut -= 1;
+    }
+    t.extend_from_slice(&b[..cut]);
     t.extend_from_slice(format!(".knib-{}-{}.part", std::process::id(), N.fetch_add(1, Ordering::Relaxed)).as_bytes());
     t
 }
@@ -916,5 +931,9 @@ mod tests {
         let name = "n".repeat(255);
         let t = temp_name(OsStr::new(&name));
         assert!(t.len() <= 255 && t.starts_with(b".nnn") && t.ends_with(b".part"), "{}", t.len());
+        // Not cut inside a character: 199 bytes of 'a', then 'é' (2 bytes).
+        let name = format!("{}é{}", "a".repeat(199), "b".repeat(40));
+        let t = temp_name(OsStr::new(&name));
+        assert!(std::str::from_utf8(&t).is_ok() && t.starts_with(format!(".{}.knib-", "a".repeat(199)).as_bytes()));
     }
 }
