@@ -325,6 +325,24 @@ pub(crate) fn create_own_temp(path: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// Check that the name `path` leads to `file` itself (the same inode, not
+/// through a link): a temporary of knib's own, written through a handle,
+/// whose name someone may have replaced meanwhile (with a link to another
+/// file, symbolic or hard, or another file). Anything else is `corrupt`,
+/// naming it.
+pub(crate) fn require_same_file(path: &Path, file: &File) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
+    let named = fs::symlink_metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?;
+    if named.dev() == ours.dev() && named.ino() == ours.ino() {
+        return Ok(());
+    }
+    Err(KnibError::corrupt(format!(
+        "{} was replaced while knib wrote it (it is no longer the file knib created); knib writes its temporary files only as files of their own",
+        path.display()
+    )))
+}
+
 /// Size of a file in bytes.
 pub fn file_size(path: &Path) -> Result<u64> {
     Ok(fs::metadata(path).map_err(|e| KnibError::io("cannot stat", path, e))?.len())

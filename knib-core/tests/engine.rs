@@ -315,42 +315,57 @@ fn an_expected_file_outside_the_chain_is_refused_on_both_data_paths() {
 }
 
 /// A compression writes its output only into a file of its own: its
-/// temporary swapped for a link to a file outside (after the claim of the
-/// name, before the copy starts) is refused, naming it, and the file the
-/// link leads to is left as it was. Before, the copy opened the name again,
-/// followed the link and truncated and wrote that file.
+/// temporary swapped (after the claim of the name, before the copy starts)
+/// for a symbolic link to a file outside, or for a hard link to one, is
+/// refused, naming it, the file the link leads to is left as it was, and
+/// nothing is left under the compression's names. Before, the copy opened
+/// the name again: it followed a symbolic link (fixed in c550de6 by
+/// opening it following none) and truncated and wrote a hard-linked file
+/// (fixed by writing through the handle of the claim, and checking that
+/// the name still leads to it before and after the rename).
 #[test]
 fn a_compression_temporary_swapped_for_a_link_is_not_written_through() {
-    let d = tempfile::tempdir().unwrap();
-    let outside = tempfile::tempdir().unwrap();
-    let f = d.path().join("vol.qcow2");
-    make_disk(&f, 8 << 20, &[]);
-    qemu_io(&f, "write -P 0x5a 0 2M");
-    let r = d.path().join("ref.qcow2");
-    snapshot(&f, &r);
-    let victim = outside.path().join("victim");
-    std::fs::write(&victim, b"not knib's").unwrap();
-    let at = format!("creating {}", d.path().display());
-    knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
-    let e = std::thread::scope(|s| {
-        s.spawn(|| {
-            assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "no pause at {at}");
-            for e in std::fs::read_dir(d.path()).unwrap() {
-                let p = e.unwrap().path();
-                if p.to_string_lossy().ends_with(".part") {
-                    std::fs::remove_file(&p).unwrap();
-                    std::os::unix::fs::symlink(&victim, &p).unwrap();
+    for hard in [false, true] {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("vol.qcow2");
+        make_disk(&f, 8 << 20, &[]);
+        qemu_io(&f, "write -P 0x5a 0 2M");
+        let r = d.path().join("ref.qcow2");
+        snapshot(&f, &r);
+        // Beside the store's directory, so that a hard link can be made.
+        let outside = tempfile::tempdir_in(d.path().parent().unwrap()).unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"not knib's").unwrap();
+        let at = format!("creating {}", d.path().display());
+        knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "no pause at {at}");
+                for e in std::fs::read_dir(d.path()).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.to_string_lossy().ends_with(".part") {
+                        std::fs::remove_file(&p).unwrap();
+                        if hard {
+                            std::fs::hard_link(&victim, &p).unwrap();
+                        } else {
+                            std::os::unix::fs::symlink(&victim, &p).unwrap();
+                        }
+                    }
                 }
-            }
+            });
+            let opts = engine::CompressOptions { data_path: engine::DataPath::Native, ..Default::default() };
+            engine::compress(&QemuImg::new(), std::slice::from_ref(&f), &opts, &Control::new()).unwrap_err()
         });
-        let opts = engine::CompressOptions { data_path: engine::DataPath::Native, ..Default::default() };
-        engine::compress(&QemuImg::new(), std::slice::from_ref(&f), &opts, &Control::new()).unwrap_err()
-    });
-    assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "{e}");
-    assert!(
-        e.message.ends_with("is a symbolic link; knib writes its temporary files only as files of their own"),
-        "{e}"
-    );
-    assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's");
-    assert_identical(&f, &r);
+        assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "hard {hard}: {e}");
+        assert!(e.message.ends_with(".part was replaced while knib wrote it (it is no longer the file knib created); knib writes its temporary files only as files of their own"), "hard {hard}: {e}");
+        let v = std::fs::read(&victim).unwrap();
+        assert!(v == b"not knib's", "hard {hard}: the file outside was written ({} bytes)", v.len());
+        assert_identical(&f, &r);
+        let mut left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["ref.qcow2", "vol.qcow2"], "hard {hard}");
+    }
 }

@@ -169,7 +169,7 @@ pub fn compress_verified(
             // the first, which removed the first's temporary and had it
             // rename half of its own). Removed with the `.comp` on a failure
             // from here on.
-            let _claim = claim_temp(&tmp, f)?;
+            let claim = claim_temp(&tmp, f)?;
             done.push(CompressedFile {
                 path: f.clone(),
                 comp_path: out.clone(),
@@ -194,6 +194,7 @@ pub fn compress_verified(
                     let c = NativeCopy {
                         source: f,
                         dest: &tmp,
+                        dest_file: Some(&claim),
                         mode: SourceMode::Top,
                         format: TargetFormat::Qcow2,
                         backing: header.backing_file.clone(),
@@ -239,7 +240,12 @@ pub fn compress_verified(
                     (fsio::file_size(&tmp)?, hash)
                 }
             };
+            // The copy wrote the claimed file (the native one through its
+            // handle): the name must still lead to it, before the rename and
+            // after (an entry swapped in between is removed, never kept).
+            fsio::require_same_file(&tmp, &claim)?;
             fsio::commit_rename(&tmp, &out)?;
+            fsio::require_same_file(&out, &claim)?;
             let last = done.last_mut().expect("pushed above");
             last.compressed_size = compressed_size;
             last.hash = hash;

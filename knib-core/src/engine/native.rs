@@ -18,8 +18,7 @@ use crate::error::{KnibError, Result};
 use crate::fsio;
 use crate::progress::Control;
 use crate::qcow2::{
-    copy_image_to_temp, BackingRef, Commit, CompressionType, CopyOptions, CopyReport, Qcow2Image, SourceMode,
-    TargetFormat,
+    copy_image_to, BackingRef, Commit, CompressionType, CopyOptions, CopyReport, Qcow2Image, SourceMode, TargetFormat,
 };
 use crate::qemu_img::{CompressionLibrary, QemuImg};
 
@@ -119,6 +118,11 @@ pub struct NativeCopy<'a> {
     /// The file written, a temporary name of knib's own (created following
     /// no link; fsynced; the caller renames it into place).
     pub dest: &'a Path,
+    /// `dest` already open (created, locked and emptied by the caller):
+    /// the copy writes through this handle and never opens the name, and
+    /// the caller checks that the name still leads to it before renaming
+    /// it. `None`: `dest` is created following no link.
+    pub dest_file: Option<&'a std::fs::File>,
     /// Its own clusters (with `backing`) or the flattened chain.
     pub mode: SourceMode,
     /// Raw or qcow2.
@@ -166,8 +170,10 @@ fn copy_with(c: &NativeCopy<'_>, hash_source: bool, ctl: &Control) -> Result<Cop
         write_mode: crate::qcow2::WriteMode::default(),
     };
     // Every native copy writes a temporary file of knib's own (renamed
-    // into place by the caller): created following no link.
-    copy_image_to_temp(c.source, c.dest, &opts, ctl, &mut |bound| {
+    // into place by the caller): created following no link, or the one
+    // the caller opened.
+    let out = c.dest_file.map_or(crate::qcow2::Output::OwnTemp, crate::qcow2::Output::Opened);
+    copy_image_to(c.source, c.dest, out, &opts, ctl, &mut |bound| {
         // A raw output is sparse: its data is all that needs room.
         fsio::require_space(dir, bound, c.what)
     })

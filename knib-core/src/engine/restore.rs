@@ -95,6 +95,7 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
         let c = NativeCopy {
             source: &req.backup_file,
             dest: tmp.path(),
+            dest_file: None,
             mode: SourceMode::Chain,
             format: match req.format {
                 ImageFormat::Qcow2 => TargetFormat::Qcow2,

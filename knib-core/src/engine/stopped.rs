@@ -134,6 +134,7 @@ pub(crate) fn copy_to_store(
         let c = NativeCopy {
             source,
             dest: &tmp,
+            dest_file: None,
             mode,
             format: TargetFormat::Qcow2,
             backing: parent.map(str::to_string),

@@ -493,6 +493,7 @@ fn copy_volumes(
             let c = NativeCopy {
                 source: &v.disk,
                 dest: &tmp,
+                dest_file: None,
                 mode,
                 format: TargetFormat::Qcow2,
                 backing,

@@ -140,40 +140,56 @@ pub fn copy_image(
     ctl: &Control,
     before_write: &mut dyn FnMut(u64) -> Result<()>,
 ) -> Result<CopyReport> {
-    let open = || {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dest)
-            .map_err(|e| KnibError::io("cannot create", dest, e))
-    };
-    copy_image_with(source, dest, &open, opts, ctl, before_write)
+    copy_image_to(source, dest, Output::Named, opts, ctl, before_write)
 }
 
-/// [`copy_image`] to `dest`, a temporary file of knib's own: created
-/// following no link ([`crate::fsio::create_own_temp`]), so that a link
-/// put in its place cannot have the copy write where it leads.
-pub(crate) fn copy_image_to_temp(
-    source: &Path,
-    dest: &Path,
-    opts: &CopyOptions,
-    ctl: &Control,
-    before_write: &mut dyn FnMut(u64) -> Result<()>,
-) -> Result<CopyReport> {
-    let open = || {
-        crate::crashpoint::pause_point(&format!("creating {}", dest.display()));
-        crate::fsio::create_own_temp(dest)
-    };
-    copy_image_with(source, dest, &open, opts, ctl, before_write)
+/// How [`copy_image_to`] gets the file it writes at `dest`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Output<'a> {
+    /// Created or truncated by name, following links: a path a caller
+    /// named ([`copy_image`]).
+    Named,
+    /// A temporary file of knib's own: created following no link
+    /// ([`crate::fsio::create_own_temp`]), so that a link put in its place
+    /// cannot have the copy write where it leads.
+    OwnTemp,
+    /// Already open and empty (a temporary the caller created, locked and
+    /// emptied): written through this handle, and the name never opened
+    /// again, so no entry put in its place (a link, symbolic or hard) is
+    /// written. The caller checks that the name still leads to it before
+    /// using the name.
+    Opened(&'a File),
 }
 
-/// [`copy_image`], `dest` opened by `open` once the source is checked.
-fn copy_image_with(
+impl Output<'_> {
+    fn open(self, dest: &Path) -> Result<File> {
+        match self {
+            Output::Named => OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dest)
+                .map_err(|e| KnibError::io("cannot create", dest, e)),
+            Output::OwnTemp => {
+                crate::crashpoint::pause_point(&format!("creating {}", dest.display()));
+                crate::fsio::create_own_temp(dest)
+            }
+            Output::Opened(f) => {
+                crate::crashpoint::pause_point(&format!("creating {}", dest.display()));
+                let f = f.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
+                f.set_len(0).map_err(|e| KnibError::io("cannot truncate", dest, e))?;
+                Ok(f)
+            }
+        }
+    }
+}
+
+/// [`copy_image`], `dest` opened as `out` says once the source is checked.
+pub(crate) fn copy_image_to(
     source: &Path,
     dest: &Path,
-    open: &dyn Fn() -> Result<std::fs::File>,
+    out: Output<'_>,
     opts: &CopyOptions,
     ctl: &Control,
     before_write: &mut dyn FnMut(u64) -> Result<()>,
@@ -181,7 +197,7 @@ fn copy_image_with(
     let Prepared { mut src, spec, plain_qcow2, planned_header, planned_len, step } =
         prepare(source, opts, output_backing_size(dest, opts), ctl, before_write)?;
 
-    let file = open()?;
+    let file = out.open(dest)?;
 
     if plain_qcow2 {
         // The exact length is known: allocate it up front (one extent
