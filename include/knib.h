@@ -1460,7 +1460,9 @@
  *                on, active first.
  *
  *   RestoreAnswer: The answer of `agent.restore`.
- *       removed  [string]: The old deltas removed.
+ *       removed  [string]: The old deltas removed (one that could not be
+ *                removed, once every volume was restored, is logged as a
+ *                warning and left out).
  *       volumes  [RestoredVolume]: Each volume restored.
  *
  *   RestoreVolume: One volume of `agent.restore`.

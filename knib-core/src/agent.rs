@@ -166,7 +166,12 @@
 //! qcow2 overlay whose backing file is the backup), and only when all are
 //! written renames them over the volumes; on a failure no volume has
 //! changed. Then each of `deltas_to_remove` (files of the old chains on
-//! primary) is removed. The domain must be stopped (the agent's job).
+//! primary) is removed; one that cannot be is logged and left out of the
+//! answer's `removed`. The domain must be stopped (the agent's job): a
+//! volume or delta a process holds QEMU's image lock on (a running VM, a
+//! VM reading it as a backing file) is busy, nothing changed, and QEMU
+//! cannot start on them while the restore runs. A volume that is a file of
+//! a backup chain read is refused (invalid input).
 //! `agent.consolidate` later pulls the backup's data into each quick-restored
 //! volume (block pull, polled; aborted when the time budget runs out).
 //!
@@ -392,6 +397,20 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     // and none may be among the deltas removed).
     let chains: Vec<Vec<PathBuf>> =
         r.volumes.iter().map(|v| engine::backup_chain_files(&v.backup_path)).collect::<Result<_>>()?;
+    // A volume is never a file of a backup read here: the restored copy
+    // (or a quick restore's overlay, backed by itself) replaced the backup.
+    for (i, v) in r.volumes.iter().enumerate() {
+        for (w, chain) in r.volumes.iter().zip(&chains) {
+            if let Some(b) = chain.iter().find(|b| same_file(b, &v.volume_path)) {
+                return Err(KnibError::invalid(format!(
+                    "request of {op}: volumes[{i}].volume_path {} is {} of the backup chain of volume {}: a restore never writes over a backup; nothing was changed",
+                    v.volume_path.display(),
+                    b.display(),
+                    w.uuid.as_deref().unwrap_or("(no uuid)")
+                )));
+            }
+        }
+    }
     // The old deltas removed at the end are never a file of a backup read
     // here (a quick-restored volume would lose its backing file, and the
     // backup its data) nor a directory (found before any volume changes).
@@ -415,6 +434,13 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
             }
         }
     }
+    // (Neither is a file of a backup chain, held for reading below.) No VM runs on what is replaced or removed, nor starts on it until
+    // the restore ends (QEMU fails to take its lock): a volume renamed
+    // over under a running VM lost every write it made afterwards, and a
+    // delta removed under one (a template other VMs read) broke them.
+    let replaced: Vec<&Path> = targets.iter().copied().chain(r.deltas_to_remove.iter().map(PathBuf::as_path)).collect();
+    let _unused = crate::lock::hold_like_qemu_writer(&replaced, "the restore")?;
+    crate::crashpoint::pause_point(&format!("{op}: volumes locked against QEMU"));
     // A quick restore runs the VM on the backups' chains: each is checked
     // before any volume is staged, and the files the caller gave hashes for
     // are held against them (a read of each; a plain restore does it as it
@@ -491,9 +517,17 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
             log::warn!("{op}: {} is a restored volume; it is not removed", f.display());
             continue;
         }
-        if f.exists() {
-            fsio::remove_if_exists(f)?;
-            removed.push(f.clone());
+        // Every volume is restored by now: a delta that cannot be removed
+        // is said (logged, and absent from `removed`), not a failure of a
+        // restore that happened.
+        match std::fs::symlink_metadata(f) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            _ => match fsio::remove_if_exists(f) {
+                Ok(()) => removed.push(f.clone()),
+                Err(e) => {
+                    log::warn!("{op}: the volumes are restored, but the old delta {} was not removed: {e}", f.display())
+                }
+            },
         }
     }
     Ok(RestoreAnswer { volumes, removed })

@@ -376,10 +376,26 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
-/// Whether `a` and `b` name the same file: equal paths, or equal once
-/// resolved (both exist).
+/// Whether `a` and `b` name the same file: equal paths; when both exist,
+/// one file (the same inode, through links, symbolic or hard, and `..`
+/// alike); when neither exists yet, the same name in the same directory
+/// (its path resolved), so that a file about to be made under two
+/// spellings of its name is seen as one.
 pub fn same_file(a: &Path, b: &Path) -> bool {
-    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    use std::os::unix::fs::MetadataExt;
+    if a == b {
+        return true;
+    }
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        (Err(_), Err(_)) => {
+            let dir = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).and_then(|d| d.canonicalize().ok());
+            a.file_name().is_some()
+                && a.file_name() == b.file_name()
+                && matches!((dir(a), dir(b)), (Some(x), Some(y)) if x == y)
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]

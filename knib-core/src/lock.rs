@@ -360,6 +360,46 @@ pub fn held_like_qemu(file: &File) -> io::Result<bool> {
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }
 
+/// Lock each of `files` that exists as a QEMU writer does
+/// ([`lock_like_qemu_writer`]) for as long as the returned files stay
+/// open: what a step that replaces or removes files holds, so that no VM
+/// starts on them meanwhile (QEMU then fails to take its own lock). A file
+/// in use (a running VM on it, or reading it as a backing file) is busy,
+/// naming it and `what`; nothing is written. Files that do not exist, and
+/// those QEMU would not lock (neither a regular file nor a block device:
+/// never waited on, a FIFO included), are skipped.
+pub fn hold_like_qemu_writer(files: &[&Path], what: &str) -> Result<Vec<File>> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let mut held = Vec::with_capacity(files.len());
+    for f in files {
+        // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer.
+        let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(f) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(KnibError::io("cannot open", f, e)),
+        };
+        let ft = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            continue;
+        }
+        if !lock_like_qemu_writer(&file).map_err(|e| KnibError::io("cannot lock", f, e))? {
+            return Err(in_use(f, what));
+        }
+        held.push(file);
+    }
+    Ok(held)
+}
+
+fn in_use(f: &Path, what: &str) -> KnibError {
+    KnibError::new(
+        ErrorKind::Busy,
+        format!(
+            "{} is in use by another process (it holds QEMU's image lock: a running VM, or qemu-img): {what} refused, nothing was written",
+            f.display()
+        ),
+    )
+}
+
 /// Fail as busy, naming the file, when a process holds QEMU's image locks
 /// on one of `files` ([`held_like_qemu`]); files that do not exist, and
 /// those QEMU would not lock (neither a regular file nor a block device:
@@ -380,13 +420,7 @@ pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
             continue;
         }
         if held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
-            return Err(KnibError::new(
-                ErrorKind::Busy,
-                format!(
-                    "{} is in use by another process (it holds QEMU's image lock: a running VM, or qemu-img): {what} refused, nothing was written",
-                    f.display()
-                ),
-            ));
+            return Err(in_use(f, what));
         }
     }
     Ok(())

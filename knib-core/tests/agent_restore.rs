@@ -112,3 +112,123 @@ fn old_deltas_that_are_files_of_the_backup_chain_or_directories_refuse_the_resto
         overlay(&old_base, &vol);
     }
 }
+
+/// A real QEMU process (`qemu-io`, read-write, waiting on its stdin) with
+/// `image` open: it holds QEMU's image locks on it and its backing files
+/// until killed.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn open(image: &std::path::Path) -> Holder {
+        // Killed and waited for when dropped, a failed wait below too.
+        let holder = Holder(
+            std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2"])
+                .arg(image)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        // Until its locks are seen.
+        let f = std::fs::File::open(image).unwrap();
+        for _ in 0..200 {
+            if knib_core::lock::held_like_qemu(&f).unwrap() {
+                return holder;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("qemu-io never locked {}", image.display());
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `agent.restore` never replaces or removes what a VM uses: a volume a
+/// QEMU process has open, or an old delta one reads as a backing file (a
+/// template other VMs run on), is busy, naming it, and nothing changes;
+/// while a restore runs, QEMU cannot open its volume for writing. A volume
+/// that is a file of the backup chain is refused, the backup kept. Before,
+/// the restored copy was renamed over a running VM's disk (every write the
+/// VM made afterwards went to a deleted file) and a template in use was
+/// removed under the VMs reading it, answered as success.
+#[test]
+fn a_restore_never_replaces_or_removes_files_in_use_nor_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let backup = d.join("backup.qcow2");
+    make_disk(&backup, 8 << 20, &[]);
+    qemu_io(&backup, "write -P 0x5b 1M 1M");
+    let vol = d.join("volume.qcow2");
+    make_disk(&vol, 8 << 20, &[]);
+    qemu_io(&vol, "write -P 0x11 0 64k");
+    // A template, read by another VM's disk.
+    let (template, other) = (d.join("template.qcow2"), d.join("other-vm.qcow2"));
+    make_disk(&template, 8 << 20, &[]);
+    overlay(&template, &other);
+    for quick in [false, true] {
+        let call = |volume: &std::path::Path, deltas: serde_json::Value| {
+            let req = json!({"quick_restore": quick, "deltas_to_remove": deltas,
+                "volumes": [{"uuid": "u", "backup_path": backup, "volume_path": volume}]});
+            knib_core::api::call("agent.restore", &req.to_string(), &Control::new())
+        };
+        let before = contents(d);
+        {
+            let _vm = Holder::open(&vol);
+            let e = call(&vol, json!([])).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Busy, "quick {quick}: {e}");
+            assert!(e.message.starts_with(&format!("{} is in use by another process", vol.display())), "{e}");
+        }
+        assert_eq!(contents(d), before, "quick {quick}: a volume in use was changed");
+        {
+            let _vm = Holder::open(&other);
+            let e = call(&vol, json!([template])).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Busy, "quick {quick}: {e}");
+            assert!(e.message.starts_with(&format!("{} is in use by another process", template.display())), "{e}");
+        }
+        assert_eq!(contents(d), before, "quick {quick}: a template in use was removed");
+        for (volume, named) in [(&backup, backup.clone()), (&d.join("alias.qcow2"), backup.clone())] {
+            if volume != &backup {
+                std::fs::hard_link(&backup, volume).unwrap();
+            }
+            let before = contents(d);
+            let e = call(volume, json!([])).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "quick {quick}: {e}");
+            let says = format!(
+                "request of agent.restore: volumes[0].volume_path {} is {} of the backup chain of volume u",
+                volume.display(),
+                named.display()
+            );
+            assert!(e.message.starts_with(&says), "quick {quick}: {e}");
+            assert_eq!(contents(d), before, "quick {quick}: the backup was replaced");
+            if volume != &backup {
+                std::fs::remove_file(volume).unwrap();
+            }
+        }
+        // While a restore runs, no QEMU starts on its volume.
+        let at = "agent.restore: volumes locked against QEMU";
+        knib_core::crashpoint::pause_before(at, std::time::Duration::from_secs(3));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(knib_core::crashpoint::wait_for_pause(at, std::time::Duration::from_secs(60)));
+                let out = std::process::Command::new("qemu-io")
+                    .args(["-f", "qcow2", "-c", "write -P 0x66 0 4k"])
+                    .arg(&vol)
+                    .output()
+                    .unwrap();
+                let said = String::from_utf8_lossy(&out.stderr);
+                assert!(!out.status.success() && said.contains("lock"), "quick {quick}: QEMU wrote: {said}");
+            });
+            call(&vol, json!([])).unwrap();
+        });
+        assert_identical(&vol, &backup);
+        assert_check_clean(&vol);
+        std::fs::remove_file(&vol).unwrap();
+        make_disk(&vol, 8 << 20, &[]);
+    }
+}

@@ -180,7 +180,8 @@ pub struct SizedFile {
 pub struct RestoreAnswer {
     /// Each volume restored.
     pub volumes: Vec<RestoredVolume>,
-    /// The old deltas removed.
+    /// The old deltas removed (one that could not be removed, once every
+    /// volume was restored, is logged as a warning and left out).
     pub removed: Vec<PathBuf>,
 }
 
