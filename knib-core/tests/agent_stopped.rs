@@ -516,6 +516,42 @@ fn volumes_a_qemu_holds_are_refused_with_nothing_written() {
     vm.assert_clean();
 }
 
+/// While a backup of stopped volumes copies them, no VM can start writing
+/// the files it copies (QEMU fails to take its lock: a VM started on the
+/// old top by HA or by hand), and the backup holds what the volumes held
+/// when it began. Before, the lock test was a moment before the copy, and
+/// the copy read the files without any lock: a VM started meanwhile wrote
+/// into what was being copied, and the torn copy was answered as a good
+/// backup.
+#[test]
+fn no_vm_writes_the_files_a_stopped_backup_copies() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 11);
+    vm.write(3);
+    vm.take("b1", None, json!({}));
+    vm.write(3);
+    let v2 = vm.view("b2");
+    let top = vm.vols[0].2.clone();
+    let at = "copy of volume";
+    knib_core::crashpoint::pause_before(at, std::time::Duration::from_secs(3));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(knib_core::crashpoint::wait_for_pause(at, std::time::Duration::from_secs(60)));
+            let out =
+                Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x77 0 64k"]).arg(&top).output().unwrap();
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && said.contains("lock"),
+                "QEMU wrote {} during the copy: {said}",
+                top.display()
+            );
+        });
+        vm.take("b2", Some("b1"), json!({}));
+    });
+    vm.assert_backup_is("b2", &v2);
+    vm.assert_clean();
+}
+
 #[test]
 fn merge_snapshot_without_a_domain() {
     let t = tempfile::tempdir().unwrap();

@@ -299,6 +299,15 @@ fn touched(d: &FilesDisk) -> Vec<&Path> {
     v
 }
 
+/// The files on primary the copy of `d` reads: its base, old delta and VM
+/// snapshot deltas.
+fn read_by_copy(d: &FilesDisk) -> Vec<&Path> {
+    let mut v: Vec<&Path> = vec![&d.base];
+    v.extend(d.old_delta.as_deref());
+    v.extend(d.snapshots.iter().map(PathBuf::as_path));
+    v
+}
+
 /// The files re-pointed at the base when `old_delta` is merged into it:
 /// the layer just above it (the new delta, or the first VM snapshot delta)
 /// and the other grand children.
@@ -323,6 +332,16 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
     ensure_unused(&all, "the backup").map_err(consistent)?;
     let old_deltas = plan.disks.iter().filter_map(|d| Some((d.name.as_str(), d.old_delta.as_deref()?)));
     super::refuse_dropping_internal_snapshots(plan.kind, old_deltas).map_err(consistent)?;
+    // The files the copies read (each volume's old top and the layers
+    // below it, down to the base) are held under QEMU's reader locks until
+    // the copies end: no VM starts writing them meanwhile (one started on
+    // the old top, by HA or by hand, tore the copy, which was answered as
+    // a good backup; the lock test above is only a moment). A VM started on
+    // the new delta reads them as its backing files, which they allow.
+    // Released before the merges, which lock them as writers.
+    let read: Vec<&Path> = plan.disks.iter().flat_map(read_by_copy).collect();
+    let reading = crate::lock::hold_for_reading(&read, "the backup").map_err(consistent)?;
+    crate::crashpoint::pause_point("backup of volumes: the files copied are held");
 
     // 1. The new deltas.
     let mut made: Vec<&FilesDisk> = Vec::new();
@@ -370,6 +389,7 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
         ctl.check("finishing the backup")?;
         Ok(results)
     })();
+    drop(reading);
     let mut results = match copied {
         Ok(r) => r,
         Err(e) => {
