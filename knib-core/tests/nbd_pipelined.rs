@@ -245,3 +245,40 @@ fn a_silent_server_fails_the_connection_and_block_status() {
     assert!(t.elapsed() < Duration::from_secs(10), "the close waited {:?}", t.elapsed());
     signal(&server, "CONT");
 }
+
+/// A copy of an export that fails midway (its server killed once the copy
+/// began) leaves nothing under the backup file's name, nor its temporary:
+/// a file there is always a whole copy. Before, the copy wrote the backup
+/// file itself, and a copy killed midway left a partial one, which the
+/// agent's cleanup took for a finished backup and kept.
+#[test]
+fn a_copy_of_an_export_that_fails_midway_leaves_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 16 * MIB);
+    let sock = dir.path().join("nbd.sock");
+    // Persistent (-t): it outlives the connection that waits for it.
+    let mut server = serve_with(&img, &sock, &["-t"]);
+    drop(connect(&sock));
+    let dest = dir.path().join("out").join("vda.qcow2");
+    std::fs::create_dir(dest.parent().unwrap()).unwrap();
+    let at = format!("creating {}", dest.parent().unwrap().display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "no pause at {at}");
+            let _ = server.0.kill();
+            let _ = server.0.wait();
+        });
+        knib_core::engine::bitmap_copy::copy_export(&sock, "disk", None, &dest, None, None, &Control::new())
+            .unwrap_err()
+    });
+    assert_eq!(e.kind, ErrorKind::Io, "{e}");
+    let left: Vec<_> = std::fs::read_dir(dest.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "left behind: {left:?} ({e})");
+    // Whole, it is there.
+    let _server = serve_with(&img, &sock, &["-t"]);
+    drop(connect(&sock));
+    knib_core::engine::bitmap_copy::copy_export(&sock, "disk", None, &dest, None, None, &Control::new()).unwrap();
+    let out = Command::new("qemu-img").args(["compare", "-q"]).arg(&img).arg(&dest).status().unwrap();
+    assert!(out.success(), "the copy differs from the image");
+}

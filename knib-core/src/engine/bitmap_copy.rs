@@ -22,7 +22,6 @@
 //!   [`crate::hash`] reads it back).
 
 use crate::qcow2::Sink;
-use std::fs::OpenOptions;
 use std::path::Path;
 
 use crate::error::{KnibError, Result};
@@ -241,13 +240,44 @@ pub struct ExportCopy {
 /// backing pointer written (relative to `dest`); a full copy with one
 /// holds every cluster (the zero ones as zero clusters). With `compress`, each
 /// cluster is stored compressed when that makes it shorter (the header is
-/// then written last and the file hashed by reading it back). On error
-/// `dest` may hold a partial file: the caller removes it.
+/// then written last and the file hashed by reading it back).
+///
+/// The file is written under a temporary name of knib's own
+/// ([`crate::fsio::temp_path`], created following no link), fsynced and
+/// renamed to `dest` only when whole (never replacing an entry there): a
+/// `dest` that exists is always a finished copy (a copy killed midway left
+/// a partial `dest`, which a cleanup took for a finished one and kept).
+/// On error the temporary is removed; a stale one (a killed copy's) is
+/// replaced.
 pub fn copy_export(
     socket: &Path,
     export: &str,
     bitmap: Option<&str>,
     dest: &Path,
+    backing: Option<&str>,
+    compress: Option<CompressionType>,
+    ctl: &Control,
+) -> Result<ExportCopy> {
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return Err(KnibError::io("cannot create", dest, std::io::ErrorKind::AlreadyExists.into()));
+    }
+    let tmp = crate::fsio::temp_path(dest);
+    let r = copy_export_into(socket, export, bitmap, dest, &tmp, backing, compress, ctl)
+        .and_then(|c| crate::fsio::rename_noreplace(&tmp, dest).map(|()| c));
+    if r.is_err() {
+        let _ = crate::fsio::remove_if_exists(&tmp);
+    }
+    r
+}
+
+/// [`copy_export`] into `tmp`, fsynced; `dest` names the copy.
+#[allow(clippy::too_many_arguments)]
+fn copy_export_into(
+    socket: &Path,
+    export: &str,
+    bitmap: Option<&str>,
+    dest: &Path,
+    tmp: &Path,
     backing: Option<&str>,
     compress: Option<CompressionType>,
     ctl: &Control,
@@ -278,30 +308,27 @@ pub fn copy_export(
             if let (Some(len), Some(dir)) = (planned, dest.parent()) {
                 crate::fsio::require_space(dir, len, &what)?;
             }
-            let file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(dest)
-                .map_err(|e| KnibError::io("cannot create", dest, e))?;
+            crate::crashpoint::pause_point(&format!("creating {}", tmp.display()));
+            let file = crate::fsio::create_own_temp(tmp)?;
             // Written as the host's write mode says (behind by default: the
             // file's fsync then has little left to write back), as the
             // snapshot method's copies.
             // A compressed image (its length not planned) is hashed by reading
             // it back, below.
-            FileSink::with_mode(file, dest, hash, crate::qcow2::WriteMode::default(), planned.is_none())
+            FileSink::with_mode(file, tmp, hash, crate::qcow2::WriteMode::default(), planned.is_none())
         },
     )?;
     let (file, hash) = w.sink.finish()?;
     let hash = match (&w.header, hash) {
         (None, Some(h)) => {
-            file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
+            file.sync_all().map_err(|e| KnibError::io("cannot sync", tmp, e))?;
             h
         }
         (Some(header), _) => {
-            file.write_all_at(header, 0).map_err(|e| KnibError::io("cannot write", dest, e))?;
-            file.sync_all().map_err(|e| KnibError::io("cannot sync", dest, e))?;
+            file.write_all_at(header, 0).map_err(|e| KnibError::io("cannot write", tmp, e))?;
+            file.sync_all().map_err(|e| KnibError::io("cannot sync", tmp, e))?;
             drop(file);
-            crate::hash::hash_written(dest, ctl)?
+            crate::hash::hash_written(tmp, ctl)?
         }
         (None, None) => return Err(KnibError::internal("the file sink did not hash")),
     };
