@@ -183,6 +183,48 @@ fn agent_backups_by_bitmap_follow_the_parent_checkpoint() {
     model.assert_vm_reads_everything(&vm);
 }
 
+/// A bitmap cleanup never removes the volume's own file, nor a file of the
+/// parent backup's chain, named as the backup file (`delta_path_on_store`):
+/// refused as a backup would be, invalid input, nothing removed. Before,
+/// the cleanup of a VM without a domain removed the disk.
+#[test]
+fn a_bitmap_cleanup_never_removes_the_disk_or_the_parent_backup() {
+    if skip_without_libvirt("bitmap cleanup refusals") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("ab12.qcow2");
+    let parent = dir.path().join("parent.qcow2");
+    for f in [&disk, &parent] {
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(f)
+            .arg("8M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    for (mode, store_file, named) in
+        [("discard", &disk, "path"), ("complete", &disk, "path"), ("discard", &parent, "chain of parent_backup_path")]
+    {
+        let v = json!([{"uuid": "u", "path": disk, "delta_path_on_primary": dir.path().join("new"),
+            "delta_path_on_store": store_file, "parent_backup_path": parent}]);
+        let before = (std::fs::read(&disk).unwrap(), std::fs::read(&parent).unwrap());
+        let e = call_json(
+            "agent.cleanup_vm_backup",
+            &json!({"running": false, "method": "bitmap", "mode": mode, "volumes": v}),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, knib_core::ErrorKind::InvalidInput, "{mode}: {e}");
+        let says = format!(
+            "request of agent.cleanup_vm_backup: volumes[0].delta_path_on_store {} is the volume's {named}",
+            store_file.display()
+        );
+        assert!(e.message.starts_with(&says), "{mode}: {e}");
+        assert_eq!((std::fs::read(&disk).unwrap(), std::fs::read(&parent).unwrap()), before, "{mode}: a file changed");
+    }
+}
+
 #[test]
 fn method_bitmap_refuses_what_it_cannot_do() {
     if skip_without_libvirt("agent bitmap refusals") {

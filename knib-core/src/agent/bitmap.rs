@@ -268,8 +268,11 @@ pub(crate) fn cleanup_vm_backup(
     let (disks, running) = vm_disks(op, vm.as_ref(), r, &q, ctl)?;
     let mut planned = Vec::new();
     for (i, v) in r.volumes.iter().enumerate() {
-        absolute(op, &format!("volumes[{i}].path"), &v.path)?;
-        absolute(op, &format!("volumes[{i}].delta_path_on_store"), &v.delta_path_on_store)?;
+        // As a backup's: the backup file the cleanup may remove is never
+        // the volume's file nor one of its parent backup's chain (a
+        // request naming the disk as `delta_path_on_store` had the disk
+        // removed).
+        super::check_volume(op, i, v, false)?;
         let disk = disk_of(vm.as_ref(), &disks, &v.path)?;
         planned.push(BitmapDisk {
             target: disk.target.clone(),
