@@ -208,16 +208,25 @@ pub fn backup_begin(vm: &Vm, backup: &str, checkpoint: Option<&str>) -> Result<(
     Ok(())
 }
 
-/// Whether a backup job runs on the domain.
+/// Whether a backup job runs on the domain. Only libvirt's "no backup
+/// job" (or a domain no longer running) is `false`: any other failure (a
+/// connection lost, access refused) is an error, never taken for "no job"
+/// (a cleanup then skipped the abort, removed its journal, and left the
+/// job blocking every later backup).
 pub fn backup_running(vm: &Vm) -> Result<bool> {
     if !vm.is_running()? {
         return Ok(false);
     }
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the
-    // answer is a malloc'ed string we free, or null when there is no job.
+    // answer is a malloc'ed string we free, or null on an error (no job
+    // is one).
     let p = unsafe { (vm.dom().api.virDomainBackupGetXMLDesc)(vm.dom().as_ptr(), 0) };
     if p.is_null() {
-        return Ok(false);
+        let e = super::ffi::VirtError::last(vm.dom().api);
+        if e.code() == ffi::VIR_ERR_NO_DOMAIN_BACKUP || !vm.is_running()? {
+            return Ok(false);
+        }
+        return Err(super::virt_error(format!("virDomainBackupGetXMLDesc on domain {}", vm.name()), &e));
     }
     // SAFETY: `p` came from libvirt's allocator.
     unsafe { libc::free(p.cast()) };

@@ -97,6 +97,8 @@ pub(crate) const VIR_ERR_WARNING: c_int = 1;
 pub(crate) const VIR_ERR_NO_DOMAIN: c_int = 42;
 pub(crate) const VIR_ERR_AGENT_UNRESPONSIVE: c_int = 86;
 pub(crate) const VIR_ERR_AGENT_UNSYNCED: c_int = 97;
+/// No backup job on the domain (`virErrorNumber`, libvirt 5.2 and later).
+pub(crate) const VIR_ERR_NO_DOMAIN_BACKUP: c_int = 104;
 // Flags.
 pub(crate) const VIR_DOMAIN_XML_INACTIVE: c_uint = 1 << 1;
 pub(crate) const VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA: c_uint = 1 << 4;
