@@ -63,3 +63,56 @@ fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_bitmap_backup_fails() {
     g.sh_ok("echo x > /root/after && sync");
     assert!(store.list(None).unwrap().is_empty(), "nothing was published");
 }
+
+const CHILD_ENV: &str = "KNIB_QUIESCE_CHILD_REQUEST";
+
+/// Run in the child process: the quiesced bitmap backup the parent asks
+/// for (`[store, domain]`), killed by the crash hook.
+#[test]
+fn child_quiesced_bitmap_backup() {
+    let Ok(req) = std::env::var(CHILD_ENV) else { return };
+    let [root, name]: [String; 2] = serde_json::from_str(&req).unwrap();
+    let vm = knib_core::libvirt::domain(Some(common::vm::URI), &name).unwrap();
+    let opts = BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() };
+    let _ = Store::create(&root).unwrap().backup_domain(&vm, &opts, true, &Control::new());
+}
+
+/// A quiesced bitmap backup killed while the guest's filesystems are
+/// frozen (a child process, killed by the crash hook just before the
+/// backup job begins) leaves the guest frozen; the store's `recover`
+/// thaws it, undoes the backup, and the next quiesced backup works.
+/// Before, recover never thawed: the guest's I/O hung until someone ran
+/// `virsh domfsthaw`.
+#[test]
+fn recover_thaws_a_guest_a_killed_quiesced_backup_left_frozen() {
+    if skip_without_libvirt("recover_thaws_a_guest_a_killed_quiesced_backup_left_frozen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    let g = GuestVm::boot("knib-bm-crash", dir.path());
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_quiesced_bitmap_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, serde_json::json!([root, g.vm.name()]).to_string())
+        .env(knib_core::crashpoint::CRASH_BEFORE_ENV, "its filesystems frozen")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child was not killed: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        g.fsfreeze_status(),
+        "frozen",
+        "the kill did not leave the guest frozen: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = store.recover_domain(&g.vm, &Control::new()).unwrap();
+    assert!(!r.published, "{r:?}");
+    assert!(r.report.actions.iter().any(|a| a.starts_with("thawed the filesystems of domain")), "{r:?}");
+    assert_eq!(g.fsfreeze_status(), "thawed");
+    g.sh_ok("echo x > /root/after-recover && sync");
+    let opts = BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() };
+    let m = store.backup_domain(&g.vm, &opts, true, &Control::new()).unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+    assert_eq!(g.fsfreeze_status(), "thawed");
+}

@@ -289,7 +289,11 @@ pub(crate) fn cleanup_vm_backup(
         backup_id: id.clone(),
         kind,
         end_of_chain: r.end_of_chain && kind != BackupKind::Isolated,
-        quiesce: false,
+        // A running guest the backup left frozen (killed between its
+        // freeze and its thaw) is thawed: the cleanup's request does not
+        // say whether the backup quiesced (CloudStack's cleanup command
+        // does not carry it), so its agent is asked.
+        quiesce: running,
         work_dir: crate::fsio::parent_dir(&planned[0].file).join(format!(".knib-{id}.nbd")),
         since: None,
         // None after an isolated backup or one that ends its chain.

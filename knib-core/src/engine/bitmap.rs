@@ -357,6 +357,9 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
             }
         }
     }
+    if plan.quiesce {
+        crate::crashpoint::durable_step(&format!("backup job of domain {}, its filesystems frozen", vm.name()));
+    }
     let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
     let thawed = if plan.quiesce { freeze::thaw(vm) } else { Ok(()) };
     r?;
@@ -739,13 +742,18 @@ fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
 /// published backup keeps its checkpoint (the older ones go), an
 /// unpublished one loses it; the socket and scratch files go. Returns what
 /// was done.
+///
+/// With `plan.quiesce`, a guest left frozen (the backup was killed between
+/// its freeze and its thaw) is thawed first: its I/O hung until someone
+/// ran `virsh domfsthaw`.
 pub fn recover(vm: &Vm, plan: &BitmapPlan, published: bool) -> Result<Vec<String>> {
-    let mut exp = Libvirt(vm);
-    if published {
-        exp.end(plan)
-    } else {
-        exp.undo(plan)
+    let mut done = Vec::new();
+    if plan.quiesce && vm.is_running()? && freeze::thaw_if_frozen(vm)? {
+        done.push(format!("thawed the filesystems of domain {}, left frozen by the interrupted backup", vm.name()));
     }
+    let mut exp = Libvirt(vm);
+    done.extend(if published { exp.end(plan) } else { exp.undo(plan) }?);
+    Ok(done)
 }
 
 /// Delete knib checkpoint `name` of the domain, running or stopped;

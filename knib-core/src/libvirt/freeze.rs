@@ -125,6 +125,27 @@ pub fn thaw_within(vm: &Vm, budget: Duration) -> Result<()> {
     }
 }
 
+/// Thaw the guest's filesystems when its agent says they are frozen (a
+/// backup killed between its freeze and its thaw left them so); whether
+/// it thawed them. A guest whose agent does not answer is left as it is
+/// (logged): knib cannot have frozen it either.
+pub fn thaw_if_frozen(vm: &Vm) -> Result<bool> {
+    match status(vm) {
+        Ok(s) if s == "frozen" => {
+            log::warn!(
+                "domain {}: the guest's filesystems are frozen (an interrupted backup's freeze): thawing them",
+                vm.name()
+            );
+            thaw(vm).map(|()| true)
+        }
+        Ok(_) => Ok(false),
+        Err(e) => {
+            log::info!("domain {}: the freeze state of its filesystems is unknown ({e}): not thawed", vm.name());
+            Ok(false)
+        }
+    }
+}
+
 /// `guest-fsfreeze-status`: "thawed" or "frozen".
 fn status(vm: &Vm) -> Result<String> {
     let answer = qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-status"}"#, THAW_COMMAND_SECS)?;
