@@ -184,12 +184,26 @@ pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
 /// at byte 100), held as long as `file` stays open: one process at a time
 /// writes a file knib makes under a fixed name (a compression's output).
 /// `Ok(false)`, without waiting, when another holds it.
+///
+/// A lock refused is tried again for about a second before `Ok(false)`:
+/// an OFD lock belongs to its open file description, and a child another
+/// thread of this process forks (a `qemu-img` spawned at that instant)
+/// holds a copy of it until it execs, so a lock just released (a failed
+/// request answered) could still be held for a moment, and the next
+/// request on the same files was refused as busy.
 pub fn try_lock_byte_zero(file: &File) -> io::Result<bool> {
-    match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_WRLCK, 0))) {
-        Ok(_) => Ok(true),
-        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Ok(false),
-        Err(e) => Err(e.into()),
+    const TRIES: u32 = 20;
+    for attempt in 1..=TRIES {
+        match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_WRLCK, 0))) {
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) if attempt < TRIES => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(false)
 }
 
 /// Open each of `files` that exists and is a regular file for writing and
@@ -429,6 +443,36 @@ pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lock released while a child forked meanwhile still holds a copy
+    /// of its file description (as one forked by another thread to exec
+    /// `qemu-img` does until it execs) is taken again once the child is
+    /// gone, not refused as busy (the next request on the same volume was).
+    #[test]
+    fn a_lock_released_under_a_forked_child_is_taken_again() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("vol");
+        std::fs::write(&f, b"x").unwrap();
+        let held = hold_for_one_operation(&[f.as_path()], "the first").unwrap();
+        assert_eq!(held.len(), 1);
+        // SAFETY: the child calls only async-signal-safe functions
+        // (nanosleep, _exit) before it ends.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            unsafe {
+                let t = libc::timespec { tv_sec: 0, tv_nsec: 300_000_000 };
+                libc::nanosleep(&t, std::ptr::null_mut());
+                libc::_exit(0);
+            }
+        }
+        drop(held);
+        let again = hold_for_one_operation(&[f.as_path()], "the second");
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(again.unwrap().len(), 1);
+    }
 
     fn temp_file(dir: &tempfile::TempDir, name: &str) -> (std::path::PathBuf, File) {
         let p = dir.path().join(name);
