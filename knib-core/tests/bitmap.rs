@@ -469,3 +469,71 @@ fn end_of_chain_and_isolated_bitmap_backups_keep_the_checkpoints_in_step() {
     assert_eq!(knib_checkpoints(&vm), vec![checkpoint_name(&b3.id)]);
     assert_chains_untouched(&vm);
 }
+
+/// A raw disk's writes made while an incremental that ends its chain runs
+/// are in the next incremental when that backup fails (cancelled midway,
+/// the guest writing meanwhile): the parent's bitmap stops recording when
+/// the job starts, and a bitmap of the backup's own takes the writes from
+/// then, merged back into the parent's when the backup is undone. Before,
+/// such a backup (it keeps no checkpoint) added no bitmap of its own: the
+/// writes from the job's start to the undo were tracked nowhere, and the
+/// next incremental since the parent missed them.
+#[test]
+fn a_failed_end_of_chain_incremental_loses_no_write_of_a_raw_disk() {
+    if skip_without_libvirt("bitmap raw end of chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let raw = base.join("knib-bm-rawfail-vda.raw");
+    let qcow = base.join("knib-bm-rawfail-vdb.qcow2");
+    for (f, fmt, size) in [(&raw, "raw", DISKS[0].1), (&qcow, "qcow2", DISKS[1].1)] {
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", fmt])
+            .arg(f)
+            .arg(size.to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let vm = TestVm::create_on(
+        "knib-bm-rawfail",
+        &[("vda", raw.clone()), ("vdb", qcow.clone())],
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    let store_dir = base.join("store");
+    let store = Store::create(&store_dir).unwrap();
+    let opts = BackupOptions { chain_size: 2, ..bitmap() };
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x41, 0, MIB);
+    let b1 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!(b1.kind, BackupKind::Full);
+    model.write(&vm, "vda", 0x42, 2 * MIB, MIB);
+    // The next is the chain's last; it is cancelled while its first copy
+    // starts, after the guest wrote to the raw disk under the running job.
+    let cancel = knib_core::progress::CancelToken::new();
+    let at = format!("creating {}", store_dir.display());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(3));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(
+                knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
+                "no pause at {at}"
+            );
+            vm.write("vda", 0x43, 5 * MIB, MIB);
+            cancel.cancel();
+        });
+        store.backup_domain(&vm.vm, &opts, false, &Control::new().with_cancel(cancel.clone())).unwrap_err()
+    });
+    assert_eq!(e.kind, knib_core::ErrorKind::Cancelled, "{e}");
+    assert_eq!(e.vm_consistent, Some(true), "{e}");
+    model.writes.push(Write { disk: 0, offset: 5 * MIB, len: MIB, pattern: 0x43 });
+    assert!(store.list(None).unwrap().iter().all(|m| m.id == b1.id), "the failed backup is not in the store");
+    // The chain's last, since b1, holds every write.
+    let b2 = store.backup_domain(&vm.vm, &opts, false, &Control::new()).unwrap();
+    assert_eq!((b2.kind, b2.parent.as_deref(), b2.end_of_chain), (BackupKind::Incremental, Some(b1.id.as_str()), true));
+    for (t, f) in restore_all(&store, &b2.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    assert!(node_bitmaps(&vm, "vda").is_empty(), "{:?}", node_bitmaps(&vm, "vda"));
+}

@@ -333,9 +333,9 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
     }
     let bxml = backup::backup_xml(&plan.socket(), &disks);
     let cxml = plan.checkpoint.as_deref().map(|c| backup::checkpoint_xml(c, &all, &with_bitmap));
-    if let Some(c) = &plan.checkpoint {
+    if let Some(c) = raw_bitmap(plan) {
         for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
-            backup::add_bitmap(vm, &backup::node_of(vm, &d.file, &d.format)?, c, false)?;
+            backup::add_bitmap(vm, &backup::node_of(vm, &d.file, &d.format)?, &c, false)?;
         }
     }
     if plan.quiesce {
@@ -375,6 +375,16 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The dirty bitmap [`begin`] adds to each raw disk: the backup's
+/// checkpoint's, or, for an incremental that keeps no checkpoint (it ends
+/// its chain), one of the same name that lives until the backup ends. The
+/// parent's bitmap stops recording once the job starts: without a new
+/// one, the writes from then until a failed backup is undone were tracked
+/// nowhere, and the next incremental since the parent missed them.
+fn raw_bitmap(plan: &BitmapPlan) -> Option<String> {
+    plan.checkpoint.clone().or_else(|| plan.since.as_ref().map(|_| backup::checkpoint_name(&plan.backup_id)))
 }
 
 /// The scratch file of disk `d`'s export.
@@ -429,7 +439,7 @@ fn undo_raw_bitmaps(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
                 backup::set_bitmap_recording(vm, &node, &p.name, true)?;
             }
         }
-        if let Some(c) = plan.checkpoint.as_deref().and_then(has) {
+        if let Some(c) = raw_bitmap(plan).as_deref().and_then(has) {
             if let Some(p) = plan.since.as_deref().and_then(has) {
                 backup::merge_bitmap(vm, &node, &p.name, &c.name)?;
             }
