@@ -404,16 +404,16 @@ fn a_disk_only_vm_snapshot_delta_is_merged_running_and_stopped() {
     vm.vm.snapshot_disk_only(&[("vda", &s2)], false).unwrap();
     model.write(&vm, "vda", 0x93, 2 * MIB, MIB);
     // Running: a middle layer, by block commit.
-    let now = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s1, &Control::new()).unwrap();
+    let now = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s1, &[], &Control::new()).unwrap();
     assert_eq!(now, s2);
     assert_eq!(vm.disk("vda").chain_files(), vec![s2.as_path(), vm.initial_file("vda").as_path()]);
     assert!(!s1.exists());
     model.assert_vm_reads_everything(&vm);
-    let e = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s1, &Control::new()).unwrap_err();
+    let e = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s1, &[], &Control::new()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     // Stopped: the active layer, by qemu-img commit and a new definition.
     vm.power_off();
-    let now = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s2, &Control::new()).unwrap();
+    let now = knib_core::engine::live::merge_snapshot_delta(&q, &vm.vm, "vda", &s2, &[], &Control::new()).unwrap();
     assert_eq!(now, vm.initial_file("vda"));
     assert!(!s2.exists());
     vm.boot();
@@ -638,4 +638,67 @@ fn an_end_of_chain_backup_of_a_shrunk_disk_keeps_its_size() {
     store.restore(&b3.id, "vda", &to, ImageFormat::Qcow2, &Control::new()).unwrap();
     common::disk::assert_identical(&to, &view);
     assert_eq!(store.qemu_img().info(&active("vda"), &Control::new()).unwrap().virtual_size, 32 * MIB);
+}
+
+const MERGE_CHILD_ENV: &str = "KNIB_MERGE_CHILD_REQUEST";
+
+/// Run in the child process: the merge the parent asks for (`[domain,
+/// delta, other branch]`), killed by the crash hook.
+#[test]
+fn child_merge_snapshot_delta() {
+    let Ok(req) = std::env::var(MERGE_CHILD_ENV) else { return };
+    let [name, delta, other]: [String; 3] = serde_json::from_str(&req).unwrap();
+    let vm = knib_core::libvirt::domain(Some(common::vm::URI), &name).unwrap();
+    let q = knib_core::qemu_img::QemuImg::new();
+    let others = [std::path::PathBuf::from(other)];
+    let _ = knib_core::engine::live::merge_snapshot_delta(&q, &vm, "vda", delta.as_ref(), &others, &Control::new());
+}
+
+/// A merge of a VM snapshot delta killed before it points another branch
+/// of the snapshot tree (an image backed by the delta, off the disk's
+/// chain) at the layer below leaves that branch whole: the delta is
+/// removed only after every branch is re-pointed. Before, the delta was
+/// removed first, and a kill (or a failed rebase) in between left the
+/// branch on a file that was gone.
+#[test]
+fn a_merge_killed_before_it_repoints_a_snapshot_branch_leaves_the_branch_whole() {
+    if skip_without_libvirt("merge killed before a re-point") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = TestVm::create(
+        "knib-merge-kill",
+        &DISKS,
+        dir.path(),
+        TestVmOptions { persistent: true, running: true, agent_channel: false },
+    );
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x81, 0, MIB);
+    let s1 = dir.path().join("vda.snap1");
+    let s2 = dir.path().join("vda.snap2");
+    vm.vm.snapshot_disk_only(&[("vda", &s1)], false).unwrap();
+    model.write(&vm, "vda", 0x82, MIB, MIB);
+    vm.vm.snapshot_disk_only(&[("vda", &s2)], false).unwrap();
+    model.write(&vm, "vda", 0x83, 2 * MIB, MIB);
+    // Another branch of the tree, on s1.
+    let other = dir.path().join("vda.branch");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let (o, s1s) = (other.to_str().unwrap(), s1.to_str().unwrap());
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", s1s, o]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x99 3M 64k", o]);
+    let reference = dir.path().join("branch.raw");
+    run(&["qemu-img", "convert", "-U", "-O", "raw", o, reference.to_str().unwrap()]);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_merge_snapshot_delta", "--nocapture", "--test-threads=1"])
+        .env(MERGE_CHILD_ENV, serde_json::json!([vm.name(), s1, other]).to_string())
+        .env(knib_core::crashpoint::CRASH_BEFORE_ENV, format!("re-point {o}"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child was not killed: {}", String::from_utf8_lossy(&out.stdout));
+    // The branch reads as before, and the VM reads every write.
+    run(&["qemu-img", "compare", "-U", "-q", reference.to_str().unwrap(), o]);
+    model.assert_vm_reads_everything(&vm);
 }

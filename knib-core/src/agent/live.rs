@@ -625,11 +625,7 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
         let others = grand_children_off_chain(op, &q, &chain, &m.parent, &m.child, &m.grand_children, ctl)?;
         let target = disk.target.clone();
         let child = chain[at].clone();
-        let parent = chain[at + 1].clone();
-        let now = engine_live::merge_snapshot_delta(&q, &vm, &target, &child, ctl)?;
-        for g in &others {
-            q.rebase_unsafe(g, &parent.to_string_lossy(), "qcow2", ctl)?;
-        }
+        let now = engine_live::merge_snapshot_delta(&q, &vm, &target, &child, &others, ctl)?;
         out.push(MergedVolume { uuid: m.uuid.clone(), target: Some(target), path: now });
     }
     Ok(MergeSnapshotAnswer { volumes: out })

@@ -754,8 +754,18 @@ pub fn consolidate_disk(q: &QemuImg, vm: &Vm, target: &str, ctl: &Control) -> Re
 /// below it, whatever the domain's state: a block commit while it runs (an
 /// active commit with pivot when `delta` is the active file), `qemu-img
 /// commit` and a rebase of the layer above when it is stopped. Returns the
-/// file the disk runs on afterwards. `delta` is removed.
-pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ctl: &Control) -> Result<PathBuf> {
+/// file the disk runs on afterwards. `others` (other images using `delta`
+/// as their backing file, off the disk's chain: branches of a snapshot
+/// tree) are pointed at the layer below once the merge is done, before
+/// `delta` is removed. `delta` is removed.
+pub fn merge_snapshot_delta(
+    q: &QemuImg,
+    vm: &Vm,
+    target: &str,
+    delta: &Path,
+    others: &[PathBuf],
+    ctl: &Control,
+) -> Result<PathBuf> {
     let running = vm.is_running()?;
     let info = vm.disk(target)?;
     let chain = chain_of(q, running, &info, ctl)?;
@@ -774,16 +784,20 @@ pub fn merge_snapshot_delta(q: &QemuImg, vm: &Vm, target: &str, delta: &Path, ct
         ))
     })?;
     let step = format!("merge of {} into {}", delta.display(), below.display());
+    // The format the others' pointers name (only asked when there are any).
+    let format = if others.is_empty() { String::new() } else { q.info(&below, ctl)?.format };
     if running {
         blockwait::commit_and_wait(vm, target, &below, delta, false, ctl, &step)?;
         flush_commit(&below, i.checked_sub(1).map(|a| chain[a].as_path()))?;
+        crate::engine::merge::repoint(q, others, &below, &format, ctl)?;
         fsio::remove_if_exists(delta)?;
     } else if i == 0 {
         commit_files(q, delta, &below, DataPath::Native, ctl)?;
         vm.set_disk_sources(&[(target.to_string(), below.clone())])?;
+        crate::engine::merge::repoint(q, others, &below, &format, ctl)?;
         fsio::remove_if_exists(delta)?;
     } else {
-        crate::engine::merge_delta(q, delta, Some(&chain[i - 1]), ctl)?;
+        crate::engine::merge::merge_delta_repointing(q, delta, Some(&chain[i - 1]), others, ctl)?;
     }
     Ok(vm.disk(target)?.file)
 }

@@ -12,6 +12,19 @@ use crate::qemu_img::QemuImg;
 /// remove `delta`. This is how a disk-only VM snapshot is deleted while the
 /// VM is stopped. Reads through `child` give the same bytes before and after.
 pub fn merge_delta(q: &QemuImg, delta: &Path, child: Option<&Path>, ctl: &Control) -> Result<()> {
+    merge_delta_repointing(q, delta, child, &[], ctl)
+}
+
+/// [`merge_delta`], and `others` (other images using `delta` as their
+/// backing file: branches of a snapshot tree) pointed at its backing file
+/// too, before `delta` is removed.
+pub(crate) fn merge_delta_repointing(
+    q: &QemuImg,
+    delta: &Path,
+    child: Option<&Path>,
+    others: &[std::path::PathBuf],
+    ctl: &Control,
+) -> Result<()> {
     let info = q.info(delta, ctl)?;
     let backing = info
         .backing_filename
@@ -45,5 +58,26 @@ pub fn merge_delta(q: &QemuImg, delta: &Path, child: Option<&Path>, ctl: &Contro
             if Path::new(&backing).is_relative() && delta.parent() == c.parent() { backing.clone() } else { full };
         q.rebase_unsafe(c, &pointer, &backing_format, ctl)?;
     }
+    let full = info.full_backing_filename.clone().map(std::path::PathBuf::from);
+    let full = full.ok_or_else(|| KnibError::internal("qemu-img gave no full backing file name"))?;
+    repoint(q, others, &full, &backing_format, ctl)?;
     fsio::remove_if_exists(delta)
+}
+
+/// Point each of `others` at `below` (by its absolute name): the other
+/// branches of a snapshot tree whose backing file, merged into `below`,
+/// is removed next. Done before the removal, so that a crash or a failure
+/// between the two never leaves them on a file that is gone.
+pub(crate) fn repoint(
+    q: &QemuImg,
+    others: &[std::path::PathBuf],
+    below: &Path,
+    format: &str,
+    ctl: &Control,
+) -> Result<()> {
+    for g in others {
+        crate::crashpoint::durable_step(&format!("re-point {} at {}", g.display(), below.display()));
+        q.rebase_unsafe(g, &below.to_string_lossy(), format, ctl)?;
+    }
+    Ok(())
 }
