@@ -585,6 +585,24 @@ pub(crate) fn check_parent_backup(op: &str, field: &str, uuid: &str, parent: &Pa
     Ok(())
 }
 
+/// Refuse an `agent.merge_snapshot` whose `merges[i].child` holds internal
+/// qcow2 snapshots (a memory snapshot CloudStack took): the merge removes
+/// the file, and the snapshots with it, answered as success. Checked for
+/// every merge before any is made.
+pub(crate) fn refuse_merging_internal_snapshots(op: &str, merges: &[requests::SnapshotMerge]) -> Result<()> {
+    for (i, m) in merges.iter().enumerate() {
+        let Some(h) = crate::qcow2::header_of_regular_file(&m.child, false) else { continue };
+        if h.nb_snapshots > 0 {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: merges[{i}].child {} holds {} internal snapshot(s) (`qemu-img snapshot -l` lists them): merging it into its parent removes it, and the snapshots with it; delete them (virsh snapshot-delete) or revert to them first; nothing was changed",
+                m.child.display(),
+                h.nb_snapshots
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The checks every backup volume of a request gets: a uuid, and absolute
 /// `path` and `delta_path_on_store` (and `delta_path_on_primary` when
 /// the method creates it).

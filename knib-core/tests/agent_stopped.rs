@@ -583,6 +583,22 @@ fn merge_snapshot_without_a_domain() {
     let e = agent("agent.merge_snapshot", &json!({"running": false, "merges": [{"parent": base, "child": top}]}))
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    // A child holding an internal snapshot (a memory snapshot) is refused,
+    // nothing changed: the merge would remove the snapshot with the file.
+    // Before, it was merged and removed, answered as success.
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-c", "mem1"]).arg(&s1).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let before: Vec<Vec<u8>> = [&base, &s1, &top, &other].iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let req = json!({"running": false, "merges": [{"parent": base, "child": s1, "grand_children": [top, other]}]});
+    let e = agent("agent.merge_snapshot", &req).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    let says =
+        format!("request of agent.merge_snapshot: merges[0].child {} holds 1 internal snapshot(s)", s1.display());
+    assert!(e.message.starts_with(&says), "{e}");
+    let after: Vec<Vec<u8>> = [&base, &s1, &top, &other].iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert!(before == after, "a refused merge changed a file");
+    let out = std::process::Command::new("qemu-img").args(["snapshot", "-d", "mem1"]).arg(&s1).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let a = ok(
         "agent.merge_snapshot",
         &json!({"running": false, "merges": [{"uuid": "u", "parent": base, "child": s1, "grand_children": [top, other]}]}),

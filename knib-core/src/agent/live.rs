@@ -603,6 +603,7 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
     let running = check_running(op, &vm, r.running)?;
+    super::refuse_merging_internal_snapshots(op, &r.merges)?;
     let mut out = Vec::new();
     for (i, m) in r.merges.iter().enumerate() {
         absolute(op, &format!("merges[{i}].parent"), &m.parent)?;

@@ -298,6 +298,7 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     }
     let _held = hold_for_one_operation(&all, &format!("{op} of a VM without a domain"))?;
     ensure_unused(&all, &format!("{op} of a VM without a domain"))?;
+    super::refuse_merging_internal_snapshots(op, &r.merges)?;
     let mut out = Vec::new();
     for m in &r.merges {
         fsio::require_file(&m.child, "", false)?;
