@@ -80,9 +80,16 @@ pub fn to_json<T: Serialize>(v: &T) -> Result<String> {
 
 /// Fail unless `p` (field `field` of the request of `op`) is absolute: a
 /// relative one would be read from the working directory of whatever
-/// process hosts knib.
+/// process hosts knib. A `..` component is refused too.
 pub fn absolute(op: &str, field: &str, p: &Path) -> Result<()> {
-    if p.is_absolute() {
+    if p.components().any(|c| c == std::path::Component::ParentDir) {
+        // One file under two spellings (`/pool/x/../v` and `/pool/v`) was
+        // taken for two: a backup file that was the volume's new delta.
+        Err(KnibError::invalid(format!(
+            "request of {op}: field `{field}`: {} has a `..` component; name the file without one",
+            p.display()
+        )))
+    } else if p.is_absolute() {
         Ok(())
     } else if p.as_os_str().is_empty() {
         Err(KnibError::invalid(format!("request of {op}: field `{field}` is empty")))
@@ -125,4 +132,26 @@ pub fn non_empty<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
 /// The error of an operation that needs libvirt in a knib built without it.
 pub fn no_libvirt(op: &str) -> KnibError {
     KnibError::invalid(format!("{op} needs libvirt, and this knib was built without it"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_must_be_absolute_and_without_dot_dot() {
+        absolute("op", "f", Path::new("/pool/v.qcow2")).unwrap();
+        for (p, says) in [
+            (
+                "/pool/x/../v.qcow2",
+                "request of op: field `f`: /pool/x/../v.qcow2 has a `..` component; name the file without one",
+            ),
+            ("../v", "request of op: field `f`: ../v has a `..` component; name the file without one"),
+            ("v", "request of op: field `f`: v is not an absolute path"),
+            ("", "request of op: field `f` is empty"),
+        ] {
+            let e = absolute("op", "f", Path::new(p)).unwrap_err();
+            assert_eq!((e.kind, e.message.as_str()), (crate::ErrorKind::InvalidInput, says), "{p}");
+        }
+    }
 }

@@ -550,7 +550,7 @@ fn validation_requests_are_checked_and_overlays_replace_only_empty_volumes() {
         ),
         (
             json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "/s/../t/f", "store_root": "/s"}),
-            "is not under `store_root`",
+            "has a `..` component",
         ),
         (json!({"domain": "v", "take_screenshot": true, "screenshot_next_to": "b/f"}), "screenshot_next_to"),
         (json!({"domain": "v", "execute_script": true}), "`execute_script` needs `script`"),
