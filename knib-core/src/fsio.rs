@@ -51,7 +51,8 @@ impl TempFile {
             t.push(name);
             t.push(format!(".knib-{}-{}.part", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
             let path = dest.with_file_name(t);
-            match OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+            match OpenOptions::new().read(true).write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&path)
+            {
                 Ok(file) => return Ok(TempFile { path, file, committed: false }),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(KnibError::io("cannot create", &path, e)),
@@ -77,7 +78,10 @@ impl TempFile {
     /// `replace` ([`commit_rename`]); without, an entry that appeared at
     /// `dest` since the caller checked is left alone and the rename refused
     /// ([`rename_noreplace`]). On an error the temporary file is removed.
+    /// The name must still lead to the file it created (anything swapped
+    /// in under it is refused, `corrupt`, and left alone).
     pub fn commit(mut self, dest: &Path, replace: bool) -> Result<()> {
+        require_same_file(&self.path, &self.file)?;
         if replace {
             commit_rename(&self.path, dest)?;
         } else {
@@ -291,38 +295,24 @@ pub(crate) fn open_regular(path: &Path) -> Result<File> {
     Ok(f)
 }
 
-/// Create (or truncate) `path`, a temporary file of knib's own, for
-/// reading and writing, following no link: a symbolic link in its place
-/// (put there by someone else since knib chose the name) is refused,
-/// `corrupt` and naming it, instead of having the file it leads to
-/// truncated and written; so is anything but a regular file (a FIFO is
-/// refused at once, not waited on).
+/// Create `path`, a temporary file of knib's own under a fixed name, for
+/// reading and writing, new: whatever has the name (a stale temporary of a
+/// killed run, a link put there by someone else, symbolic or hard) is
+/// removed first, never followed, truncated or written, and the file is
+/// then created exclusively (`O_EXCL`, following no link); an entry that
+/// appears under the name in between is refused, `corrupt`, naming it.
 pub(crate) fn create_own_temp(path: &Path) -> Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => KnibError::corrupt(format!(
-                "{} is a symbolic link; knib writes its temporary files only as files of their own",
+    remove_if_exists(path)?;
+    OpenOptions::new().read(true).write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(|e| {
+        match e.kind() {
+            std::io::ErrorKind::AlreadyExists => KnibError::corrupt(format!(
+                "{} appeared while knib made it; knib writes its temporary files only as files of their own",
                 path.display()
             )),
             _ => KnibError::io("cannot create", path, e),
-        })?;
-    if !f.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.is_file() {
-        return Err(KnibError::corrupt(format!(
-            "{} is not a regular file; knib writes its temporary files only as files of their own",
-            path.display()
-        )));
-    }
-    let fl = rustix::fs::fcntl_getfl(&f).map_err(|e| KnibError::io("cannot open", path, e.into()))?;
-    rustix::fs::fcntl_setfl(&f, fl.difference(rustix::fs::OFlags::NONBLOCK))
-        .map_err(|e| KnibError::io("cannot open", path, e.into()))?;
-    Ok(f)
+        }
+    })
 }
 
 /// Check that the name `path` leads to `file` itself (the same inode, not

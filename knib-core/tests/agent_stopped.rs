@@ -617,6 +617,32 @@ fn merge_snapshot_without_a_domain() {
     assert_identical(&base, &vt);
 }
 
+/// A hard link (to a file outside the store) or a symbolic link put under
+/// the fixed temporary name a backup's copy writes (`.<file>.part`) is
+/// removed, never written through: the backup succeeds and the linked file
+/// is left as it was. Before, the copy opened the name with O_TRUNC (which
+/// refuses a symbolic link but not a hard link) and truncated and wrote the
+/// linked file.
+#[test]
+fn links_under_a_copys_temporary_name_are_never_written_through() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 23);
+    vm.write(3);
+    vm.take("b1", None, json!({}));
+    vm.write(3);
+    let victim = t.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    std::fs::create_dir_all(vm.store.join("b2")).unwrap();
+    std::fs::hard_link(&victim, vm.store.join("b2").join(".root.qcow2.part")).unwrap();
+    std::os::unix::fs::symlink(&victim, vm.store.join("b2").join(".data.qcow2.part")).unwrap();
+    let v2 = vm.view("b2");
+    vm.take("b2", Some("b1"), json!({}));
+    vm.assert_backup_is("b2", &v2);
+    let v = std::fs::read(&victim).unwrap();
+    assert!(v == b"not knib's", "the linked file was written ({} bytes)", v.len());
+    vm.assert_clean();
+}
+
 #[test]
 fn a_copy_that_fails_is_undone_and_the_vm_left_consistent() {
     let t = tempfile::tempdir().unwrap();

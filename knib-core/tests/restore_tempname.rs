@@ -104,3 +104,46 @@ fn a_destination_that_appears_meanwhile_is_not_replaced() {
     assert_eq!(std::fs::read(&dest).unwrap(), b"mine\n");
     assert_eq!(names(&out), ["r.qcow2"]);
 }
+
+/// A restore writes its temporary file through the handle it created it
+/// with: the name swapped (while the copy starts) for a hard link to a file
+/// outside is refused when the restore would rename it into place, naming
+/// it, the linked file untouched and no destination made. Before, the
+/// native copy reopened the name, and truncated and wrote the linked file.
+#[test]
+fn a_restore_temporary_swapped_for_a_hard_link_is_not_written_through() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.qcow2");
+    make_disk(&b, 4 << 20, &[]);
+    qemu_io(&b, "write -P 0x31 0 1M");
+    let out = d.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    let dest = out.join("r.raw");
+    let at = format!("creating {}", out.display());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(2));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(60)), "no pause at {at}");
+            for e in std::fs::read_dir(&out).unwrap() {
+                let p = e.unwrap().path();
+                std::fs::remove_file(&p).unwrap();
+                std::fs::hard_link(&victim, &p).unwrap();
+            }
+        });
+        let req = RestoreRequest {
+            backup_file: b.clone(),
+            dest: dest.clone(),
+            format: ImageFormat::Raw,
+            overwrite: false,
+            data_path: DataPath::Native,
+        };
+        engine::restore(&QemuImg::new(), &req, &Control::new()).unwrap_err()
+    });
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("was replaced while knib wrote it"), "{e}");
+    let v = std::fs::read(&victim).unwrap();
+    assert!(v == b"not knib's", "the linked file was written ({} bytes)", v.len());
+    assert!(!dest.exists());
+}

@@ -95,7 +95,8 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
         let c = NativeCopy {
             source: &req.backup_file,
             dest: tmp.path(),
-            dest_file: None,
+            // Written through the file it created, never reopened by name.
+            dest_file: Some(tmp.file()),
             mode: SourceMode::Chain,
             format: match req.format {
                 ImageFormat::Qcow2 => TargetFormat::Qcow2,

@@ -161,6 +161,9 @@ pub(crate) fn copy_to_store(
                 q.measure(source, ImageFormat::Qcow2, ctl)?.required
             };
             fsio::require_space(dir, needed, &format!("backup of {what}"))?;
+            // qemu-img creates the file by name: whatever has it (a stale
+            // temporary, a link someone put there) goes first.
+            fsio::remove_if_exists(&tmp)?;
             q.convert(
                 &Convert {
                     source: source.to_path_buf(),

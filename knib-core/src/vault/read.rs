@@ -4,8 +4,7 @@
 //! over ranged GETs ([`RemoteObject`]): nothing is downloaded whole first.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -175,7 +174,14 @@ impl Vault {
         let before = self.bytes_fetched();
         let (mut chain, opened) = self.open_chain(&m, volume, verify)?;
         let tmp = fsio::TempFile::beside(to)?;
-        write_flat(&mut chain, tmp.path(), format, &format!("restore of {volume} of {id} from the vault"), ctl)?;
+        write_flat(
+            &mut chain,
+            tmp.path(),
+            tmp.file(),
+            format,
+            &format!("restore of {volume} of {id} from the vault"),
+            ctl,
+        )?;
         if verify {
             check_hashes(&opened, ctl)?;
         }
@@ -317,17 +323,21 @@ fn check_hashes(opened: &[Opened], ctl: &Control) -> Result<()> {
 
 /// Write the guest-visible bytes of `chain` to `dest`: raw
 /// (sparse) or qcow2 (clusters that read as zeros left unallocated).
-/// `dest` is the empty file made for it ([`fsio::TempFile`]).
-fn write_flat(chain: &mut Chain, dest: &Path, format: ImageFormat, step: &str, ctl: &Control) -> Result<()> {
+/// `dest` names `made`, the empty file made for it ([`fsio::TempFile`]),
+/// written through its handle, never reopened by name (a hard link swapped
+/// in under the name had its file written).
+fn write_flat(
+    chain: &mut Chain,
+    dest: &Path,
+    made: &std::fs::File,
+    format: ImageFormat,
+    step: &str,
+    ctl: &Control,
+) -> Result<()> {
     let size = chain.virtual_size();
     let bits = chain.top().header().cluster_bits;
     let cs = 1usize << bits;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(dest)
-        .map_err(|e| KnibError::io("cannot open", dest, e))?;
+    let file = made.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
     let mut layout = match format {
         ImageFormat::Qcow2 => {
             let spec =
