@@ -165,9 +165,22 @@ impl Manifest {
         // Names seen so far: a manifest of many volumes is checked in
         // linear time (40,000 volumes took 13 s compared pairwise).
         let mut seen = std::collections::HashSet::with_capacity(self.volumes.len());
+        let mut files = std::collections::HashSet::with_capacity(self.volumes.len());
         for (i, v) in self.volumes.iter().enumerate() {
             name(&format!("volumes[{i}].name"), "volume name", &v.name)?;
             name(&format!("volumes[{i}].file"), "volume file name", &v.file)?;
+            // A volume's file is its own: never the manifest's name (a vault
+            // sync repairing the "volume" uploaded an image over the
+            // manifest, or deleted it), nor another volume's.
+            if v.file.starts_with("manifest.") {
+                return Err(bad(
+                    &format!("volumes[{i}].file"),
+                    format!("{:?} is the name of the backup's manifest", v.file),
+                ));
+            }
+            if !files.insert(v.file.as_str()) {
+                return Err(bad(&format!("volumes[{i}].file"), format!("file {:?} is listed twice", v.file)));
+            }
             if let Some(h) = &v.hash {
                 // What knib writes: xxh3-128 as 32 lowercase hex digits
                 // (compared, never used as a name; anything else is a
@@ -260,6 +273,30 @@ mod tests {
         let e = Manifest::load(&huge).unwrap_err();
         assert_eq!(e.kind, crate::ErrorKind::Corrupt, "{e}");
         assert!(e.message.contains("is larger than 16777216 bytes"), "{e}");
+    }
+
+    /// A volume file named as the manifest, or named twice, is refused.
+    #[test]
+    fn a_volume_file_named_as_the_manifest_or_twice_is_corrupt() {
+        let vol = |name: &str, file: &str| serde_json::json!({"name": name, "file": file, "size": 1, "virtual_size": 1, "source": "/d", "backing": null});
+        for (files, says) in [
+            (
+                vec![vol("vda", "manifest.json")],
+                "field `volumes[0].file`: \"manifest.json\" is the name of the backup's manifest",
+            ),
+            (
+                vec![vol("vda", "a.qcow2"), vol("vdb", "a.qcow2")],
+                "field `volumes[1].file`: file \"a.qcow2\" is listed twice",
+            ),
+        ] {
+            let mut m =
+                serde_json::to_value(Manifest::new("20260101-000000000-abcd", "vm1", BackupKind::Full, None, 1, false))
+                    .unwrap();
+            m["volumes"] = serde_json::Value::Array(files);
+            let e = Manifest::parse(m.to_string().as_bytes(), Path::new("/s/m.json")).unwrap_err();
+            assert_eq!(e.kind, crate::ErrorKind::Corrupt, "{e}");
+            assert_eq!(e.message, format!("manifest /s/m.json: {says}"));
+        }
     }
 
     #[test]
