@@ -515,6 +515,16 @@ impl Vault {
         let mut parts: Vec<PartId> = Vec::new();
         let mut off = 0u64;
         let mut idx = 0usize;
+        // The parts still in flight are stopped, and waited for, before the
+        // upload is aborted: dropped, their tasks went on (a part landing
+        // after the abort left storage behind, and the memory and bandwidth
+        // of every part in flight stayed in use after the error).
+        let stop = |q: &mut VecDeque<tokio::task::JoinHandle<object_store::Result<PartId>>>| {
+            for h in q.drain(..) {
+                h.abort();
+                let _ = self.block_on(h);
+            }
+        };
         let wait = |h: tokio::task::JoinHandle<object_store::Result<PartId>>| -> Result<PartId> {
             match self.block_on(h) {
                 Ok(Ok(p)) => Ok(p),
@@ -524,13 +534,17 @@ impl Vault {
         };
         while off < len {
             if let Err(e) = ctl.check(&step) {
+                stop(&mut in_flight);
                 return Err(abort(e));
             }
             ctl.report(&step, off as f64 * 100.0 / len as f64);
             let n = (part_size as u64).min(len - off) as usize;
             let data = match read_part(off, n) {
                 Ok(d) => d,
-                Err(e) => return Err(abort(e)),
+                Err(e) => {
+                    stop(&mut in_flight);
+                    return Err(abort(e));
+                }
             };
             hasher.update(&data);
             let s3 = Arc::clone(&self.inner.s3);
@@ -546,14 +560,20 @@ impl Vault {
                 let h = in_flight.pop_front().expect("a part in flight");
                 match wait(h) {
                     Ok(p) => parts.push(p),
-                    Err(e) => return Err(abort(e)),
+                    Err(e) => {
+                        stop(&mut in_flight);
+                        return Err(abort(e));
+                    }
                 }
             }
         }
         while let Some(h) = in_flight.pop_front() {
             match wait(h) {
                 Ok(p) => parts.push(p),
-                Err(e) => return Err(abort(e)),
+                Err(e) => {
+                    stop(&mut in_flight);
+                    return Err(abort(e));
+                }
             }
         }
         crate::crashpoint::durable_step(&format!("completion of the upload of {}", path.display()));
