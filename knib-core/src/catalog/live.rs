@@ -505,6 +505,8 @@ impl Store {
             plan.push((target.clone(), top, overlay.clone()));
         }
         let mut made = Vec::new();
+        // Set when the domain may still name the overlays: they are kept.
+        let mut named = false;
         let r = (|| -> Result<()> {
             for (target, top, overlay) in &plan {
                 crate::engine::create_overlay(&self.qemu_img, top, overlay, ctl)?;
@@ -516,14 +518,24 @@ impl Store {
             let old: Vec<(String, PathBuf)> = targets.iter().map(|(t, f, _)| (t.clone(), f.clone())).collect();
             vm.set_disk_sources(&sources)?;
             if let Err(e) = vm.start() {
-                let _ = vm.set_disk_sources(&old);
+                if let Err(u) = vm.set_disk_sources(&old) {
+                    // The domain names the overlays: removing them would
+                    // leave it on files that are gone.
+                    named = true;
+                    return Err(e.context(format!(
+                        "the domain could not be put back on its old files either ({u}): it still names the overlays {}, which are kept",
+                        made.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
                 return Err(e);
             }
             Ok(())
         })();
         if let Err(e) = r {
-            for f in &made {
-                let _ = fsio::remove_if_exists(f);
+            if !named {
+                for f in &made {
+                    let _ = fsio::remove_if_exists(f);
+                }
             }
             return Err(e);
         }

@@ -787,8 +787,21 @@ pub fn delete_checkpoint(vm: &Vm, name: &str) -> Result<bool> {
                 .arg(d.file.as_os_str())
                 .arg(name)
                 .run(&Control::new());
-                if let Ok(f) = r {
-                    log::debug!("qemu-img bitmap --remove {name} on {}: {:?}", d.file.display(), f);
+                // A bitmap left in the image records every write from then
+                // on: said, not swallowed (a disk without it is fine).
+                match r {
+                    Ok(f) if f.code == Some(0) => {
+                        log::debug!("qemu-img bitmap --remove {name} on {}: removed", d.file.display())
+                    }
+                    Ok(f) if f.stderr.contains("not found") => {
+                        log::debug!("qemu-img bitmap --remove {name} on {}: not there", d.file.display())
+                    }
+                    Ok(f) => log::warn!(
+                        "qemu-img bitmap --remove {name} on {} failed (if the bitmap is there, `qemu-img bitmap --remove` removes it): {}",
+                        d.file.display(),
+                        f.stderr.trim()
+                    ),
+                    Err(e) => log::warn!("qemu-img bitmap --remove {name} on {}: {e}", d.file.display()),
                 }
             }
             Ok(there)
