@@ -78,8 +78,9 @@ impl TempFile {
     /// `replace` ([`commit_rename`]); without, an entry that appeared at
     /// `dest` since the caller checked is left alone and the rename refused
     /// ([`rename_noreplace`]). On an error the temporary file is removed.
-    /// The name must still lead to the file it created (anything swapped
-    /// in under it is refused, `corrupt`, and left alone).
+    /// The name must still lead to the file it created: anything swapped
+    /// in under it is refused, `corrupt` (and, as on every error, the name
+    /// is removed when the value is dropped).
     pub fn commit(mut self, dest: &Path, replace: bool) -> Result<()> {
         require_same_file(&self.path, &self.file)?;
         if replace {
@@ -165,14 +166,28 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     sync_file(from)?;
     crate::crashpoint::durable_step(&format!("rename {} to {}", from.display(), to.display()));
     use rustix::fs::{renameat_with, RenameFlags, CWD};
-    renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE).map_err(|e| {
-        if e == rustix::io::Errno::EXIST {
-            KnibError::invalid(format!("{} appeared meanwhile; nothing was replaced", to.display()))
-        } else {
-            KnibError::io(&format!("cannot rename {} to", from.display()), to, e.into())
-        }
-    })?;
+    use rustix::io::Errno;
+    let appeared = || KnibError::invalid(format!("{} appeared meanwhile; nothing was replaced", to.display()));
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => {}
+        Err(Errno::EXIST) => return Err(appeared()),
+        // A file system that takes no rename flags (NFS): a hard link,
+        // which never replaces an entry either, then the old name removed.
+        Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => link_then_unlink(from, to, &appeared)?,
+        Err(e) => return Err(KnibError::io(&format!("cannot rename {} to", from.display()), to, e.into())),
+    }
     sync_dir(parent_dir(to))
+}
+
+/// [`rename_noreplace`] where `renameat2` takes no flags: `to` made a hard
+/// link of `from` (refused when `to` exists), then `from` removed.
+fn link_then_unlink(from: &Path, to: &Path, appeared: &dyn Fn() -> KnibError) -> Result<()> {
+    match fs::hard_link(from, to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(appeared()),
+        Err(e) => return Err(KnibError::io(&format!("cannot rename {} to", from.display()), to, e)),
+    }
+    fs::remove_file(from).map_err(|e| KnibError::io("cannot remove", from, e))
 }
 
 /// Write `data` to `path` atomically: a temporary file, fsync, rename, fsync
@@ -391,6 +406,23 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fallback of a file system without rename flags (NFS) never
+    /// replaces an entry, and leaves one name.
+    #[test]
+    fn link_then_unlink_never_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        fs::write(&a, b"new").unwrap();
+        fs::write(&b, b"theirs").unwrap();
+        let appeared = || KnibError::invalid("appeared".to_string());
+        assert_eq!(link_then_unlink(&a, &b, &appeared).unwrap_err().message, "appeared");
+        assert_eq!((fs::read(&a).unwrap(), fs::read(&b).unwrap()), (b"new".to_vec(), b"theirs".to_vec()));
+        fs::remove_file(&b).unwrap();
+        link_then_unlink(&a, &b, &appeared).unwrap();
+        assert!(!a.exists());
+        assert_eq!(fs::read(&b).unwrap(), b"new");
+    }
 
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp() {

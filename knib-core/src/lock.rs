@@ -383,8 +383,9 @@ pub fn held_like_qemu(file: &File) -> io::Result<bool> {
 /// those QEMU would not lock (neither a regular file nor a block device:
 /// never waited on, a FIFO included), are skipped.
 pub fn hold_like_qemu_writer(files: &[&Path], what: &str) -> Result<Vec<File>> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
     let mut held = Vec::with_capacity(files.len());
+    let mut ids: Vec<(u64, u64)> = Vec::with_capacity(files.len());
     for f in files {
         // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer.
         let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(f) {
@@ -392,10 +393,18 @@ pub fn hold_like_qemu_writer(files: &[&Path], what: &str) -> Result<Vec<File>> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(KnibError::io("cannot open", f, e)),
         };
-        let ft = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?.file_type();
+        let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?;
+        let ft = meta.file_type();
         if !ft.is_file() && !ft.is_block_device() {
             continue;
         }
+        // One file named twice (or by two names) is held once: a second
+        // description's locks would conflict with the first's.
+        let id = (meta.dev(), meta.ino());
+        if ids.contains(&id) {
+            continue;
+        }
+        ids.push(id);
         if !lock_like_qemu_writer(&file).map_err(|e| KnibError::io("cannot lock", f, e))? {
             return Err(in_use(f, what));
         }

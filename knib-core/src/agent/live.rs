@@ -603,6 +603,10 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     let q = QemuImg::new();
     let vm = domain(r.connect.as_deref(), r.domain.as_deref().unwrap_or_default())?;
     let running = check_running(op, &vm, r.running)?;
+    for (i, m) in r.merges.iter().enumerate() {
+        absolute(op, &format!("merges[{i}].parent"), &m.parent)?;
+        absolute(op, &format!("merges[{i}].child"), &m.child)?;
+    }
     super::refuse_merging_internal_snapshots(op, &r.merges)?;
     let mut out = Vec::new();
     for (i, m) in r.merges.iter().enumerate() {

@@ -91,6 +91,28 @@ pub fn check_plan(
                 chain.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" <- ")
             )));
         }
+        // The base is the file knib's deltas sit on: every layer above it is
+        // a knib delta of it. A file further down (a template other VMs
+        // share) would have recover remove, as a leftover, a delta of that
+        // name beside it that is another VM's.
+        let base_name = d.base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let delta_of_base = |c: &PathBuf| {
+            c.parent() == d.base.parent()
+                && c.file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(base_name.as_str()))
+                    .is_some_and(|r| r.starts_with(DELTA_MARKER))
+        };
+        let at = chain.iter().position(|c| c == &d.base).unwrap_or(0);
+        if let Some(above) = chain[..at].iter().find(|c| !delta_of_base(c)) {
+            return Err(bad(format!(
+                "field `{}`: {} is below {} in disk {}'s chain, which is not a knib delta of it: the base is the file knib's deltas sit on",
+                field("base"),
+                d.base.display(),
+                above.display(),
+                d.target
+            )));
+        }
         if !d.snapshots.is_empty() {
             return Err(bad(format!("field `{}`: knib's own backups take no VM snapshot deltas", field("snapshots"))));
         }

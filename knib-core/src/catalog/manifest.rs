@@ -172,7 +172,7 @@ impl Manifest {
             // A volume's file is its own: never the manifest's name (a vault
             // sync repairing the "volume" uploaded an image over the
             // manifest, or deleted it), nor another volume's.
-            if v.file.starts_with("manifest.") {
+            if v.file == "manifest.json" || v.file == super::compress_commit::NEXT_MANIFEST {
                 return Err(bad(
                     &format!("volumes[{i}].file"),
                     format!("{:?} is the name of the backup's manifest", v.file),
@@ -297,6 +297,12 @@ mod tests {
             assert_eq!(e.kind, crate::ErrorKind::Corrupt, "{e}");
             assert_eq!(e.message, format!("manifest /s/m.json: {says}"));
         }
+        // A volume named "manifest" has its file "manifest.qcow2": fine.
+        let mut m =
+            serde_json::to_value(Manifest::new("20260101-000000000-abcd", "vm1", BackupKind::Full, None, 1, false))
+                .unwrap();
+        m["volumes"] = serde_json::Value::Array(vec![vol("manifest", "manifest.qcow2")]);
+        Manifest::parse(m.to_string().as_bytes(), Path::new("/s/m.json")).unwrap();
     }
 
     #[test]

@@ -58,9 +58,11 @@ pub(crate) fn merge_delta_repointing(
             if Path::new(&backing).is_relative() && delta.parent() == c.parent() { backing.clone() } else { full };
         q.rebase_unsafe(c, &pointer, &backing_format, ctl)?;
     }
-    let full = info.full_backing_filename.clone().map(std::path::PathBuf::from);
-    let full = full.ok_or_else(|| KnibError::internal("qemu-img gave no full backing file name"))?;
-    repoint(q, others, &full, &backing_format, ctl)?;
+    if !others.is_empty() {
+        let full = info.full_backing_filename.clone().map(std::path::PathBuf::from);
+        let full = full.ok_or_else(|| KnibError::internal("qemu-img gave no full backing file name"))?;
+        repoint(q, others, &full, &backing_format, ctl)?;
+    }
     fsio::remove_if_exists(delta)
 }
 

@@ -75,6 +75,17 @@ fn tamperings(rng: &mut Rng, canary: &Path) -> Vec<(&'static str, PlanEdit)> {
                 p.disks[0].old_delta = None;
             }),
         ),
+        (
+            // A file of the chain further down (a shared template): before,
+            // accepted as any file of the chain.
+            "base",
+            Box::new(|p: &mut LivePlan| {
+                let t = PathBuf::from("/var/lib/libvirt/images/template.qcow2");
+                p.disks[0].new_delta = delta_path(&t, ID);
+                p.disks[0].base = t;
+                p.disks[0].old_delta = None;
+            }),
+        ),
         ("snapshots", Box::new(move |p: &mut LivePlan| p.disks[0].snapshots = vec![c4.clone()])),
         ("grand_children", Box::new(move |p: &mut LivePlan| p.disks[0].grand_children = vec![c5.clone()])),
         ("target", Box::new(|p: &mut LivePlan| p.disks[0].target = "vdz".into())),
@@ -97,7 +108,8 @@ fn a_plan_naming_files_knib_did_not_name_is_corrupt() {
     let base = PathBuf::from("/var/lib/libvirt/images/vm-vda.qcow2");
     let journal = PathBuf::from("/store/vms/vm/journal.json");
     let good = plan(&base, Path::new("/store/vms/vm"));
-    let chain = vec![good.disks[0].old_delta.clone().unwrap(), base.clone()];
+    let template = PathBuf::from("/var/lib/libvirt/images/template.qcow2");
+    let chain = vec![good.disks[0].old_delta.clone().unwrap(), base.clone(), template];
     let disks = vec![("vda".to_string(), chain.clone()), ("vdb".to_string(), vec![PathBuf::from("/x/b.qcow2")])];
     check_plan(&good, &journal, "vm", &disks, None).unwrap();
     // The store may have been mounted elsewhere since.
