@@ -307,15 +307,11 @@ fn node_bitmaps(vm: &TestVm, target: &str) -> Vec<String> {
     b
 }
 
-#[test]
-fn a_raw_disk_of_a_running_vm_has_incrementals_by_a_bitmap_in_qemus_memory_until_a_restart() {
-    if skip_without_libvirt("bitmap raw disk") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let base = std::fs::canonicalize(dir.path()).unwrap();
-    let raw = base.join("knib-bm-raw-vda.raw");
-    let qcow = base.join("knib-bm-raw-vdb.qcow2");
+/// A running domain `prefix` whose disk vda is a raw file and vdb a qcow2
+/// one, made in `dir`; and vda's file.
+fn raw_disk_vm(prefix: &str, dir: &std::path::Path, persistent: bool) -> (TestVm, std::path::PathBuf) {
+    let raw = dir.join(format!("{prefix}-vda.raw"));
+    let qcow = dir.join(format!("{prefix}-vdb.qcow2"));
     for (f, fmt, size) in [(&raw, "raw", DISKS[0].1), (&qcow, "qcow2", DISKS[1].1)] {
         let out = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", fmt])
@@ -326,10 +322,21 @@ fn a_raw_disk_of_a_running_vm_has_incrementals_by_a_bitmap_in_qemus_memory_until
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     let vm = TestVm::create_on(
-        "knib-bm-raw",
-        &[("vda", raw.clone()), ("vdb", qcow.clone())],
-        TestVmOptions { persistent: true, running: true, agent_channel: false },
+        prefix,
+        &[("vda", raw.clone()), ("vdb", qcow)],
+        TestVmOptions { persistent, running: true, agent_channel: false },
     );
+    (vm, raw)
+}
+
+#[test]
+fn a_raw_disk_of_a_running_vm_has_incrementals_by_a_bitmap_in_qemus_memory_until_a_restart() {
+    if skip_without_libvirt("bitmap raw disk") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let (vm, raw) = raw_disk_vm("knib-bm-raw", &base, true);
     let store_dir = dir.path().join("store");
     let store = Store::create(&store_dir).unwrap();
     let mut model = Model::new(&DISKS);
@@ -485,22 +492,7 @@ fn a_failed_end_of_chain_incremental_loses_no_write_of_a_raw_disk() {
     }
     let dir = tempfile::tempdir().unwrap();
     let base = std::fs::canonicalize(dir.path()).unwrap();
-    let raw = base.join("knib-bm-rawfail-vda.raw");
-    let qcow = base.join("knib-bm-rawfail-vdb.qcow2");
-    for (f, fmt, size) in [(&raw, "raw", DISKS[0].1), (&qcow, "qcow2", DISKS[1].1)] {
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", fmt])
-            .arg(f)
-            .arg(size.to_string())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let vm = TestVm::create_on(
-        "knib-bm-rawfail",
-        &[("vda", raw.clone()), ("vdb", qcow.clone())],
-        TestVmOptions { persistent: false, running: true, agent_channel: false },
-    );
+    let (vm, _) = raw_disk_vm("knib-bm-rawfail", &base, false);
     let store_dir = base.join("store");
     let store = Store::create(&store_dir).unwrap();
     let opts = BackupOptions { chain_size: 2, ..bitmap() };
