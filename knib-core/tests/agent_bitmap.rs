@@ -363,3 +363,116 @@ fn stopped_vms_with_or_without_a_domain_are_backed_up_by_persistent_bitmaps() {
         }
     }
 }
+
+const CHILD_ENV: &str = "KNIB_AGENT_BITMAP_CHILD_REQUEST";
+
+/// Run in the child process: the `agent.take_backup` the parent asks for,
+/// killed by the crash hook.
+#[test]
+fn child_take_backup() {
+    let Ok(req) = std::env::var(CHILD_ENV) else { return };
+    let _ = call("agent.take_backup", &req, &Control::new());
+}
+
+/// A running domain with a raw disk vda and a qcow2 disk vdb, made in `dir`.
+fn raw_disk_vm(prefix: &str, dir: &Path) -> TestVm {
+    let files: Vec<(&str, PathBuf)> = DISKS
+        .iter()
+        .map(|(t, size)| {
+            let fmt = if *t == "vda" { "raw" } else { "qcow2" };
+            let f = dir.join(format!("{prefix}-{t}.{fmt}"));
+            let out = std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", fmt])
+                .arg(&f)
+                .arg(size.to_string())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            (*t, f)
+        })
+        .collect();
+    TestVm::create_on(prefix, &files, TestVmOptions { persistent: false, running: true, agent_channel: false })
+}
+
+/// The files of backup `n` restored and compared with what the guest wrote
+/// (its first `k` writes).
+fn assert_backup_holds(store: &Path, n: u32, model: &Model, k: usize, scratch: &Path) {
+    for (t, _) in DISKS {
+        let to = scratch.join(format!("{n}-{t}.qcow2"));
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-O", "qcow2"])
+            .arg(store_file(store, n, t))
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        model.assert_restored(t, k, &to, scratch);
+    }
+}
+
+/// Through the agent: an end-of-chain incremental by bitmap that fails
+/// (cancelled after the guest wrote to its raw disk under the running job)
+/// loses no write: the next incremental since the same parent holds it.
+/// And one killed midway (a child process), then cleaned up (`discard`),
+/// loses none either and the chain goes on by bitmap: the cleanup turns
+/// the parent's bitmap on again and merges the failed backup's own into
+/// it. Before, the cleanup's plan named no parent: the parent's bitmap of
+/// the raw disk stayed stopped, and the next backup copied every cluster.
+#[test]
+fn a_failed_or_killed_end_of_chain_incremental_loses_no_write_of_a_raw_disk() {
+    if skip_without_libvirt("agent bitmap raw end of chain") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let vm = raw_disk_vm("knib-abrawfail", &base);
+    let store = base.join("store");
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x51, 0, MIB);
+    take(&vm, &store, 1, None);
+    model.write(&vm, "vda", 0x52, 2 * MIB, MIB);
+    let last = |n: u32| json!({"domain": vm.name(), "method": "bitmap", "end_of_chain": true, "volumes": volumes(&vm, &store, n, Some(1))});
+    // Cancelled: the take undoes itself.
+    let cancel = knib_core::CancelToken::new();
+    let at = format!("creating {}", store.display());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(3));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(
+                knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
+                "no pause at {at}"
+            );
+            vm.write("vda", 0x53, 5 * MIB, MIB);
+            cancel.cancel();
+        });
+        call("agent.take_backup", &last(2).to_string(), &Control::new().with_cancel(cancel.clone())).unwrap_err()
+    });
+    assert_eq!(e.kind, knib_core::ErrorKind::Cancelled, "{e}");
+    model.writes.push(common::model::Write { disk: 0, offset: 5 * MIB, len: MIB, pattern: 0x53 });
+    let a = ok("agent.take_backup", &last(2));
+    assert_eq!((&a["kind"], &a["full_reason"]), (&json!("incremental"), &Value::Null), "{a}");
+    assert_backup_holds(&store, 2, &model, model.writes.len(), &base);
+    // The next chain: b1 again, then one killed once its job runs, cleaned up.
+    let first = json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, 11, None)});
+    ok("agent.take_backup", &first);
+    model.write(&vm, "vda", 0x54, 7 * MIB, MIB);
+    let last = |n: u32| json!({"domain": vm.name(), "method": "bitmap", "end_of_chain": true, "volumes": volumes(&vm, &store, n, Some(11))});
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_take_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, last(12).to_string())
+        .env(knib_core::crashpoint::CRASH_BEFORE_ENV, format!("copy of disk vda of domain {}", vm.name()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child was not killed: {}", String::from_utf8_lossy(&out.stdout));
+    model.write(&vm, "vda", 0x55, 9 * MIB, MIB);
+    let mut cleanup = last(12);
+    cleanup["mode"] = json!("discard");
+    let c = ok("agent.cleanup_vm_backup", &cleanup);
+    assert_eq!(c["published"], json!(false), "{c}");
+    model.write(&vm, "vda", 0x56, 11 * MIB, MIB);
+    let a = ok("agent.take_backup", &last(13));
+    assert_eq!((&a["kind"], &a["full_reason"]), (&json!("incremental"), &Value::Null), "{a}");
+    let vda = std::fs::metadata(store_file(&store, 13, "vda")).unwrap().len();
+    assert!(vda < 8 * MIB, "the raw disk's incremental holds its changes only: {vda} bytes");
+    assert_backup_holds(&store, 13, &model, model.writes.len(), &base);
+}

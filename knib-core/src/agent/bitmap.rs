@@ -285,6 +285,13 @@ pub(crate) fn cleanup_vm_backup(
     let published = planned.iter().all(|d| d.dest.is_file());
     let finish = published && mode == CleanupMode::Complete;
     let kind = super::kind_of(op, r, false)?;
+    let since = match (kind, r.volumes.iter().enumerate().find_map(|(i, v)| Some((i, v.parent_backup_path.as_ref()?))))
+    {
+        (BackupKind::Incremental, Some((i, p))) => {
+            Some(checkpoint_name(&id_of(op, &format!("volumes[{i}].parent_backup_path"), p)?))
+        }
+        _ => None,
+    };
     let plan = BitmapPlan {
         backup_id: id.clone(),
         kind,
@@ -295,7 +302,10 @@ pub(crate) fn cleanup_vm_backup(
         // does not carry it), so its agent is asked.
         quiesce: running,
         work_dir: crate::fsio::parent_dir(&planned[0].file).join(format!(".knib-{id}.nbd")),
-        since: None,
+        // An incremental's parent, whose raw disks' bitmaps the undo
+        // turns on again and merges the backup's own back into (a bitmap
+        // that is not there is left alone).
+        since,
         // None after an isolated backup or one that ends its chain.
         checkpoint: (kind != BackupKind::Isolated && !r.end_of_chain).then(|| checkpoint_name(&id)),
         disks: planned,

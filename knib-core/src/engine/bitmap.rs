@@ -650,6 +650,7 @@ pub(crate) fn run(
         let mut results = Vec::new();
         for d in &plan.disks {
             ctl.check(&format!("copy of disk {}", d.target))?;
+            crate::crashpoint::durable_step(&format!("copy of disk {} of {who}", d.target));
             let (socket, export, bitmap) = exp.export(plan, d);
             let ctype = plan.compress.map(|c| match c {
                 CompressionLibrary::Zstd => CompressionType::Zstd,
