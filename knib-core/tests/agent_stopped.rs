@@ -643,6 +643,29 @@ fn links_under_a_copys_temporary_name_are_never_written_through() {
     vm.assert_clean();
 }
 
+/// A dangling symbolic link where the new delta goes is an entry that
+/// exists: refused, and nothing is made where it leads. Before, the
+/// existence check followed the link, and qemu-img created the new delta
+/// at its target.
+#[test]
+fn a_dangling_link_at_the_new_delta_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 29);
+    vm.write(2);
+    vm.take("b1", None, json!({}));
+    let req = vm.request("b2", Some("b1"), json!({}));
+    let new_delta = PathBuf::from(req["volumes"][0]["delta_path_on_primary"].as_str().unwrap());
+    let target = t.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, &new_delta).unwrap();
+    let e = agent("agent.take_backup", &req).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains(&format!("the new delta {} already exists", new_delta.display())), "{e}");
+    assert!(!target.exists(), "a file was made where the link leads");
+    std::fs::remove_file(&new_delta).unwrap();
+    vm.take("b2", Some("b1"), json!({}));
+    vm.assert_clean();
+}
+
 #[test]
 fn a_copy_that_fails_is_undone_and_the_vm_left_consistent() {
     let t = tempfile::tempdir().unwrap();

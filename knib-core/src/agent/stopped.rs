@@ -98,7 +98,9 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             fsio::require_file(&v.path, &format!("volume {}: ", v.uuid), false)?;
             for (what, f) in [("the new delta", &v.delta_path_on_primary), ("the backup file", &v.delta_path_on_store)]
             {
-                if f.exists() {
+                // Any entry, a dangling link too (qemu-img would create the
+                // new delta where it leads).
+                if std::fs::symlink_metadata(f).is_ok() {
                     return Err(KnibError::invalid(format!(
                         "volume {}: {what} {} already exists",
                         v.uuid,
