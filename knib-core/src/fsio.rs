@@ -102,8 +102,23 @@ impl Drop for TempFile {
 }
 
 /// fsync a file.
+///
+/// Opened without blocking: a FIFO put under the name (a temporary swapped
+/// before its rename) fails at once instead of waiting for a writer.
 pub fn sync_file(path: &Path) -> Result<()> {
-    let f = File::open(path).map_err(|e| KnibError::io("cannot open", path, e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| KnibError::io("cannot open", path, e))?;
+    let ft = f.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.file_type();
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(KnibError::corrupt(format!("{} is not a regular file", path.display())));
+        }
+    }
     f.sync_all().map_err(|e| KnibError::io("cannot fsync", path, e))
 }
 
@@ -422,6 +437,19 @@ mod tests {
         link_then_unlink(&a, &b, &appeared).unwrap();
         assert!(!a.exists());
         assert_eq!(fs::read(&b).unwrap(), b"new");
+    }
+
+    /// A FIFO under a name to be made durable fails at once, unwaited.
+    #[test]
+    fn sync_file_refuses_a_fifo_without_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("x.part");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = sync_file(&fifo).unwrap_err();
+        assert_eq!(e.message, format!("{} is not a regular file", fifo.display()));
+        let f = d.path().join("f");
+        fs::write(&f, b"x").unwrap();
+        sync_file(&f).unwrap();
     }
 
     #[test]
