@@ -104,7 +104,7 @@ impl Drop for TempFile {
 /// fsync a file.
 ///
 /// Opened without blocking: a FIFO put under the name (a temporary swapped
-/// before its rename) fails at once instead of waiting for a writer.
+/// before its rename) is refused at once instead of waited on for a writer.
 pub fn sync_file(path: &Path) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = OpenOptions::new()
@@ -112,12 +112,11 @@ pub fn sync_file(path: &Path) -> Result<()> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| KnibError::io("cannot open", path, e))?;
+    // A file or a directory (a tree a guestfish extraction renames into
+    // place) is made durable as before; a FIFO only is refused.
     let ft = f.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.file_type();
-    {
-        use std::os::unix::fs::FileTypeExt;
-        if !ft.is_file() && !ft.is_block_device() {
-            return Err(KnibError::corrupt(format!("{} is not a regular file", path.display())));
-        }
+    if std::os::unix::fs::FileTypeExt::is_fifo(&ft) {
+        return Err(KnibError::corrupt(format!("{} is a FIFO, not a file knib made", path.display())));
     }
     f.sync_all().map_err(|e| KnibError::io("cannot fsync", path, e))
 }
@@ -446,10 +445,12 @@ mod tests {
         let fifo = d.path().join("x.part");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let e = sync_file(&fifo).unwrap_err();
-        assert_eq!(e.message, format!("{} is not a regular file", fifo.display()));
+        assert_eq!(e.message, format!("{} is a FIFO, not a file knib made", fifo.display()));
+        // A file and a directory are made durable.
         let f = d.path().join("f");
         fs::write(&f, b"x").unwrap();
         sync_file(&f).unwrap();
+        sync_file(d.path()).unwrap();
     }
 
     #[test]
