@@ -376,22 +376,8 @@ fn child_take_backup() {
 
 /// A running domain with a raw disk vda and a qcow2 disk vdb, made in `dir`.
 fn raw_disk_vm(prefix: &str, dir: &Path) -> TestVm {
-    let files: Vec<(&str, PathBuf)> = DISKS
-        .iter()
-        .map(|(t, size)| {
-            let fmt = if *t == "vda" { "raw" } else { "qcow2" };
-            let f = dir.join(format!("{prefix}-{t}.{fmt}"));
-            let out = std::process::Command::new("qemu-img")
-                .args(["create", "-q", "-f", fmt])
-                .arg(&f)
-                .arg(size.to_string())
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            (*t, f)
-        })
-        .collect();
-    TestVm::create_on(prefix, &files, TestVmOptions { persistent: false, running: true, agent_channel: false })
+    let opts = TestVmOptions { persistent: false, running: true, agent_channel: false };
+    TestVm::create_with_raw(prefix, &DISKS, &["vda"], dir, opts)
 }
 
 /// The files of backup `n` restored and compared with what the guest wrote

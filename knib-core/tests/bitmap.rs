@@ -310,22 +310,9 @@ fn node_bitmaps(vm: &TestVm, target: &str) -> Vec<String> {
 /// A running domain `prefix` whose disk vda is a raw file and vdb a qcow2
 /// one, made in `dir`; and vda's file.
 fn raw_disk_vm(prefix: &str, dir: &std::path::Path, persistent: bool) -> (TestVm, std::path::PathBuf) {
-    let raw = dir.join(format!("{prefix}-vda.raw"));
-    let qcow = dir.join(format!("{prefix}-vdb.qcow2"));
-    for (f, fmt, size) in [(&raw, "raw", DISKS[0].1), (&qcow, "qcow2", DISKS[1].1)] {
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", fmt])
-            .arg(f)
-            .arg(size.to_string())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    }
-    let vm = TestVm::create_on(
-        prefix,
-        &[("vda", raw.clone()), ("vdb", qcow)],
-        TestVmOptions { persistent, running: true, agent_channel: false },
-    );
+    let opts = TestVmOptions { persistent, running: true, agent_channel: false };
+    let vm = TestVm::create_with_raw(prefix, &DISKS, &["vda"], dir, opts);
+    let raw = vm.disk("vda").file.clone();
     (vm, raw)
 }
 

@@ -179,13 +179,27 @@ impl TestVm {
 
     /// A domain with new qcow2 disks, made as `opts` says.
     pub fn create(prefix: &str, disks: &[(&str, u64)], dir: &Path, opts: TestVmOptions) -> TestVm {
+        Self::create_with_raw(prefix, disks, &[], dir, opts)
+    }
+
+    /// A domain with new disks, made as `opts` says: raw files
+    /// `<name>-<target>.raw` for the targets in `raw`, qcow2 files for the
+    /// others. All are removed on drop.
+    pub fn create_with_raw(
+        prefix: &str,
+        disks: &[(&str, u64)],
+        raw: &[&str],
+        dir: &Path,
+        opts: TestVmOptions,
+    ) -> TestVm {
         let name = unique_name(prefix);
         let dir = std::fs::canonicalize(dir).expect("the disk directory exists");
         let mut files = Vec::new();
         for (target, size) in disks {
-            let file = dir.join(format!("{name}-{target}.qcow2"));
+            let fmt = if raw.contains(target) { "raw" } else { "qcow2" };
+            let file = dir.join(format!("{name}-{target}.{fmt}"));
             let out = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
+                .args(["create", "-q", "-f", fmt])
                 .arg(&file)
                 .arg(size.to_string())
                 .output()
