@@ -1018,3 +1018,63 @@ fn an_incremental_that_would_remove_an_internal_snapshot_is_refused() {
     vm.take("b2", Some("b1"), json!({}));
     vm.assert_backup_is("b2", &view);
 }
+
+/// A loop device over a file, detached on drop.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    /// `None` where no loop device can be made (a container without them).
+    fn attach(file: &Path) -> Option<LoopDevice> {
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(file).output().ok()?;
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success() && !dev.is_empty()).then(|| LoopDevice(PathBuf::from(dev)))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// A volume file whose backing pointer names a block device (an uploaded
+/// image pointing at `/dev/sda`) is refused before anything is read or
+/// written: the copy read the device into the store. The same volume over
+/// a regular file (a template) is backed up whole.
+#[test]
+fn a_volume_file_backed_by_a_block_device_is_refused_unread() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 31);
+    let host_disk = t.path().join("host-disk.raw");
+    std::fs::write(&host_disk, vec![0x5a; 4 * MIB as usize]).unwrap();
+    let Some(dev) = LoopDevice::attach(&host_disk) else {
+        eprintln!("skipped: no loop device can be made here");
+        return;
+    };
+    let root = vm.vols[0].1.clone();
+    let over = |backing: &Path| {
+        std::fs::remove_file(&root).unwrap();
+        make_disk(&root, VOLS[0].1, &["-b", backing.to_str().unwrap(), "-F", "raw"]);
+    };
+    over(&dev.0);
+    let req = vm.request("b1", None, json!({}));
+    let e = agent("agent.take_backup", &req).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(
+        e.message.contains(&format!(
+            "{} is backed by {}, which is not a regular file",
+            root.display(),
+            dev.0.display()
+        )),
+        "{e}"
+    );
+    assert!(!vm.store.exists(), "nothing is written to the store");
+    assert!(!root.with_file_name("root-delta-b1").exists(), "no new delta is made");
+    drop(dev);
+
+    over(&host_disk);
+    vm.write(2);
+    let view = vm.view("b1");
+    vm.take("b1", None, json!({}));
+    assert_identical(&vm.store_file("b1", "root"), &view[0]);
+}
