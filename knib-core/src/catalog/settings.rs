@@ -482,13 +482,25 @@ fn domain_type<'de, D: Deserializer<'de>>(d: D) -> De<Option<String>, D::Error> 
 }
 
 /// Put `value` at the dotted `key` of `into`, splitting the key and
-/// merging objects; a leaf reached twice is an error naming its key.
+/// merging objects; a leaf reached twice is an error naming its key, and
+/// so is a key of more than `most_parts` parts with its prefix (said before
+/// it is split: its parts nest one call each, and a nested object's key of
+/// ten thousand parts overflowed the stack).
 fn insert_dotted(
     into: &mut Map<String, Value>,
     key: &str,
     value: Value,
     prefix: &str,
+    most_parts: usize,
 ) -> std::result::Result<(), String> {
+    let above = if prefix.is_empty() { 0 } else { prefix.split('.').count() };
+    let parts = above + key.split('.').count();
+    if parts > most_parts {
+        let whole = if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") };
+        let shown: String = whole.chars().take(80).collect();
+        let cut = if shown.len() < whole.len() { "..." } else { "" };
+        return Err(format!("unknown key \"{shown}{cut}\" ({parts} parts; no key has more than {most_parts})"));
+    }
     let (first, rest) = match key.split_once('.') {
         Some((first, rest)) => (first, Some(rest)),
         None => (key, None),
@@ -502,7 +514,7 @@ fn insert_dotted(
             let slot = into.entry(first).or_insert_with(|| Value::Object(Map::new()));
             let Value::Object(slot) = slot else { return Err(format!("key {full:?} is given twice")) };
             for (k, v) in inner {
-                insert_dotted(slot, &k, v, &full)?;
+                insert_dotted(slot, &k, v, &full, most_parts)?;
             }
             return Ok(());
         }
@@ -512,7 +524,7 @@ fn insert_dotted(
         Some(rest) => {
             let slot = into.entry(first).or_insert_with(|| Value::Object(Map::new()));
             let Value::Object(slot) = slot else { return Err(format!("key {full:?} is given twice")) };
-            insert_dotted(slot, rest, value, &full)
+            insert_dotted(slot, rest, value, &full, most_parts)
         }
         None if into.contains_key(first) => Err(format!("key {full:?} is given twice")),
         None => {
@@ -563,21 +575,12 @@ impl Settings {
             Some(s) => return Err(bad(format!("schema is {s}; this knib reads schema {SETTINGS_SCHEMA}"))),
             None => return Err(bad(format!("has no \"schema\" field (add \"schema\": {SETTINGS_SCHEMA})"))),
         }
-        // A key of more parts than any known one is unknown: said before
-        // the key is split (its parts nest one call each; a crafted key of
-        // ten thousand parts overflowed the stack), and shown cut short.
+        // A key of more parts than any known one is unknown (see
+        // `insert_dotted`), shown cut short.
         let most_parts = SETTING_KEYS.iter().map(|(k, _)| k.split('.').count()).max().unwrap_or(1);
-        if let Some(k) = top.keys().find(|k| k.split('.').count() > most_parts) {
-            let shown: String = k.chars().take(80).collect();
-            let cut = if shown.len() < k.len() { "..." } else { "" };
-            return Err(bad(format!(
-                "unknown key \"{shown}{cut}\" ({} parts; no key has more than {most_parts})",
-                k.split('.').count()
-            )));
-        }
         let mut nested = Map::new();
         for (k, v) in top {
-            insert_dotted(&mut nested, &k, v, "").map_err(bad)?;
+            insert_dotted(&mut nested, &k, v, "", most_parts).map_err(bad)?;
         }
         let nested = Value::Object(nested);
         serde_path_to_error::deserialize::<_, Settings>(&nested).map_err(|e| {

@@ -158,6 +158,16 @@ fn a_key_of_many_parts_is_unknown_and_shown_cut_short() {
         assert!(e.message.contains(&format!("({parts} parts; no key has more than ")), "{e}");
         assert!(e.message.len() < 300, "{parts} parts: the message is {} bytes", e.message.len());
     }
+    // Inside a nested object too (it overflowed the stack there): the
+    // parts of the object's key count.
+    for parts in [5, 100_000] {
+        let key = vec!["a"; parts].join(".");
+        let e = parse(&format!(r#"{{"schema": 1, "compression": {{"{key}": 1}}}}"#)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{parts} parts: {e}");
+        assert!(e.message.contains("unknown key \"compression.a.a"), "{e}");
+        assert!(e.message.contains(&format!("({} parts; no key has more than ", parts + 1)), "{e}");
+        assert!(e.message.len() < 300, "{parts} parts: the message is {} bytes", e.message.len());
+    }
     // The same depth nested is refused by the JSON reader's own limit.
     let nested = format!(r#"{{"schema": 1, "compression": {}1{}}}"#, r#"{"a": "#.repeat(10_000), "}".repeat(10_000));
     assert_eq!(parse(&nested).unwrap_err().kind, ErrorKind::InvalidInput);
