@@ -194,6 +194,44 @@ fn a_child_whose_compressed_data_is_garbled_leaves_its_parent_as_it_was() {
     }
 }
 
+/// A child whose tables are damaged the way QEMU's iotests damage them (a
+/// data entry pointing at the child's own L1 or L2 table, two entries
+/// sharing one cluster) is refused, naming it, with every file as it was:
+/// the native merge checked the parent only, copied the table's bytes into
+/// the parent as guest data, and emptied the child, so the evidence was
+/// gone (`qemu-img commit` is refused the same pair by `qemu-img check`).
+#[test]
+fn a_child_whose_tables_are_damaged_leaves_its_parent_as_it_was() {
+    for seed in 0..6u64 {
+        let mut rng = Rng::new(0x7ab1e + seed);
+        let d = tempfile::tempdir().unwrap();
+        let (parent, child, _) = pair(d.path(), &mut rng, "", "");
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&child).unwrap();
+        let l1 = be64(&f, 40);
+        let l2 = be64(&f, l1) & 0x00ff_ffff_ffff_fe00;
+        // The child's data entries: (file offset of the entry, host offset).
+        let data: Vec<(u64, u64)> = (0..SIZE / CS)
+            .map(|g| l2_entry_at(&child, g))
+            .map(|at| (at, be64(&f, at)))
+            .filter(|(_, e)| e & (1 << 62) == 0 && e & 0x00ff_ffff_ffff_fe00 != 0)
+            .map(|(at, e)| (at, e & 0x00ff_ffff_ffff_fe00))
+            .collect();
+        assert!(data.len() >= 2, "seed {seed}: the child holds {} data clusters", data.len());
+        let (at, _) = data[rng.below(data.len() as u64) as usize];
+        let (what, to) = match seed % 3 {
+            0 => ("a data entry pointing at the child's L1 table", l1),
+            1 => ("a data entry pointing at the child's L2 table", l2),
+            _ => ("two data entries sharing a cluster", data.iter().find(|(a, _)| *a != at).unwrap().1),
+        };
+        f.write_all_at(&((1u64 << 63) | to).to_be_bytes(), at).unwrap();
+        drop(f);
+        let out = Command::new("qemu-img").args(["check", "-q"]).arg(&child).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "seed {seed}: qemu-img check finds {what} a corruption");
+        let what = format!("seed {seed}: {what}");
+        assert_refused(d.path(), &parent, &child, &what, ErrorKind::Corrupt, &child);
+    }
+}
+
 #[test]
 fn a_dirty_child_is_not_repaired_for_a_merge_its_parent_refuses() {
     let mut rng = Rng::new(0xd1e7);

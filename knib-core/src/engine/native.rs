@@ -212,12 +212,20 @@ fn merge(q: &QemuImg, top: &Path, path: DataPath, empty: bool, ctl: &Control) ->
 /// run; `None` (the reason logged) when it does not apply and
 /// `qemu-img commit` must do it. Either file marked dirty is repaired first
 /// ([`repair_dirty`]), so neither the native merge nor `qemu-img commit`
-/// ever allocates by stale refcounts. Errors: the files cannot be read, are
-/// corrupt (named in the message), or are in use.
+/// ever allocates by stale refcounts. The native merge guards the backing
+/// file it writes into itself; `top`, which it reads and then empties, is
+/// checked by `qemu-img check` as `qemu-img commit` has it checked
+/// ([`QemuImg::require_no_corruption`]): a data entry pointing at one of
+/// its tables, or two sharing a cluster, read well and were merged as guest
+/// data, and emptying the top removed the evidence. Errors: the files
+/// cannot be read, are corrupt (named in the message), or are in use.
 pub fn prepare_merge(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<Commit>> {
     repair_dirty(q, top, ctl)?;
     let why = match Commit::prepare(top) {
-        Ok(Ok(c)) => return Ok(Some(c)),
+        Ok(Ok(c)) => {
+            q.require_no_corruption(top, ctl)?;
+            return Ok(Some(c));
+        }
         Ok(Err(why)) => why,
         Err(e) if e.kind == crate::ErrorKind::InvalidInput => e.to_string(),
         Err(e) => return Err(e),
