@@ -63,7 +63,10 @@ impl Decompressor {
         }
     }
 
-    /// Decode the zstd frame at the start of `input` until `out` is full.
+    /// Decode the zstd frames at the start of `input` until `out` is full,
+    /// as QEMU decodes them: the frame filling `out` must end there (QEMU
+    /// fails a frame of more than a cluster), and a frame ending early is
+    /// followed by the next one.
     fn unzstd(&mut self, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
         use zstd::stream::raw::{DParameter, Decoder, Operation};
         if self.zstd.is_none() {
@@ -80,9 +83,12 @@ impl Decompressor {
             read += st.bytes_read;
             written += st.bytes_written;
             if written == out.len() {
+                if st.remaining != 0 {
+                    return Err(format!("zstd data decompresses to more than a cluster of {} bytes", out.len()));
+                }
                 return Ok(());
             }
-            if st.remaining == 0 {
+            if st.remaining == 0 && read == input.len() {
                 return Err(format!(
                     "zstd frame decompresses to {written} bytes, not a whole cluster of {}",
                     out.len()

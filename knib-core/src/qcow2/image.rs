@@ -433,6 +433,14 @@ impl Qcow2Image {
                     "L2 entry for guest cluster {index} has the zero flag, which version 2 images cannot have"
                 )));
             }
+            // A zero cluster may keep its allocation; QEMU refuses it at an
+            // unaligned offset, and so does knib (it read as zeros).
+            let kept = e & OFFSET_MASK;
+            if !kept.is_multiple_of(cs) {
+                return Err(self.corrupt(format!(
+                    "L2 entry for guest cluster {index}: zero cluster allocation offset {kept} is not cluster aligned"
+                )));
+            }
             return Ok(ClusterState::Zero);
         }
         let host_offset = e & OFFSET_MASK;

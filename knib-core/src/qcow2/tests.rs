@@ -339,6 +339,11 @@ fn table_entry_errors() {
     expect_err(entry(((cs / 2) & !511) | COPIED), ErrorKind::Corrupt, "not cluster aligned");
     assert_eq!(entry(host_offset | COPIED).unwrap(), ClusterState::Data { host_offset });
     assert_eq!(entry(host_offset | 1).unwrap(), ClusterState::Zero);
+    assert_eq!(entry(1).unwrap(), ClusterState::Zero);
+    // A zero cluster keeping an allocation at an unaligned offset: QEMU
+    // fails the read ("Cluster allocation offset ... unaligned"); it read
+    // as zeros.
+    expect_err(entry((host_offset + 512) | COPIED | 1), ErrorKind::Corrupt, "not cluster aligned");
     assert_eq!(entry(0).unwrap(), ClusterState::Unallocated);
     // Compressed: x = 62 - 8 = 54 offset bits, 8 bits of extra sectors.
     let compressed = |off: u64, extra: u64| (1u64 << 62) | (extra << 54) | off;
@@ -391,6 +396,17 @@ fn bad_compressed_data() {
     long.extend_from_slice(&[9u8; 5000]);
     let img = Builder::new(3, 16, 2 * cs as u64).with(1, Entry::Compressed(deflate(&long)));
     assert_eq!(read_all(&mut open(img.build()).unwrap()).unwrap()[cs..], pattern(6, cs)[..]);
+    // A zstd frame of more than a cluster is refused, as QEMU refuses it
+    // (the frame must end with the cluster); the rest was dropped.
+    let img =
+        Builder::new(3, 16, 2 * cs as u64).zstd().with(1, Entry::Compressed(zstd::bulk::compress(&long, 1).unwrap()));
+    expect_err(read_all(&mut open(img.build()).unwrap()), ErrorKind::Corrupt, "more than a cluster");
+    // A cluster in two zstd frames reads, as QEMU reads it.
+    let two = pattern(7, cs);
+    let mut frames = zstd::bulk::compress(&two[..cs / 4], 1).unwrap();
+    frames.extend(zstd::bulk::compress(&two[cs / 4..], 1).unwrap());
+    let img = Builder::new(3, 16, 2 * cs as u64).zstd().with(1, Entry::Compressed(frames));
+    assert_eq!(read_all(&mut open(img.build()).unwrap()).unwrap()[cs..], two[..]);
 }
 
 #[test]
