@@ -178,6 +178,15 @@ impl Manifest {
                     format!("{:?} is the name of the backup's manifest", v.file),
                 ));
             }
+            // Nor a name a compression writes beside a volume file (a
+            // compression of volume "a.qcow2" removed or renamed a volume
+            // file "a.qcow2.comp" as its own output).
+            if v.file.ends_with(".comp") {
+                return Err(bad(
+                    &format!("volumes[{i}].file"),
+                    format!("{:?} ends with \".comp\", the name of a compression's output", v.file),
+                ));
+            }
             if !files.insert(v.file.as_str()) {
                 return Err(bad(&format!("volumes[{i}].file"), format!("file {:?} is listed twice", v.file)));
             }
@@ -275,7 +284,8 @@ mod tests {
         assert!(e.message.contains("is larger than 16777216 bytes"), "{e}");
     }
 
-    /// A volume file named as the manifest, or named twice, is refused.
+    /// A volume file named as the manifest, or twice, or as a compression's
+    /// output, is refused.
     #[test]
     fn a_volume_file_named_as_the_manifest_or_twice_is_corrupt() {
         let vol = |name: &str, file: &str| serde_json::json!({"name": name, "file": file, "size": 1, "virtual_size": 1, "source": "/d", "backing": null});
@@ -287,6 +297,10 @@ mod tests {
             (
                 vec![vol("vda", "a.qcow2"), vol("vdb", "a.qcow2")],
                 "field `volumes[1].file`: file \"a.qcow2\" is listed twice",
+            ),
+            (
+                vec![vol("vda", "a.qcow2"), vol("vdb", "a.qcow2.comp")],
+                "field `volumes[1].file`: \"a.qcow2.comp\" ends with \".comp\", the name of a compression's output",
             ),
         ] {
             let mut m =

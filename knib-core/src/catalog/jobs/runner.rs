@@ -273,11 +273,16 @@ fn remove_comp_files(store: &Store, m: &Manifest) -> Result<()> {
 fn backup_gone(store: &Store, job: &Job) -> Option<String> {
     match store.find(&job.backup) {
         Ok(m) if m.removed => {
-            // Best effort: the backup is no longer shown, nothing else
-            // writes its files.
-            let _lock = store.lock_vm(&m.vm, &format!("cleanup of job {}", job.id));
-            if let Err(e) = remove_comp_files(store, &m) {
-                log::warn!("job {}: {e}", job.id);
+            // Best effort, under the VM's lock (taking it finishes any
+            // compression whose manifest names its `.comp` files): without
+            // it the files are left for a later cleanup.
+            match store.lock_vm(&m.vm, &format!("cleanup of job {}", job.id)) {
+                Ok(_lock) => {
+                    if let Err(e) = remove_comp_files(store, &m) {
+                        log::warn!("job {}: {e}", job.id);
+                    }
+                }
+                Err(e) => log::warn!("job {}: its .comp files are left for later: {e}", job.id),
             }
             Some(format!("backup {} was deleted", job.backup))
         }
