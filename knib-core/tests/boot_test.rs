@@ -411,12 +411,16 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
     let g = guest();
     let tmp = tempfile::tempdir().unwrap();
     let (store, good) = backed_up(tmp.path(), &g.disk, false);
+    // The kernel and initrd are files of the store, named relative to it.
+    std::fs::create_dir(store.root().join("boot")).unwrap();
+    std::fs::copy(&g.kernel, store.root().join("boot/vmlinuz")).unwrap();
+    std::fs::copy(&g.initrd, store.root().join("boot/initrd")).unwrap();
     let settings = |timeout: u64| {
         serde_json::json!({
             "schema": 1,
             "validation.boot": true,
-            "validation.kernel": g.kernel,
-            "validation.initrd": g.initrd,
+            "validation.kernel": "boot/vmlinuz",
+            "validation.initrd": "boot/initrd",
             "validation.cmdline": g.cmdline,
             "validation.memory_mib": 256,
             "validation.boot_timeout_secs": timeout,
@@ -426,6 +430,20 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
         })
         .to_string()
     };
+    // An initrd that is a link out of the store (to a host file the guest
+    // would read) is refused before anything boots.
+    let mut linked: serde_json::Value = serde_json::from_str(&settings(BOOT_TIMEOUT_SECS)).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", store.root().join("boot/host-file")).unwrap();
+    linked["validation.initrd"] = "boot/host-file".into();
+    std::fs::write(store.root().join("knib.json"), linked.to_string()).unwrap();
+    let job = store.queue_validation(&good.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    let why = j.last_error.clone().unwrap();
+    assert!(why.contains("validation.initrd") && why.contains("boot/host-file"), "{why}");
+    assert!(j.result.as_ref().is_none_or(|r| r.get("boot").is_none_or(|b| b.is_null())), "{j:?}");
+
     std::fs::write(store.root().join("knib.json"), settings(BOOT_TIMEOUT_SECS)).unwrap();
     let job = store.queue_validation(&good.id).unwrap();
     let summary = run_jobs(&store, &RunOptions::default()).unwrap();

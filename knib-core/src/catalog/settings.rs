@@ -21,8 +21,8 @@
 //! | `validation.retry_interval_secs` | | `3600` |
 //! | `validation.timeout_secs` | (one validation job; 0 = no limit) | `3600` |
 //! | `validation.boot` | (boot test in validation jobs) | `false` |
-//! | `validation.connect` | libvirt URI of the boot test | `"qemu:///system"` |
-//! | `validation.kernel`, `validation.initrd`, `validation.cmdline` | boot a kernel directly (else the first disk through the firmware) | none |
+//! | `validation.connect` | libvirt URI of the boot test: local QEMU only (`qemu:///system`, `qemu:///session`, `qemu+unix:///...`) | `"qemu:///system"` |
+//! | `validation.kernel`, `validation.initrd`, `validation.cmdline` | boot a kernel directly (else the first disk through the firmware); kernel and initrd are files of the store, relative to it | none |
 //! | `validation.memory_mib` | guest memory | `512` |
 //! | `validation.boot_timeout_secs` | wait for `guest-sync` | `300` |
 //! | `validation.screenshot` | save a PNG screenshot (`STORE/jobs/<job>.png`) | `true` |
@@ -264,13 +264,18 @@ pub struct ValidationSettings {
     pub timeout_secs: u64,
     /// Boot the backup in a throwaway domain.
     pub boot: bool,
-    /// The libvirt URI of the boot test.
+    /// The libvirt URI of the boot test: a local QEMU one (a store's file
+    /// picks no remote host, nor a transport that runs a program, such as
+    /// `qemu+ext:///system?command=...`).
+    #[serde(deserialize_with = "local_qemu_uri")]
     pub connect: String,
-    /// A kernel to boot directly.
-    #[serde(deserialize_with = "absolute_path", skip_serializing_if = "Option::is_none")]
+    /// A kernel to boot directly: a file of the store, relative to it (a
+    /// store's file names no host file; the boot test copies it out of the
+    /// store without following links).
+    #[serde(deserialize_with = "store_path", skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
-    /// Its initrd.
-    #[serde(deserialize_with = "absolute_path", skip_serializing_if = "Option::is_none")]
+    /// Its initrd, the same way.
+    #[serde(deserialize_with = "store_path", skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
     /// Its command line.
     #[serde(deserialize_with = "some", skip_serializing_if = "Option::is_none")]
@@ -455,12 +460,34 @@ fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> De<Option<T>, D
     T::deserialize(d).map(Some)
 }
 
-fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> De<Option<PathBuf>, D::Error> {
+fn store_path<'de, D: Deserializer<'de>>(d: D) -> De<Option<PathBuf>, D::Error> {
     let p = PathBuf::deserialize(d)?;
-    if !p.is_absolute() {
-        return Err(D::Error::custom(format!("must be an absolute path, not {:?}", p.display().to_string())));
+    if p.as_os_str().is_empty() || !p.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+        return Err(D::Error::custom(format!(
+            "must be a path inside the store, relative to it (no leading /, no . or ..), not {:?}",
+            p.display().to_string()
+        )));
     }
     Ok(Some(p))
+}
+
+/// Whether `uri` is a libvirt URI of the local QEMU driver: `qemu` or
+/// `qemu+unix`, no host, path `/system` or `/session`, no parameters.
+pub(crate) fn is_local_qemu_uri(uri: &str) -> bool {
+    let Some(rest) = uri.strip_prefix("qemu:///").or_else(|| uri.strip_prefix("qemu+unix:///")) else {
+        return false;
+    };
+    matches!(rest, "system" | "session")
+}
+
+fn local_qemu_uri<'de, D: Deserializer<'de>>(d: D) -> De<String, D::Error> {
+    let uri = String::deserialize(d)?;
+    if !is_local_qemu_uri(&uri) {
+        return Err(D::Error::custom(format!(
+            "must be a local QEMU URI (qemu:///system, qemu:///session, or the same with qemu+unix), not {uri:?}: a store's settings pick no remote host and no transport that runs a program"
+        )));
+    }
+    Ok(uri)
 }
 
 fn guest_command<'de, D: Deserializer<'de>>(d: D) -> De<Vec<String>, D::Error> {

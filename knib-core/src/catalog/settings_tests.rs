@@ -65,12 +65,12 @@ fn flat_and_nested_keys_and_round_trip() {
         assert!(e.message.contains(key) && e.message.contains("must be at most 1000000 MB/s"), "{e}");
     }
     let v = parse(
-        r#"{"schema": 1, "validation": {"boot": true, "kernel": "/boot/vmlinuz", "command": ["/bin/uname", "-s"],
+        r#"{"schema": 1, "validation": {"boot": true, "kernel": "boot/vmlinuz", "command": ["/bin/uname", "-s"],
             "expect_output": "Linux", "max_concurrent_per_host": 2, "domain_type": "qemu"}}"#,
     )
     .unwrap();
     assert!(v.validation.boot);
-    assert_eq!(v.validation.kernel.as_deref(), Some(Path::new("/boot/vmlinuz")));
+    assert_eq!(v.validation.kernel.as_deref(), Some(Path::new("boot/vmlinuz")));
     assert_eq!(v.validation.command, ["/bin/uname", "-s"]);
     assert_eq!(v.validation.max_concurrent_per_host, 2);
     assert_eq!(parse(&v.to_json().to_string()).unwrap(), v);
@@ -105,7 +105,18 @@ fn bad_settings_name_the_key() {
         (r#"{"schema": 1, "compression.library": "lz4"}"#, "compression.library"),
         (r#"{"schema": 1, "compression.timeout_secs": 1.5}"#, "compression.timeout_secs"),
         (r#"{"schema": 1, "validation.command": ["uname"]}"#, "validation.command"),
-        (r#"{"schema": 1, "validation.kernel": "vmlinuz"}"#, "validation.kernel"),
+        (r#"{"schema": 1, "validation.kernel": "/boot/vmlinuz"}"#, "validation.kernel"),
+        (r#"{"schema": 1, "validation.initrd": "/etc/shadow"}"#, "must be a path inside the store"),
+        (r#"{"schema": 1, "validation.kernel": "../boot/vmlinuz"}"#, "must be a path inside the store"),
+        (r#"{"schema": 1, "validation.kernel": ""}"#, "must be a path inside the store"),
+        (
+            r#"{"schema": 1, "validation.connect": "qemu+ext:///system?command=/store/x.sh"}"#,
+            "must be a local QEMU URI",
+        ),
+        (r#"{"schema": 1, "validation.connect": "qemu+ssh://host/system"}"#, "validation.connect"),
+        (r#"{"schema": 1, "validation.connect": "qemu:///system?socket=/tmp/s"}"#, "validation.connect"),
+        (r#"{"schema": 1, "validation.connect": "qemu://host/system"}"#, "validation.connect"),
+        (r#"{"schema": 1, "validation.connect": "xen:///system"}"#, "validation.connect"),
         (r#"{"schema": 1, "validation.domain_type": "xen"}"#, "validation.domain_type"),
         (r#"{"schema": 1, "validation": {"boot": "yes"}}"#, "validation.boot"),
         (r#"{"schema": 1, "knib.data.path": "qemu"}"#, "knib.data.path"),
@@ -135,7 +146,7 @@ fn bad_settings_name_the_key() {
 #[test]
 fn every_key_of_the_table_is_read_and_written() {
     let s = parse(
-        r#"{"schema": 1, "validation": {"kernel": "/k", "initrd": "/i", "cmdline": "c", "command": ["/bin/true"],
+        r#"{"schema": 1, "validation": {"kernel": "k", "initrd": "b/i", "connect": "qemu+unix:///session", "cmdline": "c", "command": ["/bin/true"],
             "expect_exit": 0, "expect_output": "", "domain_type": "kvm", "max_write_mib": 2048}, "sync.vault": "s3://b12/p"}"#,
     )
     .unwrap();

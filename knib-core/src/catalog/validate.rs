@@ -37,7 +37,39 @@ fn is_target(name: &str) -> bool {
     matches!(p, "vd" | "sd" | "hd") && !rest.is_empty() && rest.chars().all(|c| c.is_ascii_lowercase())
 }
 
+/// The most bytes a boot test's kernel or initrd may have.
+#[cfg(feature = "libvirt")]
+const MAX_BOOT_FILE: u64 = 1 << 30;
+
 impl Store {
+    /// The store's file `rel` (a boot test's kernel or initrd, as the
+    /// store's settings name it) copied into `work_dir` as `what`, opened
+    /// without following a link and never outside the store: QEMU boots
+    /// the copy (it would follow a link swapped in meanwhile).
+    #[cfg(feature = "libvirt")]
+    fn boot_file_copy(&self, rel: &Path, work_dir: &Path, what: &str) -> Result<PathBuf> {
+        use super::confine::{self, Want};
+        let origin = format!("validation.{what}");
+        let src = confine::open(self.root(), rel, Want::File, &origin)?;
+        let path = self.root().join(rel);
+        let len = src.metadata().map_err(|e| KnibError::io("cannot stat", &path, e))?.len();
+        if len > MAX_BOOT_FILE {
+            return Err(KnibError::invalid(format!(
+                "{origin} {} has {len} bytes, more than a boot test's {what} may have ({MAX_BOOT_FILE})",
+                path.display()
+            )));
+        }
+        let dest = work_dir.join(what);
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dest)
+            .map_err(|e| KnibError::io("cannot create", &dest, e))?;
+        std::io::copy(&mut std::io::Read::take(&src, MAX_BOOT_FILE), &mut out)
+            .map_err(|e| KnibError::io("cannot copy", &path, e))?;
+        Ok(dest)
+    }
+
     /// The disks of backup `m` for a boot test, in the manifest's order:
     /// (guest target, top file of the volume's chain). A volume named like
     /// a target keeps its name; others become `vda`, `vdb`, … by position.
@@ -83,11 +115,23 @@ impl Store {
                     expect_exit: settings.expect_exit,
                     expect_output: settings.expect_output.clone(),
                 });
+                std::fs::create_dir_all(work_dir).map_err(|e| KnibError::io("cannot create", work_dir, e))?;
+                let copy = |rel: &Option<PathBuf>, what: &str| match rel {
+                    Some(rel) => self.boot_file_copy(rel, work_dir, what).map(Some),
+                    None => Ok(None),
+                };
+                let (kernel, initrd) = match (copy(&settings.kernel, "kernel"), copy(&settings.initrd, "initrd")) {
+                    (Ok(k), Ok(i)) => (k, i),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = std::fs::remove_dir_all(work_dir);
+                        return Err(e);
+                    }
+                };
                 let req = BootTestRequest {
                     backup_files: self.boot_files(&m)?,
                     work_dir: work_dir.to_path_buf(),
-                    kernel: settings.kernel.clone(),
-                    initrd: settings.initrd.clone(),
+                    kernel,
+                    initrd,
                     cmdline: settings.cmdline.clone(),
                     memory_mib: settings.memory_mib,
                     boot_timeout_secs: settings.boot_timeout_secs,
@@ -97,8 +141,23 @@ impl Store {
                     max_write_bytes: settings.max_write_mib.map(|m| m << 20),
                     timing: Default::default(),
                 };
-                std::fs::create_dir_all(work_dir).map_err(|e| KnibError::io("cannot create", work_dir, e))?;
-                let hv = crate::libvirt::Hypervisor::open(&settings.connect)?;
+                // Checked when the settings were read; checked again here,
+                // as settings may be built in code.
+                if !super::settings::is_local_qemu_uri(&settings.connect) {
+                    let _ = std::fs::remove_dir_all(work_dir);
+                    return Err(KnibError::invalid(format!(
+                        "validation.connect {:?} is not a local QEMU URI",
+                        settings.connect
+                    )));
+                }
+                let hv = crate::libvirt::Hypervisor::open(&settings.connect);
+                let hv = match hv {
+                    Ok(hv) => hv,
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(work_dir);
+                        return Err(e);
+                    }
+                };
                 let report = boot_test(&hv, &req, ctl);
                 let _ = std::fs::remove_dir_all(work_dir);
                 let report = report?;
