@@ -675,6 +675,70 @@ fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
     store.delete(&b3.id).unwrap();
 }
 
+/// A bind mount, unmounted on drop.
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    /// `None` where nothing can be mounted (no privilege).
+    fn new(from: &std::path::Path, at: &std::path::Path) -> Option<BindMount> {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount").arg("--bind").arg(from).arg(at).status().ok()?;
+        st.success().then(|| BindMount(at.to_path_buf()))
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A quick restore made through another path to the store (a bind mount,
+/// as another host or a container mounts it) keeps its backup: the
+/// overlay's backing file was compared by path, so a delete through the
+/// store's own path took the record for stale, removed it and deleted
+/// the backup the disk reads. An overlay of another host (the record
+/// names it) is never taken for stale: it cannot be looked at from here.
+#[test]
+fn a_quick_restore_made_through_another_path_or_on_another_host_keeps_its_backup() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let root = sdir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x41 0 1M");
+    let b1 = store.backup("vmb", &vm.disks, &opts(8), &Control::new()).unwrap();
+    let Some(mount) = BindMount::new(&root, &sdir.path().join("mounted")) else {
+        eprintln!("skipped: no bind mount can be made here");
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let overlay = out.path().join("root-b1.qcow2");
+    Store::open(&mount.0).unwrap().quick_restore_overlay(&b1.id, "root", &overlay, &Control::new()).unwrap();
+    let e = store.delete(&b1.id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&overlay.display().to_string()), "{e}");
+    assert_check_clean(&overlay);
+    drop(mount);
+
+    // The record says another host made it: its overlay gone from here
+    // does not make it stale.
+    let rec = std::fs::read_dir(root.join("pins")).unwrap().next().unwrap().unwrap().path();
+    let mut r: serde_json::Value = serde_json::from_slice(&std::fs::read(&rec).unwrap()).unwrap();
+    assert!(r["host"].is_string(), "the record names its host: {r}");
+    r["host"] = "another-host.example".into();
+    std::fs::write(&rec, r.to_string()).unwrap();
+    std::fs::remove_file(&overlay).unwrap();
+    let e = store.delete(&b1.id).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(rec.exists(), "another host's record is kept");
+    // Back to this host's name: the overlay is gone, the record stale.
+    let here = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    r["host"] = here.trim().into();
+    std::fs::write(&rec, r.to_string()).unwrap();
+    store.delete(&b1.id).unwrap();
+    assert!(!rec.exists());
+}
+
 /// A quick restore's overlay is made and recorded under the backup's VM
 /// lock: while another operation holds the VM (a delete that would remove
 /// the files the overlay reads), it is busy and makes nothing.

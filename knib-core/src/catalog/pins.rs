@@ -10,9 +10,12 @@
 //!   is refused (busy, naming the overlay), and a removed ancestor reached
 //!   by a delete's cascade is kept.
 //! - A record is live while its overlay exists and its backing file is
-//!   one of the backup's volume files; otherwise (the overlay removed, or
-//!   consolidated so that it reads the backup no more) it is stale and
-//!   removed by the delete that finds it.
+//!   one of the backup's volume files (the same file, by device and
+//!   inode, whatever path reaches the store), or while it cannot be told:
+//!   the overlay is on another host (the record names the host that made
+//!   it), or its backing file is not found from here. Otherwise (the
+//!   overlay removed, or consolidated so that it reads the backup no more)
+//!   it is stale and removed by the delete that finds it.
 //! - A record is store content, so hostile input: it is read without
 //!   following links, capped, and must name the backup it is filed under;
 //!   the overlay it names must be an absolute path, is only opened (when
@@ -39,6 +42,11 @@ struct Pin {
     backup: String,
     volume: String,
     overlay: PathBuf,
+    /// The host that made the overlay (records without it are this
+    /// host's): another host's overlay cannot be looked at from here, so
+    /// its record is always live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
 }
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -54,7 +62,8 @@ impl Store {
         let overlay = fs::canonicalize(overlay).map_err(|e| KnibError::io("cannot resolve", overlay, e))?;
         let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let name = format!("{}.{ns:x}-{}-{}.json", m.id, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
-        let pin = Pin { vm: m.vm.clone(), backup: m.id.clone(), volume: volume.to_string(), overlay };
+        let host = Some(super::jobs::ownership::hostname());
+        let pin = Pin { vm: m.vm.clone(), backup: m.id.clone(), volume: volume.to_string(), overlay, host };
         let text =
             serde_json::to_vec_pretty(&pin).map_err(|e| KnibError::internal(format!("quick-restore record: {e}")))?;
         fsio::write_atomic(&self.root.join(Self::pins_rel()).join(name), &text)
@@ -70,15 +79,8 @@ impl Store {
             Err(e) => return Err(KnibError::io("cannot list", &dir, e)),
         };
         let prefix = format!("{}.", m.id);
-        let mut files = Vec::new();
-        for v in &m.volumes {
-            if let Ok(f) = self
-                .volume_file(m, &v.name)
-                .and_then(|f| fs::canonicalize(&f).map_err(|e| KnibError::io("cannot resolve", &f, e)))
-            {
-                files.push(f);
-            }
-        }
+        let files: Vec<PathBuf> = m.volumes.iter().filter_map(|v| self.volume_file(m, &v.name).ok()).collect();
+        let here = super::jobs::ownership::hostname();
         let mut live = Vec::new();
         for e in entries {
             let e = e.map_err(|e| KnibError::io("cannot list", &dir, e))?;
@@ -108,6 +110,16 @@ impl Store {
                     m.id,
                     m.vm
                 )));
+            }
+            if let Some(host) = pin.host.as_deref().filter(|h| *h != here) {
+                log::info!(
+                    "quick-restore record {}: overlay {} is on host {host}, not looked at from {here}; counted as still reading backup {}",
+                    path.display(),
+                    pin.overlay.display(),
+                    m.id
+                );
+                live.push(pin.overlay);
+                continue;
             }
             if reads_one_of(&pin.overlay, &files)? {
                 live.push(pin.overlay);
@@ -141,7 +153,8 @@ impl Store {
 }
 
 /// Whether the qcow2 file `overlay` exists and its backing file is one of
-/// `files` (canonical paths).
+/// `files`, compared as files (device and inode: the store reached by
+/// another path, a bind mount, is the same store).
 ///
 /// Only a regular file or a block device is opened: a FIFO there would
 /// make the delete wait forever with the VM locked, and a device may act
@@ -172,5 +185,15 @@ fn reads_one_of(overlay: &Path, files: &[PathBuf]) -> Result<bool> {
     let Some(b) = img.header().backing_file.clone() else { return Ok(false) };
     let b = Path::new(&b);
     let b = if b.is_absolute() { b.to_path_buf() } else { fsio::parent_dir(overlay).join(b) };
-    Ok(fs::canonicalize(&b).is_ok_and(|b| files.contains(&b)))
+    if fs::metadata(&b).is_err() {
+        // Not found from here (the overlay names the store by a path this
+        // host does not have): it cannot be told apart, so it is kept.
+        log::warn!(
+            "quick-restore overlay {}: its backing file {} is not found from here; counted as still reading its backup",
+            overlay.display(),
+            b.display()
+        );
+        return Ok(true);
+    }
+    Ok(files.iter().any(|f| fsio::same_file(&b, f)))
 }

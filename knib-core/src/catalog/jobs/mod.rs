@@ -102,7 +102,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 mod model;
-mod ownership;
+pub(crate) mod ownership;
 mod queue;
 mod runner;
 
