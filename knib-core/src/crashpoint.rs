@@ -17,6 +17,11 @@
 //!
 //! Release builds ignore these variables: the hook compiles to nothing.
 //!
+//! Tests in the same process use the functions (debug builds only too):
+//! [`pause_before`] puts time before a durable step or a [`pause_point`]
+//! ([`wait_for_pause`] sees it begin), and [`panic_before`] makes one panic
+//! (how a test meets a bug on a given thread at a given step).
+//!
 //! Steps taken on a helper thread (the native merge into a knib base while a
 //! plain disk is copied) are not counted, so the numbering is the same from
 //! run to run; such a merge never changes what the disk reads, and crashes
@@ -81,6 +86,17 @@ pub fn pause_before(what_contains: &str, pause: std::time::Duration) {
     let _ = (what_contains, pause);
 }
 
+/// Make the first durable step or [`pause_point`] whose name contains
+/// `what_contains` panic right before it is taken, once (debug builds only;
+/// release builds ignore it): how a test sees what a panic (a bug) on the
+/// thread that takes that step does to the operation around it.
+pub fn panic_before(what_contains: &str) {
+    #[cfg(debug_assertions)]
+    panics().lock().unwrap_or_else(|p| p.into_inner()).push(what_contains.to_string());
+    #[cfg(not(debug_assertions))]
+    let _ = what_contains;
+}
+
 /// A point between two steps that is not durable (not counted for
 /// [`CRASH_ENV`]), where a test can still put time with [`pause_before`]
 /// (debug builds only): how a test lets another operation run in between.
@@ -100,7 +116,28 @@ fn pauses() -> &'static std::sync::Mutex<Vec<(String, std::time::Duration)>> {
 }
 
 #[cfg(debug_assertions)]
+fn panics() -> &'static std::sync::Mutex<Vec<String>> {
+    static PANICS: std::sync::OnceLock<std::sync::Mutex<Vec<String>>> = std::sync::OnceLock::new();
+    PANICS.get_or_init(Default::default)
+}
+
+/// A pause of [`pause_before`], then a panic of [`panic_before`], when
+/// asked for at `what`.
+#[cfg(debug_assertions)]
 fn pause_if_asked(what: &str) {
+    pause_only_if_asked(what);
+    let panic = {
+        let mut p = panics().lock().unwrap_or_else(|p| p.into_inner());
+        p.iter().position(|w| what.contains(w.as_str())).map(|i| p.remove(i))
+    };
+    if panic.is_some() {
+        log::debug!("panicking before step: {what}");
+        panic!("a test asked for a panic before step: {what}");
+    }
+}
+
+#[cfg(debug_assertions)]
+fn pause_only_if_asked(what: &str) {
     let found = {
         let mut p = pauses().lock().unwrap_or_else(|p| p.into_inner());
         p.iter().position(|(w, _)| what.contains(w.as_str())).map(|i| p.remove(i).1)

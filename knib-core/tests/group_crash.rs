@@ -17,7 +17,7 @@ use std::process::Command;
 use common::model::Model;
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::catalog::Store;
-use knib_core::crashpoint::{CRASH_ENV, NOTE_ENV};
+use knib_core::crashpoint::{CRASH_BEFORE_ENV, CRASH_ENV, NOTE_ENV};
 use knib_core::qemu_img::ImageFormat;
 use knib_core::Control;
 use serde_json::{json, Value};
@@ -167,5 +167,78 @@ fn a_group_backup_killed_at_every_step_is_recovered() {
     for r in &restored {
         let k = vms.iter().position(|v| v.name() == r.vm).unwrap();
         models[k].assert_restored(&r.volume, models[k].writes.len(), &r.path, Path::new(dir.path()));
+    }
+}
+
+/// A group backup killed after its record was written and before its
+/// journal was removed (the child stopped before that removal), one
+/// member's backup then deleted (as retention would), then `group.recover`:
+/// with "rollback" and with "keep" the record is left as it was, the other
+/// member's backup is kept, and the journal is gone. Before, recovery
+/// replayed the journal of the finished group: with "rollback" it deleted
+/// the other member's backup, with "keep" it rewrote the record.
+#[test]
+fn a_group_killed_after_its_record_is_written_is_left_as_recorded() {
+    if std::env::var(CHILD_ENV).is_ok() || skip_without_libvirt("group crash after the record") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    let opts = TestVmOptions { persistent: false, running: true, agent_channel: false };
+    let vms = [
+        TestVm::create("knib-gfinished-a", &DISKS, dir.path(), opts),
+        TestVm::create("knib-gfinished-b", &DISKS, dir.path(), opts),
+    ];
+    let groups = root.join("groups");
+    let dotfiles = || -> Vec<String> {
+        std::fs::read_dir(&groups)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    };
+    for on_failure in ["rollback", "keep"] {
+        let req = json!({
+            "store": root,
+            "members": [{"domain": vms[0].name()}, {"domain": vms[1].name()}],
+            "on_failure": on_failure,
+        });
+        let note = dir.path().join("note");
+        let _ = std::fs::remove_file(&note);
+        // The first removal of a group's file named `.group-…` in a group
+        // backup that succeeds: its journal's, right after its record.
+        let at = format!("remove {}", groups.join(".group-").display());
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "child_group_backup", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, req.to_string())
+            .env(CRASH_BEFORE_ENV, &at)
+            .env(NOTE_ENV, &note)
+            .output()
+            .unwrap();
+        let step = std::fs::read_to_string(&note).unwrap_or_default();
+        assert!(
+            !out.status.success() && step.trim_end().ends_with(".journal.json"),
+            "{on_failure}: the child was not stopped before removing the journal ({step:?}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let journal = dotfiles().into_iter().find(|n| n.ends_with(".journal.json")).expect("the journal is left");
+        let id = journal.strip_prefix('.').unwrap().strip_suffix(".journal.json").unwrap().to_string();
+        let record = groups.join(format!("{id}.json"));
+        let text = std::fs::read(&record).expect("the record is written");
+        let rec = store.group(&id).unwrap();
+        assert_eq!(rec.state, "complete", "{on_failure}: {rec:#?}");
+        let ids: Vec<String> = rec.members.iter().map(|m| m.backup.clone().unwrap()).collect();
+        // One member's backup deleted, as retention deletes it.
+        store.delete(&ids[0]).unwrap();
+        let recovered = call("group.recover", &json!({"store": root}));
+        assert_eq!(recovered, json!([]), "{on_failure}: a finished group was recovered again");
+        assert_eq!(std::fs::read(&record).unwrap(), text, "{on_failure}: the record was rewritten");
+        store.show(&ids[1]).unwrap_or_else(|e| panic!("{on_failure}: the other member's backup was deleted: {e}"));
+        assert_eq!(store.show(&ids[0]).unwrap_err().kind, knib_core::ErrorKind::NotFound);
+        assert!(dotfiles().is_empty(), "{on_failure}: {:?} left", dotfiles());
+        for vm in &vms {
+            assert_consistent(vm, on_failure);
+        }
     }
 }

@@ -49,7 +49,10 @@
 //!   each member domain is recovered ([`Store::recover_domain`]), then the
 //!   record says which members' backups exist; with `"rollback"`, a group
 //!   not all of whose members were published has the published ones
-//!   deleted (chain-safely) instead.
+//!   deleted (chain-safely) instead. A group whose record was written
+//!   before the crash (its journal not yet removed) finished: only its
+//!   journal is removed, its record and its members' backups are left as
+//!   they are (some may have been deleted since).
 //! - Everything read back (records, journals) is untrusted: unknown keys are
 //!   refused, every name is checked, a record must sit at its own id.
 

@@ -88,8 +88,26 @@ impl Store {
                 log::info!("group {id} is running (its lock is held); it is left alone");
                 continue;
             };
+            // A record of the group (valid, at its own id) means it
+            // finished: the crash came before its journal was removed. The
+            // journal is only removed then; replaying it would judge the
+            // members' backups again (one deleted since, by retention or a
+            // delete, made "rollback" delete the others, and "keep"
+            // rewrite the record).
+            let record_rel = Path::new("groups").join(format!("{id}.json"));
+            let finished = match self.load_group(&record_rel, &id) {
+                Ok(r) => r.is_some(),
+                Err(e) => {
+                    log::warn!("group {id}: its record cannot be used ({e}); it is recovered from its journal");
+                    false
+                }
+            };
             let journal_rel = Path::new("groups").join(format!(".{id}.journal.json"));
-            if let Some(r) = self.load_group(&journal_rel, &id)? {
+            if finished {
+                log::info!(
+                    "group {id} finished (its record is written); its journal is removed, its record and backups are left as they are"
+                );
+            } else if let Some(r) = self.load_group(&journal_rel, &id)? {
                 if let Some(r) = self.recover_group(r, connect, ctl)? {
                     out.push(r);
                 }

@@ -51,6 +51,14 @@ fn on_each<T: Send>(vms: &[&Vm], f: impl Fn(&Vm) -> T + Sync, panicked: impl Fn(
     })
 }
 
+/// The message of a panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// The group's timing and each member's snapshot instant and quiescing,
 /// into its record (`snaps`: the members' snapshot instants, in order).
 fn stamp(record: &mut GroupRecord, snaps: &[SystemTime], freeze_to_thaw: Option<Duration>, frozen: &[bool]) {
@@ -186,7 +194,17 @@ impl Store {
                     let (gate, vm, bid, member_opts) = (&gate, vms[i].as_ref(), ids[i].as_str(), &member_opts);
                     s.spawn(move || {
                         let mctl = Control::new().with_deadline(ctl.deadline).with_cancel(ctl.cancel.clone());
-                        let r = match (vm, m) {
+                        let name = m.name().expect("checked");
+                        // Where a member waits with its copies written (a
+                        // point where a test can act).
+                        let written_point = || {
+                            crate::crashpoint::pause_point(&format!("group member {name}: written, waiting to publish"))
+                        };
+                        // A member that panics is failed like one that
+                        // errs: the group aborts or finishes (before, the
+                        // coordinator waited for it forever, and its copy
+                        // slot was never given back).
+                        let body = || match (vm, m) {
                             (Some(vm), _) => self.backup_domain_with(
                                 vm,
                                 member_opts,
@@ -206,6 +224,7 @@ impl Store {
                                         gate.give_slot(i);
                                         if rollback {
                                             gate.update(|st| st.written[i] = true);
+                                            written_point();
                                             gate.member_wait(i, &mctl, &[Phase::Publish])?;
                                         }
                                         Ok(())
@@ -240,6 +259,7 @@ impl Store {
                                         gate.give_slot(i);
                                         if rollback {
                                             gate.update(|st| st.written[i] = true);
+                                            written_point();
                                             gate.member_wait(i, &mctl, &[Phase::Publish])?;
                                         }
                                         Ok(())
@@ -248,6 +268,17 @@ impl Store {
                                 )
                             })(),
                         };
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
+                            let what = panic_message(p.as_ref());
+                            log::error!(
+                                "group {}: the backup of VM {name} panicked: {what}",
+                                member_opts.group.as_deref().unwrap_or("?")
+                            );
+                            // What it left is not known: its VM is for
+                            // `recover`.
+                            Err(KnibError::internal(format!("the backup of VM {name} panicked: {what}"))
+                                .with_vm_consistent(false))
+                        });
                         gate.give_slot(i);
                         gate.update(|st| {
                             st.done[i] = true;
@@ -339,12 +370,16 @@ impl Store {
                     gate.update(|st| st.phase = Phase::Copy);
                     ctl.report("group backup: copying", 30.0);
                     if rollback {
-                        let _ =
+                        let written =
                             gate.wait(ctl, |st| st.failed.iter().any(Option::is_some) || st.written.iter().all(|w| *w));
                         let why = first_failure(&gate.lock());
-                        match why {
-                            Some(w) => gate.abort(w),
-                            None => gate.update(|st| st.phase = Phase::Publish),
+                        // A cancel or the time budget ending while members
+                        // copy aborts the group (`wait` set `Abort`): no
+                        // member may publish then, though none failed yet.
+                        match (why, written) {
+                            (Some(w), _) => gate.abort(w),
+                            (None, Err(e)) => gate.abort(e.message),
+                            (None, Ok(())) => gate.update(|st| st.phase = Phase::Publish),
                         }
                     }
                 }
