@@ -642,13 +642,13 @@ fn the_refcount_check_keeps_nothing_per_entry() {
     // Consistent: QEMU agrees.
     one_cluster_everywhere(&path, false);
     assert!(check_clean(&path), "qemu-img check of the crafted image");
-    let r = knib_core::qcow2::Qcow2Image::open(&path).unwrap().check_refcounts().unwrap();
+    let r = knib_core::qcow2::Qcow2Image::open(&path).unwrap().check_refcounts(&knib_core::Control::new()).unwrap();
     assert!(r.is_clean(), "{r:?}");
     assert_eq!(r.allocated_clusters, 6);
     // Every L1 and L2 entry has the copied flag its refcount denies: each
     // is counted, the first listed.
     one_cluster_everywhere(&path, true);
-    let r = knib_core::qcow2::Qcow2Image::open(&path).unwrap().check_refcounts().unwrap();
+    let r = knib_core::qcow2::Qcow2Image::open(&path).unwrap().check_refcounts(&knib_core::Control::new()).unwrap();
     assert_eq!((r.leaks, r.corruptions), (0, 2048 + (1 << 24)));
     assert_eq!(r.problems.len(), 20);
     assert_eq!(r.problems[0], "L1 entry 0: copied flag true but refcount 2048");

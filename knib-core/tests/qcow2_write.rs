@@ -132,7 +132,7 @@ fn assert_clean(img: &Path) {
         assert_eq!(v.get(k).and_then(|x| x.as_u64()).unwrap_or(0), 0, "{}: {k}: {text}", img.display());
     }
     assert!(ok, "qemu-img check {}: {text}", img.display());
-    let r = Qcow2Image::open(img).unwrap().check_refcounts().unwrap();
+    let r = Qcow2Image::open(img).unwrap().check_refcounts(&knib_core::Control::new()).unwrap();
     assert!(r.is_clean(), "{}: {r:?}", img.display());
 }
 
@@ -307,7 +307,7 @@ fn images_qemu_img_writes_read_natively_as_qemu_reads_them() {
             a.extend([p(top), p(&out)]);
             qemu_img(&a);
             assert_reads_like_qemu(&out);
-            let r = Qcow2Image::open(&out).unwrap().check_refcounts().unwrap();
+            let r = Qcow2Image::open(&out).unwrap().check_refcounts(&knib_core::Control::new()).unwrap();
             assert!(r.is_clean(), "{name}: our check of a qemu-img image: {r:?}");
         }
         // A delta written by qemu-img with -B on the chain below the top.

@@ -152,7 +152,7 @@ pub fn compress_verified(
             let native_header = match opts.data_path {
                 DataPath::Native => {
                     let mut img = Qcow2Image::open(f).map_err(|e| verify::explain_failure(e, &want, ctl))?;
-                    refuse_damaged(&mut img, f)?;
+                    refuse_damaged(&mut img, f, ctl)?;
                     Some(img.header().clone()).filter(|h| h.version >= 3)
                 }
                 DataPath::QemuImg => None,
@@ -268,15 +268,17 @@ pub fn compress_verified(
 /// whether to repair it or take a new backup is the operator's call).
 /// Leaks pass, and so does an image whose refcounts knib does not check
 /// (internal snapshots).
-fn refuse_damaged(img: &mut Qcow2Image, f: &Path) -> Result<()> {
-    match img.check_refcounts() {
+fn refuse_damaged(img: &mut Qcow2Image, f: &Path, ctl: &Control) -> Result<()> {
+    match img.check_refcounts(ctl) {
         Ok(c) if c.corruptions > 0 => Err(KnibError::corrupt(format!(
             "backup file {} is damaged: {} corruptions of its metadata ({}): it is not compressed, which would hide them",
             f.display(),
             c.corruptions,
             c.problems.first().cloned().unwrap_or_default()
         ))),
-        Err(e) if e.kind == crate::ErrorKind::Corrupt => Err(e),
+        Err(e) if matches!(e.kind, crate::ErrorKind::Corrupt | crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout) => {
+            Err(e)
+        }
         _ => Ok(()),
     }
 }
@@ -364,7 +366,7 @@ fn check_compressed(comp: &Path, f: &Path) -> Result<()> {
     fsio::require_file(comp, "compressed file ", false)?;
     fsio::require_file(f, "backup file ", false)?;
     let mut c = Qcow2Image::open(comp).map_err(|e| bad(format!("is not a whole qcow2 image ({})", e.message)))?;
-    let check = c.check_refcounts().map_err(|e| bad(format!("cannot be checked ({})", e.message)))?;
+    let check = c.check_refcounts(&Control::new()).map_err(|e| bad(format!("cannot be checked ({})", e.message)))?;
     if check.corruptions > 0 {
         let first = check.problems.first().cloned().unwrap_or_default();
         return Err(bad(format!("is damaged: {} corruptions ({first})", check.corruptions)));

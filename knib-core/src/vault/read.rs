@@ -261,7 +261,7 @@ impl Vault {
                     v.virtual_size
                 ));
             }
-            match chain.top_mut().check_refcounts() {
+            match chain.top_mut().check_refcounts(ctl) {
                 Ok(r) if r.is_clean() => {}
                 Ok(r) => problems.push(format!(
                     "{}: {} corruptions, {} leaks: {}",
@@ -270,6 +270,7 @@ impl Vault {
                     r.leaks,
                     r.problems.join("; ")
                 )),
+                Err(e) if matches!(e.kind, crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout) => return Err(e),
                 Err(e) => problems.push(e.message),
             }
             let hashed = if whole_chain { &opened[..] } else { std::slice::from_ref(own) };
