@@ -42,6 +42,7 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 const EXT_BITMAPS: u32 = 0x2385_2875;
+const EXT_CRYPTO: u32 = 0x0537_be77;
 /// Auto-clear feature bit 0: the bitmaps extension is consistent.
 pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// The most internal snapshots QEMU opens an image with.
@@ -257,7 +258,15 @@ impl Header {
         let mut has_data_file_ext = false;
         let mut bitmaps = None;
         let mut pos = u64::from(header_length);
-        while pos + 8 <= ext_end {
+        while pos < ext_end {
+            // An extension's 8-byte header must fit in the area, as QEMU
+            // has it ("Header extension too large").
+            if pos + 8 > ext_end {
+                return Err(corrupt(
+                    name,
+                    format!("header extension at {pos} runs past the end of the header area ({ext_end})"),
+                ));
+            }
             if pos + 8 > prefix.len() as u64 {
                 return Err(corrupt(name, format!("header extensions run past the end of the file at {pos}")));
             }
@@ -308,6 +317,11 @@ impl Header {
                     }
                 }
                 EXT_DATA_FILE => has_data_file_ext = true,
+                // QEMU refuses the image (only LUKS has it); encrypted
+                // images are refused before this.
+                EXT_CRYPTO => {
+                    return Err(corrupt(name, "CRYPTO header extension without LUKS encryption".to_string()));
+                }
                 // QEMU ignores the extension (the bitmaps are stale) while
                 // the auto-clear bit is clear; it checks only its length.
                 EXT_BITMAPS if autoclear_features & AUTOCLEAR_BITMAPS == 0 => match data.len() {

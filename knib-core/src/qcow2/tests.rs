@@ -304,6 +304,13 @@ fn header_errors() {
     expect_err(open(with_backing), ErrorKind::Corrupt, "backing file name length 2000");
     let with_backing = patched(&patched(&good, 8, &65530u64.to_be_bytes()), 16, &100u32.to_be_bytes());
     expect_err(open(with_backing), ErrorKind::Corrupt, "outside the header cluster");
+    // A CRYPTO extension of an image not encrypted (QEMU refuses it).
+    let crypto = patched(&patched(&good, 112, &0x0537_be77u32.to_be_bytes()), 116, &16u32.to_be_bytes());
+    expect_err(open(crypto), ErrorKind::Corrupt, "CRYPTO header extension");
+    // An extension header cut by the backing file name (QEMU: "Header
+    // extension too large"); it was taken for the end.
+    let cut = patched(&patched(&patched(&good, 8, &116u64.to_be_bytes()), 16, &4u32.to_be_bytes()), 116, b"base");
+    expect_err(open(cut), ErrorKind::Corrupt, "header extension at 112 runs past the end of the header area (116)");
     // A header extension longer than the header cluster.
     let ext = patched(&patched(&good, 112, &0x1234u32.to_be_bytes()), 116, &0xffff_fff0u32.to_be_bytes());
     expect_err(open(ext), ErrorKind::Corrupt, "header extension 0x00001234");
