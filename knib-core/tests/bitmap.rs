@@ -516,3 +516,52 @@ fn a_failed_end_of_chain_incremental_loses_no_write_of_a_raw_disk() {
     }
     assert!(node_bitmaps(&vm, "vda").is_empty(), "{:?}", node_bitmaps(&vm, "vda"));
 }
+
+/// A bitmap journal whose `since` names a checkpoint that is not knib's (a
+/// bitmap of another tool, which the recovery would turn back on and merge
+/// into) is refused, naming it, and the journal is left as it was.
+#[test]
+fn a_journal_following_a_checkpoint_not_of_knib_is_refused() {
+    if skip_without_libvirt("bitmap journal since") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let vm = TestVm::create(
+        "knib-bm-since",
+        &DISKS,
+        &base,
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    let store_dir = base.join("store");
+    let store = Store::create(&store_dir).unwrap();
+    store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    // The journal of an incremental, taken while it runs.
+    let journal = store_dir.join("vms").join(vm.vm.name()).join("bitmap-journal.json");
+    let at = format!("creating {}", store_dir.display());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(2));
+    let text = std::thread::scope(|s| {
+        let copy = s.spawn(|| {
+            assert!(
+                knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
+                "no pause at {at}"
+            );
+            std::fs::read(&journal).unwrap()
+        });
+        let b2 = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+        assert_eq!(b2.kind, BackupKind::Incremental);
+        copy.join().unwrap()
+    });
+    let mut j: serde_json::Value = serde_json::from_slice(&text).unwrap();
+    assert!(j["plan"]["since"].as_str().is_some_and(|s| s.starts_with("knib-")), "{j}");
+    for since in ["other-tool-bitmap", "knib-../x", "knib-"] {
+        j["plan"]["since"] = since.into();
+        let written = j.to_string();
+        std::fs::write(&journal, &written).unwrap();
+        let e = store.recover_domain(&vm.vm, &Control::new()).unwrap_err();
+        assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "{since}: {e}");
+        assert!(e.message.contains(&format!("the checkpoint followed, {since:?}, is not one of knib's")), "{e}");
+        assert_eq!(std::fs::read_to_string(&journal).unwrap(), written, "the journal changed");
+    }
+    std::fs::remove_file(&journal).unwrap();
+}

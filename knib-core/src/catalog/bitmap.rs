@@ -289,6 +289,18 @@ impl Store {
                 return Err(KnibError::corrupt(format!("journal of {name}: checkpoint {c} is not this backup's")));
             }
         }
+        // The checkpoint followed is one of knib's, of another backup: the
+        // recovery turns its bitmaps back on and merges into them (a
+        // hostile journal named another tool's bitmap).
+        if let Some(s) = &j.plan.since {
+            let knibs = crate::libvirt::backup::checkpoint_backup_id(s)
+                .filter(|id| crate::names::validate("backup id", id).is_ok() && *id != j.plan.backup_id);
+            if knibs.is_none() {
+                return Err(KnibError::corrupt(format!(
+                    "journal of {name}: the checkpoint followed, {s:?}, is not one of knib's (knib-<backup id>) of another backup; nothing was changed"
+                )));
+            }
+        }
         let in_vault = super::live::journal_target(
             j.vault.as_deref(),
             target,
