@@ -75,3 +75,54 @@ fn restores_and_overlays_follow_only_qcow2_files() {
     }
     knib_core::engine::create_overlay(&q, &dir.join("good.qcow2"), &dir.join("overlay-good.qcow2"), &ctl).unwrap();
 }
+
+/// A backing pointer that QEMU reads as a protocol (`file:<path>`,
+/// `host_device:`, `json:`): knib found a decoy qcow2 file by that name in
+/// the directory and checked it, while qemu-img (its data path, overlays,
+/// `agent.restore` quick restores) opened the host file the name points
+/// at. Refused as corrupt on both data paths, nothing written.
+#[test]
+fn a_backing_pointer_qemu_reads_as_a_protocol_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(d.path()).unwrap();
+    let secret = dir.join("host-secret.raw");
+    std::fs::write(&secret, vec![0x5a; 1 << 20]).unwrap();
+    let q = QemuImg::new();
+    let ctl = Control::new();
+    for (n, pointer) in [
+        format!("file:{}", secret.display()),
+        format!("host_device:{}", secret.display()),
+        format!(r#"json:{{"driver":"raw","file":{{"driver":"file","filename":"{}"}}}}"#, secret.display()),
+    ]
+    .iter()
+    .enumerate()
+    {
+        // The decoy: a zeroed qcow2 file knib finds by the pointer taken
+        // as a relative name (for the first two; a name with '/' in it).
+        if !pointer.starts_with("json:") {
+            let decoy = dir.join(pointer.trim_start_matches('/'));
+            std::fs::create_dir_all(decoy.parent().unwrap()).unwrap();
+            qemu_img(&dir, &["create", "-q", "-f", "qcow2", decoy.to_str().unwrap(), "1M"]);
+        }
+        let backup = format!("protocol-{n}.qcow2");
+        qemu_img(&dir, &["create", "-q", "-f", "qcow2", "-u", "-b", pointer, "-F", "qcow2", &backup, "1M"]);
+        for data_path in [DataPath::Native, DataPath::QemuImg] {
+            let dest = dir.join(format!("out-{n}-{data_path:?}.raw"));
+            let req = RestoreRequest {
+                backup_file: dir.join(&backup),
+                dest: dest.clone(),
+                format: ImageFormat::Raw,
+                overwrite: false,
+                data_path,
+            };
+            let e = restore(&q, &req, &ctl).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{pointer} {data_path:?}: {e}");
+            assert!(e.message.contains("names a QEMU protocol"), "{pointer} {data_path:?}: {e}");
+            assert!(!dest.exists(), "{pointer} {data_path:?}: something was restored");
+        }
+        let overlay = dir.join(format!("overlay-{n}.qcow2"));
+        let e = knib_core::engine::create_overlay(&q, &dir.join(&backup), &overlay, &ctl).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{pointer}: {e}");
+        assert!(!overlay.exists(), "{pointer}: an overlay was made");
+    }
+}

@@ -242,11 +242,28 @@ impl Chain {
             };
             layers.push(layer);
             let Some((name, backing_format)) = next else { break };
-            if name.starts_with("json:") || name.contains("://") {
-                return Err(Refusal::Other(KnibError::invalid(format!(
-                    "{}: backing file \"{name}\" is not a plain file name (protocols are not supported)",
-                    path.display()
-                ))));
+            // QEMU takes a name with a ':' before any '/' for a protocol
+            // (`file:/etc/shadow`, `host_device:/dev/sda`, `nbd:unix:...`)
+            // and opens what it names, not the file knib would find by
+            // that name in the directory. A disk's `json:` description (or
+            // a URL) is left to qemu-img, as before (InvalidInput); any
+            // other protocol, and any at all in a backup's chain, is
+            // refused as corrupt, which no caller hands to qemu-img: knib
+            // never checks one chain while QEMU reads another.
+            if has_protocol(&name) || name.contains("://") {
+                let described = name.starts_with("json:") || name.contains("://");
+                let e = if described && !files_only {
+                    KnibError::invalid(format!(
+                        "{}: backing file \"{name}\" is not a plain file name (protocols are not supported)",
+                        path.display()
+                    ))
+                } else {
+                    KnibError::corrupt(format!(
+                        "{}: backing file \"{name}\" names a QEMU protocol, not a file (a ':' before any '/'): QEMU would open what it names; refused",
+                        path.display()
+                    ))
+                };
+                return Err(Refusal::Other(e));
             }
             let named = Path::new(&name);
             path = if named.is_absolute() {
@@ -489,6 +506,12 @@ pub fn relative_pointer(from: &Path, to: &Path) -> String {
         out.push(c.as_os_str());
     }
     out.to_string_lossy().into_owned()
+}
+
+/// Whether QEMU reads backing file name `name` as a protocol: a `:` comes
+/// before any `/` (its `path_has_protocol`), `json:` among them.
+pub(crate) fn has_protocol(name: &str) -> bool {
+    name.find([':', '/']).is_some_and(|i| name.as_bytes()[i] == b':')
 }
 
 #[cfg(test)]
