@@ -172,6 +172,36 @@ fn end_of_chain_leaves_the_vm_on_its_base_and_the_next_backup_is_full() {
     model.assert_vm_reads_everything(&vm);
 }
 
+/// A quick restore onto a domain whose disk is defined as raw: the qcow2
+/// overlay is put under it as qcow2 (its driver type set), and the guest
+/// reads the backup. Before, the driver type was left raw: the VM started
+/// on the overlay's qcow2 metadata as its disk, success answered.
+#[test]
+fn quick_restore_onto_a_raw_disk_sets_its_driver_to_qcow2() {
+    if skip_without_libvirt("quick restore onto raw") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let src = running_vm("knib-qr-rsrc", dir.path());
+    let mut model = Model::new(&DISKS);
+    model.write(&src, "vda", 0x61, 0, 4 * MIB);
+    model.write(&src, "vdb", 0x62, MIB, 2 * MIB);
+    let b = store.backup_domain(&src.vm, &BackupOptions::default(), false, &Control::new()).unwrap();
+    let tdir = dir.path().join("target");
+    std::fs::create_dir(&tdir).unwrap();
+    let opts = TestVmOptions { persistent: true, running: false, agent_channel: false };
+    let target = TestVm::create_with_raw("knib-qr-raw", &DISKS, &["vda"], &tdir, opts);
+    assert_eq!(target.disk("vda").format, "raw");
+    store.quick_restore_domain(&b.id, &target.vm, &Control::new()).unwrap();
+    assert!(target.vm.is_running().unwrap());
+    for t in ["vda", "vdb"] {
+        assert_eq!(target.disk(t).format, "qcow2", "disk {t}");
+    }
+    model.assert_vm_reads_everything(&target);
+    target.vm.destroy().unwrap();
+}
+
 #[test]
 fn quick_restore_runs_at_once_keeps_new_writes_and_consolidate_frees_the_store() {
     if skip_without_libvirt("quick restore") {

@@ -515,10 +515,9 @@ impl Store {
                 self.pin(&m, target, overlay)?;
             }
             let sources: Vec<(String, PathBuf)> = plan.iter().map(|(t, _, o)| (t.clone(), o.clone())).collect();
-            let old: Vec<(String, PathBuf)> = targets.iter().map(|(t, f, _)| (t.clone(), f.clone())).collect();
-            vm.set_disk_sources(&sources)?;
+            let old = vm.set_disk_sources_qcow2(&sources)?;
             if let Err(e) = vm.start() {
-                if let Err(u) = vm.set_disk_sources(&old) {
+                if let Err(u) = vm.put_back_definition(&old) {
                     // The domain names the overlays: removing them would
                     // leave it on files that are gone.
                     named = true;

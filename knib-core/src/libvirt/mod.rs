@@ -295,6 +295,27 @@ impl Vm {
         self.dom.redefine(&new).map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))
     }
 
+    /// [`Vm::set_disk_sources`] for qcow2 files (a quick restore's
+    /// overlays): those disks' driver type is set to qcow2 too. Returns the
+    /// definition before, for [`Vm::put_back_definition`].
+    pub fn set_disk_sources_qcow2(&self, sources: &[(String, PathBuf)]) -> Result<String> {
+        let xml = self
+            .dom
+            .xml_desc(ffi::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", self.name())))?;
+        let new = xml::replace_disk_sources_as(&xml, sources, Some("qcow2"))?;
+        self.dom
+            .redefine(&new)
+            .map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))?;
+        Ok(xml)
+    }
+
+    /// Define the domain as `xml` says again (what
+    /// [`Vm::set_disk_sources_qcow2`] returned).
+    pub fn put_back_definition(&self, xml: &str) -> Result<()> {
+        self.dom.redefine(xml).map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))
+    }
+
     /// Take a disk-only external snapshot, atomically and without snapshot
     /// metadata (flags DISK_ONLY | ATOMIC | NO_METADATA, and QUIESCE when
     /// `quiesce`): each disk named in `new_files` (target, absolute path of

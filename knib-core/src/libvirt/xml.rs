@@ -207,6 +207,14 @@ pub fn snapshot_xml<S: AsRef<str>, P: AsRef<Path>>(all_targets: &[String], new_f
 
 /// `xml` with the `<source file>` of each named disk target replaced.
 pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<String> {
+    replace_disk_sources_as(xml, sources, None)
+}
+
+/// [`replace_disk_sources`], and with `format` each of those disks' driver
+/// type set to it (a `<driver name='qemu' type=...>` added to a disk that
+/// has none): a qcow2 overlay put under a disk defined as raw was read as
+/// raw, the guest seeing qcow2 metadata.
+pub fn replace_disk_sources_as(xml: &str, sources: &[(String, PathBuf)], format: Option<&str>) -> Result<String> {
     let doc =
         roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))?;
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
@@ -222,10 +230,28 @@ pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<
             .ok_or_else(|| KnibError::invalid(format!("disk {target} has no <source>")))?;
         let path = file.to_str().ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", file.display())))?;
         edits.push((src.range(), format!("<source file='{}'/>", xml_escape(path))));
+        if let Some(fmt) = format {
+            match disk.children().find(|c| c.has_tag_name("driver")) {
+                Some(drv) => match drv.attributes().find(|a| a.name() == "type") {
+                    Some(a) => edits.push((a.range_value(), xml_escape(fmt))),
+                    None => {
+                        let at = drv.range().start + "<driver".len();
+                        edits.push((at..at, format!(" type='{}'", xml_escape(fmt))));
+                    }
+                },
+                None => {
+                    let at = src.range().start;
+                    edits.push((at..at, format!("<driver name='qemu' type='{}'/>", xml_escape(fmt))));
+                }
+            }
+        }
         for b in disk.children().filter(|c| c.has_tag_name("backingStore")) {
             edits.push((b.range(), String::new()));
         }
     }
+    // From the end, so earlier ranges stay valid; at one start (a driver
+    // added before the source), the replacement first, then the insertion
+    // (so it lands before it).
     edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
     let mut out = xml.to_string();
     for (r, text) in edits {
@@ -238,6 +264,29 @@ pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+
+    /// A disk's driver type set with its source: an attribute replaced,
+    /// one added, a driver element added; other disks untouched.
+    #[test]
+    fn replaced_sources_can_set_the_driver_type() {
+        let xml = "<domain><devices>\
+            <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/><source file='/a.raw'/><target dev='vda'/></disk>\
+            <disk type='file' device='disk'><driver name='qemu'/><source file='/b'/><target dev='vdb'/></disk>\
+            <disk type='file' device='disk'><source file='/c'/><target dev='vdc'/></disk>\
+            <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='/d.raw'/><target dev='vdd'/></disk>\
+            </devices></domain>";
+        let sources: Vec<(String, PathBuf)> =
+            ["vda", "vdb", "vdc"].iter().map(|t| (t.to_string(), PathBuf::from(format!("/o-{t}.qcow2")))).collect();
+        let out = replace_disk_sources_as(xml, &sources, Some("qcow2")).unwrap();
+        assert!(out.contains("<driver name='qemu' type='qcow2' cache='none'/><source file='/o-vda.qcow2'/>"), "{out}");
+        assert!(out.contains("<driver type='qcow2' name='qemu'/><source file='/o-vdb.qcow2'/>"), "{out}");
+        assert!(out.contains("<driver name='qemu' type='qcow2'/><source file='/o-vdc.qcow2'/>"), "{out}");
+        assert!(out.contains("<driver name='qemu' type='raw'/><source file='/d.raw'/>"), "{out}");
+        roxmltree::Document::parse(&out).unwrap();
+        // Without a format, the driver is left as it is.
+        let out = replace_disk_sources(xml, &sources).unwrap();
+        assert!(out.contains("type='raw' cache='none'/><source file='/o-vda.qcow2'/>"), "{out}");
+    }
 
     /// A running domain's XML as libvirt 9.0 gives it: vda on a two-layer
     /// chain, vdb without backing, a CD-ROM, a block disk and a network disk.

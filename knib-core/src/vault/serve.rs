@@ -290,6 +290,8 @@ pub fn quick_restore_domain(
             .collect(),
     };
     let mut made = Vec::new();
+    // Set when the domain may still name the overlays: they are kept.
+    let mut named = false;
     let r = (|| -> Result<()> {
         // The umask may have taken search from others.
         fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(DIR_MODE))
@@ -307,17 +309,26 @@ pub fn quick_restore_domain(
         }
         let sources: Vec<(String, PathBuf)> =
             state.disks.iter().map(|d| (d.target.clone(), d.overlay.clone())).collect();
-        let old: Vec<(String, PathBuf)> = plan.iter().map(|(t, f, _)| (t.clone(), f.clone())).collect();
-        vm.set_disk_sources(&sources)?;
+        let old = vm.set_disk_sources_qcow2(&sources)?;
         if let Err(e) = vm.start() {
-            let _ = vm.set_disk_sources(&old);
+            if let Err(u) = vm.put_back_definition(&old) {
+                // The domain names the overlays: they are kept, and the
+                // error says so (removed, the domain named files gone).
+                named = true;
+                return Err(e.context(format!(
+                    "the domain could not be put back on its old files either ({u}): it still names the overlays {}, which are kept",
+                    made.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                )));
+            }
             return Err(e);
         }
         Ok(())
     })();
     if let Err(e) = r {
-        for f in &made {
-            let _ = fsio::remove_if_exists(f);
+        if !named {
+            for f in &made {
+                let _ = fsio::remove_if_exists(f);
+            }
         }
         if let Err(e2) = stop_server(state.pid, &dir) {
             log::warn!("quick restore of {id} onto {}: {e2}", vm.name());
