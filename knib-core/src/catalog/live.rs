@@ -509,10 +509,11 @@ impl Store {
         let mut named = false;
         let r = (|| -> Result<()> {
             for (target, top, overlay) in &plan {
+                // Recorded before it is made, so that no delete removes
+                // what it reads, even after a crash between the two.
+                self.pin(&m, target, overlay)?;
                 crate::engine::create_overlay(&self.qemu_img, top, overlay, ctl)?;
                 made.push(overlay.clone());
-                // Recorded, so that no delete removes what it reads.
-                self.pin(&m, target, overlay)?;
             }
             let sources: Vec<(String, PathBuf)> = plan.iter().map(|(t, _, o)| (t.clone(), o.clone())).collect();
             let old = vm.set_disk_sources_qcow2(&sources)?;

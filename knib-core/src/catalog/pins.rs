@@ -56,10 +56,16 @@ impl Store {
         Path::new("pins")
     }
 
-    /// Record that `overlay` reads volume `volume` of backup `m`.
+    /// Record that `overlay` reads (or is about to read) volume `volume` of
+    /// backup `m`: written before the overlay is made.
     pub(super) fn pin(&self, m: &Manifest, volume: &str, overlay: &Path) -> Result<()> {
         self.ensure_dir(Self::pins_rel(), "quick-restore records directory")?;
-        let overlay = fs::canonicalize(overlay).map_err(|e| KnibError::io("cannot resolve", overlay, e))?;
+        // The overlay is not made yet: its directory resolved, its name kept.
+        let name = overlay
+            .file_name()
+            .ok_or_else(|| KnibError::invalid(format!("overlay {} has no file name", overlay.display())))?;
+        let dir = fsio::parent_dir(overlay);
+        let overlay = fs::canonicalize(dir).map_err(|e| KnibError::io("cannot resolve", dir, e))?.join(name);
         let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let name = format!("{}.{ns:x}-{}-{}.json", m.id, std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let host = Some(super::jobs::ownership::hostname());

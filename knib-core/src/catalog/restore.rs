@@ -124,14 +124,11 @@ impl Store {
         let files = self.chain_files(&m, volume)?;
         engine::require_quick_restorable(&self.qemu_img, &files, ctl)
             .map_err(|e| e.context(format!("quick restore of backup {id}")))?;
-        engine::create_overlay(&self.qemu_img, files.last().expect("non-empty chain"), to, ctl)?;
-        // Recorded, so that no delete removes what the overlay reads; an
-        // overlay that could not be recorded is removed again.
-        if let Err(e) = self.pin(&m, volume, to) {
-            let _ = crate::fsio::remove_if_exists(to);
-            return Err(e.context(format!("quick restore of backup {id}")));
-        }
-        Ok(())
+        // Recorded before it is made, so that no delete removes what the
+        // overlay reads, even after a crash between the two (a record whose
+        // overlay is not there is stale, dropped by the next delete).
+        self.pin(&m, volume, to).map_err(|e| e.context(format!("quick restore of backup {id}")))?;
+        engine::create_overlay(&self.qemu_img, files.last().expect("non-empty chain"), to, ctl)
     }
 
     /// A "busy" error when a validation job of backup `id` is running (it
