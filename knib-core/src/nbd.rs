@@ -275,17 +275,29 @@ unsafe extern "C" fn gather(
             list.push(Extent { offset: at, length: p[0] as u64, flags: p[1] });
             at += p[0] as u64;
         }
-        match out.iter_mut().find(|(c, _)| *c == name) {
-            Some((_, l)) => l.extend(list),
-            None => out.push((name, list)),
+        // One chunk per context and request (the protocol's rule): a second
+        // one starts over at the request's offset, and merged after the
+        // first it was never read (a clean first answer hid a dirty
+        // second): the command fails instead.
+        if out.iter().any(|(c, _)| *c == name) {
+            return false;
         }
+        out.push((name, list));
+        true
     }));
-    if r.is_err() {
-        // SAFETY: libnbd passes a valid pointer for the error.
-        unsafe { *error = libc::EIO };
-        return -1;
+    match r {
+        Ok(true) => 0,
+        Ok(false) => {
+            // SAFETY: libnbd passes a valid pointer for the error.
+            unsafe { *error = libc::EPROTO };
+            -1
+        }
+        Err(_) => {
+            // SAFETY: libnbd passes a valid pointer for the error.
+            unsafe { *error = libc::EIO };
+            -1
+        }
     }
-    0
 }
 
 impl Nbd {
