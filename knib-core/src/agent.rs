@@ -361,6 +361,16 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     for (i, f) in r.deltas_to_remove.iter().enumerate() {
         absolute(op, &format!("deltas_to_remove[{i}]"), f)?;
     }
+    // Each backup file by its resolved path, once, for every check and for
+    // the copy or the overlay alike: a quick restore's overlay names it
+    // resolved, so QEMU finds relative parents beside the link's target;
+    // checked through the link, another chain (same names beside the
+    // link) was checked, hashed and protected from removal.
+    let backup_paths: Vec<PathBuf> = r
+        .volumes
+        .iter()
+        .map(|v| v.backup_path.canonicalize().map_err(|e| KnibError::io("cannot resolve", &v.backup_path, e)))
+        .collect::<Result<_>>()?;
     // What each volume's file will be renamed over must be a file (or
     // nothing yet): found out before anything is staged or replaced, not at
     // the second rename after the first volume was replaced.
@@ -396,7 +406,7 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     // The backups' chains, read once (their files are held for reading,
     // and none may be among the deltas removed).
     let chains: Vec<Vec<PathBuf>> =
-        r.volumes.iter().map(|v| engine::backup_chain_files(&v.backup_path)).collect::<Result<_>>()?;
+        backup_paths.iter().map(|b| engine::backup_chain_files(b)).collect::<Result<_>>()?;
     // A volume is never a file of a backup read here: the restored copy
     // (or a quick restore's overlay, backed by itself) replaced the backup.
     for (i, v) in r.volumes.iter().enumerate() {
@@ -446,8 +456,8 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     // are held against them (a read of each; a plain restore does it as it
     // copies).
     if r.quick_restore {
-        for v in &r.volumes {
-            let chain = q.info_chain(&v.backup_path, ctl)?;
+        for (v, b) in r.volumes.iter().zip(&backup_paths) {
+            let chain = q.info_chain(b, ctl)?;
             let files: Vec<PathBuf> = chain.iter().map(|i| PathBuf::from(&i.filename)).collect();
             // Raw files have no metadata to check.
             let qcow2: Vec<PathBuf> =
@@ -463,17 +473,17 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     // 1. Every volume to its staging file; on a failure, none is changed.
     let mut staged: Vec<PathBuf> = Vec::new();
     let written = (|| -> Result<()> {
-        for v in &r.volumes {
+        for (v, b) in r.volumes.iter().zip(&backup_paths) {
             let stage = staging_path(&v.volume_path);
             fsio::remove_if_exists(&stage)?;
             staged.push(stage.clone());
             if r.quick_restore {
-                engine::create_overlay(&q, &v.backup_path, &stage, ctl)?;
+                engine::create_overlay(&q, b, &stage, ctl)?;
             } else {
                 engine::restore_verified(
                     &q,
                     &engine::RestoreRequest {
-                        backup_file: v.backup_path.clone(),
+                        backup_file: b.clone(),
                         dest: stage.clone(),
                         format: ImageFormat::Qcow2,
                         overwrite: false,

@@ -234,3 +234,49 @@ fn a_restore_never_replaces_or_removes_files_in_use_nor_a_backup() {
         make_disk(&vol, 8 << 20, &[]);
     }
 }
+
+/// A backup path that is a link into another directory, beside which lie
+/// files of the same names as its relative parents: the checks and the
+/// copy follow the chain QEMU reads (from the link's target), not the
+/// decoys beside the link. Before, a quick restore checked the decoy chain
+/// (a delta to remove that was the real parent passed, and was removed
+/// under the overlay booted on it).
+#[test]
+fn a_backup_path_through_a_link_is_checked_as_the_chain_it_leads_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = std::fs::canonicalize(dir.path()).unwrap();
+    let (real, beside) = (d.join("real"), d.join("beside"));
+    std::fs::create_dir(&real).unwrap();
+    std::fs::create_dir(&beside).unwrap();
+    let (base, inc) = (real.join("base.qcow2"), real.join("inc.qcow2"));
+    make_disk(&base, 8 << 20, &[]);
+    qemu_io(&base, "write -P 0x31 0 1M");
+    overlay(&base, &inc);
+    qemu_io(&inc, "write -P 0x32 1M 1M");
+    // The decoy parent beside the link, and the link.
+    make_disk(&beside.join("base.qcow2"), 8 << 20, &[]);
+    let link = beside.join("inc.qcow2");
+    std::os::unix::fs::symlink(&inc, &link).unwrap();
+    let reference = d.join("reference.raw");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .args([&inc, &reference])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for quick in [true, false] {
+        let vol = d.join(format!("volume-{quick}.qcow2"));
+        make_disk(&vol, 8 << 20, &[]);
+        // The real parent named as an old delta to remove: refused.
+        let req = json!({"quick_restore": quick, "deltas_to_remove": [base],
+            "volumes": [{"uuid": "v", "backup_path": link, "volume_path": vol}]});
+        let e = knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "quick {quick}: {e}");
+        assert!(e.message.contains("a restore never removes a backup"), "quick {quick}: {e}");
+        assert!(base.exists(), "quick {quick}: the real parent was removed");
+        // Without it, the volume reads the real chain.
+        let req = json!({"quick_restore": quick, "volumes": [{"uuid": "v", "backup_path": link, "volume_path": vol}]});
+        knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap();
+        assert_identical(&vol, &reference);
+    }
+}
