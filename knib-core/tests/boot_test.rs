@@ -443,6 +443,16 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
     let why = j.last_error.clone().unwrap();
     assert!(why.contains("validation.initrd") && why.contains("boot/host-file"), "{why}");
     assert!(j.result.as_ref().is_none_or(|r| r.get("boot").is_none_or(|b| b.is_null())), "{j:?}");
+    // An absolute path (which knib once took) loads, but fails the boot
+    // test, naming the setting.
+    linked["validation.initrd"] = g.initrd.to_str().unwrap().into();
+    std::fs::write(store.root().join("knib.json"), linked.to_string()).unwrap();
+    let job = store.queue_validation(&good.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    let why = j.last_error.clone().unwrap();
+    assert!(why.contains("setting validation.initrd must be a path inside the store"), "{why}");
 
     std::fs::write(store.root().join("knib.json"), settings(BOOT_TIMEOUT_SECS)).unwrap();
     let job = store.queue_validation(&good.id).unwrap();

@@ -266,16 +266,18 @@ pub struct ValidationSettings {
     pub boot: bool,
     /// The libvirt URI of the boot test: a local QEMU one (a store's file
     /// picks no remote host, nor a transport that runs a program, such as
-    /// `qemu+ext:///system?command=...`).
-    #[serde(deserialize_with = "local_qemu_uri")]
+    /// `qemu+ext:///system?command=...`). Checked when a boot test runs
+    /// (any other value fails that validation, naming it), not when the
+    /// settings are read: a store set up before keeps its backups going.
     pub connect: String,
     /// A kernel to boot directly: a file of the store, relative to it (a
     /// store's file names no host file; the boot test copies it out of the
-    /// store without following links).
-    #[serde(deserialize_with = "store_path", skip_serializing_if = "Option::is_none")]
+    /// store without following links). Checked when a boot test runs, as
+    /// `connect` is (an absolute path, which knib once took, fails it).
+    #[serde(deserialize_with = "some_path", skip_serializing_if = "Option::is_none")]
     pub kernel: Option<PathBuf>,
     /// Its initrd, the same way.
-    #[serde(deserialize_with = "store_path", skip_serializing_if = "Option::is_none")]
+    #[serde(deserialize_with = "some_path", skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
     /// Its command line.
     #[serde(deserialize_with = "some", skip_serializing_if = "Option::is_none")]
@@ -460,15 +462,21 @@ fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> De<Option<T>, D
     T::deserialize(d).map(Some)
 }
 
-fn store_path<'de, D: Deserializer<'de>>(d: D) -> De<Option<PathBuf>, D::Error> {
-    let p = PathBuf::deserialize(d)?;
+fn some_path<'de, D: Deserializer<'de>>(d: D) -> De<Option<PathBuf>, D::Error> {
+    Ok(Some(PathBuf::deserialize(d)?))
+}
+
+/// The file of the store that setting `key` (`validation.kernel`,
+/// `validation.initrd`) names: a plain path relative to the store (no
+/// leading `/`, no `.` or `..`); anything else is an error naming it.
+pub(crate) fn store_relative(key: &str, p: &Path) -> Result<PathBuf> {
     if p.as_os_str().is_empty() || !p.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
-        return Err(D::Error::custom(format!(
-            "must be a path inside the store, relative to it (no leading /, no . or ..), not {:?}",
+        return Err(KnibError::invalid(format!(
+            "setting {key} must be a path inside the store, relative to it (no leading /, no . or ..), not {:?}: a store's settings name no host file",
             p.display().to_string()
         )));
     }
-    Ok(Some(p))
+    Ok(p.to_path_buf())
 }
 
 /// Whether `uri` is a libvirt URI of the local QEMU driver: `qemu` or
@@ -478,16 +486,6 @@ pub(crate) fn is_local_qemu_uri(uri: &str) -> bool {
         return false;
     };
     matches!(rest, "system" | "session")
-}
-
-fn local_qemu_uri<'de, D: Deserializer<'de>>(d: D) -> De<String, D::Error> {
-    let uri = String::deserialize(d)?;
-    if !is_local_qemu_uri(&uri) {
-        return Err(D::Error::custom(format!(
-            "must be a local QEMU URI (qemu:///system, qemu:///session, or the same with qemu+unix), not {uri:?}: a store's settings pick no remote host and no transport that runs a program"
-        )));
-    }
-    Ok(uri)
 }
 
 fn guest_command<'de, D: Deserializer<'de>>(d: D) -> De<Vec<String>, D::Error> {

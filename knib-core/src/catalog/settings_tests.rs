@@ -105,18 +105,6 @@ fn bad_settings_name_the_key() {
         (r#"{"schema": 1, "compression.library": "lz4"}"#, "compression.library"),
         (r#"{"schema": 1, "compression.timeout_secs": 1.5}"#, "compression.timeout_secs"),
         (r#"{"schema": 1, "validation.command": ["uname"]}"#, "validation.command"),
-        (r#"{"schema": 1, "validation.kernel": "/boot/vmlinuz"}"#, "validation.kernel"),
-        (r#"{"schema": 1, "validation.initrd": "/etc/shadow"}"#, "must be a path inside the store"),
-        (r#"{"schema": 1, "validation.kernel": "../boot/vmlinuz"}"#, "must be a path inside the store"),
-        (r#"{"schema": 1, "validation.kernel": ""}"#, "must be a path inside the store"),
-        (
-            r#"{"schema": 1, "validation.connect": "qemu+ext:///system?command=/store/x.sh"}"#,
-            "must be a local QEMU URI",
-        ),
-        (r#"{"schema": 1, "validation.connect": "qemu+ssh://host/system"}"#, "validation.connect"),
-        (r#"{"schema": 1, "validation.connect": "qemu:///system?socket=/tmp/s"}"#, "validation.connect"),
-        (r#"{"schema": 1, "validation.connect": "qemu://host/system"}"#, "validation.connect"),
-        (r#"{"schema": 1, "validation.connect": "xen:///system"}"#, "validation.connect"),
         (r#"{"schema": 1, "validation.domain_type": "xen"}"#, "validation.domain_type"),
         (r#"{"schema": 1, "validation": {"boot": "yes"}}"#, "validation.boot"),
         (r#"{"schema": 1, "knib.data.path": "qemu"}"#, "knib.data.path"),
@@ -140,6 +128,37 @@ fn bad_settings_name_the_key() {
         assert_eq!(e.kind, ErrorKind::InvalidInput, "{text}");
         assert!(e.message.contains(needle), "{text}: {e}");
         assert!(e.message.starts_with("settings knib.json: "), "{e}");
+    }
+}
+
+/// A boot test's kernel and initrd are files of the store, and its URI a
+/// local QEMU one: checked when a boot test runs (a store's settings that
+/// once took an absolute path still load, so its backups go on).
+#[test]
+fn boot_test_files_are_the_stores_and_its_uri_local() {
+    use super::{is_local_qemu_uri, store_relative};
+    let s =
+        parse(r#"{"schema": 1, "validation.kernel": "/boot/vmlinuz", "validation.connect": "qemu+ssh://h/system"}"#)
+            .unwrap();
+    assert_eq!(s.validation.kernel.as_deref(), Some(Path::new("/boot/vmlinuz")));
+    for bad in ["/boot/vmlinuz", "/etc/shadow", "../boot/vmlinuz", ""] {
+        let e = store_relative("validation.initrd", Path::new(bad)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{bad}");
+        assert!(e.message.starts_with("setting validation.initrd must be a path inside the store"), "{e}");
+    }
+    assert_eq!(store_relative("validation.kernel", Path::new("boot/vmlinuz")).unwrap(), Path::new("boot/vmlinuz"));
+    for uri in ["qemu:///system", "qemu:///session", "qemu+unix:///system", "qemu+unix:///session"] {
+        assert!(is_local_qemu_uri(uri), "{uri}");
+    }
+    for uri in [
+        "qemu+ext:///system?command=/store/x.sh",
+        "qemu+ssh://host/system",
+        "qemu:///system?socket=/tmp/s",
+        "qemu://host/system",
+        "xen:///system",
+        "",
+    ] {
+        assert!(!is_local_qemu_uri(uri), "{uri}");
     }
 }
 

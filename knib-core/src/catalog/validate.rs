@@ -50,7 +50,8 @@ impl Store {
     fn boot_file_copy(&self, rel: &Path, work_dir: &Path, what: &str) -> Result<PathBuf> {
         use super::confine::{self, Want};
         let origin = format!("validation.{what}");
-        let src = confine::open(self.root(), rel, Want::File, &origin)?;
+        let rel = super::settings::store_relative(&origin, rel)?;
+        let src = confine::open(self.root(), &rel, Want::File, &origin)?;
         let path = self.root().join(rel);
         let len = src.metadata().map_err(|e| KnibError::io("cannot stat", &path, e))?.len();
         if len > MAX_BOOT_FILE {
@@ -141,12 +142,12 @@ impl Store {
                     max_write_bytes: settings.max_write_mib.map(|m| m << 20),
                     timing: Default::default(),
                 };
-                // Checked when the settings were read; checked again here,
-                // as settings may be built in code.
+                // A store's settings pick no remote host and no transport
+                // that runs a program.
                 if !super::settings::is_local_qemu_uri(&settings.connect) {
                     let _ = std::fs::remove_dir_all(work_dir);
                     return Err(KnibError::invalid(format!(
-                        "validation.connect {:?} is not a local QEMU URI",
+                        "setting validation.connect must be a local QEMU URI (qemu:///system, qemu:///session, or the same with qemu+unix), not {:?}: a store's settings pick no remote host and no transport that runs a program",
                         settings.connect
                     )));
                 }
