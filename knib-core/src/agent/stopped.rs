@@ -197,9 +197,15 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
 /// it, `top` first) is not one: a volume on file storage is backed by
 /// template and delta files, and a block device under it (a backing pointer
 /// of an uploaded image naming `/dev/sda`) would be copied into the store,
-/// a host disk handed to whoever may download the backup. A volume that is
-/// itself a block device (qcow2 on a logical volume) may have others below.
-fn refuse_devices_below_a_file(op: &str, uuid: &str, top: &Path, chain: &[crate::qemu_img::ImageInfo]) -> Result<()> {
+/// a host disk handed to whoever may download the backup. (A volume that
+/// is itself a block device is left to the caller, which refuses one
+/// today.)
+pub(super) fn refuse_devices_below_a_file(
+    op: &str,
+    uuid: &str,
+    top: &Path,
+    chain: &[crate::qemu_img::ImageInfo],
+) -> Result<()> {
     if !std::fs::metadata(top).is_ok_and(|m| m.is_file()) {
         return Ok(());
     }
