@@ -469,6 +469,7 @@ fn some_path<'de, D: Deserializer<'de>>(d: D) -> De<Option<PathBuf>, D::Error> {
 /// The file of the store that setting `key` (`validation.kernel`,
 /// `validation.initrd`) names: a plain path relative to the store (no
 /// leading `/`, no `.` or `..`); anything else is an error naming it.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn store_relative(key: &str, p: &Path) -> Result<PathBuf> {
     if p.as_os_str().is_empty() || !p.components().all(|c| matches!(c, std::path::Component::Normal(_))) {
         return Err(KnibError::invalid(format!(
@@ -481,6 +482,7 @@ pub(crate) fn store_relative(key: &str, p: &Path) -> Result<PathBuf> {
 
 /// Whether `uri` is a libvirt URI of the local QEMU driver: `qemu` or
 /// `qemu+unix`, no host, path `/system` or `/session`, no parameters.
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub(crate) fn is_local_qemu_uri(uri: &str) -> bool {
     let Some(rest) = uri.strip_prefix("qemu:///").or_else(|| uri.strip_prefix("qemu+unix:///")) else {
         return false;
