@@ -1529,6 +1529,13 @@
  *                        store.
  *       sent             [string]: Backups sent, in the order sent (parents
  *                        first).
+ *       unmended?        [string], default []: The backups among `damaged`
+ *                        that this store has, whose file could not mend the
+ *                        vault's (it is not the one sent): a sync job fails
+ *                        on them (`knib sync` exits `corrupt`). Damage to
+ *                        backups only the vault keeps is reported in
+ *                        `damaged` alone (no sync of this store can mend it,
+ *                        and a job failing on it would fail for good).
  *
  *   TakeBackupAnswer: The answer of `agent.take_backup`.
  *       full_reason?   string or null: Method `bitmap` only, when an

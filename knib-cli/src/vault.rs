@@ -191,6 +191,14 @@ pub fn sync(store: &Path, to: &str, opts: &knib_core::vault::SyncOptions, json: 
         text.push_str(&format!("\nDAMAGED in the vault, not repaired: {d}"));
     }
     output::say(json, || serde_json::to_value(&r), &text)?;
+    // The report is said; the exit status says the vault is not whole
+    // where this store could have mended it.
+    if !r.unmended.is_empty() {
+        return Err(knib_core::KnibError::corrupt(format!(
+            "{to} holds backups this store could not mend ({}): they cannot be restored from it",
+            r.unmended.join(", ")
+        )));
+    }
     Ok(())
 }
 

@@ -501,6 +501,7 @@ fn an_object_lost_from_the_vault_is_sent_again_by_the_next_sync() {
     let r = vault.sync_from(&other, &opts, &ctl()).unwrap();
     assert!(r.repaired.is_empty() && r.sent.is_empty() && r.bytes_sent == 0, "{r:?}");
     assert_eq!(r.damaged.len(), 2, "{r:?}");
+    assert!(r.unmended.is_empty(), "the other store has none of those backups: {r:?}");
     assert!(
         r.damaged[0].starts_with(&format!("backup {}: object {gone} is gone, and this store has no backup", ids[0])),
         "{r:?}"
@@ -519,6 +520,80 @@ fn an_object_lost_from_the_vault_is_sent_again_by_the_next_sync() {
     assert_verified_and_restored(&vault, &taken);
     let again = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
     assert!(again.repaired.is_empty() && again.bytes_sent == 0, "{again:?}");
+}
+
+/// An object of a backup being sent that is gone when its manifest would be
+/// written (another writer's cleanup of unfinished backups of the same VM
+/// name removed it): the backup is not published, the sync fails saying
+/// so. Before, the manifest named an object that was not there, and the
+/// sync answered success.
+#[test]
+fn a_backup_whose_object_vanished_before_publishing_is_not_published() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm, _sdir, store, taken: _, vault } = Synced::new("vanished");
+    qemu_io(vm.path("root"), "write -P 0x44 2M 1M");
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    let object = format!("vms/vm1/{}/root.qcow2", m.id);
+    let at = format!("publishing backup {} in vault", m.id);
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(3));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(120)), "no pause at {at}");
+            p.delete(&object);
+        });
+        vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err()
+    });
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&format!("backup {} is not published", m.id)), "{e}");
+    assert!(!p.keys().contains_key(&format!("vms/vm1/{}/manifest.json", m.id)), "the manifest was written");
+    // The next sync sends it whole.
+    vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert!(p.keys().contains_key(&object));
+    assert!(vault.verify(Some(&m.id), &ctl()).unwrap().reports.iter().all(|r| r.ok));
+}
+
+/// A sync job that finds objects of the vault lost which its store has the
+/// backup of but cannot send again (this store's file of it is not the one
+/// sent: another hash, as after a compression) fails at once, naming it:
+/// it was marked done, and the vault could not restore that backup. (The
+/// same damage to a backup this store does not have only goes in the
+/// report's `damaged`: see
+/// an_object_lost_from_the_vault_is_sent_again_by_the_next_sync.)
+#[test]
+fn a_sync_job_that_cannot_repair_the_vault_fails_naming_the_damage() {
+    use knib_core::catalog::jobs::{run_jobs, JobState, RunOptions};
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store, taken, vault } = Synced::new("unrepaired");
+    let first = &taken[0].0;
+    let gone = format!("vms/vm1/{first}/root.qcow2");
+    p.delete(&gone);
+    // This store's file of it is not the one sent (its manifest says
+    // another hash, as after a compression).
+    let manifest = store.root().join(format!("vms/vm1/{first}/manifest.json"));
+    let mut m: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    for v in m["volumes"].as_array_mut().unwrap() {
+        v["hash"] = "0".repeat(32).into();
+    }
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    let settings = json!({"schema": 1, "sync.vault": vault.location(), "sync.max_retries": 3});
+    std::fs::write(store.root().join("knib.json"), settings.to_string()).unwrap();
+    let job = store.queue_sync("vm1").unwrap();
+    let opts = RunOptions { sync: Some(knib_core::vault::sync_runner()), no_wait: true, ..RunOptions::default() };
+    let summary = run_jobs(&store, &opts).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    assert_eq!(j.state, JobState::Failed, "failed at once, not retried: {j:?}");
+    let why = j.last_error.clone().unwrap();
+    assert!(why.contains(&format!("cannot be restored and this store could not mend: {first}")), "{why}");
+    // The same sync, by hand: the damage is in the report.
+    let r = vault.sync_from(&store, &SyncOptions { vm: Some("vm1".into()), ..SyncOptions::default() }, &ctl()).unwrap();
+    assert_eq!(r.unmended, std::slice::from_ref(first), "{r:?}");
+    let said = format!("object {gone} is gone, and this store's file of it is not the one sent");
+    assert!(r.damaged[0].contains(&said), "{r:?}");
 }
 
 /// An object whose bytes changed in the vault but not its length (a

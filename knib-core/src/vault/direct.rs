@@ -360,6 +360,7 @@ impl VaultSink {
             retry: super::config::retry(),
             key: self.key.clone(),
             gauge: Arc::clone(&self.gauge),
+            secrets: inner.secrets.clone(),
         });
         self.sender = Some(Arc::clone(&s));
         Ok(s)
@@ -502,8 +503,12 @@ impl VaultSink {
     /// logged (the next direct backup or sync of the VM cleans up). The
     /// spool files go with the parts.
     fn abort(&mut self) {
-        for (_, _, t) in self.in_flight.drain(..) {
+        // Stopped and waited for before the upload is aborted (as the
+        // sync does): a part landing after the abort left storage behind.
+        let stopping: Vec<_> = self.in_flight.drain(..).map(|(_, _, t)| t).collect();
+        for t in stopping {
             t.abort();
+            let _ = self.vault.block_on(t);
         }
         self.in_flight_bytes = 0;
         self.first = None;
@@ -735,6 +740,7 @@ impl Vault {
         let text = serde_json::to_vec_pretty(m).expect("a manifest serializes");
         let rel = Self::manifest_rel(m);
         crate::crashpoint::durable_step(&format!("publishing backup {} in vault {}", m.id, self.location()));
+        self.require_objects(m)?;
         self.require_parent(m)?;
         match self.put_raw(&rel, text.clone(), PutMode::Create) {
             Ok(()) => Ok(()),

@@ -14,8 +14,9 @@ use crate::progress::Control;
 /// The [`SyncRunner`] to give [`crate::catalog::jobs::run_jobs`]: it opens
 /// `sync.vault` and sends the VM's backups the vault lacks with the
 /// settings' rate limit, part size and parts in flight. No vault set, a
-/// bad location or refused credentials fail the job at once; anything else
-/// is retried.
+/// bad location, refused credentials, or objects of the vault lost that
+/// this store has the backup of but cannot send again (the report's
+/// `unmended`) fail the job at once; anything else is retried.
 pub fn sync_runner() -> SyncRunner {
     Arc::new(attempt)
 }
@@ -36,6 +37,16 @@ fn attempt(store: &Store, job: &Job, settings: &SyncSettings, ctl: &Control) -> 
     };
     let sent = Vault::open(location).and_then(|v| v.sync_from(store, &opts, ctl));
     match sent {
+        // Objects of the vault lost that this store has the backup of and
+        // could not send again: no retry mends them, and a job said done
+        // would hide that the vault cannot restore those backups (damage
+        // to backups only the vault keeps is in the report's `damaged`).
+        Ok(report) if !report.unmended.is_empty() => SyncAttempt::Refused(KnibError::corrupt(format!(
+            "vault {location} holds backups of {} that cannot be restored and this store could not mend: {} (sent meanwhile: {}); see knib verify --store {location}",
+            job.vm,
+            report.unmended.join(", "),
+            if report.sent.is_empty() { "nothing".to_string() } else { report.sent.join(", ") },
+        ))),
         Ok(report) => {
             log::info!(
                 "job {}: sent {} backup(s) of {} to {location} ({} bytes)",

@@ -381,13 +381,29 @@ impl Vault {
     fn objects_under(&self, rel: &str) -> Result<Vec<(String, u64)>> {
         let prefix = self.key(rel);
         let s3 = Arc::clone(&self.inner.s3);
+        // At most MAX_LISTED objects are taken in (a hostile or broken
+        // server answering page after page grew the memory without end).
         let listed = self.block_on(async move {
             use futures::TryStreamExt;
-            s3.list(Some(&prefix)).try_collect::<Vec<_>>().await
+            let mut got = Vec::new();
+            let mut stream = s3.list(Some(&prefix));
+            while let Some(o) = stream.try_next().await? {
+                if got.len() >= MAX_LISTED {
+                    return Ok(Err(got.len()));
+                }
+                got.push(o);
+            }
+            Ok(Ok(got))
         });
+        let listed = listed.map_err(|e| self.inner.error("cannot list", &e))?.map_err(|n| {
+            KnibError::corrupt(format!(
+                "vault {}: the listing of {rel}/ has more than {n} objects, more than knib writes there: refused",
+                self.location()
+            ))
+        })?;
         let want = format!("{rel}/");
         let mut out = Vec::new();
-        for o in listed.map_err(|e| self.inner.error("cannot list", &e))? {
+        for o in listed {
             match self.inner.rel_of(&o.location) {
                 Some(r) if r.starts_with(&want) && !r[want.len()..].is_empty() => out.push((r, o.size)),
                 _ => log::warn!(
@@ -423,6 +439,34 @@ impl Vault {
 
     /// Before a backup's manifest is written: its parent must still be in
     /// the vault (a delete may have removed it while the backup was sent).
+    /// Refuse to publish `m` unless every object it names is in the vault
+    /// at the length it says: another writer's cleanup of unfinished
+    /// backups (two stores syncing one VM name, against the one-writer
+    /// rule) may have removed a finished object, and the manifest would
+    /// name what is not there, the backup answered as sent.
+    pub(super) fn require_objects(&self, m: &Manifest) -> Result<()> {
+        for v in &m.volumes {
+            let rel = format!("vms/{}/{}/{}", m.vm, m.id, v.file);
+            let key = self.key(&rel);
+            let s3 = Arc::clone(&self.inner.s3);
+            let k = key.clone();
+            let found = match self.block_on(async move { s3.head(&k).await }) {
+                Ok(meta) if meta.size == v.size => continue,
+                Ok(meta) => format!("has {} bytes, not the {} sent", meta.size, v.size),
+                Err(object_store::Error::NotFound { .. }) => "is not there".to_string(),
+                Err(e) => return Err(self.inner.error("cannot read", &e)),
+            };
+            return Err(KnibError::corrupt(format!(
+                "backup {} is not published in vault {}: its object {} {found} (removed by another writer of VM {}?)",
+                m.id,
+                self.location(),
+                self.inner.show(&key),
+                m.vm
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn require_parent(&self, m: &Manifest) -> Result<()> {
         let Some(p) = &m.parent else { return Ok(()) };
         match self.load_manifest(&m.vm, p)? {
@@ -675,8 +719,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out.replace('\n', " ")
 }
 
+/// The most objects one listing takes in: a VM's backups times their
+/// volumes, far below this.
+const MAX_LISTED: usize = 1_000_000;
+
 /// `text` with every secret (of 4 bytes or more) replaced by `***`.
-fn redact(secrets: &[String], text: &str) -> String {
+pub(super) fn redact(secrets: &[String], text: &str) -> String {
     let mut out = text.to_string();
     for s in secrets.iter().filter(|s| s.len() >= 4) {
         out = out.replace(s.as_str(), "***");

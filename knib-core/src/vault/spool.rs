@@ -134,6 +134,9 @@ pub(super) struct Sender {
     pub(super) key: Key,
     /// Counts the chunks of the bodies in memory.
     pub(super) gauge: Arc<Gauge>,
+    /// The credentials, blanked out of what is logged (a server may echo
+    /// the request's headers in its answer).
+    pub(super) secrets: Vec<String>,
 }
 
 /// Why one PUT failed, and whether it is worth sending again.
@@ -175,7 +178,7 @@ impl Sender {
                     log::info!(
                         "{}: {what}: {} (sent again in {wait:?}, retry {retries} of {})",
                         self.key,
-                        f.message,
+                        super::redact(&self.secrets, &f.message),
                         self.retry.max_retries
                     );
                     tokio::time::sleep(wait).await;
@@ -387,6 +390,7 @@ mod tests {
             retry,
             key: Key::from("vms/vm1/b1/root disk.qcow2"),
             gauge: Arc::clone(gauge),
+            secrets: vec!["AKIDTEST".into(), "SECRETTEST".into()],
         })
     }
 

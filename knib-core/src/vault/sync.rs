@@ -127,6 +127,13 @@ pub struct SyncReport {
     /// restored from the vault (`knib verify` says the same).
     #[serde(default)]
     pub damaged: Vec<String>,
+    /// The backups among `damaged` that this store has, whose file could
+    /// not mend the vault's (it is not the one sent): a sync job fails on
+    /// them (`knib sync` exits `corrupt`). Damage to backups only the vault
+    /// keeps is reported in `damaged` alone (no sync of this store can mend
+    /// it, and a job failing on it would fail for good).
+    #[serde(default)]
+    pub unmended: Vec<String>,
     /// Bytes of the vault's objects read and checked against their hashes
     /// (with [`SyncOptions::check`]; 0 without).
     #[serde(default)]
@@ -279,25 +286,31 @@ impl Vault {
                     Some(&n) => format!("is {n} bytes long, its manifest says {}", v.size),
                     None => "is gone".to_string(),
                 };
-                let mut damaged = |why: &str| {
+                let mut damaged = |why: &str, here: bool| {
                     let line = format!("backup {}: object {rel} {lost}, and {why}", m.id);
                     log::warn!("vault {}: {line}", self.location());
                     report.damaged.push(line);
+                    if here && !report.unmended.contains(&m.id) {
+                        report.unmended.push(m.id.clone());
+                    }
                 };
                 if v.hash.is_none() {
-                    damaged("the vault's manifest has no hash to check a copy against");
+                    damaged(
+                        "the vault's manifest has no hash to check a copy against",
+                        local.iter().any(|l| l.id == m.id),
+                    );
                     continue;
                 }
                 let Some(mine) = local.iter().find(|l| l.id == m.id) else {
-                    damaged("this store has no backup of that id to send it again from");
+                    damaged("this store has no backup of that id to send it again from", false);
                     continue;
                 };
                 let Ok(entry) = mine.volume(&v.name) else {
-                    damaged("this store's backup of that id has no such volume");
+                    damaged("this store's backup of that id has no such volume", true);
                     continue;
                 };
                 if entry.hash.is_some() && entry.hash != v.hash {
-                    damaged("this store's file of it is not the one sent (another hash: compressed since?)");
+                    damaged("this store's file of it is not the one sent (another hash: compressed since?)", true);
                     continue;
                 }
                 // A delete of the backup running meanwhile (its manifest
@@ -318,10 +331,13 @@ impl Vault {
                 let (len, hash) = self.upload_file(store, &file, &rel, &record, opts, ctl)?;
                 if Some(&hash) != v.hash.as_ref() || len != v.size {
                     self.delete_key(&rel)?;
-                    damaged(&format!(
-                        "this store's file of it, {}, is not the one sent (hash {hash}, {len} bytes)",
-                        file.display()
-                    ));
+                    damaged(
+                        &format!(
+                            "this store's file of it, {}, is not the one sent (hash {hash}, {len} bytes)",
+                            file.display()
+                        ),
+                        true,
+                    );
                     continue;
                 }
                 report.bytes_sent += len;
@@ -406,6 +422,7 @@ impl Vault {
         let text = serde_json::to_vec_pretty(&out).expect("a manifest serializes");
         let rel = Self::manifest_rel(&out);
         crate::crashpoint::durable_step(&format!("publishing backup {} in vault {}", m.id, self.location()));
+        self.require_objects(&out)?;
         self.require_parent(&out)?;
         match self.put_raw(&rel, text.clone(), PutMode::Create) {
             Ok(()) => Ok(()),

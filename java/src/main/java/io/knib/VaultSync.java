@@ -57,6 +57,7 @@ public final class VaultSync {
         private final long abortedUploads;
         private final List<String> repaired;
         private final List<String> damaged;
+        private final List<String> unmended;
         private final long bytesChecked;
 
         private Report() {
@@ -66,6 +67,7 @@ public final class VaultSync {
             abortedUploads = 0;
             repaired = null;
             damaged = null;
+            unmended = null;
             bytesChecked = 0;
         }
 
@@ -89,6 +91,12 @@ public final class VaultSync {
          *     cannot send again, one line each
          */
         public List<String> damaged() { return Json.view(damaged); }
+
+        /**
+         * @return the backups among {@link #damaged()} that this store has
+         *     but could not mend the vault's copy of
+         */
+        public List<String> unmended() { return Json.view(unmended); }
 
         /** @return the bytes of the vault's objects read and checked (with {@code check}; else 0) */
         public long bytesChecked() { return bytesChecked; }
