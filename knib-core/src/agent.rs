@@ -233,6 +233,36 @@ pub(crate) fn budget(ctl: &Control, secs: Option<u64>) -> Control {
     }
 }
 
+/// Refuse a volume file `top` that is a regular file when a file below it
+/// in its backing chain (`chain`, as `qemu-img info --backing-chain` lists
+/// it, `top` first) is not one: a volume on file storage is backed by
+/// template and delta files, and a block device under it (a backing pointer
+/// of an uploaded image naming `/dev/sda`) would be copied into the store,
+/// a host disk handed to whoever may download the backup. (A volume that
+/// is itself a block device is left to the caller, which refuses one
+/// today.)
+pub(crate) fn refuse_devices_below_a_file(
+    op: &str,
+    uuid: &str,
+    top: &Path,
+    chain: &[crate::qemu_img::ImageInfo],
+) -> Result<()> {
+    if !std::fs::metadata(top).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
+    for (upper, layer) in chain.iter().zip(chain.iter().skip(1)) {
+        let f = Path::new(&layer.filename);
+        if !std::fs::metadata(f).is_ok_and(|m| m.is_file()) {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: volume {uuid}: {} is backed by {}, which is not a regular file: a volume file is backed by files only, and it is not read",
+                upper.filename,
+                f.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// `p` with symbolic links and `..` resolved, or as given when it does not
 /// exist.
 fn canonical(p: &Path) -> PathBuf {

@@ -66,7 +66,7 @@ fn vm_disks(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) 
                 // a volume file.
                 crate::engine::stopped::refuse_special_layers(&v.path)?;
                 let chain = q.info_chain(&v.path, ctl)?;
-                super::stopped::refuse_devices_below_a_file(op, &v.uuid, &v.path, &chain)?;
+                super::refuse_devices_below_a_file(op, &v.uuid, &v.path, &chain)?;
                 let Some(format) = chain.first().map(|i| i.format.clone()) else {
                     return Err(KnibError::internal(format!("qemu-img info of {} lists no image", v.path.display())));
                 };

@@ -112,7 +112,7 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             // it is refused before qemu-img is asked (it would wait on it).
             crate::engine::stopped::refuse_special_layers(&v.path)?;
             let chain = q.info_chain(&v.path, ctl)?;
-            refuse_devices_below_a_file(op, &v.uuid, &v.path, &chain)?;
+            super::refuse_devices_below_a_file(op, &v.uuid, &v.path, &chain)?;
             let Some(info) = chain.first() else {
                 return Err(KnibError::internal(format!("qemu-img info of {} lists no image", v.path.display())));
             };
@@ -190,36 +190,6 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
         data_path: Default::default(),
         compress: None,
     })
-}
-
-/// Refuse a volume file `top` that is a regular file when a file below it
-/// in its backing chain (`chain`, as `qemu-img info --backing-chain` lists
-/// it, `top` first) is not one: a volume on file storage is backed by
-/// template and delta files, and a block device under it (a backing pointer
-/// of an uploaded image naming `/dev/sda`) would be copied into the store,
-/// a host disk handed to whoever may download the backup. (A volume that
-/// is itself a block device is left to the caller, which refuses one
-/// today.)
-pub(super) fn refuse_devices_below_a_file(
-    op: &str,
-    uuid: &str,
-    top: &Path,
-    chain: &[crate::qemu_img::ImageInfo],
-) -> Result<()> {
-    if !std::fs::metadata(top).is_ok_and(|m| m.is_file()) {
-        return Ok(());
-    }
-    for (upper, layer) in chain.iter().zip(chain.iter().skip(1)) {
-        let f = Path::new(&layer.filename);
-        if !std::fs::metadata(f).is_ok_and(|m| m.is_file()) {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: volume {uuid}: {} is backed by {}, which is not a regular file: a volume file is backed by files only, and it is not read",
-                upper.filename,
-                f.display()
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Refuse method `bitmap` for a VM without a domain when knib is built
