@@ -10,17 +10,21 @@
 
 use std::sync::Once;
 
+/// The message a panic was raised with (its payload as text), or
+/// "(no message)" for a payload that is not text.
+pub fn payload_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Send every panic of this process to the log instead of stderr (idempotent).
 pub fn log_panics() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         std::panic::set_hook(Box::new(|info| {
-            let p = info.payload();
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(no message)".into());
+            let what = payload_message(info.payload());
             let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_else(|| "?".into());
             let thread = std::thread::current();
             log::error!(

@@ -29,11 +29,7 @@ impl Fail {
 
     /// A caught panic with payload `p`.
     pub fn panic(p: &(dyn Any + Send)) -> Self {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
+        let what = knib_core::panic_log::payload_message(p);
         Fail::new(knib_result::Panic, format!("panic: knib panicked (a bug) and recovered: {what}"))
     }
 }

@@ -38,11 +38,7 @@ impl From<jni::errors::Error> for Failure {
 
 impl Failure {
     fn panic(p: &(dyn Any + Send)) -> Self {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "(no message)".into());
+        let what = knib_core::panic_log::payload_message(p);
         Failure::Panic(format!("internal: knib panicked (a bug) and recovered: {what}"))
     }
 }

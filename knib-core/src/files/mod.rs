@@ -413,11 +413,7 @@ impl Disk {
                 }
             }),
             Err(p) => {
-                let msg = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
+                let msg = crate::panic_log::payload_message(p.as_ref());
                 Err(KnibError::internal(format!("{what}: the reader failed: {msg}")))
             }
         }

@@ -51,14 +51,6 @@ fn on_each<T: Send>(vms: &[&Vm], f: impl Fn(&Vm) -> T + Sync, panicked: impl Fn(
     })
 }
 
-/// The message of a panic's payload.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "(no message)".into())
-}
-
 /// The group's timing and each member's snapshot instant and quiescing,
 /// into its record (`snaps`: the members' snapshot instants, in order).
 fn stamp(record: &mut GroupRecord, snaps: &[SystemTime], freeze_to_thaw: Option<Duration>, frozen: &[bool]) {
@@ -269,7 +261,7 @@ impl Store {
                             })(),
                         };
                         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|p| {
-                            let what = panic_message(p.as_ref());
+                            let what = crate::panic_log::payload_message(p.as_ref());
                             log::error!(
                                 "group {}: the backup of VM {name} panicked: {what}",
                                 member_opts.group.as_deref().unwrap_or("?")

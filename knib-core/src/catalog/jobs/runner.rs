@@ -427,11 +427,7 @@ fn execute(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) -> 
         JobKind::Sync => sync_job(store, job, settings, opts),
     }));
     run.unwrap_or_else(|p| {
-        let what = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let what = crate::panic_log::payload_message(p.as_ref());
         Outcome::Failed(KnibError::internal(format!("job {} panicked: {what}", job.id)))
     })
 }
