@@ -233,6 +233,26 @@ pub(crate) fn budget(ctl: &Control, secs: Option<u64>) -> Control {
     }
 }
 
+/// The backing chain of volume `uuid`'s file `path` (`path` first, never
+/// empty), as the copy reads it: a FIFO in it is refused before qemu-img is
+/// asked (it would wait on it), and so is a device below a volume file
+/// ([`refuse_devices_below_a_file`]).
+pub(crate) fn volume_chain(
+    op: &str,
+    uuid: &str,
+    path: &Path,
+    q: &crate::qemu_img::QemuImg,
+    ctl: &Control,
+) -> Result<Vec<crate::qemu_img::ImageInfo>> {
+    crate::engine::stopped::refuse_special_layers(path)?;
+    let chain = q.info_chain(path, ctl)?;
+    refuse_devices_below_a_file(op, uuid, path, &chain)?;
+    if chain.is_empty() {
+        return Err(KnibError::internal(format!("qemu-img info of {} lists no image", path.display())));
+    }
+    Ok(chain)
+}
+
 /// Refuse a volume file `top` that is a regular file when a file below it
 /// in its backing chain (`chain`, as `qemu-img info --backing-chain` lists
 /// it, `top` first) is not one: a volume on file storage is backed by

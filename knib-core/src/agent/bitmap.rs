@@ -61,15 +61,8 @@ fn vm_disks(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) 
             let mut disks = Vec::new();
             for (i, v) in r.volumes.iter().enumerate() {
                 absolute(op, &format!("volumes[{i}].path"), &v.path)?;
-                // As the snapshot method has it: the chain the copy reads,
-                // a FIFO refused before qemu-img is asked, no device below
-                // a volume file.
-                crate::engine::stopped::refuse_special_layers(&v.path)?;
-                let chain = q.info_chain(&v.path, ctl)?;
-                super::refuse_devices_below_a_file(op, &v.uuid, &v.path, &chain)?;
-                let Some(format) = chain.first().map(|i| i.format.clone()) else {
-                    return Err(KnibError::internal(format!("qemu-img info of {} lists no image", v.path.display())));
-                };
+                // As the snapshot method has it: the chain the copy reads.
+                let format = super::volume_chain(op, &v.uuid, &v.path, q, ctl)?.swap_remove(0).format;
                 if format != "qcow2" && format != "raw" {
                     return Err(KnibError::invalid(format!(
                         "volume {}: {} is a {format} image: knib backs up qcow2 and raw disks",

@@ -108,14 +108,9 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
                     )));
                 }
             }
-            // The chain below the volume, which the copy reads; a FIFO in
-            // it is refused before qemu-img is asked (it would wait on it).
-            crate::engine::stopped::refuse_special_layers(&v.path)?;
-            let chain = q.info_chain(&v.path, ctl)?;
-            super::refuse_devices_below_a_file(op, &v.uuid, &v.path, &chain)?;
-            let Some(info) = chain.first() else {
-                return Err(KnibError::internal(format!("qemu-img info of {} lists no image", v.path.display())));
-            };
+            // The chain below the volume, which the copy reads.
+            let chain = super::volume_chain(op, &v.uuid, &v.path, q, ctl)?;
+            let info = &chain[0];
             if info.format != "qcow2" {
                 return Err(KnibError::invalid(format!(
                     "volume {}: {} is {}, not qcow2",
