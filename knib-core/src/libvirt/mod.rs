@@ -287,23 +287,25 @@ impl Vm {
     /// definition is rewritten; `<backingStore>` elements of those disks are
     /// dropped, libvirt reads the chain from the images).
     pub fn set_disk_sources(&self, sources: &[(String, PathBuf)]) -> Result<()> {
-        let xml = self
-            .dom
-            .xml_desc(ffi::VIR_DOMAIN_XML_INACTIVE)
-            .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", self.name())))?;
-        let new = replace_disk_sources(&xml, sources)?;
-        self.dom.redefine(&new).map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))
+        self.redefine_disk_sources(sources, None).map(drop)
     }
 
     /// [`Vm::set_disk_sources`] for qcow2 files (a quick restore's
     /// overlays): those disks' driver type is set to qcow2 too. Returns the
     /// definition before, for [`Vm::put_back_definition`].
     pub fn set_disk_sources_qcow2(&self, sources: &[(String, PathBuf)]) -> Result<String> {
+        self.redefine_disk_sources(sources, Some("qcow2"))
+    }
+
+    /// Redefine the domain with disks `sources` pointed at other files (and
+    /// their driver type set to `format` when given); returns the
+    /// definition before.
+    fn redefine_disk_sources(&self, sources: &[(String, PathBuf)], format: Option<&str>) -> Result<String> {
         let xml = self
             .dom
             .xml_desc(ffi::VIR_DOMAIN_XML_INACTIVE)
             .map_err(|e| KnibError::hypervisor(format!("reading the definition of domain {}: {e}", self.name())))?;
-        let new = xml::replace_disk_sources_as(&xml, sources, Some("qcow2"))?;
+        let new = xml::replace_disk_sources_as(&xml, sources, format)?;
         self.dom
             .redefine(&new)
             .map_err(|e| KnibError::hypervisor(format!("redefining domain {}: {e}", self.name())))?;
