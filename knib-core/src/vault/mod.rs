@@ -437,8 +437,6 @@ impl Vault {
         Ok(self.keys_under(&format!("uploads/{vm}"))?.into_iter().next().map(|k| format!("upload record {k}")))
     }
 
-    /// Before a backup's manifest is written: its parent must still be in
-    /// the vault (a delete may have removed it while the backup was sent).
     /// Refuse to publish `m` unless every object it names is in the vault
     /// at the length it says: another writer's cleanup of unfinished
     /// backups (two stores syncing one VM name, against the one-writer
@@ -446,15 +444,11 @@ impl Vault {
     /// name what is not there, the backup answered as sent.
     pub(super) fn require_objects(&self, m: &Manifest) -> Result<()> {
         for v in &m.volumes {
-            let rel = format!("vms/{}/{}/{}", m.vm, m.id, v.file);
-            let key = self.key(&rel);
-            let s3 = Arc::clone(&self.inner.s3);
-            let k = key.clone();
-            let found = match self.block_on(async move { s3.head(&k).await }) {
-                Ok(meta) if meta.size == v.size => continue,
-                Ok(meta) => format!("has {} bytes, not the {} sent", meta.size, v.size),
-                Err(object_store::Error::NotFound { .. }) => "is not there".to_string(),
-                Err(e) => return Err(self.inner.error("cannot read", &e)),
+            let key = self.key(&format!("vms/{}/{}/{}", m.vm, m.id, v.file));
+            let found = match self.head_len(&key)? {
+                Some((len, _)) if len == v.size => continue,
+                Some((len, _)) => format!("has {len} bytes, not the {} sent", v.size),
+                None => "is not there".to_string(),
             };
             return Err(KnibError::corrupt(format!(
                 "backup {} is not published in vault {}: its object {} {found} (removed by another writer of VM {}?)",
@@ -467,6 +461,8 @@ impl Vault {
         Ok(())
     }
 
+    /// Before a backup's manifest is written: its parent must still be in
+    /// the vault (a delete may have removed it while the backup was sent).
     pub(super) fn require_parent(&self, m: &Manifest) -> Result<()> {
         let Some(p) = &m.parent else { return Ok(()) };
         match self.load_manifest(&m.vm, p)? {

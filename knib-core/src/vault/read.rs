@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use object_store::path::Path as Key;
 use object_store::ObjectStore;
 use serde::{Deserialize, Serialize};
 
@@ -63,23 +64,31 @@ impl Vault {
     /// manifest's size, and its ETag (the version every later read asks for).
     pub(super) fn object_len(&self, rel: &str, want: u64) -> Result<(u64, Option<String>)> {
         let key = self.key(rel);
-        let s3 = Arc::clone(&self.inner.s3);
-        let k = key.clone();
-        let meta = self.block_on(async move { s3.head(&k).await }).map_err(|e| match e {
-            object_store::Error::NotFound { .. } => KnibError::corrupt(format!(
+        let Some((len, e_tag)) = self.head_len(&key)? else {
+            return Err(KnibError::corrupt(format!(
                 "object {} is missing from the vault, though its manifest is there",
                 self.inner.show(&key)
-            )),
-            e => self.inner.error("cannot read", &e),
-        })?;
-        let len = meta.size;
+            )));
+        };
         if len != want {
             return Err(KnibError::corrupt(format!(
                 "object {} is {len} bytes long, its manifest says {want}: the vault was damaged",
                 self.inner.show(&key)
             )));
         }
-        Ok((len, meta.e_tag))
+        Ok((len, e_tag))
+    }
+
+    /// The length and ETag of object `key` (a full key), or `None` when
+    /// there is no such object.
+    pub(super) fn head_len(&self, key: &Key) -> Result<Option<(u64, Option<String>)>> {
+        let s3 = Arc::clone(&self.inner.s3);
+        let k = key.clone();
+        match self.block_on(async move { s3.head(&k).await }) {
+            Ok(meta) => Ok(Some((meta.size, meta.e_tag))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.inner.error("cannot read", &e)),
+        }
     }
 
     /// Open volume `volume` of `m`'s chain as a qcow2 [`Chain`] over ranged
