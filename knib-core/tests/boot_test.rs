@@ -402,6 +402,33 @@ fn a_cancelled_boot_test_leaves_nothing_behind() {
 
 /// The validation jobs of the store: a boot test as the queue runs it.
 #[test]
+fn a_boot_test_on_a_remote_uri_is_refused_before_anything_is_copied() {
+    use knib_core::catalog::settings::ValidationSettings;
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("vda.qcow2");
+    common::disk::make_disk(&disk, 4 << 20, &[]);
+    let store = Store::create(tmp.path().join("store")).unwrap();
+    let disks = vec![DiskSpec { name: "vda".into(), path: disk }];
+    let m = store.backup("guest", &disks, &BackupOptions::default(), &Control::new()).unwrap();
+    std::fs::write(store.root().join("vmlinuz"), b"kernel").unwrap();
+    for connect in ["qemu+ssh://host/system", "qemu+ext:///system?command=/bin/true", "xen:///system"] {
+        let settings = ValidationSettings {
+            boot: true,
+            connect: connect.into(),
+            kernel: Some("vmlinuz".into()),
+            ..Default::default()
+        };
+        let work = tmp.path().join("work");
+        let e = store.validate(&m.id, &settings, &work, None, &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains("validation.connect must be a local QEMU URI"), "{e}");
+        assert!(e.message.contains(connect), "{e}");
+        // Nothing was made for a test that cannot run.
+        assert!(std::fs::symlink_metadata(&work).is_err(), "{connect}: {} was left", work.display());
+    }
+}
+
+#[test]
 fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
     use knib_core::catalog::jobs::{run_jobs, screenshot_path, JobState, RunOptions};
     if skip_without_libvirt("validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed") {

@@ -116,18 +116,22 @@ impl Store {
                     expect_exit: settings.expect_exit,
                     expect_output: settings.expect_output.clone(),
                 });
+                // A store's settings pick no remote host and no transport
+                // that runs a program.
+                if !super::settings::is_local_qemu_uri(&settings.connect) {
+                    return Err(KnibError::invalid(format!(
+                        "setting validation.connect must be a local QEMU URI (qemu:///system, qemu:///session, or the same with qemu+unix), not {:?}: a store's settings pick no remote host and no transport that runs a program",
+                        settings.connect
+                    )));
+                }
                 std::fs::create_dir_all(work_dir).map_err(|e| KnibError::io("cannot create", work_dir, e))?;
+                let _remove = RemoveDir(work_dir);
                 let copy = |rel: &Option<PathBuf>, what: &str| match rel {
                     Some(rel) => self.boot_file_copy(rel, work_dir, what).map(Some),
                     None => Ok(None),
                 };
-                let (kernel, initrd) = match (copy(&settings.kernel, "kernel"), copy(&settings.initrd, "initrd")) {
-                    (Ok(k), Ok(i)) => (k, i),
-                    (Err(e), _) | (_, Err(e)) => {
-                        let _ = std::fs::remove_dir_all(work_dir);
-                        return Err(e);
-                    }
-                };
+                let kernel = copy(&settings.kernel, "kernel")?;
+                let initrd = copy(&settings.initrd, "initrd")?;
                 let req = BootTestRequest {
                     backup_files: self.boot_files(&m)?,
                     work_dir: work_dir.to_path_buf(),
@@ -142,26 +146,8 @@ impl Store {
                     max_write_bytes: settings.max_write_mib.map(|m| m << 20),
                     timing: Default::default(),
                 };
-                // A store's settings pick no remote host and no transport
-                // that runs a program.
-                if !super::settings::is_local_qemu_uri(&settings.connect) {
-                    let _ = std::fs::remove_dir_all(work_dir);
-                    return Err(KnibError::invalid(format!(
-                        "setting validation.connect must be a local QEMU URI (qemu:///system, qemu:///session, or the same with qemu+unix), not {:?}: a store's settings pick no remote host and no transport that runs a program",
-                        settings.connect
-                    )));
-                }
-                let hv = crate::libvirt::Hypervisor::open(&settings.connect);
-                let hv = match hv {
-                    Ok(hv) => hv,
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(work_dir);
-                        return Err(e);
-                    }
-                };
-                let report = boot_test(&hv, &req, ctl);
-                let _ = std::fs::remove_dir_all(work_dir);
-                let report = report?;
+                let hv = crate::libvirt::Hypervisor::open(&settings.connect)?;
+                let report = boot_test(&hv, &req, ctl)?;
                 problems.extend(report.problems.iter().map(|p| format!("boot test: {p}")));
                 boot = Some(report);
             }
@@ -179,5 +165,17 @@ impl Store {
             #[cfg(feature = "libvirt")]
             boot,
         })
+    }
+}
+
+/// A boot test's work directory, removed (with all in it) when dropped:
+/// on every way out of [`Store::validate`].
+#[cfg(feature = "libvirt")]
+struct RemoveDir<'a>(&'a Path);
+
+#[cfg(feature = "libvirt")]
+impl Drop for RemoveDir<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.0);
     }
 }
