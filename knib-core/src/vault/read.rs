@@ -240,6 +240,7 @@ impl Vault {
                         Ok(None) => {}
                         Ok(Some(m)) if m.removed => {}
                         Ok(Some(m)) => reports.push(self.verify_one(&m, false, ctl)?),
+                        Err(e) if not_damage(&e) => return Err(e),
                         Err(e) => reports.push(VerifyReport::unreadable(id, &vm, &e)),
                     }
                 }
@@ -248,14 +249,18 @@ impl Vault {
         Ok(VaultVerify { reports, bytes_fetched: self.bytes_fetched() - before })
     }
 
+    /// The checks of backup `m`: what was found bad is the report's
+    /// problems; what stopped the checks without saying anything of the
+    /// backup ([`not_damage`]) is the error.
     fn verify_one(&self, m: &Manifest, whole_chain: bool, ctl: &Control) -> Result<VerifyReport> {
         let mut problems = Vec::new();
         let mut files_checked = 0;
+        crate::crashpoint::pause_point(&format!("verify of {} in the vault", m.id));
         for v in &m.volumes {
             ctl.check(&format!("verify of {} in the vault", m.id))?;
             let (mut chain, opened) = match self.open_chain(m, &v.name, true) {
                 Ok(c) => c,
-                Err(e) if matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout) => return Err(e),
+                Err(e) if not_damage(&e) => return Err(e),
                 Err(e) => {
                     problems.push(e.message);
                     continue;
@@ -279,7 +284,7 @@ impl Vault {
                     r.leaks,
                     r.problems.join("; ")
                 )),
-                Err(e) if matches!(e.kind, crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout) => return Err(e),
+                Err(e) if not_damage(&e) => return Err(e),
                 Err(e) => problems.push(e.message),
             }
             let hashed = if whole_chain { &opened[..] } else { std::slice::from_ref(own) };
@@ -293,10 +298,7 @@ impl Vault {
                         o.hash.as_deref().unwrap_or("(none)")
                     )),
                     Ok(_) => {}
-                    // The caller's cancellation or time budget is no damage.
-                    Err(e) if matches!(e.kind, crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout) => {
-                        return Err(e)
-                    }
+                    Err(e) if not_damage(&e) => return Err(e),
                     Err(e) => problems.push(e.message),
                 }
             }
@@ -309,6 +311,15 @@ impl Vault {
             chain_hashes: BTreeMap::new(),
         })
     }
+}
+
+/// An error of a vault's verify that says nothing of the backup verified:
+/// the caller's cancellation or time budget, or the vault not answering
+/// (unreachable, refusing the credentials: an I/O error of the S3 client,
+/// where what the vault holds is found wrong as `Corrupt` or `NotFound`).
+/// The verify fails with it rather than report a whole backup as bad.
+fn not_damage(e: &KnibError) -> bool {
+    matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout | ErrorKind::Io)
 }
 
 /// The hash of each object of a restored chain against its manifest's.
