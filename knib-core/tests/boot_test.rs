@@ -457,39 +457,37 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
         })
         .to_string()
     };
+    // One validation job of backup `id` under settings `json`, run: it ends
+    // done (`done`) or failed.
+    let validate = |id: &str, json: String, done: bool| -> knib_core::catalog::jobs::Job {
+        std::fs::write(store.root().join("knib.json"), json).unwrap();
+        let job = store.queue_validation(id).unwrap();
+        let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+        let j = store.job(&job.id).unwrap();
+        assert_eq!(if done { &summary.done } else { &summary.failed }, &vec![job.id.clone()], "{j:?}");
+        j
+    };
     // An initrd that is a link out of the store (to a host file the guest
     // would read) is refused before anything boots.
     let mut linked: serde_json::Value = serde_json::from_str(&settings(BOOT_TIMEOUT_SECS)).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", store.root().join("boot/host-file")).unwrap();
     linked["validation.initrd"] = "boot/host-file".into();
-    std::fs::write(store.root().join("knib.json"), linked.to_string()).unwrap();
-    let job = store.queue_validation(&good.id).unwrap();
-    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
-    let j = store.job(&job.id).unwrap();
-    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    let j = validate(&good.id, linked.to_string(), false);
     let why = j.last_error.clone().unwrap();
     assert!(why.contains("validation.initrd") && why.contains("boot/host-file"), "{why}");
     assert!(j.result.as_ref().is_none_or(|r| r.get("boot").is_none_or(|b| b.is_null())), "{j:?}");
     // An absolute path (which knib once took) loads, but fails the boot
     // test, naming the setting.
     linked["validation.initrd"] = g.initrd.to_str().unwrap().into();
-    std::fs::write(store.root().join("knib.json"), linked.to_string()).unwrap();
-    let job = store.queue_validation(&good.id).unwrap();
-    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
-    let j = store.job(&job.id).unwrap();
-    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    let j = validate(&good.id, linked.to_string(), false);
     let why = j.last_error.clone().unwrap();
     assert!(why.contains("setting validation.initrd must be a path inside the store"), "{why}");
 
-    std::fs::write(store.root().join("knib.json"), settings(BOOT_TIMEOUT_SECS)).unwrap();
-    let job = store.queue_validation(&good.id).unwrap();
-    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
-    let j = store.job(&job.id).unwrap();
-    assert_eq!(summary.done, vec![job.id.clone()], "{j:?}");
+    let j = validate(&good.id, settings(BOOT_TIMEOUT_SECS), true);
     let boot = &j.result.as_ref().unwrap()["boot"];
     assert_eq!(boot["passed"], true, "{boot}");
     assert_eq!(boot["command_output"].as_str().map(str::trim_end), Some("Linux"), "{boot}");
-    let shot = screenshot_path(&store, &job.id);
+    let shot = screenshot_path(&store, &j.id);
     assert_eq!(boot["screenshot"].as_str(), Some(shot.to_str().unwrap()));
     let (w, h, _) = decode_png(&shot);
     assert!(w > 0 && h > 0 && std::fs::metadata(&shot).unwrap().len() > 0);
@@ -502,11 +500,7 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
     limited["validation.max_write_mib"] = 8.into();
     limited["validation.command"] =
         serde_json::json!(["/bin/sh", "-c", "dd if=/dev/urandom of=/fill bs=1M count=32 && sync && uname"]);
-    std::fs::write(store.root().join("knib.json"), limited.to_string()).unwrap();
-    let job = store.queue_validation(&good.id).unwrap();
-    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
-    let j = store.job(&job.id).unwrap();
-    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    let j = validate(&good.id, limited.to_string(), false);
     let why = j.last_error.clone().unwrap();
     assert!(why.contains("boot test: the guest was stopped: it wrote ") && why.contains("limit of 8.0 MiB"), "{why}");
     let domain = j.result.as_ref().unwrap()["boot"]["domain"].as_str().unwrap().to_string();
@@ -521,15 +515,11 @@ fn validation_jobs_boot_a_backup_and_fail_one_whose_root_disk_was_zeroed() {
     let disks = vec![DiskSpec { name: "vda".into(), path: root }];
     let zeroed = store.backup("guest", &disks, &BackupOptions::default(), &Control::new()).unwrap();
     assert_eq!(zeroed.kind, BackupKind::Incremental);
-    std::fs::write(store.root().join("knib.json"), settings(NO_BOOT_TIMEOUT_SECS)).unwrap();
     let images = |m: BTreeMap<PathBuf, (SystemTime, String)>| -> BTreeMap<PathBuf, (SystemTime, String)> {
         m.into_iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "qcow2")).collect()
     };
     let before = images(snapshot_files(&store.root().join("vms")));
-    let job = store.queue_validation(&zeroed.id).unwrap();
-    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
-    let j = store.job(&job.id).unwrap();
-    assert_eq!(summary.failed, vec![job.id.clone()], "{j:?}");
+    let j = validate(&zeroed.id, settings(NO_BOOT_TIMEOUT_SECS), false);
     assert_eq!(j.state, JobState::Failed);
     let why = j.last_error.clone().unwrap();
     let want = format!("boot test: no answer from the guest agent within {NO_BOOT_TIMEOUT_SECS} s");
