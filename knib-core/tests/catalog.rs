@@ -505,6 +505,74 @@ fn a_second_backup_of_the_same_vm_while_one_runs_is_busy() {
     let _ = sdir;
 }
 
+/// One disk backed up into two stores at once (each its own VM lock), and
+/// a VM started on the disk meanwhile: the disk's files are one backup's
+/// at a time, and a writer cannot open the disk while it is copied and
+/// made a base (what it wrote would be in no backup). The first backup
+/// ends whole, the disk's data is all there, and the second backup, tried
+/// again, follows it.
+#[test]
+fn one_disk_is_backed_up_by_one_backup_at_a_time_and_not_written_meanwhile() {
+    for (first_full, pause_at) in [(true, None), (false, None), (true, Some("creation of "))] {
+        let vm = TestDisks::two();
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (s1, s2) = (Store::create(d1.path()).unwrap(), Store::create(d2.path()).unwrap());
+        qemu_io(vm.path("root"), "write -P 0x61 0 16M");
+        if !first_full {
+            // The disk on its knib base already (its delta merged by the next).
+            s1.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+            qemu_io(vm.path("root"), "write -P 0x62 8M 16M");
+        }
+        let reference = vm.dir.path().join("reference.raw");
+        snapshot(vm.path("root"), &reference);
+        // The first backup stops inside its copy (or right before the
+        // disk's base is made) until the test lets it go.
+        let (first, go): (std::thread::JoinHandle<_>, Box<dyn FnOnce()>) = match pause_at {
+            None => {
+                let (ctl, reached_rx, go_tx) = common::disk::paused_at_first_progress();
+                let (s, disks) = (s1.clone(), vm.disks.clone());
+                let h = std::thread::spawn(move || s.backup("vm1", &disks, &opts(8), &ctl));
+                reached_rx.recv().unwrap();
+                (h, Box::new(move || go_tx.send(()).unwrap()))
+            }
+            Some(at) => {
+                let at = format!("{at}{}", vm.path("root").display());
+                knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(3));
+                let (s, disks) = (s1.clone(), vm.disks.clone());
+                let h = std::thread::spawn(move || s.backup("vm1", &disks, &opts(8), &Control::new()));
+                assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(60)));
+                (h, Box::new(|| {}))
+            }
+        };
+        let e = s2.backup("vm2", &vm.disks, &opts(8), &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+        assert!(e.message.contains("root.qcow2") || e.message.contains("data.qcow2"), "{e}");
+        assert!(s2.list(None).unwrap().is_empty());
+        if first_full {
+            // A writer (a VM starting on the disk) cannot open it.
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "write -P 0x63 0 64k"])
+                .arg(vm.path("root"))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("Failed to get \"write\" lock"), "a writer opened the disk: {text}");
+        }
+        go();
+        let m = first.join().unwrap().unwrap();
+        assert_eq!(m.kind, if first_full { BackupKind::Full } else { BackupKind::Incremental });
+        assert_identical(vm.path("root"), &reference);
+        assert_check_clean(vm.path("root"));
+        let mut refs = std::collections::BTreeMap::new();
+        refs.insert("root".to_string(), reference.clone());
+        restore_and_compare(&s1, &m.id, &refs);
+        // The second store's backup, once the first is done.
+        let m2 = s2.backup("vm2", &vm.disks, &opts(8), &Control::new()).unwrap();
+        restore_and_compare(&s2, &m2.id, &refs);
+        assert_identical(vm.path("root"), &reference);
+    }
+}
+
 #[test]
 fn a_backup_cancelled_during_its_copy_leaves_no_partial_backup() {
     let (vm, sdir, store, _id) = setup_one();

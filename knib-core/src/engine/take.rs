@@ -357,6 +357,15 @@ fn take_backup_to(
     if req.volumes.is_empty() {
         return Err(KnibError::invalid("a backup needs at least one volume"));
     }
+    // One knib operation at a time on a disk's files, whatever store or VM
+    // name it backs them up into: two backups of one disk making its base
+    // at once each took the other's base for their own, and the disk's
+    // data lost its last name. Held until the backup ends.
+    let files: Vec<[PathBuf; 3]> =
+        req.volumes.iter().map(|v| [v.disk.clone(), base_path(&v.disk), new_overlay_path(&v.disk)]).collect();
+    let named: Vec<&Path> = files.iter().flatten().map(PathBuf::as_path).collect();
+    let _held =
+        crate::lock::hold_for_one_operation(&named, "the backup of a disk").map_err(|e| e.with_vm_consistent(true))?;
     // A disk a QEMU holds open (a VM running on it) would be copied torn,
     // then turned into a base under the writer's feet: refused before
     // anything is written, even a repair.
@@ -406,6 +415,24 @@ fn take_backup_to(
         }
         states.push(st);
     }
+
+    // A disk that nothing merges meanwhile (not on its knib base, or an
+    // isolated backup) is held as a QEMU reader until the backup ends: a VM
+    // started on it during the copy tore the copy, and one started before
+    // its base is made wrote into what became the base, writes no backup
+    // holds. (A disk on its base is held by the merge's own writer locks.)
+    let read_only: Vec<PathBuf> = req
+        .volumes
+        .iter()
+        .zip(&states)
+        .filter(|(_, st)| !st.on_knib_base || req.kind == BackupKind::Isolated)
+        .flat_map(|(v, st)| {
+            let base = st.on_knib_base.then(|| base_path(&v.disk));
+            std::iter::once(v.disk.clone()).chain(base)
+        })
+        .collect();
+    let read_only: Vec<&Path> = read_only.iter().map(PathBuf::as_path).collect();
+    let _reading = crate::lock::hold_for_reading(&read_only, "the backup").map_err(|e| e.with_vm_consistent(true))?;
 
     // 1. Copy every volume to a temporary name on the store. On the native
     // data path, a disk on its knib base has its delta merged into the base
@@ -671,11 +698,24 @@ fn merge_after_backup(
         // `P` is never missing: the base is first a second name of `P`, then
         // the overlay replaces `P` in one rename ([`repair_volume`] undoes
         // the link after a crash). A file system without hard links gets a
-        // rename, and a crash there leaves `P` missing until the next backup.
+        // rename, and a crash there leaves `P` missing until the next backup
+        // (the overlay is durable first). Neither ever replaces an entry
+        // at the base's name: one that appeared meanwhile fails the step.
+        fsio::sync_file(&new)?;
+        fsio::sync_dir(fsio::parent_dir(&new))?;
         crate::crashpoint::durable_step(&format!("link of {} as {}", v.disk.display(), base.display()));
-        if let Err(e) = fs::hard_link(&v.disk, &base) {
-            log::debug!("cannot link {} as {} ({e}): renaming it", v.disk.display(), base.display());
-            fs::rename(&v.disk, &base).map_err(|e| KnibError::io("cannot rename to", &base, e))?;
+        match fs::hard_link(&v.disk, &base) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EOPNOTSUPP | libc::EMLINK | libc::ENOSYS)) =>
+            {
+                log::debug!("cannot link {} as {} ({e}): renaming it", v.disk.display(), base.display());
+                fsio::rename_noreplace(&v.disk, &base)?;
+            }
+            Err(e) => {
+                let _ = fsio::remove_if_exists(&new);
+                return Err(KnibError::io(&format!("cannot link {} as", v.disk.display()), &base, e));
+            }
         }
         fsio::commit_rename(&new, &v.disk)?;
     }
