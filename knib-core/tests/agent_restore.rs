@@ -65,12 +65,7 @@ fn old_deltas_that_are_files_of_the_backup_chain_or_directories_refuse_the_resto
     overlay(&base, &inc);
     qemu_io(&inc, "write -P 0x22 1M 1M");
     let reference = d.join("reference.raw");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .args([&inc, &reference])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    snapshot(&inc, &reference);
     // The volume on primary, on an old delta over an old base.
     let (old_base, vol) = (d.join("old-base.qcow2"), d.join("volume.qcow2"));
     make_disk(&old_base, 8 << 20, &[]);
@@ -258,12 +253,7 @@ fn a_backup_path_through_a_link_is_checked_as_the_chain_it_leads_to() {
     let link = beside.join("inc.qcow2");
     std::os::unix::fs::symlink(&inc, &link).unwrap();
     let reference = d.join("reference.raw");
-    let out = std::process::Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .args([&inc, &reference])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    snapshot(&inc, &reference);
     for quick in [true, false] {
         let vol = d.join(format!("volume-{quick}.qcow2"));
         make_disk(&vol, 8 << 20, &[]);
