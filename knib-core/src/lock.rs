@@ -262,10 +262,11 @@ pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> 
 
 /// Open `path` for writing, creating it (never truncating it), without
 /// following a symbolic link or waiting on a FIFO; it must be a regular
-/// file. Then take the lock of [`try_lock_byte_zero`] on it: `Ok(None)`
-/// when another holds it.
+/// file with one name (a hard link planted there has another name,
+/// anywhere on the file system: the caller writes it). Then take the lock
+/// of [`try_lock_byte_zero`] on it: `Ok(None)` when another holds it.
 pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -274,8 +275,16 @@ pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| KnibError::io("cannot create", path, e))?;
-    if !file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.is_file() {
+    let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
+    if !meta.is_file() {
         return Err(KnibError::invalid(format!("{} is not a regular file", path.display())));
+    }
+    if meta.nlink() != 1 {
+        return Err(KnibError::corrupt(format!(
+            "{} is a file with {} names: knib writes no file another name leads to; remove that entry",
+            path.display(),
+            meta.nlink()
+        )));
     }
     match try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", path, e))? {
         true => Ok(Some(file)),

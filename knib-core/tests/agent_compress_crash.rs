@@ -298,6 +298,30 @@ fn a_second_compression_of_the_same_files_is_busy() {
     assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
 }
 
+/// A hard link planted at a compression's temporary name (to another
+/// backup, a host file, or the file compressed itself) is refused before
+/// a byte is written: Corrupt, naming the entry; the file it leads to is
+/// untouched.
+#[test]
+fn a_hard_link_at_the_temporary_name_is_not_written() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x41c);
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"another file's data").unwrap();
+    let tmp = dir.join(".full.qcow2.comp.part");
+    for target in [victim.clone(), files[0].clone()] {
+        std::fs::hard_link(&target, &tmp).unwrap();
+        let before = std::fs::read(&target).unwrap();
+        let e = agent("agent.compress", &json!({"files": files})).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert!(e.message.contains(&format!("{} is a file with 2 names", tmp.display())), "{e}");
+        assert!(std::fs::read(&target).unwrap() == before, "{} was written", target.display());
+        std::fs::remove_file(&tmp).unwrap();
+    }
+    assert_chain_reads(&files, &reference);
+}
+
 /// A backup file whose refcounts are damaged (a used cluster's refcount
 /// 0; its data still reads) is not compressed: the compressed copy would
 /// be clean and replace it, hiding the damage. Corrupt, naming it, and
