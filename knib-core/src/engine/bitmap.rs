@@ -350,10 +350,12 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
             freeze::Freeze::NotSent(e) => return Err(why(e, "")),
             // The freeze may go on in the guest after libvirt gave up.
             freeze::Freeze::Failed(e) => {
+                // A guest the thaw left frozen is not consistent: the
+                // journal stays, and `knib recover` thaws it.
                 return Err(match freeze::thaw(vm) {
                     Ok(()) => why(e, " (they are thawed)"),
-                    Err(t) => why(t, &format!(" ({e})")),
-                })
+                    Err(t) => why(t, &format!(" ({e})")).with_vm_consistent(false),
+                });
             }
         }
     }
@@ -362,10 +364,19 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
     }
     let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
     let thawed = if plan.quiesce { freeze::thaw(vm) } else { Ok(()) };
+    // A backup that leaves the guest frozen fails, whether its job began
+    // or not: the caller undoes the job, the error says how to thaw the
+    // guest and that the VM is not consistent (its journal stays, and
+    // `knib recover` thaws it). A thaw's failure was lost behind the
+    // job's own.
+    if let Err(t) = thawed {
+        let e = match r {
+            Err(e) => KnibError::new(t.kind, format!("{}; and {}", e.message, t.message)),
+            Ok(()) => t,
+        };
+        return Err(e.with_vm_consistent(false));
+    }
     r?;
-    // A backup that leaves the guest frozen fails: the caller undoes the
-    // job, and the error says how to thaw the guest.
-    thawed?;
     if let Some(since) = &plan.since {
         for d in plan.disks.iter().filter(|d| !checkpointed(d)) {
             let node = backup::node_of(vm, &d.file, &d.format)?;
