@@ -616,7 +616,9 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
         Command::Recover { store, domain, vault: to } => {
             let hv = Hypervisor::open(&connect)?;
             let dom = hv.domain(&domain)?;
-            let store = Store::create(store)?;
+            // An existing store only: a mistyped path made an empty store
+            // there and answered that nothing was interrupted.
+            let store = Store::open(store)?;
             let out = match &to {
                 Some(to) => vault::open(to)?.recover_domain(&store, &dom, &ctl)?,
                 None => store.recover_domain(&dom, &ctl)?,

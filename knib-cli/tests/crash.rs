@@ -80,6 +80,13 @@ fn killed_at_every_journal_step_then_recovered_with_nothing_lost() {
         );
         killed_at.push(step);
         assert!(store.join("vms").join(&name).join("journal.json").exists());
+        // A mistyped store is not found: nothing is made there, and the
+        // interrupted backup is not answered as in order.
+        let typo = dir.path().join("stor");
+        let out = knib(&["recover", "--store", typo.to_str().unwrap(), "--domain", &name], None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("knib: not found: ") && err.contains("does not exist"), "{err}");
+        assert!(!typo.exists(), "recover made {}", typo.display());
         // Writes go on between the crash and the recovery.
         model.write(&vm, "vdb", 0x30 + i as u8, 16 * MIB + i * MIB, 256 * 1024);
         let out = knib(&["--json", "recover", "--store", &s, "--domain", &name], None);

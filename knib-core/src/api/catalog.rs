@@ -591,7 +591,8 @@ pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverA
     {
         let _ = op;
         let vm = crate::libvirt::domain(r.connect.as_deref(), &r.domain)?;
-        let store = Store::create(&r.store)?;
+        // An existing store only (a mistyped path made an empty store).
+        let store = Store::open(&r.store)?;
         let o = match &r.vault {
             Some(to) => Vault::open(to)?.recover_domain(&store, &vm, ctl)?,
             None => store.recover_domain(&vm, ctl)?,
