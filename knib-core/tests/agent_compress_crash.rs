@@ -322,6 +322,47 @@ fn a_hard_link_at_the_temporary_name_is_not_written() {
     assert_chain_reads(&files, &reference);
 }
 
+/// qemu-img (which compresses qcow2 v2 files) writes the temporary knib
+/// claimed, never what its name leads to: a link swapped in at the name
+/// before qemu-img opened it (while the source is hashed) had qemu-img
+/// truncate and write a host file. The compression fails (the name no
+/// longer leads to its file), the host file is untouched; untampered, the
+/// v2 chain compresses, keeps its relative backing pointer and reads as
+/// before.
+#[test]
+fn qemu_img_writes_the_claimed_temporary_never_what_its_name_leads_to() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (full, inc) = (dir.join("full.qcow2"), dir.join("inc.qcow2"));
+    make_disk(&full, 16 * MIB, &["-o", "compat=0.10"]);
+    qemu_io(&full, "write -P 0x31 0 4M");
+    make_disk(&inc, 16 * MIB, &["-o", "compat=0.10", "-F", "qcow2", "-b", "full.qcow2"]);
+    qemu_io(&inc, "write -P 0x32 2M 4M");
+    let reference = dir.join("reference.raw");
+    snapshot(&inc, &reference);
+    let files = vec![full.clone(), inc.clone()];
+    let host = tempfile::tempdir().unwrap();
+    let victim = host.path().join("victim");
+    std::fs::write(&victim, b"a host file").unwrap();
+    let at = format!("qemu-img compression of {}", inc.display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
+    let req = json!({"files": files});
+    let run = std::thread::spawn(move || agent("agent.compress", &req));
+    assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "never paused");
+    let (tmp, link) = (dir.join(".inc.qcow2.comp.part"), dir.join("swapped"));
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    std::fs::rename(&link, &tmp).unwrap();
+    let e = run.join().unwrap().unwrap_err();
+    assert_eq!(std::fs::read(&victim).unwrap(), b"a host file", "qemu-img wrote through the link ({e})");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains("was replaced while knib wrote it"), "{e}");
+    assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
+    compress_and_finalize(&dir, &files, &reference);
+    let info = Command::new("qemu-img").args(["info", "-U"]).arg(&inc).output().unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("backing file: full.qcow2 (") && text.contains("compat: 0.10"), "{text}");
+}
+
 /// A backup file whose refcounts are damaged (a used cluster's refcount
 /// 0; its data still reads) is not compressed: the compressed copy would
 /// be clean and replace it, hiding the damage. Corrupt, naming it, and

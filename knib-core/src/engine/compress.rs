@@ -222,11 +222,23 @@ pub fn compress_verified(
                     );
                     // qemu-img reads the file itself: its hash takes a read of its own.
                     verify::verify_files(&want, ctl)?;
+                    // qemu-img writes the claimed file, never its name: a
+                    // link swapped in at the name meanwhile (the hash above
+                    // takes long) would have it truncate and write whatever
+                    // the link leads to. It opens this process's descriptor
+                    // of the file; the backing pointer is given absolute for
+                    // its open (a name relative to /proc leads nowhere), then
+                    // written back as it was.
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(&claim);
+                    let by_fd = PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()));
+                    let backing = info.and_then(|i| i.backing_filename);
+                    crate::crashpoint::pause_point(&format!("qemu-img compression of {}", f.display()));
+                    let absolute = backing.as_deref().map(|b| fsio::parent_dir(f).join(b));
                     q.convert(
                         &Convert {
                             source: f.clone(),
-                            dest: tmp.clone(),
-                            backing: info.and_then(|i| i.backing_filename),
+                            dest: by_fd.clone(),
+                            backing: absolute.map(|b| b.to_string_lossy().into_owned()),
                             compress: Some(library),
                             compat_v2: v2,
                             coroutines: Some(opts.coroutines),
@@ -235,9 +247,13 @@ pub fn compress_verified(
                         },
                         ctl,
                     )?;
-                    fsio::sync_file(&tmp)?;
-                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_written(&tmp, ctl)?) };
-                    (fsio::file_size(&tmp)?, hash)
+                    if let Some(b) = &backing {
+                        q.rebase_unsafe(&by_fd, b, "qcow2", ctl)?;
+                    }
+                    claim.sync_all().map_err(|e| KnibError::io("cannot sync", &tmp, e))?;
+                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_written(&by_fd, ctl)?) };
+                    let len = claim.metadata().map_err(|e| KnibError::io("cannot stat", &tmp, e))?.len();
+                    (len, hash)
                 }
             };
             // The copy wrote the claimed file (the native one through its
