@@ -363,6 +363,34 @@ fn qemu_img_writes_the_claimed_temporary_never_what_its_name_leads_to() {
     assert!(text.contains("backing file: full.qcow2 (") && text.contains("compat: 0.10"), "{text}");
 }
 
+/// A `.comp` replaced by a link between the compression and its finalize
+/// (to a whole compression of the same file, kept elsewhere: every check
+/// of its contents passes) is refused, never renamed over the backup
+/// file: Corrupt, naming it; nothing is finalized.
+#[test]
+fn a_comp_file_replaced_by_a_link_is_not_finalized() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x11c);
+    ok("agent.compress", &json!({"files": files}));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let comp = dir.join("inc.qcow2.comp");
+    let moved = elsewhere.path().join("inc.qcow2.comp");
+    std::fs::copy(&comp, &moved).unwrap();
+    std::fs::remove_file(&comp).unwrap();
+    std::os::unix::fs::symlink(&moved, &comp).unwrap();
+    let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&format!("compressed file {} is a symbolic link", comp.display())), "{e}");
+    for f in &files {
+        assert!(std::fs::symlink_metadata(f).unwrap().is_file(), "{} was replaced", f.display());
+        assert!(
+            std::fs::symlink_metadata(dir.join(format!("{}.comp", f.file_name().unwrap().to_string_lossy()))).is_ok()
+        );
+    }
+    assert_chain_reads(&files, &reference);
+}
+
 /// A backup file whose refcounts are damaged (a used cluster's refcount
 /// 0; its data still reads) is not compressed: the compressed copy would
 /// be clean and replace it, hiding the damage. Corrupt, naming it, and

@@ -339,7 +339,9 @@ pub fn finalize(files: &[PathBuf], backup_exists: bool) -> Result<()> {
     let mut pending = Vec::new();
     for f in files {
         let comp = comp_path(f);
-        match (comp.exists(), f.exists()) {
+        // The entry itself: a link at the `.comp` name is refused below,
+        // never followed (it would be renamed over the backup file).
+        match (std::fs::symlink_metadata(&comp).is_ok(), f.exists()) {
             (true, _) => pending.push((comp, f)),
             (false, true) => log::info!("finalize: {} has no {}: finalized before", f.display(), comp.display()),
             (false, false) => {
@@ -379,7 +381,14 @@ fn check_compressed(comp: &Path, f: &Path) -> Result<()> {
             f.display()
         ))
     };
-    fsio::require_file(comp, "compressed file ", false)?;
+    // The `.comp` entry, not what a link there leads to: the rename puts
+    // the entry in place of the backup file.
+    match std::fs::symlink_metadata(comp) {
+        Ok(m) if m.is_file() => {}
+        Ok(m) if m.file_type().is_symlink() => return Err(bad("is a symbolic link, not a file knib wrote".into())),
+        // Anything else: refused as it always was (invalid input).
+        _ => fsio::require_file(comp, "compressed file ", false)?,
+    }
     fsio::require_file(f, "backup file ", false)?;
     let mut c = Qcow2Image::open(comp).map_err(|e| bad(format!("is not a whole qcow2 image ({})", e.message)))?;
     let check = c.check_refcounts(&Control::new()).map_err(|e| bad(format!("cannot be checked ({})", e.message)))?;
