@@ -185,6 +185,42 @@ fn two_runners_never_run_a_job_twice_and_share_the_host_limit() {
     }
 }
 
+/// A compression job whose VM is busy (a backup of it runs, started
+/// outside the runner) is not an attempt that failed: it is queued again
+/// a minute later, its attempts not counted (three busy runs failed it
+/// for good before, and its retry waited the hour of a failure); once the
+/// VM is free it runs.
+#[test]
+fn a_job_whose_vm_is_busy_is_queued_again_without_counting_an_attempt() {
+    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let (m, reference) = backups(&store, work.path(), "vm1", &[4]).pop().unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let (ctl, reached_rx, go_tx) = common::disk::paused_at_first_progress();
+    let (s, disk) = (store.clone(), work.path().join("vm1.qcow2"));
+    let backup = std::thread::spawn(move || {
+        s.backup("vm1", &[DiskSpec { name: "root".into(), path: disk }], &BackupOptions::default(), &ctl)
+    });
+    reached_rx.recv().unwrap();
+    let summary = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert!(summary.failed.is_empty(), "{summary:?}");
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0), "{j:?}");
+    let why = j.last_error.clone().unwrap_or_default();
+    assert!(why.starts_with("not started, tried again in 60 s: busy: ") && why.contains("vm1"), "{why}");
+    assert!(j.next_attempt_at >= j.updated_at + 60 && j.next_attempt_at <= j.updated_at + 61, "{j:?}");
+    go_tx.send(()).unwrap();
+    backup.join().unwrap().unwrap();
+    // Due again: it runs and compresses.
+    let file = store.jobs_dir().join(format!("{}.json", job.id));
+    let mut again: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    again["next_attempt_at"] = 0.into();
+    std::fs::write(&file, serde_json::to_vec_pretty(&again).unwrap()).unwrap();
+    let summary = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
+    assert_eq!(summary.done, vec![job.id.clone()], "{summary:?}");
+    assert!(store.show(&m.id).unwrap().compression.is_some());
+    restores_identical(&store, &m.id, &reference);
+}
+
 #[test]
 fn a_failing_job_is_retried_at_the_interval_then_failed_and_the_backup_is_untouched() {
     // "Disk full": the minimum free space is far more than any disk has.

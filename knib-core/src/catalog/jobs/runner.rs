@@ -117,7 +117,13 @@ enum Outcome {
     Cancelled(String),
     Failed(KnibError),
     Interrupted(KnibError),
+    /// Could not start: its VM busy with another operation (a backup, a
+    /// delete). Queued again after [`BUSY_RETRY_SECS`], no attempt counted.
+    Busy(KnibError),
 }
+
+/// How long a job whose VM was busy waits before it is tried again.
+pub const BUSY_RETRY_SECS: u64 = 60;
 
 /// What a look at the queue found.
 struct Scan {
@@ -238,6 +244,11 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
             j.next_attempt_at = now as u64;
             j.last_error = Some(format!("interrupted: {e}"));
         }
+        Outcome::Busy(e) => {
+            j.state = JobState::Queued;
+            j.next_attempt_at = now as u64 + BUSY_RETRY_SECS;
+            j.last_error = Some(format!("not started, tried again in {BUSY_RETRY_SECS} s: {e}"));
+        }
         Outcome::Failed(e) => {
             let (_, _, max_retries, interval, _) = j.kind.limits(settings);
             j.attempts = j.attempts.saturating_add(1);
@@ -301,12 +312,15 @@ fn job_control(timeout_secs: u64, cancel: &CancelToken) -> Control {
 }
 
 /// What an attempt that ended with `e` comes to: cancelled when its backup
-/// is gone, interrupted when the runner was stopped, else failed.
+/// is gone, interrupted when the runner was stopped, busy when its VM (or
+/// the files it writes) was taken by another operation, else failed.
 fn failed(store: &Store, job: &Job, cancel: &CancelToken, e: KnibError) -> Outcome {
     if let Some(why) = backup_gone(store, job) {
         Outcome::Cancelled(why)
     } else if e.kind == ErrorKind::Cancelled && cancel.is_cancelled() {
         Outcome::Interrupted(e)
+    } else if e.kind == ErrorKind::Busy {
+        Outcome::Busy(e)
     } else {
         Outcome::Failed(e)
     }
@@ -324,7 +338,7 @@ fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
     {
         let _lock = match store.lock_vm(&m.vm, &format!("compression of {}", m.id)) {
             Ok(l) => l,
-            Err(e) => return Outcome::Failed(e),
+            Err(e) => return failed(store, job, cancel, e),
         };
         if let Err(e) = remove_comp_files(store, &m) {
             return Outcome::Failed(e);
@@ -492,7 +506,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
                             (JobState::Done, _) => Some(&mut s.done),
                             (JobState::Failed, _) => Some(&mut s.failed),
                             (JobState::Cancelled, _) => Some(&mut s.cancelled),
-                            (JobState::Queued, Outcome::Failed(_)) => Some(&mut s.retried),
+                            (JobState::Queued, Outcome::Failed(_) | Outcome::Busy(_)) => Some(&mut s.retried),
                             _ => None,
                         };
                         if let Some(l) = list {
