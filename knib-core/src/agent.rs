@@ -233,6 +233,23 @@ pub(crate) fn budget(ctl: &Control, secs: Option<u64>) -> Control {
     }
 }
 
+/// Every file on primary the request names (those that exist are tested
+/// for QEMU's locks before anything is done).
+pub(crate) fn named_files(r: &TakeReq) -> Vec<&Path> {
+    let mut out: Vec<&Path> = Vec::new();
+    for v in &r.volumes {
+        out.push(&v.path);
+        out.push(&v.delta_path_on_primary);
+        if let Some(m) = &v.merge {
+            out.push(&m.parent);
+            out.push(&m.child);
+            out.extend(m.grand_children.iter().map(PathBuf::as_path));
+        }
+        out.extend(v.vm_snapshot_delta_paths.iter().map(PathBuf::as_path));
+    }
+    out
+}
+
 /// The backing chain of volume `uuid`'s file `path` (`path` first, never
 /// empty), as the copy reads it: a FIFO in it is refused before qemu-img is
 /// asked (it would wait on it), and so is a device below a volume file

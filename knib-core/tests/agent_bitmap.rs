@@ -187,6 +187,41 @@ fn agent_backups_by_bitmap_follow_the_parent_checkpoint() {
 /// parent backup's chain, named as the backup file (`delta_path_on_store`):
 /// refused as a backup would be, invalid input, nothing removed. Before,
 /// the cleanup of a VM without a domain removed the disk.
+/// While a take of a domain's volumes runs, a cleanup of the same volumes
+/// (CloudStack's, after it gave up waiting for the take) and a second take
+/// are busy, naming a volume: before, the cleanup ran beside the take,
+/// aborted its job and removed its files. The take then ends whole.
+#[test]
+fn a_cleanup_or_a_second_take_while_a_take_runs_is_busy() {
+    if skip_without_libvirt("agent bitmap busy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let store = base.join("store");
+    let vm = TestVm::create("knib-abbusy", &DISKS, &base, TestVmOptions { running: true, ..Default::default() });
+    let req = |n: u32| json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, n, None)});
+    let at = format!("copy of disk vda of domain {}", vm.name());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(3));
+    let first = req(1);
+    let taking = std::thread::spawn(move || call_json("agent.take_backup", &first));
+    assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)), "no pause at {at}");
+    let mut cleanup = req(1);
+    cleanup["mode"] = json!("discard");
+    for (op, r) in [("agent.cleanup_vm_backup", cleanup), ("agent.take_backup", req(2))] {
+        let e = call_json(op, &r).unwrap_err();
+        assert_eq!(e.kind, knib_core::ErrorKind::Busy, "{op}: {e}");
+        assert!(e.message.contains(&vm.initial_file("vda").display().to_string()), "{op}: {e}");
+    }
+    let a = taking.join().unwrap().unwrap();
+    assert_eq!(a["kind"], json!("full"), "{a}");
+    for (t, _) in DISKS {
+        assert!(store_file(&store, 1, t).is_file(), "backup file of {t}");
+        assert!(!store_file(&store, 2, t).exists(), "the refused take wrote {t}");
+    }
+    assert_chains_untouched(&vm);
+}
+
 #[test]
 fn a_bitmap_cleanup_never_removes_the_disk_or_the_parent_backup() {
     if skip_without_libvirt("bitmap cleanup refusals") {

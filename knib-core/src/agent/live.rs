@@ -9,6 +9,7 @@ use crate::libvirt::{DiskInfo, Hypervisor, Vm};
 use crate::qcow2::relative_pointer;
 
 use crate::libvirt::{describe_disks as describe, disk_on, domain};
+use crate::lock::hold_for_one_operation;
 
 /// Fail when the request says the domain is running and it is not, or the
 /// other way round.
@@ -264,6 +265,12 @@ fn grand_children_off_chain(
 
 /// `agent.take_backup`.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
+    // One operation at a time on a domain's volumes, as for a VM without
+    // one: a cleanup (CloudStack's, after a take it gave up waiting for)
+    // ran beside the take and removed the files it then answered as a
+    // backup, or aborted another backup's job.
+    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))
+        .map_err(|e| e.with_vm_consistent(true))?;
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::take_backup(op, r, ctl);
     }
@@ -284,6 +291,7 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
+    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))?;
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
     }
@@ -642,3 +650,8 @@ const MAX_WRITE_MIB: u64 = 1 << 20;
 
 /// The longest wait before a validation's screenshot.
 const MAX_SCREENSHOT_WAIT_SECS: u64 = 3600;
+
+/// The domain a request names, for messages.
+fn domain_name(r: &TakeReq) -> &str {
+    r.domain.as_deref().unwrap_or_default()
+}

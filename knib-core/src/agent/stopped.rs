@@ -10,23 +10,6 @@ use crate::engine::take::BackupKind;
 use crate::lock::{ensure_unused, hold_for_one_operation};
 use crate::qcow2::relative_pointer;
 
-/// Every file on primary the request names (those that exist are tested
-/// for QEMU's locks before anything is done).
-fn named_files(r: &TakeReq) -> Vec<&Path> {
-    let mut out: Vec<&Path> = Vec::new();
-    for v in &r.volumes {
-        out.push(&v.path);
-        out.push(&v.delta_path_on_primary);
-        if let Some(m) = &v.merge {
-            out.push(&m.parent);
-            out.push(&m.child);
-            out.extend(m.grand_children.iter().map(PathBuf::as_path));
-        }
-        out.extend(v.vm_snapshot_delta_paths.iter().map(PathBuf::as_path));
-    }
-    out
-}
-
 /// The plan of a backup of a VM without a domain, from the request's paths
 /// and the files; `take` says whether the backup is about to be taken (the
 /// new files must not exist yet, the store directory is created) or
@@ -203,7 +186,7 @@ fn refuse_bitmap(op: &str, r: &TakeReq) -> Result<()> {
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
     // One operation at a time on the volumes' files (a second backup of
     // the same volume merged the same delta again under the first).
-    let _held = hold_for_one_operation(&named_files(r), &format!("{op} of a VM without a domain"))
+    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of a VM without a domain"))
         .map_err(|e| e.with_vm_consistent(true))?;
     #[cfg(feature = "libvirt")]
     if r.method == engine::BackupMethod::Bitmap {
@@ -214,7 +197,7 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
     let q = QemuImg::new();
     // Until the new deltas exist, nothing has changed.
     let consistent = |e: KnibError| if e.vm_consistent.is_none() { e.with_vm_consistent(true) } else { e };
-    ensure_unused(&named_files(r), &format!("{op} of a VM without a domain")).map_err(consistent)?;
+    ensure_unused(&super::named_files(r), &format!("{op} of a VM without a domain")).map_err(consistent)?;
     let plan = plan(op, &q, r, true, ctl).map_err(consistent)?;
     log::info!("{op}: {} backup of {} volumes without a domain", plan.kind.as_str(), plan.disks.len());
     let answer = files_engine::take(&q, &plan, ctl).map_err(consistent)?;
@@ -231,7 +214,7 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
-    let _held = hold_for_one_operation(&named_files(r), &format!("{op} of a VM without a domain"))?;
+    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of a VM without a domain"))?;
     #[cfg(feature = "libvirt")]
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
@@ -239,7 +222,7 @@ pub(crate) fn cleanup_vm_backup(
     #[cfg(not(feature = "libvirt"))]
     refuse_bitmap(op, r)?;
     let q = QemuImg::new();
-    ensure_unused(&named_files(r), &format!("{op} of a VM without a domain"))?;
+    ensure_unused(&super::named_files(r), &format!("{op} of a VM without a domain"))?;
     let plan = plan(op, &q, r, false, ctl)?;
     files_engine::require_still_described(&plan).map_err(|e| e.context(format_args!("request of {op}")))?;
     let published = plan.disks.iter().all(|d| d.dest.is_file());
