@@ -391,6 +391,26 @@ fn a_comp_file_replaced_by_a_link_is_not_finalized() {
     assert_chain_reads(&files, &reference);
 }
 
+/// A backup file holding an internal snapshot is not compressed (its
+/// compressed copy would keep the current data only, and the snapshot's
+/// data would be lost with the original): InvalidInput, naming the file;
+/// nothing changes.
+#[test]
+fn a_backup_file_with_internal_snapshots_is_not_compressed() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, _) = backup_chain(&dir, 0x5a9);
+    let st = Command::new("qemu-img").args(["snapshot", "-c", "s1"]).arg(&files[0]).status().unwrap();
+    assert!(st.success());
+    qemu_io(&files[0], "write -P 0x77 0 1M");
+    let before = contents(&dir);
+    let e = agent("agent.compress", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    let says = format!("backup file {} holds 1 internal snapshot(s)", files[0].display());
+    assert!(e.message.contains(&says), "{e}");
+    assert!(contents(&dir) == before, "the refused compression changed something");
+}
+
 /// A backup file whose refcounts are damaged (a used cluster's refcount
 /// 0; its data still reads) is not compressed: the compressed copy would
 /// be clean and replace it, hiding the damage. Corrupt, naming it, and

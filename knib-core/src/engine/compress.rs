@@ -147,6 +147,15 @@ pub fn compress_verified(
             // No merge writes `f` while it is read.
             let _reading =
                 crate::lock::hold_for_reading(&[f.as_path()], &format!("the compression of {}", f.display()))?;
+            // A compressed copy holds the image's current data only: the
+            // internal snapshots of a file would be dropped with it.
+            if let Some(h) = crate::qcow2::header_of_regular_file(f, false).filter(|h| h.nb_snapshots > 0) {
+                return Err(KnibError::invalid(format!(
+                    "backup file {} holds {} internal snapshot(s) (`qemu-img snapshot -l` lists them): its compressed copy would drop them; it is not compressed",
+                    f.display(),
+                    h.nb_snapshots
+                )));
+            }
             // The native path takes qcow2 v3 files; v2 ones stay v2 (zlib)
             // through qemu-img.
             let native_header = match opts.data_path {
