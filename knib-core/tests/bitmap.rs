@@ -565,3 +565,27 @@ fn a_journal_following_a_checkpoint_not_of_knib_is_refused() {
     }
     std::fs::remove_file(&journal).unwrap();
 }
+
+/// A store whose path leaves no room for the NBD socket of a bitmap
+/// backup (a UNIX socket path has at most 107 bytes) is refused before
+/// anything is made: InvalidInput, naming the socket path; no work
+/// directory is left in the store (nothing would sweep it), no journal,
+/// no backup.
+#[test]
+fn a_store_too_deep_for_the_nbd_socket_is_refused_leaving_nothing() {
+    if skip_without_libvirt("a_store_too_deep_for_the_nbd_socket_is_refused_leaving_nothing") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let vm = vm("knib-bmdeep", dir.path(), false);
+    let store = Store::create(dir.path().join("s".repeat(100))).unwrap();
+    let e = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, knib_core::ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("is longer than a UNIX socket path may be (107 bytes)"), "{e}");
+    let vm_dir = store.root().join("vms").join(vm.name());
+    let left: Vec<String> = std::fs::read_dir(&vm_dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(left.iter().all(|n| n == ".lock"), "left in {}: {left:?}", vm_dir.display());
+    assert!(store.list(None).unwrap().is_empty());
+}

@@ -266,16 +266,21 @@ fn qemu_owner(vm: &Vm) -> Option<(u32, u32)> {
 /// Make the private directory of the NBD socket and scratch files: mode
 /// 0700, owned by QEMU's user (who creates the socket there).
 pub(crate) fn make_work_dir(vm: &Vm, dir: &Path) -> Result<()> {
-    fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| KnibError::io("cannot create", dir, e))?;
-    if let Some((uid, gid)) = qemu_owner(vm) {
-        std::os::unix::fs::chown(dir, Some(uid), Some(gid)).map_err(|e| KnibError::io("cannot chown", dir, e))?;
-    }
+    // Checked before anything is made: a refused start leaves no directory
+    // (nothing sweeps it from the store afterwards).
     let sock = dir.join("nbd.sock");
     if sock.as_os_str().len() > 107 {
         return Err(KnibError::invalid(format!(
             "the NBD socket path {} is longer than a UNIX socket path may be (107 bytes): use a store with a shorter path",
             sock.display()
         )));
+    }
+    fs::DirBuilder::new().mode(0o700).create(dir).map_err(|e| KnibError::io("cannot create", dir, e))?;
+    if let Some((uid, gid)) = qemu_owner(vm) {
+        if let Err(e) = std::os::unix::fs::chown(dir, Some(uid), Some(gid)) {
+            let _ = fs::remove_dir(dir);
+            return Err(KnibError::io("cannot chown", dir, e));
+        }
     }
     Ok(())
 }
