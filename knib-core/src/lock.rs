@@ -10,9 +10,9 @@
 //! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | no |
 //! | is an image in use by a QEMU? ([`held_like_qemu`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no |
 //! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | no |
-//! | a compression's output under its fixed name ([`try_lock_byte_zero`]) | OFD write lock, byte 0 | the open file description | no |
-//! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 0 | the open file description | no |
-//! | a name that does not exist yet ([`LockFile`]) | OFD write lock, byte 0, of an empty file beside it | the open file description | no |
+//! | a compression's output under its fixed name ([`try_lock_operation_byte`]) | OFD write lock, byte 1 ([`OPERATION_BYTE`]) | the open file description | no |
+//! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 1 | the open file description | no |
+//! | a name that does not exist yet ([`LockFile`]) | OFD write lock, byte 1, of an empty file beside it | the open file description | no |
 //!
 //! # Invariants
 //!
@@ -180,8 +180,15 @@ pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
     Ok(held)
 }
 
-/// An OFD write lock on byte 0 of `file` (below QEMU's locks, which start
-/// at byte 100), held as long as `file` stays open: one process at a time
+/// The byte of knib's own one-operation lock: below QEMU's image locks
+/// (bytes 100 and up), and not byte 0, which libvirt's virtlockd locks
+/// (a POSIX lock, exclusive for a writable disk) on the disks of a running
+/// domain when it locks the files themselves: knib's lock there made every
+/// request on a running domain's volumes busy.
+pub const OPERATION_BYTE: i64 = 1;
+
+/// An OFD write lock on byte [`OPERATION_BYTE`] of `file` (below QEMU's
+/// locks, which start at byte 100), held as long as `file` stays open: one process at a time
 /// writes a file knib makes under a fixed name (a compression's output).
 /// `Ok(false)`, without waiting, when another holds it.
 ///
@@ -191,10 +198,10 @@ pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
 /// holds a copy of it until it execs, so a lock just released (a failed
 /// request answered) could still be held for a moment, and the next
 /// request on the same files was refused as busy.
-pub fn try_lock_byte_zero(file: &File) -> io::Result<bool> {
+pub fn try_lock_operation_byte(file: &File) -> io::Result<bool> {
     const TRIES: u32 = 20;
     for attempt in 1..=TRIES {
-        match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_WRLCK, 0))) {
+        match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_WRLCK, OPERATION_BYTE))) {
             Ok(_) => return Ok(true),
             Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) if attempt < TRIES => {
                 std::thread::sleep(std::time::Duration::from_millis(50));
@@ -207,7 +214,7 @@ pub fn try_lock_byte_zero(file: &File) -> io::Result<bool> {
 }
 
 /// Open each of `files` that exists and is a regular file for writing and
-/// take an OFD write lock on its byte 0 ([`try_lock_byte_zero`], below
+/// take an OFD write lock on its byte [`OPERATION_BYTE`] ([`try_lock_operation_byte`], below
 /// QEMU's locks: QEMU and `qemu-img` are not hindered) for as long as the
 /// returned files stay open: one knib operation at a time changes a
 /// volume's files on primary (two backups of one stopped volume at once
@@ -245,7 +252,7 @@ pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> 
         if ids.contains(&id) {
             continue;
         }
-        if !try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", f, e))? {
+        if !try_lock_operation_byte(&file).map_err(|e| KnibError::io("cannot lock", f, e))? {
             return Err(KnibError::new(
                 ErrorKind::Busy,
                 format!(
@@ -264,7 +271,7 @@ pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> 
 /// following a symbolic link or waiting on a FIFO; it must be a regular
 /// file with one name (a hard link planted there has another name,
 /// anywhere on the file system: the caller writes it). Then take the lock
-/// of [`try_lock_byte_zero`] on it: `Ok(None)` when another holds it.
+/// of [`try_lock_operation_byte`] on it: `Ok(None)` when another holds it.
 pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
@@ -279,6 +286,11 @@ pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
     if !meta.is_file() {
         return Err(KnibError::invalid(format!("{} is not a regular file", path.display())));
     }
+    // Removed meanwhile (by the holder that just finished with it): taken
+    // by another operation, as far as this one knows.
+    if meta.nlink() == 0 {
+        return Ok(None);
+    }
     if meta.nlink() != 1 {
         return Err(KnibError::corrupt(format!(
             "{} is a file with {} names: knib writes no file another name leads to; remove that entry",
@@ -286,13 +298,13 @@ pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
             meta.nlink()
         )));
     }
-    match try_lock_byte_zero(&file).map_err(|e| KnibError::io("cannot lock", path, e))? {
+    match try_lock_operation_byte(&file).map_err(|e| KnibError::io("cannot lock", path, e))? {
         true => Ok(Some(file)),
         false => Ok(None),
     }
 }
 
-/// An empty lock file, held (an OFD write lock on its byte 0) as long as
+/// An empty lock file, held (an OFD write lock on its byte [`OPERATION_BYTE`]) as long as
 /// this value lives and removed when it is dropped: one operation at a
 /// time on a name that may not exist yet (a volume a restore creates),
 /// where there is no file to lock.
@@ -354,10 +366,10 @@ impl Drop for LockFile {
 }
 
 /// Whether another owner holds the lock of [`hold_for_one_operation`] (or
-/// [`try_lock_byte_zero`]) on `file`, tested with `fcntl(F_OFD_GETLK)`:
+/// [`try_lock_operation_byte`]) on `file`, tested with `fcntl(F_OFD_GETLK)`:
 /// nothing is taken.
 pub fn held_by_one_operation(file: &File) -> io::Result<bool> {
-    let mut fl = one_byte(libc::F_WRLCK, 0);
+    let mut fl = one_byte(libc::F_WRLCK, OPERATION_BYTE);
     fcntl(file.as_raw_fd(), FcntlArg::F_OFD_GETLK(&mut fl))?;
     Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
 }

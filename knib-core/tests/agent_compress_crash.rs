@@ -377,16 +377,22 @@ fn a_comp_file_replaced_by_a_link_is_not_finalized() {
     let comp = dir.join("inc.qcow2.comp");
     let moved = elsewhere.path().join("inc.qcow2.comp");
     std::fs::copy(&comp, &moved).unwrap();
-    std::fs::remove_file(&comp).unwrap();
-    std::os::unix::fs::symlink(&moved, &comp).unwrap();
-    let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
-    assert!(e.message.contains(&format!("compressed file {} is a symbolic link", comp.display())), "{e}");
-    for f in &files {
-        assert!(std::fs::symlink_metadata(f).unwrap().is_file(), "{} was replaced", f.display());
-        assert!(
-            std::fs::symlink_metadata(dir.join(format!("{}.comp", f.file_name().unwrap().to_string_lossy()))).is_ok()
-        );
+    // A symbolic link, then a hard link (its other name would lead to the
+    // backup file once renamed).
+    for (symbolic, says) in [(true, "is a symbolic link"), (false, "has 2 names (a hard link)")] {
+        std::fs::remove_file(&comp).unwrap();
+        if symbolic {
+            std::os::unix::fs::symlink(&moved, &comp).unwrap();
+        } else {
+            std::fs::hard_link(&moved, &comp).unwrap();
+        }
+        let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert!(e.message.contains(&format!("compressed file {} {says}", comp.display())), "{e}");
+        for f in &files {
+            let m = std::fs::symlink_metadata(f).unwrap();
+            assert!(m.is_file() && std::os::unix::fs::MetadataExt::nlink(&m) == 1, "{} was replaced", f.display());
+        }
     }
     assert_chain_reads(&files, &reference);
 }

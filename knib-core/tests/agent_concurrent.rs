@@ -226,3 +226,35 @@ fn a_volume_being_restored_is_not_restored_by_another_request() {
         assert_identical(&volume, &y);
     }
 }
+
+/// libvirt's virtlockd, locking disk files directly, holds a POSIX write
+/// lock on byte 0 of each writable disk of a running domain. knib's own
+/// one-operation lock is on another byte: a request on those volumes is
+/// not refused as busy because of it (it was, every time, when knib's lock
+/// was on byte 0).
+#[test]
+fn a_posix_lock_on_byte_zero_as_virtlockd_holds_does_not_make_a_request_busy() {
+    use std::os::fd::AsRawFd;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let store = dir.join("store");
+    std::fs::create_dir(&store).unwrap();
+    let (base, d1, b1) = (dir.join("base.qcow2"), dir.join("d1.qcow2"), store.join("b1.qcow2"));
+    make_disk(&base, 16 * MIB, &[]);
+    qemu_io(&base, "write -P 0x5c 0 4M");
+    let reference = dir.join("reference.raw");
+    snapshot(&base, &reference);
+    let held = std::fs::OpenOptions::new().read(true).write(true).open(&base).unwrap();
+    let fl = nix::libc::flock {
+        l_type: nix::libc::F_WRLCK as nix::libc::c_short,
+        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+        l_start: 0,
+        l_len: 1,
+        l_pid: 0,
+    };
+    nix::fcntl::fcntl(held.as_raw_fd(), nix::fcntl::FcntlArg::F_SETLK(&fl)).unwrap();
+    let full = json!({"running": false, "volumes": [stopped_volume(&base, &d1, &b1, None, None)]});
+    agent("agent.take_backup", &full).unwrap();
+    assert_identical(&b1, &reference);
+    drop(held);
+}

@@ -188,11 +188,12 @@ fn two_runners_never_run_a_job_twice_and_share_the_host_limit() {
 /// A compression job whose VM is busy (a backup of it runs, started
 /// outside the runner) is not an attempt that failed: it is queued again
 /// a minute later, its attempts not counted (three busy runs failed it
-/// for good before, and its retry waited the hour of a failure); once the
-/// VM is free it runs.
+/// for good before, and its retry waited the hour of a failure), for an
+/// hour after it was queued, then it counts as one; once the VM is free
+/// it runs.
 #[test]
 fn a_job_whose_vm_is_busy_is_queued_again_without_counting_an_attempt() {
-    let (work, store) = store_with(r#""compression.max_retries": 0"#);
+    let (work, store) = store_with(r#""compression.max_retries": 1"#);
     let (m, reference) = backups(&store, work.path(), "vm1", &[4]).pop().unwrap();
     let job = store.queue_compression(&m.id).unwrap();
     let (ctl, reached_rx, go_tx) = common::disk::paused_at_first_progress();
@@ -206,15 +207,28 @@ fn a_job_whose_vm_is_busy_is_queued_again_without_counting_an_attempt() {
     assert!(summary.failed.is_empty(), "{summary:?}");
     assert_eq!((j.state, j.attempts), (JobState::Queued, 0), "{j:?}");
     let why = j.last_error.clone().unwrap_or_default();
-    assert!(why.starts_with("not started, tried again in 60 s: busy: ") && why.contains("vm1"), "{why}");
+    assert!(
+        why.starts_with("busy, tried again in 60 s without counting an attempt: busy: ") && why.contains("vm1"),
+        "{why}"
+    );
     assert!(j.next_attempt_at >= j.updated_at + 60 && j.next_attempt_at <= j.updated_at + 61, "{j:?}");
+    // Due again (`edit`), queued more than an hour ago: busy counts.
+    let file = store.jobs_dir().join(format!("{}.json", job.id));
+    let edit = |created_back: u64| {
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        v["next_attempt_at"] = 0.into();
+        v["created_at"] = (v["created_at"].as_u64().unwrap() - created_back).into();
+        std::fs::write(&file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    edit(3601);
+    run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
+    let j = store.job(&job.id).unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 1), "{j:?}");
+    assert!(j.last_error.as_deref().unwrap_or_default().starts_with("busy: "), "{j:?}");
     go_tx.send(()).unwrap();
     backup.join().unwrap().unwrap();
-    // Due again: it runs and compresses.
-    let file = store.jobs_dir().join(format!("{}.json", job.id));
-    let mut again: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    again["next_attempt_at"] = 0.into();
-    std::fs::write(&file, serde_json::to_vec_pretty(&again).unwrap()).unwrap();
+    // Due again, the VM free: it runs and compresses.
+    edit(0);
     let summary = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
     assert_eq!(summary.done, vec![job.id.clone()], "{summary:?}");
     assert!(store.show(&m.id).unwrap().compression.is_some());

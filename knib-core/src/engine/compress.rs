@@ -309,7 +309,7 @@ fn refuse_damaged(img: &mut Qcow2Image, f: &Path, ctl: &Control) -> Result<()> {
 }
 
 /// Open (or create) the temporary `tmp` a compression of `f` writes, lock
-/// it for this compression alone ([`crate::lock::try_lock_byte_zero`]) and
+/// it for this compression alone ([`crate::lock::try_lock_operation_byte`]) and
 /// empty it; the lock goes with the file returned. Another compression of
 /// `f` running (in any process) is busy. A link or anything but a regular
 /// file under the name is refused.
@@ -393,7 +393,13 @@ fn check_compressed(comp: &Path, f: &Path) -> Result<()> {
     // The `.comp` entry, not what a link there leads to: the rename puts
     // the entry in place of the backup file.
     match std::fs::symlink_metadata(comp) {
-        Ok(m) if m.is_file() => {}
+        Ok(m) if m.is_file() && std::os::unix::fs::MetadataExt::nlink(&m) == 1 => {}
+        // Another name would lead to the backup file once renamed, and
+        // whoever holds it could rewrite the backup.
+        Ok(m) if m.is_file() => {
+            let n = std::os::unix::fs::MetadataExt::nlink(&m);
+            return Err(bad(format!("has {n} names (a hard link), not a file knib wrote")));
+        }
         Ok(m) if m.file_type().is_symlink() => return Err(bad("is a symbolic link, not a file knib wrote".into())),
         // Anything else: refused as it always was (invalid input).
         _ => fsio::require_file(comp, "compressed file ", false)?,

@@ -101,7 +101,8 @@ pub struct RunSummary {
     pub failed: Vec<String>,
     /// Jobs cancelled because their backup was deleted.
     pub cancelled: Vec<String>,
-    /// One entry per failed attempt that was queued again for a retry.
+    /// One entry per failed (or busy) attempt that was queued again for a
+    /// retry.
     pub retried: Vec<String>,
     /// Jobs taken back from a runner that had died.
     pub recovered: Vec<String>,
@@ -117,13 +118,20 @@ enum Outcome {
     Cancelled(String),
     Failed(KnibError),
     Interrupted(KnibError),
-    /// Could not start: its VM busy with another operation (a backup, a
-    /// delete). Queued again after [`BUSY_RETRY_SECS`], no attempt counted.
+    /// Its VM (or a file it writes) busy with another operation (a backup,
+    /// a delete). Queued again after [`BUSY_RETRY_SECS`], no attempt
+    /// counted, within [`BUSY_PATIENCE_SECS`] of its queueing; a failed
+    /// attempt after that.
     Busy(KnibError),
 }
 
 /// How long a job whose VM was busy waits before it is tried again.
 pub const BUSY_RETRY_SECS: u64 = 60;
+
+/// For how long after a job is queued its VM being busy counts no attempt
+/// (a holder that never lets go must not keep the job, and a waiting
+/// `jobs run`, for ever).
+pub const BUSY_PATIENCE_SECS: u64 = 3600;
 
 /// What a look at the queue found.
 struct Scan {
@@ -244,12 +252,12 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
             j.next_attempt_at = now as u64;
             j.last_error = Some(format!("interrupted: {e}"));
         }
-        Outcome::Busy(e) => {
+        Outcome::Busy(e) if (now as u64).saturating_sub(j.created_at) < BUSY_PATIENCE_SECS => {
             j.state = JobState::Queued;
             j.next_attempt_at = now as u64 + BUSY_RETRY_SECS;
-            j.last_error = Some(format!("not started, tried again in {BUSY_RETRY_SECS} s: {e}"));
+            j.last_error = Some(format!("busy, tried again in {BUSY_RETRY_SECS} s without counting an attempt: {e}"));
         }
-        Outcome::Failed(e) => {
+        Outcome::Failed(e) | Outcome::Busy(e) => {
             let (_, _, max_retries, interval, _) = j.kind.limits(settings);
             j.attempts = j.attempts.saturating_add(1);
             j.last_error = Some(e.to_string());
