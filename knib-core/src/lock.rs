@@ -298,10 +298,37 @@ pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
             meta.nlink()
         )));
     }
+    crate::crashpoint::pause_point(&format!("locking {}", path.display()));
     match try_lock_operation_byte(&file).map_err(|e| KnibError::io("cannot lock", path, e))? {
         true => Ok(Some(file)),
         false => Ok(None),
     }
+}
+
+/// [`create_and_lock`], then check that `path` still leads to the file
+/// locked, else open it again: a holder that renamed or removed the file
+/// before letting it go leaves the lock to whoever opened the old name just
+/// before, and that one would take another operation's file for its own.
+/// `Ok(None)` when another holds it; busy when the name keeps being
+/// replaced.
+pub fn create_and_lock_named(path: &Path) -> Result<Option<File>> {
+    use std::os::unix::fs::MetadataExt;
+    // Bounded: each round needs another process to remove the file
+    // between our open and our lock.
+    for _ in 0..100 {
+        let Some(file) = create_and_lock(path)? else {
+            return Ok(None);
+        };
+        let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
+        match std::fs::symlink_metadata(path) {
+            Ok(now) if now.dev() == meta.dev() && now.ino() == meta.ino() => return Ok(Some(file)),
+            // Removed (or replaced) by its last holder meanwhile.
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(KnibError::io("cannot stat", path, e)),
+        }
+    }
+    Err(KnibError::new(ErrorKind::Busy, format!("{} keeps being replaced; try again", path.display())))
 }
 
 /// An empty lock file, held (an OFD write lock on its byte [`OPERATION_BYTE`]) as long as
@@ -323,31 +350,23 @@ impl LockFile {
     /// Create (or open) and lock `path`, without waiting: another holder
     /// makes it busy, naming `path` and `what`.
     pub fn hold(path: &Path, what: &str) -> Result<LockFile> {
-        use std::os::unix::fs::MetadataExt;
-        // Bounded: each round needs another process to remove the file
-        // between our open and our lock.
-        for _ in 0..100 {
-            let Some(file) = create_and_lock(path)? else {
-                return Err(KnibError::new(
-                    ErrorKind::Busy,
-                    format!(
-                        "{what} is running in another request (it holds {}): refused, nothing was written; try again when it ends",
-                        path.display()
-                    ),
-                ));
-            };
-            let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?;
-            match std::fs::symlink_metadata(path) {
-                Ok(now) if now.dev() == meta.dev() && now.ino() == meta.ino() => {
-                    return Ok(LockFile { path: path.to_path_buf(), file })
-                }
-                // Removed (or replaced) by its last holder meanwhile.
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(KnibError::io("cannot stat", path, e)),
+        let named = create_and_lock_named(path).map_err(|e| {
+            if e.kind == ErrorKind::Busy {
+                e.context(what.to_string())
+            } else {
+                e
             }
+        });
+        match named? {
+            Some(file) => Ok(LockFile { path: path.to_path_buf(), file }),
+            None => Err(KnibError::new(
+                ErrorKind::Busy,
+                format!(
+                    "{what} is running in another request (it holds {}): refused, nothing was written; try again when it ends",
+                    path.display()
+                ),
+            )),
         }
-        Err(KnibError::new(ErrorKind::Busy, format!("{what}: {} keeps being replaced; try again", path.display())))
     }
 }
 

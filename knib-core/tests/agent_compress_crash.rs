@@ -298,6 +298,43 @@ fn a_second_compression_of_the_same_files_is_busy() {
     assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
 }
 
+/// A compression that opened the temporary's name just before the one
+/// running renamed it to `.comp` and let it go (a command retried as the
+/// first ends) must not take that finished `.comp` for its own temporary.
+/// Before, it locked it, emptied it, removed the `.comp` name and failed
+/// ("replaced"): the first's answer named a `.comp` that was gone. Now it
+/// opens the name again and compresses anew; both `.comp` files stay whole.
+#[test]
+fn a_compression_that_opened_the_temporary_as_the_first_renamed_it_starts_anew() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x5e7);
+    let req = json!({"files": files, "rate_limit_mbps": 8});
+    let first = std::thread::spawn(move || agent("agent.compress", &req));
+    let tmp = dir.join(".full.qcow2.comp.part");
+    let start = Instant::now();
+    while std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0) < MIB {
+        assert!(start.elapsed() < Duration::from_secs(60), "the first compression never wrote");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The second opens the first's temporary, then waits before its lock
+    // until the first has finished.
+    let at = format!("locking {}", tmp.display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(12));
+    let req = json!({"files": files});
+    let second = std::thread::spawn(move || agent("agent.compress", &req));
+    assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(30)), "the second never paused");
+    first.join().unwrap().unwrap();
+    assert!(dir.join("full.qcow2.comp").exists(), "the first left no .comp");
+    second.join().unwrap().unwrap_or_else(|e| panic!("second compression: {e}"));
+    for f in &files {
+        assert!(knib_core::engine::compress::comp_path(f).exists(), "{} has no .comp", f.display());
+    }
+    ok("agent.finalize_compression", &json!({"files": files}));
+    assert_chain_reads(&files, &reference);
+    assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
+}
+
 /// A hard link planted at a compression's temporary name (to another
 /// backup, a host file, or the file compressed itself) is refused before
 /// a byte is written: Corrupt, naming the entry; the file it leads to is

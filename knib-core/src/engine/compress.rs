@@ -312,9 +312,12 @@ fn refuse_damaged(img: &mut Qcow2Image, f: &Path, ctl: &Control) -> Result<()> {
 /// it for this compression alone ([`crate::lock::try_lock_operation_byte`]) and
 /// empty it; the lock goes with the file returned. Another compression of
 /// `f` running (in any process) is busy. A link or anything but a regular
-/// file under the name is refused.
+/// file under the name is refused. The name must still lead to the file
+/// locked: a compression that just renamed its finished temporary to
+/// `.comp` lets it go, and whoever opened the old name before must not
+/// empty that `.comp`.
 fn claim_temp(tmp: &Path, f: &Path) -> Result<std::fs::File> {
-    let Some(file) = crate::lock::create_and_lock(tmp)? else {
+    let Some(file) = crate::lock::create_and_lock_named(tmp)? else {
         return Err(KnibError::busy(format!(
             "a compression of {} is running (it holds {}); try again when it ends",
             f.display(),
