@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use disk::{assert_check_clean, assert_identical, contents, make_disk, put_bytes, qemu_io, snapshot};
 use gen::Rng;
 use knib_core::api::call;
+use knib_core::engine::{compress, CompressOptions, DataPath};
+use knib_core::qemu_img::QemuImg;
 use knib_core::{Control, ErrorKind, KnibError};
 use serde_json::{json, Value};
 
@@ -470,4 +472,67 @@ fn a_backup_file_with_damaged_metadata_is_not_compressed() {
     assert!(e.message.contains(&format!("backup file {} is damaged: ", files[0].display())), "{e}");
     assert!(e.message.contains(": refcount 0, referenced 1 times"), "{e}");
     assert!(contents(&dir) == before, "the refused compression left something");
+}
+
+/// A file whose backing file is not qcow2 is not compressed: a compressed
+/// copy records its backing file as qcow2, so a raw one (recorded as raw,
+/// or of no recorded format) would be read as what it is not. Refused as
+/// invalid input naming the file and its backing file, with nothing left.
+/// And a `.comp` that records another backing format than its file is
+/// refused by the finalize before anything is renamed.
+#[test]
+fn a_file_whose_backing_file_is_not_qcow2_is_not_compressed() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let base = dir.join("base.raw");
+    std::fs::write(&base, vec![0x5au8; 4 * MIB as usize]).unwrap();
+    let raw_format = dir.join("raw-format.qcow2");
+    make_disk(&raw_format, 4 * MIB, &["-F", "raw", "-b", "base.raw"]);
+    qemu_io(&raw_format, "write -P 0x21 1M 1M");
+    // The same, its backing format extension made one QEMU ignores: no
+    // recorded format (QEMU probes it).
+    let no_format = dir.join("no-format.qcow2");
+    std::fs::copy(&raw_format, &no_format).unwrap();
+    let mut bytes = std::fs::read(&no_format).unwrap();
+    let at = bytes[..4096].windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).expect("a backing format extension");
+    bytes[at..at + 4].copy_from_slice(&[0x0b, 0xad, 0xf0, 0x0d]);
+    std::fs::write(&no_format, bytes).unwrap();
+    let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(&no_format).output().unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename-format"], Value::Null, "{info}");
+    for (f, why) in
+        [(&raw_format, "of format raw"), (&no_format, "of no recorded format, and it does not open as qcow2")]
+    {
+        let before = std::fs::read(f).unwrap();
+        for path in [DataPath::Native, DataPath::QemuImg] {
+            let opts = CompressOptions { data_path: path, ..Default::default() };
+            let e = compress(&QemuImg::new(), std::slice::from_ref(f), &opts, &Control::new()).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+            let want = format!("backup file {} has backing file `base.raw` {why}", f.display());
+            assert!(e.message.contains(&want), "{e}");
+            assert!(std::fs::read(f).unwrap() == before, "{} was changed", f.display());
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["base.raw", "no-format.qcow2", "raw-format.qcow2"]);
+        }
+    }
+
+    // A .comp of a qcow2 chain, then recorded as of a raw backing file.
+    let (files, reference) = backup_chain(&dir, 0xbf0);
+    ok("agent.compress", &json!({"files": files}));
+    let comp = knib_core::engine::compress::comp_path(&files[1]);
+    let st =
+        Command::new("qemu-img").args(["rebase", "-u", "-F", "raw", "-b", "full.qcow2"]).arg(&comp).status().unwrap();
+    assert!(st.success());
+    let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(
+        e.message.contains(&format!("compressed file {} records its backing file as raw, not qcow2", comp.display())),
+        "{e}"
+    );
+    assert!(knib_core::engine::compress::comp_path(&files[0]).exists(), "the finalize renamed a file");
+    assert_chain_reads(&files, &reference);
 }

@@ -149,12 +149,16 @@ pub fn compress_verified(
                 crate::lock::hold_for_reading(&[f.as_path()], &format!("the compression of {}", f.display()))?;
             // A compressed copy holds the image's current data only: the
             // internal snapshots of a file would be dropped with it.
-            if let Some(h) = crate::qcow2::header_of_regular_file(f, false).filter(|h| h.nb_snapshots > 0) {
+            let head = crate::qcow2::header_of_regular_file(f, false);
+            if let Some(h) = head.as_ref().filter(|h| h.nb_snapshots > 0) {
                 return Err(KnibError::invalid(format!(
                     "backup file {} holds {} internal snapshot(s) (`qemu-img snapshot -l` lists them): its compressed copy would drop them; it is not compressed",
                     f.display(),
                     h.nb_snapshots
                 )));
+            }
+            if let Some(h) = &head {
+                require_qcow2_backing(f, h)?;
             }
             // The native path takes qcow2 v3 files; v2 ones stay v2 (zlib)
             // through qemu-img.
@@ -308,6 +312,27 @@ fn refuse_damaged(img: &mut Qcow2Image, f: &Path, ctl: &Control) -> Result<()> {
     }
 }
 
+/// Refuse to compress `f` (whose header is `h`) when its backing file is
+/// not qcow2: a compressed copy records its backing file as qcow2 (both
+/// data paths), and a raw one would then be read as what it is not. A
+/// backing format that is not recorded is probed as QEMU would: the
+/// backing file must open as qcow2.
+fn require_qcow2_backing(f: &Path, h: &crate::qcow2::Header) -> Result<()> {
+    let Some(name) = &h.backing_file else { return Ok(()) };
+    let refuse = |why: String| {
+        Err(KnibError::invalid(format!(
+            "backup file {} has backing file `{name}` {why}: its compressed copy would record it as qcow2 and read it as what it is not; it is not compressed",
+            f.display()
+        )))
+    };
+    match h.backing_format.as_deref() {
+        Some("qcow2") => Ok(()),
+        Some(other) => refuse(format!("of format {other}")),
+        None if crate::qcow2::header_of_regular_file(&fsio::parent_dir(f).join(name), false).is_some() => Ok(()),
+        None => refuse("of no recorded format, and it does not open as qcow2".into()),
+    }
+}
+
 /// Open (or create) the temporary `tmp` a compression of `f` writes, lock
 /// it for this compression alone ([`crate::lock::try_lock_operation_byte`]) and
 /// empty it; the lock goes with the file returned. Another compression of
@@ -422,6 +447,12 @@ fn check_compressed(comp: &Path, f: &Path) -> Result<()> {
     if was.backing_file != now.backing_file {
         let name = |b: &Option<String>| b.as_deref().map_or("none".to_string(), |b| format!("`{b}`"));
         return Err(bad(format!("has backing file {}, not {}", name(&now.backing_file), name(&was.backing_file))));
+    }
+    // A compression records a backing file as qcow2; one of no recorded
+    // format was probed as qcow2 before it was compressed.
+    let format = |h: &crate::qcow2::Header| h.backing_format.clone().unwrap_or_else(|| "qcow2".into());
+    if was.backing_file.is_some() && format(was) != format(now) {
+        return Err(bad(format!("records its backing file as {}, not {}", format(now), format(was))));
     }
     Ok(())
 }
