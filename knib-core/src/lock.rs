@@ -10,9 +10,9 @@
 //! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | no |
 //! | is an image in use by a QEMU? ([`held_like_qemu`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no |
 //! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | no |
-//! | a compression's output under its fixed name ([`try_lock_operation_byte`]) | OFD write lock, byte 1 ([`OPERATION_BYTE`]) | the open file description | no |
-//! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 1 | the open file description | no |
-//! | a name that does not exist yet ([`LockFile`]) | OFD write lock, byte 1, of an empty file beside it | the open file description | no |
+//! | a compression's output under its fixed name ([`try_lock_operation_byte`]) | OFD write lock, byte 0x4b4e4942 ([`OPERATION_BYTE`]) | the open file description | no |
+//! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 0x4b4e4942 | the open file description | no |
+//! | a name that does not exist yet ([`LockFile`]) | OFD write lock, byte 0x4b4e4942, of an empty file beside it | the open file description | no |
 //!
 //! # Invariants
 //!
@@ -180,15 +180,21 @@ pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
     Ok(held)
 }
 
-/// The byte of knib's own one-operation lock: below QEMU's image locks
-/// (bytes 100 and up), and not byte 0, which libvirt's virtlockd locks
-/// (a POSIX lock, exclusive for a writable disk) on the disks of a running
-/// domain when it locks the files themselves: knib's lock there made every
-/// request on a running domain's volumes busy.
-pub const OPERATION_BYTE: i64 = 1;
+/// The byte of knib's own one-operation lock, 0x4b4e4942 ("KNIB", as
+/// `lslocks` shows it): a byte no other locker of disk images uses. Not
+/// byte 0, which libvirt's virtlockd locks (a POSIX lock, exclusive for a
+/// writable disk) on the disks of a running domain when it locks the files
+/// themselves: knib's lock there made every request on a running domain's
+/// volumes busy. Not byte 1, which libvirt's security manager locks
+/// (POSIX, retried for about ten seconds, then the libvirt call fails)
+/// while it relabels a disk file, as for a disk-only snapshot: knib's lock
+/// there stalled libvirt's snapshot of a running domain past the request's
+/// time budget. Not QEMU's image locks (bytes 100 to 299). Within 31 bits,
+/// for lock protocols with 32-bit offsets (NFS v3).
+pub const OPERATION_BYTE: i64 = 0x4b4e_4942;
 
-/// An OFD write lock on byte [`OPERATION_BYTE`] of `file` (below QEMU's
-/// locks, which start at byte 100), held as long as `file` stays open: one process at a time
+/// An OFD write lock on byte [`OPERATION_BYTE`] of `file` (not one of
+/// QEMU's locks, bytes 100 to 299), held as long as `file` stays open: one process at a time
 /// writes a file knib makes under a fixed name (a compression's output).
 /// `Ok(false)`, without waiting, when another holds it.
 ///
@@ -214,8 +220,8 @@ pub fn try_lock_operation_byte(file: &File) -> io::Result<bool> {
 }
 
 /// Open each of `files` that exists and is a regular file for writing and
-/// take an OFD write lock on its byte [`OPERATION_BYTE`] ([`try_lock_operation_byte`], below
-/// QEMU's locks: QEMU and `qemu-img` are not hindered) for as long as the
+/// take an OFD write lock on its byte [`OPERATION_BYTE`] ([`try_lock_operation_byte`], not
+/// one of QEMU's or libvirt's locks: QEMU, `qemu-img` and libvirt are not hindered) for as long as the
 /// returned files stay open: one knib operation at a time changes a
 /// volume's files on primary (two backups of one stopped volume at once
 /// merged the same delta twice, and the loser's new delta lost its backing

@@ -832,3 +832,52 @@ fn the_block_commit_after_a_published_backup_runs_past_the_time_budget() {
     }
     model.assert_vm_reads_everything(&vm);
 }
+
+/// The snapshot method holds a domain's volumes for the whole take, as the
+/// bitmap method does: while a take waits before its snapshot, a cleanup
+/// of the same volumes, a second take and a consolidation are busy,
+/// naming a volume, and change nothing. The take then snapshots the
+/// running domain while knib holds its files, within a short budget: knib's
+/// lock is not on the byte libvirt's security manager locks while it
+/// relabels the files (byte 1; there, libvirt's snapshot waited about ten
+/// seconds and the take ran out of time).
+#[test]
+fn the_snapshot_method_holds_the_volumes_for_the_whole_take() {
+    if skip_without_libvirt("agent snapshot method busy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let vm =
+        TestVm::create("knib-agent-held", &DISKS, dir.path(), TestVmOptions { running: true, ..Default::default() });
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x61, 0, MIB);
+    let n1 = model.writes.len();
+    let at = format!("snapshot of domain {}", vm.name());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(6));
+    let first = json!({"domain": vm.name(), "timeout_secs": 12, "volumes": volumes(&vm, &store, 1, None)});
+    let taking = std::thread::spawn(move || agent("agent.take_backup", &first));
+    assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)), "no pause at {at}");
+    let mut cleanup = json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 1, None)});
+    cleanup["mode"] = json!("discard");
+    let vda = vm.initial_file("vda");
+    for (op, r) in [
+        ("agent.cleanup_vm_backup", cleanup),
+        ("agent.take_backup", json!({"domain": vm.name(), "volumes": volumes(&vm, &store, 2, None)})),
+        ("agent.consolidate", json!({"domain": vm.name(), "volumes": [{"path": vda}]})),
+    ] {
+        let e = agent(op, &r).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Busy, "{op}: {e}");
+        assert!(e.message.contains(&vda.display().to_string()), "{op}: {e}");
+    }
+    let a = taking.join().unwrap().unwrap_or_else(|e| panic!("the take: {e}"));
+    assert_eq!(a["kind"], json!("full"), "{a}");
+    assert!(!store.join("backup-2").exists(), "the refused take wrote");
+    for (t, _) in DISKS {
+        let to = dir.path().join(format!("{t}-restored.qcow2"));
+        let backup = store.join("backup-1").join(format!("{t}.qcow2"));
+        ok("agent.restore", &json!({"volumes": [{"uuid": t, "backup_path": backup, "volume_path": to}]}));
+        model.assert_restored(t, n1, &to, dir.path());
+    }
+    model.assert_vm_reads_everything(&vm);
+}

@@ -188,9 +188,11 @@ fn agent_backups_by_bitmap_follow_the_parent_checkpoint() {
 /// refused as a backup would be, invalid input, nothing removed. Before,
 /// the cleanup of a VM without a domain removed the disk.
 /// While a take of a domain's volumes runs, a cleanup of the same volumes
-/// (CloudStack's, after it gave up waiting for the take) and a second take
-/// are busy, naming a volume: before, the cleanup ran beside the take,
-/// aborted its job and removed its files. The take then ends whole.
+/// (CloudStack's, after it gave up waiting for the take), a second take, a
+/// consolidation and a VM snapshot merge are busy, naming a volume:
+/// before, the cleanup ran beside the take, aborted its job and removed
+/// its files, and the consolidation and the merge took no lock. The take
+/// then ends whole.
 #[test]
 fn a_cleanup_or_a_second_take_while_a_take_runs_is_busy() {
     if skip_without_libvirt("agent bitmap busy") {
@@ -202,13 +204,21 @@ fn a_cleanup_or_a_second_take_while_a_take_runs_is_busy() {
     let vm = TestVm::create("knib-abbusy", &DISKS, &base, TestVmOptions { running: true, ..Default::default() });
     let req = |n: u32| json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, n, None)});
     let at = format!("copy of disk vda of domain {}", vm.name());
-    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(3));
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(8));
     let first = req(1);
     let taking = std::thread::spawn(move || call_json("agent.take_backup", &first));
     assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)), "no pause at {at}");
     let mut cleanup = req(1);
     cleanup["mode"] = json!("discard");
-    for (op, r) in [("agent.cleanup_vm_backup", cleanup), ("agent.take_backup", req(2))] {
+    let vda = vm.initial_file("vda");
+    let consolidate = json!({"domain": vm.name(), "volumes": [{"path": vda}]});
+    let merge = json!({"domain": vm.name(), "merges": [{"uuid": "u", "parent": base.join("p.qcow2"), "child": vda}]});
+    for (op, r) in [
+        ("agent.cleanup_vm_backup", cleanup),
+        ("agent.take_backup", req(2)),
+        ("agent.consolidate", consolidate),
+        ("agent.merge_snapshot", merge),
+    ] {
         let e = call_json(op, &r).unwrap_err();
         assert_eq!(e.kind, knib_core::ErrorKind::Busy, "{op}: {e}");
         assert!(e.message.contains(&vm.initial_file("vda").display().to_string()), "{op}: {e}");

@@ -228,12 +228,13 @@ fn a_volume_being_restored_is_not_restored_by_another_request() {
 }
 
 /// libvirt's virtlockd, locking disk files directly, holds a POSIX write
-/// lock on byte 0 of each writable disk of a running domain. knib's own
+/// lock on byte 0 of each writable disk of a running domain, and libvirt's
+/// security manager one on byte 1 while it relabels a file. knib's own
 /// one-operation lock is on another byte: a request on those volumes is
-/// not refused as busy because of it (it was, every time, when knib's lock
-/// was on byte 0).
+/// not refused as busy because of them (it was, every time, when knib's
+/// lock was on byte 0; on byte 1 it was whenever libvirt relabeled).
 #[test]
-fn a_posix_lock_on_byte_zero_as_virtlockd_holds_does_not_make_a_request_busy() {
+fn posix_locks_on_bytes_zero_and_one_as_libvirt_holds_do_not_make_a_request_busy() {
     use std::os::fd::AsRawFd;
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().canonicalize().unwrap();
@@ -245,14 +246,16 @@ fn a_posix_lock_on_byte_zero_as_virtlockd_holds_does_not_make_a_request_busy() {
     let reference = dir.join("reference.raw");
     snapshot(&base, &reference);
     let held = std::fs::OpenOptions::new().read(true).write(true).open(&base).unwrap();
-    let fl = nix::libc::flock {
-        l_type: nix::libc::F_WRLCK as nix::libc::c_short,
-        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
-        l_start: 0,
-        l_len: 1,
-        l_pid: 0,
-    };
-    nix::fcntl::fcntl(held.as_raw_fd(), nix::fcntl::FcntlArg::F_SETLK(&fl)).unwrap();
+    for byte in [0, 1] {
+        let fl = nix::libc::flock {
+            l_type: nix::libc::F_WRLCK as nix::libc::c_short,
+            l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+            l_start: byte,
+            l_len: 1,
+            l_pid: 0,
+        };
+        nix::fcntl::fcntl(held.as_raw_fd(), nix::fcntl::FcntlArg::F_SETLK(&fl)).unwrap();
+    }
     let full = json!({"running": false, "volumes": [stopped_volume(&base, &d1, &b1, None, None)]});
     agent("agent.take_backup", &full).unwrap();
     assert_identical(&b1, &reference);

@@ -265,16 +265,13 @@ fn grand_children_off_chain(
 
 /// `agent.take_backup`.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
+    // One operation at a time on a domain's volumes, as for a VM without
+    // one: a cleanup (CloudStack's, after a take it gave up waiting for)
+    // ran beside the take and removed the files it then answered as a
+    // backup, or aborted another backup's job.
+    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))
+        .map_err(|e| e.with_vm_consistent(true))?;
     if r.method == engine::BackupMethod::Bitmap {
-        // One operation at a time on a domain's volumes, as for a VM
-        // without one: a cleanup (CloudStack's, after a take it gave up
-        // waiting for) ran beside the take and removed the files it then
-        // answered as a backup, or aborted another backup's job. (Not for
-        // the snapshot method: libvirt's disk-only snapshot of a running
-        // domain stalled past the request's budget while knib held the
-        // volumes' files; why is not known yet.)
-        let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))
-            .map_err(|e| e.with_vm_consistent(true))?;
         return super::bitmap::take_backup(op, r, ctl);
     }
     let q = QemuImg::new();
@@ -294,8 +291,8 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
+    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))?;
     if r.method == engine::BackupMethod::Bitmap {
-        let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))?;
         return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
     }
     let q = QemuImg::new();
@@ -352,6 +349,9 @@ pub(crate) fn consolidate(op: &str, r: &ConsolidateReq, ctl: &Control) -> Result
     if r.volumes.is_empty() {
         targets = disks.iter().map(|d| (None, d.target.clone(), d.file.clone())).collect();
     }
+    // Not beside a take, cleanup, merge or restore of the same volumes.
+    let files: Vec<&Path> = targets.iter().map(|(_, _, f)| f.as_path()).collect();
+    let _held = hold_for_one_operation(&files, &format!("{op} of domain {}", vm.name()))?;
     // After a quick restore from a vault: its NBD server (`knib vault-serve`,
     // found on PATH) is started again if it is gone, so the pull can read.
     let mut spawn = |st: &crate::vault::serve::ServeState, dir: &Path| {
@@ -617,12 +617,21 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     for (i, m) in r.merges.iter().enumerate() {
         absolute(op, &format!("merges[{i}].parent"), &m.parent)?;
         absolute(op, &format!("merges[{i}].child"), &m.child)?;
+        for (j, g) in m.grand_children.iter().enumerate() {
+            absolute(op, &format!("merges[{i}].grand_children[{j}]"), g)?;
+        }
     }
+    // Not beside a take, cleanup, merge or restore of the same volumes.
+    let files: Vec<&Path> = r
+        .merges
+        .iter()
+        .flat_map(|m| [&m.parent, &m.child].into_iter().chain(&m.grand_children))
+        .map(PathBuf::as_path)
+        .collect();
+    let _held = hold_for_one_operation(&files, &format!("{op} of domain {}", vm.name()))?;
     super::refuse_merging_internal_snapshots(op, &r.merges)?;
     let mut out = Vec::new();
-    for (i, m) in r.merges.iter().enumerate() {
-        absolute(op, &format!("merges[{i}].parent"), &m.parent)?;
-        absolute(op, &format!("merges[{i}].child"), &m.child)?;
+    for m in &r.merges {
         let disks = vm.disks()?;
         let (disk, chain) = disk_holding(&q, &vm, running, &disks, &[&m.child], ctl)?;
         let at = chain.iter().position(|c| same_file(c, &m.child)).expect("disk_holding found it");
