@@ -233,6 +233,22 @@ pub(crate) fn budget(ctl: &Control, secs: Option<u64>) -> Control {
     }
 }
 
+/// Hold every file on primary a take or cleanup request names
+/// ([`named_files`]) for the whole request
+/// ([`crate::lock::hold_for_one_operation`]): one take, cleanup, merge or
+/// restore at a time on a volume's files, with a domain (`domain`) or
+/// without. A second backup of a stopped volume merged the same delta
+/// again under the first; a cleanup (CloudStack's, after a take it gave up
+/// waiting for) ran beside the take and removed the files it then
+/// answered as a backup, or aborted another backup's job.
+pub(crate) fn hold_volumes(op: &str, r: &TakeReq, domain: Option<&str>) -> Result<Vec<std::fs::File>> {
+    let who = match domain {
+        Some(d) => format!("{op} of domain {d}"),
+        None => format!("{op} of a VM without a domain"),
+    };
+    crate::lock::hold_for_one_operation(&named_files(r), &who)
+}
+
 /// Every file on primary the request names (those that exist are tested
 /// for QEMU's locks before anything is done).
 pub(crate) fn named_files(r: &TakeReq) -> Vec<&Path> {

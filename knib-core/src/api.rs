@@ -206,13 +206,19 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::GroupDelete(r) => to_json(&group::delete(r)?),
         Request::GroupRecover(r) => to_json(&group::recover(op, r, ctl)?),
         // Without `domain` (`running: false`): the volumes' files alone.
-        Request::TakeBackup(r) => match agent::domain_of(op, &r.domain, r.running)? {
-            None => to_json(&agent::stopped::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))?),
-            Some(_) => live!(op, agent::live::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
-        },
+        Request::TakeBackup(r) => {
+            let domain = agent::domain_of(op, &r.domain, r.running)?;
+            let _held = agent::hold_volumes(op, &r, domain).map_err(|e| e.with_vm_consistent(true))?;
+            match domain {
+                None => to_json(&agent::stopped::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))?),
+                Some(_) => live!(op, agent::live::take_backup(op, &r, &agent::budget(ctl, r.timeout_secs))),
+            }
+        }
         Request::CleanupVmBackup(r) => {
             let (r, mode) = r.into_parts();
-            match agent::domain_of(op, &r.domain, r.running)? {
+            let domain = agent::domain_of(op, &r.domain, r.running)?;
+            let _held = agent::hold_volumes(op, &r, domain)?;
+            match domain {
                 None => to_json(&agent::stopped::cleanup_vm_backup(op, &r, mode, &agent::budget(ctl, r.timeout_secs))?),
                 Some(_) => live!(op, agent::live::cleanup_vm_backup(op, &r, mode, &agent::budget(ctl, r.timeout_secs))),
             }

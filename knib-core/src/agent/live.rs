@@ -265,12 +265,6 @@ fn grand_children_off_chain(
 
 /// `agent.take_backup`.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
-    // One operation at a time on a domain's volumes, as for a VM without
-    // one: a cleanup (CloudStack's, after a take it gave up waiting for)
-    // ran beside the take and removed the files it then answered as a
-    // backup, or aborted another backup's job.
-    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))
-        .map_err(|e| e.with_vm_consistent(true))?;
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::take_backup(op, r, ctl);
     }
@@ -291,7 +285,6 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
-    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of domain {}", domain_name(r)))?;
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
     }
@@ -662,8 +655,3 @@ const MAX_WRITE_MIB: u64 = 1 << 20;
 
 /// The longest wait before a validation's screenshot.
 const MAX_SCREENSHOT_WAIT_SECS: u64 = 3600;
-
-/// The domain a request names, for messages.
-fn domain_name(r: &TakeReq) -> &str {
-    r.domain.as_deref().unwrap_or_default()
-}

@@ -184,10 +184,6 @@ fn refuse_bitmap(op: &str, r: &TakeReq) -> Result<()> {
 
 /// `agent.take_backup` of a VM without a domain.
 pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBackupAnswer> {
-    // One operation at a time on the volumes' files (a second backup of
-    // the same volume merged the same delta again under the first).
-    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of a VM without a domain"))
-        .map_err(|e| e.with_vm_consistent(true))?;
     #[cfg(feature = "libvirt")]
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::take_backup(op, r, ctl);
@@ -214,7 +210,6 @@ pub(crate) fn cleanup_vm_backup(
     mode: CleanupMode,
     ctl: &Control,
 ) -> Result<CleanupVmBackupAnswer> {
-    let _held = hold_for_one_operation(&super::named_files(r), &format!("{op} of a VM without a domain"))?;
     #[cfg(feature = "libvirt")]
     if r.method == engine::BackupMethod::Bitmap {
         return super::bitmap::cleanup_vm_backup(op, r, mode, ctl);
