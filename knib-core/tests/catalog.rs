@@ -250,6 +250,44 @@ fn qcow2_v2_disk_is_compressed_with_zlib() {
     assert_identical(&to, &r);
 }
 
+/// A compression whose next manifest cannot be written (here its
+/// temporary's name is taken by a directory, as a full file system fails
+/// the write) fails naming it and leaves the backup as it was, with no
+/// `.comp` file beside it (before, they stayed until a job runner swept
+/// them). Once the name is free, the compression goes through.
+#[test]
+fn a_compression_whose_next_manifest_cannot_be_written_leaves_no_compressed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("disk.qcow2");
+    make_disk(&p, 16 << 20, &[]);
+    qemu_io(&p, "write -P 0x72 0 4M");
+    let r = dir.path().join("ref.qcow2");
+    snapshot(&p, &r);
+    let disks = vec![knib_core::catalog::DiskSpec { name: "d".into(), path: p.clone() }];
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let b = store.backup("nm", &disks, &opts(8), &Control::new()).unwrap();
+    let f = store.volume_file(&b, "d").unwrap();
+    let bdir = f.parent().unwrap().to_path_buf();
+    let before = std::fs::read(&f).unwrap();
+    let blocker = bdir.join(".manifest.next.json.part");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("x"), b"x").unwrap();
+    let e = store.compress(&b.id, &CompressOptions::default(), &Control::new()).unwrap_err();
+    assert!(e.message.contains(".manifest.next.json.part"), "{e}");
+    let mut names: Vec<String> =
+        std::fs::read_dir(&bdir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert!(!names.iter().any(|n| n.contains(".comp")), "left beside the backup: {names:?}");
+    assert!(std::fs::read(&f).unwrap() == before, "the backup file changed");
+    assert_eq!(store.show(&b.id).unwrap().compression, None);
+    std::fs::remove_dir_all(&blocker).unwrap();
+    let c = store.compress(&b.id, &CompressOptions::default(), &Control::new()).unwrap();
+    assert!(c.compression.is_some());
+    let to = dir.path().join("restored.raw");
+    store.restore(&b.id, "d", &to, ImageFormat::Raw, &Control::new()).unwrap();
+    assert_identical(&to, &r);
+}
+
 /// A disk with extended L2 entries (subclusters), a disk over a base that
 /// has them (a template made with `extended_l2=on`) and one whose backing
 /// file is named as a `json:` pseudo-protocol: the native reader does not

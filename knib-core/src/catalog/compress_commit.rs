@@ -137,9 +137,22 @@ impl Store {
     }
 
     /// Replace backup `next`'s files by their `.comp` files (all written and
-    /// durable) and its manifest by `next`, as the module's doc says.
+    /// durable) and its manifest by `next`, as the module's doc says. When
+    /// [`NEXT_MANIFEST`] cannot be written (a full file system), no next
+    /// manifest names the `.comp` files and they are removed: the backup
+    /// is left as it was, with nothing beside it.
     pub(super) fn publish_compression(&self, next: &Manifest) -> Result<()> {
-        next.save(&self.backup_dir(next).join(NEXT_MANIFEST))?;
+        let dir = self.backup_dir(next);
+        if let Err(e) = next.save(&dir.join(NEXT_MANIFEST)) {
+            if std::fs::symlink_metadata(dir.join(NEXT_MANIFEST)).is_err() {
+                for v in &next.volumes {
+                    if let Err(r) = fsio::remove_if_exists(&comp_path(&dir.join(&v.file))) {
+                        log::warn!("cannot remove a compressed file of backup {}: {r}", next.id);
+                    }
+                }
+            }
+            return Err(e);
+        }
         self.commit_compression(next)
     }
 }
