@@ -395,6 +395,14 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// [`remove_if_exists`], then the removal made durable (its directory
+/// synced): for a file whose return after a power loss would mean
+/// something, such as a journal saying a backup is still running.
+pub fn remove_durable(path: &Path) -> Result<()> {
+    remove_if_exists(path)?;
+    sync_dir(parent_dir(path))
+}
+
 /// Whether `a` and `b` name the same file: equal paths; when both exist,
 /// one file (the same inode, through links, symbolic or hard, and `..`
 /// alike); when neither exists yet, the same name in the same directory

@@ -251,13 +251,13 @@ impl Store {
         };
         match result {
             Ok(_) => {
-                fsio::remove_if_exists(&self.bitmap_journal_path(&name))?;
+                fsio::remove_durable(&self.bitmap_journal_path(&name))?;
                 Ok(m)
             }
             Err(e) => {
                 super::live::discard_unpublished(target, &part, &final_dir, &name, &id);
                 if e.vm_consistent == Some(true) {
-                    let _ = fsio::remove_if_exists(&self.bitmap_journal_path(&name));
+                    let _ = fsio::remove_durable(&self.bitmap_journal_path(&name));
                 }
                 Err(e)
             }
@@ -347,7 +347,7 @@ impl Store {
                 self.save_state(&name, &super::VmState { schema: 1, head: Some(j.plan.backup_id.clone()) })?;
             }
         }
-        fsio::remove_if_exists(&self.bitmap_journal_path(&name))?;
+        fsio::remove_durable(&self.bitmap_journal_path(&name))?;
         Ok(Some(super::live::RecoverOutcome {
             backup_id: Some(j.plan.backup_id),
             step: None,

@@ -343,13 +343,13 @@ impl Store {
         };
         match result {
             Ok(_) => {
-                fsio::remove_if_exists(&self.journal_path(&name))?;
+                fsio::remove_durable(&self.journal_path(&name))?;
                 Ok(m)
             }
             Err(e) => {
                 discard_unpublished(target, &part, &final_dir, &name, &id);
                 if e.vm_consistent == Some(true) {
-                    let _ = fsio::remove_if_exists(&self.journal_path(&name));
+                    let _ = fsio::remove_durable(&self.journal_path(&name));
                 }
                 Err(e)
             }
@@ -466,7 +466,7 @@ impl Store {
                 self.save_state(&name, &super::VmState { schema: 1, head: Some(j.plan.backup_id.clone()) })?;
             }
         }
-        fsio::remove_if_exists(&self.journal_path(&name))?;
+        fsio::remove_durable(&self.journal_path(&name))?;
         Ok(RecoverOutcome { backup_id: Some(j.plan.backup_id), step: Some(j.step), published, report })
     }
 

@@ -407,7 +407,7 @@ impl Store {
             }
         }
         if aborted || published == 0 {
-            fsio::remove_if_exists(&journal)?;
+            fsio::remove_durable(&journal)?;
             fsio::remove_if_exists(&self.lock_file(&id))?;
             let why = reason.unwrap_or_else(|| "every member failed".into());
             let detail: Vec<String> =
@@ -426,7 +426,7 @@ impl Store {
         stamp(&mut record, &snaps, freeze_to_thaw, &frozen);
         crate::crashpoint::durable_step(&format!("record of group {id}"));
         self.save_group(&self.record_file(&id), &record)?;
-        fsio::remove_if_exists(&journal)?;
+        fsio::remove_durable(&journal)?;
         fsio::remove_if_exists(&self.lock_file(&id))?;
         fsio::sync_dir(&self.groups_dir())?;
         Ok(record)
