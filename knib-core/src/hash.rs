@@ -5,7 +5,8 @@
 //! below every module that hashes: the qcow2 copy and source hashes
 //! (`qcow2`), the engine and the catalog.
 
-use std::io::Read;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
@@ -35,6 +36,16 @@ pub(crate) fn hash_written(file: &Path, ctl: &Control) -> Result<String> {
     Ok(hash_chain_with(&[file.to_path_buf()], ctl, true)?.0)
 }
 
+/// [`hash_written`] of the file open as `file` (named `name` in errors),
+/// read from its start through this handle: the file written, whatever its
+/// name leads to meanwhile.
+pub(crate) fn hash_written_file(file: &File, name: &Path, ctl: &Control) -> Result<String> {
+    ctl.check(&format!("hash of {}", name.display()))?;
+    let mut own = Xxh3::new();
+    hash_open(file, name, true, &mut [&mut own], &mut vec![0u8; 1 << 20])?;
+    Ok(format!("{:032x}", own.digest128()))
+}
+
 /// [`hash_written`] drops what it read every this many bytes.
 const DROP_EVERY: u64 = 32 << 20;
 
@@ -45,27 +56,35 @@ fn hash_chain_with(files: &[PathBuf], ctl: &Control, drop_cache: bool) -> Result
     for f in files {
         ctl.check(&format!("hash of {}", f.display()))?;
         let mut own = Xxh3::new();
-        let mut file = crate::fsio::open_regular(f)?;
-        let (mut at, mut dropped) = (0u64, 0u64);
-        loop {
-            let n = file.read(&mut buf).map_err(|e| KnibError::io("cannot read", f, e))?;
-            if n == 0 {
-                break;
-            }
-            chain.update(&buf[..n]);
-            own.update(&buf[..n]);
-            at += n as u64;
-            if drop_cache && at - dropped >= DROP_EVERY {
-                // From the start: a large folio is dropped only by a range
-                // that holds it whole (see `qcow2::behind`).
-                crate::fsio::drop_cached(&file, 0, at);
-                dropped = at;
-            }
-        }
-        if drop_cache {
-            crate::fsio::drop_cached(&file, 0, 0);
-        }
+        let file = crate::fsio::open_regular(f)?;
+        hash_open(&file, f, drop_cache, &mut [&mut chain, &mut own], &mut buf)?;
         each.push(format!("{:032x}", own.digest128()));
     }
     Ok((format!("{:032x}", chain.digest128()), each))
+}
+
+/// Feed every byte of `file` (named `name`), from its start, to each of
+/// `into`; with `drop_cache`, its pages are dropped as they are hashed.
+fn hash_open(file: &File, name: &Path, drop_cache: bool, into: &mut [&mut Xxh3], buf: &mut [u8]) -> Result<()> {
+    let (mut at, mut dropped) = (0u64, 0u64);
+    loop {
+        let n = file.read_at(buf, at).map_err(|e| KnibError::io("cannot read", name, e))?;
+        if n == 0 {
+            break;
+        }
+        for h in into.iter_mut() {
+            h.update(&buf[..n]);
+        }
+        at += n as u64;
+        if drop_cache && at - dropped >= DROP_EVERY {
+            // From the start: a large folio is dropped only by a range
+            // that holds it whole (see `qcow2::behind`).
+            crate::fsio::drop_cached(file, 0, at);
+            dropped = at;
+        }
+    }
+    if drop_cache {
+        crate::fsio::drop_cached(file, 0, 0);
+    }
+    Ok(())
 }

@@ -536,3 +536,38 @@ fn a_file_whose_backing_file_is_not_qcow2_is_not_compressed() {
     assert!(knib_core::engine::compress::comp_path(&files[0]).exists(), "the finalize renamed a file");
     assert_chain_reads(&files, &reference);
 }
+
+/// A checked compression answers the hash of the file it wrote, read back
+/// through its own handle: an entry swapped in at the temporary's name
+/// while it is hashed, and swapped out before the name is checked, is not
+/// what is hashed. Before, the read-back opened the name and answered the
+/// swapped-in file's hash for the compressed file, so a later check of the
+/// real one would have called it damaged (or a damaged one good).
+#[test]
+fn the_answered_hash_is_of_the_file_written_whatever_its_name_led_to_meanwhile() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x4a5);
+    let hashes: Vec<String> = files
+        .iter()
+        .map(|f| knib_core::engine::hash_files(std::slice::from_ref(f), &Control::new()).unwrap())
+        .collect();
+    let tmp = dir.join(".full.qcow2.comp.part");
+    let aside = dir.join("aside");
+    let (read_back, written) = (format!("read-back of {}", tmp.display()), format!("written {}", tmp.display()));
+    knib_core::crashpoint::pause_before(&read_back, Duration::from_secs(3));
+    knib_core::crashpoint::pause_before(&written, Duration::from_secs(3));
+    let req = json!({"files": files, "expected_hashes": hashes});
+    let compressing = std::thread::spawn(move || agent("agent.compress", &req));
+    assert!(knib_core::crashpoint::wait_for_pause(&read_back, Duration::from_secs(60)), "no pause at {read_back}");
+    std::fs::rename(&tmp, &aside).unwrap();
+    std::fs::write(&tmp, vec![0x5au8; 3 * MIB as usize]).unwrap();
+    assert!(knib_core::crashpoint::wait_for_pause(&written, Duration::from_secs(60)), "no pause at {written}");
+    std::fs::rename(&aside, &tmp).unwrap();
+    let a = compressing.join().unwrap().unwrap_or_else(|e| panic!("compression: {e}"));
+    let comp = knib_core::engine::compress::comp_path(&files[0]);
+    let real = knib_core::engine::hash_files(std::slice::from_ref(&comp), &Control::new()).unwrap();
+    assert_eq!(a["compressed"][0]["hash"], json!(real), "{a}");
+    ok("agent.finalize_compression", &json!({"files": files}));
+    assert_chain_reads(&files, &reference);
+}

@@ -264,14 +264,17 @@ pub fn compress_verified(
                         q.rebase_unsafe(&by_fd, b, "qcow2", ctl)?;
                     }
                     claim.sync_all().map_err(|e| KnibError::io("cannot sync", &tmp, e))?;
-                    let hash = if want.is_empty() { None } else { Some(crate::hash::hash_written(&by_fd, ctl)?) };
+                    let hash =
+                        if want.is_empty() { None } else { Some(crate::hash::hash_written_file(&claim, &tmp, ctl)?) };
                     let len = claim.metadata().map_err(|e| KnibError::io("cannot stat", &tmp, e))?.len();
                     (len, hash)
                 }
             };
             // The copy wrote the claimed file (the native one through its
-            // handle): the name must still lead to it, before the rename and
-            // after (an entry swapped in between is removed, never kept).
+            // handle) and hashed it through the handle: the name must still
+            // lead to it, before the rename and after (an entry swapped in
+            // between is removed, never kept).
+            crate::crashpoint::pause_point(&format!("written {}", tmp.display()));
             fsio::require_same_file(&tmp, &claim)?;
             fsio::commit_rename(&tmp, &out)?;
             fsio::require_same_file(&out, &claim)?;

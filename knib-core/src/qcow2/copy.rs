@@ -248,9 +248,11 @@ pub(crate) fn copy_image_to(
         file.sync_all().map_err(|e| KnibError::io("cannot fsync", dest, e))?;
     }
     report.file_len = crate::qcow2::image::file_size(&file).map_err(|e| KnibError::io("cannot size", dest, e))?;
-    drop(file);
     if opts.hash && report.hash.is_none() {
-        report.hash = Some(crate::hash::hash_written(dest, ctl)?);
+        // Read back through the handle written, never by name: whatever
+        // the name leads to meanwhile is not what is hashed.
+        crate::crashpoint::pause_point(&format!("read-back of {}", dest.display()));
+        report.hash = Some(crate::hash::hash_written_file(&file, dest, ctl)?);
     }
     Ok(report)
 }
