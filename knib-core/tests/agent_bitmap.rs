@@ -507,3 +507,53 @@ fn a_failed_or_killed_end_of_chain_incremental_loses_no_write_of_a_raw_disk() {
     assert!(vda < 8 * MIB, "the raw disk's incremental holds its changes only: {vda} bytes");
     assert_backup_holds(&store, 13, &model, model.writes.len(), &base);
 }
+
+/// A backup job already running on the domain (here begun outside knib, a
+/// pull-mode job) makes a bitmap take busy, and the refusal names the
+/// agent's remedy (`agent.cleanup_vm_backup`), not the CLI's (`knib
+/// recover`, which before it named to CloudStack). Nothing is written.
+#[test]
+fn a_take_beside_a_running_backup_job_is_busy_naming_the_agents_remedy() {
+    if skip_without_libvirt("agent bitmap running job") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let store = base.join("store");
+    let vm = TestVm::create("knib-abjob", &DISKS, &base, TestVmOptions { running: true, ..Default::default() });
+    let xml = base.join("backup.xml");
+    let scratch = |t: &str| base.join(format!("scratch-{t}.qcow2"));
+    std::fs::write(
+        &xml,
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks>{}</disks></domainbackup>",
+            base.join("job.sock").display(),
+            DISKS
+                .iter()
+                .map(|(t, _)| format!(
+                    "<disk name='{t}' backup='yes' type='file'><scratch file='{}'/></disk>",
+                    scratch(t).display()
+                ))
+                .collect::<String>()
+        ),
+    )
+    .unwrap();
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().unwrap();
+        assert!(out.status.success(), "virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    virsh(&["backup-begin", vm.name(), &xml.to_string_lossy()]);
+    let e = call_json(
+        "agent.take_backup",
+        &json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, 1, None)}),
+    )
+    .unwrap_err();
+    virsh(&["domjobabort", vm.name()]);
+    assert_eq!(e.kind, knib_core::ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&format!("a backup job is running on domain {}", vm.name())), "{e}");
+    assert!(e.message.contains("agent.cleanup_vm_backup"), "{e}");
+    assert!(!e.message.contains("knib recover"), "{e}");
+    assert_eq!(e.vm_consistent, Some(true), "{e}");
+    assert!(!store.exists() || std::fs::read_dir(&store).unwrap().next().is_none(), "the refused take wrote");
+    assert_chains_untouched(&vm);
+}

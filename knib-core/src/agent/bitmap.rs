@@ -224,7 +224,9 @@ pub(crate) fn take_backup(op: &str, r: &TakeReq, ctl: &Control) -> Result<TakeBa
     let q = QemuImg::new();
     let vm = domain_of(r).map_err(consistent)?;
     if let Some(vm) = &vm {
-        engine_bitmap::refuse_running_job(vm).map_err(consistent)?;
+        let remedy =
+            "if it is the job of a backup knib took and did not end, send agent.cleanup_vm_backup for that backup";
+        engine_bitmap::refuse_running_job(vm, remedy).map_err(consistent)?;
     }
     if vm.is_none() {
         let files: Vec<&Path> = r.volumes.iter().map(|v| v.path.as_path()).collect();

@@ -149,7 +149,7 @@ impl Store {
             .collect();
         let q = &self.qemu_img;
         let (tracked, can_carry) = if running {
-            bitmap::refuse_running_job(vm)?;
+            bitmap::refuse_running_job(vm, "run `knib recover` if it is one of knib's")?;
             // A raw disk carries a bitmap of knib's own, in QEMU's memory.
             (bitmap::tracked_since(vm, &disks)?, true)
         } else {

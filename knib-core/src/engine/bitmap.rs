@@ -193,12 +193,9 @@ pub fn refuse_read_only(vm: &Vm, disks: &[DiskInfo]) -> Result<()> {
 }
 
 /// Refuse a domain that already has a backup job ("busy").
-pub fn refuse_running_job(vm: &Vm) -> Result<()> {
+pub fn refuse_running_job(vm: &Vm, remedy: &str) -> Result<()> {
     if backup::backup_running(vm)? {
-        return Err(KnibError::busy(format!(
-            "a backup job is running on domain {}: run `knib recover` if it is one of knib's",
-            vm.name()
-        )));
+        return Err(KnibError::busy(format!("a backup job is running on domain {}: {remedy}", vm.name())));
     }
     Ok(())
 }
