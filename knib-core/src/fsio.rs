@@ -395,6 +395,25 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// Why an entry (`meta`, of the entry itself when the name may be a link)
+/// is not a file knib may write or put in place of another: a symbolic
+/// link, anything but a regular file, or a file with another name (a hard
+/// link: that name, anywhere on the file system, would lead to what knib
+/// writes). `None` for a regular file with one name; a file with no name
+/// left (removed while open) is the caller's to judge.
+pub(crate) fn not_own_file(meta: &fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    if meta.file_type().is_symlink() {
+        Some("is a symbolic link".into())
+    } else if !meta.is_file() {
+        Some("is not a regular file".into())
+    } else if meta.nlink() > 1 {
+        Some(format!("is a file with {} names (a hard link)", meta.nlink()))
+    } else {
+        None
+    }
+}
+
 /// [`remove_if_exists`], then the removal made durable (its directory
 /// synced): for a file whose return after a power loss would mean
 /// something, such as a journal saying a backup is still running.

@@ -297,11 +297,10 @@ pub fn create_and_lock(path: &Path) -> Result<Option<File>> {
     if meta.nlink() == 0 {
         return Ok(None);
     }
-    if meta.nlink() != 1 {
+    if let Some(why) = crate::fsio::not_own_file(&meta) {
         return Err(KnibError::corrupt(format!(
-            "{} is a file with {} names: knib writes no file another name leads to; remove that entry",
-            path.display(),
-            meta.nlink()
+            "{} {why}: knib writes no file another name leads to; remove that entry",
+            path.display()
         )));
     }
     crate::crashpoint::pause_point(&format!("locking {}", path.display()));

@@ -418,7 +418,7 @@ fn a_comp_file_replaced_by_a_link_is_not_finalized() {
     std::fs::copy(&comp, &moved).unwrap();
     // A symbolic link, then a hard link (its other name would lead to the
     // backup file once renamed).
-    for (symbolic, says) in [(true, "is a symbolic link"), (false, "has 2 names (a hard link)")] {
+    for (symbolic, says) in [(true, "is a symbolic link"), (false, "is a file with 2 names (a hard link)")] {
         std::fs::remove_file(&comp).unwrap();
         if symbolic {
             std::os::unix::fs::symlink(&moved, &comp).unwrap();

@@ -480,7 +480,7 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
             let _ = std::fs::remove_file(&lock);
             std::fs::hard_link(outside.join("secret"), &lock).unwrap();
         }),
-        names: "vms/vm1/.lock is not a regular file with one name (2 names)".into(),
+        names: "vms/vm1/.lock is a file with 2 names (a hard link)".into(),
         want: Box::new(|op| match op {
             Op::Backup | Op::Delete | Op::Compress => Fail(ErrorKind::Corrupt),
             _ => Any,

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
@@ -73,11 +73,10 @@ impl VmLock {
         // Nor is a hard link written: its other name may lie outside the
         // store (the lock file is truncated and written below).
         let meta = file.metadata().map_err(|e| KnibError::io("cannot stat lock", &key, e))?;
-        if !meta.is_file() || meta.nlink() != 1 {
+        if let Some(why) = crate::fsio::not_own_file(&meta) {
             return Err(KnibError::corrupt(format!(
-                "lock file {} is not a regular file with one name ({} names): knib writes no file another name leads to",
-                key.display(),
-                meta.nlink()
+                "lock file {} {why}: knib writes no file another name leads to",
+                key.display()
             )));
         }
         match crate::lock::try_record_lock(&file) {

@@ -423,15 +423,14 @@ fn check_compressed(comp: &Path, f: &Path) -> Result<()> {
     };
     // The `.comp` entry, not what a link there leads to: the rename puts
     // the entry in place of the backup file.
+    // Another name (a hard link) would lead to the backup file once
+    // renamed, and whoever holds it could rewrite the backup.
     match std::fs::symlink_metadata(comp) {
-        Ok(m) if m.is_file() && std::os::unix::fs::MetadataExt::nlink(&m) == 1 => {}
-        // Another name would lead to the backup file once renamed, and
-        // whoever holds it could rewrite the backup.
-        Ok(m) if m.is_file() => {
-            let n = std::os::unix::fs::MetadataExt::nlink(&m);
-            return Err(bad(format!("has {n} names (a hard link), not a file knib wrote")));
+        Ok(m) if m.is_file() || m.file_type().is_symlink() => {
+            if let Some(why) = fsio::not_own_file(&m) {
+                return Err(bad(format!("{why}, not a file knib wrote")));
+            }
         }
-        Ok(m) if m.file_type().is_symlink() => return Err(bad("is a symbolic link, not a file knib wrote".into())),
         // Anything else: refused as it always was (invalid input).
         _ => fsio::require_file(comp, "compressed file ", false)?,
     }
