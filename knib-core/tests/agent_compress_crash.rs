@@ -571,3 +571,32 @@ fn the_answered_hash_is_of_the_file_written_whatever_its_name_led_to_meanwhile()
     ok("agent.finalize_compression", &json!({"files": files}));
     assert_chain_reads(&files, &reference);
 }
+
+/// A compression that fails undoes only its own files: it keeps its
+/// temporary claimed until it has removed it, so a second compression of
+/// the same file started meanwhile is busy, and never has its temporary
+/// removed under it. Before, the first let its claim go, the second
+/// claimed a new temporary, and the first's cleanup removed it: the second
+/// failed as "replaced".
+#[test]
+fn a_failed_compression_removes_only_its_own_temporary() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x7d1);
+    let full = files[0].clone();
+    let at = format!("undoing the compression of {}", full.display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(6));
+    // A hash that cannot match: the first fails once it has read the file.
+    let req = json!({"files": [full], "expected_hashes": ["0".repeat(32)]});
+    let first = std::thread::spawn(move || agent("agent.compress", &req));
+    assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "no pause at {at}");
+    let req = json!({"files": [full], "rate_limit_mbps": 2});
+    let second = std::thread::spawn(move || agent("agent.compress", &req));
+    let e = first.join().unwrap().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    let e = second.join().unwrap().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "the second compression: {e}");
+    assert!(e.message.contains(&format!("a compression of {} is running", full.display())), "{e}");
+    assert_chain_reads(&files, &reference);
+    assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
+}

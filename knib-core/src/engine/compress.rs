@@ -130,6 +130,10 @@ pub fn compress_verified(
         }
     }
     let mut done: Vec<CompressedFile> = Vec::new();
+    // The temporaries claimed, one per entry of `done`, held to the end:
+    // until then no other compression of these files starts, and a failure
+    // removes only what is still this compression's own.
+    let mut claims: Vec<std::fs::File> = Vec::new();
     let r = (|| -> Result<()> {
         for (f, want) in files.iter().zip(expected) {
             let want: Vec<ExpectedHash> =
@@ -182,7 +186,8 @@ pub fn compress_verified(
             // the first, which removed the first's temporary and had it
             // rename half of its own). Removed with the `.comp` on a failure
             // from here on.
-            let claim = claim_temp(&tmp, f)?;
+            claims.push(claim_temp(&tmp, f)?);
+            let claim = claims.last().expect("pushed above");
             done.push(CompressedFile {
                 path: f.clone(),
                 comp_path: out.clone(),
@@ -207,7 +212,7 @@ pub fn compress_verified(
                     let c = NativeCopy {
                         source: f,
                         dest: &tmp,
-                        dest_file: Some(&claim),
+                        dest_file: Some(claim),
                         mode: SourceMode::Top,
                         format: TargetFormat::Qcow2,
                         backing: header.backing_file.clone(),
@@ -242,7 +247,7 @@ pub fn compress_verified(
                     // of the file; the backing pointer is given absolute for
                     // its open (a name relative to /proc leads nowhere), then
                     // written back as it was.
-                    let fd = std::os::fd::AsRawFd::as_raw_fd(&claim);
+                    let fd = std::os::fd::AsRawFd::as_raw_fd(claim);
                     let by_fd = PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()));
                     let backing = info.and_then(|i| i.backing_filename);
                     crate::crashpoint::pause_point(&format!("qemu-img compression of {}", f.display()));
@@ -265,7 +270,7 @@ pub fn compress_verified(
                     }
                     claim.sync_all().map_err(|e| KnibError::io("cannot sync", &tmp, e))?;
                     let hash =
-                        if want.is_empty() { None } else { Some(crate::hash::hash_written_file(&claim, &tmp, ctl)?) };
+                        if want.is_empty() { None } else { Some(crate::hash::hash_written_file(claim, &tmp, ctl)?) };
                     let len = claim.metadata().map_err(|e| KnibError::io("cannot stat", &tmp, e))?.len();
                     (len, hash)
                 }
@@ -275,9 +280,9 @@ pub fn compress_verified(
             // lead to it, before the rename and after (an entry swapped in
             // between is removed, never kept).
             crate::crashpoint::pause_point(&format!("written {}", tmp.display()));
-            fsio::require_same_file(&tmp, &claim)?;
+            fsio::require_same_file(&tmp, claim)?;
             fsio::commit_rename(&tmp, &out)?;
-            fsio::require_same_file(&out, &claim)?;
+            fsio::require_same_file(&out, claim)?;
             let last = done.last_mut().expect("pushed above");
             last.compressed_size = compressed_size;
             last.hash = hash;
@@ -285,13 +290,40 @@ pub fn compress_verified(
         Ok(())
     })();
     if let Err(e) = r {
-        for c in &done {
-            let _ = fsio::remove_if_exists(&c.comp_path);
-            let _ = fsio::remove_if_exists(&fsio::temp_path(&c.comp_path));
+        if let Some(first) = done.first() {
+            crate::crashpoint::pause_point(&format!("undoing the compression of {}", first.path.display()));
+        }
+        for (c, claim) in done.iter().zip(&claims) {
+            for p in [c.comp_path.clone(), fsio::temp_path(&c.comp_path)] {
+                if own_to_remove(&p, claim) {
+                    let _ = fsio::remove_if_exists(&p);
+                }
+            }
         }
         return Err(e);
     }
     Ok(done)
+}
+
+/// Whether a failed compression removes the entry at `p` (its `.comp` or
+/// its temporary): the file it claimed, or an entry no compression made (a
+/// link or anything but a regular file put there); not a regular file
+/// another compression holds (its own temporary, which it is writing).
+fn own_to_remove(p: &Path, claim: &std::fs::File) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    if fsio::require_same_file(p, claim).is_ok() {
+        return true;
+    }
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_file() => std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(p)
+            .and_then(|f| crate::lock::held_by_one_operation(&f))
+            .is_ok_and(|held| !held),
+        Ok(_) => true,
+        Err(_) => false,
+    }
 }
 
 /// Refuse to compress `f` when its refcounts are corrupt (what `qemu-img
