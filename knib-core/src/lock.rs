@@ -180,17 +180,19 @@ pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
     Ok(held)
 }
 
-/// The byte of knib's own one-operation lock, 0x4b4e4942 ("KNIB", as
-/// `lslocks` shows it): a byte no other locker of disk images uses. Not
-/// byte 0, which libvirt's virtlockd locks (a POSIX lock, exclusive for a
-/// writable disk) on the disks of a running domain when it locks the files
-/// themselves: knib's lock there made every request on a running domain's
-/// volumes busy. Not byte 1, which libvirt's security manager locks
-/// (POSIX, retried for about ten seconds, then the libvirt call fails)
-/// while it relabels a disk file, as for a disk-only snapshot: knib's lock
-/// there stalled libvirt's snapshot of a running domain past the request's
-/// time budget. Not QEMU's image locks (bytes 100 to 299). Within 31 bits,
-/// for lock protocols with 32-bit offsets (NFS v3).
+/// The byte of knib's own one-operation lock, 0x4b4e4942 ("KNIB";
+/// `lslocks` shows it as 1263421762): a byte no other locker of disk
+/// images uses. Not byte 0, which libvirt's virtlockd locks (a POSIX lock,
+/// exclusive for a writable disk) on the disks of a running domain when it
+/// locks the files themselves: knib's lock there made every request on a
+/// running domain's volumes busy. Not byte 1, which libvirt's security
+/// manager locks (POSIX, retried for about ten seconds, then the libvirt
+/// call fails) while it relabels a disk file, as for a disk-only snapshot:
+/// knib's lock there stalled libvirt's snapshot of a running domain past
+/// the request's time budget. Not QEMU's image locks (bytes 100 to 299).
+/// Within 31 bits, for lock implementations with 32-bit signed offsets.
+/// A knib from before this byte (byte 1, or 0) and this one do not
+/// exclude each other: upgrade a host with no knib request running.
 pub const OPERATION_BYTE: i64 = 0x4b4e_4942;
 
 /// An OFD write lock on byte [`OPERATION_BYTE`] of `file` (not one of

@@ -144,7 +144,9 @@ impl Store {
     pub(super) fn publish_compression(&self, next: &Manifest) -> Result<()> {
         let dir = self.backup_dir(next);
         if let Err(e) = next.save(&dir.join(NEXT_MANIFEST)) {
-            if std::fs::symlink_metadata(dir.join(NEXT_MANIFEST)).is_err() {
+            let absent = std::fs::symlink_metadata(dir.join(NEXT_MANIFEST))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+            if absent {
                 for v in &next.volumes {
                     if let Err(r) = fsio::remove_if_exists(&comp_path(&dir.join(&v.file))) {
                         log::warn!("cannot remove a compressed file of backup {}: {r}", next.id);

@@ -632,10 +632,14 @@ pub fn take(
 
 /// The error of a start that failed (`e`) and could not be undone (`u`):
 /// the job, its exports or the new checkpoint may still be there, which
-/// the next backup refuses until `knib recover` (the journal is kept).
+/// the next backup refuses until it is recovered (`knib recover`, or the
+/// agent's `agent.cleanup_vm_backup`; the journal is kept).
 pub(crate) fn undo_failed(mut e: KnibError, u: KnibError, who: &str) -> KnibError {
     log::error!("undoing the start of the bitmap backup of {who}: {u}");
-    e.message = format!("{}; undoing the start failed too ({u}): run `knib recover`", e.message);
+    e.message = format!(
+        "{}; undoing the start failed too ({u}): recover the backup (`knib recover`; through CloudStack's agent, agent.cleanup_vm_backup)",
+        e.message
+    );
     e.with_vm_consistent(false)
 }
 
