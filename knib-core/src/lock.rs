@@ -158,6 +158,10 @@ pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut held = Vec::with_capacity(files.len());
     for f in files {
+        // Only a regular file is opened (see hold_for_one_operation).
+        if std::fs::metadata(f).is_ok_and(|m| !m.is_file()) {
+            continue;
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
@@ -235,8 +239,14 @@ pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> 
     let mut held: Vec<File> = Vec::with_capacity(files.len());
     let mut ids: Vec<(u64, u64)> = Vec::with_capacity(files.len());
     for f in files {
-        // O_NONBLOCK: a FIFO opens at once; O_NOFOLLOW is not used, the
-        // volumes of a pool may be links (the lock is on what they name).
+        // Only a regular file is opened: the names come from a request not
+        // yet checked, and opening a device can act (a watchdog starts).
+        if std::fs::metadata(f).is_ok_and(|m| !m.is_file()) {
+            continue;
+        }
+        // O_NONBLOCK: a FIFO swapped in meanwhile opens at once; O_NOFOLLOW
+        // is not used, the volumes of a pool may be links (the lock is on
+        // what they name).
         let file = match std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(f) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -434,7 +444,13 @@ pub fn hold_like_qemu_writer(files: &[&Path], what: &str) -> Result<Vec<File>> {
     let mut held = Vec::with_capacity(files.len());
     let mut ids: Vec<(u64, u64)> = Vec::with_capacity(files.len());
     for f in files {
-        // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer.
+        // QEMU locks only the images it opens: regular files and block
+        // devices. Nothing else is opened (opening a device can act).
+        let image = |ft: std::fs::FileType| ft.is_file() || ft.is_block_device();
+        if std::fs::metadata(f).is_ok_and(|m| !image(m.file_type())) {
+            continue;
+        }
+        // O_NONBLOCK: a FIFO swapped in opens at once instead of waiting.
         let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(f) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -477,16 +493,21 @@ fn in_use(f: &Path, what: &str) -> KnibError {
 pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     for f in files {
-        // O_NONBLOCK: a FIFO opens at once instead of waiting for a writer.
+        // QEMU locks only the images it opens: regular files and block
+        // devices. Nothing else is opened (opening a device can act).
+        let image = |ft: std::fs::FileType| ft.is_file() || ft.is_block_device();
+        if std::fs::metadata(f).is_ok_and(|m| !image(m.file_type())) {
+            continue;
+        }
+        // O_NONBLOCK: a FIFO swapped in opens at once instead of waiting.
         let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(f) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(KnibError::io("cannot open", f, e)),
         };
-        // QEMU locks only the images it opens: regular files and block
-        // devices (anything else is the caller's to refuse).
+        // Anything else is the caller's to refuse.
         let ft = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
+        if !image(ft) {
             continue;
         }
         if held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
@@ -499,6 +520,40 @@ pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Names that are not regular files (a request's paths, before they
+    /// are checked) are not opened at all by the holds (knib's, a QEMU
+    /// reader's, a QEMU writer's) or the check for QEMU's locks: opening a
+    /// device can act. Seen
+    /// with inotify on a FIFO (a device's open would show the same way);
+    /// before, each was opened, then skipped.
+    #[test]
+    fn a_name_that_is_not_a_regular_file_is_never_opened() {
+        use rustix::fs::inotify;
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let file = d.path().join("vol");
+        std::fs::write(&file, b"x").unwrap();
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+        inotify::add_watch(&watch, &fifo, inotify::WatchFlags::OPEN).unwrap();
+        let unopened = |step: &str| {
+            let mut buf = [0u8; 4096];
+            match rustix::io::read(&watch, &mut buf) {
+                Err(e) if e == rustix::io::Errno::AGAIN => {}
+                other => panic!("{step} opened the FIFO: {other:?}"),
+            }
+        };
+        let both = [fifo.as_path(), file.as_path()];
+        assert_eq!(hold_for_one_operation(&both, "the test").unwrap().len(), 1, "the regular file is held");
+        unopened("hold_for_one_operation");
+        ensure_unused(&both, "the test").unwrap();
+        unopened("ensure_unused");
+        assert_eq!(hold_like_qemu_writer(&both, "the test").unwrap().len(), 1);
+        unopened("hold_like_qemu_writer");
+        assert_eq!(hold_for_reading(&both, "the test").unwrap().len(), 1);
+        unopened("hold_for_reading");
+    }
 
     /// A lock released while a child forked meanwhile still holds a copy
     /// of its file description (as one forked by another thread to exec
