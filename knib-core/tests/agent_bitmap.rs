@@ -557,3 +557,53 @@ fn a_take_beside_a_running_backup_job_is_busy_naming_the_agents_remedy() {
     assert!(!store.exists() || std::fs::read_dir(&store).unwrap().next().is_none(), "the refused take wrote");
     assert_chains_untouched(&vm);
 }
+
+/// A cleanup ends its own backup's job only: a backup job that is not
+/// this backup's (its NBD server on another socket; here begun outside
+/// knib) is left running, and the cleanup says so. Before, the cleanup of
+/// any bitmap backup of the domain aborted whatever job ran on it.
+#[test]
+fn a_cleanup_leaves_a_backup_job_that_is_not_its_own() {
+    if skip_without_libvirt("agent bitmap foreign job") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let store = base.join("store");
+    let vm = TestVm::create("knib-abforeign", &DISKS, &base, TestVmOptions { running: true, ..Default::default() });
+    let xml = base.join("backup.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks>{}</disks></domainbackup>",
+            base.join("job.sock").display(),
+            DISKS
+                .iter()
+                .map(|(t, _)| format!(
+                    "<disk name='{t}' backup='yes' type='file'><scratch file='{}'/></disk>",
+                    base.join(format!("scratch-{t}.qcow2")).display()
+                ))
+                .collect::<String>()
+        ),
+    )
+    .unwrap();
+    let virsh = |args: &[&str]| {
+        let out = std::process::Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert!(virsh(&["backup-begin", vm.name(), &xml.to_string_lossy()]).0);
+    let mut cleanup = json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, 1, None)});
+    cleanup["mode"] = json!("discard");
+    let a = call_json("agent.cleanup_vm_backup", &cleanup);
+    let still = virsh(&["backup-dumpxml", vm.name()]).0;
+    virsh(&["domjobabort", vm.name()]);
+    let a = a.unwrap_or_else(|e| panic!("cleanup: {e}"));
+    assert!(still, "the cleanup aborted a backup job that was not its own: {a}");
+    let said = a["actions"].as_array().unwrap().iter().any(|x| {
+        x.as_str()
+            .unwrap_or_default()
+            .starts_with(&format!("left the backup job running on domain {} alone", vm.name()))
+    });
+    assert!(said, "{a}");
+    assert_chains_untouched(&vm);
+}

@@ -463,12 +463,23 @@ fn undo_raw_bitmaps(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
     Ok(done)
 }
 
-/// End the job, if one runs; returns whether one did.
-fn end_job(vm: &Vm) -> Result<bool> {
-    if !backup::backup_running(vm)? {
-        return Ok(false);
+/// End the job of backup `plan`, if it runs (its NBD server listens on
+/// the plan's socket); returns what was done. Another backup job (begun
+/// by another tool, or by another backup of knib's) is left running, and
+/// said so: aborting it failed that backup.
+fn end_job(vm: &Vm, plan: &BitmapPlan) -> Result<Option<String>> {
+    match backup::running_job_socket(vm)? {
+        None => Ok(None),
+        Some(Some(s)) if crate::fsio::same_file(&s, &plan.socket()) => {
+            Ok(end_own_job(vm)?.then(|| format!("ended the backup job of domain {}", vm.name())))
+        }
+        Some(other) => Ok(Some(format!(
+            "left the backup job running on domain {} alone: it is not this backup's (its NBD server {}, not {})",
+            vm.name(),
+            other.map_or("is not on a unix socket".to_string(), |s| format!("listens on {}", s.display())),
+            plan.socket().display()
+        ))),
     }
-    end_own_job(vm)
 }
 
 /// End the backup job this backup started (known to run): abort it and
@@ -585,9 +596,7 @@ impl Exporter for Libvirt<'_> {
         // export reads a bitmap of its own, merged at its start): libvirt
         // then ends the job while knib waits for it, instead of after.
         let older = after_publish(vm, plan)?;
-        if end_own_job(vm)? {
-            done.push(format!("ended the backup job of domain {}", vm.name()));
-        }
+        done.extend(end_job(vm, plan)?);
         for c in older {
             done.push(format!("deleted checkpoint {c} (older than the backup's)"));
         }
@@ -751,8 +760,8 @@ pub(crate) fn run(
 fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
     let mut done = Vec::new();
     remove_own_exports(vm, plan)?;
-    if vm.is_running()? && end_job(vm)? {
-        done.push(format!("ended the backup job of domain {}", vm.name()));
+    if vm.is_running()? {
+        done.extend(end_job(vm, plan)?);
     }
     done.extend(undo_raw_bitmaps(vm, plan)?);
     if let Some(c) = &plan.checkpoint {

@@ -233,6 +233,38 @@ pub fn backup_running(vm: &Vm) -> Result<bool> {
     Ok(true)
 }
 
+/// The backup job running on the domain, if one does: `Some(socket)`,
+/// the unix socket its NBD server listens on (`None` inside for a job
+/// that has none: a push-mode job, or one on TCP). Errors as
+/// [`backup_running`]'s.
+pub fn running_job_socket(vm: &Vm) -> Result<Option<Option<PathBuf>>> {
+    if !vm.is_running()? {
+        return Ok(None);
+    }
+    // SAFETY: as in `backup_running`.
+    let p = unsafe { (vm.dom().api.virDomainBackupGetXMLDesc)(vm.dom().as_ptr(), 0) };
+    if p.is_null() {
+        let e = super::ffi::VirtError::last(vm.dom().api);
+        if e.code() == ffi::VIR_ERR_NO_DOMAIN_BACKUP || !vm.is_running()? {
+            return Ok(None);
+        }
+        return Err(super::virt_error(format!("virDomainBackupGetXMLDesc on domain {}", vm.name()), &e));
+    }
+    // SAFETY: `p` is a NUL-terminated string from libvirt, freed below.
+    let xml = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
+    // SAFETY: `p` came from libvirt's allocator.
+    unsafe { libc::free(p.cast()) };
+    let doc = roxmltree::Document::parse(&xml).map_err(|e| {
+        KnibError::hypervisor(format!("the backup job XML of domain {} does not parse: {e}", vm.name()))
+    })?;
+    let socket = doc
+        .descendants()
+        .find(|n| n.has_tag_name("server") && n.attribute("transport") == Some("unix"))
+        .and_then(|n| n.attribute("socket"))
+        .map(PathBuf::from);
+    Ok(Some(socket))
+}
+
 /// End the domain's job (the backup job): its NBD server stops and its
 /// scratch files go.
 pub fn abort_job(vm: &Vm) -> Result<()> {
