@@ -521,34 +521,13 @@ fn a_take_beside_a_running_backup_job_is_busy_naming_the_agents_remedy() {
     let base = std::fs::canonicalize(dir.path()).unwrap();
     let store = base.join("store");
     let vm = TestVm::create("knib-abjob", &DISKS, &base, TestVmOptions { running: true, ..Default::default() });
-    let xml = base.join("backup.xml");
-    let scratch = |t: &str| base.join(format!("scratch-{t}.qcow2"));
-    std::fs::write(
-        &xml,
-        format!(
-            "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks>{}</disks></domainbackup>",
-            base.join("job.sock").display(),
-            DISKS
-                .iter()
-                .map(|(t, _)| format!(
-                    "<disk name='{t}' backup='yes' type='file'><scratch file='{}'/></disk>",
-                    scratch(t).display()
-                ))
-                .collect::<String>()
-        ),
-    )
-    .unwrap();
-    let virsh = |args: &[&str]| {
-        let out = std::process::Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().unwrap();
-        assert!(out.status.success(), "virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    virsh(&["backup-begin", vm.name(), &xml.to_string_lossy()]);
+    begin_pull_job(&vm, &base);
     let e = call_json(
         "agent.take_backup",
         &json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, 1, None)}),
     )
     .unwrap_err();
-    virsh(&["domjobabort", vm.name()]);
+    virsh(&["domjobabort", vm.name()]).unwrap();
     assert_eq!(e.kind, knib_core::ErrorKind::Busy, "{e}");
     assert!(e.message.contains(&format!("a backup job is running on domain {}", vm.name())), "{e}");
     assert!(e.message.contains("agent.cleanup_vm_backup"), "{e}");
@@ -571,32 +550,12 @@ fn a_cleanup_leaves_a_backup_job_that_is_not_its_own() {
     let base = std::fs::canonicalize(dir.path()).unwrap();
     let store = base.join("store");
     let vm = TestVm::create("knib-abforeign", &DISKS, &base, TestVmOptions { running: true, ..Default::default() });
-    let xml = base.join("backup.xml");
-    std::fs::write(
-        &xml,
-        format!(
-            "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks>{}</disks></domainbackup>",
-            base.join("job.sock").display(),
-            DISKS
-                .iter()
-                .map(|(t, _)| format!(
-                    "<disk name='{t}' backup='yes' type='file'><scratch file='{}'/></disk>",
-                    base.join(format!("scratch-{t}.qcow2")).display()
-                ))
-                .collect::<String>()
-        ),
-    )
-    .unwrap();
-    let virsh = |args: &[&str]| {
-        let out = std::process::Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    assert!(virsh(&["backup-begin", vm.name(), &xml.to_string_lossy()]).0);
+    begin_pull_job(&vm, &base);
     let mut cleanup = json!({"domain": vm.name(), "method": "bitmap", "volumes": volumes(&vm, &store, 1, None)});
     cleanup["mode"] = json!("discard");
     let a = call_json("agent.cleanup_vm_backup", &cleanup);
-    let still = virsh(&["backup-dumpxml", vm.name()]).0;
-    virsh(&["domjobabort", vm.name()]);
+    let still = virsh(&["backup-dumpxml", vm.name()]).is_ok();
+    virsh(&["domjobabort", vm.name()]).unwrap();
     let a = a.unwrap_or_else(|e| panic!("cleanup: {e}"));
     assert!(still, "the cleanup aborted a backup job that was not its own: {a}");
     let said = a["actions"].as_array().unwrap().iter().any(|x| {
@@ -606,4 +565,32 @@ fn a_cleanup_leaves_a_backup_job_that_is_not_its_own() {
     });
     assert!(said, "{a}");
     assert_chains_untouched(&vm);
+}
+
+/// `virsh ARGS` on the test daemon: its standard output, or its error.
+fn virsh(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(format!("virsh {args:?}: {}", String::from_utf8_lossy(&out.stderr))),
+    }
+}
+
+/// Begin a pull-mode backup job on `vm` outside knib (its NBD server on
+/// `dir/job.sock`, its scratch files in `dir`), as another tool would.
+fn begin_pull_job(vm: &TestVm, dir: &Path) {
+    let xml = dir.join("backup.xml");
+    let disks: String = DISKS
+        .iter()
+        .map(|(t, _)| {
+            let scratch = dir.join(format!("scratch-{t}.qcow2"));
+            format!("<disk name='{t}' backup='yes' type='file'><scratch file='{}'/></disk>", scratch.display())
+        })
+        .collect();
+    let job = format!(
+        "<domainbackup mode='pull'><server transport='unix' socket='{}'/><disks>{disks}</disks></domainbackup>",
+        dir.join("job.sock").display()
+    );
+    std::fs::write(&xml, job).unwrap();
+    virsh(&["backup-begin", vm.name(), &xml.to_string_lossy()]).unwrap();
 }

@@ -214,8 +214,14 @@ pub fn backup_begin(vm: &Vm, backup: &str, checkpoint: Option<&str>) -> Result<(
 /// (a cleanup then skipped the abort, removed its journal, and left the
 /// job blocking every later backup).
 pub fn backup_running(vm: &Vm) -> Result<bool> {
+    Ok(job_xml(vm)?.is_some())
+}
+
+/// The XML of the backup job running on the domain, if one does (errors
+/// as [`backup_running`]'s).
+fn job_xml(vm: &Vm) -> Result<Option<String>> {
     if !vm.is_running()? {
-        return Ok(false);
+        return Ok(None);
     }
     // SAFETY: the domain pointer is valid while `vm` is borrowed; the
     // answer is a malloc'ed string we free, or null on an error (no job
@@ -224,13 +230,15 @@ pub fn backup_running(vm: &Vm) -> Result<bool> {
     if p.is_null() {
         let e = super::ffi::VirtError::last(vm.dom().api);
         if e.code() == ffi::VIR_ERR_NO_DOMAIN_BACKUP || !vm.is_running()? {
-            return Ok(false);
+            return Ok(None);
         }
         return Err(super::virt_error(format!("virDomainBackupGetXMLDesc on domain {}", vm.name()), &e));
     }
-    // SAFETY: `p` came from libvirt's allocator.
+    // SAFETY: `p` is a NUL-terminated string from libvirt's allocator,
+    // copied, then freed once.
+    let xml = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
     unsafe { libc::free(p.cast()) };
-    Ok(true)
+    Ok(Some(xml))
 }
 
 /// The backup job running on the domain, if one does: `Some(socket)`,
@@ -238,22 +246,7 @@ pub fn backup_running(vm: &Vm) -> Result<bool> {
 /// that has none: a push-mode job, or one on TCP). Errors as
 /// [`backup_running`]'s.
 pub fn running_job_socket(vm: &Vm) -> Result<Option<Option<PathBuf>>> {
-    if !vm.is_running()? {
-        return Ok(None);
-    }
-    // SAFETY: as in `backup_running`.
-    let p = unsafe { (vm.dom().api.virDomainBackupGetXMLDesc)(vm.dom().as_ptr(), 0) };
-    if p.is_null() {
-        let e = super::ffi::VirtError::last(vm.dom().api);
-        if e.code() == ffi::VIR_ERR_NO_DOMAIN_BACKUP || !vm.is_running()? {
-            return Ok(None);
-        }
-        return Err(super::virt_error(format!("virDomainBackupGetXMLDesc on domain {}", vm.name()), &e));
-    }
-    // SAFETY: `p` is a NUL-terminated string from libvirt, freed below.
-    let xml = unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned();
-    // SAFETY: `p` came from libvirt's allocator.
-    unsafe { libc::free(p.cast()) };
+    let Some(xml) = job_xml(vm)? else { return Ok(None) };
     let doc = roxmltree::Document::parse(&xml).map_err(|e| {
         KnibError::hypervisor(format!("the backup job XML of domain {} does not parse: {e}", vm.name()))
     })?;
