@@ -600,3 +600,31 @@ fn a_failed_compression_removes_only_its_own_temporary() {
     assert_chain_reads(&files, &reference);
     assert!(leftovers(&dir).is_empty(), "left behind: {:?}", leftovers(&dir));
 }
+
+/// A `.comp` too large for knib's refcount check (over 64M host clusters:
+/// here a whole compression, its file then made 4 TiB long, sparse) is
+/// finalized on its header's checks alone, as the compression's own check
+/// of its source skips such a file: refused as before ("cannot be
+/// checked", corrupt), a backup of 4 TiB or more could be compressed but
+/// never finalized. A `.comp` holding an internal snapshot (which a
+/// compression never writes, and whose refcounts knib does not check) is
+/// refused.
+#[test]
+fn a_comp_file_too_large_to_check_is_finalized_on_its_header() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().canonicalize().unwrap();
+    let (files, reference) = backup_chain(&dir, 0x64d);
+    ok("agent.compress", &json!({"files": files}));
+    let comp = knib_core::engine::compress::comp_path(&files[1]);
+    let st = Command::new("qemu-img").args(["snapshot", "-c", "s1"]).arg(&comp).status().unwrap();
+    assert!(st.success());
+    let e = agent("agent.finalize_compression", &json!({"files": files})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&format!("compressed file {} holds 1 internal snapshot(s)", comp.display())), "{e}");
+    assert!(knib_core::engine::compress::comp_path(&files[0]).exists(), "the finalize renamed a file");
+    std::fs::remove_file(&comp).unwrap();
+    ok("agent.compress", &json!({"files": [files[1]]}));
+    std::fs::OpenOptions::new().write(true).open(&comp).unwrap().set_len((4 << 40) + (1 << 20)).unwrap();
+    ok("agent.finalize_compression", &json!({"files": files}));
+    assert_identical(files.last().unwrap(), &reference);
+}
