@@ -164,7 +164,7 @@ impl BitmapPlan {
 pub fn inspect(vm: &Vm) -> Result<Vec<DiskInfo>> {
     if !vm.is_running()? {
         return Err(KnibError::invalid(format!(
-            "domain {} is not running: the bitmap method backs up running domains (use the snapshot method for a stopped one)",
+            "domain {} stopped as its bitmap backup began: nothing was done; back it up again (a stopped domain's bitmap backup reads its disks' files)",
             vm.name()
         )));
     }
