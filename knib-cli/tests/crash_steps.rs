@@ -290,9 +290,10 @@ impl Subject for Plain {
             if base.exists() {
                 // A crash in the middle of the native merge into the base may
                 // leak clusters (qcow2::commit's write order: leaks, never a
-                // table pointing at uncounted data); nothing else is allowed.
+                // table pointing at uncounted data); the next merge reclaims
+                // them, and two backups were taken since.
                 let r = QemuImg::new().check(&base, &Control::new()).expect("qemu-img check runs");
-                assert!(r.check_errors == 0 && r.corruptions == 0, "{what}: {}: {r:?}", base.display());
+                assert!(r.is_clean(), "{what}: {}: {r:?}", base.display());
             }
             assert!(!PathBuf::from(format!("{}.knib-new", p.display())).exists(), "{what}: overlay left");
         }
@@ -314,6 +315,64 @@ fn plain_disks_end_of_chain_and_full_and_isolated_backups_crashed_at_every_step(
     every_step(&Plain::make, 0x5eed_0003, 1, "2", &[]);
     every_step(&Plain::make, 0x5eed_0004, 2, "8", &["--full"]);
     every_step(&Plain::make, 0x5eed_0005, 1, "8", &["--isolated"]);
+}
+
+/// A merge into a disk's knib base killed halfway (between its refcount and
+/// table writes, on the thread that merges while the copy runs) leaks
+/// clusters in the base. The next backup reclaims them before it merges
+/// (`qemu-img check -r leaks`), so the base is clean from then on, and so
+/// is the disk it becomes at the end of the chain. Before, the leaks stayed
+/// and were the disk's own at the end of the chain: seen in CI, where a
+/// crash at one of the copy's steps fell, now and then, while the merge
+/// beside it was halfway.
+#[test]
+fn a_merge_into_the_base_killed_halfway_leaves_no_leak_behind() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let s = Plain::make(dir);
+    let st = dir.join("store").to_str().unwrap().to_string();
+    let backup = || {
+        let mut a = strs(&["--json", "backup", "--store", &st, "--chain-size", "3"]);
+        a.extend(s.backup_args());
+        a
+    };
+    let mut rng = Rng::new(0x5eed_0006);
+    guest_writes(&s, &mut rng);
+    ok_json(&backup(), dir);
+    // Writes the base has no cluster for (guest_writes never writes the last
+    // cluster), so the merge allocates, then is killed before its tables.
+    for v in s.volumes() {
+        s.write(&v, 0x5a, s.size(&v) - K64, K64);
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_knib"))
+        .args(backup())
+        .current_dir(dir)
+        .env_remove(CRASH_ENV)
+        .env("KNIB_TEST_CRASH_BEFORE", "writing the merged tables of")
+        .output()
+        .expect("knib runs");
+    assert_eq!(out.status.signal(), Some(6), "knib was to abort: {}", String::from_utf8_lossy(&out.stderr));
+    let root = s.active("root");
+    let base = PathBuf::from(format!("{}.knib-base", root.display()));
+    let r = QemuImg::new().check(&base, &Control::new()).expect("qemu-img check runs");
+    assert!(r.leaks > 0 && r.corruptions == 0, "the killed merge was to leak clusters in {}: {r:?}", base.display());
+    // Backups to the end of the chain and past it; each leaves the disks and
+    // their bases clean, and the last restores to the disks as they are.
+    for i in 0..3 {
+        guest_writes(&s, &mut rng);
+        let refs = references(&s, dir, &format!("after{i}"));
+        let b = ok_json(&backup(), dir);
+        s.check_primary(&format!("backup {i} after the killed merge"));
+        let id = b["id"].as_str().unwrap();
+        for (v, r) in &refs {
+            let to = dir.join(format!("restored-{v}.raw"));
+            let _ = std::fs::remove_file(&to);
+            let args = ["restore", "--store", &st, id, "--volume", v, "--to", to.to_str().unwrap(), "--format", "raw"];
+            let out = knib(&strs(&args), None, dir);
+            assert!(out.status.success(), "restore {id} {v}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_identical(&to, r);
+        }
+    }
 }
 
 // ------------------------------------------------- the chain and its deltas

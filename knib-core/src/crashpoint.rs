@@ -25,7 +25,8 @@
 //! Steps taken on a helper thread (the native merge into a knib base while a
 //! plain disk is copied) are not counted, so the numbering is the same from
 //! run to run; such a merge never changes what the disk reads, and crashes
-//! at every step of the copy it runs beside cover it.
+//! at every step of the copy it runs beside cover it. A test crashes one
+//! with [`CRASH_BEFORE_ENV`] ([`helper_step`]).
 
 /// The environment variable naming the durable step to abort before.
 pub const CRASH_ENV: &str = "KNIB_TEST_CRASH_AT";
@@ -95,6 +96,29 @@ pub fn panic_before(what_contains: &str) {
     panics().lock().unwrap_or_else(|p| p.into_inner()).push(what_contains.to_string());
     #[cfg(not(debug_assertions))]
     let _ = what_contains;
+}
+
+/// A durable step taken on a helper thread (the native merge into a knib
+/// base beside a plain disk's copy): not counted for [`CRASH_ENV`], so the
+/// numbering stays the same from run to run, but [`CRASH_BEFORE_ENV`]
+/// aborts the process right before it, and [`pause_before`] and
+/// [`panic_before`] work as at a [`pause_point`] (debug builds only).
+#[inline]
+pub fn helper_step(what: &str) {
+    #[cfg(debug_assertions)]
+    {
+        pause_if_asked(what);
+        let before = std::env::var(CRASH_BEFORE_ENV).ok().filter(|b| !b.is_empty() && what.contains(b.as_str()));
+        if let Some(b) = before {
+            log::error!("{CRASH_BEFORE_ENV}={b}: aborting before a helper thread's step: {what}");
+            if let Some(note) = std::env::var_os(NOTE_ENV) {
+                let _ = std::fs::write(note, format!("helper: {what}\n"));
+            }
+            std::process::abort();
+        }
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = what;
 }
 
 /// A point between two steps that is not durable (not counted for

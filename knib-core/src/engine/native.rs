@@ -217,14 +217,39 @@ fn merge(q: &QemuImg, top: &Path, path: DataPath, empty: bool, ctl: &Control) ->
 /// checked by `qemu-img check` as `qemu-img commit` has it checked
 /// ([`QemuImg::require_no_corruption`]): a data entry pointing at one of
 /// its tables, or two sharing a cluster, read well and were merged as guest
-/// data, and emptying the top removed the evidence. Errors: the files
+/// data, and emptying the top removed the evidence. Leaked clusters of the
+/// backing file are reclaimed first (`qemu-img check -r leaks`, logged as a
+/// warning; guest-visible contents do not change). Errors: the files
 /// cannot be read, are corrupt (named in the message), or are in use.
 pub fn prepare_merge(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<Commit>> {
     repair_dirty(q, top, ctl)?;
     let why = match Commit::prepare(top) {
         Ok(Ok(c)) => {
             q.require_no_corruption(top, ctl)?;
-            return Ok(Some(c));
+            if c.base_leaks() == 0 {
+                return Ok(Some(c));
+            }
+            // Leaked clusters (a merge killed between its refcount and table
+            // writes leaves some) are reclaimed before the merge: left, they
+            // stay in the base, and a disk's base becomes the disk at the end
+            // of a chain, where `qemu-img check` reports them.
+            let (base, leaks) = (c.base_path().to_path_buf(), c.base_leaks());
+            drop(c);
+            log::warn!(
+                "{} has {leaks} leaked clusters (a merge into it was interrupted): reclaiming them with \
+                 qemu-img check -r leaks before the merge",
+                base.display()
+            );
+            let r = q
+                .repair_leaks(&base, ctl)
+                .map_err(|e| e.context(format!("reclaiming the leaked clusters of {}", base.display())))?;
+            log::info!("{}: leaked clusters reclaimed ({r:?})", base.display());
+            match Commit::prepare(top) {
+                Ok(Ok(c)) => return Ok(Some(c)),
+                Ok(Err(why)) => why,
+                Err(e) if e.kind == crate::ErrorKind::InvalidInput => e.to_string(),
+                Err(e) => return Err(e),
+            }
         }
         Ok(Err(why)) => why,
         Err(e) if e.kind == crate::ErrorKind::InvalidInput => e.to_string(),

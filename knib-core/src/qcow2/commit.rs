@@ -128,6 +128,8 @@ pub struct Commit {
     /// The top, open with QEMU's locks held until the merge is done.
     _top_lock: File,
     batch_bytes: usize,
+    /// Host clusters of the base leaked when it was scanned.
+    base_leaks: u64,
 }
 
 impl std::fmt::Debug for Commit {
@@ -271,6 +273,7 @@ impl Commit {
             Ok(scan) => scan,
             Err(why) => return Ok(Err(why)),
         };
+        let base_leaks = scan.leaks;
         let base = Base::open(base_file, base_path, &base_img, file_len, scan)?;
         drop(base_img);
         // Room in the refcount table for the worst case: every top cluster
@@ -313,12 +316,21 @@ impl Commit {
             base,
             _top_lock: top_file,
             batch_bytes: BATCH_TABLE_BYTES,
+            base_leaks,
         }))
     }
 
     /// The base file the top is merged into.
     pub fn base_path(&self) -> &Path {
         &self.base.path
+    }
+
+    /// How many host clusters of the base were leaked (counted but not
+    /// referenced) when [`Commit::prepare`] scanned it. The merge allocates
+    /// past them, so they are safe, but they stay wasted space that
+    /// `qemu-img check` reports (a merge killed halfway leaves some).
+    pub fn base_leaks(&self) -> u64 {
+        self.base_leaks
     }
 
     /// Make batches of at most `bytes` of L2 tables (at least one table):

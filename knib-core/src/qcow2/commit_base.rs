@@ -355,6 +355,7 @@ impl Base {
             self.sync(report)?;
         }
         // 3. Existing tables and the L1 entries of new ones.
+        crate::crashpoint::helper_step(&format!("writing the merged tables of {}", self.path.display()));
         for t in batch.drain(..) {
             if t.is_new {
                 self.l1[t.l1_index] = t.offset | COPIED;

@@ -342,8 +342,20 @@ impl QemuImg {
     /// from the tables), then check it again. Errors: the repair failed, or
     /// left corruptions or leaks ([`ErrorKind::Corrupt`]).
     pub fn repair(&self, path: &Path, ctl: &Control) -> Result<CheckReport> {
+        self.repair_what(path, "all", ctl)
+    }
+
+    /// Reclaim the leaked clusters of `path` in place with
+    /// `qemu-img check -r leaks -f qcow2` (refcounts of clusters no table
+    /// references are lowered; nothing a table references changes), then
+    /// check it again. Errors as [`QemuImg::repair`].
+    pub fn repair_leaks(&self, path: &Path, ctl: &Control) -> Result<CheckReport> {
+        self.repair_what(path, "leaks", ctl)
+    }
+
+    fn repair_what(&self, path: &Path, what: &str, ctl: &Control) -> Result<CheckReport> {
         Self::require_file(path)?;
-        let inv = self.inv().args(["check", "-r", "all", "-f", "qcow2", "--output=json"]).arg(os(path));
+        let inv = self.inv().args(["check", "-r", what, "-f", "qcow2", "--output=json"]).arg(os(path));
         let f = inv.run(ctl)?;
         if f.code != Some(0) {
             return Err(inv.failure(&f, ErrorKind::Corrupt));
@@ -351,7 +363,7 @@ impl QemuImg {
         let after = self.check(path, ctl)?;
         if !after.is_clean() {
             return Err(KnibError::corrupt(format!(
-                "{}: qemu-img check -r all left {} corruptions and {} leaks",
+                "{}: qemu-img check -r {what} left {} corruptions and {} leaks",
                 path.display(),
                 after.corruptions,
                 after.leaks
