@@ -149,27 +149,52 @@ pub fn lock_like_qemu_reader(file: &File) -> io::Result<bool> {
     Ok(fl.l_type == libc::F_UNLCK as libc::c_short)
 }
 
+/// Which files a lock opens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lockable {
+    /// Regular files only (knib's own locks, and the reads of backup files).
+    RegularFile,
+    /// What QEMU locks: the images it opens, regular files and block devices.
+    Image,
+}
+
+impl Lockable {
+    fn accepts(self, ft: std::fs::FileType) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        ft.is_file() || (self == Lockable::Image && ft.is_block_device())
+    }
+}
+
+/// Open `f` to lock it (for writing with `write`), when its name is a file
+/// `kind` accepts: `Ok(None)` when it is not, before anything is opened
+/// (the names come from requests not yet checked, and opening a device or a
+/// FIFO can act), or when the file opened is not (a name swapped meanwhile:
+/// `O_NONBLOCK`, so a FIFO opens at once instead of waiting). No
+/// `O_NOFOLLOW`: the volumes of a pool may be links, and the lock is on what
+/// they name. The file's metadata comes with it.
+fn open_lockable(f: &Path, kind: Lockable, write: bool) -> io::Result<Option<(File, std::fs::Metadata)>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if std::fs::metadata(f).is_ok_and(|m| !kind.accepts(m.file_type())) {
+        return Ok(None);
+    }
+    let file = std::fs::OpenOptions::new().read(true).write(write).custom_flags(libc::O_NONBLOCK).open(f)?;
+    let meta = file.metadata()?;
+    Ok(kind.accepts(meta.file_type()).then_some((file, meta)))
+}
+
 /// Open each of `files` and lock it as a QEMU reader ([`lock_like_qemu_reader`])
 /// for as long as the returned files stay open: what a read of backup files
 /// by path holds, so that no merge writes them under it (a hash or a restore
 /// read a parent half-merged, and answered success). A file another process
 /// writes is busy, naming it and `what`; nothing is read.
 pub fn hold_for_reading(files: &[&Path], what: &str) -> Result<Vec<File>> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut held = Vec::with_capacity(files.len());
     for f in files {
-        // Only a regular file is opened (see hold_for_one_operation).
-        if std::fs::metadata(f).is_ok_and(|m| !m.is_file()) {
+        let Some((file, _)) =
+            open_lockable(f, Lockable::RegularFile, false).map_err(|e| KnibError::io("cannot open", f, e))?
+        else {
             continue;
-        }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(f)
-            .map_err(|e| KnibError::io("cannot open", f, e))?;
-        if !file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?.is_file() {
-            continue;
-        }
+        };
         if !lock_like_qemu_reader(&file).map_err(|e| KnibError::io("cannot lock", f, e))? {
             return Err(KnibError::new(
                 ErrorKind::Busy,
@@ -235,20 +260,15 @@ pub fn try_lock_operation_byte(file: &File) -> io::Result<bool> {
 /// nothing is written. A file that cannot be opened for writing (read-only)
 /// is not locked: it is not written either.
 pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let mut held: Vec<File> = Vec::with_capacity(files.len());
     let mut ids: Vec<(u64, u64)> = Vec::with_capacity(files.len());
     for f in files {
-        // Only a regular file is opened: the names come from a request not
-        // yet checked, and opening a device can act (a watchdog starts).
-        if std::fs::metadata(f).is_ok_and(|m| !m.is_file()) {
-            continue;
-        }
-        // O_NONBLOCK: a FIFO swapped in meanwhile opens at once; O_NOFOLLOW
-        // is not used, the volumes of a pool may be links (the lock is on
-        // what they name).
-        let file = match std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK).open(f) {
-            Ok(file) => file,
+        // Only a regular file is opened: opening a device can act (a
+        // watchdog starts).
+        let (file, meta) = match open_lockable(f, Lockable::RegularFile, true) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e)
                 if matches!(
@@ -261,10 +281,6 @@ pub fn hold_for_one_operation(files: &[&Path], what: &str) -> Result<Vec<File>> 
             }
             Err(e) => return Err(KnibError::io("cannot open", f, e)),
         };
-        let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?;
-        if !meta.is_file() {
-            continue;
-        }
         // One file named twice (or by two names) is held once.
         let id = (meta.dev(), meta.ino());
         if ids.contains(&id) {
@@ -440,27 +456,17 @@ pub fn held_like_qemu(file: &File) -> io::Result<bool> {
 /// those QEMU would not lock (neither a regular file nor a block device:
 /// never waited on, a FIFO included), are skipped.
 pub fn hold_like_qemu_writer(files: &[&Path], what: &str) -> Result<Vec<File>> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let mut held = Vec::with_capacity(files.len());
     let mut ids: Vec<(u64, u64)> = Vec::with_capacity(files.len());
     for f in files {
-        // QEMU locks only the images it opens: regular files and block
-        // devices. Nothing else is opened (opening a device can act).
-        let image = |ft: std::fs::FileType| ft.is_file() || ft.is_block_device();
-        if std::fs::metadata(f).is_ok_and(|m| !image(m.file_type())) {
-            continue;
-        }
-        // O_NONBLOCK: a FIFO swapped in opens at once instead of waiting.
-        let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(f) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+        // QEMU locks only the images it opens. Nothing else is opened.
+        let (file, meta) = match open_lockable(f, Lockable::Image, false) {
+            Ok(Some(opened)) => opened,
+            Ok(None) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(KnibError::io("cannot open", f, e)),
         };
-        let meta = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?;
-        let ft = meta.file_type();
-        if !ft.is_file() && !ft.is_block_device() {
-            continue;
-        }
         // One file named twice (or by two names) is held once: a second
         // description's locks would conflict with the first's.
         let id = (meta.dev(), meta.ino());
@@ -491,25 +497,15 @@ fn in_use(f: &Path, what: &str) -> KnibError {
 /// those QEMU would not lock (neither a regular file nor a block device:
 /// never waited on, a FIFO included), are skipped. Nothing is written.
 pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     for f in files {
-        // QEMU locks only the images it opens: regular files and block
-        // devices. Nothing else is opened (opening a device can act).
-        let image = |ft: std::fs::FileType| ft.is_file() || ft.is_block_device();
-        if std::fs::metadata(f).is_ok_and(|m| !image(m.file_type())) {
-            continue;
-        }
-        // O_NONBLOCK: a FIFO swapped in opens at once instead of waiting.
-        let file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(f) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+        // QEMU locks only the images it opens. Nothing else is opened; it
+        // is the caller's to refuse.
+        let file = match open_lockable(f, Lockable::Image, false) {
+            Ok(Some((file, _))) => file,
+            Ok(None) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(KnibError::io("cannot open", f, e)),
         };
-        // Anything else is the caller's to refuse.
-        let ft = file.metadata().map_err(|e| KnibError::io("cannot stat", f, e))?.file_type();
-        if !image(ft) {
-            continue;
-        }
         if held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
             return Err(in_use(f, what));
         }
