@@ -99,6 +99,25 @@ impl Qcow2Image {
         })
     }
 
+    /// Why [`Qcow2Image::check_refcounts`] refuses this image
+    /// ([`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput)), if it
+    /// does: it holds internal snapshots, or has more host clusters than
+    /// the check counts (64M, 4 TiB of 64 KiB clusters). Read from the
+    /// header and the file's size alone.
+    pub fn refcount_check_refusal(&self) -> Option<String> {
+        let h = self.header();
+        if h.nb_snapshots != 0 {
+            return Some(format!(
+                "qcow2 image {}: checking images with internal snapshots is not supported",
+                self.name()
+            ));
+        }
+        if self.file_len().div_ceil(h.cluster_size()) > MAX_CHECK_CLUSTERS {
+            return Some(format!("qcow2 image {}: too large to check here", self.name()));
+        }
+        None
+    }
+
     /// Check every host cluster's stored refcount against the references
     /// made to it by the header, the L1 table, the refcount table and
     /// blocks, the L2 tables and the data and compressed clusters (as
@@ -114,18 +133,12 @@ impl Qcow2Image {
     /// million L1 entries all naming one table took hours), and `ctl` is
     /// checked as the tables are walked.
     pub fn check_refcounts(&mut self, ctl: &Control) -> Result<RefcountCheck> {
-        let h = self.header().clone();
-        if h.nb_snapshots != 0 {
-            return Err(KnibError::invalid(format!(
-                "qcow2 image {}: checking images with internal snapshots is not supported",
-                self.name()
-            )));
+        if let Some(why) = self.refcount_check_refusal() {
+            return Err(KnibError::invalid(why));
         }
+        let h = self.header().clone();
         let cs = h.cluster_size();
         let nclusters = self.file_len().div_ceil(cs);
-        if nclusters > MAX_CHECK_CLUSTERS {
-            return Err(KnibError::invalid(format!("qcow2 image {}: too large to check here", self.name())));
-        }
         let mut refs = vec![0u32; nclusters as usize];
         let mut report = RefcountCheck::default();
         // `n` references to the clusters of `len` bytes at `offset`.
