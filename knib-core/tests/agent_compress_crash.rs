@@ -108,6 +108,21 @@ fn child(calls: &Value) -> Command {
 
 /// Compress the chain and finalize it, then check it reads as before and
 /// nothing is left beside it.
+/// Start `agent.compress` of `files` (the first is `full.qcow2` in `dir`)
+/// at 8 MB/s on another thread, and wait until its temporary holds 1 MiB:
+/// a compression surely running. The thread, and the temporary's path.
+fn compressing_slowly(dir: &Path, files: &[PathBuf]) -> (std::thread::JoinHandle<Result<Value, KnibError>>, PathBuf) {
+    let req = json!({"files": files, "rate_limit_mbps": 8});
+    let first = std::thread::spawn(move || agent("agent.compress", &req));
+    let tmp = dir.join(".full.qcow2.comp.part");
+    let start = Instant::now();
+    while std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0) < MIB {
+        assert!(start.elapsed() < Duration::from_secs(60), "the first compression never wrote");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (first, tmp)
+}
+
 fn compress_and_finalize(dir: &Path, files: &[PathBuf], reference: &Path) {
     ok("agent.compress", &json!({"files": files}));
     ok("agent.finalize_compression", &json!({"files": files}));
@@ -283,14 +298,7 @@ fn a_second_compression_of_the_same_files_is_busy() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().canonicalize().unwrap();
     let (files, reference) = backup_chain(&dir, 0x2c0);
-    let req = json!({"files": files, "rate_limit_mbps": 8});
-    let first = std::thread::spawn(move || agent("agent.compress", &req));
-    let tmp = dir.join(".full.qcow2.comp.part");
-    let start = Instant::now();
-    while std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0) < MIB {
-        assert!(start.elapsed() < Duration::from_secs(60), "the first compression never wrote");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (first, _) = compressing_slowly(&dir, &files);
     let e = agent("agent.compress", &json!({"files": files})).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Busy, "{e}");
     assert!(e.message.contains(&format!("a compression of {} is running", files[0].display())), "{e}");
@@ -311,14 +319,7 @@ fn a_compression_that_opened_the_temporary_as_the_first_renamed_it_starts_anew()
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().canonicalize().unwrap();
     let (files, reference) = backup_chain(&dir, 0x5e7);
-    let req = json!({"files": files, "rate_limit_mbps": 8});
-    let first = std::thread::spawn(move || agent("agent.compress", &req));
-    let tmp = dir.join(".full.qcow2.comp.part");
-    let start = Instant::now();
-    while std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0) < MIB {
-        assert!(start.elapsed() < Duration::from_secs(60), "the first compression never wrote");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (first, tmp) = compressing_slowly(&dir, &files);
     // The second opens the first's temporary, then waits before its lock
     // until the first has finished.
     let at = format!("locking {}", tmp.display());
