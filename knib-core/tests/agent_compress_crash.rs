@@ -106,8 +106,6 @@ fn child(calls: &Value) -> Command {
     c
 }
 
-/// Compress the chain and finalize it, then check it reads as before and
-/// nothing is left beside it.
 /// Start `agent.compress` of `files` (the first is `full.qcow2` in `dir`)
 /// at 8 MB/s on another thread, and wait until its temporary holds 1 MiB:
 /// a compression surely running. The thread, and the temporary's path.
@@ -123,6 +121,8 @@ fn compressing_slowly(dir: &Path, files: &[PathBuf]) -> (std::thread::JoinHandle
     (first, tmp)
 }
 
+/// Compress the chain and finalize it, then check it reads as before and
+/// nothing is left beside it.
 fn compress_and_finalize(dir: &Path, files: &[PathBuf], reference: &Path) {
     ok("agent.compress", &json!({"files": files}));
     ok("agent.finalize_compression", &json!({"files": files}));
