@@ -64,6 +64,48 @@ fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_bitmap_backup_fails() {
     assert!(store.list(None).unwrap().is_empty(), "nothing was published");
 }
 
+/// A quiesced bitmap backup whose thaw fails (the guest agent restarted
+/// with a freeze hook that fails on `thaw`; the child process that runs
+/// the backup gives its thaw 4 s, not three minutes) fails, leaving the
+/// VM inconsistent and its journal. Its undo keeps the `frozen-by-knib`
+/// marker in the work directory, so `recover` still knows the backup may
+/// have left the guest frozen (it thaws it if it is), then removes the
+/// directory. Before, the undo removed the marker with the directory, and
+/// recover took a guest still frozen for another tool's.
+#[test]
+fn a_bitmap_backup_whose_thaw_fails_leaves_its_freeze_to_recover() {
+    if skip_without_libvirt("a_bitmap_backup_whose_thaw_fails_leaves_its_freeze_to_recover") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    let g = GuestVm::boot("knib-bm-thawfail", dir.path());
+    g.fail_thaws();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_quiesced_bitmap_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, serde_json::json!([root, g.vm.name()]).to_string())
+        .env("KNIB_TEST_THAW_BUDGET_SECS", "4")
+        .output()
+        .unwrap();
+    let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let vm_dir = root.join("vms").join(g.vm.name());
+    assert!(vm_dir.join("bitmap-journal.json").exists(), "the failed backup left no journal: {said}");
+    assert!(store.list(None).unwrap().is_empty(), "{said}");
+    let work: Vec<std::path::PathBuf> = std::fs::read_dir(&vm_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".nbd"))
+        .collect();
+    assert_eq!(work.len(), 1, "{work:?}: {said}");
+    assert!(work[0].join("frozen-by-knib").exists(), "the undo removed the freeze marker: {said}");
+    let r = store.recover_domain(&g.vm, &Control::new()).unwrap();
+    assert!(!r.published, "{r:?}");
+    assert!(!work[0].exists(), "recover left {}: {r:?}", work[0].display());
+    assert_eq!(g.fsfreeze_status(), "thawed");
+}
+
 const CHILD_ENV: &str = "KNIB_QUIESCE_CHILD_REQUEST";
 
 /// Run in the child process: the quiesced bitmap backup the parent asks
@@ -83,6 +125,10 @@ fn child_quiesced_bitmap_backup() {
 /// thaws it, undoes the backup, and the next quiesced backup works.
 /// Before, recover never thawed: the guest's I/O hung until someone ran
 /// `virsh domfsthaw`.
+///
+/// Then a backup killed before its freeze, and the guest frozen by another
+/// tool: the recover leaves it frozen, and says so. Before, a recover (and
+/// the agent's cleanup of any bitmap backup) thawed a guest whoever froze it.
 #[test]
 fn recover_thaws_a_guest_a_killed_quiesced_backup_left_frozen() {
     if skip_without_libvirt("recover_thaws_a_guest_a_killed_quiesced_backup_left_frozen") {
@@ -115,4 +161,21 @@ fn recover_thaws_a_guest_a_killed_quiesced_backup_left_frozen() {
     let m = store.backup_domain(&g.vm, &opts, true, &Control::new()).unwrap();
     assert_eq!(m.kind, BackupKind::Full);
     assert_eq!(g.fsfreeze_status(), "thawed");
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_quiesced_bitmap_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, serde_json::json!([root, g.vm.name()]).to_string())
+        .env(knib_core::crashpoint::CRASH_BEFORE_ENV, "backup exports of domain")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the child was not killed: {}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(g.fsfreeze_status(), "thawed", "the child froze the guest before its kill");
+    g.agent(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}));
+    let r = store.recover_domain(&g.vm, &Control::new());
+    let status = g.fsfreeze_status();
+    g.agent(&serde_json::json!({"execute": "guest-fsfreeze-thaw"}));
+    let r = r.unwrap();
+    assert_eq!(status, "frozen", "the recover thawed a guest another tool froze: {r:?}");
+    assert!(r.report.actions.iter().any(|a| a.starts_with("left the filesystems of domain")), "{r:?}");
+    assert!(!r.report.actions.iter().any(|a| a.starts_with("thawed")), "{r:?}");
 }

@@ -178,18 +178,7 @@ fn a_quiesced_snapshot_whose_thaw_fails_is_undone() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
     let g = GuestVm::boot("knib-thawfail", dir.path());
-    g.sh_ok(
-        "printf '#!/bin/sh\\n[ \"$1\" = thaw ] && exit 1\\nexit 0\\n' > /root/thaw-fails && chmod 755 /root/thaw-fails",
-    );
-    // The agent started again, with the hook (a detached shell: the agent
-    // running this command is the one it stops).
-    g.sh_ok(
-        "setsid sh -c 'sleep 2; kill $(pidof qemu-ga); sleep 1; exec /usr/sbin/qemu-ga -m virtio-serial \
-         -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log \
-         -F/root/thaw-fails' </dev/null >/dev/null 2>&1 &",
-    );
-    std::thread::sleep(Duration::from_secs(6));
-    knib_core::libvirt::guest::wait_for_agent(&g.vm, Instant::now(), Duration::from_secs(120), &ctl()).unwrap();
+    g.fail_thaws();
     // The hook is in place: a freeze works, its thaw fails (the guest is
     // thawed all the same).
     g.agent(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}));

@@ -290,6 +290,24 @@ pub(crate) fn remove_work_dir(dir: &Path) -> Result<()> {
     }
 }
 
+/// The file a quiesced backup makes in its work directory right before it
+/// freezes the guest, and removes once the guest is thawed: a recover (or
+/// an agent's cleanup) thaws a frozen guest only when it is there. A guest
+/// frozen by another tool (a snapshot of its own under way) is that tool's
+/// to thaw; before, any cleanup of a bitmap backup of a running domain
+/// thawed it.
+fn freeze_marker(plan: &BitmapPlan) -> PathBuf {
+    plan.work_dir.join("frozen-by-knib")
+}
+
+/// The guest is thawed: remove [`freeze_marker`] (a marker left behind
+/// only makes a recover thaw a guest frozen since, and is logged).
+fn forget_freeze(plan: &BitmapPlan) {
+    if let Err(e) = fsio::remove_if_exists(&freeze_marker(plan)) {
+        log::warn!("{e}");
+    }
+}
+
 /// How long a freeze may take, in seconds (the guest syncs its dirty data
 /// first); the thaw after it is [`freeze::thaw`]'s.
 const FREEZE_TIMEOUT_SECS: i32 = 30;
@@ -341,6 +359,9 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
         }
     }
     if plan.quiesce {
+        // Before the freeze: a recover thaws only a guest this marker says
+        // a backup of knib's may have left frozen.
+        fsio::write_atomic(&freeze_marker(plan), b"")?;
         let why = |e: KnibError, thawed: &str| {
             e.context(format!(
                 "quiescing domain {}: the guest agent did not freeze the filesystems{thawed}; nothing was changed",
@@ -355,7 +376,10 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
                 // A guest the thaw left frozen is not consistent: the
                 // journal stays, and `knib recover` thaws it.
                 return Err(match freeze::thaw(vm) {
-                    Ok(()) => why(e, " (they are thawed)"),
+                    Ok(()) => {
+                        forget_freeze(plan);
+                        why(e, " (they are thawed)")
+                    }
                     Err(t) => why(t, &format!(" ({e})")).with_vm_consistent(false),
                 });
             }
@@ -365,7 +389,7 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
         crate::crashpoint::durable_step(&format!("backup job of domain {}, its filesystems frozen", vm.name()));
     }
     let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
-    let thawed = if plan.quiesce { freeze::thaw(vm) } else { Ok(()) };
+    let thawed = if plan.quiesce { freeze::thaw(vm).inspect(|()| forget_freeze(plan)) } else { Ok(()) };
     // A backup that leaves the guest frozen fails, whether its job began
     // or not: the caller undoes the job, the error says how to thaw the
     // guest and that the VM is not consistent (its journal stays, and
@@ -771,8 +795,43 @@ fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
             done.push(format!("deleted checkpoint {c} (its changes stay tracked by the one before it)"));
         }
     }
-    remove_work_dir(&plan.work_dir)?;
+    if freeze_marker(plan).exists() {
+        // The guest may still be frozen (its thaw failed): the marker stays
+        // for the recover that thaws it; the rest goes.
+        empty_work_dir_but_marker(plan)?;
+    } else {
+        remove_work_dir(&plan.work_dir)?;
+    }
     Ok(done)
+}
+
+/// Remove everything in the work directory of `plan` but its
+/// [`freeze_marker`].
+fn empty_work_dir_but_marker(plan: &BitmapPlan) -> Result<()> {
+    // A directory, not a link to one (whose target's entries would go): a
+    // link is removed as ever.
+    if !fs::symlink_metadata(&plan.work_dir).is_ok_and(|m| m.is_dir()) {
+        return remove_work_dir(&plan.work_dir);
+    }
+    let marker = freeze_marker(plan);
+    let entries = fs::read_dir(&plan.work_dir).map_err(|e| KnibError::io("cannot read", &plan.work_dir, e))?;
+    for e in entries {
+        let p = e.map_err(|e| KnibError::io("cannot read", &plan.work_dir, e))?.path();
+        if p == marker {
+            continue;
+        }
+        let r = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+            Ok(_) => fs::remove_file(&p),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(KnibError::io("cannot remove", &p, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Finish or undo an interrupted bitmap backup: the job is ended; a
@@ -782,11 +841,21 @@ fn undo(vm: &Vm, plan: &BitmapPlan) -> Result<Vec<String>> {
 ///
 /// With `plan.quiesce`, a guest left frozen (the backup was killed between
 /// its freeze and its thaw) is thawed first: its I/O hung until someone
-/// ran `virsh domfsthaw`.
+/// ran `virsh domfsthaw`. Only when the backup's [`freeze_marker`] says it
+/// may have frozen the guest: a guest frozen otherwise is left so, and said.
 pub fn recover(vm: &Vm, plan: &BitmapPlan, published: bool) -> Result<Vec<String>> {
     let mut done = Vec::new();
-    if plan.quiesce && vm.is_running()? && freeze::thaw_if_frozen(vm)? {
-        done.push(format!("thawed the filesystems of domain {}, left frozen by the interrupted backup", vm.name()));
+    if plan.quiesce && freeze_marker(plan).exists() {
+        if vm.is_running()? && freeze::thaw_if_frozen(vm)? {
+            done.push(format!("thawed the filesystems of domain {}, left frozen by the interrupted backup", vm.name()));
+        }
+        // Thawed (or stopped since): the work directory goes whole.
+        forget_freeze(plan);
+    } else if plan.quiesce && vm.is_running()? && freeze::frozen(vm) {
+        done.push(format!(
+            "left the filesystems of domain {} frozen: the interrupted backup never froze them (another tool did)",
+            vm.name()
+        ));
     }
     let mut exp = Libvirt(vm);
     done.extend(if published { exp.end(plan) } else { exp.undo(plan) }?);

@@ -87,7 +87,18 @@ pub fn agent_connected(vm: &Vm) -> Result<bool> {
 /// [`THAW_BUDGET`]. The error says the filesystems may still be frozen and
 /// how to thaw them.
 pub fn thaw(vm: &Vm) -> Result<()> {
-    thaw_within(vm, THAW_BUDGET)
+    thaw_within(vm, thaw_budget())
+}
+
+/// [`THAW_BUDGET`]; in debug builds, the seconds
+/// `KNIB_TEST_THAW_BUDGET_SECS` says when set (how a test sees a thaw
+/// that keeps failing end without waiting three minutes).
+fn thaw_budget() -> Duration {
+    #[cfg(debug_assertions)]
+    if let Some(secs) = std::env::var("KNIB_TEST_THAW_BUDGET_SECS").ok().and_then(|v| v.parse().ok()) {
+        return Duration::from_secs(secs);
+    }
+    THAW_BUDGET
 }
 
 /// [`thaw`] with another budget.
@@ -144,6 +155,12 @@ pub fn thaw_if_frozen(vm: &Vm) -> Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// Whether the guest's agent says its filesystems are frozen (false when
+/// it does not answer).
+pub fn frozen(vm: &Vm) -> bool {
+    status(vm).is_ok_and(|s| s == "frozen")
 }
 
 /// `guest-fsfreeze-status`: "thawed" or "frozen".

@@ -281,6 +281,24 @@ impl GuestVm {
         assert!(out.status.success(), "virsh blkdeviotune: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Restart the guest agent with a freeze hook that fails on `thaw`:
+    /// a freeze works, every thaw command fails (the guest is thawed all
+    /// the same).
+    pub fn fail_thaws(&self) {
+        self.sh_ok(
+            "printf '#!/bin/sh\\n[ \"$1\" = thaw ] && exit 1\\nexit 0\\n' > /root/thaw-fails && chmod 755 /root/thaw-fails",
+        );
+        // The agent started again, with the hook (a detached shell: the
+        // agent running this command is the one it stops).
+        self.sh_ok(
+            "setsid sh -c 'sleep 2; kill $(pidof qemu-ga); sleep 1; exec /usr/sbin/qemu-ga -m virtio-serial \
+             -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log \
+             -F/root/thaw-fails' </dev/null >/dev/null 2>&1 &",
+        );
+        std::thread::sleep(Duration::from_secs(6));
+        wait_for_agent(&self.vm, Instant::now(), Duration::from_secs(120), &knib_core::Control::new()).unwrap();
+    }
+
     /// `guest-fsfreeze-status`: "thawed" or "frozen".
     pub fn fsfreeze_status(&self) -> String {
         let r = self.agent(&serde_json::json!({"execute": "guest-fsfreeze-status"}));
