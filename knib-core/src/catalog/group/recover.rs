@@ -14,6 +14,29 @@ use crate::names;
 use crate::progress::Control;
 
 impl Store {
+    /// The file a quiesced group backup writes right before it freezes its
+    /// guests, and removes once every one is thawed: `group recover` of a
+    /// group killed in between thaws those of its domain members that are
+    /// frozen (only then: a guest frozen by another tool is that tool's).
+    pub(super) fn freeze_marker(&self, id: &str) -> std::path::PathBuf {
+        self.groups_dir().join(format!(".{id}.frozen"))
+    }
+
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+    pub(super) fn save_freeze_marker(&self, id: &str) -> Result<()> {
+        self.ensure_dir(Path::new("groups"), "groups directory")?;
+        fsio::write_atomic(&self.freeze_marker(id), b"")
+    }
+
+    /// Every guest is thawed: remove [`Store::freeze_marker`] (a marker left
+    /// behind only makes a recover thaw guests frozen since, and is logged).
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+    pub(super) fn forget_freeze(&self, id: &str) {
+        if let Err(e) = fsio::remove_if_exists(&self.freeze_marker(id)) {
+            log::warn!("{e}");
+        }
+    }
+
     /// The lock file of a running group backup.
     pub(super) fn lock_file(&self, id: &str) -> std::path::PathBuf {
         self.groups_dir().join(format!(".{id}.lock"))
@@ -72,7 +95,7 @@ impl Store {
             let n = e.file_name().to_string_lossy().into_owned();
             let Some(rest) = n.strip_prefix('.') else { continue };
             let rest = rest.trim_start_matches('.');
-            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock"]
+            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock", ".frozen"]
                 .iter()
                 .find_map(|sfx| rest.strip_suffix(sfx));
             if let Some(id) = id.filter(|id| names::validate("group id", id).is_ok()) {
@@ -116,6 +139,7 @@ impl Store {
                 self.journal_file(&id),
                 dir.join(format!("..{id}.journal.json.part")),
                 dir.join(format!(".{id}.json.part")),
+                self.freeze_marker(&id),
                 self.lock_file(&id),
             ] {
                 fsio::remove_if_exists(&f)?;
@@ -134,10 +158,19 @@ impl Store {
             .any(|m| m.domain)
             .then(|| Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI)))
             .transpose()?;
+        let frozen_by_us = self.freeze_marker(&id).exists();
         for m in &mut r.members {
             if let (true, Some(hv)) = (m.domain, &hv) {
                 match hv.domain(&m.vm) {
                     Ok(vm) => {
+                        // Killed between its freeze and its thaw: the guest's
+                        // I/O hangs until it is thawed.
+                        if frozen_by_us && vm.is_running()? && crate::libvirt::freeze::thaw_if_frozen(&vm)? {
+                            log::warn!(
+                                "group {id}: thawed the guest of {}, left frozen by the interrupted group",
+                                m.vm
+                            );
+                        }
                         self.recover_domain(&vm, ctl).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
                     }
                     Err(e) if e.kind == ErrorKind::NotFound => {}

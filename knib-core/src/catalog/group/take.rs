@@ -303,7 +303,16 @@ impl Store {
                 let mut ok = true;
                 if !freeze_vms.is_empty() {
                     ctl.report("group backup: freezing the guests", 10.0);
-                    let answers = freeze_all(&freeze_vms, opts.freeze_timeout);
+                    // Before the freeze, removed once every guest is thawed:
+                    // a group killed in between has `group recover` thaw them.
+                    let answers = match self.save_freeze_marker(&id) {
+                        Ok(()) => freeze_all(&freeze_vms, opts.freeze_timeout),
+                        Err(e) => {
+                            let why = format!("writing the group's freeze marker: {e}");
+                            freeze_vms.iter().map(|_| (false, Some(why.clone()))).collect()
+                        }
+                    };
+                    crate::crashpoint::helper_step(&format!("snapshots of group {id}, its guests frozen"));
                     for (k, (sent, e)) in to_freeze.iter().zip(&answers) {
                         frozen[*k] = *sent;
                         if let Some(e) = e {
@@ -338,11 +347,16 @@ impl Store {
                     // Every guest a freeze was sent to, until it says it is
                     // thawed; one left frozen fails the group.
                     let sent_vms: Vec<&Vm> = sent.iter().map(|i| vms[*i].as_ref().expect("a domain")).collect();
+                    let mut all_thawed = true;
                     for (k, e) in sent.iter().zip(thaw_all(&sent_vms)) {
                         if let Some(e) = e {
+                            all_thawed = false;
                             log::error!("group {id}: thawing the guest of {}: {e}", members[*k].name().unwrap_or("?"));
                             gate.abort(format!("member {}: {e}", members[*k].name().unwrap_or("?")));
                         }
+                    }
+                    if all_thawed {
+                        self.forget_freeze(&id);
                     }
                     freeze_to_thaw = Some(started.elapsed());
                 }
