@@ -178,3 +178,52 @@ fn group_recover_thaws_the_guests_a_killed_group_left_frozen() {
     assert_eq!(rec.state, "complete", "{rec:#?}");
     assert_eq!(g.fsfreeze_status(), "thawed");
 }
+
+/// A quiesced group backup whose thaw fails (the guest agent restarted with
+/// a freeze hook that fails on `thaw`; the child that runs the group gives
+/// the thaw 4 s) ends failed and leaves its freeze marker: the guest may
+/// still be frozen. `group recover` then thaws it (here, with the agent
+/// back to normal, frozen again as a thaw that failed would leave it) and
+/// removes the marker. Before, the guests of a group that had ended were
+/// never thawed by recover.
+#[test]
+fn group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen() {
+    if skip_without_libvirt("group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    let g = GuestVm::boot("knib-gthawfail", dir.path());
+    g.fail_thaws();
+    let other = TestVm::create(
+        "knib-gthawfail-fw",
+        &[("vda", 16 * MIB)],
+        dir.path(),
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_quiesced_group_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, serde_json::json!([root, g.name(), other.name()]).to_string())
+        .env("KNIB_TEST_THAW_BUDGET_SECS", "4")
+        .output()
+        .unwrap();
+    let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let markers: Vec<String> = std::fs::read_dir(root.join("groups"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".frozen"))
+        .collect();
+    assert_eq!(markers.len(), 1, "the group whose thaw failed left no freeze marker: {markers:?}: {said}");
+    g.thaw_normally();
+    g.agent(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}));
+    let recovered = store.recover_groups(None, &Control::new());
+    let status = g.fsfreeze_status();
+    if status == "frozen" {
+        let _ = knib_core::libvirt::qemu_agent_command(&g.vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, 5);
+    }
+    assert_eq!(status, "thawed", "group recover left the guest frozen: {recovered:?}");
+    recovered.unwrap();
+    assert!(!root.join("groups").join(&markers[0]).exists(), "group recover left {}", markers[0]);
+}

@@ -288,13 +288,23 @@ impl GuestVm {
         self.sh_ok(
             "printf '#!/bin/sh\\n[ \"$1\" = thaw ] && exit 1\\nexit 0\\n' > /root/thaw-fails && chmod 755 /root/thaw-fails",
         );
-        // The agent started again, with the hook (a detached shell: the
-        // agent running this command is the one it stops).
-        self.sh_ok(
+        self.restart_agent("-F/root/thaw-fails");
+    }
+
+    /// Restart the guest agent without a freeze hook (after
+    /// [`GuestVm::fail_thaws`]).
+    pub fn thaw_normally(&self) {
+        self.restart_agent("");
+    }
+
+    /// Restart the guest agent with `options` added (a detached shell: the
+    /// agent running this command is the one it stops).
+    fn restart_agent(&self, options: &str) {
+        self.sh_ok(&format!(
             "setsid sh -c 'sleep 2; kill $(pidof qemu-ga); sleep 1; exec /usr/sbin/qemu-ga -m virtio-serial \
-             -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log \
-             -F/root/thaw-fails' </dev/null >/dev/null 2>&1 &",
-        );
+             -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log {options}' \
+             </dev/null >/dev/null 2>&1 &"
+        ));
         std::thread::sleep(Duration::from_secs(6));
         wait_for_agent(&self.vm, Instant::now(), Duration::from_secs(120), &knib_core::Control::new()).unwrap();
     }

@@ -13,6 +13,15 @@ use crate::libvirt::Hypervisor;
 use crate::names;
 use crate::progress::Control;
 
+/// The content of [`Store::freeze_marker`].
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FreezeMarker {
+    schema: u32,
+    /// The domains the group froze (or was about to).
+    domains: Vec<String>,
+}
+
 impl Store {
     /// The file a quiesced group backup writes right before it freezes its
     /// guests, and removes once every one is thawed: `group recover` of a
@@ -22,10 +31,13 @@ impl Store {
         self.groups_dir().join(format!(".{id}.frozen"))
     }
 
+    /// Write [`Store::freeze_marker`] of group `id`, naming the domains
+    /// about to be frozen.
     #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
-    pub(super) fn save_freeze_marker(&self, id: &str) -> Result<()> {
+    pub(super) fn save_freeze_marker(&self, id: &str, domains: &[&str]) -> Result<()> {
         self.ensure_dir(Path::new("groups"), "groups directory")?;
-        fsio::write_atomic(&self.freeze_marker(id), b"")
+        let m = FreezeMarker { schema: 1, domains: domains.iter().map(|d| d.to_string()).collect() };
+        fsio::write_atomic(&self.freeze_marker(id), &serde_json::to_vec(&m).expect("a marker serializes"))
     }
 
     /// Every guest is thawed: remove [`Store::freeze_marker`] (a marker left
@@ -111,6 +123,9 @@ impl Store {
                 log::info!("group {id} is running (its lock is held); it is left alone");
                 continue;
             };
+            // Killed between its freeze and its thaw, or its thaw failed
+            // (the group may have ended, and written its record or not).
+            self.thaw_left_frozen(&id, connect)?;
             // A record of the group (valid, at its own id) means it
             // finished: the crash came before its journal was removed. The
             // journal is only removed then; replaying it would judge the
@@ -148,6 +163,37 @@ impl Store {
         Ok(out)
     }
 
+    /// When group `id` left its [`Store::freeze_marker`] (killed between its
+    /// freeze and its thaw, or a thaw failed), thaw the domains it names
+    /// that are running and frozen: their I/O hangs until then. The marker
+    /// is read as the store's JSON files are (confined, capped, names
+    /// checked); one that does not parse is `corrupt`.
+    fn thaw_left_frozen(&self, id: &str, connect: Option<&str>) -> Result<()> {
+        let rel = Path::new("groups").join(format!(".{id}.frozen"));
+        let Some(text) = super::super::confine::read(&self.root, &rel, "freeze marker")? else { return Ok(()) };
+        let m: FreezeMarker = crate::json::from_slice(&text)
+            .map_err(|e| KnibError::corrupt(format!("freeze marker of group {id} is corrupted: {e}")))?;
+        for d in &m.domains {
+            names::validate("domain name", d).map_err(|e| e.context(format!("freeze marker of group {id}")))?;
+        }
+        if m.domains.is_empty() {
+            return Ok(());
+        }
+        let hv = Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI))?;
+        for d in &m.domains {
+            match hv.domain(d) {
+                Ok(vm) => {
+                    if vm.is_running()? && crate::libvirt::freeze::thaw_if_frozen(&vm)? {
+                        log::warn!("group {id}: thawed the guest of {d}, left frozen by the group");
+                    }
+                }
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Recover the members of one interrupted group and write its record
     /// (`None` when none of its members' backups is left).
     fn recover_group(&self, mut r: GroupRecord, connect: Option<&str>, ctl: &Control) -> Result<Option<GroupRecord>> {
@@ -158,19 +204,10 @@ impl Store {
             .any(|m| m.domain)
             .then(|| Hypervisor::open(connect.unwrap_or(crate::libvirt::SYSTEM_URI)))
             .transpose()?;
-        let frozen_by_us = self.freeze_marker(&id).exists();
         for m in &mut r.members {
             if let (true, Some(hv)) = (m.domain, &hv) {
                 match hv.domain(&m.vm) {
                     Ok(vm) => {
-                        // Killed between its freeze and its thaw: the guest's
-                        // I/O hangs until it is thawed.
-                        if frozen_by_us && vm.is_running()? && crate::libvirt::freeze::thaw_if_frozen(&vm)? {
-                            log::warn!(
-                                "group {id}: thawed the guest of {}, left frozen by the interrupted group",
-                                m.vm
-                            );
-                        }
                         self.recover_domain(&vm, ctl).map_err(|e| e.context(format!("group {id}: member {}", m.vm)))?;
                     }
                     Err(e) if e.kind == ErrorKind::NotFound => {}

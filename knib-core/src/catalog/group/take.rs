@@ -305,7 +305,8 @@ impl Store {
                     ctl.report("group backup: freezing the guests", 10.0);
                     // Before the freeze, removed once every guest is thawed:
                     // a group killed in between has `group recover` thaw them.
-                    let answers = match self.save_freeze_marker(&id) {
+                    let names: Vec<&str> = freeze_vms.iter().map(|vm| vm.name()).collect();
+                    let answers = match self.save_freeze_marker(&id, &names) {
                         Ok(()) => freeze_all(&freeze_vms, opts.freeze_timeout),
                         Err(e) => {
                             let why = format!("writing the group's freeze marker: {e}");
