@@ -369,3 +369,78 @@ fn a_compression_temporary_swapped_for_a_link_is_not_written_through() {
         assert_eq!(left, ["ref.qcow2", "vol.qcow2"], "hard {hard}");
     }
 }
+
+/// A VM started on a disk between the backup's check that its disks are
+/// unused and the native merge's locks (here `qemu-io` holding the second
+/// disk, begun while the merge waits before locking it) refuses the backup
+/// as busy before anything is copied: nothing is left in the store, no
+/// delta is emptied, every disk reads as before. Before, the copy ran
+/// beside the merge's preparation: the disk was copied while it could be
+/// written (a torn backup), and its merge failed as busy after the backup
+/// was stored.
+#[test]
+fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
+    use engine::BackupKind::{Full, Incremental};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let disks: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| {
+            let p = dir.join(format!("{n}.qcow2"));
+            make_disk(&p, 8 << 20, &[]);
+            qemu_io(&p, "write -P 0x21 0 1M");
+            p
+        })
+        .collect();
+    let store = dir.join("store");
+    std::fs::create_dir(&store).unwrap();
+    let req = |i: usize, kind: engine::BackupKind| engine::TakeBackupRequest {
+        volumes: disks
+            .iter()
+            .enumerate()
+            .map(|(k, p)| engine::VolumeBackup {
+                name: format!("v{k}"),
+                disk: p.clone(),
+                dest: store.join(format!("b{i}-{k}.qcow2")),
+                parent: (kind == Incremental).then(|| format!("b{}-{k}.qcow2", i - 1)),
+            })
+            .collect(),
+        kind,
+        end_of_chain: false,
+        data_path: engine::DataPath::Native,
+        compress: None,
+    };
+    engine::take_backup(&QemuImg::new(), &req(0, Full), &Control::new()).unwrap();
+    let mut refs = Vec::new();
+    for (k, p) in disks.iter().enumerate() {
+        qemu_io(p, "write -P 0x22 2M 1M");
+        let r = dir.join(format!("ref-{k}.qcow2"));
+        snapshot(p, &r);
+        refs.push(r);
+    }
+    let at = format!("locking {} for a merge", disks[1].display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(3));
+    let second = req(1, Incremental);
+    let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &second, &Control::new()));
+    assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "the merge never paused");
+    let mut vm = std::process::Command::new("qemu-io").args(["-c", "sleep 8000"]).arg(&disks[1]).spawn().unwrap();
+    let e = backup.join().unwrap();
+    let _ = vm.kill();
+    let _ = vm.wait();
+    let e = e.unwrap_err();
+    assert_eq!(e.kind, knib_core::ErrorKind::Busy, "{e}");
+    assert!(e.message.contains(&disks[1].display().to_string()), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("b1") || n.contains(".part"))
+        .collect();
+    assert!(left.is_empty(), "the refused backup left {left:?}");
+    for (p, r) in disks.iter().zip(&refs) {
+        assert_identical(r, p);
+        assert!(engine::take::base_path(p).exists(), "{} lost its base", p.display());
+        let delta = QemuImg::new().check(p, &Control::new()).unwrap();
+        assert!(delta.allocated_clusters.unwrap_or(0) > 0, "the delta of {} was emptied: {delta:?}", p.display());
+    }
+}

@@ -444,14 +444,26 @@ fn take_backup_to(
         && states.iter().any(|st| st.on_knib_base);
     let mut written: Vec<PathBuf> = Vec::new();
     let (copy, merged) = std::thread::scope(|scope| {
+        let (prepared_tx, prepared_rx) = std::sync::mpsc::channel::<Option<KnibError>>();
         let merger = premerge.then(|| {
             let mctl = Control::new().with_deadline(ctl.deadline).with_cancel(ctl.cancel.clone());
             let states = &states;
-            scope.spawn(move || merge_into_bases(q, req, states, &mctl))
+            scope.spawn(move || merge_into_bases(q, req, states, &mctl, prepared_tx))
         });
-        let copy = match copy_to {
-            Some(to) => copy_volumes_to(req, &states, ctl, to, publish),
-            None => copy_volumes(q, req, &states, ctl, &mut written, publish),
+        // The copy begins once the merge holds its locks on every disk it
+        // merges: a VM started on one before would tear the copy (and the
+        // merge, refused as busy after publishing, left a torn backup
+        // published). A disk found in use refuses the backup before
+        // anything is copied. (A merger that panicked said nothing: the
+        // copy goes on, and the join reports it.)
+        let busy = match merger {
+            Some(_) => prepared_rx.recv().ok().flatten(),
+            None => None,
+        };
+        let copy = match (busy, copy_to) {
+            (Some(e), _) => Err(e),
+            (None, Some(to)) => copy_volumes_to(req, &states, ctl, to, publish),
+            (None, None) => copy_volumes(q, req, &states, ctl, &mut written, publish),
         };
         let merged = match merger {
             Some(h) => h.join().unwrap_or_else(|_| {
@@ -630,19 +642,45 @@ enum Early {
 
 /// Merge the delta of every volume that runs on its knib base into the
 /// base, natively, while the volumes are copied.
-fn merge_into_bases(q: &QemuImg, req: &TakeBackupRequest, states: &[DiskState], ctl: &Control) -> Vec<Early> {
-    let merge = |v: &VolumeBackup| -> Result<Early> {
-        let Some(mut c) = native::prepare_merge(q, &v.disk, ctl)? else { return Ok(Early::QemuImg) };
-        let r = c.run(ctl)?;
-        log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
-        Ok(Early::Merged(Ok(Box::new(c))))
-    };
-    req.volumes
+/// Merge the delta of every disk on its base into the base, on the
+/// merger thread: first every merge is prepared (its files locked as a
+/// QEMU writer's), and `prepared` told so, with the first disk found in
+/// use (then nothing is merged: the backup is refused); then the merges
+/// run, beside the copy.
+fn merge_into_bases(
+    q: &QemuImg,
+    req: &TakeBackupRequest,
+    states: &[DiskState],
+    ctl: &Control,
+    prepared: std::sync::mpsc::Sender<Option<KnibError>>,
+) -> Vec<Early> {
+    let ready: Vec<Option<Result<Option<Commit>>>> = req
+        .volumes
         .iter()
         .zip(states)
-        .map(|(v, st)| match st.on_knib_base {
-            false => Early::NotTried,
-            true => merge(v).unwrap_or_else(|e| Early::Merged(Err(e))),
+        .map(|(v, st)| st.on_knib_base.then(|| native::prepare_merge(q, &v.disk, ctl)))
+        .collect();
+    let busy =
+        ready.iter().flatten().find_map(|r| r.as_ref().err().filter(|e| e.kind == crate::ErrorKind::Busy).cloned());
+    let refused = busy.is_some();
+    let _ = prepared.send(busy);
+    if refused {
+        return req.volumes.iter().map(|_| Early::NotTried).collect();
+    }
+    req.volumes
+        .iter()
+        .zip(ready)
+        .map(|(v, r)| match r {
+            None => Early::NotTried,
+            Some(Err(e)) => Early::Merged(Err(e)),
+            Some(Ok(None)) => Early::QemuImg,
+            Some(Ok(Some(mut c))) => match c.run(ctl) {
+                Ok(r) => {
+                    log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
+                    Early::Merged(Ok(Box::new(c)))
+                }
+                Err(e) => Early::Merged(Err(e)),
+            },
         })
         .collect()
 }
