@@ -841,7 +841,7 @@ fn empty_work_dir_but_marker(plan: &BitmapPlan) -> Result<()> {
 ///
 /// With `plan.quiesce`, a guest left frozen (the backup was killed between
 /// its freeze and its thaw) is thawed first: its I/O hung until someone
-/// ran `virsh domfsthaw`. Only when the backup's [`freeze_marker`] says it
+/// ran `virsh domfsthaw`. Only when the backup's `frozen-by-knib` marker says it
 /// may have frozen the guest: a guest frozen otherwise is left so, and said.
 pub fn recover(vm: &Vm, plan: &BitmapPlan, published: bool) -> Result<Vec<String>> {
     let mut done = Vec::new();
