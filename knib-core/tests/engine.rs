@@ -419,11 +419,23 @@ fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
         refs.push(r);
     }
     let at = format!("locking {} for a merge", disks[1].display());
-    knib_core::crashpoint::pause_before(&at, Duration::from_secs(3));
+    let pause = Duration::from_secs(10);
+    knib_core::crashpoint::pause_before(&at, pause);
     let second = req(1, Incremental);
     let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &second, &Control::new()));
     assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "the merge never paused");
-    let mut vm = std::process::Command::new("qemu-io").args(["-c", "sleep 8000"]).arg(&disks[1]).spawn().unwrap();
+    let paused = std::time::Instant::now();
+    let mut vm = std::process::Command::new("qemu-io").args(["-c", "sleep 60000"]).arg(&disks[1]).spawn().unwrap();
+    // qemu-io holds the disk (QEMU's own locks refuse a second writer)
+    // while the merge still waits.
+    loop {
+        let out = std::process::Command::new("qemu-img").arg("info").arg(&disks[1]).output().unwrap();
+        if !out.status.success() {
+            break;
+        }
+        assert!(paused.elapsed() < pause / 2, "qemu-io did not lock {} in time", disks[1].display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let e = backup.join().unwrap();
     let _ = vm.kill();
     let _ = vm.wait();

@@ -52,8 +52,15 @@ fn a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze() {
     let frozen_ms = rec.freeze_to_thaw_ms.expect("the freeze was timed");
     assert!(frozen_ms > 0.0 && frozen_ms < 60_000.0, "{rec:#?}");
     assert!(rec.snapshot_skew_ms.is_some_and(|s| s <= frozen_ms), "the snapshots fall inside the freeze: {rec:#?}");
-    // Thawed: the guest writes and syncs at once, and says it is thawed.
+    // Thawed: the guest writes and syncs at once, and says it is thawed;
+    // the freeze marker is gone.
     assert_eq!(g.fsfreeze_status(), "thawed");
+    let markers = std::fs::read_dir(store.root().join("groups"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".frozen"))
+        .count();
+    assert_eq!(markers, 0, "a quiesced group left its freeze marker");
     g.sh_ok("echo x > /root/after && sync");
     assert_eq!(g.agent_freezes(), 1, "{}", g.syslog());
     g.sh_ok(&format!("echo {} > /root/group-later && sync", token("later")));

@@ -454,10 +454,12 @@ fn take_backup_to(
         // merges: a VM started on one before would tear the copy (and the
         // merge, refused as busy after publishing, left a torn backup
         // published). A disk found in use refuses the backup before
-        // anything is copied. (A merger that panicked said nothing: the
-        // copy goes on, and the join reports it.)
+        // anything is copied, and so does a merger that ended (panicked)
+        // before it said so.
         let busy = match merger {
-            Some(_) => prepared_rx.recv().ok().flatten(),
+            Some(_) => prepared_rx
+                .recv()
+                .unwrap_or_else(|_| Some(KnibError::internal("the merge thread ended before it had locked the disks"))),
             None => None,
         };
         let copy = match (busy, copy_to) {

@@ -107,7 +107,7 @@ impl Store {
             let n = e.file_name().to_string_lossy().into_owned();
             let Some(rest) = n.strip_prefix('.') else { continue };
             let rest = rest.trim_start_matches('.');
-            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock", ".frozen"]
+            let id = [".journal.json.part", ".journal.json", ".json.part", ".lock", ".frozen.part", ".frozen"]
                 .iter()
                 .find_map(|sfx| rest.strip_suffix(sfx));
             if let Some(id) = id.filter(|id| names::validate("group id", id).is_ok()) {
@@ -118,14 +118,25 @@ impl Store {
         }
         ids.sort();
         let mut out = Vec::new();
+        let mut marker_errors: Vec<KnibError> = Vec::new();
         for id in ids {
             let Some(_lock) = self.lock_group(&id)? else {
                 log::info!("group {id} is running (its lock is held); it is left alone");
                 continue;
             };
             // Killed between its freeze and its thaw, or its thaw failed
-            // (the group may have ended, and written its record or not).
-            self.thaw_left_frozen(&id, connect)?;
+            // (the group may have ended, and written its record or not). A
+            // marker that cannot be acted on (damaged, or a thaw failed) is
+            // kept and reported at the end; the other groups are recovered.
+            let thawed = match self.thaw_left_frozen(&id, connect) {
+                Ok(()) => true,
+                Err(e) => {
+                    let e = e.context(format!("group {id}: thawing the guests its freeze marker names"));
+                    log::error!("{e}");
+                    marker_errors.push(e);
+                    false
+                }
+            };
             // A record of the group (valid, at its own id) means it
             // finished: the crash came before its journal was removed. The
             // journal is only removed then; replaying it would judge the
@@ -150,17 +161,25 @@ impl Store {
                     out.push(r);
                 }
             }
+            let marker = thawed.then(|| self.freeze_marker(&id));
             for f in [
-                self.journal_file(&id),
-                dir.join(format!("..{id}.journal.json.part")),
-                dir.join(format!(".{id}.json.part")),
-                self.freeze_marker(&id),
-                self.lock_file(&id),
-            ] {
+                Some(self.journal_file(&id)),
+                Some(dir.join(format!("..{id}.journal.json.part"))),
+                Some(dir.join(format!(".{id}.json.part"))),
+                Some(dir.join(format!("..{id}.frozen.part"))),
+                marker,
+                Some(self.lock_file(&id)),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 fsio::remove_if_exists(&f)?;
             }
         }
-        Ok(out)
+        match marker_errors.into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// When group `id` left its [`Store::freeze_marker`] (killed between its
@@ -286,6 +305,29 @@ mod tests {
         assert!(std::fs::symlink_metadata(&target).is_err(), "the link's target outside the store was created");
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
         assert!(std::fs::symlink_metadata(&lock).unwrap().file_type().is_symlink());
+    }
+
+    /// A freeze marker that does not parse (or names no domain knib would
+    /// name) is `corrupt`, named, and kept; the other groups are recovered
+    /// all the same (their leftovers removed) before it is reported.
+    #[test]
+    fn a_damaged_freeze_marker_is_kept_and_reported_after_the_other_groups() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::create(d.path().join("store")).unwrap();
+        std::fs::create_dir_all(store.groups_dir()).unwrap();
+        let (bad, other) = ("group-20261203-000000000-aaaa", "group-20261203-000000000-bbbb");
+        std::fs::write(store.freeze_marker(bad), b"{not json").unwrap();
+        let stale = store.groups_dir().join(format!("..{other}.frozen.part"));
+        std::fs::write(&stale, b"{").unwrap();
+        let e = store.recover_groups(None, &Control::new()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert!(e.message.contains(&format!("freeze marker of group {bad}")), "{e}");
+        assert!(store.freeze_marker(bad).exists(), "the damaged marker was removed unread");
+        assert!(!stale.exists(), "the other group's half-written marker was left");
+        std::fs::write(store.freeze_marker(bad), br#"{"schema":1,"domains":["../x"]}"#).unwrap();
+        let e = store.recover_groups(None, &Control::new()).unwrap_err();
+        assert!(e.message.contains("domain name"), "{e}");
+        assert!(store.freeze_marker(bad).exists());
     }
 
     #[test]

@@ -348,18 +348,25 @@ impl Store {
                     // Every guest a freeze was sent to, until it says it is
                     // thawed; one left frozen fails the group.
                     let sent_vms: Vec<&Vm> = sent.iter().map(|i| vms[*i].as_ref().expect("a domain")).collect();
-                    let mut all_thawed = true;
-                    for (k, e) in sent.iter().zip(thaw_all(&sent_vms)) {
+                    let mut left_frozen: Vec<&str> = Vec::new();
+                    for ((k, vm), e) in sent.iter().zip(&sent_vms).zip(thaw_all(&sent_vms)) {
                         if let Some(e) = e {
-                            all_thawed = false;
+                            left_frozen.push(vm.name());
                             log::error!("group {id}: thawing the guest of {}: {e}", members[*k].name().unwrap_or("?"));
                             gate.abort(format!("member {}: {e}", members[*k].name().unwrap_or("?")));
                         }
                     }
-                    if all_thawed {
+                    // The marker names only the guests that may be frozen
+                    // still, for `group recover`; none, it goes.
+                    if left_frozen.is_empty() {
                         self.forget_freeze(&id);
+                    } else if let Err(e) = self.save_freeze_marker(&id, &left_frozen) {
+                        log::warn!("group {id}: the freeze marker still names every guest frozen: {e}");
                     }
                     freeze_to_thaw = Some(started.elapsed());
+                } else if !freeze_vms.is_empty() {
+                    // No freeze was sent: nothing is frozen by this group.
+                    self.forget_freeze(&id);
                 }
                 // 4. Copies and merges.
                 let aborted = gate.lock().phase == Phase::Abort;
