@@ -29,12 +29,7 @@ fn a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze() {
     let g = GuestVm::boot("knib-gquiesce", dir.path());
     g.start_syslog();
     g.hold_writeback();
-    let other = TestVm::create(
-        "knib-gquiesce-fw",
-        &[("vda", 16 * MIB)],
-        dir.path(),
-        TestVmOptions { persistent: false, running: true, agent_channel: false },
-    );
+    let other = firmware_vm("knib-gquiesce-fw", dir.path());
     other.write("vda", 0x5a, MIB, 64 * 1024);
 
     let synced = token("synced");
@@ -92,12 +87,7 @@ fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_group_fails() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::create(dir.path().join("store")).unwrap();
     let g = GuestVm::boot("knib-gthaw", dir.path());
-    let other = TestVm::create(
-        "knib-gthaw-fw",
-        &[("vda", 16 * MIB)],
-        dir.path(),
-        TestVmOptions { persistent: false, running: true, agent_channel: false },
-    );
+    let other = firmware_vm("knib-gthaw-fw", dir.path());
     g.slow_freeze_ahead();
     let members = [
         MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
@@ -132,6 +122,27 @@ fn child_quiesced_group_backup() {
     eprintln!("child: {r:?}");
 }
 
+/// A running domain without a guest agent channel, a second member.
+fn firmware_vm(name: &str, dir: &std::path::Path) -> TestVm {
+    TestVm::create(
+        name,
+        &[("vda", 16 * MIB)],
+        dir,
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    )
+}
+
+/// Run [`child_quiesced_group_backup`] of `g` and `other` into the store at
+/// `root` in a child process, with the environment variable `env` set.
+fn group_in_child(root: &std::path::Path, g: &GuestVm, other: &TestVm, env: (&str, &str)) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_quiesced_group_backup", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, serde_json::json!([root, g.name(), other.name()]).to_string())
+        .env(env.0, env.1)
+        .output()
+        .unwrap()
+}
+
 /// A quiesced group backup killed while its guests are frozen (a child
 /// process, killed by the crash hook between the freeze and the
 /// snapshots) leaves them frozen; `group recover` thaws them, and the next
@@ -146,18 +157,8 @@ fn group_recover_thaws_the_guests_a_killed_group_left_frozen() {
     let root = dir.path().join("store");
     let store = Store::create(&root).unwrap();
     let g = GuestVm::boot("knib-gcrash", dir.path());
-    let other = TestVm::create(
-        "knib-gcrash-fw",
-        &[("vda", 16 * MIB)],
-        dir.path(),
-        TestVmOptions { persistent: false, running: true, agent_channel: false },
-    );
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_quiesced_group_backup", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, serde_json::json!([root, g.name(), other.name()]).to_string())
-        .env(knib_core::crashpoint::CRASH_BEFORE_ENV, "its guests frozen")
-        .output()
-        .unwrap();
+    let other = firmware_vm("knib-gcrash-fw", dir.path());
+    let out = group_in_child(&root, &g, &other, (knib_core::crashpoint::CRASH_BEFORE_ENV, "its guests frozen"));
     let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "the child was not killed: {said}");
     assert_eq!(g.fsfreeze_status(), "frozen", "the kill did not leave the guest frozen: {said}");
@@ -203,18 +204,8 @@ fn group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen() {
     let store = Store::create(&root).unwrap();
     let g = GuestVm::boot("knib-gthawfail", dir.path());
     g.fail_thaws();
-    let other = TestVm::create(
-        "knib-gthawfail-fw",
-        &[("vda", 16 * MIB)],
-        dir.path(),
-        TestVmOptions { persistent: false, running: true, agent_channel: false },
-    );
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_quiesced_group_backup", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, serde_json::json!([root, g.name(), other.name()]).to_string())
-        .env("KNIB_TEST_THAW_BUDGET_SECS", "4")
-        .output()
-        .unwrap();
+    let other = firmware_vm("knib-gthawfail-fw", dir.path());
+    let out = group_in_child(&root, &g, &other, ("KNIB_TEST_THAW_BUDGET_SECS", "4"));
     let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let markers: Vec<String> = std::fs::read_dir(root.join("groups"))
         .unwrap()

@@ -223,41 +223,41 @@ fn merge(q: &QemuImg, top: &Path, path: DataPath, empty: bool, ctl: &Control) ->
 /// cannot be read, are corrupt (named in the message), or are in use.
 pub fn prepare_merge(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<Commit>> {
     repair_dirty(q, top, ctl)?;
-    let why = match Commit::prepare(top) {
-        Ok(Ok(c)) => {
+    // Prepared once, or twice when the base's leaks were reclaimed first.
+    let mut reclaimed = false;
+    let why = loop {
+        let c = match Commit::prepare(top) {
+            Ok(Ok(c)) => c,
+            Ok(Err(why)) => break why,
+            Err(e) if e.kind == crate::ErrorKind::InvalidInput => break e.to_string(),
+            Err(e) => return Err(e),
+        };
+        if !reclaimed {
             q.require_no_corruption(top, ctl)?;
-            if c.base_leaks() == 0 {
-                return Ok(Some(c));
-            }
-            // Leaked clusters (a merge killed between its refcount and table
-            // writes leaves some) are reclaimed before the merge: left, they
-            // stay in the base, and a disk's base becomes the disk at the end
-            // of a chain, where `qemu-img check` reports them.
-            let (base, leaks) = (c.base_path().to_path_buf(), c.base_leaks());
-            drop(c);
-            log::warn!(
-                "{} has {leaks} leaked clusters (a merge into it was interrupted): reclaiming them with \
-                 qemu-img check -r leaks before the merge",
-                base.display()
-            );
-            // Leaks harm no data: a reclaim that fails (the file busy, or
-            // QEMU finding more than leaks) leaves them, and the merge goes
-            // on (its own checks run again below).
-            match q.repair_leaks(&base, ctl) {
-                Ok(r) => log::info!("{}: leaked clusters reclaimed ({r:?})", base.display()),
-                Err(e) if matches!(e.kind, crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout) => return Err(e),
-                Err(e) => log::warn!("{}: its leaked clusters stay ({e}); merging all the same", base.display()),
-            }
-            match Commit::prepare(top) {
-                Ok(Ok(c)) => return Ok(Some(c)),
-                Ok(Err(why)) => why,
-                Err(e) if e.kind == crate::ErrorKind::InvalidInput => e.to_string(),
-                Err(e) => return Err(e),
-            }
         }
-        Ok(Err(why)) => why,
-        Err(e) if e.kind == crate::ErrorKind::InvalidInput => e.to_string(),
-        Err(e) => return Err(e),
+        if c.base_leaks() == 0 || reclaimed {
+            return Ok(Some(c));
+        }
+        // Leaked clusters (a merge killed between its refcount and table
+        // writes leaves some) are reclaimed before the merge: left, they
+        // stay in the base, and a disk's base becomes the disk at the end
+        // of a chain, where `qemu-img check` reports them.
+        let (base, leaks) = (c.base_path().to_path_buf(), c.base_leaks());
+        drop(c);
+        log::warn!(
+            "{} has {leaks} leaked clusters (a merge into it was interrupted): reclaiming them with \
+             qemu-img check -r leaks before the merge",
+            base.display()
+        );
+        // Leaks harm no data: a reclaim that fails (the file busy, or QEMU
+        // finding more than leaks) leaves them, and the merge goes on (its
+        // own checks run again).
+        match q.repair_leaks(&base, ctl) {
+            Ok(r) => log::info!("{}: leaked clusters reclaimed ({r:?})", base.display()),
+            Err(e) if matches!(e.kind, crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout) => return Err(e),
+            Err(e) => log::warn!("{}: its leaked clusters stay ({e}); merging all the same", base.display()),
+        }
+        reclaimed = true;
     };
     log::info!("merging {} with qemu-img commit: {why}", top.display());
     Ok(None)

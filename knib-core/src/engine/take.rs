@@ -642,8 +642,6 @@ enum Early {
     Merged(Result<Box<Commit>>),
 }
 
-/// Merge the delta of every volume that runs on its knib base into the
-/// base, natively, while the volumes are copied.
 /// Merge the delta of every disk on its base into the base, on the
 /// merger thread: first every merge is prepared (its files locked as a
 /// QEMU writer's), and `prepared` told so, with the first disk found in

@@ -128,8 +128,6 @@ pub struct Commit {
     /// The top, open with QEMU's locks held until the merge is done.
     _top_lock: File,
     batch_bytes: usize,
-    /// Host clusters of the base leaked when it was scanned.
-    base_leaks: u64,
 }
 
 impl std::fmt::Debug for Commit {
@@ -273,7 +271,6 @@ impl Commit {
             Ok(scan) => scan,
             Err(why) => return Ok(Err(why)),
         };
-        let base_leaks = scan.leaks;
         let base = Base::open(base_file, base_path, &base_img, file_len, scan)?;
         drop(base_img);
         // Room in the refcount table for the worst case: every top cluster
@@ -316,7 +313,6 @@ impl Commit {
             base,
             _top_lock: top_file,
             batch_bytes: BATCH_TABLE_BYTES,
-            base_leaks,
         }))
     }
 
@@ -330,7 +326,7 @@ impl Commit {
     /// past them, so they are safe, but they stay wasted space that
     /// `qemu-img check` reports (a merge killed halfway leaves some).
     pub fn base_leaks(&self) -> u64 {
-        self.base_leaks
+        self.base.scan.leaks
     }
 
     /// Make batches of at most `bytes` of L2 tables (at least one table):

@@ -22,13 +22,18 @@ struct FreezeMarker {
     domains: Vec<String>,
 }
 
+/// [`Store::freeze_marker`] of group `id`, under the store.
+fn freeze_marker_rel(id: &str) -> std::path::PathBuf {
+    Path::new("groups").join(format!(".{id}.frozen"))
+}
+
 impl Store {
     /// The file a quiesced group backup writes right before it freezes its
     /// guests, and removes once every one is thawed: `group recover` of a
     /// group killed in between thaws those of its domain members that are
     /// frozen (only then: a guest frozen by another tool is that tool's).
     pub(super) fn freeze_marker(&self, id: &str) -> std::path::PathBuf {
-        self.groups_dir().join(format!(".{id}.frozen"))
+        self.root.join(freeze_marker_rel(id))
     }
 
     /// Write [`Store::freeze_marker`] of group `id`, naming the domains
@@ -188,7 +193,7 @@ impl Store {
     /// is read as the store's JSON files are (confined, capped, names
     /// checked); one that does not parse is `corrupt`.
     fn thaw_left_frozen(&self, id: &str, connect: Option<&str>) -> Result<()> {
-        let rel = Path::new("groups").join(format!(".{id}.frozen"));
+        let rel = freeze_marker_rel(id);
         let Some(text) = super::super::confine::read(&self.root, &rel, "freeze marker")? else { return Ok(()) };
         let m: FreezeMarker = crate::json::from_slice(&text)
             .map_err(|e| KnibError::corrupt(format!("freeze marker of group {id} is corrupted: {e}")))?;
