@@ -456,3 +456,103 @@ fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
         assert!(delta.allocated_clusters.unwrap_or(0) > 0, "the delta of {} was emptied: {delta:?}", p.display());
     }
 }
+
+/// Every disk a plain-disk backup copies is held against writers (a VM
+/// started on it) from before its copy until its delta is merged, whatever
+/// merges it: knib's own merge (its writer locks), `qemu-img commit`
+/// (the qemu-img data path, or a base the native merge does not take, here
+/// one with 8-bit refcounts), or nothing (a base marked corrupt, whose
+/// merge fails). Before, only the first held the disk: in the others a VM
+/// started during the copy tore it, or wrote after it what
+/// `qemu-img commit` then folded into the base, in no backup.
+#[test]
+fn every_disk_a_backup_copies_stays_locked_against_writers_until_its_merge() {
+    use engine::BackupKind::{Full, Incremental};
+    use engine::DataPath::{Native, QemuImg as ByQemuImg};
+    // (what, data path, options of the disk, base marked corrupt, seed)
+    let modes: [(&str, engine::DataPath, &[&str], bool, u64); 4] = [
+        ("native merge", Native, &[], false, 11),
+        ("qemu-img data path", ByQemuImg, &[], false, 12),
+        ("base the native merge does not take", Native, &["-o", "refcount_bits=8"], false, 13),
+        ("base marked corrupt", Native, &[], true, 14),
+    ];
+    for (what, data_path, opts, corrupt, seed) in modes {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().to_path_buf();
+        let mut x = seed;
+        let mut offset = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % 112 * (64 << 10)
+        };
+        let disks: Vec<PathBuf> = ["a", "b"]
+            .iter()
+            .map(|n| {
+                let p = dir.join(format!("{n}.qcow2"));
+                make_disk(&p, 8 << 20, opts);
+                qemu_io(&p, &format!("write -P 0x31 {} 1M", offset()));
+                p
+            })
+            .collect();
+        let store = dir.join("store");
+        std::fs::create_dir(&store).unwrap();
+        let req = |i: usize, kind: engine::BackupKind| engine::TakeBackupRequest {
+            volumes: disks
+                .iter()
+                .enumerate()
+                .map(|(k, p)| engine::VolumeBackup {
+                    name: format!("v{k}"),
+                    disk: p.clone(),
+                    dest: store.join(format!("b{i}-{k}.qcow2")),
+                    parent: (kind == Incremental).then(|| format!("b{}-{k}.qcow2", i - 1)),
+                })
+                .collect(),
+            kind,
+            end_of_chain: false,
+            data_path,
+            compress: None,
+        };
+        engine::take_backup(&QemuImg::new(), &req(0, Full), &Control::new()).unwrap();
+        let mut refs = Vec::new();
+        for (k, p) in disks.iter().enumerate() {
+            if corrupt {
+                // Incompatible feature bit 1: QEMU marked the base corrupt.
+                put_bytes(&engine::take::base_path(p), 72, &2u64.to_be_bytes());
+            }
+            qemu_io(p, &format!("write -P 0x32 {} 512k", offset()));
+            let r = dir.join(format!("ref-{k}.qcow2"));
+            snapshot(p, &r);
+            refs.push(r);
+        }
+        // Paused before the second disk's copy: the first is copied, the
+        // second not yet; a VM starting on either must be refused.
+        let at = "copy of volume v1";
+        knib_core::crashpoint::pause_before(at, Duration::from_secs(5));
+        let second = req(1, Incremental);
+        let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &second, &Control::new()));
+        assert!(knib_core::crashpoint::wait_for_pause(at, Duration::from_secs(60)), "{what}: the copy never paused");
+        for p in &disks {
+            let out = std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "write -P 0x66 0 64k"])
+                .arg(p)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && text.contains("Failed to get \"write\" lock"),
+                "{what}: a writer opened {} during the backup: {text}",
+                p.display()
+            );
+        }
+        let r = backup.join().unwrap();
+        if corrupt {
+            let e = r.unwrap_err();
+            assert!(e.message.contains("the backup is stored") && e.message.contains("marked corrupt"), "{what}: {e}");
+        } else {
+            r.unwrap();
+        }
+        for (k, (p, r)) in disks.iter().zip(&refs).enumerate() {
+            assert_identical(r, p);
+            assert_identical(r, &store.join(format!("b1-{k}.qcow2")));
+        }
+    }
+}

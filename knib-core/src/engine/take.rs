@@ -442,6 +442,20 @@ fn take_backup_to(
     let premerge = req.kind != BackupKind::Isolated
         && req.data_path == DataPath::Native
         && states.iter().any(|st| st.on_knib_base);
+    // A disk on its base that `qemu-img commit` merges after publishing
+    // (the qemu-img data path) is held as a QEMU reader from before its copy
+    // until just before that commit: a VM started on it meanwhile tore the
+    // copy, or wrote what the commit then folded into the base, in no
+    // backup. (On the native data path the merger thread holds them.)
+    let mut held_until_commit = Vec::new();
+    for (v, st) in req.volumes.iter().zip(&states) {
+        let hold = st.on_knib_base && req.kind != BackupKind::Isolated && !premerge;
+        held_until_commit.push(if hold {
+            hold_disk_and_base(&v.disk).map_err(|e| e.with_vm_consistent(true))?
+        } else {
+            Vec::new()
+        });
+    }
     let mut written: Vec<PathBuf> = Vec::new();
     let (copy, merged) = std::thread::scope(|scope| {
         let (prepared_tx, prepared_rx) = std::sync::mpsc::channel::<Option<KnibError>>();
@@ -471,7 +485,7 @@ fn take_backup_to(
             Some(h) => h.join().unwrap_or_else(|_| {
                 req.volumes
                     .iter()
-                    .map(|_| Early::Merged(Err(KnibError::internal("the merge thread panicked"))))
+                    .map(|_| Early::Failed { error: KnibError::internal("the merge thread panicked"), _held: None })
                     .collect()
             }),
             None => req.volumes.iter().map(|_| Early::NotTried).collect(),
@@ -493,7 +507,8 @@ fn take_backup_to(
     // published: a failure here leaves every write in the disk's delta, and
     // the next backup copies it again.
     if req.kind != BackupKind::Isolated {
-        for ((v, st), early) in req.volumes.iter().zip(&states).zip(merged) {
+        for (((v, st), early), held) in req.volumes.iter().zip(&states).zip(merged).zip(held_until_commit) {
+            drop(held);
             // Past the time budget, which bounds the copy: the backup is published.
             merge_after_backup(q, v, st, req.end_of_chain, req.data_path, early, &Control::new())
                 .map_err(|e| {
@@ -632,21 +647,38 @@ fn copy_volumes_to(
     Ok(results)
 }
 
-/// What became of a volume's merge started during the copy.
+/// What became of a volume's merge started during the copy. Each keeps
+/// what holds the disk against writers (a VM started on it) until the
+/// merge after publishing: the copy must not be torn, nor the disk written
+/// before its delta is folded into the base.
 enum Early {
     /// Not started (not on its base, or the qemu-img data path).
     NotTried,
-    /// The native merge does not apply: `qemu-img commit` after publishing.
-    QemuImg,
-    /// Done (its locks held, the delta still full), or failed.
-    Merged(Result<Box<Commit>>),
+    /// The native merge does not apply: `qemu-img commit` after publishing,
+    /// the disk and its base held as a QEMU reader's until then.
+    QemuImg(Vec<std::fs::File>),
+    /// Done (its locks held, the delta still full).
+    Merged(Box<Commit>),
+    /// Failed, preparing or running: the disk stays held (by the failed
+    /// merge's own locks, or as a reader's) until the backup ends.
+    Failed { error: KnibError, _held: Option<Box<dyn Send>> },
+}
+
+/// The disk `disk` and its knib base, held as a QEMU reader holds them
+/// ([`crate::lock::hold_for_reading`]) for as long as the files returned
+/// stay open.
+fn hold_disk_and_base(disk: &Path) -> Result<Vec<std::fs::File>> {
+    let base = base_path(disk);
+    crate::lock::hold_for_reading(&[disk, &base], "the backup")
 }
 
 /// Merge the delta of every disk on its base into the base, on the
 /// merger thread: first every merge is prepared (its files locked as a
-/// QEMU writer's), and `prepared` told so, with the first disk found in
-/// use (then nothing is merged: the backup is refused); then the merges
-/// run, beside the copy.
+/// QEMU writer's), and every disk whose merge is not prepared (`qemu-img
+/// commit` does it, or its preparation failed) held as a QEMU reader's;
+/// then `prepared` is told so, with the first disk found in use or that
+/// could not be held (then nothing is merged: the backup is refused); then
+/// the merges run, beside the copy.
 fn merge_into_bases(
     q: &QemuImg,
     req: &TakeBackupRequest,
@@ -662,25 +694,49 @@ fn merge_into_bases(
         .collect();
     let busy =
         ready.iter().flatten().find_map(|r| r.as_ref().err().filter(|e| e.kind == crate::ErrorKind::Busy).cloned());
-    let refused = busy.is_some();
-    let _ = prepared.send(busy);
-    if refused {
+    let mut early = Vec::new();
+    let mut refused = busy;
+    for (v, r) in req.volumes.iter().zip(ready) {
+        if refused.is_some() {
+            break;
+        }
+        let hold = || hold_disk_and_base(&v.disk).map_err(|e| e.context(format!("volume {}", v.name)));
+        early.push(match r {
+            None => Early::NotTried,
+            Some(Ok(Some(c))) => Early::Merged(Box::new(c)),
+            Some(Ok(None)) => match hold() {
+                Ok(files) => Early::QemuImg(files),
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            },
+            Some(Err(error)) => match hold() {
+                Ok(files) => Early::Failed { error, _held: Some(Box::new(files)) },
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            },
+        });
+    }
+    let stop = refused.is_some();
+    let _ = prepared.send(refused);
+    if stop {
         return req.volumes.iter().map(|_| Early::NotTried).collect();
     }
     req.volumes
         .iter()
-        .zip(ready)
-        .map(|(v, r)| match r {
-            None => Early::NotTried,
-            Some(Err(e)) => Early::Merged(Err(e)),
-            Some(Ok(None)) => Early::QemuImg,
-            Some(Ok(Some(mut c))) => match c.run(ctl) {
+        .zip(early)
+        .map(|(v, e)| match e {
+            Early::Merged(mut c) => match c.run(ctl) {
                 Ok(r) => {
                     log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
-                    Early::Merged(Ok(Box::new(c)))
+                    Early::Merged(c)
                 }
-                Err(e) => Early::Merged(Err(e)),
+                Err(error) => Early::Failed { error, _held: Some(c) },
             },
+            other => other,
         })
         .collect()
 }
@@ -699,14 +755,15 @@ fn merge_after_backup(
         // B <- P: fold P's writes into B; P stays, emptied.
         match early {
             // Merged while the backup was copied: only the emptying is left.
-            Early::Merged(merged) => {
-                let c = merged?;
+            Early::Merged(c) => {
                 if !end_of_chain {
                     crate::crashpoint::durable_step(&format!("emptying {}", v.disk.display()));
                     c.empty_top()?;
                 }
             }
-            Early::QemuImg => {
+            Early::Failed { error, .. } => return Err(error),
+            Early::QemuImg(held) => {
+                drop(held);
                 crate::crashpoint::durable_step(&format!("qemu-img commit of {}", v.disk.display()));
                 q.commit(&v.disk, false, ctl)?
             }
