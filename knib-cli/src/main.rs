@@ -183,6 +183,13 @@ enum Command {
         /// written to (`backup --domain --vault`), when it was.
         #[arg(long)]
         vault: Option<String>,
+        /// Give up an interrupted backup that recover cannot finish or undo
+        /// (the domain is gone, its disks changed since, its journal is
+        /// damaged): its journal is set aside in the store, its unpublished
+        /// files removed; the domain and its disks are not touched, and
+        /// the answer says what may be left on them.
+        #[arg(long, conflicts_with = "vault")]
+        discard: bool,
     },
     /// Compress a backup in place (it stays a valid backing file).
     Compress {
@@ -613,9 +620,49 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             let text = format!("VM {vm}: backup method {}", s.backup_method);
             output::say(json, || serde_json::to_value(&s), &text)?;
         }
-        Command::Recover { store, domain, vault: to } => {
+        Command::Recover { store, domain, discard: true, .. } => {
+            let out = Store::open(store)?.discard_interrupted(&domain)?;
+            let mut text = String::new();
+            for d in &out.discarded {
+                let what = match (&d.backup_id, &d.step) {
+                    (Some(id), Some(step)) => {
+                        format!("{} backup {id} of {domain} (stopped at its {step} step)", d.method)
+                    }
+                    _ => format!(
+                        "the {} backup of {domain} whose journal cannot be read ({})",
+                        d.method,
+                        d.unreadable.as_deref().unwrap_or("unreadable")
+                    ),
+                };
+                let kept = match &d.kept_as {
+                    Some(p) => format!("its journal is kept as {}", p.display()),
+                    None => "its journal was not a file, and is removed".to_string(),
+                };
+                let state = match d.published {
+                    Some(true) => "; it was published, and stays",
+                    Some(false) => "; it was not published, and nothing of it stays in the store",
+                    None => "",
+                };
+                text += &format!("discarded {what}: {kept}{state}\n");
+                for l in &d.left {
+                    text += &format!("  left: {l}\n");
+                }
+            }
+            if out.discarded.is_empty() {
+                text = format!("VM {domain}: no interrupted backup to discard");
+            }
+            output::say(json, || serde_json::to_value(&out), text.trim_end())?;
+        }
+        Command::Recover { store, domain, vault: to, .. } => {
             let hv = Hypervisor::open(&connect)?;
-            let dom = hv.domain(&domain)?;
+            let dom = hv.domain(&domain).map_err(|mut e| {
+                if e.kind == knib_core::ErrorKind::NotFound {
+                    e.message.push_str(
+                        " (if the domain is gone, `knib recover --discard` sets its interrupted backup aside)",
+                    );
+                }
+                e
+            })?;
             // An existing store only: a mistyped path made an empty store
             // there and answered that nothing was interrupted.
             let store = Store::open(store)?;

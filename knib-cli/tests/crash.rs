@@ -190,3 +190,106 @@ fn a_backup_killed_in_a_store_named_by_a_relative_path_is_recovered_from_anywher
     let out = knib(&["backup", "--store", store.to_str().unwrap(), "--domain", &name], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A backup killed before it was published, whose domain's disk was then
+/// flattened by hand (`virsh blockpull`): `recover` cannot tell what to
+/// merge and refuses, naming `--discard`; every backup is refused.
+/// `recover --discard` sets the journal aside in the store (kept as it
+/// was), leaves every file outside the store as it was, and the next
+/// backup runs and holds every write.
+#[test]
+fn an_interrupted_backup_recover_cannot_follow_is_discarded_leaving_the_disks_alone() {
+    if skip_without_libvirt("recover --discard") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap().to_string();
+    let disks = [("vda", 32 * MIB)];
+    let vm = TestVm::create(
+        "knib-discard",
+        &disks,
+        dir.path(),
+        TestVmOptions { persistent: false, running: true, agent_channel: false },
+    );
+    let name = vm.name().to_string();
+    let mut model = Model::new(&disks);
+    model.write(&vm, "vda", 0x41, 0, 2 * MIB);
+    let out = knib(&["backup", "--store", &s, "--domain", &name], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    model.write(&vm, "vda", 0x42, 4 * MIB, MIB);
+    let out = knib(&["backup", "--store", &s, "--domain", &name], Some("publish"));
+    assert_eq!(out.status.signal(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+    let journal = store.join("vms").join(&name).join("journal.json");
+    let recorded = std::fs::read(&journal).unwrap();
+    let id = serde_json::from_slice::<serde_json::Value>(&recorded).unwrap()["plan"]["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The operator flattens the disk: the journal's plan no longer matches.
+    let out =
+        Command::new("virsh").args(["-c", common::vm::URI, "blockpull", &name, "vda", "--wait"]).output().unwrap();
+    assert!(out.status.success(), "virsh blockpull: {}", String::from_utf8_lossy(&out.stderr));
+    model.write(&vm, "vda", 0x43, 8 * MIB, MIB);
+    let out = knib(&["recover", "--store", &s, "--domain", &name], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(20), "{err}");
+    assert!(err.contains("recover --discard"), "{err}");
+    let out = knib(&["backup", "--store", &s, "--domain", &name], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("recover --discard"), "{err}");
+
+    let outside = |t: std::collections::BTreeMap<std::path::PathBuf, String>| {
+        t.into_iter().filter(|(p, _)| !p.starts_with("store")).collect::<Vec<_>>()
+    };
+    let before = outside(common::disk::tree(dir.path()));
+    let out = knib(&["--json", "recover", "--store", &s, "--domain", &name, "--discard"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = &d["discarded"][0];
+    assert_eq!(d["discarded"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(j["backup_id"], id.as_str(), "{d}");
+    assert_eq!(j["step"], "publish", "{d}");
+    assert_eq!(j["published"], false, "{d}");
+    assert!(j["left"][0].as_str().unwrap().starts_with("disk vda may still run on"), "{d}");
+    let kept = std::path::PathBuf::from(j["kept_as"].as_str().unwrap());
+    assert_eq!(kept.parent().unwrap(), store.join("vms").join(&name));
+    assert_eq!(std::fs::read(&kept).unwrap(), recorded, "the journal was not kept as it was");
+    assert!(!journal.exists());
+    assert_eq!(outside(common::disk::tree(dir.path())), before, "a file outside the store changed");
+    assert!(leftovers(&store, &name).is_empty(), "{:?}", leftovers(&store, &name));
+    assert_eq!(backups(&store).len(), 1);
+    let out = knib(&["--json", "recover", "--store", &s, "--domain", &name, "--discard"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["discarded"], serde_json::json!([]), "{d}");
+
+    // Backups run again, and hold every write.
+    model.write(&vm, "vda", 0x44, 12 * MIB, MIB);
+    let out = knib(&["--json", "backup", "--store", &s, "--domain", &name], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The disk runs on no delta since: the backup is full, and says why.
+    assert_eq!(b["kind"], "full", "{b}");
+    assert!(b["full_reason"].as_str().is_some_and(|r| r.contains("vda")), "{b}");
+    let to = dir.path().join("after-discard.raw");
+    let out = knib(
+        &[
+            "restore",
+            "--store",
+            &s,
+            b["id"].as_str().unwrap(),
+            "--volume",
+            "vda",
+            "--to",
+            to.to_str().unwrap(),
+            "--format",
+            "raw",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    model.assert_restored("vda", model.writes.len(), &to, dir.path());
+    let out = knib(&["verify", "--store", &s], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -98,7 +98,10 @@ impl Store {
         match interrupted {
             Some((what, step)) => Err(KnibError::new(
                 ErrorKind::VmInconsistent,
-                format!("{what} of domain {vm} was interrupted at its {step} step; run `knib recover` first"),
+                format!(
+                    "{what} of domain {vm} was interrupted at its {step} step; run `knib recover` first \
+                     (`knib recover --discard` when it cannot finish or undo it)"
+                ),
             )),
             None => Ok(()),
         }

@@ -57,7 +57,11 @@ pub fn check_plan(
     vault_dest: Option<&dyn Fn(&str) -> PathBuf>,
 ) -> Result<()> {
     let bad = |what: String| {
-        KnibError::corrupt(format!("journal {}: {what}; nothing was merged or deleted", journal.display()))
+        KnibError::corrupt(format!(
+            "journal {}: {what}; nothing was merged or deleted (when the domain's disks were changed by hand, \
+             `knib recover --discard` sets this backup aside: see the README)",
+            journal.display()
+        ))
     };
     let name = |field: &str, what: &str, v: &str| {
         names::validate(what, v).map_err(|e| bad(format!("field `{field}`: {}", e.message)))

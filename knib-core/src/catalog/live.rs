@@ -149,7 +149,10 @@ impl Store {
         let rel = std::path::Path::new("vms").join(vm).join(name);
         match super::confine::read(&self.root, &rel, "journal")? {
             Some(t) => crate::json::from_slice(&t).map(Some).map_err(|e| {
-                KnibError::corrupt(format!("journal {} is corrupted: {e}", self.vm_dir(vm).join(name).display()))
+                KnibError::corrupt(format!(
+                    "journal {} is corrupted: {e} (`knib recover --discard` sets it aside)",
+                    self.vm_dir(vm).join(name).display()
+                ))
             }),
             None => Ok(None),
         }

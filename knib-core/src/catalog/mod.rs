@@ -52,6 +52,7 @@ mod bitmap;
 mod compress_commit;
 pub(crate) mod confine;
 mod delete;
+mod discard;
 pub mod group;
 pub(crate) mod head;
 pub mod jobs;
@@ -90,6 +91,7 @@ pub use backup::{BackupOptions, DiskSpec};
 #[cfg(feature = "libvirt")]
 pub use bitmap::BitmapJournal;
 pub use delete::DeleteOutcome;
+pub use discard::{DiscardOutcome, DiscardedJournal};
 pub use lock::VmLock;
 pub use manifest::{CompressionInfo, Manifest, VolumeEntry, MANIFEST_SCHEMA};
 pub use verify::VerifyReport;
