@@ -640,7 +640,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 };
                 let state = match d.published {
                     Some(true) => "; it was published, and stays",
-                    Some(false) => "; it was not published, and nothing of it stays in the store",
+                    Some(false) => "; it was not published, and its partial files are removed from the store",
                     None => "",
                 };
                 text += &format!("discarded {what}: {kept}{state}\n");

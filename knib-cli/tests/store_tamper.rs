@@ -94,7 +94,6 @@ fn recover_discard_sets_aside_any_journal_and_touches_nothing_outside_the_store(
     let vm_dir = store.join("vms/web");
     let outside = d.path().join("outside");
     std::fs::create_dir(&outside).unwrap();
-    std::fs::write(outside.join("journal.json"), b"{\"schema\": 1}").unwrap();
     std::fs::create_dir(outside.join("work")).unwrap();
     std::fs::write(outside.join("work/keep"), b"keep").unwrap();
     let snapshot = |dir: &Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
@@ -102,7 +101,6 @@ fn recover_discard_sets_aside_any_journal_and_touches_nothing_outside_the_store(
         v.sort();
         v
     };
-    let outside_before = snapshot(&outside);
     let disk_before = std::fs::read(&a).unwrap();
     let id = "20261206-101010101-abcd";
     let bitmap = |backup_id: &str| {
@@ -122,6 +120,9 @@ fn recover_discard_sets_aside_any_journal_and_touches_nothing_outside_the_store(
         })
         .to_string()
     };
+    // A journal knib would read, were the link followed.
+    std::fs::write(outside.join("journal.json"), bitmap(id)).unwrap();
+    let outside_before = snapshot(&outside);
     let mut seed = 0x5eed_u64;
     let mut garbage = Vec::new();
     for _ in 0..512 {
@@ -136,7 +137,7 @@ fn recover_discard_sets_aside_any_journal_and_touches_nothing_outside_the_store(
         ("garbage", "journal.json", Box::new(|p: &Path| std::fs::write(p, &garbage).unwrap()), None, true),
         (
             "a link out of the store",
-            "journal.json",
+            "bitmap-journal.json",
             Box::new(|p: &Path| std::os::unix::fs::symlink(outside.join("journal.json"), p).unwrap()),
             None,
             false,

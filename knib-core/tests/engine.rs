@@ -495,23 +495,24 @@ fn every_disk_a_backup_copies_stays_locked_against_writers_until_its_merge() {
             .collect();
         let store = dir.join("store");
         std::fs::create_dir(&store).unwrap();
-        let req = |i: usize, kind: engine::BackupKind| engine::TakeBackupRequest {
+        // Volume names of this mode only: the pause below is process-wide.
+        let req = |i: usize, kind: engine::BackupKind, end_of_chain: bool| engine::TakeBackupRequest {
             volumes: disks
                 .iter()
                 .enumerate()
                 .map(|(k, p)| engine::VolumeBackup {
-                    name: format!("v{k}"),
+                    name: format!("locked-{seed}-{k}"),
                     disk: p.clone(),
                     dest: store.join(format!("b{i}-{k}.qcow2")),
                     parent: (kind == Incremental).then(|| format!("b{}-{k}.qcow2", i - 1)),
                 })
                 .collect(),
             kind,
-            end_of_chain: false,
+            end_of_chain,
             data_path,
             compress: None,
         };
-        engine::take_backup(&QemuImg::new(), &req(0, Full), &Control::new()).unwrap();
+        engine::take_backup(&QemuImg::new(), &req(0, Full, false), &Control::new()).unwrap();
         let mut refs = Vec::new();
         for (k, p) in disks.iter().enumerate() {
             if corrupt {
@@ -525,23 +526,14 @@ fn every_disk_a_backup_copies_stays_locked_against_writers_until_its_merge() {
         }
         // Paused before the second disk's copy: the first is copied, the
         // second not yet; a VM starting on either must be refused.
-        let at = "copy of volume v1";
-        knib_core::crashpoint::pause_before(at, Duration::from_secs(5));
-        let second = req(1, Incremental);
+        let at = format!("copy of volume locked-{seed}-1");
+        let at = at.as_str();
+        knib_core::crashpoint::pause_before(at, Duration::from_secs(10));
+        let second = req(1, Incremental, false);
         let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &second, &Control::new()));
         assert!(knib_core::crashpoint::wait_for_pause(at, Duration::from_secs(60)), "{what}: the copy never paused");
         for p in &disks {
-            let out = std::process::Command::new("qemu-io")
-                .args(["-f", "qcow2", "-c", "write -P 0x66 0 64k"])
-                .arg(p)
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-            assert!(
-                !out.status.success() && text.contains("Failed to get \"write\" lock"),
-                "{what}: a writer opened {} during the backup: {text}",
-                p.display()
-            );
+            assert_no_writer_gets(p, what);
         }
         let r = backup.join().unwrap();
         if corrupt {
@@ -554,5 +546,43 @@ fn every_disk_a_backup_copies_stays_locked_against_writers_until_its_merge() {
             assert_identical(r, p);
             assert_identical(r, &store.join(format!("b1-{k}.qcow2")));
         }
+        if corrupt {
+            continue;
+        }
+        // A backup that ends the chain: the disk stays held until its base
+        // has replaced it (a write between the merge and the rename was
+        // dropped with the file).
+        for (k, p) in disks.iter().enumerate() {
+            qemu_io(p, &format!("write -P 0x33 {} 256k", offset()));
+            snapshot(p, &refs[k]);
+        }
+        let at = format!("rename {} to {}", engine::take::base_path(&disks[0]).display(), disks[0].display());
+        knib_core::crashpoint::pause_before(&at, Duration::from_secs(10));
+        let third = req(2, Incremental, true);
+        let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &third, &Control::new()));
+        assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "{what}: the rename never paused");
+        assert_no_writer_gets(&disks[0], &format!("{what}, end of chain"));
+        backup.join().unwrap().unwrap();
+        for (k, (p, r)) in disks.iter().zip(&refs).enumerate() {
+            assert_identical(r, p);
+            assert_identical(r, &store.join(format!("b2-{k}.qcow2")));
+            assert_eq!(chain_len(p), 1, "{what}: {} is not its base alone", p.display());
+        }
     }
+}
+
+/// A writer (`qemu-io`, as a VM would) cannot open `disk`: QEMU's own
+/// locks refuse it.
+fn assert_no_writer_gets(disk: &std::path::Path, what: &str) {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x66 0 64k"])
+        .arg(disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("Failed to get \"write\" lock"),
+        "{what}: a writer opened {} during the backup: {text}",
+        disk.display()
+    );
 }

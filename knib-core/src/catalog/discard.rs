@@ -23,6 +23,9 @@
 //! - The next backup decides from the disks, as always (see
 //!   [`super::head`]): full when their deltas or bitmaps do not say what
 //!   they follow.
+//! - A knib built without libvirt cannot read the journals (their plans
+//!   are libvirt's): it sets them aside unread, and leaves a bitmap
+//!   backup's work directory, whose name it cannot know, as it is.
 
 use std::fs;
 use std::path::PathBuf;
@@ -140,11 +143,6 @@ impl Store {
         crate::names::validate("backup id", &j.plan.backup_id)?;
         d.backup_id = Some(j.plan.backup_id.clone());
         d.step = Some(j.step.as_str().to_string());
-        if let Some(v) = &j.vault {
-            d.left.push(format!("vault {v} may hold objects of backup {} (knib sync reports them)", j.plan.backup_id));
-        } else {
-            d.published = Some(super::journal_check::published_in_store(&self.root, vm, &j.plan.backup_id)?);
-        }
         for disk in &j.plan.disks {
             d.left.push(format!(
                 "disk {} may still run on {} or {} (see the README, recover: commit a knib-delta file into the file right below it)",
@@ -153,7 +151,21 @@ impl Store {
                 disk.old_delta.as_ref().unwrap_or(&disk.base).display()
             ));
         }
+        self.published(vm, &j.plan.backup_id, j.vault.as_deref(), d);
         Ok(())
+    }
+
+    /// Whether backup `id` was published in this store, into `d` (asked
+    /// last: an error here takes nothing from what `d` already says).
+    fn published(&self, vm: &str, id: &str, vault: Option<&str>, d: &mut DiscardedJournal) {
+        if let Some(v) = vault {
+            d.left.push(format!("vault {v} may hold objects of backup {id} (knib sync reports them)"));
+            return;
+        }
+        match super::journal_check::published_in_store(&self.root, vm, id) {
+            Ok(p) => d.published = Some(p),
+            Err(e) => d.left.push(format!("whether backup {id} was published cannot be told: {e}")),
+        }
     }
 
     /// What a bitmap journal says, into `d`; its work directory removed
@@ -164,10 +176,10 @@ impl Store {
         crate::names::validate("backup id", &id)?;
         d.backup_id = Some(id.clone());
         d.step = Some(j.step.as_str().to_string());
-        if let Some(v) = &j.vault {
-            d.left.push(format!("vault {v} may hold objects of backup {id} (knib sync reports them)"));
-        } else {
-            d.published = Some(super::journal_check::published_in_store(&self.root, vm, &id)?);
+        if !j.plan.stopped {
+            d.left.push(format!(
+                "libvirt may still run this backup's job on the domain (virsh domjobinfo {vm}; virsh domjobabort {vm} ends it)"
+            ));
         }
         if let Some(c) = &j.plan.checkpoint {
             d.left.push(format!("the domain may keep checkpoint {c} of this backup (virsh checkpoint-list {vm})"));
@@ -189,6 +201,7 @@ impl Store {
             Ok(_) => fsio::remove_if_exists(&work)?,
             Err(_) => {}
         }
+        self.published(vm, &id, j.vault.as_deref(), d);
         Ok(())
     }
 }

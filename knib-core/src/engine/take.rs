@@ -729,13 +729,23 @@ fn merge_into_bases(
         .iter()
         .zip(early)
         .map(|(v, e)| match e {
-            Early::Merged(mut c) => match c.run(ctl) {
-                Ok(r) => {
-                    log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
-                    Early::Merged(c)
+            Early::Merged(mut c) => {
+                // A panic (a bug) of the merge leaves its locks held until
+                // the backup ends, as a failure does: unwinding through
+                // here would drop them while the copy still runs.
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.run(ctl)));
+                match run {
+                    Ok(Ok(r)) => {
+                        log::debug!("volume {}: merged into its base while copying: {r:?}", v.name);
+                        Early::Merged(c)
+                    }
+                    Ok(Err(error)) => Early::Failed { error, _held: Some(c) },
+                    Err(_) => Early::Failed {
+                        error: KnibError::internal(format!("the merge of volume {} panicked", v.name)),
+                        _held: Some(c),
+                    },
                 }
-                Err(error) => Early::Failed { error, _held: Some(c) },
-            },
+            }
             other => other,
         })
         .collect()
@@ -753,28 +763,42 @@ fn merge_after_backup(
     let base = base_path(&v.disk);
     if st.on_knib_base {
         // B <- P: fold P's writes into B; P stays, emptied.
-        match early {
+        // The merge's own locks, when it still holds them.
+        let merge: Option<Box<Commit>> = match early {
             // Merged while the backup was copied: only the emptying is left.
             Early::Merged(c) => {
                 if !end_of_chain {
                     crate::crashpoint::durable_step(&format!("emptying {}", v.disk.display()));
                     c.empty_top()?;
                 }
+                Some(c)
             }
             Early::Failed { error, .. } => return Err(error),
             Early::QemuImg(held) => {
                 drop(held);
                 crate::crashpoint::durable_step(&format!("qemu-img commit of {}", v.disk.display()));
-                q.commit(&v.disk, false, ctl)?
+                q.commit(&v.disk, false, ctl)?;
+                None
             }
             Early::NotTried => {
                 crate::crashpoint::durable_step(&format!("commit of {}", v.disk.display()));
-                native::commit(q, &v.disk, data_path, ctl)?
+                native::commit(q, &v.disk, data_path, ctl)?;
+                None
             }
-        }
+        };
         if end_of_chain {
+            // The disk stays held until its base replaces it (by the
+            // merge's locks, or a reader's taken again once `qemu-img
+            // commit` let go): a VM started on it in between wrote into
+            // the file the rename then dropped. One started already is
+            // refused here: the disk stays on its base, which holds it all.
+            let _reading = match merge {
+                Some(_) => None,
+                None => Some(hold_disk_and_base(&v.disk)?),
+            };
             fsio::commit_rename(&base, &v.disk)?;
         }
+        drop(merge);
     } else if !end_of_chain {
         // P alone: P becomes the base, an empty overlay takes its name.
         let new = new_overlay_path(&v.disk);
