@@ -1043,6 +1043,14 @@
  *            journal.
  *     request:
  *       connect? string or null: The libvirt URI.
+ *       discard? boolean, default false: Give up an interrupted backup that
+ *                recover cannot finish or undo (the domain is gone, its disks
+ *                were changed by hand, its journal is damaged): its journal
+ *                is set aside in the store and its unpublished files removed;
+ *                the domain and its disks are not touched (nor looked up:
+ *                `domain` names the VM in the store). The answer's
+ *                `discarded` says what was done and what may be left outside
+ *                the store. Not with `vault`.
  *       domain   string: The libvirt domain.
  *       store    string: The store directory.
  *       vault?   string or null: The vault (`s3://bucket/prefix`) the
@@ -1448,11 +1456,33 @@
  *   RecoverAnswer: The answer of `recover`.
  *       backup_id? string or null: The interrupted backup, if a journal was
  *                  found.
+ *       discarded? [DiscardedJournal] or null: With `discard`: the journals
+ *                  set aside, one per interrupted backup (none: nothing was
+ *                  interrupted); the other fields then say nothing was
+ *                  recovered.
  *       published  boolean: Whether it had reached the store (then finished,
  *                  else undone).
  *       report     RecoverReport: What was done.
  *       step?      string or null: The step it had reached ("snapshot",
  *                  "copy", "publish", "merge", "pivot").
+ *
+ *   DiscardedJournal: One interrupted backup's journal, set aside (`recover`
+ *                     with `discard`).
+ *       backup_id?  string or null: The interrupted backup's id, when the
+ *                   journal could be read.
+ *       kept_as?    string or null: Where the journal is kept now (null: it
+ *                   was not a regular file, and its entry was removed).
+ *       left        [string]: What may be left outside the store, for the
+ *                   operator to look at.
+ *       method      string: "snapshot" or "bitmap": the method of the
+ *                   interrupted backup.
+ *       published?  boolean or null: Whether it had been published in this
+ *                   store (it then stays); null when that cannot be told (the
+ *                   journal unreadable, or the backup written to a vault).
+ *       step?       string or null: The step it had reached, when the journal
+ *                   could be read.
+ *       unreadable? string or null: Why the journal could not be read, when
+ *                   it could not.
  *
  *   RecoverReport: What `recover` did.
  *       actions  [string]: One line per action.

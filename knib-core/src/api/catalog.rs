@@ -240,6 +240,15 @@ pub(crate) struct RecoverReq {
     /// was published, and loses the objects of one that was not.
     #[serde(default)]
     vault: Option<String>,
+    /// Give up an interrupted backup that recover cannot finish or undo
+    /// (the domain is gone, its disks were changed by hand, its journal is
+    /// damaged): its journal is set aside in the store and its unpublished
+    /// files removed; the domain and its disks are not touched (nor looked
+    /// up: `domain` names the VM in the store). The answer's `discarded`
+    /// says what was done and what may be left outside the store. Not
+    /// with `vault`.
+    #[serde(default)]
+    discard: bool,
 }
 
 /// The request of `compress`.
@@ -402,6 +411,11 @@ pub struct RecoverAnswer {
     pub published: bool,
     /// What was done.
     pub report: RecoverReport,
+    /// With `discard`: the journals set aside, one per interrupted backup
+    /// (none: nothing was interrupted); the other fields then say nothing
+    /// was recovered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<Vec<crate::catalog::DiscardedJournal>>,
 }
 
 /// What `recover` did.
@@ -587,6 +601,21 @@ pub(crate) fn quick_restore(op: &str, r: QuickRestoreReq, ctl: &Control) -> Resu
 
 pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverAnswer> {
     store_dir(op, &r.store)?;
+    if r.discard {
+        if r.vault.is_some() {
+            return Err(KnibError::invalid(format!(
+                "request of {op}: `discard` and `vault` exclude each other (a discard changes only the store)"
+            )));
+        }
+        let d = Store::open(&r.store)?.discard_interrupted(&r.domain)?;
+        return Ok(RecoverAnswer {
+            backup_id: None,
+            step: None,
+            published: false,
+            report: RecoverReport { actions: Vec::new(), chains: Vec::new() },
+            discarded: Some(d.discarded),
+        });
+    }
     #[cfg(feature = "libvirt")]
     {
         let _ = op;
@@ -602,6 +631,7 @@ pub(crate) fn recover(op: &str, r: RecoverReq, ctl: &Control) -> Result<RecoverA
             step: o.step.map(|s| s.as_str().to_string()),
             published: o.published,
             report: RecoverReport { actions: o.report.actions, chains: o.report.chains },
+            discarded: None,
         })
     }
     #[cfg(not(feature = "libvirt"))]

@@ -36,19 +36,19 @@ use super::Store;
 use crate::error::{KnibError, Result};
 use crate::fsio;
 
-/// One interrupted backup's journal, set aside by [`Store::discard_interrupted`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One interrupted backup's journal, set aside (`recover` with `discard`).
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct DiscardedJournal {
     /// "snapshot" or "bitmap": the method of the interrupted backup.
     pub method: String,
-    /// Where the journal is kept now (`None`: it was not a regular file,
-    /// and its entry was removed).
+    /// Where the journal is kept now (null: it was not a regular file, and
+    /// its entry was removed).
     pub kept_as: Option<PathBuf>,
     /// The interrupted backup's id, when the journal could be read.
     pub backup_id: Option<String>,
     /// The step it had reached, when the journal could be read.
     pub step: Option<String>,
-    /// Whether it had been published in this store (it then stays); `None`
+    /// Whether it had been published in this store (it then stays); null
     /// when that cannot be told (the journal unreadable, or the backup
     /// written to a vault).
     pub published: Option<bool>,
@@ -59,7 +59,7 @@ pub struct DiscardedJournal {
 }
 
 /// What [`Store::discard_interrupted`] did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct DiscardOutcome {
     /// The VM.
     pub vm: String,
