@@ -124,24 +124,7 @@ fn killed_at_every_journal_step_then_recovered_with_nothing_lost() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     for (t, _) in disks {
-        let to = dir.path().join(format!("final-{t}.raw"));
-        let out = knib(
-            &[
-                "restore",
-                "--store",
-                &s,
-                b["id"].as_str().unwrap(),
-                "--volume",
-                t,
-                "--to",
-                to.to_str().unwrap(),
-                "--format",
-                "raw",
-            ],
-            None,
-        );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        model.assert_restored(t, model.writes.len(), &to, dir.path());
+        assert_restores_every_write(&s, &b, t, &dir.path().join(format!("final-{t}.raw")), &model, dir.path());
     }
 }
 
@@ -269,24 +252,7 @@ fn an_interrupted_backup_recover_cannot_follow_is_discarded_leaving_the_disks_al
     // The disk runs on no delta since: the backup is full, and says why.
     assert_eq!(b["kind"], "full", "{b}");
     assert!(b["full_reason"].as_str().is_some_and(|r| r.contains("vda")), "{b}");
-    let to = dir.path().join("after-discard.raw");
-    let out = knib(
-        &[
-            "restore",
-            "--store",
-            &s,
-            b["id"].as_str().unwrap(),
-            "--volume",
-            "vda",
-            "--to",
-            to.to_str().unwrap(),
-            "--format",
-            "raw",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    model.assert_restored("vda", model.writes.len(), &to, dir.path());
+    assert_restores_every_write(&s, &b, "vda", &dir.path().join("after-discard.raw"), &model, dir.path());
     let out = knib(&["verify", "--store", &s], None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
@@ -311,4 +277,16 @@ fn files_outside(dir: &Path, store: &Path) -> Vec<(std::path::PathBuf, u64)> {
     }
     out.sort();
     out
+}
+
+/// Volume `volume` of backup `b` of store `store`, restored to raw at `to`,
+/// holds every write `model` recorded.
+fn assert_restores_every_write(store: &str, b: &serde_json::Value, volume: &str, to: &Path, model: &Model, dir: &Path) {
+    let id = b["id"].as_str().unwrap();
+    let out = knib(
+        &["restore", "--store", store, id, "--volume", volume, "--to", to.to_str().unwrap(), "--format", "raw"],
+        None,
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    model.assert_restored(volume, model.writes.len(), to, dir);
 }

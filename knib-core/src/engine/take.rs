@@ -447,15 +447,15 @@ fn take_backup_to(
     // until just before that commit: a VM started on it meanwhile tore the
     // copy, or wrote what the commit then folded into the base, in no
     // backup. (On the native data path the merger thread holds them.)
-    let mut held_until_commit = Vec::new();
-    for (v, st) in req.volumes.iter().zip(&states) {
-        let hold = st.on_knib_base && req.kind != BackupKind::Isolated && !premerge;
-        held_until_commit.push(if hold {
-            hold_disk_and_base(&v.disk).map_err(|e| e.with_vm_consistent(true))?
-        } else {
-            Vec::new()
-        });
-    }
+    let held_until_commit = req
+        .volumes
+        .iter()
+        .zip(&states)
+        .map(|(v, st)| match st.on_knib_base && req.kind != BackupKind::Isolated && !premerge {
+            true => hold_disk_and_base(&v.disk).map_err(|e| e.with_vm_consistent(true)),
+            false => Ok(Vec::new()),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut written: Vec<PathBuf> = Vec::new();
     let (copy, merged) = std::thread::scope(|scope| {
         let (prepared_tx, prepared_rx) = std::sync::mpsc::channel::<Option<KnibError>>();
@@ -700,21 +700,17 @@ fn merge_into_bases(
         if refused.is_some() {
             break;
         }
-        let hold = || hold_disk_and_base(&v.disk).map_err(|e| e.context(format!("volume {}", v.name)));
         early.push(match r {
             None => Early::NotTried,
             Some(Ok(Some(c))) => Early::Merged(Box::new(c)),
-            Some(Ok(None)) => match hold() {
-                Ok(files) => Early::QemuImg(files),
+            // Not prepared: `qemu-img commit` merges it, or it failed.
+            Some(other) => match hold_disk_and_base(&v.disk) {
+                Ok(files) => match other {
+                    Ok(_) => Early::QemuImg(files),
+                    Err(error) => Early::Failed { error, _held: Some(Box::new(files)) },
+                },
                 Err(e) => {
-                    refused = Some(e);
-                    break;
-                }
-            },
-            Some(Err(error)) => match hold() {
-                Ok(files) => Early::Failed { error, _held: Some(Box::new(files)) },
-                Err(e) => {
-                    refused = Some(e);
+                    refused = Some(e.context(format!("volume {}", v.name)));
                     break;
                 }
             },
