@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::guest::{backup_file, token, GuestVm};
+use common::guest::{backup_file, resume, suspend_when_asked, token, GuestVm, SUSPEND_ENV};
 use common::vm::skip_without_libvirt;
 use knib_core::catalog::{BackupOptions, Store};
 use knib_core::engine::{BackupKind, BackupMethod};
@@ -64,14 +64,21 @@ fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_bitmap_backup_fails() {
     assert!(store.list(None).unwrap().is_empty(), "nothing was published");
 }
 
-/// A quiesced bitmap backup whose thaw fails (the guest agent restarted
-/// with a freeze hook that fails on `thaw`; the child process that runs
-/// the backup gives its thaw 4 s, not three minutes) fails, leaving the
-/// VM inconsistent and its journal. Its undo keeps the `frozen-by-knib`
-/// marker in the work directory, so `recover` still knows the backup may
-/// have left the guest frozen (it thaws it if it is), then removes the
-/// directory. Before, the undo removed the marker with the directory, and
-/// recover took a guest still frozen for another tool's.
+/// A quiesced bitmap backup whose thaw's hook fails (the guest agent
+/// restarted with a freeze hook that fails on `thaw`: the agent thaws the
+/// filesystems, then answers the hook's error) is published, the guest
+/// saying its filesystems are thawed. Before, knib sent thaws for three
+/// minutes and failed the backup, saying the guest might still be frozen.
+///
+/// Then one whose thaw does fail: in a child process, the domain is
+/// suspended while its guest is frozen, just before the backup job
+/// begins, and the thaw gets 4 s. The backup fails, leaving the VM
+/// inconsistent and its journal. Its undo keeps the `frozen-by-knib`
+/// marker in the work directory, so once the domain is resumed `recover`
+/// knows the backup left the guest frozen, thaws it (through the failing
+/// hook), then removes the directory. Before, the undo removed the marker
+/// with the directory, and recover took a guest still frozen for another
+/// tool's.
 #[test]
 fn a_bitmap_backup_whose_thaw_fails_leaves_its_freeze_to_recover() {
     if skip_without_libvirt("a_bitmap_backup_whose_thaw_fails_leaves_its_freeze_to_recover") {
@@ -82,16 +89,29 @@ fn a_bitmap_backup_whose_thaw_fails_leaves_its_freeze_to_recover() {
     let store = Store::create(&root).unwrap();
     let g = GuestVm::boot("knib-bm-thawfail", dir.path());
     g.fail_thaws();
+    // The hook is in place: a thaw answers its error, the guest is thawed.
+    g.agent(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}));
+    let thaw = knib_core::libvirt::qemu_agent_command(&g.vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, 5);
+    assert!(thaw.as_ref().is_err_and(|e| e.message.contains("hook")), "{thaw:?}");
+    assert_eq!(g.fsfreeze_status(), "thawed");
+    let opts = BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() };
+    let m = store.backup_domain(&g.vm, &opts, true, &Control::new()).unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+    assert_eq!(g.fsfreeze_status(), "thawed");
+
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_quiesced_bitmap_backup", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, serde_json::json!([root, g.vm.name()]).to_string())
         .env("KNIB_TEST_THAW_BUDGET_SECS", "4")
+        .env(SUSPEND_ENV, "its filesystems frozen")
         .output()
         .unwrap();
     let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    resume(g.vm.name());
+    assert!(said.contains("may still be frozen"), "{said}");
     let vm_dir = root.join("vms").join(g.vm.name());
     assert!(vm_dir.join("bitmap-journal.json").exists(), "the failed backup left no journal: {said}");
-    assert!(store.list(None).unwrap().is_empty(), "{said}");
+    assert_eq!(store.list(None).unwrap().len(), 1, "{said}");
     let work: Vec<std::path::PathBuf> = std::fs::read_dir(&vm_dir)
         .unwrap()
         .flatten()
@@ -100,23 +120,32 @@ fn a_bitmap_backup_whose_thaw_fails_leaves_its_freeze_to_recover() {
         .collect();
     assert_eq!(work.len(), 1, "{work:?}: {said}");
     assert!(work[0].join("frozen-by-knib").exists(), "the undo removed the freeze marker: {said}");
-    let r = store.recover_domain(&g.vm, &Control::new()).unwrap();
+    assert_eq!(g.fsfreeze_status(), "frozen", "the failed thaw did not leave the guest frozen: {said}");
+    let r = store.recover_domain(&g.vm, &Control::new());
+    let status = g.fsfreeze_status();
+    if status == "frozen" {
+        let _ = knib_core::libvirt::qemu_agent_command(&g.vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, 5);
+    }
+    let r = r.unwrap();
+    assert_eq!(status, "thawed", "recover left the guest frozen: {r:?}");
     assert!(!r.published, "{r:?}");
     assert!(!work[0].exists(), "recover left {}: {r:?}", work[0].display());
-    assert_eq!(g.fsfreeze_status(), "thawed");
 }
 
 const CHILD_ENV: &str = "KNIB_QUIESCE_CHILD_REQUEST";
 
 /// Run in the child process: the quiesced bitmap backup the parent asks
-/// for (`[store, domain]`), killed by the crash hook.
+/// for (`[store, domain]`), killed by the crash hook or its domain
+/// suspended ([`suspend_when_asked`]).
 #[test]
 fn child_quiesced_bitmap_backup() {
     let Ok(req) = std::env::var(CHILD_ENV) else { return };
     let [root, name]: [String; 2] = serde_json::from_str(&req).unwrap();
+    suspend_when_asked(&name);
     let vm = knib_core::libvirt::domain(Some(common::vm::URI), &name).unwrap();
     let opts = BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() };
-    let _ = Store::create(&root).unwrap().backup_domain(&vm, &opts, true, &Control::new());
+    let r = Store::create(&root).unwrap().backup_domain(&vm, &opts, true, &Control::new());
+    eprintln!("child: {r:?}");
 }
 
 /// A quiesced bitmap backup killed while the guest's filesystems are

@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::guest::{backup_file, token, GuestVm};
+use common::guest::{backup_file, resume, suspend_when_asked, token, GuestVm, SUSPEND_ENV};
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::catalog::group::{GroupOptions, MemberSpec};
 use knib_core::catalog::Store;
@@ -108,11 +108,13 @@ fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_group_fails() {
 const CHILD_ENV: &str = "KNIB_GROUP_QUIESCE_CHILD_REQUEST";
 
 /// Run in the child process: the quiesced group backup the parent asks for
-/// (`[store, domain, domain]`), killed by the crash hook.
+/// (`[store, domain, domain]`), killed by the crash hook or its guest's
+/// domain suspended ([`suspend_when_asked`]).
 #[test]
 fn child_quiesced_group_backup() {
     let Ok(req) = std::env::var(CHILD_ENV) else { return };
     let [root, guest, other]: [String; 3] = serde_json::from_str(&req).unwrap();
+    suspend_when_asked(&guest);
     let members = [
         MemberSpec { domain: Some(guest), vm: None, disks: Vec::new() },
         MemberSpec { domain: Some(other), vm: None, disks: Vec::new() },
@@ -134,11 +136,11 @@ fn firmware_vm(name: &str, dir: &std::path::Path) -> TestVm {
 
 /// Run [`child_quiesced_group_backup`] of `g` and `other` into the store at
 /// `root` in a child process, with the environment variable `env` set.
-fn group_in_child(root: &std::path::Path, g: &GuestVm, other: &TestVm, env: (&str, &str)) -> std::process::Output {
+fn group_in_child(root: &std::path::Path, g: &GuestVm, other: &TestVm, env: &[(&str, &str)]) -> std::process::Output {
     std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_quiesced_group_backup", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, serde_json::json!([root, g.name(), other.name()]).to_string())
-        .env(env.0, env.1)
+        .envs(env.iter().copied())
         .output()
         .unwrap()
 }
@@ -158,7 +160,7 @@ fn group_recover_thaws_the_guests_a_killed_group_left_frozen() {
     let store = Store::create(&root).unwrap();
     let g = GuestVm::boot("knib-gcrash", dir.path());
     let other = firmware_vm("knib-gcrash-fw", dir.path());
-    let out = group_in_child(&root, &g, &other, (knib_core::crashpoint::CRASH_BEFORE_ENV, "its guests frozen"));
+    let out = group_in_child(&root, &g, &other, &[(knib_core::crashpoint::CRASH_BEFORE_ENV, "its guests frozen")]);
     let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(!out.status.success(), "the child was not killed: {said}");
     assert_eq!(g.fsfreeze_status(), "frozen", "the kill did not leave the guest frozen: {said}");
@@ -187,13 +189,18 @@ fn group_recover_thaws_the_guests_a_killed_group_left_frozen() {
     assert_eq!(g.fsfreeze_status(), "thawed");
 }
 
-/// A quiesced group backup whose thaw fails (the guest agent restarted with
-/// a freeze hook that fails on `thaw`; the child that runs the group gives
-/// the thaw 4 s) ends failed and leaves its freeze marker: the guest may
-/// still be frozen. `group recover` then thaws it (here, with the agent
-/// back to normal, frozen again as a thaw that failed would leave it) and
-/// removes the marker. Before, the guests of a group that had ended were
-/// never thawed by recover.
+/// A quiesced group backup whose thaw's hook fails (the guest agent
+/// restarted with a freeze hook that fails on `thaw`: the agent thaws the
+/// filesystems, then answers the hook's error) is complete, the guest
+/// saying its filesystems are thawed. Before, knib sent thaws for three
+/// minutes and failed the group, saying the guest might still be frozen.
+///
+/// Then one whose thaw does fail: in a child process, the guest's domain
+/// is suspended while it is frozen, just before the snapshots, and the
+/// thaw gets 4 s. The group ends failed and leaves its freeze marker; once
+/// the domain is resumed the guest is still frozen, and `group recover`
+/// thaws it (through the failing hook) and removes the marker. Before, the
+/// guests of a group that had ended were never thawed by recover.
 #[test]
 fn group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen() {
     if skip_without_libvirt("group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen") {
@@ -204,9 +211,26 @@ fn group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen() {
     let store = Store::create(&root).unwrap();
     let g = GuestVm::boot("knib-gthawfail", dir.path());
     g.fail_thaws();
+    // The hook is in place: a thaw answers its error, the guest is thawed.
+    g.agent(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}));
+    let thaw = knib_core::libvirt::qemu_agent_command(&g.vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, 5);
+    assert!(thaw.as_ref().is_err_and(|e| e.message.contains("hook")), "{thaw:?}");
+    assert_eq!(g.fsfreeze_status(), "thawed");
     let other = firmware_vm("knib-gthawfail-fw", dir.path());
-    let out = group_in_child(&root, &g, &other, ("KNIB_TEST_THAW_BUDGET_SECS", "4"));
+    let members = [
+        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
+        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
+    ];
+    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
+    let rec = store.backup_group(&members, &opts, &Control::new()).unwrap();
+    assert_eq!(rec.state, "complete", "{rec:#?}");
+    assert_eq!(g.fsfreeze_status(), "thawed");
+
+    let out =
+        group_in_child(&root, &g, &other, &[("KNIB_TEST_THAW_BUDGET_SECS", "4"), (SUSPEND_ENV, "its guests frozen")]);
     let said = format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    resume(g.name());
+    assert!(said.contains("may still be frozen"), "{said}");
     let markers: Vec<String> = std::fs::read_dir(root.join("groups"))
         .unwrap()
         .flatten()
@@ -214,8 +238,7 @@ fn group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen() {
         .filter(|n| n.ends_with(".frozen"))
         .collect();
     assert_eq!(markers.len(), 1, "the group whose thaw failed left no freeze marker: {markers:?}: {said}");
-    g.thaw_normally();
-    g.agent(&serde_json::json!({"execute": "guest-fsfreeze-freeze"}));
+    assert_eq!(g.fsfreeze_status(), "frozen", "the failed thaw did not leave the guest frozen: {said}");
     let recovered = store.recover_groups(None, &Control::new());
     let status = g.fsfreeze_status();
     if status == "frozen" {

@@ -11,7 +11,9 @@
 //!   [`thaw`] is called: a freeze libvirt stopped waiting for goes on in the
 //!   guest (the agent is busy syncing the filesystems), and nothing else
 //!   would thaw them. [`thaw`] sends thaws until the guest says its
-//!   filesystems are thawed, for up to [`THAW_BUDGET`].
+//!   filesystems are thawed, for up to [`THAW_BUDGET`]. What the guest
+//!   says decides, not the thaw's answer: an agent whose fsfreeze hook
+//!   fails on `thaw` answers an error for filesystems it has thawed.
 //! - A guest that cannot be thawed is an error naming the domain and the
 //!   command that thaws it by hand, never only a log line.
 //! - A thaw does not look at the caller's cancellation or deadline: it is
@@ -83,8 +85,8 @@ pub fn agent_connected(vm: &Vm) -> Result<bool> {
 }
 
 /// Thaw the guest's filesystems: `guest-fsfreeze-thaw`, then
-/// `guest-fsfreeze-status` until it answers `thawed`, retried for up to
-/// [`THAW_BUDGET`]. The error says the filesystems may still be frozen and
+/// `guest-fsfreeze-status` (whether the thaw answered or failed) until it
+/// answers `thawed`, retried for up to [`THAW_BUDGET`]. The error says the filesystems may still be frozen and
 /// how to thaw them.
 pub fn thaw(vm: &Vm) -> Result<()> {
     thaw_within(vm, thaw_budget())
@@ -107,18 +109,26 @@ pub fn thaw_within(vm: &Vm, budget: Duration) -> Result<()> {
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let why = match qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, THAW_COMMAND_SECS) {
-            Ok(_) => match status(vm) {
-                Ok(s) if s == "thawed" => {
-                    if attempts > 1 {
-                        log::warn!("domain {}: the guest's filesystems thawed at attempt {attempts}", vm.name());
-                    }
-                    return Ok(());
+        // The status is asked after a thaw that failed as well: an agent
+        // whose fsfreeze hook fails on `thaw` has thawed the filesystems
+        // before it ran the hook, and answers the hook's error.
+        let sent = qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, THAW_COMMAND_SECS);
+        let why = match (status(vm), sent) {
+            (Ok(s), sent) if s == "thawed" => {
+                if let Err(e) = sent {
+                    log::warn!(
+                        "domain {}: the thaw command failed ({}), but the guest agent says the filesystems are thawed",
+                        vm.name(),
+                        e.message
+                    );
+                } else if attempts > 1 {
+                    log::warn!("domain {}: the guest's filesystems thawed at attempt {attempts}", vm.name());
                 }
-                Ok(s) => format!("the guest agent says the filesystems are {s}"),
-                Err(e) => e.message,
-            },
-            Err(e) => e.message,
+                return Ok(());
+            }
+            (_, Err(e)) => e.message,
+            (Ok(s), Ok(_)) => format!("the guest agent says the filesystems are {s}"),
+            (Err(e), Ok(_)) => e.message,
         };
         if started.elapsed() + THAW_RETRY >= budget {
             return Err(KnibError::new(

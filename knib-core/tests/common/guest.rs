@@ -316,6 +316,35 @@ impl GuestVm {
     }
 }
 
+/// The environment variable [`suspend_when_asked`] reads in a test's child
+/// process: the name (or part of it) of the step to suspend the domain at.
+pub const SUSPEND_ENV: &str = "KNIB_TEST_SUSPEND_AT";
+
+/// In a child process whose parent set [`SUSPEND_ENV`]: suspend domain
+/// `name` (`virsh suspend`) while the operation pauses 5 s before that
+/// step, as a host under load or an operator might. Every guest agent
+/// command after it fails ("domain is not running") until the parent
+/// resumes the domain: a thaw that does fail, the guest left frozen.
+pub fn suspend_when_asked(name: &str) {
+    let Ok(at) = std::env::var(SUSPEND_ENV) else { return };
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(5));
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        if !knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(600)) {
+            eprintln!("child: no pause began at {at}");
+            return;
+        }
+        let out = Command::new("virsh").args(["-c", URI, "suspend", &name]).output().unwrap();
+        eprintln!("child: virsh suspend {name}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+}
+
+/// Resume domain `name` (after [`suspend_when_asked`]).
+pub fn resume(name: &str) {
+    let out = Command::new("virsh").args(["-c", URI, "resume", name]).output().unwrap();
+    assert!(out.status.success(), "virsh resume {name}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A token no earlier run can have left anywhere (`knib-<what>-<pid>-<ns>`),
 /// to write in a guest and look for in a backup.
 pub fn token(what: &str) -> String {
