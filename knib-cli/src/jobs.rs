@@ -32,6 +32,20 @@ pub enum JobsCommand {
         #[arg(long)]
         store: PathBuf,
     },
+    /// Cancel a job: a queued one at once; a running one by asking its
+    /// runner to stop it (it looks every quarter second), waiting up to
+    /// 30 s. A compression stopped so leaves its backup as it was.
+    Cancel {
+        /// The store directory.
+        #[arg(long)]
+        store: PathBuf,
+        /// When the runner does not stop the job within 30 s (its host is
+        /// down, say), record it cancelled all the same.
+        #[arg(long)]
+        force: bool,
+        /// The job's id (`knib jobs list`).
+        job: String,
+    },
     /// Queue the compression (or, with --validate, the validation; with
     /// --sync, the sync of its VM to the vault) of a backup.
     Queue {
@@ -96,6 +110,15 @@ pub fn run(cmd: JobsCommand, json: bool, ctl: &Control) -> Result<()> {
                 (store.queue_compression(&backup)?, "compression")
             };
             output::say(json, || job_json(&j), &format!("queued job {} ({what} of backup {backup})", j.id))?;
+        }
+        JobsCommand::Cancel { store, force, job } => {
+            let store = Store::open(store)?;
+            let j = store.cancel_job(&job, force, ctl)?;
+            let text = match j.state {
+                JobState::Cancelled => format!("job {} cancelled: {}", j.id, j.last_error.as_deref().unwrap_or("")),
+                s => format!("job {} was not cancelled: its attempt had ended ({})", j.id, s.as_str()),
+            };
+            output::say(json, || job_json(&j), &text)?;
         }
         JobsCommand::List { store } => {
             let store = Store::open(store)?;

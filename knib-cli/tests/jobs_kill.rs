@@ -1,7 +1,8 @@
 //! A `knib jobs run` killed with SIGKILL in the middle of a compression: the
 //! job is left running with a dead owner and a `.comp.part` file; the next
 //! `knib jobs run` takes it back, runs it again to the end, leaves no `.comp`
-//! file, and the backup restores byte-identical.
+//! file, and the backup restores byte-identical. `knib jobs cancel` stops a
+//! compression another process runs.
 
 #[path = "../../knib-core/tests/common/mod.rs"]
 mod common;
@@ -117,4 +118,72 @@ fn a_runner_killed_mid_compression_is_taken_back_and_finishes() {
     let e = knib(&["jobs", "queue", "--store", s, &id]);
     assert_eq!(e.status.code(), Some(13), "{}", String::from_utf8_lossy(&e.stderr));
     assert!(String::from_utf8_lossy(&e.stderr).contains("already compressed"));
+}
+
+/// `knib jobs cancel` from another process stops the compression a
+/// `knib jobs run` is running: the runner sees the request, stops the
+/// attempt and records the job cancelled (its exit status 0: nothing
+/// failed); the backup is as it was, no `.comp` file and no request is
+/// left. A job that ended is refused (13), an unknown one not found (11).
+#[test]
+fn jobs_cancel_stops_the_compression_another_process_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let s = store.to_str().unwrap();
+    let disk = dir.path().join("root.qcow2");
+    make_disk(&disk, 64 * MIB, &[]);
+    qemu_io(&disk, "write -P 0x5a 0 48M");
+    let reference = dir.path().join("reference.qcow2");
+    snapshot(&disk, &reference);
+    let disk_arg = format!("root={}", disk.display());
+    let backup = json(&["--json", "backup", "--store", s, "--vm", "vm1", "--disk", &disk_arg]);
+    let id = backup["id"].as_str().unwrap().to_string();
+    let file = PathBuf::from(backup["volumes"][0]["file"].as_str().unwrap());
+    let comp = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
+    let manifest = std::fs::read(file.with_file_name("manifest.json")).unwrap();
+    // 48 MiB at 4 MB/s: the compression takes about 12 s.
+    std::fs::write(store.join("knib.json"), r#"{"schema": 1, "compression": {"rate_limit_mbps": 4}}"#).unwrap();
+    let job = json(&["--json", "jobs", "queue", "--store", s, &id]);
+    let job_id = job["id"].as_str().unwrap().to_string();
+
+    let runner = Command::new(env!("CARGO_BIN_EXE_knib"))
+        .args(["--json", "jobs", "run", "--store", s])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !comp.exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "the compression never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = String::from_utf8(ok(&["jobs", "cancel", "--store", s, &job_id]).stdout).unwrap();
+    assert_eq!(out.trim(), format!("job {job_id} cancelled: cancelled by the operator while it ran"));
+    let ran = runner.wait_with_output().unwrap();
+    assert!(ran.status.success(), "{ran:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&ran.stdout).unwrap();
+    assert_eq!(summary["cancelled"], serde_json::json!([job_id]), "{summary}");
+
+    let jobs = json(&["--json", "jobs", "list", "--store", s]);
+    assert_eq!(jobs[0]["state"], "cancelled", "{jobs}");
+    assert!(comp_files(&store).is_empty(), "{:?}", comp_files(&store));
+    assert!(!store.join("jobs").join(format!("{job_id}.cancel")).exists(), "the cancel request is left");
+    assert_eq!(std::fs::read(file.with_file_name("manifest.json")).unwrap(), manifest);
+    ok(&["verify", "--store", s, &id]);
+    let restored = dir.path().join("restored.qcow2");
+    ok(&["restore", "--store", s, &id, "--volume", "root", "--to", restored.to_str().unwrap()]);
+    assert_identical(&restored, &reference);
+
+    // Cancelled again: answered as it is.
+    let again = json(&["--json", "jobs", "cancel", "--store", s, &job_id]);
+    assert_eq!(again["state"], "cancelled", "{again}");
+    // Ended: refused. Unknown: not found.
+    std::fs::remove_file(store.join("knib.json")).unwrap();
+    let done = json(&["--json", "jobs", "queue", "--store", s, &id]);
+    let done_id = done["id"].as_str().unwrap();
+    ok(&["jobs", "run", "--store", s]);
+    let e = knib(&["jobs", "cancel", "--store", s, done_id]);
+    assert_eq!(e.status.code(), Some(13), "{e:?}");
+    assert!(String::from_utf8_lossy(&e.stderr).contains("has ended (done): there is nothing to cancel"), "{e:?}");
+    let e = knib(&["jobs", "cancel", "--store", s, "compress-no-such-job"]);
+    assert_eq!(e.status.code(), Some(11), "{e:?}");
 }

@@ -606,3 +606,97 @@ fn no_wait_leaves_a_job_its_vms_running_job_holds_back() {
     assert_eq!(store.job(&queued.id).unwrap().state, JobState::Queued);
     assert_eq!(store.job(&held.id).unwrap().state, JobState::Running);
 }
+
+/// `Store::cancel_job`, every state a job can be in: a queued job is
+/// cancelled at once and never run; a running compression is stopped by
+/// its runner (asked through its cancel request), leaving the backup as it
+/// was; a job that ended cannot be cancelled; a job whose runner died is
+/// cancelled at once and its `.comp` files removed; a job running on
+/// another host whose runner does not stop it is `busy`, then cancelled
+/// with force; bad ids are refused.
+#[test]
+fn cancel_stops_a_job_in_every_state_and_leaves_its_backup_as_it_was() {
+    let (work, store) = store_with(r#""compression.rate_limit_mbps": 4, "compression.max_retries": 0"#);
+    let (m, reference) = backups(&store, work.path(), "vm1", &[16]).pop().unwrap();
+    let (queued_b, _) = backups(&store, work.path(), "vm2", &[1]).pop().unwrap();
+    let (done_b, _) = backups(&store, work.path(), "vm3", &[1]).pop().unwrap();
+    // vm1's and vm2's backups are never changed (vm3's is compressed).
+    let vms = store.root().join("vms");
+    let untouched = || (tree(&vms.join("vm1")), tree(&vms.join("vm2")));
+    let before = untouched();
+    let ctl = Control::new();
+
+    // Queued: cancelled at once, and a runner does not run it.
+    let queued = store.queue_compression(&queued_b.id).unwrap();
+    let j = store.cancel_job(&queued.id, false, &ctl).unwrap();
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    assert_eq!(j.last_error.as_deref(), Some("cancelled by the operator before it ran"));
+    assert!(j.finished_at.is_some() && j.owner.is_none(), "{j:?}");
+    assert_eq!(store.cancel_job(&queued.id, false, &ctl).unwrap(), j, "cancelling it again answers it as it is");
+
+    // Running: its runner stops it once asked.
+    let job = store.queue_compression(&m.id).unwrap();
+    let file = store.volume_file(&m, "root").unwrap();
+    let part = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
+    let request = store.jobs_dir().join(format!("{}.cancel", job.id));
+    let (summary, cancelled) = std::thread::scope(|s| {
+        let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());
+        wait_for(&part);
+        let cancelled = store.cancel_job(&job.id, false, &ctl).unwrap();
+        (runner.join().unwrap(), cancelled)
+    });
+    assert_eq!(cancelled.state, JobState::Cancelled, "{cancelled:?}");
+    assert_eq!(cancelled.last_error.as_deref(), Some("cancelled by the operator while it ran"));
+    assert_eq!(cancelled.attempts, 0, "{cancelled:?}");
+    assert_eq!(summary.cancelled, vec![job.id.clone()], "{summary:?}");
+    assert!(summary.done.is_empty() && summary.retried.is_empty(), "{summary:?}");
+    assert!(!request.exists(), "the cancel request is left");
+    assert!(comp_files(store.root()).is_empty());
+    assert!(store.show(&m.id).unwrap().compression.is_none());
+    assert_eq!(untouched(), before, "the backups are not as they were");
+    restores_identical(&store, &m.id, &reference);
+
+    // Ended: nothing to cancel.
+    let done = store.queue_compression(&done_b.id).unwrap();
+    assert_eq!(run_jobs(&store, &RunOptions::default()).unwrap().done, vec![done.id.clone()]);
+    let e = store.cancel_job(&done.id, false, &ctl).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_eq!(e.message, format!("job {} has ended (done): there is nothing to cancel", done.id));
+    assert_eq!(store.job(&done.id).unwrap().state, JobState::Done);
+
+    // Its runner died mid-compression: cancelled at once, the partial
+    // `.comp` file removed.
+    let again = store.queue_compression(&m.id).unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    fake_running(&store, &again.id, dead, &hostname(), 0);
+    let comp = PathBuf::from(format!("{}.comp", file.display()));
+    std::fs::write(&comp, b"half a compressed file").unwrap();
+    let j = store.cancel_job(&again.id, false, &ctl).unwrap();
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    assert!(j.last_error.as_deref().unwrap().contains(&format!("its runner (pid {dead} on ")), "{j:?}");
+    assert!(!comp.exists(), "the dead compression's .comp file is left");
+
+    // Running on another host, whose runner does not stop it: busy, the
+    // request left for that runner; then cancelled with force.
+    let far = store.queue_compression(&m.id).unwrap();
+    fake_running(&store, &far.id, std::process::id(), "elsewhere.example", 0);
+    let far_request = store.jobs_dir().join(format!("{}.cancel", far.id));
+    let e = store.cancel_job_within(&far.id, false, Duration::from_secs(1), &ctl).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.contains("its runner (pid") && e.message.contains("on elsewhere.example) was asked"), "{e}");
+    assert!(e.message.contains("cancel with force"), "{e}");
+    assert!(far_request.exists(), "the request for the other host's runner is gone");
+    assert_eq!(store.job(&far.id).unwrap().state, JobState::Running);
+    let j = store.cancel_job_within(&far.id, true, Duration::from_secs(1), &ctl).unwrap();
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    assert!(j.last_error.as_deref().unwrap().contains("with force"), "{j:?}");
+    assert!(!far_request.exists(), "the request is left behind a cancelled job");
+
+    // Bad ids.
+    assert_eq!(store.cancel_job("../../etc", false, &ctl).unwrap_err().kind, ErrorKind::InvalidInput);
+    assert_eq!(store.cancel_job("no-such-job", false, &ctl).unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(untouched(), before, "the backups are not as they were");
+    restores_identical(&store, &m.id, &reference);
+}

@@ -157,4 +157,17 @@ impl Store {
         }
         self.commit_compression(next)
     }
+
+    /// Remove the `.comp` files of backup `m` (and the temporaries of a
+    /// compression killed while writing them): a compression job's, before
+    /// it runs again or once it will not. Under the VM's lock, which
+    /// finishes first any compression whose next manifest names them.
+    pub(crate) fn remove_comp_files(&self, m: &Manifest) -> Result<()> {
+        for v in &m.volumes {
+            let comp = comp_path(&self.backup_dir(m).join(&v.file));
+            fsio::remove_if_exists(&comp)?;
+            fsio::remove_if_exists(&fsio::temp_path(&comp))?;
+        }
+        Ok(())
+    }
 }

@@ -7,6 +7,7 @@
 //! STORE/knib.json          settings (see [`super::settings`]); optional
 //! STORE/jobs/.lock         flock: one short queue transaction at a time
 //! STORE/jobs/<id>.json     one job (JSON, schema 1), written atomically
+//! STORE/jobs/<id>.cancel   a request to cancel running job <id> (empty)
 //! ```
 //!
 //! A job is `queued`, `running`, `done`, `failed` or `cancelled`. Every
@@ -36,6 +37,9 @@
 //!   (a failed compression removes its `.comp` files);
 //! - the backup no longer exists (deleted meanwhile, or only kept as a
 //!   removed parent): `cancelled`, and its `.comp` files are removed.
+//! - an operator cancelled it ([`Store::cancel_job`], `knib jobs cancel`;
+//!   see [`cancel`]): `cancelled`, the attempt stopped as a stopped
+//!   runner's is (a compression removes its `.comp` files).
 //!
 //! Limits: at most `max_concurrent_per_host` jobs of a kind run at once on
 //! one host, counting the jobs of every runner process of the host (jobs with
@@ -101,11 +105,16 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+#[cfg(doc)]
+use crate::catalog::Store;
+
+pub mod cancel;
 mod model;
 pub(crate) mod ownership;
 mod queue;
 mod runner;
 
+pub use cancel::CANCEL_WAIT;
 pub use model::{Job, JobKind, JobOwner, JobState, OwnerStatus};
 pub(crate) use ownership::hostname;
 pub use runner::{run_jobs, screenshot_path, JobEvent, JobObserver, RunOptions, RunSummary, SyncAttempt, SyncRunner};

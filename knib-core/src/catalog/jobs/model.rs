@@ -78,7 +78,8 @@ pub enum JobState {
     Done,
     /// Failed its last allowed attempt (`last_error` says why).
     Failed,
-    /// Not run: its backup was deleted.
+    /// Not run, or stopped: its backup was deleted, or an operator
+    /// cancelled it (`last_error` says which).
     Cancelled,
 }
 

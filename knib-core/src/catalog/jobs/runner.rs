@@ -21,13 +21,13 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
+use super::cancel;
 use super::model::{Job, JobKind, JobOwner, JobState, OwnerStatus};
 use super::now_f64;
 use super::ownership::me;
 use super::queue::{load_all, lock_queue};
 use crate::catalog::settings::{Settings, SyncSettings};
-use crate::catalog::{Manifest, Store};
-use crate::engine::compress::comp_path;
+use crate::catalog::Store;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::progress::{CancelToken, Control, Deadline};
@@ -99,7 +99,8 @@ pub struct RunSummary {
     pub done: Vec<String>,
     /// Jobs that failed their last attempt.
     pub failed: Vec<String>,
-    /// Jobs cancelled because their backup was deleted.
+    /// Jobs cancelled: their backup was deleted, or an operator cancelled
+    /// them while they ran.
     pub cancelled: Vec<String>,
     /// One entry per failed (or busy) attempt that was queued again for a
     /// retry.
@@ -273,18 +274,8 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
         j.finished_at = Some(now as u64);
     }
     j.save(&dir)?;
+    cancel::forget_request(&dir, &j.id);
     Ok(j)
-}
-
-/// Remove the `.comp` files of backup `m` (and the temporaries of a
-/// compression killed while writing them).
-fn remove_comp_files(store: &Store, m: &Manifest) -> Result<()> {
-    for v in &m.volumes {
-        let comp = comp_path(&store.backup_dir(m).join(&v.file));
-        fsio::remove_if_exists(&comp)?;
-        fsio::remove_if_exists(&fsio::temp_path(&comp))?;
-    }
-    Ok(())
 }
 
 /// When the job's backup is gone (or only kept as a removed parent), why;
@@ -297,7 +288,7 @@ fn backup_gone(store: &Store, job: &Job) -> Option<String> {
             // it the files are left for a later cleanup.
             match store.lock_vm(&m.vm, &format!("cleanup of job {}", job.id)) {
                 Ok(_lock) => {
-                    if let Err(e) = remove_comp_files(store, &m) {
+                    if let Err(e) = store.remove_comp_files(&m) {
                         log::warn!("job {}: {e}", job.id);
                     }
                 }
@@ -348,7 +339,7 @@ fn compress_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
             Ok(l) => l,
             Err(e) => return failed(store, job, cancel, e),
         };
-        if let Err(e) = remove_comp_files(store, &m) {
+        if let Err(e) = store.remove_comp_files(&m) {
             return Outcome::Failed(e);
         }
     }
@@ -428,6 +419,44 @@ fn sync_job(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) ->
     }
 }
 
+/// [`execute`], stopped when the runner is (the attempt is then queued
+/// again) or when the job's cancel request appears (see [`cancel`]): the
+/// attempt is then cancelled, unless it had ended well or found the backup
+/// bad. A thread looks for both every [`cancel::WATCH`] while it runs.
+fn execute_watched(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) -> Outcome {
+    let dir = store.jobs_dir();
+    let stop = CancelToken::new();
+    let job_opts = RunOptions { cancel: stop.clone(), ..opts.clone() };
+    let ended = AtomicBool::new(false);
+    let asked = AtomicBool::new(false);
+    let outcome = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            while !ended.load(Ordering::SeqCst) {
+                if opts.cancel.is_cancelled() {
+                    stop.cancel();
+                }
+                if !asked.load(Ordering::SeqCst) && cancel::requested(&dir, &job.id) {
+                    log::warn!("job {}: cancel requested: stopping it", job.id);
+                    asked.store(true, Ordering::SeqCst);
+                    stop.cancel();
+                }
+                std::thread::park_timeout(cancel::WATCH);
+            }
+        });
+        let outcome = execute(store, job, settings, &job_opts);
+        ended.store(true, Ordering::SeqCst);
+        watcher.thread().unpark();
+        outcome
+    });
+    match outcome {
+        Outcome::Done(_) | Outcome::Rejected(..) | Outcome::Cancelled(_) => outcome,
+        _ if asked.load(Ordering::SeqCst) || cancel::requested(&dir, &job.id) => {
+            Outcome::Cancelled("cancelled by the operator while it ran".into())
+        }
+        _ => outcome,
+    }
+}
+
 fn execute(store: &Store, job: &Job, settings: &Settings, opts: &RunOptions) -> Outcome {
     let cancel = &opts.cancel;
     // The job's VM is what the runner counts as busy while it runs: a job
@@ -502,7 +531,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
         }
         if let Some(job) = found.claimed {
             emit(JobEvent::Started(job.clone()));
-            let outcome = execute(store, &job, settings, opts);
+            let outcome = execute_watched(store, &job, settings, opts);
             let recorded = lock_queue(&dir).and_then(|_lock| record(store, settings, &job, &outcome));
             *shared.running.lock() -= 1;
             shared.changed.notify_all();
