@@ -954,3 +954,62 @@ fn a_sync_of_a_vm_the_store_lacks_removes_what_a_killed_delete_left() {
     // The VM's other backups are untouched.
     assert!(p.keys().keys().any(|k| k.starts_with(&format!("vms/vm1/{}/", taken[1].0))));
 }
+
+/// A sync of a whole store goes on past a VM that is busy (a backup of it
+/// holds its lock) and one whose backup file cannot be sent (grown past
+/// what S3 takes: invalid): the third VM's backup is sent, and the sync
+/// fails `busy` (the first VM's), naming both VMs left and what was sent.
+/// The next sync, both VMs free and mended, sends the rest, and every
+/// backup restores from the vault identical. Before, the first VM's error
+/// ended the sync: no VM after it was sent.
+#[test]
+fn a_sync_of_the_store_goes_on_past_a_vm_it_cannot_send_and_names_it() {
+    if !s3::setup() {
+        return;
+    }
+    let p = s3::Prefix::new("vm-left");
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let mut taken = Vec::new();
+    let mut vms = Vec::new();
+    for (i, vm) in ["a-busy", "b-grown", "c-free"].into_iter().enumerate() {
+        let disks = TestDisks::two();
+        qemu_io(disks.path("root"), &format!("write -P 0x{:02x} {i}M 2M", 0x31 + i));
+        let refs = disks.snapshot_all("b0");
+        let m = store.backup(vm, &disks.disks, &BackupOptions::default(), &ctl()).unwrap();
+        taken.push((m.id.clone(), refs));
+        vms.push((disks, m));
+    }
+    let vault = Vault::open(&p.location()).unwrap();
+    let grown = store.volume_file(&vms[1].1, "root").unwrap();
+    let len = std::fs::metadata(&grown).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&grown).unwrap().set_len((5 << 40) + 1).unwrap();
+    let lock = store.lock_vm("a-busy", "a test's backup").unwrap();
+    let e = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    let head =
+        format!("the sync to {} left 2 of the store's VMs unsent: VM a-busy: busy: VM a-busy is busy", p.location());
+    assert!(e.message.starts_with(&head), "{e}");
+    assert!(
+        e.message.contains(&format!("; VM b-grown: invalid input: backup file {} is 5497558138881", grown.display())),
+        "{e}"
+    );
+    let tail = format!("; the other VMs were synced (1 backups sent: {}, 0 present)", taken[2].0);
+    assert!(e.message.ends_with(&tail), "{e}");
+    let listed: Vec<String> = vault.list(None).unwrap().into_iter().map(|b| b.id).collect();
+    assert_eq!(listed, vec![taken[2].0.clone()]);
+
+    drop(lock);
+    std::fs::OpenOptions::new().write(true).open(&grown).unwrap().set_len(len).unwrap();
+    let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert_eq!(r.sent, vec![taken[0].0.clone(), taken[1].0.clone()], "{r:?}");
+    assert_eq!(r.present, vec![taken[2].0.clone()], "{r:?}");
+    assert_verified_and_restored(&vault, &taken);
+    // One VM asked for: its error as it is, nothing else tried.
+    let lock = store.lock_vm("c-free", "a test's backup").unwrap();
+    let one = SyncOptions { vm: Some("c-free".into()), ..SyncOptions::default() };
+    let e = vault.sync_from(&store, &one, &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert!(e.message.starts_with("VM c-free is busy"), "{e}");
+    drop(lock);
+}

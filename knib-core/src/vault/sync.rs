@@ -33,7 +33,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::Vault;
 use crate::catalog::{Manifest, Store};
-use crate::error::{KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::progress::Control;
 
 /// How a sync sends.
@@ -161,6 +161,10 @@ pub(super) const MIN_PART: usize = 5 << 20;
 
 impl Vault {
     /// Send every backup of `store` (or of one VM) that the vault lacks.
+    /// A sync of a store of several VMs goes on past a VM that is busy or
+    /// whose backups cannot be sent (`busy`, `corrupt`, `invalid`), then
+    /// fails with the first such error's kind, naming every VM left and
+    /// what was sent of the others.
     pub fn sync_from(&self, store: &Store, opts: &SyncOptions, ctl: &Control) -> Result<SyncReport> {
         if opts.part_size < MIN_PART || opts.part_size > (512 << 20) {
             return Err(KnibError::invalid(format!("part size {} is not between 5 MiB and 512 MiB", opts.part_size)));
@@ -170,10 +174,48 @@ impl Vault {
             None => store.vms()?,
         };
         let mut run = SyncRun { store, opts, ctl, report: SyncReport::default() };
+        // A sync of the whole store goes on past a VM busy with another
+        // operation (a backup, say) or whose backups are damaged or refused
+        // (`corrupt`, `invalid`): the others are sent, then the sync fails
+        // naming each VM left. Anything else (the vault unreachable, the
+        // credentials refused, the bucket missing, cancelled) would fail
+        // every VM alike, and ends the sync at once.
+        let whole = opts.vm.is_none() && vms.len() > 1;
+        let mut left: Vec<(String, KnibError)> = Vec::new();
         for vm in vms {
-            self.sync_vm(&mut run, &vm)?;
+            match self.sync_vm(&mut run, &vm) {
+                Ok(()) => {}
+                Err(e) if whole && matches!(e.kind, ErrorKind::Busy | ErrorKind::Corrupt | ErrorKind::InvalidInput) => {
+                    log::warn!("sync to {}: VM {vm} is left for the next sync: {e}", self.location());
+                    left.push((vm, e));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(run.report)
+        let Some((_, first)) = left.first() else { return Ok(run.report) };
+        let r = &run.report;
+        let each: Vec<String> = left.iter().map(|(vm, e)| format!("VM {vm}: {e}")).collect();
+        let mut done = format!(
+            "the other VMs were synced ({} backups sent{}, {} present)",
+            r.sent.len(),
+            if r.sent.is_empty() { String::new() } else { format!(": {}", r.sent.join(", ")) },
+            r.present.len()
+        );
+        if !r.unmended.is_empty() {
+            done.push_str(&format!(
+                "; the vault holds backups this store could not mend ({}): they cannot be restored from it",
+                r.unmended.join(", ")
+            ));
+        }
+        Err(KnibError::new(
+            first.kind,
+            format!(
+                "the sync to {} left {} of the store's VMs unsent: {}; {done}",
+                self.location(),
+                left.len(),
+                each.join("; ")
+            ),
+        ))
     }
 
     fn sync_vm(&self, run: &mut SyncRun<'_>, vm: &str) -> Result<()> {
