@@ -208,3 +208,40 @@ fn recover_thaws_a_guest_a_killed_quiesced_backup_left_frozen() {
     assert!(r.report.actions.iter().any(|a| a.starts_with("left the filesystems of domain")), "{r:?}");
     assert!(!r.report.actions.iter().any(|a| a.starts_with("thawed")), "{r:?}");
 }
+
+/// A quiesced bitmap backup whose guest's freeze ends by itself before the
+/// backup job begins (the agent restarted by its freeze hook, as a Windows
+/// guest's freeze ends after 10 s; the thaw then answered with an error,
+/// the guest thawed) fails, saying the backup is not taken as quiesced,
+/// with the VM consistent and nothing published; the next quiesced backup,
+/// the agent back to normal, works. Before, knib took the guest saying it
+/// was thawed for a thaw that worked, and published the backup as
+/// quiesced.
+#[test]
+fn a_freeze_that_ends_before_the_backup_job_fails_the_backup() {
+    if skip_without_libvirt("a_freeze_that_ends_before_the_backup_job_fails_the_backup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path().join("store")).unwrap();
+    let g = GuestVm::boot("knib-bm-early", dir.path());
+    g.end_freezes_early();
+    let opts = BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() };
+    // The job begins 8 s after the freeze: the agent restarts 2 s after it.
+    let at = format!("backup job of domain {}, its filesystems frozen", g.vm.name());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(8));
+    let e = store.backup_domain(&g.vm, &opts, true, &Control::new()).unwrap_err();
+    assert!(e.message.contains("answered a thaw with an error"), "{e}");
+    assert!(e.message.contains("guest-fsfreeze-thaw has been disabled"), "{e}");
+    assert!(e.message.contains("the backup is not taken as quiesced"), "{e}");
+    assert_ne!(e.vm_consistent, Some(false), "{e}");
+    assert!(store.list(None).unwrap().is_empty());
+    assert_eq!(g.fsfreeze_status(), "thawed");
+    let vm_dir = store.root().join("vms").join(g.vm.name());
+    assert!(!vm_dir.join("bitmap-journal.json").exists(), "a consistent failure left its journal");
+
+    g.thaw_normally();
+    let m = store.backup_domain(&g.vm, &opts, true, &Control::new()).unwrap();
+    assert_eq!(m.kind, BackupKind::Full);
+    assert_eq!(g.fsfreeze_status(), "thawed");
+}

@@ -248,3 +248,48 @@ fn group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen() {
     recovered.unwrap();
     assert!(!root.join("groups").join(&markers[0]).exists(), "group recover left {}", markers[0]);
 }
+
+/// A quiesced group backup whose guest's freeze ends by itself before the
+/// snapshots (the agent restarted by its freeze hook, as a Windows guest's
+/// freeze ends after 10 s; the thaw then answered with an error, the guest
+/// thawed) fails, saying the group is not taken as quiesced: nothing is
+/// published, the snapshots are undone, and no freeze marker is left (the
+/// guest is thawed). Before, the guest saying it was thawed was taken for a
+/// thaw that worked, and the group was recorded complete and quiesced.
+#[test]
+fn a_group_whose_freeze_ends_before_the_snapshots_fails() {
+    if skip_without_libvirt("a_group_whose_freeze_ends_before_the_snapshots_fails") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::create(&root).unwrap();
+    let g = GuestVm::boot("knib-gearly", dir.path());
+    g.end_freezes_early();
+    let other = firmware_vm("knib-gearly-fw", dir.path());
+    let disks = g.disks();
+    let members = [
+        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
+        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
+    ];
+    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
+    // The snapshots wait 8 s after the freeze: the agent restarts 2 s after it.
+    knib_core::crashpoint::pause_before("its guests frozen", Duration::from_secs(8));
+    let e = store.backup_group(&members, &opts, &Control::new()).unwrap_err();
+    assert!(e.message.contains("answered a thaw with an error"), "{e}");
+    assert!(e.message.contains("the group is not taken as quiesced"), "{e}");
+    assert!(store.list(None).unwrap().is_empty());
+    assert!(store.groups().unwrap().is_empty());
+    let left: Vec<String> = std::fs::read_dir(root.join("groups"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "the failed group left {left:?}");
+    assert_eq!(g.disks(), disks, "the snapshots were not undone");
+    assert_eq!(g.fsfreeze_status(), "thawed");
+
+    g.thaw_normally();
+    let rec = store.backup_group(&members, &opts, &Control::new()).unwrap();
+    assert_eq!(rec.state, "complete", "{rec:#?}");
+}

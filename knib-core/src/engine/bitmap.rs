@@ -61,7 +61,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::take::{BackupKind, VolumeResult};
-use crate::error::{KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::libvirt::backup::{self, BackupDisk};
 use crate::libvirt::{disk_targets, freeze, DiskInfo, Vm};
@@ -376,7 +376,7 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
                 // A guest the thaw left frozen is not consistent: the
                 // journal stays, and `knib recover` thaws it.
                 return Err(match freeze::thaw(vm) {
-                    Ok(()) => {
+                    Ok(_) => {
                         forget_freeze(plan);
                         why(e, " (they are thawed)")
                     }
@@ -389,18 +389,34 @@ fn begin(vm: &Vm, plan: &BitmapPlan) -> Result<()> {
         crate::crashpoint::durable_step(&format!("backup job of domain {}, its filesystems frozen", vm.name()));
     }
     let r = backup::backup_begin(vm, &bxml, cxml.as_deref());
-    let thawed = if plan.quiesce { freeze::thaw(vm).inspect(|()| forget_freeze(plan)) } else { Ok(()) };
+    let thawed =
+        if plan.quiesce { freeze::thaw(vm).inspect(|_| forget_freeze(plan)) } else { Ok(freeze::Thawed::Cleanly) };
     // A backup that leaves the guest frozen fails, whether its job began
     // or not: the caller undoes the job, the error says how to thaw the
     // guest and that the VM is not consistent (its journal stays, and
     // `knib recover` thaws it). A thaw's failure was lost behind the
     // job's own.
-    if let Err(t) = thawed {
-        let e = match r {
-            Err(e) => KnibError::new(t.kind, format!("{}; and {}", e.message, t.message)),
-            Ok(()) => t,
-        };
-        return Err(e.with_vm_consistent(false));
+    let thawed = match thawed {
+        Ok(t) => t,
+        Err(t) => {
+            let e = match r {
+                Err(e) => KnibError::new(t.kind, format!("{}; and {}", e.message, t.message)),
+                Ok(()) => t,
+            };
+            return Err(e.with_vm_consistent(false));
+        }
+    };
+    // The guest is thawed, but its freeze may not have held until the
+    // job began: the backup fails (the caller undoes the job), the VM
+    // consistent.
+    if let freeze::Thawed::Early(why) = thawed {
+        return Err(match r {
+            Err(e) => KnibError::new(e.kind, format!("{}; and {why}", e.message)),
+            Ok(()) => KnibError::new(
+                ErrorKind::Hypervisor,
+                format!("{why}: the backup is not taken as quiesced; nothing was changed"),
+            ),
+        });
     }
     r?;
     if let Some(since) = &plan.since {

@@ -11,9 +11,13 @@
 //!   [`thaw`] is called: a freeze libvirt stopped waiting for goes on in the
 //!   guest (the agent is busy syncing the filesystems), and nothing else
 //!   would thaw them. [`thaw`] sends thaws until the guest says its
-//!   filesystems are thawed, for up to [`THAW_BUDGET`]. What the guest
-//!   says decides, not the thaw's answer: an agent whose fsfreeze hook
-//!   fails on `thaw` answers an error for filesystems it has thawed.
+//!   filesystems are thawed, for up to [`THAW_BUDGET`]. The guest saying
+//!   they are thawed ends the thaw, whatever the thaw answered: an agent
+//!   whose fsfreeze hook fails on `thaw` answers the hook's error for
+//!   filesystems it has thawed. Any other error the agent answered, the
+//!   guest thawed, is [`Thawed::Early`]: the freeze may have ended by
+//!   itself before (a Windows guest's does after 10 s), and a backup taken
+//!   while the guest was meant to be frozen is not taken as quiesced.
 //! - A guest that cannot be thawed is an error naming the domain and the
 //!   command that thaws it by hand, never only a log line.
 //! - A thaw does not look at the caller's cancellation or deadline: it is
@@ -30,6 +34,15 @@ pub const THAW_BUDGET: Duration = Duration::from_secs(180);
 
 /// How long one thaw or status query waits for the agent, in seconds.
 const THAW_COMMAND_SECS: i32 = 10;
+
+/// What libvirt's error says when the guest agent answered a command with
+/// an error (rather than not answering).
+const AGENT_ANSWERED: &str = "unable to execute QEMU agent command";
+
+/// What the Linux guest agent's error says when its fsfreeze hook
+/// (`qemu-ga -F`) failed: on `thaw` it runs after the filesystems were
+/// thawed.
+const HOOK_FAILED: &str = "fsfreeze hook has failed";
 
 /// Between two thaw attempts.
 const THAW_RETRY: Duration = Duration::from_secs(2);
@@ -86,10 +99,26 @@ pub fn agent_connected(vm: &Vm) -> Result<bool> {
 
 /// Thaw the guest's filesystems: `guest-fsfreeze-thaw`, then
 /// `guest-fsfreeze-status` (whether the thaw answered or failed) until it
-/// answers `thawed`, retried for up to [`THAW_BUDGET`]. The error says the filesystems may still be frozen and
+/// answers `thawed`, retried for up to [`THAW_BUDGET`]; whether a thaw
+/// was answered with an error other than the guest's fsfreeze hook's
+/// ([`Thawed::Early`]). The error says the filesystems may still be frozen and
 /// how to thaw them.
-pub fn thaw(vm: &Vm) -> Result<()> {
+pub fn thaw(vm: &Vm) -> Result<Thawed> {
     thaw_within(vm, thaw_budget())
+}
+
+/// How [`thaw`] found the guest thawed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Thawed {
+    /// A thaw answered (or failed only by the guest's fsfreeze hook, which
+    /// runs once the filesystems are thawed).
+    Cleanly,
+    /// The guest is thawed, but its agent answered a thaw with another
+    /// error (the message, naming the domain): the freeze may have ended
+    /// before it, by itself (a Windows guest's does after 10 s), so what
+    /// was taken while the guest was meant to be frozen may not be
+    /// quiesced.
+    Early(String),
 }
 
 /// [`THAW_BUDGET`]; in debug builds, the seconds
@@ -104,27 +133,41 @@ fn thaw_budget() -> Duration {
 }
 
 /// [`thaw`] with another budget.
-pub fn thaw_within(vm: &Vm, budget: Duration) -> Result<()> {
+pub fn thaw_within(vm: &Vm, budget: Duration) -> Result<Thawed> {
     let started = Instant::now();
     let mut attempts = 0u32;
+    // The first error the agent answered a thaw with, not its hook's.
+    let mut answered: Option<String> = None;
     loop {
         attempts += 1;
         // The status is asked after a thaw that failed as well: an agent
         // whose fsfreeze hook fails on `thaw` has thawed the filesystems
         // before it ran the hook, and answers the hook's error.
         let sent = qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, THAW_COMMAND_SECS);
+        if let Err(e) = &sent {
+            if answered.is_none() && e.message.contains(AGENT_ANSWERED) && !e.message.contains(HOOK_FAILED) {
+                answered = Some(e.message.clone());
+            }
+        }
         let why = match (status(vm), sent) {
             (Ok(s), sent) if s == "thawed" => {
-                if let Err(e) = sent {
+                if let Err(e) = &sent {
                     log::warn!(
-                        "domain {}: the thaw command failed ({}), but the guest agent says the filesystems are thawed",
+                        "domain {}: a thaw failed ({}); the guest agent says the filesystems are thawed",
                         vm.name(),
                         e.message
                     );
                 } else if attempts > 1 {
                     log::warn!("domain {}: the guest's filesystems thawed at attempt {attempts}", vm.name());
                 }
-                return Ok(());
+                return Ok(match answered {
+                    None => Thawed::Cleanly,
+                    Some(e) => Thawed::Early(format!(
+                        "the guest agent of domain {} answered a thaw with an error ({e}): its filesystems are \
+                         thawed, but the freeze may have ended before the backup's instant",
+                        vm.name()
+                    )),
+                });
             }
             (_, Err(e)) => e.message,
             (Ok(s), Ok(_)) => format!("the guest agent says the filesystems are {s}"),
@@ -157,7 +200,7 @@ pub fn thaw_if_frozen(vm: &Vm) -> Result<bool> {
                 "domain {}: the guest's filesystems are frozen (an interrupted backup's freeze): thawing them",
                 vm.name()
             );
-            thaw(vm).map(|()| true)
+            thaw(vm).map(|_| true)
         }
         Ok(_) => Ok(false),
         Err(e) => {

@@ -273,12 +273,15 @@ impl GuestVm {
     /// 50 s: a freeze that outlasts any bound under that.
     pub fn slow_freeze_ahead(&self) {
         self.hold_writeback();
-        self.sh_ok("dd if=/dev/zero of=/root/slow-freeze bs=1M count=8 2>/dev/null");
+        // Throttled first: dirty data the guest flushed before the
+        // throttle (a host under load is slow to set it) would not be
+        // there for the freeze to write.
         let out = Command::new("virsh")
             .args(["-c", URI, "blkdeviotune", &self.name, "vda", "--write-bytes-sec", "163840", "--live"])
             .output()
             .unwrap();
         assert!(out.status.success(), "virsh blkdeviotune: {}", String::from_utf8_lossy(&out.stderr));
+        self.sh_ok("dd if=/dev/zero of=/root/slow-freeze bs=1M count=8 2>/dev/null");
     }
 
     /// Restart the guest agent with a freeze hook that fails on `thaw`:
@@ -291,8 +294,30 @@ impl GuestVm {
         self.restart_agent("-F/root/thaw-fails");
     }
 
+    /// Restart the guest agent with a freeze hook that, on `freeze`, ends
+    /// the freeze 2 s later behind the agent's back (the agent killed,
+    /// the root filesystem thawed by `fsfreeze --unfreeze`, the agent's
+    /// frozen state removed) and starts the agent again with
+    /// `guest-fsfreeze-thaw` disabled: a freeze that ends by itself, as a
+    /// Windows guest's does after 10 s, and a thaw then answered with an
+    /// error, the guest thawed. (A Linux agent ignores SIGTERM while
+    /// frozen.)
+    pub fn end_freezes_early(&self) {
+        self.sh_ok(
+            r#"cat > /root/freeze-ends <<'END'
+#!/bin/sh
+if [ "$1" = freeze ]; then
+  setsid sh -c 'sleep 2; kill -9 $(pidof qemu-ga); fsfreeze --unfreeze /; rm -f /run/qga.state.isfrozen; exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log -b guest-fsfreeze-thaw' </dev/null >/dev/null 2>&1 &
+fi
+exit 0
+END
+chmod 755 /root/freeze-ends"#,
+        );
+        self.restart_agent("-F/root/freeze-ends");
+    }
+
     /// Restart the guest agent without a freeze hook (after
-    /// [`GuestVm::fail_thaws`]).
+    /// [`GuestVm::fail_thaws`] or [`GuestVm::end_freezes_early`]).
     pub fn thaw_normally(&self) {
         self.restart_agent("");
     }

@@ -35,10 +35,10 @@ fn freeze_all(vms: &[&Vm], timeout: Duration) -> Vec<(bool, Option<String>)> {
     )
 }
 
-/// [`freeze::thaw`] each of `vms` in parallel: the error of each left
-/// frozen.
-fn thaw_all(vms: &[&Vm]) -> Vec<Option<String>> {
-    on_each(vms, |vm| freeze::thaw(vm).err().map(|e| e.message), || Some("the thaw panicked".into()))
+/// [`freeze::thaw`] each of `vms` in parallel: how each was thawed, or
+/// the error of each left frozen.
+fn thaw_all(vms: &[&Vm]) -> Vec<std::result::Result<freeze::Thawed, String>> {
+    on_each(vms, |vm| freeze::thaw(vm).map_err(|e| e.message), || Err("the thaw panicked".into()))
 }
 
 /// `f` on each of `vms`, each on its own thread, all at once: the
@@ -349,11 +349,21 @@ impl Store {
                     // thawed; one left frozen fails the group.
                     let sent_vms: Vec<&Vm> = sent.iter().map(|i| vms[*i].as_ref().expect("a domain")).collect();
                     let mut left_frozen: Vec<&str> = Vec::new();
-                    for ((k, vm), e) in sent.iter().zip(&sent_vms).zip(thaw_all(&sent_vms)) {
-                        if let Some(e) = e {
-                            left_frozen.push(vm.name());
-                            log::error!("group {id}: thawing the guest of {}: {e}", members[*k].name().unwrap_or("?"));
-                            gate.abort(format!("member {}: {e}", members[*k].name().unwrap_or("?")));
+                    for ((k, vm), t) in sent.iter().zip(&sent_vms).zip(thaw_all(&sent_vms)) {
+                        let member = members[*k].name().unwrap_or("?");
+                        match t {
+                            Ok(freeze::Thawed::Cleanly) => {}
+                            // Thawed, but the freeze may not have held
+                            // until the snapshots: not quiesced.
+                            Ok(freeze::Thawed::Early(why)) => {
+                                log::error!("group {id}: thawing the guest of {member}: {why}");
+                                gate.abort(format!("member {member}: {why}: the group is not taken as quiesced"));
+                            }
+                            Err(e) => {
+                                left_frozen.push(vm.name());
+                                log::error!("group {id}: thawing the guest of {member}: {e}");
+                                gate.abort(format!("member {member}: {e}"));
+                            }
                         }
                     }
                     // The marker names only the guests that may be frozen
