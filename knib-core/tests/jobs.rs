@@ -689,9 +689,19 @@ fn cancel_stops_a_job_in_every_state_and_leaves_its_backup_as_it_was() {
     assert!(e.message.contains("cancel with force"), "{e}");
     assert!(far_request.exists(), "the request for the other host's runner is gone");
     assert_eq!(store.job(&far.id).unwrap().state, JobState::Running);
+    // Stopped while it waits (Ctrl-C): nothing forced.
+    let stopped = Control::new();
+    stopped.cancel.cancel();
+    let e = store.cancel_job_within(&far.id, true, Duration::from_secs(1), &stopped).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Cancelled, "{e}");
+    assert_eq!(store.job(&far.id).unwrap().state, JobState::Running);
     let j = store.cancel_job_within(&far.id, true, Duration::from_secs(1), &ctl).unwrap();
     assert_eq!(j.state, JobState::Cancelled, "{j:?}");
     assert!(j.last_error.as_deref().unwrap().contains("with force"), "{j:?}");
+    // The request stays for that runner, should it still run; a later
+    // cancel of the job removes it.
+    assert!(far_request.exists(), "the request for a runner that may still run is gone");
+    assert_eq!(store.cancel_job(&far.id, false, &ctl).unwrap(), j);
     assert!(!far_request.exists(), "the request is left behind a cancelled job");
 
     // Bad ids.
@@ -699,4 +709,74 @@ fn cancel_stops_a_job_in_every_state_and_leaves_its_backup_as_it_was() {
     assert_eq!(store.cancel_job("no-such-job", false, &ctl).unwrap_err().kind, ErrorKind::NotFound);
     assert_eq!(untouched(), before, "the backups are not as they were");
     restores_identical(&store, &m.id, &reference);
+}
+
+/// The races of a cancel with its runner: a job whose attempt ends (to be
+/// retried) just as the request is written is cancelled by the record, not
+/// claimed again; a job force-cancelled while its runner still runs it
+/// keeps the cancel (the runner records nothing over it); a job whose
+/// runner died after it was asked to stop is cancelled by the runner that
+/// takes it back, not run again.
+#[test]
+fn a_cancel_is_not_lost_to_its_runner_ending_retrying_or_dying() {
+    let (work, store) = store_with(
+        r#""compression.rate_limit_mbps": 2, "compression.timeout_secs": 1, "compression.max_retries": 5, "compression.retry_interval_secs": 0"#,
+    );
+    let (m, reference) = backups(&store, work.path(), "vm1", &[8]).pop().unwrap();
+    let ctl = Control::new();
+
+    // Each attempt runs out of time and is retried at once; the cancel
+    // comes while the first attempt's outcome is being recorded.
+    let job = store.queue_compression(&m.id).unwrap();
+    let at = format!("recording job {}", job.id);
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
+    let (summary, cancelled) = std::thread::scope(|s| {
+        let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());
+        assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "no pause at {at}");
+        let cancelled = store.cancel_job_within(&job.id, false, Duration::from_secs(6), &ctl);
+        (runner.join().unwrap(), cancelled)
+    });
+    let cancelled = cancelled.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled, "{cancelled:?}");
+    assert_eq!(summary.cancelled, vec![job.id.clone()], "{summary:?}");
+    assert!(!store.jobs_dir().join(format!("{}.cancel", job.id)).exists());
+    assert!(comp_files(store.root()).is_empty());
+
+    // Force-cancelled (as from another host) while this runner runs it,
+    // without a request it would see: the cancel stays.
+    std::fs::write(store.root().join("knib.json"), r#"{"schema": 1, "compression": {"rate_limit_mbps": 4}}"#).unwrap();
+    let job = store.queue_compression(&m.id).unwrap();
+    let file = store.volume_file(&m, "root").unwrap();
+    let part = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
+    let job_file = store.jobs_dir().join(format!("{}.json", job.id));
+    let summary = std::thread::scope(|s| {
+        let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());
+        wait_for(&part);
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&job_file).unwrap()).unwrap();
+        v["state"] = "cancelled".into();
+        v["owner"] = serde_json::Value::Null;
+        v["last_error"] = "cancelled by the operator with force".into();
+        std::fs::write(&job_file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        runner.join().unwrap()
+    });
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(j.state, JobState::Cancelled, "the runner recorded over the cancel: {j:?} {summary:?}");
+    assert_eq!(j.last_error.as_deref(), Some("cancelled by the operator with force"));
+    restores_identical(&store, &m.id, &reference);
+
+    // Its runner died after it was asked to stop: cancelled when taken back.
+    let (other, _) = backups(&store, work.path(), "vm2", &[1]).pop().unwrap();
+    let job = store.queue_compression(&other.id).unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    fake_running(&store, &job.id, dead, &hostname(), 0);
+    std::fs::write(store.jobs_dir().join(format!("{}.cancel", job.id)), b"").unwrap();
+    let summary = run_jobs(&store, &RunOptions::default()).unwrap();
+    assert!(summary.done.is_empty() && summary.recovered.is_empty(), "{summary:?}");
+    let j = store.job(&job.id).unwrap();
+    assert_eq!(j.state, JobState::Cancelled, "{j:?}");
+    assert!(j.last_error.as_deref().unwrap().contains("died"), "{j:?}");
+    assert!(!store.jobs_dir().join(format!("{}.cancel", job.id)).exists());
+    assert!(store.show(&other.id).unwrap().compression.is_none());
 }

@@ -183,6 +183,8 @@ impl Store {
                         ));
                     }
                 }
+                // Stopped or out of time: not a problem of the backup.
+                Err(e) if e.kind == ErrorKind::Cancelled || e.kind == ErrorKind::Timeout => return Err(e),
                 Err(e) => problems.push(e.message),
             }
             // The manifests, as `files` are: each file is held against its

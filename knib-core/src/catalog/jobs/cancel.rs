@@ -18,9 +18,15 @@
 //! - A runner that does not stop the job in time (one on another host that
 //!   is gone, or a knib older than this one, which does not look) leaves
 //!   the job running and the request in place: a `busy` error says so.
-//!   With `force`, the job is then recorded `cancelled` all the same. If
-//!   that runner does still run, it records its attempt's outcome over it
-//!   when it ends.
+//!   With `force`, the job is then recorded `cancelled` all the same, and
+//!   the request stays: a runner that does still run stops the attempt
+//!   when it sees it, and records nothing over a job that is no longer its
+//!   own.
+//! - An attempt that ends (and would be queued again) before its runner
+//!   sees the request, or whose runner dies, is cancelled instead: by the
+//!   runner's record, or by the runner that takes the job back. A `ctl`
+//!   stopped (Ctrl-C) while the cancel waits leaves the request in place
+//!   and forces nothing.
 //! - A job that has ended (`done`, `failed`) cannot be cancelled
 //!   (`invalid`); cancelling a `cancelled` job again answers it as it is.
 //!
@@ -29,8 +35,10 @@
 //! - Every change of a job's state is made under the queue lock (as the
 //!   runner's, the queue module's): a cancel and a runner's claim or record
 //!   never cross.
-//! - Whoever ends the job (its runner's record, or the cancel) removes the
-//!   request, so none is left behind a job that is not running.
+//! - Whoever ends the job (its runner's record, a runner taking it back,
+//!   or the cancel) removes the request; only a forced cancel leaves it,
+//!   for a runner that may still run (a later cancel of the job removes
+//!   it).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -124,11 +132,14 @@ impl Store {
                             died = true;
                             Some(j)
                         } else {
-                            if !asked {
+                            // Again if it is gone: an attempt that ended
+                            // as it was written took it, and the job may
+                            // have been claimed again since.
+                            if !requested(&dir, id) {
                                 fsio::write_atomic(&request_path(&dir, id), b"")?;
                                 log::info!("job {id}: asked {} to stop it", runner(&j));
-                                asked = true;
                             }
+                            asked = true;
                             None
                         }
                     }
@@ -157,29 +168,36 @@ impl Store {
                 }
                 return Ok(j);
             }
-            let stopped = ctl.check(&format!("waiting for the runner of job {id} to stop it"));
-            if started.elapsed() < wait && stopped.is_ok() {
+            // Stopped (Ctrl-C) or out of time: the request stays for the
+            // runner, and nothing is forced.
+            ctl.check(&format!("waiting for the runner of job {id} to stop it"))?;
+            if started.elapsed() < wait {
                 std::thread::sleep(WATCH.min(wait));
                 continue;
             }
+            let _lock = lock_queue(&dir)?;
+            let mut j = self.job(id)?;
+            if j.state != JobState::Running {
+                // Its attempt ended meanwhile: the next look decides.
+                continue;
+            }
             if force {
-                let _lock = lock_queue(&dir)?;
-                let mut j = self.job(id)?;
-                if j.state != JobState::Running {
-                    forget_request(&dir, id);
-                    return Ok(j);
-                }
                 let why = format!(
                     "cancelled by the operator with force: {} did not stop it within {} s",
                     runner(&j),
                     started.elapsed().as_secs()
                 );
                 log::warn!("job {id}: {why}");
-                record_cancelled(&dir, &mut j, why)?;
+                // The request stays: a runner that still runs stops the
+                // attempt when it sees it, and records nothing over this.
+                j.state = JobState::Cancelled;
+                j.owner = None;
+                j.last_error = Some(why);
+                j.updated_at = now_secs();
+                j.finished_at = j.updated_at.into();
+                j.save(&dir)?;
                 return Ok(j);
             }
-            stopped?;
-            let j = self.job(id)?;
             return Err(KnibError::new(
                 ErrorKind::Busy,
                 format!(

@@ -168,6 +168,18 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
                 .as_ref()
                 .map(|o| format!("runner pid {} on {}", o.pid, o.hostname))
                 .unwrap_or_else(|| "a runner".into());
+            if cancel::requested(&dir, &j.id) {
+                // Asked to stop before its runner died: not run again.
+                log::warn!("job {}: its {who} died; it was asked to stop: cancelled", j.id);
+                j.state = JobState::Cancelled;
+                j.owner = None;
+                j.last_error = Some(format!("cancelled by the operator; its {who} died"));
+                j.updated_at = now as u64;
+                j.finished_at = Some(now as u64);
+                j.save(&dir)?;
+                cancel::forget_request(&dir, &j.id);
+                continue;
+            }
             log::warn!("job {}: its {who} died; queueing it again", j.id);
             j.state = JobState::Queued;
             j.owner = None;
@@ -189,6 +201,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
     let mut not_due = Vec::new();
     let mut blocked = false;
     let mut pick = None;
+    let mut asked = Vec::new();
     for i in queued {
         let j = &jobs[i];
         let at = j.next_attempt_at as f64;
@@ -202,8 +215,25 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
         } else if host_running(j.kind) >= max_here as usize || busy_vms.contains(j.vm.as_str()) {
             blocked = true;
         } else if pick.is_none() {
-            pick = Some(i);
+            if cancel::requested(&dir, &j.id) {
+                // Asked to stop (its request written while it ran, the
+                // attempt then ended and queued again): cancelled, not
+                // claimed.
+                asked.push(i);
+            } else {
+                pick = Some(i);
+            }
         }
+    }
+    for i in asked {
+        let j = &mut jobs[i];
+        log::warn!("job {}: it was asked to stop: cancelled", j.id);
+        j.state = JobState::Cancelled;
+        j.last_error = Some("cancelled by the operator".into());
+        j.updated_at = now as u64;
+        j.finished_at = Some(now as u64);
+        j.save(&dir)?;
+        cancel::forget_request(&dir, &j.id);
     }
     let claimed = match pick {
         Some(i) => {
@@ -229,6 +259,19 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
 fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> Result<Job> {
     let dir = store.jobs_dir();
     let mut j = Job::load(&dir.join(format!("{}.json", job.id)))?;
+    if j.state != JobState::Running || j.owner != job.owner {
+        // No longer this runner's: cancelled with force meanwhile (or
+        // taken back by another). Left as it is.
+        log::warn!(
+            "job {}: it is {} now, not this runner's: the attempt's outcome is not recorded",
+            j.id,
+            j.state.as_str()
+        );
+        if j.state != JobState::Running {
+            cancel::forget_request(&dir, &j.id);
+        }
+        return Ok(j);
+    }
     let now = now_f64();
     j.owner = None;
     j.updated_at = now as u64;
@@ -269,6 +312,12 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
                 j.state = JobState::Failed;
             }
         }
+    }
+    if j.state == JobState::Queued && cancel::requested(&dir, &j.id) {
+        // Asked to stop while it ran, its attempt ended before the runner
+        // saw it: not queued again.
+        j.state = JobState::Cancelled;
+        j.last_error = Some("cancelled by the operator while it ran".into());
     }
     if !j.state.is_active() {
         j.finished_at = Some(now as u64);
@@ -443,10 +492,10 @@ fn execute_watched(store: &Store, job: &Job, settings: &Settings, opts: &RunOpti
                 std::thread::park_timeout(cancel::WATCH);
             }
         });
-        let outcome = execute(store, job, settings, &job_opts);
-        ended.store(true, Ordering::SeqCst);
-        watcher.thread().unpark();
-        outcome
+        // Ends the watcher however `execute` ends (a panic too: the scope
+        // would wait for it for ever).
+        let _ended = EndWatch(&ended, watcher.thread().clone());
+        execute(store, job, settings, &job_opts)
     });
     match outcome {
         Outcome::Done(_) | Outcome::Rejected(..) | Outcome::Cancelled(_) => outcome,
@@ -454,6 +503,16 @@ fn execute_watched(store: &Store, job: &Job, settings: &Settings, opts: &RunOpti
             Outcome::Cancelled("cancelled by the operator while it ran".into())
         }
         _ => outcome,
+    }
+}
+
+/// Sets its flag and wakes the watcher of [`execute_watched`] when dropped.
+struct EndWatch<'a>(&'a AtomicBool, std::thread::Thread);
+
+impl Drop for EndWatch<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+        self.1.unpark();
     }
 }
 
@@ -532,6 +591,7 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
         if let Some(job) = found.claimed {
             emit(JobEvent::Started(job.clone()));
             let outcome = execute_watched(store, &job, settings, opts);
+            crate::crashpoint::pause_point(&format!("recording job {}", job.id));
             let recorded = lock_queue(&dir).and_then(|_lock| record(store, settings, &job, &outcome));
             *shared.running.lock() -= 1;
             shared.changed.notify_all();
