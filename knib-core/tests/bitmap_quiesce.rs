@@ -227,11 +227,12 @@ fn a_freeze_that_ends_before_the_backup_job_fails_the_backup() {
     let g = GuestVm::boot("knib-bm-early", dir.path());
     g.end_freezes_early();
     let opts = BackupOptions { method: Some(BackupMethod::Bitmap), ..Default::default() };
-    // The job begins 8 s after the freeze: the agent restarts 2 s after it.
+    // The job begins 12 s after the freeze: the agent restarts 4 s after
+    // it.
     let at = format!("backup job of domain {}, its filesystems frozen", g.vm.name());
-    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(8));
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(12));
     let e = store.backup_domain(&g.vm, &opts, true, &Control::new()).unwrap_err();
-    assert!(e.message.contains("answered a thaw with an error"), "{e}");
+    assert!(e.message.contains("and the guest agent then said its filesystems were thawed"), "{e}");
     assert!(e.message.contains("guest-fsfreeze-thaw has been disabled"), "{e}");
     assert!(e.message.contains("the backup is not taken as quiesced"), "{e}");
     assert_ne!(e.vm_consistent, Some(false), "{e}");

@@ -35,11 +35,8 @@ fn a_quiesced_group_backup_holds_what_the_guest_wrote_before_the_freeze() {
     let synced = token("synced");
     let unsynced = token("unsynced");
     g.sh_ok(&format!("echo {synced} > /root/group-proof && sync && echo {unsynced} > /root/group-unsynced"));
-    let members = [
-        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
-        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
-    ];
-    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
+    let members = domains(&[g.name(), other.name()]);
+    let opts = quiesced(60);
     let rec = store.backup_group(&members, &opts, &Control::new()).unwrap();
     eprintln!("{rec:#?}");
     assert_eq!(rec.state, "complete");
@@ -89,11 +86,8 @@ fn a_freeze_that_outlasts_its_bound_is_thawed_before_the_group_fails() {
     let g = GuestVm::boot("knib-gthaw", dir.path());
     let other = firmware_vm("knib-gthaw-fw", dir.path());
     g.slow_freeze_ahead();
-    let members = [
-        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
-        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
-    ];
-    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(3), ..Default::default() };
+    let members = domains(&[g.name(), other.name()]);
+    let opts = quiesced(3);
     let started = std::time::Instant::now();
     let err = store.backup_group(&members, &opts, &Control::new()).unwrap_err();
     eprintln!("after {:.1} s: {err}", started.elapsed().as_secs_f64());
@@ -115,13 +109,20 @@ fn child_quiesced_group_backup() {
     let Ok(req) = std::env::var(CHILD_ENV) else { return };
     let [root, guest, other]: [String; 3] = serde_json::from_str(&req).unwrap();
     suspend_when_asked(&guest);
-    let members = [
-        MemberSpec { domain: Some(guest), vm: None, disks: Vec::new() },
-        MemberSpec { domain: Some(other), vm: None, disks: Vec::new() },
-    ];
-    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
+    let members = domains(&[&guest, &other]);
+    let opts = quiesced(60);
     let r = Store::create(&root).unwrap().backup_group(&members, &opts, &Control::new());
     eprintln!("child: {r:?}");
+}
+
+/// Members of these domains.
+fn domains(names: &[&str]) -> Vec<MemberSpec> {
+    names.iter().map(|n| MemberSpec { domain: Some(n.to_string()), vm: None, disks: Vec::new() }).collect()
+}
+
+/// A quiesced group's options, its freeze bound `secs` seconds.
+fn quiesced(secs: u64) -> GroupOptions {
+    GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(secs), ..Default::default() }
 }
 
 /// A running domain without a guest agent channel, a second member.
@@ -179,11 +180,8 @@ fn group_recover_thaws_the_guests_a_killed_group_left_frozen() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(left.is_empty(), "group recover left {left:?}");
-    let members = [
-        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
-        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
-    ];
-    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
+    let members = domains(&[g.name(), other.name()]);
+    let opts = quiesced(60);
     let rec = store.backup_group(&members, &opts, &Control::new()).unwrap();
     assert_eq!(rec.state, "complete", "{rec:#?}");
     assert_eq!(g.fsfreeze_status(), "thawed");
@@ -217,11 +215,8 @@ fn group_recover_thaws_the_guests_a_group_whose_thaw_failed_left_frozen() {
     assert!(thaw.as_ref().is_err_and(|e| e.message.contains("hook")), "{thaw:?}");
     assert_eq!(g.fsfreeze_status(), "thawed");
     let other = firmware_vm("knib-gthawfail-fw", dir.path());
-    let members = [
-        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
-        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
-    ];
-    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
+    let members = domains(&[g.name(), other.name()]);
+    let opts = quiesced(60);
     let rec = store.backup_group(&members, &opts, &Control::new()).unwrap();
     assert_eq!(rec.state, "complete", "{rec:#?}");
     assert_eq!(g.fsfreeze_status(), "thawed");
@@ -268,15 +263,14 @@ fn a_group_whose_freeze_ends_before_the_snapshots_fails() {
     g.end_freezes_early();
     let other = firmware_vm("knib-gearly-fw", dir.path());
     let disks = g.disks();
-    let members = [
-        MemberSpec { domain: Some(g.name().to_string()), vm: None, disks: Vec::new() },
-        MemberSpec { domain: Some(other.name().to_string()), vm: None, disks: Vec::new() },
-    ];
-    let opts = GroupOptions { quiesce: true, freeze_timeout: Duration::from_secs(60), ..Default::default() };
-    // The snapshots wait 8 s after the freeze: the agent restarts 2 s after it.
-    knib_core::crashpoint::pause_before("its guests frozen", Duration::from_secs(8));
+    let members = domains(&[g.name(), other.name()]);
+    let opts = quiesced(60);
+    // The snapshots wait 12 s after the freeze: the agent restarts 4 s
+    // after it.
+    let at = format!("its guests frozen: {}", g.name());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(12));
     let e = store.backup_group(&members, &opts, &Control::new()).unwrap_err();
-    assert!(e.message.contains("answered a thaw with an error"), "{e}");
+    assert!(e.message.contains("and the guest agent then said its filesystems were thawed"), "{e}");
     assert!(e.message.contains("the group is not taken as quiesced"), "{e}");
     assert!(store.list(None).unwrap().is_empty());
     assert!(store.groups().unwrap().is_empty());

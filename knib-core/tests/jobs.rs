@@ -772,8 +772,13 @@ fn a_cancel_is_not_lost_to_its_runner_ending_retrying_or_dying() {
     child.wait().unwrap();
     fake_running(&store, &job.id, dead, &hostname(), 0);
     std::fs::write(store.jobs_dir().join(format!("{}.cancel", job.id)), b"").unwrap();
+    // It died mid-write: a partial `.comp` file.
+    let comp = PathBuf::from(format!("{}.comp", store.volume_file(&other, "root").unwrap().display()));
+    std::fs::write(&comp, b"half a compressed file").unwrap();
     let summary = run_jobs(&store, &RunOptions::default()).unwrap();
     assert!(summary.done.is_empty() && summary.recovered.is_empty(), "{summary:?}");
+    assert_eq!(summary.cancelled, vec![job.id.clone()], "{summary:?}");
+    assert!(!comp.exists(), "the dead compression's .comp file is left");
     let j = store.job(&job.id).unwrap();
     assert_eq!(j.state, JobState::Cancelled, "{j:?}");
     assert!(j.last_error.as_deref().unwrap().contains("died"), "{j:?}");

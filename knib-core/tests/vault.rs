@@ -956,12 +956,13 @@ fn a_sync_of_a_vm_the_store_lacks_removes_what_a_killed_delete_left() {
 }
 
 /// A sync of a whole store goes on past a VM that is busy (a backup of it
-/// holds its lock) and one whose backup file cannot be sent (grown past
-/// what S3 takes: invalid): the third VM's backup is sent, and the sync
-/// fails `busy` (the first VM's), naming both VMs left and what was sent.
-/// The next sync, both VMs free and mended, sends the rest, and every
-/// backup restores from the vault identical. Before, the first VM's error
-/// ended the sync: no VM after it was sent.
+/// holds its lock), one whose backup file cannot be sent (grown past what
+/// S3 takes: invalid) and one whose backup file is gone from the store:
+/// the fourth VM's backup is sent, and the sync fails with the gravest
+/// kind (invalid input before not found before busy), naming the three
+/// VMs left and what was sent. The next sync, the VMs free and mended,
+/// sends the rest, and every backup restores from the vault identical.
+/// Before, the first VM's error ended the sync: no VM after it was sent.
 #[test]
 fn a_sync_of_the_store_goes_on_past_a_vm_it_cannot_send_and_names_it() {
     if !s3::setup() {
@@ -972,7 +973,7 @@ fn a_sync_of_the_store_goes_on_past_a_vm_it_cannot_send_and_names_it() {
     let store = Store::create(sdir.path()).unwrap();
     let mut taken = Vec::new();
     let mut vms = Vec::new();
-    for (i, vm) in ["a-busy", "b-grown", "c-free"].into_iter().enumerate() {
+    for (i, vm) in ["a-busy", "b-grown", "c-gone", "d-free"].into_iter().enumerate() {
         let disks = TestDisks::two();
         qemu_io(disks.path("root"), &format!("write -P 0x{:02x} {i}M 2M", 0x31 + i));
         let refs = disks.snapshot_all("b0");
@@ -984,32 +985,36 @@ fn a_sync_of_the_store_goes_on_past_a_vm_it_cannot_send_and_names_it() {
     let grown = store.volume_file(&vms[1].1, "root").unwrap();
     let len = std::fs::metadata(&grown).unwrap().len();
     std::fs::OpenOptions::new().write(true).open(&grown).unwrap().set_len((5 << 40) + 1).unwrap();
+    let gone = store.volume_file(&vms[2].1, "data").unwrap();
+    let kept = gone.with_extension("kept");
+    std::fs::rename(&gone, &kept).unwrap();
     let lock = store.lock_vm("a-busy", "a test's backup").unwrap();
     let e = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err();
-    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
     let head =
-        format!("the sync to {} left 2 of the store's VMs unsent: VM a-busy: busy: VM a-busy is busy", p.location());
+        format!("the sync to {} left 3 of the store's 4 VMs unsent: VM a-busy: busy: VM a-busy is busy", p.location());
     assert!(e.message.starts_with(&head), "{e}");
     assert!(
         e.message.contains(&format!("; VM b-grown: invalid input: backup file {} is 5497558138881", grown.display())),
         "{e}"
     );
-    let tail = format!("; the other VMs were synced (1 backups sent: {}, 0 present)", taken[2].0);
-    assert!(e.message.ends_with(&tail), "{e}");
+    assert!(e.message.contains("; VM c-gone: "), "{e}");
+    assert!(e.message.ends_with(&format!("; sent: {}; 0 present", taken[3].0)), "{e}");
     let listed: Vec<String> = vault.list(None).unwrap().into_iter().map(|b| b.id).collect();
-    assert_eq!(listed, vec![taken[2].0.clone()]);
+    assert_eq!(listed, vec![taken[3].0.clone()]);
 
     drop(lock);
     std::fs::OpenOptions::new().write(true).open(&grown).unwrap().set_len(len).unwrap();
+    std::fs::rename(&kept, &gone).unwrap();
     let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
-    assert_eq!(r.sent, vec![taken[0].0.clone(), taken[1].0.clone()], "{r:?}");
-    assert_eq!(r.present, vec![taken[2].0.clone()], "{r:?}");
+    assert_eq!(r.sent, taken[..3].iter().map(|t| t.0.clone()).collect::<Vec<_>>(), "{r:?}");
+    assert_eq!(r.present, vec![taken[3].0.clone()], "{r:?}");
     assert_verified_and_restored(&vault, &taken);
     // One VM asked for: its error as it is, nothing else tried.
-    let lock = store.lock_vm("c-free", "a test's backup").unwrap();
-    let one = SyncOptions { vm: Some("c-free".into()), ..SyncOptions::default() };
+    let lock = store.lock_vm("d-free", "a test's backup").unwrap();
+    let one = SyncOptions { vm: Some("d-free".into()), ..SyncOptions::default() };
     let e = vault.sync_from(&store, &one, &ctl()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Busy, "{e}");
-    assert!(e.message.starts_with("VM c-free is busy"), "{e}");
+    assert!(e.message.starts_with("VM d-free is busy"), "{e}");
     drop(lock);
 }

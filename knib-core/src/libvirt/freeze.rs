@@ -14,8 +14,8 @@
 //!   filesystems are thawed, for up to [`THAW_BUDGET`]. The guest saying
 //!   they are thawed ends the thaw, whatever the thaw answered: an agent
 //!   whose fsfreeze hook fails on `thaw` answers the hook's error for
-//!   filesystems it has thawed. Any other error the agent answered, the
-//!   guest thawed, is [`Thawed::Early`]: the freeze may have ended by
+//!   filesystems it has thawed. Any other failed thaw (answered with
+//!   an error, or not answered), the guest thawed, is [`Thawed::Early`]: the freeze may have ended by
 //!   itself before (a Windows guest's does after 10 s), and a backup taken
 //!   while the guest was meant to be frozen is not taken as quiesced.
 //! - A guest that cannot be thawed is an error naming the domain and the
@@ -35,14 +35,12 @@ pub const THAW_BUDGET: Duration = Duration::from_secs(180);
 /// How long one thaw or status query waits for the agent, in seconds.
 const THAW_COMMAND_SECS: i32 = 10;
 
-/// What libvirt's error says when the guest agent answered a command with
-/// an error (rather than not answering).
-const AGENT_ANSWERED: &str = "unable to execute QEMU agent command";
-
 /// What the Linux guest agent's error says when its fsfreeze hook
-/// (`qemu-ga -F`) failed: on `thaw` it runs after the filesystems were
-/// thawed.
-const HOOK_FAILED: &str = "fsfreeze hook has failed";
+/// (`qemu-ga -F`) failed ("... has failed with status N") or was killed
+/// ("... has terminated abnormally"): on `thaw` the hook runs after the
+/// filesystems were thawed. (The agent's own text, in English whatever
+/// the host's locale.)
+const HOOK_FAILED: &str = "fsfreeze hook has";
 
 /// Between two thaw attempts.
 const THAW_RETRY: Duration = Duration::from_secs(2);
@@ -100,8 +98,8 @@ pub fn agent_connected(vm: &Vm) -> Result<bool> {
 /// Thaw the guest's filesystems: `guest-fsfreeze-thaw`, then
 /// `guest-fsfreeze-status` (whether the thaw answered or failed) until it
 /// answers `thawed`, retried for up to [`THAW_BUDGET`]; whether a thaw
-/// was answered with an error other than the guest's fsfreeze hook's
-/// ([`Thawed::Early`]). The error says the filesystems may still be frozen and
+/// failed otherwise than by the guest's fsfreeze hook before the guest was
+/// found thawed ([`Thawed::Early`]). The error says the filesystems may still be frozen and
 /// how to thaw them.
 pub fn thaw(vm: &Vm) -> Result<Thawed> {
     thaw_within(vm, thaw_budget())
@@ -113,11 +111,11 @@ pub enum Thawed {
     /// A thaw answered (or failed only by the guest's fsfreeze hook, which
     /// runs once the filesystems are thawed).
     Cleanly,
-    /// The guest is thawed, but its agent answered a thaw with another
-    /// error (the message, naming the domain): the freeze may have ended
-    /// before it, by itself (a Windows guest's does after 10 s), so what
-    /// was taken while the guest was meant to be frozen may not be
-    /// quiesced.
+    /// The guest is thawed, but a thaw failed otherwise (an error the
+    /// agent answered, or no answer) without the guest saying it was still
+    /// frozen (the message, naming the domain): the freeze may have ended
+    /// before, by itself (a Windows guest's does after 10 s), so what was
+    /// taken while the guest was meant to be frozen may not be quiesced.
     Early(String),
 }
 
@@ -136,20 +134,26 @@ fn thaw_budget() -> Duration {
 pub fn thaw_within(vm: &Vm, budget: Duration) -> Result<Thawed> {
     let started = Instant::now();
     let mut attempts = 0u32;
-    // The first error the agent answered a thaw with, not its hook's.
-    let mut answered: Option<String> = None;
+    // A thaw that failed (not by the guest's hook) while the guest may
+    // already have been thawed: the freeze may not have held. Failing
+    // closed, a thaw not answered counts, and only the guest saying it is
+    // still frozen clears it (the freeze held until then).
+    let mut unsure: Option<String> = None;
     loop {
         attempts += 1;
         // The status is asked after a thaw that failed as well: an agent
         // whose fsfreeze hook fails on `thaw` has thawed the filesystems
         // before it ran the hook, and answers the hook's error.
         let sent = qemu_agent_command(vm, r#"{"execute":"guest-fsfreeze-thaw"}"#, THAW_COMMAND_SECS);
-        if let Err(e) = &sent {
-            if answered.is_none() && e.message.contains(AGENT_ANSWERED) && !e.message.contains(HOOK_FAILED) {
-                answered = Some(e.message.clone());
+        let state = status(vm);
+        match (&sent, &state) {
+            (_, Ok(s)) if s == "frozen" => unsure = None,
+            (Err(e), _) if !e.message.contains(HOOK_FAILED) => {
+                unsure.get_or_insert_with(|| e.message.clone());
             }
+            _ => {}
         }
-        let why = match (status(vm), sent) {
+        let why = match (state, sent) {
             (Ok(s), sent) if s == "thawed" => {
                 if let Err(e) = &sent {
                     log::warn!(
@@ -160,11 +164,11 @@ pub fn thaw_within(vm: &Vm, budget: Duration) -> Result<Thawed> {
                 } else if attempts > 1 {
                     log::warn!("domain {}: the guest's filesystems thawed at attempt {attempts}", vm.name());
                 }
-                return Ok(match answered {
+                return Ok(match unsure {
                     None => Thawed::Cleanly,
                     Some(e) => Thawed::Early(format!(
-                        "the guest agent of domain {} answered a thaw with an error ({e}): its filesystems are \
-                         thawed, but the freeze may have ended before the backup's instant",
+                        "a thaw of domain {} failed ({e}) and the guest agent then said its filesystems were \
+                         thawed: the freeze may have ended before the backup's instant",
                         vm.name()
                     )),
                 });

@@ -161,10 +161,10 @@ pub(super) const MIN_PART: usize = 5 << 20;
 
 impl Vault {
     /// Send every backup of `store` (or of one VM) that the vault lacks.
-    /// A sync of a store of several VMs goes on past a VM that is busy or
-    /// whose backups cannot be sent (`busy`, `corrupt`, `invalid`), then
-    /// fails with the first such error's kind, naming every VM left and
-    /// what was sent of the others.
+    /// A sync of a store of several VMs goes on past a VM it cannot send
+    /// (busy, its backups damaged, missing or unreadable), then fails
+    /// naming every VM left and what was done (see `left_error`); an error
+    /// of the vault itself, a cancel or the time budget ends it at once.
     pub fn sync_from(&self, store: &Store, opts: &SyncOptions, ctl: &Control) -> Result<SyncReport> {
         if opts.part_size < MIN_PART || opts.part_size > (512 << 20) {
             return Err(KnibError::invalid(format!("part size {} is not between 5 MiB and 512 MiB", opts.part_size)));
@@ -174,48 +174,79 @@ impl Vault {
             None => store.vms()?,
         };
         let mut run = SyncRun { store, opts, ctl, report: SyncReport::default() };
-        // A sync of the whole store goes on past a VM busy with another
-        // operation (a backup, say) or whose backups are damaged or refused
-        // (`corrupt`, `invalid`): the others are sent, then the sync fails
-        // naming each VM left. Anything else (the vault unreachable, the
-        // credentials refused, the bucket missing, cancelled) would fail
-        // every VM alike, and ends the sync at once.
+        // A sync of the whole store goes on past a VM it cannot send (busy
+        // with another operation, its backups damaged, missing or
+        // unreadable in the store): the others are sent, then the sync
+        // fails naming each VM left. What would fail every VM alike ends
+        // it at once: the vault unreachable, the credentials refused, the
+        // bucket missing (the vault's own I/O and not-found errors), a
+        // cancel, the time budget.
         let whole = opts.vm.is_none() && vms.len() > 1;
+        let vault_wide = |e: &KnibError| {
+            matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout)
+                || (matches!(e.kind, ErrorKind::Io | ErrorKind::NotFound)
+                    && e.message.starts_with(&format!("vault {}: ", self.location())))
+        };
         let mut left: Vec<(String, KnibError)> = Vec::new();
-        for vm in vms {
-            match self.sync_vm(&mut run, &vm) {
+        for vm in &vms {
+            match self.sync_vm(&mut run, vm) {
                 Ok(()) => {}
-                Err(e) if whole && matches!(e.kind, ErrorKind::Busy | ErrorKind::Corrupt | ErrorKind::InvalidInput) => {
+                Err(e) if whole && !vault_wide(&e) => {
                     log::warn!("sync to {}: VM {vm} is left for the next sync: {e}", self.location());
-                    left.push((vm, e));
+                    left.push((vm.clone(), e));
                 }
                 Err(e) => return Err(e),
             }
         }
-        let Some((_, first)) = left.first() else { return Ok(run.report) };
-        let r = &run.report;
+        if left.is_empty() {
+            return Ok(run.report);
+        }
+        Err(self.left_error(&left, vms.len(), &run.report))
+    }
+
+    /// The error of a whole-store sync that left the VMs of `left`: the
+    /// kind of the gravest (damage before refusal before the rest before
+    /// busy; `corrupt` whenever the vault holds backups the store could
+    /// not mend, as `knib sync` exits then), and what was done meanwhile.
+    fn left_error(&self, left: &[(String, KnibError)], vms: usize, r: &SyncReport) -> KnibError {
+        let grave = |k: ErrorKind| match k {
+            ErrorKind::Corrupt => 0,
+            ErrorKind::InvalidInput => 1,
+            ErrorKind::Busy => 3,
+            _ => 2,
+        };
+        let kind = if r.unmended.is_empty() {
+            left.iter().map(|(_, e)| e.kind).min_by_key(|k| grave(*k)).unwrap_or(ErrorKind::Io)
+        } else {
+            ErrorKind::Corrupt
+        };
         let each: Vec<String> = left.iter().map(|(vm, e)| format!("VM {vm}: {e}")).collect();
         let mut done = format!(
-            "the other VMs were synced ({} backups sent{}, {} present)",
-            r.sent.len(),
-            if r.sent.is_empty() { String::new() } else { format!(": {}", r.sent.join(", ")) },
+            "sent: {}; {} present",
+            if r.sent.is_empty() { "nothing".to_string() } else { r.sent.join(", ") },
             r.present.len()
         );
+        if !r.repaired.is_empty() {
+            done.push_str(&format!("; sent again the lost objects of {}", r.repaired.join(", ")));
+        }
+        for d in &r.damaged {
+            done.push_str(&format!("; DAMAGED in the vault, not repaired: {d}"));
+        }
         if !r.unmended.is_empty() {
             done.push_str(&format!(
                 "; the vault holds backups this store could not mend ({}): they cannot be restored from it",
                 r.unmended.join(", ")
             ));
         }
-        Err(KnibError::new(
-            first.kind,
+        KnibError::new(
+            kind,
             format!(
-                "the sync to {} left {} of the store's VMs unsent: {}; {done}",
+                "the sync to {} left {} of the store's {vms} VMs unsent: {}; {done}",
                 self.location(),
                 left.len(),
                 each.join("; ")
             ),
-        ))
+        )
     }
 
     fn sync_vm(&self, run: &mut SyncRun<'_>, vm: &str) -> Result<()> {

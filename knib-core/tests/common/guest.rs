@@ -295,7 +295,7 @@ impl GuestVm {
     }
 
     /// Restart the guest agent with a freeze hook that, on `freeze`, ends
-    /// the freeze 2 s later behind the agent's back (the agent killed,
+    /// the freeze 4 s later behind the agent's back (the agent killed,
     /// the root filesystem thawed by `fsfreeze --unfreeze`, the agent's
     /// frozen state removed) and starts the agent again with
     /// `guest-fsfreeze-thaw` disabled: a freeze that ends by itself, as a
@@ -307,7 +307,7 @@ impl GuestVm {
             r#"cat > /root/freeze-ends <<'END'
 #!/bin/sh
 if [ "$1" = freeze ]; then
-  setsid sh -c 'sleep 2; kill -9 $(pidof qemu-ga); fsfreeze --unfreeze /; rm -f /run/qga.state.isfrozen; exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log -b guest-fsfreeze-thaw' </dev/null >/dev/null 2>&1 &
+  setsid sh -c 'sleep 4; kill -9 $(pidof qemu-ga); fsfreeze --unfreeze /; rm -f /run/qga.state.isfrozen; exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /run/qemu-ga.log -b guest-fsfreeze-thaw' </dev/null >/dev/null 2>&1 &
 fi
 exit 0
 END

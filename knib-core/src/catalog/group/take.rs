@@ -313,7 +313,10 @@ impl Store {
                             freeze_vms.iter().map(|_| (false, Some(why.clone()))).collect()
                         }
                     };
-                    crate::crashpoint::helper_step(&format!("snapshots of group {id}, its guests frozen"));
+                    crate::crashpoint::helper_step(&format!(
+                        "snapshots of group {id}, its guests frozen: {}",
+                        names.join(", ")
+                    ));
                     for (k, (sent, e)) in to_freeze.iter().zip(&answers) {
                         frozen[*k] = *sent;
                         if let Some(e) = e {

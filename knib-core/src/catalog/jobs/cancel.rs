@@ -214,7 +214,7 @@ impl Store {
     /// The `.comp` files a compression job whose runner died left, removed
     /// under the VM's lock (taking it finishes a compression whose next
     /// manifest names them); best effort, logged.
-    fn remove_comp_of(&self, j: &Job) {
+    pub(super) fn remove_comp_of(&self, j: &Job) {
         if j.kind != JobKind::Compress {
             return;
         }

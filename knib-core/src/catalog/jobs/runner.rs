@@ -138,6 +138,8 @@ pub const BUSY_PATIENCE_SECS: u64 = 3600;
 struct Scan {
     claimed: Option<Job>,
     recovered: Vec<Job>,
+    /// Jobs asked to stop, cancelled instead of taken back or claimed.
+    cancelled: Vec<Job>,
     /// The earliest retry time of a queued job that is not due yet.
     next_due: Option<f64>,
     /// The queued jobs that are not due yet.
@@ -160,6 +162,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
     let mut jobs = load_all(&dir)?;
     let now = now_f64();
     let mut recovered = Vec::new();
+    let mut cancelled = Vec::new();
     for j in jobs.iter_mut().filter(|j| j.state == JobState::Running) {
         let status = j.owner.as_ref().map(|o| o.status()).unwrap_or(OwnerStatus::Dead);
         if status == OwnerStatus::Dead {
@@ -178,6 +181,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
                 j.finished_at = Some(now as u64);
                 j.save(&dir)?;
                 cancel::forget_request(&dir, &j.id);
+                cancelled.push(j.clone());
                 continue;
             }
             log::warn!("job {}: its {who} died; queueing it again", j.id);
@@ -234,6 +238,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
         j.finished_at = Some(now as u64);
         j.save(&dir)?;
         cancel::forget_request(&dir, &j.id);
+        cancelled.push(j.clone());
     }
     let claimed = match pick {
         Some(i) => {
@@ -252,11 +257,13 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
         }
         None => None,
     };
-    Ok(Scan { claimed, recovered, next_due, not_due, blocked })
+    Ok(Scan { claimed, recovered, cancelled, next_due, not_due, blocked })
 }
 
-/// Under the queue lock: write the result of an attempt of `job`.
-fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> Result<Job> {
+/// Under the queue lock: write the result of an attempt of `job`; the job
+/// as it is then, and whether the result was written (not when the job is
+/// no longer this runner's).
+fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> Result<(Job, bool)> {
     let dir = store.jobs_dir();
     let mut j = Job::load(&dir.join(format!("{}.json", job.id)))?;
     if j.state != JobState::Running || j.owner != job.owner {
@@ -270,7 +277,7 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
         if j.state != JobState::Running {
             cancel::forget_request(&dir, &j.id);
         }
-        return Ok(j);
+        return Ok((j, false));
     }
     let now = now_f64();
     j.owner = None;
@@ -324,7 +331,7 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
     }
     j.save(&dir)?;
     cancel::forget_request(&dir, &j.id);
-    Ok(j)
+    Ok((j, true))
 }
 
 /// When the job's backup is gone (or only kept as a removed parent), why;
@@ -588,6 +595,13 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
             shared.summary.lock().recovered.push(j.id.clone());
             emit(JobEvent::Recovered(j));
         }
+        for j in found.cancelled {
+            // A compression's runner may have died mid-write: its `.comp`
+            // files go (the queue lock is no longer held).
+            store.remove_comp_of(&j);
+            shared.summary.lock().cancelled.push(j.id.clone());
+            emit(JobEvent::Finished(j));
+        }
         if let Some(job) = found.claimed {
             emit(JobEvent::Started(job.clone()));
             let outcome = execute_watched(store, &job, settings, opts);
@@ -596,13 +610,16 @@ fn worker(store: &Store, settings: &Settings, opts: &RunOptions, shared: &Shared
             *shared.running.lock() -= 1;
             shared.changed.notify_all();
             match recorded {
-                Ok(j) => {
+                Ok((j, written)) => {
                     {
                         let mut s = shared.summary.lock();
                         let list = match (j.state, &outcome) {
+                            // Cancelled with force meanwhile: counted as
+                            // cancelled; taken by another runner: not ours.
+                            (JobState::Cancelled, _) => Some(&mut s.cancelled),
+                            _ if !written => None,
                             (JobState::Done, _) => Some(&mut s.done),
                             (JobState::Failed, _) => Some(&mut s.failed),
-                            (JobState::Cancelled, _) => Some(&mut s.cancelled),
                             (JobState::Queued, Outcome::Failed(_) | Outcome::Busy(_)) => Some(&mut s.retried),
                             _ => None,
                         };
