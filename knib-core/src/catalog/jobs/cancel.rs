@@ -79,12 +79,7 @@ pub(super) fn forget_request(dir: &Path, id: &str) {
 
 /// Record `j` cancelled, `why`, under the queue lock.
 fn record_cancelled(dir: &Path, j: &mut Job, why: String) -> Result<()> {
-    let now = now_secs();
-    j.state = JobState::Cancelled;
-    j.owner = None;
-    j.last_error = Some(why);
-    j.updated_at = now;
-    j.finished_at = Some(now);
+    j.cancel(why, now_secs());
     j.save(dir)?;
     forget_request(dir, &j.id);
     Ok(())
@@ -190,11 +185,7 @@ impl Store {
                 log::warn!("job {id}: {why}");
                 // The request stays: a runner that still runs stops the
                 // attempt when it sees it, and records nothing over this.
-                j.state = JobState::Cancelled;
-                j.owner = None;
-                j.last_error = Some(why);
-                j.updated_at = now_secs();
-                j.finished_at = j.updated_at.into();
+                j.cancel(why, now_secs());
                 j.save(&dir)?;
                 return Ok(j);
             }

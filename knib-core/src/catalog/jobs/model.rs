@@ -251,6 +251,16 @@ impl Job {
         Ok(job)
     }
 
+    /// Mark the job cancelled at `now` (unix seconds), `why`: no owner, its
+    /// end time set. Not saved.
+    pub(super) fn cancel(&mut self, why: String, now: u64) {
+        self.state = JobState::Cancelled;
+        self.owner = None;
+        self.last_error = Some(why);
+        self.updated_at = now;
+        self.finished_at = Some(now);
+    }
+
     pub(super) fn save(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_vec_pretty(self).expect("a job always serializes");
         fsio::write_atomic(&dir.join(format!("{}.json", self.id)), &text)

@@ -174,11 +174,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
             if cancel::requested(&dir, &j.id) {
                 // Asked to stop before its runner died: not run again.
                 log::warn!("job {}: its {who} died; it was asked to stop: cancelled", j.id);
-                j.state = JobState::Cancelled;
-                j.owner = None;
-                j.last_error = Some(format!("cancelled by the operator; its {who} died"));
-                j.updated_at = now as u64;
-                j.finished_at = Some(now as u64);
+                j.cancel(format!("cancelled by the operator; its {who} died"), now as u64);
                 j.save(&dir)?;
                 cancel::forget_request(&dir, &j.id);
                 cancelled.push(j.clone());
@@ -232,10 +228,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
     for i in asked {
         let j = &mut jobs[i];
         log::warn!("job {}: it was asked to stop: cancelled", j.id);
-        j.state = JobState::Cancelled;
-        j.last_error = Some("cancelled by the operator".into());
-        j.updated_at = now as u64;
-        j.finished_at = Some(now as u64);
+        j.cancel("cancelled by the operator".into(), now as u64);
         j.save(&dir)?;
         cancel::forget_request(&dir, &j.id);
         cancelled.push(j.clone());
@@ -294,10 +287,7 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
             j.last_error = Some(why.clone());
             j.result = Some(result.clone());
         }
-        Outcome::Cancelled(why) => {
-            j.state = JobState::Cancelled;
-            j.last_error = Some(why.clone());
-        }
+        Outcome::Cancelled(why) => j.cancel(why.clone(), now as u64),
         Outcome::Interrupted(e) => {
             j.state = JobState::Queued;
             j.next_attempt_at = now as u64;
@@ -323,8 +313,7 @@ fn record(store: &Store, settings: &Settings, job: &Job, outcome: &Outcome) -> R
     if j.state == JobState::Queued && cancel::requested(&dir, &j.id) {
         // Asked to stop while it ran, its attempt ended before the runner
         // saw it: not queued again.
-        j.state = JobState::Cancelled;
-        j.last_error = Some("cancelled by the operator while it ran".into());
+        j.cancel("cancelled by the operator while it ran".into(), now as u64);
     }
     if !j.state.is_active() {
         j.finished_at = Some(now as u64);
