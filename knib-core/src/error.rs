@@ -118,12 +118,29 @@ pub struct KnibError {
     /// store). `None` when the operation does not touch a VM's disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_consistent: Option<bool>,
+    /// Where the failure arose; not serialized (a caller over JSON has the
+    /// kind and the message).
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// Where a [`KnibError`] arose, for a caller that goes on past some
+/// failures and not others (a sync of a whole store goes on past one VM's
+/// but not past the vault's own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// In knib or on this host (the store, a disk, a hypervisor).
+    #[default]
+    Local,
+    /// In a vault's object store: unreachable, refusing the credentials,
+    /// without its bucket.
+    Vault,
 }
 
 impl KnibError {
     /// A new error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        KnibError { kind, message: message.into(), vm_consistent: None }
+        KnibError { kind, message: message.into(), vm_consistent: None, origin: Origin::Local }
     }
     /// Shorthand for [`ErrorKind::NotFound`].
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -161,6 +178,11 @@ impl KnibError {
     /// The same error with `context` put in front of its message.
     pub fn context(mut self, context: impl fmt::Display) -> Self {
         self.message = format!("{context}: {}", self.message);
+        self
+    }
+    /// The same error, marked as arising in `origin`.
+    pub fn from_origin(mut self, origin: Origin) -> Self {
+        self.origin = origin;
         self
     }
     /// The same error, saying whether the VM was left consistent.

@@ -49,7 +49,7 @@ pub mod session;
 pub mod vault;
 pub mod wire;
 
-pub use error::{ErrorKind, KnibError, Result};
+pub use error::{ErrorKind, KnibError, Origin, Result};
 pub use progress::{CancelToken, Control, Deadline, Progress, ProgressSink};
 
 /// The version of knib (the workspace version).

@@ -20,6 +20,10 @@ use knib_core::catalog::{BackupOptions, Store};
 use knib_core::vault::{SyncOptions, Vault};
 use knib_core::{Control, ErrorKind};
 
+/// Held by each test: the relay is the process's endpoint
+/// (`AWS_ENDPOINT_URL`), so the tests take turns.
+static ENDPOINT: Mutex<()> = Mutex::new(());
+
 /// A TCP relay from a local port to the S3 server, byte for byte, until
 /// [`Relay::cut`]: then every connection through it is shut and new ones
 /// are refused.
@@ -82,6 +86,7 @@ fn a_verify_cut_off_from_the_vault_fails_and_reports_no_damage() {
     if !s3::setup() {
         return;
     }
+    let _turn = ENDPOINT.lock().unwrap_or_else(|e| e.into_inner());
     let p = s3::Prefix::new("cut");
     let vm = TestDisks::two();
     let sdir = tempfile::tempdir().unwrap();
@@ -118,4 +123,56 @@ fn a_verify_cut_off_from_the_vault_fails_and_reports_no_damage() {
         assert_eq!(e.kind, ErrorKind::Io, "{e}");
         assert!(e.message.contains("cannot read"), "{e}");
     }
+}
+
+/// A sync of a whole store whose vault stops answering while it sends the
+/// first VM ends there with the vault's error (origin
+/// [`knib_core::Origin::Vault`]): it does not take the failure for that
+/// VM's own and go on to the next one (each would fail alike, and the
+/// error would blame the VMs).
+#[test]
+fn a_store_sync_cut_off_from_the_vault_ends_at_the_first_vm() {
+    if !s3::setup() {
+        return;
+    }
+    let _turn = ENDPOINT.lock().unwrap_or_else(|e| e.into_inner());
+    let p = s3::Prefix::new("netsync");
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    let (a, b) = (TestDisks::two(), TestDisks::two());
+    qemu_io(a.path("root"), "write -P 0x61 0 4M");
+    qemu_io(b.path("root"), "write -P 0x62 0 4M");
+    let ma = store.backup("vm-a", &a.disks, &BackupOptions::default(), &Control::new()).unwrap();
+    let mb = store.backup("vm-b", &b.disks, &BackupOptions::default(), &Control::new()).unwrap();
+
+    let endpoint = s3::settings().unwrap()["AWS_ENDPOINT_URL"].clone();
+    let server = endpoint.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let relay = Relay::new(&server);
+    std::env::set_var("AWS_ENDPOINT_URL", relay.endpoint());
+    let vault = Vault::open(&p.location()).unwrap();
+    let at = format!("opening {} to send it", store.volume_file(&ma, "root").unwrap().display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
+    let e = std::thread::scope(|s| {
+        let sync = s.spawn(|| vault.sync_from(&store, &SyncOptions::default(), &Control::new()));
+        assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "the sync never began");
+        relay.cut();
+        match sync.join().unwrap() {
+            Ok(r) => panic!("a sync cut off from its vault answered {r:?}"),
+            Err(e) => e,
+        }
+    });
+    assert_eq!(e.kind, ErrorKind::Io, "{e}");
+    assert_eq!(e.origin, knib_core::Origin::Vault, "{e}");
+    assert!(e.message.starts_with(&format!("vault {}: ", p.location())), "{e}");
+    assert!(!e.message.contains("VMs unsent") && !e.message.contains("vm-b"), "{e}");
+
+    // Through a relay that answers, the next sync sends both.
+    let relay = Relay::new(&server);
+    std::env::set_var("AWS_ENDPOINT_URL", relay.endpoint());
+    let r = Vault::open(&p.location()).unwrap().sync_from(&store, &SyncOptions::default(), &Control::new()).unwrap();
+    let mut sent = r.sent.clone();
+    sent.sort();
+    let mut want = vec![ma.id.clone(), mb.id.clone()];
+    want.sort();
+    assert_eq!(sent, want, "{r:?}");
 }

@@ -136,7 +136,7 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
 
 use crate::catalog::Manifest;
-use crate::error::{ErrorKind, KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Origin, Result};
 use crate::names;
 
 pub use direct::VaultSink;
@@ -300,7 +300,8 @@ impl Vault {
                 "vault {}: the bucket does not exist ({})",
                 self.location(),
                 redact(&self.inner.secrets, &error_chain(&e))
-            )),
+            ))
+            .from_origin(Origin::Vault),
             e => self.inner.error("cannot open", &e),
         })
     }
@@ -691,7 +692,7 @@ impl Inner {
             _ if refused.iter().any(|r| text.contains(r)) => (ErrorKind::Io, REFUSED),
             _ => (ErrorKind::Io, ""),
         };
-        KnibError::new(kind, format!("vault {}: {what}: {text}{hint}", self.location))
+        KnibError::new(kind, format!("vault {}: {what}: {text}{hint}", self.location)).from_origin(Origin::Vault)
     }
 }
 

@@ -33,7 +33,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::Vault;
 use crate::catalog::{Manifest, Store};
-use crate::error::{ErrorKind, KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Origin, Result};
 use crate::progress::Control;
 
 /// How a sync sends.
@@ -184,8 +184,7 @@ impl Vault {
         let whole = opts.vm.is_none() && vms.len() > 1;
         let vault_wide = |e: &KnibError| {
             matches!(e.kind, ErrorKind::Cancelled | ErrorKind::Timeout)
-                || (matches!(e.kind, ErrorKind::Io | ErrorKind::NotFound)
-                    && e.message.starts_with(&format!("vault {}: ", self.location())))
+                || (matches!(e.kind, ErrorKind::Io | ErrorKind::NotFound) && e.origin == Origin::Vault)
         };
         let mut left: Vec<(String, KnibError)> = Vec::new();
         for vm in &vms {
