@@ -92,3 +92,36 @@ fn a_changed_parent_fails_the_verify_of_its_child_naming_the_parent() {
     let reports = store.verify(None, &ctl).unwrap();
     assert!(reports.iter().all(|r| r.ok), "{reports:?}");
 }
+
+/// A verify stopped (cancelled, or out of time) while `qemu-img info`
+/// reads a backup's file ends with that: it does not report the backup as
+/// having a problem (a validation job would fail it as not valid).
+#[test]
+fn a_verify_stopped_during_qemu_img_info_reports_no_problem() {
+    let vm = TestDisks::two();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::create(dir.path()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x71 0 2M");
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &Control::new()).unwrap();
+    let at = format!("verify of backup {}: qemu-img info of root", m.id);
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(2));
+    let ctl = Control::new();
+    let r = std::thread::scope(|s| {
+        let verify = s.spawn(|| store.verify(Some(&m.id), &ctl));
+        assert!(
+            knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(60)),
+            "the verify never reached {at}"
+        );
+        ctl.cancel.cancel();
+        verify.join().unwrap()
+    });
+    let e = match r {
+        Ok(reports) => panic!("a verify stopped during qemu-img info answered {reports:?}"),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind, knib_core::ErrorKind::Cancelled, "{e}");
+    assert!(e.message.contains("qemu-img") && e.message.contains(" info "), "{e}");
+    // Not stopped, the same backup is whole.
+    let reports = store.verify(Some(&m.id), &Control::new()).unwrap();
+    assert!(report_of(&reports, &m.id).ok, "{reports:?}");
+}

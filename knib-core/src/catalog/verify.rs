@@ -164,6 +164,7 @@ impl Store {
                 Err(e) => problems.push(e.message),
             }
             files_checked += 1;
+            crate::crashpoint::pause_point(&format!("verify of backup {}: qemu-img info of {}", m.id, v.name));
             match q.info(&file, ctl) {
                 Ok(info) => {
                     if info.backing_filename != v.backing {
