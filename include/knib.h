@@ -54,8 +54,9 @@
  * knib_context_cancel() (the operation stops, removes its partial files
  * and returns KNIB_RESULT_CANCELLED; the short operations on a store's
  * records, version, list, show, delete, vm.settings, group.list,
- * group.show, group.delete, agent.finalize_compression and
- * agent.cleanup_validation, are not stopped once started: they run to
+ * group.show, group.delete, jobs.list, jobs.show, jobs.queue,
+ * agent.finalize_compression and agent.cleanup_validation, are not
+ * stopped once started: they run to
  * their end, and neither a cancellation asked for meanwhile nor the time
  * budget applies to them), the setters (they apply to the next
  * operation), the error readers, and knib_context_free() (the handle is
@@ -998,6 +999,147 @@
  *         }
  *       }
  *
+ *   jobs.cancel: Cancel a job: a queued one at once, a running one by asking
+ *                its runner to stop it (its backup left as it was).
+ *     request:
+ *       force?     boolean, default false: When the runner of a running job
+ *                  does not stop it within the wait (its host is down, say),
+ *                  record it cancelled all the same.
+ *       job        string: The job's id.
+ *       store      string: The store directory.
+ *       wait_secs? integer or null: How long to wait for the runner of a
+ *                  running job to stop it, in seconds; absent: 30. A queued
+ *                  job is cancelled at once.
+ *     answer: JobView
+ *     example request:
+ *       {"job": "compress-20261201-120500000-7e8f", "store": "/backups"}
+ *     example answer (abridged):
+ *       {
+ *         "attempts": 0,
+ *         "backup": "20261201-120000000-a1b2",
+ *         "created_at": 1796126700,
+ *         "finished_at": 1796126720,
+ *         "id": "compress-20261201-120500000-7e8f",
+ *         "kind": "compress",
+ *         "last_error": "cancelled by the operator while it ran",
+ *         "next_attempt_at": 1796126700,
+ *         "owner": null,
+ *         "owner_status": null,
+ *         "schema": 1,
+ *         "state": "cancelled",
+ *         "updated_at": 1796126720,
+ *         "vm": "web"
+ *       }
+ *
+ *   jobs.list: The store's jobs (compression, validation, sync), oldest
+ *              first.
+ *     request:
+ *       store  string: The store directory.
+ *     answer: [JobView]
+ *     example request:
+ *       {"store": "/backups"}
+ *     example answer (abridged):
+ *       [
+ *         {
+ *           "attempts": 0,
+ *           "backup": "20261201-120000000-a1b2",
+ *           "created_at": 1796126700,
+ *           "finished_at": null,
+ *           "id": "compress-20261201-120500000-7e8f",
+ *           "kind": "compress",
+ *           "last_error": null,
+ *           "next_attempt_at": 1796126700,
+ *           "owner": {
+ *             "hostname": "kvm-host-1",
+ *             "pid": 4242,
+ *             "started_at": 1796126710
+ *           },
+ *           "owner_status": "alive",
+ *           "schema": 1,
+ *           "state": "running",
+ *           "updated_at": 1796126710,
+ *           "vm": "web"
+ *         },
+ *         {
+ *           "attempts": 0,
+ *           "backup": "20261201-120000000-a1b2",
+ *           "created_at": 1796126760,
+ *           "finished_at": null,
+ *           "id": "validate-20261201-120600000-9a0b",
+ *           "kind": "validate",
+ *           "last_error": null,
+ *           "next_attempt_at": 1796126760,
+ *           "owner": null,
+ *           "owner_status": null,
+ *           "schema": 1,
+ *           "state": "queued",
+ *           "updated_at": 1796126760,
+ *           "vm": "web"
+ *         }
+ *       ]
+ *
+ *   jobs.queue: Queue a compression or validation of a backup, or a sync of a
+ *               VM to the store's vault (run by `knib jobs run`).
+ *     request:
+ *       backup? string or null: The backup's id: required for `compress` and
+ *               `validate`; for `sync`, its VM is synced (or give `vm`).
+ *       kind    "compress" | "validate" | "sync": `compress` (the backup
+ *               compressed in place), `validate` (file checks, hashes and,
+ *               when `validation.boot` is set in the store's `knib.json`, a
+ *               boot test) or `sync` (every backup of the VM that the vault
+ *               of `sync.vault` lacks sent to it).
+ *       store   string: The store directory.
+ *       vm?     string or null: For `sync`: the VM whose backups are sent.
+ *     answer: JobView
+ *     example request:
+ *       {
+ *         "backup": "20261201-120000000-a1b2",
+ *         "kind": "compress",
+ *         "store": "/backups"
+ *       }
+ *     example answer (abridged):
+ *       {
+ *         "attempts": 0,
+ *         "backup": "20261201-120000000-a1b2",
+ *         "created_at": 1796126700,
+ *         "finished_at": null,
+ *         "id": "compress-20261201-120500000-7e8f",
+ *         "kind": "compress",
+ *         "last_error": null,
+ *         "next_attempt_at": 1796126700,
+ *         "owner": null,
+ *         "owner_status": null,
+ *         "schema": 1,
+ *         "state": "queued",
+ *         "updated_at": 1796126700,
+ *         "vm": "web"
+ *       }
+ *
+ *   jobs.show: One job of the store's queue.
+ *     request:
+ *       job    string: The job's id (`jobs.list`).
+ *       store  string: The store directory.
+ *     answer: JobView
+ *     example request:
+ *       {"job": "compress-20261201-120500000-7e8f", "store": "/backups"}
+ *     example answer (abridged):
+ *       {
+ *         "attempts": 0,
+ *         "backup": "20261201-120000000-a1b2",
+ *         "created_at": 1796126700,
+ *         "finished_at": 1796126742,
+ *         "id": "compress-20261201-120500000-7e8f",
+ *         "kind": "compress",
+ *         "last_error": null,
+ *         "next_attempt_at": 1796126700,
+ *         "owner": null,
+ *         "owner_status": null,
+ *         "schema": 1,
+ *         "state": "done",
+ *         "updated_at": 1796126742,
+ *         "vm": "web"
+ *       }
+ *
  *   list: The backups of a store that were not deleted.
  *     request:
  *       store  string: The store directory, or a vault
@@ -1397,6 +1539,45 @@
  *   FileHash: One file's hash.
  *       hash  string: Its xxh3-128.
  *       path  string: The file.
+ *
+ *   JobView: A job, as its file holds it, and whether its runner still runs.
+ *       attempts         integer: Failed attempts so far (interrupted ones
+ *                        are not counted).
+ *       backup           string: The backup it works on (a sync job: the VM's
+ *                        newest backup when it was queued; it sends that one
+ *                        and every other the vault lacks).
+ *       created_at       integer: When it was queued (unix seconds).
+ *       finished_at?     integer or null: When it ended (done, failed or
+ *                        cancelled), unix seconds.
+ *       id               string: The job's id (its file's name without
+ *                        `.json`).
+ *       kind             "compress" | "validate" | "sync": What it does.
+ *       last_error?      string or null: Why the last attempt failed (or why
+ *                        it was cancelled or taken back).
+ *       next_attempt_at  integer: When it may run (again), unix seconds.
+ *       owner?           JobOwner or null: The runner holding it, while it is
+ *                        running.
+ *       owner_status?    "alive" | "dead" | "other_host" or null: For a
+ *                        running job: `alive` (its runner on this host runs),
+ *                        `dead` (it is gone: the next `knib jobs run` takes
+ *                        the job back) or `other_host` (nothing can be told
+ *                        from here); null otherwise.
+ *       result?          any: What the last attempt found (a validation's
+ *                        report).
+ *       schema           integer: Schema version ([`JOB_SCHEMA`]).
+ *       state            "queued" | "running" | "done" | "failed" |
+ *                        "cancelled": Where it is in its life.
+ *       updated_at       integer: When its file last changed (unix seconds).
+ *       vm               string: The VM of the backup.
+ *
+ *   JobOwner: The runner process holding a running job.
+ *       boot_id?    string or null: The Linux boot id of its host when it
+ *                   claimed the job.
+ *       hostname    string: Its host.
+ *       pid         integer: Its process id.
+ *       pid_start?  integer or null: The start time of its process (clock
+ *                   ticks after boot), so a reused pid is not taken for it.
+ *       started_at  integer: When it claimed the job (unix seconds).
  *
  *   MemberSpec: One VM of a group backup.
  *       disks?  [DiskSpec], default []: The plain-disk VM's disks.

@@ -215,6 +215,10 @@ fn jobs_queue_validate_runs_the_checks_and_a_bad_backup_exits_corrupt() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(20), "{err}");
     let list = ok_json(&["--json", "jobs", "list", "--store", s(&store)]);
+    // The JSON API answers the same jobs, field for field.
+    let api =
+        knib_core::api::call("jobs.list", &serde_json::json!({"store": store}).to_string(), &knib_core::Control::new());
+    assert_eq!(serde_json::from_str::<Value>(&api.unwrap()).unwrap(), list);
     let last = &list.as_array().unwrap()[1];
     assert_eq!(last["state"], "failed");
     let why = last["last_error"].as_str().unwrap();

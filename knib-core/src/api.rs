@@ -48,6 +48,7 @@ use crate::wire::{self, to_json};
 
 pub mod catalog;
 pub mod group;
+pub mod jobs;
 
 pub use crate::wire::{DEFAULT_URI, SCHEMA};
 pub use catalog::{BackupView, VolumeView};
@@ -136,6 +137,14 @@ operations! {
     "group.delete" => GroupDelete(group::GroupRef) -> group::GroupDeleteAnswer,
     /// Finish the group backups a crash interrupted (each member recovered).
     "group.recover" => GroupRecover(group::GroupRecoverReq) -> Vec<crate::catalog::group::GroupRecord>,
+    /// The store's jobs (compression, validation, sync), oldest first.
+    "jobs.list" => JobsList(jobs::JobsListReq) -> Vec<jobs::JobView>,
+    /// One job of the store's queue.
+    "jobs.show" => JobsShow(jobs::JobRef) -> jobs::JobView,
+    /// Queue a compression or validation of a backup, or a sync of a VM to the store's vault (run by `knib jobs run`).
+    "jobs.queue" => JobsQueue(jobs::JobsQueueReq) -> jobs::JobView,
+    /// Cancel a job: a queued one at once, a running one by asking its runner to stop it (its backup left as it was).
+    "jobs.cancel" => JobsCancel(jobs::JobsCancelReq) -> jobs::JobView,
     /// Snapshot a domain's volumes, copy them to the store, merge (CloudStack's TakeKbossBackupCommand); or, with method bitmap, copy what a checkpoint tracked.
     "agent.take_backup" => TakeBackup(agent::TakeReq) -> agent::TakeBackupAnswer,
     /// Discard a failed agent.take_backup (store files removed, VM back on base <- delta), or with mode "complete" finish it when it is stored, given its request.
@@ -205,6 +214,10 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::GroupRestore(r) => to_json(&group::restore(r, ctl)?),
         Request::GroupDelete(r) => to_json(&group::delete(r)?),
         Request::GroupRecover(r) => to_json(&group::recover(op, r, ctl)?),
+        Request::JobsList(r) => to_json(&jobs::list(r)?),
+        Request::JobsShow(r) => to_json(&jobs::show(r)?),
+        Request::JobsQueue(r) => to_json(&jobs::queue(r)?),
+        Request::JobsCancel(r) => to_json(&jobs::cancel(r, ctl)?),
         // Without `domain` (`running: false`): the volumes' files alone.
         Request::TakeBackup(r) => {
             let domain = agent::domain_of(op, &r.domain, r.running)?;

@@ -51,6 +51,10 @@ fn relative_or_empty_paths_are_refused_naming_the_field() {
         ("files.ls", "store", json!({"store": "", "backup": m.id, "volume": "d"})),
         ("list", "store", json!({"store": rel})),
         ("vm.settings", "store", json!({"store": rel, "vm": "v", "backup_method": "snapshot"})),
+        ("jobs.list", "store", json!({"store": rel})),
+        ("jobs.queue", "store", json!({"store": rel, "kind": "compress", "backup": m.id})),
+        ("jobs.show", "store", json!({"store": "", "job": "compress-x"})),
+        ("jobs.cancel", "store", json!({"store": rel, "job": "compress-x"})),
     ];
     for (op, field, req) in cases {
         let r = call(op, req.clone());
@@ -75,6 +79,9 @@ fn relative_or_empty_paths_are_refused_naming_the_field() {
         ("recover", json!({"store": vault, "domain": "v"})),
         ("vm.settings", json!({"store": vault, "vm": "v", "backup_method": "snapshot"})),
         ("group.list", json!({"store": vault})),
+        ("jobs.list", json!({"store": vault})),
+        ("jobs.queue", json!({"store": vault, "kind": "validate", "backup": m.id})),
+        ("jobs.cancel", json!({"store": vault, "job": "compress-x"})),
     ] {
         let e = call(op, req).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput, "{op}: {e}");

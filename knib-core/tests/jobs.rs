@@ -785,3 +785,119 @@ fn a_cancel_is_not_lost_to_its_runner_ending_retrying_or_dying() {
     assert!(!store.jobs_dir().join(format!("{}.cancel", job.id)).exists());
     assert!(store.show(&other.id).unwrap().compression.is_none());
 }
+
+/// The JSON API's job operations (`jobs.queue`, `jobs.list`, `jobs.show`,
+/// `jobs.cancel`) on a real store: each answers the job as its file holds
+/// it, with `owner_status`; bad requests get their exact error and change
+/// nothing; a job queued through the API is run by the runner and a
+/// running one is cancelled (busy without force when its runner does not
+/// stop it, cancelled with force).
+#[test]
+fn the_json_api_queues_lists_shows_and_cancels_jobs() {
+    let (dir, store) = store_with(r#""compression": {"retry_interval_secs": 0}"#);
+    let b = backups(&store, dir.path(), "vm1", &[4, 2]);
+    let root = store.root().display().to_string();
+    let ctl = Control::new();
+    let call = |op: &str, req: serde_json::Value| -> knib_core::Result<serde_json::Value> {
+        knib_core::api::call(op, &req.to_string(), &ctl).map(|t| serde_json::from_str(&t).unwrap())
+    };
+
+    // Bad requests: the exact error, nothing queued.
+    let bad: Vec<(serde_json::Value, ErrorKind, String)> = vec![
+        (
+            serde_json::json!({"store": root, "kind": "compress"}),
+            ErrorKind::InvalidInput,
+            "jobs.queue: a compress job needs `backup`".into(),
+        ),
+        (
+            serde_json::json!({"store": root, "kind": "validate", "backup": b[0].0.id, "vm": "vm1"}),
+            ErrorKind::InvalidInput,
+            "jobs.queue: a validate job takes `backup`, not `vm`".into(),
+        ),
+        (
+            serde_json::json!({"store": root, "kind": "sync", "backup": b[0].0.id, "vm": "vm1"}),
+            ErrorKind::InvalidInput,
+            "jobs.queue: a sync job takes either `vm` or `backup`, one of them".into(),
+        ),
+        (
+            serde_json::json!({"store": root, "kind": "sync", "vm": "vm1"}),
+            ErrorKind::InvalidInput,
+            format!(
+                "store {root} has no vault for sync jobs: set \"sync.vault\": \"s3://BUCKET/PREFIX\" in its knib.json"
+            ),
+        ),
+        (
+            serde_json::json!({"store": root, "kind": "compress", "backup": "20990101-000000000-0000"}),
+            ErrorKind::NotFound,
+            format!("backup 20990101-000000000-0000 does not exist in store {root}"),
+        ),
+    ];
+    for (req, kind, message) in bad {
+        let e = call("jobs.queue", req.clone()).unwrap_err();
+        assert_eq!((e.kind, e.message.as_str()), (kind, message.as_str()), "{req}");
+    }
+    let e = call("jobs.queue", serde_json::json!({"store": root, "kind": "shrink", "backup": b[0].0.id})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert!(e.message.contains("shrink"), "{e}");
+    assert_eq!(call("jobs.list", serde_json::json!({"store": root})).unwrap(), serde_json::json!([]));
+
+    // Queued, listed, shown: the job file's fields and owner_status.
+    let q = call("jobs.queue", serde_json::json!({"store": root, "kind": "compress", "backup": b[0].0.id})).unwrap();
+    let id = q["id"].as_str().unwrap().to_string();
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.jobs_dir().join(format!("{id}.json"))).unwrap()).unwrap();
+    let mut want = file.clone();
+    want["owner_status"] = serde_json::Value::Null;
+    assert_eq!(q, want);
+    assert_eq!(
+        (q["kind"].as_str(), q["state"].as_str(), q["vm"].as_str()),
+        (Some("compress"), Some("queued"), Some("vm1"))
+    );
+    assert_eq!(call("jobs.show", serde_json::json!({"store": root, "job": id})).unwrap(), want);
+    assert_eq!(call("jobs.list", serde_json::json!({"store": root})).unwrap(), serde_json::json!([want]));
+    let e =
+        call("jobs.queue", serde_json::json!({"store": root, "kind": "compress", "backup": b[0].0.id})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    for (job, kind) in [("compress-20990101-000000000-0000", ErrorKind::NotFound), ("../knib", ErrorKind::InvalidInput)]
+    {
+        let e = call("jobs.show", serde_json::json!({"store": root, "job": job})).unwrap_err();
+        assert_eq!(e.kind, kind, "{e}");
+        let e = call("jobs.cancel", serde_json::json!({"store": root, "job": job})).unwrap_err();
+        assert_eq!(e.kind, kind, "{e}");
+    }
+
+    // Run by the runner: done, the backup compressed.
+    let s = run_jobs(&store, &RunOptions::default()).unwrap();
+    assert_eq!(s.done, vec![id.clone()], "{s:?}");
+    let done = call("jobs.show", serde_json::json!({"store": root, "job": id})).unwrap();
+    assert_eq!(done["state"], "done", "{done}");
+    assert!(store.show(&b[0].0.id).unwrap().compression.is_some());
+    let e = call("jobs.cancel", serde_json::json!({"store": root, "job": id})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_eq!(e.message, format!("job {id} has ended (done): there is nothing to cancel"));
+
+    // Queued, then cancelled before it ran.
+    let v = call("jobs.queue", serde_json::json!({"store": root, "kind": "validate", "backup": b[1].0.id})).unwrap();
+    let vid = v["id"].as_str().unwrap().to_string();
+    let c = call("jobs.cancel", serde_json::json!({"store": root, "job": vid})).unwrap();
+    assert_eq!(
+        (c["state"].as_str(), c["last_error"].as_str()),
+        (Some("cancelled"), Some("cancelled by the operator before it ran"))
+    );
+    assert!(run_jobs(&store, &RunOptions::default()).unwrap().done.is_empty());
+
+    // Running under a runner of another host that does not stop it: busy
+    // after the wait, the job still running; cancelled with force.
+    let c = call("jobs.queue", serde_json::json!({"store": root, "kind": "compress", "backup": b[1].0.id})).unwrap();
+    let cid = c["id"].as_str().unwrap().to_string();
+    fake_running(&store, &cid, 1, "another-host.example", 0);
+    let shown = call("jobs.show", serde_json::json!({"store": root, "job": cid})).unwrap();
+    assert_eq!((shown["state"].as_str(), shown["owner_status"].as_str()), (Some("running"), Some("other_host")));
+    let e = call("jobs.cancel", serde_json::json!({"store": root, "job": cid, "wait_secs": 1})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Busy, "{e}");
+    assert_eq!(call("jobs.show", serde_json::json!({"store": root, "job": cid})).unwrap()["state"], "running");
+    let f = call("jobs.cancel", serde_json::json!({"store": root, "job": cid, "wait_secs": 0, "force": true})).unwrap();
+    assert_eq!((f["state"].as_str(), f["owner"].is_null()), (Some("cancelled"), true), "{f}");
+    assert!(f["last_error"].as_str().unwrap().starts_with("cancelled by the operator with force"), "{f}");
+    restores_identical(&store, &b[1].0.id, &b[1].1);
+}

@@ -11,6 +11,7 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::JOB_SCHEMA;
@@ -21,7 +22,7 @@ use crate::fsio;
 use crate::names;
 
 /// What a job does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     /// Compress a backup in place.
@@ -67,7 +68,7 @@ impl JobKind {
 }
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Waiting to run (at `next_attempt_at` or later).
@@ -102,7 +103,7 @@ impl JobState {
 }
 
 /// The runner process holding a running job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobOwner {
     /// Its process id.
@@ -121,7 +122,7 @@ pub struct JobOwner {
 }
 
 /// Whether a job's owner still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OwnerStatus {
     /// The owner process is alive on this host.
@@ -137,7 +138,7 @@ pub enum OwnerStatus {
 const CLOCK_SLACK_SECS: u64 = 86_400;
 
 /// One job: `STORE/jobs/<id>.json`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Job {
     /// Schema version ([`JOB_SCHEMA`]).

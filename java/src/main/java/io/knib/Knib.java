@@ -21,7 +21,7 @@ import java.util.logging.Level;
  * called from any other thread while an operation runs: the operation ends with {@link CancelledException}
  * having removed what it wrote (the short operations on a store's records, {@code list}, {@code show},
  * {@code delete}, {@code vm.settings}, {@code group.list}, {@code group.show}, {@code group.delete},
- * {@code agent.finalize_compression} and {@code agent.cleanup_validation}, run to their end once started:
+ * {@code jobs.list}, {@code jobs.show}, {@code jobs.queue}, {@code agent.finalize_compression} and {@code agent.cleanup_validation}, run to their end once started:
  * neither a cancellation asked for meanwhile nor the time budget applies to them). {@link #close()} releases the native context exactly once; closing again
  * does nothing, and using a closed instance throws {@link IllegalStateException}. An instance that is never
  * closed is released when it is garbage collected.
@@ -466,6 +466,56 @@ public final class Knib implements AutoCloseable {
      */
     public VmSettings.Settings vmSettings(VmSettings.Request request) throws KnibException {
         return run("vm.settings", request, VmSettings.Settings.class);
+    }
+
+    /**
+     * Queue a job in the store ({@code jobs.queue}): the compression or validation of a backup, or the sync of a
+     * VM to the store's vault. {@code knib jobs run} runs it.
+     *
+     * @param request the store, the kind of job and its backup or VM
+     * @return the job, queued (a sync job already queued for the VM is answered instead, set to send the newest
+     *     backup too)
+     * @throws KnibException on failure ({@link InvalidInputException} for a backup already compressed or with
+     *     such a job queued or running, {@link NotFoundException} for an unknown backup)
+     */
+    public Jobs.Job jobsQueue(Jobs.QueueRequest request) throws KnibException {
+        return run("jobs.queue", request, Jobs.Job.class);
+    }
+
+    /**
+     * The store's jobs, oldest first ({@code jobs.list}).
+     *
+     * @param request the store
+     * @return every job, ended ones too
+     * @throws KnibException on failure
+     */
+    public List<Jobs.Job> jobsList(Jobs.ListRequest request) throws KnibException {
+        return runList("jobs.list", request, Jobs.Job.class);
+    }
+
+    /**
+     * One job ({@code jobs.show}).
+     *
+     * @param request the store and the job's id
+     * @return the job
+     * @throws KnibException on failure ({@link NotFoundException} when there is no such job)
+     */
+    public Jobs.Job jobsShow(Jobs.ShowRequest request) throws KnibException {
+        return run("jobs.show", request, Jobs.Job.class);
+    }
+
+    /**
+     * Cancel a job ({@code jobs.cancel}): a queued one at once; a running one by asking its runner to stop it (a
+     * compression stopped so leaves its backup as it was). {@link #cancel()} ends the wait, forcing nothing.
+     *
+     * @param request the store, the job, the wait and whether to force
+     * @return the job afterwards: {@code "cancelled"}, or {@code "done"}/{@code "failed"} when its attempt ended
+     *     first
+     * @throws KnibException on failure ({@link BusyException} when its runner did not stop it in time and force
+     *     was not asked; {@link InvalidInputException} for a job that had ended)
+     */
+    public Jobs.Job jobsCancel(Jobs.CancelRequest request) throws KnibException {
+        return run("jobs.cancel", request, Jobs.Job.class);
     }
 
     /** Tests only: the native handle. */

@@ -59,7 +59,7 @@ class ApiShapeTest {
             }
         }
         assertTrue(problems.isEmpty(), String.join("\n", problems));
-        assertEquals(22, requests, "one request type per operation of the facade");
+        assertEquals(26, requests, "one request type per operation of the facade");
     }
 
     @Test
@@ -70,7 +70,8 @@ class ApiShapeTest {
                 CleanupVmBackup.Request.class, MergeSnapshot.Request.class, GroupBackup.Request.class,
                 GroupBackup.Member.class, GroupBackup.Disk.class, GroupBackup.ListRequest.class,
                 GroupBackup.ShowRequest.class, GroupBackup.RestoreRequest.class, GroupBackup.DeleteRequest.class,
-                GroupBackup.RecoverRequest.class)) {
+                GroupBackup.RecoverRequest.class, Jobs.QueueRequest.class, Jobs.ListRequest.class,
+                Jobs.ShowRequest.class, Jobs.CancelRequest.class)) {
             assertTrue(c.isRecord(), c + " is a record");
         }
         // Two forms, no nullable positional argument: a final class.
