@@ -12,7 +12,7 @@ mod s3;
 
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use common::disk::*;
@@ -23,6 +23,15 @@ use knib_core::{Control, ErrorKind};
 /// Held by each test: the relay is the process's endpoint
 /// (`AWS_ENDPOINT_URL`), so the tests take turns.
 static ENDPOINT: Mutex<()> = Mutex::new(());
+
+/// This test's turn at the endpoint, set to the S3 server itself (not a
+/// relay another test left), and the server's address for a relay.
+fn turn() -> (MutexGuard<'static, ()>, String) {
+    let turn = ENDPOINT.lock().unwrap_or_else(|e| e.into_inner());
+    let endpoint = s3::settings().unwrap()["AWS_ENDPOINT_URL"].clone();
+    std::env::set_var("AWS_ENDPOINT_URL", &endpoint);
+    (turn, endpoint.trim_start_matches("http://").trim_end_matches('/').to_string())
+}
 
 /// A TCP relay from a local port to the S3 server, byte for byte, until
 /// [`Relay::cut`]: then every connection through it is shut and new ones
@@ -86,7 +95,7 @@ fn a_verify_cut_off_from_the_vault_fails_and_reports_no_damage() {
     if !s3::setup() {
         return;
     }
-    let _turn = ENDPOINT.lock().unwrap_or_else(|e| e.into_inner());
+    let (_turn, server) = turn();
     let p = s3::Prefix::new("cut");
     let vm = TestDisks::two();
     let sdir = tempfile::tempdir().unwrap();
@@ -97,8 +106,6 @@ fn a_verify_cut_off_from_the_vault_fails_and_reports_no_damage() {
     let m2 = store.backup("vm1", &vm.disks, &BackupOptions::default(), &Control::new()).unwrap();
     Vault::open(&p.location()).unwrap().sync_from(&store, &SyncOptions::default(), &Control::new()).unwrap();
 
-    let endpoint = s3::settings().unwrap()["AWS_ENDPOINT_URL"].clone();
-    let server = endpoint.trim_start_matches("http://").trim_end_matches('/').to_string();
     let relay = Relay::new(&server);
     std::env::set_var("AWS_ENDPOINT_URL", relay.endpoint());
     // Through the relay, both backups are whole.
@@ -135,7 +142,7 @@ fn a_store_sync_cut_off_from_the_vault_ends_at_the_first_vm() {
     if !s3::setup() {
         return;
     }
-    let _turn = ENDPOINT.lock().unwrap_or_else(|e| e.into_inner());
+    let (_turn, server) = turn();
     let p = s3::Prefix::new("netsync");
     let sdir = tempfile::tempdir().unwrap();
     let store = Store::create(sdir.path()).unwrap();
@@ -145,8 +152,6 @@ fn a_store_sync_cut_off_from_the_vault_ends_at_the_first_vm() {
     let ma = store.backup("vm-a", &a.disks, &BackupOptions::default(), &Control::new()).unwrap();
     let mb = store.backup("vm-b", &b.disks, &BackupOptions::default(), &Control::new()).unwrap();
 
-    let endpoint = s3::settings().unwrap()["AWS_ENDPOINT_URL"].clone();
-    let server = endpoint.trim_start_matches("http://").trim_end_matches('/').to_string();
     let relay = Relay::new(&server);
     std::env::set_var("AWS_ENDPOINT_URL", relay.endpoint());
     let vault = Vault::open(&p.location()).unwrap();
