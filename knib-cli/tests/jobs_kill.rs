@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::disk::{assert_identical, make_disk, qemu_io, snapshot};
+use common::disk::{assert_identical, comp_part, make_disk, qemu_io, snapshot};
 
 const MIB: u64 = 1 << 20;
 
@@ -44,15 +44,28 @@ fn comp_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[test]
-fn a_runner_killed_mid_compression_is_taken_back_and_finishes() {
+/// A backup of VM vm1 (one disk of `size` MiB, `writes` made first, kept
+/// in `reference.qcow2`) and its compression queued at `mbps` MB/s.
+struct Queued {
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    id: String,
+    file: PathBuf,
+    /// The compression's temporary output, there while it runs.
+    comp: PathBuf,
+    reference: PathBuf,
+    job_id: String,
+}
+
+fn queued(size: u64, writes: &[&str], mbps: u32) -> Queued {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let s = store.to_str().unwrap();
     let disk = dir.path().join("root.qcow2");
-    make_disk(&disk, 96 * MIB, &[]);
-    qemu_io(&disk, "write -P 0x5a 0 64M");
-    qemu_io(&disk, "write -P 0xa5 80M 4M");
+    make_disk(&disk, size * MIB, &[]);
+    for w in writes {
+        qemu_io(&disk, w);
+    }
     let reference = dir.path().join("reference.qcow2");
     snapshot(&disk, &reference);
     let disk_arg = format!("root={}", disk.display());
@@ -60,13 +73,24 @@ fn a_runner_killed_mid_compression_is_taken_back_and_finishes() {
     let id = backup["id"].as_str().unwrap().to_string();
     let file = PathBuf::from(backup["volumes"][0]["file"].as_str().unwrap());
     // A compression writes under a temporary name until its output is whole.
-    let comp = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
-
-    // 68 MiB at 8 MB/s: the compression takes several seconds.
-    std::fs::write(store.join("knib.json"), r#"{"schema": 1, "compression": {"rate_limit_mbps": 8}}"#).unwrap();
+    let comp = comp_part(&file);
+    std::fs::write(
+        store.join("knib.json"),
+        format!(r#"{{"schema": 1, "compression": {{"rate_limit_mbps": {mbps}}}}}"#),
+    )
+    .unwrap();
     let job = json(&["--json", "jobs", "queue", "--store", s, &id]);
-    let job_id = job["id"].as_str().unwrap().to_string();
     assert_eq!(job["state"], "queued");
+    let job_id = job["id"].as_str().unwrap().to_string();
+    Queued { dir, store, id, file, comp, reference, job_id }
+}
+
+#[test]
+fn a_runner_killed_mid_compression_is_taken_back_and_finishes() {
+    // 68 MiB at 8 MB/s: the compression takes several seconds.
+    let Queued { dir, store, id, file: _, comp, reference, job_id } =
+        queued(96, &["write -P 0x5a 0 64M", "write -P 0xa5 80M 4M"], 8);
+    let s = store.to_str().unwrap();
 
     let mut runner = Command::new(env!("CARGO_BIN_EXE_knib"))
         .args(["jobs", "run", "--store", s])
@@ -127,24 +151,10 @@ fn a_runner_killed_mid_compression_is_taken_back_and_finishes() {
 /// left. A job that ended is refused (13), an unknown one not found (11).
 #[test]
 fn jobs_cancel_stops_the_compression_another_process_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("store");
-    let s = store.to_str().unwrap();
-    let disk = dir.path().join("root.qcow2");
-    make_disk(&disk, 64 * MIB, &[]);
-    qemu_io(&disk, "write -P 0x5a 0 48M");
-    let reference = dir.path().join("reference.qcow2");
-    snapshot(&disk, &reference);
-    let disk_arg = format!("root={}", disk.display());
-    let backup = json(&["--json", "backup", "--store", s, "--vm", "vm1", "--disk", &disk_arg]);
-    let id = backup["id"].as_str().unwrap().to_string();
-    let file = PathBuf::from(backup["volumes"][0]["file"].as_str().unwrap());
-    let comp = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
-    let manifest = std::fs::read(file.with_file_name("manifest.json")).unwrap();
     // 48 MiB at 4 MB/s: the compression takes about 12 s.
-    std::fs::write(store.join("knib.json"), r#"{"schema": 1, "compression": {"rate_limit_mbps": 4}}"#).unwrap();
-    let job = json(&["--json", "jobs", "queue", "--store", s, &id]);
-    let job_id = job["id"].as_str().unwrap().to_string();
+    let Queued { dir, store, id, file, comp, reference, job_id } = queued(64, &["write -P 0x5a 0 48M"], 4);
+    let s = store.to_str().unwrap();
+    let manifest = std::fs::read(file.with_file_name("manifest.json")).unwrap();
 
     let runner = Command::new(env!("CARGO_BIN_EXE_knib"))
         .args(["--json", "jobs", "run", "--store", s])

@@ -393,7 +393,7 @@ fn deleting_a_backup_while_it_compresses_is_refused_busy() {
     let job = store.queue_compression(&m.id).unwrap();
     // Written under its temporary name until whole.
     let file = store.volume_file(&m, "root").unwrap();
-    let comp = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
+    let comp = comp_part(&file);
     let summary = std::thread::scope(|s| {
         let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());
         wait_for(&comp);
@@ -637,7 +637,7 @@ fn cancel_stops_a_job_in_every_state_and_leaves_its_backup_as_it_was() {
     // Running: its runner stops it once asked.
     let job = store.queue_compression(&m.id).unwrap();
     let file = store.volume_file(&m, "root").unwrap();
-    let part = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
+    let part = comp_part(&file);
     let request = store.jobs_dir().join(format!("{}.cancel", job.id));
     let (summary, cancelled) = std::thread::scope(|s| {
         let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());
@@ -747,7 +747,7 @@ fn a_cancel_is_not_lost_to_its_runner_ending_retrying_or_dying() {
     std::fs::write(store.root().join("knib.json"), r#"{"schema": 1, "compression": {"rate_limit_mbps": 4}}"#).unwrap();
     let job = store.queue_compression(&m.id).unwrap();
     let file = store.volume_file(&m, "root").unwrap();
-    let part = file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()));
+    let part = comp_part(&file);
     let job_file = store.jobs_dir().join(format!("{}.json", job.id));
     let summary = std::thread::scope(|s| {
         let runner = s.spawn(|| run_jobs(&store, &RunOptions::default()).unwrap());

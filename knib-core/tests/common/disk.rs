@@ -242,3 +242,10 @@ pub fn put_bytes(file: &Path, offset: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
     std::fs::OpenOptions::new().write(true).open(file).unwrap().write_all_at(bytes, offset).unwrap();
 }
+
+/// The temporary name a compression writes `file`'s output under until it
+/// is whole (`.<name>.comp.part` beside it).
+#[allow(dead_code)]
+pub fn comp_part(file: &Path) -> PathBuf {
+    file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()))
+}
