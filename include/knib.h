@@ -1009,7 +1009,10 @@
  *       store      string: The store directory.
  *       wait_secs? integer or null: How long to wait for the runner of a
  *                  running job to stop it, in seconds; absent: 30. A queued
- *                  job is cancelled at once.
+ *                  job is cancelled at once. A call cancelled, or out of its
+ *                  time budget, before the wait ends fails so and forces
+ *                  nothing; the request to stop stands, and the runner still
+ *                  stops the job when it sees it.
  *     answer: JobView
  *     example request:
  *       {"job": "compress-20261201-120500000-7e8f", "store": "/backups"}
@@ -1540,7 +1543,9 @@
  *       hash  string: Its xxh3-128.
  *       path  string: The file.
  *
- *   JobView: A job, as its file holds it, and whether its runner still runs.
+ *   JobView: A job, as its file holds it, and whether its runner still runs:
+ *            the answer of the `jobs.*` operations and of `knib jobs list
+ *            --json`.
  *       attempts         integer: Failed attempts so far (interrupted ones
  *                        are not counted).
  *       backup           string: The backup it works on (a sync job: the VM's
@@ -1564,7 +1569,7 @@
  *                        from here); null otherwise.
  *       result?          any: What the last attempt found (a validation's
  *                        report).
- *       schema           integer: Schema version ([`JOB_SCHEMA`]).
+ *       schema           integer: Schema version (1).
  *       state            "queued" | "running" | "done" | "failed" |
  *                        "cancelled": Where it is in its life.
  *       updated_at       integer: When its file last changed (unix seconds).

@@ -65,11 +65,9 @@ pub enum JobsCommand {
     },
 }
 
+/// The job as the JSON API answers it (with `owner_status`).
 fn job_json(j: &Job) -> serde_json::Result<Value> {
-    let mut v = serde_json::to_value(j)?;
-    let status = j.owner.as_ref().map(|o| o.status());
-    v["owner_status"] = serde_json::to_value(status)?;
-    Ok(v)
+    serde_json::to_value(knib_core::api::jobs::JobView::from(j.clone()))
 }
 
 fn job_line(j: &Job) -> String {

@@ -119,7 +119,8 @@ pub struct KnibError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_consistent: Option<bool>,
     /// Where the failure arose; not serialized (a caller over JSON has the
-    /// kind and the message).
+    /// kind and the message), so an error read back from its JSON is
+    /// [`Origin::Local`] and does not equal one marked otherwise.
     #[serde(skip)]
     pub origin: Origin,
 }
@@ -132,8 +133,9 @@ pub enum Origin {
     /// In knib or on this host (the store, a disk, a hypervisor).
     #[default]
     Local,
-    /// In a vault's object store: unreachable, refusing the credentials,
-    /// without its bucket.
+    /// In a request to a vault's object store: the vault unreachable,
+    /// refusing the credentials, without its bucket, or the request failing
+    /// on its way (a body that could not be read while it was sent, too).
     Vault,
 }
 
@@ -181,7 +183,7 @@ impl KnibError {
         self
     }
     /// The same error, marked as arising in `origin`.
-    pub fn from_origin(mut self, origin: Origin) -> Self {
+    pub fn with_origin(mut self, origin: Origin) -> Self {
         self.origin = origin;
         self
     }

@@ -81,6 +81,7 @@ fn relative_or_empty_paths_are_refused_naming_the_field() {
         ("group.list", json!({"store": vault})),
         ("jobs.list", json!({"store": vault})),
         ("jobs.queue", json!({"store": vault, "kind": "validate", "backup": m.id})),
+        ("jobs.show", json!({"store": vault, "job": "compress-x"})),
         ("jobs.cancel", json!({"store": vault, "job": "compress-x"})),
     ] {
         let e = call(op, req).unwrap_err();

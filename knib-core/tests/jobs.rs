@@ -797,6 +797,7 @@ fn the_json_api_queues_lists_shows_and_cancels_jobs() {
     let (dir, store) = store_with(r#""compression": {"retry_interval_secs": 0}"#);
     let b = backups(&store, dir.path(), "vm1", &[4, 2]);
     let root = store.root().display().to_string();
+    let settings = std::fs::read(store.root().join("knib.json")).unwrap();
     let ctl = Control::new();
     let call = |op: &str, req: serde_json::Value| -> knib_core::Result<serde_json::Value> {
         knib_core::api::call(op, &req.to_string(), &ctl).map(|t| serde_json::from_str(&t).unwrap())
@@ -896,8 +897,34 @@ fn the_json_api_queues_lists_shows_and_cancels_jobs() {
     let e = call("jobs.cancel", serde_json::json!({"store": root, "job": cid, "wait_secs": 1})).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Busy, "{e}");
     assert_eq!(call("jobs.show", serde_json::json!({"store": root, "job": cid})).unwrap()["state"], "running");
+    assert!(store.jobs_dir().join(format!("{cid}.cancel")).is_file(), "the request to stop stands for the runner");
     let f = call("jobs.cancel", serde_json::json!({"store": root, "job": cid, "wait_secs": 0, "force": true})).unwrap();
     assert_eq!((f["state"].as_str(), f["owner"].is_null()), (Some("cancelled"), true), "{f}");
     assert!(f["last_error"].as_str().unwrap().starts_with("cancelled by the operator with force"), "{f}");
     restores_identical(&store, &b[1].0.id, &b[1].1);
+
+    // A job file that is not running but names an owner (written by hand,
+    // or by another tool): no owner_status, as no runner holds it.
+    let path = store.jobs_dir().join(format!("{vid}.json"));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["owner"] = serde_json::json!({"pid": std::process::id(), "hostname": hostname(), "started_at": 1});
+    std::fs::write(&path, v.to_string()).unwrap();
+    let shown = call("jobs.show", serde_json::json!({"store": root, "job": vid})).unwrap();
+    assert_eq!((shown["state"].as_str(), shown["owner_status"].is_null()), (Some("cancelled"), true), "{shown}");
+
+    // A sync job, with a vault set (not reached to queue): by VM or by a
+    // backup of it, the second answered with the job already queued.
+    let mut with_vault: serde_json::Value = serde_json::from_slice(&settings).unwrap();
+    with_vault["sync"] = serde_json::json!({"vault": "s3://knib-no-bucket/p"});
+    std::fs::write(store.root().join("knib.json"), with_vault.to_string()).unwrap();
+    let y = call("jobs.queue", serde_json::json!({"store": root, "kind": "sync", "vm": "vm1"})).unwrap();
+    assert_eq!(
+        (y["kind"].as_str(), y["vm"].as_str(), y["state"].as_str()),
+        (Some("sync"), Some("vm1"), Some("queued"))
+    );
+    assert_eq!(y["backup"].as_str(), Some(b[1].0.id.as_str()), "the VM's newest backup");
+    let again = call("jobs.queue", serde_json::json!({"store": root, "kind": "sync", "backup": b[0].0.id})).unwrap();
+    assert_eq!(again["id"], y["id"], "{again}");
+    let e = call("jobs.queue", serde_json::json!({"store": root, "kind": "sync", "vm": "../vm1"})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
 }

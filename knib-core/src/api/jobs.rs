@@ -9,26 +9,28 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::jobs::{Job, JobKind, OwnerStatus, CANCEL_WAIT};
+use crate::catalog::jobs::{Job, JobKind, JobState, OwnerStatus, CANCEL_WAIT};
 use crate::catalog::Store;
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
 use crate::wire::store_dir;
 
-/// A job, as its file holds it, and whether its runner still runs.
+/// A job, as its file holds it, and whether its runner still runs: the
+/// answer of the `jobs.*` operations and of `knib jobs list --json`.
 #[derive(Serialize, JsonSchema)]
-pub(crate) struct JobView {
+pub struct JobView {
+    /// The job.
     #[serde(flatten)]
-    job: Job,
+    pub job: Job,
     /// For a running job: `alive` (its runner on this host runs), `dead`
     /// (it is gone: the next `knib jobs run` takes the job back) or
     /// `other_host` (nothing can be told from here); null otherwise.
-    owner_status: Option<OwnerStatus>,
+    pub owner_status: Option<OwnerStatus>,
 }
 
 impl From<Job> for JobView {
     fn from(job: Job) -> Self {
-        let owner_status = job.owner.as_ref().map(|o| o.status());
+        let owner_status = job.owner.as_ref().filter(|_| job.state == JobState::Running).map(|o| o.status());
         JobView { job, owner_status }
     }
 }
@@ -84,7 +86,10 @@ pub(crate) struct JobsCancelReq {
     #[serde(default)]
     force: bool,
     /// How long to wait for the runner of a running job to stop it, in
-    /// seconds; absent: 30. A queued job is cancelled at once.
+    /// seconds; absent: 30. A queued job is cancelled at once. A call
+    /// cancelled, or out of its time budget, before the wait ends fails so
+    /// and forces nothing; the request to stop stands, and the runner still
+    /// stops the job when it sees it.
     #[serde(default)]
     wait_secs: Option<u64>,
 }

@@ -636,7 +636,7 @@ impl Qcow2Image {
 /// source said more (a vault object that changed is `corrupt`).
 fn read_error(name: &str, e: std::io::Error) -> KnibError {
     match e.get_ref().and_then(|inner| inner.downcast_ref::<KnibError>()) {
-        Some(k) => KnibError::new(k.kind, format!("read qcow2 image {name}: {}", k.message)),
+        Some(k) => k.clone().context(format!("read qcow2 image {name}")),
         None => KnibError::new(crate::ErrorKind::Io, format!("read qcow2 image {name}: {e}")),
     }
 }

@@ -301,7 +301,7 @@ impl Vault {
                 self.location(),
                 redact(&self.inner.secrets, &error_chain(&e))
             ))
-            .from_origin(Origin::Vault),
+            .with_origin(Origin::Vault),
             e => self.inner.error("cannot open", &e),
         })
     }
@@ -692,7 +692,7 @@ impl Inner {
             _ if refused.iter().any(|r| text.contains(r)) => (ErrorKind::Io, REFUSED),
             _ => (ErrorKind::Io, ""),
         };
-        KnibError::new(kind, format!("vault {}: {what}: {text}{hint}", self.location)).from_origin(Origin::Vault)
+        KnibError::new(kind, format!("vault {}: {what}: {text}{hint}", self.location)).with_origin(Origin::Vault)
     }
 }
 

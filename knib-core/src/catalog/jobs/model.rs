@@ -30,7 +30,7 @@ pub enum JobKind {
     /// Validate a backup: file checks, hashes and, if set, a boot test.
     Validate,
     /// Send a VM's backups that the vault (`sync.vault`) lacks, parents
-    /// first (see [`super`]).
+    /// first.
     Sync,
 }
 
@@ -141,7 +141,7 @@ const CLOCK_SLACK_SECS: u64 = 86_400;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Job {
-    /// Schema version ([`JOB_SCHEMA`]).
+    /// Schema version (1).
     pub schema: u32,
     /// The job's id (its file's name without `.json`).
     pub id: String,

@@ -70,7 +70,8 @@ public final class Jobs {
      * @param store the store directory
      * @param job the job's id
      * @param force record the job cancelled when its runner does not stop it within the wait (its host is down)
-     * @param waitSecs how long to wait for the runner, in seconds; null for 30
+     * @param waitSecs how long to wait for the runner, in seconds; null for 30 (the wait ends earlier, forcing
+     *     nothing, when the call is cancelled or its time budget runs out)
      */
     public record CancelRequest(String store, String job, boolean force, Long waitSecs) {
         /**
@@ -133,7 +134,7 @@ public final class Jobs {
         private final String vm;
         private final String backup;
         private final String state;
-        private final int attempts;
+        private final long attempts;
         private final long nextAttemptAt;
         private final String lastError;
         private final Owner owner;
@@ -180,7 +181,7 @@ public final class Jobs {
         public String state() { return state; }
 
         /** @return its failed attempts so far */
-        public int attempts() { return attempts; }
+        public long attempts() { return attempts; }
 
         /** @return when it may run (again), unix seconds */
         public long nextAttemptAt() { return nextAttemptAt; }

@@ -506,7 +506,9 @@ public final class Knib implements AutoCloseable {
 
     /**
      * Cancel a job ({@code jobs.cancel}): a queued one at once; a running one by asking its runner to stop it (a
-     * compression stopped so leaves its backup as it was). {@link #cancel()} ends the wait, forcing nothing.
+     * compression stopped so leaves its backup as it was). {@link #cancel()} or the time budget ends the wait
+     * with {@link CancelledException} or {@link KnibTimeoutException}, forcing nothing: the request to stop
+     * stands, and the runner still stops the job when it sees it.
      *
      * @param request the store, the job, the wait and whether to force
      * @return the job afterwards: {@code "cancelled"}, or {@code "done"}/{@code "failed"} when its attempt ended

@@ -78,6 +78,29 @@ class JobsTest {
             Jobs.Job v = k.jobsQueue(Jobs.QueueRequest.validate(store, backup));
             assertEquals("validate", v.kind());
             assertEquals(2, k.jobsList(new Jobs.ListRequest(store)).size());
+
+            // Held by a runner of another host, as its job file says: its owner and status read, a cancel
+            // that waits no time is busy, one with force cancels it.
+            Path file = Path.of(store, "jobs", v.id() + ".json");
+            JsonObject j = JsonParser.parseString(Files.readString(file)).getAsJsonObject();
+            j.addProperty("state", "running");
+            j.add("owner", JsonParser.parseString(
+                    "{\"pid\": 4242, \"hostname\": \"other-host.example\", \"started_at\": 7, \"pid_start\": 99}"));
+            Files.writeString(file, j.toString());
+            Jobs.Job running = k.jobsShow(new Jobs.ShowRequest(store, v.id()));
+            assertEquals("running", running.state());
+            assertEquals("other_host", running.ownerStatus());
+            assertEquals(4242, running.owner().pid());
+            assertEquals("other-host.example", running.owner().hostname());
+            assertEquals(7, running.owner().startedAt());
+            assertEquals(99L, running.owner().pidStart());
+            assertNull(running.owner().bootId());
+            assertThrows(BusyException.class, () -> k.jobsCancel(Jobs.CancelRequest.of(store, v.id()).withWaitSecs(0L)));
+            Jobs.Job forced = k.jobsCancel(Jobs.CancelRequest.of(store, v.id()).withWaitSecs(0L).withForce(true));
+            assertEquals("cancelled", forced.state());
+            assertNull(forced.owner());
+            assertNull(forced.ownerStatus());
+            assertTrue(forced.lastError().startsWith("cancelled by the operator with force"), forced.lastError());
         }
     }
 }
