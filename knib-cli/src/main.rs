@@ -214,6 +214,11 @@ enum Command {
         /// Rate limit in MB/s (0 = none).
         #[arg(long, default_value_t = 0)]
         rate_limit: u64,
+        /// Read each compressed copy back and compare its clusters with the
+        /// backup's before it replaces the backup (the store's
+        /// `compression.check_output` turns it on for every compression).
+        #[arg(long)]
+        check_output: bool,
     },
     /// Check backups: image checks, backing pointers, sizes, hashes.
     Verify {
@@ -530,13 +535,18 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             // The answer of the `restore` operation, as every binding prints it.
             output::say(json, || serde_json::to_value(knib_core::api::catalog::restored(volume, to)), &text)?;
         }
-        Command::Compress { store, backup, library, threads, rate_limit } => {
+        Command::Compress { store, backup, library, threads, rate_limit, check_output } => {
             let library = CompressionLibrary::from(library);
             let store = Store::open(store)?;
             // The engine's field keeps CloudStack's name: on the native data
             // path it is the number of compression threads.
-            let opts =
-                CompressOptions { library, coroutines: threads, rate_limit_mbps: rate_limit, ..Default::default() };
+            let opts = CompressOptions {
+                library,
+                coroutines: threads,
+                rate_limit_mbps: rate_limit,
+                check_output,
+                ..Default::default()
+            };
             let m = store.compress(&backup, &opts, &ctl)?;
             output::clear_progress();
             output::print_backup(&store, &m, json)?;

@@ -555,3 +555,148 @@ fn the_hash_of_each_source_comes_from_the_copy_s_own_reads() {
         }
     }
 }
+
+/// How a compression's output is miswritten (the bug or bit flip the
+/// read-back is there for): each leaves a file whose refcounts and tables
+/// `qemu-img check` may well accept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Miswrite {
+    /// Two clusters of other content, each under the other's index.
+    Swap,
+    /// A cluster's L2 entry pointed at another cluster's data.
+    Duplicate,
+    /// A cluster's L2 entry emptied (the cluster is lost).
+    Lose,
+    /// A cluster's L2 entry made a zero cluster.
+    Zero,
+}
+
+/// Miswrite `file` (a compression's temporary output) as `m` says, in its
+/// first L2 table, at clusters drawn from `rng`; returns what was done.
+fn miswrite(file: &Path, m: Miswrite, rng: &mut Rng) -> String {
+    let mut img = Qcow2Image::open(file).expect("open the output");
+    let cs = img.cluster_size();
+    let f = OpenOptions::new().read(true).write(true).open(file).expect("open to miswrite");
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, img.header().l1_table_offset).expect("L1");
+    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+    assert!(l2 != 0, "{}: the first L1 entry is empty", file.display());
+    let entry = |k: u64| {
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, l2 + k * 8).expect("L2");
+        u64::from_be_bytes(e)
+    };
+    // Clusters holding data, with what they read.
+    let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
+    for k in 0..(cs / 8).min(img.guest_clusters()) {
+        if matches!(img.cluster_state(k).expect("lookup"), ClusterState::Data { .. } | ClusterState::Compressed { .. })
+        {
+            let mut buf = vec![0u8; cs as usize];
+            img.read_at(k * cs, &mut buf).expect("read");
+            held.push((k, buf));
+        }
+    }
+    assert!(held.len() >= 2, "{}: {} data clusters", file.display(), held.len());
+    let pick = |rng: &mut Rng| held[rng.below(held.len() as u64) as usize].clone();
+    let (a, a_data) = pick(rng);
+    let mut b = pick(rng);
+    while b.1 == a_data {
+        b = pick(rng);
+    }
+    let b = b.0;
+    let put = |k: u64, v: u64| f.write_all_at(&v.to_be_bytes(), l2 + k * 8).expect("write L2");
+    match m {
+        Miswrite::Swap => {
+            let (ea, eb) = (entry(a), entry(b));
+            put(a, eb);
+            put(b, ea);
+            format!("clusters {a} and {b} swapped")
+        }
+        Miswrite::Duplicate => {
+            put(b, entry(a));
+            format!("cluster {b} pointed at cluster {a}'s data")
+        }
+        Miswrite::Lose => {
+            put(a, 0);
+            format!("cluster {a} lost")
+        }
+        Miswrite::Zero => {
+            put(a, 1);
+            format!("cluster {a} made zeros")
+        }
+    }
+}
+
+/// With `compression.check_output`, a compression whose output does not
+/// read back as what was copied into it (a cluster under another's index, pointed at another's data, lost,
+/// made zeros, in any layer of a chain; seeded) fails `corrupt` naming the
+/// output, and leaves the store as it was: the backup still verifies and
+/// restores identical. On the native data path the output is miswritten
+/// before it is hashed; on the qemu-img one, once qemu-img has written it.
+/// Before, the miswritten output was hashed as good and renamed over the
+/// backup, and the damage showed only at restore.
+fn compress_refuses_a_miswritten_output_on(seed: u64, data_path: &str) {
+    let b = build(seed, Variant::Plain);
+    let mut rng = Rng::new(seed ^ 0x3b17);
+    for (i, m) in [Miswrite::Swap, Miswrite::Duplicate, Miswrite::Lose, Miswrite::Zero].into_iter().enumerate() {
+        let layer = rng.below(b.ids.len() as u64) as usize;
+        let id = &b.ids[layer];
+        let work = tempfile::tempdir().expect("tempdir");
+        let root = work.path().join("store");
+        let store = copy_store(&b, &root);
+        std::fs::write(
+            store.root().join("knib.json"),
+            format!("{{\"schema\": 1, \"knib.data.path\": \"{data_path}\", \"compression.check_output\": true}}"),
+        )
+        .expect("settings");
+        // The first volume compressed is root.
+        let tmp = comp_part(&file_of(&store, id, "root"));
+        let at = match data_path {
+            "native" => format!("read-back of {}", tmp.display()),
+            _ => format!("qemu-img wrote {}", tmp.display()),
+        };
+        let before = contents(&root);
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(3));
+        let (what, e) = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                assert!(
+                    knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
+                    "no pause at {at}"
+                );
+                miswrite(&tmp, m, &mut Rng::new(seed + i as u64))
+            });
+            let r = store.compress(id, &CompressOptions::default(), &Control::new());
+            (t.join().expect("miswrite"), r)
+        });
+        let ctx = format!("{data_path}: layer {layer}: {what}");
+        let e = e.expect_err(&format!("{ctx}: the compression must fail"));
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{ctx}: {e}");
+        let head = format!("{} does not read back as written: ", tmp.display());
+        assert!(e.message.starts_with(&head), "{ctx}: {e}");
+        let rest = &e.message[head.len()..];
+        // A cluster lost, or made zeros where nothing below shows through
+        // (the first layer), is one fewer; otherwise the count holds.
+        if m == Miswrite::Lose || (m == Miswrite::Zero && layer == 0) {
+            let n: Vec<u64> = rest.split(' ').filter_map(|w| w.parse().ok()).collect();
+            assert_eq!(rest, format!("{} clusters read back where {} were written", n[0], n[0] + 1), "{ctx}");
+        } else {
+            assert_eq!(rest, "a cluster reads back other than it was written", "{ctx}");
+        }
+        assert_eq!(contents(&root), before, "{ctx}: the store changed");
+        let r = store.verify(Some(id), &Control::new()).expect("verify").pop().expect("one");
+        assert!(r.ok, "{ctx}: {r:?}");
+        let out = work.path().join("restored.qcow2");
+        store.restore(id, "root", &out, ImageFormat::Qcow2, &Control::new()).expect("restore");
+        assert_identical(&out, &b.refs[layer]["root"]);
+    }
+}
+
+#[test]
+fn compress_refuses_a_miswritten_output() {
+    compress_refuses_a_miswritten_output_on(0x2201, "native");
+}
+
+#[test]
+fn compress_refuses_a_miswritten_output_on_the_qemu_img_path() {
+    compress_refuses_a_miswritten_output_on(0x2202, "qemu-img");
+}

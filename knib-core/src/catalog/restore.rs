@@ -173,7 +173,13 @@ impl Store {
             log::info!("{} has no recorded hash: its data cannot be checked, only its metadata", f.display());
             engine::require_clean_metadata(&self.qemu_img, f, ctl)?;
         }
-        let opts = &CompressOptions { data_path: settings::Settings::load(&self.root)?.data_path, ..opts.clone() };
+        let set = settings::Settings::load(&self.root)?;
+        // The store's setting turns the read-back on for every caller.
+        let opts = &CompressOptions {
+            data_path: set.data_path,
+            check_output: opts.check_output || set.compression.check_output,
+            ..opts.clone()
+        };
         let done = engine::compress_verified(&self.qemu_img, &files, &expected, opts, ctl)?;
         let original: u64 = done.iter().map(|c| c.original_size).sum();
         let size: u64 = done.iter().map(|c| c.compressed_size).sum();

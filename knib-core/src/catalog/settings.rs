@@ -15,6 +15,7 @@
 //! | `compression.coroutines` | `backup.compression.coroutines` (`qemu-img -m`, 1 to 16) | `1` |
 //! | `compression.rate_limit_mbps` | `backup.compression.rate.limit` (MB/s, < 1 = none, at most 1000000) | `0` |
 //! | `compression.library` | offering's `compressionlibrary` (`zstd` or `zlib`) | `"zstd"` |
+//! | `compression.check_output` | (knib: read each compressed copy back and compare it with the backup before it replaces it) | `false` |
 //! | `validation.enabled` | (offering's `validate`; job processing on) | `true` |
 //! | `validation.max_concurrent_per_host` | (validation jobs at once on a host) | `1` |
 //! | `validation.max_retries` | (retries of a validation that could not run) | `2` |
@@ -87,6 +88,7 @@ pub const SETTING_KEYS: &[(&str, &str)] = &[
     ("compression.coroutines", "backup.compression.coroutines"),
     ("compression.rate_limit_mbps", "backup.compression.rate.limit"),
     ("compression.library", "offering compressionlibrary"),
+    ("compression.check_output", "knib: compressed copies read back"),
     ("validation.enabled", "offering validate"),
     ("validation.max_concurrent_per_host", "validation jobs per host"),
     ("validation.max_retries", "validation job retries"),
@@ -225,6 +227,9 @@ pub struct CompressionSettings {
     pub rate_limit_mbps: u64,
     /// zstd or zlib (zlib is used for qcow2 v2 files whatever is set).
     pub library: CompressionLibrary,
+    /// Read each compressed copy back and compare it with the backup file
+    /// before it replaces it ([`CompressOptions::check_output`]).
+    pub check_output: bool,
 }
 
 impl Default for CompressionSettings {
@@ -239,6 +244,7 @@ impl Default for CompressionSettings {
             coroutines: 1,
             rate_limit_mbps: 0,
             library: CompressionLibrary::Zstd,
+            check_output: false,
         }
     }
 }
@@ -652,6 +658,7 @@ impl Settings {
             rate_limit_mbps: c.rate_limit_mbps,
             min_free_factor: c.min_free_factor,
             data_path: self.data_path,
+            check_output: c.check_output,
         }
     }
 }

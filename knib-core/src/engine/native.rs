@@ -133,6 +133,9 @@ pub struct NativeCopy<'a> {
     pub compress: Option<CompressionLibrary>,
     /// Compute the output's hash.
     pub hash: bool,
+    /// Read a qcow2 output back and compare it with what was copied into
+    /// it ([`CopyOptions::check_output`]).
+    pub check: bool,
     /// Compression threads (0 = one per core, at most 16).
     pub threads: usize,
     /// Read rate limit in MB/s (0 = none).
@@ -163,6 +166,7 @@ fn copy_with(c: &NativeCopy<'_>, hash_source: bool, ctl: &Control) -> Result<Cop
         compression: c.compress.map(CompressionType::from),
         cluster_bits: None,
         hash: c.hash,
+        check_output: c.check,
         hash_source,
         threads: c.threads,
         rate_limit_mbps: c.rate_limit_mbps,

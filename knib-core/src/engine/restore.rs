@@ -105,6 +105,7 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
             backing: None,
             compress: None,
             hash: false,
+            check: false,
             threads: 0,
             rate_limit_mbps: 0,
             what: &what,

@@ -140,6 +140,7 @@ pub(crate) fn copy_to_store(
             backing: parent.map(str::to_string),
             compress,
             hash: true,
+            check: false,
             threads: 0,
             rate_limit_mbps: 0,
             what: &label,

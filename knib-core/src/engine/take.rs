@@ -555,6 +555,7 @@ fn copy_volumes(
                 backing,
                 compress: req.compress,
                 hash: true,
+                check: false,
                 threads: 0,
                 rate_limit_mbps: 0,
                 what: &what,

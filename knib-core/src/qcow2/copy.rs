@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::content::{ContentDigest, DigestShape};
 use super::copy_batch::{batch_plan, compress_loop, is_zero, Batch, Item};
 use super::copy_read::{read_loop, Resolved, Source, SourceMode};
 use super::direct::{Bounce, ScatterWriter, WriteMode};
@@ -64,6 +65,14 @@ pub struct CopyOptions {
     pub cluster_bits: Option<u32>,
     /// Compute the xxh3-128 hash of the output file.
     pub hash: bool,
+    /// Read a qcow2 output file back through its own tables once written
+    /// (compressed clusters decompressed) and compare its clusters with
+    /// what the copy put into it ([`super::ContentDigest`]): an output
+    /// that does not read back as written is a
+    /// [`crate::ErrorKind::Corrupt`] error naming it, the bytes read back
+    /// counted in [`CopyReport::checked`]. A copy into a sink or to raw is
+    /// not read back.
+    pub check_output: bool,
     /// Compute the xxh3-128 hash of each source file (the top and, for a
     /// flattened copy, every backing file), from the bytes the copy reads
     /// (see `qcow2::srchash`): [`CopyReport::source_hashes`].
@@ -95,6 +104,7 @@ impl Default for CopyOptions {
             compression: None,
             cluster_bits: None,
             hash: false,
+            check_output: false,
             hash_source: false,
             threads: 0,
             rate_limit_mbps: 0,
@@ -120,6 +130,9 @@ pub struct CopyReport {
     /// With [`CopyOptions::hash_source`]: the hash of each source file, the
     /// top first, then its backing files nearest first.
     pub source_hashes: Vec<SourceHash>,
+    /// With [`CopyOptions::check_output`]: the clusters of the output read
+    /// back and found as copied.
+    pub checked: Option<u64>,
 }
 
 /// Copy the image at `source` to `dest` (created or truncated) in one pass.
@@ -225,7 +238,7 @@ pub(crate) fn copy_image_to(
             Target::Qcow2(Box::new(Layout::new(spec.clone(), sink, header)?))
         }
     };
-    run(&mut src, &mut target, opts, ctl, &step, &mut report)?;
+    let written = run(&mut src, &mut target, opts, ctl, &step, &mut report)?;
 
     // Finish the output.
     let file = match target {
@@ -254,7 +267,39 @@ pub(crate) fn copy_image_to(
         crate::crashpoint::pause_point(&format!("read-back of {}", dest.display()));
         report.hash = Some(crate::hash::hash_written_file(&file, dest, ctl)?);
     }
+    if let Some(want) = written {
+        report.checked = Some(check_written(&file, dest, opts.backing.is_some(), &want, ctl)?);
+    }
     Ok(report)
+}
+
+/// Read the qcow2 file just written (through the handle written, never by
+/// name) back through its own tables and compare its content digest with
+/// `want`, the digest of what the copy put into it: the clusters found.
+pub(crate) fn check_written(
+    file: &File,
+    dest: &Path,
+    has_backing: bool,
+    want: &ContentDigest,
+    ctl: &Control,
+) -> Result<u64> {
+    crate::crashpoint::pause_point(&format!("check of {}", dest.display()));
+    let handle = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
+    let source = super::FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?;
+    let name = dest.display().to_string();
+    let step = format!("check of {name}");
+    let mut img = super::Qcow2Image::from_source(name, Arc::new(source))?;
+    let got = super::image_digest(&mut img, has_backing, ctl, &step)?;
+    if got != *want {
+        let what = if got.clusters() == want.clusters() {
+            "a cluster reads back other than it was written".to_string()
+        } else {
+            format!("{} clusters read back where {} were written", got.clusters(), want.clusters())
+        };
+        return Err(KnibError::corrupt(format!("{} does not read back as written: {what}", dest.display())));
+    }
+    log::debug!("{}: {} clusters read back as written", dest.display(), got.clusters());
+    Ok(got.clusters())
 }
 
 /// What a copy to a sink leaves to its caller.
@@ -395,7 +440,8 @@ fn prepare(
 
 /// The copy's threads (a reader, compression workers, this thread as the
 /// writer) from `src` into `target`, then the rest of each source file
-/// for its hash.
+/// for its hash. With [`CopyOptions::check_output`] and a qcow2 target:
+/// the content digest of what was put into it.
 fn run<S: Sink>(
     src: &mut Source,
     target: &mut Target<'_, S>,
@@ -403,7 +449,7 @@ fn run<S: Sink>(
     ctl: &Control,
     step: &str,
     report: &mut CopyReport,
-) -> Result<()> {
+) -> Result<Option<ContentDigest>> {
     let workers = match opts.compression {
         None => 0,
         Some(_) if opts.threads > 0 => opts.threads,
@@ -414,6 +460,11 @@ fn run<S: Sink>(
     let compression = opts.compression;
     let cs = src.cs;
     let total = src.clusters();
+    let digest_shape = (opts.check_output && matches!(target, Target::Qcow2(_))).then_some(DigestShape {
+        cluster_size: cs,
+        virtual_size: src.size,
+        zeros_count: opts.backing.is_some(),
+    });
 
     // A raw output's writes go to I/O threads: each cluster has its own
     // offset, so they may land in any order, and two writers keep the
@@ -422,6 +473,8 @@ fn run<S: Sink>(
     let raw_io = if matches!(target, Target::Raw(_)) { RAW_IO_THREADS } else { 0 };
     let in_flight = in_flight + raw_io;
     let raw_error: Mutex<Option<KnibError>> = Mutex::new(None);
+    let mut written = None;
+    let written_ref = &mut written;
     std::thread::scope(|scope| -> Result<()> {
         let (free_tx, free_rx) = sync_channel::<Batch>(in_flight);
         for _ in 0..in_flight {
@@ -444,12 +497,12 @@ fn run<S: Sink>(
                 let rx = Arc::clone(&shared);
                 let tx = done_tx.clone();
                 let ctype = compression.unwrap_or(CompressionType::Zstd);
-                scope.spawn(move || compress_loop(rx, tx, ctype, cs, zero_is_skip));
+                scope.spawn(move || compress_loop(rx, tx, ctype, cs, zero_is_skip, digest_shape));
             }
             done_rx
         };
         let out = match target {
-            Target::Qcow2(l) => Out::Qcow2(l),
+            Target::Qcow2(l) => Out::Qcow2 { layout: l, digest: digest_shape.map(|s| (s, ContentDigest::default())) },
             Target::Raw(raw) => {
                 let (raw_tx, raw_rx) = sync_channel::<Batch>(in_flight);
                 let raw_rx = Arc::new(Mutex::new(raw_rx));
@@ -465,7 +518,7 @@ fn run<S: Sink>(
         };
         // `out` (and with it the raw writers' channel) is dropped when the
         // loop returns: the I/O threads then finish and the scope joins them.
-        write_loop(out, done_rx, free_tx, total, ctl, step, report)
+        write_loop(out, done_rx, free_tx, total, ctl, step, report, written_ref)
     })?;
     if let Some(e) = raw_error.into_inner() {
         return Err(e);
@@ -476,7 +529,7 @@ fn run<S: Sink>(
         ctl.check(step)?;
         report.source_hashes.push(h.finish()?);
     }
-    Ok(())
+    Ok(written)
 }
 
 enum Target<'a, S: Sink = FileSink> {
@@ -523,8 +576,9 @@ const RAW_IO_THREADS: usize = 2;
 
 /// Where the writer puts each batch.
 enum Out<'t, S: Sink> {
-    /// Into the qcow2 layout, in order.
-    Qcow2(&'t mut Layout<S>),
+    /// Into the qcow2 layout, in order; with the content digest of what
+    /// is put there when the output is to be checked.
+    Qcow2 { layout: &'t mut Layout<S>, digest: Option<(DigestShape, ContentDigest)> },
     /// To the raw output's I/O threads; the first error they meet.
     Raw { tx: SyncSender<Batch>, error: &'t Mutex<Option<KnibError>> },
 }
@@ -567,6 +621,9 @@ fn raw_io_loop(
 }
 
 /// The writer (the caller's thread): batches in order into the target.
+/// `written`: the content digest of what it put into a checked qcow2
+/// output.
+#[allow(clippy::too_many_arguments)]
 fn write_loop<S: Sink>(
     mut out: Out<'_, S>,
     done: Receiver<Result<Batch>>,
@@ -575,6 +632,7 @@ fn write_loop<S: Sink>(
     ctl: &Control,
     step: &str,
     report: &mut CopyReport,
+    written: &mut Option<ContentDigest>,
 ) -> Result<()> {
     let mut pending = std::collections::BTreeMap::new();
     let mut next = 0u64;
@@ -591,17 +649,33 @@ fn write_loop<S: Sink>(
             covered = batch.end_index;
             let end_index = batch.end_index;
             match &mut out {
-                Out::Qcow2(l) => {
+                Out::Qcow2 { layout: l, digest } => {
                     let cs = l.spec().cluster_size() as usize;
+                    if let Some((_, d)) = digest.as_mut() {
+                        d.merge(&batch.digest);
+                    }
+                    batch.digest = ContentDigest::default();
                     for item in &batch.items {
                         match item {
                             Item::Data { index, count, at } => {
-                                l.push_data(*index, &batch.data[*at..*at + *count as usize * cs])?
+                                let data = &batch.data[*at..*at + *count as usize * cs];
+                                if let Some((shape, d)) = digest.as_mut() {
+                                    for (k, c) in data.chunks_exact(cs).enumerate() {
+                                        d.add_data(shape, *index + k as u64, c);
+                                    }
+                                }
+                                l.push_data(*index, data)?
                             }
+                            // Counted by the worker that compressed it.
                             Item::Compressed { index, at, len } => {
                                 l.push_compressed(*index, &batch.out[*at..*at + *len])?
                             }
-                            Item::Zero { index, count } => l.push_zero(*index, *count)?,
+                            Item::Zero { index, count } => {
+                                if let Some((shape, d)) = digest.as_mut() {
+                                    d.add_zeros(shape, *index, *count);
+                                }
+                                l.push_zero(*index, *count)?
+                            }
                         }
                     }
                     batch.items.clear();
@@ -620,6 +694,9 @@ fn write_loop<S: Sink>(
     }
     if covered != total {
         return Err(KnibError::internal(format!("{step}: the reader stopped at cluster {covered} of {total}")));
+    }
+    if let Out::Qcow2 { digest: Some((_, d)), .. } = out {
+        *written = Some(d);
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::content::{ContentDigest, DigestShape};
 use super::direct::AlignedBuf;
 use super::header::CompressionType;
 use crate::error::{KnibError, Result};
@@ -45,6 +46,10 @@ pub(super) struct Batch {
     /// The guest clusters it covers end before this one.
     pub(super) end_index: u64,
     pub(super) read_bytes: u64,
+    /// The content digest of the clusters a compression worker compressed
+    /// (when the copy checks its output): the writer adds it to the copy's
+    /// and empties it.
+    pub(super) digest: ContentDigest,
 }
 
 impl Batch {
@@ -180,13 +185,16 @@ impl Compressor {
 }
 
 /// A compression worker: turns the data items of batches into compressed,
-/// zero or (when compression does not pay) uncompressed clusters.
+/// zero or (when compression does not pay) uncompressed clusters. With
+/// `digest`, each cluster it compresses is added to its batch's digest
+/// from the bytes it compressed (the writer counts the others).
 pub(super) fn compress_loop(
     work: Arc<Mutex<Receiver<Result<Batch>>>>,
     done: SyncSender<Result<Batch>>,
     ctype: CompressionType,
     cs: u64,
     zero_is_skip: bool,
+    digest: Option<DigestShape>,
 ) {
     let mut compressor = match Compressor::new(ctype) {
         Ok(c) => Some(c),
@@ -233,6 +241,9 @@ pub(super) fn compress_loop(
                 let (data, out) = (&batch.data[off..off + cs], &mut batch.out[start..start + cs - 1]);
                 match c.compress(data, out) {
                     Some(len) => {
+                        if let Some(shape) = &digest {
+                            batch.digest.add_data(shape, g, data);
+                        }
                         batch.out_used += len;
                         batch.items.push(Item::Compressed { index: g, at: start, len });
                     }

@@ -239,6 +239,9 @@ fn op(kind: Op, args: &[String]) {
             if let Some(n) = std::env::var("KNIB_BENCH_THREADS").ok().and_then(|v| v.parse().ok()) {
                 opts.threads = n;
             }
+            // For experiments: KNIB_BENCH_CHECK=1 reads the output back as a
+            // compression with `compression.check_output` does (off by default).
+            opts.check_output = std::env::var_os("KNIB_BENCH_CHECK").is_some();
         }
         Op::Delta | Op::DeltaCompressed => {
             opts.backing = Some(BackingRef { name: args[2].clone(), format: "qcow2".into() });

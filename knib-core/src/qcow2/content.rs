@@ -1,0 +1,189 @@
+//! The content digest of a qcow2 image's own clusters: what a copy reads
+//! back from its output to show that the output holds what was copied into
+//! it, whatever the encoding (compressed or not, a zero flag or a cluster
+//! of zeros).
+//!
+//! # What it covers
+//!
+//! Each guest cluster the image itself holds counts once, by its index:
+//!
+//! - data that is not all zeros: its bytes (the last cluster's up to the
+//!   virtual size only), as the guest reads them (decompressed);
+//! - zeros (a zero flag, or data that is all zeros): "zeros here", when the
+//!   image has a backing file (zeros then hide what it holds); nothing when
+//!   it has none (an unallocated cluster reads as zeros too);
+//! - an unallocated cluster: nothing (it reads from the backing file).
+//!
+//! The digest is the wrapping sum of one xxh3-128 per counted cluster
+//! (seeded with the cluster's index and its kind), so the clusters may be
+//! added in any order: the compression workers add theirs as they go. It
+//! finds what goes wrong by accident (a cluster under another's index, a
+//! cluster lost or added, bytes changed between the compressor and the
+//! file); it is not meant to stand against someone forging an image.
+
+use xxhash_rust::xxh3::xxh3_128_with_seed;
+
+use super::copy_batch::is_zero;
+use super::image::{ClusterState, Qcow2Image};
+use crate::error::Result;
+use crate::progress::Control;
+
+/// An order-independent digest of guest clusters (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ContentDigest {
+    sum: u128,
+    clusters: u64,
+}
+
+/// How the clusters of one image are counted: its cluster and virtual
+/// sizes, and whether zeros count (it has a backing file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestShape {
+    /// Cluster size in bytes.
+    pub cluster_size: u64,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+    /// The image has a backing file: its zero clusters count.
+    pub zeros_count: bool,
+}
+
+impl DigestShape {
+    /// The bytes of guest cluster `index` that the guest sees: all but the
+    /// part of the last cluster past the virtual size.
+    fn visible(&self, index: u64) -> usize {
+        let start = index.saturating_mul(self.cluster_size);
+        self.virtual_size.saturating_sub(start).min(self.cluster_size) as usize
+    }
+}
+
+impl ContentDigest {
+    /// Count guest cluster `index` holding `data` (one whole cluster, or
+    /// at least its visible part).
+    pub fn add_data(&mut self, shape: &DigestShape, index: u64, data: &[u8]) {
+        let data = &data[..shape.visible(index).min(data.len())];
+        if is_zero(data) {
+            self.add_zeros(shape, index, 1);
+        } else {
+            self.add(xxh3_128_with_seed(data, index.wrapping_mul(2).wrapping_add(1)));
+        }
+    }
+
+    /// Count `count` zero clusters from guest cluster `index`.
+    pub fn add_zeros(&mut self, shape: &DigestShape, index: u64, count: u64) {
+        if shape.zeros_count {
+            for i in index..index.saturating_add(count) {
+                self.add(xxh3_128_with_seed(b"", i.wrapping_mul(2)));
+            }
+        }
+    }
+
+    /// Add another digest's clusters (of the same image).
+    pub fn merge(&mut self, other: &ContentDigest) {
+        self.sum = self.sum.wrapping_add(other.sum);
+        self.clusters += other.clusters;
+    }
+
+    /// The clusters counted.
+    pub fn clusters(&self) -> u64 {
+        self.clusters
+    }
+
+    fn add(&mut self, h: u128) {
+        self.sum = self.sum.wrapping_add(h);
+        self.clusters += 1;
+    }
+}
+
+/// The content digest of `img`'s own clusters, counted as `zeros_count`
+/// says, read through its tables (compressed clusters decompressed).
+/// Checks `ctl` as it goes, naming `step`.
+pub fn image_digest(img: &mut Qcow2Image, zeros_count: bool, ctl: &Control, step: &str) -> Result<ContentDigest> {
+    let shape = DigestShape { cluster_size: img.cluster_size(), virtual_size: img.virtual_size(), zeros_count };
+    let cs = img.cluster_size() as usize;
+    let total = img.guest_clusters();
+    let mut d = ContentDigest::default();
+    let mut buf = vec![0u8; cs];
+    let l2_entries = img.header().l2_entries();
+    let mut i = 0u64;
+    while i < total {
+        if i.is_multiple_of(4096) {
+            ctl.check(step)?;
+        }
+        if i.is_multiple_of(l2_entries) {
+            // Past the ranges without an L2 table at once.
+            let next = img.next_mapped_cluster(i)?;
+            if next > i {
+                i = next;
+                continue;
+            }
+        }
+        match img.cluster_state(i)? {
+            ClusterState::Unallocated => {}
+            ClusterState::Zero => d.add_zeros(&shape, i, 1),
+            ClusterState::Data { host_offset } => {
+                img.read_host(host_offset, &mut buf)?;
+                d.add_data(&shape, i, &buf);
+            }
+            ClusterState::Compressed { host_offset, compressed_len } => {
+                let data = img.read_compressed(i, host_offset, compressed_len)?;
+                d.add_data(&shape, i, data);
+            }
+        }
+        i += 1;
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHAPE: DigestShape = DigestShape { cluster_size: 4, virtual_size: 10, zeros_count: true };
+
+    #[test]
+    fn order_does_not_matter_and_index_kind_and_bytes_do() {
+        let mut a = ContentDigest::default();
+        a.add_data(&SHAPE, 0, b"abcd");
+        a.add_data(&SHAPE, 1, b"efgh");
+        let mut b = ContentDigest::default();
+        b.add_data(&SHAPE, 1, b"efgh");
+        b.add_data(&SHAPE, 0, b"abcd");
+        assert_eq!(a, b);
+        let mut swapped = ContentDigest::default();
+        swapped.add_data(&SHAPE, 0, b"efgh");
+        swapped.add_data(&SHAPE, 1, b"abcd");
+        assert_ne!(a, swapped, "a cluster under another's index");
+        let mut changed = ContentDigest::default();
+        changed.add_data(&SHAPE, 0, b"abcd");
+        changed.add_data(&SHAPE, 1, b"efgi");
+        assert_ne!(a, changed);
+        let mut lost = ContentDigest::default();
+        lost.add_data(&SHAPE, 0, b"abcd");
+        assert_ne!(a, lost);
+        assert_eq!(lost.clusters(), 1);
+        let mut zero_vs_gone = ContentDigest::default();
+        zero_vs_gone.add_data(&SHAPE, 0, b"abcd");
+        zero_vs_gone.add_zeros(&SHAPE, 1, 1);
+        assert_ne!(zero_vs_gone, lost, "zeros over a backing file count");
+    }
+
+    #[test]
+    fn zeros_are_zeros_however_stored_and_the_tail_past_the_size_is_not_seen() {
+        let mut flag = ContentDigest::default();
+        flag.add_zeros(&SHAPE, 1, 2);
+        let mut data = ContentDigest::default();
+        data.add_data(&SHAPE, 1, &[0; 4]);
+        data.add_data(&SHAPE, 2, &[0, 0, 9, 9]);
+        assert_eq!(flag, data, "the last cluster's bytes past the virtual size (10) are not the guest's");
+        let alone = DigestShape { zeros_count: false, ..SHAPE };
+        let mut none = ContentDigest::default();
+        none.add_zeros(&alone, 0, 3);
+        none.add_data(&alone, 1, &[0; 4]);
+        assert_eq!(none, ContentDigest::default(), "without a backing file zeros are nothing");
+        let mut tail = ContentDigest::default();
+        tail.add_data(&SHAPE, 2, b"xy\0\0");
+        let mut tail2 = ContentDigest::default();
+        tail2.add_data(&SHAPE, 2, b"xyzz");
+        assert_eq!(tail, tail2);
+    }
+}
