@@ -62,10 +62,10 @@ pub struct CompressOptions {
     /// Read each compressed copy back before it counts as written, and
     /// compare its clusters (decompressed) with the backup file's; a copy
     /// that differs is a `corrupt` error naming it, and the backup is kept
-    /// as it was (see the module docs). Off by default: on the benchmark's
-    /// image it took about 1.5x the CPU and 1.9x the time of the
-    /// compression alone (docs/performance.md); a store turns it on with
-    /// `compression.check_output`.
+    /// as it was (see the module docs). Off by default: on an image of
+    /// real files it took about 1.5x the CPU and 1.6x to 2x the time of
+    /// the compression alone (docs/performance.md); a store turns it on
+    /// with `compression.check_output`.
     #[serde(default)]
     pub check_output: bool,
 }
@@ -221,7 +221,7 @@ pub fn compress_verified(
             fsio::remove_if_exists(&out)?;
             let (compressed_size, hash) = match (native_header, info) {
                 (Some(header), _) => {
-                    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+                    let cores = cores();
                     let threads = (opts.coroutines as usize).clamp(1, cores);
                     log::info!(
                         "compressing {} ({}) with {threads} compression thread{} ({} asked, {cores} cores)",
@@ -297,9 +297,20 @@ pub fn compress_verified(
                         // The source's own clusters as knib reads them,
                         // against the copy qemu-img wrote.
                         let step = format!("check of {}", tmp.display());
-                        let mut src = Qcow2Image::open(f)?;
-                        let want = crate::qcow2::image_digest(&mut src, backing.is_some(), ctl, &step)?;
-                        crate::qcow2::check_written(claim, &tmp, backing.is_some(), &want, ctl)?;
+                        let threads = (opts.coroutines as usize).clamp(1, cores());
+                        let file = std::fs::File::open(f).map_err(|e| KnibError::io("cannot open", f, e))?;
+                        let src =
+                            crate::qcow2::FileSource::new(file).map_err(|e| KnibError::io("cannot size", f, e))?;
+                        let name = f.display().to_string();
+                        let want = crate::qcow2::image_digest(
+                            &name,
+                            std::sync::Arc::new(src),
+                            backing.is_some(),
+                            threads,
+                            ctl,
+                            &step,
+                        )?;
+                        crate::qcow2::check_written(claim, &tmp, backing.is_some(), &want, threads, ctl)?;
                     }
                     let hash =
                         if want.is_empty() { None } else { Some(crate::hash::hash_written_file(claim, &tmp, ctl)?) };
@@ -335,6 +346,11 @@ pub fn compress_verified(
         return Err(e);
     }
     Ok(done)
+}
+
+/// The machine's cores (at least one).
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Whether a failed compression removes the entry at `p` (its `.comp` or

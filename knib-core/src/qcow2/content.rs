@@ -21,11 +21,15 @@
 //! cluster lost or added, bytes changed between the compressor and the
 //! file); it is not meant to stand against someone forging an image.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use super::copy_batch::is_zero;
 use super::image::{ClusterState, Qcow2Image};
-use crate::error::Result;
+use super::source::ReadAt;
+use crate::error::{KnibError, Result};
 use crate::progress::Control;
 
 /// An order-independent digest of guest clusters (see the module docs).
@@ -94,18 +98,78 @@ impl ContentDigest {
     }
 }
 
-/// The content digest of `img`'s own clusters, counted as `zeros_count`
-/// says, read through its tables (compressed clusters decompressed).
-/// Checks `ctl` as it goes, naming `step`.
-pub fn image_digest(img: &mut Qcow2Image, zeros_count: bool, ctl: &Control, step: &str) -> Result<ContentDigest> {
-    let shape = DigestShape { cluster_size: img.cluster_size(), virtual_size: img.virtual_size(), zeros_count };
-    let cs = img.cluster_size() as usize;
-    let total = img.guest_clusters();
+/// The content digest of the own clusters of the qcow2 image `source`
+/// gives (`name` in errors), counted as `zeros_count` says, read through
+/// its tables (compressed clusters decompressed) by `threads` threads
+/// (at least one), each taking the next stretch of clusters; the digest
+/// does not depend on the order. Checks `ctl` as it goes, naming `step`.
+pub fn image_digest(
+    name: &str,
+    source: Arc<dyn ReadAt>,
+    zeros_count: bool,
+    threads: usize,
+    ctl: &Control,
+    step: &str,
+) -> Result<ContentDigest> {
+    let first = Qcow2Image::from_source(name, Arc::clone(&source))?;
+    let total = first.guest_clusters();
+    // Whole L2 ranges, at least 1024 clusters a stretch.
+    let stretch = first.header().l2_entries().max(1024);
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let work = |mut img: Qcow2Image| -> Result<ContentDigest> {
+        let mut d = ContentDigest::default();
+        loop {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(d);
+            }
+            let from = next.fetch_add(stretch, Ordering::Relaxed);
+            if from >= total {
+                return Ok(d);
+            }
+            let r = digest_range(&mut img, from, (from + stretch).min(total), zeros_count, &mut d, ctl, step);
+            if r.is_err() {
+                failed.store(true, Ordering::Relaxed);
+                return r.map(|_| d);
+            }
+        }
+    };
+    let threads = threads.max(1);
+    let results: Vec<Result<ContentDigest>> = std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for _ in 1..threads {
+            let source = Arc::clone(&source);
+            let work = &work;
+            handles.push(scope.spawn(move || Qcow2Image::from_source(name, source).and_then(work)));
+        }
+        let mut results = vec![work(first)];
+        for h in handles {
+            results.push(h.join().unwrap_or_else(|_| Err(KnibError::internal(format!("{step}: a reader panicked")))));
+        }
+        results
+    });
     let mut d = ContentDigest::default();
-    let mut buf = vec![0u8; cs];
+    for r in results {
+        d.merge(&r?);
+    }
+    Ok(d)
+}
+
+/// Add the clusters `from..to` of `img` to `d`.
+fn digest_range(
+    img: &mut Qcow2Image,
+    from: u64,
+    to: u64,
+    zeros_count: bool,
+    d: &mut ContentDigest,
+    ctl: &Control,
+    step: &str,
+) -> Result<()> {
+    let shape = DigestShape { cluster_size: img.cluster_size(), virtual_size: img.virtual_size(), zeros_count };
+    let mut buf = vec![0u8; img.cluster_size() as usize];
     let l2_entries = img.header().l2_entries();
-    let mut i = 0u64;
-    while i < total {
+    let mut i = from;
+    while i < to {
         if i.is_multiple_of(4096) {
             ctl.check(step)?;
         }
@@ -131,7 +195,7 @@ pub fn image_digest(img: &mut Qcow2Image, zeros_count: bool, ctl: &Control, step
         }
         i += 1;
     }
-    Ok(d)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -268,19 +268,22 @@ pub(crate) fn copy_image_to(
         report.hash = Some(crate::hash::hash_written_file(&file, dest, ctl)?);
     }
     if let Some(want) = written {
-        report.checked = Some(check_written(&file, dest, opts.backing.is_some(), &want, ctl)?);
+        let threads = if opts.threads > 0 { opts.threads } else { auto_threads() };
+        report.checked = Some(check_written(&file, dest, opts.backing.is_some(), &want, threads, ctl)?);
     }
     Ok(report)
 }
 
 /// Read the qcow2 file just written (through the handle written, never by
-/// name) back through its own tables and compare its content digest with
-/// `want`, the digest of what the copy put into it: the clusters found.
+/// name) back through its own tables, on `threads` threads, and compare
+/// its content digest with `want`, the digest of what the copy put into
+/// it: the clusters found.
 pub(crate) fn check_written(
     file: &File,
     dest: &Path,
     has_backing: bool,
     want: &ContentDigest,
+    threads: usize,
     ctl: &Control,
 ) -> Result<u64> {
     crate::crashpoint::pause_point(&format!("check of {}", dest.display()));
@@ -288,8 +291,7 @@ pub(crate) fn check_written(
     let source = super::FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?;
     let name = dest.display().to_string();
     let step = format!("check of {name}");
-    let mut img = super::Qcow2Image::from_source(name, Arc::new(source))?;
-    let got = super::image_digest(&mut img, has_backing, ctl, &step)?;
+    let got = super::image_digest(&name, Arc::new(source), has_backing, threads, ctl, &step)?;
     if got != *want {
         let what = if got.clusters() == want.clusters() {
             "a cluster reads back other than it was written".to_string()
@@ -438,6 +440,11 @@ fn prepare(
     Ok(Prepared { src, spec, plain_qcow2, planned_header, planned_len: planned.file_len, step })
 }
 
+/// Threads for "one per core": at most [`MAX_AUTO_THREADS`].
+fn auto_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_THREADS)
+}
+
 /// The copy's threads (a reader, compression workers, this thread as the
 /// writer) from `src` into `target`, then the rest of each source file
 /// for its hash. With [`CopyOptions::check_output`] and a qcow2 target:
@@ -453,7 +460,7 @@ fn run<S: Sink>(
     let workers = match opts.compression {
         None => 0,
         Some(_) if opts.threads > 0 => opts.threads,
-        Some(_) => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_THREADS),
+        Some(_) => auto_threads(),
     };
     let (in_flight, batch_bytes) = batch_plan(src.cs, workers);
     let zero_is_skip = opts.backing.is_none();

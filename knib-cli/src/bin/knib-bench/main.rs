@@ -242,6 +242,8 @@ fn op(kind: Op, args: &[String]) {
             // For experiments: KNIB_BENCH_CHECK=1 reads the output back as a
             // compression with `compression.check_output` does (off by default).
             opts.check_output = std::env::var_os("KNIB_BENCH_CHECK").is_some();
+            // KNIB_BENCH_HASH=1: the output hashed as a compression job hashes it.
+            opts.hash = std::env::var_os("KNIB_BENCH_HASH").is_some();
         }
         Op::Delta | Op::DeltaCompressed => {
             opts.backing = Some(BackingRef { name: args[2].clone(), format: "qcow2".into() });
