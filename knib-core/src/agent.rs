@@ -371,8 +371,9 @@ pub(crate) fn compress_options(
     coroutines: u32,
     rate_limit_mbps: u64,
     min_free_factor: f64,
+    check_output: bool,
 ) -> CompressOptions {
-    CompressOptions { library, coroutines, rate_limit_mbps, min_free_factor, ..Default::default() }
+    CompressOptions { library, coroutines, rate_limit_mbps, min_free_factor, check_output, ..Default::default() }
 }
 
 /// `min_free_bytes` of `agent.compress` and `compress`: refuse unless that
@@ -391,7 +392,7 @@ pub(crate) fn compress(op: &str, r: &CompressReq, ctl: &Control) -> Result<Compr
         absolute(op, &format!("files[{i}]"), f)?;
         fsio::require_file(f, "backup file ", false)?;
     }
-    let opts = compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
+    let opts = compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor, r.check_output);
     // Beside every file: they may lie on more than one file system.
     let mut dirs: Vec<&Path> = r.files.iter().map(|f| fsio::parent_dir(f)).collect();
     dirs.dedup();

@@ -700,3 +700,80 @@ fn compress_refuses_a_miswritten_output() {
 fn compress_refuses_a_miswritten_output_on_the_qemu_img_path() {
     compress_refuses_a_miswritten_output_on(0x2202, "qemu-img");
 }
+
+/// `check_output` of `agent.compress` and `compress` (JSON API) turns the
+/// read-back on for one call: a miswritten output is refused as corrupt
+/// naming it, the file or store left as it was; without the field the
+/// same miswritten output is accepted (the field is what checks it).
+#[test]
+fn the_api_s_check_output_refuses_a_miswritten_compression() {
+    use knib_core::api::call;
+    use serde_json::{json, Value};
+    let b = build(0x2203, Variant::Plain);
+    let ctl = Control::new();
+    let pause = |at: &str| knib_core::crashpoint::pause_before(at, std::time::Duration::from_secs(3));
+    let miswritten = |at: &str, tmp: &Path, req: &Value, op: &str| {
+        pause(at);
+        std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                assert!(
+                    knib_core::crashpoint::wait_for_pause(at, std::time::Duration::from_secs(120)),
+                    "no pause at {at}"
+                );
+                miswrite(tmp, Miswrite::Swap, &mut Rng::new(0x2203))
+            });
+            let r = call(op, &req.to_string(), &ctl);
+            t.join().expect("miswrite");
+            r
+        })
+    };
+    // agent.compress of one file with its hash (the output is hashed, so
+    // miswritten before its hash is taken).
+    let work = tempfile::tempdir().expect("tempdir");
+    let store = copy_store(&b, &work.path().join("store"));
+    let f = file_of(&store, &b.ids[1], "root");
+    let hash = knib_core::engine::hash_files(std::slice::from_ref(&f), &ctl).expect("hash");
+    let tmp = comp_part(&f);
+    let at = format!("read-back of {}", tmp.display());
+    let before = std::fs::read(&f).expect("file");
+    let req = json!({ "files": [f], "expected_hashes": [hash], "check_output": true });
+    let e = miswritten(&at, &tmp, &req, "agent.compress").expect_err("refused");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert_eq!(
+        e.message,
+        format!("{} does not read back as written: a cluster reads back other than it was written", tmp.display())
+    );
+    assert_eq!(std::fs::read(&f).expect("file"), before);
+    let comp = knib_core::engine::compress::comp_path(&f);
+    assert!(!comp.exists() && !tmp.exists());
+    // Without the field: accepted (another file: a pause is taken once
+    // per step name).
+    let f = file_of(&store, &b.ids[0], "root");
+    let hash = knib_core::engine::hash_files(std::slice::from_ref(&f), &ctl).expect("hash");
+    let tmp = comp_part(&f);
+    let at = format!("read-back of {}", tmp.display());
+    let req = json!({ "files": [f], "expected_hashes": [hash] });
+    miswritten(&at, &tmp, &req, "agent.compress").expect("not checked");
+    assert!(knib_core::engine::compress::comp_path(&f).exists());
+    // compress (a store without compression.check_output).
+    let root = work.path().join("store2");
+    let store = copy_store(&b, &root);
+    let id = &b.ids[2];
+    let tmp = comp_part(&file_of(&store, id, "root"));
+    let at = format!("read-back of {}", tmp.display());
+    let before = contents(&root);
+    let req = json!({ "store": root, "backup": id, "check_output": true });
+    let e = miswritten(&at, &tmp, &req, "compress").expect_err("refused");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert_eq!(
+        e.message,
+        format!("{} does not read back as written: a cluster reads back other than it was written", tmp.display())
+    );
+    assert_eq!(contents(&root), before, "the store changed");
+    let id = &b.ids[1];
+    let tmp = comp_part(&file_of(&store, id, "root"));
+    let at = format!("read-back of {}", tmp.display());
+    let req = json!({ "store": root, "backup": id });
+    let v: Value = serde_json::from_str(&miswritten(&at, &tmp, &req, "compress").expect("not checked")).expect("json");
+    assert!(v["compression"].is_object(), "{v}");
+}

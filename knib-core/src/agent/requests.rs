@@ -225,6 +225,11 @@ pub(crate) struct CompressReq {
     /// One xxh3-128 per file, in order: a file that does not match is refused as corrupt.
     #[serde(default)]
     pub(crate) expected_hashes: Option<Vec<String>>,
+    /// Read each `.comp` back before it counts as written and compare its
+    /// clusters with the file's: one that differs is refused as corrupt.
+    /// It costs about 1.5x the CPU of the compression.
+    #[serde(default)]
+    pub(crate) check_output: bool,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     pub(crate) timeout_secs: Option<u64>,

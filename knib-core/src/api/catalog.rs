@@ -5,7 +5,7 @@
 //!
 //! | catalog | path-based | shared |
 //! |---|---|---|
-//! | `compress` | `agent.compress` + `agent.finalize_compression` | [`crate::engine::compress_verified()`], [`crate::engine::finalize()`]; fields `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor`, `min_free_bytes`, `timeout_secs` |
+//! | `compress` | `agent.compress` + `agent.finalize_compression` | [`crate::engine::compress_verified()`], [`crate::engine::finalize()`]; fields `library`, `coroutines`, `rate_limit_mbps`, `min_free_factor`, `min_free_bytes`, `check_output`, `timeout_secs` |
 //! | `hash` | `agent.take_hash` | `agent::chain_hash`: each volume's [`ChainHash`] is `agent.take_hash`'s `hash` and `files` for that chain |
 //! | `restore` | `agent.restore` | [`crate::engine::restore_verified()`]; the answer is [`RestoreAnswer`] |
 //!
@@ -274,6 +274,12 @@ pub(crate) struct CompressReq {
     /// Refuse unless this many bytes are free in the backup's directory.
     #[serde(default)]
     min_free_bytes: Option<u64>,
+    /// Read each compressed copy back before it replaces the backup's file
+    /// and compare its clusters with the file's: one that differs is
+    /// refused as corrupt. The store's `compression.check_output` turns it
+    /// on whatever is asked. It costs about 1.5x the CPU.
+    #[serde(default)]
+    check_output: bool,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     timeout_secs: Option<u64>,
@@ -645,7 +651,7 @@ pub(crate) fn compress(r: CompressReq, ctl: &Control) -> Result<BackupView> {
     store_dir("compress", &r.store)?;
     let ctl = &agent::budget(ctl, r.timeout_secs);
     let store = Store::open(&r.store)?;
-    let opts = agent::compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor);
+    let opts = agent::compress_options(r.library, r.coroutines, r.rate_limit_mbps, r.min_free_factor, r.check_output);
     if r.min_free_bytes.is_some() {
         let dir = store.backup_dir(&store.show(&r.backup)?);
         agent::require_free(&dir, r.min_free_bytes)?;

@@ -20,6 +20,8 @@ public final class CompressBackup {
      * @param expectedHashes the xxh3-128 each file must have, one per file of {@code files} in order (the
      *     {@code files[].hash} of {@link Knib#takeBackupHash}); a file that does not match fails with a corrupt
      *     error. Null: nothing is checked
+     * @param checkOutput read each {@code .comp} back before it counts as written and compare its clusters with the
+     *     file's: one that differs fails with a corrupt error. False by default: it costs about 1.5x the compression's CPU
      * @param timeoutSecs the command's time budget in seconds; null for none
      */
     public record Request(
@@ -30,6 +32,7 @@ public final class CompressBackup {
             double minFreeFactor,
             Long minFreeBytes,
             List<String> expectedHashes,
+            boolean checkOutput,
             Long timeoutSecs) {
         /** Copies the lists; a rate limit below 1 becomes 0 (none). */
         public Request {
@@ -52,6 +55,7 @@ public final class CompressBackup {
             private double minFreeFactor = 1.0;
             private Long minFreeBytes;
             private List<String> expectedHashes;
+            private boolean checkOutput;
             private Long timeoutSecs;
 
             private Builder() {}
@@ -80,13 +84,16 @@ public final class CompressBackup {
             /** @param v {@link Request#expectedHashes()} @return this builder */
             public Builder expectedHashes(List<String> v) { expectedHashes = v; return this; }
 
+            /** @param v {@link Request#checkOutput()} @return this builder */
+            public Builder checkOutput(boolean v) { checkOutput = v; return this; }
+
             /** @param v {@link Request#timeoutSecs()} @return this builder */
             public Builder timeoutSecs(Long v) { timeoutSecs = v; return this; }
 
             /** @return the request */
             public Request build() {
                 return new Request(files, library, coroutines, rateLimitMbps, minFreeFactor, minFreeBytes,
-                        expectedHashes, timeoutSecs);
+                        expectedHashes, checkOutput, timeoutSecs);
             }
         }
     }
