@@ -174,10 +174,11 @@
  *                   temporary name until whole (all removed on failure).
  *     request:
  *       check_output?    boolean, default false: Read each `.comp` back
- *                        before it counts as written and compare its clusters
- *                        with the file's: one that differs is refused as
- *                        corrupt. It costs about 1.5x the CPU of the
- *                        compression.
+ *                        before it counts as written and compare its data
+ *                        with the file's: one that differs fails as an
+ *                        internal error (the copy is faulty, not the file),
+ *                        and no `.comp` is left. It costs about 1.5x the CPU
+ *                        of the compression.
  *       coroutines?      integer, default 1: qemu-img's `-m`, 1 to 16.
  *       expected_hashes? [string] or null: One xxh3-128 per file, in order: a
  *                        file that does not match is refused as corrupt.
@@ -620,8 +621,9 @@
  *       backup           string: The backup's id.
  *       check_output?    boolean, default false: Read each compressed copy
  *                        back before it replaces the backup's file and
- *                        compare its clusters with the file's: one that
- *                        differs is refused as corrupt. The store's
+ *                        compare its data with the file's: one that differs
+ *                        fails as an internal error (the copy is faulty, not
+ *                        the backup) and the backup is kept. The store's
  *                        `compression.check_output` turns it on whatever is
  *                        asked. It costs about 1.5x the CPU.
  *       coroutines?      integer, default 1: qemu-img's `-m`, 1 to 16.

@@ -629,7 +629,7 @@ fn miswrite(file: &Path, m: Miswrite, rng: &mut Rng) -> String {
 
 /// With `compression.check_output`, a compression whose output does not
 /// read back as what was copied into it (a cluster under another's index, pointed at another's data, lost,
-/// made zeros, in any layer of a chain; seeded) fails `corrupt` naming the
+/// made zeros, in any layer of a chain; seeded) fails `internal` naming the
 /// output, and leaves the store as it was: the backup still verifies and
 /// restores identical. On the native data path the output is miswritten
 /// before it is hashed; on the qemu-img one, once qemu-img has written it.
@@ -670,13 +670,21 @@ fn compress_refuses_a_miswritten_output_on(seed: u64, data_path: &str) {
         });
         let ctx = format!("{data_path}: layer {layer}: {what}");
         let e = e.expect_err(&format!("{ctx}: the compression must fail"));
-        assert_eq!(e.kind, ErrorKind::Corrupt, "{ctx}: {e}");
+        // The copy is faulty, not the backup: an internal error.
+        assert_eq!(e.kind, ErrorKind::Internal, "{ctx}: {e}");
         let head = format!("{} does not read back as written: ", tmp.display());
-        assert!(e.message.starts_with(&head), "{ctx}: {e}");
-        let rest = &e.message[head.len()..];
-        // A cluster lost, or made zeros where nothing below shows through
-        // (the first layer), is one fewer; otherwise the count holds.
-        if m == Miswrite::Lose || (m == Miswrite::Zero && layer == 0) {
+        let tail = " (the copy is faulty, not its source: a fault of this host or of knib)";
+        assert!(e.message.starts_with(&head) && e.message.ends_with(tail), "{ctx}: {e}");
+        let rest = &e.message[head.len()..e.message.len() - tail.len()];
+        if data_path == "qemu-img" {
+            // Guest bytes through the chain.
+            let f = file_of(&store, id, "root");
+            assert!(rest.starts_with("its guest bytes at offset "), "{ctx}: {e}");
+            assert!(rest.ends_with(&format!(" differ from {}'s", f.display())), "{ctx}: {e}");
+        } else if m == Miswrite::Lose || (m == Miswrite::Zero && layer == 0) {
+            // A cluster lost, or made zeros where nothing below shows
+            // through (the first layer), is one fewer; otherwise the count
+            // holds.
             let n: Vec<u64> = rest.split(' ').filter_map(|w| w.parse().ok()).collect();
             assert_eq!(rest, format!("{} clusters read back where {} were written", n[0], n[0] + 1), "{ctx}");
         } else {
@@ -702,7 +710,7 @@ fn compress_refuses_a_miswritten_output_on_the_qemu_img_path() {
 }
 
 /// `check_output` of `agent.compress` and `compress` (JSON API) turns the
-/// read-back on for one call: a miswritten output is refused as corrupt
+/// read-back on for one call: a miswritten output fails as internal
 /// naming it, the file or store left as it was; without the field the
 /// same miswritten output is accepted (the field is what checks it).
 #[test]
@@ -738,11 +746,14 @@ fn the_api_s_check_output_refuses_a_miswritten_compression() {
     let before = std::fs::read(&f).expect("file");
     let req = json!({ "files": [f], "expected_hashes": [hash], "check_output": true });
     let e = miswritten(&at, &tmp, &req, "agent.compress").expect_err("refused");
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
-    assert_eq!(
-        e.message,
-        format!("{} does not read back as written: a cluster reads back other than it was written", tmp.display())
-    );
+    let swapped = |tmp: &Path| {
+        format!(
+            "{} does not read back as written: a cluster reads back other than it was written (the copy is faulty, not its source: a fault of this host or of knib)",
+            tmp.display()
+        )
+    };
+    assert_eq!(e.kind, ErrorKind::Internal, "{e}");
+    assert_eq!(e.message, swapped(&tmp));
     assert_eq!(std::fs::read(&f).expect("file"), before);
     let comp = knib_core::engine::compress::comp_path(&f);
     assert!(!comp.exists() && !tmp.exists());
@@ -764,11 +775,8 @@ fn the_api_s_check_output_refuses_a_miswritten_compression() {
     let before = contents(&root);
     let req = json!({ "store": root, "backup": id, "check_output": true });
     let e = miswritten(&at, &tmp, &req, "compress").expect_err("refused");
-    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
-    assert_eq!(
-        e.message,
-        format!("{} does not read back as written: a cluster reads back other than it was written", tmp.display())
-    );
+    assert_eq!(e.kind, ErrorKind::Internal, "{e}");
+    assert_eq!(e.message, swapped(&tmp));
     assert_eq!(contents(&root), before, "the store changed");
     let id = &b.ids[1];
     let tmp = comp_part(&file_of(&store, id, "root"));

@@ -226,8 +226,9 @@ pub(crate) struct CompressReq {
     #[serde(default)]
     pub(crate) expected_hashes: Option<Vec<String>>,
     /// Read each `.comp` back before it counts as written and compare its
-    /// clusters with the file's: one that differs is refused as corrupt.
-    /// It costs about 1.5x the CPU of the compression.
+    /// data with the file's: one that differs fails as an internal error
+    /// (the copy is faulty, not the file), and no `.comp` is left. It
+    /// costs about 1.5x the CPU of the compression.
     #[serde(default)]
     pub(crate) check_output: bool,
     /// The time budget in seconds; 0 or absent = none.

@@ -275,9 +275,10 @@ pub(crate) struct CompressReq {
     #[serde(default)]
     min_free_bytes: Option<u64>,
     /// Read each compressed copy back before it replaces the backup's file
-    /// and compare its clusters with the file's: one that differs is
-    /// refused as corrupt. The store's `compression.check_output` turns it
-    /// on whatever is asked. It costs about 1.5x the CPU.
+    /// and compare its data with the file's: one that differs fails as an
+    /// internal error (the copy is faulty, not the backup) and the backup
+    /// is kept. The store's `compression.check_output` turns it on
+    /// whatever is asked. It costs about 1.5x the CPU.
     #[serde(default)]
     check_output: bool,
     /// The time budget in seconds; 0 or absent = none.

@@ -21,14 +21,17 @@
 //! cluster lost or added, bytes changed between the compressor and the
 //! file); it is not meant to stand against someone forging an image.
 
+use std::fs::File;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
+use super::chain::{read_layers, Chain};
 use super::copy_batch::is_zero;
 use super::image::{ClusterState, Qcow2Image};
-use super::source::ReadAt;
+use super::source::{FileSource, ReadAt};
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
 
@@ -173,13 +176,11 @@ fn digest_range(
         if i.is_multiple_of(4096) {
             ctl.check(step)?;
         }
-        if i.is_multiple_of(l2_entries) {
-            // Past the ranges without an L2 table at once.
-            let next = img.next_mapped_cluster(i)?;
-            if next > i {
-                i = next;
-                continue;
-            }
+        if i.is_multiple_of(l2_entries) && img.l2_table_offset((i / l2_entries) as usize)? == 0 {
+            // A range without an L2 table: nothing here (looked up in the
+            // L1 table alone, one entry per range).
+            i = (i + l2_entries).min(to);
+            continue;
         }
         match img.cluster_state(i)? {
             ClusterState::Unallocated => {}
@@ -196,6 +197,77 @@ fn digest_range(
         i += 1;
     }
     Ok(())
+}
+
+/// The check of a copy of `source`'s own clusters that another program
+/// (qemu-img) wrote to `out` (named `out_name`) over the same backing
+/// file: the same virtual size and backing pointer, and the same guest
+/// bytes, through the chain, wherever either file holds a cluster of its
+/// own (where neither does, both read the same backing file). Guest bytes
+/// are compared, not clusters, because the other program may lay out what
+/// it copies otherwise (another cluster size, zeros left to a backing file
+/// that reads zeros there, a partial last cluster copied whole). Returns
+/// the blocks compared; a copy that differs is an
+/// [`crate::ErrorKind::Internal`] error naming it.
+pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl: &Control) -> Result<u64> {
+    let (mut src, mut layers) = Chain::open(source)?.into_parts();
+    let name = out_name.display().to_string();
+    let miswritten = |what: String| {
+        KnibError::internal(format!(
+            "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of knib)"
+        ))
+    };
+    let handle = out.try_clone().map_err(|e| KnibError::io("cannot open", out_name, e))?;
+    let file = FileSource::new(handle).map_err(|e| KnibError::io("cannot size", out_name, e))?;
+    let mut copy = Qcow2Image::from_source(name.as_str(), Arc::new(file))
+        .map_err(|e| miswritten(format!("it does not open ({e})")))?;
+    if copy.virtual_size() != src.virtual_size() || copy.header().backing_file != src.header().backing_file {
+        return Err(miswritten(format!(
+            "its header gives {} bytes and backing file {:?}, not {} and {:?}",
+            copy.virtual_size(),
+            copy.header().backing_file,
+            src.virtual_size(),
+            src.header().backing_file
+        )));
+    }
+    let step = format!("check of {name}");
+    let size = src.virtual_size();
+    let (scs, ccs) = (src.cluster_size(), copy.cluster_size());
+    let g = scs.min(ccs);
+    let (mut a, mut b) = (vec![0u8; g as usize], vec![0u8; g as usize]);
+    // The end of the range without an L2 table that `off` lies in, or
+    // `off` when its range has one.
+    let unmapped_end = |img: &Qcow2Image, off: u64| -> Result<u64> {
+        let span = img.cluster_size() * img.header().l2_entries();
+        Ok(if img.l2_table_offset((off / span) as usize)? == 0 { (off / span + 1) * span } else { off })
+    };
+    let (mut off, mut compared, mut looked) = (0u64, 0u64, 0u64);
+    while off < size {
+        if looked.is_multiple_of(4096) {
+            ctl.check(&step)?;
+        }
+        looked += 1;
+        let skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(|e| miswritten(e.to_string()))?);
+        if skip > off {
+            off = skip;
+            continue;
+        }
+        let own_src = src.cluster_state(off / scs)? != ClusterState::Unallocated;
+        let own_copy =
+            copy.cluster_state(off / ccs).map_err(|e| miswritten(e.to_string()))? != ClusterState::Unallocated;
+        if own_src || own_copy {
+            let len = g.min(size - off) as usize;
+            src.read_with(off, &mut a[..len], &mut |o, buf| read_layers(&mut layers, o, buf))?;
+            copy.read_with(off, &mut b[..len], &mut |o, buf| read_layers(&mut layers, o, buf))
+                .map_err(|e| miswritten(e.to_string()))?;
+            if a[..len] != b[..len] {
+                return Err(miswritten(format!("its guest bytes at offset {off} differ from {}'s", source.display())));
+            }
+            compared += 1;
+        }
+        off += g;
+    }
+    Ok(compared)
 }
 
 #[cfg(test)]

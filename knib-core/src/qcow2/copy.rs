@@ -66,12 +66,12 @@ pub struct CopyOptions {
     /// Compute the xxh3-128 hash of the output file.
     pub hash: bool,
     /// Read a qcow2 output file back through its own tables once written
-    /// (compressed clusters decompressed) and compare its clusters with
-    /// what the copy put into it ([`super::ContentDigest`]): an output
-    /// that does not read back as written is a
-    /// [`crate::ErrorKind::Corrupt`] error naming it, the bytes read back
-    /// counted in [`CopyReport::checked`]. A copy into a sink or to raw is
-    /// not read back.
+    /// (compressed clusters decompressed) and compare its header and
+    /// clusters with what the copy put into it ([`super::ContentDigest`]):
+    /// an output that does not read back as written is an
+    /// [`crate::ErrorKind::Internal`] error naming it (the copy is faulty,
+    /// not its source). A raw output is not read back; a copy into a sink
+    /// refuses the option.
     pub check_output: bool,
     /// Compute the xxh3-128 hash of each source file (the top and, for a
     /// flattened copy, every backing file), from the bytes the copy reads
@@ -130,7 +130,8 @@ pub struct CopyReport {
     /// With [`CopyOptions::hash_source`]: the hash of each source file, the
     /// top first, then its backing files nearest first.
     pub source_hashes: Vec<SourceHash>,
-    /// With [`CopyOptions::check_output`]: the clusters of the output read
+    /// With [`CopyOptions::check_output`]: the clusters the output's
+    /// digest counts (data, and zeros when it has a backing file), read
     /// back and found as copied.
     pub checked: Option<u64>,
 }
@@ -269,36 +270,70 @@ pub(crate) fn copy_image_to(
     }
     if let Some(want) = written {
         let threads = if opts.threads > 0 { opts.threads } else { auto_threads() };
-        report.checked = Some(check_written(&file, dest, opts.backing.is_some(), &want, threads, ctl)?);
+        let shape =
+            DigestShape { cluster_size: cs, virtual_size: report.virtual_size, zeros_count: opts.backing.is_some() };
+        let backing = opts.backing.as_ref().map(|b| b.name.as_str());
+        report.checked = Some(check_written(&file, dest, &shape, backing, &want, threads, ctl)?);
     }
     Ok(report)
 }
 
 /// Read the qcow2 file just written (through the handle written, never by
-/// name) back through its own tables, on `threads` threads, and compare
-/// its content digest with `want`, the digest of what the copy put into
-/// it: the clusters found.
+/// name) back through its own tables, on `threads` threads: its virtual
+/// size, cluster size and backing pointer must be `shape`'s and
+/// `backing`, and its content digest `want`, the digest of what the copy
+/// put into it. Returns the clusters counted. A file that differs is an
+/// [`crate::ErrorKind::Internal`] error naming it: the copy is faulty (a
+/// fault of this host or of knib), not its source.
 pub(crate) fn check_written(
     file: &File,
     dest: &Path,
-    has_backing: bool,
+    shape: &DigestShape,
+    backing: Option<&str>,
     want: &ContentDigest,
     threads: usize,
     ctl: &Control,
 ) -> Result<u64> {
     crate::crashpoint::pause_point(&format!("check of {}", dest.display()));
     let handle = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
-    let source = super::FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?;
+    let source: Arc<dyn super::ReadAt> =
+        Arc::new(super::FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?);
     let name = dest.display().to_string();
+    let miswritten = |what: String| {
+        KnibError::internal(format!(
+            "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of knib)"
+        ))
+    };
+    let img = super::Qcow2Image::from_source(name.as_str(), Arc::clone(&source))
+        .map_err(|e| miswritten(format!("it does not open ({e})")))?;
+    let h = img.header();
+    if img.virtual_size() != shape.virtual_size
+        || img.cluster_size() != shape.cluster_size
+        || h.backing_file.as_deref() != backing
+    {
+        return Err(miswritten(format!(
+            "its header gives {} bytes, clusters of {} and backing file {:?}, not {}, {} and {:?}",
+            img.virtual_size(),
+            img.cluster_size(),
+            h.backing_file,
+            shape.virtual_size,
+            shape.cluster_size,
+            backing
+        )));
+    }
+    drop(img);
     let step = format!("check of {name}");
-    let got = super::image_digest(&name, Arc::new(source), has_backing, threads, ctl, &step)?;
+    let got = super::image_digest(&name, source, shape.zeros_count, threads, ctl, &step).map_err(|e| match e.kind {
+        crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout | crate::ErrorKind::Io => e,
+        _ => miswritten(e.to_string()),
+    })?;
     if got != *want {
         let what = if got.clusters() == want.clusters() {
             "a cluster reads back other than it was written".to_string()
         } else {
             format!("{} clusters read back where {} were written", got.clusters(), want.clusters())
         };
-        return Err(KnibError::corrupt(format!("{} does not read back as written: {what}", dest.display())));
+        return Err(miswritten(what));
     }
     log::debug!("{}: {} clusters read back as written", dest.display(), got.clusters());
     Ok(got.clusters())
@@ -329,6 +364,9 @@ pub fn copy_image_to_sink<S: Sink>(
 ) -> Result<SinkCopy<S>> {
     if opts.format != TargetFormat::Qcow2 {
         return Err(KnibError::invalid("a copy into a sink writes qcow2"));
+    }
+    if opts.check_output {
+        return Err(KnibError::invalid("a copy into a sink is not read back (check_output)"));
     }
     let Prepared { mut src, spec, plain_qcow2, planned_header, step, .. } =
         prepare(source, opts, None, ctl, before_write)?;

@@ -157,9 +157,10 @@ pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
+pub(crate) use content::check_copy_of_top;
 pub use content::{image_digest, ContentDigest, DigestShape};
-pub(crate) use copy::{check_written, copy_image_to, Output};
 pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy, TargetFormat, MAX_AUTO_THREADS};
+pub(crate) use copy::{copy_image_to, Output};
 #[cfg(feature = "libvirt")]
 pub(crate) use copy_batch::Compressor;
 pub use copy_batch::{zstd_level, DEFAULT_ZSTD_LEVEL, ZSTD_LEVELS, ZSTD_LEVEL_ENV};

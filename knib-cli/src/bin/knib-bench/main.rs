@@ -241,9 +241,9 @@ fn op(kind: Op, args: &[String]) {
             }
             // For experiments: KNIB_BENCH_CHECK=1 reads the output back as a
             // compression with `compression.check_output` does (off by default).
-            opts.check_output = std::env::var_os("KNIB_BENCH_CHECK").is_some();
+            opts.check_output = std::env::var("KNIB_BENCH_CHECK").is_ok_and(|v| v == "1");
             // KNIB_BENCH_HASH=1: the output hashed as a compression job hashes it.
-            opts.hash = std::env::var_os("KNIB_BENCH_HASH").is_some();
+            opts.hash = std::env::var("KNIB_BENCH_HASH").is_ok_and(|v| v == "1");
         }
         Op::Delta | Op::DeltaCompressed => {
             opts.backing = Some(BackingRef { name: args[2].clone(), format: "qcow2".into() });

@@ -21,7 +21,8 @@ public final class CompressBackup {
      *     {@code files[].hash} of {@link Knib#takeBackupHash}); a file that does not match fails with a corrupt
      *     error. Null: nothing is checked
      * @param checkOutput read each {@code .comp} back before it counts as written and compare its clusters with the
-     *     file's: one that differs fails with a corrupt error. False by default: it costs about 1.5x the compression's CPU
+     *     file's: one that differs fails with {@link KnibException} of kind internal (the copy is faulty, not the file). False by
+     *     default: it costs about 1.5x the compression's CPU
      * @param timeoutSecs the command's time budget in seconds; null for none
      */
     public record Request(
@@ -34,6 +35,24 @@ public final class CompressBackup {
             List<String> expectedHashes,
             boolean checkOutput,
             Long timeoutSecs) {
+        /**
+         * The request without {@code checkOutput} (false), as before that field.
+         *
+         * @param files {@link #files()}
+         * @param library {@link #library()}
+         * @param coroutines {@link #coroutines()}
+         * @param rateLimitMbps {@link #rateLimitMbps()}
+         * @param minFreeFactor {@link #minFreeFactor()}
+         * @param minFreeBytes {@link #minFreeBytes()}
+         * @param expectedHashes {@link #expectedHashes()}
+         * @param timeoutSecs {@link #timeoutSecs()}
+         */
+        public Request(List<String> files, String library, int coroutines, long rateLimitMbps, double minFreeFactor,
+                Long minFreeBytes, List<String> expectedHashes, Long timeoutSecs) {
+            this(files, library, coroutines, rateLimitMbps, minFreeFactor, minFreeBytes, expectedHashes, false,
+                    timeoutSecs);
+        }
+
         /** Copies the lists; a rate limit below 1 becomes 0 (none). */
         public Request {
             files = Json.copy(files);
