@@ -785,3 +785,51 @@ fn the_api_s_check_output_refuses_a_miswritten_compression() {
     let v: Value = serde_json::from_str(&miswritten(&at, &tmp, &req, "compress").expect("not checked")).expect("json");
     assert!(v["compression"].is_object(), "{v}");
 }
+
+/// A compression job whose copy does not read back as written (the
+/// store's `compression.check_output`) is retried, not failed for good:
+/// the backup is sound. The second attempt compresses it; it verifies and
+/// restores identical.
+#[test]
+fn a_compression_job_whose_copy_is_miswritten_is_retried() {
+    use knib_core::catalog::jobs::{run_jobs, JobState, RunOptions};
+    let b = build(0x2204, Variant::Plain);
+    let work = tempfile::tempdir().expect("tempdir");
+    let root = work.path().join("store");
+    let store = copy_store(&b, &root);
+    let id = &b.ids[1];
+    std::fs::write(
+        root.join("knib.json"),
+        r#"{"schema": 1, "compression.check_output": true, "compression.max_retries": 2, "compression.retry_interval_secs": 0}"#,
+    )
+    .expect("settings");
+    let tmp = comp_part(&file_of(&store, id, "root"));
+    let at = format!("read-back of {}", tmp.display());
+    let job = store.queue_compression(id).expect("queue");
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(3));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(
+                knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
+                "no pause at {at}"
+            );
+            miswrite(&tmp, Miswrite::Lose, &mut Rng::new(0x2204));
+        });
+        run_jobs(&store, &RunOptions::default()).expect("run");
+    });
+    let mut j = store.job(&job.id).expect("job");
+    if j.state == JobState::Queued {
+        // Its retry left for the next run.
+        run_jobs(&store, &RunOptions::default()).expect("run");
+        j = store.job(&job.id).expect("job");
+    }
+    // Attempts count the failed ones: one, then done.
+    assert_eq!(j.state, JobState::Done, "{j:?}");
+    assert_eq!(j.attempts, 1, "{j:?}");
+    assert!(store.show(id).expect("show").compression.is_some());
+    let r = store.verify(Some(id), &Control::new()).expect("verify").pop().expect("one");
+    assert!(r.ok, "{r:?}");
+    let out = work.path().join("restored.qcow2");
+    store.restore(id, "root", &out, ImageFormat::Qcow2, &Control::new()).expect("restore");
+    assert_identical(&out, &b.refs[1]["root"]);
+}
