@@ -214,7 +214,7 @@ enum Command {
         /// Rate limit in MB/s (0 = none).
         #[arg(long, default_value_t = 0)]
         rate_limit: u64,
-        /// Read each compressed copy back and compare its clusters with the
+        /// Read each compressed copy back and compare its data with the
         /// backup's before it replaces the backup (the store's
         /// `compression.check_output` turns it on for every compression).
         #[arg(long)]

@@ -34,7 +34,9 @@ pub enum ErrorKind {
     /// A backup failed and the VM was left with extra layers or a half-done
     /// merge: it needs `recover`/`cleanup` before its next backup.
     VmInconsistent,
-    /// A bug in knib (a panic caught at a boundary, an invariant broken).
+    /// A bug in knib (a panic caught at a boundary, an invariant broken),
+    /// or an output knib wrote that does not read back as written (a fault
+    /// of the host or of knib; its source is sound, and a retry may work).
     Internal,
 }
 

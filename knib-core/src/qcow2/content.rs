@@ -233,13 +233,32 @@ pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl:
     let step = format!("check of {name}");
     let size = src.virtual_size();
     let (scs, ccs) = (src.cluster_size(), copy.cluster_size());
-    let g = scs.min(ccs);
-    let (mut a, mut b) = (vec![0u8; g as usize], vec![0u8; g as usize]);
+    // Blocks of the larger cluster size (both are powers of two, so a
+    // block holds whole clusters of each): one read of each file a block.
+    let w = scs.max(ccs);
+    let (mut a, mut b) = (vec![0u8; w as usize], vec![0u8; w as usize]);
     // The end of the range without an L2 table that `off` lies in, or
     // `off` when its range has one.
     let unmapped_end = |img: &Qcow2Image, off: u64| -> Result<u64> {
         let span = img.cluster_size() * img.header().l2_entries();
         Ok(if img.l2_table_offset((off / span) as usize)? == 0 { (off / span + 1) * span } else { off })
+    };
+    // Whether `img` holds a cluster of its own in the block at `off`.
+    let owns = |img: &mut Qcow2Image, off: u64, end: u64| -> Result<bool> {
+        let cs = img.cluster_size();
+        for i in off / cs..end.div_ceil(cs) {
+            if img.cluster_state(i)? != ClusterState::Unallocated {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    // The copy's own faults are the copy's; reading it may fail for
+    // reasons of the host, the caller or the backing files, kept as
+    // they are.
+    let of_copy = |e: KnibError| match e.kind {
+        crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout | crate::ErrorKind::Io => e,
+        _ => miswritten(e.to_string()),
     };
     let (mut off, mut compared, mut looked) = (0u64, 0u64, 0u64);
     while off < size {
@@ -247,25 +266,31 @@ pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl:
             ctl.check(&step)?;
         }
         looked += 1;
-        let skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(|e| miswritten(e.to_string()))?);
+        let skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(of_copy)?);
         if skip > off {
             off = skip;
             continue;
         }
-        let own_src = src.cluster_state(off / scs)? != ClusterState::Unallocated;
-        let own_copy =
-            copy.cluster_state(off / ccs).map_err(|e| miswritten(e.to_string()))? != ClusterState::Unallocated;
-        if own_src || own_copy {
-            let len = g.min(size - off) as usize;
+        let end = (off + w).min(size);
+        if owns(&mut src, off, end)? || owns(&mut copy, off, end).map_err(of_copy)? {
+            let len = (end - off) as usize;
             src.read_with(off, &mut a[..len], &mut |o, buf| read_layers(&mut layers, o, buf))?;
-            copy.read_with(off, &mut b[..len], &mut |o, buf| read_layers(&mut layers, o, buf))
-                .map_err(|e| miswritten(e.to_string()))?;
+            // An error of the backing files (shared with the source) is
+            // theirs, not the copy's.
+            let mut below: Option<KnibError> = None;
+            let r = copy.read_with(off, &mut b[..len], &mut |o, buf| {
+                read_layers(&mut layers, o, buf).inspect_err(|e| below = Some(e.clone()))
+            });
+            if let Some(e) = below {
+                return Err(e);
+            }
+            r.map_err(of_copy)?;
             if a[..len] != b[..len] {
                 return Err(miswritten(format!("its guest bytes at offset {off} differ from {}'s", source.display())));
             }
             compared += 1;
         }
-        off += g;
+        off = end;
     }
     Ok(compared)
 }

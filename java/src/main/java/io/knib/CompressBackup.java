@@ -20,8 +20,8 @@ public final class CompressBackup {
      * @param expectedHashes the xxh3-128 each file must have, one per file of {@code files} in order (the
      *     {@code files[].hash} of {@link Knib#takeBackupHash}); a file that does not match fails with a corrupt
      *     error. Null: nothing is checked
-     * @param checkOutput read each {@code .comp} back before it counts as written and compare its clusters with the
-     *     file's: one that differs fails with {@link KnibException} of kind internal (the copy is faulty, not the file). False by
+     * @param checkOutput read each {@code .comp} back before it counts as written and compare its data with the
+     *     file's: one that differs fails with {@link InternalException} (the copy is faulty, not the file). False by
      *     default: it costs about 1.5x the compression's CPU
      * @param timeoutSecs the command's time budget in seconds; null for none
      */

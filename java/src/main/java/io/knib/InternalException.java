@@ -1,8 +1,8 @@
 package io.knib;
 
 /**
- * An internal error knib reported itself (an invariant it checks was broken), or an answer the Java classes
- * cannot read. A panic is not this but a {@link KnibPanicError}.
+ * An internal error knib reported itself (an invariant it checks was broken, or a copy it wrote that does not read
+ * back as written: its source is sound and a retry may work), or an answer the Java classes cannot read. A panic is not this but a {@link KnibPanicError}.
  */
 public class InternalException extends KnibException {
     private static final long serialVersionUID = 1L;
