@@ -222,7 +222,7 @@ pub fn compress_verified(
             fsio::remove_if_exists(&out)?;
             let (compressed_size, hash) = match (native_header, info) {
                 (Some(header), _) => {
-                    let cores = cores();
+                    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
                     let threads = (opts.coroutines as usize).clamp(1, cores);
                     log::info!(
                         "compressing {} ({}) with {threads} compression thread{} ({} asked, {cores} cores)",
@@ -334,11 +334,6 @@ pub fn compress_verified(
         return Err(e);
     }
     Ok(done)
-}
-
-/// The machine's cores (at least one).
-fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Whether a failed compression removes the entry at `p` (its `.comp` or

@@ -29,11 +29,15 @@ use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
 use super::chain::{read_layers, Chain};
-use super::copy_batch::is_zero;
 use super::image::{ClusterState, Qcow2Image};
 use super::source::{FileSource, ReadAt};
 use crate::error::{KnibError, Result};
 use crate::progress::Control;
+
+/// Whether `b` is all zeros.
+pub(super) fn is_zero(b: &[u8]) -> bool {
+    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
 
 /// An order-independent digest of guest clusters (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -301,29 +305,25 @@ mod tests {
 
     const SHAPE: DigestShape = DigestShape { cluster_size: 4, virtual_size: 10, zeros_count: true };
 
+    /// The digest of data clusters (index, bytes).
+    fn of(clusters: &[(u64, &[u8])]) -> ContentDigest {
+        let mut d = ContentDigest::default();
+        for (i, data) in clusters {
+            d.add_data(&SHAPE, *i, data);
+        }
+        d
+    }
+
     #[test]
     fn order_does_not_matter_and_index_kind_and_bytes_do() {
-        let mut a = ContentDigest::default();
-        a.add_data(&SHAPE, 0, b"abcd");
-        a.add_data(&SHAPE, 1, b"efgh");
-        let mut b = ContentDigest::default();
-        b.add_data(&SHAPE, 1, b"efgh");
-        b.add_data(&SHAPE, 0, b"abcd");
-        assert_eq!(a, b);
-        let mut swapped = ContentDigest::default();
-        swapped.add_data(&SHAPE, 0, b"efgh");
-        swapped.add_data(&SHAPE, 1, b"abcd");
-        assert_ne!(a, swapped, "a cluster under another's index");
-        let mut changed = ContentDigest::default();
-        changed.add_data(&SHAPE, 0, b"abcd");
-        changed.add_data(&SHAPE, 1, b"efgi");
-        assert_ne!(a, changed);
-        let mut lost = ContentDigest::default();
-        lost.add_data(&SHAPE, 0, b"abcd");
+        let a = of(&[(0, b"abcd"), (1, b"efgh")]);
+        assert_eq!(a, of(&[(1, b"efgh"), (0, b"abcd")]));
+        assert_ne!(a, of(&[(0, b"efgh"), (1, b"abcd")]), "a cluster under another's index");
+        assert_ne!(a, of(&[(0, b"abcd"), (1, b"efgi")]));
+        let lost = of(&[(0, b"abcd")]);
         assert_ne!(a, lost);
         assert_eq!(lost.clusters(), 1);
-        let mut zero_vs_gone = ContentDigest::default();
-        zero_vs_gone.add_data(&SHAPE, 0, b"abcd");
+        let mut zero_vs_gone = lost;
         zero_vs_gone.add_zeros(&SHAPE, 1, 1);
         assert_ne!(zero_vs_gone, lost, "zeros over a backing file count");
     }
@@ -332,19 +332,13 @@ mod tests {
     fn zeros_are_zeros_however_stored_and_the_tail_past_the_size_is_not_seen() {
         let mut flag = ContentDigest::default();
         flag.add_zeros(&SHAPE, 1, 2);
-        let mut data = ContentDigest::default();
-        data.add_data(&SHAPE, 1, &[0; 4]);
-        data.add_data(&SHAPE, 2, &[0, 0, 9, 9]);
+        let data = of(&[(1, &[0; 4]), (2, &[0, 0, 9, 9])]);
         assert_eq!(flag, data, "the last cluster's bytes past the virtual size (10) are not the guest's");
         let alone = DigestShape { zeros_count: false, ..SHAPE };
         let mut none = ContentDigest::default();
         none.add_zeros(&alone, 0, 3);
         none.add_data(&alone, 1, &[0; 4]);
         assert_eq!(none, ContentDigest::default(), "without a backing file zeros are nothing");
-        let mut tail = ContentDigest::default();
-        tail.add_data(&SHAPE, 2, b"xy\0\0");
-        let mut tail2 = ContentDigest::default();
-        tail2.add_data(&SHAPE, 2, b"xyzz");
-        assert_eq!(tail, tail2);
+        assert_eq!(of(&[(2, b"xy\0\0")]), of(&[(2, b"xyzz")]));
     }
 }

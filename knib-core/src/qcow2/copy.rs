@@ -27,8 +27,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::content::{ContentDigest, DigestShape};
-use super::copy_batch::{batch_plan, compress_loop, is_zero, Batch, Item};
+use super::content::{is_zero, ContentDigest, DigestShape};
+use super::copy_batch::{batch_plan, compress_loop, Batch, Item};
 use super::copy_read::{read_loop, Resolved, Source, SourceMode};
 use super::direct::{Bounce, ScatterWriter, WriteMode};
 use super::header::CompressionType;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::content::{ContentDigest, DigestShape};
+use super::content::{is_zero, ContentDigest, DigestShape};
 use super::direct::AlignedBuf;
 use super::header::CompressionType;
 use crate::error::{KnibError, Result};
@@ -85,11 +85,6 @@ pub(super) fn batch_plan(cs: u64, workers: usize) -> (usize, usize) {
     let per = if workers > 0 { BUDGET / (2 * in_flight as u64) } else { BUDGET / in_flight as u64 };
     let bytes = (per.min(4 << 20) / cs).max(1) * cs;
     (in_flight, bytes as usize)
-}
-
-/// Whether `b` is all zeros.
-pub(super) fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096).all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
 }
 
 /// The compressor of one worker: one context, reused for every cluster.
