@@ -119,6 +119,19 @@ pub fn image_digest(
     step: &str,
 ) -> Result<ContentDigest> {
     let first = Qcow2Image::from_source(name, Arc::clone(&source))?;
+    digest_of(first, name, source, zeros_count, threads, ctl, step)
+}
+
+/// [`image_digest`] of `first`, an image already open on `source`.
+fn digest_of(
+    first: Qcow2Image,
+    name: &str,
+    source: Arc<dyn ReadAt>,
+    zeros_count: bool,
+    threads: usize,
+    ctl: &Control,
+    step: &str,
+) -> Result<ContentDigest> {
     let total = first.guest_clusters();
     // Whole L2 ranges, at least 1024 clusters a stretch.
     let stretch = first.header().l2_entries().max(1024);
@@ -203,6 +216,80 @@ fn digest_range(
     Ok(())
 }
 
+/// The error for a copy `name` that does not read back as written:
+/// [`crate::ErrorKind::Internal`], the copy being faulty, not its source.
+fn miswritten(name: &str, what: impl std::fmt::Display) -> KnibError {
+    KnibError::internal(format!(
+        "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of knib)"
+    ))
+}
+
+/// An error met reading the copy `name` back: the copy's own fault
+/// (a table or cluster it cannot give), unless it is of the host or the
+/// caller (I/O, cancelled, timed out), kept as it is.
+fn of_copy(name: &str, e: KnibError) -> KnibError {
+    match e.kind {
+        crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout | crate::ErrorKind::Io => e,
+        _ => miswritten(name, e),
+    }
+}
+
+/// Read the qcow2 file just written (through the handle written, never by
+/// name) back through its own tables, on `threads` threads: its virtual
+/// size, cluster size and backing pointer must be `shape`'s and
+/// `backing`, and its content digest `want`, the digest of what the copy
+/// put into it. Returns the clusters counted. A file that differs is an
+/// [`crate::ErrorKind::Internal`] error naming it: the copy is faulty (a
+/// fault of this host or of knib), not its source.
+pub(super) fn check_written(
+    file: &File,
+    dest: &Path,
+    shape: &DigestShape,
+    backing: Option<&str>,
+    want: &ContentDigest,
+    threads: usize,
+    ctl: &Control,
+) -> Result<u64> {
+    crate::crashpoint::pause_point(&format!("check of {}", dest.display()));
+    let handle = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
+    let source: Arc<dyn ReadAt> = Arc::new(FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?);
+    let name = dest.display().to_string();
+    let img = Qcow2Image::from_source(name.as_str(), Arc::clone(&source))
+        .map_err(|e| miswritten(&name, format_args!("it does not open ({e})")))?;
+    let h = img.header();
+    if img.virtual_size() != shape.virtual_size
+        || img.cluster_size() != shape.cluster_size
+        || h.backing_file.as_deref() != backing
+    {
+        return Err(miswritten(
+            &name,
+            format_args!(
+                "its header gives {} bytes, clusters of {} and backing file {:?}, not {}, {} and {:?}",
+                img.virtual_size(),
+                img.cluster_size(),
+                h.backing_file,
+                shape.virtual_size,
+                shape.cluster_size,
+                backing
+            ),
+        ));
+    }
+    let step = format!("check of {name}");
+    let got = digest_of(img, &name, source, shape.zeros_count, threads, ctl, &step).map_err(|e| of_copy(&name, e))?;
+    if got != *want {
+        return Err(if got.clusters() == want.clusters() {
+            miswritten(&name, "a cluster reads back other than it was written")
+        } else {
+            miswritten(
+                &name,
+                format_args!("{} clusters read back where {} were written", got.clusters(), want.clusters()),
+            )
+        });
+    }
+    log::debug!("{name}: {} clusters read back as written", got.clusters());
+    Ok(got.clusters())
+}
+
 /// The check of a copy of `source`'s own clusters that another program
 /// (qemu-img) wrote to `out` (named `out_name`) over the same backing
 /// file: the same virtual size and backing pointer, and the same guest
@@ -216,23 +303,21 @@ fn digest_range(
 pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl: &Control) -> Result<u64> {
     let (mut src, mut layers) = Chain::open(source)?.into_parts();
     let name = out_name.display().to_string();
-    let miswritten = |what: String| {
-        KnibError::internal(format!(
-            "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of knib)"
-        ))
-    };
     let handle = out.try_clone().map_err(|e| KnibError::io("cannot open", out_name, e))?;
     let file = FileSource::new(handle).map_err(|e| KnibError::io("cannot size", out_name, e))?;
     let mut copy = Qcow2Image::from_source(name.as_str(), Arc::new(file))
-        .map_err(|e| miswritten(format!("it does not open ({e})")))?;
+        .map_err(|e| miswritten(&name, format_args!("it does not open ({e})")))?;
     if copy.virtual_size() != src.virtual_size() || copy.header().backing_file != src.header().backing_file {
-        return Err(miswritten(format!(
-            "its header gives {} bytes and backing file {:?}, not {} and {:?}",
-            copy.virtual_size(),
-            copy.header().backing_file,
-            src.virtual_size(),
-            src.header().backing_file
-        )));
+        return Err(miswritten(
+            &name,
+            format_args!(
+                "its header gives {} bytes and backing file {:?}, not {} and {:?}",
+                copy.virtual_size(),
+                copy.header().backing_file,
+                src.virtual_size(),
+                src.header().backing_file
+            ),
+        ));
     }
     let step = format!("check of {name}");
     let size = src.virtual_size();
@@ -257,13 +342,7 @@ pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl:
         }
         Ok(false)
     };
-    // The copy's own faults are the copy's; reading it may fail for
-    // reasons of the host, the caller or the backing files, kept as
-    // they are.
-    let of_copy = |e: KnibError| match e.kind {
-        crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout | crate::ErrorKind::Io => e,
-        _ => miswritten(e.to_string()),
-    };
+    let of_copy = |e: KnibError| of_copy(&name, e);
     let (mut off, mut compared, mut looked) = (0u64, 0u64, 0u64);
     while off < size {
         if looked.is_multiple_of(4096) {
@@ -290,7 +369,10 @@ pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl:
             }
             r.map_err(of_copy)?;
             if a[..len] != b[..len] {
-                return Err(miswritten(format!("its guest bytes at offset {off} differ from {}'s", source.display())));
+                return Err(miswritten(
+                    &name,
+                    format_args!("its guest bytes at offset {off} differ from {}'s", source.display()),
+                ));
             }
             compared += 1;
         }

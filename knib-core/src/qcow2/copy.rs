@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::content::{is_zero, ContentDigest, DigestShape};
+use super::content::{check_written, is_zero, ContentDigest, DigestShape};
 use super::copy_batch::{batch_plan, compress_loop, Batch, Item};
 use super::copy_read::{read_loop, Resolved, Source, SourceMode};
 use super::direct::{Bounce, ScatterWriter, WriteMode};
@@ -268,75 +268,12 @@ pub(crate) fn copy_image_to(
         crate::crashpoint::pause_point(&format!("read-back of {}", dest.display()));
         report.hash = Some(crate::hash::hash_written_file(&file, dest, ctl)?);
     }
-    if let Some(want) = written {
+    if let Some((shape, want)) = written {
         let threads = if opts.threads > 0 { opts.threads } else { auto_threads() };
-        let shape =
-            DigestShape { cluster_size: cs, virtual_size: report.virtual_size, zeros_count: opts.backing.is_some() };
         let backing = opts.backing.as_ref().map(|b| b.name.as_str());
         report.checked = Some(check_written(&file, dest, &shape, backing, &want, threads, ctl)?);
     }
     Ok(report)
-}
-
-/// Read the qcow2 file just written (through the handle written, never by
-/// name) back through its own tables, on `threads` threads: its virtual
-/// size, cluster size and backing pointer must be `shape`'s and
-/// `backing`, and its content digest `want`, the digest of what the copy
-/// put into it. Returns the clusters counted. A file that differs is an
-/// [`crate::ErrorKind::Internal`] error naming it: the copy is faulty (a
-/// fault of this host or of knib), not its source.
-pub(crate) fn check_written(
-    file: &File,
-    dest: &Path,
-    shape: &DigestShape,
-    backing: Option<&str>,
-    want: &ContentDigest,
-    threads: usize,
-    ctl: &Control,
-) -> Result<u64> {
-    crate::crashpoint::pause_point(&format!("check of {}", dest.display()));
-    let handle = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
-    let source: Arc<dyn super::ReadAt> =
-        Arc::new(super::FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?);
-    let name = dest.display().to_string();
-    let miswritten = |what: String| {
-        KnibError::internal(format!(
-            "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of knib)"
-        ))
-    };
-    let img = super::Qcow2Image::from_source(name.as_str(), Arc::clone(&source))
-        .map_err(|e| miswritten(format!("it does not open ({e})")))?;
-    let h = img.header();
-    if img.virtual_size() != shape.virtual_size
-        || img.cluster_size() != shape.cluster_size
-        || h.backing_file.as_deref() != backing
-    {
-        return Err(miswritten(format!(
-            "its header gives {} bytes, clusters of {} and backing file {:?}, not {}, {} and {:?}",
-            img.virtual_size(),
-            img.cluster_size(),
-            h.backing_file,
-            shape.virtual_size,
-            shape.cluster_size,
-            backing
-        )));
-    }
-    drop(img);
-    let step = format!("check of {name}");
-    let got = super::image_digest(&name, source, shape.zeros_count, threads, ctl, &step).map_err(|e| match e.kind {
-        crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout | crate::ErrorKind::Io => e,
-        _ => miswritten(e.to_string()),
-    })?;
-    if got != *want {
-        let what = if got.clusters() == want.clusters() {
-            "a cluster reads back other than it was written".to_string()
-        } else {
-            format!("{} clusters read back where {} were written", got.clusters(), want.clusters())
-        };
-        return Err(miswritten(what));
-    }
-    log::debug!("{}: {} clusters read back as written", dest.display(), got.clusters());
-    Ok(got.clusters())
 }
 
 /// What a copy to a sink leaves to its caller.
@@ -494,7 +431,7 @@ fn run<S: Sink>(
     ctl: &Control,
     step: &str,
     report: &mut CopyReport,
-) -> Result<Option<ContentDigest>> {
+) -> Result<Option<(DigestShape, ContentDigest)>> {
     let workers = match opts.compression {
         None => 0,
         Some(_) if opts.threads > 0 => opts.threads,
@@ -518,9 +455,7 @@ fn run<S: Sink>(
     let raw_io = if matches!(target, Target::Raw(_)) { RAW_IO_THREADS } else { 0 };
     let in_flight = in_flight + raw_io;
     let raw_error: Mutex<Option<KnibError>> = Mutex::new(None);
-    let mut written = None;
-    let written_ref = &mut written;
-    std::thread::scope(|scope| -> Result<()> {
+    let written = std::thread::scope(|scope| -> Result<Option<(DigestShape, ContentDigest)>> {
         let (free_tx, free_rx) = sync_channel::<Batch>(in_flight);
         for _ in 0..in_flight {
             free_tx.send(Batch::default()).map_err(|_| KnibError::internal("batch pool"))?;
@@ -563,7 +498,7 @@ fn run<S: Sink>(
         };
         // `out` (and with it the raw writers' channel) is dropped when the
         // loop returns: the I/O threads then finish and the scope joins them.
-        write_loop(out, done_rx, free_tx, total, ctl, step, report, written_ref)
+        write_loop(out, done_rx, free_tx, total, ctl, step, report)
     })?;
     if let Some(e) = raw_error.into_inner() {
         return Err(e);
@@ -666,9 +601,8 @@ fn raw_io_loop(
 }
 
 /// The writer (the caller's thread): batches in order into the target.
-/// `written`: the content digest of what it put into a checked qcow2
-/// output.
-#[allow(clippy::too_many_arguments)]
+/// Returns, for a checked qcow2 output, its shape and the content digest
+/// of what it put there.
 fn write_loop<S: Sink>(
     mut out: Out<'_, S>,
     done: Receiver<Result<Batch>>,
@@ -677,8 +611,7 @@ fn write_loop<S: Sink>(
     ctl: &Control,
     step: &str,
     report: &mut CopyReport,
-    written: &mut Option<ContentDigest>,
-) -> Result<()> {
+) -> Result<Option<(DigestShape, ContentDigest)>> {
     let mut pending = std::collections::BTreeMap::new();
     let mut next = 0u64;
     let mut covered = 0u64;
@@ -740,10 +673,10 @@ fn write_loop<S: Sink>(
     if covered != total {
         return Err(KnibError::internal(format!("{step}: the reader stopped at cluster {covered} of {total}")));
     }
-    if let Out::Qcow2 { digest: Some((_, d)), .. } = out {
-        *written = Some(d);
-    }
-    Ok(())
+    Ok(match out {
+        Out::Qcow2 { digest, .. } => digest,
+        Out::Raw { .. } => None,
+    })
 }
 
 #[cfg(test)]
