@@ -173,8 +173,46 @@ fn pause_only_if_asked(what: &str) {
             started.lock().unwrap_or_else(|p| p.into_inner()).push(what.to_string());
             wake.notify_all();
         }
-        std::thread::sleep(d);
+        // Until the pause ends or a test releases it.
+        let (released, wake) = released();
+        let deadline = std::time::Instant::now() + d;
+        let mut r = released.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(i) = r.iter().position(|w| what.contains(w.as_str())) {
+                r.remove(i);
+                log::debug!("pause released before durable step: {what}");
+                return;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            r = wake.wait_timeout(r, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
     }
+}
+
+/// The pauses [`release_pause`] ended early, and their wake-up.
+#[cfg(debug_assertions)]
+fn released() -> &'static (std::sync::Mutex<Vec<String>>, std::sync::Condvar) {
+    static RELEASED: std::sync::OnceLock<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)> =
+        std::sync::OnceLock::new();
+    RELEASED.get_or_init(Default::default)
+}
+
+/// End, now, the pause of [`pause_before`] at the step whose name
+/// contains `what_contains` (the one under way, or the next to begin):
+/// how a test holds an operation for as long as it needs (a long pause)
+/// and lets it go on as soon as it is done (debug builds only).
+pub fn release_pause(what_contains: &str) {
+    #[cfg(debug_assertions)]
+    {
+        let (released, wake) = released();
+        released.lock().unwrap_or_else(|p| p.into_inner()).push(what_contains.to_string());
+        wake.notify_all();
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = what_contains;
 }
 
 /// The steps a pause of [`pause_before`] began at, and their wake-up.
@@ -210,5 +248,26 @@ pub fn wait_for_pause(what_contains: &str, timeout: std::time::Duration) -> bool
     {
         let _ = (what_contains, timeout);
         false
+    }
+}
+
+#[cfg(all(test, debug_assertions))]
+mod tests {
+    use std::time::Duration;
+
+    /// A released pause ends at once; a pause not released lasts.
+    #[test]
+    fn a_released_pause_ends_early() {
+        let at = "crashpoint test: released";
+        super::pause_before(at, Duration::from_secs(600));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            super::pause_point(at);
+            let _ = tx.send(());
+        });
+        assert!(super::wait_for_pause(at, Duration::from_secs(60)), "no pause");
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "the pause ended unreleased");
+        super::release_pause(at);
+        rx.recv_timeout(Duration::from_secs(60)).expect("the released pause still waits");
     }
 }

@@ -419,7 +419,9 @@ fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
         refs.push(r);
     }
     let at = format!("locking {} for a merge", disks[1].display());
-    let pause = Duration::from_secs(10);
+    // Long enough for a loaded machine; released as soon as qemu-io
+    // holds the disk.
+    let pause = Duration::from_secs(300);
     knib_core::crashpoint::pause_before(&at, pause);
     let second = req(1, Incremental);
     let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &second, &Control::new()));
@@ -436,6 +438,7 @@ fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
         assert!(paused.elapsed() < pause / 2, "qemu-io did not lock {} in time", disks[1].display());
         std::thread::sleep(Duration::from_millis(20));
     }
+    knib_core::crashpoint::release_pause(&at);
     let e = backup.join().unwrap();
     let _ = vm.kill();
     let _ = vm.wait();
@@ -528,13 +531,15 @@ fn every_disk_a_backup_copies_stays_locked_against_writers_until_its_merge() {
         // second not yet; a VM starting on either must be refused.
         let at = format!("copy of volume locked-{seed}-1");
         let at = at.as_str();
-        knib_core::crashpoint::pause_before(at, Duration::from_secs(10));
+        // Held until the writers were tried (released then).
+        knib_core::crashpoint::pause_before(at, Duration::from_secs(300));
         let second = req(1, Incremental, false);
         let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &second, &Control::new()));
         assert!(knib_core::crashpoint::wait_for_pause(at, Duration::from_secs(60)), "{what}: the copy never paused");
         for p in &disks {
             assert_no_writer_gets(p, what);
         }
+        knib_core::crashpoint::release_pause(at);
         let r = backup.join().unwrap();
         if corrupt {
             let e = r.unwrap_err();
@@ -557,11 +562,12 @@ fn every_disk_a_backup_copies_stays_locked_against_writers_until_its_merge() {
             snapshot(p, &refs[k]);
         }
         let at = format!("rename {} to {}", engine::take::base_path(&disks[0]).display(), disks[0].display());
-        knib_core::crashpoint::pause_before(&at, Duration::from_secs(10));
+        knib_core::crashpoint::pause_before(&at, Duration::from_secs(300));
         let third = req(2, Incremental, true);
         let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &third, &Control::new()));
         assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "{what}: the rename never paused");
         assert_no_writer_gets(&disks[0], &format!("{what}, end of chain"));
+        knib_core::crashpoint::release_pause(&at);
         backup.join().unwrap().unwrap();
         for (k, (p, r)) in disks.iter().zip(&refs).enumerate() {
             assert_identical(r, p);
