@@ -682,3 +682,55 @@ fn a_compression_read_back_accepts_every_correct_copy() {
     }
     assert!(v2_done);
 }
+
+/// On the qemu-img data path the read-back compares guest bytes through
+/// the backup's chain: a backing file found damaged meanwhile (every L1
+/// entry of the base given reserved bits, once qemu-img has written the
+/// copy) fails as that file's damage (`corrupt`, naming it), not as a
+/// faulty copy (`internal`, which a compression job retries); the file
+/// compressed is left as it was and no copy is left behind. Seeded: the
+/// source's clusters (512 bytes, 4 KiB) are smaller than the copy's, so
+/// blocks the top owns part of are read partly from the base.
+#[test]
+fn the_qemu_img_path_s_read_back_keeps_a_damaged_backing_file_s_error() {
+    use knib_core::engine::{compress, CompressOptions, DataPath};
+    use std::os::unix::fs::FileExt;
+    let q = knib_core::qemu_img::QemuImg::new();
+    for seed in 0..2u64 {
+        let d = tempfile::tempdir().unwrap();
+        let cs = [512, 4 * K][seed as usize];
+        let g = generate(d.path(), seed + 0x5200, 2, 3 * M, cs, None);
+        let (base, top) = (g.files[0].clone(), g.top().to_path_buf());
+        let before = std::fs::read(&top).unwrap();
+        let tmp = top.with_file_name(format!(".{}.comp.part", top.file_name().unwrap().to_string_lossy()));
+        let at = format!("qemu-img wrote {}", tmp.display());
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let opts = CompressOptions { data_path: DataPath::QemuImg, check_output: true, ..Default::default() };
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)), "no pause");
+                let img = Qcow2Image::open(&base).unwrap();
+                let (l1, n) = (img.header().l1_table_offset, img.header().l1_size as u64);
+                drop(img);
+                let f = std::fs::OpenOptions::new().read(true).write(true).open(&base).unwrap();
+                for i in 0..n {
+                    let mut e = [0u8; 8];
+                    f.read_exact_at(&mut e, l1 + 8 * i).unwrap();
+                    f.write_all_at(&(u64::from_be_bytes(e) | 1).to_be_bytes(), l1 + 8 * i).unwrap();
+                }
+                knib_core::crashpoint::release_pause(&at);
+            });
+            compress(&q, std::slice::from_ref(&top), &opts, &Control::new()).unwrap_err()
+        });
+        let tag = format!("seed {seed}, clusters of {cs}");
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{tag}: {e}");
+        assert!(e.message.contains(p(&base)) && e.message.contains("has reserved bits set"), "{tag}: {e}");
+        assert!(!e.message.contains("does not read back"), "{tag}: {e}");
+        assert_eq!(std::fs::read(&top).unwrap(), before, "{tag}: the file compressed changed");
+        let left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!left.iter().any(|n| n.contains(".comp")), "{tag}: left {left:?}");
+    }
+}
