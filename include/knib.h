@@ -564,6 +564,15 @@
  *           its chain decides.
  *     request:
  *       chain_size?   integer, default 8: Backups per chain (default 8).
+ *       check_output? boolean, default false: With `compress`: read each
+ *                     compressed file back before the backup is kept; one
+ *                     that does not hold what was copied into it fails the
+ *                     backup as an internal error (nothing kept). The store's
+ *                     `compression.check_output` turns it on whatever is
+ *                     asked. Files copied by qemu-img (its data path) are not
+ *                     read back (a warning is logged). Refused without
+ *                     `compress`, and for a backup sent straight to a vault
+ *                     (no file of its own is left to read).
  *       compress?     "zstd" | "zlib" or null: Compress as copied, in one
  *                     pass.
  *       connect?      string or null: The libvirt URI (default
@@ -764,6 +773,17 @@
  *     request:
  *       chain_size?          integer, default 8: Backups per chain (default
  *                            8).
+ *       check_output?        boolean, default false: With `compress`: read
+ *                            each compressed file back before the backup is
+ *                            kept; one that does not hold what was copied
+ *                            into it fails the backup as an internal error
+ *                            (nothing kept). The store's
+ *                            `compression.check_output` turns it on whatever
+ *                            is asked. Files copied by qemu-img (its data
+ *                            path) are not read back (a warning is logged).
+ *                            Refused without `compress`, and for a backup
+ *                            sent straight to a vault (no file of its own is
+ *                            left to read).
  *       compress?            "zstd" | "zlib" or null: Compress as copied:
  *                            "zstd" or "zlib".
  *       connect?             string or null: The libvirt URI (default

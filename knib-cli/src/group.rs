@@ -125,6 +125,12 @@ pub struct BackupArgs {
     /// given).
     #[arg(long, value_enum, value_name = "LIBRARY", num_args = 0..=1, default_missing_value = "zstd")]
     compress: Option<Library>,
+    /// With --compress: read each compressed file back before the
+    /// backup is kept, and fail (nothing kept) if one does not hold what
+    /// was copied into it (the store's compression.check_output turns it
+    /// on for every backup).
+    #[arg(long, requires = "compress")]
+    check_output: bool,
 }
 
 impl BackupArgs {
@@ -259,6 +265,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
                     isolated: false,
                     chain_size: a.chain_size,
                     compress: a.compress.map(CompressionLibrary::from),
+                    check_output: a.check_output,
                     method: None,
                     group: None,
                 },

@@ -93,6 +93,12 @@ enum Command {
         /// LIBRARY is given).
         #[arg(long, value_enum, value_name = "LIBRARY", num_args = 0..=1, default_missing_value = "zstd")]
         compress: Option<Library>,
+        /// With --compress: read each compressed file back before the
+        /// backup is kept, and fail (nothing kept) if one does not hold what
+        /// was copied into it (the store's compression.check_output turns it
+        /// on for every backup).
+        #[arg(long, requires = "compress")]
+        check_output: bool,
         /// How a domain's changes are found (default: the VM's setting, see
         /// vm-settings): snapshot (external snapshot, copy, merge) or bitmap
         /// (checkpoints and persistent dirty bitmaps; running or stopped).
@@ -409,6 +415,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             isolated,
             chain_size,
             compress,
+            check_output,
             method,
             vault: to,
         } => {
@@ -418,6 +425,7 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 isolated,
                 chain_size,
                 compress,
+                check_output,
                 method: method.map(BackupMethod::from),
                 group: None,
             };

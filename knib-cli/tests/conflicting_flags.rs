@@ -34,3 +34,23 @@ fn restore_refuses_options_the_kind_of_restore_ignores() {
         }
     }
 }
+
+/// `--check-output` reads back what `--compress` writes: without it, a
+/// backup (of one VM or a group) is refused as a usage error naming both,
+/// before the store is opened.
+#[test]
+fn check_output_needs_compress() {
+    let d = tempfile::tempdir().unwrap();
+    let store = d.path().join("none");
+    let store = store.to_str().unwrap();
+    for args in [
+        vec!["backup", "--store", store, "--vm", "v", "--disk", "root=/nonexistent.qcow2", "--check-output"],
+        vec!["group", "backup", "--store", store, "--domain", "d", "--check-output"],
+    ] {
+        let out = knib(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("--check-output") && err.contains("--compress"), "{args:?}: {err}");
+        assert!(!d.path().join("none").exists(), "{args:?}");
+    }
+}

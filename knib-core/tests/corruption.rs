@@ -556,77 +556,6 @@ fn the_hash_of_each_source_comes_from_the_copy_s_own_reads() {
     }
 }
 
-/// How a compression's output is miswritten (the bug or bit flip the
-/// read-back is there for): each leaves a file whose refcounts and tables
-/// `qemu-img check` may well accept.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Miswrite {
-    /// Two clusters of other content, each under the other's index.
-    Swap,
-    /// A cluster's L2 entry pointed at another cluster's data.
-    Duplicate,
-    /// A cluster's L2 entry emptied (the cluster is lost).
-    Lose,
-    /// A cluster's L2 entry made a zero cluster.
-    Zero,
-}
-
-/// Miswrite `file` (a compression's temporary output) as `m` says, in its
-/// first L2 table, at clusters drawn from `rng`; returns what was done.
-fn miswrite(file: &Path, m: Miswrite, rng: &mut Rng) -> String {
-    let mut img = Qcow2Image::open(file).expect("open the output");
-    let cs = img.cluster_size();
-    let f = OpenOptions::new().read(true).write(true).open(file).expect("open to miswrite");
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, img.header().l1_table_offset).expect("L1");
-    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
-    assert!(l2 != 0, "{}: the first L1 entry is empty", file.display());
-    let entry = |k: u64| {
-        let mut e = [0u8; 8];
-        f.read_exact_at(&mut e, l2 + k * 8).expect("L2");
-        u64::from_be_bytes(e)
-    };
-    // Clusters holding data, with what they read.
-    let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
-    for k in 0..(cs / 8).min(img.guest_clusters()) {
-        if matches!(img.cluster_state(k).expect("lookup"), ClusterState::Data { .. } | ClusterState::Compressed { .. })
-        {
-            let mut buf = vec![0u8; cs as usize];
-            img.read_at(k * cs, &mut buf).expect("read");
-            held.push((k, buf));
-        }
-    }
-    assert!(held.len() >= 2, "{}: {} data clusters", file.display(), held.len());
-    let pick = |rng: &mut Rng| held[rng.below(held.len() as u64) as usize].clone();
-    let (a, a_data) = pick(rng);
-    let mut b = pick(rng);
-    while b.1 == a_data {
-        b = pick(rng);
-    }
-    let b = b.0;
-    let put = |k: u64, v: u64| f.write_all_at(&v.to_be_bytes(), l2 + k * 8).expect("write L2");
-    match m {
-        Miswrite::Swap => {
-            let (ea, eb) = (entry(a), entry(b));
-            put(a, eb);
-            put(b, ea);
-            format!("clusters {a} and {b} swapped")
-        }
-        Miswrite::Duplicate => {
-            put(b, entry(a));
-            format!("cluster {b} pointed at cluster {a}'s data")
-        }
-        Miswrite::Lose => {
-            put(a, 0);
-            format!("cluster {a} lost")
-        }
-        Miswrite::Zero => {
-            put(a, 1);
-            format!("cluster {a} made zeros")
-        }
-    }
-}
-
 /// With `compression.check_output`, a compression whose output does not
 /// read back as what was copied into it (a cluster under another's index, pointed at another's data, lost,
 /// made zeros, in any layer of a chain; seeded) fails `internal` naming the
@@ -663,7 +592,7 @@ fn compress_refuses_a_miswritten_output_on(seed: u64, data_path: &str) {
                     knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
                     "no pause at {at}"
                 );
-                miswrite(&tmp, m, &mut Rng::new(seed + i as u64))
+                miswrite(&tmp, m, seed + i as u64)
             });
             let r = store.compress(id, &CompressOptions::default(), &Control::new());
             (t.join().expect("miswrite"), r)
@@ -728,7 +657,7 @@ fn the_api_s_check_output_refuses_a_miswritten_compression() {
                     knib_core::crashpoint::wait_for_pause(at, std::time::Duration::from_secs(120)),
                     "no pause at {at}"
                 );
-                miswrite(tmp, Miswrite::Swap, &mut Rng::new(0x2203))
+                miswrite(tmp, Miswrite::Swap, 0x2203)
             });
             let r = call(op, &req.to_string(), &ctl);
             t.join().expect("miswrite");
@@ -813,7 +742,7 @@ fn a_compression_job_whose_copy_is_miswritten_is_retried() {
                 knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
                 "no pause at {at}"
             );
-            miswrite(&tmp, Miswrite::Lose, &mut Rng::new(0x2204));
+            miswrite(&tmp, Miswrite::Lose, 0x2204);
         });
         run_jobs(&store, &RunOptions::default()).expect("run");
     });
@@ -832,4 +761,127 @@ fn a_compression_job_whose_copy_is_miswritten_is_retried() {
     let out = work.path().join("restored.qcow2");
     store.restore(id, "root", &out, ImageFormat::Qcow2, &Control::new()).expect("restore");
     assert_identical(&out, &b.refs[1]["root"]);
+}
+
+/// A backup compressed as it is copied reads its files back when asked
+/// (`check_output` of the backup, or the store's
+/// `compression.check_output`): a file that does not hold what was copied
+/// into it (a cluster under another's index, pointed at another's data,
+/// lost, made zeros; seeded, full and incremental) fails the backup as
+/// internal naming the file, and nothing is kept: no backup, no temporary
+/// left, the disks as the guest wrote them; the next backup (unchecked
+/// here, so that the miswritten one would have been kept) restores
+/// identical. Every correct copy is accepted. Before, backups compressed
+/// as copied were never read back: the damage showed at restore.
+#[test]
+fn a_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(dir.path().join("store")).expect("store");
+    let root = store.root().to_path_buf();
+    std::fs::create_dir_all(&root).expect("store directory");
+    let mut rng = Rng::new(0x2301);
+    let write = |disks: &TestDisks, rng: &mut Rng, tag: &str| {
+        for d in ["root", "data"] {
+            for k in 0..3u64 {
+                let src = disks.dir.path().join(format!("w-{tag}-{d}-{k}.bin"));
+                std::fs::write(&src, rng.bytes(256 << 10)).expect("source");
+                let off = (rng.below(60) + k * 100) << 16;
+                guest_write(disks.path(d), &format!("write -s {} {off} 256k", src.display()));
+            }
+        }
+    };
+    let zstd = BackupOptions { compress: Some(CompressionLibrary::Zstd), ..Default::default() };
+    let checked = BackupOptions { check_output: true, ..zstd.clone() };
+    let set_store = |on: bool| {
+        std::fs::write(root.join("knib.json"), format!("{{\"schema\": 1, \"compression.check_output\": {on}}}"))
+            .expect("settings")
+    };
+    let mut kept: Vec<(String, BTreeMap<String, PathBuf>)> = Vec::new();
+    let mut all_disks = Vec::new();
+    let ms = [Miswrite::Swap, Miswrite::Duplicate, Miswrite::Lose, Miswrite::Zero];
+    for (round, m) in ms.into_iter().enumerate() {
+        // A VM of its own each round (a pause is taken once per step name).
+        let vm = format!("vm{round}");
+        let disks = TestDisks::two();
+        set_store(false);
+        write(&disks, &mut rng, "a");
+        let refs = disks.snapshot_all("a");
+        let good = store.backup(&vm, &disks.disks, &checked, &Control::new()).expect("a checked backup");
+        kept.push((good.id, refs));
+        write(&disks, &mut rng, "b");
+        let refs = disks.snapshot_all("b");
+        // Full or incremental; asked for per call or by the store.
+        let full = round == 0 || round == 3;
+        let by_store = round % 2 == 1;
+        set_store(by_store);
+        let opts = BackupOptions { full, ..if by_store { zstd.clone() } else { checked.clone() } };
+        // Miswritten once written, before it is hashed (the hash then
+        // agrees with the file: only the read-back can tell).
+        let at = format!("read-back of {}", root.join("vms").join(&vm).display());
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let (what, r) = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                // The backup goes on whatever happens here.
+                struct Release<'a>(&'a str);
+                impl Drop for Release<'_> {
+                    fn drop(&mut self) {
+                        knib_core::crashpoint::release_pause(self.0);
+                    }
+                }
+                let _release = Release(&at);
+                assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)), "no pause");
+                let part = std::fs::read_dir(root.join("vms").join(&vm))
+                    .expect("vm dir")
+                    .map(|e| e.expect("entry").path())
+                    .find(|p| p.to_string_lossy().ends_with(".part"))
+                    .expect("the backup's directory");
+                // The first volume copied is root.
+                let tmp = part.join(".root.qcow2.part");
+                let what = miswrite(&tmp, m, round as u64);
+                (tmp, what)
+            });
+            let r = store.backup(&vm, &disks.disks, &opts, &Control::new());
+            (t.join().expect("miswrite"), r)
+        });
+        let ctx = format!("round {round} (full {full}, by the store {by_store}): {}", what.1);
+        let e = r.expect_err(&format!("{ctx}: the backup must fail"));
+        assert_eq!(e.kind, ErrorKind::Internal, "{ctx}: {e}");
+        let head = format!("{} does not read back as written: ", what.0.display());
+        let tail = " (the copy is faulty, not its source: a fault of this host or of knib)";
+        assert!(e.message.contains(&head) && e.message.ends_with(tail), "{ctx}: {e}");
+        let ids: Vec<String> = store.list(Some(&vm)).expect("list").into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, [kept.last().expect("kept").0.clone()], "{ctx}: a backup was kept");
+        let left: Vec<PathBuf> = std::fs::read_dir(root.join("vms").join(&vm))
+            .expect("vm dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.to_string_lossy().contains(".part"))
+            .collect();
+        assert!(left.is_empty(), "{ctx}: left {left:?}");
+        for d in ["root", "data"] {
+            assert_identical(disks.path(d), &refs[d]);
+        }
+        // The next backup, unchecked, is kept.
+        set_store(false);
+        let next = store.backup(&vm, &disks.disks, &zstd, &Control::new()).expect("backup");
+        assert!(next.compression.is_some(), "{ctx}: {next:?}");
+        kept.push((next.id, refs));
+        all_disks.push(disks);
+    }
+    for (id, refs) in &kept {
+        let r = store.verify(Some(id), &Control::new()).expect("verify").pop().expect("one");
+        assert!(r.ok, "{id}: {r:?}");
+        for d in ["root", "data"] {
+            let out = dir.path().join(format!("restored-{id}-{d}.qcow2"));
+            store.restore(id, d, &out, ImageFormat::Qcow2, &Control::new()).expect("restore");
+            assert_identical(&out, &refs[d]);
+        }
+    }
+    // The API refuses the field without compression.
+    let req = serde_json::json!({ "store": root, "vm": "vm0", "disks": [], "check_output": true });
+    let e = knib_core::api::call("backup", &req.to_string(), &Control::new()).expect_err("refused");
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_eq!(
+        e.message,
+        "request of backup: field `check_output` goes with `compress` (it reads the compressed files back)"
+    );
 }

@@ -117,6 +117,7 @@ fn two_backups(dir: &std::path::Path, data_path: engine::DataPath) -> (Vec<engin
             end_of_chain: false,
             data_path,
             compress: None,
+            check_output: false,
         };
         answers.push(engine::take_backup(&q, &req, &ctl).unwrap());
     }
@@ -213,6 +214,7 @@ fn a_one_pass_compressed_backup_is_compressed_and_restores() {
             end_of_chain: false,
             data_path: path,
             compress: Some(knib_core::qemu_img::CompressionLibrary::Zstd),
+            check_output: false,
         };
         let a = engine::take_backup(&QemuImg::new(), &req, &Control::new()).unwrap();
         assert!(a.volumes[0].size < 1 << 20, "{path:?}: {}", a.volumes[0].size);
@@ -250,6 +252,7 @@ fn a_backup_that_is_not_published_leaves_the_delta_full_and_the_disk_unchanged()
         end_of_chain: false,
         data_path: engine::DataPath::Native,
         compress: None,
+        check_output: false,
     };
     let delta_before = std::fs::read(&disk).unwrap();
     let e = engine::take::take_backup_with(&QemuImg::new(), &req("b2.qcow2"), &ctl, &mut |_| {
@@ -409,6 +412,7 @@ fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
         end_of_chain: false,
         data_path: engine::DataPath::Native,
         compress: None,
+        check_output: false,
     };
     engine::take_backup(&QemuImg::new(), &req(0, Full), &Control::new()).unwrap();
     let mut refs = Vec::new();
@@ -514,6 +518,7 @@ fn every_disk_a_backup_copies_stays_locked_against_writers_until_its_merge() {
             end_of_chain,
             data_path,
             compress: None,
+            check_output: false,
         };
         engine::take_backup(&QemuImg::new(), &req(0, Full, false), &Control::new()).unwrap();
         let mut refs = Vec::new();

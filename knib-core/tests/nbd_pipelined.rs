@@ -269,7 +269,7 @@ fn a_copy_of_an_export_that_fails_midway_leaves_no_file() {
             let _ = server.0.kill();
             let _ = server.0.wait();
         });
-        knib_core::engine::bitmap_copy::copy_export(&sock, "disk", None, &dest, None, None, &Control::new())
+        knib_core::engine::bitmap_copy::copy_export(&sock, "disk", None, &dest, None, None, false, &Control::new())
             .unwrap_err()
     });
     assert_eq!(e.kind, ErrorKind::Io, "{e}");
@@ -278,7 +278,8 @@ fn a_copy_of_an_export_that_fails_midway_leaves_no_file() {
     // Whole, it is there.
     let _server = serve_with(&img, &sock, &["-t"]);
     drop(connect(&sock));
-    knib_core::engine::bitmap_copy::copy_export(&sock, "disk", None, &dest, None, None, &Control::new()).unwrap();
+    knib_core::engine::bitmap_copy::copy_export(&sock, "disk", None, &dest, None, None, false, &Control::new())
+        .unwrap();
     let out = Command::new("qemu-img").args(["compare", "-q"]).arg(&img).arg(&dest).status().unwrap();
     assert!(out.success(), "the copy differs from the image");
 }

@@ -50,6 +50,7 @@ fn plan(id: &str, base: &Path, dest: PathBuf) -> LivePlan {
         }],
         data_path: DataPath::default(),
         compress: None,
+        check_output: false,
     }
 }
 

@@ -206,6 +206,7 @@ fn plan(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> R
         since,
         checkpoint,
         compress: None,
+        check_output: false,
         stopped: !running,
     };
     Ok((plan, full_reason))
@@ -313,6 +314,7 @@ pub(crate) fn cleanup_vm_backup(
         checkpoint: (kind != BackupKind::Isolated && !r.end_of_chain).then(|| checkpoint_name(&id)),
         disks: planned,
         compress: None,
+        check_output: false,
         stopped: !running,
     };
     let store_files: Vec<(&str, &Path)> = plan.disks.iter().map(|d| (d.target.as_str(), d.dest.as_path())).collect();

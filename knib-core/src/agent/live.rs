@@ -225,6 +225,7 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
         disks: plans,
         data_path: Default::default(),
         compress: None,
+        check_output: false,
     })
 }
 

@@ -167,6 +167,7 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
         disks,
         data_path: Default::default(),
         compress: None,
+        check_output: false,
     })
 }
 

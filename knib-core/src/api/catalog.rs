@@ -79,6 +79,15 @@ pub(crate) struct BackupReq {
     /// Compress as copied, in one pass.
     #[serde(default)]
     compress: Option<CompressionLibrary>,
+    /// With `compress`: read each compressed file back before the backup
+    /// is kept; one that does not hold what was copied into it fails the
+    /// backup as an internal error (nothing kept). The store's
+    /// `compression.check_output` turns it on whatever is asked. Files
+    /// copied by qemu-img (its data path) are not read back (a warning is
+    /// logged). Refused without `compress`, and for a backup sent straight
+    /// to a vault (no file of its own is left to read).
+    #[serde(default)]
+    check_output: bool,
     /// With `domain`: how changes are found, `snapshot` or `bitmap`
     /// (checkpoints and dirty bitmaps, running domains); absent: the VM's
     /// setting (`vm.settings`), `snapshot` by default.
@@ -446,9 +455,15 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
         isolated: r.isolated,
         chain_size: r.chain_size,
         compress: r.compress,
+        check_output: r.check_output,
         method: r.method,
         group: None,
     };
+    if r.check_output && r.compress.is_none() {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: field `check_output` goes with `compress` (it reads the compressed files back)"
+        )));
+    }
     if r.full && r.isolated {
         return Err(KnibError::invalid(format!(
             "request of {op}: fields `full` and `isolated` exclude each other (an isolated backup is a full one outside the chain)"

@@ -64,6 +64,15 @@ pub(crate) struct GroupBackupReq {
     /// Compress as copied: "zstd" or "zlib".
     #[serde(default)]
     compress: Option<CompressionLibrary>,
+    /// With `compress`: read each compressed file back before the backup
+    /// is kept; one that does not hold what was copied into it fails the
+    /// backup as an internal error (nothing kept). The store's
+    /// `compression.check_output` turns it on whatever is asked. Files
+    /// copied by qemu-img (its data path) are not read back (a warning is
+    /// logged). Refused without `compress`, and for a backup sent straight
+    /// to a vault (no file of its own is left to read).
+    #[serde(default)]
+    check_output: bool,
     /// The time budget in seconds; 0 or absent = none.
     #[serde(default)]
     timeout_secs: Option<u64>,
@@ -147,6 +156,11 @@ pub struct GroupDeleteAnswer {
 
 pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<GroupRecord> {
     store_dir(op, &r.store)?;
+    if r.check_output && r.compress.is_none() {
+        return Err(crate::KnibError::invalid(format!(
+            "request of {op}: field `check_output` goes with `compress` (it reads the compressed files back)"
+        )));
+    }
     #[cfg(feature = "libvirt")]
     {
         let ctl = &agent::budget(ctl, r.timeout_secs);
@@ -156,6 +170,7 @@ pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<Group
                 isolated: false,
                 chain_size: r.chain_size,
                 compress: r.compress,
+                check_output: r.check_output,
                 method: None,
                 group: None,
             },

@@ -36,6 +36,13 @@ pub struct BackupOptions {
     /// Compress the backup's files as they are copied (one pass over the
     /// data, instead of a copy now and a compression job later).
     pub compress: Option<CompressionLibrary>,
+    /// With `compress`: read each compressed file back through its own
+    /// tables before the backup is kept, and fail (`internal`, nothing
+    /// kept) if one does not hold what was copied into it; the store's
+    /// `compression.check_output` turns it on for every backup. On knib's
+    /// own data path, into the store (not a vault's direct upload).
+    #[serde(default)]
+    pub check_output: bool,
     /// The backup method of a libvirt domain's backup; `None`: the VM's
     /// setting ([`super::VmSettings::backup_method`]).
     #[serde(default)]
@@ -53,10 +60,23 @@ impl Default for BackupOptions {
             isolated: false,
             chain_size: DEFAULT_CHAIN_SIZE,
             compress: None,
+            check_output: false,
             method: None,
             group: None,
         }
     }
+}
+
+/// Refuse [`BackupOptions::check_output`] for `what`, a backup sent straight
+/// to a vault: its files are uploaded as they are written, and no local
+/// file is left to read back (the vault's own hashes check the upload).
+pub(crate) fn refuse_check_direct(opts: &BackupOptions, what: &str) -> Result<()> {
+    if opts.check_output {
+        return Err(KnibError::invalid(format!(
+            "{what}: check_output reads back the compressed files a backup writes into the store; a backup sent straight to a vault writes none (take it into the store, then send it)"
+        )));
+    }
+    Ok(())
 }
 
 /// A disk of a VM to back up.
@@ -169,6 +189,20 @@ pub(crate) fn volume_entries(
 }
 
 impl Store {
+    /// Whether a backup taken with `opts` reads its compressed files back
+    /// ([`BackupOptions::check_output`], or the store's
+    /// `compression.check_output`): only when it compresses them into the
+    /// store. `direct`: the backup goes straight to a vault, which
+    /// `check_output` refuses ([`refuse_check_direct`]).
+    pub(super) fn check_compressed(&self, opts: &BackupOptions, direct: bool, what: &str) -> Result<bool> {
+        if direct {
+            refuse_check_direct(opts, what)?;
+            return Ok(false);
+        }
+        Ok(opts.compress.is_some()
+            && (opts.check_output || settings::Settings::load(&self.root)?.compression.check_output))
+    }
+
     /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM).
     /// Full or incremental is decided from the chain and `opts`.
     pub fn backup(&self, vm: &str, disks: &[DiskSpec], opts: &BackupOptions, ctl: &Control) -> Result<Manifest> {
@@ -221,6 +255,7 @@ impl Store {
             end_of_chain,
             data_path: settings::Settings::load(&self.root)?.data_path,
             compress: opts.compress,
+            check_output: self.check_compressed(opts, false, "")?,
         };
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         manifest.full_reason = full_reason;

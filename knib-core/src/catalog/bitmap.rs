@@ -135,6 +135,7 @@ impl Store {
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
+        let check_output = self.check_compressed(opts, target.is_some(), &format!("backup of {name}"))?;
         self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let running = vm.is_running()?;
         let disks = if running { bitmap::inspect(vm)? } else { bitmap_stopped::inspect(vm)? };
@@ -201,6 +202,7 @@ impl Store {
             },
             checkpoint: (kind != BackupKind::Isolated && !end_of_chain && can_carry).then(|| checkpoint_name(&id)),
             compress: opts.compress,
+            check_output,
             stopped: !running,
         };
         if kind == BackupKind::Incremental && plan.since.is_none() {

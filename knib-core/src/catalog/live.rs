@@ -224,6 +224,7 @@ impl Store {
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
+        let check_output = self.check_compressed(opts, target.is_some(), &format!("backup of {name}"))?;
         self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let q = self.qemu_img.clone();
         // The first backup of the VM in this store, refused for the
@@ -294,6 +295,7 @@ impl Store {
                 .collect(),
             data_path: super::settings::Settings::load(&self.root)?.data_path,
             compress: opts.compress,
+            check_output,
         };
         // Checkpoints of earlier bitmap backups do not follow what this
         // method does to the disks: they go (the next bitmap backup is full),

@@ -86,7 +86,7 @@ use crate::fsio;
 use crate::names;
 use crate::qemu_img::QemuImg;
 
-pub(crate) use backup::{check_disks, compressed_as_copied, volume_entries};
+pub(crate) use backup::{check_disks, compressed_as_copied, refuse_check_direct, volume_entries};
 pub use backup::{BackupOptions, DiskSpec};
 #[cfg(feature = "libvirt")]
 pub use bitmap::BitmapJournal;

@@ -15,7 +15,7 @@
 //! | `compression.coroutines` | `backup.compression.coroutines` (`qemu-img -m`, 1 to 16) | `1` |
 //! | `compression.rate_limit_mbps` | `backup.compression.rate.limit` (MB/s, < 1 = none, at most 1000000) | `0` |
 //! | `compression.library` | offering's `compressionlibrary` (`zstd` or `zlib`) | `"zstd"` |
-//! | `compression.check_output` | (knib: read each compressed copy back and compare it with the backup before it replaces it) | `false` |
+//! | `compression.check_output` | (knib: read each compressed copy back and compare it with the backup before it replaces it; and each backup compressed as it is copied, before it is kept) | `false` |
 //! | `validation.enabled` | (offering's `validate`; job processing on) | `true` |
 //! | `validation.max_concurrent_per_host` | (validation jobs at once on a host) | `1` |
 //! | `validation.max_retries` | (retries of a validation that could not run) | `2` |
@@ -228,7 +228,9 @@ pub struct CompressionSettings {
     /// zstd or zlib (zlib is used for qcow2 v2 files whatever is set).
     pub library: CompressionLibrary,
     /// Read each compressed copy back and compare it with the backup file
-    /// before it replaces it ([`CompressOptions::check_output`]).
+    /// before it replaces it ([`CompressOptions::check_output`]), and each
+    /// backup compressed as it is copied into the store before it is kept
+    /// ([`super::BackupOptions::check_output`]).
     pub check_output: bool,
 }
 

@@ -144,6 +144,12 @@ pub struct BitmapPlan {
     /// Compress the backup files as they are written.
     #[serde(default)]
     pub compress: Option<CompressionLibrary>,
+    /// With `compress`: read each compressed file back through its own
+    /// tables before it is kept, and fail (`internal`, nothing kept) if it
+    /// does not hold what was copied into it (knib's own data path; see
+    /// [`crate::qcow2::CopyOptions::check_output`]).
+    #[serde(default)]
+    pub check_output: bool,
     /// The VM is stopped: persistent bitmaps in the disks' files, exported
     /// by `qemu-nbd` ([`super::bitmap_stopped`]), instead of libvirt's
     /// backup job.
@@ -744,6 +750,7 @@ pub(crate) fn run(
                 &d.dest,
                 d.parent.as_deref(),
                 ctype,
+                plan.check_output,
                 ctl,
             )
             .map_err(|e| e.context(format!("disk {}", d.target)))?;

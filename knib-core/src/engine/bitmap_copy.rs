@@ -27,7 +27,7 @@ use std::path::Path;
 use crate::error::{KnibError, Result};
 use crate::nbd::{self, Nbd};
 use crate::progress::Control;
-use crate::qcow2::{BackingRef, CompressionType, CountSink, FileSink, ImageSpec, Layout};
+use crate::qcow2::{BackingRef, CompressionType, ContentDigest, CountSink, DigestShape, FileSink, ImageSpec, Layout};
 
 /// log2 of the output's cluster size (64 KiB, QEMU's default, and the
 /// default granularity of its dirty bitmaps).
@@ -240,7 +240,10 @@ pub struct ExportCopy {
 /// backing pointer written (relative to `dest`); a full copy with one
 /// holds every cluster (the zero ones as zero clusters). With `compress`, each
 /// cluster is stored compressed when that makes it shorter (the header is
-/// then written last and the file hashed by reading it back).
+/// then written last and the file hashed by reading it back); with `check`
+/// too, the file is read back through its own tables before it is kept,
+/// and must hold what was put into it (else an `internal` error naming it:
+/// [`crate::qcow2::CopyOptions::check_output`]).
 ///
 /// The file is written under a temporary name of knib's own
 /// ([`crate::fsio::temp_path`], created following no link), fsynced and
@@ -249,6 +252,7 @@ pub struct ExportCopy {
 /// a partial `dest`, which a cleanup took for a finished one and kept).
 /// On error the temporary is removed; a stale one (a killed copy's) is
 /// replaced.
+#[allow(clippy::too_many_arguments)]
 pub fn copy_export(
     socket: &Path,
     export: &str,
@@ -256,13 +260,14 @@ pub fn copy_export(
     dest: &Path,
     backing: Option<&str>,
     compress: Option<CompressionType>,
+    check: bool,
     ctl: &Control,
 ) -> Result<ExportCopy> {
     if std::fs::symlink_metadata(dest).is_ok() {
         return Err(KnibError::io("cannot create", dest, std::io::ErrorKind::AlreadyExists.into()));
     }
     let tmp = crate::fsio::temp_path(dest);
-    let r = copy_export_into(socket, export, bitmap, dest, &tmp, backing, compress, ctl)
+    let r = copy_export_into(socket, export, bitmap, dest, &tmp, backing, compress, check, ctl)
         .and_then(|c| crate::fsio::rename_noreplace(&tmp, dest).map(|()| c));
     if r.is_err() {
         let _ = crate::fsio::remove_if_exists(&tmp);
@@ -280,6 +285,7 @@ fn copy_export_into(
     tmp: &Path,
     backing: Option<&str>,
     compress: Option<CompressionType>,
+    check: bool,
     ctl: &Control,
 ) -> Result<ExportCopy> {
     use std::os::unix::fs::FileExt;
@@ -302,6 +308,7 @@ fn copy_export_into(
         backing,
         parent.as_mut(),
         compress,
+        check,
         ctl,
         &what,
         &mut |planned, hash| {
@@ -327,6 +334,11 @@ fn copy_export_into(
         (Some(header), _) => {
             file.write_all_at(header, 0).map_err(|e| KnibError::io("cannot write", tmp, e))?;
             file.sync_all().map_err(|e| KnibError::io("cannot sync", tmp, e))?;
+            crate::crashpoint::pause_point(&format!("wrote {}", tmp.display()));
+            if let Some((shape, want)) = &w.written {
+                let threads = crate::qcow2::auto_threads();
+                crate::qcow2::check_written(&file, tmp, shape, backing, want, threads, ctl)?;
+            }
             drop(file);
             crate::hash::hash_written(tmp, ctl)?
         }
@@ -347,11 +359,16 @@ pub(crate) struct ExportWritten<S> {
     pub data_bytes: u64,
     /// The export's size (the guest-visible size).
     pub virtual_size: u64,
+    /// With `check` (a compressed image): its shape and the content digest
+    /// of what was put into it, for the read-back.
+    pub written: Option<(DigestShape, ContentDigest)>,
 }
 
 /// [`copy_export`] into any [`Sink`], front to back: `make(planned
 /// length, hash)` makes it once the image's length is known (`None`: a
 /// compressed image, whose length is not). A vault's upload is one.
+/// `check`: keep the digest of a compressed image's content
+/// ([`ExportWritten::written`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn copy_export_to<S: Sink>(
     socket: &Path,
@@ -360,6 +377,7 @@ pub(crate) fn copy_export_to<S: Sink>(
     backing: Option<&str>,
     parent: Option<&mut crate::qcow2::Chain>,
     compress: Option<CompressionType>,
+    check: bool,
     ctl: &Control,
     what: &str,
     make: &mut dyn FnMut(Option<u64>, bool) -> Result<S>,
@@ -389,7 +407,7 @@ pub(crate) fn copy_export_to<S: Sink>(
         compression: compress.unwrap_or(CompressionType::Zlib),
     };
     if let Some(t) = compress {
-        return copy_compressed(&mut n, &runs, spec, t, size, ctl, what, make);
+        return copy_compressed(&mut n, &runs, spec, t, size, check, ctl, what, make);
     }
     let cs = spec.cluster_size();
     let pieces = Pieces::new(&runs, cs, size);
@@ -411,7 +429,7 @@ pub(crate) fn copy_export_to<S: Sink>(
     log::debug!("{what}: read at {:?}", t0.elapsed());
     let (_, sink, _) = out.finish()?;
     log::debug!("{what}: finished at {:?}", t0.elapsed());
-    Ok(ExportWritten { sink, header: None, data_bytes, virtual_size: size })
+    Ok(ExportWritten { sink, header: None, data_bytes, virtual_size: size, written: None })
 }
 
 /// A read of the export: `len` bytes (whole clusters) from cluster
@@ -523,7 +541,8 @@ impl<'a> ZeroRuns<'a> {
     }
 }
 
-/// [`copy_export_to`] with compressed clusters.
+/// [`copy_export_to`] with compressed clusters; with `check`, the digest
+/// of what it puts into the image.
 #[allow(clippy::too_many_arguments)]
 fn copy_compressed<S: Sink>(
     n: &mut Nbd,
@@ -531,11 +550,19 @@ fn copy_compressed<S: Sink>(
     spec: ImageSpec,
     t: CompressionType,
     size: u64,
+    check: bool,
     ctl: &Control,
     what: &str,
     make: &mut dyn FnMut(Option<u64>, bool) -> Result<S>,
 ) -> Result<ExportWritten<S>> {
     let cs = spec.cluster_size();
+    let shape = DigestShape { cluster_size: cs, virtual_size: size, zeros_count: spec.backing.is_some() };
+    let mut digest = ContentDigest::default();
+    if check {
+        for r in runs.iter().filter(|r| r.kind == RunKind::Zero) {
+            digest.add_zeros(&shape, r.start, r.count);
+        }
+    }
     let mut out = Layout::new(spec, make(None, false)?, None)?;
     let mut packed = vec![0u8; cs as usize - 1];
     let mut compressor = crate::qcow2::Compressor::new(t)?;
@@ -544,6 +571,9 @@ fn copy_compressed<S: Sink>(
         data_bytes += p.readable as u64;
         for (j, cluster) in bytes.chunks(cs as usize).enumerate() {
             let i = p.cluster + j as u64;
+            if check {
+                digest.add_data(&shape, i, cluster);
+            }
             match compressor.compress(cluster, &mut packed) {
                 Some(len) => out.push_compressed(i, &packed[..len])?,
                 None => out.push_data(i, cluster)?,
@@ -552,7 +582,8 @@ fn copy_compressed<S: Sink>(
         Ok(())
     })?;
     let (header, sink, _) = out.finish()?;
-    Ok(ExportWritten { sink, header: Some(header), data_bytes, virtual_size: size })
+    let written = check.then_some((shape, digest));
+    Ok(ExportWritten { sink, header: Some(header), data_bytes, virtual_size: size, written })
 }
 
 #[cfg(test)]

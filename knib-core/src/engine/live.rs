@@ -141,6 +141,12 @@ pub struct LivePlan {
     /// Compress the backup files as they are copied (one pass).
     #[serde(default)]
     pub compress: Option<CompressionLibrary>,
+    /// With `compress`: read each compressed file back through its own
+    /// tables before it is kept, and fail (`internal`, nothing kept) if it
+    /// does not hold what was copied into it (knib's own data path; see
+    /// [`crate::qcow2::CopyOptions::check_output`]).
+    #[serde(default)]
+    pub check_output: bool,
 }
 
 /// How a disk of a domain looks now.
@@ -334,6 +340,7 @@ pub fn take_to(
                 d.parent.as_deref(),
                 plan.data_path,
                 plan.compress,
+                plan.check_output,
                 &what,
                 ctl,
             )?;

@@ -93,6 +93,9 @@ pub struct FilesPlan {
     pub data_path: DataPath,
     /// Compress the backup files as they are copied.
     pub compress: Option<CompressionLibrary>,
+    /// With `compress`: read each compressed file back before it is kept
+    /// (knib's own data path; [`crate::qcow2::CopyOptions::check_output`]).
+    pub check_output: bool,
 }
 
 /// The backing pointer a file at `from` gets to `to`: relative to `from`'s
@@ -110,6 +113,8 @@ fn backing_of(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<PathBuf>>
 /// those of its first `above` backing files over `parent` (incremental), or
 /// the flattened chain. Written under a temporary
 /// name, fsynced and renamed; the temporary is removed on a failure.
+/// With `check` (and `compress`), knib's own data path reads the
+/// compressed file back before it is kept ([`NativeCopy::check`]).
 /// Returns (hash, compression, guest bytes copied), as the native data path
 /// knows them.
 #[allow(clippy::too_many_arguments)]
@@ -121,6 +126,7 @@ pub(crate) fn copy_to_store(
     parent: Option<&str>,
     data_path: DataPath,
     compress: Option<CompressionLibrary>,
+    check: bool,
     what: &str,
     ctl: &Control,
 ) -> Result<(Option<String>, Option<CompressionLibrary>, Option<u64>)> {
@@ -140,7 +146,7 @@ pub(crate) fn copy_to_store(
             backing: parent.map(str::to_string),
             compress,
             hash: true,
-            check: false,
+            check: check && compress.is_some(),
             threads: 0,
             rate_limit_mbps: 0,
             what: &label,
@@ -155,6 +161,12 @@ pub(crate) fn copy_to_store(
             source.display()
         )))
     } else {
+        if check && compress.is_some() {
+            log::warn!(
+                "backup of {what}: copied by qemu-img ({}): its compressed file is not read back (check_output reads back knib's own copies)",
+                refusal.as_deref().unwrap_or("the qemu-img data path")
+            );
+        }
         (|| {
             let needed = if parent.is_some() {
                 fsio::allocated_bytes(source)?
@@ -376,6 +388,7 @@ pub fn take(q: &QemuImg, plan: &FilesPlan, ctl: &Control) -> Result<TakeBackupAn
                 d.parent.as_deref(),
                 plan.data_path,
                 plan.compress,
+                plan.check_output,
                 &what,
                 ctl,
             )?;

@@ -67,6 +67,12 @@ pub struct TakeBackupRequest {
     /// zlib (zlib for qcow2 version 2 disks whatever is asked).
     #[serde(default)]
     pub compress: Option<CompressionLibrary>,
+    /// With `compress`: read each compressed file back through its own
+    /// tables before it is kept, and fail (`internal`, nothing kept) if it
+    /// does not hold what was copied into it (knib's own data path; see
+    /// [`crate::qcow2::CopyOptions::check_output`]).
+    #[serde(default)]
+    pub check_output: bool,
 }
 
 /// What happened to one volume.
@@ -555,7 +561,7 @@ fn copy_volumes(
                 backing,
                 compress: req.compress,
                 hash: true,
-                check: false,
+                check: req.check_output && req.compress.is_some(),
                 threads: 0,
                 rate_limit_mbps: 0,
                 what: &what,
@@ -564,6 +570,13 @@ fn copy_volumes(
             let r = native::copy(&c, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
             hashes.push((r.hash, req.compress, Some(r.bytes_read)));
             continue;
+        }
+        if req.check_output && req.compress.is_some() {
+            log::warn!(
+                "backup of volume {}: copied by qemu-img ({}): its compressed file is not read back (check_output reads back knib's own copies)",
+                v.name,
+                refusal.as_deref().unwrap_or("the qemu-img data path")
+            );
         }
         let needed = match req.kind {
             BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,

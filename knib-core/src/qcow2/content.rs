@@ -241,7 +241,7 @@ fn of_copy(name: &str, e: KnibError) -> KnibError {
 /// put into it. Returns the clusters counted. A file that differs is an
 /// [`crate::ErrorKind::Internal`] error naming it: the copy is faulty (a
 /// fault of this host or of knib), not its source.
-pub(super) fn check_written(
+pub(crate) fn check_written(
     file: &File,
     dest: &Path,
     shape: &DigestShape,

@@ -416,7 +416,7 @@ fn prepare(
 }
 
 /// Threads for "one per core": at most [`MAX_AUTO_THREADS`].
-fn auto_threads() -> usize {
+pub(crate) fn auto_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_AUTO_THREADS)
 }
 

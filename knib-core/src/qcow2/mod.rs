@@ -158,7 +158,11 @@ pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
 pub(crate) use content::check_copy_of_top;
+#[cfg(feature = "libvirt")]
+pub(crate) use content::check_written;
 pub use content::{image_digest, ContentDigest, DigestShape};
+#[cfg(feature = "libvirt")]
+pub(crate) use copy::auto_threads;
 pub use copy::{copy_image, copy_image_to_sink, CopyOptions, CopyReport, SinkCopy, TargetFormat, MAX_AUTO_THREADS};
 pub(crate) use copy::{copy_image_to, Output};
 #[cfg(feature = "libvirt")]

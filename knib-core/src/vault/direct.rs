@@ -592,6 +592,7 @@ impl Vault {
         ctl: &Control,
     ) -> Result<Manifest> {
         check_part_size(send.part_size)?;
+        crate::catalog::refuse_check_direct(opts, &format!("backup of {vm} to vault {}", self.location()))?;
         let q = store.qemu_img();
         let on_base = crate::catalog::check_disks(q, vm, disks, ctl)?;
         let _lock = store.lock_vm(vm, &format!("backup of {vm} to vault {}", self.location()))?;
@@ -641,6 +642,8 @@ impl Vault {
             end_of_chain,
             data_path: crate::catalog::settings::Settings::load(store.root())?.data_path,
             compress: opts.compress,
+            // A vault's upload is not read back (it has no local file).
+            check_output: false,
         };
         let mut published = false;
         let target = DirectTarget { vault: self, send, store };
@@ -922,6 +925,8 @@ impl crate::catalog::live::DomainBackupTarget for DirectTarget<'_> {
             d.parent.as_deref(),
             parent.as_mut(),
             compress,
+            // A vault's upload is not read back (it has no local file).
+            false,
             ctl,
             &what,
             &mut |_, hash| self.sink(vm, id, &d.target, hash),

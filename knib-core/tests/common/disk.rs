@@ -249,3 +249,91 @@ pub fn put_bytes(file: &Path, offset: u64, bytes: &[u8]) {
 pub fn comp_part(file: &Path) -> PathBuf {
     file.with_file_name(format!(".{}.comp.part", file.file_name().unwrap().to_string_lossy()))
 }
+
+/// How a compression's output is miswritten (the bug or bit flip the
+/// read-back is there for): each leaves a file whose refcounts and tables
+/// `qemu-img check` may well accept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Miswrite {
+    /// Two clusters of other content, each under the other's index.
+    Swap,
+    /// A cluster's L2 entry pointed at another cluster's data.
+    Duplicate,
+    /// A cluster's L2 entry emptied (the cluster is lost).
+    Lose,
+    /// A cluster's L2 entry made a zero cluster.
+    Zero,
+}
+
+/// Miswrite `file` (a compression's temporary output) as `m` says, in its
+/// first L2 table, at clusters drawn from `seed`; returns what was done.
+pub fn miswrite(file: &Path, m: Miswrite, seed: u64) -> String {
+    use knib_core::qcow2::{ClusterState, Qcow2Image};
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
+    let mut rng = Pick(seed);
+    let mut img = Qcow2Image::open(file).expect("open the output");
+    let cs = img.cluster_size();
+    let f = OpenOptions::new().read(true).write(true).open(file).expect("open to miswrite");
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, img.header().l1_table_offset).expect("L1");
+    let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
+    assert!(l2 != 0, "{}: the first L1 entry is empty", file.display());
+    let entry = |k: u64| {
+        let mut e = [0u8; 8];
+        f.read_exact_at(&mut e, l2 + k * 8).expect("L2");
+        u64::from_be_bytes(e)
+    };
+    // Clusters holding data, with what they read.
+    let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
+    for k in 0..(cs / 8).min(img.guest_clusters()) {
+        if matches!(img.cluster_state(k).expect("lookup"), ClusterState::Data { .. } | ClusterState::Compressed { .. })
+        {
+            let mut buf = vec![0u8; cs as usize];
+            img.read_at(k * cs, &mut buf).expect("read");
+            held.push((k, buf));
+        }
+    }
+    assert!(held.len() >= 2, "{}: {} data clusters", file.display(), held.len());
+    let pick = |rng: &mut Pick| held[rng.below(held.len() as u64) as usize].clone();
+    let (a, a_data) = pick(&mut rng);
+    let mut b = pick(&mut rng);
+    while b.1 == a_data {
+        b = pick(&mut rng);
+    }
+    let b = b.0;
+    let put = |k: u64, v: u64| f.write_all_at(&v.to_be_bytes(), l2 + k * 8).expect("write L2");
+    match m {
+        Miswrite::Swap => {
+            let (ea, eb) = (entry(a), entry(b));
+            put(a, eb);
+            put(b, ea);
+            format!("clusters {a} and {b} swapped")
+        }
+        Miswrite::Duplicate => {
+            put(b, entry(a));
+            format!("cluster {b} pointed at cluster {a}'s data")
+        }
+        Miswrite::Lose => {
+            put(a, 0);
+            format!("cluster {a} lost")
+        }
+        Miswrite::Zero => {
+            put(a, 1);
+            format!("cluster {a} made zeros")
+        }
+    }
+}
+
+/// Seeded picks (splitmix64) for [`miswrite`].
+struct Pick(u64);
+
+impl Pick {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
+}

@@ -28,6 +28,7 @@ fn plan(base: &Path, store_vm: &Path) -> LivePlan {
         }],
         data_path: DataPath::default(),
         compress: None,
+        check_output: false,
     }
 }
 

@@ -292,6 +292,7 @@ fn op(kind: Op, args: &[String]) {
                 end_of_chain: false,
                 data_path: DataPath::Native,
                 compress: (kind == Op::EngineIncCompressed).then_some(knib_core::qemu_img::CompressionLibrary::Zstd),
+                check_output: false,
             };
             engine::take_backup(&QemuImg::new(), &req, &ctl).expect("backup");
             return;
