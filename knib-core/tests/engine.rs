@@ -431,12 +431,25 @@ fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
     let backup = std::thread::spawn(move || engine::take_backup(&QemuImg::new(), &second, &Control::new()));
     assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "the merge never paused");
     let paused = std::time::Instant::now();
-    let mut vm = std::process::Command::new("qemu-io").args(["-c", "sleep 60000"]).arg(&disks[1]).spawn().unwrap();
+    let start = || {
+        std::process::Command::new("qemu-io")
+            .args(["-c", "sleep 60000"])
+            .arg(&disks[1])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut vm = start();
     // qemu-io holds the disk (QEMU's own locks refuse a second writer)
-    // while the merge still waits.
+    // while the merge still waits. The probe (`qemu-img info`, a reader
+    // that shares no write) may lock the disk first: qemu-io then exits,
+    // and starts again.
     loop {
+        if vm.try_wait().unwrap().is_some() {
+            vm = start();
+        }
         let out = std::process::Command::new("qemu-img").arg("info").arg(&disks[1]).output().unwrap();
-        if !out.status.success() {
+        if !out.status.success() && vm.try_wait().unwrap().is_none() {
             break;
         }
         assert!(paused.elapsed() < pause / 2, "qemu-io did not lock {} in time", disks[1].display());
