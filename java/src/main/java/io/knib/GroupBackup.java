@@ -40,6 +40,10 @@ public final class GroupBackup {
      * @param full start new chains
      * @param chainSize backups per chain; null for 8
      * @param compress "zstd" or "zlib" to compress as copied; null for none
+     * @param checkOutput with {@code compress}: read each compressed file back before the member's backup is kept;
+     *     one that does not hold what was copied into it fails that backup with {@link InternalException} (nothing
+     *     of it kept). Refused without {@code compress} ({@link InvalidInputException}). The store's
+     *     {@code compression.check_output} turns it on whatever is asked
      * @param timeoutSecs the time budget in seconds; null for none
      */
     public record Request(
@@ -53,10 +57,32 @@ public final class GroupBackup {
             boolean full,
             Long chainSize,
             String compress,
+            boolean checkOutput,
             Long timeoutSecs) {
         /** Copies {@code members} (null: none). */
         public Request {
             members = Json.copy(members);
+        }
+
+        /**
+         * The request without {@code checkOutput} (false), as before that field.
+         *
+         * @param store {@link #store()}
+         * @param members {@link #members()}
+         * @param connect {@link #connect()}
+         * @param quiesce {@link #quiesce()}
+         * @param freezeTimeoutSecs {@link #freezeTimeoutSecs()}
+         * @param onFailure {@link #onFailure()}
+         * @param maxParallel {@link #maxParallel()}
+         * @param full {@link #full()}
+         * @param chainSize {@link #chainSize()}
+         * @param compress {@link #compress()}
+         * @param timeoutSecs {@link #timeoutSecs()}
+         */
+        public Request(String store, List<Member> members, String connect, boolean quiesce, Long freezeTimeoutSecs,
+                String onFailure, Long maxParallel, boolean full, Long chainSize, String compress, Long timeoutSecs) {
+            this(store, members, connect, quiesce, freezeTimeoutSecs, onFailure, maxParallel, full, chainSize, compress,
+                    false, timeoutSecs);
         }
 
         /** @return an empty builder */
@@ -76,6 +102,7 @@ public final class GroupBackup {
             private boolean full;
             private Long chainSize;
             private String compress;
+            private boolean checkOutput;
             private Long timeoutSecs;
 
             private Builder() {}
@@ -116,13 +143,16 @@ public final class GroupBackup {
             /** @param v {@link Request#compress()} @return this builder */
             public Builder compress(String v) { compress = v; return this; }
 
+            /** @param v {@link Request#checkOutput()} @return this builder */
+            public Builder checkOutput(boolean v) { checkOutput = v; return this; }
+
             /** @param v {@link Request#timeoutSecs()} @return this builder */
             public Builder timeoutSecs(Long v) { timeoutSecs = v; return this; }
 
             /** @return the request */
             public Request build() {
                 return new Request(store, members, connect, quiesce, freezeTimeoutSecs, onFailure, maxParallel, full,
-                        chainSize, compress, timeoutSecs);
+                        chainSize, compress, checkOutput, timeoutSecs);
             }
         }
     }

@@ -124,7 +124,8 @@ class ApiShapeTest {
                 .freezeTimeoutSecs(5L).onFailure("rollback").build();
         assertEquals("{\"store\":\"/s\",\"members\":[{\"domain\":\"web\",\"disks\":[]},"
                 + "{\"vm\":\"db\",\"disks\":[{\"name\":\"root\",\"path\":\"/d/root.qcow2\"}]}],"
-                + "\"quiesce\":false,\"freeze_timeout_secs\":5,\"on_failure\":\"rollback\",\"full\":false}",
+                + "\"quiesce\":false,\"freeze_timeout_secs\":5,\"on_failure\":\"rollback\",\"full\":false,"
+                + "\"check_output\":false}",
                 Json.GSON.toJson(g));
         assertEquals("{\"store\":\"/s\",\"group\":\"g1\",\"to\":\"/r\",\"format\":\"raw\",\"quick\":false,\"no_verify\":true,"
                 + "\"partial\":false}",

@@ -131,4 +131,15 @@ class GroupBackupTest {
             assertTrue(e.getMessage().contains("at least two VMs"), e.getMessage());
         }
     }
+
+    @Test
+    void checkOutputWithoutCompressionIsRefusedAsInvalidInput() throws Exception {
+        try (Knib k = new Knib()) {
+            KnibException e = assertThrows(InvalidInputException.class, () -> k.groupBackup(
+                    GroupBackup.Request.builder().store(dir.resolve("s").toString()).domain("a").domain("b")
+                            .checkOutput(true).build()));
+            assertEquals("invalid input: request of group.backup: field `check_output` goes with `compress` (it reads "
+                    + "the compressed files back)", e.getMessage());
+        }
+    }
 }
