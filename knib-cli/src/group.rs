@@ -128,7 +128,7 @@ pub struct BackupArgs {
     /// With --compress: read each compressed file back before the
     /// backup is kept, and fail (nothing kept) if one does not hold what
     /// was copied into it (the store's compression.check_output turns it
-    /// on for every backup).
+    /// on for every backup into the store).
     #[arg(long, requires = "compress")]
     check_output: bool,
 }

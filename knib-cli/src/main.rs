@@ -96,8 +96,8 @@ enum Command {
         /// With --compress: read each compressed file back before the
         /// backup is kept, and fail (nothing kept) if one does not hold what
         /// was copied into it (the store's compression.check_output turns it
-        /// on for every backup).
-        #[arg(long, requires = "compress")]
+        /// on for every backup into the store; refused with --vault).
+        #[arg(long, requires = "compress", conflicts_with = "vault")]
         check_output: bool,
         /// How a domain's changes are found (default: the VM's setting, see
         /// vm-settings): snapshot (external snapshot, copy, merge) or bitmap

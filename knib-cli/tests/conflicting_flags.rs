@@ -53,4 +53,24 @@ fn check_output_needs_compress() {
         assert!(err.contains("--check-output") && err.contains("--compress"), "{args:?}: {err}");
         assert!(!d.path().join("none").exists(), "{args:?}");
     }
+    // Nor with --vault: a backup sent straight to a vault leaves no file
+    // to read back.
+    let args = [
+        "backup",
+        "--store",
+        store,
+        "--vm",
+        "v",
+        "--disk",
+        "root=/nonexistent.qcow2",
+        "--compress",
+        "--check-output",
+        "--vault",
+        "s3://b/p",
+    ];
+    let out = knib(&args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot be used with") && err.contains("--check-output") && err.contains("--vault"), "{err}");
+    assert!(!d.path().join("none").exists());
 }

@@ -168,48 +168,69 @@ fn pause_only_if_asked(what: &str) {
     };
     if let Some(d) = found {
         log::debug!("pausing {d:?} before durable step: {what}");
+        let (state, wake) = releases();
+        // Under way before anyone is told it began: a release may follow.
+        state.lock().unwrap_or_else(|p| p.into_inner()).ongoing.push(what.to_string());
         {
             let (started, wake) = paused();
             started.lock().unwrap_or_else(|p| p.into_inner()).push(what.to_string());
             wake.notify_all();
         }
-        // Until the pause ends or a test releases it.
-        let (released, wake) = released();
+        // Until the pause ends or a test releases it; then no release is
+        // left for it (none ends a later pause).
         let deadline = std::time::Instant::now() + d;
-        let mut r = released.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(i) = r.iter().position(|w| what.contains(w.as_str())) {
-                r.remove(i);
-                log::debug!("pause released before durable step: {what}");
-                return;
-            }
+            let released = s.released.iter().any(|w| what.contains(w.as_str()));
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
+            if released || left.is_zero() {
+                s.released.retain(|w| !what.contains(w.as_str()));
+                if let Some(i) = s.ongoing.iter().position(|o| o == what) {
+                    s.ongoing.remove(i);
+                }
+                if released {
+                    log::debug!("pause released before durable step: {what}");
+                }
                 return;
             }
-            r = wake.wait_timeout(r, left).unwrap_or_else(|p| p.into_inner()).0;
+            s = wake.wait_timeout(s, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
 
-/// The pauses [`release_pause`] ended early, and their wake-up.
+/// The pauses under way and the releases asked for them.
 #[cfg(debug_assertions)]
-fn released() -> &'static (std::sync::Mutex<Vec<String>>, std::sync::Condvar) {
-    static RELEASED: std::sync::OnceLock<(std::sync::Mutex<Vec<String>>, std::sync::Condvar)> =
-        std::sync::OnceLock::new();
-    RELEASED.get_or_init(Default::default)
+#[derive(Default)]
+struct Releases {
+    ongoing: Vec<String>,
+    released: Vec<String>,
+}
+
+/// The pauses under way, their releases, and their wake-up.
+#[cfg(debug_assertions)]
+fn releases() -> &'static (std::sync::Mutex<Releases>, std::sync::Condvar) {
+    static RELEASES: std::sync::OnceLock<(std::sync::Mutex<Releases>, std::sync::Condvar)> = std::sync::OnceLock::new();
+    RELEASES.get_or_init(Default::default)
 }
 
 /// End, now, the pause of [`pause_before`] at the step whose name
-/// contains `what_contains` (the one under way, or the next to begin):
-/// how a test holds an operation for as long as it needs (a long pause)
-/// and lets it go on as soon as it is done (debug builds only).
+/// contains `what_contains` (the one under way, or the one asked for
+/// with that name that has not begun yet): how a test holds an operation
+/// for as long as it needs (a long pause) and lets it go on as soon as it
+/// is done. A release with no such pause does nothing (it never ends a
+/// later pause). Debug builds only.
 pub fn release_pause(what_contains: &str) {
     #[cfg(debug_assertions)]
     {
-        let (released, wake) = released();
-        released.lock().unwrap_or_else(|p| p.into_inner()).push(what_contains.to_string());
-        wake.notify_all();
+        let (state, wake) = releases();
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = || pauses().lock().unwrap_or_else(|p| p.into_inner()).iter().any(|(w, _)| w == what_contains);
+        if s.ongoing.iter().any(|o| o.contains(what_contains)) || pending() {
+            s.released.push(what_contains.to_string());
+            wake.notify_all();
+        } else {
+            log::debug!("no pause to release at {what_contains}");
+        }
     }
     #[cfg(not(debug_assertions))]
     let _ = what_contains;
@@ -267,6 +288,24 @@ mod tests {
         });
         assert!(super::wait_for_pause(at, Duration::from_secs(60)), "no pause");
         assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "the pause ended unreleased");
+        super::release_pause(at);
+        rx.recv_timeout(Duration::from_secs(60)).expect("the released pause still waits");
+    }
+
+    /// A release with no pause under way or asked for is dropped: it does
+    /// not end a pause asked for later.
+    #[test]
+    fn a_release_without_a_pause_ends_no_later_pause() {
+        let at = "crashpoint test: a stale release";
+        super::release_pause(at);
+        super::pause_before(at, Duration::from_secs(600));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            super::pause_point(at);
+            let _ = tx.send(());
+        });
+        assert!(super::wait_for_pause(at, Duration::from_secs(60)), "no pause");
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "a stale release ended the pause");
         super::release_pause(at);
         rx.recv_timeout(Duration::from_secs(60)).expect("the released pause still waits");
     }

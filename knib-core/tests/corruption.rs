@@ -884,4 +884,14 @@ fn a_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
         e.message,
         "request of backup: field `check_output` goes with `compress` (it reads the compressed files back)"
     );
+    // Nor with a vault, before anything is made.
+    let none = dir.path().join("none");
+    let req = serde_json::json!({ "store": none, "vm": "vm0", "disks": [], "compress": "zstd", "check_output": true, "vault": "s3://b/p" });
+    let e = knib_core::api::call("backup", &req.to_string(), &Control::new()).expect_err("refused");
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_eq!(
+        e.message,
+        "request of backup: field `check_output` does not go with `vault` (a backup sent straight to a vault leaves no file to read back)"
+    );
+    assert!(!none.exists());
 }

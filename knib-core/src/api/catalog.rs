@@ -82,10 +82,11 @@ pub(crate) struct BackupReq {
     /// With `compress`: read each compressed file back before the backup
     /// is kept; one that does not hold what was copied into it fails the
     /// backup as an internal error (nothing kept). The store's
-    /// `compression.check_output` turns it on whatever is asked. Files
-    /// copied by qemu-img (its data path) are not read back (a warning is
-    /// logged). Refused without `compress`, and for a backup sent straight
-    /// to a vault (no file of its own is left to read).
+    /// `compression.check_output` turns it on whatever is asked, for
+    /// backups into the store. Files copied by qemu-img (its data path) are
+    /// not read back (a warning is logged). Refused without `compress`, and
+    /// for a backup sent straight to a vault (no file of its own is left to
+    /// read).
     #[serde(default)]
     check_output: bool,
     /// With `domain`: how changes are found, `snapshot` or `bitmap`
@@ -462,6 +463,11 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
     if r.check_output && r.compress.is_none() {
         return Err(KnibError::invalid(format!(
             "request of {op}: field `check_output` goes with `compress` (it reads the compressed files back)"
+        )));
+    }
+    if r.check_output && r.vault.is_some() {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: field `check_output` does not go with `vault` (a backup sent straight to a vault leaves no file to read back)"
         )));
     }
     if r.full && r.isolated {

@@ -67,10 +67,11 @@ pub(crate) struct GroupBackupReq {
     /// With `compress`: read each compressed file back before the backup
     /// is kept; one that does not hold what was copied into it fails the
     /// backup as an internal error (nothing kept). The store's
-    /// `compression.check_output` turns it on whatever is asked. Files
-    /// copied by qemu-img (its data path) are not read back (a warning is
-    /// logged). Refused without `compress`, and for a backup sent straight
-    /// to a vault (no file of its own is left to read).
+    /// `compression.check_output` turns it on whatever is asked, for
+    /// backups into the store. Files copied by qemu-img (its data path) are
+    /// not read back (a warning is logged). Refused without `compress`, and
+    /// for a backup sent straight to a vault (no file of its own is left to
+    /// read).
     #[serde(default)]
     check_output: bool,
     /// The time budget in seconds; 0 or absent = none.

@@ -197,6 +197,11 @@ impl Store {
     pub(super) fn check_compressed(&self, opts: &BackupOptions, direct: bool, what: &str) -> Result<bool> {
         if direct {
             refuse_check_direct(opts, what)?;
+            if opts.compress.is_some() && settings::Settings::load(&self.root)?.compression.check_output {
+                log::warn!(
+                    "{what}: its compressed files go straight to a vault and are not read back (compression.check_output covers the files a backup writes into the store)"
+                );
+            }
             return Ok(false);
         }
         Ok(opts.compress.is_some()
