@@ -276,10 +276,10 @@ pub fn wait_for_pause(what_contains: &str, timeout: std::time::Duration) -> bool
 mod tests {
     use std::time::Duration;
 
-    /// A released pause ends at once; a pause not released lasts.
-    #[test]
-    fn a_released_pause_ends_early() {
-        let at = "crashpoint test: released";
+    /// A pause asked for at `at` (after `before` runs), and whether the
+    /// thread stopped there goes on: not by itself, at once once released.
+    fn held_then_released(at: &'static str, before: impl FnOnce(), unreleased: &str) {
+        before();
         super::pause_before(at, Duration::from_secs(600));
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -287,9 +287,15 @@ mod tests {
             let _ = tx.send(());
         });
         assert!(super::wait_for_pause(at, Duration::from_secs(60)), "no pause");
-        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "the pause ended unreleased");
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "{unreleased}");
         super::release_pause(at);
         rx.recv_timeout(Duration::from_secs(60)).expect("the released pause still waits");
+    }
+
+    /// A released pause ends at once; a pause not released lasts.
+    #[test]
+    fn a_released_pause_ends_early() {
+        held_then_released("crashpoint test: released", || {}, "the pause ended unreleased");
     }
 
     /// A release with no pause under way or asked for is dropped: it does
@@ -297,16 +303,6 @@ mod tests {
     #[test]
     fn a_release_without_a_pause_ends_no_later_pause() {
         let at = "crashpoint test: a stale release";
-        super::release_pause(at);
-        super::pause_before(at, Duration::from_secs(600));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            super::pause_point(at);
-            let _ = tx.send(());
-        });
-        assert!(super::wait_for_pause(at, Duration::from_secs(60)), "no pause");
-        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "a stale release ended the pause");
-        super::release_pause(at);
-        rx.recv_timeout(Duration::from_secs(60)).expect("the released pause still waits");
+        held_then_released(at, || super::release_pause(at), "a stale release ended the pause");
     }
 }

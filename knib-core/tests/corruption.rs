@@ -821,24 +821,17 @@ fn a_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
         knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
         let (what, r) = std::thread::scope(|s| {
             let t = s.spawn(|| {
-                // The backup goes on whatever happens here.
-                struct Release<'a>(&'a str);
-                impl Drop for Release<'_> {
-                    fn drop(&mut self) {
-                        knib_core::crashpoint::release_pause(self.0);
-                    }
-                }
-                let _release = Release(&at);
-                assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)), "no pause");
-                let part = std::fs::read_dir(root.join("vms").join(&vm))
-                    .expect("vm dir")
-                    .map(|e| e.expect("entry").path())
-                    .find(|p| p.to_string_lossy().ends_with(".part"))
-                    .expect("the backup's directory");
-                // The first volume copied is root.
-                let tmp = part.join(".root.qcow2.part");
-                let what = miswrite(&tmp, m, round as u64);
-                (tmp, what)
+                while_paused(&at, || {
+                    let part = std::fs::read_dir(root.join("vms").join(&vm))
+                        .expect("vm dir")
+                        .map(|e| e.expect("entry").path())
+                        .find(|p| p.to_string_lossy().ends_with(".part"))
+                        .expect("the backup's directory");
+                    // The first volume copied is root.
+                    let tmp = part.join(".root.qcow2.part");
+                    let what = miswrite(&tmp, m, round as u64);
+                    (tmp, what)
+                })
             });
             let r = store.backup(&vm, &disks.disks, &opts, &Control::new());
             (t.join().expect("miswrite"), r)

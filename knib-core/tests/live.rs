@@ -743,7 +743,7 @@ fn a_merge_killed_before_it_repoints_a_snapshot_branch_leaves_the_branch_whole()
 /// and the next backup (checked too) restores every write up to it.
 #[test]
 fn a_domain_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
-    use common::disk::{miswrite, Miswrite};
+    use common::disk::{miswrite, while_paused, Miswrite};
     use knib_core::engine::BackupMethod;
     if skip_without_libvirt("read-back of a domain's compressed backup") {
         return;
@@ -784,23 +784,16 @@ fn a_domain_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
         knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
         let (what, r) = std::thread::scope(|s| {
             let t = s.spawn(|| {
-                // The backup goes on whatever happens here.
-                struct Release<'a>(&'a str);
-                impl Drop for Release<'_> {
-                    fn drop(&mut self) {
-                        knib_core::crashpoint::release_pause(self.0);
-                    }
-                }
-                let _release = Release(&at);
-                assert!(knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)), "no pause");
-                let part = std::fs::read_dir(&vm_dir)
-                    .unwrap()
-                    .map(|e| e.unwrap().path())
-                    .find(|p| p.to_string_lossy().ends_with(".part") && p.is_dir())
-                    .expect("the backup's directory");
-                let tmp = part.join(".vda.qcow2.part");
-                let what = miswrite(&tmp, m, p as u64);
-                (tmp, what)
+                while_paused(&at, || {
+                    let part = std::fs::read_dir(&vm_dir)
+                        .unwrap()
+                        .map(|e| e.unwrap().path())
+                        .find(|p| p.to_string_lossy().ends_with(".part") && p.is_dir())
+                        .expect("the backup's directory");
+                    let tmp = part.join(".vda.qcow2.part");
+                    let what = miswrite(&tmp, m, p as u64);
+                    (tmp, what)
+                })
             });
             let r = store.backup_domain(&vm.vm, &opts, false, &Control::new());
             (t.join().expect("miswrite"), r)

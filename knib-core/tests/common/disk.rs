@@ -337,3 +337,19 @@ impl Pick {
         (z ^ (z >> 31)) % n
     }
 }
+
+/// Run `f` while an operation waits at the pause asked for at `at`
+/// (`knib_core::crashpoint::pause_before`): wait (at most 120 s) for the
+/// pause to begin, run `f`, then release the pause, also when the wait
+/// or `f` panics (the operation then goes on at once).
+pub fn while_paused<T>(at: &str, f: impl FnOnce() -> T) -> T {
+    struct Release<'a>(&'a str);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            knib_core::crashpoint::release_pause(self.0);
+        }
+    }
+    let _release = Release(at);
+    assert!(knib_core::crashpoint::wait_for_pause(at, std::time::Duration::from_secs(120)), "no pause at {at}");
+    f()
+}
