@@ -888,3 +888,53 @@ fn a_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
     );
     assert!(!none.exists());
 }
+
+/// Every log record of this process, at warning level and above.
+struct Warnings(std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Warnings {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Warn
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            self.0.lock().expect("log").push(r.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+static WARNINGS: Warnings = Warnings(std::sync::Mutex::new(Vec::new()));
+
+#[test]
+fn a_backup_compressed_by_qemu_img_is_kept_unread_with_a_warning() {
+    // This test alone sets the process's logger.
+    log::set_logger(&WARNINGS).expect("logger");
+    log::set_max_level(log::LevelFilter::Warn);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(dir.path().join("store")).expect("store");
+    let root = store.root().to_path_buf();
+    std::fs::create_dir_all(&root).expect("store directory");
+    std::fs::write(root.join("knib.json"), r#"{"schema": 1, "knib.data.path": "qemu-img"}"#).expect("settings");
+    let disks = TestDisks::two();
+    let mut rng = Rng::new(0x2302);
+    for d in ["root", "data"] {
+        let src = disks.dir.path().join(format!("w-{d}.bin"));
+        std::fs::write(&src, rng.bytes(256 << 10)).expect("source");
+        guest_write(disks.path(d), &format!("write -s {} {} 256k", src.display(), rng.below(60) << 16));
+    }
+    let refs = disks.snapshot_all("a");
+    let opts = BackupOptions { compress: Some(CompressionLibrary::Zstd), check_output: true, ..Default::default() };
+    let m = store.backup("unread", &disks.disks, &opts, &Control::new()).expect("backup");
+    assert!(m.compression.is_some(), "{m:?}");
+    let said: Vec<String> = WARNINGS.0.lock().expect("log").clone();
+    for d in ["root", "data"] {
+        let line = format!(
+            "backup of volume {d}: copied by qemu-img (the data path (knib.data.path) is qemu-img): its compressed file is not read back (check_output reads back knib's own copies)"
+        );
+        assert!(said.contains(&line), "{d}: {said:?}");
+        let out = dir.path().join(format!("restored-{d}.qcow2"));
+        store.restore(&m.id, d, &out, ImageFormat::Qcow2, &Control::new()).expect("restore");
+        assert_identical(&out, &refs[d]);
+    }
+}

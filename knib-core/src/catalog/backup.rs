@@ -188,26 +188,30 @@ pub(crate) fn volume_entries(
         .collect()
 }
 
-impl Store {
-    /// Whether a backup taken with `opts` reads its compressed files back
-    /// ([`BackupOptions::check_output`], or the store's
-    /// `compression.check_output`): only when it compresses them into the
-    /// store. `direct`: the backup goes straight to a vault, which
-    /// `check_output` refuses ([`refuse_check_direct`]).
-    pub(super) fn check_compressed(&self, opts: &BackupOptions, direct: bool, what: &str) -> Result<bool> {
-        if direct {
-            refuse_check_direct(opts, what)?;
-            if opts.compress.is_some() && settings::Settings::load(&self.root)?.compression.check_output {
-                log::warn!(
-                    "{what}: its compressed files go straight to a vault and are not read back (compression.check_output covers the files a backup writes into the store)"
-                );
-            }
-            return Ok(false);
+/// Whether a backup taken with `opts` reads its compressed files back
+/// ([`BackupOptions::check_output`], or the store's
+/// `compression.check_output` in `settings`): only when it compresses them
+/// into the store. `direct`: the backup goes straight to a vault, which
+/// `check_output` refuses ([`refuse_check_direct`]).
+pub(super) fn check_compressed(
+    settings: &settings::Settings,
+    opts: &BackupOptions,
+    direct: bool,
+    what: &str,
+) -> Result<bool> {
+    if direct {
+        refuse_check_direct(opts, what)?;
+        if opts.compress.is_some() && settings.compression.check_output {
+            log::warn!(
+                "{what}: its compressed files go straight to a vault and are not read back (compression.check_output covers the files a backup writes into the store)"
+            );
         }
-        Ok(opts.compress.is_some()
-            && (opts.check_output || settings::Settings::load(&self.root)?.compression.check_output))
+        return Ok(false);
     }
+    Ok(opts.compress.is_some() && (opts.check_output || settings.compression.check_output))
+}
 
+impl Store {
     /// Take a backup of `vm`'s disks (plain qcow2 files of a stopped VM).
     /// Full or incremental is decided from the chain and `opts`.
     pub fn backup(&self, vm: &str, disks: &[DiskSpec], opts: &BackupOptions, ctl: &Control) -> Result<Manifest> {
@@ -228,6 +232,8 @@ impl Store {
         ctl: &Control,
     ) -> Result<Manifest> {
         let q = &self.qemu_img;
+        let settings = settings::Settings::load(&self.root)?;
+        let check_output = check_compressed(&settings, opts, false, "")?;
         let on_base = check_disks(q, vm, disks, ctl)?;
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
 
@@ -258,9 +264,9 @@ impl Store {
                 .collect(),
             kind,
             end_of_chain,
-            data_path: settings::Settings::load(&self.root)?.data_path,
+            data_path: settings.data_path,
             compress: opts.compress,
-            check_output: self.check_compressed(opts, false, "")?,
+            check_output,
         };
         let mut manifest = Manifest::new(&id, vm, kind, parent.as_ref().map(|p| p.id.clone()), position, end_of_chain);
         manifest.full_reason = full_reason;

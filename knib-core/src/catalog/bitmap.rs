@@ -135,7 +135,9 @@ impl Store {
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
-        let check_output = self.check_compressed(opts, target.is_some(), &format!("backup of {name}"))?;
+        let settings = super::settings::Settings::load(&self.root)?;
+        let check_output =
+            super::backup::check_compressed(&settings, opts, target.is_some(), &format!("backup of {name}"))?;
         self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let running = vm.is_running()?;
         let disks = if running { bitmap::inspect(vm)? } else { bitmap_stopped::inspect(vm)? };

@@ -224,7 +224,9 @@ impl Store {
     ) -> Result<Manifest> {
         let name = vm.name().to_string();
         crate::names::validate("VM name", &name)?;
-        let check_output = self.check_compressed(opts, target.is_some(), &format!("backup of {name}"))?;
+        let settings = super::settings::Settings::load(&self.root)?;
+        let check_output =
+            super::backup::check_compressed(&settings, opts, target.is_some(), &format!("backup of {name}"))?;
         self.refuse_interrupted_first(&name, &format!("backup of {name}"))?;
         let q = self.qemu_img.clone();
         // The first backup of the VM in this store, refused for the
@@ -293,7 +295,7 @@ impl Store {
                     grand_children: Vec::new(),
                 })
                 .collect(),
-            data_path: super::settings::Settings::load(&self.root)?.data_path,
+            data_path: settings.data_path,
             compress: opts.compress,
             check_output,
         };

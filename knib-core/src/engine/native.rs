@@ -110,6 +110,15 @@ pub fn not_native(data_path: DataPath, source: &Path, mode: SourceMode) -> Resul
     Ok(why)
 }
 
+/// Log that the compressed backup file `what` names, copied by qemu-img
+/// (`why`: [`not_native`]'s reason), is not read back: a backup's
+/// `check_output` reads back knib's own copies only.
+pub(crate) fn warn_not_read_back(what: &str, why: &str) {
+    log::warn!(
+        "{what}: copied by qemu-img ({why}): its compressed file is not read back (check_output reads back knib's own copies)"
+    );
+}
+
 /// One native copy as the engine makes them.
 #[derive(Debug, Clone)]
 pub struct NativeCopy<'a> {

@@ -132,6 +132,8 @@ pub(crate) fn copy_to_store(
 ) -> Result<(Option<String>, Option<CompressionLibrary>, Option<u64>)> {
     let dir = fsio::parent_dir(dest);
     let tmp = fsio::temp_path(dest);
+    // Only compressed files are read back.
+    let check = check && compress.is_some();
     let mode = native::backup_mode(parent.is_some(), above);
     let refusal = native::not_native(data_path, source, mode).map_err(|e| e.context(format!("backup of {what}")))?;
     crate::crashpoint::durable_step(&format!("copy of {what}"));
@@ -146,7 +148,7 @@ pub(crate) fn copy_to_store(
             backing: parent.map(str::to_string),
             compress,
             hash: true,
-            check: check && compress.is_some(),
+            check,
             threads: 0,
             rate_limit_mbps: 0,
             what: &label,
@@ -161,11 +163,8 @@ pub(crate) fn copy_to_store(
             source.display()
         )))
     } else {
-        if check && compress.is_some() {
-            log::warn!(
-                "backup of {what}: copied by qemu-img ({}): its compressed file is not read back (check_output reads back knib's own copies)",
-                refusal.as_deref().unwrap_or("the qemu-img data path")
-            );
+        if let (true, Some(why)) = (check, &refusal) {
+            native::warn_not_read_back(&format!("backup of {what}"), why);
         }
         (|| {
             let needed = if parent.is_some() {

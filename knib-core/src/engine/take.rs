@@ -541,6 +541,8 @@ fn copy_volumes(
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<Vec<VolumeResult>> {
     let mut hashes: Vec<(Option<String>, Option<CompressionLibrary>, Option<u64>)> = Vec::new();
+    // Only compressed files are read back.
+    let check = req.check_output && req.compress.is_some();
     for (v, st) in req.volumes.iter().zip(states) {
         let dir = fsio::parent_dir(&v.dest);
         let tmp = fsio::temp_path(&v.dest);
@@ -561,7 +563,7 @@ fn copy_volumes(
                 backing,
                 compress: req.compress,
                 hash: true,
-                check: req.check_output && req.compress.is_some(),
+                check,
                 threads: 0,
                 rate_limit_mbps: 0,
                 what: &what,
@@ -571,12 +573,8 @@ fn copy_volumes(
             hashes.push((r.hash, req.compress, Some(r.bytes_read)));
             continue;
         }
-        if req.check_output && req.compress.is_some() {
-            log::warn!(
-                "backup of volume {}: copied by qemu-img ({}): its compressed file is not read back (check_output reads back knib's own copies)",
-                v.name,
-                refusal.as_deref().unwrap_or("the qemu-img data path")
-            );
+        if let (true, Some(why)) = (check, &refusal) {
+            native::warn_not_read_back(&format!("backup of volume {}", v.name), why);
         }
         let needed = match req.kind {
             BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,
