@@ -869,7 +869,15 @@ fn a_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
             assert_identical(&out, &refs[d]);
         }
     }
-    // The API refuses the field without compression.
+    // The library refuses the field without compression, before anything
+    // is made.
+    let before = tree(&root);
+    let plain = BackupOptions { check_output: true, ..Default::default() };
+    let e = store.backup("vm0", &all_disks[0].disks, &plain, &Control::new()).expect_err("refused");
+    assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+    assert_eq!(e.message, "backup of vm0: check_output goes with compress (it reads the compressed files back)");
+    assert_eq!(tree(&root), before);
+    // So does the API.
     let req = serde_json::json!({ "store": root, "vm": "vm0", "disks": [], "check_output": true });
     let e = knib_core::api::call("backup", &req.to_string(), &Control::new()).expect_err("refused");
     assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");

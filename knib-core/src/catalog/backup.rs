@@ -41,6 +41,7 @@ pub struct BackupOptions {
     /// kept) if one does not hold what was copied into it; the store's
     /// `compression.check_output` turns it on for every backup. On knib's
     /// own data path, into the store (not a vault's direct upload).
+    /// Refused (invalid input) without `compress`.
     #[serde(default)]
     pub check_output: bool,
     /// The backup method of a libvirt domain's backup; `None`: the VM's
@@ -192,13 +193,19 @@ pub(crate) fn volume_entries(
 /// ([`BackupOptions::check_output`], or the store's
 /// `compression.check_output` in `settings`): only when it compresses them
 /// into the store. `direct`: the backup goes straight to a vault, which
-/// `check_output` refuses ([`refuse_check_direct`]).
+/// `check_output` refuses ([`refuse_check_direct`]), as it refuses a
+/// backup without `compress`.
 pub(super) fn check_compressed(
     settings: &settings::Settings,
     opts: &BackupOptions,
     direct: bool,
     what: &str,
 ) -> Result<bool> {
+    if opts.check_output && opts.compress.is_none() {
+        return Err(KnibError::invalid(format!(
+            "{what}: check_output goes with compress (it reads the compressed files back)"
+        )));
+    }
     if direct {
         refuse_check_direct(opts, what)?;
         if opts.compress.is_some() && settings.compression.check_output {
@@ -233,7 +240,7 @@ impl Store {
     ) -> Result<Manifest> {
         let q = &self.qemu_img;
         let settings = settings::Settings::load(&self.root)?;
-        let check_output = check_compressed(&settings, opts, false, "")?;
+        let check_output = check_compressed(&settings, opts, false, &format!("backup of {vm}"))?;
         let on_base = check_disks(q, vm, disks, ctl)?;
         let _lock = self.lock_vm(vm, &format!("backup of {vm}"))?;
 
