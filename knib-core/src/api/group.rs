@@ -68,8 +68,10 @@ pub(crate) struct GroupBackupReq {
     /// is kept; one that does not hold what was copied into it fails the
     /// backup as an internal error (nothing kept). The store's
     /// `compression.check_output` turns it on whatever is asked, for
-    /// backups into the store. Files copied by qemu-img (its data path) are
-    /// not read back (a warning is logged). Refused without `compress`, and
+    /// backups into the store. A file copied by qemu-img is compared with
+    /// its source by guest bytes; one whose source knib's reader does not
+    /// read is not read back (a warning is logged). Refused without
+    /// `compress`, and
     /// for a backup sent straight to a vault (no file of its own is left to
     /// read).
     #[serde(default)]

@@ -39,8 +39,9 @@ pub struct BackupOptions {
     /// With `compress`: read each compressed file back through its own
     /// tables before the backup is kept, and fail (`internal`, nothing
     /// kept) if one does not hold what was copied into it; the store's
-    /// `compression.check_output` turns it on for every backup. On knib's
-    /// own data path, into the store (not a vault's direct upload).
+    /// `compression.check_output` turns it on for every backup. Into the
+    /// store (not a vault's direct upload); a file copied by qemu-img is
+    /// compared with its source by guest bytes.
     /// Refused (invalid input) without `compress`.
     #[serde(default)]
     pub check_output: bool,

@@ -110,13 +110,38 @@ pub fn not_native(data_path: DataPath, source: &Path, mode: SourceMode) -> Resul
     Ok(why)
 }
 
-/// Log that the compressed backup file `what` names, copied by qemu-img
-/// (`why`: [`not_native`]'s reason), is not read back: a backup's
-/// `check_output` reads back knib's own copies only.
-pub(crate) fn warn_not_read_back(what: &str, why: &str) {
-    log::warn!(
-        "{what}: copied by qemu-img ({why}): its compressed file is not read back (check_output reads back knib's own copies)"
-    );
+/// Read back the backup file qemu-img wrote at `tmp` from `source` (its
+/// own clusters over `parent`, a backup's file named as the copy names
+/// it, or with no parent its whole chain flattened): with `check` (a
+/// compressed file of a backup asked to read its files back), its guest
+/// bytes are compared with the source's
+/// ([`crate::qcow2::check_guest_copy`]; one that differs is an
+/// [`crate::ErrorKind::Internal`] error). A source knib's own reader does
+/// not open is not compared, with a warning naming `what`. Returns the
+/// file's hash, read through the handle compared.
+pub(crate) fn read_back_qemu_img_copy(
+    source: &Path,
+    tmp: &Path,
+    parent: Option<&str>,
+    check: bool,
+    what: &str,
+    ctl: &Control,
+) -> Result<String> {
+    let file = crate::fsio::open_regular(tmp)?;
+    if check {
+        match crate::qcow2::Chain::open(source) {
+            Err(e) if e.kind == crate::ErrorKind::InvalidInput => log::warn!(
+                "{what}: its compressed file, copied by qemu-img, is not read back: knib's reader does not read its source ({})",
+                e.message
+            ),
+            _ => {
+                crate::crashpoint::pause_point(&format!("comparison of {} with its source", tmp.display()));
+                let copied = parent.map_or(crate::qcow2::Copied::Whole, crate::qcow2::Copied::TopOver);
+                crate::qcow2::check_guest_copy(source, &file, tmp, copied, ctl)?;
+            }
+        }
+    }
+    crate::hash::hash_written_file(&file, tmp, ctl)
 }
 
 /// One native copy as the engine makes them.

@@ -163,9 +163,6 @@ pub(crate) fn copy_to_store(
             source.display()
         )))
     } else {
-        if let (true, Some(why)) = (check, &refusal) {
-            native::warn_not_read_back(&format!("backup of {what}"), why);
-        }
         (|| {
             let needed = if parent.is_some() {
                 fsio::allocated_bytes(source)?
@@ -189,7 +186,11 @@ pub(crate) fn copy_to_store(
             )
             // The hash is recorded as the native copy records it, read
             // back from the file written: a backup is never without one.
-            .and_then(|_| Ok((Some(crate::hash::hash_written(&tmp, ctl)?), compress, None)))
+            .and_then(|_| {
+                let label = format!("backup of {what}");
+                let hash = native::read_back_qemu_img_copy(source, &tmp, parent, check, &label, ctl)?;
+                Ok((Some(hash), compress, None))
+            })
         })()
     };
     match r.and_then(|h| fsio::commit_rename(&tmp, dest).map(|_| h)) {

@@ -573,9 +573,6 @@ fn copy_volumes(
             hashes.push((r.hash, req.compress, Some(r.bytes_read)));
             continue;
         }
-        if let (true, Some(why)) = (check, &refusal) {
-            native::warn_not_read_back(&format!("backup of volume {}", v.name), why);
-        }
         let needed = match req.kind {
             BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,
             _ => q.measure(&v.disk, ImageFormat::Qcow2, ctl)?.required,
@@ -586,7 +583,7 @@ fn copy_volumes(
             &Convert {
                 source: v.disk.clone(),
                 dest: tmp.clone(),
-                backing,
+                backing: backing.clone(),
                 compat_v2: v2,
                 compress: req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }),
                 ..Default::default()
@@ -596,7 +593,11 @@ fn copy_volumes(
         .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
         // The hash is recorded as the native copy records it, read back
         // from the file written: a backup is never without one.
-        let hash = Some(crate::hash::hash_written(&tmp, ctl)?);
+        let what = format!("backup of volume {}", v.name);
+        let hash = Some(
+            native::read_back_qemu_img_copy(&v.disk, &tmp, backing.as_deref(), check, &what, ctl)
+                .map_err(|e| e.context(format!("copy of volume {}", v.name)))?,
+        );
         hashes.push((hash, req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }), None));
     }
     for (v, tmp) in req.volumes.iter().zip(written.iter()) {

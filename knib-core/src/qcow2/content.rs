@@ -290,24 +290,71 @@ pub(crate) fn check_written(
     Ok(got.clusters())
 }
 
-/// The check of a copy of `source`'s own clusters that another program
-/// (qemu-img) wrote to `out` (named `out_name`) over the same backing
-/// file: the same virtual size and backing pointer, and the same guest
-/// bytes, through the chain, wherever either file holds a cluster of its
-/// own (where neither does, both read the same backing file). Guest bytes
+/// What another program (qemu-img) copied from a source image into a
+/// qcow2 file, for [`check_guest_copy`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Copied<'a> {
+    /// The source's own clusters, over the same backing file (a
+    /// compression): the copy's backing pointer is the source's.
+    Top,
+    /// The source's own clusters, over another backing file that holds
+    /// what the source's does (an incremental backup over its parent
+    /// backup): the copy's backing pointer is this one, opened from the
+    /// copy's directory. The two backing chains are not compared.
+    TopOver(&'a str),
+    /// The source's whole chain, flattened into a file of its own (a full
+    /// backup): the copy has no backing file.
+    Whole,
+}
+
+/// Whether `img` holds a cluster of its own in `[off, end)`.
+fn owns(img: &mut Qcow2Image, off: u64, end: u64) -> Result<bool> {
+    let cs = img.cluster_size();
+    for i in off / cs..end.div_ceil(cs) {
+        if img.cluster_state(i)? != ClusterState::Unallocated {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The end of the range without an L2 table that `off` lies in, or `off`
+/// when its range has one.
+fn unmapped_end(img: &Qcow2Image, off: u64) -> Result<u64> {
+    let span = img.cluster_size() * img.header().l2_entries();
+    Ok(if img.l2_table_offset((off / span) as usize)? == 0 { (off / span + 1) * span } else { off })
+}
+
+/// The check of a copy of `source` that another program (qemu-img) wrote
+/// to `out` (named `out_name`), as `what` says it was copied: the same
+/// virtual size and the backing pointer `what` gives, and the same guest
+/// bytes, each read through its own chain, wherever the copy or the part
+/// of the source that was copied holds a cluster of its own (elsewhere
+/// both read backing files that `what` says hold the same). Guest bytes
 /// are compared, not clusters, because the other program may lay out what
 /// it copies otherwise (another cluster size, zeros left to a backing file
 /// that reads zeros there, a partial last cluster copied whole). Returns
 /// the blocks compared; a copy that differs is an
 /// [`crate::ErrorKind::Internal`] error naming it.
-pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl: &Control) -> Result<u64> {
+pub(crate) fn check_guest_copy(
+    source: &Path,
+    out: &File,
+    out_name: &Path,
+    what: Copied<'_>,
+    ctl: &Control,
+) -> Result<u64> {
     let (mut src, mut layers) = Chain::open(source)?.into_parts();
     let name = out_name.display().to_string();
     let handle = out.try_clone().map_err(|e| KnibError::io("cannot open", out_name, e))?;
     let file = FileSource::new(handle).map_err(|e| KnibError::io("cannot size", out_name, e))?;
     let mut copy = Qcow2Image::from_source(name.as_str(), Arc::new(file))
         .map_err(|e| miswritten(&name, format_args!("it does not open ({e})")))?;
-    if copy.virtual_size() != src.virtual_size() || copy.header().backing_file != src.header().backing_file {
+    let want_backing = match what {
+        Copied::Top => src.header().backing_file.clone(),
+        Copied::TopOver(b) => Some(b.to_string()),
+        Copied::Whole => None,
+    };
+    if copy.virtual_size() != src.virtual_size() || copy.header().backing_file != want_backing {
         return Err(miswritten(
             &name,
             format_args!(
@@ -315,10 +362,22 @@ pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl:
                 copy.virtual_size(),
                 copy.header().backing_file,
                 src.virtual_size(),
-                src.header().backing_file
+                want_backing
             ),
         ));
     }
+    // The copy's own backing chain, when it is not the source's.
+    let mut own_layers = match what {
+        Copied::Top => None,
+        Copied::TopOver(b) => {
+            let (top, mut below) = Chain::open_files_only(&crate::fsio::parent_dir(out_name).join(b))?.into_parts();
+            below.insert(0, super::chain::Layer::Qcow2(Box::new(top)));
+            Some(below)
+        }
+        Copied::Whole => Some(Vec::new()),
+    };
+    // Of the source's backing files, those copied too.
+    let whole = what == Copied::Whole;
     let step = format!("check of {name}");
     let size = src.virtual_size();
     let (scs, ccs) = (src.cluster_size(), copy.cluster_size());
@@ -326,22 +385,6 @@ pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl:
     // block holds whole clusters of each): one read of each file a block.
     let w = scs.max(ccs);
     let (mut a, mut b) = (vec![0u8; w as usize], vec![0u8; w as usize]);
-    // The end of the range without an L2 table that `off` lies in, or
-    // `off` when its range has one.
-    let unmapped_end = |img: &Qcow2Image, off: u64| -> Result<u64> {
-        let span = img.cluster_size() * img.header().l2_entries();
-        Ok(if img.l2_table_offset((off / span) as usize)? == 0 { (off / span + 1) * span } else { off })
-    };
-    // Whether `img` holds a cluster of its own in the block at `off`.
-    let owns = |img: &mut Qcow2Image, off: u64, end: u64| -> Result<bool> {
-        let cs = img.cluster_size();
-        for i in off / cs..end.div_ceil(cs) {
-            if img.cluster_state(i)? != ClusterState::Unallocated {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    };
     let of_copy = |e: KnibError| of_copy(&name, e);
     let (mut off, mut compared, mut looked) = (0u64, 0u64, 0u64);
     while off < size {
@@ -349,20 +392,42 @@ pub(crate) fn check_copy_of_top(source: &Path, out: &File, out_name: &Path, ctl:
             ctl.check(&step)?;
         }
         looked += 1;
-        let skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(of_copy)?);
+        let mut skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(of_copy)?);
+        if whole {
+            for l in &layers {
+                skip = skip.min(match l {
+                    super::chain::Layer::Qcow2(img) => unmapped_end(img, off)?,
+                    super::chain::Layer::Raw(_) => off,
+                });
+            }
+        }
         if skip > off {
             off = skip;
             continue;
         }
         let end = (off + w).min(size);
-        if owns(&mut src, off, end)? || owns(&mut copy, off, end).map_err(of_copy)? {
+        let mut held = owns(&mut src, off, end)? || owns(&mut copy, off, end).map_err(of_copy)?;
+        if whole && !held {
+            for l in layers.iter_mut() {
+                held = match l {
+                    super::chain::Layer::Qcow2(img) => owns(img, off, end)?,
+                    super::chain::Layer::Raw(_) => true,
+                };
+                if held {
+                    break;
+                }
+            }
+        }
+        if held {
             let len = (end - off) as usize;
             src.read_with(off, &mut a[..len], &mut |o, buf| read_layers(&mut layers, o, buf))?;
-            // An error of the backing files (shared with the source) is
-            // theirs, not the copy's.
+            // An error of the backing files (the source's, or the copy's
+            // own: files that were there before it) is theirs, not the
+            // copy's.
             let mut below: Option<KnibError> = None;
+            let copy_layers = own_layers.as_mut().unwrap_or(&mut layers);
             let r = copy.read_with(off, &mut b[..len], &mut |o, buf| {
-                read_layers(&mut layers, o, buf).inspect_err(|e| below = Some(e.clone()))
+                read_layers(copy_layers, o, buf).inspect_err(|e| below = Some(e.clone()))
             });
             if let Some(e) = below {
                 return Err(e);

@@ -157,9 +157,9 @@ pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
-pub(crate) use content::check_copy_of_top;
 #[cfg(feature = "libvirt")]
 pub(crate) use content::check_written;
+pub(crate) use content::{check_guest_copy, Copied};
 pub use content::{image_digest, ContentDigest, DigestShape};
 #[cfg(feature = "libvirt")]
 pub(crate) use copy::auto_threads;
