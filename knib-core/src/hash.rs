@@ -29,16 +29,11 @@ pub fn hash_chain(files: &[PathBuf], ctl: &Control) -> Result<(String, Vec<Strin
     hash_chain_with(files, ctl, false)
 }
 
-/// [`hash_files`] of one file just written, not to be read again soon:
-/// each part's pages are dropped from the page cache once hashed (those
-/// that are clean; best effort).
-pub(crate) fn hash_written(file: &Path, ctl: &Control) -> Result<String> {
-    Ok(hash_chain_with(&[file.to_path_buf()], ctl, true)?.0)
-}
-
-/// [`hash_written`] of the file open as `file` (named `name` in errors),
-/// read from its start through this handle: the file written, whatever its
-/// name leads to meanwhile.
+/// [`hash_files`] of one file just written, not to be read again soon,
+/// open as `file` (named `name` in errors), read from its start through
+/// this handle: the file written, whatever its name leads to meanwhile.
+/// Its pages are dropped from the page cache once hashed (those that are
+/// clean; best effort).
 pub(crate) fn hash_written_file(file: &File, name: &Path, ctl: &Control) -> Result<String> {
     ctl.check(&format!("hash of {}", name.display()))?;
     let mut own = Xxh3::new();
@@ -46,7 +41,7 @@ pub(crate) fn hash_written_file(file: &File, name: &Path, ctl: &Control) -> Resu
     Ok(format!("{:032x}", own.digest128()))
 }
 
-/// [`hash_written`] drops what it read every this many bytes.
+/// [`hash_written_file`] drops what it read every this many bytes.
 const DROP_EVERY: u64 = 32 << 20;
 
 fn hash_chain_with(files: &[PathBuf], ctl: &Control, drop_cache: bool) -> Result<(String, Vec<String>)> {

@@ -339,8 +339,7 @@ fn copy_export_into(
                 let threads = crate::qcow2::auto_threads();
                 crate::qcow2::check_written(&file, tmp, shape, backing, want, threads, ctl)?;
             }
-            drop(file);
-            crate::hash::hash_written(tmp, ctl)?
+            crate::hash::hash_written_file(&file, tmp, ctl)?
         }
         (None, None) => return Err(KnibError::internal("the file sink did not hash")),
     };

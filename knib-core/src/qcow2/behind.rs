@@ -58,7 +58,7 @@ pub(crate) struct WriteBehind {
     /// The file system refused `sync_file_range`: plain buffered writes.
     off: bool,
     /// Keep the pages cached once on the device (the file is read back
-    /// next: [`crate::hash::hash_written`] drops them as it reads).
+    /// next: [`crate::hash::hash_written_file`] drops them as it reads).
     keep: bool,
     /// The span of every chunk waited for so far: what is dropped.
     done: Option<(u64, u64)>,
