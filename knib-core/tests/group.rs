@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::disk::{assert_identical, make_disk, qemu_io, snapshot};
+use common::disk::{assert_identical, make_disk, qemu_io, snapshot, tree};
 use common::model::Model;
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::catalog::group::{GroupOptions, MemberSpec, OnFailure};
@@ -477,12 +477,20 @@ fn options_that_cannot_run_a_group_are_refused_before_the_store_is_made() {
     }
     // The library refuses them too, with the store there.
     let store = Store::create(&root).unwrap();
-    for opts in [
-        GroupOptions { max_parallel: Some(0), ..Default::default() },
-        GroupOptions { freeze_timeout: Duration::ZERO, ..Default::default() },
+    let unchecked = knib_core::catalog::BackupOptions { check_output: true, ..Default::default() };
+    for (opts, want) in [
+        (GroupOptions { max_parallel: Some(0), ..Default::default() }, "max_parallel is 0"),
+        (GroupOptions { freeze_timeout: Duration::ZERO, ..Default::default() }, "must be at least 1 second"),
+        (
+            GroupOptions { backup: unchecked, ..Default::default() },
+            "a group backup's check_output goes with compress (it reads the compressed files back)",
+        ),
     ] {
+        let before_tree = tree(&root);
         let e = store.backup_group(&[a.clone(), b.clone()], &opts, &Control::new()).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains(want), "{e}");
+        assert_eq!(tree(&root), before_tree, "{want}: the store changed");
     }
     assert!(store.list(None).unwrap().is_empty());
     assert_eq!(std::fs::read(&disk_a).unwrap(), before);

@@ -143,8 +143,9 @@ pub struct LivePlan {
     pub compress: Option<CompressionLibrary>,
     /// With `compress`: read each compressed file back through its own
     /// tables before it is kept, and fail (`internal`, nothing kept) if it
-    /// does not hold what was copied into it (knib's own data path; see
-    /// [`crate::qcow2::CopyOptions::check_output`]).
+    /// does not hold what was copied into it (knib's own data path: see
+    /// [`crate::qcow2::CopyOptions::check_output`]; qemu-img's: compared
+    /// with the disk, see `read_back_qemu_img_copy`).
     #[serde(default)]
     pub check_output: bool,
 }

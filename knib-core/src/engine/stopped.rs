@@ -94,7 +94,8 @@ pub struct FilesPlan {
     /// Compress the backup files as they are copied.
     pub compress: Option<CompressionLibrary>,
     /// With `compress`: read each compressed file back before it is kept
-    /// (knib's own data path; [`crate::qcow2::CopyOptions::check_output`]).
+    /// (knib's own data path: [`crate::qcow2::CopyOptions::check_output`];
+    /// qemu-img's: compared with the disk by guest bytes).
     pub check_output: bool,
 }
 
@@ -113,8 +114,9 @@ fn backing_of(q: &QemuImg, top: &Path, ctl: &Control) -> Result<Option<PathBuf>>
 /// those of its first `above` backing files over `parent` (incremental), or
 /// the flattened chain. Written under a temporary
 /// name, fsynced and renamed; the temporary is removed on a failure.
-/// With `check` (and `compress`), knib's own data path reads the
-/// compressed file back before it is kept ([`NativeCopy::check`]).
+/// With `check` (and `compress`), the compressed file is read back before
+/// it is kept ([`NativeCopy::check`] on knib's own data path; on qemu-img's,
+/// compared with `source`: [`native::read_back_qemu_img_copy`]).
 /// Returns (hash, compression, guest bytes copied), as the native data path
 /// knows them.
 #[allow(clippy::too_many_arguments)]

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use xxhash_rust::xxh3::xxh3_128_with_seed;
 
-use super::chain::{read_layers, Chain};
+use super::chain::{read_layers, Chain, Layer};
 use super::image::{ClusterState, Qcow2Image};
 use super::source::{FileSource, ReadAt};
 use crate::error::{KnibError, Result};
@@ -216,21 +216,27 @@ fn digest_range(
     Ok(())
 }
 
-/// The error for a copy `name` that does not read back as written:
+/// The program that wrote a copy, named in [`miswritten`]'s error.
+const KNIB: &str = "knib";
+/// See [`KNIB`].
+const QEMU_IMG: &str = "qemu-img";
+
+/// The error for a copy `name`, written by `by` ([`KNIB`] or
+/// [`QEMU_IMG`]), that does not read back as written:
 /// [`crate::ErrorKind::Internal`], the copy being faulty, not its source.
-fn miswritten(name: &str, what: impl std::fmt::Display) -> KnibError {
+fn miswritten(name: &str, by: &str, what: impl std::fmt::Display) -> KnibError {
     KnibError::internal(format!(
-        "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of knib)"
+        "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of {by})"
     ))
 }
 
-/// An error met reading the copy `name` back: the copy's own fault
-/// (a table or cluster it cannot give), unless it is of the host or the
-/// caller (I/O, cancelled, timed out), kept as it is.
-fn of_copy(name: &str, e: KnibError) -> KnibError {
+/// An error met reading the copy `name` (written by `by`) back: the
+/// copy's own fault (a table or cluster it cannot give), unless it is of
+/// the host or the caller (I/O, cancelled, timed out), kept as it is.
+fn of_copy(name: &str, by: &str, e: KnibError) -> KnibError {
     match e.kind {
         crate::ErrorKind::Cancelled | crate::ErrorKind::Timeout | crate::ErrorKind::Io => e,
-        _ => miswritten(name, e),
+        _ => miswritten(name, by, e),
     }
 }
 
@@ -255,7 +261,7 @@ pub(crate) fn check_written(
     let source: Arc<dyn ReadAt> = Arc::new(FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?);
     let name = dest.display().to_string();
     let img = Qcow2Image::from_source(name.as_str(), Arc::clone(&source))
-        .map_err(|e| miswritten(&name, format_args!("it does not open ({e})")))?;
+        .map_err(|e| miswritten(&name, KNIB, format_args!("it does not open ({e})")))?;
     let h = img.header();
     if img.virtual_size() != shape.virtual_size
         || img.cluster_size() != shape.cluster_size
@@ -263,6 +269,7 @@ pub(crate) fn check_written(
     {
         return Err(miswritten(
             &name,
+            KNIB,
             format_args!(
                 "its header gives {} bytes, clusters of {} and backing file {:?}, not {}, {} and {:?}",
                 img.virtual_size(),
@@ -275,13 +282,15 @@ pub(crate) fn check_written(
         ));
     }
     let step = format!("check of {name}");
-    let got = digest_of(img, &name, source, shape.zeros_count, threads, ctl, &step).map_err(|e| of_copy(&name, e))?;
+    let got =
+        digest_of(img, &name, source, shape.zeros_count, threads, ctl, &step).map_err(|e| of_copy(&name, KNIB, e))?;
     if got != *want {
         return Err(if got.clusters() == want.clusters() {
-            miswritten(&name, "a cluster reads back other than it was written")
+            miswritten(&name, KNIB, "a cluster reads back other than it was written")
         } else {
             miswritten(
                 &name,
+                KNIB,
                 format_args!("{} clusters read back where {} were written", got.clusters(), want.clusters()),
             )
         });
@@ -325,6 +334,29 @@ fn unmapped_end(img: &Qcow2Image, off: u64) -> Result<u64> {
     Ok(if img.l2_table_offset((off / span) as usize)? == 0 { (off / span + 1) * span } else { off })
 }
 
+/// [`unmapped_end`] of a backing file, which may be smaller than the image
+/// over it: past its virtual size it holds nothing, to `size` (a raw file
+/// holds everything up to its size).
+fn layer_unmapped_end(l: &Layer, off: u64, size: u64) -> Result<u64> {
+    match l {
+        _ if off >= l.virtual_size() => Ok(size),
+        Layer::Qcow2(img) => unmapped_end(img, off),
+        Layer::Raw(_) => Ok(off),
+    }
+}
+
+/// [`owns`] of a backing file, which may be smaller than the image over
+/// it: nothing past its virtual size (a raw file holds everything up to
+/// its size).
+fn layer_owns(l: &mut Layer, off: u64, end: u64) -> Result<bool> {
+    let end = end.min(l.virtual_size());
+    match l {
+        _ if off >= end => Ok(false),
+        Layer::Qcow2(img) => owns(img, off, end),
+        Layer::Raw(_) => Ok(true),
+    }
+}
+
 /// The check of a copy of `source` that another program (qemu-img) wrote
 /// to `out` (named `out_name`), as `what` says it was copied: the same
 /// virtual size and the backing pointer `what` gives, and the same guest
@@ -348,7 +380,7 @@ pub(crate) fn check_guest_copy(
     let handle = out.try_clone().map_err(|e| KnibError::io("cannot open", out_name, e))?;
     let file = FileSource::new(handle).map_err(|e| KnibError::io("cannot size", out_name, e))?;
     let mut copy = Qcow2Image::from_source(name.as_str(), Arc::new(file))
-        .map_err(|e| miswritten(&name, format_args!("it does not open ({e})")))?;
+        .map_err(|e| miswritten(&name, QEMU_IMG, format_args!("it does not open ({e})")))?;
     let want_backing = match what {
         Copied::Top => src.header().backing_file.clone(),
         Copied::TopOver(b) => Some(b.to_string()),
@@ -357,6 +389,7 @@ pub(crate) fn check_guest_copy(
     if copy.virtual_size() != src.virtual_size() || copy.header().backing_file != want_backing {
         return Err(miswritten(
             &name,
+            QEMU_IMG,
             format_args!(
                 "its header gives {} bytes and backing file {:?}, not {} and {:?}",
                 copy.virtual_size(),
@@ -371,7 +404,7 @@ pub(crate) fn check_guest_copy(
         Copied::Top => None,
         Copied::TopOver(b) => {
             let (top, mut below) = Chain::open_files_only(&crate::fsio::parent_dir(out_name).join(b))?.into_parts();
-            below.insert(0, super::chain::Layer::Qcow2(Box::new(top)));
+            below.insert(0, Layer::Qcow2(Box::new(top)));
             Some(below)
         }
         Copied::Whole => Some(Vec::new()),
@@ -385,7 +418,7 @@ pub(crate) fn check_guest_copy(
     // block holds whole clusters of each): one read of each file a block.
     let w = scs.max(ccs);
     let (mut a, mut b) = (vec![0u8; w as usize], vec![0u8; w as usize]);
-    let of_copy = |e: KnibError| of_copy(&name, e);
+    let of_copy = |e: KnibError| of_copy(&name, QEMU_IMG, e);
     let (mut off, mut compared, mut looked) = (0u64, 0u64, 0u64);
     while off < size {
         if looked.is_multiple_of(4096) {
@@ -395,10 +428,7 @@ pub(crate) fn check_guest_copy(
         let mut skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(of_copy)?);
         if whole {
             for l in &layers {
-                skip = skip.min(match l {
-                    super::chain::Layer::Qcow2(img) => unmapped_end(img, off)?,
-                    super::chain::Layer::Raw(_) => off,
-                });
+                skip = skip.min(layer_unmapped_end(l, off, size)?);
             }
         }
         if skip > off {
@@ -409,10 +439,7 @@ pub(crate) fn check_guest_copy(
         let mut held = owns(&mut src, off, end)? || owns(&mut copy, off, end).map_err(of_copy)?;
         if whole && !held {
             for l in layers.iter_mut() {
-                held = match l {
-                    super::chain::Layer::Qcow2(img) => owns(img, off, end)?,
-                    super::chain::Layer::Raw(_) => true,
-                };
+                held = layer_owns(l, off, end)?;
                 if held {
                     break;
                 }
@@ -436,6 +463,7 @@ pub(crate) fn check_guest_copy(
             if a[..len] != b[..len] {
                 return Err(miswritten(
                     &name,
+                    QEMU_IMG,
                     format_args!("its guest bytes at offset {off} differ from {}'s", source.display()),
                 ));
             }
