@@ -967,23 +967,53 @@ fn a_backup_of_a_disk_knib_does_not_read_is_kept_unread_with_a_warning() {
     }
 }
 
+/// An image for [`the_read_back_of_good_copies_of_generated_disks_never_fails`]:
+/// `path` of `fmt` and `size` bytes made with `opts`, each of `fill`
+/// (offset, length, byte) written into it.
+fn image(path: &Path, fmt: &str, size: u64, opts: &[&str], fill: &[(u64, u64, u8)]) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", fmt])
+        .args(opts)
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{}: {out:?}", path.display());
+    for (off, len, byte) in fill {
+        let w = std::process::Command::new("qemu-io")
+            .args(["-f", fmt, "-c", &format!("write -q -P {byte} {off} {len}")])
+            .arg(path)
+            .output()
+            .expect("qemu-io");
+        assert!(w.status.success(), "{}: {w:?}", path.display());
+    }
+}
+
 /// The read-back never fails a good copy: chains of backups, compressed as
 /// copied and read back, of disks drawn from a seed (cluster sizes from 4
 /// KiB to 2 MiB, virtual sizes not a multiple of the cluster size, data,
-/// zeros, discards and compressed clusters written by qemu-io), on knib's
-/// own data path and on qemu-img's, each kept and restored equal.
+/// zeros, discards and compressed clusters written by qemu-io; alone, over
+/// templates smaller and larger, raw and qcow2, over two files with the
+/// lower one partly hidden, or version 2), on knib's own data path and on
+/// qemu-img's, each kept and restored equal.
 #[test]
 fn the_read_back_of_good_copies_of_generated_disks_never_fails() {
     let mut rng = Rng::new(0x2304);
-    for case in 0..8u64 {
+    let sizes = [4u64 << 10, 16 << 10, 64 << 10, 256 << 10, 2 << 20];
+    for case in 0..12u64 {
         let path = if case % 2 == 1 { "qemu-img" } else { "native" };
-        let cs = [4u64 << 10, 16 << 10, 64 << 10, 256 << 10, 2 << 20][rng.below(5) as usize];
+        let cs = sizes[rng.below(5) as usize];
+        let below_cs = format!("cluster_size={}", sizes[rng.below(5) as usize]);
         let size = ((8 + rng.below(40)) << 20) + rng.below(64) * 512;
-        // The disk: alone, over a smaller qcow2 or raw file holding data
-        // (a template), or qcow2 version 2 (which knib's copy leaves to
-        // qemu-img).
-        let shape =
-            ["alone", "over a smaller qcow2 file", "over a smaller raw file", "version 2"][(case / 2 % 4) as usize];
+        // Version 2 is left to qemu-img by knib's copy.
+        let shape = [
+            "alone",
+            "over a smaller qcow2 file",
+            "over a smaller raw file",
+            "version 2",
+            "over a larger qcow2 file",
+            "over a smaller qcow2 file over a larger raw file",
+        ][(case / 2 % 6) as usize];
         let ctx = format!("case {case} ({path}, {shape}, clusters of {cs}, {size} bytes)");
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::create(dir.path().join("store")).expect("store");
@@ -997,24 +1027,35 @@ fn the_read_back_of_good_copies_of_generated_disks_never_fails() {
         let disk = dir.path().join("d.qcow2");
         let cluster = format!("cluster_size={cs}");
         let small = size / 2 - size / 2 % 512;
+        let large = size + size / 2 - size / 2 % 512;
+        let d = dir.path();
         match shape {
-            "over a smaller qcow2 file" | "over a smaller raw file" => {
-                let (name, fmt) = if shape.contains("raw") { ("t.raw", "raw") } else { ("t.qcow2", "qcow2") };
-                let template = dir.path().join(name);
-                let out = std::process::Command::new("qemu-img")
-                    .args(["create", "-q", "-f", fmt])
-                    .arg(&template)
-                    .arg(small.to_string())
-                    .output()
-                    .expect("qemu-img");
-                assert!(out.status.success(), "{ctx}: {out:?}");
-                let w = std::process::Command::new("qemu-io")
-                    .args(["-f", fmt, "-c", &format!("write -q -P 0x5a 0 {}", small.min(4 << 20))])
-                    .arg(&template)
-                    .output()
-                    .expect("qemu-io");
-                assert!(w.status.success(), "{ctx}: {w:?}");
-                make_disk(&disk, size, &["-o", &cluster, "-b", name, "-F", fmt]);
+            "over a smaller qcow2 file" => {
+                image(&d.join("t.qcow2"), "qcow2", small, &["-o", &below_cs], &[(0, 4 << 20, 0x5a)]);
+                make_disk(&disk, size, &["-o", &cluster, "-b", "t.qcow2", "-F", "qcow2"]);
+            }
+            "over a smaller raw file" => {
+                image(&d.join("t.raw"), "raw", small, &[], &[(0, 4 << 20, 0x5a)]);
+                make_disk(&disk, size, &["-o", &cluster, "-b", "t.raw", "-F", "raw"]);
+            }
+            "over a larger qcow2 file" => {
+                // Data past the disk's end too: never seen by the guest.
+                let fill = [(0, 4 << 20, 0x5a), (size - size % 512 - (1 << 20), 2 << 20, 0x6b)];
+                image(&d.join("t.qcow2"), "qcow2", large, &["-o", &below_cs], &fill);
+                make_disk(&disk, size, &["-o", &cluster, "-b", "t.qcow2", "-F", "qcow2"]);
+            }
+            "over a smaller qcow2 file over a larger raw file" => {
+                // Data in the raw file past the middle file's end: hidden
+                // (reads stop at the middle file's end, and read zeros).
+                image(&d.join("b.raw"), "raw", large, &[], &[(0, 2 << 20, 0x3c), (small, 4 << 20, 0x4d)]);
+                image(
+                    &d.join("m.qcow2"),
+                    "qcow2",
+                    small,
+                    &["-o", &below_cs, "-b", "b.raw", "-F", "raw"],
+                    &[(1 << 20, 2 << 20, 0x5a)],
+                );
+                make_disk(&disk, size, &["-o", &cluster, "-b", "m.qcow2", "-F", "qcow2"]);
             }
             "version 2" => make_disk(&disk, size, &["-o", &cluster, "-o", "compat=0.10"]),
             _ => make_disk(&disk, size, &["-o", &cluster]),

@@ -586,8 +586,16 @@ impl Settings {
     /// defaults when there is none.
     pub fn load(store_root: &Path) -> Result<Settings> {
         let path = store_root.join(SETTINGS_FILE);
-        // Read without following a link: the file is part of the store.
-        match super::confine::read(store_root, Path::new(SETTINGS_FILE), "settings")? {
+        // Read without following a link: the file is part of the store. A
+        // store path that is not a directory is said so, as everywhere.
+        let read =
+            super::confine::read(store_root, Path::new(SETTINGS_FILE), "settings").map_err(
+                |e| match std::fs::metadata(store_root) {
+                    Ok(m) if !m.is_dir() => super::not_a_directory(store_root),
+                    _ => e,
+                },
+            )?;
+        match read {
             Some(text) => {
                 let text = String::from_utf8(text)
                     .map_err(|_| KnibError::invalid(format!("settings {}: not UTF-8 text", path.display())))?;

@@ -117,9 +117,9 @@ pub fn not_native(data_path: DataPath, source: &Path, mode: SourceMode) -> Resul
 /// bytes are compared with the source's
 /// ([`crate::qcow2::check_guest_copy`]; one that differs is an
 /// [`crate::ErrorKind::Internal`] error). A source knib's own reader does
-/// not open (whatever the error: qemu-img read it) is not compared, with a
-/// warning naming `what`, and the backup is kept as qemu-img wrote it, as
-/// without `check`. Returns the
+/// not take or finds damaged (invalid input or corrupt: qemu-img read it)
+/// is not compared, with a warning naming `what`, and the backup is kept
+/// as qemu-img wrote it, as without `check`. Returns the
 /// file's hash, read through the handle compared.
 pub(crate) fn read_back_qemu_img_copy(
     source: &Path,
@@ -132,11 +132,15 @@ pub(crate) fn read_back_qemu_img_copy(
     let file = crate::fsio::open_regular(tmp)?;
     if check {
         // Whether knib's reader reads the source's chain (the chain is not
-        // kept open meanwhile: the comparison opens its own).
+        // kept open meanwhile: the comparison opens its own). A chain it
+        // does not take, or finds damaged where qemu-img read it, is left
+        // as qemu-img copied it; any other error (of the host) fails the
+        // backup, as it would during the comparison.
         match crate::qcow2::Chain::open(source).map(drop) {
-            Err(e) => log::warn!(
+            Err(e) if matches!(e.kind, crate::ErrorKind::InvalidInput | crate::ErrorKind::Corrupt) => log::warn!(
                 "{what}: its compressed file, copied by qemu-img, is not read back: knib's reader does not read its source ({e})"
             ),
+            Err(e) => return Err(e),
             Ok(()) => {
                 crate::crashpoint::pause_point(&format!("comparison of {} with its source", tmp.display()));
                 let copied = parent.map_or(crate::qcow2::Copied::Whole, crate::qcow2::Copied::TopOver);

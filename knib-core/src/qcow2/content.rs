@@ -334,24 +334,19 @@ fn unmapped_end(img: &Qcow2Image, off: u64) -> Result<u64> {
     Ok(if img.l2_table_offset((off / span) as usize)? == 0 { (off / span + 1) * span } else { off })
 }
 
-/// [`unmapped_end`] of a backing file, which may be smaller than the image
-/// over it: past its virtual size it holds nothing, to `size` (a raw file
-/// holds everything up to its size).
-fn layer_unmapped_end(l: &Layer, off: u64, size: u64) -> Result<u64> {
+/// [`unmapped_end`] of a backing file at `off`, within its virtual size (a
+/// raw file holds everything up to its size).
+fn layer_unmapped_end(l: &Layer, off: u64) -> Result<u64> {
     match l {
-        _ if off >= l.virtual_size() => Ok(size),
         Layer::Qcow2(img) => unmapped_end(img, off),
         Layer::Raw(_) => Ok(off),
     }
 }
 
-/// [`owns`] of a backing file, which may be smaller than the image over
-/// it: nothing past its virtual size (a raw file holds everything up to
-/// its size).
+/// [`owns`] of a backing file in `[off, end)`, within its virtual size (a
+/// raw file holds everything up to its size).
 fn layer_owns(l: &mut Layer, off: u64, end: u64) -> Result<bool> {
-    let end = end.min(l.virtual_size());
     match l {
-        _ if off >= end => Ok(false),
         Layer::Qcow2(img) => owns(img, off, end),
         Layer::Raw(_) => Ok(true),
     }
@@ -427,8 +422,16 @@ pub(crate) fn check_guest_copy(
         looked += 1;
         let mut skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(of_copy)?);
         if whole {
+            // Backing files, as reads go through them (QEMU's and knib's
+            // alike): a read stops at a file past whose size it is, and
+            // what lies below is not seen.
+            let mut seen = size;
             for l in &layers {
-                skip = skip.min(layer_unmapped_end(l, off, size)?);
+                seen = seen.min(l.virtual_size());
+                if off >= seen {
+                    break;
+                }
+                skip = skip.min(layer_unmapped_end(l, off)?);
             }
         }
         if skip > off {
@@ -438,8 +441,13 @@ pub(crate) fn check_guest_copy(
         let end = (off + w).min(size);
         let mut held = owns(&mut src, off, end)? || owns(&mut copy, off, end).map_err(of_copy)?;
         if whole && !held {
+            let mut seen = size;
             for l in layers.iter_mut() {
-                held = layer_owns(l, off, end)?;
+                seen = seen.min(l.virtual_size());
+                if off >= seen {
+                    break;
+                }
+                held = layer_owns(l, off, end.min(seen))?;
                 if held {
                     break;
                 }
