@@ -785,9 +785,7 @@
  *                            copied by qemu-img is compared with its source
  *                            by guest bytes; one whose source knib's reader
  *                            does not read is not read back (a warning is
- *                            logged). Refused without `compress`, and for a
- *                            backup sent straight to a vault (no file of its
- *                            own is left to read).
+ *                            logged). Refused without `compress`.
  *       compress?            "zstd" | "zlib" or null: Compress as copied:
  *                            "zstd" or "zlib".
  *       connect?             string or null: The libvirt URI (default

@@ -129,6 +129,17 @@ pub fn non_empty<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
     }
 }
 
+/// Fail when a backup request of `op` asks for `check_output` without
+/// `compress` (`compressed`): the read-back reads compressed files.
+pub fn check_goes_with_compress(op: &str, check_output: bool, compressed: bool) -> Result<()> {
+    if check_output && !compressed {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: field `check_output` goes with `compress` (it reads the compressed files back)"
+        )));
+    }
+    Ok(())
+}
+
 /// The error of an operation that needs libvirt in a knib built without it.
 pub fn no_libvirt(op: &str) -> KnibError {
     KnibError::invalid(format!("{op} needs libvirt, and this knib was built without it"))

@@ -483,7 +483,7 @@ fn options_that_cannot_run_a_group_are_refused_before_the_store_is_made() {
         (GroupOptions { freeze_timeout: Duration::ZERO, ..Default::default() }, "must be at least 1 second"),
         (
             GroupOptions { backup: unchecked, ..Default::default() },
-            "a group backup's check_output goes with compress (it reads the compressed files back)",
+            "a group backup: check_output goes with compress (it reads the compressed files back)",
         ),
     ] {
         let before_tree = tree(&root);

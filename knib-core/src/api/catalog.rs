@@ -28,7 +28,7 @@ use crate::qemu_img::{CompressionLibrary, ImageFormat};
 use crate::vault::{SyncOptions, SyncReport, Vault};
 #[cfg(not(feature = "libvirt"))]
 use crate::wire::no_libvirt;
-use crate::wire::{absolute, store_dir, store_or_vault};
+use crate::wire::{absolute, check_goes_with_compress, store_dir, store_or_vault};
 
 fn default_chain() -> i64 {
     DEFAULT_CHAIN_SIZE
@@ -86,9 +86,8 @@ pub(crate) struct BackupReq {
     /// backups into the store. A file copied by qemu-img is compared with
     /// its source by guest bytes; one whose source knib's reader does not
     /// read is not read back (a warning is logged). Refused without
-    /// `compress`, and
-    /// for a backup sent straight to a vault (no file of its own is left to
-    /// read).
+    /// `compress`, and for a backup sent straight to a vault (no file of
+    /// its own is left to read).
     #[serde(default)]
     check_output: bool,
     /// With `domain`: how changes are found, `snapshot` or `bitmap`
@@ -462,11 +461,7 @@ pub(crate) fn backup(op: &str, r: BackupReq, ctl: &Control) -> Result<BackupView
         method: r.method,
         group: None,
     };
-    if r.check_output && r.compress.is_none() {
-        return Err(KnibError::invalid(format!(
-            "request of {op}: field `check_output` goes with `compress` (it reads the compressed files back)"
-        )));
-    }
+    check_goes_with_compress(op, r.check_output, r.compress.is_some())?;
     if r.check_output && r.vault.is_some() {
         return Err(KnibError::invalid(format!(
             "request of {op}: field `check_output` does not go with `vault` (a backup sent straight to a vault leaves no file to read back)"

@@ -17,7 +17,7 @@ use crate::progress::Control;
 use crate::qemu_img::{CompressionLibrary, ImageFormat};
 #[cfg(not(feature = "libvirt"))]
 use crate::wire::no_libvirt;
-use crate::wire::{absolute, store_dir};
+use crate::wire::{absolute, check_goes_with_compress, store_dir};
 
 fn default_chain() -> i64 {
     DEFAULT_CHAIN_SIZE
@@ -71,9 +71,7 @@ pub(crate) struct GroupBackupReq {
     /// backups into the store. A file copied by qemu-img is compared with
     /// its source by guest bytes; one whose source knib's reader does not
     /// read is not read back (a warning is logged). Refused without
-    /// `compress`, and
-    /// for a backup sent straight to a vault (no file of its own is left to
-    /// read).
+    /// `compress`.
     #[serde(default)]
     check_output: bool,
     /// The time budget in seconds; 0 or absent = none.
@@ -159,11 +157,7 @@ pub struct GroupDeleteAnswer {
 
 pub(crate) fn backup(op: &str, r: GroupBackupReq, ctl: &Control) -> Result<GroupRecord> {
     store_dir(op, &r.store)?;
-    if r.check_output && r.compress.is_none() {
-        return Err(crate::KnibError::invalid(format!(
-            "request of {op}: field `check_output` goes with `compress` (it reads the compressed files back)"
-        )));
-    }
+    check_goes_with_compress(op, r.check_output, r.compress.is_some())?;
     #[cfg(feature = "libvirt")]
     {
         let ctl = &agent::budget(ctl, r.timeout_secs);

@@ -69,6 +69,20 @@ impl Default for BackupOptions {
     }
 }
 
+impl BackupOptions {
+    /// Refuse [`BackupOptions::check_output`] without
+    /// [`BackupOptions::compress`] for `what` (a backup, a group backup):
+    /// the read-back reads compressed files.
+    pub(crate) fn refuse_check_uncompressed(&self, what: &str) -> Result<()> {
+        if self.check_output && self.compress.is_none() {
+            return Err(KnibError::invalid(format!(
+                "{what}: check_output goes with compress (it reads the compressed files back)"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Refuse [`BackupOptions::check_output`] for `what`, a backup sent straight
 /// to a vault: its files are uploaded as they are written, and no local
 /// file is left to read back (the vault's own hashes check the upload).
@@ -202,11 +216,7 @@ pub(super) fn check_compressed(
     direct: bool,
     what: &str,
 ) -> Result<bool> {
-    if opts.check_output && opts.compress.is_none() {
-        return Err(KnibError::invalid(format!(
-            "{what}: check_output goes with compress (it reads the compressed files back)"
-        )));
-    }
+    opts.refuse_check_uncompressed(what)?;
     if direct {
         refuse_check_direct(opts, what)?;
         if opts.compress.is_some() && settings.compression.check_output {

@@ -142,11 +142,7 @@ impl GroupOptions {
     /// copied at once, a freeze bound of at least a second, and
     /// `check_output` only with `compress`.
     pub fn check(&self) -> Result<()> {
-        if self.backup.check_output && self.backup.compress.is_none() {
-            return Err(KnibError::invalid(
-                "a group backup's check_output goes with compress (it reads the compressed files back)",
-            ));
-        }
+        self.backup.refuse_check_uncompressed("a group backup")?;
         if self.max_parallel == Some(0) {
             return Err(KnibError::invalid("a group backup copies at least one member at once: max_parallel is 0"));
         }

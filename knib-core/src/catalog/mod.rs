@@ -151,6 +151,16 @@ fn not_a_directory(root: &Path) -> KnibError {
     KnibError::invalid(format!("store {} is not a directory", root.display()))
 }
 
+/// `e`, an error met in the store at `root`, unless `root` names something
+/// other than a directory (a file, a FIFO, a device): then that is the
+/// error, said plainly as invalid input.
+fn or_not_a_directory(root: &Path, e: KnibError) -> KnibError {
+    match fs::metadata(root) {
+        Ok(m) if !m.is_dir() => not_a_directory(root),
+        _ => e,
+    }
+}
+
 /// A vault (`s3://...`) where a store directory is needed: said plainly.
 fn refuse_vault(root: &Path) -> Result<()> {
     match root.to_str() {
@@ -234,12 +244,8 @@ impl Store {
     /// (see [`confine::ensure_dir`]; `what` names it in errors). A store
     /// path that is not a directory is InvalidInput, named.
     pub(crate) fn ensure_dir(&self, rel: &Path, what: &str) -> Result<()> {
-        if let Err(e) = fs::create_dir_all(&self.root) {
-            return Err(match fs::metadata(&self.root) {
-                Ok(m) if !m.is_dir() => not_a_directory(&self.root),
-                _ => KnibError::io("cannot create store", &self.root, e),
-            });
-        }
+        fs::create_dir_all(&self.root)
+            .map_err(|e| or_not_a_directory(&self.root, KnibError::io("cannot create store", &self.root, e)))?;
         confine::ensure_dir(&self.root, rel, what)
     }
 

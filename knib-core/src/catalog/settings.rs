@@ -588,13 +588,8 @@ impl Settings {
         let path = store_root.join(SETTINGS_FILE);
         // Read without following a link: the file is part of the store. A
         // store path that is not a directory is said so, as everywhere.
-        let read =
-            super::confine::read(store_root, Path::new(SETTINGS_FILE), "settings").map_err(
-                |e| match std::fs::metadata(store_root) {
-                    Ok(m) if !m.is_dir() => super::not_a_directory(store_root),
-                    _ => e,
-                },
-            )?;
+        let read = super::confine::read(store_root, Path::new(SETTINGS_FILE), "settings")
+            .map_err(|e| super::or_not_a_directory(store_root, e))?;
         match read {
             Some(text) => {
                 let text = String::from_utf8(text)

@@ -298,7 +298,8 @@ pub fn compress_verified(
                         // The backup file's data through its chain, against
                         // the copy qemu-img wrote, wherever either holds a
                         // cluster of its own.
-                        crate::qcow2::check_guest_copy(f, claim, &tmp, crate::qcow2::Copied::Top, ctl)?;
+                        let source = crate::qcow2::Chain::open(f)?;
+                        crate::qcow2::check_guest_copy(source, claim, &tmp, crate::qcow2::Copied::Top, ctl)?;
                     }
                     let hash =
                         if want.is_empty() { None } else { Some(crate::hash::hash_written_file(claim, &tmp, ctl)?) };

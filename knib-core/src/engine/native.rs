@@ -131,20 +131,19 @@ pub(crate) fn read_back_qemu_img_copy(
 ) -> Result<String> {
     let file = crate::fsio::open_regular(tmp)?;
     if check {
-        // Whether knib's reader reads the source's chain (the chain is not
-        // kept open meanwhile: the comparison opens its own). A chain it
-        // does not take, or finds damaged where qemu-img read it, is left
-        // as qemu-img copied it; any other error (of the host) fails the
-        // backup, as it would during the comparison.
-        match crate::qcow2::Chain::open(source).map(drop) {
+        // A source chain knib's reader does not take, or finds damaged
+        // where qemu-img read it, is left as qemu-img copied it; any other
+        // error (of the host) fails the backup, as it would during the
+        // comparison.
+        match crate::qcow2::Chain::open(source) {
             Err(e) if matches!(e.kind, crate::ErrorKind::InvalidInput | crate::ErrorKind::Corrupt) => log::warn!(
                 "{what}: its compressed file, copied by qemu-img, is not read back: knib's reader does not read its source ({e})"
             ),
             Err(e) => return Err(e),
-            Ok(()) => {
+            Ok(chain) => {
                 crate::crashpoint::pause_point(&format!("comparison of {} with its source", tmp.display()));
                 let copied = parent.map_or(crate::qcow2::Copied::Whole, crate::qcow2::Copied::TopOver);
-                crate::qcow2::check_guest_copy(source, &file, tmp, copied, ctl)?;
+                crate::qcow2::check_guest_copy(chain, &file, tmp, copied, ctl)?;
             }
         }
     }

@@ -30,13 +30,13 @@ use crate::fsio::same_file;
 use std::path::{Path, PathBuf};
 
 use crate::engine::native::{self, DataPath, NativeCopy};
-use crate::engine::take::{BackupKind, TakeBackupAnswer, VolumeResult};
+use crate::engine::take::{BackupKind, QemuImgCopy, TakeBackupAnswer, VolumeResult};
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 use crate::lock::ensure_unused;
 use crate::progress::Control;
 use crate::qcow2::{relative_pointer, TargetFormat};
-use crate::qemu_img::{CompressionLibrary, Convert, ImageFormat, QemuImg};
+use crate::qemu_img::{CompressionLibrary, QemuImg};
 
 /// What a backup does to one volume of a VM without a domain.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,15 +132,14 @@ pub(crate) fn copy_to_store(
     what: &str,
     ctl: &Control,
 ) -> Result<(Option<String>, Option<CompressionLibrary>, Option<u64>)> {
-    let dir = fsio::parent_dir(dest);
     let tmp = fsio::temp_path(dest);
     // Only compressed files are read back.
     let check = check && compress.is_some();
     let mode = native::backup_mode(parent.is_some(), above);
     let refusal = native::not_native(data_path, source, mode).map_err(|e| e.context(format!("backup of {what}")))?;
     crate::crashpoint::durable_step(&format!("copy of {what}"));
+    let label = format!("backup of {what}");
     let r = if refusal.is_none() {
-        let label = format!("backup of {what}");
         let c = NativeCopy {
             source,
             dest: &tmp,
@@ -165,35 +164,8 @@ pub(crate) fn copy_to_store(
             source.display()
         )))
     } else {
-        (|| {
-            let needed = if parent.is_some() {
-                fsio::allocated_bytes(source)?
-            } else {
-                q.measure(source, ImageFormat::Qcow2, ctl)?.required
-            };
-            fsio::require_space(dir, needed, &format!("backup of {what}"))?;
-            // qemu-img creates the file by name: whatever has it (a stale
-            // temporary, a link someone put there) goes first.
-            fsio::remove_if_exists(&tmp)?;
-            q.convert(
-                &Convert {
-                    source: source.to_path_buf(),
-                    dest: tmp.clone(),
-                    backing: parent.map(str::to_string),
-                    force_share: true,
-                    compress,
-                    ..Default::default()
-                },
-                ctl,
-            )
-            // The hash is recorded as the native copy records it, read
-            // back from the file written: a backup is never without one.
-            .and_then(|_| {
-                let label = format!("backup of {what}");
-                let hash = native::read_back_qemu_img_copy(source, &tmp, parent, check, &label, ctl)?;
-                Ok((Some(hash), compress, None))
-            })
-        })()
+        let c = QemuImgCopy { source, tmp: &tmp, parent, v2: false, compress, check, force_share: true, what: &label };
+        c.run(q, ctl).map(|(hash, compression)| (Some(hash), compression, None))
     };
     match r.and_then(|h| fsio::commit_rename(&tmp, dest).map(|_| h)) {
         Ok(h) => Ok(h),

@@ -545,16 +545,14 @@ fn copy_volumes(
     // Only compressed files are read back.
     let check = req.check_output && req.compress.is_some();
     for (v, st) in req.volumes.iter().zip(states) {
-        let dir = fsio::parent_dir(&v.dest);
         let tmp = fsio::temp_path(&v.dest);
         written.push(tmp.clone());
         let backing = if req.kind == BackupKind::Incremental { v.parent.clone() } else { None };
-        let v2 = st.qcow2_v2;
         let mode = native::backup_mode(backing.is_some(), 0);
         let refusal = native::not_native(req.data_path, &v.disk, mode)
             .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+        let what = format!("backup of volume {}", v.name);
         if refusal.is_none() {
-            let what = format!("backup of volume {}", v.name);
             let c = NativeCopy {
                 source: &v.disk,
                 dest: &tmp,
@@ -574,32 +572,19 @@ fn copy_volumes(
             hashes.push((r.hash, req.compress, Some(r.bytes_read)));
             continue;
         }
-        let needed = match req.kind {
-            BackupKind::Incremental => fsio::allocated_bytes(&v.disk)?,
-            _ => q.measure(&v.disk, ImageFormat::Qcow2, ctl)?.required,
-        };
-        fsio::require_space(dir, needed, &format!("backup of volume {}", v.name))?;
         crate::crashpoint::durable_step(&format!("copy of volume {}", v.name));
-        q.convert(
-            &Convert {
-                source: v.disk.clone(),
-                dest: tmp.clone(),
-                backing: backing.clone(),
-                compat_v2: v2,
-                compress: req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }),
-                ..Default::default()
-            },
-            ctl,
-        )
-        .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
-        // The hash is recorded as the native copy records it, read back
-        // from the file written: a backup is never without one.
-        let what = format!("backup of volume {}", v.name);
-        let hash = Some(
-            native::read_back_qemu_img_copy(&v.disk, &tmp, backing.as_deref(), check, &what, ctl)
-                .map_err(|e| e.context(format!("copy of volume {}", v.name)))?,
-        );
-        hashes.push((hash, req.compress.map(|c| if v2 { CompressionLibrary::Zlib } else { c }), None));
+        let c = QemuImgCopy {
+            source: &v.disk,
+            tmp: &tmp,
+            parent: backing.as_deref(),
+            v2: st.qcow2_v2,
+            compress: req.compress,
+            check,
+            force_share: false,
+            what: &what,
+        };
+        let (hash, compression) = c.run(q, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+        hashes.push((Some(hash), compression, None));
     }
     for (v, tmp) in req.volumes.iter().zip(written.iter()) {
         fsio::commit_rename(tmp, &v.dest)?;
@@ -620,6 +605,58 @@ fn copy_volumes(
     ctl.check("publishing the backup")?;
     publish(&results)?;
     Ok(results)
+}
+
+/// A backup's copy of one volume by qemu-img, the data path knib's own
+/// does not take: `source` (its own clusters over backup `parent`, or the
+/// whole chain) into `tmp`, after the space it needs is found free (the
+/// source's allocated bytes for an incremental, `qemu-img measure`'s for a
+/// full copy). Its hash is read back from the file written, as the native
+/// copy records it (a backup is never without one), and with `check` the
+/// file is compared with `source` ([`native::read_back_qemu_img_copy`]).
+pub(crate) struct QemuImgCopy<'a> {
+    pub source: &'a Path,
+    pub tmp: &'a Path,
+    pub parent: Option<&'a str>,
+    /// The source is a qcow2 version 2 image: its copy is one too,
+    /// compressed with zlib (version 2 has no zstd).
+    pub v2: bool,
+    pub compress: Option<CompressionLibrary>,
+    pub check: bool,
+    /// Read `source` whatever holds it (`qemu-img convert -U`).
+    pub force_share: bool,
+    /// "backup of volume X", for errors and the space check.
+    pub what: &'a str,
+}
+
+impl QemuImgCopy<'_> {
+    /// Make the copy; its hash and how it is compressed.
+    pub(crate) fn run(&self, q: &QemuImg, ctl: &Control) -> Result<(String, Option<CompressionLibrary>)> {
+        let needed = if self.parent.is_some() {
+            fsio::allocated_bytes(self.source)?
+        } else {
+            q.measure(self.source, ImageFormat::Qcow2, ctl)?.required
+        };
+        fsio::require_space(fsio::parent_dir(self.tmp), needed, self.what)?;
+        // qemu-img creates the file by name: whatever has it (a stale
+        // temporary, a link someone put there) goes first.
+        fsio::remove_if_exists(self.tmp)?;
+        let compress = self.compress.map(|c| if self.v2 { CompressionLibrary::Zlib } else { c });
+        q.convert(
+            &Convert {
+                source: self.source.to_path_buf(),
+                dest: self.tmp.to_path_buf(),
+                backing: self.parent.map(str::to_string),
+                compat_v2: self.v2,
+                force_share: self.force_share,
+                compress,
+                ..Default::default()
+            },
+            ctl,
+        )?;
+        let hash = native::read_back_qemu_img_copy(self.source, self.tmp, self.parent, self.check, self.what, ctl)?;
+        Ok((hash, compress))
+    }
 }
 
 /// Step 1 of [`take_backup_direct`]: every volume's copy made by `copy_to`,

@@ -352,7 +352,7 @@ fn layer_owns(l: &mut Layer, off: u64, end: u64) -> Result<bool> {
     }
 }
 
-/// The check of a copy of `source` that another program (qemu-img) wrote
+/// The check of a copy of `source` (its chain, opened) that another program (qemu-img) wrote
 /// to `out` (named `out_name`), as `what` says it was copied: the same
 /// virtual size and the backing pointer `what` gives, and the same guest
 /// bytes, each read through its own chain, wherever the copy or the part
@@ -364,13 +364,13 @@ fn layer_owns(l: &mut Layer, off: u64, end: u64) -> Result<bool> {
 /// the blocks compared; a copy that differs is an
 /// [`crate::ErrorKind::Internal`] error naming it.
 pub(crate) fn check_guest_copy(
-    source: &Path,
+    source: Chain,
     out: &File,
     out_name: &Path,
     what: Copied<'_>,
     ctl: &Control,
 ) -> Result<u64> {
-    let (mut src, mut layers) = Chain::open(source)?.into_parts();
+    let (mut src, mut layers) = source.into_parts();
     let name = out_name.display().to_string();
     let handle = out.try_clone().map_err(|e| KnibError::io("cannot open", out_name, e))?;
     let file = FileSource::new(handle).map_err(|e| KnibError::io("cannot size", out_name, e))?;
@@ -472,7 +472,7 @@ pub(crate) fn check_guest_copy(
                 return Err(miswritten(
                     &name,
                     QEMU_IMG,
-                    format_args!("its guest bytes at offset {off} differ from {}'s", source.display()),
+                    format_args!("its guest bytes at offset {off} differ from {}'s", src.name()),
                 ));
             }
             compared += 1;
