@@ -262,16 +262,21 @@ pub(crate) fn copy_image_to(
         file.sync_all().map_err(|e| KnibError::io("cannot fsync", dest, e))?;
     }
     report.file_len = crate::qcow2::image::file_size(&file).map_err(|e| KnibError::io("cannot size", dest, e))?;
-    if opts.hash && report.hash.is_none() {
-        // Read back through the handle written, never by name: whatever
-        // the name leads to meanwhile is not what is hashed.
+    // Read back through the handle written, never by name: whatever the
+    // name leads to meanwhile is not what is checked or hashed. The check
+    // first: the hash drops the file's pages from the cache as it reads
+    // them (the check read them from the device again when it came second).
+    let hash_back = opts.hash && report.hash.is_none();
+    if hash_back || written.is_some() {
         crate::crashpoint::pause_point(&format!("read-back of {}", dest.display()));
-        report.hash = Some(crate::hash::hash_written_file(&file, dest, ctl)?);
     }
     if let Some((shape, want)) = written {
         let threads = if opts.threads > 0 { opts.threads } else { auto_threads() };
         let backing = opts.backing.as_ref().map(|b| b.name.as_str());
         report.checked = Some(check_written(&file, dest, &shape, backing, &want, threads, ctl)?);
+    }
+    if hash_back {
+        report.hash = Some(crate::hash::hash_written_file(&file, dest, ctl)?);
     }
     Ok(report)
 }
