@@ -276,6 +276,16 @@ pub(crate) fn drop_cached(file: &File, offset: u64, len: u64) {
     unsafe { libc::posix_fadvise(file.as_raw_fd(), to_off(offset), to_off(len), libc::POSIX_FADV_DONTNEED) };
 }
 
+/// Make `file` (named `name` in errors) durable and drop its pages from
+/// the page cache, so that what reads it next reads it as the device
+/// holds it, not as it was written into memory: how a written file is
+/// read back. Best effort past the fsync ([`drop_cached`]).
+pub(crate) fn uncache_for_read_back(file: &File, name: &Path) -> Result<()> {
+    file.sync_data().map_err(|e| KnibError::io("cannot fsync", name, e))?;
+    drop_cached(file, 0, 0);
+    Ok(())
+}
+
 /// A file offset or length for a system call (saturating: no file is
 /// that long).
 pub(crate) fn to_off(x: u64) -> libc::off64_t {

@@ -241,7 +241,8 @@ fn of_copy(name: &str, by: &str, e: KnibError) -> KnibError {
 }
 
 /// Read the qcow2 file just written (through the handle written, never by
-/// name) back through its own tables, on `threads` threads: its virtual
+/// name) back through its own tables as the device holds it (made durable,
+/// its cached pages dropped first), on `threads` threads: its virtual
 /// size, cluster size and backing pointer must be `shape`'s and
 /// `backing`, and its content digest `want`, the digest of what the copy
 /// put into it. Returns the clusters counted. A file that differs is an
@@ -257,6 +258,7 @@ pub(crate) fn check_written(
     ctl: &Control,
 ) -> Result<u64> {
     crate::crashpoint::pause_point(&format!("check of {}", dest.display()));
+    crate::fsio::uncache_for_read_back(file, dest)?;
     let handle = file.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;
     let source: Arc<dyn ReadAt> = Arc::new(FileSource::new(handle).map_err(|e| KnibError::io("cannot size", dest, e))?);
     let name = dest.display().to_string();
@@ -353,7 +355,8 @@ fn layer_owns(l: &mut Layer, off: u64, end: u64) -> Result<bool> {
 }
 
 /// The check of a copy of `source` (its chain, opened) that another program (qemu-img) wrote
-/// to `out` (named `out_name`), as `what` says it was copied: the same
+/// to `out` (named `out_name`, read as the device holds it: made durable,
+/// its cached pages dropped first), as `what` says it was copied: the same
 /// virtual size and the backing pointer `what` gives, and the same guest
 /// bytes, each read through its own chain, wherever the copy or the part
 /// of the source that was copied holds a cluster of its own (elsewhere
@@ -372,6 +375,7 @@ pub(crate) fn check_guest_copy(
 ) -> Result<u64> {
     let (mut src, mut layers) = source.into_parts();
     let name = out_name.display().to_string();
+    crate::fsio::uncache_for_read_back(out, out_name)?;
     let handle = out.try_clone().map_err(|e| KnibError::io("cannot open", out_name, e))?;
     let file = FileSource::new(handle).map_err(|e| KnibError::io("cannot size", out_name, e))?;
     let mut copy = Qcow2Image::from_source(name.as_str(), Arc::new(file))

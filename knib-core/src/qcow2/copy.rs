@@ -65,8 +65,9 @@ pub struct CopyOptions {
     pub cluster_bits: Option<u32>,
     /// Compute the xxh3-128 hash of the output file.
     pub hash: bool,
-    /// Read a qcow2 output file back through its own tables once written
-    /// (compressed clusters decompressed) and compare its header and
+    /// Read a qcow2 output file back through its own tables once written,
+    /// as the device holds it (fsynced, its pages dropped from the cache
+    /// first; compressed clusters decompressed) and compare its header and
     /// clusters with what the copy put into it ([`super::ContentDigest`]):
     /// an output that does not read back as written is an
     /// [`crate::ErrorKind::Internal`] error naming it (the copy is faulty,
@@ -264,8 +265,9 @@ pub(crate) fn copy_image_to(
     report.file_len = crate::qcow2::image::file_size(&file).map_err(|e| KnibError::io("cannot size", dest, e))?;
     // Read back through the handle written, never by name: whatever the
     // name leads to meanwhile is not what is checked or hashed. The check
-    // first: the hash drops the file's pages from the cache as it reads
-    // them (the check read them from the device again when it came second).
+    // first, from the device (it drops the file's pages from the cache
+    // before it reads); the hash then reads the pages the check brought
+    // in, and drops them: one read from the device for both.
     let hash_back = opts.hash && report.hash.is_none();
     if hash_back || written.is_some() {
         crate::crashpoint::pause_point(&format!("read-back of {}", dest.display()));
