@@ -556,6 +556,166 @@ fn the_hash_of_each_source_comes_from_the_copy_s_own_reads() {
     }
 }
 
+/// A file system of its own on a loop device (ext4 in a file), mounted:
+/// what the device holds can be changed under the page cache. Unmounted
+/// and the device detached when dropped.
+struct LoopFs {
+    _dir: tempfile::TempDir,
+    dev: String,
+    mnt: PathBuf,
+}
+
+impl LoopFs {
+    /// Needs root, `losetup`, `mkfs.ext4` and a loop device (the tests run
+    /// as root; CI has them).
+    fn new() -> LoopFs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("fs.img");
+        let run = |cmd: &str, args: &[&str]| {
+            let out = std::process::Command::new(cmd).args(args).output().expect(cmd);
+            assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        std::fs::File::create(&img).expect("image").set_len(256 << 20).expect("size");
+        run("mkfs.ext4", &["-q", "-F", img.to_str().expect("utf-8")]);
+        let dev = run("losetup", &["--find", "--show", img.to_str().expect("utf-8")]);
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mount point");
+        let fs = LoopFs { _dir: dir, dev, mnt };
+        run("mount", &[&fs.dev, fs.mnt.to_str().expect("utf-8")]);
+        fs
+    }
+
+    /// Overwrite on the device every byte of `file` (on this file system),
+    /// under the page cache: the file's cached pages still read as written
+    /// until they are dropped. Returns the bytes overwritten.
+    fn damage_under_cache(&self, file: &Path, seed: u64) -> u64 {
+        std::fs::File::open(file).expect("file").sync_all().expect("fsync");
+        let out = std::process::Command::new("filefrag").arg("-v").arg(file).output().expect("filefrag");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let bs: u64 = text
+            .split("blocks of ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("filefrag: {text}"));
+        let dev = OpenOptions::new().write(true).open(&self.dev).expect("device");
+        let mut rng = Rng::new(seed);
+        let mut done = 0;
+        // "   0:        0..    2929:      16385..     19314:   2930: ..."
+        for line in text.lines() {
+            let f: Vec<&str> = line.split([':', '.']).map(str::trim).filter(|w| !w.is_empty()).collect();
+            let (Some(Ok(start)), Some(Ok(end))) =
+                (f.get(3).map(|w| w.parse::<u64>()), f.get(4).map(|w| w.parse::<u64>()))
+            else {
+                continue;
+            };
+            if f.first().is_none_or(|w| w.parse::<u64>().is_err()) {
+                continue;
+            }
+            let len = (end - start + 1) * bs;
+            dev.write_all_at(&rng.bytes(len as usize), start * bs).expect("write the device");
+            done += len;
+        }
+        dev.sync_all().expect("fsync the device");
+        assert!(done > 0, "no extent of {}: {text}", file.display());
+        done
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+        let _ = std::process::Command::new("losetup").args(["-d", &self.dev]).status();
+    }
+}
+
+/// With `check_output`, a backup file whose bytes on the device are not
+/// those written (a write the device lost or garbled while the page cache
+/// still holds it) fails the backup `internal` and nothing is kept: the
+/// read-back reads the file as the device holds it. The store is on a
+/// file system of its own, whose device is overwritten under each file
+/// once it is written (seeded bytes), on knib's data path and on
+/// qemu-img's, for a full and an incremental backup. Before, the
+/// read-back of knib's own copy read the page cache once its hash had
+/// run first (b78bb0c), and qemu-img's copies were always read from the
+/// cache: the backup was kept, hashed as the cache held it, and its
+/// damage showed at verify or restore.
+#[test]
+fn a_backup_the_device_does_not_hold_as_written_is_not_kept() {
+    let fs = LoopFs::new();
+    let root = fs.mnt.join("store");
+    let store = Store::create(&root).expect("store");
+    std::fs::create_dir_all(&root).expect("store directory");
+    let mut rng = Rng::new(0x2501);
+    let checked = BackupOptions { compress: Some(CompressionLibrary::Zstd), check_output: true, ..Default::default() };
+    for (round, path) in ["native", "native", "qemu-img", "qemu-img"].into_iter().enumerate() {
+        std::fs::write(root.join("knib.json"), format!("{{\"schema\": 1, \"knib.data.path\": \"{path}\"}}"))
+            .expect("settings");
+        let vm = format!("vm{round}");
+        let disks = TestDisks::two();
+        let write = |rng: &mut Rng, tag: &str| {
+            for d in ["root", "data"] {
+                let src = disks.dir.path().join(format!("w-{tag}-{d}.bin"));
+                std::fs::write(&src, rng.bytes(512 << 10)).expect("source");
+                let off = rng.below(60) << 16;
+                guest_write(disks.path(d), &format!("write -s {} {off} 512k", src.display()));
+            }
+        };
+        write(&mut rng, "a");
+        let full = round % 2 == 0;
+        let kept = if full {
+            None
+        } else {
+            let m = store.backup(&vm, &disks.disks, &checked, &Control::new()).expect("a first backup");
+            write(&mut rng, "b");
+            Some(m.id)
+        };
+        let refs = disks.snapshot_all("now");
+        let step = if path == "qemu-img" { "comparison" } else { "read-back" };
+        let at = format!("{step} of {}", root.join("vms").join(&vm).display());
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let (tmp, r) = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                while_paused(&at, || {
+                    let part = std::fs::read_dir(root.join("vms").join(&vm))
+                        .expect("vm dir")
+                        .map(|e| e.expect("entry").path())
+                        .find(|p| p.to_string_lossy().ends_with(".part"))
+                        .expect("the backup's directory");
+                    // The first volume copied is root.
+                    let tmp = part.join(".root.qcow2.part");
+                    let cached = std::fs::read(&tmp).expect("the file");
+                    fs.damage_under_cache(&tmp, 0x2502 + round as u64);
+                    // The page cache still holds the file as written.
+                    assert_eq!(std::fs::read(&tmp).expect("the file"), cached, "round {round}: the cache changed");
+                    tmp
+                })
+            });
+            let r = store.backup(&vm, &disks.disks, &checked, &Control::new());
+            (t.join().expect("damage"), r)
+        });
+        let ctx = format!("round {round} ({path}, full {full})");
+        let e = r.expect_err(&format!("{ctx}: the backup must fail"));
+        assert_eq!(e.kind, ErrorKind::Internal, "{ctx}: {e}");
+        let head = format!("{} does not read back as written: ", tmp.display());
+        assert!(e.message.contains(&head), "{ctx}: {e}");
+        let ids: Vec<String> = store.list(Some(&vm)).expect("list").into_iter().map(|m| m.id).collect();
+        assert_eq!(ids, kept.into_iter().collect::<Vec<_>>(), "{ctx}: a backup was kept");
+        for d in ["root", "data"] {
+            assert_identical(disks.path(d), &refs[d]);
+        }
+        // The next backup is kept and restores identical.
+        let next = store.backup(&vm, &disks.disks, &checked, &Control::new()).expect("the next backup");
+        for d in ["root", "data"] {
+            let out = fs.mnt.join(format!("restored-{round}-{d}.qcow2"));
+            store.restore(&next.id, d, &out, ImageFormat::Qcow2, &Control::new()).expect("restore");
+            assert_identical(&out, &refs[d]);
+            std::fs::remove_file(&out).expect("remove");
+        }
+    }
+}
+
 /// With `compression.check_output`, a compression whose output does not
 /// read back as what was copied into it (a cluster under another's index, pointed at another's data, lost,
 /// made zeros, in any layer of a chain; seeded) fails `internal` naming the
