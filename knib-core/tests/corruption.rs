@@ -636,13 +636,14 @@ impl Drop for LoopFs {
 /// read-back reads the file as the device holds it. The store is on a
 /// file system of its own, whose device is overwritten under each file
 /// once it is written (seeded bytes), on knib's data path and on
-/// qemu-img's, for a full and an incremental backup. Before, the
+/// qemu-img's, for a full and an incremental backup, and for a compression
+/// job (`compression.check_output`; refused, the store as it was). Before, the
 /// read-back of knib's own copy read the page cache once its hash had
 /// run first (b78bb0c), and qemu-img's copies were always read from the
 /// cache: the backup was kept, hashed as the cache held it, and its
 /// damage showed at verify or restore.
 #[test]
-fn a_backup_the_device_does_not_hold_as_written_is_not_kept() {
+fn a_file_the_device_does_not_hold_as_written_is_not_kept() {
     let fs = LoopFs::new();
     let root = fs.mnt.join("store");
     let store = Store::create(&root).expect("store");
@@ -713,6 +714,38 @@ fn a_backup_the_device_does_not_hold_as_written_is_not_kept() {
             assert_identical(&out, &refs[d]);
             std::fs::remove_file(&out).expect("remove");
         }
+        // A compression job of a backup, its output damaged on the device
+        // the same way once written: refused, the store as it was.
+        let plain = BackupOptions { full: true, ..Default::default() };
+        let m = store.backup(&vm, &disks.disks, &plain, &Control::new()).expect("an uncompressed backup");
+        std::fs::write(
+            root.join("knib.json"),
+            format!("{{\"schema\": 1, \"knib.data.path\": \"{path}\", \"compression.check_output\": true}}"),
+        )
+        .expect("settings");
+        let tmp = comp_part(&file_of(&store, &m.id, "root"));
+        let at = match path {
+            "native" => format!("read-back of {}", tmp.display()),
+            _ => format!("qemu-img wrote {}", tmp.display()),
+        };
+        let before = contents(&root);
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let r = std::thread::scope(|s| {
+            let t = s.spawn(|| {
+                while_paused(&at, || {
+                    fs.damage_under_cache(&tmp, 0x2602 + round as u64);
+                })
+            });
+            let r = store.compress(&m.id, &CompressOptions::default(), &Control::new());
+            t.join().expect("damage");
+            r
+        });
+        let e = r.expect_err(&format!("{ctx}: the compression must fail"));
+        assert_eq!(e.kind, ErrorKind::Internal, "{ctx}: {e}");
+        assert!(e.message.starts_with(&format!("{} does not read back as written: ", tmp.display())), "{ctx}: {e}");
+        assert_eq!(contents(&root), before, "{ctx}: the store changed");
+        let v = store.verify(Some(&m.id), &Control::new()).expect("verify").pop().expect("one");
+        assert!(v.ok, "{ctx}: {v:?}");
     }
 }
 
