@@ -45,6 +45,28 @@ impl RawImage {
         self.len
     }
 
+    /// The first offset at or past `from` that may hold data: the next
+    /// data the file system knows of (`lseek(SEEK_DATA)`; a hole reads as
+    /// zeros), its virtual size when none is left, `from` itself where the
+    /// file system or device cannot say (every byte may then be data).
+    pub(crate) fn next_data(&self, from: u64) -> u64 {
+        use std::os::fd::AsRawFd;
+        if from >= self.len {
+            return self.len;
+        }
+        // SAFETY: lseek on a descriptor this image owns; its reads are
+        // positioned (pread), so moving the file offset changes nothing.
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), crate::fsio::to_off(from), libc::SEEK_DATA) };
+        if at >= 0 {
+            (at as u64).clamp(from, self.len)
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+            // No data past `from`.
+            self.len
+        } else {
+            from
+        }
+    }
+
     /// Read bytes `offset..offset + buf.len()`; bytes past the end of the
     /// file (should it shrink) read as zeros.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
