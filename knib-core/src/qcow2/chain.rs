@@ -20,6 +20,10 @@ pub struct RawImage {
     path: PathBuf,
     file: File,
     len: u64,
+    /// The last answer of [`RawImage::next_data`]: (asked from, data
+    /// from, hole from), so that a scan asks the file system once per
+    /// stretch of data or hole, not once per block.
+    window: Option<(u64, u64, u64)>,
 }
 
 impl RawImage {
@@ -27,7 +31,7 @@ impl RawImage {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| KnibError::io("open raw image", path, e))?;
         let len = file_size(&file).map_err(|e| KnibError::io("size raw image", path, e))?;
-        Ok(RawImage { path: path.to_path_buf(), file, len })
+        Ok(RawImage { path: path.to_path_buf(), file, len, window: None })
     }
 
     /// The path it was opened from.
@@ -49,22 +53,43 @@ impl RawImage {
     /// data the file system knows of (`lseek(SEEK_DATA)`; a hole reads as
     /// zeros), its virtual size when none is left, `from` itself where the
     /// file system or device cannot say (every byte may then be data).
-    pub(crate) fn next_data(&self, from: u64) -> u64 {
-        use std::os::fd::AsRawFd;
+    /// Asked again only once `from` leaves the stretch of hole and data
+    /// the last answer found (a file system on the network answers each
+    /// question over a round trip).
+    pub(crate) fn next_data(&mut self, from: u64) -> u64 {
         if from >= self.len {
             return self.len;
         }
-        // SAFETY: lseek on a descriptor this image owns; its reads are
-        // positioned (pread), so moving the file offset changes nothing.
-        let at = unsafe { libc::lseek(self.file.as_raw_fd(), crate::fsio::to_off(from), libc::SEEK_DATA) };
-        if at >= 0 {
-            (at as u64).clamp(from, self.len)
-        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-            // No data past `from`.
-            self.len
-        } else {
-            from
+        if let Some((asked, data, hole)) = self.window {
+            if (asked..data).contains(&from) {
+                return data;
+            }
+            if (data..hole).contains(&from) {
+                return from;
+            }
         }
+        let (data, hole) = match self.seek(from, libc::SEEK_DATA) {
+            // No data past `from`.
+            Err(libc::ENXIO) => (self.len, self.len),
+            // Cannot say: data, up to the end.
+            Err(_) => (from, self.len),
+            Ok(data) => (data, self.seek(data, libc::SEEK_HOLE).unwrap_or(self.len).max(data + 1)),
+        };
+        self.window = Some((from, data, hole));
+        data
+    }
+
+    /// `lseek(offset, whence)` within the image's length, or the call's
+    /// error number. Its reads are positioned (pread), so moving the file
+    /// offset changes nothing for them.
+    fn seek(&self, offset: u64, whence: libc::c_int) -> std::result::Result<u64, i32> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: lseek on a descriptor this image owns.
+        let at = unsafe { libc::lseek(self.file.as_raw_fd(), crate::fsio::to_off(offset), whence) };
+        if at < 0 {
+            return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+        }
+        Ok((at as u64).clamp(offset, self.len))
     }
 
     /// Read bytes `offset..offset + buf.len()`; bytes past the end of the

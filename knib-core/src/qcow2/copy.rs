@@ -267,7 +267,8 @@ pub(crate) fn copy_image_to(
     // name leads to meanwhile is not what is checked or hashed. The check
     // first, from the device (it drops the file's pages from the cache
     // before it reads); the hash then reads the pages the check brought
-    // in, and drops them: one read from the device for both.
+    // in, and drops them: one read from the device for both (a file
+    // larger than the page cache is read twice).
     let hash_back = opts.hash && report.hash.is_none();
     if hash_back || written.is_some() {
         crate::crashpoint::pause_point(&format!("read-back of {}", dest.display()));
