@@ -213,6 +213,17 @@ fn set_data_path(store: &Store, path: &str) {
         .expect("settings");
 }
 
+/// The temporary file of volume root (the first copied) of the backup of
+/// `vm` being taken in the store at `root`.
+fn root_being_written(root: &Path, vm: &str) -> PathBuf {
+    let part = std::fs::read_dir(root.join("vms").join(vm))
+        .expect("vm dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.to_string_lossy().ends_with(".part"))
+        .expect("the backup's directory");
+    part.join(".root.qcow2.part")
+}
+
 fn file_of(store: &Store, id: &str, volume: &str) -> PathBuf {
     let m: Manifest = store.show(id).expect("show");
     store.volume_file(&m, volume).expect("file")
@@ -699,13 +710,7 @@ fn a_file_the_device_does_not_hold_as_written_is_not_kept() {
         let (tmp, r) = std::thread::scope(|s| {
             let t = s.spawn(|| {
                 while_paused(&at, || {
-                    let part = std::fs::read_dir(root.join("vms").join(&vm))
-                        .expect("vm dir")
-                        .map(|e| e.expect("entry").path())
-                        .find(|p| p.to_string_lossy().ends_with(".part"))
-                        .expect("the backup's directory");
-                    // The first volume copied is root.
-                    let tmp = part.join(".root.qcow2.part");
+                    let tmp = root_being_written(&root, &vm);
                     let cached = std::fs::read(&tmp).expect("the file");
                     fs.damage_under_cache(&tmp, 0x2502 + round as u64);
                     // The page cache still holds the file as written.
@@ -1048,13 +1053,7 @@ fn a_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
         let (what, r) = std::thread::scope(|s| {
             let t = s.spawn(|| {
                 while_paused(&at, || {
-                    let part = std::fs::read_dir(root.join("vms").join(&vm))
-                        .expect("vm dir")
-                        .map(|e| e.expect("entry").path())
-                        .find(|p| p.to_string_lossy().ends_with(".part"))
-                        .expect("the backup's directory");
-                    // The first volume copied is root.
-                    let tmp = part.join(".root.qcow2.part");
+                    let tmp = root_being_written(&root, &vm);
                     let what = miswrite(&tmp, m, round as u64);
                     (tmp, what)
                 })
