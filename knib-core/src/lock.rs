@@ -97,8 +97,9 @@ fn one_byte(kind: libc::c_int, byte: i64) -> libc::flock {
 /// it, shares reading, not writing), with OFD byte-range locks
 /// (`fcntl(F_OFD_SETLK)`) held as long as `file` stays open: read locks on
 /// bytes 100 and 101 (consistent read, write) and 201 (writing not shared).
-/// `Ok(false)`, without waiting, when another process writes the image or
-/// does not let others write it (a running QEMU, `qemu-img commit`, ...).
+/// `Ok(false)`, after about a second of tries, when another
+/// process writes the image or does not let others write it (a running
+/// QEMU, `qemu-img commit`, ...).
 ///
 /// OFD locks, as QEMU's own: they belong to the open file description, so
 /// they neither vanish when another descriptor of the file is closed nor
@@ -106,6 +107,10 @@ fn one_byte(kind: libc::c_int, byte: i64) -> libc::flock {
 /// QEMU can open the image for writing; readers that share writing
 /// (`qemu-img info -U`) can.
 pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
+    retrying(|| lock_like_qemu_writer_once(file).and_then(|ok| released_unless(ok, file)))
+}
+
+fn lock_like_qemu_writer_once(file: &File) -> io::Result<bool> {
     let fd = file.as_raw_fd();
     for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE]
     {
@@ -130,12 +135,28 @@ pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
 /// Lock `file` the way a QEMU reader that needs consistent reads and does
 /// not share writing locks an image (`qemu-img convert` without `-U`):
 /// read locks on bytes 100 (consistent read) and 201 (writing not shared),
-/// OFD locks held as long as `file` stays open. `Ok(false)`, without
-/// waiting, when another process writes the image (holds byte 101: a
-/// running VM on it, a merge into it). While they are held no writer that
+/// OFD locks held as long as `file` stays open. `Ok(false)`, after about a
+/// second of tries, when another process writes the image (holds byte
+/// 101: a running VM on it, a merge into it). While they are held no writer that
 /// locks as QEMU does (QEMU, `qemu-img commit`, knib's own merge) can
 /// start on it; other readers can, a VM reading it as a backing file too.
 pub fn lock_like_qemu_reader(file: &File) -> io::Result<bool> {
+    retrying(|| lock_like_qemu_reader_once(file).and_then(|ok| released_unless(ok, file)))
+}
+
+/// `ok`, after releasing, when not, the QEMU locks (bytes 100 to 299) an
+/// attempt took on `file`: between tries a QEMU starting on the image is
+/// not hindered by a lock knib did not get whole.
+fn released_unless(ok: bool, file: &File) -> io::Result<bool> {
+    if !ok {
+        let mut all = one_byte(libc::F_UNLCK, QEMU_PERM_BASE);
+        all.l_len = 2 * (QEMU_SHARED_BASE - QEMU_PERM_BASE);
+        fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&all))?;
+    }
+    Ok(ok)
+}
+
+fn lock_like_qemu_reader_once(file: &File) -> io::Result<bool> {
     let fd = file.as_raw_fd();
     for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
         match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
@@ -236,18 +257,26 @@ pub const OPERATION_BYTE: i64 = 0x4b4e_4942;
 /// request answered) could still be held for a moment, and the next
 /// request on the same files was refused as busy.
 pub fn try_lock_operation_byte(file: &File) -> io::Result<bool> {
+    retrying(|| match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_WRLCK, OPERATION_BYTE))) {
+        Ok(_) => Ok(true),
+        Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => Ok(false),
+        Err(e) => Err(e.into()),
+    })
+}
+
+/// `attempt` (a lock, `Ok(false)` when another holds it) tried for about a
+/// second (20 tries, 50 ms apart) before its `Ok(false)` is taken: a lock
+/// this process just released may still be held for a moment by a child
+/// another thread forked meanwhile (see [`try_lock_operation_byte`]).
+fn retrying(mut attempt: impl FnMut() -> io::Result<bool>) -> io::Result<bool> {
     const TRIES: u32 = 20;
-    for attempt in 1..=TRIES {
-        match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_WRLCK, OPERATION_BYTE))) {
-            Ok(_) => return Ok(true),
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) if attempt < TRIES => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => return Ok(false),
-            Err(e) => return Err(e.into()),
+    for _ in 1..TRIES {
+        if attempt()? {
+            return Ok(true);
         }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    Ok(false)
+    attempt()
 }
 
 /// Open each of `files` that exists and is a regular file for writing and
@@ -581,6 +610,43 @@ mod tests {
         assert_eq!(again.unwrap().len(), 1);
     }
 
+    /// QEMU's locks as knib takes them, released while a child forked
+    /// meanwhile still holds a copy of their file description, are taken
+    /// again once the child is gone, by a reader after a writer and by a
+    /// writer after a reader. Before, the reader was refused as busy: a
+    /// backup of a disk whose native merge was prepared and given up (CI,
+    /// qcow2_damage dirty_disks_through_store_backup_lose_nothing).
+    #[test]
+    fn qemu_locks_released_under_a_forked_child_are_taken_again() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("img");
+        std::fs::write(&f, b"x").unwrap();
+        type Hold = fn(&[&Path], &str) -> Result<Vec<File>>;
+        for (first, then) in
+            [(hold_like_qemu_writer as Hold, hold_for_reading as Hold), (hold_for_reading, hold_like_qemu_writer)]
+        {
+            let held = first(&[f.as_path()], "the first").unwrap();
+            assert_eq!(held.len(), 1);
+            // SAFETY: the child calls only async-signal-safe functions
+            // (nanosleep, _exit) before it ends.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                unsafe {
+                    let t = libc::timespec { tv_sec: 0, tv_nsec: 300_000_000 };
+                    libc::nanosleep(&t, std::ptr::null_mut());
+                    libc::_exit(0);
+                }
+            }
+            drop(held);
+            let again = then(&[f.as_path()], "the second");
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert_eq!(again.unwrap().len(), 1);
+        }
+    }
+
     fn temp_file(dir: &tempfile::TempDir, name: &str) -> (std::path::PathBuf, File) {
         let p = dir.path().join(name);
         let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).unwrap();
@@ -598,7 +664,9 @@ mod tests {
         assert!(!lock_like_qemu_writer(&b).unwrap());
         assert!(held_like_qemu(&b).unwrap());
         drop(a);
-        assert!(!held_like_qemu(&b).unwrap());
+        // A child another test forks meanwhile holds a copy of `a` until
+        // it ends: gone within the tries.
+        assert!(retrying(|| Ok(!held_like_qemu(&b)?)).unwrap());
         assert!(lock_like_qemu_writer(&b).unwrap());
     }
 
