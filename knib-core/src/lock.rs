@@ -3,16 +3,16 @@
 //! locks are [`rustix`]'s, the byte-range OFD locks (which `rustix` does not
 //! offer) `nix`'s.
 //!
-//! | use | kernel lock | owner | blocks |
+//! | use | kernel lock | owner | blocks ("about 1 s": tried again for about a second before busy) |
 //! |---|---|---|---|
 //! | one operation per VM ([`try_record_lock`]) | POSIX record lock, `fcntl(F_SETLK)`, whole file, write | the process | no |
 //! | the job queue ([`lock_exclusive`]) | `flock(LOCK_EX)` | the open file description | yes |
-//! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | no |
+//! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | about 1 s |
 //! | is an image in use by a QEMU? ([`held_like_qemu`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no |
-//! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | no |
-//! | a compression's output under its fixed name ([`try_lock_operation_byte`]) | OFD write lock, byte 0x4b4e4942 ([`OPERATION_BYTE`]) | the open file description | no |
-//! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 0x4b4e4942 | the open file description | no |
-//! | a name that does not exist yet ([`LockFile`]) | OFD write lock, byte 0x4b4e4942, of an empty file beside it | the open file description | no |
+//! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | about 1 s |
+//! | a compression's output under its fixed name ([`try_lock_operation_byte`]) | OFD write lock, byte 0x4b4e4942 ([`OPERATION_BYTE`]) | the open file description | about 1 s |
+//! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 0x4b4e4942 | the open file description | about 1 s |
+//! | a name that does not exist yet ([`LockFile`]) | OFD write lock, byte 0x4b4e4942, of an empty file beside it | the open file description | about 1 s |
 //!
 //! # Invariants
 //!
@@ -248,7 +248,7 @@ pub const OPERATION_BYTE: i64 = 0x4b4e_4942;
 /// An OFD write lock on byte [`OPERATION_BYTE`] of `file` (not one of
 /// QEMU's locks, bytes 100 to 299), held as long as `file` stays open: one process at a time
 /// writes a file knib makes under a fixed name (a compression's output).
-/// `Ok(false)`, without waiting, when another holds it.
+/// `Ok(false)` when another holds it.
 ///
 /// A lock refused is tried again for about a second before `Ok(false)`:
 /// an OFD lock belongs to its open file description, and a child another
@@ -409,7 +409,7 @@ pub struct LockFile {
 }
 
 impl LockFile {
-    /// Create (or open) and lock `path`, without waiting: another holder
+    /// Create (or open) and lock `path`, after about a second of tries: another holder
     /// makes it busy, naming `path` and `what`.
     pub fn hold(path: &Path, what: &str) -> Result<LockFile> {
         let named = create_and_lock_named(path).map_err(|e| {

@@ -68,15 +68,16 @@ fn a_parent_being_merged_into_is_not_read() {
     let (parent, child) = pair(&dir);
     let reference = dir.join("reference.raw");
     snapshot(&child, &reference);
-    // The merge stops for a while once it holds its locks, before it writes.
-    knib_core::crashpoint::pause_before(
-        &format!("merge of {} into {}: writing", child.display(), parent.display()),
-        Duration::from_secs(4),
-    );
+    // The merge stops once it holds its locks, before it writes, until
+    // the three requests are refused (each refusal takes about a second
+    // of tries: a fixed pause would race them on a loaded machine).
+    let at = format!("merge of {} into {}: writing", child.display(), parent.display());
+    knib_core::crashpoint::pause_before(&at, Duration::from_secs(300));
     let req = json!({"running": false, "merges": [{"parent": parent, "child": child}]});
     let merge = std::thread::spawn(move || agent("agent.merge_snapshot", &req));
     // Wait until the merge holds the parent's locks (looked at, none taken).
     let restored = dir.join("restored.qcow2");
+    assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(60)), "the merge never paused");
     wait_held_like_qemu(&parent);
     let before = contents(&dir);
     assert_busy(agent("agent.take_hash", &json!({"files": [parent]})), &parent, "hash");
@@ -85,6 +86,7 @@ fn a_parent_being_merged_into_is_not_read() {
     assert_busy(agent("agent.restore", &json!({"volumes": [volume]})), &child, "restore");
     assert_busy(agent("agent.compress", &json!({"files": [parent]})), &parent, "compress");
     assert!(contents(&dir) == before, "a refused request wrote something");
+    knib_core::crashpoint::release_pause(&at);
     merge.join().unwrap().unwrap();
     assert_identical(&parent, &reference);
     agent("agent.take_hash", &json!({"files": [parent]})).unwrap();
