@@ -112,6 +112,14 @@ pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
 
 fn lock_like_qemu_writer_once(file: &File) -> io::Result<bool> {
     let fd = file.as_raw_fd();
+    // Another writer holds byte 101, a process refusing to share writing
+    // byte 201 (our own read locks do not conflict with this test). Looked
+    // at before anything is taken, and again after (one may have come
+    // meanwhile).
+    let others = [QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE];
+    if held_by_another(fd, &others)? {
+        return Ok(false);
+    }
     for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE]
     {
         match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
@@ -120,16 +128,21 @@ fn lock_like_qemu_writer_once(file: &File) -> io::Result<bool> {
             Err(e) => return Err(e.into()),
         }
     }
-    // Another writer holds byte 101, a process refusing to share writing
-    // byte 201 (our own read locks do not conflict with this test).
-    for byte in [QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
+    Ok(!held_by_another(fd, &others)?)
+}
+
+/// Whether an owner other than `fd`'s open file description holds a lock
+/// on one of `bytes` (`fcntl(F_OFD_GETLK)` for a write lock: nothing is
+/// taken).
+fn held_by_another(fd: std::os::fd::RawFd, bytes: &[i64]) -> io::Result<bool> {
+    for &byte in bytes {
         let mut fl = one_byte(libc::F_WRLCK, byte);
         fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl))?;
         if fl.l_type != libc::F_UNLCK as libc::c_short {
-            return Ok(false);
+            return Ok(true);
         }
     }
-    Ok(true)
+    Ok(false)
 }
 
 /// Lock `file` the way a QEMU reader that needs consistent reads and does
@@ -145,8 +158,9 @@ pub fn lock_like_qemu_reader(file: &File) -> io::Result<bool> {
 }
 
 /// `ok`, after releasing, when not, the QEMU locks (bytes 100 to 299) an
-/// attempt took on `file`: between tries a QEMU starting on the image is
-/// not hindered by a lock knib did not get whole.
+/// attempt took on `file` (one that found the other holder only once it
+/// had taken its bytes: the holder came meanwhile): between tries a QEMU
+/// starting on the image is not hindered by a lock knib did not get whole.
 fn released_unless(ok: bool, file: &File) -> io::Result<bool> {
     if !ok {
         let mut all = one_byte(libc::F_UNLCK, QEMU_PERM_BASE);
@@ -158,6 +172,12 @@ fn released_unless(ok: bool, file: &File) -> io::Result<bool> {
 
 fn lock_like_qemu_reader_once(file: &File) -> io::Result<bool> {
     let fd = file.as_raw_fd();
+    // Another process writes the image (byte 101): looked at before
+    // anything is taken, and again after.
+    let writer = [QEMU_PERM_BASE + QEMU_PERM_WRITE];
+    if held_by_another(fd, &writer)? {
+        return Ok(false);
+    }
     for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
         match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
             Ok(_) => {}
@@ -165,9 +185,7 @@ fn lock_like_qemu_reader_once(file: &File) -> io::Result<bool> {
             Err(e) => return Err(e.into()),
         }
     }
-    let mut fl = one_byte(libc::F_WRLCK, QEMU_PERM_BASE + QEMU_PERM_WRITE);
-    fcntl(fd, FcntlArg::F_OFD_GETLK(&mut fl))?;
-    Ok(fl.l_type == libc::F_UNLCK as libc::c_short)
+    Ok(!held_by_another(fd, &writer)?)
 }
 
 /// Which files a lock opens.
@@ -522,7 +540,7 @@ fn in_use(f: &Path, what: &str) -> KnibError {
 }
 
 /// Fail as busy, naming the file, when a process holds QEMU's image locks
-/// on one of `files` ([`held_like_qemu`]); files that do not exist, and
+/// on one of `files` ([`held_like_qemu`], for about a second); files that do not exist, and
 /// those QEMU would not lock (neither a regular file nor a block device:
 /// never waited on, a FIFO included), are skipped. Nothing is written.
 pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
@@ -535,7 +553,10 @@ pub fn ensure_unused(files: &[&Path], what: &str) -> Result<()> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(KnibError::io("cannot open", f, e)),
         };
-        if held_like_qemu(&file).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
+        // Looked at for about a second, as the locks are tried: a lock
+        // this process released a moment before (a request on the same
+        // files) may still be held by a child another thread forked.
+        if !retrying(|| Ok(!held_like_qemu(&file)?)).map_err(|e| KnibError::io("cannot test the locks of", f, e))? {
             return Err(in_use(f, what));
         }
     }
@@ -594,10 +615,16 @@ mod tests {
         let f = d.path().join("img");
         std::fs::write(&f, b"x").unwrap();
         type Hold = fn(&[&Path], &str) -> Result<Vec<File>>;
+        // The look for QEMU's locks, as a hold of nothing.
+        fn unused(files: &[&Path], what: &str) -> Result<Vec<File>> {
+            ensure_unused(files, what).and_then(|()| hold_for_one_operation(files, what))
+        }
         for (first, then) in [
             (hold_for_one_operation as Hold, hold_for_one_operation as Hold),
             (hold_like_qemu_writer, hold_for_reading),
             (hold_for_reading, hold_like_qemu_writer),
+            (hold_like_qemu_writer, unused),
+            (hold_for_reading, unused),
         ] {
             let held = first(&[f.as_path()], "the first").unwrap();
             assert_eq!(held.len(), 1);
@@ -618,6 +645,32 @@ mod tests {
             // SAFETY: waiting for our own child.
             unsafe { libc::waitpid(pid, &mut status, 0) };
             assert_eq!(again.unwrap().len(), 1);
+        }
+    }
+
+    /// A QEMU-like lock refused because another process writes the image
+    /// (byte 101) or does not share writing (byte 201) takes none of
+    /// QEMU's bytes, not even for a moment: a QEMU starting on the image at
+    /// that instant would find them held and fail to open it. Before, each
+    /// of the twenty tries of a refusal took its bytes, then found the
+    /// holder, then released them.
+    #[test]
+    fn a_refused_qemu_like_lock_takes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let (p, _) = temp_file(&d, "img");
+        let watcher = File::open(&p).unwrap();
+        type Once = fn(&File) -> io::Result<bool>;
+        for (once, held) in [
+            (lock_like_qemu_writer_once as Once, QEMU_PERM_BASE + QEMU_PERM_WRITE),
+            (lock_like_qemu_writer_once, QEMU_SHARED_BASE + QEMU_PERM_WRITE),
+            (lock_like_qemu_reader_once, QEMU_PERM_BASE + QEMU_PERM_WRITE),
+        ] {
+            let holder = File::open(&p).unwrap();
+            fcntl(holder.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, held))).unwrap();
+            let knib = File::open(&p).unwrap();
+            assert!(!once(&knib).unwrap(), "byte {held} held, yet locked");
+            let free: Vec<i64> = (QEMU_PERM_BASE..QEMU_SHARED_BASE + 100).filter(|&b| b != held).collect();
+            assert!(!held_by_another(watcher.as_raw_fd(), &free).unwrap(), "a refusal (byte {held} held) took a byte");
         }
     }
 
