@@ -734,3 +734,51 @@ fn the_qemu_img_path_s_read_back_keeps_a_damaged_backing_file_s_error() {
         assert!(!left.iter().any(|n| n.contains(".comp")), "{tag}: left {left:?}");
     }
 }
+
+/// A flattened copy over a sparse raw backing file (a template) reads the
+/// file's data, not its holes: 2 GiB of holes around 200,000 bytes of data
+/// (one block at its very end), under a top with two clusters of its own,
+/// copied plain, compressed and as a raw restore; each compares equal to
+/// the source, the check reading it back passes, and the bytes read are the
+/// data's clusters, not the file's size. Before, every cluster of the raw
+/// file was read (2 GiB) and its zeros dropped. Copied as one delta over
+/// another backing file (with data where the raw file has holes), the holes
+/// are written as zeros: the delta still reads as the source.
+#[test]
+fn a_flattened_copy_over_a_sparse_raw_file_reads_its_data_only() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let raw_path = d.path().join("base.raw");
+    let raw = std::fs::File::create(&raw_path).unwrap();
+    raw.set_len(2 << 30).unwrap();
+    raw.write_all_at(&[7u8; 200_000], 300 << 20).unwrap();
+    raw.write_all_at(&[9u8; 4096], 5 << 20).unwrap();
+    raw.write_all_at(&[3u8; 4096], (2 << 30) - 4096).unwrap();
+    raw.sync_all().unwrap();
+    let top = d.path().join("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-F", "raw", "-b", p(&raw_path), p(&top)]);
+    qemu_io(&top, &["write -q -P 1 5M 64k".to_string(), "write -q -P 2 700M 64k".to_string()]);
+    for (format, compression) in
+        [(TargetFormat::Qcow2, None), (TargetFormat::Qcow2, Some(CompressionType::Zstd)), (TargetFormat::Raw, None)]
+    {
+        let out = d.path().join("out");
+        let check_output = format == TargetFormat::Qcow2;
+        let opts = CopyOptions { mode: SourceMode::Chain, format, compression, check_output, ..Default::default() };
+        let r = copy_image(&top, &out, &opts, &Control::new(), &mut |_| Ok(())).unwrap();
+        assert_same(&out, &top);
+        assert!(r.bytes_read <= 16 * M, "{format:?} {compression:?}: {} bytes read", r.bytes_read);
+        std::fs::remove_file(&out).unwrap();
+    }
+    let other = d.path().join("other.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&other), "2G"]);
+    qemu_io(&other, &["write -q -P 0x55 0 8M".to_string(), "write -q -P 0x56 400M 1M".to_string()]);
+    let out = d.path().join("delta.qcow2");
+    let opts = CopyOptions {
+        mode: SourceMode::Above(1),
+        backing: Some(BackingRef { name: "other.qcow2".into(), format: "qcow2".into() }),
+        check_output: true,
+        ..Default::default()
+    };
+    copy_image(&top, &out, &opts, &Control::new(), &mut |_| Ok(())).unwrap();
+    assert_same(&out, &top);
+}

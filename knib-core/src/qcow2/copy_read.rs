@@ -185,8 +185,15 @@ impl Source {
         };
         let start = index * self.cs;
         for layer in 1..=upper {
-            let (size, same_clusters) = match &self.backing[layer - 1] {
+            let (size, same_clusters) = match &mut self.backing[layer - 1] {
                 Layer::Qcow2(img) => (img.virtual_size(), img.cluster_size() == self.cs),
+                // A raw file, the last layer, flattened: the clusters
+                // before the next data the file system knows of are holes
+                // (zeros, resolve's Skip). Above a base, its holes are
+                // written as zeros, cluster by cluster.
+                Layer::Raw(r) if self.mode == SourceMode::Chain && start < r.virtual_size() => {
+                    return Ok(end.min(r.next_data(start) / self.cs).max(index));
+                }
                 Layer::Raw(r) => (r.virtual_size(), false),
             };
             if start >= size {
@@ -284,6 +291,12 @@ impl Source {
                         }
                         if start + self.cs > size {
                             return Ok(Resolved::Complex);
+                        }
+                        // A cluster wholly in a hole of the file system
+                        // reads as zeros: not read (a sparse template of
+                        // terabytes was read whole, every zero dropped).
+                        if r.next_data(start) >= start + self.cs {
+                            return Ok(if delta { Resolved::Zero } else { Resolved::Skip });
                         }
                         return Ok(Resolved::Host { layer, offset: start });
                     }
