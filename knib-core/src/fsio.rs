@@ -53,7 +53,10 @@ impl TempFile {
             let path = dest.with_file_name(t);
             match OpenOptions::new().read(true).write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&path)
             {
-                Ok(file) => return Ok(TempFile { path, file, committed: false }),
+                Ok(file) => {
+                    crate::crashpoint::pause_point(&format!("created {}", path.display()));
+                    return Ok(TempFile { path, file, committed: false });
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(KnibError::io("cannot create", &path, e)),
             }
@@ -78,16 +81,12 @@ impl TempFile {
     /// `replace` ([`commit_rename`]); without, an entry that appeared at
     /// `dest` since the caller checked is left alone and the rename refused
     /// ([`rename_noreplace`]). On an error the temporary file is removed.
-    /// The name must still lead to the file it created: anything swapped
-    /// in under it is refused, `corrupt` (and, as on every error, the name
-    /// is removed when the value is dropped).
+    /// The name must still lead to the file it created, and `dest` to it
+    /// after the rename: anything swapped in under it is refused, `corrupt`
+    /// (never kept at `dest`; and, as on every error, the name is removed
+    /// when the value is dropped).
     pub fn commit(mut self, dest: &Path, replace: bool) -> Result<()> {
-        require_same_file(&self.path, &self.file)?;
-        if replace {
-            commit_rename(&self.path, dest)?;
-        } else {
-            rename_noreplace(&self.path, dest)?;
-        }
+        commit_own_temp(&self.path, &self.file, dest, replace)?;
         self.committed = true;
         Ok(())
     }
@@ -169,15 +168,54 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// directory of `to`).
 pub fn commit_rename(from: &Path, to: &Path) -> Result<()> {
     sync_file(from)?;
+    rename_synced(from, to)
+}
+
+/// [`commit_rename`] of a file already fsynced.
+fn rename_synced(from: &Path, to: &Path) -> Result<()> {
     crate::crashpoint::durable_step(&format!("rename {} to {}", from.display(), to.display()));
     fs::rename(from, to).map_err(|e| KnibError::io(&format!("cannot rename {} to", from.display()), to, e))?;
     sync_dir(parent_dir(to))
+}
+
+/// Rename `tmp`, a temporary of knib's own written through `file`, to
+/// `dest`, made durable (fsynced through `file`, never reopened by name):
+/// over an entry at `dest` only with `replace` ([`commit_rename`]; without,
+/// [`rename_noreplace`]). The name must lead to `file` itself before the
+/// rename, and `dest` after it: anything swapped in under the name
+/// meanwhile (a link, symbolic or hard, or another file) is refused,
+/// `corrupt`, naming it, and never kept (removed from `dest` when the
+/// rename took it there).
+pub(crate) fn commit_own_temp(tmp: &Path, file: &File, dest: &Path, replace: bool) -> Result<()> {
+    require_same_file(tmp, file)?;
+    file.sync_all().map_err(|e| KnibError::io("cannot fsync", tmp, e))?;
+    if replace {
+        rename_synced(tmp, dest)?;
+    } else {
+        rename_noreplace_synced(tmp, dest)?;
+    }
+    require_same_file(dest, file).inspect_err(|_| {
+        let _ = fs::remove_file(dest);
+    })
+}
+
+/// The name by which another program opens `file` itself, whatever its
+/// name leads to meanwhile: `/proc/<pid>/fd/<n>` (the descriptor is this
+/// process's: a child opens it by this process's id).
+pub(crate) fn by_fd(file: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), file.as_raw_fd()))
 }
 
 /// [`commit_rename`] that never replaces an entry at `to` (one that
 /// appeared since the caller checked): `renameat2(RENAME_NOREPLACE)`.
 pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     sync_file(from)?;
+    rename_noreplace_synced(from, to)
+}
+
+/// [`rename_noreplace`] of a file already fsynced.
+fn rename_noreplace_synced(from: &Path, to: &Path) -> Result<()> {
     crate::crashpoint::durable_step(&format!("rename {} to {}", from.display(), to.display()));
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     use rustix::io::Errno;

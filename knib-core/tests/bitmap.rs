@@ -517,6 +517,78 @@ fn a_failed_end_of_chain_incremental_loses_no_write_of_a_raw_disk() {
     assert!(node_bitmaps(&vm, "vda").is_empty(), "{:?}", node_bitmaps(&vm, "vda"));
 }
 
+/// A link (symbolic, or hard to a file outside the store) swapped in under
+/// a bitmap backup's temporary name once it is created is never renamed
+/// into the store: the backup fails as corrupt, naming the name, the linked
+/// file is as it was, nothing of the backup is left, and the next backup
+/// restores every write. Before, the name was renamed into the store
+/// without a look at what it led to.
+#[test]
+fn a_bitmap_backups_temporary_swapped_for_a_link_is_not_kept() {
+    if skip_without_libvirt("bitmap temporary swapped") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = std::fs::canonicalize(dir.path()).unwrap();
+    let vm = vm("knib-bm-swap", &base, false);
+    let mut model = Model::new(&DISKS);
+    model.write(&vm, "vda", 0x51, 0, MIB);
+    let victim = base.join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    // The first disk's copy once its temporary is created, in a store of
+    // its own each time (a pause that began is remembered by its name, by
+    // every test of this binary).
+    for hard in [false, true] {
+        let store_dir = base.join(format!("store-{hard}"));
+        let store = Store::create(&store_dir).unwrap();
+        let at = format!("creating {}", store_dir.display());
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(
+                    knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
+                    "no pause at {at}"
+                );
+                let mut parts = vec![];
+                let mut dirs = vec![store_dir.clone()];
+                while let Some(d) = dirs.pop() {
+                    for e in std::fs::read_dir(&d).unwrap().flatten() {
+                        let p = e.path();
+                        if e.file_type().unwrap().is_dir() {
+                            dirs.push(p);
+                        } else if p.to_string_lossy().ends_with(".vda.qcow2.part") {
+                            parts.push(p);
+                        }
+                    }
+                }
+                assert_eq!(parts.len(), 1, "{parts:?}");
+                std::fs::remove_file(&parts[0]).unwrap();
+                if hard {
+                    std::fs::hard_link(&victim, &parts[0]).unwrap();
+                } else {
+                    std::os::unix::fs::symlink(&victim, &parts[0]).unwrap();
+                }
+                knib_core::crashpoint::release_pause(&at);
+            });
+            store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap_err()
+        });
+        assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "hard {hard}: {e}");
+        assert!(e.message.contains(".part was replaced while knib wrote it"), "hard {hard}: {e}");
+        assert_eq!(e.vm_consistent, Some(true), "{e}");
+        let v = std::fs::read(&victim).unwrap();
+        assert!(v == b"not knib's", "hard {hard}: the linked file was written ({} bytes)", v.len());
+        assert!(store.list(None).unwrap().is_empty(), "hard {hard}: a failed backup is in the store");
+        assert_no_work_dirs(&store_dir, vm.vm.name());
+    }
+    let store = Store::create(base.join("store")).unwrap();
+    model.write(&vm, "vdb", 0x52, MIB, MIB);
+    let b = store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap();
+    for (t, f) in restore_all(&store, &b.id, dir.path()) {
+        model.assert_restored(&t, model.writes.len(), &f, dir.path());
+    }
+    assert_chains_untouched(&vm);
+}
+
 /// A bitmap journal whose `since` names a checkpoint that is not knib's (a
 /// bitmap of another tool, which the recovery would turn back on and merge
 /// into) is refused, naming it, and the journal is left as it was.

@@ -373,6 +373,160 @@ fn a_compression_temporary_swapped_for_a_link_is_not_written_through() {
     }
 }
 
+/// A link (symbolic, or hard to a file outside the store) swapped in under
+/// a backup's temporary name while its copy is written, on both data paths,
+/// is never written through and never renamed into the store: the backup
+/// fails as corrupt, naming the name, the linked file and the disk are as
+/// they were, and nothing is left in the store. Before, qemu-img created the
+/// copy by name (following a link put there after knib emptied the name),
+/// and neither data path checked that the name still led to the file
+/// written before renaming it into the store. The next backups, full then
+/// incremental, are whole, the incremental's backing pointer named as asked.
+#[test]
+fn a_backups_temporary_swapped_for_a_link_is_not_written_through() {
+    use engine::DataPath::{Native, QemuImg as ByQemuImg};
+    for (path, hard) in [(Native, false), (Native, true), (ByQemuImg, false), (ByQemuImg, true)] {
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("disk.qcow2");
+        make_disk(&disk, 8 << 20, &[]);
+        qemu_io(&disk, "write -P 0x5b 0 2M");
+        let r = d.path().join("ref.qcow2");
+        snapshot(&disk, &r);
+        let store = d.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        // Beside the test's directory, so that a hard link can be made.
+        let outside = tempfile::tempdir_in(d.path().parent().unwrap()).unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"not knib's").unwrap();
+        let req = |i: usize| engine::TakeBackupRequest {
+            volumes: vec![engine::VolumeBackup {
+                name: "v".into(),
+                disk: disk.clone(),
+                dest: store.join(format!("b{i}.qcow2")),
+                parent: (i == 1).then(|| "b0.qcow2".to_string()),
+            }],
+            kind: if i == 1 { engine::BackupKind::Incremental } else { engine::BackupKind::Full },
+            end_of_chain: false,
+            data_path: path,
+            compress: None,
+            check_output: false,
+        };
+        let tmp = store.join(".b0.qcow2.part");
+        let at = match path {
+            Native => format!("creating {}", tmp.display()),
+            _ => format!("qemu-img copy to {}", tmp.display()),
+        };
+        let case = format!("{path:?}, hard {hard}");
+        swapped_for_a_link(&tmp, &at, &victim, hard, &case, || {
+            engine::take_backup(&QemuImg::new(), &req(0), &Control::new()).unwrap_err()
+        });
+        assert_identical(&disk, &r);
+        assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0, "{case}: left in the store");
+        engine::take_backup(&QemuImg::new(), &req(0), &Control::new()).unwrap();
+        qemu_io(&disk, "write -P 0x5c 1M 64k");
+        let r1 = d.path().join("ref1.qcow2");
+        snapshot(&disk, &r1);
+        engine::take_backup(&QemuImg::new(), &req(1), &Control::new()).unwrap();
+        let b1 = store.join("b1.qcow2");
+        let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&b1).output().unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(info["backing-filename"], "b0.qcow2", "{case}");
+        assert_check_clean(&b1);
+        assert_identical(&b1, &r1);
+    }
+}
+
+/// The same for a stopped volume's backup of its files (as the agent takes
+/// it: a new delta over the base, the base copied): the backup fails as
+/// corrupt, the linked file is as it was, the new delta is undone and the
+/// store left empty; the next backup is whole.
+#[test]
+fn a_stopped_volumes_backup_temporary_swapped_for_a_link_is_not_written_through() {
+    use engine::DataPath::{Native, QemuImg as ByQemuImg};
+    for (path, hard) in [(Native, false), (Native, true), (ByQemuImg, false), (ByQemuImg, true)] {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("disk.qcow2");
+        make_disk(&base, 8 << 20, &[]);
+        qemu_io(&base, "write -P 0x5d 0 2M");
+        let r = d.path().join("ref.qcow2");
+        snapshot(&base, &r);
+        let store = d.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let outside = tempfile::tempdir_in(d.path().parent().unwrap()).unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"not knib's").unwrap();
+        let dest = store.join("b0.qcow2");
+        let plan = engine::stopped::FilesPlan {
+            kind: engine::BackupKind::Full,
+            end_of_chain: false,
+            disks: vec![engine::stopped::FilesDisk {
+                name: "v".into(),
+                base: base.clone(),
+                old_delta: None,
+                new_delta: d.path().join("disk.qcow2.d1"),
+                dest: dest.clone(),
+                parent: None,
+                virtual_size: 8 << 20,
+                grand_children: vec![],
+                snapshots: vec![],
+            }],
+            data_path: path,
+            compress: None,
+            check_output: false,
+        };
+        let tmp = store.join(".b0.qcow2.part");
+        let at = match path {
+            Native => format!("creating {}", tmp.display()),
+            _ => format!("qemu-img copy to {}", tmp.display()),
+        };
+        let case = format!("{path:?}, hard {hard}");
+        let e = swapped_for_a_link(&tmp, &at, &victim, hard, &case, || {
+            engine::stopped::take(&QemuImg::new(), &plan, &Control::new()).unwrap_err()
+        });
+        assert_eq!(e.vm_consistent, Some(true), "{case}: {e}");
+        assert_identical(&base, &r);
+        assert!(!plan.disks[0].new_delta.exists(), "{case}: the new delta is left");
+        assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0, "{case}: left in the store");
+        engine::stopped::take(&QemuImg::new(), &plan, &Control::new()).unwrap();
+        assert_check_clean(&dest);
+        assert_identical(&dest, &r);
+    }
+}
+
+/// Run `run` (a backup, to fail) while, at the pause `at`, the temporary
+/// `tmp` is replaced by a link to `victim` (hard, or symbolic): the error,
+/// after checking that it says `tmp` was replaced (corrupt) and that
+/// `victim` was not written.
+fn swapped_for_a_link(
+    tmp: &std::path::Path,
+    at: &str,
+    victim: &std::path::Path,
+    hard: bool,
+    case: &str,
+    run: impl FnOnce() -> knib_core::KnibError,
+) -> knib_core::KnibError {
+    knib_core::crashpoint::pause_before(at, Duration::from_secs(300));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            assert!(knib_core::crashpoint::wait_for_pause(at, Duration::from_secs(60)), "no pause at {at}");
+            std::fs::remove_file(tmp).unwrap();
+            if hard {
+                std::fs::hard_link(victim, tmp).unwrap();
+            } else {
+                std::os::unix::fs::symlink(victim, tmp).unwrap();
+            }
+            knib_core::crashpoint::release_pause(at);
+        });
+        run()
+    });
+    assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "{case}: {e}");
+    let says = format!("{} was replaced while knib wrote it (it is no longer the file knib created)", tmp.display());
+    assert!(e.message.contains(&says), "{case}: {e}");
+    let v = std::fs::read(victim).unwrap();
+    assert!(v == b"not knib's", "{case}: the file outside was written ({} bytes)", v.len());
+    e
+}
+
 /// A VM started on a disk between the backup's check that its disks are
 /// unused and the native merge's locks (here `qemu-io` holding the second
 /// disk, begun while the merge waits before locking it) refuses the backup

@@ -147,3 +147,66 @@ fn a_restore_temporary_swapped_for_a_hard_link_is_not_written_through() {
     assert!(v == b"not knib's", "the linked file was written ({} bytes)", v.len());
     assert!(!dest.exists());
 }
+
+/// A restore's temporary swapped, once created, for a link (symbolic, or
+/// hard to a file outside) is written through by neither data path nor by
+/// a quick-restore overlay, and never renamed into place: each fails as
+/// corrupt, naming the temporary, with the linked file as it was and no
+/// destination made. Before, qemu-img opened the temporary by name: it
+/// followed a symbolic link and wrote the image into the file outside, and
+/// truncated a hard-linked one.
+#[test]
+fn a_restore_temporary_swapped_for_a_link_once_created_is_not_written_through() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.qcow2");
+    make_disk(&b, 4 << 20, &[]);
+    qemu_io(&b, "write -P 0x32 0 1M");
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    for (i, (how, hard)) in
+        ["native", "qemu-img", "overlay"].into_iter().flat_map(|h| [(h, false), (h, true)]).enumerate()
+    {
+        let out = d.path().join(format!("out{i}"));
+        std::fs::create_dir(&out).unwrap();
+        let dest = out.join("r.qcow2");
+        let at = format!("created {}", out.display());
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(
+                    knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(60)),
+                    "no pause at {at}"
+                );
+                for e in std::fs::read_dir(&out).unwrap() {
+                    let p = e.unwrap().path();
+                    std::fs::remove_file(&p).unwrap();
+                    if hard {
+                        std::fs::hard_link(&victim, &p).unwrap();
+                    } else {
+                        std::os::unix::fs::symlink(&victim, &p).unwrap();
+                    }
+                }
+                knib_core::crashpoint::release_pause(&at);
+            });
+            let data_path = if how == "native" { DataPath::Native } else { DataPath::QemuImg };
+            let req = RestoreRequest {
+                backup_file: b.clone(),
+                dest: dest.clone(),
+                format: ImageFormat::Qcow2,
+                overwrite: false,
+                data_path,
+            };
+            match how {
+                "overlay" => engine::create_overlay(&QemuImg::new(), &b, &dest, &Control::new()),
+                _ => engine::restore(&QemuImg::new(), &req, &Control::new()),
+            }
+            .unwrap_err()
+        });
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{how}, hard {hard}: {e}");
+        assert!(e.message.contains("was replaced while knib wrote it"), "{how}, hard {hard}: {e}");
+        let v = std::fs::read(&victim).unwrap();
+        assert!(v == b"not knib's", "{how}, hard {hard}: the linked file was written ({} bytes)", v.len());
+        assert!(std::fs::symlink_metadata(&dest).is_err(), "{how}, hard {hard}: a destination was made");
+        assert!(names(&out).is_empty(), "{how}, hard {hard}: {:?}", names(&out));
+    }
+}

@@ -267,15 +267,17 @@ pub fn copy_export(
         return Err(KnibError::io("cannot create", dest, std::io::ErrorKind::AlreadyExists.into()));
     }
     let tmp = crate::fsio::temp_path(dest);
+    // Written through the file as created, never by name.
     let r = copy_export_into(socket, export, bitmap, dest, &tmp, backing, compress, check, ctl)
-        .and_then(|c| crate::fsio::rename_noreplace(&tmp, dest).map(|()| c));
+        .and_then(|(c, file)| crate::fsio::commit_own_temp(&tmp, &file, dest, false).map(|()| c));
     if r.is_err() {
         let _ = crate::fsio::remove_if_exists(&tmp);
     }
     r
 }
 
-/// [`copy_export`] into `tmp`, fsynced; `dest` names the copy.
+/// [`copy_export`] into `tmp`, fsynced, with the file as created; `dest`
+/// names the copy.
 #[allow(clippy::too_many_arguments)]
 fn copy_export_into(
     socket: &Path,
@@ -287,7 +289,7 @@ fn copy_export_into(
     compress: Option<CompressionType>,
     check: bool,
     ctl: &Control,
-) -> Result<ExportCopy> {
+) -> Result<(ExportCopy, std::fs::File)> {
     use std::os::unix::fs::FileExt;
     let what = format!("copy of NBD export {export} to {}", dest.display());
     // An incremental's parent, as its backing pointer names it.
@@ -315,8 +317,8 @@ fn copy_export_into(
             if let (Some(len), Some(dir)) = (planned, dest.parent()) {
                 crate::fsio::require_space(dir, len, &what)?;
             }
-            crate::crashpoint::pause_point(&format!("creating {}", tmp.display()));
             let file = crate::fsio::create_own_temp(tmp)?;
+            crate::crashpoint::pause_point(&format!("creating {}", tmp.display()));
             // Written as the host's write mode says (behind by default: the
             // file's fsync then has little left to write back), as the
             // snapshot method's copies.
@@ -343,7 +345,7 @@ fn copy_export_into(
         }
         (None, None) => return Err(KnibError::internal("the file sink did not hash")),
     };
-    Ok(ExportCopy { hash, data_bytes: w.data_bytes, virtual_size: w.virtual_size })
+    Ok((ExportCopy { hash, data_bytes: w.data_bytes, virtual_size: w.virtual_size }, file))
 }
 
 /// What [`copy_export_to`] wrote into its sink.

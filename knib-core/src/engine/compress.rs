@@ -235,7 +235,7 @@ pub fn compress_verified(
                     let c = NativeCopy {
                         source: f,
                         dest: &tmp,
-                        dest_file: Some(claim),
+                        dest_file: claim,
                         mode: SourceMode::Top,
                         format: TargetFormat::Qcow2,
                         backing: header.backing_file.clone(),
@@ -267,31 +267,22 @@ pub fn compress_verified(
                     // qemu-img writes the claimed file, never its name: a
                     // link swapped in at the name meanwhile (the hash above
                     // takes long) would have it truncate and write whatever
-                    // the link leads to. It opens this process's descriptor
-                    // of the file; the backing pointer is given absolute for
-                    // its open (a name relative to /proc leads nowhere), then
-                    // written back as it was.
-                    let fd = std::os::fd::AsRawFd::as_raw_fd(claim);
-                    let by_fd = PathBuf::from(format!("/proc/{}/fd/{fd}", std::process::id()));
-                    let backing = info.and_then(|i| i.backing_filename);
+                    // the link leads to.
                     crate::crashpoint::pause_point(&format!("qemu-img compression of {}", f.display()));
-                    let absolute = backing.as_deref().map(|b| fsio::parent_dir(f).join(b));
-                    q.convert(
+                    q.convert_into(
                         &Convert {
                             source: f.clone(),
-                            dest: by_fd.clone(),
-                            backing: absolute.map(|b| b.to_string_lossy().into_owned()),
+                            backing: info.and_then(|i| i.backing_filename),
                             compress: Some(library),
                             compat_v2: v2,
                             coroutines: Some(opts.coroutines),
                             rate_limit_mbps: Some(opts.rate_limit_mbps),
                             ..Default::default()
                         },
+                        claim,
+                        &tmp,
                         ctl,
                     )?;
-                    if let Some(b) = &backing {
-                        q.rebase_unsafe(&by_fd, b, "qcow2", ctl)?;
-                    }
                     claim.sync_all().map_err(|e| KnibError::io("cannot sync", &tmp, e))?;
                     crate::crashpoint::pause_point(&format!("qemu-img wrote {}", tmp.display()));
                     if opts.check_output {
@@ -307,14 +298,11 @@ pub fn compress_verified(
                     (len, hash)
                 }
             };
-            // The copy wrote the claimed file (the native one through its
-            // handle) and hashed it through the handle: the name must still
-            // lead to it, before the rename and after (an entry swapped in
-            // between is removed, never kept).
+            // The copy wrote the claimed file through its handle and
+            // hashed it through the handle: the name must still lead to
+            // it, before the rename and after.
             crate::crashpoint::pause_point(&format!("written {}", tmp.display()));
-            fsio::require_same_file(&tmp, claim)?;
-            fsio::commit_rename(&tmp, &out)?;
-            fsio::require_same_file(&out, claim)?;
+            fsio::commit_own_temp(&tmp, claim, &out, true)?;
             let last = done.last_mut().expect("pushed above");
             last.compressed_size = compressed_size;
             last.hash = hash;

@@ -110,7 +110,7 @@ pub fn not_native(data_path: DataPath, source: &Path, mode: SourceMode) -> Resul
     Ok(why)
 }
 
-/// Read back the backup file qemu-img wrote at `tmp` from `source` (its
+/// Read back the backup file qemu-img wrote, `file` (named `tmp`), from `source` (its
 /// own clusters over `parent`, a backup's file named as the copy names
 /// it, or with no parent its whole chain flattened): with `check` (a
 /// compressed file of a backup asked to read its files back), its guest
@@ -123,13 +123,13 @@ pub fn not_native(data_path: DataPath, source: &Path, mode: SourceMode) -> Resul
 /// file's hash, read through the handle compared.
 pub(crate) fn read_back_qemu_img_copy(
     source: &Path,
+    file: &std::fs::File,
     tmp: &Path,
     parent: Option<&str>,
     check: bool,
     what: &str,
     ctl: &Control,
 ) -> Result<String> {
-    let file = crate::fsio::open_regular(tmp)?;
     if check {
         // A source chain knib's reader does not take, or finds damaged
         // where qemu-img read it, is left as qemu-img copied it; any other
@@ -143,11 +143,11 @@ pub(crate) fn read_back_qemu_img_copy(
             Ok(chain) => {
                 crate::crashpoint::pause_point(&format!("comparison of {} with its source", tmp.display()));
                 let copied = parent.map_or(crate::qcow2::Copied::Whole, crate::qcow2::Copied::TopOver);
-                crate::qcow2::check_guest_copy(chain, &file, tmp, copied, ctl)?;
+                crate::qcow2::check_guest_copy(chain, file, tmp, copied, ctl)?;
             }
         }
     }
-    crate::hash::hash_written_file(&file, tmp, ctl)
+    crate::hash::hash_written_file(file, tmp, ctl)
 }
 
 /// One native copy as the engine makes them.
@@ -155,14 +155,14 @@ pub(crate) fn read_back_qemu_img_copy(
 pub struct NativeCopy<'a> {
     /// The source image.
     pub source: &'a Path,
-    /// The file written, a temporary name of knib's own (created following
-    /// no link; fsynced; the caller renames it into place).
+    /// The name of the file written, a temporary of knib's own (fsynced;
+    /// the caller renames it into place).
     pub dest: &'a Path,
-    /// `dest` already open (created, locked and emptied by the caller):
-    /// the copy writes through this handle and never opens the name, and
-    /// the caller checks that the name still leads to it before renaming
-    /// it. `None`: `dest` is created following no link.
-    pub dest_file: Option<&'a std::fs::File>,
+    /// `dest` already open (created by the caller following no link, a
+    /// compression's locked too; emptied by the copy): the copy writes
+    /// through this handle and never opens the name, and the caller checks
+    /// that the name still leads to it before renaming it.
+    pub dest_file: &'a std::fs::File,
     /// Its own clusters (with `backing`) or the flattened chain.
     pub mode: SourceMode,
     /// Raw or qcow2.
@@ -213,11 +213,9 @@ fn copy_with(c: &NativeCopy<'_>, hash_source: bool, ctl: &Control) -> Result<Cop
         sync: true,
         write_mode: crate::qcow2::WriteMode::default(),
     };
-    // Every native copy writes a temporary file of knib's own (renamed
-    // into place by the caller): created following no link, or the one
-    // the caller opened.
-    let out = c.dest_file.map_or(crate::qcow2::Output::OwnTemp, crate::qcow2::Output::Opened);
-    copy_image_to(c.source, c.dest, out, &opts, ctl, &mut |bound| {
+    // Every native copy writes a temporary file of knib's own, the one
+    // the caller created (and renames into place).
+    copy_image_to(c.source, c.dest, crate::qcow2::Output::Opened(c.dest_file), &opts, ctl, &mut |bound| {
         // A raw output is sparse: its data is all that needs room.
         fsio::require_space(dir, bound, c.what)
     })

@@ -96,7 +96,7 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
             source: &req.backup_file,
             dest: tmp.path(),
             // Written through the file it created, never reopened by name.
-            dest_file: Some(tmp.file()),
+            dest_file: tmp.file(),
             mode: SourceMode::Chain,
             format: match req.format {
                 ImageFormat::Qcow2 => TargetFormat::Qcow2,
@@ -131,13 +131,11 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
     let needed = if req.format == ImageFormat::Raw { 0 } else { m.required };
     fsio::require_space(dir, needed, &format!("restore to {}", req.dest.display()))?;
     let tmp = fsio::TempFile::beside(&req.dest)?;
-    q.convert(
-        &Convert {
-            source: req.backup_file.clone(),
-            dest: tmp.path().to_path_buf(),
-            dest_format: req.format,
-            ..Default::default()
-        },
+    // Written through the file it created, never by name.
+    q.convert_into(
+        &Convert { source: req.backup_file.clone(), dest_format: req.format, ..Default::default() },
+        tmp.file(),
+        tmp.path(),
         ctl,
     )?;
     tmp.commit(&req.dest, req.overwrite)
@@ -196,5 +194,6 @@ pub(crate) fn write_overlay(q: &QemuImg, backup_file: &Path, tmp: &fsio::TempFil
     backup_chain_only(&abs)?;
     q.info_chain(&abs, ctl)?;
     let abs_s = abs.to_str().ok_or_else(|| KnibError::invalid(format!("path {} is not UTF-8", abs.display())))?;
-    q.create_overlay(tmp.path(), abs_s, "qcow2", None, ctl)
+    // Written through the file it created, never by name.
+    q.create_overlay(&fsio::by_fd(tmp.file()), abs_s, "qcow2", None, ctl)
 }

@@ -139,11 +139,14 @@ pub(crate) fn copy_to_store(
     let refusal = native::not_native(data_path, source, mode).map_err(|e| e.context(format!("backup of {what}")))?;
     crate::crashpoint::durable_step(&format!("copy of {what}"));
     let label = format!("backup of {what}");
+    // Written through the file as created, never by name; the name is
+    // checked to lead to it before the rename.
+    let file = fsio::create_own_temp(&tmp).map_err(|e| e.context(format!("copy of {what}")))?;
     let r = if refusal.is_none() {
         let c = NativeCopy {
             source,
             dest: &tmp,
-            dest_file: None,
+            dest_file: &file,
             mode,
             format: TargetFormat::Qcow2,
             backing: parent.map(str::to_string),
@@ -164,10 +167,20 @@ pub(crate) fn copy_to_store(
             source.display()
         )))
     } else {
-        let c = QemuImgCopy { source, tmp: &tmp, parent, v2: false, compress, check, force_share: true, what: &label };
+        let c = QemuImgCopy {
+            source,
+            tmp: &tmp,
+            file: &file,
+            parent,
+            v2: false,
+            compress,
+            check,
+            force_share: true,
+            what: &label,
+        };
         c.run(q, ctl).map(|(hash, compression)| (Some(hash), compression, None))
     };
-    match r.and_then(|h| fsio::commit_rename(&tmp, dest).map(|_| h)) {
+    match r.and_then(|h| fsio::commit_own_temp(&tmp, &file, dest, true).map(|()| h)) {
         Ok(h) => Ok(h),
         Err(e) => {
             let _ = fsio::remove_if_exists(&tmp);

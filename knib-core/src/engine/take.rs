@@ -542,6 +542,9 @@ fn copy_volumes(
     publish: &mut dyn FnMut(&[VolumeResult]) -> Result<()>,
 ) -> Result<Vec<VolumeResult>> {
     let mut hashes: Vec<(Option<String>, Option<CompressionLibrary>, Option<u64>)> = Vec::new();
+    // Each copy's temporary as created: written through this, never by
+    // name, and the name checked to lead to it before the rename.
+    let mut created: Vec<std::fs::File> = Vec::new();
     // Only compressed files are read back.
     let check = req.check_output && req.compress.is_some();
     for (v, st) in req.volumes.iter().zip(states) {
@@ -552,11 +555,15 @@ fn copy_volumes(
         let refusal = native::not_native(req.data_path, &v.disk, mode)
             .map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
         let what = format!("backup of volume {}", v.name);
+        crate::crashpoint::durable_step(&format!("copy of volume {}", v.name));
+        let file = fsio::create_own_temp(&tmp).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
+        created.push(file);
+        let file = created.last().expect("pushed above");
         if refusal.is_none() {
             let c = NativeCopy {
                 source: &v.disk,
                 dest: &tmp,
-                dest_file: None,
+                dest_file: file,
                 mode,
                 format: TargetFormat::Qcow2,
                 backing,
@@ -567,15 +574,14 @@ fn copy_volumes(
                 rate_limit_mbps: 0,
                 what: &what,
             };
-            crate::crashpoint::durable_step(&format!("copy of volume {}", v.name));
             let r = native::copy(&c, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
             hashes.push((r.hash, req.compress, Some(r.bytes_read)));
             continue;
         }
-        crate::crashpoint::durable_step(&format!("copy of volume {}", v.name));
         let c = QemuImgCopy {
             source: &v.disk,
             tmp: &tmp,
+            file,
             parent: backing.as_deref(),
             v2: st.qcow2_v2,
             compress: req.compress,
@@ -586,9 +592,10 @@ fn copy_volumes(
         let (hash, compression) = c.run(q, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
         hashes.push((Some(hash), compression, None));
     }
-    for (v, tmp) in req.volumes.iter().zip(written.iter()) {
-        fsio::commit_rename(tmp, &v.dest)?;
+    for ((v, tmp), file) in req.volumes.iter().zip(written.iter()).zip(&created) {
+        fsio::commit_own_temp(tmp, file, &v.dest, true)?;
     }
+    drop(created);
     let mut results = Vec::new();
     for ((v, st), (hash, compression, data_bytes)) in req.volumes.iter().zip(states).zip(&hashes) {
         results.push(VolumeResult {
@@ -609,14 +616,19 @@ fn copy_volumes(
 
 /// A backup's copy of one volume by qemu-img, the data path knib's own
 /// does not take: `source` (its own clusters over backup `parent`, or the
-/// whole chain) into `tmp`, after the space it needs is found free (the
+/// whole chain) into `file`, the temporary `tmp` the caller created
+/// ([`fsio::create_own_temp`]), after the space it needs is found free (the
 /// source's allocated bytes for an incremental, `qemu-img measure`'s for a
 /// full copy). Its hash is read back from the file written, as the native
 /// copy records it (a backup is never without one), and with `check` the
 /// file is compared with `source` ([`native::read_back_qemu_img_copy`]).
+///
+/// qemu-img writes `file`, never the name `tmp` ([`QemuImg::convert_into`]);
+/// the caller renames it into place ([`fsio::commit_own_temp`]).
 pub(crate) struct QemuImgCopy<'a> {
     pub source: &'a Path,
     pub tmp: &'a Path,
+    pub file: &'a std::fs::File,
     pub parent: Option<&'a str>,
     /// The source is a qcow2 version 2 image: its copy is one too,
     /// compressed with zlib (version 2 has no zstd).
@@ -638,23 +650,23 @@ impl QemuImgCopy<'_> {
             q.measure(self.source, ImageFormat::Qcow2, ctl)?.required
         };
         fsio::require_space(fsio::parent_dir(self.tmp), needed, self.what)?;
-        // qemu-img creates the file by name: whatever has it (a stale
-        // temporary, a link someone put there) goes first.
-        fsio::remove_if_exists(self.tmp)?;
         let compress = self.compress.map(|c| if self.v2 { CompressionLibrary::Zlib } else { c });
-        q.convert(
+        crate::crashpoint::pause_point(&format!("qemu-img copy to {}", self.tmp.display()));
+        q.convert_into(
             &Convert {
                 source: self.source.to_path_buf(),
-                dest: self.tmp.to_path_buf(),
                 backing: self.parent.map(str::to_string),
                 compat_v2: self.v2,
                 force_share: self.force_share,
                 compress,
                 ..Default::default()
             },
+            self.file,
+            self.tmp,
             ctl,
         )?;
-        let hash = native::read_back_qemu_img_copy(self.source, self.tmp, self.parent, self.check, self.what, ctl)?;
+        let hash =
+            native::read_back_qemu_img_copy(self.source, self.file, self.tmp, self.parent, self.check, self.what, ctl)?;
         Ok((hash, compress))
     }
 }

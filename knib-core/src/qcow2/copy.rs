@@ -164,12 +164,8 @@ pub(crate) enum Output<'a> {
     /// Created or truncated by name, following links: a path a caller
     /// named ([`copy_image`]).
     Named,
-    /// A temporary file of knib's own: created following no link
-    /// ([`crate::fsio::create_own_temp`]), so that a link put in its place
-    /// cannot have the copy write where it leads.
-    OwnTemp,
-    /// Already open and empty (a temporary the caller created, locked and
-    /// emptied): written through this handle, and the name never opened
+    /// Already open (a temporary the caller created, a compression's also
+    /// locked; emptied here): written through this handle, and the name never opened
     /// again, so no entry put in its place (a link, symbolic or hard) is
     /// written. The caller checks that the name still leads to it before
     /// using the name.
@@ -186,10 +182,6 @@ impl Output<'_> {
                 .truncate(true)
                 .open(dest)
                 .map_err(|e| KnibError::io("cannot create", dest, e)),
-            Output::OwnTemp => {
-                crate::crashpoint::pause_point(&format!("creating {}", dest.display()));
-                crate::fsio::create_own_temp(dest)
-            }
             Output::Opened(f) => {
                 crate::crashpoint::pause_point(&format!("creating {}", dest.display()));
                 let f = f.try_clone().map_err(|e| KnibError::io("cannot open", dest, e))?;

@@ -413,6 +413,35 @@ impl QemuImg {
         Ok(())
     }
 
+    /// [`QemuImg::convert`] into `file`, a temporary of knib's own named
+    /// `tmp` (`c.dest` is not used): qemu-img opens this process's
+    /// descriptor of it (`/proc/<pid>/fd/<n>`), never the name, so an entry
+    /// put under the name meanwhile (a link, symbolic or hard) is not
+    /// written through. A backing pointer (`c.backing`, relative to `tmp`'s
+    /// directory, or absolute) is given absolute for qemu-img's open (a
+    /// name relative to `/proc` leads nowhere), then written as named
+    /// (`qemu-img rebase -u`).
+    pub fn convert_into(&self, c: &Convert, file: &std::fs::File, tmp: &Path, ctl: &Control) -> Result<()> {
+        let by_fd = crate::fsio::by_fd(file);
+        let absolute = match &c.backing {
+            None => None,
+            Some(b) => {
+                let at = crate::fsio::parent_dir(tmp).join(b);
+                let at = std::path::absolute(&at).map_err(|e| KnibError::io("cannot resolve", &at, e))?;
+                Some(
+                    at.to_str()
+                        .ok_or_else(|| KnibError::invalid(format!("backing file {} is not UTF-8", at.display())))?
+                        .to_string(),
+                )
+            }
+        };
+        self.convert(&Convert { dest: by_fd.clone(), backing: absolute, ..c.clone() }, ctl)?;
+        if let Some(b) = &c.backing {
+            self.rebase_unsafe(&by_fd, b, "qcow2", ctl)?;
+        }
+        Ok(())
+    }
+
     /// Run a conversion.
     pub fn convert(&self, c: &Convert, ctl: &Control) -> Result<()> {
         let src_fmt = c.source_format.clone().unwrap_or_else(|| "qcow2".into());
