@@ -8,7 +8,7 @@
 //! | one operation per VM ([`try_record_lock`]) | POSIX record lock, `fcntl(F_SETLK)`, whole file, write | the process | no |
 //! | the job queue ([`lock_exclusive`]) | `flock(LOCK_EX)` | the open file description | yes |
 //! | a qcow2 image being merged ([`lock_like_qemu_writer`]) | OFD byte-range locks, `fcntl(F_OFD_SETLK)`, bytes 100, 101, 201 | the open file description | about 1 s |
-//! | is an image in use by a QEMU? ([`held_like_qemu`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no |
+//! | is an image in use by a QEMU? ([`held_like_qemu`]; [`ensure_unused`]) | `fcntl(F_OFD_GETLK)`, bytes 100 to 299, nothing taken | — | no ([`ensure_unused`]: about 1 s) |
 //! | backup files read by path ([`hold_for_reading`]) | OFD byte-range read locks, bytes 100 and 201, as a QEMU reader | the open file description | about 1 s |
 //! | a compression's output under its fixed name ([`try_lock_operation_byte`]) | OFD write lock, byte 0x4b4e4942 ([`OPERATION_BYTE`]) | the open file description | about 1 s |
 //! | files on primary an agent request changes ([`hold_for_one_operation`]) | OFD write lock, byte 0x4b4e4942 | the open file description | about 1 s |
@@ -107,28 +107,52 @@ fn one_byte(kind: libc::c_int, byte: i64) -> libc::flock {
 /// QEMU can open the image for writing; readers that share writing
 /// (`qemu-img info -U`) can.
 pub fn lock_like_qemu_writer(file: &File) -> io::Result<bool> {
-    retrying(|| lock_like_qemu_writer_once(file).and_then(|ok| released_unless(ok, file)))
+    lock_like_qemu(file, &QEMU_WRITER)
 }
 
-fn lock_like_qemu_writer_once(file: &File) -> io::Result<bool> {
+/// The QEMU image locks one kind of QEMU user takes (read locks), and
+/// those whose holder refuses it (tested with `F_OFD_GETLK`: another
+/// writer holds byte 101, a process not sharing writing byte 201).
+struct QemuLocks {
+    take: &'static [i64],
+    refused_by: &'static [i64],
+}
+
+/// A writer: consistent read, write, writing not shared.
+const QEMU_WRITER: QemuLocks = QemuLocks {
+    take: &[QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE],
+    refused_by: &[QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE],
+};
+
+/// A reader that needs consistent reads and does not share writing.
+const QEMU_READER: QemuLocks = QemuLocks {
+    take: &[QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_SHARED_BASE + QEMU_PERM_WRITE],
+    refused_by: &[QEMU_PERM_BASE + QEMU_PERM_WRITE],
+};
+
+/// `locks` taken on `file`, tried for about a second; an attempt that
+/// fails releases what it took.
+fn lock_like_qemu(file: &File, locks: &QemuLocks) -> io::Result<bool> {
+    retrying(|| lock_like_qemu_once(file, locks).and_then(|ok| released_unless(ok, file)))
+}
+
+/// One attempt of [`lock_like_qemu`]: the holders that refuse it are
+/// looked for before anything is taken (so that a refusal holds none of
+/// the bytes a starting QEMU tests), and again after (one may have come
+/// meanwhile; our own read locks do not conflict with that test).
+fn lock_like_qemu_once(file: &File, locks: &QemuLocks) -> io::Result<bool> {
     let fd = file.as_raw_fd();
-    // Another writer holds byte 101, a process refusing to share writing
-    // byte 201 (our own read locks do not conflict with this test). Looked
-    // at before anything is taken, and again after (one may have come
-    // meanwhile).
-    let others = [QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE];
-    if held_by_another(fd, &others)? {
+    if held_by_another(fd, locks.refused_by)? {
         return Ok(false);
     }
-    for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_PERM_BASE + QEMU_PERM_WRITE, QEMU_SHARED_BASE + QEMU_PERM_WRITE]
-    {
+    for &byte in locks.take {
         match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
             Ok(_) => {}
             Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(!held_by_another(fd, &others)?)
+    Ok(!held_by_another(fd, locks.refused_by)?)
 }
 
 /// Whether an owner other than `fd`'s open file description holds a lock
@@ -154,7 +178,7 @@ fn held_by_another(fd: std::os::fd::RawFd, bytes: &[i64]) -> io::Result<bool> {
 /// locks as QEMU does (QEMU, `qemu-img commit`, knib's own merge) can
 /// start on it; other readers can, a VM reading it as a backing file too.
 pub fn lock_like_qemu_reader(file: &File) -> io::Result<bool> {
-    retrying(|| lock_like_qemu_reader_once(file).and_then(|ok| released_unless(ok, file)))
+    lock_like_qemu(file, &QEMU_READER)
 }
 
 /// `ok`, after releasing, when not, the QEMU locks (bytes 100 to 299) an
@@ -168,24 +192,6 @@ fn released_unless(ok: bool, file: &File) -> io::Result<bool> {
         fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&all))?;
     }
     Ok(ok)
-}
-
-fn lock_like_qemu_reader_once(file: &File) -> io::Result<bool> {
-    let fd = file.as_raw_fd();
-    // Another process writes the image (byte 101): looked at before
-    // anything is taken, and again after.
-    let writer = [QEMU_PERM_BASE + QEMU_PERM_WRITE];
-    if held_by_another(fd, &writer)? {
-        return Ok(false);
-    }
-    for byte in [QEMU_PERM_BASE + QEMU_PERM_READ, QEMU_SHARED_BASE + QEMU_PERM_WRITE] {
-        match fcntl(fd, FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, byte))) {
-            Ok(_) => {}
-            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EACCES) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(!held_by_another(fd, &writer)?)
 }
 
 /// Which files a lock opens.
@@ -282,8 +288,8 @@ pub fn try_lock_operation_byte(file: &File) -> io::Result<bool> {
     })
 }
 
-/// `attempt` (a lock, `Ok(false)` when another holds it) tried for about a
-/// second (20 tries, 50 ms apart) before its `Ok(false)` is taken: a lock
+/// `attempt` (a lock, or a look for one: `Ok(false)` when another holds
+/// it) tried for about a second (20 tries, 50 ms apart) before its `Ok(false)` is taken: a lock
 /// this process just released may still be held for a moment by a child
 /// another thread forked meanwhile (see [`try_lock_operation_byte`]).
 fn retrying(mut attempt: impl FnMut() -> io::Result<bool>) -> io::Result<bool> {
@@ -657,18 +663,22 @@ mod tests {
     #[test]
     fn a_refused_qemu_like_lock_takes_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let (p, _) = temp_file(&d, "img");
-        let watcher = File::open(&p).unwrap();
-        type Once = fn(&File) -> io::Result<bool>;
-        for (once, held) in [
-            (lock_like_qemu_writer_once as Once, QEMU_PERM_BASE + QEMU_PERM_WRITE),
-            (lock_like_qemu_writer_once, QEMU_SHARED_BASE + QEMU_PERM_WRITE),
-            (lock_like_qemu_reader_once, QEMU_PERM_BASE + QEMU_PERM_WRITE),
-        ] {
+        for (i, (locks, held)) in [
+            (&QEMU_WRITER, QEMU_PERM_BASE + QEMU_PERM_WRITE),
+            (&QEMU_WRITER, QEMU_SHARED_BASE + QEMU_PERM_WRITE),
+            (&QEMU_READER, QEMU_PERM_BASE + QEMU_PERM_WRITE),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            // A file of its own each time: a child another test forks may
+            // hold a copy of the last holder for a moment.
+            let (p, _) = temp_file(&d, &format!("img{i}"));
+            let watcher = File::open(&p).unwrap();
             let holder = File::open(&p).unwrap();
             fcntl(holder.as_raw_fd(), FcntlArg::F_OFD_SETLK(&one_byte(libc::F_RDLCK, held))).unwrap();
             let knib = File::open(&p).unwrap();
-            assert!(!once(&knib).unwrap(), "byte {held} held, yet locked");
+            assert!(!lock_like_qemu_once(&knib, locks).unwrap(), "byte {held} held, yet locked");
             let free: Vec<i64> = (QEMU_PERM_BASE..QEMU_SHARED_BASE + 100).filter(|&b| b != held).collect();
             assert!(!held_by_another(watcher.as_raw_fd(), &free).unwrap(), "a refusal (byte {held} held) took a byte");
         }
