@@ -555,16 +555,20 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     let refs: Vec<&Path> = chains.iter().flatten().map(PathBuf::as_path).collect();
     let _reading = crate::lock::hold_for_reading(&refs, "the restore")?;
     // 1. Every volume to its staging file; on a failure, none is changed.
+    // Each staged file is held: it replaces its volume only while its name
+    // still leads to it (one swapped for a link meanwhile would have put
+    // the file the link leads to in the volume's place).
     let mut staged: Vec<PathBuf> = Vec::new();
+    let mut held: Vec<std::fs::File> = Vec::new();
     let written = (|| -> Result<()> {
         for (v, b) in r.volumes.iter().zip(&backup_paths) {
             let stage = staging_path(&v.volume_path);
             fsio::remove_if_exists(&stage)?;
             staged.push(stage.clone());
-            if r.quick_restore {
-                engine::create_overlay(&q, b, &stage, ctl)?;
+            held.push(if r.quick_restore {
+                engine::restore::create_overlay_held(&q, b, &stage, ctl)?
             } else {
-                engine::restore_verified(
+                engine::restore::restore_held(
                     &q,
                     &engine::RestoreRequest {
                         backup_file: b.clone(),
@@ -575,8 +579,9 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
                     },
                     &v.expected_hashes,
                     ctl,
-                )?;
-            }
+                )?
+            });
+            crate::crashpoint::pause_point(&format!("{op}: staged {}", stage.display()));
         }
         ctl.check("replacing the volumes")
     })();
@@ -588,8 +593,8 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
     }
     // 2. The volumes are replaced, then the old deltas removed.
     let mut volumes = Vec::new();
-    for (i, (v, stage)) in r.volumes.iter().zip(&staged).enumerate() {
-        if let Err(e) = fsio::commit_rename(stage, &v.volume_path) {
+    for (i, ((v, stage), file)) in r.volumes.iter().zip(&staged).zip(&held).enumerate() {
+        if let Err(e) = fsio::commit_own_temp(stage, file, &v.volume_path, true) {
             // Say exactly what was and was not replaced; the restored
             // copies of the others stay beside them for a retry.
             let done: Vec<String> = volumes.iter().map(|v: &RestoredVolume| v.path.display().to_string()).collect();

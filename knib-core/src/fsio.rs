@@ -85,10 +85,17 @@ impl TempFile {
     /// after the rename: anything swapped in under it is refused, `corrupt`
     /// (never kept at `dest`; and, as on every error, the name is removed
     /// when the value is dropped).
-    pub fn commit(mut self, dest: &Path, replace: bool) -> Result<()> {
+    pub fn commit(self, dest: &Path, replace: bool) -> Result<()> {
+        self.commit_held(dest, replace).map(drop)
+    }
+
+    /// [`TempFile::commit`], and the file (a descriptor of its own), by
+    /// which the caller can tell later that `dest` still leads to it.
+    pub(crate) fn commit_held(mut self, dest: &Path, replace: bool) -> Result<File> {
+        let held = self.file.try_clone().map_err(|e| KnibError::io("cannot open", &self.path, e))?;
         commit_own_temp(&self.path, &self.file, dest, replace)?;
         self.committed = true;
-        Ok(())
+        Ok(held)
     }
 }
 

@@ -270,3 +270,55 @@ fn a_backup_path_through_a_link_is_checked_as_the_chain_it_leads_to() {
         assert_identical(&vol, &reference);
     }
 }
+
+/// A staged volume swapped for a link (symbolic, or hard to a file
+/// outside) once it is written, while the restore goes on, never replaces
+/// the volume: the restore fails as corrupt, naming the staged file, the
+/// volume reads as before and the linked file is as it was, quick or plain.
+/// Before, the staged name was renamed over the volume as it was found: the
+/// VM would then have run on the file the link led to.
+#[test]
+fn a_staged_volume_swapped_for_a_link_never_replaces_the_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let backup = d.join("backup.qcow2");
+    make_disk(&backup, 8 << 20, &[]);
+    qemu_io(&backup, "write -P 0x5c 1M 1M");
+    let victim = d.join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    for (i, (quick, hard)) in [(false, false), (false, true), (true, false), (true, true)].into_iter().enumerate() {
+        let vol = d.join(format!("volume{i}.qcow2"));
+        make_disk(&vol, 8 << 20, &[]);
+        qemu_io(&vol, "write -P 0x12 0 64k");
+        let before = std::fs::read(&vol).unwrap();
+        let stage = d.join(format!(".volume{i}.qcow2.knib-restore"));
+        let at = format!("agent.restore: staged {}", stage.display());
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(
+                    knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(60)),
+                    "no pause at {at}"
+                );
+                std::fs::remove_file(&stage).unwrap();
+                if hard {
+                    std::fs::hard_link(&victim, &stage).unwrap();
+                } else {
+                    std::os::unix::fs::symlink(&victim, &stage).unwrap();
+                }
+                knib_core::crashpoint::release_pause(&at);
+            });
+            let req = json!({"quick_restore": quick,
+                "volumes": [{"uuid": "u", "backup_path": backup, "volume_path": vol}]});
+            knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap_err()
+        });
+        let case = format!("quick {quick}, hard {hard}");
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{case}: {e}");
+        assert!(e.message.contains(&format!("{} was replaced while knib wrote it", stage.display())), "{case}: {e}");
+        assert!(std::fs::symlink_metadata(&vol).unwrap().file_type().is_file(), "{case}: the volume is a link");
+        assert_eq!(std::fs::read(&vol).unwrap(), before, "{case}: the volume was replaced");
+        let v = std::fs::read(&victim).unwrap();
+        assert!(v == b"not knib's", "{case}: the linked file was written ({} bytes)", v.len());
+        let _ = std::fs::remove_file(&stage);
+    }
+}

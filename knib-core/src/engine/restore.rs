@@ -82,6 +82,17 @@ pub fn restore(q: &QemuImg, req: &RestoreRequest, ctl: &Control) -> Result<()> {
 /// match, or that the chain does not lead to, fails the restore with a
 /// `corrupt` error naming it, before `dest` is touched.
 pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedHash], ctl: &Control) -> Result<()> {
+    restore_held(q, req, expected, ctl).map(drop)
+}
+
+/// [`restore_verified`], and the file made at `req.dest` (a descriptor of
+/// its own: the caller can tell later that the name still leads to it).
+pub(crate) fn restore_held(
+    q: &QemuImg,
+    req: &RestoreRequest,
+    expected: &[ExpectedHash],
+    ctl: &Control,
+) -> Result<std::fs::File> {
     if !req.backup_file.exists() {
         return Err(KnibError::not_found(format!("backup file {} does not exist", req.backup_file.display())));
     }
@@ -118,7 +129,7 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
                 .map_err(|e| verify::explain_failure(e, expected, ctl))
         };
         r?;
-        return tmp.commit(&req.dest, req.overwrite);
+        return tmp.commit_held(&req.dest, req.overwrite);
     }
     // Every file of the chain must be there before anything is written.
     let chain = q.info_chain(&req.backup_file, ctl).map_err(|e| verify::explain_failure(e, expected, ctl))?;
@@ -138,7 +149,7 @@ pub fn restore_verified(q: &QemuImg, req: &RestoreRequest, expected: &[ExpectedH
         tmp.path(),
         ctl,
     )?;
-    tmp.commit(&req.dest, req.overwrite)
+    tmp.commit_held(&req.dest, req.overwrite)
 }
 
 /// Fail with a `corrupt` error naming `file` when `qemu-img check` finds
@@ -181,10 +192,21 @@ pub fn require_quick_restorable(q: &QemuImg, files: &[PathBuf], ctl: &Control) -
 /// can start on it at once; consolidation later pulls the data in.
 /// An entry that appeared at `dest` meanwhile is not replaced.
 pub fn create_overlay(q: &QemuImg, backup_file: &Path, dest: &Path, ctl: &Control) -> Result<()> {
+    create_overlay_held(q, backup_file, dest, ctl).map(drop)
+}
+
+/// [`create_overlay`], and the file made at `dest` (a descriptor of its
+/// own: the caller can tell later that the name still leads to it).
+pub(crate) fn create_overlay_held(
+    q: &QemuImg,
+    backup_file: &Path,
+    dest: &Path,
+    ctl: &Control,
+) -> Result<std::fs::File> {
     check_dest(dest, false)?;
     let tmp = fsio::TempFile::beside(dest)?;
     write_overlay(q, backup_file, &tmp, ctl)?;
-    tmp.commit(dest, false)
+    tmp.commit_held(dest, false)
 }
 
 /// Write into `tmp` the overlay [`create_overlay`] makes (the caller
