@@ -137,12 +137,13 @@ fn a_stopped_volume_being_backed_up_is_not_backed_up_merged_or_restored_by_anoth
     qemu_io(&d1, "write -P 0x22 4M 8M");
     let reference = dir.join("reference.raw");
     snapshot(&d1, &reference);
-    // The incremental stops for a while once it holds its files, before it
-    // makes the new delta d2 over d1 (then copies d1, merges it into base).
+    // The incremental stops once it holds its files, before it makes the
+    // new delta d2 over d1 (then copies d1, merges it into base), until the
+    // refusals below are done (each takes about a second of tries).
     let merge = json!({"parent": base, "child": d1});
     let (d2, b2) = (dir.join("d2.qcow2"), store.join("b2.qcow2"));
     let first = json!({"running": false, "volumes": [stopped_volume(&d1, &d2, &b2, Some(&b1), Some(merge.clone()))]});
-    knib_core::crashpoint::pause_before("snapshot of volume u1", Duration::from_secs(4));
+    knib_core::crashpoint::pause_before("snapshot of volume u1", Duration::from_secs(300));
     let taking = std::thread::spawn(move || agent("agent.take_backup", &first));
     wait_held_by_an_operation(&d1);
     let before = contents(&dir);
@@ -163,6 +164,8 @@ fn a_stopped_volume_being_backed_up_is_not_backed_up_merged_or_restored_by_anoth
     let restore = json!({"volumes": [{"backup_path": b1, "volume_path": d1}]});
     assert_busy(agent("agent.restore", &restore), &d1, "restore over the volume");
     assert!(contents(&dir) == before, "a refused request wrote something");
+    assert!(!taking.is_finished(), "the first backup went on before the refusals were done");
+    knib_core::crashpoint::release_pause("snapshot of volume u1");
     taking.join().unwrap().unwrap();
     // What a user checks: the volume's new chain and the backup hold the
     // disk as it was.
