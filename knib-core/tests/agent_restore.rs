@@ -295,19 +295,7 @@ fn a_staged_volume_swapped_for_a_link_never_replaces_the_volume() {
         let at = format!("agent.restore: staged {}", stage.display());
         knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
         let e = std::thread::scope(|s| {
-            s.spawn(|| {
-                assert!(
-                    knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(60)),
-                    "no pause at {at}"
-                );
-                std::fs::remove_file(&stage).unwrap();
-                if hard {
-                    std::fs::hard_link(&victim, &stage).unwrap();
-                } else {
-                    std::os::unix::fs::symlink(&victim, &stage).unwrap();
-                }
-                knib_core::crashpoint::release_pause(&at);
-            });
+            s.spawn(|| while_paused(&at, || replace_with_link(&stage, &victim, hard)));
             let req = json!({"quick_restore": quick,
                 "volumes": [{"uuid": "u", "backup_path": backup, "volume_path": vol}]});
             knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap_err()

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::bitmaps::knib_checkpoints;
+use common::disk::{replace_with_link, while_paused};
 use common::model::{image_has, Model, Write};
 use common::vm::{skip_without_libvirt, TestVm, TestVmOptions, MIB};
 use knib_core::catalog::{BackupOptions, Store, VmSettings};
@@ -545,30 +546,22 @@ fn a_bitmap_backups_temporary_swapped_for_a_link_is_not_kept() {
         knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
         let e = std::thread::scope(|s| {
             s.spawn(|| {
-                assert!(
-                    knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(120)),
-                    "no pause at {at}"
-                );
-                let mut parts = vec![];
-                let mut dirs = vec![store_dir.clone()];
-                while let Some(d) = dirs.pop() {
-                    for e in std::fs::read_dir(&d).unwrap().flatten() {
-                        let p = e.path();
-                        if e.file_type().unwrap().is_dir() {
-                            dirs.push(p);
-                        } else if p.to_string_lossy().ends_with(".vda.qcow2.part") {
-                            parts.push(p);
+                while_paused(&at, || {
+                    let mut parts = vec![];
+                    let mut dirs = vec![store_dir.clone()];
+                    while let Some(d) = dirs.pop() {
+                        for e in std::fs::read_dir(&d).unwrap().flatten() {
+                            let p = e.path();
+                            if e.file_type().unwrap().is_dir() {
+                                dirs.push(p);
+                            } else if p.to_string_lossy().ends_with(".vda.qcow2.part") {
+                                parts.push(p);
+                            }
                         }
                     }
-                }
-                assert_eq!(parts.len(), 1, "{parts:?}");
-                std::fs::remove_file(&parts[0]).unwrap();
-                if hard {
-                    std::fs::hard_link(&victim, &parts[0]).unwrap();
-                } else {
-                    std::os::unix::fs::symlink(&victim, &parts[0]).unwrap();
-                }
-                knib_core::crashpoint::release_pause(&at);
+                    assert_eq!(parts.len(), 1, "{parts:?}");
+                    replace_with_link(&parts[0], &victim, hard);
+                })
             });
             store.backup_domain(&vm.vm, &bitmap(), false, &Control::new()).unwrap_err()
         });

@@ -386,18 +386,8 @@ fn a_compression_temporary_swapped_for_a_link_is_not_written_through() {
 fn a_backups_temporary_swapped_for_a_link_is_not_written_through() {
     use engine::DataPath::{Native, QemuImg as ByQemuImg};
     for (path, hard) in [(Native, false), (Native, true), (ByQemuImg, false), (ByQemuImg, true)] {
-        let d = tempfile::tempdir().unwrap();
-        let disk = d.path().join("disk.qcow2");
-        make_disk(&disk, 8 << 20, &[]);
-        qemu_io(&disk, "write -P 0x5b 0 2M");
-        let r = d.path().join("ref.qcow2");
-        snapshot(&disk, &r);
-        let store = d.path().join("store");
-        std::fs::create_dir(&store).unwrap();
-        // Beside the test's directory, so that a hard link can be made.
-        let outside = tempfile::tempdir_in(d.path().parent().unwrap()).unwrap();
-        let victim = outside.path().join("victim");
-        std::fs::write(&victim, b"not knib's").unwrap();
+        let s = SwapSetup::new();
+        let (d, disk, r, store, victim) = (&s.dir, &s.disk, &s.reference, &s.store, &s.victim);
         let req = |i: usize| engine::TakeBackupRequest {
             volumes: vec![engine::VolumeBackup {
                 name: "v".into(),
@@ -411,21 +401,15 @@ fn a_backups_temporary_swapped_for_a_link_is_not_written_through() {
             compress: None,
             check_output: false,
         };
-        let tmp = store.join(".b0.qcow2.part");
-        let at = match path {
-            Native => format!("creating {}", tmp.display()),
-            _ => format!("qemu-img copy to {}", tmp.display()),
-        };
-        let case = format!("{path:?}, hard {hard}");
-        swapped_for_a_link(&tmp, &at, &victim, hard, &case, || {
+        let (_, case) = swapped_for_a_link(store, path, victim, hard, || {
             engine::take_backup(&QemuImg::new(), &req(0), &Control::new()).unwrap_err()
         });
-        assert_identical(&disk, &r);
-        assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0, "{case}: left in the store");
+        assert_identical(disk, r);
+        assert_eq!(std::fs::read_dir(store).unwrap().count(), 0, "{case}: left in the store");
         engine::take_backup(&QemuImg::new(), &req(0), &Control::new()).unwrap();
-        qemu_io(&disk, "write -P 0x5c 1M 64k");
+        qemu_io(disk, "write -P 0x5c 1M 64k");
         let r1 = d.path().join("ref1.qcow2");
-        snapshot(&disk, &r1);
+        snapshot(disk, &r1);
         engine::take_backup(&QemuImg::new(), &req(1), &Control::new()).unwrap();
         let b1 = store.join("b1.qcow2");
         let info = std::process::Command::new("qemu-img").args(["info", "--output=json"]).arg(&b1).output().unwrap();
@@ -444,17 +428,8 @@ fn a_backups_temporary_swapped_for_a_link_is_not_written_through() {
 fn a_stopped_volumes_backup_temporary_swapped_for_a_link_is_not_written_through() {
     use engine::DataPath::{Native, QemuImg as ByQemuImg};
     for (path, hard) in [(Native, false), (Native, true), (ByQemuImg, false), (ByQemuImg, true)] {
-        let d = tempfile::tempdir().unwrap();
-        let base = d.path().join("disk.qcow2");
-        make_disk(&base, 8 << 20, &[]);
-        qemu_io(&base, "write -P 0x5d 0 2M");
-        let r = d.path().join("ref.qcow2");
-        snapshot(&base, &r);
-        let store = d.path().join("store");
-        std::fs::create_dir(&store).unwrap();
-        let outside = tempfile::tempdir_in(d.path().parent().unwrap()).unwrap();
-        let victim = outside.path().join("victim");
-        std::fs::write(&victim, b"not knib's").unwrap();
+        let s = SwapSetup::new();
+        let (d, base, r, store, victim) = (&s.dir, &s.disk, &s.reference, &s.store, &s.victim);
         let dest = store.join("b0.qcow2");
         let plan = engine::stopped::FilesPlan {
             kind: engine::BackupKind::Full,
@@ -474,49 +449,69 @@ fn a_stopped_volumes_backup_temporary_swapped_for_a_link_is_not_written_through(
             compress: None,
             check_output: false,
         };
-        let tmp = store.join(".b0.qcow2.part");
-        let at = match path {
-            Native => format!("creating {}", tmp.display()),
-            _ => format!("qemu-img copy to {}", tmp.display()),
-        };
-        let case = format!("{path:?}, hard {hard}");
-        let e = swapped_for_a_link(&tmp, &at, &victim, hard, &case, || {
+        let (e, case) = swapped_for_a_link(store, path, victim, hard, || {
             engine::stopped::take(&QemuImg::new(), &plan, &Control::new()).unwrap_err()
         });
         assert_eq!(e.vm_consistent, Some(true), "{case}: {e}");
-        assert_identical(&base, &r);
+        assert_identical(base, r);
         assert!(!plan.disks[0].new_delta.exists(), "{case}: the new delta is left");
-        assert_eq!(std::fs::read_dir(&store).unwrap().count(), 0, "{case}: left in the store");
+        assert_eq!(std::fs::read_dir(store).unwrap().count(), 0, "{case}: left in the store");
         engine::stopped::take(&QemuImg::new(), &plan, &Control::new()).unwrap();
         assert_check_clean(&dest);
-        assert_identical(&dest, &r);
+        assert_identical(&dest, r);
     }
 }
 
-/// Run `run` (a backup, to fail) while, at the pause `at`, the temporary
-/// `tmp` is replaced by a link to `victim` (hard, or symbolic): the error,
-/// after checking that it says `tmp` was replaced (corrupt) and that
-/// `victim` was not written.
+/// A disk with data, a copy of it (`reference`), an empty store beside it,
+/// and a file outside (`victim`) on the same file system (so that a hard
+/// link can be made).
+struct SwapSetup {
+    dir: tempfile::TempDir,
+    disk: PathBuf,
+    reference: PathBuf,
+    store: PathBuf,
+    _outside: tempfile::TempDir,
+    victim: PathBuf,
+}
+
+impl SwapSetup {
+    fn new() -> SwapSetup {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = dir.path().join("disk.qcow2");
+        make_disk(&disk, 8 << 20, &[]);
+        qemu_io(&disk, "write -P 0x5b 0 2M");
+        let reference = dir.path().join("ref.qcow2");
+        snapshot(&disk, &reference);
+        let store = dir.path().join("store");
+        std::fs::create_dir(&store).unwrap();
+        let outside = tempfile::tempdir_in(dir.path().parent().unwrap()).unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"not knib's").unwrap();
+        SwapSetup { dir, disk, reference, store, _outside: outside, victim }
+    }
+}
+
+/// Run `run` (a backup into `store` on data path `path`, to fail) while,
+/// once its copy has made the temporary `.b0.qcow2.part`, the temporary is
+/// replaced by a link to `victim` (hard, or symbolic): the error, after
+/// checking that it says the temporary was replaced (corrupt) and that
+/// `victim` was not written; and the case's name for messages.
 fn swapped_for_a_link(
-    tmp: &std::path::Path,
-    at: &str,
+    store: &std::path::Path,
+    path: engine::DataPath,
     victim: &std::path::Path,
     hard: bool,
-    case: &str,
     run: impl FnOnce() -> knib_core::KnibError,
-) -> knib_core::KnibError {
+) -> (knib_core::KnibError, String) {
+    let tmp = &store.join(".b0.qcow2.part");
+    let at = &match path {
+        engine::DataPath::Native => format!("creating {}", tmp.display()),
+        _ => format!("qemu-img copy to {}", tmp.display()),
+    };
+    let case = format!("{path:?}, hard {hard}");
     knib_core::crashpoint::pause_before(at, Duration::from_secs(300));
     let e = std::thread::scope(|s| {
-        s.spawn(|| {
-            assert!(knib_core::crashpoint::wait_for_pause(at, Duration::from_secs(60)), "no pause at {at}");
-            std::fs::remove_file(tmp).unwrap();
-            if hard {
-                std::fs::hard_link(victim, tmp).unwrap();
-            } else {
-                std::os::unix::fs::symlink(victim, tmp).unwrap();
-            }
-            knib_core::crashpoint::release_pause(at);
-        });
+        s.spawn(|| while_paused(at, || replace_with_link(tmp, victim, hard)));
         run()
     });
     assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "{case}: {e}");
@@ -524,7 +519,7 @@ fn swapped_for_a_link(
     assert!(e.message.contains(&says), "{case}: {e}");
     let v = std::fs::read(victim).unwrap();
     assert!(v == b"not knib's", "{case}: the file outside was written ({} bytes)", v.len());
-    e
+    (e, case)
 }
 
 /// A VM started on a disk between the backup's check that its disks are

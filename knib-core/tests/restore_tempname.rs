@@ -173,20 +173,11 @@ fn a_restore_temporary_swapped_for_a_link_once_created_is_not_written_through() 
         knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
         let e = std::thread::scope(|s| {
             s.spawn(|| {
-                assert!(
-                    knib_core::crashpoint::wait_for_pause(&at, std::time::Duration::from_secs(60)),
-                    "no pause at {at}"
-                );
-                for e in std::fs::read_dir(&out).unwrap() {
-                    let p = e.unwrap().path();
-                    std::fs::remove_file(&p).unwrap();
-                    if hard {
-                        std::fs::hard_link(&victim, &p).unwrap();
-                    } else {
-                        std::os::unix::fs::symlink(&victim, &p).unwrap();
+                while_paused(&at, || {
+                    for e in std::fs::read_dir(&out).unwrap() {
+                        replace_with_link(&e.unwrap().path(), &victim, hard);
                     }
-                }
-                knib_core::crashpoint::release_pause(&at);
+                })
             });
             let data_path = if how == "native" { DataPath::Native } else { DataPath::QemuImg };
             let req = RestoreRequest {

@@ -353,3 +353,15 @@ pub fn while_paused<T>(at: &str, f: impl FnOnce() -> T) -> T {
     assert!(knib_core::crashpoint::wait_for_pause(at, std::time::Duration::from_secs(120)), "no pause at {at}");
     f()
 }
+
+/// Replace the entry at `p` with a link to `victim`: a hard link (`hard`)
+/// or a symbolic one: what an adversary who can write the directory puts
+/// under a name knib writes.
+pub fn replace_with_link(p: &Path, victim: &Path, hard: bool) {
+    std::fs::remove_file(p).unwrap();
+    if hard {
+        std::fs::hard_link(victim, p).unwrap();
+    } else {
+        std::os::unix::fs::symlink(victim, p).unwrap();
+    }
+}
