@@ -598,13 +598,19 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
             // Say exactly what was and was not replaced; the restored
             // copies of the others stay beside them for a retry.
             let done: Vec<String> = volumes.iter().map(|v: &RestoredVolume| v.path.display().to_string()).collect();
-            let left: Vec<String> = staged[i..].iter().map(|s| s.display().to_string()).collect();
+            // (One refused as not knib's file is not a restored copy.)
+            let from = if e.kind == crate::ErrorKind::Corrupt { i + 1 } else { i };
+            let left: Vec<String> = staged[from..].iter().map(|s| s.display().to_string()).collect();
             return Err(e.context(format!(
-                "{op}: replaced {} of {} volumes ({}); the restored copies of the others are left at {}",
+                "{op}: replaced {} of {} volumes ({}); {}",
                 done.len(),
                 r.volumes.len(),
                 if done.is_empty() { "none".into() } else { done.join(", ") },
-                left.join(", ")
+                if left.is_empty() {
+                    "no restored copy is left".to_string()
+                } else {
+                    format!("the restored copies of the others are left at {}", left.join(", "))
+                }
             )));
         }
         let backing = r.quick_restore.then(|| canonical(&v.backup_path));

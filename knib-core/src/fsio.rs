@@ -201,8 +201,13 @@ pub(crate) fn commit_own_temp(tmp: &Path, file: &File, dest: &Path, replace: boo
     } else {
         rename_noreplace_synced(tmp, dest)?;
     }
-    require_same_file(dest, file).inspect_err(|_| {
+    require_same_file(dest, file).map_err(|mut e| {
         let _ = fs::remove_file(dest);
+        e.message = format!("{}; that entry was renamed to {} and removed again", e.message, dest.display());
+        if replace {
+            e.message.push_str(", and what it replaced there is gone");
+        }
+        e
     })
 }
 

@@ -122,6 +122,12 @@ fn stopped_volume(path: &Path, delta: &Path, store: &Path, parent: Option<&Path>
     v
 }
 
+/// `request` with its one volume's uuid set to `uuid`.
+fn uuid_is(mut request: Value, uuid: &str) -> Value {
+    request["volumes"][0]["uuid"] = json!(uuid);
+    request
+}
+
 #[test]
 fn a_stopped_volume_being_backed_up_is_not_backed_up_merged_or_restored_by_another_request() {
     let d = tempfile::tempdir().unwrap();
@@ -143,7 +149,10 @@ fn a_stopped_volume_being_backed_up_is_not_backed_up_merged_or_restored_by_anoth
     let merge = json!({"parent": base, "child": d1});
     let (d2, b2) = (dir.join("d2.qcow2"), store.join("b2.qcow2"));
     let first = json!({"running": false, "volumes": [stopped_volume(&d1, &d2, &b2, Some(&b1), Some(merge.clone()))]});
-    knib_core::crashpoint::pause_before("snapshot of volume u1", Duration::from_secs(300));
+    // (The pause's name is this test's own: no other test of this file
+    // names a volume u1-held.)
+    let first = uuid_is(first, "u1-held");
+    knib_core::crashpoint::pause_before("snapshot of volume u1-held", Duration::from_secs(300));
     let taking = std::thread::spawn(move || agent("agent.take_backup", &first));
     wait_held_by_an_operation(&d1);
     let before = contents(&dir);
@@ -165,7 +174,7 @@ fn a_stopped_volume_being_backed_up_is_not_backed_up_merged_or_restored_by_anoth
     assert_busy(agent("agent.restore", &restore), &d1, "restore over the volume");
     assert!(contents(&dir) == before, "a refused request wrote something");
     assert!(!taking.is_finished(), "the first backup went on before the refusals were done");
-    knib_core::crashpoint::release_pause("snapshot of volume u1");
+    knib_core::crashpoint::release_pause("snapshot of volume u1-held");
     taking.join().unwrap().unwrap();
     // What a user checks: the volume's new chain and the backup hold the
     // disk as it was.

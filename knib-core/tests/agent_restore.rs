@@ -303,6 +303,7 @@ fn a_staged_volume_swapped_for_a_link_never_replaces_the_volume() {
         let case = format!("quick {quick}, hard {hard}");
         assert_eq!(e.kind, ErrorKind::Corrupt, "{case}: {e}");
         assert!(e.message.contains(&format!("{} was replaced while knib wrote it", stage.display())), "{case}: {e}");
+        assert!(e.message.contains("replaced 0 of 1 volumes (none); no restored copy is left"), "{case}: {e}");
         assert!(std::fs::symlink_metadata(&vol).unwrap().file_type().is_file(), "{case}: the volume is a link");
         assert_eq!(std::fs::read(&vol).unwrap(), before, "{case}: the volume was replaced");
         let v = std::fs::read(&victim).unwrap();

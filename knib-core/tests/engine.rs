@@ -462,6 +462,59 @@ fn a_stopped_volumes_backup_temporary_swapped_for_a_link_is_not_written_through(
     }
 }
 
+/// The empty overlay a backup puts in a disk's place (`<disk>.knib-new`,
+/// over the disk turned into its base), swapped for a link once made,
+/// never becomes the disk: the step fails as corrupt, naming it, the disk
+/// reads as before and is no link, the linked file is as it was, and the
+/// next backup (which repairs the half-made step) is whole. Before,
+/// qemu-img created the overlay by name (through a link put there) and
+/// the name was renamed over the disk as found: the VM would then have
+/// run on the file the link led to.
+#[test]
+fn a_disks_new_overlay_swapped_for_a_link_never_becomes_the_disk() {
+    for hard in [false, true] {
+        let s = SwapSetup::new();
+        let new = s.disk.with_file_name("disk.qcow2.knib-new");
+        let req = |i: usize| engine::TakeBackupRequest {
+            volumes: vec![engine::VolumeBackup {
+                name: "v".into(),
+                disk: s.disk.clone(),
+                dest: s.store.join(format!("b{i}.qcow2")),
+                parent: (i == 1).then(|| "b0.qcow2".to_string()),
+            }],
+            kind: if i == 1 { engine::BackupKind::Incremental } else { engine::BackupKind::Full },
+            end_of_chain: false,
+            data_path: engine::DataPath::Native,
+            compress: None,
+            check_output: false,
+        };
+        let at = format!("created {}", new.display());
+        knib_core::crashpoint::pause_before(&at, Duration::from_secs(300));
+        let e = std::thread::scope(|t| {
+            t.spawn(|| while_paused(&at, || replace_with_link(&new, &s.victim, hard)));
+            engine::take_backup(&QemuImg::new(), &req(0), &Control::new()).unwrap_err()
+        });
+        assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "hard {hard}: {e}");
+        assert!(e.message.contains(&format!("{} was replaced while knib wrote it", new.display())), "hard {hard}: {e}");
+        let v = std::fs::read(&s.victim).unwrap();
+        assert!(v == b"not knib's", "hard {hard}: the linked file was written ({} bytes)", v.len());
+        assert!(std::fs::symlink_metadata(&s.disk).unwrap().file_type().is_file(), "hard {hard}: the disk is a link");
+        assert_identical(&s.disk, &s.reference);
+        // The next backup repairs the half-made step (the link left under
+        // the overlay's name is removed, not followed) and holds every write.
+        for f in std::fs::read_dir(&s.store).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        engine::take_backup(&QemuImg::new(), &req(0), &Control::new()).unwrap();
+        qemu_io(&s.disk, "write -P 0x5e 1M 64k");
+        let r1 = s.dir.path().join("ref1.qcow2");
+        snapshot(&s.disk, &r1);
+        engine::take_backup(&QemuImg::new(), &req(1), &Control::new()).unwrap();
+        assert_identical(&s.store.join("b1.qcow2"), &r1);
+        assert_identical(&s.disk, &r1);
+    }
+}
+
 /// A disk with data, a copy of it (`reference`), an empty store beside it,
 /// and a file outside (`victim`) on the same file system (so that a hard
 /// link can be made).

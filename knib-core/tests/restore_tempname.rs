@@ -201,3 +201,49 @@ fn a_restore_temporary_swapped_for_a_link_once_created_is_not_written_through() 
         assert!(names(&out).is_empty(), "{how}, hard {hard}: {:?}", names(&out));
     }
 }
+
+/// A restore's temporary swapped for a link after knib's last look at it
+/// and before its rename (the rename's durable step) is found at the
+/// destination once renamed, and removed from there: the restore fails as
+/// corrupt, saying so, no destination is left, and the linked file is as
+/// it was.
+#[test]
+fn a_temporary_swapped_just_before_its_rename_is_not_left_at_the_destination() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.qcow2");
+    make_disk(&b, 4 << 20, &[]);
+    qemu_io(&b, "write -P 0x33 0 1M");
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    for hard in [false, true] {
+        let out = d.path().join(format!("out-{hard}"));
+        std::fs::create_dir(&out).unwrap();
+        let dest = out.join("r.qcow2");
+        let at = format!(" to {}", dest.display());
+        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                while_paused(&at, || {
+                    for e in std::fs::read_dir(&out).unwrap() {
+                        replace_with_link(&e.unwrap().path(), &victim, hard);
+                    }
+                })
+            });
+            let req = RestoreRequest {
+                backup_file: b.clone(),
+                dest: dest.clone(),
+                format: ImageFormat::Qcow2,
+                overwrite: false,
+                data_path: DataPath::Native,
+            };
+            engine::restore(&QemuImg::new(), &req, &Control::new()).unwrap_err()
+        });
+        assert_eq!(e.kind, ErrorKind::Corrupt, "hard {hard}: {e}");
+        let says = format!("that entry was renamed to {} and removed again", dest.display());
+        assert!(e.message.contains(&says), "hard {hard}: {e}");
+        assert!(std::fs::symlink_metadata(&dest).is_err(), "hard {hard}: left at the destination");
+        assert!(names(&out).is_empty(), "hard {hard}: {:?}", names(&out));
+        let v = std::fs::read(&victim).unwrap();
+        assert!(v == b"not knib's", "hard {hard}: the linked file was written ({} bytes)", v.len());
+    }
+}

@@ -592,17 +592,20 @@ fn copy_volumes(
         let (hash, compression) = c.run(q, ctl).map_err(|e| e.context(format!("copy of volume {}", v.name)))?;
         hashes.push((Some(hash), compression, None));
     }
+    // Each file's size is its own, not whatever its name leads to later.
+    let mut sizes = Vec::new();
     for ((v, tmp), file) in req.volumes.iter().zip(written.iter()).zip(&created) {
         fsio::commit_own_temp(tmp, file, &v.dest, true)?;
+        sizes.push(file.metadata().map_err(|e| KnibError::io("cannot stat", &v.dest, e))?.len());
     }
     drop(created);
     let mut results = Vec::new();
-    for ((v, st), (hash, compression, data_bytes)) in req.volumes.iter().zip(states).zip(&hashes) {
+    for (((v, st), (hash, compression, data_bytes)), size) in req.volumes.iter().zip(states).zip(&hashes).zip(sizes) {
         results.push(VolumeResult {
             name: v.name.clone(),
             active_file: v.disk.clone(),
             dest: v.dest.clone(),
-            size: fsio::file_size(&v.dest)?,
+            size,
             virtual_size: st.virtual_size,
             hash: hash.clone(),
             compression: *compression,
@@ -861,7 +864,6 @@ fn merge_after_backup(
     } else if !end_of_chain {
         // P alone: P becomes the base, an empty overlay takes its name.
         let new = new_overlay_path(&v.disk);
-        fsio::remove_if_exists(&new)?;
         let base_name = base.file_name().expect("base has a file name").to_string_lossy().into_owned();
         if base.exists() {
             return Err(KnibError::invalid(format!(
@@ -872,14 +874,20 @@ fn merge_after_backup(
             )));
         }
         crate::crashpoint::durable_step(&format!("creation of {}", new.display()));
-        q.create_overlay(&new, &base_name, "qcow2", Some(st.virtual_size), ctl)?;
+        // Made by knib following no link (whatever had the name goes
+        // first), written by qemu-img through knib's descriptor, and
+        // renamed over the disk only while its name still leads to it: a
+        // link put there would have become the VM's disk.
+        let file = fsio::create_own_temp(&new)?;
+        crate::crashpoint::pause_point(&format!("created {}", new.display()));
+        q.create_overlay(&fsio::by_fd(&file), &base_name, "qcow2", Some(st.virtual_size), ctl)?;
         // `P` is never missing: the base is first a second name of `P`, then
         // the overlay replaces `P` in one rename ([`repair_volume`] undoes
         // the link after a crash). A file system without hard links gets a
         // rename, and a crash there leaves `P` missing until the next backup
         // (the overlay is durable first). Neither ever replaces an entry
         // at the base's name: one that appeared meanwhile fails the step.
-        fsio::sync_file(&new)?;
+        file.sync_all().map_err(|e| KnibError::io("cannot sync", &new, e))?;
         fsio::sync_dir(fsio::parent_dir(&new))?;
         crate::crashpoint::durable_step(&format!("link of {} as {}", v.disk.display(), base.display()));
         match fs::hard_link(&v.disk, &base) {
@@ -895,6 +903,7 @@ fn merge_after_backup(
                 return Err(KnibError::io(&format!("cannot link {} as", v.disk.display()), &base, e));
             }
         }
+        fsio::require_same_file(&new, &file)?;
         fsio::commit_rename(&new, &v.disk)?;
     }
     Ok(())

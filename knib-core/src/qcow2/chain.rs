@@ -20,10 +20,15 @@ pub struct RawImage {
     path: PathBuf,
     file: File,
     len: u64,
-    /// The last answer of [`RawImage::next_data`]: (asked from, data
-    /// from, hole from), so that a scan asks the file system once per
-    /// stretch of data or hole, not once per block.
-    window: Option<(u64, u64, u64)>,
+    /// Every answer of [`RawImage::next_data`], by the offset asked:
+    /// (data from, hole from). A scan asks the file system once per
+    /// stretch of data or hole, not once per block; and a second scan (a
+    /// copy plans from the tables, then copies) gets the first one's
+    /// answers, which a file system may otherwise change meanwhile (ext4
+    /// and XFS count a preallocated stretch as data only while its pages
+    /// are cached: the copy's own reads could turn a hole the plan skipped
+    /// into data, and the image written would not match its plan).
+    answers: std::collections::BTreeMap<u64, (u64, u64)>,
 }
 
 impl RawImage {
@@ -31,7 +36,7 @@ impl RawImage {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| KnibError::io("open raw image", path, e))?;
         let len = file_size(&file).map_err(|e| KnibError::io("size raw image", path, e))?;
-        Ok(RawImage { path: path.to_path_buf(), file, len, window: None })
+        Ok(RawImage { path: path.to_path_buf(), file, len, answers: Default::default() })
     }
 
     /// The path it was opened from.
@@ -53,14 +58,14 @@ impl RawImage {
     /// data the file system knows of (`lseek(SEEK_DATA)`; a hole reads as
     /// zeros), its virtual size when none is left, `from` itself where the
     /// file system or device cannot say (every byte may then be data).
-    /// Asked again only once `from` leaves the stretch of hole and data
-    /// the last answer found (a file system on the network answers each
-    /// question over a round trip).
+    /// Asked of the file system only where no earlier answer covers
+    /// `from` (a file system on the network answers each question over a
+    /// round trip), so the same image answers the same for its life.
     pub(crate) fn next_data(&mut self, from: u64) -> u64 {
         if from >= self.len {
             return self.len;
         }
-        if let Some((asked, data, hole)) = self.window {
+        if let Some((&asked, &(data, hole))) = self.answers.range(..=from).next_back() {
             if (asked..data).contains(&from) {
                 return data;
             }
@@ -75,7 +80,7 @@ impl RawImage {
             Err(_) => (from, self.len),
             Ok(data) => (data, self.seek(data, libc::SEEK_HOLE).unwrap_or(self.len).max(data + 1)),
         };
-        self.window = Some((from, data, hole));
+        self.answers.insert(from, (data, hole));
         data
     }
 
@@ -564,6 +569,36 @@ pub(crate) fn has_protocol(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A raw image answers where its data is the same way for its life,
+    /// even once the file system would answer otherwise: a copy plans from
+    /// these answers, then copies by them, and the two must agree (a hole
+    /// the plan skipped, turned into data by the time the copy got there,
+    /// would fail the copy as "the source changed"). Before, only the last
+    /// answer was kept, and the file system was asked again.
+    #[test]
+    fn a_raw_image_keeps_its_answers_of_where_data_is() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("raw");
+        let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&p).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[1u8; 4096], 32 << 20).unwrap();
+        f.write_all_at(&[2u8; 4096], 48 << 20).unwrap();
+        f.sync_all().unwrap();
+        let mut raw = RawImage::open(&p).unwrap();
+        let first = raw.next_data(0);
+        if first == 0 {
+            // A file system that cannot say where data is: nothing to keep.
+            return;
+        }
+        assert_eq!(first, 32 << 20);
+        assert_eq!(raw.next_data((32 << 20) + 8192), 48 << 20);
+        // Data put where the image answered a hole.
+        f.write_all_at(&[3u8; 4096], 16 << 20).unwrap();
+        f.sync_all().unwrap();
+        assert_eq!(raw.next_data(16 << 20), 32 << 20, "asked again");
+        assert_eq!(RawImage::open(&p).unwrap().next_data(16 << 20), 16 << 20, "a new image sees the data");
+    }
 
     #[test]
     fn relative_pointers() {

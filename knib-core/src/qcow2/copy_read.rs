@@ -173,7 +173,9 @@ impl Source {
     /// layer). Only the L1 tables are looked at, so a copy of a huge,
     /// mostly unmapped image (a crafted header can ask for 2^61 bytes)
     /// steps over its holes a table range at a time instead of resolving
-    /// billions of clusters. `index` itself when it may hold data.
+    /// billions of clusters; and over a raw file, the last layer of a
+    /// flattened copy, it steps to the file's next data
+    /// ([`RawImage::next_data`]). `index` itself when it may hold data.
     pub(super) fn next_candidate(&mut self, index: u64) -> Result<u64> {
         let mut end = self.next_mapped(0, index)?.min(self.clusters());
         if end <= index || self.mode == SourceMode::Top {

@@ -303,7 +303,8 @@ pub fn quick_restore_domain(
             chown_socket(&d.socket, ids)?;
             let uri = nbd_uri(&d.socket)?;
             let tmp = fsio::TempFile::beside(&d.overlay)?;
-            q.create_overlay(tmp.path(), &uri, "raw", None, ctl)?;
+            // Written through the file it created, never by name.
+            q.create_overlay(&fsio::by_fd(tmp.file()), &uri, "raw", None, ctl)?;
             tmp.commit(&d.overlay, false)?;
             made.push(d.overlay.clone());
         }
