@@ -187,28 +187,118 @@ fn rename_synced(from: &Path, to: &Path) -> Result<()> {
 
 /// Rename `tmp`, a temporary of knib's own written through `file`, to
 /// `dest`, made durable (fsynced through `file`, never reopened by name):
-/// over an entry at `dest` only with `replace` ([`commit_rename`]; without,
-/// [`rename_noreplace`]). The name must lead to `file` itself before the
-/// rename, and `dest` after it: anything swapped in under the name
-/// meanwhile (a link, symbolic or hard, or another file) is refused,
-/// `corrupt`, naming it, and never kept (removed from `dest` when the
-/// rename took it there).
+/// over an entry at `dest` only with `replace` (without, an entry that
+/// appeared there is left alone: [`rename_noreplace`]). The name must lead
+/// to `file` itself before the rename, and `dest` after it: anything swapped
+/// in under the name meanwhile (a link, symbolic or hard, or another file)
+/// is refused, `corrupt`, naming it, and never kept at `dest`.
+///
+/// With `replace`, what `dest` held is put back when the check after the
+/// rename fails: the rename is an exchange (`renameat2(RENAME_EXCHANGE)`),
+/// undone by a second one, and what `dest` held is removed (from the
+/// temporary name, where the exchange put it) only once `dest` leads to
+/// `file`. A file system that takes no rename flags (NFS) gets a plain
+/// rename, whose replaced file is gone; the error says so.
 pub(crate) fn commit_own_temp(tmp: &Path, file: &File, dest: &Path, replace: bool) -> Result<()> {
+    commit_held_temp(tmp, file, dest, replace, &format!("rename {} to {}", tmp.display(), dest.display()))
+}
+
+/// [`commit_own_temp`], its durable step named `step`.
+fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &str) -> Result<()> {
     require_same_file(tmp, file)?;
     file.sync_all().map_err(|e| KnibError::io("cannot fsync", tmp, e))?;
-    if replace {
-        rename_synced(tmp, dest)?;
+    crate::crashpoint::durable_step(step);
+    let replaced = if replace {
+        exchange_or_rename(tmp, dest)?
     } else {
-        rename_noreplace_synced(tmp, dest)?;
-    }
-    require_same_file(dest, file).map_err(|mut e| {
-        let _ = fs::remove_file(dest);
-        e.message = format!("{}; that entry was renamed to {} and removed again", e.message, dest.display());
-        if replace {
-            e.message.push_str(", and what it replaced there is gone");
+        rename_noreplace_now(tmp, dest)?;
+        Replaced::Nothing
+    };
+    // What is at `dest` came from the temporary's name: named so.
+    let checked = require_same_file(dest, file).map_err(|e| match e.kind {
+        ErrorKind::Corrupt => replaced_error(tmp),
+        _ => e,
+    });
+    match (checked, replaced) {
+        (Ok(()), Replaced::Kept) => {
+            sync_dir(parent_dir(dest))?;
+            // What `dest` held, now under the temporary name; left there, a
+            // clean-up removes it as any temporary.
+            if let Err(e) = fs::remove_file(tmp) {
+                log::warn!("cannot remove {}, what {} held before: {e}", tmp.display(), dest.display());
+            }
+            Ok(())
         }
-        e
-    })
+        (Ok(()), _) => sync_dir(parent_dir(dest)),
+        (Err(mut e), Replaced::Kept) => {
+            use rustix::fs::{renameat_with, RenameFlags, CWD};
+            match renameat_with(CWD, tmp, CWD, dest, RenameFlags::EXCHANGE) {
+                Ok(()) => {
+                    let _ = fs::remove_file(tmp);
+                    let _ = sync_dir(parent_dir(dest));
+                    e.message = format!(
+                        "{}; that entry was put at {} and taken back: it holds what it held before",
+                        e.message,
+                        dest.display()
+                    );
+                }
+                Err(x) => {
+                    e.message = format!(
+                        "{}; that entry is at {} and could not be taken back ({x}): what it held before is at {}",
+                        e.message,
+                        dest.display(),
+                        tmp.display()
+                    );
+                }
+            }
+            Err(e)
+        }
+        (Err(mut e), replaced) => {
+            let _ = fs::remove_file(dest);
+            e.message = format!("{}; that entry was renamed to {} and removed again", e.message, dest.display());
+            if replaced == Replaced::Gone {
+                e.message.push_str(", and what it replaced there is gone");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// What a replacing rename did with the entry at its destination.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Replaced {
+    /// There was none.
+    Nothing,
+    /// It is under the source's name (an exchange).
+    Kept,
+    /// It is gone (a plain rename over it).
+    Gone,
+}
+
+/// Put `tmp` at `dest`: exchanged with an entry there (a directory there
+/// is refused, as a rename refuses it), renamed where there is none, or
+/// renamed over it where the file system takes no rename flags.
+fn exchange_or_rename(tmp: &Path, dest: &Path) -> Result<Replaced> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    use rustix::io::Errno;
+    let fail = |e: std::io::Error| KnibError::io(&format!("cannot rename {} to", tmp.display()), dest, e);
+    match fs::symlink_metadata(dest) {
+        Ok(m) if m.is_dir() => return Err(fail(std::io::Error::from_raw_os_error(libc::EISDIR))),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(KnibError::io("cannot stat", dest, e)),
+    }
+    match renameat_with(CWD, tmp, CWD, dest, RenameFlags::EXCHANGE) {
+        Ok(()) => Ok(Replaced::Kept),
+        // Nothing at `dest` (or the temporary gone: the rename says which).
+        Err(Errno::NOENT) => fs::rename(tmp, dest).map(|()| Replaced::Nothing).map_err(fail),
+        Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => {
+            let there = fs::symlink_metadata(dest).is_ok();
+            fs::rename(tmp, dest).map_err(fail)?;
+            Ok(if there { Replaced::Gone } else { Replaced::Nothing })
+        }
+        Err(e) => Err(fail(e.into())),
+    }
 }
 
 /// The name by which another program opens `file` itself, whatever its
@@ -229,6 +319,12 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
 /// [`rename_noreplace`] of a file already fsynced.
 fn rename_noreplace_synced(from: &Path, to: &Path) -> Result<()> {
     crate::crashpoint::durable_step(&format!("rename {} to {}", from.display(), to.display()));
+    rename_noreplace_now(from, to)?;
+    sync_dir(parent_dir(to))
+}
+
+/// The rename of [`rename_noreplace`], not yet made durable.
+fn rename_noreplace_now(from: &Path, to: &Path) -> Result<()> {
     use rustix::fs::{renameat_with, RenameFlags, CWD};
     use rustix::io::Errno;
     let appeared = || KnibError::invalid(format!("{} appeared meanwhile; nothing was replaced", to.display()));
@@ -240,7 +336,7 @@ fn rename_noreplace_synced(from: &Path, to: &Path) -> Result<()> {
         Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => link_then_unlink(from, to, &appeared)?,
         Err(e) => return Err(KnibError::io(&format!("cannot rename {} to", from.display()), to, e.into())),
     }
-    sync_dir(parent_dir(to))
+    Ok(())
 }
 
 /// [`rename_noreplace`] where `renameat2` takes no flags: `to` made a hard
@@ -256,26 +352,22 @@ fn link_then_unlink(from: &Path, to: &Path, appeared: &dyn Fn() -> KnibError) ->
 
 /// Write `data` to `path` atomically: a temporary file, fsync, rename, fsync
 /// of the directory. Readers see the old content or the new, never a part.
+/// The temporary is knib's own (`create_own_temp`: a stale one, or a link
+/// planted under its name, is removed, never followed) and is renamed only
+/// while its name leads to the file written (`commit_own_temp`): one
+/// swapped meanwhile is refused, `corrupt`, and `path` keeps what it held.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
-    // A stale temporary (or a link planted under its name) is removed, and
-    // the new one made with O_EXCL, which follows no link.
-    remove_if_exists(&tmp)?;
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(|e| KnibError::io("cannot create", &tmp, e))?;
-        f.write_all(data).map_err(|e| KnibError::io("cannot write", &tmp, e))?;
-        f.sync_all().map_err(|e| KnibError::io("cannot fsync", &tmp, e))?;
-        drop(f);
-        crate::crashpoint::durable_step(&format!("write {}", path.display()));
-        fs::rename(&tmp, path).map_err(|e| KnibError::io("cannot rename into", path, e))?;
-        sync_dir(parent_dir(path))
-    })();
+    let mut f = create_own_temp(&tmp)?;
+    let result = f
+        .write_all(data)
+        .map_err(|e| KnibError::io("cannot write", &tmp, e))
+        .and_then(|()| commit_held_temp(&tmp, &f, path, true, &format!("write {}", path.display())));
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        // Only knib's own file: one swapped in under the name is left.
+        if require_same_file(&tmp, &f).is_ok() {
+            let _ = fs::remove_file(&tmp);
+        }
     }
     result
 }
@@ -416,10 +508,15 @@ pub(crate) fn require_same_file(path: &Path, file: &File) -> Result<()> {
     if named.dev() == ours.dev() && named.ino() == ours.ino() {
         return Ok(());
     }
-    Err(KnibError::corrupt(format!(
+    Err(replaced_error(path))
+}
+
+/// The error of [`require_same_file`]: `path` was replaced.
+fn replaced_error(path: &Path) -> KnibError {
+    KnibError::corrupt(format!(
         "{} was replaced while knib wrote it (it is no longer the file knib created); knib writes its temporary files only as files of their own",
         path.display()
-    )))
+    ))
 }
 
 /// Size of a file in bytes.

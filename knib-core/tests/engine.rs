@@ -463,16 +463,19 @@ fn a_stopped_volumes_backup_temporary_swapped_for_a_link_is_not_written_through(
 }
 
 /// The empty overlay a backup puts in a disk's place (`<disk>.knib-new`,
-/// over the disk turned into its base), swapped for a link once made,
-/// never becomes the disk: the step fails as corrupt, naming it, the disk
+/// over the disk turned into its base), swapped for a link once made or
+/// just before its rename, never becomes the disk: the step fails as
+/// corrupt, naming it, the disk
 /// reads as before and is no link, the linked file is as it was, and the
 /// next backup (which repairs the half-made step) is whole. Before,
 /// qemu-img created the overlay by name (through a link put there) and
 /// the name was renamed over the disk as found: the VM would then have
-/// run on the file the link led to.
+/// run on the file the link led to (and, swapped at the rename, did even
+/// after the overlay was made through knib's descriptor: the rename is now
+/// an exchange, taken back).
 #[test]
 fn a_disks_new_overlay_swapped_for_a_link_never_becomes_the_disk() {
-    for hard in [false, true] {
+    for (hard, at_rename) in [(false, false), (true, false), (false, true), (true, true)] {
         let s = SwapSetup::new();
         let new = s.disk.with_file_name("disk.qcow2.knib-new");
         let req = |i: usize| engine::TakeBackupRequest {
@@ -488,12 +491,18 @@ fn a_disks_new_overlay_swapped_for_a_link_never_becomes_the_disk() {
             compress: None,
             check_output: false,
         };
-        let at = format!("created {}", new.display());
+        // Once made, or at the rename's step (after knib's last look at
+        // the name before it).
+        let at = match at_rename {
+            false => format!("created {}", new.display()),
+            true => format!("rename {} to {}", new.display(), s.disk.display()),
+        };
         knib_core::crashpoint::pause_before(&at, Duration::from_secs(300));
         let e = std::thread::scope(|t| {
             t.spawn(|| while_paused(&at, || replace_with_link(&new, &s.victim, hard)));
             engine::take_backup(&QemuImg::new(), &req(0), &Control::new()).unwrap_err()
         });
+        let hard = format!("{hard}, at the rename {at_rename}");
         assert_eq!(e.kind, knib_core::ErrorKind::Corrupt, "hard {hard}: {e}");
         assert!(e.message.contains(&format!("{} was replaced while knib wrote it", new.display())), "hard {hard}: {e}");
         let v = std::fs::read(&s.victim).unwrap();

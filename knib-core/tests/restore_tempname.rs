@@ -21,6 +21,33 @@ fn names(dir: &Path) -> Vec<String> {
     n
 }
 
+/// Run `run` with a pause at `at`; while paused, every entry of `out` but
+/// `dest` (knib's temporaries) is replaced by a link to `victim` (hard or
+/// symbolic). Its answer.
+fn with_temporaries_swapped<T>(
+    at: &str,
+    out: &Path,
+    dest: &Path,
+    victim: &Path,
+    hard: bool,
+    run: impl FnOnce() -> T,
+) -> T {
+    knib_core::crashpoint::pause_before(at, std::time::Duration::from_secs(300));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while_paused(at, || {
+                for e in std::fs::read_dir(out).unwrap() {
+                    let p = e.unwrap().path();
+                    if p != dest {
+                        replace_with_link(&p, victim, hard);
+                    }
+                }
+            })
+        });
+        run()
+    })
+}
+
 /// `.r.qcow2.part` is someone's file and `.r.raw.part` a link to a file
 /// outside: before, the restore truncated and overwrote the first, wrote
 /// the image through the link into the file outside, and removed the
@@ -170,15 +197,7 @@ fn a_restore_temporary_swapped_for_a_link_once_created_is_not_written_through() 
         std::fs::create_dir(&out).unwrap();
         let dest = out.join("r.qcow2");
         let at = format!("created {}", out.display());
-        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
-        let e = std::thread::scope(|s| {
-            s.spawn(|| {
-                while_paused(&at, || {
-                    for e in std::fs::read_dir(&out).unwrap() {
-                        replace_with_link(&e.unwrap().path(), &victim, hard);
-                    }
-                })
-            });
+        let e = with_temporaries_swapped(&at, &out, &dest, &victim, hard, || {
             let data_path = if how == "native" { DataPath::Native } else { DataPath::QemuImg };
             let req = RestoreRequest {
                 backup_file: b.clone(),
@@ -220,15 +239,7 @@ fn a_temporary_swapped_just_before_its_rename_is_not_left_at_the_destination() {
         std::fs::create_dir(&out).unwrap();
         let dest = out.join("r.qcow2");
         let at = format!(" to {}", dest.display());
-        knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
-        let e = std::thread::scope(|s| {
-            s.spawn(|| {
-                while_paused(&at, || {
-                    for e in std::fs::read_dir(&out).unwrap() {
-                        replace_with_link(&e.unwrap().path(), &victim, hard);
-                    }
-                })
-            });
+        let e = with_temporaries_swapped(&at, &out, &dest, &victim, hard, || {
             let req = RestoreRequest {
                 backup_file: b.clone(),
                 dest: dest.clone(),
@@ -245,5 +256,82 @@ fn a_temporary_swapped_just_before_its_rename_is_not_left_at_the_destination() {
         assert!(names(&out).is_empty(), "hard {hard}: {:?}", names(&out));
         let v = std::fs::read(&victim).unwrap();
         assert!(v == b"not knib's", "hard {hard}: the linked file was written ({} bytes)", v.len());
+    }
+}
+
+/// A restore over an existing destination (overwrite) whose temporary is
+/// swapped for a link just before its rename leaves the destination as it
+/// was: the rename is an exchange, taken back when the destination does
+/// not lead to knib's file. Before, the rename replaced the destination,
+/// the entry was removed again, and what the destination held was gone.
+#[test]
+fn a_temporary_swapped_just_before_it_replaces_a_destination_leaves_the_destination() {
+    let d = tempfile::tempdir().unwrap();
+    let b = d.path().join("b.qcow2");
+    make_disk(&b, 4 << 20, &[]);
+    qemu_io(&b, "write -P 0x34 0 1M");
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    for hard in [false, true] {
+        let out = d.path().join(format!("over-{hard}"));
+        std::fs::create_dir(&out).unwrap();
+        let dest = out.join("r.qcow2");
+        std::fs::write(&dest, b"the restore before").unwrap();
+        let at = format!(" to {}", dest.display());
+        let e = with_temporaries_swapped(&at, &out, &dest, &victim, hard, || {
+            let req = RestoreRequest {
+                backup_file: b.clone(),
+                dest: dest.clone(),
+                format: ImageFormat::Qcow2,
+                overwrite: true,
+                data_path: DataPath::Native,
+            };
+            engine::restore(&QemuImg::new(), &req, &Control::new()).unwrap_err()
+        });
+        assert_eq!(e.kind, ErrorKind::Corrupt, "hard {hard}: {e}");
+        assert!(e.message.contains("was replaced while knib wrote it"), "hard {hard}: {e}");
+        assert!(e.message.contains("taken back: it holds what it held before"), "hard {hard}: {e}");
+        let kept = std::fs::read(&dest).unwrap();
+        assert!(kept == b"the restore before", "hard {hard}: the destination holds {} other bytes", kept.len());
+        assert!(!std::fs::symlink_metadata(&dest).unwrap().file_type().is_symlink(), "hard {hard}");
+        assert_eq!(names(&out), ["r.qcow2"], "hard {hard}");
+        let v = std::fs::read(&victim).unwrap();
+        assert!(v == b"not knib's", "hard {hard}: the linked file was written ({} bytes)", v.len());
+    }
+}
+
+/// `fsio::write_atomic` (manifests, journals, settings) whose temporary is
+/// swapped for a link (symbolic, or hard to a file outside) before its
+/// rename fails as corrupt and leaves the file it writes as it was: never
+/// a link, never the linked file's content, the linked file untouched, no
+/// temporary left. Before, the temporary was renamed by name, link and all.
+#[test]
+fn a_metadata_temporary_swapped_before_its_rename_leaves_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    for (hard, before) in [(false, true), (true, true), (false, false), (true, false)] {
+        let out = d.path().join(format!("meta-{hard}-{before}"));
+        std::fs::create_dir(&out).unwrap();
+        let file = out.join("manifest.json");
+        if before {
+            std::fs::write(&file, b"{\"before\": true}").unwrap();
+        }
+        let at = format!("write {}", file.display());
+        let e = with_temporaries_swapped(&at, &out, &file, &victim, hard, || {
+            knib_core::fsio::write_atomic(&file, b"{\"after\": true}").unwrap_err()
+        });
+        let case = format!("hard {hard}, a file before {before}");
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{case}: {e}");
+        assert!(e.message.contains("was replaced while knib wrote it"), "{case}: {e}");
+        if before {
+            assert_eq!(std::fs::read(&file).unwrap(), b"{\"before\": true}", "{case}");
+            assert!(!std::fs::symlink_metadata(&file).unwrap().file_type().is_symlink(), "{case}");
+            assert_eq!(names(&out), ["manifest.json"], "{case}");
+        } else {
+            assert!(std::fs::symlink_metadata(&file).is_err(), "{case}: a file was made");
+            assert!(names(&out).is_empty(), "{case}: {:?}", names(&out));
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's", "{case}: the linked file was written");
     }
 }

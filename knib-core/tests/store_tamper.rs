@@ -313,7 +313,7 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
     // it: it must be the same backup but for hashes, sizes and
     // `compression`, and a file, not a link; a `.comp` it leaves for
     // renaming must be a file too.
-    for kind in ["parent", "file", "link", "comp-link"] {
+    for kind in ["parent", "file", "link", "comp-link", "comp-hard-link"] {
         let (tid, seed) = (last.clone(), rng.next());
         let tamper: Tamper = Box::new(move |store: &Path, outside: &Path| {
             let dir = store.join("vms/vm1").join(&tid);
@@ -338,11 +338,15 @@ fn cases(rng: &mut Rng, ids: &[String]) -> Vec<Case> {
                 std::fs::write(outside.join("victim.comp"), b"not a qcow2").unwrap();
                 symlink(outside.join("victim.comp"), dir.join("root.qcow2.comp")).unwrap();
             }
+            if kind == "comp-hard-link" {
+                std::fs::write(outside.join("victim.comp"), b"not a qcow2").unwrap();
+                std::fs::hard_link(outside.join("victim.comp"), dir.join("root.qcow2.comp")).unwrap();
+            }
         });
         out.push(Case {
             name: format!("next manifest ({kind}) of {last}"),
             tamper,
-            names: if kind == "comp-link" {
+            names: if kind.starts_with("comp-") {
                 format!("vms/vm1/{last}/root.qcow2.comp")
             } else {
                 format!("vms/vm1/{last}/manifest.next.json")

@@ -65,12 +65,16 @@ impl Store {
     }
 
     /// The `.comp` file of volume file `file` of backup `m`, if it is there
-    /// (a regular file; anything else under its name is `corrupt`).
+    /// (a regular file of one name; anything else under its name is
+    /// `corrupt`: a hard link renamed over the file would make the backup
+    /// the file the link's other name belongs to).
     fn comp_of(&self, m: &Manifest, file: &str) -> Result<Option<PathBuf>> {
         let comp = comp_path(&self.backup_dir(m).join(file));
         match std::fs::symlink_metadata(&comp) {
-            Ok(md) if md.is_file() => Ok(Some(comp)),
-            Ok(_) => Err(KnibError::corrupt(format!("{} is not a regular file", comp.display()))),
+            Ok(md) => match fsio::not_own_file(&md) {
+                None => Ok(Some(comp)),
+                Some(why) => Err(KnibError::corrupt(format!("{} {why}", comp.display()))),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(KnibError::io("cannot stat", &comp, e)),
         }

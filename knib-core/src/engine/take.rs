@@ -875,9 +875,9 @@ fn merge_after_backup(
         }
         crate::crashpoint::durable_step(&format!("creation of {}", new.display()));
         // Made by knib following no link (whatever had the name goes
-        // first), written by qemu-img through knib's descriptor, and
-        // renamed over the disk only while its name still leads to it: a
-        // link put there would have become the VM's disk.
+        // first), written by qemu-img through knib's descriptor, and left
+        // in the disk's place only when it is the overlay: a link put
+        // under its name would have become the VM's disk.
         let file = fsio::create_own_temp(&new)?;
         crate::crashpoint::pause_point(&format!("created {}", new.display()));
         q.create_overlay(&fsio::by_fd(&file), &base_name, "qcow2", Some(st.virtual_size), ctl)?;
@@ -903,8 +903,9 @@ fn merge_after_backup(
                 return Err(KnibError::io(&format!("cannot link {} as", v.disk.display()), &base, e));
             }
         }
-        fsio::require_same_file(&new, &file)?;
-        fsio::commit_rename(&new, &v.disk)?;
+        // An exchange: what is at the disk's name is put back when the
+        // name `new` no longer led to the overlay.
+        fsio::commit_own_temp(&new, &file, &v.disk, true)?;
     }
     Ok(())
 }
