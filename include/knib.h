@@ -1696,7 +1696,10 @@
  *       left        [string]: What may be left outside the store, for the
  *                   operator to look at.
  *       method      string: "snapshot" or "bitmap": the method of the
- *                   interrupted backup.
+ *                   interrupted backup; "compression": a compression of a
+ *                   published backup, interrupted while it replaced the
+ *                   backup's files, that cannot be finished (its
+ *                   `manifest.next.json` is kept in `kept_as`).
  *       published?  boolean or null: Whether it had been published in this
  *                   store (it then stays); null when that cannot be told (the
  *                   journal unreadable, or the backup written to a vault).

@@ -642,7 +642,12 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
             let out = Store::open(store)?.discard_interrupted(&domain)?;
             let mut text = String::new();
             for d in &out.discarded {
+                let file = if d.method == "compression" { "next manifest" } else { "journal" };
                 let what = match (&d.backup_id, &d.step) {
+                    (Some(id), _) if d.method == "compression" => format!(
+                        "the interrupted compression of backup {id} of {domain}, which cannot be finished ({})",
+                        d.unreadable.as_deref().unwrap_or("unreadable")
+                    ),
                     (Some(id), Some(step)) => {
                         format!("{} backup {id} of {domain} (stopped at its {step} step)", d.method)
                     }
@@ -653,8 +658,8 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                     ),
                 };
                 let kept = match &d.kept_as {
-                    Some(p) => format!("its journal is kept as {}", p.display()),
-                    None => "its journal was not a file, and is removed".to_string(),
+                    Some(p) => format!("its {file} is kept as {}", p.display()),
+                    None => format!("its {file} was not a file, and is removed"),
                 };
                 let state = match d.published {
                     Some(true) => "; it was published, and stays",

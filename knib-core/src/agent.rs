@@ -597,9 +597,15 @@ pub(crate) fn restore(op: &str, r: &RestoreReq, ctl: &Control) -> Result<Restore
         if let Err(e) = fsio::commit_own_temp(stage, file, &v.volume_path, true) {
             // Say exactly what was and was not replaced; the restored
             // copies of the others stay beside them for a retry.
-            let done: Vec<String> = volumes.iter().map(|v: &RestoredVolume| v.path.display().to_string()).collect();
+            let mut done: Vec<String> = volumes.iter().map(|v: &RestoredVolume| v.path.display().to_string()).collect();
+            // One in place but not made durable (its directory's sync
+            // failed) was replaced: its staged name is gone.
+            let in_place = fsio::require_same_file(&v.volume_path, file).is_ok();
+            if in_place {
+                done.push(v.volume_path.display().to_string());
+            }
             // (One refused as not knib's file is not a restored copy.)
-            let from = if e.kind == crate::ErrorKind::Corrupt { i + 1 } else { i };
+            let from = if in_place || e.kind == crate::ErrorKind::Corrupt { i + 1 } else { i };
             let left: Vec<String> = staged[from..].iter().map(|s| s.display().to_string()).collect();
             return Err(e.context(format!(
                 "{op}: replaced {} of {} volumes ({}); {}",

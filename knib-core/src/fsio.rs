@@ -78,9 +78,9 @@ impl TempFile {
     }
 
     /// Rename it to `dest`, made durable: over an entry there only with
-    /// `replace` ([`commit_rename`]); without, an entry that appeared at
-    /// `dest` since the caller checked is left alone and the rename refused
-    /// ([`rename_noreplace`]). On an error the temporary file is removed.
+    /// `replace` (an exchange, taken back when the check below fails);
+    /// without, an entry that appeared at `dest` since the caller checked
+    /// is left alone and the rename refused (as [`rename_noreplace`]). On an error the temporary file is removed.
     /// The name must still lead to the file it created, and `dest` to it
     /// after the rename: anything swapped in under it is refused, `corrupt`
     /// (never kept at `dest`; and, as on every error, the name is removed
@@ -221,15 +221,16 @@ fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &
     });
     match (checked, replaced) {
         (Ok(()), Replaced::Kept) => {
-            sync_dir(parent_dir(dest))?;
-            // What `dest` held, now under the temporary name; left there, a
-            // clean-up removes it as any temporary.
+            // What `dest` held, now under the temporary name, removed
+            // before the directory is made durable (so that it does not
+            // come back after a power loss); one left there is removed as
+            // any temporary.
             if let Err(e) = fs::remove_file(tmp) {
                 log::warn!("cannot remove {}, what {} held before: {e}", tmp.display(), dest.display());
             }
-            Ok(())
+            sync_dir(parent_dir(dest)).map_err(|e| replaced_not_durable(e, dest))
         }
-        (Ok(()), _) => sync_dir(parent_dir(dest)),
+        (Ok(()), _) => sync_dir(parent_dir(dest)).map_err(|e| replaced_not_durable(e, dest)),
         (Err(mut e), Replaced::Kept) => {
             use rustix::fs::{renameat_with, RenameFlags, CWD};
             match renameat_with(CWD, tmp, CWD, dest, RenameFlags::EXCHANGE) {
@@ -243,11 +244,22 @@ fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &
                     );
                 }
                 Err(x) => {
+                    // What `dest` held is under the temporary's name, which
+                    // every caller removes on an error: moved to a name of
+                    // its own, which nothing removes.
+                    let mut keep = dest.as_os_str().to_owned();
+                    keep.push(format!(".knib-replaced-{}", std::process::id()));
+                    let keep = PathBuf::from(keep);
+                    let at = match rename_noreplace_now(tmp, &keep) {
+                        Ok(()) => keep,
+                        Err(_) => tmp.to_path_buf(),
+                    };
+                    let _ = sync_dir(parent_dir(dest));
                     e.message = format!(
                         "{}; that entry is at {} and could not be taken back ({x}): what it held before is at {}",
                         e.message,
                         dest.display(),
-                        tmp.display()
+                        at.display()
                     );
                 }
             }
@@ -262,6 +274,14 @@ fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &
             Err(e)
         }
     }
+}
+
+/// The error of a rename that put knib's file at `dest` but whose
+/// directory could not be made durable (`e`): the caller must not take
+/// the temporary for still there.
+fn replaced_not_durable(mut e: KnibError, dest: &Path) -> KnibError {
+    e.message = format!("{} (knib's file is at {} now, but a power loss may undo that)", e.message, dest.display());
+    e
 }
 
 /// What a replacing rename did with the entry at its destination.
@@ -291,7 +311,14 @@ fn exchange_or_rename(tmp: &Path, dest: &Path) -> Result<Replaced> {
     match renameat_with(CWD, tmp, CWD, dest, RenameFlags::EXCHANGE) {
         Ok(()) => Ok(Replaced::Kept),
         // Nothing at `dest` (or the temporary gone: the rename says which).
-        Err(Errno::NOENT) => fs::rename(tmp, dest).map(|()| Replaced::Nothing).map_err(fail),
+        Err(Errno::NOENT) => match fs::rename(tmp, dest) {
+            Ok(()) => Ok(Replaced::Nothing),
+            // The temporary itself is gone since knib looked at it.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && fs::symlink_metadata(tmp).is_err() => {
+                Err(replaced_error(tmp))
+            }
+            Err(e) => Err(fail(e)),
+        },
         Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => {
             let there = fs::symlink_metadata(dest).is_ok();
             fs::rename(tmp, dest).map_err(fail)?;
@@ -355,7 +382,9 @@ fn link_then_unlink(from: &Path, to: &Path, appeared: &dyn Fn() -> KnibError) ->
 /// The temporary is knib's own (`create_own_temp`: a stale one, or a link
 /// planted under its name, is removed, never followed) and is renamed only
 /// while its name leads to the file written (`commit_own_temp`): one
-/// swapped meanwhile is refused, `corrupt`, and `path` keeps what it held.
+/// swapped meanwhile is refused, `corrupt`, and `path` keeps what it held
+/// (on a file system that takes no exchange, NFS, the entry is removed
+/// from `path` and what it held is gone; the error says so).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = temp_path(path);
     let mut f = create_own_temp(&tmp)?;

@@ -59,3 +59,95 @@ fn recover_with_discard_sets_a_damaged_journal_aside_without_the_domain() {
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
     assert!(!store_dir.join("vms/never").exists());
 }
+
+/// A compression of a published backup that ended while it replaced the
+/// backup's files (before the rename of file `replaced`: a panic at that
+/// step, which leaves the store as a crash would), and whose next manifest
+/// was then damaged, stops every operation on the VM: corrupt, naming the
+/// file and the way out. Before, `recover` with `discard` was stopped too.
+/// It sets the compression aside: the damaged next manifest kept as it
+/// was, the `.comp` files removed. With no file replaced yet, the backup is
+/// as its manifest says (it verifies, and restores the disks' bytes); with
+/// one replaced, the answer names it, `verify` reports it, it still
+/// restores with `no_verify`, and the backup can be deleted.
+#[test]
+fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
+    use knib_core::engine::CompressOptions;
+    use knib_core::qemu_img::ImageFormat;
+    for replaced in [0usize, 1] {
+        let d = tempfile::tempdir().unwrap();
+        let disks: Vec<DiskSpec> = ["root", "data"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let path = d.path().join(format!("{n}.qcow2"));
+                make_disk(&path, 8 << 20, &[]);
+                qemu_io(&path, &format!("write -P 0x{:x} 0 2M", 0x41 + i));
+                DiskSpec { name: n.to_string(), path }
+            })
+            .collect();
+        let store_dir = d.path().join("st");
+        let store = Store::create(&store_dir).unwrap();
+        let m = store.backup("vm1", &disks, &BackupOptions::default(), &Control::new()).unwrap();
+        let dir = store_dir.join("vms/vm1").join(&m.id);
+        let file = |i: usize| dir.join(&m.volumes[i].file);
+        let comp = |i: usize| dir.join(format!("{}.comp", m.volumes[i].file));
+        let at = format!("rename {}", comp(replaced).display());
+        knib_core::crashpoint::panic_before(&at);
+        let (sd, id) = (store_dir.clone(), m.id.clone());
+        let ended = std::thread::spawn(move || {
+            Store::open(&sd).unwrap().compress(&id, &CompressOptions::default(), &Control::new())
+        })
+        .join();
+        assert!(ended.is_err(), "replaced {replaced}: the compression did not end at {at}");
+        assert_eq!((0..2).map(|i| comp(i).exists()).collect::<Vec<_>>(), [replaced < 1, true], "replaced {replaced}");
+        let next = dir.join("manifest.next.json");
+        let damaged = b"{\"schema\": 1, \"id\": \"".to_vec();
+        std::fs::write(&next, &damaged).unwrap();
+
+        let e = store.delete(&m.id).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Corrupt, "replaced {replaced}: {e}");
+        assert!(e.message.contains(&next.display().to_string()), "replaced {replaced}: {e}");
+        assert!(e.message.contains("`knib recover --discard`"), "replaced {replaced}: {e}");
+
+        let a = call("recover", json!({"store": store_dir, "domain": "vm1", "discard": true})).unwrap();
+        assert_eq!(a["discarded"].as_array().unwrap().len(), 1, "replaced {replaced}: {a}");
+        let j = &a["discarded"][0];
+        assert_eq!(j["method"], "compression", "{a}");
+        assert_eq!(j["backup_id"], m.id.as_str(), "{a}");
+        assert_eq!(j["published"], true, "{a}");
+        assert!(j["unreadable"].as_str().unwrap().contains(&next.display().to_string()), "{a}");
+        let kept = std::path::PathBuf::from(j["kept_as"].as_str().unwrap());
+        assert_eq!(kept.parent().unwrap(), store_dir.join("vms/vm1"), "{a}");
+        assert_eq!(std::fs::read(&kept).unwrap(), damaged, "replaced {replaced}");
+        assert!(!next.exists(), "replaced {replaced}");
+        let left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".comp") || n.contains("next"))
+            .collect();
+        assert!(left.is_empty(), "replaced {replaced}: left {left:?}");
+        let said: Vec<&str> = j["left"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+        let report = store.verify(Some(&m.id), &Control::new()).unwrap().remove(0);
+        if replaced == 0 {
+            assert!(said.is_empty(), "{a}");
+            assert!(report.ok, "{report:?}");
+        } else {
+            assert_eq!(said.len(), 1, "{a}");
+            assert!(said[0].starts_with(&format!("{} was already replaced", file(0).display())), "{a}");
+            assert!(!report.ok, "{report:?}");
+            assert!(report.problems.iter().any(|p| p.contains(&m.volumes[0].file)), "{report:?}");
+        }
+        for (i, disk) in disks.iter().enumerate() {
+            let out = d.path().join(format!("restored-{i}.qcow2"));
+            let verify = replaced == 0;
+            store.restore_with(&m.id, &disk.name, &out, ImageFormat::Qcow2, verify, &Control::new()).unwrap();
+            assert_identical(&out, &disk.path);
+        }
+        assert_eq!(store.list(None).unwrap().len(), 1, "replaced {replaced}");
+        let again = call("recover", json!({"store": store_dir, "domain": "vm1", "discard": true})).unwrap();
+        assert_eq!(again["discarded"], json!([]), "replaced {replaced}: {again}");
+        store.delete(&m.id).unwrap();
+        assert!(store.list(None).unwrap().is_empty(), "replaced {replaced}");
+    }
+}

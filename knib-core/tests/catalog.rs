@@ -964,3 +964,35 @@ fn a_disk_resized_between_backups_restores_at_each_size() {
         assert!(reports.iter().all(|r| r.ok), "{reports:?}");
     }
 }
+
+/// A compression's `.comp` file swapped, at the step that renames it over
+/// the backup's file, for a hard link to a file outside the store: the
+/// rename takes that entry, and the compression fails as corrupt, saying
+/// the backup's file is not the copy knib wrote (before, it succeeded: the
+/// backup's file became the outside file, under the hash of knib's copy),
+/// and `verify` reports the file. The outside file is not written.
+#[test]
+fn a_comp_file_swapped_at_its_rename_fails_the_compression() {
+    let vm = TestDisks::two();
+    let sdir = tempfile::tempdir().unwrap();
+    let store = Store::create(sdir.path()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x71 0 4M");
+    let b = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    let file = store.volume_file(&b, "root").unwrap();
+    let comp = file.with_extension("qcow2.comp");
+    let outside = tempfile::tempdir_in(sdir.path().parent().unwrap()).unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, b"not knib's").unwrap();
+    let at = format!("rename {} to", comp.display());
+    knib_core::crashpoint::pause_before(&at, std::time::Duration::from_secs(300));
+    let e = std::thread::scope(|s| {
+        s.spawn(|| while_paused(&at, || replace_with_link(&comp, &victim, true)));
+        store.compress(&b.id, &CompressOptions::default(), &Control::new()).unwrap_err()
+    });
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    let says = format!("{} was replaced while knib renamed it over {}", comp.display(), file.display());
+    assert!(e.message.contains(&says), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's");
+    let report = store.verify(Some(&b.id), &Control::new()).unwrap().remove(0);
+    assert!(!report.ok && report.problems.iter().any(|p| p.contains("root.qcow2")), "{report:?}");
+}

@@ -654,13 +654,23 @@ fn a_disk_a_vm_starts_on_before_the_merge_locks_it_refuses_the_backup() {
     // qemu-io holds the disk (QEMU's own locks refuse a second writer)
     // while the merge still waits. The probe (`qemu-img info`, a reader
     // that shares no write) may lock the disk first: qemu-io then exits,
-    // and starts again.
+    // and starts again. Both may also fail at once, each meeting the
+    // other's locks while it opens (seen once: qemu-io exited as the probe
+    // failed, and the merge then locked a free disk): so the probe must
+    // fail twice, with qemu-io still running a while after each.
+    let probe_fails = || {
+        let out = std::process::Command::new("qemu-img").arg("info").arg(&disks[1]).output().unwrap();
+        !out.status.success()
+    };
+    let still_running = |vm: &mut std::process::Child| {
+        std::thread::sleep(Duration::from_millis(300));
+        vm.try_wait().unwrap().is_none()
+    };
     loop {
         if vm.try_wait().unwrap().is_some() {
             vm = start();
         }
-        let out = std::process::Command::new("qemu-img").arg("info").arg(&disks[1]).output().unwrap();
-        if !out.status.success() && vm.try_wait().unwrap().is_none() {
+        if probe_fails() && still_running(&mut vm) && probe_fails() && still_running(&mut vm) {
             break;
         }
         assert!(paused.elapsed() < pause / 2, "qemu-io did not lock {} in time", disks[1].display());
@@ -820,4 +830,29 @@ fn assert_no_writer_gets(disk: &std::path::Path, what: &str) {
         "{what}: a writer opened {} during the backup: {text}",
         disk.display()
     );
+}
+
+/// A base creation interrupted where the disk was renamed to its base (a
+/// file system without hard links, or an older knib), with a link (hard
+/// or symbolic, to a file outside) under the new overlay's name: the
+/// repair puts the base back under the disk's name and removes the link.
+/// Before, it renamed the entry under the overlay's name to the disk's:
+/// the VM's disk became the link.
+#[test]
+fn a_repair_never_makes_a_link_under_the_overlays_name_the_disk() {
+    for hard in [false, true] {
+        let s = SwapSetup::new();
+        let base = engine::take::base_path(&s.disk);
+        let new = s.disk.with_file_name("disk.qcow2.knib-new");
+        std::fs::rename(&s.disk, &base).unwrap();
+        std::fs::write(&new, b"").unwrap();
+        replace_with_link(&new, &s.victim, hard);
+        assert!(engine::take::repair_volume(&s.disk).unwrap(), "hard {hard}: nothing repaired");
+        let m = std::fs::symlink_metadata(&s.disk).unwrap();
+        assert!(m.file_type().is_file(), "hard {hard}: the disk is a link");
+        assert_identical(&s.disk, &s.reference);
+        assert!(std::fs::symlink_metadata(&new).is_err(), "hard {hard}: the link is left");
+        assert!(!base.exists(), "hard {hard}: the base is left");
+        assert_eq!(std::fs::read(&s.victim).unwrap(), b"not knib's", "hard {hard}");
+    }
 }

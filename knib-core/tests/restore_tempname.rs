@@ -221,11 +221,15 @@ fn a_restore_temporary_swapped_for_a_link_once_created_is_not_written_through() 
     }
 }
 
-/// A restore's temporary swapped for a link after knib's last look at it
-/// and before its rename (the rename's durable step) is found at the
-/// destination once renamed, and removed from there: the restore fails as
-/// corrupt, saying so, no destination is left, and the linked file is as
-/// it was.
+/// A restore's temporary swapped for a link (symbolic, or hard to a file
+/// outside) after knib's last look at it and before its rename (the
+/// rename's durable step) never stays at the destination, and the linked
+/// file is as it was. With no destination before, the entry the rename
+/// took there is removed again: the restore fails as corrupt, saying so,
+/// and no destination is left. Over an existing destination (overwrite)
+/// the rename is an exchange, taken back: the destination keeps what it
+/// held (before, the rename replaced it, the entry was removed again, and
+/// what the destination held was gone).
 #[test]
 fn a_temporary_swapped_just_before_its_rename_is_not_left_at_the_destination() {
     let d = tempfile::tempdir().unwrap();
@@ -234,69 +238,41 @@ fn a_temporary_swapped_just_before_its_rename_is_not_left_at_the_destination() {
     qemu_io(&b, "write -P 0x33 0 1M");
     let victim = d.path().join("victim");
     std::fs::write(&victim, b"not knib's").unwrap();
-    for hard in [false, true] {
-        let out = d.path().join(format!("out-{hard}"));
+    for (hard, overwrite) in [(false, false), (true, false), (false, true), (true, true)] {
+        let out = d.path().join(format!("out-{hard}-{overwrite}"));
         std::fs::create_dir(&out).unwrap();
         let dest = out.join("r.qcow2");
+        if overwrite {
+            std::fs::write(&dest, b"the restore before").unwrap();
+        }
         let at = format!(" to {}", dest.display());
         let e = with_temporaries_swapped(&at, &out, &dest, &victim, hard, || {
             let req = RestoreRequest {
                 backup_file: b.clone(),
                 dest: dest.clone(),
                 format: ImageFormat::Qcow2,
-                overwrite: false,
+                overwrite,
                 data_path: DataPath::Native,
             };
             engine::restore(&QemuImg::new(), &req, &Control::new()).unwrap_err()
         });
-        assert_eq!(e.kind, ErrorKind::Corrupt, "hard {hard}: {e}");
-        let says = format!("that entry was renamed to {} and removed again", dest.display());
-        assert!(e.message.contains(&says), "hard {hard}: {e}");
-        assert!(std::fs::symlink_metadata(&dest).is_err(), "hard {hard}: left at the destination");
-        assert!(names(&out).is_empty(), "hard {hard}: {:?}", names(&out));
+        let case = format!("hard {hard}, overwrite {overwrite}");
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{case}: {e}");
+        assert!(e.message.contains("was replaced while knib wrote it"), "{case}: {e}");
+        if overwrite {
+            assert!(e.message.contains("taken back: it holds what it held before"), "{case}: {e}");
+            let kept = std::fs::read(&dest).unwrap();
+            assert!(kept == b"the restore before", "{case}: the destination holds {} other bytes", kept.len());
+            assert!(!std::fs::symlink_metadata(&dest).unwrap().file_type().is_symlink(), "{case}");
+            assert_eq!(names(&out), ["r.qcow2"], "{case}");
+        } else {
+            let says = format!("that entry was renamed to {} and removed again", dest.display());
+            assert!(e.message.contains(&says), "{case}: {e}");
+            assert!(std::fs::symlink_metadata(&dest).is_err(), "{case}: left at the destination");
+            assert!(names(&out).is_empty(), "{case}: {:?}", names(&out));
+        }
         let v = std::fs::read(&victim).unwrap();
-        assert!(v == b"not knib's", "hard {hard}: the linked file was written ({} bytes)", v.len());
-    }
-}
-
-/// A restore over an existing destination (overwrite) whose temporary is
-/// swapped for a link just before its rename leaves the destination as it
-/// was: the rename is an exchange, taken back when the destination does
-/// not lead to knib's file. Before, the rename replaced the destination,
-/// the entry was removed again, and what the destination held was gone.
-#[test]
-fn a_temporary_swapped_just_before_it_replaces_a_destination_leaves_the_destination() {
-    let d = tempfile::tempdir().unwrap();
-    let b = d.path().join("b.qcow2");
-    make_disk(&b, 4 << 20, &[]);
-    qemu_io(&b, "write -P 0x34 0 1M");
-    let victim = d.path().join("victim");
-    std::fs::write(&victim, b"not knib's").unwrap();
-    for hard in [false, true] {
-        let out = d.path().join(format!("over-{hard}"));
-        std::fs::create_dir(&out).unwrap();
-        let dest = out.join("r.qcow2");
-        std::fs::write(&dest, b"the restore before").unwrap();
-        let at = format!(" to {}", dest.display());
-        let e = with_temporaries_swapped(&at, &out, &dest, &victim, hard, || {
-            let req = RestoreRequest {
-                backup_file: b.clone(),
-                dest: dest.clone(),
-                format: ImageFormat::Qcow2,
-                overwrite: true,
-                data_path: DataPath::Native,
-            };
-            engine::restore(&QemuImg::new(), &req, &Control::new()).unwrap_err()
-        });
-        assert_eq!(e.kind, ErrorKind::Corrupt, "hard {hard}: {e}");
-        assert!(e.message.contains("was replaced while knib wrote it"), "hard {hard}: {e}");
-        assert!(e.message.contains("taken back: it holds what it held before"), "hard {hard}: {e}");
-        let kept = std::fs::read(&dest).unwrap();
-        assert!(kept == b"the restore before", "hard {hard}: the destination holds {} other bytes", kept.len());
-        assert!(!std::fs::symlink_metadata(&dest).unwrap().file_type().is_symlink(), "hard {hard}");
-        assert_eq!(names(&out), ["r.qcow2"], "hard {hard}");
-        let v = std::fs::read(&victim).unwrap();
-        assert!(v == b"not knib's", "hard {hard}: the linked file was written ({} bytes)", v.len());
+        assert!(v == b"not knib's", "{case}: the linked file was written ({} bytes)", v.len());
     }
 }
 

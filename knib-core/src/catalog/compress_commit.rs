@@ -30,9 +30,9 @@
 
 use std::path::PathBuf;
 
-use super::{confine, Manifest, Store};
+use super::{confine, DiscardedJournal, Manifest, Store};
 use crate::engine::compress::comp_path;
-use crate::error::{KnibError, Result};
+use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
 
 /// The manifest a compression in progress will leave, beside
@@ -84,11 +84,12 @@ impl Store {
     /// interrupted between writing its next manifest and renaming it over
     /// `manifest.json` (see the module's doc); `m` itself otherwise.
     pub(super) fn pending_view(&self, m: Manifest) -> Result<Manifest> {
-        let Some(next) = self.next_manifest(&m)? else { return Ok(m) };
+        let id = m.id.clone();
+        let Some(next) = self.next_manifest(&m).map_err(|e| discard_hint(e, &id))? else { return Ok(m) };
         let mut view = m;
         let mut all = true;
         for (v, n) in view.volumes.iter_mut().zip(&next.volumes) {
-            if self.comp_of(&next, &n.file)?.is_some() {
+            if self.comp_of(&next, &n.file).map_err(|e| discard_hint(e, &id))?.is_some() {
                 all = false;
             } else {
                 v.hash = n.hash.clone();
@@ -101,31 +102,141 @@ impl Store {
         Ok(view)
     }
 
-    /// Finish every compression of `vm`'s backups that a crash interrupted
-    /// after writing its next manifest: the `.comp` files left renamed over
-    /// their files, then the next manifest over `manifest.json`. Under the
-    /// VM's lock.
-    pub(super) fn finish_compressions(&self, vm: &str) -> Result<()> {
+    /// The ids of `vm`'s backups that have a [`NEXT_MANIFEST`] beside
+    /// their manifest: a compression interrupted while it replaced their
+    /// files.
+    fn pending_compressions(&self, vm: &str) -> Result<Vec<String>> {
         let dir = self.vm_dir(vm);
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(KnibError::io("cannot list", &dir, e)),
         };
+        let mut ids = Vec::new();
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
             let pending = e.file_type().is_ok_and(|t| t.is_dir())
                 && crate::names::validate("backup id", &id).is_ok()
                 && e.path().join(NEXT_MANIFEST).symlink_metadata().is_ok();
-            if !pending {
-                continue;
+            if pending {
+                ids.push(id);
             }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Finish every compression of `vm`'s backups that a crash interrupted
+    /// after writing its next manifest: the `.comp` files left renamed over
+    /// their files, then the next manifest over `manifest.json`. Under the
+    /// VM's lock.
+    pub(super) fn finish_compressions(&self, vm: &str) -> Result<()> {
+        for id in self.pending_compressions(vm)? {
             let m = self.read_manifest(vm, &id)?;
-            let Some(next) = self.next_manifest(&m)? else { continue };
-            log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
-            self.commit_compression(&next)?;
+            let finish = || {
+                let Some(next) = self.next_manifest(&m)? else { return Ok(()) };
+                log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
+                self.commit_compression(&next)
+            };
+            finish().map_err(|e| discard_hint(e, &id))?;
         }
         Ok(())
+    }
+
+    /// Set aside every interrupted compression of `vm` that
+    /// [`Store::finish_compressions`] refuses (its [`NEXT_MANIFEST`] is not
+    /// the backup's, or a `.comp` file is not one knib wrote), which stops
+    /// every operation on the VM: `recover --discard`, under the VM's lock.
+    /// The next manifest is kept, as it was, as
+    /// `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json` (an entry
+    /// that is not a regular file is removed as an entry); the `.comp`
+    /// files still there (their files not yet replaced) are removed. A
+    /// file already replaced by its compressed copy no longer matches the
+    /// hash `manifest.json` gives: the answer says so, and `knib verify`
+    /// reports it.
+    pub(super) fn set_aside_unfinishable_compressions(&self, vm: &str) -> Result<Vec<DiscardedJournal>> {
+        let mut out = Vec::new();
+        for id in self.pending_compressions(vm)? {
+            let m = self.read_manifest(vm, &id)?;
+            let finishable = match self.next_manifest(&m) {
+                Ok(None) => continue,
+                Ok(Some(next)) => next.volumes.iter().try_for_each(|v| self.comp_of(&next, &v.file).map(drop)),
+                Err(e) => Err(e),
+            };
+            // What the files say, not what reading them met (an I/O
+            // error may pass: the compression is then finished later).
+            let why = match finishable {
+                Ok(()) => continue,
+                Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => e.message,
+                Err(e) => return Err(e),
+            };
+            let dir = self.backup_dir(&m);
+            let next = dir.join(NEXT_MANIFEST);
+            let mut d = DiscardedJournal {
+                method: "compression".into(),
+                kept_as: None,
+                backup_id: Some(id.clone()),
+                step: None,
+                published: Some(true),
+                unreadable: Some(why),
+                left: Vec::new(),
+            };
+            // The next manifest first: a crash after it leaves `.comp`
+            // files that no next manifest names, which a compression of
+            // the backup removes; before it, this runs again.
+            match std::fs::symlink_metadata(&next) {
+                Ok(md) if md.is_file() => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|t| t.as_millis())
+                        .unwrap_or_default();
+                    let to = self.vm_dir(vm).join(format!(".discarded-{now}.{id}.{NEXT_MANIFEST}"));
+                    fsio::rename_noreplace(&next, &to)?;
+                    fsio::sync_dir(&dir)?;
+                    d.kept_as = Some(to);
+                }
+                Ok(md) if md.is_dir() => {
+                    std::fs::remove_dir_all(&next).map_err(|e| KnibError::io("cannot remove", &next, e))?;
+                    fsio::sync_dir(&dir)?;
+                }
+                Ok(_) => fsio::remove_durable(&next)?,
+                Err(e) => return Err(KnibError::io("cannot stat", &next, e)),
+            }
+            for v in &m.volumes {
+                let file = dir.join(&v.file);
+                let comp = comp_path(&file);
+                match std::fs::symlink_metadata(&comp) {
+                    Ok(md) => {
+                        if let Some(what) = fsio::not_own_file(&md) {
+                            d.left.push(format!(
+                                "{} {what}, not a file knib wrote: it is removed (never followed), and whether {} was already replaced by its compressed copy cannot be told (`knib verify {id}` says whether it matches its manifest)",
+                                comp.display(),
+                                file.display()
+                            ));
+                        }
+                        if md.is_dir() {
+                            std::fs::remove_dir_all(&comp).map_err(|e| KnibError::io("cannot remove", &comp, e))?;
+                        } else {
+                            fsio::remove_if_exists(&comp)?;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(format!(
+                        "{} was already replaced by its compressed copy, which no manifest describes now: `knib verify {id}` reports it damaged; it restores with --no-verify (`no_verify`), or delete the backup",
+                        file.display()
+                    )),
+                    Err(e) => return Err(KnibError::io("cannot stat", &comp, e)),
+                }
+                fsio::remove_if_exists(&fsio::temp_path(&comp))?;
+            }
+            fsio::sync_dir(&dir)?;
+            log::warn!(
+                "the interrupted compression of backup {id} of {vm} is discarded ({}): {NEXT_MANIFEST} is {}",
+                d.unreadable.as_deref().unwrap_or_default(),
+                d.kept_as.as_ref().map(|p| format!("kept as {}", p.display())).unwrap_or_else(|| "removed".into())
+            );
+            out.push(d);
+        }
+        Ok(out)
     }
 
     /// Steps 2 and 3 of the module's doc: each `.comp` file still there
@@ -134,7 +245,26 @@ impl Store {
         let dir = self.backup_dir(next);
         for v in &next.volumes {
             if let Some(comp) = self.comp_of(next, &v.file)? {
-                fsio::commit_rename(&comp, &dir.join(&v.file))?;
+                // The file looked at is the one renamed: an entry swapped
+                // in between (a hard link to a file elsewhere) is not
+                // taken for the backup's file.
+                let file = dir.join(&v.file);
+                let id = |p: &std::path::Path| {
+                    use std::os::unix::fs::MetadataExt;
+                    std::fs::symlink_metadata(p)
+                        .map(|m| (m.dev(), m.ino(), fsio::not_own_file(&m).is_none()))
+                        .map_err(|e| KnibError::io("cannot stat", p, e))
+                };
+                let looked = id(&comp)?;
+                fsio::commit_rename(&comp, &file)?;
+                let (dev, ino, own) = id(&file)?;
+                if (dev, ino) != (looked.0, looked.1) || !own {
+                    return Err(KnibError::corrupt(format!(
+                        "{} was replaced while knib renamed it over {}: that file is not the compressed copy knib wrote (`knib verify` reports it)",
+                        comp.display(),
+                        file.display()
+                    )));
+                }
             }
         }
         fsio::commit_rename(&dir.join(NEXT_MANIFEST), &dir.join("manifest.json"))
@@ -174,4 +304,16 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// `e`, met finishing the interrupted compression of backup `id` (or
+/// reading the backup as its files are), with the way out when it is
+/// `corrupt`: the compression cannot be finished.
+fn discard_hint(mut e: KnibError, id: &str) -> KnibError {
+    if e.kind == ErrorKind::Corrupt {
+        e.message.push_str(&format!(
+            "; the interrupted compression of backup {id} cannot be finished: `knib recover --discard` (`recover` with `discard`) sets it aside"
+        ));
+    }
+    e
 }

@@ -23,6 +23,14 @@
 //! - The next backup decides from the disks, as always (see
 //!   [`super::head`]): full when their deltas or bitmaps do not say what
 //!   they follow.
+//! - A compression interrupted while it replaced a published backup's
+//!   files, which every lock finishes, stops every operation on the VM
+//!   when it cannot be finished: its `manifest.next.json` is not the
+//!   backup's, or a `.comp` file is not one knib wrote. It is set aside
+//!   (method "compression": the next manifest kept as
+//!   `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json`, the `.comp`
+//!   files still there removed); a file it had already replaced is named
+//!   in the answer: it no longer matches the backup's manifest.
 //! - A knib built without libvirt cannot read the journals (their plans
 //!   are libvirt's): it sets them aside unread, and leaves a bitmap
 //!   backup's work directory, whose name it cannot know, as it is.
@@ -39,7 +47,10 @@ use crate::fsio;
 /// One interrupted backup's journal, set aside (`recover` with `discard`).
 #[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct DiscardedJournal {
-    /// "snapshot" or "bitmap": the method of the interrupted backup.
+    /// "snapshot" or "bitmap": the method of the interrupted backup;
+    /// "compression": a compression of a published backup, interrupted
+    /// while it replaced the backup's files, that cannot be finished (its
+    /// `manifest.next.json` is kept in `kept_as`).
     pub method: String,
     /// Where the journal is kept now (null: it was not a regular file, and
     /// its entry was removed).
@@ -72,8 +83,10 @@ const JOURNALS: [(&str, &str); 2] = [("journal.json", "snapshot"), ("bitmap-jour
 
 impl Store {
     /// Set aside the journal of an interrupted backup of `vm` that
-    /// `recover` cannot finish or undo, so that its backups run again;
-    /// nothing outside the store is touched (see the module's invariants).
+    /// `recover` cannot finish or undo, so that its backups run again, and
+    /// each interrupted compression of its backups that cannot be
+    /// finished; nothing outside the store is touched (see the module's
+    /// invariants).
     /// A VM the store has no directory for is not found; one without a
     /// journal has nothing discarded.
     pub fn discard_interrupted(&self, vm: &str) -> Result<DiscardOutcome> {
@@ -86,9 +99,11 @@ impl Store {
             )));
         }
         // Under the lock, whose sweep removes an unpublished backup's
-        // partial files.
-        let _lock = self.lock_vm(vm, &format!("discard of the interrupted backup of {vm}"))?;
-        let mut discarded = Vec::new();
+        // partial files; the compressions it cannot finish are set aside
+        // first, then the others finished, as every lock does.
+        let _lock = self.lock_vm_unfinished(vm, &format!("discard of the interrupted backup of {vm}"))?;
+        let mut discarded = self.set_aside_unfinishable_compressions(vm)?;
+        self.finish_compressions(vm)?;
         for (name, method) in JOURNALS {
             let path = dir.join(name);
             let Ok(meta) = fs::symlink_metadata(&path) else { continue };

@@ -310,13 +310,23 @@ impl Store {
     }
 
     /// Take the lock of `vm` for `operation`; fails at once with "busy".
+    /// Taken, it first removes what crashes left half-written and finishes
+    /// every compression interrupted while it replaced a backup's files.
     pub fn lock_vm(&self, vm: &str, operation: &str) -> Result<VmLock> {
+        let lock = self.lock_vm_unfinished(vm, operation)?;
+        self.finish_compressions(vm)?;
+        Ok(lock)
+    }
+
+    /// [`Store::lock_vm`] but for the interrupted compressions, which are
+    /// left as they are: for `recover --discard`, which sets aside those
+    /// that cannot be finished. What crashes left half-written is removed.
+    pub(crate) fn lock_vm_unfinished(&self, vm: &str, operation: &str) -> Result<VmLock> {
         names::validate("VM name", vm)?;
         let dir = self.vm_dir(vm);
         self.ensure_dir(&Self::vm_rel(vm), "VM directory")?;
         let lock = VmLock::acquire(&dir.join(".lock"), vm, operation)?;
         self.sweep_partials(vm)?;
-        self.finish_compressions(vm)?;
         Ok(lock)
     }
 

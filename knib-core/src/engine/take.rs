@@ -197,7 +197,10 @@ fn new_overlay_path(disk: &Path) -> PathBuf {
 
 /// Finish or undo what a crash interrupted on a disk getting its base:
 /// when `P` is missing but its base and the new overlay exist (a crash of an
-/// older knib, which renamed `P` to the base), the overlay is renamed to
+/// older knib, or one on a file system without hard links, which renamed
+/// `P` to the base), the overlay is renamed to `P`, or, when the entry
+/// under the overlay's name is not the file knib made (a link: it would
+/// become the disk), that entry is removed and the base renamed back to
 /// `P`; when the base is a second name of `P` itself (a crash between
 /// linking the base and putting the overlay in place), that name is removed
 /// (guest writes since the crash went into `P`: finishing would hide them
@@ -216,12 +219,26 @@ pub fn repair_volume(disk: &Path) -> Result<bool> {
             return Ok(true);
         }
     }
-    if !disk.exists() && base.exists() && new.exists() {
+    let new_meta = fs::symlink_metadata(&new).ok();
+    if !disk.exists() && base.exists() && new_meta.is_some() {
+        // Only the overlay knib made takes the disk's name: anything else
+        // there (a link put under the name) is removed, never followed,
+        // and the base takes its name back.
+        if let Some(what) = new_meta.as_ref().and_then(fsio::not_own_file) {
+            log::warn!(
+                "undoing an interrupted base creation of {}: {} {what}, not the overlay knib made; it is removed",
+                disk.display(),
+                new.display()
+            );
+            fsio::remove_if_exists(&new)?;
+            fsio::rename_noreplace(&base, disk)?;
+            return Ok(true);
+        }
         log::warn!("finishing an interrupted base creation of {}", disk.display());
         fsio::commit_rename(&new, disk)?;
         return Ok(true);
     }
-    if disk.exists() && new.exists() {
+    if disk.exists() && new_meta.is_some() {
         fsio::remove_if_exists(&new)?;
     }
     Ok(false)
@@ -890,6 +907,7 @@ fn merge_after_backup(
         file.sync_all().map_err(|e| KnibError::io("cannot sync", &new, e))?;
         fsio::sync_dir(fsio::parent_dir(&new))?;
         crate::crashpoint::durable_step(&format!("link of {} as {}", v.disk.display(), base.display()));
+        let mut renamed = false;
         match fs::hard_link(&v.disk, &base) {
             Ok(()) => {}
             Err(e)
@@ -897,6 +915,7 @@ fn merge_after_backup(
             {
                 log::debug!("cannot link {} as {} ({e}): renaming it", v.disk.display(), base.display());
                 fsio::rename_noreplace(&v.disk, &base)?;
+                renamed = true;
             }
             Err(e) => {
                 let _ = fsio::remove_if_exists(&new);
@@ -904,8 +923,21 @@ fn merge_after_backup(
             }
         }
         // An exchange: what is at the disk's name is put back when the
-        // name `new` no longer led to the overlay.
-        fsio::commit_own_temp(&new, &file, &v.disk, true)?;
+        // name `new` no longer led to the overlay. Where the disk was
+        // renamed to its base (no hard links), the base takes its name
+        // back: the disk is never left missing.
+        if let Err(mut e) = fsio::commit_own_temp(&new, &file, &v.disk, true) {
+            if renamed {
+                match fsio::rename_noreplace(&base, &v.disk) {
+                    Ok(()) => e.message.push_str(&format!("; {} is back in place", v.disk.display())),
+                    Err(r) => e.message.push_str(&format!(
+                        "; the disk's data is at {}, which could not take its name back: {r}",
+                        base.display()
+                    )),
+                }
+            }
+            return Err(e);
+        }
     }
     Ok(())
 }
