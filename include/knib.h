@@ -1694,7 +1694,8 @@
  *       kept_as?    string or null: Where the journal is kept now (null: it
  *                   was not a regular file, and its entry was removed).
  *       left        [string]: What may be left outside the store, for the
- *                   operator to look at.
+ *                   operator to look at; for a compression, the backup's
+ *                   files it may have replaced.
  *       method      string: "snapshot" or "bitmap": the method of the
  *                   interrupted backup; "compression": a compression of a
  *                   published backup, interrupted while it replaced the
@@ -1706,7 +1707,8 @@
  *       step?       string or null: The step it had reached, when the journal
  *                   could be read.
  *       unreadable? string or null: Why the journal could not be read, when
- *                   it could not.
+ *                   it could not; for a compression, why it cannot be
+ *                   finished.
  *
  *   RecoverReport: What `recover` did.
  *       actions  [string]: One line per action.

@@ -63,18 +63,21 @@ fn recover_with_discard_sets_a_damaged_journal_aside_without_the_domain() {
 /// A compression of a published backup that ended while it replaced the
 /// backup's files (before the rename of file `replaced`: a panic at that
 /// step, which leaves the store as a crash would), and whose next manifest
-/// was then damaged, stops every operation on the VM: corrupt, naming the
-/// file and the way out. Before, `recover` with `discard` was stopped too.
-/// It sets the compression aside: the damaged next manifest kept as it
-/// was, the `.comp` files removed. With no file replaced yet, the backup is
-/// as its manifest says (it verifies, and restores the disks' bytes); with
-/// one replaced, the answer names it, `verify` reports it, it still
-/// restores with `no_verify`, and the backup can be deleted.
+/// was then damaged (or the `.comp` file it still needs swapped for a
+/// hard link to a file outside), stops every operation on the VM:
+/// corrupt, naming the file and the way out. Before, `recover` with
+/// `discard` was stopped too. It sets the compression aside: the next
+/// manifest kept as it was, the `.comp` entries removed (a link never
+/// followed). With no file replaced yet, the backup is as its manifest
+/// says (it verifies, and restores the disks' bytes); with one replaced,
+/// the answer names it (as replaced when the next manifest was knib's),
+/// `verify` reports it, it still restores with `no_verify`, and the backup
+/// can be deleted.
 #[test]
 fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
     use knib_core::engine::CompressOptions;
     use knib_core::qemu_img::ImageFormat;
-    for replaced in [0usize, 1] {
+    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp")] {
         let d = tempfile::tempdir().unwrap();
         let disks: Vec<DiskSpec> = ["root", "data"]
             .iter()
@@ -102,12 +105,22 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         assert!(ended.is_err(), "replaced {replaced}: the compression did not end at {at}");
         assert_eq!((0..2).map(|i| comp(i).exists()).collect::<Vec<_>>(), [replaced < 1, true], "replaced {replaced}");
         let next = dir.join("manifest.next.json");
-        let damaged = b"{\"schema\": 1, \"id\": \"".to_vec();
-        std::fs::write(&next, &damaged).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"not knib's").unwrap();
+        let damaged = if damage == "next" {
+            let damaged = b"{\"schema\": 1, \"id\": \"".to_vec();
+            std::fs::write(&next, &damaged).unwrap();
+            damaged
+        } else {
+            replace_with_link(&comp(1), &victim, true);
+            std::fs::read(&next).unwrap()
+        };
+        let replaced = format!("{replaced}, damaged {damage}");
+        let (replaced, damage_at) = (replaced, if damage == "next" { next.clone() } else { comp(1) });
 
         let e = store.delete(&m.id).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "replaced {replaced}: {e}");
-        assert!(e.message.contains(&next.display().to_string()), "replaced {replaced}: {e}");
+        assert!(e.message.contains(&damage_at.display().to_string()), "replaced {replaced}: {e}");
         assert!(e.message.contains("`knib recover --discard`"), "replaced {replaced}: {e}");
 
         let a = call("recover", json!({"store": store_dir, "domain": "vm1", "discard": true})).unwrap();
@@ -116,7 +129,7 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         assert_eq!(j["method"], "compression", "{a}");
         assert_eq!(j["backup_id"], m.id.as_str(), "{a}");
         assert_eq!(j["published"], true, "{a}");
-        assert!(j["unreadable"].as_str().unwrap().contains(&next.display().to_string()), "{a}");
+        assert!(j["unreadable"].as_str().unwrap().contains(&damage_at.display().to_string()), "{a}");
         let kept = std::path::PathBuf::from(j["kept_as"].as_str().unwrap());
         assert_eq!(kept.parent().unwrap(), store_dir.join("vms/vm1"), "{a}");
         assert_eq!(std::fs::read(&kept).unwrap(), damaged, "replaced {replaced}");
@@ -129,18 +142,27 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         assert!(left.is_empty(), "replaced {replaced}: left {left:?}");
         let said: Vec<&str> = j["left"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
         let report = store.verify(Some(&m.id), &Control::new()).unwrap().remove(0);
-        if replaced == 0 {
+        let none_replaced = replaced.starts_with('0');
+        if none_replaced {
             assert!(said.is_empty(), "{a}");
             assert!(report.ok, "{report:?}");
         } else {
-            assert_eq!(said.len(), 1, "{a}");
-            assert!(said[0].starts_with(&format!("{} was already replaced", file(0).display())), "{a}");
+            // Named as replaced only when the next manifest was knib's.
+            let how = if damage == "next" { "has no compressed copy beside it" } else { "was already replaced" };
+            assert!(said[0].starts_with(&format!("{} {how}", file(0).display())), "{a}");
+            if damage == "comp" {
+                assert_eq!(said.len(), 2, "{a}");
+                assert!(said[1].starts_with(&format!("{} is a file with 2 names", comp(1).display())), "{a}");
+            } else {
+                assert_eq!(said.len(), 1, "{a}");
+            }
             assert!(!report.ok, "{report:?}");
             assert!(report.problems.iter().any(|p| p.contains(&m.volumes[0].file)), "{report:?}");
         }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's", "replaced {replaced}");
         for (i, disk) in disks.iter().enumerate() {
             let out = d.path().join(format!("restored-{i}.qcow2"));
-            let verify = replaced == 0;
+            let verify = none_replaced;
             store.restore_with(&m.id, &disk.name, &out, ImageFormat::Qcow2, verify, &Control::new()).unwrap();
             assert_identical(&out, &disk.path);
         }

@@ -995,4 +995,11 @@ fn a_comp_file_swapped_at_its_rename_fails_the_compression() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's");
     let report = store.verify(Some(&b.id), &Control::new()).unwrap().remove(0);
     assert!(!report.ok && report.problems.iter().any(|p| p.contains("root.qcow2")), "{report:?}");
+    // The next lock finishes the compression (its next manifest is knib's):
+    // the file still does not pass for the backup's.
+    drop(store.lock_vm("vm1", "a later operation").unwrap());
+    assert!(!file.with_file_name("manifest.next.json").exists());
+    let report = store.verify(Some(&b.id), &Control::new()).unwrap().remove(0);
+    assert!(!report.ok && report.problems.iter().any(|p| p.contains("root.qcow2")), "{report:?}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's");
 }

@@ -19,7 +19,10 @@
 //!   ([`Store::pending_view`]);
 //! - whoever takes the VM's lock next finishes steps 2 and 3 first
 //!   ([`Store::finish_compressions`]), before anything else can remove a
-//!   `.comp` file or save the manifest.
+//!   `.comp` file or save the manifest; but `recover --discard`, which
+//!   first sets aside a compression that cannot be finished (its next
+//!   manifest not the backup's, a `.comp` not knib's file:
+//!   [`Store::set_aside_unfinishable_compressions`]).
 //!
 //! A `.comp` file is removed by knib only when no [`NEXT_MANIFEST`] names
 //! it (a compression that failed or was killed before step 1), so "`.comp`
@@ -85,11 +88,11 @@ impl Store {
     /// `manifest.json` (see the module's doc); `m` itself otherwise.
     pub(super) fn pending_view(&self, m: Manifest) -> Result<Manifest> {
         let id = m.id.clone();
-        let Some(next) = self.next_manifest(&m).map_err(|e| discard_hint(e, &id))? else { return Ok(m) };
+        let Some(next) = self.next_manifest(&m).map_err(|e| discard_hint(e, &m.vm, &id))? else { return Ok(m) };
         let mut view = m;
         let mut all = true;
         for (v, n) in view.volumes.iter_mut().zip(&next.volumes) {
-            if self.comp_of(&next, &n.file).map_err(|e| discard_hint(e, &id))?.is_some() {
+            if self.comp_of(&next, &n.file).map_err(|e| discard_hint(e, &next.vm, &id))?.is_some() {
                 all = false;
             } else {
                 v.hash = n.hash.clone();
@@ -138,7 +141,7 @@ impl Store {
                 log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
                 self.commit_compression(&next)
             };
-            finish().map_err(|e| discard_hint(e, &id))?;
+            finish().map_err(|e| discard_hint(e, vm, &id))?;
         }
         Ok(())
     }
@@ -158,9 +161,15 @@ impl Store {
         let mut out = Vec::new();
         for id in self.pending_compressions(vm)? {
             let m = self.read_manifest(vm, &id)?;
+            // Whether the next manifest is knib's: only then does a `.comp`
+            // gone mean its file was replaced.
+            let mut next_is_knibs = false;
             let finishable = match self.next_manifest(&m) {
                 Ok(None) => continue,
-                Ok(Some(next)) => next.volumes.iter().try_for_each(|v| self.comp_of(&next, &v.file).map(drop)),
+                Ok(Some(next)) => {
+                    next_is_knibs = true;
+                    next.volumes.iter().try_for_each(|v| self.comp_of(&next, &v.file).map(drop))
+                }
                 Err(e) => Err(e),
             };
             // What the files say, not what reading them met (an I/O
@@ -220,13 +229,23 @@ impl Store {
                             fsio::remove_if_exists(&comp)?;
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(format!(
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && next_is_knibs => d.left.push(format!(
                         "{} was already replaced by its compressed copy, which no manifest describes now: `knib verify {id}` reports it damaged; it restores with --no-verify (`no_verify`), or delete the backup",
+                        file.display()
+                    )),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(format!(
+                        "{} has no compressed copy beside it: if the compression had replaced it, it no longer matches its manifest (`knib verify {id}` says)",
                         file.display()
                     )),
                     Err(e) => return Err(KnibError::io("cannot stat", &comp, e)),
                 }
-                fsio::remove_if_exists(&fsio::temp_path(&comp))?;
+                // A compression's temporary, whatever it is (never followed).
+                let part = fsio::temp_path(&comp);
+                if std::fs::symlink_metadata(&part).is_ok_and(|m| m.is_dir()) {
+                    std::fs::remove_dir_all(&part).map_err(|e| KnibError::io("cannot remove", &part, e))?;
+                } else {
+                    fsio::remove_if_exists(&part)?;
+                }
             }
             fsio::sync_dir(&dir)?;
             log::warn!(
@@ -306,13 +325,13 @@ impl Store {
     }
 }
 
-/// `e`, met finishing the interrupted compression of backup `id` (or
-/// reading the backup as its files are), with the way out when it is
-/// `corrupt`: the compression cannot be finished.
-fn discard_hint(mut e: KnibError, id: &str) -> KnibError {
+/// `e`, met finishing the interrupted compression of backup `id` of VM
+/// `vm` (or reading the backup as its files are), with the way out when
+/// it is `corrupt`: the compression cannot be finished.
+fn discard_hint(mut e: KnibError, vm: &str, id: &str) -> KnibError {
     if e.kind == ErrorKind::Corrupt {
         e.message.push_str(&format!(
-            "; the interrupted compression of backup {id} cannot be finished: `knib recover --discard` (`recover` with `discard`) sets it aside"
+            "; the interrupted compression of backup {id} cannot be finished: `knib recover --discard` (`knib recover --store STORE --domain {vm} --discard`, or `recover` with `discard`) sets it aside"
         ));
     }
     e

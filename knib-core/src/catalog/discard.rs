@@ -63,9 +63,11 @@ pub struct DiscardedJournal {
     /// when that cannot be told (the journal unreadable, or the backup
     /// written to a vault).
     pub published: Option<bool>,
-    /// Why the journal could not be read, when it could not.
+    /// Why the journal could not be read, when it could not; for a
+    /// compression, why it cannot be finished.
     pub unreadable: Option<String>,
-    /// What may be left outside the store, for the operator to look at.
+    /// What may be left outside the store, for the operator to look at;
+    /// for a compression, the backup's files it may have replaced.
     pub left: Vec<String>,
 }
 

@@ -201,7 +201,8 @@ fn new_overlay_path(disk: &Path) -> PathBuf {
 /// `P` to the base), the overlay is renamed to `P`, or, when the entry
 /// under the overlay's name is not the file knib made (a link: it would
 /// become the disk), that entry is removed and the base renamed back to
-/// `P`; when the base is a second name of `P` itself (a crash between
+/// `P` (so too when only the base is left: an overlay refused, then a
+/// crash); when the base is a second name of `P` itself (a crash between
 /// linking the base and putting the overlay in place), that name is removed
 /// (guest writes since the crash went into `P`: finishing would hide them
 /// below an overlay the next incremental starts from). Returns whether
@@ -230,12 +231,25 @@ pub fn repair_volume(disk: &Path) -> Result<bool> {
                 disk.display(),
                 new.display()
             );
-            fsio::remove_if_exists(&new)?;
+            // The base first: a crash after it leaves the entry for the
+            // last branch below.
             fsio::rename_noreplace(&base, disk)?;
+            fsio::remove_if_exists(&new)?;
             return Ok(true);
         }
         log::warn!("finishing an interrupted base creation of {}", disk.display());
         fsio::commit_rename(&new, disk)?;
+        return Ok(true);
+    }
+    if !disk.exists() && new_meta.is_none() && fs::symlink_metadata(&base).is_ok_and(|m| m.is_file()) {
+        // The disk renamed to its base, and its overlay refused and gone
+        // (a crash before the base took the disk's name back).
+        log::warn!(
+            "undoing an interrupted base creation of {}: {} takes its name back",
+            disk.display(),
+            base.display()
+        );
+        fsio::rename_noreplace(&base, disk)?;
         return Ok(true);
     }
     if disk.exists() && new_meta.is_some() {
@@ -927,7 +941,9 @@ fn merge_after_backup(
         // renamed to its base (no hard links), the base takes its name
         // back: the disk is never left missing.
         if let Err(mut e) = fsio::commit_own_temp(&new, &file, &v.disk, true) {
-            if renamed {
+            // (A failure past the rename, its directory's sync, left the
+            // overlay in place: nothing to take back.)
+            if renamed && fsio::require_same_file(&v.disk, &file).is_err() {
                 match fsio::rename_noreplace(&base, &v.disk) {
                     Ok(()) => e.message.push_str(&format!("; {} is back in place", v.disk.display())),
                     Err(r) => e.message.push_str(&format!(
