@@ -214,7 +214,9 @@ fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &
         rename_noreplace_now(tmp, dest)?;
         Replaced::Nothing
     };
-    // What is at `dest` came from the temporary's name: named so.
+    // What is at `dest` came from the temporary's name: named so. An
+    // error of the look itself (I/O) cannot tell: an exchange is taken
+    // back, a plain rename left as it is.
     let checked = require_same_file(dest, file).map_err(|e| match e.kind {
         ErrorKind::Corrupt => replaced_error(tmp),
         _ => e,
@@ -247,13 +249,14 @@ fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &
                     // What `dest` held is under the temporary's name, which
                     // every caller removes on an error: moved to a name of
                     // its own, which nothing removes.
-                    let mut keep = dest.as_os_str().to_owned();
-                    keep.push(format!(".knib-replaced-{}", std::process::id()));
-                    let keep = PathBuf::from(keep);
-                    let at = match rename_noreplace_now(tmp, &keep) {
-                        Ok(()) => keep,
-                        Err(_) => tmp.to_path_buf(),
-                    };
+                    let at = (0..64)
+                        .map(|n| {
+                            let mut keep = dest.as_os_str().to_owned();
+                            keep.push(format!(".knib-replaced-{}-{n}", std::process::id()));
+                            PathBuf::from(keep)
+                        })
+                        .find(|keep| rename_noreplace_now(tmp, keep).is_ok())
+                        .unwrap_or_else(|| tmp.to_path_buf());
                     let _ = sync_dir(parent_dir(dest));
                     e.message = format!(
                         "{}; that entry is at {} and could not be taken back ({x}): what it held before is at {}",
@@ -265,6 +268,7 @@ fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &
             }
             Err(e)
         }
+        (Err(e), _) if e.kind != ErrorKind::Corrupt => Err(e),
         (Err(mut e), replaced) => {
             let _ = fs::remove_file(dest);
             e.message = format!("{}; that entry was renamed to {} and removed again", e.message, dest.display());

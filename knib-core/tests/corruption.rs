@@ -824,8 +824,7 @@ fn compress_refuses_a_miswritten_output_on(seed: u64, data_path: &str) {
         let head = format!("{} does not read back as written: ", tmp.display());
         // Named as the program that wrote it.
         let by = if data_path == "qemu-img" { "qemu-img" } else { "knib" };
-        let tail =
-            format!(" (the copy is faulty, not its source: a fault of this host or of {by}); the copy is not kept");
+        let tail = format!(" (the copy is faulty, not its source: a fault of this host or of {by})");
         assert!(e.message.starts_with(&head) && e.message.ends_with(&tail), "{ctx}: {e}");
         let rest = &e.message[head.len()..e.message.len() - tail.len()];
         if data_path == "qemu-img" {
@@ -900,7 +899,7 @@ fn the_api_s_check_output_refuses_a_miswritten_compression() {
     let e = miswritten(&at, &tmp, &req, "agent.compress").expect_err("refused");
     let swapped = |tmp: &Path| {
         format!(
-            "{} does not read back as written: a cluster reads back other than it was written (the copy is faulty, not its source: a fault of this host or of knib); the copy is not kept",
+            "{} does not read back as written: a cluster reads back other than it was written (the copy is faulty, not its source: a fault of this host or of knib)",
             tmp.display()
         )
     };
@@ -1067,8 +1066,7 @@ fn a_backup_compressed_as_copied_that_does_not_read_back_is_not_kept() {
         assert_eq!(e.kind, ErrorKind::Internal, "{ctx}: {e}");
         let head = format!("{} does not read back as written: ", what.0.display());
         let by = if round >= 4 { "qemu-img" } else { "knib" };
-        let tail =
-            format!(" (the copy is faulty, not its source: a fault of this host or of {by}); the copy is not kept");
+        let tail = format!(" (the copy is faulty, not its source: a fault of this host or of {by})");
         assert!(e.message.contains(&head) && e.message.ends_with(&tail), "{ctx}: {e}");
         let ids: Vec<String> = store.list(Some(&vm)).expect("list").into_iter().map(|m| m.id).collect();
         assert_eq!(ids, [kept.last().expect("kept").0.clone()], "{ctx}: a backup was kept");

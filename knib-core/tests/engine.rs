@@ -837,21 +837,16 @@ fn assert_no_writer_gets(disk: &std::path::Path, what: &str) {
 /// or symbolic, to a file outside) under the new overlay's name: the
 /// repair puts the base back under the disk's name and removes the link.
 /// Before, it renamed the entry under the overlay's name to the disk's:
-/// the VM's disk became the link. So too with nothing under the overlay's
-/// name (a refused overlay removed, then a crash before the base took the
-/// disk's name back): before, the disk stayed missing.
+/// the VM's disk became the link.
 #[test]
 fn a_repair_never_makes_a_link_under_the_overlays_name_the_disk() {
-    for (hard, link) in [(false, true), (true, true), (false, false)] {
+    for hard in [false, true] {
         let s = SwapSetup::new();
         let base = engine::take::base_path(&s.disk);
         let new = s.disk.with_file_name("disk.qcow2.knib-new");
         std::fs::rename(&s.disk, &base).unwrap();
-        if link {
-            std::fs::write(&new, b"").unwrap();
-            replace_with_link(&new, &s.victim, hard);
-        }
-        let hard = format!("{hard}, a link {link}");
+        std::fs::write(&new, b"").unwrap();
+        replace_with_link(&new, &s.victim, hard);
         assert!(engine::take::repair_volume(&s.disk).unwrap(), "hard {hard}: nothing repaired");
         let m = std::fs::symlink_metadata(&s.disk).unwrap();
         assert!(m.file_type().is_file(), "hard {hard}: the disk is a link");

@@ -136,12 +136,15 @@ impl Store {
     pub(super) fn finish_compressions(&self, vm: &str) -> Result<()> {
         for id in self.pending_compressions(vm)? {
             let m = self.read_manifest(vm, &id)?;
-            let finish = || {
-                let Some(next) = self.next_manifest(&m)? else { return Ok(()) };
-                log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
-                self.commit_compression(&next)
-            };
-            finish().map_err(|e| discard_hint(e, vm, &id))?;
+            // What makes it unfinishable (what a discard sets aside) is
+            // looked at first, and its error says the way out.
+            let hint = |e| discard_hint(e, vm, &id);
+            let Some(next) = self.next_manifest(&m).map_err(hint)? else { continue };
+            for v in &next.volumes {
+                self.comp_of(&next, &v.file).map_err(hint)?;
+            }
+            log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
+            self.commit_compression(&next)?;
         }
         Ok(())
     }
@@ -163,15 +166,17 @@ impl Store {
             let m = self.read_manifest(vm, &id)?;
             // Whether the next manifest is knib's: only then does a `.comp`
             // gone mean its file was replaced.
-            let mut next_is_knibs = false;
+            let mut knibs_next: Option<Manifest> = None;
             let finishable = match self.next_manifest(&m) {
                 Ok(None) => continue,
                 Ok(Some(next)) => {
-                    next_is_knibs = true;
-                    next.volumes.iter().try_for_each(|v| self.comp_of(&next, &v.file).map(drop))
+                    let r = next.volumes.iter().try_for_each(|v| self.comp_of(&next, &v.file).map(drop));
+                    knibs_next = Some(next);
+                    r
                 }
                 Err(e) => Err(e),
             };
+            let next_is_knibs = knibs_next.is_some();
             // What the files say, not what reading them met (an I/O
             // error may pass: the compression is then finished later).
             let why = match finishable {
@@ -190,6 +195,27 @@ impl Store {
                 unreadable: Some(why),
                 left: Vec::new(),
             };
+            // The files the compression already replaced keep the hash and
+            // size its next manifest (knib's) gives them, in the backup's
+            // manifest, before that next manifest goes: the backup, and the
+            // backups whose chains read it, still verify. A crash after it
+            // finds the same next manifest, as the same backup.
+            if let Some(kn) = &knibs_next {
+                let mut view = m.clone();
+                let mut changed = false;
+                for (v, n) in view.volumes.iter_mut().zip(&kn.volumes) {
+                    let gone = std::fs::symlink_metadata(comp_path(&dir.join(&v.file)))
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+                    if gone && (v.hash != n.hash || v.size != n.size) {
+                        v.hash = n.hash.clone();
+                        v.size = n.size;
+                        changed = true;
+                    }
+                }
+                if changed {
+                    view.save(&dir.join("manifest.json"))?;
+                }
+            }
             // The next manifest first: a crash after it leaves `.comp`
             // files that no next manifest names, which a compression of
             // the backup removes; before it, this runs again.
@@ -230,7 +256,7 @@ impl Store {
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound && next_is_knibs => d.left.push(format!(
-                        "{} was already replaced by its compressed copy, which no manifest describes now: `knib verify {id}` reports it damaged; it restores with --no-verify (`no_verify`), or delete the backup",
+                        "{} was already replaced by its compressed copy: the backup's manifest now records that copy's hash and size (the backup is not recorded as compressed; a compression job compresses the others)",
                         file.display()
                     )),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(format!(
@@ -329,7 +355,7 @@ impl Store {
 /// `vm` (or reading the backup as its files are), with the way out when
 /// it is `corrupt`: the compression cannot be finished.
 fn discard_hint(mut e: KnibError, vm: &str, id: &str) -> KnibError {
-    if e.kind == ErrorKind::Corrupt {
+    if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) {
         e.message.push_str(&format!(
             "; the interrupted compression of backup {id} cannot be finished: `knib recover --discard` (`knib recover --store STORE --domain {vm} --discard`, or `recover` with `discard`) sets it aside"
         ));

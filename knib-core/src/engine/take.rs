@@ -201,8 +201,7 @@ fn new_overlay_path(disk: &Path) -> PathBuf {
 /// `P` to the base), the overlay is renamed to `P`, or, when the entry
 /// under the overlay's name is not the file knib made (a link: it would
 /// become the disk), that entry is removed and the base renamed back to
-/// `P` (so too when only the base is left: an overlay refused, then a
-/// crash); when the base is a second name of `P` itself (a crash between
+/// `P`; when the base is a second name of `P` itself (a crash between
 /// linking the base and putting the overlay in place), that name is removed
 /// (guest writes since the crash went into `P`: finishing would hide them
 /// below an overlay the next incremental starts from). Returns whether
@@ -239,17 +238,6 @@ pub fn repair_volume(disk: &Path) -> Result<bool> {
         }
         log::warn!("finishing an interrupted base creation of {}", disk.display());
         fsio::commit_rename(&new, disk)?;
-        return Ok(true);
-    }
-    if !disk.exists() && new_meta.is_none() && fs::symlink_metadata(&base).is_ok_and(|m| m.is_file()) {
-        // The disk renamed to its base, and its overlay refused and gone
-        // (a crash before the base took the disk's name back).
-        log::warn!(
-            "undoing an interrupted base creation of {}: {} takes its name back",
-            disk.display(),
-            base.display()
-        );
-        fsio::rename_noreplace(&base, disk)?;
         return Ok(true);
     }
     if disk.exists() && new_meta.is_some() {

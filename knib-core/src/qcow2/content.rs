@@ -226,7 +226,7 @@ const QEMU_IMG: &str = "qemu-img";
 /// [`crate::ErrorKind::Internal`], the copy being faulty, not its source.
 fn miswritten(name: &str, by: &str, what: impl std::fmt::Display) -> KnibError {
     KnibError::internal(format!(
-        "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of {by}); the copy is not kept"
+        "{name} does not read back as written: {what} (the copy is faulty, not its source: a fault of this host or of {by})"
     ))
 }
 
