@@ -268,7 +268,16 @@ fn commit_held_temp(tmp: &Path, file: &File, dest: &Path, replace: bool, step: &
             }
             Err(e)
         }
-        (Err(e), _) if e.kind != ErrorKind::Corrupt => Err(e),
+        (Err(mut e), replaced) if e.kind != ErrorKind::Corrupt => {
+            e.message = format!(
+                "{}; {} was renamed to {}{}, but what is there now could not be checked",
+                e.message,
+                tmp.display(),
+                dest.display(),
+                if replaced == Replaced::Gone { ", replacing what it held" } else { "" }
+            );
+            Err(e)
+        }
         (Err(mut e), replaced) => {
             let _ = fs::remove_file(dest);
             e.message = format!("{}; that entry was renamed to {} and removed again", e.message, dest.display());
@@ -582,6 +591,19 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(KnibError::io("cannot remove", path, e)),
+    }
+}
+
+/// Remove the entry at `path`, whatever it is, if there is one: a
+/// directory with everything in it, anything else (a link, symbolic or
+/// hard, a FIFO) as an entry, never followed. Not made durable (the
+/// caller syncs the directory).
+pub fn remove_entry(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(|e| KnibError::io("cannot remove", path, e)),
+        Ok(_) => remove_if_exists(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KnibError::io("cannot stat", path, e)),
     }
 }
 

@@ -73,13 +73,18 @@ fn recover_with_discard_sets_a_damaged_journal_aside_without_the_domain() {
 /// the answer names it. Under knib's next manifest the backup's manifest
 /// then records the replaced file's hash, and the backup verifies and
 /// restores; under a damaged one, knib cannot tell that hash: `verify`
-/// reports the file, and it still restores with `no_verify`. The backup
-/// can be deleted either way.
+/// reports the file, and it still restores with `no_verify`. A `.comp`
+/// file removed by something else before its rename (case "gone") leaves
+/// a file that is not the compressed copy the next manifest describes:
+/// before, finishing took the file for replaced, recorded the copy's hash
+/// for it and the intact backup failed to verify and to restore; now it
+/// is corrupt too, and the discard keeps the file's hash. The backup can
+/// be deleted either way.
 #[test]
 fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
     use knib_core::engine::CompressOptions;
     use knib_core::qemu_img::ImageFormat;
-    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp")] {
+    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp"), (0, "gone")] {
         let d = tempfile::tempdir().unwrap();
         let disks: Vec<DiskSpec> = ["root", "data"]
             .iter()
@@ -113,18 +118,39 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
             let damaged = b"{\"schema\": 1, \"id\": \"".to_vec();
             std::fs::write(&next, &damaged).unwrap();
             damaged
+        } else if damage == "gone" {
+            std::fs::remove_file(comp(0)).unwrap();
+            std::fs::read(&next).unwrap()
         } else {
             replace_with_link(&comp(1), &victim, true);
             std::fs::read(&next).unwrap()
         };
         let replaced = format!("{replaced}, damaged {damage}");
-        let (replaced, damage_at) = (replaced, if damage == "next" { next.clone() } else { comp(1) });
+        let damage_at = match damage {
+            "next" => next.clone(),
+            "gone" => file(0),
+            _ => comp(1),
+        };
 
         let e = store.delete(&m.id).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "replaced {replaced}: {e}");
         assert!(e.message.contains(&damage_at.display().to_string()), "replaced {replaced}: {e}");
         assert!(e.message.contains("`knib recover --discard`"), "replaced {replaced}: {e}");
 
+        if damage == "comp" {
+            // Discards that ended before the backup's manifest was saved,
+            // then after it: the next finds the same next manifest.
+            let saved = format!("write {}", dir.join("manifest.json").display());
+            for at in [saved, format!("rename {}", next.display())] {
+                knib_core::crashpoint::panic_before(&at);
+                let sd = store_dir.clone();
+                let r =
+                    std::thread::spawn(move || call("recover", json!({"store": sd, "domain": "vm1", "discard": true})))
+                        .join();
+                assert!(!matches!(r, Ok(Ok(_))), "the discard did not end at {at}");
+                assert!(next.exists() && comp(1).exists(), "{at}");
+            }
+        }
         let a = call("recover", json!({"store": store_dir, "domain": "vm1", "discard": true})).unwrap();
         assert_eq!(a["discarded"].as_array().unwrap().len(), 1, "replaced {replaced}: {a}");
         let j = &a["discarded"][0];
@@ -145,7 +171,15 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         let said: Vec<&str> = j["left"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
         let report = store.verify(Some(&m.id), &Control::new()).unwrap().remove(0);
         let none_replaced = replaced.starts_with('0');
-        if none_replaced {
+        if damage == "gone" {
+            // Its `.comp` gone, yet the file is the one the backup wrote:
+            // not taken for replaced, its hash kept.
+            assert_eq!(said.len(), 1, "{a}");
+            let not =
+                format!("{} has no compressed copy beside it, yet it is not that copy: it has ", file(0).display());
+            assert!(said[0].starts_with(&not), "{a}");
+            assert!(report.ok, "{report:?}");
+        } else if none_replaced {
             assert!(said.is_empty(), "{a}");
             assert!(report.ok, "{report:?}");
         } else {

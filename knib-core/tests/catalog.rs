@@ -969,8 +969,10 @@ fn a_disk_resized_between_backups_restores_at_each_size() {
 /// the backup's file, for a hard link to a file outside the store: the
 /// rename takes that entry, and the compression fails as corrupt, saying
 /// the backup's file is not the copy knib wrote (before, it succeeded: the
-/// backup's file became the outside file, under the hash of knib's copy),
-/// and `verify` reports the file. The outside file is not written.
+/// backup's file became the outside file, under the hash of knib's copy);
+/// every later operation on the VM is refused, naming the file, until a
+/// discard sets the compression aside, and `verify` then reports the file.
+/// The outside file is not written.
 #[test]
 fn a_comp_file_swapped_at_its_rename_fails_the_compression() {
     let vm = TestDisks::two();
@@ -993,12 +995,23 @@ fn a_comp_file_swapped_at_its_rename_fails_the_compression() {
     let says = format!("{} was replaced while knib renamed it over {}", comp.display(), file.display());
     assert!(e.message.contains(&says), "{e}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's");
-    let report = store.verify(Some(&b.id), &Control::new()).unwrap().remove(0);
-    assert!(!report.ok && report.problems.iter().any(|p| p.contains("root.qcow2")), "{report:?}");
-    // The next lock finishes the compression (its next manifest is knib's):
-    // the file still does not pass for the backup's.
-    drop(store.lock_vm("vm1", "a later operation").unwrap());
+    // The next lock does not finish the compression: the file is not the
+    // copy its next manifest describes (before, it did, and recorded the
+    // copy's hash for the outside file). A discard sets it aside; the file
+    // still does not pass for the backup's.
+    let e = store.lock_vm("vm1", "a later operation").map(drop).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    let says = format!(
+        "{} has no compressed copy ({}) beside it, yet it is not that copy: it is a file with 2 names",
+        file.display(),
+        comp.display()
+    );
+    assert!(e.message.contains(&says) && e.message.contains("`knib recover --discard`"), "{e}");
+    let out = store.discard_interrupted("vm1").unwrap();
+    assert_eq!(out.discarded.len(), 1, "{out:?}");
+    assert!(out.discarded[0].left[0].contains("yet it is not that copy: it is a file with 2 names"), "{out:?}");
     assert!(!file.with_file_name("manifest.next.json").exists());
+    drop(store.lock_vm("vm1", "a later operation").unwrap());
     let report = store.verify(Some(&b.id), &Control::new()).unwrap().remove(0);
     assert!(!report.ok && report.problems.iter().any(|p| p.contains("root.qcow2")), "{report:?}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"not knib's");

@@ -33,7 +33,8 @@
 
 use std::path::PathBuf;
 
-use super::{confine, DiscardedJournal, Manifest, Store};
+use super::manifest::VolumeEntry;
+use super::{confine, discard, DiscardedJournal, Manifest, Store};
 use crate::engine::compress::comp_path;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
@@ -67,18 +68,31 @@ impl Store {
         Ok(Some(next))
     }
 
-    /// The `.comp` file of volume file `file` of backup `m`, if it is there
-    /// (a regular file of one name; anything else under its name is
-    /// `corrupt`: a hard link renamed over the file would make the backup
-    /// the file the link's other name belongs to).
-    fn comp_of(&self, m: &Manifest, file: &str) -> Result<Option<PathBuf>> {
-        let comp = comp_path(&self.backup_dir(m).join(file));
+    /// The `.comp` file of volume `v` of backup `next` (its next manifest),
+    /// if it is there: a regular file of one name; anything else under its
+    /// name is `corrupt` (a hard link renamed over the file would make the
+    /// backup the file the link's other name belongs to). When it is gone,
+    /// it was renamed over the volume's file, which must then be that copy
+    /// as far as can be told without reading it: a regular file of one
+    /// name, of the size `next` gives it; anything else (a `.comp` removed
+    /// by something other than knib, the file missing, a link swapped in
+    /// at the rename) is `corrupt`.
+    fn comp_of(&self, next: &Manifest, v: &VolumeEntry) -> Result<Option<PathBuf>> {
+        let file = self.backup_dir(next).join(&v.file);
+        let comp = comp_path(&file);
         match std::fs::symlink_metadata(&comp) {
             Ok(md) => match fsio::not_own_file(&md) {
                 None => Ok(Some(comp)),
                 Some(why) => Err(KnibError::corrupt(format!("{} {why}", comp.display()))),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match not_compressed_copy(&file, v.size)? {
+                None => Ok(None),
+                Some(what) => Err(KnibError::corrupt(format!(
+                    "{} has no compressed copy ({}) beside it, yet it is not that copy: {what}",
+                    file.display(),
+                    comp.display()
+                ))),
+            },
             Err(e) => Err(KnibError::io("cannot stat", &comp, e)),
         }
     }
@@ -92,7 +106,7 @@ impl Store {
         let mut view = m;
         let mut all = true;
         for (v, n) in view.volumes.iter_mut().zip(&next.volumes) {
-            if self.comp_of(&next, &n.file).map_err(|e| discard_hint(e, &next.vm, &id))?.is_some() {
+            if self.comp_of(&next, n).map_err(|e| discard_hint(e, &next.vm, &id))?.is_some() {
                 all = false;
             } else {
                 v.hash = n.hash.clone();
@@ -141,7 +155,7 @@ impl Store {
             let hint = |e| discard_hint(e, vm, &id);
             let Some(next) = self.next_manifest(&m).map_err(hint)? else { continue };
             for v in &next.volumes {
-                self.comp_of(&next, &v.file).map_err(hint)?;
+                self.comp_of(&next, v).map_err(hint)?;
             }
             log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
             self.commit_compression(&next)?;
@@ -151,15 +165,18 @@ impl Store {
 
     /// Set aside every interrupted compression of `vm` that
     /// [`Store::finish_compressions`] refuses (its [`NEXT_MANIFEST`] is not
-    /// the backup's, or a `.comp` file is not one knib wrote), which stops
-    /// every operation on the VM: `recover --discard`, under the VM's lock.
-    /// The next manifest is kept, as it was, as
+    /// the backup's, a `.comp` file is not one knib wrote, or a file whose
+    /// `.comp` is gone is not that copy), which stops every operation on
+    /// the VM: `recover --discard`, under the VM's lock. The next manifest
+    /// is kept, as it was, as
     /// `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json` (an entry
     /// that is not a regular file is removed as an entry); the `.comp`
     /// files still there (their files not yet replaced) are removed. A
-    /// file already replaced by its compressed copy no longer matches the
-    /// hash `manifest.json` gives: the answer says so, and `knib verify`
-    /// reports it.
+    /// file already replaced by its compressed copy keeps, in the backup's
+    /// manifest, the hash and size a next manifest of knib's gives it;
+    /// under a damaged one that hash cannot be told, and the answer says
+    /// the file no longer matches `manifest.json` (`knib verify` reports
+    /// it).
     pub(super) fn set_aside_unfinishable_compressions(&self, vm: &str) -> Result<Vec<DiscardedJournal>> {
         let mut out = Vec::new();
         for id in self.pending_compressions(vm)? {
@@ -170,13 +187,12 @@ impl Store {
             let finishable = match self.next_manifest(&m) {
                 Ok(None) => continue,
                 Ok(Some(next)) => {
-                    let r = next.volumes.iter().try_for_each(|v| self.comp_of(&next, &v.file).map(drop));
+                    let r = next.volumes.iter().try_for_each(|v| self.comp_of(&next, v).map(drop));
                     knibs_next = Some(next);
                     r
                 }
                 Err(e) => Err(e),
             };
-            let next_is_knibs = knibs_next.is_some();
             // What the files say, not what reading them met (an I/O
             // error may pass: the compression is then finished later).
             let why = match finishable {
@@ -200,44 +216,32 @@ impl Store {
             // manifest, before that next manifest goes: the backup, and the
             // backups whose chains read it, still verify. A crash after it
             // finds the same next manifest, as the same backup.
+            // Replaced: its `.comp` gone and the file that copy, as far as
+            // its size tells (see `comp_of`).
+            let mut replaced = vec![false; m.volumes.len()];
             if let Some(kn) = &knibs_next {
                 let mut view = m.clone();
-                let mut changed = false;
-                for (v, n) in view.volumes.iter_mut().zip(&kn.volumes) {
-                    let gone = std::fs::symlink_metadata(comp_path(&dir.join(&v.file)))
-                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
-                    if gone && (v.hash != n.hash || v.size != n.size) {
+                for ((v, n), r) in view.volumes.iter_mut().zip(&kn.volumes).zip(replaced.iter_mut()) {
+                    let file = dir.join(&v.file);
+                    *r = std::fs::symlink_metadata(comp_path(&file))
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                        && not_compressed_copy(&file, n.size)?.is_none();
+                    if *r {
                         v.hash = n.hash.clone();
                         v.size = n.size;
-                        changed = true;
                     }
                 }
-                if changed {
+                if view != m {
                     view.save(&dir.join("manifest.json"))?;
                 }
             }
             // The next manifest first: a crash after it leaves `.comp`
             // files that no next manifest names, which a compression of
             // the backup removes; before it, this runs again.
-            match std::fs::symlink_metadata(&next) {
-                Ok(md) if md.is_file() => {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|t| t.as_millis())
-                        .unwrap_or_default();
-                    let to = self.vm_dir(vm).join(format!(".discarded-{now}.{id}.{NEXT_MANIFEST}"));
-                    fsio::rename_noreplace(&next, &to)?;
-                    fsio::sync_dir(&dir)?;
-                    d.kept_as = Some(to);
-                }
-                Ok(md) if md.is_dir() => {
-                    std::fs::remove_dir_all(&next).map_err(|e| KnibError::io("cannot remove", &next, e))?;
-                    fsio::sync_dir(&dir)?;
-                }
-                Ok(_) => fsio::remove_durable(&next)?,
-                Err(e) => return Err(KnibError::io("cannot stat", &next, e)),
-            }
-            for v in &m.volumes {
+            let meta = std::fs::symlink_metadata(&next).map_err(|e| KnibError::io("cannot stat", &next, e))?;
+            d.kept_as = discard::set_aside(&next, &meta, &self.vm_dir(vm), &format!("{id}.{NEXT_MANIFEST}"))?;
+            for (i, v) in m.volumes.iter().enumerate() {
+                let n = knibs_next.as_ref().and_then(|k| k.volumes.get(i));
                 let file = dir.join(&v.file);
                 let comp = comp_path(&file);
                 match std::fs::symlink_metadata(&comp) {
@@ -249,29 +253,27 @@ impl Store {
                                 file.display()
                             ));
                         }
-                        if md.is_dir() {
-                            std::fs::remove_dir_all(&comp).map_err(|e| KnibError::io("cannot remove", &comp, e))?;
-                        } else {
-                            fsio::remove_if_exists(&comp)?;
-                        }
+                        fsio::remove_entry(&comp)?;
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && next_is_knibs => d.left.push(format!(
-                        "{} was already replaced by its compressed copy: the backup's manifest now records that copy's hash and size (the backup is not recorded as compressed; a compression job compresses the others)",
-                        file.display()
-                    )),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(format!(
-                        "{} has no compressed copy beside it: if the compression had replaced it, it no longer matches its manifest (`knib verify {id}` says)",
-                        file.display()
-                    )),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(match n {
+                        Some(_) if replaced[i] => format!(
+                            "{} was already replaced by its compressed copy: the backup's manifest now records that copy's hash and size (the backup is not recorded as compressed: `knib compress --store STORE {id}` compresses it whole)",
+                            file.display()
+                        ),
+                        Some(n) => format!(
+                            "{} has no compressed copy beside it, yet it is not that copy: {}; the backup's manifest keeps what it recorded (`knib verify {id}` says whether the file matches it)",
+                            file.display(),
+                            not_compressed_copy(&file, n.size)?.unwrap_or_else(|| "it changed meanwhile".into())
+                        ),
+                        None => format!(
+                            "{} has no compressed copy beside it: if the compression had replaced it, it no longer matches its manifest (`knib verify {id}` says)",
+                            file.display()
+                        ),
+                    }),
                     Err(e) => return Err(KnibError::io("cannot stat", &comp, e)),
                 }
                 // A compression's temporary, whatever it is (never followed).
-                let part = fsio::temp_path(&comp);
-                if std::fs::symlink_metadata(&part).is_ok_and(|m| m.is_dir()) {
-                    std::fs::remove_dir_all(&part).map_err(|e| KnibError::io("cannot remove", &part, e))?;
-                } else {
-                    fsio::remove_if_exists(&part)?;
-                }
+                fsio::remove_entry(&fsio::temp_path(&comp))?;
             }
             fsio::sync_dir(&dir)?;
             log::warn!(
@@ -289,7 +291,7 @@ impl Store {
     fn commit_compression(&self, next: &Manifest) -> Result<()> {
         let dir = self.backup_dir(next);
         for v in &next.volumes {
-            if let Some(comp) = self.comp_of(next, &v.file)? {
+            if let Some(comp) = self.comp_of(next, v)? {
                 // The file looked at is the one renamed: an entry swapped
                 // in between (a hard link to a file elsewhere) is not
                 // taken for the backup's file.
@@ -348,6 +350,24 @@ impl Store {
             fsio::remove_if_exists(&fsio::temp_path(&comp))?;
         }
         Ok(())
+    }
+}
+
+/// Why `file`, whose `.comp` file is gone (renamed over it), is not that
+/// compressed copy of `size` bytes as far as its metadata tells: `None`
+/// when it is a regular file of one name (as knib's copy is) of that
+/// size.
+fn not_compressed_copy(file: &std::path::Path, size: u64) -> Result<Option<String>> {
+    match std::fs::symlink_metadata(file) {
+        Ok(md) if fsio::not_own_file(&md).is_some() => {
+            Ok(Some(format!("it {}", fsio::not_own_file(&md).unwrap_or_default())))
+        }
+        Ok(md) if md.len() != size => {
+            Ok(Some(format!("it has {} bytes, the copy {size} (as the compression's next manifest says)", md.len())))
+        }
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some("it is missing".into())),
+        Err(e) => Err(KnibError::io("cannot stat", file, e)),
     }
 }
 

@@ -26,17 +26,20 @@
 //! - A compression interrupted while it replaced a published backup's
 //!   files, which every lock finishes, stops every operation on the VM
 //!   when it cannot be finished: its `manifest.next.json` is not the
-//!   backup's, or a `.comp` file is not one knib wrote. It is set aside
-//!   (method "compression": the next manifest kept as
+//!   backup's, a `.comp` file is not one knib wrote, or a file whose
+//!   `.comp` is gone is not that copy. It is set aside (method
+//!   "compression": the next manifest kept as
 //!   `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json`, the `.comp`
 //!   files still there removed); a file it had already replaced is named
-//!   in the answer: it no longer matches the backup's manifest.
+//!   in the answer, and keeps in the backup's manifest the hash and size a
+//!   next manifest of knib's gives it (under a damaged one it no longer
+//!   matches the backup's manifest).
 //! - A knib built without libvirt cannot read the journals (their plans
 //!   are libvirt's): it sets them aside unread, and leaves a bitmap
 //!   backup's work directory, whose name it cannot know, as it is.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -126,20 +129,7 @@ impl Store {
             if let Err(e) = read {
                 d.unreadable = Some(e.message);
             }
-            if meta.is_file() {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|t| t.as_millis())
-                    .unwrap_or_default();
-                let to = dir.join(format!(".discarded-{now}.{name}"));
-                fsio::rename_noreplace(&path, &to)?;
-                d.kept_as = Some(to);
-            } else if meta.is_dir() {
-                fs::remove_dir_all(&path).map_err(|e| KnibError::io("cannot remove", &path, e))?;
-                fsio::sync_dir(&dir)?;
-            } else {
-                fsio::remove_durable(&path)?;
-            }
+            d.kept_as = set_aside(&path, &meta, &dir, name)?;
             log::warn!(
                 "the interrupted {method} backup {} of {vm} is discarded: its journal {} is {}",
                 d.backup_id.as_deref().unwrap_or("(journal unreadable)"),
@@ -149,6 +139,29 @@ impl Store {
             discarded.push(d);
         }
         Ok(DiscardOutcome { vm: vm.to_string(), discarded })
+    }
+}
+
+/// Set the entry at `path` (whose own metadata is `meta`) aside, as it
+/// was, under a name the store's listing and sweeps skip,
+/// `<dir>/.discarded-<unix ms>.<name>`: a regular file is renamed there,
+/// never over anything (its new path is returned); anything else (a
+/// directory, a link: never followed) is removed as an entry (`None`).
+/// Durable either way.
+pub(super) fn set_aside(path: &Path, meta: &fs::Metadata, dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    if meta.is_file() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.as_millis())
+            .unwrap_or_default();
+        let to = dir.join(format!(".discarded-{now}.{name}"));
+        fsio::rename_noreplace(path, &to)?;
+        fsio::sync_dir(fsio::parent_dir(path))?;
+        Ok(Some(to))
+    } else {
+        fsio::remove_entry(path)?;
+        fsio::sync_dir(fsio::parent_dir(path))?;
+        Ok(None)
     }
 }
 
@@ -212,10 +225,7 @@ impl Store {
                     work.display()
                 ));
             }
-            Ok(m) if m.is_dir() => {
-                fs::remove_dir_all(&work).map_err(|e| KnibError::io("cannot remove", &work, e))?;
-            }
-            Ok(_) => fsio::remove_if_exists(&work)?,
+            Ok(_) => fsio::remove_entry(&work)?,
             Err(_) => {}
         }
         self.published(vm, &id, j.vault.as_deref(), d);

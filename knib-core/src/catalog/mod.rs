@@ -340,11 +340,7 @@ impl Store {
                 let p = e.path();
                 crate::crashpoint::durable_step(&format!("removal of {}", p.display()));
                 // A link is removed itself, never what it points to.
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    fs::remove_dir_all(&p).map_err(|e| KnibError::io("cannot remove", &p, e))?;
-                } else {
-                    fsio::remove_if_exists(&p)?;
-                }
+                fsio::remove_entry(&p)?;
             }
         }
         Ok(())

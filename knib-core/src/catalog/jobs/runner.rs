@@ -416,11 +416,7 @@ fn validate_job(store: &Store, job: &Job, settings: &Settings, cancel: &CancelTo
     // Both names are knib's own; whatever is there (a leftover, or a link
     // planted to make the boot test write elsewhere) goes first.
     let leftovers = (|| -> Result<()> {
-        match fs::symlink_metadata(&work) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&work).map_err(|e| KnibError::io("cannot remove", &work, e))?,
-            Ok(_) => fsio::remove_if_exists(&work)?,
-            Err(_) => {}
-        }
+        fsio::remove_entry(&work)?;
         fsio::remove_if_exists(&shot)
     })();
     if let Err(e) = leftovers {
