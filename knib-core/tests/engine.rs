@@ -832,6 +832,41 @@ fn assert_no_writer_gets(disk: &std::path::Path, what: &str) {
     );
 }
 
+/// A disk left missing with its data at its base (a backup killed on a
+/// file system without hard links after it took back an overlay it
+/// refused, before the base took the disk's name back): nothing is
+/// repaired (the disk may have been removed on purpose), and inspecting
+/// the disk (as a backup of it does) says where its data is and what to
+/// do: not found, naming the base; nothing is written. Once renamed back
+/// the disk reads as before.
+#[test]
+fn a_disk_missing_beside_its_base_is_reported_with_the_base() {
+    let s = SwapSetup::new();
+    let base = engine::take::base_path(&s.disk);
+    std::fs::rename(&s.disk, &base).unwrap();
+    assert!(!engine::take::repair_volume(&s.disk).unwrap());
+    let q = QemuImg::new();
+    let e = engine::take::inspect_disk(&q, "vda", &s.disk, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, knib_core::ErrorKind::NotFound, "{e}");
+    let says = format!("{} is there, and holds the disk's data", base.display());
+    assert!(e.message.starts_with(&format!("disk vda: {} does not exist", s.disk.display())), "{e}");
+    assert!(e.message.contains(&says) && e.message.contains(&format!("rename it back to {}", s.disk.display())), "{e}");
+    let store = knib_core::catalog::Store::create(&s.store).unwrap();
+    let disks = [knib_core::catalog::DiskSpec { name: "vda".into(), path: s.disk.clone() }];
+    let opts = knib_core::catalog::BackupOptions::default();
+    let e = store.backup("vm1", &disks, &opts, &Control::new()).unwrap_err();
+    assert_eq!(e.kind, knib_core::ErrorKind::NotFound, "{e}");
+    assert!(e.message.contains(&says), "{e}");
+    assert!(store.list(None).unwrap().is_empty());
+    std::fs::rename(&base, &s.disk).unwrap();
+    engine::take::inspect_disk(&q, "vda", &s.disk, &Control::new()).unwrap();
+    assert_identical(&s.disk, &s.reference);
+    // A disk simply missing says only that.
+    std::fs::remove_file(&s.disk).unwrap();
+    let e = engine::take::inspect_disk(&q, "vda", &s.disk, &Control::new()).unwrap_err();
+    assert_eq!(e.message, format!("disk vda: {} does not exist", s.disk.display()));
+}
+
 /// A base creation interrupted where the disk was renamed to its base (a
 /// file system without hard links, or an older knib), with a link (hard
 /// or symbolic, to a file outside) under the new overlay's name: the

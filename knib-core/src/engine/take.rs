@@ -264,7 +264,19 @@ pub struct DiskState {
 /// --backing-chain`, whose answer names the problem or shows that QEMU
 /// reads the disk.
 pub fn inspect_disk(q: &QemuImg, name: &str, disk: &Path, ctl: &Control) -> Result<DiskState> {
-    crate::fsio::require_file(disk, &format!("disk {name}: "), true)?;
+    crate::fsio::require_file(disk, &format!("disk {name}: "), true).map_err(|mut e| {
+        // A disk renamed to its base for a moment (a file system without
+        // hard links) by a knib killed before the base took its name back.
+        let base = base_path(disk);
+        if e.kind == crate::ErrorKind::NotFound && fs::symlink_metadata(&base).is_ok_and(|m| m.is_file()) {
+            e.message.push_str(&format!(
+                "; {} is there, and holds the disk's data if a backup was killed while it put an overlay in the disk's place on a file system without hard links: rename it back to {} (if nothing else removed the disk)",
+                base.display(),
+                disk.display()
+            ));
+        }
+        e
+    })?;
     let backing = match crate::qcow2::Chain::open(disk) {
         Ok(chain) => {
             let h = chain.top().header();
