@@ -79,12 +79,14 @@ fn recover_with_discard_sets_a_damaged_journal_aside_without_the_domain() {
 /// before, finishing took the file for replaced, recorded the copy's hash
 /// for it and the intact backup failed to verify and to restore; now it
 /// is corrupt too, and the discard keeps the file's hash. The backup can
-/// be deleted either way.
+/// be deleted either way. The backup's own manifest damaged (case
+/// "manifest") stops the VM too, and the discard sets the compression
+/// aside all the same.
 #[test]
 fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
     use knib_core::engine::CompressOptions;
     use knib_core::qemu_img::ImageFormat;
-    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp"), (0, "gone")] {
+    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp"), (0, "gone"), (1, "manifest")] {
         let d = tempfile::tempdir().unwrap();
         let disks: Vec<DiskSpec> = ["root", "data"]
             .iter()
@@ -118,6 +120,9 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
             let damaged = b"{\"schema\": 1, \"id\": \"".to_vec();
             std::fs::write(&next, &damaged).unwrap();
             damaged
+        } else if damage == "manifest" {
+            std::fs::write(dir.join("manifest.json"), b"{\"schema\": 1, \"id\": 7").unwrap();
+            std::fs::read(&next).unwrap()
         } else if damage == "gone" {
             std::fs::remove_file(comp(0)).unwrap();
             std::fs::read(&next).unwrap()
@@ -129,8 +134,34 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         let damage_at = match damage {
             "next" => next.clone(),
             "gone" => file(0),
+            "manifest" => dir.join("manifest.json"),
             _ => comp(1),
         };
+        if damage == "manifest" {
+            // The backup's own manifest unreadable: every operation on the
+            // VM is refused (before, with no way out but by hand), and the
+            // discard sets the compression aside; the backup's files are
+            // left as they are.
+            let e = store.lock_vm("vm1", "a later operation").map(drop).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+            assert!(e.message.contains(&damage_at.display().to_string()), "{e}");
+            assert!(e.message.contains("`knib recover --discard`"), "{e}");
+            let a = call("recover", json!({"store": store_dir, "domain": "vm1", "discard": true})).unwrap();
+            let j = &a["discarded"][0];
+            assert_eq!(
+                (j["method"].as_str(), a["discarded"].as_array().unwrap().len()),
+                (Some("compression"), 1),
+                "{a}"
+            );
+            assert!(j["unreadable"].as_str().unwrap().contains(&damage_at.display().to_string()), "{a}");
+            assert_eq!(std::fs::read(j["kept_as"].as_str().unwrap()).unwrap(), damaged);
+            let said = j["left"][0].as_str().unwrap();
+            assert!(said.starts_with(&format!("{} cannot be read", damage_at.display())), "{a}");
+            assert!(!next.exists() && !comp(1).exists(), "{a}");
+            assert!(file(0).exists() && file(1).exists());
+            drop(store.lock_vm("vm1", "a later operation").unwrap());
+            continue;
+        }
 
         let e = store.delete(&m.id).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Corrupt, "replaced {replaced}: {e}");

@@ -21,7 +21,8 @@
 //!   ([`Store::finish_compressions`]), before anything else can remove a
 //!   `.comp` file or save the manifest; but `recover --discard`, which
 //!   first sets aside a compression that cannot be finished (its next
-//!   manifest not the backup's, a `.comp` not knib's file:
+//!   manifest not the backup's, a `.comp` not knib's file, a file whose
+//!   `.comp` is gone not that copy, the backup's manifest unreadable:
 //!   [`Store::set_aside_unfinishable_compressions`]).
 //!
 //! A `.comp` file is removed by knib only when no [`NEXT_MANIFEST`] names
@@ -149,10 +150,10 @@ impl Store {
     /// VM's lock.
     pub(super) fn finish_compressions(&self, vm: &str) -> Result<()> {
         for id in self.pending_compressions(vm)? {
-            let m = self.read_manifest(vm, &id)?;
             // What makes it unfinishable (what a discard sets aside) is
             // looked at first, and its error says the way out.
             let hint = |e| discard_hint(e, vm, &id);
+            let m = self.read_manifest(vm, &id).map_err(hint)?;
             let Some(next) = self.next_manifest(&m).map_err(hint)? else { continue };
             for v in &next.volumes {
                 self.comp_of(&next, v).map_err(hint)?;
@@ -165,8 +166,10 @@ impl Store {
 
     /// Set aside every interrupted compression of `vm` that
     /// [`Store::finish_compressions`] refuses (its [`NEXT_MANIFEST`] is not
-    /// the backup's, a `.comp` file is not one knib wrote, or a file whose
-    /// `.comp` is gone is not that copy), which stops every operation on
+    /// the backup's, a `.comp` file is not one knib wrote, a file whose
+    /// `.comp` is gone is not that copy, or the backup's `manifest.json`
+    /// cannot be read: its files are then the `.comp` entries found in its
+    /// directory, and are left as they are), which stops every operation on
     /// the VM: `recover --discard`, under the VM's lock. The next manifest
     /// is kept, as it was, as
     /// `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json` (an entry
@@ -180,18 +183,32 @@ impl Store {
     pub(super) fn set_aside_unfinishable_compressions(&self, vm: &str) -> Result<Vec<DiscardedJournal>> {
         let mut out = Vec::new();
         for id in self.pending_compressions(vm)? {
-            let m = self.read_manifest(vm, &id)?;
+            let dir = self.vm_dir(vm).join(&id);
+            // A backup's manifest that cannot be read makes its compression
+            // unfinishable too: its files are then the `.comp` entries
+            // found beside them.
+            let (m, files) = match self.read_manifest(vm, &id) {
+                Ok(m) => {
+                    let files = m.volumes.iter().map(|v| v.file.clone()).collect();
+                    (Ok(m), files)
+                }
+                Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => (Err(e), comp_files(&dir)?),
+                Err(e) => return Err(e),
+            };
             // Whether the next manifest is knib's: only then does a `.comp`
             // gone mean its file was replaced.
             let mut knibs_next: Option<Manifest> = None;
-            let finishable = match self.next_manifest(&m) {
-                Ok(None) => continue,
-                Ok(Some(next)) => {
-                    let r = next.volumes.iter().try_for_each(|v| self.comp_of(&next, v).map(drop));
-                    knibs_next = Some(next);
-                    r
-                }
-                Err(e) => Err(e),
+            let finishable = match &m {
+                Err(e) => Err(e.clone()),
+                Ok(m) => match self.next_manifest(m) {
+                    Ok(None) => continue,
+                    Ok(Some(next)) => {
+                        let r = next.volumes.iter().try_for_each(|v| self.comp_of(&next, v).map(drop));
+                        knibs_next = Some(next);
+                        r
+                    }
+                    Err(e) => Err(e),
+                },
             };
             // What the files say, not what reading them met (an I/O
             // error may pass: the compression is then finished later).
@@ -200,7 +217,7 @@ impl Store {
                 Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => e.message,
                 Err(e) => return Err(e),
             };
-            let dir = self.backup_dir(&m);
+            let m = m.ok();
             let next = dir.join(NEXT_MANIFEST);
             let mut d = DiscardedJournal {
                 method: "compression".into(),
@@ -211,15 +228,21 @@ impl Store {
                 unreadable: Some(why),
                 left: Vec::new(),
             };
+            if m.is_none() {
+                d.left.push(format!(
+                    "{} cannot be read: whether the compression had already replaced files of the backup cannot be told, and they are left as they are (`knib verify {id}` reports the backup)",
+                    dir.join("manifest.json").display()
+                ));
+            }
             // The files the compression already replaced keep the hash and
             // size its next manifest (knib's) gives them, in the backup's
             // manifest, before that next manifest goes: the backup, and the
             // backups whose chains read it, still verify. A crash after it
-            // finds the same next manifest, as the same backup.
-            // Replaced: its `.comp` gone and the file that copy, as far as
-            // its size tells (see `comp_of`).
-            let mut replaced = vec![false; m.volumes.len()];
-            if let Some(kn) = &knibs_next {
+            // finds the same next manifest, as the same backup. Replaced:
+            // its `.comp` gone and the file that copy, as far as its size
+            // tells (see `comp_of`).
+            let mut replaced = vec![false; files.len()];
+            if let (Some(kn), Some(m)) = (&knibs_next, &m) {
                 let mut view = m.clone();
                 for ((v, n), r) in view.volumes.iter_mut().zip(&kn.volumes).zip(replaced.iter_mut()) {
                     let file = dir.join(&v.file);
@@ -231,7 +254,7 @@ impl Store {
                         v.size = n.size;
                     }
                 }
-                if view != m {
+                if view != *m {
                     view.save(&dir.join("manifest.json"))?;
                 }
             }
@@ -240,9 +263,9 @@ impl Store {
             // the backup removes; before it, this runs again.
             let meta = std::fs::symlink_metadata(&next).map_err(|e| KnibError::io("cannot stat", &next, e))?;
             d.kept_as = discard::set_aside(&next, &meta, &self.vm_dir(vm), &format!("{id}.{NEXT_MANIFEST}"))?;
-            for (i, v) in m.volumes.iter().enumerate() {
+            for (i, f) in files.iter().enumerate() {
                 let n = knibs_next.as_ref().and_then(|k| k.volumes.get(i));
-                let file = dir.join(&v.file);
+                let file = dir.join(f);
                 let comp = comp_path(&file);
                 match std::fs::symlink_metadata(&comp) {
                     Ok(md) => {
@@ -255,6 +278,8 @@ impl Store {
                         }
                         fsio::remove_entry(&comp)?;
                     }
+                    // (Found by a look at the directory: only its temporary.)
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && m.is_none() => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(match n {
                         Some(_) if replaced[i] => format!(
                             "{} was already replaced by its compressed copy: the backup's manifest now records that copy's hash and size (the backup is not recorded as compressed: `knib compress --store STORE {id}` compresses it whole)",
@@ -351,6 +376,30 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The names of the files in backup directory `dir` that have a `.comp`
+/// entry (or a compression's temporary of one) beside them, whatever those
+/// are: what a compression left when the backup's manifest cannot say.
+fn comp_files(dir: &std::path::Path) -> Result<Vec<String>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| KnibError::io("cannot list", dir, e))?;
+    let mut files = Vec::new();
+    for e in entries {
+        let e = e.map_err(|e| KnibError::io("cannot list", dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let file = match name.strip_suffix(".comp") {
+            Some(f) => f.to_string(),
+            None => match name.strip_prefix('.').and_then(|n| n.strip_suffix(".comp.part")) {
+                Some(f) => f.to_string(),
+                None => continue,
+            },
+        };
+        if !file.is_empty() && !files.contains(&file) {
+            files.push(file);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// Why `file`, whose `.comp` file is gone (renamed over it), is not that

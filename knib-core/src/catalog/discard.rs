@@ -26,8 +26,9 @@
 //! - A compression interrupted while it replaced a published backup's
 //!   files, which every lock finishes, stops every operation on the VM
 //!   when it cannot be finished: its `manifest.next.json` is not the
-//!   backup's, a `.comp` file is not one knib wrote, or a file whose
-//!   `.comp` is gone is not that copy. It is set aside (method
+//!   backup's, a `.comp` file is not one knib wrote, a file whose `.comp`
+//!   is gone is not that copy, or the backup's `manifest.json` cannot be
+//!   read. It is set aside (method
 //!   "compression": the next manifest kept as
 //!   `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json`, the `.comp`
 //!   files still there removed); a file it had already replaced is named
