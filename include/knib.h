@@ -1695,7 +1695,8 @@
  *                   was not a regular file, and its entry was removed).
  *       left        [string]: What may be left outside the store, for the
  *                   operator to look at; for a compression, the backup's
- *                   files it may have replaced.
+ *                   files it may have replaced, and those it did not although
+ *                   their `.comp` files are gone.
  *       method      string: "snapshot" or "bitmap": the method of the
  *                   interrupted backup; "compression": a compression of a
  *                   published backup, interrupted while it replaced the

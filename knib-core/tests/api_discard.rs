@@ -81,12 +81,14 @@ fn recover_with_discard_sets_a_damaged_journal_aside_without_the_domain() {
 /// is corrupt too, and the discard keeps the file's hash. The backup can
 /// be deleted either way. The backup's own manifest damaged (case
 /// "manifest") stops the VM too, and the discard sets the compression
-/// aside all the same.
+/// aside all the same. A `.comp` file cut short (case "short") is refused
+/// before it is renamed over its file (before, it replaced the backup's
+/// file under the hash of the whole copy).
 #[test]
 fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
     use knib_core::engine::CompressOptions;
     use knib_core::qemu_img::ImageFormat;
-    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp"), (0, "gone"), (1, "manifest")] {
+    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp"), (0, "gone"), (1, "manifest"), (0, "short")] {
         let d = tempfile::tempdir().unwrap();
         let disks: Vec<DiskSpec> = ["root", "data"]
             .iter()
@@ -123,6 +125,9 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         } else if damage == "manifest" {
             std::fs::write(dir.join("manifest.json"), b"{\"schema\": 1, \"id\": 7").unwrap();
             std::fs::read(&next).unwrap()
+        } else if damage == "short" {
+            std::fs::OpenOptions::new().write(true).open(comp(0)).unwrap().set_len(1000).unwrap();
+            std::fs::read(&next).unwrap()
         } else if damage == "gone" {
             std::fs::remove_file(comp(0)).unwrap();
             std::fs::read(&next).unwrap()
@@ -135,6 +140,7 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
             "next" => next.clone(),
             "gone" => file(0),
             "manifest" => dir.join("manifest.json"),
+            "short" => comp(0),
             _ => comp(1),
         };
         if damage == "manifest" {
@@ -171,15 +177,25 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         if damage == "comp" {
             // Discards that ended before the backup's manifest was saved,
             // then after it: the next finds the same next manifest.
-            let saved = format!("write {}", dir.join("manifest.json").display());
-            for at in [saved, format!("rename {}", next.display())] {
+            let manifest = dir.join("manifest.json");
+            let hash_in = |p: &std::path::Path| {
+                let j: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+                j["volumes"][0]["hash"].as_str().map(String::from)
+            };
+            let (before, copy) = (hash_in(&manifest), hash_in(&next));
+            assert_ne!(before, copy);
+            let saved = format!("write {}", manifest.display());
+            for (at, hash) in [(saved, &before), (format!("rename {}", next.display()), &copy)] {
                 knib_core::crashpoint::panic_before(&at);
                 let sd = store_dir.clone();
                 let r =
                     std::thread::spawn(move || call("recover", json!({"store": sd, "domain": "vm1", "discard": true})))
                         .join();
+                // (A panic, or the error the API made of it.)
                 assert!(!matches!(r, Ok(Ok(_))), "the discard did not end at {at}");
                 assert!(next.exists() && comp(1).exists(), "{at}");
+                // The backup's manifest on disk: saved by the second only.
+                assert_eq!(hash_in(&manifest), *hash, "{at}");
             }
         }
         let a = call("recover", json!({"store": store_dir, "domain": "vm1", "discard": true})).unwrap();

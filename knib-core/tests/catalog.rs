@@ -980,6 +980,8 @@ fn a_comp_file_swapped_at_its_rename_fails_the_compression() {
     let store = Store::create(sdir.path()).unwrap();
     qemu_io(vm.path("root"), "write -P 0x71 0 4M");
     let b = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x72 0 1M");
+    let child = store.backup("vm1", &vm.disks, &opts(8), &Control::new()).unwrap();
     let file = store.volume_file(&b, "root").unwrap();
     let comp = file.with_extension("qcow2.comp");
     let outside = tempfile::tempdir_in(sdir.path().parent().unwrap()).unwrap();
@@ -1007,6 +1009,13 @@ fn a_comp_file_swapped_at_its_rename_fails_the_compression() {
         comp.display()
     );
     assert!(e.message.contains(&says) && e.message.contains("`knib recover --discard`"), "{e}");
+    // A verify of every backup reports each (before, the child's check
+    // under the lock made the refusal the answer for the whole store).
+    let reports = store.verify(None, &Control::new()).unwrap();
+    let of = |id: &str| reports.iter().find(|r| r.id == id).unwrap_or_else(|| panic!("{id}: {reports:?}"));
+    assert!(!of(&b.id).ok && of(&b.id).problems.iter().any(|p| p.contains(&says)), "{reports:?}");
+    let again = "not checked again under the VM's lock, which is refused";
+    assert!(!of(&child.id).ok && of(&child.id).problems.iter().any(|p| p.contains(again)), "{reports:?}");
     let out = store.discard_interrupted("vm1").unwrap();
     assert_eq!(out.discarded.len(), 1, "{out:?}");
     assert!(out.discarded[0].left[0].contains("yet it is not that copy: it is a file with 2 names"), "{out:?}");

@@ -14,8 +14,9 @@
 //! already renamed. So while [`NEXT_MANIFEST`] exists:
 //!
 //! - a reader sees each volume as its file is: the next manifest's hash and
-//!   size once its `.comp` is gone (renamed over it), the old ones while it
-//!   is there; `compression` once every file is renamed
+//!   size once its `.comp` is gone (renamed over it: the file must then be
+//!   a file of one name of that size, else the backup is `corrupt`), the
+//!   old ones while it is there; `compression` once every file is renamed
 //!   ([`Store::pending_view`]);
 //! - whoever takes the VM's lock next finishes steps 2 and 3 first
 //!   ([`Store::finish_compressions`]), before anything else can remove a
@@ -26,8 +27,10 @@
 //!   [`Store::set_aside_unfinishable_compressions`]).
 //!
 //! A `.comp` file is removed by knib only when no [`NEXT_MANIFEST`] names
-//! it (a compression that failed or was killed before step 1), so "`.comp`
-//! gone" always means "renamed over its file". [`NEXT_MANIFEST`] is read
+//! it (a compression that failed or was killed before step 1, or one a
+//! discard set aside), so for knib "`.comp` gone" means "renamed over its
+//! file"; what else removed it is told by the file's size (a file that is
+//! not that copy is `corrupt`). [`NEXT_MANIFEST`] is read
 //! as hostile input: it must be the same backup as `manifest.json` (id,
 //! VM, parent, volumes, their files and backing pointers, ...) except for
 //! hashes, sizes and `compression`, else it is `corrupt`, naming it.
@@ -70,9 +73,11 @@ impl Store {
     }
 
     /// The `.comp` file of volume `v` of backup `next` (its next manifest),
-    /// if it is there: a regular file of one name; anything else under its
-    /// name is `corrupt` (a hard link renamed over the file would make the
-    /// backup the file the link's other name belongs to). When it is gone,
+    /// if it is there: a regular file of one name, of the size `next` gives
+    /// it; anything else under its name is `corrupt` (a hard link renamed
+    /// over the file would make the backup the file the link's other name
+    /// belongs to; a file cut short would be recorded under the copy's
+    /// hash). When it is gone,
     /// it was renamed over the volume's file, which must then be that copy
     /// as far as can be told without reading it: a regular file of one
     /// name, of the size `next` gives it; anything else (a `.comp` removed
@@ -83,7 +88,13 @@ impl Store {
         let comp = comp_path(&file);
         match std::fs::symlink_metadata(&comp) {
             Ok(md) => match fsio::not_own_file(&md) {
-                None => Ok(Some(comp)),
+                None if md.len() == v.size => Ok(Some(comp)),
+                None => Err(KnibError::corrupt(format!(
+                    "{} has {} bytes, not the {} of the compressed copy knib wrote (as the compression's next manifest says)",
+                    comp.display(),
+                    md.len(),
+                    v.size
+                ))),
                 Some(why) => Err(KnibError::corrupt(format!("{} {why}", comp.display()))),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => match not_compressed_copy(&file, v.size)? {
@@ -286,9 +297,10 @@ impl Store {
                             file.display()
                         ),
                         Some(n) => format!(
-                            "{} has no compressed copy beside it, yet it is not that copy: {}; the backup's manifest keeps what it recorded (`knib verify {id}` says whether the file matches it)",
+                            "{} has no compressed copy beside it, yet it is not that copy: {}; the backup's manifest keeps what it recorded (`knib verify {id}` says whether the file matches it; the copy's hash, in the next manifest set aside, is {})",
                             file.display(),
-                            not_compressed_copy(&file, n.size)?.unwrap_or_else(|| "it changed meanwhile".into())
+                            not_compressed_copy(&file, n.size)?.unwrap_or_else(|| "it changed meanwhile".into()),
+                            n.hash.as_deref().unwrap_or("not recorded")
                         ),
                         None => format!(
                             "{} has no compressed copy beside it: if the compression had replaced it, it no longer matches its manifest (`knib verify {id}` says)",

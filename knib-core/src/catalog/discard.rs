@@ -71,7 +71,8 @@ pub struct DiscardedJournal {
     /// compression, why it cannot be finished.
     pub unreadable: Option<String>,
     /// What may be left outside the store, for the operator to look at;
-    /// for a compression, the backup's files it may have replaced.
+    /// for a compression, the backup's files it may have replaced, and
+    /// those it did not although their `.comp` files are gone.
     pub left: Vec<String>,
 }
 

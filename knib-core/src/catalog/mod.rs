@@ -276,7 +276,18 @@ impl Store {
     /// it), each volume as its file is ([`compress_commit`]).
     fn load_manifest(&self, vm: &str, id: &str) -> Result<Manifest> {
         let m = self.read_manifest(vm, id)?;
-        self.pending_view(m)
+        match self.pending_view(m) {
+            // A reader without the lock may look at the files after the
+            // compression was finished and a later operation changed them:
+            // its next manifest gone, the backup is read again.
+            Err(e)
+                if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput)
+                    && fs::symlink_metadata(self.vm_dir(vm).join(id).join(compress_commit::NEXT_MANIFEST)).is_err() =>
+            {
+                self.pending_view(self.read_manifest(vm, id)?)
+            }
+            r => r,
+        }
     }
 
     /// The manifest of backup `id` of `vm`, read without following links;

@@ -84,12 +84,32 @@ impl Store {
     /// compression that replaced a file between the manifest's read and the
     /// file's (its manifest is saved after its files, under the lock) is
     /// never reported as a changed hash. Hashes are recorded under the lock.
+    /// A lock refused as `corrupt` (a compression of the VM that cannot be
+    /// finished) leaves the first checks' report, the refusal among its
+    /// problems.
     fn verify_one(&self, m: &Manifest, ctl: &Control) -> Result<VerifyReport> {
         let (report, new_hashes) = self.check_backup(m, ctl)?;
         if report.ok && new_hashes.is_empty() {
             return Ok(report);
         }
-        let _lock = self.wait_for_vm(&m.vm, &format!("verify of {}", m.id), ctl)?;
+        // A lock refused for what the store holds (an interrupted
+        // compression of the VM that cannot be finished) is reported with
+        // this backup, not made the answer for every backup verified.
+        let _lock = match self.wait_for_vm(&m.vm, &format!("verify of {}", m.id), ctl) {
+            Ok(l) => l,
+            Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => {
+                let mut report = report;
+                if report.ok {
+                    log::warn!("backup {}: its hashes are not recorded: {}", m.id, e.message);
+                } else {
+                    report
+                        .problems
+                        .push(format!("not checked again under the VM's lock, which is refused: {}", e.message));
+                }
+                return Ok(report);
+            }
+            Err(e) => return Err(e),
+        };
         let (report, new_hashes, m) = if report.ok {
             (report, new_hashes, m.clone())
         } else {
