@@ -832,6 +832,42 @@ fn assert_no_writer_gets(disk: &std::path::Path, what: &str) {
     );
 }
 
+/// A base creation interrupted where the disk was renamed to its base
+/// (no hard links) and a link (hard or symbolic, to a file outside) was
+/// put under the new overlay's name: the next backup is full, since the
+/// repair gives the base the disk's name back and the disk runs on no
+/// base of knib's. Before, the catalog took the disk for one on its base,
+/// decided an incremental, and the backup failed saying the disk had no
+/// knib base. The outside file is not read into the backup nor written.
+#[test]
+fn a_backup_after_an_overlay_refused_on_the_rename_path_is_full() {
+    use knib_core::catalog::{BackupOptions, DiskSpec, Store};
+    for hard in [false, true] {
+        let s = SwapSetup::new();
+        let store = Store::create(&s.store).unwrap();
+        let disks = [DiskSpec { name: "vda".into(), path: s.disk.clone() }];
+        let b1 = store.backup("vm1", &disks, &BackupOptions::default(), &Control::new()).unwrap();
+        let base = engine::take::base_path(&s.disk);
+        let new = s.disk.with_file_name("disk.qcow2.knib-new");
+        // The state: the disk renamed to its base, a link under the
+        // overlay's name.
+        std::fs::remove_file(&s.disk).unwrap();
+        std::fs::write(&new, b"").unwrap();
+        replace_with_link(&new, &s.victim, hard);
+        assert!(base.exists() && !s.disk.exists(), "hard {hard}");
+        let b2 = store.backup("vm1", &disks, &BackupOptions::default(), &Control::new()).unwrap();
+        assert_eq!(b2.kind, engine::BackupKind::Full, "hard {hard}: {b2:?}");
+        assert_ne!(b2.id, b1.id);
+        assert!(std::fs::symlink_metadata(&new).is_err(), "hard {hard}: the link is left");
+        assert!(std::fs::symlink_metadata(&s.disk).unwrap().file_type().is_file(), "hard {hard}");
+        assert_identical(&s.disk, &s.reference);
+        let out = s.dir.path().join(format!("restored-{hard}.qcow2"));
+        store.restore(&b2.id, "vda", &out, knib_core::qemu_img::ImageFormat::Qcow2, &Control::new()).unwrap();
+        assert_identical(&out, &s.reference);
+        assert_eq!(std::fs::read(&s.victim).unwrap(), b"not knib's", "hard {hard}");
+    }
+}
+
 /// A disk left missing with its data at its base (a backup killed on a
 /// file system without hard links after it took back an overlay it
 /// refused, before the base took the disk's name back): nothing is

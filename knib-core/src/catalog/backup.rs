@@ -148,7 +148,9 @@ pub(crate) fn check_disks(
     }
     // Check every disk before anything is written to the store. A disk
     // whose file is missing beside its base was interrupted while it got
-    // that base; the engine finishes that, and it then runs on the base.
+    // that base; the engine finishes that, and it then runs on the base,
+    // or undoes it (the entry under the overlay's name not knib's), and
+    // the disk is its base again, on no base of knib's.
     let mut on_base = Vec::new();
     for d in disks {
         if d.path.exists() {
@@ -169,7 +171,7 @@ pub(crate) fn check_disks(
             }
             on_base.push((d.name.clone(), d.path.clone(), st.on_knib_base));
         } else if engine::take::base_path(&d.path).exists() {
-            on_base.push((d.name.clone(), d.path.clone(), true));
+            on_base.push((d.name.clone(), d.path.clone(), engine::take::on_base_once_repaired(&d.path)));
         } else {
             return Err(KnibError::not_found(format!("disk {}: {} does not exist", d.name, d.path.display())));
         }

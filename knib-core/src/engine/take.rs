@@ -246,6 +246,15 @@ pub fn repair_volume(disk: &Path) -> Result<bool> {
     Ok(false)
 }
 
+/// Whether `disk`, missing beside its base (a base creation interrupted
+/// where the disk was renamed to its base), runs on that base once
+/// [`repair_volume`] has run: only when the overlay knib made is there to
+/// take the disk's name; anything else under the overlay's name is
+/// removed and the base takes the name back.
+pub fn on_base_once_repaired(disk: &Path) -> bool {
+    fs::symlink_metadata(new_overlay_path(disk)).is_ok_and(|m| fsio::not_own_file(&m).is_none())
+}
+
 /// How a disk looks on primary storage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskState {
