@@ -88,7 +88,16 @@ fn recover_with_discard_sets_a_damaged_journal_aside_without_the_domain() {
 fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
     use knib_core::engine::CompressOptions;
     use knib_core::qemu_img::ImageFormat;
-    for (replaced, damage) in [(0usize, "next"), (1, "next"), (1, "comp"), (0, "gone"), (1, "manifest"), (0, "short")] {
+    for (replaced, damage) in [
+        (0usize, "next"),
+        (1, "next"),
+        (1, "comp"),
+        (0, "gone"),
+        (1, "manifest"),
+        (0, "short"),
+        (1, "missing"),
+        (1, "newer"),
+    ] {
         let d = tempfile::tempdir().unwrap();
         let disks: Vec<DiskSpec> = ["root", "data"]
             .iter()
@@ -125,6 +134,14 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         } else if damage == "manifest" {
             std::fs::write(dir.join("manifest.json"), b"{\"schema\": 1, \"id\": 7").unwrap();
             std::fs::read(&next).unwrap()
+        } else if damage == "missing" {
+            std::fs::remove_file(dir.join("manifest.json")).unwrap();
+            std::fs::read(&next).unwrap()
+        } else if damage == "newer" {
+            let text = String::from_utf8(std::fs::read(&next).unwrap()).unwrap();
+            assert!(text.contains("\"schema\": 1"), "{text}");
+            std::fs::write(&next, text.replacen("\"schema\": 1", "\"schema\": 2", 1)).unwrap();
+            std::fs::read(&next).unwrap()
         } else if damage == "short" {
             std::fs::OpenOptions::new().write(true).open(comp(0)).unwrap().set_len(1000).unwrap();
             std::fs::read(&next).unwrap()
@@ -139,15 +156,19 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         let damage_at = match damage {
             "next" => next.clone(),
             "gone" => file(0),
-            "manifest" => dir.join("manifest.json"),
+            "manifest" | "missing" => dir.join("manifest.json"),
+            "newer" => next.clone(),
             "short" => comp(0),
             _ => comp(1),
         };
-        if damage == "manifest" {
-            // The backup's own manifest unreadable: every operation on the
-            // VM is refused (before, with no way out but by hand), and the
-            // discard sets the compression aside; the backup's files are
-            // left as they are.
+        if damage == "manifest" || damage == "missing" {
+            // The backup's own manifest unreadable, or gone: every
+            // operation on the VM is refused (before, with no way out but
+            // by hand), and the discard sets the next manifest aside; the
+            // backup's files, its `.comp` file and its manifest are left
+            // as they are.
+            let bytes = |p: &std::path::Path| std::fs::read(p).ok();
+            let kept: Vec<_> = [file(0), file(1), comp(1), damage_at.clone()].iter().map(|p| bytes(p)).collect();
             let e = store.lock_vm("vm1", "a later operation").map(drop).unwrap_err();
             assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
             assert!(e.message.contains(&damage_at.display().to_string()), "{e}");
@@ -161,11 +182,32 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
             );
             assert!(j["unreadable"].as_str().unwrap().contains(&damage_at.display().to_string()), "{a}");
             assert_eq!(std::fs::read(j["kept_as"].as_str().unwrap()).unwrap(), damaged);
+            assert_eq!(j["left"].as_array().unwrap().len(), 1, "{a}");
             let said = j["left"][0].as_str().unwrap();
             assert!(said.starts_with(&format!("{} cannot be read", damage_at.display())), "{a}");
-            assert!(!next.exists() && !comp(1).exists(), "{a}");
-            assert!(file(0).exists() && file(1).exists());
+            assert!(!next.exists(), "{a}");
+            let now: Vec<_> = [file(0), file(1), comp(1), damage_at.clone()].iter().map(|p| bytes(p)).collect();
+            assert!(now == kept, "{damage}: the backup's files changed");
             drop(store.lock_vm("vm1", "a later operation").unwrap());
+            continue;
+        }
+        if damage == "newer" {
+            // A newer knib's compression: neither finished nor set aside
+            // (before, the discard set it aside, as damaged); once this
+            // knib reads it (here: the schema put back), it is finished.
+            let e = store.lock_vm("vm1", "a later operation").map(drop).unwrap_err();
+            assert!(e.message.contains("newer than this knib's") && !e.message.contains("--discard"), "{e}");
+            let e = store.show(&m.id).unwrap_err();
+            assert!(e.message.contains("newer than this knib's") && !e.message.contains("--discard"), "{e}");
+            let e = call("recover", json!({"store": store_dir, "domain": "vm1", "discard": true})).unwrap_err();
+            assert!(e.message.contains("newer than this knib's"), "{e}");
+            assert!(next.exists() && comp(1).exists(), "{e}");
+            std::fs::write(&next, String::from_utf8(damaged).unwrap().replacen("\"schema\": 2", "\"schema\": 1", 1))
+                .unwrap();
+            drop(store.lock_vm("vm1", "a later operation").unwrap());
+            assert!(!next.exists() && !comp(1).exists());
+            assert!(store.show(&m.id).unwrap().compression.is_some());
+            assert!(store.verify(Some(&m.id), &Control::new()).unwrap().remove(0).ok);
             continue;
         }
 

@@ -894,6 +894,10 @@ fn a_disk_missing_beside_its_base_is_reported_with_the_base() {
     assert_eq!(e.kind, knib_core::ErrorKind::NotFound, "{e}");
     assert!(e.message.contains(&says), "{e}");
     assert!(store.list(None).unwrap().is_empty());
+    let vm_dir = s.store.join("vms/vm1");
+    let left: Vec<_> =
+        std::fs::read_dir(&vm_dir).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(left.iter().all(|n| !n.to_string_lossy().ends_with(".part")), "{left:?}");
     std::fs::rename(&base, &s.disk).unwrap();
     engine::take::inspect_disk(&q, "vda", &s.disk, &Control::new()).unwrap();
     assert_identical(&s.disk, &s.reference);

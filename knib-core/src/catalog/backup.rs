@@ -148,9 +148,11 @@ pub(crate) fn check_disks(
     }
     // Check every disk before anything is written to the store. A disk
     // whose file is missing beside its base was interrupted while it got
-    // that base; the engine finishes that, and it then runs on the base,
-    // or undoes it (the entry under the overlay's name not knib's), and
-    // the disk is its base again, on no base of knib's.
+    // that base: with knib's overlay there, the engine finishes that, and
+    // the disk then runs on the base; with anything else under the
+    // overlay's name, it undoes it, and the disk is its base again, on no
+    // base of knib's; with nothing there, the engine's look at the disk
+    // fails, naming the base.
     let mut on_base = Vec::new();
     for d in disks {
         if d.path.exists() {

@@ -114,11 +114,12 @@ impl Store {
     /// `manifest.json` (see the module's doc); `m` itself otherwise.
     pub(super) fn pending_view(&self, m: Manifest) -> Result<Manifest> {
         let id = m.id.clone();
-        let Some(next) = self.next_manifest(&m).map_err(|e| discard_hint(e, &m.vm, &id))? else { return Ok(m) };
+        let hint = |e| self.hint_or_newer(e, &m.vm, &id);
+        let Some(next) = self.next_manifest(&m).map_err(hint)? else { return Ok(m) };
         let mut view = m;
         let mut all = true;
         for (v, n) in view.volumes.iter_mut().zip(&next.volumes) {
-            if self.comp_of(&next, n).map_err(|e| discard_hint(e, &next.vm, &id))?.is_some() {
+            if self.comp_of(&next, n).map_err(|e| self.hint_or_newer(e, &next.vm, &id))?.is_some() {
                 all = false;
             } else {
                 v.hash = n.hash.clone();
@@ -163,8 +164,11 @@ impl Store {
         for id in self.pending_compressions(vm)? {
             // What makes it unfinishable (what a discard sets aside) is
             // looked at first, and its error says the way out.
+            if let Some(newer) = self.written_by_newer_knib(vm, &id)? {
+                return Err(newer);
+            }
             let hint = |e| discard_hint(e, vm, &id);
-            let m = self.read_manifest(vm, &id).map_err(hint)?;
+            let m = self.read_manifest(vm, &id).map_err(unreadable_manifest).map_err(hint)?;
             let Some(next) = self.next_manifest(&m).map_err(hint)? else { continue };
             for v in &next.volumes {
                 self.comp_of(&next, v).map_err(hint)?;
@@ -175,12 +179,40 @@ impl Store {
         Ok(())
     }
 
+    /// When backup `id` of `vm`'s `manifest.json` or [`NEXT_MANIFEST`] has
+    /// a schema newer than this knib's (a store shared with a newer knib):
+    /// the error that says so. Such a compression is neither finished nor
+    /// set aside by this knib: the newer one finishes it.
+    fn written_by_newer_knib(&self, vm: &str, id: &str) -> Result<Option<KnibError>> {
+        for name in ["manifest.json", NEXT_MANIFEST] {
+            let rel = Self::vm_rel(vm).join(id).join(name);
+            let Ok(Some(text)) = confine::read(&self.root, &rel, "manifest") else { continue };
+            if let Some(schema) = super::manifest::newer_schema(&text) {
+                return Ok(Some(KnibError::corrupt(format!(
+                    "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it",
+                    self.root.join(&rel).display(),
+                    super::manifest::MANIFEST_SCHEMA
+                ))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// [`discard_hint`] of `e`, unless the compression is a newer knib's:
+    /// then the error that says so.
+    fn hint_or_newer(&self, e: KnibError, vm: &str, id: &str) -> KnibError {
+        match self.written_by_newer_knib(vm, id) {
+            Ok(Some(newer)) => newer,
+            _ => discard_hint(e, vm, id),
+        }
+    }
+
     /// Set aside every interrupted compression of `vm` that
     /// [`Store::finish_compressions`] refuses (its [`NEXT_MANIFEST`] is not
     /// the backup's, a `.comp` file is not one knib wrote, a file whose
     /// `.comp` is gone is not that copy, or the backup's `manifest.json`
-    /// cannot be read: its files are then the `.comp` entries found in its
-    /// directory, and are left as they are), which stops every operation on
+    /// cannot be read: its files and `.comp` files are then left as they
+    /// are), which stops every operation on
     /// the VM: `recover --discard`, under the VM's lock. The next manifest
     /// is kept, as it was, as
     /// `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json` (an entry
@@ -195,15 +227,19 @@ impl Store {
         let mut out = Vec::new();
         for id in self.pending_compressions(vm)? {
             let dir = self.vm_dir(vm).join(&id);
-            // A backup's manifest that cannot be read makes its compression
-            // unfinishable too: its files are then the `.comp` entries
-            // found beside them.
-            let (m, files) = match self.read_manifest(vm, &id) {
+            // A newer knib's compression is never given up by this one.
+            if let Some(newer) = self.written_by_newer_knib(vm, &id)? {
+                return Err(newer);
+            }
+            // A backup's manifest that cannot be read (or is missing) makes
+            // its compression unfinishable too; its files, and the `.comp`
+            // files beside them, are then left as they are.
+            let (m, files) = match self.read_manifest(vm, &id).map_err(unreadable_manifest) {
                 Ok(m) => {
                     let files = m.volumes.iter().map(|v| v.file.clone()).collect();
                     (Ok(m), files)
                 }
-                Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => (Err(e), comp_files(&dir)?),
+                Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => (Err(e), Vec::new()),
                 Err(e) => return Err(e),
             };
             // Whether the next manifest is knib's: only then does a `.comp`
@@ -241,7 +277,7 @@ impl Store {
             };
             if m.is_none() {
                 d.left.push(format!(
-                    "{} cannot be read: whether the compression had already replaced files of the backup cannot be told, and they are left as they are (`knib verify {id}` reports the backup)",
+                    "{} cannot be read: whether the compression had already replaced files of the backup cannot be told; its files and the `.comp` files beside them are left as they are, and the next manifest, kept, describes the compressed copies (`knib verify` of every backup reports the backup)",
                     dir.join("manifest.json").display()
                 ));
             }
@@ -289,8 +325,6 @@ impl Store {
                         }
                         fsio::remove_entry(&comp)?;
                     }
-                    // (Found by a look at the directory: only its temporary.)
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && m.is_none() => {}
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(match n {
                         Some(_) if replaced[i] => format!(
                             "{} was already replaced by its compressed copy: the backup's manifest now records that copy's hash and size (the backup is not recorded as compressed: `knib compress --store STORE {id}` compresses it whole)",
@@ -390,28 +424,15 @@ impl Store {
     }
 }
 
-/// The names of the files in backup directory `dir` that have a `.comp`
-/// entry (or a compression's temporary of one) beside them, whatever those
-/// are: what a compression left when the backup's manifest cannot say.
-fn comp_files(dir: &std::path::Path) -> Result<Vec<String>> {
-    let entries = std::fs::read_dir(dir).map_err(|e| KnibError::io("cannot list", dir, e))?;
-    let mut files = Vec::new();
-    for e in entries {
-        let e = e.map_err(|e| KnibError::io("cannot list", dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let file = match name.strip_suffix(".comp") {
-            Some(f) => f.to_string(),
-            None => match name.strip_prefix('.').and_then(|n| n.strip_suffix(".comp.part")) {
-                Some(f) => f.to_string(),
-                None => continue,
-            },
-        };
-        if !file.is_empty() && !files.contains(&file) {
-            files.push(file);
-        }
+/// `e`, met reading a backup's `manifest.json` beside a next manifest: a
+/// missing one is as damaged as one that does not parse (the backup was
+/// published with it; only something other than knib removed it).
+fn unreadable_manifest(e: KnibError) -> KnibError {
+    if e.kind == ErrorKind::NotFound {
+        KnibError::corrupt(e.message)
+    } else {
+        e
     }
-    files.sort();
-    Ok(files)
 }
 
 /// Why `file`, whose `.comp` file is gone (renamed over it), is not that

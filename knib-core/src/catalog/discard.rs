@@ -28,7 +28,8 @@
 //!   when it cannot be finished: its `manifest.next.json` is not the
 //!   backup's, a `.comp` file is not one knib wrote, a file whose `.comp`
 //!   is gone is not that copy, or the backup's `manifest.json` cannot be
-//!   read. It is set aside (method
+//!   read (then only the next manifest is set aside), but not a newer
+//!   knib's (a newer schema). It is set aside (method
 //!   "compression": the next manifest kept as
 //!   `vms/<vm>/.discarded-<unix ms>.<id>.manifest.next.json`, the `.comp`
 //!   files still there removed); a file it had already replaced is named

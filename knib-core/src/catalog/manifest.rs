@@ -89,6 +89,14 @@ pub struct Manifest {
     pub group: Option<String>,
 }
 
+/// The schema of manifest text `text` when it is a JSON object whose
+/// `schema` is a number above [`MANIFEST_SCHEMA`]: written by a newer knib,
+/// not damaged.
+pub(crate) fn newer_schema(text: &[u8]) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_slice(text).ok()?;
+    v.get("schema")?.as_u64().filter(|s| *s > u64::from(MANIFEST_SCHEMA))
+}
+
 impl Manifest {
     /// A new manifest, taken now, with no volume yet.
     pub fn new(
