@@ -188,10 +188,13 @@ impl Store {
             let rel = Self::vm_rel(vm).join(id).join(name);
             let Ok(Some(text)) = confine::read(&self.root, &rel, "manifest") else { continue };
             if let Some(schema) = super::manifest::newer_schema(&text) {
+                let next = self.root.join(Self::vm_rel(vm)).join(id).join(NEXT_MANIFEST);
                 return Ok(Some(KnibError::corrupt(format!(
-                    "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it",
+                    "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it. If no newer knib wrote it (the file is damaged), move {} into {} under a name that starts with `.discarded-` (which knib skips): the compression is then given up, and `knib verify` says whether the backup's files match its manifest",
                     self.root.join(&rel).display(),
-                    super::manifest::MANIFEST_SCHEMA
+                    super::manifest::MANIFEST_SCHEMA,
+                    next.display(),
+                    self.vm_dir(vm).display()
                 ))));
             }
         }

@@ -403,11 +403,11 @@ impl Store {
     }
 
     /// Every backup of `vm`, oldest first, and the names of the entries
-    /// that look like backups but whose manifest cannot be read (they may
-    /// be backups: a delete must not take their parent away). Other stray
-    /// entries (a directory without a manifest, `lost+found`, a file or a
-    /// link where a backup directory would be) are skipped; each skip is
-    /// logged as a warning.
+    /// that look like backups but whose manifest cannot be read or is
+    /// missing while the directory holds files (they may be backups: a
+    /// delete must not take their parent away). Other stray entries (an
+    /// empty directory, `lost+found`, a file or a link where a backup
+    /// directory would be) are skipped; each skip is logged as a warning.
     pub fn scan_backups(&self, vm: &str) -> Result<(Vec<Manifest>, Vec<String>)> {
         names::validate("VM name", vm)?;
         let dir = self.vm_dir(vm);
@@ -429,8 +429,15 @@ impl Store {
             }
             match self.load_manifest(vm, &n) {
                 Ok(m) => out.push(m),
+                // An empty one is no backup; one that holds files may be
+                // (its manifest lost): a delete must not take its parent.
                 Err(err) if err.kind == ErrorKind::NotFound => {
-                    log::warn!("skipping {}: a directory without a manifest", e.path().display());
+                    if fs::read_dir(e.path()).map(|mut d| d.next().is_none()).unwrap_or(false) {
+                        log::warn!("skipping {}: an empty directory without a manifest", e.path().display());
+                    } else {
+                        log::warn!("skipping {}: {err}; it holds files, and may be a backup", e.path().display());
+                        unreadable.push(n);
+                    }
                 }
                 Err(err) => {
                     log::warn!("skipping {}: {err}", e.path().display());
