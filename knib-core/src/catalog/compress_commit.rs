@@ -37,15 +37,11 @@
 
 use std::path::PathBuf;
 
-use super::manifest::VolumeEntry;
+use super::manifest::{newer_schema, VolumeEntry, MANIFEST_SCHEMA, NEXT_MANIFEST};
 use super::{confine, discard, DiscardedJournal, Manifest, Store};
 use crate::engine::compress::comp_path;
 use crate::error::{ErrorKind, KnibError, Result};
 use crate::fsio;
-
-/// The manifest a compression in progress will leave, beside
-/// `manifest.json`.
-pub const NEXT_MANIFEST: &str = "manifest.next.json";
 
 impl Store {
     /// The next manifest of backup `m` (read as it is on disk), if a
@@ -187,12 +183,12 @@ impl Store {
         for name in ["manifest.json", NEXT_MANIFEST] {
             let rel = Self::vm_rel(vm).join(id).join(name);
             let Ok(Some(text)) = confine::read(&self.root, &rel, "manifest") else { continue };
-            if let Some(schema) = super::manifest::newer_schema(&text) {
+            if let Some(schema) = newer_schema(&text) {
                 let next = self.root.join(Self::vm_rel(vm)).join(id).join(NEXT_MANIFEST);
                 return Ok(Some(KnibError::corrupt(format!(
                     "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it. If no newer knib wrote it (the file is damaged), move {} into {} under a name that starts with `.discarded-` (which knib skips): the compression is then given up, and `knib verify` says whether the backup's files match its manifest",
                     self.root.join(&rel).display(),
-                    super::manifest::MANIFEST_SCHEMA,
+                    MANIFEST_SCHEMA,
                     next.display(),
                     self.vm_dir(vm).display()
                 ))));

@@ -14,6 +14,10 @@ use crate::qemu_img::CompressionLibrary;
 /// The manifest schema this version of knib writes and reads.
 pub const MANIFEST_SCHEMA: u32 = 1;
 
+/// The manifest a compression in progress will leave, beside
+/// `manifest.json` (see `compress_commit`).
+pub(crate) const NEXT_MANIFEST: &str = "manifest.next.json";
+
 /// One volume of a backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,7 +184,7 @@ impl Manifest {
             // A volume's file is its own: never the manifest's name (a vault
             // sync repairing the "volume" uploaded an image over the
             // manifest, or deleted it), nor another volume's.
-            if v.file == "manifest.json" || v.file == super::compress_commit::NEXT_MANIFEST {
+            if v.file == "manifest.json" || v.file == NEXT_MANIFEST {
                 return Err(bad(
                     &format!("volumes[{i}].file"),
                     format!("{:?} is the name of the backup's manifest", v.file),

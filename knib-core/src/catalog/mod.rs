@@ -282,7 +282,7 @@ impl Store {
             // its next manifest gone, the backup is read again.
             Err(e)
                 if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput)
-                    && fs::symlink_metadata(self.vm_dir(vm).join(id).join(compress_commit::NEXT_MANIFEST)).is_err() =>
+                    && fs::symlink_metadata(self.vm_dir(vm).join(id).join(manifest::NEXT_MANIFEST)).is_err() =>
             {
                 self.pending_view(self.read_manifest(vm, id)?)
             }
