@@ -207,6 +207,18 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
             let newer = format!("{} has schema 2, newer than this knib's", damage_at.display());
             let e = store.lock_vm("vm1", "a later operation").map(drop).unwrap_err();
             assert!(e.message.contains(&newer) && !e.message.contains("recover --discard"), "{e}");
+            // The way out by hand, should no newer knib have written it.
+            let by_hand = format!(
+                "move {} into {} under a name that starts with `.discarded-`",
+                next.display(),
+                dir.parent().unwrap().display()
+            );
+            let after = if damage == "newer" {
+                "the compression is then given up"
+            } else {
+                "this backup stays unreadable to this knib"
+            };
+            assert!(e.message.contains(&by_hand) && e.message.contains(after), "{e}");
             if damage == "newer" {
                 let e = store.show(&m.id).unwrap_err();
                 assert!(e.message.contains(&newer) && !e.message.contains("recover --discard"), "{e}");

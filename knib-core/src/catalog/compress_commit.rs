@@ -185,8 +185,14 @@ impl Store {
             let Ok(Some(text)) = confine::read(&self.root, &rel, "manifest") else { continue };
             if let Some(schema) = newer_schema(&text) {
                 let next = self.root.join(Self::vm_rel(vm)).join(id).join(NEXT_MANIFEST);
+                // The way out by hand, and what it leaves.
+                let after = if name == NEXT_MANIFEST {
+                    "the compression is then given up: its `.comp` files stay beside the backup's files, and a file it already replaced no longer matches the backup's manifest (`knib verify` reports it)"
+                } else {
+                    "the VM's other backups can then be worked on; this backup stays unreadable to this knib (`knib verify` of every backup reports it, and deletes of the VM keep their files) until its manifest is mended or its directory removed by hand"
+                };
                 return Ok(Some(KnibError::corrupt(format!(
-                    "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it. If no newer knib wrote it (the file is damaged), move {} into {} under a name that starts with `.discarded-` (which knib skips): the compression is then given up, and `knib verify` says whether the backup's files match its manifest",
+                    "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it. If no newer knib wrote it (the file is damaged), move {} into {} under a name that starts with `.discarded-` (which knib skips): {after}",
                     self.root.join(&rel).display(),
                     MANIFEST_SCHEMA,
                     next.display(),
@@ -276,7 +282,7 @@ impl Store {
             };
             if m.is_none() {
                 d.left.push(format!(
-                    "{} cannot be read: whether the compression had already replaced files of the backup cannot be told; its files and the `.comp` files beside them are left as they are, and the next manifest, kept, describes the compressed copies (`knib verify` of every backup reports the backup)",
+                    "{} cannot be read: whether the compression had already replaced files of the backup cannot be told; its files and the `.comp` files beside them are left as they are, and the next manifest, kept, describes the compressed copies (`knib verify` of every backup reports the backup; until its manifest is mended or its directory removed by hand, deletes of the VM's backups keep their files, marked removed)",
                     dir.join("manifest.json").display()
                 ));
             }

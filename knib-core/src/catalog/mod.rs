@@ -431,14 +431,20 @@ impl Store {
                 Ok(m) => out.push(m),
                 // An empty one is no backup; one that holds files may be
                 // (its manifest lost): a delete must not take its parent.
-                Err(err) if err.kind == ErrorKind::NotFound => {
-                    if fs::read_dir(e.path()).map(|mut d| d.next().is_none()).unwrap_or(false) {
+                Err(err) if err.kind == ErrorKind::NotFound => match fs::read_dir(e.path())
+                    .map(|mut d| d.next().is_none())
+                {
+                    Ok(true) => {
                         log::warn!("skipping {}: an empty directory without a manifest", e.path().display());
-                    } else {
+                    }
+                    // Gone meanwhile (a delete renamed it away).
+                    Err(x) if matches!(x.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {}
+                    // Holding files, or not to be looked into: may be one.
+                    _ => {
                         log::warn!("skipping {}: {err}; it holds files, and may be a backup", e.path().display());
                         unreadable.push(n);
                     }
-                }
+                },
                 Err(err) => {
                     log::warn!("skipping {}: {err}", e.path().display());
                     unreadable.push(n);

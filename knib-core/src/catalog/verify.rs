@@ -54,8 +54,9 @@ impl Store {
     ///
     /// Verifying every backup also reports each backup directory whose
     /// manifest cannot be read (it does not parse, names another backup,
-    /// is not a regular file...) as a failed report under the directory's
-    /// name: a listing skips it, a verify must not hide it.
+    /// is not a regular file, is missing while the directory holds
+    /// files...) as a failed report under the directory's name: a listing
+    /// skips it, a verify must not hide it.
     pub fn verify(&self, id: Option<&str>, ctl: &Control) -> Result<Vec<VerifyReport>> {
         if let Some(id) = id {
             return Ok(vec![self.verify_one(&self.show(id)?, ctl)?]);
@@ -71,6 +72,10 @@ impl Store {
                 match self.load_manifest(&vm, &id) {
                     Ok(m) if m.removed => {}
                     Ok(m) => out.push(self.verify_one(&m, ctl)?),
+                    // Deleted meanwhile (renamed away whole).
+                    Err(e)
+                        if e.kind == ErrorKind::NotFound
+                            && std::fs::symlink_metadata(self.vm_dir(&vm).join(&id)).is_err() => {}
                     Err(e) => out.push(VerifyReport::unreadable(id, &vm, &e)),
                 }
             }
