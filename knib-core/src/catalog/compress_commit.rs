@@ -159,11 +159,9 @@ impl Store {
     pub(super) fn finish_compressions(&self, vm: &str) -> Result<()> {
         for id in self.pending_compressions(vm)? {
             // What makes it unfinishable (what a discard sets aside) is
-            // looked at first, and its error says the way out.
-            if let Some(newer) = self.written_by_newer_knib(vm, &id)? {
-                return Err(newer);
-            }
-            let hint = |e| discard_hint(e, vm, &id);
+            // looked at first, and its error says the way out (or that a
+            // newer knib's compression is left to it).
+            let hint = |e| self.hint_or_newer(e, vm, &id);
             let m = self.read_manifest(vm, &id).map_err(unreadable_manifest).map_err(hint)?;
             let Some(next) = self.next_manifest(&m).map_err(hint)? else { continue };
             for v in &next.volumes {
@@ -179,7 +177,7 @@ impl Store {
     /// a schema newer than this knib's (a store shared with a newer knib):
     /// the error that says so. Such a compression is neither finished nor
     /// set aside by this knib: the newer one finishes it.
-    fn written_by_newer_knib(&self, vm: &str, id: &str) -> Result<Option<KnibError>> {
+    fn written_by_newer_knib(&self, vm: &str, id: &str) -> Option<KnibError> {
         for name in ["manifest.json", NEXT_MANIFEST] {
             let rel = Self::vm_rel(vm).join(id).join(name);
             let Ok(Some(text)) = confine::read(&self.root, &rel, "manifest") else { continue };
@@ -191,25 +189,22 @@ impl Store {
                 } else {
                     "the VM's other backups can then be worked on; this backup stays unreadable to this knib (`knib verify` of every backup reports it, and deletes of the VM keep their files) until its manifest is mended or its directory removed by hand"
                 };
-                return Ok(Some(KnibError::corrupt(format!(
+                return Some(KnibError::corrupt(format!(
                     "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it. If no newer knib wrote it (the file is damaged), move {} into {} under a name that starts with `.discarded-` (which knib skips): {after}",
                     self.root.join(&rel).display(),
                     MANIFEST_SCHEMA,
                     next.display(),
                     self.vm_dir(vm).display()
-                ))));
+                )));
             }
         }
-        Ok(None)
+        None
     }
 
     /// [`discard_hint`] of `e`, unless the compression is a newer knib's:
     /// then the error that says so.
     fn hint_or_newer(&self, e: KnibError, vm: &str, id: &str) -> KnibError {
-        match self.written_by_newer_knib(vm, id) {
-            Ok(Some(newer)) => newer,
-            _ => discard_hint(e, vm, id),
-        }
+        self.written_by_newer_knib(vm, id).unwrap_or_else(|| discard_hint(e, vm, id))
     }
 
     /// Set aside every interrupted compression of `vm` that
@@ -232,32 +227,28 @@ impl Store {
         let mut out = Vec::new();
         for id in self.pending_compressions(vm)? {
             let dir = self.vm_dir(vm).join(&id);
-            // A newer knib's compression is never given up by this one.
-            if let Some(newer) = self.written_by_newer_knib(vm, &id)? {
-                return Err(newer);
-            }
             // A backup's manifest that cannot be read (or is missing) makes
             // its compression unfinishable too; its files, and the `.comp`
             // files beside them, are then left as they are.
-            let (m, files) = match self.read_manifest(vm, &id).map_err(unreadable_manifest) {
-                Ok(m) => {
-                    let files = m.volumes.iter().map(|v| v.file.clone()).collect();
-                    (Ok(m), files)
-                }
-                Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => (Err(e), Vec::new()),
+            let m = match self.read_manifest(vm, &id).map_err(unreadable_manifest) {
+                Ok(m) => Ok(m),
+                Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => Err(e),
                 Err(e) => return Err(e),
             };
-            // Whether the next manifest is knib's: only then does a `.comp`
-            // gone mean its file was replaced.
+            // Whether the next manifest is knib's (only then does a `.comp`
+            // gone mean its file was replaced), and what each of its
+            // volumes' `.comp` looks like: `Ok(None)` is a file replaced
+            // by its copy (see `comp_of`).
             let mut knibs_next: Option<Manifest> = None;
+            let mut looks: Vec<Result<Option<PathBuf>>> = Vec::new();
             let finishable = match &m {
                 Err(e) => Err(e.clone()),
                 Ok(m) => match self.next_manifest(m) {
                     Ok(None) => continue,
                     Ok(Some(next)) => {
-                        let r = next.volumes.iter().try_for_each(|v| self.comp_of(&next, v).map(drop));
+                        looks = next.volumes.iter().map(|v| self.comp_of(&next, v)).collect();
                         knibs_next = Some(next);
-                        r
+                        looks.iter().find_map(|l| l.as_ref().err()).map_or(Ok(()), |e| Err(e.clone()))
                     }
                     Err(e) => Err(e),
                 },
@@ -269,6 +260,10 @@ impl Store {
                 Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => e.message,
                 Err(e) => return Err(e),
             };
+            // A newer knib's compression is never given up by this one.
+            if let Some(newer) = self.written_by_newer_knib(vm, &id) {
+                return Err(newer);
+            }
             let m = m.ok();
             let next = dir.join(NEXT_MANIFEST);
             let mut d = DiscardedJournal {
@@ -290,21 +285,13 @@ impl Store {
             // size its next manifest (knib's) gives them, in the backup's
             // manifest, before that next manifest goes: the backup, and the
             // backups whose chains read it, still verify. A crash after it
-            // finds the same next manifest, as the same backup. Replaced:
-            // its `.comp` gone and the file that copy, as far as its size
-            // tells (see `comp_of`).
-            let mut replaced = vec![false; files.len()];
+            // finds the same next manifest, as the same backup.
+            let replaced: Vec<bool> = looks.iter().map(|l| matches!(l, Ok(None))).collect();
             if let (Some(kn), Some(m)) = (&knibs_next, &m) {
                 let mut view = m.clone();
-                for ((v, n), r) in view.volumes.iter_mut().zip(&kn.volumes).zip(replaced.iter_mut()) {
-                    let file = dir.join(&v.file);
-                    *r = std::fs::symlink_metadata(comp_path(&file))
-                        .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-                        && not_compressed_copy(&file, n.size)?.is_none();
-                    if *r {
-                        v.hash = n.hash.clone();
-                        v.size = n.size;
-                    }
+                for ((v, n), _) in view.volumes.iter_mut().zip(&kn.volumes).zip(&replaced).filter(|(_, r)| **r) {
+                    v.hash = n.hash.clone();
+                    v.size = n.size;
                 }
                 if view != *m {
                     view.save(&dir.join("manifest.json"))?;
@@ -315,9 +302,9 @@ impl Store {
             // the backup removes; before it, this runs again.
             let meta = std::fs::symlink_metadata(&next).map_err(|e| KnibError::io("cannot stat", &next, e))?;
             d.kept_as = discard::set_aside(&next, &meta, &self.vm_dir(vm), &format!("{id}.{NEXT_MANIFEST}"))?;
-            for (i, f) in files.iter().enumerate() {
+            for (i, v) in m.iter().flat_map(|m| &m.volumes).enumerate() {
                 let n = knibs_next.as_ref().and_then(|k| k.volumes.get(i));
-                let file = dir.join(f);
+                let file = dir.join(&v.file);
                 let comp = comp_path(&file);
                 match std::fs::symlink_metadata(&comp) {
                     Ok(md) => {
@@ -331,7 +318,7 @@ impl Store {
                         fsio::remove_entry(&comp)?;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => d.left.push(match n {
-                        Some(_) if replaced[i] => format!(
+                        Some(_) if replaced.get(i) == Some(&true) => format!(
                             "{} was already replaced by its compressed copy: the backup's manifest now records that copy's hash and size (the backup is not recorded as compressed: `knib compress --store STORE {id}` compresses it whole)",
                             file.display()
                         ),
@@ -446,13 +433,13 @@ fn unreadable_manifest(e: KnibError) -> KnibError {
 /// size.
 fn not_compressed_copy(file: &std::path::Path, size: u64) -> Result<Option<String>> {
     match std::fs::symlink_metadata(file) {
-        Ok(md) if fsio::not_own_file(&md).is_some() => {
-            Ok(Some(format!("it {}", fsio::not_own_file(&md).unwrap_or_default())))
-        }
-        Ok(md) if md.len() != size => {
-            Ok(Some(format!("it has {} bytes, the copy {size} (as the compression's next manifest says)", md.len())))
-        }
-        Ok(_) => Ok(None),
+        Ok(md) => Ok(match fsio::not_own_file(&md) {
+            Some(why) => Some(format!("it {why}")),
+            None if md.len() != size => {
+                Some(format!("it has {} bytes, the copy {size} (as the compression's next manifest says)", md.len()))
+            }
+            None => None,
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Some("it is missing".into())),
         Err(e) => Err(KnibError::io("cannot stat", file, e)),
     }

@@ -158,8 +158,12 @@ pub(super) fn set_aside(path: &Path, meta: &fs::Metadata, dir: &Path, name: &str
             .map(|t| t.as_millis())
             .unwrap_or_default();
         let to = dir.join(format!(".discarded-{now}.{name}"));
+        // (Its new directory is synced by the rename; the old one here,
+        // when it is another.)
         fsio::rename_noreplace(path, &to)?;
-        fsio::sync_dir(fsio::parent_dir(path))?;
+        if fsio::parent_dir(path) != dir {
+            fsio::sync_dir(fsio::parent_dir(path))?;
+        }
         Ok(Some(to))
     } else {
         fsio::remove_entry(path)?;
