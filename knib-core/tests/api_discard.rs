@@ -98,6 +98,7 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         (1, "missing"),
         (1, "newer"),
         (1, "newer-manifest"),
+        (1, "flipped"),
     ] {
         let d = tempfile::tempdir().unwrap();
         let disks: Vec<DiskSpec> = ["root", "data"]
@@ -149,6 +150,13 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
             std::fs::read(&next).unwrap()
         } else if damage == "gone" {
             std::fs::remove_file(comp(0)).unwrap();
+            std::fs::read(&next).unwrap()
+        } else if damage == "flipped" {
+            // One byte of a `.comp` file changed, its size kept.
+            let mut bytes = std::fs::read(comp(1)).unwrap();
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x5a;
+            std::fs::write(comp(1), &bytes).unwrap();
             std::fs::read(&next).unwrap()
         } else {
             replace_with_link(&comp(1), &victim, true);
@@ -239,6 +247,13 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
         assert_eq!(e.kind, ErrorKind::Corrupt, "replaced {replaced}: {e}");
         assert!(e.message.contains(&damage_at.display().to_string()), "replaced {replaced}: {e}");
         assert!(e.message.contains("`knib recover --discard`"), "replaced {replaced}: {e}");
+        if damage == "flipped" {
+            // Read before it is renamed over its file (before, a `.comp`
+            // damaged after the crash replaced the backup's intact file).
+            let not = format!("{} is not the compressed copy knib wrote: its bytes hash to ", comp(1).display());
+            assert!(e.message.contains(&not), "{e}");
+            assert!(comp(1).exists() && next.exists(), "{e}");
+        }
 
         if damage == "comp" {
             // Discards that ended before the backup's manifest was saved,
@@ -299,11 +314,16 @@ fn recover_with_discard_sets_aside_a_compression_that_cannot_be_finished() {
             // Named as replaced only when the next manifest was knib's.
             let how = if damage == "next" { "has no compressed copy beside it" } else { "was already replaced" };
             assert!(said[0].starts_with(&format!("{} {how}", file(0).display())), "{a}");
-            if damage == "comp" {
+            if damage == "comp" || damage == "flipped" {
                 // knib's next manifest gave the replaced file's hash: the
-                // backup's manifest records it, and the backup verifies.
-                assert_eq!(said.len(), 2, "{a}");
-                assert!(said[1].starts_with(&format!("{} is a file with 2 names", comp(1).display())), "{a}");
+                // backup's manifest records it, and the backup verifies
+                // (the file the damaged `.comp` was to replace is intact).
+                if damage == "comp" {
+                    assert_eq!(said.len(), 2, "{a}");
+                    assert!(said[1].starts_with(&format!("{} is a file with 2 names", comp(1).display())), "{a}");
+                } else {
+                    assert_eq!(said.len(), 1, "{a}");
+                }
                 assert!(report.ok, "{report:?}");
             } else {
                 assert_eq!(said.len(), 1, "{a}");

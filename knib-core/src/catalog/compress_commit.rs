@@ -22,7 +22,8 @@
 //!   ([`Store::finish_compressions`]), before anything else can remove a
 //!   `.comp` file or save the manifest; but `recover --discard`, which
 //!   first sets aside a compression that cannot be finished (its next
-//!   manifest not the backup's, a `.comp` not knib's file, a file whose
+//!   manifest not the backup's, a `.comp` not knib's file or not the
+//!   copy knib wrote (read whole first: [`Store::checked_comp`]), a file whose
 //!   `.comp` is gone not that copy, the backup's manifest unreadable:
 //!   [`Store::set_aside_unfinishable_compressions`]).
 //!
@@ -79,12 +80,13 @@ impl Store {
     /// name, of the size `next` gives it; anything else (a `.comp` removed
     /// by something other than knib, the file missing, a link swapped in
     /// at the rename) is `corrupt`.
-    fn comp_of(&self, next: &Manifest, v: &VolumeEntry) -> Result<Option<PathBuf>> {
+    fn comp_of(&self, next: &Manifest, v: &VolumeEntry) -> Result<Option<Comp>> {
+        use std::os::unix::fs::MetadataExt;
         let file = self.backup_dir(next).join(&v.file);
         let comp = comp_path(&file);
         match std::fs::symlink_metadata(&comp) {
             Ok(md) => match fsio::not_own_file(&md) {
-                None if md.len() == v.size => Ok(Some(comp)),
+                None if md.len() == v.size => Ok(Some(Comp { path: comp, at: (md.dev(), md.ino()) })),
                 None => Err(KnibError::corrupt(format!(
                     "{} has {} bytes, not the {} of the compressed copy knib wrote (as the compression's next manifest says)",
                     comp.display(),
@@ -103,6 +105,40 @@ impl Store {
             },
             Err(e) => Err(KnibError::io("cannot stat", &comp, e)),
         }
+    }
+
+    /// [`Store::comp_of`], and a `.comp` file there read whole: its bytes
+    /// must hash to what `next` records for it (when it records a hash),
+    /// else it is `corrupt` (damaged since it was written, or not the copy
+    /// knib wrote) and is never renamed over the backup's file. Read before
+    /// a compression a crash interrupted is finished, or set aside: the
+    /// file was left for a time no process of knib's watched.
+    fn checked_comp(&self, next: &Manifest, v: &VolumeEntry) -> Result<Option<Comp>> {
+        let comp = self.comp_of(next, v)?;
+        if let (Some(c), Some(want)) = (&comp, &v.hash) {
+            use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&c.path)
+                .map_err(|e| KnibError::io("cannot open", &c.path, e))?;
+            let md = f.metadata().map_err(|e| KnibError::io("cannot stat", &c.path, e))?;
+            if (md.dev(), md.ino()) != c.at {
+                return Err(KnibError::corrupt(format!(
+                    "{} was replaced while knib looked at it: it is not the compressed copy knib wrote",
+                    c.path.display()
+                )));
+            }
+            // Not read again before its rename: its pages are dropped.
+            let got = crate::hash::hash_written_file(&f, &c.path, &crate::progress::Control::new())?;
+            if got != *want {
+                return Err(KnibError::corrupt(format!(
+                    "{} is not the compressed copy knib wrote: its bytes hash to {got}, not to {want} (as the compression's next manifest says)",
+                    c.path.display()
+                )));
+            }
+        }
+        Ok(comp)
     }
 
     /// Backup `m` as its files are, when a compression of it was
@@ -164,11 +200,9 @@ impl Store {
             let hint = |e| self.hint_or_newer(e, vm, &id);
             let m = self.read_manifest(vm, &id).map_err(unreadable_manifest).map_err(hint)?;
             let Some(next) = self.next_manifest(&m).map_err(hint)? else { continue };
-            for v in &next.volumes {
-                self.comp_of(&next, v).map_err(hint)?;
-            }
             log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
-            self.commit_compression(&next)?;
+            let comps = next.volumes.iter().map(|v| self.checked_comp(&next, v)).collect::<Result<Vec<_>>>();
+            self.commit_compression(&next, comps.map_err(hint)?)?;
         }
         Ok(())
     }
@@ -240,13 +274,13 @@ impl Store {
             // volumes' `.comp` looks like: `Ok(None)` is a file replaced
             // by its copy (see `comp_of`).
             let mut knibs_next: Option<Manifest> = None;
-            let mut looks: Vec<Result<Option<PathBuf>>> = Vec::new();
+            let mut looks: Vec<Result<Option<Comp>>> = Vec::new();
             let finishable = match &m {
                 Err(e) => Err(e.clone()),
                 Ok(m) => match self.next_manifest(m) {
                     Ok(None) => continue,
                     Ok(Some(next)) => {
-                        looks = next.volumes.iter().map(|v| self.comp_of(&next, v)).collect();
+                        looks = next.volumes.iter().map(|v| self.checked_comp(&next, v)).collect();
                         knibs_next = Some(next);
                         looks.iter().find_map(|l| l.as_ref().err()).map_or(Ok(()), |e| Err(e.clone()))
                     }
@@ -350,31 +384,25 @@ impl Store {
     }
 
     /// Steps 2 and 3 of the module's doc: each `.comp` file still there
-    /// renamed over its file, then [`NEXT_MANIFEST`] over `manifest.json`.
-    fn commit_compression(&self, next: &Manifest) -> Result<()> {
+    /// (`comps`, as looked at, one per volume of `next`) renamed over its
+    /// file, then [`NEXT_MANIFEST`] over `manifest.json`.
+    fn commit_compression(&self, next: &Manifest, comps: Vec<Option<Comp>>) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let dir = self.backup_dir(next);
-        for v in &next.volumes {
-            if let Some(comp) = self.comp_of(next, v)? {
-                // The file looked at is the one renamed: an entry swapped
-                // in between (a hard link to a file elsewhere) is not
-                // taken for the backup's file.
-                let file = dir.join(&v.file);
-                let id = |p: &std::path::Path| {
-                    use std::os::unix::fs::MetadataExt;
-                    std::fs::symlink_metadata(p)
-                        .map(|m| (m.dev(), m.ino(), fsio::not_own_file(&m).is_none()))
-                        .map_err(|e| KnibError::io("cannot stat", p, e))
-                };
-                let looked = id(&comp)?;
-                fsio::commit_rename(&comp, &file)?;
-                let (dev, ino, own) = id(&file)?;
-                if (dev, ino) != (looked.0, looked.1) || !own {
-                    return Err(KnibError::corrupt(format!(
-                        "{} was replaced while knib renamed it over {}: that file is not the compressed copy knib wrote (`knib verify` reports it)",
-                        comp.display(),
-                        file.display()
-                    )));
-                }
+        for (v, comp) in next.volumes.iter().zip(comps) {
+            let Some(comp) = comp else { continue };
+            // The file looked at is the one renamed: an entry swapped in
+            // since (a hard link to a file elsewhere) is not taken for the
+            // backup's file.
+            let file = dir.join(&v.file);
+            fsio::commit_rename(&comp.path, &file)?;
+            let md = std::fs::symlink_metadata(&file).map_err(|e| KnibError::io("cannot stat", &file, e))?;
+            if (md.dev(), md.ino()) != comp.at || fsio::not_own_file(&md).is_some() {
+                return Err(KnibError::corrupt(format!(
+                    "{} was replaced while knib renamed it over {}: that file is not the compressed copy knib wrote (`knib verify` reports it)",
+                    comp.path.display(),
+                    file.display()
+                )));
             }
         }
         fsio::commit_rename(&dir.join(NEXT_MANIFEST), &dir.join("manifest.json"))
@@ -399,7 +427,10 @@ impl Store {
             }
             return Err(e);
         }
-        self.commit_compression(next)
+        // Just written by this compression, which hashed each as it wrote
+        // it (`compression.check_output` reads them back).
+        let comps = next.volumes.iter().map(|v| self.comp_of(next, v)).collect::<Result<Vec<_>>>()?;
+        self.commit_compression(next, comps)
     }
 
     /// Remove the `.comp` files of backup `m` (and the temporaries of a
@@ -414,6 +445,13 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// A `.comp` file as [`Store::comp_of`] looked at it: its path, and which
+/// file it was (device, inode).
+struct Comp {
+    path: PathBuf,
+    at: (u64, u64),
 }
 
 /// `e`, met reading a backup's `manifest.json` beside a next manifest: a
