@@ -221,7 +221,7 @@ impl Store {
                 let after = if name == NEXT_MANIFEST {
                     "the compression is then given up: its `.comp` files stay beside the backup's files, and a file it already replaced no longer matches the backup's manifest (`knib verify` reports it)"
                 } else {
-                    "the VM's other backups can then be worked on; this backup stays unreadable to this knib (`knib verify` of every backup reports it, and deletes of the VM keep their files) until its manifest is mended or its directory removed by hand"
+                    "the VM's other backups can then be worked on; this backup stays unreadable to this knib (`knib verify` of every backup reports it, and deletes of the VM's backups keep their files, marked removed) until its manifest is mended or its directory removed by hand"
                 };
                 return Some(KnibError::corrupt(format!(
                     "{} has schema {schema}, newer than this knib's ({}): the interrupted compression of backup {id} was a newer knib's; run that knib (any operation on VM {vm}) to finish it. If no newer knib wrote it (the file is damaged), move {} into {} under a name that starts with `.discarded-` (which knib skips): {after}",

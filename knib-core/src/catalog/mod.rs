@@ -440,8 +440,15 @@ impl Store {
                     // Gone meanwhile (a delete renamed it away).
                     Err(x) if matches!(x.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {}
                     // Holding files, or not to be looked into: may be one.
-                    _ => {
+                    Ok(false) => {
                         log::warn!("skipping {}: {err}; it holds files, and may be a backup", e.path().display());
+                        unreadable.push(n);
+                    }
+                    Err(x) => {
+                        log::warn!(
+                            "skipping {}: {err}; it cannot be listed ({x}), and may be a backup",
+                            e.path().display()
+                        );
                         unreadable.push(n);
                     }
                 },

@@ -75,7 +75,8 @@ impl Store {
                     // Deleted meanwhile (renamed away whole).
                     Err(e)
                         if e.kind == ErrorKind::NotFound
-                            && std::fs::symlink_metadata(self.vm_dir(&vm).join(&id)).is_err() => {}
+                            && std::fs::symlink_metadata(self.vm_dir(&vm).join(&id))
+                                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) => {}
                     Err(e) => out.push(VerifyReport::unreadable(id, &vm, &e)),
                 }
             }
