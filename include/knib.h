@@ -1469,6 +1469,11 @@
  *
  *   DeleteOutcome: What a delete did.
  *       expunged        [string]: Backups whose files were removed.
+ *       kept_because?   string or null: Why the backup asked for was kept,
+ *                       marked removed, instead of expunged, and what lets
+ *                       its files go: the later backups that read it (by id),
+ *                       or the backups of the VM whose manifests cannot be
+ *                       read (they may). `None` when it was expunged.
  *       marked_removed  [string]: Backups kept on disk, marked removed,
  *                       because later backups need them.
  *

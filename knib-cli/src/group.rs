@@ -341,16 +341,19 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
         GroupCommand::Delete { store, group } => {
             let members = Store::open(store)?.delete_group(&group)?;
             let expunged: Vec<&str> = members.iter().flat_map(|o| o.expunged.iter().map(String::as_str)).collect();
-            let marked: Vec<&str> = members.iter().flat_map(|o| o.marked_removed.iter().map(String::as_str)).collect();
+            let marked: Vec<String> = members
+                .iter()
+                .flat_map(|o| {
+                    let why = o.kept_because.as_deref().unwrap_or("later backups depend on it");
+                    o.marked_removed.iter().map(move |id| format!("{id} ({why})"))
+                })
+                .collect();
             let mut text = format!("deleted group {group}");
             if !expunged.is_empty() {
                 text += &format!("; expunged {}", expunged.join(", "));
             }
             if !marked.is_empty() {
-                text += &format!(
-                    "; marked removed {} (their files stay until the backups that depend on them are deleted)",
-                    marked.join(", ")
-                );
+                text += &format!("; marked removed {}", marked.join("; "));
             }
             let a = GroupDeleteAnswer { members };
             output::say(json, || serde_json::to_value(&a), &text)?;

@@ -583,7 +583,8 @@ fn run(cli: Cli, cancel: knib_core::CancelToken) -> Result<()> {
                 format!("deleted {}", out.expunged.join(", "))
             } else {
                 format!(
-                    "backup {backup} is marked removed; its files stay until the backups that depend on it are deleted"
+                    "backup {backup} is marked removed: {}",
+                    out.kept_because.as_deref().unwrap_or("later backups depend on it")
                 )
             };
             output::say(json, || serde_json::to_value(&out), &text)?;

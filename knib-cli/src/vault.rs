@@ -111,7 +111,8 @@ pub fn delete(loc: &str, id: &str, json: bool) -> Result<()> {
         format!("deleted {} from {loc}", out.expunged.join(", "))
     } else {
         format!(
-            "backup {id} is marked removed in {loc}; its objects stay until the backups that depend on it are deleted"
+            "backup {id} is marked removed in {loc}: {}",
+            out.kept_because.as_deref().unwrap_or("later backups depend on it")
         )
     };
     output::say(json, || serde_json::to_value(&out), &text)?;

@@ -172,6 +172,10 @@ fn deleting_the_middle_backup_keeps_every_other_restorable() {
     let out = store.delete(&mid).unwrap();
     assert_eq!(out.marked_removed, vec![mid.clone()]);
     assert!(out.expunged.is_empty());
+    // Why: the later backup that reads it, by id.
+    let later = &taken[2].0.id;
+    let why = format!("backup {later} depends on it: its files stay until it is deleted");
+    assert_eq!(out.kept_because.as_deref(), Some(why.as_str()), "{out:?}");
     let ids: Vec<_> = store.list(None).unwrap().into_iter().map(|m| m.id).collect();
     assert_eq!(ids, vec![taken[0].0.id.clone(), taken[2].0.id.clone()]);
     assert_eq!(store.show(&mid).unwrap_err().kind, ErrorKind::NotFound);

@@ -656,6 +656,10 @@ fn stray_entries_are_skipped_by_list_and_delete() {
     // its files are kept, marked removed.
     let out = store.delete(&pristine.ids[2]).unwrap();
     assert_eq!(out.marked_removed, vec![pristine.ids[2].clone()], "{out:?}");
+    // The answer says why, naming the directory (before, only the log did).
+    let why = out.kept_because.as_deref().unwrap_or_default();
+    assert!(why.starts_with("the manifests of backup garbage of VM vm1 in store "), "{out:?}");
+    assert!(why.contains("they may depend on it"), "{out:?}");
     assert_eq!(store.list(Some("vm1")).unwrap().len(), 2);
     std::fs::remove_dir_all(vm.join("garbage")).unwrap();
     // Leftovers of an interrupted operation that are links: the link goes,
@@ -667,7 +671,7 @@ fn stray_entries_are_skipped_by_list_and_delete() {
     // keeping both on disk for good.
     let out = store.delete(&pristine.ids[1]).unwrap();
     assert_eq!(out.expunged, vec![pristine.ids[2].clone(), pristine.ids[1].clone()], "{out:?}");
-    assert!(out.marked_removed.is_empty(), "{out:?}");
+    assert!(out.marked_removed.is_empty() && out.kept_because.is_none(), "{out:?}");
     assert!(!vm.join(&pristine.ids[2]).exists() && !vm.join(&pristine.ids[1]).exists());
     assert_eq!(store.list(Some("vm1")).unwrap().len(), 1);
     assert!(std::fs::symlink_metadata(vm.join(".20260101-000000000-0001.part")).is_err());

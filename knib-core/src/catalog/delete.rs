@@ -36,6 +36,42 @@ pub struct DeleteOutcome {
     pub expunged: Vec<String>,
     /// Backups kept on disk, marked removed, because later backups need them.
     pub marked_removed: Vec<String>,
+    /// Why the backup asked for was kept, marked removed, instead of
+    /// expunged, and what lets its files go: the later backups that read
+    /// it (by id), or the backups of the VM whose manifests cannot be read
+    /// (they may). `None` when it was expunged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_because: Option<String>,
+}
+
+impl DeleteOutcome {
+    /// Nothing done yet.
+    pub(crate) fn new() -> Self {
+        DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new(), kept_because: None }
+    }
+
+    /// The backup was kept because backups whose manifests cannot be read
+    /// (`unreadable`, of VM `vm`) may depend on it; `where_` names the
+    /// store or vault, `what` what it keeps ("files", "objects").
+    pub(crate) fn kept_for_unreadable(&mut self, vm: &str, unreadable: &[String], where_: &str, what: &str) {
+        self.kept_because = Some(format!(
+            "the manifests of {} {} of VM {vm} in {where_} cannot be read (`knib verify` reports them): they may depend on it; its {what} stay until they are mended or removed, and a later delete of a backup of {vm} then expunges it",
+            if unreadable.len() == 1 { "backup" } else { "backups" },
+            unreadable.join(", ")
+        ));
+    }
+
+    /// The backup was kept because the backups `later` read it; `what`
+    /// is what it keeps ("files", "objects").
+    pub(crate) fn kept_for_later(&mut self, later: &[&str], what: &str) {
+        self.kept_because = Some(format!(
+            "{} {} {} on it: its {what} stay until {} deleted",
+            if later.len() == 1 { "backup" } else { "backups" },
+            later.join(", "),
+            if later.len() == 1 { "depends" } else { "depend" },
+            if later.len() == 1 { "it is" } else { "they are" }
+        ));
+    }
 }
 
 impl Store {
@@ -54,7 +90,7 @@ impl Store {
             .cloned()
             .ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist")))?;
         let vm = m.vm.clone();
-        let mut outcome = DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new() };
+        let mut outcome = DeleteOutcome::new();
         let mut state = self.load_state(&m.vm)?;
         if !unreadable.is_empty() {
             log::warn!(
@@ -65,6 +101,7 @@ impl Store {
             m.removed = true;
             m.save(&self.backup_dir(&m).join("manifest.json"))?;
             outcome.marked_removed.push(m.id.clone());
+            outcome.kept_for_unreadable(&vm, &unreadable, &format!("store {}", self.root.display()), "files");
             drop_checkpoint(&vm, id);
             return Ok(outcome);
         }
@@ -104,6 +141,20 @@ impl Store {
             m.removed = true;
             m.save(&self.backup_dir(&m).join("manifest.json"))?;
             outcome.marked_removed.push(m.id.clone());
+            // The backups not removed whose chains read it.
+            let reads_it = |x: &Manifest| {
+                let mut cur = x.parent.as_deref();
+                for _ in 0..all.len() {
+                    match cur {
+                        Some(p) if p == m.id => return true,
+                        Some(p) => cur = by_id.get(p).and_then(|q| q.parent.as_deref()),
+                        None => return false,
+                    }
+                }
+                false
+            };
+            let later: Vec<&str> = all.iter().filter(|x| !removed(x) && reads_it(x)).map(|x| x.id.as_str()).collect();
+            outcome.kept_for_later(&later, "files");
         }
         let depth = |x: &Manifest| {
             let mut d = 0usize;

@@ -20,7 +20,7 @@ impl Vault {
             .find(|x| x.id == id && !x.removed)
             .cloned()
             .ok_or_else(|| KnibError::not_found(format!("backup {id} does not exist")))?;
-        let mut outcome = DeleteOutcome { expunged: Vec::new(), marked_removed: Vec::new() };
+        let mut outcome = DeleteOutcome::new();
         let children = |x: &str, gone: &[String]| {
             all.iter().filter(|c| c.parent.as_deref() == Some(x) && !gone.contains(&c.id)).count()
         };
@@ -36,6 +36,13 @@ impl Vault {
             let text = serde_json::to_vec_pretty(&m).expect("a manifest serializes");
             self.put_small(&Self::manifest_rel(&m), text, PutMode::Overwrite, "manifest")?;
             outcome.marked_removed.push(m.id.clone());
+            if unreadable.is_empty() {
+                let later: Vec<&str> =
+                    all.iter().filter(|c| c.parent.as_deref() == Some(m.id.as_str())).map(|c| c.id.as_str()).collect();
+                outcome.kept_for_later(&later, "objects");
+            } else {
+                outcome.kept_for_unreadable(&m.vm, &unreadable, &format!("vault {}", self.location()), "objects");
+            }
             return Ok(outcome);
         }
         // No backup depends on it, unless one is being sent now: its parent

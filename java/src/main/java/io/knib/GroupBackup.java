@@ -2,6 +2,7 @@ package io.knib;
 
 import java.util.ArrayList;
 import java.util.List;
+import java.util.Optional;
 
 /**
  * Group backups: one backup of each of several VMs at a common instant, recorded as a group in a store (the
@@ -471,10 +472,12 @@ public final class GroupBackup {
     public static final class Deletion {
         private final List<String> expunged;
         private final List<String> markedRemoved;
+        private final String keptBecause;
 
         private Deletion() {
             expunged = null;
             markedRemoved = null;
+            keptBecause = null;
         }
 
         /** @return the backups whose files were removed */
@@ -482,5 +485,11 @@ public final class GroupBackup {
 
         /** @return the backups kept on disk, marked removed, because later backups need them */
         public List<String> markedRemoved() { return Json.view(markedRemoved); }
+
+        /**
+         * @return why the member's backup was kept, marked removed, and what lets its files go (the later
+         *     backups that read it, or backups whose manifests cannot be read); empty when it was expunged
+         */
+        public Optional<String> keptBecause() { return Optional.ofNullable(keptBecause); }
     }
 }

@@ -12,6 +12,7 @@ import java.util.ArrayList;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
+import java.util.Optional;
 import org.junit.jupiter.api.AfterEach;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
@@ -114,6 +115,7 @@ class GroupBackupTest {
             for (int i = 0; i < 2; i++) {
                 assertEquals(List.of(g.members().get(i).backup()), d.members().get(i).expunged());
                 assertEquals(List.of(), d.members().get(i).markedRemoved());
+                assertEquals(Optional.empty(), d.members().get(i).keptBecause());
             }
             assertEquals(List.of(), k.groupList(new GroupBackup.ListRequest(store)));
             assertThrows(NotFoundException.class, () -> k.groupShow(new GroupBackup.ShowRequest(store, g.id())));
