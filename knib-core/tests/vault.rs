@@ -150,10 +150,35 @@ fn chains_synced_restored_identical_verified_and_deleted_chain_safely() {
     // Deletes keep chains whole: a backup with children is only marked.
     let d = vault.delete(&taken[1].0).unwrap();
     assert_eq!(d.marked_removed, vec![taken[1].0.clone()]);
+    let why = format!("backup {} depends on it: its objects stay until it is deleted", taken[2].0);
+    assert_eq!(d.kept_because.as_deref(), Some(why.as_str()), "{d:?}");
     assert!(vault.show(&taken[1].0).is_err());
     let to = out.path().join("after-delete.raw");
     vault.restore(&taken[2].0, "root", &to, ImageFormat::Raw, true, &ctl()).unwrap();
     assert_identical(&to, &taken[2].1["root"]);
+    // The removed backup's object damaged (a byte changed, its length
+    // kept): a verify of every backup finds it through the backups that
+    // read it (before, no report hashed it, and every one was ok), reading
+    // it once.
+    let key = p.keys().into_keys().find(|k| k.contains(&taken[1].0) && k.ends_with("root.qcow2")).unwrap();
+    let good = p.get(&key);
+    let mut bad = good.clone();
+    let at = bad.len() / 2;
+    bad[at] ^= 0x5a;
+    p.put(&key, bad);
+    let sound = vault.verify(None, &ctl()).unwrap();
+    let failed: Vec<&str> = sound.reports.iter().filter(|r| !r.ok).map(|r| r.id.as_str()).collect();
+    assert!(failed.contains(&taken[2].0.as_str()), "{sound:?}");
+    let kept = format!("(backup {}, deleted, is kept because this backup reads it)", taken[1].0);
+    for r in sound.reports.iter().filter(|r| !r.ok) {
+        assert_eq!(r.problems.len(), 1, "{r:?}");
+        assert!(r.problems[0].contains(&key) && r.problems[0].ends_with(&kept), "{r:?}");
+    }
+    let objects: u64 = sound.reports.iter().map(|r| r.files_checked as u64).sum();
+    let total: u64 = vault.list(None).unwrap().iter().map(|m| m.volumes.len() as u64).sum();
+    assert_eq!(objects, total + 2, "the kept backup's two objects, once each: {sound:?}");
+    p.put(&key, good);
+    assert!(vault.verify(None, &ctl()).unwrap().reports.iter().all(|r| r.ok));
     // The last two go: the removed one with them.
     vault.delete(&m4.id).unwrap();
     let d = vault.delete(&taken[2].0).unwrap();
@@ -179,7 +204,8 @@ fn a_damaged_object_is_found_by_verify_and_refused_by_restore() {
 
     // One byte of a data cluster changed, the length kept.
     let rel = format!("vms/vm1/{}/root.qcow2", m.id);
-    let mut bytes = p.get(&rel);
+    let good = p.get(&rel);
+    let mut bytes = good.clone();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x5a;
     p.put(&rel, bytes.clone());
@@ -202,6 +228,23 @@ fn a_damaged_object_is_found_by_verify_and_refused_by_restore() {
     let e = vault.restore(&m.id, "root", &out.path().join("s.raw"), ImageFormat::Raw, false, &ctl()).unwrap_err();
     assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
     assert!(e.message.contains("its manifest says"), "{e}");
+
+    // A header that gives the volume another virtual size, the length
+    // kept: refused before a byte is written (before, the restore wrote an
+    // image of the header's size, then failed on the hash), and by the
+    // reads of file-level and quick restores.
+    let mut bytes = good.clone();
+    let size = u64::from_be_bytes(bytes[24..32].try_into().unwrap());
+    bytes[24..32].copy_from_slice(&(size * 2).to_be_bytes());
+    p.put(&rel, bytes);
+    let grown = out.path().join("v.raw");
+    let e = vault.restore(&m.id, "root", &grown, ImageFormat::Raw, true, &ctl()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    let says = format!("its qcow2 header gives volume root a virtual size of {} bytes, the manifest {size}", size * 2);
+    assert!(e.message.contains(&says), "{e}");
+    assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 1, "nothing is left behind");
+    let e = vault.volume_chain(&m.id, "root").map(drop).unwrap_err();
+    assert!(e.message.contains(&says), "{e}");
 }
 
 /// An object replaced after its chain was opened (the same length, other

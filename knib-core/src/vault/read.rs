@@ -158,6 +158,23 @@ impl Vault {
         Ok((Chain::from_images(top, images.collect())?, opened))
     }
 
+    /// [`Vault::open_chain`] for reading the volume's data: its top
+    /// object's header must give it the virtual size its manifest records
+    /// (else a header changed since it was sent would size what a restore
+    /// writes, up to the largest a qcow2 header can claim).
+    fn open_chain_sized(&self, m: &Manifest, volume: &str, hash: bool) -> Result<(Chain, Vec<Opened>)> {
+        let (chain, opened) = self.open_chain(m, volume, hash)?;
+        let want = m.volume(volume)?.virtual_size;
+        if chain.virtual_size() != want {
+            let top = opened.last().map(|o| o.object.name()).unwrap_or_default();
+            return Err(KnibError::corrupt(format!(
+                "object {top}: its qcow2 header gives volume {volume} a virtual size of {} bytes, the manifest {want}: the object changed since it was sent; nothing is read from it",
+                chain.virtual_size()
+            )));
+        }
+        Ok((chain, opened))
+    }
+
     /// Restore volume `volume` of backup `id` from the vault to `to` (which
     /// must not exist), flattened, as `format`. With `verify`, every object
     /// of the chain is checked against its recorded hash from the bytes the
@@ -181,7 +198,7 @@ impl Vault {
             return Err(KnibError::not_found(format!("directory {} does not exist", dir.display())));
         }
         let before = self.bytes_fetched();
-        let (mut chain, opened) = self.open_chain(&m, volume, verify)?;
+        let (mut chain, opened) = self.open_chain_sized(&m, volume, verify)?;
         let tmp = fsio::TempFile::beside(to)?;
         write_flat(
             &mut chain,
@@ -210,7 +227,7 @@ impl Vault {
     /// for it in messages: what file-level restore opens (`files::Disk::open_vault`).
     pub fn volume_chain(&self, id: &str, volume: &str) -> Result<(Chain, String)> {
         let m = self.show(id)?;
-        let (chain, _) = self.open_chain(&m, volume, false)?;
+        let (chain, _) = self.open_chain_sized(&m, volume, false)?;
         Ok((chain, format!("volume {volume} of backup {id} in vault {}", self.location())))
     }
 
@@ -219,27 +236,32 @@ impl Vault {
     /// say, its own objects' refcounts checked, and every byte of its
     /// objects read and held against the recorded hash: of every object of
     /// its chains for one backup, of its own objects when every backup is
-    /// verified (each object is then read once). A backup found bad is a
+    /// verified (each object is then read once), and of those of the
+    /// removed backups its chains read (deleted, kept for the backups that
+    /// read them: no report of their own checks them; each read once, its
+    /// problem told in the report of every backup that reads it). A backup found bad is a
     /// report with `ok` false; so is, when every backup is verified, a
     /// backup whose manifest cannot be read (a listing skips it, a verify
     /// must not hide it), under its id.
     pub fn verify(&self, id: Option<&str>, ctl: &Control) -> Result<VaultVerify> {
         let before = self.bytes_fetched();
         let mut reports = Vec::new();
+        let mut kept = Kept::default();
         if let Some(id) = id {
-            reports.push(self.verify_one(&self.show(id)?, true, ctl)?);
+            reports.push(self.verify_one(&self.show(id)?, true, &mut kept, ctl)?);
         } else {
             for vm in self.vms()? {
                 let (manifests, unreadable) = self.scan_backups(&vm)?;
+                kept.removed.extend(manifests.iter().filter(|m| m.removed).map(|m| m.id.clone()));
                 for m in manifests.iter().filter(|m| !m.removed) {
-                    reports.push(self.verify_one(m, false, ctl)?);
+                    reports.push(self.verify_one(m, false, &mut kept, ctl)?);
                 }
                 for id in unreadable {
                     // Read again: mended meanwhile, it is verified as any other.
                     match self.load_manifest(&vm, &id) {
                         Ok(None) => {}
                         Ok(Some(m)) if m.removed => {}
-                        Ok(Some(m)) => reports.push(self.verify_one(&m, false, ctl)?),
+                        Ok(Some(m)) => reports.push(self.verify_one(&m, false, &mut kept, ctl)?),
                         Err(e) if not_damage(&e) => return Err(e),
                         Err(e) => reports.push(VerifyReport::unreadable(id, &vm, &e)),
                     }
@@ -251,8 +273,10 @@ impl Vault {
 
     /// The checks of backup `m`: what was found bad is the report's
     /// problems; what stopped the checks without saying anything of the
-    /// backup ([`not_damage`]) is the error.
-    fn verify_one(&self, m: &Manifest, whole_chain: bool, ctl: &Control) -> Result<VerifyReport> {
+    /// backup ([`not_damage`]) is the error. Without `whole_chain`, the
+    /// objects hashed are the backup's own and those of the removed
+    /// backups of `kept` its chains read (each once for all reports).
+    fn verify_one(&self, m: &Manifest, whole_chain: bool, kept: &mut Kept, ctl: &Control) -> Result<VerifyReport> {
         let mut problems = Vec::new();
         let mut files_checked = 0;
         crate::crashpoint::pause_point(&format!("verify of {} in the vault", m.id));
@@ -287,20 +311,38 @@ impl Vault {
                 Err(e) if not_damage(&e) => return Err(e),
                 Err(e) => problems.push(e.message),
             }
-            let hashed = if whole_chain { &opened[..] } else { std::slice::from_ref(own) };
-            for o in hashed {
+            for o in &opened {
+                let removed = !whole_chain && o.backup != m.id && kept.removed.contains(&o.backup);
+                if !(whole_chain || o.backup == m.id || removed) {
+                    continue;
+                }
+                if let Some(found) = removed.then(|| kept.found.get(&o.object.name())).flatten() {
+                    problems.extend(found.clone());
+                    continue;
+                }
                 ctl.check(&format!("verify of {} in the vault", m.id))?;
                 files_checked += 1;
-                match o.object.finish_hash(ctl) {
-                    Ok(Some(h)) if Some(&h) != o.hash.as_ref() => problems.push(format!(
+                let found = match o.object.finish_hash(ctl) {
+                    Ok(Some(h)) if Some(&h) != o.hash.as_ref() => Some(format!(
                         "{}: hash {h} differs from the recorded {}: the object changed since it was sent",
                         o.object.name(),
                         o.hash.as_deref().unwrap_or("(none)")
                     )),
-                    Ok(_) => {}
+                    Ok(_) => None,
                     Err(e) if not_damage(&e) => return Err(e),
-                    Err(e) => problems.push(e.message),
+                    Err(e) => Some(e.message),
+                };
+                let found = found.map(|f| {
+                    if removed {
+                        format!("{f} (backup {}, deleted, is kept because this backup reads it)", o.backup)
+                    } else {
+                        f
+                    }
+                });
+                if removed {
+                    kept.found.insert(o.object.name(), found.clone());
                 }
+                problems.extend(found);
             }
         }
         Ok(VerifyReport {
@@ -311,6 +353,15 @@ impl Vault {
             chain_hashes: BTreeMap::new(),
         })
     }
+}
+
+/// The removed backups a verify of every backup hashes through the backups
+/// that read them, and what each of their objects was found to be.
+#[derive(Default)]
+struct Kept {
+    removed: std::collections::HashSet<String>,
+    /// By object name: the problem found, `None` when it was sound.
+    found: std::collections::HashMap<String, Option<String>>,
 }
 
 /// An error of a vault's verify that says nothing of the backup verified:
