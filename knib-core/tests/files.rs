@@ -345,6 +345,47 @@ fn fat_cluster_chain_loops() {
     assert_only(&out, &[]);
 }
 
+/// A FAT32 volume with fewer clusters than FAT32 suggests (`mkfs.fat -F
+/// 32` makes them, warning; Linux reads them as FAT32, by the boot
+/// sector's 16-bit FAT size of 0): read as FAT32 (before, as FAT16 by its
+/// count of clusters, its root listed as empty and extracted as nothing).
+#[test]
+fn fat32_with_few_clusters_is_read_as_fat32() {
+    use std::os::unix::fs::FileExt;
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let src = w.join("src");
+    std::fs::create_dir_all(src.join("dir")).unwrap();
+    std::fs::write(src.join("dir/a.txt"), "hello\n").unwrap();
+    std::fs::write(src.join("TOP.TXT"), "top\n").unwrap();
+    let img = w.join("fat.img");
+    std::fs::File::create(&img).unwrap().set_len(40 << 20).unwrap();
+    run(Command::new("mkfs.vfat").args(["-F", "32", "-s", "1"]).arg(&img));
+    run(Command::new("mcopy").args(["-s", "-i"]).arg(&img).arg(src.join("dir")).arg(src.join("TOP.TXT")).arg("::/"));
+    // The boot sector's count of sectors cut to 60,000 clusters' worth
+    // (mtools wrote the files into the first ones).
+    {
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        let mut b = [0u8; 512];
+        f.read_exact_at(&mut b, 0).unwrap();
+        let reserved = u16::from_le_bytes([b[14], b[15]]) as u32;
+        let fat = u32::from_le_bytes(b[36..40].try_into().unwrap());
+        assert_eq!((b[13], u16::from_le_bytes([b[22], b[23]])), (1, 0), "one sector a cluster, FAT32's boot sector");
+        f.write_all_at(&(reserved + b[16] as u32 * fat + 60_000).to_le_bytes(), 32).unwrap();
+    }
+    let disk = w.join("disk.qcow2");
+    to_qcow2(&img, &disk);
+    let disk = Disk::open_image(&disk, &ctl()).unwrap();
+    let mut root: Vec<String> = disk.list(None, "/", &ctl()).unwrap().iter().map(|e| e.name.clone()).collect();
+    root.sort();
+    assert_eq!(root, ["TOP.TXT", "dir"]);
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+    disk.get(None, "/", &out.join("all"), &ctl()).unwrap();
+    assert_eq!(std::fs::read_to_string(out.join("all/dir/a.txt")).unwrap(), "hello\n");
+    assert_eq!(std::fs::read_to_string(out.join("all/TOP.TXT")).unwrap(), "top\n");
+}
+
 /// A cross-linked FAT: forty entries of the root share the chain of one
 /// 1 MiB file, so extracting the root would write 41 MiB out of a 16 MiB
 /// filesystem (a guest can make it write without end this way): a Corrupt

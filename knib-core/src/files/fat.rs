@@ -154,12 +154,20 @@ impl FatFs {
             )));
         }
         let clusters = (total - meta) / spc;
-        let bits = if clusters < 4085 {
+        // A boot sector without a 16-bit FAT size is FAT32's, whatever the
+        // count of clusters (as Linux reads it: `mkfs.fat -F 32` makes
+        // such volumes with fewer clusters than FAT32 suggests; read as
+        // FAT16 by the count, its root would list as empty).
+        let bits = if le16(&b, 22) == 0 {
+            32
+        } else if clusters < 4085 {
             12
         } else if clusters < 65525 {
             16
         } else {
-            32
+            return Err(bad(format!(
+                "its boot sector is a FAT12/16 one (a 16-bit FAT size), yet it has {clusters} clusters, more than FAT16 counts"
+            )));
         };
         if (clusters + 2) * bits / 8 > fat_size * bps {
             return Err(bad(format!("a FAT of {fat_size} sectors cannot hold {clusters} clusters")));
