@@ -472,3 +472,108 @@ fn extractions_are_bounded_by_the_filesystem() {
     assert!(e.message.contains("its directories are cross-linked"), "{e}");
     assert_only(&out, &[]);
 }
+
+/// The file record of NTFS file `name` in image `img` (read with its
+/// update sequence applied) and the offset in it of its unnamed `$DATA`
+/// attribute: `(record's byte offset, attribute's offset in it)`.
+fn ntfs_data_attribute(img: &[u8], name: &str) -> (usize, usize) {
+    let utf16: Vec<u8> = name.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let le16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let le32 = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    for start in (0..img.len() - 1024).step_by(1024) {
+        if &img[start..start + 4] != b"FILE" {
+            continue;
+        }
+        let mut rec = img[start..start + 1024].to_vec();
+        let usa = le16(&rec, 4);
+        for i in 1..le16(&rec, 6) {
+            rec[i * 512 - 2] = rec[usa + 2 * i];
+            rec[i * 512 - 1] = rec[usa + 2 * i + 1];
+        }
+        let (mut at, mut named, mut data) = (le16(&rec, 0x14), false, None);
+        while at + 8 <= rec.len() && le32(&rec, at) != 0xffff_ffff {
+            let (ty, len) = (le32(&rec, at), le32(&rec, at + 4));
+            if ty == 0x30 && rec[at + 8] == 0 {
+                let v = at + le16(&rec, at + 0x14);
+                let n = rec[v + 0x40] as usize;
+                named |= rec[v + 0x42..v + 0x42 + 2 * n] == utf16[..];
+            }
+            if ty == 0x80 && rec[at + 9] == 0 {
+                data = Some(at);
+            }
+            if len == 0 {
+                break;
+            }
+            at += len;
+        }
+        if let (true, Some(data)) = (named, data) {
+            return (start, data);
+        }
+    }
+    panic!("no file record of {name}");
+}
+
+/// Write `bytes` at offset `at` of a file record at `start` of `img`,
+/// keeping its update sequence: a byte at the end of a sector is the
+/// array's (the sector's end holds the sequence number on disk).
+fn ntfs_patch(img: &mut [u8], start: usize, at: usize, bytes: &[u8]) {
+    let usa = u16::from_le_bytes([img[start + 4], img[start + 5]]) as usize;
+    for (i, b) in bytes.iter().enumerate() {
+        let k = at + i;
+        match k % 512 {
+            510 | 511 => img[start + usa + 2 * (k / 512 + 1) + k % 512 - 510] = *b,
+            _ => img[start + k] = *b,
+        }
+    }
+}
+
+/// NTFS data the way Windows leaves it: a file whose valid data length is
+/// below its size (preallocated, written in part: the `$DATA` attribute's
+/// initialized size) reads as zeros past it, as Windows reads it (before,
+/// the clusters' stale bytes were extracted); a file NTFS-compressed or
+/// EFS-encrypted is refused, naming it (before, its bytes as stored were
+/// extracted as its data, without an error). ntfscp writes plain files:
+/// the attribute headers are set as Windows sets them.
+#[test]
+fn ntfs_valid_data_length_compression_and_encryption() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let src = w.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let stale: Vec<u8> = (0..64u32 << 10).map(|i| (i % 251) as u8 + 1).collect();
+    for n in ["PART.BIN", "PACKED.BIN", "SEALED.BIN", "WHOLE.BIN"] {
+        std::fs::write(src.join(n), &stale).unwrap();
+    }
+    let img = w.join("ntfs.img");
+    mkfs_ntfs(&src, &img, 16, "t");
+    let mut bytes = std::fs::read(&img).unwrap();
+    let (rec, attr) = ntfs_data_attribute(&bytes, "PART.BIN");
+    ntfs_patch(&mut bytes, rec, attr + 0x38, &5000u64.to_le_bytes());
+    for (name, flag) in [("PACKED.BIN", 0x0001u16), ("SEALED.BIN", 0x4000)] {
+        let (rec, attr) = ntfs_data_attribute(&bytes, name);
+        ntfs_patch(&mut bytes, rec, attr + 0x0c, &flag.to_le_bytes());
+    }
+    std::fs::write(&img, &bytes).unwrap();
+    let disk = w.join("disk.qcow2");
+    to_qcow2(&img, &disk);
+    let disk = Disk::open_image(&disk, &ctl()).unwrap();
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+    disk.get(None, "/PART.BIN", &out.join("part"), &ctl()).unwrap();
+    let got = std::fs::read(out.join("part")).unwrap();
+    assert_eq!(got.len(), stale.len());
+    assert!(got[..5000] == stale[..5000], "the valid data");
+    assert!(got[5000..].iter().all(|&b| b == 0), "past the valid data length: zeros");
+    disk.get(None, "/WHOLE.BIN", &out.join("whole"), &ctl()).unwrap();
+    assert_eq!(std::fs::read(out.join("whole")).unwrap(), stale);
+    for (name, how) in [("PACKED.BIN", "compressed (NTFS compression)"), ("SEALED.BIN", "encrypted (EFS)")] {
+        let to = out.join(name);
+        let e = assert_err(disk.get(None, &format!("/{name}"), &to, &ctl()), ErrorKind::InvalidInput, how);
+        assert!(e.message.contains(&format!("file /{name}: its data is {how}, which knib does not read")), "{e}");
+        assert!(!to.exists());
+    }
+    // Listed all the same, with their sizes.
+    let entries = disk.list(None, "/", &ctl()).unwrap();
+    assert_eq!(entries.iter().filter(|e| e.size == stale.len() as u64).count(), 4, "{entries:?}");
+    assert_only(&out, &["part", "whole"]);
+}

@@ -8,6 +8,14 @@
 //! compared without case. Only the unnamed data stream is read. Each
 //! directory listing may read at most four times the disk (plus 256 MiB).
 //!
+//! A file's data past its valid data length (the initialized size of its
+//! `$DATA` attribute, which Windows raises as it writes a preallocated
+//! file) reads as zeros, as Windows reads it; the crate does not tell that
+//! size, so knib reads it from the attribute's header in the file record
+//! ([`initialized_size`]). Data the crate cannot decode (NTFS compression,
+//! EFS encryption: it would give the bytes as stored) is refused, naming
+//! the file.
+//!
 //! A directory's index (a B-tree of index records) is walked by knib, not
 //! by the crate's iterator, which pushes each subnode's record on a stack
 //! and never checks for one met again (an index whose nodes loop grew
@@ -23,7 +31,10 @@ use std::io::SeekFrom;
 
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace, NtfsIndexAllocation, NtfsIndexRoot};
-use ntfs::{Ntfs, NtfsAttributeItem, NtfsAttributeType, NtfsError, NtfsFile, NtfsIndexNodeEntries, NtfsReadSeek};
+use ntfs::{
+    Ntfs, NtfsAttribute, NtfsAttributeFlags, NtfsAttributeItem, NtfsAttributeType, NtfsError, NtfsFile,
+    NtfsIndexNodeEntries, NtfsReadSeek,
+};
 
 use crate::error::{KnibError, Result};
 
@@ -286,7 +297,35 @@ impl Filesystem for NtfsFs {
     }
 
     fn open<'a>(&'a mut self, path: &FsPath, node: &Node) -> Result<Box<dyn FileRead + 'a>> {
-        Ok(Box::new(NtfsReader { fs: self, what: format!("file {}", display(path)), record: node.handle, pos: 0 }))
+        let what = format!("file {}", display(path));
+        let valid = {
+            let NtfsFs { ntfs, win } = &mut *self;
+            let file = ntfs.file(win, node.handle).map_err(|e| err(e, &what))?;
+            match file.data(win, "") {
+                None => 0,
+                Some(item) => {
+                    let item = item.map_err(|e| err(e, &what))?;
+                    let attr = item.to_attribute().map_err(|e| err(e, &what))?;
+                    let flags = attr.flags();
+                    for (flag, how) in [
+                        (NtfsAttributeFlags::COMPRESSED, "compressed (NTFS compression)"),
+                        (NtfsAttributeFlags::ENCRYPTED, "encrypted (EFS)"),
+                    ] {
+                        if flags.contains(flag) {
+                            return Err(KnibError::invalid(format!(
+                                "{what}: its data is {how}, which knib does not read (it would give the bytes as stored): copy it from the restored disk with Windows or ntfs-3g"
+                            )));
+                        }
+                    }
+                    if attr.is_resident() {
+                        attr.value_length()
+                    } else {
+                        initialized_size(ntfs, win, &file, &attr, &what)?.min(attr.value_length())
+                    }
+                }
+            }
+        };
+        Ok(Box::new(NtfsReader { fs: self, what, record: node.handle, pos: 0, valid }))
     }
 
     fn label(&mut self) -> Option<String> {
@@ -311,12 +350,66 @@ impl Filesystem for NtfsFs {
 }
 
 /// A file's unnamed data stream, read from `pos` on; the file record is
-/// looked up again for each read (no borrow of it outlives a call).
+/// looked up again for each read (no borrow of it outlives a call). What
+/// lies past `valid` (its valid data length) reads as zeros.
 struct NtfsReader<'a> {
     fs: &'a mut NtfsFs,
     what: String,
     record: u64,
     pos: u64,
+    valid: u64,
+}
+
+/// The initialized size of non-resident attribute `attr` of `file` (its
+/// valid data length), read from the attribute's header in its file
+/// record, read whole with its update sequence applied (as the crate
+/// reads records). `attr` may be in an extension record (an attribute
+/// list): that record is the one of the record size holding it.
+fn initialized_size(
+    ntfs: &Ntfs,
+    win: &Window,
+    file: &NtfsFile<'_>,
+    attr: &NtfsAttribute<'_, '_>,
+    what: &str,
+) -> Result<u64> {
+    let bad = |why: String| KnibError::corrupt(format!("{what}: the header of its $DATA attribute {why}"));
+    let size = u64::from(ntfs.file_record_size());
+    let at = attr.position().value().ok_or_else(|| bad("has no position".into()))?.get();
+    let base = file.position().value().map_or(0, |p| p.get());
+    let in_base = (base..base + size).contains(&at);
+    let start = if in_base { base } else { at - at % size };
+    let mut rec = win.read_vec(start, size as usize)?;
+    if rec.len() as u64 != size || &rec[..4] != b"FILE" {
+        if !in_base {
+            // An extension record not aligned to the record size (an MFT
+            // of clusters smaller than its records): its data is read as
+            // the crate gives it, up to its size.
+            log::warn!("{what}: the file record of its $DATA attribute is not found at byte {start}; its valid data length is not known, and it is read up to its size");
+            return Ok(attr.value_length());
+        }
+        return Err(bad(format!("is not in a file record (none at byte {start} of the filesystem)")));
+    }
+    let le16 = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let (usa, count) = (le16(&rec, 4), le16(&rec, 6));
+    if count == 0 || usa + 2 * count > rec.len() || (count - 1) * 512 > rec.len() {
+        return Err(bad(format!("is in a file record whose update sequence ({count} at {usa}) does not fit it")));
+    }
+    for i in 1..count {
+        let end = i * 512;
+        if rec[end - 2..end] != rec[usa..usa + 2] {
+            return Err(bad(format!(
+                "is in a file record whose sector {i} is torn (its update sequence number differs)"
+            )));
+        }
+        let (a, b) = (rec[usa + 2 * i], rec[usa + 2 * i + 1]);
+        rec[end - 2] = a;
+        rec[end - 1] = b;
+    }
+    let off = (at - start) as usize;
+    if off + 0x40 > rec.len() || rec[off + 8] != 1 {
+        return Err(bad(format!("at byte {off} of its file record is not a non-resident one")));
+    }
+    Ok(u64::from_le_bytes(rec[off + 0x38..off + 0x40].try_into().expect("eight bytes")))
 }
 
 impl FileRead for NtfsReader<'_> {
@@ -331,6 +424,15 @@ impl FileRead for NtfsReader<'_> {
         if self.pos >= value.len() {
             return Ok(0);
         }
+        if self.pos >= self.valid {
+            // Past the valid data length: zeros, whatever the clusters hold.
+            let n = buf.len().min((value.len() - self.pos).try_into().unwrap_or(usize::MAX));
+            buf[..n].fill(0);
+            self.pos += n as u64;
+            return Ok(n);
+        }
+        let upto = buf.len().min((self.valid - self.pos).try_into().unwrap_or(usize::MAX));
+        let buf = &mut buf[..upto];
         value.seek(win, SeekFrom::Start(self.pos)).map_err(|e| err(e, what))?;
         let mut done = 0;
         while done < buf.len() {
