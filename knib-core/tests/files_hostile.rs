@@ -577,3 +577,41 @@ fn ntfs_valid_data_length_compression_and_encryption() {
     assert_eq!(entries.iter().filter(|e| e.size == stale.len() as u64).count(), 4, "{entries:?}");
     assert_only(&out, &["part", "whole"]);
 }
+
+/// Two NTFS names that differ only in case (ntfs-3g makes them; Windows
+/// with per-directory case sensitivity too): each exact name gives its own
+/// file (before, the first of the two matching without case was taken for
+/// either), a name matching one without case still finds it, and one
+/// matching both without case, neither exactly, is refused naming both.
+#[test]
+fn ntfs_names_differing_in_case_are_told_apart() {
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let src = w.join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("README"), b"upper\n").unwrap();
+    std::fs::write(src.join("Readme"), b"mixed\n").unwrap();
+    std::fs::write(src.join("Only.txt"), b"only\n").unwrap();
+    let img = w.join("ntfs.img");
+    mkfs_ntfs(&src, &img, 16, "t");
+    let disk = w.join("disk.qcow2");
+    to_qcow2(&img, &disk);
+    let disk = Disk::open_image(&disk, &ctl()).unwrap();
+    let out = w.join("out");
+    std::fs::create_dir(&out).unwrap();
+    for (asked, want) in [("/Readme", "mixed\n"), ("/README", "upper\n"), ("/ONLY.TXT", "only\n")] {
+        let to = out.join(asked.trim_start_matches('/'));
+        disk.get(None, asked, &to, &ctl()).unwrap();
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), want, "{asked}");
+        let listed = disk.list(None, asked, &ctl()).unwrap();
+        assert_eq!(listed.len(), 1, "{asked}: {listed:?}");
+        assert_eq!(listed[0].size, want.len() as u64, "{asked}: {listed:?}");
+    }
+    let e =
+        assert_err(disk.get(None, "/readme", &out.join("r"), &ctl()), ErrorKind::InvalidInput, "/readme: the entries");
+    assert!(
+        e.message.contains("\"README\"") && e.message.contains("\"Readme\"") && e.message.contains("none exactly"),
+        "{e}"
+    );
+    assert_only(&out, &["Readme", "README", "ONLY.TXT"]);
+}

@@ -378,10 +378,9 @@ impl Filesystem for FatFs {
     }
 
     fn lookup(&mut self, dir_path: &FsPath, dir: &Node, name: &[u8]) -> Result<Option<Entry>> {
-        let want = String::from_utf8_lossy(name).to_lowercase();
         let (entries, _) = self.entries(dir_path, dir)?;
-        let same = |n: &[u8]| String::from_utf8_lossy(n).to_lowercase() == want;
-        Ok(entries.into_iter().find(|e| same(&e.entry.name) || same(&e.short)).map(|e| e.entry))
+        let found = super::fs::find_without_case(dir_path, entries, name, |e| vec![&e.entry.name, &e.short])?;
+        Ok(found.map(|e| e.entry))
     }
 
     fn read_dir(&mut self, path: &FsPath, dir: &Node) -> Result<Vec<Entry>> {

@@ -119,3 +119,34 @@ pub fn display(path: &FsPath) -> String {
     }
     path.iter().map(|c| format!("/{}", String::from_utf8_lossy(c))).collect()
 }
+
+/// The item of `items` (a directory's entries) that `name` names, for a
+/// filesystem whose names are looked up without case: the one with
+/// exactly that name (any of `keys`: a FAT entry's long and short names),
+/// else the only one whose name matches without case. Several matching
+/// without case and none exactly (`README` and `Readme`, asked for as
+/// `readme`) is invalid input naming them, never one picked for the other.
+pub fn find_without_case<T>(
+    dir_path: &FsPath,
+    items: Vec<T>,
+    name: &[u8],
+    keys: impl Fn(&T) -> Vec<&[u8]>,
+) -> crate::error::Result<Option<T>> {
+    if let Some(i) = items.iter().position(|t| keys(t).contains(&name)) {
+        return Ok(items.into_iter().nth(i));
+    }
+    let want = String::from_utf8_lossy(name).to_lowercase();
+    let same = |t: &T| keys(t).iter().any(|k| String::from_utf8_lossy(k).to_lowercase() == want);
+    let mut found: Vec<T> = items.into_iter().filter(|t| same(t)).collect();
+    if found.len() > 1 {
+        let names: Vec<String> = found.iter().map(|t| format!("{:?}", String::from_utf8_lossy(keys(t)[0]))).collect();
+        let mut path = dir_path.to_vec();
+        path.push(name.to_vec());
+        return Err(crate::error::KnibError::invalid(format!(
+            "{}: the entries {} match it without case, and none exactly: ask for one by its exact name",
+            display(&path),
+            names.join(" and ")
+        )));
+    }
+    Ok(found.pop())
+}

@@ -280,12 +280,9 @@ impl Filesystem for NtfsFs {
     }
 
     fn lookup(&mut self, dir_path: &FsPath, dir: &Node, name: &[u8]) -> Result<Option<Entry>> {
-        let want = String::from_utf8_lossy(name).to_lowercase();
-        Ok(self
-            .entries(dir_path, dir)?
-            .into_iter()
-            .find(|(n, _)| String::from_utf8_lossy(n).to_lowercase() == want)
-            .map(|(name, node)| Entry { name, node }))
+        let entries = self.entries(dir_path, dir)?;
+        let found = super::fs::find_without_case(dir_path, entries, name, |(n, _)| vec![n.as_slice()])?;
+        Ok(found.map(|(name, node)| Entry { name, node }))
     }
 
     fn read_dir(&mut self, path: &FsPath, dir: &Node) -> Result<Vec<Entry>> {
