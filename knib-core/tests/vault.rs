@@ -639,6 +639,37 @@ fn a_sync_job_that_cannot_repair_the_vault_fails_naming_the_damage() {
     assert!(r.damaged[0].contains(&said), "{r:?}");
 }
 
+/// An object whose bytes changed in the vault, and this store's file of
+/// it damaged too (its manifest's hash kept): a checking sync reads the
+/// file before sending it, and leaves the vault's object as it is,
+/// reporting both (before, it sent the damaged file over the object, then
+/// found its hash wrong and deleted the object: the vault's only copy was
+/// gone).
+#[test]
+fn a_checking_sync_never_replaces_a_damaged_object_by_a_damaged_file() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store, taken, vault } = Synced::new("both");
+    let id = taken[1].0.clone();
+    let changed = format!("vms/vm1/{id}/root.qcow2");
+    let mut bad = p.get(&changed);
+    let at = bad.len() / 2;
+    bad[at] ^= 0x40;
+    p.put(&changed, bad.clone());
+    let file = store.root().join(&changed);
+    let mut here = std::fs::read(&file).unwrap();
+    here[at / 2] ^= 0x21;
+    std::fs::write(&file, &here).unwrap();
+    let opts = SyncOptions { vm: Some("vm1".into()), check: true, ..SyncOptions::default() };
+    let r = vault.sync_from(&store, &opts, &ctl()).unwrap();
+    assert_eq!(r.unmended, std::slice::from_ref(&id), "{r:?}");
+    assert!(r.repaired.is_empty() && r.bytes_sent == 0, "{r:?}");
+    let said = format!("this store's file of it, {}, is not the one sent either (hash ", file.display());
+    assert!(r.damaged.len() == 1 && r.damaged[0].contains(&said), "{r:?}");
+    assert_eq!(p.get(&changed), bad, "the vault's object is left as it is");
+}
+
 /// An object whose bytes changed in the vault but not its length (a
 /// byte flipped): a plain sync, which only lists the objects, cannot see
 /// it; a sync with `check` reads every object, finds it by its hash, and

@@ -398,6 +398,21 @@ impl Vault {
                 }
                 let file = store.chain_files(mine, &v.name)?.pop().expect("a chain has a file");
                 ctl.check(&format!("sync of {} to the vault", m.id))?;
+                // Read first: a file of this store that is not the copy
+                // sent (damaged here too, or its manifest without a hash)
+                // never replaces the vault's object, damaged as it may be.
+                let here = crate::hash::hash_files(std::slice::from_ref(&file), ctl)?;
+                let here_len = crate::fsio::file_size(&file)?;
+                if Some(&here) != v.hash.as_ref() || here_len != v.size {
+                    damaged(
+                        &format!(
+                            "this store's file of it, {}, is not the one sent either (hash {here}, {here_len} bytes): the vault's object is left as it is",
+                            file.display()
+                        ),
+                        true,
+                    );
+                    continue;
+                }
                 log::warn!("vault {}: object {rel} {lost}: sending it again from {}", self.location(), file.display());
                 let record = format!("uploads/{vm}/{}/{}.json", m.id, v.file);
                 let (len, hash) = self.upload_file(store, &file, &rel, &record, opts, ctl)?;
