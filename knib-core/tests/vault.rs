@@ -761,6 +761,33 @@ fn an_object_key_with_an_empty_segment_is_named_with_how_to_remove_it() {
     assert_eq!(listed, taken.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>());
 }
 
+/// An object someone else put under a key with characters knib's S3
+/// client encodes when it names a key (`~`), in knib's part of the vault
+/// (an unfinished upload's place): a delete or a sync, which would list
+/// it and could never remove it under that name, fails `corrupt` naming
+/// the key and how to remove it (before, a delete was `busy` for good,
+/// advising a sync, whose removal went to another key and removed
+/// nothing); once it is gone, both work.
+#[test]
+fn an_object_key_knib_cannot_name_as_it_is_is_named_with_how_to_remove_it() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm: _vm, _sdir, store, taken, vault } = Synced::new("odd-key");
+    let odd = "vms/vm1/20990101-000000000-0001/disk~1";
+    p.raw("PUT", odd);
+    let shown = format!("{}/{odd}", p.prefix);
+    let sync = || vault.sync_from(&store, &SyncOptions::default(), &ctl());
+    for e in [vault.delete(&taken[2].0).map(drop).unwrap_err(), sync().map(drop).unwrap_err()] {
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        assert!(e.message.contains(&shown), "names the key {shown}: {e}");
+        assert!(e.message.contains("remove it (every object whose key starts so) with another S3 client"), "{e}");
+    }
+    p.raw("DELETE", odd);
+    sync().unwrap();
+    assert_eq!(vault.delete(&taken[2].0).unwrap().expunged, vec![taken[2].0.clone()]);
+}
+
 /// A backup whose parent was deleted from the vault while it was sent is
 /// not published (it would be a child without a parent); the next sync
 /// sends the parent again, then the child.

@@ -406,6 +406,19 @@ impl Vault {
         let mut out = Vec::new();
         for o in listed {
             match self.inner.rel_of(&o.location) {
+                // A key that knib's S3 client would write otherwise (its
+                // characters, `~` `%` `#` ..., are encoded when a key is
+                // named): what knib removed or read under that name would
+                // be another object (a delete that removes nothing, an
+                // upload left unfinished for good).
+                Some(r) if self.key(&r) != o.location => {
+                    return Err(KnibError::corrupt(format!(
+                        "vault {}: the listing of {rel}/ holds {}, whose key has characters knib's S3 client cannot name as they are{INVALID_KEY}",
+                        self.location(),
+                        self.inner.show(&o.location)
+                    ))
+                    .with_origin(Origin::Vault));
+                }
                 Some(r) if r.starts_with(&want) && !r[want.len()..].is_empty() => out.push((r, o.size)),
                 _ => log::warn!(
                     "vault {}: the listing of {rel}/ returned {}, which is not under it: ignored",
