@@ -51,6 +51,22 @@ pub const MAX_DEPTH: usize = 1024;
 pub const READ_FACTOR: u64 = 4;
 /// See [`READ_FACTOR`].
 pub const READ_SLACK: u64 = 1 << 30;
+/// The most memory the listings held at once may take (entries listed
+/// and not visited yet, in the directories from the top down to the
+/// current one), whatever the filesystem's size: a crafted image whose
+/// nested directories share one long listing would otherwise take
+/// gigabytes from a few MB (a large filesystem's capacity allows many
+/// entries). A directory of [`super::fs::MAX_ENTRIES`] entries fits.
+#[cfg(not(test))]
+pub const MAX_HELD_BYTES: u64 = 512 << 20;
+/// (Smaller in unit tests, which reach it without taking that much.)
+#[cfg(test)]
+pub const MAX_HELD_BYTES: u64 = 8 << 20;
+
+/// What an entry held in a listing takes, besides its name's bytes.
+fn held_bytes(e: &Entry) -> u64 {
+    (std::mem::size_of::<Entry>() + e.name.len()) as u64
+}
 
 /// What `get` wrote.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, schemars::JsonSchema)]
@@ -216,6 +232,8 @@ struct Walk<'a> {
     /// Entries listed and not visited yet, in the directories from the top
     /// down to the current one: what the walk holds in memory.
     held: u64,
+    /// What those entries take ([`held_bytes`]).
+    held_bytes: u64,
     buf: Vec<u8>,
     last_report: u64,
     /// Where the extracted path goes (for messages), and the length of its
@@ -323,6 +341,16 @@ impl Walk<'_> {
         // by what the filesystem can hold, or a listing shared by many
         // directories, one inside the other, would be held once a level.
         self.held = self.held.saturating_add(entries.len() as u64);
+        self.held_bytes = self.held_bytes.saturating_add(entries.iter().map(held_bytes).sum());
+        if self.held_bytes > MAX_HELD_BYTES {
+            return Err(KnibError::corrupt(format!(
+                "{} holds listings of more than {} at once (at {}, {} entries), more than knib holds: its directories are cross-linked (one listing shared by many)",
+                self.step,
+                crate::fsio::human_bytes(MAX_HELD_BYTES),
+                display(path),
+                self.held
+            )));
+        }
         let (most, capacity, per) = self.most_entries();
         if self.held > most {
             return Err(KnibError::corrupt(format!(
@@ -365,6 +393,7 @@ impl Walk<'_> {
                 continue;
             };
             self.held = self.held.saturating_sub(1);
+            self.held_bytes = self.held_bytes.saturating_sub(held_bytes(&e));
             self.ctl.check(&format!("extracting {}", display(path)))?;
             check_name(&e.name, path)?;
             path.push(e.name);
@@ -683,6 +712,7 @@ pub fn extract(
         dirs_seen: 0,
         entries: 0,
         held: 0,
+        held_bytes: 0,
         buf: Vec::new(),
         last_report: 0,
         to: to.to_path_buf(),
@@ -701,6 +731,7 @@ pub fn extract(
     walk.summary = GetSummary::default();
     walk.dirs_seen = 0;
     walk.held = 0;
+    walk.held_bytes = 0;
     walk.buf = vec![0u8; CHUNK];
     walk.report(true);
 
@@ -827,7 +858,49 @@ mod tests {
     /// 3 MB image with the listings a FAT can share).
     #[test]
     fn listings_shared_by_nested_directories_are_bounded() {
-        struct Shared;
+        let e = shared_listings(Shared { capacity: 1 << 20, name: 1 });
+        assert!(
+            e.message.starts_with("extract / holds more than 32768 entries listed at once (at /0/0/0/0/0/0/0/0/0/0/0/0/0/0/0/0), more than its filesystem of 1048576 bytes"),
+            "{e}"
+        );
+    }
+
+    /// The same on a large filesystem (here 1 TiB, whose capacity allows
+    /// billions of entries), with long names: refused once the listings
+    /// held take more than [`MAX_HELD_BYTES`] (before, bounded by the
+    /// capacity alone, a crafted image of a few MB on a large partition
+    /// made the walk take gigabytes).
+    #[test]
+    fn listings_shared_by_nested_directories_take_bounded_memory_on_a_large_filesystem() {
+        let e = shared_listings(Shared { capacity: 1 << 40, name: 200 });
+        let want = format!(
+            "extract / holds listings of more than {} at once (at /0/0/0/0/0/0/0/0/0/0/0/0/0/0, 30001 entries)",
+            crate::fsio::human_bytes(MAX_HELD_BYTES)
+        );
+        assert!(e.message.starts_with(&want), "{e}");
+    }
+
+    /// Directories one inside the other that share one listing of 2,000
+    /// entries with names of `name` bytes (and one subdirectory, met
+    /// first), on a filesystem of `capacity` bytes.
+    struct Shared {
+        capacity: u64,
+        name: usize,
+    }
+
+    /// The error of extracting the root of `fs`; nothing is left.
+    fn shared_listings(mut fs: Shared) -> KnibError {
+        let d = tempfile::tempdir().unwrap();
+        let root = fs.root().unwrap();
+        let e = extract(&mut fs, &[], &root, &d.path().join("out"), "/", &Control::new()).unwrap_err();
+        assert_eq!(e.kind, crate::ErrorKind::Corrupt, "{e}");
+        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none(), "nothing is left");
+        e
+    }
+
+    mod shared {
+        use super::super::*;
+        use super::Shared;
         fn node(kind: Kind, id: Option<u64>) -> Node {
             Node { kind, size: 0, mode: 0o755, mtime: 0, mtime_nsec: 0, id, handle: id.unwrap_or(0) }
         }
@@ -838,7 +911,10 @@ mod tests {
             fn read_dir(&mut self, _: &FsPath, dir: &Node) -> Result<Vec<Entry>> {
                 // One subdirectory ("0", met first), then the shared run.
                 let mut v = vec![Entry { name: b"0".to_vec(), node: node(Kind::Dir, Some(dir.handle + 1)) }];
-                v.extend((0..2000).map(|i| Entry { name: format!("f{i}").into_bytes(), node: node(Kind::File, None) }));
+                v.extend((0..2000).map(|i| Entry {
+                    name: format!("f{i:0>w$}", w = self.name).into_bytes(),
+                    node: node(Kind::File, None),
+                }));
                 Ok(v)
             }
             fn read_link(&mut self, _: &FsPath, _: &Node) -> Result<Vec<u8>> {
@@ -854,22 +930,12 @@ mod tests {
                 1 << 20
             }
             fn capacity(&self) -> u64 {
-                1 << 20
+                self.capacity
             }
             fn min_entry_bytes(&self) -> u64 {
                 32
             }
         }
-        let d = tempfile::tempdir().unwrap();
-        let mut fs = Shared;
-        let root = fs.root().unwrap();
-        let e = extract(&mut fs, &[], &root, &d.path().join("out"), "/", &Control::new()).unwrap_err();
-        assert_eq!(e.kind, crate::ErrorKind::Corrupt, "{e}");
-        assert!(
-            e.message.starts_with("extract / holds more than 32768 entries listed at once (at /0/0/0/0/0/0/0/0/0/0/0/0/0/0/0/0), more than its filesystem of 1048576 bytes"),
-            "{e}"
-        );
-        assert!(std::fs::read_dir(d.path()).unwrap().next().is_none(), "nothing is left");
     }
 
     /// A reader that panics (a bug) leaves no temporary entry behind: it is
