@@ -110,6 +110,12 @@ pub trait Filesystem {
     /// a walk that meets more than [`Filesystem::capacity`] over this many
     /// entries is going round cross-linked directories.
     fn min_entry_bytes(&self) -> u64;
+    /// Refuse file `node` at `path` when its data cannot be read as the
+    /// file's bytes (NTFS compression, encryption): called for every file
+    /// an extraction counts, so that it fails before writing anything.
+    fn check_readable(&mut self, _path: &FsPath, _node: &Node) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// `path` as `/a/b` for messages (names not in UTF-8 shown lossily).

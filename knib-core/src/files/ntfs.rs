@@ -295,34 +295,12 @@ impl Filesystem for NtfsFs {
 
     fn open<'a>(&'a mut self, path: &FsPath, node: &Node) -> Result<Box<dyn FileRead + 'a>> {
         let what = format!("file {}", display(path));
-        let valid = {
-            let NtfsFs { ntfs, win } = &mut *self;
-            let file = ntfs.file(win, node.handle).map_err(|e| err(e, &what))?;
-            match file.data(win, "") {
-                None => 0,
-                Some(item) => {
-                    let item = item.map_err(|e| err(e, &what))?;
-                    let attr = item.to_attribute().map_err(|e| err(e, &what))?;
-                    let flags = attr.flags();
-                    for (flag, how) in [
-                        (NtfsAttributeFlags::COMPRESSED, "compressed (NTFS compression)"),
-                        (NtfsAttributeFlags::ENCRYPTED, "encrypted (EFS)"),
-                    ] {
-                        if flags.contains(flag) {
-                            return Err(KnibError::invalid(format!(
-                                "{what}: its data is {how}, which knib does not read (it would give the bytes as stored): copy it from the restored disk with Windows or ntfs-3g"
-                            )));
-                        }
-                    }
-                    if attr.is_resident() {
-                        attr.value_length()
-                    } else {
-                        initialized_size(ntfs, win, &file, &attr, &what)?.min(attr.value_length())
-                    }
-                }
-            }
-        };
+        let valid = self.valid_length(node, &what)?;
         Ok(Box::new(NtfsReader { fs: self, what, record: node.handle, pos: 0, valid }))
+    }
+
+    fn check_readable(&mut self, path: &FsPath, node: &Node) -> Result<()> {
+        self.valid_length(node, &format!("file {}", display(path))).map(drop)
     }
 
     fn label(&mut self) -> Option<String> {
@@ -343,6 +321,37 @@ impl Filesystem for NtfsFs {
         // A 16-byte index entry header and a $FILE_NAME key of 66 bytes
         // and more.
         80
+    }
+}
+
+impl NtfsFs {
+    /// The valid data length of file `node` (named `what`): what of its
+    /// unnamed data stream reads as stored, the rest as zeros. Data the
+    /// crate would give as stored, not as the file's bytes (compressed,
+    /// encrypted), is refused.
+    fn valid_length(&mut self, node: &Node, what: &str) -> Result<u64> {
+        let NtfsFs { ntfs, win } = self;
+        let file = ntfs.file(win, node.handle).map_err(|e| err(e, what))?;
+        let Some(item) = file.data(win, "") else { return Ok(0) };
+        let item = item.map_err(|e| err(e, what))?;
+        let attr = item.to_attribute().map_err(|e| err(e, what))?;
+        if attr.is_resident() {
+            // Stored as it is in the file record (never compressed, even
+            // when flagged so).
+            return Ok(attr.value_length());
+        }
+        let flags = attr.flags();
+        for (flag, how) in [
+            (NtfsAttributeFlags::COMPRESSED, "compressed (NTFS compression)"),
+            (NtfsAttributeFlags::ENCRYPTED, "encrypted (EFS)"),
+        ] {
+            if flags.contains(flag) {
+                return Err(KnibError::invalid(format!(
+                    "{what}: its data is {how}, which knib does not read (it would give the bytes as stored): copy it from the restored disk with Windows or ntfs-3g"
+                )));
+            }
+        }
+        Ok(initialized_size(ntfs, win, &file, &attr, what)?.min(attr.value_length()))
     }
 }
 
@@ -403,10 +412,20 @@ fn initialized_size(
         rec[end - 1] = b;
     }
     let off = (at - start) as usize;
-    if off + 0x40 > rec.len() || rec[off + 8] != 1 {
-        return Err(bad(format!("at byte {off} of its file record is not a non-resident one")));
+    let le64 = |o: usize| u64::from_le_bytes(rec[o..o + 8].try_into().expect("eight bytes"));
+    // The header the crate read: a non-resident $DATA of its data size.
+    let same = off + 0x40 <= rec.len()
+        && u32::from_le_bytes(rec[off..off + 4].try_into().expect("four bytes")) == 0x80
+        && rec[off + 8] == 1
+        && le64(off + 0x30) == attr.value_length();
+    if !same {
+        if !in_base {
+            log::warn!("{what}: the file record of its $DATA attribute is not found at byte {start}; its valid data length is not known, and it is read up to its size");
+            return Ok(attr.value_length());
+        }
+        return Err(bad(format!("at byte {off} of its file record is not the non-resident one read")));
     }
-    Ok(u64::from_le_bytes(rec[off + 0x38..off + 0x40].try_into().expect("eight bytes")))
+    Ok(le64(off + 0x38))
 }
 
 impl FileRead for NtfsReader<'_> {
