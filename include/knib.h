@@ -1474,8 +1474,8 @@
  *                       its files go: the later backups that read it (by id),
  *                       or the backups of the VM whose manifests cannot be
  *                       read (they may). `None` when it was expunged.
- *       marked_removed  [string]: Backups kept on disk, marked removed,
- *                       because later backups need them.
+ *       marked_removed  [string]: Backups kept on disk, marked removed (see
+ *                       `kept_because`).
  *
  *   DiskSpec: A disk of a VM to back up.
  *       name  string: The volume's name in the backup.

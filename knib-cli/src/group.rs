@@ -345,7 +345,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
                 .iter()
                 .flat_map(|o| {
                     let why = o.kept_because.as_deref().unwrap_or("later backups depend on it");
-                    o.marked_removed.iter().map(move |id| format!("{id} ({why})"))
+                    o.marked_removed.iter().map(move |id| format!("\n  {id}: {why}"))
                 })
                 .collect();
             let mut text = format!("deleted group {group}");
@@ -353,7 +353,7 @@ pub fn run(cmd: GroupCommand, json: bool, connect: &str, ctl: &Control) -> Resul
                 text += &format!("; expunged {}", expunged.join(", "));
             }
             if !marked.is_empty() {
-                text += &format!("; marked removed {}", marked.join("; "));
+                text += &format!("; marked removed:{}", marked.concat());
             }
             let a = GroupDeleteAnswer { members };
             output::say(json, || serde_json::to_value(&a), &text)?;

@@ -783,6 +783,37 @@ fn a_backup_a_quick_restore_reads_is_not_removed_from_disk() {
     assert!(e.message.contains("names overlay root-b3.qcow2, not an absolute path"), "{e}");
     std::fs::remove_file(&planted).unwrap();
     store.delete(&b3.id).unwrap();
+
+    // A backup that only a removed later backup reads, which a quick
+    // restore reads: marked removed, saying so (before, the delete did
+    // nothing: the backup stayed listed, and the answer was empty).
+    let mut c = Vec::new();
+    for i in 0..3u8 {
+        qemu_io(vm.path("root"), &format!("write -P 0x{:x} 3M 64k", 0x40 + i));
+        c.push(store.backup("vmq", &vm.disks, &opts(8), &Control::new()).unwrap());
+    }
+    assert_eq!((c[1].parent.as_ref(), c[2].parent.as_ref()), (Some(&c[0].id), Some(&c[1].id)));
+    let oc = out.path().join("root-c1.qcow2");
+    store.quick_restore_overlay(&c[1].id, "root", &oc, &Control::new()).unwrap();
+    assert_eq!(store.delete(&c[1].id).unwrap().marked_removed, vec![c[1].id.clone()]);
+    assert_eq!(store.delete(&c[2].id).unwrap().expunged, vec![c[2].id.clone()]);
+    let d = store.delete(&c[0].id).unwrap();
+    assert_eq!((d.marked_removed.clone(), d.expunged.clone()), (vec![c[0].id.clone()], vec![]), "{d:?}");
+    let why = d.kept_because.clone().unwrap_or_default();
+    assert!(
+        why.starts_with(&format!("backup {}, deleted, depends on it and is read by a quick restore", c[1].id)),
+        "{d:?}"
+    );
+    assert_eq!(store.show(&c[0].id).unwrap_err().kind, ErrorKind::NotFound, "no longer listed");
+    assert_check_clean(&oc);
+    // Once the overlay is gone, the next delete of the VM takes both.
+    std::fs::remove_file(&oc).unwrap();
+    qemu_io(vm.path("root"), "write -P 0x50 3M 64k");
+    let last = store.backup("vmq", &vm.disks, &opts(8), &Control::new()).unwrap();
+    let d = store.delete(&last.id).unwrap();
+    for gone in [&c[1].id, &c[0].id] {
+        assert!(d.expunged.contains(gone), "{d:?}");
+    }
 }
 
 /// A bind mount, unmounted on drop.

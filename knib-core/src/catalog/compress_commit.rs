@@ -117,12 +117,19 @@ impl Store {
         let comp = self.comp_of(next, v)?;
         if let (Some(c), Some(want)) = (&comp, &v.hash) {
             use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+            // A copy that cannot be read (a bad sector, a link swapped in)
+            // cannot be renamed over the file either: the compression
+            // cannot be finished, and a discard sets it aside, keeping the
+            // file (an I/O error would stop the VM with no way out).
+            let unreadable = |e: KnibError| {
+                KnibError::corrupt(format!("{} cannot be read to check it: {}", c.path.display(), e.message))
+            };
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&c.path)
-                .map_err(|e| KnibError::io("cannot open", &c.path, e))?;
-            let md = f.metadata().map_err(|e| KnibError::io("cannot stat", &c.path, e))?;
+                .map_err(|e| unreadable(KnibError::io("cannot open", &c.path, e)))?;
+            let md = f.metadata().map_err(|e| unreadable(KnibError::io("cannot stat", &c.path, e)))?;
             if (md.dev(), md.ino()) != c.at {
                 return Err(KnibError::corrupt(format!(
                     "{} was replaced while knib looked at it: it is not the compressed copy knib wrote",
@@ -130,7 +137,8 @@ impl Store {
                 )));
             }
             // Not read again before its rename: its pages are dropped.
-            let got = crate::hash::hash_written_file(&f, &c.path, &crate::progress::Control::new())?;
+            let got =
+                crate::hash::hash_written_file(&f, &c.path, &crate::progress::Control::new()).map_err(unreadable)?;
             if got != *want {
                 return Err(KnibError::corrupt(format!(
                     "{} is not the compressed copy knib wrote: its bytes hash to {got}, not to {want} (as the compression's next manifest says)",
@@ -200,9 +208,10 @@ impl Store {
             let hint = |e| self.hint_or_newer(e, vm, &id);
             let m = self.read_manifest(vm, &id).map_err(unreadable_manifest).map_err(hint)?;
             let Some(next) = self.next_manifest(&m).map_err(hint)? else { continue };
-            log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
             let comps = next.volumes.iter().map(|v| self.checked_comp(&next, v)).collect::<Result<Vec<_>>>();
-            self.commit_compression(&next, comps.map_err(hint)?)?;
+            let comps = comps.map_err(hint)?;
+            log::warn!("backup {id}: finishing its compression, interrupted after {NEXT_MANIFEST} was written");
+            self.commit_compression(&next, comps)?;
         }
         Ok(())
     }
@@ -427,8 +436,9 @@ impl Store {
             }
             return Err(e);
         }
-        // Just written by this compression, which hashed each as it wrote
-        // it (`compression.check_output` reads them back).
+        // Just written by this compression, which hashed each through the
+        // handle it wrote it by (and, with `compression.check_output`,
+        // read its data back against the backup's).
         let comps = next.volumes.iter().map(|v| self.comp_of(next, v)).collect::<Result<Vec<_>>>()?;
         self.commit_compression(next, comps)
     }

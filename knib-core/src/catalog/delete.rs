@@ -34,7 +34,7 @@ use crate::fsio;
 pub struct DeleteOutcome {
     /// Backups whose files were removed.
     pub expunged: Vec<String>,
-    /// Backups kept on disk, marked removed, because later backups need them.
+    /// Backups kept on disk, marked removed (see `kept_because`).
     pub marked_removed: Vec<String>,
     /// Why the backup asked for was kept, marked removed, instead of
     /// expunged, and what lets its files go: the later backups that read
@@ -52,10 +52,10 @@ impl DeleteOutcome {
 
     /// The backup was kept because backups whose manifests cannot be read
     /// (`unreadable`, of VM `vm`) may depend on it; `where_` names the
-    /// store or vault, `what` what it keeps ("files", "objects").
-    pub(crate) fn kept_for_unreadable(&mut self, vm: &str, unreadable: &[String], where_: &str, what: &str) {
+    /// store or vault, `then` what lets its files or objects go.
+    pub(crate) fn kept_for_unreadable(&mut self, vm: &str, unreadable: &[String], where_: &str, then: &str) {
         self.kept_because = Some(format!(
-            "the manifests of {} {} of VM {vm} in {where_} cannot be read (`knib verify` reports them): they may depend on it; its {what} stay until they are mended or removed, and a later delete of a backup of {vm} then expunges it",
+            "the manifests of {} {} of VM {vm} in {where_} cannot be read (`knib verify` reports them): they may depend on it; {then}",
             if unreadable.len() == 1 { "backup" } else { "backups" },
             unreadable.join(", ")
         ));
@@ -101,7 +101,8 @@ impl Store {
             m.removed = true;
             m.save(&self.backup_dir(&m).join("manifest.json"))?;
             outcome.marked_removed.push(m.id.clone());
-            outcome.kept_for_unreadable(&vm, &unreadable, &format!("store {}", self.root.display()), "files");
+            let then = format!("its files stay until they are mended or removed, and a later delete of a backup of {vm} then expunges it (unless later backups read it)");
+            outcome.kept_for_unreadable(&vm, &unreadable, &format!("store {}", self.root.display()), &then);
             drop_checkpoint(&vm, id);
             return Ok(outcome);
         }
@@ -125,36 +126,57 @@ impl Store {
         for x in all.iter().filter(|x| !removed(x)) {
             keep(x, &mut needed);
         }
-        let target_needed = needed.contains(&m.id);
-        if !target_needed {
+        // Whether backup `x`'s chain reads backup `m` (its ancestor).
+        let reads_it = |x: &Manifest| {
+            let mut cur = x.parent.as_deref();
+            for _ in 0..all.len() {
+                match cur {
+                    Some(p) if p == m.id => return true,
+                    Some(p) => cur = by_id.get(p).and_then(|q| q.parent.as_deref()),
+                    None => return false,
+                }
+            }
+            false
+        };
+        let needed_by_later = needed.contains(&m.id);
+        if !needed_by_later {
             // Never a file a quick-restored disk still reads.
             self.refuse_while_pinned(&m)?;
         }
         let unneeded: Vec<&Manifest> =
             all.iter().filter(|x| x.removed && x.id != m.id && !needed.contains(&x.id)).collect();
+        // The removed backups a quick restore reads that read this one.
+        let mut pinned_readers: Vec<&str> = Vec::new();
         for x in unneeded {
             if !self.live_pins(x)?.is_empty() {
                 keep(x, &mut needed);
+                if reads_it(x) {
+                    pinned_readers.push(&x.id);
+                }
             }
         }
-        if target_needed {
+        if needed.contains(&m.id) {
             m.removed = true;
             m.save(&self.backup_dir(&m).join("manifest.json"))?;
             outcome.marked_removed.push(m.id.clone());
-            // The backups not removed whose chains read it.
-            let reads_it = |x: &Manifest| {
-                let mut cur = x.parent.as_deref();
-                for _ in 0..all.len() {
-                    match cur {
-                        Some(p) if p == m.id => return true,
-                        Some(p) => cur = by_id.get(p).and_then(|q| q.parent.as_deref()),
-                        None => return false,
-                    }
-                }
-                false
-            };
-            let later: Vec<&str> = all.iter().filter(|x| !removed(x) && reads_it(x)).map(|x| x.id.as_str()).collect();
-            outcome.kept_for_later(&later, "files");
+            if needed_by_later {
+                // The backups not removed whose chains read it.
+                let later: Vec<&str> =
+                    all.iter().filter(|x| !removed(x) && reads_it(x)).map(|x| x.id.as_str()).collect();
+                outcome.kept_for_later(&later, "files");
+            } else {
+                // Only removed backups read it, which quick restores read
+                // (before, such a delete did nothing: the backup stayed
+                // listed, and the answer was empty).
+                outcome.kept_because = Some(format!(
+                    "{} {}, deleted, {} on it and {} read by a quick restore: its files stay until that quick restore no longer reads {} (consolidated or removed) and a later delete of a backup of {vm} expunges it",
+                    if pinned_readers.len() == 1 { "backup" } else { "backups" },
+                    pinned_readers.join(", "),
+                    if pinned_readers.len() == 1 { "depends" } else { "depend" },
+                    if pinned_readers.len() == 1 { "is" } else { "are" },
+                    if pinned_readers.len() == 1 { "it" } else { "them" },
+                ));
+            }
         }
         let depth = |x: &Manifest| {
             let mut d = 0usize;

@@ -37,11 +37,34 @@ impl Vault {
             self.put_small(&Self::manifest_rel(&m), text, PutMode::Overwrite, "manifest")?;
             outcome.marked_removed.push(m.id.clone());
             if unreadable.is_empty() {
-                let later: Vec<&str> =
-                    all.iter().filter(|c| c.parent.as_deref() == Some(m.id.as_str())).map(|c| c.id.as_str()).collect();
+                // The backups not removed whose chains read it, else its
+                // children (removed, kept while quick restores read them).
+                let reads_it = |x: &Manifest| {
+                    let mut cur = x.parent.as_deref();
+                    for _ in 0..all.len() {
+                        match cur {
+                            Some(p) if p == m.id => return true,
+                            Some(p) => cur = all.iter().find(|a| a.id == p).and_then(|q| q.parent.as_deref()),
+                            None => return false,
+                        }
+                    }
+                    false
+                };
+                let mut later: Vec<&str> =
+                    all.iter().filter(|x| !x.removed && reads_it(x)).map(|x| x.id.as_str()).collect();
+                if later.is_empty() {
+                    later = all
+                        .iter()
+                        .filter(|c| c.parent.as_deref() == Some(m.id.as_str()))
+                        .map(|c| c.id.as_str())
+                        .collect();
+                }
                 outcome.kept_for_later(&later, "objects");
             } else {
-                outcome.kept_for_unreadable(&m.vm, &unreadable, &format!("vault {}", self.location()), "objects");
+                // No later delete comes back to it but the cascade of a
+                // delete of a backup that reads it.
+                let then = "its objects stay, marked removed, until a delete of a backup that reads it reaches it (if none does, they stay: once those manifests are mended, remove its objects with an S3 client)";
+                outcome.kept_for_unreadable(&m.vm, &unreadable, &format!("vault {}", self.location()), then);
             }
             return Ok(outcome);
         }

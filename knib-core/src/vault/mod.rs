@@ -411,9 +411,9 @@ impl Vault {
                 // named): what knib removed or read under that name would
                 // be another object (a delete that removes nothing, an
                 // upload left unfinished for good).
-                Some(r) if self.key(&r) != o.location => {
+                Some(r) if r.starts_with(&want) && !r[want.len()..].is_empty() && self.key(&r) != o.location => {
                     return Err(KnibError::corrupt(format!(
-                        "vault {}: the listing of {rel}/ holds {}, whose key has characters knib's S3 client cannot name as they are{INVALID_KEY}",
+                        "vault {}: the listing of {rel}/ holds {}, a key with characters knib's S3 client cannot name as they are (it encodes them): that object was not written by knib, and knib can neither read nor remove it, nor tell whether an upload is unfinished while it is there: remove it with another S3 client, e.g. `aws s3 rm`",
                         self.location(),
                         self.inner.show(&o.location)
                     ))

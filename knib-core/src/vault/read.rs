@@ -252,7 +252,7 @@ impl Vault {
         } else {
             for vm in self.vms()? {
                 let (manifests, unreadable) = self.scan_backups(&vm)?;
-                kept.removed.extend(manifests.iter().filter(|m| m.removed).map(|m| m.id.clone()));
+                kept.removed.extend(manifests.iter().filter(|m| m.removed).map(|m| (vm.clone(), m.id.clone())));
                 for m in manifests.iter().filter(|m| !m.removed) {
                     reports.push(self.verify_one(m, false, &mut kept, ctl)?);
                 }
@@ -312,7 +312,8 @@ impl Vault {
                 Err(e) => problems.push(e.message),
             }
             for o in &opened {
-                let removed = !whole_chain && o.backup != m.id && kept.removed.contains(&o.backup);
+                let removed =
+                    !whole_chain && o.backup != m.id && kept.removed.contains(&(m.vm.clone(), o.backup.clone()));
                 if !(whole_chain || o.backup == m.id || removed) {
                     continue;
                 }
@@ -359,7 +360,8 @@ impl Vault {
 /// that read them, and what each of their objects was found to be.
 #[derive(Default)]
 struct Kept {
-    removed: std::collections::HashSet<String>,
+    /// By VM and id (ids are unique within a VM).
+    removed: std::collections::HashSet<(String, String)>,
     /// By object name: the problem found, `None` when it was sound.
     found: std::collections::HashMap<String, Option<String>>,
 }
