@@ -44,6 +44,20 @@ pub struct DeleteOutcome {
     pub kept_because: Option<String>,
 }
 
+/// Whether backup `x`'s chain, among the backups `all` of its VM, reads
+/// backup `id` (an ancestor of it); a chain that loops reads none.
+pub(crate) fn chain_reads(all: &[Manifest], x: &Manifest, id: &str) -> bool {
+    let mut cur = x.parent.as_deref();
+    for _ in 0..all.len() {
+        match cur {
+            Some(p) if p == id => return true,
+            Some(p) => cur = all.iter().find(|a| a.id == p).and_then(|q| q.parent.as_deref()),
+            None => return false,
+        }
+    }
+    false
+}
+
 impl DeleteOutcome {
     /// Nothing done yet.
     pub(crate) fn new() -> Self {
@@ -126,18 +140,7 @@ impl Store {
         for x in all.iter().filter(|x| !removed(x)) {
             keep(x, &mut needed);
         }
-        // Whether backup `x`'s chain reads backup `m` (its ancestor).
-        let reads_it = |x: &Manifest| {
-            let mut cur = x.parent.as_deref();
-            for _ in 0..all.len() {
-                match cur {
-                    Some(p) if p == m.id => return true,
-                    Some(p) => cur = by_id.get(p).and_then(|q| q.parent.as_deref()),
-                    None => return false,
-                }
-            }
-            false
-        };
+        let reads_it = |x: &Manifest| chain_reads(&all, x, &m.id);
         let needed_by_later = needed.contains(&m.id);
         if !needed_by_later {
             // Never a file a quick-restored disk still reads.

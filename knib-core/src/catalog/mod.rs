@@ -90,6 +90,7 @@ pub(crate) use backup::{check_disks, compressed_as_copied, refuse_check_direct, 
 pub use backup::{BackupOptions, DiskSpec};
 #[cfg(feature = "libvirt")]
 pub use bitmap::BitmapJournal;
+pub(crate) use delete::chain_reads;
 pub use delete::DeleteOutcome;
 pub use discard::{DiscardOutcome, DiscardedJournal};
 pub use lock::VmLock;

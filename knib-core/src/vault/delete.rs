@@ -39,19 +39,11 @@ impl Vault {
             if unreadable.is_empty() {
                 // The backups not removed whose chains read it, else its
                 // children (removed, kept while quick restores read them).
-                let reads_it = |x: &Manifest| {
-                    let mut cur = x.parent.as_deref();
-                    for _ in 0..all.len() {
-                        match cur {
-                            Some(p) if p == m.id => return true,
-                            Some(p) => cur = all.iter().find(|a| a.id == p).and_then(|q| q.parent.as_deref()),
-                            None => return false,
-                        }
-                    }
-                    false
-                };
-                let mut later: Vec<&str> =
-                    all.iter().filter(|x| !x.removed && reads_it(x)).map(|x| x.id.as_str()).collect();
+                let mut later: Vec<&str> = all
+                    .iter()
+                    .filter(|x| !x.removed && crate::catalog::chain_reads(&all, x, &m.id))
+                    .map(|x| x.id.as_str())
+                    .collect();
                 if later.is_empty() {
                     later = all
                         .iter()
