@@ -544,12 +544,15 @@ fn ntfs_valid_data_length_compression_and_encryption() {
     for n in ["PART.BIN", "PACKED.BIN", "SEALED.BIN", "WHOLE.BIN"] {
         std::fs::write(src.join(n), &stale).unwrap();
     }
+    // Small enough to be resident (in its file record): never compressed,
+    // even when flagged so.
+    std::fs::write(src.join("TINY.TXT"), b"tiny and resident\n").unwrap();
     let img = w.join("ntfs.img");
     mkfs_ntfs(&src, &img, 16, "t");
     let mut bytes = std::fs::read(&img).unwrap();
     let (rec, attr) = ntfs_data_attribute(&bytes, "PART.BIN");
     ntfs_patch(&mut bytes, rec, attr + 0x38, &5000u64.to_le_bytes());
-    for (name, flag) in [("PACKED.BIN", 0x0001u16), ("SEALED.BIN", 0x4000)] {
+    for (name, flag) in [("PACKED.BIN", 0x0001u16), ("SEALED.BIN", 0x4000), ("TINY.TXT", 0x0001)] {
         let (rec, attr) = ntfs_data_attribute(&bytes, name);
         ntfs_patch(&mut bytes, rec, attr + 0x0c, &flag.to_le_bytes());
     }
@@ -572,10 +575,22 @@ fn ntfs_valid_data_length_compression_and_encryption() {
         assert!(e.message.contains(&format!("file /{name}: its data is {how}, which knib does not read")), "{e}");
         assert!(!to.exists());
     }
+    // A tree holding them: refused while the extraction counts, before it
+    // writes anything or reports any progress (before, it wrote the files
+    // met first, then removed the whole tree).
+    let events = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+    let seen = events.clone();
+    let c = Control::new().with_progress(std::sync::Arc::new(move |_| *seen.lock().unwrap() += 1));
+    let e = assert_err(disk.get(None, "/", &out.join("all"), &c), ErrorKind::InvalidInput, "which knib does not read");
+    assert!(e.message.contains("/PACKED.BIN: its data is compressed"), "{e}");
+    assert_eq!(*events.lock().unwrap(), 0, "progress was reported: the extraction had begun");
+    // A resident file flagged compressed is read as it is.
+    disk.get(None, "/TINY.TXT", &out.join("tiny"), &ctl()).unwrap();
+    assert_eq!(std::fs::read(out.join("tiny")).unwrap(), b"tiny and resident\n");
     // Listed all the same, with their sizes.
     let entries = disk.list(None, "/", &ctl()).unwrap();
     assert_eq!(entries.iter().filter(|e| e.size == stale.len() as u64).count(), 4, "{entries:?}");
-    assert_only(&out, &["part", "whole"]);
+    assert_only(&out, &["part", "whole", "tiny"]);
 }
 
 /// Two NTFS names that differ only in case (ntfs-3g makes them; Windows

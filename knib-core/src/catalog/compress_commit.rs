@@ -117,19 +117,34 @@ impl Store {
         let comp = self.comp_of(next, v)?;
         if let (Some(c), Some(want)) = (&comp, &v.hash) {
             use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-            // A copy that cannot be read (a bad sector, a link swapped in)
-            // cannot be renamed over the file either: the compression
-            // cannot be finished, and a discard sets it aside, keeping the
-            // file (an I/O error would stop the VM with no way out).
+            // A copy whose bytes cannot be read (a bad sector) or that is
+            // no longer a file (a link swapped in) cannot be renamed over
+            // the file either: the compression cannot be finished, and a
+            // discard sets it aside, keeping the file (an I/O error would
+            // stop the VM with no way out). Other errors of the system
+            // (no memory, too many files open) say nothing of the copy:
+            // they stay I/O errors, and the compression is finished later.
             let unreadable = |e: KnibError| {
                 KnibError::corrupt(format!("{} cannot be read to check it: {}", c.path.display(), e.message))
+            };
+            let of_the_file = |e: std::io::Error| {
+                let of_it = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::ELOOP | libc::ENXIO | libc::EISDIR | libc::ENODEV | libc::EOVERFLOW)
+                );
+                let e = KnibError::io("cannot open", &c.path, e);
+                if of_it {
+                    unreadable(e)
+                } else {
+                    e
+                }
             };
             let f = std::fs::OpenOptions::new()
                 .read(true)
                 .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                 .open(&c.path)
-                .map_err(|e| unreadable(KnibError::io("cannot open", &c.path, e)))?;
-            let md = f.metadata().map_err(|e| unreadable(KnibError::io("cannot stat", &c.path, e)))?;
+                .map_err(of_the_file)?;
+            let md = f.metadata().map_err(|e| KnibError::io("cannot stat", &c.path, e))?;
             if (md.dev(), md.ino()) != c.at {
                 return Err(KnibError::corrupt(format!(
                     "{} was replaced while knib looked at it: it is not the compressed copy knib wrote",
@@ -137,8 +152,14 @@ impl Store {
                 )));
             }
             // Not read again before its rename: its pages are dropped.
-            let got =
-                crate::hash::hash_written_file(&f, &c.path, &crate::progress::Control::new()).map_err(unreadable)?;
+            // (A read of a regular file fails for its bytes: EIO.)
+            let got = crate::hash::hash_written_file(&f, &c.path, &crate::progress::Control::new()).map_err(|e| {
+                if e.kind == ErrorKind::Io {
+                    unreadable(e)
+                } else {
+                    e
+                }
+            })?;
             if got != *want {
                 return Err(KnibError::corrupt(format!(
                     "{} is not the compressed copy knib wrote: its bytes hash to {got}, not to {want} (as the compression's next manifest says)",
@@ -297,7 +318,9 @@ impl Store {
                 },
             };
             // What the files say, not what reading them met (an I/O
-            // error may pass: the compression is then finished later).
+            // error of the system may pass: the compression is then
+            // finished later; one reading a `.comp`'s bytes says that the
+            // copy cannot be read, see `checked_comp`).
             let why = match finishable {
                 Ok(()) => continue,
                 Err(e) if matches!(e.kind, ErrorKind::Corrupt | ErrorKind::InvalidInput) => e.message,

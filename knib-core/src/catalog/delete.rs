@@ -44,14 +44,14 @@ pub struct DeleteOutcome {
     pub kept_because: Option<String>,
 }
 
-/// Whether backup `x`'s chain, among the backups `all` of its VM, reads
-/// backup `id` (an ancestor of it); a chain that loops reads none.
-pub(crate) fn chain_reads(all: &[Manifest], x: &Manifest, id: &str) -> bool {
+/// Whether backup `x`'s chain, among the backups of its VM (`by_id`),
+/// reads backup `id` (an ancestor of it); a chain that loops reads none.
+pub(crate) fn chain_reads(by_id: &HashMap<&str, &Manifest>, x: &Manifest, id: &str) -> bool {
     let mut cur = x.parent.as_deref();
-    for _ in 0..all.len() {
+    for _ in 0..by_id.len() {
         match cur {
             Some(p) if p == id => return true,
-            Some(p) => cur = all.iter().find(|a| a.id == p).and_then(|q| q.parent.as_deref()),
+            Some(p) => cur = by_id.get(p).and_then(|q| q.parent.as_deref()),
             None => return false,
         }
     }
@@ -140,7 +140,7 @@ impl Store {
         for x in all.iter().filter(|x| !removed(x)) {
             keep(x, &mut needed);
         }
-        let reads_it = |x: &Manifest| chain_reads(&all, x, &m.id);
+        let reads_it = |x: &Manifest| chain_reads(&by_id, x, &m.id);
         let needed_by_later = needed.contains(&m.id);
         if !needed_by_later {
             // Never a file a quick-restored disk still reads.

@@ -8,7 +8,8 @@ pub type FsPath = [Vec<u8>];
 
 /// The most entries read from one directory of ext4 or NTFS (FAT's own
 /// limit, its specification's, is 65536): a listing holds them all in
-/// memory (about 100 to 350 bytes each, so at most a few hundred MiB), and
+/// memory (about 80 bytes each besides its name, which an NTFS name makes
+/// up to 765 bytes: at most about 850 MiB), and
 /// a directory with more is refused as Corrupt, naming it.
 pub const MAX_ENTRIES: usize = 1 << 20;
 

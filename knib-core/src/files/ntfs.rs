@@ -420,7 +420,7 @@ fn initialized_size(
         && le64(off + 0x30) == attr.value_length();
     if !same {
         if !in_base {
-            log::warn!("{what}: the file record of its $DATA attribute is not found at byte {start}; its valid data length is not known, and it is read up to its size");
+            log::warn!("{what}: the header at byte {off} of the file record at byte {start} is not the one of its $DATA attribute; its valid data length is not known, and it is read up to its size");
             return Ok(attr.value_length());
         }
         return Err(bad(format!("at byte {off} of its file record is not the non-resident one read")));

@@ -39,19 +39,29 @@ impl Vault {
             if unreadable.is_empty() {
                 // The backups not removed whose chains read it, else its
                 // children (removed, kept while quick restores read them).
-                let mut later: Vec<&str> = all
+                let by_id: std::collections::HashMap<&str, &Manifest> =
+                    all.iter().map(|x| (x.id.as_str(), x)).collect();
+                let later: Vec<&str> = all
                     .iter()
-                    .filter(|x| !x.removed && crate::catalog::chain_reads(&all, x, &m.id))
+                    .filter(|x| !x.removed && crate::catalog::chain_reads(&by_id, x, &m.id))
                     .map(|x| x.id.as_str())
                     .collect();
                 if later.is_empty() {
-                    later = all
+                    let served: Vec<&str> = all
                         .iter()
                         .filter(|c| c.parent.as_deref() == Some(m.id.as_str()))
                         .map(|c| c.id.as_str())
                         .collect();
+                    outcome.kept_because = Some(format!(
+                        "{} {}, deleted, kept while a quick restore from the vault reads {}, {} on it: the vault's deletes do not come back to removed backups, so its objects stay until removed with an S3 client once that quick restore is consolidated",
+                        if served.len() == 1 { "backup" } else { "backups" },
+                        served.join(", "),
+                        if served.len() == 1 { "it" } else { "them" },
+                        if served.len() == 1 { "depends" } else { "depend" },
+                    ));
+                } else {
+                    outcome.kept_for_later(&later, "objects");
                 }
-                outcome.kept_for_later(&later, "objects");
             } else {
                 // No later delete comes back to it but the cascade of a
                 // delete of a backup that reads it.
