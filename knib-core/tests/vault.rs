@@ -641,8 +641,9 @@ fn a_sync_job_that_cannot_repair_the_vault_fails_naming_the_damage() {
 }
 
 /// An object whose bytes changed in the vault, and this store's file of
-/// it damaged too (its manifest's hash kept): a checking sync reads the
-/// file before sending it, and leaves the vault's object as it is,
+/// it damaged too (its manifest's hash kept): a checking sync hashes the
+/// file as it sends it, does not complete its upload, and leaves the
+/// vault's object as it is,
 /// reporting both (before, it sent the damaged file over the object, then
 /// found its hash wrong and deleted the object: the vault's only copy was
 /// gone).
@@ -921,6 +922,57 @@ fn a_backup_file_swapped_or_grown_in_the_store_is_not_sent() {
         assert!(!in_vault(&m.id));
         std::fs::remove_file(f).unwrap();
         std::fs::rename(&kept, f).unwrap();
+    }
+    let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
+    assert_eq!(r.sent, vec![m.id.clone()], "{r:?}");
+    assert_verified_and_restored(&vault, &taken);
+}
+
+/// A backup file whose bytes are not the ones its manifest records (a byte
+/// flipped in the store) is not sent, whether it goes in one put or in
+/// parts: its upload is never completed, so an object at its key (here
+/// the good bytes, put there while the sync opens the file, as another
+/// sync of the backup would) stays as it is. Before, the damaged file was sent over that
+/// object, then found wrong and its key deleted: the vault lost the good
+/// copy. Once the file is mended, the next sync sends the backup.
+#[test]
+fn a_backup_file_changed_since_it_was_written_is_not_sent_over_any_object() {
+    if !s3::setup() {
+        return;
+    }
+    let Synced { p, vm, _sdir, store, mut taken, vault } = Synced::new("changed");
+    qemu_io(vm.path("root"), "write -P 0x45 8M 8M");
+    qemu_io(vm.path("data"), "write -P 0x46 0 64k");
+    let refs = vm.snapshot_all("b3");
+    let m = store.backup("vm1", &vm.disks, &BackupOptions::default(), &ctl()).unwrap();
+    taken.push((m.id.clone(), refs));
+    for (volume, parts) in [("root", true), ("data", false)] {
+        let file = store.volume_file(&m, volume).unwrap();
+        let good = std::fs::read(&file).unwrap();
+        assert_eq!(good.len() > knib_core::vault::DEFAULT_PART_SIZE, parts, "{volume} is sent in parts or not");
+        let key = format!("vms/vm1/{}/{volume}.qcow2", m.id);
+        let mut bad = good.clone();
+        bad[good.len() * 3 / 4] ^= 0x08;
+        std::fs::write(&file, &bad).unwrap();
+        // The good bytes land at the key while the sync opens the file
+        // (after it removed what unfinished syncs left).
+        let at = format!("opening {} to send it", file.display());
+        knib_core::crashpoint::pause_before(&at, Duration::from_secs(2));
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(knib_core::crashpoint::wait_for_pause(&at, Duration::from_secs(120)), "no pause at {at}");
+                p.put(&key, good.clone());
+            });
+            vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap_err()
+        });
+        assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+        let said = format!("backup {}: file {} has hash ", m.id, file.display());
+        assert!(e.message.starts_with(&said), "{e}");
+        assert!(e.message.ends_with(": it changed since it was written; not sent"), "{e}");
+        assert_eq!(p.get(&key), good, "the object at {key} is left as it was");
+        assert!(!p.keys().keys().any(|k| k.starts_with("uploads/")), "an upload record is left: {:?}", p.keys());
+        assert!(!vault.list(None).unwrap().iter().any(|b| b.id == m.id));
+        std::fs::write(&file, &good).unwrap();
     }
     let r = vault.sync_from(&store, &SyncOptions::default(), &ctl()).unwrap();
     assert_eq!(r.sent, vec![m.id.clone()], "{r:?}");

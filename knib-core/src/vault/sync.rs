@@ -398,36 +398,25 @@ impl Vault {
                 }
                 let file = store.chain_files(mine, &v.name)?.pop().expect("a chain has a file");
                 ctl.check(&format!("sync of {} to the vault", m.id))?;
-                // Read first: a file of this store that is not the copy
-                // sent (damaged here too, or its manifest without a hash)
-                // never replaces the vault's object, damaged as it may be.
-                let here = crate::hash::hash_files(std::slice::from_ref(&file), ctl)?;
-                let here_len = crate::fsio::file_size(&file)?;
-                if Some(&here) != v.hash.as_ref() || here_len != v.size {
-                    damaged(
-                        &format!(
-                            "this store's file of it, {}, is not the one sent either (hash {here}, {here_len} bytes): the vault's object is left as it is",
-                            file.display()
-                        ),
-                        true,
-                    );
-                    continue;
-                }
                 log::warn!("vault {}: object {rel} {lost}: sending it again from {}", self.location(), file.display());
                 let record = format!("uploads/{vm}/{}/{}.json", m.id, v.file);
-                let (len, hash) = self.upload_file(store, &file, &rel, &record, opts, ctl)?;
-                if Some(&hash) != v.hash.as_ref() || len != v.size {
-                    self.delete_key(&rel)?;
+                // A file of this store that is not the copy sent (damaged
+                // here too) never replaces the vault's object, damaged as
+                // it may be: its upload is not completed.
+                let sent = self.upload_file(store, &file, &rel, &record, v.hash.as_deref(), opts, ctl)?;
+                if !sent.written {
                     damaged(
                         &format!(
-                            "this store's file of it, {}, is not the one sent (hash {hash}, {len} bytes)",
-                            file.display()
+                            "this store's file of it, {}, is not the one sent either (hash {}, {} bytes): the vault's object is left as it is",
+                            file.display(),
+                            sent.hash,
+                            sent.len
                         ),
                         true,
                     );
                     continue;
                 }
-                report.bytes_sent += len;
+                report.bytes_sent += sent.len;
                 sent_again = true;
             }
             if sent_again {
@@ -491,20 +480,23 @@ impl Vault {
             let file = files.last().expect("a chain has a file").clone();
             let rel = Self::volume_rel(m, &v.file);
             let record = format!("uploads/{}/{}/{}.json", m.vm, m.id, v.file);
-            let (len, hash) = self.upload_file(store, &file, &rel, &record, opts, ctl)?;
-            if let Some(h) = &v.hash {
-                if *h != hash {
-                    self.delete_key(&rel)?;
-                    return Err(KnibError::corrupt(format!(
-                        "backup {}: file {} has hash {hash}, its manifest says {h}: it changed since it was written; not sent",
-                        m.id,
-                        file.display()
-                    )));
-                }
+            // A file whose bytes are not the ones its manifest records is
+            // not sent: its upload is not completed, so that no object of
+            // the vault is replaced by it (another sync may have sent the
+            // backup meanwhile).
+            let sent = self.upload_file(store, &file, &rel, &record, v.hash.as_deref(), opts, ctl)?;
+            if !sent.written {
+                return Err(KnibError::corrupt(format!(
+                    "backup {}: file {} has hash {}, its manifest says {}: it changed since it was written; not sent",
+                    m.id,
+                    file.display(),
+                    sent.hash,
+                    v.hash.as_deref().unwrap_or_default()
+                )));
             }
-            v.hash = Some(hash);
-            v.size = len;
-            report.bytes_sent += len;
+            v.hash = Some(sent.hash);
+            v.size = sent.len;
+            report.bytes_sent += sent.len;
         }
         let text = serde_json::to_vec_pretty(&out).expect("a manifest serializes");
         let rel = Self::manifest_rel(&out);
@@ -543,16 +535,22 @@ impl Vault {
     }
 
     /// Send local file `path` to object `rel`, hashing it as it is read;
-    /// its length and hash.
+    /// its length and hash. When `want` is given and the bytes read hash
+    /// otherwise, the object is not written (a single put is not made, a
+    /// multipart upload is aborted instead of completed): the bytes hashed
+    /// are the bytes that would have been sent, so no change to the file
+    /// between a check and the upload can slip through.
+    #[allow(clippy::too_many_arguments)]
     fn upload_file(
         &self,
         store: &Store,
         path: &std::path::Path,
         rel: &str,
         record: &str,
+        want: Option<&str>,
         opts: &SyncOptions,
         ctl: &Control,
-    ) -> Result<(u64, String)> {
+    ) -> Result<Sent> {
         crate::crashpoint::pause_point(&format!("opening {} to send it", path.display()));
         let file = store.open_file(path, "backup file being sent")?;
         let len = file.metadata().map_err(|e| KnibError::io("cannot stat", path, e))?.len();
@@ -565,6 +563,7 @@ impl Vault {
             )));
         }
         let mut hasher = Xxh3::new();
+        let refused = |hash: &str| want.is_some_and(|w| w != hash);
         let key = self.key(rel);
         let step = format!("sending {}", path.display());
         let start = Instant::now();
@@ -585,13 +584,17 @@ impl Vault {
         if len <= part_size as u64 {
             let data = read_part(0, len as usize)?;
             hasher.update(&data);
+            let hash = format!("{:032x}", hasher.digest128());
+            if refused(&hash) {
+                return Ok(Sent { len, hash, written: false });
+            }
             throttle(len);
             crate::crashpoint::durable_step(&format!("upload of {}", path.display()));
             let s3 = Arc::clone(&self.inner.s3);
             let k = key.clone();
             self.block_on(async move { s3.put(&k, PutPayload::from(data)).await })
                 .map_err(|e| self.inner.error(&format!("cannot send {}", path.display()), &e))?;
-            return Ok((len, format!("{:032x}", hasher.digest128())));
+            return Ok(Sent { len, hash, written: true });
         }
         crate::crashpoint::durable_step(&format!("start of the upload of {}", path.display()));
         let s3 = Arc::clone(&self.inner.s3);
@@ -680,6 +683,17 @@ impl Vault {
                 }
             }
         }
+        let hash = format!("{:032x}", hasher.digest128());
+        if refused(&hash) {
+            log::warn!(
+                "vault {}: {} has hash {hash}, not {}: its upload is aborted",
+                self.location(),
+                path.display(),
+                want.unwrap_or_default()
+            );
+            abort(KnibError::corrupt("hash differs"));
+            return Ok(Sent { len, hash, written: false });
+        }
         crate::crashpoint::durable_step(&format!("completion of the upload of {}", path.display()));
         let s3 = Arc::clone(&self.inner.s3);
         let (k, i) = (key.clone(), id.clone());
@@ -688,6 +702,16 @@ impl Vault {
         }
         crate::crashpoint::durable_step(&format!("removal of the upload record of {}", path.display()));
         self.delete_key(record)?;
-        Ok((len, format!("{:032x}", hasher.digest128())))
+        Ok(Sent { len, hash, written: true })
     }
+}
+
+/// What [`Vault::upload_file`] read and whether it wrote the object.
+struct Sent {
+    /// Bytes read.
+    len: u64,
+    /// Their hash.
+    hash: String,
+    /// False when they did not hash as wanted: nothing was written.
+    written: bool,
 }
