@@ -714,46 +714,113 @@ pub(crate) fn refuse_merging_internal_snapshots(op: &str, merges: &[requests::Sn
     Ok(())
 }
 
-/// The checks every backup volume of a request gets: a uuid, and absolute
-/// `path` and `delta_path_on_store` (and `delta_path_on_primary` when
-/// the method creates it).
-fn check_volume(op: &str, i: usize, v: &requests::BackupVolume, primary: bool) -> Result<()> {
-    let field = |f: &str| format!("volumes[{i}].{f}");
-    if v.uuid.is_empty() {
-        return Err(KnibError::invalid(format!("request of {op}: field `{}` is empty", field("uuid"))));
+/// The most volumes a backup request may name: a KVM guest has far fewer
+/// disks, and every new file is compared with every file named.
+pub(crate) const MAX_VOLUMES: usize = 256;
+
+/// The checks every backup volume of a request gets, before anything else
+/// is looked at: at most [`MAX_VOLUMES`], each with a uuid, an absolute
+/// `path` and `delta_path_on_store` (and `delta_path_on_primary` when the
+/// method creates it, `primary`) and every other path absolute; then
+/// [`new_files_apart`].
+pub(crate) fn check_volumes(op: &str, volumes: &[requests::BackupVolume], primary: bool) -> Result<()> {
+    if volumes.len() > MAX_VOLUMES {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: field `volumes` names {} volumes, more than the {MAX_VOLUMES} a request may name",
+            volumes.len()
+        )));
     }
-    absolute(op, &field("path"), &v.path)?;
-    if primary {
-        absolute(op, &field("delta_path_on_primary"), &v.delta_path_on_primary)?;
+    for (i, v) in volumes.iter().enumerate() {
+        let field = |f: &str| format!("volumes[{i}].{f}");
+        if v.uuid.is_empty() {
+            return Err(KnibError::invalid(format!("request of {op}: field `{}` is empty", field("uuid"))));
+        }
+        absolute(op, &field("path"), &v.path)?;
+        if primary {
+            absolute(op, &field("delta_path_on_primary"), &v.delta_path_on_primary)?;
+        }
+        absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)?;
+        if let Some(p) = &v.parent_backup_path {
+            absolute(op, &field("parent_backup_path"), p)?;
+        }
+        if let Some(m) = &v.merge {
+            absolute(op, &field("merge.parent"), &m.parent)?;
+            absolute(op, &field("merge.child"), &m.child)?;
+            for (j, g) in m.grand_children.iter().enumerate() {
+                absolute(op, &field(&format!("merge.grand_children[{j}]")), g)?;
+            }
+        }
+        for (j, s) in v.vm_snapshot_delta_paths.iter().enumerate() {
+            absolute(op, &field(&format!("vm_snapshot_delta_paths[{j}]")), s)?;
+        }
     }
-    absolute(op, &field("delta_path_on_store"), &v.delta_path_on_store)?;
-    // The backup file and the new delta are new files of their own: a
-    // cleanup removes or undoes them, so neither may be a file the volume
-    // runs on or a backup it builds on (nor each other).
-    let mut named: Vec<(&str, PathBuf)> = vec![("path", v.path.clone())];
-    if let Some(m) = &v.merge {
-        named.push(("merge.parent", m.parent.clone()));
-        named.push(("merge.child", m.child.clone()));
-        named.extend(m.grand_children.iter().map(|g| ("merge.grand_children", g.clone())));
+    new_files_apart(op, volumes, primary)
+}
+
+/// The backup files and the new deltas of a request are new files of their
+/// own: a cleanup removes or undoes them, so none may be a file any volume
+/// of the request runs on, merges or builds on (its parent backup's chain),
+/// nor another new file. Before, only a volume's own files were compared:
+/// a request whose volume named another volume's disk as its backup file
+/// had that disk removed by a cleanup, and two volumes with one backup
+/// file had the second copy renamed over the first (the first volume's
+/// increment lost, both answered as backed up).
+fn new_files_apart(op: &str, volumes: &[requests::BackupVolume], primary: bool) -> Result<()> {
+    use std::collections::HashMap;
+    let field = |i: usize, f: &str| format!("volumes[{i}].{f}");
+    // Every file named, by identity (as fsio::same_file tells files
+    // apart), with the volume and field that name it.
+    let mut named: HashMap<fsio::FileKey, Vec<(usize, &str, PathBuf)>> = HashMap::new();
+    let mut name =
+        |f: &Path, i: usize, what: &'static str| named.entry(fsio::file_key(f)).or_default().push((i, what, f.into()));
+    for (i, v) in volumes.iter().enumerate() {
+        name(&v.path, i, "path");
+        if let Some(m) = &v.merge {
+            name(&m.parent, i, "merge.parent");
+            name(&m.child, i, "merge.child");
+            for g in &m.grand_children {
+                name(g, i, "merge.grand_children");
+            }
+        }
+        for s in &v.vm_snapshot_delta_paths {
+            name(s, i, "vm_snapshot_delta_paths");
+        }
+        if let Some(p) = &v.parent_backup_path {
+            // The parent's whole chain when it opens (else the file named).
+            let chain = engine::backup_chain_files(p).unwrap_or_else(|_| vec![p.clone()]);
+            for f in chain {
+                name(&f, i, "chain of parent_backup_path");
+            }
+        }
+        if primary {
+            name(&v.delta_path_on_store, i, "delta_path_on_store");
+        }
     }
-    named.extend(v.vm_snapshot_delta_paths.iter().map(|s| ("vm_snapshot_delta_paths", s.clone())));
-    if let Some(p) = &v.parent_backup_path {
-        // The parent's whole chain when it opens (else the file named).
-        let chain = engine::backup_chain_files(p).unwrap_or_else(|_| vec![p.clone()]);
-        named.extend(chain.into_iter().map(|f| ("chain of parent_backup_path", f)));
-    }
-    let mut new: Vec<(&str, &str, &Path)> = vec![("delta_path_on_store", "the backup file", &v.delta_path_on_store)];
-    if primary {
-        named.push(("delta_path_on_store", v.delta_path_on_store.clone()));
-        new.push(("delta_path_on_primary", "the new delta", &v.delta_path_on_primary));
-    }
-    for (name, role, file) in new {
-        if let Some((what, f)) = named.iter().find(|(what, f)| *what != name && same_file(f, file)) {
+    let mut new: HashMap<fsio::FileKey, (usize, &str)> = HashMap::new();
+    for (i, v) in volumes.iter().enumerate() {
+        let mut mine: Vec<(&str, &str, &Path)> =
+            vec![("delta_path_on_store", "the backup file", &v.delta_path_on_store)];
+        if primary {
+            mine.push(("delta_path_on_primary", "the new delta", &v.delta_path_on_primary));
+        }
+        for (f, role, file) in mine {
+            let key = fsio::file_key(file);
+            let clash = named.get(&key).and_then(|n| n.iter().find(|(j, what, _)| *j != i || *what != f));
+            let is = match (clash, new.get(&key)) {
+                (Some((j, what, at)), _) if *j == i => format!("the volume's {what} ({})", at.display()),
+                (Some((j, what, at)), _) => {
+                    format!("the {what} of volumes[{j}] (volume {}, {})", volumes[*j].uuid, at.display())
+                }
+                (None, Some((j, other))) => format!("{} too (volume {})", field(*j, other), volumes[*j].uuid),
+                (None, None) => {
+                    new.insert(key, (i, f));
+                    continue;
+                }
+            };
             return Err(KnibError::invalid(format!(
-                "request of {op}: {} {} is the volume's {what} ({}): {role} must be a new file of its own",
-                field(name),
-                file.display(),
-                f.display()
+                "request of {op}: {} {} is {is}: {role} must be a new file of its own",
+                field(i, f),
+                file.display()
             )));
         }
     }

@@ -640,19 +640,34 @@ pub fn remove_durable(path: &Path) -> Result<()> {
 /// (its path resolved), so that a file about to be made under two
 /// spellings of its name is seen as one.
 pub fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || file_key(a) == file_key(b)
+}
+
+/// A file's identity as [`same_file`] tells files apart, for comparing
+/// many files at once (a map of them): its device and inode when it
+/// exists, else its name in its directory resolved, else its path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum FileKey {
+    /// An existing file.
+    Inode(u64, u64),
+    /// A file not made yet, in a directory that exists.
+    New(PathBuf),
+    /// Neither.
+    Path(PathBuf),
+}
+
+/// `p`'s [`FileKey`].
+pub fn file_key(p: &Path) -> FileKey {
     use std::os::unix::fs::MetadataExt;
-    if a == b {
-        return true;
-    }
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        (Err(_), Err(_)) => {
-            let dir = |p: &Path| p.parent().filter(|d| !d.as_os_str().is_empty()).and_then(|d| d.canonicalize().ok());
-            a.file_name().is_some()
-                && a.file_name() == b.file_name()
-                && matches!((dir(a), dir(b)), (Some(x), Some(y)) if x == y)
+    match fs::metadata(p) {
+        Ok(m) => FileKey::Inode(m.dev(), m.ino()),
+        Err(_) => {
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).and_then(|d| d.canonicalize().ok());
+            match (dir, p.file_name()) {
+                (Some(d), Some(n)) => FileKey::New(d.join(n)),
+                _ => FileKey::Path(p.to_path_buf()),
+            }
         }
-        _ => false,
     }
 }
 

@@ -934,9 +934,78 @@ fn new_files_that_name_a_file_of_the_vm_or_of_the_parent_chain_are_refused_befor
             assert_eq!(contents(t.path()), before, "{field} = {what}: files changed");
         }
     }
+    // Nor may they be a file of another volume of the request, or a new
+    // file of it: a cleanup removed the other volume's disk, and a take
+    // renamed the second copy over the first (both volumes answered as
+    // backed up, the first one's increment lost).
+    let other = &req["volumes"][1];
+    let theirs = [
+        other["path"].clone(),
+        other["merge"]["parent"].clone(),
+        other["parent_backup_path"].clone(),
+        json!(vm.store_file("b1", "data")),
+        other["delta_path_on_store"].clone(),
+        other["delta_path_on_primary"].clone(),
+    ];
+    for field in ["delta_path_on_store", "delta_path_on_primary"] {
+        for file in &theirs {
+            let mut r = req.clone();
+            r["volumes"][0][field] = file.clone();
+            let said = |e: &KnibError| {
+                e.kind == ErrorKind::InvalidInput
+                    && e.message.contains(file.as_str().unwrap())
+                    && e.message.contains("volumes[0]")
+                    && e.message.contains("volumes[1]")
+                    && e.message.contains("must be a new file of its own")
+            };
+            for mode in [None, Some("complete")] {
+                let mut c = r.clone();
+                if let Some(m) = mode {
+                    c["mode"] = json!(m);
+                }
+                let e = agent("agent.cleanup_vm_backup", &c).unwrap_err();
+                assert!(said(&e), "{field} = {file} ({mode:?}): {e}");
+                assert_eq!(contents(t.path()), before, "{field} = {file} ({mode:?}): files changed");
+            }
+            let e = agent("agent.take_backup", &r).unwrap_err();
+            assert!(said(&e), "{field} = {file}: {e}");
+            assert_eq!(contents(t.path()), before, "{field} = {file}: files changed");
+        }
+    }
     // The request as it should be still works.
     vm.take("b3", Some("b2"), json!({}));
     vm.assert_clean();
+}
+
+/// A request naming more volumes than a guest has disks (257), or a
+/// relative path in any field, is refused before any file is looked at,
+/// naming the field (every new file is compared with every file named).
+#[test]
+fn a_request_of_too_many_volumes_or_a_relative_path_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let mut vm = Vm::new(t.path(), 78);
+    vm.write(2);
+    vm.take("b1", None, json!({}));
+    vm.write(2);
+    let req = vm.request("b2", Some("b1"), json!({}));
+    let before = contents(t.path());
+    let mut many = req.clone();
+    let one = req["volumes"][1].clone();
+    many["volumes"] = json!((0..257).map(|_| one.clone()).collect::<Vec<_>>());
+    let mut relative = req.clone();
+    relative["volumes"][1]["merge"]["grand_children"] = json!(["data-snap"]);
+    for op in ["agent.take_backup", "agent.cleanup_vm_backup"] {
+        let e = agent(op, &many).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert_eq!(
+            e.message,
+            format!("request of {op}: field `volumes` names 257 volumes, more than the 256 a request may name")
+        );
+        let e = agent(op, &relative).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
+        assert!(e.message.contains("volumes[1].merge.grand_children[0]"), "{e}");
+        assert_eq!(contents(t.path()), before, "{op}: files changed");
+    }
 }
 
 /// A chain holds at most 64 backup files (knib's restores open no deeper

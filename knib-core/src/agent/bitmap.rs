@@ -108,9 +108,9 @@ fn plan(op: &str, vm: Option<&Vm>, r: &TakeReq, q: &QemuImg, ctl: &Control) -> R
     }
     let mut planned: Vec<BitmapDisk> = Vec::new();
     let mut chosen: Vec<DiskInfo> = Vec::new();
+    super::check_volumes(op, &r.volumes, false)?;
     for (i, v) in r.volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
-        super::check_volume(op, i, v, false)?;
         if v.merge.is_some() || !v.vm_snapshot_delta_paths.is_empty() {
             return Err(KnibError::invalid(format!(
                 "request of {op}: volume {}: method `bitmap` merges nothing: `merge` and `vm_snapshot_delta_paths` must be absent",
@@ -271,12 +271,11 @@ pub(crate) fn cleanup_vm_backup(
     let q = QemuImg::new();
     let (disks, running) = vm_disks(op, vm.as_ref(), r, &q, ctl)?;
     let mut planned = Vec::new();
-    for (i, v) in r.volumes.iter().enumerate() {
-        // As a backup's: the backup file the cleanup may remove is never
-        // the volume's file nor one of its parent backup's chain (a
-        // request naming the disk as `delta_path_on_store` had the disk
-        // removed).
-        super::check_volume(op, i, v, false)?;
+    // As a backup's: the backup file the cleanup may remove is never a
+    // file of a volume nor one of a parent backup's chain (a request
+    // naming a disk as `delta_path_on_store` had the disk removed).
+    super::check_volumes(op, &r.volumes, false)?;
+    for v in &r.volumes {
         let disk = disk_of(vm.as_ref(), &disks, &v.path)?;
         planned.push(BitmapDisk {
             target: disk.target.clone(),

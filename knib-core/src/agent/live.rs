@@ -61,9 +61,9 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
     let kind = kind_of(op, r, true)?;
     let disks = vm.disks()?;
     let mut plans: Vec<DiskPlan> = Vec::new();
+    super::check_volumes(op, &r.volumes, true)?;
     for (i, v) in r.volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
-        super::check_volume(op, i, v, true)?;
         if let Some(p) = &v.parent_backup_path {
             if mode == Mode::Take {
                 super::check_parent_backup(op, &field("parent_backup_path"), &v.uuid, p)?;
@@ -73,11 +73,6 @@ fn plan(op: &str, q: &QemuImg, vm: &Vm, r: &TakeReq, mode: Mode, ctl: &Control) 
             }
         }
         if let Some(m) = &v.merge {
-            absolute(op, &field("merge.parent"), &m.parent)?;
-            absolute(op, &field("merge.child"), &m.child)?;
-            for (j, s) in v.vm_snapshot_delta_paths.iter().enumerate() {
-                absolute(op, &field(&format!("vm_snapshot_delta_paths[{j}]")), s)?;
-            }
             if let Some(first) = v.vm_snapshot_delta_paths.first() {
                 if !same_file(first, &m.child) {
                     return Err(KnibError::invalid(format!(

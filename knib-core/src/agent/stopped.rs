@@ -18,9 +18,9 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
     non_empty(op, "volumes", &r.volumes)?;
     let kind = kind_of(op, r, true)?;
     let mut disks: Vec<FilesDisk> = Vec::new();
+    super::check_volumes(op, &r.volumes, true)?;
     for (i, v) in r.volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
-        super::check_volume(op, i, v, true)?;
         if let Some(p) = &v.parent_backup_path {
             if take {
                 super::check_parent_backup(op, &field("parent_backup_path"), &v.uuid, p)?;
@@ -29,14 +29,6 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
             }
         }
         if let Some(m) = &v.merge {
-            absolute(op, &field("merge.parent"), &m.parent)?;
-            absolute(op, &field("merge.child"), &m.child)?;
-            for (j, g) in m.grand_children.iter().enumerate() {
-                absolute(op, &field(&format!("merge.grand_children[{j}]")), g)?;
-            }
-            for (j, s) in v.vm_snapshot_delta_paths.iter().enumerate() {
-                absolute(op, &field(&format!("vm_snapshot_delta_paths[{j}]")), s)?;
-            }
             match v.vm_snapshot_delta_paths.first() {
                 None if !same_file(&m.child, &v.path) => {
                     return Err(KnibError::invalid(format!(
