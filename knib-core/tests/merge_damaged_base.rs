@@ -251,3 +251,67 @@ fn a_dirty_child_is_not_repaired_for_a_merge_its_parent_refuses() {
     set_dirty(&child);
     assert_merged(d.path(), &parent, &child, "dirty child");
 }
+
+/// A parent (version 3, 16-bit refcounts, 2 MiB clusters) whose compressed
+/// cluster 65537 L2 entries share, with a stored refcount of 65535: the
+/// 16-bit refcount overflows (`qemu-img check` reports it), so the native
+/// merge refuses it, naming the host cluster, with every file as it was.
+/// Before, the references were counted in a saturating 16-bit counter
+/// (65535, the stored refcount: no error), and the merge dropped one
+/// reference per replaced guest cluster, towards 0 while entries still
+/// pointed at the data.
+#[test]
+fn a_parent_whose_compressed_cluster_overflows_its_refcount_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (parent, child) = (d.path().join("parent.qcow2"), d.path().join("child.qcow2"));
+    let size = (128u64 << 30).to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", parent.to_str().unwrap(), &size]);
+    qemu_io(&parent, "write -q -c -P 0x11 0 2M");
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&parent).unwrap();
+    let mut be32 = [0u8; 4];
+    f.read_exact_at(&mut be32, 20).unwrap();
+    let cluster_bits = u64::from(u32::from_be_bytes(be32));
+    f.read_exact_at(&mut be32, 96).unwrap();
+    assert_eq!((cluster_bits, u32::from_be_bytes(be32)), (21, 4), "2 MiB clusters, 16-bit refcounts");
+    let (l1, rt) = (be64(&f, 40), be64(&f, 48));
+    let l2 = be64(&f, l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be64(&f, l2);
+    assert_ne!(entry & (1 << 62), 0, "guest cluster 0 is not compressed");
+    // Entries 1..=65536 (all in the one L2 table) copy entry 0's descriptor.
+    let copies: Vec<u8> = std::iter::repeat_n(entry.to_be_bytes(), 65536).flatten().collect();
+    f.write_all_at(&copies, l2 + 8).unwrap();
+    // The compressed data's host cluster: refcount 65535, the most 16 bits hold.
+    let x = 62 - (cluster_bits - 8);
+    let host = (entry & ((1 << x) - 1)) >> cluster_bits;
+    let block = be64(&f, rt) & 0x00ff_ffff_ffff_fe00;
+    f.write_all_at(&65535u16.to_be_bytes(), block + 2 * host).unwrap();
+    drop(f);
+    let out = Command::new("qemu-img").arg("check").arg(&parent).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "qemu-img check finds a corruption: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ERROR: overflow cluster"), "{out:?}");
+
+    let base = parent.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "-F",
+        "qcow2",
+        "-b",
+        base,
+        child.to_str().unwrap(),
+    ]);
+    qemu_io(&child, "write -q -P 0xa0 2M 8M");
+    let what = "a compressed cluster referenced 65537 times";
+    assert_refused(d.path(), &parent, &child, what, ErrorKind::Corrupt, &parent);
+    let e = merge(&parent, &child).unwrap_err();
+    let expected = format!(
+        "qcow2 image {}: the L2 entry of guest cluster 65535: compressed data in host cluster {host}, which more \
+         than 65535 L2 entries reference: its 16-bit refcount overflows (refcount overflow); it is not written into",
+        parent.display()
+    );
+    assert!(e.message.contains(&expected), "{what}: {e}");
+}

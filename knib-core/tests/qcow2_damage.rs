@@ -540,6 +540,38 @@ fn headers_qemu_refuses_are_refused_as_corrupt() {
     }
 }
 
+/// A backing file name with a NUL byte in it (QEMU takes the name as cut
+/// there): the reader refuses the image as corrupt naming the byte, and a
+/// merge of it is refused the same way with both files unchanged. Before,
+/// the name was taken whole and failed late, in a std::fs call that named
+/// no image ("file name contained an unexpected NUL byte").
+#[test]
+fn a_backing_file_name_with_a_nul_byte_is_refused_as_corrupt() {
+    let q = QemuImg::new();
+    let mut rng = Rng::new(1345);
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = make_pair(dir.path(), &mut rng, 65536);
+    let mut img = std::fs::read(&top).unwrap();
+    let at = rd64(&img, 8) as usize;
+    let len = u32::from_be_bytes(img[16..20].try_into().unwrap()) as usize;
+    assert_eq!(&img[at..at + len], b"base.qcow2");
+    img[at + 4] = 0;
+    std::fs::write(&top, &img).unwrap();
+    let (base_bytes, top_bytes) = (std::fs::read(&base).unwrap(), std::fs::read(&top).unwrap());
+    let words = format!("qcow2 image {}: backing file name has a NUL byte at 4", top.display());
+    let e = knib_core::qcow2::Qcow2Image::open(&top).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&words), "{e}");
+    let e = knib_core::qcow2::Chain::open(&top).expect_err("the chain opens");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&words), "{e}");
+    let e = native::commit(&q, &top, native::DataPath::Native, &Control::new()).expect_err("merged");
+    assert_eq!(e.kind, ErrorKind::Corrupt, "{e}");
+    assert!(e.message.contains(&words), "{e}");
+    assert_eq!(std::fs::read(&base).unwrap(), base_bytes, "the base changed");
+    assert_eq!(std::fs::read(&top).unwrap(), top_bytes, "the top changed");
+}
+
 /// A top with internal snapshots, bitmaps or lazy refcounts: the merge
 /// keeps them (the top is emptied by qemu-img commit, or natively with the
 /// lazy refcounts bit kept), and `empty_image` refuses what it would drop.

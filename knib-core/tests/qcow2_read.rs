@@ -351,6 +351,36 @@ fn raw_backing_files_and_probing() {
     assert!(native_raw(&top2, &mut rng) == want);
 }
 
+/// A backing file of another format QEMU probes (made by qemu-img), its
+/// format not recorded in the overlay: QEMU reads it as that format, so
+/// the reader refuses it as invalid input naming the file and the format
+/// (what the callers leave to qemu-img: the native copy's refusal says
+/// so), never as raw. Before, it was read as raw: the other format's
+/// metadata as the guest's bytes.
+#[test]
+fn backing_files_of_other_formats_are_not_probed_as_raw() {
+    let dir = tempdir();
+    for format in ["vmdk", "qed", "vdi", "vhdx", "vpc", "parallels"] {
+        let base = dir.path().join(format!("base.{format}"));
+        qemu_img(&["create", "-q", "-f", format, p(&base), "4M"]);
+        run_in(None, "qemu-io", &["-f", format, "-c", "write -q -P 66 0 64k", p(&base)]);
+        let top = dir.path().join(format!("top-{format}.qcow2"));
+        overlay(&top, &format!("base.{format}"), format, None, "");
+        forget_backing_format(&top);
+        assert_eq!(Qcow2Image::open(&top).unwrap().header().backing_format, None);
+        // QEMU probes the format and reads the data.
+        let chain = qemu_img(&["info", "-U", "--backing-chain", "--output=json", p(&top)]);
+        assert!(chain.contains(&format!("\"format\": \"{format}\"")), "{format}: {chain}");
+        assert!(qemu_raw(&top)[..64 * K as usize].iter().all(|&b| b == 66), "{format}: qemu-img reads the data");
+        let words = [p(&base), p(&top), format, "no format recorded", "only qcow2 and raw"];
+        expect_err(Chain::open(&top), INVALID, &words);
+        expect_err(Chain::open_files_only(&top), INVALID, &[p(&base), format]);
+        let mode = knib_core::qcow2::SourceMode::Chain;
+        let why = knib_core::engine::native::native_refusal(&top, mode).unwrap();
+        assert!(why.is_some_and(|w| w.contains(p(&base)) && w.contains(format)), "{format}: copied natively");
+    }
+}
+
 #[test]
 fn dirty_image_reads_and_reports_dirty() {
     let dir = tempdir();
@@ -449,6 +479,69 @@ fn damaged_headers_and_tables_are_refused() {
     let junk = (1u64 << 62) | (3 << 54) | (l1 as u64 + 8);
     write_patched(&bad, &good, l2 + 16 * 8, &junk.to_be_bytes());
     expect_err(Chain::open(&bad).unwrap().read_at(M, &mut buf), CORRUPT, &[name, "compressed cluster"]);
+}
+
+/// Two L2 entries naming the same compressed data with different sector
+/// counts: the first decompresses, the second is cut short. QEMU fails the
+/// second read (EIO); so does knib, whichever is read first. Before, the
+/// decompressed cluster was cached by offset alone, and the second entry
+/// read the first one's bytes.
+#[test]
+fn one_compressed_offset_with_two_lengths_reads_each_as_its_entry_says() {
+    let dir = tempdir();
+    let mut rng = Rng::new(11);
+    // Two clusters of half random, half zero bytes: compressed to about half.
+    let raw = dir.path().join("src.raw");
+    let half: Vec<u8> = rng.bytes(32 * K as usize);
+    let cluster = [half.as_slice(), &[0u8; 32 * K as usize]].concat();
+    std::fs::write(&raw, cluster.repeat(2)).unwrap();
+    let img = dir.path().join("short.qcow2");
+    qemu_img(&["convert", "-q", "-c", "-O", "qcow2", p(&raw), p(&img)]);
+    let good = std::fs::read(&img).unwrap();
+    let l1 = be64(&good, 40) as usize;
+    let l2 = (be64(&good, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be64(&good, l2);
+    assert_ne!(entry & (1 << 62), 0, "guest cluster 0 is compressed");
+    // 64 KiB clusters: the sector count (less one) is bits 54..62.
+    let sectors = ((entry >> 54) & 0xff) + 1;
+    assert!(sectors > 4, "the compressed data takes {sectors} sectors");
+    // Guest cluster 1: the same offset, one sector.
+    let short = entry & !(0xff << 54);
+    write_patched(&img, &good, l2 + 8, &short.to_be_bytes());
+    let qemu_read = |off: u64| {
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", &format!("read -q 0 {off}"), "-c", &format!("read -q {off} 64k"), p(&img)])
+            .output()
+            .unwrap()
+    };
+    let out = qemu_read(0);
+    assert!(out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(), "qemu-io reads cluster 0: {out:?}");
+    let out = String::from_utf8_lossy(&qemu_read(64 * K).stdout).to_string();
+    assert!(out.contains("read failed: Input/output error"), "qemu-io fails cluster 1 after cluster 0: {out}");
+
+    let mut buf = vec![0u8; 64 * K as usize];
+    let mut chain = Chain::open(&img).unwrap();
+    chain.read_at(0, &mut buf).unwrap();
+    assert!(buf == cluster, "guest cluster 0 reads its data");
+    expect_err(chain.read_at(64 * K, &mut buf), CORRUPT, &[p(&img), "guest cluster 1", "compressed cluster"]);
+    // The other way round, and again.
+    let mut chain = Chain::open(&img).unwrap();
+    expect_err(chain.read_at(64 * K, &mut buf), CORRUPT, &[p(&img), "guest cluster 1", "compressed cluster"]);
+    chain.read_at(0, &mut buf).unwrap();
+    assert!(buf == cluster, "guest cluster 0 reads its data");
+    expect_err(chain.read_at(64 * K, &mut buf), CORRUPT, &[p(&img), "guest cluster 1", "compressed cluster"]);
+    let mut image = Qcow2Image::open(&img).unwrap();
+    let ClusterState::Compressed { host_offset, compressed_len } = image.cluster_state(0).unwrap() else {
+        panic!("guest cluster 0 is not compressed")
+    };
+    assert!(image.read_compressed(0, host_offset, compressed_len).unwrap() == cluster.as_slice());
+    let ClusterState::Compressed { host_offset: at, compressed_len: short_len } = image.cluster_state(1).unwrap()
+    else {
+        panic!("guest cluster 1 is not compressed")
+    };
+    assert_eq!(at, host_offset);
+    assert!(short_len < compressed_len);
+    expect_err(image.read_compressed(1, at, short_len).map(|_| ()), CORRUPT, &["guest cluster 1"]);
 }
 
 #[test]

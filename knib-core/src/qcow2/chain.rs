@@ -267,7 +267,7 @@ impl Chain {
             }
             let fmt = match format.take() {
                 Some(f) => f,
-                None => probe(&path)?,
+                None => probe(&path, names.iter().rev().nth(1).map_or("", String::as_str))?,
             };
             if files_only && fmt != "qcow2" {
                 return Err(Refusal::Other(KnibError::invalid(format!(
@@ -523,21 +523,106 @@ pub(crate) fn read_layers(layers: &mut [Layer], offset: u64, buf: &mut [u8]) -> 
     }
 }
 
-/// The format of a backing file named without one: qcow2 by its magic,
-/// else raw.
-fn probe(path: &Path) -> Result<String> {
+/// The bytes QEMU's format probe reads at the start of an image.
+const PROBE_BYTES: usize = 2048;
+
+/// The format of a backing file named without one (`parent`'s): qcow2 by
+/// its magic, else raw, as QEMU probes it. A file another format QEMU
+/// probes claims (its magic, or the name of a `.dmg`) is refused as
+/// InvalidInput naming it and the format: QEMU reads it as that format,
+/// not as raw, so the callers leave it to qemu-img.
+fn probe(path: &Path, parent: &str) -> Result<String> {
     let file = File::open(path).map_err(|e| KnibError::io("open backing file", path, e))?;
-    let mut magic = [0u8; 4];
+    let mut head = [0u8; PROBE_BYTES];
     let mut got = 0;
-    while got < 4 {
-        match file.read_at(&mut magic[got..], got as u64) {
+    while got < head.len() {
+        match file.read_at(&mut head[got..], got as u64) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(KnibError::io("read backing file", path, e)),
         }
     }
-    Ok(if got == 4 && magic == MAGIC { "qcow2" } else { "raw" }.to_string())
+    let head = &head[..got];
+    if head.starts_with(&MAGIC) {
+        return Ok("qcow2".to_string());
+    }
+    if let Some((format, why)) = other_format(head, path) {
+        return Err(KnibError::invalid(format!(
+            "backing file {} of {parent} has no format recorded and is {format} ({why}), which QEMU reads as \
+             {format}: only qcow2 and raw are read natively",
+            path.display()
+        )));
+    }
+    Ok("raw".to_string())
+}
+
+/// The format other than qcow2 and raw QEMU's probe finds in a file whose
+/// first bytes are `head` (at most [`PROBE_BYTES`]), and what tells it: the
+/// content checks of its drivers' probes (version fields aside: a file
+/// refused here is read by qemu-img, which probes it again).
+fn other_format(head: &[u8], path: &Path) -> Option<(&'static str, &'static str)> {
+    const MAGICS: &[(&[u8], &str, &str)] = &[
+        (b"KDMV", "vmdk", "magic \"KDMV\""),
+        (b"COWD", "vmdk", "magic \"COWD\""),
+        (b"QED\0", "qed", "magic \"QED\\0\""),
+        (b"vhdxfile", "vhdx", "signature \"vhdxfile\""),
+        (b"conectix", "vpc", "cookie \"conectix\""),
+        (b"LUKS\xba\xbe", "luks", "magic \"LUKS\\xba\\xbe\""),
+        (b"WithoutFreeSpace", "parallels", "magic \"WithoutFreeSpace\""),
+        (b"WithouFreSpacExt", "parallels", "magic \"WithouFreSpacExt\""),
+        (b"Bochs Virtual HD Image", "bochs", "magic \"Bochs Virtual HD Image\""),
+        (b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$IMAGE\n", "cloop", "cloop header"),
+    ];
+    if let Some((_, format, why)) = MAGICS.iter().find(|(m, _, _)| head.starts_with(m)) {
+        return Some((format, why));
+    }
+    if head.get(0x40..0x44) == Some(&0xbeda_107fu32.to_le_bytes()[..]) {
+        return Some(("vdi", "signature 0xbeda107f at 0x40"));
+    }
+    if vmdk_descriptor(head) {
+        return Some(("vmdk", "a VMDK descriptor"));
+    }
+    if path.to_str().is_some_and(|n| n.len() > 4 && n.ends_with(".dmg")) {
+        return Some(("dmg", "its name ends in .dmg"));
+    }
+    None
+}
+
+/// Whether `head` is a VMDK text descriptor as QEMU's `vmdk_probe` finds
+/// one: comment lines and blank lines, then `version=1`, `2` or `3`.
+fn vmdk_descriptor(head: &[u8]) -> bool {
+    let mut p = 0;
+    while p < head.len() {
+        match head[p] {
+            b'#' => {
+                while p < head.len() && head[p] != b'\n' {
+                    p += 1;
+                }
+                p += 1;
+            }
+            b' ' => {
+                while p < head.len() && head[p] == b' ' {
+                    p += 1;
+                }
+                if p < head.len() && head[p] == b'\r' {
+                    p += 1;
+                }
+                if p == head.len() || head[p] != b'\n' {
+                    return false;
+                }
+                p += 1;
+            }
+            _ => {
+                let rest = &head[p..];
+                return [b'1', b'2', b'3'].iter().any(|&v| {
+                    let line = [&b"version="[..], &[v]].concat();
+                    rest.starts_with(&line) && matches!(&rest[line.len()..], [b'\n', ..] | [b'\r', b'\n', ..])
+                });
+            }
+        }
+    }
+    false
 }
 
 /// The path of `to` relative to directory `from` (both absolute), as a
@@ -598,6 +683,31 @@ mod tests {
         f.sync_all().unwrap();
         assert_eq!(raw.next_data(16 << 20), 32 << 20, "asked again");
         assert_eq!(RawImage::open(&p).unwrap().next_data(16 << 20), 16 << 20, "a new image sees the data");
+    }
+
+    /// The formats QEMU's probe finds by content (or a `.dmg` name) beside
+    /// those qemu-img makes in the integration tests: a VMDK descriptor
+    /// only as `vmdk_probe` takes one, LUKS, bochs, cloop.
+    #[test]
+    fn other_formats_are_found_as_qemu_probes_them() {
+        let raw = Path::new("base.img");
+        let found = |head: &[u8]| other_format(head, raw).map(|(f, _)| f);
+        assert_eq!(found(b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\n"), Some("vmdk"));
+        assert_eq!(found(b"# c\r\n   \r\nversion=3\r\n"), Some("vmdk"));
+        assert_eq!(found(b"# c\n\nversion=1\n"), None, "an empty line is not skipped");
+        assert_eq!(found(b"# c\nversion=4\n"), None);
+        assert_eq!(found(b"# c\n x\nversion=1\n"), None);
+        assert_eq!(found(b"version=1"), None);
+        assert_eq!(found(b"LUKS\xba\xbe\x00\x01"), Some("luks"));
+        assert_eq!(found(b"Bochs Virtual HD Image\0"), Some("bochs"));
+        assert_eq!(found(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$IMAGE\n"), Some("cloop"));
+        let mut vdi = vec![0u8; 512];
+        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        assert_eq!(found(&vdi), Some("vdi"));
+        assert_eq!(found(&vdi[..0x43]), None);
+        assert_eq!(other_format(b"", Path::new("d/base.dmg")).map(|(f, _)| f), Some("dmg"));
+        assert_eq!(found(b"QFI\xfb\0\0\0\x03"), None, "qcow2 is not another format");
+        assert_eq!(found(&[0u8; 2048]), None);
     }
 
     #[test]

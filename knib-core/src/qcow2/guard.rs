@@ -19,6 +19,11 @@
 //!   it), or has reserved bits set, or is compressed with the copied flag;
 //! - two L2 entries point at the same uncompressed host cluster, or
 //!   compressed data shares a host cluster with an uncompressed one;
+//! - a host cluster holding compressed data is referenced by more L2
+//!   entries than its 16-bit refcount can count ([`MAX_REFCOUNT`]: what
+//!   `qemu-img check` reports as a refcount overflow; the merge would drop
+//!   one reference per replaced entry, down to 0 while entries still point
+//!   at it);
 //! - a host cluster's stored refcount is below the number of references
 //!   made to it (stale refcounts with the dirty bit clear: a cluster in
 //!   use that an allocation could take), or a referenced cluster has no
@@ -65,6 +70,9 @@ use crate::error::{KnibError, Result};
 pub const MAX_SCAN_CLUSTERS: u64 = 32 << 20;
 /// Host clusters whose references one pass counts (2 MiB of counters).
 pub const SCAN_WINDOW_CLUSTERS: u64 = 1 << 20;
+/// The most references a host cluster's refcount counts: the scan reads
+/// 16-bit refcounts only (`refcount_order` 4).
+pub const MAX_REFCOUNT: u16 = u16::MAX;
 
 /// What a metadata host cluster holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +224,9 @@ impl Refs<'_> {
         self.at(c).map_or(0, |i| self.refs[i])
     }
 
+    /// Count one more reference to host cluster `c`. Only compressed data
+    /// is counted more than once, and [`Refs::compressed`] refuses a count
+    /// past [`MAX_REFCOUNT`] before it.
     fn count(&mut self, c: u64) {
         if let Some(i) = self.at(c) {
             self.refs[i] = self.refs[i].saturating_add(1);
@@ -317,6 +328,12 @@ impl Refs<'_> {
         if self.refs_of(c) != 0 && !self.is_compressed(c) {
             return Err(self.corrupt(format!(
                 "{what}: compressed data in host cluster {c}, which also holds another L2 entry's data"
+            )));
+        }
+        if self.refs_of(c) == MAX_REFCOUNT {
+            return Err(self.corrupt(format!(
+                "{what}: compressed data in host cluster {c}, which more than {MAX_REFCOUNT} L2 entries \
+                 reference: its 16-bit refcount overflows (refcount overflow)"
             )));
         }
         if let Some(i) = self.at(c) {

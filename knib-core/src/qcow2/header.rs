@@ -396,6 +396,10 @@ impl Header {
                 return Err(corrupt(name, "backing file name runs past the end of the file"));
             }
             let raw = &prefix[backing_file_offset as usize..(backing_file_offset + len) as usize];
+            // No path holds one (QEMU would take the name as cut there).
+            if let Some(i) = raw.iter().position(|&b| b == 0) {
+                return Err(corrupt(name, format!("backing file name has a NUL byte at {i}")));
+            }
             let s = std::str::from_utf8(raw).map_err(|_| unsupported(name, "backing file name is not UTF-8"))?;
             Some(s.to_string())
         } else {

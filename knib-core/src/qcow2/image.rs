@@ -151,8 +151,11 @@ pub struct Qcow2Image {
     /// The active L1 entries that cover the virtual size.
     l1: Vec<u64>,
     l2_cache: L2Cache,
-    /// The last decompressed cluster: (host offset, cluster bytes).
-    decompressed: Option<(u64, Vec<u8>)>,
+    /// The last decompressed cluster: ((host offset, compressed length),
+    /// cluster bytes). Keyed by both: two L2 entries may name one offset
+    /// with different lengths (one decompressing, one truncated), and each
+    /// reads as its own entry says, as QEMU reads it.
+    decompressed: Option<((u64, u64), Vec<u8>)>,
     compressed_buf: Vec<u8>,
     decompressor: Decompressor,
 }
@@ -588,7 +591,8 @@ impl Qcow2Image {
     }
 
     /// The decompressed bytes (one whole cluster) of the compressed cluster
-    /// at `host_offset`; the last one is cached.
+    /// at `host_offset` of `compressed_len` bytes; the last one is cached
+    /// (by offset and length).
     fn decompress(
         &mut self,
         index: u64,
@@ -597,7 +601,8 @@ impl Qcow2Image {
         seen: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<&[u8]> {
         let cs = self.cluster_size() as usize;
-        let cached = matches!(&self.decompressed, Some((off, _)) if *off == host_offset);
+        let key = (host_offset, compressed_len);
+        let cached = matches!(&self.decompressed, Some((k, _)) if *k == key);
         if !cached {
             // compressed_len <= 2 * cluster size (the sector count has
             // cluster_bits - 8 bits), so this buffer is bounded.
@@ -623,7 +628,7 @@ impl Qcow2Image {
                     self.header.compression_type.as_str()
                 )));
             }
-            self.decompressed = Some((host_offset, out));
+            self.decompressed = Some((key, out));
         }
         match &self.decompressed {
             Some((_, data)) => Ok(data),
