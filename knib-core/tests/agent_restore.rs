@@ -311,3 +311,74 @@ fn a_staged_volume_swapped_for_a_link_never_replaces_the_volume() {
         let _ = std::fs::remove_file(&stage);
     }
 }
+
+/// A backup file whose backing pointer leads out of its filesystem (the
+/// backup repository) to another VM's disk, absolute or through `..`: a
+/// restore, plain or quick, and a browse refuse it, naming both files,
+/// before anything is read or written. Before, the other VM's disk was
+/// restored into this volume (or served to its guest, or browsed).
+#[test]
+fn a_backup_whose_chain_leaves_its_filesystem_is_refused() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let elsewhere = tempfile::tempdir_in("/dev/shm").unwrap();
+    assert_ne!(
+        std::fs::metadata(d).unwrap().dev(),
+        std::fs::metadata(elsewhere.path()).unwrap().dev(),
+        "this test needs /dev/shm on another filesystem than the temporary directory"
+    );
+    let other = elsewhere.path().join("other-vm.qcow2");
+    make_disk(&other, 8 << 20, &[]);
+    qemu_io(&other, "write -P 0x77 0 1M");
+    let vol = d.join("volume.qcow2");
+    make_disk(&vol, 8 << 20, &[]);
+    qemu_io(&vol, "write -P 0x11 0 64k");
+    let backup = d.join("b1").join("vol.qcow2");
+    std::fs::create_dir(d.join("b1")).unwrap();
+    let up = "../".repeat(d.join("b1").components().count() - 1);
+    let relative = format!("{up}{}", other.strip_prefix("/").unwrap().display());
+    for pointer in [other.display().to_string(), relative] {
+        let _ = std::fs::remove_file(&backup);
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-u", "-b", &pointer])
+            .arg(&backup)
+            .arg("8M")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "qcow2", "-c", "read -P 0x77 0 1M"])
+            .arg(&backup)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.starts_with("read 1048576/1048576"),
+            "QEMU reads the other VM's disk through {pointer}: {text}"
+        );
+        let before = (contents(d), std::fs::read(&other).unwrap());
+        let said = format!(
+            "backing file {} of {} is on another filesystem than backup file {}",
+            d.join("b1").join(&pointer).display(),
+            backup.display(),
+            backup.display()
+        );
+        let said_abs = format!("backing file {} of {}", other.display(), backup.display());
+        let refused = |e: &knib_core::KnibError| {
+            e.kind == ErrorKind::Corrupt
+                && (e.message.contains(&said) || e.message.contains(&said_abs))
+                && e.message.contains("is on another filesystem than backup file")
+        };
+        for quick in [false, true] {
+            let req =
+                json!({"quick_restore": quick, "volumes": [{"uuid": "u", "backup_path": backup, "volume_path": vol}]});
+            let e = knib_core::api::call("agent.restore", &req.to_string(), &Control::new()).unwrap_err();
+            assert!(refused(&e), "quick {quick}, {pointer}: {e}");
+            assert_eq!((contents(d), std::fs::read(&other).unwrap()), before, "quick {quick}: something changed");
+        }
+        let req = json!({"backup_path": backup});
+        let e = knib_core::api::call("files.fs", &req.to_string(), &Control::new()).unwrap_err();
+        assert!(refused(&e), "files.fs, {pointer}: {e}");
+    }
+}

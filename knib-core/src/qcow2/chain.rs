@@ -197,10 +197,16 @@ impl Chain {
     /// by its path): every file of it must be a regular file (checked
     /// before it is opened, so a device or a fifo is never read) holding
     /// qcow2; a raw backing file is refused (a backup's chain is all
-    /// qcow2, and a raw pointer could name any file or disk of the host).
+    /// qcow2, and a raw pointer could name any file or disk of the host);
+    /// and every backing file is on the filesystem of `top`: a backup's
+    /// chain stays in its backup repository (a store, CloudStack's
+    /// backup repository mount), and a pointer out of it, written into a
+    /// backup file on a share others can write, would restore, boot or
+    /// browse another VM's disk on primary storage as this backup's.
     ///
-    /// Errors: those of [`Chain::open`], and InvalidInput naming the file
-    /// that is not a regular file or not qcow2.
+    /// Errors: those of [`Chain::open`], InvalidInput naming the file
+    /// that is not a regular file or not qcow2, and Corrupt naming a
+    /// backing file on another filesystem.
     pub fn open_files_only(top: &Path) -> Result<Self> {
         Self::open_inner(top, MAX_CHAIN_DEPTH, true)
     }
@@ -228,6 +234,7 @@ impl Chain {
         let mut names: Vec<String> = Vec::new();
         let mut path = top.to_path_buf();
         let mut format = Some("qcow2".to_string());
+        let mut top_dev = None;
         loop {
             let meta = std::fs::metadata(&path).map_err(|e| match names.last() {
                 Some(parent) => {
@@ -254,6 +261,14 @@ impl Chain {
                     None => e,
                 };
                 return Err(if files_only { Refusal::Other(e) } else { Refusal::SpecialFile(e) });
+            }
+            if files_only && *top_dev.get_or_insert(meta.dev()) != meta.dev() {
+                return Err(Refusal::Other(KnibError::corrupt(format!(
+                    "backing file {} of {} is on another filesystem than backup file {}: a backup's chain stays in its backup repository (a pointer out of it could name another VM's disk); refused",
+                    path.display(),
+                    names.last().map_or("", String::as_str),
+                    top.display()
+                ))));
             }
             names.push(path.display().to_string());
             if !seen.insert((meta.dev(), meta.ino())) {
