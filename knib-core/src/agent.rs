@@ -696,6 +696,21 @@ pub(crate) fn check_parent_backup(op: &str, field: &str, uuid: &str, parent: &Pa
     Ok(())
 }
 
+/// The error of `merges[i]` of an `agent.merge_snapshot`, saying which
+/// merges before it were made (each child is gone, merged into its
+/// parent): a retry of the same request fails at the first of them, so
+/// the caller must retry with `merges[i..]` only.
+pub(crate) fn merge_failed(e: KnibError, i: usize, done: &[requests::SnapshotMerge]) -> KnibError {
+    if i == 0 {
+        return e;
+    }
+    let made: Vec<String> = done.iter().map(|m| format!("{} into {}", m.child.display(), m.parent.display())).collect();
+    e.context(format_args!(
+        "merges[{i}] (merges[0..{i}] were made and their children removed: {}; only merges[{i}..] are left to do)",
+        made.join(", ")
+    ))
+}
+
 /// Refuse an `agent.merge_snapshot` whose `merges[i].child` holds internal
 /// qcow2 snapshots (a memory snapshot CloudStack took): the merge removes
 /// the file, and the snapshots with it, answered as success. Checked for

@@ -605,6 +605,25 @@ fn merge_snapshot_without_a_domain() {
     );
     assert_eq!(a["volumes"], json!([{"uuid": "u", "target": null, "path": base}]));
     assert!(!s1.exists());
+    // A request whose second merge fails after the first was made says so
+    // (a retry of the whole request fails at the first, its child gone).
+    let gone = d.join("gone");
+    let req = json!({"running": false, "merges": [
+        {"parent": base, "child": top}, {"parent": base, "child": gone}]});
+    let before: Vec<Vec<u8>> = [&base, &top].iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let e = agent("agent.merge_snapshot", &req).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    let says = format!(
+        "merges[1] (merges[0..1] were made and their children removed: {} into {}; only merges[1..] are left to do): ",
+        top.display(),
+        base.display()
+    );
+    assert!(e.message.starts_with(&says) && e.message.contains(&gone.display().to_string()), "{e}");
+    assert!(!top.exists(), "merges[0] was made");
+    assert_identical(&base, &vt);
+    // Put back as it was, for the steps below.
+    std::fs::write(&base, &before[0]).unwrap();
+    std::fs::write(&top, &before[1]).unwrap();
     assert_identical(&top, &vt);
     assert_identical(&other, &vo);
     for f in [&base, &top, &other] {

@@ -620,27 +620,36 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     let _held = hold_for_one_operation(&files, &format!("{op} of domain {}", vm.name()))?;
     super::refuse_merging_internal_snapshots(op, &r.merges)?;
     let mut out = Vec::new();
-    for m in &r.merges {
-        let disks = vm.disks()?;
-        let (disk, chain) = disk_holding(&q, &vm, running, &disks, &[&m.child], ctl)?;
-        let at = chain.iter().position(|c| same_file(c, &m.child)).expect("disk_holding found it");
-        let below = chain.get(at + 1);
-        if !below.is_some_and(|b| same_file(b, &m.parent)) {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: {} has {} below it in the chain of disk {}, not `parent` {}",
-                m.child.display(),
-                below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
-                disk.target,
-                m.parent.display()
-            )));
-        }
-        // Grand children outside the disk's chain (other branches of a
-        // snapshot tree) are pointed at the parent afterwards.
-        let others = grand_children_off_chain(op, &q, &chain, &m.parent, &m.child, &m.grand_children, ctl)?;
-        let target = disk.target.clone();
-        let child = chain[at].clone();
-        let now = engine_live::merge_snapshot_delta(&q, &vm, &target, &child, &others, ctl)?;
-        out.push(MergedVolume { uuid: m.uuid.clone(), target: Some(target), path: now });
+    for (i, m) in r.merges.iter().enumerate() {
+        let one = || -> Result<MergedVolume> {
+            let disks = vm.disks()?;
+            let (disk, chain) = disk_holding(&q, &vm, running, &disks, &[&m.child], ctl)?;
+            let at = chain.iter().position(|c| same_file(c, &m.child)).ok_or_else(|| {
+                KnibError::not_found(format!(
+                    "request of {op}: {} left the chain of disk {} while it was looked at",
+                    m.child.display(),
+                    disk.target
+                ))
+            })?;
+            let below = chain.get(at + 1);
+            if !below.is_some_and(|b| same_file(b, &m.parent)) {
+                return Err(KnibError::invalid(format!(
+                    "request of {op}: {} has {} below it in the chain of disk {}, not `parent` {}",
+                    m.child.display(),
+                    below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
+                    disk.target,
+                    m.parent.display()
+                )));
+            }
+            // Grand children outside the disk's chain (other branches of a
+            // snapshot tree) are pointed at the parent afterwards.
+            let others = grand_children_off_chain(op, &q, &chain, &m.parent, &m.child, &m.grand_children, ctl)?;
+            let target = disk.target.clone();
+            let child = chain[at].clone();
+            let now = engine_live::merge_snapshot_delta(&q, &vm, &target, &child, &others, ctl)?;
+            Ok(MergedVolume { uuid: m.uuid.clone(), target: Some(target), path: now })
+        };
+        out.push(one().map_err(|e| super::merge_failed(e, i, &r.merges[..i]))?);
     }
     Ok(MergeSnapshotAnswer { volumes: out })
 }

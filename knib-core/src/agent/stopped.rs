@@ -273,21 +273,24 @@ pub(crate) fn merge_snapshot(op: &str, r: &MergeReq, ctl: &Control) -> Result<Me
     ensure_unused(&all, &format!("{op} of a VM without a domain"))?;
     super::refuse_merging_internal_snapshots(op, &r.merges)?;
     let mut out = Vec::new();
-    for m in &r.merges {
-        fsio::require_file(&m.child, "", false)?;
-        fsio::require_file(&m.parent, "", false)?;
-        let below = q.info(&m.child, ctl)?.full_backing_filename.map(PathBuf::from);
-        if !below.as_deref().is_some_and(|b| same_file(b, &m.parent)) {
-            return Err(KnibError::invalid(format!(
-                "request of {op}: {} has {} below it, not `parent` {}",
-                m.child.display(),
-                below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
-                m.parent.display()
-            )));
-        }
-        files_engine::merge_into_parent(&q, &m.child, &m.parent, &m.grand_children, Default::default(), ctl)
-            .map_err(|e| e.context(format!("merge of {} into {}", m.child.display(), m.parent.display())))?;
-        out.push(MergedVolume { uuid: m.uuid.clone(), target: None, path: m.parent.clone() });
+    for (i, m) in r.merges.iter().enumerate() {
+        let one = || -> Result<MergedVolume> {
+            fsio::require_file(&m.child, "", false)?;
+            fsio::require_file(&m.parent, "", false)?;
+            let below = q.info(&m.child, ctl)?.full_backing_filename.map(PathBuf::from);
+            if !below.as_deref().is_some_and(|b| same_file(b, &m.parent)) {
+                return Err(KnibError::invalid(format!(
+                    "request of {op}: {} has {} below it, not `parent` {}",
+                    m.child.display(),
+                    below.map(|b| b.display().to_string()).unwrap_or_else(|| "nothing".into()),
+                    m.parent.display()
+                )));
+            }
+            files_engine::merge_into_parent(&q, &m.child, &m.parent, &m.grand_children, Default::default(), ctl)
+                .map_err(|e| e.context(format!("merge of {} into {}", m.child.display(), m.parent.display())))?;
+            Ok(MergedVolume { uuid: m.uuid.clone(), target: None, path: m.parent.clone() })
+        };
+        out.push(one().map_err(|e| super::merge_failed(e, i, &r.merges[..i]))?);
     }
     Ok(MergeSnapshotAnswer { volumes: out })
 }
