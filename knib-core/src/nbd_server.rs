@@ -40,13 +40,29 @@
 //!   serialised by a mutex (a chain's reader is not shared).
 //! - A client's bad request is answered with an error or ends its
 //!   connection; it never ends the server.
+//! - The handshake must be done within [`HANDSHAKE_TIMEOUT`] (one deadline
+//!   for all of it, not per read), or the connection is closed: a client
+//!   that connects and sends nothing (or a byte now and then) cannot hold
+//!   a slot. Once in the transmission phase a connection has no idle
+//!   timeout: QEMU's client sends nothing while its guest reads nothing
+//!   from the backing export (for hours, on a quick-restore overlay), and
+//!   a running QEMU does not reconnect to an export that closed it.
+//! - A connection's slot is given back when its thread ends, even by a
+//!   panic (a guard in the thread).
+//! - Dropping the server wakes its accepting thread with `shutdown(2)` on
+//!   the listening socket, not by connecting to its path (which may have
+//!   been removed or replaced meanwhile).
 
+use std::cell::Cell;
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -62,6 +78,8 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 pub const MAX_CONNECTIONS: usize = 16;
 /// The longest option payload accepted.
 const MAX_OPTION: u32 = 4096;
+/// The time a client has, from its connection, to end the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -127,8 +145,37 @@ impl Export for Chain {
 /// the socket.
 pub struct NbdServer {
     path: PathBuf,
+    /// The socket file's device and inode as bound: the file removed on
+    /// drop only if it is still this one.
+    id: Option<(u64, u64)>,
+    /// The listening socket, shared with the accepting thread so that its
+    /// descriptor stays open until the drop has shut it down.
+    listener: Arc<UnixListener>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+}
+
+/// A connection's slot in the count of open connections (counted by the
+/// accepting thread before it starts the connection's thread), given back
+/// when that thread ends, by returning or by a panic.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    name: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            log::error!("NBD export {}: a connection's thread panicked; its connection is closed", self.name);
+        }
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A file's device and inode, to tell whether a path still names it.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl std::fmt::Debug for NbdServer {
@@ -178,13 +225,20 @@ impl NbdServer {
     /// bound in a private directory and renamed into place), each connection
     /// on its own thread.
     pub fn start(path: &Path, name: &str, export: Box<dyn Export>) -> Result<NbdServer> {
+        Self::start_with(path, name, export, HANDSHAKE_TIMEOUT)
+    }
+
+    /// [`NbdServer::start`], with a client's time for its handshake.
+    fn start_with(path: &Path, name: &str, export: Box<dyn Export>, handshake: Duration) -> Result<NbdServer> {
         if path.as_os_str().len() > 107 {
             return Err(KnibError::invalid(format!(
                 "the NBD socket path {} is longer than a UNIX socket path may be (107 bytes)",
                 path.display()
             )));
         }
-        let listener = bind_private(path)?;
+        let listener = Arc::new(bind_private(path)?);
+        let id = file_id(path);
+        let l = Arc::clone(&listener);
         let stop = Arc::new(AtomicBool::new(false));
         let export: Arc<Mutex<Box<dyn Export>>> = Arc::new(Mutex::new(export));
         let s = Arc::clone(&stop);
@@ -203,7 +257,7 @@ impl NbdServer {
                         quiet_until = std::time::Instant::now() + std::time::Duration::from_secs(10);
                     }
                 };
-                for conn in listener.incoming() {
+                for conn in l.incoming() {
                     if s.load(Ordering::SeqCst) {
                         break;
                     }
@@ -218,12 +272,14 @@ impl NbdServer {
                             open.fetch_add(1, Ordering::SeqCst);
                             let done = Arc::clone(&open);
                             let r = std::thread::Builder::new().name("knib-nbd-conn".into()).spawn(move || {
-                                match serve_connection(c, &e) {
-                                    Ok(()) => log::debug!("NBD export {n}: a client disconnected"),
-                                    Err(err) => log::info!("NBD export {n}: connection ended: {err}"),
+                                // Given back however the thread ends.
+                                let slot = Slot { open: done, name: n };
+                                match serve_connection(c, &e, handshake) {
+                                    Ok(()) => log::debug!("NBD export {}: a client disconnected", slot.name),
+                                    Err(err) => log::info!("NBD export {}: connection ended: {err}", slot.name),
                                 }
-                                done.fetch_sub(1, Ordering::SeqCst);
                             });
+                            // The closure did not run: no slot was made.
                             if let Err(err) = r {
                                 open.fetch_sub(1, Ordering::SeqCst);
                                 say(format!("cannot start a connection thread: {err}"));
@@ -240,7 +296,7 @@ impl NbdServer {
             })
             .map_err(|e| KnibError::internal(format!("cannot start the NBD server thread: {e}")))?;
         log::info!("NBD server for {name} on {}", path.display());
-        Ok(NbdServer { path: path.to_path_buf(), stop, accept: Some(accept) })
+        Ok(NbdServer { path: path.to_path_buf(), id, listener, stop, accept: Some(accept) })
     }
 
     /// The socket's path.
@@ -252,12 +308,27 @@ impl NbdServer {
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accepting thread.
-        let _ = UnixStream::connect(&self.path);
+        // Wake the accepting thread: on Linux, shutting a listening socket
+        // down makes a blocked accept fail (EINVAL), and every later one.
+        // SAFETY: the descriptor is the listener's, kept open by the Arc
+        // held here; shutdown takes no pointer.
+        let r = unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if r != 0 {
+            // Never block on a thread that was not woken.
+            log::warn!(
+                "NBD server on {}: cannot shut its socket down ({}); its thread is left",
+                self.path.display(),
+                std::io::Error::last_os_error()
+            );
+            self.accept.take();
+        }
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Not a file put at the path since.
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -312,14 +383,69 @@ fn option_reply(w: &mut impl Write, option: u32, kind: u32, data: &[u8]) -> std:
     w.flush()
 }
 
-/// One client, from the handshake to its disconnection.
-fn serve_connection(stream: UnixStream, export: &Mutex<Box<dyn Export>>) -> Conn<()> {
-    let mut r = BufReader::new(stream.try_clone()?);
-    let mut w = BufWriter::new(stream);
-    let size = export.lock().size();
-    if !handshake(&mut r, &mut w, size)? {
-        return Ok(());
+/// A connection's socket, read and written before a deadline (all of
+/// it shared by the reading and the writing half) or, without one, with
+/// no timeout.
+struct Timed {
+    stream: UnixStream,
+    until: Rc<Cell<Option<Instant>>>,
+}
+
+impl Timed {
+    /// Set the socket's timeouts to what is left before the deadline.
+    fn arm(&self) -> std::io::Result<()> {
+        let Some(until) = self.until.get() else {
+            return Ok(());
+        };
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "deadline passed"));
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.set_write_timeout(Some(left))
     }
+}
+
+impl Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// One client, from the handshake (to be done within `limit`) to its
+/// disconnection.
+fn serve_connection(stream: UnixStream, export: &Mutex<Box<dyn Export>>, limit: Duration) -> Conn<()> {
+    let until = Rc::new(Cell::new(Some(Instant::now() + limit)));
+    let mut r = BufReader::new(Timed { stream: stream.try_clone()?, until: Rc::clone(&until) });
+    let mut w = BufWriter::new(Timed { stream, until: Rc::clone(&until) });
+    let size = export.lock().size();
+    match handshake(&mut r, &mut w, size) {
+        Ok(true) => {}
+        Ok(false) => return Ok(()),
+        Err(End::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(End::Protocol(format!(
+                "the client did not end its handshake within {} s ({e}); it was disconnected",
+                limit.as_secs_f64()
+            )));
+        }
+        Err(e) => return Err(e),
+    }
+    // No idle timeout from here (see the module's invariants).
+    until.set(None);
+    // (The two halves share one socket, and its timeouts.)
+    r.get_ref().stream.set_read_timeout(None)?;
+    r.get_ref().stream.set_write_timeout(None)?;
     transmission(&mut r, &mut w, export, size)
 }
 
@@ -616,6 +742,138 @@ mod tests {
             }
         };
         assert_eq!(c.size().unwrap(), 1 << 20);
+    }
+
+    /// A client connection that is not refused: it reads the greeting.
+    fn greeted(s: &mut UnixStream) -> bool {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let mut magic = [0u8; 8];
+        matches!(s.read(&mut magic), Ok(8)) && magic == *b"NBDMAGIC"
+    }
+
+    /// libnbd's client connects within 10 s (a slot may take a moment to
+    /// be given back).
+    fn connect_soon(sock: &Path) -> Nbd {
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Nbd::connect_unix(sock, "", &[], &Control::new()) {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() > until => panic!("no slot freed: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Clients that connect and send nothing, or trickle an option a byte
+    /// at a time, are disconnected when the handshake's time is up: they
+    /// cannot hold every slot, and a real client connects afterwards.
+    #[test]
+    fn a_client_that_sends_nothing_is_disconnected_after_the_handshake_timeout() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let limit = Duration::from_secs(2);
+        let _server = NbdServer::start_with(&sock, "pattern", Box::new(Pattern(1 << 20)), limit).unwrap();
+        let started = Instant::now();
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS - 1 {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            assert!(greeted(&mut s));
+            held.push(s);
+        }
+        // The last one sends a byte every 100 ms: never silent for long,
+        // and never done.
+        let mut slow = UnixStream::connect(&sock).unwrap();
+        assert!(greeted(&mut slow));
+        let trickle = std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            bytes.extend_from_slice(&(C_FLAG_FIXED_NEWSTYLE | C_FLAG_NO_ZEROES).to_be_bytes());
+            bytes.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            bytes.extend_from_slice(&3u32.to_be_bytes());
+            bytes.extend_from_slice(&MAX_OPTION.to_be_bytes());
+            bytes.resize(bytes.len() + MAX_OPTION as usize, 0);
+            let t = Instant::now();
+            for b in bytes {
+                if slow.write_all(&[b]).is_err() {
+                    return Some(t.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            None
+        });
+        // Every slot is taken.
+        let mut extra = UnixStream::connect(&sock).unwrap();
+        assert!(!greeted(&mut extra), "connection {} was served", MAX_CONNECTIONS + 1);
+        assert!(started.elapsed() < limit, "too slow to test: {:?}", started.elapsed());
+        // The silent ones are closed by the server (end of file).
+        for mut s in held {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut rest = Vec::new();
+            let r = s.read_to_end(&mut rest);
+            assert!(r.is_ok(), "not closed by the server: {r:?}");
+        }
+        let sent_for = trickle.join().unwrap().expect("the trickling client was never disconnected");
+        assert!(sent_for < Duration::from_secs(20), "{sent_for:?}");
+        let mut c = connect_soon(&sock);
+        assert_eq!(c.size().unwrap(), 1 << 20);
+    }
+
+    /// A disk whose reads panic (a reader's bug).
+    struct Panics;
+
+    impl Export for Panics {
+        fn size(&self) -> u64 {
+            1 << 20
+        }
+        fn read_at(&mut self, _offset: u64, _buf: &mut [u8]) -> Result<()> {
+            panic!("test: a reader's bug");
+        }
+    }
+
+    /// A connection whose thread panics gives its slot back: more panics
+    /// than there are slots, and a client still connects.
+    #[test]
+    fn a_panicking_connection_gives_its_slot_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let _server = NbdServer::start(&sock, "panics", Box::new(Panics)).unwrap();
+        let mut buf = [0; 512];
+        for i in 0..MAX_CONNECTIONS + 2 {
+            let mut c = connect_soon(&sock);
+            assert!(c.pread(&mut buf, 0).is_err(), "read {i} answered");
+        }
+        let mut c = connect_soon(&sock);
+        assert_eq!(c.size().unwrap(), 1 << 20);
+    }
+
+    /// Dropping a server returns when its socket's path was removed, or
+    /// replaced by another socket (which it leaves), before.
+    #[test]
+    fn a_server_whose_socket_was_removed_or_replaced_drops() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone.sock");
+        let replaced = dir.path().join("replaced.sock");
+        let a = NbdServer::start(&gone, "pattern", Box::new(Pattern(1 << 20))).unwrap();
+        let b = NbdServer::start(&replaced, "pattern", Box::new(Pattern(1 << 20))).unwrap();
+        std::fs::remove_file(&gone).unwrap();
+        std::fs::remove_file(&replaced).unwrap();
+        let other = UnixListener::bind(&replaced).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for server in [a, b] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                drop(server);
+                tx.send(()).unwrap();
+            });
+        }
+        for _ in 0..2 {
+            rx.recv_timeout(Duration::from_secs(60)).expect("dropping the server did not return");
+        }
+        // The other socket is left, and nothing connected to it.
+        assert!(replaced.exists());
+        other.set_nonblocking(true).unwrap();
+        assert!(other.accept().is_err());
     }
 
     #[test]

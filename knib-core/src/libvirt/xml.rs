@@ -95,6 +95,11 @@ fn target_of(disk: roxmltree::Node<'_, '_>) -> Result<String> {
 /// The file disks of a domain XML, in document order: every
 /// `<disk type='file' device='disk'>` with a source file. CD-ROMs, floppies,
 /// LUNs, block, network and volume disks, and empty drives are left out.
+/// Their targets name files of knib's (a scratch file, a part in the
+/// store): a target that is not a safe file name ([`names::validate`]) is
+/// invalid input.
+///
+/// [`names::validate`]: crate::names::validate
 pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
     let doc = parse(xml)?;
     let mut out = Vec::new();
@@ -106,6 +111,7 @@ pub fn parse_disks(xml: &str) -> Result<Vec<DiskInfo>> {
             continue;
         };
         let target = target_of(disk)?;
+        crate::names::validate("disk target", &target).map_err(|e| e.context("domain XML"))?;
         let bus = child(disk, "target").and_then(|t| t.attribute("bus")).map(str::to_string);
         let format = child(disk, "driver").and_then(|d| d.attribute("type")).unwrap_or("raw").to_string();
         let alias = child(disk, "alias").and_then(|a| a.attribute("name")).map(str::to_string);
@@ -215,13 +221,15 @@ pub fn replace_disk_sources(xml: &str, sources: &[(String, PathBuf)]) -> Result<
 /// has none): a qcow2 overlay put under a disk defined as raw was read as
 /// raw, the guest seeing qcow2 metadata.
 pub fn replace_disk_sources_as(xml: &str, sources: &[(String, PathBuf)], format: Option<&str>) -> Result<String> {
-    let doc =
-        roxmltree::Document::parse(xml).map_err(|e| KnibError::invalid(format!("domain XML does not parse: {e}")))?;
+    let doc = parse(xml)?;
+    // The devices' disks only: not an element named so elsewhere (in
+    // <metadata>, of any namespace).
+    let disks = disk_nodes(&doc)?;
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     for (target, file) in sources {
-        let disk = doc
-            .descendants()
-            .filter(|n| n.has_tag_name("disk"))
+        let disk = disks
+            .iter()
+            .copied()
             .find(|n| n.children().any(|c| c.has_tag_name("target") && c.attribute("dev") == Some(target.as_str())))
             .ok_or_else(|| KnibError::not_found(format!("the domain has no disk {target}")))?;
         let src = disk
@@ -423,6 +431,46 @@ mod tests {
         let d = parse_disks(nbd_unix).unwrap();
         assert_eq!(d[0].backing_chain, vec![BackingLayer { file: PathBuf::from("/d/vda.sock"), format: "raw".into() }]);
         assert_eq!(parse_disks("<domain/>").unwrap(), vec![]);
+    }
+
+    /// A disk target that would escape a directory when used as a file
+    /// name is refused, naming it.
+    #[test]
+    fn an_unsafe_disk_target_is_refused() {
+        for bad in ["../x", "a/b", ".hidden", "v da"] {
+            let xml = format!(
+                "<domain><name>web1</name><devices><disk type='file' device='disk'>\
+                 <source file='/a'/><target dev='{bad}' bus='virtio'/></disk></devices></domain>"
+            );
+            let e = parse_disks(&xml).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::InvalidInput, "{bad}: {e}");
+            assert!(e.message.starts_with("domain XML: disk target"), "{e}");
+            assert!(e.message.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    /// A `<disk>` outside `<devices>` (in `<metadata>`, in a namespace) is
+    /// not the disk whose source is replaced.
+    #[test]
+    fn only_the_devices_disk_source_is_replaced() {
+        let xml = "<domain><name>d</name><metadata>\
+            <x:disk xmlns:x='urn:x'><x:target dev='vda'/><x:source file='/a'/></x:disk></metadata>\
+            <devices><disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+            <source file='/real'/><target dev='vda'/></disk></devices></domain>";
+        let sources = vec![("vda".to_string(), PathBuf::from("/o.qcow2"))];
+        let out = replace_disk_sources_as(xml, &sources, Some("qcow2")).unwrap();
+        assert!(out.contains("<x:target dev='vda'/><x:source file='/a'/></x:disk>"), "{out}");
+        assert!(
+            out.contains("<driver name='qemu' type='qcow2'/><source file='/o.qcow2'/><target dev='vda'/>"),
+            "{out}"
+        );
+        roxmltree::Document::parse(&out).unwrap();
+        let disks = parse_disks(&out).unwrap();
+        assert_eq!(disks[0].file, PathBuf::from("/o.qcow2"));
+        // A target only in the metadata is not a disk of the domain.
+        let only_meta = vec![("vdz".to_string(), PathBuf::from("/o"))];
+        let xml = xml.replace("dev='vda'/><x:source", "dev='vdz'/><x:source");
+        assert_eq!(replace_disk_sources(&xml, &only_meta).unwrap_err().kind, ErrorKind::NotFound);
     }
 
     #[test]
