@@ -297,13 +297,55 @@ fn fake_running(store: &Store, id: &str, pid: u32, host: &str, attempts: u32) {
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     v["state"] = "running".into();
     v["attempts"] = attempts.into();
-    v["owner"] = serde_json::json!({"pid": pid, "hostname": host, "started_at": 1});
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    v["owner"] = serde_json::json!({"pid": pid, "hostname": host, "started_at": now});
     // As a runner records it: its process's start time, when it runs.
     if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         let start: u64 = stat[stat.rfind(')').unwrap() + 1..].split_whitespace().nth(19).unwrap().parse().unwrap();
         v["owner"]["pid_start"] = start.into();
     }
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+/// A job a runner of another host claimed and has held past its time limit
+/// by over an hour (that host went down mid-job) is taken for dead: a
+/// runner that waits runs it, and the job of the same VM queued behind it,
+/// and returns. Before, the first stayed running for ever and the runner
+/// waited for ever on the second (its VM busy; only `jobs cancel --force`
+/// ended it). One held within its limit is left to its host: a runner
+/// without waiting returns at once, leaving both.
+#[test]
+fn a_job_held_by_another_host_past_its_time_limit_is_taken_back() {
+    let (work, store) = store_with(r#""compression.timeout_secs": 600"#);
+    let taken = backups(&store, work.path(), "vm1", &[2, 1]);
+    let held = store.queue_compression(&taken[0].0.id).unwrap();
+    let behind = store.queue_compression(&taken[1].0.id).unwrap();
+    fake_running(&store, &held.id, 1, "another-host.example", 0);
+    let summary = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
+    assert!(summary.done.is_empty() && summary.recovered.is_empty(), "{summary:?}");
+    assert_eq!(store.job(&held.id).unwrap().state, JobState::Running);
+    assert_eq!(store.job(&behind.id).unwrap().state, JobState::Queued);
+    // Claimed 600 s + 3601 s ago.
+    let path = store.jobs_dir().join(format!("{}.json", held.id));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let then = v["owner"]["started_at"].as_u64().unwrap() - 600 - 3601;
+    v["owner"]["started_at"] = then.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = store.clone();
+    std::thread::spawn(move || tx.send(run_jobs(&s, &RunOptions::default())).unwrap());
+    let summary = rx.recv_timeout(Duration::from_secs(120)).expect("the runner returns").unwrap();
+    assert_eq!(summary.recovered, vec![held.id.clone()], "{summary:?}");
+    let mut done = summary.done.clone();
+    done.sort();
+    let mut want = vec![held.id.clone(), behind.id.clone()];
+    want.sort();
+    assert_eq!(done, want, "{summary:?}");
+    let j = store.job(&held.id).unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Done, 0), "not counted: {j:?}");
+    for (m, reference) in &taken {
+        restores_identical(&store, &m.id, reference);
+    }
 }
 
 #[test]

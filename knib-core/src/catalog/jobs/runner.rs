@@ -148,6 +148,11 @@ struct Scan {
     blocked: bool,
 }
 
+/// How long past its time limit a job of another host's runner may run
+/// before it is taken for dead (clocks of hosts sharing a store may differ
+/// a little; a runner stops a job at its limit).
+pub const STALE_AFTER_SECS: u64 = 3600;
+
 /// Whether this runner runs jobs of `kind`: enabled in the settings (and,
 /// for sync jobs, a [`SyncRunner`] given).
 fn runs(kind: JobKind, settings: &Settings, opts: &RunOptions) -> bool {
@@ -165,26 +170,44 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
     let mut cancelled = Vec::new();
     for j in jobs.iter_mut().filter(|j| j.state == JobState::Running) {
         let status = j.owner.as_ref().map(|o| o.status()).unwrap_or(OwnerStatus::Dead);
-        if status == OwnerStatus::Dead {
+        // A runner of another host stops a job at its time limit: one held
+        // past it by more than STALE_AFTER_SECS is taken for dead (its host
+        // went down mid-job), else its VM's jobs waited for ever here.
+        let timeout = j.kind.limits(settings).4;
+        let stale = status == OwnerStatus::OtherHost
+            && timeout > 0
+            && j.owner
+                .as_ref()
+                .is_some_and(|o| o.started_at.saturating_add(timeout).saturating_add(STALE_AFTER_SECS) < now as u64);
+        if status == OwnerStatus::Dead || stale {
             let who = j
                 .owner
                 .as_ref()
                 .map(|o| format!("runner pid {} on {}", o.pid, o.hostname))
                 .unwrap_or_else(|| "a runner".into());
+            let died = match stale {
+                true => format!(
+                    "its {who} has held it over {STALE_AFTER_SECS} s past its time limit of {timeout} s: taken for dead"
+                ),
+                false => format!("its {who} died"),
+            };
             if cancel::requested(&dir, &j.id) {
                 // Asked to stop before its runner died: not run again.
-                log::warn!("job {}: its {who} died; it was asked to stop: cancelled", j.id);
-                j.cancel(format!("cancelled by the operator; its {who} died"), now as u64);
+                log::warn!("job {}: {died}; it was asked to stop: cancelled", j.id);
+                j.cancel(format!("cancelled by the operator; {died}"), now as u64);
                 j.save(&dir)?;
                 cancel::forget_request(&dir, &j.id);
                 cancelled.push(j.clone());
                 continue;
             }
-            log::warn!("job {}: its {who} died; queueing it again", j.id);
+            log::warn!("job {}: {died}; queueing it again", j.id);
             j.state = JobState::Queued;
             j.owner = None;
             j.next_attempt_at = now as u64;
-            j.last_error = Some(format!("interrupted: the {who} died during the attempt"));
+            j.last_error = Some(match stale {
+                true => format!("interrupted: {died}"),
+                false => format!("interrupted: the {who} died during the attempt"),
+            });
             j.updated_at = now as u64;
             j.save(&dir)?;
             recovered.push(j.clone());
