@@ -35,15 +35,21 @@
 //!   pipelined reads (every call that waits is libnbd's asynchronous form,
 //!   polled). Closing a connection tells the server for at most 2 s, then
 //!   cuts it.
-//! - No Rust panic crosses into libnbd: the block status callback catches
-//!   unwinding and reports an error to libnbd instead.
+//! - No Rust panic crosses into libnbd: the block status and read callbacks
+//!   catch unwinding and report an error to libnbd instead.
+//! - A read succeeds only when the server's reply covered its range exactly
+//!   once (data and hole chunks, in any order). libnbd checks only that
+//!   the lengths of a read's chunks add up to the read's (it does not
+//!   check that chunks do not overlap): a chunk sent twice would hide a
+//!   range never sent, which libnbd leaves zero and reports as read, and
+//!   the backup would hold zeros for guest data.
 //! - Block status is asked for in pieces of at most [`STATUS_CHUNK`] bytes;
 //!   a server may answer for less than asked: [`Nbd::block_status`]
 //!   returns the extents of every context up to the shortest answer, and
 //!   the caller asks again from there.
 
 use std::ffi::{CStr, CString};
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::raw::{c_char, c_int, c_uint, c_void};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -86,6 +92,21 @@ struct ExtentCallback {
     free: Option<unsafe extern "C" fn(*mut c_void)>,
 }
 
+type ChunkFn = unsafe extern "C" fn(*mut c_void, *const c_void, usize, u64, c_uint, *mut c_int) -> c_int;
+
+/// libnbd's `nbd_chunk_callback`, called for each chunk of a read's reply.
+#[repr(C)]
+struct ChunkCallback {
+    callback: Option<ChunkFn>,
+    user_data: *mut c_void,
+    free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+
+/// A read's chunk of data (`LIBNBD_READ_DATA`).
+const READ_DATA: c_uint = 1;
+/// A read's chunk that is a hole, which libnbd fills with zeros (`LIBNBD_READ_HOLE`).
+const READ_HOLE: c_uint = 2;
+
 type CompletionFn = unsafe extern "C" fn(*mut c_void, *mut c_int) -> c_int;
 
 /// libnbd's `nbd_completion_callback`; knib passes none (commands are polled).
@@ -117,9 +138,10 @@ dyn_api! {
     nbd nbd_aio_disconnect: fn(*mut NbdHandle, u32) -> c_int;
     nbd nbd_get_size: fn(*mut NbdHandle) -> i64;
     nbd nbd_can_meta_context: fn(*mut NbdHandle, *const c_char) -> c_int;
-    nbd nbd_pread: fn(*mut NbdHandle, *mut c_void, usize, u64, u32) -> c_int;
+    nbd nbd_pread_structured: fn(*mut NbdHandle, *mut c_void, usize, u64, ChunkCallback, u32) -> c_int;
     nbd nbd_aio_block_status: fn(*mut NbdHandle, u64, u64, ExtentCallback, CompletionCallback, u32) -> i64;
-    nbd nbd_aio_pread: fn(*mut NbdHandle, *mut c_void, usize, u64, CompletionCallback, u32) -> i64;
+    nbd nbd_aio_pread_structured:
+        fn(*mut NbdHandle, *mut c_void, usize, u64, ChunkCallback, CompletionCallback, u32) -> i64;
     nbd nbd_aio_command_completed: fn(*mut NbdHandle, u64) -> c_int;
     nbd nbd_poll: fn(*mut NbdHandle, c_int) -> c_int;
     }
@@ -300,6 +322,123 @@ unsafe extern "C" fn gather(
     }
 }
 
+/// The ranges (offset, length) of a read that the chunks of the server's
+/// reply covered, as they came.
+#[derive(Default)]
+struct Coverage(Vec<(u64, u64)>);
+
+impl Coverage {
+    /// The chunk callback of a read recording into `self`, which must stay
+    /// where it is until libnbd has retired the read or the handle is closed.
+    fn callback(&mut self) -> ChunkCallback {
+        ChunkCallback { callback: Some(cover as ChunkFn), user_data: (self as *mut Coverage).cast(), free: None }
+    }
+
+    /// Whether the chunks recorded covered `[offset, offset + len)` exactly
+    /// once; else what went wrong: the first range never sent and the bytes
+    /// missing in all, the first range sent twice. Empties the record for
+    /// the next read.
+    fn check(&mut self, offset: u64, len: u64) -> std::result::Result<(), String> {
+        let end = offset.saturating_add(len);
+        self.0.sort_unstable();
+        let (mut at, mut missing) = (offset, 0u64);
+        let (mut gap, mut twice) = (None, None);
+        for &(o, n) in self.0.iter().filter(|c| c.1 > 0) {
+            let e = o.saturating_add(n);
+            if o < at {
+                twice = twice.or(Some((o, e.min(at))));
+            } else if o > at {
+                gap = gap.or(Some((at, o)));
+                missing += o - at;
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            gap = gap.or(Some((at, end)));
+            missing += end - at;
+        } else if at > end {
+            twice = twice.or(Some((end, at)));
+        }
+        self.0.clear();
+        let mut why = Vec::new();
+        if let Some((a, b)) = gap {
+            why.push(format!("bytes [{a}, {b}) were never sent ({missing} bytes missing in all)"));
+        }
+        if let Some((a, b)) = twice {
+            why.push(format!("bytes [{a}, {b}) were sent twice or outside the read"));
+        }
+        if why.is_empty() {
+            return Ok(());
+        }
+        Err(format!("the server's reply does not cover the read exactly once: {}", why.join("; ")))
+    }
+}
+
+/// A [`Coverage`] on the heap that libnbd holds the address of while a
+/// pipelined read is in flight: a raw allocation, not a `Box` (moving a
+/// `Box` claims its contents unaliased), freed on drop.
+struct Lent(NonNull<Coverage>);
+
+impl Lent {
+    fn new() -> Lent {
+        Lent(NonNull::from(Box::leak(Box::default())))
+    }
+
+    /// The chunk callback of a read recording into this coverage.
+    fn callback(&self) -> ChunkCallback {
+        ChunkCallback { callback: Some(cover as ChunkFn), user_data: self.0.as_ptr().cast(), free: None }
+    }
+
+    /// The coverage, once libnbd has retired the read it was lent to.
+    fn get(&mut self) -> &mut Coverage {
+        // SAFETY: allocated by `new`, freed only by drop; the caller has
+        // seen the read retired, so libnbd no longer calls into it.
+        unsafe { self.0.as_mut() }
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `Box` in `new`, freed once, here; a read it
+        // was lent to is retired or its handle closed before a `Lent` goes.
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+/// libnbd's chunk callback of a read: records the range a data or hole
+/// chunk covered (error chunks fail the read in libnbd).
+unsafe extern "C" fn cover(
+    user_data: *mut c_void,
+    _subbuf: *const c_void,
+    count: usize,
+    offset: u64,
+    status: c_uint,
+    error: *mut c_int,
+) -> c_int {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if status == READ_DATA || status == READ_HOLE {
+            // SAFETY: `user_data` is the read's `Coverage`, alive until the
+            // read is retired or the handle closed (`Coverage::callback`).
+            let c = unsafe { &mut *(user_data as *mut Coverage) };
+            c.0.push((offset, count as u64));
+        }
+    }));
+    match r {
+        Ok(()) => 0,
+        Err(_) => {
+            // SAFETY: libnbd passes a valid pointer for the error.
+            unsafe { *error = libc::EIO };
+            -1
+        }
+    }
+}
+
+/// The error of a read of `len` bytes at `offset` from `export` whose reply
+/// did not cover it (`why`, from [`Coverage::check`]).
+fn uncovered(export: &str, offset: u64, len: usize, why: String) -> KnibError {
+    KnibError::new(ErrorKind::Io, format!("NBD read of {len} bytes at {offset} from export {export}: {why}"))
+}
+
 impl Nbd {
     /// Connect to export `export` on the UNIX socket `socket`, asking for
     /// the meta contexts `contexts` (e.g. [`BASE_ALLOCATION`]). The
@@ -375,18 +514,23 @@ impl Nbd {
         }
     }
 
-    /// Read `buf.len()` bytes at `offset`.
+    /// Read `buf.len()` bytes at `offset`; an error unless the server's
+    /// reply covered them exactly once.
     pub fn pread(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
         let api = self.api;
-        // SAFETY: live handle; `buf` is valid for writes of its length.
-        let r = unsafe { (api.nbd_pread)(self.live()?, buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
+        let mut cov = Coverage::default();
+        // SAFETY: live handle; `buf` is valid for writes of its length;
+        // `cov` outlives the call, which retires the read before returning.
+        let r = unsafe {
+            (api.nbd_pread_structured)(self.live()?, buf.as_mut_ptr().cast(), buf.len(), offset, cov.callback(), 0)
+        };
         if r == -1 {
             return Err(last_error(
                 api,
                 &format!("read of {} bytes at {offset} from export {}", buf.len(), self.export),
             ));
         }
-        Ok(())
+        cov.check(offset, buf.len() as u64).map_err(|w| uncovered(&self.export, offset, buf.len(), w))
     }
 
     /// Give up on a server that answers nothing for `t` (instead of
@@ -403,7 +547,8 @@ impl Nbd {
     /// at most 2 s: the connection is then closed, so libnbd lets go of
     /// them, and every later call on it is an error). While waiting,
     /// `ctl`'s cancellation and deadline are seen every 200 ms, and a
-    /// server that answers nothing for the reply timeout is an error.
+    /// server that answers nothing for the reply timeout is an error, as is
+    /// a read whose reply did not cover its range exactly once.
     pub fn pread_pipelined(
         &mut self,
         ranges: &[(u64, usize)],
@@ -412,17 +557,19 @@ impl Nbd {
         each: &mut dyn FnMut(usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
         /// A read in flight: its cookie, its index in `ranges`, its buffer
-        /// (which libnbd writes into until the read completes).
+        /// (which libnbd writes into until the read completes) and the
+        /// record of its reply's chunks (libnbd holds its address).
         struct Flight {
             cookie: u64,
             idx: usize,
             buf: Vec<u8>,
             len: usize,
+            cov: Lent,
         }
         let (api, h, timeout) = (self.api, self.live()?, self.reply_timeout);
         let export = self.export.clone();
         let mut ring: std::collections::VecDeque<Flight> = std::collections::VecDeque::new();
-        let mut spare: Vec<Vec<u8>> = Vec::new();
+        let mut spare: Vec<(Vec<u8>, Lent)> = Vec::new();
         let longest = ranges.iter().map(|r| r.1).max().unwrap_or(0);
         let what = |i: usize| {
             let (off, len) = ranges[i];
@@ -436,14 +583,19 @@ impl Nbd {
                     // Each buffer is made once, as long as the longest read
                     // (zeroing and faulting in a buffer per read cost more
                     // than the read's copy).
-                    let mut buf = spare.pop().unwrap_or_else(|| vec![0; longest]);
-                    // SAFETY: live handle; `buf` stays allocated, unmoved
-                    // (a Vec's heap block), and untouched until the command
-                    // is retired: it sits in `ring` until then, and the
-                    // drain below waits for every command left in flight.
-                    let cookie = unsafe { (api.nbd_aio_pread)(h, buf.as_mut_ptr().cast(), len, off, NO_COMPLETION, 0) };
+                    let (mut buf, cov) = spare.pop().unwrap_or_else(|| (vec![0; longest], Lent::new()));
+                    // SAFETY: live handle; `buf` and `cov` stay allocated,
+                    // unmoved (heap blocks), and untouched until the command
+                    // is retired: they sit in `ring` until then, and the
+                    // drain below waits for every command left in flight
+                    // (or closes the handle, after which libnbd calls and
+                    // writes nothing of it).
+                    let cookie = unsafe {
+                        let cb = cov.callback();
+                        (api.nbd_aio_pread_structured)(h, buf.as_mut_ptr().cast(), len, off, cb, NO_COMPLETION, 0)
+                    };
                     let Ok(cookie) = u64::try_from(cookie) else { return Err(last_error(api, &what(next))) };
-                    ring.push_back(Flight { cookie, idx: next, buf, len });
+                    ring.push_back(Flight { cookie, idx: next, buf, len, cov });
                     next += 1;
                 }
                 let front = ring.front().expect("a read in flight");
@@ -451,9 +603,11 @@ impl Nbd {
                 // A read retired with an error stays in `ring`: the drain
                 // below finds it retired at once.
                 wait_on(api, h, &what(idx), ctl, timeout, || completed(api, h, cookie, &what(idx)))?;
-                let f = ring.pop_front().expect("the front read");
+                let mut f = ring.pop_front().expect("the front read");
+                let (off, len) = ranges[f.idx];
+                f.cov.get().check(off, len as u64).map_err(|w| uncovered(&export, off, len, w))?;
                 each(f.idx, &f.buf[..f.len])?;
-                spare.push(f.buf);
+                spare.push((f.buf, f.cov));
             }
             Ok(())
         };
