@@ -729,22 +729,13 @@ pub(crate) fn refuse_merging_internal_snapshots(op: &str, merges: &[requests::Sn
     Ok(())
 }
 
-/// The most volumes a backup request may name: a KVM guest has far fewer
-/// disks, and every new file is compared with every file named.
-pub(crate) const MAX_VOLUMES: usize = 256;
-
 /// The checks every backup volume of a request gets, before anything else
-/// is looked at: at most [`MAX_VOLUMES`], each with a uuid, an absolute
+/// is looked at: at most [`crate::wire::MAX_LIST`], each with a uuid, an absolute
 /// `path` and `delta_path_on_store` (and `delta_path_on_primary` when the
 /// method creates it, `primary`) and every other path absolute; then
 /// [`new_files_apart`].
 pub(crate) fn check_volumes(op: &str, volumes: &[requests::BackupVolume], primary: bool) -> Result<()> {
-    if volumes.len() > MAX_VOLUMES {
-        return Err(KnibError::invalid(format!(
-            "request of {op}: field `volumes` names {} volumes, more than the {MAX_VOLUMES} a request may name",
-            volumes.len()
-        )));
-    }
+    crate::wire::at_most(op, "volumes", volumes)?;
     for (i, v) in volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
         if v.uuid.is_empty() {

@@ -246,7 +246,9 @@ pub fn call(op: &str, request: &str, ctl: &Control) -> Result<String> {
         Request::Validate(r) => live!(op, agent::live::validate(op, &r, &agent::budget(ctl, r.timeout_secs))),
         Request::TakeHash(r) => to_json(&agent::take_hash(op, &r, &agent::budget(ctl, r.timeout_secs))?),
         Request::CleanupValidation(r) => live!(op, agent::live::cleanup_validation(op, &r)),
-        Request::MergeSnapshot(r) => match agent::domain_of(op, &r.domain, r.running)? {
+        Request::MergeSnapshot(r) => match crate::wire::at_most(op, "merges", &r.merges)
+            .and_then(|()| agent::domain_of(op, &r.domain, r.running))?
+        {
             None => to_json(&agent::stopped::merge_snapshot(op, &r, &agent::budget(ctl, r.timeout_secs))?),
             Some(_) => live!(op, agent::live::merge_snapshot(op, &r, &agent::budget(ctl, r.timeout_secs))),
         },

@@ -125,8 +125,25 @@ pub fn non_empty<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
     if v.is_empty() {
         Err(KnibError::invalid(format!("request of {op}: field `{field}` is empty")))
     } else {
-        Ok(())
+        at_most(op, field, v)
     }
+}
+
+/// The most entries a list of a request may have (volumes, files, merges):
+/// a VM has far fewer disks, and the files of a request are compared with
+/// each other.
+pub const MAX_LIST: usize = 256;
+
+/// Fail when list `field` of a request of `op` has more than [`MAX_LIST`]
+/// entries.
+pub fn at_most<T>(op: &str, field: &str, v: &[T]) -> Result<()> {
+    if v.len() > MAX_LIST {
+        return Err(KnibError::invalid(format!(
+            "request of {op}: field `{field}` has {} entries, more than the {MAX_LIST} a request may have",
+            v.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Fail when a backup request of `op` asks for `check_output` without

@@ -1018,12 +1018,33 @@ fn a_request_of_too_many_volumes_or_a_relative_path_is_refused() {
         assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
         assert_eq!(
             e.message,
-            format!("request of {op}: field `volumes` names 257 volumes, more than the 256 a request may name")
+            format!("request of {op}: field `volumes` has 257 entries, more than the 256 a request may have")
         );
         let e = agent(op, &relative).unwrap_err();
         assert_eq!(e.kind, ErrorKind::InvalidInput, "{e}");
         assert!(e.message.contains("volumes[1].merge.grand_children[0]"), "{e}");
         assert_eq!(contents(t.path()), before, "{op}: files changed");
+    }
+    // So for the other operations' lists.
+    let n = |v: Value| json!((0..257).map(|_| v.clone()).collect::<Vec<_>>());
+    let restore = json!({"uuid": "u", "backup_path": "/nonexistent/b", "volume_path": "/nonexistent/v"});
+    for (op, field, req) in [
+        ("agent.restore", "volumes", json!({"volumes": n(restore)})),
+        (
+            "agent.merge_snapshot",
+            "merges",
+            json!({"running": false, "merges": n(json!({"parent": "/a", "child": "/b"}))}),
+        ),
+        ("agent.take_hash", "files", json!({"files": n(json!("/nonexistent/f"))})),
+        ("agent.finalize_compression", "files", json!({"files": n(json!("/nonexistent/f"))})),
+        ("agent.compress", "files", json!({"files": n(json!("/nonexistent/f"))})),
+    ] {
+        let e = agent(op, &req).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput, "{op}: {e}");
+        assert_eq!(
+            e.message,
+            format!("request of {op}: field `{field}` has 257 entries, more than the 256 a request may have")
+        );
     }
 }
 
