@@ -307,6 +307,35 @@ fn fake_running(store: &Store, id: &str, pid: u32, host: &str, attempts: u32) {
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
 }
 
+/// A job that ended over 30 days ago has its file removed by the next
+/// runner (the queue, read whole by every scan, grew with every backup for
+/// ever); one that ended since, and one still queued, stay.
+#[test]
+fn jobs_that_ended_over_30_days_ago_are_forgotten_by_the_next_runner() {
+    let (work, store) = store_with(r#""compression.enabled": true"#);
+    let taken = backups(&store, work.path(), "vm1", &[1, 1]);
+    let old = store.queue_compression(&taken[0].0.id).unwrap();
+    let recent = store.queue_compression(&taken[1].0.id).unwrap();
+    let summary = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
+    assert_eq!(summary.done.len(), 2, "{summary:?}");
+    let (m3, _) = backups(&store, work.path(), "vm2", &[1]).pop().unwrap();
+    let path = store.jobs_dir().join(format!("{}.json", old.id));
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let day = 24 * 3600;
+    let ended = v["finished_at"].as_u64().unwrap() - 30 * day - 60;
+    v["finished_at"] = ended.into();
+    v["updated_at"] = ended.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    // A cancel request left beside it goes with it.
+    std::fs::write(store.jobs_dir().join(format!("{}.cancel", old.id)), b"").unwrap();
+    let queued = store.queue_compression(&m3.id).unwrap();
+    let _ = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
+    let left: HashSet<String> = store.jobs().unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(left, HashSet::from([recent.id.clone(), queued.id.clone()]));
+    assert!(!path.exists() && !store.jobs_dir().join(format!("{}.cancel", old.id)).exists());
+    assert_eq!(store.job(&queued.id).unwrap().state, JobState::Done);
+}
+
 /// A job a runner of another host claimed and has held past its time limit
 /// by over an hour (that host went down mid-job) is taken for dead: a
 /// runner that waits runs it, and the job of the same VM queued behind it,

@@ -159,6 +159,35 @@ fn runs(kind: JobKind, settings: &Settings, opts: &RunOptions) -> bool {
     kind.limits(settings).0 && (kind != JobKind::Sync || opts.sync.is_some())
 }
 
+/// How long a job that ended (done, failed, cancelled) stays in the queue
+/// for `jobs list` and `jobs show`: 30 days. Then a runner removes its
+/// file, so that the queue, which every scan reads whole, does not grow
+/// with every backup for ever.
+pub const KEEP_ENDED_SECS: u64 = 30 * 24 * 3600;
+
+/// Remove the files of `jobs` that ended over [`KEEP_ENDED_SECS`] before
+/// `now` (under the queue lock), and drop them from `jobs`. A file that
+/// cannot be removed stays, logged.
+fn forget_old_jobs(dir: &std::path::Path, jobs: &mut Vec<Job>, now: u64) {
+    jobs.retain(|j| {
+        let old = !j.state.is_active() && j.finished_at.unwrap_or(j.updated_at).saturating_add(KEEP_ENDED_SECS) < now;
+        if !old {
+            return true;
+        }
+        match crate::fsio::remove_if_exists(&dir.join(format!("{}.json", j.id))) {
+            Ok(()) => {
+                log::info!("job {}: ended over {} days ago: its file is removed", j.id, KEEP_ENDED_SECS / 86400);
+                cancel::forget_request(dir, &j.id);
+                false
+            }
+            Err(e) => {
+                log::warn!("job {}: {e}", j.id);
+                true
+            }
+        }
+    });
+}
+
 /// Under the queue lock: take back jobs of dead runners, then claim the
 /// first due job that the limits allow.
 fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
@@ -166,6 +195,7 @@ fn scan(store: &Store, settings: &Settings, opts: &RunOptions) -> Result<Scan> {
     let me = me();
     let mut jobs = load_all(&dir)?;
     let now = now_f64();
+    forget_old_jobs(&dir, &mut jobs, now as u64);
     let mut recovered = Vec::new();
     let mut cancelled = Vec::new();
     for j in jobs.iter_mut().filter(|j| j.state == JobState::Running) {
