@@ -58,6 +58,16 @@ pub(crate) fn chain_reads(by_id: &HashMap<&str, &Manifest>, x: &Manifest, id: &s
     false
 }
 
+/// `one` or `many`, as `n` is 1 or not: the words of a sentence about
+/// `n` backups.
+pub(crate) fn one_or_many<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
 impl DeleteOutcome {
     /// Nothing done yet.
     pub(crate) fn new() -> Self {
@@ -70,7 +80,7 @@ impl DeleteOutcome {
     pub(crate) fn kept_for_unreadable(&mut self, vm: &str, unreadable: &[String], where_: &str, then: &str) {
         self.kept_because = Some(format!(
             "the manifests of {} {} of VM {vm} in {where_} cannot be read (`knib verify` reports them): they may depend on it; {then}",
-            if unreadable.len() == 1 { "backup" } else { "backups" },
+            one_or_many(unreadable.len(), "backup", "backups"),
             unreadable.join(", ")
         ));
     }
@@ -80,10 +90,10 @@ impl DeleteOutcome {
     pub(crate) fn kept_for_later(&mut self, later: &[&str], what: &str) {
         self.kept_because = Some(format!(
             "{} {} {} on it: its {what} stay until {} deleted",
-            if later.len() == 1 { "backup" } else { "backups" },
+            one_or_many(later.len(), "backup", "backups"),
             later.join(", "),
-            if later.len() == 1 { "depends" } else { "depend" },
-            if later.len() == 1 { "it is" } else { "they are" }
+            one_or_many(later.len(), "depends", "depend"),
+            one_or_many(later.len(), "it is", "they are")
         ));
     }
 }
@@ -173,11 +183,11 @@ impl Store {
                 // listed, and the answer was empty).
                 outcome.kept_because = Some(format!(
                     "{} {}, deleted, {} on it and {} read by a quick restore: its files stay until that quick restore no longer reads {} (consolidated or removed) and a later delete of a backup of {vm} expunges it",
-                    if pinned_readers.len() == 1 { "backup" } else { "backups" },
+                    one_or_many(pinned_readers.len(), "backup", "backups"),
                     pinned_readers.join(", "),
-                    if pinned_readers.len() == 1 { "depends" } else { "depend" },
-                    if pinned_readers.len() == 1 { "is" } else { "are" },
-                    if pinned_readers.len() == 1 { "it" } else { "them" },
+                    one_or_many(pinned_readers.len(), "depends", "depend"),
+                    one_or_many(pinned_readers.len(), "is", "are"),
+                    one_or_many(pinned_readers.len(), "it", "them"),
                 ));
             }
         }

@@ -51,7 +51,7 @@ mod backup;
 mod bitmap;
 mod compress_commit;
 pub(crate) mod confine;
-mod delete;
+pub(crate) mod delete;
 mod discard;
 pub mod group;
 pub(crate) mod head;

@@ -52,12 +52,13 @@ impl Vault {
                         .filter(|c| c.parent.as_deref() == Some(m.id.as_str()))
                         .map(|c| c.id.as_str())
                         .collect();
+                    use crate::catalog::delete::one_or_many;
                     outcome.kept_because = Some(format!(
                         "{} {}, deleted, kept while a quick restore from the vault reads {}, {} on it: the vault's deletes do not come back to removed backups, so its objects stay until removed with an S3 client once that quick restore is consolidated",
-                        if served.len() == 1 { "backup" } else { "backups" },
+                        one_or_many(served.len(), "backup", "backups"),
                         served.join(", "),
-                        if served.len() == 1 { "it" } else { "them" },
-                        if served.len() == 1 { "depends" } else { "depend" },
+                        one_or_many(served.len(), "it", "them"),
+                        one_or_many(served.len(), "depends", "depend"),
                     ));
                 } else {
                     outcome.kept_for_later(&later, "objects");
