@@ -175,6 +175,7 @@ pub fn inspect(vm: &Vm) -> Result<Vec<DiskInfo>> {
         )));
     }
     let disks = vm.disks()?;
+    vm.warn_disks_left_out();
     if disks.is_empty() {
         return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
     }

@@ -183,6 +183,7 @@ pub fn inspect(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<DiskShape>> {
     let running = vm.is_running()?;
     let mut out = Vec::new();
     let disks = vm.disks()?;
+    vm.warn_disks_left_out();
     if disks.is_empty() {
         return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
     }

@@ -255,6 +255,24 @@ impl Vm {
         parse_disks(&self.xml()?).map_err(|e| e.context(format_args!("domain {}", self.name)))
     }
 
+    /// Log a warning for each disk the guest writes that a backup of the
+    /// domain leaves out (not a file: block, network, volume; see
+    /// [`xml::left_out_disks`]): its data is in no backup, and nothing else
+    /// would say so.
+    pub fn warn_disks_left_out(&self) {
+        match self.xml().and_then(|x| xml::left_out_disks(&x)) {
+            Ok(left) => {
+                for d in left {
+                    log::warn!(
+                        "domain {}: disk {d} is not a file: the backup leaves it out (only file disks are backed up)",
+                        self.name
+                    );
+                }
+            }
+            Err(e) => log::warn!("domain {}: {e}", self.name),
+        }
+    }
+
     /// The file disk with target `target`; [`ErrorKind::NotFound`] when the
     /// domain has none.
     pub fn disk(&self, target: &str) -> Result<DiskInfo> {

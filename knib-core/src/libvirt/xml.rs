@@ -92,6 +92,27 @@ fn target_of(disk: roxmltree::Node<'_, '_>) -> Result<String> {
         .ok_or_else(|| KnibError::invalid("domain XML: a <disk> has no <target dev>"))
 }
 
+/// The disks of a domain XML a backup leaves out though the guest writes
+/// them (`device='disk'`, not `<readonly/>`): those that are not files
+/// (block, network, volume) or have no source file; each as
+/// "TARGET (type 'TYPE')", in document order.
+pub fn left_out_disks(xml: &str) -> Result<Vec<String>> {
+    let doc = parse(xml)?;
+    let mut out = Vec::new();
+    for disk in disk_nodes(&doc)? {
+        let kind = disk.attribute("type").unwrap_or("file");
+        if disk.attribute("device").unwrap_or("disk") != "disk" || child(disk, "readonly").is_some() {
+            continue;
+        }
+        if kind == "file" && child(disk, "source").and_then(|s| s.attribute("file")).is_some() {
+            continue;
+        }
+        let target = child(disk, "target").and_then(|t| t.attribute("dev")).unwrap_or("?");
+        out.push(format!("{target} (type '{kind}')"));
+    }
+    Ok(out)
+}
+
 /// The file disks of a domain XML, in document order: every
 /// `<disk type='file' device='disk'>` with a source file. CD-ROMs, floppies,
 /// LUNs, block, network and volume disks, and empty drives are left out.
@@ -270,6 +291,24 @@ pub fn replace_disk_sources_as(xml: &str, sources: &[(String, PathBuf)], format:
 
 #[cfg(test)]
 mod tests {
+    /// A writable disk that is not a file (or has no source) is named as
+    /// left out; a file disk, a CD-ROM and a read-only disk are not.
+    #[test]
+    fn disks_a_backup_leaves_out_are_named() {
+        let xml = "<domain><name>d</name><devices>\
+            <disk type='file' device='disk'><source file='/a'/><target dev='vda'/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/vg/lv'/><target dev='vdb'/></disk>\
+            <disk type='network' device='disk'><source protocol='rbd' name='p/i'/><target dev='vdc'/></disk>\
+            <disk type='file' device='disk'><target dev='vdd'/></disk>\
+            <disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vde'/><readonly/></disk>\
+            <disk type='file' device='cdrom'><source file='/i.iso'/><target dev='sda'/></disk>\
+            </devices></domain>";
+        assert_eq!(
+            left_out_disks(xml).unwrap(),
+            vec!["vdb (type 'block')", "vdc (type 'network')", "vdd (type 'file')"]
+        );
+    }
+
     use super::*;
     use crate::error::ErrorKind;
 
