@@ -326,18 +326,21 @@ fn jobs_that_ended_over_30_days_ago_are_forgotten_by_the_next_runner() {
     v["finished_at"] = ended.into();
     v["updated_at"] = ended.into();
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
-    // A cancel request left beside it goes with it.
+    // A cancel request and a screenshot left beside it go with it.
     std::fs::write(store.jobs_dir().join(format!("{}.cancel", old.id)), b"").unwrap();
+    std::fs::write(store.jobs_dir().join(format!("{}.png", old.id)), b"").unwrap();
     let queued = store.queue_compression(&m3.id).unwrap();
     let _ = run_jobs(&store, &RunOptions { no_wait: true, ..Default::default() }).unwrap();
     let left: HashSet<String> = store.jobs().unwrap().into_iter().map(|j| j.id).collect();
     assert_eq!(left, HashSet::from([recent.id.clone(), queued.id.clone()]));
-    assert!(!path.exists() && !store.jobs_dir().join(format!("{}.cancel", old.id)).exists());
+    for left in ["json", "cancel", "png"] {
+        assert!(!store.jobs_dir().join(format!("{}.{left}", old.id)).exists(), "{left} left");
+    }
     assert_eq!(store.job(&queued.id).unwrap().state, JobState::Done);
 }
 
 /// A job a runner of another host claimed and has held past its time limit
-/// by over an hour (that host went down mid-job) is taken for dead: a
+/// by over a day (that host went down mid-job) is taken for dead: a
 /// runner that waits runs it, and the job of the same VM queued behind it,
 /// and returns. Before, the first stayed running for ever and the runner
 /// waited for ever on the second (its VM busy; only `jobs cancel --force`
@@ -354,10 +357,10 @@ fn a_job_held_by_another_host_past_its_time_limit_is_taken_back() {
     assert!(summary.done.is_empty() && summary.recovered.is_empty(), "{summary:?}");
     assert_eq!(store.job(&held.id).unwrap().state, JobState::Running);
     assert_eq!(store.job(&behind.id).unwrap().state, JobState::Queued);
-    // Claimed 600 s + 3601 s ago.
+    // Claimed 600 s + a day and a second ago.
     let path = store.jobs_dir().join(format!("{}.json", held.id));
     let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    let then = v["owner"]["started_at"].as_u64().unwrap() - 600 - 3601;
+    let then = v["owner"]["started_at"].as_u64().unwrap() - 600 - 86_401;
     v["owner"]["started_at"] = then.into();
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -235,7 +235,8 @@ impl Disk {
     ///
     /// Errors: InvalidInput for a relative path, a file of the chain that
     /// is not a regular qcow2 file; NotFound for a missing file; Corrupt
-    /// for a chain that loops or a damaged image; each naming the file.
+    /// for a chain that loops, leaves the backup file's filesystem, or a
+    /// damaged image; each naming the file.
     pub fn open_backup_file(path: &Path, ctl: &Control) -> Result<Disk> {
         if !path.is_absolute() {
             return Err(KnibError::invalid(format!("backup_path {} is not an absolute path", path.display())));

@@ -317,7 +317,8 @@ impl Vault {
     /// manifest's (removed by hand or by a lifecycle rule, lost by the
     /// server): each is sent again from the store's backup of that id when
     /// its bytes hash as the vault's manifest says (checked while it is
-    /// sent; otherwise what was sent is removed again). What cannot be sent
+    /// sent; otherwise its upload is not completed, and the vault's object
+    /// is left as it is). What cannot be sent
     /// again goes to the report's `damaged`, with a warning. One listing of
     /// the VM's objects.
     fn send_lost_objects(

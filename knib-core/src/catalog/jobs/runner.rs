@@ -149,9 +149,11 @@ struct Scan {
 }
 
 /// How long past its time limit a job of another host's runner may run
-/// before it is taken for dead (clocks of hosts sharing a store may differ
-/// a little; a runner stops a job at its limit).
-pub const STALE_AFTER_SECS: u64 = 3600;
+/// before it is taken for dead: a day, as much as the clocks of hosts
+/// sharing a store are allowed to differ (a runner stops a job at its
+/// limit; the limit may have been lowered since the job began, and a
+/// job's first steps, before its deadline is set, are not counted in it).
+pub const STALE_AFTER_SECS: u64 = 86_400;
 
 /// Whether this runner runs jobs of `kind`: enabled in the settings (and,
 /// for sync jobs, a [`SyncRunner`] given).
@@ -166,7 +168,8 @@ fn runs(kind: JobKind, settings: &Settings, opts: &RunOptions) -> bool {
 pub const KEEP_ENDED_SECS: u64 = 30 * 24 * 3600;
 
 /// Remove the files of `jobs` that ended over [`KEEP_ENDED_SECS`] before
-/// `now` (under the queue lock), and drop them from `jobs`. A file that
+/// `now` (under the queue lock: the job's, its cancel request's, its
+/// screenshot's), and drop them from `jobs`. A file that
 /// cannot be removed stays, logged.
 fn forget_old_jobs(dir: &std::path::Path, jobs: &mut Vec<Job>, now: u64) {
     jobs.retain(|j| {
@@ -178,6 +181,10 @@ fn forget_old_jobs(dir: &std::path::Path, jobs: &mut Vec<Job>, now: u64) {
             Ok(()) => {
                 log::info!("job {}: ended over {} days ago: its file is removed", j.id, KEEP_ENDED_SECS / 86400);
                 cancel::forget_request(dir, &j.id);
+                // A validation's screenshot.
+                if let Err(e) = crate::fsio::remove_if_exists(&dir.join(format!("{}.png", j.id))) {
+                    log::warn!("job {}: {e}", j.id);
+                }
                 false
             }
             Err(e) => {
