@@ -703,3 +703,102 @@ fn data_ranges_are_the_data_qemu_img_map_reports() {
         }
     }
 }
+
+// ---- Memory and time bounds against crafted tables ----
+
+/// A chain keeps at most `MAX_CHAIN_L1_BYTES` (256 MiB) of L1 tables:
+/// seven 2 PiB layers (the largest L1 table QEMU makes, 32 MiB each) over a
+/// base open; one more, and the base under them is refused before its
+/// table is read, naming the chain, the file and the sum: as a disk's
+/// chain, left to qemu-img (InvalidInput); as a backup's, corrupt. (64 such
+/// layers, sparse files of a few KiB each when crafted, made a restore or
+/// a browse hold 2 GiB.)
+#[test]
+fn a_chain_keeps_at_most_256_mib_of_l1_tables() {
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    create(&base, 512 << 20, "");
+    let mut below = "base.qcow2".to_string();
+    let mut tops = Vec::new();
+    for i in 1..=8 {
+        let name = format!("l{i}.qcow2");
+        let path = d.path().join(&name);
+        overlay(&path, &below, "qcow2", Some(2 << 50), "");
+        below = name;
+        tops.push(path);
+    }
+    assert_eq!(knib_core::qcow2::MAX_CHAIN_L1_BYTES, 256 << 20);
+    let chain = Chain::open(&tops[6]).unwrap();
+    assert_eq!(chain.depth(), 8);
+    drop(chain);
+    let said = format!(
+        "backing chain of {}: its L1 tables would need {} bytes of memory with {} (9 files), over the limit of \
+         268435456 bytes for a chain (virtual sizes too large for its depth); refused",
+        tops[7].display(),
+        (256 << 20) + 8,
+        base.display()
+    );
+    let e = Chain::open(&tops[7]).unwrap_err();
+    assert_eq!((e.kind, e.message.as_str()), (ErrorKind::InvalidInput, said.as_str()));
+    let e = Chain::open_files_only(&tops[7]).unwrap_err();
+    assert_eq!((e.kind, e.message.as_str()), (ErrorKind::Corrupt, said.as_str()));
+}
+
+/// A 32 TiB image (64 KiB clusters) whose 65536 L1 entries all name one
+/// L2 table of zeros, refcounts consistent (`qemu-img check` finds nothing
+/// wrong): each range maps nothing, and each scan steps over it in one go,
+/// in milliseconds. They walked it cluster by cluster: 2^29 lookups, over a
+/// minute each here (with 2 MiB clusters and a 2 PiB size, 2^40: hours).
+#[test]
+fn l1_entries_naming_one_l2_table_of_zeros_are_stepped_over() {
+    let d = tempdir();
+    let path = d.path().join("zeros.qcow2");
+    let cs = 1u64 << 16;
+    let l1_size = 1u64 << 16; // 512 KiB: host clusters 1 to 8 (a 32 TiB disk)
+    let (rt, rb, l2) = (9 * cs, 10 * cs, 11 * cs);
+    let mut img = vec![0u8; 12 * cs as usize];
+    let wr64 = |img: &mut [u8], at: u64, v: u64| img[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes());
+    let wr32 = |img: &mut [u8], at: u64, v: u32| img[at as usize..at as usize + 4].copy_from_slice(&v.to_be_bytes());
+    img[..4].copy_from_slice(b"QFI\xfb");
+    wr32(&mut img, 4, 3);
+    wr32(&mut img, 20, 16);
+    let size = l1_size * (cs / 8) * cs;
+    wr64(&mut img, 24, size);
+    wr32(&mut img, 36, l1_size as u32);
+    wr64(&mut img, 40, cs);
+    wr64(&mut img, 48, rt);
+    wr32(&mut img, 56, 1);
+    wr32(&mut img, 96, 5); // 32-bit refcounts
+    wr32(&mut img, 100, 112);
+    for i in 0..l1_size {
+        wr64(&mut img, cs + 8 * i, l2);
+    }
+    wr64(&mut img, rt, rb);
+    for c in 0..11 {
+        wr32(&mut img, rb + 4 * c, 1);
+    }
+    wr32(&mut img, rb + 4 * 11, l1_size as u32);
+    std::fs::write(&path, &img).unwrap();
+    let out = Command::new("qemu-img").args(["check", "-U"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&out.stdout));
+
+    // Not a measure of speed: a bound on walks that took minutes in all
+    // (one step per cluster of every range the shared table maps), where
+    // stepping over the table takes milliseconds.
+    fn within<T>(started: std::time::Instant, what: &str, r: T) -> T {
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(60), "up to {what}: {took:?}");
+        r
+    }
+    let started = std::time::Instant::now();
+    let mut top = Qcow2Image::open(&path).unwrap();
+    assert!(!within(started, "holds_data", top.holds_data().unwrap()));
+    let ctl = knib_core::Control::new();
+    assert_eq!(within(started, "first_nonzero_cluster", top.first_nonzero_cluster(&ctl).unwrap()), None);
+    let mut chain = Chain::open(&path).unwrap();
+    assert_eq!(within(started, "data_ranges", chain.data_ranges(0, size).unwrap()), vec![]);
+    let copy = d.path().join("copy.qcow2");
+    let opts = knib_core::qcow2::CopyOptions::default();
+    within(started, "copy_image", knib_core::qcow2::copy_image(&path, &copy, &opts, &ctl, &mut |_| Ok(())).unwrap());
+    assert!(!Qcow2Image::open(&copy).unwrap().holds_data().unwrap());
+}

@@ -7,11 +7,46 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::header::MAGIC;
-use super::image::{file_size, Qcow2Image};
+use super::image::{file_size, l1_held_bytes, Qcow2Image};
 use crate::error::{KnibError, Result};
 
 /// The most files a chain may have (the top included).
 pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// The most bytes of L1 tables a chain keeps in memory, its layers' summed
+/// (each keeps the entries covering its virtual size: 8 bytes per 512 MiB
+/// of disk with 64 KiB clusters, per 2 MiB with 4 KiB clusters).
+///
+/// Each image's table is bounded by QEMU's limit (32 MiB, 2 PiB of disk
+/// with 64 KiB clusters), but 64 of them were not: a crafted chain of 64
+/// sparse files of a few KiB on disk each, every one claiming 2 PiB, made a
+/// restore or a browse hold 2 GiB of zeros. A chain-wide budget bounds
+/// that and keeps the lookups as they are (an L1 entry is one indexed
+/// load; reading entries on demand through a cache would cost a lookup per
+/// cluster on the hot path, for chains no one makes). 256 MiB admits 8
+/// images of the largest table QEMU makes, and with QEMU's default 64 KiB
+/// clusters 64 layers of 256 TiB each (CloudStack volumes are a few TiB);
+/// what it refuses is a deep chain of disks of many TiB with small
+/// clusters (4 KiB clusters: over 32 layers of a 2 TiB disk). A disk's
+/// chain so refused is left to `qemu-img` (InvalidInput), which reads it
+/// with as much memory; a backup's chain is refused (Corrupt). Checked as
+/// each layer's header is read, before its table is: a refused chain holds
+/// at most this much.
+pub const MAX_CHAIN_L1_BYTES: u64 = 256 << 20;
+
+/// The error for a chain (top `top`) whose L1 tables need `sum` bytes once
+/// `file` is added, over [`MAX_CHAIN_L1_BYTES`]: Corrupt for a backup's
+/// chain (`backup`), else InvalidInput (left to qemu-img).
+fn l1_budget_error(top: &str, file: &str, sum: u64, files: usize, backup: bool) -> KnibError {
+    let kind = if backup { crate::ErrorKind::Corrupt } else { crate::ErrorKind::InvalidInput };
+    KnibError::new(
+        kind,
+        format!(
+            "backing chain of {top}: its L1 tables would need {sum} bytes of memory with {file} ({files} files), \
+         over the limit of {MAX_CHAIN_L1_BYTES} bytes for a chain (virtual sizes too large for its depth); refused"
+        ),
+    )
+}
 
 /// A raw file used as a backing file: its bytes are its guest content and
 /// its length its virtual size.
@@ -235,6 +270,8 @@ impl Chain {
         let mut path = top.to_path_buf();
         let mut format = Some("qcow2".to_string());
         let mut top_dev = None;
+        // Bytes of L1 tables of the layers opened so far.
+        let mut l1_sum = 0u64;
         loop {
             let meta = std::fs::metadata(&path).map_err(|e| match names.last() {
                 Some(parent) => {
@@ -264,7 +301,7 @@ impl Chain {
             }
             if files_only && *top_dev.get_or_insert(meta.dev()) != meta.dev() {
                 return Err(Refusal::Other(KnibError::corrupt(format!(
-                    "backing file {} of {} is on another filesystem than backup file {}: a backup's chain stays in its backup repository (a pointer out of it could name another VM's disk); refused",
+                    "backing file {} of {} is on another filesystem than backup file {}: a backup's chain stays on the filesystem of its backup repository (a pointer out of it could name another VM's disk), and a chain spread over several filesystems is not read; refused",
                     path.display(),
                     names.last().map_or("", String::as_str),
                     top.display()
@@ -292,7 +329,16 @@ impl Chain {
                 ))));
             }
             let layer = match fmt.as_str() {
-                "qcow2" => Layer::Qcow2(Box::new(Qcow2Image::open(&path)?)),
+                "qcow2" => Layer::Qcow2(Box::new(Qcow2Image::open_checked(&path, &mut |h| {
+                    let sum = l1_sum.saturating_add(l1_held_bytes(h));
+                    if sum > MAX_CHAIN_L1_BYTES {
+                        let top = top.display().to_string();
+                        let file = path.display().to_string();
+                        return Err(l1_budget_error(&top, &file, sum, layers.len() + 1, files_only));
+                    }
+                    l1_sum = sum;
+                    Ok(())
+                })?)),
                 "raw" => Layer::Raw(RawImage::open(&path)?),
                 other => {
                     return Err(Refusal::Other(KnibError::invalid(format!(
@@ -358,13 +404,21 @@ impl Chain {
     /// sources, such as a vault's objects): `top`, then its backing files
     /// nearest first. The caller has checked that each one's backing
     /// pointer names the next; the L2 cache budget is shared as in
-    /// [`Chain::open`].
+    /// [`Chain::open`], and so is the limit of [`MAX_CHAIN_L1_BYTES`] (the
+    /// caller holds the tables already: it is checked here all the same).
     pub fn from_images(top: Qcow2Image, backing: Vec<Qcow2Image>) -> Result<Self> {
         if backing.len() >= MAX_CHAIN_DEPTH {
             return Err(KnibError::corrupt(format!(
                 "backing chain of {} is deeper than {MAX_CHAIN_DEPTH} files",
                 top.name()
             )));
+        }
+        let mut sum = 0u64;
+        for (k, img) in std::iter::once(&top).chain(&backing).enumerate() {
+            sum = sum.saturating_add(l1_held_bytes(img.header()));
+            if sum > MAX_CHAIN_L1_BYTES {
+                return Err(l1_budget_error(top.name(), img.name(), sum, k + 1, true));
+            }
         }
         let share = super::image::L2_CACHE_BYTES / (1 + backing.len() as u64);
         let mut top = top;
@@ -416,7 +470,9 @@ impl Chain {
     /// data). The ranges are in order, at the granularity of the chain's
     /// smallest cluster size, and clipped to the range asked.
     ///
-    /// Errors: those of [`Qcow2Image::cluster_state`].
+    /// Errors: those of [`Qcow2Image::cluster_state`]. (No [`crate::Control`]
+    /// to check: a range no layer maps, or maps with L2 tables of zeros
+    /// only, is passed in one step per L1 entry.)
     pub fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>> {
         let end = offset.saturating_add(len).min(self.virtual_size());
         let grain = self
@@ -427,15 +483,30 @@ impl Chain {
                 Layer::Raw(_) => None,
             })
             .fold(self.top.cluster_size(), u64::min);
+        // The smallest range of an L1 entry: every layer maps all of one
+        // such range or none of it.
+        let span = |img: &Qcow2Image| img.cluster_size() * img.header().l2_entries();
+        let min_span = self
+            .backing
+            .iter()
+            .filter_map(|l| match l {
+                Layer::Qcow2(img) => Some(span(img)),
+                Layer::Raw(_) => None,
+            })
+            .fold(span(&self.top), u64::min);
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut at = offset / grain * grain;
+        let first = offset / grain * grain;
+        let mut at = first;
         while at < end {
-            // A range no layer has an L2 table for is passed in one step
-            // (a large sparse disk costs a few table lookups, not one per
-            // cluster); its end is a multiple of the grain.
-            if let Some(skip) = self.no_tables_until(at)? {
-                at = skip.max(at + grain);
-                continue;
+            // A range no layer maps (no L2 table, or one of zeros) is
+            // passed in one step (a large sparse disk costs a few table
+            // lookups, not one per cluster); its end is a multiple of the
+            // grain. Asked where such a range may start, not per cluster.
+            if at == first || at.is_multiple_of(min_span) {
+                if let Some(skip) = self.no_tables_until(at)? {
+                    at = skip.max(at + grain);
+                    continue;
+                }
             }
             if self.has_data_at(at)? {
                 let (s, e) = (at.max(offset), (at + grain).min(end));
@@ -449,18 +520,19 @@ impl Chain {
         Ok(out)
     }
 
-    /// Where the range from guest byte `offset` on that no layer has an L2
-    /// table for ends (the first layer's end, top down, past which every
-    /// layer below reads as zeros, ends it too): `None` when some layer has
-    /// a table there, or a raw layer data. The end is the end of an L1
+    /// Where the range from guest byte `offset` on that no layer maps
+    /// ([`Qcow2Image::l2_range_mapped`]: no L2 table, or one of zeros)
+    /// ends (the first layer's end, top down, past which every layer below
+    /// reads as zeros, ends it too): `None` when some layer maps something
+    /// there, or a raw layer holds data. The end is the end of an L1
     /// entry's range of a layer above, or `u64::MAX`.
-    fn no_tables_until(&self, offset: u64) -> Result<Option<u64>> {
-        let backing = self.backing.iter().map(|l| match l {
-            Layer::Qcow2(img) => Ok(&**img),
+    fn no_tables_until(&mut self, offset: u64) -> Result<Option<u64>> {
+        let backing = self.backing.iter_mut().map(|l| match l {
+            Layer::Qcow2(img) => Ok(&mut **img),
             Layer::Raw(raw) => Err(raw.virtual_size()),
         });
         let mut end = u64::MAX;
-        for layer in std::iter::once(Ok(&self.top)).chain(backing) {
+        for layer in std::iter::once(Ok(&mut self.top)).chain(backing) {
             let img = match layer {
                 Ok(img) => img,
                 // A raw layer holds data up to its end.
@@ -470,7 +542,7 @@ impl Chain {
                 return Ok(Some(end));
             }
             let span = img.header().l2_entries() * img.cluster_size();
-            if img.l2_table_offset((offset / span) as usize)? != 0 {
+            if img.l2_range_mapped((offset / span) as usize)? {
                 return Ok(None);
             }
             end = end.min((offset / span + 1) * span);

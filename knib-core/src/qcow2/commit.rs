@@ -535,7 +535,9 @@ impl CopyRun {
 /// is read and every compressed cluster decompressed on the way, so a top
 /// whose data cannot be read (compressed data garbled, or a descriptor
 /// pointing at its own tables) fails here, before the base is written,
-/// rather than part-way through the merge.
+/// rather than part-way through the merge. An L2 table of zeros counts,
+/// its range is not walked ([`Qcow2Image::l2_range_mapped`]). (No
+/// [`Control`] to check here: [`Commit::prepare`] takes none.)
 fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
     let l2n = top.header().l2_entries();
     let total = top.guest_clusters();
@@ -545,6 +547,9 @@ fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
             continue;
         }
         n += 1;
+        if !top.l2_range_mapped(r)? {
+            continue;
+        }
         let first = r as u64 * l2n;
         for i in first..(first + l2n).min(total) {
             match top.cluster_state(i)? {

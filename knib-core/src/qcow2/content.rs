@@ -193,9 +193,9 @@ fn digest_range(
         if i.is_multiple_of(4096) {
             ctl.check(step)?;
         }
-        if i.is_multiple_of(l2_entries) && img.l2_table_offset((i / l2_entries) as usize)? == 0 {
-            // A range without an L2 table: nothing here (looked up in the
-            // L1 table alone, one entry per range).
+        if i.is_multiple_of(l2_entries) && !img.l2_range_mapped((i / l2_entries) as usize)? {
+            // A range without an L2 table, or with one of zeros: nothing
+            // here (looked up once per range).
             i = (i + l2_entries).min(to);
             continue;
         }
@@ -329,11 +329,11 @@ fn owns(img: &mut Qcow2Image, off: u64, end: u64) -> Result<bool> {
     Ok(false)
 }
 
-/// The end of the range without an L2 table that `off` lies in, or `off`
-/// when its range has one.
-fn unmapped_end(img: &Qcow2Image, off: u64) -> Result<u64> {
+/// The end of the range without an L2 table (or with one of zeros) that
+/// `off` lies in, or `off` when its range maps something.
+fn unmapped_end(img: &mut Qcow2Image, off: u64) -> Result<u64> {
     let span = img.cluster_size() * img.header().l2_entries();
-    Ok(if img.l2_table_offset((off / span) as usize)? == 0 { (off / span + 1) * span } else { off })
+    Ok(if img.l2_range_mapped((off / span) as usize)? { off } else { (off / span + 1) * span })
 }
 
 /// [`unmapped_end`] of a backing file at `off`, within its virtual size (a
@@ -425,7 +425,7 @@ pub(crate) fn check_guest_copy(
             ctl.check(&step)?;
         }
         looked += 1;
-        let mut skip = unmapped_end(&src, off)?.min(unmapped_end(&copy, off).map_err(of_copy)?);
+        let mut skip = unmapped_end(&mut src, off)?.min(unmapped_end(&mut copy, off).map_err(of_copy)?);
         if whole {
             // Backing files, as reads go through them (QEMU's and knib's
             // alike): a read stops at a file past whose size it is, and

@@ -241,7 +241,7 @@ impl Source {
         }
         let next = match layer {
             0 => self.top.next_mapped_cluster(index)?,
-            _ => match &self.backing[layer - 1] {
+            _ => match &mut self.backing[layer - 1] {
                 Layer::Qcow2(img) => img.next_mapped_cluster(index)?,
                 Layer::Raw(_) => index,
             },

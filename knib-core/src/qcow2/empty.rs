@@ -134,7 +134,9 @@ impl super::Qcow2Image {
     ) -> Result<Option<u64>> {
         let l2_entries = self.header().l2_entries();
         for i in 0..self.guest_clusters().div_ceil(l2_entries) as usize {
-            if self.l2_table_offset(i)? == 0 {
+            // A range without an L2 table, or with one of zeros, stores
+            // nothing.
+            if !self.l2_range_mapped(i)? {
                 continue;
             }
             let first = i as u64 * l2_entries;

@@ -116,10 +116,11 @@ impl Storage {
 
 pub(crate) use super::source::file_size;
 
-/// An LRU cache of decoded L2 tables, keyed by their file offset.
+/// An LRU cache of decoded L2 tables, keyed by their file offset: (offset,
+/// entries, last use, whether any entry is not 0).
 #[derive(Debug)]
 struct L2Cache {
-    slots: Vec<(u64, Vec<u64>, u64)>,
+    slots: Vec<(u64, Vec<u64>, u64, bool)>,
     capacity: usize,
     clock: u64,
 }
@@ -164,9 +165,16 @@ impl Qcow2Image {
     /// Open the qcow2 file at `path` read-only and check its header and L1
     /// table. A dirty image opens (reads are correct) with a warning logged.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_checked(path, &mut |_| Ok(()))
+    }
+
+    /// [`Qcow2Image::open`], with `before_l1` asked about the parsed header
+    /// before the L1 table is read (a chain keeps the sum of its layers'
+    /// tables within a budget: [`super::Chain::open`]).
+    pub(crate) fn open_checked(path: &Path, before_l1: &mut dyn FnMut(&Header) -> Result<()>) -> Result<Self> {
         let file = File::open(path).map_err(|e| KnibError::io("open qcow2 image", path, e))?;
         let file_len = file_size(&file).map_err(|e| KnibError::io("size qcow2 image", path, e))?;
-        let mut img = Self::from_storage(path.display().to_string(), Storage::File(file), file_len)?;
+        let mut img = Self::from_storage(path.display().to_string(), Storage::File(file), file_len, before_l1)?;
         img.path = Some(path.to_path_buf());
         Ok(img)
     }
@@ -175,7 +183,7 @@ impl Qcow2Image {
     /// same checks as [`Qcow2Image::open`]: for tests and fuzzing.
     pub fn from_bytes(name: impl Into<String>, data: Vec<u8>) -> Result<Self> {
         let len = data.len() as u64;
-        Self::from_storage(name.into(), Storage::Memory(data), len)
+        Self::from_storage(name.into(), Storage::Memory(data), len, &mut |_| Ok(()))
     }
 
     /// Open the image whose bytes `source` gives (an object of a vault);
@@ -183,10 +191,15 @@ impl Qcow2Image {
     /// [`Qcow2Image::open`].
     pub fn from_source(name: impl Into<String>, source: std::sync::Arc<dyn ReadAt>) -> Result<Self> {
         let len = source.len();
-        Self::from_storage(name.into(), Storage::Source(SharedSource(source)), len)
+        Self::from_storage(name.into(), Storage::Source(SharedSource(source)), len, &mut |_| Ok(()))
     }
 
-    fn from_storage(name: String, storage: Storage, file_len: u64) -> Result<Self> {
+    fn from_storage(
+        name: String,
+        storage: Storage,
+        file_len: u64,
+        before_l1: &mut dyn FnMut(&Header) -> Result<()>,
+    ) -> Result<Self> {
         let io = |e: std::io::Error| read_error(&name, e);
         let mut start = [0u8; 24];
         let got = storage.read_zero_fill(0, &mut start).map_err(io)?;
@@ -202,18 +215,25 @@ impl Qcow2Image {
             log::warn!("qcow2 image {name} is marked corrupt by QEMU; reading it with every entry checked");
         }
 
+        before_l1(&header)?;
         // The L1 entries covering the virtual size (Header::parse checked
-        // that there are that many and that the whole table is in the file).
-        let span = header.cluster_size() * header.l2_entries();
-        let needed = header.size.div_ceil(span) as usize; // <= 4 Mi entries
-        let mut raw = vec![0u8; needed * 8];
-        let got = storage.read_zero_fill(header.l1_table_offset, &mut raw).map_err(io)?;
-        if got < raw.len() {
-            return Err(KnibError::corrupt(format!(
-                "qcow2 image {name}: L1 table is cut short by the end of the file"
-            )));
+        // that there are that many and that the whole table is in the file),
+        // read 64 KiB at a time: no second copy of a table of up to 32 MiB.
+        let needed = (l1_held_bytes(&header) / 8) as usize; // <= 4 Mi entries
+        let mut l1 = Vec::with_capacity(needed);
+        let mut raw = vec![0u8; (needed * 8).min(64 << 10)];
+        while l1.len() < needed {
+            let chunk = &mut raw[..((needed - l1.len()) * 8).min(64 << 10)];
+            let at = header.l1_table_offset + l1.len() as u64 * 8;
+            let got = storage.read_zero_fill(at, chunk).map_err(io)?;
+            if got < chunk.len() {
+                return Err(KnibError::corrupt(format!(
+                    "qcow2 image {name}: L1 table is cut short by the end of the file"
+                )));
+            }
+            l1.extend(chunk.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))));
         }
-        let l1 = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        drop(raw);
 
         let capacity = l2_capacity(L2_CACHE_BYTES, header.cluster_bits);
         Ok(Qcow2Image {
@@ -329,18 +349,37 @@ impl Qcow2Image {
         }
     }
 
+    /// Whether the range of L1 entry `i` maps anything: it has an L2
+    /// table with an entry that is not 0. A table of zeros maps nothing
+    /// (each of its entries reads as unallocated), and a loop over guest
+    /// clusters steps over its range in one go: a crafted image whose
+    /// millions of L1 entries name tables of zeros (one shared table, or
+    /// holes of a sparse file) would otherwise be walked cluster by
+    /// cluster, 2^40 lookups with 2 MiB clusters. The table is read into
+    /// the L2 cache (where the clusters of a mapped range are looked up
+    /// next); whether it holds anything is noted as it is decoded.
+    pub(crate) fn l2_range_mapped(&mut self, i: usize) -> Result<bool> {
+        let off = self.l2_table_offset(i)?;
+        if off == 0 {
+            return Ok(false);
+        }
+        let slot = self.load_l2(off)?;
+        Ok(self.l2_cache.slots.get(slot).is_some_and(|s| s.3))
+    }
+
     /// The first guest cluster at or after `index` whose range of the L1
-    /// table has an L2 table ([`Qcow2Image::guest_clusters`] when none
-    /// has): every cluster before it is unallocated here. Reads the L1
-    /// table only (its entries checked), so a copy can step over the
-    /// unmapped ranges of a huge, sparse image instead of asking for each
-    /// cluster.
-    pub(crate) fn next_mapped_cluster(&self, index: u64) -> Result<u64> {
+    /// table maps something ([`Qcow2Image::l2_range_mapped`];
+    /// [`Qcow2Image::guest_clusters`] when none does): every cluster
+    /// before it is unallocated here. Reads the L1 table (its entries
+    /// checked) and the L2 tables it names up to there, so a copy can step
+    /// over the unmapped ranges of a huge, sparse image instead of asking
+    /// for each cluster.
+    pub(crate) fn next_mapped_cluster(&mut self, index: u64) -> Result<u64> {
         let total = self.guest_clusters();
         let l2_entries = self.header.l2_entries();
         let mut r = index / l2_entries;
         while r * l2_entries < total {
-            if self.l2_table_offset(r as usize)? != 0 {
+            if self.l2_range_mapped(r as usize)? {
                 return Ok((r * l2_entries).max(index));
             }
             r += 1;
@@ -380,11 +419,18 @@ impl Qcow2Image {
 
     /// Entry `i` of the L2 table at `off` (checked to be in the file).
     fn l2_entry(&mut self, off: u64, i: usize) -> Result<u64> {
+        let slot = self.load_l2(off)?;
+        Ok(self.l2_cache.slots.get(slot).and_then(|s| s.1.get(i)).copied().unwrap_or(0))
+    }
+
+    /// The slot of the L2 cache holding the table at `off` (checked to be
+    /// in the file), read into it unless it is there.
+    fn load_l2(&mut self, off: u64) -> Result<usize> {
         self.l2_cache.clock += 1;
         let clock = self.l2_cache.clock;
-        if let Some(slot) = self.l2_cache.slots.iter_mut().find(|s| s.0 == off) {
-            slot.2 = clock;
-            return Ok(slot.1.get(i).copied().unwrap_or(0));
+        if let Some(at) = self.l2_cache.slots.iter().position(|s| s.0 == off) {
+            self.l2_cache.slots[at].2 = clock;
+            return Ok(at);
         }
         let mut raw = vec![0u8; self.cluster_size() as usize];
         let got = self.storage.read_zero_fill(off, &mut raw).map_err(|e| self.io_err(e))?;
@@ -392,13 +438,15 @@ impl Qcow2Image {
             return Err(self.corrupt(format!("L2 table at {off} is cut short by the end of the file")));
         }
         let table: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
-        let value = table.get(i).copied().unwrap_or(0);
-        if self.l2_cache.slots.len() < self.l2_cache.capacity {
-            self.l2_cache.slots.push((off, table, clock));
-        } else if let Some(lru) = self.l2_cache.slots.iter_mut().min_by_key(|s| s.2) {
-            *lru = (off, table, clock);
+        let any = table.iter().any(|&e| e != 0);
+        let slots = &mut self.l2_cache.slots;
+        if slots.len() < self.l2_cache.capacity {
+            slots.push((off, table, clock, any));
+            return Ok(slots.len() - 1);
         }
-        Ok(value)
+        let lru = slots.iter().enumerate().min_by_key(|(_, s)| s.2).map_or(0, |(at, _)| at);
+        slots[lru] = (off, table, clock, any);
+        Ok(lru)
     }
 
     fn decode_l2_entry(&self, index: u64, e: u64) -> Result<ClusterState> {
@@ -635,6 +683,13 @@ impl Qcow2Image {
             None => Err(KnibError::internal("decompressed cluster cache is empty")),
         }
     }
+}
+
+/// Bytes of the L1 table an image with header `h` keeps in memory: the
+/// entries covering its virtual size (8 bytes per 512 MiB of disk with
+/// 64 KiB clusters, per 2 MiB with 4 KiB clusters).
+pub(crate) fn l1_held_bytes(h: &Header) -> u64 {
+    h.size.div_ceil(h.cluster_size() * h.l2_entries()) * 8
 }
 
 /// The error of a failed read of image `name`: an I/O error, unless the
