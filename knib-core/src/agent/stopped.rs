@@ -21,12 +21,9 @@ fn plan(op: &str, q: &QemuImg, r: &TakeReq, take: bool, ctl: &Control) -> Result
     super::check_volumes(op, &r.volumes, true)?;
     for (i, v) in r.volumes.iter().enumerate() {
         let field = |f: &str| format!("volumes[{i}].{f}");
-        if let Some(p) = &v.parent_backup_path {
-            if take {
-                super::check_parent_backup(op, &field("parent_backup_path"), &v.uuid, p)?;
-            } else {
-                absolute(op, &field("parent_backup_path"), p)?;
-            }
+        // Absolute, as every path (check_volumes).
+        if let (Some(p), true) = (&v.parent_backup_path, take) {
+            super::check_parent_backup(op, &field("parent_backup_path"), &v.uuid, p)?;
         }
         if let Some(m) = &v.merge {
             match v.vm_snapshot_delta_paths.first() {

@@ -174,8 +174,7 @@ pub fn inspect(vm: &Vm) -> Result<Vec<DiskInfo>> {
             vm.name()
         )));
     }
-    let disks = vm.disks()?;
-    vm.warn_disks_left_out();
+    let disks = vm.disks_to_back_up()?;
     if disks.is_empty() {
         return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
     }

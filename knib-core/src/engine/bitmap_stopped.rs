@@ -64,8 +64,7 @@ use crate::qemu_img::QemuImg;
 
 /// The disks of a stopped domain a bitmap backup takes: every file disk.
 pub fn inspect(vm: &Vm) -> Result<Vec<crate::libvirt::DiskInfo>> {
-    let disks = vm.disks()?;
-    vm.warn_disks_left_out();
+    let disks = vm.disks_to_back_up()?;
     if disks.is_empty() {
         return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
     }

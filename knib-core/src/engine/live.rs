@@ -182,8 +182,7 @@ pub(crate) fn chain_of(q: &QemuImg, vm_running: bool, d: &DiskInfo, ctl: &Contro
 pub fn inspect(q: &QemuImg, vm: &Vm, ctl: &Control) -> Result<Vec<DiskShape>> {
     let running = vm.is_running()?;
     let mut out = Vec::new();
-    let disks = vm.disks()?;
-    vm.warn_disks_left_out();
+    let disks = vm.disks_to_back_up()?;
     if disks.is_empty() {
         return Err(KnibError::invalid(format!("domain {} has no file-backed disk", vm.name())));
     }

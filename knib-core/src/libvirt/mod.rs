@@ -255,22 +255,21 @@ impl Vm {
         parse_disks(&self.xml()?).map_err(|e| e.context(format_args!("domain {}", self.name)))
     }
 
-    /// Log a warning for each disk the guest writes that a backup of the
-    /// domain leaves out (not a file: block, network, volume; see
-    /// [`xml::left_out_disks`]): its data is in no backup, and nothing else
-    /// would say so.
-    pub fn warn_disks_left_out(&self) {
-        match self.xml().and_then(|x| xml::left_out_disks(&x)) {
-            Ok(left) => {
-                for d in left {
-                    log::warn!(
-                        "domain {}: disk {d} is not a file: the backup leaves it out (only file disks are backed up)",
-                        self.name
-                    );
-                }
-            }
-            Err(e) => log::warn!("domain {}: {e}", self.name),
+    /// The file disks a backup of the domain takes ([`Vm::disks`]), from
+    /// one read of its XML, with a warning logged for each disk the guest
+    /// writes that the backup leaves out (not a file: block, network,
+    /// volume; see [`xml::left_out_disks`]): its data is in no backup, and
+    /// nothing else would say so.
+    pub fn disks_to_back_up(&self) -> Result<Vec<DiskInfo>> {
+        let x = self.xml()?;
+        let disks = parse_disks(&x).map_err(|e| e.context(format_args!("domain {}", self.name)))?;
+        for d in xml::left_out_disks(&x)? {
+            log::warn!(
+                "domain {}: disk {d} is not a file: the backup leaves it out (only file disks are backed up)",
+                self.name
+            );
         }
+        Ok(disks)
     }
 
     /// The file disk with target `target`; [`ErrorKind::NotFound`] when the
