@@ -7,46 +7,11 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::header::MAGIC;
-use super::image::{file_size, l1_held_bytes, Qcow2Image};
+use super::image::{file_size, Qcow2Image};
 use crate::error::{KnibError, Result};
 
 /// The most files a chain may have (the top included).
 pub const MAX_CHAIN_DEPTH: usize = 64;
-
-/// The most bytes of L1 tables a chain keeps in memory, its layers' summed
-/// (each keeps the entries covering its virtual size: 8 bytes per 512 MiB
-/// of disk with 64 KiB clusters, per 2 MiB with 4 KiB clusters).
-///
-/// Each image's table is bounded by QEMU's limit (32 MiB, 2 PiB of disk
-/// with 64 KiB clusters), but 64 of them were not: a crafted chain of 64
-/// sparse files of a few KiB on disk each, every one claiming 2 PiB, made a
-/// restore or a browse hold 2 GiB of zeros. A chain-wide budget bounds
-/// that and keeps the lookups as they are (an L1 entry is one indexed
-/// load; reading entries on demand through a cache would cost a lookup per
-/// cluster on the hot path, for chains no one makes). 256 MiB admits 8
-/// images of the largest table QEMU makes, and with QEMU's default 64 KiB
-/// clusters 64 layers of 256 TiB each (CloudStack volumes are a few TiB);
-/// what it refuses is a deep chain of disks of many TiB with small
-/// clusters (4 KiB clusters: over 32 layers of a 2 TiB disk). A disk's
-/// chain so refused is left to `qemu-img` (InvalidInput), which reads it
-/// with as much memory; a backup's chain is refused (Corrupt). Checked as
-/// each layer's header is read, before its table is: a refused chain holds
-/// at most this much.
-pub const MAX_CHAIN_L1_BYTES: u64 = 256 << 20;
-
-/// The error for a chain (top `top`) whose L1 tables need `sum` bytes once
-/// `file` is added, over [`MAX_CHAIN_L1_BYTES`]: Corrupt for a backup's
-/// chain (`backup`), else InvalidInput (left to qemu-img).
-fn l1_budget_error(top: &str, file: &str, sum: u64, files: usize, backup: bool) -> KnibError {
-    let kind = if backup { crate::ErrorKind::Corrupt } else { crate::ErrorKind::InvalidInput };
-    KnibError::new(
-        kind,
-        format!(
-            "backing chain of {top}: its L1 tables would need {sum} bytes of memory with {file} ({files} files), \
-         over the limit of {MAX_CHAIN_L1_BYTES} bytes for a chain (virtual sizes too large for its depth); refused"
-        ),
-    )
-}
 
 /// A raw file used as a backing file: its bytes are its guest content and
 /// its length its virtual size.
@@ -270,8 +235,6 @@ impl Chain {
         let mut path = top.to_path_buf();
         let mut format = Some("qcow2".to_string());
         let mut top_dev = None;
-        // Bytes of L1 tables of the layers opened so far.
-        let mut l1_sum = 0u64;
         loop {
             let meta = std::fs::metadata(&path).map_err(|e| match names.last() {
                 Some(parent) => {
@@ -329,16 +292,7 @@ impl Chain {
                 ))));
             }
             let layer = match fmt.as_str() {
-                "qcow2" => Layer::Qcow2(Box::new(Qcow2Image::open_checked(&path, &mut |h| {
-                    let sum = l1_sum.saturating_add(l1_held_bytes(h));
-                    if sum > MAX_CHAIN_L1_BYTES {
-                        let top = top.display().to_string();
-                        let file = path.display().to_string();
-                        return Err(l1_budget_error(&top, &file, sum, layers.len() + 1, files_only));
-                    }
-                    l1_sum = sum;
-                    Ok(())
-                })?)),
+                "qcow2" => Layer::Qcow2(Box::new(Qcow2Image::open(&path)?)),
                 "raw" => Layer::Raw(RawImage::open(&path)?),
                 other => {
                     return Err(Refusal::Other(KnibError::invalid(format!(
@@ -404,21 +358,13 @@ impl Chain {
     /// sources, such as a vault's objects): `top`, then its backing files
     /// nearest first. The caller has checked that each one's backing
     /// pointer names the next; the L2 cache budget is shared as in
-    /// [`Chain::open`], and so is the limit of [`MAX_CHAIN_L1_BYTES`] (the
-    /// caller holds the tables already: it is checked here all the same).
+    /// [`Chain::open`].
     pub fn from_images(top: Qcow2Image, backing: Vec<Qcow2Image>) -> Result<Self> {
         if backing.len() >= MAX_CHAIN_DEPTH {
             return Err(KnibError::corrupt(format!(
                 "backing chain of {} is deeper than {MAX_CHAIN_DEPTH} files",
                 top.name()
             )));
-        }
-        let mut sum = 0u64;
-        for (k, img) in std::iter::once(&top).chain(&backing).enumerate() {
-            sum = sum.saturating_add(l1_held_bytes(img.header()));
-            if sum > MAX_CHAIN_L1_BYTES {
-                return Err(l1_budget_error(top.name(), img.name(), sum, k + 1, true));
-            }
         }
         let share = super::image::L2_CACHE_BYTES / (1 + backing.len() as u64);
         let mut top = top;

@@ -116,6 +116,30 @@ impl Storage {
 
 pub(crate) use super::source::file_size;
 
+/// Entries of the L1 table read at a time (16 KiB: with 64 KiB clusters,
+/// 1 TiB of disk; with 4 KiB clusters, 4 GiB).
+const L1_CHUNK_ENTRIES: usize = 2048;
+/// Chunks of the L1 table an image holds at a time: 64 KiB a layer, 4 MiB
+/// for the deepest chain ([`super::MAX_CHAIN_DEPTH`]), whatever the
+/// virtual sizes.
+const L1_CHUNK_SLOTS: usize = 4;
+
+/// The L1 table, read on demand: the entries covering the virtual size
+/// (`entries`, from the table at `offset`), an LRU of a few chunks of
+/// them in memory: (chunk number, entries, last use). A copy, a restore or
+/// a merge reads the entries in guest order, one chunk at a time; a table
+/// of 32 MiB (2 PiB of disk) costs no more memory than a small one, and a
+/// chain no more than its depth times a few chunks.
+#[derive(Debug)]
+struct L1Window {
+    offset: u64,
+    entries: usize,
+    slots: Vec<(usize, Vec<u64>, u64)>,
+    /// The slot used last (the next lookup's first guess).
+    last: usize,
+    clock: u64,
+}
+
 /// An LRU cache of decoded L2 tables, keyed by their file offset: (offset,
 /// entries, last use, whether any entry is not 0).
 #[derive(Debug)]
@@ -149,8 +173,8 @@ pub struct Qcow2Image {
     storage: Storage,
     file_len: u64,
     header: Header,
-    /// The active L1 entries that cover the virtual size.
-    l1: Vec<u64>,
+    /// The active L1 entries that cover the virtual size, read on demand.
+    l1: L1Window,
     l2_cache: L2Cache,
     /// The last decompressed cluster: ((host offset, compressed length),
     /// cluster bytes). Keyed by both: two L2 entries may name one offset
@@ -162,19 +186,13 @@ pub struct Qcow2Image {
 }
 
 impl Qcow2Image {
-    /// Open the qcow2 file at `path` read-only and check its header and L1
-    /// table. A dirty image opens (reads are correct) with a warning logged.
+    /// Open the qcow2 file at `path` read-only and check its header (the
+    /// L1 table is read as it is used, each entry checked then). A dirty
+    /// image opens (reads are correct) with a warning logged.
     pub fn open(path: &Path) -> Result<Self> {
-        Self::open_checked(path, &mut |_| Ok(()))
-    }
-
-    /// [`Qcow2Image::open`], with `before_l1` asked about the parsed header
-    /// before the L1 table is read (a chain keeps the sum of its layers'
-    /// tables within a budget: [`super::Chain::open`]).
-    pub(crate) fn open_checked(path: &Path, before_l1: &mut dyn FnMut(&Header) -> Result<()>) -> Result<Self> {
         let file = File::open(path).map_err(|e| KnibError::io("open qcow2 image", path, e))?;
         let file_len = file_size(&file).map_err(|e| KnibError::io("size qcow2 image", path, e))?;
-        let mut img = Self::from_storage(path.display().to_string(), Storage::File(file), file_len, before_l1)?;
+        let mut img = Self::from_storage(path.display().to_string(), Storage::File(file), file_len)?;
         img.path = Some(path.to_path_buf());
         Ok(img)
     }
@@ -183,7 +201,7 @@ impl Qcow2Image {
     /// same checks as [`Qcow2Image::open`]: for tests and fuzzing.
     pub fn from_bytes(name: impl Into<String>, data: Vec<u8>) -> Result<Self> {
         let len = data.len() as u64;
-        Self::from_storage(name.into(), Storage::Memory(data), len, &mut |_| Ok(()))
+        Self::from_storage(name.into(), Storage::Memory(data), len)
     }
 
     /// Open the image whose bytes `source` gives (an object of a vault);
@@ -191,15 +209,10 @@ impl Qcow2Image {
     /// [`Qcow2Image::open`].
     pub fn from_source(name: impl Into<String>, source: std::sync::Arc<dyn ReadAt>) -> Result<Self> {
         let len = source.len();
-        Self::from_storage(name.into(), Storage::Source(SharedSource(source)), len, &mut |_| Ok(()))
+        Self::from_storage(name.into(), Storage::Source(SharedSource(source)), len)
     }
 
-    fn from_storage(
-        name: String,
-        storage: Storage,
-        file_len: u64,
-        before_l1: &mut dyn FnMut(&Header) -> Result<()>,
-    ) -> Result<Self> {
+    fn from_storage(name: String, storage: Storage, file_len: u64) -> Result<Self> {
         let io = |e: std::io::Error| read_error(&name, e);
         let mut start = [0u8; 24];
         let got = storage.read_zero_fill(0, &mut start).map_err(io)?;
@@ -215,25 +228,10 @@ impl Qcow2Image {
             log::warn!("qcow2 image {name} is marked corrupt by QEMU; reading it with every entry checked");
         }
 
-        before_l1(&header)?;
         // The L1 entries covering the virtual size (Header::parse checked
-        // that there are that many and that the whole table is in the file),
-        // read 64 KiB at a time: no second copy of a table of up to 32 MiB.
-        let needed = (l1_held_bytes(&header) / 8) as usize; // <= 4 Mi entries
-        let mut l1 = Vec::with_capacity(needed);
-        let mut raw = vec![0u8; (needed * 8).min(64 << 10)];
-        while l1.len() < needed {
-            let chunk = &mut raw[..((needed - l1.len()) * 8).min(64 << 10)];
-            let at = header.l1_table_offset + l1.len() as u64 * 8;
-            let got = storage.read_zero_fill(at, chunk).map_err(io)?;
-            if got < chunk.len() {
-                return Err(KnibError::corrupt(format!(
-                    "qcow2 image {name}: L1 table is cut short by the end of the file"
-                )));
-            }
-            l1.extend(chunk.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))));
-        }
-        drop(raw);
+        // that there are that many and that the whole table is in the file).
+        let entries = (l1_held_bytes(&header) / 8) as usize; // <= 4 Mi entries
+        let l1 = L1Window { offset: header.l1_table_offset, entries, slots: Vec::new(), last: 0, clock: 0 };
 
         let capacity = l2_capacity(L2_CACHE_BYTES, header.cluster_bits);
         Ok(Qcow2Image {
@@ -316,10 +314,7 @@ impl Qcow2Image {
         let l2_entries = self.header.l2_entries();
         let l1_index = (index / l2_entries) as usize; // < l1.len() by the check above
         let l2_index = (index % l2_entries) as usize;
-        let Some(&l1e) = self.l1.get(l1_index) else {
-            return Err(self.corrupt(format!("no L1 entry for guest cluster {index}")));
-        };
-        let l2_offset = self.check_l1_entry(l1_index, l1e)?;
+        let l2_offset = self.l2_table_offset(l1_index)?;
         if l2_offset == 0 {
             return Ok(ClusterState::Unallocated);
         }
@@ -342,11 +337,50 @@ impl Qcow2Image {
 
     /// The L2 table offset (checked) of L1 entry `i`, 0 when that range of
     /// guest clusters has no L2 table.
-    pub(crate) fn l2_table_offset(&self, i: usize) -> Result<u64> {
-        match self.l1.get(i) {
-            Some(&e) => self.check_l1_entry(i, e),
-            None => Err(self.corrupt(format!("no L1 entry {i}"))),
+    pub(crate) fn l2_table_offset(&mut self, i: usize) -> Result<u64> {
+        let e = self.l1_entry(i)?;
+        self.check_l1_entry(i, e)
+    }
+
+    /// L1 entry `i` (unchecked), its chunk of the table read unless it is
+    /// held ([`L1Window`]).
+    fn l1_entry(&mut self, i: usize) -> Result<u64> {
+        let (chunk, at) = (i / L1_CHUNK_ENTRIES, i % L1_CHUNK_ENTRIES);
+        if i >= self.l1.entries {
+            return Err(self.corrupt(format!("no L1 entry {i}")));
         }
+        let w = &mut self.l1;
+        if let Some((c, e, _)) = w.slots.get(w.last) {
+            if *c == chunk {
+                return Ok(e.get(at).copied().unwrap_or(0));
+            }
+        }
+        w.clock += 1;
+        let clock = w.clock;
+        if let Some(slot) = w.slots.iter().position(|s| s.0 == chunk) {
+            w.slots[slot].2 = clock;
+            w.last = slot;
+            return Ok(w.slots[slot].1.get(at).copied().unwrap_or(0));
+        }
+        let first = chunk * L1_CHUNK_ENTRIES;
+        let n = (w.entries - first).min(L1_CHUNK_ENTRIES);
+        let mut raw = vec![0u8; n * 8];
+        let got = self.storage.read_zero_fill(w.offset + first as u64 * 8, &mut raw).map_err(|e| self.io_err(e))?;
+        if got < raw.len() {
+            return Err(self.corrupt("L1 table is cut short by the end of the file"));
+        }
+        let table: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        let e = table.get(at).copied().unwrap_or(0);
+        let w = &mut self.l1;
+        if w.slots.len() < L1_CHUNK_SLOTS {
+            w.slots.push((chunk, table, clock));
+            w.last = w.slots.len() - 1;
+        } else {
+            let lru = w.slots.iter().enumerate().min_by_key(|(_, s)| s.2).map_or(0, |(at, _)| at);
+            w.slots[lru] = (chunk, table, clock);
+            w.last = lru;
+        }
+        Ok(e)
     }
 
     /// Whether the range of L1 entry `i` maps anything: it has an L2
@@ -685,10 +719,10 @@ impl Qcow2Image {
     }
 }
 
-/// Bytes of the L1 table an image with header `h` keeps in memory: the
-/// entries covering its virtual size (8 bytes per 512 MiB of disk with
-/// 64 KiB clusters, per 2 MiB with 4 KiB clusters).
-pub(crate) fn l1_held_bytes(h: &Header) -> u64 {
+/// Bytes of the L1 table an image with header `h` reads: the entries
+/// covering its virtual size (8 bytes per 512 MiB of disk with 64 KiB
+/// clusters, per 2 MiB with 4 KiB clusters).
+fn l1_held_bytes(h: &Header) -> u64 {
     h.size.div_ceil(h.cluster_size() * h.l2_entries()) * 8
 }
 

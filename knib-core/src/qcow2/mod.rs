@@ -7,12 +7,11 @@
 //! order are documented there).
 //!
 //! Written from QEMU's format specification (docs/interop/qcow2.txt). Reads
-//! stream: one L1 table in memory per file (the entries covering the
-//! virtual size; a chain's summed at most [`MAX_CHAIN_L1_BYTES`], checked
-//! before each table is read: why a budget rather than entries read on
-//! demand is told there), a small LRU cache of L2 tables (about 1 MiB, 2
-//! to 64 tables, shared by a chain's layers), and the last decompressed
-//! cluster. A range whose L2 table holds only zeros maps nothing, as a
+//! stream: a few 16 KiB chunks of each file's L1 table, read as they are
+//! used (64 KiB a file whatever its virtual size, so a chain of 64 files
+//! claiming 2 PiB each holds 4 MiB of them, not 2 GiB), a small LRU cache
+//! of L2 tables (about 1 MiB, 2 to 64 tables, shared by a chain's layers),
+//! and the last decompressed cluster. A range whose L2 table holds only zeros maps nothing, as a
 //! range without a table: loops over guest clusters step over it in one
 //! go (a crafted image of millions of L1 entries naming tables of zeros
 //! is not walked cluster by cluster).
@@ -127,16 +126,16 @@
 //!   sector. It is at most two clusters long by construction. The data must
 //!   decompress (raw deflate, or one zstd frame with a window of at most
 //!   8 MiB) to at least one whole cluster; exactly one cluster is used.
-//! - Chains: at most [`MAX_CHAIN_DEPTH`] files and [`MAX_CHAIN_L1_BYTES`]
-//!   of L1 tables (refused naming the chain, the file and the sum: a
-//!   disk's chain left to qemu-img, a backup's as corrupt), no file twice (compared by
-//!   device and inode, so symlinks and hard links count), relative names resolved against the naming image's
-//!   directory, formats qcow2 or raw (probed by magic when not named).
+//! - Chains: at most [`MAX_CHAIN_DEPTH`] files, no file twice (compared by
+//!   device and inode, so symlinks and hard links count), relative names
+//!   resolved against the naming image's directory, formats qcow2 or raw
+//!   (probed by magic when not named).
 //!
 //! No input makes this module panic or allocate without bound: every size
 //! taken from a file is checked before it sizes a buffer (at most 2 MiB for
-//! a header cluster or an L2 table, 4 MiB for compressed input, 32 MiB for
-//! the L1 table and never more than the file holds).
+//! a header cluster or an L2 table, 4 MiB for compressed input, 16 KiB
+//! chunks of an L1 table read for lookups, 32 MiB for a whole table read
+//! by the checks and the merge, and never more than the file holds).
 
 mod behind;
 mod chain;
@@ -161,7 +160,7 @@ mod tests;
 mod writer;
 
 pub(crate) use behind::WriteBehind;
-pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH, MAX_CHAIN_L1_BYTES};
+pub use chain::{relative_pointer, Chain, Layer, RawImage, MAX_CHAIN_DEPTH};
 pub use check::RefcountCheck;
 pub use commit::Commit;
 pub use commit_base::CommitReport;
