@@ -454,6 +454,14 @@ impl Chain {
                     continue;
                 }
             }
+            // Within a mapped range, the clusters no layer's entry maps
+            // are passed in one step too (a crafted table may hold one
+            // entry among millions of 0).
+            let next = self.next_entry_at_or_after(at)?.min(end) / grain * grain;
+            if next > at {
+                at = next;
+                continue;
+            }
             if self.has_data_at(at)? {
                 let (s, e) = (at.max(offset), (at + grain).min(end));
                 match out.last_mut() {
@@ -494,6 +502,32 @@ impl Chain {
             end = end.min((offset / span + 1) * span);
         }
         Ok(Some(end))
+    }
+
+    /// The first guest byte at or after `offset` in a cluster whose L2
+    /// entry is not 0 in some layer that is read there, or at the end of a
+    /// layer's virtual size (where what is read changes), whichever comes
+    /// first; `offset` itself when a raw layer is read there.
+    fn next_entry_at_or_after(&mut self, offset: u64) -> Result<u64> {
+        let mut next = u64::MAX;
+        let backing = self.backing.iter_mut().map(|l| match l {
+            Layer::Qcow2(img) => Ok(&mut **img),
+            Layer::Raw(raw) => Err(raw.virtual_size()),
+        });
+        for layer in std::iter::once(Ok(&mut self.top)).chain(backing) {
+            let img = match layer {
+                Ok(img) => img,
+                Err(raw_size) if offset < raw_size => return Ok(offset),
+                Err(_) => break,
+            };
+            if offset >= img.virtual_size() {
+                break;
+            }
+            let cs = img.cluster_size();
+            let mapped = img.next_mapped_cluster(offset / cs)?.saturating_mul(cs);
+            next = next.min(mapped.max(offset)).min(img.virtual_size());
+        }
+        Ok(next.max(offset))
     }
 
     /// Whether the cluster holding guest byte `offset` has data in some

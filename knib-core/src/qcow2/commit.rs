@@ -363,8 +363,17 @@ impl Commit {
                 continue;
             }
             let first = r as u64 * l2n;
+            let end = (first + l2n).min(total);
             let mut table: Option<TableEdit> = None;
-            for i in first..(first + l2n).min(total) {
+            // The entries that are not 0 (each of them: no step per entry
+            // of 0, which a crafted table may hold by the million).
+            let mut next = first;
+            loop {
+                let i = self.top.next_mapped_cluster_before(next, end)?;
+                if i >= end {
+                    break;
+                }
+                next = i + 1;
                 let st = self.top.cluster_state(i)?;
                 if st == ClusterState::Unallocated {
                     continue;
@@ -535,8 +544,8 @@ impl CopyRun {
 /// is read and every compressed cluster decompressed on the way, so a top
 /// whose data cannot be read (compressed data garbled, or a descriptor
 /// pointing at its own tables) fails here, before the base is written,
-/// rather than part-way through the merge. An L2 table of zeros counts,
-/// its range is not walked ([`Qcow2Image::l2_range_mapped`]). (No
+/// rather than part-way through the merge. An L2 table counts, its
+/// entries of 0 are not walked ([`Qcow2Image::next_mapped_cluster`]). (No
 /// [`Control`] to check here: [`Commit::prepare`] takes none.)
 fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
     let l2n = top.header().l2_entries();
@@ -547,11 +556,10 @@ fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
             continue;
         }
         n += 1;
-        if !top.l2_range_mapped(r)? {
-            continue;
-        }
         let first = r as u64 * l2n;
-        for i in first..(first + l2n).min(total) {
+        let end = (first + l2n).min(total);
+        let mut i = top.next_mapped_cluster_before(first, end)?;
+        while i < end {
             match top.cluster_state(i)? {
                 ClusterState::Data { .. } => n += 1,
                 ClusterState::Compressed { host_offset, compressed_len } => {
@@ -560,6 +568,7 @@ fn worst_case_new_clusters(top: &mut Qcow2Image) -> Result<u64> {
                 }
                 _ => {}
             }
+            i = top.next_mapped_cluster_before(i + 1, end)?;
         }
     }
     Ok(n)

@@ -187,16 +187,18 @@ fn digest_range(
 ) -> Result<()> {
     let shape = DigestShape { cluster_size: img.cluster_size(), virtual_size: img.virtual_size(), zeros_count };
     let mut buf = vec![0u8; img.cluster_size() as usize];
-    let l2_entries = img.header().l2_entries();
     let mut i = from;
+    let mut steps = 0u64;
     while i < to {
-        if i.is_multiple_of(4096) {
+        steps += 1;
+        if steps.is_multiple_of(4096) {
             ctl.check(step)?;
         }
-        if i.is_multiple_of(l2_entries) && !img.l2_range_mapped((i / l2_entries) as usize)? {
-            // A range without an L2 table, or with one of zeros: nothing
-            // here (looked up once per range).
-            i = (i + l2_entries).min(to);
+        // Clusters whose L2 entry is 0 (no table, or an entry of 0) hold
+        // nothing here: stepped over, not looked up one by one.
+        let next = img.next_mapped_cluster_before(i, to)?;
+        if next > i {
+            i = next;
             continue;
         }
         match img.cluster_state(i)? {
@@ -321,22 +323,29 @@ pub(crate) enum Copied<'a> {
 /// Whether `img` holds a cluster of its own in `[off, end)`.
 fn owns(img: &mut Qcow2Image, off: u64, end: u64) -> Result<bool> {
     let cs = img.cluster_size();
-    for i in off / cs..end.div_ceil(cs) {
+    let (mut i, last) = (off / cs, end.div_ceil(cs));
+    loop {
+        // Entries of 0 are unallocated: stepped over.
+        i = img.next_mapped_cluster_before(i, last)?;
+        if i >= last {
+            return Ok(false);
+        }
         if img.cluster_state(i)? != ClusterState::Unallocated {
             return Ok(true);
         }
+        i += 1;
     }
-    Ok(false)
 }
 
-/// The end of the range without an L2 table (or with one of zeros) that
-/// `off` lies in, or `off` when its range maps something.
+/// The start of the first cluster at or after `off` whose L2 entry is
+/// not 0 (no table, a table of zeros, entries of 0 map nothing), or `off`
+/// when its own cluster's is not.
 fn unmapped_end(img: &mut Qcow2Image, off: u64) -> Result<u64> {
-    let span = img.cluster_size() * img.header().l2_entries();
-    Ok(if img.l2_range_mapped((off / span) as usize)? { off } else { (off / span + 1) * span })
+    let cs = img.cluster_size();
+    Ok(img.next_mapped_cluster(off / cs)?.saturating_mul(cs).max(off))
 }
 
-/// [`unmapped_end`] of a backing file at `off`, within its virtual size (a
+/// [`unmapped_end`] of a backing file at `off` (a
 /// raw file holds everything up to its size but its holes, which read as
 /// zeros: a sparse template of terabytes is not read whole).
 fn layer_unmapped_end(l: &mut Layer, off: u64) -> Result<u64> {

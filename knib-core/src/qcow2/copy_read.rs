@@ -170,10 +170,9 @@ impl Source {
     /// The first cluster at or after `index` that may not resolve to
     /// [`Resolved::Skip`]: every cluster before it is unallocated in each
     /// layer the copy reads (or, flattened, past the end of a shorter
-    /// layer). Only the L1 tables are looked at, so a copy of a huge,
-    /// mostly unmapped image (a crafted header can ask for 2^61 bytes)
-    /// steps over its holes a table range at a time instead of resolving
-    /// billions of clusters; and over a raw file, the last layer of a
+    /// layer). Only the tables are looked at, so a copy of a huge, mostly
+    /// unmapped image (a crafted header can ask for 2^61 bytes) steps over
+    /// its holes instead of resolving billions of clusters; and over a raw file, the last layer of a
     /// flattened copy, it steps to the file's next data
     /// ([`RawImage::next_data`]). `index` itself when it may hold data.
     pub(super) fn next_candidate(&mut self, index: u64) -> Result<u64> {
@@ -220,19 +219,18 @@ impl Source {
     }
 
     /// The next cluster to resolve after cluster `index` resolved to
-    /// [`Resolved::Skip`]: past the unmapped ranges at the start of an L1
-    /// range of the top ([`Source::next_candidate`]), else the next one.
+    /// [`Resolved::Skip`]: past the clusters no layer maps
+    /// ([`Source::next_candidate`]; within a table too, so a table with
+    /// one entry set, named by every L1 entry of a crafted image, is not
+    /// walked entry by entry).
     pub(super) fn after_skip(&mut self, index: u64) -> Result<u64> {
-        if !index.is_multiple_of(self.top.header().l2_entries()) {
-            return Ok(index + 1);
-        }
-        Ok(self.next_candidate(index)?.max(index + 1))
+        self.next_candidate(index + 1)
     }
 
-    /// The first cluster at or after `index` in a range of qcow2 layer
-    /// `layer`'s L1 table that has an L2 table. Copies ask in guest order,
-    /// so the last answer is kept and each stretch of an L1 table is
-    /// scanned once.
+    /// The first cluster at or after `index` whose L2 entry in qcow2 layer
+    /// `layer` is not 0 ([`Qcow2Image::next_mapped_cluster`]). Copies ask
+    /// in guest order, so the last answer is kept and each stretch of a
+    /// table is searched once.
     fn next_mapped(&mut self, layer: usize, index: u64) -> Result<u64> {
         if let Some(Some((from, next))) = self.mapped.get(layer) {
             if *from <= index && index <= *next {

@@ -132,21 +132,17 @@ impl super::Qcow2Image {
         &mut self,
         hit: &mut dyn FnMut(&mut Self, super::ClusterState) -> Result<bool>,
     ) -> Result<Option<u64>> {
-        let l2_entries = self.header().l2_entries();
-        for i in 0..self.guest_clusters().div_ceil(l2_entries) as usize {
-            // A range without an L2 table, or with one of zeros, stores
-            // nothing.
-            if !self.l2_range_mapped(i)? {
-                continue;
+        // Only the clusters whose L2 entry is not 0: ranges without a
+        // table, and entries of 0, store nothing.
+        let total = self.guest_clusters();
+        let mut index = self.next_mapped_cluster(0)?;
+        while index < total {
+            let state = self.cluster_state(index)?;
+            let stored = matches!(state, super::ClusterState::Data { .. } | super::ClusterState::Compressed { .. });
+            if stored && hit(self, state)? {
+                return Ok(Some(index));
             }
-            let first = i as u64 * l2_entries;
-            for index in first..(first + l2_entries).min(self.guest_clusters()) {
-                let state = self.cluster_state(index)?;
-                let stored = matches!(state, super::ClusterState::Data { .. } | super::ClusterState::Compressed { .. });
-                if stored && hit(self, state)? {
-                    return Ok(Some(index));
-                }
-            }
+            index = self.next_mapped_cluster(index + 1)?;
         }
         Ok(None)
     }

@@ -141,10 +141,11 @@ struct L1Window {
 }
 
 /// An LRU cache of decoded L2 tables, keyed by their file offset: (offset,
-/// entries, last use, whether any entry is not 0).
+/// entries, last use, which groups of 64 entries hold one that is not 0:
+/// bit `g % 64` of word `g / 64` for entries `64 * g..64 * g + 64`).
 #[derive(Debug)]
 struct L2Cache {
-    slots: Vec<(u64, Vec<u64>, u64, bool)>,
+    slots: Vec<(u64, Vec<u64>, u64, Vec<u64>)>,
     capacity: usize,
     clock: u64,
 }
@@ -181,6 +182,9 @@ pub struct Qcow2Image {
     /// with different lengths (one decompressing, one truncated), and each
     /// reads as its own entry says, as QEMU reads it.
     decompressed: Option<((u64, u64), Vec<u8>)>,
+    /// Guest clusters `from..to` found to be unmapped (L2 entries of 0)
+    /// by the last [`Qcow2Image::next_mapped_cluster_before`].
+    unmapped: Option<(u64, u64)>,
     compressed_buf: Vec<u8>,
     decompressor: Decompressor,
 }
@@ -243,6 +247,7 @@ impl Qcow2Image {
             l1,
             l2_cache: L2Cache { slots: Vec::new(), capacity, clock: 0 },
             decompressed: None,
+            unmapped: None,
             compressed_buf: Vec::new(),
             decompressor: Decompressor::default(),
         })
@@ -398,27 +403,82 @@ impl Qcow2Image {
             return Ok(false);
         }
         let slot = self.load_l2(off)?;
-        Ok(self.l2_cache.slots.get(slot).is_some_and(|s| s.3))
+        Ok(self.l2_cache.slots.get(slot).is_some_and(|s| s.3.iter().any(|&w| w != 0)))
     }
 
-    /// The first guest cluster at or after `index` whose range of the L1
-    /// table maps something ([`Qcow2Image::l2_range_mapped`];
-    /// [`Qcow2Image::guest_clusters`] when none does): every cluster
+    /// The first entry at or after `from` of the L2 table in cache slot
+    /// `slot` that is not 0, found through the slot's groups of 64: a
+    /// table with one entry set costs a few dozen words to search, not a
+    /// step per entry (a crafted image may name one such table from every
+    /// L1 entry).
+    fn next_nonzero_entry(&self, slot: usize, from: usize) -> Option<usize> {
+        let (_, table, _, groups) = self.l2_cache.slots.get(slot)?;
+        let mut g = from / 64;
+        // The rest of the first group, then the next groups that hold one.
+        if let Some(k) = table.get(from..(g + 1) * 64).and_then(|t| t.iter().position(|&e| e != 0)) {
+            return Some(from + k);
+        }
+        g += 1;
+        while g / 64 < groups.len() {
+            let word = groups[g / 64] >> (g % 64);
+            if word == 0 {
+                g = (g / 64 + 1) * 64;
+                continue;
+            }
+            g += word.trailing_zeros() as usize;
+            let start = g * 64;
+            return table.get(start..).and_then(|t| t.iter().take(64).position(|&e| e != 0)).map(|k| start + k);
+        }
+        None
+    }
+
+    /// The first guest cluster at or after `index` whose L2 entry is not
+    /// 0 ([`Qcow2Image::guest_clusters`] when none is): every cluster
     /// before it is unallocated here. Reads the L1 table (its entries
-    /// checked) and the L2 tables it names up to there, so a copy can step
-    /// over the unmapped ranges of a huge, sparse image instead of asking
-    /// for each cluster.
+    /// checked) and the L2 tables it names up to there, so a walk steps
+    /// over the unmapped ranges of a huge, sparse image, and over the
+    /// zero entries of a table, instead of asking for each cluster (a
+    /// crafted image whose millions of L1 entries name one table with a
+    /// single entry set costs one search of that table per entry).
     pub(crate) fn next_mapped_cluster(&mut self, index: u64) -> Result<u64> {
-        let total = self.guest_clusters();
+        self.next_mapped_cluster_before(index, u64::MAX)
+    }
+
+    /// [`Qcow2Image::next_mapped_cluster`], searching no further than
+    /// cluster `end` (returned when nothing is mapped before it).
+    pub(crate) fn next_mapped_cluster_before(&mut self, index: u64, end: u64) -> Result<u64> {
+        let limit = self.guest_clusters().min(end);
+        // What the last search found unmapped is not searched again: a
+        // walk that asks of several images in turn searches each one's
+        // stretches once, not once for every cluster another one maps.
+        let (mut start, mut from) = (index, index);
+        if let Some((f, t)) = self.unmapped {
+            if f <= index && index < t {
+                (start, from) = (t, f);
+            }
+        }
+        if start >= limit {
+            return Ok(limit.max(index));
+        }
         let l2_entries = self.header.l2_entries();
-        let mut r = index / l2_entries;
-        while r * l2_entries < total {
-            if self.l2_range_mapped(r as usize)? {
-                return Ok((r * l2_entries).max(index));
+        let mut found = limit;
+        let mut r = start / l2_entries;
+        while r * l2_entries < limit {
+            let off = self.l2_table_offset(r as usize)?;
+            if off != 0 {
+                let slot = self.load_l2(off)?;
+                let at = if r == start / l2_entries { (start % l2_entries) as usize } else { 0 };
+                if let Some(k) = self.next_nonzero_entry(slot, at) {
+                    // An entry past the virtual size (in the last table)
+                    // maps nothing the guest sees.
+                    found = (r * l2_entries + k as u64).min(limit);
+                    break;
+                }
             }
             r += 1;
         }
-        Ok(total.max(index))
+        self.unmapped = Some((from, found));
+        Ok(found)
     }
 
     /// The open file (`None` for an in-memory image).
@@ -472,14 +532,19 @@ impl Qcow2Image {
             return Err(self.corrupt(format!("L2 table at {off} is cut short by the end of the file")));
         }
         let table: Vec<u64> = raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect();
-        let any = table.iter().any(|&e| e != 0);
+        let mut groups = vec![0u64; table.len().div_ceil(64 * 64)];
+        for (g, chunk) in table.chunks(64).enumerate() {
+            if chunk.iter().any(|&e| e != 0) {
+                groups[g / 64] |= 1 << (g % 64);
+            }
+        }
         let slots = &mut self.l2_cache.slots;
         if slots.len() < self.l2_cache.capacity {
-            slots.push((off, table, clock, any));
+            slots.push((off, table, clock, groups));
             return Ok(slots.len() - 1);
         }
         let lru = slots.iter().enumerate().min_by_key(|(_, s)| s.2).map_or(0, |(at, _)| at);
-        slots[lru] = (off, table, clock, any);
+        slots[lru] = (off, table, clock, groups);
         Ok(lru)
     }
 

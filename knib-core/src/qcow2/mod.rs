@@ -11,10 +11,13 @@
 //! used (64 KiB a file whatever its virtual size, so a chain of 64 files
 //! claiming 2 PiB each holds 4 MiB of them, not 2 GiB), a small LRU cache
 //! of L2 tables (about 1 MiB, 2 to 64 tables, shared by a chain's layers),
-//! and the last decompressed cluster. A range whose L2 table holds only zeros maps nothing, as a
-//! range without a table: loops over guest clusters step over it in one
-//! go (a crafted image of millions of L1 entries naming tables of zeros
-//! is not walked cluster by cluster).
+//! and the last decompressed cluster. An L2 entry of 0 maps nothing, as a
+//! range without a table: loops over guest clusters step from one entry
+//! that is not 0 to the next, found through a summary of each cached
+//! table (a bit per 64 entries), and a range without a table or with a
+//! table of zeros in one go (a crafted image of millions of L1 entries
+//! naming one table of zeros, or one with a single entry set, is not
+//! walked cluster by cluster).
 //!
 //! # What the writer writes ([`Layout`])
 //!
