@@ -31,9 +31,25 @@
 //!   upload and removes what the backup had completed; a process killed
 //!   part way leaves an upload record, or objects without a manifest, which
 //!   the next direct backup (or sync) of the VM removes before it starts.
-//! - Every object's hash is that of the bytes sent, in file order; a
-//!   compressed image, whose header is written last into the first part,
-//!   is hashed by reading the completed object back (one GET of it).
+//! - Every object's hash (the one its manifest records) is that of the
+//!   bytes knib made, in their final order (the header patched in), never
+//!   that of bytes read from somewhere they could have changed. The spool
+//!   files are not trusted: each block of a part is hashed as it is
+//!   written, and checked as it is read for its PUT and before a patch
+//!   (module `spool`); a part that changed is not sent, and the backup
+//!   fails `corrupt` naming the object. An image written front to back is
+//!   hashed as it is appended; an image of one part (patched or not) from
+//!   that part. A compressed image of more parts, whose header is written
+//!   last into its first part, cannot be hashed in order as it is sent:
+//!   each part is hashed on its own (part 0 again with its header), the
+//!   completed object is read back once (ranged GETs of 1 MiB), each part
+//!   of it is checked against the hash of the part sent, and the hash of
+//!   the bytes read back is recorded only when every part matches: it is
+//!   then the hash of the bytes made. A part that differs is a `corrupt`
+//!   error naming the object, which is removed; no manifest is written. An
+//!   image written front to back is not read back: a change the vault makes
+//!   to it is not seen by the backup, but its recorded hash is still that
+//!   of the bytes made, so a verify or restore finds it.
 //!
 //! # Costs
 //!
@@ -50,7 +66,16 @@
 //! the page cache and out of it, CPU time but no disk read in practice, as
 //! a part is read back within seconds of being written; the spool files
 //! are never synced, and the kernel may write some of their pages back
-//! (memory it may reclaim, not the process's RSS).
+//! (memory it may reclaim, not the process's RSS). The checks cost an
+//! xxh3 pass as a block is written and one as it is read (two more for a
+//! compressed image: its parts' own hashes, and the object read back), the
+//! hashes of a part's blocks while it is held (16 bytes per 256 KiB), the
+//! length and hash of each part sent (48 bytes), one block of 256 KiB
+//! while part 0 is read back for its header (counted in the bound: beside
+//! it are the write buffer and at most `parallel_parts - 1` parts in
+//! flight), and, for a compressed image of more than one part, a read of
+//! the whole object from the vault, 1 MiB at a time, once every part is
+//! sent (as before these checks).
 //!
 //! # Why not object_store's `put_part`
 //!
@@ -76,7 +101,8 @@ use object_store::path::Path as Key;
 use object_store::PutMode;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::spool::{Gauge, Sender, Spool, CHUNK, WINDOW, WRITE_BUF};
+use super::object::HASH_CHUNK;
+use super::spool::{Gauge, PatchError, PutError, Sender, Spool, CHUNK, WINDOW, WRITE_BUF};
 use super::sync::{SyncOptions, UploadRecord, MIN_PART};
 use super::Vault;
 use crate::catalog::head::{decide_among, follows_of_plain_disks, Decision, Follows};
@@ -87,7 +113,7 @@ use crate::error::{KnibError, Result};
 use crate::progress::Control;
 use crate::qcow2::Sink;
 
-type PartTask = tokio::task::JoinHandle<object_store::Result<PartId>>;
+type PartTask = tokio::task::JoinHandle<std::result::Result<PartId, PutError>>;
 
 // The sizes the docs give (module doc, `VaultSink::bound`).
 const _: () = assert!(WRITE_BUF == 256 << 10 && CHUNK == 256 << 10 && WINDOW == 2);
@@ -128,6 +154,12 @@ pub struct VaultSink {
     in_flight: VecDeque<(usize, u64, PartTask)>,
     in_flight_bytes: u64,
     parts: Vec<Option<PartId>>,
+    /// Each part's length and hash as knib made it (patches included),
+    /// when there is no running hash: what the object read back is
+    /// checked against.
+    sums: Vec<Option<(u64, u128)>>,
+    /// The hash of the bytes appended, in order (none for a sink that
+    /// keeps part 0 for a patch, or once patched).
     hasher: Option<Box<Xxh3>>,
     len: u64,
     /// Bytes in memory: the write buffer, the chunks of the parts' bodies.
@@ -150,8 +182,10 @@ impl VaultSink {
     /// `spool_dir` (a directory of the local disk the caller owns); with
     /// `hash`, every byte appended is hashed in order and the image is
     /// written front to back (part 0 is sent as soon as a second part is
-    /// needed: no [`VaultSink::patch`]); without it, part 0 is kept until
-    /// the end, for the header of a compressed image.
+    /// needed: no [`VaultSink::patch`] after that); without it, part 0 is
+    /// kept until the end, for the header of a compressed image, and each
+    /// part is hashed on its own (the object read back is checked against
+    /// them: [`VaultSink::finish`]).
     pub fn new(
         vault: &Vault,
         rel: &str,
@@ -180,6 +214,7 @@ impl VaultSink {
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
             parts: Vec::new(),
+            sums: Vec::new(),
             hasher: hash.then(|| Box::new(Xxh3::new())),
             len: 0,
             gauge: Arc::new(Gauge::default()),
@@ -287,7 +322,11 @@ impl VaultSink {
     }
 
     /// Overwrite `bytes` at `offset`, inside the first part (the header of
-    /// a compressed image); the hash taken so far is dropped.
+    /// a compressed image): the part is read back from its spool file
+    /// first, and is a `corrupt` error when it changed since it was
+    /// written; its hash is taken afresh (the hash of the bytes appended
+    /// is dropped: the object's is the first part's, or is checked by
+    /// reading it back, [`VaultSink::finish`]).
     pub fn patch(&mut self, offset: u64, bytes: &[u8]) -> Result<()> {
         let end = offset + bytes.len() as u64;
         let first_len = match (&self.first, &self.filling) {
@@ -304,9 +343,29 @@ impl VaultSink {
         if self.first.is_none() {
             self.flush()?;
         }
-        let spool = self.first.as_ref().or(self.filling.as_ref()).expect("part 0 is held");
-        if let Err(e) = spool.write_at(offset, bytes) {
-            return Err(self.spool_error("write", e));
+        // One block of the part at a time, counted with the other buffers
+        // (beside the write buffer, the parts in flight are one fewer than
+        // the most: within the bound).
+        let mut block = vec![0; CHUNK];
+        self.gauge.add(block.len());
+        let r = match (&mut self.first, &mut self.filling) {
+            (Some(s), _) | (None, Some(s)) => s.patch(offset, bytes, &mut block),
+            (None, None) => {
+                self.gauge.sub(block.len());
+                return Err(KnibError::internal(format!("{}: part 0 is not held for its header", self.name())));
+            }
+        };
+        self.gauge.sub(block.len());
+        match r {
+            Ok(()) => {}
+            Err(PatchError::Io(e)) => return Err(self.spool_error("read or write", e)),
+            Err(PatchError::Changed(c)) => {
+                return Err(KnibError::corrupt(format!(
+                    "{}: part 0, before its header was written: {c} (spool files in {}); not sent",
+                    self.name(),
+                    self.spool_dir.display()
+                )))
+            }
         }
         self.hasher = None;
         Ok(())
@@ -373,6 +432,10 @@ impl VaultSink {
         crate::crashpoint::durable_step(&format!("part {idx} of {}", self.name()));
         let sender = self.sender()?;
         let n = spool.len();
+        if self.sums.len() <= idx {
+            self.sums.resize(idx + 1, None);
+        }
+        self.sums[idx] = spool.hash().map(|h| (n, h));
         self.in_flight_bytes += n;
         self.note_spooled();
         let task = self.vault.inner.rt.spawn(sender.put(Some(spool), Some((idx, id))));
@@ -389,7 +452,7 @@ impl VaultSink {
         self.in_flight_bytes -= n;
         let part = match r {
             Ok(Ok(p)) => p,
-            Ok(Err(e)) => return Err(self.vault.inner.error(&format!("cannot send {}", self.name()), &e)),
+            Ok(Err(e)) => return Err(self.put_error(e)),
             Err(e) => return Err(KnibError::internal(format!("a part upload failed: {e}"))),
         };
         if self.parts.len() <= idx {
@@ -397,6 +460,17 @@ impl VaultSink {
         }
         self.parts[idx] = Some(part);
         Ok(())
+    }
+
+    /// The error of a part (or a PUT) not sent: a spool file that changed
+    /// is `corrupt`.
+    fn put_error(&self, e: PutError) -> KnibError {
+        match e {
+            PutError::Store(e) => self.vault.inner.error(&format!("cannot send {}", self.name()), &e),
+            e @ PutError::Changed { .. } => {
+                KnibError::corrupt(format!("{}: {e} (spool files in {})", self.name(), self.spool_dir.display()))
+            }
+        }
     }
 
     /// The part being filled is full: part 0 is held (until a second part
@@ -426,7 +500,8 @@ impl VaultSink {
                     self.first_sent = true;
                     self.send(0, first)?;
                 }
-                self.filling = Some(Spool::new(&self.spool_dir)?);
+                // Hashed on its own when the object is not.
+                self.filling = Some(Spool::new(&self.spool_dir, self.hasher.is_none())?);
             }
             let size = self.size_of_part(self.next) as u64;
             let k = (size - self.filling_len()).min(bytes.len() as u64) as usize;
@@ -440,10 +515,18 @@ impl VaultSink {
     }
 
     /// Send what is left, complete the upload and remove its record: the
-    /// object's length and, when hashing and not patched, its xxh3-128.
-    /// On error the upload is aborted.
-    pub fn finish(mut self) -> Result<(u64, Option<String>)> {
-        let r = self.finish_inner();
+    /// object's length and xxh3-128 (32 lower-case hex digits), that of
+    /// the bytes made, in their final order (patches included). Taken as
+    /// they were appended when not patched; else, for an object of one
+    /// part, from that part (read back from its spool file by the patch,
+    /// every block checked); else from the object read back once from the
+    /// vault, each part of it checked against the hash of the part sent (a
+    /// part that differs is a `corrupt` error, and the object is removed):
+    /// so that what is recorded is never the hash of bytes other than
+    /// those made. `ctl` is checked between the reads. On error the upload
+    /// is aborted.
+    pub fn finish(mut self, ctl: &Control) -> Result<(u64, String)> {
+        let r = self.finish_inner(ctl);
         if r.is_err() {
             self.abort();
         }
@@ -458,20 +541,23 @@ impl VaultSink {
         self.vault.inner.part_memory_peak.fetch_max(peak, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn finish_inner(&mut self) -> Result<(u64, Option<String>)> {
+    fn finish_inner(&mut self, ctl: &Control) -> Result<(u64, String)> {
         let name = self.name();
-        let hash = self.hasher.take().map(|h| format!("{:032x}", h.digest128()));
+        let running = self.hasher.take().map(|h| h.digest128());
         self.flush()?;
         self.release_buf();
         if self.upload.is_none() && (self.first.is_none() || self.filling.is_none()) {
             // One part (or none): one PUT.
             let spool = self.first.take().or_else(|| self.filling.take());
+            let hash = match (running, &spool) {
+                (Some(h), _) => h,
+                (None, Some(s)) => s.hash().ok_or_else(|| KnibError::internal(format!("{name} was not hashed")))?,
+                (None, None) => Xxh3::new().digest128(),
+            };
             crate::crashpoint::durable_step(&format!("upload of {name}"));
             let sender = self.sender()?;
-            self.vault
-                .block_on(sender.put(spool, None))
-                .map_err(|e| self.vault.inner.error(&format!("cannot send {name}"), &e))?;
-            return Ok((self.len, hash));
+            self.vault.block_on(sender.put(spool, None)).map_err(|e| self.put_error(e))?;
+            return Ok((self.len, format!("{hash:032x}")));
         }
         if let Some(spool) = self.filling.take() {
             let idx = self.next;
@@ -496,7 +582,60 @@ impl VaultSink {
         self.upload = None;
         crate::crashpoint::durable_step(&format!("removal of the upload record of {name}"));
         self.vault.delete_key(&self.record)?;
-        Ok((self.len, hash))
+        let hash = match running {
+            Some(h) => h,
+            None => match self.read_back(ctl) {
+                Ok(h) => h,
+                Err(e) => {
+                    // The object is not the image made: nothing may take
+                    // it for the backup (the caller removes the backup's
+                    // objects too; the next backup of the VM would).
+                    if e.kind == crate::error::ErrorKind::Corrupt {
+                        if let Err(d) = self.vault.delete_key(&self.rel) {
+                            log::warn!("{d}");
+                        }
+                    }
+                    return Err(e);
+                }
+            },
+        };
+        Ok((self.len, format!("{hash:032x}")))
+    }
+
+    /// Read the completed object back whole, by ranged GETs of at most
+    /// [`HASH_CHUNK`] bytes, checking each part against the hash of the
+    /// part sent: the object's xxh3-128, then that of the bytes made.
+    fn read_back(&self, ctl: &Control) -> Result<u128> {
+        let name = self.name();
+        let step = format!("check of {name}");
+        let obj = super::RemoteObject::whole(Arc::clone(&self.vault.inner), self.key.clone(), self.len);
+        let mut whole = Xxh3::new();
+        let mut pos = 0u64;
+        for (idx, sum) in self.sums.iter().enumerate() {
+            let Some((n, want)) = *sum else {
+                return Err(KnibError::internal(format!("{name}: part {idx} was not hashed")));
+            };
+            let (start, end) = (pos, pos + n);
+            let mut part = Xxh3::new();
+            while pos < end {
+                ctl.check(&step)?;
+                let to = (pos + HASH_CHUNK).min(end);
+                let b = obj.fetch(pos, to)?;
+                part.update(&b);
+                whole.update(&b);
+                pos = to;
+            }
+            let got = part.digest128();
+            if got != want {
+                return Err(KnibError::corrupt(format!(
+                    "{name}: part {idx} (bytes {start}..{end}) read back from the vault hashes {got:032x}, not {want:032x} as it was sent: the vault does not hold the image sent; the object is removed, the backup not kept"
+                )));
+            }
+        }
+        if pos != self.len {
+            return Err(KnibError::internal(format!("{name}: its parts add up to {pos} bytes, not {}", self.len)));
+        }
+        Ok(whole.digest128())
     }
 
     /// Abort the upload (if started) and remove its record; errors are
@@ -716,8 +855,8 @@ impl Vault {
         store.recover_domain_in(vm, Some(&target), ctl)
     }
 
-    /// Complete object `rel`'s upload: its length and hash (a compressed
-    /// image's, whose header went in last, read back once).
+    /// Complete object `rel`'s upload: its length and hash, that of the
+    /// bytes made ([`VaultSink::finish`]).
     fn finish_sink(&self, rel: &str, sink: VaultSink, ctl: &Control) -> Result<(u64, String)> {
         log::debug!(
             "vault {}: {rel}: {} bytes, at most {} bytes of parts in memory (bound {}), {} in spool files",
@@ -727,15 +866,7 @@ impl Vault {
             sink.bound(),
             sink.peak_spooled()
         );
-        let (size, hash) = sink.finish()?;
-        let hash = match hash {
-            Some(h) => h,
-            None => {
-                let obj = super::RemoteObject::whole(Arc::clone(&self.inner), self.key(rel), size);
-                obj.finish_hash(ctl)?.ok_or_else(|| KnibError::internal(format!("{rel} was not hashed")))?
-            }
-        };
-        Ok((size, hash))
+        sink.finish(ctl)
     }
 
     /// Write `m`'s manifest, conditionally created: the backup becomes visible.

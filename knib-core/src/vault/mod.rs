@@ -61,7 +61,8 @@
 //! whole. A backup written straight to the vault sends each object once,
 //! its parts written to spool files on the store's disk and read back
 //! once (at most `parallel_parts` parts of disk, one more compressed:
-//! module `direct`).
+//! module `direct`); a compressed object of more than one part is fetched
+//! back once more, to check it against the parts sent.
 //!
 //! # Memory
 //!

@@ -183,7 +183,7 @@ impl RemoteObject {
 
     /// GET bytes `start..end` (inside the object), counted; of the
     /// version opened, when its ETag is known.
-    fn fetch(&self, start: u64, end: u64) -> Result<Bytes> {
+    pub(super) fn fetch(&self, start: u64, end: u64) -> Result<Bytes> {
         let s3 = Arc::clone(&self.vault.s3);
         let key = self.key.clone();
         let opts = object_store::GetOptions {
