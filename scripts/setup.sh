@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(qemu-utils qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt0
           pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java
-          e2fsprogs mount dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd0)
+          e2fsprogs mount dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd0 bindfs)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -22,7 +22,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq --allow-downgrades \
         qemu-utils/bookworm qemu-system-x86 libvirt-daemon-system libvirt-clients libvirt0 \
         pkg-config gcc valgrind openjdk-17-jdk-headless junit5 libgoogle-gson-java \
-        e2fsprogs mount dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd0 >/dev/null
+        e2fsprogs mount dosfstools mtools ntfs-3g fdisk time virtnbdbackup libnbd0 bindfs >/dev/null
 fi
 
 # The file-restore fallback's libguestfs (its XFS support, and a kernel for

@@ -365,29 +365,135 @@ fn rename_noreplace_synced(from: &Path, to: &Path) -> Result<()> {
 
 /// The rename of [`rename_noreplace`], not yet made durable.
 fn rename_noreplace_now(from: &Path, to: &Path) -> Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    use rustix::io::Errno;
+    use rustix::fs::CWD;
     let appeared = || KnibError::invalid(format!("{} appeared meanwhile; nothing was replaced", to.display()));
-    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
-        Ok(()) => {}
-        Err(Errno::EXIST) => return Err(appeared()),
-        // A file system that takes no rename flags (NFS): a hard link,
-        // which never replaces an entry either, then the old name removed.
-        Err(Errno::INVAL) | Err(Errno::NOSYS) | Err(Errno::OPNOTSUPP) => link_then_unlink(from, to, &appeared)?,
-        Err(e) => return Err(KnibError::io(&format!("cannot rename {} to", from.display()), to, e.into())),
+    match rename_noreplace_at(CWD, from, CWD, to, Unflagged::Link) {
+        Ok(_) => Ok(()),
+        Err(NoReplaceError::Exists) => Err(appeared()),
+        Err(NoReplaceError::Rename(e)) => Err(KnibError::io(&format!("cannot rename {} to", from.display()), to, e)),
+        Err(NoReplaceError::RemoveOld(e)) => Err(KnibError::io("cannot remove", from, e)),
     }
-    Ok(())
 }
 
-/// [`rename_noreplace`] where `renameat2` takes no flags: `to` made a hard
-/// link of `from` (refused when `to` exists), then `from` removed.
-fn link_then_unlink(from: &Path, to: &Path, appeared: &dyn Fn() -> KnibError) -> Result<()> {
-    match fs::hard_link(from, to) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(appeared()),
-        Err(e) => return Err(KnibError::io(&format!("cannot rename {} to", from.display()), to, e)),
+/// What [`rename_noreplace_at`] does where the file system takes no rename
+/// flags (NFS, CIFS, many FUSE file systems: `renameat2` answers EINVAL,
+/// ENOSYS or EOPNOTSUPP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unflagged {
+    /// A hard link at the new name (refused, never replacing, when an
+    /// entry is there), then the old name removed; a file system that
+    /// makes no hard links fails the rename.
+    Link,
+    /// The same, and where the file system makes no hard links (`linkat`
+    /// answers EPERM, ENOSYS or EOPNOTSUPP) a [`Unflagged::CheckedRename`].
+    LinkOrCheckedRename,
+    /// `fstatat(AT_SYMLINK_NOFOLLOW)` finds nothing at the new name, then
+    /// a plain `renameat` (a directory, which cannot be hard-linked). The
+    /// window: a plain rename replaces what appears at the new name between
+    /// the check and the rename when it may (an empty directory, for a
+    /// directory; a file, a symlink or another non-directory, for a file).
+    /// Anything else that appeared there is refused by the rename itself
+    /// (a directory that is not empty, or of the other kind than the one
+    /// renamed).
+    CheckedRename,
+}
+
+/// How [`rename_noreplace_at`] put the entry at its new name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placed {
+    /// `renameat2(RENAME_NOREPLACE)`.
+    Renamed,
+    /// The file system takes no rename flags: a hard link, then the old
+    /// name removed.
+    Linked,
+    /// The file system takes no rename flags nor a hard link here: checked
+    /// that nothing was at the new name, then a plain rename (see
+    /// [`Unflagged::CheckedRename`] for what it may replace).
+    CheckedRename,
+}
+
+/// Why [`rename_noreplace_at`] failed.
+#[derive(Debug)]
+pub(crate) enum NoReplaceError {
+    /// An entry is at the new name: nothing was replaced, the old name is
+    /// left as it was.
+    Exists,
+    /// The rename (or what stands for it) failed; the old name is left as
+    /// it was.
+    Rename(std::io::Error),
+    /// The new name was made a hard link of the old, which could not be
+    /// removed then: both names lead to the entry.
+    RemoveOld(std::io::Error),
+}
+
+/// Whether `e` is `renameat2`'s answer of a file system that takes no
+/// rename flags.
+fn takes_no_rename_flags(e: rustix::io::Errno) -> bool {
+    use rustix::io::Errno;
+    matches!(e, Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP)
+}
+
+/// `from` (relative to `from_dir`) renamed to `to` (relative to `to_dir`),
+/// never replacing an entry at `to`: `renameat2(RENAME_NOREPLACE)`, or,
+/// where the file system takes no rename flags, what `unflagged` says.
+/// Every step is relative to the two descriptors: no name is resolved from
+/// elsewhere (with [`rustix::fs::CWD`], from the working directory).
+pub(crate) fn rename_noreplace_at<P: rustix::path::Arg + Copy>(
+    from_dir: std::os::fd::BorrowedFd<'_>,
+    from: P,
+    to_dir: std::os::fd::BorrowedFd<'_>,
+    to: P,
+    unflagged: Unflagged,
+) -> std::result::Result<Placed, NoReplaceError> {
+    use rustix::fs::{renameat_with, RenameFlags};
+    use rustix::io::Errno;
+    match renameat_with(from_dir, from, to_dir, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(Placed::Renamed),
+        Err(Errno::EXIST) => Err(NoReplaceError::Exists),
+        Err(e) if takes_no_rename_flags(e) => rename_unflagged_at(from_dir, from, to_dir, to, unflagged),
+        Err(e) => Err(NoReplaceError::Rename(e.into())),
     }
-    fs::remove_file(from).map_err(|e| KnibError::io("cannot remove", from, e))
+}
+
+/// [`rename_noreplace_at`] where the file system takes no rename flags.
+fn rename_unflagged_at<P: rustix::path::Arg + Copy>(
+    from_dir: std::os::fd::BorrowedFd<'_>,
+    from: P,
+    to_dir: std::os::fd::BorrowedFd<'_>,
+    to: P,
+    unflagged: Unflagged,
+) -> std::result::Result<Placed, NoReplaceError> {
+    use rustix::fs::{linkat, unlinkat, AtFlags};
+    use rustix::io::Errno;
+    let shown = || to.as_cow_c_str().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default();
+    crate::crashpoint::pause_point(&format!("renaming to {} without rename flags", shown()));
+    if unflagged != Unflagged::CheckedRename {
+        // A hard link never replaces an entry either (EEXIST).
+        match linkat(from_dir, from, to_dir, to, AtFlags::empty()) {
+            Ok(()) => {
+                unlinkat(from_dir, from, AtFlags::empty()).map_err(|e| NoReplaceError::RemoveOld(e.into()))?;
+                return Ok(Placed::Linked);
+            }
+            Err(Errno::EXIST) => return Err(NoReplaceError::Exists),
+            Err(Errno::PERM | Errno::NOSYS | Errno::OPNOTSUPP) if unflagged == Unflagged::LinkOrCheckedRename => {}
+            Err(e) => return Err(NoReplaceError::Rename(e.into())),
+        }
+    }
+    match rustix::fs::statat(to_dir, to, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => return Err(NoReplaceError::Exists),
+        Err(Errno::NOENT) => {}
+        Err(e) => return Err(NoReplaceError::Rename(e.into())),
+    }
+    // The window of `Unflagged::CheckedRename`: from here to the rename.
+    crate::crashpoint::pause_point(&format!("nothing at {}: a plain rename to it", shown()));
+    match rustix::fs::renameat(from_dir, from, to_dir, to) {
+        Ok(()) => Ok(Placed::CheckedRename),
+        // What appeared meanwhile and a plain rename does not replace: a
+        // directory that is not empty, a directory in place of a file's
+        // name, a non-directory in place of a directory's.
+        Err(Errno::EXIST | Errno::NOTEMPTY | Errno::ISDIR | Errno::NOTDIR) => Err(NoReplaceError::Exists),
+        Err(e) => Err(NoReplaceError::Rename(e.into())),
+    }
 }
 
 /// Write `data` to `path` atomically: a temporary file, fsync, rename, fsync
@@ -679,17 +785,49 @@ mod tests {
     /// replaces an entry, and leaves one name.
     #[test]
     fn link_then_unlink_never_replaces() {
+        use rustix::fs::CWD;
         let d = tempfile::tempdir().unwrap();
         let (a, b) = (d.path().join("a"), d.path().join("b"));
         fs::write(&a, b"new").unwrap();
         fs::write(&b, b"theirs").unwrap();
-        let appeared = || KnibError::invalid("appeared".to_string());
-        assert_eq!(link_then_unlink(&a, &b, &appeared).unwrap_err().message, "appeared");
+        let link = |from: &Path, to: &Path| rename_unflagged_at(CWD, from, CWD, to, Unflagged::Link);
+        assert!(matches!(link(&a, &b), Err(NoReplaceError::Exists)));
         assert_eq!((fs::read(&a).unwrap(), fs::read(&b).unwrap()), (b"new".to_vec(), b"theirs".to_vec()));
         fs::remove_file(&b).unwrap();
-        link_then_unlink(&a, &b, &appeared).unwrap();
+        assert_eq!(link(&a, &b).unwrap(), Placed::Linked);
         assert!(!a.exists());
         assert_eq!(fs::read(&b).unwrap(), b"new");
+    }
+
+    /// The checked rename of a directory (which cannot be hard-linked)
+    /// never replaces an entry that is there when it checks, whatever its
+    /// kind.
+    #[test]
+    fn a_checked_rename_never_replaces_what_is_there() {
+        use rustix::fs::CWD;
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        fs::create_dir(&a).unwrap();
+        fs::write(a.join("f"), b"new").unwrap();
+        let checked = |from: &Path, to: &Path| rename_unflagged_at(CWD, from, CWD, to, Unflagged::CheckedRename);
+        fs::create_dir(&b).unwrap();
+        assert!(matches!(checked(&a, &b), Err(NoReplaceError::Exists)), "an empty directory is not replaced");
+        fs::remove_dir(&b).unwrap();
+        std::os::unix::fs::symlink("nowhere", &b).unwrap();
+        assert!(matches!(checked(&a, &b), Err(NoReplaceError::Exists)), "a dangling symlink is not replaced");
+        assert_eq!(fs::read_link(&b).unwrap(), Path::new("nowhere"));
+        fs::remove_file(&b).unwrap();
+        assert_eq!(checked(&a, &b).unwrap(), Placed::CheckedRename);
+        assert!(!a.exists());
+        assert_eq!(fs::read(b.join("f")).unwrap(), b"new");
+        // The link fallback alone (`rename_noreplace`'s) refuses a
+        // directory, as `linkat` does, and leaves it where it was.
+        let link = rename_unflagged_at(CWD, b.as_path(), CWD, a.as_path(), Unflagged::Link);
+        assert!(
+            matches!(link, Err(NoReplaceError::Rename(ref e)) if e.raw_os_error() == Some(libc::EPERM)),
+            "{link:?}"
+        );
+        assert!(b.join("f").exists() && !a.exists());
     }
 
     /// A FIFO under a name to be made durable fails at once, unwaited.

@@ -19,6 +19,23 @@
 //! beyond that it is Corrupt, found while counting (before anything is
 //! written) or while writing, and what was made is removed.
 //!
+//! The final rename never replaces an entry that appeared at the
+//! destination while extracting (it fails, InvalidInput, and the temporary
+//! is removed): `renameat2(RENAME_NOREPLACE)`. A file system that takes no
+//! rename flags (NFS, CIFS, many FUSE file systems: EINVAL, ENOSYS or
+//! EOPNOTSUPP) gets a fallback, logged, with the same guarantee for a file:
+//! a hard link at the destination (`linkat`, refused when an entry is
+//! there), then the temporary name removed. A directory, which cannot be
+//! hard-linked (or a file where the file system makes no hard links), is
+//! renamed by a plain `renameat` after `fstatat(AT_SYMLINK_NOFOLLOW)`
+//! found nothing at the destination. Its window, between that check and
+//! the rename: a plain rename replaces what appears at the destination in
+//! that moment only if it may, an empty directory (for a directory) or a
+//! file, symlink or other non-directory (for a file); a directory with
+//! anything in it, or an entry of the other kind, is refused by the
+//! rename itself. Every step is relative to the parent directory's
+//! descriptor, as everything else here.
+//!
 //! Neither the walk nor the removal of a failed extraction recurses: a
 //! tree [`MAX_DEPTH`] directories deep is extracted (or removed) on any
 //! stack, even a JNI or C caller's thread of a few hundred KiB, with a
@@ -27,7 +44,7 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::fs::{File, FileTimes, Permissions};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -37,6 +54,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::Serialize;
 
 use crate::error::{KnibError, Result};
+use crate::fsio::{self, NoReplaceError, Placed, Unflagged};
 use crate::progress::Control;
 
 use super::fs::{display, Entry, FileRead, Filesystem, FsPath, Kind, Node};
@@ -785,21 +803,54 @@ pub fn extract(
             return Err(os_err("cannot sync the filesystem of", &parent));
         }
         let to_c = cstr(name.as_bytes(), to)?;
-        // SAFETY: valid descriptors and NUL-terminated names.
-        let rc = unsafe {
-            libc::renameat2(pfd.as_raw_fd(), tmp_c.as_ptr(), pfd.as_raw_fd(), to_c.as_ptr(), libc::RENAME_NOREPLACE)
-        };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EEXIST) {
-                return Err(KnibError::invalid(format!(
-                    "{} appeared while extracting; nothing was replaced",
-                    to.display()
-                )));
-            }
-            return Err(KnibError::io(&format!("cannot rename {} to", tmp_path.display()), to, e));
-        }
+        // Never replacing what appeared at `to` since it was checked:
+        // `renameat2(RENAME_NOREPLACE)`; where the file system takes no
+        // rename flags (NFS, CIFS, many FUSE file systems), a file is
+        // hard-linked to `to` (refused when an entry is there) and its
+        // temporary name removed, and a directory (which cannot be linked),
+        // or a file where the file system makes no hard links, is renamed
+        // by a plain `renameat` once `fstatat` found nothing at `to`. That
+        // plain rename's window, between the check and the rename: it
+        // replaces what appears at `to` meanwhile if it may, an EMPTY
+        // directory (for a directory) or a file, symlink or other
+        // non-directory (for a file); anything else is refused by the
+        // rename itself. All relative to `pfd`: no name is resolved again.
+        let unflagged = if dir { Unflagged::CheckedRename } else { Unflagged::LinkOrCheckedRename };
+        let placed =
+            match fsio::rename_noreplace_at(pfd.as_fd(), tmp_c.as_c_str(), pfd.as_fd(), to_c.as_c_str(), unflagged) {
+                Ok(placed) => placed,
+                Err(NoReplaceError::Exists) => {
+                    return Err(KnibError::invalid(format!(
+                        "{} appeared while extracting; nothing was replaced",
+                        to.display()
+                    )))
+                }
+                Err(NoReplaceError::Rename(e)) => {
+                    return Err(KnibError::io(&format!("cannot rename {} to", tmp_path.display()), to, e))
+                }
+                // `to` is the file written; its temporary name, a second link
+                // to it, is removed by `unmade` (still knib's own name).
+                Err(NoReplaceError::RemoveOld(e)) => {
+                    return Err(KnibError::io(
+                        &format!("{} was written, but cannot remove its temporary name", to.display()),
+                        &tmp_path,
+                        e,
+                    ))
+                }
+            };
         unmade.armed = false;
+        match placed {
+            Placed::Renamed => {}
+            Placed::Linked => log::info!(
+                "{}: its file system takes no rename flags: hard-linked in place, then its temporary name removed",
+                to.display()
+            ),
+            Placed::CheckedRename => log::info!(
+                "{}: its file system takes no rename flags{}: renamed in place after checking nothing was there",
+                to.display(),
+                if dir { "" } else { " nor hard links" }
+            ),
+        }
         pfd.sync_all().map_err(|e| KnibError::io("cannot fsync directory", &parent, e))?;
         Ok(())
     })();
