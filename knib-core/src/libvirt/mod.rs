@@ -257,15 +257,16 @@ impl Vm {
 
     /// The file disks a backup of the domain takes ([`Vm::disks`]), from
     /// one read of its XML, with a warning logged for each disk the guest
-    /// writes that the backup leaves out (not a file: block, network,
-    /// volume; see [`xml::left_out_disks`]): its data is in no backup, and
-    /// nothing else would say so.
+    /// may write that the backup leaves out (not a file: block, network,
+    /// volume; or a LUN passed through, or a floppy; see
+    /// [`xml::left_out_disks`]): its data is in no backup, and nothing else
+    /// would say so.
     pub fn disks_to_back_up(&self) -> Result<Vec<DiskInfo>> {
         let x = self.xml()?;
         let disks = parse_disks(&x).map_err(|e| e.context(format_args!("domain {}", self.name)))?;
         for d in xml::left_out_disks(&x)? {
             log::warn!(
-                "domain {}: disk {d} is not a file: the backup leaves it out (only file disks are backed up)",
+                "domain {}: disk {d} is left out of the backup: its data is in no backup (only file disks of device 'disk' are backed up)",
                 self.name
             );
         }

@@ -92,22 +92,29 @@ fn target_of(disk: roxmltree::Node<'_, '_>) -> Result<String> {
         .ok_or_else(|| KnibError::invalid("domain XML: a <disk> has no <target dev>"))
 }
 
-/// The disks of a domain XML a backup leaves out though the guest writes
-/// them (`device='disk'`, not `<readonly/>`): those that are not files
-/// (block, network, volume) or have no source file; each as
-/// "TARGET (type 'TYPE')", in document order.
+/// The disks of a domain XML a backup leaves out though the guest may
+/// write them (not `<readonly/>`, not a CD-ROM): a `device='disk'` that is
+/// not a file (block, network, volume) or has no source file, each as
+/// "TARGET (type 'TYPE')"; a LUN passed through or a floppy, whatever its
+/// type, as "TARGET (device 'DEVICE', type 'TYPE')"; in document order.
 pub fn left_out_disks(xml: &str) -> Result<Vec<String>> {
     let doc = parse(xml)?;
     let mut out = Vec::new();
     for disk in disk_nodes(&doc)? {
         let kind = disk.attribute("type").unwrap_or("file");
-        if disk.attribute("device").unwrap_or("disk") != "disk" || child(disk, "readonly").is_some() {
+        let device = disk.attribute("device").unwrap_or("disk");
+        // A CD-ROM is read-only whatever its XML says.
+        if device == "cdrom" || child(disk, "readonly").is_some() {
+            continue;
+        }
+        let target = child(disk, "target").and_then(|t| t.attribute("dev")).unwrap_or("?");
+        if device != "disk" {
+            out.push(format!("{target} (device '{device}', type '{kind}')"));
             continue;
         }
         if kind == "file" && child(disk, "source").and_then(|s| s.attribute("file")).is_some() {
             continue;
         }
-        let target = child(disk, "target").and_then(|t| t.attribute("dev")).unwrap_or("?");
         out.push(format!("{target} (type '{kind}')"));
     }
     Ok(out)
@@ -291,8 +298,9 @@ pub fn replace_disk_sources_as(xml: &str, sources: &[(String, PathBuf)], format:
 
 #[cfg(test)]
 mod tests {
-    /// A writable disk that is not a file (or has no source) is named as
-    /// left out; a file disk, a CD-ROM and a read-only disk are not.
+    /// A writable disk that is not a file (or has no source), a LUN passed
+    /// through and a floppy are named as left out; a file disk, a CD-ROM
+    /// and a read-only disk or LUN are not.
     #[test]
     fn disks_a_backup_leaves_out_are_named() {
         let xml = "<domain><name>d</name><devices>\
@@ -302,10 +310,19 @@ mod tests {
             <disk type='file' device='disk'><target dev='vdd'/></disk>\
             <disk type='block' device='disk'><source dev='/dev/sdz'/><target dev='vde'/><readonly/></disk>\
             <disk type='file' device='cdrom'><source file='/i.iso'/><target dev='sda'/></disk>\
+            <disk type='block' device='lun'><source dev='/dev/sdy'/><target dev='sdb' bus='scsi'/></disk>\
+            <disk type='block' device='lun'><source dev='/dev/sdx'/><target dev='sdc' bus='scsi'/><readonly/></disk>\
+            <disk type='file' device='floppy'><source file='/f.img'/><target dev='fda'/></disk>\
             </devices></domain>";
         assert_eq!(
             left_out_disks(xml).unwrap(),
-            vec!["vdb (type 'block')", "vdc (type 'network')", "vdd (type 'file')"]
+            vec![
+                "vdb (type 'block')",
+                "vdc (type 'network')",
+                "vdd (type 'file')",
+                "sdb (device 'lun', type 'block')",
+                "fda (device 'floppy', type 'file')"
+            ]
         );
     }
 
