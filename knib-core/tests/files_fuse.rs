@@ -3,7 +3,8 @@
 //! `renameat2(RENAME_NOREPLACE)` with EINVAL): here a real one, a FUSE
 //! `bindfs` view of a temporary directory. Needs root, /dev/fuse and
 //! bindfs (Debian package `bindfs`, installed by scripts/setup.sh); skipped
-//! (it says so) without root or /dev/fuse.
+//! (it says so) without root or /dev/fuse. The guestfish fallback's test
+//! is skipped without guestfish too (as in files_guestfish).
 
 #[path = "common/fsimage.rs"]
 mod fsimage;
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use fsimage::*;
+use knib_core::files::fallback::find_tool;
 use knib_core::files::{Disk, GetSummary};
 use knib_core::{Control, ErrorKind};
 
@@ -98,37 +100,24 @@ fn names_in(dir: &Path) -> Vec<String> {
 }
 
 /// Assert that `got` (extracted onto the bindfs mount) holds what `want`
-/// (the source) holds: the same entries, kinds, bytes, symlink targets and
-/// modes. Not mtimes: bindfs 1.14 (libfuse 2) ignores a `futimens` that
-/// sets the mtime alone (the access time `UTIME_OMIT`, as knib sets it) and
-/// leaves the time of the change (`touch -m -d @0 x` does the same there).
+/// (the source, whose times the image has) holds: the same entries, kinds,
+/// bytes, symlink targets, modes and mtimes (`got`'s own too). Before,
+/// every mtime there was the time of the extraction: bindfs 1.14 (libfuse
+/// 2) ignores a `futimens` that sets the mtime alone (the access time
+/// `UTIME_OMIT`), as knib set it (`touch -m -d @0 x` is ignored there too).
 fn assert_same_content(want: &Path, got: &Path) {
-    let (w, mut g) = (walk(want), walk(got));
-    g.retain(|p, _| !p.starts_with("lost+found"));
-    assert_eq!(
-        w.keys().collect::<Vec<_>>(),
-        g.keys().collect::<Vec<_>>(),
-        "entries of {} and {}",
-        want.display(),
-        got.display()
-    );
-    for (rel, wm) in &w {
-        let gm = &g[rel];
-        assert_eq!(wm.file_type(), gm.file_type(), "{}: kind", rel.display());
-        if wm.file_type().is_symlink() {
-            let t = |p: &Path| std::fs::read_link(p.join(rel)).unwrap();
-            assert_eq!(t(want), t(got), "{}: target", rel.display());
-        } else {
-            assert_eq!(wm.mode() & 0o7777, gm.mode() & 0o7777, "{}: mode", rel.display());
-        }
-        if wm.is_file() {
-            assert!(same_bytes(&want.join(rel), &got.join(rel)), "{}: bytes differ", rel.display());
-        }
-    }
+    assert_same_tree(want, got, &EXT4);
+    assert_eq!(mtime_of(want), mtime_of(got), "{}: mtime", got.display());
 }
 
-/// A file and a directory tree extracted onto the bindfs mount: the bytes
-/// and modes put in the image, and no temporary left. Before, both
+/// The mtime of `p` itself (never followed), with its nanoseconds.
+fn mtime_of(p: &Path) -> (i64, i64) {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.mtime(), m.mtime_nsec())
+}
+
+/// A file and a directory tree extracted onto the bindfs mount: the bytes,
+/// modes and mtimes put in the image, and no temporary left. Before, both
 /// failed after the whole file or tree was written ("cannot rename ...:
 /// Invalid argument"), and the temporary was removed.
 #[test]
@@ -149,6 +138,7 @@ fn a_file_and_a_tree_are_extracted_where_renames_take_no_flags() {
     assert_eq!((s.files, s.dirs, s.bytes), (1, 0, 777));
     assert_eq!(std::fs::read(&file).unwrap(), std::fs::read(src.join("ünïcødé-файл.txt")).unwrap());
     assert_eq!(std::fs::read(back.join("unicode.txt")).unwrap(), std::fs::read(&file).unwrap());
+    assert_eq!(mtime_of(&file), mtime_of(&src.join("ünïcødé-файл.txt")), "the file's mtime");
 
     let tree = mnt.join("docs");
     let s = disk.get(None, "/docs", &tree, &Control::new()).unwrap();
@@ -177,7 +167,8 @@ fn get_with(
     let (got, began) = std::thread::scope(|s| {
         let waiter = s.spawn(|| {
             // Until the pause begins, or the extraction ends without it.
-            let until = Instant::now() + Duration::from_secs(60);
+            // (A guestfish appliance, without KVM, takes a while to start.)
+            let until = Instant::now() + Duration::from_secs(300);
             let mut began = false;
             while !began && !done.load(Ordering::SeqCst) && Instant::now() < until {
                 began = knib_core::crashpoint::wait_for_pause(at, Duration::from_millis(50));
@@ -291,4 +282,93 @@ fn rename_noreplace_works_where_renames_take_no_flags() {
     knib_core::fsio::rename_noreplace(&a, &c).unwrap();
     assert_eq!(std::fs::read(&c).unwrap(), b"mine");
     assert_eq!(names_in(&mnt), ["b", "c"]);
+}
+
+/// An XFS image (which knib does not read natively: the guestfish
+/// fallback reads it) made by guestfish in `w`: `/d` holding `plain`
+/// ("hello"), `sub/deep` ("deep") and `lnk` (-> `plain`).
+fn xfs_disk(w: &Path) -> Disk {
+    let image = w.join("xfs.qcow2");
+    let st = Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&image).arg("512M").status().unwrap();
+    assert!(st.success());
+    let script = String::from(
+        "run\nmkfs xfs /dev/sda\nmount /dev/sda /\nmkdir /d\nmkdir /d/sub\nwrite /d/plain hello\n\
+         write /d/sub/deep deep\nln-s plain /d/lnk\n",
+    );
+    let file = w.join("make.gf");
+    std::fs::write(&file, script).unwrap();
+    let out = Command::new("guestfish").arg("-a").arg(&image).arg("-f").arg(&file).output().unwrap();
+    assert!(
+        out.status.success(),
+        "guestfish: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Disk::open_image(&image, &Control::new()).unwrap()
+}
+
+/// Assert that `got` holds what `/d` of [`xfs_disk`] holds. Not mtimes:
+/// the tar that guestfish's `copy-out` runs on the host sets the mtime
+/// alone (access time `UTIME_OMIT`), which bindfs ignores.
+fn assert_xfs_d(got: &Path) {
+    assert_eq!(names_in(got), ["lnk", "plain", "sub"]);
+    assert_eq!(std::fs::read(got.join("plain")).unwrap(), b"hello");
+    assert_eq!(std::fs::read(got.join("sub/deep")).unwrap(), b"deep");
+    assert_eq!(std::fs::read_link(got.join("lnk")).unwrap(), Path::new("plain"));
+}
+
+/// The guestfish fallback (for file systems the native readers do not
+/// read: XFS here) onto the bindfs mount: a directory tree (`/d`, copied
+/// out inside the fallback's temporary directory) and the whole root (the
+/// temporary directory itself) are put in place, with their bytes and
+/// links, by a checked rename; what appears at the destination once
+/// `renameat2` refused its flags is not replaced, a file (the hard link is
+/// refused) nor an empty directory (found by the check). Before, a tree
+/// failed after it was copied out ("cannot rename ...: Operation not
+/// permitted": its only fallback was a hard link, which a directory cannot
+/// have), and the temporary was removed.
+#[test]
+fn the_guestfish_fallback_puts_trees_in_place_where_renames_take_no_flags() {
+    if !fuse_usable() {
+        return;
+    }
+    if find_tool("guestfish", std::env::var_os("PATH").as_deref()).is_none() {
+        eprintln!("SKIPPED the_guestfish_fallback_puts_trees_in_place_where_renames_take_no_flags: no guestfish");
+        return;
+    }
+    // As in files_guestfish: a nested KVM host may refuse the appliance
+    // KVM. (Only guestfish reads it; no other test of this binary does.)
+    std::env::set_var("LIBGUESTFS_BACKEND_SETTINGS", "force_tcg");
+    let d = tempfile::tempdir().unwrap();
+    let w = d.path();
+    let disk = xfs_disk(w);
+    let (back, mnt) = (w.join("back"), w.join("mnt"));
+    std::fs::create_dir(&back).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let _mount = Bindfs::mount(&back, &mnt);
+
+    let tree = mnt.join("d");
+    let s = disk.get(None, "/d", &tree, &Control::new()).unwrap();
+    assert_eq!((s.files, s.dirs, s.symlinks, s.bytes), (2, 2, 1, 9), "{s:?}");
+    assert_xfs_d(&tree);
+    let root = mnt.join("root");
+    disk.get(None, "/", &root, &Control::new()).unwrap();
+    assert_eq!(names_in(&root), ["d"]);
+    assert_xfs_d(&root.join("d"));
+
+    // Names of their own: a pause point is matched by a part of its
+    // name, and the other tests of this binary pause at theirs meanwhile.
+    let to = mnt.join("gf-appearing-file");
+    let at = "gf-appearing-file without rename flags";
+    let e = get_with(&disk, "/d/plain", &to, at, || std::fs::write(&to, b"theirs").unwrap()).unwrap_err();
+    assert_appeared(&e, &to);
+    assert_eq!(std::fs::read(&to).unwrap(), b"theirs");
+    assert_eq!(std::fs::metadata(&to).unwrap().nlink(), 1);
+    let to = mnt.join("gf-appearing-dir");
+    let at = "gf-appearing-dir without rename flags";
+    let e = get_with(&disk, "/d/sub", &to, at, || std::fs::create_dir(&to).unwrap()).unwrap_err();
+    assert_appeared(&e, &to);
+    assert!(to.is_dir() && names_in(&to).is_empty());
+
+    assert_eq!(names_in(&mnt), ["d", "gf-appearing-dir", "gf-appearing-file", "root"], "temporaries left");
 }

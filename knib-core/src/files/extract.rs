@@ -8,7 +8,10 @@
 //! `symlinkat`). Symlinks are recreated as they are (their targets never
 //! followed). Modes and modification times are set on every entry,
 //! directories' after their children; setuid and setgid bits are dropped
-//! (the files belong to whoever extracts them).
+//! (the files belong to whoever extracts them). The access time is set
+//! with the modification time, to the time it is set (the readers give
+//! none): a FUSE file system of libfuse 2 (bindfs) ignores a change of the
+//! modification time alone.
 //!
 //! A guest can make a small filesystem hold far more than its size (the
 //! same clusters or directory reached from many entries, files whose
@@ -43,12 +46,11 @@
 //! when its children are done, and checked to be the one it left).
 
 use std::ffi::{CStr, CString, OsStr};
-use std::fs::{File, FileTimes, Permissions};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::fs::{File, Permissions};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use serde::Serialize;
@@ -109,20 +111,29 @@ fn cstr(b: &[u8], path: &Path) -> Result<CString> {
     CString::new(b).map_err(|_| KnibError::invalid(format!("{} contains a NUL byte", path.display())))
 }
 
-fn mtime(n: &Node) -> SystemTime {
-    if n.mtime >= 0 {
-        UNIX_EPOCH + Duration::new(n.mtime as u64, n.mtime_nsec.min(999_999_999))
-    } else {
-        UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
-            + Duration::from_nanos(n.mtime_nsec.min(999_999_999) as u64)
-    }
+/// The times given to an extracted entry (`utimensat`'s pair): its
+/// modification time `n`'s, its access time the time it is set
+/// (`UTIME_NOW`: readers give no access time, and the guest's would say
+/// nothing of the copy). Never the modification time alone (access time
+/// `UTIME_OMIT`): a FUSE file system of libfuse 2 (bindfs) ignores such a
+/// change, and the entry keeps the time it was written.
+fn times(n: &Node) -> [libc::timespec; 2] {
+    [
+        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+        libc::timespec { tv_sec: n.mtime as libc::time_t, tv_nsec: n.mtime_nsec.min(999_999_999) as _ },
+    ]
 }
 
-/// Set mode and mtime through an open descriptor.
+/// Set mode and times ([`times`]) through an open descriptor.
 fn finish(f: &File, n: &Node, path: &Path) -> Result<()> {
     f.set_permissions(Permissions::from_mode(n.mode & 0o1777))
         .map_err(|e| KnibError::io("cannot set the mode of", path, e))?;
-    f.set_times(FileTimes::new().set_modified(mtime(n))).map_err(|e| KnibError::io("cannot set the mtime of", path, e))
+    let times = times(n);
+    // SAFETY: a valid descriptor and a two-element array.
+    if unsafe { libc::futimens(f.as_raw_fd(), times.as_ptr()) } != 0 {
+        return Err(os_err("cannot set the mtime of", path));
+    }
+    Ok(())
 }
 
 /// Open `name` in directory `dir` as a directory, never through a link.
@@ -204,17 +215,14 @@ fn create_at(dir: &File, name: &CStr) -> std::io::Result<File> {
 /// The most temporary names tried when the ones drawn are taken.
 const TEMP_TRIES: usize = 64;
 
-/// A new symlink `name` in `dir` pointing at `target`, with `n`'s mtime.
+/// A new symlink `name` in `dir` pointing at `target`, with [`times`].
 fn make_link_at(dir: &File, name: &CString, target: &[u8], n: &Node, path: &Path) -> Result<()> {
     let t = cstr(target, path)?;
     // SAFETY: valid descriptor and NUL-terminated strings.
     if unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
         return Err(os_err("cannot create symlink", path));
     }
-    let times = [
-        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-        libc::timespec { tv_sec: n.mtime as libc::time_t, tv_nsec: n.mtime_nsec.min(999_999_999) as _ },
-    ];
+    let times = times(n);
     // SAFETY: valid descriptor, name and a two-element array.
     if unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
         return Err(os_err("cannot set the mtime of symlink", path));
@@ -803,54 +811,11 @@ pub fn extract(
             return Err(os_err("cannot sync the filesystem of", &parent));
         }
         let to_c = cstr(name.as_bytes(), to)?;
-        // Never replacing what appeared at `to` since it was checked:
-        // `renameat2(RENAME_NOREPLACE)`; where the file system takes no
-        // rename flags (NFS, CIFS, many FUSE file systems), a file is
-        // hard-linked to `to` (refused when an entry is there) and its
-        // temporary name removed, and a directory (which cannot be linked),
-        // or a file where the file system makes no hard links, is renamed
-        // by a plain `renameat` once `fstatat` found nothing at `to`. That
-        // plain rename's window, between the check and the rename: it
-        // replaces what appears at `to` meanwhile if it may, an EMPTY
-        // directory (for a directory) or a file, symlink or other
-        // non-directory (for a file); anything else is refused by the
-        // rename itself. All relative to `pfd`: no name is resolved again.
-        let unflagged = if dir { Unflagged::CheckedRename } else { Unflagged::LinkOrCheckedRename };
-        let placed =
-            match fsio::rename_noreplace_at(pfd.as_fd(), tmp_c.as_c_str(), pfd.as_fd(), to_c.as_c_str(), unflagged) {
-                Ok(placed) => placed,
-                Err(NoReplaceError::Exists) => {
-                    return Err(KnibError::invalid(format!(
-                        "{} appeared while extracting; nothing was replaced",
-                        to.display()
-                    )))
-                }
-                Err(NoReplaceError::Rename(e)) => {
-                    return Err(KnibError::io(&format!("cannot rename {} to", tmp_path.display()), to, e))
-                }
-                // `to` is the file written; its temporary name, a second link
-                // to it, is removed by `unmade` (still knib's own name).
-                Err(NoReplaceError::RemoveOld(e)) => {
-                    return Err(KnibError::io(
-                        &format!("{} was written, but cannot remove its temporary name", to.display()),
-                        &tmp_path,
-                        e,
-                    ))
-                }
-            };
+        // Where `to` was hard-linked and its temporary name could not be
+        // removed (an error), that name is removed by `unmade`: still
+        // knib's own.
+        place_noreplace(pfd.as_fd(), &tmp_c, &tmp_path, pfd.as_fd(), &to_c, to, dir)?;
         unmade.armed = false;
-        match placed {
-            Placed::Renamed => {}
-            Placed::Linked => log::info!(
-                "{}: its file system takes no rename flags: hard-linked in place, then its temporary name removed",
-                to.display()
-            ),
-            Placed::CheckedRename => log::info!(
-                "{}: its file system takes no rename flags{}: renamed in place after checking nothing was there",
-                to.display(),
-                if dir { "" } else { " nor hard links" }
-            ),
-        }
         pfd.sync_all().map_err(|e| KnibError::io("cannot fsync directory", &parent, e))?;
         Ok(())
     })();
@@ -858,6 +823,67 @@ pub fn extract(
     result?;
     walk.report(true);
     Ok(walk.summary)
+}
+
+/// Put the entry made at `from` (in directory `from_dir`; `from_path` in
+/// messages), a directory if `dir`, at `to` (in `to_dir`; `to_path`),
+/// never replacing what appeared there: `renameat2(RENAME_NOREPLACE)`.
+/// Where the file system takes no rename flags (NFS, CIFS, many FUSE file
+/// systems), a file (or a symlink) is hard-linked to `to` (refused when an
+/// entry is there) and its name `from` removed, and a directory (which
+/// cannot be linked), or a file where the file system makes no hard links,
+/// is renamed by a plain `renameat` once `fstatat` found nothing at `to`.
+/// That plain rename's window, between the check and the rename: it
+/// replaces what appears at `to` meanwhile if it may, an EMPTY directory
+/// (for a directory) or a file, symlink or other non-directory (for a
+/// file); anything else is refused by the rename itself. Relative to the
+/// descriptors: no name is resolved again. The fallback taken is logged.
+///
+/// An entry at `to` is InvalidInput, "appeared while extracting", and
+/// `from` is left as it was. After the hard link, a failure to remove
+/// `from` is an error too: `to` is the entry made, and `from` a second
+/// name of it left to the caller to remove. Not durable: the caller syncs
+/// `to_dir`. Shared with the guestfish fallback, which puts its tree in
+/// place with it.
+pub(super) fn place_noreplace(
+    from_dir: BorrowedFd<'_>,
+    from: &CStr,
+    from_path: &Path,
+    to_dir: BorrowedFd<'_>,
+    to: &CStr,
+    to_path: &Path,
+    dir: bool,
+) -> Result<()> {
+    let unflagged = if dir { Unflagged::CheckedRename } else { Unflagged::LinkOrCheckedRename };
+    match fsio::rename_noreplace_at(from_dir, from, to_dir, to, unflagged) {
+        Ok(Placed::Renamed) => {}
+        Ok(Placed::Linked) => log::info!(
+            "{}: its file system takes no rename flags: hard-linked in place, then its temporary name removed",
+            to_path.display()
+        ),
+        Ok(Placed::CheckedRename) => log::info!(
+            "{}: its file system takes no rename flags{}: renamed in place after checking nothing was there",
+            to_path.display(),
+            if dir { "" } else { " nor hard links" }
+        ),
+        Err(NoReplaceError::Exists) => {
+            return Err(KnibError::invalid(format!(
+                "{} appeared while extracting; nothing was replaced",
+                to_path.display()
+            )))
+        }
+        Err(NoReplaceError::Rename(e)) => {
+            return Err(KnibError::io(&format!("cannot rename {} to", from_path.display()), to_path, e))
+        }
+        Err(NoReplaceError::RemoveOld(e)) => {
+            return Err(KnibError::io(
+                &format!("{} was written, but cannot remove its temporary name", to_path.display()),
+                from_path,
+                e,
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// The temporary entry of an extraction, removed when dropped while

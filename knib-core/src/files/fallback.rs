@@ -7,9 +7,15 @@
 //!
 //! Through the fallback, paths are resolved by libguestfs inside the
 //! guest's filesystem; `get` copies with `copy-out` into a temporary
-//! sibling of the destination, renamed into place at the end.
+//! sibling of the destination, renamed into place at the end as the
+//! native path renames its own (never over an entry that appeared
+//! meanwhile; on a file system that takes no rename flags, NFS, CIFS or
+//! FUSE, a file hard-linked in place, a directory renamed after checking
+//! that nothing is there: see [`super::extract`]). The times are those
+//! the host's tar run by `copy-out` sets: the mtime alone, which a FUSE
+//! file system of libfuse 2 (bindfs) ignores, keeping the copy's.
 
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +25,9 @@ use crate::error::{ErrorKind, KnibError, Result};
 use crate::process::Invocation;
 use crate::progress::Control;
 
-use super::extract::GetSummary;
+use rustix::fs::CWD;
+
+use super::extract::{place_noreplace, GetSummary};
 use super::EntryInfo;
 
 /// `program` found in the directories of `path_var` (a PATH value).
@@ -254,7 +262,18 @@ impl Guest {
             // guestfish wrote the tree without syncing it: made durable
             // before it appears under its name.
             crate::fsio::sync_filesystem(&tmp)?;
-            crate::fsio::rename_noreplace(&got, to)?;
+            // Put in place as the native path puts its own: a directory
+            // by a checked rename where the file system takes no rename
+            // flags (NFS, CIFS, FUSE), since it cannot be hard-linked. A
+            // second name left by a failed link is removed with `tmp`.
+            let dir = std::fs::symlink_metadata(&got).is_ok_and(|m| m.is_dir());
+            let c = |p: &Path| {
+                CString::new(p.as_os_str().as_bytes())
+                    .map_err(|_| KnibError::invalid(format!("{} contains a NUL byte", p.display())))
+            };
+            crate::crashpoint::durable_step(&format!("rename {} to {}", got.display(), to.display()));
+            place_noreplace(CWD, &c(&got)?, &got, CWD, &c(to)?, to, dir)?;
+            crate::fsio::sync_dir(crate::fsio::parent_dir(to))?;
             Ok(summary)
         })();
         let _ = std::fs::remove_dir_all(&tmp);
