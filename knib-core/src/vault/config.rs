@@ -1,6 +1,7 @@
 //! Where a vault is and how to reach it: the location `s3://bucket/prefix`,
 //! and the endpoint, region and credentials from the usual AWS environment
-//! variables, then the shared config files for what they leave out.
+//! variables, then the shared config files for what they leave out; and
+//! how long a transfer may stall (`KNIB_VAULT_STALL_TIMEOUT`, module `net`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,13 +40,29 @@ pub(super) fn retry() -> RetryConfig {
 }
 
 /// What the environment and the config files say.
-#[derive(Default)]
 pub(super) struct Settings {
     endpoint: Option<String>,
     region: Option<String>,
     access_key: Option<String>,
     secret_key: Option<String>,
     token: Option<String>,
+    /// How long a transfer may go without a byte moving (module `net`).
+    stall: Duration,
+}
+
+/// The variable that sets [`Settings::stall`], in seconds.
+const STALL_VAR: &str = "KNIB_VAULT_STALL_TIMEOUT";
+
+/// The stall timeout `KNIB_VAULT_STALL_TIMEOUT` says (seconds, more than
+/// 0, at most a day), or the default.
+fn stall_timeout() -> Result<Duration> {
+    let Some(v) = env(STALL_VAR) else { return Ok(super::net::DEFAULT_STALL) };
+    match v.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(KnibError::invalid(format!(
+            "{STALL_VAR}={v:?}: not a number of seconds between 0 and 86400 (how long a vault transfer may go without a byte moving)"
+        ))),
+    }
 }
 
 fn env(name: &str) -> Option<String> {
@@ -87,6 +104,7 @@ impl Settings {
             access_key: env("AWS_ACCESS_KEY_ID"),
             secret_key: env("AWS_SECRET_ACCESS_KEY"),
             token: env("AWS_SESSION_TOKEN"),
+            stall: stall_timeout()?,
         };
         let home = env("HOME").map(PathBuf::from);
         let file = |var: &str, name: &str| {
@@ -130,10 +148,21 @@ impl Settings {
         self.region.clone().unwrap_or_else(|| "us-east-1".to_string())
     }
 
+    /// How long a transfer may go without a byte moving (module `net`).
+    pub(super) fn stall(&self) -> Duration {
+        self.stall
+    }
+
     /// The client for `bucket`: path-style requests (what a local server
-    /// and Ceph RGW expect), retries with backoff on transient failures.
+    /// and Ceph RGW expect), retries with backoff on transient failures,
+    /// sent through `net`'s connector (no total timeout per request: a
+    /// transfer fails when it stalls).
     pub(super) fn build(&self, bucket: &str) -> object_store::Result<AmazonS3> {
-        let mut b = AmazonS3Builder::new().with_bucket_name(bucket).with_region(self.region()).with_retry(retry());
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(self.region())
+            .with_retry(retry())
+            .with_http_connector(super::net::Connector { stall: self.stall });
         if let Some(e) = &self.endpoint {
             b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
         }

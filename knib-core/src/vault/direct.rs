@@ -417,6 +417,7 @@ impl VaultSink {
             http,
             region: inner.region.clone(),
             retry: super::config::retry(),
+            stall: inner.stall,
             key: self.key.clone(),
             gauge: Arc::clone(&self.gauge),
             secrets: inner.secrets.clone(),

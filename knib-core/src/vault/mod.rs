@@ -120,6 +120,7 @@ mod config;
 mod delete;
 mod direct;
 mod job;
+mod net;
 mod object;
 mod read;
 #[cfg(feature = "libvirt")]
@@ -212,6 +213,8 @@ pub(crate) struct Inner {
     /// The HTTP client that sends a direct backup's parts (`spool`), made
     /// for the first one.
     parts_http: std::sync::OnceLock<reqwest::Client>,
+    /// How long a transfer may go without a byte moving (module `net`).
+    stall: std::time::Duration,
     /// Bytes fetched by GET requests (ranged or whole).
     fetched: AtomicU64,
     /// GET requests made.
@@ -259,6 +262,7 @@ impl Vault {
                 secrets,
                 region: settings.region(),
                 parts_http: std::sync::OnceLock::new(),
+                stall: settings.stall(),
                 fetched: AtomicU64::new(0),
                 gets: AtomicU64::new(0),
                 part_memory_peak: AtomicU64::new(0),
@@ -706,7 +710,17 @@ impl Inner {
             _ if refused.iter().any(|r| text.contains(r)) => (ErrorKind::Io, REFUSED),
             _ => (ErrorKind::Io, ""),
         };
-        KnibError::new(kind, format!("vault {}: {what}: {text}{hint}", self.location)).with_origin(Origin::Vault)
+        // A download cut by its read timeout says only that it timed out.
+        let stalled = if net::stalled(e) && !text.contains("stalled") {
+            format!(
+                " (the transfer stalled: no byte came for {} s, the stall timeout, KNIB_VAULT_STALL_TIMEOUT)",
+                self.stall.as_secs_f64()
+            )
+        } else {
+            String::new()
+        };
+        KnibError::new(kind, format!("vault {}: {what}: {text}{hint}{stalled}", self.location))
+            .with_origin(Origin::Vault)
     }
 }
 

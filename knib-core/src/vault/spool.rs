@@ -45,8 +45,10 @@
 //! `ETag` header, taken as `put_part` takes it, so that
 //! `complete_multipart` and `abort_multipart` go through object_store's
 //! `MultipartStore` unchanged. What is knib's is the sending: a `reqwest`
-//! client (the crate and TLS object_store uses, with its default
-//! timeouts) and a body streamed from the file.
+//! client (the crate and TLS object_store uses, with the vault's timeouts:
+//! 5 s to connect, then no total timeout but a stall timeout, module
+//! `net`) and a body streamed from the file, handed to the client in
+//! slices whose taking is the PUT's progress.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -237,15 +239,11 @@ impl Spool {
     }
 }
 
-/// The HTTP client of the parts, set as object_store sets its own by
-/// default: HTTP/1.1 only, 5 s to connect, 30 s for a request.
+/// The HTTP client of the parts: as the S3 client's (HTTP/1.1 only, 5 s
+/// to connect), with no total timeout: a part's PUT is watched for stalls
+/// instead (module `net`).
 pub(super) fn client() -> reqwest::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .user_agent(concat!("knib/", env!("CARGO_PKG_VERSION")))
-        .http1_only()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .build()
+    super::net::client(None, false)
 }
 
 /// Where a direct backup's parts go and how: the object, the S3 client
@@ -256,6 +254,8 @@ pub(super) struct Sender {
     /// The region requests are signed for (the S3 client's).
     pub(super) region: String,
     pub(super) retry: RetryConfig,
+    /// How long a PUT may go without a byte moving (module `net`).
+    pub(super) stall: Duration,
     pub(super) key: Key,
     /// Counts the chunks of the bodies in memory.
     pub(super) gauge: Arc<Gauge>,
@@ -370,18 +370,22 @@ impl Sender {
         *signed.uri_mut() = url.as_str().parse().map_err(|e| fatal(&e))?;
         AwsAuthorizer::new(&credential, "s3", &self.region).with_sign_payload(false).authorize(&mut signed, None);
         let changed = Arc::new(OnceLock::new());
+        let progress = super::net::Progress::new();
         let body = match file {
-            Some(f) if len > 0 => reqwest::Body::wrap_stream(chunks(
-                f,
-                len,
-                Arc::clone(sums),
-                Arc::clone(&changed),
-                Arc::clone(&self.gauge),
+            Some(f) if len > 0 => reqwest::Body::wrap_stream(super::net::sliced(
+                chunks(f, len, Arc::clone(sums), Arc::clone(&changed), Arc::clone(&self.gauge)),
+                Arc::clone(&progress),
             )),
             _ => reqwest::Body::from(Bytes::new()),
         };
+        let request = self.http.put(url).headers(signed.headers().clone()).header(CONTENT_LENGTH, len).body(body);
+        // No total timeout: the PUT fails when no byte of it moved for the
+        // stall timeout (module `net`), and is sent again as any failure on
+        // the way.
+        let stalled = |s: super::net::Stalled| Failed { message: s.to_string(), retry: true, changed: None };
         let sent =
-            self.http.put(url).headers(signed.headers().clone()).header(CONTENT_LENGTH, len).body(body).send().await;
+            super::net::watch(request.send(), &progress, self.stall, "sending the part").await.map_err(stalled)?;
+        progress.mark();
         // A block that changed ends the body short: whatever the answer,
         // the part is not taken as sent.
         if let Some(c) = changed.get() {
@@ -401,11 +405,10 @@ impl Sender {
         let retry = status.is_server_error()
             || status == StatusCode::REQUEST_TIMEOUT
             || status == StatusCode::TOO_MANY_REQUESTS;
-        Err(Failed {
-            message: format!("HTTP status {status}: {}", first_bytes(answer, 512).await),
-            retry,
-            changed: None,
-        })
+        let said = super::net::watch(first_bytes(answer, 512), &progress, self.stall, "reading the answer")
+            .await
+            .unwrap_or_else(|s| format!("(its body stalled: {s})"));
+        Err(Failed { message: format!("HTTP status {status}: {said}"), retry, changed: None })
     }
 }
 
@@ -583,6 +586,7 @@ mod tests {
             http: client().unwrap(),
             region: "eu-west-3".into(),
             retry,
+            stall: Duration::from_secs(30),
             key: Key::from("vms/vm1/b1/root disk.qcow2"),
             gauge: Arc::clone(gauge),
             secrets: vec!["AKIDTEST".into(), "SECRETTEST".into()],
